@@ -1,0 +1,868 @@
+//! Configuration: raw TOML structs (unknown keys refused) turned once into a validated [`Config`].
+//!
+//! Every error names the key it is about. Secrets are held in [`Secret`], whose `Debug` and
+//! `Display` never show the value.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// A value that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    destination: RawDestination,
+    mapping: RawMapping,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
+    delivery: RawDelivery,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    http_endpoint: String,
+    #[serde(default)]
+    custom_headers: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    client_key_file: Option<PathBuf>,
+    #[serde(default)]
+    auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    auth_endpoint: Option<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    client_secret: Option<String>,
+    #[serde(default)]
+    client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    credentials: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMapping {
+    #[serde(default)]
+    attributes: Vec<String>,
+    segments: Vec<String>,
+    #[serde(default)]
+    identities: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    #[serde(default = "default_storage_path")]
+    path: PathBuf,
+    #[serde(default = "default_max_outbox_bytes")]
+    max_outbox_bytes: u64,
+    #[serde(default = "default_cache_bytes")]
+    cache_bytes: u64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            path: default_storage_path(),
+            max_outbox_bytes: default_max_outbox_bytes(),
+            cache_bytes: default_cache_bytes(),
+        }
+    }
+}
+
+fn default_storage_path() -> PathBuf {
+    PathBuf::from("/var/lib/outpost")
+}
+fn default_max_outbox_bytes() -> u64 {
+    1 << 30
+}
+fn default_cache_bytes() -> u64 {
+    32 << 20
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+}
+
+impl Default for RawIngest {
+    fn default() -> Self {
+        RawIngest {
+            listen: default_listen(),
+            token: None,
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8686".into()
+}
+fn default_max_body_bytes() -> u64 {
+    16 << 20
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    #[serde(default = "default_concurrency")]
+    concurrency: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    request_timeout_ms: u64,
+    #[serde(default = "default_initial_backoff_ms")]
+    initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    max_backoff_ms: u64,
+    #[serde(default = "default_max_age_s")]
+    max_age_s: u64,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        RawDelivery {
+            concurrency: default_concurrency(),
+            request_timeout_ms: default_request_timeout_ms(),
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+            max_age_s: default_max_age_s(),
+        }
+    }
+}
+
+fn default_concurrency() -> u64 {
+    8
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_initial_backoff_ms() -> u64 {
+    1_000
+}
+fn default_max_backoff_ms() -> u64 {
+    300_000
+}
+fn default_max_age_s() -> u64 {
+    604_800
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub destination: Destination,
+    pub mapping: Mapping,
+    pub storage: Storage,
+    pub ingest: Ingest,
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub http_endpoint: Url,
+    pub custom_headers: Vec<(String, String)>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub auth: Auth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    Bearer {
+        token: Secret,
+    },
+    OAuth2ClientCredentials {
+        auth_endpoint: Url,
+        client_id: String,
+        client_secret: Secret,
+        credentials: CredentialsPlacement,
+        scope: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialsPlacement {
+    Body,
+    Basic,
+}
+
+/// Which parts of a profile reach the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Mapping {
+    /// Dot paths of object keys, each split into its keys.
+    pub attributes: Vec<Vec<String>>,
+    pub segments: Vec<String>,
+    /// Empty means every namespace.
+    pub identities: Vec<String>,
+}
+
+impl Mapping {
+    /// Builds a mapping from dot paths; used by tests, benches and the demo.
+    pub fn new(attributes: &[&str], segments: &[&str], identities: &[&str]) -> Mapping {
+        Mapping {
+            attributes: attributes
+                .iter()
+                .map(|path| path.split('.').map(str::to_owned).collect())
+                .collect(),
+            segments: segments.iter().map(|s| (*s).to_owned()).collect(),
+            identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub path: PathBuf,
+    pub max_outbox_bytes: u64,
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    pub listen: std::net::SocketAddr,
+    pub token: Option<Secret>,
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub concurrency: usize,
+    pub request_timeout: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub max_age: Duration,
+}
+
+/// Where the config comes from: `--config`, else `$OUTPOST_CONFIG`, else `outpost.toml`.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(path) = flag {
+        return path.to_path_buf();
+    }
+    match std::env::var_os("OUTPOST_CONFIG") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from("outpost.toml"),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates; `OUTPOST_CLIENT_SECRET` is read here when the file has no secret.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        let relative = |p: PathBuf| {
+            if p.is_relative() {
+                base_dir.join(p)
+            } else {
+                p
+            }
+        };
+
+        let http_endpoint = parse_http_url(&raw.destination.http_endpoint)
+            .map_err(|m| invalid("destination.http_endpoint", m))?;
+        let custom_headers = parse_custom_headers(raw.destination.custom_headers.as_deref())
+            .map_err(|m| invalid("destination.custom_headers", m))?;
+        let client_cert = match (
+            raw.destination.client_cert_file,
+            raw.destination.client_key_file,
+        ) {
+            (Some(cert), Some(key)) => Some((relative(cert), relative(key))),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "destination.client_key_file",
+                    "is required with destination.client_cert_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "destination.client_cert_file",
+                    "is required with destination.client_key_file".into(),
+                ))
+            }
+        };
+        let auth =
+            validate_auth(raw.destination.auth, &relative).map_err(|(k, m)| invalid(k, m))?;
+
+        let mapping = validate_mapping(raw.mapping).map_err(|(k, m)| invalid(k, m))?;
+
+        if raw.storage.path.as_os_str().is_empty() {
+            return Err(invalid("storage.path", "must not be empty".into()));
+        }
+        if raw.storage.max_outbox_bytes == 0 {
+            return Err(invalid(
+                "storage.max_outbox_bytes",
+                "must be above 0".into(),
+            ));
+        }
+        if raw.storage.cache_bytes < (1 << 20) {
+            return Err(invalid(
+                "storage.cache_bytes",
+                "must be at least 1048576".into(),
+            ));
+        }
+
+        let listen = raw.ingest.listen.parse().map_err(|_| {
+            invalid(
+                "ingest.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8686",
+                    raw.ingest.listen
+                ),
+            )
+        })?;
+        let ingest_token = match raw.ingest.token {
+            Some(t) if t.is_empty() => {
+                return Err(invalid("ingest.token", "must not be empty".into()))
+            }
+            other => other.map(Secret::new),
+        };
+        if raw.ingest.max_body_bytes == 0 {
+            return Err(invalid("ingest.max_body_bytes", "must be above 0".into()));
+        }
+
+        let d = raw.delivery;
+        if d.concurrency == 0 || d.concurrency > 1024 {
+            return Err(invalid(
+                "delivery.concurrency",
+                "must be between 1 and 1024".into(),
+            ));
+        }
+        for (key, value) in [
+            ("delivery.request_timeout_ms", d.request_timeout_ms),
+            ("delivery.initial_backoff_ms", d.initial_backoff_ms),
+            ("delivery.max_backoff_ms", d.max_backoff_ms),
+            ("delivery.max_age_s", d.max_age_s),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be above 0".into()));
+            }
+        }
+        if d.max_backoff_ms < d.initial_backoff_ms {
+            return Err(invalid(
+                "delivery.max_backoff_ms",
+                "must not be below delivery.initial_backoff_ms".into(),
+            ));
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            destination: Destination {
+                name: raw.destination.name,
+                description: raw.destination.description,
+                http_endpoint,
+                custom_headers,
+                ca_file: raw.destination.ca_file.map(&relative),
+                client_cert,
+                auth,
+            },
+            mapping,
+            storage: Storage {
+                path: relative(raw.storage.path),
+                max_outbox_bytes: raw.storage.max_outbox_bytes,
+                cache_bytes: raw.storage.cache_bytes,
+            },
+            ingest: Ingest {
+                listen,
+                token: ingest_token,
+                max_body_bytes: raw.ingest.max_body_bytes,
+            },
+            delivery: Delivery {
+                concurrency: d.concurrency as usize,
+                request_timeout: Duration::from_millis(d.request_timeout_ms),
+                initial_backoff: Duration::from_millis(d.initial_backoff_ms),
+                max_backoff: Duration::from_millis(d.max_backoff_ms),
+                max_age: Duration::from_secs(d.max_age_s),
+            },
+        })
+    }
+}
+
+fn parse_http_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => return Err(format!("scheme `{other}` is not http or https")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{text}` has no host"));
+    }
+    Ok(url)
+}
+
+/// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
+pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .enumerate()
+        .map(|(i, pair)| {
+            let n = i + 1;
+            let (name, value) = pair.split_once(':').ok_or_else(|| {
+                format!(
+                    "header {n} `{}` has no `:` between name and value",
+                    pair.trim()
+                )
+            })?;
+            let name = name.trim();
+            let value = value.trim();
+            if name.is_empty() {
+                return Err(format!("header {n} has an empty name"));
+            }
+            hyper::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("header {n}: `{name}` is not a valid header name"))?;
+            hyper::header::HeaderValue::from_str(value).map_err(|_| {
+                format!("header {n} ({name}): the value has characters not allowed in a header")
+            })?;
+            let reserved = [
+                "authorization",
+                "content-type",
+                "idempotency-key",
+                "content-length",
+                "host",
+            ];
+            if reserved.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(format!(
+                    "header {n}: `{name}` is set by outpost and cannot be overridden"
+                ));
+            }
+            Ok((name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+type KeyError = (&'static str, String);
+
+fn validate_auth(
+    raw: Option<RawAuth>,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<Auth, KeyError> {
+    let Some(raw) = raw else {
+        return Err((
+            "destination.auth",
+            "is required (type = \"oauth2_client_credentials\", \"bearer\" or \"none\")".into(),
+        ));
+    };
+    let unused = |present: bool, key: &'static str, kind: &str| -> Result<(), KeyError> {
+        if present {
+            Err((key, format!("is not used with type = \"{kind}\"")))
+        } else {
+            Ok(())
+        }
+    };
+    match raw.kind.as_str() {
+        "none" => {
+            unused(
+                raw.auth_endpoint.is_some(),
+                "destination.auth.auth_endpoint",
+                "none",
+            )?;
+            unused(
+                raw.client_id.is_some(),
+                "destination.auth.client_id",
+                "none",
+            )?;
+            unused(
+                raw.client_secret.is_some(),
+                "destination.auth.client_secret",
+                "none",
+            )?;
+            unused(raw.token.is_some(), "destination.auth.token", "none")?;
+            Ok(Auth::None)
+        }
+        "bearer" => {
+            unused(
+                raw.auth_endpoint.is_some(),
+                "destination.auth.auth_endpoint",
+                "bearer",
+            )?;
+            unused(
+                raw.client_id.is_some(),
+                "destination.auth.client_id",
+                "bearer",
+            )?;
+            unused(
+                raw.client_secret.is_some(),
+                "destination.auth.client_secret",
+                "bearer",
+            )?;
+            match raw.token {
+                Some(t) if !t.is_empty() => Ok(Auth::Bearer {
+                    token: Secret::new(t),
+                }),
+                _ => Err((
+                    "destination.auth.token",
+                    "is required with type = \"bearer\"".into(),
+                )),
+            }
+        }
+        "oauth2_client_credentials" => {
+            unused(
+                raw.token.is_some(),
+                "destination.auth.token",
+                "oauth2_client_credentials",
+            )?;
+            let endpoint = raw
+                .auth_endpoint
+                .ok_or(("destination.auth.auth_endpoint", "is required".to_owned()))?;
+            let auth_endpoint =
+                parse_http_url(&endpoint).map_err(|m| ("destination.auth.auth_endpoint", m))?;
+            let client_id = match raw.client_id {
+                Some(id) if !id.is_empty() => id,
+                _ => return Err(("destination.auth.client_id", "is required".into())),
+            };
+            let client_secret = match (raw.client_secret, raw.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err((
+                        "destination.auth.client_secret_file",
+                        "give client_secret or client_secret_file, not both".into(),
+                    ))
+                }
+                (Some(secret), None) => secret,
+                (None, Some(file)) => {
+                    let file = relative(file);
+                    let text = std::fs::read_to_string(&file).map_err(|e| {
+                        (
+                            "destination.auth.client_secret_file",
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?;
+                    text.trim_end_matches(['\r', '\n']).to_owned()
+                }
+                (None, None) => std::env::var("OUTPOST_CLIENT_SECRET").map_err(|_| {
+                    (
+                        "destination.auth.client_secret",
+                        "is required (or client_secret_file, or env OUTPOST_CLIENT_SECRET)"
+                            .to_owned(),
+                    )
+                })?,
+            };
+            if client_secret.is_empty() {
+                return Err(("destination.auth.client_secret", "must not be empty".into()));
+            }
+            let credentials = match raw.credentials.as_deref() {
+                None | Some("body") => CredentialsPlacement::Body,
+                Some("basic") => CredentialsPlacement::Basic,
+                Some(other) => {
+                    return Err((
+                        "destination.auth.credentials",
+                        format!("`{other}` is not \"body\" or \"basic\""),
+                    ))
+                }
+            };
+            Ok(Auth::OAuth2ClientCredentials {
+                auth_endpoint,
+                client_id,
+                client_secret: Secret::new(client_secret),
+                credentials,
+                scope: raw.scope.filter(|s| !s.is_empty()),
+            })
+        }
+        other => Err((
+            "destination.auth.type",
+            format!("`{other}` is not \"oauth2_client_credentials\", \"bearer\" or \"none\""),
+        )),
+    }
+}
+
+fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
+    if raw.segments.is_empty() {
+        return Err(("mapping.segments", "must name at least one segment".into()));
+    }
+    if let Some(s) = raw.segments.iter().find(|s| s.trim().is_empty()) {
+        return Err(("mapping.segments", format!("`{s}` is not a segment id")));
+    }
+    let mut attributes = Vec::with_capacity(raw.attributes.len());
+    for path in &raw.attributes {
+        let keys: Vec<String> = path.split('.').map(str::to_owned).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err((
+                "mapping.attributes",
+                format!("`{path}` is not a dot path of object keys"),
+            ));
+        }
+        attributes.push(keys);
+    }
+    if let Some(ns) = raw.identities.iter().find(|s| s.trim().is_empty()) {
+        return Err(("mapping.identities", format!("`{ns}` is not a namespace")));
+    }
+    Ok(Mapping {
+        attributes,
+        segments: raw.segments,
+        identities: raw.identities,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+[destination]
+name = "crm"
+http_endpoint = "https://api.example.com/profiles?source=edge"
+custom_headers = "x-api-version:2,x-tenant:acme"
+
+[destination.auth]
+type = "oauth2_client_credentials"
+auth_endpoint = "https://auth.example.com/oauth/token"
+client_id = "edge-agent"
+client_secret = "s3cr3t-value"
+
+[mapping]
+attributes = ["person.name.firstName"]
+segments = ["seg-a"]
+
+[storage]
+path = "store"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/outpost/outpost.toml"), text)
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn valid_config_is_parsed_with_defaults() {
+        let config = parse(VALID).unwrap();
+        assert_eq!(
+            config.destination.http_endpoint.query(),
+            Some("source=edge")
+        );
+        assert_eq!(
+            config.destination.custom_headers,
+            vec![
+                ("x-api-version".into(), "2".into()),
+                ("x-tenant".into(), "acme".into())
+            ]
+        );
+        assert_eq!(config.storage.path, PathBuf::from("/etc/outpost/store"));
+        assert_eq!(config.delivery.concurrency, 8);
+        assert_eq!(config.delivery.max_backoff, Duration::from_secs(300));
+        assert_eq!(
+            config.mapping.attributes,
+            vec![vec!["person", "name", "firstName"]]
+        );
+        assert!(config.mapping.identities.is_empty());
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = parse(VALID).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cr3t-value"), "{debug}");
+        assert!(debug.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("unknown key", "[mapping]\n", "[mapping]\ncolour = 1\n"),
+            (
+                "bad url",
+                "https://api.example.com/profiles?source=edge",
+                "not a url",
+            ),
+            (
+                "ftp url",
+                "https://api.example.com/profiles?source=edge",
+                "ftp://x/y",
+            ),
+            (
+                "bad headers",
+                "x-api-version:2,x-tenant:acme",
+                "x-api-version2",
+            ),
+            ("empty segments", "segments = [\"seg-a\"]", "segments = []"),
+            (
+                "wrong type",
+                "segments = [\"seg-a\"]",
+                "segments = \"seg-a\"",
+            ),
+            ("bad auth type", "oauth2_client_credentials", "kerberos"),
+        ];
+        let expected_keys = [
+            "colour",
+            "destination.http_endpoint",
+            "destination.http_endpoint",
+            "destination.custom_headers",
+            "mapping.segments",
+            "segments",
+            "destination.auth.type",
+        ];
+        for ((name, from, to), key) in cases.iter().zip(expected_keys) {
+            let text = VALID.replacen(from, to, 1);
+            assert_ne!(text, VALID, "case {name} did not change the config");
+            let error = error_of(&text);
+            assert!(
+                error.contains(key),
+                "case {name}: `{error}` does not name {key}"
+            );
+            assert!(
+                !error.contains("s3cr3t-value"),
+                "case {name} leaks the secret"
+            );
+        }
+    }
+
+    #[test]
+    fn custom_headers_parse_table() {
+        assert_eq!(parse_custom_headers(None).unwrap(), vec![]);
+        assert_eq!(parse_custom_headers(Some("")).unwrap(), vec![]);
+        assert_eq!(
+            parse_custom_headers(Some("a:1")).unwrap(),
+            vec![("a".to_owned(), "1".to_owned())]
+        );
+        assert_eq!(
+            parse_custom_headers(Some("a: x:y , b:2")).unwrap(),
+            vec![
+                ("a".to_owned(), "x:y".to_owned()),
+                ("b".to_owned(), "2".to_owned())
+            ]
+        );
+        for bad in [
+            "a",
+            "a:1,",
+            ":1",
+            "bad name:1",
+            "authorization:x",
+            "a:b\u{1}c",
+        ] {
+            assert!(
+                parse_custom_headers(Some(bad)).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn auth_variants() {
+        let bearer = VALID.replace(
+            "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
+            "type = \"bearer\"\ntoken = \"tok\"",
+        );
+        assert!(matches!(
+            parse(&bearer).unwrap().destination.auth,
+            Auth::Bearer { .. }
+        ));
+        let none = VALID.replace(
+            "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
+            "type = \"none\"",
+        );
+        assert!(matches!(parse(&none).unwrap().destination.auth, Auth::None));
+        let basic = VALID.replace(
+            "client_id = \"edge-agent\"",
+            "client_id = \"edge-agent\"\ncredentials = \"basic\"",
+        );
+        assert!(matches!(
+            parse(&basic).unwrap().destination.auth,
+            Auth::OAuth2ClientCredentials {
+                credentials: CredentialsPlacement::Basic,
+                ..
+            }
+        ));
+        let bad = VALID.replace(
+            "client_id = \"edge-agent\"",
+            "client_id = \"edge-agent\"\ncredentials = \"header\"",
+        );
+        assert!(error_of(&bad).contains("destination.auth.credentials"));
+    }
+}

@@ -1,0 +1,21 @@
+//! # outpost
+//!
+//! An edge agent that keeps the previous version of every customer profile, decides for each
+//! update whether an HTTP destination must hear about it, and delivers those exports durably.
+//!
+//! ## Layout
+//! - [`config`]: the TOML configuration, validated once; errors name the key.
+//! - [`profile`]: pure profile logic: update parsing ([`profile::update`]), the export rules
+//!   ([`profile::change`]), the payload ([`profile::export`]) and applying an update
+//!   ([`profile::apply`]).
+//! - [`store`]: the sled store: typed trees, key and value encodings ([`store::keys`],
+//!   [`store::codec`]) and the group-committing single writer ([`store::committer`]).
+//! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
+//! - [`logging`]: tracing set-up.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod logging;
+pub mod profile;
+pub mod store;

@@ -1,0 +1,113 @@
+//! Applying one update to the stored version of its profile (pure): the new version, whether
+//! it is stale, and the export it causes.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use super::change::{decide, decide_delete, Reason};
+use super::export::{project, project_delete};
+use super::update::{format_time, Op, Update};
+use crate::config::Mapping;
+
+/// The version of a profile the store keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredProfile {
+    pub timestamp: Option<DateTime<Utc>>,
+    pub profile: Value,
+}
+
+/// How one update was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateResult {
+    /// Applied and produced an export.
+    Exported,
+    /// Applied (or a no-op) without an export.
+    Unchanged,
+    /// Older than the stored version: ignored.
+    Stale,
+    /// A `delete` of a stored profile (it may also have produced an export).
+    Deleted,
+}
+
+/// What to write for one update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreAction {
+    Keep,
+    Put(StoredProfile),
+    Remove,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub result: UpdateResult,
+    pub store: StoreAction,
+    pub export: Option<(Reason, Value)>,
+}
+
+/// Applies `update` to `stored`. `received_at` stands in for the update's time when it has none.
+pub fn apply(
+    stored: Option<&StoredProfile>,
+    update: &Update,
+    mapping: &Mapping,
+    received_at: DateTime<Utc>,
+) -> Applied {
+    let stored_time = stored.and_then(|s| s.timestamp);
+    if let (Some(theirs), Some(ours)) = (update.timestamp, stored_time) {
+        if theirs < ours {
+            return Applied {
+                result: UpdateResult::Stale,
+                store: StoreAction::Keep,
+                export: None,
+            };
+        }
+    }
+    let time = format_time(update.timestamp.unwrap_or(received_at));
+    let empty = Value::Object(Map::new());
+    let old = stored.map_or(&empty, |s| &s.profile);
+
+    if update.op == Op::Delete {
+        let Some(_) = stored else {
+            return Applied {
+                result: UpdateResult::Unchanged,
+                store: StoreAction::Keep,
+                export: None,
+            };
+        };
+        let export =
+            decide_delete(old, mapping).map(|reason| (reason, project_delete(old, mapping, &time)));
+        return Applied {
+            result: UpdateResult::Deleted,
+            store: StoreAction::Remove,
+            export,
+        };
+    }
+
+    let new = match update.op {
+        Op::Merge => {
+            let mut merged = old.clone();
+            json_patch::merge(&mut merged, &Value::Object(update.profile.clone()));
+            merged
+        }
+        _ => Value::Object(update.profile.clone()),
+    };
+    let export =
+        decide(old, &new, mapping).map(|reason| (reason, project(old, &new, mapping, &time)));
+    let timestamp = update.timestamp.or(stored_time);
+    let changed = stored.is_none_or(|s| s.profile != new || s.timestamp != timestamp);
+    Applied {
+        result: if export.is_some() {
+            UpdateResult::Exported
+        } else {
+            UpdateResult::Unchanged
+        },
+        store: if changed {
+            StoreAction::Put(StoredProfile {
+                timestamp,
+                profile: new,
+            })
+        } else {
+            StoreAction::Keep
+        },
+        export,
+    }
+}

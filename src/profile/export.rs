@@ -1,0 +1,85 @@
+//! The export payload: the mapped part of a profile, as the destination receives it (pure).
+
+use serde_json::{json, Map, Value};
+
+use super::change::{is_member, segment_entry, value_at};
+use crate::config::Mapping;
+
+fn exited(time: &str) -> Value {
+    json!({"status": "exited", "lastQualificationTime": time})
+}
+
+fn insert_at(target: &mut Map<String, Value>, path: &[String], value: Value) {
+    let (last, parents) = path.split_last().expect("mapping paths are never empty");
+    let mut node = target;
+    for key in parents {
+        let entry = node
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        node = entry.as_object_mut().expect("made an object above");
+    }
+    node.insert(last.clone(), value);
+}
+
+/// Builds the payload for `new`. A mapped segment that `old` was a member of and whose entry has
+/// vanished from `new` is carried as exited at `time` (RFC 3339, UTC, seconds).
+pub fn project(old: &Value, new: &Value, mapping: &Mapping, time: &str) -> Value {
+    let mut payload = Map::new();
+    for path in &mapping.attributes {
+        if let Some(value) = value_at(new, path) {
+            insert_at(&mut payload, path, value.clone());
+        }
+    }
+
+    let mut ups = Map::new();
+    for segment in &mapping.segments {
+        match segment_entry(new, segment) {
+            Some(entry) => {
+                ups.insert(segment.clone(), entry.clone());
+            }
+            None if is_member(old, segment) => {
+                ups.insert(segment.clone(), exited(time));
+            }
+            None => {}
+        }
+    }
+    if !ups.is_empty() {
+        payload.insert("segmentMembership".into(), json!({ "ups": ups }));
+    }
+
+    let mut identity_map = Map::new();
+    if let Some(map) = new.get("identityMap").and_then(Value::as_object) {
+        for (namespace, identities) in map {
+            let mapped = mapping.identities.is_empty() || mapping.identities.contains(namespace);
+            let non_empty = identities.as_array().is_some_and(|a| !a.is_empty());
+            if mapped && non_empty {
+                identity_map.insert(namespace.clone(), identities.clone());
+            }
+        }
+    }
+    if !identity_map.is_empty() {
+        payload.insert("identityMap".into(), Value::Object(identity_map));
+    }
+    Value::Object(payload)
+}
+
+/// The payload for a `delete`: the last payload of `old` with every mapped segment it was a
+/// member of set to exited at `time`.
+pub fn project_delete(old: &Value, mapping: &Mapping, time: &str) -> Value {
+    let mut gone = old.clone();
+    for segment in &mapping.segments {
+        if is_member(old, segment) {
+            if let Some(ups) = gone
+                .get_mut("segmentMembership")
+                .and_then(|m| m.get_mut("ups"))
+                .and_then(Value::as_object_mut)
+            {
+                ups.insert(segment.clone(), exited(time));
+            }
+        }
+    }
+    project(old, &gone, mapping, time)
+}

@@ -1,0 +1,475 @@
+//! The `Update` type and the parsing of NDJSON / JSON-array / single-object input (pure).
+//!
+//! Parsing is strict: any unknown field, missing or ill-typed field, or a line that is not JSON
+//! refuses the whole input, naming the line (or array item) and the reason.
+
+use std::io::BufRead;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+pub const MAX_ID_BYTES: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Upsert,
+    Merge,
+    Delete,
+}
+
+/// One validated profile update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub id: String,
+    pub op: Op,
+    /// The whole profile (`upsert`) or a merge patch (`merge`); empty for `delete`.
+    pub profile: Map<String, Value>,
+    pub timestamp: Option<DateTime<Utc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    id: String,
+    #[serde(default)]
+    op: Option<Op>,
+    #[serde(default)]
+    profile: Option<Map<String, Value>>,
+    #[serde(default)]
+    timestamp: Option<String>,
+}
+
+/// Why an input was refused; `line` is 1-based (the array item number for a JSON array).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct InputError {
+    pub line: u64,
+    pub reason: String,
+}
+
+impl InputError {
+    fn new(line: u64, reason: impl Into<String>) -> Self {
+        InputError {
+            line,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Formats a time as the exports carry it: RFC 3339, UTC, whole seconds.
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn strip_serde_position(message: String) -> String {
+    // serde_json appends " at line L column C"; the caller names the line itself.
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message,
+    }
+}
+
+/// Validates one update already parsed as JSON.
+pub fn update_from_value(value: Value, line: u64) -> Result<Update, InputError> {
+    if !value.is_object() {
+        return Err(InputError::new(
+            line,
+            format!("an update must be a JSON object, not {}", json_kind(&value)),
+        ));
+    }
+    let raw: RawUpdate = serde_json::from_value(value)
+        .map_err(|e| InputError::new(line, strip_serde_position(e.to_string())))?;
+    validate(raw, line)
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn validate(raw: RawUpdate, line: u64) -> Result<Update, InputError> {
+    if raw.id.is_empty() {
+        return Err(InputError::new(line, "`id` must not be empty"));
+    }
+    if raw.id.len() > MAX_ID_BYTES {
+        return Err(InputError::new(
+            line,
+            format!("`id` is {} bytes, more than {MAX_ID_BYTES}", raw.id.len()),
+        ));
+    }
+    let op = raw.op.unwrap_or(Op::Upsert);
+    let profile = match (op, raw.profile) {
+        (Op::Delete, _) => Map::new(),
+        (_, Some(profile)) => profile,
+        (_, None) => {
+            let op_name = if op == Op::Merge { "merge" } else { "upsert" };
+            return Err(InputError::new(
+                line,
+                format!("`profile` is required for op `{op_name}`"),
+            ));
+        }
+    };
+    let timestamp = match raw.timestamp {
+        None => None,
+        Some(text) => Some(
+            DateTime::parse_from_rfc3339(&text)
+                .map_err(|e| {
+                    InputError::new(
+                        line,
+                        format!("`timestamp` `{}` is not RFC 3339: {e}", truncate(&text, 64)),
+                    )
+                })?
+                .with_timezone(&Utc),
+        ),
+    };
+    Ok(Update {
+        id: raw.id,
+        op,
+        profile,
+        timestamp,
+    })
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Parses a whole body: NDJSON (also several objects on a line, or pretty-printed objects),
+/// a JSON array of updates, or one object. An empty body is an error.
+pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(start) = start else {
+        return Err(InputError::new(1, "the input holds no update"));
+    };
+    if body[start] == b'[' {
+        return parse_array(body);
+    }
+    let mut updates = Vec::new();
+    let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<Value>();
+    let mut line = 1u64;
+    let mut scanned = 0usize;
+    loop {
+        // The line of the next value: count newlines up to its first byte.
+        let offset = stream.byte_offset();
+        let next_start = body[offset..]
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .map(|p| offset + p);
+        let Some(next_start) = next_start else { break };
+        line += body[scanned..next_start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
+        scanned = next_start;
+        match stream.next() {
+            None => break,
+            Some(Ok(value)) => updates.push(update_from_value(value, line)?),
+            Some(Err(e)) => {
+                // An unfinished value is reported at the line where it starts.
+                let error_line = if e.is_eof() || e.line() == 0 {
+                    line
+                } else {
+                    e.line() as u64
+                };
+                return Err(InputError::new(
+                    error_line,
+                    format!("not valid JSON: {}", strip_serde_position(e.to_string())),
+                ));
+            }
+        }
+    }
+    Ok(updates)
+}
+
+fn parse_array(body: &[u8]) -> Result<Vec<Update>, InputError> {
+    let values: Vec<Value> = serde_json::from_slice(body).map_err(|e| {
+        InputError::new(
+            e.line().max(1) as u64,
+            format!(
+                "not a valid JSON array: {}",
+                strip_serde_position(e.to_string())
+            ),
+        )
+    })?;
+    if values.is_empty() {
+        return Err(InputError::new(1, "the input holds no update"));
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            update_from_value(value, i as u64 + 1).map_err(|mut e| {
+                e.reason = format!("array item {}: {}", i + 1, e.reason);
+                e
+            })
+        })
+        .collect()
+}
+
+/// Reads NDJSON from a stream one line at a time, so memory stays bounded by the longest line.
+///
+/// Input that is not one object per line (an array, a pretty-printed object) is read whole and
+/// handed to [`parse_body`].
+pub struct UpdateReader<R> {
+    reader: R,
+    line: u64,
+    buffer: Vec<u8>,
+    whole: Option<std::vec::IntoIter<Update>>,
+    saw_update: bool,
+}
+
+impl<R: BufRead> UpdateReader<R> {
+    pub fn new(reader: R) -> Self {
+        UpdateReader {
+            reader,
+            line: 0,
+            buffer: Vec::new(),
+            whole: None,
+            saw_update: false,
+        }
+    }
+
+    /// The line number of the last line read.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
+    fn read_rest_whole(&mut self) -> Result<(), InputError> {
+        let mut all = std::mem::take(&mut self.buffer);
+        self.reader
+            .read_to_end(&mut all)
+            .map_err(|e| InputError::new(self.line, format!("cannot read input: {e}")))?;
+        let updates = parse_body(&all)?;
+        self.whole = Some(updates.into_iter());
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Iterator for UpdateReader<R> {
+    type Item = Result<Update, InputError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(whole) = &mut self.whole {
+            return whole.next().map(Ok);
+        }
+        loop {
+            self.buffer.clear();
+            let read = match self.reader.read_until(b'\n', &mut self.buffer) {
+                Ok(n) => n,
+                Err(e) => {
+                    return Some(Err(InputError::new(
+                        self.line + 1,
+                        format!("cannot read input: {e}"),
+                    )))
+                }
+            };
+            if read == 0 {
+                if !self.saw_update {
+                    self.saw_update = true;
+                    return Some(Err(InputError::new(
+                        self.line.max(1),
+                        "the input holds no update",
+                    )));
+                }
+                return None;
+            }
+            self.line += 1;
+            let text = self.buffer.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            if !self.saw_update
+                && (text[0] == b'['
+                    || serde_json::from_slice::<Value>(text).is_err_and(|e| e.is_eof()))
+            {
+                // Not one object per line: an array or a multi-line object. Read it whole.
+                self.saw_update = true;
+                let first_line = self.line;
+                if let Err(mut e) = self.read_rest_whole() {
+                    e.line += first_line - 1;
+                    return Some(Err(e));
+                }
+                return self.next();
+            }
+            self.saw_update = true;
+            let parsed = serde_json::from_slice::<Value>(text)
+                .map_err(|e| {
+                    InputError::new(
+                        self.line,
+                        format!("not valid JSON: {}", strip_serde_position(e.to_string())),
+                    )
+                })
+                .and_then(|value| update_from_value(value, self.line));
+            return Some(parsed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn error_of(body: &[u8]) -> InputError {
+        parse_body(body).expect_err("input should be refused")
+    }
+
+    #[test]
+    fn ndjson_array_and_single_object_are_accepted() {
+        let ndjson = b"{\"id\":\"a\",\"profile\":{}}\n\n{\"id\":\"b\",\"op\":\"delete\"}\n";
+        let updates = parse_body(ndjson).unwrap();
+        assert_eq!(updates.len(), 2);
+        assert_eq!(updates[1].op, Op::Delete);
+
+        let array = br#"[{"id":"a","profile":{}},{"id":"b","op":"merge","profile":{"x":null}}]"#;
+        let updates = parse_body(array).unwrap();
+        assert_eq!(updates[1].op, Op::Merge);
+        assert_eq!(updates[1].profile["x"], Value::Null);
+
+        let pretty = b"{\n  \"id\": \"a\",\n  \"profile\": {}\n}\n";
+        assert_eq!(parse_body(pretty).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn timestamp_is_parsed_to_utc() {
+        let body = br#"{"id":"a","profile":{},"timestamp":"2026-01-01T01:00:05+01:00"}"#;
+        let update = &parse_body(body).unwrap()[0];
+        assert_eq!(
+            format_time(update.timestamp.unwrap()),
+            "2026-01-01T00:00:05Z"
+        );
+    }
+
+    #[test]
+    fn bad_inputs_name_line_and_reason() {
+        let long_id = "x".repeat(513);
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let deep_profile = format!(
+            "{{\"id\":\"a\",\"profile\":{{\"x\":{}1{}}}}}",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let cases: Vec<(String, u64, &str)> = vec![
+            ("not json".into(), 1, "not valid JSON"),
+            (
+                "{\"id\":\"a\",\"profile\":{}}\n42\n".into(),
+                2,
+                "not a number",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{},\"extra\":1}".into(),
+                1,
+                "unknown field `extra`",
+            ),
+            ("{\"id\":5,\"profile\":{}}".into(), 1, "invalid type"),
+            ("{\"profile\":{}}".into(), 1, "missing field `id`"),
+            ("{\"id\":\"a\"}".into(), 1, "`profile` is required"),
+            (
+                "{\"id\":\"a\",\"op\":\"merge\"}".into(),
+                1,
+                "`profile` is required for op `merge`",
+            ),
+            ("{\"id\":\"a\",\"profile\":[]}".into(), 1, "invalid type"),
+            (
+                "{\"id\":\"\",\"profile\":{}}".into(),
+                1,
+                "must not be empty",
+            ),
+            (
+                format!("{{\"id\":\"{long_id}\",\"profile\":{{}}}}"),
+                1,
+                "513 bytes",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{},\"timestamp\":\"yesterday\"}".into(),
+                1,
+                "not RFC 3339",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{},\"timestamp\":5}".into(),
+                1,
+                "invalid type",
+            ),
+            (
+                "{\"id\":\"a\",\"op\":\"replace\",\"profile\":{}}".into(),
+                1,
+                "unknown variant `replace`",
+            ),
+            ("".into(), 1, "no update"),
+            ("  \n ".into(), 1, "no update"),
+            ("[]".into(), 1, "no update"),
+            (
+                "[{\"id\":\"a\",\"profile\":{}}, 7]".into(),
+                2,
+                "array item 2",
+            ),
+            (deep, 1, "recursion limit"),
+            (deep_profile, 1, "recursion limit"),
+            (
+                "{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\n".into(),
+                2,
+                "not valid JSON",
+            ),
+        ];
+        for (body, line, reason) in cases {
+            let error = error_of(body.as_bytes());
+            assert_eq!(error.line, line, "{error} for {:?}", truncate(&body, 80));
+            assert!(error.reason.contains(reason), "`{error}` lacks `{reason}`");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused() {
+        let body = b"{\"id\":\"a\",\"profile\":{\"n\":\"\xff\xfe\"}}";
+        assert!(error_of(body).reason.contains("not valid JSON"));
+    }
+
+    #[test]
+    fn a_one_megabyte_string_is_just_data() {
+        let big = "y".repeat(1 << 20);
+        let body = json!({"id": "a", "profile": {"note": big}}).to_string();
+        assert_eq!(
+            parse_body(body.as_bytes()).unwrap()[0].profile["note"]
+                .as_str()
+                .unwrap()
+                .len(),
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn reader_streams_lines_and_matches_parse_body() {
+        let text = "{\"id\":\"a\",\"profile\":{}}\n\n{\"id\":\"b\",\"op\":\"delete\"}\n{\"id\":\"c\",\"profile\":{},\"zz\":1}\n";
+        let results: Vec<_> = UpdateReader::new(text.as_bytes()).collect();
+        assert_eq!(results.len(), 3);
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert_eq!(results[2].as_ref().unwrap_err().line, 4);
+
+        for whole in [
+            "[{\"id\":\"a\",\"profile\":{}}]",
+            "{\n\"id\":\"a\",\n\"profile\":{}\n}\n",
+        ] {
+            let results: Vec<_> = UpdateReader::new(whole.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(results, parse_body(whole.as_bytes()).unwrap());
+        }
+        let empty: Vec<_> = UpdateReader::new(&b""[..]).collect();
+        assert!(matches!(empty.as_slice(), [Err(e)] if e.reason.contains("no update")));
+    }
+}

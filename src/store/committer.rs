@@ -1,0 +1,94 @@
+//! The single writer. Requests queue here; the committer thread takes every request waiting,
+//! applies them all in one transaction, flushes once, then answers each in arrival order
+//! (group commit). One writer means no transaction conflicts and commit order = ack order.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{BatchSummary, Store};
+use crate::config::Mapping;
+use crate::profile::Update;
+
+/// At most this many updates go into one transaction; more waiting requests go into the next.
+const MAX_GROUP_UPDATES: usize = 20_000;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error("{0}")]
+    Store(String),
+    #[error("the committer has stopped")]
+    Stopped,
+}
+
+struct Job {
+    updates: Vec<Update>,
+    reply: oneshot::Sender<Result<BatchSummary, CommitError>>,
+}
+
+#[derive(Clone)]
+pub struct Committer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Starts the committer thread; `committed` is notified after every durable group.
+    pub fn start(
+        store: Arc<Store>,
+        mapping: Arc<Mapping>,
+        committed: Arc<Notify>,
+    ) -> (Committer, std::thread::JoinHandle<()>) {
+        let (jobs, receiver) = mpsc::channel::<Job>(1024);
+        let handle = std::thread::Builder::new()
+            .name("outpost-committer".into())
+            .spawn(move || run(receiver, &store, &mapping, &committed))
+            .expect("spawning the committer thread");
+        (Committer { jobs }, handle)
+    }
+
+    /// Commits the updates as one atomic group; returns once they are durable.
+    pub async fn commit(&self, updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { updates, reply })
+            .await
+            .map_err(|_| CommitError::Stopped)?;
+        answer.await.map_err(|_| CommitError::Stopped)?
+    }
+}
+
+fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, committed: &Notify) {
+    while let Some(first) = receiver.blocking_recv() {
+        let mut total = first.updates.len();
+        let mut jobs = vec![first];
+        while total < MAX_GROUP_UPDATES {
+            match receiver.try_recv() {
+                Ok(job) => {
+                    total += job.updates.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
+        let result = store
+            .apply_groups(&groups, mapping, Utc::now())
+            .and_then(|summaries| store.flush().map(|()| summaries));
+        match result {
+            Ok(summaries) => {
+                committed.notify_one();
+                for (job, summary) in jobs.into_iter().zip(summaries) {
+                    let _ = job.reply.send(Ok(summary));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed");
+                let error = CommitError::Store(e.to_string());
+                for job in jobs {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! The sled store: typed access to the `profiles`, `outbox`, `dead` and `meta` trees.
+//!
+//! Invariants:
+//! - a profile version and the export it caused are written in one transaction, so the store
+//!   never holds one without the other;
+//! - export sequence numbers only grow; an export keeps its number (and so its id) for life,
+//!   also when it moves to `dead` and back;
+//! - `meta/outbox_bytes` is the size of all values in `outbox` and `dead`, kept in the same
+//!   transactions that change those trees;
+//! - nothing is acknowledged before [`Store::flush`] has returned.
+
+pub mod codec;
+pub mod committer;
+pub mod keys;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+use crate::config::Mapping;
+use crate::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
+use crate::profile::{Reason, Update};
+use codec::{ExportRecord, ProfileRecord};
+use keys::meta;
+
+/// The on-disk layout this build writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {0} is in use by another process (is `outpost run` running on it?)")]
+    Locked(PathBuf),
+    #[error("cannot open the store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("the store at {path} has format {found}, this outpost reads format {FORMAT_VERSION}")]
+    Format { path: PathBuf, found: u64 },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: cannot sync to disk: {0}")]
+    Sync(std::io::Error),
+    #[error("store: corrupt {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+}
+
+impl StoreError {
+    fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+/// The id of an export, as sent in `Idempotency-Key`: `<store id>-<sequence>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExportId {
+    pub store: u32,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for ExportId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}-{}", self.store, self.seq)
+    }
+}
+
+impl std::str::FromStr for ExportId {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{text}` is not an export id (like 3fa2c1d0-42)");
+        let (store, seq) = text.split_once('-').ok_or_else(bad)?;
+        if store.len() != 8 {
+            return Err(bad());
+        }
+        Ok(ExportId {
+            store: u32::from_str_radix(store, 16).map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// An export as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    pub id: ExportId,
+    pub dead: bool,
+    pub record: ExportRecord,
+}
+
+impl Export {
+    /// The object `outbox list --json` and `outbox show --json` print.
+    pub fn to_json(&self) -> Value {
+        let r = &self.record;
+        let payload: Value =
+            serde_json::from_str(&r.payload).unwrap_or(Value::String(r.payload.clone()));
+        serde_json::json!({
+            "id": self.id.to_string(),
+            "profile_id": r.profile_id,
+            "reason": r.reason().as_str(),
+            "payload": payload,
+            "attempts": r.attempts,
+            "created_at": format_ms(r.created_at_ms),
+            "last_attempt_at": r.last_attempt_at_ms.map(format_ms),
+            "last_error": r.last_error,
+            "dead": self.dead,
+            "dead_at": r.dead_at_ms.map(format_ms),
+        })
+    }
+}
+
+pub fn format_ms(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// What one request's updates did, as `POST /v1/updates` and `outpost ingest` report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BatchSummary {
+    pub accepted: u64,
+    pub exports: u64,
+    pub unchanged: u64,
+    pub stale: u64,
+    pub deleted: u64,
+    /// Exports by [`Reason`] code.
+    #[serde(skip)]
+    pub by_reason: [u64; 4],
+}
+
+impl BatchSummary {
+    pub fn add(&mut self, other: &BatchSummary) {
+        self.accepted += other.accepted;
+        self.exports += other.exports;
+        self.unchanged += other.unchanged;
+        self.stale += other.stale;
+        self.deleted += other.deleted;
+        for (mine, theirs) in self.by_reason.iter_mut().zip(other.by_reason) {
+            *mine += theirs;
+        }
+    }
+
+    pub fn exports_for(&self, reason: Reason) -> u64 {
+        self.by_reason[reason.code() as usize]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxStats {
+    pub pending: u64,
+    pub dead: u64,
+    pub oldest_pending_created_at: Option<String>,
+    pub oldest_pending_age_s: Option<i64>,
+    pub bytes: u64,
+    pub profiles: u64,
+    pub store_id: String,
+}
+
+/// Which exports `list` returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub dead: bool,
+    pub profile_id: Option<String>,
+    /// 0: all.
+    pub limit: usize,
+}
+
+pub struct Store {
+    db: sled::Db,
+    path: PathBuf,
+    store_id: u32,
+    pub(crate) profiles: sled::Tree,
+    pub(crate) outbox: sled::Tree,
+    pub(crate) dead: sled::Tree,
+    pub(crate) meta: sled::Tree,
+    /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
+    log_file: Option<File>,
+}
+
+fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
+    match tree.get(key)? {
+        None => Ok(0),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                abort(StoreError::corrupt(
+                    String::from_utf8_lossy(key),
+                    "not 8 bytes",
+                ))
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+    }
+}
+
+fn write_u64(tree: &TransactionalTree, key: &[u8], value: u64) -> TxResult<()> {
+    tree.insert(key, &value.to_be_bytes())?;
+    Ok(())
+}
+
+fn stored_from_record(id: &str, record: ProfileRecord) -> Result<StoredProfile, StoreError> {
+    let profile = serde_json::from_str(&record.json)
+        .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
+    let timestamp = record
+        .timestamp_micros
+        .map(|us| {
+            Utc.timestamp_micros(us)
+                .single()
+                .ok_or_else(|| StoreError::corrupt(format!("profile {id}"), "bad timestamp"))
+        })
+        .transpose()?;
+    Ok(StoredProfile { timestamp, profile })
+}
+
+fn record_from_stored(stored: &StoredProfile) -> ProfileRecord {
+    ProfileRecord {
+        timestamp_micros: stored.timestamp.map(|t| t.timestamp_micros()),
+        json: stored.profile.to_string(),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store. A store open in another process is [`StoreError::Locked`].
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            source: sled::Error::Io(e),
+        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked(path.to_path_buf())
+                }
+                source => StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(meta::FORMAT)? {
+            None => {
+                meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            }
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::Format {
+                        path: path.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+        }
+        let store_id = match meta.get(meta::STORE_ID)? {
+            Some(v) => u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt("store id", "not 4 bytes"))?,
+            ),
+            None => {
+                let id: u32 = rand::random();
+                meta.insert(meta::STORE_ID, &id.to_be_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
+        let log_file = File::open(path.join("db")).ok();
+        Ok(Store {
+            profiles: db.open_tree("profiles")?,
+            outbox: db.open_tree("outbox")?,
+            dead: db.open_tree("dead")?,
+            meta,
+            db,
+            path: path.to_path_buf(),
+            store_id,
+            log_file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn store_id(&self) -> u32 {
+        self.store_id
+    }
+
+    pub fn export_id(&self, seq: u64) -> ExportId {
+        ExportId {
+            store: self.store_id,
+            seq,
+        }
+    }
+
+    /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        if let Some(file) = &self.log_file {
+            file.sync_data().map_err(StoreError::Sync)?;
+        }
+        Ok(())
+    }
+
+    /// Applies each group of updates in order, all in ONE transaction, and returns a summary per
+    /// group. Nothing is durable until [`Store::flush`].
+    pub fn apply_groups(
+        &self,
+        groups: &[&[Update]],
+        mapping: &Mapping,
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<BatchSummary>, StoreError> {
+        let created_at_ms = received_at.timestamp_millis();
+        let summaries = (&self.profiles, &self.outbox, &self.meta).transaction(
+            |(profiles, outbox, meta_tx)| {
+                let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+                let mut outbox_bytes = read_u64(meta_tx, meta::OUTBOX_BYTES)?;
+                let mut summaries = Vec::with_capacity(groups.len());
+                for group in groups {
+                    let mut summary = BatchSummary::default();
+                    for update in group.iter() {
+                        let stored = match profiles.get(update.id.as_bytes())? {
+                            None => None,
+                            Some(bytes) => {
+                                let record = codec::decode_profile(&bytes).map_err(|e| {
+                                    abort(StoreError::corrupt(format!("profile {}", update.id), e))
+                                })?;
+                                Some(stored_from_record(&update.id, record).map_err(abort)?)
+                            }
+                        };
+                        let applied = apply(stored.as_ref(), update, mapping, received_at);
+                        summary.accepted += 1;
+                        match applied.result {
+                            UpdateResult::Exported => {}
+                            UpdateResult::Unchanged => summary.unchanged += 1,
+                            UpdateResult::Stale => summary.stale += 1,
+                            UpdateResult::Deleted => summary.deleted += 1,
+                        }
+                        match &applied.store {
+                            StoreAction::Keep => {}
+                            StoreAction::Put(new) => {
+                                profiles.insert(
+                                    update.id.as_bytes(),
+                                    codec::encode_profile(&record_from_stored(new)),
+                                )?;
+                            }
+                            StoreAction::Remove => {
+                                profiles.remove(update.id.as_bytes())?;
+                            }
+                        }
+                        if let Some((reason, payload)) = applied.export {
+                            let value = codec::encode_export(&ExportRecord {
+                                profile_id: update.id.clone(),
+                                reason: reason.code(),
+                                payload: payload.to_string(),
+                                created_at_ms,
+                                attempts: 0,
+                                last_error: None,
+                                last_attempt_at_ms: None,
+                                dead_at_ms: None,
+                            });
+                            outbox_bytes += value.len() as u64;
+                            outbox.insert(&keys::seq_key(next_seq), value)?;
+                            next_seq += 1;
+                            summary.exports += 1;
+                            summary.by_reason[reason.code() as usize] += 1;
+                        }
+                    }
+                    summaries.push(summary);
+                }
+                write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+                write_u64(meta_tx, meta::OUTBOX_BYTES, outbox_bytes)?;
+                Ok(summaries)
+            },
+        )?;
+        Ok(summaries)
+    }
+
+    pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
+        match self.profiles.get(id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => {
+                let record = codec::decode_profile(&bytes)
+                    .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
+                stored_from_record(id, record).map(Some)
+            }
+        }
+    }
+
+    fn decode_export(&self, key: &[u8], value: &[u8], dead: bool) -> Result<Export, StoreError> {
+        let seq = keys::seq_from_key(key)
+            .ok_or_else(|| StoreError::corrupt("export key", format!("{key:?}")))?;
+        let record = codec::decode_export(value)
+            .map_err(|e| StoreError::corrupt(format!("export {seq}"), e))?;
+        Ok(Export {
+            id: self.export_id(seq),
+            dead,
+            record,
+        })
+    }
+
+    /// The export with this id, pending or dead.
+    pub fn export(&self, id: ExportId) -> Result<Option<Export>, StoreError> {
+        if id.store != self.store_id {
+            return Ok(None);
+        }
+        let key = keys::seq_key(id.seq);
+        for (tree, dead) in [(&self.outbox, false), (&self.dead, true)] {
+            if let Some(value) = tree.get(key)? {
+                return self.decode_export(&key, &value, dead).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Exports oldest first, pending or (with `filter.dead`) dead.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Export>, StoreError> {
+        let tree = if filter.dead {
+            &self.dead
+        } else {
+            &self.outbox
+        };
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        let mut exports = Vec::new();
+        for item in tree.iter() {
+            if exports.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            let export = self.decode_export(&key, &value, filter.dead)?;
+            if filter
+                .profile_id
+                .as_deref()
+                .is_none_or(|p| p == export.record.profile_id)
+            {
+                exports.push(export);
+            }
+        }
+        Ok(exports)
+    }
+
+    pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
+        let oldest = match self.outbox.first()? {
+            Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
+            None => None,
+        };
+        let bytes = self
+            .meta
+            .get(meta::OUTBOX_BYTES)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        Ok(OutboxStats {
+            pending: self.outbox.len() as u64,
+            dead: self.dead.len() as u64,
+            oldest_pending_created_at: oldest.as_ref().map(|e| format_ms(e.record.created_at_ms)),
+            oldest_pending_age_s: oldest
+                .map(|e| (now.timestamp_millis() - e.record.created_at_ms).max(0) / 1000),
+            bytes,
+            profiles: self.profiles.len() as u64,
+            store_id: format!("{:08x}", self.store_id),
+        })
+    }
+
+    /// Checks the invariants a crash must not break; returns what is wrong, if anything.
+    pub fn verify(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        let mut bytes = 0u64;
+        let mut max_seq = None;
+        for (tree, dead) in [(&self.outbox, false), (&self.dead, true)] {
+            for item in tree.iter() {
+                let (key, value) = item?;
+                bytes += value.len() as u64;
+                match self.decode_export(&key, &value, dead) {
+                    Ok(e) => max_seq = max_seq.max(Some(e.id.seq)),
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
+        }
+        for item in self.profiles.iter() {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            if let Err(e) = codec::decode_profile(&value)
+                .map_err(|e| StoreError::corrupt(&id, e))
+                .and_then(|r| stored_from_record(&id, r))
+            {
+                problems.push(e.to_string());
+            }
+        }
+        let recorded = self
+            .meta
+            .get(meta::OUTBOX_BYTES)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        if recorded != bytes {
+            problems.push(format!(
+                "outbox_bytes is {recorded}, the trees hold {bytes}"
+            ));
+        }
+        let next = self
+            .meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        if let Some(max) = max_seq {
+            if max >= next {
+                problems.push(format!("export {max} is not below next_seq {next}"));
+            }
+        }
+        Ok(problems)
+    }
+}
