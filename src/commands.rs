@@ -15,7 +15,7 @@ use crate::profile::Reason;
 use crate::store::{BatchSummary, Export, ExportId, ListFilter, OutboxStats, Store, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time.
-const INGEST_CHUNK: usize = 5_000;
+const INGEST_CHUNK: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -143,6 +143,7 @@ pub fn ingest_file<F: Read + Seek>(
         file.rewind()
             .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
     };
+    rewind(file)?;
     for update in UpdateReader::new(BufReader::new(&mut *file)) {
         update?;
     }

@@ -1,0 +1,262 @@
+//! The CLI straight on the store (no agent running): ingest, outbox inspection, profile show,
+//! exit codes.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn ingest_then_inspect_outbox_and_profile() {
+    let ws = Workspace::new();
+    let input = [
+        member_update("p-1", "Jane", "2026-01-01T00:00:01Z"),
+        member_update("p-2", "John", "2026-01-01T00:00:01Z"),
+        member_update("p-1", "Janet", "2026-01-01T00:00:02Z"),
+        // resend: unchanged
+        member_update("p-1", "Janet", "2026-01-01T00:00:02Z"),
+        // stale
+        member_update("p-1", "Old", "2026-01-01T00:00:00Z"),
+        r#"{"id":"p-2","op":"delete","timestamp":"2026-01-01T00:00:03Z"}"#.to_owned(),
+    ]
+    .join("\n");
+    let out = ws.run_ok(&["ingest", "--json", "-"], Some(input.as_bytes()));
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["accepted"], 6);
+    assert_eq!(summary["exports"], 4, "{summary}");
+    assert_eq!(summary["unchanged"], 1);
+    assert_eq!(summary["stale"], 1);
+    assert_eq!(summary["deleted"], 1);
+    assert_eq!(summary["exports_by_reason"]["segment"], 2);
+    assert_eq!(summary["exports_by_reason"]["attribute"], 1);
+    assert_eq!(summary["exports_by_reason"]["delete"], 1);
+
+    let stats: serde_json::Value =
+        serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap();
+    assert_eq!(stats["pending"], 4);
+    assert_eq!(stats["dead"], 0);
+    assert_eq!(stats["profiles"], 1);
+
+    let list = json_lines(&ws.run_ok(&["outbox", "list", "--json"], None));
+    let reasons: Vec<_> = list.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["segment", "segment", "attribute", "delete"]);
+    for export in &list {
+        for key in [
+            "id",
+            "profile_id",
+            "reason",
+            "payload",
+            "attempts",
+            "created_at",
+            "last_error",
+            "dead",
+        ] {
+            assert!(export.get(key).is_some(), "{key} missing in {export}");
+        }
+        assert_eq!(export["dead"], false);
+        assert_eq!(export["attempts"], 0);
+    }
+    assert_eq!(list[2]["payload"]["person"]["name"]["firstName"], "Janet");
+    assert_eq!(
+        list[3]["payload"]["segmentMembership"]["ups"][SEGMENT_A],
+        json!({"status": "exited", "lastQualificationTime": "2026-01-01T00:00:03Z"})
+    );
+
+    let only_p1 = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--profile", "p-1"], None));
+    assert_eq!(only_p1.len(), 2);
+    let limited = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--limit", "1"], None));
+    assert_eq!(limited.len(), 1);
+    let all = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--limit", "0"], None));
+    assert_eq!(all.len(), 4);
+
+    let id = list[2]["id"].as_str().unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(ws.run_ok(&["outbox", "show", id, "--json"], None).trim()).unwrap();
+    assert_eq!(shown, list[2]);
+    let human = ws.run_ok(&["outbox", "show", id], None);
+    assert!(
+        human.contains("attribute") && human.contains("Janet"),
+        "{human}"
+    );
+    let table = ws.run_ok(&["outbox", "list"], None);
+    assert_eq!(table.lines().count(), 5, "{table}");
+
+    let profile: serde_json::Value = serde_json::from_str(
+        ws.run_ok(&["profile", "show", "p-1", "--json"], None)
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(profile["timestamp"], "2026-01-01T00:00:02Z");
+    assert_eq!(profile["profile"]["person"]["name"]["firstName"], "Janet");
+}
+
+#[test]
+fn a_bad_line_refuses_the_whole_file_and_stores_nothing() {
+    let ws = Workspace::new();
+    let input = format!(
+        "{}\n{}\n{{\"id\":\"p-3\",\"profile\":{{}},\"colour\":\"red\"}}\n",
+        member_update("p-1", "A", "2026-01-01T00:00:01Z"),
+        member_update("p-2", "B", "2026-01-01T00:00:01Z")
+    );
+    let path = ws.path().join("bad.ndjson");
+    std::fs::write(&path, input).unwrap();
+    let out = ws.run(&["ingest", path.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("colour"),
+        "{stderr}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap();
+    assert_eq!(stats["pending"], 0);
+    assert_eq!(stats["profiles"], 0);
+}
+
+#[test]
+fn exit_codes_for_usage_config_and_missing_things() {
+    let ws = Workspace::new();
+    assert_eq!(
+        ws.run(&["outbox", "frobnicate"], None).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        ws.run(&["outbox", "show", "not-an-id"], None).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        ws.run(&["outbox", "show", "00000000-1"], None)
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        ws.run(&["profile", "show", "nobody"], None).status.code(),
+        Some(1)
+    );
+
+    std::fs::write(
+        ws.config_path(),
+        "[destination]\nhttp_endpoint = \"nope\"\n",
+    )
+    .unwrap();
+    let out = ws.run(&["outbox", "stats"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mapping") || stderr.contains("http_endpoint"),
+        "{stderr}"
+    );
+
+    let bad = Workspace::with_extra("[delivery]\nconcurrency = 0\n");
+    let out = bad.run(&["outbox", "stats"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("delivery.concurrency"));
+}
+
+#[test]
+fn config_path_is_accepted_after_the_subcommand_and_from_env() {
+    let ws = Workspace::new();
+    let out = std::process::Command::new(binary())
+        .args(["outbox", "stats", "--json", "--config"])
+        .arg(ws.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(binary())
+        .args(["outbox", "stats", "--json"])
+        .env("OUTPOST_CONFIG", ws.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// 100,000 updates from a file are all stored and decided, with memory bounded: the file is
+/// larger than the resident memory the ingest may use.
+#[test]
+fn ingest_of_100k_updates_is_streamed() {
+    let ws = Workspace::new();
+    let path = ws.path().join("big.ndjson");
+    let padding = "x".repeat(900);
+    {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for i in 0..100_000u32 {
+            let mut line: serde_json::Value = serde_json::from_str(&member_update(
+                &format!("p-{}", i % 20_000),
+                &format!("n{i}"),
+                "2026-01-01T00:00:01Z",
+            ))
+            .unwrap();
+            line["profile"]["note"] = json!(padding);
+            writeln!(file, "{line}").unwrap();
+        }
+    }
+    let file_bytes = std::fs::metadata(&path).unwrap().len();
+    assert!(file_bytes > 100 << 20, "{file_bytes}");
+    let out = ws.run_ok(&["ingest", "--json", path.to_str().unwrap()], None);
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["accepted"], 100_000);
+    // 20,000 first sights qualify, then 4 attribute changes each.
+    assert_eq!(summary["exports_by_reason"]["segment"], 20_000);
+    assert_eq!(summary["exports_by_reason"]["attribute"], 80_000);
+    let peak = peak_child_rss_bytes();
+    assert!(
+        peak < file_bytes,
+        "peak RSS {peak} is not below the file size {file_bytes}"
+    );
+}
+
+/// The largest resident set of any child this test process has waited for.
+fn peak_child_rss_bytes() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        assert_eq!(
+            libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()),
+            0
+        );
+        usage.assume_init()
+    };
+    usage.ru_maxrss as u64 * 1024
+}
+
+/// The sample data and the example config in `data/` go together: the counts are the ones
+/// `data/make_samples.py` derives from SPEC's rules line by line.
+#[test]
+fn sample_updates_give_the_documented_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = dir.path().join("outpost.toml");
+    std::fs::copy(manifest.join("data/outpost.example.toml"), &config).unwrap();
+    let out = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(&config)
+        .args(["ingest", "--json"])
+        .arg(manifest.join("data/sample-updates.ndjson"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        summary,
+        json!({"accepted": 1529, "exports": 823, "unchanged": 662, "stale": 30, "deleted": 26,
+               "exports_by_reason": {"segment": 487, "identity": 142, "attribute": 182, "delete": 12}})
+    );
+    assert!(
+        dir.path().join("outpost-data").is_dir(),
+        "the store path is relative to the config"
+    );
+}
