@@ -35,6 +35,16 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent: the ingest API, the delivery loop and the admin socket.
+    ///
+    /// Stops on SIGTERM or SIGINT after in-flight deliveries finish.
+    ///
+    /// Example: outpost run --config /etc/outpost/outpost.toml
+    Run,
+    /// Validate the config, fetch a token, and report (never printing a secret).
+    ///
+    /// Example: outpost check --config /etc/outpost/outpost.toml
+    Check,
     /// Ingest NDJSON updates (also a JSON array or one object) from a file or `-` for stdin.
     ///
     /// The input is validated whole before anything is stored: one bad line refuses it all.
@@ -87,6 +97,30 @@ pub enum OutboxCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Put dead letters back in the outbox (same id, so the same Idempotency-Key).
+    ///
+    /// Example: outpost outbox retry --all-dead
+    Retry(Targets),
+    /// Delete exports (dead letters, or pending ones named by id).
+    ///
+    /// Example: outpost outbox drop 3fa2c1d0-42 --yes
+    Drop {
+        #[command(flatten)]
+        targets: Targets,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Targets {
+    /// Export ids
+    #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+    pub ids: Vec<String>,
+    /// Every dead letter
+    #[arg(long)]
+    pub all_dead: bool,
 }
 
 #[derive(Debug, Subcommand)]

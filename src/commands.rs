@@ -1,21 +1,28 @@
-//! What each subcommand does: load the config, reach the store, do the work, print the result
-//! for people or (`--json`) for programs.
+//! What each subcommand does: load the config, reach the store (through the running agent's
+//! socket, or straight on disk), do the work, and print the result for people or (`--json`)
+//! for programs.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, Write};
-use std::path::Path;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::cli::{Cli, Command, OutboxCommand, ProfileCommand};
-use crate::config::{self, Config, ConfigError};
-use crate::profile::update::{format_time, InputError, UpdateReader};
-use crate::profile::Reason;
-use crate::store::{BatchSummary, Export, ExportId, ListFilter, OutboxStats, Store, StoreError};
+use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest};
+use crate::agent::{termination_signal, Agent, AgentOptions};
+use crate::cli::{Cli, Command, OutboxCommand, ProfileCommand, Targets};
+use crate::config::{self, Auth, Config, ConfigError};
+use crate::profile::update::{InputError, UpdateReader};
+use crate::profile::{Reason, Update};
+use crate::store::{BatchSummary, Store, StoreError};
 
-/// How many updates `outpost ingest` commits (and flushes) at a time.
+/// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
 const INGEST_CHUNK: usize = 1_000;
+/// How long the CLI waits for the agent's answer.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -41,41 +48,224 @@ impl CliError {
     }
 }
 
+impl From<AdminError> for CliError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::Usage(m) => CliError::Usage(m),
+            AdminError::NotFound(m) | AdminError::Failed(m) => CliError::Failure(m),
+        }
+    }
+}
+
+/// Where the CLI's requests go.
+pub enum Backend {
+    /// The running agent's admin socket.
+    Agent(PathBuf),
+    /// The store on disk, opened by this process.
+    Local(Store),
+}
+
+impl Backend {
+    /// The agent if one answers on the store's socket, else the store itself.
+    pub fn connect(config: &Config) -> Result<Backend, CliError> {
+        let socket = crate::server::admin::socket_path(&config.storage.path);
+        if UnixStream::connect(&socket).is_ok() {
+            return Ok(Backend::Agent(socket));
+        }
+        match Store::open(&config.storage.path, config.storage.cache_bytes) {
+            Ok(store) => Ok(Backend::Local(store)),
+            Err(StoreError::Locked(path)) => Err(CliError::Failure(format!(
+                "the store at {} is in use by another process, and no agent answers on {}",
+                path.display(),
+                socket.display()
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn execute(&self, request: &AdminRequest) -> Result<Value, AdminError> {
+        match self {
+            Backend::Local(store) => execute(store, request),
+            Backend::Agent(socket) => call_agent(socket, request),
+        }
+    }
+
+    /// Commits one chunk of validated updates, durably.
+    fn ingest(&self, config: &Config, updates: &[Update]) -> Result<BatchSummary, CliError> {
+        match self {
+            Backend::Local(store) => {
+                let summaries = store.apply_groups(&[updates], &config.mapping, Utc::now())?;
+                store.flush()?;
+                Ok(summaries[0])
+            }
+            Backend::Agent(socket) => {
+                let request = AdminRequest::Ingest {
+                    updates: updates.iter().map(Update::to_value).collect(),
+                };
+                let report = call_agent(socket, &request)?;
+                BatchSummary::from_report(&report).ok_or_else(|| {
+                    CliError::Failure(format!("unexpected answer from the agent: {report}"))
+                })
+            }
+        }
+    }
+}
+
+fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {
+    let failed =
+        |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
+    let mut stream = UnixStream::connect(socket).map_err(failed)?;
+    stream
+        .set_read_timeout(Some(AGENT_TIMEOUT))
+        .map_err(failed)?;
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(failed)?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(failed)?;
+    let answer: AdminAnswer = serde_json::from_str(&answer).map_err(|e| {
+        AdminError::Failed(format!(
+            "agent at {}: unreadable answer: {e}",
+            socket.display()
+        ))
+    })?;
+    answer.into_result()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failure(format!("cannot start the runtime: {e}")))
+}
+
 pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     let config_path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&config_path)?;
     match cli.command {
+        Command::Run => runtime()?.block_on(run(&config)),
+        Command::Check => runtime()?.block_on(check(&config)),
         Command::Ingest { file, json } => {
-            let store = open_store(&config)?;
-            let summary = ingest_path(&store, &config, &file)?;
+            let backend = Backend::connect(&config)?;
+            let summary = ingest_path(&backend, &config, &file)?;
             print_summary(&summary, json);
             Ok(())
         }
-        Command::Outbox(command) => {
-            let store = open_store(&config)?;
-            outbox(&store, command)
-        }
+        Command::Outbox(command) => outbox(&Backend::connect(&config)?, command),
         Command::Profile(ProfileCommand::Show { id, json }) => {
-            let store = open_store(&config)?;
-            let stored = store
-                .profile(&id)?
-                .ok_or_else(|| CliError::Failure(format!("no profile `{id}` is stored")))?;
-            let value = json!({
-                "id": id,
-                "timestamp": stored.timestamp.map(format_time),
-                "profile": stored.profile,
-            });
+            let value = Backend::connect(&config)?.execute(&AdminRequest::Profile { id })?;
             print_json(&value, json.json);
             Ok(())
         }
     }
 }
 
-fn open_store(config: &Config) -> Result<Store, CliError> {
-    Ok(Store::open(
-        &config.storage.path,
-        config.storage.cache_bytes,
-    )?)
+async fn run(config: &Config) -> Result<(), CliError> {
+    let agent = Agent::start(config, AgentOptions::default())
+        .await
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    let stop = agent.shutdown_token();
+    tokio::spawn(async move {
+        termination_signal().await;
+        tracing::info!("stopping: finishing in-flight deliveries");
+        stop.cancel();
+    });
+    agent
+        .wait()
+        .await
+        .map_err(|e| CliError::Failure(e.to_string()))
+}
+
+/// Validates the config (already done by loading it), builds the TLS client, fetches a token.
+async fn check(config: &Config) -> Result<(), CliError> {
+    let d = &config.destination;
+    println!("config           {} (valid)", config.path.display());
+    println!(
+        "destination      {}",
+        d.name.as_deref().unwrap_or("(unnamed)")
+    );
+    let endpoint = &d.http_endpoint;
+    let query = endpoint.query_pairs().count();
+    println!(
+        "endpoint         {}://{}{}{}",
+        endpoint.scheme(),
+        endpoint.host_str().unwrap_or(""),
+        endpoint.port().map(|p| format!(":{p}")).unwrap_or_default(),
+        endpoint.path()
+    );
+    if query > 0 {
+        println!("                 (+ {query} query parameters, sent as given)");
+    }
+    println!(
+        "custom headers   {}",
+        d.custom_headers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "mapping          {} attributes, {} segments, {}",
+        config.mapping.attributes.len(),
+        config.mapping.segments.len(),
+        if config.mapping.identities.is_empty() {
+            "all identity namespaces".to_owned()
+        } else {
+            format!("{} identity namespaces", config.mapping.identities.len())
+        }
+    );
+    println!("store            {}", config.storage.path.display());
+    println!(
+        "ingest           {}{}",
+        config.ingest.listen,
+        if config.ingest.token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
+    );
+    let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
+        .map_err(|e| CliError::Failure(format!("destination TLS: {e}")))?;
+    match &d.auth {
+        Auth::None => println!("auth             none"),
+        Auth::Bearer { .. } => println!("auth             static bearer token (set)"),
+        Auth::OAuth2ClientCredentials {
+            auth_endpoint,
+            client_id,
+            credentials,
+            ..
+        } => {
+            println!("auth             oauth2 client credentials, client_id {client_id}, credentials in {credentials:?}");
+            println!(
+                "token endpoint   {}://{}{}",
+                auth_endpoint.scheme(),
+                auth_endpoint.host_str().unwrap_or(""),
+                auth_endpoint.path()
+            );
+            let source =
+                crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
+            let fetched = source
+                .fetch()
+                .await
+                .map_err(|e| CliError::Failure(format!("token: {e}")))?;
+            println!(
+                "token            obtained ({} characters, type {}, lifetime {} s{})",
+                fetched.token.expose().len(),
+                fetched.token_type.as_deref().unwrap_or("unspecified"),
+                fetched.lifetime.as_secs(),
+                if fetched.lifetime_given {
+                    ""
+                } else {
+                    ", assumed: no expires_in"
+                }
+            );
+        }
+    }
+    println!("check            ok");
+    Ok(())
 }
 
 fn print_json(value: &Value, compact: bool) {
@@ -91,12 +281,7 @@ fn print_json(value: &Value, compact: bool) {
 
 fn print_summary(summary: &BatchSummary, as_json: bool) {
     if as_json {
-        let mut value = serde_json::to_value(summary).expect("summary serializes");
-        value["exports_by_reason"] = Reason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_owned(), json!(summary.exports_for(*r))))
-            .collect();
-        println!("{value}");
+        println!("{}", summary.report());
         return;
     }
     let reasons: Vec<String> = Reason::ALL
@@ -116,7 +301,11 @@ fn print_summary(summary: &BatchSummary, as_json: bool) {
 }
 
 /// Ingests a file, or stdin for `-` (spooled to a temporary file so it can be read twice).
-pub fn ingest_path(store: &Store, config: &Config, path: &Path) -> Result<BatchSummary, CliError> {
+pub fn ingest_path(
+    backend: &Backend,
+    config: &Config,
+    path: &Path,
+) -> Result<BatchSummary, CliError> {
     let mut file = if path == Path::new("-") {
         let mut spool = tempfile::tempfile()
             .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
@@ -127,7 +316,7 @@ pub fn ingest_path(store: &Store, config: &Config, path: &Path) -> Result<BatchS
         File::open(path)
             .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?
     };
-    ingest_file(store, config, &mut file)
+    ingest_file(backend, config, &mut file)
 }
 
 /// Two passes so that memory stays bounded and a bad line stores nothing: the first validates
@@ -135,7 +324,7 @@ pub fn ingest_path(store: &Store, config: &Config, path: &Path) -> Result<BatchS
 /// stored; running the same file again completes it (updates with timestamps are then stale or
 /// unchanged, so no export is made twice).
 pub fn ingest_file<F: Read + Seek>(
-    store: &Store,
+    backend: &Backend,
     config: &Config,
     file: &mut F,
 ) -> Result<BatchSummary, CliError> {
@@ -159,23 +348,17 @@ pub fn ingest_file<F: Read + Seek>(
                 None => break,
             }
         }
-        let summaries = store.apply_groups(&[&chunk], &config.mapping, Utc::now())?;
-        store.flush()?;
-        total.add(&summaries[0]);
+        total.add(&backend.ingest(config, &chunk)?);
     }
     Ok(total)
 }
 
-fn parse_export_id(text: &str) -> Result<ExportId, CliError> {
-    text.parse().map_err(CliError::Usage)
-}
-
-fn outbox(store: &Store, command: OutboxCommand) -> Result<(), CliError> {
+fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
     match command {
         OutboxCommand::Stats(flag) => {
-            let stats = store.stats(Utc::now())?;
+            let stats = backend.execute(&AdminRequest::Stats)?;
             if flag.json {
-                println!("{}", serde_json::to_value(&stats).expect("stats serialize"));
+                println!("{stats}");
             } else {
                 print_stats(&stats);
             }
@@ -186,51 +369,103 @@ fn outbox(store: &Store, command: OutboxCommand) -> Result<(), CliError> {
             limit,
             json,
         } => {
-            let exports = store.list(&ListFilter {
+            let exports = backend.execute(&AdminRequest::List {
                 dead,
                 profile_id: profile,
                 limit,
             })?;
+            let exports = exports.as_array().cloned().unwrap_or_default();
             if json.json {
                 let mut out = std::io::stdout().lock();
                 for export in &exports {
-                    let _ = writeln!(out, "{}", export.to_json());
+                    let _ = writeln!(out, "{export}");
                 }
             } else {
                 print_export_table(&exports);
             }
         }
         OutboxCommand::Show { id, json } => {
-            let id = parse_export_id(&id)?;
-            let export = store.export(id)?.ok_or_else(|| {
-                CliError::Failure(format!("no export `{id}` in the outbox or dead letters"))
-            })?;
+            let export = backend.execute(&AdminRequest::Show { id })?;
             if json.json {
-                println!("{}", export.to_json());
+                println!("{export}");
             } else {
                 print_export(&export);
             }
+        }
+        OutboxCommand::Retry(Targets { ids, all_dead }) => {
+            let result = backend.execute(&AdminRequest::Retry { ids, all_dead })?;
+            report_repair(&result, "retried", "put back in the outbox")?;
+        }
+        OutboxCommand::Drop {
+            targets: Targets { ids, all_dead },
+            yes,
+        } => {
+            if !yes && std::io::stdin().is_terminal() && !confirm(&ids, all_dead)? {
+                return Err(CliError::Failure("nothing dropped".into()));
+            }
+            let result = backend.execute(&AdminRequest::Drop { ids, all_dead })?;
+            report_repair(&result, "dropped", "deleted")?;
         }
     }
     Ok(())
 }
 
-fn print_stats(stats: &OutboxStats) {
-    println!("pending          {}", stats.pending);
-    println!("dead             {}", stats.dead);
-    println!(
-        "oldest pending   {}",
-        match (&stats.oldest_pending_created_at, stats.oldest_pending_age_s) {
-            (Some(at), Some(age)) => format!("{at} ({age} s ago)"),
-            _ => "-".into(),
-        }
-    );
-    println!("outbox bytes     {}", stats.bytes);
-    println!("profiles stored  {}", stats.profiles);
-    println!("store id         {}", stats.store_id);
+fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
+    let what = if all_dead {
+        "every dead letter".to_owned()
+    } else {
+        format!("{} export(s)", ids.len())
+    };
+    eprint!("Delete {what} for good? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Failure(format!("cannot read the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-fn print_export_table(exports: &[Export]) {
+fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> {
+    let done = result[key].as_array().map_or(0, Vec::len);
+    println!("{done} export(s) {verb}");
+    let missing: Vec<&str> = result["not_found"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failure(format!(
+            "not found: {}",
+            missing.join(", ")
+        )))
+    }
+}
+
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_stats(stats: &Value) {
+    let age = match (
+        &stats["oldest_pending_created_at"],
+        &stats["oldest_pending_age_s"],
+    ) {
+        (Value::String(at), Value::Number(age)) => format!("{at} ({age} s ago)"),
+        _ => "-".into(),
+    };
+    println!("pending          {}", text_of(&stats["pending"]));
+    println!("dead             {}", text_of(&stats["dead"]));
+    println!("oldest pending   {age}");
+    println!("outbox bytes     {}", text_of(&stats["bytes"]));
+    println!("profiles stored  {}", text_of(&stats["profiles"]));
+    println!("store id         {}", text_of(&stats["store_id"]));
+}
+
+fn print_export_table(exports: &[Value]) {
     if exports.is_empty() {
         println!("(no exports)");
         return;
@@ -240,24 +475,19 @@ fn print_export_table(exports: &[Export]) {
         "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
     );
     for e in exports {
-        let r = &e.record;
         println!(
             "{:<22} {:<24} {:<9} {:>8}  {:<24}  {}",
-            e.id.to_string(),
-            truncate_chars(&r.profile_id, 24),
-            r.reason().as_str(),
-            r.attempts,
-            crate::store::format_ms(r.created_at_ms),
-            r.last_error
-                .as_deref()
-                .map(|s| truncate_chars(s, 60))
-                .unwrap_or_else(|| "-".into())
+            text_of(&e["id"]),
+            truncate_chars(&text_of(&e["profile_id"]), 24),
+            text_of(&e["reason"]),
+            text_of(&e["attempts"]),
+            text_of(&e["created_at"]),
+            truncate_chars(&text_of(&e["last_error"]), 60)
         );
     }
 }
 
-fn print_export(export: &Export) {
-    let value = export.to_json();
+fn print_export(export: &Value) {
     for key in [
         "id",
         "profile_id",
@@ -269,17 +499,12 @@ fn print_export(export: &Export) {
         "last_error",
         "dead_at",
     ] {
-        let shown = match &value[key] {
-            Value::Null => "-".to_owned(),
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        println!("{key:<16} {shown}");
+        println!("{key:<16} {}", text_of(&export[key]));
     }
     println!("payload:");
     println!(
         "{}",
-        serde_json::to_string_pretty(&value["payload"]).expect("a Value always serializes")
+        serde_json::to_string_pretty(&export["payload"]).expect("a Value always serializes")
     );
 }
 

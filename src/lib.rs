@@ -13,9 +13,14 @@
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
 //! - [`logging`]: tracing set-up.
 
+pub mod admin;
+pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod delivery;
 pub mod logging;
+pub mod metrics;
 pub mod profile;
+pub mod server;
 pub mod store;

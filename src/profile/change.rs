@@ -75,8 +75,8 @@ pub fn value_at<'a>(profile: &'a Value, path: &[String]) -> Option<&'a Value> {
 fn identity_set(profile: &Value, namespace: &str) -> BTreeSet<String> {
     match profile.get("identityMap").and_then(|m| m.get(namespace)) {
         Some(Value::Array(items)) => items.iter().map(Value::to_string).collect(),
-        Some(other) => BTreeSet::from([other.to_string()]),
-        None => BTreeSet::new(),
+        // Not an array: the payload carries only non-empty arrays, so it counts as none.
+        _ => BTreeSet::new(),
     }
 }
 

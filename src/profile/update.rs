@@ -29,6 +29,30 @@ pub struct Update {
     pub timestamp: Option<DateTime<Utc>>,
 }
 
+impl Update {
+    /// The update as an input line again (the CLI forwards validated updates to the agent).
+    pub fn to_value(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("id".into(), Value::String(self.id.clone()));
+        let op = match self.op {
+            Op::Upsert => "upsert",
+            Op::Merge => "merge",
+            Op::Delete => "delete",
+        };
+        object.insert("op".into(), Value::String(op.into()));
+        if self.op != Op::Delete {
+            object.insert("profile".into(), Value::Object(self.profile.clone()));
+        }
+        if let Some(t) = self.timestamp {
+            object.insert(
+                "timestamp".into(),
+                Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            );
+        }
+        Value::Object(object)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpdate {
@@ -430,6 +454,19 @@ mod tests {
             let error = error_of(body.as_bytes());
             assert_eq!(error.line, line, "{error} for {:?}", truncate(&body, 80));
             assert!(error.reason.contains(reason), "`{error}` lacks `{reason}`");
+        }
+    }
+
+    #[test]
+    fn to_value_round_trips() {
+        let body = br#"[{"id":"a","op":"merge","profile":{"x":null},"timestamp":"2026-01-01T00:00:05.123456+02:00"},{"id":"b","op":"delete"},{"id":"c","profile":{"y":[1]}}]"#;
+        let updates = parse_body(body).unwrap();
+        for (i, update) in updates.iter().enumerate() {
+            assert_eq!(
+                &update_from_value(update.to_value(), 1).unwrap(),
+                update,
+                "update {i}"
+            );
         }
     }
 

@@ -36,6 +36,9 @@ pub struct ExportRecord {
     /// The JSON body, exactly as it will be sent.
     pub payload: String,
     pub created_at_ms: i64,
+    /// When it entered the outbox: created, or put back by `outbox retry`. `max_age_s` counts
+    /// from here.
+    pub queued_at_ms: i64,
     pub attempts: u32,
     pub last_error: Option<String>,
     pub last_attempt_at_ms: Option<i64>,
@@ -98,6 +101,7 @@ mod tests {
             reason: Reason::Attribute.code(),
             payload: "{}".into(),
             created_at_ms: 1000,
+            queued_at_ms: 1000,
             attempts: 2,
             last_error: Some("HTTP 500".into()),
             last_attempt_at_ms: Some(2000),
@@ -122,6 +126,7 @@ mod tests {
         let expected: Vec<u8> = [
             &[1u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
             &[251, 0xd0, 0x07], // created_at_ms 1000: zigzag 2000, varint
+            &[251, 0xd0, 0x07], // queued_at_ms
             &[2, 1, 8],         // attempts 2, Some, len 8
             b"HTTP 500",
             &[1, 251, 0xa0, 0x0f], // Some(2000)

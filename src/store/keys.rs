@@ -18,8 +18,8 @@ pub mod meta {
     pub const STORE_ID: &[u8] = b"store_id";
     /// The sequence number the next export gets.
     pub const NEXT_SEQ: &[u8] = b"next_seq";
-    /// The bytes of the values in the outbox and dead trees.
-    pub const OUTBOX_BYTES: &[u8] = b"outbox_bytes";
+    /// The [`Tally`](crate::store::Tally) of the outbox and dead trees.
+    pub const TALLY: &[u8] = b"tally";
 }
 
 #[cfg(test)]

@@ -5,12 +5,13 @@
 //!   never holds one without the other;
 //! - export sequence numbers only grow; an export keeps its number (and so its id) for life,
 //!   also when it moves to `dead` and back;
-//! - `meta/outbox_bytes` is the size of all values in `outbox` and `dead`, kept in the same
-//!   transactions that change those trees;
+//! - `meta/tally` counts the entries of `outbox` and `dead` and the bytes of their values,
+//!   kept in the same transactions that change those trees (sled can only count by walking);
 //! - nothing is acknowledged before [`Store::flush`] has returned.
 
 pub mod codec;
 pub mod committer;
+pub mod flusher;
 pub mod keys;
 
 use std::fs::File;
@@ -162,6 +163,36 @@ impl BatchSummary {
     pub fn exports_for(&self, reason: Reason) -> u64 {
         self.by_reason[reason.code() as usize]
     }
+
+    /// The summary with `exports_by_reason`, as `outpost ingest --json` prints it.
+    pub fn report(&self) -> Value {
+        let mut value = serde_json::to_value(self).expect("summary serializes");
+        value["exports_by_reason"] = Reason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), Value::from(self.exports_for(*r))))
+            .collect();
+        value
+    }
+
+    /// Reads back what [`BatchSummary::report`] wrote.
+    pub fn from_report(value: &Value) -> Option<BatchSummary> {
+        let field = |name: &str| value.get(name)?.as_u64();
+        let mut summary = BatchSummary {
+            accepted: field("accepted")?,
+            exports: field("exports")?,
+            unchanged: field("unchanged")?,
+            stale: field("stale")?,
+            deleted: field("deleted")?,
+            by_reason: [0; 4],
+        };
+        for reason in Reason::ALL {
+            summary.by_reason[reason.code() as usize] = value
+                .get("exports_by_reason")?
+                .get(reason.as_str())?
+                .as_u64()?;
+        }
+        Some(summary)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -213,6 +244,72 @@ fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
 
 fn write_u64(tree: &TransactionalTree, key: &[u8], value: u64) -> TxResult<()> {
     tree.insert(key, &value.to_be_bytes())?;
+    Ok(())
+}
+
+/// Counts kept exact by every transaction that touches `outbox` or `dead`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    pub pending: u64,
+    pub dead: u64,
+    /// Bytes of the stored values of pending and dead exports.
+    pub bytes: u64,
+}
+
+impl Tally {
+    fn to_bytes(self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..8].copy_from_slice(&self.pending.to_be_bytes());
+        out[8..16].copy_from_slice(&self.dead.to_be_bytes());
+        out[16..].copy_from_slice(&self.bytes.to_be_bytes());
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Tally> {
+        let word = |i: usize| {
+            Some(u64::from_be_bytes(
+                bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        if bytes.len() != 24 {
+            return None;
+        }
+        Some(Tally {
+            pending: word(0)?,
+            dead: word(1)?,
+            bytes: word(2)?,
+        })
+    }
+
+    /// Adds (`sign` 1) or takes away (`sign` -1) one stored value in `place`.
+    fn count(&mut self, place: Place, value_len: usize, sign: i64) {
+        let apply = |n: &mut u64, by: u64| {
+            *n = if sign > 0 {
+                *n + by
+            } else {
+                n.saturating_sub(by)
+            };
+        };
+        match place {
+            Place::Pending => apply(&mut self.pending, 1),
+            Place::Dead => apply(&mut self.dead, 1),
+            Place::Gone => return,
+        }
+        apply(&mut self.bytes, value_len as u64);
+    }
+}
+
+fn read_tally(tree: &TransactionalTree) -> TxResult<Tally> {
+    match tree.get(meta::TALLY)? {
+        None => Ok(Tally::default()),
+        Some(v) => {
+            Tally::from_bytes(&v).ok_or_else(|| abort(StoreError::corrupt("tally", "not 24 bytes")))
+        }
+    }
+}
+
+fn write_tally(tree: &TransactionalTree, tally: Tally) -> TxResult<()> {
+    tree.insert(meta::TALLY, &tally.to_bytes())?;
     Ok(())
 }
 
@@ -339,7 +436,7 @@ impl Store {
         let summaries = (&self.profiles, &self.outbox, &self.meta).transaction(
             |(profiles, outbox, meta_tx)| {
                 let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
-                let mut outbox_bytes = read_u64(meta_tx, meta::OUTBOX_BYTES)?;
+                let mut tally = read_tally(meta_tx)?;
                 let mut summaries = Vec::with_capacity(groups.len());
                 for group in groups {
                     let mut summary = BatchSummary::default();
@@ -379,12 +476,13 @@ impl Store {
                                 reason: reason.code(),
                                 payload: payload.to_string(),
                                 created_at_ms,
+                                queued_at_ms: created_at_ms,
                                 attempts: 0,
                                 last_error: None,
                                 last_attempt_at_ms: None,
                                 dead_at_ms: None,
                             });
-                            outbox_bytes += value.len() as u64;
+                            tally.count(Place::Pending, value.len(), 1);
                             outbox.insert(&keys::seq_key(next_seq), value)?;
                             next_seq += 1;
                             summary.exports += 1;
@@ -394,7 +492,7 @@ impl Store {
                     summaries.push(summary);
                 }
                 write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
-                write_u64(meta_tx, meta::OUTBOX_BYTES, outbox_bytes)?;
+                write_tally(meta_tx, tally)?;
                 Ok(summaries)
             },
         )?;
@@ -473,33 +571,39 @@ impl Store {
             Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
             None => None,
         };
-        let bytes = self
-            .meta
-            .get(meta::OUTBOX_BYTES)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
+        let tally = self.tally()?;
         Ok(OutboxStats {
-            pending: self.outbox.len() as u64,
-            dead: self.dead.len() as u64,
+            pending: tally.pending,
+            dead: tally.dead,
             oldest_pending_created_at: oldest.as_ref().map(|e| format_ms(e.record.created_at_ms)),
             oldest_pending_age_s: oldest
                 .map(|e| (now.timestamp_millis() - e.record.created_at_ms).max(0) / 1000),
-            bytes,
+            bytes: tally.bytes,
             profiles: self.profiles.len() as u64,
             store_id: format!("{:08x}", self.store_id),
         })
     }
 
+    /// Pending and dead counts and bytes, read without walking the trees.
+    pub fn tally(&self) -> Result<Tally, StoreError> {
+        match self.meta.get(meta::TALLY)? {
+            None => Ok(Tally::default()),
+            Some(v) => {
+                Tally::from_bytes(&v).ok_or_else(|| StoreError::corrupt("tally", "not 24 bytes"))
+            }
+        }
+    }
+
     /// Checks the invariants a crash must not break; returns what is wrong, if anything.
     pub fn verify(&self) -> Result<Vec<String>, StoreError> {
         let mut problems = Vec::new();
-        let mut bytes = 0u64;
+        let mut counted = Tally::default();
         let mut max_seq = None;
-        for (tree, dead) in [(&self.outbox, false), (&self.dead, true)] {
+        for (tree, place) in [(&self.outbox, Place::Pending), (&self.dead, Place::Dead)] {
             for item in tree.iter() {
                 let (key, value) = item?;
-                bytes += value.len() as u64;
-                match self.decode_export(&key, &value, dead) {
+                counted.count(place, value.len(), 1);
+                match self.decode_export(&key, &value, place == Place::Dead) {
                     Ok(e) => max_seq = max_seq.max(Some(e.id.seq)),
                     Err(e) => problems.push(e.to_string()),
                 }
@@ -508,21 +612,17 @@ impl Store {
         for item in self.profiles.iter() {
             let (key, value) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
-            if let Err(e) = codec::decode_profile(&value)
+            let decoded = codec::decode_profile(&value)
                 .map_err(|e| StoreError::corrupt(&id, e))
-                .and_then(|r| stored_from_record(&id, r))
-            {
+                .and_then(|r| stored_from_record(&id, r));
+            if let Err(e) = decoded {
                 problems.push(e.to_string());
             }
         }
-        let recorded = self
-            .meta
-            .get(meta::OUTBOX_BYTES)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        if recorded != bytes {
+        let recorded = self.tally()?;
+        if recorded != counted {
             problems.push(format!(
-                "outbox_bytes is {recorded}, the trees hold {bytes}"
+                "the tally says {recorded:?}, the trees hold {counted:?}"
             ));
         }
         let next = self
@@ -536,5 +636,78 @@ impl Store {
             }
         }
         Ok(problems)
+    }
+}
+
+/// Where an export goes in [`Store::change_export`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Pending,
+    Dead,
+    Gone,
+}
+
+impl Store {
+    /// Pending exports from sequence `from` on, oldest first.
+    pub fn pending_from(&self, from: u64) -> impl Iterator<Item = Result<Export, StoreError>> + '_ {
+        self.outbox.range(keys::seq_key(from)..).map(move |item| {
+            let (key, value) = item?;
+            self.decode_export(&key, &value, false)
+        })
+    }
+
+    /// Moves or rewrites one export in one transaction, keeping the tally exact.
+    /// `change` gets the record where it is now and returns where it goes and how it reads
+    /// there; it may run more than once, so it must be pure. Returns false if no such export
+    /// is `from` where it was looked for.
+    pub fn change_export(
+        &self,
+        seq: u64,
+        from: Place,
+        change: impl Fn(ExportRecord) -> (Place, ExportRecord),
+    ) -> Result<bool, StoreError> {
+        let key = keys::seq_key(seq);
+        let changed =
+            (&self.outbox, &self.dead, &self.meta).transaction(|(outbox, dead, meta_tx)| {
+                let source = match from {
+                    Place::Pending => outbox,
+                    Place::Dead => dead,
+                    Place::Gone => return Ok(false),
+                };
+                let Some(old) = source.remove(&key)? else {
+                    return Ok(false);
+                };
+                let record = codec::decode_export(&old)
+                    .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                let mut tally = read_tally(meta_tx)?;
+                tally.count(from, old.len(), -1);
+                let (to, record) = change(record);
+                let target = match to {
+                    Place::Pending => Some(outbox),
+                    Place::Dead => Some(dead),
+                    Place::Gone => None,
+                };
+                if let Some(target) = target {
+                    let value = codec::encode_export(&record);
+                    tally.count(to, value.len(), 1);
+                    target.insert(&key, value)?;
+                }
+                write_tally(meta_tx, tally)?;
+                Ok(true)
+            })?;
+        Ok(changed)
+    }
+
+    /// Sequence numbers of every dead letter, oldest first.
+    pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        self.dead
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                keys::seq_from_key(&k)
+                    .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
+            })
+            .collect()
     }
 }

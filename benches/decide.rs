@@ -1,0 +1,330 @@
+//! What the change decision costs next to parsing the line it came from.
+//!
+//! Two sets of 2,000 update lines, both built from `data/sample-updates.ndjson`:
+//! - `full-upserts`: the file's full-profile (~1 KB) upserts, cycled to 2,000; each is applied to
+//!   a stored previous version (the real previous version of that profile in the file, or, for a
+//!   first sight, a copy with a mapped attribute changed and an earlier timestamp);
+//! - `sample-mix`: the file as it is (upserts, merges, deletes, first sights with no stored
+//!   version, stale lines), cycled to 2,000 with fresh ids on each pass, each applied to the
+//!   version the store would hold at that point.
+//!
+//! For each set it times (a) `serde_json::from_str::<Value>` of every line and (b)
+//! `outpost::profile::apply::apply` (decision + payload) of every prepared update, and prints
+//! updates/s for both and the ratio decide/parse (target: >= 0.5). It also prints two figures
+//! for context: the full validating parse (`parse_body`) and the per-update CPU work the store
+//! does around `apply` (decode + parse the stored JSON, apply, serialize profile and payload).
+//!
+//! Run: `cargo bench --bench decide`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+
+use outpost::config::Mapping;
+use outpost::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
+use outpost::profile::update::parse_body;
+use outpost::profile::{Op, Update};
+use outpost::store::codec::{self, ProfileRecord};
+
+const LINES: usize = 2_000;
+const ROUNDS: usize = 25;
+
+fn mapping() -> Mapping {
+    // The mapping of data/outpost.example.toml, which the sample file is written for.
+    Mapping::new(
+        &[
+            "person.name.firstName",
+            "person.name.lastName",
+            "person.birthDate",
+            "personalEmail.address",
+        ],
+        &[
+            "7841ba61-23c1-4bb3-a495-00d3g5fe1e93",
+            "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae",
+        ],
+        &["ecid", "email_lc_sha256"],
+    )
+}
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 2, 0, 0, 0).unwrap()
+}
+
+fn parse_one(line: &str) -> Update {
+    let mut updates = parse_body(line.as_bytes()).expect("sample line parses");
+    assert_eq!(updates.len(), 1);
+    updates.pop().unwrap()
+}
+
+/// One prepared case: the line, its update, and the stored version it is applied to.
+struct Case {
+    line: String,
+    update: Update,
+    old: Option<StoredProfile>,
+}
+
+/// Replays `lines` in order over an in-memory "store", returning each line with the version
+/// stored before it.
+fn replay(lines: &[String], mapping: &Mapping) -> Vec<Case> {
+    let mut store: HashMap<String, StoredProfile> = HashMap::new();
+    let mut cases = Vec::with_capacity(lines.len());
+    for line in lines {
+        let update = parse_one(line);
+        let old = store.get(&update.id).cloned();
+        let applied = apply(old.as_ref(), &update, mapping, now());
+        match applied.store {
+            StoreAction::Keep => {}
+            StoreAction::Put(new) => {
+                store.insert(update.id.clone(), new);
+            }
+            StoreAction::Remove => {
+                store.remove(&update.id);
+            }
+        }
+        cases.push(Case {
+            line: line.clone(),
+            update,
+            old,
+        });
+    }
+    cases
+}
+
+fn sample_lines() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-updates.ndjson");
+    let text = std::fs::read_to_string(path).expect("reading data/sample-updates.ndjson");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The file cycled to `LINES` lines; pass k > 0 renames `p-` ids to `p{k}-` (fresh profiles).
+fn sample_mix(lines: &[String], mapping: &Mapping) -> Vec<Case> {
+    let mut cycled = Vec::with_capacity(LINES);
+    let mut pass = 0;
+    while cycled.len() < LINES {
+        for line in lines.iter().take(LINES - cycled.len()) {
+            cycled.push(if pass == 0 {
+                line.clone()
+            } else {
+                line.replacen("\"id\":\"p-", &format!("\"id\":\"p{pass}-"), 1)
+            });
+        }
+        pass += 1;
+    }
+    replay(&cycled, mapping)
+}
+
+/// Full-profile upserts of the file, each with a stored previous version, cycled to `LINES`.
+fn full_upserts(lines: &[String], mapping: &Mapping) -> Vec<Case> {
+    let replayed = replay(lines, mapping);
+    let mut picked: Vec<Case> = Vec::new();
+    for case in replayed {
+        if case.update.op != Op::Upsert || case.line.len() < 700 {
+            continue;
+        }
+        let old = match case.old {
+            Some(old) => old,
+            None => {
+                // First sight: a copy with a mapped attribute changed, stored a minute earlier.
+                let mut profile = Value::Object(case.update.profile.clone());
+                if let Some(name) = profile.pointer_mut("/person/name/firstName") {
+                    *name = Value::String(format!("Old{}", name.as_str().unwrap_or("")));
+                }
+                StoredProfile {
+                    timestamp: case
+                        .update
+                        .timestamp
+                        .map(|t| t - chrono::Duration::minutes(1)),
+                    profile,
+                }
+            }
+        };
+        picked.push(Case {
+            old: Some(old),
+            ..case
+        });
+    }
+    assert!(!picked.is_empty(), "no full-profile upserts in the sample");
+    let mut cases = Vec::with_capacity(LINES);
+    while cases.len() < LINES {
+        for case in picked.iter().take(LINES - cases.len()) {
+            cases.push(Case {
+                line: case.line.clone(),
+                update: case.update.clone(),
+                old: case.old.clone(),
+            });
+        }
+    }
+    cases
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn rate(n: usize, time: Duration) -> f64 {
+    n as f64 / time.as_secs_f64()
+}
+
+/// The per-update CPU work of `Store::apply_groups` around `apply`, without sled.
+fn store_side(case: &Case, stored_bytes: Option<&Vec<u8>>, mapping: &Mapping) -> usize {
+    let stored = stored_bytes.map(|bytes| {
+        let record = codec::decode_profile(bytes).unwrap();
+        StoredProfile {
+            timestamp: record
+                .timestamp_micros
+                .map(|us| Utc.timestamp_micros(us).unwrap()),
+            profile: serde_json::from_str(&record.json).unwrap(),
+        }
+    });
+    let applied = apply(stored.as_ref(), &case.update, mapping, now());
+    let mut written = 0;
+    if let StoreAction::Put(new) = &applied.store {
+        written += codec::encode_profile(&ProfileRecord {
+            timestamp_micros: new.timestamp.map(|t| t.timestamp_micros()),
+            json: new.profile.to_string(),
+        })
+        .len();
+    }
+    if let Some((_reason, payload)) = applied.export {
+        // The export record is the payload text plus a few small fields (not built here, so
+        // this bench does not depend on the record's field list).
+        written += payload.to_string().len() + case.update.id.len();
+    }
+    written
+}
+
+fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
+    let n = cases.len();
+    let avg_line = cases.iter().map(|c| c.line.len()).sum::<usize>() / n;
+    let with_old = cases.iter().filter(|c| c.old.is_some()).count();
+    let mut counts = [0usize; 4];
+    for case in cases {
+        let applied = apply(case.old.as_ref(), &case.update, mapping, now());
+        counts[match applied.result {
+            UpdateResult::Exported => 0,
+            UpdateResult::Unchanged => 1,
+            UpdateResult::Stale => 2,
+            UpdateResult::Deleted => 3,
+        }] += 1;
+    }
+    let stored_bytes: Vec<Option<Vec<u8>>> = cases
+        .iter()
+        .map(|c| {
+            c.old.as_ref().map(|old| {
+                codec::encode_profile(&ProfileRecord {
+                    timestamp_micros: old.timestamp.map(|t| t.timestamp_micros()),
+                    json: old.profile.to_string(),
+                })
+            })
+        })
+        .collect();
+
+    let mut parse_times = Vec::with_capacity(ROUNDS);
+    let mut decide_times = Vec::with_capacity(ROUNDS);
+    let mut validate_times = Vec::with_capacity(ROUNDS);
+    let mut store_times = Vec::with_capacity(ROUNDS);
+    for round in 0..=ROUNDS {
+        let start = Instant::now();
+        for case in cases {
+            let value: Value = serde_json::from_str(black_box(&case.line)).unwrap();
+            black_box(value);
+        }
+        let parse = start.elapsed();
+
+        let start = Instant::now();
+        for case in cases {
+            let applied = apply(
+                black_box(case.old.as_ref()),
+                black_box(&case.update),
+                mapping,
+                now(),
+            );
+            black_box(applied);
+        }
+        let decide = start.elapsed();
+
+        let start = Instant::now();
+        for case in cases {
+            black_box(parse_body(black_box(case.line.as_bytes())).unwrap());
+        }
+        let validate = start.elapsed();
+
+        let start = Instant::now();
+        for (case, bytes) in cases.iter().zip(&stored_bytes) {
+            black_box(store_side(case, bytes.as_ref(), mapping));
+        }
+        let store = start.elapsed();
+
+        if round > 0 {
+            // Round 0 warms caches and the allocator.
+            parse_times.push(parse);
+            decide_times.push(decide);
+            validate_times.push(validate);
+            store_times.push(store);
+        }
+    }
+    let parse_rate = rate(n, median(parse_times));
+    let decide_rate = rate(n, median(decide_times));
+    let validate_rate = rate(n, median(validate_times));
+    let store_rate = rate(n, median(store_times));
+    println!(
+        "decide[{name}]: {n} lines, avg {avg_line} B, {with_old} with a stored version; \
+         results exported={} unchanged={} stale={} deleted={}",
+        counts[0], counts[1], counts[2], counts[3]
+    );
+    println!(
+        "decide[{name}]:   (a) parse serde_json::Value  {parse_rate:>10.0} updates/s  ({:.2} us/update)",
+        1e6 / parse_rate
+    );
+    println!(
+        "decide[{name}]:   (b) apply (decide+payload)   {decide_rate:>10.0} updates/s  ({:.2} us/update)",
+        1e6 / decide_rate
+    );
+    println!(
+        "decide[{name}]:   context: parse_body (validating)     {validate_rate:>10.0} updates/s  ({:.2} us/update)",
+        1e6 / validate_rate
+    );
+    println!(
+        "decide[{name}]:   context: store-side CPU per update   {store_rate:>10.0} updates/s  ({:.2} us/update: decode+parse stored JSON, apply, serialize)",
+        1e6 / store_rate
+    );
+    println!(
+        "decide[{name}]: RATIO decide_rate/parse_rate = {:.2} (target >= 0.5) {}",
+        decide_rate / parse_rate,
+        if decide_rate / parse_rate >= 0.5 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not: then only check it runs.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let mapping = mapping();
+    let lines = sample_lines();
+    let full = full_upserts(&lines, &mapping);
+    let mix = sample_mix(&lines, &mapping);
+    if quick {
+        for case in full.iter().chain(&mix) {
+            black_box(apply(case.old.as_ref(), &case.update, &mapping, now()));
+        }
+        println!(
+            "decide: built {} + {} cases (run with cargo bench to measure)",
+            full.len(),
+            mix.len()
+        );
+        return;
+    }
+    println!("decide: {ROUNDS} rounds each, median round reported");
+    measure("full-upserts", &full, &mapping);
+    measure("sample-mix", &mix, &mapping);
+}

@@ -1,0 +1,211 @@
+//! The operations the CLI performs on a store, as data: the same [`AdminRequest`] is executed
+//! straight on the store when no agent runs, or sent over the agent's Unix socket when one
+//! does (sled lets one process open a store).
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::profile::update::format_time;
+use crate::store::{ExportId, ListFilter, Place, Store, StoreError};
+
+/// The name of the agent's socket in the store folder.
+pub const SOCKET_NAME: &str = "outpost.sock";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Stats,
+    List {
+        dead: bool,
+        profile_id: Option<String>,
+        limit: usize,
+    },
+    Show {
+        id: String,
+    },
+    Retry {
+        ids: Vec<String>,
+        all_dead: bool,
+    },
+    Drop {
+        ids: Vec<String>,
+        all_dead: bool,
+    },
+    Profile {
+        id: String,
+    },
+    /// Updates already validated by the CLI, committed as one group.
+    Ingest {
+        updates: Vec<Value>,
+    },
+}
+
+impl AdminRequest {
+    /// Whether it changes the outbox (the agent then wakes its delivery loop).
+    pub fn repairs(&self) -> bool {
+        matches!(self, AdminRequest::Retry { .. } | AdminRequest::Drop { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// The request names something that is not there (exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        AdminError::Failed(e.to_string())
+    }
+}
+
+/// The answer on the socket: exactly one of the two is set.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AdminAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+impl AdminAnswer {
+    pub fn from_result(result: Result<Value, AdminError>) -> AdminAnswer {
+        match result {
+            Ok(value) => AdminAnswer {
+                ok: Some(value),
+                error: None,
+                kind: None,
+            },
+            Err(e) => {
+                let kind = match e {
+                    AdminError::NotFound(_) => "not_found",
+                    AdminError::Usage(_) => "usage",
+                    AdminError::Failed(_) => "failed",
+                };
+                AdminAnswer {
+                    ok: None,
+                    error: Some(e.to_string()),
+                    kind: Some(kind.into()),
+                }
+            }
+        }
+    }
+
+    pub fn into_result(self) -> Result<Value, AdminError> {
+        match (self.ok, self.error) {
+            (Some(value), None) => Ok(value),
+            (_, Some(error)) => Err(match self.kind.as_deref() {
+                Some("not_found") => AdminError::NotFound(error),
+                Some("usage") => AdminError::Usage(error),
+                _ => AdminError::Failed(error),
+            }),
+            (None, None) => Err(AdminError::Failed("empty answer from the agent".into())),
+        }
+    }
+}
+
+/// Executes every request but `Ingest` (which needs the committer) on the store.
+/// Repairs are flushed before the answer.
+pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminError> {
+    match request {
+        AdminRequest::Stats => {
+            Ok(serde_json::to_value(store.stats(Utc::now())?).expect("stats serialize"))
+        }
+        AdminRequest::List {
+            dead,
+            profile_id,
+            limit,
+        } => {
+            let filter = ListFilter {
+                dead: *dead,
+                profile_id: profile_id.clone(),
+                limit: *limit,
+            };
+            Ok(Value::Array(
+                store.list(&filter)?.iter().map(|e| e.to_json()).collect(),
+            ))
+        }
+        AdminRequest::Show { id } => {
+            let id: ExportId = id.parse().map_err(AdminError::Usage)?;
+            let export = store.export(id)?.ok_or_else(|| {
+                AdminError::NotFound(format!("no export `{id}` in the outbox or dead letters"))
+            })?;
+            Ok(export.to_json())
+        }
+        AdminRequest::Profile { id } => {
+            let stored = store
+                .profile(id)?
+                .ok_or_else(|| AdminError::NotFound(format!("no profile `{id}` is stored")))?;
+            Ok(
+                json!({"id": id, "timestamp": stored.timestamp.map(format_time), "profile": stored.profile}),
+            )
+        }
+        AdminRequest::Retry { ids, all_dead } => repair(store, ids, *all_dead, true),
+        AdminRequest::Drop { ids, all_dead } => repair(store, ids, *all_dead, false),
+        AdminRequest::Ingest { .. } => {
+            Err(AdminError::Failed("ingest is not executed here".into()))
+        }
+    }
+}
+
+/// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`
+/// counts again from now); `drop` deletes exports, dead or pending.
+fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<Value, AdminError> {
+    if all_dead != ids.is_empty() {
+        return Err(AdminError::Usage(
+            "give export ids or --all-dead, not both or neither".into(),
+        ));
+    }
+    // Each target with its sequence number; an id of another store is never found here.
+    let targets: Vec<(String, Option<u64>)> = if all_dead {
+        store
+            .dead_seqs()?
+            .into_iter()
+            .map(|seq| (store.export_id(seq).to_string(), Some(seq)))
+            .collect()
+    } else {
+        ids.iter()
+            .map(|text| {
+                let id: ExportId = text.parse().map_err(AdminError::Usage)?;
+                Ok((
+                    text.clone(),
+                    (id.store == store.store_id()).then_some(id.seq),
+                ))
+            })
+            .collect::<Result<_, AdminError>>()?
+    };
+    let now = Utc::now().timestamp_millis();
+    let mut done = Vec::new();
+    let mut missing = Vec::new();
+    for (text, seq) in targets {
+        let changed = match seq {
+            None => false,
+            Some(seq) if retry => store.change_export(seq, Place::Dead, |mut record| {
+                record.dead_at_ms = None;
+                record.queued_at_ms = now;
+                (Place::Pending, record)
+            })?,
+            Some(seq) => {
+                store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
+                    || store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?
+            }
+        };
+        if changed {
+            done.push(text)
+        } else {
+            missing.push(text)
+        }
+    }
+    store.flush()?;
+    let verb = if retry { "retried" } else { "dropped" };
+    Ok(json!({ verb: done, "not_found": missing }))
+}

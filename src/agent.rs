@@ -1,0 +1,174 @@
+//! `outpost run`: the store, the committer, the delivery loop, the ingest API and the admin
+//! socket, started together and stopped together.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::delivery::{Deliverer, SetupError};
+use crate::metrics::Metrics;
+use crate::server::{admin, ingest};
+use crate::store::committer::Committer;
+use crate::store::flusher::Flusher;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(#[from] SetupError),
+    #[error("ingest.listen {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create the admin socket in {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Options that tests and the demo change.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentOptions {
+    pub jitter: bool,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions { jitter: true }
+    }
+}
+
+/// A started agent.
+pub struct Agent {
+    pub listen_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<Store>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    pub async fn start(config: &Config, options: AgentOptions) -> Result<Agent, AgentError> {
+        let store = Arc::new(Store::open(
+            &config.storage.path,
+            config.storage.cache_bytes,
+        )?);
+        let metrics = Arc::new(Metrics::new());
+        let wake = Arc::new(Notify::new());
+        // The committer thread ends with the process; every commit it acknowledged was flushed.
+        let (committer, _committer_thread) = Committer::start(
+            Arc::clone(&store),
+            Arc::new(config.mapping.clone()),
+            Arc::clone(&wake),
+        );
+        let flusher = Flusher::start(Arc::clone(&store));
+        let mut deliverer =
+            Deliverer::new(config, Arc::clone(&store), flusher, Arc::clone(&metrics))?;
+        if !options.jitter {
+            deliverer = deliverer.without_jitter();
+        }
+        let listener = TcpListener::bind(config.ingest.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: config.ingest.listen,
+                source,
+            })?;
+        let listen_addr = listener.local_addr().map_err(|source| AgentError::Listen {
+            addr: config.ingest.listen,
+            source,
+        })?;
+        let admin_listener =
+            admin::bind(&config.storage.path).map_err(|source| AgentError::Socket {
+                path: config.storage.path.display().to_string(),
+                source,
+            })?;
+
+        let shutdown = CancellationToken::new();
+        let delivery_running = Arc::new(AtomicBool::new(true));
+        let mut tasks = Vec::new();
+        {
+            let running = Arc::clone(&delivery_running);
+            let (wake, stop) = (Arc::clone(&wake), shutdown.clone());
+            let deliverer = Arc::new(deliverer);
+            tasks.push(tokio::spawn(async move {
+                deliverer.run(wake, stop).await;
+                running.store(false, Ordering::Relaxed);
+            }));
+        }
+        let ingest_state = Arc::new(ingest::IngestState {
+            store: Arc::clone(&store),
+            committer: committer.clone(),
+            metrics: Arc::clone(&metrics),
+            token: config.ingest.token.clone(),
+            max_body_bytes: config.ingest.max_body_bytes,
+            max_outbox_bytes: config.storage.max_outbox_bytes,
+            delivery_running,
+        });
+        tasks.push(tokio::spawn(ingest::serve(
+            listener,
+            ingest_state,
+            shutdown.clone(),
+        )));
+        let admin_state = Arc::new(admin::AdminState {
+            store: Arc::clone(&store),
+            committer,
+            metrics: Arc::clone(&metrics),
+            wake,
+        });
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            shutdown.clone(),
+        )));
+        tracing::info!(listen = %listen_addr, store = %config.storage.path.display(), "outpost is running");
+        Ok(Agent {
+            listen_addr,
+            metrics,
+            store,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// A token that stops the agent when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the agent was told to stop, then lets in-flight work finish and flushes.
+    pub async fn wait(self) -> Result<(), AgentError> {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.store.flush()?;
+        tracing::info!("outpost stopped");
+        Ok(())
+    }
+
+    /// Stops the agent and waits for it.
+    pub async fn stop(self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,231 @@
+//! Access tokens: OAuth 2.0 client credentials, a static bearer token, or none.
+//!
+//! The cache hands out the current token and refreshes it before it expires (when less than
+//! 10% of its lifetime or 60 s remains, whichever is less) or after the destination rejected
+//! it. Concurrent callers share one token request: the fetch happens under the cache's lock.
+
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use hyper::Request;
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::client::HttpClient;
+use crate::config::{Auth, CredentialsPlacement, Secret};
+
+/// Used when the token endpoint does not say how long its token lives.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("token endpoint: {0}")]
+    Transport(String),
+    #[error("token endpoint answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("token endpoint: unreadable answer: {0}")]
+    Answer(String),
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<serde_json::Value>,
+    #[serde(default)]
+    token_type: Option<String>,
+}
+
+/// A token just fetched.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub token: Secret,
+    pub lifetime: Duration,
+    pub lifetime_given: bool,
+    pub token_type: Option<String>,
+}
+
+/// How long before expiry a token is refreshed.
+pub fn refresh_margin(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(Duration::from_secs(60))
+}
+
+struct Cached {
+    token: Secret,
+    refresh_at: Instant,
+}
+
+pub struct TokenSource {
+    auth: Auth,
+    client: HttpClient,
+    cache: Mutex<Option<Cached>>,
+    fetches: Counter,
+}
+
+impl TokenSource {
+    /// `fetches` counts the requests to the token endpoint.
+    pub fn new(auth: Auth, client: HttpClient, fetches: Counter) -> TokenSource {
+        TokenSource {
+            auth,
+            client,
+            cache: Mutex::new(None),
+            fetches,
+        }
+    }
+
+    /// The token to send, fetching one if there is none or it is due for refresh.
+    pub async fn token(&self) -> Result<Option<Secret>, AuthError> {
+        match &self.auth {
+            Auth::None => Ok(None),
+            Auth::Bearer { token } => Ok(Some(token.clone())),
+            Auth::OAuth2ClientCredentials { .. } => {
+                let mut cache = self.cache.lock().await;
+                if let Some(cached) = cache.as_ref() {
+                    if Instant::now() < cached.refresh_at {
+                        return Ok(Some(cached.token.clone()));
+                    }
+                }
+                let fetched = self.fetch().await?;
+                let refresh_at =
+                    Instant::now() + fetched.lifetime - refresh_margin(fetched.lifetime);
+                *cache = Some(Cached {
+                    token: fetched.token.clone(),
+                    refresh_at,
+                });
+                Ok(Some(fetched.token))
+            }
+        }
+    }
+
+    /// Drops `used` after the destination refused it, unless a newer token already replaced it.
+    pub async fn invalidate(&self, used: &Secret) {
+        let mut cache = self.cache.lock().await;
+        if cache.as_ref().is_some_and(|c| &c.token == used) {
+            *cache = None;
+        }
+    }
+
+    /// One request to the token endpoint (also used by `outpost check`).
+    pub async fn fetch(&self) -> Result<Fetched, AuthError> {
+        let Auth::OAuth2ClientCredentials {
+            auth_endpoint,
+            client_id,
+            client_secret,
+            credentials,
+            scope,
+        } = &self.auth
+        else {
+            return Err(AuthError::Answer(
+                "this destination does not use OAuth 2.0".into(),
+            ));
+        };
+        self.fetches.inc();
+        let mut request = Request::post(auth_endpoint.as_str())
+            .header(
+                CONTENT_TYPE,
+                "application/x-www-form-urlencoded;charset=UTF-8",
+            )
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, super::user_agent());
+        if *credentials == CredentialsPlacement::Basic {
+            // RFC 6749 2.3.1: each part form-encoded, then joined and base64-encoded.
+            let encode =
+                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let pair = format!("{}:{}", encode(client_id), encode(client_secret.expose()));
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            request = request.header(AUTHORIZATION, format!("Basic {basic}"));
+        }
+        let form = token_form(client_id, client_secret, *credentials, scope.as_deref());
+        let request = request
+            .body(Full::new(Bytes::from(form)))
+            .map_err(|e| AuthError::Transport(e.to_string()))?;
+        let answer = self
+            .client
+            .send(request)
+            .await
+            .map_err(|e| AuthError::Transport(e.to_string()))?;
+        if !answer.status.is_success() {
+            return Err(AuthError::Status {
+                status: answer.status.as_u16(),
+                body: answer.body_start(),
+            });
+        }
+        let parsed: TokenAnswer =
+            serde_json::from_slice(&answer.body).map_err(|e| AuthError::Answer(e.to_string()))?;
+        if parsed.access_token.is_empty() {
+            return Err(AuthError::Answer("empty access_token".into()));
+        }
+        let seconds = match &parsed.expires_in {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        Ok(Fetched {
+            token: Secret::new(parsed.access_token),
+            lifetime: seconds
+                .filter(|&s| s > 0)
+                .map_or(DEFAULT_LIFETIME, Duration::from_secs),
+            lifetime_given: seconds.is_some(),
+            token_type: parsed.token_type,
+        })
+    }
+}
+
+/// The form body of a token request: the client's id and secret go here unless they go in a
+/// Basic header.
+fn token_form(
+    client_id: &str,
+    client_secret: &Secret,
+    credentials: CredentialsPlacement,
+    scope: Option<&str>,
+) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", "client_credentials");
+    if credentials == CredentialsPlacement::Body {
+        form.append_pair("client_id", client_id);
+        form.append_pair("client_secret", client_secret.expose());
+    }
+    if let Some(scope) = scope {
+        form.append_pair("scope", scope);
+    }
+    form.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_form_table() {
+        let secret = Secret::new("s&cr=t");
+        let table = [
+            (CredentialsPlacement::Body, None, "grant_type=client_credentials&client_id=edge+agent&client_secret=s%26cr%3Dt"),
+            (CredentialsPlacement::Body, Some("a b"), "grant_type=client_credentials&client_id=edge+agent&client_secret=s%26cr%3Dt&scope=a+b"),
+            (CredentialsPlacement::Basic, None, "grant_type=client_credentials"),
+            (CredentialsPlacement::Basic, Some("x"), "grant_type=client_credentials&scope=x"),
+        ];
+        for (placement, scope, expected) in table {
+            assert_eq!(
+                token_form("edge agent", &secret, placement, scope),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn refresh_margin_is_the_lesser_of_10_percent_and_60_s() {
+        let table = [(10, 1), (100, 10), (600, 60), (3600, 60), (1, 0)];
+        for (lifetime, margin) in table {
+            assert_eq!(
+                refresh_margin(Duration::from_secs(lifetime)).as_secs(),
+                margin,
+                "lifetime {lifetime}"
+            );
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The HTTP client: hyper over rustls (ring), for `https://` and plain `http://` endpoints.
+//! Every request is bounded by the request timeout, the body read included.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::Destination;
+
+/// How much of an error answer's body is kept.
+pub const ERROR_BODY_BYTES: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Tls(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Transport(String),
+}
+
+/// An answer: status, headers and (the start of) the body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The start of the body as text, for error messages.
+    pub fn body_start(&self) -> String {
+        let end = self.body.len().min(ERROR_BODY_BYTES);
+        String::from_utf8_lossy(&self.body[..end]).into_owned()
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+fn read_pem_certs(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", path.display())))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ClientError::Tls(format!("{}: not PEM certificates: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ClientError::Tls(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The rustls configuration: system roots, plus `ca_file`, plus the client certificate for mTLS.
+pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(ca_file) = &destination.ca_file {
+        for cert in read_pem_certs(ca_file)? {
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Tls(format!("{}: {e}", ca_file.display())))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    match &destination.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_file, key_file)) => {
+            let certs = read_pem_certs(cert_file)?;
+            let key_reader = std::fs::File::open(key_file).map_err(|e| {
+                ClientError::Tls(format!("cannot read {}: {e}", key_file.display()))
+            })?;
+            let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(key_reader))
+                .map_err(|e| ClientError::Tls(format!("{}: {e}", key_file.display())))?
+                .ok_or_else(|| {
+                    ClientError::Tls(format!("{} holds no PEM private key", key_file.display()))
+                })?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))
+        }
+    }
+}
+
+impl HttpClient {
+    pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(destination)?)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(HttpClient { client, timeout })
+    }
+
+    /// Sends the request and reads the answer, all within the timeout.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| ClientError::Transport(describe_error(&e)))?;
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?
+                .to_bytes();
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+}
+
+/// The error and its causes on one line ("client error (Connect): tcp connect error: ...").
+fn describe_error(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,117 @@
+//! The agent's admin API on a Unix socket in the store folder (mode 0600): one JSON request
+//! line in, one JSON answer line out, per connection. The CLI uses it while the agent runs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, SOCKET_NAME};
+use crate::metrics::Metrics;
+use crate::profile::update::update_from_value;
+use crate::store::committer::Committer;
+use crate::store::Store;
+
+pub struct AdminState {
+    pub store: Arc<Store>,
+    pub committer: Committer,
+    pub metrics: Arc<Metrics>,
+    /// Woken after a repair, so the delivery loop sees exports put back at once.
+    pub wake: Arc<Notify>,
+}
+
+pub fn socket_path(store_path: &Path) -> PathBuf {
+    store_path.join(SOCKET_NAME)
+}
+
+/// Binds the socket, replacing a stale one (this process holds the store's lock, so no other
+/// agent can be using it), readable and writable by the owner only.
+pub fn bind(store_path: &Path) -> std::io::Result<UnixListener> {
+    let path = socket_path(store_path);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, &state).await {
+                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "admin accept failed"),
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    if let Ok(addr) = listener.local_addr() {
+        if let Some(path) = addr.as_pathname() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    if BufReader::new(read).read_line(&mut line).await? == 0 {
+        return Ok(()); // a probe: the CLI checking that the agent answers
+    }
+    let result = match serde_json::from_str::<AdminRequest>(&line) {
+        Err(e) => Err(AdminError::Usage(format!("bad admin request: {e}"))),
+        Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
+        Ok(request) => {
+            let repairs = request.repairs();
+            let state = Arc::clone(state);
+            let result = tokio::task::spawn_blocking(move || {
+                let result = execute(&state.store, &request);
+                if repairs {
+                    state.wake.notify_one();
+                }
+                result
+            })
+            .await
+            .unwrap_or_else(|e| Err(AdminError::Failed(e.to_string())));
+            result
+        }
+    };
+    let mut text =
+        serde_json::to_string(&AdminAnswer::from_result(result)).expect("answers serialize");
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.shutdown().await
+}
+
+async fn ingest(
+    state: &AdminState,
+    values: Vec<serde_json::Value>,
+) -> Result<serde_json::Value, AdminError> {
+    let updates = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| update_from_value(value, i as u64 + 1))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AdminError::Usage(e.to_string()))?;
+    let summary = state
+        .committer
+        .commit(updates)
+        .await
+        .map_err(|e| AdminError::Failed(e.to_string()))?;
+    state.metrics.record_commit(&summary);
+    Ok(summary.report())
+}

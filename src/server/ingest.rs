@@ -1,0 +1,217 @@
+//! The HTTP interface of `outpost run`: `POST /v1/updates`, `GET /healthz`, `GET /metrics`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::metrics::Metrics;
+use crate::profile::update::parse_body;
+use crate::store::committer::Committer;
+use crate::store::Store;
+
+/// How long a client is told to wait when the outbox is full.
+const FULL_RETRY_AFTER_S: u64 = 5;
+/// How long a graceful stop waits for open requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct IngestState {
+    pub store: Arc<Store>,
+    pub committer: Committer,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<Secret>,
+    pub max_body_bytes: u64,
+    pub max_outbox_bytes: u64,
+    /// Set while the delivery loop runs; `/healthz` reports it.
+    pub delivery_running: Arc<AtomicBool>,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static parts are valid")
+}
+
+fn error_answer(status: StatusCode, message: &str) -> Answer {
+    json_answer(status, json!({ "error": message }))
+}
+
+/// Serves until `shutdown`, then lets open requests finish (bounded) and returns.
+pub async fn serve(listener: TcpListener, state: Arc<IngestState>, shutdown: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = Arc::clone(&state);
+                let service = service_fn(move |request| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                });
+                let connection = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "ingest connection ended with an error");
+                    }
+                });
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open ingest requests did not finish in time");
+    }
+}
+
+async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
+    match (request.method(), request.uri().path()) {
+        (&Method::POST, "/v1/updates") => post_updates(state, request).await,
+        (&Method::GET, "/healthz") => {
+            if state.delivery_running.load(Ordering::Relaxed) {
+                json_answer(StatusCode::OK, json!({"status": "ok"}))
+            } else {
+                error_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the delivery loop is not running",
+                )
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            if let Ok(tally) = state.store.tally() {
+                state.metrics.outbox_pending.set(tally.pending as i64);
+                state.metrics.outbox_dead.set(tally.dead as i64);
+            }
+            Response::builder()
+                .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                .body(Full::new(Bytes::from(state.metrics.render())))
+                .expect("static parts are valid")
+        }
+        (_, "/v1/updates" | "/healthz" | "/metrics") => {
+            error_answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error_answer(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let given = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        // Compare without an early exit, so the time taken does not tell how much matched.
+        Some(given) => {
+            let (a, b) = (given.as_bytes(), token.expose().as_bytes());
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        }
+        None => false,
+    }
+}
+
+async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer {
+    if !authorized(state, &request) {
+        return error_answer(StatusCode::UNAUTHORIZED, "missing or wrong ingest token");
+    }
+    let too_large = || {
+        error_answer(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "the body is larger than ingest.max_body_bytes ({})",
+                state.max_body_bytes
+            ),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes) {
+        return too_large();
+    }
+    match state.store.tally() {
+        Ok(tally) if tally.bytes >= state.max_outbox_bytes => {
+            let mut answer = error_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the outbox is full (storage.max_outbox_bytes); retry later",
+            );
+            answer
+                .headers_mut()
+                .insert(RETRY_AFTER, FULL_RETRY_AFTER_S.into());
+            return answer;
+        }
+        Ok(_) => {}
+        Err(e) => return error_answer(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+    let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(e) => {
+            return error_answer(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {e}"),
+            )
+        }
+    };
+    let updates = match parse_body(&body) {
+        Ok(updates) => updates,
+        Err(e) => {
+            state.metrics.record_refused(1);
+            return json_answer(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.reason, "line": e.line}),
+            );
+        }
+    };
+    match state.committer.commit(updates).await {
+        Ok(summary) => {
+            state.metrics.record_commit(&summary);
+            json_answer(
+                StatusCode::OK,
+                serde_json::to_value(summary).expect("summary serializes"),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "commit failed");
+            error_answer(StatusCode::SERVICE_UNAVAILABLE, &format!("not stored: {e}"))
+        }
+    }
+}

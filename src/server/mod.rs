@@ -1,0 +1,4 @@
+//! The agent's listeners: the HTTP ingest API and the Unix-socket admin API.
+
+pub mod admin;
+pub mod ingest;
