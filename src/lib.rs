@@ -22,5 +22,6 @@ pub mod delivery;
 pub mod logging;
 pub mod metrics;
 pub mod profile;
+pub mod receiver;
 pub mod server;
 pub mod store;

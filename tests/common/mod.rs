@@ -114,3 +114,122 @@ pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The config of an agent in `dir` that delivers to `base` (a receiver's base URL).
+/// `auth` is the `[destination.auth]` body; `delivery` extra `[delivery]` lines.
+pub fn agent_config_text(base: &str, auth: &str, delivery: &str) -> String {
+    format!(
+        r#"[destination]
+name = "test"
+http_endpoint = "{base}/profiles?source=edge"
+custom_headers = "x-api-version:2,x-tenant:acme"
+
+[destination.auth]
+{auth}
+
+[mapping]
+attributes = ["person.name.firstName", "person.name.lastName"]
+segments = ["{SEGMENT_A}", "{SEGMENT_B}"]
+identities = ["ecid"]
+
+[storage]
+path = "store"
+cache_bytes = 8388608
+
+[ingest]
+listen = "127.0.0.1:0"
+
+[delivery]
+concurrency = 4
+request_timeout_ms = 500
+initial_backoff_ms = 20
+max_backoff_ms = 200
+{delivery}
+"#
+    )
+}
+
+pub fn oauth_body(base: &str) -> String {
+    format!(
+        "type = \"oauth2_client_credentials\"\nauth_endpoint = \"{base}/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"change-me\""
+    )
+}
+
+/// The profile an export is about, read from its payload (`identityMap.ecid[0].id` = `ecid-<id>`).
+pub fn profile_of(payload: &serde_json::Value) -> String {
+    payload["identityMap"]["ecid"][0]["id"]
+        .as_str()
+        .and_then(|s| s.strip_prefix("ecid-"))
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// The sequence number in an export id `<store>-<seq>`.
+pub fn seq_of(export_id: &str) -> u64 {
+    export_id.rsplit('-').next().unwrap().parse().unwrap()
+}
+
+/// Asserts that, per profile, no export arrived after a newer one (by sequence number).
+pub fn assert_per_profile_order(deliveries: &[(String, String)]) {
+    let mut last: std::collections::HashMap<&str, u64> = Default::default();
+    for (profile, id) in deliveries {
+        let seq = seq_of(id);
+        if let Some(&previous) = last.get(profile.as_str()) {
+            assert!(
+                seq >= previous,
+                "profile {profile}: export {id} arrived after export seq {previous}"
+            );
+        }
+        last.insert(profile, seq);
+    }
+}
+
+/// POSTs `body` to `http://addr{path}` and returns the status and the answer's body.
+pub async fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: String,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = hyper::Request::post(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(request.body(Full::new(bytes::Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .get(format!("http://{addr}{path}").parse().unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Polls `check` every 20 ms until it holds, or panics after `seconds`.
+pub async fn wait_until(seconds: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,406 @@
+//! A destination to test against: an OAuth 2.0 token endpoint (`POST /oauth/token`) and a
+//! profile endpoint (`POST /profiles`) on one listener, with faults on demand.
+//!
+//! It issues tokens for one client id and secret with a given lifetime, answers profile
+//! exports that carry a live token, and records what it got. `outpost receiver`, `outpost
+//! demo` and the integration tests use it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub const TOKEN_PATH: &str = "/oauth/token";
+pub const PROFILES_PATH: &str = "/profiles";
+
+/// What the receiver answers to one request, chosen by a [`Script`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The normal answer (200 with a token, or 200/401 for an export).
+    Normal,
+    /// This status, with these headers and body.
+    Status(u16, Vec<(String, String)>, String),
+    /// Wait this long, then answer normally.
+    Delay(Duration),
+}
+
+/// Chooses the reply to the n-th request (0-based) of its endpoint.
+pub type Script = Arc<dyn Fn(u64, &Received) -> Reply + Send + Sync>;
+
+/// Called with every export answered 2xx.
+pub type DeliveredHook = Arc<dyn Fn(&Received) + Send + Sync>;
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The status it was answered with.
+    pub status: u16,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+pub struct ReceiverOptions {
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_lifetime: Duration,
+    /// The share (0 to 1) of export requests answered 503 at random.
+    pub fail_share: f64,
+    /// Serve TLS with this configuration instead of plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            client_id: "edge-agent".into(),
+            client_secret: "change-me".into(),
+            token_lifetime: Duration::from_secs(3600),
+            fail_share: 0.0,
+            tls: None,
+        }
+    }
+}
+
+struct State {
+    options: ReceiverOptions,
+    tokens: Mutex<HashMap<String, Instant>>,
+    token_requests: Mutex<Vec<Received>>,
+    exports: Mutex<Vec<Received>>,
+    token_script: Mutex<Option<Script>>,
+    export_script: Mutex<Option<Script>>,
+    /// Called with every export answered 2xx (the `receiver` command prints them).
+    on_delivered: Mutex<Option<DeliveredHook>>,
+    issued: Mutex<u64>,
+    /// Requests that arrived, per endpoint (a request dropped by its client is never logged).
+    token_arrivals: std::sync::atomic::AtomicU64,
+    export_arrivals: std::sync::atomic::AtomicU64,
+}
+
+/// A running receiver; it stops when dropped.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: CancellationToken,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Receiver {
+    pub async fn start(addr: SocketAddr, options: ReceiverOptions) -> std::io::Result<Receiver> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Receiver::serve(listener, options))
+    }
+
+    /// Serves on an already bound listener (tests bind first, to know the port in advance).
+    pub fn serve(listener: TcpListener, options: ReceiverOptions) -> Receiver {
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let state = Arc::new(State {
+            options,
+            tokens: Mutex::new(HashMap::new()),
+            token_requests: Mutex::new(Vec::new()),
+            exports: Mutex::new(Vec::new()),
+            token_script: Mutex::new(None),
+            export_script: Mutex::new(None),
+            on_delivered: Mutex::new(None),
+            issued: Mutex::new(0),
+            token_arrivals: Default::default(),
+            export_arrivals: Default::default(),
+        });
+        let stop = CancellationToken::new();
+        let (serve_state, serve_stop) = (Arc::clone(&state), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    _ = serve_stop.cancelled() => break,
+                };
+                let state = Arc::clone(&serve_state);
+                let tls = tls.clone();
+                let stop = serve_stop.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            tokio::select! {
+                                _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                                _ = stop.cancelled() => {}
+                            }
+                        }
+                        None => {
+                            tokio::select! {
+                                _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                                _ = stop.cancelled() => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Receiver { addr, state, stop }
+    }
+
+    pub fn base_url(&self) -> String {
+        let scheme = if self.state.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn set_token_script(&self, script: Option<Script>) {
+        *self.state.token_script.lock().unwrap() = script;
+    }
+
+    pub fn set_export_script(&self, script: Option<Script>) {
+        *self.state.export_script.lock().unwrap() = script;
+    }
+
+    pub fn on_delivered(&self, callback: DeliveredHook) {
+        *self.state.on_delivered.lock().unwrap() = Some(callback);
+    }
+
+    /// Invalidates every token issued so far (as if revoked).
+    pub fn revoke_tokens(&self) {
+        self.state.tokens.lock().unwrap().clear();
+    }
+
+    pub fn token_requests(&self) -> Vec<Received> {
+        self.state.token_requests.lock().unwrap().clone()
+    }
+
+    /// Every export request, in arrival order, with the status it got.
+    pub fn export_requests(&self) -> Vec<Received> {
+        self.state.exports.lock().unwrap().clone()
+    }
+
+    /// Exports answered 2xx, in arrival order.
+    pub fn delivered(&self) -> Vec<Received> {
+        self.export_requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .collect()
+    }
+
+    /// Export requests that arrived, answered or not (a client that timed out is never answered).
+    pub fn export_arrivals(&self) -> u64 {
+        self.state
+            .export_arrivals
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn tokens_issued(&self) -> u64 {
+        *self.state.issued.lock().unwrap()
+    }
+}
+
+fn answer(
+    status: u16,
+    headers: &[(String, String)],
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::builder().status(status);
+    for (name, value) in headers {
+        response = response.header(name.as_str(), value.as_str());
+    }
+    response
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut received = Received {
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers,
+        body,
+        status: 0,
+    };
+    let (log, script, arrivals) = match (&parts.method, received.path.as_str()) {
+        (&Method::POST, TOKEN_PATH) => (
+            &state.token_requests,
+            state.token_script.lock().unwrap().clone(),
+            &state.token_arrivals,
+        ),
+        (&Method::POST, PROFILES_PATH) => (
+            &state.exports,
+            state.export_script.lock().unwrap().clone(),
+            &state.export_arrivals,
+        ),
+        _ => return answer(404, &[], "not found"),
+    };
+    let n = arrivals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let reply = script.map_or(Reply::Normal, |script| script(n, &received));
+    let mut response = match reply {
+        Reply::Status(status, headers, body) => answer(status, &headers, body),
+        Reply::Delay(wait) => {
+            tokio::time::sleep(wait).await;
+            normal(state, &received)
+        }
+        Reply::Normal => normal(state, &received),
+    };
+    if received.path == PROFILES_PATH
+        && response.status() == StatusCode::OK
+        && state.options.fail_share > 0.0
+        && rand::random::<f64>() < state.options.fail_share
+    {
+        response = answer(503, &[], "injected failure");
+    }
+    received.status = response.status().as_u16();
+    if received.path == PROFILES_PATH && (200..300).contains(&received.status) {
+        if let Some(callback) = state.on_delivered.lock().unwrap().clone() {
+            callback(&received);
+        }
+    }
+    log.lock().unwrap().push(received);
+    response
+}
+
+fn normal(state: &State, received: &Received) -> Response<Full<Bytes>> {
+    if received.path == TOKEN_PATH {
+        issue_token(state, received)
+    } else {
+        accept_export(state, received)
+    }
+}
+
+/// The client's id and secret, from the form body or a Basic header.
+fn client_credentials(received: &Received) -> (Option<String>, Option<String>) {
+    if let Some(basic) = received
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Basic "))
+    {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(basic)
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&decoded).into_owned();
+        if let Some((id, secret)) = text.split_once(':') {
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+            };
+            return (decode(id), decode(secret));
+        }
+    }
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&received.body)
+        .into_owned()
+        .collect();
+    (
+        form.get("client_id").cloned(),
+        form.get("client_secret").cloned(),
+    )
+}
+
+fn issue_token(state: &State, received: &Received) -> Response<Full<Bytes>> {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&received.body)
+        .into_owned()
+        .collect();
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return answer(
+            400,
+            &[],
+            json!({"error": "unsupported_grant_type"}).to_string(),
+        );
+    }
+    let (id, secret) = client_credentials(received);
+    if id.as_deref() != Some(&state.options.client_id)
+        || secret.as_deref() != Some(&state.options.client_secret)
+    {
+        return answer(401, &[], json!({"error": "invalid_client"}).to_string());
+    }
+    let token = format!("tok-{:032x}", rand::random::<u128>());
+    let lifetime = state.options.token_lifetime;
+    state
+        .tokens
+        .lock()
+        .unwrap()
+        .insert(token.clone(), Instant::now() + lifetime);
+    *state.issued.lock().unwrap() += 1;
+    let body =
+        json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs()});
+    answer(
+        200,
+        &[(CONTENT_TYPE.to_string(), "application/json".into())],
+        body.to_string(),
+    )
+}
+
+fn accept_export(state: &State, received: &Received) -> Response<Full<Bytes>> {
+    let token = received
+        .header(AUTHORIZATION.as_str())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let live = token.is_some_and(|t| {
+        state
+            .tokens
+            .lock()
+            .unwrap()
+            .get(t)
+            .is_some_and(|expiry| Instant::now() < *expiry)
+    });
+    if !live {
+        return answer(401, &[], json!({"error": "invalid_token"}).to_string());
+    }
+    if received.json().is_none() {
+        return answer(
+            400,
+            &[],
+            json!({"error": "the body is not JSON"}).to_string(),
+        );
+    }
+    answer(
+        200,
+        &[(CONTENT_TYPE.to_string(), "application/json".into())],
+        json!({"status": "accepted"}).to_string(),
+    )
+}

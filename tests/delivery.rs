@@ -1,0 +1,495 @@
+//! Delivery over real sockets: the agent in this process, a receiver (token endpoint + profile
+//! endpoint) with scripted faults, and checks of headers, token requests, bodies, order, and
+//! that nothing is lost.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use outpost::agent::{Agent, AgentOptions};
+use outpost::config::Config;
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::store::ListFilter;
+use serde_json::json;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: Config,
+    receiver: Receiver,
+}
+
+async fn setup_with(
+    options: ReceiverOptions,
+    auth: impl Fn(&str) -> String,
+    delivery: &str,
+) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let base = receiver.base_url();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, agent_config_text(&base, &auth(&base), delivery)).unwrap();
+    let config = Config::load(&path).unwrap();
+    Setup {
+        _dir: dir,
+        config,
+        receiver,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(ReceiverOptions::default(), oauth_body, "").await
+}
+
+async fn start(config: &Config) -> Agent {
+    Agent::start(config, AgentOptions { jitter: false })
+        .await
+        .unwrap()
+}
+
+/// Posts updates to the agent's ingest API and returns its summary.
+async fn ingest(agent: &Agent, lines: &[String]) -> serde_json::Value {
+    let (status, body) = http_post(agent.listen_addr, "/v1/updates", lines.join("\n"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// `n` updates per profile for `profiles`, each changing the first name: every one exports.
+fn updates(profiles: &[&str], n: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for i in 0..n {
+        for p in profiles {
+            lines.push(member_update(
+                p,
+                &format!("{p}-v{i}"),
+                &format!("2026-01-01T00:00:{:02}Z", i + 1),
+            ));
+        }
+    }
+    lines
+}
+
+fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
+    receiver
+        .delivered()
+        .iter()
+        .map(|r| {
+            (
+                profile_of(&r.json().unwrap()),
+                r.header("idempotency-key").unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every export was delivered and the outbox is empty; checks order.
+async fn drained(agent: &Agent, receiver: &Receiver, exports: usize) {
+    wait_until(30, "every export delivered", || {
+        let mut keys: Vec<String> = receiver
+            .delivered()
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap().to_owned())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    assert_per_profile_order(&delivered_pairs(receiver));
+}
+
+#[tokio::test]
+async fn exact_headers_token_form_and_bodies() {
+    let s = setup().await;
+    let agent = start(&s.config).await;
+    let summary = ingest(&agent, &updates(&["a", "b", "c"], 2)).await;
+    assert_eq!(summary["exports"], 6);
+    drained(&agent, &s.receiver, 6).await;
+
+    let tokens = s.receiver.token_requests();
+    assert_eq!(tokens.len(), 1, "one token for all deliveries");
+    let t = &tokens[0];
+    assert_eq!(
+        t.header("content-type"),
+        Some("application/x-www-form-urlencoded;charset=UTF-8")
+    );
+    assert_eq!(
+        std::str::from_utf8(&t.body).unwrap(),
+        "grant_type=client_credentials&client_id=edge-agent&client_secret=change-me"
+    );
+    assert_eq!(t.header("authorization"), None);
+
+    let delivered = s.receiver.delivered();
+    assert_eq!(delivered.len(), 6);
+    let mut keys = std::collections::HashSet::new();
+    for r in &delivered {
+        assert_eq!(r.query.as_deref(), Some("source=edge"));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert!(r
+            .header("authorization")
+            .unwrap()
+            .starts_with("Bearer tok-"));
+        assert_eq!(r.header("x-api-version"), Some("2"));
+        assert_eq!(r.header("x-tenant"), Some("acme"));
+        assert_eq!(
+            r.header("user-agent"),
+            Some(concat!("outpost/", env!("CARGO_PKG_VERSION")))
+        );
+        assert!(
+            keys.insert(r.header("idempotency-key").unwrap().to_owned()),
+            "keys are unique"
+        );
+    }
+    let last_of_a = delivered
+        .iter()
+        .rev()
+        .find(|r| profile_of(&r.json().unwrap()) == "a")
+        .unwrap();
+    assert_eq!(
+        last_of_a.json().unwrap(),
+        json!({
+            "person": {"name": {"firstName": "a-v1", "lastName": "Doe"}},
+            "segmentMembership": {"ups": {SEGMENT_A: {"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"}}},
+            "identityMap": {"ecid": [{"id": "ecid-a"}]}
+        })
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn basic_credentials_and_scope() {
+    let s = setup_with(
+        ReceiverOptions::default(),
+        |base| {
+            format!(
+                "{}\ncredentials = \"basic\"\nscope = \"profiles.write\"",
+                oauth_body(base)
+            )
+        },
+        "",
+    )
+    .await;
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    drained(&agent, &s.receiver, 1).await;
+    let t = &s.receiver.token_requests()[0];
+    assert_eq!(
+        std::str::from_utf8(&t.body).unwrap(),
+        "grant_type=client_credentials&scope=profiles.write"
+    );
+    // base64("edge-agent:change-me")
+    assert_eq!(
+        t.header("authorization"),
+        Some("Basic ZWRnZS1hZ2VudDpjaGFuZ2UtbWU=")
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn token_endpoint_failures_back_off_and_never_dead_letter() {
+    let s = setup().await;
+    s.receiver.set_token_script(Some(Arc::new(|n, _| {
+        if n < 3 {
+            Reply::Status(503, vec![], "token service down".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b"], 2)).await;
+    drained(&agent, &s.receiver, 4).await;
+    assert_eq!(
+        s.receiver.token_requests().len(),
+        4,
+        "three failures, then one token"
+    );
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn server_errors_and_429_with_retry_after() {
+    let s = setup().await;
+    s.receiver.set_export_script(Some(Arc::new(|n, _| match n {
+        0 | 1 => Reply::Status(500, vec![], "boom".into()),
+        2 => Reply::Status(
+            429,
+            vec![("retry-after".into(), "1".into())],
+            "slow down".into(),
+        ),
+        _ => Reply::Normal,
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 3)).await;
+    let started = Instant::now();
+    drained(&agent, &s.receiver, 3).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was not honoured"
+    );
+    let requests = s.receiver.export_requests();
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [500, 500, 429, 200, 200, 200],
+        "one probe at a time while failing"
+    );
+    let first_key = requests[0].header("idempotency-key").unwrap();
+    assert!(
+        requests[..4]
+            .iter()
+            .all(|r| r.header("idempotency-key") == Some(first_key)),
+        "the same key on every retry"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn revoked_token_is_replaced_once() {
+    let s = setup().await;
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b", "c", "d"], 1)).await;
+    drained(&agent, &s.receiver, 4).await;
+    s.receiver.revoke_tokens();
+    let more: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|p| member_update(p, "again", "2026-01-01T00:01:00Z"))
+        .collect();
+    ingest(&agent, &more).await;
+    drained(&agent, &s.receiver, 8).await;
+    assert_eq!(s.receiver.tokens_issued(), 2);
+    assert!(s.receiver.export_requests().iter().any(|r| r.status == 401));
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn token_is_refreshed_before_it_expires() {
+    let options = ReceiverOptions {
+        token_lifetime: Duration::from_secs(2),
+        ..ReceiverOptions::default()
+    };
+    let s = setup_with(options, oauth_body, "").await;
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    drained(&agent, &s.receiver, 1).await;
+    // Refresh is due 0.2 s before the 2 s expiry.
+    tokio::time::sleep(Duration::from_millis(1850)).await;
+    ingest(
+        &agent,
+        &[member_update("a", "later", "2026-01-01T00:01:00Z")],
+    )
+    .await;
+    drained(&agent, &s.receiver, 2).await;
+    assert_eq!(s.receiver.tokens_issued(), 2);
+    assert!(
+        s.receiver.export_requests().iter().all(|r| r.status == 200),
+        "no request with an expiring token"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn slow_answers_time_out_and_are_retried() {
+    let s = setup().await;
+    s.receiver.set_export_script(Some(Arc::new(|n, _| {
+        if n == 0 {
+            Reply::Delay(Duration::from_secs(2))
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    let started = Instant::now();
+    drained(&agent, &s.receiver, 1).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the first answer was not waited for"
+    );
+    assert_eq!(
+        s.receiver.export_arrivals(),
+        2,
+        "timed out once, then delivered"
+    );
+    assert_eq!(s.receiver.delivered().len(), 1);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn connection_refused_until_the_receiver_starts() {
+    let port_holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = port_holder.local_addr().unwrap();
+    drop(port_holder);
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("http://{addr}");
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, agent_config_text(&base, &oauth_body(&base), "")).unwrap();
+    let config = Config::load(&path).unwrap();
+    let agent = start(&config).await;
+    ingest(&agent, &updates(&["a", "b"], 2)).await;
+    wait_until(10, "a recorded connection error", || {
+        agent
+            .store
+            .list(&ListFilter::default())
+            .unwrap()
+            .iter()
+            .any(|e| e.record.attempts > 0)
+    })
+    .await;
+    let error = agent.store.list(&ListFilter::default()).unwrap()[0]
+        .record
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(error.contains("token endpoint"), "{error}");
+    let receiver = Receiver::start(addr, ReceiverOptions::default())
+        .await
+        .unwrap();
+    drained(&agent, &receiver, 4).await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rejected_exports_are_dead_lettered_while_the_rest_go_on() {
+    let s = setup().await;
+    let reject = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let rejecting = Arc::clone(&reject);
+    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
+        let bad = r.json().is_some_and(|p| profile_of(&p) == "bad");
+        if bad && rejecting.load(std::sync::atomic::Ordering::Relaxed) {
+            Reply::Status(400, vec![], "{\"error\":\"firstName too long\"}".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["bad", "good1", "good2"], 3)).await;
+    wait_until(30, "good exports delivered and bad ones dead", || {
+        let t = agent.store.tally().unwrap();
+        t.pending == 0 && t.dead == 3
+    })
+    .await;
+    assert_eq!(s.receiver.delivered().len(), 6);
+    let dead = agent
+        .store
+        .list(&ListFilter {
+            dead: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(dead.len(), 3);
+    for e in &dead {
+        assert_eq!(e.record.profile_id, "bad");
+        assert_eq!(e.record.attempts, 1);
+        assert_eq!(
+            e.record.last_error.as_deref(),
+            Some("HTTP 400: {\"error\":\"firstName too long\"}")
+        );
+        assert!(e.record.dead_at_ms.is_some());
+    }
+    // Repaired: the destination now takes them, and a retry puts them back in order.
+    reject.store(false, std::sync::atomic::Ordering::Relaxed);
+    let answer = outpost::admin::execute(
+        &agent.store,
+        &outpost::admin::AdminRequest::Retry {
+            ids: vec![],
+            all_dead: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(answer["retried"].as_array().unwrap().len(), 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the loop's idle tick picks them up
+    drained(&agent, &s.receiver, 9).await;
+    let dead_keys: Vec<String> = dead.iter().map(|e| e.id.to_string()).collect();
+    let delivered_bad: Vec<String> = delivered_pairs(&s.receiver)
+        .into_iter()
+        .filter(|(p, _)| p == "bad")
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(delivered_bad, dead_keys, "the same ids, oldest first");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_exports_are_dead_lettered() {
+    let s = setup_with(ReceiverOptions::default(), oauth_body, "max_age_s = 1").await;
+    s.receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b"], 1)).await;
+    wait_until(20, "both exports expired", || {
+        agent.store.tally().unwrap().dead == 2
+    })
+    .await;
+    let dead = agent
+        .store
+        .list(&ListFilter {
+            dead: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(
+        dead[0]
+            .record
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("max_age_s"),
+        "{:?}",
+        dead[0].record.last_error
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_token_request_is_shared_by_concurrent_deliveries() {
+    let s = setup().await;
+    s.receiver.set_token_script(Some(Arc::new(|_, _| {
+        Reply::Delay(Duration::from_millis(200))
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b", "c", "d", "e", "f"], 2)).await;
+    drained(&agent, &s.receiver, 12).await;
+    assert_eq!(s.receiver.token_requests().len(), 1);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn static_bearer_and_no_auth() {
+    let s = setup_with(
+        ReceiverOptions::default(),
+        |_| "type = \"bearer\"\ntoken = \"static-token\"".into(),
+        "",
+    )
+    .await;
+    s.receiver.set_export_script(Some(Arc::new(|_, r| {
+        if r.header("authorization") == Some("Bearer static-token") {
+            Reply::Status(200, vec![], "ok".into())
+        } else {
+            Reply::Status(400, vec![], "wrong token".into())
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    drained(&agent, &s.receiver, 1).await;
+    assert_eq!(s.receiver.token_requests().len(), 0);
+    agent.stop().await.unwrap();
+
+    let s = setup_with(ReceiverOptions::default(), |_| "type = \"none\"".into(), "").await;
+    s.receiver.set_export_script(Some(Arc::new(|_, r| {
+        if r.header("authorization").is_none() {
+            Reply::Status(204, vec![], String::new())
+        } else {
+            Reply::Status(400, vec![], "unexpected token".into())
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    drained(&agent, &s.receiver, 1).await;
+    agent.stop().await.unwrap();
+}
