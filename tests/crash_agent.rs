@@ -1,0 +1,217 @@
+//! End to end under SIGKILL: the real binary ingests batches over HTTP and delivers them to a
+//! faulty receiver with short-lived tokens, and is killed at random instants, over and over:
+//! first while ingesting, then while only delivering (where nothing but delivery flushes).
+//! The producer resends what was not acknowledged. At the end every export that the
+//! acknowledged updates call for arrived with the right payload, no export of a profile arrived
+//! after a newer one, and the outbox is empty.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use rand::Rng;
+use serde_json::json;
+
+const PROFILES: usize = 24;
+const VERSIONS: usize = 12;
+/// Kills while ingesting (the endpoint down, so the outbox fills), then while only delivering.
+const INGEST_KILLS: usize = 14;
+const DELIVERY_KILLS: usize = 10;
+
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn try_post(addr: std::net::SocketAddr, body: String) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = hyper::Request::post(format!("http://{addr}/v1/updates"))
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn start_agent(config: &std::path::Path, addr: std::net::SocketAddr) -> AgentProcess {
+    let child = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("OUTPOST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let process = AgentProcess(child);
+    for _ in 0..500 {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            return process;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the agent did not start listening");
+}
+
+/// Version `v` of profile `p`: every version changes the first name, so every one exports.
+fn version_line(p: usize, v: usize) -> String {
+    member_update(
+        &format!("p{p}"),
+        &format!("p{p}-v{v}"),
+        &format!("2026-01-01T00:{:02}:00Z", v),
+    )
+}
+
+fn expected_payload(p: usize, v: usize) -> serde_json::Value {
+    json!({
+        "person": {"name": {"firstName": format!("p{p}-v{v}"), "lastName": "Doe"}},
+        "segmentMembership": {"ups": {SEGMENT_A: {"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"}}},
+        "identityMap": {"ecid": [{"id": format!("ecid-p{p}")}]}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
+    let options = ReceiverOptions {
+        token_lifetime: Duration::from_secs(2),
+        fail_share: 0.15,
+        ..ReceiverOptions::default()
+    };
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let base = receiver.base_url();
+    let text = agent_config_text(&base, &oauth_body(&base), "")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, text).unwrap();
+
+    // Batches of 6 updates; versions in order per profile.
+    let lines: Vec<String> = (0..VERSIONS)
+        .flat_map(|v| (0..PROFILES).map(move |p| version_line(p, v)))
+        .collect();
+    let batches: Vec<String> = lines.chunks(6).map(|c| c.join("\n")).collect();
+    let mut next_batch = 0;
+    let mut rng = rand::thread_rng();
+
+    receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    for _ in 0..INGEST_KILLS {
+        let agent = start_agent(&config, addr).await;
+        let kill_at = tokio::time::Instant::now() + Duration::from_millis(rng.gen_range(20..300));
+        while next_batch < batches.len() && tokio::time::Instant::now() < kill_at {
+            match tokio::time::timeout_at(kill_at, try_post(addr, batches[next_batch].clone()))
+                .await
+            {
+                Ok(Ok((200, _))) => next_batch += 1,
+                Ok(Ok((status, body))) => panic!("ingest answered {status}: {body}"),
+                Ok(Err(_)) | Err(_) => break, // not acknowledged: resent after the restart
+            }
+        }
+        tokio::time::sleep_until(kill_at).await;
+        drop(agent); // SIGKILL
+    }
+    // Slow answers stretch the delivery over several kills.
+    receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
+        Reply::Delay(Duration::from_millis(10))
+    })));
+    for _ in 0..DELIVERY_KILLS {
+        let agent = start_agent(&config, addr).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..250))).await;
+        drop(agent); // SIGKILL while delivering
+    }
+
+    receiver.set_export_script(None);
+    let agent = start_agent(&config, addr).await;
+    while next_batch < batches.len() {
+        let (status, body) = try_post(addr, batches[next_batch].clone()).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        next_batch += 1;
+    }
+    let ws_config = config.clone();
+    wait_until(60, "the outbox to drain", || {
+        let out = Command::new(binary())
+            .args(["outbox", "stats", "--json", "--config"])
+            .arg(&ws_config)
+            .output()
+            .unwrap();
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        stats["pending"] == 0
+    })
+    .await;
+    // SIGTERM: a clean stop.
+    let mut agent = agent;
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // Every version of every profile arrived with its payload; none after a newer one.
+    let mut seen: HashMap<String, Vec<usize>> = HashMap::new();
+    for r in receiver.delivered() {
+        let payload = r.json().unwrap();
+        let name = payload["person"]["name"]["firstName"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (profile, version) = name.split_once("-v").unwrap();
+        let (p, v): (usize, usize) = (profile[1..].parse().unwrap(), version.parse().unwrap());
+        assert_eq!(payload, expected_payload(p, v));
+        let versions = seen.entry(profile.to_owned()).or_default();
+        if let Some(&last) = versions.last() {
+            assert!(
+                v >= last,
+                "{profile}: version {v} arrived after version {last}"
+            );
+        }
+        versions.push(v);
+    }
+    for p in 0..PROFILES {
+        let mut versions = seen.remove(&format!("p{p}")).unwrap_or_default();
+        versions.dedup();
+        assert_eq!(versions, (0..VERSIONS).collect::<Vec<_>>(), "profile p{p}");
+    }
+    let out = Command::new(binary())
+        .args(["outbox", "stats", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (stats["pending"].as_u64(), stats["dead"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(receiver.tokens_issued() >= 1);
+}
