@@ -1,0 +1,432 @@
+//! Delivery over HTTPS: a private CA made in the test, a receiver serving TLS with a certificate
+//! it signed, and an agent that trusts it through `ca_file` (or does not, and keeps retrying).
+//! Also mutual TLS: the receiver requires a client certificate signed by the same CA.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use outpost::agent::{Agent, AgentOptions};
+use outpost::config::Config;
+use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::store::ListFilter;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A private certificate authority.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A certificate signed by the CA, with its key.
+struct Leaf {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Leaf {
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert.der().clone()]
+    }
+
+    fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivatePkcs8KeyDer::from(self.key.serialize_der()).into()
+    }
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    fn roots(&self) -> Arc<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        Arc::new(roots)
+    }
+
+    fn sign(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "outpost test leaf");
+        params.extended_key_usages = vec![usage];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf { cert, key }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    fn server_leaf(&self) -> Leaf {
+        self.sign(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    fn client_leaf(&self) -> Leaf {
+        self.sign(&["edge-agent.test"], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+}
+
+fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The receiver's TLS configuration; with `client_roots`, it requires a client certificate
+/// that chains to them.
+fn server_config(
+    server: &Leaf,
+    client_roots: Option<Arc<rustls::RootCertStore>>,
+) -> Arc<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, ring())
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Arc::new(
+        builder
+            .with_single_cert(server.chain(), server.private_key())
+            .unwrap(),
+    )
+}
+
+async fn tls_receiver(config: Arc<rustls::ServerConfig>) -> Receiver {
+    let receiver = Receiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ReceiverOptions {
+            tls: Some(config),
+            ..ReceiverOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(receiver.base_url().starts_with("https://127.0.0.1:"));
+    receiver
+}
+
+/// Writes the agent's config in `dir`: OAuth and exports to `https://localhost:<port>`, with
+/// `destination_lines` (e.g. `ca_file = ...`) added to `[destination]`.
+fn agent_config(dir: &Path, receiver: &Receiver, destination_lines: &[String]) -> Config {
+    let base = format!("https://localhost:{}", receiver.addr.port());
+    let text = agent_config_text(&base, &oauth_body(&base), "");
+    let mut lines: Vec<String> = Vec::new();
+    for line in text.lines() {
+        lines.push(line.to_owned());
+        if line.starts_with("http_endpoint = ") {
+            lines.extend(destination_lines.iter().cloned());
+        }
+    }
+    assert!(
+        lines.len() == text.lines().count() + destination_lines.len(),
+        "no http_endpoint line in the config"
+    );
+    let path = dir.join("outpost.toml");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    Config::load(&path).unwrap()
+}
+
+/// A `key = "path"` line, with the path written as a TOML basic string.
+fn path_line(key: &str, path: &Path) -> String {
+    format!(
+        "{key} = {}",
+        toml_string(path.to_str().expect("a UTF-8 temporary path"))
+    )
+}
+
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+fn write_file(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+async fn start(config: &Config) -> Agent {
+    Agent::start(config, AgentOptions { jitter: false })
+        .await
+        .unwrap()
+}
+
+fn updates() -> Vec<String> {
+    vec![
+        member_update("a", "Ada", "2026-01-01T00:00:01Z"),
+        member_update("b", "Bo", "2026-01-01T00:00:01Z"),
+        member_update("a", "Ada2", "2026-01-01T00:00:02Z"),
+    ]
+}
+
+/// Posts the updates to the agent's ingest API; returns how many exports they made.
+async fn ingest(agent: &Agent, lines: &[String]) -> usize {
+    let (status, body) = http_post(agent.listen_addr, "/v1/updates", lines.join("\n"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let summary: serde_json::Value = serde_json::from_str(&body).unwrap();
+    summary["exports"].as_u64().unwrap() as usize
+}
+
+/// Waits until `exports` distinct exports were delivered and the outbox is empty.
+async fn drained(agent: &Agent, receiver: &Receiver, exports: usize) {
+    wait_until(30, "every export delivered over TLS", || {
+        let mut keys: Vec<String> = receiver
+            .delivered()
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap().to_owned())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+}
+
+/// Checks, for ~2 s, that nothing gets through; then that every export is still pending with a
+/// recorded error, none dead-lettered. Returns the errors.
+async fn nothing_gets_through(agent: &Agent, receiver: &Receiver, exports: usize) -> Vec<String> {
+    // While the destination fails, one export at a time probes it (see the delivery gate).
+    wait_until(10, "a failed attempt recorded", || {
+        assert!(
+            receiver.delivered().is_empty(),
+            "delivered without trust: {:?}",
+            receiver.delivered()
+        );
+        let pending = agent.store.list(&ListFilter::default()).unwrap();
+        pending.iter().any(|e| e.record.attempts > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        receiver.delivered().is_empty(),
+        "delivered without trust: {:?}",
+        receiver.delivered()
+    );
+    let tally = agent.store.tally().unwrap();
+    assert_eq!(tally.pending as usize, exports, "{tally:?}");
+    assert_eq!(tally.dead, 0, "TLS failures are retried, not dead-lettered");
+    let pending = agent.store.list(&ListFilter::default()).unwrap();
+    assert_eq!(pending.len(), exports);
+    assert!(pending.iter().all(|e| e.record.dead_at_ms.is_none()));
+    assert!(
+        pending.iter().any(|e| e.record.attempts >= 2),
+        "the failure was retried"
+    );
+    let errors: Vec<String> = pending
+        .iter()
+        .filter(|e| e.record.attempts > 0)
+        .map(|e| e.record.last_error.clone().expect("an error is recorded"))
+        .collect();
+    assert!(!errors.is_empty());
+    errors
+}
+
+#[tokio::test]
+async fn delivers_over_https_to_a_private_ca() {
+    let ca = Ca::new("outpost test CA");
+    let server = ca.server_leaf();
+    let receiver = tls_receiver(server_config(&server, None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let config = agent_config(dir.path(), &receiver, &[path_line("ca_file", &ca_file)]);
+    assert_eq!(
+        config.destination.ca_file.as_deref(),
+        Some(ca_file.as_path())
+    );
+
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    assert_eq!(exports, 3);
+    drained(&agent, &receiver, exports).await;
+    assert_eq!(
+        receiver.tokens_issued(),
+        1,
+        "the token was fetched over TLS"
+    );
+    let mut profiles: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| profile_of(&r.json().unwrap()))
+        .collect();
+    profiles.sort();
+    assert_eq!(profiles, ["a", "a", "b"]);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_retried_not_delivered() {
+    let ca = Ca::new("outpost test CA");
+    let server = ca.server_leaf();
+    let receiver = tls_receiver(server_config(&server, None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), &receiver, &[]);
+    assert!(config.destination.ca_file.is_none());
+
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    assert_eq!(exports, 3);
+    let errors = nothing_gets_through(&agent, &receiver, exports).await;
+    assert_eq!(
+        receiver.tokens_issued(),
+        0,
+        "no token over an untrusted TLS link"
+    );
+    assert!(receiver.token_requests().is_empty());
+    assert_eq!(receiver.export_arrivals(), 0);
+    for error in &errors {
+        let lower = error.to_lowercase();
+        assert!(
+            lower.contains("certificate") || lower.contains("unknownissuer"),
+            "not a certificate error: {error}"
+        );
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_not_trusted() {
+    let ca = Ca::new("outpost test CA");
+    let other = Ca::new("some other CA");
+    let server = ca.server_leaf();
+    let receiver = tls_receiver(server_config(&server, None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "other-ca.pem", &other.pem());
+    let config = agent_config(dir.path(), &receiver, &[path_line("ca_file", &ca_file)]);
+
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    let errors = nothing_gets_through(&agent, &receiver, exports).await;
+    assert_eq!(receiver.tokens_issued(), 0);
+    for error in &errors {
+        assert!(
+            error.to_lowercase().contains("certificate"),
+            "not a certificate error: {error}"
+        );
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_client_certificate() {
+    let ca = Ca::new("outpost test CA");
+    let server = ca.server_leaf();
+    let client = ca.client_leaf();
+    let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let cert_file = write_file(dir.path(), "client.pem", &client.cert.pem());
+    let key_file = write_file(dir.path(), "client-key.pem", &client.key.serialize_pem());
+    let config = agent_config(
+        dir.path(),
+        &receiver,
+        &[
+            path_line("ca_file", &ca_file),
+            path_line("client_cert_file", &cert_file),
+            path_line("client_key_file", &key_file),
+        ],
+    );
+    assert!(config.destination.client_cert.is_some());
+
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    drained(&agent, &receiver, exports).await;
+    assert_eq!(receiver.tokens_issued(), 1);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mutual_tls_without_a_client_certificate_fails() {
+    let ca = Ca::new("outpost test CA");
+    let server = ca.server_leaf();
+    let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let config = agent_config(dir.path(), &receiver, &[path_line("ca_file", &ca_file)]);
+    assert!(config.destination.client_cert.is_none());
+
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    let errors = nothing_gets_through(&agent, &receiver, exports).await;
+    assert_eq!(receiver.tokens_issued(), 0);
+    assert_eq!(receiver.export_arrivals(), 0);
+    for error in &errors {
+        // The server's alert (CertificateRequired under TLS 1.3), on the token request.
+        assert!(error.starts_with("token endpoint"), "{error}");
+        assert!(
+            error.to_lowercase().contains("certificate"),
+            "not a certificate error: {error}"
+        );
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_client_certificate_from_another_ca_fails() {
+    let ca = Ca::new("outpost test CA");
+    let other = Ca::new("some other CA");
+    let server = ca.server_leaf();
+    let client = other.client_leaf();
+    let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let cert_file = write_file(dir.path(), "client.pem", &client.cert.pem());
+    let key_file = write_file(dir.path(), "client-key.pem", &client.key.serialize_pem());
+    let config = agent_config(
+        dir.path(),
+        &receiver,
+        &[
+            path_line("ca_file", &ca_file),
+            path_line("client_cert_file", &cert_file),
+            path_line("client_key_file", &key_file),
+        ],
+    );
+
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    let errors = nothing_gets_through(&agent, &receiver, exports).await;
+    assert_eq!(receiver.tokens_issued(), 0);
+    assert_eq!(receiver.export_arrivals(), 0);
+    for error in &errors {
+        // The server's alert: UnknownCA.
+        let lower = error.to_lowercase();
+        assert!(
+            lower.contains("unknownca") || lower.contains("certificate"),
+            "not a certificate error: {error}"
+        );
+    }
+    agent.stop().await.unwrap();
+}
