@@ -61,6 +61,51 @@ pub enum Command {
     /// Inspect and repair the outbox.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Show the whole job on loopback: an embedded receiver, the agent, the sample updates.
+    ///
+    /// Needs no config and nothing else running; cleans up after itself.
+    ///
+    /// Example: outpost demo
+    Demo {
+        /// Share of export requests the embedded receiver fails with 503
+        #[arg(long, default_value_t = 0.05)]
+        fail_share: f64,
+    },
+    /// Run a test destination: an OAuth 2.0 token endpoint and a profile endpoint.
+    ///
+    /// Prints each export it accepts (or appends them as NDJSON to --out).
+    ///
+    /// Example: outpost receiver --listen 127.0.0.1:8687 --fail-share 0.1
+    Receiver {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8687")]
+        listen: std::net::SocketAddr,
+        /// The client id tokens are issued to
+        #[arg(long, default_value = "edge-agent")]
+        client_id: String,
+        /// The client secret [env: OUTPOST_RECEIVER_SECRET; default: change-me]
+        #[arg(
+            long,
+            env = "OUTPOST_RECEIVER_SECRET",
+            default_value = "change-me",
+            hide_env_values = true,
+            hide_default_value = true
+        )]
+        client_secret: String,
+        /// Token lifetime in seconds
+        #[arg(long, default_value_t = 3600)]
+        token_lifetime_s: u64,
+        /// Share (0 to 1) of export requests to fail with 503
+        #[arg(long, default_value_t = 0.0)]
+        fail_share: f64,
+        /// Append accepted exports as NDJSON to this file instead of printing them
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Example: outpost completions bash > /etc/bash_completion.d/outpost
+    Completions { shell: clap_complete::Shell },
     /// Inspect stored profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),

@@ -15,8 +15,10 @@ use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest};
 use crate::agent::{termination_signal, Agent, AgentOptions};
 use crate::cli::{Cli, Command, OutboxCommand, ProfileCommand, Targets};
 use crate::config::{self, Auth, Config, ConfigError};
+use crate::profile::prune::KeepTree;
 use crate::profile::update::{InputError, UpdateReader};
 use crate::profile::{Reason, Update};
+use crate::receiver::{Receiver, ReceiverOptions};
 use crate::store::{BatchSummary, Store, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
@@ -90,7 +92,7 @@ impl Backend {
         }
     }
 
-    /// Commits one chunk of validated updates, durably.
+    /// Commits one chunk of validated, pruned updates, durably.
     fn ingest(&self, config: &Config, updates: &[Update]) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
@@ -143,6 +145,37 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 }
 
 pub fn dispatch(cli: Cli) -> Result<(), CliError> {
+    // The commands that need no config.
+    match cli.command {
+        Command::Demo { fail_share } => return runtime()?.block_on(demo(fail_share)),
+        Command::Receiver {
+            listen,
+            client_id,
+            client_secret,
+            token_lifetime_s,
+            fail_share,
+            out,
+        } => {
+            let options = ReceiverOptions {
+                client_id,
+                client_secret,
+                token_lifetime: Duration::from_secs(token_lifetime_s),
+                fail_share,
+                tls: None,
+            };
+            return runtime()?.block_on(receiver(listen, options, out));
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "outpost",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
     let config_path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&config_path)?;
     match cli.command {
@@ -160,7 +193,83 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print_json(&value, json.json);
             Ok(())
         }
+        Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
+            unreachable!("handled above")
+        }
     }
+}
+
+async fn demo(fail_share: f64) -> Result<(), CliError> {
+    if !(0.0..1.0).contains(&fail_share) {
+        return Err(CliError::Usage(
+            "--fail-share must be at least 0 and below 1".into(),
+        ));
+    }
+    println!("outpost demo: an embedded receiver on loopback, the agent against it, the sample updates of data/");
+    let options = crate::demo::DemoOptions {
+        fail_share,
+        show_progress: std::io::stderr().is_terminal(),
+        ..Default::default()
+    };
+    let report = crate::demo::run(&options)
+        .await
+        .map_err(CliError::Failure)?;
+    crate::demo::print_report(&report);
+    Ok(())
+}
+
+async fn receiver(
+    listen: std::net::SocketAddr,
+    options: ReceiverOptions,
+    out: Option<PathBuf>,
+) -> Result<(), CliError> {
+    if !(0.0..=1.0).contains(&options.fail_share) {
+        return Err(CliError::Usage(
+            "--fail-share must be between 0 and 1".into(),
+        ));
+    }
+    let lifetime = options.token_lifetime.as_secs();
+    let client_id = options.client_id.clone();
+    let receiver = Receiver::start(listen, options)
+        .await
+        .map_err(|e| CliError::Failure(format!("cannot listen on {listen}: {e}")))?;
+    let sink: Option<std::sync::Arc<std::sync::Mutex<File>>> = match out {
+        Some(path) => Some(std::sync::Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?,
+        ))),
+        None => None,
+    };
+    receiver.on_delivered(std::sync::Arc::new(move |r| {
+        let key = r.header("idempotency-key").unwrap_or("-").to_owned();
+        let body = r.json().unwrap_or(Value::Null);
+        match &sink {
+            Some(file) => {
+                let line =
+                    serde_json::json!({"idempotency_key": key, "query": r.query, "payload": body});
+                let _ = writeln!(
+                    file.lock().expect("the sink lock is never poisoned"),
+                    "{line}"
+                );
+            }
+            None => println!("{key} {body}"),
+        }
+    }));
+    let base = receiver.base_url();
+    eprintln!("receiver listening on {base}");
+    eprintln!(
+        "  token endpoint   {base}{}  (client_id {client_id}, tokens live {lifetime} s)",
+        crate::receiver::TOKEN_PATH
+    );
+    eprintln!(
+        "  profile endpoint {base}{}",
+        crate::receiver::PROFILES_PATH
+    );
+    termination_signal().await;
+    Ok(())
 }
 
 async fn run(config: &Config) -> Result<(), CliError> {
@@ -337,6 +446,7 @@ pub fn ingest_file<F: Read + Seek>(
         update?;
     }
     rewind(file)?;
+    let keep = KeepTree::for_mapping(&config.mapping);
     let mut total = BatchSummary::default();
     let mut chunk = Vec::with_capacity(INGEST_CHUNK);
     let mut reader = UpdateReader::new(BufReader::new(&mut *file)).peekable();
@@ -344,7 +454,11 @@ pub fn ingest_file<F: Read + Seek>(
         chunk.clear();
         while chunk.len() < INGEST_CHUNK {
             match reader.next() {
-                Some(update) => chunk.push(update?),
+                Some(update) => {
+                    let mut update = update?;
+                    keep.prune(&mut update.profile);
+                    chunk.push(update);
+                }
                 None => break,
             }
         }

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod logging;
 pub mod metrics;
 pub mod profile;

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod change;
 pub mod export;
+pub mod prune;
 pub mod update;
 
 pub use apply::{apply, Applied, StoredProfile};

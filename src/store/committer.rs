@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{BatchSummary, Store};
 use crate::config::Mapping;
+use crate::profile::prune::KeepTree;
 use crate::profile::Update;
 
 /// At most this many updates go into one transaction; more waiting requests go into the next.
@@ -30,6 +31,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Committer {
     jobs: mpsc::Sender<Job>,
+    keep: Arc<KeepTree>,
 }
 
 impl Committer {
@@ -40,15 +42,22 @@ impl Committer {
         committed: Arc<Notify>,
     ) -> (Committer, std::thread::JoinHandle<()>) {
         let (jobs, receiver) = mpsc::channel::<Job>(1024);
+        let keep = Arc::new(KeepTree::for_mapping(&mapping));
         let handle = std::thread::Builder::new()
             .name("outpost-committer".into())
             .spawn(move || run(receiver, &store, &mapping, &committed))
             .expect("spawning the committer thread");
-        (Committer { jobs }, handle)
+        (Committer { jobs, keep }, handle)
     }
 
     /// Commits the updates as one atomic group; returns once they are durable.
-    pub async fn commit(&self, updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
+    ///
+    /// The updates are pruned to their mapped parts here, on the caller's task, so that the
+    /// single committer thread only does what must be serial.
+    pub async fn commit(&self, mut updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
+        for update in &mut updates {
+            self.keep.prune(&mut update.profile);
+        }
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { updates, reply })

@@ -14,6 +14,7 @@ pub mod committer;
 pub mod flusher;
 pub mod keys;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -426,6 +427,10 @@ impl Store {
 
     /// Applies each group of updates in order, all in ONE transaction, and returns a summary per
     /// group. Nothing is durable until [`Store::flush`].
+    ///
+    /// The decisions are made before the transaction, reading the stored versions directly:
+    /// that is sound because there is one writer of `profiles` (the committer, or the CLI
+    /// holding the store alone), and it keeps the transaction, which sled may re-run, short.
     pub fn apply_groups(
         &self,
         groups: &[&[Update]],
@@ -433,69 +438,78 @@ impl Store {
         received_at: DateTime<Utc>,
     ) -> Result<Vec<BatchSummary>, StoreError> {
         let created_at_ms = received_at.timestamp_millis();
-        let summaries = (&self.profiles, &self.outbox, &self.meta).transaction(
-            |(profiles, outbox, meta_tx)| {
-                let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
-                let mut tally = read_tally(meta_tx)?;
-                let mut summaries = Vec::with_capacity(groups.len());
-                for group in groups {
-                    let mut summary = BatchSummary::default();
-                    for update in group.iter() {
-                        let stored = match profiles.get(update.id.as_bytes())? {
-                            None => None,
-                            Some(bytes) => {
-                                let record = codec::decode_profile(&bytes).map_err(|e| {
-                                    abort(StoreError::corrupt(format!("profile {}", update.id), e))
-                                })?;
-                                Some(stored_from_record(&update.id, record).map_err(abort)?)
-                            }
-                        };
-                        let applied = apply(stored.as_ref(), update, mapping, received_at);
-                        summary.accepted += 1;
-                        match applied.result {
-                            UpdateResult::Exported => {}
-                            UpdateResult::Unchanged => summary.unchanged += 1,
-                            UpdateResult::Stale => summary.stale += 1,
-                            UpdateResult::Deleted => summary.deleted += 1,
-                        }
-                        match &applied.store {
-                            StoreAction::Keep => {}
-                            StoreAction::Put(new) => {
-                                profiles.insert(
-                                    update.id.as_bytes(),
-                                    codec::encode_profile(&record_from_stored(new)),
-                                )?;
-                            }
-                            StoreAction::Remove => {
-                                profiles.remove(update.id.as_bytes())?;
-                            }
-                        }
-                        if let Some((reason, payload)) = applied.export {
-                            let value = codec::encode_export(&ExportRecord {
-                                profile_id: update.id.clone(),
-                                reason: reason.code(),
-                                payload: payload.to_string(),
-                                created_at_ms,
-                                queued_at_ms: created_at_ms,
-                                attempts: 0,
-                                last_error: None,
-                                last_attempt_at_ms: None,
-                                dead_at_ms: None,
-                            });
-                            tally.count(Place::Pending, value.len(), 1);
-                            outbox.insert(&keys::seq_key(next_seq), value)?;
-                            next_seq += 1;
-                            summary.exports += 1;
-                            summary.by_reason[reason.code() as usize] += 1;
-                        }
-                    }
-                    summaries.push(summary);
+        // The latest version of each profile touched, and whether it must be written.
+        let mut versions: HashMap<&str, (Option<StoredProfile>, bool)> = HashMap::new();
+        let mut exports: Vec<Vec<u8>> = Vec::new();
+        let mut summaries = Vec::with_capacity(groups.len());
+        for group in groups {
+            let mut summary = BatchSummary::default();
+            for update in group.iter() {
+                let id = update.id.as_str();
+                if !versions.contains_key(id) {
+                    versions.insert(id, (self.profile(id)?, false));
                 }
-                write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
-                write_tally(meta_tx, tally)?;
-                Ok(summaries)
-            },
-        )?;
+                let (version, dirty) = versions.get_mut(id).expect("inserted above");
+                let applied = apply(version.as_ref(), update, mapping, received_at);
+                summary.accepted += 1;
+                match applied.result {
+                    UpdateResult::Exported => {}
+                    UpdateResult::Unchanged => summary.unchanged += 1,
+                    UpdateResult::Stale => summary.stale += 1,
+                    UpdateResult::Deleted => summary.deleted += 1,
+                }
+                match applied.store {
+                    StoreAction::Keep => {}
+                    StoreAction::Put(new) => (*version, *dirty) = (Some(new), true),
+                    StoreAction::Remove => (*version, *dirty) = (None, true),
+                }
+                if let Some((reason, payload)) = applied.export {
+                    exports.push(codec::encode_export(&ExportRecord {
+                        profile_id: update.id.clone(),
+                        reason: reason.code(),
+                        payload: payload.to_string(),
+                        created_at_ms,
+                        queued_at_ms: created_at_ms,
+                        attempts: 0,
+                        last_error: None,
+                        last_attempt_at_ms: None,
+                        dead_at_ms: None,
+                    }));
+                    summary.exports += 1;
+                    summary.by_reason[reason.code() as usize] += 1;
+                }
+            }
+            summaries.push(summary);
+        }
+        let writes: Vec<(&str, Option<Vec<u8>>)> = versions
+            .into_iter()
+            .filter(|(_, (_, dirty))| *dirty)
+            .map(|(id, (version, _))| {
+                (
+                    id,
+                    version.map(|v| codec::encode_profile(&record_from_stored(&v))),
+                )
+            })
+            .collect();
+
+        (&self.profiles, &self.outbox, &self.meta).transaction(|(profiles, outbox, meta_tx)| {
+            let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+            let mut tally = read_tally(meta_tx)?;
+            for (id, value) in &writes {
+                match value {
+                    Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
+                    None => profiles.remove(id.as_bytes())?,
+                };
+            }
+            for value in &exports {
+                tally.count(Place::Pending, value.len(), 1);
+                outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
+                next_seq += 1;
+            }
+            write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+            write_tally(meta_tx, tally)?;
+            Ok(())
+        })?;
         Ok(summaries)
     }
 

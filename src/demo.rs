@@ -1,0 +1,282 @@
+//! `outpost demo`: the whole job on loopback. An embedded receiver (token endpoint + profile
+//! endpoint, failing some requests and issuing short-lived tokens), the agent against it with a
+//! store in a temporary folder, and the sample updates streamed through the ingest API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::agent::{Agent, AgentOptions};
+use crate::config::Config;
+use crate::metrics::DeliveryOutcome;
+use crate::profile::Reason;
+use crate::receiver::{Receiver, ReceiverOptions, Reply};
+use crate::store::BatchSummary;
+
+/// The sample updates of `data/`, built from Adobe's XDM examples.
+pub const SAMPLE_UPDATES: &str = include_str!("../data/sample-updates.ndjson");
+const BATCH_LINES: usize = 100;
+/// A pause between ingest batches, so that delivery runs while updates stream in and the
+/// short-lived tokens expire along the way.
+const BATCH_PAUSE: Duration = Duration::from_millis(80);
+
+pub struct DemoOptions {
+    /// Share of export requests the receiver fails with 503.
+    pub fail_share: f64,
+    pub token_lifetime: Duration,
+    pub show_progress: bool,
+    pub timeout: Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            fail_share: 0.05,
+            token_lifetime: Duration::from_secs(1),
+            show_progress: true,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the demo did, from both ends.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub ingested: BatchSummary,
+    pub delivered: u64,
+    pub retried: u64,
+    pub auth_rejected: u64,
+    pub dead: u64,
+    pub token_fetches: u64,
+    /// What the receiver saw: requests, and distinct exports answered 2xx.
+    pub receiver_requests: u64,
+    pub receiver_exports: u64,
+    pub receiver_tokens: u64,
+    pub samples: Vec<(String, Value)>,
+}
+
+fn demo_config(dir: &std::path::Path, receiver: &str) -> Config {
+    let text = format!(
+        r#"[destination]
+name = "demo"
+description = "the embedded receiver of outpost demo"
+http_endpoint = "{receiver}/profiles?source=demo"
+custom_headers = "x-api-version:2"
+
+[destination.auth]
+type = "oauth2_client_credentials"
+auth_endpoint = "{receiver}/oauth/token"
+client_id = "edge-agent"
+client_secret = "change-me"
+
+[mapping]
+attributes = ["person.name.firstName", "person.name.lastName", "person.birthDate", "personalEmail.address"]
+segments = ["7841ba61-23c1-4bb3-a495-00d3g5fe1e93", "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae"]
+identities = ["ecid", "email_lc_sha256"]
+
+[storage]
+path = "store"
+cache_bytes = 16777216
+
+[ingest]
+listen = "127.0.0.1:0"
+
+[delivery]
+concurrency = 8
+request_timeout_ms = 2000
+initial_backoff_ms = 50
+max_backoff_ms = 1000
+"#
+    );
+    let path = dir.join("outpost.toml");
+    Config::parse(&path, &text).expect("the demo config is valid")
+}
+
+fn progress(show: bool, len: u64, template: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary folder: {e}"))?;
+    let receiver = Receiver::start(
+        "127.0.0.1:0".parse().expect("valid address"),
+        ReceiverOptions {
+            fail_share: options.fail_share,
+            token_lifetime: options.token_lifetime,
+            ..ReceiverOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("cannot start the receiver: {e}"))?;
+    // A short outage at the start, ending with a Retry-After, so backoff shows.
+    receiver.set_export_script(Some(Arc::new(|n, _| match n {
+        0..=2 => Reply::Status(503, vec![], "warming up".into()),
+        3 => Reply::Status(
+            429,
+            vec![("retry-after".into(), "1".into())],
+            "slow down".into(),
+        ),
+        _ => Reply::Normal,
+    })));
+    let config = demo_config(dir.path(), &receiver.base_url());
+    let agent = Agent::start(&config, AgentOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let lines: Vec<&str> = SAMPLE_UPDATES
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let bar = progress(
+        options.show_progress,
+        lines.len() as u64,
+        "ingest  [{bar:40}] {pos}/{len} updates",
+    );
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut ingested = BatchSummary::default();
+    for batch in lines.chunks(BATCH_LINES) {
+        let request = hyper::Request::post(format!("http://{}/v1/updates", agent.listen_addr))
+            .body(Full::new(Bytes::from(batch.join("\n"))))
+            .expect("valid request");
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| format!("ingest: {e}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("ingest: {e}"))?
+            .to_bytes();
+        let answer: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("ingest answer: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("ingest answered {status}: {answer}"));
+        }
+        for (field, total) in [
+            ("accepted", &mut ingested.accepted),
+            ("exports", &mut ingested.exports),
+            ("unchanged", &mut ingested.unchanged),
+            ("stale", &mut ingested.stale),
+            ("deleted", &mut ingested.deleted),
+        ] {
+            *total += answer[field].as_u64().unwrap_or(0);
+        }
+        bar.inc(batch.len() as u64);
+        tokio::time::sleep(BATCH_PAUSE).await;
+    }
+    bar.finish();
+    for reason in Reason::ALL {
+        ingested.by_reason[reason.code() as usize] = agent.metrics.exports(reason);
+    }
+
+    let bar = progress(
+        options.show_progress,
+        ingested.exports,
+        "deliver [{bar:40}] {pos}/{len} exports",
+    );
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    loop {
+        let tally = agent.store.tally().map_err(|e| e.to_string())?;
+        bar.set_position(ingested.exports.saturating_sub(tally.pending));
+        if tally.pending == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{} exports still pending after {:?}",
+                tally.pending, options.timeout
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bar.finish();
+
+    let m = &agent.metrics;
+    let delivered_requests = receiver.delivered();
+    let mut keys: Vec<&str> = delivered_requests
+        .iter()
+        .filter_map(|r| r.header("idempotency-key"))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let samples = [
+        0,
+        delivered_requests.len() / 2,
+        delivered_requests.len().saturating_sub(1),
+    ]
+    .iter()
+    .filter_map(|&i| delivered_requests.get(i))
+    .filter_map(|r| Some((r.header("idempotency-key")?.to_owned(), r.json()?)))
+    .collect();
+    let report = DemoReport {
+        ingested,
+        delivered: m.deliveries(DeliveryOutcome::Delivered),
+        retried: m.deliveries(DeliveryOutcome::Retried),
+        auth_rejected: m.deliveries(DeliveryOutcome::AuthRejected),
+        dead: m.deliveries(DeliveryOutcome::Dead) + m.deliveries(DeliveryOutcome::Expired),
+        token_fetches: m.token_fetches.get(),
+        receiver_requests: receiver.export_requests().len() as u64,
+        receiver_exports: keys.len() as u64,
+        receiver_tokens: receiver.tokens_issued(),
+        samples,
+    };
+    agent.stop().await.map_err(|e| e.to_string())?;
+    Ok(report)
+}
+
+pub fn print_report(report: &DemoReport) {
+    let i = &report.ingested;
+    println!();
+    println!(
+        "updates   {} accepted: {} exported, {} unchanged, {} stale, {} deleted",
+        i.accepted,
+        i.accepted - i.unchanged - i.stale - i.deleted,
+        i.unchanged,
+        i.stale,
+        i.deleted
+    );
+    let reasons: Vec<String> = Reason::ALL
+        .iter()
+        .map(|r| format!("{} {r}", i.exports_for(*r)))
+        .collect();
+    println!("exports   {} ({})", i.exports, reasons.join(", "));
+    println!(
+        "delivery  {} delivered, {} retried after a failure, {} after an expired token, {} dead",
+        report.delivered, report.retried, report.auth_rejected, report.dead
+    );
+    println!(
+        "tokens    {} fetched (each lives a few seconds in the demo)",
+        report.token_fetches
+    );
+    println!(
+        "receiver  {} requests, {} distinct exports accepted, {} tokens issued",
+        report.receiver_requests, report.receiver_exports, report.receiver_tokens
+    );
+    for (key, payload) in &report.samples {
+        println!();
+        println!("received  Idempotency-Key: {key}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(payload).expect("a Value always serializes")
+        );
+    }
+    println!();
+    println!("next: point data/outpost.example.toml at your endpoint, then `outpost check --config data/outpost.example.toml`");
+}

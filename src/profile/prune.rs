@@ -1,0 +1,170 @@
+//! Keeping only the part of a profile the destination can hear about (pure).
+//!
+//! The store keeps, for each profile, the mapped attributes, the mapped segments' entries and
+//! the mapped identity namespaces (all of `identityMap` when `identities` is empty). Every
+//! decision and payload reads only these, so pruning before the committer keeps its work,
+//! the store and the memory small. Pruning commutes with RFC 7386 merging, so a pruned merge
+//! patch applied to a pruned profile gives the pruned result of the full merge.
+//! A mapping widened later is judged against what is stored: the newly mapped parts count as
+//! absent before (SPEC: "the next update of each profile is judged against what is stored").
+
+use serde_json::{Map, Value};
+
+use crate::config::Mapping;
+
+/// A tree of object keys to keep; a leaf keeps the whole value under it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct KeepTree {
+    children: Vec<(String, KeepTree)>,
+    whole: bool,
+}
+
+impl KeepTree {
+    fn insert(&mut self, path: &[&str]) {
+        if self.whole {
+            return;
+        }
+        let Some((first, rest)) = path.split_first() else {
+            self.whole = true;
+            self.children.clear();
+            return;
+        };
+        let child = match self.children.iter().position(|(k, _)| k == first) {
+            Some(i) => &mut self.children[i].1,
+            None => {
+                self.children
+                    .push(((*first).to_owned(), KeepTree::default()));
+                &mut self.children.last_mut().expect("just pushed").1
+            }
+        };
+        child.insert(rest);
+    }
+
+    pub fn for_mapping(mapping: &Mapping) -> KeepTree {
+        let mut tree = KeepTree::default();
+        for path in &mapping.attributes {
+            let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            tree.insert(&keys);
+        }
+        for segment in &mapping.segments {
+            tree.insert(&["segmentMembership", "ups", segment]);
+        }
+        if mapping.identities.is_empty() {
+            tree.insert(&["identityMap"]);
+        } else {
+            for namespace in &mapping.identities {
+                tree.insert(&["identityMap", namespace]);
+            }
+        }
+        tree
+    }
+
+    /// Removes every key the tree does not keep. A value that is not an object where the tree
+    /// goes deeper is kept as it is (in a merge patch, `null` there deletes the whole branch).
+    pub fn prune(&self, object: &mut Map<String, Value>) {
+        object.retain(
+            |key, value| match self.children.iter().find(|(k, _)| k == key) {
+                None => false,
+                Some((_, child)) => {
+                    if !child.whole {
+                        if let Value::Object(inner) = value {
+                            child.prune(inner);
+                        }
+                    }
+                    true
+                }
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mapping() -> Mapping {
+        Mapping::new(
+            &["person.name.firstName", "mobilePhone"],
+            &["s1"],
+            &["ecid"],
+        )
+    }
+
+    fn pruned(value: Value, mapping: &Mapping) -> Value {
+        let Value::Object(mut object) = value else {
+            panic!("not an object")
+        };
+        KeepTree::for_mapping(mapping).prune(&mut object);
+        Value::Object(object)
+    }
+
+    #[test]
+    fn keeps_mapped_paths_subtrees_segments_and_namespaces() {
+        let profile = json!({
+            "person": {"name": {"firstName": "Jane", "lastName": "Doe"}, "gender": "female"},
+            "mobilePhone": {"number": "1-408", "status": "active"},
+            "workAddress": {"city": "San Jose"},
+            "segmentMembership": {"ups": {"s1": {"status": "realized"}, "s2": {"status": "existing"}}},
+            "identityMap": {"ecid": [{"id": "1"}], "crmid": [{"id": "2"}]}
+        });
+        assert_eq!(
+            pruned(profile, &mapping()),
+            json!({
+                "person": {"name": {"firstName": "Jane"}},
+                "mobilePhone": {"number": "1-408", "status": "active"},
+                "segmentMembership": {"ups": {"s1": {"status": "realized"}}},
+                "identityMap": {"ecid": [{"id": "1"}]}
+            })
+        );
+    }
+
+    #[test]
+    fn empty_identities_keep_the_whole_identity_map() {
+        let mapping = Mapping::new(&[], &["s1"], &[]);
+        let profile = json!({"identityMap": {"a": [], "b": [{"id": "x"}]}, "other": 1});
+        assert_eq!(
+            pruned(profile, &mapping),
+            json!({"identityMap": {"a": [], "b": [{"id": "x"}]}})
+        );
+    }
+
+    #[test]
+    fn non_objects_on_a_path_are_kept_for_merge_semantics() {
+        let patch = json!({"person": null, "segmentMembership": {"ups": {"s1": null, "s9": null}}, "x": null});
+        assert_eq!(
+            pruned(patch, &mapping()),
+            json!({"person": null, "segmentMembership": {"ups": {"s1": null}}})
+        );
+    }
+
+    /// prune(merge(a, p)) == merge(prune(a), prune(p)) over a table of documents and patches.
+    #[test]
+    fn pruning_commutes_with_merging() {
+        let docs = [
+            json!({}),
+            json!({"person": {"name": {"firstName": "A", "lastName": "B"}, "age": 3}, "mobilePhone": {"n": 1}}),
+            json!({"person": "not an object", "segmentMembership": {"ups": {"s1": {"status": "realized"}, "s2": {}}}}),
+            json!({"identityMap": {"ecid": [{"id": "1"}], "crmid": [{"id": "2"}]}}),
+        ];
+        let patches = [
+            json!({}),
+            json!({"person": null}),
+            json!({"person": {"name": {"firstName": "Z"}}}),
+            json!({"person": {"name": null}, "mobilePhone": {"n": null, "m": 2}}),
+            json!({"segmentMembership": {"ups": {"s1": null, "s2": {"status": "exited"}}}}),
+            json!({"identityMap": {"ecid": [{"id": "9"}], "crmid": null}}),
+            json!({"person": 5, "other": {"x": 1}}),
+        ];
+        let m = mapping();
+        for doc in &docs {
+            for patch in &patches {
+                let mut full = doc.clone();
+                json_patch::merge(&mut full, patch);
+                let mut parts = pruned(doc.clone(), &m);
+                json_patch::merge(&mut parts, &pruned(patch.clone(), &m));
+                assert_eq!(pruned(full, &m), parts, "doc {doc} patch {patch}");
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The first run: the demo's summary matches what its receiver got; `--help` lists every
+//! subcommand; the example config in `data/` is valid and passes `outpost check`.
+
+mod common;
+
+use common::*;
+use outpost::demo::{run, DemoOptions};
+use outpost::receiver::{Receiver, ReceiverOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_summary_matches_what_the_receiver_got() {
+    let options = DemoOptions {
+        fail_share: 0.1,
+        show_progress: false,
+        ..DemoOptions::default()
+    };
+    let report = run(&options).await.unwrap();
+    let i = &report.ingested;
+    assert_eq!(
+        (i.accepted, i.exports, i.unchanged, i.stale, i.deleted),
+        (1529, 823, 662, 30, 26)
+    );
+    assert_eq!(i.by_reason, [487, 142, 182, 12]);
+    assert_eq!(
+        report.receiver_exports, i.exports,
+        "every export reached the receiver"
+    );
+    assert_eq!(report.delivered, i.exports);
+    assert_eq!(report.dead, 0);
+    assert!(
+        report.retried >= 4,
+        "the scripted outage and injected failures were retried: {}",
+        report.retried
+    );
+    assert_eq!(
+        report.receiver_requests,
+        report.delivered + report.retried + report.auth_rejected,
+        "every request the receiver answered is counted once"
+    );
+    assert_eq!(report.token_fetches, report.receiver_tokens);
+    assert!(
+        report.token_fetches >= 2,
+        "tokens of one second were refreshed"
+    );
+    assert_eq!(report.samples.len(), 3);
+}
+
+#[test]
+fn help_lists_every_subcommand_with_an_example() {
+    let out = std::process::Command::new(binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for command in [
+        "run",
+        "check",
+        "ingest",
+        "outbox",
+        "profile",
+        "demo",
+        "receiver",
+        "completions",
+    ] {
+        assert!(
+            help.lines().any(|l| l.trim_start().starts_with(command)),
+            "--help lacks {command}:\n{help}"
+        );
+    }
+    for sub in [
+        &["ingest"][..],
+        &["outbox", "list"],
+        &["outbox", "drop"],
+        &["profile", "show"],
+        &["run"],
+        &["check"],
+        &["demo"],
+        &["receiver"],
+    ] {
+        let out = std::process::Command::new(binary())
+            .args(sub)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("Example: outpost"),
+            "{sub:?} --help has no example:\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_config_passes_check() {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(manifest.join("data/outpost.example.toml")).unwrap();
+    assert!(text.contains("127.0.0.1:8687"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        text.replace("127.0.0.1:8687", &receiver.addr.to_string()),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(binary())
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("token            obtained"), "{stdout}");
+    assert!(
+        !stdout.contains("change-me"),
+        "check printed the client secret"
+    );
+    assert!(!stdout.contains("tok-"), "check printed the token");
+    assert_eq!(receiver.tokens_issued(), 1);
+
+    // A wrong secret: the token request fails and check exits 1, still without the secret.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("change-me", "wrong-secret"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(binary())
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("401"), "{all}");
+    assert!(!all.contains("wrong-secret"), "{all}");
+}
