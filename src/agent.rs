@@ -124,6 +124,7 @@ impl Agent {
             committer,
             metrics: Arc::clone(&metrics),
             wake,
+            max_outbox_bytes: config.storage.max_outbox_bytes,
         });
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,

@@ -96,8 +96,19 @@ impl Backend {
     fn ingest(&self, config: &Config, updates: &[Update]) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
+                if store.tally()?.bytes >= config.storage.max_outbox_bytes {
+                    return Err(CliError::Failure(crate::admin::OUTBOX_FULL.into()));
+                }
+                let started = std::time::Instant::now();
                 let summaries = store.apply_groups(&[updates], &config.mapping, Utc::now())?;
+                let decided = started.elapsed();
                 store.flush()?;
+                tracing::debug!(
+                    updates = updates.len(),
+                    apply_us = decided.as_micros() as u64,
+                    flush_us = (started.elapsed() - decided).as_micros() as u64,
+                    "committed a chunk"
+                );
                 Ok(summaries[0])
             }
             Backend::Agent(socket) => {

@@ -7,6 +7,7 @@ use std::io::BufRead;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub const MAX_ID_BYTES: usize = 512;
@@ -92,6 +93,47 @@ fn strip_serde_position(message: String) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].to_owned(),
         None => message,
+    }
+}
+
+/// Parses and validates one update from its JSON text. Parsing straight into the update's
+/// fields (not through a `Value`) also refuses a field given twice.
+pub fn update_from_json(text: &[u8], line: u64) -> Result<Update, InputError> {
+    match serde_json::from_slice::<RawUpdate>(text) {
+        Ok(raw) => validate(raw, line),
+        Err(e) => {
+            // Judged by its first byte, so that a deeply nested array is not parsed again.
+            let kind = match text.trim_ascii_start().first() {
+                Some(b'[') => Some("an array"),
+                Some(b'"') => Some("a string"),
+                Some(b't' | b'f') => Some("a boolean"),
+                Some(b'n') => Some("null"),
+                Some(b'-' | b'0'..=b'9') => Some("a number"),
+                _ => None,
+            };
+            if let (Some(kind), false) = (kind, e.is_syntax() || e.is_eof()) {
+                return Err(InputError::new(
+                    line,
+                    format!("an update must be a JSON object, not {kind}"),
+                ));
+            }
+            // serde reports some type errors inside valid JSON (an enum given `true`) as syntax
+            // errors; the `Value` route names them properly.
+            if e.is_syntax() {
+                if let Ok(value) = serde_json::from_slice::<Value>(text) {
+                    return update_from_value(value, line);
+                }
+            }
+            let prefix = if e.is_syntax() || e.is_eof() {
+                "not valid JSON: "
+            } else {
+                ""
+            };
+            Err(InputError::new(
+                line,
+                format!("{prefix}{}", strip_serde_position(e.to_string())),
+            ))
+        }
     }
 }
 
@@ -184,7 +226,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
         return parse_array(body);
     }
     let mut updates = Vec::new();
-    let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<Value>();
+    let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
     let mut line = 1u64;
     let mut scanned = 0usize;
     loop {
@@ -202,7 +244,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
         scanned = next_start;
         match stream.next() {
             None => break,
-            Some(Ok(value)) => updates.push(update_from_value(value, line)?),
+            Some(Ok(raw)) => updates.push(update_from_json(raw.get().as_bytes(), line)?),
             Some(Err(e)) => {
                 // An unfinished value is reported at the line where it starts.
                 let error_line = if e.is_eof() || e.line() == 0 {
@@ -221,7 +263,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
 }
 
 fn parse_array(body: &[u8]) -> Result<Vec<Update>, InputError> {
-    let values: Vec<Value> = serde_json::from_slice(body).map_err(|e| {
+    let values: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
         InputError::new(
             e.line().max(1) as u64,
             format!(
@@ -237,7 +279,7 @@ fn parse_array(body: &[u8]) -> Result<Vec<Update>, InputError> {
         .into_iter()
         .enumerate()
         .map(|(i, value)| {
-            update_from_value(value, i as u64 + 1).map_err(|mut e| {
+            update_from_json(value.get().as_bytes(), i as u64 + 1).map_err(|mut e| {
                 e.reason = format!("array item {}: {}", i + 1, e.reason);
                 e
             })
@@ -331,15 +373,7 @@ impl<R: BufRead> Iterator for UpdateReader<R> {
                 return self.next();
             }
             self.saw_update = true;
-            let parsed = serde_json::from_slice::<Value>(text)
-                .map_err(|e| {
-                    InputError::new(
-                        self.line,
-                        format!("not valid JSON: {}", strip_serde_position(e.to_string())),
-                    )
-                })
-                .and_then(|value| update_from_value(value, self.line));
-            return Some(parsed);
+            return Some(update_from_json(text, self.line));
         }
     }
 }
@@ -442,7 +476,7 @@ mod tests {
                 2,
                 "array item 2",
             ),
-            (deep, 1, "recursion limit"),
+            (deep, 1, "must be a JSON object, not an array"),
             (deep_profile, 1, "recursion limit"),
             (
                 "{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\n".into(),
@@ -468,6 +502,12 @@ mod tests {
                 "update {i}"
             );
         }
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        let error = error_of(br#"{"id":"p-1","id":"p-2","profile":{}}"#);
+        assert!(error.reason.contains("duplicate field `id`"), "{error}");
     }
 
     #[test]

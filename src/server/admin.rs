@@ -10,7 +10,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, SOCKET_NAME};
+use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME};
 use crate::metrics::Metrics;
 use crate::profile::update::update_from_value;
 use crate::store::committer::Committer;
@@ -22,6 +22,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Woken after a repair, so the delivery loop sees exports put back at once.
     pub wake: Arc<Notify>,
+    pub max_outbox_bytes: u64,
 }
 
 pub fn socket_path(store_path: &Path) -> PathBuf {
@@ -107,6 +108,9 @@ async fn ingest(
         .map(|(i, value)| update_from_value(value, i as u64 + 1))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| AdminError::Usage(e.to_string()))?;
+    if state.store.tally()?.bytes >= state.max_outbox_bytes {
+        return Err(AdminError::Failed(OUTBOX_FULL.into()));
+    }
     let summary = state
         .committer
         .commit(updates)

@@ -115,7 +115,10 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
                 state.metrics.outbox_dead.set(tally.dead as i64);
             }
             Response::builder()
-                .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                .header(
+                    CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
                 .body(Full::new(Bytes::from(state.metrics.render())))
                 .expect("static parts are valid")
         }
@@ -134,7 +137,9 @@ fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     match given {
         // Compare without an early exit, so the time taken does not tell how much matched.
         Some(given) => {
@@ -168,10 +173,8 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     }
     match state.store.tally() {
         Ok(tally) if tally.bytes >= state.max_outbox_bytes => {
-            let mut answer = error_answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the outbox is full (storage.max_outbox_bytes); retry later",
-            );
+            let mut answer =
+                error_answer(StatusCode::SERVICE_UNAVAILABLE, crate::admin::OUTBOX_FULL);
             answer
                 .headers_mut()
                 .insert(RETRY_AFTER, FULL_RETRY_AFTER_S.into());

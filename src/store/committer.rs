@@ -81,9 +81,17 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
             }
         }
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
-        let result = store
-            .apply_groups(&groups, mapping, Utc::now())
-            .and_then(|summaries| store.flush().map(|()| summaries));
+        let started = std::time::Instant::now();
+        let applied = store.apply_groups(&groups, mapping, Utc::now());
+        let decided = started.elapsed();
+        let result = applied.and_then(|summaries| store.flush().map(|()| summaries));
+        tracing::debug!(
+            requests = jobs.len(),
+            updates = total,
+            apply_us = decided.as_micros() as u64,
+            flush_us = (started.elapsed() - decided).as_micros() as u64,
+            "committed a group"
+        );
         match result {
             Ok(summaries) => {
                 committed.notify_one();

@@ -1,0 +1,582 @@
+//! The CLI beside the real `outpost run`: while the agent runs, every subcommand goes through its
+//! Unix socket (the store is locked by the agent); after SIGTERM, the same subcommands open the
+//! store themselves. Dead letters are made by a receiver that answers 400 for some profiles.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::store::{Store, StoreError};
+use serde_json::Value;
+
+const CACHE_BYTES: u64 = 8 << 20;
+
+/// A free port on 127.0.0.1 (bound, then released for the agent to take).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A running `outpost run`; killed when dropped.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /healthz` over a plain socket: the status code, if anything answered.
+fn healthz(addr: SocketAddr) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+impl AgentProcess {
+    /// Starts the binary on the workspace's config and waits until `/healthz` answers 200.
+    async fn start(ws: &Workspace, port: u16) -> AgentProcess {
+        let log = ws.path().join(format!("agent-{}.log", rand_suffix()));
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(ws.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = AgentProcess { child, log };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while healthz(addr) != Some(200) {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                panic!("the agent exited with {status}:\n{}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered 200:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits (at most 5 s) for the process to exit.
+    async fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
+        // SAFETY: kill(2) with the pid of our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within 5 s of signal {signal}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn terminate(&mut self) {
+        let status = self.signal_and_wait(libc::SIGTERM).await;
+        assert_eq!(status.code(), Some(0), "{}", self.log());
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A receiver that answers 400 to exports of profiles named `bad…` unless allowed.
+struct Destination {
+    receiver: Receiver,
+    allowed: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Destination {
+    async fn start() -> Destination {
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+            .await
+            .unwrap();
+        let allowed: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let allowed_in_script = Arc::clone(&allowed);
+        receiver.set_export_script(Some(Arc::new(move |_, r| {
+            let profile = r.json().map(|p| profile_of(&p)).unwrap_or_default();
+            if profile.starts_with("bad") && !allowed_in_script.lock().unwrap().contains(&profile) {
+                Reply::Status(400, vec![], format!("{{\"error\":\"{profile} rejected\"}}"))
+            } else {
+                Reply::Normal
+            }
+        })));
+        Destination { receiver, allowed }
+    }
+
+    fn allow(&self, profile: &str) {
+        self.allowed.lock().unwrap().insert(profile.to_owned());
+    }
+
+    /// The Idempotency-Keys of the exports answered 2xx.
+    fn delivered_keys(&self) -> Vec<String> {
+        self.receiver
+            .delivered()
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap().to_owned())
+            .collect()
+    }
+
+    fn delivered_profiles(&self) -> Vec<String> {
+        self.receiver
+            .delivered()
+            .iter()
+            .map(|r| profile_of(&r.json().unwrap()))
+            .collect()
+    }
+}
+
+/// A workspace whose agent delivers to `destination` and listens on a fresh port.
+fn workspace(destination: &Destination) -> (Workspace, u16) {
+    let ws = Workspace::new();
+    let port = free_port();
+    let base = destination.receiver.base_url();
+    let text = agent_config_text(&base, &oauth_body(&base), "");
+    let listen = "listen = \"127.0.0.1:0\"";
+    assert!(text.contains(listen), "{text}");
+    std::fs::write(
+        ws.config_path(),
+        text.replace(listen, &format!("listen = \"127.0.0.1:{port}\"")),
+    )
+    .unwrap();
+    (ws, port)
+}
+
+fn update(id: &str, name: &str) -> String {
+    member_update(id, name, "2026-01-01T00:00:01Z")
+}
+
+fn write_file(ws: &Workspace, name: &str, lines: &[String]) -> String {
+    let path = ws.path().join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn stats(ws: &Workspace) -> Value {
+    serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap()
+}
+
+/// Asserts `outbox stats --json` shows these counts.
+fn assert_counts(ws: &Workspace, pending: u64, dead: u64) {
+    let s = stats(ws);
+    assert_eq!(
+        (s["pending"].as_u64(), s["dead"].as_u64()),
+        (Some(pending), Some(dead)),
+        "{s}"
+    );
+}
+
+/// Waits (at most 20 s) until `outbox stats --json` shows these counts.
+async fn wait_counts(ws: &Workspace, pending: u64, dead: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = stats(ws);
+        if s["pending"] == pending && s["dead"] == dead {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waiting for pending {pending} and dead {dead}: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `outbox list --json` (with `extra` flags) as JSON objects.
+fn list(ws: &Workspace, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["outbox", "list", "--json", "--limit", "0"];
+    args.extend_from_slice(extra);
+    json_lines(&ws.run_ok(&args, None))
+}
+
+/// The id of the one export of `profile` listed with `extra` flags.
+fn id_of(ws: &Workspace, profile: &str, extra: &[&str]) -> String {
+    let mut args = vec!["--profile", profile];
+    args.extend_from_slice(extra);
+    let found = list(ws, &args);
+    assert_eq!(found.len(), 1, "{profile}: {found:?}");
+    found[0]["id"].as_str().unwrap().to_owned()
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The store is held by the agent: opening it in this process fails as locked.
+fn assert_locked(ws: &Workspace) {
+    match Store::open(&ws.store_path(), CACHE_BYTES) {
+        Err(StoreError::Locked(_)) => {}
+        // What src/ returns today (sled reports the lock as ErrorKind::Other); see
+        // `a_locked_store_without_an_agent_is_a_clear_error`.
+        Err(e @ StoreError::Open { .. }) if e.to_string().contains("could not acquire lock") => {}
+        Err(e) => panic!("expected a locked store, got {e}"),
+        Ok(_) => panic!("the store could be opened while the agent runs"),
+    }
+}
+
+/// Checks the inspection subcommands and their errors; the same whether the agent runs or not.
+fn inspect(ws: &Workspace, dead_profiles: &[&str]) {
+    let dead = list(ws, &["--dead"]);
+    let profiles: Vec<&str> = dead
+        .iter()
+        .map(|e| e["profile_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(profiles, dead_profiles, "oldest first");
+    for e in &dead {
+        assert_eq!(e["dead"], true, "{e}");
+        assert_eq!(e["reason"], "segment", "{e}");
+        let attempts = e["attempts"].as_u64().unwrap();
+        assert!(attempts >= 1, "{e}");
+        let error = e["last_error"].as_str().unwrap();
+        assert!(
+            error.starts_with("HTTP 400: ") && error.contains("rejected"),
+            "{e}"
+        );
+    }
+    let first = &dead[0];
+    let id = first["id"].as_str().unwrap();
+    let shown: Value =
+        serde_json::from_str(ws.run_ok(&["outbox", "show", id, "--json"], None).trim()).unwrap();
+    assert_eq!(&shown, first);
+    let human = ws.run_ok(&["outbox", "show", id], None);
+    assert!(
+        human.contains(id) && human.contains("HTTP 400") && human.contains("payload"),
+        "{human}"
+    );
+    let table = ws.run_ok(&["outbox", "list", "--dead"], None);
+    assert_eq!(table.lines().count(), dead.len() + 1, "{table}");
+    let one = json_lines(&ws.run_ok(
+        &["outbox", "list", "--dead", "--limit", "1", "--json"],
+        None,
+    ));
+    assert_eq!(one.len(), 1);
+    let human_stats = ws.run_ok(&["outbox", "stats"], None);
+    assert!(
+        human_stats.contains(&format!("dead             {}", dead.len())),
+        "{human_stats}"
+    );
+
+    let profile: Value = serde_json::from_str(
+        ws.run_ok(&["profile", "show", dead_profiles[0], "--json"], None)
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(profile["id"], dead_profiles[0]);
+    assert_eq!(profile["timestamp"], "2026-01-01T00:00:01Z");
+    assert_eq!(
+        profile["profile"]["person"]["name"]["firstName"],
+        format!("{}-name", dead_profiles[0])
+    );
+
+    // Errors: usage 2, missing things 1.
+    let out = ws.run(&["outbox", "show", "not-an-id"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    let out = ws.run(&["outbox", "show", "00000000-1"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let out = ws.run(&["profile", "show", "nobody"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("nobody"), "{}", stderr_of(&out));
+    let out = ws.run(&["outbox", "retry", "00000000-1"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("not found"), "{}", stderr_of(&out));
+    let out = ws.run(&["outbox", "drop", "00000000-1", "--yes"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let out = ws.run(&["outbox", "retry"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    let out = ws.run(&["outbox", "drop", "--all-dead", id, "--yes"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+
+    // A file with a bad line 3 is refused whole, naming the line.
+    let before = stats(ws);
+    let bad = write_file(
+        ws,
+        "bad.ndjson",
+        &[
+            update("new-1", "x"),
+            update("new-2", "x"),
+            "{\"id\":\"new-3\",\"profile\":{},\"colour\":\"red\"}".into(),
+        ],
+    );
+    let out = ws.run(&["ingest", &bad], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("colour"),
+        "{stderr}"
+    );
+    let out = ws.run(&["ingest", "-"], Some(b"{\"id\":\"new-1\"}\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("line 1"), "{}", stderr_of(&out));
+    assert_eq!(stats(ws)["profiles"], before["profiles"]);
+}
+
+/// Updates for these profiles, each a member with first name `<id>-name`.
+fn updates(profiles: &[&str]) -> Vec<String> {
+    profiles
+        .iter()
+        .map(|p| update(p, &format!("{p}-name")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_subcommand_with_the_agent_running_and_stopped() {
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let socket = ws.store_path().join("outpost.sock");
+
+    // ---- The agent runs: the CLI goes through its socket. ----
+    let mut agent = AgentProcess::start(&ws, port).await;
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_locked(&ws);
+
+    let file = write_file(
+        &ws,
+        "first.ndjson",
+        &updates(&["good1", "bad1", "bad2", "bad3"]),
+    );
+    let out = ws.run_ok(&["ingest", &file], None);
+    assert_eq!(
+        out.trim(),
+        "accepted 4 updates: 4 exports (4 segment), 0 unchanged, 0 stale, 0 deleted"
+    );
+    let mut stdin = updates(&["bad4", "bad5", "good2"]);
+    stdin.push(update("good1", "good1-name")); // a resend: unchanged
+    let out = ws.run_ok(
+        &["ingest", "--json", "-"],
+        Some(stdin.join("\n").as_bytes()),
+    );
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["accepted"], 4, "{summary}");
+    assert_eq!(summary["exports"], 3, "{summary}");
+    assert_eq!(summary["unchanged"], 1, "{summary}");
+
+    wait_counts(&ws, 0, 5).await;
+    let mut good = destination.delivered_profiles();
+    good.sort();
+    assert_eq!(good, ["good1", "good2"]);
+    assert_eq!(stats(&ws)["profiles"], 7);
+    assert!(list(&ws, &[]).is_empty(), "nothing pending");
+    inspect(&ws, &["bad1", "bad2", "bad3", "bad4", "bad5"]);
+    assert_locked(&ws);
+
+    // retry ID: the endpoint now takes bad1; the same id is delivered.
+    destination.allow("bad1");
+    let bad1 = id_of(&ws, "bad1", &["--dead"]);
+    let out = ws.run_ok(&["outbox", "retry", &bad1], None);
+    assert_eq!(out.trim(), "1 export(s) put back in the outbox");
+    wait_counts(&ws, 0, 4).await;
+    assert!(destination.delivered_keys().contains(&bad1));
+
+    // retry --all-dead: all four are sent again, and rejected again.
+    let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);
+    assert_eq!(out.trim(), "4 export(s) put back in the outbox");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dead = list(&ws, &["--dead"]);
+        if dead.len() == 4 && dead.iter().all(|e| e["attempts"] == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not dead again: {dead:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_counts(&ws, 0, 4);
+
+    // drop ID, then drop --all-dead.
+    let bad2 = id_of(&ws, "bad2", &["--dead"]);
+    let out = ws.run_ok(&["outbox", "drop", &bad2, "--yes"], None);
+    assert_eq!(out.trim(), "1 export(s) deleted");
+    assert_counts(&ws, 0, 3);
+    let out = ws.run(&["outbox", "show", &bad2], None);
+    assert_eq!(out.status.code(), Some(1));
+    let out = ws.run_ok(&["outbox", "drop", "--all-dead", "--yes"], None);
+    assert_eq!(out.trim(), "3 export(s) deleted");
+    assert_counts(&ws, 0, 0);
+
+    // More dead letters for the stopped agent.
+    let out = ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["bad6", "bad7", "bad8"]).join("\n").as_bytes()),
+    );
+    assert!(out.starts_with("accepted 3 updates: 3 exports"), "{out}");
+    wait_counts(&ws, 0, 3).await;
+
+    agent.terminate().await;
+    assert!(!socket.exists(), "the socket is removed on a clean stop");
+
+    // ---- The agent is stopped: the CLI opens the store itself. ----
+    drop(Store::open(&ws.store_path(), CACHE_BYTES).expect("the store is free"));
+    assert_counts(&ws, 0, 3);
+    inspect(&ws, &["bad6", "bad7", "bad8"]);
+    let file = write_file(&ws, "second.ndjson", &updates(&["good3", "bad9"]));
+    let out = ws.run_ok(&["ingest", "--json", &file], None);
+    let summary: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (summary["accepted"].as_u64(), summary["exports"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let out = ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["good4"]).join("\n").as_bytes()),
+    );
+    assert!(out.starts_with("accepted 1 updates: 1 exports"), "{out}");
+    assert_counts(&ws, 3, 3);
+    let pending: Vec<String> = list(&ws, &[])
+        .iter()
+        .map(|e| e["profile_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(pending, ["good3", "bad9", "good4"]);
+
+    let bad6 = id_of(&ws, "bad6", &["--dead"]);
+    let out = ws.run_ok(&["outbox", "retry", &bad6], None);
+    assert_eq!(out.trim(), "1 export(s) put back in the outbox");
+    assert_counts(&ws, 4, 2);
+    let retried: Value =
+        serde_json::from_str(ws.run_ok(&["outbox", "show", &bad6, "--json"], None).trim()).unwrap();
+    assert_eq!(retried["dead"], false, "{retried}");
+
+    let bad7 = id_of(&ws, "bad7", &["--dead"]);
+    let out = ws.run_ok(&["outbox", "drop", &bad7, "--yes"], None);
+    assert_eq!(out.trim(), "1 export(s) deleted");
+    assert_counts(&ws, 4, 1);
+
+    // A pending export can be dropped by id too.
+    let good3 = id_of(&ws, "good3", &[]);
+    let out = ws.run_ok(&["outbox", "drop", &good3, "--yes"], None);
+    assert_eq!(out.trim(), "1 export(s) deleted");
+    assert_counts(&ws, 3, 1);
+
+    let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);
+    assert_eq!(out.trim(), "1 export(s) put back in the outbox");
+    assert_counts(&ws, 4, 0);
+    let out = ws.run_ok(&["outbox", "drop", "--all-dead", "--yes"], None);
+    assert_eq!(out.trim(), "0 export(s) deleted");
+    assert_counts(&ws, 4, 0);
+
+    // ---- Running again: what was queued while stopped is delivered or dead-lettered. ----
+    let mut agent = AgentProcess::start(&ws, port).await;
+    assert_locked(&ws);
+    wait_counts(&ws, 0, 3).await;
+    let mut dead: Vec<String> = list(&ws, &["--dead"])
+        .iter()
+        .map(|e| e["profile_id"].as_str().unwrap().to_owned())
+        .collect();
+    dead.sort();
+    assert_eq!(dead, ["bad6", "bad8", "bad9"]);
+    let delivered = destination.delivered_profiles();
+    assert!(delivered.contains(&"good4".to_owned()), "{delivered:?}");
+    assert!(
+        !delivered.contains(&"good3".to_owned()),
+        "dropped, never sent"
+    );
+    agent.terminate().await;
+
+    // ---- Stopped again: drop --all-dead on the store. ----
+    let out = ws.run_ok(&["outbox", "drop", "--all-dead", "--yes"], None);
+    assert_eq!(out.trim(), "3 export(s) deleted");
+    assert_counts(&ws, 0, 0);
+    let out = ws.run_ok(&["outbox", "list", "--dead"], None);
+    assert_eq!(out.trim(), "(no exports)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locked_store_without_an_agent_is_a_clear_error() {
+    let ws = Workspace::new();
+    let store = Store::open(&ws.store_path(), CACHE_BYTES).unwrap();
+    let stdin = update("p-1", "Jane");
+    for (args, input) in [
+        (vec!["outbox", "stats", "--json"], None),
+        (vec!["outbox", "list"], None),
+        (vec!["outbox", "retry", "--all-dead"], None),
+        (vec!["profile", "show", "p-1"], None),
+        (vec!["ingest", "-"], Some(stdin.as_bytes())),
+    ] {
+        let out = ws.run(&args, input);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = stderr_of(&out);
+        assert!(
+            stderr.contains("in use") && stderr.contains("outpost.sock"),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    assert_eq!(store.tally().unwrap().pending, 0, "nothing was ingested");
+    drop(store);
+    assert_counts(&ws, 0, 0);
+}
+
+/// After `kill -9` the socket file stays behind; the CLI then uses the store, and the next
+/// agent replaces the stale socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_socket_after_kill_9_is_no_obstacle() {
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let socket = ws.store_path().join("outpost.sock");
+    let mut agent = AgentProcess::start(&ws, port).await;
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["bad1", "good1"]).join("\n").as_bytes()),
+    );
+    wait_counts(&ws, 0, 1).await;
+    let status = agent.signal_and_wait(libc::SIGKILL).await;
+    assert_eq!(status.code(), None, "killed by a signal");
+    assert!(socket.exists(), "a killed agent leaves its socket");
+
+    assert_counts(&ws, 0, 1);
+    inspect_profile(&ws, "good1");
+    let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);
+    assert_eq!(out.trim(), "1 export(s) put back in the outbox");
+
+    destination.allow("bad1");
+    let mut agent = AgentProcess::start(&ws, port).await;
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_locked(&ws);
+    wait_counts(&ws, 0, 0).await;
+    assert!(destination
+        .delivered_profiles()
+        .contains(&"bad1".to_owned()));
+    agent.terminate().await;
+}
+
+fn inspect_profile(ws: &Workspace, id: &str) {
+    let profile: Value =
+        serde_json::from_str(ws.run_ok(&["profile", "show", id, "--json"], None).trim()).unwrap();
+    assert_eq!(profile["id"], id);
+}

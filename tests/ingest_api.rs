@@ -1,0 +1,904 @@
+//! The HTTP interface of the real `outpost run` binary: the ingest API's answers to bad and good
+//! input, its token, its limits, `/healthz`, `/metrics`, a full outbox, and stopping on a signal.
+//!
+//! Each test starts the binary on a fixed free port (picked by binding port 0 and dropping it),
+//! delivering to an in-process [`Receiver`], and kills it when the test ends, whatever happens.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame};
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "ingest-secret";
+const MAX_BODY: usize = 1_048_576;
+const AUTH: (&str, &str) = ("authorization", "Bearer ingest-secret");
+
+/// A free port on 127.0.0.1 (bound, then released for the agent to take).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The agent's config: delivering to `base` with OAuth, ingest on `port` with a token and a
+/// 1 MiB body limit, and `storage_extra` lines in `[storage]`.
+fn config_text(base: &str, port: u16, storage_extra: &str) -> String {
+    let text = agent_config_text(base, &oauth_body(base), "");
+    let listen = "listen = \"127.0.0.1:0\"";
+    let cache = "cache_bytes = 8388608";
+    assert!(text.contains(listen) && text.contains(cache), "{text}");
+    text.replace(
+        listen,
+        &format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nmax_body_bytes = {MAX_BODY}"),
+    )
+    .replace(cache, &format!("{cache}\n{storage_extra}"))
+}
+
+/// A running `outpost run`; killed when dropped.
+struct AgentProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentProcess {
+    /// Starts the binary on `config` and waits until `GET /healthz` answers 200.
+    async fn start(config: &Path, port: u16) -> AgentProcess {
+        let log = config.with_file_name(format!("agent-{port}.log"));
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("OUTPOST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = AgentProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, _, body)) = request(agent.addr, "GET", "/healthz", None, &[]).await {
+                assert_eq!(
+                    serde_json::from_str::<Value>(&body).unwrap(),
+                    json!({"status": "ok"})
+                );
+                break;
+            }
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                panic!("the agent exited with {status}:\n{}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered 200:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits (at most `within`) for the process to exit.
+    async fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
+        // SAFETY: kill(2) with the pid of our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within {within:?} of signal {signal}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A body sent in chunks without a Content-Length (chunked transfer encoding).
+struct Chunked(VecDeque<Bytes>);
+
+impl Body for Chunked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+enum Payload {
+    /// With a Content-Length.
+    Sized(Vec<u8>),
+    /// Chunked, in pieces of 64 KiB.
+    Chunked(Vec<u8>),
+}
+
+/// One request; the status, headers and body of the answer (Err if there was none).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    payload: Option<Payload>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, hyper::HeaderMap, String), String> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, BoxBody<Bytes, Infallible>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let body = match payload {
+        None => Full::new(Bytes::new()).boxed(),
+        Some(Payload::Sized(bytes)) => Full::new(Bytes::from(bytes)).boxed(),
+        Some(Payload::Chunked(bytes)) => {
+            Chunked(bytes.chunks(64 << 10).map(Bytes::copy_from_slice).collect()).boxed()
+        }
+    };
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = client
+        .request(builder.body(body).unwrap())
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// POSTs `body` to `/v1/updates` with the ingest token.
+async fn post(addr: SocketAddr, body: impl Into<Vec<u8>>) -> (u16, hyper::HeaderMap, String) {
+    request(
+        addr,
+        "POST",
+        "/v1/updates",
+        Some(Payload::Sized(body.into())),
+        &[AUTH],
+    )
+    .await
+    .unwrap()
+}
+
+/// `outpost outbox stats --json` through the CLI (through the agent while it runs).
+fn cli_stats(ws: &Workspace) -> Value {
+    serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap()
+}
+
+/// A workspace whose config delivers to `receiver` and listens on a fresh port.
+fn workspace(receiver: &Receiver, storage_extra: &str) -> (Workspace, u16) {
+    let ws = Workspace::new();
+    let port = free_port();
+    std::fs::write(
+        ws.config_path(),
+        config_text(&receiver.base_url(), port, storage_extra),
+    )
+    .unwrap();
+    (ws, port)
+}
+
+async fn receiver() -> Receiver {
+    Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+
+    let good = |id: &str| member_update(id, "Jane", "2026-01-01T00:00:01Z");
+    let deep_array = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_profile = format!(
+        "{{\"id\":\"deep\",\"profile\":{{\"x\":{}1{}}}}}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let deep_objects = format!(
+        "{{\"id\":\"deep\",\"profile\":{}1{}}}",
+        "{\"a\":".repeat(10_000),
+        "}".repeat(10_000)
+    );
+    let id_600 = "x".repeat(600);
+    // (what, body, line, a piece of the reason)
+    let cases: Vec<(&str, Vec<u8>, u64, &str)> = vec![
+        (
+            "not JSON",
+            b"this is not json".to_vec(),
+            1,
+            "not valid JSON",
+        ),
+        (
+            "a JSON number",
+            b"42".to_vec(),
+            1,
+            "must be a JSON object, not a number",
+        ),
+        ("a JSON string", b"\"p-1\"".to_vec(), 1, "not a string"),
+        ("JSON null", b"null".to_vec(), 1, "not null"),
+        (
+            "an unknown field",
+            br#"{"id":"p-1","profile":{},"colour":"red"}"#.to_vec(),
+            1,
+            "unknown field `colour`",
+        ),
+        (
+            "an id that is a number",
+            br#"{"id":5,"profile":{}}"#.to_vec(),
+            1,
+            "invalid type",
+        ),
+        (
+            "a profile that is an array",
+            br#"{"id":"p-1","profile":[1]}"#.to_vec(),
+            1,
+            "invalid type",
+        ),
+        (
+            "a timestamp that is a number",
+            br#"{"id":"p-1","profile":{},"timestamp":1767225600}"#.to_vec(),
+            1,
+            "invalid type",
+        ),
+        (
+            "an op that is a boolean",
+            br#"{"id":"p-1","op":true,"profile":{}}"#.to_vec(),
+            1,
+            "invalid type",
+        ),
+        (
+            "a missing profile",
+            br#"{"id":"p-1","timestamp":"2026-01-01T00:00:01Z"}"#.to_vec(),
+            1,
+            "`profile` is required",
+        ),
+        (
+            "a merge without profile",
+            br#"{"id":"p-1","op":"merge"}"#.to_vec(),
+            1,
+            "`profile` is required for op `merge`",
+        ),
+        (
+            "a missing id",
+            br#"{"profile":{}}"#.to_vec(),
+            1,
+            "missing field `id`",
+        ),
+        (
+            "an empty id",
+            br#"{"id":"","profile":{}}"#.to_vec(),
+            1,
+            "`id` must not be empty",
+        ),
+        (
+            "a 600-byte id",
+            format!("{{\"id\":\"{id_600}\",\"profile\":{{}}}}").into_bytes(),
+            1,
+            "600 bytes",
+        ),
+        (
+            "a timestamp that is not RFC 3339",
+            br#"{"id":"p-1","profile":{},"timestamp":"yesterday"}"#.to_vec(),
+            1,
+            "not RFC 3339",
+        ),
+        (
+            "a timestamp without a zone",
+            br#"{"id":"p-1","profile":{},"timestamp":"2026-01-01T00:00:01"}"#.to_vec(),
+            1,
+            "not RFC 3339",
+        ),
+        (
+            "an unknown op",
+            br#"{"id":"p-1","op":"replace","profile":{}}"#.to_vec(),
+            1,
+            "unknown variant `replace`",
+        ),
+        (
+            "invalid UTF-8",
+            b"{\"id\":\"p-1\",\"profile\":{\"n\":\"\xff\xfe\"}}".to_vec(),
+            1,
+            "not valid JSON",
+        ),
+        ("an empty body", Vec::new(), 1, "no update"),
+        ("a blank body", b"\n  \n".to_vec(), 1, "no update"),
+        ("an empty array", b"[]".to_vec(), 1, "no update"),
+        (
+            "arrays nested 10,000 deep",
+            deep_array.into_bytes(),
+            1,
+            "must be a JSON object, not an array",
+        ),
+        (
+            "a profile nested 10,000 deep (arrays)",
+            deep_profile.into_bytes(),
+            1,
+            "recursion limit",
+        ),
+        (
+            "a profile nested 10,000 deep (objects)",
+            deep_objects.clone().into_bytes(),
+            1,
+            "recursion limit",
+        ),
+        (
+            "a bad line 3 after 2 good lines",
+            format!(
+                "{}\n{}\n{{\"id\":\"p-3\",\"profile\":{{}},\"colour\":\"red\"}}\n{}\n",
+                good("p-1"),
+                good("p-2"),
+                good("p-4")
+            )
+            .into_bytes(),
+            3,
+            "unknown field `colour`",
+        ),
+        (
+            "an unfinished line 3 after 2 good lines",
+            format!("{}\n{}\n{{\"id\":\"p-3\",\n", good("p-1"), good("p-2")).into_bytes(),
+            3,
+            "not valid JSON",
+        ),
+        (
+            "a bad line 3 after 2 good lines and CRLF",
+            format!("{}\r\n{}\r\n42\r\n", good("p-1"), good("p-2")).into_bytes(),
+            3,
+            "not a number",
+        ),
+        (
+            "a bad line 3 after a good line and a blank one",
+            format!("{}\n\n{{\"id\":\"p-3\"}}\n", good("p-1")).into_bytes(),
+            3,
+            "`profile` is required",
+        ),
+        (
+            "invalid UTF-8 on line 3 after 2 good lines",
+            [
+                good("p-1").as_bytes(),
+                b"\n",
+                good("p-2").as_bytes(),
+                b"\n{\"id\":\"p-\xc3\x28\",\"profile\":{}}\n",
+            ]
+            .concat(),
+            3,
+            "not valid JSON",
+        ),
+        (
+            "nesting 10,000 deep on line 3 after 2 good lines",
+            format!("{}\n{}\n{}\n", good("p-1"), good("p-2"), deep_objects).into_bytes(),
+            3,
+            "recursion limit",
+        ),
+        (
+            "a 513-byte id of 2-byte characters",
+            format!("{{\"id\":\"a{}\",\"profile\":{{}}}}", "é".repeat(256)).into_bytes(),
+            1,
+            "513 bytes",
+        ),
+        (
+            "a bad item 2 in an array",
+            format!("[{}, 7]", good("p-1")).into_bytes(),
+            2,
+            "array item 2",
+        ),
+    ];
+    for (what, body, line, reason) in cases {
+        let (status, headers, answer) = post(agent.addr, body).await;
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert_eq!(
+            headers.get("content-type").map(|v| v.to_str().unwrap()),
+            Some("application/json"),
+            "{what}"
+        );
+        let answer: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("{what}: the answer is not JSON ({e}): {answer}"));
+        assert_eq!(answer["line"], line, "{what}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.contains(reason), "{what}: `{error}` lacks `{reason}`");
+    }
+
+    // Over max_body_bytes: 413, declared (Content-Length) or not (chunked).
+    let big = json!({"id": "big", "profile": {"note": "z".repeat(MAX_BODY)}}).to_string();
+    assert!(big.len() > MAX_BODY);
+    for payload in [
+        Payload::Sized(big.clone().into_bytes()),
+        Payload::Chunked(big.clone().into_bytes()),
+    ] {
+        let chunked = matches!(payload, Payload::Chunked(_));
+        let (status, _, answer) =
+            request(agent.addr, "POST", "/v1/updates", Some(payload), &[AUTH])
+                .await
+                .unwrap_or_else(|e| panic!("no answer to a large body (chunked {chunked}): {e}"));
+        assert_eq!(status, 413, "chunked {chunked}: {answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert!(
+            answer["error"].as_str().unwrap().contains("max_body_bytes"),
+            "{answer}"
+        );
+    }
+
+    // Nothing of any of them is stored.
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["pending"], 0, "{stats}");
+    assert_eq!(stats["dead"], 0, "{stats}");
+    assert_eq!(stats["profiles"], 0, "{stats}");
+    assert!(receiver.export_requests().is_empty());
+
+    // The agent still takes good input afterwards, also chunked.
+    let two = format!("{}\n{}\n", good("p-1"), good("p-2"));
+    let (status, _, answer) = request(
+        agent.addr,
+        "POST",
+        "/v1/updates",
+        Some(Payload::Chunked(two.into_bytes())),
+        &[AUTH],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["profiles"], 2, "{stats}");
+
+    // The limits are inclusive: an id of 512 bytes, and a body of exactly max_body_bytes.
+    let id_512 = "é".repeat(256);
+    let mut exact = json!({"id": id_512, "profile": {"note": ""}}).to_string();
+    let padding = MAX_BODY - exact.len();
+    exact = json!({"id": id_512, "profile": {"note": "p".repeat(padding)}}).to_string();
+    assert_eq!(exact.len(), MAX_BODY);
+    let (status, _, answer) = post(agent.addr, exact).await;
+    assert_eq!(status, 200, "{answer}");
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["profiles"], 3, "{stats}");
+
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ingest_token_is_required() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let body = member_update("p-1", "Jane", "2026-01-01T00:00:01Z");
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer wrong-secret")],
+        vec![("authorization", "Bearer ingest-secre")],
+        vec![("authorization", "Bearer ingest-secret2")],
+        vec![("authorization", "ingest-secret")],
+        vec![("authorization", "Basic aW5nZXN0LXNlY3JldA==")],
+        vec![("authorization", "Bearer ")],
+    ] {
+        let (status, _, answer) = request(
+            agent.addr,
+            "POST",
+            "/v1/updates",
+            Some(Payload::Sized(body.clone().into_bytes())),
+            &headers,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 401, "{headers:?}: {answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert!(answer["error"].is_string(), "{answer}");
+        assert!(
+            !answer.to_string().contains(TOKEN),
+            "the answer shows the token: {answer}"
+        );
+    }
+    // A refused request is not read: even a bad or too large body gets 401 first.
+    let (status, _, _) = request(
+        agent.addr,
+        "POST",
+        "/v1/updates",
+        Some(Payload::Sized(b"not json".to_vec())),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["profiles"], 0, "{stats}");
+
+    let (status, _, answer) = post(agent.addr, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(cli_stats(&ws)["profiles"], 1);
+    assert!(
+        !agent.log().contains(TOKEN),
+        "the log shows the ingest token"
+    );
+
+    // Only POST /v1/updates, GET /healthz and GET /metrics exist; neither needs the token to
+    // be refused.
+    let (status, _, _) = request(agent.addr, "GET", "/v1/updates", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 405);
+    let (status, _, _) = request(agent.addr, "GET", "/nowhere", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    let status = agent
+        .signal_and_wait(libc::SIGINT, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "SIGINT: {}", agent.log());
+}
+
+/// The value of the sample `name` (with labels, as rendered) in Prometheus text.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().unwrap())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accepted_updates_are_counted_delivered_and_measured() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+
+    // One refused request first, for the `refused` count.
+    let (status, _, _) = post(agent.addr, "{\"id\":\"x\"}").await;
+    assert_eq!(status, 400);
+
+    let body = [
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+        member_update("b", "Bob", "2026-01-01T00:00:01Z"),
+        // a resend: unchanged
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+        // older than what is stored: stale
+        member_update("a", "Old", "2026-01-01T00:00:00Z"),
+        // an attribute change
+        member_update("a", "Anna", "2026-01-01T00:00:02Z"),
+        // a member of no mapped segment: stored, no export
+        json!({"id": "c", "profile": {"person": {"name": {"firstName": "Cy"}}}}).to_string(),
+        // b leaves: deleted, with an export
+        json!({"id": "b", "op": "delete", "timestamp": "2026-01-01T00:00:03Z"}).to_string(),
+    ]
+    .join("\n");
+    let (status, headers, answer) = post(agent.addr, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        headers.get("content-type").unwrap().to_str().unwrap(),
+        "application/json"
+    );
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    for (key, n) in [
+        ("accepted", 7),
+        ("exports", 4),
+        ("unchanged", 2),
+        ("stale", 1),
+        ("deleted", 1),
+    ] {
+        assert_eq!(answer[key], n, "{key} in {answer}");
+    }
+
+    // A 900 KB string in an otherwise valid update is just data.
+    let note = "n".repeat(900 * 1024);
+    let mut large: Value =
+        serde_json::from_str(&member_update("d", "Dee", "2026-01-01T00:00:01Z")).unwrap();
+    // In a mapped attribute, so that it is kept and exported (the store may prune the rest).
+    large["profile"]["person"]["name"]["lastName"] = json!(note);
+    let large = large.to_string();
+    assert!(large.len() < MAX_BODY);
+    let (status, _, answer) = post(agent.addr, large).await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["accepted"], 1);
+    assert_eq!(answer["exports"], 1);
+    let shown: Value =
+        serde_json::from_str(ws.run_ok(&["profile", "show", "d", "--json"], None).trim()).unwrap();
+    assert_eq!(
+        shown["profile"]["person"]["name"]["lastName"].as_str(),
+        Some(note.as_str())
+    );
+
+    // All 5 exports are delivered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = cli_stats(&ws);
+        if stats["pending"] == 0 && receiver.delivered().len() >= 5 {
+            assert_eq!(stats["dead"], 0);
+            assert_eq!(stats["profiles"], 3, "a, c, d: {stats}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.delivered().len(), 5);
+    assert!(
+        receiver.delivered().iter().any(|r| r
+            .json()
+            .is_some_and(|p| p["person"]["name"]["lastName"].as_str() == Some(note.as_str()))),
+        "the 900 KB attribute was not exported"
+    );
+
+    let (status, headers, metrics) = request(agent.addr, "GET", "/metrics", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{headers:?}"
+    );
+    for name in [
+        "outpost_updates_total",
+        "outpost_exports_total",
+        "outpost_deliveries_total",
+        "outpost_outbox_pending",
+        "outpost_outbox_dead",
+        "outpost_token_fetches_total",
+        "outpost_delivery_latency_seconds",
+    ] {
+        assert!(metrics.contains(name), "no {name} in:\n{metrics}");
+    }
+    for (name, value) in [
+        ("outpost_updates_total{result=\"exported\"}", 4.0),
+        ("outpost_updates_total{result=\"unchanged\"}", 2.0),
+        ("outpost_updates_total{result=\"stale\"}", 1.0),
+        ("outpost_updates_total{result=\"deleted\"}", 1.0),
+        ("outpost_updates_total{result=\"refused\"}", 1.0),
+        ("outpost_exports_total{reason=\"segment\"}", 3.0),
+        ("outpost_exports_total{reason=\"attribute\"}", 1.0),
+        ("outpost_exports_total{reason=\"identity\"}", 0.0),
+        ("outpost_exports_total{reason=\"delete\"}", 1.0),
+        ("outpost_deliveries_total{outcome=\"delivered\"}", 5.0),
+        ("outpost_outbox_pending", 0.0),
+        ("outpost_outbox_dead", 0.0),
+        ("outpost_token_fetches_total", 1.0),
+        ("outpost_delivery_latency_seconds_count", 5.0),
+    ] {
+        assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
+    }
+    assert!(metrics.contains("# TYPE outpost_delivery_latency_seconds histogram"));
+    assert!(metrics.contains("outpost_delivery_latency_seconds_bucket{le=\"+Inf\"} 5"));
+
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
+    let receiver = receiver().await;
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down for maintenance".into())
+    })));
+    let (ws, port) = workspace(&receiver, "max_outbox_bytes = 1");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+
+    // The outbox is empty: this one is taken, and its exports stay (the endpoint fails).
+    let first = [
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+        member_update("b", "Bob", "2026-01-01T00:00:01Z"),
+    ]
+    .join("\n");
+    let (status, _, answer) = post(agent.addr, first).await;
+    assert_eq!(status, 200, "{answer}");
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["pending"], 2, "{stats}");
+
+    // Now the outbox is over 1 byte: refused, with Retry-After, and nothing stored.
+    for _ in 0..2 {
+        let (status, headers, answer) =
+            post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
+        assert_eq!(status, 503, "{answer}");
+        let retry_after: u64 = headers
+            .get("retry-after")
+            .expect("a Retry-After header")
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3600).contains(&retry_after), "{retry_after}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert!(
+            answer["error"].as_str().unwrap().contains("full"),
+            "{answer}"
+        );
+    }
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["pending"], 2, "{stats}");
+    assert_eq!(stats["profiles"], 2, "{stats}");
+
+    // The endpoint keeps failing; deliveries are retried, never dead-lettered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while receiver.export_requests().len() < 3 {
+        assert!(Instant::now() < deadline, "no retries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, _, metrics) = request(agent.addr, "GET", "/metrics", None, &[])
+        .await
+        .unwrap();
+    assert!(
+        sample(&metrics, "outpost_deliveries_total{outcome=\"retried\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "outpost_outbox_pending"), Some(2.0));
+
+    // SIGTERM while the destination fails and the loop backs off: exit 0, promptly.
+    let started = Instant::now();
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // It stopped taking updates, and what it acknowledged is still there.
+    assert!(request(agent.addr, "GET", "/healthz", None, &[])
+        .await
+        .is_err());
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["pending"], 2, "{stats}");
+    assert_eq!(stats["dead"], 0, "{stats}");
+
+    // Restarted with the endpoint back: the outbox drains, and updates are taken again.
+    receiver.set_export_script(None);
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = cli_stats(&ws);
+        if stats["pending"] == 0 {
+            assert_eq!(stats["bytes"], 0, "{stats}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not drained: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(receiver.delivered().len(), 2);
+    let (status, _, answer) =
+        post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
+    assert_eq!(status, 200, "{answer}");
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
+/// SPEC is silent on duplicate keys; parsing is strict, and an update naming two ids is
+/// ambiguous, so it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_update_with_a_duplicate_key_is_refused() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    let (status, _, answer) = post(agent.addr, r#"{"id":"p-1","id":"p-2","profile":{}}"#).await;
+    assert_eq!(status, 400, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["line"], 1);
+    assert!(answer["error"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate field `id`"));
+    assert_eq!(cli_stats(&ws)["profiles"], 0);
+}
+
+/// Reads one HTTP/1.1 answer's head from `stream` (up to the blank line).
+fn read_head(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout() {
+    use std::io::Write;
+    let receiver = receiver().await;
+    // The endpoint never answers in time (request_timeout_ms = 500).
+    receiver.set_export_script(Some(Arc::new(|_, _| Reply::Delay(Duration::from_secs(30)))));
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while receiver.export_arrivals() == 0 {
+        assert!(Instant::now() < deadline, "no delivery started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // An idle keep-alive connection does not hold the stop up either.
+    let mut idle = std::net::TcpStream::connect(agent.addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut idle).starts_with("HTTP/1.1 200"));
+
+    let started = Instant::now();
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The export was not acknowledged by the endpoint: it is still pending.
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["pending"], 1, "{stats}");
+}
+
+/// A client that stalls in the middle of its upload holds the stop up only for a bounded time
+/// (the agent's drain timeout), and the agent still exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_upload_delays_the_stop_only_for_a_bounded_time() {
+    use std::io::Write;
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut stalled = std::net::TcpStream::connect(agent.addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/updates HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ingest-secret\r\n\
+              content-length: 100\r\n\r\n{\"id\":",
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    let stats = cli_stats(&ws);
+    assert_eq!(stats["profiles"], 0, "{stats}");
+}
