@@ -453,10 +453,23 @@ pub fn ingest_file<F: Read + Seek>(
             .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
     };
     rewind(file)?;
+    let mut count = 0u64;
     for update in UpdateReader::new(BufReader::new(&mut *file)) {
         update?;
+        count += 1;
     }
     rewind(file)?;
+    // Drawn only when stderr is a terminal.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(count),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} updates, {eta} left",
+        )
+        .expect("valid template"),
+    );
     let keep = KeepTree::for_mapping(&config.mapping);
     let mut total = BatchSummary::default();
     let mut chunk = Vec::with_capacity(INGEST_CHUNK);
@@ -474,7 +487,9 @@ pub fn ingest_file<F: Read + Seek>(
             }
         }
         total.add(&backend.ingest(config, &chunk)?);
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish_and_clear();
     Ok(total)
 }
 
