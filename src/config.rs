@@ -834,6 +834,52 @@ path = "store"
     }
 
     #[test]
+    fn client_secret_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "from-file\n").unwrap();
+        let config_path = dir.path().join("outpost.toml");
+        let with_file = VALID.replace(
+            "client_secret = \"s3cr3t-value\"",
+            "client_secret_file = \"secret\"",
+        );
+        let config = Config::parse(&config_path, &with_file).unwrap();
+        let Auth::OAuth2ClientCredentials { client_secret, .. } = config.destination.auth else {
+            panic!("not oauth2")
+        };
+        assert_eq!(
+            client_secret.expose(),
+            "from-file",
+            "read relative to the config, newline trimmed"
+        );
+
+        let missing = VALID.replace(
+            "client_secret = \"s3cr3t-value\"",
+            "client_secret_file = \"nope\"",
+        );
+        assert!(Config::parse(&config_path, &missing)
+            .unwrap_err()
+            .to_string()
+            .contains("destination.auth.client_secret_file"));
+        let both = VALID.replace(
+            "client_secret = \"s3cr3t-value\"",
+            "client_secret = \"a\"\nclient_secret_file = \"secret\"",
+        );
+        assert!(Config::parse(&config_path, &both).is_err());
+
+        // The environment is read only when the file gives no secret (one test touches it).
+        let without = VALID.replace("client_secret = \"s3cr3t-value\"\n", "");
+        std::env::remove_var("OUTPOST_CLIENT_SECRET");
+        assert!(error_of(&without).contains("OUTPOST_CLIENT_SECRET"));
+        std::env::set_var("OUTPOST_CLIENT_SECRET", "from-env");
+        let config = parse(&without).unwrap();
+        std::env::remove_var("OUTPOST_CLIENT_SECRET");
+        let Auth::OAuth2ClientCredentials { client_secret, .. } = config.destination.auth else {
+            panic!("not oauth2")
+        };
+        assert_eq!(client_secret.expose(), "from-env");
+    }
+
+    #[test]
     fn auth_variants() {
         let bearer = VALID.replace(
             "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",

@@ -151,3 +151,86 @@ async fn example_config_passes_check() {
     assert!(all.contains("401"), "{all}");
     assert!(!all.contains("wrong-secret"), "{all}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_command_issues_tokens_and_writes_exports() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exports.ndjson");
+    let mut child = std::process::Command::new(binary())
+        .args([
+            "receiver",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--client-secret",
+            "s3cret",
+            "--out",
+        ])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut token = None;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let form = "grant_type=client_credentials&client_id=edge-agent&client_secret=s3cret"
+                .to_owned();
+            let (status, body) = http_post(
+                addr,
+                "/oauth/token",
+                form,
+                &[("content-type", "application/x-www-form-urlencoded")],
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+            token = answer["access_token"].as_str().map(str::to_owned);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let token = token.expect("the receiver never answered");
+    let (status, _) = http_post(
+        addr,
+        "/oauth/token",
+        "grant_type=client_credentials&client_id=edge-agent&client_secret=bad".into(),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 401, "a wrong secret gets no token");
+    let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &[]).await;
+    assert_eq!(status, 401, "no token, no export");
+    let bearer = format!("Bearer {token}");
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("idempotency-key", "k-1"),
+    ];
+    let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &headers).await;
+    assert_eq!(status, 200);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        json_lines(&written),
+        vec![serde_json::json!({"idempotency_key": "k-1", "query": "x=1", "payload": {"a": 1}})]
+    );
+}
+
+#[test]
+fn completions_are_printed() {
+    let out = std::process::Command::new(binary())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        script.contains("outpost") && script.contains("outbox"),
+        "{script}"
+    );
+}
