@@ -307,25 +307,19 @@ async fn check(config: &Config) -> Result<(), CliError> {
         "destination      {}",
         d.name.as_deref().unwrap_or("(unnamed)")
     );
-    let endpoint = &d.http_endpoint;
-    let query = endpoint.query_pairs().count();
-    println!(
-        "endpoint         {}://{}{}{}",
-        endpoint.scheme(),
-        endpoint.host_str().unwrap_or(""),
-        endpoint.port().map(|p| format!(":{p}")).unwrap_or_default(),
-        endpoint.path()
-    );
+    let query = d.http_endpoint.query_pairs().count();
+    println!("endpoint         {}", display_url(&d.http_endpoint));
     if query > 0 {
         println!("                 (+ {query} query parameters, sent as given)");
     }
+    let headers: Vec<&str> = d.custom_headers.iter().map(|(n, _)| n.as_str()).collect();
     println!(
         "custom headers   {}",
-        d.custom_headers
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        if headers.is_empty() {
+            "-".to_owned()
+        } else {
+            headers.join(", ")
+        }
     );
     println!(
         "mapping          {} attributes, {} segments, {}",
@@ -358,13 +352,12 @@ async fn check(config: &Config) -> Result<(), CliError> {
             credentials,
             ..
         } => {
-            println!("auth             oauth2 client credentials, client_id {client_id}, credentials in {credentials:?}");
-            println!(
-                "token endpoint   {}://{}{}",
-                auth_endpoint.scheme(),
-                auth_endpoint.host_str().unwrap_or(""),
-                auth_endpoint.path()
-            );
+            let placement = match credentials {
+                crate::config::CredentialsPlacement::Body => "the form body",
+                crate::config::CredentialsPlacement::Basic => "a Basic header",
+            };
+            println!("auth             oauth2 client credentials, client_id {client_id}, secret sent in {placement}");
+            println!("token endpoint   {}", display_url(auth_endpoint));
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
             let fetched = source
@@ -386,6 +379,16 @@ async fn check(config: &Config) -> Result<(), CliError> {
     }
     println!("check            ok");
     Ok(())
+}
+
+/// A URL without its query, fragment and user info, which may carry secrets.
+fn display_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
 }
 
 fn print_json(value: &Value, compact: bool) {
@@ -465,10 +468,8 @@ pub fn ingest_file<F: Read + Seek>(
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} updates, {eta} left",
-        )
-        .expect("valid template"),
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} updates, {eta} left")
+            .expect("valid template"),
     );
     let keep = KeepTree::for_mapping(&config.mapping);
     let mut total = BatchSummary::default();
