@@ -8,9 +8,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions, Reply};
 use rand::Rng;
@@ -22,64 +23,13 @@ const VERSIONS: usize = 12;
 const INGEST_KILLS: usize = 14;
 const DELIVERY_KILLS: usize = 10;
 
-struct AgentProcess(Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// POSTs a batch of update lines to the agent's ingest API.
 async fn try_post(addr: std::net::SocketAddr, body: String) -> Result<(u16, String), String> {
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let request = hyper::Request::post(format!("http://{addr}/v1/updates"))
-        .body(Full::new(bytes::Bytes::from(body)))
-        .unwrap();
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    try_http_post(addr, "/v1/updates", body, &[]).await
 }
 
 async fn start_agent(config: &std::path::Path, addr: std::net::SocketAddr) -> AgentProcess {
-    let child = Command::new(binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("OUTPOST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let process = AgentProcess(child);
-    for _ in 0..500 {
-        if let Ok(Ok(_)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            return process;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the agent did not start listening");
+    AgentProcess::start_with_env(config, addr.port(), &[("OUTPOST_LOG", "warn")]).await
 }
 
 /// Version `v` of profile `p`: every version changes the first name, so every one exports.
@@ -174,8 +124,9 @@ async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
     .await;
     // SIGTERM: a clean stop.
     let mut agent = agent;
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
-    let status = agent.0.wait().unwrap();
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(60))
+        .await;
     assert!(status.success(), "{status:?}");
 
     // Every version of every profile arrived with its payload; none after a newer one.

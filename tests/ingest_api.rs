@@ -9,14 +9,13 @@ mod common;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -27,12 +26,6 @@ use serde_json::{json, Value};
 const TOKEN: &str = "ingest-secret";
 const MAX_BODY: usize = 1_048_576;
 const AUTH: (&str, &str) = ("authorization", "Bearer ingest-secret");
-
-/// A free port on 127.0.0.1 (bound, then released for the agent to take).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 /// The agent's config: delivering to `base` with OAuth, ingest on `port` with a token and a
 /// 1 MiB body limit, and `storage_extra` lines in `[storage]`.
@@ -48,82 +41,19 @@ fn config_text(base: &str, port: u16, storage_extra: &str) -> String {
     .replace(cache, &format!("{cache}\n{storage_extra}"))
 }
 
-/// A running `outpost run`; killed when dropped.
-struct AgentProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl AgentProcess {
-    /// Starts the binary on `config` and waits until `GET /healthz` answers 200.
-    async fn start(config: &Path, port: u16) -> AgentProcess {
-        let log = config.with_file_name(format!("agent-{port}.log"));
-        let child = Command::new(binary())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("OUTPOST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut agent = AgentProcess {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok((200, _, body)) = request(agent.addr, "GET", "/healthz", None, &[]).await {
-                assert_eq!(
-                    serde_json::from_str::<Value>(&body).unwrap(),
-                    json!({"status": "ok"})
-                );
-                break;
-            }
-            if let Some(status) = agent.child.try_wait().unwrap() {
-                panic!("the agent exited with {status}:\n{}", agent.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/healthz never answered 200:\n{}",
-                agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        agent
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends `signal` and waits (at most `within`) for the process to exit.
-    async fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
-        // SAFETY: kill(2) with the pid of our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not exit within {within:?} of signal {signal}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+/// Starts the binary on the workspace's config, logging at debug level, and checks `/healthz`.
+async fn start_agent(ws: &Workspace, port: u16) -> AgentProcess {
+    let agent =
+        AgentProcess::start_with_env(&ws.config_path(), port, &[("OUTPOST_LOG", "debug")]).await;
+    let (status, _, body) = request(agent.addr, "GET", "/healthz", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"status": "ok"})
+    );
+    agent
 }
 
 /// A body sent in chunks without a Content-Length (chunked transfer encoding).
@@ -228,7 +158,7 @@ async fn receiver() -> Receiver {
 async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
 
     let good = |id: &str| member_update(id, "Jane", "2026-01-01T00:00:01Z");
     let deep_array = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
@@ -503,7 +433,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
 async fn the_ingest_token_is_required() {
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
     let body = member_update("p-1", "Jane", "2026-01-01T00:00:01Z");
     for headers in [
         vec![],
@@ -582,7 +512,7 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
 async fn accepted_updates_are_counted_delivered_and_measured() {
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
 
     // One refused request first, for the `refused` count.
     let (status, _, _) = post(agent.addr, "{\"id\":\"x\"}").await;
@@ -718,7 +648,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
         Reply::Status(503, vec![], "down for maintenance".into())
     })));
     let (ws, port) = workspace(&receiver, "max_outbox_bytes = 1");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
 
     // The outbox is empty: this one is taken, and its exports stay (the endpoint fails).
     let first = [
@@ -786,7 +716,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
 
     // Restarted with the endpoint back: the outbox drains, and updates are taken again.
     receiver.set_export_script(None);
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = cli_stats(&ws);
@@ -813,7 +743,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
 async fn an_update_with_a_duplicate_key_is_refused() {
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
-    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    let agent = start_agent(&ws, port).await;
     let (status, _, answer) = post(agent.addr, r#"{"id":"p-1","id":"p-2","profile":{}}"#).await;
     assert_eq!(status, 400, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
@@ -846,7 +776,7 @@ async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout
     // The endpoint never answers in time (request_timeout_ms = 500).
     receiver.set_export_script(Some(Arc::new(|_, _| Reply::Delay(Duration::from_secs(30)))));
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
     let (status, _, answer) = post(
         agent.addr,
         member_update("a", "Ann", "2026-01-01T00:00:01Z"),
@@ -886,7 +816,7 @@ async fn a_stalled_upload_delays_the_stop_only_for_a_bounded_time() {
     use std::io::Write;
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let mut agent = start_agent(&ws, port).await;
     let mut stalled = std::net::TcpStream::connect(agent.addr).unwrap();
     stalled
         .write_all(

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub mod agent_process;
+
 pub const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
 pub const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";
 
@@ -76,7 +78,8 @@ path = "store"
             .unwrap();
         if let Some(input) = stdin {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(input).unwrap();
+            // The command may exit before reading its input (e.g. on a locked store).
+            let _ = child.stdin.take().unwrap().write_all(input);
         }
         child.wait_with_output().unwrap()
     }
@@ -191,6 +194,16 @@ pub async fn http_post(
     body: String,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    try_http_post(addr, path, body, headers).await.unwrap()
+}
+
+/// [`http_post`], with Err (the error, as text) if no whole answer came.
+pub async fn try_http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
@@ -202,10 +215,15 @@ pub async fn http_post(
     let response = client
         .request(request.body(Full::new(bytes::Bytes::from(body))).unwrap())
         .await
-        .unwrap();
+        .map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

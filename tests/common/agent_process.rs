@@ -1,0 +1,136 @@
+//! The real `outpost run` as a child process, for the tests that talk to it over HTTP, its
+//! socket and signals.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::binary;
+
+/// A free port on 127.0.0.1 (bound, then released for the agent to take).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `GET /healthz` over a plain socket: the status code, if anything answered.
+pub async fn healthz(addr: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        Some(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()??;
+    String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A running `outpost run`; killed (SIGKILL) and reaped when dropped.
+pub struct AgentProcess {
+    child: Child,
+    /// Where its ingest API listens.
+    pub addr: SocketAddr,
+    /// Its standard error.
+    log: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentProcess {
+    /// Starts the binary on `config` (whose ingest API listens on 127.0.0.1:`port`) and waits
+    /// until `GET /healthz` answers 200.
+    pub async fn start(config: &Path, port: u16) -> AgentProcess {
+        AgentProcess::start_with_env(config, port, &[]).await
+    }
+
+    /// Like [`AgentProcess::start`], with these extra environment variables (e.g.
+    /// `OUTPOST_LOG`). Its standard error goes to a file beside `config`; [`AgentProcess::log`].
+    /// Panics, showing that log, if the agent exits or `/healthz` does not answer 200 within
+    /// 15 s.
+    pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> AgentProcess {
+        let log = config.with_file_name(format!("agent-{port}-{}.log", next_number()));
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = AgentProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while healthz(agent.addr).await != Some(200) {
+            if let Some(status) = agent.child.try_wait().unwrap() {
+                panic!("the agent exited with {status}:\n{}", agent.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered 200:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
+    }
+
+    /// What the agent wrote to standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` and waits (at most `within`) for the process to exit.
+    pub async fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
+        // SAFETY: kill(2) with the pid of our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within {within:?} of signal {signal}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM: the agent must exit 0 within 5 s.
+    pub async fn terminate(&mut self) {
+        let status = self
+            .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+            .await;
+        assert_eq!(status.code(), Some(0), "{}", self.log());
+    }
+}
+
+/// A number not given out before in this test process (log file names).
+fn next_number() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
