@@ -261,7 +261,22 @@ async fn revoked_token_is_replaced_once() {
     ingest(&agent, &more).await;
     drained(&agent, &s.receiver, 8).await;
     assert_eq!(s.receiver.tokens_issued(), 2);
-    assert!(s.receiver.export_requests().iter().any(|r| r.status == 401));
+    let rejected = s
+        .receiver
+        .export_requests()
+        .iter()
+        .filter(|r| r.status == 401)
+        .count() as u64;
+    assert!(rejected >= 1);
+    // Each answer is counted once, under its own outcome.
+    use outpost::metrics::DeliveryOutcome::*;
+    let m = &agent.metrics;
+    assert_eq!(m.deliveries(AuthRejected), rejected);
+    assert_eq!(m.deliveries(Retried), 0);
+    assert_eq!(
+        m.deliveries(Delivered) + rejected,
+        s.receiver.export_requests().len() as u64
+    );
     assert_eq!(agent.store.tally().unwrap().dead, 0);
     agent.stop().await.unwrap();
 }

@@ -296,12 +296,13 @@ impl Deliverer {
     }
 
     async fn attempt(&self, export: &Export) -> Outcome {
-        let failed = |error: String, retry_after| {
+        let failed_as = |outcome, error: String, retry_after| {
             self.record_attempt(export, &error);
-            self.metrics.record_delivery(DeliveryOutcome::Retried, None);
+            self.metrics.record_delivery(outcome, None);
             tracing::info!(export = %export.id, profile = %export.record.profile_id, %error, "delivery failed; will retry");
             Outcome::Failed { retry_after }
         };
+        let failed = |error, retry_after| failed_as(DeliveryOutcome::Retried, error, retry_after);
         let token = match self.tokens.token().await {
             Ok(token) => token,
             Err(e) => return failed(e.to_string(), None),
@@ -341,9 +342,11 @@ impl Deliverer {
                 if let Some(token) = &token {
                     self.tokens.invalidate(token).await;
                 }
-                self.metrics
-                    .record_delivery(DeliveryOutcome::AuthRejected, None);
-                failed(format!("HTTP {status}: {}", answer.body_start()), None)
+                failed_as(
+                    DeliveryOutcome::AuthRejected,
+                    format!("HTTP {status}: {}", answer.body_start()),
+                    None,
+                )
             }
             Class::Retry => {
                 let retry_after = answer
