@@ -4,7 +4,9 @@
 //!   `delivery.concurrency` profiles at once; it is woken by commits, not by polling.
 //! - A 2xx removes the export, and the removal is flushed before that profile's next export is
 //!   sent: once the endpoint acknowledged an export, no older one of that profile is sent again,
-//!   whatever crash follows. Flushes of concurrent deliveries are grouped.
+//!   whatever crash follows. While the flush runs the profile is *settling*: it holds no
+//!   request slot, so other profiles' requests go on, and flushes of many deliveries are
+//!   grouped into one.
 //! - Failures back off destination-wide ([`retry::Gate`]); rejected exports move to the dead
 //!   letters and the profile's later exports go on.
 
@@ -52,8 +54,11 @@ fn now_ms() -> i64 {
 /// What one delivery attempt came to.
 #[derive(Debug)]
 enum Outcome {
+    /// Answered 2xx and removed from the outbox; the removal is not yet flushed.
     Delivered,
-    Failed { retry_after: Option<Duration> },
+    Failed {
+        retry_after: Option<Duration>,
+    },
     DeadLettered,
 }
 
@@ -148,11 +153,15 @@ impl Deliverer {
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
         let (initial, max, jitter) = self.gate_config;
         let mut gate = Gate::new(initial, max, jitter);
+        // Profiles with a request in flight, and profiles whose delivered export's removal is
+        // being flushed; neither may send its next export yet.
         let mut in_flight: HashSet<String> = HashSet::new();
+        let mut settling: HashSet<String> = HashSet::new();
         let mut tasks: JoinSet<Finished> = JoinSet::new();
+        let mut settles: JoinSet<String> = JoinSet::new();
         loop {
             if !shutdown.is_cancelled() {
-                self.start_deliveries(&mut gate, &mut in_flight, &mut tasks);
+                self.start_deliveries(&mut gate, &mut in_flight, &settling, &mut tasks);
             }
             let resting = gate.is_failing();
             let ready_at = gate.ready_at();
@@ -162,7 +171,12 @@ impl Deliverer {
                         Ok(finished) => {
                             in_flight.remove(&finished.profile_id);
                             match finished.outcome {
-                                Outcome::Delivered | Outcome::DeadLettered => gate.succeeded(),
+                                Outcome::Delivered => {
+                                    gate.succeeded();
+                                    settling.insert(finished.profile_id.clone());
+                                    settles.spawn(Arc::clone(&self).settle(finished.profile_id));
+                                }
+                                Outcome::DeadLettered => gate.succeeded(),
                                 Outcome::Failed { retry_after } => {
                                     let delay = gate.failed_request(Instant::now(), finished.sent_at, retry_after);
                                     tracing::debug!(?delay, "destination failing; backing off");
@@ -172,16 +186,31 @@ impl Deliverer {
                         Err(e) => tracing::error!(error = %e, "a delivery task failed"),
                     }
                 }
+                Some(settled) = settles.join_next(), if !settles.is_empty() => {
+                    if let Ok(profile_id) = settled {
+                        settling.remove(&profile_id);
+                    }
+                }
                 _ = wake.notified(), if !shutdown.is_cancelled() => {}
                 _ = tokio::time::sleep_until(ready_at), if resting && !shutdown.is_cancelled() => {}
                 _ = tokio::time::sleep(IDLE_TICK), if !shutdown.is_cancelled() => {}
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 else => break,
             }
-            if shutdown.is_cancelled() && tasks.is_empty() {
+            if shutdown.is_cancelled() && tasks.is_empty() && settles.is_empty() {
                 break;
             }
         }
+    }
+
+    /// Waits until the removal of `profile_id`'s delivered export is durable (retrying a failed
+    /// flush: the profile must not send again before), then hands the profile back.
+    async fn settle(self: Arc<Self>, profile_id: String) -> String {
+        while let Err(e) = self.flusher.flush().await {
+            tracing::error!(error = %e, "cannot flush the outbox; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        profile_id
     }
 
     /// Starts deliveries for the oldest pending export of as many idle profiles as the gate allows.
@@ -189,13 +218,14 @@ impl Deliverer {
         self: &Arc<Self>,
         gate: &mut Gate,
         in_flight: &mut HashSet<String>,
+        settling: &HashSet<String>,
         tasks: &mut JoinSet<Finished>,
     ) {
         let mut slots = gate.slots(Instant::now(), self.concurrency, in_flight.len());
         if slots == 0 {
             return;
         }
-        let mut seen: HashSet<String> = in_flight.clone();
+        let mut seen: HashSet<String> = in_flight.union(settling).cloned().collect();
         let expire_before = now_ms() - self.max_age.as_millis() as i64;
         for export in self.store.pending_from(0).take(SCAN_LIMIT) {
             let export = match export {
@@ -329,10 +359,7 @@ impl Deliverer {
                     tracing::error!(error = %e, "cannot remove a delivered export");
                     return Outcome::Failed { retry_after: None };
                 }
-                if let Err(e) = self.flusher.flush().await {
-                    tracing::error!(error = %e, "cannot flush the outbox");
-                    return Outcome::Failed { retry_after: None };
-                }
+                // Flushed by `settle` before this profile sends again.
                 self.metrics
                     .record_delivery(DeliveryOutcome::Delivered, Some(started.elapsed()));
                 tracing::debug!(export = %export.id, status, "delivered");
