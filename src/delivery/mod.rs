@@ -150,7 +150,14 @@ impl Deliverer {
     }
 
     /// Runs until `shutdown`; then lets the deliveries in flight finish and returns.
-    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    /// `wake` is notified on commits; `repaired` when exports were put back (with old
+    /// sequence numbers) by `outbox retry`.
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        repaired: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
         let (initial, max, jitter) = self.gate_config;
         let mut gate = Gate::new(initial, max, jitter);
         // Profiles with a request in flight, and profiles whose delivered export's removal is
@@ -159,9 +166,18 @@ impl Deliverer {
         let mut settling: HashSet<String> = HashSet::new();
         let mut tasks: JoinSet<Finished> = JoinSet::new();
         let mut settles: JoinSet<String> = JoinSet::new();
+        // No pending export has a sequence below this: scans start here, not at the head of the
+        // outbox, where a long run of removed keys would be walked again on every pass.
+        let mut scan_from = 0u64;
         loop {
             if !shutdown.is_cancelled() {
-                self.start_deliveries(&mut gate, &mut in_flight, &settling, &mut tasks);
+                self.start_deliveries(
+                    &mut gate,
+                    &mut in_flight,
+                    &settling,
+                    &mut tasks,
+                    &mut scan_from,
+                );
             }
             let resting = gate.is_failing();
             let ready_at = gate.ready_at();
@@ -192,8 +208,9 @@ impl Deliverer {
                     }
                 }
                 _ = wake.notified(), if !shutdown.is_cancelled() => {}
+                _ = repaired.notified(), if !shutdown.is_cancelled() => scan_from = 0,
                 _ = tokio::time::sleep_until(ready_at), if resting && !shutdown.is_cancelled() => {}
-                _ = tokio::time::sleep(IDLE_TICK), if !shutdown.is_cancelled() => {}
+                _ = tokio::time::sleep(IDLE_TICK), if !shutdown.is_cancelled() => scan_from = 0,
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 else => break,
             }
@@ -220,6 +237,7 @@ impl Deliverer {
         in_flight: &mut HashSet<String>,
         settling: &HashSet<String>,
         tasks: &mut JoinSet<Finished>,
+        scan_from: &mut u64,
     ) {
         let mut slots = gate.slots(Instant::now(), self.concurrency, in_flight.len());
         if slots == 0 {
@@ -227,7 +245,8 @@ impl Deliverer {
         }
         let mut seen: HashSet<String> = in_flight.union(settling).cloned().collect();
         let expire_before = now_ms() - self.max_age.as_millis() as i64;
-        for export in self.store.pending_from(0).take(SCAN_LIMIT) {
+        let mut first = true;
+        for export in self.store.pending_from(*scan_from).take(SCAN_LIMIT) {
             let export = match export {
                 Ok(export) => export,
                 Err(e) => {
@@ -235,6 +254,9 @@ impl Deliverer {
                     return;
                 }
             };
+            if std::mem::take(&mut first) {
+                *scan_from = export.id.seq;
+            }
             if !seen.insert(export.record.profile_id.clone()) {
                 continue; // not the oldest pending export of its profile, or that one is in flight
             }

@@ -20,8 +20,8 @@ pub struct AdminState {
     pub store: Arc<Store>,
     pub committer: Committer,
     pub metrics: Arc<Metrics>,
-    /// Woken after a repair, so the delivery loop sees exports put back at once.
-    pub wake: Arc<Notify>,
+    /// Notified after a repair, so the delivery loop sees exports put back at once.
+    pub repaired: Arc<Notify>,
     pub max_outbox_bytes: u64,
 }
 
@@ -82,7 +82,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
             let result = tokio::task::spawn_blocking(move || {
                 let result = execute(&state.store, &request);
                 if repairs {
-                    state.wake.notify_one();
+                    state.repaired.notify_one();
                 }
                 result
             })

@@ -337,7 +337,23 @@ fn record_from_stored(stored: &StoredProfile) -> ProfileRecord {
 
 impl Store {
     /// Opens (or creates) the store. A store open in another process is [`StoreError::Locked`].
+    ///
+    /// A lock is retried for a moment: sled's threads release it shortly after a store is
+    /// dropped, so a store closed just before (by this or an exiting process) opens.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let mut tries = 0;
+        loop {
+            match Store::open_once(path, cache_bytes) {
+                Err(StoreError::Locked(_)) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn open_once(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
             path: path.to_path_buf(),
             source: sled::Error::Io(e),
