@@ -145,10 +145,6 @@ impl Deliverer {
         self
     }
 
-    pub fn tokens(&self) -> &Arc<TokenSource> {
-        &self.tokens
-    }
-
     /// Runs until `shutdown`; then lets the deliveries in flight finish and returns.
     /// `wake` is notified on commits; `repaired` when exports were put back (with old
     /// sequence numbers) by `outbox retry`.

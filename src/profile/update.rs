@@ -310,11 +310,6 @@ impl<R: BufRead> UpdateReader<R> {
         }
     }
 
-    /// The line number of the last line read.
-    pub fn line(&self) -> u64 {
-        self.line
-    }
-
     fn read_rest_whole(&mut self) -> Result<(), InputError> {
         let mut all = std::mem::take(&mut self.buffer);
         self.reader

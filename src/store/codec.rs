@@ -47,8 +47,9 @@ pub struct ExportRecord {
 }
 
 impl ExportRecord {
+    /// The reason; [`decode_export`] refuses records whose code is not one.
     pub fn reason(&self) -> Reason {
-        Reason::from_code(self.reason).unwrap_or(Reason::Segment)
+        Reason::from_code(self.reason).expect("checked when decoded")
     }
 }
 
@@ -88,7 +89,14 @@ pub fn encode_export(record: &ExportRecord) -> Vec<u8> {
 }
 
 pub fn decode_export(bytes: &[u8]) -> Result<ExportRecord, CodecError> {
-    decode(EXPORT_V1, bytes)
+    let record: ExportRecord = decode(EXPORT_V1, bytes)?;
+    if Reason::from_code(record.reason).is_none() {
+        return Err(CodecError::Corrupt(format!(
+            "unknown reason code {}",
+            record.reason
+        )));
+    }
+    Ok(record)
 }
 
 #[cfg(test)]
@@ -151,5 +159,13 @@ mod tests {
         let mut long = encode_export(&sample_export());
         long.push(0);
         assert!(matches!(decode_export(&long), Err(CodecError::Corrupt(_))));
+        let unknown_reason = ExportRecord {
+            reason: 9,
+            ..sample_export()
+        };
+        assert!(matches!(
+            decode_export(&encode_export(&unknown_reason)),
+            Err(CodecError::Corrupt(_))
+        ));
     }
 }

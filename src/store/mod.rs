@@ -218,7 +218,6 @@ pub struct ListFilter {
 
 pub struct Store {
     db: sled::Db,
-    path: PathBuf,
     store_id: u32,
     pub(crate) profiles: sled::Tree,
     pub(crate) outbox: sled::Tree,
@@ -415,14 +414,9 @@ impl Store {
             dead: db.open_tree("dead")?,
             meta,
             db,
-            path: path.to_path_buf(),
             store_id,
             log_file,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn store_id(&self) -> u32 {
