@@ -31,41 +31,29 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{TimeZone, Utc};
 use http_body_util::{BodyExt, Full};
 use hyper::header::CONTENT_TYPE;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Map, Value};
-use sled::transaction::ConflictableTransactionError;
-use sled::Transactional;
+use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
 
 use outpost::agent::{Agent, AgentOptions};
-use outpost::config::{Config, Mapping};
-use outpost::profile::change::is_member_of_any;
-use outpost::profile::prune::KeepTree;
-use outpost::profile::update::parse_body;
-use outpost::profile::{Op, Reason, Update};
+use outpost::config::Config;
 use outpost::receiver::{Receiver, ReceiverOptions};
-use outpost::store::codec::{self, ProfileRecord};
-use outpost::store::committer::Committer;
-use outpost::store::{ListFilter, Store};
 
-const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
-const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";
+mod common;
+use common::{
+    best, config_text, full_mapping_toml, http_client, list, make_update, ms, rate,
+    tiny_mapping_toml, verdict, wait_unlocked, write_config, HttpClient, RawSled, AUTH_NONE,
+};
+
 /// The agent's default `storage.cache_bytes`.
 const CACHE_BYTES: u64 = 32 << 20;
-/// sled's cache while pre-filling (bigger is faster; the agent opens with its own setting).
-const PREFILL_CACHE_BYTES: u64 = 256 << 20;
 /// Updates per `apply_groups` call in the pre-fills.
 const PREFILL_BATCH: usize = 20_000;
 /// Updates per ingest request.
@@ -91,101 +79,14 @@ struct Plan {
 // ---------------------------------------------------------------------------------------------
 // Configs and helpers
 
-/// A config in `dir` (store `<dir>/store`); `mapping` and `extra` are TOML lines.
-fn config_text(endpoint: &str, auth: &str, mapping: &str, listen: &str, storage: &str) -> String {
-    format!(
-        r#"[destination]
-name = "bench"
-http_endpoint = "{endpoint}/profiles?source=edge"
-
-[destination.auth]
-{auth}
-
-[mapping]
-{mapping}
-
-[storage]
-path = "store"
-{storage}
-
-[ingest]
-listen = "{listen}"
-"#
-    )
-}
-
-/// The mapping of commit.rs: data/outpost.example.toml's plus the home address (exports ~600 B).
-fn full_mapping_toml() -> String {
-    format!(
-        r#"attributes = ["person.name.firstName", "person.name.lastName", "person.birthDate", "personalEmail.address", "homeAddress"]
-segments = ["{SEGMENT_A}", "{SEGMENT_B}"]
-identities = ["ecid", "email_lc_sha256"]"#
-    )
-}
-
-/// The mapping of the tiny pre-filled profiles.
-fn tiny_mapping_toml() -> String {
-    format!(
-        r#"attributes = ["person.name.firstName", "person.name.lastName"]
-segments = ["{SEGMENT_A}", "{SEGMENT_B}"]
-identities = ["ecid"]"#
-    )
-}
-
-const AUTH_NONE: &str = "type = \"none\"";
 /// Nothing listens there: every delivery fails at once and backs off.
 const DOWN: &str = "http://127.0.0.1:9";
 
-/// Writes `<dir>/<name>` and parses it.
-fn write_config(dir: &Path, name: &str, text: &str) -> (PathBuf, Config) {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    let config = Config::parse(&path, text).unwrap();
-    (path, config)
-}
-
-fn rate(n: usize, time: Duration) -> f64 {
-    n as f64 / time.as_secs_f64()
-}
-
-fn ms(time: Duration) -> String {
-    format!("{:.0} ms", time.as_secs_f64() * 1e3)
-}
-
-fn best(runs: &[f64]) -> f64 {
-    runs.iter().copied().fold(0.0, f64::max)
-}
-
-fn list(runs: &[f64]) -> String {
-    runs.iter()
-        .map(|r| format!("{r:.0}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "MET"
-    } else {
-        "NOT MET"
-    }
-}
-
-/// Waits until no one holds sled's lock on the store (an flock on `<store>/db`): a dropped
-/// `sled::Db` (or a stopped agent) releases it a little later, from a background thread.
-fn wait_unlocked(store: &Path) {
-    use std::os::fd::AsRawFd;
-    let file = File::open(store.join("db")).unwrap();
-    let start = Instant::now();
-    // SAFETY: flock on a descriptor we own; the lock goes when `file` is closed.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the store at {} stayed locked",
-            store.display()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+/// `<dir>/outpost.toml` with the destination down, no auth, any ingest port, and the `mapping`
+/// and `storage` TOML lines, parsed.
+fn down_config(dir: &Path, mapping: &str, storage: &str) -> Config {
+    let text = config_text(DOWN, AUTH_NONE, mapping, "127.0.0.1:0", storage);
+    write_config(dir, "outpost.toml", &text).1
 }
 
 /// A port free right now on 127.0.0.1.
@@ -293,119 +194,25 @@ fn dir_bytes(path: &Path) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Pre-fills for (b) and (c)
 
-/// A tiny first sight of profile `i`; a member of SEGMENT_A (so it exports) when `member`.
-fn tiny_update(i: usize, member: bool, keep: &KeepTree) -> Update {
-    let id = format!("p-{i:07}");
-    let status = if member { "realized" } else { "exited" };
-    let Value::Object(mut profile) = json!({
-        "person": {"name": {"firstName": format!("Name{i:07}"), "lastName": "Doe"}},
-        "identityMap": {"ecid": [{"id": format!("ecid-{id}")}]},
-        "segmentMembership": {"ups": {SEGMENT_A: {"status": status, "lastQualificationTime": "2026-01-01T00:00:00Z"}}}
-    }) else {
-        unreachable!()
-    };
-    keep.prune(&mut profile);
-    Update {
-        id,
-        op: Op::Upsert,
-        profile,
-        timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
-    }
-}
-
-/// Pre-fills the store at `path` with `profiles` profiles, every `member_every`-th a member
-/// with a pending export; updates are built on another thread meanwhile. Returns the time.
-fn prefill(path: &Path, mapping: &Mapping, profiles: usize, member_every: usize) -> Duration {
-    let start = Instant::now();
-    let (batches, receive) = std::sync::mpsc::sync_channel::<Vec<Update>>(2);
-    let builder = {
-        let keep = KeepTree::for_mapping(mapping);
-        std::thread::spawn(move || {
-            let mut done = 0;
-            while done < profiles {
-                let m = PREFILL_BATCH.min(profiles - done);
-                let updates = (done..done + m)
-                    .map(|i| tiny_update(i, i % member_every == 0, &keep))
-                    .collect();
-                if batches.send(updates).is_err() {
-                    return;
-                }
-                done += m;
-            }
-        })
-    };
-    let store = Store::open(path, PREFILL_CACHE_BYTES).unwrap();
-    for updates in receive {
-        store
-            .apply_groups(&[updates.as_slice()], mapping, Utc::now())
-            .unwrap();
-    }
-    builder.join().unwrap();
-    store.flush().unwrap();
-    let took = start.elapsed();
-    assert_eq!(
-        store.tally().unwrap().pending as usize,
-        profiles.div_ceil(member_every)
+/// Pre-fills the store of `config` with `profiles` tiny profiles, every `member_every`-th a
+/// member with a pending export (see `common::prefill`), and waits until sled released the
+/// store. Returns the time the pre-fill took.
+fn prefill(config: &Config, profiles: usize, member_every: usize) -> Duration {
+    let path = &config.storage.path;
+    let (took, _) = common::prefill(
+        path,
+        &config.mapping,
+        profiles,
+        member_every,
+        PREFILL_BATCH,
+        false,
     );
-    drop(store);
     wait_unlocked(path);
     took
 }
 
 // ---------------------------------------------------------------------------------------------
 // (a) durable ingest over HTTP vs raw sled
-
-fn full_mapping() -> Mapping {
-    Mapping::new(
-        &[
-            "person.name.firstName",
-            "person.name.lastName",
-            "person.birthDate",
-            "personalEmail.address",
-            "homeAddress",
-        ],
-        &[SEGMENT_A, SEGMENT_B],
-        &["ecid", "email_lc_sha256"],
-    )
-}
-
-/// A full-profile sample line of ~1 KB that is a member of a mapped segment.
-fn template(mapping: &Mapping) -> Map<String, Value> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-updates.ndjson");
-    let text = std::fs::read_to_string(path).expect("reading data/sample-updates.ndjson");
-    for line in text.lines().filter(|l| (950..=1150).contains(&l.len())) {
-        let Ok(mut updates) = parse_body(line.as_bytes()) else {
-            continue;
-        };
-        let update = updates.pop().unwrap();
-        let profile = Value::Object(update.profile.clone());
-        if update.op == Op::Upsert
-            && is_member_of_any(&profile, mapping)
-            && profile.pointer("/person/name/firstName").is_some()
-            && profile.get("identityMap").is_some()
-        {
-            return update.profile;
-        }
-    }
-    panic!("no suitable full-profile line in the sample");
-}
-
-/// Update number `j`: profile `j % pool`, its first name changed to a value unique to `j`.
-fn make_update(template: &Map<String, Value>, pool: usize, j: usize) -> Update {
-    let mut profile = template.clone();
-    let name = profile
-        .get_mut("person")
-        .and_then(|p| p.get_mut("name"))
-        .and_then(|n| n.get_mut("firstName"))
-        .expect("template has person.name.firstName");
-    *name = Value::String(format!("Name{j:08}"));
-    Update {
-        id: format!("c-{:06}", j % pool),
-        op: Op::Upsert,
-        profile,
-        timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
-    }
-}
 
 /// NDJSON bodies of `BATCH` updates for updates `from..from + total`.
 fn bodies(template: &Map<String, Value>, pool: usize, from: usize, total: usize) -> Vec<Bytes> {
@@ -421,51 +228,6 @@ fn bodies(template: &Map<String, Value>, pool: usize, from: usize, total: usize)
             Bytes::from(body)
         })
         .collect()
-}
-
-/// The profile and export values the store writes for a timed update, from a small real
-/// committer run (so the raw baseline writes the same sizes).
-fn value_sizes(
-    rt: &tokio::runtime::Runtime,
-    template: &Map<String, Value>,
-    mapping: &Mapping,
-    pool: usize,
-) -> (Vec<u8>, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), CACHE_BYTES).unwrap());
-    let (committer, handle) = Committer::start(
-        store.clone(),
-        Arc::new(mapping.clone()),
-        Arc::new(Notify::new()),
-    );
-    let second = make_update(template, pool, pool);
-    rt.block_on(async {
-        let first = committer
-            .commit(vec![make_update(template, pool, 0)])
-            .await
-            .unwrap();
-        let next = committer.commit(vec![second.clone()]).await.unwrap();
-        assert_eq!((first.exports, next.exports), (1, 1));
-    });
-    drop(committer);
-    handle.join().unwrap();
-    let stored = store.profile(&second.id).unwrap().expect("stored profile");
-    let profile = codec::encode_profile(&ProfileRecord {
-        timestamp_micros: stored.timestamp.map(|t| t.timestamp_micros()),
-        json: stored.profile.to_string(),
-    });
-    let exports = store.list(&ListFilter::default()).unwrap();
-    let last = exports.last().expect("an export");
-    assert_eq!(last.record.reason(), Reason::Attribute);
-    (profile, codec::encode_export(&last.record))
-}
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn http_client() -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(http)
 }
 
 async fn post_updates(client: &HttpClient, uri: &hyper::Uri, body: Bytes) -> Value {
@@ -487,14 +249,11 @@ async fn run_http(
     clients: usize,
 ) -> (f64, usize, Duration) {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        DOWN,
-        AUTH_NONE,
+    let config = down_config(
+        dir.path(),
         &full_mapping_toml(),
-        "127.0.0.1:0",
         &format!("cache_bytes = {CACHE_BYTES}"),
     );
-    let (_, config) = write_config(dir.path(), "outpost.toml", &text);
     let started = Instant::now();
     let agent = Agent::start(&config, AgentOptions::default())
         .await
@@ -549,60 +308,16 @@ async fn run_http(
     )
 }
 
-fn open_raw(path: &Path) -> sled::Db {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(CACHE_BYTES)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .unwrap()
-}
-
-fn run_raw(profile: &[u8], export: &[u8], pool: usize, total: usize, fsync: bool) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let db = open_raw(dir.path());
-    let profiles = db.open_tree("profiles").unwrap();
-    let outbox = db.open_tree("outbox").unwrap();
-    let ids: Vec<String> = (0..pool).map(|i| format!("c-{i:06}")).collect();
-    for id in &ids {
-        profiles.insert(id.as_bytes(), profile).unwrap();
-    }
-    db.flush().unwrap();
-    let log = if fsync {
-        Some(File::open(dir.path().join("db")).unwrap())
-    } else {
-        None
-    };
-    let mut seq = 0u64;
-    let start = Instant::now();
-    let mut done = 0;
-    while done < total {
-        let n = BATCH.min(total - done);
-        (&profiles, &outbox)
-            .transaction(|(p, o)| {
-                for k in 0..n {
-                    let id = ids[(done + k) % pool].as_bytes();
-                    std::hint::black_box(p.get(id)?);
-                    p.insert(id, profile)?;
-                    o.insert(&(seq + k as u64).to_be_bytes(), export)?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .unwrap();
-        db.flush().unwrap();
-        if let Some(file) = &log {
-            file.sync_data().unwrap();
-        }
-        seq += n as u64;
-        done += n;
-    }
-    rate(total, start.elapsed())
-}
-
 fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f64) {
-    let mapping = full_mapping();
-    let template = template(&mapping);
-    let (profile, export) = value_sizes(rt, &template, &mapping, plan.pool);
+    let mapping = Arc::new(common::full_mapping());
+    let template = common::template(&mapping);
+    let (profile, export, _) = common::value_sizes(rt, &template, &mapping, plan.pool, CACHE_BYTES);
+    let raw_sled = RawSled {
+        profile: &profile,
+        export: &export,
+        pool: plan.pool,
+        cache_bytes: CACHE_BYTES,
+    };
     let (mut one, mut many, mut raw, mut raw_fsync) = (Vec::new(), Vec::new(), Vec::new(), vec![]);
     let mut line = 0;
     for _ in 0..plan.repeats {
@@ -610,8 +325,8 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f6
         let (r, line_len, start_took) = rt.block_on(run_http(&template, plan, 1));
         one.push(r);
         line = line_len;
-        raw.push(run_raw(&profile, &export, plan.pool, plan.timed, false));
-        raw_fsync.push(run_raw(&profile, &export, plan.pool, plan.timed, true));
+        raw.push(raw_sled.run(BATCH, plan.timed, false));
+        raw_fsync.push(raw_sled.run(BATCH, plan.timed, true));
         many.push(rt.block_on(run_http(&template, plan, CLIENTS)).0);
         println!(
             "agent[ingest]: run: Agent::start {}, 1 client {:.0}/s, {CLIENTS} clients {:.0}/s, raw {:.0}/s, raw+fsync {:.0}/s",
@@ -679,15 +394,12 @@ async fn start_binary(dir: &Path, store: &str, cache_bytes: u64) -> Duration {
 
 fn bench_startup(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, Duration)> {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        DOWN,
-        AUTH_NONE,
+    let config = down_config(
+        dir.path(),
         &tiny_mapping_toml(),
-        "127.0.0.1:0",
         &format!("cache_bytes = {CACHE_BYTES}"),
     );
-    let (_, config) = write_config(dir.path(), "outpost.toml", &text);
-    let took = prefill(&config.storage.path, &config.mapping, plan.pending, 1);
+    let took = prefill(&config, plan.pending, 1);
     let bytes = dir_bytes(&config.storage.path);
     let copy_start = Instant::now();
     let status = Command::new("cp")
@@ -781,9 +493,7 @@ async fn rss_runs(
         let port = free_port();
         let (endpoint, auth) = if case.deliver {
             let base = receiver.base_url();
-            let auth = format!(
-                "type = \"oauth2_client_credentials\"\nauth_endpoint = \"{base}/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"change-me\""
-            );
+            let auth = common::oauth_auth(&base);
             (base, auth)
         } else {
             (DOWN.to_owned(), AUTH_NONE.to_owned())
@@ -849,14 +559,8 @@ async fn rss_runs(
 
 fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_text(DOWN, AUTH_NONE, &tiny_mapping_toml(), "127.0.0.1:0", "");
-    let (_, config) = write_config(dir.path(), "outpost.toml", &text);
-    let took = prefill(
-        &config.storage.path,
-        &config.mapping,
-        plan.profiles,
-        plan.member_every,
-    );
+    let config = down_config(dir.path(), &tiny_mapping_toml(), "");
+    let took = prefill(&config, plan.profiles, plan.member_every);
     let pending = plan.profiles.div_ceil(plan.member_every);
     let label = format!("{} profiles, {pending} pending", plan.profiles);
     println!(
@@ -948,7 +652,7 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: then run a tiny smoke test.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    let quick = common::smoke_run();
     let plan = if quick {
         Plan {
             pool: 20,
@@ -970,10 +674,7 @@ fn main() {
             repeats: REPEATS,
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let whole = Instant::now();
     let (one, many, raw, raw_fsync) = bench_ingest(&rt, &plan);
     let section = Instant::now();

@@ -29,25 +29,11 @@ use outpost::profile::update::parse_body;
 use outpost::profile::{Op, Update};
 use outpost::store::codec::{self, ProfileRecord};
 
+mod common;
+use common::rate;
+
 const LINES: usize = 2_000;
 const ROUNDS: usize = 25;
-
-fn mapping() -> Mapping {
-    // The mapping of data/outpost.example.toml, which the sample file is written for.
-    Mapping::new(
-        &[
-            "person.name.firstName",
-            "person.name.lastName",
-            "person.birthDate",
-            "personalEmail.address",
-        ],
-        &[
-            "7841ba61-23c1-4bb3-a495-00d3g5fe1e93",
-            "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae",
-        ],
-        &["ecid", "email_lc_sha256"],
-    )
-}
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 2, 0, 0, 0).unwrap()
@@ -94,9 +80,8 @@ fn replay(lines: &[String], mapping: &Mapping) -> Vec<Case> {
 }
 
 fn sample_lines() -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-updates.ndjson");
-    let text = std::fs::read_to_string(path).expect("reading data/sample-updates.ndjson");
-    text.lines()
+    common::sample_text()
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_owned)
         .collect()
@@ -166,10 +151,6 @@ fn full_upserts(lines: &[String], mapping: &Mapping) -> Vec<Case> {
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
-}
-
-fn rate(n: usize, time: Duration) -> f64 {
-    n as f64 / time.as_secs_f64()
 }
 
 /// The per-update CPU work of `Store::apply_groups` around `apply`, without sled.
@@ -298,18 +279,14 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     println!(
         "decide[{name}]: RATIO decide_rate/parse_rate = {:.2} (target >= 0.5) {}",
         decide_rate / parse_rate,
-        if decide_rate / parse_rate >= 0.5 {
-            "MET"
-        } else {
-            "NOT MET"
-        }
+        common::verdict(decide_rate / parse_rate >= 0.5)
     );
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: then only check it runs.
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let mapping = mapping();
+    let quick = common::smoke_run();
+    let mapping = common::example_mapping();
     let lines = sample_lines();
     let full = full_upserts(&lines, &mapping);
     let mix = sample_mix(&lines, &mapping);

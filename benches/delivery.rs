@@ -27,145 +27,35 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{TimeZone, Utc};
 use http_body_util::{BodyExt, Full};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use outpost::agent::{Agent, AgentOptions};
-use outpost::config::{Config, Mapping};
-use outpost::profile::prune::KeepTree;
-use outpost::profile::{Op, Update};
+use outpost::config::Config;
 use outpost::receiver::{Receiver, ReceiverOptions};
-use outpost::store::{ListFilter, Store};
 
-const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
-const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";
+mod common;
+use common::{best, http_client, list, ms, prefill, rate, verdict, HttpClient};
+
 const CONCURRENCY: usize = 8;
 /// The agent's `storage.cache_bytes` (the default).
 const CACHE_BYTES: u64 = 32 << 20;
-/// sled's cache while pre-filling (bigger is faster; the agent opens with `CACHE_BYTES`).
-const PREFILL_CACHE_BYTES: u64 = 256 << 20;
 /// Updates per `apply_groups` call in the big pre-fill.
 const BIG_BATCH: usize = 20_000;
 const REPEATS: usize = 2;
 
-/// The agent's config: delivers to `base` with OAuth client credentials, 8 at a time.
-fn config_text(base: &str) -> String {
-    format!(
-        r#"[destination]
-name = "bench"
-http_endpoint = "{base}/profiles?source=edge"
-
-[destination.auth]
-type = "oauth2_client_credentials"
-auth_endpoint = "{base}/oauth/token"
-client_id = "edge-agent"
-client_secret = "change-me"
-
-[mapping]
-attributes = ["person.name.firstName", "person.name.lastName"]
-segments = ["{SEGMENT_A}", "{SEGMENT_B}"]
-identities = ["ecid"]
-
-[storage]
-path = "store"
-cache_bytes = {CACHE_BYTES}
-
-[ingest]
-listen = "127.0.0.1:0"
-
-[delivery]
-concurrency = {CONCURRENCY}
-"#
-    )
-}
-
-/// Writes `<dir>/outpost.toml` and parses it; the store is `<dir>/store`.
+/// Writes `<dir>/outpost.toml` and parses it: the agent's config, delivering to `base` with OAuth
+/// client credentials, 8 at a time; the store is `<dir>/store`.
 fn load_config(dir: &Path, base: &str) -> Config {
-    let path = dir.join("outpost.toml");
-    let text = config_text(base);
-    std::fs::write(&path, &text).unwrap();
-    Config::parse(&path, &text).unwrap()
-}
-
-/// The first sight of profile `i`: a member of SEGMENT_A with a first name of its own.
-fn member_update(i: usize, keep: &KeepTree) -> Update {
-    let id = format!("p-{i:07}");
-    let Value::Object(mut profile) = json!({
-        "person": {"name": {"firstName": format!("Name{i:07}"), "lastName": "Doe"}},
-        "identityMap": {"ecid": [{"id": format!("ecid-{id}")}]},
-        "segmentMembership": {"ups": {SEGMENT_A: {"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"}}}
-    }) else {
-        unreachable!()
-    };
-    // As the committer does before storing.
-    keep.prune(&mut profile);
-    Update {
-        id,
-        op: Op::Upsert,
-        profile,
-        timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
-    }
-}
-
-/// Pre-fills the store at `path` with `n` pending exports, one per profile, `batch` updates per
-/// transaction, one flush at the end; the updates are built on another thread meanwhile.
-/// Returns the time taken and, when `keep_payloads`, the pending exports as (idempotency key,
-/// payload).
-fn prefill(
-    path: &Path,
-    mapping: &Mapping,
-    n: usize,
-    batch: usize,
-    keep_payloads: bool,
-) -> (Duration, Vec<(String, Bytes)>) {
-    let start = Instant::now();
-    let (batches, receive) = std::sync::mpsc::sync_channel::<Vec<Update>>(2);
-    let builder = {
-        let keep = KeepTree::for_mapping(mapping);
-        std::thread::spawn(move || {
-            let mut done = 0;
-            while done < n {
-                let m = batch.min(n - done);
-                let updates = (done..done + m).map(|i| member_update(i, &keep)).collect();
-                if batches.send(updates).is_err() {
-                    return;
-                }
-                done += m;
-            }
-        })
-    };
-    let store = Store::open(path, PREFILL_CACHE_BYTES).unwrap();
-    for updates in receive {
-        let summaries = store
-            .apply_groups(&[updates.as_slice()], mapping, Utc::now())
-            .unwrap();
-        assert_eq!(
-            summaries[0].exports,
-            updates.len() as u64,
-            "every update should export"
-        );
-    }
-    builder.join().unwrap();
-    store.flush().unwrap();
-    let took = start.elapsed();
-    assert_eq!(store.tally().unwrap().pending, n as u64);
-    let payloads = if keep_payloads {
-        store
-            .list(&ListFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.id.to_string(), Bytes::from(e.record.payload)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    drop(store);
-    (took, payloads)
+    let text = common::config_text(
+        base,
+        &common::oauth_auth(base),
+        &common::tiny_mapping_toml(),
+        "127.0.0.1:0",
+        &format!("cache_bytes = {CACHE_BYTES}"),
+    ) + &format!("\n[delivery]\nconcurrency = {CONCURRENCY}\n");
+    common::write_config(dir, "outpost.toml", &text).1
 }
 
 /// Counts the exports the receiver answered 2xx and notes when the count reached each mark.
@@ -268,22 +158,10 @@ async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: b
     }
 }
 
-/// Waits until no one holds sled's lock on the store (an flock on `<store>/db`): a dropped
-/// `sled::Db` releases it a little later, from one of sled's background threads.
+/// Waits until sled released the lock of the store (see `common::wait_unlocked`), saying so when
+/// that took a while.
 fn wait_unlocked(store: &Path) {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(store.join("db")).unwrap();
-    let start = Instant::now();
-    // SAFETY: flock on a descriptor we own; the lock is released when `file` is closed.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the store at {} stayed locked",
-            store.display()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let waited = start.elapsed();
+    let waited = common::wait_unlocked(store);
     if waited > Duration::from_millis(5) {
         println!(
             "  (waited {} for sled to release the lock of the dropped store)",
@@ -292,16 +170,7 @@ fn wait_unlocked(store: &Path) {
     }
 }
 
-type RawClient = Client<HttpConnector, Full<Bytes>>;
-
-fn raw_client() -> RawClient {
-    let mut http = HttpConnector::new();
-    // As the agent's client does.
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(http)
-}
-
-async fn fetch_token(client: &RawClient, base: &str) -> String {
+async fn fetch_token(client: &HttpClient, base: &str) -> String {
     let request = hyper::Request::post(format!("{base}/oauth/token"))
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from_static(
@@ -317,7 +186,7 @@ async fn fetch_token(client: &RawClient, base: &str) -> String {
 
 /// POSTs every payload once, `CONCURRENCY` at a time; returns the time taken.
 async fn raw_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
-    let client = raw_client();
+    let client = http_client();
     let token = fetch_token(&client, base).await;
     let bearer = format!("Bearer {token}");
     let uri: hyper::Uri = format!("{base}/profiles?source=edge").parse().unwrap();
@@ -354,33 +223,6 @@ async fn raw_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
     start.elapsed()
 }
 
-fn rate(n: u64, time: Duration) -> f64 {
-    n as f64 / time.as_secs_f64()
-}
-
-fn ms(time: Duration) -> String {
-    format!("{:.0} ms", time.as_secs_f64() * 1e3)
-}
-
-fn best(runs: &[f64]) -> f64 {
-    runs.iter().copied().fold(0.0, f64::max)
-}
-
-fn list(runs: &[f64]) -> String {
-    runs.iter()
-        .map(|r| format!("{r:.0}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn verdict(ratio: f64, target: f64) -> &'static str {
-    if ratio >= target {
-        "MET"
-    } else {
-        "NOT MET"
-    }
-}
-
 /// (a): agent vs raw client, same receiver, same payloads.
 async fn bench_vs_raw(n: usize, repeats: usize) -> (f64, f64) {
     let (receiver, progress) = start_receiver().await;
@@ -390,25 +232,25 @@ async fn bench_vs_raw(n: usize, repeats: usize) -> (f64, f64) {
     for _ in 0..repeats {
         let dir = tempfile::tempdir().unwrap();
         let config = load_config(dir.path(), &base);
-        let (took, payloads) = prefill(&config.storage.path, &config.mapping, n, 1_000, true);
+        let (took, payloads) = prefill(&config.storage.path, &config.mapping, n, 1, 1_000, true);
         let bytes: usize = payloads.iter().map(|(_, p)| p.len()).sum();
         let run = agent_run(&config, &progress, &[n as u64], true).await;
         let drained = run.drained.unwrap();
-        agent_rates.push(rate(n as u64, drained));
+        agent_rates.push(rate(n, drained));
         let payloads = Arc::new(payloads);
         let before = progress.count();
         let raw = raw_run(&base, &payloads).await;
         assert_eq!(progress.count() - before, n as u64);
-        raw_rates.push(rate(n as u64, raw));
+        raw_rates.push(rate(n, raw));
         println!(
             "delivery[vs raw]: pre-fill {n} in {}, avg payload {} B; agent: start {}, {n} delivered and outbox empty after {} ({:.0}/s); raw: {} ({:.0}/s)",
             ms(took),
             bytes / n,
             ms(run.start_took),
             ms(drained),
-            rate(n as u64, drained),
+            rate(n, drained),
             ms(raw),
-            rate(n as u64, raw),
+            rate(n, raw),
         );
     }
     let (a, r) = (best(&agent_rates), best(&raw_rates));
@@ -430,17 +272,24 @@ async fn bench_first(
     let dir = tempfile::tempdir().unwrap();
     let config = load_config(dir.path(), &receiver.base_url());
     let batch = if pending > 100_000 { BIG_BATCH } else { 1_000 };
-    let (took, _) = prefill(&config.storage.path, &config.mapping, pending, batch, false);
+    let (took, _) = prefill(
+        &config.storage.path,
+        &config.mapping,
+        pending,
+        1,
+        batch,
+        false,
+    );
     let run = agent_run(&config, progress, marks, false).await;
     let rates: Vec<f64> = marks
         .iter()
         .zip(&run.marks)
-        .map(|(&m, &t)| rate(m, t))
+        .map(|(&m, &t)| rate(m as usize, t))
         .collect();
     let after_start: Vec<f64> = marks
         .iter()
         .zip(&run.marks)
-        .map(|(&m, &t)| rate(m, t - run.start_took))
+        .map(|(&m, &t)| rate(m as usize, t - run.start_took))
         .collect();
     let figures: Vec<String> = marks
         .iter()
@@ -457,7 +306,7 @@ async fn bench_first(
     println!(
         "delivery[{pending} pending]: pre-fill took {} ({:.0} exports/s, batches of {batch}); Agent::start {}; {}",
         ms(took),
-        rate(pending as u64, took),
+        rate(pending, took),
         ms(run.start_took),
         figures.join(", ")
     );
@@ -475,7 +324,7 @@ async fn bench_first(
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: then run a tiny smoke test.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    let quick = common::smoke_run();
     let (n_a, repeats, small, mid, large, first) = if quick {
         (200, 1, 100, 300, 2_000, [100u64, 300])
     } else {
@@ -488,10 +337,7 @@ fn main() {
             [1_000u64, 10_000],
         )
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let whole = Instant::now();
     rt.block_on(async {
         let (agent, raw) = bench_vs_raw(n_a, repeats).await;
@@ -507,7 +353,7 @@ fn main() {
         println!(
             "delivery RATIO agent/raw = {:.2} (target >= 0.8) {}",
             agent / raw,
-            verdict(agent / raw, 0.8)
+            verdict(agent / raw >= 0.8)
         );
         let smalls = [(&small_rates, 0, small), (&mid_rates, 1, mid)];
         for (i, ((small_rates, j, name), first)) in smalls.into_iter().zip(first).enumerate() {
@@ -516,7 +362,7 @@ fn main() {
                 "delivery RATIO large/small, first {first}: {large} pending {:.0}/s / {name} pending {:.0}/s = {ratio:.2} (target >= 0.9) {}; counted from Agent::start's return: {:.0}/s / {:.0}/s = {:.2}",
                 large_rates.0[i],
                 small_rates.0[j],
-                verdict(ratio, 0.9),
+                verdict(ratio >= 0.9),
                 large_rates.1[i],
                 small_rates.1[j],
                 large_rates.1[i] / small_rates.1[j],

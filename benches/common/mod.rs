@@ -1,0 +1,453 @@
+//! Helpers shared by the benches, each of which includes this file with `mod common;`: the
+//! sample data, mappings and configs, store pre-fills, the raw sled baseline, and the formatting
+//! of figures. Not every bench uses every helper.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{TimeZone, Utc};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Map, Value};
+use sled::transaction::ConflictableTransactionError;
+use sled::Transactional;
+use tokio::sync::Notify;
+
+use outpost::config::{Config, Mapping};
+use outpost::profile::change::is_member_of_any;
+use outpost::profile::prune::KeepTree;
+use outpost::profile::update::parse_body;
+use outpost::profile::{Op, Reason, Update};
+use outpost::store::codec::{self, ProfileRecord};
+use outpost::store::committer::Committer;
+use outpost::store::{ListFilter, Store};
+
+pub const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
+pub const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";
+/// sled's cache while pre-filling (bigger is faster; the agent opens with its own setting).
+pub const PREFILL_CACHE_BYTES: u64 = 256 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Running
+
+/// `cargo bench` passes `--bench`; `cargo test --benches` does not: then a bench only does a
+/// tiny smoke run.
+pub fn smoke_run() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures
+
+pub fn rate(n: usize, time: Duration) -> f64 {
+    n as f64 / time.as_secs_f64()
+}
+
+pub fn ms(time: Duration) -> String {
+    format!("{:.0} ms", time.as_secs_f64() * 1e3)
+}
+
+pub fn best(runs: &[f64]) -> f64 {
+    runs.iter().copied().fold(0.0, f64::max)
+}
+
+pub fn list(runs: &[f64]) -> String {
+    runs.iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn verdict(met: bool) -> &'static str {
+    if met {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sample data and mappings
+
+/// The text of `data/sample-updates.ndjson`.
+pub fn sample_text() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-updates.ndjson");
+    std::fs::read_to_string(path).expect("reading data/sample-updates.ndjson")
+}
+
+/// The mapping of data/outpost.example.toml (which the sample file is written for) with the
+/// attributes `extra` added.
+fn example_mapping_with(extra: &[&str]) -> Mapping {
+    let attributes: Vec<&str> = [
+        "person.name.firstName",
+        "person.name.lastName",
+        "person.birthDate",
+        "personalEmail.address",
+    ]
+    .iter()
+    .chain(extra)
+    .copied()
+    .collect();
+    Mapping::new(
+        &attributes,
+        &[SEGMENT_A, SEGMENT_B],
+        &["ecid", "email_lc_sha256"],
+    )
+}
+
+/// The mapping of data/outpost.example.toml.
+pub fn example_mapping() -> Mapping {
+    example_mapping_with(&[])
+}
+
+/// The mapping of data/outpost.example.toml plus the home address, so the export is ~600 B.
+pub fn full_mapping() -> Mapping {
+    example_mapping_with(&["homeAddress"])
+}
+
+/// A full-profile sample line of ~1 KB that is a member of a mapped segment.
+pub fn template(mapping: &Mapping) -> Map<String, Value> {
+    let text = sample_text();
+    for line in text.lines().filter(|l| (950..=1150).contains(&l.len())) {
+        let Ok(mut updates) = parse_body(line.as_bytes()) else {
+            continue;
+        };
+        let update = updates.pop().unwrap();
+        let profile = Value::Object(update.profile.clone());
+        if update.op == Op::Upsert
+            && is_member_of_any(&profile, mapping)
+            && profile.pointer("/person/name/firstName").is_some()
+            && profile.get("identityMap").is_some()
+        {
+            return update.profile;
+        }
+    }
+    panic!("no suitable full-profile line in the sample");
+}
+
+/// Update number `j`: profile `j % pool`, its first name changed to a value unique to `j`.
+pub fn make_update(template: &Map<String, Value>, pool: usize, j: usize) -> Update {
+    let mut profile = template.clone();
+    let name = profile
+        .get_mut("person")
+        .and_then(|p| p.get_mut("name"))
+        .and_then(|n| n.get_mut("firstName"))
+        .expect("template has person.name.firstName");
+    *name = Value::String(format!("Name{j:08}"));
+    Update {
+        id: format!("c-{:06}", j % pool),
+        op: Op::Upsert,
+        profile,
+        timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
+    }
+}
+
+/// The profile and export values the store writes for a timed update (`make_update` over
+/// `pool`), taken from a small real committer run on a store with a cache of `cache_bytes` (so
+/// the raw baseline writes the same sizes), and the NDJSON line length of that update.
+pub fn value_sizes(
+    rt: &tokio::runtime::Runtime,
+    template: &Map<String, Value>,
+    mapping: &Arc<Mapping>,
+    pool: usize,
+    cache_bytes: u64,
+) -> (Vec<u8>, Vec<u8>, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), cache_bytes).unwrap());
+    let (committer, handle) =
+        Committer::start(store.clone(), mapping.clone(), Arc::new(Notify::new()));
+    let second = make_update(template, pool, pool);
+    rt.block_on(async {
+        let first = committer
+            .commit(vec![make_update(template, pool, 0)])
+            .await
+            .unwrap();
+        let next = committer.commit(vec![second.clone()]).await.unwrap();
+        assert_eq!((first.exports, next.exports), (1, 1));
+    });
+    drop(committer);
+    handle.join().unwrap();
+    let stored = store.profile(&second.id).unwrap().expect("stored profile");
+    let profile = codec::encode_profile(&ProfileRecord {
+        timestamp_micros: stored.timestamp.map(|t| t.timestamp_micros()),
+        json: stored.profile.to_string(),
+    });
+    let exports = store.list(&ListFilter::default()).unwrap();
+    let last = exports.last().expect("an export");
+    assert_eq!(last.record.reason(), Reason::Attribute);
+    let export = codec::encode_export(&last.record);
+    let line_len = serde_json::json!({
+        "id": second.id,
+        "timestamp": "2026-01-01T00:00:00Z",
+        "profile": Value::Object(second.profile.clone()),
+    })
+    .to_string()
+    .len();
+    (profile, export, line_len)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw sled baseline
+
+/// A plain `sled::Db` (cache `cache_bytes`, high-throughput mode) with two trees, the profile
+/// tree holding `pool` profiles of `profile` bytes before timing.
+pub struct RawSled<'a> {
+    pub profile: &'a [u8],
+    pub export: &'a [u8],
+    pub pool: usize,
+    pub cache_bytes: u64,
+}
+
+impl RawSled<'_> {
+    /// Updates/s of `total` updates, `batch` per two-tree transaction: per update a get of the
+    /// profile key, an insert of the profile bytes and an insert of the export bytes under a
+    /// big-endian u64 key; then `db.flush()` and, with `fsync`, an fsync of `<path>/db` as
+    /// `Store::flush` does.
+    pub fn run(&self, batch: usize, total: usize, fsync: bool) -> f64 {
+        let (profile, export, pool) = (self.profile, self.export, self.pool);
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .cache_capacity(self.cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .unwrap();
+        let profiles = db.open_tree("profiles").unwrap();
+        let outbox = db.open_tree("outbox").unwrap();
+        let ids: Vec<String> = (0..pool).map(|i| format!("c-{i:06}")).collect();
+        for id in &ids {
+            profiles.insert(id.as_bytes(), profile).unwrap();
+        }
+        db.flush().unwrap();
+        let log = if fsync {
+            Some(File::open(dir.path().join("db")).unwrap())
+        } else {
+            None
+        };
+        let mut seq = 0u64;
+        let start = Instant::now();
+        let mut done = 0;
+        while done < total {
+            let n = batch.min(total - done);
+            (&profiles, &outbox)
+                .transaction(|(p, o)| {
+                    for k in 0..n {
+                        let id = ids[(done + k) % pool].as_bytes();
+                        std::hint::black_box(p.get(id)?);
+                        p.insert(id, profile)?;
+                        o.insert(&(seq + k as u64).to_be_bytes(), export)?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                })
+                .unwrap();
+            db.flush().unwrap();
+            if let Some(file) = &log {
+                file.sync_data().unwrap();
+            }
+            seq += n as u64;
+            done += n;
+        }
+        rate(total, start.elapsed())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent configs
+
+/// A config whose store is `<dir>/store`; `auth`, `mapping` and `storage` are TOML lines.
+pub fn config_text(
+    endpoint: &str,
+    auth: &str,
+    mapping: &str,
+    listen: &str,
+    storage: &str,
+) -> String {
+    format!(
+        r#"[destination]
+name = "bench"
+http_endpoint = "{endpoint}/profiles?source=edge"
+
+[destination.auth]
+{auth}
+
+[mapping]
+{mapping}
+
+[storage]
+path = "store"
+{storage}
+
+[ingest]
+listen = "{listen}"
+"#
+    )
+}
+
+pub const AUTH_NONE: &str = "type = \"none\"";
+
+/// OAuth client credentials against the in-process receiver at `base`.
+pub fn oauth_auth(base: &str) -> String {
+    format!(
+        "type = \"oauth2_client_credentials\"\nauth_endpoint = \"{base}/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"change-me\""
+    )
+}
+
+/// `full_mapping` as TOML.
+pub fn full_mapping_toml() -> String {
+    format!(
+        r#"attributes = ["person.name.firstName", "person.name.lastName", "person.birthDate", "personalEmail.address", "homeAddress"]
+segments = ["{SEGMENT_A}", "{SEGMENT_B}"]
+identities = ["ecid", "email_lc_sha256"]"#
+    )
+}
+
+/// The mapping of the tiny pre-filled profiles (`tiny_update`).
+pub fn tiny_mapping_toml() -> String {
+    format!(
+        r#"attributes = ["person.name.firstName", "person.name.lastName"]
+segments = ["{SEGMENT_A}", "{SEGMENT_B}"]
+identities = ["ecid"]"#
+    )
+}
+
+/// Writes `<dir>/<name>` and parses it.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> (PathBuf, Config) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let config = Config::parse(&path, text).unwrap();
+    (path, config)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-filled stores
+
+/// A tiny first sight of profile `i` with a first name of its own; a member of SEGMENT_A (so it
+/// exports) when `member`.
+pub fn tiny_update(i: usize, member: bool, keep: &KeepTree) -> Update {
+    let id = format!("p-{i:07}");
+    let status = if member { "realized" } else { "exited" };
+    let Value::Object(mut profile) = json!({
+        "person": {"name": {"firstName": format!("Name{i:07}"), "lastName": "Doe"}},
+        "identityMap": {"ecid": [{"id": format!("ecid-{id}")}]},
+        "segmentMembership": {"ups": {SEGMENT_A: {"status": status, "lastQualificationTime": "2026-01-01T00:00:00Z"}}}
+    }) else {
+        unreachable!()
+    };
+    // As the committer does before storing.
+    keep.prune(&mut profile);
+    Update {
+        id,
+        op: Op::Upsert,
+        profile,
+        timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
+    }
+}
+
+/// Pre-fills the store at `path` (through `Store::apply_groups`, cache `PREFILL_CACHE_BYTES`)
+/// with `profiles` tiny profiles, every `member_every`-th a member with a pending export,
+/// `batch` updates per transaction, one flush at the end; the updates are built on another
+/// thread meanwhile. Returns the time taken and, when `keep_payloads`, the pending exports as
+/// (idempotency key, payload). The store is dropped, not waited for: see `wait_unlocked`.
+pub fn prefill(
+    path: &Path,
+    mapping: &Mapping,
+    profiles: usize,
+    member_every: usize,
+    batch: usize,
+    keep_payloads: bool,
+) -> (Duration, Vec<(String, Bytes)>) {
+    let start = Instant::now();
+    let (batches, receive) = std::sync::mpsc::sync_channel::<Vec<Update>>(2);
+    let builder = {
+        let keep = KeepTree::for_mapping(mapping);
+        std::thread::spawn(move || {
+            let mut done = 0;
+            while done < profiles {
+                let m = batch.min(profiles - done);
+                let updates = (done..done + m)
+                    .map(|i| tiny_update(i, i % member_every == 0, &keep))
+                    .collect();
+                if batches.send(updates).is_err() {
+                    return;
+                }
+                done += m;
+            }
+        })
+    };
+    let store = Store::open(path, PREFILL_CACHE_BYTES).unwrap();
+    for updates in receive {
+        let summaries = store
+            .apply_groups(&[updates.as_slice()], mapping, Utc::now())
+            .unwrap();
+        if member_every == 1 {
+            assert_eq!(
+                summaries[0].exports,
+                updates.len() as u64,
+                "every update should export"
+            );
+        }
+    }
+    builder.join().unwrap();
+    store.flush().unwrap();
+    let took = start.elapsed();
+    assert_eq!(
+        store.tally().unwrap().pending as usize,
+        profiles.div_ceil(member_every)
+    );
+    let payloads = if keep_payloads {
+        store
+            .list(&ListFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id.to_string(), Bytes::from(e.record.payload)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    drop(store);
+    (took, payloads)
+}
+
+/// Waits until no one holds sled's lock on the store (an flock on `<store>/db`): a dropped
+/// `sled::Db` (or a stopped agent) releases it a little later, from a background thread.
+/// Returns how long it waited.
+pub fn wait_unlocked(store: &Path) -> Duration {
+    use std::os::fd::AsRawFd;
+    let file = File::open(store.join("db")).unwrap();
+    let start = Instant::now();
+    // SAFETY: flock on a descriptor we own; the lock is released when `file` is closed.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the store at {} stayed locked",
+            store.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    // As the agent's client does.
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(http)
+}
