@@ -188,27 +188,37 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
             .collect::<Result<_, AdminError>>()?
     };
     let now = Utc::now().timestamp_millis();
-    let mut done = Vec::new();
-    let mut missing = Vec::new();
-    for (text, seq) in targets {
-        let changed = match seq {
-            None => false,
-            Some(seq) if retry => store.change_export(seq, Place::Dead, |mut record| {
-                record.dead_at_ms = None;
-                record.queued_at_ms = now;
-                (Place::Pending, record)
-            })?,
-            Some(seq) => {
-                store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
-                    || store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?
+    let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
+        let mut done = Vec::new();
+        let mut missing = Vec::new();
+        for (text, seq) in targets {
+            let changed = match seq {
+                None => false,
+                Some(seq) if retry => store.change_export(seq, Place::Dead, |mut record| {
+                    record.dead_at_ms = None;
+                    record.queued_at_ms = now;
+                    (Place::Pending, record)
+                })?,
+                Some(seq) => {
+                    store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
+                        || store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?
+                }
+            };
+            if changed {
+                done.push(text)
+            } else {
+                missing.push(text)
             }
-        };
-        if changed {
-            done.push(text)
-        } else {
-            missing.push(text)
         }
-    }
+        Ok((done, missing))
+    };
+    // Exports put back keep their (lower) sequence numbers: the delivery scan must not run
+    // meanwhile, and starts again from the head of the outbox after.
+    let (done, missing) = if retry {
+        store.rewinding(apply)?
+    } else {
+        apply()?
+    };
     store.flush()?;
     let verb = if retry { "retried" } else { "dropped" };
     Ok(json!({ verb: done, "not_found": missing }))

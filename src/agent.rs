@@ -65,7 +65,6 @@ impl Agent {
         )?);
         let metrics = Arc::new(Metrics::new());
         let wake = Arc::new(Notify::new());
-        let repaired = Arc::new(Notify::new());
         // The committer thread ends with the process; every commit it acknowledged was flushed.
         let (committer, _committer_thread) = Committer::start(
             Arc::clone(&store),
@@ -99,11 +98,10 @@ impl Agent {
         let mut tasks = Vec::new();
         {
             let running = Arc::clone(&delivery_running);
-            let (wake, repaired, stop) =
-                (Arc::clone(&wake), Arc::clone(&repaired), shutdown.clone());
+            let (wake, stop) = (Arc::clone(&wake), shutdown.clone());
             let deliverer = Arc::new(deliverer);
             tasks.push(tokio::spawn(async move {
-                deliverer.run(wake, repaired, stop).await;
+                deliverer.run(wake, stop).await;
                 running.store(false, Ordering::Relaxed);
             }));
         }
@@ -125,7 +123,7 @@ impl Agent {
             store: Arc::clone(&store),
             committer,
             metrics: Arc::clone(&metrics),
-            repaired,
+            wake,
             max_outbox_bytes: config.storage.max_outbox_bytes,
         });
         tasks.push(tokio::spawn(admin::serve(

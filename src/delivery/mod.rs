@@ -146,14 +146,8 @@ impl Deliverer {
     }
 
     /// Runs until `shutdown`; then lets the deliveries in flight finish and returns.
-    /// `wake` is notified on commits; `repaired` when exports were put back (with old
-    /// sequence numbers) by `outbox retry`.
-    pub async fn run(
-        self: Arc<Self>,
-        wake: Arc<Notify>,
-        repaired: Arc<Notify>,
-        shutdown: CancellationToken,
-    ) {
+    /// `wake` is notified on commits and repairs.
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
         let (initial, max, jitter) = self.gate_config;
         let mut gate = Gate::new(initial, max, jitter);
         // Profiles with a request in flight, and profiles whose delivered export's removal is
@@ -162,8 +156,8 @@ impl Deliverer {
         let mut settling: HashSet<String> = HashSet::new();
         let mut tasks: JoinSet<Finished> = JoinSet::new();
         let mut settles: JoinSet<String> = JoinSet::new();
-        // No pending export has a sequence below this: scans start here, not at the head of the
-        // outbox, where a long run of removed keys would be walked again on every pass.
+        // Scans start here, not at the head of the outbox, where a long run of removed keys
+        // would be walked again on every pass (see `Store::scan_pending`).
         let mut scan_from = 0u64;
         loop {
             if !shutdown.is_cancelled() {
@@ -204,9 +198,8 @@ impl Deliverer {
                     }
                 }
                 _ = wake.notified(), if !shutdown.is_cancelled() => {}
-                _ = repaired.notified(), if !shutdown.is_cancelled() => scan_from = 0,
                 _ = tokio::time::sleep_until(ready_at), if resting && !shutdown.is_cancelled() => {}
-                _ = tokio::time::sleep(IDLE_TICK), if !shutdown.is_cancelled() => scan_from = 0,
+                _ = tokio::time::sleep(IDLE_TICK), if !shutdown.is_cancelled() => {}
                 _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
                 else => break,
             }
@@ -241,34 +234,32 @@ impl Deliverer {
         }
         let mut seen: HashSet<String> = in_flight.union(settling).cloned().collect();
         let expire_before = now_ms() - self.max_age.as_millis() as i64;
-        let mut first = true;
-        for export in self.store.pending_from(*scan_from).take(SCAN_LIMIT) {
-            let export = match export {
-                Ok(export) => export,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the outbox");
-                    return;
+        self.store.scan_pending(scan_from, |exports| {
+            for export in exports.take(SCAN_LIMIT) {
+                let export = match export {
+                    Ok(export) => export,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the outbox");
+                        return;
+                    }
+                };
+                if !seen.insert(export.record.profile_id.clone()) {
+                    continue; // not the oldest pending export of its profile, or that one is in flight
                 }
-            };
-            if std::mem::take(&mut first) {
-                *scan_from = export.id.seq;
+                if export.record.queued_at_ms < expire_before {
+                    self.expire(&export);
+                    continue;
+                }
+                in_flight.insert(export.record.profile_id.clone());
+                gate.started();
+                let this = Arc::clone(self);
+                tasks.spawn(async move { this.deliver(export).await });
+                slots -= 1;
+                if slots == 0 {
+                    break;
+                }
             }
-            if !seen.insert(export.record.profile_id.clone()) {
-                continue; // not the oldest pending export of its profile, or that one is in flight
-            }
-            if export.record.queued_at_ms < expire_before {
-                self.expire(&export);
-                continue;
-            }
-            in_flight.insert(export.record.profile_id.clone());
-            gate.started();
-            let this = Arc::clone(self);
-            tasks.spawn(async move { this.deliver(export).await });
-            slots -= 1;
-            if slots == 0 {
-                break;
-            }
-        }
+        });
     }
 
     fn expire(&self, export: &Export) {

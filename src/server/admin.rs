@@ -21,7 +21,7 @@ pub struct AdminState {
     pub committer: Committer,
     pub metrics: Arc<Metrics>,
     /// Notified after a repair, so the delivery loop sees exports put back at once.
-    pub repaired: Arc<Notify>,
+    pub wake: Arc<Notify>,
     pub max_outbox_bytes: u64,
 }
 
@@ -82,7 +82,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
             let result = tokio::task::spawn_blocking(move || {
                 let result = execute(&state.store, &request);
                 if repairs {
-                    state.repaired.notify_one();
+                    state.wake.notify_one();
                 }
                 result
             })

@@ -17,6 +17,8 @@ pub mod keys;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
@@ -225,6 +227,10 @@ pub struct Store {
     pub(crate) meta: sled::Tree,
     /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
     log_file: Option<File>,
+    /// Written while exports are put back under their old (lower) sequence numbers, read while
+    /// the delivery loop scans; `rewound` then sends the next scan back to the head.
+    rewind_lock: RwLock<()>,
+    rewound: AtomicBool,
 }
 
 fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
@@ -416,6 +422,8 @@ impl Store {
             db,
             store_id,
             log_file,
+            rewind_lock: RwLock::new(()),
+            rewound: AtomicBool::new(false),
         })
     }
 
@@ -686,6 +694,37 @@ impl Store {
         })
     }
 
+    /// Runs `put_back`, which moves exports back into the outbox under their old sequence
+    /// numbers, so that no [`Store::scan_pending`] overlaps it; the next scan starts from the
+    /// head of the outbox again.
+    pub fn rewinding<T>(&self, put_back: impl FnOnce() -> T) -> T {
+        let _guard = self.rewind_lock.write().unwrap_or_else(|e| e.into_inner());
+        let result = put_back();
+        self.rewound.store(true, Ordering::SeqCst);
+        result
+    }
+
+    /// Pending exports from `*cursor` on, oldest first, for a scan that keeps its place between
+    /// calls. `*cursor` becomes the first sequence seen (nothing pending lies below it, since
+    /// new exports get higher numbers), and goes back to 0 after a [`Store::rewinding`].
+    pub fn scan_pending<T>(
+        &self,
+        cursor: &mut u64,
+        scan: impl FnOnce(&mut dyn Iterator<Item = Result<Export, StoreError>>) -> T,
+    ) -> T {
+        let _guard = self.rewind_lock.read().unwrap_or_else(|e| e.into_inner());
+        if self.rewound.swap(false, Ordering::SeqCst) {
+            *cursor = 0;
+        }
+        let mut first = true;
+        let mut exports = self.pending_from(*cursor).inspect(|export| {
+            if let (Ok(export), true) = (export, std::mem::take(&mut first)) {
+                *cursor = export.id.seq;
+            }
+        });
+        scan(&mut exports)
+    }
+
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
     /// `change` gets the record where it is now and returns where it goes and how it reads
     /// there; it may run more than once, so it must be pure. Returns false if no such export
@@ -739,5 +778,55 @@ impl Store {
                     .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::update::parse_body;
+
+    fn seqs(store: &Store, cursor: &mut u64) -> Vec<u64> {
+        store.scan_pending(cursor, |exports| {
+            exports.map(|e| e.unwrap().id.seq).collect()
+        })
+    }
+
+    /// Regression: a scan that kept its place must not skip a dead letter put back below it,
+    /// or it would send that profile's newer export first.
+    #[test]
+    fn scans_start_over_after_exports_are_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let line = |id: &str, name: &str| {
+            format!(
+                r#"{{"id":"{id}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+            )
+        };
+        let body = [line("a", "1"), line("b", "1"), line("a", "2")].join("\n");
+        let updates = parse_body(body.as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, Utc::now())
+            .unwrap();
+        store
+            .change_export(0, Place::Pending, |r| (Place::Dead, r))
+            .unwrap();
+
+        let mut cursor = 0;
+        assert_eq!(seqs(&store, &mut cursor), [1, 2]);
+        assert_eq!(cursor, 1);
+        store.rewinding(|| {
+            store
+                .change_export(0, Place::Dead, |r| (Place::Pending, r))
+                .unwrap()
+        });
+        assert_eq!(
+            seqs(&store, &mut cursor),
+            [0, 1, 2],
+            "the put-back export comes first"
+        );
+        assert_eq!(cursor, 0);
+        assert_eq!(seqs(&store, &mut cursor), [0, 1, 2]);
     }
 }

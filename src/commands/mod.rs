@@ -1,30 +1,30 @@
-//! What each subcommand does: load the config, reach the store (through the running agent's
-//! socket, or straight on disk), do the work, and print the result for people or (`--json`)
-//! for programs.
+//! What each subcommand does: load the config, reach the store ([`backend`]: through the
+//! running agent's socket, or straight on disk), do the work, and print the result for people
+//! or (`--json`) for programs ([`output`]).
+
+mod backend;
+mod ingest;
+mod output;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use chrono::Utc;
 use serde_json::Value;
 
-use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest};
+use crate::admin::{AdminError, AdminRequest};
 use crate::agent::{termination_signal, Agent, AgentOptions};
 use crate::cli::{Cli, Command, OutboxCommand, ProfileCommand, Targets};
 use crate::config::{self, Auth, Config, ConfigError};
-use crate::profile::prune::KeepTree;
-use crate::profile::update::{InputError, UpdateReader};
-use crate::profile::{Reason, Update};
+use crate::profile::update::InputError;
 use crate::receiver::{Receiver, ReceiverOptions};
-use crate::store::{BatchSummary, Store, StoreError};
-
-/// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
-const INGEST_CHUNK: usize = 1_000;
-/// How long the CLI waits for the agent's answer.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+use crate::store::StoreError;
+pub use backend::Backend;
+pub use ingest::{ingest_file, ingest_path};
+use output::{
+    display_url, print_export, print_export_table, print_json, print_stats, print_summary,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -57,95 +57,6 @@ impl From<AdminError> for CliError {
             AdminError::NotFound(m) | AdminError::Failed(m) => CliError::Failure(m),
         }
     }
-}
-
-/// Where the CLI's requests go.
-pub enum Backend {
-    /// The running agent's admin socket.
-    Agent(PathBuf),
-    /// The store on disk, opened by this process.
-    Local(Store),
-}
-
-impl Backend {
-    /// The agent if one answers on the store's socket, else the store itself.
-    pub fn connect(config: &Config) -> Result<Backend, CliError> {
-        let socket = crate::server::admin::socket_path(&config.storage.path);
-        if UnixStream::connect(&socket).is_ok() {
-            return Ok(Backend::Agent(socket));
-        }
-        match Store::open(&config.storage.path, config.storage.cache_bytes) {
-            Ok(store) => Ok(Backend::Local(store)),
-            Err(StoreError::Locked(path)) => Err(CliError::Failure(format!(
-                "the store at {} is in use by another process, and no agent answers on {}",
-                path.display(),
-                socket.display()
-            ))),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub fn execute(&self, request: &AdminRequest) -> Result<Value, AdminError> {
-        match self {
-            Backend::Local(store) => execute(store, request),
-            Backend::Agent(socket) => call_agent(socket, request),
-        }
-    }
-
-    /// Commits one chunk of validated, pruned updates, durably.
-    fn ingest(&self, config: &Config, updates: &[Update]) -> Result<BatchSummary, CliError> {
-        match self {
-            Backend::Local(store) => {
-                if store.tally()?.bytes >= config.storage.max_outbox_bytes {
-                    return Err(CliError::Failure(crate::admin::OUTBOX_FULL.into()));
-                }
-                let started = std::time::Instant::now();
-                let summaries = store.apply_groups(&[updates], &config.mapping, Utc::now())?;
-                let decided = started.elapsed();
-                store.flush()?;
-                tracing::debug!(
-                    updates = updates.len(),
-                    apply_us = decided.as_micros() as u64,
-                    flush_us = (started.elapsed() - decided).as_micros() as u64,
-                    "committed a chunk"
-                );
-                Ok(summaries[0])
-            }
-            Backend::Agent(socket) => {
-                let request = AdminRequest::Ingest {
-                    updates: updates.iter().map(Update::to_value).collect(),
-                };
-                let report = call_agent(socket, &request)?;
-                BatchSummary::from_report(&report).ok_or_else(|| {
-                    CliError::Failure(format!("unexpected answer from the agent: {report}"))
-                })
-            }
-        }
-    }
-}
-
-fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {
-    let failed =
-        |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
-    let mut stream = UnixStream::connect(socket).map_err(failed)?;
-    stream
-        .set_read_timeout(Some(AGENT_TIMEOUT))
-        .map_err(failed)?;
-    let mut line = serde_json::to_string(request).expect("requests serialize");
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(failed)?;
-    stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(failed)?;
-    let answer: AdminAnswer = serde_json::from_str(&answer).map_err(|e| {
-        AdminError::Failed(format!(
-            "agent at {}: unreadable answer: {e}",
-            socket.display()
-        ))
-    })?;
-    answer.into_result()
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -381,119 +292,6 @@ async fn check(config: &Config) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A URL without its query, fragment and user info, which may carry secrets.
-fn display_url(url: &url::Url) -> String {
-    let mut shown = url.clone();
-    shown.set_query(None);
-    shown.set_fragment(None);
-    let _ = shown.set_username("");
-    let _ = shown.set_password(None);
-    shown.to_string()
-}
-
-fn print_json(value: &Value, compact: bool) {
-    if compact {
-        println!("{value}");
-    } else {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("a Value always serializes")
-        );
-    }
-}
-
-fn print_summary(summary: &BatchSummary, as_json: bool) {
-    if as_json {
-        println!("{}", summary.report());
-        return;
-    }
-    let reasons: Vec<String> = Reason::ALL
-        .iter()
-        .filter(|r| summary.exports_for(**r) > 0)
-        .map(|r| format!("{} {r}", summary.exports_for(*r)))
-        .collect();
-    let reasons = if reasons.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", reasons.join(", "))
-    };
-    println!(
-        "accepted {} updates: {} exports{reasons}, {} unchanged, {} stale, {} deleted",
-        summary.accepted, summary.exports, summary.unchanged, summary.stale, summary.deleted
-    );
-}
-
-/// Ingests a file, or stdin for `-` (spooled to a temporary file so it can be read twice).
-pub fn ingest_path(
-    backend: &Backend,
-    config: &Config,
-    path: &Path,
-) -> Result<BatchSummary, CliError> {
-    let mut file = if path == Path::new("-") {
-        let mut spool = tempfile::tempfile()
-            .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut spool)
-            .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
-        spool
-    } else {
-        File::open(path)
-            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?
-    };
-    ingest_file(backend, config, &mut file)
-}
-
-/// Two passes so that memory stays bounded and a bad line stores nothing: the first validates
-/// every line, the second commits in chunks. A crash during the second pass leaves a prefix
-/// stored; running the same file again completes it (updates with timestamps are then stale or
-/// unchanged, so no export is made twice).
-pub fn ingest_file<F: Read + Seek>(
-    backend: &Backend,
-    config: &Config,
-    file: &mut F,
-) -> Result<BatchSummary, CliError> {
-    let rewind = |file: &mut F| {
-        file.rewind()
-            .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
-    };
-    rewind(file)?;
-    let mut count = 0u64;
-    for update in UpdateReader::new(BufReader::new(&mut *file)) {
-        update?;
-        count += 1;
-    }
-    rewind(file)?;
-    // Drawn only when stderr is a terminal.
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(count),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} updates, {eta} left")
-            .expect("valid template"),
-    );
-    let keep = KeepTree::for_mapping(&config.mapping);
-    let mut total = BatchSummary::default();
-    let mut chunk = Vec::with_capacity(INGEST_CHUNK);
-    let mut reader = UpdateReader::new(BufReader::new(&mut *file)).peekable();
-    while reader.peek().is_some() {
-        chunk.clear();
-        while chunk.len() < INGEST_CHUNK {
-            match reader.next() {
-                Some(update) => {
-                    let mut update = update?;
-                    keep.prune(&mut update.profile);
-                    chunk.push(update);
-                }
-                None => break,
-            }
-        }
-        total.add(&backend.ingest(config, &chunk)?);
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    Ok(total)
-}
-
 fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
     match command {
         OutboxCommand::Stats(flag) => {
@@ -579,82 +377,5 @@ fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> 
             "not found: {}",
             missing.join(", ")
         )))
-    }
-}
-
-fn text_of(value: &Value) -> String {
-    match value {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn print_stats(stats: &Value) {
-    let age = match (
-        &stats["oldest_pending_created_at"],
-        &stats["oldest_pending_age_s"],
-    ) {
-        (Value::String(at), Value::Number(age)) => format!("{at} ({age} s ago)"),
-        _ => "-".into(),
-    };
-    println!("pending          {}", text_of(&stats["pending"]));
-    println!("dead             {}", text_of(&stats["dead"]));
-    println!("oldest pending   {age}");
-    println!("outbox bytes     {}", text_of(&stats["bytes"]));
-    println!("profiles stored  {}", text_of(&stats["profiles"]));
-    println!("store id         {}", text_of(&stats["store_id"]));
-}
-
-fn print_export_table(exports: &[Value]) {
-    if exports.is_empty() {
-        println!("(no exports)");
-        return;
-    }
-    println!(
-        "{:<22} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
-        "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
-    );
-    for e in exports {
-        println!(
-            "{:<22} {:<24} {:<9} {:>8}  {:<24}  {}",
-            text_of(&e["id"]),
-            truncate_chars(&text_of(&e["profile_id"]), 24),
-            text_of(&e["reason"]),
-            text_of(&e["attempts"]),
-            text_of(&e["created_at"]),
-            truncate_chars(&text_of(&e["last_error"]), 60)
-        );
-    }
-}
-
-fn print_export(export: &Value) {
-    for key in [
-        "id",
-        "profile_id",
-        "reason",
-        "dead",
-        "attempts",
-        "created_at",
-        "last_attempt_at",
-        "last_error",
-        "dead_at",
-    ] {
-        println!("{key:<16} {}", text_of(&export[key]));
-    }
-    println!("payload:");
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&export["payload"]).expect("a Value always serializes")
-    );
-}
-
-fn truncate_chars(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_owned()
-    } else {
-        let mut cut: String = text.chars().take(max - 1).collect();
-        cut.push('…');
-        cut
     }
 }

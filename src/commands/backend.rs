@@ -1,0 +1,111 @@
+//! Where the CLI's requests go: the running agent's admin socket, or the store itself.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use super::CliError;
+use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest};
+use crate::config::Config;
+use crate::profile::Update;
+use crate::store::{BatchSummary, Store, StoreError};
+
+/// How long the CLI waits for the agent's answer.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the CLI's requests go.
+pub enum Backend {
+    /// The running agent's admin socket.
+    Agent(PathBuf),
+    /// The store on disk, opened by this process.
+    Local(Store),
+}
+
+impl Backend {
+    /// The agent if one answers on the store's socket, else the store itself.
+    pub fn connect(config: &Config) -> Result<Backend, CliError> {
+        let socket = crate::server::admin::socket_path(&config.storage.path);
+        if UnixStream::connect(&socket).is_ok() {
+            return Ok(Backend::Agent(socket));
+        }
+        match Store::open(&config.storage.path, config.storage.cache_bytes) {
+            Ok(store) => Ok(Backend::Local(store)),
+            Err(StoreError::Locked(path)) => Err(CliError::Failure(format!(
+                "the store at {} is in use by another process, and no agent answers on {}",
+                path.display(),
+                socket.display()
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn execute(&self, request: &AdminRequest) -> Result<Value, AdminError> {
+        match self {
+            Backend::Local(store) => execute(store, request),
+            Backend::Agent(socket) => call_agent(socket, request),
+        }
+    }
+
+    /// Commits one chunk of validated, pruned updates, durably.
+    pub(super) fn ingest(
+        &self,
+        config: &Config,
+        updates: &[Update],
+    ) -> Result<BatchSummary, CliError> {
+        match self {
+            Backend::Local(store) => {
+                if store.tally()?.bytes >= config.storage.max_outbox_bytes {
+                    return Err(CliError::Failure(crate::admin::OUTBOX_FULL.into()));
+                }
+                let started = std::time::Instant::now();
+                let summaries = store.apply_groups(&[updates], &config.mapping, Utc::now())?;
+                let decided = started.elapsed();
+                store.flush()?;
+                tracing::debug!(
+                    updates = updates.len(),
+                    apply_us = decided.as_micros() as u64,
+                    flush_us = (started.elapsed() - decided).as_micros() as u64,
+                    "committed a chunk"
+                );
+                Ok(summaries[0])
+            }
+            Backend::Agent(socket) => {
+                let request = AdminRequest::Ingest {
+                    updates: updates.iter().map(Update::to_value).collect(),
+                };
+                let report = call_agent(socket, &request)?;
+                BatchSummary::from_report(&report).ok_or_else(|| {
+                    CliError::Failure(format!("unexpected answer from the agent: {report}"))
+                })
+            }
+        }
+    }
+}
+
+fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {
+    let failed =
+        |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
+    let mut stream = UnixStream::connect(socket).map_err(failed)?;
+    stream
+        .set_read_timeout(Some(AGENT_TIMEOUT))
+        .map_err(failed)?;
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(failed)?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(failed)?;
+    let answer: AdminAnswer = serde_json::from_str(&answer).map_err(|e| {
+        AdminError::Failed(format!(
+            "agent at {}: unreadable answer: {e}",
+            socket.display()
+        ))
+    })?;
+    answer.into_result()
+}

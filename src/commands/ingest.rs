@@ -1,0 +1,85 @@
+//! `outpost ingest`: a file or stdin, validated whole, then committed in chunks.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+
+use super::{Backend, CliError};
+use crate::config::Config;
+use crate::profile::prune::KeepTree;
+use crate::profile::update::UpdateReader;
+use crate::store::BatchSummary;
+
+/// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
+const INGEST_CHUNK: usize = 1_000;
+
+/// Ingests a file, or stdin for `-` (spooled to a temporary file so it can be read twice).
+pub fn ingest_path(
+    backend: &Backend,
+    config: &Config,
+    path: &Path,
+) -> Result<BatchSummary, CliError> {
+    let mut file = if path == Path::new("-") {
+        let mut spool = tempfile::tempfile()
+            .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut spool)
+            .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
+        spool
+    } else {
+        File::open(path)
+            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?
+    };
+    ingest_file(backend, config, &mut file)
+}
+
+/// Two passes so that memory stays bounded and a bad line stores nothing: the first validates
+/// every line, the second commits in chunks. A crash during the second pass leaves a prefix
+/// stored; running the same file again completes it (updates with timestamps are then stale or
+/// unchanged, so no export is made twice).
+pub fn ingest_file<F: Read + Seek>(
+    backend: &Backend,
+    config: &Config,
+    file: &mut F,
+) -> Result<BatchSummary, CliError> {
+    let rewind = |file: &mut F| {
+        file.rewind()
+            .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
+    };
+    rewind(file)?;
+    let mut count = 0u64;
+    for update in UpdateReader::new(BufReader::new(&mut *file)) {
+        update?;
+        count += 1;
+    }
+    rewind(file)?;
+    // Drawn only when stderr is a terminal.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(count),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} updates, {eta} left")
+            .expect("valid template"),
+    );
+    let keep = KeepTree::for_mapping(&config.mapping);
+    let mut total = BatchSummary::default();
+    let mut chunk = Vec::with_capacity(INGEST_CHUNK);
+    let mut reader = UpdateReader::new(BufReader::new(&mut *file)).peekable();
+    while reader.peek().is_some() {
+        chunk.clear();
+        while chunk.len() < INGEST_CHUNK {
+            match reader.next() {
+                Some(update) => {
+                    let mut update = update?;
+                    keep.prune(&mut update.profile);
+                    chunk.push(update);
+                }
+                None => break,
+            }
+        }
+        total.add(&backend.ingest(config, &chunk)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(total)
+}

@@ -1,0 +1,125 @@
+//! Printing results for people (tables, aligned fields) or programs (JSON).
+
+use serde_json::Value;
+
+use crate::profile::Reason;
+use crate::store::BatchSummary;
+
+/// A URL without its query, fragment and user info, which may carry secrets.
+pub(super) fn display_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
+pub(super) fn print_json(value: &Value, compact: bool) {
+    if compact {
+        println!("{value}");
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("a Value always serializes")
+        );
+    }
+}
+
+pub(super) fn print_summary(summary: &BatchSummary, as_json: bool) {
+    if as_json {
+        println!("{}", summary.report());
+        return;
+    }
+    let reasons: Vec<String> = Reason::ALL
+        .iter()
+        .filter(|r| summary.exports_for(**r) > 0)
+        .map(|r| format!("{} {r}", summary.exports_for(*r)))
+        .collect();
+    let reasons = if reasons.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", reasons.join(", "))
+    };
+    println!(
+        "accepted {} updates: {} exports{reasons}, {} unchanged, {} stale, {} deleted",
+        summary.accepted, summary.exports, summary.unchanged, summary.stale, summary.deleted
+    );
+}
+
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub(super) fn print_stats(stats: &Value) {
+    let age = match (
+        &stats["oldest_pending_created_at"],
+        &stats["oldest_pending_age_s"],
+    ) {
+        (Value::String(at), Value::Number(age)) => format!("{at} ({age} s ago)"),
+        _ => "-".into(),
+    };
+    println!("pending          {}", text_of(&stats["pending"]));
+    println!("dead             {}", text_of(&stats["dead"]));
+    println!("oldest pending   {age}");
+    println!("outbox bytes     {}", text_of(&stats["bytes"]));
+    println!("profiles stored  {}", text_of(&stats["profiles"]));
+    println!("store id         {}", text_of(&stats["store_id"]));
+}
+
+pub(super) fn print_export_table(exports: &[Value]) {
+    if exports.is_empty() {
+        println!("(no exports)");
+        return;
+    }
+    println!(
+        "{:<22} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
+        "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
+    );
+    for e in exports {
+        println!(
+            "{:<22} {:<24} {:<9} {:>8}  {:<24}  {}",
+            text_of(&e["id"]),
+            truncate_chars(&text_of(&e["profile_id"]), 24),
+            text_of(&e["reason"]),
+            text_of(&e["attempts"]),
+            text_of(&e["created_at"]),
+            truncate_chars(&text_of(&e["last_error"]), 60)
+        );
+    }
+}
+
+pub(super) fn print_export(export: &Value) {
+    for key in [
+        "id",
+        "profile_id",
+        "reason",
+        "dead",
+        "attempts",
+        "created_at",
+        "last_attempt_at",
+        "last_error",
+        "dead_at",
+    ] {
+        println!("{key:<16} {}", text_of(&export[key]));
+    }
+    println!("payload:");
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&export["payload"]).expect("a Value always serializes")
+    );
+}
+
+fn truncate_chars(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let mut cut: String = text.chars().take(max - 1).collect();
+        cut.push('…');
+        cut
+    }
+}
