@@ -262,7 +262,7 @@ pub fn print_report(report: &DemoReport) {
         report.delivered, report.retried, report.auth_rejected, report.dead
     );
     println!(
-        "tokens    {} fetched (each lives a few seconds in the demo)",
+        "tokens    {} fetched (each lives one second in the demo, refreshed before it expires)",
         report.token_fetches
     );
     println!(
