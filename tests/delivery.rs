@@ -87,17 +87,7 @@ fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
 
 /// Waits until every export was delivered and the outbox is empty; checks order.
 async fn drained(agent: &Agent, receiver: &Receiver, exports: usize) {
-    wait_until(30, "every export delivered", || {
-        let mut keys: Vec<String> = receiver
-            .delivered()
-            .iter()
-            .map(|r| r.header("idempotency-key").unwrap().to_owned())
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
-    })
-    .await;
+    wait_drained(agent, receiver, exports).await;
     assert_per_profile_order(&delivered_pairs(receiver));
 }
 

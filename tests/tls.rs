@@ -172,6 +172,22 @@ fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
+/// A config that trusts `ca` and presents `client`'s certificate (mutual TLS).
+fn mtls_config(dir: &Path, receiver: &Receiver, ca: &Ca, client: &Leaf) -> Config {
+    let ca_file = write_file(dir, "ca.pem", &ca.pem());
+    let cert_file = write_file(dir, "client.pem", &client.cert.pem());
+    let key_file = write_file(dir, "client-key.pem", &client.key.serialize_pem());
+    agent_config(
+        dir,
+        receiver,
+        &[
+            path_line("ca_file", &ca_file),
+            path_line("client_cert_file", &cert_file),
+            path_line("client_key_file", &key_file),
+        ],
+    )
+}
+
 fn write_file(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
@@ -202,17 +218,7 @@ async fn ingest(agent: &Agent, lines: &[String]) -> usize {
 
 /// Waits until `exports` distinct exports were delivered and the outbox is empty.
 async fn drained(agent: &Agent, receiver: &Receiver, exports: usize) {
-    wait_until(30, "every export delivered over TLS", || {
-        let mut keys: Vec<String> = receiver
-            .delivered()
-            .iter()
-            .map(|r| r.header("idempotency-key").unwrap().to_owned())
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
-    })
-    .await;
+    wait_drained(agent, receiver, exports).await;
     assert_eq!(agent.store.tally().unwrap().dead, 0);
 }
 
@@ -347,18 +353,7 @@ async fn mutual_tls_with_a_client_certificate() {
     let client = ca.client_leaf();
     let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
-    let cert_file = write_file(dir.path(), "client.pem", &client.cert.pem());
-    let key_file = write_file(dir.path(), "client-key.pem", &client.key.serialize_pem());
-    let config = agent_config(
-        dir.path(),
-        &receiver,
-        &[
-            path_line("ca_file", &ca_file),
-            path_line("client_cert_file", &cert_file),
-            path_line("client_key_file", &key_file),
-        ],
-    );
+    let config = mtls_config(dir.path(), &receiver, &ca, &client);
     assert!(config.destination.client_cert.is_some());
 
     let agent = start(&config).await;
@@ -402,18 +397,7 @@ async fn mutual_tls_with_a_client_certificate_from_another_ca_fails() {
     let client = other.client_leaf();
     let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
     let dir = tempfile::tempdir().unwrap();
-    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
-    let cert_file = write_file(dir.path(), "client.pem", &client.cert.pem());
-    let key_file = write_file(dir.path(), "client-key.pem", &client.key.serialize_pem());
-    let config = agent_config(
-        dir.path(),
-        &receiver,
-        &[
-            path_line("ca_file", &ca_file),
-            path_line("client_cert_file", &cert_file),
-            path_line("client_key_file", &key_file),
-        ],
-    );
+    let config = mtls_config(dir.path(), &receiver, &ca, &client);
 
     let agent = start(&config).await;
     let exports = ingest(&agent, &updates()).await;

@@ -251,3 +251,23 @@ pub async fn wait_until(seconds: u64, what: &str, mut check: impl FnMut() -> boo
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Waits (at most 30 s) until `exports` distinct exports reached the receiver with a 2xx and
+/// the agent's outbox holds nothing pending.
+pub async fn wait_drained(
+    agent: &outpost::agent::Agent,
+    receiver: &outpost::receiver::Receiver,
+    exports: usize,
+) {
+    wait_until(30, "every export delivered", || {
+        let mut keys: Vec<String> = receiver
+            .delivered()
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap().to_owned())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+}
