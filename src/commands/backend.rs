@@ -58,7 +58,7 @@ impl Backend {
     ) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
-                if store.tally()?.bytes >= config.storage.max_outbox_bytes {
+                if store.outbox_full(config.storage.max_outbox_bytes)? {
                     return Err(CliError::Failure(crate::admin::OUTBOX_FULL.into()));
                 }
                 let started = std::time::Instant::now();

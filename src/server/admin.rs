@@ -108,7 +108,7 @@ async fn ingest(
         .map(|(i, value)| update_from_value(value, i as u64 + 1))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| AdminError::Usage(e.to_string()))?;
-    if state.store.tally()?.bytes >= state.max_outbox_bytes {
+    if state.store.outbox_full(state.max_outbox_bytes)? {
         return Err(AdminError::Failed(OUTBOX_FULL.into()));
     }
     let summary = state

@@ -171,8 +171,8 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return too_large();
     }
-    match state.store.tally() {
-        Ok(tally) if tally.bytes >= state.max_outbox_bytes => {
+    match state.store.outbox_full(state.max_outbox_bytes) {
+        Ok(true) => {
             let mut answer =
                 error_answer(StatusCode::SERVICE_UNAVAILABLE, crate::admin::OUTBOX_FULL);
             answer
@@ -180,7 +180,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                 .insert(RETRY_AFTER, FULL_RETRY_AFTER_S.into());
             return answer;
         }
-        Ok(_) => {}
+        Ok(false) => {}
         Err(e) => return error_answer(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);

@@ -622,6 +622,12 @@ impl Store {
         })
     }
 
+    /// Whether the outbox (pending and dead) holds `max_bytes` or more: then nothing more is
+    /// taken in (`storage.max_outbox_bytes`).
+    pub fn outbox_full(&self, max_bytes: u64) -> Result<bool, StoreError> {
+        Ok(self.tally()?.bytes >= max_bytes)
+    }
+
     /// Pending and dead counts and bytes, read without walking the trees.
     pub fn tally(&self) -> Result<Tally, StoreError> {
         match self.meta.get(meta::TALLY)? {
