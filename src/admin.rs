@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
+use crate::store::source::parse_rejected_id;
 use crate::store::{ExportId, ListFilter, Place, Store, StoreError};
 
 /// The name of the agent's socket in the store folder.
@@ -42,6 +43,17 @@ pub enum AdminRequest {
     /// Updates already validated by the CLI, committed as one group.
     Ingest {
         updates: Vec<Value>,
+    },
+    /// Messages from the NATS stream that were not valid updates.
+    RejectedList {
+        limit: usize,
+    },
+    RejectedShow {
+        id: String,
+    },
+    RejectedDrop {
+        ids: Vec<String>,
+        all: bool,
     },
 }
 
@@ -158,7 +170,56 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
         AdminRequest::Ingest { .. } => {
             Err(AdminError::Failed("ingest is not executed here".into()))
         }
+        AdminRequest::RejectedList { limit } => Ok(Value::Array(
+            store
+                .rejected_list(*limit)?
+                .iter()
+                .map(|r| r.to_json())
+                .collect(),
+        )),
+        AdminRequest::RejectedShow { id } => {
+            let (partition, seq) = parse_rejected_id(id).map_err(AdminError::Usage)?;
+            let record = store
+                .rejected_get(partition, seq)?
+                .ok_or_else(|| AdminError::NotFound(format!("no rejected message `{id}`")))?;
+            Ok(record.to_json())
+        }
+        AdminRequest::RejectedDrop { ids, all } => drop_rejected(store, ids, *all),
     }
+}
+
+/// Deletes rejected messages (named, or `all`), durably.
+fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, AdminError> {
+    if all != ids.is_empty() {
+        return Err(AdminError::Usage(
+            "give rejected message ids or --all, not both or neither".into(),
+        ));
+    }
+    let targets: Vec<(String, u32, u64)> = if all {
+        store
+            .rejected_ids()?
+            .into_iter()
+            .map(|(p, s)| (format!("{p}-{s}"), p, s))
+            .collect()
+    } else {
+        ids.iter()
+            .map(|id| {
+                let (p, s) = parse_rejected_id(id).map_err(AdminError::Usage)?;
+                Ok((id.clone(), p, s))
+            })
+            .collect::<Result<_, AdminError>>()?
+    };
+    let mut dropped = Vec::new();
+    let mut missing = Vec::new();
+    for (id, partition, seq) in targets {
+        if store.rejected_drop(partition, seq)? {
+            dropped.push(id);
+        } else {
+            missing.push(id);
+        }
+    }
+    store.flush()?;
+    Ok(json!({"dropped": dropped, "not_found": missing}))
 }
 
 /// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`

@@ -1,5 +1,5 @@
-//! `outpost run`: the store, the committer, the delivery loop, the ingest API and the admin
-//! socket, started together and stopped together.
+//! `outpost run`: the store, the committer, the delivery loop, the ingest API, the admin
+//! socket and (with `[source.nats]`) the stream consumers, started together and stopped together.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Nats(#[from] crate::source::nats::NatsError),
     #[error("cannot create the admin socket in {path}: {source}")]
     Socket {
         path: String,
@@ -105,6 +107,22 @@ impl Agent {
                 running.store(false, Ordering::Relaxed);
             }));
         }
+        let source = match &config.nats {
+            Some(nats) => {
+                let (state, consumers) = crate::source::nats::start(
+                    nats,
+                    Arc::clone(&store),
+                    committer.clone(),
+                    Arc::clone(&metrics),
+                    config.storage.max_outbox_bytes,
+                    shutdown.clone(),
+                )
+                .await?;
+                tasks.extend(consumers);
+                Some(state)
+            }
+            None => None,
+        };
         let ingest_state = Arc::new(ingest::IngestState {
             store: Arc::clone(&store),
             committer: committer.clone(),
@@ -113,6 +131,7 @@ impl Agent {
             max_body_bytes: config.ingest.max_body_bytes,
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
+            source,
         });
         tasks.push(tokio::spawn(ingest::serve(
             listener,

@@ -109,6 +109,72 @@ pub enum Command {
     /// Inspect stored profiles.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Publish NDJSON updates into the NATS stream, each to its profile's partition.
+    ///
+    /// The input is validated whole first (one bad line: nothing is published). Each message
+    /// waits for JetStream's acknowledgement and carries a de-duplication id (Nats-Msg-Id)
+    /// derived from the update, so publishing the same file again within the stream's
+    /// duplicate window adds nothing.
+    ///
+    /// Example: outpost publish --config outpost.toml data/sample-updates.ndjson
+    Publish {
+        /// The file to read, or `-` for standard input
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// Publishes waiting for their acknowledgement at most
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+    },
+    /// Set up NATS JetStream for `[source.nats]`.
+    #[command(subcommand)]
+    Nats(NatsCommand),
+    /// Messages from the NATS stream that were not valid updates (kept, and acknowledged).
+    #[command(subcommand)]
+    Rejected(RejectedCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NatsCommand {
+    /// Create the stream (file storage, subjects <prefix>.*), or check the one there.
+    ///
+    /// Idempotent: says whether it created the stream or found it.
+    ///
+    /// Example: outpost nats setup --config outpost.toml
+    Setup,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RejectedCommand {
+    /// List rejected messages by partition and stream sequence.
+    ///
+    /// Example: outpost rejected list --json
+    List {
+        /// At most this many; 0 lists all
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Show one rejected message: subject, sequence, time, error, the bytes received.
+    ///
+    /// Example: outpost rejected show 7-1042
+    Show {
+        /// The rejected message's id: <partition>-<stream sequence>
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Delete rejected messages.
+    ///
+    /// Example: outpost rejected drop 7-1042
+    Drop {
+        /// Rejected message ids
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every rejected message
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

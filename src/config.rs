@@ -62,6 +62,8 @@ struct RawConfig {
     ingest: RawIngest,
     #[serde(default)]
     delivery: RawDelivery,
+    #[serde(default)]
+    source: Option<crate::source::config::RawSource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +228,8 @@ pub struct Config {
     pub storage: Storage,
     pub ingest: Ingest,
     pub delivery: Delivery,
+    /// `[source.nats]`: a JetStream stream the agent consumes besides the ingest API.
+    pub nats: Option<crate::source::config::NatsSource>,
 }
 
 #[derive(Debug, Clone)]
@@ -434,6 +438,14 @@ impl Config {
             ));
         }
 
+        let nats = match raw.source.and_then(|s| s.nats) {
+            Some(raw) => Some(
+                crate::source::config::validate_nats(raw, &relative)
+                    .map_err(|(k, m)| invalid(k, m))?,
+            ),
+            None => None,
+        };
+
         Ok(Config {
             path: path.to_path_buf(),
             destination: Destination {
@@ -463,6 +475,7 @@ impl Config {
                 max_backoff: Duration::from_millis(d.max_backoff_ms),
                 max_age: Duration::from_secs(d.max_age_s),
             },
+            nats,
         })
     }
 }

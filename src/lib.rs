@@ -11,6 +11,7 @@
 //! - [`store`]: the sled store: typed trees, key and value encodings ([`store::keys`],
 //!   [`store::codec`]) and the group-committing single writer ([`store::committer`]).
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
+//! - [`source`]: a NATS JetStream stream as a second input, partitioned by profile.
 //! - [`logging`]: tracing set-up.
 
 pub mod admin;
@@ -25,4 +26,5 @@ pub mod metrics;
 pub mod profile;
 pub mod receiver;
 pub mod server;
+pub mod source;
 pub mod store;

@@ -47,6 +47,14 @@ pub struct Metrics {
     pub outbox_dead: Gauge,
     pub token_fetches: Counter,
     delivery_latency: Histogram,
+    source_messages: Family<Labels, Counter>,
+    /// Messages of the NATS source acknowledged after their group was durable.
+    pub source_acks: Counter,
+    /// 1 while connected to NATS (0 also when no NATS source is configured).
+    pub source_connected: Gauge,
+    /// 1 while fetching is paused because the outbox is full.
+    pub source_paused: Gauge,
+    source_pending: Family<Vec<(&'static str, String)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -88,8 +96,43 @@ impl Metrics {
             "Time from sending an export to its 2xx answer",
             delivery_latency.clone(),
         );
+        let source_messages = Family::<Labels, Counter>::default();
+        let source_acks = Counter::default();
+        let source_connected = Gauge::default();
+        let source_paused = Gauge::default();
+        let source_pending = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "source_messages",
+            "Messages from the NATS stream by result (committed, skipped redeliveries, rejected)",
+            source_messages.clone(),
+        );
+        registry.register(
+            "source_acks",
+            "Messages from the NATS stream acknowledged",
+            source_acks.clone(),
+        );
+        registry.register(
+            "source_connected",
+            "1 while connected to NATS",
+            source_connected.clone(),
+        );
+        registry.register(
+            "source_paused",
+            "1 while fetching from NATS is paused by a full outbox",
+            source_paused.clone(),
+        );
+        registry.register(
+            "source_pending",
+            "Messages waiting in the NATS stream, per owned partition",
+            source_pending.clone(),
+        );
         Metrics {
             registry,
+            source_messages,
+            source_acks,
+            source_connected,
+            source_paused,
+            source_pending,
             updates,
             exports,
             deliveries,
@@ -148,6 +191,30 @@ impl Metrics {
         self.exports
             .get_or_create(&vec![("reason", reason.as_str())])
             .get()
+    }
+
+    pub fn record_source_messages(&self, committed: u64, skipped: u64, rejected: u64) {
+        for (result, n) in [
+            ("committed", committed),
+            ("skipped", skipped),
+            ("rejected", rejected),
+        ] {
+            self.source_messages
+                .get_or_create(&vec![("result", result)])
+                .inc_by(n);
+        }
+    }
+
+    pub fn source_messages(&self, result: &'static str) -> u64 {
+        self.source_messages
+            .get_or_create(&vec![("result", result)])
+            .get()
+    }
+
+    pub fn set_source_pending(&self, partition: u32, pending: u64) {
+        self.source_pending
+            .get_or_create(&vec![("partition", partition.to_string())])
+            .set(pending as i64);
     }
 
     pub fn render(&self) -> String {

@@ -4,6 +4,7 @@
 
 mod backend;
 mod ingest;
+mod nats;
 mod output;
 
 use std::fs::File;
@@ -15,7 +16,7 @@ use serde_json::Value;
 
 use crate::admin::{AdminError, AdminRequest};
 use crate::agent::{termination_signal, Agent, AgentOptions};
-use crate::cli::{Cli, Command, OutboxCommand, ProfileCommand, Targets};
+use crate::cli::{Cli, Command, NatsCommand, OutboxCommand, ProfileCommand, Targets};
 use crate::config::{self, Auth, Config, ConfigError};
 use crate::profile::update::InputError;
 use crate::receiver::{Receiver, ReceiverOptions};
@@ -115,6 +116,11 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print_json(&value, json.json);
             Ok(())
         }
+        Command::Publish { file, in_flight } => {
+            runtime()?.block_on(nats::publish_path(&config, &file, in_flight))
+        }
+        Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
+        Command::Rejected(command) => nats::rejected(&Backend::connect(&config)?, command),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
         }

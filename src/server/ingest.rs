@@ -38,6 +38,8 @@ pub struct IngestState {
     pub max_outbox_bytes: u64,
     /// Set while the delivery loop runs; `/healthz` reports it.
     pub delivery_running: Arc<AtomicBool>,
+    /// The NATS source, when `[source.nats]` is configured.
+    pub source: Option<Arc<crate::source::nats::SourceState>>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -101,7 +103,11 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
         (&Method::POST, "/v1/updates") => post_updates(state, request).await,
         (&Method::GET, "/healthz") => {
             if state.delivery_running.load(Ordering::Relaxed) {
-                json_answer(StatusCode::OK, json!({"status": "ok"}))
+                let mut body = json!({"status": "ok"});
+                if let Some(source) = &state.source {
+                    body["nats"] = source.to_json();
+                }
+                json_answer(StatusCode::OK, body)
             } else {
                 error_answer(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +119,14 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
             if let Ok(tally) = state.store.tally() {
                 state.metrics.outbox_pending.set(tally.pending as i64);
                 state.metrics.outbox_dead.set(tally.dead as i64);
+            }
+            if let Some(source) = &state.source {
+                let metrics = &state.metrics;
+                metrics.source_connected.set(i64::from(source.connected()));
+                metrics.source_paused.set(i64::from(source.paused()));
+                for (partition, pending) in source.pending() {
+                    metrics.set_source_pending(partition, pending);
+                }
             }
             Response::builder()
                 .header(

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::source::SourcePosition;
 use super::{BatchSummary, Store};
 use crate::config::Mapping;
 use crate::profile::prune::KeepTree;
@@ -25,6 +26,8 @@ pub enum CommitError {
 
 struct Job {
     updates: Vec<Update>,
+    /// For updates from a stream: how far it was consumed, recorded in the same transaction.
+    position: Option<SourcePosition>,
     reply: oneshot::Sender<Result<BatchSummary, CommitError>>,
 }
 
@@ -54,13 +57,27 @@ impl Committer {
     ///
     /// The updates are pruned to their mapped parts here, on the caller's task, so that the
     /// single committer thread only does what must be serial.
-    pub async fn commit(&self, mut updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
+    pub async fn commit(&self, updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
+        self.commit_at(updates, None).await
+    }
+
+    /// [`Committer::commit`] for updates from a stream partition: `position` (how far the
+    /// partition was consumed, and its rejected messages) is written in the same transaction.
+    pub async fn commit_at(
+        &self,
+        mut updates: Vec<Update>,
+        position: Option<SourcePosition>,
+    ) -> Result<BatchSummary, CommitError> {
         for update in &mut updates {
             self.keep.prune(&mut update.profile);
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { updates, reply })
+            .send(Job {
+                updates,
+                position,
+                reply,
+            })
             .await
             .map_err(|_| CommitError::Stopped)?;
         answer.await.map_err(|_| CommitError::Stopped)?
@@ -80,9 +97,11 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
                 Err(_) => break,
             }
         }
+        let consumed: Vec<SourcePosition> =
+            jobs.iter_mut().filter_map(|j| j.position.take()).collect();
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
         let started = std::time::Instant::now();
-        let applied = store.apply_groups(&groups, mapping, Utc::now());
+        let applied = store.apply_groups_at(&groups, mapping, Utc::now(), &consumed);
         let decided = started.elapsed();
         let result = applied.and_then(|summaries| store.flush().map(|()| summaries));
         tracing::debug!(

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod committer;
 pub mod flusher;
 pub mod keys;
+pub mod source;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -225,6 +226,9 @@ pub struct Store {
     pub(crate) outbox: sled::Tree,
     pub(crate) dead: sled::Tree,
     pub(crate) meta: sled::Tree,
+    /// Stream positions and rejected stream messages (see [`source`]).
+    pub(crate) positions: sled::Tree,
+    pub(crate) rejected: sled::Tree,
     /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
     log_file: Option<File>,
     /// Written while exports are put back under their old (lower) sequence numbers, read while
@@ -418,6 +422,8 @@ impl Store {
             profiles: db.open_tree("profiles")?,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
+            positions: db.open_tree("positions")?,
+            rejected: db.open_tree("rejected")?,
             meta,
             db,
             store_id,
@@ -458,6 +464,18 @@ impl Store {
         groups: &[&[Update]],
         mapping: &Mapping,
         received_at: DateTime<Utc>,
+    ) -> Result<Vec<BatchSummary>, StoreError> {
+        self.apply_groups_at(groups, mapping, received_at, &[])
+    }
+
+    /// [`Store::apply_groups`], also recording in the same transaction how far each stream
+    /// partition was consumed and the messages of it that were rejected.
+    pub fn apply_groups_at(
+        &self,
+        groups: &[&[Update]],
+        mapping: &Mapping,
+        received_at: DateTime<Utc>,
+        consumed: &[source::SourcePosition],
     ) -> Result<Vec<BatchSummary>, StoreError> {
         let created_at_ms = received_at.timestamp_millis();
         // The latest version of each profile touched, and whether it must be written.
@@ -516,7 +534,15 @@ impl Store {
         // In key order, sled touches each leaf once rather than hopping between them.
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
 
-        (&self.profiles, &self.outbox, &self.meta).transaction(|(profiles, outbox, meta_tx)| {
+        let trees = (
+            &self.profiles,
+            &self.outbox,
+            &self.meta,
+            &self.positions,
+            &self.rejected,
+        );
+        trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
+            source::write(positions, rejected, consumed)?;
             let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
             let mut tally = read_tally(meta_tx)?;
             for (id, value) in &writes {

@@ -1,0 +1,218 @@
+//! `outpost nats setup`, `outpost publish` and `outpost rejected`.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{Backend, CliError};
+use crate::admin::AdminRequest;
+use crate::cli::RejectedCommand;
+use crate::config::Config;
+use crate::profile::update::parse_body;
+use crate::source::config::NatsSource;
+use crate::source::nats::{setup, SetupOutcome};
+use crate::source::publish::{plan, publish};
+
+fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
+    config.nats.as_ref().ok_or_else(|| {
+        CliError::Usage(format!(
+            "config {} has no [source.nats] table",
+            config.path.display()
+        ))
+    })
+}
+
+/// A server address without user info, which may carry a password.
+fn display_server(server: &str) -> String {
+    match server.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{host}"),
+            None => server.to_owned(),
+        },
+        None => server
+            .rsplit_once('@')
+            .map_or(server, |(_, h)| h)
+            .to_owned(),
+    }
+}
+
+pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
+    let nats = nats_config(config)?;
+    let servers: Vec<String> = nats.servers.iter().map(|s| display_server(s)).collect();
+    println!("servers          {}", servers.join(", "));
+    let outcome = setup(nats)
+        .await
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    let subjects = format!("{}.*", nats.subject_prefix);
+    match outcome {
+        SetupOutcome::Created => println!(
+            "stream           {} created: subjects {subjects}, file storage, {} replica(s)",
+            nats.stream, nats.replicas
+        ),
+        SetupOutcome::Found { messages, replicas } => println!(
+            "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); nothing changed",
+            nats.stream
+        ),
+    }
+    println!(
+        "partitions       {} ({}.0 to {}.{}); this agent owns {}",
+        nats.partitions,
+        nats.subject_prefix,
+        nats.subject_prefix,
+        nats.partitions - 1,
+        nats.owned_text()
+    );
+    Ok(())
+}
+
+pub(super) async fn publish_path(
+    config: &Config,
+    path: &Path,
+    in_flight: usize,
+) -> Result<(), CliError> {
+    let nats = nats_config(config)?;
+    if in_flight == 0 {
+        return Err(CliError::Usage("--in-flight must be at least 1".into()));
+    }
+    let mut body = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut body)
+            .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
+    } else {
+        body = std::fs::read(path)
+            .map_err(|e| CliError::Failure(format!("cannot read {}: {e}", path.display())))?;
+    }
+    let updates = parse_body(&body)
+        .map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
+    drop(body);
+    let messages = plan(&updates, nats);
+    let total = messages.len() as u64;
+    let bar = if std::io::stderr().is_terminal() && path != Path::new("-") {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} updates published, {per_sec}, {eta} left",
+            )
+            .expect("the template is valid"),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let result = publish(nats, messages, in_flight, |n| {
+        if let Some(bar) = &bar {
+            bar.set_position(n);
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(report) => {
+            println!(
+                "{} update(s) published to stream {} ({} already there, ignored as duplicates)",
+                report.published - report.duplicates,
+                nats.stream,
+                report.duplicates
+            );
+            Ok(())
+        }
+        Err((report, e)) => Err(CliError::Failure(format!(
+            "{e}; the first {} of {total} update(s) were published in order: publishing the same input again completes it",
+            report.published
+        ))),
+    }
+}
+
+pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<(), CliError> {
+    match command {
+        RejectedCommand::List { limit, json } => {
+            let list = backend.execute(&AdminRequest::RejectedList { limit })?;
+            let list = list.as_array().cloned().unwrap_or_default();
+            let mut out = std::io::stdout().lock();
+            if json.json {
+                for item in &list {
+                    let _ = writeln!(out, "{item}");
+                }
+            } else if list.is_empty() {
+                let _ = writeln!(out, "no rejected messages");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<14} {:<24} {:<24} ERROR",
+                    "ID", "SUBJECT", "RECEIVED"
+                );
+                for item in &list {
+                    let _ = writeln!(
+                        out,
+                        "{:<14} {:<24} {:<24} {}",
+                        text(&item["id"]),
+                        text(&item["subject"]),
+                        text(&item["received_at"]),
+                        text(&item["error"])
+                    );
+                }
+            }
+        }
+        RejectedCommand::Show { id, json } => {
+            let item = backend.execute(&AdminRequest::RejectedShow { id })?;
+            if json.json {
+                println!("{item}");
+            } else {
+                for key in ["id", "subject", "seq", "received_at", "error", "raw_bytes"] {
+                    println!("{key:<12} {}", text(&item[key]));
+                }
+                if item["raw_truncated"].as_bool() == Some(true) {
+                    println!("raw (first bytes):");
+                } else {
+                    println!("raw:");
+                }
+                println!("{}", text(&item["raw"]));
+            }
+        }
+        RejectedCommand::Drop { ids, all } => {
+            let result = backend.execute(&AdminRequest::RejectedDrop { ids, all })?;
+            let done = result["dropped"].as_array().map_or(0, Vec::len);
+            println!("{done} rejected message(s) deleted");
+            let missing: Vec<&str> = result["not_found"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if !missing.is_empty() {
+                return Err(CliError::Failure(format!(
+                    "not found: {}",
+                    missing.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::display_server;
+
+    #[test]
+    fn servers_are_shown_without_passwords() {
+        for (given, shown) in [
+            ("nats://u:secret@10.0.0.5:4222", "nats://10.0.0.5:4222"),
+            ("nats://10.0.0.5:4222", "nats://10.0.0.5:4222"),
+            ("u:secret@host:4222", "host:4222"),
+            ("tls://tok@host", "tls://host"),
+        ] {
+            assert_eq!(display_server(given), shown);
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! What a batch fetched from one partition becomes (pure): the updates to commit, the
+//! redeliveries to skip, the messages to reject, and the position to record with them.
+
+use crate::profile::update::update_from_json;
+use crate::profile::Update;
+use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
+
+use super::partition::partition_of;
+
+/// One message as fetched: its subject, stream sequence and body.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetched<'a> {
+    pub subject: &'a str,
+    pub seq: u64,
+    pub payload: &'a [u8],
+}
+
+/// The decision for one batch.
+#[derive(Debug, Default)]
+pub struct Sorted {
+    pub updates: Vec<Update>,
+    /// How far the partition is consumed after this batch, with its rejected messages; `None`
+    /// when every message was a redelivery of something already in the store.
+    pub position: Option<SourcePosition>,
+    /// Messages at or below the recorded position (or repeated within the batch).
+    pub skipped: u64,
+}
+
+/// Sorts the messages of `partition` fetched after `recorded` (the position in the store).
+///
+/// A message is skipped when its sequence is not above every sequence before it: it is
+/// already in the store, so it changes nothing and exports nothing. A message that is not a
+/// valid update, or whose profile belongs to another partition, is rejected; the others of
+/// the batch are committed all the same.
+pub fn sort_batch(
+    partition: u32,
+    partitions: u32,
+    recorded: u64,
+    messages: &[Fetched<'_>],
+    now_ms: i64,
+) -> Sorted {
+    let mut sorted = Sorted::default();
+    let mut high = recorded;
+    let mut rejected = Vec::new();
+    for message in messages {
+        if message.seq <= high {
+            sorted.skipped += 1;
+            continue;
+        }
+        high = message.seq;
+        let parsed = update_from_json(message.payload, message.seq)
+            .map_err(|e| e.reason)
+            .and_then(|update| {
+                let home = partition_of(&update.id, partitions);
+                if home == partition {
+                    Ok(update)
+                } else {
+                    Err(format!(
+                        "profile `{}` belongs to partition {home}, not {partition}: the producer routes with another function or partition count",
+                        update.id
+                    ))
+                }
+            });
+        match parsed {
+            Ok(update) => sorted.updates.push(update),
+            Err(error) => rejected.push(RejectedRecord {
+                partition,
+                seq: message.seq,
+                subject: message.subject.to_owned(),
+                received_at_ms: now_ms,
+                raw: message.payload[..message.payload.len().min(MAX_REJECTED_RAW)].to_vec(),
+                raw_len: message.payload.len() as u64,
+                error,
+            }),
+        }
+    }
+    if high > recorded {
+        sorted.position = Some(SourcePosition {
+            partition,
+            seq: high,
+            rejected,
+        });
+    }
+    sorted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARTITIONS: u32 = 8;
+
+    /// An update of a profile that lives in partition 1 of 8 (`p-000001`).
+    fn good(name: &str) -> String {
+        format!(r#"{{"id":"p-000001","profile":{{"name":"{name}"}}}}"#)
+    }
+
+    fn run(recorded: u64, messages: &[(u64, &str)]) -> Sorted {
+        let fetched: Vec<Fetched> = messages
+            .iter()
+            .map(|(seq, body)| Fetched {
+                subject: "u.1",
+                seq: *seq,
+                payload: body.as_bytes(),
+            })
+            .collect();
+        sort_batch(1, PARTITIONS, recorded, &fetched, 7)
+    }
+
+    #[test]
+    fn batches_are_sorted() {
+        let (a, b) = (good("a"), good("b"));
+        let long = "x".repeat(MAX_REJECTED_RAW + 10);
+        let other = r#"{"id":"p-000123","profile":{}}"#; // partition 6 of 8
+                                                         // (recorded, messages) -> (updates, skipped, position, rejected seqs)
+        type Case<'a> = (u64, Vec<(u64, &'a str)>, usize, u64, Option<u64>, Vec<u64>);
+        let table: Vec<Case> = vec![
+            (0, vec![(1, &a), (5, &b)], 2, 0, Some(5), vec![]),
+            (5, vec![(4, &a), (5, &b)], 0, 2, None, vec![]),
+            (4, vec![(4, &a), (6, &b)], 1, 1, Some(6), vec![]),
+            (
+                0,
+                vec![(1, &a), (2, "{bad"), (3, &b)],
+                2,
+                0,
+                Some(3),
+                vec![2],
+            ),
+            (0, vec![(1, "nope"), (2, &long)], 0, 0, Some(2), vec![1, 2]),
+            (0, vec![(3, &a), (3, &a), (2, &b)], 1, 2, Some(3), vec![]),
+            (0, vec![(9, other)], 0, 0, Some(9), vec![9]),
+            (0, vec![], 0, 0, None, vec![]),
+        ];
+        for (i, (recorded, messages, updates, skipped, position, rejected)) in
+            table.into_iter().enumerate()
+        {
+            let sorted = run(recorded, &messages);
+            assert_eq!(sorted.updates.len(), updates, "case {i}: updates");
+            assert_eq!(sorted.skipped, skipped, "case {i}: skipped");
+            assert_eq!(
+                sorted.position.as_ref().map(|p| p.seq),
+                position,
+                "case {i}"
+            );
+            let seqs: Vec<u64> = sorted
+                .position
+                .iter()
+                .flat_map(|p| p.rejected.iter().map(|r| r.seq))
+                .collect();
+            assert_eq!(seqs, rejected, "case {i}: rejected");
+        }
+    }
+
+    #[test]
+    fn rejected_messages_keep_subject_reason_and_capped_bytes() {
+        let long = format!("{{{}", "x".repeat(MAX_REJECTED_RAW + 10));
+        let sorted = run(0, &[(1, r#"{"id":"p-000001","extra":1}"#), (2, &long)]);
+        let rejected = &sorted.position.unwrap().rejected;
+        assert_eq!(rejected[0].subject, "u.1");
+        assert!(rejected[0].error.contains("extra"), "{}", rejected[0].error);
+        assert_eq!(rejected[0].received_at_ms, 7);
+        assert_eq!(rejected[1].raw.len(), MAX_REJECTED_RAW);
+        assert_eq!(rejected[1].raw_len, long.len() as u64);
+        assert!(
+            rejected[1].error.contains("not valid JSON"),
+            "{}",
+            rejected[1].error
+        );
+    }
+}

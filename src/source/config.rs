@@ -1,0 +1,366 @@
+//! `[source.nats]`: the raw TOML table (unknown keys refused) and its validation into
+//! [`NatsSource`]. Every error names its key; credentials are held in [`Secret`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::partition::{format_owned, parse_owned};
+use crate::config::Secret;
+
+/// `[source]`: the inputs besides the HTTP ingest API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSource {
+    #[serde(default)]
+    pub nats: Option<RawNats>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNats {
+    servers: Vec<String>,
+    #[serde(default)]
+    creds_file: Option<PathBuf>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    tls_ca_file: Option<PathBuf>,
+    #[serde(default = "default_stream")]
+    stream: String,
+    #[serde(default = "default_prefix")]
+    subject_prefix: String,
+    partitions: u32,
+    #[serde(default)]
+    owned: Option<String>,
+    #[serde(default = "default_replicas")]
+    replicas: u32,
+    #[serde(default = "default_fetch_batch")]
+    fetch_batch: u32,
+    #[serde(default = "default_ack_wait_s")]
+    ack_wait_s: u64,
+}
+
+fn default_stream() -> String {
+    "OUTPOST_UPDATES".into()
+}
+fn default_prefix() -> String {
+    "outpost.updates".into()
+}
+fn default_replicas() -> u32 {
+    1
+}
+fn default_fetch_batch() -> u32 {
+    1000
+}
+fn default_ack_wait_s() -> u64 {
+    60
+}
+
+/// How the agent proves who it is to NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    CredsFile(PathBuf),
+    Token(Secret),
+    UserPassword { user: String, password: Secret },
+}
+
+/// The validated `[source.nats]`.
+#[derive(Debug, Clone)]
+pub struct NatsSource {
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    pub tls_ca_file: Option<PathBuf>,
+    pub stream: String,
+    pub subject_prefix: String,
+    /// Fixed when the stream is made: every producer routes with the same number.
+    pub partitions: u32,
+    /// Sorted, each below `partitions`; all of them when `owned` is not given.
+    pub owned: Vec<u32>,
+    pub replicas: usize,
+    /// Messages fetched (and committed as one group) per partition at a time.
+    pub fetch_batch: usize,
+    /// How long NATS waits for an ack before it delivers a message again.
+    pub ack_wait: Duration,
+}
+
+impl NatsSource {
+    /// `owned` as ranges, for people.
+    pub fn owned_text(&self) -> String {
+        format_owned(&self.owned)
+    }
+}
+
+type KeyError = (&'static str, String);
+
+/// A subject token may not be empty, hold spaces or be a wildcard.
+fn check_subject_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Err("must not be empty".into());
+    }
+    for token in prefix.split('.') {
+        if token.is_empty() {
+            return Err(format!(
+                "`{prefix}` has an empty token (two dots, or a dot at an end)"
+            ));
+        }
+        if token == "*" || token == ">" || token.chars().any(|c| c.is_whitespace()) {
+            return Err(format!(
+                "`{prefix}` must be plain subject tokens, without wildcards or spaces"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_server(server: &str) -> Result<(), String> {
+    let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+        .iter()
+        .any(|s| server.starts_with(s))
+        || !server.contains("://");
+    if server.trim().is_empty() || !scheme_ok {
+        return Err(format!(
+            "`{server}` is not a server address like nats://10.0.0.5:4222"
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_nats(
+    raw: RawNats,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<NatsSource, KeyError> {
+    if raw.servers.is_empty() {
+        return Err((
+            "source.nats.servers",
+            "must name at least one server".into(),
+        ));
+    }
+    for server in &raw.servers {
+        check_server(server).map_err(|m| ("source.nats.servers", m))?;
+    }
+    let auth = match (raw.creds_file, raw.token, raw.user, raw.password) {
+        (None, None, None, None) => NatsAuth::None,
+        (Some(file), None, None, None) => NatsAuth::CredsFile(relative(file)),
+        (None, Some(token), None, None) if !token.is_empty() => NatsAuth::Token(Secret::new(token)),
+        (None, Some(_), None, None) => {
+            return Err(("source.nats.token", "must not be empty".into()))
+        }
+        (None, None, Some(user), Some(password)) if !user.is_empty() => NatsAuth::UserPassword {
+            user,
+            password: Secret::new(password),
+        },
+        (None, None, Some(_), Some(_)) => {
+            return Err(("source.nats.user", "must not be empty".into()))
+        }
+        (None, None, Some(_), None) => {
+            return Err(("source.nats.password", "is required with user".into()))
+        }
+        (None, None, None, Some(_)) => {
+            return Err(("source.nats.user", "is required with password".into()))
+        }
+        (Some(_), _, _, _) => {
+            return Err((
+                "source.nats.creds_file",
+                "give one of creds_file, token, or user + password".into(),
+            ))
+        }
+        (None, Some(_), _, _) => {
+            return Err((
+                "source.nats.token",
+                "give one of creds_file, token, or user + password".into(),
+            ))
+        }
+    };
+    if raw.stream.is_empty()
+        || !raw
+            .stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err((
+            "source.nats.stream",
+            format!(
+                "`{}` is not a stream name (letters, digits, _ and -)",
+                raw.stream
+            ),
+        ));
+    }
+    check_subject_prefix(&raw.subject_prefix).map_err(|m| ("source.nats.subject_prefix", m))?;
+    if raw.partitions == 0 || raw.partitions > 4096 {
+        return Err((
+            "source.nats.partitions",
+            "must be between 1 and 4096".into(),
+        ));
+    }
+    let owned = match raw.owned {
+        None => (0..raw.partitions).collect(),
+        Some(text) => parse_owned(&text, raw.partitions).map_err(|m| ("source.nats.owned", m))?,
+    };
+    if raw.replicas == 0 || raw.replicas > 5 {
+        return Err(("source.nats.replicas", "must be between 1 and 5".into()));
+    }
+    if raw.fetch_batch == 0 || raw.fetch_batch > 10_000 {
+        return Err((
+            "source.nats.fetch_batch",
+            "must be between 1 and 10000".into(),
+        ));
+    }
+    if raw.ack_wait_s == 0 {
+        return Err(("source.nats.ack_wait_s", "must be above 0".into()));
+    }
+    Ok(NatsSource {
+        servers: raw.servers,
+        auth,
+        tls_ca_file: raw.tls_ca_file.map(relative),
+        stream: raw.stream,
+        subject_prefix: raw.subject_prefix,
+        partitions: raw.partitions,
+        owned,
+        replicas: raw.replicas as usize,
+        fetch_batch: raw.fetch_batch as usize,
+        ack_wait: Duration::from_secs(raw.ack_wait_s),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+[destination]
+http_endpoint = "http://127.0.0.1:1/p"
+[destination.auth]
+type = "none"
+[mapping]
+segments = ["s"]
+"#;
+
+    fn parse(nats: &str) -> Result<Config, String> {
+        let text = format!("{BASE}[source.nats]\n{nats}\n");
+        Config::parse(Path::new("/etc/outpost/outpost.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let nats = parse(
+            "servers = [\"nats://10.0.0.5:4222\"]\npartitions = 12\ncreds_file = \"agent.creds\"",
+        )
+        .unwrap()
+        .nats
+        .unwrap();
+        assert_eq!(nats.stream, "OUTPOST_UPDATES");
+        assert_eq!(nats.subject_prefix, "outpost.updates");
+        assert_eq!(nats.owned, (0..12).collect::<Vec<_>>());
+        assert_eq!(nats.replicas, 1);
+        assert_eq!(
+            nats.auth,
+            NatsAuth::CredsFile("/etc/outpost/agent.creds".into())
+        );
+        let owned = parse("servers = [\"n:4222\"]\npartitions = 12\nowned = \"0-3,7,9-11\"")
+            .unwrap()
+            .nats
+            .unwrap();
+        assert_eq!(owned.owned, [0, 1, 2, 3, 7, 9, 10, 11]);
+        assert_eq!(owned.owned_text(), "0-3,7,9-11");
+        assert!(
+            Config::parse(Path::new("x.toml"), BASE)
+                .unwrap()
+                .nats
+                .is_none(),
+            "no table, no source"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let servers = "servers = [\"nats://h:4222\"]\n";
+        for (nats, key) in [
+            ("partitions = 4".to_owned(), "missing field `servers`"),
+            (
+                format!("{servers}partitions = 4\nbogus = 1"),
+                "unknown field `bogus`",
+            ),
+            (
+                "servers = []\npartitions = 4".to_owned(),
+                "source.nats.servers",
+            ),
+            (
+                "servers = [\"http://h\"]\npartitions = 4".to_owned(),
+                "source.nats.servers",
+            ),
+            (format!("{servers}partitions = 0"), "source.nats.partitions"),
+            (
+                format!("{servers}partitions = 4\nowned = \"0-4\""),
+                "source.nats.owned",
+            ),
+            (
+                format!("{servers}partitions = 4\nowned = \"\""),
+                "source.nats.owned",
+            ),
+            (
+                format!("{servers}partitions = 4\nsubject_prefix = \"a..b\""),
+                "source.nats.subject_prefix",
+            ),
+            (
+                format!("{servers}partitions = 4\nsubject_prefix = \"a.*\""),
+                "source.nats.subject_prefix",
+            ),
+            (
+                format!("{servers}partitions = 4\nstream = \"a.b\""),
+                "source.nats.stream",
+            ),
+            (
+                format!("{servers}partitions = 4\nreplicas = 0"),
+                "source.nats.replicas",
+            ),
+            (
+                format!("{servers}partitions = 4\nfetch_batch = 0"),
+                "source.nats.fetch_batch",
+            ),
+            (
+                format!("{servers}partitions = 4\nuser = \"u\""),
+                "source.nats.password",
+            ),
+            (
+                format!("{servers}partitions = 4\npassword = \"hunter2\""),
+                "source.nats.user",
+            ),
+            (
+                format!("{servers}partitions = 4\ntoken = \"\""),
+                "source.nats.token",
+            ),
+            (
+                format!("{servers}partitions = 4\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\""),
+                "source.nats.token",
+            ),
+            (
+                format!("{servers}partitions = 4\ncreds_file = \"c\"\ntoken = \"hunter2\""),
+                "source.nats.creds_file",
+            ),
+        ] {
+            let error = parse(&nats).unwrap_err();
+            assert!(error.contains(key), "{nats}: {error}");
+            assert!(!error.contains("hunter2"), "a secret in an error: {error}");
+        }
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        let config =
+            parse("servers = [\"h:4222\"]\npartitions = 4\nuser = \"u\"\npassword = \"hunter2\"")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let config = parse("servers = [\"h:4222\"]\npartitions = 4\ntoken = \"hunter2\"").unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

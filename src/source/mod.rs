@@ -1,0 +1,14 @@
+//! Inputs besides the HTTP ingest API: a NATS JetStream stream, partitioned by profile.
+//!
+//! - [`partition`]: the routing function every producer shares, and `owned` lists (pure).
+//! - [`config`]: `[source.nats]`, validated.
+//! - [`batch`]: what a fetched batch becomes: updates to commit, redeliveries to skip,
+//!   rejected messages to keep (pure).
+//! - [`nats`]: the connection, the per-partition pull consumers and `nats setup`.
+//! - [`publish`]: `outpost publish`: updates to their partitions, acknowledged, de-duplicated.
+
+pub mod batch;
+pub mod config;
+pub mod nats;
+pub mod partition;
+pub mod publish;

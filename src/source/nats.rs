@@ -1,0 +1,474 @@
+//! The NATS JetStream source: the connection, one durable pull consumer per owned partition,
+//! and the stream set-up.
+//!
+//! How a partition is consumed (one task per partition, so its messages stay in order):
+//! 1. its consumer is (re)created to start right after the position recorded in the store;
+//!    this happens at start and after every error, so a message the server still holds as
+//!    delivered-but-unacknowledged (the agent died, the connection broke) is delivered again
+//!    in stream order, never after a newer one;
+//! 2. while the outbox is full, nothing is fetched: updates wait in the stream;
+//! 3. a batch is fetched; [`sort_batch`] sorts it; the updates, the new position and the
+//!    rejected messages go to the committer as one job, in one transaction;
+//! 4. only once that group is flushed are the batch's messages acknowledged. At most one
+//!    batch is unacknowledged at a time (the consumer's `max_ack_pending`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{sort_batch, Fetched};
+use super::config::{NatsAuth, NatsSource};
+use super::partition::subject_of;
+use crate::metrics::Metrics;
+use crate::store::committer::Committer;
+use crate::store::Store;
+
+/// How long a fetch waits for a first message when the partition is idle.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How often a paused partition looks at the outbox again.
+const PAUSE_POLL: Duration = Duration::from_millis(100);
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+#[error("NATS: {0}")]
+pub struct NatsError(pub String);
+
+fn nats_error(what: &str, e: impl std::fmt::Display) -> NatsError {
+    NatsError(format!("{what}: {e}"))
+}
+
+/// The durable consumer name of a partition.
+pub fn consumer_name(partition: u32) -> String {
+    format!("outpost-p{partition}")
+}
+
+/// Connects to the servers of `[source.nats]`. With `keep_trying`, the connection is made in
+/// the background and re-made whenever it breaks (the agent); without, a failure is an error
+/// (the CLI).
+pub async fn connect(
+    config: &NatsSource,
+    keep_trying: bool,
+) -> Result<async_nats::Client, NatsError> {
+    let mut options = match &config.auth {
+        NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| NatsError(format!("source.nats.creds_file {}: {e}", path.display())))?,
+        NatsAuth::Token(token) => {
+            async_nats::ConnectOptions::new().token(token.expose().to_owned())
+        }
+        NatsAuth::UserPassword { user, password } => async_nats::ConnectOptions::new()
+            .user_and_password(user.clone(), password.expose().to_owned()),
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    options = options
+        .name(format!("outpost/{}", env!("CARGO_PKG_VERSION")))
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("disconnected from NATS; reconnecting")
+                }
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    if keep_trying {
+        options = options.retry_on_initial_connect();
+    } else {
+        options = options.max_reconnects(3);
+    }
+    let servers: Vec<&str> = config.servers.iter().map(String::as_str).collect();
+    options.connect(servers).await.map_err(|e| {
+        NatsError(format!(
+            "cannot connect to {}: {e}",
+            config.servers.join(", ")
+        ))
+    })
+}
+
+/// The stream `outpost nats setup` makes: file storage, subjects `<prefix>.*`.
+pub fn stream_config(config: &NatsSource) -> stream::Config {
+    stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![format!("{}.*", config.subject_prefix)],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    }
+}
+
+/// What `nats setup` found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetupOutcome {
+    Created,
+    /// The stream was there with the subjects and storage outpost needs.
+    Found {
+        messages: u64,
+        replicas: usize,
+    },
+}
+
+/// Creates the stream, or checks the one that is there (idempotent).
+pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
+    let client = connect(config, false).await?;
+    let js = jetstream::new(client);
+    match js.get_stream(&config.stream).await {
+        Ok(mut stream) => {
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| nats_error("reading the stream", e))?;
+            let wanted = format!("{}.*", config.subject_prefix);
+            if !info.config.subjects.contains(&wanted) {
+                return Err(NatsError(format!(
+                    "stream {} exists with subjects {:?}, not {wanted}; delete it or change source.nats.stream",
+                    config.stream, info.config.subjects
+                )));
+            }
+            if info.config.storage != stream::StorageType::File {
+                return Err(NatsError(format!(
+                    "stream {} keeps its messages in memory; outpost needs file storage",
+                    config.stream
+                )));
+            }
+            Ok(SetupOutcome::Found {
+                messages: info.state.messages,
+                replicas: info.config.num_replicas,
+            })
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(stream_config(config))
+                .await
+                .map_err(|e| nats_error(&format!("creating stream {}", config.stream), e))?;
+            Ok(SetupOutcome::Created)
+        }
+        Err(e) => Err(nats_error(
+            &format!("looking up stream {}", config.stream),
+            e,
+        )),
+    }
+}
+
+/// What `/healthz` and `/metrics` show of the source.
+pub struct SourceState {
+    client: async_nats::Client,
+    pub stream: String,
+    pub owned: Vec<u32>,
+    paused: AtomicBool,
+    /// Messages waiting in the stream per owned partition, as of the last fetch.
+    pending: Vec<AtomicU64>,
+    acks: AtomicU64,
+}
+
+impl SourceState {
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn acks(&self) -> u64 {
+        self.acks.load(Ordering::Relaxed)
+    }
+
+    /// `(partition, pending)` for every owned partition.
+    pub fn pending(&self) -> Vec<(u32, u64)> {
+        self.owned
+            .iter()
+            .zip(&self.pending)
+            .map(|(p, n)| (*p, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The object `/healthz` carries under `nats`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let pending: serde_json::Map<String, serde_json::Value> = self
+            .pending()
+            .into_iter()
+            .map(|(p, n)| (p.to_string(), n.into()))
+            .collect();
+        serde_json::json!({
+            "state": if !self.connected() { "disconnected" } else if self.paused() { "paused" } else { "consuming" },
+            "stream": self.stream,
+            "owned": super::partition::format_owned(&self.owned),
+            "pending": pending,
+            "acks": self.acks(),
+        })
+    }
+}
+
+/// What the consumer tasks share.
+struct Shared {
+    config: NatsSource,
+    js: jetstream::Context,
+    store: Arc<Store>,
+    committer: Committer,
+    metrics: Arc<Metrics>,
+    state: Arc<SourceState>,
+    max_outbox_bytes: u64,
+    shutdown: CancellationToken,
+}
+
+/// Connects (in the background) and starts one consumer task per owned partition.
+pub async fn start(
+    config: &NatsSource,
+    store: Arc<Store>,
+    committer: Committer,
+    metrics: Arc<Metrics>,
+    max_outbox_bytes: u64,
+    shutdown: CancellationToken,
+) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), NatsError> {
+    let client = connect(config, true).await?;
+    let state = Arc::new(SourceState {
+        client: client.clone(),
+        stream: config.stream.clone(),
+        owned: config.owned.clone(),
+        paused: AtomicBool::new(false),
+        pending: config.owned.iter().map(|_| AtomicU64::new(0)).collect(),
+        acks: AtomicU64::new(0),
+    });
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        js: jetstream::new(client),
+        store,
+        committer,
+        metrics,
+        state: Arc::clone(&state),
+        max_outbox_bytes,
+        shutdown,
+    });
+    let tasks = config
+        .owned
+        .iter()
+        .enumerate()
+        .map(|(slot, &partition)| {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move { consume_partition(&shared, slot, partition).await })
+        })
+        .collect();
+    tracing::info!(
+        stream = %config.stream,
+        owned = %config.owned.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        "consuming NATS partitions"
+    );
+    Ok((state, tasks))
+}
+
+/// Sleeps, or returns false at once when the agent stops.
+async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
+    let mut backoff = BACKOFF_FIRST;
+    while !shared.shutdown.is_cancelled() {
+        match run_consumer(shared, slot, partition).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, retry_in_ms = backoff.as_millis() as u64, "NATS partition consumer failed");
+                if !pause(&shared.shutdown, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// (Re)creates the partition's durable consumer to start right after `recorded`.
+async fn fresh_consumer(
+    shared: &Shared,
+    partition: u32,
+    recorded: u64,
+) -> Result<consumer::PullConsumer, NatsError> {
+    let stream = shared
+        .js
+        .get_stream(&shared.config.stream)
+        .await
+        .map_err(|e| {
+            nats_error(
+                &format!(
+                    "stream {} (does `outpost nats setup` need to run?)",
+                    shared.config.stream
+                ),
+                e,
+            )
+        })?;
+    let name = consumer_name(partition);
+    // The store, not the server, knows how far this partition is durable.
+    let _ = stream.delete_consumer(&name).await;
+    let deliver_policy = if recorded == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: recorded + 1,
+        }
+    };
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subject_of(&shared.config.subject_prefix, partition),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy,
+            ack_wait: shared.config.ack_wait,
+            max_ack_pending: shared.config.fetch_batch as i64,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_error(&format!("creating consumer {name}"), e))
+}
+
+/// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
+async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), NatsError> {
+    let recorded = shared
+        .store
+        .source_position(partition)
+        .map_err(|e| nats_error("reading the stream position", e))?;
+    let consumer = fresh_consumer(shared, partition, recorded).await?;
+    tracing::debug!(partition, recorded, "partition consumer ready");
+    let batch = shared.config.fetch_batch;
+    loop {
+        if shared.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        // Back-pressure: a full outbox stops fetching; updates wait in the stream.
+        let full = shared
+            .store
+            .outbox_full(shared.max_outbox_bytes)
+            .map_err(|e| nats_error("reading the outbox tally", e))?;
+        shared.state.paused.store(full, Ordering::Relaxed);
+        if full {
+            if !pause(&shared.shutdown, PAUSE_POLL).await {
+                return Ok(());
+            }
+            continue;
+        }
+        // What is there now, at once; if nothing, wait a while for one message.
+        let mut messages = fetch(&consumer, batch, None, &shared.shutdown).await?;
+        if messages.is_empty() {
+            messages = fetch(&consumer, 1, Some(IDLE_WAIT), &shared.shutdown).await?;
+            if !messages.is_empty() && batch > 1 {
+                messages.extend(fetch(&consumer, batch - 1, None, &shared.shutdown).await?);
+            }
+        }
+        let Some(last) = messages.last() else {
+            shared.state.pending[slot].store(0, Ordering::Relaxed);
+            continue;
+        };
+        if let Ok(info) = last.info() {
+            shared.state.pending[slot].store(info.pending, Ordering::Relaxed);
+        }
+        commit_and_ack(shared, partition, &messages).await?;
+    }
+}
+
+/// One fetch: without `wait`, only what is there now.
+async fn fetch(
+    consumer: &consumer::PullConsumer,
+    max: usize,
+    wait: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Result<Vec<jetstream::Message>, NatsError> {
+    let request = async {
+        let mut batch = match wait {
+            None => consumer.fetch().max_messages(max).messages().await,
+            Some(wait) => {
+                consumer
+                    .batch()
+                    .max_messages(max)
+                    .expires(wait)
+                    .messages()
+                    .await
+            }
+        }
+        .map_err(|e| nats_error("fetching", e))?;
+        let mut messages = Vec::with_capacity(max.min(1024));
+        while let Some(message) = batch.next().await {
+            messages.push(message.map_err(|e| nats_error("fetching", e))?);
+        }
+        Ok(messages)
+    };
+    tokio::select! {
+        result = request => result,
+        // Stopping drops the fetch: what it held is not acknowledged, so it comes again.
+        _ = shutdown.cancelled() => Ok(Vec::new()),
+    }
+}
+
+async fn commit_and_ack(
+    shared: &Shared,
+    partition: u32,
+    messages: &[jetstream::Message],
+) -> Result<(), NatsError> {
+    let recorded = shared
+        .store
+        .source_position(partition)
+        .map_err(|e| nats_error("reading the stream position", e))?;
+    let mut fetched = Vec::with_capacity(messages.len());
+    for message in messages {
+        let info = message
+            .info()
+            .map_err(|e| nats_error("reading a message's stream sequence", e))?;
+        fetched.push(Fetched {
+            subject: message.subject.as_str(),
+            seq: info.stream_sequence,
+            payload: &message.payload,
+        });
+    }
+    let sorted = sort_batch(
+        partition,
+        shared.config.partitions,
+        recorded,
+        &fetched,
+        chrono::Utc::now().timestamp_millis(),
+    );
+    let rejected = sorted
+        .position
+        .as_ref()
+        .map_or(0, |p| p.rejected.len() as u64);
+    for record in sorted.position.iter().flat_map(|p| &p.rejected) {
+        tracing::warn!(partition, seq = record.seq, error = %record.error, "rejected a message from the stream");
+    }
+    let committed = sorted.updates.len() as u64;
+    if sorted.position.is_some() {
+        let summary = shared
+            .committer
+            .commit_at(sorted.updates, sorted.position)
+            .await
+            .map_err(|e| nats_error("committing", e))?;
+        shared.metrics.record_commit(&summary);
+    }
+    shared
+        .metrics
+        .record_source_messages(committed, sorted.skipped, rejected);
+    // The group is durable: now the messages may go.
+    for message in messages {
+        message
+            .ack()
+            .await
+            .map_err(|e| nats_error("acknowledging", e))?;
+        shared.state.acks.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.source_acks.inc();
+    }
+    Ok(())
+}

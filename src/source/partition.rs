@@ -1,0 +1,154 @@
+//! Which partition a profile belongs to, and which partitions an agent owns (pure).
+//!
+//! Every producer, in any language, must route a profile the same way, so the function is
+//! fixed forever: FNV-1a 64 of the id's UTF-8 bytes, modulo the number of partitions. The
+//! README lists the test vectors below for producers to check against.
+
+/// FNV-1a, 64 bits: offset basis 0xcbf29ce484222325, prime 0x100000001b3.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The partition of profile `id` among `partitions` (which must be above 0).
+pub fn partition_of(id: &str, partitions: u32) -> u32 {
+    (fnv1a64(id.as_bytes()) % u64::from(partitions)) as u32
+}
+
+/// The subject updates of `partition` are published on: `<prefix>.<partition>`.
+pub fn subject_of(prefix: &str, partition: u32) -> String {
+    format!("{prefix}.{partition}")
+}
+
+/// Parses an `owned` list such as `0-3,7,9-11` into sorted partition numbers, each below
+/// `partitions`, none listed twice.
+pub fn parse_owned(text: &str, partitions: u32) -> Result<Vec<u32>, String> {
+    let number = |s: &str| -> Result<u32, String> {
+        let s = s.trim();
+        s.parse::<u32>()
+            .map_err(|_| format!("`{s}` is not a partition number"))
+    };
+    let mut owned = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(format!(
+                "`{text}` has an empty item; write ranges and numbers like 0-3,7,9-11"
+            ));
+        }
+        let (first, last) = match item.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let n = number(item)?;
+                (n, n)
+            }
+        };
+        if first > last {
+            return Err(format!("range `{item}` runs backwards"));
+        }
+        if last >= partitions {
+            return Err(format!(
+                "partition {last} is not below partitions = {partitions} (partitions are numbered from 0)"
+            ));
+        }
+        owned.extend(first..=last);
+    }
+    owned.sort_unstable();
+    if let Some(pair) = owned.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("partition {} is listed twice", pair[0]));
+    }
+    Ok(owned)
+}
+
+/// Writes partitions back as the shortest list of ranges: `[0,1,2,3,7]` is `0-3,7`.
+pub fn format_owned(owned: &[u32]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < owned.len() {
+        let start = owned[i];
+        let mut end = start;
+        while i + 1 < owned.len() && owned[i + 1] == end + 1 {
+            i += 1;
+            end = owned[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vectors the README gives producers. The first three are FNV's published ones.
+    #[test]
+    fn fnv1a64_vectors() {
+        for (input, hash) in [
+            ("", 0xcbf2_9ce4_8422_2325u64),
+            ("a", 0xaf63_dc4c_8601_ec8c),
+            ("foobar", 0x8594_4171_f739_67e8),
+        ] {
+            assert_eq!(fnv1a64(input.as_bytes()), hash, "fnv1a64({input:?})");
+        }
+    }
+
+    #[test]
+    fn partition_vectors() {
+        for (id, partitions, partition) in [
+            ("p-000123", 64, 38),
+            ("p-000123", 12, 2),
+            ("p-000001", 64, 41),
+            ("p-000001", 8, 1),
+            ("émilie@example.com", 64, 38),
+            ("a", 1, 0),
+        ] {
+            assert_eq!(
+                partition_of(id, partitions),
+                partition,
+                "partition_of({id:?}, {partitions})"
+            );
+        }
+    }
+
+    #[test]
+    fn owned_lists_parse() {
+        for (text, partitions, owned) in [
+            ("0-3,7,9-11", 12, vec![0, 1, 2, 3, 7, 9, 10, 11]),
+            ("5", 8, vec![5]),
+            (" 2 - 3 , 0 ", 4, vec![0, 2, 3]),
+            ("0-63", 64, (0..64).collect()),
+        ] {
+            assert_eq!(parse_owned(text, partitions).as_ref(), Ok(&owned), "{text}");
+            assert_eq!(
+                parse_owned(&format_owned(&owned), partitions),
+                Ok(owned.clone())
+            );
+        }
+        assert_eq!(format_owned(&[0, 1, 2, 3, 7, 9, 10, 11]), "0-3,7,9-11");
+    }
+
+    #[test]
+    fn bad_owned_lists_say_why() {
+        for (text, partitions, message) in [
+            ("", 8, "empty item"),
+            ("0,,1", 8, "empty item"),
+            ("x", 8, "`x` is not a partition number"),
+            ("3-1", 8, "runs backwards"),
+            ("0-8", 8, "partition 8 is not below partitions = 8"),
+            ("1,0-2", 8, "partition 1 is listed twice"),
+            ("-1", 8, "`` is not a partition number"),
+        ] {
+            let error = parse_owned(text, partitions).unwrap_err();
+            assert!(error.contains(message), "{text:?}: {error}");
+        }
+    }
+}

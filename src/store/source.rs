@@ -1,0 +1,240 @@
+//! Where the agent is in each stream partition, and the messages it could not use.
+//!
+//! Invariants:
+//! - `positions[partition]` is the highest stream sequence of that partition whose update (or
+//!   rejection) is in the store; it is written in the same transaction as those updates, so
+//!   after a crash it never claims more than the store holds, nor less;
+//! - a position only grows;
+//! - `rejected[(partition, sequence)]` keeps a message that was not a valid update, with the
+//!   reason, written in the same transaction as its partition's position.
+
+use bincode::{Decode, Encode};
+use sled::transaction::TransactionalTree;
+
+use super::{abort, Store, StoreError, TxResult};
+
+/// The format byte of a [`RejectedRecord`] value.
+pub const REJECTED_V1: u8 = 1;
+
+/// At most this many bytes of a rejected message are kept.
+pub const MAX_REJECTED_RAW: usize = 64 * 1024;
+
+/// What a committed group consumed from one stream partition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourcePosition {
+    pub partition: u32,
+    /// The highest stream sequence consumed: committed, rejected or skipped.
+    pub seq: u64,
+    pub rejected: Vec<RejectedRecord>,
+}
+
+/// A message from the stream that is not a valid update.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct RejectedRecord {
+    pub partition: u32,
+    pub seq: u64,
+    pub subject: String,
+    pub received_at_ms: i64,
+    /// The message's first [`MAX_REJECTED_RAW`] bytes.
+    pub raw: Vec<u8>,
+    /// The message's whole length.
+    pub raw_len: u64,
+    pub error: String,
+}
+
+impl RejectedRecord {
+    /// `<partition>-<sequence>`, as `outpost rejected show|drop` takes it.
+    pub fn id(&self) -> String {
+        format!("{}-{}", self.partition, self.seq)
+    }
+
+    /// The object `rejected list --json` and `rejected show --json` print.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id(),
+            "partition": self.partition,
+            "seq": self.seq,
+            "subject": self.subject,
+            "received_at": super::format_ms(self.received_at_ms),
+            "error": self.error,
+            "raw": String::from_utf8_lossy(&self.raw),
+            "raw_bytes": self.raw_len,
+            "raw_truncated": (self.raw.len() as u64) < self.raw_len,
+        })
+    }
+}
+
+/// Parses `<partition>-<sequence>`.
+pub fn parse_rejected_id(text: &str) -> Result<(u32, u64), String> {
+    let bad = || format!("`{text}` is not a rejected message id (like 7-1042)");
+    let (partition, seq) = text.split_once('-').ok_or_else(bad)?;
+    Ok((
+        partition.parse().map_err(|_| bad())?,
+        seq.parse().map_err(|_| bad())?,
+    ))
+}
+
+fn position_key(partition: u32) -> [u8; 4] {
+    partition.to_be_bytes()
+}
+
+fn rejected_key(partition: u32, seq: u64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&partition.to_be_bytes());
+    key[4..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn encode_rejected(record: &RejectedRecord) -> Vec<u8> {
+    let mut bytes = vec![REJECTED_V1];
+    bincode::encode_into_std_write(record, &mut bytes, bincode::config::standard())
+        .expect("writing to a Vec cannot fail");
+    bytes
+}
+
+fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        what: "rejected message".into(),
+        detail,
+    };
+    match bytes.split_first() {
+        Some((&REJECTED_V1, rest)) => bincode::decode_from_slice(rest, bincode::config::standard())
+            .map(|(record, _)| record)
+            .map_err(|e| corrupt(e.to_string())),
+        Some((format, _)) => Err(corrupt(format!("unknown format byte {format}"))),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+fn decode_position(bytes: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+        StoreError::Corrupt {
+            what: "stream position".into(),
+            detail: "not 8 bytes".into(),
+        }
+    })?))
+}
+
+/// Writes the positions and rejected messages of a group, inside its transaction.
+pub(super) fn write(
+    positions: &TransactionalTree,
+    rejected: &TransactionalTree,
+    consumed: &[SourcePosition],
+) -> TxResult<()> {
+    for position in consumed {
+        let key = position_key(position.partition);
+        let old = match positions.get(key)? {
+            Some(v) => decode_position(&v).map_err(abort)?,
+            None => 0,
+        };
+        if position.seq > old {
+            positions.insert(&key, &position.seq.to_be_bytes())?;
+        }
+        for record in &position.rejected {
+            rejected.insert(
+                &rejected_key(record.partition, record.seq),
+                encode_rejected(record),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The highest stream sequence of `partition` in the store (0: none yet).
+    pub fn source_position(&self, partition: u32) -> Result<u64, StoreError> {
+        match self.positions.get(position_key(partition))? {
+            Some(v) => decode_position(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// Every recorded partition position, by partition.
+    pub fn source_positions(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.positions
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                let partition = u32::from_be_bytes(key.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        what: "stream position key".into(),
+                        detail: format!("{key:?}"),
+                    }
+                })?);
+                Ok((partition, decode_position(&value)?))
+            })
+            .collect()
+    }
+
+    /// Rejected messages by partition and sequence; `limit` 0 lists all.
+    pub fn rejected_list(&self, limit: usize) -> Result<Vec<RejectedRecord>, StoreError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        self.rejected
+            .iter()
+            .values()
+            .take(limit)
+            .map(|v| decode_rejected(&v?))
+            .collect()
+    }
+
+    pub fn rejected_count(&self) -> usize {
+        self.rejected.len()
+    }
+
+    pub fn rejected_get(
+        &self,
+        partition: u32,
+        seq: u64,
+    ) -> Result<Option<RejectedRecord>, StoreError> {
+        self.rejected
+            .get(rejected_key(partition, seq))?
+            .map(|v| decode_rejected(&v))
+            .transpose()
+    }
+
+    /// Deletes one rejected message; false if there was none. Not durable until a flush.
+    pub fn rejected_drop(&self, partition: u32, seq: u64) -> Result<bool, StoreError> {
+        Ok(self
+            .rejected
+            .remove(rejected_key(partition, seq))?
+            .is_some())
+    }
+
+    /// Ids of every rejected message.
+    pub fn rejected_ids(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+        self.rejected_list(0)
+            .map(|all| all.iter().map(|r| (r.partition, r.seq)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_ids_round_trip_and_bad_ones_are_named() {
+        assert_eq!(parse_rejected_id("7-1042"), Ok((7, 1042)));
+        assert!(parse_rejected_id("7").unwrap_err().contains("`7`"));
+        assert!(parse_rejected_id("a-1").is_err());
+    }
+
+    /// Pins the layout of format 1.
+    #[test]
+    fn rejected_record_v1_bytes() {
+        let record = RejectedRecord {
+            partition: 2,
+            seq: 3,
+            subject: "s.2".into(),
+            received_at_ms: 5,
+            raw: b"x".to_vec(),
+            raw_len: 1,
+            error: "e".into(),
+        };
+        let bytes = encode_rejected(&record);
+        assert_eq!(
+            bytes,
+            [1, 2, 3, 3, b's', b'.', b'2', 10, 1, b'x', 1, 1, b'e']
+        );
+        assert_eq!(decode_rejected(&bytes).unwrap(), record);
+    }
+}
