@@ -218,6 +218,52 @@ mod tests {
         assert!(parse_rejected_id("a-1").is_err());
     }
 
+    /// The position and rejected messages are written with the updates, and a position never
+    /// goes back.
+    #[test]
+    fn positions_are_committed_with_their_updates() {
+        use crate::config::Mapping;
+        use crate::profile::update::parse_body;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let updates = parse_body(br#"{"id":"a","profile":{"name":"x"}}"#).unwrap();
+        let rejected = RejectedRecord {
+            partition: 3,
+            seq: 9,
+            subject: "u.3".into(),
+            received_at_ms: 1,
+            raw: b"{".to_vec(),
+            raw_len: 1,
+            error: "not valid JSON".into(),
+        };
+        let at = |seq, rejected: Vec<RejectedRecord>| SourcePosition {
+            partition: 3,
+            seq,
+            rejected,
+        };
+        let now = chrono::Utc::now();
+        store
+            .apply_groups_at(
+                &[&updates],
+                &mapping,
+                now,
+                &[at(10, vec![rejected.clone()])],
+            )
+            .unwrap();
+        assert_eq!(store.source_position(3).unwrap(), 10);
+        assert_eq!(store.source_position(4).unwrap(), 0);
+        assert!(store.profile("a").unwrap().is_some());
+        assert_eq!(store.rejected_get(3, 9).unwrap(), Some(rejected));
+        store
+            .apply_groups_at(&[], &mapping, now, &[at(7, vec![])])
+            .unwrap();
+        assert_eq!(store.source_positions().unwrap(), [(3, 10)]);
+        assert!(store.rejected_drop(3, 9).unwrap());
+        assert!(!store.rejected_drop(3, 9).unwrap());
+        assert_eq!(store.rejected_count(), 0);
+    }
+
     /// Pins the layout of format 1.
     #[test]
     fn rejected_record_v1_bytes() {

@@ -1,0 +1,122 @@
+//! A real `nats-server -js` for the tests, on a free port with its own store folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::agent_process::free_port;
+
+/// Where `nats-server` is, if installed. Env `OUTPOST_TEST_NATS_SERVER` names it instead (a
+/// path that does not exist plays a machine without it).
+fn nats_server_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("OUTPOST_TEST_NATS_SERVER") {
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// `nats-server`, or `None` after saying why the test is skipped. Under CI (env `CI` set) a
+/// missing server fails the test instead: CI installs it (`.ci/run`).
+pub fn nats_server_or_skip(test: &str) -> Option<PathBuf> {
+    match nats_server_binary() {
+        Some(path) => Some(path),
+        None if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") => {
+            panic!("{test}: nats-server is not installed, and CI is set: `apt-get install -y nats-server`")
+        }
+        None => {
+            // Written past the test harness's capture, so that the skip is seen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: nats-server is not installed (apt-get install -y nats-server); set CI=true to make this a failure"
+            );
+            None
+        }
+    }
+}
+
+/// A running `nats-server -js`; killed when dropped.
+pub struct NatsServer {
+    binary: PathBuf,
+    child: Option<Child>,
+    pub port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free port; waits until it takes connections.
+    pub fn start(binary: &Path) -> NatsServer {
+        let mut server = NatsServer {
+            binary: binary.to_path_buf(),
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+        };
+        server.launch();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server with SIGTERM, as a service manager would (its stream stays on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) with the pid of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `[source.nats]` table for a server.
+pub fn nats_table(url: &str, partitions: u32, owned: &str, extra: &str) -> String {
+    format!(
+        "[source.nats]\nservers = [\"{url}\"]\nstream = \"UPDATES\"\nsubject_prefix = \"test.updates\"\npartitions = {partitions}\nowned = \"{owned}\"\n{extra}\n"
+    )
+}

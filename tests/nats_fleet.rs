@@ -1,0 +1,515 @@
+//! The NATS JetStream source end to end: a real `nats-server -js` (skipped with a message
+//! when it is not installed, a failure under CI), the real binary, real receivers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::agent_process::{free_port, AgentProcess};
+use common::nats::{nats_server_or_skip, nats_table, NatsServer};
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use rand::Rng;
+
+/// An agent's folder and config: delivering to `base`, ingest on a free port, and (with
+/// `nats`) consuming `[source.nats]`.
+struct AgentSetup {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl AgentSetup {
+    fn new(base: &str, nats: Option<&str>, storage: &str) -> AgentSetup {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = agent_config_text(base, &oauth_body(base), "")
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""))
+            .replace("concurrency = 4", "concurrency = 16")
+            .replace(
+                "cache_bytes = 8388608",
+                &format!("cache_bytes = 8388608\n{storage}"),
+            );
+        let text = format!("{text}\n{}", nats.unwrap_or(""));
+        std::fs::write(dir.path().join("outpost.toml"), text).unwrap();
+        AgentSetup { dir, addr }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("outpost.toml")
+    }
+
+    async fn start(&self) -> AgentProcess {
+        AgentProcess::start_with_env(&self.config(), self.addr.port(), &[("OUTPOST_LOG", "warn")])
+            .await
+    }
+
+    /// `outpost ARGS --config <this agent's config>`, which must succeed; its stdout.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "outpost {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn nats_config(&self) -> outpost::source::config::NatsSource {
+        outpost::config::Config::load(&self.config())
+            .unwrap()
+            .nats
+            .unwrap()
+    }
+}
+
+/// Version `v` of profile `p`. Even versions change the mapped first name (an export), odd
+/// ones an unmapped field (no export).
+fn version_line(p: usize, v: usize) -> String {
+    let name = format!("p{p}-v{}", v - v % 2);
+    let mut update: serde_json::Value = serde_json::from_str(&member_update(
+        &format!("p{p}"),
+        &name,
+        "2026-01-01T00:00:00Z",
+    ))
+    .unwrap();
+    update.as_object_mut().unwrap().remove("timestamp");
+    update["profile"]["loyalty"] = serde_json::json!({"points": v});
+    update.to_string()
+}
+
+/// Per profile, the first names delivered, in arrival order, each export counted once.
+fn names_by_profile(receiver: &Receiver) -> HashMap<String, Vec<String>> {
+    let mut seen_keys = std::collections::HashSet::new();
+    let mut names: HashMap<String, Vec<String>> = HashMap::new();
+    for r in receiver.delivered() {
+        let key = r.header("idempotency-key").unwrap().to_owned();
+        if !seen_keys.insert(key) {
+            continue;
+        }
+        let payload = r.json().unwrap();
+        names.entry(profile_of(&payload)).or_default().push(
+            payload["person"]["name"]["firstName"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    names
+}
+
+fn distinct_deliveries(receiver: &Receiver) -> usize {
+    let mut keys: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.len()
+}
+
+async fn start_receiver() -> Receiver {
+    Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap()
+}
+
+async fn healthz_json(addr: SocketAddr) -> serde_json::Value {
+    let (status, body) = http_get(addr, "/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A metric's value from `/metrics` text (the first line that starts with `name`).
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// [`wait_until`], showing the agents' logs if it times out.
+async fn wait_or_show(
+    seconds: u64,
+    what: &str,
+    agents: &[&AgentProcess],
+    check: impl Fn() -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    while !check() {
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            panic!(
+                "timed out waiting for {what}; agent logs:\n{}",
+                logs.join("\n---\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_lines(dir: &Path, lines: &[String]) -> PathBuf {
+    let path = dir.join("updates.ndjson");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_from_the_stream_equal_those_over_http() {
+    let Some(server_bin) = nats_server_or_skip("deliveries_from_the_stream_equal_those_over_http")
+    else {
+        return;
+    };
+    const PROFILES: usize = 2_000;
+    const VERSIONS: usize = 10; // 20,000 updates, 10,000 exports
+    let server = NatsServer::start(&server_bin);
+    let (over_nats, over_http) = (start_receiver().await, start_receiver().await);
+    let nats_agent = AgentSetup::new(
+        &over_nats.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    let http_agent = AgentSetup::new(&over_http.base_url(), None, "");
+    let lines: Vec<String> = (0..VERSIONS)
+        .flat_map(|v| (0..PROFILES).map(move |p| version_line(p, v)))
+        .collect();
+    let file = write_lines(nats_agent.dir.path(), &lines);
+
+    let setup = nats_agent.cli(&["nats", "setup"]);
+    assert!(setup.contains("UPDATES created"), "{setup}");
+    let again = nats_agent.cli(&["nats", "setup"]);
+    assert!(again.contains("UPDATES found"), "{again}");
+    let published = nats_agent.cli(&["publish", file.to_str().unwrap()]);
+    assert!(
+        published.contains("20000 update(s) published"),
+        "{published}"
+    );
+
+    let agent_n = nats_agent.start().await;
+    let agent_h = http_agent.start().await;
+    for chunk in lines.chunks(2_000) {
+        let (status, body) = http_post(agent_h.addr, "/v1/updates", chunk.join("\n"), &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let exports = PROFILES * VERSIONS / 2;
+    wait_until(90, "every export over both paths", || {
+        distinct_deliveries(&over_nats) >= exports && distinct_deliveries(&over_http) >= exports
+    })
+    .await;
+    let (from_nats, from_http) = (names_by_profile(&over_nats), names_by_profile(&over_http));
+    assert_eq!(from_nats.len(), PROFILES);
+    for p in 0..PROFILES {
+        let key = format!("p{p}");
+        assert_eq!(from_nats[&key], from_http[&key], "profile {key}");
+        assert_eq!(from_nats[&key].len(), VERSIONS / 2, "profile {key}");
+    }
+    let health = healthz_json(agent_n.addr).await;
+    assert_eq!(health["nats"]["state"], "consuming", "{health}");
+    assert_eq!(
+        metric(agent_n.addr, "outpost_source_acks_total").await,
+        20_000.0
+    );
+    assert_eq!(
+        metric(
+            agent_n.addr,
+            "outpost_source_messages_total{result=\"committed\"}"
+        )
+        .await,
+        20_000.0
+    );
+    // Publishing the same file again adds nothing: JetStream drops the duplicates.
+    let again = nats_agent.cli(&["publish", file.to_str().unwrap()]);
+    assert!(again.contains("0 update(s) published"), "{again}");
+    drop(agent_h);
+    drop(agent_n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
+    let Some(server_bin) = nats_server_or_skip("invalid_messages_are_rejected") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let agent = setup.start().await;
+    // p-000001 lives in partition 1 of 8, p-000123 in partition 6.
+    let subject = "test.updates.1";
+    let messages = [
+        member_update("p-000001", "first", "2026-01-01T00:00:01Z"),
+        "{bad".to_owned(),
+        r#"{"id":"p-000001","profile":{},"extra":1}"#.to_owned(),
+        member_update("p-000123", "elsewhere", "2026-01-01T00:00:01Z"),
+        member_update("p-000001", "second", "2026-01-01T00:00:02Z"),
+    ];
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for message in &messages {
+        js.publish(subject, message.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_or_show(20, "both valid updates delivered", &[&agent], || {
+        distinct_deliveries(&receiver) >= 2
+    })
+    .await;
+    let names = names_by_profile(&receiver);
+    assert_eq!(names["p-000001"], ["first", "second"]);
+    assert!(!names.contains_key("p-000123"));
+
+    // Through the running agent's socket.
+    let list = json_lines(&setup.cli(&["rejected", "list", "--json"]));
+    let ids: Vec<&str> = list.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["1-2", "1-3", "1-4"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&setup.cli(&["rejected", "show", "1-2", "--json"])).unwrap();
+    assert_eq!(shown["raw"], "{bad");
+    assert_eq!(shown["subject"], subject);
+    assert!(
+        shown["error"].as_str().unwrap().contains("not valid JSON"),
+        "{shown}"
+    );
+    assert!(
+        list[1]["error"].as_str().unwrap().contains("extra"),
+        "{}",
+        list[1]
+    );
+    assert!(
+        list[2]["error"].as_str().unwrap().contains("partition 6"),
+        "{}",
+        list[2]
+    );
+    let human = setup.cli(&["rejected", "list"]);
+    assert!(
+        human.contains("1-3") && human.contains("test.updates.1"),
+        "{human}"
+    );
+    assert_eq!(
+        metric(
+            agent.addr,
+            "outpost_source_messages_total{result=\"rejected\"}"
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(metric(agent.addr, "outpost_source_acks_total").await, 5.0);
+
+    setup.cli(&["rejected", "drop", "1-2"]);
+    assert_eq!(
+        json_lines(&setup.cli(&["rejected", "list", "--json"])).len(),
+        2
+    );
+    let mut agent = agent;
+    agent.terminate().await;
+    // Without the agent, straight on the store.
+    setup.cli(&["rejected", "drop", "--all"]);
+    assert!(setup
+        .cli(&["rejected", "list"])
+        .contains("no rejected messages"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
+    let Some(server_bin) = nats_server_or_skip("a_full_outbox_pauses_fetching") else {
+        return;
+    };
+    const PROFILES: usize = 300;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "fetch_batch = 5")),
+        "max_outbox_bytes = 4000",
+    );
+    setup.cli(&["nats", "setup"]);
+    let lines: Vec<String> = (0..PROFILES).map(|p| version_line(p, 0)).collect();
+    setup.cli(&[
+        "publish",
+        write_lines(setup.dir.path(), &lines).to_str().unwrap(),
+    ]);
+    let agent = setup.start().await;
+
+    let mut paused = false;
+    for _ in 0..200 {
+        if healthz_json(agent.addr).await["nats"]["state"] == "paused" {
+            paused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(paused, "the source never paused:\n{}", agent.log());
+    let committed = "outpost_source_messages_total{result=\"committed\"}";
+    let before = metric(agent.addr, committed).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        metric(agent.addr, committed).await,
+        before,
+        "fetching goes on"
+    );
+    assert!(before < PROFILES as f64, "everything was taken: {before}");
+    assert_eq!(metric(agent.addr, "outpost_source_paused").await, 1.0);
+    let pending: u64 = healthz_json(agent.addr).await["nats"]["pending"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(pending > 0, "nothing waits in the stream");
+
+    receiver.set_export_script(None);
+    wait_until(60, "every export delivered", || {
+        distinct_deliveries(&receiver) >= PROFILES
+    })
+    .await;
+    assert_eq!(metric(agent.addr, committed).await, PROFILES as f64);
+    assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
+    let Some(server_bin) = nats_server_or_skip("the_agent_reconnects_after_a_nats_restart") else {
+        return;
+    };
+    const PROFILES: usize = 400;
+    let mut server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let agent = setup.start().await;
+    let config = setup.nats_config();
+    let first: Vec<String> = (0..PROFILES).map(|p| version_line(p, 0)).collect();
+    let second: Vec<String> = (0..PROFILES).map(|p| version_line(p, 2)).collect();
+    setup.cli(&[
+        "publish",
+        write_lines(setup.dir.path(), &first).to_str().unwrap(),
+    ]);
+    wait_until(30, "the first half delivered", || {
+        distinct_deliveries(&receiver) >= PROFILES
+    })
+    .await;
+
+    server.stop();
+    let mut down = false;
+    for _ in 0..100 {
+        if healthz_json(agent.addr).await["nats"]["state"] == "disconnected" {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(down, "/healthz never said disconnected");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart();
+    let updates = outpost::profile::update::parse_body(second.join("\n").as_bytes()).unwrap();
+    let planned = outpost::source::publish::plan(&updates, &config);
+    outpost::source::publish::publish(&config, planned, 64, |_| {})
+        .await
+        .unwrap();
+    wait_until(60, "the second half delivered", || {
+        distinct_deliveries(&receiver) >= 2 * PROFILES
+    })
+    .await;
+    let names = names_by_profile(&receiver);
+    for p in 0..PROFILES {
+        assert_eq!(
+            names[&format!("p{p}")],
+            [format!("p{p}-v0"), format!("p{p}-v2")]
+        );
+    }
+    assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
+}
+
+/// Three agents own 12 partitions between them; one is SIGKILLed at random instants, over and
+/// over, while updates are published and delivered. Every export arrives; none of a profile
+/// after a newer one of it; none twice under different ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again() {
+    let Some(server_bin) = nats_server_or_skip("a_fleet_of_three_loses_nothing") else {
+        return;
+    };
+    const PROFILES: usize = 120;
+    const VERSIONS: usize = 20; // 2,400 updates, 1,200 exports
+    const KILLS: usize = 10;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setups: Vec<AgentSetup> = ["0-3", "4-7", "8-11"]
+        .iter()
+        .map(|owned| {
+            AgentSetup::new(
+                &receiver.base_url(),
+                Some(&nats_table(&server.url(), 12, owned, "fetch_batch = 50")),
+                "",
+            )
+        })
+        .collect();
+    setups[0].cli(&["nats", "setup"]);
+    let config = setups[0].nats_config();
+    let _steady = [setups[1].start().await, setups[2].start().await];
+
+    // The publisher: one version of every profile at a time, while the kills go on.
+    let publisher = tokio::spawn(async move {
+        for v in 0..VERSIONS {
+            let lines: Vec<String> = (0..PROFILES).map(|p| version_line(p, v)).collect();
+            let updates =
+                outpost::profile::update::parse_body(lines.join("\n").as_bytes()).unwrap();
+            let planned = outpost::source::publish::plan(&updates, &config);
+            outpost::source::publish::publish(&config, planned, 64, |_| {})
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+    });
+    let mut rng = rand::thread_rng();
+    for _ in 0..KILLS {
+        let agent = setups[0].start().await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(30..300))).await;
+        drop(agent); // SIGKILL
+    }
+    publisher.await.unwrap();
+    let _survivor = setups[0].start().await;
+    let exports = PROFILES * VERSIONS / 2;
+    wait_until(60, "every export delivered", || {
+        distinct_deliveries(&receiver) >= exports
+    })
+    .await;
+
+    let names = names_by_profile(&receiver);
+    for p in 0..PROFILES {
+        let expected: Vec<String> = (0..VERSIONS)
+            .step_by(2)
+            .map(|v| format!("p{p}-v{v}"))
+            .collect();
+        assert_eq!(names[&format!("p{p}")], expected, "profile p{p}");
+    }
+    assert_eq!(
+        distinct_deliveries(&receiver),
+        exports,
+        "an export arrived twice under two ids"
+    );
+}
