@@ -32,6 +32,8 @@ use crate::store::Store;
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How often a paused partition looks at the outbox again.
 const PAUSE_POLL: Duration = Duration::from_millis(100);
+/// How long a fetch may take beyond the time it asks the server to wait.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -55,6 +57,15 @@ pub async fn connect(
     config: &NatsSource,
     keep_trying: bool,
 ) -> Result<async_nats::Client, NatsError> {
+    connect_counting(config, keep_trying, Arc::new(AtomicU64::new(0))).await
+}
+
+/// [`connect`], counting in `breaks` every time the connection is lost.
+async fn connect_counting(
+    config: &NatsSource,
+    keep_trying: bool,
+    breaks: Arc<AtomicU64>,
+) -> Result<async_nats::Client, NatsError> {
     let mut options = match &config.auth {
         NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
             .await
@@ -72,13 +83,17 @@ pub async fn connect(
     options = options
         .name(format!("outpost/{}", env!("CARGO_PKG_VERSION")))
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("disconnected from NATS; reconnecting")
+        .event_callback(move |event| {
+            let breaks = Arc::clone(&breaks);
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        breaks.fetch_add(1, Ordering::SeqCst);
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
                 }
-                other => tracing::debug!(event = %other, "NATS event"),
             }
         });
     if keep_trying {
@@ -173,6 +188,8 @@ pub struct SourceState {
     /// Messages waiting in the stream per owned partition, as of the last fetch.
     pending: Vec<AtomicU64>,
     acks: AtomicU64,
+    /// How many times the connection was lost.
+    breaks: Arc<AtomicU64>,
 }
 
 impl SourceState {
@@ -235,8 +252,10 @@ pub async fn start(
     max_outbox_bytes: u64,
     shutdown: CancellationToken,
 ) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), NatsError> {
-    let client = connect(config, true).await?;
+    let breaks = Arc::new(AtomicU64::new(0));
+    let client = connect_counting(config, true, Arc::clone(&breaks)).await?;
     let state = Arc::new(SourceState {
+        breaks,
         client: client.clone(),
         stream: config.stream.clone(),
         owned: config.owned.clone(),
@@ -344,6 +363,9 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         .store
         .source_position(partition)
         .map_err(|e| nats_error("reading the stream position", e))?;
+    // Messages that arrive over one unbroken connection arrive in order and without gaps; after
+    // a break, some may have been sent and lost, so the partition starts over.
+    let breaks = shared.state.breaks.load(Ordering::SeqCst);
     let consumer = fresh_consumer(shared, partition, recorded).await?;
     tracing::debug!(partition, recorded, "partition consumer ready");
     let batch = shared.config.fetch_batch;
@@ -370,6 +392,11 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
             if !messages.is_empty() && batch > 1 {
                 messages.extend(fetch(&consumer, batch - 1, None, &shared.shutdown).await?);
             }
+        }
+        if shared.state.breaks.load(Ordering::SeqCst) != breaks {
+            return Err(NatsError(
+                "the connection broke; starting the partition over from the stored position".into(),
+            ));
         }
         let Some(last) = messages.last() else {
             shared.state.pending[slot].store(0, Ordering::Relaxed);
@@ -408,8 +435,12 @@ async fn fetch(
         }
         Ok(messages)
     };
+    // A fetch the server never ends (its answer lost) must not hold the partition.
+    let limit = wait.unwrap_or_default() + FETCH_TIMEOUT;
     tokio::select! {
-        result = request => result,
+        result = tokio::time::timeout(limit, request) => {
+            result.map_err(|_| NatsError(format!("no end of a fetch within {limit:?}")))?
+        }
         // Stopping drops the fetch: what it held is not acknowledged, so it comes again.
         _ = shutdown.cancelled() => Ok(Vec::new()),
     }
