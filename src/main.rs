@@ -5,9 +5,13 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = outpost::cli::Cli::parse();
     // The demo tells its own story; the agent's routine logs would drown it.
+    // The demo tells its own story, and publish and nats setup print what they did; routine
+    // logs (also the NATS client's own, which outpost reports itself) would drown them.
     let default_level = match cli.command {
-        outpost::cli::Command::Demo { .. } => "warn",
-        _ => "info",
+        outpost::cli::Command::Demo { .. }
+        | outpost::cli::Command::Publish { .. }
+        | outpost::cli::Command::Nats(_) => "warn",
+        _ => "info,async_nats=warn",
     };
     outpost::logging::init(cli.log_format, cli.log_level.as_deref(), default_level);
     match outpost::commands::dispatch(cli) {

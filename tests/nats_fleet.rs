@@ -166,6 +166,53 @@ fn write_lines(dir: &Path, lines: &[String]) -> PathBuf {
     path
 }
 
+/// Needs no nats-server: a bad `[source.nats]` is a configuration error naming the key.
+#[test]
+fn a_bad_source_config_names_the_key_and_exits_2() {
+    let receiver_base = "http://127.0.0.1:9";
+    for (table, key) in [
+        (
+            nats_table("nats://127.0.0.1:4222", 12, "0-12", ""),
+            "source.nats.owned",
+        ),
+        (
+            nats_table("nats://127.0.0.1:4222", 12, "0-3", "colour = 1"),
+            "colour",
+        ),
+        (
+            nats_table(
+                "nats://127.0.0.1:4222",
+                12,
+                "0-3",
+                "token = \"t0ps3cret\"\nuser = \"u\"\npassword = \"p\"",
+            ),
+            "source.nats.token",
+        ),
+    ] {
+        let setup = AgentSetup::new(receiver_base, Some(&table), "");
+        for args in [
+            &["run"][..],
+            &["nats", "setup"],
+            &["publish", "-"],
+            &["rejected", "list"],
+        ] {
+            let out = std::process::Command::new(binary())
+                .args(args)
+                .arg("--config")
+                .arg(setup.config())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(key), "{args:?}: {stderr}");
+            assert!(
+                !stderr.contains("t0ps3cret"),
+                "a secret in an error: {stderr}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_from_the_stream_equal_those_over_http() {
     let Some(server_bin) = nats_server_or_skip("deliveries_from_the_stream_equal_those_over_http")
@@ -312,6 +359,35 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
         3.0
     );
     assert_eq!(metric(agent.addr, "outpost_source_acks_total").await, 5.0);
+
+    // A bad line refuses the whole input: nothing is published.
+    let stream_messages = || async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream("UPDATES")
+            .await
+            .unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+    let before = stream_messages().await;
+    let bad = [
+        member_update("p-000001", "third", "2026-01-01T00:00:03Z"),
+        "{\"id\":1}".into(),
+    ];
+    let out = std::process::Command::new(binary())
+        .arg("--config") // before the subcommand's name, as well as after it
+        .arg(setup.config())
+        .arg("publish")
+        .arg(write_lines(setup.dir.path(), &bad))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("nothing published") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    assert_eq!(stream_messages().await, before);
 
     setup.cli(&["rejected", "drop", "1-2"]);
     assert_eq!(

@@ -258,6 +258,9 @@ async fn check(config: &Config) -> Result<(), CliError> {
             ""
         }
     );
+    if let Some(nats) = &config.nats {
+        nats::check_nats(nats).await?;
+    }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
         .map_err(|e| CliError::Failure(format!("destination TLS: {e}")))?;
     match &d.auth {

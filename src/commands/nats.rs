@@ -10,8 +10,8 @@ use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
 use crate::profile::update::parse_body;
-use crate::source::config::NatsSource;
-use crate::source::nats::{setup, SetupOutcome};
+use crate::source::config::{NatsAuth, NatsSource};
+use crate::source::nats::{probe, setup, SetupOutcome};
 use crate::source::publish::{plan, publish};
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
@@ -61,6 +61,29 @@ pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
         nats.subject_prefix,
         nats.subject_prefix,
         nats.partitions - 1,
+        nats.owned_text()
+    );
+    Ok(())
+}
+
+/// `outpost check`'s lines about `[source.nats]`: connects and reads the stream.
+pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
+    let servers: Vec<String> = nats.servers.iter().map(|s| display_server(s)).collect();
+    let auth = match &nats.auth {
+        NatsAuth::None => "no credentials",
+        NatsAuth::CredsFile(_) => "a creds file",
+        NatsAuth::Token(_) => "a token (set)",
+        NatsAuth::UserPassword { .. } => "user and password (set)",
+    };
+    println!("nats             {} ({auth})", servers.join(", "));
+    let messages = probe(nats)
+        .await
+        .map_err(|e| CliError::Failure(e.to_string()))?;
+    println!(
+        "stream           {}: {messages} message(s); {} partitions on {}.*, this agent owns {}",
+        nats.stream,
+        nats.partitions,
+        nats.subject_prefix,
         nats.owned_text()
     );
     Ok(())

@@ -179,6 +179,23 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
     }
 }
 
+/// For `outpost check`: connects and reads the stream; its message count, or why not.
+pub async fn probe(config: &NatsSource) -> Result<u64, NatsError> {
+    let client = connect(config, false).await?;
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(&config.stream).await.map_err(|e| {
+        nats_error(
+            &format!("stream {} (has `outpost nats setup` run?)", config.stream),
+            e,
+        )
+    })?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| nats_error("reading the stream", e))?;
+    Ok(info.state.messages)
+}
+
 /// What `/healthz` and `/metrics` show of the source.
 pub struct SourceState {
     client: async_nats::Client,
