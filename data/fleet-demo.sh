@@ -21,6 +21,9 @@ trap cleanup EXIT
 nats-server -js -a 127.0.0.1 -p 14222 -sd "$work/nats" >"$work/nats.log" 2>&1 & pids+=($!)
 "$outpost" receiver --listen 127.0.0.1:18687 --out "$work/exports.ndjson" 2>"$work/receiver.log" & pids+=($!)
 sleep 1
+for pid in "${pids[@]}"; do
+    kill -0 "$pid" 2>/dev/null || { echo "nats-server or the receiver did not start (ports 14222, 18687 in use?)" >&2; exit 1; }
+done
 
 owned=("0-3" "4-7" "8-11")
 for i in 0 1 2; do
@@ -48,5 +51,6 @@ for i in 0 1 2; do
     echo "agent $i (partitions ${owned[$i]}):"
     curl -s "http://127.0.0.1:1868$i/metrics" | grep -E '^outpost_(source_messages_total|source_acks_total|exports_total)' | sed 's/^/  /'
     "$outpost" outbox stats --config "$work/agent$i/outpost.toml" | sed 's/^/  /'
+    "$outpost" rejected list --config "$work/agent$i/outpost.toml" | sed "s/^/  /"
 done
 echo "receiver: $(wc -l <"$work/exports.ndjson") exports received"
