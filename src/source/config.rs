@@ -44,6 +44,8 @@ pub(crate) struct RawNats {
     fetch_batch: u32,
     #[serde(default = "default_ack_wait_s")]
     ack_wait_s: u64,
+    #[serde(default = "default_consumer_prefix")]
+    consumer_prefix: String,
 }
 
 fn default_stream() -> String {
@@ -60,6 +62,9 @@ fn default_fetch_batch() -> u32 {
 }
 fn default_ack_wait_s() -> u64 {
     60
+}
+fn default_consumer_prefix() -> String {
+    "outpost".into()
 }
 
 /// How the agent proves who it is to NATS.
@@ -88,6 +93,9 @@ pub struct NatsSource {
     pub fetch_batch: usize,
     /// How long NATS waits for an ack before it delivers a message again.
     pub ack_wait: Duration,
+    /// Durable consumers are named `<consumer_prefix>-p<partition>`: fleets for different
+    /// destinations reading one stream need different prefixes.
+    pub consumer_prefix: String,
 }
 
 impl NatsSource {
@@ -212,6 +220,20 @@ pub(crate) fn validate_nats(
             "must be between 1 and 10000".into(),
         ));
     }
+    if raw.consumer_prefix.is_empty()
+        || !raw
+            .consumer_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err((
+            "source.nats.consumer_prefix",
+            format!(
+                "`{}` is not a consumer name prefix (letters, digits, _ and -)",
+                raw.consumer_prefix
+            ),
+        ));
+    }
     if raw.ack_wait_s == 0 {
         return Err(("source.nats.ack_wait_s", "must be above 0".into()));
     }
@@ -226,6 +248,7 @@ pub(crate) fn validate_nats(
         replicas: raw.replicas as usize,
         fetch_batch: raw.fetch_batch as usize,
         ack_wait: Duration::from_secs(raw.ack_wait_s),
+        consumer_prefix: raw.consumer_prefix,
     })
 }
 
@@ -326,6 +349,10 @@ segments = ["s"]
             (
                 format!("{servers}partitions = 4\nfetch_batch = 0"),
                 "source.nats.fetch_batch",
+            ),
+            (
+                format!("{servers}partitions = 4\nconsumer_prefix = \"a.b\""),
+                "source.nats.consumer_prefix",
             ),
             (
                 format!("{servers}partitions = 4\nuser = \"u\""),

@@ -45,9 +45,9 @@ fn nats_error(what: &str, e: impl std::fmt::Display) -> NatsError {
     NatsError(format!("{what}: {e}"))
 }
 
-/// The durable consumer name of a partition.
-pub fn consumer_name(partition: u32) -> String {
-    format!("outpost-p{partition}")
+/// The durable consumer name of a partition: `<consumer_prefix>-p<partition>`.
+pub fn consumer_name(prefix: &str, partition: u32) -> String {
+    format!("{prefix}-p{partition}")
 }
 
 /// Connects to the servers of `[source.nats]`. With `keep_trying`, the connection is made in
@@ -318,9 +318,14 @@ async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
 async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     let mut backoff = BACKOFF_FIRST;
     while !shared.shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
         match run_consumer(shared, slot, partition).await {
             Ok(()) => return,
             Err(e) => {
+                // A consumer that ran for a good while failed for a new reason.
+                if started.elapsed() > 2 * BACKOFF_MAX {
+                    backoff = BACKOFF_FIRST;
+                }
                 tracing::warn!(partition, error = %e, retry_in_ms = backoff.as_millis() as u64, "NATS partition consumer failed");
                 if !pause(&shared.shutdown, backoff).await {
                     return;
@@ -350,7 +355,7 @@ async fn fresh_consumer(
                 e,
             )
         })?;
-    let name = consumer_name(partition);
+    let name = consumer_name(&shared.config.consumer_prefix, partition);
     // The store, not the server, knows how far this partition is durable.
     let _ = stream.delete_consumer(&name).await;
     let deliver_policy = if recorded == 0 {
