@@ -606,3 +606,40 @@ async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again
         "an export arrived twice under two ids"
     );
 }
+
+/// NATS down at start: the agent serves anyway (ingest, delivery, `/healthz` saying so), and
+/// consumes once the server and its stream are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
+    let Some(server_bin) = nats_server_or_skip("the_agent_starts_without_nats") else {
+        return;
+    };
+    let mut server = NatsServer::start(&server_bin);
+    server.stop();
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    let agent = setup.start().await;
+    assert_eq!(
+        healthz_json(agent.addr).await["nats"]["state"],
+        "disconnected"
+    );
+    let (status, body) = http_post(agent.addr, "/v1/updates", version_line(1, 0), &[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    server.restart();
+    setup.cli(&["nats", "setup"]);
+    let lines: Vec<String> = (2..12).map(|p| version_line(p, 0)).collect();
+    setup.cli(&[
+        "publish",
+        write_lines(setup.dir.path(), &lines).to_str().unwrap(),
+    ]);
+    wait_or_show(30, "every export delivered", &[&agent], || {
+        distinct_deliveries(&receiver) >= 11
+    })
+    .await;
+    assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
+}
