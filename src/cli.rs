@@ -70,6 +70,10 @@ pub enum Command {
         /// Share of export requests the embedded receiver fails with 503
         #[arg(long, default_value_t = 0.05)]
         fail_share: f64,
+        /// A fleet instead: nats-server (must be installed), three agents owning 12 partitions,
+        /// the sample updates published into the stream
+        #[arg(long)]
+        fleet: bool,
     },
     /// Run a test destination: an OAuth 2.0 token endpoint and a profile endpoint.
     ///

@@ -62,7 +62,14 @@ pub struct DemoReport {
 }
 
 fn demo_config(dir: &std::path::Path, receiver: &str) -> Config {
-    let text = format!(
+    let text = demo_config_text(receiver);
+    let path = dir.join("outpost.toml");
+    Config::parse(&path, &text).expect("the demo config is valid")
+}
+
+/// The demo agent's config, delivering to the receiver at `receiver`.
+pub(crate) fn demo_config_text(receiver: &str) -> String {
+    format!(
         r#"[destination]
 name = "demo"
 description = "the embedded receiver of outpost demo"
@@ -93,12 +100,10 @@ request_timeout_ms = 2000
 initial_backoff_ms = 50
 max_backoff_ms = 1000
 "#
-    );
-    let path = dir.join("outpost.toml");
-    Config::parse(&path, &text).expect("the demo config is valid")
+    )
 }
 
-fn progress(show: bool, len: u64, template: &str) -> ProgressBar {
+pub(crate) fn progress(show: bool, len: u64, template: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }

@@ -21,6 +21,7 @@ pub mod commands;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod demo_fleet;
 pub mod logging;
 pub mod metrics;
 pub mod profile;

@@ -643,3 +643,24 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     .await;
     assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
 }
+
+#[test]
+fn the_fleet_demo_delivers_what_one_agent_would() {
+    if nats_server_or_skip("the_fleet_demo").is_none() {
+        return;
+    }
+    let out = std::process::Command::new(binary())
+        .args(["demo", "--fleet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // data/README.md: the sample file makes 823 exports ingested into one agent.
+    assert!(stdout.contains("1529 updates published"), "{stdout}");
+    assert!(stdout.contains("823 distinct exports accepted"), "{stdout}");
+    assert_eq!(stdout.matches("updates committed").count(), 3, "{stdout}");
+}

@@ -70,7 +70,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     // The commands that need no config.
     match cli.command {
-        Command::Demo { fail_share } => return runtime()?.block_on(demo(fail_share)),
+        Command::Demo { fail_share, fleet } => return runtime()?.block_on(demo(fail_share, fleet)),
         Command::Receiver {
             listen,
             client_id,
@@ -127,11 +127,19 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-async fn demo(fail_share: f64) -> Result<(), CliError> {
+async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
     if !(0.0..1.0).contains(&fail_share) {
         return Err(CliError::Usage(
             "--fail-share must be at least 0 and below 1".into(),
         ));
+    }
+    if fleet {
+        println!("outpost demo --fleet: nats-server, the embedded receiver, three agents owning 12 partitions, the sample updates of data/ published into the stream");
+        let report = crate::demo_fleet::run(fail_share, std::io::stderr().is_terminal())
+            .await
+            .map_err(CliError::Failure)?;
+        crate::demo_fleet::print_report(&report);
+        return Ok(());
     }
     println!("outpost demo: an embedded receiver on loopback, the agent against it, the sample updates of data/");
     let options = crate::demo::DemoOptions {
