@@ -664,3 +664,105 @@ fn the_fleet_demo_delivers_what_one_agent_would() {
     assert!(stdout.contains("823 distinct exports accepted"), "{stdout}");
     assert_eq!(stdout.matches("updates committed").count(), 3, "{stdout}");
 }
+
+/// A message the server hands again after its update is in the store is acknowledged and
+/// skipped: it changes nothing and exports nothing, also without a timestamp. The server is
+/// made to hand everything again by re-creating the agent's consumers from the stream's start
+/// while the agent is not fetching (its outbox full).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handed_again_are_skipped() {
+    let Some(server_bin) = nats_server_or_skip("messages_handed_again_are_skipped") else {
+        return;
+    };
+    const PROFILES: usize = 40;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "fetch_batch = 2")),
+        "max_outbox_bytes = 3000",
+    );
+    setup.cli(&["nats", "setup"]);
+    // Version 0, then version 2 of each profile, without timestamps: applying version 0
+    // again would export.
+    let lines: Vec<String> = [0, 2]
+        .iter()
+        .flat_map(|&v| (0..PROFILES).map(move |p| version_line(p, v)))
+        .collect();
+    setup.cli(&[
+        "publish",
+        write_lines(setup.dir.path(), &lines).to_str().unwrap(),
+    ]);
+    let agent = setup.start().await;
+    let mut paused = false;
+    for _ in 0..200 {
+        if healthz_json(agent.addr).await["nats"]["state"] == "paused" {
+            paused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(paused, "the source never paused:\n{}", agent.log());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let committed = "outpost_source_messages_total{result=\"committed\"}";
+    let before = metric(agent.addr, committed).await;
+    assert!(before > 0.0);
+
+    // Every partition's consumer again from the first message, under the agent's name.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("UPDATES")
+        .await
+        .unwrap();
+    for partition in 0..8 {
+        let name = format!("outpost-p{partition}");
+        stream.delete_consumer(&name).await.unwrap();
+        stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(name),
+                filter_subject: format!("test.updates.{partition}"),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+                max_ack_pending: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    receiver.set_export_script(None);
+    wait_or_show(60, "every export delivered", &[&agent], || {
+        distinct_deliveries(&receiver) >= 2 * PROFILES
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let skipped = metric(
+        agent.addr,
+        "outpost_source_messages_total{result=\"skipped\"}",
+    )
+    .await;
+    assert_eq!(
+        skipped, before,
+        "every message committed before was skipped"
+    );
+    assert_eq!(metric(agent.addr, committed).await, (2 * PROFILES) as f64);
+    assert_eq!(
+        metric(agent.addr, "outpost_source_acks_total").await,
+        (2 * PROFILES) as f64 + skipped
+    );
+    assert_eq!(
+        distinct_deliveries(&receiver),
+        2 * PROFILES,
+        "an export too many"
+    );
+    let names = names_by_profile(&receiver);
+    for p in 0..PROFILES {
+        assert_eq!(
+            names[&format!("p{p}")],
+            [format!("p{p}-v0"), format!("p{p}-v2")]
+        );
+    }
+}
