@@ -251,6 +251,11 @@ impl Receiver {
         *self.state.issued.lock().unwrap()
     }
 
+    /// Forgets every refresh token issued so far (the next refresh with one is refused).
+    pub fn revoke_refresh_tokens(&self) {
+        self.state.refresh_tokens.lock().unwrap().clear();
+    }
+
     /// The most export requests handled at once since the last [`Receiver::reset_max_in_flight`].
     pub fn max_in_flight(&self) -> u64 {
         self.state

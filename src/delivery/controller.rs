@@ -7,8 +7,9 @@
 //!   is halved when something pushed back (429, 503, a timeout, a connection error); it shrinks
 //!   by a tenth when round trips clearly slow down. Always between 1 and the configured maximum.
 //! - **Request rate cap**: a concurrency limit alone cannot hold a rate limit on a fast link
-//!   (at one request in flight a loopback endpoint already gets thousands a second). On a 429
-//!   the rate is capped just under what the endpoint accepted in the last 100 ms; while the cap
+//!   (at one request in flight a loopback endpoint already gets thousands a second). When 429s
+//!   become a tenth of the answers (not a stray one, which only delays its own export), the
+//!   rate is capped just under what the endpoint accepted in the last 100 ms; while the cap
 //!   is what holds requests back and no 429 comes, it grows 1% each 100 ms for 3 s, 5% after
 //!   that. So a rate-limited endpoint settles near its limit with few 429s.
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
@@ -32,6 +33,12 @@ pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
 pub const MIN_RATE: f64 = 1.0;
 const RATE_WINDOW: Duration = Duration::from_millis(100);
+/// The rate is capped only when at least this share of the last answers were 429s (counted
+/// over the last [`SHARE_OF`], once at least [`SHARE_MIN`] came since the last cut): a few
+/// stray 429s are left to their own `Retry-After`, a rate limit shows as a share that grows.
+const CAP_AT_SHARE: f64 = 0.1;
+const SHARE_OF: usize = 200;
+const SHARE_MIN: usize = 100;
 const RATE_BUCKETS: usize = 10;
 const RATE_GROWTH_EVERY: Duration = Duration::from_millis(100);
 /// Growth per step soon after a 429 (probing gently near the limit that was found), and
@@ -170,6 +177,8 @@ pub struct Controller {
     past_rtt: Option<f64>,
     // Rate.
     accepted: RateMeter,
+    /// Whether each of the last answers was a 429, newest last.
+    recent_429: std::collections::VecDeque<bool>,
     rate_cap: Option<RateCap>,
     // Down.
     failures_in_a_row: u32,
@@ -206,6 +215,7 @@ impl Controller {
             back_pressure: false,
             past_rtt: None,
             accepted: RateMeter::new(now),
+            recent_429: std::collections::VecDeque::with_capacity(SHARE_OF),
             rate_cap: None,
             failures_in_a_row: 0,
             down_since: None,
@@ -285,14 +295,17 @@ impl Controller {
     pub fn answered(&mut self, now: Instant, sent_at: Instant, signal: Signal) {
         self.in_flight = self.in_flight.saturating_sub(1);
         let rtt = now.saturating_duration_since(sent_at);
-        match signal {
-            Signal::Healthy => {
-                self.rtt_sum += rtt.as_secs_f64();
-                self.rtt_count += 1;
-                self.accepted.record(now);
-            }
-            Signal::RateLimited => self.cut_rate(now),
-            _ => {}
+        if signal == Signal::Healthy {
+            self.rtt_sum += rtt.as_secs_f64();
+            self.rtt_count += 1;
+            self.accepted.record(now);
+        }
+        if self.recent_429.len() == SHARE_OF {
+            self.recent_429.pop_front();
+        }
+        self.recent_429.push_back(signal == Signal::RateLimited);
+        if signal == Signal::RateLimited && self.rate_limited() {
+            self.cut_rate(now);
         }
         if signal.is_back_pressure() {
             self.back_pressure = true;
@@ -336,7 +349,15 @@ impl Controller {
             .unwrap_or(self.backoff.max_interval)
     }
 
+    /// Whether enough of the last answers were 429s to call it a rate limit.
+    fn rate_limited(&self) -> bool {
+        let n = self.recent_429.len();
+        let refused = self.recent_429.iter().filter(|&&r| r).count();
+        n >= SHARE_MIN && refused as f64 >= CAP_AT_SHARE * n as f64
+    }
+
     fn cut_rate(&mut self, now: Instant) {
+        self.recent_429.clear();
         let accepted = self.accepted.rate(now);
         match &mut self.rate_cap {
             // At most one cut a window: the 429s of one burst are one signal.
@@ -489,7 +510,7 @@ mod tests {
         assert!(!c.is_down());
         assert_eq!(c.rate_cap(), None, "503s and timeouts cap no rate");
 
-        // A 429 halves the limit too, and caps the rate at what was accepted: nothing here.
+        // A 429 halves the limit too; a few of them cap no rate.
         let mut c = Controller::new(config(64), now);
         let limits = drive(
             &mut c,
@@ -499,7 +520,7 @@ mod tests {
             Signal::RateLimited,
         );
         assert_eq!(limits, [4]);
-        assert_eq!(c.rate_cap(), Some(MIN_RATE));
+        assert_eq!(c.rate_cap(), None);
     }
 
     #[test]
@@ -718,6 +739,25 @@ mod tests {
         }
         let total = (accepted + refused) as f64;
         (accepted as f64 / seconds as f64, refused as f64 / total)
+    }
+
+    #[test]
+    fn stray_429s_among_healthy_answers_cap_no_rate() {
+        // 4% of answers 429 at random, as a flaky endpoint that is not rate-limiting.
+        let mut now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        for i in 0..100_000u64 {
+            c.started(now);
+            now += Duration::from_micros(30);
+            let refused = i % 25 == 7 || i % 997 == 0;
+            let signal = if refused {
+                Signal::RateLimited
+            } else {
+                Signal::Healthy
+            };
+            c.answered(now, now - Duration::from_micros(200), signal);
+        }
+        assert_eq!(c.rate_cap(), None);
     }
 
     #[test]
