@@ -27,6 +27,14 @@ pub enum DeliveryOutcome {
 }
 
 impl DeliveryOutcome {
+    const ALL: [DeliveryOutcome; 5] = [
+        DeliveryOutcome::Delivered,
+        DeliveryOutcome::Retried,
+        DeliveryOutcome::AuthRejected,
+        DeliveryOutcome::Dead,
+        DeliveryOutcome::Expired,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             DeliveryOutcome::Delivered => "delivered",
@@ -83,7 +91,9 @@ pub struct Metrics {
     registry: Registry,
     updates: Family<Labels, Counter>,
     exports: Family<Labels, Counter>,
-    deliveries: Family<Labels, Counter>,
+    /// The counters of `deliveries`, by [`DeliveryOutcome`] in `ALL` order: looked up once,
+    /// not per export.
+    delivery_counters: Vec<Counter>,
     retries: Family<Labels, Counter>,
     splits: Counter,
     pub outbox_pending: Gauge,
@@ -186,7 +196,14 @@ impl Metrics {
             registry,
             updates,
             exports,
-            deliveries,
+            delivery_counters: DeliveryOutcome::ALL
+                .iter()
+                .map(|o| {
+                    deliveries
+                        .get_or_create(&vec![("outcome", o.label())])
+                        .clone()
+                })
+                .collect(),
             retries,
             splits,
             outbox_pending,
@@ -247,22 +264,14 @@ impl Metrics {
     }
 
     pub fn record_delivery(&self, outcome: DeliveryOutcome, latency: Option<std::time::Duration>) {
-        self.deliveries
-            .get_or_create(&vec![("outcome", outcome.label())])
-            .inc();
+        self.delivery_counters[outcome as usize].inc();
         if let Some(latency) = latency {
             self.delivery_latency.observe(latency.as_secs_f64());
         }
     }
 
     pub fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
-        self.deliveries
-            .get_or_create(&vec![("outcome", outcome.label())])
-            .get()
-    }
-
-    pub fn updates(&self, result: &'static str) -> u64 {
-        self.updates.get_or_create(&vec![("result", result)]).get()
+        self.delivery_counters[outcome as usize].get()
     }
 
     pub fn exports(&self, reason: Reason) -> u64 {

@@ -78,17 +78,14 @@ struct Cached {
     refresh_at: Instant,
 }
 
-#[derive(Default)]
-struct Cache {
-    current: Option<Cached>,
-    /// From the last token answer that carried one; kept until refused.
-    refresh_token: Option<Secret>,
-}
-
 pub struct TokenSource {
     auth: Auth,
     client: HttpClient,
-    cache: Mutex<Cache>,
+    /// The token handed out; read without waiting by every request.
+    current: std::sync::RwLock<Option<Cached>>,
+    /// Held while a token is fetched, so that concurrent callers share one fetch; holds the
+    /// refresh token of the last answer that carried one, kept until refused.
+    fetching: Mutex<Option<Secret>>,
     fetches: Counter,
 }
 
@@ -98,7 +95,8 @@ impl TokenSource {
         TokenSource {
             auth,
             client,
-            cache: Mutex::new(Cache::default()),
+            current: std::sync::RwLock::new(None),
+            fetching: Mutex::new(None),
             fetches,
         }
     }
@@ -109,20 +107,22 @@ impl TokenSource {
             Auth::None => Ok(None),
             Auth::Bearer { token } => Ok(Some(token.clone())),
             Auth::OAuth2 { .. } => {
-                let mut cache = self.cache.lock().await;
-                if let Some(cached) = cache.current.as_ref() {
-                    if Instant::now() < cached.refresh_at {
-                        return Ok(Some(cached.token.clone()));
-                    }
+                if let Some(token) = self.valid_current() {
+                    return Ok(Some(token));
                 }
-                let fetched = match cache.refresh_token.clone() {
+                let mut refresh_token = self.fetching.lock().await;
+                // Another caller may have fetched one while this one waited.
+                if let Some(token) = self.valid_current() {
+                    return Ok(Some(token));
+                }
+                let fetched = match refresh_token.clone() {
                     Some(refresh) => match self.request(FormGrant::RefreshToken(&refresh)).await {
                         Err(AuthError::Status { status, .. }) if (400..500).contains(&status) => {
                             tracing::info!(
                                 status,
                                 "the token endpoint refused the refresh token; using the original grant"
                             );
-                            cache.refresh_token = None;
+                            *refresh_token = None;
                             self.fetch().await?
                         }
                         other => other?,
@@ -131,23 +131,31 @@ impl TokenSource {
                 };
                 let refresh_at =
                     Instant::now() + fetched.lifetime - refresh_margin(fetched.lifetime);
-                cache.current = Some(Cached {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
                     token: fetched.token.clone(),
                     refresh_at,
                 });
                 if fetched.refresh_token.is_some() {
-                    cache.refresh_token = fetched.refresh_token;
+                    *refresh_token = fetched.refresh_token;
                 }
                 Ok(Some(fetched.token))
             }
         }
     }
 
+    fn valid_current(&self) -> Option<Secret> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| Instant::now() < c.refresh_at)
+            .map(|c| c.token.clone())
+    }
+
     /// Drops `used` after the destination refused it, unless a newer token already replaced it.
     pub async fn invalidate(&self, used: &Secret) {
-        let mut cache = self.cache.lock().await;
-        if cache.current.as_ref().is_some_and(|c| &c.token == used) {
-            cache.current = None;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|c| &c.token == used) {
+            *current = None;
         }
     }
 
