@@ -20,7 +20,7 @@
 //! Rates in (c), (d), (e) are counted between the 10% and the 90% marks of the run, so the
 //! start (token, first reads) and the tail (exports waiting out a `Retry-After`) do not count.
 //!
-//! Run: `cargo bench --bench delivery`.
+//! Run: `cargo bench --bench delivery` (`OUTPOST_BENCH_ONLY=healthy` for (a) and (b) alone).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -122,6 +122,8 @@ async fn start_receiver() -> (Receiver, Arc<Progress>) {
 /// receiver had answered each of `marks` exports, the time `Agent::start` took, and, when
 /// `drain`, the time until the outbox was also empty.
 struct AgentRun {
+    /// The adaptive concurrency limit at the end of the run.
+    limit: i64,
     start_took: Duration,
     marks: Vec<Duration>,
     drained: Option<Duration>,
@@ -159,8 +161,10 @@ async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: b
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let marks = progress.times(start);
+    let limit = agent.metrics.concurrency_limit.get();
     agent.stop().await.unwrap();
     AgentRun {
+        limit,
         start_took,
         marks,
         drained,
@@ -319,6 +323,8 @@ async fn floor_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration
 /// (a) and (b): the agent (single exports, then arrays of 10) vs the floor and the raw loop.
 struct Healthy {
     agent: f64,
+    /// With `max_concurrency` = the floor's concurrency.
+    agent_8: f64,
     batched: f64,
     floor: f64,
     raw: f64,
@@ -327,10 +333,13 @@ struct Healthy {
 async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
     let (receiver, progress) = start_receiver().await;
     let base = receiver.base_url();
-    let (mut agent, mut batched, mut floor, mut raw) = (vec![], vec![], vec![], vec![]);
+    let (mut agent, mut agent_8, mut batched, mut floor, mut raw) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let same_concurrency = format!("max_concurrency = {CONCURRENCY}");
     for _ in 0..repeats {
         for (delivery, rates) in [
             ("", &mut agent),
+            (same_concurrency.as_str(), &mut agent_8),
             ("max_profiles_per_request = 10", &mut batched),
         ] {
             let dir = tempfile::tempdir().unwrap();
@@ -341,13 +350,14 @@ async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
             let drained = run.drained.unwrap();
             rates.push(rate(n, drained));
             println!(
-                "delivery[healthy{}]: pre-fill {n} in {}, avg payload {} B; start {}, {n} delivered and outbox empty after {} ({:.0}/s)",
+                "delivery[healthy{}]: pre-fill {n} in {}, avg payload {} B; start {}, {n} delivered and outbox empty after {} ({:.0}/s), concurrency limit at the end {}",
                 if delivery.is_empty() { String::new() } else { format!(", {delivery}") },
                 ms(took),
                 payloads.iter().map(|(_, p)| p.len()).sum::<usize>() / n,
                 ms(run.start_took),
                 ms(drained),
                 rate(n, drained),
+                run.limit,
             );
             if delivery.is_empty() {
                 let payloads = Arc::new(payloads);
@@ -369,14 +379,17 @@ async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
     }
     let h = Healthy {
         agent: best(&agent),
+        agent_8: best(&agent_8),
         batched: best(&batched),
         floor: best(&floor),
         raw: best(&raw),
     };
     println!(
-        "delivery[healthy, {n} exports, best of {repeats}]: agent {:.0}/s [{}], arrays of 10 {:.0} exports/s [{}], floor (sled + hyper, concurrency {CONCURRENCY}) {:.0}/s [{}], raw hyper {:.0} requests/s [{}]",
+        "delivery[healthy, {n} exports, best of {repeats}]: agent {:.0}/s [{}], agent with max_concurrency {CONCURRENCY} {:.0}/s [{}], arrays of 10 {:.0} exports/s [{}], floor (sled + hyper, concurrency {CONCURRENCY}) {:.0}/s [{}], raw hyper {:.0} requests/s [{}]",
         h.agent,
         list(&agent),
+        h.agent_8,
+        list(&agent_8),
         h.batched,
         list(&batched),
         h.floor,
@@ -404,10 +417,11 @@ async fn scenario(name: &str, n: usize, script: Option<Script>, delivery: &str) 
         .map(|r| r.status)
         .collect();
     println!(
-        "delivery[{name}]: {n} exports drained in {}; {:.0} exports/s between the 10% and 90% marks; {} requests",
+        "delivery[{name}]: {n} exports drained in {}; {:.0} exports/s between the 10% and 90% marks; {} requests; concurrency limit at the end {}",
         ms(run.drained.unwrap()),
         middle,
-        statuses.len()
+        statuses.len(),
+        run.limit
     );
     (middle, statuses)
 }
@@ -491,6 +505,14 @@ fn main() {
     let whole = Instant::now();
     rt.block_on(async {
         let healthy = bench_healthy(n_a, repeats).await;
+        if std::env::var("OUTPOST_BENCH_ONLY").as_deref() == Ok("healthy") {
+            println!(
+                "delivery RATIO agent/floor = {:.2}; max_concurrency {CONCURRENCY}: {:.2}",
+                healthy.agent / healthy.floor,
+                healthy.agent_8 / healthy.floor
+            );
+            return;
+        }
 
         // (c) 10% of requests answered 500.
         let flaky: Script = Arc::new(|_, _| {
@@ -532,9 +554,10 @@ fn main() {
         }
         let ratio = healthy.agent / healthy.floor;
         println!(
-            "delivery RATIO agent/floor = {ratio:.2} (target >= 0.8) {}; agent/raw = {:.2}",
+            "delivery RATIO agent/floor = {ratio:.2} (target >= 0.8) {}; agent/raw = {:.2}; with max_concurrency {CONCURRENCY} (the floor's): agent/floor = {:.2}",
             verdict(ratio >= 0.8),
-            healthy.agent / healthy.raw
+            healthy.agent / healthy.raw,
+            healthy.agent_8 / healthy.floor,
         );
         let ratio = healthy.batched / healthy.raw;
         println!(

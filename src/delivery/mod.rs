@@ -59,8 +59,10 @@ const READ_CHUNK: usize = 2_048;
 /// A wake-up even without commits: picks up expiries and anything missed.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+const USER_AGENT_VALUE: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));
+
 pub fn user_agent() -> String {
-    concat!("outpost/", env!("CARGO_PKG_VERSION")).to_owned()
+    USER_AGENT_VALUE.to_owned()
 }
 
 fn now_ms() -> i64 {
@@ -183,8 +185,13 @@ impl Deliverer {
             controller: Controller::new(self.controller, Instant::now()),
             cursor: 0,
             settling: 0,
+            changes: Vec::new(),
             settler,
         };
+        // One timer for the idle tick, moved forward when it fires rather than made anew on
+        // every turn of the loop.
+        let idle = tokio::time::sleep(IDLE_TICK);
+        tokio::pin!(idle);
         loop {
             let stopping = shutdown.is_cancelled();
             let now = Instant::now();
@@ -193,6 +200,7 @@ impl Deliverer {
                 state.queue.wake_due(now);
                 self.start_requests(&mut state, &done_tx, now);
             }
+            state.settler.send(std::mem::take(&mut state.changes));
             self.publish(&state);
             if stopping && state.controller.in_flight() == 0 && state.settling == 0 {
                 break;
@@ -216,7 +224,7 @@ impl Deliverer {
                 }
                 _ = wake.notified(), if !stopping => {}
                 _ = sleep_until(timer), if timer.is_some() && !stopping => {}
-                _ = tokio::time::sleep(IDLE_TICK), if !stopping => {}
+                _ = &mut idle, if !stopping => idle.as_mut().reset(Instant::now() + IDLE_TICK),
                 _ = shutdown.cancelled(), if !stopping => {}
             }
         }
@@ -381,7 +389,7 @@ impl Deliverer {
             };
             self.metrics.record_delivery(outcome, None);
             self.metrics.record_retry(cause);
-            state.settler.send(Change {
+            state.changes.push(Change {
                 profile: Arc::clone(&profile),
                 seq: export.id.seq,
                 change: ExportChange::Failed {
@@ -436,8 +444,8 @@ impl Deliverer {
     ) -> Result<Request<Full<Bytes>>, String> {
         let (key, body) = request_body(batch, self.max_profiles_per_request > 1);
         let mut builder = Request::post(self.endpoint.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(USER_AGENT, user_agent())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
             .header("idempotency-key", key);
         if let Some(token) = token {
             let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
@@ -507,6 +515,8 @@ struct LoopState {
     cursor: u64,
     /// Changes sent to the settler that will come back as settled.
     settling: usize,
+    /// Changes made in this turn of the loop, sent to the settler together at its end.
+    changes: Vec<Change>,
     settler: Settler,
 }
 
@@ -516,7 +526,7 @@ impl LoopState {
     fn settle(&mut self, profile: &Arc<str>, export: &Export, change: ExportChange) {
         debug_assert!(change.settles());
         self.settling += 1;
-        self.settler.send(Change {
+        self.changes.push(Change {
             profile: Arc::clone(profile),
             seq: export.id.seq,
             change,

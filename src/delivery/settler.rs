@@ -29,7 +29,7 @@ const MAX_GROUP: usize = 4096;
 
 #[derive(Clone)]
 pub struct Settler {
-    changes: mpsc::UnboundedSender<Change>,
+    changes: mpsc::UnboundedSender<Vec<Change>>,
 }
 
 impl Settler {
@@ -44,22 +44,26 @@ impl Settler {
         (Settler { changes }, settled_rx)
     }
 
-    pub fn send(&self, change: Change) {
+    /// Hands over the changes of one turn of the delivery loop (one wake-up of the thread for
+    /// all of them).
+    pub fn send(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
         // Fails only once the thread is gone, at exit: the export stays pending (at least once).
-        let _ = self.changes.send(change);
+        let _ = self.changes.send(changes);
     }
 }
 
 fn run(
     store: &Store,
-    mut receiver: mpsc::UnboundedReceiver<Change>,
+    mut receiver: mpsc::UnboundedReceiver<Vec<Change>>,
     settled: &mpsc::UnboundedSender<Vec<Settled>>,
 ) {
-    while let Some(first) = receiver.blocking_recv() {
-        let mut group = vec![first];
+    while let Some(mut group) = receiver.blocking_recv() {
         while group.len() < MAX_GROUP {
             match receiver.try_recv() {
-                Ok(change) => group.push(change),
+                Ok(more) => group.extend(more),
                 Err(_) => break,
             }
         }

@@ -72,6 +72,9 @@ impl Store {
                     continue;
                 };
                 tally.count(Place::Pending, old.len(), -1);
+                if *change == ExportChange::Delivered {
+                    continue; // gone: no need to read it
+                }
                 let record = codec::decode_export(&old)
                     .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
                 let (place, record) = changed_record(record, change);
