@@ -33,12 +33,13 @@ pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
 pub const MIN_RATE: f64 = 1.0;
 const RATE_WINDOW: Duration = Duration::from_millis(100);
-/// The rate is capped only when at least this share of the last answers were 429s (counted
-/// over the last [`SHARE_OF`], once at least [`SHARE_MIN`] came since the last cut): a few
-/// stray 429s are left to their own `Retry-After`, a rate limit shows as a share that grows.
+/// The rate is capped only when at least this share of the last answers (up to [`SHARE_OF`]
+/// since the last cut) were 429s, and at least [`CAP_MIN_REFUSED`] of them: a few stray 429s
+/// are left to their own `Retry-After` (4% at random makes 20 of 200 a one-in-10^5 event), a
+/// rate limit shows as a share that grows.
 const CAP_AT_SHARE: f64 = 0.1;
 const SHARE_OF: usize = 200;
-const SHARE_MIN: usize = 100;
+const CAP_MIN_REFUSED: usize = 20;
 const RATE_BUCKETS: usize = 10;
 const RATE_GROWTH_EVERY: Duration = Duration::from_millis(100);
 /// Growth per step soon after a 429 (probing gently near the limit that was found), and
@@ -353,7 +354,7 @@ impl Controller {
     fn rate_limited(&self) -> bool {
         let n = self.recent_429.len();
         let refused = self.recent_429.iter().filter(|&&r| r).count();
-        n >= SHARE_MIN && refused as f64 >= CAP_AT_SHARE * n as f64
+        refused >= CAP_MIN_REFUSED && refused as f64 >= CAP_AT_SHARE * n as f64
     }
 
     fn cut_rate(&mut self, now: Instant) {
