@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Watcher;
 use crate::config::Config;
 use crate::delivery::{Deliverer, SetupError};
 use crate::metrics::Metrics;
@@ -55,6 +56,7 @@ pub struct Agent {
     pub store: Arc<Store>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    clock: JoinHandle<Watcher>,
 }
 
 impl Agent {
@@ -64,6 +66,7 @@ impl Agent {
             config.storage.cache_bytes,
         )?);
         let metrics = Arc::new(Metrics::new());
+        let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
         // The committer thread ends with the process; every commit it acknowledged was flushed.
         let (committer, _committer_thread) = Committer::start(
@@ -94,6 +97,7 @@ impl Agent {
             })?;
 
         let shutdown = CancellationToken::new();
+        let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
         let mut tasks = Vec::new();
         {
@@ -138,6 +142,7 @@ impl Agent {
             store,
             shutdown,
             tasks,
+            clock,
         })
     }
 
@@ -150,6 +155,10 @@ impl Agent {
     pub async fn wait(self) -> Result<(), AgentError> {
         for task in self.tasks {
             let _ = task.await;
+        }
+        // The last checkpoint of the run time, then the flush that makes it durable.
+        if let Ok(mut watcher) = self.clock.await {
+            watcher.tick()?;
         }
         self.store.flush()?;
         tracing::info!("outpost stopped");

@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::RunClock;
 use crate::config::Config;
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::store::codec::ExportRecord;
@@ -78,6 +79,7 @@ pub struct Deliverer {
     headers: Vec<(HeaderName, HeaderValue)>,
     concurrency: usize,
     max_age: Duration,
+    clock: RunClock,
     gate_config: (Duration, Duration, bool),
     metrics: Arc<Metrics>,
 }
@@ -122,6 +124,7 @@ impl Deliverer {
             })
             .collect();
         Ok(Deliverer {
+            clock: store.run_clock(),
             store,
             flusher,
             client,
@@ -233,7 +236,6 @@ impl Deliverer {
             return;
         }
         let mut seen: HashSet<String> = in_flight.union(settling).cloned().collect();
-        let expire_before = now_ms() - self.max_age.as_millis() as i64;
         self.store.scan_pending(scan_from, |exports| {
             for export in exports.take(SCAN_LIMIT) {
                 let export = match export {
@@ -246,7 +248,7 @@ impl Deliverer {
                 if !seen.insert(export.record.profile_id.clone()) {
                     continue; // not the oldest pending export of its profile, or that one is in flight
                 }
-                if export.record.queued_at_ms < expire_before {
+                if self.clock.expired(&export.record, self.max_age) {
                     self.expire(&export);
                     continue;
                 }
