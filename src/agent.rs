@@ -115,6 +115,7 @@ impl Agent {
             metrics: Arc::clone(&metrics),
             token: config.ingest.token.clone(),
             max_body_bytes: config.ingest.max_body_bytes,
+            max_future_s: config.ingest.max_future_s,
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
         });
@@ -129,6 +130,7 @@ impl Agent {
             metrics: Arc::clone(&metrics),
             wake,
             max_outbox_bytes: config.storage.max_outbox_bytes,
+            max_future_s: config.ingest.max_future_s,
         });
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
