@@ -43,8 +43,24 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(delay.min(MAX_RETRY_AFTER))
 }
 
+/// The `Retry-After` of an answer. An HTTP date is measured against the answer's own `Date`
+/// header when it has one (both are the server's clock), so that a wrong local wall clock
+/// neither stretches the wait (up to [`MAX_RETRY_AFTER`]) nor ignores it; else against `now`.
+pub fn retry_after(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
+    let reference = headers
+        .get(hyper::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .unwrap_or(now);
+    parse_retry_after(value, reference)
+}
+
 /// The destination-wide backoff: after a failure nothing is sent until the delay has passed,
 /// then only one probe at a time until one succeeds.
+///
+/// Its times are on the monotonic clock (tokio's `Instant`), as are request timeouts
+/// ([`super::client`]): a step of the wall clock neither stalls nor hurries a retry.
 pub struct Gate {
     backoff: ExponentialBackoff,
     failing: bool,
@@ -200,6 +216,66 @@ mod tests {
                 "{value:?}"
             );
         }
+    }
+
+    #[test]
+    fn retry_after_dates_are_measured_on_the_server_clock() {
+        let server_now = "Sun, 29 Nov 2026 10:00:00 GMT";
+        let ten_days_behind = httpdate::parse_http_date("Thu, 19 Nov 2026 10:00:00 GMT").unwrap();
+        let right = httpdate::parse_http_date(server_now).unwrap();
+        let a_day_ahead = httpdate::parse_http_date("Mon, 30 Nov 2026 10:00:00 GMT").unwrap();
+        // (Retry-After, Date, local clock, delay)
+        let table: &[(&str, Option<&str>, SystemTime, Option<u64>)] = &[
+            (
+                "Sun, 29 Nov 2026 10:00:30 GMT",
+                Some(server_now),
+                ten_days_behind,
+                Some(30),
+            ),
+            (
+                "Sun, 29 Nov 2026 10:00:30 GMT",
+                Some(server_now),
+                a_day_ahead,
+                Some(30),
+            ),
+            (
+                "Sun, 29 Nov 2026 10:00:30 GMT",
+                Some(server_now),
+                right,
+                Some(30),
+            ),
+            // Without a Date, the local clock is all there is.
+            ("Sun, 29 Nov 2026 10:00:30 GMT", None, right, Some(30)),
+            (
+                "Sun, 29 Nov 2026 10:00:30 GMT",
+                None,
+                ten_days_behind,
+                Some(3600),
+            ),
+            // An unreadable Date is ignored.
+            (
+                "Sun, 29 Nov 2026 10:00:30 GMT",
+                Some("soon"),
+                right,
+                Some(30),
+            ),
+            // Seconds need no clock.
+            ("45", Some(server_now), ten_days_behind, Some(45)),
+            ("later", Some(server_now), right, None),
+        ];
+        for &(value, date, now, expected) in table {
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert(hyper::header::RETRY_AFTER, value.parse().unwrap());
+            if let Some(date) = date {
+                headers.insert(hyper::header::DATE, date.parse().unwrap());
+            }
+            assert_eq!(
+                retry_after(&headers, now),
+                expected.map(Duration::from_secs),
+                "{value:?} with Date {date:?}"
+            );
+        }
+        assert_eq!(retry_after(&hyper::HeaderMap::new(), right), None);
     }
 
     #[tokio::test(start_paused = true)]
