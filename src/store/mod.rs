@@ -34,8 +34,12 @@ use crate::profile::{Reason, Update};
 use codec::{ExportRecord, ProfileRecord};
 use keys::meta;
 
-/// The on-disk layout this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The on-disk layout this build writes and reads. Format 2 added the run-time clock
+/// (`meta/clock`, exports of format 2).
+pub const FORMAT_VERSION: u64 = 2;
+/// Older layouts this build opens, and upgrades by recording [`FORMAT_VERSION`]: their values
+/// stay readable as they are (see [`codec`]). An older build then refuses the store whole.
+const UPGRADABLE_FORMATS: &[u64] = &[1];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,7 +47,9 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("cannot open the store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
-    #[error("the store at {path} has format {found}, this outpost reads format {FORMAT_VERSION}")]
+    #[error(
+        "the store at {path} has format {found}, this outpost reads formats 1 to {FORMAT_VERSION}"
+    )]
     Format { path: PathBuf, found: u64 },
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
@@ -413,7 +419,10 @@ impl Store {
                     .try_into()
                     .map(u64::from_be_bytes)
                     .unwrap_or(u64::MAX);
-                if found != FORMAT_VERSION {
+                if UPGRADABLE_FORMATS.contains(&found) {
+                    meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                    db.flush()?;
+                } else if found != FORMAT_VERSION {
                     return Err(StoreError::Format {
                         path: path.to_path_buf(),
                         found,
@@ -963,5 +972,52 @@ mod tests {
         assert!(!store
             .run_clock()
             .expired(&retried.record, Duration::from_secs(60)));
+    }
+
+    /// A format-1 store opens, its old exports read as queued at run time 0, and it is marked
+    /// format 2 so that older builds refuse it whole; an unknown newer format is refused.
+    #[test]
+    fn format_1_stores_are_upgraded_and_newer_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1_export: Vec<u8> = [
+            &[1u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
+            &[251, 0xd0, 0x07, 251, 0xd0, 0x07, 0, 0, 0, 0],
+        ]
+        .concat();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta_tree = db.open_tree("meta").unwrap();
+            meta_tree.insert(meta::FORMAT, &1u64.to_be_bytes()).unwrap();
+            meta_tree
+                .insert(meta::NEXT_SEQ, &1u64.to_be_bytes())
+                .unwrap();
+            db.open_tree("outbox")
+                .unwrap()
+                .insert(keys::seq_key(0), v1_export)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let old = store.export(store.export_id(0)).unwrap().unwrap();
+        assert_eq!(old.record.queued_at_uptime_ms, 0);
+        assert_eq!(old.record.created_at_ms, 1000);
+        assert!(!store
+            .run_clock()
+            .expired(&old.record, Duration::from_secs(1)));
+        drop(store);
+
+        let db = sled::open(dir.path()).unwrap();
+        let meta_tree = db.open_tree("meta").unwrap();
+        let format = meta_tree.get(meta::FORMAT).unwrap().unwrap();
+        assert_eq!(format.as_ref(), FORMAT_VERSION.to_be_bytes());
+        meta_tree
+            .insert(meta::FORMAT, &(FORMAT_VERSION + 1).to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+        drop((meta_tree, db));
+        assert!(matches!(
+            Store::open(dir.path(), 8 << 20),
+            Err(StoreError::Format { found: 3, .. })
+        ));
     }
 }
