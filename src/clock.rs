@@ -200,10 +200,16 @@ pub fn startup_jump_ms(last: &ClockRecord, now: &Sample) -> Option<i64> {
     is_jump(by).then_some(by)
 }
 
-/// A duration in seconds for people: "+10d 0h 0m 0s", "-86400 s" becomes "-1d 0h 0m 0s".
+/// Milliseconds to the nearest whole second (half away from zero): jumps are measured between
+/// two clocks read a moment apart, so a step of a day reads a few ms short of it.
+pub fn whole_seconds(ms: i64) -> i64 {
+    (ms + ms.signum() * 500) / 1000
+}
+
+/// A jump for people, to the second: "+10d 0h 0m 0s", "-1h 1m 40s", "+1m 30s".
 pub fn describe_jump(by_ms: i64) -> String {
     let sign = if by_ms < 0 { '-' } else { '+' };
-    let s = by_ms.unsigned_abs() / 1000;
+    let s = whole_seconds(by_ms).unsigned_abs();
     let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
     if d > 0 {
         format!("{sign}{d}d {h}h {m}m {s}s")
@@ -263,9 +269,11 @@ impl Watcher {
         };
         self.record = std::mem::take(&mut self.record).with_jump(jump);
         self.metrics.clock_jumps.inc();
-        self.metrics.clock_last_jump_seconds.set(by_ms / 1000);
+        self.metrics
+            .clock_last_jump_seconds
+            .set(whole_seconds(by_ms));
         tracing::warn!(
-            by_s = by_ms / 1000,
+            by_s = whole_seconds(by_ms),
             "the wall clock jumped {} {when}; delivery.max_age_s counts the agent's run time and is not affected",
             describe_jump(by_ms)
         );
@@ -471,5 +479,18 @@ mod tests {
         assert_eq!(describe_jump(-DAY_MS - 61_000), "-1d 0h 1m 1s");
         assert_eq!(describe_jump(90_000), "+1m 30s");
         assert_eq!(describe_jump(-3_700_000), "-1h 1m 40s");
+        assert_eq!(describe_jump(-DAY_MS + 400), "-1d 0h 0m 0s");
+        assert_eq!(describe_jump(10 * DAY_MS - 499), "+10d 0h 0m 0s");
+        assert_eq!(describe_jump(90_600), "+1m 31s");
+        let rounded = [
+            (0, 0),
+            (499, 0),
+            (500, 1),
+            (-500, -1),
+            (-86_399_600, -86_400),
+        ];
+        for (ms, s) in rounded {
+            assert_eq!(whole_seconds(ms), s, "{ms} ms");
+        }
     }
 }

@@ -684,7 +684,7 @@ impl Store {
             run_time_s: uptime_ms / 1000,
             clock_jumps: clock.jumps,
             last_clock_jump: clock.last_jump.map(|j| ClockJumpReport {
-                by_s: j.by_ms / 1000,
+                by_s: clock::whole_seconds(j.by_ms),
                 noticed_at: format_ms(j.noticed_at_ms),
             }),
         })
