@@ -203,7 +203,7 @@ pub fn startup_jump_ms(last: &ClockRecord, now: &Sample) -> Option<i64> {
 /// Milliseconds to the nearest whole second (half away from zero): jumps are measured between
 /// two clocks read a moment apart, so a step of a day reads a few ms short of it.
 pub fn whole_seconds(ms: i64) -> i64 {
-    (ms + ms.signum() * 500) / 1000
+    ms.saturating_add(ms.signum() * 500) / 1000
 }
 
 /// A jump for people, to the second: "+10d 0h 0m 0s", "-1h 1m 40s", "+1m 30s".
@@ -488,6 +488,8 @@ mod tests {
             (500, 1),
             (-500, -1),
             (-86_399_600, -86_400),
+            (i64::MAX, i64::MAX / 1000),
+            (i64::MIN, i64::MIN / 1000),
         ];
         for (ms, s) in rounded {
             assert_eq!(whole_seconds(ms), s, "{ms} ms");

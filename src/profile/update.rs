@@ -130,8 +130,8 @@ pub fn update_from_json(text: &[u8], line: u64) -> Result<Update, InputError> {
     update_from_json_within(text, line, None)
 }
 
-/// [`update_from_json`], refusing a timestamp beyond `limit`.
-fn update_from_json_within(
+/// [`update_from_json`], refusing a timestamp beyond `limit` (one message of a stream, say).
+pub fn update_from_json_within(
     text: &[u8],
     line: u64,
     limit: Option<&FutureLimit>,
