@@ -160,7 +160,7 @@ impl Agent {
         }
         // The last checkpoint of the run time, then the flush that makes it durable.
         if let Ok(mut watcher) = self.clock.await {
-            watcher.tick()?;
+            watcher.tick(true)?;
         }
         self.store.flush()?;
         tracing::info!("outpost stopped");

@@ -33,8 +33,12 @@ use crate::store::{Store, StoreError};
 /// A wall clock that moved this much more (or less) than the monotonic clock has jumped.
 pub const JUMP_THRESHOLD: Duration = Duration::from_secs(60);
 
-/// How often the agent samples the clocks and checkpoints its run time.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How often the agent samples the clocks to notice a jump.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the agent checkpoints its run time (also at once after a jump, and at shutdown).
+/// Not every sample: an idle agent on flash storage should not write every second.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// The clock state the store keeps (`meta/clock`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
@@ -221,12 +225,14 @@ pub fn describe_jump(by_ms: i64) -> String {
 }
 
 /// The agent's clock task: checks for a jump since the last run at start, then samples the
-/// clocks every [`CHECKPOINT_EVERY`], notes jumps and checkpoints the run time.
+/// clocks every [`SAMPLE_EVERY`], notes jumps, and checkpoints the run time every
+/// [`CHECKPOINT_EVERY`].
 pub struct Watcher {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     process_start: Instant,
     last: Sample,
+    last_checkpoint: Instant,
     record: ClockRecord,
 }
 
@@ -241,6 +247,7 @@ impl Watcher {
             metrics,
             process_start,
             last: now.clone(),
+            last_checkpoint: process_start,
             record,
         };
         if let Some(by_ms) = startup_jump_ms(&watcher.record, &now) {
@@ -250,16 +257,23 @@ impl Watcher {
         Ok(watcher)
     }
 
-    /// Samples the clocks, notes a jump since the last sample, and checkpoints.
-    pub fn tick(&mut self) -> Result<(), StoreError> {
+    /// Samples the clocks and notes a jump since the last sample; checkpoints after a jump, or
+    /// when [`CHECKPOINT_EVERY`] has passed, or when `force`d (at shutdown).
+    pub fn tick(&mut self, force: bool) -> Result<(), StoreError> {
         let now = Sample::now(self.process_start);
+        let mut jumped = false;
         if now.boot_id == self.last.boot_id {
             let by_ms = jump_ms(&self.last, &now);
             if is_jump(by_ms) {
                 self.noticed(by_ms, now.wall_ms, "while the agent ran");
+                jumped = true;
             }
         }
-        self.checkpoint(&now)
+        self.last = now.clone();
+        if force || jumped || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint(&now)?;
+        }
+        Ok(())
     }
 
     fn noticed(&mut self, by_ms: i64, at_ms: i64, when: &str) {
@@ -282,20 +296,20 @@ impl Watcher {
     fn checkpoint(&mut self, now: &Sample) -> Result<(), StoreError> {
         let uptime_ms = self.store.run_clock().uptime_ms();
         self.record = std::mem::take(&mut self.record).checkpointed(now, uptime_ms);
-        self.last = now.clone();
+        self.last_checkpoint = Instant::now();
         self.store.write_clock_record(&self.record)
     }
 
     /// Ticks until `shutdown`, then hands itself back for the last checkpoint, taken once the
     /// deliveries in flight have finished.
     pub async fn run(mut self, shutdown: CancellationToken) -> Watcher {
-        let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+        let mut every = tokio::time::interval(SAMPLE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await; // the first tick is immediate; start() has just checkpointed
         loop {
             tokio::select! {
                 _ = every.tick() => {
-                    if let Err(e) = self.tick() {
+                    if let Err(e) = self.tick(false) {
                         tracing::error!(error = %e, "cannot checkpoint the run time");
                     }
                 }
