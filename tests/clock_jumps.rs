@@ -14,7 +14,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,16 +90,23 @@ impl FakeClock {
     }
 }
 
-/// A receiver whose profile endpoint answers 503 while `down` is set.
-async fn receiver(down: Arc<AtomicBool>) -> Receiver {
+/// How the receiver's profile endpoint answers.
+const UP: u8 = 0;
+/// 503 to every export.
+const DOWN: u8 = 1;
+/// No answer for an hour: the agent's request timeout must fire.
+const STALLED: u8 = 2;
+
+/// A receiver whose profile endpoint answers as `mode` says.
+async fn receiver(mode: Arc<AtomicU8>) -> Receiver {
     let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
         .unwrap();
     receiver.set_export_script(Some(Arc::new(move |_, _| {
-        if down.load(Ordering::SeqCst) {
-            Reply::Status(503, vec![], "down for maintenance".into())
-        } else {
-            Reply::Normal
+        match mode.load(Ordering::SeqCst) {
+            DOWN => Reply::Status(503, vec![], "down for maintenance".into()),
+            STALLED => Reply::Delay(Duration::from_secs(3600)),
+            _ => Reply::Normal,
         }
     })));
     receiver
@@ -175,8 +182,8 @@ fn assert_jump_near(jump: &Value, by_s: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exports_made_ten_days_behind_are_delivered_once_the_clock_is_right() {
     let Some(library) = libfaketime() else { return };
-    let down = Arc::new(AtomicBool::new(true));
-    let receiver = receiver(Arc::clone(&down)).await;
+    let mode = Arc::new(AtomicU8::new(DOWN));
+    let receiver = receiver(Arc::clone(&mode)).await;
     let port = free_port();
     let ws = workspace(&receiver, port, "max_age_s = 86400");
     let clock = FakeClock::new(library, ws.path(), "-10d");
@@ -199,7 +206,7 @@ async fn exports_made_ten_days_behind_are_delivered_once_the_clock_is_right() {
     agent.terminate().await;
 
     clock.set("+0");
-    down.store(false, Ordering::SeqCst);
+    mode.store(UP, Ordering::SeqCst);
     let mut agent = clock.start_agent(&ws, port).await;
     wait_for(60, "all 1,000 exports delivered", async || {
         delivered_once(&receiver) >= 1000
@@ -236,14 +243,14 @@ async fn exports_made_ten_days_behind_are_delivered_once_the_clock_is_right() {
 }
 
 /// NTP steps the clock of a running agent: forward 10 days while the destination is down
-/// (nothing expires, max_age_s being an hour), then back a day. Every export is delivered
-/// once, none twice, and the token (good for an hour) is not fetched again: token lifetimes
-/// and backoff run on the monotonic clock.
+/// (nothing expires, max_age_s being an hour), then back a day while it stalls. Every export
+/// is delivered once, none twice, and the token (good for an hour) is not fetched again:
+/// token lifetimes, backoff and request timeouts run on the monotonic clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clock_steps_while_running_neither_expire_nor_resend_anything() {
     let Some(library) = libfaketime() else { return };
-    let down = Arc::new(AtomicBool::new(true));
-    let receiver = receiver(Arc::clone(&down)).await;
+    let mode = Arc::new(AtomicU8::new(DOWN));
+    let receiver = receiver(Arc::clone(&mode)).await;
     let port = free_port();
     let ws = workspace(&receiver, port, "max_age_s = 3600");
     let clock = FakeClock::new(library, ws.path(), "+0");
@@ -273,7 +280,7 @@ async fn clock_steps_while_running_neither_expire_nor_resend_anything() {
         receiver.export_requests().len() > before + 2
     })
     .await;
-    down.store(false, Ordering::SeqCst);
+    mode.store(UP, Ordering::SeqCst);
     wait_for(30, "the first 100 delivered", async || {
         delivered_once(&receiver) >= 100
     })
@@ -284,7 +291,14 @@ async fn clock_steps_while_running_neither_expire_nor_resend_anything() {
         metric(&agent, "outpost_clock_jumps_total").await == Some(2.0)
     })
     .await;
+    // A day back, the request timeout (500 ms) and the backoff still fire on time.
+    mode.store(STALLED, Ordering::SeqCst);
     ingest(&agent, "b", 100).await;
+    wait_for(20, "requests timed out after the step back", async || {
+        agent.log().matches("timed out after 500ms").count() >= 2
+    })
+    .await;
+    mode.store(UP, Ordering::SeqCst);
     wait_for(30, "the next 100 delivered", async || {
         delivered_once(&receiver) >= 200
     })
@@ -317,7 +331,7 @@ async fn clock_steps_while_running_neither_expire_nor_resend_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_age_counts_the_wait_across_a_restart() {
     let Some(library) = libfaketime() else { return };
-    let receiver = receiver(Arc::new(AtomicBool::new(true))).await;
+    let receiver = receiver(Arc::new(AtomicU8::new(DOWN))).await;
     let port = free_port();
     let ws = workspace(&receiver, port, "max_age_s = 6");
     let clock = FakeClock::new(library, ws.path(), "+0");
