@@ -16,7 +16,6 @@ use crate::delivery::{Deliverer, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
 use crate::store::committer::Committer;
-use crate::store::flusher::Flusher;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,9 +73,10 @@ impl Agent {
             Arc::new(config.mapping.clone()),
             Arc::clone(&wake),
         );
-        let flusher = Flusher::start(Arc::clone(&store));
-        let mut deliverer =
-            Deliverer::new(config, Arc::clone(&store), flusher, Arc::clone(&metrics))?;
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
+        let mut deliverer = Deliverer::new(config, Arc::clone(&store), Arc::clone(&metrics))?;
         if !options.jitter {
             deliverer = deliverer.without_jitter();
         }

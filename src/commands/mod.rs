@@ -84,7 +84,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
                 client_secret,
                 token_lifetime: Duration::from_secs(token_lifetime_s),
                 fail_share,
-                tls: None,
+                ..ReceiverOptions::default()
             };
             return runtime()?.block_on(receiver(listen, options, out));
         }
@@ -254,22 +254,32 @@ async fn check(config: &Config) -> Result<(), CliError> {
             ""
         }
     );
+    for warning in &config.warnings {
+        println!("warning          {warning}");
+    }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
         .map_err(|e| CliError::Failure(format!("destination TLS: {e}")))?;
     match &d.auth {
         Auth::None => println!("auth             none"),
         Auth::Bearer { .. } => println!("auth             static bearer token (set)"),
-        Auth::OAuth2ClientCredentials {
+        Auth::OAuth2 {
             auth_endpoint,
             client_id,
             credentials,
+            grant,
             ..
         } => {
             let placement = match credentials {
                 crate::config::CredentialsPlacement::Body => "the form body",
                 crate::config::CredentialsPlacement::Basic => "a Basic header",
             };
-            println!("auth             oauth2 client credentials, client_id {client_id}, secret sent in {placement}");
+            let grant = match grant {
+                crate::config::Grant::ClientCredentials => "client credentials".to_owned(),
+                crate::config::Grant::Password { username, .. } => {
+                    format!("password grant for user {username}")
+                }
+            };
+            println!("auth             oauth2 {grant}, client_id {client_id}, secret sent in {placement}");
             println!("token endpoint   {}", display_url(auth_endpoint));
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());

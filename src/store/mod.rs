@@ -13,13 +13,13 @@
 
 pub mod codec;
 pub mod committer;
-pub mod flusher;
 pub mod keys;
+pub mod outbox;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -258,6 +258,11 @@ pub struct Store {
     rewound: AtomicBool,
     /// The store's run time as this process counts it, from the last checkpoint on.
     run_clock: RunClock,
+    /// `next_seq` as the last committed transaction left it, and as the last completed flush
+    /// made durable: exports below `durable_next` survive any crash, so delivery reads only
+    /// those (an export is never sent before the update that caused it is acknowledged).
+    written_next: AtomicU64,
+    durable_next: AtomicU64,
 }
 
 fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
@@ -448,6 +453,10 @@ impl Store {
             None => ClockRecord::default(),
         };
         let log_file = File::open(path.join("db")).ok();
+        let next_seq = meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
         Ok(Store {
             run_clock: RunClock::starting_at(clock.uptime_ms),
             profiles: db.open_tree("profiles")?,
@@ -459,6 +468,8 @@ impl Store {
             log_file,
             rewind_lock: RwLock::new(()),
             rewound: AtomicBool::new(false),
+            written_next: AtomicU64::new(next_seq),
+            durable_next: AtomicU64::new(next_seq),
         })
     }
 
@@ -495,11 +506,18 @@ impl Store {
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let written = self.written_next.load(Ordering::SeqCst);
         self.db.flush()?;
         if let Some(file) = &self.log_file {
             file.sync_data().map_err(StoreError::Sync)?;
         }
+        self.durable_next.fetch_max(written, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Every export below this sequence number is durable.
+    pub fn durable_next_seq(&self) -> u64 {
+        self.durable_next.load(Ordering::SeqCst)
     }
 
     /// Applies each group of updates in order, all in ONE transaction, and returns a summary per
@@ -573,24 +591,27 @@ impl Store {
         // In key order, sled touches each leaf once rather than hopping between them.
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
 
-        (&self.profiles, &self.outbox, &self.meta).transaction(|(profiles, outbox, meta_tx)| {
-            let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
-            let mut tally = read_tally(meta_tx)?;
-            for (id, value) in &writes {
-                match value {
-                    Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
-                    None => profiles.remove(id.as_bytes())?,
-                };
-            }
-            for value in &exports {
-                tally.count(Place::Pending, value.len(), 1);
-                outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
-                next_seq += 1;
-            }
-            write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
-            write_tally(meta_tx, tally)?;
-            Ok(())
-        })?;
+        let next_seq = (&self.profiles, &self.outbox, &self.meta).transaction(
+            |(profiles, outbox, meta_tx)| {
+                let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+                let mut tally = read_tally(meta_tx)?;
+                for (id, value) in &writes {
+                    match value {
+                        Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
+                        None => profiles.remove(id.as_bytes())?,
+                    };
+                }
+                for value in &exports {
+                    tally.count(Place::Pending, value.len(), 1);
+                    outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
+                    next_seq += 1;
+                }
+                write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+                write_tally(meta_tx, tally)?;
+                Ok(next_seq)
+            },
+        )?;
+        self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(summaries)
     }
 
@@ -778,25 +799,38 @@ impl Store {
         result
     }
 
-    /// Pending exports from `*cursor` on, oldest first, for a scan that keeps its place between
-    /// calls. `*cursor` becomes the first sequence seen (nothing pending lies below it, since
-    /// new exports get higher numbers), and goes back to 0 after a [`Store::rewinding`].
-    pub fn scan_pending<T>(
+    /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
+    /// keeps its place between calls; `*cursor` moves past the last one returned. `None` when
+    /// exports were put back (see [`Store::rewinding`]) since the last call: the reader must
+    /// forget what it holds and start again from 0.
+    pub fn read_pending(
         &self,
         cursor: &mut u64,
-        scan: impl FnOnce(&mut dyn Iterator<Item = Result<Export, StoreError>>) -> T,
-    ) -> T {
+        limit: usize,
+    ) -> Result<Option<Vec<Export>>, StoreError> {
         let _guard = self.rewind_lock.read().unwrap_or_else(|e| e.into_inner());
         if self.rewound.swap(false, Ordering::SeqCst) {
-            *cursor = 0;
+            return Ok(None);
         }
-        let mut first = true;
-        let mut exports = self.pending_from(*cursor).inspect(|export| {
-            if let (Ok(export), true) = (export, std::mem::take(&mut first)) {
-                *cursor = export.id.seq;
-            }
-        });
-        scan(&mut exports)
+        let until = self.durable_next_seq();
+        if *cursor >= until {
+            return Ok(Some(Vec::new()));
+        }
+        let mut exports = Vec::new();
+        for item in self
+            .outbox
+            .range(keys::seq_key(*cursor)..keys::seq_key(until))
+            .take(limit)
+        {
+            let (key, value) = item?;
+            let export = self.decode_export(&key, &value, false)?;
+            *cursor = export.id.seq + 1;
+            exports.push(export);
+        }
+        if exports.len() < limit {
+            *cursor = until;
+        }
+        Ok(Some(exports))
     }
 
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
@@ -861,10 +895,11 @@ mod tests {
     use crate::profile::update::parse_body;
     use std::time::Duration;
 
-    fn seqs(store: &Store, cursor: &mut u64) -> Vec<u64> {
-        store.scan_pending(cursor, |exports| {
-            exports.map(|e| e.unwrap().id.seq).collect()
-        })
+    fn seqs(store: &Store, cursor: &mut u64) -> Option<Vec<u64>> {
+        store
+            .read_pending(cursor, 100)
+            .unwrap()
+            .map(|exports| exports.iter().map(|e| e.id.seq).collect())
     }
 
     /// Regression: a scan that kept its place must not skip a dead letter put back below it,
@@ -889,8 +924,15 @@ mod tests {
             .unwrap();
 
         let mut cursor = 0;
-        assert_eq!(seqs(&store, &mut cursor), [1, 2]);
-        assert_eq!(cursor, 1);
+        assert_eq!(
+            seqs(&store, &mut cursor),
+            Some(vec![]),
+            "nothing is durable yet"
+        );
+        store.flush().unwrap();
+        assert_eq!(seqs(&store, &mut cursor), Some(vec![1, 2]));
+        assert_eq!(cursor, 3);
+        assert_eq!(seqs(&store, &mut cursor), Some(vec![]));
         store.rewinding(|| {
             store
                 .change_export(0, Place::Dead, |r| (Place::Pending, r))
@@ -898,11 +940,15 @@ mod tests {
         });
         assert_eq!(
             seqs(&store, &mut cursor),
-            [0, 1, 2],
+            None,
+            "the reader must start over"
+        );
+        cursor = 0;
+        assert_eq!(
+            seqs(&store, &mut cursor),
+            Some(vec![0, 1, 2]),
             "the put-back export comes first"
         );
-        assert_eq!(cursor, 0);
-        assert_eq!(seqs(&store, &mut cursor), [0, 1, 2]);
     }
 
     /// The run time carries across reopening the store; exports are queued at the run time,
