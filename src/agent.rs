@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Watcher;
 use crate::config::Config;
 use crate::delivery::{Deliverer, SetupError};
 use crate::metrics::Metrics;
@@ -54,6 +55,7 @@ pub struct Agent {
     pub store: Arc<Store>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    clock: JoinHandle<Watcher>,
 }
 
 impl Agent {
@@ -63,6 +65,7 @@ impl Agent {
             config.storage.cache_bytes,
         )?);
         let metrics = Arc::new(Metrics::new());
+        let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
         // The committer thread ends with the process; every commit it acknowledged was flushed.
         let (committer, _committer_thread) = Committer::start(
@@ -94,6 +97,7 @@ impl Agent {
             })?;
 
         let shutdown = CancellationToken::new();
+        let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
         let mut tasks = Vec::new();
         {
@@ -111,6 +115,7 @@ impl Agent {
             metrics: Arc::clone(&metrics),
             token: config.ingest.token.clone(),
             max_body_bytes: config.ingest.max_body_bytes,
+            max_future_s: config.ingest.max_future_s,
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
         });
@@ -125,6 +130,7 @@ impl Agent {
             metrics: Arc::clone(&metrics),
             wake,
             max_outbox_bytes: config.storage.max_outbox_bytes,
+            max_future_s: config.ingest.max_future_s,
         });
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
@@ -138,6 +144,7 @@ impl Agent {
             store,
             shutdown,
             tasks,
+            clock,
         })
     }
 
@@ -150,6 +157,10 @@ impl Agent {
     pub async fn wait(self) -> Result<(), AgentError> {
         for task in self.tasks {
             let _ = task.await;
+        }
+        // The last checkpoint of the run time, then the flush that makes it durable.
+        if let Ok(mut watcher) = self.clock.await {
+            watcher.tick(true)?;
         }
         self.store.flush()?;
         tracing::info!("outpost stopped");

@@ -161,6 +161,8 @@ struct RawIngest {
     token: Option<String>,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: u64,
+    #[serde(default = "default_max_future_s")]
+    max_future_s: u64,
 }
 
 impl Default for RawIngest {
@@ -169,6 +171,7 @@ impl Default for RawIngest {
             listen: default_listen(),
             token: None,
             max_body_bytes: default_max_body_bytes(),
+            max_future_s: default_max_future_s(),
         }
     }
 }
@@ -178,6 +181,9 @@ fn default_listen() -> String {
 }
 fn default_max_body_bytes() -> u64 {
     16 << 20
+}
+fn default_max_future_s() -> u64 {
+    86_400
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +331,8 @@ pub struct Ingest {
     pub listen: std::net::SocketAddr,
     pub token: Option<Secret>,
     pub max_body_bytes: u64,
+    /// An update's timestamp may be at most this far ahead of the agent's clock.
+    pub max_future_s: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -442,6 +450,9 @@ impl Config {
         if raw.ingest.max_body_bytes == 0 {
             return Err(invalid("ingest.max_body_bytes", "must be above 0".into()));
         }
+        if raw.ingest.max_future_s == 0 {
+            return Err(invalid("ingest.max_future_s", "must be above 0".into()));
+        }
 
         let d = raw.delivery;
         let mut warnings = Vec::new();
@@ -519,6 +530,7 @@ impl Config {
                 listen,
                 token: ingest_token,
                 max_body_bytes: raw.ingest.max_body_bytes,
+                max_future_s: raw.ingest.max_future_s,
             },
             delivery: Delivery {
                 max_concurrency: max_concurrency as usize,
@@ -857,6 +869,7 @@ path = "store"
             vec![vec!["person", "name", "firstName"]]
         );
         assert!(config.mapping.identities.is_empty());
+        assert_eq!(config.ingest.max_future_s, 86_400);
     }
 
     #[test]
@@ -893,6 +906,16 @@ path = "store"
                 "segments = \"seg-a\"",
             ),
             ("bad auth type", "oauth2_client_credentials", "kerberos"),
+            (
+                "zero max_future_s",
+                "[storage]",
+                "[ingest]\nmax_future_s = 0\n\n[storage]",
+            ),
+            (
+                "negative max_future_s",
+                "[storage]",
+                "[ingest]\nmax_future_s = -5\n\n[storage]",
+            ),
         ];
         let expected_keys = [
             "colour",
@@ -902,6 +925,8 @@ path = "store"
             "mapping.segments",
             "segments",
             "destination.auth.type",
+            "ingest.max_future_s",
+            "max_future_s",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {
             let text = VALID.replacen(from, to, 1);

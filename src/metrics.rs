@@ -100,6 +100,10 @@ pub struct Metrics {
     pub outbox_dead: Gauge,
     pub token_fetches: Counter,
     delivery_latency: Histogram,
+    /// Wall-clock jumps beyond the threshold noticed by this agent (at start and while running).
+    pub clock_jumps: Counter,
+    /// The last such jump, in seconds (positive: set forward).
+    pub clock_last_jump_seconds: Gauge,
     /// The adaptive limit of requests in flight.
     pub concurrency_limit: Gauge,
     pub in_flight: Gauge,
@@ -127,6 +131,8 @@ impl Metrics {
         let outbox_dead = Gauge::default();
         let token_fetches = Counter::default();
         let delivery_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let clock_jumps = Counter::default();
+        let clock_last_jump_seconds = Gauge::default();
         let retries = Family::<Labels, Counter>::default();
         let splits = Counter::default();
         let concurrency_limit = Gauge::default();
@@ -192,7 +198,19 @@ impl Metrics {
             "Time from sending an export to its 2xx answer",
             delivery_latency.clone(),
         );
+        registry.register(
+            "clock_jumps",
+            "Wall-clock jumps of more than 60 s noticed (they expire nothing)",
+            clock_jumps.clone(),
+        );
+        registry.register(
+            "clock_last_jump_seconds",
+            "The last wall-clock jump noticed, in seconds (positive: set forward)",
+            clock_last_jump_seconds.clone(),
+        );
         Metrics {
+            clock_jumps,
+            clock_last_jump_seconds,
             registry,
             updates,
             exports,

@@ -23,7 +23,8 @@ use crate::store::StoreError;
 pub use backend::Backend;
 pub use ingest::{ingest_file, ingest_path};
 use output::{
-    display_url, print_export, print_export_table, print_json, print_stats, print_summary,
+    describe_clock_jumps, display_url, print_export, print_export_table, print_json, print_stats,
+    print_summary,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +244,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
         }
     );
     println!("store            {}", config.storage.path.display());
+    println!("clock            {}", clock_report(config));
     println!(
         "ingest           {}{}",
         config.ingest.listen,
@@ -300,6 +302,24 @@ async fn check(config: &Config) -> Result<(), CliError> {
     }
     println!("check            ok");
     Ok(())
+}
+
+/// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
+fn clock_report(config: &Config) -> String {
+    if !config.storage.path.join("db").exists() {
+        return "wall clock not watched yet (no store)".to_owned();
+    }
+    let stats = Backend::connect(config)
+        .map_err(|e| e.to_string())
+        .and_then(|backend| {
+            backend
+                .execute(&AdminRequest::Stats)
+                .map_err(|e| e.to_string())
+        });
+    match stats {
+        Ok(stats) => format!("wall-clock jumps {}", describe_clock_jumps(&stats)),
+        Err(e) => format!("cannot read the store: {e}"),
+    }
 }
 
 fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {

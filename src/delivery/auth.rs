@@ -75,6 +75,8 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
 
 struct Cached {
     token: Secret,
+    /// On the monotonic clock: a step of the wall clock neither refreshes a token early nor
+    /// keeps one past its lifetime (tests/clock_jumps.rs).
     refresh_at: Instant,
 }
 

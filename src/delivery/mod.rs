@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::RunClock;
 use crate::config::{Config, Secret};
 use crate::metrics::{DeliveryOutcome, Metrics, RetryCause};
 use crate::store::outbox::ExportChange;
@@ -102,6 +103,7 @@ pub struct Deliverer {
     headers: Vec<(HeaderName, HeaderValue)>,
     max_profiles_per_request: usize,
     max_age: Duration,
+    clock: RunClock,
     controller: ControllerConfig,
     metrics: Arc<Metrics>,
 }
@@ -146,6 +148,7 @@ impl Deliverer {
             .collect();
         let d = &config.delivery;
         Ok(Deliverer {
+            clock: store.run_clock(),
             store,
             client,
             tokens,
@@ -268,7 +271,6 @@ impl Deliverer {
         done: &mpsc::UnboundedSender<Finished>,
         now: Instant,
     ) {
-        let expire_before = now_ms() - self.max_age.as_millis() as i64;
         loop {
             let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);
             let permits = state.controller.permits(now, wanted);
@@ -278,7 +280,7 @@ impl Deliverer {
             for _ in 0..permits {
                 let mut batch = state.queue.take(self.max_profiles_per_request);
                 batch.retain(|(profile, export)| {
-                    let expired = export.record.queued_at_ms < expire_before;
+                    let expired = self.clock.expired(&export.record, self.max_age);
                     if expired {
                         self.expire(state, profile, export);
                     }
@@ -589,6 +591,7 @@ mod tests {
                     payload: payload.into(),
                     created_at_ms: 0,
                     queued_at_ms: 0,
+                    queued_at_uptime_ms: 0,
                     attempts: 0,
                     last_error: None,
                     last_attempt_at_ms: None,

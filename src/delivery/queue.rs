@@ -233,6 +233,7 @@ mod tests {
                 payload: "{}".into(),
                 created_at_ms: 0,
                 queued_at_ms: 0,
+                queued_at_uptime_ms: 0,
                 attempts: 0,
                 last_error: None,
                 last_attempt_at_ms: None,

@@ -42,6 +42,19 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(delay.min(MAX_RETRY_AFTER))
 }
 
+/// The `Retry-After` of an answer. An HTTP date is measured against the answer's own `Date`
+/// header when it has one (both are the server's clock), so that a wrong local wall clock
+/// neither stretches the wait (up to [`MAX_RETRY_AFTER`]) nor ignores it; else against `now`.
+pub fn retry_after(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
+    let reference = headers
+        .get(hyper::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .unwrap_or(now);
+    parse_retry_after(value, reference)
+}
+
 /// The retry schedule of one export: `initial`, doubling per failed attempt up to `max`, with
 /// jitter (off in tests, for exact delays); a `Retry-After` is a floor.
 #[derive(Debug)]
@@ -107,6 +120,42 @@ mod tests {
         for &(status, class) in table {
             assert_eq!(classify(status), class, "status {status}");
         }
+    }
+
+    #[test]
+    fn retry_after_dates_are_measured_on_the_server_clock() {
+        let server_now = "Sun, 29 Nov 2026 10:00:00 GMT";
+        let ten_days_behind = httpdate::parse_http_date("Thu, 19 Nov 2026 10:00:00 GMT").unwrap();
+        let right = httpdate::parse_http_date(server_now).unwrap();
+        let a_day_ahead = httpdate::parse_http_date("Mon, 30 Nov 2026 10:00:00 GMT").unwrap();
+        let at = "Sun, 29 Nov 2026 10:00:30 GMT";
+        // (Retry-After, Date, local clock, delay)
+        let table: &[(&str, Option<&str>, SystemTime, Option<u64>)] = &[
+            (at, Some(server_now), ten_days_behind, Some(30)),
+            (at, Some(server_now), a_day_ahead, Some(30)),
+            (at, Some(server_now), right, Some(30)),
+            // Without a Date, the local clock is all there is.
+            (at, None, right, Some(30)),
+            (at, None, ten_days_behind, Some(3600)),
+            // An unreadable Date is ignored.
+            (at, Some("soon"), right, Some(30)),
+            // Seconds need no clock.
+            ("45", Some(server_now), ten_days_behind, Some(45)),
+            ("later", Some(server_now), right, None),
+        ];
+        for &(value, date, now, expected) in table {
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert(hyper::header::RETRY_AFTER, value.parse().unwrap());
+            if let Some(date) = date {
+                headers.insert(hyper::header::DATE, date.parse().unwrap());
+            }
+            assert_eq!(
+                retry_after(&headers, now),
+                expected.map(Duration::from_secs),
+                "{value:?} with Date {date:?}"
+            );
+        }
+        assert_eq!(retry_after(&hyper::HeaderMap::new(), right), None);
     }
 
     #[test]

@@ -105,6 +105,7 @@ mod tests {
             payload: "{}".into(),
             created_at_ms: 1,
             queued_at_ms: 1,
+            queued_at_uptime_ms: 1,
             attempts: 2,
             last_error: Some("HTTP 500: down".into()),
             last_attempt_at_ms: Some(5),
