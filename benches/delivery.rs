@@ -1,25 +1,26 @@
-//! Delivery throughput of the agent, against a raw hyper client and across outbox sizes.
+//! Delivery against a local receiver on loopback, all in one run, each figure a ratio:
 //!
-//! (a) agent vs raw, same receiver, same concurrency (8), same payload bytes: a store is
-//!     pre-filled through `Store::apply_groups` (batches of 1,000) with 20,000 pending exports,
-//!     one per profile (first sights of members of a mapped segment, distinct first names), and
-//!     dropped; then the timer starts, `Agent::start` opens that store and delivers to an
-//!     in-process `Receiver` (OAuth client credentials), and the timer stops when the receiver
-//!     answered 20,000 exports 2xx and `tally().pending` is 0. Raw: a hyper-util legacy client
-//!     with 8 tasks POSTs the same 20,000 payloads (with a Bearer token got from `/oauth/token`
-//!     beforehand, and the same headers as the agent) to the same receiver.
-//! (b) the rate of the first deliveries with a small outbox (1,000 and 10,000 pending) and a
-//!     large one (1,000,000 pending, pre-filled in batches of 20,000): time from `Agent::start`
-//!     (store open included) until the receiver answered the first 1,000 and the first 10,000
-//!     exports 2xx. The large store is opened for the first time since it was written, so sled
-//!     (0.34, which writes its snapshot only when it opens a store) replays the whole log: the
-//!     "restart after a big ingest" case. Also shown: the rate counted from `Agent::start`'s
-//!     return.
+//! (a) healthy, single-export requests: the agent (default settings: adaptive concurrency up
+//!     to 64) vs a durable-relay floor built here (the same pending exports in a sled tree, 8
+//!     tasks POST them with hyper, acknowledged keys removed by one writer thread in grouped
+//!     `apply_batch`es with one flush per group; request slots never wait for a flush), and vs
+//!     a raw hyper POST loop (8 tasks, same bodies and headers, no store). Each run: 20,000
+//!     exports pre-filled through `Store::apply_groups`, timed from `Agent::start` until the
+//!     receiver answered them all and the outbox is empty.
+//! (b) `max_profiles_per_request = 10`: exports/s vs the raw loop's requests/s.
+//! (c) a flaky receiver (10% of requests answered 500 at random): exports/s vs healthy.
+//! (d) a rate-limited receiver (token bucket at half the agent's healthy rate, burst of 100 ms,
+//!     429 + `Retry-After: 1` above it): accepted exports/s vs the limit, and the share of
+//!     requests answered 429.
+//! (e) a slow receiver (every answer after 20 ms), default settings: exports/s.
+//! (f) the rate of the first deliveries with a small outbox (1,000 and 10,000 pending) and a
+//!     large one (1,000,000 pending): time from `Agent::start` (store open included) until the
+//!     receiver answered the first 1,000 and 10,000 exports 2xx.
 //!
-//! Prints exports/s for each and the RATIOs agent/raw (target >= 0.8) and large/small
-//! (target >= 0.9), and how long the 1,000,000-export pre-fill took.
+//! Rates in (c), (d), (e) are counted between the 10% and the 90% marks of the run, so the
+//! start (token, first reads) and the tail (exports waiting out a `Retry-After`) do not count.
 //!
-//! Run: `cargo bench --bench delivery`.
+//! Run: `cargo bench --bench delivery` (`OUTPOST_BENCH_ONLY=healthy` for (a) and (b) alone).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,7 +34,7 @@ use serde_json::Value;
 
 use outpost::agent::{Agent, AgentOptions};
 use outpost::config::Config;
-use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::receiver::{RateLimit, Receiver, ReceiverOptions, Reply, Script};
 
 mod common;
 use common::{best, http_client, list, ms, prefill, rate, verdict, HttpClient};
@@ -46,15 +47,16 @@ const BIG_BATCH: usize = 20_000;
 const REPEATS: usize = 2;
 
 /// Writes `<dir>/outpost.toml` and parses it: the agent's config, delivering to `base` with OAuth
-/// client credentials, 8 at a time; the store is `<dir>/store`.
-fn load_config(dir: &Path, base: &str) -> Config {
+/// client credentials and the `[delivery]` lines given (none: the defaults); the store is
+/// `<dir>/store`.
+fn load_config(dir: &Path, base: &str, delivery: &str) -> Config {
     let text = common::config_text(
         base,
         &common::oauth_auth(base),
         &common::tiny_mapping_toml(),
         "127.0.0.1:0",
         &format!("cache_bytes = {CACHE_BYTES}"),
-    ) + &format!("\n[delivery]\nconcurrency = {CONCURRENCY}\n");
+    ) + &format!("\n[delivery]\n{delivery}\n");
     common::write_config(dir, "outpost.toml", &text).1
 }
 
@@ -71,11 +73,11 @@ impl Progress {
         self.count.store(0, Ordering::SeqCst);
     }
 
-    fn delivered(&self) {
-        let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+    fn delivered(&self, exports: u64) {
+        let n = self.count.fetch_add(exports, Ordering::SeqCst) + exports;
         let mut marks = self.marks.lock().unwrap();
         for (mark, at) in marks.iter_mut() {
-            if *mark == n {
+            if at.is_none() && *mark <= n {
                 *at = Some(Instant::now());
             }
         }
@@ -105,7 +107,14 @@ async fn start_receiver() -> (Receiver, Arc<Progress>) {
         .unwrap();
     let progress = Arc::new(Progress::default());
     let hook = Arc::clone(&progress);
-    receiver.on_delivered(Arc::new(move |_| hook.delivered()));
+    receiver.on_delivered(Arc::new(move |r| {
+        // An array body carries several exports.
+        let exports = match r.json() {
+            Some(Value::Array(items)) => items.len() as u64,
+            _ => 1,
+        };
+        hook.delivered(exports)
+    }));
     (receiver, progress)
 }
 
@@ -113,6 +122,8 @@ async fn start_receiver() -> (Receiver, Arc<Progress>) {
 /// receiver had answered each of `marks` exports, the time `Agent::start` took, and, when
 /// `drain`, the time until the outbox was also empty.
 struct AgentRun {
+    /// The adaptive concurrency limit at the end of the run.
+    limit: i64,
     start_took: Duration,
     marks: Vec<Duration>,
     drained: Option<Duration>,
@@ -150,8 +161,10 @@ async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: b
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let marks = progress.times(start);
+    let limit = agent.metrics.concurrency_limit.get();
     agent.stop().await.unwrap();
     AgentRun {
+        limit,
         start_took,
         marks,
         drained,
@@ -223,43 +236,194 @@ async fn raw_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
     start.elapsed()
 }
 
-/// (a): agent vs raw client, same receiver, same payloads.
-async fn bench_vs_raw(n: usize, repeats: usize) -> (f64, f64) {
+/// The durable-relay floor: the same payloads in a plain sled tree; `CONCURRENCY` tasks read
+/// and POST them in order; one writer thread removes acknowledged keys in grouped batches with
+/// one flush (and an fsync of the log, as the agent does) per group. Returns the time until
+/// every removal is durable.
+async fn floor_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(CACHE_BYTES)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .unwrap();
+    let tree = db.open_tree("outbox").unwrap();
+    for (i, (_, payload)) in payloads.iter().enumerate() {
+        tree.insert((i as u64).to_be_bytes(), payload.as_ref())
+            .unwrap();
+    }
+    db.flush().unwrap();
+    let log = std::fs::File::open(dir.path().join("db")).unwrap();
+    let client = http_client();
+    let bearer = format!("Bearer {}", fetch_token(&client, base).await);
+    let uri: hyper::Uri = format!("{base}/profiles?source=edge").parse().unwrap();
+    let user_agent = concat!("outpost/", env!("CARGO_PKG_VERSION"));
+    let n = payloads.len();
+    let start = Instant::now();
+    let (acked, removals) = std::sync::mpsc::channel::<u64>();
+    let writer = {
+        let (db, tree) = (db.clone(), tree.clone());
+        std::thread::spawn(move || {
+            let mut removed = 0;
+            while removed < n {
+                let first = removals.recv().unwrap();
+                let mut batch = sled::Batch::default();
+                batch.remove(&first.to_be_bytes());
+                removed += 1;
+                while let Ok(more) = removals.try_recv() {
+                    batch.remove(&more.to_be_bytes());
+                    removed += 1;
+                }
+                tree.apply_batch(batch).unwrap();
+                db.flush().unwrap();
+                log.sync_data().unwrap();
+            }
+        })
+    };
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (client, next, tree, acked) =
+                (client.clone(), next.clone(), tree.clone(), acked.clone());
+            let (uri, bearer, payloads) = (uri.clone(), bearer.clone(), Arc::clone(payloads));
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let body = tree.get((i as u64).to_be_bytes()).unwrap().unwrap();
+                    let request = hyper::Request::post(uri.clone())
+                        .header(CONTENT_TYPE, "application/json")
+                        .header(USER_AGENT, user_agent)
+                        .header("idempotency-key", payloads[i].0.as_str())
+                        .header(AUTHORIZATION, bearer.as_str())
+                        .body(Full::new(Bytes::copy_from_slice(&body)))
+                        .unwrap();
+                    let response = client.request(request).await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    response.into_body().collect().await.unwrap();
+                    acked.send(i as u64).unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert!(tree.is_empty());
+    took
+}
+
+/// (a) and (b): the agent (single exports, then arrays of 10) vs the floor and the raw loop.
+struct Healthy {
+    agent: f64,
+    /// With `max_concurrency` = the floor's concurrency.
+    agent_8: f64,
+    batched: f64,
+    floor: f64,
+    raw: f64,
+}
+
+async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
     let (receiver, progress) = start_receiver().await;
     let base = receiver.base_url();
-    let mut agent_rates = Vec::new();
-    let mut raw_rates = Vec::new();
+    let (mut agent, mut agent_8, mut batched, mut floor, mut raw) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let same_concurrency = format!("max_concurrency = {CONCURRENCY}");
     for _ in 0..repeats {
-        let dir = tempfile::tempdir().unwrap();
-        let config = load_config(dir.path(), &base);
-        let (took, payloads) = prefill(&config.storage.path, &config.mapping, n, 1, 1_000, true);
-        let bytes: usize = payloads.iter().map(|(_, p)| p.len()).sum();
-        let run = agent_run(&config, &progress, &[n as u64], true).await;
-        let drained = run.drained.unwrap();
-        agent_rates.push(rate(n, drained));
-        let payloads = Arc::new(payloads);
-        let before = progress.count();
-        let raw = raw_run(&base, &payloads).await;
-        assert_eq!(progress.count() - before, n as u64);
-        raw_rates.push(rate(n, raw));
-        println!(
-            "delivery[vs raw]: pre-fill {n} in {}, avg payload {} B; agent: start {}, {n} delivered and outbox empty after {} ({:.0}/s); raw: {} ({:.0}/s)",
-            ms(took),
-            bytes / n,
-            ms(run.start_took),
-            ms(drained),
-            rate(n, drained),
-            ms(raw),
-            rate(n, raw),
-        );
+        for (delivery, rates) in [
+            ("", &mut agent),
+            (same_concurrency.as_str(), &mut agent_8),
+            ("max_profiles_per_request = 10", &mut batched),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = load_config(dir.path(), &base, delivery);
+            let (took, payloads) =
+                prefill(&config.storage.path, &config.mapping, n, 1, 1_000, true);
+            let run = agent_run(&config, &progress, &[n as u64], true).await;
+            let drained = run.drained.unwrap();
+            rates.push(rate(n, drained));
+            println!(
+                "delivery[healthy{}]: pre-fill {n} in {}, avg payload {} B; start {}, {n} delivered and outbox empty after {} ({:.0}/s), concurrency limit at the end {}",
+                if delivery.is_empty() { String::new() } else { format!(", {delivery}") },
+                ms(took),
+                payloads.iter().map(|(_, p)| p.len()).sum::<usize>() / n,
+                ms(run.start_took),
+                ms(drained),
+                rate(n, drained),
+                run.limit,
+            );
+            if delivery.is_empty() {
+                let payloads = Arc::new(payloads);
+                let before = progress.count();
+                let f = floor_run(&base, &payloads).await;
+                let r = raw_run(&base, &payloads).await;
+                assert_eq!(progress.count() - before, 2 * n as u64);
+                floor.push(rate(n, f));
+                raw.push(rate(n, r));
+                println!(
+                    "delivery[healthy]: floor {} ({:.0}/s), raw {} ({:.0}/s)",
+                    ms(f),
+                    rate(n, f),
+                    ms(r),
+                    rate(n, r)
+                );
+            }
+        }
     }
-    let (a, r) = (best(&agent_rates), best(&raw_rates));
+    let h = Healthy {
+        agent: best(&agent),
+        agent_8: best(&agent_8),
+        batched: best(&batched),
+        floor: best(&floor),
+        raw: best(&raw),
+    };
     println!(
-        "delivery[vs raw, {n} exports, concurrency {CONCURRENCY}]: agent {a:.0} exports/s [{}]  raw hyper {r:.0} exports/s [{}]  (best of {repeats})",
-        list(&agent_rates),
-        list(&raw_rates)
+        "delivery[healthy, {n} exports, best of {repeats}]: agent {:.0}/s [{}], agent with max_concurrency {CONCURRENCY} {:.0}/s [{}], arrays of 10 {:.0} exports/s [{}], floor (sled + hyper, concurrency {CONCURRENCY}) {:.0}/s [{}], raw hyper {:.0} requests/s [{}]",
+        h.agent,
+        list(&agent),
+        h.agent_8,
+        list(&agent_8),
+        h.batched,
+        list(&batched),
+        h.floor,
+        list(&floor),
+        h.raw,
+        list(&raw),
     );
-    (a, r)
+    h
+}
+
+/// One run against a receiver with `script`: exports/s between the 10% and 90% marks, and the
+/// export requests the receiver got with their statuses.
+async fn scenario(name: &str, n: usize, script: Option<Script>, delivery: &str) -> (f64, Vec<u16>) {
+    let (receiver, progress) = start_receiver().await;
+    receiver.set_export_script(script);
+    let dir = tempfile::tempdir().unwrap();
+    let config = load_config(dir.path(), &receiver.base_url(), delivery);
+    prefill(&config.storage.path, &config.mapping, n, 1, 1_000, false);
+    let marks = [n as u64 / 10, n as u64 * 9 / 10, n as u64];
+    let run = agent_run(&config, &progress, &marks, true).await;
+    let middle = rate(n * 8 / 10, run.marks[1] - run.marks[0]);
+    let statuses: Vec<u16> = receiver
+        .export_requests()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    println!(
+        "delivery[{name}]: {n} exports drained in {}; {:.0} exports/s between the 10% and 90% marks; {} requests; concurrency limit at the end {}",
+        ms(run.drained.unwrap()),
+        middle,
+        statuses.len(),
+        run.limit
+    );
+    (middle, statuses)
 }
 
 /// (b): the rate of the first `marks` deliveries with `pending` exports in the store.
@@ -270,7 +434,7 @@ async fn bench_first(
     marks: &[u64],
 ) -> (Vec<f64>, Vec<f64>) {
     let dir = tempfile::tempdir().unwrap();
-    let config = load_config(dir.path(), &receiver.base_url());
+    let config = load_config(dir.path(), &receiver.base_url(), "");
     let batch = if pending > 100_000 { BIG_BATCH } else { 1_000 };
     let (took, _) = prefill(
         &config.storage.path,
@@ -340,8 +504,46 @@ fn main() {
     let rt = common::runtime();
     let whole = Instant::now();
     rt.block_on(async {
-        let (agent, raw) = bench_vs_raw(n_a, repeats).await;
+        let healthy = bench_healthy(n_a, repeats).await;
+        if std::env::var("OUTPOST_BENCH_ONLY").as_deref() == Ok("healthy") {
+            println!(
+                "delivery RATIO agent/floor = {:.2}; max_concurrency {CONCURRENCY}: {:.2}",
+                healthy.agent / healthy.floor,
+                healthy.agent_8 / healthy.floor
+            );
+            return;
+        }
 
+        // (c) 10% of requests answered 500.
+        let flaky: Script = Arc::new(|_, _| {
+            if rand::random::<f64>() < 0.1 {
+                Reply::Status(500, vec![], "injected failure".into())
+            } else {
+                Reply::Normal
+            }
+        });
+        let (flaky_rate, _) = scenario("flaky, 10% 500", n_a, Some(flaky), "").await;
+
+        // (d) a token bucket at half the healthy rate.
+        let limit = (healthy.agent / 2.0).max(100.0);
+        let limited_n = if quick { 400 } else { (limit * 6.0) as usize };
+        let bucket = Arc::new(RateLimit::new(limit, limit / 10.0));
+        let (limited_rate, statuses) = scenario(
+            &format!("rate limit {limit:.0}/s"),
+            limited_n,
+            Some(bucket.script()),
+            "",
+        )
+        .await;
+        let refused = statuses.iter().filter(|&&s| s == 429).count();
+        let refused_share = refused as f64 / statuses.len() as f64;
+
+        // (e) every answer after 20 ms.
+        let slow: Script = Arc::new(|_, _| Reply::Delay(Duration::from_millis(20)));
+        let slow_n = if quick { 200 } else { 10_000 };
+        let (slow_rate, _) = scenario("slow, 20 ms answers", slow_n, Some(slow), "").await;
+
+        // (f) small and large backlogs.
         let (receiver, progress) = start_receiver().await;
         let small_rates = bench_first(&receiver, &progress, small, &first[..1]).await;
         let mid_rates = bench_first(&receiver, &progress, mid, &first).await;
@@ -350,10 +552,35 @@ fn main() {
             println!("delivery: smoke run done (run with cargo bench to measure)");
             return;
         }
+        let ratio = healthy.agent / healthy.floor;
         println!(
-            "delivery RATIO agent/raw = {:.2} (target >= 0.8) {}",
-            agent / raw,
-            verdict(agent / raw >= 0.8)
+            "delivery RATIO agent/floor = {ratio:.2} (target >= 0.8) {}; agent/raw = {:.2}; with max_concurrency {CONCURRENCY} (the floor's): agent/floor = {:.2}",
+            verdict(ratio >= 0.8),
+            healthy.agent / healthy.raw,
+            healthy.agent_8 / healthy.floor,
+        );
+        let ratio = healthy.batched / healthy.raw;
+        println!(
+            "delivery RATIO arrays of 10: exports/s / raw requests/s = {ratio:.2} (target >= 1) {}",
+            verdict(ratio >= 1.0)
+        );
+        let ratio = flaky_rate / healthy.agent;
+        println!(
+            "delivery RATIO flaky/healthy = {flaky_rate:.0}/{:.0} = {ratio:.2} (target >= 0.7) {}",
+            healthy.agent,
+            verdict(ratio >= 0.7)
+        );
+        let ratio = limited_rate / limit;
+        println!(
+            "delivery RATIO rate-limited/limit = {limited_rate:.0}/{limit:.0} = {ratio:.2} (target >= 0.9) {}; 429s: {refused} of {} requests = {:.1}% (target <= 5%) {}",
+            verdict(ratio >= 0.9),
+            statuses.len(),
+            refused_share * 100.0,
+            verdict(refused_share <= 0.05)
+        );
+        println!(
+            "delivery slow receiver (20 ms answers): {slow_rate:.0} exports/s (target >= 2000) {}",
+            verdict(slow_rate >= 2000.0)
         );
         let smalls = [(&small_rates, 0, small), (&mid_rates, 1, mid)];
         for (i, ((small_rates, j, name), first)) in smalls.into_iter().zip(first).enumerate() {

@@ -223,7 +223,7 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
 }
 
 /// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`
-/// counts again from now); `drop` deletes exports, dead or pending.
+/// counts again from now, on the store's run-time clock); `drop` deletes exports, dead or pending.
 fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<Value, AdminError> {
     if all_dead != ids.is_empty() {
         return Err(AdminError::Usage(
@@ -249,6 +249,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
             .collect::<Result<_, AdminError>>()?
     };
     let now = Utc::now().timestamp_millis();
+    let uptime_ms = store.run_clock().uptime_ms();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         let mut done = Vec::new();
         let mut missing = Vec::new();
@@ -258,6 +259,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                 Some(seq) if retry => store.change_export(seq, Place::Dead, |mut record| {
                     record.dead_at_ms = None;
                     record.queued_at_ms = now;
+                    record.queued_at_uptime_ms = uptime_ms;
                     (Place::Pending, record)
                 })?,
                 Some(seq) => {

@@ -10,12 +10,12 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Watcher;
 use crate::config::Config;
 use crate::delivery::{Deliverer, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
 use crate::store::committer::Committer;
-use crate::store::flusher::Flusher;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,7 @@ pub struct Agent {
     pub store: Arc<Store>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    clock: JoinHandle<Watcher>,
 }
 
 impl Agent {
@@ -66,6 +67,7 @@ impl Agent {
             config.storage.cache_bytes,
         )?);
         let metrics = Arc::new(Metrics::new());
+        let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
         // The committer thread ends with the process; every commit it acknowledged was flushed.
         let (committer, _committer_thread) = Committer::start(
@@ -73,9 +75,10 @@ impl Agent {
             Arc::new(config.mapping.clone()),
             Arc::clone(&wake),
         );
-        let flusher = Flusher::start(Arc::clone(&store));
-        let mut deliverer =
-            Deliverer::new(config, Arc::clone(&store), flusher, Arc::clone(&metrics))?;
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
+        let mut deliverer = Deliverer::new(config, Arc::clone(&store), Arc::clone(&metrics))?;
         if !options.jitter {
             deliverer = deliverer.without_jitter();
         }
@@ -96,6 +99,7 @@ impl Agent {
             })?;
 
         let shutdown = CancellationToken::new();
+        let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
         let mut tasks = Vec::new();
         {
@@ -114,7 +118,7 @@ impl Agent {
                     Arc::clone(&store),
                     committer.clone(),
                     Arc::clone(&metrics),
-                    config.storage.max_outbox_bytes,
+                    (config.storage.max_outbox_bytes, config.ingest.max_future_s),
                     shutdown.clone(),
                 )
                 .await?;
@@ -129,6 +133,7 @@ impl Agent {
             metrics: Arc::clone(&metrics),
             token: config.ingest.token.clone(),
             max_body_bytes: config.ingest.max_body_bytes,
+            max_future_s: config.ingest.max_future_s,
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
             source,
@@ -144,6 +149,7 @@ impl Agent {
             metrics: Arc::clone(&metrics),
             wake,
             max_outbox_bytes: config.storage.max_outbox_bytes,
+            max_future_s: config.ingest.max_future_s,
         });
         tasks.push(tokio::spawn(admin::serve(
             admin_listener,
@@ -157,6 +163,7 @@ impl Agent {
             store,
             shutdown,
             tasks,
+            clock,
         })
     }
 
@@ -169,6 +176,10 @@ impl Agent {
     pub async fn wait(self) -> Result<(), AgentError> {
         for task in self.tasks {
             let _ = task.await;
+        }
+        // The last checkpoint of the run time, then the flush that makes it durable.
+        if let Ok(mut watcher) = self.clock.await {
+            watcher.tick(true)?;
         }
         self.store.flush()?;
         tracing::info!("outpost stopped");

@@ -105,6 +105,12 @@ struct RawAuth {
     scope: Option<String>,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +163,8 @@ struct RawIngest {
     token: Option<String>,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: u64,
+    #[serde(default = "default_max_future_s")]
+    max_future_s: u64,
 }
 
 impl Default for RawIngest {
@@ -165,6 +173,7 @@ impl Default for RawIngest {
             listen: default_listen(),
             token: None,
             max_body_bytes: default_max_body_bytes(),
+            max_future_s: default_max_future_s(),
         }
     }
 }
@@ -175,12 +184,20 @@ fn default_listen() -> String {
 fn default_max_body_bytes() -> u64 {
     16 << 20
 }
+fn default_max_future_s() -> u64 {
+    86_400
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDelivery {
-    #[serde(default = "default_concurrency")]
-    concurrency: u64,
+    /// Deprecated: a fixed number of requests in flight.
+    #[serde(default)]
+    concurrency: Option<u64>,
+    #[serde(default)]
+    max_concurrency: Option<u64>,
+    #[serde(default = "default_max_profiles_per_request")]
+    max_profiles_per_request: u64,
     #[serde(default = "default_request_timeout_ms")]
     request_timeout_ms: u64,
     #[serde(default = "default_initial_backoff_ms")]
@@ -194,7 +211,9 @@ struct RawDelivery {
 impl Default for RawDelivery {
     fn default() -> Self {
         RawDelivery {
-            concurrency: default_concurrency(),
+            concurrency: None,
+            max_concurrency: None,
+            max_profiles_per_request: default_max_profiles_per_request(),
             request_timeout_ms: default_request_timeout_ms(),
             initial_backoff_ms: default_initial_backoff_ms(),
             max_backoff_ms: default_max_backoff_ms(),
@@ -203,8 +222,11 @@ impl Default for RawDelivery {
     }
 }
 
-fn default_concurrency() -> u64 {
-    8
+fn default_max_concurrency() -> u64 {
+    64
+}
+fn default_max_profiles_per_request() -> u64 {
+    1
 }
 fn default_request_timeout_ms() -> u64 {
     10_000
@@ -223,6 +245,8 @@ fn default_max_age_s() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
+    /// What a person should change (deprecated keys); logged at start and shown by `check`.
+    pub warnings: Vec<String>,
     pub destination: Destination,
     pub mapping: Mapping,
     pub storage: Storage,
@@ -249,13 +273,24 @@ pub enum Auth {
     Bearer {
         token: Secret,
     },
-    OAuth2ClientCredentials {
+    /// OAuth 2.0: the client's id and secret, and the grant that gets the first token.
+    OAuth2 {
         auth_endpoint: Url,
         client_id: String,
         client_secret: Secret,
         credentials: CredentialsPlacement,
         scope: Option<String>,
+        grant: Grant,
     },
+}
+
+/// How an OAuth 2.0 token is first obtained (a returned refresh token is used after that).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// `type = "oauth2_client_credentials"`.
+    ClientCredentials,
+    /// `type = "oauth2_password"` (resource owner password credentials).
+    Password { username: String, password: Secret },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,11 +335,17 @@ pub struct Ingest {
     pub listen: std::net::SocketAddr,
     pub token: Option<Secret>,
     pub max_body_bytes: u64,
+    /// An update's timestamp may be at most this far ahead of the agent's clock.
+    pub max_future_s: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub concurrency: usize,
+    /// Requests in flight adapt between 1 and this.
+    pub max_concurrency: usize,
+    /// Set by the deprecated `delivery.concurrency`: the limit does not adapt.
+    pub fixed_concurrency: bool,
+    pub max_profiles_per_request: usize,
     pub request_timeout: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -413,12 +454,45 @@ impl Config {
         if raw.ingest.max_body_bytes == 0 {
             return Err(invalid("ingest.max_body_bytes", "must be above 0".into()));
         }
+        if raw.ingest.max_future_s == 0 {
+            return Err(invalid("ingest.max_future_s", "must be above 0".into()));
+        }
 
         let d = raw.delivery;
-        if d.concurrency == 0 || d.concurrency > 1024 {
+        let mut warnings = Vec::new();
+        let (max_concurrency, fixed_concurrency) = match (d.concurrency, d.max_concurrency) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "delivery.concurrency",
+                    "is replaced by delivery.max_concurrency; give only that".into(),
+                ))
+            }
+            (Some(fixed), None) => {
+                warnings.push(format!(
+                    "delivery.concurrency is deprecated: it fixes the requests in flight at {fixed}; \
+                     set delivery.max_concurrency instead to let them adapt"
+                ));
+                (("delivery.concurrency", fixed), true)
+            }
+            (None, max) => (
+                (
+                    "delivery.max_concurrency",
+                    max.unwrap_or_else(default_max_concurrency),
+                ),
+                false,
+            ),
+        };
+        let (concurrency_key, max_concurrency) = max_concurrency;
+        if max_concurrency == 0 || max_concurrency > 1024 {
             return Err(invalid(
-                "delivery.concurrency",
+                concurrency_key,
                 "must be between 1 and 1024".into(),
+            ));
+        }
+        if d.max_profiles_per_request == 0 || d.max_profiles_per_request > 1000 {
+            return Err(invalid(
+                "delivery.max_profiles_per_request",
+                "must be between 1 and 1000".into(),
             ));
         }
         for (key, value) in [
@@ -448,6 +522,7 @@ impl Config {
 
         Ok(Config {
             path: path.to_path_buf(),
+            warnings,
             destination: Destination {
                 name: raw.destination.name,
                 description: raw.destination.description,
@@ -467,9 +542,12 @@ impl Config {
                 listen,
                 token: ingest_token,
                 max_body_bytes: raw.ingest.max_body_bytes,
+                max_future_s: raw.ingest.max_future_s,
             },
             delivery: Delivery {
-                concurrency: d.concurrency as usize,
+                max_concurrency: max_concurrency as usize,
+                fixed_concurrency,
+                max_profiles_per_request: d.max_profiles_per_request as usize,
                 request_timeout: Duration::from_millis(d.request_timeout_ms),
                 initial_backoff: Duration::from_millis(d.initial_backoff_ms),
                 max_backoff: Duration::from_millis(d.max_backoff_ms),
@@ -602,12 +680,9 @@ fn validate_auth(
                 )),
             }
         }
-        "oauth2_client_credentials" => {
-            unused(
-                raw.token.is_some(),
-                "destination.auth.token",
-                "oauth2_client_credentials",
-            )?;
+        "oauth2_client_credentials" | "oauth2_password" => {
+            let kind = raw.kind.as_str();
+            unused(raw.token.is_some(), "destination.auth.token", kind)?;
             let endpoint = raw
                 .auth_endpoint
                 .ok_or(("destination.auth.auth_endpoint", "is required".to_owned()))?;
@@ -617,35 +692,16 @@ fn validate_auth(
                 Some(id) if !id.is_empty() => id,
                 _ => return Err(("destination.auth.client_id", "is required".into())),
             };
-            let client_secret = match (raw.client_secret, raw.client_secret_file) {
-                (Some(_), Some(_)) => {
-                    return Err((
-                        "destination.auth.client_secret_file",
-                        "give client_secret or client_secret_file, not both".into(),
-                    ))
-                }
-                (Some(secret), None) => secret,
-                (None, Some(file)) => {
-                    let file = relative(file);
-                    let text = std::fs::read_to_string(&file).map_err(|e| {
-                        (
-                            "destination.auth.client_secret_file",
-                            format!("cannot read {}: {e}", file.display()),
-                        )
-                    })?;
-                    text.trim_end_matches(['\r', '\n']).to_owned()
-                }
-                (None, None) => std::env::var("OUTPOST_CLIENT_SECRET").map_err(|_| {
-                    (
-                        "destination.auth.client_secret",
-                        "is required (or client_secret_file, or env OUTPOST_CLIENT_SECRET)"
-                            .to_owned(),
-                    )
-                })?,
-            };
-            if client_secret.is_empty() {
-                return Err(("destination.auth.client_secret", "must not be empty".into()));
-            }
+            let client_secret = read_secret(
+                raw.client_secret,
+                raw.client_secret_file,
+                relative,
+                (
+                    "destination.auth.client_secret",
+                    "destination.auth.client_secret_file",
+                    "OUTPOST_CLIENT_SECRET",
+                ),
+            )?;
             let credentials = match raw.credentials.as_deref() {
                 None | Some("body") => CredentialsPlacement::Body,
                 Some("basic") => CredentialsPlacement::Basic,
@@ -656,19 +712,87 @@ fn validate_auth(
                     ))
                 }
             };
-            Ok(Auth::OAuth2ClientCredentials {
+            let grant = if kind == "oauth2_password" {
+                let username = match raw.username {
+                    Some(name) if !name.is_empty() => name,
+                    _ => {
+                        return Err((
+                            "destination.auth.username",
+                            "is required with type = \"oauth2_password\"".into(),
+                        ))
+                    }
+                };
+                let password = read_secret(
+                    raw.password,
+                    raw.password_file,
+                    relative,
+                    (
+                        "destination.auth.password",
+                        "destination.auth.password_file",
+                        "OUTPOST_PASSWORD",
+                    ),
+                )?;
+                Grant::Password { username, password }
+            } else {
+                unused(raw.username.is_some(), "destination.auth.username", kind)?;
+                unused(raw.password.is_some(), "destination.auth.password", kind)?;
+                unused(
+                    raw.password_file.is_some(),
+                    "destination.auth.password_file",
+                    kind,
+                )?;
+                Grant::ClientCredentials
+            };
+            Ok(Auth::OAuth2 {
                 auth_endpoint,
                 client_id,
-                client_secret: Secret::new(client_secret),
+                client_secret,
                 credentials,
                 scope: raw.scope.filter(|s| !s.is_empty()),
+                grant,
             })
         }
         other => Err((
             "destination.auth.type",
-            format!("`{other}` is not \"oauth2_client_credentials\", \"bearer\" or \"none\""),
+            format!("`{other}` is not \"oauth2_client_credentials\", \"oauth2_password\", \"bearer\" or \"none\""),
         )),
     }
+}
+
+/// A secret given inline, in a file, or in an environment variable (in that order of
+/// precedence; inline and file together are an error). `keys` = (inline key, file key, env).
+fn read_secret(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+    keys: (&'static str, &'static str, &'static str),
+) -> Result<Secret, KeyError> {
+    let (inline_key, file_key, env) = keys;
+    let value = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err((
+                file_key,
+                format!("give {inline_key} or {file_key}, not both"),
+            ))
+        }
+        (Some(secret), None) => secret,
+        (None, Some(file)) => {
+            let file = relative(file);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| (file_key, format!("cannot read {}: {e}", file.display())))?;
+            text.trim_end_matches(['\r', '\n']).to_owned()
+        }
+        (None, None) => std::env::var(env).map_err(|_| {
+            (
+                inline_key,
+                format!("is required (or {file_key}, or env {env})"),
+            )
+        })?,
+    };
+    if value.is_empty() {
+        return Err((inline_key, "must not be empty".into()));
+    }
+    Ok(Secret::new(value))
 }
 
 fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
@@ -748,13 +872,17 @@ path = "store"
             ]
         );
         assert_eq!(config.storage.path, PathBuf::from("/etc/outpost/store"));
-        assert_eq!(config.delivery.concurrency, 8);
+        assert_eq!(config.delivery.max_concurrency, 64);
+        assert!(!config.delivery.fixed_concurrency);
+        assert_eq!(config.delivery.max_profiles_per_request, 1);
+        assert!(config.warnings.is_empty());
         assert_eq!(config.delivery.max_backoff, Duration::from_secs(300));
         assert_eq!(
             config.mapping.attributes,
             vec![vec!["person", "name", "firstName"]]
         );
         assert!(config.mapping.identities.is_empty());
+        assert_eq!(config.ingest.max_future_s, 86_400);
     }
 
     #[test]
@@ -791,6 +919,16 @@ path = "store"
                 "segments = \"seg-a\"",
             ),
             ("bad auth type", "oauth2_client_credentials", "kerberos"),
+            (
+                "zero max_future_s",
+                "[storage]",
+                "[ingest]\nmax_future_s = 0\n\n[storage]",
+            ),
+            (
+                "negative max_future_s",
+                "[storage]",
+                "[ingest]\nmax_future_s = -5\n\n[storage]",
+            ),
         ];
         let expected_keys = [
             "colour",
@@ -800,6 +938,8 @@ path = "store"
             "mapping.segments",
             "segments",
             "destination.auth.type",
+            "ingest.max_future_s",
+            "max_future_s",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {
             let text = VALID.replacen(from, to, 1);
@@ -856,7 +996,7 @@ path = "store"
             "client_secret_file = \"secret\"",
         );
         let config = Config::parse(&config_path, &with_file).unwrap();
-        let Auth::OAuth2ClientCredentials { client_secret, .. } = config.destination.auth else {
+        let Auth::OAuth2 { client_secret, .. } = config.destination.auth else {
             panic!("not oauth2")
         };
         assert_eq!(
@@ -886,7 +1026,7 @@ path = "store"
         std::env::set_var("OUTPOST_CLIENT_SECRET", "from-env");
         let config = parse(&without).unwrap();
         std::env::remove_var("OUTPOST_CLIENT_SECRET");
-        let Auth::OAuth2ClientCredentials { client_secret, .. } = config.destination.auth else {
+        let Auth::OAuth2 { client_secret, .. } = config.destination.auth else {
             panic!("not oauth2")
         };
         assert_eq!(client_secret.expose(), "from-env");
@@ -913,7 +1053,7 @@ path = "store"
         );
         assert!(matches!(
             parse(&basic).unwrap().destination.auth,
-            Auth::OAuth2ClientCredentials {
+            Auth::OAuth2 {
                 credentials: CredentialsPlacement::Basic,
                 ..
             }
@@ -923,5 +1063,87 @@ path = "store"
             "client_id = \"edge-agent\"\ncredentials = \"header\"",
         );
         assert!(error_of(&bad).contains("destination.auth.credentials"));
+    }
+
+    #[test]
+    fn the_deprecated_concurrency_fixes_the_limit_with_a_warning() {
+        let config = parse(&format!("{VALID}\n[delivery]\nconcurrency = 6\n")).unwrap();
+        assert_eq!(config.delivery.max_concurrency, 6);
+        assert!(config.delivery.fixed_concurrency);
+        assert_eq!(config.warnings.len(), 1);
+        assert!(config.warnings[0].contains("delivery.max_concurrency"));
+
+        let table = [
+            (
+                "concurrency = 6\nmax_concurrency = 8",
+                "delivery.concurrency",
+            ),
+            ("concurrency = 0", "delivery.concurrency"),
+            ("max_concurrency = 0", "delivery.max_concurrency"),
+            ("max_concurrency = 5000", "delivery.max_concurrency"),
+            (
+                "max_profiles_per_request = 0",
+                "delivery.max_profiles_per_request",
+            ),
+            (
+                "max_profiles_per_request = 1001",
+                "delivery.max_profiles_per_request",
+            ),
+        ];
+        for (delivery, key) in table {
+            let error = error_of(&format!("{VALID}\n[delivery]\n{delivery}\n"));
+            assert!(error.contains(key), "{delivery}: {error}");
+        }
+        let config = parse(&format!(
+            "{VALID}\n[delivery]\nmax_concurrency = 3\nmax_profiles_per_request = 10\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                config.delivery.max_concurrency,
+                config.delivery.max_profiles_per_request
+            ),
+            (3, 10)
+        );
+    }
+
+    #[test]
+    fn the_password_grant_needs_a_username_and_a_password_from_one_place() {
+        let password = VALID.replace(
+            "type = \"oauth2_client_credentials\"",
+            "type = \"oauth2_password\"\nusername = \"ops\"\npassword = \"pw-value\"",
+        );
+        let config = parse(&password).unwrap();
+        let Auth::OAuth2 { grant, .. } = &config.destination.auth else {
+            panic!("not OAuth2");
+        };
+        assert_eq!(
+            grant,
+            &Grant::Password {
+                username: "ops".into(),
+                password: Secret::new("pw-value")
+            }
+        );
+        assert!(!format!("{config:?}").contains("pw-value"));
+
+        let table = [
+            (
+                "type = \"oauth2_password\"\npassword = \"x\"",
+                "destination.auth.username",
+            ),
+            (
+                "type = \"oauth2_password\"\nusername = \"ops\"\npassword = \"x\"\npassword_file = \"/p\"",
+                "destination.auth.password_file",
+            ),
+            (
+                "type = \"oauth2_client_credentials\"\nusername = \"ops\"",
+                "destination.auth.username",
+            ),
+        ];
+        for (auth, key) in table {
+            let text = VALID.replace("type = \"oauth2_client_credentials\"", auth);
+            let error = error_of(&text);
+            assert!(error.contains(key), "{auth}: {error}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! update whether an HTTP destination must hear about it, and delivers those exports durably.
 //!
 //! ## Layout
+//! - [`clock`]: wall clock versus run time: what `max_age_s` counts, and clock jumps noticed.
 //! - [`config`]: the TOML configuration, validated once; errors name the key.
 //! - [`profile`]: pure profile logic: update parsing ([`profile::update`]), the export rules
 //!   ([`profile::change`]), the payload ([`profile::export`]) and applying an update
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod delivery;

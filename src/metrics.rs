@@ -27,6 +27,14 @@ pub enum DeliveryOutcome {
 }
 
 impl DeliveryOutcome {
+    const ALL: [DeliveryOutcome; 5] = [
+        DeliveryOutcome::Delivered,
+        DeliveryOutcome::Retried,
+        DeliveryOutcome::AuthRejected,
+        DeliveryOutcome::Dead,
+        DeliveryOutcome::Expired,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             DeliveryOutcome::Delivered => "delivered",
@@ -38,11 +46,56 @@ impl DeliveryOutcome {
     }
 }
 
+/// Why an export is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCause {
+    /// 429.
+    RateLimited,
+    /// 503.
+    Unavailable,
+    /// Another 5xx, 408 or 425.
+    ServerError,
+    Timeout,
+    Connection,
+    /// The token endpoint failed.
+    Token,
+    /// 401/403.
+    Auth,
+}
+
+impl RetryCause {
+    pub const ALL: [RetryCause; 7] = [
+        RetryCause::RateLimited,
+        RetryCause::Unavailable,
+        RetryCause::ServerError,
+        RetryCause::Timeout,
+        RetryCause::Connection,
+        RetryCause::Token,
+        RetryCause::Auth,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryCause::RateLimited => "rate_limited",
+            RetryCause::Unavailable => "unavailable",
+            RetryCause::ServerError => "server_error",
+            RetryCause::Timeout => "timeout",
+            RetryCause::Connection => "connection",
+            RetryCause::Token => "token",
+            RetryCause::Auth => "auth",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     updates: Family<Labels, Counter>,
     exports: Family<Labels, Counter>,
-    deliveries: Family<Labels, Counter>,
+    /// The counters of `deliveries`, by [`DeliveryOutcome`] in `ALL` order: looked up once,
+    /// not per export.
+    delivery_counters: Vec<Counter>,
+    retries: Family<Labels, Counter>,
+    splits: Counter,
     pub outbox_pending: Gauge,
     pub outbox_dead: Gauge,
     pub token_fetches: Counter,
@@ -55,6 +108,19 @@ pub struct Metrics {
     /// 1 while fetching is paused because the outbox is full.
     pub source_paused: Gauge,
     source_pending: Family<Vec<(&'static str, String)>, Gauge>,
+    /// Wall-clock jumps beyond the threshold noticed by this agent (at start and while running).
+    pub clock_jumps: Counter,
+    /// The last such jump, in seconds (positive: set forward).
+    pub clock_last_jump_seconds: Gauge,
+    /// The adaptive limit of requests in flight.
+    pub concurrency_limit: Gauge,
+    pub in_flight: Gauge,
+    /// Requests a second allowed since the endpoint answered 429 (0: no cap).
+    pub rate_cap: Gauge,
+    /// Exports waiting for their retry time.
+    pub retry_waiting: Gauge,
+    /// 1 while the destination looks down and is probed one request at a time.
+    pub destination_down: Gauge,
 }
 
 impl Default for Metrics {
@@ -73,6 +139,50 @@ impl Metrics {
         let outbox_dead = Gauge::default();
         let token_fetches = Counter::default();
         let delivery_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let clock_jumps = Counter::default();
+        let clock_last_jump_seconds = Gauge::default();
+        let retries = Family::<Labels, Counter>::default();
+        let splits = Counter::default();
+        let concurrency_limit = Gauge::default();
+        let in_flight = Gauge::default();
+        let rate_cap = Gauge::default();
+        let retry_waiting = Gauge::default();
+        let destination_down = Gauge::default();
+        registry.register(
+            "delivery_retries",
+            "Exports to be retried, by cause",
+            retries.clone(),
+        );
+        registry.register(
+            "delivery_array_splits",
+            "Array requests refused with a 4xx and split into single exports",
+            splits.clone(),
+        );
+        registry.register(
+            "delivery_concurrency_limit",
+            "The adaptive limit of requests in flight",
+            concurrency_limit.clone(),
+        );
+        registry.register(
+            "delivery_in_flight",
+            "Requests in flight",
+            in_flight.clone(),
+        );
+        registry.register(
+            "delivery_rate_cap",
+            "Requests a second allowed after the endpoint answered 429 (0: no cap)",
+            rate_cap.clone(),
+        );
+        registry.register(
+            "delivery_retry_waiting",
+            "Exports waiting for their retry time",
+            retry_waiting.clone(),
+        );
+        registry.register(
+            "destination_down",
+            "1 while the destination looks down and is probed one request at a time",
+            destination_down.clone(),
+        );
         registry.register("updates", "Profile updates by result", updates.clone());
         registry.register("exports", "Exports produced by reason", exports.clone());
         registry.register(
@@ -126,7 +236,19 @@ impl Metrics {
             "Messages waiting in the NATS stream, per owned partition",
             source_pending.clone(),
         );
+        registry.register(
+            "clock_jumps",
+            "Wall-clock jumps of more than 60 s noticed (they expire nothing)",
+            clock_jumps.clone(),
+        );
+        registry.register(
+            "clock_last_jump_seconds",
+            "The last wall-clock jump noticed, in seconds (positive: set forward)",
+            clock_last_jump_seconds.clone(),
+        );
         Metrics {
+            clock_jumps,
+            clock_last_jump_seconds,
             registry,
             source_messages,
             source_acks,
@@ -135,12 +257,46 @@ impl Metrics {
             source_pending,
             updates,
             exports,
-            deliveries,
+            delivery_counters: DeliveryOutcome::ALL
+                .iter()
+                .map(|o| {
+                    deliveries
+                        .get_or_create(&vec![("outcome", o.label())])
+                        .clone()
+                })
+                .collect(),
+            retries,
+            splits,
             outbox_pending,
             outbox_dead,
             token_fetches,
             delivery_latency,
+            concurrency_limit,
+            in_flight,
+            rate_cap,
+            retry_waiting,
+            destination_down,
         }
+    }
+
+    pub fn record_retry(&self, cause: RetryCause) {
+        self.retries
+            .get_or_create(&vec![("cause", cause.label())])
+            .inc();
+    }
+
+    pub fn retries(&self, cause: RetryCause) -> u64 {
+        self.retries
+            .get_or_create(&vec![("cause", cause.label())])
+            .get()
+    }
+
+    pub fn record_split(&self) {
+        self.splits.inc();
+    }
+
+    pub fn splits(&self) -> u64 {
+        self.splits.get()
     }
 
     pub fn record_commit(&self, summary: &BatchSummary) {
@@ -169,22 +325,14 @@ impl Metrics {
     }
 
     pub fn record_delivery(&self, outcome: DeliveryOutcome, latency: Option<std::time::Duration>) {
-        self.deliveries
-            .get_or_create(&vec![("outcome", outcome.label())])
-            .inc();
+        self.delivery_counters[outcome as usize].inc();
         if let Some(latency) = latency {
             self.delivery_latency.observe(latency.as_secs_f64());
         }
     }
 
     pub fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
-        self.deliveries
-            .get_or_create(&vec![("outcome", outcome.label())])
-            .get()
-    }
-
-    pub fn updates(&self, result: &'static str) -> u64 {
-        self.updates.get_or_create(&vec![("result", result)]).get()
+        self.delivery_counters[outcome as usize].get()
     }
 
     pub fn exports(&self, reason: Reason) -> u64 {

@@ -69,6 +69,10 @@ impl Received {
 pub struct ReceiverOptions {
     pub client_id: String,
     pub client_secret: String,
+    /// Accept the password grant for this user and password (besides client credentials).
+    pub user: Option<(String, String)>,
+    /// Issue a refresh token with every access token, and accept it once for a new one.
+    pub refresh_tokens: bool,
     pub token_lifetime: Duration,
     /// The share (0 to 1) of export requests answered 503 at random.
     pub fail_share: f64,
@@ -81,6 +85,8 @@ impl Default for ReceiverOptions {
         ReceiverOptions {
             client_id: "edge-agent".into(),
             client_secret: "change-me".into(),
+            user: None,
+            refresh_tokens: false,
             token_lifetime: Duration::from_secs(3600),
             fail_share: 0.0,
             tls: None,
@@ -101,6 +107,11 @@ struct State {
     /// Requests that arrived, per endpoint (a request dropped by its client is never logged).
     token_arrivals: std::sync::atomic::AtomicU64,
     export_arrivals: std::sync::atomic::AtomicU64,
+    /// Refresh tokens issued and not yet used.
+    refresh_tokens: Mutex<std::collections::HashSet<String>>,
+    /// Export requests being handled now, and the most there were at once.
+    in_flight: std::sync::atomic::AtomicU64,
+    max_in_flight: std::sync::atomic::AtomicU64,
 }
 
 /// A running receiver; it stops when dropped.
@@ -139,6 +150,9 @@ impl Receiver {
             issued: Mutex::new(0),
             token_arrivals: Default::default(),
             export_arrivals: Default::default(),
+            refresh_tokens: Default::default(),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
         });
         let stop = CancellationToken::new();
         let (serve_state, serve_stop) = (Arc::clone(&state), stop.clone());
@@ -236,6 +250,72 @@ impl Receiver {
     pub fn tokens_issued(&self) -> u64 {
         *self.state.issued.lock().unwrap()
     }
+
+    /// Forgets every refresh token issued so far (the next refresh with one is refused).
+    pub fn revoke_refresh_tokens(&self) {
+        self.state.refresh_tokens.lock().unwrap().clear();
+    }
+
+    /// The most export requests handled at once since the last [`Receiver::reset_max_in_flight`].
+    pub fn max_in_flight(&self) -> u64 {
+        self.state
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn reset_max_in_flight(&self) {
+        let now = self
+            .state
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .max_in_flight
+            .store(now, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A token bucket: `per_second` requests a second, up to `burst` at once. As a [`Script`],
+/// it answers 429 with `Retry-After: 1` above the rate.
+pub struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    pub fn new(per_second: f64, burst: f64) -> RateLimit {
+        RateLimit {
+            per_second,
+            burst,
+            bucket: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn admit(&self) -> bool {
+        let mut bucket = self.bucket.lock().unwrap();
+        let now = Instant::now();
+        let (tokens, at) = *bucket;
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * self.per_second).min(self.burst);
+        let admitted = tokens >= 1.0;
+        *bucket = (if admitted { tokens - 1.0 } else { tokens }, now);
+        admitted
+    }
+
+    pub fn script(self: Arc<Self>) -> Script {
+        Arc::new(move |_, _| {
+            if self.admit() {
+                Reply::Normal
+            } else {
+                Reply::Status(
+                    429,
+                    vec![("retry-after".into(), "1".into())],
+                    "rate limited".into(),
+                )
+            }
+        })
+    }
 }
 
 fn answer(
@@ -280,6 +360,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         _ => return answer(404, &[], "not found"),
     };
     let n = arrivals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _in_flight = (received.path == PROFILES_PATH).then(|| InFlight::enter(state));
     let reply = script.map_or(Reply::Normal, |script| script(n, &received));
     let mut response = match reply {
         Reply::Status(status, headers, body) => answer(status, &headers, body),
@@ -304,6 +385,26 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
     }
     log.lock().unwrap().push(received);
     response
+}
+
+/// Counts an export request as in flight while it lives.
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a State) -> InFlight<'a> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = state.in_flight.fetch_add(1, SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn normal(state: &State, received: &Received) -> Response<Full<Bytes>> {
@@ -346,18 +447,38 @@ fn issue_token(state: &State, received: &Received) -> Response<Full<Bytes>> {
     let form: HashMap<String, String> = url::form_urlencoded::parse(&received.body)
         .into_owned()
         .collect();
-    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return answer(
-            400,
-            &[],
-            json!({"error": "unsupported_grant_type"}).to_string(),
-        );
-    }
     let (id, secret) = client_credentials(received);
     if id.as_deref() != Some(&state.options.client_id)
         || secret.as_deref() != Some(&state.options.client_secret)
     {
         return answer(401, &[], json!({"error": "invalid_client"}).to_string());
+    }
+    let field = |name: &str| form.get(name).map(String::as_str);
+    let invalid_grant = || answer(400, &[], json!({"error": "invalid_grant"}).to_string());
+    match field("grant_type") {
+        Some("client_credentials") => {}
+        Some("password") => {
+            let user = state.options.user.as_ref();
+            if user.is_none_or(|(name, password)| {
+                field("username") != Some(name) || field("password") != Some(password)
+            }) {
+                return invalid_grant();
+            }
+        }
+        Some("refresh_token") => {
+            let known = field("refresh_token")
+                .is_some_and(|t| state.refresh_tokens.lock().unwrap().remove(t));
+            if !known {
+                return invalid_grant();
+            }
+        }
+        _ => {
+            return answer(
+                400,
+                &[],
+                json!({"error": "unsupported_grant_type"}).to_string(),
+            )
+        }
     }
     let token = format!("tok-{:032x}", rand::random::<u128>());
     let lifetime = state.options.token_lifetime;
@@ -367,8 +488,13 @@ fn issue_token(state: &State, received: &Received) -> Response<Full<Bytes>> {
         .unwrap()
         .insert(token.clone(), Instant::now() + lifetime);
     *state.issued.lock().unwrap() += 1;
-    let body =
+    let mut body =
         json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs()});
+    if state.options.refresh_tokens {
+        let refresh = format!("ref-{:032x}", rand::random::<u128>());
+        state.refresh_tokens.lock().unwrap().insert(refresh.clone());
+        body["refresh_token"] = refresh.into();
+    }
     answer(
         200,
         &[(CONTENT_TYPE.to_string(), "application/json".into())],

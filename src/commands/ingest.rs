@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{Backend, CliError};
 use crate::config::Config;
 use crate::profile::prune::KeepTree;
-use crate::profile::update::UpdateReader;
+use crate::profile::update::{FutureLimit, UpdateReader};
 use crate::store::BatchSummary;
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
@@ -46,8 +46,13 @@ pub fn ingest_file<F: Read + Seek>(
             .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
     };
     rewind(file)?;
+    // One clock reading for the whole input, so both passes judge every line alike.
+    let limit = FutureLimit {
+        now: chrono::Utc::now(),
+        max_future_s: config.ingest.max_future_s,
+    };
     let mut count = 0u64;
-    for update in UpdateReader::new(BufReader::new(&mut *file)) {
+    for update in UpdateReader::new(BufReader::new(&mut *file)).within(limit) {
         update?;
         count += 1;
     }
@@ -64,7 +69,9 @@ pub fn ingest_file<F: Read + Seek>(
     let keep = KeepTree::for_mapping(&config.mapping);
     let mut total = BatchSummary::default();
     let mut chunk = Vec::with_capacity(INGEST_CHUNK);
-    let mut reader = UpdateReader::new(BufReader::new(&mut *file)).peekable();
+    let mut reader = UpdateReader::new(BufReader::new(&mut *file))
+        .within(limit)
+        .peekable();
     while reader.peek().is_some() {
         chunk.clear();
         while chunk.len() < INGEST_CHUNK {

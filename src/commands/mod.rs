@@ -24,7 +24,8 @@ use crate::store::StoreError;
 pub use backend::Backend;
 pub use ingest::{ingest_file, ingest_path};
 use output::{
-    display_url, print_export, print_export_table, print_json, print_stats, print_summary,
+    describe_clock_jumps, display_url, print_export, print_export_table, print_json, print_stats,
+    print_summary,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +85,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
                 client_secret,
                 token_lifetime: Duration::from_secs(token_lifetime_s),
                 fail_share,
-                tls: None,
+                ..ReceiverOptions::default()
             };
             return runtime()?.block_on(receiver(listen, options, out));
         }
@@ -257,6 +258,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
         }
     );
     println!("store            {}", config.storage.path.display());
+    println!("clock            {}", clock_report(config));
     println!(
         "ingest           {}{}",
         config.ingest.listen,
@@ -266,6 +268,9 @@ async fn check(config: &Config) -> Result<(), CliError> {
             ""
         }
     );
+    for warning in &config.warnings {
+        println!("warning          {warning}");
+    }
     if let Some(nats) = &config.nats {
         nats::check_nats(nats).await?;
     }
@@ -274,17 +279,24 @@ async fn check(config: &Config) -> Result<(), CliError> {
     match &d.auth {
         Auth::None => println!("auth             none"),
         Auth::Bearer { .. } => println!("auth             static bearer token (set)"),
-        Auth::OAuth2ClientCredentials {
+        Auth::OAuth2 {
             auth_endpoint,
             client_id,
             credentials,
+            grant,
             ..
         } => {
             let placement = match credentials {
                 crate::config::CredentialsPlacement::Body => "the form body",
                 crate::config::CredentialsPlacement::Basic => "a Basic header",
             };
-            println!("auth             oauth2 client credentials, client_id {client_id}, secret sent in {placement}");
+            let grant = match grant {
+                crate::config::Grant::ClientCredentials => "client credentials".to_owned(),
+                crate::config::Grant::Password { username, .. } => {
+                    format!("password grant for user {username}")
+                }
+            };
+            println!("auth             oauth2 {grant}, client_id {client_id}, secret sent in {placement}");
             println!("token endpoint   {}", display_url(auth_endpoint));
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
@@ -307,6 +319,24 @@ async fn check(config: &Config) -> Result<(), CliError> {
     }
     println!("check            ok");
     Ok(())
+}
+
+/// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
+fn clock_report(config: &Config) -> String {
+    if !config.storage.path.join("db").exists() {
+        return "wall clock not watched yet (no store)".to_owned();
+    }
+    let stats = Backend::connect(config)
+        .map_err(|e| e.to_string())
+        .and_then(|backend| {
+            backend
+                .execute(&AdminRequest::Stats)
+                .map_err(|e| e.to_string())
+        });
+    match stats {
+        Ok(stats) => format!("wall-clock jumps {}", describe_clock_jumps(&stats)),
+        Err(e) => format!("cannot read the store: {e}"),
+    }
 }
 
 fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {

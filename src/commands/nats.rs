@@ -9,7 +9,7 @@ use super::{Backend, CliError};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
-use crate::profile::update::parse_body;
+use crate::profile::update::{parse_body_within, FutureLimit};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{probe, setup, SetupOutcome};
 use crate::source::publish::{plan, publish};
@@ -108,7 +108,11 @@ pub(super) async fn publish_path(
         body = std::fs::read(path)
             .map_err(|e| CliError::Failure(format!("cannot read {}: {e}", path.display())))?;
     }
-    let updates = parse_body(&body)
+    let limit = FutureLimit {
+        now: chrono::Utc::now(),
+        max_future_s: config.ingest.max_future_s,
+    };
+    let updates = parse_body_within(&body, Some(&limit))
         .map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
     drop(body);
     let messages = plan(&updates, nats);

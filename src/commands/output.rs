@@ -66,9 +66,28 @@ pub(super) fn print_stats(stats: &Value) {
     println!("pending          {}", text_of(&stats["pending"]));
     println!("dead             {}", text_of(&stats["dead"]));
     println!("oldest pending   {age}");
+    if let Value::Number(waited) = &stats["oldest_pending_waited_s"] {
+        println!("  waited         {waited} s of agent run time (what delivery.max_age_s counts)");
+    }
     println!("outbox bytes     {}", text_of(&stats["bytes"]));
     println!("profiles stored  {}", text_of(&stats["profiles"]));
     println!("store id         {}", text_of(&stats["store_id"]));
+    println!("run time         {} s", text_of(&stats["run_time_s"]));
+    println!("clock jumps      {}", describe_clock_jumps(stats));
+}
+
+/// "none noticed", or how many and the last one, from `outbox stats --json`.
+pub(super) fn describe_clock_jumps(stats: &Value) -> String {
+    let jumps = stats["clock_jumps"].as_u64().unwrap_or(0);
+    let last = &stats["last_clock_jump"];
+    match (jumps, last["by_s"].as_i64()) {
+        (0, _) | (_, None) => "none noticed".to_owned(),
+        (n, Some(by_s)) => format!(
+            "{n} noticed; last: wall clock {} (noticed at {})",
+            crate::clock::describe_jump(by_s * 1000),
+            text_of(&last["noticed_at"])
+        ),
+    }
 }
 
 pub(super) fn print_export_table(exports: &[Value]) {

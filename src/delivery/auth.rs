@@ -1,8 +1,12 @@
-//! Access tokens: OAuth 2.0 client credentials, a static bearer token, or none.
+//! Access tokens: OAuth 2.0 (client credentials or password grant), a static bearer token, or
+//! none.
 //!
 //! The cache hands out the current token and refreshes it before it expires (when less than
 //! 10% of its lifetime or 60 s remains, whichever is less) or after the destination rejected
 //! it. Concurrent callers share one token request: the fetch happens under the cache's lock.
+//! When a token answer carried a `refresh_token`, the next refresh uses it first and falls back
+//! to the original grant if the token endpoint refuses it. Lifetimes are counted on the
+//! monotonic clock (`tokio::time::Instant`), so a wall clock that jumps changes nothing.
 
 use std::time::Duration;
 
@@ -17,7 +21,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::client::HttpClient;
-use crate::config::{Auth, CredentialsPlacement, Secret};
+use crate::config::{Auth, CredentialsPlacement, Grant, Secret};
 
 /// Used when the token endpoint does not say how long its token lives.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -39,6 +43,8 @@ struct TokenAnswer {
     expires_in: Option<serde_json::Value>,
     #[serde(default)]
     token_type: Option<String>,
+    #[serde(default)]
+    refresh_token: Option<String>,
 }
 
 /// A token just fetched.
@@ -48,6 +54,18 @@ pub struct Fetched {
     pub lifetime: Duration,
     pub lifetime_given: bool,
     pub token_type: Option<String>,
+    pub refresh_token: Option<Secret>,
+}
+
+/// The grant of one token request.
+#[derive(Debug, Clone, Copy)]
+pub enum FormGrant<'a> {
+    ClientCredentials,
+    Password {
+        username: &'a str,
+        password: &'a Secret,
+    },
+    RefreshToken(&'a Secret),
 }
 
 /// How long before expiry a token is refreshed.
@@ -57,13 +75,19 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
 
 struct Cached {
     token: Secret,
+    /// On the monotonic clock: a step of the wall clock neither refreshes a token early nor
+    /// keeps one past its lifetime (tests/clock_jumps.rs).
     refresh_at: Instant,
 }
 
 pub struct TokenSource {
     auth: Auth,
     client: HttpClient,
-    cache: Mutex<Option<Cached>>,
+    /// The token handed out; read without waiting by every request.
+    current: std::sync::RwLock<Option<Cached>>,
+    /// Held while a token is fetched, so that concurrent callers share one fetch; holds the
+    /// refresh token of the last answer that carried one, kept until refused.
+    fetching: Mutex<Option<Secret>>,
     fetches: Counter,
 }
 
@@ -73,7 +97,8 @@ impl TokenSource {
         TokenSource {
             auth,
             client,
-            cache: Mutex::new(None),
+            current: std::sync::RwLock::new(None),
+            fetching: Mutex::new(None),
             fetches,
         }
     }
@@ -83,41 +108,82 @@ impl TokenSource {
         match &self.auth {
             Auth::None => Ok(None),
             Auth::Bearer { token } => Ok(Some(token.clone())),
-            Auth::OAuth2ClientCredentials { .. } => {
-                let mut cache = self.cache.lock().await;
-                if let Some(cached) = cache.as_ref() {
-                    if Instant::now() < cached.refresh_at {
-                        return Ok(Some(cached.token.clone()));
-                    }
+            Auth::OAuth2 { .. } => {
+                if let Some(token) = self.valid_current() {
+                    return Ok(Some(token));
                 }
-                let fetched = self.fetch().await?;
+                let mut refresh_token = self.fetching.lock().await;
+                // Another caller may have fetched one while this one waited.
+                if let Some(token) = self.valid_current() {
+                    return Ok(Some(token));
+                }
+                let fetched = match refresh_token.clone() {
+                    Some(refresh) => match self.request(FormGrant::RefreshToken(&refresh)).await {
+                        Err(AuthError::Status { status, .. }) if (400..500).contains(&status) => {
+                            tracing::info!(
+                                status,
+                                "the token endpoint refused the refresh token; using the original grant"
+                            );
+                            *refresh_token = None;
+                            self.fetch().await?
+                        }
+                        other => other?,
+                    },
+                    None => self.fetch().await?,
+                };
                 let refresh_at =
                     Instant::now() + fetched.lifetime - refresh_margin(fetched.lifetime);
-                *cache = Some(Cached {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
                     token: fetched.token.clone(),
                     refresh_at,
                 });
+                if fetched.refresh_token.is_some() {
+                    *refresh_token = fetched.refresh_token;
+                }
                 Ok(Some(fetched.token))
             }
         }
     }
 
+    fn valid_current(&self) -> Option<Secret> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| Instant::now() < c.refresh_at)
+            .map(|c| c.token.clone())
+    }
+
     /// Drops `used` after the destination refused it, unless a newer token already replaced it.
     pub async fn invalidate(&self, used: &Secret) {
-        let mut cache = self.cache.lock().await;
-        if cache.as_ref().is_some_and(|c| &c.token == used) {
-            *cache = None;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|c| &c.token == used) {
+            *current = None;
         }
     }
 
-    /// One request to the token endpoint (also used by `outpost check`).
+    /// One request to the token endpoint with the configured grant (also used by `outpost
+    /// check`).
     pub async fn fetch(&self) -> Result<Fetched, AuthError> {
-        let Auth::OAuth2ClientCredentials {
+        match &self.auth {
+            Auth::OAuth2 {
+                grant: Grant::Password { username, password },
+                ..
+            } => {
+                self.request(FormGrant::Password { username, password })
+                    .await
+            }
+            _ => self.request(FormGrant::ClientCredentials).await,
+        }
+    }
+
+    async fn request(&self, grant: FormGrant<'_>) -> Result<Fetched, AuthError> {
+        let Auth::OAuth2 {
             auth_endpoint,
             client_id,
             client_secret,
             credentials,
             scope,
+            ..
         } = &self.auth
         else {
             return Err(AuthError::Answer(
@@ -140,7 +206,13 @@ impl TokenSource {
             let basic = base64::engine::general_purpose::STANDARD.encode(pair);
             request = request.header(AUTHORIZATION, format!("Basic {basic}"));
         }
-        let form = token_form(client_id, client_secret, *credentials, scope.as_deref());
+        let form = token_form(
+            grant,
+            client_id,
+            client_secret,
+            *credentials,
+            scope.as_deref(),
+        );
         let request = request
             .body(Full::new(Bytes::from(form)))
             .map_err(|e| AuthError::Transport(e.to_string()))?;
@@ -172,20 +244,38 @@ impl TokenSource {
                 .map_or(DEFAULT_LIFETIME, Duration::from_secs),
             lifetime_given: seconds.is_some(),
             token_type: parsed.token_type,
+            refresh_token: parsed
+                .refresh_token
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
         })
     }
 }
 
-/// The form body of a token request: the client's id and secret go here unless they go in a
-/// Basic header.
+/// The form body of a token request: the grant's fields, then the client's id and secret
+/// unless they go in a Basic header, then the scope.
 fn token_form(
+    grant: FormGrant<'_>,
     client_id: &str,
     client_secret: &Secret,
     credentials: CredentialsPlacement,
     scope: Option<&str>,
 ) -> String {
     let mut form = url::form_urlencoded::Serializer::new(String::new());
-    form.append_pair("grant_type", "client_credentials");
+    match grant {
+        FormGrant::ClientCredentials => {
+            form.append_pair("grant_type", "client_credentials");
+        }
+        FormGrant::Password { username, password } => {
+            form.append_pair("grant_type", "password");
+            form.append_pair("username", username);
+            form.append_pair("password", password.expose());
+        }
+        FormGrant::RefreshToken(token) => {
+            form.append_pair("grant_type", "refresh_token");
+            form.append_pair("refresh_token", token.expose());
+        }
+    }
     if credentials == CredentialsPlacement::Body {
         form.append_pair("client_id", client_id);
         form.append_pair("client_secret", client_secret.expose());
@@ -211,7 +301,39 @@ mod tests {
         ];
         for (placement, scope, expected) in table {
             assert_eq!(
-                token_form("edge agent", &secret, placement, scope),
+                token_form(
+                    FormGrant::ClientCredentials,
+                    "edge agent",
+                    &secret,
+                    placement,
+                    scope
+                ),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn token_form_for_each_grant() {
+        let secret = Secret::new("s");
+        let password = Secret::new("p w&");
+        let refresh = Secret::new("r/1");
+        let table = [
+            (
+                FormGrant::Password {
+                    username: "ops@acme",
+                    password: &password,
+                },
+                "grant_type=password&username=ops%40acme&password=p+w%26&client_id=c&client_secret=s",
+            ),
+            (
+                FormGrant::RefreshToken(&refresh),
+                "grant_type=refresh_token&refresh_token=r%2F1&client_id=c&client_secret=s",
+            ),
+        ];
+        for (grant, expected) in table {
+            assert_eq!(
+                token_form(grant, "c", &secret, CredentialsPlacement::Body, None),
                 expected
             );
         }

@@ -1,20 +1,32 @@
 //! The delivery loop: drains the outbox to the destination.
 //!
-//! - It takes the oldest pending exports, at most one in flight per profile, up to
-//!   `delivery.concurrency` profiles at once; it is woken by commits, not by polling.
-//! - A 2xx removes the export, and the removal is flushed before that profile's next export is
-//!   sent: once the endpoint acknowledged an export, no older one of that profile is sent again,
-//!   whatever crash follows. While the flush runs the profile is *settling*: it holds no
-//!   request slot, so other profiles' requests go on, and flushes of many deliveries are
-//!   grouped into one.
-//! - Failures back off destination-wide ([`retry::Gate`]); rejected exports move to the dead
-//!   letters and the profile's later exports go on.
+//! One task owns the loop's state; requests run as their own tasks and report back; one thread
+//! (the [`settler`]) writes their outcomes to the store in groups.
+//!
+//! - **Reading**: a read-ahead window ([`queue::Queue`]) of durable pending exports, filled in
+//!   order from a cursor; new commits wake the loop. Exports put back or dropped by the CLI make
+//!   it start over from the head of the outbox.
+//! - **Order**: a profile has at most one export out at a time. A delivered (or dead-lettered)
+//!   export's removal is made durable before that profile's next export is sent, so once the
+//!   endpoint acknowledged an export, no older one of that profile is sent again, whatever
+//!   crash follows. Removals of many deliveries share one transaction and one flush, and request
+//!   slots never wait for them.
+//! - **Retries**: a failed export gets its own next-attempt time (exponential backoff, with
+//!   `Retry-After` as a floor); its profile's later exports wait behind it, other profiles go on.
+//! - **Pressure**: how many requests are in flight, how fast they start, and whether the
+//!   destination is probed one request at a time because it looks down is the
+//!   [`controller::Controller`]'s decision, fed every answer.
+//! - **Batches**: with `delivery.max_profiles_per_request` > 1, whatever ready exports of
+//!   distinct profiles there are go together as a JSON array; an array refused with a 4xx is
+//!   split and its exports sent alone, so only an export refused on its own is dead-lettered.
 
 pub mod auth;
 pub mod client;
+pub mod controller;
+pub mod queue;
 pub mod retry;
+pub mod settler;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,61 +36,75 @@ use hyper::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
 };
 use hyper::{Request, Uri};
-use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::store::codec::ExportRecord;
-use crate::store::flusher::Flusher;
-use crate::store::{Export, Place, Store};
+use crate::clock::RunClock;
+use crate::config::{Config, Secret};
+use crate::metrics::{DeliveryOutcome, Metrics, RetryCause};
+use crate::store::outbox::ExportChange;
+use crate::store::{Export, Store};
 use auth::TokenSource;
-use client::HttpClient;
-use retry::{classify, parse_retry_after, Class, Gate};
+use client::{ClientError, HttpClient};
+use controller::{Controller, ControllerConfig, Signal};
+use queue::Queue;
+use retry::{classify, parse_retry_after, Class, ExportBackoff};
+use settler::{Change, Settler};
 
-/// How many pending exports one pass may look at to fill the free slots.
-const SCAN_LIMIT: usize = 10_000;
-/// A wake-up even without commits: picks up exports put back by `outbox retry` and expiries.
+/// Pending exports held in memory ahead of sending; the store is read again when fewer than
+/// half are left.
+const WINDOW: usize = 16_384;
+/// At most this many exports are read from the store per turn of the loop.
+const READ_CHUNK: usize = 2_048;
+/// A wake-up even without commits: picks up expiries and anything missed.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
+const USER_AGENT_VALUE: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));
+
 pub fn user_agent() -> String {
-    concat!("outpost/", env!("CARGO_PKG_VERSION")).to_owned()
+    USER_AGENT_VALUE.to_owned()
 }
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// What one delivery attempt came to.
+/// Exports sent together in one request, with their profiles.
+type Batch = Vec<(Arc<str>, Export)>;
+
+/// What one request came to.
 #[derive(Debug)]
-enum Outcome {
-    /// Answered 2xx and removed from the outbox; the removal is not yet flushed.
-    Delivered,
-    Failed {
+enum Attempted {
+    Answered {
+        status: u16,
         retry_after: Option<Duration>,
+        /// `HTTP <status>: <start of the body>`, for anything but 2xx.
+        error: String,
     },
-    DeadLettered,
+    /// No token could be had.
+    TokenFailed(String),
+    /// No answer: a connection error or a timeout.
+    SendFailed { error: String, timeout: bool },
 }
 
 struct Finished {
-    profile_id: String,
+    batch: Batch,
     sent_at: Instant,
-    outcome: Outcome,
+    attempted: Attempted,
 }
 
-/// Everything a delivery task needs; shared by all of them.
+/// Everything a request task needs; shared by all of them.
 pub struct Deliverer {
     store: Arc<Store>,
-    flusher: Flusher,
     client: HttpClient,
     tokens: Arc<TokenSource>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
-    concurrency: usize,
+    max_profiles_per_request: usize,
     max_age: Duration,
-    gate_config: (Duration, Duration, bool),
+    clock: RunClock,
+    controller: ControllerConfig,
     metrics: Arc<Metrics>,
 }
 
@@ -94,7 +120,6 @@ impl Deliverer {
     pub fn new(
         config: &Config,
         store: Arc<Store>,
-        flusher: Flusher,
         metrics: Arc<Metrics>,
     ) -> Result<Deliverer, SetupError> {
         let client = HttpClient::new(&config.destination, config.delivery.request_timeout)?;
@@ -121,179 +146,309 @@ impl Deliverer {
                 )
             })
             .collect();
+        let d = &config.delivery;
         Ok(Deliverer {
+            clock: store.run_clock(),
             store,
-            flusher,
             client,
             tokens,
             endpoint,
             headers,
-            concurrency: config.delivery.concurrency,
-            max_age: config.delivery.max_age,
-            gate_config: (
-                config.delivery.initial_backoff,
-                config.delivery.max_backoff,
-                true,
-            ),
+            max_profiles_per_request: d.max_profiles_per_request,
+            max_age: d.max_age,
+            controller: ControllerConfig {
+                max_concurrency: d.max_concurrency,
+                fixed: d.fixed_concurrency,
+                initial_backoff: d.initial_backoff,
+                max_backoff: d.max_backoff,
+                jitter: true,
+            },
             metrics,
         })
     }
 
     /// Switches the backoff jitter off, for tests that assert exact delays.
     pub fn without_jitter(mut self) -> Self {
-        self.gate_config.2 = false;
+        self.controller.jitter = false;
         self
     }
 
-    /// Runs until `shutdown`; then lets the deliveries in flight finish and returns.
-    /// `wake` is notified on commits and repairs.
+    fn new_backoff(&self) -> ExportBackoff {
+        let c = &self.controller;
+        ExportBackoff::new(c.initial_backoff, c.max_backoff, c.jitter)
+    }
+
+    /// Runs until `shutdown`; then lets the requests in flight finish, records their outcomes
+    /// durably, and returns. `wake` is notified on commits and repairs.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
-        let (initial, max, jitter) = self.gate_config;
-        let mut gate = Gate::new(initial, max, jitter);
-        // Profiles with a request in flight, and profiles whose delivered export's removal is
-        // being flushed; neither may send its next export yet.
-        let mut in_flight: HashSet<String> = HashSet::new();
-        let mut settling: HashSet<String> = HashSet::new();
-        let mut tasks: JoinSet<Finished> = JoinSet::new();
-        let mut settles: JoinSet<String> = JoinSet::new();
-        // Scans start here, not at the head of the outbox, where a long run of removed keys
-        // would be walked again on every pass (see `Store::scan_pending`).
-        let mut scan_from = 0u64;
+        let (settler, mut settled) = Settler::start(Arc::clone(&self.store));
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
+        let mut state = LoopState {
+            queue: Queue::default(),
+            controller: Controller::new(self.controller, Instant::now()),
+            cursor: 0,
+            settling: 0,
+            changes: Vec::new(),
+            settler,
+        };
+        // One timer for the idle tick, moved forward when it fires rather than made anew on
+        // every turn of the loop.
+        let idle = tokio::time::sleep(IDLE_TICK);
+        tokio::pin!(idle);
         loop {
-            if !shutdown.is_cancelled() {
-                self.start_deliveries(
-                    &mut gate,
-                    &mut in_flight,
-                    &settling,
-                    &mut tasks,
-                    &mut scan_from,
-                );
+            let stopping = shutdown.is_cancelled();
+            let now = Instant::now();
+            if !stopping {
+                self.refill(&mut state);
+                state.queue.wake_due(now);
+                self.start_requests(&mut state, &done_tx, now);
             }
-            let resting = gate.is_failing();
-            let ready_at = gate.ready_at();
-            tokio::select! {
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    match joined {
-                        Ok(finished) => {
-                            in_flight.remove(&finished.profile_id);
-                            match finished.outcome {
-                                Outcome::Delivered => {
-                                    gate.succeeded();
-                                    settling.insert(finished.profile_id.clone());
-                                    settles.spawn(Arc::clone(&self).settle(finished.profile_id));
-                                }
-                                Outcome::DeadLettered => gate.succeeded(),
-                                Outcome::Failed { retry_after } => {
-                                    let delay = gate.failed_request(Instant::now(), finished.sent_at, retry_after);
-                                    tracing::debug!(?delay, "destination failing; backing off");
-                                }
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "a delivery task failed"),
-                    }
-                }
-                Some(settled) = settles.join_next(), if !settles.is_empty() => {
-                    if let Ok(profile_id) = settled {
-                        settling.remove(&profile_id);
-                    }
-                }
-                _ = wake.notified(), if !shutdown.is_cancelled() => {}
-                _ = tokio::time::sleep_until(ready_at), if resting && !shutdown.is_cancelled() => {}
-                _ = tokio::time::sleep(IDLE_TICK), if !shutdown.is_cancelled() => {}
-                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
-                else => break,
-            }
-            if shutdown.is_cancelled() && tasks.is_empty() && settles.is_empty() {
+            state.settler.send(std::mem::take(&mut state.changes));
+            self.publish(&state);
+            if stopping && state.controller.in_flight() == 0 && state.settling == 0 {
                 break;
             }
+            let timer = [state.queue.next_due(), state.controller.next_permit_at(now)]
+                .into_iter()
+                .flatten()
+                .min();
+            tokio::select! {
+                Some(finished) = done.recv() => {
+                    self.finish(&mut state, finished);
+                    while let Ok(finished) = done.try_recv() {
+                        self.finish(&mut state, finished);
+                    }
+                }
+                Some(group) = settled.recv() => {
+                    for s in group {
+                        state.settling -= 1;
+                        state.queue.settled(&s.profile, s.seq);
+                    }
+                }
+                _ = wake.notified(), if !stopping => {}
+                _ = sleep_until(timer), if timer.is_some() && !stopping => {}
+                _ = &mut idle, if !stopping => idle.as_mut().reset(Instant::now() + IDLE_TICK),
+                _ = shutdown.cancelled(), if !stopping => {}
+            }
         }
     }
 
-    /// Waits until the removal of `profile_id`'s delivered export is durable (retrying a failed
-    /// flush: the profile must not send again before), then hands the profile back.
-    async fn settle(self: Arc<Self>, profile_id: String) -> String {
-        while let Err(e) = self.flusher.flush().await {
-            tracing::error!(error = %e, "cannot flush the outbox; retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        profile_id
-    }
-
-    /// Starts deliveries for the oldest pending export of as many idle profiles as the gate allows.
-    fn start_deliveries(
-        self: &Arc<Self>,
-        gate: &mut Gate,
-        in_flight: &mut HashSet<String>,
-        settling: &HashSet<String>,
-        tasks: &mut JoinSet<Finished>,
-        scan_from: &mut u64,
-    ) {
-        let mut slots = gate.slots(Instant::now(), self.concurrency, in_flight.len());
-        if slots == 0 {
+    /// Tops up the window from the store when it runs low.
+    fn refill(&self, state: &mut LoopState) {
+        let room = WINDOW - state.queue.held().min(WINDOW);
+        if room < WINDOW / 2 {
             return;
         }
-        let mut seen: HashSet<String> = in_flight.union(settling).cloned().collect();
-        let expire_before = now_ms() - self.max_age.as_millis() as i64;
-        self.store.scan_pending(scan_from, |exports| {
-            for export in exports.take(SCAN_LIMIT) {
-                let export = match export {
-                    Ok(export) => export,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the outbox");
-                        return;
+        for _ in 0..2 {
+            match self
+                .store
+                .read_pending(&mut state.cursor, room.min(READ_CHUNK))
+            {
+                Ok(Some(exports)) => {
+                    for export in exports {
+                        state.queue.push(export);
                     }
-                };
-                if !seen.insert(export.record.profile_id.clone()) {
-                    continue; // not the oldest pending export of its profile, or that one is in flight
+                    return;
                 }
-                if export.record.queued_at_ms < expire_before {
-                    self.expire(&export);
-                    continue;
+                Ok(None) => {
+                    tracing::debug!("exports were put back or dropped; reading the outbox again");
+                    state.queue.forget_held();
+                    state.cursor = 0;
                 }
-                in_flight.insert(export.record.profile_id.clone());
-                gate.started();
-                let this = Arc::clone(self);
-                tasks.spawn(async move { this.deliver(export).await });
-                slots -= 1;
-                if slots == 0 {
-                    break;
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    return;
                 }
             }
-        });
+        }
     }
 
-    fn expire(&self, export: &Export) {
-        let max_age = self.max_age.as_secs();
-        let moved = self
-            .store
-            .change_export(export.id.seq, Place::Pending, |mut record| {
-                let cause = record.last_error.as_deref().unwrap_or("never attempted");
-                record.last_error = Some(format!(
-                    "undelivered after max_age_s {max_age} ({} attempts; last: {cause})",
-                    record.attempts
-                ));
-                record.dead_at_ms = Some(now_ms());
-                (Place::Dead, record)
-            });
-        match moved {
-            Ok(true) => {
-                self.metrics.record_delivery(DeliveryOutcome::Expired, None);
-                tracing::warn!(export = %export.id, profile = %export.record.profile_id, "export expired; dead-lettered");
+    /// Starts as many requests as the controller allows, each with up to
+    /// `max_profiles_per_request` ready exports.
+    fn start_requests(
+        self: &Arc<Self>,
+        state: &mut LoopState,
+        done: &mpsc::UnboundedSender<Finished>,
+        now: Instant,
+    ) {
+        loop {
+            let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);
+            let permits = state.controller.permits(now, wanted);
+            if permits == 0 {
+                return;
             }
-            Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "cannot dead-letter an expired export"),
+            for _ in 0..permits {
+                let mut batch = state.queue.take(self.max_profiles_per_request);
+                batch.retain(|(profile, export)| {
+                    let expired = self.clock.expired(&export.record, self.max_age);
+                    if expired {
+                        self.expire(state, profile, export);
+                    }
+                    !expired
+                });
+                if batch.is_empty() {
+                    continue;
+                }
+                state.controller.started(now);
+                let (this, done) = (Arc::clone(self), done.clone());
+                tokio::spawn(async move {
+                    let sent_at = Instant::now();
+                    let attempted = this.attempt(&batch).await;
+                    let _ = done.send(Finished {
+                        batch,
+                        sent_at,
+                        attempted,
+                    });
+                });
+            }
         }
+    }
+
+    fn expire(&self, state: &mut LoopState, profile: &Arc<str>, export: &Export) {
+        state.settle(
+            profile,
+            export,
+            ExportChange::Expired {
+                max_age_s: self.max_age.as_secs(),
+                at_ms: now_ms(),
+            },
+        );
+        self.metrics.record_delivery(DeliveryOutcome::Expired, None);
+        tracing::warn!(export = %export.id, %profile, "export expired; dead-lettered");
+    }
+
+    /// Books what a request came to: the controller hears of it once, each export of it moves
+    /// on (settles, waits for its retry time, or is split off to go alone).
+    fn finish(&self, state: &mut LoopState, finished: Finished) {
+        let Finished {
+            batch,
+            sent_at,
+            attempted,
+        } = finished;
+        let now = Instant::now();
+        let (error, retry_after, signal, cause) = match attempted {
+            Attempted::Answered {
+                status,
+                retry_after,
+                error,
+            } => match classify(status) {
+                Class::Delivered => {
+                    state.controller.answered(now, sent_at, Signal::Healthy);
+                    let latency = now.saturating_duration_since(sent_at);
+                    for (profile, export) in &batch {
+                        state.settle(profile, export, ExportChange::Delivered);
+                        self.metrics
+                            .record_delivery(DeliveryOutcome::Delivered, Some(latency));
+                    }
+                    tracing::debug!(exports = batch.len(), status, "delivered");
+                    return;
+                }
+                Class::Reject => {
+                    state.controller.answered(now, sent_at, Signal::Neutral);
+                    self.reject(state, batch, error);
+                    return;
+                }
+                Class::AuthRejected => {
+                    // The token was dropped by the request task; a new one goes with the retry.
+                    (error, None, Signal::Failed, RetryCause::Auth)
+                }
+                Class::Retry => {
+                    let (signal, cause) = match status {
+                        429 => (Signal::RateLimited, RetryCause::RateLimited),
+                        503 => (Signal::Overloaded, RetryCause::Unavailable),
+                        _ => (Signal::Failed, RetryCause::ServerError),
+                    };
+                    (error, retry_after, signal, cause)
+                }
+            },
+            Attempted::TokenFailed(error) => (error, None, Signal::Failed, RetryCause::Token),
+            Attempted::SendFailed { error, timeout } => {
+                let cause = if timeout {
+                    RetryCause::Timeout
+                } else {
+                    RetryCause::Connection
+                };
+                (error, None, Signal::Overloaded, cause)
+            }
+        };
+        state.controller.answered(now, sent_at, signal);
+        let at_ms = now_ms();
+        for (profile, export) in batch {
+            let retry_at = if cause == RetryCause::Auth {
+                None
+            } else {
+                let delay = state
+                    .queue
+                    .backoff_of(&profile, || self.new_backoff())
+                    .map_or(Duration::ZERO, |b| b.next_delay(retry_after));
+                Some(now + delay)
+            };
+            tracing::info!(export = %export.id, %profile, %error, "delivery failed; will retry");
+            let outcome = if cause == RetryCause::Auth {
+                DeliveryOutcome::AuthRejected
+            } else {
+                DeliveryOutcome::Retried
+            };
+            self.metrics.record_delivery(outcome, None);
+            self.metrics.record_retry(cause);
+            state.changes.push(Change {
+                profile: Arc::clone(&profile),
+                seq: export.id.seq,
+                change: ExportChange::Failed {
+                    error: error.clone(),
+                    at_ms,
+                },
+            });
+            state.queue.put_back(&profile, export, retry_at);
+        }
+    }
+
+    /// A non-retryable 4xx: an export refused on its own is dead-lettered; an array is split
+    /// and its exports sent alone.
+    fn reject(&self, state: &mut LoopState, mut batch: Batch, error: String) {
+        if batch.len() > 1 {
+            tracing::info!(exports = batch.len(), %error, "an array was refused; sending its exports one by one");
+            self.metrics.record_split();
+            for (profile, export) in batch {
+                state.queue.set_solo(&profile);
+                state.queue.put_back(&profile, export, None);
+            }
+            return;
+        }
+        let (profile, export) = batch.pop().expect("a request holds an export");
+        tracing::warn!(export = %export.id, %profile, %error, "export rejected; dead-lettered");
+        self.metrics.record_delivery(DeliveryOutcome::Dead, None);
+        state.settle(
+            &profile,
+            &export,
+            ExportChange::Rejected {
+                error,
+                at_ms: now_ms(),
+            },
+        );
+    }
+
+    fn publish(&self, state: &LoopState) {
+        let m = &self.metrics;
+        m.concurrency_limit.set(state.controller.limit() as i64);
+        m.in_flight.set(state.controller.in_flight() as i64);
+        m.rate_cap
+            .set(state.controller.rate_cap().map_or(0, |r| r.round() as i64));
+        m.retry_waiting.set(state.queue.waiting() as i64);
+        m.destination_down
+            .set(i64::from(state.controller.is_down()));
     }
 
     fn request(
         &self,
-        export: &Export,
-        token: Option<&crate::config::Secret>,
+        batch: &Batch,
+        token: Option<&Secret>,
     ) -> Result<Request<Full<Bytes>>, String> {
+        let (key, body) = request_body(batch, self.max_profiles_per_request > 1);
         let mut builder = Request::post(self.endpoint.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(USER_AGENT, user_agent())
-            .header("idempotency-key", export.id.to_string());
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE))
+            .header("idempotency-key", key);
         if let Some(token) = token {
             let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
                 .map_err(|_| "the access token is not a valid header value".to_owned())?;
@@ -303,120 +458,169 @@ impl Deliverer {
         for (name, value) in &self.headers {
             builder = builder.header(name, value);
         }
-        builder
-            .body(Full::new(Bytes::from(export.record.payload.clone())))
-            .map_err(|e| e.to_string())
+        builder.body(Full::new(body)).map_err(|e| e.to_string())
     }
 
-    /// Records a failed attempt on the export (not flushed: losing an attempt count is harmless).
-    fn record_attempt(&self, export: &Export, error: &str) {
-        let at = now_ms();
-        let result =
-            self.store
-                .change_export(export.id.seq, Place::Pending, |mut record: ExportRecord| {
-                    record.attempts += 1;
-                    record.last_error = Some(error.to_owned());
-                    record.last_attempt_at_ms = Some(at);
-                    (Place::Pending, record)
-                });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot record a delivery attempt");
-        }
-    }
-
-    async fn deliver(self: Arc<Self>, export: Export) -> Finished {
-        let sent_at = Instant::now();
-        let outcome = self.attempt(&export).await;
-        Finished {
-            profile_id: export.record.profile_id,
-            sent_at,
-            outcome,
-        }
-    }
-
-    async fn attempt(&self, export: &Export) -> Outcome {
-        let failed_as = |outcome, error: String, retry_after| {
-            self.record_attempt(export, &error);
-            self.metrics.record_delivery(outcome, None);
-            tracing::info!(export = %export.id, profile = %export.record.profile_id, %error, "delivery failed; will retry");
-            Outcome::Failed { retry_after }
-        };
-        let failed = |error, retry_after| failed_as(DeliveryOutcome::Retried, error, retry_after);
+    /// One request: a token, the POST, and what came of it. Writes nothing to the store.
+    async fn attempt(&self, batch: &Batch) -> Attempted {
         let token = match self.tokens.token().await {
             Ok(token) => token,
-            Err(e) => return failed(e.to_string(), None),
+            Err(e) => return Attempted::TokenFailed(e.to_string()),
         };
-        let request = match self.request(export, token.as_ref()) {
+        let request = match self.request(batch, token.as_ref()) {
             Ok(request) => request,
-            Err(e) => return failed(e, None),
+            Err(error) => {
+                return Attempted::SendFailed {
+                    error,
+                    timeout: false,
+                }
+            }
         };
-        let started = Instant::now();
         let answer = match self.client.send(request).await {
             Ok(answer) => answer,
-            Err(e) => return failed(e.to_string(), None),
+            Err(e) => {
+                return Attempted::SendFailed {
+                    timeout: matches!(e, ClientError::Timeout(_)),
+                    error: e.to_string(),
+                }
+            }
         };
         let status = answer.status.as_u16();
-        match classify(status) {
-            Class::Delivered => {
-                let removed = self
-                    .store
-                    .change_export(export.id.seq, Place::Pending, |record| {
-                        (Place::Gone, record)
-                    });
-                if let Err(e) = removed {
-                    // The export stays pending and is sent again: at least once.
-                    tracing::error!(error = %e, "cannot remove a delivered export");
-                    return Outcome::Failed { retry_after: None };
-                }
-                // Flushed by `settle` before this profile sends again.
-                self.metrics
-                    .record_delivery(DeliveryOutcome::Delivered, Some(started.elapsed()));
-                tracing::debug!(export = %export.id, status, "delivered");
-                Outcome::Delivered
-            }
-            Class::AuthRejected => {
-                if let Some(token) = &token {
-                    self.tokens.invalidate(token).await;
-                }
-                failed_as(
-                    DeliveryOutcome::AuthRejected,
-                    format!("HTTP {status}: {}", answer.body_start()),
-                    None,
-                )
-            }
-            Class::Retry => {
-                let retry_after = answer
-                    .headers
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                failed(
-                    format!("HTTP {status}: {}", answer.body_start()),
-                    retry_after,
-                )
-            }
-            Class::Reject => {
-                let error = format!("HTTP {status}: {}", answer.body_start());
-                let at = now_ms();
-                let moved =
-                    self.store
-                        .change_export(export.id.seq, Place::Pending, |mut record| {
-                            record.attempts += 1;
-                            record.last_error = Some(error.clone());
-                            record.last_attempt_at_ms = Some(at);
-                            record.dead_at_ms = Some(at);
-                            (Place::Dead, record)
-                        });
-                if let Err(e) = moved {
-                    tracing::error!(error = %e, "cannot dead-letter an export");
-                }
-                if let Err(e) = self.flusher.flush().await {
-                    tracing::error!(error = %e, "cannot flush the outbox");
-                }
-                self.metrics.record_delivery(DeliveryOutcome::Dead, None);
-                tracing::warn!(export = %export.id, profile = %export.record.profile_id, %error, "export rejected; dead-lettered");
-                Outcome::DeadLettered
+        if classify(status) == Class::AuthRejected {
+            if let Some(token) = &token {
+                self.tokens.invalidate(token).await;
             }
         }
+        let retry_after = answer
+            .headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let error = if answer.status.is_success() {
+            String::new()
+        } else {
+            format!("HTTP {status}: {}", answer.body_start())
+        };
+        Attempted::Answered {
+            status,
+            retry_after,
+            error,
+        }
+    }
+}
+
+/// The loop's own state; only the loop task touches it.
+struct LoopState {
+    queue: Queue<ExportBackoff>,
+    controller: Controller,
+    /// The next sequence number to read from the outbox.
+    cursor: u64,
+    /// Changes sent to the settler that will come back as settled.
+    settling: usize,
+    /// Changes made in this turn of the loop, sent to the settler together at its end.
+    changes: Vec<Change>,
+    settler: Settler,
+}
+
+impl LoopState {
+    /// Hands a change that ends the export's time in the outbox to the settler; the profile
+    /// stays busy until it is durable.
+    fn settle(&mut self, profile: &Arc<str>, export: &Export, change: ExportChange) {
+        debug_assert!(change.settles());
+        self.settling += 1;
+        self.changes.push(Change {
+            profile: Arc::clone(profile),
+            seq: export.id.seq,
+            change,
+        });
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `Idempotency-Key` and body of a request: one export's payload as it is, or (`array`)
+/// a JSON array of the payloads with their ids joined by commas, in the same order.
+pub fn request_body(batch: &Batch, array: bool) -> (String, Bytes) {
+    if !array {
+        let (_, export) = batch.first().expect("a request holds an export");
+        return (
+            export.id.to_string(),
+            Bytes::from(export.record.payload.clone()),
+        );
+    }
+    let size = batch
+        .iter()
+        .map(|(_, e)| e.record.payload.len() + 1)
+        .sum::<usize>()
+        + 1;
+    let mut body = Vec::with_capacity(size);
+    let mut key = String::new();
+    body.push(b'[');
+    for (i, (_, export)) in batch.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+            key.push(',');
+        }
+        body.extend_from_slice(export.record.payload.as_bytes());
+        key.push_str(&export.id.to_string());
+    }
+    body.push(b']');
+    (key, Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::codec::ExportRecord;
+    use crate::store::ExportId;
+
+    fn export(seq: u64, payload: &str) -> (Arc<str>, Export) {
+        (
+            Arc::from(format!("p{seq}").as_str()),
+            Export {
+                id: ExportId { store: 0xabc, seq },
+                dead: false,
+                record: ExportRecord {
+                    profile_id: format!("p{seq}"),
+                    reason: 0,
+                    payload: payload.into(),
+                    created_at_ms: 0,
+                    queued_at_ms: 0,
+                    queued_at_uptime_ms: 0,
+                    attempts: 0,
+                    last_error: None,
+                    last_attempt_at_ms: None,
+                    dead_at_ms: None,
+                },
+            },
+        )
+    }
+
+    #[test]
+    fn request_bodies_and_keys() {
+        let one = vec![export(7, r#"{"a":1}"#)];
+        assert_eq!(
+            request_body(&one, false),
+            ("00000abc-7".into(), Bytes::from_static(br#"{"a":1}"#))
+        );
+        assert_eq!(
+            request_body(&one, true),
+            ("00000abc-7".into(), Bytes::from_static(br#"[{"a":1}]"#))
+        );
+        let three = vec![
+            export(7, r#"{"a":1}"#),
+            export(9, r#"{"b":2}"#),
+            export(8, "{}"),
+        ];
+        let (key, body) = request_body(&three, true);
+        assert_eq!(key, "00000abc-7,00000abc-9,00000abc-8");
+        assert_eq!(body, Bytes::from_static(br#"[{"a":1},{"b":2},{}]"#));
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed.as_array().unwrap().len(), 3);
     }
 }

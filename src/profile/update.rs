@@ -5,7 +5,7 @@
 
 use std::io::BufRead;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -83,6 +83,34 @@ impl InputError {
     }
 }
 
+/// How far ahead of the agent's clock an update's timestamp may be (`ingest.max_future_s`): a
+/// timestamp years ahead would make every later update of its profile stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FutureLimit {
+    /// The agent's clock when the input arrived.
+    pub now: DateTime<Utc>,
+    pub max_future_s: u64,
+}
+
+impl FutureLimit {
+    /// Refuses a timestamp more than `max_future_s` ahead of `now`, saying by how much.
+    pub fn check(&self, timestamp: DateTime<Utc>) -> Result<(), String> {
+        let ahead = timestamp - self.now;
+        let limit = TimeDelta::try_seconds(i64::try_from(self.max_future_s).unwrap_or(i64::MAX))
+            .unwrap_or(TimeDelta::MAX);
+        if ahead <= limit {
+            return Ok(());
+        }
+        Err(format!(
+            "`timestamp` {} is {} s ahead of the agent's clock ({}), more than ingest.max_future_s ({})",
+            format_time(timestamp),
+            ahead.num_seconds(),
+            format_time(self.now),
+            self.max_future_s
+        ))
+    }
+}
+
 /// Formats a time as the exports carry it: RFC 3339, UTC, whole seconds.
 pub fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -99,8 +127,17 @@ fn strip_serde_position(message: String) -> String {
 /// Parses and validates one update from its JSON text. Parsing straight into the update's
 /// fields (not through a `Value`) also refuses a field given twice.
 pub fn update_from_json(text: &[u8], line: u64) -> Result<Update, InputError> {
+    update_from_json_within(text, line, None)
+}
+
+/// [`update_from_json`], refusing a timestamp beyond `limit` (one message of a stream, say).
+pub fn update_from_json_within(
+    text: &[u8],
+    line: u64,
+    limit: Option<&FutureLimit>,
+) -> Result<Update, InputError> {
     match serde_json::from_slice::<RawUpdate>(text) {
-        Ok(raw) => validate(raw, line),
+        Ok(raw) => validate(raw, line, limit),
         Err(e) => {
             // Judged by its first byte, so that a deeply nested array is not parsed again.
             let kind = match text.trim_ascii_start().first() {
@@ -121,7 +158,7 @@ pub fn update_from_json(text: &[u8], line: u64) -> Result<Update, InputError> {
             // errors; the `Value` route names them properly.
             if e.is_syntax() {
                 if let Ok(value) = serde_json::from_slice::<Value>(text) {
-                    return update_from_value(value, line);
+                    return update_from_value_within(value, line, limit);
                 }
             }
             let prefix = if e.is_syntax() || e.is_eof() {
@@ -139,6 +176,15 @@ pub fn update_from_json(text: &[u8], line: u64) -> Result<Update, InputError> {
 
 /// Validates one update already parsed as JSON.
 pub fn update_from_value(value: Value, line: u64) -> Result<Update, InputError> {
+    update_from_value_within(value, line, None)
+}
+
+/// [`update_from_value`], refusing a timestamp beyond `limit`.
+pub fn update_from_value_within(
+    value: Value,
+    line: u64,
+    limit: Option<&FutureLimit>,
+) -> Result<Update, InputError> {
     if !value.is_object() {
         return Err(InputError::new(
             line,
@@ -147,7 +193,7 @@ pub fn update_from_value(value: Value, line: u64) -> Result<Update, InputError> 
     }
     let raw: RawUpdate = serde_json::from_value(value)
         .map_err(|e| InputError::new(line, strip_serde_position(e.to_string())))?;
-    validate(raw, line)
+    validate(raw, line, limit)
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -161,7 +207,7 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn validate(raw: RawUpdate, line: u64) -> Result<Update, InputError> {
+fn validate(raw: RawUpdate, line: u64, limit: Option<&FutureLimit>) -> Result<Update, InputError> {
     if raw.id.is_empty() {
         return Err(InputError::new(line, "`id` must not be empty"));
     }
@@ -196,6 +242,11 @@ fn validate(raw: RawUpdate, line: u64) -> Result<Update, InputError> {
                 .with_timezone(&Utc),
         ),
     };
+    if let (Some(timestamp), Some(limit)) = (timestamp, limit) {
+        limit
+            .check(timestamp)
+            .map_err(|reason| InputError::new(line, reason))?;
+    }
     Ok(Update {
         id: raw.id,
         op,
@@ -218,12 +269,20 @@ fn truncate(text: &str, max: usize) -> &str {
 /// Parses a whole body: NDJSON (also several objects on a line, or pretty-printed objects),
 /// a JSON array of updates, or one object. An empty body is an error.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
+    parse_body_within(body, None)
+}
+
+/// [`parse_body`], refusing a timestamp beyond `limit` (naming its line).
+pub fn parse_body_within(
+    body: &[u8],
+    limit: Option<&FutureLimit>,
+) -> Result<Vec<Update>, InputError> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {
         return Err(InputError::new(1, "the input holds no update"));
     };
     if body[start] == b'[' {
-        return parse_array(body);
+        return parse_array(body, limit);
     }
     let mut updates = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
@@ -244,7 +303,9 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
         scanned = next_start;
         match stream.next() {
             None => break,
-            Some(Ok(raw)) => updates.push(update_from_json(raw.get().as_bytes(), line)?),
+            Some(Ok(raw)) => {
+                updates.push(update_from_json_within(raw.get().as_bytes(), line, limit)?)
+            }
             Some(Err(e)) => {
                 // An unfinished value is reported at the line where it starts.
                 let error_line = if e.is_eof() || e.line() == 0 {
@@ -262,7 +323,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
     Ok(updates)
 }
 
-fn parse_array(body: &[u8]) -> Result<Vec<Update>, InputError> {
+fn parse_array(body: &[u8], limit: Option<&FutureLimit>) -> Result<Vec<Update>, InputError> {
     let values: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
         InputError::new(
             e.line().max(1) as u64,
@@ -279,7 +340,7 @@ fn parse_array(body: &[u8]) -> Result<Vec<Update>, InputError> {
         .into_iter()
         .enumerate()
         .map(|(i, value)| {
-            update_from_json(value.get().as_bytes(), i as u64 + 1).map_err(|mut e| {
+            update_from_json_within(value.get().as_bytes(), i as u64 + 1, limit).map_err(|mut e| {
                 e.reason = format!("array item {}: {}", i + 1, e.reason);
                 e
             })
@@ -297,6 +358,7 @@ pub struct UpdateReader<R> {
     buffer: Vec<u8>,
     whole: Option<std::vec::IntoIter<Update>>,
     saw_update: bool,
+    limit: Option<FutureLimit>,
 }
 
 impl<R: BufRead> UpdateReader<R> {
@@ -307,7 +369,14 @@ impl<R: BufRead> UpdateReader<R> {
             buffer: Vec::new(),
             whole: None,
             saw_update: false,
+            limit: None,
         }
+    }
+
+    /// Refuses timestamps beyond `limit`.
+    pub fn within(mut self, limit: FutureLimit) -> Self {
+        self.limit = Some(limit);
+        self
     }
 
     fn read_rest_whole(&mut self) -> Result<(), InputError> {
@@ -315,7 +384,7 @@ impl<R: BufRead> UpdateReader<R> {
         self.reader
             .read_to_end(&mut all)
             .map_err(|e| InputError::new(self.line, format!("cannot read input: {e}")))?;
-        let updates = parse_body(&all)?;
+        let updates = parse_body_within(&all, self.limit.as_ref())?;
         self.whole = Some(updates.into_iter());
         Ok(())
     }
@@ -368,7 +437,11 @@ impl<R: BufRead> Iterator for UpdateReader<R> {
                 return self.next();
             }
             self.saw_update = true;
-            return Some(update_from_json(text, self.line));
+            return Some(update_from_json_within(
+                text,
+                self.line,
+                self.limit.as_ref(),
+            ));
         }
     }
 }
@@ -497,6 +570,81 @@ mod tests {
                 "update {i}"
             );
         }
+    }
+
+    #[test]
+    fn future_limit_table() {
+        let now = DateTime::parse_from_rfc3339("2026-11-30T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let limit = FutureLimit {
+            now,
+            max_future_s: 86_400,
+        };
+        let at = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        // (timestamp, refused)
+        let table = [
+            ("2020-01-01T00:00:00Z", false),
+            ("2026-11-30T00:00:00Z", false),
+            ("2026-12-01T00:00:00Z", false), // exactly max_future_s ahead
+            ("2026-12-01T00:00:01Z", true),
+            ("2031-11-30T00:00:00Z", true),
+        ];
+        for (timestamp, refused) in table {
+            assert_eq!(limit.check(at(timestamp)).is_err(), refused, "{timestamp}");
+        }
+        let reason = limit.check(at("2026-12-02T00:00:00Z")).unwrap_err();
+        assert!(reason.contains("172800 s ahead"), "{reason}");
+        assert!(reason.contains("ingest.max_future_s (86400)"), "{reason}");
+        let huge = FutureLimit {
+            now,
+            max_future_s: u64::MAX,
+        };
+        assert!(huge.check(at("9999-12-31T23:59:59Z")).is_ok());
+    }
+
+    #[test]
+    fn timestamps_too_far_ahead_are_refused_with_their_line() {
+        // Whole seconds, as the lines carry them.
+        let now = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+        let limit = FutureLimit {
+            now,
+            max_future_s: 60,
+        };
+        let line = |id: &str, ahead_s: i64| {
+            format!(
+                r#"{{"id":"{id}","profile":{{}},"timestamp":"{}"}}"#,
+                format_time(now + TimeDelta::seconds(ahead_s))
+            )
+        };
+        let ndjson = [line("a", 0), line("b", 30), line("c", 3600)].join("\n");
+        assert!(parse_body(ndjson.as_bytes()).is_ok(), "no limit, no check");
+        let error = parse_body_within(ndjson.as_bytes(), Some(&limit)).unwrap_err();
+        assert_eq!(error.line, 3);
+        assert!(error.reason.contains("3600 s ahead"), "{error}");
+
+        let array = format!("[{},{}]", line("a", 0), line("b", 3600));
+        let error = parse_body_within(array.as_bytes(), Some(&limit)).unwrap_err();
+        assert_eq!(error.line, 2);
+        assert!(error.reason.contains("array item 2"), "{error}");
+
+        let results: Vec<_> = UpdateReader::new(ndjson.as_bytes()).within(limit).collect();
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert_eq!(results[2].as_ref().unwrap_err().line, 3);
+
+        let value: Value = serde_json::from_str(&line("c", 3600)).unwrap();
+        assert_eq!(
+            update_from_value_within(value, 7, Some(&limit))
+                .unwrap_err()
+                .line,
+            7
+        );
+        let no_timestamp = br#"{"id":"d","profile":{}}"#;
+        assert!(parse_body_within(no_timestamp, Some(&limit)).is_ok());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME};
 use crate::metrics::Metrics;
-use crate::profile::update::update_from_value;
+use crate::profile::update::{update_from_value_within, FutureLimit};
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -23,6 +23,8 @@ pub struct AdminState {
     /// Notified after a repair, so the delivery loop sees exports put back at once.
     pub wake: Arc<Notify>,
     pub max_outbox_bytes: u64,
+    /// `ingest.max_future_s`, checked again on the agent's clock.
+    pub max_future_s: u64,
 }
 
 pub fn socket_path(store_path: &Path) -> PathBuf {
@@ -102,10 +104,14 @@ async fn ingest(
     state: &AdminState,
     values: Vec<serde_json::Value>,
 ) -> Result<serde_json::Value, AdminError> {
+    let limit = FutureLimit {
+        now: chrono::Utc::now(),
+        max_future_s: state.max_future_s,
+    };
     let updates = values
         .into_iter()
         .enumerate()
-        .map(|(i, value)| update_from_value(value, i as u64 + 1))
+        .map(|(i, value)| update_from_value_within(value, i as u64 + 1, Some(&limit)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| AdminError::Usage(e.to_string()))?;
     if state.store.outbox_full(state.max_outbox_bytes)? {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::metrics::Metrics;
-use crate::profile::update::parse_body;
+use crate::profile::update::{parse_body_within, FutureLimit};
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -35,6 +35,8 @@ pub struct IngestState {
     pub metrics: Arc<Metrics>,
     pub token: Option<Secret>,
     pub max_body_bytes: u64,
+    /// `ingest.max_future_s`.
+    pub max_future_s: u64,
     pub max_outbox_bytes: u64,
     /// Set while the delivery loop runs; `/healthz` reports it.
     pub delivery_running: Arc<AtomicBool>,
@@ -208,7 +210,11 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             )
         }
     };
-    let updates = match parse_body(&body) {
+    let limit = FutureLimit {
+        now: chrono::Utc::now(),
+        max_future_s: state.max_future_s,
+    };
+    let updates = match parse_body_within(&body, Some(&limit)) {
         Ok(updates) => updates,
         Err(e) => {
             state.metrics.record_refused(1);

@@ -1,7 +1,7 @@
 //! What a batch fetched from one partition becomes (pure): the updates to commit, the
 //! redeliveries to skip, the messages to reject, and the position to record with them.
 
-use crate::profile::update::update_from_json;
+use crate::profile::update::{update_from_json_within, FutureLimit};
 use crate::profile::Update;
 use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
 
@@ -30,13 +30,15 @@ pub struct Sorted {
 ///
 /// A message is skipped when its sequence is not above every sequence before it: it is
 /// already in the store, so it changes nothing and exports nothing. A message that is not a
-/// valid update, or whose profile belongs to another partition, is rejected; the others of
-/// the batch are committed all the same.
+/// valid update (the same strict parser and `ingest.max_future_s` limit as HTTP ingest), or
+/// whose profile belongs to another partition, is rejected; the others of the batch are
+/// committed all the same.
 pub fn sort_batch(
     partition: u32,
     partitions: u32,
     recorded: u64,
     messages: &[Fetched<'_>],
+    limit: Option<&FutureLimit>,
     now_ms: i64,
 ) -> Sorted {
     let mut sorted = Sorted::default();
@@ -48,7 +50,7 @@ pub fn sort_batch(
             continue;
         }
         high = message.seq;
-        let parsed = update_from_json(message.payload, message.seq)
+        let parsed = update_from_json_within(message.payload, message.seq, limit)
             .map_err(|e| e.reason)
             .and_then(|update| {
                 let home = partition_of(&update.id, partitions);
@@ -104,7 +106,11 @@ mod tests {
                 payload: body.as_bytes(),
             })
             .collect();
-        sort_batch(1, PARTITIONS, recorded, &fetched, 7)
+        let limit = FutureLimit {
+            now: chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap(), // 2026-01-01
+            max_future_s: 86_400,
+        };
+        sort_batch(1, PARTITIONS, recorded, &fetched, Some(&limit), 7)
     }
 
     #[test]
@@ -112,7 +118,8 @@ mod tests {
         let (a, b) = (good("a"), good("b"));
         let long = "x".repeat(MAX_REJECTED_RAW + 10);
         let other = r#"{"id":"p-000123","profile":{}}"#; // partition 6 of 8
-                                                         // (recorded, messages) -> (updates, skipped, position, rejected seqs)
+        let future = r#"{"id":"p-000001","timestamp":"2026-01-03T00:00:00Z","profile":{}}"#;
+        // (recorded, messages) -> (updates, skipped, position, rejected seqs)
         type Case<'a> = (u64, Vec<(u64, &'a str)>, usize, u64, Option<u64>, Vec<u64>);
         let table: Vec<Case> = vec![
             (0, vec![(1, &a), (5, &b)], 2, 0, Some(5), vec![]),
@@ -129,6 +136,7 @@ mod tests {
             (0, vec![(1, "nope"), (2, &long)], 0, 0, Some(2), vec![1, 2]),
             (0, vec![(3, &a), (3, &a), (2, &b)], 1, 2, Some(3), vec![]),
             (0, vec![(9, other)], 0, 0, Some(9), vec![9]),
+            (0, vec![(1, &a), (2, future)], 1, 0, Some(2), vec![2]),
             (0, vec![], 0, 0, None, vec![]),
         ];
         for (i, (recorded, messages, updates, skipped, position, rejected)) in

@@ -25,6 +25,7 @@ use super::batch::{sort_batch, Fetched};
 use super::config::{NatsAuth, NatsSource};
 use super::partition::subject_of;
 use crate::metrics::Metrics;
+use crate::profile::update::FutureLimit;
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -257,6 +258,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     state: Arc<SourceState>,
     max_outbox_bytes: u64,
+    /// `ingest.max_future_s`: the same limit on timestamps as HTTP ingest.
+    max_future_s: u64,
     shutdown: CancellationToken,
 }
 
@@ -266,7 +269,7 @@ pub async fn start(
     store: Arc<Store>,
     committer: Committer,
     metrics: Arc<Metrics>,
-    max_outbox_bytes: u64,
+    (max_outbox_bytes, max_future_s): (u64, u64),
     shutdown: CancellationToken,
 ) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), NatsError> {
     let breaks = Arc::new(AtomicU64::new(0));
@@ -288,6 +291,7 @@ pub async fn start(
         metrics,
         state: Arc::clone(&state),
         max_outbox_bytes,
+        max_future_s,
         shutdown,
     });
     let tasks = config
@@ -488,12 +492,18 @@ async fn commit_and_ack(
             payload: &message.payload,
         });
     }
+    let now = chrono::Utc::now();
+    let limit = FutureLimit {
+        now,
+        max_future_s: shared.max_future_s,
+    };
     let sorted = sort_batch(
         partition,
         shared.config.partitions,
         recorded,
         &fetched,
-        chrono::Utc::now().timestamp_millis(),
+        Some(&limit),
+        now.timestamp_millis(),
     );
     let rejected = sorted
         .position

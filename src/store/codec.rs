@@ -5,10 +5,14 @@
 
 use bincode::{Decode, Encode};
 
+use crate::clock::ClockRecord;
 use crate::profile::Reason;
 
 pub const PROFILE_V1: u8 = 1;
+/// Exports before the run-time clock: no `queued_at_uptime_ms`. Read, never written.
 pub const EXPORT_V1: u8 = 1;
+pub const EXPORT_V2: u8 = 2;
+pub const CLOCK_V1: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -36,14 +40,48 @@ pub struct ExportRecord {
     /// The JSON body, exactly as it will be sent.
     pub payload: String,
     pub created_at_ms: i64,
-    /// When it entered the outbox: created, or put back by `outbox retry`. `max_age_s` counts
-    /// from here.
+    /// When it entered the outbox (wall clock): created, or put back by `outbox retry`.
     pub queued_at_ms: i64,
+    /// The same moment on the store's run-time clock ([`crate::clock`]): `max_age_s` counts
+    /// from here. Records written before this field (format 1) read 0: their store began to
+    /// count run time when this version first ran on it, so they wait from their first sight.
+    pub queued_at_uptime_ms: u64,
     pub attempts: u32,
     pub last_error: Option<String>,
     pub last_attempt_at_ms: Option<i64>,
     /// Set when the export was dead-lettered.
     pub dead_at_ms: Option<i64>,
+}
+
+/// The layout of format 1, kept to read old stores.
+#[derive(Decode)]
+struct ExportRecordV1 {
+    profile_id: String,
+    reason: u8,
+    payload: String,
+    created_at_ms: i64,
+    queued_at_ms: i64,
+    attempts: u32,
+    last_error: Option<String>,
+    last_attempt_at_ms: Option<i64>,
+    dead_at_ms: Option<i64>,
+}
+
+impl From<ExportRecordV1> for ExportRecord {
+    fn from(v1: ExportRecordV1) -> Self {
+        ExportRecord {
+            profile_id: v1.profile_id,
+            reason: v1.reason,
+            payload: v1.payload,
+            created_at_ms: v1.created_at_ms,
+            queued_at_ms: v1.queued_at_ms,
+            queued_at_uptime_ms: 0,
+            attempts: v1.attempts,
+            last_error: v1.last_error,
+            last_attempt_at_ms: v1.last_attempt_at_ms,
+            dead_at_ms: v1.dead_at_ms,
+        }
+    }
 }
 
 impl ExportRecord {
@@ -58,6 +96,10 @@ fn encode<T: Encode>(format: u8, value: &T) -> Vec<u8> {
     bincode::encode_into_std_write(value, &mut bytes, bincode::config::standard())
         .expect("writing to a Vec cannot fail");
     bytes
+}
+
+fn format_of(bytes: &[u8]) -> Result<u8, CodecError> {
+    bytes.first().copied().ok_or(CodecError::Empty)
 }
 
 fn decode<T: Decode<()>>(expected: u8, bytes: &[u8]) -> Result<T, CodecError> {
@@ -85,11 +127,14 @@ pub fn decode_profile(bytes: &[u8]) -> Result<ProfileRecord, CodecError> {
 }
 
 pub fn encode_export(record: &ExportRecord) -> Vec<u8> {
-    encode(EXPORT_V1, record)
+    encode(EXPORT_V2, record)
 }
 
 pub fn decode_export(bytes: &[u8]) -> Result<ExportRecord, CodecError> {
-    let record: ExportRecord = decode(EXPORT_V1, bytes)?;
+    let record: ExportRecord = match format_of(bytes)? {
+        EXPORT_V1 => decode::<ExportRecordV1>(EXPORT_V1, bytes)?.into(),
+        _ => decode(EXPORT_V2, bytes)?,
+    };
     if Reason::from_code(record.reason).is_none() {
         return Err(CodecError::Corrupt(format!(
             "unknown reason code {}",
@@ -99,17 +144,27 @@ pub fn decode_export(bytes: &[u8]) -> Result<ExportRecord, CodecError> {
     Ok(record)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub fn encode_clock(record: &ClockRecord) -> Vec<u8> {
+    encode(CLOCK_V1, record)
+}
 
-    fn sample_export() -> ExportRecord {
+pub fn decode_clock(bytes: &[u8]) -> Result<ClockRecord, CodecError> {
+    decode(CLOCK_V1, bytes)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::clock::Jump;
+
+    pub(crate) fn sample_export() -> ExportRecord {
         ExportRecord {
             profile_id: "p1".into(),
             reason: Reason::Attribute.code(),
             payload: "{}".into(),
             created_at_ms: 1000,
             queued_at_ms: 1000,
+            queued_at_uptime_ms: 300,
             attempts: 2,
             last_error: Some("HTTP 500".into()),
             last_attempt_at_ms: Some(2000),
@@ -129,12 +184,33 @@ mod tests {
     }
 
     #[test]
-    fn export_v1_bytes_are_pinned() {
-        let bytes = encode_export(&sample_export());
-        let expected: Vec<u8> = [
+    fn export_v1_bytes_are_still_read() {
+        // As format 1 wrote them; they read as queued at run time 0.
+        let bytes: Vec<u8> = [
             &[1u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
             &[251, 0xd0, 0x07], // created_at_ms 1000: zigzag 2000, varint
             &[251, 0xd0, 0x07], // queued_at_ms
+            &[2, 1, 8],         // attempts 2, Some, len 8
+            b"HTTP 500",
+            &[1, 251, 0xa0, 0x0f], // Some(2000)
+            &[0],                  // None
+        ]
+        .concat();
+        let expected = ExportRecord {
+            queued_at_uptime_ms: 0,
+            ..sample_export()
+        };
+        assert_eq!(decode_export(&bytes).unwrap(), expected);
+    }
+
+    #[test]
+    fn export_v2_bytes_are_pinned() {
+        let bytes = encode_export(&sample_export());
+        let expected: Vec<u8> = [
+            &[2u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
+            &[251, 0xd0, 0x07], // created_at_ms 1000: zigzag 2000, varint
+            &[251, 0xd0, 0x07], // queued_at_ms
+            &[251, 0x2c, 0x01], // queued_at_uptime_ms 300 (unsigned: no zigzag)
             &[2, 1, 8],         // attempts 2, Some, len 8
             b"HTTP 500",
             &[1, 251, 0xa0, 0x0f], // Some(2000)
@@ -146,6 +222,28 @@ mod tests {
     }
 
     #[test]
+    fn clock_v1_bytes_are_pinned() {
+        let record = ClockRecord {
+            uptime_ms: 5,
+            wall_ms: -1,
+            boot_id: Some("b".into()),
+            boot_ms: Some(7),
+            jumps: 1,
+            last_jump: Some(Jump {
+                by_ms: 2,
+                noticed_at_ms: 3,
+            }),
+        };
+        let bytes = encode_clock(&record);
+        assert_eq!(bytes, [1, 5, 1, 1, 1, b'b', 1, 7, 1, 1, 4, 6]);
+        assert_eq!(decode_clock(&bytes).unwrap(), record);
+        assert!(matches!(
+            decode_clock(&[2, 0]),
+            Err(CodecError::UnknownFormat(2))
+        ));
+    }
+
+    #[test]
     fn bad_bytes_are_errors_not_panics() {
         assert!(matches!(decode_export(&[]), Err(CodecError::Empty)));
         assert!(matches!(
@@ -154,6 +252,10 @@ mod tests {
         ));
         assert!(matches!(
             decode_export(&[1, 200]),
+            Err(CodecError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_export(&[2, 200]),
             Err(CodecError::Corrupt(_))
         ));
         let mut long = encode_export(&sample_export());

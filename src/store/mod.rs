@@ -7,18 +7,20 @@
 //!   also when it moves to `dead` and back;
 //! - `meta/tally` counts the entries of `outbox` and `dead` and the bytes of their values,
 //!   kept in the same transactions that change those trees (sled can only count by walking);
-//! - nothing is acknowledged before [`Store::flush`] has returned.
+//! - nothing is acknowledged before [`Store::flush`] has returned;
+//! - every export carries the store's run time when it was queued (`queued_at_uptime_ms`), and
+//!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]).
 
 pub mod codec;
 pub mod committer;
-pub mod flusher;
 pub mod keys;
+pub mod outbox;
 pub mod source;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -26,14 +28,19 @@ use serde_json::Value;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
+use crate::clock::{self, ClockRecord, RunClock};
 use crate::config::Mapping;
 use crate::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
 use crate::profile::{Reason, Update};
 use codec::{ExportRecord, ProfileRecord};
 use keys::meta;
 
-/// The on-disk layout this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The on-disk layout this build writes and reads. Format 2 added the run-time clock
+/// (`meta/clock`, exports of format 2).
+pub const FORMAT_VERSION: u64 = 2;
+/// Older layouts this build opens, and upgrades by recording [`FORMAT_VERSION`]: their values
+/// stay readable as they are (see [`codec`]). An older build then refuses the store whole.
+const UPGRADABLE_FORMATS: &[u64] = &[1];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,7 +48,9 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("cannot open the store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
-    #[error("the store at {path} has format {found}, this outpost reads format {FORMAT_VERSION}")]
+    #[error(
+        "the store at {path} has format {found}, this outpost reads formats 1 to {FORMAT_VERSION}"
+    )]
     Format { path: PathBuf, found: u64 },
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
@@ -204,10 +213,26 @@ pub struct OutboxStats {
     pub pending: u64,
     pub dead: u64,
     pub oldest_pending_created_at: Option<String>,
+    /// Wall-clock age, for people: misleading while the clock is or was wrong.
     pub oldest_pending_age_s: Option<i64>,
+    /// How long the oldest pending export has waited in agent run time: what
+    /// `delivery.max_age_s` is compared with.
+    pub oldest_pending_waited_s: Option<u64>,
     pub bytes: u64,
     pub profiles: u64,
     pub store_id: String,
+    /// The run time of the store (agents' running time, summed over runs).
+    pub run_time_s: u64,
+    /// Wall-clock jumps noticed on this store.
+    pub clock_jumps: u64,
+    pub last_clock_jump: Option<ClockJumpReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClockJumpReport {
+    /// Positive: the clock was set forward.
+    pub by_s: i64,
+    pub noticed_at: String,
 }
 
 /// Which exports `list` returns.
@@ -235,6 +260,13 @@ pub struct Store {
     /// the delivery loop scans; `rewound` then sends the next scan back to the head.
     rewind_lock: RwLock<()>,
     rewound: AtomicBool,
+    /// The store's run time as this process counts it, from the last checkpoint on.
+    run_clock: RunClock,
+    /// `next_seq` as the last committed transaction left it, and as the last completed flush
+    /// made durable: exports below `durable_next` survive any crash, so delivery reads only
+    /// those (an export is never sent before the update that caused it is acknowledged).
+    written_next: AtomicU64,
+    durable_next: AtomicU64,
 }
 
 fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
@@ -396,7 +428,10 @@ impl Store {
                     .try_into()
                     .map(u64::from_be_bytes)
                     .unwrap_or(u64::MAX);
-                if found != FORMAT_VERSION {
+                if UPGRADABLE_FORMATS.contains(&found) {
+                    meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                    db.flush()?;
+                } else if found != FORMAT_VERSION {
                     return Err(StoreError::Format {
                         path: path.to_path_buf(),
                         found,
@@ -417,8 +452,17 @@ impl Store {
                 id
             }
         };
+        let clock = match meta.get(meta::CLOCK)? {
+            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
+            None => ClockRecord::default(),
+        };
         let log_file = File::open(path.join("db")).ok();
+        let next_seq = meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
         Ok(Store {
+            run_clock: RunClock::starting_at(clock.uptime_ms),
             profiles: db.open_tree("profiles")?,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
@@ -430,11 +474,33 @@ impl Store {
             log_file,
             rewind_lock: RwLock::new(()),
             rewound: AtomicBool::new(false),
+            written_next: AtomicU64::new(next_seq),
+            durable_next: AtomicU64::new(next_seq),
         })
     }
 
     pub fn store_id(&self) -> u32 {
         self.store_id
+    }
+
+    /// The store's run-time clock, counting from the run time of the last checkpoint.
+    pub fn run_clock(&self) -> RunClock {
+        self.run_clock
+    }
+
+    /// The clock state as last written (default before the first checkpoint).
+    pub fn clock_record(&self) -> Result<ClockRecord, StoreError> {
+        match self.meta.get(meta::CLOCK)? {
+            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e)),
+            None => Ok(ClockRecord::default()),
+        }
+    }
+
+    /// Writes the clock state (made durable by the next flush). One writer: the agent's clock
+    /// task.
+    pub fn write_clock_record(&self, record: &ClockRecord) -> Result<(), StoreError> {
+        self.meta.insert(meta::CLOCK, codec::encode_clock(record))?;
+        Ok(())
     }
 
     pub fn export_id(&self, seq: u64) -> ExportId {
@@ -446,11 +512,18 @@ impl Store {
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let written = self.written_next.load(Ordering::SeqCst);
         self.db.flush()?;
         if let Some(file) = &self.log_file {
             file.sync_data().map_err(StoreError::Sync)?;
         }
+        self.durable_next.fetch_max(written, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Every export below this sequence number is durable.
+    pub fn durable_next_seq(&self) -> u64 {
+        self.durable_next.load(Ordering::SeqCst)
     }
 
     /// Applies each group of updates in order, all in ONE transaction, and returns a summary per
@@ -478,6 +551,7 @@ impl Store {
         consumed: &[source::SourcePosition],
     ) -> Result<Vec<BatchSummary>, StoreError> {
         let created_at_ms = received_at.timestamp_millis();
+        let queued_at_uptime_ms = self.run_clock.uptime_ms();
         // The latest version of each profile touched, and whether it must be written.
         let mut versions: HashMap<&str, (Option<StoredProfile>, bool)> = HashMap::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
@@ -510,6 +584,7 @@ impl Store {
                         payload: payload.to_string(),
                         created_at_ms,
                         queued_at_ms: created_at_ms,
+                        queued_at_uptime_ms,
                         attempts: 0,
                         last_error: None,
                         last_attempt_at_ms: None,
@@ -541,7 +616,7 @@ impl Store {
             &self.positions,
             &self.rejected,
         );
-        trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
+        let next_seq = trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
             source::write(positions, rejected, consumed)?;
             let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
             let mut tally = read_tally(meta_tx)?;
@@ -558,8 +633,9 @@ impl Store {
             }
             write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
             write_tally(meta_tx, tally)?;
-            Ok(())
+            Ok(next_seq)
         })?;
+        self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(summaries)
     }
 
@@ -636,15 +712,26 @@ impl Store {
             None => None,
         };
         let tally = self.tally()?;
+        let uptime_ms = self.run_clock.uptime_ms();
+        let clock = self.clock_record()?;
         Ok(OutboxStats {
             pending: tally.pending,
             dead: tally.dead,
             oldest_pending_created_at: oldest.as_ref().map(|e| format_ms(e.record.created_at_ms)),
             oldest_pending_age_s: oldest
+                .as_ref()
                 .map(|e| (now.timestamp_millis() - e.record.created_at_ms).max(0) / 1000),
+            oldest_pending_waited_s: oldest
+                .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
             bytes: tally.bytes,
             profiles: self.profiles.len() as u64,
             store_id: format!("{:08x}", self.store_id),
+            run_time_s: uptime_ms / 1000,
+            clock_jumps: clock.jumps,
+            last_clock_jump: clock.last_jump.map(|j| ClockJumpReport {
+                by_s: clock::whole_seconds(j.by_ms),
+                noticed_at: format_ms(j.noticed_at_ms),
+            }),
         })
     }
 
@@ -736,25 +823,38 @@ impl Store {
         result
     }
 
-    /// Pending exports from `*cursor` on, oldest first, for a scan that keeps its place between
-    /// calls. `*cursor` becomes the first sequence seen (nothing pending lies below it, since
-    /// new exports get higher numbers), and goes back to 0 after a [`Store::rewinding`].
-    pub fn scan_pending<T>(
+    /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
+    /// keeps its place between calls; `*cursor` moves past the last one returned. `None` when
+    /// exports were put back (see [`Store::rewinding`]) since the last call: the reader must
+    /// forget what it holds and start again from 0.
+    pub fn read_pending(
         &self,
         cursor: &mut u64,
-        scan: impl FnOnce(&mut dyn Iterator<Item = Result<Export, StoreError>>) -> T,
-    ) -> T {
+        limit: usize,
+    ) -> Result<Option<Vec<Export>>, StoreError> {
         let _guard = self.rewind_lock.read().unwrap_or_else(|e| e.into_inner());
         if self.rewound.swap(false, Ordering::SeqCst) {
-            *cursor = 0;
+            return Ok(None);
         }
-        let mut first = true;
-        let mut exports = self.pending_from(*cursor).inspect(|export| {
-            if let (Ok(export), true) = (export, std::mem::take(&mut first)) {
-                *cursor = export.id.seq;
-            }
-        });
-        scan(&mut exports)
+        let until = self.durable_next_seq();
+        if *cursor >= until {
+            return Ok(Some(Vec::new()));
+        }
+        let mut exports = Vec::new();
+        for item in self
+            .outbox
+            .range(keys::seq_key(*cursor)..keys::seq_key(until))
+            .take(limit)
+        {
+            let (key, value) = item?;
+            let export = self.decode_export(&key, &value, false)?;
+            *cursor = export.id.seq + 1;
+            exports.push(export);
+        }
+        if exports.len() < limit {
+            *cursor = until;
+        }
+        Ok(Some(exports))
     }
 
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
@@ -817,11 +917,13 @@ impl Store {
 mod tests {
     use super::*;
     use crate::profile::update::parse_body;
+    use std::time::Duration;
 
-    fn seqs(store: &Store, cursor: &mut u64) -> Vec<u64> {
-        store.scan_pending(cursor, |exports| {
-            exports.map(|e| e.unwrap().id.seq).collect()
-        })
+    fn seqs(store: &Store, cursor: &mut u64) -> Option<Vec<u64>> {
+        store
+            .read_pending(cursor, 100)
+            .unwrap()
+            .map(|exports| exports.iter().map(|e| e.id.seq).collect())
     }
 
     /// Regression: a scan that kept its place must not skip a dead letter put back below it,
@@ -846,8 +948,15 @@ mod tests {
             .unwrap();
 
         let mut cursor = 0;
-        assert_eq!(seqs(&store, &mut cursor), [1, 2]);
-        assert_eq!(cursor, 1);
+        assert_eq!(
+            seqs(&store, &mut cursor),
+            Some(vec![]),
+            "nothing is durable yet"
+        );
+        store.flush().unwrap();
+        assert_eq!(seqs(&store, &mut cursor), Some(vec![1, 2]));
+        assert_eq!(cursor, 3);
+        assert_eq!(seqs(&store, &mut cursor), Some(vec![]));
         store.rewinding(|| {
             store
                 .change_export(0, Place::Dead, |r| (Place::Pending, r))
@@ -855,10 +964,130 @@ mod tests {
         });
         assert_eq!(
             seqs(&store, &mut cursor),
-            [0, 1, 2],
+            None,
+            "the reader must start over"
+        );
+        cursor = 0;
+        assert_eq!(
+            seqs(&store, &mut cursor),
+            Some(vec![0, 1, 2]),
             "the put-back export comes first"
         );
-        assert_eq!(cursor, 0);
-        assert_eq!(seqs(&store, &mut cursor), [0, 1, 2]);
+    }
+
+    /// The run time carries across reopening the store; exports are queued at the run time,
+    /// and `outbox retry` queues them again at the run time of the retry.
+    #[test]
+    fn exports_wait_on_the_run_time_carried_across_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier_runs = ClockRecord {
+            uptime_ms: 50_000,
+            ..ClockRecord::default()
+        };
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            store.write_clock_record(&earlier_runs).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert!(store.run_clock().uptime_ms() >= 50_000);
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let body = r#"{"id":"a","profile":{"name":"x","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
+        let updates = parse_body(body.as_bytes()).unwrap();
+        // A wall clock ten years off changes nothing about the wait.
+        let wrong_wall = Utc::now() - chrono::Duration::days(3650);
+        store
+            .apply_groups(&[&updates], &mapping, wrong_wall)
+            .unwrap();
+        let export = store.export(store.export_id(0)).unwrap().unwrap();
+        let queued = export.record.queued_at_uptime_ms;
+        assert!((50_000..60_000).contains(&queued), "{queued}");
+        assert!(!store
+            .run_clock()
+            .expired(&export.record, Duration::from_secs(1)));
+        let stats = store.stats(Utc::now()).unwrap();
+        assert_eq!(stats.oldest_pending_waited_s, Some(0));
+        assert!(stats.oldest_pending_age_s.unwrap() > 3600 * 24 * 3000);
+        store
+            .change_export(0, Place::Pending, |r| (Place::Dead, r))
+            .unwrap();
+        store
+            .write_clock_record(&ClockRecord {
+                uptime_ms: 500_000,
+                ..earlier_runs
+            })
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let dead = store.export(store.export_id(0)).unwrap().unwrap();
+        assert!(
+            store
+                .run_clock()
+                .expired(&dead.record, Duration::from_secs(60)),
+            "450 s of run time passed since it was queued"
+        );
+        crate::admin::execute(
+            &store,
+            &crate::admin::AdminRequest::Retry {
+                ids: vec![],
+                all_dead: true,
+            },
+        )
+        .unwrap();
+        let retried = store.export(store.export_id(0)).unwrap().unwrap();
+        assert!(!retried.dead);
+        assert!(retried.record.queued_at_uptime_ms >= 500_000);
+        assert!(!store
+            .run_clock()
+            .expired(&retried.record, Duration::from_secs(60)));
+    }
+
+    /// A format-1 store opens, its old exports read as queued at run time 0, and it is marked
+    /// format 2 so that older builds refuse it whole; an unknown newer format is refused.
+    #[test]
+    fn format_1_stores_are_upgraded_and_newer_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1_export: Vec<u8> = [
+            &[1u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
+            &[251, 0xd0, 0x07, 251, 0xd0, 0x07, 0, 0, 0, 0],
+        ]
+        .concat();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta_tree = db.open_tree("meta").unwrap();
+            meta_tree.insert(meta::FORMAT, &1u64.to_be_bytes()).unwrap();
+            meta_tree
+                .insert(meta::NEXT_SEQ, &1u64.to_be_bytes())
+                .unwrap();
+            db.open_tree("outbox")
+                .unwrap()
+                .insert(keys::seq_key(0), v1_export)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let old = store.export(store.export_id(0)).unwrap().unwrap();
+        assert_eq!(old.record.queued_at_uptime_ms, 0);
+        assert_eq!(old.record.created_at_ms, 1000);
+        assert!(!store
+            .run_clock()
+            .expired(&old.record, Duration::from_secs(1)));
+        drop(store);
+
+        let db = sled::open(dir.path()).unwrap();
+        let meta_tree = db.open_tree("meta").unwrap();
+        let format = meta_tree.get(meta::FORMAT).unwrap().unwrap();
+        assert_eq!(format.as_ref(), FORMAT_VERSION.to_be_bytes());
+        meta_tree
+            .insert(meta::FORMAT, &(FORMAT_VERSION + 1).to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+        drop((meta_tree, db));
+        assert!(matches!(
+            Store::open(dir.path(), 8 << 20),
+            Err(StoreError::Format { found: 3, .. })
+        ));
     }
 }

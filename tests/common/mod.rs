@@ -122,6 +122,11 @@ pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
 /// The config of an agent in `dir` that delivers to `base` (a receiver's base URL).
 /// `auth` is the `[destination.auth]` body; `delivery` extra `[delivery]` lines.
 pub fn agent_config_text(base: &str, auth: &str, delivery: &str) -> String {
+    let concurrency = if delivery.contains("concurrency") {
+        ""
+    } else {
+        "max_concurrency = 4"
+    };
     format!(
         r#"[destination]
 name = "test"
@@ -144,7 +149,7 @@ cache_bytes = 8388608
 listen = "127.0.0.1:0"
 
 [delivery]
-concurrency = 4
+{concurrency}
 request_timeout_ms = 500
 initial_backoff_ms = 20
 max_backoff_ms = 200

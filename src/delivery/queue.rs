@@ -1,0 +1,350 @@
+//! The delivery loop's view of the outbox: a read-ahead window of pending exports, in order,
+//! grouped by profile, with each profile's state. No I/O: the loop fills it from the store and
+//! tells it what happened.
+//!
+//! Invariants:
+//! - a profile has at most one export out of the window (in flight, or delivered and waiting
+//!   for its removal to be durable): that is what keeps one profile's exports in order;
+//! - a profile's exports are handed out in sequence order; a failed one goes back to the head;
+//! - ready profiles are handed out oldest head first, so the oldest exports go first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::store::Export;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing out; ready when it holds an export.
+    Idle,
+    /// Its head export is out: in flight, or its removal or dead-lettering is being flushed.
+    Busy,
+    /// Its head export failed and waits for its retry time.
+    Waiting(Instant),
+}
+
+#[derive(Debug)]
+struct Profile<B> {
+    exports: VecDeque<Export>,
+    state: State,
+    /// The head export's retry schedule, while it keeps failing.
+    backoff: Option<B>,
+    /// The head export must go alone (an array holding it was refused).
+    solo: bool,
+}
+
+/// See the module docs. `B` is the per-export retry schedule kept while an export fails.
+#[derive(Debug)]
+pub struct Queue<B> {
+    profiles: HashMap<Arc<str>, Profile<B>>,
+    /// Idle profiles that hold an export, by the sequence number of their head.
+    ready: BTreeMap<u64, Arc<str>>,
+    waiting: BTreeSet<(Instant, Arc<str>)>,
+    /// Sequence numbers out of the window; a reader that starts over skips them.
+    out: HashSet<u64>,
+    held: usize,
+}
+
+impl<B> Default for Queue<B> {
+    fn default() -> Self {
+        Queue {
+            profiles: HashMap::new(),
+            ready: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            out: HashSet::new(),
+            held: 0,
+        }
+    }
+}
+
+impl<B> Queue<B> {
+    /// Exports held in the window (not counting those out).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Exports waiting for their retry time.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn ready(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Adds an export read from the store; exports must come in sequence order per profile.
+    pub fn push(&mut self, export: Export) {
+        if self.out.contains(&export.id.seq) {
+            return;
+        }
+        let id: Arc<str> = Arc::from(export.record.profile_id.as_str());
+        let profile = self.profiles.entry(Arc::clone(&id)).or_insert(Profile {
+            exports: VecDeque::new(),
+            state: State::Idle,
+            backoff: None,
+            solo: false,
+        });
+        let seq = export.id.seq;
+        profile.exports.push_back(export);
+        self.held += 1;
+        if profile.state == State::Idle && profile.exports.len() == 1 {
+            self.ready.insert(seq, id);
+        }
+    }
+
+    /// Takes up to `n` ready exports of distinct profiles, oldest first, and marks their
+    /// profiles busy. An export that must go alone comes alone (`n` is then ignored).
+    pub fn take(&mut self, n: usize) -> Vec<(Arc<str>, Export)> {
+        let mut taken = Vec::new();
+        while taken.len() < n {
+            let Some((&seq, id)) = self.ready.first_key_value() else {
+                break;
+            };
+            let profile = self.profiles.get(id).expect("a ready profile is known");
+            if profile.solo && !taken.is_empty() {
+                break;
+            }
+            let solo = profile.solo;
+            let id = self.ready.remove(&seq).expect("just looked at");
+            let profile = self
+                .profiles
+                .get_mut(&id)
+                .expect("a ready profile is known");
+            let export = profile
+                .exports
+                .pop_front()
+                .expect("a ready profile holds one");
+            profile.state = State::Busy;
+            self.held -= 1;
+            self.out.insert(export.id.seq);
+            taken.push((id, export));
+            if solo {
+                break;
+            }
+        }
+        taken
+    }
+
+    fn make_ready(&mut self, id: &Arc<str>) {
+        let profile = self.profiles.get_mut(id).expect("known profile");
+        profile.state = State::Idle;
+        match profile.exports.front() {
+            Some(head) => {
+                self.ready.insert(head.id.seq, Arc::clone(id));
+            }
+            None => {
+                self.profiles.remove(id);
+            }
+        }
+    }
+
+    /// The export that was out is done with for good (delivered or dead-lettered, durably):
+    /// the profile's next export may go.
+    pub fn settled(&mut self, id: &Arc<str>, seq: u64) {
+        self.out.remove(&seq);
+        if let Some(profile) = self.profiles.get_mut(id) {
+            profile.backoff = None;
+            profile.solo = false;
+            self.make_ready(id);
+        }
+    }
+
+    /// The export that was out failed: it goes back to the head of its profile, and the
+    /// profile waits until `at` (or is ready at once with `at` = None).
+    pub fn put_back(&mut self, id: &Arc<str>, export: Export, at: Option<Instant>) {
+        self.out.remove(&export.id.seq);
+        let Some(profile) = self.profiles.get_mut(id) else {
+            return;
+        };
+        profile.exports.push_front(export);
+        self.held += 1;
+        match at {
+            Some(at) => {
+                profile.state = State::Waiting(at);
+                self.waiting.insert((at, Arc::clone(id)));
+            }
+            None => self.make_ready(id),
+        }
+    }
+
+    /// Marks the head export of a profile that is out as one that must go alone.
+    pub fn set_solo(&mut self, id: &Arc<str>) {
+        if let Some(profile) = self.profiles.get_mut(id) {
+            profile.solo = true;
+        }
+    }
+
+    /// The retry schedule of the profile's head export, made by `new` on its first failure.
+    pub fn backoff_of(&mut self, id: &Arc<str>, new: impl FnOnce() -> B) -> Option<&mut B> {
+        let profile = self.profiles.get_mut(id)?;
+        Some(profile.backoff.get_or_insert_with(new))
+    }
+
+    /// Makes the profiles whose retry time has come ready.
+    pub fn wake_due(&mut self, now: Instant) {
+        while let Some((at, _)) = self.waiting.first() {
+            if *at > now {
+                break;
+            }
+            let (_, id) = self.waiting.pop_first().expect("just looked at");
+            self.make_ready(&id);
+        }
+    }
+
+    /// The earliest retry time still to come.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.waiting.first().map(|(at, _)| *at)
+    }
+
+    /// Forgets every export held (the outbox changed under the window: exports were put back
+    /// or dropped), keeping what is out and each profile's state; the reader starts over and
+    /// [`Queue::push`] skips what is out.
+    pub fn forget_held(&mut self) {
+        self.ready.clear();
+        self.held = 0;
+        for profile in self.profiles.values_mut() {
+            profile.exports.clear();
+        }
+        self.profiles.retain(|_, p| p.state != State::Idle);
+    }
+
+    /// Whether nothing is held, waiting or out.
+    pub fn is_empty(&self) -> bool {
+        self.held == 0 && self.out.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::codec::ExportRecord;
+    use crate::store::ExportId;
+    use std::time::Duration;
+
+    fn export(seq: u64, profile: &str) -> Export {
+        Export {
+            id: ExportId { store: 1, seq },
+            dead: false,
+            record: ExportRecord {
+                profile_id: profile.into(),
+                reason: 0,
+                payload: "{}".into(),
+                created_at_ms: 0,
+                queued_at_ms: 0,
+                queued_at_uptime_ms: 0,
+                attempts: 0,
+                last_error: None,
+                last_attempt_at_ms: None,
+                dead_at_ms: None,
+            },
+        }
+    }
+
+    fn queue(items: &[(u64, &str)]) -> Queue<u32> {
+        let mut q = Queue::default();
+        for &(seq, p) in items {
+            q.push(export(seq, p));
+        }
+        q
+    }
+
+    fn seqs(taken: &[(Arc<str>, Export)]) -> Vec<u64> {
+        taken.iter().map(|(_, e)| e.id.seq).collect()
+    }
+
+    #[test]
+    fn one_export_per_profile_out_oldest_first() {
+        let mut q = queue(&[(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "b")]);
+        assert_eq!(seqs(&q.take(10)), [1, 2, 4]);
+        assert_eq!(q.held(), 2);
+        assert!(q.take(10).is_empty(), "every profile is busy");
+        let b: Arc<str> = "b".into();
+        q.settled(&b, 2);
+        assert_eq!(seqs(&q.take(10)), [5]);
+        let a: Arc<str> = "a".into();
+        q.settled(&a, 1);
+        assert_eq!(seqs(&q.take(10)), [3]);
+    }
+
+    #[test]
+    fn take_hands_out_at_most_n_distinct_profiles() {
+        let mut q = queue(&[(1, "a"), (2, "a"), (3, "b"), (4, "c")]);
+        let taken = q.take(2);
+        assert_eq!(seqs(&taken), [1, 3]);
+        let ids: Vec<&str> = taken.iter().map(|(id, _)| &**id).collect();
+        assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_failed_export_waits_at_the_head_of_its_profile_and_others_go_on() {
+        let start = Instant::now();
+        let mut q = queue(&[(1, "a"), (2, "a"), (3, "b"), (4, "b")]);
+        let mut taken = q.take(10);
+        let (a, first) = taken.remove(0);
+        let retry_at = start + Duration::from_secs(1);
+        q.put_back(&a, first, Some(retry_at));
+        assert_eq!(q.waiting(), 1);
+        let (b, _) = taken.remove(0);
+        q.settled(&b, 3);
+        assert_eq!(seqs(&q.take(10)), [4], "b goes on, a waits");
+        assert_eq!(q.next_due(), Some(retry_at));
+        q.wake_due(start + Duration::from_millis(999));
+        assert!(q.take(10).is_empty());
+        q.wake_due(retry_at);
+        assert_eq!(seqs(&q.take(10)), [1], "the failed export again, before 2");
+    }
+
+    #[test]
+    fn a_solo_export_is_never_batched() {
+        let mut q = queue(&[(1, "a"), (2, "b"), (3, "c")]);
+        let taken = q.take(3);
+        assert_eq!(seqs(&taken), [1, 2, 3]);
+        for (id, export) in taken {
+            q.set_solo(&id);
+            q.put_back(&id, export, None);
+        }
+        assert_eq!(seqs(&q.take(3)), [1]);
+        assert_eq!(seqs(&q.take(3)), [2]);
+        let a: Arc<str> = "a".into();
+        q.settled(&a, 1);
+        q.push(export(7, "a"));
+        let c: Arc<str> = "c".into();
+        let mut c_export = q.take(1);
+        assert_eq!(seqs(&c_export), [3]);
+        q.put_back(&c, c_export.remove(0).1, None);
+        assert_eq!(seqs(&q.take(3)), [3], "still alone");
+        assert_eq!(seqs(&q.take(3)), [7], "settled: batched again");
+    }
+
+    #[test]
+    fn starting_over_skips_what_is_out_and_keeps_profiles_busy() {
+        let mut q = queue(&[(5, "a"), (6, "a"), (7, "b")]);
+        assert_eq!(seqs(&q.take(1)), [5]);
+        q.forget_held();
+        assert_eq!(q.held(), 0);
+        // An export put back under an older number comes first for its profile.
+        for (seq, p) in [(1, "b"), (5, "a"), (6, "a"), (7, "b")] {
+            q.push(export(seq, p));
+        }
+        assert_eq!(q.held(), 3, "5 is out");
+        assert_eq!(seqs(&q.take(10)), [1]);
+        let a: Arc<str> = "a".into();
+        q.settled(&a, 5);
+        assert_eq!(seqs(&q.take(10)), [6]);
+    }
+
+    #[test]
+    fn the_backoff_lives_while_the_export_fails_and_goes_with_its_delivery() {
+        let mut q = queue(&[(1, "a")]);
+        let (a, e) = q.take(1).remove(0);
+        *q.backoff_of(&a, || 0).unwrap() += 1;
+        q.put_back(&a, e, None);
+        let (a, _) = q.take(1).remove(0);
+        assert_eq!(*q.backoff_of(&a, || 0).unwrap(), 1, "kept across attempts");
+        q.settled(&a, 1);
+        assert!(q.is_empty());
+        assert!(q.backoff_of(&a, || 0).is_none(), "forgotten once delivered");
+    }
+}

@@ -1,0 +1,95 @@
+//! The one writer of delivery's outcomes: a thread that takes every change waiting, applies
+//! them in one transaction, flushes once, and hands back the profiles whose export is now
+//! settled for good. Request slots never wait for it; only the settled profiles' next exports
+//! do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::store::outbox::ExportChange;
+use crate::store::Store;
+
+/// One change, with the profile it belongs to.
+pub struct Change {
+    pub profile: Arc<str>,
+    pub seq: u64,
+    pub change: ExportChange,
+}
+
+/// A profile whose export `seq` was delivered or dead-lettered, durably.
+pub struct Settled {
+    pub profile: Arc<str>,
+    pub seq: u64,
+}
+
+/// At most this many changes go into one transaction.
+const MAX_GROUP: usize = 4096;
+
+#[derive(Clone)]
+pub struct Settler {
+    changes: mpsc::UnboundedSender<Vec<Change>>,
+}
+
+impl Settler {
+    /// Starts the thread; settled profiles arrive on the returned receiver, a group at a time.
+    pub fn start(store: Arc<Store>) -> (Settler, mpsc::UnboundedReceiver<Vec<Settled>>) {
+        let (changes, receiver) = mpsc::unbounded_channel();
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("outpost-settler".into())
+            .spawn(move || run(&store, receiver, &settled_tx))
+            .expect("spawning the settler thread");
+        (Settler { changes }, settled_rx)
+    }
+
+    /// Hands over the changes of one turn of the delivery loop (one wake-up of the thread for
+    /// all of them).
+    pub fn send(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        // Fails only once the thread is gone, at exit: the export stays pending (at least once).
+        let _ = self.changes.send(changes);
+    }
+}
+
+fn run(
+    store: &Store,
+    mut receiver: mpsc::UnboundedReceiver<Vec<Change>>,
+    settled: &mpsc::UnboundedSender<Vec<Settled>>,
+) {
+    while let Some(mut group) = receiver.blocking_recv() {
+        while group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(more) => group.extend(more),
+                Err(_) => break,
+            }
+        }
+        let changes: Vec<_> = group.iter().map(|c| (c.seq, c.change.clone())).collect();
+        let must_flush = group.iter().any(|c| c.change.settles());
+        // A failed write is retried: the profiles must not send again before it is durable.
+        while let Err(e) = store.apply_export_changes(&changes).and_then(|()| {
+            if must_flush {
+                store.flush()
+            } else {
+                Ok(())
+            }
+        }) {
+            tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let done: Vec<Settled> = group
+            .into_iter()
+            .filter(|c| c.change.settles())
+            .map(|c| Settled {
+                profile: c.profile,
+                seq: c.seq,
+            })
+            .collect();
+        if !done.is_empty() && settled.send(done).is_err() {
+            return;
+        }
+    }
+}

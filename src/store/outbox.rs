@@ -1,0 +1,174 @@
+//! What delivery does to pending exports, applied many at a time.
+//!
+//! The delivery loop hands its changes (delivered, failed attempt, dead-lettered) to one
+//! writer, which applies every change waiting in ONE transaction and then flushes once: the
+//! cost of a flush is paid by the group, not by each export. The tally stays exact because the
+//! same transaction adjusts it.
+
+use sled::Transactional;
+
+use super::codec::{self, ExportRecord};
+use super::{abort, keys, read_tally, write_tally, Place, Store, StoreError};
+
+/// A change to one pending export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportChange {
+    /// Answered 2xx: it leaves the outbox.
+    Delivered,
+    /// A failed attempt; the export stays pending.
+    Failed { error: String, at_ms: i64 },
+    /// Refused by the endpoint: a dead letter.
+    Rejected { error: String, at_ms: i64 },
+    /// Undelivered after `delivery.max_age_s`: a dead letter.
+    Expired { max_age_s: u64, at_ms: i64 },
+}
+
+impl ExportChange {
+    /// Whether the change must be durable before the export's profile sends again (so that
+    /// an older export is never sent after a newer one was acknowledged).
+    pub fn settles(&self) -> bool {
+        !matches!(self, ExportChange::Failed { .. })
+    }
+}
+
+/// Where the export goes and how it reads there.
+pub fn changed_record(mut record: ExportRecord, change: &ExportChange) -> (Place, ExportRecord) {
+    match change {
+        ExportChange::Delivered => (Place::Gone, record),
+        ExportChange::Failed { error, at_ms } => {
+            record.attempts += 1;
+            record.last_error = Some(error.clone());
+            record.last_attempt_at_ms = Some(*at_ms);
+            (Place::Pending, record)
+        }
+        ExportChange::Rejected { error, at_ms } => {
+            record.attempts += 1;
+            record.last_error = Some(error.clone());
+            record.last_attempt_at_ms = Some(*at_ms);
+            record.dead_at_ms = Some(*at_ms);
+            (Place::Dead, record)
+        }
+        ExportChange::Expired { max_age_s, at_ms } => {
+            let cause = record.last_error.as_deref().unwrap_or("never attempted");
+            record.last_error = Some(format!(
+                "undelivered after max_age_s {max_age_s} ({} attempts; last: {cause})",
+                record.attempts
+            ));
+            record.dead_at_ms = Some(*at_ms);
+            (Place::Dead, record)
+        }
+    }
+}
+
+impl Store {
+    /// Applies the changes in order, in one transaction; an export that is no longer pending
+    /// (dropped meanwhile by `outbox drop`) is passed over. Not flushed.
+    pub fn apply_export_changes(&self, changes: &[(u64, ExportChange)]) -> Result<(), StoreError> {
+        (&self.outbox, &self.dead, &self.meta).transaction(|(outbox, dead, meta_tx)| {
+            let mut tally = read_tally(meta_tx)?;
+            for (seq, change) in changes {
+                let key = keys::seq_key(*seq);
+                let Some(old) = outbox.remove(&key)? else {
+                    continue;
+                };
+                tally.count(Place::Pending, old.len(), -1);
+                if *change == ExportChange::Delivered {
+                    continue; // gone: no need to read it
+                }
+                let record = codec::decode_export(&old)
+                    .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                let (place, record) = changed_record(record, change);
+                let target = match place {
+                    Place::Pending => outbox,
+                    Place::Dead => dead,
+                    Place::Gone => continue,
+                };
+                let value = codec::encode_export(&record);
+                tally.count(place, value.len(), 1);
+                target.insert(&key, value)?;
+            }
+            write_tally(meta_tx, tally)?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ExportRecord {
+        ExportRecord {
+            profile_id: "p".into(),
+            reason: 0,
+            payload: "{}".into(),
+            created_at_ms: 1,
+            queued_at_ms: 1,
+            queued_at_uptime_ms: 1,
+            attempts: 2,
+            last_error: Some("HTTP 500: down".into()),
+            last_attempt_at_ms: Some(5),
+            dead_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn each_change_moves_and_rewrites_the_record() {
+        let failed = ExportChange::Failed {
+            error: "HTTP 503: busy".into(),
+            at_ms: 9,
+        };
+        let (place, r) = changed_record(record(), &failed);
+        assert_eq!(place, Place::Pending);
+        assert_eq!(
+            (
+                r.attempts,
+                r.last_error.as_deref(),
+                r.last_attempt_at_ms,
+                r.dead_at_ms
+            ),
+            (3, Some("HTTP 503: busy"), Some(9), None)
+        );
+
+        let rejected = ExportChange::Rejected {
+            error: "HTTP 400: bad".into(),
+            at_ms: 9,
+        };
+        let (place, r) = changed_record(record(), &rejected);
+        assert_eq!(place, Place::Dead);
+        assert_eq!((r.attempts, r.dead_at_ms), (3, Some(9)));
+
+        let expired = ExportChange::Expired {
+            max_age_s: 60,
+            at_ms: 9,
+        };
+        let (place, r) = changed_record(record(), &expired);
+        assert_eq!(place, Place::Dead);
+        assert_eq!(
+            r.last_error.as_deref(),
+            Some("undelivered after max_age_s 60 (2 attempts; last: HTTP 500: down)")
+        );
+        assert_eq!(r.attempts, 2, "expiry is not an attempt");
+
+        assert_eq!(
+            changed_record(record(), &ExportChange::Delivered).0,
+            Place::Gone
+        );
+    }
+
+    #[test]
+    fn only_failed_attempts_do_not_settle() {
+        assert!(ExportChange::Delivered.settles());
+        assert!(!ExportChange::Failed {
+            error: String::new(),
+            at_ms: 0
+        }
+        .settles());
+        assert!(ExportChange::Rejected {
+            error: String::new(),
+            at_ms: 0
+        }
+        .settles());
+    }
+}

@@ -1,0 +1,427 @@
+//! How delivery adapts to the endpoint, over real sockets: more requests in flight for a slow
+//! endpoint, few 429s from a rate-limited one, a `Retry-After` that delays only its own export
+//! and profile, one probe at a time while the endpoint is down, array bodies, and the OAuth 2
+//! password grant with refresh tokens.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use outpost::agent::{Agent, AgentOptions};
+use outpost::config::Config;
+use outpost::profile::prune::KeepTree;
+use outpost::profile::update::parse_body;
+use outpost::receiver::{RateLimit, Received, Receiver, ReceiverOptions, Reply};
+use outpost::store::{ListFilter, Store};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: Config,
+    receiver: Receiver,
+}
+
+async fn setup(options: ReceiverOptions, auth: impl Fn(&str) -> String, delivery: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let base = receiver.base_url();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, agent_config_text(&base, &auth(&base), delivery)).unwrap();
+    let config = Config::load(&path).unwrap();
+    Setup {
+        _dir: dir,
+        config,
+        receiver,
+    }
+}
+
+async fn start(config: &Config) -> Agent {
+    Agent::start(config, AgentOptions { jitter: false })
+        .await
+        .unwrap()
+}
+
+/// One update (which exports) for each of `n` profiles `<prefix>0`, `<prefix>1`, …, `round`
+/// giving each a new first name.
+fn one_each(prefix: &str, n: usize, round: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            member_update(
+                &format!("{prefix}{i}"),
+                &format!("{prefix}{i}-v{round}"),
+                &format!("2026-01-01T00:00:{:02}Z", round + 1),
+            )
+        })
+        .collect()
+}
+
+async fn ingest(agent: &Agent, lines: &[String]) {
+    let (status, body) = http_post(agent.listen_addr, "/v1/updates", lines.join("\n"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// (profile, export id) of every export answered 2xx, array items included, in arrival order.
+fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for request in receiver.delivered() {
+        let keys: Vec<String> = request
+            .header("idempotency-key")
+            .unwrap()
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let payloads = match request.json().unwrap() {
+            serde_json::Value::Array(items) => items,
+            single => vec![single],
+        };
+        assert_eq!(keys.len(), payloads.len(), "one key per item");
+        for (key, payload) in keys.into_iter().zip(payloads) {
+            pairs.push((profile_of(&payload), key));
+        }
+    }
+    pairs
+}
+
+async fn wait_for_exports(agent: &Agent, receiver: &Receiver, exports: usize) {
+    wait_until(60, "every export delivered", || {
+        let mut keys: Vec<String> = delivered_pairs(receiver).into_iter().map(|p| p.1).collect();
+        keys.sort();
+        keys.dedup();
+        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    assert_per_profile_order(&delivered_pairs(receiver));
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_gets_more_requests_in_flight() {
+    let s = setup(
+        ReceiverOptions::default(),
+        oauth_body,
+        "max_concurrency = 32",
+    )
+    .await;
+    s.receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Delay(Duration::from_millis(50))
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &one_each("p", 600, 0)).await;
+    wait_for_exports(&agent, &s.receiver, 600).await;
+    let most = s.receiver.max_in_flight();
+    assert!(
+        most >= 16,
+        "the limit should grow past its start of 8 on a steady slow endpoint; at most {most} in flight"
+    );
+    assert!(most <= 32, "never above max_concurrency: {most}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rate_limited_endpoint_gets_few_429s_and_everything_arrives_in_order() {
+    let s = setup(
+        ReceiverOptions::default(),
+        oauth_body,
+        "max_concurrency = 32",
+    )
+    .await;
+    let bucket = Arc::new(RateLimit::new(300.0, 30.0));
+    s.receiver.set_export_script(Some(bucket.script()));
+    let agent = start(&s.config).await;
+    let mut lines = one_each("p", 400, 0);
+    lines.extend(one_each("p", 400, 1));
+    ingest(&agent, &lines).await;
+    wait_for_exports(&agent, &s.receiver, 800).await;
+    let statuses: Vec<u16> = s
+        .receiver
+        .export_requests()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(refused > 0, "the bucket should have refused something");
+    assert!(
+        refused * 10 <= statuses.len(),
+        "{refused} of {} requests answered 429: the rate should settle at the limit",
+        statuses.len()
+    );
+    assert!(
+        agent.metrics.rate_cap.get() > 0,
+        "the 429s set a request rate cap"
+    );
+    let metrics = agent.metrics.render();
+    assert!(metrics.contains("outpost_delivery_retries_total{cause=\"rate_limited\"}"));
+    assert!(metrics.contains("outpost_delivery_concurrency_limit"));
+    agent.stop().await.unwrap();
+}
+
+/// The profile an export request is about (single bodies only).
+fn profile_in(request: &Received) -> String {
+    request.json().map(|p| profile_of(&p)).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn retry_after_delays_only_its_export_and_its_profile() {
+    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    let refused_once = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&refused_once);
+    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
+        if profile_in(r) == "slow0" && !flag.swap(true, Ordering::SeqCst) {
+            Reply::Status(429, vec![("retry-after".into(), "2".into())], "wait".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    let started = Instant::now();
+    let mut lines = one_each("slow", 1, 0);
+    lines.extend(one_each("slow", 1, 1));
+    lines.extend(one_each("fast", 20, 0));
+    ingest(&agent, &lines).await;
+    wait_until(10, "the other profiles delivered", || {
+        delivered_pairs(&s.receiver)
+            .iter()
+            .filter(|(p, _)| p.starts_with("fast"))
+            .count()
+            == 20
+    })
+    .await;
+    let others_took = started.elapsed();
+    assert!(
+        others_took < Duration::from_millis(1500),
+        "other profiles waited for the 429: {others_took:?}"
+    );
+    assert!(
+        !delivered_pairs(&s.receiver)
+            .iter()
+            .any(|(p, _)| p == "slow0"),
+        "the refused profile's later export must wait behind it"
+    );
+    wait_for_exports(&agent, &s.receiver, 22).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "Retry-After: 2 was not honoured"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_down_endpoint_gets_one_probe_at_a_time_and_delivery_resumes_when_it_is_back() {
+    let s = setup(
+        ReceiverOptions::default(),
+        oauth_body,
+        "max_concurrency = 16\n",
+    )
+    .await;
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&down);
+    s.receiver.set_export_script(Some(Arc::new(move |_, _| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::Status(503, vec![], "down".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &one_each("p", 200, 0)).await;
+    wait_until(10, "the destination counted as down", || {
+        agent.metrics.destination_down.get() == 1
+    })
+    .await;
+    // Answers to requests sent before it went down may still be on their way.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.receiver.reset_max_in_flight();
+    let before = s.receiver.export_arrivals();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let probes = s.receiver.export_arrivals() - before;
+    assert!(
+        s.receiver.max_in_flight() <= 1,
+        "at most one probe in flight while down, saw {}",
+        s.receiver.max_in_flight()
+    );
+    // Backoff 20 ms doubling to 200 ms: about 8 probes in 1.5 s, never a flood.
+    assert!(
+        (1..=15).contains(&probes),
+        "{probes} probes in 1.5 s while down"
+    );
+    down.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    wait_until(5, "the first delivery after the outage", || {
+        !s.receiver.delivered().is_empty()
+    })
+    .await;
+    let resumed_after = back.elapsed();
+    assert!(
+        resumed_after <= Duration::from_millis(200 + 300),
+        "delivery resumed {resumed_after:?} after the endpoint came back (max_backoff 200 ms)"
+    );
+    wait_for_exports(&agent, &s.receiver, 200).await;
+    assert_eq!(agent.metrics.destination_down.get(), 0);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn arrays_of_distinct_profiles_and_a_refused_array_is_split() {
+    let s = setup(
+        ReceiverOptions::default(),
+        oauth_body,
+        "max_profiles_per_request = 5",
+    )
+    .await;
+    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
+        let refused = r
+            .json()
+            .and_then(|v| v.as_array().cloned())
+            .is_some_and(|items| items.iter().any(|p| profile_of(p) == "bad0"));
+        if refused {
+            Reply::Status(400, vec![], "bad0 is refused".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    // The outbox is filled before the agent starts, so that every export id is known; bad0
+    // comes first, so the first array holds it.
+    let mut lines = one_each("bad", 1, 0);
+    lines.extend(one_each("p", 20, 0));
+    lines.extend(one_each("p", 20, 1));
+    let listed = prefill(&s.config, &lines);
+    assert_eq!(listed.len(), 41);
+    let agent = start(&s.config).await;
+    wait_until(30, "the good exports delivered", || {
+        delivered_pairs(&s.receiver).len() >= 40 && agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+
+    let requests: Vec<Received> = s.receiver.export_requests().into_iter().collect();
+    let mut most = 0;
+    for request in &requests {
+        let items = request.json().unwrap();
+        let items = items.as_array().expect("every body is an array");
+        most = most.max(items.len());
+        let keys: Vec<&str> = request
+            .header("idempotency-key")
+            .unwrap()
+            .split(',')
+            .collect();
+        assert_eq!(keys.len(), items.len());
+        let mut profiles: Vec<String> = Vec::new();
+        for (key, item) in keys.iter().zip(items) {
+            assert_eq!(
+                listed.get(*key),
+                Some(&profile_of(item)),
+                "key {key} names the export at its place in the array"
+            );
+            profiles.push(profile_of(item));
+        }
+        let count = profiles.len();
+        profiles.sort();
+        profiles.dedup();
+        assert_eq!(profiles.len(), count, "an array holds distinct profiles");
+    }
+    assert!(
+        most > 1 && most <= 5,
+        "arrays of up to 5, the largest held {most}"
+    );
+    // The array holding bad0 was refused and split; only bad0 itself was dead-lettered.
+    let dead = agent
+        .store
+        .list(&ListFilter {
+            dead: true,
+            ..ListFilter::default()
+        })
+        .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].record.profile_id, "bad0");
+    let pairs = delivered_pairs(&s.receiver);
+    let mut keys: Vec<&String> = pairs.iter().map(|p| &p.1).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 40, "every good export delivered");
+    assert_per_profile_order(&pairs);
+    assert!(agent.metrics.splits() >= 1);
+    agent.stop().await.unwrap();
+}
+
+/// Commits `lines` straight into the agent's store (as `outpost ingest` does without an
+/// agent) and returns each export's profile by export id.
+fn prefill(config: &Config, lines: &[String]) -> HashMap<String, String> {
+    let store = Store::open(&config.storage.path, config.storage.cache_bytes).unwrap();
+    let keep = KeepTree::for_mapping(&config.mapping);
+    let mut updates = parse_body(lines.join("\n").as_bytes()).unwrap();
+    for update in &mut updates {
+        keep.prune(&mut update.profile);
+    }
+    store
+        .apply_groups(&[&updates], &config.mapping, chrono::Utc::now())
+        .unwrap();
+    store.flush().unwrap();
+    store
+        .list(&ListFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id.to_string(), e.record.profile_id))
+        .collect()
+}
+
+fn password_auth(base: &str) -> String {
+    format!(
+        "type = \"oauth2_password\"\nauth_endpoint = \"{base}/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"change-me\"\nusername = \"ops\"\npassword = \"pass word\""
+    )
+}
+
+fn grant_of(request: &Received) -> String {
+    url::form_urlencoded::parse(&request.body)
+        .find(|(k, _)| k == "grant_type")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_refused() {
+    let options = ReceiverOptions {
+        user: Some(("ops".into(), "pass word".into())),
+        refresh_tokens: true,
+        ..ReceiverOptions::default()
+    };
+    let s = setup(options, password_auth, "").await;
+    let agent = start(&s.config).await;
+    ingest(&agent, &one_each("p", 3, 0)).await;
+    wait_for_exports(&agent, &s.receiver, 3).await;
+    let first = &s.receiver.token_requests()[0];
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&first.body)
+        .into_owned()
+        .collect();
+    assert_eq!(form["grant_type"], "password");
+    assert_eq!(form["username"], "ops");
+    assert_eq!(form["password"], "pass word");
+
+    // The access token is revoked: the refresh token gets a new one.
+    s.receiver.revoke_tokens();
+    ingest(&agent, &one_each("p", 3, 1)).await;
+    wait_for_exports(&agent, &s.receiver, 6).await;
+    // Both the access and the refresh token are revoked: the refresh is refused, and the
+    // password grant is used again.
+    s.receiver.revoke_tokens();
+    s.receiver.revoke_refresh_tokens();
+    ingest(&agent, &one_each("p", 3, 2)).await;
+    wait_for_exports(&agent, &s.receiver, 9).await;
+
+    let grants: Vec<String> = s.receiver.token_requests().iter().map(grant_of).collect();
+    let statuses: Vec<u16> = s
+        .receiver
+        .token_requests()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        grants,
+        ["password", "refresh_token", "refresh_token", "password"],
+        "statuses {statuses:?}"
+    );
+    assert_eq!(statuses, [200, 200, 400, 200]);
+    agent.stop().await.unwrap();
+}
