@@ -16,12 +16,16 @@ use crate::agent::{Agent, AgentOptions};
 use crate::config::Config;
 use crate::metrics::DeliveryOutcome;
 use crate::profile::Reason;
-use crate::receiver::{Receiver, ReceiverOptions, Reply};
+use crate::receiver::{RateLimit, Receiver, ReceiverOptions, Reply};
 use crate::store::BatchSummary;
 
 /// The sample updates of `data/`, built from Adobe's XDM examples.
 pub const SAMPLE_UPDATES: &str = include_str!("../data/sample-updates.ndjson");
 const BATCH_LINES: usize = 100;
+/// The receiver's first requests fail: enough for the agent to find the destination down.
+const OUTAGE_REQUESTS: u64 = 12;
+/// Requests a second the receiver takes before it answers 429.
+const DEMO_RATE_LIMIT: f64 = 300.0;
 /// A pause between ingest batches, so that delivery runs while updates stream in and the
 /// short-lived tokens expire along the way.
 const BATCH_PAUSE: Duration = Duration::from_millis(80);
@@ -58,7 +62,51 @@ pub struct DemoReport {
     pub receiver_requests: u64,
     pub receiver_exports: u64,
     pub receiver_tokens: u64,
+    /// Export requests the receiver answered 429.
+    pub receiver_refused: u64,
+    pub receiver_peak_in_flight: u64,
+    pub adaptive: AdaptiveSeen,
     pub samples: Vec<(String, Value)>,
+}
+
+/// What the delivery controller did during the demo, sampled from the agent's metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdaptiveSeen {
+    pub limit_min: i64,
+    pub limit_max: i64,
+    pub limit_end: i64,
+    /// How long the destination counted as down (probed one request at a time).
+    pub down_for: Duration,
+    pub rate_cap_min: i64,
+}
+
+/// Samples the controller's state every 5 ms until `watching` is cleared.
+async fn watch_delivery(
+    metrics: Arc<crate::metrics::Metrics>,
+    watching: Arc<std::sync::atomic::AtomicBool>,
+) -> AdaptiveSeen {
+    const EVERY: Duration = Duration::from_millis(5);
+    let limit = metrics.concurrency_limit.get();
+    let mut seen = AdaptiveSeen {
+        limit_min: limit,
+        limit_max: limit,
+        ..AdaptiveSeen::default()
+    };
+    while watching.load(std::sync::atomic::Ordering::SeqCst) {
+        let limit = metrics.concurrency_limit.get();
+        seen.limit_min = seen.limit_min.min(limit);
+        seen.limit_max = seen.limit_max.max(limit);
+        seen.limit_end = limit;
+        if metrics.destination_down.get() == 1 {
+            seen.down_for += EVERY;
+        }
+        let cap = metrics.rate_cap.get();
+        if cap > 0 && (seen.rate_cap_min == 0 || cap < seen.rate_cap_min) {
+            seen.rate_cap_min = cap;
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+    seen
 }
 
 fn demo_config(dir: &std::path::Path, receiver: &str) -> Config {
@@ -95,7 +143,7 @@ cache_bytes = 16777216
 listen = "127.0.0.1:0"
 
 [delivery]
-concurrency = 8
+max_concurrency = 16
 request_timeout_ms = 2000
 initial_backoff_ms = 50
 max_backoff_ms = 1000
@@ -128,20 +176,31 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     )
     .await
     .map_err(|e| format!("cannot start the receiver: {e}"))?;
-    // A short outage at the start, ending with a Retry-After, so backoff shows.
-    receiver.set_export_script(Some(Arc::new(|n, _| match n {
-        0..=2 => Reply::Status(503, vec![], "warming up".into()),
-        3 => Reply::Status(
-            429,
-            vec![("retry-after".into(), "1".into())],
-            "slow down".into(),
-        ),
-        _ => Reply::Normal,
+    // A short outage at the start (the agent finds the destination down and probes it one
+    // request at a time), then a rate limit that answers 429 + Retry-After above it.
+    let limit = Arc::new(RateLimit::new(DEMO_RATE_LIMIT, DEMO_RATE_LIMIT / 10.0));
+    receiver.set_export_script(Some(Arc::new(move |n, _| {
+        if n < OUTAGE_REQUESTS {
+            Reply::Status(503, vec![], "warming up".into())
+        } else if limit.admit() {
+            Reply::Normal
+        } else {
+            Reply::Status(
+                429,
+                vec![("retry-after".into(), "1".into())],
+                "slow down".into(),
+            )
+        }
     })));
     let config = demo_config(dir.path(), &receiver.base_url());
     let agent = Agent::start(&config, AgentOptions::default())
         .await
         .map_err(|e| e.to_string())?;
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = tokio::spawn(watch_delivery(
+        Arc::clone(&agent.metrics),
+        Arc::clone(&watching),
+    ));
 
     let lines: Vec<&str> = SAMPLE_UPDATES
         .lines()
@@ -213,6 +272,8 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     }
     bar.finish();
 
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let adaptive = watcher.await.map_err(|e| e.to_string())?;
     let m = &agent.metrics;
     let delivered_requests = receiver.delivered();
     let mut keys: Vec<&str> = delivered_requests
@@ -240,6 +301,13 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
         receiver_requests: receiver.export_requests().len() as u64,
         receiver_exports: keys.len() as u64,
         receiver_tokens: receiver.tokens_issued(),
+        receiver_refused: receiver
+            .export_requests()
+            .iter()
+            .filter(|r| r.status == 429)
+            .count() as u64,
+        receiver_peak_in_flight: receiver.max_in_flight(),
+        adaptive,
         samples,
     };
     agent.stop().await.map_err(|e| e.to_string())?;
@@ -265,6 +333,28 @@ pub fn print_report(report: &DemoReport) {
     println!(
         "delivery  {} delivered, {} retried after a failure, {} after an expired token, {} dead",
         report.delivered, report.retried, report.auth_rejected, report.dead
+    );
+    let a = &report.adaptive;
+    println!(
+        "adaptive  destination down for {} ms at the start (one probe at a time, on the backoff schedule);",
+        a.down_for.as_millis()
+    );
+    println!(
+        "          requests in flight adapted between {} and {} (limit {} at the end), peak {} at the receiver;",
+        a.limit_min, a.limit_max, a.limit_end, report.receiver_peak_in_flight
+    );
+    println!(
+        "          {} of {} requests answered 429 by its rate limit of {DEMO_RATE_LIMIT:.0}/s{}",
+        report.receiver_refused,
+        report.receiver_requests,
+        if a.rate_cap_min > 0 {
+            format!(
+                ", which capped the request rate (lowest cap {}/s)",
+                a.rate_cap_min
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "tokens    {} fetched (each lives one second in the demo, refreshed before it expires)",

@@ -10,7 +10,12 @@
 //!   ([`profile::change`]), the payload ([`profile::export`]) and applying an update
 //!   ([`profile::apply`]).
 //! - [`store`]: the sled store: typed trees, key and value encodings ([`store::keys`],
-//!   [`store::codec`]) and the group-committing single writer ([`store::committer`]).
+//!   [`store::codec`]), the group-committing single writer ([`store::committer`]) and
+//!   delivery's grouped changes to pending exports ([`store::outbox`]).
+//! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]), the
+//!   adaptive controller ([`delivery::controller`]), answer classification and per-export
+//!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
+//!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
 //! - [`source`]: a NATS JetStream stream as a second input, partitioned by profile.
 //! - [`logging`]: tracing set-up.

@@ -457,6 +457,13 @@ async fn a_stale_socket_after_kill_9_is_no_obstacle() {
         Some(updates(&["bad1", "good1"]).join("\n").as_bytes()),
     );
     wait_counts(&ws, 0, 1).await;
+    // Through the running agent, stats also say what only its delivery loop knows.
+    let live = stats(&ws);
+    assert_eq!(live["waiting_for_retry"], 0, "{live}");
+    assert!(live["concurrency_limit"].as_i64() >= Some(1), "{live}");
+    assert_eq!(live["destination_down"], false, "{live}");
+    let human = ws.run_ok(&["outbox", "stats"], None);
+    assert!(human.contains("in flight, limit"), "{human}");
     let status = agent
         .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
         .await;
@@ -467,6 +474,10 @@ async fn a_stale_socket_after_kill_9_is_no_obstacle() {
     // pending again and will be sent once more (at least once), never lost.
     let s = stats(&ws);
     assert_eq!(s["dead"].as_u64(), Some(1), "{s}");
+    assert!(
+        s.get("waiting_for_retry").is_none(),
+        "no agent, no retry queue: {s}"
+    );
     assert!(s["pending"].as_u64() <= Some(1), "{s}");
     inspect_profile(&ws, "good1");
     let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);

@@ -43,6 +43,19 @@ async fn demo_summary_matches_what_the_receiver_got() {
         "tokens of one second were refreshed"
     );
     assert_eq!(report.samples.len(), 3);
+    let a = &report.adaptive;
+    assert!(
+        a.down_for > std::time::Duration::ZERO,
+        "the outage at the start made the destination count as down"
+    );
+    assert!(
+        a.limit_max > a.limit_min,
+        "the concurrency limit adapted: {a:?}"
+    );
+    assert!(
+        report.receiver_refused > 0,
+        "the receiver's rate limit answered 429"
+    );
 }
 
 #[test]

@@ -69,6 +69,23 @@ pub(super) fn print_stats(stats: &Value) {
     if let Value::Number(waited) = &stats["oldest_pending_waited_s"] {
         println!("  waited         {waited} s of agent run time (what delivery.max_age_s counts)");
     }
+    if let Value::Number(waiting) = &stats["waiting_for_retry"] {
+        println!("  waiting        {waiting} for their retry time (failed, backing off)");
+        let cap = match stats["rate_cap_per_s"].as_i64() {
+            Some(cap) if cap > 0 => format!(", rate capped at {cap}/s after 429s"),
+            _ => String::new(),
+        };
+        let down = if stats["destination_down"] == Value::Bool(true) {
+            ", destination down: probing one request at a time"
+        } else {
+            ""
+        };
+        println!(
+            "delivery         {} in flight, limit {}{cap}{down}",
+            text_of(&stats["in_flight"]),
+            text_of(&stats["concurrency_limit"])
+        );
+    }
     println!("outbox bytes     {}", text_of(&stats["bytes"]));
     println!("profiles stored  {}", text_of(&stats["profiles"]));
     println!("store id         {}", text_of(&stats["store_id"]));

@@ -32,9 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
-};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use hyper::{Request, Uri};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -49,7 +47,7 @@ use auth::TokenSource;
 use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
 use queue::Queue;
-use retry::{classify, parse_retry_after, Class, ExportBackoff};
+use retry::{classify, Class, ExportBackoff};
 use settler::{Change, Settler};
 
 /// Pending exports held in memory ahead of sending; the store is read again when fewer than
@@ -86,6 +84,12 @@ enum Attempted {
     TokenFailed(String),
     /// No answer: a connection error or a timeout.
     SendFailed { error: String, timeout: bool },
+}
+
+/// A read of the outbox: where the cursor got to, and what was read (`None`: start over).
+struct Read {
+    cursor: u64,
+    exports: Result<Option<Vec<Export>>, crate::store::StoreError>,
 }
 
 struct Finished {
@@ -183,11 +187,13 @@ impl Deliverer {
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
         let (settler, mut settled) = Settler::start(Arc::clone(&self.store));
         let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
+        let (read_tx, mut reads) = mpsc::unbounded_channel::<Read>();
         let mut state = LoopState {
             queue: Queue::default(),
             controller: Controller::new(self.controller, Instant::now()),
             cursor: 0,
             settling: 0,
+            reading: false,
             changes: Vec::new(),
             settler,
         };
@@ -199,7 +205,7 @@ impl Deliverer {
             let stopping = shutdown.is_cancelled();
             let now = Instant::now();
             if !stopping {
-                self.refill(&mut state);
+                self.refill(&mut state, &read_tx);
                 state.queue.wake_due(now);
                 self.start_requests(&mut state, &done_tx, now);
             }
@@ -219,6 +225,9 @@ impl Deliverer {
                         self.finish(&mut state, finished);
                     }
                 }
+                Some(read) = reads.recv() => {
+                    self.read_done(&mut state, read);
+                }
                 Some(group) = settled.recv() => {
                     for s in group {
                         state.settling -= 1;
@@ -233,33 +242,41 @@ impl Deliverer {
         }
     }
 
-    /// Tops up the window from the store when it runs low.
-    fn refill(&self, state: &mut LoopState) {
+    /// Starts a read of the store when the window runs low and there is something to read.
+    /// The read runs on a blocking thread (the outbox may be cold on disk) and its result
+    /// comes back to the loop; sending goes on meanwhile.
+    fn refill(&self, state: &mut LoopState, reads: &mpsc::UnboundedSender<Read>) {
         let room = WINDOW - state.queue.held().min(WINDOW);
-        if room < WINDOW / 2 {
+        if state.reading || room < WINDOW / 2 {
             return;
         }
-        for _ in 0..2 {
-            match self
-                .store
-                .read_pending(&mut state.cursor, room.min(READ_CHUNK))
-            {
-                Ok(Some(exports)) => {
-                    for export in exports {
-                        state.queue.push(export);
-                    }
-                    return;
-                }
-                Ok(None) => {
-                    tracing::debug!("exports were put back or dropped; reading the outbox again");
-                    state.queue.forget_held();
-                    state.cursor = 0;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the outbox");
-                    return;
+        if state.cursor >= self.store.durable_next_seq() && !self.store.was_rewound() {
+            return;
+        }
+        state.reading = true;
+        let (store, reads) = (Arc::clone(&self.store), reads.clone());
+        let mut cursor = state.cursor;
+        tokio::task::spawn_blocking(move || {
+            let exports = store.read_pending(&mut cursor, room.min(READ_CHUNK));
+            let _ = reads.send(Read { cursor, exports });
+        });
+    }
+
+    fn read_done(&self, state: &mut LoopState, read: Read) {
+        state.reading = false;
+        match read.exports {
+            Ok(Some(exports)) => {
+                state.cursor = read.cursor;
+                for export in exports {
+                    state.queue.push(export);
                 }
             }
+            Ok(None) => {
+                tracing::debug!("exports were put back or dropped; reading the outbox again");
+                state.queue.forget_held();
+                state.cursor = 0;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
         }
     }
 
@@ -491,11 +508,7 @@ impl Deliverer {
                 self.tokens.invalidate(token).await;
             }
         }
-        let retry_after = answer
-            .headers
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after = retry::retry_after(&answer.headers, SystemTime::now());
         let error = if answer.status.is_success() {
             String::new()
         } else {
@@ -517,6 +530,8 @@ struct LoopState {
     cursor: u64,
     /// Changes sent to the settler that will come back as settled.
     settling: usize,
+    /// A read of the store is under way.
+    reading: bool,
     /// Changes made in this turn of the loop, sent to the settler together at its end.
     changes: Vec<Change>,
     settler: Settler,

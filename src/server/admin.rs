@@ -80,7 +80,9 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
         Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
         Ok(request) => {
             let repairs = request.repairs();
+            let stats = request == AdminRequest::Stats;
             let state = Arc::clone(state);
+            let metrics = Arc::clone(&state.metrics);
             let result = tokio::task::spawn_blocking(move || {
                 let result = execute(&state.store, &request);
                 if repairs {
@@ -90,7 +92,13 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
             })
             .await
             .unwrap_or_else(|e| Err(AdminError::Failed(e.to_string())));
-            result
+            match result {
+                Ok(mut value) if stats => {
+                    add_delivery_state(&mut value, &metrics);
+                    Ok(value)
+                }
+                other => other,
+            }
         }
     };
     let mut text =
@@ -98,6 +106,15 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// What only the running delivery loop knows, added to `outbox stats`.
+fn add_delivery_state(stats: &mut serde_json::Value, metrics: &Metrics) {
+    stats["waiting_for_retry"] = metrics.retry_waiting.get().into();
+    stats["in_flight"] = metrics.in_flight.get().into();
+    stats["concurrency_limit"] = metrics.concurrency_limit.get().into();
+    stats["rate_cap_per_s"] = metrics.rate_cap.get().into();
+    stats["destination_down"] = (metrics.destination_down.get() == 1).into();
 }
 
 async fn ingest(

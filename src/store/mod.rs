@@ -823,6 +823,11 @@ impl Store {
         result
     }
 
+    /// Whether exports were put back since the last [`Store::read_pending`].
+    pub fn was_rewound(&self) -> bool {
+        self.rewound.load(Ordering::SeqCst)
+    }
+
     /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
     /// keeps its place between calls; `*cursor` moves past the last one returned. `None` when
     /// exports were put back (see [`Store::rewinding`]) since the last call: the reader must
