@@ -766,3 +766,80 @@ async fn messages_handed_again_are_skipped() {
         );
     }
 }
+
+/// Runs `outpost nats setup` against `[source.nats]` `table`; exit code and stderr.
+fn setup_with(table: &str) -> (Option<i32>, String) {
+    let setup = AgentSetup::new("http://127.0.0.1:9", Some(table), "");
+    let out = std::process::Command::new(binary())
+        .args(["nats", "setup", "--config"])
+        .arg(setup.config())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Token, user and password, and TLS with a private CA reach a server that requires them;
+/// wrong ones are refused without the secret in the error.
+#[test]
+fn credentials_and_tls_reach_a_server_that_requires_them() {
+    let Some(server_bin) = nats_server_or_skip("credentials_and_tls") else {
+        return;
+    };
+    let server = NatsServer::start_with(&server_bin, &["--auth", "s3cr3t-token"]);
+    let table = |extra: &str| nats_table(&server.url(), 4, "0-3", extra);
+    assert_eq!(setup_with(&table("token = \"s3cr3t-token\"")).0, Some(0));
+    let (code, stderr) = setup_with(&table("token = \"wrong-t0ken\""));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains("wrong-t0ken"), "{stderr}");
+    drop(server);
+
+    let server = NatsServer::start_with(&server_bin, &["--user", "edge", "--pass", "pa55-word"]);
+    let table = |extra: &str| nats_table(&server.url(), 4, "0-3", extra);
+    assert_eq!(
+        setup_with(&table("user = \"edge\"\npassword = \"pa55-word\"")).0,
+        Some(0)
+    );
+    let (code, stderr) = setup_with(&table("user = \"edge\"\npassword = \"n0pe-word\""));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!stderr.contains("n0pe-word"), "{stderr}");
+    drop(server);
+
+    // A CA and a server certificate for 127.0.0.1 it signed.
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(path("key.pem"), leaf_key.serialize_pem()).unwrap();
+    let server = NatsServer::start_with(
+        &server_bin,
+        &[
+            "--tls",
+            "--tlscert",
+            &path("cert.pem"),
+            "--tlskey",
+            &path("key.pem"),
+        ],
+    );
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    let trusted = format!("tls_ca_file = \"{}\"", path("ca.pem"));
+    assert_eq!(setup_with(&nats_table(&url, 4, "0-3", &trusted)).0, Some(0));
+    let (code, stderr) = setup_with(&nats_table(&url, 4, "0-3", ""));
+    assert_eq!(
+        code,
+        Some(1),
+        "a server certificate of an unknown CA was accepted: {stderr}"
+    );
+}

@@ -45,6 +45,8 @@ pub fn nats_server_or_skip(test: &str) -> Option<PathBuf> {
 /// A running `nats-server -js`; killed when dropped.
 pub struct NatsServer {
     binary: PathBuf,
+    /// Options besides JetStream, address, port and store (auth, TLS).
+    args: Vec<String>,
     child: Option<Child>,
     pub port: u16,
     store: tempfile::TempDir,
@@ -53,8 +55,14 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server with JetStream on a free port; waits until it takes connections.
     pub fn start(binary: &Path) -> NatsServer {
+        NatsServer::start_with(binary, &[])
+    }
+
+    /// [`NatsServer::start`] with more options (e.g. `--auth TOKEN`, `--tls …`).
+    pub fn start_with(binary: &Path, args: &[&str]) -> NatsServer {
         let mut server = NatsServer {
             binary: binary.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
             port: free_port(),
             store: tempfile::tempdir().unwrap(),
@@ -73,6 +81,7 @@ impl NatsServer {
             .arg(self.port.to_string())
             .arg("-sd")
             .arg(self.store.path())
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
