@@ -321,6 +321,8 @@ async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
 
 async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     let mut backoff = BACKOFF_FIRST;
+    // The same error again (NATS down for a while) is logged once, not at every retry.
+    let mut last_error = String::new();
     while !shared.shutdown.is_cancelled() {
         let started = std::time::Instant::now();
         match run_consumer(shared, slot, partition).await {
@@ -329,8 +331,16 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 // A consumer that ran for a good while failed for a new reason.
                 if started.elapsed() > 2 * BACKOFF_MAX {
                     backoff = BACKOFF_FIRST;
+                    last_error.clear();
                 }
-                tracing::warn!(partition, error = %e, retry_in_ms = backoff.as_millis() as u64, "NATS partition consumer failed");
+                let error = e.to_string();
+                let retry_in_ms = backoff.as_millis() as u64;
+                if error == last_error {
+                    tracing::debug!(partition, %error, retry_in_ms, "NATS partition consumer failed again");
+                } else {
+                    tracing::warn!(partition, %error, retry_in_ms, "NATS partition consumer failed; it starts over from the stored position");
+                    last_error = error;
+                }
                 if !pause(&shared.shutdown, backoff).await {
                     return;
                 }
