@@ -1,6 +1,6 @@
 //! `outpost nats setup`, `outpost publish` and `outpost rejected`.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{BufReader, IsTerminal, Seek, Write};
 use std::path::Path;
 
 use serde_json::Value;
@@ -9,10 +9,10 @@ use super::{Backend, CliError};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
-use crate::profile::update::{parse_body_within, FutureLimit};
+use crate::profile::update::{FutureLimit, UpdateReader};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{probe, setup, SetupOutcome};
-use crate::source::publish::{plan, publish};
+use crate::source::publish::{publish, Planner};
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
     config.nats.as_ref().ok_or_else(|| {
@@ -98,25 +98,46 @@ pub(super) async fn publish_path(
     if in_flight == 0 {
         return Err(CliError::Usage("--in-flight must be at least 1".into()));
     }
-    let mut body = Vec::new();
-    if path == Path::new("-") {
-        std::io::stdin()
-            .lock()
-            .read_to_end(&mut body)
+    // Two passes, so that memory stays bounded and a bad line publishes nothing: the first
+    // validates every line, the second publishes. Standard input is spooled to read it twice.
+    let mut file = if path == Path::new("-") {
+        let mut spool = tempfile::tempfile()
+            .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut spool)
             .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
+        spool
     } else {
-        body = std::fs::read(path)
-            .map_err(|e| CliError::Failure(format!("cannot read {}: {e}", path.display())))?;
-    }
+        std::fs::File::open(path)
+            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?
+    };
+    let rewind = |file: &mut std::fs::File| {
+        file.rewind()
+            .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
+    };
+    // One clock reading for the whole input, so both passes judge every line alike.
     let limit = FutureLimit {
         now: chrono::Utc::now(),
         max_future_s: config.ingest.max_future_s,
     };
-    let updates = parse_body_within(&body, Some(&limit))
-        .map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
-    drop(body);
-    let messages = plan(&updates, nats);
-    let total = messages.len() as u64;
+    rewind(&mut file)?;
+    let mut total = 0u64;
+    for update in UpdateReader::new(BufReader::new(&mut file)).within(limit) {
+        update.map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
+        total += 1;
+    }
+    rewind(&mut file)?;
+    let mut planner = Planner::new(nats);
+    // A line that fails on the second pass (the file changed meanwhile) ends the publish.
+    let reread_error = std::cell::RefCell::new(None);
+    let messages = UpdateReader::new(BufReader::new(&mut file))
+        .within(limit)
+        .map_while(|update| match update {
+            Ok(update) => Some(planner.plan(&update)),
+            Err(e) => {
+                *reread_error.borrow_mut() = Some(e);
+                None
+            }
+        });
     let bar = if std::io::stderr().is_terminal() && path != Path::new("-") {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -135,6 +156,15 @@ pub(super) async fn publish_path(
         }
     })
     .await;
+    let result = match (result, reread_error.into_inner()) {
+        (Ok(report), Some(e)) => Err((
+            report,
+            crate::source::nats::NatsError(format!(
+                "the input changed while it was published: {e}"
+            )),
+        )),
+        (result, _) => result,
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }

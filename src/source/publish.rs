@@ -27,23 +27,38 @@ pub struct Planned {
 /// same input again within the stream's duplicate window adds nothing; an input that sends
 /// the same update twice on purpose (A, B, A) keeps both.
 pub fn plan(updates: &[Update], config: &NatsSource) -> Vec<Planned> {
-    let mut seen: HashMap<(u64, u64), u32> = HashMap::new();
-    updates
-        .iter()
-        .map(|update| {
-            let partition = partition_of(&update.id, config.partitions);
-            let payload = serde_json::to_vec(&update.to_value()).expect("updates serialize");
-            let key = (fnv1a64(update.id.as_bytes()), fnv1a64(&payload));
-            let occurrence = seen.entry(key).or_insert(0);
-            *occurrence += 1;
-            Planned {
-                partition,
-                subject: subject_of(&config.subject_prefix, partition),
-                msg_id: format!("{:016x}{:016x}-{}", key.0, key.1, occurrence),
-                payload,
-            }
-        })
-        .collect()
+    let mut planner = Planner::new(config);
+    updates.iter().map(|update| planner.plan(update)).collect()
+}
+
+/// [`plan`] one update at a time, for inputs too big to hold: it remembers only how often each
+/// (id, body) pair came.
+pub struct Planner<'a> {
+    config: &'a NatsSource,
+    seen: HashMap<(u64, u64), u32>,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(config: &'a NatsSource) -> Self {
+        Planner {
+            config,
+            seen: HashMap::new(),
+        }
+    }
+
+    pub fn plan(&mut self, update: &Update) -> Planned {
+        let partition = partition_of(&update.id, self.config.partitions);
+        let payload = serde_json::to_vec(&update.to_value()).expect("updates serialize");
+        let key = (fnv1a64(update.id.as_bytes()), fnv1a64(&payload));
+        let occurrence = self.seen.entry(key).or_insert(0);
+        *occurrence += 1;
+        Planned {
+            partition,
+            subject: subject_of(&self.config.subject_prefix, partition),
+            msg_id: format!("{:016x}{:016x}-{}", key.0, key.1, occurrence),
+            payload,
+        }
+    }
 }
 
 /// What a publish did.
@@ -59,7 +74,7 @@ pub struct PublishReport {
 /// got, and publishing the same input again completes it (duplicates are dropped by JetStream).
 pub async fn publish(
     config: &NatsSource,
-    messages: Vec<Planned>,
+    messages: impl IntoIterator<Item = Planned>,
     in_flight: usize,
     progress: impl Fn(u64),
 ) -> Result<PublishReport, (PublishReport, NatsError)> {
