@@ -4,7 +4,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = outpost::cli::Cli::parse();
-    // The demo tells its own story; the agent's routine logs would drown it.
     // The demo tells its own story, and publish and nats setup print what they did; routine
     // logs (also the NATS client's own, which outpost reports itself) would drown them.
     let default_level = match cli.command {
