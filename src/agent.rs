@@ -70,11 +70,10 @@ impl Agent {
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
         // The committer thread ends with the process; every commit it acknowledged was flushed.
-        let (committer, _committer_thread) = Committer::start(
-            Arc::clone(&store),
-            Arc::new(config.mapping.clone()),
-            Arc::clone(&wake),
-        );
+        let mut mapping = config.mapping.clone();
+        store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;
+        let (committer, _committer_thread) =
+            Committer::start(Arc::clone(&store), Arc::new(mapping), Arc::clone(&wake));
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }

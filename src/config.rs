@@ -3,6 +3,7 @@
 //! Every error names the key it is about. Secrets are held in [`Secret`], whose `Debug` and
 //! `Display` never show the value.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -118,9 +119,27 @@ struct RawAuth {
 struct RawMapping {
     #[serde(default)]
     attributes: Vec<String>,
-    segments: Vec<String>,
+    /// Ids, or tables read as [`RawSegmentTable`] (so that their errors can name the key).
+    segments: Vec<toml::Value>,
     #[serde(default)]
     identities: Vec<String>,
+    #[serde(default)]
+    include_segment_names: bool,
+    #[serde(default)]
+    include_segment_timestamps: bool,
+}
+
+/// A `mapping.segments` entry that is a table: the id and what the payload may carry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSegmentTable {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    created_at: Option<String>,
+    #[serde(default)]
+    updated_at: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +326,32 @@ pub struct Mapping {
     pub segments: Vec<String>,
     /// Empty means every namespace.
     pub identities: Vec<String>,
+    /// What the config says of a segment besides its id (name, its own times), by id.
+    pub segment_details: BTreeMap<String, SegmentDetails>,
+    /// Each mapped segment entry of a payload gets its `name` (when known).
+    pub include_segment_names: bool,
+    /// Each gets `createdAt`, `updatedAt` (when given) and `mappingCreatedAt`,
+    /// `mappingUpdatedAt` (from [`Mapping::mapped_at`]), in Unix epoch milliseconds.
+    pub include_segment_timestamps: bool,
+    /// When each segment was first mapped and when its entry last changed, as the store
+    /// recorded them (`Store::record_mapping`); empty until then.
+    pub mapped_at: BTreeMap<String, MappedAt>,
+}
+
+/// A segment's name and times, from its `mapping.segments` table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SegmentDetails {
+    pub name: Option<String>,
+    /// Unix epoch milliseconds.
+    pub created_at_ms: Option<i64>,
+    pub updated_at_ms: Option<i64>,
+}
+
+/// When a segment was first mapped and when its mapping entry last changed (epoch ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct MappedAt {
+    pub created_ms: i64,
+    pub updated_ms: i64,
 }
 
 impl Mapping {
@@ -319,6 +364,7 @@ impl Mapping {
                 .collect(),
             segments: segments.iter().map(|s| (*s).to_owned()).collect(),
             identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+            ..Mapping::default()
         }
     }
 }
@@ -799,8 +845,64 @@ fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
     if raw.segments.is_empty() {
         return Err(("mapping.segments", "must name at least one segment".into()));
     }
-    if let Some(s) = raw.segments.iter().find(|s| s.trim().is_empty()) {
-        return Err(("mapping.segments", format!("`{s}` is not a segment id")));
+    let mut segments = Vec::with_capacity(raw.segments.len());
+    let mut segment_details = BTreeMap::new();
+    for (n, segment) in raw.segments.into_iter().enumerate() {
+        let (id, details) = match segment {
+            toml::Value::String(id) => (id, None),
+            toml::Value::Table(table) => {
+                let table: RawSegmentTable = table.try_into().map_err(|e| {
+                    (
+                        "mapping.segments",
+                        format!("entry {}: {}", n + 1, e.to_string().trim_end()),
+                    )
+                })?;
+                let time = |text: Option<String>, key: &str| {
+                    text.map(|t| {
+                        chrono::DateTime::parse_from_rfc3339(&t)
+                            .map(|t| t.timestamp_millis())
+                            .map_err(|e| {
+                                (
+                                    "mapping.segments",
+                                    format!(
+                                        "segment `{}`: {key} `{t}` is not an RFC 3339 time: {e}",
+                                        table.id
+                                    ),
+                                )
+                            })
+                    })
+                    .transpose()
+                };
+                let details = SegmentDetails {
+                    name: table.name.clone().filter(|n| !n.is_empty()),
+                    created_at_ms: time(table.created_at.clone(), "created_at")?,
+                    updated_at_ms: time(table.updated_at.clone(), "updated_at")?,
+                };
+                (table.id, Some(details))
+            }
+            other => {
+                return Err((
+                    "mapping.segments",
+                    format!(
+                        "entry {}: `{other}` is neither a segment id nor a table with `id`",
+                        n + 1
+                    ),
+                ))
+            }
+        };
+        if id.trim().is_empty() {
+            return Err(("mapping.segments", format!("`{id}` is not a segment id")));
+        }
+        if segments.contains(&id) {
+            return Err((
+                "mapping.segments",
+                format!("segment `{id}` is listed twice"),
+            ));
+        }
+        if let Some(details) = details {
+            segment_details.insert(id.clone(), details);
+        }
+        segments.push(id);
     }
     let mut attributes = Vec::with_capacity(raw.attributes.len());
     for path in &raw.attributes {
@@ -818,8 +920,12 @@ fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
     }
     Ok(Mapping {
         attributes,
-        segments: raw.segments,
+        segments,
         identities: raw.identities,
+        segment_details,
+        include_segment_names: raw.include_segment_names,
+        include_segment_timestamps: raw.include_segment_timestamps,
+        mapped_at: BTreeMap::new(),
     })
 }
 
@@ -1063,6 +1169,48 @@ path = "store"
             "client_id = \"edge-agent\"\ncredentials = \"header\"",
         );
         assert!(error_of(&bad).contains("destination.auth.credentials"));
+    }
+
+    #[test]
+    fn segments_as_tables_with_names_and_times() {
+        let text = VALID.replace(
+            "segments = [\"seg-a\"]",
+            "segments = [\"seg-a\", { id = \"seg-b\", name = \"Lapsed VIPs\", created_at = \"2025-10-01T00:00:00Z\", updated_at = \"2026-01-05T10:00:00+00:00\" }, { id = \"seg-c\" }]\ninclude_segment_names = true\ninclude_segment_timestamps = true",
+        );
+        let mapping = parse(&text).unwrap().mapping;
+        assert_eq!(mapping.segments, ["seg-a", "seg-b", "seg-c"]);
+        assert!(mapping.include_segment_names && mapping.include_segment_timestamps);
+        assert_eq!(
+            mapping.segment_details["seg-b"],
+            SegmentDetails {
+                name: Some("Lapsed VIPs".into()),
+                created_at_ms: Some(1_759_276_800_000),
+                updated_at_ms: Some(1_767_607_200_000),
+            }
+        );
+        assert_eq!(mapping.segment_details["seg-c"], SegmentDetails::default());
+        assert!(!mapping.segment_details.contains_key("seg-a"));
+
+        let defaults = parse(VALID).unwrap().mapping;
+        assert!(!defaults.include_segment_names && !defaults.include_segment_timestamps);
+
+        let table = [
+            (
+                "{ id = \"seg-b\", created_at = \"yesterday\" }",
+                "created_at `yesterday`",
+            ),
+            ("{ id = \"seg-b\", colour = \"red\" }", "mapping.segments"),
+            ("{ name = \"no id\" }", "mapping.segments"),
+            ("\"seg-a\"", "listed twice"),
+        ];
+        for (entry, expected) in table {
+            let text = VALID.replace(
+                "segments = [\"seg-a\"]",
+                &format!("segments = [\"seg-a\", {entry}]"),
+            );
+            let error = error_of(&text);
+            assert!(error.contains(expected), "{entry}: {error}");
+        }
     }
 
     #[test]

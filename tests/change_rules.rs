@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use outpost::config::Mapping;
+use outpost::config::{MappedAt, Mapping, SegmentDetails};
 use outpost::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
 use outpost::profile::change::{decide, decide_delete};
 use outpost::profile::export::{project, project_delete};
@@ -429,6 +429,89 @@ fn fixture_delete_payload() {
     assert_eq!(project_delete(&old, &mapping(), T1), want);
     assert_eq!(decide_delete(&jane_non_member(), &mapping()), None);
     assert_eq!(decide_delete(&json!({}), &mapping()), None);
+}
+
+/// `mapping()` with names and times for the two segments Jane is a member of, and the
+/// toggles as given.
+fn mapping_with_segment_details(names: bool, timestamps: bool) -> Mapping {
+    let mut m = mapping();
+    m.include_segment_names = names;
+    m.include_segment_timestamps = timestamps;
+    m.segment_details.insert(
+        SEG_EXISTING.into(),
+        SegmentDetails {
+            name: Some("Loyal customers".into()),
+            created_at_ms: Some(1_546_357_945_000),
+            updated_at_ms: Some(1_546_444_345_000),
+        },
+    );
+    m.segment_details.insert(
+        SEG_REALIZED.into(),
+        SegmentDetails {
+            name: Some("Lapsed VIPs".into()),
+            ..SegmentDetails::default()
+        },
+    );
+    m.mapped_at.insert(
+        SEG_EXISTING.into(),
+        MappedAt {
+            created_ms: 1_759_276_800_000,
+            updated_ms: 1_767_607_200_000,
+        },
+    );
+    for segment in [SEG_REALIZED, SEG_OTHER] {
+        m.mapped_at.insert(
+            segment.into(),
+            MappedAt {
+                created_ms: 1_767_225_600_000,
+                updated_ms: 1_767_225_600_000,
+            },
+        );
+    }
+    m
+}
+
+#[test]
+fn segment_names_and_timestamps_when_the_mapping_asks_for_them() {
+    let (old, new) = (json!({}), jane());
+    let both = project(&old, &new, &mapping_with_segment_details(true, true), T1);
+    let want = fixture("payload-jane-segment-details.json");
+    assert_eq!(both, want, "got\n{}", pretty(&both));
+
+    // Off (the default): exactly the plain payload, whatever the config knows.
+    let off = project(&old, &new, &mapping_with_segment_details(false, false), T1);
+    assert_eq!(off, jane_payload());
+
+    // Names only, timestamps only.
+    let names = project(&old, &new, &mapping_with_segment_details(true, false), T1);
+    assert_eq!(
+        names["segmentMembership"]["ups"][SEG_REALIZED]["name"],
+        "Lapsed VIPs"
+    );
+    assert!(names["segmentMembership"]["ups"][SEG_EXISTING]
+        .get("createdAt")
+        .is_none());
+    let times = project(&old, &new, &mapping_with_segment_details(false, true), T1);
+    assert!(times["segmentMembership"]["ups"][SEG_EXISTING]
+        .get("name")
+        .is_none());
+    assert_eq!(
+        times["segmentMembership"]["ups"][SEG_EXISTING]["createdAt"],
+        1_546_357_945_000i64
+    );
+
+    // An exited entry carries them too; a delete's payload as well.
+    let detailed = mapping_with_segment_details(true, true);
+    let gone = project_delete(&new, &detailed, T1);
+    let entry = &gone["segmentMembership"]["ups"][SEG_REALIZED];
+    assert_eq!(entry["status"], "exited");
+    assert_eq!(entry["name"], "Lapsed VIPs");
+    assert_eq!(entry["mappingCreatedAt"], 1_767_225_600_000i64);
+    // The decision is the same with or without the details: they are the payload's only.
+    assert_eq!(
+        decide(&old, &new, &detailed),
+        decide(&old, &new, &mapping())
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ impl Backend {
                     return Err(CliError::Failure(crate::admin::OUTBOX_FULL.into()));
                 }
                 let started = std::time::Instant::now();
-                let summaries = store.apply_groups(&[updates], &config.mapping, Utc::now())?;
+                let mut mapping = config.mapping.clone();
+                store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
+                let summaries = store.apply_groups(&[updates], &mapping, Utc::now())?;
                 let decided = started.elapsed();
                 store.flush()?;
                 tracing::debug!(

@@ -36,15 +36,13 @@ pub fn project(old: &Value, new: &Value, mapping: &Mapping, time: &str) -> Value
 
     let mut ups = Map::new();
     for segment in &mapping.segments {
-        match segment_entry(new, segment) {
-            Some(entry) => {
-                ups.insert(segment.clone(), entry.clone());
-            }
-            None if is_member(old, segment) => {
-                ups.insert(segment.clone(), exited(time));
-            }
-            None => {}
-        }
+        let mut entry = match segment_entry(new, segment) {
+            Some(entry) => entry.clone(),
+            None if is_member(old, segment) => exited(time),
+            None => continue,
+        };
+        describe_segment(&mut entry, segment, mapping);
+        ups.insert(segment.clone(), entry);
     }
     if !ups.is_empty() {
         payload.insert("segmentMembership".into(), json!({ "ups": ups }));
@@ -64,6 +62,34 @@ pub fn project(old: &Value, new: &Value, mapping: &Mapping, time: &str) -> Value
         payload.insert("identityMap".into(), Value::Object(identity_map));
     }
     Value::Object(payload)
+}
+
+/// Adds to a mapped segment's entry what the mapping asks for (Adobe's "Include Segment Names"
+/// and "Include Segment Timestamps"): `name`; `createdAt`, `updatedAt`, `mappingCreatedAt`,
+/// `mappingUpdatedAt` in Unix epoch milliseconds; each only when known.
+fn describe_segment(entry: &mut Value, segment: &str, mapping: &Mapping) {
+    let Some(entry) = entry.as_object_mut() else {
+        return;
+    };
+    let details = mapping.segment_details.get(segment);
+    if mapping.include_segment_names {
+        if let Some(name) = details.and_then(|d| d.name.as_ref()) {
+            entry.insert("name".into(), name.clone().into());
+        }
+    }
+    if mapping.include_segment_timestamps {
+        let mapped = mapping.mapped_at.get(segment);
+        for (key, ms) in [
+            ("createdAt", details.and_then(|d| d.created_at_ms)),
+            ("updatedAt", details.and_then(|d| d.updated_at_ms)),
+            ("mappingCreatedAt", mapped.map(|m| m.created_ms)),
+            ("mappingUpdatedAt", mapped.map(|m| m.updated_ms)),
+        ] {
+            if let Some(ms) = ms {
+                entry.insert(key.into(), ms.into());
+            }
+        }
+    }
 }
 
 /// The payload for a `delete`: the last payload of `old` with every mapped segment it was a

@@ -20,6 +20,8 @@ pub mod meta {
     pub const NEXT_SEQ: &[u8] = b"next_seq";
     /// The [`Tally`](crate::store::Tally) of the outbox and dead trees.
     pub const TALLY: &[u8] = b"tally";
+    /// The mapping the store last ran with (see `store::mapping`).
+    pub const MAPPING: &[u8] = b"mapping";
     /// The [`ClockRecord`](crate::clock::ClockRecord): run time, last wall time, jumps.
     pub const CLOCK: &[u8] = b"clock";
 }

@@ -14,6 +14,7 @@
 pub mod codec;
 pub mod committer;
 pub mod keys;
+pub mod mapping;
 pub mod outbox;
 pub mod source;
 

@@ -1,0 +1,161 @@
+//! The mapping the store last ran with, per segment: when it was first mapped and when its
+//! entry (name, its own times) last changed. The payload's `mappingCreatedAt` and
+//! `mappingUpdatedAt` come from here.
+//!
+//! Value of `meta/mapping`: one format byte, then JSON `{segment id: {created_ms, updated_ms,
+//! entry}}`, `entry` being what the config said of the segment. Segments that left the mapping
+//! keep their record, so one mapped again keeps its first time.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::meta;
+use super::{Store, StoreError};
+use crate::config::{MappedAt, Mapping};
+
+const MAPPING_V1: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedSegment {
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// What the config said of the segment besides its id, as text to compare.
+    pub entry: String,
+}
+
+/// The config's entry of `segment`, as text that changes when the entry does.
+fn entry_of(mapping: &Mapping, segment: &str) -> String {
+    match mapping.segment_details.get(segment) {
+        None => String::new(),
+        Some(d) => format!("{:?}|{:?}|{:?}", d.name, d.created_at_ms, d.updated_at_ms),
+    }
+}
+
+/// The records after running with `mapping` at `now_ms` (pure): new segments are created now,
+/// changed entries updated now, the rest kept.
+pub fn updated_records(
+    mut records: BTreeMap<String, RecordedSegment>,
+    mapping: &Mapping,
+    now_ms: i64,
+) -> BTreeMap<String, RecordedSegment> {
+    for segment in &mapping.segments {
+        let entry = entry_of(mapping, segment);
+        match records.get_mut(segment) {
+            Some(record) if record.entry == entry => {}
+            Some(record) => {
+                record.entry = entry;
+                record.updated_ms = now_ms;
+            }
+            None => {
+                records.insert(
+                    segment.clone(),
+                    RecordedSegment {
+                        created_ms: now_ms,
+                        updated_ms: now_ms,
+                        entry,
+                    },
+                );
+            }
+        }
+    }
+    records
+}
+
+impl Store {
+    fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
+        let Some(value) = self.meta.get(meta::MAPPING)? else {
+            return Ok(BTreeMap::new());
+        };
+        match value.split_first() {
+            Some((&MAPPING_V1, json)) => serde_json::from_slice(json)
+                .map_err(|e| StoreError::corrupt("the recorded mapping", e)),
+            Some((&format, _)) => Err(StoreError::corrupt(
+                "the recorded mapping",
+                format!("unknown format byte {format}"),
+            )),
+            None => Err(StoreError::corrupt("the recorded mapping", "empty value")),
+        }
+    }
+
+    /// Records that the store now runs with `mapping` (durably) and fills its
+    /// [`Mapping::mapped_at`] from the records.
+    pub fn record_mapping(&self, mapping: &mut Mapping, now_ms: i64) -> Result<(), StoreError> {
+        let before = self.mapping_records()?;
+        let records = updated_records(before.clone(), mapping, now_ms);
+        if records != before {
+            let mut value = vec![MAPPING_V1];
+            value.extend(serde_json::to_vec(&records).expect("records serialize"));
+            self.meta.insert(meta::MAPPING, value)?;
+            self.flush()?;
+        }
+        mapping.mapped_at = mapping
+            .segments
+            .iter()
+            .filter_map(|s| {
+                let r = records.get(s)?;
+                Some((
+                    s.clone(),
+                    MappedAt {
+                        created_ms: r.created_ms,
+                        updated_ms: r.updated_ms,
+                    },
+                ))
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SegmentDetails;
+
+    #[test]
+    fn new_segments_are_created_changed_entries_updated_and_records_kept() {
+        let mut mapping = Mapping::new(&[], &["a", "b"], &[]);
+        let first = updated_records(BTreeMap::new(), &mapping, 100);
+        assert_eq!(first["a"].created_ms, 100);
+        assert_eq!(first["b"].updated_ms, 100);
+
+        // Later: b gets a name, c is added, a leaves the mapping.
+        mapping.segments = vec!["b".into(), "c".into()];
+        mapping.segment_details.insert(
+            "b".into(),
+            SegmentDetails {
+                name: Some("Lapsed VIPs".into()),
+                ..SegmentDetails::default()
+            },
+        );
+        let second = updated_records(first.clone(), &mapping, 200);
+        assert_eq!(second["a"], first["a"], "kept for when it is mapped again");
+        assert_eq!((second["b"].created_ms, second["b"].updated_ms), (100, 200));
+        assert_eq!((second["c"].created_ms, second["c"].updated_ms), (200, 200));
+
+        // The same mapping again changes nothing.
+        assert_eq!(updated_records(second.clone(), &mapping, 300), second);
+    }
+
+    #[test]
+    fn the_records_survive_reopening_and_fill_the_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mapping = Mapping::new(&[], &["a"], &[]);
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            store.record_mapping(&mut mapping, 1_000).unwrap();
+        }
+        assert_eq!(
+            mapping.mapped_at["a"],
+            MappedAt {
+                created_ms: 1_000,
+                updated_ms: 1_000
+            }
+        );
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mut again = Mapping::new(&[], &["a", "b"], &[]);
+        store.record_mapping(&mut again, 2_000).unwrap();
+        assert_eq!(again.mapped_at["a"].created_ms, 1_000);
+        assert_eq!(again.mapped_at["b"].created_ms, 2_000);
+    }
+}
