@@ -275,13 +275,10 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         }
         Ok((done, missing))
     };
-    // Exports put back keep their (lower) sequence numbers: the delivery scan must not run
-    // meanwhile, and starts again from the head of the outbox after.
-    let (done, missing) = if retry {
-        store.rewinding(apply)?
-    } else {
-        apply()?
-    };
+    // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in the
+    // delivery loop's window: the loop must not start requests meanwhile, and reads the outbox
+    // again from its head after.
+    let (done, missing) = store.rewinding(apply)?;
     store.flush()?;
     let verb = if retry { "retried" } else { "dropped" };
     Ok(json!({ verb: done, "not_found": missing }))

@@ -25,6 +25,9 @@ use crate::config::{Auth, CredentialsPlacement, Grant, Secret};
 
 /// Used when the token endpoint does not say how long its token lives.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// A longer `expires_in` is taken as this (a year): the token is refreshed at least that often,
+/// and no lifetime can overflow the clock.
+const MAX_LIFETIME_S: u64 = 365 * 24 * 3600;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
@@ -80,6 +83,16 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// What the fetch lock guards.
+#[derive(Default)]
+struct Fetching {
+    /// From the last token answer that carried one; kept until refused.
+    refresh_token: Option<Secret>,
+    /// The last failed fetch: callers that were waiting for it share its error rather than
+    /// each trying again (a token endpoint that is down gets one request, not one per caller).
+    failed: Option<(Instant, AuthError)>,
+}
+
 pub struct TokenSource {
     auth: Auth,
     client: HttpClient,
@@ -87,7 +100,7 @@ pub struct TokenSource {
     current: std::sync::RwLock<Option<Cached>>,
     /// Held while a token is fetched, so that concurrent callers share one fetch; holds the
     /// refresh token of the last answer that carried one, kept until refused.
-    fetching: Mutex<Option<Secret>>,
+    fetching: Mutex<Fetching>,
     fetches: Counter,
 }
 
@@ -98,7 +111,7 @@ impl TokenSource {
             auth,
             client,
             current: std::sync::RwLock::new(None),
-            fetching: Mutex::new(None),
+            fetching: Mutex::new(Fetching::default()),
             fetches,
         }
     }
@@ -112,25 +125,25 @@ impl TokenSource {
                 if let Some(token) = self.valid_current() {
                     return Ok(Some(token));
                 }
-                let mut refresh_token = self.fetching.lock().await;
-                // Another caller may have fetched one while this one waited.
+                let waiting_since = Instant::now();
+                let mut fetching = self.fetching.lock().await;
+                // Another caller may have fetched one, or failed to, while this one waited.
                 if let Some(token) = self.valid_current() {
                     return Ok(Some(token));
                 }
-                let fetched = match refresh_token.clone() {
-                    Some(refresh) => match self.request(FormGrant::RefreshToken(&refresh)).await {
-                        Err(AuthError::Status { status, .. }) if (400..500).contains(&status) => {
-                            tracing::info!(
-                                status,
-                                "the token endpoint refused the refresh token; using the original grant"
-                            );
-                            *refresh_token = None;
-                            self.fetch().await?
-                        }
-                        other => other?,
-                    },
-                    None => self.fetch().await?,
+                if let Some((at, error)) = &fetching.failed {
+                    if *at >= waiting_since {
+                        return Err(error.clone());
+                    }
+                }
+                let fetched = match self.fetch_with(&mut fetching.refresh_token).await {
+                    Ok(fetched) => fetched,
+                    Err(error) => {
+                        fetching.failed = Some((Instant::now(), error.clone()));
+                        return Err(error);
+                    }
                 };
+                fetching.failed = None;
                 let refresh_at =
                     Instant::now() + fetched.lifetime - refresh_margin(fetched.lifetime);
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
@@ -138,10 +151,29 @@ impl TokenSource {
                     refresh_at,
                 });
                 if fetched.refresh_token.is_some() {
-                    *refresh_token = fetched.refresh_token;
+                    fetching.refresh_token = fetched.refresh_token;
                 }
                 Ok(Some(fetched.token))
             }
+        }
+    }
+
+    /// A new token: with the refresh token when there is one, falling back to the original
+    /// grant when the token endpoint refuses it.
+    async fn fetch_with(&self, refresh_token: &mut Option<Secret>) -> Result<Fetched, AuthError> {
+        let Some(refresh) = refresh_token.clone() else {
+            return self.fetch().await;
+        };
+        match self.request(FormGrant::RefreshToken(&refresh)).await {
+            Err(AuthError::Status { status, .. }) if (400..500).contains(&status) => {
+                tracing::info!(
+                    status,
+                    "the token endpoint refused the refresh token; using the original grant"
+                );
+                *refresh_token = None;
+                self.fetch().await
+            }
+            other => other,
         }
     }
 
@@ -239,9 +271,9 @@ impl TokenSource {
         };
         Ok(Fetched {
             token: Secret::new(parsed.access_token),
-            lifetime: seconds
-                .filter(|&s| s > 0)
-                .map_or(DEFAULT_LIFETIME, Duration::from_secs),
+            lifetime: seconds.filter(|&s| s > 0).map_or(DEFAULT_LIFETIME, |s| {
+                Duration::from_secs(s.min(MAX_LIFETIME_S))
+            }),
             lifetime_given: seconds.is_some(),
             token_type: parsed.token_type,
             refresh_token: parsed

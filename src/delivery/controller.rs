@@ -60,7 +60,8 @@ const MIN_INTERVAL: Duration = Duration::from_millis(1);
 pub enum Signal {
     /// 2xx.
     Healthy,
-    /// An answer that shows the endpoint works but is not about load: a 4xx rejection, 401/403.
+    /// An answer that shows the endpoint works but is not about load: a 4xx that rejects the
+    /// export (401/403 are [`Signal::Failed`]: a destination that refuses every token is down).
     Neutral,
     /// 429.
     RateLimited,

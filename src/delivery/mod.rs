@@ -27,10 +27,13 @@ pub mod queue;
 pub mod retry;
 pub mod settler;
 
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::Full;
 use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use hyper::{Request, Uri};
@@ -51,8 +54,15 @@ use retry::{classify, Class, ExportBackoff};
 use settler::{Change, Settler};
 
 /// Pending exports held in memory ahead of sending; the store is read again when fewer than
-/// half are left.
+/// half are left, or when few profiles are ready (the rest wait behind failing exports), up to
+/// [`MAX_HELD`].
 const WINDOW: usize = 16_384;
+const MAX_HELD: usize = 65_536;
+/// A failed read of the outbox is tried again after this long.
+const READ_RETRY: Duration = Duration::from_secs(1);
+/// At shutdown, outcomes are waited for this long beyond the request timeout; what is not
+/// recorded by then stays pending (sent again: at least once).
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// At most this many exports are read from the store per turn of the loop.
 const READ_CHUNK: usize = 2_048;
 /// A wake-up even without commits: picks up expiries and anything missed.
@@ -86,10 +96,11 @@ enum Attempted {
     SendFailed { error: String, timeout: bool },
 }
 
-/// A read of the outbox: where the cursor got to, and what was read (`None`: start over).
+/// A read of the outbox: which read it was, where the cursor got to, and what was read.
 struct Read {
+    generation: u64,
     cursor: u64,
-    exports: Result<Option<Vec<Export>>, crate::store::StoreError>,
+    exports: Result<Vec<Export>, crate::store::StoreError>,
 }
 
 struct Finished {
@@ -107,6 +118,7 @@ pub struct Deliverer {
     headers: Vec<(HeaderName, HeaderValue)>,
     max_profiles_per_request: usize,
     max_age: Duration,
+    request_timeout: Duration,
     clock: RunClock,
     controller: ControllerConfig,
     metrics: Arc<Metrics>,
@@ -160,6 +172,7 @@ impl Deliverer {
             headers,
             max_profiles_per_request: d.max_profiles_per_request,
             max_age: d.max_age,
+            request_timeout: d.request_timeout,
             controller: ControllerConfig {
                 max_concurrency: d.max_concurrency,
                 fixed: d.fixed_concurrency,
@@ -194,9 +207,13 @@ impl Deliverer {
             cursor: 0,
             settling: 0,
             reading: false,
+            read_generation: 0,
+            out_at_read: HashSet::new(),
+            read_retry_at: None,
             changes: Vec::new(),
             settler,
         };
+        let mut stop_by: Option<Instant> = None;
         // One timer for the idle tick, moved forward when it fires rather than made anew on
         // every turn of the loop.
         let idle = tokio::time::sleep(IDLE_TICK);
@@ -205,19 +222,52 @@ impl Deliverer {
             let stopping = shutdown.is_cancelled();
             let now = Instant::now();
             if !stopping {
-                self.refill(&mut state, &read_tx);
-                state.queue.wake_due(now);
-                self.start_requests(&mut state, &done_tx, now);
+                // No put-back or drop can run while requests are started, and one that ran
+                // since the last turn is seen before any: an export put back under an older
+                // number is never overtaken by a newer one of its profile held here.
+                self.store.unless_rewound(|rewound| {
+                    if rewound {
+                        tracing::debug!(
+                            "exports were put back or dropped; reading the outbox again"
+                        );
+                        state.queue.forget_held();
+                        state.cursor = 0;
+                        state.read_generation += 1;
+                        state.reading = false;
+                    }
+                    state.queue.wake_due(now);
+                    self.start_requests(&mut state, &done_tx, now);
+                });
+                self.refill(&mut state, &read_tx, now);
             }
             state.settler.send(std::mem::take(&mut state.changes));
             self.publish(&state);
-            if stopping && state.controller.in_flight() == 0 && state.settling == 0 {
-                break;
+            if stopping {
+                let deadline = *stop_by.get_or_insert(now + self.request_timeout + STOP_GRACE);
+                let done = state.controller.in_flight() == 0 && state.settling == 0;
+                if done || now >= deadline {
+                    if !done {
+                        tracing::warn!(
+                            in_flight = state.controller.in_flight(),
+                            unrecorded = state.settling,
+                            "stopping before every outcome was recorded; those exports stay pending"
+                        );
+                    }
+                    break;
+                }
             }
-            let timer = [state.queue.next_due(), state.controller.next_permit_at(now)]
+            let timer = if stopping {
+                stop_by
+            } else {
+                [
+                    state.queue.next_due(),
+                    state.controller.next_permit_at(now),
+                    state.read_retry_at,
+                ]
                 .into_iter()
                 .flatten()
-                .min();
+                .min()
+            };
             tokio::select! {
                 Some(finished) = done.recv() => {
                     self.finish(&mut state, finished);
@@ -226,58 +276,79 @@ impl Deliverer {
                     }
                 }
                 Some(read) = reads.recv() => {
-                    self.read_done(&mut state, read);
+                    self.read_done(&mut state, read, Instant::now());
                 }
                 Some(group) = settled.recv() => {
                     for s in group {
-                        state.settling -= 1;
-                        state.queue.settled(&s.profile, s.seq);
+                        if s.vanished {
+                            state.queue.remove(&s.profile, s.seq);
+                        } else {
+                            state.settling -= 1;
+                            state.queue.settled(&s.profile, s.seq);
+                        }
+                        if state.reading {
+                            state.out_at_read.insert(s.seq);
+                        }
                     }
                 }
                 _ = wake.notified(), if !stopping => {}
-                _ = sleep_until(timer), if timer.is_some() && !stopping => {}
+                _ = sleep_until(timer), if timer.is_some() => {}
                 _ = &mut idle, if !stopping => idle.as_mut().reset(Instant::now() + IDLE_TICK),
                 _ = shutdown.cancelled(), if !stopping => {}
             }
         }
     }
 
-    /// Starts a read of the store when the window runs low and there is something to read.
-    /// The read runs on a blocking thread (the outbox may be cold on disk) and its result
-    /// comes back to the loop; sending goes on meanwhile.
-    fn refill(&self, state: &mut LoopState, reads: &mpsc::UnboundedSender<Read>) {
-        let room = WINDOW - state.queue.held().min(WINDOW);
-        if state.reading || room < WINDOW / 2 {
+    /// Starts a read of the store when the window runs low (or few profiles are ready) and
+    /// there is something to read. The read runs on a blocking thread (the outbox may be cold
+    /// on disk) and its result comes back to the loop; sending goes on meanwhile.
+    fn refill(&self, state: &mut LoopState, reads: &mpsc::UnboundedSender<Read>, now: Instant) {
+        if state.reading || state.read_retry_at.is_some_and(|at| now < at) {
             return;
         }
-        if state.cursor >= self.store.durable_next_seq() && !self.store.was_rewound() {
+        let held = state.queue.held();
+        let wanted = held < WINDOW / 2 || (state.queue.ready() < READ_CHUNK && held < MAX_HELD);
+        if !wanted || state.cursor >= self.store.durable_next_seq() {
             return;
         }
         state.reading = true;
+        state.read_retry_at = None;
+        // An export out now may be read again (after a start-over); by the time the read is
+        // back it may have been delivered or put back already, so it is skipped.
+        state.out_at_read = state.queue.out().clone();
         let (store, reads) = (Arc::clone(&self.store), reads.clone());
-        let mut cursor = state.cursor;
+        let (generation, mut cursor) = (state.read_generation, state.cursor);
+        let limit = (MAX_HELD - held).min(READ_CHUNK);
         tokio::task::spawn_blocking(move || {
-            let exports = store.read_pending(&mut cursor, room.min(READ_CHUNK));
-            let _ = reads.send(Read { cursor, exports });
+            let exports = store.read_pending(&mut cursor, limit);
+            let _ = reads.send(Read {
+                generation,
+                cursor,
+                exports,
+            });
         });
     }
 
-    fn read_done(&self, state: &mut LoopState, read: Read) {
+    fn read_done(&self, state: &mut LoopState, read: Read, now: Instant) {
+        if read.generation != state.read_generation {
+            return; // started before the outbox changed under the window
+        }
         state.reading = false;
         match read.exports {
-            Ok(Some(exports)) => {
+            Ok(exports) => {
                 state.cursor = read.cursor;
                 for export in exports {
-                    state.queue.push(export);
+                    if !state.out_at_read.contains(&export.id.seq) {
+                        state.queue.push(export);
+                    }
                 }
             }
-            Ok(None) => {
-                tracing::debug!("exports were put back or dropped; reading the outbox again");
-                state.queue.forget_held();
-                state.cursor = 0;
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox; trying again shortly");
+                state.read_retry_at = Some(now + READ_RETRY);
             }
-            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
         }
+        state.out_at_read.clear();
     }
 
     /// Starts as many requests as the controller allows, each with up to
@@ -309,11 +380,18 @@ impl Deliverer {
                 state.controller.started(now);
                 let (this, done) = (Arc::clone(self), done.clone());
                 tokio::spawn(async move {
-                    let sent_at = Instant::now();
-                    let attempted = this.attempt(&batch).await;
+                    // A panic must still report back: the controller counts the request as in
+                    // flight and the profile as busy until it does.
+                    let attempted = AssertUnwindSafe(this.attempt(&batch))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| Attempted::SendFailed {
+                            error: "internal error while sending (see the log)".into(),
+                            timeout: false,
+                        });
                     let _ = done.send(Finished {
                         batch,
-                        sent_at,
+                        sent_at: now,
                         attempted,
                     });
                 });
@@ -532,6 +610,11 @@ struct LoopState {
     settling: usize,
     /// A read of the store is under way.
     reading: bool,
+    /// Counts the starts-over; a read started before the last one is thrown away.
+    read_generation: u64,
+    /// What was out when the running read started, and what came back since.
+    out_at_read: HashSet<u64>,
+    read_retry_at: Option<Instant>,
     /// Changes made in this turn of the loop, sent to the settler together at its end.
     changes: Vec<Change>,
     settler: Settler,

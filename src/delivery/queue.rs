@@ -169,6 +169,40 @@ impl<B> Queue<B> {
         }
     }
 
+    /// Forgets export `seq` of a profile (it left the outbox behind the window's back: dropped
+    /// by the operator). If it was the profile's head, the next one may go.
+    pub fn remove(&mut self, id: &Arc<str>, seq: u64) {
+        let Some(profile) = self.profiles.get_mut(id) else {
+            return;
+        };
+        let Some(at) = profile.exports.iter().position(|e| e.id.seq == seq) else {
+            return;
+        };
+        profile.exports.remove(at);
+        self.held -= 1;
+        if at > 0 {
+            return;
+        }
+        profile.backoff = None;
+        profile.solo = false;
+        match profile.state {
+            State::Waiting(when) => {
+                self.waiting.remove(&(when, Arc::clone(id)));
+                self.make_ready(id);
+            }
+            State::Idle => {
+                self.ready.remove(&seq);
+                self.make_ready(id);
+            }
+            State::Busy => {}
+        }
+    }
+
+    /// The sequence numbers out of the window now.
+    pub fn out(&self) -> &HashSet<u64> {
+        &self.out
+    }
+
     /// Marks the head export of a profile that is out as one that must go alone.
     pub fn set_solo(&mut self, id: &Arc<str>) {
         if let Some(profile) = self.profiles.get_mut(id) {
@@ -333,6 +367,28 @@ mod tests {
         let a: Arc<str> = "a".into();
         q.settled(&a, 5);
         assert_eq!(seqs(&q.take(10)), [6]);
+    }
+
+    #[test]
+    fn a_removed_head_lets_the_next_export_go_and_others_are_just_forgotten() {
+        let start = Instant::now();
+        let mut q = queue(&[(1, "a"), (2, "a"), (3, "a"), (4, "b")]);
+        let (a, first) = q.take(1).remove(0);
+        q.put_back(&a, first, Some(start + Duration::from_secs(60)));
+        assert_eq!(seqs(&q.take(10)), [4]);
+        // Export 1, waiting for its retry time, was dropped: 2 goes now.
+        q.remove(&a, 1);
+        assert_eq!(q.waiting(), 0);
+        q.remove(&a, 3);
+        assert_eq!(seqs(&q.take(10)), [2]);
+        q.settled(&a, 2);
+        assert!(q.take(10).is_empty(), "3 was forgotten");
+        assert_eq!(q.held(), 0);
+        // An idle, ready head.
+        let mut q = queue(&[(7, "c"), (8, "c")]);
+        let c: Arc<str> = "c".into();
+        q.remove(&c, 7);
+        assert_eq!(seqs(&q.take(10)), [8]);
     }
 
     #[test]

@@ -18,10 +18,14 @@ pub struct Change {
     pub change: ExportChange,
 }
 
-/// A profile whose export `seq` was delivered or dead-lettered, durably.
+/// What became of a change the loop waits for.
 pub struct Settled {
     pub profile: Arc<str>,
     pub seq: u64,
+    /// `false`: delivered or dead-lettered, durably (a change that settles). `true`: a failed
+    /// attempt of an export that is no longer pending (dropped by `outbox drop`): the loop
+    /// must forget it rather than retry it.
+    pub vanished: bool,
 }
 
 /// At most this many changes go into one transaction.
@@ -70,22 +74,30 @@ fn run(
         let changes: Vec<_> = group.iter().map(|c| (c.seq, c.change.clone())).collect();
         let must_flush = group.iter().any(|c| c.change.settles());
         // A failed write is retried: the profiles must not send again before it is durable.
-        while let Err(e) = store.apply_export_changes(&changes).and_then(|()| {
-            if must_flush {
-                store.flush()
-            } else {
-                Ok(())
+        let missing = loop {
+            let applied = store.apply_export_changes(&changes).and_then(|missing| {
+                if must_flush {
+                    store.flush()?;
+                }
+                Ok(missing)
+            });
+            match applied {
+                Ok(missing) => break missing,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
-        }) {
-            tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        };
         let done: Vec<Settled> = group
             .into_iter()
-            .filter(|c| c.change.settles())
-            .map(|c| Settled {
-                profile: c.profile,
-                seq: c.seq,
+            .filter_map(|c| {
+                let vanished = !c.change.settles() && missing.contains(&c.seq);
+                (c.change.settles() || vanished).then_some(Settled {
+                    profile: c.profile,
+                    seq: c.seq,
+                    vanished,
+                })
             })
             .collect();
         if !done.is_empty() && settled.send(done).is_err() {

@@ -814,37 +814,30 @@ impl Store {
         })
     }
 
-    /// Runs `put_back`, which moves exports back into the outbox under their old sequence
-    /// numbers, so that no [`Store::scan_pending`] overlaps it; the next scan starts from the
-    /// head of the outbox again.
-    pub fn rewinding<T>(&self, put_back: impl FnOnce() -> T) -> T {
+    /// Runs `change`, which puts exports back into the outbox under their old sequence numbers
+    /// or drops pending ones, while the delivery loop starts nothing (see
+    /// [`Store::unless_rewound`]); the loop then reads the outbox again from its head.
+    pub fn rewinding<T>(&self, change: impl FnOnce() -> T) -> T {
         let _guard = self.rewind_lock.write().unwrap_or_else(|e| e.into_inner());
-        let result = put_back();
+        let result = change();
         self.rewound.store(true, Ordering::SeqCst);
         result
     }
 
-    /// Whether exports were put back since the last [`Store::read_pending`].
-    pub fn was_rewound(&self) -> bool {
-        self.rewound.load(Ordering::SeqCst)
+    /// Runs `start` while no [`Store::rewinding`] can run, telling it whether exports were put
+    /// back or dropped since the last call: then whatever the caller holds of the outbox is out
+    /// of date, and it must read again from the head before starting anything.
+    pub fn unless_rewound<T>(&self, start: impl FnOnce(bool) -> T) -> T {
+        let _guard = self.rewind_lock.read().unwrap_or_else(|e| e.into_inner());
+        start(self.rewound.swap(false, Ordering::SeqCst))
     }
 
     /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
-    /// keeps its place between calls; `*cursor` moves past the last one returned. `None` when
-    /// exports were put back (see [`Store::rewinding`]) since the last call: the reader must
-    /// forget what it holds and start again from 0.
-    pub fn read_pending(
-        &self,
-        cursor: &mut u64,
-        limit: usize,
-    ) -> Result<Option<Vec<Export>>, StoreError> {
-        let _guard = self.rewind_lock.read().unwrap_or_else(|e| e.into_inner());
-        if self.rewound.swap(false, Ordering::SeqCst) {
-            return Ok(None);
-        }
+    /// keeps its place between calls; `*cursor` moves past the last one returned.
+    pub fn read_pending(&self, cursor: &mut u64, limit: usize) -> Result<Vec<Export>, StoreError> {
         let until = self.durable_next_seq();
         if *cursor >= until {
-            return Ok(Some(Vec::new()));
+            return Ok(Vec::new());
         }
         let mut exports = Vec::new();
         for item in self
@@ -860,7 +853,7 @@ impl Store {
         if exports.len() < limit {
             *cursor = until;
         }
-        Ok(Some(exports))
+        Ok(exports)
     }
 
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
@@ -925,11 +918,13 @@ mod tests {
     use crate::profile::update::parse_body;
     use std::time::Duration;
 
-    fn seqs(store: &Store, cursor: &mut u64) -> Option<Vec<u64>> {
+    fn seqs(store: &Store, cursor: &mut u64) -> Vec<u64> {
         store
             .read_pending(cursor, 100)
             .unwrap()
-            .map(|exports| exports.iter().map(|e| e.id.seq).collect())
+            .iter()
+            .map(|e| e.id.seq)
+            .collect()
     }
 
     /// Regression: a scan that kept its place must not skip a dead letter put back below it,
@@ -954,29 +949,28 @@ mod tests {
             .unwrap();
 
         let mut cursor = 0;
-        assert_eq!(
-            seqs(&store, &mut cursor),
-            Some(vec![]),
+        assert!(
+            seqs(&store, &mut cursor).is_empty(),
             "nothing is durable yet"
         );
         store.flush().unwrap();
-        assert_eq!(seqs(&store, &mut cursor), Some(vec![1, 2]));
+        assert_eq!(seqs(&store, &mut cursor), [1, 2]);
         assert_eq!(cursor, 3);
-        assert_eq!(seqs(&store, &mut cursor), Some(vec![]));
+        assert!(!store.unless_rewound(|rewound| rewound));
         store.rewinding(|| {
             store
                 .change_export(0, Place::Dead, |r| (Place::Pending, r))
                 .unwrap()
         });
-        assert_eq!(
-            seqs(&store, &mut cursor),
-            None,
-            "the reader must start over"
+        assert!(
+            store.unless_rewound(|rewound| rewound),
+            "the reader is told to start over"
         );
+        assert!(!store.unless_rewound(|rewound| rewound), "once");
         cursor = 0;
         assert_eq!(
             seqs(&store, &mut cursor),
-            Some(vec![0, 1, 2]),
+            [0, 1, 2],
             "the put-back export comes first"
         );
     }
