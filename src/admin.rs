@@ -43,6 +43,10 @@ pub enum AdminRequest {
     Ingest {
         updates: Vec<Value>,
     },
+    /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
+    /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
+    /// running agent answers it.
+    Snapshot,
 }
 
 impl AdminRequest {
@@ -158,6 +162,9 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
         AdminRequest::Ingest { .. } => {
             Err(AdminError::Failed("ingest is not executed here".into()))
         }
+        AdminRequest::Snapshot => Err(AdminError::Failed(
+            "only a running agent has figures to show".into(),
+        )),
     }
 }
 

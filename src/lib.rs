@@ -16,6 +16,7 @@
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
 //!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
+//! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
 //! - [`logging`]: tracing set-up.
 
@@ -33,3 +34,4 @@ pub mod profile;
 pub mod receiver;
 pub mod server;
 pub mod store;
+pub mod top;

@@ -5,6 +5,7 @@
 mod backend;
 mod ingest;
 mod output;
+mod top;
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -116,6 +117,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print_json(&value, json.json);
             Ok(())
         }
+        Command::Top { once, interval } => top::top(&config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
         }

@@ -8,6 +8,7 @@
 //! to the original grant if the token endpoint refuses it. Lifetimes are counted on the
 //! monotonic clock (`tokio::time::Instant`), so a wall clock that jumps changes nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -80,6 +81,23 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// When the OAuth token held expires: shared by the token source with the metrics, so that
+/// `outpost top` can show the remaining lifetime without a request.
+#[derive(Debug, Clone, Default)]
+pub struct TokenExpiry(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl TokenExpiry {
+    fn set(&self, at: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }
+
+    /// Seconds until the token held expires (0 once expired); `None` while none is held.
+    pub fn remaining_s(&self) -> Option<u64> {
+        let at = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        at.map(|at| at.saturating_duration_since(Instant::now()).as_secs())
+    }
+}
+
 pub struct TokenSource {
     auth: Auth,
     client: HttpClient,
@@ -89,6 +107,7 @@ pub struct TokenSource {
     /// refresh token of the last answer that carried one, kept until refused.
     fetching: Mutex<Option<Secret>>,
     fetches: Counter,
+    expiry: TokenExpiry,
 }
 
 impl TokenSource {
@@ -100,7 +119,14 @@ impl TokenSource {
             current: std::sync::RwLock::new(None),
             fetching: Mutex::new(None),
             fetches,
+            expiry: TokenExpiry::default(),
         }
+    }
+
+    /// Reports the expiry of each token fetched to `expiry`.
+    pub fn with_expiry(mut self, expiry: TokenExpiry) -> TokenSource {
+        self.expiry = expiry;
+        self
     }
 
     /// The token to send, fetching one if there is none or it is due for refresh.
@@ -131,8 +157,9 @@ impl TokenSource {
                     },
                     None => self.fetch().await?,
                 };
-                let refresh_at =
-                    Instant::now() + fetched.lifetime - refresh_margin(fetched.lifetime);
+                let now = Instant::now();
+                let refresh_at = now + fetched.lifetime - refresh_margin(fetched.lifetime);
+                self.expiry.set(Some(now + fetched.lifetime));
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
                     token: fetched.token.clone(),
                     refresh_at,
@@ -158,6 +185,7 @@ impl TokenSource {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.as_ref().is_some_and(|c| &c.token == used) {
             *current = None;
+            self.expiry.set(None);
         }
     }
 

@@ -218,7 +218,9 @@ pub struct OutboxStats {
     /// `delivery.max_age_s` is compared with.
     pub oldest_pending_waited_s: Option<u64>,
     pub bytes: u64,
-    pub profiles: u64,
+    /// Profiles stored; left out by [`Store::outbox_stats`] (counting walks the profile tree).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiles: Option<u64>,
     pub store_id: String,
     /// The run time of the store (agents' running time, summed over runs).
     pub run_time_s: u64,
@@ -683,6 +685,14 @@ impl Store {
     }
 
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
+        let mut stats = self.outbox_stats(now)?;
+        stats.profiles = Some(self.profiles.len() as u64);
+        Ok(stats)
+    }
+
+    /// [`Store::stats`] without the count of profiles, which walks the profile tree: cheap
+    /// enough to read every second (`outpost top`, `GET /metrics`).
+    pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let oldest = match self.outbox.first()? {
             Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
             None => None,
@@ -700,7 +710,7 @@ impl Store {
             oldest_pending_waited_s: oldest
                 .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
             bytes: tally.bytes,
-            profiles: self.profiles.len() as u64,
+            profiles: None,
             store_id: format!("{:08x}", self.store_id),
             run_time_s: uptime_ms / 1000,
             clock_jumps: clock.jumps,
