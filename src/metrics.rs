@@ -222,6 +222,17 @@ impl Metrics {
             "The last wall-clock jump noticed, in seconds (positive: set forward)",
             clock_last_jump_seconds.clone(),
         );
+        // Every label value from the start, so that a series never appears out of nothing (a
+        // rate over a missing series is no rate at all in Prometheus).
+        for result in UPDATE_RESULTS {
+            let _ = updates.get_or_create(&vec![("result", result)]);
+        }
+        for reason in Reason::ALL {
+            let _ = exports.get_or_create(&vec![("reason", reason.as_str())]);
+        }
+        for cause in RetryCause::ALL {
+            let _ = retries.get_or_create(&vec![("cause", cause.label())]);
+        }
         Metrics {
             clock_jumps,
             clock_last_jump_seconds,
