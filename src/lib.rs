@@ -18,6 +18,8 @@
 //!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
 //! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
+//! - [`explain`]: errors a person can act on (what is wrong, which key or certificate, what to
+//!   do).
 //! - [`logging`]: tracing set-up.
 
 pub mod admin;
@@ -28,6 +30,7 @@ pub mod commands;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod explain;
 pub mod logging;
 pub mod metrics;
 pub mod profile;

@@ -35,6 +35,9 @@ pub enum AuthError {
     Status { status: u16, body: String },
     #[error("token endpoint: unreadable answer: {0}")]
     Answer(String),
+    /// A 2xx answer that is not a JSON token (an HTML login page, another format).
+    #[error("{0}")]
+    NotAToken(String),
 }
 
 #[derive(Deserialize)]
@@ -255,8 +258,24 @@ impl TokenSource {
                 body: answer.body_start(),
             });
         }
-        let parsed: TokenAnswer =
-            serde_json::from_slice(&answer.body).map_err(|e| AuthError::Answer(e.to_string()))?;
+        let parsed: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
+            let content_type = answer
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            tracing::debug!(
+                error = %e,
+                content_type,
+                bytes = answer.body.len(),
+                "the token endpoint's answer is not a JSON token"
+            );
+            AuthError::NotAToken(crate::explain::token_answer(
+                answer.status.as_u16(),
+                content_type,
+                &answer.body,
+                &e,
+            ))
+        })?;
         if parsed.access_token.is_empty() {
             return Err(AuthError::Answer("empty access_token".into()));
         }

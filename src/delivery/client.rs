@@ -126,12 +126,13 @@ impl HttpClient {
 
     /// Sends the request and reads the answer, all within the timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+        let uri = request.uri().clone();
         let exchange = async {
             let response = self
                 .client
                 .request(request)
                 .await
-                .map_err(|e| ClientError::Transport(describe_error(&e)))?;
+                .map_err(|e| request_error(&uri, &e))?;
             let (parts, body) = response.into_parts();
             let body = body
                 .collect()
@@ -147,6 +148,28 @@ impl HttpClient {
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+}
+
+/// A request that got no answer: a certificate problem explained (the whole error in the debug
+/// log), else the error and its causes.
+fn request_error(uri: &hyper::Uri, error: &(dyn std::error::Error + 'static)) -> ClientError {
+    let described = describe_error(error);
+    let Some(tls) = crate::explain::find_tls_error(error) else {
+        return ClientError::Transport(described);
+    };
+    tracing::debug!(error = %described, tls = ?tls, "TLS with {uri} failed");
+    let host = uri.host().unwrap_or("?").trim_matches(['[', ']']);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    match crate::explain::certificate(&format!("{host}:{port}"), host, tls) {
+        Some(message) => ClientError::Tls(message),
+        None => ClientError::Transport(described),
     }
 }
 

@@ -45,7 +45,7 @@ const UPGRADABLE_FORMATS: &[u64] = &[1];
 pub enum StoreError {
     #[error("the store at {0} is in use by another process (is `outpost run` running on it?)")]
     Locked(PathBuf),
-    #[error("cannot open the store at {path}: {source}")]
+    #[error("{}", open_message(.path, .source))]
     Open { path: PathBuf, source: sled::Error },
     #[error(
         "the store at {path} has format {found}, this outpost reads formats 1 to {FORMAT_VERSION}"
@@ -57,6 +57,12 @@ pub enum StoreError {
     Sync(std::io::Error),
     #[error("store: corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+}
+
+/// What to do when the store cannot be opened, where [`crate::explain`] knows; else the error.
+fn open_message(path: &Path, source: &sled::Error) -> String {
+    crate::explain::store_open(path, source)
+        .unwrap_or_else(|| format!("cannot open the store at {}: {source}", path.display()))
 }
 
 impl StoreError {
@@ -393,9 +399,12 @@ impl Store {
     }
 
     fn open_once(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
-            path: path.to_path_buf(),
-            source: sled::Error::Io(e),
+        std::fs::create_dir_all(path).map_err(|e| {
+            tracing::debug!(error = ?e, path = %path.display(), "creating the store folder");
+            StoreError::Open {
+                path: path.to_path_buf(),
+                source: sled::Error::Io(e),
+            }
         })?;
         let db = sled::Config::new()
             .path(path)
@@ -410,10 +419,13 @@ impl Store {
                 {
                     StoreError::Locked(path.to_path_buf())
                 }
-                source => StoreError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                },
+                source => {
+                    tracing::debug!(error = ?source, path = %path.display(), "opening the store");
+                    StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                }
             })?;
         let meta = db.open_tree("meta")?;
         match meta.get(meta::FORMAT)? {
