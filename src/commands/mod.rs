@@ -5,6 +5,7 @@
 mod backend;
 mod ingest;
 mod output;
+mod preflight;
 mod top;
 
 use std::fs::File;
@@ -245,17 +246,18 @@ async fn check(config: &Config) -> Result<(), CliError> {
             format!("{} identity namespaces", config.mapping.identities.len())
         }
     );
-    println!("store            {}", config.storage.path.display());
+    let store = preflight::store(config);
+    println!("store            {}", store.line);
     println!("clock            {}", clock_report(config));
-    println!(
-        "ingest           {}{}",
-        config.ingest.listen,
-        if config.ingest.token.is_some() {
-            " (token required)"
-        } else {
-            ""
+    let listen = preflight::listen(config);
+    println!("ingest           {}", listen.line);
+    let mut problems: Vec<String> = Vec::new();
+    for finding in [store, listen] {
+        if let Some(warning) = finding.warning {
+            println!("warning          {warning}");
         }
-    );
+        problems.extend(finding.problem);
+    }
     for warning in &config.warnings {
         println!("warning          {warning}");
     }
@@ -285,10 +287,13 @@ async fn check(config: &Config) -> Result<(), CliError> {
             println!("token endpoint   {}", display_url(auth_endpoint));
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
-            let fetched = source
-                .fetch()
-                .await
-                .map_err(|e| CliError::Failure(format!("token: {e}")))?;
+            let fetched = match source.fetch().await {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    problems.push(format!("token: {e}"));
+                    return fail(problems);
+                }
+            };
             println!(
                 "token            obtained ({} characters, type {}, lifetime {} s{})",
                 fetched.token.expose().len(),
@@ -302,8 +307,16 @@ async fn check(config: &Config) -> Result<(), CliError> {
             );
         }
     }
+    if !problems.is_empty() {
+        return fail(problems);
+    }
     println!("check            ok");
     Ok(())
+}
+
+/// `check`'s failure: every problem found, one a line.
+fn fail(problems: Vec<String>) -> Result<(), CliError> {
+    Err(CliError::Failure(problems.join("\noutpost: ")))
 }
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
