@@ -234,8 +234,8 @@ fn leaf(
     (params.signed_by(&key, &ca.0, &ca.1).unwrap(), key)
 }
 
-/// `outpost check` against a receiver serving `served` over TLS, trusting `ca`: its error line.
-async fn check_against(served: &(rcgen::Certificate, KeyPair), ca: &rcgen::Certificate) -> String {
+/// A receiver serving `served` over TLS.
+async fn tls_receiver(served: &(rcgen::Certificate, KeyPair)) -> Receiver {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = vec![served.0.der().clone()];
     let key: PrivateKeyDer<'static> = PrivatePkcs8KeyDer::from(served.1.serialize_der()).into();
@@ -245,7 +245,7 @@ async fn check_against(served: &(rcgen::Certificate, KeyPair), ca: &rcgen::Certi
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();
-    let receiver = Receiver::start(
+    Receiver::start(
         "127.0.0.1:0".parse().unwrap(),
         ReceiverOptions {
             tls: Some(Arc::new(tls)),
@@ -253,7 +253,12 @@ async fn check_against(served: &(rcgen::Certificate, KeyPair), ca: &rcgen::Certi
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// `outpost check` against a receiver serving `served` over TLS, trusting `ca`: its error line.
+async fn check_against(served: &(rcgen::Certificate, KeyPair), ca: &rcgen::Certificate) -> String {
+    let receiver = tls_receiver(served).await;
     let port = receiver.addr.port();
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
@@ -315,5 +320,55 @@ async fn an_expired_certificate() {
             "). Renew the server's certificate; if this host's clock is wrong, correct it"
         ),
         "{line}"
+    );
+}
+
+/// `check` also shakes hands with an https endpoint (no request sent): a certificate that
+/// verifies passes, a CA's certificate served as the server's own is explained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_verifies_the_endpoints_certificate() {
+    let ca = ca("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.0.pem()).unwrap();
+    let good = tls_receiver(&leaf(&ca, &["localhost"], (2020, 2099))).await;
+    let bad = tls_receiver(&ca).await;
+    for (receiver, ok) in [(&good, true), (&bad, false)] {
+        let ws = Workspace::with_extra("[ingest]\nlisten = \"127.0.0.1:0\"\n");
+        let config = std::fs::read_to_string(ws.config_path()).unwrap().replace(
+            "http_endpoint = \"http://127.0.0.1:9/profiles?source=edge\"",
+            &format!(
+                "http_endpoint = \"https://localhost:{}/profiles\"\nca_file = {:?}",
+                receiver.addr.port(),
+                ca_file.to_str().unwrap()
+            ),
+        );
+        std::fs::write(ws.config_path(), config).unwrap();
+        let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if ok {
+            assert!(out.status.success(), "{stdout}{}", stderr(&out));
+            assert!(
+                stdout.contains("endpoint TLS     certificate verifies (TLSv1_3)"),
+                "{stdout}"
+            );
+        } else {
+            assert!(stdout.contains("endpoint TLS     failed"), "{stdout}");
+            let line = error_line(&out).replace(&receiver.addr.port().to_string(), "PORT");
+            assert!(
+                line.starts_with(
+                    "outpost: endpoint: the certificate localhost:PORT presents is a CA \
+                     certificate (CA:TRUE) served as the server's own certificate"
+                ),
+                "{line}"
+            );
+        }
+    }
+    assert_eq!(
+        good.delivered().len() + bad.delivered().len(),
+        0,
+        "no request is sent"
     );
 }

@@ -263,6 +263,21 @@ async fn check(config: &Config) -> Result<(), CliError> {
     }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
         .map_err(|e| CliError::Failure(format!("destination TLS: {e}")))?;
+    if d.http_endpoint.scheme() == "https" {
+        match crate::delivery::client::tls_handshake(
+            d,
+            &d.http_endpoint,
+            config.delivery.request_timeout,
+        )
+        .await
+        {
+            Ok(version) => println!("endpoint TLS     certificate verifies ({version})"),
+            Err(e) => {
+                println!("endpoint TLS     failed");
+                problems.push(format!("endpoint: {e}"));
+            }
+        }
+    }
     match &d.auth {
         Auth::None => println!("auth             none"),
         Auth::Bearer { .. } => println!("auth             static bearer token (set)"),

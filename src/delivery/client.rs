@@ -151,6 +151,46 @@ impl HttpClient {
     }
 }
 
+/// Connects to `url`'s host and completes a TLS handshake with the destination's TLS settings,
+/// sending no request (`outpost check`): the protocol version agreed, or what is wrong.
+pub async fn tls_handshake(
+    destination: &Destination,
+    url: &url::Url,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| ClientError::Transport(format!("{url} names no host")))?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(destination)?));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| ClientError::Transport(format!("connecting to {host}:{port}: {e}")))?;
+        let tls = connector.connect(server_name, tcp).await.map_err(|e| {
+            let explained = crate::explain::find_tls_error(&e)
+                .and_then(|tls| crate::explain::certificate(&format!("{host}:{port}"), &host, tls));
+            tracing::debug!(error = ?e, "TLS handshake with {host}:{port}");
+            match explained {
+                Some(message) => ClientError::Tls(message),
+                None => ClientError::Tls(format!("TLS with {host}:{port}: {e}")),
+            }
+        })?;
+        Ok(tls
+            .get_ref()
+            .1
+            .protocol_version()
+            .map_or_else(|| "?".to_owned(), |v| format!("{v:?}")))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+}
+
 /// A request that got no answer: a certificate problem explained (the whole error in the debug
 /// log), else the error and its causes.
 fn request_error(uri: &hyper::Uri, error: &(dyn std::error::Error + 'static)) -> ClientError {
