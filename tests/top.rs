@@ -148,4 +148,9 @@ fn top_without_an_agent_says_what_to_do() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+
+    let out = ws.run(&["top", "--interval", "0"], None);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--interval must be between 0.1 and 60 seconds"));
 }
