@@ -75,10 +75,16 @@ pub fn token_answer(
              not a JSON token: it looks like a login or portal page. {endpoint}"
         )
     } else if error.is_data() {
-        // JSON, but not a token answer (`missing field access_token`, a wrong type).
+        // JSON, but not a token answer. serde's text of a wrong type quotes the value, which
+        // may be a token: only a missing field is named.
+        let text = error.to_string();
+        let what = match text.find(" at line") {
+            Some(end) if text.starts_with("missing field") => text[..end].to_owned(),
+            _ => "a field of the wrong type".to_owned(),
+        };
         format!(
-            "the token endpoint answered {status} with JSON that is not a token ({error}): {endpoint}, \
-             and the grant (destination.auth.type) one it accepts"
+            "the token endpoint answered {status} with JSON that is not a token ({what}): \
+             {endpoint}, and the grant (destination.auth.type) one it accepts"
         )
     } else {
         format!(
@@ -232,13 +238,21 @@ mod tests {
         );
     }
 
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Needs {
+        access_token: String,
+    }
+
     #[test]
     fn token_answer_table() {
         let not_json = serde_json::from_slice::<serde_json::Value>(b"<html>").unwrap_err();
         let no_token =
             serde_json::from_str::<std::collections::HashMap<String, u8>>("{\"a\":\"b\"}")
                 .unwrap_err();
-        let table: [(Option<&str>, &[u8], &serde_json::Error, &str); 4] = [
+        let missing = serde_json::from_str::<Needs>("{}").unwrap_err();
+        let wrong_type = serde_json::from_str::<Needs>("{\"access_token\": 12345}").unwrap_err();
+        let table: [(Option<&str>, &[u8], &serde_json::Error, &str); 6] = [
             (
                 Some("text/html; charset=utf-8"),
                 b"<!DOCTYPE html>",
@@ -256,14 +270,29 @@ mod tests {
                 Some("application/json"),
                 b"{\"a\":\"b\"}",
                 &no_token,
-                "JSON that is not a token",
+                "JSON that is not a token (a field of the wrong type)",
+            ),
+            (
+                Some("application/json"),
+                b"{}",
+                &missing,
+                "(missing field `access_token`)",
+            ),
+            (
+                Some("application/json"),
+                b"{\"access_token\": 12345}",
+                &wrong_type,
+                "(a field of the wrong type)",
             ),
         ];
         for (content_type, body, error, expected) in table {
             let text = token_answer(200, content_type, body, error);
             assert!(text.contains(expected), "{expected}: {text}");
             assert!(text.contains("destination.auth.auth_endpoint"), "{text}");
-            assert!(!text.contains("abc"), "the body is never shown: {text}");
+            assert!(
+                !text.contains("abc") && !text.contains("12345") && !text.contains("\"b\""),
+                "the body is never shown: {text}"
+            );
         }
     }
 
