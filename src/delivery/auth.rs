@@ -263,8 +263,19 @@ impl TokenSource {
                 .headers
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
+            // A wrong-typed field's error quotes its value, which may be a token.
+            let error = if e.is_data() {
+                format!(
+                    "{:?} at line {} column {}",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                )
+            } else {
+                e.to_string()
+            };
             tracing::debug!(
-                error = %e,
+                error,
                 content_type,
                 bytes = answer.body.len(),
                 "the token endpoint's answer is not a JSON token"
