@@ -55,6 +55,10 @@ pub enum AdminRequest {
         ids: Vec<String>,
         all: bool,
     },
+    /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
+    /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
+    /// running agent answers it.
+    Snapshot,
 }
 
 impl AdminRequest {
@@ -185,6 +189,9 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
             Ok(record.to_json())
         }
         AdminRequest::RejectedDrop { ids, all } => drop_rejected(store, ids, *all),
+        AdminRequest::Snapshot => Err(AdminError::Failed(
+            "only a running agent has figures to show".into(),
+        )),
     }
 }
 

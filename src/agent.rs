@@ -24,7 +24,7 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Setup(#[from] SetupError),
-    #[error("ingest.listen {addr}: {source}")]
+    #[error("{}", crate::explain::listen("ingest.listen", .addr, .source))]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -83,9 +83,12 @@ impl Agent {
         }
         let listener = TcpListener::bind(config.ingest.listen)
             .await
-            .map_err(|source| AgentError::Listen {
-                addr: config.ingest.listen,
-                source,
+            .map_err(|source| {
+                tracing::debug!(error = ?source, addr = %config.ingest.listen, "binding ingest.listen");
+                AgentError::Listen {
+                    addr: config.ingest.listen,
+                    source,
+                }
             })?;
         let listen_addr = listener.local_addr().map_err(|source| AgentError::Listen {
             addr: config.ingest.listen,

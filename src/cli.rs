@@ -135,6 +135,19 @@ pub enum Command {
     /// Messages from the NATS stream that were not valid updates (kept, and acknowledged).
     #[command(subcommand)]
     Rejected(RejectedCommand),
+    /// A live view of the running agent: rates, latency, how delivery adapts, the outbox.
+    ///
+    /// Reads the agent through its admin socket; `q`, Esc or Ctrl-C quits.
+    ///
+    /// Example: outpost top --once
+    Top {
+        /// Print one plain-text frame (rates over one interval) and exit, for scripts
+        #[arg(long)]
+        once: bool,
+        /// Seconds between two readings
+        #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+        interval: f64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

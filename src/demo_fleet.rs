@@ -197,7 +197,8 @@ pub async fn run(fail_share: f64, show_progress: bool) -> Result<FleetReport, St
                 .store
                 .stats(chrono::Utc::now())
                 .map_err(|e| e.to_string())?
-                .profiles,
+                .profiles
+                .unwrap_or(0),
         });
         agent.stop().await.map_err(|e| e.to_string())?;
     }

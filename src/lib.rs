@@ -16,8 +16,11 @@
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
 //!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
+//! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
 //! - [`source`]: a NATS JetStream stream as a second input, partitioned by profile.
+//! - [`explain`]: errors a person can act on (what is wrong, which key or certificate, what to
+//!   do).
 //! - [`logging`]: tracing set-up.
 
 pub mod admin;
@@ -29,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod demo_fleet;
+pub mod explain;
 pub mod logging;
 pub mod metrics;
 pub mod profile;
@@ -36,3 +40,4 @@ pub mod receiver;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod top;

@@ -7,8 +7,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::delivery::auth::TokenExpiry;
 use crate::profile::Reason;
-use crate::store::BatchSummary;
+use crate::store::{BatchSummary, OutboxStats};
+
+/// The `result` labels of `outpost_updates_total`.
+pub const UPDATE_RESULTS: [&str; 5] = ["exported", "unchanged", "stale", "deleted", "refused"];
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -27,7 +31,7 @@ pub enum DeliveryOutcome {
 }
 
 impl DeliveryOutcome {
-    const ALL: [DeliveryOutcome; 5] = [
+    pub const ALL: [DeliveryOutcome; 5] = [
         DeliveryOutcome::Delivered,
         DeliveryOutcome::Retried,
         DeliveryOutcome::AuthRejected,
@@ -35,7 +39,7 @@ impl DeliveryOutcome {
         DeliveryOutcome::Expired,
     ];
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             DeliveryOutcome::Delivered => "delivered",
             DeliveryOutcome::Retried => "retried",
@@ -98,7 +102,11 @@ pub struct Metrics {
     splits: Counter,
     pub outbox_pending: Gauge,
     pub outbox_dead: Gauge,
+    /// How long the oldest pending export has waited in run time (0: none pending).
+    pub outbox_oldest_waited: Gauge,
     pub token_fetches: Counter,
+    /// When the OAuth token held expires (not a Prometheus metric: read by `outpost top`).
+    pub token_expiry: TokenExpiry,
     delivery_latency: Histogram,
     source_messages: Family<Labels, Counter>,
     /// Messages of the NATS source acknowledged after their group was durable.
@@ -137,6 +145,7 @@ impl Metrics {
         let deliveries = Family::<Labels, Counter>::default();
         let outbox_pending = Gauge::default();
         let outbox_dead = Gauge::default();
+        let outbox_oldest_waited = Gauge::default();
         let token_fetches = Counter::default();
         let delivery_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let clock_jumps = Counter::default();
@@ -197,6 +206,11 @@ impl Metrics {
         );
         registry.register("outbox_dead", "Dead-lettered exports", outbox_dead.clone());
         registry.register(
+            "outbox_oldest_pending_seconds",
+            "Run time the oldest pending export has waited, what delivery.max_age_s counts (0: none pending)",
+            outbox_oldest_waited.clone(),
+        );
+        registry.register(
             "token_fetches",
             "Requests to the token endpoint",
             token_fetches.clone(),
@@ -246,6 +260,17 @@ impl Metrics {
             "The last wall-clock jump noticed, in seconds (positive: set forward)",
             clock_last_jump_seconds.clone(),
         );
+        // Every label value from the start, so that a series never appears out of nothing (a
+        // rate over a missing series is no rate at all in Prometheus).
+        for result in UPDATE_RESULTS {
+            let _ = updates.get_or_create(&vec![("result", result)]);
+        }
+        for reason in Reason::ALL {
+            let _ = exports.get_or_create(&vec![("reason", reason.as_str())]);
+        }
+        for cause in RetryCause::ALL {
+            let _ = retries.get_or_create(&vec![("cause", cause.label())]);
+        }
         Metrics {
             clock_jumps,
             clock_last_jump_seconds,
@@ -269,7 +294,9 @@ impl Metrics {
             splits,
             outbox_pending,
             outbox_dead,
+            outbox_oldest_waited,
             token_fetches,
+            token_expiry: TokenExpiry::default(),
             delivery_latency,
             concurrency_limit,
             in_flight,
@@ -363,6 +390,14 @@ impl Metrics {
         self.source_pending
             .get_or_create(&vec![("partition", partition.to_string())])
             .set(pending as i64);
+    }
+
+    /// Sets the outbox gauges from the store's figures (before rendering).
+    pub fn set_outbox(&self, stats: &OutboxStats) {
+        self.outbox_pending.set(stats.pending as i64);
+        self.outbox_dead.set(stats.dead as i64);
+        self.outbox_oldest_waited
+            .set(stats.oldest_pending_waited_s.unwrap_or(0) as i64);
     }
 
     pub fn render(&self) -> String {

@@ -212,6 +212,11 @@ async fn exports_made_ten_days_behind_are_delivered_once_the_clock_is_right() {
         delivered_once(&receiver) >= 1000
     })
     .await;
+    // The receiver counts an export when it answers; the agent removes it a moment later.
+    wait_for(10, "the outbox emptied", async || {
+        stats(&ws)["pending"].as_u64() == Some(0)
+    })
+    .await;
     let s = stats(&ws);
     assert_eq!(
         (s["pending"].as_u64(), s["dead"].as_u64()),

@@ -75,6 +75,7 @@ fn help_lists_every_subcommand_with_an_example() {
         "demo",
         "receiver",
         "completions",
+        "top",
     ] {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(command)),
@@ -90,6 +91,7 @@ fn help_lists_every_subcommand_with_an_example() {
         &["check"],
         &["demo"],
         &["receiver"],
+        &["top"],
     ] {
         let out = std::process::Command::new(binary())
             .args(sub)
@@ -116,7 +118,9 @@ async fn example_config_passes_check() {
     let config = dir.path().join("outpost.toml");
     std::fs::write(
         &config,
-        text.replace("127.0.0.1:8687", &receiver.addr.to_string()),
+        // Any free port for the ingest API: check binds it for a moment.
+        text.replace("127.0.0.1:8687", &receiver.addr.to_string())
+            .replace("127.0.0.1:8686", "127.0.0.1:0"),
     )
     .unwrap();
     let out = tokio::process::Command::new(binary())

@@ -88,7 +88,7 @@ impl Backend {
     }
 }
 
-fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {
+pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {
     let failed =
         |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
     let mut stream = UnixStream::connect(socket).map_err(failed)?;

@@ -6,6 +6,8 @@ mod backend;
 mod ingest;
 mod nats;
 mod output;
+mod preflight;
+mod top;
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -122,6 +124,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
         Command::Rejected(command) => nats::rejected(&Backend::connect(&config)?, command),
+        Command::Top { once, interval } => top::top(&config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
         }
@@ -257,17 +260,18 @@ async fn check(config: &Config) -> Result<(), CliError> {
             format!("{} identity namespaces", config.mapping.identities.len())
         }
     );
-    println!("store            {}", config.storage.path.display());
+    let store = preflight::store(config);
+    println!("store            {}", store.line);
     println!("clock            {}", clock_report(config));
-    println!(
-        "ingest           {}{}",
-        config.ingest.listen,
-        if config.ingest.token.is_some() {
-            " (token required)"
-        } else {
-            ""
+    let listen = preflight::listen(config);
+    println!("ingest           {}", listen.line);
+    let mut problems: Vec<String> = Vec::new();
+    for finding in [store, listen] {
+        if let Some(warning) = finding.warning {
+            println!("warning          {warning}");
         }
-    );
+        problems.extend(finding.problem);
+    }
     for warning in &config.warnings {
         println!("warning          {warning}");
     }
@@ -276,6 +280,21 @@ async fn check(config: &Config) -> Result<(), CliError> {
     }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
         .map_err(|e| CliError::Failure(format!("destination TLS: {e}")))?;
+    if d.http_endpoint.scheme() == "https" {
+        match crate::delivery::client::tls_handshake(
+            d,
+            &d.http_endpoint,
+            config.delivery.request_timeout,
+        )
+        .await
+        {
+            Ok(version) => println!("endpoint TLS     certificate verifies ({version})"),
+            Err(e) => {
+                println!("endpoint TLS     failed");
+                problems.push(format!("endpoint: {e}"));
+            }
+        }
+    }
     match &d.auth {
         Auth::None => println!("auth             none"),
         Auth::Bearer { .. } => println!("auth             static bearer token (set)"),
@@ -300,10 +319,13 @@ async fn check(config: &Config) -> Result<(), CliError> {
             println!("token endpoint   {}", display_url(auth_endpoint));
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
-            let fetched = source
-                .fetch()
-                .await
-                .map_err(|e| CliError::Failure(format!("token: {e}")))?;
+            let fetched = match source.fetch().await {
+                Ok(fetched) => fetched,
+                Err(e) => {
+                    problems.push(format!("token: {e}"));
+                    return fail(problems);
+                }
+            };
             println!(
                 "token            obtained ({} characters, type {}, lifetime {} s{})",
                 fetched.token.expose().len(),
@@ -317,8 +339,16 @@ async fn check(config: &Config) -> Result<(), CliError> {
             );
         }
     }
+    if !problems.is_empty() {
+        return fail(problems);
+    }
     println!("check            ok");
     Ok(())
+}
+
+/// `check`'s failure: every problem found, one a line.
+fn fail(problems: Vec<String>) -> Result<(), CliError> {
+    Err(CliError::Failure(problems.join("\noutpost: ")))
 }
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).

@@ -8,6 +8,7 @@
 //! to the original grant if the token endpoint refuses it. Lifetimes are counted on the
 //! monotonic clock (`tokio::time::Instant`), so a wall clock that jumps changes nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -37,6 +38,9 @@ pub enum AuthError {
     Status { status: u16, body: String },
     #[error("token endpoint: unreadable answer: {0}")]
     Answer(String),
+    /// A 2xx answer that is not a JSON token (an HTML login page, another format).
+    #[error("{0}")]
+    NotAToken(String),
 }
 
 #[derive(Deserialize)]
@@ -93,6 +97,23 @@ struct Fetching {
     failed: Option<(Instant, AuthError)>,
 }
 
+/// When the OAuth token held expires: shared by the token source with the metrics, so that
+/// `outpost top` can show the remaining lifetime without a request.
+#[derive(Debug, Clone, Default)]
+pub struct TokenExpiry(Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl TokenExpiry {
+    fn set(&self, at: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }
+
+    /// Seconds until the token held expires (0 once expired); `None` while none is held.
+    pub fn remaining_s(&self) -> Option<u64> {
+        let at = *self.0.lock().unwrap_or_else(|e| e.into_inner());
+        at.map(|at| at.saturating_duration_since(Instant::now()).as_secs())
+    }
+}
+
 pub struct TokenSource {
     auth: Auth,
     client: HttpClient,
@@ -102,6 +123,7 @@ pub struct TokenSource {
     /// refresh token of the last answer that carried one, kept until refused.
     fetching: Mutex<Fetching>,
     fetches: Counter,
+    expiry: TokenExpiry,
 }
 
 impl TokenSource {
@@ -113,7 +135,14 @@ impl TokenSource {
             current: std::sync::RwLock::new(None),
             fetching: Mutex::new(Fetching::default()),
             fetches,
+            expiry: TokenExpiry::default(),
         }
+    }
+
+    /// Reports the expiry of each token fetched to `expiry`.
+    pub fn with_expiry(mut self, expiry: TokenExpiry) -> TokenSource {
+        self.expiry = expiry;
+        self
     }
 
     /// The token to send, fetching one if there is none or it is due for refresh.
@@ -144,8 +173,9 @@ impl TokenSource {
                     }
                 };
                 fetching.failed = None;
-                let refresh_at =
-                    Instant::now() + fetched.lifetime - refresh_margin(fetched.lifetime);
+                let now = Instant::now();
+                let refresh_at = now + fetched.lifetime - refresh_margin(fetched.lifetime);
+                self.expiry.set(Some(now + fetched.lifetime));
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
                     token: fetched.token.clone(),
                     refresh_at,
@@ -190,6 +220,7 @@ impl TokenSource {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.as_ref().is_some_and(|c| &c.token == used) {
             *current = None;
+            self.expiry.set(None);
         }
     }
 
@@ -259,8 +290,35 @@ impl TokenSource {
                 body: answer.body_start(),
             });
         }
-        let parsed: TokenAnswer =
-            serde_json::from_slice(&answer.body).map_err(|e| AuthError::Answer(e.to_string()))?;
+        let parsed: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
+            let content_type = answer
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            // A wrong-typed field's error quotes its value, which may be a token.
+            let error = if e.is_data() {
+                format!(
+                    "{:?} at line {} column {}",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                )
+            } else {
+                e.to_string()
+            };
+            tracing::debug!(
+                error,
+                content_type,
+                bytes = answer.body.len(),
+                "the token endpoint's answer is not a JSON token"
+            );
+            AuthError::NotAToken(crate::explain::token_answer(
+                answer.status.as_u16(),
+                content_type,
+                &answer.body,
+                &e,
+            ))
+        })?;
         if parsed.access_token.is_empty() {
             return Err(AuthError::Answer("empty access_token".into()));
         }

@@ -126,12 +126,13 @@ impl HttpClient {
 
     /// Sends the request and reads the answer, all within the timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+        let uri = request.uri().clone();
         let exchange = async {
             let response = self
                 .client
                 .request(request)
                 .await
-                .map_err(|e| ClientError::Transport(describe_error(&e)))?;
+                .map_err(|e| request_error(&uri, &e))?;
             let (parts, body) = response.into_parts();
             let body = body
                 .collect()
@@ -147,6 +148,68 @@ impl HttpClient {
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+}
+
+/// Connects to `url`'s host and completes a TLS handshake with the destination's TLS settings,
+/// sending no request (`outpost check`): the protocol version agreed, or what is wrong.
+pub async fn tls_handshake(
+    destination: &Destination,
+    url: &url::Url,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| ClientError::Transport(format!("{url} names no host")))?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(destination)?));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| ClientError::Transport(format!("connecting to {host}:{port}: {e}")))?;
+        let tls = connector.connect(server_name, tcp).await.map_err(|e| {
+            let explained = crate::explain::find_tls_error(&e)
+                .and_then(|tls| crate::explain::certificate(&format!("{host}:{port}"), &host, tls));
+            tracing::debug!(error = ?e, "TLS handshake with {host}:{port}");
+            match explained {
+                Some(message) => ClientError::Tls(message),
+                None => ClientError::Tls(format!("TLS with {host}:{port}: {e}")),
+            }
+        })?;
+        Ok(tls
+            .get_ref()
+            .1
+            .protocol_version()
+            .map_or_else(|| "?".to_owned(), |v| format!("{v:?}")))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+}
+
+/// A request that got no answer: a certificate problem explained (the whole error in the debug
+/// log), else the error and its causes.
+fn request_error(uri: &hyper::Uri, error: &(dyn std::error::Error + 'static)) -> ClientError {
+    let described = describe_error(error);
+    let Some(tls) = crate::explain::find_tls_error(error) else {
+        return ClientError::Transport(described);
+    };
+    tracing::debug!(error = %described, tls = ?tls, "TLS with {uri} failed");
+    let host = uri.host().unwrap_or("?").trim_matches(['[', ']']);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    match crate::explain::certificate(&format!("{host}:{port}"), host, tls) {
+        Some(message) => ClientError::Tls(message),
+        None => ClientError::Transport(described),
     }
 }
 

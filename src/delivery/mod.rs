@@ -139,11 +139,14 @@ impl Deliverer {
         metrics: Arc<Metrics>,
     ) -> Result<Deliverer, SetupError> {
         let client = HttpClient::new(&config.destination, config.delivery.request_timeout)?;
-        let tokens = Arc::new(TokenSource::new(
-            config.destination.auth.clone(),
-            client.clone(),
-            metrics.token_fetches.clone(),
-        ));
+        let tokens = Arc::new(
+            TokenSource::new(
+                config.destination.auth.clone(),
+                client.clone(),
+                metrics.token_fetches.clone(),
+            )
+            .with_expiry(metrics.token_expiry.clone()),
+        );
         let endpoint: Uri = config
             .destination
             .http_endpoint

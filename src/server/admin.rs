@@ -78,6 +78,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
     let result = match serde_json::from_str::<AdminRequest>(&line) {
         Err(e) => Err(AdminError::Usage(format!("bad admin request: {e}"))),
         Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
+        Ok(AdminRequest::Snapshot) => snapshot(state).await,
         Ok(request) => {
             let repairs = request.repairs();
             let stats = request == AdminRequest::Stats;
@@ -115,6 +116,23 @@ fn add_delivery_state(stats: &mut serde_json::Value, metrics: &Metrics) {
     stats["concurrency_limit"] = metrics.concurrency_limit.get().into();
     stats["rate_cap_per_s"] = metrics.rate_cap.get().into();
     stats["destination_down"] = (metrics.destination_down.get() == 1).into();
+}
+
+/// The figures of `outpost top`: the `/metrics` text (outbox gauges set first, as a scrape
+/// does), the outbox stats with the delivery state, and the token's remaining lifetime.
+async fn snapshot(state: &Arc<AdminState>) -> Result<serde_json::Value, AdminError> {
+    let store = Arc::clone(&state.store);
+    let stats = tokio::task::spawn_blocking(move || store.outbox_stats(chrono::Utc::now()))
+        .await
+        .map_err(|e| AdminError::Failed(e.to_string()))??;
+    state.metrics.set_outbox(&stats);
+    let mut stats = serde_json::to_value(&stats).expect("stats serialize");
+    add_delivery_state(&mut stats, &state.metrics);
+    Ok(serde_json::json!({
+        "metrics": state.metrics.render(),
+        "stats": stats,
+        "token_expires_in_s": state.metrics.token_expiry.remaining_s(),
+    }))
 }
 
 async fn ingest(

@@ -118,9 +118,8 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
             }
         }
         (&Method::GET, "/metrics") => {
-            if let Ok(tally) = state.store.tally() {
-                state.metrics.outbox_pending.set(tally.pending as i64);
-                state.metrics.outbox_dead.set(tally.dead as i64);
+            if let Ok(stats) = state.store.outbox_stats(chrono::Utc::now()) {
+                state.metrics.set_outbox(&stats);
             }
             if let Some(source) = &state.source {
                 let metrics = &state.metrics;

@@ -47,7 +47,7 @@ const UPGRADABLE_FORMATS: &[u64] = &[1];
 pub enum StoreError {
     #[error("the store at {0} is in use by another process (is `outpost run` running on it?)")]
     Locked(PathBuf),
-    #[error("cannot open the store at {path}: {source}")]
+    #[error("{}", open_message(.path, .source))]
     Open { path: PathBuf, source: sled::Error },
     #[error(
         "the store at {path} has format {found}, this outpost reads formats 1 to {FORMAT_VERSION}"
@@ -59,6 +59,12 @@ pub enum StoreError {
     Sync(std::io::Error),
     #[error("store: corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+}
+
+/// What to do when the store cannot be opened, where [`crate::explain`] knows; else the error.
+fn open_message(path: &Path, source: &sled::Error) -> String {
+    crate::explain::store_open(path, source)
+        .unwrap_or_else(|| format!("cannot open the store at {}: {source}", path.display()))
 }
 
 impl StoreError {
@@ -220,7 +226,9 @@ pub struct OutboxStats {
     /// `delivery.max_age_s` is compared with.
     pub oldest_pending_waited_s: Option<u64>,
     pub bytes: u64,
-    pub profiles: u64,
+    /// Profiles stored; left out by [`Store::outbox_stats`] (counting walks the profile tree).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiles: Option<u64>,
     pub store_id: String,
     /// The run time of the store (agents' running time, summed over runs).
     pub run_time_s: u64,
@@ -396,9 +404,12 @@ impl Store {
     }
 
     fn open_once(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
-            path: path.to_path_buf(),
-            source: sled::Error::Io(e),
+        std::fs::create_dir_all(path).map_err(|e| {
+            tracing::debug!(error = ?e, path = %path.display(), "creating the store folder");
+            StoreError::Open {
+                path: path.to_path_buf(),
+                source: sled::Error::Io(e),
+            }
         })?;
         let db = sled::Config::new()
             .path(path)
@@ -413,10 +424,13 @@ impl Store {
                 {
                     StoreError::Locked(path.to_path_buf())
                 }
-                source => StoreError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                },
+                source => {
+                    tracing::debug!(error = ?source, path = %path.display(), "opening the store");
+                    StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                }
             })?;
         let meta = db.open_tree("meta")?;
         match meta.get(meta::FORMAT)? {
@@ -708,6 +722,14 @@ impl Store {
     }
 
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
+        let mut stats = self.outbox_stats(now)?;
+        stats.profiles = Some(self.profiles.len() as u64);
+        Ok(stats)
+    }
+
+    /// [`Store::stats`] without the count of profiles, which walks the profile tree: cheap
+    /// enough to read every second (`outpost top`, `GET /metrics`).
+    pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let oldest = match self.outbox.first()? {
             Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
             None => None,
@@ -725,7 +747,7 @@ impl Store {
             oldest_pending_waited_s: oldest
                 .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
             bytes: tally.bytes,
-            profiles: self.profiles.len() as u64,
+            profiles: None,
             store_id: format!("{:08x}", self.store_id),
             run_time_s: uptime_ms / 1000,
             clock_jumps: clock.jumps,

@@ -1,0 +1,190 @@
+//! What `outpost check` can check on this host before a run: that the store folder can be
+//! written and how much space its file system has, and that `ingest.listen` is free.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// One checked item: the line to print, and what is wrong or worth knowing.
+pub(super) struct Finding {
+    pub line: String,
+    pub problem: Option<String>,
+    pub warning: Option<String>,
+}
+
+/// Whether an agent answers on the store's socket.
+fn agent_runs(config: &Config) -> bool {
+    UnixStream::connect(crate::server::admin::socket_path(&config.storage.path)).is_ok()
+}
+
+/// The store folder, or the nearest folder above it that exists (`check` creates nothing).
+fn existing_folder(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".") // above a relative path: the current folder
+            } else {
+                p
+            }
+        })
+        .find(|p| p.is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// Writes and removes a small file in the store folder (or where it would be created), and
+/// reads the space left on that file system.
+pub(super) fn store(config: &Config) -> Finding {
+    let path = &config.storage.path;
+    let Some(folder) = existing_folder(path) else {
+        return Finding {
+            line: format!("{} (no folder of that path exists)", path.display()),
+            problem: Some(format!(
+                "storage.path {}: no folder of that path exists",
+                path.display()
+            )),
+            warning: None,
+        };
+    };
+    let written = tempfile::Builder::new()
+        .prefix(".outpost-check-")
+        .tempfile_in(&folder);
+    if let Err(e) = written {
+        tracing::debug!(error = ?e, folder = %folder.display(), "writing a file in the store folder");
+        let problem = crate::explain::store_open(path, &sled::Error::Io(e)).unwrap_or_else(|| {
+            format!(
+                "storage.path {}: cannot write in {}",
+                path.display(),
+                folder.display()
+            )
+        });
+        return Finding {
+            line: format!("{} (cannot be written)", path.display()),
+            problem: Some(problem),
+            warning: None,
+        };
+    }
+    let created = if folder == *path {
+        ""
+    } else {
+        ", created at the first run"
+    };
+    let (free, warning) = match free_bytes(&folder) {
+        Some(free) => {
+            // sled keeps about four times the data on disk (ARCHITECTURE.md's measurement).
+            let needed = config.storage.max_outbox_bytes.saturating_mul(4);
+            let warning = (free < needed).then(|| {
+                format!(
+                    "{} free where the store is; a full outbox (storage.max_outbox_bytes {}) can \
+                     take about {} on disk",
+                    bytes(free),
+                    bytes(config.storage.max_outbox_bytes),
+                    bytes(needed)
+                )
+            });
+            (format!(", {} free", bytes(free)), warning)
+        }
+        None => (String::new(), None),
+    };
+    Finding {
+        line: format!("{} (writable{free}{created})", path.display()),
+        problem: None,
+        warning,
+    }
+}
+
+/// Space available to this user on the file system of `folder`.
+fn free_bytes(folder: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the right type; read only on success.
+    let stats = unsafe {
+        if libc::statvfs(name.as_ptr(), stats.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stats.assume_init()
+    };
+    Some((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+}
+
+/// Binds `ingest.listen` for a moment, unless the agent of this store is the one there.
+pub(super) fn listen(config: &Config) -> Finding {
+    let addr = config.ingest.listen;
+    let token = if config.ingest.token.is_some() {
+        " (token required)"
+    } else {
+        ""
+    };
+    if agent_runs(config) {
+        return Finding {
+            line: format!("{addr}{token} (the agent running on this store listens there)"),
+            problem: None,
+            warning: None,
+        };
+    }
+    match TcpListener::bind(addr) {
+        Ok(_) => Finding {
+            line: format!("{addr}{token} (free)"),
+            problem: None,
+            warning: None,
+        },
+        Err(e) => {
+            tracing::debug!(error = ?e, %addr, "binding ingest.listen");
+            Finding {
+                line: format!("{addr}{token} (cannot listen)"),
+                problem: Some(crate::explain::listen("ingest.listen", &addr, &e)),
+                warning: None,
+            }
+        }
+    }
+}
+
+/// Bytes for people: "512 B", "3.2 MiB", "41.0 GiB".
+pub(super) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_table() {
+        for (n, text) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1536, "1.5 KiB"),
+            (32 << 20, "32.0 MiB"),
+            (41 << 30, "41.0 GiB"),
+            (3 << 40, "3.0 TiB"),
+        ] {
+            assert_eq!(bytes(n), text);
+        }
+    }
+
+    #[test]
+    fn existing_folder_is_the_nearest_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/store");
+        assert_eq!(existing_folder(&deep).unwrap(), dir.path());
+        std::fs::create_dir_all(&deep).unwrap();
+        assert_eq!(existing_folder(&deep).unwrap(), deep);
+        assert_eq!(
+            existing_folder(Path::new("no-such-folder-here/store")).unwrap(),
+            Path::new(".")
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! `outpost top`: a live view of a running agent, read through its admin socket (the admin
+//! `snapshot` request) once per interval. The figures and the layout are pure ([`crate::top`]);
+//! this is the socket, the terminal and the keys.
+
+use std::io::IsTerminal;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+
+use super::backend::call_agent;
+use super::CliError;
+use crate::admin::AdminRequest;
+use crate::config::{Auth, Config};
+use crate::top::layout::{draw, HISTORY_POINTS};
+use crate::top::view::{plain, view, AuthKind, History, Snapshot, View};
+
+pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), CliError> {
+    if !(0.1..=60.0).contains(&interval_s) {
+        return Err(CliError::Usage(
+            "--interval must be between 0.1 and 60 seconds".into(),
+        ));
+    }
+    let interval = Duration::from_secs_f64(interval_s);
+    let socket = crate::server::admin::socket_path(&config.storage.path);
+    if UnixStream::connect(&socket).is_err() {
+        return Err(CliError::Failure(format!(
+            "no agent is running on the store at {} (nothing answers on {}); \
+             `outpost top` shows a running agent: start it with `outpost run` (or check \
+             storage.path in {})",
+            config.storage.path.display(),
+            socket.display(),
+            config.path.display()
+        )));
+    }
+    if !once && !std::io::stdout().is_terminal() {
+        return Err(CliError::Usage(
+            "`outpost top` needs a terminal; `outpost top --once` prints one plain-text frame"
+                .into(),
+        ));
+    }
+    let auth = match config.destination.auth {
+        Auth::None => AuthKind::None,
+        Auth::Bearer { .. } => AuthKind::Bearer,
+        Auth::OAuth2 { .. } => AuthKind::OAuth2,
+    };
+    let store = config.storage.path.display().to_string();
+    let started = Instant::now();
+    let take = || snapshot(&socket, started);
+    let first = take().map_err(CliError::Failure)?;
+    let mut history = History::new(HISTORY_POINTS);
+    history.push(&first);
+    if once {
+        std::thread::sleep(interval);
+        let second = take().map_err(CliError::Failure)?;
+        history.push(&second);
+        print!("{}", plain(&view(&first, &second, &history, auth, &store)));
+        return Ok(());
+    }
+    let mut terminal = ratatui::try_init()
+        .map_err(|e| CliError::Failure(format!("cannot set up the terminal: {e}")))?;
+    let first_view = view(&first, &first, &history, auth, &store);
+    let result = live(
+        &mut terminal,
+        first,
+        first_view,
+        history,
+        interval,
+        |p, c, h| view(p, c, h, auth, &store),
+        take,
+    );
+    ratatui::restore();
+    result
+}
+
+/// One snapshot from the agent, timed on this process's monotonic clock.
+fn snapshot(socket: &Path, started: Instant) -> Result<Snapshot, String> {
+    let answer = call_agent(socket, &AdminRequest::Snapshot).map_err(|e| e.to_string())?;
+    Snapshot::from_answer(started.elapsed().as_secs_f64(), &answer)
+}
+
+/// Draws, waits for a key or the next interval, takes a snapshot; until `q`, Esc or Ctrl-C.
+/// A resize is drawn at once. While the agent does not answer, the last figures stay on
+/// screen under a notice, and each interval tries again.
+fn live(
+    terminal: &mut ratatui::DefaultTerminal,
+    first: Snapshot,
+    mut shown: View,
+    mut history: History,
+    interval: Duration,
+    make_view: impl Fn(&Snapshot, &Snapshot, &History) -> View,
+    take: impl Fn() -> Result<Snapshot, String>,
+) -> Result<(), CliError> {
+    let failed = |e: std::io::Error| CliError::Failure(format!("terminal: {e}"));
+    let mut previous = first;
+    let mut next = Instant::now() + interval;
+    loop {
+        terminal.draw(|frame| draw(frame, &shown)).map_err(failed)?;
+        let wait = next.saturating_duration_since(Instant::now());
+        if event::poll(wait).map_err(failed)? {
+            if let Event::Key(key) = event::read().map_err(failed)? {
+                let quit = key.kind == KeyEventKind::Press
+                    && (matches!(key.code, KeyCode::Char('q') | KeyCode::Esc)
+                        || (key.code == KeyCode::Char('c')
+                            && key.modifiers.contains(KeyModifiers::CONTROL)));
+                if quit {
+                    return Ok(());
+                }
+            }
+            // A resize (or any other event) is drawn again at the top of the loop.
+            continue;
+        }
+        next = Instant::now() + interval;
+        match take() {
+            Ok(current) => {
+                history.push(&current);
+                shown = make_view(&previous, &current, &history);
+                previous = current;
+            }
+            Err(e) => {
+                shown.notice = Some(format!(
+                    "no answer from the agent at {}: {e}",
+                    chrono::Local::now().format("%H:%M:%S")
+                ));
+            }
+        }
+    }
+}

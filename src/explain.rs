@@ -1,0 +1,342 @@
+//! Errors a person can act on: what went wrong in outpost's terms (the config key, the
+//! certificate and whose it is, the URL) and what to do about it. Pure: the callers keep the
+//! underlying error in the debug log.
+
+use std::error::Error;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// `ingest.listen` (or another listening key) could not be bound.
+pub fn listen(key: &str, addr: &SocketAddr, error: &std::io::Error) -> String {
+    match error.kind() {
+        ErrorKind::AddrInUse => format!(
+            "{key} {addr}: the address is already in use: another program (or another outpost) \
+             listens there. Stop it, or set {key} to a free address in the config"
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "{key} {addr}: not allowed to listen on port {}: ports below 1024 need root or \
+             CAP_NET_BIND_SERVICE. Set {key} to a port above 1023",
+            addr.port()
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "{key} {addr}: {} is not an address of this host. Set {key} to 127.0.0.1 (this host \
+             only), 0.0.0.0 (every interface) or one of the host's addresses",
+            addr.ip()
+        ),
+        _ => format!("{key} {addr}: cannot listen there: {error}"),
+    }
+}
+
+/// The store could not be opened at `storage.path`; `None` when the error is not one of those
+/// explained here (the caller shows it as it is).
+pub fn store_open(path: &Path, error: &sled::Error) -> Option<String> {
+    let sled::Error::Io(io) = error else {
+        return None;
+    };
+    let path = path.display();
+    match io.kind() {
+        ErrorKind::PermissionDenied => Some(format!(
+            "storage.path {path}: cannot create or write the store there (permission denied). \
+             Give the user outpost runs as write access to that folder (e.g. `chown -R USER \
+             {path}`), or set storage.path to a folder it can write; with the systemd unit, \
+             StateDirectory=outpost provides /var/lib/outpost"
+        )),
+        ErrorKind::ReadOnlyFilesystem => Some(format!(
+            "storage.path {path}: the file system is read-only. Set storage.path to a folder on \
+             a writable file system (e.g. under /var/lib)"
+        )),
+        ErrorKind::NotADirectory | ErrorKind::AlreadyExists => Some(format!(
+            "storage.path {path}: a part of that path is a file, not a folder. Set storage.path \
+             to a folder (outpost creates it if it is missing)"
+        )),
+        _ => None,
+    }
+}
+
+/// A 2xx answer of the token endpoint that is not a JSON token. The body is not shown: it may
+/// hold a token in another format.
+pub fn token_answer(
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    error: &serde_json::Error,
+) -> String {
+    let content_type = content_type.unwrap_or("none");
+    let start = String::from_utf8_lossy(&body[..body.len().min(64)])
+        .trim_start()
+        .to_ascii_lowercase();
+    let endpoint = "destination.auth.auth_endpoint must be the OAuth 2.0 token endpoint \
+                    (it often ends in /token or /oauth2/token; the identity provider's \
+                    documentation names it)";
+    if content_type.contains("html") || start.starts_with('<') {
+        format!(
+            "the token endpoint answered {status} with an HTML page (Content-Type {content_type}), \
+             not a JSON token: it looks like a login or portal page. {endpoint}"
+        )
+    } else if error.is_data() {
+        // JSON, but not a token answer. serde's text of a wrong type quotes the value, which
+        // may be a token: only a missing field is named.
+        let text = error.to_string();
+        let what = match text.find(" at line") {
+            Some(end) if text.starts_with("missing field") => text[..end].to_owned(),
+            _ => "a field of the wrong type".to_owned(),
+        };
+        format!(
+            "the token endpoint answered {status} with JSON that is not a token ({what}): \
+             {endpoint}, and the grant (destination.auth.type) one it accepts"
+        )
+    } else {
+        format!(
+            "the token endpoint answered {status} with a body that is not JSON (Content-Type \
+             {content_type}, {} bytes): {endpoint}",
+            body.len()
+        )
+    }
+}
+
+/// The rustls error in `error` or its causes (hyper and tokio-rustls wrap it in `io::Error`s,
+/// whose `source()` skips the wrapped error itself).
+pub fn find_tls_error<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(tls) = find_tls_error(inner) {
+                return Some(tls);
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// What is wrong with the certificate `server` (host:port) presented, and what to do; `None`
+/// for a TLS error that is not about the server's certificate.
+pub fn certificate(server: &str, host: &str, error: &rustls::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(problem) = error else {
+        return None;
+    };
+    let whose = format!("the certificate {server} presents");
+    let time = |t: rustls::pki_types::UnixTime| {
+        chrono::DateTime::from_timestamp(t.as_secs() as i64, 0).map_or_else(
+            || "?".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        )
+    };
+    Some(match problem {
+        C::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => format!(
+            "{whose} is a CA certificate (CA:TRUE) served as the server's own certificate, which \
+             TLS clients refuse (a one-line `openssl req -x509` makes such a certificate). On the \
+             server, serve a certificate for {host} signed by that CA instead, and give outpost \
+             the CA's certificate in destination.ca_file"
+        ),
+        C::NotValidForNameContext { presented, .. } => format!(
+            "{whose} is not valid for the name {host}: it names {}. Use a name it holds in the \
+             URL (destination.http_endpoint or destination.auth.auth_endpoint), or have the \
+             certificate reissued with {host} among its subject alternative names",
+            if presented.is_empty() {
+                "nothing".to_owned()
+            } else {
+                presented.join(", ")
+            }
+        ),
+        C::NotValidForName => format!(
+            "{whose} is not valid for the name {host}. Use a name it holds in the URL, or have \
+             the certificate reissued with {host} among its subject alternative names"
+        ),
+        C::ExpiredContext {
+            time: now,
+            not_after,
+        } => format!(
+            "{whose} expired on {} (this host's clock says {}). Renew the server's certificate; \
+             if this host's clock is wrong, correct it",
+            time(*not_after),
+            time(*now)
+        ),
+        C::Expired => format!(
+            "{whose} has expired. Renew the server's certificate; if this host's clock is wrong, \
+             correct it"
+        ),
+        C::NotValidYetContext {
+            time: now,
+            not_before,
+        } => format!(
+            "{whose} is valid only from {} (this host's clock says {}). If this host's clock is \
+             behind, correct it (e.g. NTP); otherwise the server's certificate was issued for \
+             the future",
+            time(*not_before),
+            time(*now)
+        ),
+        C::NotValidYet => format!(
+            "{whose} is not valid yet: if this host's clock is behind, correct it (e.g. NTP)"
+        ),
+        C::UnknownIssuer => format!(
+            "{whose} is signed by a certificate authority this host does not trust. If it is a \
+             private CA, put the CA's certificate (PEM) in destination.ca_file"
+        ),
+        other => format!("{whose} was refused: {other}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_table() {
+        let addr: SocketAddr = "127.0.0.1:8686".parse().unwrap();
+        let table = [
+            (ErrorKind::AddrInUse, "already in use"),
+            (ErrorKind::PermissionDenied, "ports below 1024"),
+            (
+                ErrorKind::AddrNotAvailable,
+                "127.0.0.1 is not an address of this host",
+            ),
+            (ErrorKind::Other, "cannot listen there"),
+        ];
+        for (kind, expected) in table {
+            let text = listen("ingest.listen", &addr, &std::io::Error::from(kind));
+            assert!(text.starts_with("ingest.listen 127.0.0.1:8686: "), "{text}");
+            assert!(text.contains(expected), "{kind:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn store_open_table() {
+        let path = Path::new("/var/lib/outpost");
+        let table = [
+            (ErrorKind::PermissionDenied, Some("permission denied")),
+            (ErrorKind::ReadOnlyFilesystem, Some("read-only")),
+            (ErrorKind::NotADirectory, Some("is a file, not a folder")),
+            (ErrorKind::StorageFull, None),
+            (ErrorKind::Other, None),
+        ];
+        for (kind, expected) in table {
+            let text = store_open(path, &sled::Error::Io(kind.into()));
+            match expected {
+                None => assert_eq!(text, None, "{kind:?}"),
+                Some(expected) => {
+                    let text = text.unwrap();
+                    assert!(
+                        text.starts_with("storage.path /var/lib/outpost: "),
+                        "{text}"
+                    );
+                    assert!(text.contains(expected), "{kind:?}: {text}");
+                }
+            }
+        }
+        assert_eq!(
+            store_open(path, &sled::Error::Unsupported("x".into())),
+            None
+        );
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Needs {
+        access_token: String,
+    }
+
+    #[test]
+    fn token_answer_table() {
+        let not_json = serde_json::from_slice::<serde_json::Value>(b"<html>").unwrap_err();
+        let no_token =
+            serde_json::from_str::<std::collections::HashMap<String, u8>>("{\"a\":\"b\"}")
+                .unwrap_err();
+        let missing = serde_json::from_str::<Needs>("{}").unwrap_err();
+        let wrong_type = serde_json::from_str::<Needs>("{\"access_token\": 12345}").unwrap_err();
+        let table: [(Option<&str>, &[u8], &serde_json::Error, &str); 6] = [
+            (
+                Some("text/html; charset=utf-8"),
+                b"<!DOCTYPE html>",
+                &not_json,
+                "an HTML page",
+            ),
+            (None, b"  <html><body>Sign in", &not_json, "an HTML page"),
+            (
+                Some("text/plain"),
+                b"access_token=abc",
+                &not_json,
+                "not JSON (Content-Type text/plain, 16 bytes)",
+            ),
+            (
+                Some("application/json"),
+                b"{\"a\":\"b\"}",
+                &no_token,
+                "JSON that is not a token (a field of the wrong type)",
+            ),
+            (
+                Some("application/json"),
+                b"{}",
+                &missing,
+                "(missing field `access_token`)",
+            ),
+            (
+                Some("application/json"),
+                b"{\"access_token\": 12345}",
+                &wrong_type,
+                "(a field of the wrong type)",
+            ),
+        ];
+        for (content_type, body, error, expected) in table {
+            let text = token_answer(200, content_type, body, error);
+            assert!(text.contains(expected), "{expected}: {text}");
+            assert!(text.contains("destination.auth.auth_endpoint"), "{text}");
+            assert!(
+                !text.contains("abc") && !text.contains("12345") && !text.contains("\"b\""),
+                "the body is never shown: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn certificate_table() {
+        use rustls::pki_types::UnixTime;
+        use rustls::CertificateError as C;
+        let at = |s| UnixTime::since_unix_epoch(std::time::Duration::from_secs(s));
+        let table = [
+            (C::NotValidForNameContext {
+                expected: rustls::pki_types::ServerName::try_from("localhost").unwrap().to_owned(),
+                presented: vec!["DnsName(\"other.test\")".into()],
+            }, "not valid for the name localhost: it names DnsName(\"other.test\")"),
+            (C::ExpiredContext { time: at(1_767_225_600), not_after: at(1_735_689_600) },
+             "expired on 2025-01-01 00:00:00 UTC (this host's clock says 2026-01-01 00:00:00 UTC)"),
+            (C::UnknownIssuer, "destination.ca_file"),
+            (C::NotValidYet, "clock is behind"),
+        ];
+        for (problem, expected) in table {
+            let text = certificate(
+                "localhost:8443",
+                "localhost",
+                &rustls::Error::InvalidCertificate(problem),
+            )
+            .unwrap();
+            assert!(
+                text.starts_with("the certificate localhost:8443 presents "),
+                "{text}"
+            );
+            assert!(text.contains(expected), "{expected}: {text}");
+        }
+        assert_eq!(certificate("h:1", "h", &rustls::Error::DecryptError), None);
+    }
+
+    #[test]
+    fn finds_the_tls_error_inside_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(ErrorKind::InvalidData, tls.clone());
+        assert_eq!(find_tls_error(&io), Some(&tls));
+        let wrapped = std::io::Error::other(io);
+        assert_eq!(find_tls_error(&wrapped), Some(&tls));
+        assert_eq!(
+            find_tls_error(&std::io::Error::from(ErrorKind::Other)),
+            None
+        );
+    }
+}

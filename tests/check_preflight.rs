@@ -1,0 +1,116 @@
+//! `outpost check` checks this host before a run: the store folder can be written (and how much
+//! space is left there), and `ingest.listen` is free. Every problem found is reported, with
+//! what to do, and check exits 1.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+fn check(ws: &Workspace, uid: Option<u32>) -> Output {
+    let mut command = Command::new(binary());
+    command
+        .arg("check")
+        .arg("--config")
+        .arg(ws.config_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    command.output().unwrap()
+}
+
+fn line<'a>(stdout: &'a str, key: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{key:<17}")))
+        .unwrap_or_else(|| panic!("no {key} line:\n{stdout}"))
+}
+
+#[test]
+fn a_writable_store_and_a_free_address() {
+    let port = common::agent_process::free_port();
+    let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = line(&stdout, "store");
+    let expected = format!("store            {} (writable, ", ws.store_path().display());
+    assert!(store.starts_with(&expected), "{store}");
+    assert!(
+        store.contains(" free, created at the first run)"),
+        "{store}"
+    );
+    assert!(!ws.store_path().exists(), "check created the store");
+    assert_eq!(
+        line(&stdout, "ingest"),
+        format!("ingest           127.0.0.1:{port} (free)")
+    );
+    assert!(stdout.contains("check            ok"), "{stdout}");
+    // Nothing is left behind in the folder it wrote to.
+    let left: Vec<_> = std::fs::read_dir(ws.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".outpost-check"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn every_problem_is_reported_with_what_to_do() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+    // A store folder the agent's user cannot write: run as `nobody` when the test runs as
+    // root, else make the folder read-only.
+    let store = ws.store_path();
+    std::fs::create_dir(&store).unwrap();
+    let uid = if unsafe { libc::geteuid() } == 0 {
+        std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(ws.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        Some(65534)
+    } else {
+        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o555)).unwrap();
+        None
+    };
+    let out = check(&ws, uid);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        line(&stdout, "store"),
+        format!("store            {} (cannot be written)", store.display())
+    );
+    assert_eq!(
+        line(&stdout, "ingest"),
+        format!("ingest           127.0.0.1:{port} (cannot listen)")
+    );
+    assert!(!stdout.contains("check            ok"));
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("outpost: "))
+        .collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(
+        errors[0].starts_with(&format!(
+            "outpost: storage.path {}: cannot create or write the store there (permission denied)",
+            store.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        errors[1].starts_with(&format!(
+            "outpost: ingest.listen 127.0.0.1:{port}: the address is already in use"
+        )),
+        "{stderr}"
+    );
+}

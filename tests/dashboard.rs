@@ -1,0 +1,138 @@
+//! data/grafana/outpost.json queries only what the agent exports: every metric name in its
+//! expressions is one that the real `outpost run` serves on `GET /metrics`, and every label it
+//! groups by is one those samples carry (or `instance`, which Prometheus adds).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::agent_process::{free_port, AgentProcess};
+use common::*;
+use outpost::top::samples::Samples;
+use serde_json::Value;
+
+/// Every `expr` of every panel (rows included) and of the template variables.
+fn expressions(dashboard: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    fn walk(value: &Value, found: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("expr" | "definition", Value::String(s)) => found.push(s.clone()),
+                        _ => walk(v, found),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    walk(dashboard, &mut found);
+    found
+}
+
+/// The `outpost_…` names in an expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("outpost_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The labels of every `by (a, b)` in an expression.
+fn grouping_labels(expr: &str) -> Vec<String> {
+    expr.split("by (")
+        .skip(1)
+        .flat_map(|tail| {
+            tail[..tail.find(')').unwrap()]
+                .split(',')
+                .map(|l| l.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_helpers_find_names_and_labels() {
+    let expr = "histogram_quantile(0.5, sum by (le) (rate(outpost_delivery_latency_seconds_bucket{instance=~\"$instance\"}[5m]))) / sum by (a, b) (outpost_x)";
+    assert_eq!(
+        metric_names(expr),
+        ["outpost_delivery_latency_seconds_bucket", "outpost_x"]
+    );
+    assert_eq!(grouping_labels(expr), ["le", "a", "b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/grafana/outpost.json"
+    ))
+    .unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dashboard["uid"], "outpost-agent");
+    let exprs = expressions(&dashboard);
+    assert!(exprs.len() >= 20, "{exprs:?}");
+
+    // A fresh agent: every series exists from the start, before any traffic.
+    let ws = Workspace::new();
+    let port = free_port();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap()
+        + &format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(ws.config_path(), config).unwrap();
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    let (status, metrics) = http_get(agent.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let samples = Samples::parse(&metrics).unwrap();
+    let exported = samples.names();
+    let mut labels: BTreeSet<&str> = samples
+        .0
+        .iter()
+        .flat_map(|s| s.labels.iter().map(|(k, _)| k.as_str()))
+        .collect();
+    labels.insert("instance");
+
+    let mut queried = BTreeSet::new();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard queries {name}, which /metrics does not export:\n{expr}\n\nexported: {exported:?}"
+            );
+            queried.insert(name);
+        }
+        for label in grouping_labels(expr) {
+            assert!(
+                labels.contains(label.as_str()),
+                "the dashboard groups by {label}, which no sample carries:\n{expr}"
+            );
+        }
+    }
+    // What operators look at first is all there.
+    for name in [
+        "outpost_outbox_pending",
+        "outpost_outbox_oldest_pending_seconds",
+        "outpost_outbox_dead",
+        "outpost_updates_total",
+        "outpost_exports_total",
+        "outpost_deliveries_total",
+        "outpost_delivery_latency_seconds_bucket",
+        "outpost_delivery_concurrency_limit",
+        "outpost_delivery_in_flight",
+        "outpost_delivery_rate_cap",
+        "outpost_delivery_retries_total",
+        "outpost_token_fetches_total",
+        "outpost_destination_down",
+    ] {
+        assert!(queried.contains(name), "the dashboard does not show {name}");
+    }
+    drop(agent);
+}

@@ -1,0 +1,374 @@
+//! The errors a person gets, each with what is wrong and what to do, from the real binary: an
+//! address in use for `ingest.listen`, a store folder that cannot be written, a token endpoint
+//! that answers HTML or a body that is not JSON, and destination certificates that are a CA's,
+//! for another name, or expired. The underlying error stays in the debug log.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Runs `outpost ARGS --config <ws> --log-level debug`, killed after 30 s.
+fn run(ws: &Workspace, args: &[&str], uid: Option<u32>) -> Output {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("outpost {args:?} did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The error line `outpost: …` on standard error (after the debug log), asserting exit 1.
+fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("outpost: "))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"))
+        .to_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn ingest_listen_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let out = run(&ws, &["run"], None);
+    assert_eq!(
+        error_line(&out),
+        format!(
+            "outpost: ingest.listen 127.0.0.1:{port}: the address is already in use: another \
+             program (or another outpost) listens there. Stop it, or set ingest.listen to a free \
+             address in the config"
+        )
+    );
+    let log = stderr(&out);
+    assert!(
+        log.contains("binding ingest.listen") && log.contains("AddrInUse"),
+        "{log}"
+    );
+}
+
+#[test]
+fn store_folder_that_cannot_be_written() {
+    // The classic case: the folder belongs to root, the agent runs as a service user. Run as
+    // root, the test runs the agent as `nobody`; otherwise as itself, the folder read-only.
+    let ws = Workspace::new();
+    let parent = ws.path().join("owned-by-someone-else");
+    std::fs::create_dir(&parent).unwrap();
+    let store = parent.join("store");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap().replace(
+        "path = \"store\"",
+        &format!("path = {:?}", store.to_str().unwrap()),
+    );
+    std::fs::write(ws.config_path(), config).unwrap();
+    let root = unsafe { libc::geteuid() } == 0;
+    let uid = if root {
+        for path in [ws.path(), &ws.config_path(), &parent] {
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        Some(65534)
+    } else {
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o555)).unwrap();
+        None
+    };
+    let out = run(&ws, &["run"], uid);
+    let line = error_line(&out);
+    assert!(
+        line.starts_with(&format!(
+            "outpost: storage.path {}: cannot create or write the store there (permission denied). \
+             Give the user outpost runs as write access to that folder",
+            store.display()
+        )) && line.contains("or set storage.path to a folder it can write"),
+        "{line}"
+    );
+    assert!(
+        stderr(&out).contains("creating the store folder"),
+        "{}",
+        stderr(&out)
+    );
+    // The same message where the CLI opens the store itself.
+    let out = run(&ws, &["outbox", "stats"], uid);
+    assert_eq!(error_line(&out), line);
+}
+
+/// A token endpoint on loopback that answers every request 200 with this content type and
+/// body.
+async fn token_endpoint(content_type: &'static str, body: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    format!("http://{addr}/login")
+}
+
+fn oauth_workspace(auth_endpoint: &str, destination_lines: &str) -> Workspace {
+    let ws = Workspace::new();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap().replace(
+        "[destination.auth]\ntype = \"none\"",
+        &format!(
+            "{destination_lines}\n[destination.auth]\ntype = \"oauth2_client_credentials\"\n\
+             auth_endpoint = \"{auth_endpoint}\"\nclient_id = \"edge-agent\"\n\
+             client_secret = \"s3cret-value\""
+        ),
+    );
+    assert!(config.contains("s3cret-value"));
+    std::fs::write(ws.config_path(), config).unwrap();
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_answers_html() {
+    let url = token_endpoint(
+        "text/html; charset=utf-8",
+        "<!DOCTYPE html><html><body><form>Sign in</form></body></html>",
+    )
+    .await;
+    let ws = oauth_workspace(&url, "");
+    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+        .await
+        .unwrap();
+    assert_eq!(
+        error_line(&out),
+        "outpost: token: the token endpoint answered 200 with an HTML page (Content-Type \
+         text/html; charset=utf-8), not a JSON token: it looks like a login or portal page. \
+         destination.auth.auth_endpoint must be the OAuth 2.0 token endpoint (it often ends in \
+         /token or /oauth2/token; the identity provider's documentation names it)"
+    );
+    let log = stderr(&out);
+    assert!(log.contains("expected value at line 1 column 1"), "{log}");
+    assert!(!log.contains("s3cret-value"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_answers_a_body_that_is_not_json() {
+    let url = token_endpoint("text/plain", "access_token=t0ken-in-form&expires_in=3600").await;
+    let ws = oauth_workspace(&url, "");
+    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+        .await
+        .unwrap();
+    let line = error_line(&out);
+    assert_eq!(
+        line,
+        "outpost: token: the token endpoint answered 200 with a body that is not JSON \
+         (Content-Type text/plain, 42 bytes): destination.auth.auth_endpoint must be the OAuth \
+         2.0 token endpoint (it often ends in /token or /oauth2/token; the identity provider's \
+         documentation names it)"
+    );
+    assert!(
+        !stderr(&out).contains("t0ken-in-form"),
+        "the body may hold a token"
+    );
+}
+
+// Certificates.
+
+fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.distinguished_name.push(DnType::CommonName, name);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+/// A server certificate for `names` signed by the CA, valid `from` `to` (years).
+fn leaf(
+    ca: &(rcgen::Certificate, KeyPair),
+    names: &[&str],
+    years: (i32, i32),
+) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+    params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+    (params.signed_by(&key, &ca.0, &ca.1).unwrap(), key)
+}
+
+/// A receiver serving `served` over TLS.
+async fn tls_receiver(served: &(rcgen::Certificate, KeyPair)) -> Receiver {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> = vec![served.0.der().clone()];
+    let key: PrivateKeyDer<'static> = PrivatePkcs8KeyDer::from(served.1.serialize_der()).into();
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    Receiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ReceiverOptions {
+            tls: Some(Arc::new(tls)),
+            ..ReceiverOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// `outpost check` against a receiver serving `served` over TLS, trusting `ca`: its error line.
+async fn check_against(served: &(rcgen::Certificate, KeyPair), ca: &rcgen::Certificate) -> String {
+    let receiver = tls_receiver(served).await;
+    let port = receiver.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let ws = oauth_workspace(
+        &format!("https://localhost:{port}/oauth/token"),
+        &format!("ca_file = {:?}", ca_file.to_str().unwrap()),
+    );
+    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+        .await
+        .unwrap();
+    let line = error_line(&out);
+    assert!(
+        stderr(&out).contains("TLS with https://localhost"),
+        "the whole error is in the debug log: {}",
+        stderr(&out)
+    );
+    line.replace(&port.to_string(), "PORT")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_certificate_served_as_the_servers_own() {
+    let ca = ca("self-signed by openssl req -x509");
+    let line = check_against(&ca, &ca.0).await;
+    assert_eq!(
+        line,
+        "outpost: token: token endpoint: the certificate localhost:PORT presents is a CA \
+         certificate (CA:TRUE) served as the server's own certificate, which TLS clients refuse \
+         (a one-line `openssl req -x509` makes such a certificate). On the server, serve a \
+         certificate for localhost signed by that CA instead, and give outpost the CA's \
+         certificate in destination.ca_file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_name() {
+    let ca = ca("test CA");
+    let served = leaf(&ca, &["edge.example.net"], (2020, 2099));
+    let line = check_against(&served, &ca.0).await;
+    assert_eq!(
+        line,
+        "outpost: token: token endpoint: the certificate localhost:PORT presents is not valid \
+         for the name localhost: it names DnsName(\"edge.example.net\"). Use a name it holds in \
+         the URL (destination.http_endpoint or destination.auth.auth_endpoint), or have the \
+         certificate reissued with localhost among its subject alternative names"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate() {
+    let ca = ca("test CA");
+    let served = leaf(&ca, &["localhost"], (2020, 2021));
+    let line = check_against(&served, &ca.0).await;
+    let prefix = "outpost: token: token endpoint: the certificate localhost:PORT presents \
+                  expired on 2021-01-01 00:00:00 UTC (this host's clock says ";
+    assert!(line.starts_with(prefix), "{line}");
+    assert!(
+        line.ends_with(
+            "). Renew the server's certificate; if this host's clock is wrong, correct it"
+        ),
+        "{line}"
+    );
+}
+
+/// `check` also shakes hands with an https endpoint (no request sent): a certificate that
+/// verifies passes, a CA's certificate served as the server's own is explained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_verifies_the_endpoints_certificate() {
+    let ca = ca("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.0.pem()).unwrap();
+    let good = tls_receiver(&leaf(&ca, &["localhost"], (2020, 2099))).await;
+    let bad = tls_receiver(&ca).await;
+    for (receiver, ok) in [(&good, true), (&bad, false)] {
+        let ws = Workspace::with_extra("[ingest]\nlisten = \"127.0.0.1:0\"\n");
+        let config = std::fs::read_to_string(ws.config_path()).unwrap().replace(
+            "http_endpoint = \"http://127.0.0.1:9/profiles?source=edge\"",
+            &format!(
+                "http_endpoint = \"https://localhost:{}/profiles\"\nca_file = {:?}",
+                receiver.addr.port(),
+                ca_file.to_str().unwrap()
+            ),
+        );
+        std::fs::write(ws.config_path(), config).unwrap();
+        let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if ok {
+            assert!(out.status.success(), "{stdout}{}", stderr(&out));
+            assert!(
+                stdout.contains("endpoint TLS     certificate verifies (TLSv1_3)"),
+                "{stdout}"
+            );
+        } else {
+            assert!(stdout.contains("endpoint TLS     failed"), "{stdout}");
+            let line = error_line(&out).replace(&receiver.addr.port().to_string(), "PORT");
+            assert!(
+                line.starts_with(
+                    "outpost: endpoint: the certificate localhost:PORT presents is a CA \
+                     certificate (CA:TRUE) served as the server's own certificate"
+                ),
+                "{line}"
+            );
+        }
+    }
+    assert_eq!(
+        good.delivered().len() + bad.delivered().len(),
+        0,
+        "no request is sent"
+    );
+}

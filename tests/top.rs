@@ -1,0 +1,156 @@
+//! `outpost top` against the real `outpost run`: `--once` prints the figures `/metrics`
+//! serves, and without an agent it says what to do and exits 1.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::agent_process::{free_port, AgentProcess};
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::top::samples::Samples;
+use outpost::top::view::{latency, quantile, LATENCY};
+
+/// The value columns of the `--once` line of `group` and `key`.
+fn figure<'a>(text: &'a str, group: &str, key: &str) -> Vec<&'a str> {
+    let prefix = format!("{group:<11} {key:<18} ");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{text}"));
+    line[prefix.len()..].split_whitespace().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_prints_the_figures_of_metrics() {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    // Exports of profiles named bad… are refused: dead letters.
+    receiver.set_export_script(Some(Arc::new(|_, r| {
+        let profile = r.json().map(|p| profile_of(&p)).unwrap_or_default();
+        if profile.starts_with("bad") {
+            Reply::Status(400, vec![], "{\"error\":\"rejected\"}".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let ws = Workspace::new();
+    let port = free_port();
+    let base = receiver.base_url();
+    let text = agent_config_text(&base, &oauth_body(&base), "")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(ws.config_path(), text).unwrap();
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
+
+    let mut lines: Vec<String> = (0..12)
+        .map(|i| member_update(&format!("p-{i}"), "Jane", "2026-01-01T00:00:01Z"))
+        .collect();
+    lines.push(member_update("bad-1", "Jane", "2026-01-01T00:00:01Z"));
+    lines.push(member_update("bad-2", "Jane", "2026-01-01T00:00:01Z"));
+    lines.push(member_update("p-0", "Jane", "2026-01-01T00:00:01Z")); // unchanged
+    lines.push(member_update("p-1", "Old", "2025-01-01T00:00:00Z")); // stale
+    let (status, body) = http_post(agent.addr, "/v1/updates", lines.join("\n"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats: serde_json::Value =
+            serde_json::from_str(&ws.run_ok(&["outbox", "stats", "--json"], None)).unwrap();
+        if stats["pending"] == 0 && stats["dead"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never drained: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let top = ws.run_ok(&["top", "--once", "--interval", "0.3"], None);
+    let (status, metrics) = http_get(agent.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = Samples::parse(&metrics).unwrap();
+    let total = |group, key| figure(&top, group, key)[1].parse::<f64>().unwrap();
+    for (group, name, label, value) in [
+        ("updates", "outpost_updates_total", "result", "exported"),
+        ("updates", "outpost_updates_total", "result", "unchanged"),
+        ("updates", "outpost_updates_total", "result", "stale"),
+        ("exports", "outpost_exports_total", "reason", "segment"),
+        (
+            "deliveries",
+            "outpost_deliveries_total",
+            "outcome",
+            "delivered",
+        ),
+        ("deliveries", "outpost_deliveries_total", "outcome", "dead"),
+    ] {
+        assert_eq!(
+            total(group, value),
+            m.labelled(name, label, value),
+            "{group} {value}:\n{top}\n{metrics}"
+        );
+    }
+    // The figures themselves, so that a /metrics that lost them fails too.
+    assert_eq!(total("updates", "exported"), 14.0, "{top}");
+    assert_eq!(total("updates", "unchanged"), 1.0);
+    assert_eq!(total("updates", "stale"), 1.0);
+    assert_eq!(total("deliveries", "delivered"), 12.0, "{top}");
+    assert_eq!(total("deliveries", "dead"), 2.0);
+    // Idle: nothing happened between the two readings.
+    assert_eq!(figure(&top, "deliveries", "delivered")[0], "0.0", "{top}");
+    assert_eq!(
+        total("token", "fetches"),
+        m.value("outpost_token_fetches_total")
+    );
+    for (key, name) in [
+        ("concurrency limit", "outpost_delivery_concurrency_limit"),
+        ("in flight", "outpost_delivery_in_flight"),
+        ("waiting for retry", "outpost_delivery_retry_waiting"),
+    ] {
+        assert_eq!(
+            figure(&top, "delivery", key)[0].parse::<f64>().unwrap(),
+            m.value(name),
+            "{key}:\n{top}"
+        );
+    }
+    assert_eq!(figure(&top, "delivery", "rate cap"), ["none"]);
+    assert_eq!(m.value("outpost_delivery_rate_cap"), 0.0);
+    assert_eq!(figure(&top, "delivery", "destination"), ["up"]);
+    assert_eq!(figure(&top, "outbox", "pending"), ["0"]);
+    assert_eq!(m.value("outpost_outbox_pending"), 0.0);
+    assert_eq!(figure(&top, "outbox", "dead"), ["2"]);
+    assert_eq!(m.value("outpost_outbox_dead"), 2.0);
+    // Latency since start, from the same histogram /metrics serves.
+    let buckets = m.buckets(LATENCY);
+    assert!(m.value("outpost_delivery_latency_seconds_count") >= 12.0);
+    let p50 = latency(quantile(0.5, &buckets));
+    assert!(
+        figure(&top, "latency", "p50")
+            .join(" ")
+            .ends_with(&format!("{p50} since start")),
+        "{p50}:\n{top}"
+    );
+    // The token the agent holds (the receiver's tokens live an hour).
+    let token = figure(&top, "token", "lifetime").join(" ");
+    assert!(token.starts_with("expires in 59m"), "{token}");
+    drop(agent);
+}
+
+#[test]
+fn top_without_an_agent_says_what_to_do() {
+    let ws = Workspace::new();
+    let out = ws.run(&["top", "--once"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "no agent is running on the store at {}",
+            ws.store_path().display()
+        )) && stderr.contains("start it with `outpost run`"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let out = ws.run(&["top", "--interval", "0"], None);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--interval must be between 0.1 and 60 seconds"));
+}
