@@ -19,6 +19,10 @@ const MAX_GROUP_UPDATES: usize = 20_000;
 pub enum CommitError {
     #[error("{0}")]
     Store(String),
+    /// The disk is full, or the store is being reopened after an I/O error: nothing of the
+    /// request was acknowledged, and the same request can be sent again later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the committer has stopped")]
     Stopped,
 }
@@ -100,8 +104,13 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed");
-                let error = CommitError::Store(e.to_string());
+                let error = if e.is_transient() {
+                    tracing::debug!(error = %e, "commit failed");
+                    CommitError::Unavailable(e.to_string())
+                } else {
+                    tracing::error!(error = %e, "commit failed");
+                    CommitError::Store(e.to_string())
+                };
                 for job in jobs {
                     let _ = job.reply.send(Err(error.clone()));
                 }

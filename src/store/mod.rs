@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
@@ -57,9 +58,43 @@ pub enum StoreError {
     Sync(std::io::Error),
     #[error("store: corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    /// The disk holding the store is full: sled fails every write until the store is
+    /// reopened, which [`Store::recover`] does once there is room again.
+    #[error("no space left on device for the store at {0}")]
+    NoSpace(PathBuf),
+    /// Another I/O error from the disk; the store is reopened as after a full disk.
+    #[error("I/O error on the store at {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    /// The store is being reopened after an I/O error.
+    #[error("the store at {0} is being reopened after an I/O error")]
+    Reopening(PathBuf),
+}
+
+/// An I/O error as people read it: sled passes some on wrapped in their debug form.
+fn io_detail(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+        None if e.get_ref().is_some() => format!("{:?} error", e.kind()),
+        None => e.to_string(),
+    }
+}
+
+/// Whether an I/O error means the disk (or the user's quota on it) is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
+    // ENOSPC, EDQUOT
 }
 
 impl StoreError {
+    /// Whether the error is passing: the disk is full or was, and the store comes back by
+    /// itself once there is room (callers answer 503 with `Retry-After`).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NoSpace(_) | StoreError::Io { .. } | StoreError::Reopening(_)
+        )
+    }
+
     fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         StoreError::Corrupt {
             what: what.into(),
@@ -243,15 +278,28 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-pub struct Store {
+/// The sled handles of an open store. They are replaced as a whole when the store is reopened
+/// after an I/O error ([`Store::recover`]); holders of `Arc<Store>` keep working.
+pub(crate) struct Trees {
     db: sled::Db,
-    store_id: u32,
     pub(crate) profiles: sled::Tree,
     pub(crate) outbox: sled::Tree,
     pub(crate) dead: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
     log_file: Option<File>,
+}
+
+pub struct Store {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// `None` while the store is being reopened.
+    trees: RwLock<Option<Arc<Trees>>>,
+    /// sled reported an I/O error: every later write fails until the store is reopened.
+    failed: AtomicBool,
+    /// The failure was a full disk.
+    failed_no_space: AtomicBool,
+    store_id: u32,
     /// Written while exports are put back under their old (lower) sequence numbers, read while
     /// the delivery loop scans; `rewound` then sends the next scan back to the head.
     rewind_lock: RwLock<()>,
@@ -263,6 +311,29 @@ pub struct Store {
     /// those (an export is never sent before the update that caused it is acknowledged).
     written_next: AtomicU64,
     durable_next: AtomicU64,
+}
+
+/// What opening a store read from it.
+struct Opened {
+    store_id: u32,
+    clock: ClockRecord,
+    next_seq: u64,
+}
+
+/// How much [`Store::recover`] writes beside a failed store, to see whether there is room.
+pub const SPACE_PROBE_BYTES: usize = 1 << 20;
+
+/// Writes, syncs and removes [`SPACE_PROBE_BYTES`] in `dir`.
+fn probe_space(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("space-probe");
+    let result = (|| {
+        let mut file = File::create(&path)?;
+        file.write_all(&vec![0u8; SPACE_PROBE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
@@ -378,19 +449,36 @@ impl Store {
     /// A lock is retried for a moment: sled's threads release it shortly after a store is
     /// dropped, so a store closed just before (by this or an exiting process) opens.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let (trees, opened) = Store::open_trees(path, cache_bytes)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            cache_bytes,
+            trees: RwLock::new(Some(Arc::new(trees))),
+            failed: AtomicBool::new(false),
+            failed_no_space: AtomicBool::new(false),
+            run_clock: RunClock::starting_at(opened.clock.uptime_ms),
+            store_id: opened.store_id,
+            rewind_lock: RwLock::new(()),
+            rewound: AtomicBool::new(false),
+            written_next: AtomicU64::new(opened.next_seq),
+            durable_next: AtomicU64::new(opened.next_seq),
+        })
+    }
+
+    fn open_trees(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
         let mut tries = 0;
         loop {
             match Store::open_once(path, cache_bytes) {
                 Err(StoreError::Locked(_)) if tries < 10 => {
                     tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(100));
                 }
                 result => return result,
             }
         }
     }
 
-    fn open_once(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+    fn open_once(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
         std::fs::create_dir_all(path).map_err(|e| StoreError::Open {
             path: path.to_path_buf(),
             source: sled::Error::Io(e),
@@ -457,20 +545,161 @@ impl Store {
             .get(meta::NEXT_SEQ)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(0);
-        Ok(Store {
-            run_clock: RunClock::starting_at(clock.uptime_ms),
+        let trees = Trees {
             profiles: db.open_tree("profiles")?,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
             meta,
             db,
-            store_id,
             log_file,
-            rewind_lock: RwLock::new(()),
-            rewound: AtomicBool::new(false),
-            written_next: AtomicU64::new(next_seq),
-            durable_next: AtomicU64::new(next_seq),
-        })
+        };
+        Ok((
+            trees,
+            Opened {
+                store_id,
+                clock,
+                next_seq,
+            },
+        ))
+    }
+
+    /// The sled handles, or [`StoreError::Reopening`] while they are being replaced.
+    pub(crate) fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.trees
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Reopening(self.path.clone()))
+    }
+
+    /// Runs `f` on the sled handles. An I/O error marks the store failed (see
+    /// [`Store::recover`]) and comes back as [`StoreError::NoSpace`] or [`StoreError::Io`],
+    /// naming the store.
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Trees) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let trees = self.trees()?;
+        f(&trees).map_err(|e| self.classify(e))
+    }
+
+    fn classify(&self, e: StoreError) -> StoreError {
+        let io = match &e {
+            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) => io,
+            _ => return e,
+        };
+        let no_space = is_no_space(io);
+        let error = if no_space {
+            StoreError::NoSpace(self.path.clone())
+        } else {
+            StoreError::Io {
+                path: self.path.clone(),
+                detail: io_detail(io),
+            }
+        };
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            self.failed_no_space.store(no_space, Ordering::SeqCst);
+            tracing::warn!(
+                "{error}: updates are refused (503) until it is reopened, which happens by itself once there is room"
+            );
+        }
+        error
+    }
+
+    /// Whether sled reported an I/O error since the store was (re)opened.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The error a failed store answers with.
+    pub fn failure(&self) -> StoreError {
+        if self.failed_no_space.load(Ordering::SeqCst) {
+            StoreError::NoSpace(self.path.clone())
+        } else {
+            StoreError::Io {
+                path: self.path.clone(),
+                detail: "an earlier write failed".into(),
+            }
+        }
+    }
+
+    /// Reopens a failed store once its disk has room again: sled fails every write after an
+    /// I/O error until it is reopened. Returns `Ok(false)` when the store had not failed, and
+    /// [`StoreError::NoSpace`] (without reopening) while a trial write of
+    /// [`SPACE_PROBE_BYTES`] beside the store does not fit.
+    ///
+    /// Nothing acknowledged is lost: acknowledged writes were flushed, so the reopened store
+    /// holds them. Writes that failed were answered as failures; those of them sled had
+    /// written may be in the reopened store or not, and their sequence numbers are
+    /// re-read from it (delivery reads only durable exports, so none of them was sent).
+    pub fn recover(&self) -> Result<bool, StoreError> {
+        if !self.is_failed() {
+            return Ok(false);
+        }
+        probe_space(&self.path).map_err(|e| {
+            if is_no_space(&e) {
+                StoreError::NoSpace(self.path.clone())
+            } else {
+                StoreError::Io {
+                    path: self.path.clone(),
+                    detail: io_detail(&e),
+                }
+            }
+        })?;
+        let old = self.trees.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut old) = old {
+            // Calls that took the handles before finish (their writes fail); sled lets one
+            // open at a time, so every handle must be gone before the next open.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(trees) => {
+                        drop(trees);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still_shared) => {
+                        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
+                        return Err(StoreError::Io {
+                            path: self.path.clone(),
+                            detail: "its handles are still in use; reopening later".into(),
+                        });
+                    }
+                }
+            }
+        }
+        // sled's threads release the file lock shortly after the last handle goes.
+        let mut tries = 0;
+        let (trees, opened) = loop {
+            match Store::open_trees(&self.path, self.cache_bytes) {
+                Err(StoreError::Locked(_)) if tries < 10 => tries += 1,
+                Err(e) => return Err(self.classify(e)),
+                Ok(opened) => break opened,
+            }
+        };
+        if opened.store_id != self.store_id {
+            return Err(StoreError::corrupt(
+                "store id",
+                format!(
+                    "{:08x} after reopening, {:08x} before",
+                    opened.store_id, self.store_id
+                ),
+            ));
+        }
+        if let Some(file) = &trees.log_file {
+            // What the reopened store read is on the drive before anything is sent from it.
+            file.sync_data().map_err(StoreError::Sync)?;
+        }
+        self.written_next.store(opened.next_seq, Ordering::SeqCst);
+        self.durable_next.store(opened.next_seq, Ordering::SeqCst);
+        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
+        self.failed.store(false, Ordering::SeqCst);
+        self.failed_no_space.store(false, Ordering::SeqCst);
+        tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
+        Ok(true)
     }
 
     pub fn store_id(&self) -> u32 {
@@ -484,17 +713,19 @@ impl Store {
 
     /// The clock state as last written (default before the first checkpoint).
     pub fn clock_record(&self) -> Result<ClockRecord, StoreError> {
-        match self.meta.get(meta::CLOCK)? {
+        self.with(|t| match t.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e)),
             None => Ok(ClockRecord::default()),
-        }
+        })
     }
 
     /// Writes the clock state (made durable by the next flush). One writer: the agent's clock
     /// task.
     pub fn write_clock_record(&self, record: &ClockRecord) -> Result<(), StoreError> {
-        self.meta.insert(meta::CLOCK, codec::encode_clock(record))?;
-        Ok(())
+        self.with(|t| {
+            t.meta.insert(meta::CLOCK, codec::encode_clock(record))?;
+            Ok(())
+        })
     }
 
     pub fn export_id(&self, seq: u64) -> ExportId {
@@ -506,13 +737,15 @@ impl Store {
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let written = self.written_next.load(Ordering::SeqCst);
-        self.db.flush()?;
-        if let Some(file) = &self.log_file {
-            file.sync_data().map_err(StoreError::Sync)?;
-        }
-        self.durable_next.fetch_max(written, Ordering::SeqCst);
-        Ok(())
+        self.with(|t| {
+            let written = self.written_next.load(Ordering::SeqCst);
+            t.db.flush()?;
+            if let Some(file) = &t.log_file {
+                file.sync_data().map_err(StoreError::Sync)?;
+            }
+            self.durable_next.fetch_max(written, Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     /// Every export below this sequence number is durable.
@@ -591,39 +824,41 @@ impl Store {
         // In key order, sled touches each leaf once rather than hopping between them.
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
 
-        let next_seq = (&self.profiles, &self.outbox, &self.meta).transaction(
-            |(profiles, outbox, meta_tx)| {
-                let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
-                let mut tally = read_tally(meta_tx)?;
-                for (id, value) in &writes {
-                    match value {
-                        Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
-                        None => profiles.remove(id.as_bytes())?,
-                    };
-                }
-                for value in &exports {
-                    tally.count(Place::Pending, value.len(), 1);
-                    outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
-                    next_seq += 1;
-                }
-                write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
-                write_tally(meta_tx, tally)?;
-                Ok(next_seq)
-            },
-        )?;
+        let next_seq = self.with(|t| {
+            Ok(
+                (&t.profiles, &t.outbox, &t.meta).transaction(|(profiles, outbox, meta_tx)| {
+                    let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+                    let mut tally = read_tally(meta_tx)?;
+                    for (id, value) in &writes {
+                        match value {
+                            Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
+                            None => profiles.remove(id.as_bytes())?,
+                        };
+                    }
+                    for value in &exports {
+                        tally.count(Place::Pending, value.len(), 1);
+                        outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
+                        next_seq += 1;
+                    }
+                    write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok(next_seq)
+                })?,
+            )
+        })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(summaries)
     }
 
     pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
-        match self.profiles.get(id.as_bytes())? {
+        self.with(|t| match t.profiles.get(id.as_bytes())? {
             None => Ok(None),
             Some(bytes) => {
                 let record = codec::decode_profile(&bytes)
                     .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
                 stored_from_record(id, record).map(Some)
             }
-        }
+        })
     }
 
     fn decode_export(&self, key: &[u8], value: &[u8], dead: bool) -> Result<Export, StoreError> {
@@ -644,21 +879,20 @@ impl Store {
             return Ok(None);
         }
         let key = keys::seq_key(id.seq);
-        for (tree, dead) in [(&self.outbox, false), (&self.dead, true)] {
-            if let Some(value) = tree.get(key)? {
-                return self.decode_export(&key, &value, dead).map(Some);
+        self.with(|t| {
+            for (tree, dead) in [(&t.outbox, false), (&t.dead, true)] {
+                if let Some(value) = tree.get(key)? {
+                    return self.decode_export(&key, &value, dead).map(Some);
+                }
             }
-        }
-        Ok(None)
+            Ok(None)
+        })
     }
 
     /// Exports oldest first, pending or (with `filter.dead`) dead.
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<Export>, StoreError> {
-        let tree = if filter.dead {
-            &self.dead
-        } else {
-            &self.outbox
-        };
+        let t = self.trees()?;
+        let tree = if filter.dead { &t.dead } else { &t.outbox };
         let limit = if filter.limit == 0 {
             usize::MAX
         } else {
@@ -669,7 +903,7 @@ impl Store {
             if exports.len() >= limit {
                 break;
             }
-            let (key, value) = item?;
+            let (key, value) = item.map_err(|e| self.classify(e.into()))?;
             let export = self.decode_export(&key, &value, filter.dead)?;
             if filter
                 .profile_id
@@ -683,7 +917,8 @@ impl Store {
     }
 
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
-        let oldest = match self.outbox.first()? {
+        let first = self.with(|t| Ok(t.outbox.first()?))?;
+        let oldest = match first {
             Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
             None => None,
         };
@@ -700,7 +935,7 @@ impl Store {
             oldest_pending_waited_s: oldest
                 .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
             bytes: tally.bytes,
-            profiles: self.profiles.len() as u64,
+            profiles: self.trees()?.profiles.len() as u64,
             store_id: format!("{:08x}", self.store_id),
             run_time_s: uptime_ms / 1000,
             clock_jumps: clock.jumps,
@@ -719,12 +954,12 @@ impl Store {
 
     /// Pending and dead counts and bytes, read without walking the trees.
     pub fn tally(&self) -> Result<Tally, StoreError> {
-        match self.meta.get(meta::TALLY)? {
+        self.with(|t| match t.meta.get(meta::TALLY)? {
             None => Ok(Tally::default()),
             Some(v) => {
                 Tally::from_bytes(&v).ok_or_else(|| StoreError::corrupt("tally", "not 24 bytes"))
             }
-        }
+        })
     }
 
     /// Checks the invariants a crash must not break; returns what is wrong, if anything.
@@ -732,7 +967,8 @@ impl Store {
         let mut problems = Vec::new();
         let mut counted = Tally::default();
         let mut max_seq = None;
-        for (tree, place) in [(&self.outbox, Place::Pending), (&self.dead, Place::Dead)] {
+        let t = self.trees()?;
+        for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
             for item in tree.iter() {
                 let (key, value) = item?;
                 counted.count(place, value.len(), 1);
@@ -742,7 +978,7 @@ impl Store {
                 }
             }
         }
-        for item in self.profiles.iter() {
+        for item in t.profiles.iter() {
             let (key, value) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
             let decoded = codec::decode_profile(&value)
@@ -758,7 +994,7 @@ impl Store {
                 "the tally says {recorded:?}, the trees hold {counted:?}"
             ));
         }
-        let next = self
+        let next = t
             .meta
             .get(meta::NEXT_SEQ)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
@@ -781,14 +1017,6 @@ pub enum Place {
 }
 
 impl Store {
-    /// Pending exports from sequence `from` on, oldest first.
-    pub fn pending_from(&self, from: u64) -> impl Iterator<Item = Result<Export, StoreError>> + '_ {
-        self.outbox.range(keys::seq_key(from)..).map(move |item| {
-            let (key, value) = item?;
-            self.decode_export(&key, &value, false)
-        })
-    }
-
     /// Runs `put_back`, which moves exports back into the outbox under their old sequence
     /// numbers, so that no [`Store::scan_pending`] overlaps it; the next scan starts from the
     /// head of the outbox again.
@@ -822,12 +1050,13 @@ impl Store {
             return Ok(Some(Vec::new()));
         }
         let mut exports = Vec::new();
-        for item in self
+        let t = self.trees()?;
+        for item in t
             .outbox
             .range(keys::seq_key(*cursor)..keys::seq_key(until))
             .take(limit)
         {
-            let (key, value) = item?;
+            let (key, value) = item.map_err(|e| self.classify(e.into()))?;
             let export = self.decode_export(&key, &value, false)?;
             *cursor = export.id.seq + 1;
             exports.push(export);
@@ -849,44 +1078,47 @@ impl Store {
         change: impl Fn(ExportRecord) -> (Place, ExportRecord),
     ) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
-        let changed =
-            (&self.outbox, &self.dead, &self.meta).transaction(|(outbox, dead, meta_tx)| {
-                let source = match from {
-                    Place::Pending => outbox,
-                    Place::Dead => dead,
-                    Place::Gone => return Ok(false),
-                };
-                let Some(old) = source.remove(&key)? else {
-                    return Ok(false);
-                };
-                let record = codec::decode_export(&old)
-                    .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
-                let mut tally = read_tally(meta_tx)?;
-                tally.count(from, old.len(), -1);
-                let (to, record) = change(record);
-                let target = match to {
-                    Place::Pending => Some(outbox),
-                    Place::Dead => Some(dead),
-                    Place::Gone => None,
-                };
-                if let Some(target) = target {
-                    let value = codec::encode_export(&record);
-                    tally.count(to, value.len(), 1);
-                    target.insert(&key, value)?;
-                }
-                write_tally(meta_tx, tally)?;
-                Ok(true)
-            })?;
-        Ok(changed)
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let source = match from {
+                        Place::Pending => outbox,
+                        Place::Dead => dead,
+                        Place::Gone => return Ok(false),
+                    };
+                    let Some(old) = source.remove(&key)? else {
+                        return Ok(false);
+                    };
+                    let record = codec::decode_export(&old)
+                        .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(from, old.len(), -1);
+                    let (to, record) = change(record);
+                    let target = match to {
+                        Place::Pending => Some(outbox),
+                        Place::Dead => Some(dead),
+                        Place::Gone => None,
+                    };
+                    if let Some(target) = target {
+                        let value = codec::encode_export(&record);
+                        tally.count(to, value.len(), 1);
+                        target.insert(&key, value)?;
+                    }
+                    write_tally(meta_tx, tally)?;
+                    Ok(true)
+                })?,
+            )
+        })
     }
 
     /// Sequence numbers of every dead letter, oldest first.
     pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
-        self.dead
+        self.trees()?
+            .dead
             .iter()
             .keys()
             .map(|k| {
-                let k = k?;
+                let k = k.map_err(|e| self.classify(e.into()))?;
                 keys::seq_from_key(&k)
                     .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
             })

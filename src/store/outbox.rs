@@ -64,33 +64,36 @@ impl Store {
     /// Applies the changes in order, in one transaction; an export that is no longer pending
     /// (dropped meanwhile by `outbox drop`) is passed over. Not flushed.
     pub fn apply_export_changes(&self, changes: &[(u64, ExportChange)]) -> Result<(), StoreError> {
-        (&self.outbox, &self.dead, &self.meta).transaction(|(outbox, dead, meta_tx)| {
-            let mut tally = read_tally(meta_tx)?;
-            for (seq, change) in changes {
-                let key = keys::seq_key(*seq);
-                let Some(old) = outbox.remove(&key)? else {
-                    continue;
-                };
-                tally.count(Place::Pending, old.len(), -1);
-                if *change == ExportChange::Delivered {
-                    continue; // gone: no need to read it
-                }
-                let record = codec::decode_export(&old)
-                    .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
-                let (place, record) = changed_record(record, change);
-                let target = match place {
-                    Place::Pending => outbox,
-                    Place::Dead => dead,
-                    Place::Gone => continue,
-                };
-                let value = codec::encode_export(&record);
-                tally.count(place, value.len(), 1);
-                target.insert(&key, value)?;
-            }
-            write_tally(meta_tx, tally)?;
-            Ok(())
-        })?;
-        Ok(())
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let mut tally = read_tally(meta_tx)?;
+                    for (seq, change) in changes {
+                        let key = keys::seq_key(*seq);
+                        let Some(old) = outbox.remove(&key)? else {
+                            continue;
+                        };
+                        tally.count(Place::Pending, old.len(), -1);
+                        if *change == ExportChange::Delivered {
+                            continue; // gone: no need to read it
+                        }
+                        let record = codec::decode_export(&old)
+                            .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                        let (place, record) = changed_record(record, change);
+                        let target = match place {
+                            Place::Pending => outbox,
+                            Place::Dead => dead,
+                            Place::Gone => continue,
+                        };
+                        let value = codec::encode_export(&record);
+                        tally.count(place, value.len(), 1);
+                        target.insert(&key, value)?;
+                    }
+                    write_tally(meta_tx, tally)?;
+                    Ok(())
+                })?,
+            )
+        })
     }
 }
 
