@@ -226,6 +226,10 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             )
         }
         Err(CommitError::Unavailable(e)) => unavailable(&format!("not stored: {e}")),
+        Err(CommitError::Refused(e)) => error_answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("not stored: {e}"),
+        ),
         Err(e) => {
             tracing::error!(error = %e, "commit failed");
             error_answer(StatusCode::SERVICE_UNAVAILABLE, &format!("not stored: {e}"))

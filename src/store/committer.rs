@@ -23,6 +23,10 @@ pub enum CommitError {
     /// request was acknowledged, and the same request can be sent again later.
     #[error("{0}")]
     Unavailable(String),
+    /// This request alone was refused: it updates a profile whose stored version cannot be
+    /// read. Nothing of it was stored.
+    #[error("{0}")]
+    Refused(String),
     #[error("the committer has stopped")]
     Stopped,
 }
@@ -86,7 +90,7 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
         }
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
         let started = std::time::Instant::now();
-        let applied = store.apply_groups(&groups, mapping, Utc::now());
+        let applied = store.apply_each(&groups, mapping, Utc::now());
         let decided = started.elapsed();
         let result = applied.and_then(|summaries| store.flush().map(|()| summaries));
         tracing::debug!(
@@ -100,7 +104,9 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
             Ok(summaries) => {
                 committed.notify_one();
                 for (job, summary) in jobs.into_iter().zip(summaries) {
-                    let _ = job.reply.send(Ok(summary));
+                    let _ = job
+                        .reply
+                        .send(summary.map_err(|e| CommitError::Refused(e.to_string())));
                 }
             }
             Err(e) => {

@@ -58,6 +58,11 @@ pub enum StoreError {
     Sync(std::io::Error),
     #[error("store: corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    #[error(
+        "the stored version of profile `{id}` is unreadable ({detail}); its updates are refused \
+         until `outpost repair` forgets it (`outpost check --store` lists unreadable records)"
+    )]
+    UnreadableProfile { id: String, detail: String },
     /// The disk holding the store is full: sled fails every write until the store is
     /// reopened, which [`Store::recover`] does once there is room again.
     #[error("no space left on device for the store at {0}")]
@@ -311,6 +316,42 @@ pub struct Store {
     /// those (an export is never sent before the update that caused it is acknowledged).
     written_next: AtomicU64,
     durable_next: AtomicU64,
+    /// Unreadable `meta` values rebuilt when the store was opened (see [`rebuild_meta`]).
+    rebuilt_meta: std::sync::Mutex<Vec<String>>,
+}
+
+/// The reason (`last_error`) of a dead letter made of an unreadable export record.
+pub const UNREADABLE: &str = "unreadable record";
+
+/// The dead letter that stands for an export record that cannot be decoded: no profile, its
+/// stored bytes (base64) as the payload, so that nothing is lost and nothing is sent from it
+/// (`outbox retry` refuses it; `outbox drop` deletes it).
+pub fn unreadable_record(bytes: &[u8], error: &str, now_ms: i64) -> ExportRecord {
+    use base64::Engine;
+    let stored = base64::engine::general_purpose::STANDARD.encode(bytes);
+    ExportRecord {
+        profile_id: String::new(),
+        reason: 0,
+        payload: serde_json::json!({ "unreadable_record_base64": stored }).to_string(),
+        created_at_ms: now_ms,
+        queued_at_ms: now_ms,
+        queued_at_uptime_ms: 0,
+        attempts: 0,
+        last_error: Some(format!("{UNREADABLE}: {error}")),
+        last_attempt_at_ms: None,
+        dead_at_ms: Some(now_ms),
+    }
+}
+
+impl ExportRecord {
+    /// Whether this is a dead letter made by [`unreadable_record`].
+    pub fn is_unreadable(&self) -> bool {
+        self.profile_id.is_empty()
+            && self
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(UNREADABLE))
+    }
 }
 
 /// What opening a store read from it.
@@ -318,6 +359,83 @@ struct Opened {
     store_id: u32,
     clock: ClockRecord,
     next_seq: u64,
+    /// Unreadable `meta` values rebuilt at open, described.
+    rebuilt: Vec<String>,
+}
+
+/// How far past the highest export held a rebuilt `next_seq` starts: exports delivered or
+/// dropped before may have had higher numbers, and an export id must never be reused.
+const NEXT_SEQ_GAP: u64 = 1 << 32;
+
+/// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
+/// cannot be read: `tally` is recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest
+/// export held, `clock` starts again (run time 0, which delays expiry, never hastens it).
+/// Returns what it did, one line each; flushed when anything was done.
+fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
+    let mut rebuilt = Vec::new();
+    if let Some(v) = t.meta.get(meta::CLOCK)? {
+        if let Err(e) = codec::decode_clock(&v) {
+            t.meta
+                .insert(meta::CLOCK, codec::encode_clock(&ClockRecord::default()))?;
+            rebuilt.push(format!(
+                "meta/clock was unreadable ({e}); the run time starts again from 0"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::NEXT_SEQ)? {
+        if v.len() != 8 {
+            let mut highest = None;
+            for tree in [&t.outbox, &t.dead] {
+                for key in tree.iter().keys() {
+                    highest = highest.max(keys::seq_from_key(&key?));
+                }
+            }
+            let next = highest.map_or(0, |h| h + 1) + NEXT_SEQ_GAP;
+            t.meta.insert(meta::NEXT_SEQ, &next.to_be_bytes())?;
+            rebuilt.push(format!(
+                "meta/next_seq was unreadable (not 8 bytes); new exports are numbered from {next}"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::TALLY)? {
+        if Tally::from_bytes(&v).is_none() {
+            let mut tally = Tally::default();
+            for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
+                for item in tree.iter() {
+                    let (_, value) = item?;
+                    tally.count(place, value.len(), 1);
+                }
+            }
+            t.meta.insert(meta::TALLY, &tally.to_bytes())?;
+            rebuilt.push(format!(
+                "meta/tally was unreadable (not 24 bytes); recounted: {} pending, {} dead",
+                tally.pending, tally.dead
+            ));
+        }
+    }
+    if !rebuilt.is_empty() {
+        t.db.flush()?;
+    }
+    Ok(rebuilt)
+}
+
+/// A record that cannot be read, as `outpost check --store` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnreadableRecord {
+    /// `profiles`, `outbox`, `dead` or `meta`.
+    pub tree: &'static str,
+    /// The key: a profile id, an export id, a meta key (bytes shown escaped when not text).
+    pub key: String,
+    pub error: String,
+    /// What `outpost repair` does with it, or did already.
+    pub action: String,
+}
+
+fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_owned(),
+        Err(_) => key.escape_ascii().to_string(),
+    }
 }
 
 /// How much [`Store::recover`] writes beside a failed store, to see whether there is room.
@@ -462,6 +580,7 @@ impl Store {
             rewound: AtomicBool::new(false),
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
+            rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
         })
     }
 
@@ -536,15 +655,7 @@ impl Store {
                 id
             }
         };
-        let clock = match meta.get(meta::CLOCK)? {
-            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
-            None => ClockRecord::default(),
-        };
         let log_file = File::open(path.join("db")).ok();
-        let next_seq = meta
-            .get(meta::NEXT_SEQ)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
         let trees = Trees {
             profiles: db.open_tree("profiles")?,
             outbox: db.open_tree("outbox")?,
@@ -553,12 +664,26 @@ impl Store {
             db,
             log_file,
         };
+        let rebuilt = rebuild_meta(&trees)?;
+        for note in &rebuilt {
+            tracing::warn!("{note}");
+        }
+        let clock = match trees.meta.get(meta::CLOCK)? {
+            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
+            None => ClockRecord::default(),
+        };
+        let next_seq = trees
+            .meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
         Ok((
             trees,
             Opened {
                 store_id,
                 clock,
                 next_seq,
+                rebuilt,
             },
         ))
     }
@@ -693,6 +818,10 @@ impl Store {
             // What the reopened store read is on the drive before anything is sent from it.
             file.sync_data().map_err(StoreError::Sync)?;
         }
+        self.rebuilt_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(opened.rebuilt);
         self.written_next.store(opened.next_seq, Ordering::SeqCst);
         self.durable_next.store(opened.next_seq, Ordering::SeqCst);
         *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
@@ -759,25 +888,63 @@ impl Store {
     /// The decisions are made before the transaction, reading the stored versions directly:
     /// that is sound because there is one writer of `profiles` (the committer, or the CLI
     /// holding the store alone), and it keeps the transaction, which sled may re-run, short.
+    ///
+    /// A group that updates a profile whose stored version cannot be read is refused whole
+    /// ([`StoreError::UnreadableProfile`]) and the others go on: see [`Store::apply_each`].
+    /// This returns the first such refusal.
     pub fn apply_groups(
         &self,
         groups: &[&[Update]],
         mapping: &Mapping,
         received_at: DateTime<Utc>,
     ) -> Result<Vec<BatchSummary>, StoreError> {
+        self.apply_each(groups, mapping, received_at)?
+            .into_iter()
+            .collect()
+    }
+
+    /// [`Store::apply_groups`], with a result per group: a group that touches an unreadable
+    /// profile stores nothing and gets [`StoreError::UnreadableProfile`].
+    pub fn apply_each(
+        &self,
+        groups: &[&[Update]],
+        mapping: &Mapping,
+        received_at: DateTime<Utc>,
+    ) -> Result<Vec<Result<BatchSummary, StoreError>>, StoreError> {
         let created_at_ms = received_at.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
         // The latest version of each profile touched, and whether it must be written.
         let mut versions: HashMap<&str, (Option<StoredProfile>, bool)> = HashMap::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
-        for group in groups {
-            let mut summary = BatchSummary::default();
+        'groups: for group in groups {
+            // Every profile of the group is read before any update of it is applied, so that a
+            // refused group leaves nothing behind.
             for update in group.iter() {
                 let id = update.id.as_str();
                 if !versions.contains_key(id) {
-                    versions.insert(id, (self.profile(id)?, false));
+                    match self.profile(id) {
+                        Ok(version) => {
+                            versions.insert(id, (version, false));
+                        }
+                        Err(StoreError::Corrupt { detail, .. }) => {
+                            tracing::warn!(
+                                profile = id,
+                                "{detail}: an update of an unreadable profile is refused"
+                            );
+                            summaries.push(Err(StoreError::UnreadableProfile {
+                                id: id.to_owned(),
+                                detail,
+                            }));
+                            continue 'groups;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+            }
+            let mut summary = BatchSummary::default();
+            for update in group.iter() {
+                let id = update.id.as_str();
                 let (version, dirty) = versions.get_mut(id).expect("inserted above");
                 let applied = apply(version.as_ref(), update, mapping, received_at);
                 summary.accepted += 1;
@@ -809,7 +976,7 @@ impl Store {
                     summary.by_reason[reason.code() as usize] += 1;
                 }
             }
-            summaries.push(summary);
+            summaries.push(Ok(summary));
         }
         let mut writes: Vec<(&str, Option<Vec<u8>>)> = versions
             .into_iter()
@@ -1050,21 +1217,211 @@ impl Store {
             return Ok(Some(Vec::new()));
         }
         let mut exports = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut seen = 0;
         let t = self.trees()?;
         for item in t
             .outbox
             .range(keys::seq_key(*cursor)..keys::seq_key(until))
             .take(limit)
         {
+            seen += 1;
             let (key, value) = item.map_err(|e| self.classify(e.into()))?;
-            let export = self.decode_export(&key, &value, false)?;
-            *cursor = export.id.seq + 1;
-            exports.push(export);
+            match self.decode_export(&key, &value, false) {
+                Ok(export) => {
+                    *cursor = export.id.seq + 1;
+                    exports.push(export);
+                }
+                Err(e) => match keys::seq_from_key(&key) {
+                    Some(seq) => {
+                        *cursor = seq + 1;
+                        unreadable.push((seq, e.to_string()));
+                    }
+                    None => tracing::warn!(
+                        key = ?key.as_ref(),
+                        "an outbox key that is not a sequence number is passed over; `outpost check --store` lists it"
+                    ),
+                },
+            }
         }
-        if exports.len() < limit {
+        drop(t);
+        for (seq, error) in unreadable {
+            tracing::warn!(
+                export = %self.export_id(seq),
+                "{error}; it goes to the dead letters as \"{UNREADABLE}\""
+            );
+            self.dead_letter_unreadable(seq, &error)?;
+        }
+        if seen < limit {
             *cursor = until;
         }
         Ok(Some(exports))
+    }
+
+    /// Moves the pending export `seq`, whose record cannot be read, to the dead letters as an
+    /// [`unreadable_record`] keeping its bytes. Not flushed.
+    pub fn dead_letter_unreadable(&self, seq: u64, error: &str) -> Result<(), StoreError> {
+        let key = keys::seq_key(seq);
+        let now_ms = Utc::now().timestamp_millis();
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let Some(old) = outbox.remove(&key)? else {
+                        return Ok(());
+                    };
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(Place::Pending, old.len(), -1);
+                    let value = codec::encode_export(&unreadable_record(&old, error, now_ms));
+                    tally.count(Place::Dead, value.len(), 1);
+                    dead.insert(&key, value)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok(())
+                })?,
+            )
+        })
+    }
+
+    /// Every record that cannot be read, with its key, and the `meta` values rebuilt when the
+    /// store was opened.
+    pub fn unreadable(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
+        let mut found = Vec::new();
+        for note in self
+            .rebuilt_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let (key, error) = note
+                .split_once(" was unreadable ")
+                .unwrap_or(("meta", note));
+            found.push(UnreadableRecord {
+                tree: "meta",
+                key: key.trim_start_matches("meta/").to_owned(),
+                error: format!("was unreadable {error}"),
+                action: "rebuilt when the store was opened".into(),
+            });
+        }
+        let t = self.trees()?;
+        for item in t.profiles.iter() {
+            let (key, value) = item?;
+            let id = key_text(&key);
+            let decoded = codec::decode_profile(&value)
+                .map_err(|e| StoreError::corrupt(&id, e))
+                .and_then(|r| stored_from_record(&id, r));
+            if let Err(e) = decoded {
+                found.push(UnreadableRecord {
+                    tree: "profiles",
+                    key: id,
+                    error: e.to_string(),
+                    action: "forget the profile (its next update counts it as new)".into(),
+                });
+            }
+        }
+        for (tree, name, dead) in [(&t.outbox, "outbox", false), (&t.dead, "dead", true)] {
+            for item in tree.iter() {
+                let (raw, value) = item?;
+                let Err(e) = self.decode_export(&raw, &value, dead) else {
+                    continue;
+                };
+                let (key, action) = match keys::seq_from_key(&raw) {
+                    Some(seq) => (
+                        self.export_id(seq).to_string(),
+                        "keep it as a dead letter \"unreadable record\" with its bytes",
+                    ),
+                    None => (key_text(&raw), "delete it (the key is not an export id)"),
+                };
+                found.push(UnreadableRecord {
+                    tree: name,
+                    key,
+                    error: e.to_string(),
+                    action: action.into(),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Acts on every unreadable record as [`Store::unreadable`] says: forgets unreadable
+    /// profiles, keeps unreadable exports as dead letters "unreadable record" (with their
+    /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
+    /// what it did, one line each.
+    pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
+        let found = self.unreadable()?;
+        let t = self.trees()?;
+        let mut done = Vec::new();
+        for record in found {
+            match record.tree {
+                "profiles" => {
+                    t.profiles.remove(record.key.as_bytes())?;
+                    done.push(format!(
+                        "profile {}: forgotten ({})",
+                        record.key, record.error
+                    ));
+                }
+                "outbox" | "dead" => {
+                    let tree = if record.tree == "outbox" {
+                        &t.outbox
+                    } else {
+                        &t.dead
+                    };
+                    let place = if record.tree == "outbox" {
+                        Place::Pending
+                    } else {
+                        Place::Dead
+                    };
+                    let id: Option<ExportId> = record.key.parse().ok();
+                    let now_ms = Utc::now().timestamp_millis();
+                    // Find the raw key again: the listed key is an export id or escaped bytes.
+                    let raw: Option<Vec<u8>> = match id {
+                        Some(id) => Some(keys::seq_key(id.seq).to_vec()),
+                        None => tree
+                            .iter()
+                            .keys()
+                            .filter_map(Result::ok)
+                            .find(|k| key_text(k) == record.key)
+                            .map(|k| k.to_vec()),
+                    };
+                    let Some(raw) = raw else { continue };
+                    (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                        let source = if place == Place::Pending {
+                            outbox
+                        } else {
+                            dead
+                        };
+                        let Some(old) = source.remove(raw.as_slice())? else {
+                            return Ok(());
+                        };
+                        let mut tally = read_tally(meta_tx)?;
+                        tally.count(place, old.len(), -1);
+                        if id.is_some() {
+                            let value = codec::encode_export(&unreadable_record(
+                                &old,
+                                &record.error,
+                                now_ms,
+                            ));
+                            tally.count(Place::Dead, value.len(), 1);
+                            dead.insert(raw.as_slice(), value)?;
+                        }
+                        write_tally(meta_tx, tally)?;
+                        Ok(())
+                    })?;
+                    done.push(match id {
+                        Some(_) => format!(
+                            "export {} ({}): a dead letter \"{UNREADABLE}\" ({})",
+                            record.key, record.tree, record.error
+                        ),
+                        None => format!(
+                            "{} entry with key {}: deleted ({})",
+                            record.tree, record.key, record.error
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+        drop(t);
+        self.flush()?;
+        Ok(done)
     }
 
     /// Moves or rewrites one export in one transaction, keeping the tally exact.

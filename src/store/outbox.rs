@@ -8,7 +8,11 @@
 use sled::Transactional;
 
 use super::codec::{self, ExportRecord};
-use super::{abort, keys, read_tally, write_tally, Place, Store, StoreError};
+use super::{keys, read_tally, write_tally, Place, Store, StoreError};
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
 
 /// A change to one pending export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,9 +81,18 @@ impl Store {
                         if *change == ExportChange::Delivered {
                             continue; // gone: no need to read it
                         }
-                        let record = codec::decode_export(&old)
-                            .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
-                        let (place, record) = changed_record(record, change);
+                        let (place, record) = match codec::decode_export(&old) {
+                            Ok(record) => changed_record(record, change),
+                            // Damaged since delivery read it: a dead letter, never sent again.
+                            Err(e) => (
+                                Place::Dead,
+                                super::unreadable_record(
+                                    &old,
+                                    &format!("export {seq}: {e}"),
+                                    now_ms(),
+                                ),
+                            ),
+                        };
                         let target = match place {
                             Place::Pending => outbox,
                             Place::Dead => dead,
