@@ -29,6 +29,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot create the admin socket in {path}: {source}")]
     Socket {
         path: String,
@@ -80,6 +82,10 @@ impl Agent {
         if !options.jitter {
             deliverer = deliverer.without_jitter();
         }
+        let tls = match &config.ingest.tls {
+            Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
+            None => None,
+        };
         let listener = TcpListener::bind(config.ingest.listen)
             .await
             .map_err(|source| AgentError::Listen {
@@ -119,8 +125,10 @@ impl Agent {
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
         });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push(tokio::spawn(ingest::serve(
             listener,
+            tls,
             ingest_state,
             shutdown.clone(),
         )));
@@ -142,7 +150,7 @@ impl Agent {
             Arc::clone(&wake),
             shutdown.clone(),
         )));
-        tracing::info!(listen = %listen_addr, store = %config.storage.path.display(), "outpost is running");
+        tracing::info!(listen = %listen_addr, scheme, store = %config.storage.path.display(), "outpost is running");
         Ok(Agent {
             listen_addr,
             metrics,

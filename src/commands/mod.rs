@@ -248,8 +248,13 @@ async fn check(config: &Config) -> Result<(), CliError> {
     println!("store            {}", config.storage.path.display());
     println!("clock            {}", clock_report(config));
     println!(
-        "ingest           {}{}",
+        "ingest           {}{}{}",
         config.ingest.listen,
+        match &config.ingest.tls {
+            Some(tls) if tls.client_ca_file.is_some() => " (HTTPS, client certificates required)",
+            Some(_) => " (HTTPS)",
+            None => "",
+        },
         if config.ingest.token.is_some() {
             " (token required)"
         } else {

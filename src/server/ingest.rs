@@ -65,8 +65,18 @@ fn unavailable(message: &str) -> Answer {
     answer
 }
 
-/// Serves until `shutdown`, then lets open requests finish (bounded) and returns.
-pub async fn serve(listener: TcpListener, state: Arc<IngestState>, shutdown: CancellationToken) {
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown`, then lets open requests finish (bounded) and returns. With `tls`,
+/// over HTTPS (connections that fail the handshake, e.g. without a required client
+/// certificate, are closed and logged at debug level).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -85,12 +95,37 @@ pub async fn serve(listener: TcpListener, state: Arc<IngestState>, shutdown: Can
                     let state = Arc::clone(&state);
                     async move { Ok::<_, Infallible>(handle(&state, request).await) }
                 });
-                let connection = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let served = match tls {
+                        None => {
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let stream = match tokio::time::timeout(
+                                HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "ingest TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("ingest TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(error = %e, "ingest connection ended with an error");
                     }
                 });
