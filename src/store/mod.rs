@@ -293,6 +293,9 @@ pub(crate) struct Trees {
     pub(crate) meta: sled::Tree,
     /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
     log_file: Option<File>,
+    /// Which opening of the store these handles come from: an error from the handles of an
+    /// earlier opening (a call that began before a reopen) does not fail the current one.
+    generation: u64,
 }
 
 pub struct Store {
@@ -304,6 +307,8 @@ pub struct Store {
     failed: AtomicBool,
     /// The failure was a full disk.
     failed_no_space: AtomicBool,
+    /// The [`Trees::generation`] in use.
+    generation: AtomicU64,
     store_id: u32,
     /// Written while exports are put back under their old (lower) sequence numbers, read while
     /// the delivery loop scans; `rewound` then sends the next scan back to the head.
@@ -574,6 +579,7 @@ impl Store {
             trees: RwLock::new(Some(Arc::new(trees))),
             failed: AtomicBool::new(false),
             failed_no_space: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             run_clock: RunClock::starting_at(opened.clock.uptime_ms),
             store_id: opened.store_id,
             rewind_lock: RwLock::new(()),
@@ -663,6 +669,7 @@ impl Store {
             meta,
             db,
             log_file,
+            generation: 0,
         };
         let rebuilt = rebuild_meta(&trees)?;
         for note in &rebuilt {
@@ -705,10 +712,12 @@ impl Store {
         f: impl FnOnce(&Trees) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let trees = self.trees()?;
-        f(&trees).map_err(|e| self.classify(e))
+        f(&trees).map_err(|e| self.classify(e, trees.generation))
     }
 
-    fn classify(&self, e: StoreError) -> StoreError {
+    /// Names the store in an I/O error and marks the store failed, if the error came from the
+    /// handles in use (`generation`).
+    fn classify(&self, e: StoreError, generation: u64) -> StoreError {
         let io = match &e {
             StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) => io,
             _ => return e,
@@ -722,7 +731,8 @@ impl Store {
                 detail: io_detail(io),
             }
         };
-        if !self.failed.swap(true, Ordering::SeqCst) {
+        let current = generation == self.generation.load(Ordering::SeqCst);
+        if current && !self.failed.swap(true, Ordering::SeqCst) {
             self.failed_no_space.store(no_space, Ordering::SeqCst);
             tracing::warn!(
                 "{error}: updates are refused (503) until it is reopened, which happens by itself once there is room"
@@ -798,10 +808,10 @@ impl Store {
         }
         // sled's threads release the file lock shortly after the last handle goes.
         let mut tries = 0;
-        let (trees, opened) = loop {
+        let (mut trees, opened) = loop {
             match Store::open_trees(&self.path, self.cache_bytes) {
                 Err(StoreError::Locked(_)) if tries < 10 => tries += 1,
-                Err(e) => return Err(self.classify(e)),
+                Err(e) => return Err(self.classify(e, u64::MAX)),
                 Ok(opened) => break opened,
             }
         };
@@ -824,6 +834,7 @@ impl Store {
             .extend(opened.rebuilt);
         self.written_next.store(opened.next_seq, Ordering::SeqCst);
         self.durable_next.store(opened.next_seq, Ordering::SeqCst);
+        trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
         self.failed.store(false, Ordering::SeqCst);
         self.failed_no_space.store(false, Ordering::SeqCst);
@@ -1070,7 +1081,7 @@ impl Store {
             if exports.len() >= limit {
                 break;
             }
-            let (key, value) = item.map_err(|e| self.classify(e.into()))?;
+            let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
             let export = self.decode_export(&key, &value, filter.dead)?;
             if filter
                 .profile_id
@@ -1226,7 +1237,7 @@ impl Store {
             .take(limit)
         {
             seen += 1;
-            let (key, value) = item.map_err(|e| self.classify(e.into()))?;
+            let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
             match self.decode_export(&key, &value, false) {
                 Ok(export) => {
                     *cursor = export.id.seq + 1;
@@ -1470,12 +1481,12 @@ impl Store {
 
     /// Sequence numbers of every dead letter, oldest first.
     pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
-        self.trees()?
-            .dead
+        let t = self.trees()?;
+        t.dead
             .iter()
             .keys()
             .map(|k| {
-                let k = k.map_err(|e| self.classify(e.into()))?;
+                let k = k.map_err(|e| self.classify(e.into(), t.generation))?;
                 keys::seq_from_key(&k)
                     .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
             })
