@@ -118,6 +118,16 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
         "{listed}"
     );
 
+    // The CLI reads the outbox around it.
+    let out = s.run(&["outbox", "list", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed[1]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("unreadable record")));
+    assert_eq!(stats(&s)["pending"], 3);
+
     let mut agent = s.agent().await;
     wait_until(20, "the readable exports delivered", || {
         s.receiver.delivered().len() >= 2

@@ -1051,6 +1051,29 @@ impl Store {
         })
     }
 
+    /// [`Store::decode_export`] for people reading the outbox (`outbox list`, `show`,
+    /// `stats`): an unreadable record under an export key reads as the dead letter
+    /// [`unreadable_record`] it becomes (nothing is written here), so one bad record does not
+    /// hide the others.
+    fn decode_export_for_people(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        dead: bool,
+    ) -> Result<Export, StoreError> {
+        match (
+            self.decode_export(key, value, dead),
+            keys::seq_from_key(key),
+        ) {
+            (Err(e), Some(seq)) => Ok(Export {
+                id: self.export_id(seq),
+                dead,
+                record: unreadable_record(value, &e.to_string(), 0),
+            }),
+            (result, _) => result,
+        }
+    }
+
     /// The export with this id, pending or dead.
     pub fn export(&self, id: ExportId) -> Result<Option<Export>, StoreError> {
         if id.store != self.store_id {
@@ -1060,7 +1083,7 @@ impl Store {
         self.with(|t| {
             for (tree, dead) in [(&t.outbox, false), (&t.dead, true)] {
                 if let Some(value) = tree.get(key)? {
-                    return self.decode_export(&key, &value, dead).map(Some);
+                    return self.decode_export_for_people(&key, &value, dead).map(Some);
                 }
             }
             Ok(None)
@@ -1082,7 +1105,7 @@ impl Store {
                 break;
             }
             let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
-            let export = self.decode_export(&key, &value, filter.dead)?;
+            let export = self.decode_export_for_people(&key, &value, filter.dead)?;
             if filter
                 .profile_id
                 .as_deref()
@@ -1097,7 +1120,8 @@ impl Store {
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let first = self.with(|t| Ok(t.outbox.first()?))?;
         let oldest = match first {
-            Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
+            Some((key, value)) => Some(self.decode_export_for_people(&key, &value, false)?)
+                .filter(|e| !e.record.is_unreadable()),
             None => None,
         };
         let tally = self.tally()?;
