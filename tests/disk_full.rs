@@ -237,6 +237,57 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
     assert!(log.contains("the store was reopened"), "{log}");
 }
 
+/// SIGTERM while the disk is still full: exit 0 (everything acknowledged was flushed when it
+/// was acknowledged), and a restart with room finds every acknowledged update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_disk_is_full_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "24m") else {
+        return;
+    };
+    let store = fs.dir.join("store");
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    let port = free_port();
+    let config = dir.path().join("outpost.toml");
+    let listen = format!("127.0.0.1:{port}");
+    std::fs::write(&config, config_text(&receiver.base_url(), &listen, &store)).unwrap();
+    let mut agent = AgentProcess::start(&config, port).await;
+    let filler = fs.fill(3 << 20);
+    let mut acked = 0;
+    loop {
+        let lines: Vec<String> = (acked * 10..acked * 10 + 10)
+            .map(|i| update(&format!("p{i}")))
+            .collect();
+        let (status, (_, body)) = http_post_full(agent.addr, lines.join("\n")).await;
+        match status {
+            200 => acked += 1,
+            503 => break,
+            other => panic!("{other}: {body}"),
+        }
+        assert!(acked < 2000, "the disk never filled");
+    }
+    agent.terminate().await;
+    let log = agent.log();
+    assert!(log.contains("nothing acknowledged is lost"), "{log}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let out = Command::new(binary())
+        .args(["outbox", "stats", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        stats["pending"].as_u64().unwrap() >= acked as u64 * 10,
+        "every acknowledged update kept its export: {stats}, {acked} batches"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outpost_ingest_on_a_full_disk_says_what_was_stored() {
     let dir = tempfile::tempdir().unwrap();
