@@ -8,60 +8,12 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::agent_process::{free_port, AgentProcess};
+use common::pki::{ring, Ca, Leaf};
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-struct Leaf {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn sign(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "leaf");
-        params.extended_key_usages = vec![usage];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf { cert, key }
-    }
-}
-
-fn ring() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use rcgen::ExtendedKeyUsagePurpose;
 
 /// A rustls client that trusts `ca`, presenting `client` if given.
 fn client_config(ca: &Ca, client: Option<&Leaf>) -> rustls::ClientConfig {
@@ -73,12 +25,9 @@ fn client_config(ca: &Ca, client: Option<&Leaf>) -> rustls::ClientConfig {
         .with_root_certificates(roots);
     match client {
         None => builder.with_no_client_auth(),
-        Some(leaf) => {
-            let key: PrivateKeyDer<'static> =
-                PrivatePkcs8KeyDer::from(leaf.key.serialize_der()).into();
-            let chain: Vec<CertificateDer<'static>> = vec![leaf.cert.der().clone()];
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
+        Some(leaf) => builder
+            .with_client_auth_cert(leaf.chain(), leaf.private_key())
+            .unwrap(),
     }
 }
 
