@@ -16,6 +16,8 @@
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
 //!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
+//! - [`server`]: the agent's listeners: the ingest API over HTTP or HTTPS
+//!   ([`server::ingest`], [`server::tls`]) and the admin socket ([`server::admin`]).
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
 //! - [`logging`]: tracing set-up.
 

@@ -8,6 +8,13 @@
 //! - `meta/tally` counts the entries of `outbox` and `dead` and the bytes of their values,
 //!   kept in the same transactions that change those trees (sled can only count by walking);
 //! - nothing is acknowledged before [`Store::flush`] has returned;
+//! - after an I/O error (a full disk) sled fails every write until the store is reopened:
+//!   the sled handles sit behind a swappable `Trees`, which [`Store::recover`] replaces once
+//!   there is room, so holders of `Arc<Store>` keep working; the sequence watermarks are
+//!   re-read from the reopened store, the run clock carries on;
+//! - a record that cannot be decoded stops nothing: exports become dead letters
+//!   ([`unreadable_record`]), profiles refuse their updates until `outpost repair`, derived
+//!   `meta` values are rebuilt at open;
 //! - every export carries the store's run time when it was queued (`queued_at_uptime_ms`), and
 //!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]).
 
