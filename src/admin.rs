@@ -40,6 +40,10 @@ pub enum AdminRequest {
     Profile {
         id: String,
     },
+    /// Every record of the store that cannot be read (`outpost check --store`).
+    Unreadable,
+    /// Acts on every unreadable record (`outpost repair`).
+    RepairUnreadable,
     /// Updates already validated by the CLI, committed as one group.
     Ingest {
         updates: Vec<Value>,
@@ -64,7 +68,10 @@ pub enum AdminRequest {
 impl AdminRequest {
     /// Whether it changes the outbox (the agent then wakes its delivery loop).
     pub fn repairs(&self) -> bool {
-        matches!(self, AdminRequest::Retry { .. } | AdminRequest::Drop { .. })
+        matches!(
+            self,
+            AdminRequest::Retry { .. } | AdminRequest::Drop { .. } | AdminRequest::RepairUnreadable
+        )
     }
 }
 
@@ -169,6 +176,10 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
                 json!({"id": id, "timestamp": stored.timestamp.map(format_time), "profile": stored.profile}),
             )
         }
+        AdminRequest::Unreadable => {
+            Ok(serde_json::to_value(store.unreadable()?).expect("records serialize"))
+        }
+        AdminRequest::RepairUnreadable => Ok(json!({ "repaired": store.repair_unreadable()? })),
         AdminRequest::Retry { ids, all_dead } => repair(store, ids, *all_dead, true),
         AdminRequest::Drop { ids, all_dead } => repair(store, ids, *all_dead, false),
         AdminRequest::Ingest { .. } => {
@@ -257,12 +268,23 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     };
     let now = Utc::now().timestamp_millis();
     let uptime_ms = store.run_clock().uptime_ms();
+    let mut unreadable = Vec::new();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         let mut done = Vec::new();
         let mut missing = Vec::new();
         for (text, seq) in targets {
             let changed = match seq {
                 None => false,
+                // Nothing can be sent from a record that could not be read.
+                Some(seq)
+                    if retry
+                        && store
+                            .export(store.export_id(seq))?
+                            .is_some_and(|e| e.dead && e.record.is_unreadable()) =>
+                {
+                    unreadable.push(text);
+                    continue;
+                }
                 Some(seq) if retry => store.change_export(seq, Place::Dead, |mut record| {
                     record.dead_at_ms = None;
                     record.queued_at_ms = now;
@@ -288,5 +310,5 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let (done, missing) = store.rewinding(apply)?;
     store.flush()?;
     let verb = if retry { "retried" } else { "dropped" };
-    Ok(json!({ verb: done, "not_found": missing }))
+    Ok(json!({ verb: done, "not_found": missing, "unreadable": unreadable }))
 }

@@ -31,6 +31,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Nats(#[from] crate::source::nats::NatsError),
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot create the admin socket in {path}: {source}")]
     Socket {
         path: String,
@@ -81,6 +83,10 @@ impl Agent {
         if !options.jitter {
             deliverer = deliverer.without_jitter();
         }
+        let tls = match &config.ingest.tls {
+            Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
+            None => None,
+        };
         let listener = TcpListener::bind(config.ingest.listen)
             .await
             .map_err(|source| {
@@ -140,8 +146,10 @@ impl Agent {
             delivery_running,
             source,
         });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push(tokio::spawn(ingest::serve(
             listener,
+            tls,
             ingest_state,
             shutdown.clone(),
         )));
@@ -149,7 +157,7 @@ impl Agent {
             store: Arc::clone(&store),
             committer,
             metrics: Arc::clone(&metrics),
-            wake,
+            wake: Arc::clone(&wake),
             max_outbox_bytes: config.storage.max_outbox_bytes,
             max_future_s: config.ingest.max_future_s,
         });
@@ -158,7 +166,12 @@ impl Agent {
             admin_state,
             shutdown.clone(),
         )));
-        tracing::info!(listen = %listen_addr, store = %config.storage.path.display(), "outpost is running");
+        tasks.push(tokio::spawn(recover_store(
+            Arc::clone(&store),
+            Arc::clone(&wake),
+            shutdown.clone(),
+        )));
+        tracing::info!(listen = %listen_addr, scheme, store = %config.storage.path.display(), "outpost is running");
         Ok(Agent {
             listen_addr,
             metrics,
@@ -180,10 +193,26 @@ impl Agent {
             let _ = task.await;
         }
         // The last checkpoint of the run time, then the flush that makes it durable.
-        if let Ok(mut watcher) = self.clock.await {
-            watcher.tick(true)?;
+        let store = Arc::clone(&self.store);
+        let last_write = async move {
+            if store.is_failed() {
+                let recovering = Arc::clone(&store);
+                let _ = tokio::task::spawn_blocking(move || recovering.recover()).await;
+            }
+            if let Ok(mut watcher) = self.clock.await {
+                watcher.tick(true)?;
+            }
+            store.flush()
+        };
+        match last_write.await {
+            Ok(()) => {}
+            // Everything acknowledged was flushed when it was acknowledged; only the last
+            // seconds of counted run time are not kept (which errs towards not expiring).
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "the last run-time checkpoint was not written; nothing acknowledged is lost");
+            }
+            Err(e) => return Err(e.into()),
         }
-        self.store.flush()?;
         tracing::info!("outpost stopped");
         Ok(())
     }
@@ -192,6 +221,35 @@ impl Agent {
     pub async fn stop(self) -> Result<(), AgentError> {
         self.shutdown.cancel();
         self.wait().await
+    }
+}
+
+/// How often a failed store is checked for room to reopen it.
+const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reopens the store after sled reported an I/O error (a full disk), once there is room, and
+/// wakes delivery then. Ingest answers 503 with `Retry-After` meanwhile.
+async fn recover_store(store: Arc<Store>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(RECOVER_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if !store.is_failed() {
+            continue;
+        }
+        let recovering = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || recovering.recover()).await {
+            Ok(Ok(true)) => wake.notify_one(),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) if e.is_transient() => {
+                tracing::debug!(error = %e, "the store cannot be reopened yet");
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "the store cannot be reopened"),
+            Err(e) => tracing::error!(error = %e, "reopening the store panicked"),
+        }
     }
 }
 

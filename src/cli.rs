@@ -44,7 +44,25 @@ pub enum Command {
     /// Validate the config, fetch a token, and report (never printing a secret).
     ///
     /// Example: outpost check --config /etc/outpost/outpost.toml
-    Check,
+    Check {
+        /// Instead: read every record of the store and list those that cannot be read, with
+        /// their keys (exit 1 if there are any)
+        #[arg(long)]
+        store: bool,
+        /// With --store: print JSON (one object a line)
+        #[arg(long, requires = "store")]
+        json: bool,
+    },
+    /// Act on the store's unreadable records (`outpost check --store` lists them): forget
+    /// unreadable profiles (their next update counts them as new), keep unreadable exports as
+    /// dead letters "unreadable record".
+    ///
+    /// Example: outpost repair --yes
+    Repair {
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+    },
     /// Ingest NDJSON updates (also a JSON array or one object) from a file or `-` for stdin.
     ///
     /// The input is validated whole before anything is stored: one bad line refuses it all.

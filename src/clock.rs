@@ -309,8 +309,13 @@ impl Watcher {
         loop {
             tokio::select! {
                 _ = every.tick() => {
-                    if let Err(e) = self.tick(false) {
-                        tracing::error!(error = %e, "cannot checkpoint the run time");
+                    match self.tick(false) {
+                        Ok(()) => {}
+                        // Logged once by the store; checkpointed again once it is reopened.
+                        Err(e) if e.is_transient() => {
+                            tracing::debug!(error = %e, "cannot checkpoint the run time");
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot checkpoint the run time"),
                     }
                 }
                 _ = shutdown.cancelled() => return self,

@@ -184,6 +184,12 @@ struct RawIngest {
     max_body_bytes: u64,
     #[serde(default = "default_max_future_s")]
     max_future_s: u64,
+    #[serde(default)]
+    tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    tls_key_file: Option<PathBuf>,
+    #[serde(default)]
+    client_ca_file: Option<PathBuf>,
 }
 
 impl Default for RawIngest {
@@ -191,6 +197,9 @@ impl Default for RawIngest {
         RawIngest {
             listen: default_listen(),
             token: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            client_ca_file: None,
             max_body_bytes: default_max_body_bytes(),
             max_future_s: default_max_future_s(),
         }
@@ -266,6 +275,8 @@ pub struct Config {
     pub path: PathBuf,
     /// What a person should change (deprecated keys); logged at start and shown by `check`.
     pub warnings: Vec<String>,
+    /// The secret keys given in the file itself (for the warning on its permissions).
+    pub inline_secrets: Vec<&'static str>,
     pub destination: Destination,
     pub mapping: Mapping,
     pub storage: Storage,
@@ -383,6 +394,42 @@ pub struct Ingest {
     pub max_body_bytes: u64,
     /// An update's timestamp may be at most this far ahead of the agent's clock.
     pub max_future_s: u64,
+    /// Serve the ingest API over HTTPS.
+    pub tls: Option<IngestTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Require client certificates that chain to these roots.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// The warning for an ingest API that anyone on the network could feed: listening beyond
+/// loopback with neither TLS nor a token.
+pub fn exposure_warning(listen: std::net::SocketAddr, tls: bool, token: bool) -> Option<String> {
+    (!listen.ip().is_loopback() && !tls && !token).then(|| {
+        format!(
+            "ingest.listen {listen} is not a loopback address and the ingest API has neither \
+             TLS (ingest.tls_cert_file) nor a token (ingest.token): anyone who reaches it can \
+             send updates in clear text"
+        )
+    })
+}
+
+/// The warning for a config file that holds secrets (`keys`) and that other users can read
+/// (`mode`: its Unix permission bits).
+pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
+    (mode & 0o044 != 0 && !keys.is_empty()).then(|| {
+        format!(
+            "{} holds secrets ({}) and other users can read it (mode {:o}); run chmod 600 {0}, \
+             or move the secrets to files or the environment",
+            path.display(),
+            keys.join(", "),
+            mode & 0o777
+        )
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -415,7 +462,15 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(path, &text)
+        let mut config = Config::parse(path, &text)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode();
+            config
+                .warnings
+                .extend(readable_secret_warning(path, mode, &config.inline_secrets));
+        }
+        Ok(config)
     }
 
     /// Parses and validates; `OUTPOST_CLIENT_SECRET` is read here when the file has no secret.
@@ -424,6 +479,25 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_owned(),
         })?;
+        let a = raw.destination.auth.as_ref();
+        let inline_secrets: Vec<&'static str> = [
+            (
+                a.is_some_and(|a| a.client_secret.is_some()),
+                "destination.auth.client_secret",
+            ),
+            (
+                a.is_some_and(|a| a.password.is_some()),
+                "destination.auth.password",
+            ),
+            (
+                a.is_some_and(|a| a.token.is_some()),
+                "destination.auth.token",
+            ),
+            (raw.ingest.token.is_some(), "ingest.token"),
+        ]
+        .into_iter()
+        .filter_map(|(set, key)| set.then_some(key))
+        .collect();
         let invalid = |key: &'static str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -503,9 +577,44 @@ impl Config {
         if raw.ingest.max_future_s == 0 {
             return Err(invalid("ingest.max_future_s", "must be above 0".into()));
         }
+        let ingest_tls = match (raw.ingest.tls_cert_file, raw.ingest.tls_key_file) {
+            (Some(cert), Some(key)) => Some(IngestTls {
+                cert_file: relative(cert),
+                key_file: relative(key),
+                client_ca_file: raw.ingest.client_ca_file.map(&relative),
+            }),
+            (None, None) => {
+                if raw.ingest.client_ca_file.is_some() {
+                    return Err(invalid(
+                        "ingest.client_ca_file",
+                        "needs ingest.tls_cert_file and ingest.tls_key_file (client \
+                         certificates are asked for over TLS)"
+                            .into(),
+                    ));
+                }
+                None
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "ingest.tls_key_file",
+                    "is required with ingest.tls_cert_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "ingest.tls_cert_file",
+                    "is required with ingest.tls_key_file".into(),
+                ))
+            }
+        };
 
         let d = raw.delivery;
         let mut warnings = Vec::new();
+        warnings.extend(exposure_warning(
+            listen,
+            ingest_tls.is_some(),
+            ingest_token.is_some(),
+        ));
         let (max_concurrency, fixed_concurrency) = match (d.concurrency, d.max_concurrency) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -569,6 +678,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             warnings,
+            inline_secrets,
             destination: Destination {
                 name: raw.destination.name,
                 description: raw.destination.description,
@@ -589,6 +699,7 @@ impl Config {
                 token: ingest_token,
                 max_body_bytes: raw.ingest.max_body_bytes,
                 max_future_s: raw.ingest.max_future_s,
+                tls: ingest_tls,
             },
             delivery: Delivery {
                 max_concurrency: max_concurrency as usize,
@@ -1292,6 +1403,52 @@ path = "store"
             let text = VALID.replace("type = \"oauth2_client_credentials\"", auth);
             let error = error_of(&text);
             assert!(error.contains(key), "{auth}: {error}");
+        }
+    }
+
+    #[test]
+    fn exposure_warning_table() {
+        let cases = [
+            ("127.0.0.1:8686", false, false, false),
+            ("[::1]:8686", false, false, false),
+            ("0.0.0.0:8686", false, false, true),
+            ("10.0.0.5:8686", false, false, true),
+            ("0.0.0.0:8686", true, false, false),
+            ("0.0.0.0:8686", false, true, false),
+            ("[::]:8686", true, true, false),
+        ];
+        for (listen, tls, token, warned) in cases {
+            let addr = listen.parse().unwrap();
+            assert_eq!(
+                exposure_warning(addr, tls, token).is_some(),
+                warned,
+                "{listen} tls={tls} token={token}"
+            );
+        }
+    }
+
+    #[test]
+    fn readable_secret_warning_table() {
+        let path = Path::new("/etc/outpost/outpost.toml");
+        let cases: [(u32, &[&str], bool); 6] = [
+            (0o100600, &["ingest.token"], false),
+            (0o100640, &["ingest.token"], true),
+            (0o100604, &["destination.auth.client_secret"], true),
+            (0o100644, &[], false),
+            (0o100400, &["ingest.token"], false),
+            (
+                0o100660,
+                &["ingest.token", "destination.auth.password"],
+                true,
+            ),
+        ];
+        for (mode, keys, warned) in cases {
+            let warning = readable_secret_warning(path, mode, keys);
+            assert_eq!(warning.is_some(), warned, "{mode:o} {keys:?}");
+            if let Some(w) = warning {
+                assert!(w.contains("chmod 600 /etc/outpost/outpost.toml"), "{w}");
+                assert!(w.contains(&keys.join(", ")), "{w}");
+            }
         }
     }
 }

@@ -17,6 +17,8 @@
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
 //!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
 //! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
+//! - [`server`]: the agent's listeners: the ingest API over HTTP or HTTPS
+//!   ([`server::ingest`], [`server::tls`]) and the admin socket ([`server::admin`]).
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
 //! - [`source`]: a NATS JetStream stream as a second input, partitioned by profile.
 //! - [`explain`]: errors a person can act on (what is wrong, which key or certificate, what to

@@ -13,6 +13,25 @@ use crate::store::BatchSummary;
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
 const INGEST_CHUNK: usize = 1_000;
 
+/// Says how much of the input was stored before `error` (a full disk, say): each chunk is
+/// stored whole or not at all.
+fn partly_stored(error: CliError, stored: u64, count: u64) -> CliError {
+    let message = match error {
+        CliError::Failure(message) => message,
+        CliError::Store(e) => e.to_string(),
+        other => return other,
+    };
+    let what = if stored == 0 {
+        "nothing of the input was stored".to_string()
+    } else {
+        format!(
+            "the first {stored} of {count} updates were stored, the rest not; once this is fixed, \
+             run the same input again (updates already stored are then stale or unchanged)"
+        )
+    };
+    CliError::Failure(format!("{message}; {what}"))
+}
+
 /// Ingests a file, or stdin for `-` (spooled to a temporary file so it can be read twice).
 pub fn ingest_path(
     backend: &Backend,
@@ -84,7 +103,10 @@ pub fn ingest_file<F: Read + Seek>(
                 None => break,
             }
         }
-        total.add(&backend.ingest(config, &chunk)?);
+        let committed = backend
+            .ingest(config, &chunk)
+            .map_err(|e| partly_stored(e, total.accepted, count))?;
+        total.add(&committed);
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();

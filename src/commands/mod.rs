@@ -106,7 +106,9 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     let config = Config::load(&config_path)?;
     match cli.command {
         Command::Run => runtime()?.block_on(run(&config)),
-        Command::Check => runtime()?.block_on(check(&config)),
+        Command::Check { store: false, .. } => runtime()?.block_on(check(&config)),
+        Command::Check { store: true, json } => check_store(&Backend::connect(&config)?, json),
+        Command::Repair { yes } => repair_store(&Backend::connect(&config)?, yes),
         Command::Ingest { file, json } => {
             let backend = Backend::connect(&config)?;
             let summary = ingest_path(&backend, &config, &file)?;
@@ -426,6 +428,81 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `outpost check --store`: every unreadable record with its key; exit 1 if there are any.
+fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
+    let found = backend.execute(&AdminRequest::Unreadable)?;
+    let records = found.as_array().cloned().unwrap_or_default();
+    for record in &records {
+        if json {
+            println!("{record}");
+        } else {
+            println!(
+                "{} {}: {}; repair: {}",
+                record["tree"].as_str().unwrap_or("?"),
+                record["key"].as_str().unwrap_or("?"),
+                record["error"].as_str().unwrap_or("?"),
+                record["action"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    let to_repair = records.iter().filter(|r| r["tree"] != "meta").count();
+    if !json {
+        println!("{} unreadable record(s)", records.len());
+    }
+    if to_repair > 0 {
+        Err(CliError::Failure(format!(
+            "{to_repair} unreadable record(s); `outpost repair` acts on them"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// `outpost repair`: acts on the unreadable records, after confirmation.
+fn repair_store(backend: &Backend, yes: bool) -> Result<(), CliError> {
+    let found = backend.execute(&AdminRequest::Unreadable)?;
+    let records: Vec<Value> = found
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r["tree"] != "meta")
+        .collect();
+    if records.is_empty() {
+        println!("no unreadable records");
+        return Ok(());
+    }
+    for record in &records {
+        println!(
+            "{} {}: {}",
+            record["tree"].as_str().unwrap_or("?"),
+            record["key"].as_str().unwrap_or("?"),
+            record["action"].as_str().unwrap_or("?"),
+        );
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::Usage(
+                "repair asks for confirmation on a terminal; give --yes to go ahead without".into(),
+            ));
+        }
+        eprint!("Do this to {} record(s)? [y/N] ", records.len());
+        let mut answer = String::new();
+        std::io::stdin()
+            .read_line(&mut answer)
+            .map_err(|e| CliError::Failure(format!("cannot read the answer: {e}")))?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing changed");
+            return Ok(());
+        }
+    }
+    let done = backend.execute(&AdminRequest::RepairUnreadable)?;
+    for line in done["repaired"].as_array().cloned().unwrap_or_default() {
+        println!("{}", line.as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
 fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
     let what = if all_dead {
         "every dead letter".to_owned()
@@ -447,12 +524,23 @@ fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> 
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    if missing.is_empty() {
+    let unreadable: Vec<&str> = result["unreadable"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("not found: {}", missing.join(", ")));
+    }
+    if !unreadable.is_empty() {
+        problems.push(format!(
+            "not retried, unreadable records (see `outbox show ID`; `outbox drop ID` deletes them): {}",
+            unreadable.join(", ")
+        ));
+    }
+    if problems.is_empty() {
         Ok(())
     } else {
-        Err(CliError::Failure(format!(
-            "not found: {}",
-            missing.join(", ")
-        )))
+        Err(CliError::Failure(problems.join("; ")))
     }
 }

@@ -112,11 +112,19 @@ fn free_bytes(folder: &Path) -> Option<u64> {
 /// Binds `ingest.listen` for a moment, unless the agent of this store is the one there.
 pub(super) fn listen(config: &Config) -> Finding {
     let addr = config.ingest.listen;
-    let token = if config.ingest.token.is_some() {
-        " (token required)"
-    } else {
-        ""
+    let tls = match &config.ingest.tls {
+        Some(tls) if tls.client_ca_file.is_some() => " (HTTPS, client certificates required)",
+        Some(_) => " (HTTPS)",
+        None => "",
     };
+    let token = format!(
+        "{tls}{}",
+        if config.ingest.token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
+    );
     if agent_runs(config) {
         return Finding {
             line: format!("{addr}{token} (the agent running on this store listens there)"),

@@ -73,7 +73,9 @@ fn run(
         }
         let changes: Vec<_> = group.iter().map(|c| (c.seq, c.change.clone())).collect();
         let must_flush = group.iter().any(|c| c.change.settles());
-        // A failed write is retried: the profiles must not send again before it is durable.
+        // A failed write is retried (on a full disk, until the store is reopened with room):
+        // the profiles must not send again before it is durable.
+        let mut failures = 0u32;
         let missing = loop {
             let applied = store.apply_export_changes(&changes).and_then(|missing| {
                 if must_flush {
@@ -84,11 +86,22 @@ fn run(
             match applied {
                 Ok(missing) => break missing,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
+                    if failures == 0 {
+                        tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "cannot record deliveries in the outbox; retrying");
+                    }
+                    failures += 1;
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
         };
+        if failures > 0 {
+            tracing::info!(
+                changes = changes.len(),
+                "deliveries recorded after {failures} retries"
+            );
+        }
         let done: Vec<Settled> = group
             .into_iter()
             .filter_map(|c| {

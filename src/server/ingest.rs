@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::profile::update::{parse_body_within, FutureLimit};
-use crate::store::committer::Committer;
+use crate::store::committer::{CommitError, Committer};
 use crate::store::Store;
 
-/// How long a client is told to wait when the outbox is full.
+/// How long a client is told to wait when the outbox or the disk is full.
 const FULL_RETRY_AFTER_S: u64 = 5;
 /// How long a graceful stop waits for open requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,8 +58,27 @@ fn error_answer(status: StatusCode, message: &str) -> Answer {
     json_answer(status, json!({ "error": message }))
 }
 
-/// Serves until `shutdown`, then lets open requests finish (bounded) and returns.
-pub async fn serve(listener: TcpListener, state: Arc<IngestState>, shutdown: CancellationToken) {
+/// 503 with `Retry-After`: the request was not stored, and can be sent again.
+fn unavailable(message: &str) -> Answer {
+    let mut answer = error_answer(StatusCode::SERVICE_UNAVAILABLE, message);
+    answer
+        .headers_mut()
+        .insert(RETRY_AFTER, FULL_RETRY_AFTER_S.into());
+    answer
+}
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown`, then lets open requests finish (bounded) and returns. With `tls`,
+/// over HTTPS (connections that fail the handshake, e.g. without a required client
+/// certificate, are closed and logged at debug level).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<IngestState>,
+    shutdown: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -78,12 +97,37 @@ pub async fn serve(listener: TcpListener, state: Arc<IngestState>, shutdown: Can
                     let state = Arc::clone(&state);
                     async move { Ok::<_, Infallible>(handle(&state, request).await) }
                 });
-                let connection = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let served = match tls {
+                        None => {
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let stream = match tokio::time::timeout(
+                                HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "ingest TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("ingest TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(connection.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(error = %e, "ingest connection ended with an error");
                     }
                 });
@@ -186,16 +230,14 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     if declared.is_some_and(|n| n > state.max_body_bytes) {
         return too_large();
     }
+    if state.store.is_failed() {
+        // Taken again by itself once the disk has room (`Store::recover`).
+        return unavailable(&state.store.failure().to_string());
+    }
     match state.store.outbox_full(state.max_outbox_bytes) {
-        Ok(true) => {
-            let mut answer =
-                error_answer(StatusCode::SERVICE_UNAVAILABLE, crate::admin::OUTBOX_FULL);
-            answer
-                .headers_mut()
-                .insert(RETRY_AFTER, FULL_RETRY_AFTER_S.into());
-            return answer;
-        }
+        Ok(true) => return unavailable(crate::admin::OUTBOX_FULL),
         Ok(false) => {}
+        Err(e) if e.is_transient() => return unavailable(&e.to_string()),
         Err(e) => return error_answer(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
@@ -231,6 +273,11 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                 serde_json::to_value(summary).expect("summary serializes"),
             )
         }
+        Err(CommitError::Unavailable(e)) => unavailable(&format!("not stored: {e}")),
+        Err(CommitError::Refused(e)) => error_answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("not stored: {e}"),
+        ),
         Err(e) => {
             tracing::error!(error = %e, "commit failed");
             error_answer(StatusCode::SERVICE_UNAVAILABLE, &format!("not stored: {e}"))

@@ -20,6 +20,14 @@ const MAX_GROUP_UPDATES: usize = 20_000;
 pub enum CommitError {
     #[error("{0}")]
     Store(String),
+    /// The disk is full, or the store is being reopened after an I/O error: nothing of the
+    /// request was acknowledged, and the same request can be sent again later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This request alone was refused: it updates a profile whose stored version cannot be
+    /// read. Nothing of it was stored.
+    #[error("{0}")]
+    Refused(String),
     #[error("the committer has stopped")]
     Stopped,
 }
@@ -97,11 +105,14 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
                 Err(_) => break,
             }
         }
-        let consumed: Vec<SourcePosition> =
-            jobs.iter_mut().filter_map(|j| j.position.take()).collect();
+        let consumed: Vec<(usize, SourcePosition)> = jobs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(group, j)| Some((group, j.position.take()?)))
+            .collect();
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
         let started = std::time::Instant::now();
-        let applied = store.apply_groups_at(&groups, mapping, Utc::now(), &consumed);
+        let applied = store.apply_each(&groups, mapping, Utc::now(), &consumed);
         let decided = started.elapsed();
         let result = applied.and_then(|summaries| store.flush().map(|()| summaries));
         tracing::debug!(
@@ -115,12 +126,19 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
             Ok(summaries) => {
                 committed.notify_one();
                 for (job, summary) in jobs.into_iter().zip(summaries) {
-                    let _ = job.reply.send(Ok(summary));
+                    let _ = job
+                        .reply
+                        .send(summary.map_err(|e| CommitError::Refused(e.to_string())));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed");
-                let error = CommitError::Store(e.to_string());
+                let error = if e.is_transient() {
+                    tracing::debug!(error = %e, "commit failed");
+                    CommitError::Unavailable(e.to_string())
+                } else {
+                    tracing::error!(error = %e, "commit failed");
+                    CommitError::Store(e.to_string())
+                };
                 for job in jobs {
                     let _ = job.reply.send(Err(error.clone()));
                 }

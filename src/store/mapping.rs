@@ -64,7 +64,7 @@ pub fn updated_records(
 
 impl Store {
     fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
-        let Some(value) = self.meta.get(meta::MAPPING)? else {
+        let Some(value) = self.with(|t| Ok(t.meta.get(meta::MAPPING)?))? else {
             return Ok(BTreeMap::new());
         };
         match value.split_first() {
@@ -86,7 +86,7 @@ impl Store {
         if records != before {
             let mut value = vec![MAPPING_V1];
             value.extend(serde_json::to_vec(&records).expect("records serialize"));
-            self.meta.insert(meta::MAPPING, value)?;
+            self.with(|t| Ok(t.meta.insert(meta::MAPPING, value)?))?;
             self.flush()?;
         }
         mapping.mapped_at = mapping

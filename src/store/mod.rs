@@ -8,6 +8,13 @@
 //! - `meta/tally` counts the entries of `outbox` and `dead` and the bytes of their values,
 //!   kept in the same transactions that change those trees (sled can only count by walking);
 //! - nothing is acknowledged before [`Store::flush`] has returned;
+//! - after an I/O error (a full disk) sled fails every write until the store is reopened:
+//!   the sled handles sit behind a swappable `Trees`, which [`Store::recover`] replaces once
+//!   there is room, so holders of `Arc<Store>` keep working; the sequence watermarks are
+//!   re-read from the reopened store, the run clock carries on;
+//! - a record that cannot be decoded stops nothing: exports become dead letters
+//!   ([`unreadable_record`]), profiles refuse their updates until `outpost repair`, derived
+//!   `meta` values are rebuilt at open;
 //! - every export carries the store's run time when it was queued (`queued_at_uptime_ms`), and
 //!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]).
 
@@ -22,7 +29,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
@@ -59,6 +67,36 @@ pub enum StoreError {
     Sync(std::io::Error),
     #[error("store: corrupt {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    #[error(
+        "the stored version of profile `{id}` is unreadable ({detail}); its updates are refused \
+         until `outpost repair` forgets it (`outpost check --store` lists unreadable records)"
+    )]
+    UnreadableProfile { id: String, detail: String },
+    /// The disk holding the store is full: sled fails every write until the store is
+    /// reopened, which [`Store::recover`] does once there is room again.
+    #[error("no space left on device for the store at {0}")]
+    NoSpace(PathBuf),
+    /// Another I/O error from the disk; the store is reopened as after a full disk.
+    #[error("I/O error on the store at {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    /// The store is being reopened after an I/O error.
+    #[error("the store at {0} is being reopened after an I/O error")]
+    Reopening(PathBuf),
+}
+
+/// An I/O error as people read it: sled passes some on wrapped in their debug form.
+fn io_detail(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+        None if e.get_ref().is_some() => format!("{:?} error", e.kind()),
+        None => e.to_string(),
+    }
+}
+
+/// Whether an I/O error means the disk (or the user's quota on it) is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
+    // ENOSPC, EDQUOT
 }
 
 /// What to do when the store cannot be opened, where [`crate::explain`] knows; else the error.
@@ -68,6 +106,15 @@ fn open_message(path: &Path, source: &sled::Error) -> String {
 }
 
 impl StoreError {
+    /// Whether the error is passing: the disk is full or was, and the store comes back by
+    /// itself once there is room (callers answer 503 with `Retry-After`).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NoSpace(_) | StoreError::Io { .. } | StoreError::Reopening(_)
+        )
+    }
+
     fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         StoreError::Corrupt {
             what: what.into(),
@@ -253,9 +300,10 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-pub struct Store {
+/// The sled handles of an open store. They are replaced as a whole when the store is reopened
+/// after an I/O error ([`Store::recover`]); holders of `Arc<Store>` keep working.
+pub(crate) struct Trees {
     db: sled::Db,
-    store_id: u32,
     pub(crate) profiles: sled::Tree,
     pub(crate) outbox: sled::Tree,
     pub(crate) dead: sled::Tree,
@@ -265,6 +313,23 @@ pub struct Store {
     pub(crate) rejected: sled::Tree,
     /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
     log_file: Option<File>,
+    /// Which opening of the store these handles come from: an error from the handles of an
+    /// earlier opening (a call that began before a reopen) does not fail the current one.
+    generation: u64,
+}
+
+pub struct Store {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// `None` while the store is being reopened.
+    trees: RwLock<Option<Arc<Trees>>>,
+    /// sled reported an I/O error: every later write fails until the store is reopened.
+    failed: AtomicBool,
+    /// The failure was a full disk.
+    failed_no_space: AtomicBool,
+    /// The [`Trees::generation`] in use.
+    generation: AtomicU64,
+    store_id: u32,
     /// Written while exports are put back under their old (lower) sequence numbers, read while
     /// the delivery loop scans; `rewound` then sends the next scan back to the head.
     rewind_lock: RwLock<()>,
@@ -276,6 +341,142 @@ pub struct Store {
     /// those (an export is never sent before the update that caused it is acknowledged).
     written_next: AtomicU64,
     durable_next: AtomicU64,
+    /// Unreadable `meta` values rebuilt when the store was opened (see [`rebuild_meta`]).
+    rebuilt_meta: std::sync::Mutex<Vec<String>>,
+}
+
+/// The reason (`last_error`) of a dead letter made of an unreadable export record.
+pub const UNREADABLE: &str = "unreadable record";
+
+/// The dead letter that stands for an export record that cannot be decoded: no profile, its
+/// stored bytes (base64) as the payload, so that nothing is lost and nothing is sent from it
+/// (`outbox retry` refuses it; `outbox drop` deletes it).
+pub fn unreadable_record(bytes: &[u8], error: &str, now_ms: i64) -> ExportRecord {
+    use base64::Engine;
+    let stored = base64::engine::general_purpose::STANDARD.encode(bytes);
+    ExportRecord {
+        profile_id: String::new(),
+        reason: 0,
+        payload: serde_json::json!({ "unreadable_record_base64": stored }).to_string(),
+        created_at_ms: now_ms,
+        queued_at_ms: now_ms,
+        queued_at_uptime_ms: 0,
+        attempts: 0,
+        last_error: Some(format!("{UNREADABLE}: {error}")),
+        last_attempt_at_ms: None,
+        dead_at_ms: Some(now_ms),
+    }
+}
+
+impl ExportRecord {
+    /// Whether this is a dead letter made by [`unreadable_record`].
+    pub fn is_unreadable(&self) -> bool {
+        self.profile_id.is_empty()
+            && self
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(UNREADABLE))
+    }
+}
+
+/// What opening a store read from it.
+struct Opened {
+    store_id: u32,
+    clock: ClockRecord,
+    next_seq: u64,
+    /// Unreadable `meta` values rebuilt at open, described.
+    rebuilt: Vec<String>,
+}
+
+/// How far past the highest export held a rebuilt `next_seq` starts: exports delivered or
+/// dropped before may have had higher numbers, and an export id must never be reused.
+const NEXT_SEQ_GAP: u64 = 1 << 32;
+
+/// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
+/// cannot be read: `tally` is recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest
+/// export held, `clock` starts again (run time 0, which delays expiry, never hastens it).
+/// Returns what it did, one line each; flushed when anything was done.
+fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
+    let mut rebuilt = Vec::new();
+    if let Some(v) = t.meta.get(meta::CLOCK)? {
+        if let Err(e) = codec::decode_clock(&v) {
+            t.meta
+                .insert(meta::CLOCK, codec::encode_clock(&ClockRecord::default()))?;
+            rebuilt.push(format!(
+                "meta/clock was unreadable ({e}); the run time starts again from 0"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::NEXT_SEQ)? {
+        if v.len() != 8 {
+            let mut highest = None;
+            for tree in [&t.outbox, &t.dead] {
+                for key in tree.iter().keys() {
+                    highest = highest.max(keys::seq_from_key(&key?));
+                }
+            }
+            let next = highest.map_or(0, |h| h + 1) + NEXT_SEQ_GAP;
+            t.meta.insert(meta::NEXT_SEQ, &next.to_be_bytes())?;
+            rebuilt.push(format!(
+                "meta/next_seq was unreadable (not 8 bytes); new exports are numbered from {next}"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::TALLY)? {
+        if Tally::from_bytes(&v).is_none() {
+            let mut tally = Tally::default();
+            for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
+                for item in tree.iter() {
+                    let (_, value) = item?;
+                    tally.count(place, value.len(), 1);
+                }
+            }
+            t.meta.insert(meta::TALLY, &tally.to_bytes())?;
+            rebuilt.push(format!(
+                "meta/tally was unreadable (not 24 bytes); recounted: {} pending, {} dead",
+                tally.pending, tally.dead
+            ));
+        }
+    }
+    if !rebuilt.is_empty() {
+        t.db.flush()?;
+    }
+    Ok(rebuilt)
+}
+
+/// A record that cannot be read, as `outpost check --store` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnreadableRecord {
+    /// `profiles`, `outbox`, `dead` or `meta`.
+    pub tree: &'static str,
+    /// The key: a profile id, an export id, a meta key (bytes shown escaped when not text).
+    pub key: String,
+    pub error: String,
+    /// What `outpost repair` does with it, or did already.
+    pub action: String,
+}
+
+fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_owned(),
+        Err(_) => key.escape_ascii().to_string(),
+    }
+}
+
+/// How much [`Store::recover`] writes beside a failed store, to see whether there is room.
+pub const SPACE_PROBE_BYTES: usize = 1 << 20;
+
+/// Writes, syncs and removes [`SPACE_PROBE_BYTES`] in `dir`.
+fn probe_space(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("space-probe");
+    let result = (|| {
+        let mut file = File::create(&path)?;
+        file.write_all(&vec![0u8; SPACE_PROBE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
@@ -391,19 +592,38 @@ impl Store {
     /// A lock is retried for a moment: sled's threads release it shortly after a store is
     /// dropped, so a store closed just before (by this or an exiting process) opens.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let (trees, opened) = Store::open_trees(path, cache_bytes)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            cache_bytes,
+            trees: RwLock::new(Some(Arc::new(trees))),
+            failed: AtomicBool::new(false),
+            failed_no_space: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            run_clock: RunClock::starting_at(opened.clock.uptime_ms),
+            store_id: opened.store_id,
+            rewind_lock: RwLock::new(()),
+            rewound: AtomicBool::new(false),
+            written_next: AtomicU64::new(opened.next_seq),
+            durable_next: AtomicU64::new(opened.next_seq),
+            rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
+        })
+    }
+
+    fn open_trees(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
         let mut tries = 0;
         loop {
             match Store::open_once(path, cache_bytes) {
                 Err(StoreError::Locked(_)) if tries < 10 => {
                     tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(100));
                 }
                 result => return result,
             }
         }
     }
 
-    fn open_once(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+    fn open_once(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
         std::fs::create_dir_all(path).map_err(|e| {
             tracing::debug!(error = ?e, path = %path.display(), "creating the store folder");
             StoreError::Open {
@@ -467,17 +687,8 @@ impl Store {
                 id
             }
         };
-        let clock = match meta.get(meta::CLOCK)? {
-            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
-            None => ClockRecord::default(),
-        };
         let log_file = File::open(path.join("db")).ok();
-        let next_seq = meta
-            .get(meta::NEXT_SEQ)?
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        Ok(Store {
-            run_clock: RunClock::starting_at(clock.uptime_ms),
+        let trees = Trees {
             profiles: db.open_tree("profiles")?,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
@@ -485,13 +696,178 @@ impl Store {
             rejected: db.open_tree("rejected")?,
             meta,
             db,
-            store_id,
             log_file,
-            rewind_lock: RwLock::new(()),
-            rewound: AtomicBool::new(false),
-            written_next: AtomicU64::new(next_seq),
-            durable_next: AtomicU64::new(next_seq),
-        })
+            generation: 0,
+        };
+        let rebuilt = rebuild_meta(&trees)?;
+        for note in &rebuilt {
+            tracing::warn!("{note}");
+        }
+        let clock = match trees.meta.get(meta::CLOCK)? {
+            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
+            None => ClockRecord::default(),
+        };
+        let next_seq = trees
+            .meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        Ok((
+            trees,
+            Opened {
+                store_id,
+                clock,
+                next_seq,
+                rebuilt,
+            },
+        ))
+    }
+
+    /// The sled handles, or [`StoreError::Reopening`] while they are being replaced.
+    pub(crate) fn trees(&self) -> Result<Arc<Trees>, StoreError> {
+        self.trees
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Reopening(self.path.clone()))
+    }
+
+    /// Runs `f` on the sled handles. An I/O error marks the store failed (see
+    /// [`Store::recover`]) and comes back as [`StoreError::NoSpace`] or [`StoreError::Io`],
+    /// naming the store.
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Trees) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let trees = self.trees()?;
+        f(&trees).map_err(|e| self.classify(e, trees.generation))
+    }
+
+    /// Names the store in an I/O error and marks the store failed, if the error came from the
+    /// handles in use (`generation`).
+    fn classify(&self, e: StoreError, generation: u64) -> StoreError {
+        let io = match &e {
+            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) => io,
+            _ => return e,
+        };
+        let no_space = is_no_space(io);
+        let error = if no_space {
+            StoreError::NoSpace(self.path.clone())
+        } else {
+            StoreError::Io {
+                path: self.path.clone(),
+                detail: io_detail(io),
+            }
+        };
+        let current = generation == self.generation.load(Ordering::SeqCst);
+        if current && !self.failed.swap(true, Ordering::SeqCst) {
+            self.failed_no_space.store(no_space, Ordering::SeqCst);
+            tracing::warn!(
+                "{error}: updates are refused (503) until it is reopened, which happens by itself once there is room"
+            );
+        }
+        error
+    }
+
+    /// Whether sled reported an I/O error since the store was (re)opened.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The error a failed store answers with.
+    pub fn failure(&self) -> StoreError {
+        if self.failed_no_space.load(Ordering::SeqCst) {
+            StoreError::NoSpace(self.path.clone())
+        } else {
+            StoreError::Io {
+                path: self.path.clone(),
+                detail: "an earlier write failed".into(),
+            }
+        }
+    }
+
+    /// Reopens a failed store once its disk has room again: sled fails every write after an
+    /// I/O error until it is reopened. Returns `Ok(false)` when the store had not failed, and
+    /// [`StoreError::NoSpace`] (without reopening) while a trial write of
+    /// [`SPACE_PROBE_BYTES`] beside the store does not fit.
+    ///
+    /// Nothing acknowledged is lost: acknowledged writes were flushed, so the reopened store
+    /// holds them. Writes that failed were answered as failures; those of them sled had
+    /// written may be in the reopened store or not, and their sequence numbers are
+    /// re-read from it (delivery reads only durable exports, so none of them was sent).
+    pub fn recover(&self) -> Result<bool, StoreError> {
+        if !self.is_failed() {
+            return Ok(false);
+        }
+        probe_space(&self.path).map_err(|e| {
+            if is_no_space(&e) {
+                StoreError::NoSpace(self.path.clone())
+            } else {
+                StoreError::Io {
+                    path: self.path.clone(),
+                    detail: io_detail(&e),
+                }
+            }
+        })?;
+        let old = self.trees.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut old) = old {
+            // Calls that took the handles before finish (their writes fail); sled lets one
+            // open at a time, so every handle must be gone before the next open.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(trees) => {
+                        drop(trees);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still_shared) => {
+                        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
+                        return Err(StoreError::Io {
+                            path: self.path.clone(),
+                            detail: "its handles are still in use; reopening later".into(),
+                        });
+                    }
+                }
+            }
+        }
+        // sled's threads release the file lock shortly after the last handle goes.
+        let mut tries = 0;
+        let (mut trees, opened) = loop {
+            match Store::open_trees(&self.path, self.cache_bytes) {
+                Err(StoreError::Locked(_)) if tries < 10 => tries += 1,
+                Err(e) => return Err(self.classify(e, u64::MAX)),
+                Ok(opened) => break opened,
+            }
+        };
+        if opened.store_id != self.store_id {
+            return Err(StoreError::corrupt(
+                "store id",
+                format!(
+                    "{:08x} after reopening, {:08x} before",
+                    opened.store_id, self.store_id
+                ),
+            ));
+        }
+        if let Some(file) = &trees.log_file {
+            // What the reopened store read is on the drive before anything is sent from it.
+            file.sync_data().map_err(StoreError::Sync)?;
+        }
+        self.rebuilt_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(opened.rebuilt);
+        self.written_next.store(opened.next_seq, Ordering::SeqCst);
+        self.durable_next.store(opened.next_seq, Ordering::SeqCst);
+        trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
+        self.failed.store(false, Ordering::SeqCst);
+        self.failed_no_space.store(false, Ordering::SeqCst);
+        tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
+        Ok(true)
     }
 
     pub fn store_id(&self) -> u32 {
@@ -505,17 +881,19 @@ impl Store {
 
     /// The clock state as last written (default before the first checkpoint).
     pub fn clock_record(&self) -> Result<ClockRecord, StoreError> {
-        match self.meta.get(meta::CLOCK)? {
+        self.with(|t| match t.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e)),
             None => Ok(ClockRecord::default()),
-        }
+        })
     }
 
     /// Writes the clock state (made durable by the next flush). One writer: the agent's clock
     /// task.
     pub fn write_clock_record(&self, record: &ClockRecord) -> Result<(), StoreError> {
-        self.meta.insert(meta::CLOCK, codec::encode_clock(record))?;
-        Ok(())
+        self.with(|t| {
+            t.meta.insert(meta::CLOCK, codec::encode_clock(record))?;
+            Ok(())
+        })
     }
 
     pub fn export_id(&self, seq: u64) -> ExportId {
@@ -527,13 +905,15 @@ impl Store {
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let written = self.written_next.load(Ordering::SeqCst);
-        self.db.flush()?;
-        if let Some(file) = &self.log_file {
-            file.sync_data().map_err(StoreError::Sync)?;
-        }
-        self.durable_next.fetch_max(written, Ordering::SeqCst);
-        Ok(())
+        self.with(|t| {
+            let written = self.written_next.load(Ordering::SeqCst);
+            t.db.flush()?;
+            if let Some(file) = &t.log_file {
+                file.sync_data().map_err(StoreError::Sync)?;
+            }
+            self.durable_next.fetch_max(written, Ordering::SeqCst);
+            Ok(())
+        })
     }
 
     /// Every export below this sequence number is durable.
@@ -547,37 +927,66 @@ impl Store {
     /// The decisions are made before the transaction, reading the stored versions directly:
     /// that is sound because there is one writer of `profiles` (the committer, or the CLI
     /// holding the store alone), and it keeps the transaction, which sled may re-run, short.
+    ///
+    /// A group that updates a profile whose stored version cannot be read is refused whole
+    /// ([`StoreError::UnreadableProfile`]) and the others go on: see [`Store::apply_each`].
+    /// This returns the first such refusal.
     pub fn apply_groups(
         &self,
         groups: &[&[Update]],
         mapping: &Mapping,
         received_at: DateTime<Utc>,
     ) -> Result<Vec<BatchSummary>, StoreError> {
-        self.apply_groups_at(groups, mapping, received_at, &[])
+        self.apply_each(groups, mapping, received_at, &[])?
+            .into_iter()
+            .collect()
     }
 
-    /// [`Store::apply_groups`], also recording in the same transaction how far each stream
-    /// partition was consumed and the messages of it that were rejected.
-    pub fn apply_groups_at(
+    /// [`Store::apply_groups`], with a result per group: a group that touches an unreadable
+    /// profile stores nothing and gets [`StoreError::UnreadableProfile`]. `consumed` says, for
+    /// groups from a stream, how far its partition was consumed (and the messages of it that
+    /// were rejected): recorded in the same transaction, for the groups that are stored.
+    pub fn apply_each(
         &self,
         groups: &[&[Update]],
         mapping: &Mapping,
         received_at: DateTime<Utc>,
-        consumed: &[source::SourcePosition],
-    ) -> Result<Vec<BatchSummary>, StoreError> {
+        consumed: &[(usize, source::SourcePosition)],
+    ) -> Result<Vec<Result<BatchSummary, StoreError>>, StoreError> {
         let created_at_ms = received_at.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
         // The latest version of each profile touched, and whether it must be written.
         let mut versions: HashMap<&str, (Option<StoredProfile>, bool)> = HashMap::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
-        for group in groups {
-            let mut summary = BatchSummary::default();
+        'groups: for group in groups {
+            // Every profile of the group is read before any update of it is applied, so that a
+            // refused group leaves nothing behind.
             for update in group.iter() {
                 let id = update.id.as_str();
                 if !versions.contains_key(id) {
-                    versions.insert(id, (self.profile(id)?, false));
+                    match self.profile(id) {
+                        Ok(version) => {
+                            versions.insert(id, (version, false));
+                        }
+                        Err(StoreError::Corrupt { detail, .. }) => {
+                            tracing::warn!(
+                                profile = id,
+                                "{detail}: an update of an unreadable profile is refused"
+                            );
+                            summaries.push(Err(StoreError::UnreadableProfile {
+                                id: id.to_owned(),
+                                detail,
+                            }));
+                            continue 'groups;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+            }
+            let mut summary = BatchSummary::default();
+            for update in group.iter() {
+                let id = update.id.as_str();
                 let (version, dirty) = versions.get_mut(id).expect("inserted above");
                 let applied = apply(version.as_ref(), update, mapping, received_at);
                 summary.accepted += 1;
@@ -609,7 +1018,7 @@ impl Store {
                     summary.by_reason[reason.code() as usize] += 1;
                 }
             }
-            summaries.push(summary);
+            summaries.push(Ok(summary));
         }
         let mut writes: Vec<(&str, Option<Vec<u8>>)> = versions
             .into_iter()
@@ -624,45 +1033,49 @@ impl Store {
         // In key order, sled touches each leaf once rather than hopping between them.
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
 
-        let trees = (
-            &self.profiles,
-            &self.outbox,
-            &self.meta,
-            &self.positions,
-            &self.rejected,
-        );
-        let next_seq = trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
-            source::write(positions, rejected, consumed)?;
-            let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
-            let mut tally = read_tally(meta_tx)?;
-            for (id, value) in &writes {
-                match value {
-                    Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
-                    None => profiles.remove(id.as_bytes())?,
-                };
-            }
-            for value in &exports {
-                tally.count(Place::Pending, value.len(), 1);
-                outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
-                next_seq += 1;
-            }
-            write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
-            write_tally(meta_tx, tally)?;
-            Ok(next_seq)
+        // A refused group's stream position is not recorded: its messages come again.
+        let consumed: Vec<source::SourcePosition> = consumed
+            .iter()
+            .filter(|(group, _)| summaries.get(*group).is_some_and(Result::is_ok))
+            .map(|(_, position)| position.clone())
+            .collect();
+        let next_seq = self.with(|t| {
+            let trees = (&t.profiles, &t.outbox, &t.meta, &t.positions, &t.rejected);
+            Ok(
+                trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
+                    source::write(positions, rejected, &consumed)?;
+                    let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+                    let mut tally = read_tally(meta_tx)?;
+                    for (id, value) in &writes {
+                        match value {
+                            Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
+                            None => profiles.remove(id.as_bytes())?,
+                        };
+                    }
+                    for value in &exports {
+                        tally.count(Place::Pending, value.len(), 1);
+                        outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
+                        next_seq += 1;
+                    }
+                    write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok(next_seq)
+                })?,
+            )
         })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(summaries)
     }
 
     pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
-        match self.profiles.get(id.as_bytes())? {
+        self.with(|t| match t.profiles.get(id.as_bytes())? {
             None => Ok(None),
             Some(bytes) => {
                 let record = codec::decode_profile(&bytes)
                     .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
                 stored_from_record(id, record).map(Some)
             }
-        }
+        })
     }
 
     fn decode_export(&self, key: &[u8], value: &[u8], dead: bool) -> Result<Export, StoreError> {
@@ -677,27 +1090,49 @@ impl Store {
         })
     }
 
+    /// [`Store::decode_export`] for people reading the outbox (`outbox list`, `show`,
+    /// `stats`): an unreadable record under an export key reads as the dead letter
+    /// [`unreadable_record`] it becomes (nothing is written here), so one bad record does not
+    /// hide the others.
+    fn decode_export_for_people(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        dead: bool,
+    ) -> Result<Export, StoreError> {
+        match (
+            self.decode_export(key, value, dead),
+            keys::seq_from_key(key),
+        ) {
+            (Err(e), Some(seq)) => Ok(Export {
+                id: self.export_id(seq),
+                dead,
+                record: unreadable_record(value, &e.to_string(), 0),
+            }),
+            (result, _) => result,
+        }
+    }
+
     /// The export with this id, pending or dead.
     pub fn export(&self, id: ExportId) -> Result<Option<Export>, StoreError> {
         if id.store != self.store_id {
             return Ok(None);
         }
         let key = keys::seq_key(id.seq);
-        for (tree, dead) in [(&self.outbox, false), (&self.dead, true)] {
-            if let Some(value) = tree.get(key)? {
-                return self.decode_export(&key, &value, dead).map(Some);
+        self.with(|t| {
+            for (tree, dead) in [(&t.outbox, false), (&t.dead, true)] {
+                if let Some(value) = tree.get(key)? {
+                    return self.decode_export_for_people(&key, &value, dead).map(Some);
+                }
             }
-        }
-        Ok(None)
+            Ok(None)
+        })
     }
 
     /// Exports oldest first, pending or (with `filter.dead`) dead.
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<Export>, StoreError> {
-        let tree = if filter.dead {
-            &self.dead
-        } else {
-            &self.outbox
-        };
+        let t = self.trees()?;
+        let tree = if filter.dead { &t.dead } else { &t.outbox };
         let limit = if filter.limit == 0 {
             usize::MAX
         } else {
@@ -708,8 +1143,8 @@ impl Store {
             if exports.len() >= limit {
                 break;
             }
-            let (key, value) = item?;
-            let export = self.decode_export(&key, &value, filter.dead)?;
+            let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
+            let export = self.decode_export_for_people(&key, &value, filter.dead)?;
             if filter
                 .profile_id
                 .as_deref()
@@ -723,15 +1158,17 @@ impl Store {
 
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let mut stats = self.outbox_stats(now)?;
-        stats.profiles = Some(self.profiles.len() as u64);
+        stats.profiles = Some(self.trees()?.profiles.len() as u64);
         Ok(stats)
     }
 
     /// [`Store::stats`] without the count of profiles, which walks the profile tree: cheap
     /// enough to read every second (`outpost top`, `GET /metrics`).
     pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
-        let oldest = match self.outbox.first()? {
-            Some((key, value)) => Some(self.decode_export(&key, &value, false)?),
+        let first = self.with(|t| Ok(t.outbox.first()?))?;
+        let oldest = match first {
+            Some((key, value)) => Some(self.decode_export_for_people(&key, &value, false)?)
+                .filter(|e| !e.record.is_unreadable()),
             None => None,
         };
         let tally = self.tally()?;
@@ -766,12 +1203,12 @@ impl Store {
 
     /// Pending and dead counts and bytes, read without walking the trees.
     pub fn tally(&self) -> Result<Tally, StoreError> {
-        match self.meta.get(meta::TALLY)? {
+        self.with(|t| match t.meta.get(meta::TALLY)? {
             None => Ok(Tally::default()),
             Some(v) => {
                 Tally::from_bytes(&v).ok_or_else(|| StoreError::corrupt("tally", "not 24 bytes"))
             }
-        }
+        })
     }
 
     /// Checks the invariants a crash must not break; returns what is wrong, if anything.
@@ -779,7 +1216,8 @@ impl Store {
         let mut problems = Vec::new();
         let mut counted = Tally::default();
         let mut max_seq = None;
-        for (tree, place) in [(&self.outbox, Place::Pending), (&self.dead, Place::Dead)] {
+        let t = self.trees()?;
+        for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
             for item in tree.iter() {
                 let (key, value) = item?;
                 counted.count(place, value.len(), 1);
@@ -789,7 +1227,7 @@ impl Store {
                 }
             }
         }
-        for item in self.profiles.iter() {
+        for item in t.profiles.iter() {
             let (key, value) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
             let decoded = codec::decode_profile(&value)
@@ -805,7 +1243,7 @@ impl Store {
                 "the tally says {recorded:?}, the trees hold {counted:?}"
             ));
         }
-        let next = self
+        let next = t
             .meta
             .get(meta::NEXT_SEQ)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
@@ -828,14 +1266,6 @@ pub enum Place {
 }
 
 impl Store {
-    /// Pending exports from sequence `from` on, oldest first.
-    pub fn pending_from(&self, from: u64) -> impl Iterator<Item = Result<Export, StoreError>> + '_ {
-        self.outbox.range(keys::seq_key(from)..).map(move |item| {
-            let (key, value) = item?;
-            self.decode_export(&key, &value, false)
-        })
-    }
-
     /// Runs `change`, which puts exports back into the outbox under their old sequence numbers
     /// or drops pending ones, while the delivery loop starts nothing (see
     /// [`Store::unless_rewound`]); the loop then reads the outbox again from its head.
@@ -862,20 +1292,211 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut exports = Vec::new();
-        for item in self
+        let mut unreadable = Vec::new();
+        let mut seen = 0;
+        let t = self.trees()?;
+        for item in t
             .outbox
             .range(keys::seq_key(*cursor)..keys::seq_key(until))
             .take(limit)
         {
-            let (key, value) = item?;
-            let export = self.decode_export(&key, &value, false)?;
-            *cursor = export.id.seq + 1;
-            exports.push(export);
+            seen += 1;
+            let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
+            match self.decode_export(&key, &value, false) {
+                Ok(export) => {
+                    *cursor = export.id.seq + 1;
+                    exports.push(export);
+                }
+                Err(e) => match keys::seq_from_key(&key) {
+                    Some(seq) => {
+                        *cursor = seq + 1;
+                        unreadable.push((seq, e.to_string()));
+                    }
+                    None => tracing::warn!(
+                        key = ?key.as_ref(),
+                        "an outbox key that is not a sequence number is passed over; `outpost check --store` lists it"
+                    ),
+                },
+            }
         }
-        if exports.len() < limit {
+        drop(t);
+        for (seq, error) in unreadable {
+            tracing::warn!(
+                export = %self.export_id(seq),
+                "{error}; it goes to the dead letters as \"{UNREADABLE}\""
+            );
+            self.dead_letter_unreadable(seq, &error)?;
+        }
+        if seen < limit {
             *cursor = until;
         }
         Ok(exports)
+    }
+
+    /// Moves the pending export `seq`, whose record cannot be read, to the dead letters as an
+    /// [`unreadable_record`] keeping its bytes. Not flushed.
+    pub fn dead_letter_unreadable(&self, seq: u64, error: &str) -> Result<(), StoreError> {
+        let key = keys::seq_key(seq);
+        let now_ms = Utc::now().timestamp_millis();
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let Some(old) = outbox.remove(&key)? else {
+                        return Ok(());
+                    };
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(Place::Pending, old.len(), -1);
+                    let value = codec::encode_export(&unreadable_record(&old, error, now_ms));
+                    tally.count(Place::Dead, value.len(), 1);
+                    dead.insert(&key, value)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok(())
+                })?,
+            )
+        })
+    }
+
+    /// Every record that cannot be read, with its key, and the `meta` values rebuilt when the
+    /// store was opened.
+    pub fn unreadable(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
+        let mut found = Vec::new();
+        for note in self
+            .rebuilt_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let (key, error) = note
+                .split_once(" was unreadable ")
+                .unwrap_or(("meta", note));
+            found.push(UnreadableRecord {
+                tree: "meta",
+                key: key.trim_start_matches("meta/").to_owned(),
+                error: format!("was unreadable {error}"),
+                action: "rebuilt when the store was opened".into(),
+            });
+        }
+        let t = self.trees()?;
+        for item in t.profiles.iter() {
+            let (key, value) = item?;
+            let id = key_text(&key);
+            let decoded = codec::decode_profile(&value)
+                .map_err(|e| StoreError::corrupt(&id, e))
+                .and_then(|r| stored_from_record(&id, r));
+            if let Err(e) = decoded {
+                found.push(UnreadableRecord {
+                    tree: "profiles",
+                    key: id,
+                    error: e.to_string(),
+                    action: "forget the profile (its next update counts it as new)".into(),
+                });
+            }
+        }
+        for (tree, name, dead) in [(&t.outbox, "outbox", false), (&t.dead, "dead", true)] {
+            for item in tree.iter() {
+                let (raw, value) = item?;
+                let Err(e) = self.decode_export(&raw, &value, dead) else {
+                    continue;
+                };
+                let (key, action) = match keys::seq_from_key(&raw) {
+                    Some(seq) => (
+                        self.export_id(seq).to_string(),
+                        "keep it as a dead letter \"unreadable record\" with its bytes",
+                    ),
+                    None => (key_text(&raw), "delete it (the key is not an export id)"),
+                };
+                found.push(UnreadableRecord {
+                    tree: name,
+                    key,
+                    error: e.to_string(),
+                    action: action.into(),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Acts on every unreadable record as [`Store::unreadable`] says: forgets unreadable
+    /// profiles, keeps unreadable exports as dead letters "unreadable record" (with their
+    /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
+    /// what it did, one line each.
+    pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
+        let found = self.unreadable()?;
+        let t = self.trees()?;
+        let mut done = Vec::new();
+        for record in found {
+            match record.tree {
+                "profiles" => {
+                    t.profiles.remove(record.key.as_bytes())?;
+                    done.push(format!(
+                        "profile {}: forgotten ({})",
+                        record.key, record.error
+                    ));
+                }
+                "outbox" | "dead" => {
+                    let tree = if record.tree == "outbox" {
+                        &t.outbox
+                    } else {
+                        &t.dead
+                    };
+                    let place = if record.tree == "outbox" {
+                        Place::Pending
+                    } else {
+                        Place::Dead
+                    };
+                    let id: Option<ExportId> = record.key.parse().ok();
+                    let now_ms = Utc::now().timestamp_millis();
+                    // Find the raw key again: the listed key is an export id or escaped bytes.
+                    let raw: Option<Vec<u8>> = match id {
+                        Some(id) => Some(keys::seq_key(id.seq).to_vec()),
+                        None => tree
+                            .iter()
+                            .keys()
+                            .filter_map(Result::ok)
+                            .find(|k| key_text(k) == record.key)
+                            .map(|k| k.to_vec()),
+                    };
+                    let Some(raw) = raw else { continue };
+                    (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                        let source = if place == Place::Pending {
+                            outbox
+                        } else {
+                            dead
+                        };
+                        let Some(old) = source.remove(raw.as_slice())? else {
+                            return Ok(());
+                        };
+                        let mut tally = read_tally(meta_tx)?;
+                        tally.count(place, old.len(), -1);
+                        if id.is_some() {
+                            let value = codec::encode_export(&unreadable_record(
+                                &old,
+                                &record.error,
+                                now_ms,
+                            ));
+                            tally.count(Place::Dead, value.len(), 1);
+                            dead.insert(raw.as_slice(), value)?;
+                        }
+                        write_tally(meta_tx, tally)?;
+                        Ok(())
+                    })?;
+                    done.push(match id {
+                        Some(_) => format!(
+                            "export {} ({}): a dead letter \"{UNREADABLE}\" ({})",
+                            record.key, record.tree, record.error
+                        ),
+                        None => format!(
+                            "{} entry with key {}: deleted ({})",
+                            record.tree, record.key, record.error
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+        drop(t);
+        self.flush()?;
+        Ok(done)
     }
 
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
@@ -889,44 +1510,47 @@ impl Store {
         change: impl Fn(ExportRecord) -> (Place, ExportRecord),
     ) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
-        let changed =
-            (&self.outbox, &self.dead, &self.meta).transaction(|(outbox, dead, meta_tx)| {
-                let source = match from {
-                    Place::Pending => outbox,
-                    Place::Dead => dead,
-                    Place::Gone => return Ok(false),
-                };
-                let Some(old) = source.remove(&key)? else {
-                    return Ok(false);
-                };
-                let record = codec::decode_export(&old)
-                    .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
-                let mut tally = read_tally(meta_tx)?;
-                tally.count(from, old.len(), -1);
-                let (to, record) = change(record);
-                let target = match to {
-                    Place::Pending => Some(outbox),
-                    Place::Dead => Some(dead),
-                    Place::Gone => None,
-                };
-                if let Some(target) = target {
-                    let value = codec::encode_export(&record);
-                    tally.count(to, value.len(), 1);
-                    target.insert(&key, value)?;
-                }
-                write_tally(meta_tx, tally)?;
-                Ok(true)
-            })?;
-        Ok(changed)
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let source = match from {
+                        Place::Pending => outbox,
+                        Place::Dead => dead,
+                        Place::Gone => return Ok(false),
+                    };
+                    let Some(old) = source.remove(&key)? else {
+                        return Ok(false);
+                    };
+                    let record = codec::decode_export(&old)
+                        .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(from, old.len(), -1);
+                    let (to, record) = change(record);
+                    let target = match to {
+                        Place::Pending => Some(outbox),
+                        Place::Dead => Some(dead),
+                        Place::Gone => None,
+                    };
+                    if let Some(target) = target {
+                        let value = codec::encode_export(&record);
+                        tally.count(to, value.len(), 1);
+                        target.insert(&key, value)?;
+                    }
+                    write_tally(meta_tx, tally)?;
+                    Ok(true)
+                })?,
+            )
+        })
     }
 
     /// Sequence numbers of every dead letter, oldest first.
     pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
-        self.dead
+        let t = self.trees()?;
+        t.dead
             .iter()
             .keys()
             .map(|k| {
-                let k = k?;
+                let k = k.map_err(|e| self.classify(e.into(), t.generation))?;
                 keys::seq_from_key(&k)
                     .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
             })

@@ -8,7 +8,11 @@
 use sled::Transactional;
 
 use super::codec::{self, ExportRecord};
-use super::{abort, keys, read_tally, write_tally, Place, Store, StoreError};
+use super::{keys, read_tally, write_tally, Place, Store, StoreError};
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
 
 /// A change to one pending export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,36 +72,47 @@ impl Store {
         &self,
         changes: &[(u64, ExportChange)],
     ) -> Result<Vec<u64>, StoreError> {
-        let missing =
-            (&self.outbox, &self.dead, &self.meta).transaction(|(outbox, dead, meta_tx)| {
-                let mut tally = read_tally(meta_tx)?;
-                let mut missing = Vec::new();
-                for (seq, change) in changes {
-                    let key = keys::seq_key(*seq);
-                    let Some(old) = outbox.remove(&key)? else {
-                        missing.push(*seq);
-                        continue;
-                    };
-                    tally.count(Place::Pending, old.len(), -1);
-                    if *change == ExportChange::Delivered {
-                        continue; // gone: no need to read it
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let mut tally = read_tally(meta_tx)?;
+                    let mut missing = Vec::new();
+                    for (seq, change) in changes {
+                        let key = keys::seq_key(*seq);
+                        let Some(old) = outbox.remove(&key)? else {
+                            missing.push(*seq);
+                            continue;
+                        };
+                        tally.count(Place::Pending, old.len(), -1);
+                        if *change == ExportChange::Delivered {
+                            continue; // gone: no need to read it
+                        }
+                        let (place, record) = match codec::decode_export(&old) {
+                            Ok(record) => changed_record(record, change),
+                            // Damaged since delivery read it: a dead letter, never sent again.
+                            Err(e) => (
+                                Place::Dead,
+                                super::unreadable_record(
+                                    &old,
+                                    &format!("export {seq}: {e}"),
+                                    now_ms(),
+                                ),
+                            ),
+                        };
+                        let target = match place {
+                            Place::Pending => outbox,
+                            Place::Dead => dead,
+                            Place::Gone => continue,
+                        };
+                        let value = codec::encode_export(&record);
+                        tally.count(place, value.len(), 1);
+                        target.insert(&key, value)?;
                     }
-                    let record = codec::decode_export(&old)
-                        .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
-                    let (place, record) = changed_record(record, change);
-                    let target = match place {
-                        Place::Pending => outbox,
-                        Place::Dead => dead,
-                        Place::Gone => continue,
-                    };
-                    let value = codec::encode_export(&record);
-                    tally.count(place, value.len(), 1);
-                    target.insert(&key, value)?;
-                }
-                write_tally(meta_tx, tally)?;
-                Ok(missing)
-            })?;
-        Ok(missing)
+                    write_tally(meta_tx, tally)?;
+                    Ok(missing)
+                })?,
+            )
+        })
     }
 }
 

@@ -143,42 +143,46 @@ pub(super) fn write(
 impl Store {
     /// The highest stream sequence of `partition` in the store (0: none yet).
     pub fn source_position(&self, partition: u32) -> Result<u64, StoreError> {
-        match self.positions.get(position_key(partition))? {
+        self.with(|t| match t.positions.get(position_key(partition))? {
             Some(v) => decode_position(&v),
             None => Ok(0),
-        }
+        })
     }
 
     /// Every recorded partition position, by partition.
     pub fn source_positions(&self) -> Result<Vec<(u32, u64)>, StoreError> {
-        self.positions
-            .iter()
-            .map(|item| {
-                let (key, value) = item?;
-                let partition = u32::from_be_bytes(key.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt {
-                        what: "stream position key".into(),
-                        detail: format!("{key:?}"),
-                    }
-                })?);
-                Ok((partition, decode_position(&value)?))
-            })
-            .collect()
+        self.with(|t| {
+            t.positions
+                .iter()
+                .map(|item| {
+                    let (key, value) = item?;
+                    let partition = u32::from_be_bytes(key.as_ref().try_into().map_err(|_| {
+                        StoreError::Corrupt {
+                            what: "stream position key".into(),
+                            detail: format!("{key:?}"),
+                        }
+                    })?);
+                    Ok((partition, decode_position(&value)?))
+                })
+                .collect()
+        })
     }
 
     /// Rejected messages by partition and sequence; `limit` 0 lists all.
     pub fn rejected_list(&self, limit: usize) -> Result<Vec<RejectedRecord>, StoreError> {
         let limit = if limit == 0 { usize::MAX } else { limit };
-        self.rejected
-            .iter()
-            .values()
-            .take(limit)
-            .map(|v| decode_rejected(&v?))
-            .collect()
+        self.with(|t| {
+            t.rejected
+                .iter()
+                .values()
+                .take(limit)
+                .map(|v| decode_rejected(&v?))
+                .collect()
+        })
     }
 
     pub fn rejected_count(&self) -> usize {
-        self.rejected.len()
+        self.trees().map_or(0, |t| t.rejected.len())
     }
 
     pub fn rejected_get(
@@ -186,18 +190,17 @@ impl Store {
         partition: u32,
         seq: u64,
     ) -> Result<Option<RejectedRecord>, StoreError> {
-        self.rejected
-            .get(rejected_key(partition, seq))?
-            .map(|v| decode_rejected(&v))
-            .transpose()
+        self.with(|t| {
+            t.rejected
+                .get(rejected_key(partition, seq))?
+                .map(|v| decode_rejected(&v))
+                .transpose()
+        })
     }
 
     /// Deletes one rejected message; false if there was none. Not durable until a flush.
     pub fn rejected_drop(&self, partition: u32, seq: u64) -> Result<bool, StoreError> {
-        Ok(self
-            .rejected
-            .remove(rejected_key(partition, seq))?
-            .is_some())
+        self.with(|t| Ok(t.rejected.remove(rejected_key(partition, seq))?.is_some()))
     }
 
     /// Ids of every rejected message.
@@ -244,11 +247,11 @@ mod tests {
         };
         let now = chrono::Utc::now();
         store
-            .apply_groups_at(
+            .apply_each(
                 &[&updates],
                 &mapping,
                 now,
-                &[at(10, vec![rejected.clone()])],
+                &[(0, at(10, vec![rejected.clone()]))],
             )
             .unwrap();
         assert_eq!(store.source_position(3).unwrap(), 10);
@@ -256,7 +259,7 @@ mod tests {
         assert!(store.profile("a").unwrap().is_some());
         assert_eq!(store.rejected_get(3, 9).unwrap(), Some(rejected));
         store
-            .apply_groups_at(&[], &mapping, now, &[at(7, vec![])])
+            .apply_each(&[&[]], &mapping, now, &[(0, at(7, vec![]))])
             .unwrap();
         assert_eq!(store.source_positions().unwrap(), [(3, 10)]);
         assert!(store.rejected_drop(3, 9).unwrap());

@@ -6,6 +6,7 @@ use std::process::{Command, Output, Stdio};
 
 pub mod agent_process;
 pub mod nats;
+pub mod pki;
 
 pub const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
 pub const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";

@@ -1,0 +1,273 @@
+//! Unreadable records: bad bytes written straight into a store with sled before the real agent
+//! (or CLI) opens it. Nothing panics; an unreadable export becomes a dead letter "unreadable
+//! record"; an update of an unreadable profile is refused, naming it, until `outpost repair`
+//! forgets it; unreadable meta values are rebuilt at open. `outpost check --store` lists them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::agent_process::{free_port, AgentProcess};
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    store: PathBuf,
+    port: u16,
+    receiver: Receiver,
+}
+
+async fn setup() -> Setup {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = receiver.base_url();
+    let text = agent_config_text(&base, &oauth_body(&base), "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, text).unwrap();
+    Setup {
+        store: dir.path().join("store"),
+        config,
+        port,
+        receiver,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = stdin.unwrap_or("").to_owned();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn ingest(&self, lines: &[String]) -> Output {
+        self.run(&["ingest", "-"], Some(&lines.join("\n")))
+    }
+
+    async fn agent(&self) -> AgentProcess {
+        AgentProcess::start(&self.config, self.port).await
+    }
+
+    /// Writes `value` under `key` in `tree` with sled itself (no agent may run).
+    fn corrupt(&self, tree: &str, key: &[u8], value: &[u8]) {
+        corrupt(&self.store, tree, key, value)
+    }
+}
+
+fn corrupt(store: &Path, tree: &str, key: &[u8], value: &[u8]) {
+    let db = sled::open(store).unwrap();
+    db.open_tree(tree).unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stats(s: &Setup) -> serde_json::Value {
+    let out = s.run(&["outbox", "stats", "--json"], None);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn update(id: &str, name: &str) -> String {
+    member_update(id, name, "2026-01-01T00:00:00Z")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
+    let s = setup().await;
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b"), update("p2", "c")]);
+    assert!(out.status.success(), "{}", text(&out));
+    s.corrupt("outbox", &1u64.to_be_bytes(), b"\x02not an export");
+
+    let out = s.run(&["check", "--store"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("outbox ") && listed.contains("-1: "),
+        "{listed}"
+    );
+
+    // The CLI reads the outbox around it.
+    let out = s.run(&["outbox", "list", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed[1]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("unreadable record")));
+    assert_eq!(stats(&s)["pending"], 3);
+
+    let mut agent = s.agent().await;
+    wait_until(20, "the readable exports delivered", || {
+        s.receiver.delivered().len() >= 2
+    })
+    .await;
+    wait_until(20, "the unreadable one dead-lettered", || {
+        stats(&s)["dead"] == 1 && stats(&s)["pending"] == 0
+    })
+    .await;
+    let delivered: Vec<String> = s
+        .receiver
+        .delivered()
+        .iter()
+        .map(|r| profile_of(&r.json().unwrap()))
+        .collect();
+    assert_eq!(delivered.len(), 2, "{delivered:?}");
+    assert!(delivered.contains(&"p0".into()) && delivered.contains(&"p2".into()));
+    let out = s.run(&["outbox", "list", "--dead", "--json"], None);
+    let dead = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(dead.len(), 1, "{}", text(&out));
+    assert!(
+        dead[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreadable record"),
+        "{}",
+        dead[0]
+    );
+    let id = dead[0]["id"].as_str().unwrap().to_owned();
+    assert!(seq_of(&id) == 1, "{id}");
+    assert!(agent.log().contains(&id), "the log names the export");
+
+    // Nothing can be sent from it.
+    let out = s.run(&["outbox", "retry", &id], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("unreadable"), "{}", text(&out));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.receiver.delivered().len(), 2);
+    assert_eq!(stats(&s)["dead"], 1);
+    agent.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
+    let s = setup().await;
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
+    assert!(out.status.success(), "{}", text(&out));
+    s.corrupt("profiles", b"p1", b"\x01\xff\xff\xff");
+
+    // The CLI on the store: refused, naming the profile; nothing of the input stored.
+    let out = s.ingest(&[update("p0", "a2"), update("p1", "b2")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("profile `p1` is unreadable") && stderr.contains("outpost repair"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("nothing of the input was stored"),
+        "{stderr}"
+    );
+    assert_eq!(stats(&s)["pending"], 2);
+
+    let mut agent = s.agent().await;
+    let addr = agent.addr;
+    let (status, body) = http_post(addr, "/v1/updates", update("p1", "b3"), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("profile `p1` is unreadable"), "{body}");
+    let (status, body) = http_post(addr, "/v1/updates", update("p0", "a3"), &[]).await;
+    assert_eq!(status, 200, "other profiles go on: {body}");
+
+    // Listed through the running agent, then forgotten on the operator's word.
+    let out = s.run(&["check", "--store", "--json"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0]["tree"].as_str(), listed[0]["key"].as_str()),
+        (Some("profiles"), Some("p1"))
+    );
+    let out = s.run(&["repair"], None);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "asks for --yes off a terminal: {}",
+        text(&out)
+    );
+    let out = s.run(&["repair", "--yes"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("profile p1: forgotten"),
+        "{}",
+        text(&out)
+    );
+
+    let (status, body) = http_post(addr, "/v1/updates", update("p1", "b4"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["exports"], 1, "a new profile now: {answer}");
+    let out = s.run(&["check", "--store"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    agent.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_meta_values_are_rebuilt_at_open() {
+    let s = setup().await;
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
+    assert!(out.status.success(), "{}", text(&out));
+    s.corrupt("meta", b"tally", b"xx");
+    s.corrupt("meta", b"next_seq", b"abc");
+    s.corrupt("meta", b"clock", b"\x09zz");
+
+    let mut agent = s.agent().await;
+    let log = agent.log();
+    for key in ["meta/tally", "meta/next_seq", "meta/clock"] {
+        assert!(log.contains(&format!("{key} was unreadable")), "{log}");
+    }
+    let (status, body) = http_post(agent.addr, "/v1/updates", update("p2", "c"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(20, "three exports delivered", || {
+        s.receiver.delivered().len() >= 3
+    })
+    .await;
+    wait_until(20, "the outbox empty", || stats(&s)["pending"] == 0).await;
+    let keys: Vec<u64> = s
+        .receiver
+        .delivered()
+        .iter()
+        .map(|r| seq_of(r.header("idempotency-key").unwrap()))
+        .collect();
+    assert!(
+        keys.iter().any(|&k| k >= 1 << 32),
+        "a new export is numbered past every old one: {keys:?}"
+    );
+    let out = s.run(&["check", "--store", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().all(|r| r["tree"] == "meta"), "{listed:?}");
+    assert_eq!(stats(&s)["dead"], 0);
+    agent.terminate().await;
+}

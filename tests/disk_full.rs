@@ -1,0 +1,371 @@
+//! A full disk, on a real small filesystem: the store on a tmpfs mounted for the test (needs
+//! root; without it the test says why and passes, except under `CI`, where it fails).
+//!
+//! The real agent, its destination down, takes updates until the disk is full; then ingest
+//! answers 503 with `Retry-After` and a plain message, and once a filler file on the tmpfs is
+//! deleted it takes updates again and delivers everything, each export once, without a
+//! restart; SIGTERM exits 0. Then `outpost ingest` on a full disk fails with a clear message,
+//! says how much it stored, and a second run stores the rest.
+
+mod common;
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::agent_process::{free_port, AgentProcess};
+use common::*;
+use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+
+/// A tmpfs mounted on a folder for the life of the value.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on `dir`; `Err` says why not.
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn available_bytes(&self) -> u64 {
+        let path = CString::new(self.dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: statvfs(3) fills the struct we pass; the path is NUL-terminated.
+        unsafe {
+            let mut stat: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(path.as_ptr(), &mut stat), 0);
+            stat.f_bavail as u64 * stat.f_frsize as u64
+        }
+    }
+
+    /// Fills the filesystem with `filler` until `leave` bytes are left (or it is full).
+    fn fill(&self, leave: u64) -> PathBuf {
+        let path = self.dir.join("filler");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        while self.available_bytes() > leave + chunk.len() as u64 {
+            if file.write_all(&chunk).is_err() {
+                break;
+            }
+            file.flush().unwrap();
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// Mounts the tmpfs, or says why it cannot and returns `None` (panics under `CI`).
+fn tmpfs_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
+    match Tmpfs::mount(dir, size) {
+        Ok(fs) => Some(fs),
+        Err(why) if std::env::var_os("CI").is_some() => {
+            panic!("the disk-full test needs a tmpfs (run as root): {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: the disk-full test needs to mount a tmpfs (run as root): {why}");
+            None
+        }
+    }
+}
+
+/// Update of profile `id`, with a long first name so the disk fills in a few hundred updates.
+fn update(id: &str) -> String {
+    member_update(
+        id,
+        &format!("{id}-{}", "x".repeat(1500)),
+        "2026-01-01T00:00:00Z",
+    )
+}
+
+fn config_text(base: &str, listen: &str, store: &Path) -> String {
+    agent_config_text(base, &oauth_body(base), "")
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}\""),
+        )
+        .replace(
+            "path = \"store\"",
+            &format!("path = {:?}", store.display().to_string()),
+        )
+}
+
+fn assert_plain_no_space(text: &str, store: &Path) {
+    let expected = format!(
+        "no space left on device for the store at {}",
+        store.display()
+    );
+    assert!(text.contains(&expected), "{text}");
+    assert!(!text.contains("Os {"), "a debug string: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "24m") else {
+        return;
+    };
+    let store = fs.dir.join("store");
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, config_text(&receiver.base_url(), &listen, &store)).unwrap();
+    let mut agent = AgentProcess::start(&config, port).await;
+    let addr = agent.addr;
+    let filler = fs.fill(3 << 20);
+
+    // Updates in batches of 10 until the disk is full.
+    let batch = |n: usize| -> String {
+        (n * 10..n * 10 + 10)
+            .map(|i| update(&format!("p{i}")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut acked = 0;
+    let refused = loop {
+        let (status, body) = http_post_full(addr, batch(acked)).await;
+        match status {
+            200 => acked += 1,
+            503 => break body,
+            other => panic!("ingest answered {other}: {}", body.1),
+        }
+        assert!(acked < 2000, "the disk never filled:\n{}", agent.log());
+    };
+    assert!(acked > 0, "the disk was full before the first update");
+    let (retry_after, message) = refused;
+    assert_eq!(retry_after.as_deref(), Some("5"), "{message}");
+    assert_plain_no_space(&message, &store);
+    // Still refused while full, with the same answer.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, (retry_after, message)) = http_post_full(addr, batch(acked)).await;
+        assert_eq!(
+            (status, retry_after.as_deref()),
+            (503, Some("5")),
+            "{message}"
+        );
+        assert_plain_no_space(&message, &store);
+    }
+
+    // Room again: the same agent takes updates again by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, (_, message)) = http_post_full(addr, batch(acked)).await;
+        if status == 200 {
+            acked += 1;
+            break;
+        }
+        assert_eq!(status, 503, "{message}");
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not resume once there was room:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        let (status, (_, message)) = http_post_full(addr, batch(acked)).await;
+        assert_eq!(status, 200, "{message}");
+        acked += 1;
+    }
+
+    // The destination is back: every acknowledged update arrives, each export once.
+    receiver.set_export_script(None);
+    let profiles = acked * 10;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while receiver.delivered().len() < profiles {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {profiles} delivered:\n{}",
+            receiver.delivered().len(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut per_profile: HashMap<String, usize> = HashMap::new();
+    for r in receiver.delivered() {
+        *per_profile
+            .entry(profile_of(&r.json().unwrap()))
+            .or_default() += 1;
+    }
+    for i in 0..profiles {
+        assert_eq!(
+            per_profile.get(&format!("p{i}")).copied(),
+            Some(1),
+            "profile p{i}: deliveries"
+        );
+    }
+    assert_eq!(per_profile.len(), profiles, "{per_profile:?}");
+    agent.terminate().await;
+    let log = agent.log();
+    assert!(log.contains("the store was reopened"), "{log}");
+}
+
+/// SIGTERM while the disk is still full: exit 0 (everything acknowledged was flushed when it
+/// was acknowledged), and a restart with room finds every acknowledged update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_disk_is_full_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "24m") else {
+        return;
+    };
+    let store = fs.dir.join("store");
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down".into())
+    })));
+    let port = free_port();
+    let config = dir.path().join("outpost.toml");
+    let listen = format!("127.0.0.1:{port}");
+    std::fs::write(&config, config_text(&receiver.base_url(), &listen, &store)).unwrap();
+    let mut agent = AgentProcess::start(&config, port).await;
+    let filler = fs.fill(3 << 20);
+    let mut acked = 0;
+    loop {
+        let lines: Vec<String> = (acked * 10..acked * 10 + 10)
+            .map(|i| update(&format!("p{i}")))
+            .collect();
+        let (status, (_, body)) = http_post_full(agent.addr, lines.join("\n")).await;
+        match status {
+            200 => acked += 1,
+            503 => break,
+            other => panic!("{other}: {body}"),
+        }
+        assert!(acked < 2000, "the disk never filled");
+    }
+    agent.terminate().await;
+    let log = agent.log();
+    assert!(log.contains("nothing acknowledged is lost"), "{log}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let out = Command::new(binary())
+        .args(["outbox", "stats", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        stats["pending"].as_u64().unwrap() >= acked as u64 * 10,
+        "every acknowledged update kept its export: {stats}, {acked} batches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outpost_ingest_on_a_full_disk_says_what_was_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "64m") else {
+        return;
+    };
+    let store = fs.dir.join("store");
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        config_text("http://127.0.0.1:9", "127.0.0.1:0", &store),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(binary())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let count = 2500;
+    let input = dir.path().join("updates.ndjson");
+    let lines: Vec<String> = (0..count).map(|i| update(&format!("p{i}"))).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = run(&["outbox", "stats", "--json"]); // creates the store
+    assert!(out.status.success());
+    let filler = fs.fill(3 << 20);
+
+    let out = run(&["ingest", input.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("outpost: "), "{stderr}");
+    assert_plain_no_space(last, &store);
+    assert!(
+        stderr.contains("updates were stored, the rest not")
+            || stderr.contains("nothing of the input was stored"),
+        "{stderr}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let out = run(&["ingest", input.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["outbox", "stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        stats["pending"], count,
+        "each update exported once: {stats}"
+    );
+    assert_eq!(stats["profiles"], count, "{stats}");
+}
+
+/// POSTs updates; the status, `Retry-After` and the body.
+async fn http_post_full(
+    addr: std::net::SocketAddr,
+    body: String,
+) -> (u16, (Option<String>, String)) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = hyper::Request::post(format!("http://{addr}/v1/updates"))
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        (retry_after, String::from_utf8_lossy(&body).into_owned()),
+    )
+}

@@ -1,0 +1,292 @@
+//! The ingest API over HTTPS, with the real binary: a private CA made here, a server
+//! certificate it signed, client certificates required or not; a CA certificate used as the
+//! server's own is refused at start with what to do; the start-up warnings for an exposed
+//! listener and for a config file with secrets that others can read.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::agent_process::{free_port, AgentProcess};
+use common::pki::{ring, Ca, Leaf};
+use common::*;
+use rcgen::ExtendedKeyUsagePurpose;
+
+/// A rustls client that trusts `ca`, presenting `client` if given.
+fn client_config(ca: &Ca, client: Option<&Leaf>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match client {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(leaf.chain(), leaf.private_key())
+            .unwrap(),
+    }
+}
+
+/// POSTs updates to `https://localhost:port/v1/updates`; the status, or the error as text.
+async fn https_post(
+    port: u16,
+    tls: rustls::ClientConfig,
+    body: String,
+) -> Result<(u16, String), String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: Client<_, Full<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let request = hyper::Request::post(format!("https://localhost:{port}/v1/updates"))
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await
+    .map_err(|_| "timed out".to_string())?;
+    answer
+}
+
+/// `outpost run` as a child, killed when dropped.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    fn spawn(config: &Path) -> Agent {
+        let log = config.with_file_name("agent.log");
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Agent { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until an HTTPS POST with `tls` gets an answer.
+    async fn wait_serving(&mut self, port: u16, tls: &rustls::ClientConfig) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            // Any answer over HTTPS will do (an empty body is refused with 400).
+            if https_post(port, tls.clone(), String::new()).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the agent exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "never served:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Files {
+    fn new() -> Files {
+        Files {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+        }
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// The config with `ingest` lines, mode 0600.
+    fn config(&self, listen: &str, ingest: &[String]) -> PathBuf {
+        let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "").replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{listen}:{}\"\n{}", self.port, ingest.join("\n")),
+        );
+        let path = self.write("outpost.toml", &text);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    fn server_files(&self, ca: &Ca) -> Vec<String> {
+        let leaf = ca.sign(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let cert = self.write("server.pem", &leaf.cert.pem());
+        let key = self.write("server-key.pem", &leaf.key.serialize_pem());
+        vec![
+            format!("tls_cert_file = {:?}", cert.display().to_string()),
+            format!("tls_key_file = {:?}", key.display().to_string()),
+        ]
+    }
+}
+
+fn one_update() -> String {
+    member_update("p1", "Jane", "2026-01-01T00:00:00Z")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_over_https_with_a_private_ca() {
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let config = files.config("127.0.0.1", &files.server_files(&ca));
+    let mut agent = Agent::spawn(&config);
+    let trusting = client_config(&ca, None);
+    agent.wait_serving(files.port, &trusting).await;
+
+    let (status, body) = https_post(files.port, trusting, one_update())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"accepted\":1"), "{body}");
+    // A client that does not trust the CA gets nothing through, nor does plain HTTP.
+    let other = Ca::new("another CA");
+    let refused = https_post(files.port, client_config(&other, None), one_update()).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], files.port));
+    let plain = try_http_post(addr, "/v1/updates", one_update(), &[]).await;
+    assert!(
+        plain.is_err() || plain.as_ref().unwrap().0 != 200,
+        "{plain:?}"
+    );
+    assert!(agent.log().contains("scheme=\"https\"") || agent.log().contains("scheme=https"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let mut ingest = files.server_files(&ca);
+    let client_ca = Ca::new("clients CA");
+    let client_ca_file = files.write("clients-ca.pem", &client_ca.cert.pem());
+    ingest.push(format!(
+        "client_ca_file = {:?}",
+        client_ca_file.display().to_string()
+    ));
+    let config = files.config("127.0.0.1", &ingest);
+    let mut agent = Agent::spawn(&config);
+    let client = client_ca.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
+    let with_cert = client_config(&ca, Some(&client));
+    agent.wait_serving(files.port, &with_cert).await;
+
+    let without = https_post(files.port, client_config(&ca, None), one_update()).await;
+    assert!(
+        without.is_err(),
+        "refused without a certificate: {without:?}"
+    );
+    let stranger = ca.sign(&["stranger"], ExtendedKeyUsagePurpose::ClientAuth);
+    let wrong = https_post(
+        files.port,
+        client_config(&ca, Some(&stranger)),
+        one_update(),
+    )
+    .await;
+    assert!(
+        wrong.is_err(),
+        "refused with another CA's certificate: {wrong:?}"
+    );
+    let (status, body) = https_post(files.port, with_cert, one_update())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_ca_certificate_as_the_servers_own_is_refused_with_what_to_do() {
+    let files = Files::new();
+    let ca = Ca::new("self-signed");
+    let cert = files.write("ca.pem", &ca.cert.pem());
+    let key = files.write("ca-key.pem", &ca.key.serialize_pem());
+    let config = files.config(
+        "127.0.0.1",
+        &[
+            format!("tls_cert_file = {:?}", cert.display().to_string()),
+            format!("tls_key_file = {:?}", key.display().to_string()),
+        ],
+    );
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is a CA certificate") && stderr.contains("signed by it"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_for_an_exposed_listener_and_a_readable_secret() {
+    // Beyond loopback, no TLS, no token: warned.
+    let files = Files::new();
+    let config = files.config("0.0.0.0", &[]);
+    let mut agent = AgentProcess::start(&config, files.port).await;
+    let log = agent.log();
+    assert!(log.contains("is not a loopback address"), "{log}");
+    assert!(!log.contains("other users can read it"), "{log}");
+    agent.terminate().await;
+
+    // The same with a token in a file others can read: the exposure is fine, the file is not.
+    let files = Files::new();
+    let config = files.config("0.0.0.0", &["token = \"s3cret-ingest\"".into()]);
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut agent = AgentProcess::start(&config, files.port).await;
+    let log = agent.log();
+    assert!(!log.contains("is not a loopback address"), "{log}");
+    assert!(
+        log.contains("holds secrets (ingest.token) and other users can read it"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret-ingest"), "no secret in the log");
+    agent.terminate().await;
+
+    // Loopback, mode 0600: no warning.
+    let files = Files::new();
+    let config = files.config("127.0.0.1", &["token = \"s3cret-ingest\"".into()]);
+    let mut agent = AgentProcess::start(&config, files.port).await;
+    let log = agent.log();
+    assert!(!log.contains("WARN"), "{log}");
+    agent.terminate().await;
+}
