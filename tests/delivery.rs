@@ -8,36 +8,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use outpost::agent::{Agent, AgentOptions};
+use outpost::agent::Agent;
 use outpost::config::Config;
 use outpost::receiver::{Receiver, ReceiverOptions, Reply};
 use outpost::store::ListFilter;
 use serde_json::json;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    config: Config,
-    receiver: Receiver,
-}
+type Setup = ReceiverSetup;
 
 async fn setup_with(
     options: ReceiverOptions,
     auth: impl Fn(&str) -> String,
     delivery: &str,
 ) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
-        .await
-        .unwrap();
-    let base = receiver.base_url();
-    let path = dir.path().join("outpost.toml");
-    std::fs::write(&path, agent_config_text(&base, &auth(&base), delivery)).unwrap();
-    let config = Config::load(&path).unwrap();
-    Setup {
-        _dir: dir,
-        config,
-        receiver,
-    }
+    receiver_setup(options, auth, delivery).await
 }
 
 async fn setup() -> Setup {
@@ -45,9 +29,7 @@ async fn setup() -> Setup {
 }
 
 async fn start(config: &Config) -> Agent {
-    Agent::start(config, AgentOptions { jitter: false })
-        .await
-        .unwrap()
+    start_agent(config).await
 }
 
 /// Posts updates to the agent's ingest API and returns its summary.

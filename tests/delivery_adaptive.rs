@@ -12,39 +12,23 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use outpost::admin::AdminRequest;
-use outpost::agent::{Agent, AgentOptions};
+use outpost::agent::Agent;
 use outpost::config::Config;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::update::parse_body;
 use outpost::receiver::{RateLimit, Received, Receiver, ReceiverOptions, Reply};
 use outpost::store::{ListFilter, Store};
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    config: Config,
-    receiver: Receiver,
-}
-
-async fn setup(options: ReceiverOptions, auth: impl Fn(&str) -> String, delivery: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
-        .await
-        .unwrap();
-    let base = receiver.base_url();
-    let path = dir.path().join("outpost.toml");
-    std::fs::write(&path, agent_config_text(&base, &auth(&base), delivery)).unwrap();
-    let config = Config::load(&path).unwrap();
-    Setup {
-        _dir: dir,
-        config,
-        receiver,
-    }
+async fn setup(
+    options: ReceiverOptions,
+    auth: impl Fn(&str) -> String,
+    delivery: &str,
+) -> ReceiverSetup {
+    receiver_setup(options, auth, delivery).await
 }
 
 async fn start(config: &Config) -> Agent {
-    Agent::start(config, AgentOptions { jitter: false })
-        .await
-        .unwrap()
+    start_agent(config).await
 }
 
 /// One update (which exports) for each of `n` profiles `<prefix>0`, `<prefix>1`, …, `round`

@@ -278,3 +278,39 @@ pub async fn wait_drained(
     })
     .await;
 }
+
+/// An agent's config in a temporary folder, delivering to a receiver started for it.
+pub struct ReceiverSetup {
+    pub _dir: tempfile::TempDir,
+    pub config: outpost::config::Config,
+    pub receiver: outpost::receiver::Receiver,
+}
+
+/// Starts a receiver with `options` and writes the agent's config for it: `auth` makes the
+/// `[destination.auth]` body from the receiver's base URL, `delivery` adds `[delivery]` lines.
+pub async fn receiver_setup(
+    options: outpost::receiver::ReceiverOptions,
+    auth: impl Fn(&str) -> String,
+    delivery: &str,
+) -> ReceiverSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = outpost::receiver::Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+        .await
+        .unwrap();
+    let base = receiver.base_url();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, agent_config_text(&base, &auth(&base), delivery)).unwrap();
+    let config = outpost::config::Config::load(&path).unwrap();
+    ReceiverSetup {
+        _dir: dir,
+        config,
+        receiver,
+    }
+}
+
+/// Starts the agent in this process, without backoff jitter (tests assert delays).
+pub async fn start_agent(config: &outpost::config::Config) -> outpost::agent::Agent {
+    outpost::agent::Agent::start(config, outpost::agent::AgentOptions { jitter: false })
+        .await
+        .unwrap()
+}
