@@ -16,7 +16,8 @@
 //!   ([`unreadable_record`]), profiles refuse their updates until `outpost repair`, derived
 //!   `meta` values are rebuilt at open;
 //! - every export carries the store's run time when it was queued (`queued_at_uptime_ms`), and
-//!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]).
+//!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]);
+//! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those.
 
 pub mod codec;
 pub mod committer;
@@ -330,8 +331,9 @@ pub struct Store {
     /// The [`Trees::generation`] in use.
     generation: AtomicU64,
     store_id: u32,
-    /// Written while exports are put back under their old (lower) sequence numbers, read while
-    /// the delivery loop scans; `rewound` then sends the next scan back to the head.
+    /// Written while exports are put back under their old (lower) sequence numbers or dropped,
+    /// read while the delivery loop starts requests; `rewound` then makes the loop read the
+    /// outbox again from its head (see [`Store::unless_rewound`]).
     rewind_lock: RwLock<()>,
     rewound: AtomicBool,
     /// The store's run time as this process counts it, from the last checkpoint on.
