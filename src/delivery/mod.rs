@@ -63,8 +63,9 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// At shutdown, outcomes are waited for this long beyond the request timeout; what is not
 /// recorded by then stays pending (sent again: at least once).
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// At most this many exports are read from the store per turn of the loop.
+/// At most this many exports are read from the store at once; fewer when the window is empty.
 const READ_CHUNK: usize = 2_048;
+const FIRST_READ: usize = 128;
 /// A wake-up even without commits: picks up expiries and anything missed.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -321,7 +322,10 @@ impl Deliverer {
         state.out_at_read = state.queue.out().clone();
         let (store, reads) = (Arc::clone(&self.store), reads.clone());
         let (generation, mut cursor) = (state.read_generation, state.cursor);
-        let limit = (MAX_HELD - held).min(READ_CHUNK);
+        // An empty window reads a little first, so that sending starts before a long read of
+        // a cold outbox is done.
+        let chunk = if held == 0 { FIRST_READ } else { READ_CHUNK };
+        let limit = (MAX_HELD - held).min(chunk);
         tokio::task::spawn_blocking(move || {
             let exports = store.read_pending(&mut cursor, limit);
             let _ = reads.send(Read {
