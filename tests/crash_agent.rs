@@ -17,11 +17,14 @@ use outpost::receiver::{Receiver, ReceiverOptions, Reply};
 use rand::Rng;
 use serde_json::json;
 
-const PROFILES: usize = 24;
-const VERSIONS: usize = 12;
-/// Kills while ingesting (the endpoint down, so the outbox fills), then while only delivering.
-const INGEST_KILLS: usize = 14;
-const DELIVERY_KILLS: usize = 10;
+/// The shape of one run: profiles × versions updates; kills while ingesting (the endpoint
+/// down, so the outbox fills), then while only delivering.
+struct Run {
+    profiles: usize,
+    versions: usize,
+    ingest_kills: usize,
+    delivery_kills: usize,
+}
 
 /// POSTs a batch of update lines to the agent's ingest API.
 async fn try_post(addr: std::net::SocketAddr, body: String) -> Result<(u16, String), String> {
@@ -51,6 +54,35 @@ fn expected_payload(p: usize, v: usize) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
+    run(Run {
+        profiles: 24,
+        versions: 12,
+        ingest_kills: 14,
+        delivery_kills: 10,
+    })
+    .await;
+}
+
+/// The same, 110 SIGKILLs long: `cargo test -- --ignored soak` (about half a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak test: minutes long; run with --ignored soak"]
+async fn soak_sigkills_while_ingesting_and_delivering() {
+    run(Run {
+        profiles: 60,
+        versions: 40,
+        ingest_kills: 60,
+        delivery_kills: 50,
+    })
+    .await;
+}
+
+async fn run(shape: Run) {
+    let Run {
+        profiles,
+        versions,
+        ingest_kills,
+        delivery_kills,
+    } = shape;
     let options = ReceiverOptions {
         token_lifetime: Duration::from_secs(2),
         fail_share: 0.15,
@@ -69,8 +101,8 @@ async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
     std::fs::write(&config, text).unwrap();
 
     // Batches of 6 updates; versions in order per profile.
-    let lines: Vec<String> = (0..VERSIONS)
-        .flat_map(|v| (0..PROFILES).map(move |p| version_line(p, v)))
+    let lines: Vec<String> = (0..versions)
+        .flat_map(|v| (0..profiles).map(move |p| version_line(p, v)))
         .collect();
     let batches: Vec<String> = lines.chunks(6).map(|c| c.join("\n")).collect();
     let mut next_batch = 0;
@@ -79,7 +111,7 @@ async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
     receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
         Reply::Status(503, vec![], "down".into())
     })));
-    for _ in 0..INGEST_KILLS {
+    for _ in 0..ingest_kills {
         let agent = start_agent(&config, addr).await;
         let kill_at = tokio::time::Instant::now() + Duration::from_millis(rng.gen_range(20..300));
         while next_batch < batches.len() && tokio::time::Instant::now() < kill_at {
@@ -98,7 +130,7 @@ async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
     receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
         Reply::Delay(Duration::from_millis(10))
     })));
-    for _ in 0..DELIVERY_KILLS {
+    for _ in 0..delivery_kills {
         let agent = start_agent(&config, addr).await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(20..250))).await;
         drop(agent); // SIGKILL while delivering
@@ -140,19 +172,19 @@ async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
         let (profile, version) = name.split_once("-v").unwrap();
         let (p, v): (usize, usize) = (profile[1..].parse().unwrap(), version.parse().unwrap());
         assert_eq!(payload, expected_payload(p, v));
-        let versions = seen.entry(profile.to_owned()).or_default();
-        if let Some(&last) = versions.last() {
+        let arrived = seen.entry(profile.to_owned()).or_default();
+        if let Some(&last) = arrived.last() {
             assert!(
                 v >= last,
                 "{profile}: version {v} arrived after version {last}"
             );
         }
-        versions.push(v);
+        arrived.push(v);
     }
-    for p in 0..PROFILES {
-        let mut versions = seen.remove(&format!("p{p}")).unwrap_or_default();
-        versions.dedup();
-        assert_eq!(versions, (0..VERSIONS).collect::<Vec<_>>(), "profile p{p}");
+    for p in 0..profiles {
+        let mut arrived = seen.remove(&format!("p{p}")).unwrap_or_default();
+        arrived.dedup();
+        assert_eq!(arrived, (0..versions).collect::<Vec<_>>(), "profile p{p}");
     }
     let out = Command::new(binary())
         .args(["outbox", "stats", "--json", "--config"])
@@ -165,4 +197,12 @@ async fn every_acknowledged_export_arrives_in_order_across_sigkills() {
         (Some(0), Some(0))
     );
     assert!(receiver.tokens_issued() >= 1);
+    let delivered = receiver.delivered().len();
+    println!(
+        "crash run: {} SIGKILLs ({ingest_kills} while ingesting, {delivery_kills} while delivering); {} updates acknowledged; {} exports expected, {delivered} deliveries (duplicates after kills included) of {} requests; 0 lost, 0 out of order",
+        ingest_kills + delivery_kills,
+        lines.len(),
+        profiles * versions,
+        receiver.export_requests().len(),
+    );
 }
