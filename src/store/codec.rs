@@ -102,12 +102,22 @@ fn format_of(bytes: &[u8]) -> Result<u8, CodecError> {
     bytes.first().copied().ok_or(CodecError::Empty)
 }
 
+/// The largest record decoded. bincode allocates what a length prefix claims before reading
+/// it, so without a limit a damaged prefix asks for more memory than exists (a panic) or than
+/// the host has; no stored value comes near this (an ingest body is at most 16 MiB).
+pub const DECODE_LIMIT: usize = 64 << 20;
+
+/// bincode's standard encoding, decoding at most [`DECODE_LIMIT`] bytes.
+pub fn decode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
 fn decode<T: Decode<()>>(expected: u8, bytes: &[u8]) -> Result<T, CodecError> {
     let (&format, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
     if format != expected {
         return Err(CodecError::UnknownFormat(format));
     }
-    let (value, used) = bincode::decode_from_slice(rest, bincode::config::standard())
+    let (value, used) = bincode::decode_from_slice(rest, decode_config())
         .map_err(|e| CodecError::Corrupt(e.to_string()))?;
     if used != rest.len() {
         return Err(CodecError::Corrupt(format!(
@@ -156,6 +166,21 @@ pub fn decode_clock(bytes: &[u8]) -> Result<ClockRecord, CodecError> {
 pub(crate) mod tests {
     use super::*;
     use crate::clock::Jump;
+
+    /// Regression (found by fuzzing `decode_records`): a length prefix claiming more than
+    /// memory holds was a panic ("capacity overflow"), not an error.
+    #[test]
+    fn a_huge_length_prefix_is_an_error_not_a_panic() {
+        for format in [EXPORT_V1, EXPORT_V2] {
+            // The format byte, then a varint length of u64::MAX for the first string field.
+            let mut bytes = vec![format, 0xFF];
+            bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+            assert!(decode_export(&bytes).is_err(), "format {format}");
+        }
+        let mut bytes = vec![PROFILE_V1, 0, 0xFF];
+        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(decode_profile(&bytes).is_err());
+    }
 
     pub(crate) fn sample_export() -> ExportRecord {
         ExportRecord {

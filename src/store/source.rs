@@ -98,9 +98,11 @@ fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
         detail,
     };
     match bytes.split_first() {
-        Some((&REJECTED_V1, rest)) => bincode::decode_from_slice(rest, bincode::config::standard())
-            .map(|(record, _)| record)
-            .map_err(|e| corrupt(e.to_string())),
+        Some((&REJECTED_V1, rest)) => {
+            bincode::decode_from_slice(rest, super::codec::decode_config())
+                .map(|(record, _)| record)
+                .map_err(|e| corrupt(e.to_string()))
+        }
         Some((format, _)) => Err(corrupt(format!("unknown format byte {format}"))),
         None => Err(corrupt("empty value".into())),
     }
