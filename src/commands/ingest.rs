@@ -32,22 +32,27 @@ fn partly_stored(error: CliError, stored: u64, count: u64) -> CliError {
     CliError::Failure(format!("{message}; {what}"))
 }
 
+/// Opens the input file, or for `-` standard input spooled to a temporary file, so that it can
+/// be read twice (once to validate every line, once to act on them).
+pub(super) fn open_input(path: &Path) -> Result<File, CliError> {
+    if path != Path::new("-") {
+        return File::open(path)
+            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())));
+    }
+    let mut spool = tempfile::tempfile()
+        .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut spool)
+        .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
+    Ok(spool)
+}
+
 /// Ingests a file, or stdin for `-` (spooled to a temporary file so it can be read twice).
 pub fn ingest_path(
     backend: &Backend,
     config: &Config,
     path: &Path,
 ) -> Result<BatchSummary, CliError> {
-    let mut file = if path == Path::new("-") {
-        let mut spool = tempfile::tempfile()
-            .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut spool)
-            .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
-        spool
-    } else {
-        File::open(path)
-            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?
-    };
+    let mut file = open_input(path)?;
     ingest_file(backend, config, &mut file)
 }
 

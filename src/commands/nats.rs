@@ -100,16 +100,7 @@ pub(super) async fn publish_path(
     }
     // Two passes, so that memory stays bounded and a bad line publishes nothing: the first
     // validates every line, the second publishes. Standard input is spooled to read it twice.
-    let mut file = if path == Path::new("-") {
-        let mut spool = tempfile::tempfile()
-            .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
-        std::io::copy(&mut std::io::stdin().lock(), &mut spool)
-            .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
-        spool
-    } else {
-        std::fs::File::open(path)
-            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?
-    };
+    let mut file = super::ingest::open_input(path)?;
     let rewind = |file: &mut std::fs::File| {
         file.rewind()
             .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
