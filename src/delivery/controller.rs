@@ -4,8 +4,9 @@
 //! - **Concurrency limit** (AIMD, as TCP's congestion window and Vector's adaptive
 //!   concurrency): once per measurement interval (about one round trip), the limit grows by one
 //!   if requests filled it, nothing pushed back and the mean round-trip time did not grow; it
-//!   is halved when something pushed back (429, 503, a timeout, a connection error); it shrinks
-//!   by a tenth when round trips clearly slow down. Always between 1 and the configured maximum.
+//!   is halved when something pushed back (503, a timeout, a connection error, or 429s that
+//!   are a share of the answers: see below); it shrinks by a tenth when round trips clearly
+//!   slow down. Always between 1 and the configured maximum.
 //! - **Request rate cap**: a concurrency limit alone cannot hold a rate limit on a fast link
 //!   (at one request in flight a loopback endpoint already gets thousands a second). When 429s
 //!   become a tenth of the answers (not a stray one, which only delays its own export), the
@@ -35,10 +36,12 @@ pub const MIN_RATE: f64 = 1.0;
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// The rate is capped only when at least this share of the last answers (up to [`SHARE_OF`]
 /// since the last cut) were 429s, and at least [`CAP_MIN_REFUSED`] of them: a few stray 429s
-/// are left to their own `Retry-After` (4% at random makes 20 of 200 a one-in-10^5 event), a
-/// rate limit shows as a share that grows.
+/// are left to their own `Retry-After`, a rate limit shows as a share that grows. Over 1,000
+/// answers, 4% of them 429 at random never reach a tenth (100 is 9.7 standard deviations
+/// above 40); only right after a start or a cut, while few answers count, can a cluster of
+/// stray 429s pass for a limit, which the tests bound.
 const CAP_AT_SHARE: f64 = 0.1;
-const SHARE_OF: usize = 200;
+const SHARE_OF: usize = 1000;
 const CAP_MIN_REFUSED: usize = 20;
 const RATE_BUCKETS: usize = 10;
 const RATE_GROWTH_EVERY: Duration = Duration::from_millis(100);
@@ -72,10 +75,6 @@ pub enum Signal {
 }
 
 impl Signal {
-    fn is_back_pressure(self) -> bool {
-        matches!(self, Signal::RateLimited | Signal::Overloaded)
-    }
-
     fn is_failure(self) -> bool {
         matches!(self, Signal::Overloaded | Signal::Failed)
     }
@@ -306,10 +305,14 @@ impl Controller {
             self.recent_429.pop_front();
         }
         self.recent_429.push_back(signal == Signal::RateLimited);
-        if signal == Signal::RateLimited && self.rate_limited() {
+        // A 429 pushes back only as part of a rate limit (a share of the answers): a stray one
+        // delays its own export, and halving the limit for each would keep it near 1.
+        let rate_limited = signal == Signal::RateLimited && self.rate_limited();
+        if rate_limited {
+            self.back_pressure = true;
             self.cut_rate(now);
         }
-        if signal.is_back_pressure() {
+        if signal == Signal::Overloaded {
             self.back_pressure = true;
         }
         self.track_down(now, sent_at, signal);
@@ -512,17 +515,22 @@ mod tests {
         assert!(!c.is_down());
         assert_eq!(c.rate_cap(), None, "503s and timeouts cap no rate");
 
-        // A 429 halves the limit too; a few of them cap no rate.
+        // A few 429s neither halve the limit nor cap the rate; 429s that go on do both.
         let mut c = Controller::new(config(64), now);
         let limits = drive(
             &mut c,
             &mut now,
-            1,
+            3,
             Duration::from_millis(5),
             Signal::RateLimited,
         );
-        assert_eq!(limits, [4]);
-        assert_eq!(c.rate_cap(), None);
+        // The 20th 429 comes in the third round, after that round's adjustment.
+        assert_eq!(limits, [8, 8, 8]);
+        assert_eq!(c.rate_cap(), Some(MIN_RATE), "nothing was accepted");
+        now += Duration::from_millis(10);
+        c.started(now);
+        c.answered(now + Duration::from_millis(5), now, Signal::Healthy);
+        assert_eq!(c.limit(), 4, "halved at the next adjustment");
     }
 
     #[test]
@@ -744,22 +752,59 @@ mod tests {
     }
 
     #[test]
-    fn stray_429s_among_healthy_answers_cap_no_rate() {
-        // 4% of answers 429 at random, as a flaky endpoint that is not rate-limiting.
-        let mut now = Instant::now();
-        let mut c = Controller::new(config(64), now);
-        for i in 0..100_000u64 {
-            c.started(now);
-            now += Duration::from_micros(30);
-            let refused = i % 25 == 7 || i % 997 == 0;
-            let signal = if refused {
-                Signal::RateLimited
-            } else {
-                Signal::Healthy
-            };
-            c.answered(now, now - Duration::from_micros(200), signal);
+    fn stray_429s_cost_little_of_the_rate() {
+        // An endpoint with no rate limit that answers 4% of requests 429 at random (clusters
+        // included) still gets nearly the rate of one that answers every request well; several
+        // seeds, 2 s each.
+        for seed in 0..3u64 {
+            let healthy = against_random_429s(0.0, seed);
+            let flaky = against_random_429s(0.04, seed);
+            assert!(
+                flaky.0 >= 0.9 * healthy.0,
+                "seed {seed}: {:.0}/s with stray 429s vs {:.0}/s without (cuts: {})",
+                flaky.0,
+                healthy.0,
+                flaky.1
+            );
         }
-        assert_eq!(c.rate_cap(), None);
+    }
+
+    /// Accepted requests a second against an endpoint without a limit that answers `share` of
+    /// requests 429 at random after 300 µs, and how often the rate cap was cut.
+    fn against_random_429s(share: f64, seed: u64) -> (f64, u32) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let rtt = Duration::from_micros(300);
+        let step = Duration::from_micros(100);
+        let seconds = 2;
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        let (mut now, mut accepted, mut cuts, mut last_cap) = (start, 0u64, 0u32, None);
+        let mut in_flight: Vec<Instant> = Vec::new();
+        while now < start + Duration::from_secs(seconds) {
+            let (due, rest): (Vec<Instant>, Vec<Instant>) =
+                in_flight.into_iter().partition(|&sent| sent + rtt <= now);
+            in_flight = rest;
+            for sent in due {
+                if rng.gen_bool(share) {
+                    c.answered(now, sent, Signal::RateLimited);
+                } else {
+                    accepted += 1;
+                    c.answered(now, sent, Signal::Healthy);
+                }
+                let cap = c.rate_cap();
+                if cap.is_some_and(|cap| last_cap.is_none_or(|last| cap < last)) {
+                    cuts += 1;
+                }
+                last_cap = cap;
+            }
+            for _ in 0..c.permits(now, usize::MAX) {
+                c.started(now);
+                in_flight.push(now);
+            }
+            now += step;
+        }
+        (accepted as f64 / seconds as f64, cuts)
     }
 
     #[test]
