@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::delivery::{Deliverer, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
-use crate::store::committer::Committer;
+use crate::store::committer::{CommitError, Committer};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +153,10 @@ impl Agent {
             ingest_state,
             shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(run_backfill(
+            committer.clone(),
+            shutdown.clone(),
+        )));
         let admin_state = Arc::new(admin::AdminState {
             store: Arc::clone(&store),
             committer,
@@ -261,5 +265,56 @@ pub async fn termination_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Between progress lines of a backfill in the log.
+const BACKFILL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
+/// updates go on between steps, and says in the log how far it is.
+async fn run_backfill(committer: Committer, shutdown: CancellationToken) {
+    let mut logged = tokio::time::Instant::now();
+    loop {
+        let step = tokio::select! {
+            () = shutdown.cancelled() => return,
+            step = committer.backfill_step() => step,
+        };
+        match step {
+            Ok(None) | Err(CommitError::Stopped) => return,
+            Ok(Some(progress)) if progress.done => {
+                tracing::info!(
+                    segments = ?progress.segments,
+                    scanned = progress.scanned,
+                    exported = progress.exported,
+                    "backfill done"
+                );
+                logged = tokio::time::Instant::now();
+            }
+            Ok(Some(progress)) => {
+                if logged.elapsed() >= BACKFILL_LOG_EVERY {
+                    tracing::info!(
+                        segments = ?progress.segments,
+                        scanned = progress.scanned,
+                        of = progress.profiles,
+                        exported = progress.exported,
+                        "backfilling"
+                    );
+                    logged = tokio::time::Instant::now();
+                }
+            }
+            Err(CommitError::Store(e)) => {
+                tracing::error!("the backfill stopped ({e}); it goes on at the next start");
+                return;
+            }
+            Err(e) => {
+                // A full disk or a store being reopened: the step wrote nothing; try again.
+                tracing::debug!(error = %e, "backfill step failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        }
     }
 }

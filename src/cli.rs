@@ -37,6 +37,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the agent: the ingest API, the delivery loop and the admin socket.
     ///
+    /// Segments added to the mapping since the last run are backfilled: each stored member
+    /// gets one export, in steps between updates (`outbox stats` shows how far it is).
+    ///
     /// Stops on SIGTERM or SIGINT after in-flight deliveries finish.
     ///
     /// Example: outpost run --config /etc/outpost/outpost.toml
@@ -66,6 +69,7 @@ pub enum Command {
     /// Ingest NDJSON updates (also a JSON array or one object) from a file or `-` for stdin.
     ///
     /// The input is validated whole before anything is stored: one bad line refuses it all.
+    /// Without a running agent, a backfill of newly mapped segments runs first.
     ///
     /// Example: outpost ingest --config outpost.toml data/sample-updates.ndjson
     Ingest {

@@ -64,6 +64,7 @@ impl Backend {
                 let started = std::time::Instant::now();
                 let mut mapping = config.mapping.clone();
                 store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
+                run_backfill(store, &mapping)?;
                 let summaries = store.apply_groups(&[updates], &mapping, Utc::now())?;
                 let decided = started.elapsed();
                 store.flush()?;
@@ -86,6 +87,25 @@ impl Backend {
             }
         }
     }
+}
+
+/// Runs a queued backfill to its end before the updates are applied, so that they are judged
+/// after it (as the agent's committer would order them).
+fn run_backfill(store: &Store, mapping: &crate::config::Mapping) -> Result<(), StoreError> {
+    while let Some(progress) =
+        store.backfill_step(mapping, crate::store::backfill::STEP_PROFILES, Utc::now())?
+    {
+        store.flush()?;
+        if progress.done {
+            tracing::info!(
+                segments = ?progress.segments,
+                scanned = progress.scanned,
+                exported = progress.exported,
+                "backfill done"
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {

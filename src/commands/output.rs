@@ -91,6 +91,29 @@ pub(super) fn print_stats(stats: &Value) {
     println!("store id         {}", text_of(&stats["store_id"]));
     println!("run time         {} s", text_of(&stats["run_time_s"]));
     println!("clock jumps      {}", describe_clock_jumps(stats));
+    if let Some(line) = describe_backfill(&stats["backfill"]) {
+        println!("backfill         {line}");
+    }
+}
+
+/// How far the backfill in progress is, from `outbox stats --json` (`None`: none running).
+fn describe_backfill(backfill: &Value) -> Option<String> {
+    let segments: Vec<&str> = backfill["segments"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let queued = match backfill["queued_after"].as_u64() {
+        Some(n) if n > 0 => format!("; {n} more queued"),
+        _ => String::new(),
+    };
+    Some(format!(
+        "{} of {} profiles scanned, {} exported, for newly mapped {}{queued}",
+        text_of(&backfill["scanned"]),
+        text_of(&backfill["profiles"]),
+        text_of(&backfill["exported"]),
+        segments.join(", "),
+    ))
 }
 
 /// "none noticed", or how many and the last one, from `outbox stats --json`.
@@ -157,5 +180,21 @@ fn truncate_chars(text: &str, max: usize) -> String {
         let mut cut: String = text.chars().take(max - 1).collect();
         cut.push('…');
         cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_running_backfill_is_described_and_none_is_left_out() {
+        let backfill = json!({"segments": ["s1", "s2"], "scanned": 2000, "exported": 12, "profiles": 9000, "queued_after": 1});
+        assert_eq!(
+            describe_backfill(&backfill).unwrap(),
+            "2000 of 9000 profiles scanned, 12 exported, for newly mapped s1, s2; 1 more queued"
+        );
+        assert_eq!(describe_backfill(&Value::Null), None);
     }
 }

@@ -1,11 +1,12 @@
-//! Keeping only the part of a profile the destination can hear about (pure).
+//! Keeping only the part of a profile the rules need (pure).
 //!
-//! The store keeps, for each profile, the mapped attributes, the mapped segments' entries and
-//! the mapped identity namespaces (all of `identityMap` when `identities` is empty). Every
+//! The store keeps, for each profile, the mapped attributes, every segment membership (mapped
+//! or not: a segment mapped later is backfilled from them, see `store::backfill`) and the
+//! mapped identity namespaces (all of `identityMap` when `identities` is empty). Every
 //! decision and payload reads only these, so pruning before the committer keeps its work,
 //! the store and the memory small. Pruning commutes with RFC 7386 merging, so a pruned merge
 //! patch applied to a pruned profile gives the pruned result of the full merge.
-//! A mapping widened later is judged against what is stored: the newly mapped parts count as
+//! An attribute or namespace mapped later is judged against what is stored: it counts as
 //! absent before (SPEC: "the next update of each profile is judged against what is stored").
 
 use serde_json::{Map, Value};
@@ -46,9 +47,7 @@ impl KeepTree {
             let keys: Vec<&str> = path.iter().map(String::as_str).collect();
             tree.insert(&keys);
         }
-        for segment in &mapping.segments {
-            tree.insert(&["segmentMembership", "ups", segment]);
-        }
+        tree.insert(&["segmentMembership", "ups"]);
         if mapping.identities.is_empty() {
             tree.insert(&["identityMap"]);
         } else {
@@ -100,7 +99,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_mapped_paths_subtrees_segments_and_namespaces() {
+    fn keeps_mapped_paths_subtrees_namespaces_and_every_segment() {
         let profile = json!({
             "person": {"name": {"firstName": "Jane", "lastName": "Doe"}, "gender": "female"},
             "mobilePhone": {"number": "1-408", "status": "active"},
@@ -113,7 +112,7 @@ mod tests {
             json!({
                 "person": {"name": {"firstName": "Jane"}},
                 "mobilePhone": {"number": "1-408", "status": "active"},
-                "segmentMembership": {"ups": {"s1": {"status": "realized"}}},
+                "segmentMembership": {"ups": {"s1": {"status": "realized"}, "s2": {"status": "existing"}}},
                 "identityMap": {"ecid": [{"id": "1"}]}
             })
         );
@@ -131,10 +130,10 @@ mod tests {
 
     #[test]
     fn non_objects_on_a_path_are_kept_for_merge_semantics() {
-        let patch = json!({"person": null, "segmentMembership": {"ups": {"s1": null, "s9": null}}, "x": null});
+        let patch = json!({"person": null, "segmentMembership": {"ups": {"s1": null, "s9": null}, "other": 1}, "x": null});
         assert_eq!(
             pruned(patch, &mapping()),
-            json!({"person": null, "segmentMembership": {"ups": {"s1": null}}})
+            json!({"person": null, "segmentMembership": {"ups": {"s1": null, "s9": null}}})
         );
     }
 

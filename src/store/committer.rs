@@ -1,14 +1,16 @@
 //! The single writer. Requests queue here; the committer thread takes every request waiting,
 //! applies them all in one transaction, flushes once, then answers each in arrival order
 //! (group commit). One writer means no transaction conflicts and commit order = ack order.
+//! Backfill steps (`store::backfill`) queue here too and run between groups.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::backfill::{BackfillProgress, STEP_PROFILES};
 use super::source::SourcePosition;
-use super::{BatchSummary, Store};
+use super::{BatchSummary, Store, StoreError};
 use crate::config::Mapping;
 use crate::profile::prune::KeepTree;
 use crate::profile::Update;
@@ -39,9 +41,16 @@ struct Job {
     reply: oneshot::Sender<Result<BatchSummary, CommitError>>,
 }
 
+type BackfillReply = oneshot::Sender<Result<Option<BackfillProgress>, CommitError>>;
+
+enum Request {
+    Commit(Job),
+    BackfillStep(BackfillReply),
+}
+
 #[derive(Clone)]
 pub struct Committer {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Request>,
     keep: Arc<KeepTree>,
 }
 
@@ -52,7 +61,7 @@ impl Committer {
         mapping: Arc<Mapping>,
         committed: Arc<Notify>,
     ) -> (Committer, std::thread::JoinHandle<()>) {
-        let (jobs, receiver) = mpsc::channel::<Job>(1024);
+        let (jobs, receiver) = mpsc::channel::<Request>(1024);
         let keep = Arc::new(KeepTree::for_mapping(&mapping));
         let handle = std::thread::Builder::new()
             .name("outpost-committer".into())
@@ -81,27 +90,82 @@ impl Committer {
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
+            .send(Request::Commit(Job {
                 updates,
                 position,
                 reply,
-            })
+            }))
+            .await
+            .map_err(|_| CommitError::Stopped)?;
+        answer.await.map_err(|_| CommitError::Stopped)?
+    }
+
+    /// Runs one step of the queued backfill, durably, between groups of updates; `None` when
+    /// no backfill is queued.
+    pub async fn backfill_step(&self) -> Result<Option<BackfillProgress>, CommitError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Request::BackfillStep(reply))
             .await
             .map_err(|_| CommitError::Stopped)?;
         answer.await.map_err(|_| CommitError::Stopped)?
     }
 }
 
-fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, committed: &Notify) {
-    while let Some(first) = receiver.blocking_recv() {
+fn commit_error(e: StoreError) -> CommitError {
+    if e.is_transient() {
+        tracing::debug!(error = %e, "commit failed");
+        CommitError::Unavailable(e.to_string())
+    } else {
+        tracing::error!(error = %e, "commit failed");
+        CommitError::Store(e.to_string())
+    }
+}
+
+fn backfill_step(
+    store: &Store,
+    mapping: &Mapping,
+    committed: &Notify,
+) -> Result<Option<BackfillProgress>, CommitError> {
+    let progress = store
+        .backfill_step(mapping, STEP_PROFILES, Utc::now())
+        .and_then(|progress| store.flush().map(|()| progress))
+        .map_err(commit_error)?;
+    if progress.is_some() {
+        committed.notify_one();
+    }
+    Ok(progress)
+}
+
+fn run(
+    mut receiver: mpsc::Receiver<Request>,
+    store: &Store,
+    mapping: &Mapping,
+    committed: &Notify,
+) {
+    // A backfill step that came while a group was being gathered runs after that group.
+    let mut held: Option<BackfillReply> = None;
+    loop {
+        if let Some(reply) = held.take() {
+            let _ = reply.send(backfill_step(store, mapping, committed));
+        }
+        let first = match receiver.blocking_recv() {
+            None => return,
+            Some(Request::BackfillStep(reply)) => {
+                held = Some(reply);
+                continue;
+            }
+            Some(Request::Commit(job)) => job,
+        };
         let mut total = first.updates.len();
         let mut jobs = vec![first];
-        while total < MAX_GROUP_UPDATES {
+        while total < MAX_GROUP_UPDATES && held.is_none() {
             match receiver.try_recv() {
-                Ok(job) => {
+                Ok(Request::Commit(job)) => {
                     total += job.updates.len();
                     jobs.push(job);
                 }
+                Ok(Request::BackfillStep(reply)) => held = Some(reply),
                 Err(_) => break,
             }
         }
@@ -132,13 +196,7 @@ fn run(mut receiver: mpsc::Receiver<Job>, store: &Store, mapping: &Mapping, comm
                 }
             }
             Err(e) => {
-                let error = if e.is_transient() {
-                    tracing::debug!(error = %e, "commit failed");
-                    CommitError::Unavailable(e.to_string())
-                } else {
-                    tracing::error!(error = %e, "commit failed");
-                    CommitError::Store(e.to_string())
-                };
+                let error = commit_error(e);
                 for job in jobs {
                     let _ = job.reply.send(Err(error.clone()));
                 }

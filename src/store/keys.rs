@@ -24,6 +24,8 @@ pub mod meta {
     pub const MAPPING: &[u8] = b"mapping";
     /// The [`ClockRecord`](crate::clock::ClockRecord): run time, last wall time, jumps.
     pub const CLOCK: &[u8] = b"clock";
+    /// The backfills to run (see `store::backfill`).
+    pub const BACKFILL: &[u8] = b"backfill";
 }
 
 #[cfg(test)]

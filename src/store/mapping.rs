@@ -3,8 +3,11 @@
 //! `mappingUpdatedAt` come from here.
 //!
 //! Value of `meta/mapping`: one format byte, then JSON `{segment id: {created_ms, updated_ms,
-//! entry}}`, `entry` being what the config said of the segment. Segments that left the mapping
-//! keep their record, so one mapped again keeps its first time.
+//! entry, mapped}}`, `entry` being what the config said of the segment and `mapped` whether
+//! the last run mapped it. Segments that left the mapping keep their record, so one mapped
+//! again keeps its first time. A segment mapped now that the last run did not map is
+//! backfilled (see `store::backfill`): recording the mapping and queuing its backfill are one
+//! atomic write.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +25,13 @@ pub struct RecordedSegment {
     pub updated_ms: i64,
     /// What the config said of the segment besides its id, as text to compare.
     pub entry: String,
+    /// Whether the last run mapped it (records written before this field: mapped).
+    #[serde(default = "mapped_by_default")]
+    pub mapped: bool,
+}
+
+fn mapped_by_default() -> bool {
+    true
 }
 
 /// The config's entry of `segment`, as text that changes when the entry does.
@@ -33,19 +43,24 @@ fn entry_of(mapping: &Mapping, segment: &str) -> String {
 }
 
 /// The records after running with `mapping` at `now_ms` (pure): new segments are created now,
-/// changed entries updated now, the rest kept.
+/// changed entries updated now, the rest kept, each marked mapped or not.
 pub fn updated_records(
     mut records: BTreeMap<String, RecordedSegment>,
     mapping: &Mapping,
     now_ms: i64,
 ) -> BTreeMap<String, RecordedSegment> {
+    for record in records.values_mut() {
+        record.mapped = false;
+    }
     for segment in &mapping.segments {
         let entry = entry_of(mapping, segment);
         match records.get_mut(segment) {
-            Some(record) if record.entry == entry => {}
             Some(record) => {
-                record.entry = entry;
-                record.updated_ms = now_ms;
+                record.mapped = true;
+                if record.entry != entry {
+                    record.entry = entry;
+                    record.updated_ms = now_ms;
+                }
             }
             None => {
                 records.insert(
@@ -54,12 +69,28 @@ pub fn updated_records(
                         created_ms: now_ms,
                         updated_ms: now_ms,
                         entry,
+                        mapped: true,
                     },
                 );
             }
         }
     }
     records
+}
+
+/// The segments of `mapping` that the last run (`before`) did not map: those to backfill.
+/// A store that recorded no mapping yet has nothing to backfill: whatever it holds was stored
+/// under this mapping, as far as anyone can tell.
+pub fn newly_mapped(before: &BTreeMap<String, RecordedSegment>, mapping: &Mapping) -> Vec<String> {
+    if before.is_empty() {
+        return Vec::new();
+    }
+    mapping
+        .segments
+        .iter()
+        .filter(|s| before.get(*s).is_none_or(|r| !r.mapped))
+        .cloned()
+        .collect()
 }
 
 impl Store {
@@ -78,15 +109,29 @@ impl Store {
         }
     }
 
-    /// Records that the store now runs with `mapping` (durably) and fills its
-    /// [`Mapping::mapped_at`] from the records.
+    /// Records that the store now runs with `mapping` (durably), queues the backfill of its
+    /// newly mapped segments in the same write, and fills [`Mapping::mapped_at`] from the
+    /// records.
     pub fn record_mapping(&self, mapping: &mut Mapping, now_ms: i64) -> Result<(), StoreError> {
         let before = self.mapping_records()?;
         let records = updated_records(before.clone(), mapping, now_ms);
         if records != before {
             let mut value = vec![MAPPING_V1];
             value.extend(serde_json::to_vec(&records).expect("records serialize"));
-            self.with(|t| Ok(t.meta.insert(meta::MAPPING, value)?))?;
+            let mut write = sled::Batch::default();
+            write.insert(meta::MAPPING, value);
+            let segments = newly_mapped(&before, mapping);
+            if !segments.is_empty() {
+                let profiles = self.trees()?.profiles.len() as u64;
+                let backfill = self.backfill_state()?.with_job(segments, profiles, now_ms);
+                tracing::info!(
+                    segments = ?backfill.jobs.last().map(|j| &j.segments),
+                    profiles,
+                    "newly mapped segments: their stored members will be exported (backfill)"
+                );
+                write.insert(meta::BACKFILL, backfill.encode());
+            }
+            self.with(|t| Ok(t.meta.apply_batch(write)?))?;
             self.flush()?;
         }
         mapping.mapped_at = mapping
@@ -129,12 +174,37 @@ mod tests {
             },
         );
         let second = updated_records(first.clone(), &mapping, 200);
-        assert_eq!(second["a"], first["a"], "kept for when it is mapped again");
+        assert_eq!(
+            (second["a"].created_ms, second["a"].updated_ms),
+            (100, 100),
+            "kept for when it is mapped again"
+        );
         assert_eq!((second["b"].created_ms, second["b"].updated_ms), (100, 200));
         assert_eq!((second["c"].created_ms, second["c"].updated_ms), (200, 200));
 
+        assert!(!second["a"].mapped && second["b"].mapped && second["c"].mapped);
+
         // The same mapping again changes nothing.
         assert_eq!(updated_records(second.clone(), &mapping, 300), second);
+    }
+
+    #[test]
+    fn segments_the_last_run_did_not_map_are_newly_mapped() {
+        let first = Mapping::new(&[], &["a", "b"], &[]);
+        let records = updated_records(BTreeMap::new(), &first, 100);
+        assert!(
+            newly_mapped(&BTreeMap::new(), &first).is_empty(),
+            "a store without a recorded mapping backfills nothing"
+        );
+        assert!(newly_mapped(&records, &first).is_empty());
+        // b leaves, c comes.
+        let second = Mapping::new(&[], &["a", "c"], &[]);
+        assert_eq!(newly_mapped(&records, &second), ["c"]);
+        let records = updated_records(records, &second, 200);
+        // b comes back: mapped again, backfilled again; its first time is kept.
+        let third = Mapping::new(&[], &["a", "b", "c"], &[]);
+        assert_eq!(newly_mapped(&records, &third), ["b"]);
+        assert_eq!(updated_records(records, &third, 300)["b"].created_ms, 100);
     }
 
     #[test]

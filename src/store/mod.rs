@@ -19,6 +19,7 @@
 //!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]);
 //! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those.
 
+pub mod backfill;
 pub mod codec;
 pub mod committer;
 pub mod keys;
@@ -283,6 +284,9 @@ pub struct OutboxStats {
     /// Wall-clock jumps noticed on this store.
     pub clock_jumps: u64,
     pub last_clock_jump: Option<ClockJumpReport>,
+    /// The backfill in progress (members of newly mapped segments being exported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<backfill::BackfillProgress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -565,6 +569,47 @@ fn read_tally(tree: &TransactionalTree) -> TxResult<Tally> {
 fn write_tally(tree: &TransactionalTree, tally: Tally) -> TxResult<()> {
     tree.insert(meta::TALLY, &tally.to_bytes())?;
     Ok(())
+}
+
+/// A new pending export, encoded.
+fn new_export(
+    profile_id: &str,
+    reason: Reason,
+    payload: &Value,
+    created_at_ms: i64,
+    queued_at_uptime_ms: u64,
+) -> Vec<u8> {
+    codec::encode_export(&ExportRecord {
+        profile_id: profile_id.to_owned(),
+        reason: reason.code(),
+        payload: payload.to_string(),
+        created_at_ms,
+        queued_at_ms: created_at_ms,
+        queued_at_uptime_ms,
+        attempts: 0,
+        last_error: None,
+        last_attempt_at_ms: None,
+        dead_at_ms: None,
+    })
+}
+
+/// Appends encoded exports to the outbox under the next sequence numbers, counting them in
+/// the tally; returns the next sequence number after them.
+fn append_exports(
+    outbox: &TransactionalTree,
+    meta_tx: &TransactionalTree,
+    exports: &[Vec<u8>],
+) -> TxResult<u64> {
+    let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+    let mut tally = read_tally(meta_tx)?;
+    for value in exports {
+        tally.count(Place::Pending, value.len(), 1);
+        outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
+        next_seq += 1;
+    }
+    write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+    write_tally(meta_tx, tally)?;
+    Ok(next_seq)
 }
 
 fn stored_from_record(id: &str, record: ProfileRecord) -> Result<StoredProfile, StoreError> {
@@ -1004,18 +1049,13 @@ impl Store {
                     StoreAction::Remove => (*version, *dirty) = (None, true),
                 }
                 if let Some((reason, payload)) = applied.export {
-                    exports.push(codec::encode_export(&ExportRecord {
-                        profile_id: update.id.clone(),
-                        reason: reason.code(),
-                        payload: payload.to_string(),
+                    exports.push(new_export(
+                        &update.id,
+                        reason,
+                        &payload,
                         created_at_ms,
-                        queued_at_ms: created_at_ms,
                         queued_at_uptime_ms,
-                        attempts: 0,
-                        last_error: None,
-                        last_attempt_at_ms: None,
-                        dead_at_ms: None,
-                    }));
+                    ));
                     summary.exports += 1;
                     summary.by_reason[reason.code() as usize] += 1;
                 }
@@ -1046,22 +1086,13 @@ impl Store {
             Ok(
                 trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
                     source::write(positions, rejected, &consumed)?;
-                    let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
-                    let mut tally = read_tally(meta_tx)?;
                     for (id, value) in &writes {
                         match value {
                             Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
                             None => profiles.remove(id.as_bytes())?,
                         };
                     }
-                    for value in &exports {
-                        tally.count(Place::Pending, value.len(), 1);
-                        outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
-                        next_seq += 1;
-                    }
-                    write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
-                    write_tally(meta_tx, tally)?;
-                    Ok(next_seq)
+                    append_exports(outbox, meta_tx, &exports)
                 })?,
             )
         })?;
@@ -1194,6 +1225,7 @@ impl Store {
                 by_s: clock::whole_seconds(j.by_ms),
                 noticed_at: format_ms(j.noticed_at_ms),
             }),
+            backfill: self.backfill_progress()?,
         })
     }
 

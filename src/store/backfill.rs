@@ -1,0 +1,280 @@
+//! Backfill: when a segment joins the mapping, each stored profile that is a member of it gets
+//! one export (reason `segment`), as Adobe's destination does (SPEC "When an update produces
+//! an export"). The store keeps every segment membership, mapped or not, for this.
+//!
+//! Value of `meta/backfill`: one format byte, then JSON `{"jobs": [...]}`, each job
+//! `{segments, after, scanned, exported, profiles, queued_ms}`: the segments to backfill, the
+//! last profile id scanned (`null`: none yet), how many profiles were scanned and exported so
+//! far, and how many were stored when the job was queued (for progress).
+//!
+//! Invariants:
+//! - a job is queued in the same write that records the mapping that made it
+//!   (`Store::record_mapping`), so no kill can record the mapping and lose the job;
+//! - a step scans the next profiles after `after` in key order and writes their exports and
+//!   the advanced job in one transaction: a kill at any instant neither repeats nor skips a
+//!   profile;
+//! - steps run where updates are applied (the committer thread, or `outpost ingest` before
+//!   its first chunk), never at the same time as an update: a step reads the versions the
+//!   updates before it left, and an update after it is judged against the same, so each
+//!   profile's exports stay in order;
+//! - a job's segments that have left the mapping by the time a step runs are skipped.
+
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sled::Transactional;
+
+use super::keys::meta;
+use super::{append_exports, codec, new_export, stored_from_record, Store, StoreError};
+use crate::config::Mapping;
+use crate::profile::change::is_member;
+use crate::profile::export::project;
+use crate::profile::update::format_time;
+use crate::profile::Reason;
+
+const BACKFILL_V1: u8 = 1;
+
+/// Profiles a step scans: small enough that updates waiting behind a step wait a few
+/// milliseconds, large enough that the transaction and flush per step are a small share.
+pub const STEP_PROFILES: usize = 1_000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillState {
+    pub jobs: Vec<BackfillJob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillJob {
+    pub segments: Vec<String>,
+    /// The last profile id scanned.
+    pub after: Option<String>,
+    pub scanned: u64,
+    pub exported: u64,
+    /// Profiles stored when the job was queued.
+    pub profiles: u64,
+    pub queued_ms: i64,
+}
+
+impl BackfillState {
+    /// The state with one more job, run after those already queued.
+    pub fn with_job(mut self, segments: Vec<String>, profiles: u64, now_ms: i64) -> Self {
+        self.jobs.push(BackfillJob {
+            segments,
+            after: None,
+            scanned: 0,
+            exported: 0,
+            profiles,
+            queued_ms: now_ms,
+        });
+        self
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut value = vec![BACKFILL_V1];
+        value.extend(serde_json::to_vec(self).expect("the backfill state serializes"));
+        value
+    }
+
+    fn decode(bytes: &[u8]) -> Result<BackfillState, StoreError> {
+        match bytes.split_first() {
+            Some((&BACKFILL_V1, json)) => serde_json::from_slice(json)
+                .map_err(|e| StoreError::corrupt("the backfill state", e)),
+            Some((&format, _)) => Err(StoreError::corrupt(
+                "the backfill state",
+                format!("unknown format byte {format}"),
+            )),
+            None => Err(StoreError::corrupt("the backfill state", "empty value")),
+        }
+    }
+}
+
+/// How far the backfill is, after a step or for `outbox stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackfillProgress {
+    pub segments: Vec<String>,
+    pub scanned: u64,
+    pub exported: u64,
+    /// Profiles stored when the job was queued.
+    pub profiles: u64,
+    /// Whether the job in progress is finished (set only on the answer of its last step).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    /// Jobs queued behind this one.
+    pub queued_after: usize,
+}
+
+impl BackfillProgress {
+    fn of(job: &BackfillJob, queued_after: usize) -> BackfillProgress {
+        BackfillProgress {
+            segments: job.segments.clone(),
+            scanned: job.scanned,
+            exported: job.exported,
+            profiles: job.profiles,
+            done: false,
+            queued_after,
+        }
+    }
+}
+
+/// The payload a stored profile gets from a backfill of `segments`, if it is a member of one
+/// of them that is still mapped (pure).
+pub fn backfill_payload(
+    profile: &Value,
+    segments: &[String],
+    mapping: &Mapping,
+    time: &str,
+) -> Option<Value> {
+    let member = segments
+        .iter()
+        .any(|s| mapping.segments.contains(s) && is_member(profile, s));
+    member.then(|| project(profile, profile, mapping, time))
+}
+
+impl Store {
+    pub fn backfill_state(&self) -> Result<BackfillState, StoreError> {
+        match self.with(|t| Ok(t.meta.get(meta::BACKFILL)?))? {
+            None => Ok(BackfillState::default()),
+            Some(bytes) => BackfillState::decode(&bytes),
+        }
+    }
+
+    /// The backfill in progress, if any.
+    pub fn backfill_progress(&self) -> Result<Option<BackfillProgress>, StoreError> {
+        let state = self.backfill_state()?;
+        Ok(state
+            .jobs
+            .first()
+            .map(|job| BackfillProgress::of(job, state.jobs.len() - 1)))
+    }
+
+    /// Runs one step of the first queued backfill: scans up to `max_profiles` profiles and
+    /// queues the exports of the members found, with the job's progress, in one transaction.
+    /// `None` when nothing is queued. Not durable until [`Store::flush`].
+    pub fn backfill_step(
+        &self,
+        mapping: &Mapping,
+        max_profiles: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Option<BackfillProgress>, StoreError> {
+        let mut state = self.backfill_state()?;
+        let Some(mut job) = state.jobs.first().cloned() else {
+            return Ok(None);
+        };
+        let still_mapped = job.segments.iter().any(|s| mapping.segments.contains(s));
+        let scanned: Vec<(sled::IVec, sled::IVec)> = if still_mapped {
+            self.with(|t| {
+                let from = match &job.after {
+                    Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
+                    None => Bound::Unbounded,
+                };
+                Ok(t.profiles
+                    .range::<Vec<u8>, _>((from, Bound::Unbounded))
+                    .take(max_profiles)
+                    .collect::<Result<_, _>>()?)
+            })?
+        } else {
+            Vec::new()
+        };
+        let time = format_time(now);
+        let created_at_ms = now.timestamp_millis();
+        let queued_at_uptime_ms = self.run_clock.uptime_ms();
+        let mut exports = Vec::new();
+        for (key, value) in &scanned {
+            let id = String::from_utf8_lossy(key);
+            let stored = codec::decode_profile(value)
+                .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))
+                .and_then(|record| stored_from_record(&id, record));
+            match stored {
+                Ok(stored) => {
+                    if let Some(payload) =
+                        backfill_payload(&stored.profile, &job.segments, mapping, &time)
+                    {
+                        exports.push(new_export(
+                            &id,
+                            Reason::Segment,
+                            &payload,
+                            created_at_ms,
+                            queued_at_uptime_ms,
+                        ));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(profile = %id, "backfill skips an unreadable profile: {e}")
+                }
+            }
+        }
+        job.scanned += scanned.len() as u64;
+        job.exported += exports.len() as u64;
+        if let Some((last, _)) = scanned.last() {
+            job.after = Some(String::from_utf8_lossy(last).into_owned());
+        }
+        let done = scanned.len() < max_profiles;
+        let mut progress = BackfillProgress::of(&job, state.jobs.len() - 1);
+        progress.done = done;
+        if done {
+            state.jobs.remove(0);
+        } else {
+            state.jobs[0] = job;
+        }
+        let value = state.encode();
+        let next_seq = self.with(|t| {
+            Ok((&t.outbox, &t.meta).transaction(|(outbox, meta_tx)| {
+                let next_seq = append_exports(outbox, meta_tx, &exports)?;
+                meta_tx.insert(meta::BACKFILL, value.as_slice())?;
+                Ok(next_seq)
+            })?)
+        })?;
+        self.written_next.fetch_max(next_seq, Ordering::SeqCst);
+        Ok(Some(progress))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn members_of_a_still_mapped_segment_get_their_payload() {
+        let mapping = Mapping::new(&["person.name"], &["old", "new"], &[]);
+        let segments = vec!["new".to_owned(), "gone".to_owned()];
+        let member = json!({
+            "person": {"name": "Jane"},
+            "segmentMembership": {"ups": {
+                "new": {"status": "existing"},
+                "gone": {"status": "realized"},
+                "unmapped": {"status": "realized"}
+            }}
+        });
+        assert_eq!(
+            backfill_payload(&member, &segments, &mapping, "t"),
+            Some(json!({
+                "person": {"name": "Jane"},
+                "segmentMembership": {"ups": {"new": {"status": "existing"}}}
+            }))
+        );
+        for not_member in [
+            json!({"segmentMembership": {"ups": {"new": {"status": "exited"}}}}),
+            json!({"segmentMembership": {"ups": {"old": {"status": "realized"}}}}),
+            json!({"segmentMembership": {"ups": {"gone": {"status": "realized"}}}}),
+            json!({}),
+        ] {
+            assert_eq!(
+                backfill_payload(&not_member, &segments, &mapping, "t"),
+                None,
+                "{not_member}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_state_reads_back_and_bad_bytes_are_named() {
+        let state = BackfillState::default().with_job(vec!["s".into()], 3, 7);
+        assert_eq!(BackfillState::decode(&state.encode()).unwrap(), state);
+        let error = BackfillState::decode(&[9, b'{']).unwrap_err().to_string();
+        assert!(error.contains("backfill state"), "{error}");
+    }
+}

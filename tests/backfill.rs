@@ -1,0 +1,253 @@
+//! Backfill (SPEC "When an update produces an export"): a segment added to the mapping gets
+//! one export (reason `segment`) for each stored profile that is a member of it, also when
+//! the agent is killed while the backfill runs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::agent_process::{free_port, AgentProcess};
+use common::*;
+use outpost::config::Config;
+use outpost::profile::update::parse_body;
+use outpost::profile::Reason;
+use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::store::{ListFilter, Store};
+use rand::Rng;
+use serde_json::json;
+
+/// An update of `id` with these segment statuses (`None`: no entry).
+fn line(id: &str, a: Option<&str>, b: Option<&str>) -> String {
+    let mut ups = serde_json::Map::new();
+    for (segment, status) in [(SEGMENT_A, a), (SEGMENT_B, b)] {
+        if let Some(status) = status {
+            ups.insert(
+                segment.into(),
+                json!({"status": status, "lastQualificationTime": "2026-01-01T00:00:00Z"}),
+            );
+        }
+    }
+    json!({
+        "id": id,
+        "timestamp": "2026-01-01T00:00:00Z",
+        "profile": {
+            "person": {"name": {"firstName": id}},
+            "identityMap": {"ecid": [{"id": format!("ecid-{id}")}]},
+            "segmentMembership": {"ups": ups}
+        }
+    })
+    .to_string()
+}
+
+/// `config_text` with `mapping.segments` set to `segments`.
+fn with_segments(config_text: &str, segments: &[&str]) -> String {
+    let all = format!("segments = [\"{SEGMENT_A}\", \"{SEGMENT_B}\"]");
+    assert!(config_text.contains(&all));
+    let list: Vec<String> = segments.iter().map(|s| format!("\"{s}\"")).collect();
+    config_text.replace(&all, &format!("segments = [{}]", list.join(", ")))
+}
+
+fn load(dir: &std::path::Path, name: &str, text: &str) -> Config {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+#[tokio::test]
+async fn a_newly_mapped_segment_exports_its_stored_members_once() {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = receiver.base_url();
+    let text = agent_config_text(&base, &oauth_body(&base), "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let a_and_b = load(dir.path(), "ab.toml", &text);
+
+    // Mapped: A. Stored: memberships of B too.
+    let agent = start_agent(&only_a).await;
+    let lines = [
+        line("both", Some("realized"), Some("realized")),
+        line("b-only", None, Some("existing")),
+        line("b-exited", Some("realized"), Some("exited")),
+        line("a-only", Some("realized"), None),
+        line("none", None, None),
+    ];
+    let (status, body) = http_post(agent.listen_addr, "/v1/updates", lines.join("\n"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    wait_drained(&agent, &receiver, 3).await;
+    agent.stop().await.unwrap();
+    assert_eq!(receiver.delivered().len(), 3);
+
+    // B joins the mapping: its two stored members get one export each.
+    let agent = start_agent(&a_and_b).await;
+    wait_drained(&agent, &receiver, 5).await;
+    wait_until(10, "the backfill to finish", || {
+        agent.store.backfill_progress().unwrap().is_none()
+    })
+    .await;
+    let delivered = receiver.delivered();
+    let backfilled: HashMap<String, serde_json::Value> = delivered[3..]
+        .iter()
+        .map(|r| {
+            let payload = r.json().unwrap();
+            (profile_of(&payload), payload)
+        })
+        .collect();
+    let b_entry =
+        |status: &str| json!({"status": status, "lastQualificationTime": "2026-01-01T00:00:00Z"});
+    assert_eq!(backfilled.len(), 2, "{backfilled:?}");
+    assert_eq!(
+        backfilled["b-only"]["segmentMembership"]["ups"],
+        json!({ SEGMENT_B: b_entry("existing") })
+    );
+    assert_eq!(
+        backfilled["both"]["segmentMembership"]["ups"],
+        json!({ SEGMENT_A: b_entry("realized"), SEGMENT_B: b_entry("realized") })
+    );
+    assert_eq!(
+        agent.store.stats(Utc::now()).unwrap().backfill,
+        None,
+        "outbox stats shows no backfill once it is done"
+    );
+    agent.stop().await.unwrap();
+
+    // The same mapping again: nothing to backfill.
+    let agent = start_agent(&a_and_b).await;
+    assert!(agent.store.backfill_state().unwrap().jobs.is_empty());
+    agent.stop().await.unwrap();
+    assert_eq!(receiver.delivered().len(), 5);
+}
+
+/// Stores `profiles` profiles under `mapping` (every third a member of B, none of A), through
+/// the same apply path the committer uses.
+fn store_profiles(config: &Config, profiles: usize) -> usize {
+    let store = Store::open(&config.storage.path, config.storage.cache_bytes).unwrap();
+    let mut mapping = config.mapping.clone();
+    store
+        .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+        .unwrap();
+    let keep = outpost::profile::prune::KeepTree::for_mapping(&mapping);
+    let mut members = 0;
+    for chunk in (0..profiles).collect::<Vec<_>>().chunks(2_000) {
+        let body: Vec<String> = chunk
+            .iter()
+            .map(|&i| {
+                let member = i % 3 == 0;
+                members += usize::from(member);
+                line(&format!("p{i:06}"), None, member.then_some("realized"))
+            })
+            .collect();
+        let mut updates = parse_body(body.join("\n").as_bytes()).unwrap();
+        for update in &mut updates {
+            keep.prune(&mut update.profile);
+        }
+        store
+            .apply_groups(&[&updates], &mapping, Utc::now())
+            .unwrap();
+        store.flush().unwrap();
+    }
+    assert_eq!(store.tally().unwrap().pending, 0, "B is not mapped yet");
+    members
+}
+
+/// The exports of each profile in the outbox; every one must be a `segment` export.
+fn segment_exports_per_profile(store: &Store) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for export in store.list(&ListFilter::default()).unwrap() {
+        assert_eq!(export.record.reason, Reason::Segment.code());
+        *counts.entry(export.record.profile_id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_killed_at_random_instants_neither_repeats_nor_misses_a_member() {
+    let dir = tempfile::tempdir().unwrap();
+    // The destination is down (nothing listens there): every export stays in the outbox.
+    let port = free_port();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let members = store_profiles(&only_a, 30_000);
+    let a_and_b = dir.path().join("ab.toml");
+    std::fs::write(&a_and_b, &text).unwrap();
+
+    let mut rng = rand::thread_rng();
+    let mut killed_mid_backfill = 0;
+    for _ in 0..6 {
+        let mut agent =
+            AgentProcess::start_with_env(&a_and_b, port, &[("OUTPOST_LOG", "warn")]).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+        agent
+            .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
+            .await;
+        drop(agent);
+        let store = open_when_released(&dir.path().join("store")).await;
+        let progress = store.backfill_progress().unwrap();
+        if progress.as_ref().is_some_and(|p| p.scanned > 0) {
+            killed_mid_backfill += 1;
+        }
+        if progress.is_none() {
+            break;
+        }
+    }
+    // One last run to the end.
+    let mut agent = AgentProcess::start_with_env(&a_and_b, port, &[("OUTPOST_LOG", "warn")]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = std::process::Command::new(binary())
+            .args([
+                "--config",
+                a_and_b.to_str().unwrap(),
+                "outbox",
+                "stats",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if stats.get("backfill").is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backfill still at {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.terminate().await;
+    drop(agent);
+
+    let store = open_when_released(&dir.path().join("store")).await;
+    let counts = segment_exports_per_profile(&store);
+    assert!(
+        killed_mid_backfill > 0,
+        "no kill landed while the backfill ran: the test shows nothing"
+    );
+    assert_eq!(counts.len(), members, "every member of B once");
+    assert!(counts.values().all(|&n| n == 1), "no member twice");
+    assert!(
+        counts
+            .keys()
+            .all(|id| id[1..].parse::<usize>().unwrap() % 3 == 0),
+        "only members"
+    );
+}
+
+/// Opens the store once the killed agent's lock is gone.
+async fn open_when_released(path: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(path, 8 << 20) {
+            Ok(store) => return store,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
