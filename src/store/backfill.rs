@@ -27,8 +27,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sled::Transactional;
 
+use super::export::{append_exports, new_export};
 use super::keys::meta;
-use super::{append_exports, codec, new_export, stored_from_record, Store, StoreError};
+use super::profiles::stored_from_record;
+use super::{codec, Store, StoreError};
 use crate::config::Mapping;
 use crate::profile::change::is_member;
 use crate::profile::export::project;

@@ -8,7 +8,8 @@
 use sled::Transactional;
 
 use super::codec::{self, ExportRecord};
-use super::{keys, read_tally, write_tally, Place, Store, StoreError};
+use super::tally::{read_tally, write_tally};
+use super::{keys, Place, Store, StoreError};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

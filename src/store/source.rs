@@ -11,7 +11,8 @@
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
 
-use super::{abort, Store, StoreError, TxResult};
+use super::error::{abort, TxResult};
+use super::{Store, StoreError};
 
 /// The format byte of a [`RejectedRecord`] value.
 pub const REJECTED_V1: u8 = 1;

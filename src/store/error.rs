@@ -1,0 +1,95 @@
+//! Store errors, worded for the person who reads them: a locked store, a full disk, a corrupt
+//! record (named by its key), a store format this build does not read.
+
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::open::FORMAT_VERSION;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {0} is in use by another process (is `outpost run` running on it?)")]
+    Locked(PathBuf),
+    #[error("{}", open_message(.path, .source))]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "the store at {path} has format {found}, this outpost reads formats 1 to {FORMAT_VERSION}"
+    )]
+    Format { path: PathBuf, found: u64 },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: cannot sync to disk: {0}")]
+    Sync(std::io::Error),
+    #[error("store: corrupt {what}: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error(
+        "the stored version of profile `{id}` is unreadable ({detail}); its updates are refused \
+         until `outpost repair` forgets it (`outpost check --store` lists unreadable records)"
+    )]
+    UnreadableProfile { id: String, detail: String },
+    /// The disk holding the store is full: sled fails every write until the store is
+    /// reopened, which [`Store::recover`](super::Store::recover) does once there is room again.
+    #[error("no space left on device for the store at {0}")]
+    NoSpace(PathBuf),
+    /// Another I/O error from the disk; the store is reopened as after a full disk.
+    #[error("I/O error on the store at {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+    /// The store is being reopened after an I/O error.
+    #[error("the store at {0} is being reopened after an I/O error")]
+    Reopening(PathBuf),
+}
+
+/// An I/O error as people read it: sled passes some on wrapped in their debug form.
+pub(super) fn io_detail(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+        None if e.get_ref().is_some() => format!("{:?} error", e.kind()),
+        None => e.to_string(),
+    }
+}
+
+/// Whether an I/O error means the disk (or the user's quota on it) is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
+    // ENOSPC, EDQUOT
+}
+
+/// What to do when the store cannot be opened, where [`crate::explain`] knows; else the error.
+pub(super) fn open_message(path: &Path, source: &sled::Error) -> String {
+    crate::explain::store_open(path, source)
+        .unwrap_or_else(|| format!("cannot open the store at {}: {source}", path.display()))
+}
+
+impl StoreError {
+    /// Whether the error is passing: the disk is full or was, and the store comes back by
+    /// itself once there is room (callers answer 503 with `Retry-After`).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::NoSpace(_) | StoreError::Io { .. } | StoreError::Reopening(_)
+        )
+    }
+
+    pub(super) fn corrupt(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+pub(super) fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}

@@ -1,0 +1,347 @@
+//! Exports: their ids, how new ones are numbered and appended to the outbox, and how the
+//! outbox is read: in order from a cursor for delivery, by id or listed for people, and changed
+//! one at a time by the CLI (`outbox retry|drop`).
+//!
+//! `outbox` and `dead`: key = the sequence number, big-endian u64 (so key order is number
+//! order); value = an [`ExportRecord`] (`codec`: format byte + bincode). An export keeps its
+//! number, and so its id `<store id>-<sequence>`, for life, also in `dead` and back.
+//! `meta/next_seq` (big-endian u64) is the number the next export gets; it only grows.
+
+use std::sync::atomic::Ordering;
+
+use chrono::{TimeZone, Utc};
+use serde_json::Value;
+use sled::transaction::TransactionalTree;
+use sled::Transactional;
+
+use super::codec::{self, ExportRecord};
+use super::error::{abort, StoreError, TxResult};
+use super::keys::{self, meta};
+use super::tally::{read_tally, read_u64, write_tally, write_u64, Place};
+use super::unreadable::{unreadable_record, UNREADABLE};
+use super::Store;
+use crate::profile::Reason;
+
+/// The id of an export, as sent in `Idempotency-Key`: `<store id>-<sequence>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExportId {
+    pub store: u32,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for ExportId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}-{}", self.store, self.seq)
+    }
+}
+
+impl std::str::FromStr for ExportId {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{text}` is not an export id (like 3fa2c1d0-42)");
+        let (store, seq) = text.split_once('-').ok_or_else(bad)?;
+        if store.len() != 8 {
+            return Err(bad());
+        }
+        Ok(ExportId {
+            store: u32::from_str_radix(store, 16).map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// An export as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    pub id: ExportId,
+    pub dead: bool,
+    pub record: ExportRecord,
+}
+
+impl Export {
+    /// The object `outbox list --json` and `outbox show --json` print.
+    pub fn to_json(&self) -> Value {
+        let r = &self.record;
+        let payload: Value =
+            serde_json::from_str(&r.payload).unwrap_or(Value::String(r.payload.clone()));
+        serde_json::json!({
+            "id": self.id.to_string(),
+            "profile_id": r.profile_id,
+            "reason": r.reason().as_str(),
+            "payload": payload,
+            "attempts": r.attempts,
+            "created_at": format_ms(r.created_at_ms),
+            "last_attempt_at": r.last_attempt_at_ms.map(format_ms),
+            "last_error": r.last_error,
+            "dead": self.dead,
+            "dead_at": r.dead_at_ms.map(format_ms),
+        })
+    }
+}
+
+pub fn format_ms(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Which exports `list` returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub dead: bool,
+    pub profile_id: Option<String>,
+    /// 0: all.
+    pub limit: usize,
+}
+
+/// A new pending export, encoded.
+pub(super) fn new_export(
+    profile_id: &str,
+    reason: Reason,
+    payload: &Value,
+    created_at_ms: i64,
+    queued_at_uptime_ms: u64,
+) -> Vec<u8> {
+    codec::encode_export(&ExportRecord {
+        profile_id: profile_id.to_owned(),
+        reason: reason.code(),
+        payload: payload.to_string(),
+        created_at_ms,
+        queued_at_ms: created_at_ms,
+        queued_at_uptime_ms,
+        attempts: 0,
+        last_error: None,
+        last_attempt_at_ms: None,
+        dead_at_ms: None,
+    })
+}
+
+/// Appends encoded exports to the outbox under the next sequence numbers, counting them in
+/// the tally; returns the next sequence number after them.
+pub(super) fn append_exports(
+    outbox: &TransactionalTree,
+    meta_tx: &TransactionalTree,
+    exports: &[Vec<u8>],
+) -> TxResult<u64> {
+    let mut next_seq = read_u64(meta_tx, meta::NEXT_SEQ)?;
+    let mut tally = read_tally(meta_tx)?;
+    for value in exports {
+        tally.count(Place::Pending, value.len(), 1);
+        outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
+        next_seq += 1;
+    }
+    write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
+    write_tally(meta_tx, tally)?;
+    Ok(next_seq)
+}
+
+impl Store {
+    pub(super) fn decode_export(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        dead: bool,
+    ) -> Result<Export, StoreError> {
+        let seq = keys::seq_from_key(key)
+            .ok_or_else(|| StoreError::corrupt("export key", format!("{key:?}")))?;
+        let record = codec::decode_export(value)
+            .map_err(|e| StoreError::corrupt(format!("export {seq}"), e))?;
+        Ok(Export {
+            id: self.export_id(seq),
+            dead,
+            record,
+        })
+    }
+
+    /// [`Store::decode_export`] for people reading the outbox (`outbox list`, `show`,
+    /// `stats`): an unreadable record under an export key reads as the dead letter
+    /// [`unreadable_record`] it becomes (nothing is written here), so one bad record does not
+    /// hide the others.
+    pub(super) fn decode_export_for_people(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        dead: bool,
+    ) -> Result<Export, StoreError> {
+        match (
+            self.decode_export(key, value, dead),
+            keys::seq_from_key(key),
+        ) {
+            (Err(e), Some(seq)) => Ok(Export {
+                id: self.export_id(seq),
+                dead,
+                record: unreadable_record(value, &e.to_string(), 0),
+            }),
+            (result, _) => result,
+        }
+    }
+
+    /// The export with this id, pending or dead.
+    pub fn export(&self, id: ExportId) -> Result<Option<Export>, StoreError> {
+        if id.store != self.store_id {
+            return Ok(None);
+        }
+        let key = keys::seq_key(id.seq);
+        self.with(|t| {
+            for (tree, dead) in [(&t.outbox, false), (&t.dead, true)] {
+                if let Some(value) = tree.get(key)? {
+                    return self.decode_export_for_people(&key, &value, dead).map(Some);
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    /// Exports oldest first, pending or (with `filter.dead`) dead.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Export>, StoreError> {
+        let t = self.trees()?;
+        let tree = if filter.dead { &t.dead } else { &t.outbox };
+        let limit = if filter.limit == 0 {
+            usize::MAX
+        } else {
+            filter.limit
+        };
+        let mut exports = Vec::new();
+        for item in tree.iter() {
+            if exports.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
+            let export = self.decode_export_for_people(&key, &value, filter.dead)?;
+            if filter
+                .profile_id
+                .as_deref()
+                .is_none_or(|p| p == export.record.profile_id)
+            {
+                exports.push(export);
+            }
+        }
+        Ok(exports)
+    }
+
+    /// Runs `change`, which puts exports back into the outbox under their old sequence numbers
+    /// or drops pending ones, while the delivery loop starts nothing (see
+    /// [`Store::unless_rewound`]); the loop then reads the outbox again from its head.
+    pub fn rewinding<T>(&self, change: impl FnOnce() -> T) -> T {
+        let _guard = self.rewind_lock.write().unwrap_or_else(|e| e.into_inner());
+        let result = change();
+        self.rewound.store(true, Ordering::SeqCst);
+        result
+    }
+
+    /// Runs `start` while no [`Store::rewinding`] can run, telling it whether exports were put
+    /// back or dropped since the last call: then whatever the caller holds of the outbox is out
+    /// of date, and it must read again from the head before starting anything.
+    pub fn unless_rewound<T>(&self, start: impl FnOnce(bool) -> T) -> T {
+        let _guard = self.rewind_lock.read().unwrap_or_else(|e| e.into_inner());
+        start(self.rewound.swap(false, Ordering::SeqCst))
+    }
+
+    /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
+    /// keeps its place between calls; `*cursor` moves past the last one returned.
+    pub fn read_pending(&self, cursor: &mut u64, limit: usize) -> Result<Vec<Export>, StoreError> {
+        let until = self.durable_next_seq();
+        if *cursor >= until {
+            return Ok(Vec::new());
+        }
+        let mut exports = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut seen = 0;
+        let t = self.trees()?;
+        for item in t
+            .outbox
+            .range(keys::seq_key(*cursor)..keys::seq_key(until))
+            .take(limit)
+        {
+            seen += 1;
+            let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
+            match self.decode_export(&key, &value, false) {
+                Ok(export) => {
+                    *cursor = export.id.seq + 1;
+                    exports.push(export);
+                }
+                Err(e) => match keys::seq_from_key(&key) {
+                    Some(seq) => {
+                        *cursor = seq + 1;
+                        unreadable.push((seq, e.to_string()));
+                    }
+                    None => tracing::warn!(
+                        key = ?key.as_ref(),
+                        "an outbox key that is not a sequence number is passed over; `outpost check --store` lists it"
+                    ),
+                },
+            }
+        }
+        drop(t);
+        for (seq, error) in unreadable {
+            tracing::warn!(
+                export = %self.export_id(seq),
+                "{error}; it goes to the dead letters as \"{UNREADABLE}\""
+            );
+            self.dead_letter_unreadable(seq, &error)?;
+        }
+        if seen < limit {
+            *cursor = until;
+        }
+        Ok(exports)
+    }
+
+    /// Moves or rewrites one export in one transaction, keeping the tally exact.
+    /// `change` gets the record where it is now and returns where it goes and how it reads
+    /// there; it may run more than once, so it must be pure. Returns false if no such export
+    /// is `from` where it was looked for.
+    pub fn change_export(
+        &self,
+        seq: u64,
+        from: Place,
+        change: impl Fn(ExportRecord) -> (Place, ExportRecord),
+    ) -> Result<bool, StoreError> {
+        let key = keys::seq_key(seq);
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let source = match from {
+                        Place::Pending => outbox,
+                        Place::Dead => dead,
+                        Place::Gone => return Ok(false),
+                    };
+                    let Some(old) = source.remove(&key)? else {
+                        return Ok(false);
+                    };
+                    let record = codec::decode_export(&old)
+                        .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(from, old.len(), -1);
+                    let (to, record) = change(record);
+                    let target = match to {
+                        Place::Pending => Some(outbox),
+                        Place::Dead => Some(dead),
+                        Place::Gone => None,
+                    };
+                    if let Some(target) = target {
+                        let value = codec::encode_export(&record);
+                        tally.count(to, value.len(), 1);
+                        target.insert(&key, value)?;
+                    }
+                    write_tally(meta_tx, tally)?;
+                    Ok(true)
+                })?,
+            )
+        })
+    }
+
+    /// Sequence numbers of every dead letter, oldest first.
+    pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        let t = self.trees()?;
+        t.dead
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| self.classify(e.into(), t.generation))?;
+                keys::seq_from_key(&k)
+                    .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,391 @@
+//! Opening a store: the lock, the format check and in-place upgrade, rebuilding the derived
+//! `meta` values when they cannot be read; reopening after an I/O error (a full disk); and the
+//! flush that makes commits durable.
+//!
+//! `meta/format`: the layout version (big-endian u64), [`FORMAT_VERSION`]; `meta/store_id`:
+//! a random u32 (big-endian), part of every export id.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::codec;
+use super::error::{io_detail, is_no_space, StoreError};
+use super::keys::{self, meta};
+use super::tally::{Place, Tally};
+use super::{Store, Trees};
+use crate::clock::{ClockRecord, RunClock};
+
+/// The on-disk layout this build writes and reads. Format 2 added the run-time clock
+/// (`meta/clock`, exports of format 2).
+pub const FORMAT_VERSION: u64 = 2;
+
+/// Older layouts this build opens, and upgrades by recording [`FORMAT_VERSION`]: their values
+/// stay readable as they are (see [`codec`]). An older build then refuses the store whole.
+pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1];
+
+/// What opening a store read from it.
+pub(super) struct Opened {
+    store_id: u32,
+    clock: ClockRecord,
+    next_seq: u64,
+    /// Unreadable `meta` values rebuilt at open, described.
+    rebuilt: Vec<String>,
+}
+
+/// How far past the highest export held a rebuilt `next_seq` starts: exports delivered or
+/// dropped before may have had higher numbers, and an export id must never be reused.
+pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
+
+/// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
+/// cannot be read: `tally` is recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest
+/// export held, `clock` starts again (run time 0, which delays expiry, never hastens it).
+/// Returns what it did, one line each; flushed when anything was done.
+pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
+    let mut rebuilt = Vec::new();
+    if let Some(v) = t.meta.get(meta::CLOCK)? {
+        if let Err(e) = codec::decode_clock(&v) {
+            t.meta
+                .insert(meta::CLOCK, codec::encode_clock(&ClockRecord::default()))?;
+            rebuilt.push(format!(
+                "meta/clock was unreadable ({e}); the run time starts again from 0"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::NEXT_SEQ)? {
+        if v.len() != 8 {
+            let mut highest = None;
+            for tree in [&t.outbox, &t.dead] {
+                for key in tree.iter().keys() {
+                    highest = highest.max(keys::seq_from_key(&key?));
+                }
+            }
+            let next = highest.map_or(0, |h| h + 1) + NEXT_SEQ_GAP;
+            t.meta.insert(meta::NEXT_SEQ, &next.to_be_bytes())?;
+            rebuilt.push(format!(
+                "meta/next_seq was unreadable (not 8 bytes); new exports are numbered from {next}"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::TALLY)? {
+        if Tally::from_bytes(&v).is_none() {
+            let mut tally = Tally::default();
+            for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
+                for item in tree.iter() {
+                    let (_, value) = item?;
+                    tally.count(place, value.len(), 1);
+                }
+            }
+            t.meta.insert(meta::TALLY, &tally.to_bytes())?;
+            rebuilt.push(format!(
+                "meta/tally was unreadable (not 24 bytes); recounted: {} pending, {} dead",
+                tally.pending, tally.dead
+            ));
+        }
+    }
+    if !rebuilt.is_empty() {
+        t.db.flush()?;
+    }
+    Ok(rebuilt)
+}
+
+/// How much [`Store::recover`] writes beside a failed store, to see whether there is room.
+pub const SPACE_PROBE_BYTES: usize = 1 << 20;
+
+/// Writes, syncs and removes [`SPACE_PROBE_BYTES`] in `dir`.
+pub(super) fn probe_space(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join("space-probe");
+    let result = (|| {
+        let mut file = File::create(&path)?;
+        file.write_all(&vec![0u8; SPACE_PROBE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+impl Store {
+    /// Opens (or creates) the store. A store open in another process is [`StoreError::Locked`].
+    ///
+    /// A lock is retried for a moment: sled's threads release it shortly after a store is
+    /// dropped, so a store closed just before (by this or an exiting process) opens.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let (trees, opened) = Store::open_trees(path, cache_bytes)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            cache_bytes,
+            trees: RwLock::new(Some(Arc::new(trees))),
+            failed: AtomicBool::new(false),
+            failed_no_space: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            run_clock: RunClock::starting_at(opened.clock.uptime_ms),
+            store_id: opened.store_id,
+            rewind_lock: RwLock::new(()),
+            rewound: AtomicBool::new(false),
+            written_next: AtomicU64::new(opened.next_seq),
+            durable_next: AtomicU64::new(opened.next_seq),
+            rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
+        })
+    }
+
+    pub(super) fn open_trees(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
+        let mut tries = 0;
+        loop {
+            match Store::open_once(path, cache_bytes) {
+                Err(StoreError::Locked(_)) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    pub(super) fn open_once(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| {
+            tracing::debug!(error = ?e, path = %path.display(), "creating the store folder");
+            StoreError::Open {
+                path: path.to_path_buf(),
+                source: sled::Error::Io(e),
+            }
+        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                // sled reports the lock as `Other` with this text (0.34.7, config.rs).
+                sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
+                    StoreError::Locked(path.to_path_buf())
+                }
+                source => {
+                    tracing::debug!(error = ?source, path = %path.display(), "opening the store");
+                    StoreError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                }
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get(meta::FORMAT)? {
+            None => {
+                meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            }
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                if UPGRADABLE_FORMATS.contains(&found) {
+                    meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                    db.flush()?;
+                } else if found != FORMAT_VERSION {
+                    return Err(StoreError::Format {
+                        path: path.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+        }
+        let store_id = match meta.get(meta::STORE_ID)? {
+            Some(v) => u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt("store id", "not 4 bytes"))?,
+            ),
+            None => {
+                let id: u32 = rand::random();
+                meta.insert(meta::STORE_ID, &id.to_be_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
+        let log_file = File::open(path.join("db")).ok();
+        let trees = Trees {
+            profiles: db.open_tree("profiles")?,
+            outbox: db.open_tree("outbox")?,
+            dead: db.open_tree("dead")?,
+            positions: db.open_tree("positions")?,
+            rejected: db.open_tree("rejected")?,
+            meta,
+            db,
+            log_file,
+            generation: 0,
+        };
+        let rebuilt = rebuild_meta(&trees)?;
+        for note in &rebuilt {
+            tracing::warn!("{note}");
+        }
+        let clock = match trees.meta.get(meta::CLOCK)? {
+            Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
+            None => ClockRecord::default(),
+        };
+        let next_seq = trees
+            .meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        Ok((
+            trees,
+            Opened {
+                store_id,
+                clock,
+                next_seq,
+                rebuilt,
+            },
+        ))
+    }
+
+    /// Names the store in an I/O error and marks the store failed, if the error came from the
+    /// handles in use (`generation`).
+    pub(super) fn classify(&self, e: StoreError, generation: u64) -> StoreError {
+        let io = match &e {
+            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) => io,
+            _ => return e,
+        };
+        let no_space = is_no_space(io);
+        let error = if no_space {
+            StoreError::NoSpace(self.path.clone())
+        } else {
+            StoreError::Io {
+                path: self.path.clone(),
+                detail: io_detail(io),
+            }
+        };
+        let current = generation == self.generation.load(Ordering::SeqCst);
+        if current && !self.failed.swap(true, Ordering::SeqCst) {
+            self.failed_no_space.store(no_space, Ordering::SeqCst);
+            tracing::warn!(
+                "{error}: updates are refused (503) until it is reopened, which happens by itself once there is room"
+            );
+        }
+        error
+    }
+
+    /// Whether sled reported an I/O error since the store was (re)opened.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The error a failed store answers with.
+    pub fn failure(&self) -> StoreError {
+        if self.failed_no_space.load(Ordering::SeqCst) {
+            StoreError::NoSpace(self.path.clone())
+        } else {
+            StoreError::Io {
+                path: self.path.clone(),
+                detail: "an earlier write failed".into(),
+            }
+        }
+    }
+
+    /// Reopens a failed store once its disk has room again: sled fails every write after an
+    /// I/O error until it is reopened. Returns `Ok(false)` when the store had not failed, and
+    /// [`StoreError::NoSpace`] (without reopening) while a trial write of
+    /// [`SPACE_PROBE_BYTES`] beside the store does not fit.
+    ///
+    /// Nothing acknowledged is lost: acknowledged writes were flushed, so the reopened store
+    /// holds them. Writes that failed were answered as failures; those of them sled had
+    /// written may be in the reopened store or not, and their sequence numbers are
+    /// re-read from it (delivery reads only durable exports, so none of them was sent).
+    pub fn recover(&self) -> Result<bool, StoreError> {
+        if !self.is_failed() {
+            return Ok(false);
+        }
+        probe_space(&self.path).map_err(|e| {
+            if is_no_space(&e) {
+                StoreError::NoSpace(self.path.clone())
+            } else {
+                StoreError::Io {
+                    path: self.path.clone(),
+                    detail: io_detail(&e),
+                }
+            }
+        })?;
+        let old = self.trees.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut old) = old {
+            // Calls that took the handles before finish (their writes fail); sled lets one
+            // open at a time, so every handle must be gone before the next open.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(trees) => {
+                        drop(trees);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still_shared) => {
+                        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
+                        return Err(StoreError::Io {
+                            path: self.path.clone(),
+                            detail: "its handles are still in use; reopening later".into(),
+                        });
+                    }
+                }
+            }
+        }
+        // sled's threads release the file lock shortly after the last handle goes.
+        let mut tries = 0;
+        let (mut trees, opened) = loop {
+            match Store::open_trees(&self.path, self.cache_bytes) {
+                Err(StoreError::Locked(_)) if tries < 10 => tries += 1,
+                Err(e) => return Err(self.classify(e, u64::MAX)),
+                Ok(opened) => break opened,
+            }
+        };
+        if opened.store_id != self.store_id {
+            return Err(StoreError::corrupt(
+                "store id",
+                format!(
+                    "{:08x} after reopening, {:08x} before",
+                    opened.store_id, self.store_id
+                ),
+            ));
+        }
+        if let Some(file) = &trees.log_file {
+            // What the reopened store read is on the drive before anything is sent from it.
+            file.sync_data().map_err(StoreError::Sync)?;
+        }
+        self.rebuilt_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(opened.rebuilt);
+        self.written_next.store(opened.next_seq, Ordering::SeqCst);
+        self.durable_next.store(opened.next_seq, Ordering::SeqCst);
+        trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
+        self.failed.store(false, Ordering::SeqCst);
+        self.failed_no_space.store(false, Ordering::SeqCst);
+        tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
+        Ok(true)
+    }
+
+    /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.with(|t| {
+            let written = self.written_next.load(Ordering::SeqCst);
+            t.db.flush()?;
+            if let Some(file) = &t.log_file {
+                file.sync_data().map_err(StoreError::Sync)?;
+            }
+            self.durable_next.fetch_max(written, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+
+    /// Every export below this sequence number is durable.
+    pub fn durable_next_seq(&self) -> u64 {
+        self.durable_next.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,198 @@
+//! The tally: how many exports are pending and dead and how many bytes their values take,
+//! kept exact by every transaction that changes `outbox` or `dead` (sled counts only by
+//! walking a tree); and the stats built on it.
+//!
+//! `meta/tally`: 24 bytes, big-endian u64s: pending, dead, bytes.
+
+use chrono::{DateTime, Utc};
+use sled::transaction::TransactionalTree;
+
+use super::error::{abort, StoreError, TxResult};
+use super::export::format_ms;
+use super::keys::meta;
+use super::{backfill, Store};
+use crate::clock;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxStats {
+    pub pending: u64,
+    pub dead: u64,
+    pub oldest_pending_created_at: Option<String>,
+    /// Wall-clock age, for people: misleading while the clock is or was wrong.
+    pub oldest_pending_age_s: Option<i64>,
+    /// How long the oldest pending export has waited in agent run time: what
+    /// `delivery.max_age_s` is compared with.
+    pub oldest_pending_waited_s: Option<u64>,
+    pub bytes: u64,
+    /// Profiles stored; left out by [`Store::outbox_stats`] (counting walks the profile tree).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiles: Option<u64>,
+    pub store_id: String,
+    /// The run time of the store (agents' running time, summed over runs).
+    pub run_time_s: u64,
+    /// Wall-clock jumps noticed on this store.
+    pub clock_jumps: u64,
+    pub last_clock_jump: Option<ClockJumpReport>,
+    /// The backfill in progress (members of newly mapped segments being exported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<backfill::BackfillProgress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClockJumpReport {
+    /// Positive: the clock was set forward.
+    pub by_s: i64,
+    pub noticed_at: String,
+}
+
+pub(super) fn read_u64(tree: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
+    match tree.get(key)? {
+        None => Ok(0),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                abort(StoreError::corrupt(
+                    String::from_utf8_lossy(key),
+                    "not 8 bytes",
+                ))
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+    }
+}
+
+pub(super) fn write_u64(tree: &TransactionalTree, key: &[u8], value: u64) -> TxResult<()> {
+    tree.insert(key, &value.to_be_bytes())?;
+    Ok(())
+}
+
+/// Counts kept exact by every transaction that touches `outbox` or `dead`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    pub pending: u64,
+    pub dead: u64,
+    /// Bytes of the stored values of pending and dead exports.
+    pub bytes: u64,
+}
+
+impl Tally {
+    pub(super) fn to_bytes(self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..8].copy_from_slice(&self.pending.to_be_bytes());
+        out[8..16].copy_from_slice(&self.dead.to_be_bytes());
+        out[16..].copy_from_slice(&self.bytes.to_be_bytes());
+        out
+    }
+
+    pub(super) fn from_bytes(bytes: &[u8]) -> Option<Tally> {
+        let word = |i: usize| {
+            Some(u64::from_be_bytes(
+                bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+            ))
+        };
+        if bytes.len() != 24 {
+            return None;
+        }
+        Some(Tally {
+            pending: word(0)?,
+            dead: word(1)?,
+            bytes: word(2)?,
+        })
+    }
+
+    /// Adds (`sign` 1) or takes away (`sign` -1) one stored value in `place`.
+    pub(super) fn count(&mut self, place: Place, value_len: usize, sign: i64) {
+        let apply = |n: &mut u64, by: u64| {
+            *n = if sign > 0 {
+                *n + by
+            } else {
+                n.saturating_sub(by)
+            };
+        };
+        match place {
+            Place::Pending => apply(&mut self.pending, 1),
+            Place::Dead => apply(&mut self.dead, 1),
+            Place::Gone => return,
+        }
+        apply(&mut self.bytes, value_len as u64);
+    }
+}
+
+pub(super) fn read_tally(tree: &TransactionalTree) -> TxResult<Tally> {
+    match tree.get(meta::TALLY)? {
+        None => Ok(Tally::default()),
+        Some(v) => {
+            Tally::from_bytes(&v).ok_or_else(|| abort(StoreError::corrupt("tally", "not 24 bytes")))
+        }
+    }
+}
+
+pub(super) fn write_tally(tree: &TransactionalTree, tally: Tally) -> TxResult<()> {
+    tree.insert(meta::TALLY, &tally.to_bytes())?;
+    Ok(())
+}
+
+/// Where an export goes in [`Store::change_export`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Pending,
+    Dead,
+    Gone,
+}
+
+impl Store {
+    pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
+        let mut stats = self.outbox_stats(now)?;
+        stats.profiles = Some(self.trees()?.profiles.len() as u64);
+        Ok(stats)
+    }
+
+    /// [`Store::stats`] without the count of profiles, which walks the profile tree: cheap
+    /// enough to read every second (`outpost top`, `GET /metrics`).
+    pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
+        let first = self.with(|t| Ok(t.outbox.first()?))?;
+        let oldest = match first {
+            Some((key, value)) => Some(self.decode_export_for_people(&key, &value, false)?)
+                .filter(|e| !e.record.is_unreadable()),
+            None => None,
+        };
+        let tally = self.tally()?;
+        let uptime_ms = self.run_clock.uptime_ms();
+        let clock = self.clock_record()?;
+        Ok(OutboxStats {
+            pending: tally.pending,
+            dead: tally.dead,
+            oldest_pending_created_at: oldest.as_ref().map(|e| format_ms(e.record.created_at_ms)),
+            oldest_pending_age_s: oldest
+                .as_ref()
+                .map(|e| (now.timestamp_millis() - e.record.created_at_ms).max(0) / 1000),
+            oldest_pending_waited_s: oldest
+                .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
+            bytes: tally.bytes,
+            profiles: None,
+            store_id: format!("{:08x}", self.store_id),
+            run_time_s: uptime_ms / 1000,
+            clock_jumps: clock.jumps,
+            last_clock_jump: clock.last_jump.map(|j| ClockJumpReport {
+                by_s: clock::whole_seconds(j.by_ms),
+                noticed_at: format_ms(j.noticed_at_ms),
+            }),
+            backfill: self.backfill_progress()?,
+        })
+    }
+
+    /// Whether the outbox (pending and dead) holds `max_bytes` or more: then nothing more is
+    /// taken in (`storage.max_outbox_bytes`).
+    pub fn outbox_full(&self, max_bytes: u64) -> Result<bool, StoreError> {
+        Ok(self.tally()?.bytes >= max_bytes)
+    }
+
+    /// Pending and dead counts and bytes, read without walking the trees.
+    pub fn tally(&self) -> Result<Tally, StoreError> {
+        self.with(|t| match t.meta.get(meta::TALLY)? {
+            None => Ok(Tally::default()),
+            Some(v) => {
+                Tally::from_bytes(&v).ok_or_else(|| StoreError::corrupt("tally", "not 24 bytes"))
+            }
+        })
+    }
+}

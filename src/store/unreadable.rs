@@ -1,0 +1,280 @@
+//! Records that cannot be decoded: unreadable exports become dead letters that keep their
+//! bytes, unreadable profiles refuse their updates until `outpost repair` forgets them;
+//! `outpost check --store` lists them. And the store's self-check ([`Store::verify`]).
+
+use chrono::Utc;
+use sled::Transactional;
+
+use super::codec::{self, ExportRecord};
+use super::error::StoreError;
+use super::export::ExportId;
+use super::keys::{self, meta};
+use super::profiles::stored_from_record;
+use super::tally::{read_tally, write_tally, Place, Tally};
+use super::Store;
+
+/// The reason (`last_error`) of a dead letter made of an unreadable export record.
+pub const UNREADABLE: &str = "unreadable record";
+
+/// The dead letter that stands for an export record that cannot be decoded: no profile, its
+/// stored bytes (base64) as the payload, so that nothing is lost and nothing is sent from it
+/// (`outbox retry` refuses it; `outbox drop` deletes it).
+pub fn unreadable_record(bytes: &[u8], error: &str, now_ms: i64) -> ExportRecord {
+    use base64::Engine;
+    let stored = base64::engine::general_purpose::STANDARD.encode(bytes);
+    ExportRecord {
+        profile_id: String::new(),
+        reason: 0,
+        payload: serde_json::json!({ "unreadable_record_base64": stored }).to_string(),
+        created_at_ms: now_ms,
+        queued_at_ms: now_ms,
+        queued_at_uptime_ms: 0,
+        attempts: 0,
+        last_error: Some(format!("{UNREADABLE}: {error}")),
+        last_attempt_at_ms: None,
+        dead_at_ms: Some(now_ms),
+    }
+}
+
+impl ExportRecord {
+    /// Whether this is a dead letter made by [`unreadable_record`].
+    pub fn is_unreadable(&self) -> bool {
+        self.profile_id.is_empty()
+            && self
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(UNREADABLE))
+    }
+}
+
+/// A record that cannot be read, as `outpost check --store` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnreadableRecord {
+    /// `profiles`, `outbox`, `dead` or `meta`.
+    pub tree: &'static str,
+    /// The key: a profile id, an export id, a meta key (bytes shown escaped when not text).
+    pub key: String,
+    pub error: String,
+    /// What `outpost repair` does with it, or did already.
+    pub action: String,
+}
+
+pub(super) fn key_text(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_owned(),
+        Err(_) => key.escape_ascii().to_string(),
+    }
+}
+
+impl Store {
+    /// Checks the invariants a crash must not break; returns what is wrong, if anything.
+    pub fn verify(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        let mut counted = Tally::default();
+        let mut max_seq = None;
+        let t = self.trees()?;
+        for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
+            for item in tree.iter() {
+                let (key, value) = item?;
+                counted.count(place, value.len(), 1);
+                match self.decode_export(&key, &value, place == Place::Dead) {
+                    Ok(e) => max_seq = max_seq.max(Some(e.id.seq)),
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
+        }
+        for item in t.profiles.iter() {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let decoded = codec::decode_profile(&value)
+                .map_err(|e| StoreError::corrupt(&id, e))
+                .and_then(|r| stored_from_record(&id, r));
+            if let Err(e) = decoded {
+                problems.push(e.to_string());
+            }
+        }
+        let recorded = self.tally()?;
+        if recorded != counted {
+            problems.push(format!(
+                "the tally says {recorded:?}, the trees hold {counted:?}"
+            ));
+        }
+        let next = t
+            .meta
+            .get(meta::NEXT_SEQ)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        if let Some(max) = max_seq {
+            if max >= next {
+                problems.push(format!("export {max} is not below next_seq {next}"));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Moves the pending export `seq`, whose record cannot be read, to the dead letters as an
+    /// [`unreadable_record`] keeping its bytes. Not flushed.
+    pub fn dead_letter_unreadable(&self, seq: u64, error: &str) -> Result<(), StoreError> {
+        let key = keys::seq_key(seq);
+        let now_ms = Utc::now().timestamp_millis();
+        self.with(|t| {
+            Ok(
+                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                    let Some(old) = outbox.remove(&key)? else {
+                        return Ok(());
+                    };
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(Place::Pending, old.len(), -1);
+                    let value = codec::encode_export(&unreadable_record(&old, error, now_ms));
+                    tally.count(Place::Dead, value.len(), 1);
+                    dead.insert(&key, value)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok(())
+                })?,
+            )
+        })
+    }
+
+    /// Every record that cannot be read, with its key, and the `meta` values rebuilt when the
+    /// store was opened.
+    pub fn unreadable(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
+        let mut found = Vec::new();
+        for note in self
+            .rebuilt_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let (key, error) = note
+                .split_once(" was unreadable ")
+                .unwrap_or(("meta", note));
+            found.push(UnreadableRecord {
+                tree: "meta",
+                key: key.trim_start_matches("meta/").to_owned(),
+                error: format!("was unreadable {error}"),
+                action: "rebuilt when the store was opened".into(),
+            });
+        }
+        let t = self.trees()?;
+        for item in t.profiles.iter() {
+            let (key, value) = item?;
+            let id = key_text(&key);
+            let decoded = codec::decode_profile(&value)
+                .map_err(|e| StoreError::corrupt(&id, e))
+                .and_then(|r| stored_from_record(&id, r));
+            if let Err(e) = decoded {
+                found.push(UnreadableRecord {
+                    tree: "profiles",
+                    key: id,
+                    error: e.to_string(),
+                    action: "forget the profile (its next update counts it as new)".into(),
+                });
+            }
+        }
+        for (tree, name, dead) in [(&t.outbox, "outbox", false), (&t.dead, "dead", true)] {
+            for item in tree.iter() {
+                let (raw, value) = item?;
+                let Err(e) = self.decode_export(&raw, &value, dead) else {
+                    continue;
+                };
+                let (key, action) = match keys::seq_from_key(&raw) {
+                    Some(seq) => (
+                        self.export_id(seq).to_string(),
+                        "keep it as a dead letter \"unreadable record\" with its bytes",
+                    ),
+                    None => (key_text(&raw), "delete it (the key is not an export id)"),
+                };
+                found.push(UnreadableRecord {
+                    tree: name,
+                    key,
+                    error: e.to_string(),
+                    action: action.into(),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Acts on every unreadable record as [`Store::unreadable`] says: forgets unreadable
+    /// profiles, keeps unreadable exports as dead letters "unreadable record" (with their
+    /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
+    /// what it did, one line each.
+    pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
+        let found = self.unreadable()?;
+        let t = self.trees()?;
+        let mut done = Vec::new();
+        for record in found {
+            match record.tree {
+                "profiles" => {
+                    t.profiles.remove(record.key.as_bytes())?;
+                    done.push(format!(
+                        "profile {}: forgotten ({})",
+                        record.key, record.error
+                    ));
+                }
+                "outbox" | "dead" => {
+                    let tree = if record.tree == "outbox" {
+                        &t.outbox
+                    } else {
+                        &t.dead
+                    };
+                    let place = if record.tree == "outbox" {
+                        Place::Pending
+                    } else {
+                        Place::Dead
+                    };
+                    let id: Option<ExportId> = record.key.parse().ok();
+                    let now_ms = Utc::now().timestamp_millis();
+                    // Find the raw key again: the listed key is an export id or escaped bytes.
+                    let raw: Option<Vec<u8>> = match id {
+                        Some(id) => Some(keys::seq_key(id.seq).to_vec()),
+                        None => tree
+                            .iter()
+                            .keys()
+                            .filter_map(Result::ok)
+                            .find(|k| key_text(k) == record.key)
+                            .map(|k| k.to_vec()),
+                    };
+                    let Some(raw) = raw else { continue };
+                    (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+                        let source = if place == Place::Pending {
+                            outbox
+                        } else {
+                            dead
+                        };
+                        let Some(old) = source.remove(raw.as_slice())? else {
+                            return Ok(());
+                        };
+                        let mut tally = read_tally(meta_tx)?;
+                        tally.count(place, old.len(), -1);
+                        if id.is_some() {
+                            let value = codec::encode_export(&unreadable_record(
+                                &old,
+                                &record.error,
+                                now_ms,
+                            ));
+                            tally.count(Place::Dead, value.len(), 1);
+                            dead.insert(raw.as_slice(), value)?;
+                        }
+                        write_tally(meta_tx, tally)?;
+                        Ok(())
+                    })?;
+                    done.push(match id {
+                        Some(_) => format!(
+                            "export {} ({}): a dead letter \"{UNREADABLE}\" ({})",
+                            record.key, record.tree, record.error
+                        ),
+                        None => format!(
+                            "{} entry with key {}: deleted ({})",
+                            record.tree, record.key, record.error
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+        drop(t);
+        self.flush()?;
+        Ok(done)
+    }
+}
