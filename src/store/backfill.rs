@@ -75,21 +75,12 @@ impl BackfillState {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut value = vec![BACKFILL_V1];
-        value.extend(serde_json::to_vec(self).expect("the backfill state serializes"));
-        value
+        codec::encode_json(BACKFILL_V1, self)
     }
 
     fn decode(bytes: &[u8]) -> Result<BackfillState, StoreError> {
-        match bytes.split_first() {
-            Some((&BACKFILL_V1, json)) => serde_json::from_slice(json)
-                .map_err(|e| StoreError::corrupt("the backfill state", e)),
-            Some((&format, _)) => Err(StoreError::corrupt(
-                "the backfill state",
-                format!("unknown format byte {format}"),
-            )),
-            None => Err(StoreError::corrupt("the backfill state", "empty value")),
-        }
+        codec::decode_json(BACKFILL_V1, bytes)
+            .map_err(|e| StoreError::corrupt("the backfill state", e))
     }
 }
 

@@ -128,6 +128,25 @@ fn decode<T: Decode<()>>(expected: u8, bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// A small `meta` value kept as one format byte and JSON (the mapping last run with, the
+/// backfill state), so that a person can read it with sled's own tools.
+pub fn encode_json<T: serde::Serialize>(format: u8, value: &T) -> Vec<u8> {
+    let mut bytes = vec![format];
+    serde_json::to_writer(&mut bytes, value).expect("meta values serialize");
+    bytes
+}
+
+pub fn decode_json<T: serde::de::DeserializeOwned>(
+    expected: u8,
+    bytes: &[u8],
+) -> Result<T, CodecError> {
+    let (&format, json) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if format != expected {
+        return Err(CodecError::UnknownFormat(format));
+    }
+    serde_json::from_slice(json).map_err(|e| CodecError::Corrupt(e.to_string()))
+}
+
 pub fn encode_profile(record: &ProfileRecord) -> Vec<u8> {
     encode(PROFILE_V1, record)
 }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::codec;
 use super::keys::meta;
 use super::{Store, StoreError};
 use crate::config::{MappedAt, Mapping};
@@ -98,15 +99,8 @@ impl Store {
         let Some(value) = self.with(|t| Ok(t.meta.get(meta::MAPPING)?))? else {
             return Ok(BTreeMap::new());
         };
-        match value.split_first() {
-            Some((&MAPPING_V1, json)) => serde_json::from_slice(json)
-                .map_err(|e| StoreError::corrupt("the recorded mapping", e)),
-            Some((&format, _)) => Err(StoreError::corrupt(
-                "the recorded mapping",
-                format!("unknown format byte {format}"),
-            )),
-            None => Err(StoreError::corrupt("the recorded mapping", "empty value")),
-        }
+        codec::decode_json(MAPPING_V1, &value)
+            .map_err(|e| StoreError::corrupt("the recorded mapping", e))
     }
 
     /// Records that the store now runs with `mapping` (durably), queues the backfill of its
@@ -116,8 +110,7 @@ impl Store {
         let before = self.mapping_records()?;
         let records = updated_records(before.clone(), mapping, now_ms);
         if records != before {
-            let mut value = vec![MAPPING_V1];
-            value.extend(serde_json::to_vec(&records).expect("records serialize"));
+            let value = codec::encode_json(MAPPING_V1, &records);
             let mut write = sled::Batch::default();
             write.insert(meta::MAPPING, value);
             let segments = newly_mapped(&before, mapping);
