@@ -9,9 +9,11 @@
 //! - [`profile`]: pure profile logic: update parsing ([`profile::update`]), the export rules
 //!   ([`profile::change`]), the payload ([`profile::export`]) and applying an update
 //!   ([`profile::apply`]).
-//! - [`store`]: the sled store: typed trees, key and value encodings ([`store::keys`],
-//!   [`store::codec`]), the group-committing single writer ([`store::committer`]) and
-//!   delivery's grouped changes to pending exports ([`store::outbox`]).
+//! - [`store`]: the sled store, one concept a file (its module docs have the table of parts
+//!   and of each tree's keys and values): key and value encodings ([`store::keys`],
+//!   [`store::codec`]), the group-committing single writer ([`store::committer`]),
+//!   delivery's grouped changes to pending exports ([`store::outbox`]), the backfill of newly
+//!   mapped segments ([`store::backfill`]).
 //! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]), the
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
