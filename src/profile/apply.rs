@@ -85,7 +85,7 @@ pub fn apply(
     let new = match update.op {
         Op::Merge => {
             let mut merged = old.clone();
-            json_patch::merge(&mut merged, &Value::Object(update.profile.clone()));
+            merge_object(&mut merged, &update.profile);
             merged
         }
         _ => Value::Object(update.profile.clone()),
@@ -109,5 +109,51 @@ pub fn apply(
             StoreAction::Keep
         },
         export,
+    }
+}
+
+/// RFC 7386 merge of an object patch into `target`, as `json_patch::merge` with the patch
+/// wrapped in a `Value`, without copying the patch to wrap it.
+fn merge_object(target: &mut Value, patch: &Map<String, Value>) {
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let object = target.as_object_mut().expect("made an object above");
+    for (key, value) in patch {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            json_patch::merge(object.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merging_an_object_patch_is_json_patch_merge() {
+        let docs = [
+            json!({}),
+            json!({"a": 1, "b": {"c": 2, "d": 3}}),
+            json!("not an object"),
+        ];
+        let patches = [
+            json!({}),
+            json!({"a": null}),
+            json!({"b": {"c": null, "e": [1]}, "f": {"g": null}}),
+            json!({"a": {"x": 1}, "b": 7}),
+        ];
+        for doc in &docs {
+            for patch in &patches {
+                let mut expected = doc.clone();
+                json_patch::merge(&mut expected, patch);
+                let mut merged = doc.clone();
+                merge_object(&mut merged, patch.as_object().unwrap());
+                assert_eq!(merged, expected, "doc {doc} patch {patch}");
+            }
+        }
     }
 }

@@ -2,8 +2,6 @@
 //!
 //! The reasons are checked in the order SPEC gives: segment, identity, attribute.
 
-use std::collections::BTreeSet;
-
 use serde_json::Value;
 
 use crate::config::Mapping;
@@ -71,13 +69,19 @@ pub fn value_at<'a>(profile: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(profile, |value, key| value.get(key))
 }
 
-/// The identities of one namespace as a set of canonical JSON texts (order and duplicates ignored).
-fn identity_set(profile: &Value, namespace: &str) -> BTreeSet<String> {
+/// The identities of one namespace (not an array: none, as the payload carries only arrays).
+fn identities<'a>(profile: &'a Value, namespace: &str) -> &'a [Value] {
     match profile.get("identityMap").and_then(|m| m.get(namespace)) {
-        Some(Value::Array(items)) => items.iter().map(Value::to_string).collect(),
-        // Not an array: the payload carries only non-empty arrays, so it counts as none.
-        _ => BTreeSet::new(),
+        Some(Value::Array(items)) => items,
+        _ => &[],
     }
+}
+
+/// Whether two lists of identities hold the same set (order and duplicates ignored). Objects
+/// compare by content whatever their key order, so equal `Value`s are equal identities; the
+/// lists are short, so comparing each with each beats building sets of their texts.
+fn same_identities(a: &[Value], b: &[Value]) -> bool {
+    a.iter().all(|x| b.contains(x)) && b.iter().all(|y| a.contains(y))
 }
 
 fn namespaces(profile: &Value) -> impl Iterator<Item = &String> {
@@ -89,7 +93,7 @@ fn namespaces(profile: &Value) -> impl Iterator<Item = &String> {
 }
 
 fn identities_differ(old: &Value, new: &Value, mapping: &Mapping) -> bool {
-    let differs = |ns: &str| identity_set(old, ns) != identity_set(new, ns);
+    let differs = |ns: &str| !same_identities(identities(old, ns), identities(new, ns));
     if mapping.identities.is_empty() {
         namespaces(old).chain(namespaces(new)).any(|ns| differs(ns))
     } else {
