@@ -155,6 +155,8 @@ impl Agent {
         )));
         tasks.push(tokio::spawn(run_backfill(
             committer.clone(),
+            Arc::clone(&store),
+            config.storage.max_outbox_bytes,
             shutdown.clone(),
         )));
         let admin_state = Arc::new(admin::AdminState {
@@ -272,10 +274,28 @@ pub async fn termination_signal() {
 const BACKFILL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
-/// updates go on between steps, and says in the log how far it is.
-async fn run_backfill(committer: Committer, shutdown: CancellationToken) {
+/// updates go on between steps, and says in the log how far it is. While the outbox holds
+/// `max_outbox_bytes`, it waits as ingest does (a step may pass the limit by its own exports).
+async fn run_backfill(
+    committer: Committer,
+    store: Arc<Store>,
+    max_outbox_bytes: u64,
+    shutdown: CancellationToken,
+) {
     let mut logged = tokio::time::Instant::now();
+    let pause = || async {
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => true,
+        }
+    };
     loop {
+        if store.outbox_full(max_outbox_bytes).unwrap_or(false) {
+            if !pause().await {
+                return;
+            }
+            continue;
+        }
         let step = tokio::select! {
             () = shutdown.cancelled() => return,
             step = committer.backfill_step() => step,
@@ -310,9 +330,8 @@ async fn run_backfill(committer: Committer, shutdown: CancellationToken) {
             Err(e) => {
                 // A full disk or a store being reopened: the step wrote nothing; try again.
                 tracing::debug!(error = %e, "backfill step failed");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                if !pause().await {
+                    return;
                 }
             }
         }

@@ -251,3 +251,33 @@ async fn open_when_released(path: &std::path::Path) -> Store {
         }
     }
 }
+
+#[tokio::test]
+async fn a_full_outbox_pauses_the_backfill_as_it_pauses_ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    // The destination is down: exports stay; the outbox may hold about 20 KB.
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "")
+        .replace("[storage]\n", "[storage]\nmax_outbox_bytes = 20000\n");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let members = store_profiles(&only_a, 6_000);
+    let a_and_b = load(dir.path(), "ab.toml", &text);
+
+    let agent = start_agent(&a_and_b).await;
+    wait_until(10, "the first backfill step", || {
+        agent.store.tally().unwrap().pending > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let progress = agent
+        .store
+        .backfill_progress()
+        .unwrap()
+        .expect("paused, not done");
+    assert_eq!(
+        progress.scanned as usize,
+        outpost::store::backfill::STEP_PROFILES,
+        "one step filled the outbox past its limit; no step after it"
+    );
+    assert!((progress.exported as usize) < members);
+    agent.stop().await.unwrap();
+}
