@@ -180,7 +180,7 @@ async fn a_backfill_killed_at_random_instants_neither_repeats_nor_misses_a_membe
     for _ in 0..6 {
         let mut agent =
             AgentProcess::start_with_env(&a_and_b, port, &[("OUTPOST_LOG", "warn")]).await;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..250))).await;
         agent
             .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
             .await;
