@@ -185,7 +185,7 @@ async fn a_backfill_killed_at_random_instants_neither_repeats_nor_misses_a_membe
             .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
             .await;
         drop(agent);
-        let store = open_when_released(&dir.path().join("store")).await;
+        let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
         let progress = store.backfill_progress().unwrap();
         if progress.as_ref().is_some_and(|p| p.scanned > 0) {
             killed_mid_backfill += 1;
@@ -221,7 +221,7 @@ async fn a_backfill_killed_at_random_instants_neither_repeats_nor_misses_a_membe
     agent.terminate().await;
     drop(agent);
 
-    let store = open_when_released(&dir.path().join("store")).await;
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
     let counts = segment_exports_per_profile(&store);
     assert!(
         killed_mid_backfill > 0,
@@ -235,21 +235,6 @@ async fn a_backfill_killed_at_random_instants_neither_repeats_nor_misses_a_membe
             .all(|id| id[1..].parse::<usize>().unwrap() % 3 == 0),
         "only members"
     );
-}
-
-/// Opens the store once the killed agent's lock is gone.
-async fn open_when_released(path: &std::path::Path) -> Store {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match Store::open(path, 8 << 20) {
-            Ok(store) => return store,
-            Err(e) if std::time::Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
 }
 
 #[tokio::test]

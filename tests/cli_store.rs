@@ -31,8 +31,7 @@ fn ingest_then_inspect_outbox_and_profile() {
     assert_eq!(summary["exports_by_reason"]["attribute"], 1);
     assert_eq!(summary["exports_by_reason"]["delete"], 1);
 
-    let stats: serde_json::Value =
-        serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap();
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 4);
     assert_eq!(stats["dead"], 0);
     assert_eq!(stats["profiles"], 1);
@@ -107,8 +106,7 @@ fn a_bad_line_refuses_the_whole_file_and_stores_nothing() {
         stderr.contains("line 3") && stderr.contains("colour"),
         "{stderr}"
     );
-    let stats: serde_json::Value =
-        serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap();
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 0);
     assert_eq!(stats["profiles"], 0);
 }

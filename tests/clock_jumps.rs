@@ -124,10 +124,6 @@ fn workspace(receiver: &Receiver, port: u16, delivery: &str) -> Workspace {
     ws
 }
 
-fn stats(ws: &Workspace) -> Value {
-    serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap()
-}
-
 /// `count` updates of distinct profiles (`prefix`-0, ...), each making one export.
 async fn ingest(agent: &AgentProcess, prefix: &str, count: usize) {
     let body: Vec<String> = (0..count)
@@ -196,7 +192,7 @@ async fn exports_made_ten_days_behind_are_delivered_once_the_clock_is_right() {
         async || receiver.export_requests().len() >= 3,
     )
     .await;
-    let s = stats(&ws);
+    let s = ws.outbox_stats();
     assert_eq!(
         (s["pending"].as_u64(), s["dead"].as_u64()),
         (Some(1000), Some(0)),
@@ -214,10 +210,10 @@ async fn exports_made_ten_days_behind_are_delivered_once_the_clock_is_right() {
     .await;
     // The receiver counts an export when it answers; the agent removes it a moment later.
     wait_for(10, "the outbox emptied", async || {
-        stats(&ws)["pending"].as_u64() == Some(0)
+        ws.outbox_stats()["pending"].as_u64() == Some(0)
     })
     .await;
-    let s = stats(&ws);
+    let s = ws.outbox_stats();
     assert_eq!(
         (s["pending"].as_u64(), s["dead"].as_u64()),
         (Some(0), Some(0)),
@@ -312,7 +308,7 @@ async fn clock_steps_while_running_neither_expire_nor_resend_anything() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(delivered_once(&receiver), 200);
 
-    let s = stats(&ws);
+    let s = ws.outbox_stats();
     assert_eq!(
         (s["pending"].as_u64(), s["dead"].as_u64()),
         (Some(0), Some(0)),
@@ -344,7 +340,7 @@ async fn max_age_counts_the_wait_across_a_restart() {
     let mut agent = clock.start_agent(&ws, port).await;
     ingest(&agent, "p", 1).await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let s = stats(&ws);
+    let s = ws.outbox_stats();
     assert_eq!(
         (s["pending"].as_u64(), s["dead"].as_u64()),
         (Some(1), Some(0)),
@@ -357,7 +353,7 @@ async fn max_age_counts_the_wait_across_a_restart() {
     let restarted = Instant::now();
     let mut agent = clock.start_agent(&ws, port).await;
     wait_for(20, "the export dead-lettered", async || {
-        stats(&ws)["dead"] == 1
+        ws.outbox_stats()["dead"] == 1
     })
     .await;
     let waited = restarted.elapsed();
@@ -369,7 +365,7 @@ async fn max_age_counts_the_wait_across_a_restart() {
     assert_eq!(dead.len(), 1);
     let error = dead[0]["last_error"].as_str().unwrap();
     assert!(error.contains("undelivered after max_age_s 6"), "{error}");
-    let s = stats(&ws);
+    let s = ws.outbox_stats();
     assert_eq!(s["clock_jumps"], 1, "the step back is reported: {s}");
     assert_jump_near(&s["last_clock_jump"], -DAY_S);
     agent.terminate().await;

@@ -95,8 +95,7 @@ fn text(out: &Output) -> String {
 }
 
 fn stats(s: &Setup) -> serde_json::Value {
-    let out = s.run(&["outbox", "stats", "--json"], None);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    outbox_stats(&s.config)
 }
 
 fn update(id: &str, name: &str) -> String {

@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use common::agent_process::{free_port, AgentProcess};
@@ -145,13 +144,7 @@ async fn run(shape: Run) {
     }
     let ws_config = config.clone();
     wait_until(60, "the outbox to drain", || {
-        let out = Command::new(binary())
-            .args(["outbox", "stats", "--json", "--config"])
-            .arg(&ws_config)
-            .output()
-            .unwrap();
-        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        stats["pending"] == 0
+        outbox_stats(&ws_config)["pending"] == 0
     })
     .await;
     // SIGTERM: a clean stop.
@@ -186,12 +179,7 @@ async fn run(shape: Run) {
         arrived.dedup();
         assert_eq!(arrived, (0..versions).collect::<Vec<_>>(), "profile p{p}");
     }
-    let out = Command::new(binary())
-        .args(["outbox", "stats", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stats = outbox_stats(&config);
     assert_eq!(
         (stats["pending"].as_u64(), stats["dead"].as_u64()),
         (Some(0), Some(0))

@@ -276,12 +276,7 @@ async fn sigterm_while_the_disk_is_full_exits_0() {
     assert!(log.contains("nothing acknowledged is lost"), "{log}");
 
     std::fs::remove_file(&filler).unwrap();
-    let out = Command::new(binary())
-        .args(["outbox", "stats", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stats = outbox_stats(&config);
     assert!(
         stats["pending"].as_u64().unwrap() >= acked as u64 * 10,
         "every acknowledged update kept its export: {stats}, {acked} batches"

@@ -131,11 +131,6 @@ async fn post(addr: SocketAddr, body: impl Into<Vec<u8>>) -> (u16, hyper::Header
     .unwrap()
 }
 
-/// `outpost outbox stats --json` through the CLI (through the agent while it runs).
-fn cli_stats(ws: &Workspace) -> Value {
-    serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap()
-}
-
 /// A workspace whose config delivers to `receiver` and listens on a fresh port.
 fn workspace(receiver: &Receiver, storage_extra: &str) -> (Workspace, u16) {
     let ws = Workspace::new();
@@ -391,7 +386,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
     }
 
     // Nothing of any of them is stored.
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 0, "{stats}");
     assert_eq!(stats["dead"], 0, "{stats}");
     assert_eq!(stats["profiles"], 0, "{stats}");
@@ -409,7 +404,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
     .await
     .unwrap();
     assert_eq!(status, 200, "{answer}");
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["profiles"], 2, "{stats}");
 
     // The limits are inclusive: an id of 512 bytes, and a body of exactly max_body_bytes.
@@ -420,7 +415,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
     assert_eq!(exact.len(), MAX_BODY);
     let (status, _, answer) = post(agent.addr, exact).await;
     assert_eq!(status, 200, "{answer}");
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["profiles"], 3, "{stats}");
 
     let status = agent
@@ -472,12 +467,12 @@ async fn the_ingest_token_is_required() {
     .await
     .unwrap();
     assert_eq!(status, 401);
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["profiles"], 0, "{stats}");
 
     let (status, _, answer) = post(agent.addr, body).await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(cli_stats(&ws)["profiles"], 1);
+    assert_eq!(ws.outbox_stats()["profiles"], 1);
     assert!(
         !agent.log().contains(TOKEN),
         "the log shows the ingest token"
@@ -573,7 +568,7 @@ async fn accepted_updates_are_counted_delivered_and_measured() {
     // All 5 exports are delivered.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let stats = cli_stats(&ws);
+        let stats = ws.outbox_stats();
         if stats["pending"] == 0 && receiver.delivered().len() >= 5 {
             assert_eq!(stats["dead"], 0);
             assert_eq!(stats["profiles"], 3, "a, c, d: {stats}");
@@ -658,7 +653,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     .join("\n");
     let (status, _, answer) = post(agent.addr, first).await;
     assert_eq!(status, 200, "{answer}");
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 2, "{stats}");
 
     // Now the outbox is over 1 byte: refused, with Retry-After, and nothing stored.
@@ -680,7 +675,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
             "{answer}"
         );
     }
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 2, "{stats}");
     assert_eq!(stats["profiles"], 2, "{stats}");
 
@@ -710,7 +705,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     assert!(request(agent.addr, "GET", "/healthz", None, &[])
         .await
         .is_err());
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 2, "{stats}");
     assert_eq!(stats["dead"], 0, "{stats}");
 
@@ -719,7 +714,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     let mut agent = start_agent(&ws, port).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let stats = cli_stats(&ws);
+        let stats = ws.outbox_stats();
         if stats["pending"] == 0 {
             assert_eq!(stats["bytes"], 0, "{stats}");
             break;
@@ -752,7 +747,7 @@ async fn an_update_with_a_duplicate_key_is_refused() {
         .as_str()
         .unwrap()
         .contains("duplicate field `id`"));
-    assert_eq!(cli_stats(&ws)["profiles"], 0);
+    assert_eq!(ws.outbox_stats()["profiles"], 0);
 }
 
 /// Reads one HTTP/1.1 answer's head from `stream` (up to the blank line).
@@ -805,7 +800,7 @@ async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout
         started.elapsed()
     );
     // The export was not acknowledged by the endpoint: it is still pending.
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 1, "{stats}");
 }
 
@@ -829,6 +824,6 @@ async fn a_stalled_upload_delays_the_stop_only_for_a_bounded_time() {
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
         .await;
     assert_eq!(status.code(), Some(0), "{}", agent.log());
-    let stats = cli_stats(&ws);
+    let stats = ws.outbox_stats();
     assert_eq!(stats["profiles"], 0, "{stats}");
 }

@@ -107,17 +107,6 @@ fn names_by_profile(receiver: &Receiver) -> HashMap<String, Vec<String>> {
     names
 }
 
-fn distinct_deliveries(receiver: &Receiver) -> usize {
-    let mut keys: Vec<String> = receiver
-        .delivered()
-        .iter()
-        .map(|r| r.header("idempotency-key").unwrap().to_owned())
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys.len()
-}
-
 async fn start_receiver() -> Receiver {
     Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
@@ -252,7 +241,7 @@ async fn deliveries_from_the_stream_equal_those_over_http() {
     }
     let exports = PROFILES * VERSIONS / 2;
     wait_until(90, "every export over both paths", || {
-        distinct_deliveries(&over_nats) >= exports && distinct_deliveries(&over_http) >= exports
+        distinct_delivered(&over_nats) >= exports && distinct_delivered(&over_http) >= exports
     })
     .await;
     let (from_nats, from_http) = (names_by_profile(&over_nats), names_by_profile(&over_http));
@@ -316,7 +305,7 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
             .unwrap();
     }
     wait_or_show(20, "both valid updates delivered", &[&agent], || {
-        distinct_deliveries(&receiver) >= 2
+        distinct_delivered(&receiver) >= 2
     })
     .await;
     let names = names_by_profile(&receiver);
@@ -465,7 +454,7 @@ async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
 
     receiver.set_export_script(None);
     wait_until(60, "every export delivered", || {
-        distinct_deliveries(&receiver) >= PROFILES
+        distinct_delivered(&receiver) >= PROFILES
     })
     .await;
     assert_eq!(metric(agent.addr, committed).await, PROFILES as f64);
@@ -503,7 +492,7 @@ async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
         write_lines(setup.dir.path(), &first).to_str().unwrap(),
     ]);
     wait_until(30, "the first half delivered", || {
-        distinct_deliveries(&receiver) >= PROFILES
+        distinct_delivered(&receiver) >= PROFILES
     })
     .await;
 
@@ -525,7 +514,7 @@ async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
         .await
         .unwrap();
     wait_until(60, "the second half delivered", || {
-        distinct_deliveries(&receiver) >= 2 * PROFILES
+        distinct_delivered(&receiver) >= 2 * PROFILES
     })
     .await;
     let names = names_by_profile(&receiver);
@@ -588,7 +577,7 @@ async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again
     let _survivor = setups[0].start().await;
     let exports = PROFILES * VERSIONS / 2;
     wait_until(60, "every export delivered", || {
-        distinct_deliveries(&receiver) >= exports
+        distinct_delivered(&receiver) >= exports
     })
     .await;
 
@@ -601,7 +590,7 @@ async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again
         assert_eq!(names[&format!("p{p}")], expected, "profile p{p}");
     }
     assert_eq!(
-        distinct_deliveries(&receiver),
+        distinct_delivered(&receiver),
         exports,
         "an export arrived twice under two ids"
     );
@@ -638,7 +627,7 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         write_lines(setup.dir.path(), &lines).to_str().unwrap(),
     ]);
     wait_or_show(30, "every export delivered", &[&agent], || {
-        distinct_deliveries(&receiver) >= 11
+        distinct_delivered(&receiver) >= 11
     })
     .await;
     assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
@@ -735,7 +724,7 @@ async fn messages_handed_again_are_skipped() {
 
     receiver.set_export_script(None);
     wait_or_show(60, "every export delivered", &[&agent], || {
-        distinct_deliveries(&receiver) >= 2 * PROFILES
+        distinct_delivered(&receiver) >= 2 * PROFILES
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -754,7 +743,7 @@ async fn messages_handed_again_are_skipped() {
         (2 * PROFILES) as f64 + skipped
     );
     assert_eq!(
-        distinct_deliveries(&receiver),
+        distinct_delivered(&receiver),
         2 * PROFILES,
         "an export too many"
     );

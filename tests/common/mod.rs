@@ -59,6 +59,11 @@ path = "store"
         self.dir.path().join("outpost.toml")
     }
 
+    /// [`outbox_stats`] of this workspace's config.
+    pub fn outbox_stats(&self) -> serde_json::Value {
+        outbox_stats(&self.config_path())
+    }
+
     pub fn store_path(&self) -> PathBuf {
         self.dir.path().join("store")
     }
@@ -259,6 +264,18 @@ pub async fn wait_until(seconds: u64, what: &str, mut check: impl FnMut() -> boo
     }
 }
 
+/// How many distinct exports (by `Idempotency-Key`) reached the receiver with a 2xx.
+pub fn distinct_delivered(receiver: &outpost::receiver::Receiver) -> usize {
+    let mut keys: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.len()
+}
+
 /// Waits (at most 30 s) until `exports` distinct exports reached the receiver with a 2xx and
 /// the agent's outbox holds nothing pending.
 pub async fn wait_drained(
@@ -267,16 +284,20 @@ pub async fn wait_drained(
     exports: usize,
 ) {
     wait_until(30, "every export delivered", || {
-        let mut keys: Vec<String> = receiver
-            .delivered()
-            .iter()
-            .map(|r| r.header("idempotency-key").unwrap().to_owned())
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys.len() >= exports && agent.store.tally().unwrap().pending == 0
+        distinct_delivered(receiver) >= exports && agent.store.tally().unwrap().pending == 0
     })
     .await;
+}
+
+/// `outpost outbox stats --json --config CONFIG` (through the agent while one runs on the
+/// store); `Null` when the command printed no JSON (its fields then compare as absent).
+pub fn outbox_stats(config: &Path) -> serde_json::Value {
+    let out = Command::new(binary())
+        .args(["outbox", "stats", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
 /// An agent's config in a temporary folder, delivering to a receiver started for it.
