@@ -681,6 +681,7 @@ pub fn request_body(batch: &Batch, array: bool) -> (String, Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::Reason;
     use crate::store::codec::ExportRecord;
     use crate::store::ExportId;
 
@@ -690,18 +691,13 @@ mod tests {
             Export {
                 id: ExportId { store: 0xabc, seq },
                 dead: false,
-                record: ExportRecord {
-                    profile_id: format!("p{seq}"),
-                    reason: 0,
-                    payload: payload.into(),
-                    created_at_ms: 0,
-                    queued_at_ms: 0,
-                    queued_at_uptime_ms: 0,
-                    attempts: 0,
-                    last_error: None,
-                    last_attempt_at_ms: None,
-                    dead_at_ms: None,
-                },
+                record: ExportRecord::new_pending(
+                    format!("p{seq}"),
+                    Reason::Segment,
+                    payload.into(),
+                    0,
+                    0,
+                ),
             },
         )
     }

@@ -253,6 +253,7 @@ impl<B> Queue<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::Reason;
     use crate::store::codec::ExportRecord;
     use crate::store::ExportId;
     use std::time::Duration;
@@ -261,18 +262,7 @@ mod tests {
         Export {
             id: ExportId { store: 1, seq },
             dead: false,
-            record: ExportRecord {
-                profile_id: profile.into(),
-                reason: 0,
-                payload: "{}".into(),
-                created_at_ms: 0,
-                queued_at_ms: 0,
-                queued_at_uptime_ms: 0,
-                attempts: 0,
-                last_error: None,
-                last_attempt_at_ms: None,
-                dead_at_ms: None,
-            },
+            record: ExportRecord::new_pending(profile.into(), Reason::Segment, "{}".into(), 0, 0),
         }
     }
 

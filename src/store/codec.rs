@@ -85,6 +85,29 @@ impl From<ExportRecordV1> for ExportRecord {
 }
 
 impl ExportRecord {
+    /// A new pending export, never attempted, queued when it was created (wall clock and run
+    /// time).
+    pub fn new_pending(
+        profile_id: String,
+        reason: Reason,
+        payload: String,
+        created_at_ms: i64,
+        queued_at_uptime_ms: u64,
+    ) -> ExportRecord {
+        ExportRecord {
+            profile_id,
+            reason: reason.code(),
+            payload,
+            created_at_ms,
+            queued_at_ms: created_at_ms,
+            queued_at_uptime_ms,
+            attempts: 0,
+            last_error: None,
+            last_attempt_at_ms: None,
+            dead_at_ms: None,
+        }
+    }
+
     /// The reason; [`decode_export`] refuses records whose code is not one.
     pub fn reason(&self) -> Reason {
         Reason::from_code(self.reason).expect("checked when decoded")

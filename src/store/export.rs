@@ -103,18 +103,13 @@ pub(super) fn new_export(
     created_at_ms: i64,
     queued_at_uptime_ms: u64,
 ) -> Vec<u8> {
-    codec::encode_export(&ExportRecord {
-        profile_id: profile_id.to_owned(),
-        reason: reason.code(),
-        payload: payload.to_string(),
+    codec::encode_export(&ExportRecord::new_pending(
+        profile_id.to_owned(),
+        reason,
+        payload.to_string(),
         created_at_ms,
-        queued_at_ms: created_at_ms,
         queued_at_uptime_ms,
-        attempts: 0,
-        last_error: None,
-        last_attempt_at_ms: None,
-        dead_at_ms: None,
-    })
+    ))
 }
 
 /// Appends encoded exports to the outbox under the next sequence numbers, counting them in

@@ -12,6 +12,7 @@ use super::keys::{self, meta};
 use super::profiles::stored_from_record;
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::Store;
+use crate::profile::Reason;
 
 /// The reason (`last_error`) of a dead letter made of an unreadable export record.
 pub const UNREADABLE: &str = "unreadable record";
@@ -23,16 +24,15 @@ pub fn unreadable_record(bytes: &[u8], error: &str, now_ms: i64) -> ExportRecord
     use base64::Engine;
     let stored = base64::engine::general_purpose::STANDARD.encode(bytes);
     ExportRecord {
-        profile_id: String::new(),
-        reason: 0,
-        payload: serde_json::json!({ "unreadable_record_base64": stored }).to_string(),
-        created_at_ms: now_ms,
-        queued_at_ms: now_ms,
-        queued_at_uptime_ms: 0,
-        attempts: 0,
         last_error: Some(format!("{UNREADABLE}: {error}")),
-        last_attempt_at_ms: None,
         dead_at_ms: Some(now_ms),
+        ..ExportRecord::new_pending(
+            String::new(),
+            Reason::Segment,
+            serde_json::json!({ "unreadable_record_base64": stored }).to_string(),
+            now_ms,
+            0,
+        )
     }
 }
 
