@@ -127,12 +127,23 @@ fn assert_plain_no_space(text: &str, store: &Path) {
     assert!(!text.contains("Os {"), "a debug string: {text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
+/// An agent whose store is on a fresh 24 MiB tmpfs, filled up to 3 MiB left by `filler`, and
+/// whose destination answers 503. Fields drop in order: the agent is killed before the
+/// tmpfs is unmounted.
+struct FullDisk {
+    agent: AgentProcess,
+    receiver: Receiver,
+    config: PathBuf,
+    store: PathBuf,
+    filler: PathBuf,
+    _fs: Tmpfs,
+    _dir: tempfile::TempDir,
+}
+
+/// [`FullDisk`], or `None` when no tmpfs can be mounted (see [`tmpfs_or_skip`]).
+async fn agent_on_a_small_disk() -> Option<FullDisk> {
     let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "24m") else {
-        return;
-    };
+    let fs = tmpfs_or_skip(&dir.path().join("fs"), "24m")?;
     let store = fs.dir.join("store");
     let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
@@ -144,31 +155,61 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
     let listen = format!("127.0.0.1:{port}");
     let config = dir.path().join("outpost.toml");
     std::fs::write(&config, config_text(&receiver.base_url(), &listen, &store)).unwrap();
-    let mut agent = AgentProcess::start(&config, port).await;
-    let addr = agent.addr;
+    let agent = AgentProcess::start(&config, port).await;
     let filler = fs.fill(3 << 20);
+    Some(FullDisk {
+        agent,
+        receiver,
+        config,
+        store,
+        filler,
+        _fs: fs,
+        _dir: dir,
+    })
+}
 
-    // Updates in batches of 10 until the disk is full.
-    let batch = |n: usize| -> String {
-        (n * 10..n * 10 + 10)
-            .map(|i| update(&format!("p{i}")))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+/// Batch `n` of 10 updates (profiles `p{10n}` to `p{10n+9}`).
+fn batch(n: usize) -> String {
+    (n * 10..n * 10 + 10)
+        .map(|i| update(&format!("p{i}")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Posts batches until ingest answers 503; returns how many were acknowledged and the 503's
+/// `Retry-After` and body.
+async fn post_until_full(agent: &AgentProcess) -> (usize, (Option<String>, String)) {
     let mut acked = 0;
-    let refused = loop {
-        let (status, body) = http_post_full(addr, batch(acked)).await;
+    loop {
+        let (status, body) = http_post_full(agent.addr, batch(acked)).await;
         match status {
             200 => acked += 1,
-            503 => break body,
+            503 => return (acked, body),
             other => panic!("ingest answered {other}: {}", body.1),
         }
         assert!(acked < 2000, "the disk never filled:\n{}", agent.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
+    // Bound whole: the fields not used here (the tmpfs) must live until the end.
+    let Some(mut disk) = agent_on_a_small_disk().await else {
+        return;
     };
+    let FullDisk {
+        agent,
+        receiver,
+        store,
+        filler,
+        ..
+    } = &mut disk;
+    let addr = agent.addr;
+    let (mut acked, refused) = post_until_full(agent).await;
     assert!(acked > 0, "the disk was full before the first update");
     let (retry_after, message) = refused;
     assert_eq!(retry_after.as_deref(), Some("5"), "{message}");
-    assert_plain_no_space(&message, &store);
+    assert_plain_no_space(&message, store);
     // Still refused while full, with the same answer.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -178,7 +219,7 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
             (503, Some("5")),
             "{message}"
         );
-        assert_plain_no_space(&message, &store);
+        assert_plain_no_space(&message, store);
     }
 
     // Room again: the same agent takes updates again by itself.
@@ -241,42 +282,22 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
 /// was acknowledged), and a restart with room finds every acknowledged update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_disk_is_full_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "24m") else {
+    let Some(mut disk) = agent_on_a_small_disk().await else {
         return;
     };
-    let store = fs.dir.join("store");
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
-        .await
-        .unwrap();
-    receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down".into())
-    })));
-    let port = free_port();
-    let config = dir.path().join("outpost.toml");
-    let listen = format!("127.0.0.1:{port}");
-    std::fs::write(&config, config_text(&receiver.base_url(), &listen, &store)).unwrap();
-    let mut agent = AgentProcess::start(&config, port).await;
-    let filler = fs.fill(3 << 20);
-    let mut acked = 0;
-    loop {
-        let lines: Vec<String> = (acked * 10..acked * 10 + 10)
-            .map(|i| update(&format!("p{i}")))
-            .collect();
-        let (status, (_, body)) = http_post_full(agent.addr, lines.join("\n")).await;
-        match status {
-            200 => acked += 1,
-            503 => break,
-            other => panic!("{other}: {body}"),
-        }
-        assert!(acked < 2000, "the disk never filled");
-    }
+    let FullDisk {
+        agent,
+        config,
+        filler,
+        ..
+    } = &mut disk;
+    let (acked, _) = post_until_full(agent).await;
     agent.terminate().await;
     let log = agent.log();
     assert!(log.contains("nothing acknowledged is lost"), "{log}");
 
     std::fs::remove_file(&filler).unwrap();
-    let stats = outbox_stats(&config);
+    let stats = outbox_stats(config);
     assert!(
         stats["pending"].as_u64().unwrap() >= acked as u64 * 10,
         "every acknowledged update kept its export: {stats}, {acked} batches"
