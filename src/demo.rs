@@ -185,11 +185,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
         } else if limit.admit() {
             Reply::Normal
         } else {
-            Reply::Status(
-                429,
-                vec![("retry-after".into(), "1".into())],
-                "slow down".into(),
-            )
+            Reply::rate_limited()
         }
     })));
     let config = demo_config(dir.path(), &receiver.base_url());

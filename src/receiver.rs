@@ -42,6 +42,27 @@ pub enum Reply {
 /// Chooses the reply to the n-th request (0-based) of its endpoint.
 pub type Script = Arc<dyn Fn(u64, &Received) -> Reply + Send + Sync>;
 
+impl Reply {
+    /// 503: the destination is down.
+    pub fn down() -> Reply {
+        Reply::Status(503, vec![], "down".into())
+    }
+
+    /// 429 with `Retry-After: 1`: over the rate limit.
+    pub fn rate_limited() -> Reply {
+        Reply::Status(
+            429,
+            vec![("retry-after".into(), "1".into())],
+            "rate limited".into(),
+        )
+    }
+}
+
+/// A script that answers every export [`Reply::down`].
+pub fn down() -> Script {
+    Arc::new(|_, _| Reply::down())
+}
+
 /// Called with every export answered 2xx.
 pub type DeliveredHook = Arc<dyn Fn(&Received) + Send + Sync>;
 
@@ -308,11 +329,7 @@ impl RateLimit {
             if self.admit() {
                 Reply::Normal
             } else {
-                Reply::Status(
-                    429,
-                    vec![("retry-after".into(), "1".into())],
-                    "rate limited".into(),
-                )
+                Reply::rate_limited()
             }
         })
     }

@@ -107,9 +107,7 @@ async fn run(shape: Run) {
     let mut next_batch = 0;
     let mut rng = rand::thread_rng();
 
-    receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down".into())
-    })));
+    receiver.set_export_script(Some(outpost::receiver::down()));
     for _ in 0..ingest_kills {
         let agent = start_agent(&config, addr).await;
         let kill_at = tokio::time::Instant::now() + Duration::from_millis(rng.gen_range(20..300));

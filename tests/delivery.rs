@@ -187,11 +187,7 @@ async fn server_errors_and_429_with_retry_after() {
     let s = setup().await;
     s.receiver.set_export_script(Some(Arc::new(|n, _| match n {
         0 | 1 => Reply::Status(500, vec![], "boom".into()),
-        2 => Reply::Status(
-            429,
-            vec![("retry-after".into(), "1".into())],
-            "slow down".into(),
-        ),
+        2 => Reply::rate_limited(),
         _ => Reply::Normal,
     })));
     let agent = start(&s.config).await;
@@ -404,9 +400,8 @@ async fn rejected_exports_are_dead_lettered_while_the_rest_go_on() {
 #[tokio::test]
 async fn expired_exports_are_dead_lettered() {
     let s = setup_with(ReceiverOptions::default(), oauth_body, "max_age_s = 1").await;
-    s.receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down".into())
-    })));
+    s.receiver
+        .set_export_script(Some(outpost::receiver::down()));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a", "b"], 1)).await;
     wait_until(20, "both exports expired", || {

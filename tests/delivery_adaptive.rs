@@ -208,7 +208,7 @@ async fn a_down_endpoint_gets_one_probe_at_a_time_and_delivery_resumes_when_it_i
         if flag.load(Ordering::SeqCst) {
             // Slow enough that two probes sent together would overlap at the receiver.
             std::thread::sleep(Duration::from_millis(30));
-            Reply::Status(503, vec![], "down".into())
+            Reply::down()
         } else {
             Reply::Normal
         }

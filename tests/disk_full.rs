@@ -15,12 +15,11 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
-use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::receiver::{Receiver, ReceiverOptions};
 
 /// A tmpfs mounted on a folder for the life of the value.
 struct Tmpfs {
@@ -148,9 +147,7 @@ async fn agent_on_a_small_disk() -> Option<FullDisk> {
     let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
         .unwrap();
-    receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down".into())
-    })));
+    receiver.set_export_script(Some(outpost::receiver::down()));
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let config = dir.path().join("outpost.toml");

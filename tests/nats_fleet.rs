@@ -6,13 +6,12 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::agent_process::{free_port, AgentProcess};
 use common::nats::{nats_server_or_skip, nats_table, NatsServer};
 use common::*;
-use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::receiver::{Receiver, ReceiverOptions};
 use rand::Rng;
 
 /// An agent's folder and config: delivering to `base`, ingest on a free port, and (with
@@ -48,6 +47,12 @@ impl AgentSetup {
     }
 
     /// `outpost ARGS --config <this agent's config>`, which must succeed; its stdout.
+    /// `outpost publish` of `lines` (written to a file in the setup's folder).
+    fn publish(&self, lines: &[String]) -> String {
+        let file = write_lines(self.dir.path(), lines);
+        self.cli(&["publish", file.to_str().unwrap()])
+    }
+
     fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new(binary())
             .args(args)
@@ -111,6 +116,17 @@ async fn start_receiver() -> Receiver {
     Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
         .unwrap()
+}
+
+/// Waits (at most 10 s) until the agent's source says it paused fetching.
+async fn wait_until_paused(agent: &AgentProcess) {
+    for _ in 0..200 {
+        if healthz_json(agent.addr).await["nats"]["state"] == "paused" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the source never paused:\n{}", agent.log());
 }
 
 async fn healthz_json(addr: SocketAddr) -> serde_json::Value {
@@ -400,9 +416,7 @@ async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
     const PROFILES: usize = 300;
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
-    receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down".into())
-    })));
+    receiver.set_export_script(Some(outpost::receiver::down()));
     let setup = AgentSetup::new(
         &receiver.base_url(),
         Some(&nats_table(&server.url(), 8, "0-7", "fetch_batch = 5")),
@@ -410,21 +424,10 @@ async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
     );
     setup.cli(&["nats", "setup"]);
     let lines: Vec<String> = (0..PROFILES).map(|p| version_line(p, 0)).collect();
-    setup.cli(&[
-        "publish",
-        write_lines(setup.dir.path(), &lines).to_str().unwrap(),
-    ]);
+    setup.publish(&lines);
     let agent = setup.start().await;
 
-    let mut paused = false;
-    for _ in 0..200 {
-        if healthz_json(agent.addr).await["nats"]["state"] == "paused" {
-            paused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(paused, "the source never paused:\n{}", agent.log());
+    wait_until_paused(&agent).await;
     // Batches fetched just before the outbox filled are still committed; then nothing moves.
     let committed = "outpost_source_messages_total{result=\"committed\"}";
     let mut before = metric(agent.addr, committed).await;
@@ -487,10 +490,7 @@ async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
     let config = setup.nats_config();
     let first: Vec<String> = (0..PROFILES).map(|p| version_line(p, 0)).collect();
     let second: Vec<String> = (0..PROFILES).map(|p| version_line(p, 2)).collect();
-    setup.cli(&[
-        "publish",
-        write_lines(setup.dir.path(), &first).to_str().unwrap(),
-    ]);
+    setup.publish(&first);
     wait_until(30, "the first half delivered", || {
         distinct_delivered(&receiver) >= PROFILES
     })
@@ -622,10 +622,7 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     server.restart();
     setup.cli(&["nats", "setup"]);
     let lines: Vec<String> = (2..12).map(|p| version_line(p, 0)).collect();
-    setup.cli(&[
-        "publish",
-        write_lines(setup.dir.path(), &lines).to_str().unwrap(),
-    ]);
+    setup.publish(&lines);
     wait_or_show(30, "every export delivered", &[&agent], || {
         distinct_delivered(&receiver) >= 11
     })
@@ -666,9 +663,7 @@ async fn messages_handed_again_are_skipped() {
     const PROFILES: usize = 40;
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
-    receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down".into())
-    })));
+    receiver.set_export_script(Some(outpost::receiver::down()));
     let setup = AgentSetup::new(
         &receiver.base_url(),
         Some(&nats_table(&server.url(), 8, "0-7", "fetch_batch = 2")),
@@ -681,20 +676,9 @@ async fn messages_handed_again_are_skipped() {
         .iter()
         .flat_map(|&v| (0..PROFILES).map(move |p| version_line(p, v)))
         .collect();
-    setup.cli(&[
-        "publish",
-        write_lines(setup.dir.path(), &lines).to_str().unwrap(),
-    ]);
+    setup.publish(&lines);
     let agent = setup.start().await;
-    let mut paused = false;
-    for _ in 0..200 {
-        if healthz_json(agent.addr).await["nats"]["state"] == "paused" {
-            paused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(paused, "the source never paused:\n{}", agent.log());
+    wait_until_paused(&agent).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let committed = "outpost_source_messages_total{result=\"committed\"}";
     let before = metric(agent.addr, committed).await;
