@@ -6,8 +6,8 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::agent_process::{free_port, AgentProcess};
@@ -69,51 +69,20 @@ async fn https_post(
     answer
 }
 
-/// `outpost run` as a child, killed when dropped.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn spawn(config: &Path) -> Agent {
-        let log = config.with_file_name("agent.log");
-        let child = Command::new(binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Agent { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until an HTTPS POST with `tls` gets an answer.
-    async fn wait_serving(&mut self, port: u16, tls: &rustls::ClientConfig) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            // Any answer over HTTPS will do (an empty body is refused with 400).
-            if https_post(port, tls.clone(), String::new()).await.is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the agent exited with {status}:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "never served:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Waits until an HTTPS POST with `tls` gets an answer (the agent's `/healthz` is HTTPS too).
+async fn wait_serving(agent: &mut AgentProcess, tls: &rustls::ClientConfig) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // Any answer over HTTPS will do (an empty body is refused with 400).
+        if https_post(agent.addr.port(), tls.clone(), String::new())
+            .await
+            .is_ok()
+        {
+            return;
         }
+        agent.assert_running();
+        assert!(Instant::now() < deadline, "never served:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -170,9 +139,9 @@ async fn ingest_over_https_with_a_private_ca() {
     let files = Files::new();
     let ca = Ca::new("outpost test CA");
     let config = files.config("127.0.0.1", &files.server_files(&ca));
-    let mut agent = Agent::spawn(&config);
+    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
     let trusting = client_config(&ca, None);
-    agent.wait_serving(files.port, &trusting).await;
+    wait_serving(&mut agent, &trusting).await;
 
     let (status, body) = https_post(files.port, trusting, one_update())
         .await
@@ -204,10 +173,10 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
         client_ca_file.display().to_string()
     ));
     let config = files.config("127.0.0.1", &ingest);
-    let mut agent = Agent::spawn(&config);
+    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
     let client = client_ca.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
     let with_cert = client_config(&ca, Some(&client));
-    agent.wait_serving(files.port, &with_cert).await;
+    wait_serving(&mut agent, &with_cert).await;
 
     let without = https_post(files.port, client_config(&ca, None), one_update()).await;
     assert!(

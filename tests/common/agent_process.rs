@@ -65,6 +65,22 @@ impl AgentProcess {
     /// Panics, showing that log, if the agent exits or `/healthz` does not answer 200 within
     /// 15 s.
     pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> AgentProcess {
+        let mut agent = AgentProcess::spawn_with_env(config, port, env);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while healthz(agent.addr).await != Some(200) {
+            agent.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered 200:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        agent
+    }
+
+    /// Starts the binary as [`AgentProcess::start_with_env`] does, without waiting for it.
+    pub fn spawn_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> AgentProcess {
         let log = config.with_file_name(format!("agent-{port}-{}.log", next_number()));
         let child = Command::new(binary())
             .arg("run")
@@ -76,24 +92,18 @@ impl AgentProcess {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut agent = AgentProcess {
+        AgentProcess {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while healthz(agent.addr).await != Some(200) {
-            if let Some(status) = agent.child.try_wait().unwrap() {
-                panic!("the agent exited with {status}:\n{}", agent.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/healthz never answered 200:\n{}",
-                agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        agent
+    }
+
+    /// Panics, showing the log, if the agent has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("the agent exited with {status}:\n{}", self.log());
+        }
     }
 
     /// The process id (for /proc).
