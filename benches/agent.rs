@@ -37,8 +37,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::CONTENT_TYPE;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -48,8 +46,9 @@ use outpost::receiver::{Receiver, ReceiverOptions};
 
 mod common;
 use common::{
-    best, config_text, full_mapping_toml, http_client, list, make_update, ms, rate,
-    tiny_mapping_toml, verdict, wait_unlocked, write_config, HttpClient, RawSled, AUTH_NONE,
+    best, config_text, full_mapping_toml, http_client, list, make_update, ms, ndjson_bodies,
+    post_concurrently, post_updates, rate, tiny_mapping_toml, verdict, wait_unlocked, write_config,
+    RawSled, AUTH_NONE,
 };
 
 /// The agent's default `storage.cache_bytes`.
@@ -216,30 +215,10 @@ fn prefill(config: &Config, profiles: usize, member_every: usize) -> Duration {
 
 /// NDJSON bodies of `BATCH` updates for updates `from..from + total`.
 fn bodies(template: &Map<String, Value>, pool: usize, from: usize, total: usize) -> Vec<Bytes> {
-    (from..from + total)
-        .collect::<Vec<_>>()
-        .chunks(BATCH)
-        .map(|js| {
-            let mut body = String::new();
-            for &j in js {
-                body.push_str(&make_update(template, pool, j).to_value().to_string());
-                body.push('\n');
-            }
-            Bytes::from(body)
-        })
-        .collect()
-}
-
-async fn post_updates(client: &HttpClient, uri: &hyper::Uri, body: Bytes) -> Value {
-    let request = hyper::Request::post(uri.clone())
-        .header(CONTENT_TYPE, "application/x-ndjson")
-        .body(Full::new(body))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
+    let updates: Vec<_> = (from..from + total)
+        .map(|j| make_update(template, pool, j))
+        .collect();
+    ndjson_bodies(updates.iter(), BATCH)
 }
 
 /// Updates/s of durable ingest over HTTP with `clients` concurrent clients.
@@ -268,31 +247,7 @@ async fn run_http(
     }
     let timed = bodies(template, plan.pool, plan.pool, plan.timed);
     let body_bytes: usize = timed.iter().map(Bytes::len).sum();
-    let mut per_client: Vec<Vec<Bytes>> = (0..clients).map(|_| Vec::new()).collect();
-    for (i, body) in timed.into_iter().enumerate() {
-        per_client[i % clients].push(body);
-    }
-    let start = Instant::now();
-    let tasks: Vec<_> = per_client
-        .into_iter()
-        .map(|mine| {
-            let (client, uri) = (client.clone(), uri.clone());
-            tokio::spawn(async move {
-                let mut exports = 0;
-                for body in mine {
-                    exports += post_updates(&client, &uri, body).await["exports"]
-                        .as_u64()
-                        .unwrap();
-                }
-                exports
-            })
-        })
-        .collect();
-    let mut exports = 0;
-    for task in tasks {
-        exports += task.await.unwrap();
-    }
-    let elapsed = start.elapsed();
+    let (exports, elapsed) = post_concurrently(&client, &uri, timed, clients).await;
     assert_eq!(
         exports as usize, plan.timed,
         "every timed update should export"

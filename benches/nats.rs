@@ -19,9 +19,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::CONTENT_TYPE;
 use serde_json::{Map, Value};
 
 use outpost::agent::{Agent, AgentOptions};
@@ -30,8 +27,8 @@ use outpost::profile::Update;
 
 mod common;
 use common::{
-    config_text, full_mapping, full_mapping_toml, http_client, make_update, rate, template,
-    verdict, write_config, HttpClient, AUTH_NONE,
+    config_text, full_mapping, full_mapping_toml, http_client, make_update, ndjson_bodies,
+    post_concurrently, rate, template, verdict, write_config, AUTH_NONE,
 };
 
 const DOWN: &str = "http://127.0.0.1:9";
@@ -95,17 +92,6 @@ fn agent_config(dir: &Path, nats: Option<(u16, &str, &str)>) -> Config {
     write_config(dir, "outpost.toml", &text).1
 }
 
-async fn post_updates(client: &HttpClient, uri: &hyper::Uri, body: Bytes) {
-    let request = hyper::Request::post(uri.clone())
-        .header(CONTENT_TYPE, "application/x-ndjson")
-        .body(Full::new(body))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-}
-
 /// (a): updates/s over HTTP.
 async fn run_http(updates: &[Update]) -> f64 {
     let dir = tempfile::tempdir().unwrap();
@@ -116,38 +102,8 @@ async fn run_http(updates: &[Update]) -> f64 {
     let uri: hyper::Uri = format!("http://{}/v1/updates", agent.listen_addr)
         .parse()
         .unwrap();
-    let bodies: Vec<Bytes> = updates
-        .chunks(BATCH)
-        .map(|chunk| {
-            let mut body = String::new();
-            for update in chunk {
-                body.push_str(&update.to_value().to_string());
-                body.push('\n');
-            }
-            Bytes::from(body)
-        })
-        .collect();
-    let mut per_client: Vec<Vec<Bytes>> = (0..CLIENTS).map(|_| Vec::new()).collect();
-    for (i, body) in bodies.into_iter().enumerate() {
-        per_client[i % CLIENTS].push(body);
-    }
-    let client = http_client();
-    let start = Instant::now();
-    let tasks: Vec<_> = per_client
-        .into_iter()
-        .map(|mine| {
-            let (client, uri) = (client.clone(), uri.clone());
-            tokio::spawn(async move {
-                for body in mine {
-                    post_updates(&client, &uri, body).await;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let elapsed = start.elapsed();
+    let bodies = ndjson_bodies(updates.iter(), BATCH);
+    let (_, elapsed) = post_concurrently(&http_client(), &uri, bodies, CLIENTS).await;
     agent.stop().await.unwrap();
     rate(updates.len(), elapsed)
 }

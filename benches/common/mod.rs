@@ -451,3 +451,70 @@ pub fn http_client() -> HttpClient {
     http.set_nodelay(true);
     Client::builder(TokioExecutor::new()).build(http)
 }
+
+/// NDJSON request bodies of `batch` updates each.
+pub fn ndjson_bodies<'a>(updates: impl Iterator<Item = &'a Update>, batch: usize) -> Vec<Bytes> {
+    let updates: Vec<&Update> = updates.collect();
+    updates
+        .chunks(batch)
+        .map(|chunk| {
+            let mut body = String::new();
+            for update in chunk {
+                body.push_str(&update.to_value().to_string());
+                body.push('\n');
+            }
+            Bytes::from(body)
+        })
+        .collect()
+}
+
+/// POSTs one NDJSON body to the agent's ingest API; it must answer 200. Returns its summary.
+pub async fn post_updates(client: &HttpClient, uri: &hyper::Uri, body: Bytes) -> Value {
+    let request = hyper::Request::post(uri.clone())
+        .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Full::new(body))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// POSTs `bodies` from `clients` concurrent clients (body i from client i mod `clients`);
+/// returns the exports the agent reported and how long it took.
+pub async fn post_concurrently(
+    client: &HttpClient,
+    uri: &hyper::Uri,
+    bodies: Vec<Bytes>,
+    clients: usize,
+) -> (u64, Duration) {
+    let mut per_client: Vec<Vec<Bytes>> = (0..clients).map(|_| Vec::new()).collect();
+    for (i, body) in bodies.into_iter().enumerate() {
+        per_client[i % clients].push(body);
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = per_client
+        .into_iter()
+        .map(|mine| {
+            let (client, uri) = (client.clone(), uri.clone());
+            tokio::spawn(async move {
+                let mut exports = 0;
+                for body in mine {
+                    exports += post_updates(&client, &uri, body).await["exports"]
+                        .as_u64()
+                        .unwrap();
+                }
+                exports
+            })
+        })
+        .collect();
+    let mut exports = 0;
+    for task in tasks {
+        exports += task.await.unwrap();
+    }
+    (exports, start.elapsed())
+}
