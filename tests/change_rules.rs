@@ -12,7 +12,11 @@ use chrono::{DateTime, Utc};
 use outpost::config::{MappedAt, Mapping, SegmentDetails};
 use outpost::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
 use outpost::profile::change::{decide, decide_delete};
+use outpost::profile::engine::{apply_record, RecordAction};
 use outpost::profile::export::{project, project_delete};
+use outpost::profile::layout::Layout;
+use outpost::profile::prune::KeepTree;
+use outpost::profile::record::ProfileRecord;
 use outpost::profile::update::{parse_body, Update};
 use outpost::profile::Reason;
 use serde_json::{json, Value};
@@ -308,12 +312,71 @@ fn payload_invariants(
     failures
 }
 
+/// The record engine, which the store runs on pruned updates, gives the case's result and
+/// export, and stores the record of the case's expected profile.
+fn record_engine_failures(case: &Case, update: &Update) -> Vec<String> {
+    let name = case.name.as_str();
+    let layout = Layout::new(&case.mapping);
+    let record_of = |timestamp: Option<DateTime<Utc>>, profile: &Value| {
+        let mut pruned = profile.as_object().expect("profiles are objects").clone();
+        KeepTree::for_mapping(&case.mapping).prune(&mut pruned);
+        ProfileRecord::from_profile(timestamp.map(|t| t.timestamp_micros()), &pruned, &layout)
+    };
+    let stored = case
+        .stored
+        .as_ref()
+        .map(|s| record_of(s.timestamp, &s.profile));
+    let mut pruned = update.clone();
+    KeepTree::for_mapping(&case.mapping).prune(&mut pruned.profile);
+    let applied = apply_record(
+        stored.as_ref(),
+        &pruned,
+        &case.mapping,
+        &layout,
+        time(RECEIVED),
+    );
+    let mut failures = Vec::new();
+    if applied.result != case.result {
+        failures.push(format!(
+            "{name} (records): result {:?}, expected {:?}",
+            applied.result, case.result
+        ));
+    }
+    let export = applied.export.as_ref().map(|(reason, payload)| {
+        let payload: Value = serde_json::from_str(payload).expect("payloads are JSON");
+        (*reason, payload)
+    });
+    if export != case.export {
+        failures.push(format!(
+            "{name} (records): export {export:?}, expected {:?}",
+            case.export
+        ));
+    }
+    let kept = match &applied.store {
+        RecordAction::Keep => stored.clone(),
+        RecordAction::Put(new) => Some(new.clone()),
+        RecordAction::Remove => None,
+    };
+    let expected = match &case.store {
+        Store::Keep => stored,
+        Store::Remove => None,
+        Store::Put(timestamp, profile) => Some(record_of(timestamp.map(time), profile)),
+    };
+    if kept != expected {
+        failures.push(format!(
+            "{name} (records): stored {kept:?}, expected {expected:?}"
+        ));
+    }
+    failures
+}
+
 fn run(cases: Vec<Case>) {
     let count = cases.len();
     let mut failures = Vec::new();
     for case in &cases {
         let name = case.name.as_str();
         let update = parse_one(&case.update);
+        failures.extend(record_engine_failures(case, &update));
         let applied = apply(case.stored.as_ref(), &update, &case.mapping, time(RECEIVED));
 
         if applied.result != case.result {

@@ -67,7 +67,7 @@ pub fn project(old: &Value, new: &Value, mapping: &Mapping, time: &str) -> Value
 /// Adds to a mapped segment's entry what the mapping asks for (Adobe's "Include Segment Names"
 /// and "Include Segment Timestamps"): `name`; `createdAt`, `updatedAt`, `mappingCreatedAt`,
 /// `mappingUpdatedAt` in Unix epoch milliseconds; each only when known.
-fn describe_segment(entry: &mut Value, segment: &str, mapping: &Mapping) {
+pub(crate) fn describe_segment(entry: &mut Value, segment: &str, mapping: &Mapping) {
     let Some(entry) = entry.as_object_mut() else {
         return;
     };

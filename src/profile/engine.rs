@@ -1,0 +1,297 @@
+//! The export rules on typed records (pure): what the store runs for every update.
+//!
+//! It decides exactly as the rules on JSON values ([`super::apply`], [`super::change`],
+//! [`super::export`]) do on the pruned profile, which stay as the readable statement of the
+//! rules and the reference this engine is tested against (`tests/record_engine.rs`).
+//! Merging an RFC 7386 patch is done per kept part: each attribute leaf, each segment entry
+//! and each identity namespace is what merging the whole profile would leave there.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Map, Value};
+
+use super::apply::UpdateResult;
+use super::change::Reason;
+use super::layout::{Layout, Leaf};
+use super::payload::{self, Kind};
+use super::record::{canonical, Attribute, Membership, Namespace, ProfileRecord};
+use super::update::{format_time, Op, Update};
+use crate::config::Mapping;
+
+/// What to write for one update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordAction {
+    Keep,
+    Put(ProfileRecord),
+    Remove,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedRecord {
+    pub result: UpdateResult,
+    pub store: RecordAction,
+    /// The reason and the payload as JSON text.
+    pub export: Option<(Reason, String)>,
+}
+
+fn time_of(micros: i64) -> Option<DateTime<Utc>> {
+    Utc.timestamp_micros(micros).single()
+}
+
+/// Applies `update` to `stored`. `received_at` stands in for the update's time when it has none.
+pub fn apply_record(
+    stored: Option<&ProfileRecord>,
+    update: &Update,
+    mapping: &Mapping,
+    layout: &Layout,
+    received_at: DateTime<Utc>,
+) -> AppliedRecord {
+    let stored_micros = stored.and_then(|s| s.timestamp_micros);
+    if let (Some(theirs), Some(ours)) = (update.timestamp, stored_micros.and_then(time_of)) {
+        if theirs < ours {
+            return AppliedRecord {
+                result: UpdateResult::Stale,
+                store: RecordAction::Keep,
+                export: None,
+            };
+        }
+    }
+    let time = || format_time(update.timestamp.unwrap_or(received_at));
+    let empty = ProfileRecord::default();
+    let old = stored.unwrap_or(&empty);
+
+    if update.op == Op::Delete {
+        if stored.is_none() {
+            return AppliedRecord {
+                result: UpdateResult::Unchanged,
+                store: RecordAction::Keep,
+                export: None,
+            };
+        }
+        let export = is_member_of_any(old, layout).then(|| {
+            let payload = payload::write(old, old, Kind::Delete, mapping, layout, &time());
+            (Reason::Delete, payload)
+        });
+        return AppliedRecord {
+            result: UpdateResult::Deleted,
+            store: RecordAction::Remove,
+            export,
+        };
+    }
+
+    let timestamp_micros = update
+        .timestamp
+        .map(|t| t.timestamp_micros())
+        .or(stored_micros);
+    let new = match update.op {
+        Op::Merge => merged(old, &update.profile, layout, timestamp_micros),
+        _ => ProfileRecord::from_profile(timestamp_micros, &update.profile, layout),
+    };
+    let export = decide(old, &new, layout).map(|reason| {
+        let payload = payload::write(old, &new, Kind::Update, mapping, layout, &time());
+        (reason, payload)
+    });
+    let changed = stored.is_none_or(|s| *s != new);
+    AppliedRecord {
+        result: if export.is_some() {
+            UpdateResult::Exported
+        } else {
+            UpdateResult::Unchanged
+        },
+        store: if changed {
+            RecordAction::Put(new)
+        } else {
+            RecordAction::Keep
+        },
+        export,
+    }
+}
+
+pub fn is_member_of_any(record: &ProfileRecord, layout: &Layout) -> bool {
+    layout.segments.iter().any(|s| record.is_member(s))
+}
+
+/// Whether two lists of identities hold the same set (order and repeats ignored). The lists
+/// are short, so comparing each with each beats building sets.
+fn same_identities(a: &[String], b: &[String]) -> bool {
+    a.iter().all(|x| b.contains(x)) && b.iter().all(|y| a.contains(y))
+}
+
+fn identities_differ(old: &ProfileRecord, new: &ProfileRecord, layout: &Layout) -> bool {
+    let differs = |ns: &str| !same_identities(old.identities(ns), new.identities(ns));
+    match &layout.namespaces {
+        Some(kept) => kept.iter().any(|ns| differs(ns)),
+        None => old
+            .identities
+            .iter()
+            .chain(&new.identities)
+            .any(|n| differs(&n.namespace)),
+    }
+}
+
+/// Decides whether `old` → `new` must be exported, and why (SPEC's order: segment,
+/// identity, attribute). An empty record stands for a profile never seen.
+pub fn decide(old: &ProfileRecord, new: &ProfileRecord, layout: &Layout) -> Option<Reason> {
+    if layout
+        .segments
+        .iter()
+        .any(|s| old.is_member(s) != new.is_member(s))
+    {
+        return Some(Reason::Segment);
+    }
+    if !is_member_of_any(new, layout) {
+        return None;
+    }
+    if identities_differ(old, new, layout) {
+        return Some(Reason::Identity);
+    }
+    if layout
+        .leaves
+        .iter()
+        .any(|leaf| old.attribute(leaf) != new.attribute(leaf))
+    {
+        return Some(Reason::Attribute);
+    }
+    None
+}
+
+/// What a merge patch holds at a path.
+enum PatchAt<'a> {
+    /// Nothing: the value there stays as it is.
+    Untouched,
+    /// A `null`, or a value that is not an object above the path: nothing is left there.
+    Removed,
+    /// This value is merged into the value there.
+    Merge(&'a Value),
+}
+
+fn patch_at<'a>(patch: &'a Map<String, Value>, keys: &[String]) -> PatchAt<'a> {
+    let (last, parents) = keys.split_last().expect("mapping paths are never empty");
+    let mut node = patch;
+    for key in parents {
+        match node.get(key) {
+            None => return PatchAt::Untouched,
+            Some(Value::Object(inner)) => node = inner,
+            Some(_) => return PatchAt::Removed,
+        }
+    }
+    match node.get(last) {
+        None => PatchAt::Untouched,
+        Some(Value::Null) => PatchAt::Removed,
+        Some(value) => PatchAt::Merge(value),
+    }
+}
+
+/// RFC 7386: `patch` merged into `target` (absent: `None`).
+fn merge_value(target: Option<Value>, patch: &Value) -> Value {
+    let mut value = target.unwrap_or(Value::Null);
+    json_patch::merge(&mut value, patch);
+    value
+}
+
+fn merged_attribute(
+    old: &ProfileRecord,
+    leaf: &Leaf,
+    patch: &Map<String, Value>,
+) -> Option<String> {
+    match patch_at(patch, &leaf.keys) {
+        PatchAt::Untouched => old.attribute(leaf).map(Cow::into_owned),
+        PatchAt::Removed => None,
+        PatchAt::Merge(value @ Value::Object(_)) => {
+            let before = old
+                .attribute(leaf)
+                .map(|text| serde_json::from_str(&text).expect("a record holds valid JSON text"));
+            Some(canonical(&merge_value(before, value)))
+        }
+        PatchAt::Merge(value) => Some(canonical(value)),
+    }
+}
+
+fn merged_segments(old: &ProfileRecord, patch: &Map<String, Value>) -> Vec<Membership> {
+    let ups = match patch.get("segmentMembership") {
+        None => return old.segments.clone(),
+        Some(Value::Object(membership)) => match membership.get("ups") {
+            None => return old.segments.clone(),
+            Some(Value::Object(ups)) => ups,
+            Some(_) => return Vec::new(),
+        },
+        Some(_) => return Vec::new(),
+    };
+    let mut segments = old.segments.clone();
+    for (segment, change) in ups {
+        let at = segments.binary_search_by(|m| m.segment.as_str().cmp(segment));
+        if change.is_null() {
+            if let Ok(i) = at {
+                segments.remove(i);
+            }
+            continue;
+        }
+        match at {
+            Ok(i) => {
+                let entry = merge_value(Some(segments[i].to_entry()), change);
+                segments[i] = Membership::from_entry(segment, &entry);
+            }
+            Err(i) => {
+                let entry = merge_value(None, change);
+                segments.insert(i, Membership::from_entry(segment, &entry));
+            }
+        }
+    }
+    segments
+}
+
+fn merged_identities(
+    old: &ProfileRecord,
+    patch: &Map<String, Value>,
+    layout: &Layout,
+) -> Vec<Namespace> {
+    let map = match patch.get("identityMap") {
+        None => return old.identities.clone(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Vec::new(),
+    };
+    let mut identities = old.identities.clone();
+    for (namespace, change) in map {
+        if !layout.keeps_namespace(namespace) {
+            continue;
+        }
+        let at = identities.binary_search_by(|n| n.namespace.as_str().cmp(namespace));
+        // Arrays replace; anything else leaves no identities (an object merged into an
+        // array makes an object).
+        match (at, Namespace::from_value(namespace, change)) {
+            (Ok(i), Some(new)) => identities[i] = new,
+            (Ok(i), None) => {
+                identities.remove(i);
+            }
+            (Err(i), Some(new)) => identities.insert(i, new),
+            (Err(_), None) => {}
+        }
+    }
+    identities
+}
+
+/// `patch` merged into `old`, keeping what `layout` keeps.
+fn merged(
+    old: &ProfileRecord,
+    patch: &Map<String, Value>,
+    layout: &Layout,
+    timestamp_micros: Option<i64>,
+) -> ProfileRecord {
+    let attributes = layout
+        .leaves
+        .iter()
+        .filter_map(|leaf| {
+            merged_attribute(old, leaf, patch).map(|json| Attribute {
+                path: leaf.joined.clone(),
+                json,
+            })
+        })
+        .collect();
+    ProfileRecord {
+        timestamp_micros,
+        segments: merged_segments(old, patch),
+        identities: merged_identities(old, patch, layout),
+        attributes,
+    }
+}

@@ -1,0 +1,485 @@
+//! The stored version of a profile as a typed record: what the rules read, with each value
+//! the payload carries kept as JSON text, so that deciding compares strings and building the
+//! payload copies text instead of building and printing `serde_json::Value` trees.
+//!
+//! JSON text here is always *canonical*: as serde_json prints a `Value` (object keys sorted,
+//! no spaces). Two values are then equal exactly when their texts are, with one exception
+//! that no profile field meets in practice: `-0.0` and `0.0` are equal numbers.
+//!
+//! What is kept (the rest is what the rules never read, see `prune`):
+//! - every `segmentMembership.ups` entry, mapped or not (a segment mapped later is backfilled
+//!   from them);
+//! - the non-empty identity arrays of the kept namespaces (a namespace whose value is not a
+//!   non-empty array counts as having no identities, for the rules and the payload alike);
+//! - the value at each attribute leaf of the mapping ([`Layout`]). A record written under
+//!   another mapping, or upgraded from a JSON record, may hold values at other paths; the
+//!   value at a leaf is then found through them ([`ProfileRecord::attribute`]).
+
+use std::borrow::Cow;
+
+use bincode::{Decode, Encode};
+use serde_json::{Map, Value};
+
+use super::layout::{Layout, Leaf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct ProfileRecord {
+    /// The update time, microseconds since the Unix epoch.
+    pub timestamp_micros: Option<i64>,
+    /// Sorted by segment id.
+    pub segments: Vec<Membership>,
+    /// Sorted by namespace.
+    pub identities: Vec<Namespace>,
+    /// Sorted by path.
+    pub attributes: Vec<Attribute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Membership {
+    pub segment: String,
+    /// `status`, when the entry is an object and its status a string.
+    pub status: Option<Status>,
+    /// `lastQualificationTime`, when the entry is an object and it is a string.
+    pub last_qualification_time: Option<String>,
+    pub rest: Rest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Status {
+    Realized,
+    Existing,
+    Exited,
+    Other(String),
+}
+
+/// The part of a segment entry that is neither its status nor its qualification time.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Rest {
+    /// An object with no other fields.
+    Nothing,
+    /// An object's other fields, as the canonical text of an object.
+    Fields(String),
+    /// An entry that is not an object, as canonical text.
+    NotObject(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Namespace {
+    pub namespace: String,
+    /// Never empty; each identity as canonical text.
+    pub items: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Attribute {
+    /// Object keys joined with `.`.
+    pub path: String,
+    pub json: String,
+}
+
+pub(crate) fn canonical(value: &Value) -> String {
+    // `to_string` (through `Display`) prints the same text, slower.
+    serde_json::to_string(value).expect("a Value serializes")
+}
+
+fn parse(text: &str) -> Value {
+    // Records hold only text this module printed from a `Value`.
+    serde_json::from_str(text).expect("a record holds valid JSON text")
+}
+
+impl Status {
+    fn of(text: &str) -> Status {
+        match text {
+            "realized" => Status::Realized,
+            "existing" => Status::Existing,
+            "exited" => Status::Exited,
+            other => Status::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Status::Realized => "realized",
+            Status::Existing => "existing",
+            Status::Exited => "exited",
+            Status::Other(other) => other,
+        }
+    }
+}
+
+impl Membership {
+    pub fn from_entry(segment: &str, entry: &Value) -> Membership {
+        let Value::Object(fields) = entry else {
+            return Membership {
+                segment: segment.to_owned(),
+                status: None,
+                last_qualification_time: None,
+                rest: Rest::NotObject(canonical(entry)),
+            };
+        };
+        let status = fields.get("status").and_then(Value::as_str).map(Status::of);
+        let time = fields
+            .get("lastQualificationTime")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let taken = usize::from(status.is_some()) + usize::from(time.is_some());
+        let rest = if fields.len() == taken {
+            Rest::Nothing
+        } else {
+            let others: Map<String, Value> = fields
+                .iter()
+                .filter(|(key, _)| {
+                    !(key.as_str() == "status" && status.is_some()
+                        || key.as_str() == "lastQualificationTime" && time.is_some())
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            Rest::Fields(canonical(&Value::Object(others)))
+        };
+        Membership {
+            segment: segment.to_owned(),
+            status,
+            last_qualification_time: time,
+            rest,
+        }
+    }
+
+    pub fn to_entry(&self) -> Value {
+        let mut fields = match &self.rest {
+            Rest::NotObject(text) => return parse(text),
+            Rest::Nothing => Map::new(),
+            Rest::Fields(text) => match parse(text) {
+                Value::Object(fields) => fields,
+                _ => Map::new(),
+            },
+        };
+        if let Some(status) = &self.status {
+            fields.insert("status".into(), status.as_str().into());
+        }
+        if let Some(time) = &self.last_qualification_time {
+            fields.insert("lastQualificationTime".into(), time.as_str().into());
+        }
+        Value::Object(fields)
+    }
+
+    /// `realized` and `existing` are memberships; `exited` or any other status is not.
+    pub fn is_member(&self) -> bool {
+        matches!(self.status, Some(Status::Realized | Status::Existing))
+    }
+}
+
+impl Namespace {
+    /// The namespace's identities, when `value` is a non-empty array.
+    pub fn from_value(namespace: &str, value: &Value) -> Option<Namespace> {
+        match value {
+            Value::Array(items) if !items.is_empty() => Some(Namespace {
+                namespace: namespace.to_owned(),
+                items: items.iter().map(canonical).collect(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn object_at<'a>(value: Option<&'a Value>, key: &str) -> Option<&'a Map<String, Value>> {
+    value?.get(key)?.as_object()
+}
+
+/// `b` is a path under `a`.
+fn is_under(b: &str, a: &str) -> bool {
+    b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'.'
+}
+
+impl ProfileRecord {
+    /// The record of a whole profile (an `upsert`), keeping what `layout` keeps.
+    pub fn from_profile(
+        timestamp_micros: Option<i64>,
+        profile: &Map<String, Value>,
+        layout: &Layout,
+    ) -> ProfileRecord {
+        let attributes = layout
+            .leaves
+            .iter()
+            .filter_map(|leaf| {
+                let (first, rest) = leaf.keys.split_first()?;
+                let value = rest
+                    .iter()
+                    .try_fold(profile.get(first)?, |value, key| value.get(key))?;
+                Some(Attribute {
+                    path: leaf.joined.clone(),
+                    json: canonical(value),
+                })
+            })
+            .collect();
+        let identities = profile
+            .get("identityMap")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(namespace, _)| layout.keeps_namespace(namespace))
+            .filter_map(|(namespace, value)| Namespace::from_value(namespace, value))
+            .collect();
+        ProfileRecord {
+            timestamp_micros,
+            segments: segments_of(profile),
+            identities,
+            attributes,
+        }
+    }
+
+    /// The record of a profile stored as JSON by an older outpost (already pruned by the
+    /// mapping it ran with, which is not known here): every segment entry and non-empty
+    /// identity array, and each other top-level field as an attribute.
+    pub fn from_json_profile(timestamp_micros: Option<i64>, profile: &Value) -> ProfileRecord {
+        let Some(object) = profile.as_object() else {
+            return ProfileRecord {
+                timestamp_micros,
+                ..ProfileRecord::default()
+            };
+        };
+        let attributes = object
+            .iter()
+            .filter(|(key, _)| {
+                key.as_str() != "segmentMembership"
+                    && key.as_str() != "identityMap"
+                    && !key.contains('.')
+            })
+            .map(|(key, value)| Attribute {
+                path: key.clone(),
+                json: canonical(value),
+            })
+            .collect();
+        let identities = object
+            .get("identityMap")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(namespace, value)| Namespace::from_value(namespace, value))
+            .collect();
+        ProfileRecord {
+            timestamp_micros,
+            segments: segments_of(object),
+            identities,
+            attributes,
+        }
+    }
+
+    /// Checks what decoding bytes cannot: that each JSON text is JSON (of the right kind) and
+    /// each list is in order. A record that fails this is unreadable: its texts would
+    /// otherwise go into payloads as they are.
+    pub fn check(&self) -> Result<(), String> {
+        fn json(text: &str, what: &str) -> Result<(), String> {
+            serde_json::from_str::<serde::de::IgnoredAny>(text)
+                .map(|_| ())
+                .map_err(|e| format!("{what}: {e}"))
+        }
+        fn sorted<T>(items: &[T], key: impl Fn(&T) -> &str, what: &str) -> Result<(), String> {
+            match items.windows(2).all(|w| key(&w[0]) < key(&w[1])) {
+                true => Ok(()),
+                false => Err(format!("{what} out of order")),
+            }
+        }
+        sorted(&self.segments, |m| &m.segment, "segments")?;
+        sorted(&self.identities, |n| &n.namespace, "namespaces")?;
+        sorted(&self.attributes, |a| &a.path, "attributes")?;
+        for m in &self.segments {
+            match &m.rest {
+                Rest::Nothing => {}
+                Rest::Fields(text) if text.starts_with('{') => json(text, &m.segment)?,
+                Rest::NotObject(text) if !text.starts_with('{') => json(text, &m.segment)?,
+                _ => return Err(format!("segment {}: entry of the wrong kind", m.segment)),
+            }
+        }
+        for n in &self.identities {
+            for item in &n.items {
+                json(item, &n.namespace)?;
+            }
+        }
+        for a in &self.attributes {
+            json(&a.json, &a.path)?;
+        }
+        Ok(())
+    }
+
+    /// The record as a JSON profile (for people: `outpost profile`, errors).
+    pub fn to_value(&self) -> Value {
+        let mut profile = self.attributes_value();
+        if !self.segments.is_empty() {
+            let ups: Map<String, Value> = self
+                .segments
+                .iter()
+                .map(|m| (m.segment.clone(), m.to_entry()))
+                .collect();
+            let mut membership = Map::new();
+            membership.insert("ups".into(), Value::Object(ups));
+            profile.insert("segmentMembership".into(), Value::Object(membership));
+        }
+        if !self.identities.is_empty() {
+            let map: Map<String, Value> = self
+                .identities
+                .iter()
+                .map(|n| {
+                    let items = n.items.iter().map(|i| parse(i)).collect();
+                    (n.namespace.clone(), Value::Array(items))
+                })
+                .collect();
+            profile.insert("identityMap".into(), Value::Object(map));
+        }
+        Value::Object(profile)
+    }
+
+    fn attributes_value(&self) -> Map<String, Value> {
+        let mut object = Map::new();
+        for attribute in &self.attributes {
+            let keys: Vec<&str> = attribute.path.split('.').collect();
+            let (last, parents) = keys.split_last().expect("split yields one part at least");
+            let mut node = &mut object;
+            for key in parents {
+                let entry = node
+                    .entry((*key).to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                }
+                node = entry.as_object_mut().expect("made an object above");
+            }
+            node.insert((*last).to_owned(), parse(&attribute.json));
+        }
+        object
+    }
+
+    pub fn membership(&self, segment: &str) -> Option<&Membership> {
+        self.segments
+            .binary_search_by(|m| m.segment.as_str().cmp(segment))
+            .ok()
+            .map(|i| &self.segments[i])
+    }
+
+    pub fn is_member(&self, segment: &str) -> bool {
+        self.membership(segment).is_some_and(Membership::is_member)
+    }
+
+    /// The identities of `namespace` (none when it has none).
+    pub fn identities(&self, namespace: &str) -> &[String] {
+        self.identities
+            .binary_search_by(|n| n.namespace.as_str().cmp(namespace))
+            .map_or(&[], |i| &self.identities[i].items)
+    }
+
+    /// The canonical text of the value at `leaf`, if the profile has one there.
+    pub fn attribute(&self, leaf: &Leaf) -> Option<Cow<'_, str>> {
+        match self
+            .attributes
+            .binary_search_by(|a| a.path.as_str().cmp(&leaf.joined))
+        {
+            Ok(i) => Some(Cow::Borrowed(&self.attributes[i].json)),
+            Err(_) => self.attribute_through_other_paths(leaf),
+        }
+    }
+
+    /// A record written under another mapping may hold the leaf's value inside a shorter
+    /// path's value, or spread over longer paths.
+    fn attribute_through_other_paths(&self, leaf: &Leaf) -> Option<Cow<'_, str>> {
+        let related = self
+            .attributes
+            .iter()
+            .any(|a| is_under(&leaf.joined, &a.path) || is_under(&a.path, &leaf.joined));
+        if !related {
+            return None;
+        }
+        let object = Value::Object(self.attributes_value());
+        let value = leaf.keys.iter().try_fold(&object, |v, key| v.get(key))?;
+        Some(Cow::Owned(canonical(value)))
+    }
+}
+
+fn segments_of(profile: &Map<String, Value>) -> Vec<Membership> {
+    object_at(profile.get("segmentMembership"), "ups")
+        .into_iter()
+        .flatten()
+        .map(|(segment, entry)| Membership::from_entry(segment, entry))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mapping;
+    use serde_json::json;
+
+    #[test]
+    fn a_profile_becomes_a_record_and_back() {
+        let layout = Layout::new(&Mapping::new(
+            &["person.name.firstName", "mobilePhone"],
+            &["s1"],
+            &["ecid"],
+        ));
+        let profile = json!({
+            "person": {"name": {"firstName": "Jane", "lastName": "Doe"}},
+            "mobilePhone": {"number": "1-408", "status": "active"},
+            "segmentMembership": {"ups": {
+                "s1": {"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"},
+                "s2": {"status": "existing", "version": "15", "payload": {"a": 1}},
+                "s3": "odd",
+                "s4": {"status": 7}
+            }},
+            "identityMap": {"ecid": [{"primary": true, "id": "1"}], "crmid": [{"id": "2"}], "empty": []}
+        });
+        let record = ProfileRecord::from_profile(Some(5), profile.as_object().unwrap(), &layout);
+        assert_eq!(record.attributes.len(), 2);
+        assert!(record.is_member("s1") && record.is_member("s2"));
+        assert!(!record.is_member("s3") && !record.is_member("s4"));
+        assert_eq!(record.identities("ecid"), [r#"{"id":"1","primary":true}"#]);
+        assert!(record.identities("crmid").is_empty());
+        assert_eq!(
+            record.to_value(),
+            json!({
+                "person": {"name": {"firstName": "Jane"}},
+                "mobilePhone": {"number": "1-408", "status": "active"},
+                "segmentMembership": {"ups": {
+                    "s1": {"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"},
+                    "s2": {"status": "existing", "version": "15", "payload": {"a": 1}},
+                    "s3": "odd",
+                    "s4": {"status": 7}
+                }},
+                "identityMap": {"ecid": [{"primary": true, "id": "1"}]}
+            })
+        );
+    }
+
+    #[test]
+    fn a_leaf_is_found_through_the_paths_of_an_older_record() {
+        let json =
+            json!({"person": {"name": {"firstName": "Jane"}}, "mobilePhone": {"number": "1"}});
+        let old = ProfileRecord::from_json_profile(None, &json);
+        let layout = Layout::new(&Mapping::new(
+            &["person.name.firstName", "mobilePhone", "workEmail"],
+            &[],
+            &[],
+        ));
+        let texts: Vec<Option<String>> = layout
+            .leaves
+            .iter()
+            .map(|leaf| old.attribute(leaf).map(Cow::into_owned))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                Some(r#"{"number":"1"}"#.to_owned()),
+                Some(r#""Jane""#.to_owned()),
+                None
+            ]
+        );
+        // And the other way: a leaf above the stored paths gathers them.
+        let wide = Layout::new(&Mapping::new(&["person"], &[], &[]));
+        let narrow = ProfileRecord::from_profile(
+            None,
+            json.as_object().unwrap(),
+            &Layout::new(&Mapping::new(&["person.name.firstName"], &[], &[])),
+        );
+        assert_eq!(
+            narrow.attribute(&wide.leaves[0]).as_deref(),
+            Some(r#"{"name":{"firstName":"Jane"}}"#)
+        );
+    }
+}

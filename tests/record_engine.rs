@@ -1,0 +1,318 @@
+//! The record engine (`profile::engine`, what the store runs) against the rules on JSON values
+//! (`profile::apply`, the readable statement of SPEC's rules): random sequences of upserts,
+//! merges and deletes over awkward profiles (nested and overlapping attribute paths, values
+//! that are not objects where the paths go deeper, odd segment entries and identity values,
+//! `null`s everywhere in patches) give the same results, the same exports with the same
+//! payloads, and the same stored state.
+
+use chrono::{DateTime, TimeZone, Utc};
+use outpost::config::{MappedAt, Mapping, SegmentDetails};
+use outpost::profile::apply::{apply, StoreAction, StoredProfile};
+use outpost::profile::engine::{apply_record, RecordAction};
+use outpost::profile::layout::Layout;
+use outpost::profile::prune::KeepTree;
+use outpost::profile::record::ProfileRecord;
+use outpost::profile::{Op, Update};
+use proptest::prelude::*;
+use serde_json::{json, Map, Value};
+
+fn mapping(all_namespaces: bool) -> Mapping {
+    let mut mapping = Mapping::new(
+        &["a.b", "a.c.a", "b", "c", "c.a", "d.a.b"],
+        &["s1", "s2"],
+        if all_namespaces {
+            &[]
+        } else {
+            &["ecid", "email"]
+        },
+    );
+    mapping.include_segment_names = true;
+    mapping.include_segment_timestamps = true;
+    mapping.segment_details.insert(
+        "s1".into(),
+        SegmentDetails {
+            name: Some("Gold \"VIP\"".into()),
+            created_at_ms: Some(1),
+            updated_at_ms: None,
+        },
+    );
+    mapping.mapped_at.insert(
+        "s2".into(),
+        MappedAt {
+            created_ms: 5,
+            updated_ms: 6,
+        },
+    );
+    mapping
+}
+
+fn scalar() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!(1)),
+        Just(json!(1.0)),
+        Just(json!("x")),
+        Just(json!("y\u{e9}\"")),
+        Just(json!(true)),
+        Just(json!([1, {"b": 2}])),
+        Just(json!([])),
+    ]
+}
+
+/// Values under attribute keys: objects over the keys `a`, `b`, `c`, `d`, scalars and, in
+/// patches, `null`s.
+fn value(depth: u32, nulls: bool) -> BoxedStrategy<Value> {
+    let leaf = if nulls {
+        prop_oneof![4 => scalar(), 1 => Just(Value::Null)].boxed()
+    } else {
+        scalar().boxed()
+    };
+    if depth == 0 {
+        return leaf;
+    }
+    prop_oneof![
+        2 => leaf,
+        3 => object(depth - 1, nulls),
+    ]
+    .boxed()
+}
+
+fn object(depth: u32, nulls: bool) -> BoxedStrategy<Value> {
+    prop::collection::btree_map(
+        prop::sample::select(vec!["a", "b", "c", "d"]),
+        value(depth, nulls),
+        0..4,
+    )
+    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    .boxed()
+}
+
+fn segment_entry(nulls: bool) -> BoxedStrategy<Value> {
+    let status = prop::option::of(prop::sample::select(vec![
+        json!("realized"),
+        json!("existing"),
+        json!("exited"),
+        json!("queued"),
+        json!(7),
+    ]));
+    let time = prop::option::of(prop::sample::select(vec![
+        json!("2026-01-01T00:00:00Z"),
+        json!(3),
+    ]));
+    let extra = prop::option::of(prop::sample::select(vec![
+        json!({"version": "15"}),
+        json!({"name": "theirs"}),
+        json!({"status": null}),
+    ]));
+    let entry = (status, time, extra).prop_map(|(status, time, extra)| {
+        let mut entry = Map::new();
+        if let Some(Value::Object(extra)) = extra {
+            entry.extend(extra);
+        }
+        if let Some(status) = status {
+            entry.insert("status".into(), status);
+        }
+        if let Some(time) = time {
+            entry.insert("lastQualificationTime".into(), time);
+        }
+        Value::Object(entry)
+    });
+    let odd = if nulls {
+        prop_oneof![Just(json!("realized")), Just(Value::Null)].boxed()
+    } else {
+        Just(json!("realized")).boxed()
+    };
+    prop_oneof![5 => entry, 1 => odd].boxed()
+}
+
+fn identity_value(nulls: bool) -> BoxedStrategy<Value> {
+    let items = prop::collection::vec(
+        prop::sample::select(vec![
+            json!({"id": "1"}),
+            json!({"id": "2", "primary": true}),
+            json!({"primary": true, "id": "2"}),
+            json!("3"),
+        ]),
+        0..3,
+    )
+    .prop_map(Value::Array);
+    let mut odd = vec![json!({"id": "9"})];
+    if nulls {
+        odd.push(Value::Null);
+    }
+    prop_oneof![4 => items, 1 => prop::sample::select(odd)].boxed()
+}
+
+fn keyed(
+    keys: Vec<&'static str>,
+    values: BoxedStrategy<Value>,
+    non_object: bool,
+) -> BoxedStrategy<Value> {
+    let map = prop::collection::btree_map(prop::sample::select(keys), values, 0..4)
+        .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()));
+    if non_object {
+        prop_oneof![6 => map, 1 => Just(Value::Null), 1 => Just(json!(5))].boxed()
+    } else {
+        map.boxed()
+    }
+}
+
+/// A profile (`nulls` false) or a merge patch (`nulls` true).
+fn profile(nulls: bool) -> BoxedStrategy<Map<String, Value>> {
+    let ups = keyed(vec!["s1", "s2", "s3"], segment_entry(nulls), nulls);
+    let membership = prop_oneof![
+        4 => ups.prop_map(|ups| json!({ "ups": ups })),
+        1 => Just(json!({"other": 1})),
+    ];
+    let identity_map = keyed(vec!["ecid", "email", "crm"], identity_value(nulls), nulls);
+    (
+        object(3, nulls),
+        prop::option::of(membership),
+        prop::option::of(identity_map),
+    )
+        .prop_map(|(attributes, membership, identity_map)| {
+            let Value::Object(mut profile) = attributes else {
+                unreachable!("object() makes objects")
+            };
+            if let Some(membership) = membership {
+                profile.insert("segmentMembership".into(), membership);
+            }
+            if let Some(identity_map) = identity_map {
+                profile.insert("identityMap".into(), identity_map);
+            }
+            profile
+        })
+        .boxed()
+}
+
+fn update() -> impl Strategy<Value = Update> {
+    let op = prop::sample::select(vec![Op::Upsert, Op::Merge, Op::Merge, Op::Delete]);
+    (op, prop::option::of(0u32..5), any::<bool>()).prop_flat_map(|(op, minute, _)| {
+        profile(op == Op::Merge).prop_map(move |profile| Update {
+            id: "p".into(),
+            op,
+            profile: if op == Op::Delete {
+                Map::new()
+            } else {
+                profile
+            },
+            timestamp: minute.map(|m| at(m * 60)),
+        })
+    })
+}
+
+fn at(seconds: u32) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_767_225_600 + i64::from(seconds), 0)
+        .unwrap()
+}
+
+fn record_of(stored: &StoredProfile, layout: &Layout) -> ProfileRecord {
+    ProfileRecord::from_profile(
+        stored.timestamp.map(|t| t.timestamp_micros()),
+        stored.profile.as_object().expect("profiles are objects"),
+        layout,
+    )
+}
+
+fn parsed(payload: &str) -> Value {
+    serde_json::from_str(payload).unwrap_or_else(|e| panic!("payload {payload}: {e}"))
+}
+
+/// Runs `updates` through both, starting from `start` (a JSON profile for the values, its
+/// record for the engine), and returns the first disagreement.
+fn disagreement(
+    start: Option<(StoredProfile, ProfileRecord)>,
+    updates: &[Update],
+    mapping: &Mapping,
+) -> Option<String> {
+    let layout = Layout::new(mapping);
+    let keep = KeepTree::for_mapping(mapping);
+    // A record upgraded from JSON holds values at the old mapping's paths until rewritten.
+    let mut rewritten = start.is_none();
+    let (mut values, mut record) = match start {
+        Some((values, record)) => (Some(values), Some(record)),
+        None => (None, None),
+    };
+    let received = at(10_000);
+    for (step, update) in updates.iter().enumerate() {
+        let mut pruned = update.clone();
+        keep.prune(&mut pruned.profile);
+        let by_values = apply(values.as_ref(), &pruned, mapping, received);
+        let by_record = apply_record(record.as_ref(), &pruned, mapping, &layout, received);
+        let context = format!("step {step}: {update:?}\nstored {values:?}\nrecord {record:?}");
+        if by_values.result != by_record.result {
+            return Some(format!(
+                "{}\nresult {:?} vs {:?}",
+                context, by_values.result, by_record.result
+            ));
+        }
+        let exports = (
+            by_values.export.as_ref().map(|(r, p)| (*r, p.clone())),
+            by_record.export.as_ref().map(|(r, p)| (*r, parsed(p))),
+        );
+        if exports.0 != exports.1 {
+            return Some(format!(
+                "{}\nexport {:?}\nvs     {:?}",
+                context, exports.0, exports.1
+            ));
+        }
+        if let Some((_, text)) = &by_record.export {
+            // Byte for byte what serde_json prints for the same document.
+            let printed = exports.0.as_ref().map(|(_, p)| p.to_string());
+            if printed.as_deref() != Some(text.as_str()) {
+                return Some(format!("{}\npayload text {text}\nvs {printed:?}", context));
+            }
+        }
+        match by_values.store {
+            StoreAction::Keep => {}
+            StoreAction::Put(new) => values = Some(new),
+            StoreAction::Remove => values = None,
+        }
+        match by_record.store {
+            RecordAction::Keep => {}
+            RecordAction::Put(new) => (record, rewritten) = (Some(new), true),
+            RecordAction::Remove => (record, rewritten) = (None, true),
+        }
+        let expected = values.as_ref().map(|v| record_of(v, &layout));
+        if rewritten && expected != record {
+            return Some(format!(
+                "{context}\nstored record {record:?}\nexpected {expected:?}"
+            ));
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_engine_decides_and_stores_as_the_rules_on_values(
+        updates in prop::collection::vec(update(), 1..6),
+        all_namespaces in any::<bool>(),
+    ) {
+        let found = disagreement(None, &updates, &mapping(all_namespaces));
+        prop_assert!(found.is_none(), "{}", found.unwrap_or_default());
+    }
+
+    /// A profile stored as JSON by an older outpost under another mapping, upgraded to a
+    /// record, is judged as the JSON profile would have been.
+    #[test]
+    fn an_upgraded_json_profile_is_judged_as_before(
+        first in profile(false),
+        updates in prop::collection::vec(update(), 1..4),
+        all_namespaces in any::<bool>(),
+    ) {
+        let before = Mapping::new(&["a", "c.a.b", "d"], &["s1"], &["ecid"]);
+        let mut stored = Value::Object(first);
+        KeepTree::for_mapping(&before).prune(stored.as_object_mut().unwrap());
+        let timestamp = Some(at(0));
+        let record = ProfileRecord::from_json_profile(
+            timestamp.map(|t| t.timestamp_micros()),
+            &stored,
+        );
+        let values = StoredProfile { timestamp, profile: stored };
+        let mapping = mapping(all_namespaces);
+        let found = disagreement(Some((values, record)), &updates, &mapping);
+        prop_assert!(found.is_none(), "{}", found.unwrap_or_default());
+    }
+}
