@@ -6,14 +6,16 @@
 //! ## Layout
 //! - [`clock`]: wall clock versus run time: what `max_age_s` counts, and clock jumps noticed.
 //! - [`config`]: the TOML configuration, validated once; errors name the key.
-//! - [`profile`]: pure profile logic: update parsing ([`profile::update`]), the export rules
-//!   ([`profile::change`]), the payload ([`profile::export`]) and applying an update
-//!   ([`profile::apply`]).
+//! - [`profile`]: pure profile logic: update parsing ([`profile::update`]); the export rules
+//!   stated on JSON values ([`profile::change`], [`profile::export`], [`profile::apply`]);
+//!   and run on typed stored records ([`profile::record`], [`profile::layout`],
+//!   [`profile::engine`], [`profile::payload`]), which is what the store does. Tests hold the
+//!   two to the same answers.
 //! - [`store`]: the sled store, one concept a file (its module docs have the table of parts
 //!   and of each tree's keys and values): key and value encodings ([`store::keys`],
 //!   [`store::codec`]), the group-committing single writer ([`store::committer`]),
 //!   delivery's grouped changes to pending exports ([`store::outbox`]), the backfill of newly
-//!   mapped segments ([`store::backfill`]).
+//!   mapped segments ([`store::backfill`]), the upgrade of older stores' profiles.
 //! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]), the
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client

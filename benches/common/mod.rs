@@ -24,7 +24,7 @@ use outpost::profile::change::is_member_of_any;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::update::parse_body;
 use outpost::profile::{Op, Reason, Update};
-use outpost::store::codec::{self, ProfileRecord};
+use outpost::store::codec;
 use outpost::store::committer::Committer;
 use outpost::store::{ListFilter, Store};
 
@@ -180,11 +180,11 @@ pub fn value_sizes(
     });
     drop(committer);
     handle.join().unwrap();
-    let stored = store.profile(&second.id).unwrap().expect("stored profile");
-    let profile = codec::encode_profile(&ProfileRecord {
-        timestamp_micros: stored.timestamp.map(|t| t.timestamp_micros()),
-        json: stored.profile.to_string(),
-    });
+    let stored = store
+        .profile_record(&second.id)
+        .unwrap()
+        .expect("stored profile");
+    let profile = codec::encode_profile(&stored);
     let exports = store.list(&ListFilter::default()).unwrap();
     let last = exports.last().expect("an export");
     assert_eq!(last.record.reason(), Reason::Attribute);

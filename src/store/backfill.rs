@@ -24,16 +24,16 @@ use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sled::Transactional;
 
 use super::export::{append_exports, new_export};
 use super::keys::meta;
-use super::profiles::stored_from_record;
+use super::profiles::decode_profile;
 use super::{codec, Store, StoreError};
 use crate::config::Mapping;
-use crate::profile::change::is_member;
-use crate::profile::export::project;
+use crate::profile::layout::Layout;
+use crate::profile::payload::{self, Kind};
+use crate::profile::record::ProfileRecord;
 use crate::profile::update::format_time;
 use crate::profile::Reason;
 
@@ -115,15 +115,16 @@ impl BackfillProgress {
 /// The payload a stored profile gets from a backfill of `segments`, if it is a member of one
 /// of them that is still mapped (pure).
 pub fn backfill_payload(
-    profile: &Value,
+    profile: &ProfileRecord,
     segments: &[String],
     mapping: &Mapping,
+    layout: &Layout,
     time: &str,
-) -> Option<Value> {
+) -> Option<String> {
     let member = segments
         .iter()
-        .any(|s| mapping.segments.contains(s) && is_member(profile, s));
-    member.then(|| project(profile, profile, mapping, time))
+        .any(|s| layout.maps_segment(s) && profile.is_member(s));
+    member.then(|| payload::write(profile, profile, Kind::Update, mapping, layout, time))
 }
 
 impl Store {
@@ -174,21 +175,19 @@ impl Store {
         let time = format_time(now);
         let created_at_ms = now.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
+        let layout = Layout::new(mapping);
         let mut exports = Vec::new();
         for (key, value) in &scanned {
             let id = String::from_utf8_lossy(key);
-            let stored = codec::decode_profile(value)
-                .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))
-                .and_then(|record| stored_from_record(&id, record));
-            match stored {
+            match decode_profile(&id, value) {
                 Ok(stored) => {
                     if let Some(payload) =
-                        backfill_payload(&stored.profile, &job.segments, mapping, &time)
+                        backfill_payload(&stored, &job.segments, mapping, &layout, &time)
                     {
                         exports.push(new_export(
                             &id,
                             Reason::Segment,
-                            &payload,
+                            payload,
                             created_at_ms,
                             queued_at_uptime_ms,
                         ));
@@ -228,11 +227,15 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     #[test]
     fn members_of_a_still_mapped_segment_get_their_payload() {
         let mapping = Mapping::new(&["person.name"], &["old", "new"], &[]);
+        let layout = Layout::new(&mapping);
+        let record = |profile: Value| {
+            ProfileRecord::from_profile(None, profile.as_object().unwrap(), &layout)
+        };
         let segments = vec!["new".to_owned(), "gone".to_owned()];
         let member = json!({
             "person": {"name": "Jane"},
@@ -242,8 +245,9 @@ mod tests {
                 "unmapped": {"status": "realized"}
             }}
         });
+        let payload = backfill_payload(&record(member), &segments, &mapping, &layout, "t");
         assert_eq!(
-            backfill_payload(&member, &segments, &mapping, "t"),
+            payload.map(|p| serde_json::from_str::<Value>(&p).unwrap()),
             Some(json!({
                 "person": {"name": "Jane"},
                 "segmentMembership": {"ups": {"new": {"status": "existing"}}}
@@ -256,7 +260,13 @@ mod tests {
             json!({}),
         ] {
             assert_eq!(
-                backfill_payload(&not_member, &segments, &mapping, "t"),
+                backfill_payload(
+                    &record(not_member.clone()),
+                    &segments,
+                    &mapping,
+                    &layout,
+                    "t"
+                ),
                 None,
                 "{not_member}"
             );

@@ -6,9 +6,13 @@
 use bincode::{Decode, Encode};
 
 use crate::clock::ClockRecord;
+use crate::profile::record::ProfileRecord;
 use crate::profile::Reason;
 
+/// Profiles as JSON text (before typed records). Read and upgraded, never written.
 pub const PROFILE_V1: u8 = 1;
+/// Profiles as typed records ([`ProfileRecord`]).
+pub const PROFILE_V2: u8 = 2;
 /// Exports before the run-time clock: no `queued_at_uptime_ms`. Read, never written.
 pub const EXPORT_V1: u8 = 1;
 pub const EXPORT_V2: u8 = 2;
@@ -24,9 +28,9 @@ pub enum CodecError {
     Corrupt(String),
 }
 
-/// A stored profile version: its time and the profile as JSON text.
+/// A stored profile version of format 1: its time and the (pruned) profile as JSON text.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-pub struct ProfileRecord {
+pub struct ProfileJson {
     /// Microseconds since the Unix epoch.
     pub timestamp_micros: Option<i64>,
     pub json: String,
@@ -171,11 +175,35 @@ pub fn decode_json<T: serde::de::DeserializeOwned>(
 }
 
 pub fn encode_profile(record: &ProfileRecord) -> Vec<u8> {
+    encode(PROFILE_V2, record)
+}
+
+/// Format 1, as older stores hold it: for tests and benches of the upgrade.
+pub fn encode_profile_json(record: &ProfileJson) -> Vec<u8> {
     encode(PROFILE_V1, record)
 }
 
+/// A profile of either format; format 1 is converted ([`ProfileRecord::from_json_profile`]).
 pub fn decode_profile(bytes: &[u8]) -> Result<ProfileRecord, CodecError> {
-    decode(PROFILE_V1, bytes)
+    if format_of(bytes)? == PROFILE_V1 {
+        let old: ProfileJson = decode(PROFILE_V1, bytes)?;
+        let profile: serde_json::Value = serde_json::from_str(&old.json)
+            .map_err(|e| CodecError::Corrupt(format!("profile JSON: {e}")))?;
+        return Ok(ProfileRecord::from_json_profile(
+            old.timestamp_micros,
+            &profile,
+        ));
+    }
+    let record: ProfileRecord = decode(PROFILE_V2, bytes)?;
+    record
+        .check()
+        .map_err(|e| CodecError::Corrupt(format!("profile: {e}")))?;
+    Ok(record)
+}
+
+/// Whether `bytes` is a profile of format 1 (to be upgraded).
+pub fn is_profile_json(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&PROFILE_V1)
 }
 
 pub fn encode_export(record: &ExportRecord) -> Vec<u8> {
@@ -219,9 +247,11 @@ pub(crate) mod tests {
             bytes.extend_from_slice(&u64::MAX.to_le_bytes());
             assert!(decode_export(&bytes).is_err(), "format {format}");
         }
-        let mut bytes = vec![PROFILE_V1, 0, 0xFF];
-        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(decode_profile(&bytes).is_err());
+        for format in [PROFILE_V1, PROFILE_V2] {
+            let mut bytes = vec![format, 0, 0xFF];
+            bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+            assert!(decode_profile(&bytes).is_err(), "format {format}");
+        }
     }
 
     pub(crate) fn sample_export() -> ExportRecord {
@@ -240,14 +270,67 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn profile_v1_bytes_are_pinned() {
+    fn profile_v1_bytes_are_pinned_and_read_as_records() {
+        let json = r#"{"a":1,"segmentMembership":{"ups":{"s":{"status":"realized"}}}}"#;
+        let old = ProfileJson {
+            timestamp_micros: Some(5),
+            json: json.into(),
+        };
+        let bytes = encode_profile_json(&old);
+        assert_eq!(bytes[..4], [1, 1, 10, json.len() as u8]);
+        let record = decode_profile(&bytes).unwrap();
+        assert_eq!(
+            record,
+            ProfileRecord::from_json_profile(Some(5), &serde_json::from_str(json).unwrap())
+        );
+        assert!(record.is_member("s"));
+        let not_json = encode_profile_json(&ProfileJson {
+            timestamp_micros: None,
+            json: "{".into(),
+        });
+        assert!(matches!(
+            decode_profile(&not_json),
+            Err(CodecError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn profile_v2_bytes_are_pinned() {
+        use crate::profile::record::{Attribute, Membership, Namespace, Rest, Status};
         let record = ProfileRecord {
             timestamp_micros: Some(5),
-            json: "{}".into(),
+            segments: vec![Membership {
+                segment: "s".into(),
+                status: Some(Status::Existing),
+                last_qualification_time: None,
+                rest: Rest::Nothing,
+            }],
+            identities: vec![Namespace {
+                namespace: "n".into(),
+                items: vec!["1".into()],
+            }],
+            attributes: vec![Attribute {
+                path: "a".into(),
+                json: "2".into(),
+            }],
         };
         let bytes = encode_profile(&record);
-        assert_eq!(bytes, [1, 1, 10, 2, b'{', b'}']);
+        let expected: Vec<u8> = [
+            &[2u8, 1, 10][..],         // format 2, Some(5): zigzag 10
+            &[1, 1, b's', 1, 1, 0, 0], // one segment "s", Some(Existing), None, Nothing
+            &[1, 1, b'n', 1, 1, b'1'], // one namespace "n" with one identity `1`
+            &[1, 1, b'a', 1, b'2'],    // one attribute "a" = `2`
+        ]
+        .concat();
+        assert_eq!(bytes, expected);
         assert_eq!(decode_profile(&bytes).unwrap(), record);
+        // JSON text that is not JSON makes the record unreadable, not a bad payload.
+        let mut bad = record.clone();
+        bad.attributes[0].json = "{".into();
+        assert!(matches!(
+            decode_profile(&encode_profile(&bad)),
+            Err(CodecError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -99,14 +99,14 @@ pub struct ListFilter {
 pub(super) fn new_export(
     profile_id: &str,
     reason: Reason,
-    payload: &Value,
+    payload: String,
     created_at_ms: i64,
     queued_at_uptime_ms: u64,
 ) -> Vec<u8> {
     codec::encode_export(&ExportRecord::new_pending(
         profile_id.to_owned(),
         reason,
-        payload.to_string(),
+        payload,
         created_at_ms,
         queued_at_uptime_ms,
     ))

@@ -26,6 +26,8 @@ pub mod meta {
     pub const CLOCK: &[u8] = b"clock";
     /// The backfills to run (see `store::backfill`).
     pub const BACKFILL: &[u8] = b"backfill";
+    /// How far the upgrade of profiles to typed records is (see `store::upgrade`).
+    pub const UPGRADE: &[u8] = b"upgrade";
 }
 
 #[cfg(test)]

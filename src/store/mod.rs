@@ -2,8 +2,9 @@
 //!
 //! | part | file | trees and keys (key → value) |
 //! |---|---|---|
-//! | opening, format and upgrade, reopening after an I/O error, flush | `open.rs` | `meta/format` → layout version (u64 BE); `meta/store_id` → u32 BE |
-//! | profiles and applying updates | `profiles.rs` | `profiles`: profile id (UTF-8) → [`codec::ProfileRecord`] |
+//! | opening, format, reopening after an I/O error, flush | `open.rs` | `meta/format` → layout version (u64 BE); `meta/store_id` → u32 BE |
+//! | upgrading profiles stored as JSON (formats 1, 2) to typed records | `upgrade.rs` | `meta/upgrade` → format byte + last profile id rewritten |
+//! | profiles and applying updates | `profiles.rs` | `profiles`: profile id (UTF-8) → format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
 //! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
@@ -47,6 +48,7 @@ mod profiles;
 pub mod source;
 mod tally;
 mod unreadable;
+mod upgrade;
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -341,7 +343,7 @@ mod tests {
         drop((meta_tree, db));
         assert!(matches!(
             Store::open(dir.path(), 8 << 20),
-            Err(StoreError::Format { found: 3, .. })
+            Err(StoreError::Format { found, .. }) if found == FORMAT_VERSION + 1
         ));
     }
 }

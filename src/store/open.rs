@@ -15,16 +15,17 @@ use super::codec;
 use super::error::{io_detail, is_no_space, StoreError};
 use super::keys::{self, meta};
 use super::tally::{Place, Tally};
-use super::{Store, Trees};
+use super::{upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
 
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
-/// (`meta/clock`, exports of format 2).
-pub const FORMAT_VERSION: u64 = 2;
+/// (`meta/clock`, exports of format 2); format 3 stores profiles as typed records.
+pub const FORMAT_VERSION: u64 = 3;
 
-/// Older layouts this build opens, and upgrades by recording [`FORMAT_VERSION`]: their values
-/// stay readable as they are (see [`codec`]). An older build then refuses the store whole.
-pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1];
+/// Older layouts this build opens and upgrades: it records [`FORMAT_VERSION`] (an older build
+/// then refuses the store whole), and rewrites their profiles as typed records
+/// ([`upgrade`](super::upgrade)). Their other values stay readable as they are ([`codec`]).
+pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1, 2];
 
 /// What opening a store read from it.
 pub(super) struct Opened {
@@ -185,7 +186,10 @@ impl Store {
                     .map(u64::from_be_bytes)
                     .unwrap_or(u64::MAX);
                 if UPGRADABLE_FORMATS.contains(&found) {
-                    meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                    let mut batch = sled::Batch::default();
+                    batch.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes());
+                    batch.insert(meta::UPGRADE, upgrade::not_started());
+                    meta.apply_batch(batch)?;
                     db.flush()?;
                 } else if found != FORMAT_VERSION {
                     return Err(StoreError::Format {
@@ -224,6 +228,7 @@ impl Store {
         for note in &rebuilt {
             tracing::warn!("{note}");
         }
+        upgrade::finish(&trees)?;
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
             None => ClockRecord::default(),

@@ -1,9 +1,10 @@
 //! Profiles: applying groups of updates (read the stored versions, decide each update, write
 //! the new versions and their exports in one transaction), and reading one profile.
 //!
-//! `profiles`: key = the profile id (UTF-8); value = a [`ProfileRecord`] (`codec`: format
-//! byte + bincode of the update time in microseconds and the profile as JSON text, pruned to
-//! what the rules need: see `profile::prune`).
+//! `profiles`: key = the profile id (UTF-8); value = format byte 2 + bincode of a
+//! [`ProfileRecord`] (`profile::record`: the update time in microseconds, every segment entry,
+//! the kept identities and attribute values as JSON text). Format 1 (the pruned profile as
+//! JSON text) is still read, and upgraded when a store is opened (`open`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -12,12 +13,15 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 use sled::Transactional;
 
-use super::codec::{self, ProfileRecord};
+use super::codec;
 use super::error::StoreError;
 use super::export::{append_exports, new_export};
 use super::{source, Store};
 use crate::config::Mapping;
-use crate::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
+use crate::profile::apply::{StoredProfile, UpdateResult};
+use crate::profile::engine::{apply_record, RecordAction};
+use crate::profile::layout::Layout;
+use crate::profile::record::ProfileRecord;
 use crate::profile::{Reason, Update};
 
 /// What one request's updates did, as `POST /v1/updates` and `outpost ingest` report it.
@@ -80,28 +84,30 @@ impl BatchSummary {
     }
 }
 
-pub(super) fn stored_from_record(
-    id: &str,
-    record: ProfileRecord,
-) -> Result<StoredProfile, StoreError> {
-    let profile = serde_json::from_str(&record.json)
-        .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
-    let timestamp = record
-        .timestamp_micros
+fn time_of(id: &str, micros: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
+    micros
         .map(|us| {
             Utc.timestamp_micros(us)
                 .single()
                 .ok_or_else(|| StoreError::corrupt(format!("profile {id}"), "bad timestamp"))
         })
-        .transpose()?;
-    Ok(StoredProfile { timestamp, profile })
+        .transpose()
 }
 
-pub(super) fn record_from_stored(stored: &StoredProfile) -> ProfileRecord {
-    ProfileRecord {
-        timestamp_micros: stored.timestamp.map(|t| t.timestamp_micros()),
-        json: stored.profile.to_string(),
-    }
+/// The record as people read a profile: its time and the kept parts as JSON.
+pub fn stored_view(id: &str, record: &ProfileRecord) -> Result<StoredProfile, StoreError> {
+    Ok(StoredProfile {
+        timestamp: time_of(id, record.timestamp_micros)?,
+        profile: record.to_value(),
+    })
+}
+
+/// Decodes a stored profile of either format, naming it in the error.
+pub(super) fn decode_profile(id: &str, bytes: &[u8]) -> Result<ProfileRecord, StoreError> {
+    let record = codec::decode_profile(bytes)
+        .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
+    time_of(id, record.timestamp_micros)?;
+    Ok(record)
 }
 
 impl Store {
@@ -139,8 +145,9 @@ impl Store {
     ) -> Result<Vec<Result<BatchSummary, StoreError>>, StoreError> {
         let created_at_ms = received_at.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
+        let layout = Layout::new(mapping);
         // The latest version of each profile touched, and whether it must be written.
-        let mut versions: HashMap<&str, (Option<StoredProfile>, bool)> = HashMap::new();
+        let mut versions: HashMap<&str, (Option<ProfileRecord>, bool)> = HashMap::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
         'groups: for group in groups {
@@ -149,7 +156,7 @@ impl Store {
             for update in group.iter() {
                 let id = update.id.as_str();
                 if !versions.contains_key(id) {
-                    match self.profile(id) {
+                    match self.profile_record(id) {
                         Ok(version) => {
                             versions.insert(id, (version, false));
                         }
@@ -172,7 +179,7 @@ impl Store {
             for update in group.iter() {
                 let id = update.id.as_str();
                 let (version, dirty) = versions.get_mut(id).expect("inserted above");
-                let applied = apply(version.as_ref(), update, mapping, received_at);
+                let applied = apply_record(version.as_ref(), update, mapping, &layout, received_at);
                 summary.accepted += 1;
                 match applied.result {
                     UpdateResult::Exported => {}
@@ -181,15 +188,15 @@ impl Store {
                     UpdateResult::Deleted => summary.deleted += 1,
                 }
                 match applied.store {
-                    StoreAction::Keep => {}
-                    StoreAction::Put(new) => (*version, *dirty) = (Some(new), true),
-                    StoreAction::Remove => (*version, *dirty) = (None, true),
+                    RecordAction::Keep => {}
+                    RecordAction::Put(new) => (*version, *dirty) = (Some(new), true),
+                    RecordAction::Remove => (*version, *dirty) = (None, true),
                 }
                 if let Some((reason, payload)) = applied.export {
                     exports.push(new_export(
                         &update.id,
                         reason,
-                        &payload,
+                        payload,
                         created_at_ms,
                         queued_at_uptime_ms,
                     ));
@@ -202,12 +209,7 @@ impl Store {
         let mut writes: Vec<(&str, Option<Vec<u8>>)> = versions
             .into_iter()
             .filter(|(_, (_, dirty))| *dirty)
-            .map(|(id, (version, _))| {
-                (
-                    id,
-                    version.map(|v| codec::encode_profile(&record_from_stored(&v))),
-                )
-            })
+            .map(|(id, (version, _))| (id, version.map(|v| codec::encode_profile(&v))))
             .collect();
         // In key order, sled touches each leaf once rather than hopping between them.
         writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -237,14 +239,17 @@ impl Store {
         Ok(summaries)
     }
 
+    /// A stored profile as people read it (`outpost profile`).
     pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
+        self.profile_record(id)?
+            .map(|record| stored_view(id, &record))
+            .transpose()
+    }
+
+    pub fn profile_record(&self, id: &str) -> Result<Option<ProfileRecord>, StoreError> {
         self.with(|t| match t.profiles.get(id.as_bytes())? {
             None => Ok(None),
-            Some(bytes) => {
-                let record = codec::decode_profile(&bytes)
-                    .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
-                stored_from_record(id, record).map(Some)
-            }
+            Some(bytes) => decode_profile(id, &bytes).map(Some),
         })
     }
 }

@@ -9,7 +9,7 @@ use super::codec::{self, ExportRecord};
 use super::error::StoreError;
 use super::export::ExportId;
 use super::keys::{self, meta};
-use super::profiles::stored_from_record;
+use super::profiles::decode_profile;
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::Store;
 use crate::profile::Reason;
@@ -86,10 +86,7 @@ impl Store {
         for item in t.profiles.iter() {
             let (key, value) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
-            let decoded = codec::decode_profile(&value)
-                .map_err(|e| StoreError::corrupt(&id, e))
-                .and_then(|r| stored_from_record(&id, r));
-            if let Err(e) = decoded {
+            if let Err(e) = decode_profile(&id, &value) {
                 problems.push(e.to_string());
             }
         }
@@ -159,10 +156,7 @@ impl Store {
         for item in t.profiles.iter() {
             let (key, value) = item?;
             let id = key_text(&key);
-            let decoded = codec::decode_profile(&value)
-                .map_err(|e| StoreError::corrupt(&id, e))
-                .and_then(|r| stored_from_record(&id, r));
-            if let Err(e) = decoded {
+            if let Err(e) = decode_profile(&id, &value) {
                 found.push(UnreadableRecord {
                     tree: "profiles",
                     key: id,

@@ -1,0 +1,216 @@
+//! A store whose profiles are JSON text (formats 1 and 2, before typed records) is upgraded in
+//! place when it is opened: every profile becomes a typed record judged as before, and a kill
+//! at any instant of the upgrade leaves a store that opens and finishes it.
+//!
+//! The old stores are made by this outpost (real updates through the store), then their
+//! profiles are written back with the format-1 encoder, as an older outpost wrote them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use outpost::config::Config;
+use outpost::profile::prune::KeepTree;
+use outpost::profile::record::ProfileRecord;
+use outpost::profile::update::parse_body;
+use outpost::store::codec::{self, ProfileJson};
+use outpost::store::{Store, FORMAT_VERSION};
+use rand::Rng;
+use serde_json::Value;
+
+/// Stores `profiles` members of A through the store, then rewrites the store as format 2
+/// with JSON profiles. Returns the record each profile must read as after the upgrade.
+fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, ProfileRecord> {
+    let config = Config::load(&workspace.config_path()).unwrap();
+    let store_path = workspace.path().join("store");
+    {
+        let store = Store::open(&store_path, 8 << 20).unwrap();
+        let mut mapping = config.mapping.clone();
+        store
+            .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+            .unwrap();
+        let keep = KeepTree::for_mapping(&mapping);
+        for chunk in (0..profiles).collect::<Vec<_>>().chunks(2_000) {
+            let body: Vec<String> = chunk
+                .iter()
+                .map(|i| member_update(&format!("p{i:06}"), "Jane", "2026-01-01T00:00:00Z"))
+                .collect();
+            let mut updates = parse_body(body.join("\n").as_bytes()).unwrap();
+            for update in &mut updates {
+                keep.prune(&mut update.profile);
+            }
+            store
+                .apply_groups(&[&updates], &mapping, Utc::now())
+                .unwrap();
+        }
+        store.flush().unwrap();
+    }
+    let db = sled::open(&store_path).unwrap();
+    let tree = db.open_tree("profiles").unwrap();
+    let mut expected = BTreeMap::new();
+    let mut batch = sled::Batch::default();
+    for item in tree.iter() {
+        let (key, value) = item.unwrap();
+        let record = codec::decode_profile(&value).unwrap();
+        let json = record.to_value();
+        let old = ProfileJson {
+            timestamp_micros: record.timestamp_micros,
+            json: json.to_string(),
+        };
+        batch.insert(key.clone(), codec::encode_profile_json(&old));
+        expected.insert(
+            String::from_utf8(key.to_vec()).unwrap(),
+            ProfileRecord::from_json_profile(record.timestamp_micros, &json),
+        );
+    }
+    tree.apply_batch(batch).unwrap();
+    db.open_tree("meta")
+        .unwrap()
+        .insert("format", &2u64.to_be_bytes())
+        .unwrap();
+    db.flush().unwrap();
+    assert_eq!(expected.len(), profiles);
+    expected
+}
+
+/// How many profiles are still JSON and how many are records, read with sled alone.
+fn formats(workspace: &Workspace) -> (usize, usize) {
+    let db = sled::open(workspace.path().join("store")).unwrap();
+    let (mut json, mut records) = (0, 0);
+    for item in db.open_tree("profiles").unwrap().iter() {
+        let (_, value) = item.unwrap();
+        if codec::is_profile_json(&value) {
+            json += 1;
+        } else {
+            records += 1;
+        }
+    }
+    (json, records)
+}
+
+fn meta_value(workspace: &Workspace, key: &str) -> Option<Vec<u8>> {
+    let db = sled::open(workspace.path().join("store")).unwrap();
+    let value = db.open_tree("meta").unwrap().get(key).unwrap();
+    value.map(|v| v.to_vec())
+}
+
+fn outbox_stats_command(workspace: &Workspace) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .args(["--config", workspace.config_path().to_str().unwrap()])
+        .args(["outbox", "stats", "--json"])
+        .env("OUTPOST_LOG", "info");
+    command
+}
+
+fn assert_upgraded(workspace: &Workspace, expected: &BTreeMap<String, ProfileRecord>) {
+    assert_eq!(formats(workspace), (0, expected.len()));
+    assert_eq!(meta_value(workspace, "upgrade"), None);
+    assert_eq!(
+        meta_value(workspace, "format"),
+        Some(FORMAT_VERSION.to_be_bytes().to_vec())
+    );
+    let store = Store::open(&workspace.path().join("store"), 8 << 20).unwrap();
+    for (id, record) in expected {
+        assert_eq!(
+            store.profile_record(id).unwrap().as_ref(),
+            Some(record),
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn an_old_store_is_upgraded_on_open_and_its_profiles_are_judged_as_before() {
+    let workspace = Workspace::new();
+    let expected = old_store(&workspace, 300);
+    assert_eq!(formats(&workspace), (300, 0));
+
+    let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("upgrading the stored profiles"), "{log}");
+    assert!(
+        log.contains("upgraded the stored profiles: 300 rewritten of 300"),
+        "{log}"
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        stats["pending"], 300,
+        "the exports of the old store stay: {stats}"
+    );
+    assert_upgraded(&workspace, &expected);
+
+    // Judged as before: the same content is no change, a new first name is one.
+    let config = Config::load(&workspace.config_path()).unwrap();
+    let store = Store::open(&workspace.path().join("store"), 8 << 20).unwrap();
+    let keep = KeepTree::for_mapping(&config.mapping);
+    let body = [
+        member_update("p000001", "Jane", "2026-01-01T00:01:00Z"),
+        member_update("p000002", "Janet", "2026-01-01T00:01:00Z"),
+    ]
+    .join("\n");
+    let mut updates = parse_body(body.as_bytes()).unwrap();
+    for update in &mut updates {
+        keep.prune(&mut update.profile);
+    }
+    let summary = store
+        .apply_groups(&[&updates[..1], &updates[1..]], &config.mapping, Utc::now())
+        .unwrap();
+    assert_eq!((summary[0].exports, summary[0].unchanged), (0, 1));
+    assert_eq!(
+        summary[1].exports_for(outpost::profile::Reason::Attribute),
+        1
+    );
+
+    // Opening again upgrades nothing.
+    drop(store);
+    let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("upgrad"));
+}
+
+#[test]
+fn an_upgrade_killed_at_random_instants_finishes_on_the_next_open() {
+    let workspace = Workspace::new();
+    let expected = old_store(&workspace, 60_000);
+    let mut rng = rand::thread_rng();
+    let mut killed_mid_upgrade = 0;
+    for _ in 0..8 {
+        let mut child = outbox_stats_command(&workspace)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill once the upgrade has begun, at a random instant of it.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let began = lines.any(|line| line.unwrap().contains("upgrading the stored profiles"));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..600)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (json, records) = formats(&workspace);
+        assert_eq!(json + records, expected.len(), "no profile lost");
+        if json == 0 {
+            break;
+        }
+        assert!(
+            began,
+            "the store still holds JSON profiles but no upgrade began"
+        );
+        if records > 0 {
+            killed_mid_upgrade += 1;
+            assert!(meta_value(&workspace, "upgrade").is_some());
+        }
+    }
+    assert!(
+        killed_mid_upgrade > 0,
+        "no kill landed while the upgrade ran: the test shows nothing"
+    );
+    let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_upgraded(&workspace, &expected);
+}
