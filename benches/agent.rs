@@ -27,7 +27,8 @@
 //! (batches of 20,000 tiny profiles), then dropped. The binary is the one cargo builds with the
 //! bench (`CARGO_BIN_EXE_outpost`, i.e. target/release/outpost under `cargo bench`).
 //!
-//! Run: `cargo bench --bench agent`.
+//! Run: `cargo bench --bench agent`; `OUTPOST_BENCH_ONLY=ingest` (or `start`, `rss`) runs one
+//! section.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -629,17 +630,27 @@ fn main() {
             repeats: REPEATS,
         }
     };
+    let only = std::env::var("OUTPOST_BENCH_ONLY").ok();
+    let runs = |section: &str| only.as_deref().is_none_or(|only| only == section);
     let rt = common::runtime();
     let whole = Instant::now();
-    let (one, many, raw, raw_fsync) = bench_ingest(&rt, &plan);
+    let ingest = runs("ingest").then(|| bench_ingest(&rt, &plan));
     let section = Instant::now();
-    let starts = bench_startup(&rt, &plan);
+    let starts = if runs("start") {
+        bench_startup(&rt, &plan)
+    } else {
+        Vec::new()
+    };
     println!(
         "agent[start]: section took {:.1} s",
         section.elapsed().as_secs_f64()
     );
     let section = Instant::now();
-    let peaks = bench_rss(&rt, &plan);
+    let peaks = if runs("rss") {
+        bench_rss(&rt, &plan)
+    } else {
+        Vec::new()
+    };
     println!(
         "agent[rss]: section took {:.1} s",
         section.elapsed().as_secs_f64()
@@ -648,7 +659,8 @@ fn main() {
         println!("agent: smoke run done (run with cargo bench to measure)");
         return;
     }
-    println!(
+    if let Some((one, many, raw, raw_fsync)) = ingest {
+        println!(
         "agent RATIO ingest batch={BATCH}: HTTP/raw = {:.2}, HTTP/raw+fsync = {:.2}, HTTP x{CLIENTS}/raw+fsync = {:.2}  (target >= 0.6 vs raw+fsync: {}, vs raw: {})",
         one / raw,
         one / raw_fsync,
@@ -656,6 +668,7 @@ fn main() {
         verdict(one / raw_fsync >= 0.6),
         verdict(one / raw >= 0.6)
     );
+    }
     for (name, time) in starts {
         println!(
             "agent START {name} with {} pending: {} (target <= 2 s) {}",

@@ -38,7 +38,15 @@ struct Job {
     updates: Vec<Update>,
     /// For updates from a stream: how far it was consumed, recorded in the same transaction.
     position: Option<SourcePosition>,
-    reply: oneshot::Sender<Result<BatchSummary, CommitError>>,
+    /// The answer, with the updates handed back: freeing their JSON trees takes the
+    /// committer thread a fifth of its time, which the caller's thread can spare.
+    reply: oneshot::Sender<(Result<BatchSummary, CommitError>, Vec<Update>)>,
+}
+
+impl Job {
+    fn answer(self, result: Result<BatchSummary, CommitError>) {
+        let _ = self.reply.send((result, self.updates));
+    }
 }
 
 type BackfillReply = oneshot::Sender<Result<Option<BackfillProgress>, CommitError>>;
@@ -97,7 +105,8 @@ impl Committer {
             }))
             .await
             .map_err(|_| CommitError::Stopped)?;
-        answer.await.map_err(|_| CommitError::Stopped)?
+        let (result, _updates) = answer.await.map_err(|_| CommitError::Stopped)?;
+        result
     }
 
     /// Runs one step of the queued backfill, durably, between groups of updates; `None` when
@@ -190,15 +199,13 @@ fn run(
             Ok(summaries) => {
                 committed.notify_one();
                 for (job, summary) in jobs.into_iter().zip(summaries) {
-                    let _ = job
-                        .reply
-                        .send(summary.map_err(|e| CommitError::Refused(e.to_string())));
+                    job.answer(summary.map_err(|e| CommitError::Refused(e.to_string())));
                 }
             }
             Err(e) => {
                 let error = commit_error(e);
                 for job in jobs {
-                    let _ = job.reply.send(Err(error.clone()));
+                    job.answer(Err(error.clone()));
                 }
             }
         }
