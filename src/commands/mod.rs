@@ -172,6 +172,7 @@ async fn receiver(
     }
     let lifetime = options.token_lifetime.as_secs();
     let client_id = options.client_id.clone();
+    let terminated = termination_signal();
     let receiver = Receiver::start(listen, options)
         .await
         .map_err(|e| CliError::Failure(format!("cannot listen on {listen}: {e}")))?;
@@ -210,17 +211,19 @@ async fn receiver(
         "  profile endpoint {base}{}",
         crate::receiver::PROFILES_PATH
     );
-    termination_signal().await;
+    terminated.await;
     Ok(())
 }
 
 async fn run(config: &Config) -> Result<(), CliError> {
+    // Before the agent serves: a SIGTERM right after `/healthz` first answers stops it cleanly.
+    let terminated = termination_signal();
     let agent = Agent::start(config, AgentOptions::default())
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
     let stop = agent.shutdown_token();
     tokio::spawn(async move {
-        termination_signal().await;
+        terminated.await;
         tracing::info!("stopping: finishing in-flight deliveries");
         stop.cancel();
     });
