@@ -282,8 +282,70 @@ fn disagreement(
     None
 }
 
+/// Mappings whose attribute paths are, pairwise, the same or unrelated (neither under the
+/// other): across such changes the engine keeps what the stored JSON profile kept.
+fn changing_mappings() -> [Mapping; 3] {
+    [
+        Mapping::new(&["a.b", "c"], &["s1"], &["ecid"]),
+        Mapping::new(&["a.b", "d"], &["s1", "s2"], &[]),
+        Mapping::new(&["b"], &["s2"], &["email"]),
+    ]
+}
+
+/// The results and exports of both, with the mapping of each step chosen by `runs`; the first
+/// difference.
+fn disagreement_across_mappings(updates: &[Update], runs: &[usize]) -> Option<String> {
+    let mappings = changing_mappings();
+    let (mut values, mut record): (Option<StoredProfile>, Option<ProfileRecord>) = (None, None);
+    for (step, (update, run)) in updates.iter().zip(runs).enumerate() {
+        let mapping = &mappings[*run];
+        let mut pruned = update.clone();
+        KeepTree::for_mapping(mapping).prune(&mut pruned.profile);
+        let by_values = apply(values.as_ref(), &pruned, mapping, at(10_000));
+        let by_record = apply_record(
+            record.as_ref(),
+            &pruned,
+            mapping,
+            &Layout::new(mapping),
+            at(10_000),
+        );
+        let exports = (
+            by_values.export.as_ref().map(|(r, p)| (*r, p.clone())),
+            by_record.export.as_ref().map(|(r, p)| (*r, parsed(p))),
+        );
+        if by_values.result != by_record.result || exports.0 != exports.1 {
+            return Some(format!(
+                "step {step} (mapping {run}): {update:?}\nstored {values:?}\nrecord {record:?}\n\
+                 {:?} {:?}\nvs {:?} {:?}",
+                by_values.result, exports.0, by_record.result, exports.1
+            ));
+        }
+        match by_values.store {
+            StoreAction::Keep => {}
+            StoreAction::Put(new) => values = Some(new),
+            StoreAction::Remove => values = None,
+        }
+        match by_record.store {
+            RecordAction::Keep => {}
+            RecordAction::Put(new) => record = Some(new),
+            RecordAction::Remove => record = None,
+        }
+    }
+    None
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Attributes, segments and namespaces mapped, dropped and mapped again between updates.
+    #[test]
+    fn the_engine_decides_as_the_rules_on_values_across_mapping_changes(
+        updates in prop::collection::vec(update(), 2..8),
+        runs in prop::collection::vec(0usize..3, 8),
+    ) {
+        let found = disagreement_across_mappings(&updates, &runs);
+        prop_assert!(found.is_none(), "{}", found.unwrap_or_default());
+    }
 
     #[test]
     fn the_engine_decides_and_stores_as_the_rules_on_values(

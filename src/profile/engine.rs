@@ -8,14 +8,14 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::apply::UpdateResult;
 use super::change::Reason;
-use super::layout::{Layout, Leaf};
+use super::layout::Layout;
 use super::payload::{self, Kind};
-use super::record::{canonical, Attribute, Membership, Namespace, ProfileRecord};
+use super::record::{canonical, parse, related, Attribute, Membership, Namespace, ProfileRecord};
 use super::update::{format_time, Op, Update};
 use crate::config::Mapping;
 
@@ -35,10 +35,6 @@ pub struct AppliedRecord {
     pub export: Option<(Reason, String)>,
 }
 
-fn time_of(micros: i64) -> Option<DateTime<Utc>> {
-    Utc.timestamp_micros(micros).single()
-}
-
 /// Applies `update` to `stored`. `received_at` stands in for the update's time when it has none.
 pub fn apply_record(
     stored: Option<&ProfileRecord>,
@@ -48,7 +44,7 @@ pub fn apply_record(
     received_at: DateTime<Utc>,
 ) -> AppliedRecord {
     let stored_micros = stored.and_then(|s| s.timestamp_micros);
-    if let (Some(theirs), Some(ours)) = (update.timestamp, stored_micros.and_then(time_of)) {
+    if let (Some(theirs), Some(ours)) = (update.timestamp, stored.and_then(|s| s.timestamp())) {
         if theirs < ours {
             return AppliedRecord {
                 result: UpdateResult::Stale,
@@ -190,22 +186,63 @@ fn merge_value(target: Option<Value>, patch: &Value) -> Value {
     value
 }
 
-fn merged_attribute(
-    old: &ProfileRecord,
-    leaf: &Leaf,
+/// The text at a path after merging `patch`, from the text there before.
+fn merged_text(
+    before: Option<Cow<'_, str>>,
     patch: &Map<String, Value>,
+    keys: &[String],
 ) -> Option<String> {
-    match patch_at(patch, &leaf.keys) {
-        PatchAt::Untouched => old.attribute(leaf).map(Cow::into_owned),
+    match patch_at(patch, keys) {
+        PatchAt::Untouched => before.map(Cow::into_owned),
         PatchAt::Removed => None,
-        PatchAt::Merge(value @ Value::Object(_)) => {
-            let before = old
-                .attribute(leaf)
-                .map(|text| serde_json::from_str(&text).expect("a record holds valid JSON text"));
-            Some(canonical(&merge_value(before, value)))
-        }
+        PatchAt::Merge(value @ Value::Object(_)) => Some(canonical(&merge_value(
+            before.map(|text| parse(&text)),
+            value,
+        ))),
         PatchAt::Merge(value) => Some(canonical(value)),
     }
+}
+
+/// The attributes after merging `patch`: each leaf's value, and the values the record holds
+/// at paths the mapping no longer reaches (kept, as the stored profile keeps them, for a
+/// mapping that reaches them again).
+fn merged_attributes(
+    old: &ProfileRecord,
+    patch: &Map<String, Value>,
+    layout: &Layout,
+) -> Vec<Attribute> {
+    let mut attributes: Vec<Attribute> = layout
+        .leaves
+        .iter()
+        .filter_map(|leaf| {
+            merged_text(old.attribute(leaf), patch, &leaf.keys).map(|json| Attribute {
+                path: leaf.joined.clone(),
+                json,
+            })
+        })
+        .collect();
+    let mut carried = false;
+    for stale in &old.attributes {
+        if layout
+            .leaves
+            .iter()
+            .any(|leaf| related(&leaf.joined, &stale.path))
+        {
+            continue;
+        }
+        let keys: Vec<String> = stale.path.split('.').map(str::to_owned).collect();
+        if let Some(json) = merged_text(Some(Cow::Borrowed(&stale.json)), patch, &keys) {
+            attributes.push(Attribute {
+                path: stale.path.clone(),
+                json,
+            });
+            carried = true;
+        }
+    }
+    if carried {
+        attributes.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+    attributes
 }
 
 fn merged_segments(old: &ProfileRecord, patch: &Map<String, Value>) -> Vec<Membership> {
@@ -278,20 +315,10 @@ fn merged(
     layout: &Layout,
     timestamp_micros: Option<i64>,
 ) -> ProfileRecord {
-    let attributes = layout
-        .leaves
-        .iter()
-        .filter_map(|leaf| {
-            merged_attribute(old, leaf, patch).map(|json| Attribute {
-                path: leaf.joined.clone(),
-                json,
-            })
-        })
-        .collect();
     ProfileRecord {
         timestamp_micros,
         segments: merged_segments(old, patch),
         identities: merged_identities(old, patch, layout),
-        attributes,
+        attributes: merged_attributes(old, patch, layout),
     }
 }

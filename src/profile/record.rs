@@ -18,6 +18,7 @@
 use std::borrow::Cow;
 
 use bincode::{Decode, Encode};
+use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
 
 use super::layout::{Layout, Leaf};
@@ -82,9 +83,57 @@ pub(crate) fn canonical(value: &Value) -> String {
     serde_json::to_string(value).expect("a Value serializes")
 }
 
-fn parse(text: &str) -> Value {
-    // Records hold only text this module printed from a `Value`.
-    serde_json::from_str(text).expect("a record holds valid JSON text")
+/// A record's JSON text as a value. [`ProfileRecord::check`], run on every record decoded,
+/// refuses any text this would fail on.
+pub(crate) fn parse(text: &str) -> Value {
+    serde_json::from_str(text).expect("a checked record holds valid JSON text")
+}
+
+/// Accepts exactly the JSON that parses as a `serde_json::Value` (numbers in range, escapes
+/// that are characters, nesting within serde_json's limit), without building it: serde's
+/// `IgnoredAny` skips such text unchecked.
+struct Valid;
+
+impl<'de> serde::Deserialize<'de> for Valid {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Valid, D::Error> {
+        deserializer.deserialize_any(ValidVisitor)
+    }
+}
+
+struct ValidVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValidVisitor {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_entry::<Valid, Valid>()?.is_some() {}
+        Ok(Valid)
+    }
 }
 
 impl Status {
@@ -190,6 +239,11 @@ fn is_under(b: &str, a: &str) -> bool {
     b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'.'
 }
 
+/// Two paths are the same, or one is under the other.
+pub(crate) fn related(a: &str, b: &str) -> bool {
+    a == b || is_under(a, b) || is_under(b, a)
+}
+
 impl ProfileRecord {
     /// The record of a whole profile (an `upsert`), keeping what `layout` keeps.
     pub fn from_profile(
@@ -264,12 +318,14 @@ impl ProfileRecord {
         }
     }
 
-    /// Checks what decoding bytes cannot: that each JSON text is JSON (of the right kind) and
-    /// each list is in order. A record that fails this is unreadable: its texts would
-    /// otherwise go into payloads as they are.
+    /// Checks what decoding bytes cannot: that each JSON text parses as a JSON value (of the
+    /// right kind) and each list is in order. A record that fails this is unreadable: its
+    /// texts would otherwise go into payloads as they are, or fail to parse when merged.
+    /// (Text that is JSON but not canonical passes: it only makes equal values compare
+    /// unequal, which exports once more than needed.)
     pub fn check(&self) -> Result<(), String> {
         fn json(text: &str, what: &str) -> Result<(), String> {
-            serde_json::from_str::<serde::de::IgnoredAny>(text)
+            serde_json::from_str::<Valid>(text)
                 .map(|_| ())
                 .map_err(|e| format!("{what}: {e}"))
         }
@@ -278,6 +334,9 @@ impl ProfileRecord {
                 true => Ok(()),
                 false => Err(format!("{what} out of order")),
             }
+        }
+        if self.timestamp_micros.is_some() && self.timestamp().is_none() {
+            return Err("timestamp out of range".into());
         }
         sorted(&self.segments, |m| &m.segment, "segments")?;
         sorted(&self.identities, |n| &n.namespace, "namespaces")?;
@@ -299,6 +358,11 @@ impl ProfileRecord {
             json(&a.json, &a.path)?;
         }
         Ok(())
+    }
+
+    /// The update time (`None` also when out of range, which `check` refuses).
+    pub fn timestamp(&self) -> Option<DateTime<Utc>> {
+        Utc.timestamp_micros(self.timestamp_micros?).single()
     }
 
     /// The record as a JSON profile (for people: `outpost profile`, errors).
@@ -380,11 +444,11 @@ impl ProfileRecord {
     /// A record written under another mapping may hold the leaf's value inside a shorter
     /// path's value, or spread over longer paths.
     fn attribute_through_other_paths(&self, leaf: &Leaf) -> Option<Cow<'_, str>> {
-        let related = self
+        if !self
             .attributes
             .iter()
-            .any(|a| is_under(&leaf.joined, &a.path) || is_under(&a.path, &leaf.joined));
-        if !related {
+            .any(|a| related(&leaf.joined, &a.path))
+        {
             return None;
         }
         let object = Value::Object(self.attributes_value());
@@ -445,6 +509,32 @@ mod tests {
                 "identityMap": {"ecid": [{"primary": true, "id": "1"}]}
             })
         );
+    }
+
+    #[test]
+    fn check_refuses_text_that_does_not_parse_as_a_value() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for bad in ["{", "1e400", r#""\udc00""#, deep.as_str(), "1 2"] {
+            let record = ProfileRecord {
+                attributes: vec![Attribute {
+                    path: "a".into(),
+                    json: bad.into(),
+                }],
+                ..ProfileRecord::default()
+            };
+            assert!(record.check().is_err(), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+        }
+        for good in ["1e300", r#""\ud83d\ude00""#, r#"{"a":[null,true,-1,1.5]}"#] {
+            let record = ProfileRecord {
+                attributes: vec![Attribute {
+                    path: "a".into(),
+                    json: good.into(),
+                }],
+                ..ProfileRecord::default()
+            };
+            assert_eq!(record.check(), Ok(()), "{good}");
+        }
     }
 
     #[test]

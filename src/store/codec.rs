@@ -9,9 +9,9 @@ use crate::clock::ClockRecord;
 use crate::profile::record::ProfileRecord;
 use crate::profile::Reason;
 
-/// Profiles as JSON text (before typed records). Read and upgraded, never written.
+/// Profile values as JSON text (stores of formats 1 and 2). Read and upgraded, never written.
 pub const PROFILE_V1: u8 = 1;
-/// Profiles as typed records ([`ProfileRecord`]).
+/// Profile values as typed records ([`ProfileRecord`]), since store format 3.
 pub const PROFILE_V2: u8 = 2;
 /// Exports before the run-time clock: no `queued_at_uptime_ms`. Read, never written.
 pub const EXPORT_V1: u8 = 1;
@@ -189,10 +189,11 @@ pub fn decode_profile(bytes: &[u8]) -> Result<ProfileRecord, CodecError> {
         let old: ProfileJson = decode(PROFILE_V1, bytes)?;
         let profile: serde_json::Value = serde_json::from_str(&old.json)
             .map_err(|e| CodecError::Corrupt(format!("profile JSON: {e}")))?;
-        return Ok(ProfileRecord::from_json_profile(
-            old.timestamp_micros,
-            &profile,
-        ));
+        let record = ProfileRecord::from_json_profile(old.timestamp_micros, &profile);
+        record
+            .check()
+            .map_err(|e| CodecError::Corrupt(format!("profile: {e}")))?;
+        return Ok(record);
     }
     let record: ProfileRecord = decode(PROFILE_V2, bytes)?;
     record

@@ -228,7 +228,12 @@ impl Store {
         for note in &rebuilt {
             tracing::warn!("{note}");
         }
-        upgrade::finish(&trees)?;
+        if let Err(e) = upgrade::finish(&trees) {
+            // Both profile encodings are read, so the store works meanwhile.
+            tracing::warn!(
+                "the upgrade of the stored profiles stopped ({e}); profiles not yet rewritten are read as they are, and the next open goes on with it"
+            );
+        }
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
             None => ClockRecord::default(),

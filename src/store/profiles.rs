@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sled::Transactional;
 
@@ -84,30 +84,17 @@ impl BatchSummary {
     }
 }
 
-fn time_of(id: &str, micros: Option<i64>) -> Result<Option<DateTime<Utc>>, StoreError> {
-    micros
-        .map(|us| {
-            Utc.timestamp_micros(us)
-                .single()
-                .ok_or_else(|| StoreError::corrupt(format!("profile {id}"), "bad timestamp"))
-        })
-        .transpose()
-}
-
 /// The record as people read a profile: its time and the kept parts as JSON.
-pub fn stored_view(id: &str, record: &ProfileRecord) -> Result<StoredProfile, StoreError> {
-    Ok(StoredProfile {
-        timestamp: time_of(id, record.timestamp_micros)?,
+pub fn stored_view(record: &ProfileRecord) -> StoredProfile {
+    StoredProfile {
+        timestamp: record.timestamp(),
         profile: record.to_value(),
-    })
+    }
 }
 
 /// Decodes a stored profile of either format, naming it in the error.
 pub(super) fn decode_profile(id: &str, bytes: &[u8]) -> Result<ProfileRecord, StoreError> {
-    let record = codec::decode_profile(bytes)
-        .map_err(|e| StoreError::corrupt(format!("profile {id}"), e))?;
-    time_of(id, record.timestamp_micros)?;
-    Ok(record)
+    codec::decode_profile(bytes).map_err(|e| StoreError::corrupt(format!("profile {id}"), e))
 }
 
 impl Store {
@@ -241,9 +228,7 @@ impl Store {
 
     /// A stored profile as people read it (`outpost profile`).
     pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
-        self.profile_record(id)?
-            .map(|record| stored_view(id, &record))
-            .transpose()
+        Ok(self.profile_record(id)?.as_ref().map(stored_view))
     }
 
     pub fn profile_record(&self, id: &str) -> Result<Option<ProfileRecord>, StoreError> {

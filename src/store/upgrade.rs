@@ -1,5 +1,7 @@
-//! Upgrading the profiles of a store of format 1 or 2 (profiles as JSON text) to typed records
-//! (format 3), in place, when the store is opened.
+//! Upgrading the profiles of a store of format 1 or 2, whose profile values are JSON text
+//! (value format byte 1), to typed records (value format byte 2) in place when the store is
+//! opened; the store is then of format 3. (Store formats number the whole layout; each value's
+//! own format byte numbers its encoding.)
 //!
 //! `meta/upgrade`: [`UPGRADE_V1`] then the last profile id rewritten (none yet: nothing after
 //! the byte). Present while an upgrade is under way.
@@ -11,7 +13,9 @@
 //! - every profile value says its own format, and both are read (`codec::decode_profile`):
 //!   a store whose upgrade was cut short by a kill works as it is, and opening it again goes
 //!   on from the last chunk recorded; rewriting a profile twice changes nothing;
-//! - a profile whose JSON cannot be read is left as it is: it stays unreadable, as before.
+//! - a profile whose JSON cannot be read is left as it is: it stays unreadable, as before;
+//! - an error while rewriting (a full disk) stops the upgrade, not the open: the store works
+//!   as it is, and the next open goes on.
 
 use std::ops::Bound;
 use std::time::{Duration, Instant};
