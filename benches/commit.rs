@@ -16,6 +16,11 @@
 //! Prints updates/s for each and the ratio committer/raw per batch size (target: >= 0.6 at 500).
 //! Each configuration runs `REPEATS` times on a fresh store; the best run is reported.
 //!
+//! Then `outpost ingest` (the binary, without an agent) of `CLI_UPDATES` lines of the sample mix
+//! (`data/sample-updates.ndjson` cycled, with fresh ids on each pass: upserts, merges, deletes,
+//! stale lines) into a fresh store, from the process start to its exit, including its
+//! validating first pass over the file; against raw+fsync at 500 of the same run.
+//!
 //! Run: `cargo bench --bench commit`.
 
 use std::sync::Arc;
@@ -41,6 +46,57 @@ const POOL: usize = 2_000;
 const PLANS: [(usize, usize); 3] = [(1, 2_000), (50, 20_000), (500, 50_000)];
 const REQUESTERS: usize = 4;
 const REPEATS: usize = 2;
+const CLI_UPDATES: usize = 100_000;
+
+/// The sample file cycled to `lines` lines, `p-` ids renamed `p{k}-` on pass k > 0.
+fn sample_mix(lines: usize) -> String {
+    let text = common::sample_text();
+    let sample: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = String::new();
+    for (i, line) in sample.iter().cycle().take(lines).enumerate() {
+        let pass = i / sample.len();
+        if pass == 0 {
+            out.push_str(line);
+        } else {
+            out.push_str(&line.replacen("\"id\":\"p-", &format!("\"id\":\"p{pass}-"), 1));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Updates/s of `outpost ingest FILE` into a fresh store, whole process.
+fn run_cli_ingest(lines: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("updates.ndjson");
+    std::fs::write(&file, sample_mix(lines)).unwrap();
+    let mapping = format!(
+        r#"attributes = ["person.name.firstName", "person.name.lastName", "person.birthDate", "personalEmail.address"]
+segments = ["{}", "{}"]
+identities = ["ecid", "email_lc_sha256"]"#,
+        common::SEGMENT_A,
+        common::SEGMENT_B
+    );
+    let text = common::config_text(
+        "http://127.0.0.1:9",
+        common::AUTH_NONE,
+        &mapping,
+        "127.0.0.1:0",
+        "",
+    );
+    let (config, _) = common::write_config(dir.path(), "outpost.toml", &text);
+    let start = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(&config)
+        .arg("ingest")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert!(out.status.success(), "outpost ingest: {out:?}");
+    rate(lines, elapsed)
+}
 
 fn batches(
     template: &Map<String, Value>,
@@ -125,6 +181,7 @@ fn main() {
     if quick {
         run_committer(&rt, &template, &mapping, 10, 20, 2);
         raw_sled.run(10, 20, true);
+        run_cli_ingest(100);
         println!("commit: smoke run done (run with cargo bench to measure)");
         return;
     }
@@ -158,6 +215,13 @@ fn main() {
         );
         summary.push((batch, c, c4, r, rf));
     }
+    let cli: Vec<f64> = (0..REPEATS).map(|_| run_cli_ingest(CLI_UPDATES)).collect();
+    let raw_500 = summary.last().map_or(f64::NAN, |&(_, _, _, _, rf)| rf);
+    println!(
+        "commit[cli]: outpost ingest of {CLI_UPDATES} sample-mix updates {:>8.0}/s [{}]",
+        best(&cli),
+        list(&cli)
+    );
     for (batch, c, c4, r, rf) in summary {
         let (vs_fsync, vs_raw) = if batch == 500 {
             (
@@ -177,4 +241,9 @@ fn main() {
             c4 / rf
         );
     }
+    println!(
+        "commit RATIO cli: outpost ingest/raw+fsync at 500 = {:.2} (target >= 0.6) {}",
+        best(&cli) / raw_500,
+        verdict(best(&cli) / raw_500 >= 0.6)
+    );
 }
