@@ -217,6 +217,31 @@ fn parsed(payload: &str) -> Value {
     serde_json::from_str(payload).unwrap_or_else(|e| panic!("payload {payload}: {e}"))
 }
 
+/// Does what each said to its stored version; returns whether the record was written.
+fn store_both(
+    values: &mut Option<StoredProfile>,
+    record: &mut Option<ProfileRecord>,
+    by_values: StoreAction,
+    by_record: RecordAction,
+) -> bool {
+    match by_values {
+        StoreAction::Keep => {}
+        StoreAction::Put(new) => *values = Some(new),
+        StoreAction::Remove => *values = None,
+    }
+    match by_record {
+        RecordAction::Keep => false,
+        RecordAction::Put(new) => {
+            *record = Some(new);
+            true
+        }
+        RecordAction::Remove => {
+            *record = None;
+            true
+        }
+    }
+}
+
 /// Runs `updates` through both, starting from `start` (a JSON profile for the values, its
 /// record for the engine), and returns the first disagreement.
 fn disagreement(
@@ -262,16 +287,7 @@ fn disagreement(
                 return Some(format!("{}\npayload text {text}\nvs {printed:?}", context));
             }
         }
-        match by_values.store {
-            StoreAction::Keep => {}
-            StoreAction::Put(new) => values = Some(new),
-            StoreAction::Remove => values = None,
-        }
-        match by_record.store {
-            RecordAction::Keep => {}
-            RecordAction::Put(new) => (record, rewritten) = (Some(new), true),
-            RecordAction::Remove => (record, rewritten) = (None, true),
-        }
+        rewritten |= store_both(&mut values, &mut record, by_values.store, by_record.store);
         let expected = values.as_ref().map(|v| record_of(v, &layout));
         if rewritten && expected != record {
             return Some(format!(
@@ -320,16 +336,7 @@ fn disagreement_across_mappings(updates: &[Update], runs: &[usize]) -> Option<St
                 by_values.result, exports.0, by_record.result, exports.1
             ));
         }
-        match by_values.store {
-            StoreAction::Keep => {}
-            StoreAction::Put(new) => values = Some(new),
-            StoreAction::Remove => values = None,
-        }
-        match by_record.store {
-            RecordAction::Keep => {}
-            RecordAction::Put(new) => record = Some(new),
-            RecordAction::Remove => record = None,
-        }
+        store_both(&mut values, &mut record, by_values.store, by_record.store);
     }
     None
 }

@@ -265,18 +265,10 @@ impl ProfileRecord {
                 })
             })
             .collect();
-        let identities = profile
-            .get("identityMap")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-            .filter(|(namespace, _)| layout.keeps_namespace(namespace))
-            .filter_map(|(namespace, value)| Namespace::from_value(namespace, value))
-            .collect();
         ProfileRecord {
             timestamp_micros,
             segments: segments_of(profile),
-            identities,
+            identities: identities_of(profile, |namespace| layout.keeps_namespace(namespace)),
             attributes,
         }
     }
@@ -303,17 +295,10 @@ impl ProfileRecord {
                 json: canonical(value),
             })
             .collect();
-        let identities = object
-            .get("identityMap")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-            .filter_map(|(namespace, value)| Namespace::from_value(namespace, value))
-            .collect();
         ProfileRecord {
             timestamp_micros,
             segments: segments_of(object),
-            identities,
+            identities: identities_of(object, |_| true),
             attributes,
         }
     }
@@ -455,6 +440,18 @@ impl ProfileRecord {
         let value = leaf.keys.iter().try_fold(&object, |v, key| v.get(key))?;
         Some(Cow::Owned(canonical(value)))
     }
+}
+
+/// The identities of the namespaces `keep` keeps (sorted, as the map is).
+fn identities_of(profile: &Map<String, Value>, keep: impl Fn(&str) -> bool) -> Vec<Namespace> {
+    profile
+        .get("identityMap")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(namespace, _)| keep(namespace))
+        .filter_map(|(namespace, value)| Namespace::from_value(namespace, value))
+        .collect()
 }
 
 fn segments_of(profile: &Map<String, Value>) -> Vec<Membership> {
