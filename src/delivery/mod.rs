@@ -58,6 +58,10 @@ use settler::{Change, Settler};
 /// [`MAX_HELD`].
 const WINDOW: usize = 16_384;
 const MAX_HELD: usize = 65_536;
+/// The window while the destination is down: only probes go out, so holding more than a
+/// little only costs memory (16,384 decoded exports are ~10 MB); it grows again from the
+/// first answer that reopens the destination.
+const DOWN_WINDOW: usize = 256;
 /// A failed read of the outbox is tried again after this long.
 const READ_RETRY: Duration = Duration::from_secs(1);
 /// At shutdown, outcomes are waited for this long beyond the request timeout; what is not
@@ -66,6 +70,16 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// At most this many exports are read from the store at once; fewer when the window is empty.
 const READ_CHUNK: usize = 2_048;
 const FIRST_READ: usize = 128;
+
+/// Whether the window should read more from the store, holding `held` exports of which
+/// `ready` could go now.
+fn wants_read(held: usize, ready: usize, destination_down: bool) -> bool {
+    if destination_down {
+        held < DOWN_WINDOW / 2
+    } else {
+        held < WINDOW / 2 || (ready < READ_CHUNK && held < MAX_HELD)
+    }
+}
 /// A wake-up even without commits: picks up expiries and anything missed.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -311,7 +325,7 @@ impl Deliverer {
             return;
         }
         let held = state.queue.held();
-        let wanted = held < WINDOW / 2 || (state.queue.ready() < READ_CHUNK && held < MAX_HELD);
+        let wanted = wants_read(held, state.queue.ready(), state.controller.is_down());
         if !wanted || state.cursor >= self.store.durable_next_seq() {
             return;
         }
@@ -684,6 +698,30 @@ mod tests {
     use crate::profile::Reason;
     use crate::store::codec::ExportRecord;
     use crate::store::ExportId;
+
+    #[test]
+    fn the_window_reads_ahead_only_a_little_while_the_destination_is_down() {
+        // (held, ready, down) -> read more
+        let table = [
+            ((0, 0, false), true),
+            ((WINDOW / 2 - 1, WINDOW / 2 - 1, false), true),
+            ((WINDOW / 2, READ_CHUNK, false), false),
+            // Few ready (the rest wait behind failing exports): read on, up to MAX_HELD.
+            ((WINDOW, 10, false), true),
+            ((MAX_HELD, 10, false), false),
+            ((0, 0, true), true),
+            ((DOWN_WINDOW / 2 - 1, 0, true), true),
+            ((DOWN_WINDOW / 2, 0, true), false),
+            ((WINDOW, 10, true), false),
+        ];
+        for ((held, ready, down), expected) in table {
+            assert_eq!(
+                wants_read(held, ready, down),
+                expected,
+                "held {held}, ready {ready}, down {down}"
+            );
+        }
+    }
 
     fn export(seq: u64, payload: &str) -> (Arc<str>, Export) {
         (
