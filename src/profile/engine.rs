@@ -1,10 +1,12 @@
 //! The export rules on typed records (pure): what the store runs for every update.
 //!
-//! It decides exactly as the rules on JSON values ([`super::apply`], [`super::change`],
+//! It decides as the rules on JSON values ([`super::apply`], [`super::change`],
 //! [`super::export`]) do on the pruned profile, which stay as the readable statement of the
-//! rules and the reference this engine is tested against (`tests/record_engine.rs`).
-//! Merging an RFC 7386 patch is done per kept part: each attribute leaf, each segment entry
-//! and each identity namespace is what merging the whole profile would leave there.
+//! rules and the reference this engine is tested against (`tests/record_engine.rs`; README
+//! "Where SPEC is silent" names the edges where the two differ). Merging an RFC 7386 patch is
+//! done per kept part: each attribute leaf, each segment entry and each identity namespace is
+//! what merging the whole profile would leave there; values at paths the mapping no longer
+//! reaches are carried as they are, unless the patch removes them.
 
 use std::borrow::Cow;
 
