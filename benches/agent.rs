@@ -9,6 +9,8 @@
 //!     of 500 one two-tree transaction doing, per update, a get of the profile key and inserts of
 //!     the profile and export values the store writes (same byte sizes), then `db.flush()` and
 //!     (raw+fsync) an fsync of `<path>/db` as `Store::flush` does. Target: agent >= 0.6 x raw.
+//!     Also one client while the agent delivers the exports to an in-process receiver (OAuth
+//!     client credentials), as it would in use.
 //! (b) start to serving with 1,000,000 pending exports: from the `Agent::start` call (or from
 //!     spawning `outpost run`) until `GET /healthz` answers 200. sled 0.34 writes its snapshot
 //!     only when it opens a store, so the first open after a big write replays the whole log
@@ -223,17 +225,25 @@ fn bodies(template: &Map<String, Value>, pool: usize, from: usize, total: usize)
 }
 
 /// Updates/s of durable ingest over HTTP with `clients` concurrent clients.
+/// Durable ingest over HTTP of the plan's timed updates by `clients` clients, to an agent whose
+/// destination is down, or with `receiver`, delivering to it meanwhile.
 async fn run_http(
     template: &Map<String, Value>,
     plan: &Plan,
     clients: usize,
+    receiver: Option<&Receiver>,
 ) -> (f64, usize, Duration) {
     let dir = tempfile::tempdir().unwrap();
-    let config = down_config(
-        dir.path(),
-        &full_mapping_toml(),
-        &format!("cache_bytes = {CACHE_BYTES}"),
-    );
+    let storage = format!("cache_bytes = {CACHE_BYTES}");
+    let config = match receiver {
+        None => down_config(dir.path(), &full_mapping_toml(), &storage),
+        Some(receiver) => {
+            let base = receiver.base_url();
+            let auth = common::oauth_auth(&base);
+            let text = config_text(&base, &auth, &full_mapping_toml(), "127.0.0.1:0", &storage);
+            write_config(dir.path(), "outpost.toml", &text).1
+        }
+    };
     let started = Instant::now();
     let agent = Agent::start(&config, AgentOptions::default())
         .await
@@ -264,7 +274,7 @@ async fn run_http(
     )
 }
 
-fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f64) {
+fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f64, f64) {
     let mapping = Arc::new(common::full_mapping());
     let template = common::template(&mapping);
     let (profile, export, _) = common::value_sizes(rt, &template, &mapping, plan.pool, CACHE_BYTES);
@@ -274,21 +284,31 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f6
         pool: plan.pool,
         cache_bytes: CACHE_BYTES,
     };
+    let receiver = rt.block_on(async {
+        Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+            .await
+            .unwrap()
+    });
     let (mut one, mut many, mut raw, mut raw_fsync) = (Vec::new(), Vec::new(), Vec::new(), vec![]);
+    let mut delivering = Vec::new();
     let mut line = 0;
     for _ in 0..plan.repeats {
         // Interleaved so that drift in the machine hits every configuration alike.
-        let (r, line_len, start_took) = rt.block_on(run_http(&template, plan, 1));
+        let (r, line_len, start_took) = rt.block_on(run_http(&template, plan, 1, None));
         one.push(r);
         line = line_len;
         raw.push(raw_sled.run(BATCH, plan.timed, false));
         raw_fsync.push(raw_sled.run(BATCH, plan.timed, true));
-        many.push(rt.block_on(run_http(&template, plan, CLIENTS)).0);
+        many.push(rt.block_on(run_http(&template, plan, CLIENTS, None)).0);
+        let before = receiver.delivered().len();
+        delivering.push(rt.block_on(run_http(&template, plan, 1, Some(&receiver))).0);
         println!(
-            "agent[ingest]: run: Agent::start {}, 1 client {:.0}/s, {CLIENTS} clients {:.0}/s, raw {:.0}/s, raw+fsync {:.0}/s",
+            "agent[ingest]: run: Agent::start {}, 1 client {:.0}/s, {CLIENTS} clients {:.0}/s, 1 client while delivering {:.0}/s ({} delivered meanwhile), raw {:.0}/s, raw+fsync {:.0}/s",
             ms(start_took),
             one.last().unwrap(),
             many.last().unwrap(),
+            delivering.last().unwrap(),
+            receiver.delivered().len() - before,
             raw.last().unwrap(),
             raw_fsync.last().unwrap()
         );
@@ -302,14 +322,16 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f6
         plan.repeats
     );
     let (o, m, r, rf) = (best(&one), best(&many), best(&raw), best(&raw_fsync));
+    let d = best(&delivering);
     println!(
-        "agent[ingest, batch={BATCH}]: HTTP 1 client {o:>8.0}/s [{}]  HTTP {CLIENTS} clients {m:>8.0}/s [{}]  raw {r:>8.0}/s [{}]  raw+fsync {rf:>8.0}/s [{}]",
+        "agent[ingest, batch={BATCH}]: HTTP 1 client {o:>8.0}/s [{}]  HTTP {CLIENTS} clients {m:>8.0}/s [{}]  HTTP 1 client while delivering {d:>8.0}/s [{}]  raw {r:>8.0}/s [{}]  raw+fsync {rf:>8.0}/s [{}]",
         list(&one),
         list(&many),
+        list(&delivering),
         list(&raw),
         list(&raw_fsync)
     );
-    (o, m, r, rf)
+    (o, m, d, r, rf)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,7 +681,7 @@ fn main() {
         println!("agent: smoke run done (run with cargo bench to measure)");
         return;
     }
-    if let Some((one, many, raw, raw_fsync)) = ingest {
+    if let Some((one, many, delivering, raw, raw_fsync)) = ingest {
         println!(
         "agent RATIO ingest batch={BATCH}: HTTP/raw = {:.2}, HTTP/raw+fsync = {:.2}, HTTP x{CLIENTS}/raw+fsync = {:.2}  (target >= 0.6 vs raw+fsync: {}, vs raw: {})",
         one / raw,
@@ -668,6 +690,11 @@ fn main() {
         verdict(one / raw_fsync >= 0.6),
         verdict(one / raw >= 0.6)
     );
+        println!(
+            "agent RATIO ingest batch={BATCH} while delivering: HTTP/raw+fsync = {:.2} (target >= 0.6) {}",
+            delivering / raw_fsync,
+            verdict(delivering / raw_fsync >= 0.6)
+        );
     }
     for (name, time) in starts {
         println!(
