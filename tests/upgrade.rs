@@ -23,6 +23,22 @@ use outpost::store::{Store, FORMAT_VERSION};
 use rand::Rng;
 use serde_json::Value;
 
+/// The store opened with sled alone. sled releases a store's lock from its own threads shortly
+/// after the last handle is dropped, so a lock held a moment longer is waited for.
+fn open_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("lock"), "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+}
+
 /// Stores `profiles` members of A through the store, then rewrites the store as format 2
 /// with JSON profiles. Returns the record each profile must read as after the upgrade.
 fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, ProfileRecord> {
@@ -50,7 +66,7 @@ fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, Profile
         }
         store.flush().unwrap();
     }
-    let db = sled::open(&store_path).unwrap();
+    let db = open_sled(&store_path);
     let tree = db.open_tree("profiles").unwrap();
     let mut expected = BTreeMap::new();
     let mut batch = sled::Batch::default();
@@ -80,7 +96,7 @@ fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, Profile
 
 /// How many profiles are still JSON and how many are records, read with sled alone.
 fn formats(workspace: &Workspace) -> (usize, usize) {
-    let db = sled::open(workspace.path().join("store")).unwrap();
+    let db = open_sled(&workspace.path().join("store"));
     let (mut json, mut records) = (0, 0);
     for item in db.open_tree("profiles").unwrap().iter() {
         let (_, value) = item.unwrap();
@@ -94,7 +110,7 @@ fn formats(workspace: &Workspace) -> (usize, usize) {
 }
 
 fn meta_value(workspace: &Workspace, key: &str) -> Option<Vec<u8>> {
-    let db = sled::open(workspace.path().join("store")).unwrap();
+    let db = open_sled(&workspace.path().join("store"));
     let value = db.open_tree("meta").unwrap().get(key).unwrap();
     value.map(|v| v.to_vec())
 }
