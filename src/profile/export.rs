@@ -9,19 +9,20 @@ fn exited(time: &str) -> Value {
     json!({"status": "exited", "lastQualificationTime": time})
 }
 
-fn insert_at(target: &mut Map<String, Value>, path: &[String], value: Value) {
+/// Puts `value` at `path` of object keys, making (or replacing by) objects on the way.
+pub(crate) fn insert_at(target: &mut Map<String, Value>, path: &[impl AsRef<str>], value: Value) {
     let (last, parents) = path.split_last().expect("mapping paths are never empty");
     let mut node = target;
     for key in parents {
         let entry = node
-            .entry(key.clone())
+            .entry(key.as_ref())
             .or_insert_with(|| Value::Object(Map::new()));
         if !entry.is_object() {
             *entry = Value::Object(Map::new());
         }
         node = entry.as_object_mut().expect("made an object above");
     }
-    node.insert(last.clone(), value);
+    node.insert(last.as_ref().to_owned(), value);
 }
 
 /// Builds the payload for `new`. A mapped segment that `old` was a member of and whose entry has
@@ -68,13 +69,20 @@ pub fn project(old: &Value, new: &Value, mapping: &Mapping, time: &str) -> Value
 /// and "Include Segment Timestamps"): `name`; `createdAt`, `updatedAt`, `mappingCreatedAt`,
 /// `mappingUpdatedAt` in Unix epoch milliseconds; each only when known.
 pub(crate) fn describe_segment(entry: &mut Value, segment: &str, mapping: &Mapping) {
-    let Some(entry) = entry.as_object_mut() else {
-        return;
-    };
+    if let Some(entry) = entry.as_object_mut() {
+        for (key, value) in segment_extras(segment, mapping) {
+            entry.insert(key.into(), value);
+        }
+    }
+}
+
+/// The fields [`describe_segment`] adds to a mapped segment's entry, by key.
+pub(crate) fn segment_extras(segment: &str, mapping: &Mapping) -> Vec<(&'static str, Value)> {
+    let mut extras = Vec::new();
     let details = mapping.segment_details.get(segment);
     if mapping.include_segment_names {
         if let Some(name) = details.and_then(|d| d.name.as_ref()) {
-            entry.insert("name".into(), name.clone().into());
+            extras.push(("name", name.clone().into()));
         }
     }
     if mapping.include_segment_timestamps {
@@ -86,10 +94,11 @@ pub(crate) fn describe_segment(entry: &mut Value, segment: &str, mapping: &Mappi
             ("mappingUpdatedAt", mapped.map(|m| m.updated_ms)),
         ] {
             if let Some(ms) = ms {
-                entry.insert(key.into(), ms.into());
+                extras.push((key, ms.into()));
             }
         }
     }
+    extras
 }
 
 /// The payload for a `delete`: the last payload of `old` with every mapped segment it was a

@@ -2,10 +2,8 @@
 //! as [`super::export::project`] builds from JSON values, with keys in the same (sorted)
 //! order, without building it as a `Value` first.
 
-use serde_json::Value;
-
-use super::export::describe_segment;
-use super::layout::{push_json_string, Layout, Node};
+use super::export::{describe_segment, segment_extras};
+use super::layout::{json_string, push_json_string, Layout, Node};
 use super::record::{Membership, ProfileRecord, Rest};
 use crate::config::Mapping;
 
@@ -198,45 +196,22 @@ fn write_entry(out: &mut String, entry: &Entry, segment: &str, mapping: &Mapping
             }
         },
     };
-    // The keys in serde_json's (sorted) order.
-    let details = mapping.segment_details.get(segment);
-    let mapped_at = mapping.mapped_at.get(segment);
-    let timestamps = mapping.include_segment_timestamps;
-    let name = details
-        .and_then(|d| d.name.as_deref())
-        .filter(|_| mapping.include_segment_names);
-    let number = |ms: Option<i64>| ms.filter(|_| timestamps).map(Value::from);
-    let fields: [(&str, Option<Value>); 7] = [
-        ("createdAt", number(details.and_then(|d| d.created_at_ms))),
-        ("lastQualificationTime", None),
-        ("mappingCreatedAt", number(mapped_at.map(|m| m.created_ms))),
-        ("mappingUpdatedAt", number(mapped_at.map(|m| m.updated_ms))),
-        ("name", name.map(Value::from)),
-        ("status", None),
-        ("updatedAt", number(details.and_then(|d| d.updated_at_ms))),
-    ];
+    // The entry's own two fields and what the mapping adds, in serde_json's (sorted) order.
+    let mut fields: Vec<(&str, String)> = segment_extras(segment, mapping)
+        .into_iter()
+        .map(|(key, value)| (key, value.to_string()))
+        .collect();
+    fields.push(("lastQualificationTime", json_string(last_time)));
+    fields.push(("status", json_string(status)));
+    fields.sort_unstable_by_key(|(key, _)| *key);
     out.push('{');
-    let mut first = true;
-    for (key, value) in fields {
-        let text = match key {
-            "lastQualificationTime" => Some(last_time),
-            "status" => Some(status),
-            _ => None,
-        };
-        if text.is_none() && value.is_none() {
-            continue;
+    for (i, (key, text)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
-        member(out, &mut first, |out| {
-            out.push('"');
-            out.push_str(key);
-            out.push_str("\":");
-            match (text, &value) {
-                (Some(text), _) => push_json_string(out, text),
-                (None, Some(value)) => out.push_str(&value.to_string()),
-                (None, None) => unreachable!("skipped above"),
-            }
-            true
-        });
+        push_json_string(out, key);
+        out.push(':');
+        out.push_str(text);
     }
     out.push('}');
 }

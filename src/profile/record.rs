@@ -21,6 +21,7 @@ use bincode::{Decode, Encode};
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Map, Value};
 
+use super::export::insert_at;
 use super::layout::{Layout, Leaf};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
@@ -380,19 +381,8 @@ impl ProfileRecord {
     fn attributes_value(&self) -> Map<String, Value> {
         let mut object = Map::new();
         for attribute in &self.attributes {
-            let keys: Vec<&str> = attribute.path.split('.').collect();
-            let (last, parents) = keys.split_last().expect("split yields one part at least");
-            let mut node = &mut object;
-            for key in parents {
-                let entry = node
-                    .entry((*key).to_owned())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !entry.is_object() {
-                    *entry = Value::Object(Map::new());
-                }
-                node = entry.as_object_mut().expect("made an object above");
-            }
-            node.insert((*last).to_owned(), parse(&attribute.json));
+            let path: Vec<&str> = attribute.path.split('.').collect();
+            insert_at(&mut object, &path, parse(&attribute.json));
         }
         object
     }
@@ -510,27 +500,20 @@ mod tests {
 
     #[test]
     fn check_refuses_text_that_does_not_parse_as_a_value() {
+        let with_attribute = |json: &str| ProfileRecord {
+            attributes: vec![Attribute {
+                path: "a".into(),
+                json: json.into(),
+            }],
+            ..ProfileRecord::default()
+        };
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         for bad in ["{", "1e400", r#""\udc00""#, deep.as_str(), "1 2"] {
-            let record = ProfileRecord {
-                attributes: vec![Attribute {
-                    path: "a".into(),
-                    json: bad.into(),
-                }],
-                ..ProfileRecord::default()
-            };
-            assert!(record.check().is_err(), "{bad}");
+            assert!(with_attribute(bad).check().is_err(), "{bad}");
             assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
         }
         for good in ["1e300", r#""\ud83d\ude00""#, r#"{"a":[null,true,-1,1.5]}"#] {
-            let record = ProfileRecord {
-                attributes: vec![Attribute {
-                    path: "a".into(),
-                    json: good.into(),
-                }],
-                ..ProfileRecord::default()
-            };
-            assert_eq!(record.check(), Ok(()), "{good}");
+            assert_eq!(with_attribute(good).check(), Ok(()), "{good}");
         }
     }
 
