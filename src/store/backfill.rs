@@ -19,7 +19,6 @@
 //!   profile's exports stay in order;
 //! - a job's segments that have left the mapping by the time a step runs are skipped.
 
-use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
@@ -28,7 +27,7 @@ use sled::Transactional;
 
 use super::export::{append_exports, new_export};
 use super::keys::meta;
-use super::profiles::decode_profile;
+use super::profiles::{decode_profile, profiles_after};
 use super::{codec, Store, StoreError};
 use crate::config::Mapping;
 use crate::profile::layout::Layout;
@@ -160,14 +159,8 @@ impl Store {
         let still_mapped = job.segments.iter().any(|s| mapping.segments.contains(s));
         let scanned: Vec<(sled::IVec, sled::IVec)> = if still_mapped {
             self.with(|t| {
-                let from = match &job.after {
-                    Some(after) => Bound::Excluded(after.as_bytes().to_vec()),
-                    None => Bound::Unbounded,
-                };
-                Ok(t.profiles
-                    .range::<Vec<u8>, _>((from, Bound::Unbounded))
-                    .take(max_profiles)
-                    .collect::<Result<_, _>>()?)
+                let after = job.after.as_deref().map(str::as_bytes);
+                Ok(profiles_after(&t.profiles, after, max_profiles)?)
             })?
         } else {
             Vec::new()

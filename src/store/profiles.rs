@@ -7,6 +7,7 @@
 //! JSON text) is still read, and upgraded when a store is opened (`open`).
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
@@ -90,6 +91,23 @@ pub fn stored_view(record: &ProfileRecord) -> StoredProfile {
         timestamp: record.timestamp(),
         profile: record.to_value(),
     }
+}
+
+/// Up to `limit` stored profiles (id, value) after the id `after` (`None`: from the first),
+/// in id order: how the backfill and the upgrade walk the store in steps.
+pub(super) fn profiles_after(
+    profiles: &sled::Tree,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(sled::IVec, sled::IVec)>, sled::Error> {
+    let from = match after {
+        Some(after) => Bound::Excluded(after),
+        None => Bound::Unbounded,
+    };
+    profiles
+        .range::<&[u8], _>((from, Bound::Unbounded))
+        .take(limit)
+        .collect()
 }
 
 /// Decodes a stored profile of either format, naming it in the error.

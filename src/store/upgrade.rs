@@ -17,18 +17,18 @@
 //! - an error while rewriting (a full disk) stops the upgrade, not the open: the store works
 //!   as it is, and the next open goes on.
 
-use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use super::codec;
 use super::error::StoreError;
 use super::keys::meta;
+use super::profiles::profiles_after;
 use super::Trees;
 
 pub(super) const UPGRADE_V1: u8 = 1;
 
 /// Profiles rewritten per chunk: each chunk is one batch and one flush.
-pub const CHUNK_PROFILES: usize = 10_000;
+const CHUNK_PROFILES: usize = 10_000;
 
 /// The value of `meta/upgrade` before any profile was rewritten.
 pub(super) fn not_started() -> Vec<u8> {
@@ -36,10 +36,10 @@ pub(super) fn not_started() -> Vec<u8> {
 }
 
 /// Finishes the upgrade recorded in `meta/upgrade`, if any: rewrites each profile still
-/// stored as JSON, chunk by chunk, logging how far it is. Returns how many were rewritten.
-pub(super) fn finish(t: &Trees) -> Result<u64, StoreError> {
+/// stored as JSON, chunk by chunk, logging how far it is.
+pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
     let Some(state) = t.meta.get(meta::UPGRADE)? else {
-        return Ok(0);
+        return Ok(());
     };
     let mut after = match state.split_first() {
         Some((&UPGRADE_V1, rest)) => (!rest.is_empty()).then(|| rest.to_vec()),
@@ -55,36 +55,24 @@ pub(super) fn finish(t: &Trees) -> Result<u64, StoreError> {
     let mut last_line = Instant::now();
     let (mut scanned, mut rewritten, mut unreadable) = (0u64, 0u64, 0u64);
     loop {
-        let from = match &after {
-            Some(key) => Bound::Excluded(key.clone()),
-            None => Bound::Unbounded,
-        };
+        let chunk = profiles_after(&t.profiles, after.as_deref(), CHUNK_PROFILES)?;
         let mut batch = sled::Batch::default();
-        let mut last = None;
-        let mut count = 0;
-        for item in t
-            .profiles
-            .range::<Vec<u8>, _>((from, Bound::Unbounded))
-            .take(CHUNK_PROFILES)
-        {
-            let (key, value) = item?;
-            count += 1;
-            if codec::is_profile_json(&value) {
-                match codec::decode_profile(&value) {
+        for (key, value) in &chunk {
+            if codec::is_profile_json(value) {
+                match codec::decode_profile(value) {
                     Ok(record) => {
-                        batch.insert(key.clone(), codec::encode_profile(&record));
+                        batch.insert(key, codec::encode_profile(&record));
                         rewritten += 1;
                     }
                     Err(_) => unreadable += 1,
                 }
             }
-            last = Some(key);
         }
-        scanned += count as u64;
-        let Some(last) = last else { break };
+        scanned += chunk.len() as u64;
+        let Some((last, _)) = chunk.last() else { break };
         t.profiles.apply_batch(batch)?;
         let mut cursor = not_started();
-        cursor.extend_from_slice(&last);
+        cursor.extend_from_slice(last);
         t.meta.insert(meta::UPGRADE, cursor)?;
         t.db.flush()?;
         after = Some(last.to_vec());
@@ -94,7 +82,7 @@ pub(super) fn finish(t: &Trees) -> Result<u64, StoreError> {
                 "upgrading profiles: {scanned} of {total} scanned, {rewritten} rewritten"
             );
         }
-        if count < CHUNK_PROFILES {
+        if chunk.len() < CHUNK_PROFILES {
             break;
         }
     }
@@ -109,5 +97,5 @@ pub(super) fn finish(t: &Trees) -> Result<u64, StoreError> {
             String::new()
         }
     );
-    Ok(rewritten)
+    Ok(())
 }
