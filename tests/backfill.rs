@@ -11,7 +11,6 @@ use chrono::Utc;
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use outpost::config::Config;
-use outpost::profile::update::parse_body;
 use outpost::profile::Reason;
 use outpost::receiver::{Receiver, ReceiverOptions};
 use outpost::store::{ListFilter, Store};
@@ -129,7 +128,6 @@ fn store_profiles(config: &Config, profiles: usize) -> usize {
     store
         .record_mapping(&mut mapping, Utc::now().timestamp_millis())
         .unwrap();
-    let keep = outpost::profile::prune::KeepTree::for_mapping(&mapping);
     let mut members = 0;
     for chunk in (0..profiles).collect::<Vec<_>>().chunks(2_000) {
         let body: Vec<String> = chunk
@@ -140,10 +138,7 @@ fn store_profiles(config: &Config, profiles: usize) -> usize {
                 line(&format!("p{i:06}"), None, member.then_some("realized"))
             })
             .collect();
-        let mut updates = parse_body(body.join("\n").as_bytes()).unwrap();
-        for update in &mut updates {
-            keep.prune(&mut update.profile);
-        }
+        let updates = pruned_updates(&body, &mapping);
         store
             .apply_groups(&[&updates], &mapping, Utc::now())
             .unwrap();

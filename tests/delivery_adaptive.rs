@@ -14,8 +14,6 @@ use common::*;
 use outpost::admin::AdminRequest;
 use outpost::agent::Agent;
 use outpost::config::Config;
-use outpost::profile::prune::KeepTree;
-use outpost::profile::update::parse_body;
 use outpost::receiver::{RateLimit, Received, Receiver, ReceiverOptions, Reply};
 use outpost::store::{ListFilter, Store};
 
@@ -352,11 +350,7 @@ async fn arrays_of_distinct_profiles_and_a_refused_array_is_split() {
 /// agent) and returns each export's profile by export id.
 fn prefill(config: &Config, lines: &[String]) -> HashMap<String, String> {
     let store = Store::open(&config.storage.path, config.storage.cache_bytes).unwrap();
-    let keep = KeepTree::for_mapping(&config.mapping);
-    let mut updates = parse_body(lines.join("\n").as_bytes()).unwrap();
-    for update in &mut updates {
-        keep.prune(&mut update.profile);
-    }
+    let updates = pruned_updates(lines, &config.mapping);
     store
         .apply_groups(&[&updates], &config.mapping, chrono::Utc::now())
         .unwrap();

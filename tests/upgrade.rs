@@ -15,9 +15,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::*;
 use outpost::config::Config;
-use outpost::profile::prune::KeepTree;
 use outpost::profile::record::ProfileRecord;
-use outpost::profile::update::parse_body;
 use outpost::store::codec::{self, ProfileJson};
 use outpost::store::{Store, FORMAT_VERSION};
 use rand::Rng;
@@ -50,16 +48,12 @@ fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, Profile
         store
             .record_mapping(&mut mapping, Utc::now().timestamp_millis())
             .unwrap();
-        let keep = KeepTree::for_mapping(&mapping);
         for chunk in (0..profiles).collect::<Vec<_>>().chunks(2_000) {
             let body: Vec<String> = chunk
                 .iter()
                 .map(|i| member_update(&format!("p{i:06}"), "Jane", "2026-01-01T00:00:00Z"))
                 .collect();
-            let mut updates = parse_body(body.join("\n").as_bytes()).unwrap();
-            for update in &mut updates {
-                keep.prune(&mut update.profile);
-            }
+            let updates = pruned_updates(&body, &mapping);
             store
                 .apply_groups(&[&updates], &mapping, Utc::now())
                 .unwrap();
@@ -165,16 +159,11 @@ fn an_old_store_is_upgraded_on_open_and_its_profiles_are_judged_as_before() {
     // Judged as before: the same content is no change, a new first name is one.
     let config = Config::load(&workspace.config_path()).unwrap();
     let store = Store::open(&workspace.path().join("store"), 8 << 20).unwrap();
-    let keep = KeepTree::for_mapping(&config.mapping);
     let body = [
         member_update("p000001", "Jane", "2026-01-01T00:01:00Z"),
         member_update("p000002", "Janet", "2026-01-01T00:01:00Z"),
-    ]
-    .join("\n");
-    let mut updates = parse_body(body.as_bytes()).unwrap();
-    for update in &mut updates {
-        keep.prune(&mut update.profile);
-    }
+    ];
+    let updates = pruned_updates(&body, &config.mapping);
     let summary = store
         .apply_groups(&[&updates[..1], &updates[1..]], &config.mapping, Utc::now())
         .unwrap();

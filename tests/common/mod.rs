@@ -106,6 +106,19 @@ path = "store"
 }
 
 /// An update line for profile `id`: a member of SEGMENT_A with `first_name`.
+/// `lines` parsed and pruned to what `mapping` keeps, as the committer gets them.
+pub fn pruned_updates(
+    lines: &[String],
+    mapping: &outpost::config::Mapping,
+) -> Vec<outpost::profile::Update> {
+    let keep = outpost::profile::prune::KeepTree::for_mapping(mapping);
+    let mut updates = outpost::profile::update::parse_body(lines.join("\n").as_bytes()).unwrap();
+    for update in &mut updates {
+        keep.prune(&mut update.profile);
+    }
+    updates
+}
+
 pub fn member_update(id: &str, first_name: &str, timestamp: &str) -> String {
     serde_json::json!({
         "id": id,
