@@ -179,41 +179,91 @@ fn an_old_store_is_upgraded_on_open_and_its_profiles_are_judged_as_before() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("upgrad"));
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    if to.exists() {
+        std::fs::remove_dir_all(to).unwrap();
+    }
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Spawns `outpost outbox stats` and waits for the upgrade's first log line; `false` when the
+/// command exited without starting an upgrade. The rest of its log is read (and dropped) by a
+/// thread of its own, so the command never writes to a closed pipe.
+fn spawn_until_upgrade_begins(workspace: &Workspace) -> (std::process::Child, bool) {
+    let mut child = outbox_stats_command(workspace)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let began = lines.any(|line| line.unwrap().contains("upgrading the stored profiles"));
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, began)
+}
+
 #[test]
 fn an_upgrade_killed_at_random_instants_finishes_on_the_next_open() {
     let workspace = Workspace::new();
-    let expected = old_store(&workspace, 60_000);
+    let store_path = workspace.path().join("store");
+    let pristine = workspace.path().join("pristine-store");
+    let expected = old_store(&workspace, 30_000);
+    let _ = open_sled(&store_path); // waits until sled has let go of the store
+    copy_dir(&store_path, &pristine);
+
+    // How long a whole upgrade takes on this machine, so that the kills land inside it
+    // however fast or slow the machine is.
+    let (mut child, began) = spawn_until_upgrade_begins(&workspace);
+    let begun_at = std::time::Instant::now();
+    assert!(began, "no upgrade began");
+    assert!(child.wait().unwrap().success());
+    let whole_upgrade = begun_at.elapsed();
+    assert_eq!(formats(&workspace), (0, expected.len()));
+
     let mut rng = rand::thread_rng();
     let mut killed_mid_upgrade = 0;
-    for _ in 0..8 {
-        let mut child = outbox_stats_command(&workspace)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Kill once the upgrade has begun, at a random instant of it.
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let began = lines.any(|line| line.unwrap().contains("upgrading the stored profiles"));
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..600)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let (json, records) = formats(&workspace);
-        assert_eq!(json + records, expected.len(), "no profile lost");
-        if json == 0 {
-            break;
+    for _attempt in 0..5 {
+        copy_dir(&pristine, &store_path);
+        for _ in 0..8 {
+            let (json_before, _) = formats(&workspace);
+            let (mut child, began) = spawn_until_upgrade_begins(&workspace);
+            // Kill at a random instant of what is left of the upgrade.
+            let left = whole_upgrade.mul_f64(json_before as f64 / expected.len() as f64);
+            std::thread::sleep(left.mul_f64(rng.gen_range(0.0..1.0)));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let (json, records) = formats(&workspace);
+            assert_eq!(json + records, expected.len(), "no profile lost");
+            if json == 0 {
+                break;
+            }
+            assert!(
+                began,
+                "the store still holds JSON profiles but no upgrade began"
+            );
+            if records > 0 {
+                killed_mid_upgrade += 1;
+                assert!(meta_value(&workspace, "upgrade").is_some());
+                if killed_mid_upgrade == 3 {
+                    break;
+                }
+            }
         }
-        assert!(
-            began,
-            "the store still holds JSON profiles but no upgrade began"
-        );
-        if records > 0 {
-            killed_mid_upgrade += 1;
-            assert!(meta_value(&workspace, "upgrade").is_some());
+        if killed_mid_upgrade > 0 {
+            break;
         }
     }
     assert!(
         killed_mid_upgrade > 0,
-        "no kill landed while the upgrade ran: the test shows nothing"
+        "no kill landed while the upgrade ran (a whole upgrade took {whole_upgrade:?}): the test shows nothing"
     );
     let out = outbox_stats_command(&workspace).output().unwrap();
     assert!(out.status.success(), "{out:?}");
