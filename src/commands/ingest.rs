@@ -75,8 +75,13 @@ pub fn ingest_file<F: Read + Seek>(
         now: chrono::Utc::now(),
         max_future_s: config.ingest.max_future_s,
     };
+    // Pruned as they are read: the parts dropped are checked, never built.
+    let keep = KeepTree::for_mapping(&config.mapping);
     let mut count = 0u64;
-    for update in UpdateReader::new(BufReader::new(&mut *file)).within(limit) {
+    for update in UpdateReader::new(BufReader::new(&mut *file))
+        .within(limit)
+        .keeping(&keep)
+    {
         update?;
         count += 1;
     }
@@ -90,21 +95,17 @@ pub fn ingest_file<F: Read + Seek>(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} updates, {eta} left")
             .expect("valid template"),
     );
-    let keep = KeepTree::for_mapping(&config.mapping);
     let mut total = BatchSummary::default();
     let mut chunk = Vec::with_capacity(INGEST_CHUNK);
     let mut reader = UpdateReader::new(BufReader::new(&mut *file))
         .within(limit)
+        .keeping(&keep)
         .peekable();
     while reader.peek().is_some() {
         chunk.clear();
         while chunk.len() < INGEST_CHUNK {
             match reader.next() {
-                Some(update) => {
-                    let mut update = update?;
-                    keep.prune(&mut update.profile);
-                    chunk.push(update);
-                }
+                Some(update) => chunk.push(update?),
                 None => break,
             }
         }

@@ -9,9 +9,13 @@
 //! An attribute or namespace mapped later is judged against what is stored: it counts as
 //! absent before (SPEC: "the next update of each profile is judged against what is stored").
 
-use serde_json::{Map, Value};
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use crate::config::Mapping;
+use crate::profile::record::Valid;
 
 /// A tree of object keys to keep; a leaf keeps the whole value under it.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -74,6 +78,136 @@ impl KeepTree {
                 }
             },
         );
+    }
+}
+
+/// Parses a profile object keeping only what `KeepTree::prune` would keep, without building the
+/// rest: the parts dropped are checked as strictly as a `Value` parse checks them (through
+/// [`Valid`]), so an input is accepted or refused exactly as parsing it whole and pruning it
+/// would, but their keys and values are never allocated.
+pub struct PrunedObject<'a>(pub &'a KeepTree);
+
+impl<'de> DeserializeSeed<'de> for PrunedObject<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PrunedObject<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        // What serde_json's `Map` says, so that errors read the same as without pruning.
+        f.write_str("a map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = Map::new();
+        while let Some(key) = map.next_key_seed(KeptKey(self.0))? {
+            match key {
+                None => {
+                    map.next_value::<Valid>()?;
+                }
+                Some((key, child)) if child.whole => {
+                    kept.insert(key, map.next_value::<Value>()?);
+                }
+                Some((key, child)) => {
+                    kept.insert(key, map.next_value_seed(PrunedValue(child))?);
+                }
+            }
+        }
+        Ok(kept)
+    }
+}
+
+/// An object key: the key and its subtree when the tree keeps it, `None` (nothing allocated)
+/// when it does not.
+struct KeptKey<'a>(&'a KeepTree);
+
+impl<'de, 'a> DeserializeSeed<'de> for KeptKey<'a> {
+    type Value = Option<(String, &'a KeepTree)>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de, 'a> Visitor<'de> for KeptKey<'a> {
+    type Value = Option<(String, &'a KeepTree)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self
+            .0
+            .children
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(k, child)| (k.clone(), child)))
+    }
+}
+
+/// The value under a kept key the tree goes deeper into: an object is pruned further, anything
+/// else is kept whole (as `KeepTree::prune` keeps it).
+struct PrunedValue<'a>(&'a KeepTree);
+
+impl<'de> DeserializeSeed<'de> for PrunedValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PrunedValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        PrunedObject(self.0).visit_map(map).map(Value::Object)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(value).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
     }
 }
 

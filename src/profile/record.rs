@@ -93,7 +93,7 @@ pub(crate) fn parse(text: &str) -> Value {
 /// Accepts exactly the JSON that parses as a `serde_json::Value` (numbers in range, escapes
 /// that are characters, nesting within serde_json's limit), without building it: serde's
 /// `IgnoredAny` skips such text unchecked.
-struct Valid;
+pub(crate) struct Valid;
 
 impl<'de> serde::Deserialize<'de> for Valid {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Valid, D::Error> {

@@ -6,9 +6,12 @@
 use std::io::BufRead;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::profile::prune::{KeepTree, PrunedObject};
 
 pub const MAX_ID_BYTES: usize = 512;
 
@@ -54,16 +57,135 @@ impl Update {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// An update's fields as given, before [`validate`].
 struct RawUpdate {
     id: String,
-    #[serde(default)]
     op: Option<Op>,
-    #[serde(default)]
     profile: Option<Map<String, Value>>,
-    #[serde(default)]
     timestamp: Option<String>,
+}
+
+const FIELDS: &[&str] = &["id", "op", "profile", "timestamp"];
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Field {
+    Id,
+    Op,
+    Profile,
+    Timestamp,
+}
+
+/// Reads a [`RawUpdate`], its profile pruned as it is read when `keep` is given. Written out
+/// rather than derived only to carry the tree; every error is serde's own (unknown, repeated
+/// and missing fields, wrong types), worded as the derived code words it.
+struct RawUpdateSeed<'a> {
+    keep: Option<&'a KeepTree>,
+}
+
+impl<'de> DeserializeSeed<'de> for RawUpdateSeed<'_> {
+    type Value = RawUpdate;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<RawUpdate, D::Error> {
+        deserializer.deserialize_struct("RawUpdate", FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for RawUpdateSeed<'_> {
+    type Value = RawUpdate;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("struct RawUpdate")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUpdate, A::Error> {
+        fn once<T, E: de::Error>(
+            slot: &mut Option<T>,
+            name: &'static str,
+            value: T,
+        ) -> Result<(), E> {
+            if slot.is_some() {
+                return Err(E::duplicate_field(name));
+            }
+            *slot = Some(value);
+            Ok(())
+        }
+        let (mut id, mut op, mut profile, mut timestamp) = (None, None, None, None);
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Id => once(&mut id, "id", map.next_value::<String>()?)?,
+                Field::Op => once(&mut op, "op", map.next_value::<Option<Op>>()?)?,
+                Field::Profile => {
+                    let value = match self.keep {
+                        Some(keep) => map.next_value_seed(OptionalPruned(keep))?,
+                        None => map.next_value::<Option<Map<String, Value>>>()?,
+                    };
+                    once(&mut profile, "profile", value)?
+                }
+                Field::Timestamp => once(
+                    &mut timestamp,
+                    "timestamp",
+                    map.next_value::<Option<String>>()?,
+                )?,
+            }
+        }
+        Ok(RawUpdate {
+            id: id.ok_or_else(|| de::Error::missing_field("id"))?,
+            op: op.flatten(),
+            profile: profile.flatten(),
+            timestamp: timestamp.flatten(),
+        })
+    }
+}
+
+/// `Option<Map>` (null is no profile), pruned.
+struct OptionalPruned<'a>(&'a KeepTree);
+
+impl<'de> DeserializeSeed<'de> for OptionalPruned<'_> {
+    type Value = Option<Map<String, Value>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalPruned<'_> {
+    type Value = Option<Map<String, Value>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("option")
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        PrunedObject(self.0).deserialize(deserializer).map(Some)
+    }
+}
+
+/// What parsing does besides reading the JSON.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Parsing<'a> {
+    /// Refuse timestamps beyond this.
+    pub limit: Option<FutureLimit>,
+    /// Keep only this part of each profile (what the store keeps, see [`KeepTree`]). The rest
+    /// is checked but never built, which saves most of the parse's allocations.
+    pub keep: Option<&'a KeepTree>,
+}
+
+impl Parsing<'_> {
+    pub fn within(limit: FutureLimit) -> Self {
+        Parsing {
+            limit: Some(limit),
+            keep: None,
+        }
+    }
 }
 
 /// Why an input was refused; `line` is 1-based (the array item number for a JSON array).
@@ -127,17 +249,22 @@ fn strip_serde_position(message: String) -> String {
 /// Parses and validates one update from its JSON text. Parsing straight into the update's
 /// fields (not through a `Value`) also refuses a field given twice.
 pub fn update_from_json(text: &[u8], line: u64) -> Result<Update, InputError> {
-    update_from_json_within(text, line, None)
+    update_from_json_with(text, line, &Parsing::default())
 }
 
-/// [`update_from_json`], refusing a timestamp beyond `limit` (one message of a stream, say).
-pub fn update_from_json_within(
+/// [`update_from_json`] with [`Parsing`]'s checks and pruning (one message of a stream, say).
+pub fn update_from_json_with(
     text: &[u8],
     line: u64,
-    limit: Option<&FutureLimit>,
+    parsing: &Parsing,
 ) -> Result<Update, InputError> {
-    match serde_json::from_slice::<RawUpdate>(text) {
-        Ok(raw) => validate(raw, line, limit),
+    let seed = RawUpdateSeed { keep: parsing.keep };
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let parsed = seed
+        .deserialize(&mut deserializer)
+        .and_then(|raw| deserializer.end().map(|()| raw));
+    match parsed {
+        Ok(raw) => validate(raw, line, parsing),
         Err(e) => {
             // Judged by its first byte, so that a deeply nested array is not parsed again.
             let kind = match text.trim_ascii_start().first() {
@@ -158,7 +285,7 @@ pub fn update_from_json_within(
             // errors; the `Value` route names them properly.
             if e.is_syntax() {
                 if let Ok(value) = serde_json::from_slice::<Value>(text) {
-                    return update_from_value_within(value, line, limit);
+                    return update_from_value_with(value, line, parsing);
                 }
             }
             let prefix = if e.is_syntax() || e.is_eof() {
@@ -176,14 +303,14 @@ pub fn update_from_json_within(
 
 /// Validates one update already parsed as JSON.
 pub fn update_from_value(value: Value, line: u64) -> Result<Update, InputError> {
-    update_from_value_within(value, line, None)
+    update_from_value_with(value, line, &Parsing::default())
 }
 
-/// [`update_from_value`], refusing a timestamp beyond `limit`.
-pub fn update_from_value_within(
+/// [`update_from_value`] with [`Parsing`]'s checks and pruning.
+pub fn update_from_value_with(
     value: Value,
     line: u64,
-    limit: Option<&FutureLimit>,
+    parsing: &Parsing,
 ) -> Result<Update, InputError> {
     if !value.is_object() {
         return Err(InputError::new(
@@ -191,9 +318,10 @@ pub fn update_from_value_within(
             format!("an update must be a JSON object, not {}", json_kind(&value)),
         ));
     }
-    let raw: RawUpdate = serde_json::from_value(value)
+    let raw = RawUpdateSeed { keep: parsing.keep }
+        .deserialize(value)
         .map_err(|e| InputError::new(line, strip_serde_position(e.to_string())))?;
-    validate(raw, line, limit)
+    validate(raw, line, parsing)
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -207,7 +335,7 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn validate(raw: RawUpdate, line: u64, limit: Option<&FutureLimit>) -> Result<Update, InputError> {
+fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, InputError> {
     if raw.id.is_empty() {
         return Err(InputError::new(line, "`id` must not be empty"));
     }
@@ -242,7 +370,7 @@ fn validate(raw: RawUpdate, line: u64, limit: Option<&FutureLimit>) -> Result<Up
                 .with_timezone(&Utc),
         ),
     };
-    if let (Some(timestamp), Some(limit)) = (timestamp, limit) {
+    if let (Some(timestamp), Some(limit)) = (timestamp, &parsing.limit) {
         limit
             .check(timestamp)
             .map_err(|reason| InputError::new(line, reason))?;
@@ -269,20 +397,17 @@ fn truncate(text: &str, max: usize) -> &str {
 /// Parses a whole body: NDJSON (also several objects on a line, or pretty-printed objects),
 /// a JSON array of updates, or one object. An empty body is an error.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
-    parse_body_within(body, None)
+    parse_body_with(body, &Parsing::default())
 }
 
-/// [`parse_body`], refusing a timestamp beyond `limit` (naming its line).
-pub fn parse_body_within(
-    body: &[u8],
-    limit: Option<&FutureLimit>,
-) -> Result<Vec<Update>, InputError> {
+/// [`parse_body`] with [`Parsing`]'s checks (naming the line refused) and pruning.
+pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
     let start = body.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {
         return Err(InputError::new(1, "the input holds no update"));
     };
     if body[start] == b'[' {
-        return parse_array(body, limit);
+        return parse_array(body, parsing);
     }
     let mut updates = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
@@ -304,7 +429,7 @@ pub fn parse_body_within(
         match stream.next() {
             None => break,
             Some(Ok(raw)) => {
-                updates.push(update_from_json_within(raw.get().as_bytes(), line, limit)?)
+                updates.push(update_from_json_with(raw.get().as_bytes(), line, parsing)?)
             }
             Some(Err(e)) => {
                 // An unfinished value is reported at the line where it starts.
@@ -323,7 +448,7 @@ pub fn parse_body_within(
     Ok(updates)
 }
 
-fn parse_array(body: &[u8], limit: Option<&FutureLimit>) -> Result<Vec<Update>, InputError> {
+fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
     let values: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
         InputError::new(
             e.line().max(1) as u64,
@@ -340,7 +465,7 @@ fn parse_array(body: &[u8], limit: Option<&FutureLimit>) -> Result<Vec<Update>, 
         .into_iter()
         .enumerate()
         .map(|(i, value)| {
-            update_from_json_within(value.get().as_bytes(), i as u64 + 1, limit).map_err(|mut e| {
+            update_from_json_with(value.get().as_bytes(), i as u64 + 1, parsing).map_err(|mut e| {
                 e.reason = format!("array item {}: {}", i + 1, e.reason);
                 e
             })
@@ -352,16 +477,16 @@ fn parse_array(body: &[u8], limit: Option<&FutureLimit>) -> Result<Vec<Update>, 
 ///
 /// Input that is not one object per line (an array, a pretty-printed object) is read whole and
 /// handed to [`parse_body`].
-pub struct UpdateReader<R> {
+pub struct UpdateReader<'k, R> {
     reader: R,
     line: u64,
     buffer: Vec<u8>,
     whole: Option<std::vec::IntoIter<Update>>,
     saw_update: bool,
-    limit: Option<FutureLimit>,
+    parsing: Parsing<'k>,
 }
 
-impl<R: BufRead> UpdateReader<R> {
+impl<'k, R: BufRead> UpdateReader<'k, R> {
     pub fn new(reader: R) -> Self {
         UpdateReader {
             reader,
@@ -369,13 +494,19 @@ impl<R: BufRead> UpdateReader<R> {
             buffer: Vec::new(),
             whole: None,
             saw_update: false,
-            limit: None,
+            parsing: Parsing::default(),
         }
     }
 
     /// Refuses timestamps beyond `limit`.
     pub fn within(mut self, limit: FutureLimit) -> Self {
-        self.limit = Some(limit);
+        self.parsing.limit = Some(limit);
+        self
+    }
+
+    /// Keeps only the part of each profile `keep` keeps.
+    pub fn keeping(mut self, keep: &'k KeepTree) -> Self {
+        self.parsing.keep = Some(keep);
         self
     }
 
@@ -384,13 +515,13 @@ impl<R: BufRead> UpdateReader<R> {
         self.reader
             .read_to_end(&mut all)
             .map_err(|e| InputError::new(self.line, format!("cannot read input: {e}")))?;
-        let updates = parse_body_within(&all, self.limit.as_ref())?;
+        let updates = parse_body_with(&all, &self.parsing)?;
         self.whole = Some(updates.into_iter());
         Ok(())
     }
 }
 
-impl<R: BufRead> Iterator for UpdateReader<R> {
+impl<R: BufRead> Iterator for UpdateReader<'_, R> {
     type Item = Result<Update, InputError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -437,11 +568,7 @@ impl<R: BufRead> Iterator for UpdateReader<R> {
                 return self.next();
             }
             self.saw_update = true;
-            return Some(update_from_json_within(
-                text,
-                self.line,
-                self.limit.as_ref(),
-            ));
+            return Some(update_from_json_with(text, self.line, &self.parsing));
         }
     }
 }
@@ -623,12 +750,12 @@ mod tests {
         };
         let ndjson = [line("a", 0), line("b", 30), line("c", 3600)].join("\n");
         assert!(parse_body(ndjson.as_bytes()).is_ok(), "no limit, no check");
-        let error = parse_body_within(ndjson.as_bytes(), Some(&limit)).unwrap_err();
+        let error = parse_body_with(ndjson.as_bytes(), &Parsing::within(limit)).unwrap_err();
         assert_eq!(error.line, 3);
         assert!(error.reason.contains("3600 s ahead"), "{error}");
 
         let array = format!("[{},{}]", line("a", 0), line("b", 3600));
-        let error = parse_body_within(array.as_bytes(), Some(&limit)).unwrap_err();
+        let error = parse_body_with(array.as_bytes(), &Parsing::within(limit)).unwrap_err();
         assert_eq!(error.line, 2);
         assert!(error.reason.contains("array item 2"), "{error}");
 
@@ -638,13 +765,13 @@ mod tests {
 
         let value: Value = serde_json::from_str(&line("c", 3600)).unwrap();
         assert_eq!(
-            update_from_value_within(value, 7, Some(&limit))
+            update_from_value_with(value, 7, &Parsing::within(limit))
                 .unwrap_err()
                 .line,
             7
         );
         let no_timestamp = br#"{"id":"d","profile":{}}"#;
-        assert!(parse_body_within(no_timestamp, Some(&limit)).is_ok());
+        assert!(parse_body_with(no_timestamp, &Parsing::within(limit)).is_ok());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME};
 use crate::metrics::Metrics;
-use crate::profile::update::{update_from_value_within, FutureLimit};
+use crate::profile::update::{update_from_value_with, FutureLimit, Parsing};
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -143,10 +143,14 @@ async fn ingest(
         now: chrono::Utc::now(),
         max_future_s: state.max_future_s,
     };
+    let parsing = Parsing {
+        limit: Some(limit),
+        keep: Some(state.committer.keep()),
+    };
     let updates = values
         .into_iter()
         .enumerate()
-        .map(|(i, value)| update_from_value_within(value, i as u64 + 1, Some(&limit)))
+        .map(|(i, value)| update_from_value_with(value, i as u64 + 1, &parsing))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| AdminError::Usage(e.to_string()))?;
     if state.store.outbox_full(state.max_outbox_bytes)? {

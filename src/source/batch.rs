@@ -1,7 +1,7 @@
 //! What a batch fetched from one partition becomes (pure): the updates to commit, the
 //! redeliveries to skip, the messages to reject, and the position to record with them.
 
-use crate::profile::update::{update_from_json_within, FutureLimit};
+use crate::profile::update::{update_from_json_with, Parsing};
 use crate::profile::Update;
 use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
 
@@ -38,7 +38,7 @@ pub fn sort_batch(
     partitions: u32,
     recorded: u64,
     messages: &[Fetched<'_>],
-    limit: Option<&FutureLimit>,
+    parsing: &Parsing,
     now_ms: i64,
 ) -> Sorted {
     let mut sorted = Sorted::default();
@@ -50,7 +50,7 @@ pub fn sort_batch(
             continue;
         }
         high = message.seq;
-        let parsed = update_from_json_within(message.payload, message.seq, limit)
+        let parsed = update_from_json_with(message.payload, message.seq, parsing)
             .map_err(|e| e.reason)
             .and_then(|update| {
                 let home = partition_of(&update.id, partitions);
@@ -89,6 +89,7 @@ pub fn sort_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::update::FutureLimit;
 
     const PARTITIONS: u32 = 8;
 
@@ -110,7 +111,14 @@ mod tests {
             now: chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap(), // 2026-01-01
             max_future_s: 86_400,
         };
-        sort_batch(1, PARTITIONS, recorded, &fetched, Some(&limit), 7)
+        sort_batch(
+            1,
+            PARTITIONS,
+            recorded,
+            &fetched,
+            &Parsing::within(limit),
+            7,
+        )
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::batch::{sort_batch, Fetched};
 use super::config::{NatsAuth, NatsSource};
 use super::partition::subject_of;
 use crate::metrics::Metrics;
-use crate::profile::update::FutureLimit;
+use crate::profile::update::{FutureLimit, Parsing};
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -512,7 +512,10 @@ async fn commit_and_ack(
         shared.config.partitions,
         recorded,
         &fetched,
-        Some(&limit),
+        &Parsing {
+            limit: Some(limit),
+            keep: Some(shared.committer.keep()),
+        },
         now.timestamp_millis(),
     );
     let rejected = sorted

@@ -78,6 +78,11 @@ impl Committer {
         (Committer { jobs, keep }, handle)
     }
 
+    /// The part of a profile the store keeps: parsers given it build nothing else.
+    pub fn keep(&self) -> &KeepTree {
+        &self.keep
+    }
+
     /// Commits the updates as one atomic group; returns once they are durable.
     ///
     /// The updates are pruned to their mapped parts here, on the caller's task, so that the

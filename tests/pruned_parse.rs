@@ -1,0 +1,246 @@
+//! Parsing an update with the store's `KeepTree` (the profile pruned as it is read, the rest
+//! never built) against parsing it whole and pruning it after: random update lines with nested
+//! and repeated keys, keys written with escapes, and bad JSON tokens placed in kept and in
+//! dropped parts must be accepted or refused alike, with the same message, and kept alike.
+
+use outpost::config::Mapping;
+use outpost::profile::prune::KeepTree;
+use outpost::profile::update::{update_from_json, update_from_json_with, Parsing};
+use outpost::profile::Op;
+use proptest::prelude::*;
+use serde_json::{Map, Value};
+
+/// A JSON document as text, built so that it can hold what a `Value` cannot: repeated keys
+/// and tokens serde_json refuses.
+#[derive(Debug, Clone)]
+enum Doc {
+    Token(&'static str),
+    Array(Vec<Doc>),
+    Object(Vec<(&'static str, Doc)>),
+}
+
+impl Doc {
+    fn render(&self, out: &mut String) {
+        match self {
+            Doc::Token(token) => out.push_str(token),
+            Doc::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    item.render(out);
+                }
+                out.push(']');
+            }
+            Doc::Object(entries) => {
+                out.push('{');
+                for (i, (key, value)) in entries.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(key);
+                    out.push(':');
+                    value.render(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+const GOOD_TOKENS: &[&str] = &[
+    "null",
+    "true",
+    "1",
+    "-2.5e3",
+    "18446744073709551615",
+    r#""text""#,
+    r#""\u00e9\n""#,
+    r#""\ud83d\ude00""#,
+];
+
+/// Tokens serde_json refuses when it parses a `Value`: a number out of range, a lone
+/// surrogate, a bad escape, a leading zero, a control character in a string.
+const BAD_TOKENS: &[&str] = &["1e400", r#""\ud800""#, r#""\x""#, "01", "\"a\u{1}b\""];
+
+/// Keys as written in the text: the mapped ones (also through escapes) and others.
+const KEYS: &[&str] = &[
+    r#""person""#,
+    r#""name""#,
+    r#""n\u0061me""#,
+    r#""firstName""#,
+    r#""lastName""#,
+    r#""mobilePhone""#,
+    r#""segmentMembership""#,
+    r#""ups""#,
+    r#""s1""#,
+    r#""s2""#,
+    r#""identityMap""#,
+    r#""ecid""#,
+    r#""crmid""#,
+    r#""other""#,
+];
+
+fn doc(bad_tokens: bool) -> impl Strategy<Value = Doc> {
+    let mut tokens: Vec<&'static str> = GOOD_TOKENS.to_vec();
+    if bad_tokens {
+        tokens.extend(BAD_TOKENS);
+    }
+    let leaf = proptest::sample::select(tokens).prop_map(Doc::Token);
+    leaf.prop_recursive(5, 48, 5, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..3).prop_map(Doc::Array),
+            proptest::collection::vec((proptest::sample::select(KEYS), inner), 0..5)
+                .prop_map(Doc::Object),
+        ]
+    })
+}
+
+fn profile(bad_tokens: bool) -> impl Strategy<Value = Doc> {
+    proptest::collection::vec((proptest::sample::select(KEYS), doc(bad_tokens)), 0..6)
+        .prop_map(Doc::Object)
+}
+
+fn line_of(profile: &Doc) -> String {
+    let mut line = String::from(r#"{"id":"p-1","op":"merge","profile":"#);
+    profile.render(&mut line);
+    line.push('}');
+    line
+}
+
+fn mappings() -> [Mapping; 2] {
+    [
+        Mapping::new(
+            &["person.name.firstName", "mobilePhone"],
+            &["s1"],
+            &["ecid"],
+        ),
+        Mapping::new(&["person", "person.name"], &["s2"], &[]),
+    ]
+}
+
+fn assert_same(line: &str) {
+    for mapping in mappings() {
+        let keep = KeepTree::for_mapping(&mapping);
+        let parsing = Parsing {
+            limit: None,
+            keep: Some(&keep),
+        };
+        let pruned_as_read = update_from_json_with(line.as_bytes(), 1, &parsing);
+        let pruned_after = update_from_json(line.as_bytes(), 1).map(|mut update| {
+            keep.prune(&mut update.profile);
+            update
+        });
+        assert_eq!(pruned_as_read, pruned_after, "{line}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    #[test]
+    fn valid_profiles_are_kept_alike(profile in profile(false)) {
+        let line = line_of(&profile);
+        assert!(update_from_json(line.as_bytes(), 1).is_ok(), "{line}");
+        assert_same(&line);
+    }
+
+    #[test]
+    fn profiles_with_bad_tokens_are_refused_alike(profile in profile(true)) {
+        assert_same(&line_of(&profile));
+    }
+}
+
+#[test]
+fn a_bad_token_in_a_dropped_part_is_refused_as_in_a_kept_one() {
+    let keep = KeepTree::for_mapping(&mappings()[0]);
+    let parsing = Parsing {
+        limit: None,
+        keep: Some(&keep),
+    };
+    for token in BAD_TOKENS {
+        let line = format!(r#"{{"id":"p-1","profile":{{"other":{{"x":[{token}]}}}}}}"#);
+        let error = update_from_json_with(line.as_bytes(), 3, &parsing).unwrap_err();
+        assert_eq!(error.line, 3);
+        assert!(
+            error.reason.starts_with("not valid JSON"),
+            "{token}: {error}"
+        );
+    }
+    // What is kept: a key written with an escape is the key it spells.
+    let line =
+        r#"{"id":"p-1","profile":{"person":{"n\u0061me":{"firstName":"Jane","x":1},"y":2},"z":3}}"#;
+    let update = update_from_json_with(line.as_bytes(), 1, &parsing).unwrap();
+    assert_eq!(
+        serde_json::Value::Object(update.profile),
+        serde_json::json!({"person": {"name": {"firstName": "Jane"}}})
+    );
+}
+
+/// The update's fields as serde's derive reads them: the reference for the hand-written reader.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct DerivedUpdate {
+    id: String,
+    #[serde(default)]
+    op: Option<Op>,
+    #[serde(default)]
+    profile: Option<Map<String, Value>>,
+    #[serde(default)]
+    timestamp: Option<String>,
+}
+
+#[test]
+fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
+    let keep = KeepTree::for_mapping(&mappings()[0]);
+    let parsing = Parsing {
+        limit: None,
+        keep: Some(&keep),
+    };
+    for line in [
+        r#"{"id":"a","id":"b","profile":{}}"#,
+        r#"{"id":"a","profile":{},"profile":{}}"#,
+        r#"{"id":"a","op":"merge","op":"merge","profile":{}}"#,
+        r#"{"id":"a","timestamp":null,"timestamp":null,"profile":{}}"#,
+        r#"{"profile":{}}"#,
+        r#"{"id":"a","profile":{},"extra":1}"#,
+        r#"{"id":5,"profile":{}}"#,
+        r#"{"id":"a","op":"replace","profile":{}}"#,
+        r#"{"id":"a","profile":"text"}"#,
+        r#"{"id":"a","profile":[1]}"#,
+        r#"{"id":"a","timestamp":5,"profile":{}}"#,
+        r#"{"id":"a","profile":{}} x"#,
+    ] {
+        let derived = serde_json::from_str::<DerivedUpdate>(line).unwrap_err();
+        let derived = derived.to_string();
+        let derived = &derived[..derived.rfind(" at line ").unwrap()];
+        for parsing in [&parsing, &Parsing::default()] {
+            let error = update_from_json_with(line.as_bytes(), 1, parsing).unwrap_err();
+            assert!(
+                error.reason.ends_with(derived),
+                "{line}: {error} / {derived}"
+            );
+        }
+    }
+    for line in [
+        r#"{"id":"a","op":"delete","profile":null}"#,
+        r#"{"id":"a","op":null,"profile":{"person":1}}"#,
+        r#"{"id":"a","timestamp":null,"profile":{}}"#,
+    ] {
+        let derived = serde_json::from_str::<DerivedUpdate>(line).unwrap();
+        let update = update_from_json_with(line.as_bytes(), 1, &parsing).unwrap();
+        assert_eq!(update.id, derived.id);
+        assert_eq!(update.op, derived.op.unwrap_or(Op::Upsert));
+        let mut profile = derived.profile.unwrap_or_default();
+        keep.prune(&mut profile);
+        assert_eq!(update.profile, profile);
+    }
+    // serde's derive would read an array as the fields in order; an update is an object.
+    let error = update_from_json_with(br#"["a","upsert",{}]"#, 1, &parsing).unwrap_err();
+    assert_eq!(
+        error.reason,
+        "an update must be a JSON object, not an array"
+    );
+}
