@@ -7,7 +7,8 @@ use std::path::Path;
 use super::{Backend, CliError};
 use crate::config::Config;
 use crate::profile::prune::KeepTree;
-use crate::profile::update::{FutureLimit, UpdateReader};
+use crate::profile::update::{FutureLimit, InputError, UpdateReader};
+use crate::profile::Update;
 use crate::store::BatchSummary;
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
@@ -60,7 +61,7 @@ pub fn ingest_path(
 /// every line, the second commits in chunks. A crash during the second pass leaves a prefix
 /// stored; running the same file again completes it (updates with timestamps are then stale or
 /// unchanged, so no export is made twice).
-pub fn ingest_file<F: Read + Seek>(
+pub fn ingest_file<F: Read + Seek + Send>(
     backend: &Backend,
     config: &Config,
     file: &mut F,
@@ -95,26 +96,38 @@ pub fn ingest_file<F: Read + Seek>(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} updates, {eta} left")
             .expect("valid template"),
     );
+    // Chunks are parsed on a thread of their own while the previous chunk is committed; at
+    // most two wait, so memory stays bounded.
     let mut total = BatchSummary::default();
-    let mut chunk = Vec::with_capacity(INGEST_CHUNK);
-    let mut reader = UpdateReader::new(BufReader::new(&mut *file))
-        .within(limit)
-        .keeping(&keep)
-        .peekable();
-    while reader.peek().is_some() {
-        chunk.clear();
-        while chunk.len() < INGEST_CHUNK {
-            match reader.next() {
-                Some(update) => chunk.push(update?),
-                None => break,
+    std::thread::scope(|scope| {
+        let (chunks, parsed) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            let mut reader = UpdateReader::new(BufReader::new(file))
+                .within(limit)
+                .keeping(&keep);
+            loop {
+                let chunk: Result<Vec<Update>, InputError> =
+                    reader.by_ref().take(INGEST_CHUNK).collect();
+                let last = chunk.as_ref().map_or(true, |c| c.len() < INGEST_CHUNK);
+                // Sending fails only when the committing side stopped at an error.
+                if chunks.send(chunk).is_err() || last {
+                    return;
+                }
             }
+        });
+        for chunk in parsed {
+            let chunk = chunk?;
+            if chunk.is_empty() {
+                break;
+            }
+            let committed = backend
+                .ingest(config, &chunk)
+                .map_err(|e| partly_stored(e, total.accepted, count))?;
+            total.add(&committed);
+            bar.inc(chunk.len() as u64);
         }
-        let committed = backend
-            .ingest(config, &chunk)
-            .map_err(|e| partly_stored(e, total.accepted, count))?;
-        total.add(&committed);
-        bar.inc(chunk.len() as u64);
-    }
+        Ok::<(), CliError>(())
+    })?;
     bar.finish_and_clear();
     Ok(total)
 }
