@@ -183,7 +183,7 @@ fn config_path_is_accepted_after_the_subcommand_and_from_env() {
 fn ingest_of_100k_updates_is_streamed() {
     let ws = Workspace::new();
     let path = ws.path().join("big.ndjson");
-    let padding = "x".repeat(900);
+    let padding = "x".repeat(2_000);
     {
         use std::io::Write;
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
@@ -199,7 +199,7 @@ fn ingest_of_100k_updates_is_streamed() {
         }
     }
     let file_bytes = std::fs::metadata(&path).unwrap().len();
-    assert!(file_bytes > 100 << 20, "{file_bytes}");
+    assert!(file_bytes > 200 << 20, "{file_bytes}");
     let out = ws.run_ok(&["ingest", "--json", path.to_str().unwrap()], None);
     let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(summary["accepted"], 100_000);
