@@ -19,7 +19,8 @@
 //! (c) peak RSS of `outpost run` with 1,000,000 stored profiles and 100,000 pending exports:
 //!     VmHWM (and VmRSS) from /proc/<pid>/status 5 s and 20 s after it served `/healthz` and at
 //!     the end of `idle` (45 s), destination down so the exports stay, with `storage.cache_bytes`
-//!     32 MiB (the default), 8 MiB, and 32 MiB with one jemalloc arena (`_RJEM_MALLOC_CONF=narenas:1`; run side by side, each
+//!     32 MiB (the default), 8 MiB, and 32 MiB with jemalloc's default of 4 arenas a core instead
+//!     of outpost's one (`_RJEM_MALLOC_CONF=narenas:8`; run side by side, each
 //!     on its own copy of the pre-filled store); then 10 s while delivering to an in-process
 //!     receiver. sled's flusher thread also cleans log segments (it pages in and rewrites old
 //!     pages), so the RSS keeps growing for a while after start: hence the long idle.
@@ -569,9 +570,9 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
                 deliver: false,
             },
             RssCase {
-                name: "cache 32 MiB, one jemalloc arena, destination down",
+                name: "cache 32 MiB, jemalloc's default 8 arenas, destination down",
                 cache_bytes: 32 << 20,
-                env: Some(("_RJEM_MALLOC_CONF", "narenas:1")),
+                env: Some(("_RJEM_MALLOC_CONF", "narenas:8")),
                 deliver: false,
             },
         ];
