@@ -36,6 +36,43 @@ pub(super) struct Opened {
     rebuilt: Vec<String>,
 }
 
+/// Removes the snapshot files sled left unfinished, under sled's own lock.
+///
+/// At every open sled 0.34 writes a snapshot of its page table to `snap.<lsn>.generating`,
+/// syncs it, then renames it to `snap.<lsn>` and removes the older one. A kill before the
+/// rename leaves the `.generating` file, which the next open takes for the newest snapshot,
+/// finds incomplete, and refuses the whole store as corrupt (sled issue #1527). Such a file
+/// is never needed: the snapshot it was to replace stays until after the rename, and the log
+/// holds the rest. It is removed only while holding the lock sled takes on `db` (an `flock`),
+/// so that the snapshot of a process opening the store right now is left alone.
+fn remove_unfinished_snapshots(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::io::AsRawFd;
+    let open_error = |source: std::io::Error| StoreError::Open {
+        path: path.to_path_buf(),
+        source: sled::Error::Io(source),
+    };
+    let Ok(db) = File::open(path.join("db")) else {
+        return Ok(()); // a new store, or one sled will report itself
+    };
+    // SAFETY: flock on a descriptor this function owns; released when `db` is closed.
+    if unsafe { libc::flock(db.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(()); // another process has the store open: sled reports the lock
+    }
+    for entry in std::fs::read_dir(path).map_err(open_error)? {
+        let entry = entry.map_err(open_error)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(
+                file = %name,
+                "removing a snapshot the store's last run did not finish (it was stopped while opening the store)"
+            );
+            std::fs::remove_file(entry.path()).map_err(open_error)?;
+        }
+    }
+    Ok(())
+}
+
 /// How far past the highest export held a rebuilt `next_seq` starts: exports delivered or
 /// dropped before may have had higher numbers, and an export id must never be reused.
 pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
@@ -153,6 +190,7 @@ impl Store {
                 source: sled::Error::Io(e),
             }
         })?;
+        remove_unfinished_snapshots(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
