@@ -120,13 +120,18 @@ fn mappings() -> [Mapping; 2] {
     ]
 }
 
+/// Parsing that keeps what `keep` keeps, with no limit on timestamps.
+fn pruning(keep: &KeepTree) -> Parsing<'_> {
+    Parsing {
+        limit: None,
+        keep: Some(keep),
+    }
+}
+
 fn assert_same(line: &str) {
     for mapping in mappings() {
         let keep = KeepTree::for_mapping(&mapping);
-        let parsing = Parsing {
-            limit: None,
-            keep: Some(&keep),
-        };
+        let parsing = pruning(&keep);
         let pruned_as_read = update_from_json_with(line.as_bytes(), 1, &parsing);
         let pruned_after = update_from_json(line.as_bytes(), 1).map(|mut update| {
             keep.prune(&mut update.profile);
@@ -155,10 +160,7 @@ proptest! {
 #[test]
 fn a_bad_token_in_a_dropped_part_is_refused_as_in_a_kept_one() {
     let keep = KeepTree::for_mapping(&mappings()[0]);
-    let parsing = Parsing {
-        limit: None,
-        keep: Some(&keep),
-    };
+    let parsing = pruning(&keep);
     for token in BAD_TOKENS {
         let line = format!(r#"{{"id":"p-1","profile":{{"other":{{"x":[{token}]}}}}}}"#);
         let error = update_from_json_with(line.as_bytes(), 3, &parsing).unwrap_err();
@@ -195,10 +197,7 @@ struct DerivedUpdate {
 #[test]
 fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
     let keep = KeepTree::for_mapping(&mappings()[0]);
-    let parsing = Parsing {
-        limit: None,
-        keep: Some(&keep),
-    };
+    let parsing = pruning(&keep);
     for line in [
         r#"{"id":"a","id":"b","profile":{}}"#,
         r#"{"id":"a","profile":{},"profile":{}}"#,

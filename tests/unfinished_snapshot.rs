@@ -3,13 +3,16 @@
 //! refuse the store as corrupt at every later open; outpost removes the unfinished file first,
 //! under sled's lock, and the store opens with everything in it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use chrono::Utc;
 use outpost::config::Mapping;
 use outpost::profile::update::parse_body;
 use outpost::store::Store;
+
+use common::open_with_sled_alone;
 
 fn snapshots(store: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(store)
@@ -60,19 +63,6 @@ fn leave_unfinished_snapshot(store: &Path) -> PathBuf {
     let unfinished = store.join("snap.FFFFFFFFFFFFFFF0.generating");
     std::fs::write(&unfinished, &bytes[..bytes.len() / 2]).unwrap();
     unfinished
-}
-
-/// sled alone, waiting for the lock it releases from its own threads after a close.
-fn open_with_sled_alone(path: &Path) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match sled::open(path) {
-            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            result => return result,
-        }
-    }
 }
 
 #[test]

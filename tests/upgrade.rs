@@ -10,7 +10,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
@@ -21,20 +20,8 @@ use outpost::store::{Store, FORMAT_VERSION};
 use rand::Rng;
 use serde_json::Value;
 
-/// The store opened with sled alone. sled releases a store's lock from its own threads shortly
-/// after the last handle is dropped, so a lock held a moment longer is waited for.
 fn open_sled(path: &std::path::Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(e) if std::time::Instant::now() < deadline => {
-                assert!(e.to_string().contains("lock"), "{e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("{}: {e}", path.display()),
-        }
-    }
+    open_with_sled_alone(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Stores `profiles` members of A through the store, then rewrites the store as format 2

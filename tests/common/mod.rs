@@ -119,6 +119,20 @@ pub fn pruned_updates(
     updates
 }
 
+/// A store opened with sled alone. sled releases a store's lock from its own threads shortly
+/// after the last handle is dropped, so a lock held a moment longer is waited for (10 s).
+pub fn open_with_sled_alone(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            result => return result,
+        }
+    }
+}
+
 pub fn member_update(id: &str, first_name: &str, timestamp: &str) -> String {
     serde_json::json!({
         "id": id,
