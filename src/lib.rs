@@ -32,8 +32,8 @@
 /// jemalloc rather than glibc's malloc, for every binary built from this crate (the agent,
 /// and the benches and tests, so that their comparisons with raw sled stay paired). Under
 /// glibc's malloc a third of `outpost ingest`'s time went to the allocator itself (`perf`:
-/// `_int_malloc`, `unlink_chunk`, `malloc_consolidate`) and to zeroing pages it had given
-/// back; README "Performance" has the figures, and the resident memory each allocator costs.
+/// `_int_malloc`, `unlink_chunk`, `malloc_consolidate`) and to the kernel zeroing fresh pages
+/// on page faults; README "Performance" has the figures, and the resident memory each allocator costs.
 #[cfg(unix)]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
