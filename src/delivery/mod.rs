@@ -53,13 +53,14 @@ use queue::Queue;
 use retry::{classify, Class, ExportBackoff};
 use settler::{Change, Settler};
 
-/// Pending exports held in memory ahead of sending; the store is read again when fewer than
-/// half are left, or when few profiles are ready (the rest wait behind failing exports), up to
-/// [`MAX_HELD`].
-const WINDOW: usize = 16_384;
+/// The fewest pending exports held in memory ahead of sending ([`window`]): two reads' worth,
+/// so that a read is under way while the rest go out.
+const MIN_WINDOW: usize = 2 * READ_CHUNK;
+/// The most exports held, also while few profiles are ready (the rest wait behind failing
+/// exports): about 40 MB of decoded exports.
 const MAX_HELD: usize = 65_536;
 /// The window while the destination is down: only probes go out, so holding more than a
-/// little only costs memory (16,384 decoded exports are ~10 MB); it grows again from the
+/// little only costs memory; it grows again from the
 /// first answer that reopens the destination.
 const DOWN_WINDOW: usize = 256;
 /// A failed read of the outbox is tried again after this long.
@@ -71,13 +72,21 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const READ_CHUNK: usize = 2_048;
 const FIRST_READ: usize = 128;
 
-/// Whether the window should read more from the store, holding `held` exports of which
-/// `ready` could go now.
-fn wants_read(held: usize, ready: usize, destination_down: bool) -> bool {
+/// Pending exports held in memory ahead of sending: four times what the requests in flight
+/// can take at most, within [`MIN_WINDOW`] and [`MAX_HELD`]. Holding more only costs memory:
+/// with the defaults (64 requests of one export) the minimum already holds 32 rounds.
+fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
+    (4 * max_concurrency * max_profiles_per_request).clamp(MIN_WINDOW, MAX_HELD)
+}
+
+/// Whether the window (of `window` exports) should read more from the store, holding `held`
+/// exports of which `ready` could go now: when fewer than half are left, or when few profiles
+/// are ready (the rest wait behind failing exports), up to [`MAX_HELD`].
+fn wants_read(window: usize, held: usize, ready: usize, destination_down: bool) -> bool {
     if destination_down {
         held < DOWN_WINDOW / 2
     } else {
-        held < WINDOW / 2 || (ready < READ_CHUNK && held < MAX_HELD)
+        held < window / 2 || (ready < READ_CHUNK && held < MAX_HELD)
     }
 }
 /// A wake-up even without commits: picks up expiries and anything missed.
@@ -132,6 +141,8 @@ pub struct Deliverer {
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     max_profiles_per_request: usize,
+    /// See [`window`].
+    window: usize,
     max_age: Duration,
     request_timeout: Duration,
     clock: RunClock,
@@ -189,6 +200,7 @@ impl Deliverer {
             endpoint,
             headers,
             max_profiles_per_request: d.max_profiles_per_request,
+            window: window(d.max_concurrency, d.max_profiles_per_request),
             max_age: d.max_age,
             request_timeout: d.request_timeout,
             controller: ControllerConfig {
@@ -325,7 +337,12 @@ impl Deliverer {
             return;
         }
         let held = state.queue.held();
-        let wanted = wants_read(held, state.queue.ready(), state.controller.is_down());
+        let wanted = wants_read(
+            self.window,
+            held,
+            state.queue.ready(),
+            state.controller.is_down(),
+        );
         if !wanted || state.cursor >= self.store.durable_next_seq() {
             return;
         }
@@ -701,24 +718,46 @@ mod tests {
 
     #[test]
     fn the_window_reads_ahead_only_a_little_while_the_destination_is_down() {
+        let window = 8_192;
         // (held, ready, down) -> read more
         let table = [
             ((0, 0, false), true),
-            ((WINDOW / 2 - 1, WINDOW / 2 - 1, false), true),
-            ((WINDOW / 2, READ_CHUNK, false), false),
+            ((window / 2 - 1, window / 2 - 1, false), true),
+            ((window / 2, READ_CHUNK, false), false),
             // Few ready (the rest wait behind failing exports): read on, up to MAX_HELD.
-            ((WINDOW, 10, false), true),
+            ((window, 10, false), true),
             ((MAX_HELD, 10, false), false),
             ((0, 0, true), true),
             ((DOWN_WINDOW / 2 - 1, 0, true), true),
             ((DOWN_WINDOW / 2, 0, true), false),
-            ((WINDOW, 10, true), false),
+            ((window, 10, true), false),
         ];
         for ((held, ready, down), expected) in table {
             assert_eq!(
-                wants_read(held, ready, down),
+                wants_read(window, held, ready, down),
                 expected,
                 "held {held}, ready {ready}, down {down}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_window_holds_what_the_requests_in_flight_can_take() {
+        // (max_concurrency, max_profiles_per_request) -> window
+        let table = [
+            ((64, 1), MIN_WINDOW),
+            ((1, 1), MIN_WINDOW),
+            ((64, 10), MIN_WINDOW),
+            ((64, 100), 25_600),
+            ((1024, 1), MIN_WINDOW),
+            ((1024, 10), 40_960),
+            ((1024, 1000), MAX_HELD),
+        ];
+        for ((concurrency, per_request), expected) in table {
+            assert_eq!(
+                window(concurrency, per_request),
+                expected,
+                "max_concurrency {concurrency}, max_profiles_per_request {per_request}"
             );
         }
     }
