@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use outpost::config::Mapping;
 use outpost::profile::apply::{apply, StoreAction, StoredProfile, UpdateResult};
-use outpost::profile::engine::{apply_record, RecordAction};
+use outpost::profile::engine::{self, apply_record, RecordAction};
 use outpost::profile::layout::Layout;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::record::ProfileRecord;
@@ -159,17 +159,22 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
-/// A case as the store meets it: the update pruned, the stored version as a record.
+/// A case as the store meets it: the update pruned and, an upsert, made a record (as the
+/// committer's callers do: `engine::prepare`), the stored version as a record; and the update
+/// pruned only, which `apply_record` makes a record itself.
 struct Prepared {
     update: Update,
+    pruned: Update,
     old: Option<ProfileRecord>,
     old_bytes: Option<Vec<u8>>,
 }
 
 fn prepare(case: &Case, mapping: &Mapping, layout: &Layout) -> Prepared {
     let keep = KeepTree::for_mapping(mapping);
-    let mut update = case.update.clone();
-    keep.prune(&mut update.profile);
+    let mut pruned = case.update.clone();
+    keep.prune(&mut pruned.profile);
+    let mut update = pruned.clone();
+    engine::prepare(&mut update, layout);
     let old = case.old.as_ref().map(|old| {
         let mut profile = old.profile.as_object().expect("an object").clone();
         keep.prune(&mut profile);
@@ -182,6 +187,7 @@ fn prepare(case: &Case, mapping: &Mapping, layout: &Layout) -> Prepared {
     let old_bytes = old.as_ref().map(codec::encode_profile);
     Prepared {
         update,
+        pruned,
         old,
         old_bytes,
     }
@@ -233,6 +239,8 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     let mut values_times = Vec::with_capacity(ROUNDS);
     let mut validate_times = Vec::with_capacity(ROUNDS);
     let mut store_times = Vec::with_capacity(ROUNDS);
+    let mut unprepared_times = Vec::with_capacity(ROUNDS);
+    let mut prepare_times = Vec::with_capacity(ROUNDS);
     for round in 0..=ROUNDS {
         let start = Instant::now();
         for case in cases {
@@ -253,6 +261,32 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
             black_box(applied);
         }
         let decide = start.elapsed();
+
+        let start = Instant::now();
+        for case in &prepared {
+            let applied = apply_record(
+                black_box(case.old.as_ref()),
+                black_box(&case.pruned),
+                mapping,
+                &layout,
+                now(),
+            );
+            black_box(applied);
+        }
+        let unprepared = start.elapsed();
+
+        let start = Instant::now();
+        for case in &prepared {
+            let mut update = case.pruned.clone();
+            engine::prepare(black_box(&mut update), &layout);
+            black_box(update);
+        }
+        let prepare_and_clone = start.elapsed();
+        let start = Instant::now();
+        for case in &prepared {
+            black_box(case.pruned.clone());
+        }
+        let prepare = prepare_and_clone.saturating_sub(start.elapsed());
 
         let start = Instant::now();
         for case in cases {
@@ -285,6 +319,8 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
             values_times.push(values);
             validate_times.push(validate);
             store_times.push(store);
+            unprepared_times.push(unprepared);
+            prepare_times.push(prepare);
         }
     }
     let parse_rate = rate(n, median(parse_times));
@@ -292,6 +328,8 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     let values_rate = rate(n, median(values_times));
     let validate_rate = rate(n, median(validate_times));
     let store_rate = rate(n, median(store_times));
+    let unprepared_rate = rate(n, median(unprepared_times));
+    let prepare_rate = rate(n, median(prepare_times));
     println!(
         "decide[{name}]: {n} lines, avg {avg_line} B, {with_old} with a stored version; \
          results exported={} unchanged={} stale={} deleted={}",
@@ -304,6 +342,14 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     println!(
         "decide[{name}]:   (b) apply_record (decide+payload) {decide_rate:>10.0} updates/s  ({:.2} us/update)",
         1e6 / decide_rate
+    );
+    println!(
+        "decide[{name}]:   context: apply_record, building the record itself {unprepared_rate:>10.0} updates/s  ({:.2} us/update)",
+        1e6 / unprepared_rate
+    );
+    println!(
+        "decide[{name}]:   context: engine::prepare (the record, on the parsing thread) {prepare_rate:>10.0} updates/s  ({:.2} us/update)",
+        1e6 / prepare_rate
     );
     println!(
         "decide[{name}]:   context: rules on JSON values (apply)   {values_rate:>10.0} updates/s  ({:.2} us/update)",

@@ -8,7 +8,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use outpost::config::{MappedAt, Mapping, SegmentDetails};
 use outpost::profile::apply::{apply, StoreAction, StoredProfile};
-use outpost::profile::engine::{apply_record, RecordAction};
+use outpost::profile::engine::{self, apply_record, RecordAction};
 use outpost::profile::layout::Layout;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::record::ProfileRecord;
@@ -196,6 +196,7 @@ fn update() -> impl Strategy<Value = Update> {
                 profile
             },
             timestamp: minute.map(|m| at(m * 60)),
+            record: None,
         })
     })
 }
@@ -264,6 +265,19 @@ fn disagreement(
         let by_values = apply(values.as_ref(), &pruned, mapping, received);
         let by_record = apply_record(record.as_ref(), &pruned, mapping, &layout, received);
         let context = format!("step {step}: {update:?}\nstored {values:?}\nrecord {record:?}");
+        // An update whose record was built ahead (as the committer's callers do) is applied
+        // exactly as one built when applied.
+        let mut prepared = pruned.clone();
+        engine::prepare(&mut prepared, &layout);
+        if prepared.op == Op::Upsert && prepared.record.is_none() {
+            return Some(format!("{context}\nan upsert was not prepared"));
+        }
+        let by_prepared = apply_record(record.as_ref(), &prepared, mapping, &layout, received);
+        if by_prepared != by_record {
+            return Some(format!(
+                "{context}\nprepared {by_prepared:?}\nvs {by_record:?}"
+            ));
+        }
         if by_values.result != by_record.result {
             return Some(format!(
                 "{}\nresult {:?} vs {:?}",

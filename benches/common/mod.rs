@@ -152,6 +152,7 @@ pub fn make_update(template: &Map<String, Value>, pool: usize, j: usize) -> Upda
         op: Op::Upsert,
         profile,
         timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
+        record: None,
     }
 }
 
@@ -353,6 +354,7 @@ pub fn tiny_update(i: usize, member: bool, keep: &KeepTree) -> Update {
         op: Op::Upsert,
         profile,
         timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
+        record: None,
     }
 }
 

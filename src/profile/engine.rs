@@ -82,9 +82,13 @@ pub fn apply_record(
         .timestamp
         .map(|t| t.timestamp_micros())
         .or(stored_micros);
-    let new = match update.op {
-        Op::Merge => merged(old, &update.profile, layout, timestamp_micros),
-        _ => ProfileRecord::from_profile(timestamp_micros, &update.profile, layout),
+    let new = match (update.op, &update.record) {
+        (Op::Merge, _) => merged(old, &update.profile, layout, timestamp_micros),
+        (_, Some(prepared)) => ProfileRecord {
+            timestamp_micros,
+            ..(**prepared).clone()
+        },
+        (_, None) => ProfileRecord::from_profile(timestamp_micros, &update.profile, layout),
     };
     let export = decide(old, &new, layout).map(|reason| {
         let payload = payload::write(old, &new, Kind::Update, mapping, layout, &time());
@@ -103,6 +107,19 @@ pub fn apply_record(
             RecordAction::Keep
         },
         export,
+    }
+}
+
+/// Builds an upsert's record ahead (see [`Update::record`]) and drops its profile, on the
+/// caller's thread: the record depends on the update and the mapping's layout alone, and is
+/// built best right after parsing, while the profile is still in the cache. `layout` must be
+/// the one the update will be applied with (a mapping's segment dates do not change it).
+pub fn prepare(update: &mut Update, layout: &Layout) {
+    if update.op == Op::Upsert && update.record.is_none() {
+        let timestamp_micros = update.timestamp.map(|t| t.timestamp_micros());
+        let record = ProfileRecord::from_profile(timestamp_micros, &update.profile, layout);
+        update.record = Some(Box::new(record));
+        update.profile = Map::new();
     }
 }
 

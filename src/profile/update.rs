@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::profile::prune::{KeepTree, PrunedObject};
+use crate::profile::record::ProfileRecord;
 
 pub const MAX_ID_BYTES: usize = 512;
 
@@ -31,11 +32,21 @@ pub struct Update {
     /// The whole profile (`upsert`) or a merge patch (`merge`); empty for `delete`.
     pub profile: Map<String, Value>,
     pub timestamp: Option<DateTime<Utc>>,
+    /// For an upsert, its profile as the store keeps it, built ahead by
+    /// [`crate::profile::engine::prepare`] on the thread that parsed it, so that the single
+    /// committer thread does not; `profile` is then empty. `None`: built when the update is
+    /// applied. Only updates on their way to the store are prepared.
+    pub record: Option<Box<ProfileRecord>>,
 }
 
 impl Update {
     /// The update as an input line again (the CLI forwards validated updates to the agent).
+    /// Not for a prepared update, whose profile is gone.
     pub fn to_value(&self) -> Value {
+        debug_assert!(
+            self.record.is_none(),
+            "a prepared update has no profile left"
+        );
         let mut object = Map::new();
         object.insert("id".into(), Value::String(self.id.clone()));
         let op = match self.op {
@@ -380,6 +391,7 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
         op,
         profile,
         timestamp,
+        record: None,
     })
 }
 

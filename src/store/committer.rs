@@ -12,6 +12,8 @@ use super::backfill::{BackfillProgress, STEP_PROFILES};
 use super::source::SourcePosition;
 use super::{BatchSummary, Store, StoreError};
 use crate::config::Mapping;
+use crate::profile::engine;
+use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::Update;
 
@@ -60,6 +62,7 @@ enum Request {
 pub struct Committer {
     jobs: mpsc::Sender<Request>,
     keep: Arc<KeepTree>,
+    layout: Arc<Layout>,
 }
 
 impl Committer {
@@ -71,11 +74,12 @@ impl Committer {
     ) -> (Committer, std::thread::JoinHandle<()>) {
         let (jobs, receiver) = mpsc::channel::<Request>(1024);
         let keep = Arc::new(KeepTree::for_mapping(&mapping));
+        let layout = Arc::new(Layout::new(&mapping));
         let handle = std::thread::Builder::new()
             .name("outpost-committer".into())
             .spawn(move || run(receiver, &store, &mapping, &committed))
             .expect("spawning the committer thread");
-        (Committer { jobs, keep }, handle)
+        (Committer { jobs, keep, layout }, handle)
     }
 
     /// The part of a profile the store keeps: parsers given it build nothing else.
@@ -85,8 +89,8 @@ impl Committer {
 
     /// Commits the updates as one atomic group; returns once they are durable.
     ///
-    /// The updates are pruned to their mapped parts here, on the caller's task, so that the
-    /// single committer thread only does what must be serial.
+    /// The updates are pruned to their mapped parts and upserts turned into records here, on
+    /// the caller's task, so that the single committer thread only does what must be serial.
     pub async fn commit(&self, updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
         self.commit_at(updates, None).await
     }
@@ -100,6 +104,7 @@ impl Committer {
     ) -> Result<BatchSummary, CommitError> {
         for update in &mut updates {
             self.keep.prune(&mut update.profile);
+            engine::prepare(update, &self.layout);
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
