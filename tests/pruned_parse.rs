@@ -4,6 +4,8 @@
 //! dropped parts must be accepted or refused alike, with the same message, and kept alike.
 
 use outpost::config::Mapping;
+use outpost::profile::engine;
+use outpost::profile::layout::Layout;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::update::{update_from_json, update_from_json_with, Parsing};
 use outpost::profile::Op;
@@ -125,6 +127,7 @@ fn pruning(keep: &KeepTree) -> Parsing<'_> {
     Parsing {
         limit: None,
         keep: Some(keep),
+        layout: None,
     }
 }
 
@@ -138,6 +141,19 @@ fn assert_same(line: &str) {
             update
         });
         assert_eq!(pruned_as_read, pruned_after, "{line}");
+        // As the committer parses: an upsert is made its record as it is read.
+        let upsert = line.replacen(r#""op":"merge""#, r#""op":"upsert""#, 1);
+        let layout = Layout::new(&mapping);
+        let preparing = Parsing {
+            layout: Some(&layout),
+            ..parsing
+        };
+        let prepared_as_read = update_from_json_with(upsert.as_bytes(), 1, &preparing);
+        let prepared_after = update_from_json(upsert.as_bytes(), 1).map(|mut update| {
+            engine::prepare(&mut update, &layout);
+            update
+        });
+        assert_eq!(prepared_as_read, prepared_after, "{upsert}");
     }
 }
 

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use crate::profile::engine;
+use crate::profile::layout::Layout;
 use crate::profile::prune::{KeepTree, PrunedObject};
 use crate::profile::record::ProfileRecord;
 
@@ -188,6 +190,9 @@ pub struct Parsing<'a> {
     /// Keep only this part of each profile (what the store keeps, see [`KeepTree`]). The rest
     /// is checked but never built, which saves most of the parse's allocations.
     pub keep: Option<&'a KeepTree>,
+    /// Make each upsert its record as soon as it is parsed, while its profile is in the cache
+    /// ([`engine::prepare`]); only for updates on their way to the store.
+    pub layout: Option<&'a Layout>,
 }
 
 impl Parsing<'_> {
@@ -195,6 +200,7 @@ impl Parsing<'_> {
         Parsing {
             limit: Some(limit),
             keep: None,
+            layout: None,
         }
     }
 }
@@ -386,13 +392,17 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
             .check(timestamp)
             .map_err(|reason| InputError::new(line, reason))?;
     }
-    Ok(Update {
+    let mut update = Update {
         id: raw.id,
         op,
         profile,
         timestamp,
         record: None,
-    })
+    };
+    if let Some(layout) = parsing.layout {
+        engine::prepare(&mut update, layout);
+    }
+    Ok(update)
 }
 
 fn truncate(text: &str, max: usize) -> &str {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME};
 use crate::metrics::Metrics;
-use crate::profile::update::{update_from_value_with, FutureLimit, Parsing};
+use crate::profile::update::{update_from_value_with, FutureLimit};
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -143,10 +143,7 @@ async fn ingest(
         now: chrono::Utc::now(),
         max_future_s: state.max_future_s,
     };
-    let parsing = Parsing {
-        limit: Some(limit),
-        keep: Some(state.committer.keep()),
-    };
+    let parsing = state.committer.parsing(limit);
     let updates = values
         .into_iter()
         .enumerate()

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::metrics::Metrics;
-use crate::profile::update::{parse_body_with, FutureLimit, Parsing};
+use crate::profile::update::{parse_body_with, FutureLimit};
 use crate::store::committer::{CommitError, Committer};
 use crate::store::Store;
 
@@ -255,10 +255,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         now: chrono::Utc::now(),
         max_future_s: state.max_future_s,
     };
-    let parsing = Parsing {
-        limit: Some(limit),
-        keep: Some(state.committer.keep()),
-    };
+    let parsing = state.committer.parsing(limit);
     let updates = match parse_body_with(&body, &parsing) {
         Ok(updates) => updates,
         Err(e) => {

@@ -25,7 +25,7 @@ use super::batch::{sort_batch, Fetched};
 use super::config::{NatsAuth, NatsSource};
 use super::partition::subject_of;
 use crate::metrics::Metrics;
-use crate::profile::update::{FutureLimit, Parsing};
+use crate::profile::update::FutureLimit;
 use crate::store::committer::Committer;
 use crate::store::Store;
 
@@ -512,10 +512,7 @@ async fn commit_and_ack(
         shared.config.partitions,
         recorded,
         &fetched,
-        &Parsing {
-            limit: Some(limit),
-            keep: Some(shared.committer.keep()),
-        },
+        &shared.committer.parsing(limit),
         now.timestamp_millis(),
     );
     let rejected = sorted

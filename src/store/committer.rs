@@ -15,7 +15,8 @@ use crate::config::Mapping;
 use crate::profile::engine;
 use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
-use crate::profile::Update;
+use crate::profile::update::{FutureLimit, Parsing};
+use crate::profile::{Op, Update};
 
 /// At most this many updates go into one transaction; more waiting requests go into the next.
 const MAX_GROUP_UPDATES: usize = 20_000;
@@ -82,15 +83,21 @@ impl Committer {
         (Committer { jobs, keep, layout }, handle)
     }
 
-    /// The part of a profile the store keeps: parsers given it build nothing else.
-    pub fn keep(&self) -> &KeepTree {
-        &self.keep
+    /// How to parse updates for [`Committer::commit`]: keeping only the part of each profile
+    /// the store keeps (the rest is never built), and making each upsert its record at once.
+    pub fn parsing(&self, limit: FutureLimit) -> Parsing<'_> {
+        Parsing {
+            limit: Some(limit),
+            keep: Some(&self.keep),
+            layout: Some(&self.layout),
+        }
     }
 
     /// Commits the updates as one atomic group; returns once they are durable.
     ///
-    /// The updates are pruned to their mapped parts and upserts turned into records here, on
-    /// the caller's task, so that the single committer thread only does what must be serial.
+    /// Upserts not parsed with [`Committer::parsing`] are made records here, and merges pruned
+    /// to their mapped parts, on the caller's task, so that the single committer thread only
+    /// does what must be serial.
     pub async fn commit(&self, updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
         self.commit_at(updates, None).await
     }
@@ -103,8 +110,10 @@ impl Committer {
         position: Option<SourcePosition>,
     ) -> Result<BatchSummary, CommitError> {
         for update in &mut updates {
-            self.keep.prune(&mut update.profile);
-            engine::prepare(update, &self.layout);
+            match update.op {
+                Op::Upsert => engine::prepare(update, &self.layout),
+                Op::Merge | Op::Delete => self.keep.prune(&mut update.profile),
+            }
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
