@@ -9,12 +9,15 @@
 //!   version the store would hold at that point.
 //!
 //! For each set it times (a) `serde_json::from_str::<Value>` of every line and (b)
-//! `outpost::profile::engine::apply_record` (decision + payload text, what the store runs) of
-//! every prepared update, pruned as the store gets it, against the stored record, and prints
+//! `outpost::profile::engine::apply_record` (decision + payload text, what the committer thread
+//! runs) of every update as the committer gets it (pruned; an upsert already made its record
+//! by `engine::prepare`, as the parsing side does), against the stored record, and prints
 //! updates/s for both and the ratio decide/parse (target: >= 1.0). For context it also prints
-//! the full validating parse (`parse_body`), the rules on JSON values (`profile::apply`, what
-//! the store ran before typed records) and the per-update CPU work the store does around
-//! `apply_record` (decode the stored record, apply, encode the record and the export).
+//! `apply_record` making the upserts' records itself, `engine::prepare` alone (on a fresh
+//! copy of the pruned update, the copy's time taken off), the full validating parse
+//! (`parse_body`), the rules on JSON values (`profile::apply`, what the store ran before typed
+//! records) and the per-update CPU work the store does around `apply_record` (decode the
+//! stored record, apply, encode the record and the export).
 //!
 //! Run: `cargo bench --bench decide`.
 
