@@ -60,8 +60,8 @@ const MIN_WINDOW: usize = 2 * READ_CHUNK;
 /// exports): about 40 MB of decoded exports.
 const MAX_HELD: usize = 65_536;
 /// The window while the destination is down: only probes go out, so holding more than a
-/// little only costs memory; it grows again from the
-/// first answer that reopens the destination.
+/// little only costs memory; it grows again from the first answer that reopens the
+/// destination.
 const DOWN_WINDOW: usize = 256;
 /// A failed read of the outbox is tried again after this long.
 const READ_RETRY: Duration = Duration::from_secs(1);
