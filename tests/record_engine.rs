@@ -278,9 +278,7 @@ fn disagreement(
         engine::prepare(&mut whole, &layout);
         if whole.record != prepared.record {
             return Some(format!(
-                "{context}
-record of the whole profile {:?}
-vs of the pruned one {:?}",
+                "{context}\nrecord of the whole profile {:?}\nvs of the pruned one {:?}",
                 whole.record, prepared.record
             ));
         }

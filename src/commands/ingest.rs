@@ -6,7 +6,6 @@ use std::path::Path;
 
 use super::{Backend, CliError};
 use crate::config::Config;
-use crate::profile::engine;
 use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
@@ -99,8 +98,8 @@ pub fn ingest_file<F: Read + Seek + Send>(
             .expect("valid template"),
     );
     // Chunks are parsed on a thread of their own while the previous chunk is committed; at
-    // most two wait, so memory stays bounded. For the store itself that thread also makes the
-    // upserts records (the agent is sent the updates as they were read).
+    // most two wait, so memory stays bounded. For the store itself that thread also makes each
+    // upsert its record (the agent is sent the updates as they were read).
     let prepare = matches!(backend, Backend::Local(_));
     let mut total = BatchSummary::default();
     std::thread::scope(|scope| {
@@ -110,19 +109,12 @@ pub fn ingest_file<F: Read + Seek + Send>(
             let mut reader = UpdateReader::new(BufReader::new(file))
                 .within(limit)
                 .keeping(&keep);
+            if prepare {
+                reader = reader.preparing(&layout);
+            }
             loop {
-                let chunk: Result<Vec<Update>, InputError> = reader
-                    .by_ref()
-                    .take(INGEST_CHUNK)
-                    .map(|update| {
-                        update.map(|mut update| {
-                            if prepare {
-                                engine::prepare(&mut update, &layout);
-                            }
-                            update
-                        })
-                    })
-                    .collect();
+                let chunk: Result<Vec<Update>, InputError> =
+                    reader.by_ref().take(INGEST_CHUNK).collect();
                 let last = chunk.as_ref().map_or(true, |c| c.len() < INGEST_CHUNK);
                 // Sending fails only when the committing side stopped at an error.
                 if chunks.send(chunk).is_err() || last {

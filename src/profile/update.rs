@@ -532,6 +532,13 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
         self
     }
 
+    /// Makes each upsert its record as it is read ([`Parsing::layout`]): only for updates on
+    /// their way to the store.
+    pub fn preparing(mut self, layout: &'k Layout) -> Self {
+        self.parsing.layout = Some(layout);
+        self
+    }
+
     fn read_rest_whole(&mut self) -> Result<(), InputError> {
         let mut all = std::mem::take(&mut self.buffer);
         self.reader
