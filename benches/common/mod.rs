@@ -217,6 +217,10 @@ impl RawSled<'_> {
     /// profile key, an insert of the profile bytes and an insert of the export bytes under a
     /// big-endian u64 key; then `db.flush()` and, with `fsync`, an fsync of `<path>/db` as
     /// `Store::flush` does.
+    ///
+    /// sled skips a set whose value equals the stored one (`Tree::insert_inner`, 0.34.7: "a
+    /// no-op set"), so each profile written carries the update's number in its first 8 bytes:
+    /// a new value of the same size, as a real update writes, rather than no write at all.
     pub fn run(&self, batch: usize, total: usize, fsync: bool) -> f64 {
         let (profile, export, pool) = (self.profile, self.export, self.pool);
         let dir = tempfile::tempdir().unwrap();
@@ -239,16 +243,19 @@ impl RawSled<'_> {
             None
         };
         let mut seq = 0u64;
+        assert!(profile.len() >= 8, "a profile value of at least 8 bytes");
         let start = Instant::now();
         let mut done = 0;
         while done < total {
             let n = batch.min(total - done);
             (&profiles, &outbox)
                 .transaction(|(p, o)| {
+                    let mut value = profile.to_vec();
                     for k in 0..n {
                         let id = ids[(done + k) % pool].as_bytes();
                         std::hint::black_box(p.get(id)?);
-                        p.insert(id, profile)?;
+                        value[..8].copy_from_slice(&((done + k) as u64).to_le_bytes());
+                        p.insert(id, value.as_slice())?;
                         o.insert(&(seq + k as u64).to_be_bytes(), export)?;
                     }
                     Ok::<(), ConflictableTransactionError<()>>(())
@@ -261,7 +268,16 @@ impl RawSled<'_> {
             seq += n as u64;
             done += n;
         }
-        rate(total, start.elapsed())
+        let took = start.elapsed();
+        if let Some(last) = total.checked_sub(1) {
+            let written = profiles.get(ids[last % pool].as_bytes()).unwrap();
+            assert_ne!(
+                written.as_deref(),
+                Some(profile),
+                "the profiles were rewritten"
+            );
+        }
+        rate(total, took)
     }
 }
 
