@@ -7,7 +7,8 @@
 //!     changes on every update, so every update exports, over a pool of 2,000 profiles written
 //!     before timing. Raw: a plain `sled::Db` (same cache, same mode) with two trees; per batch
 //!     of 500 one two-tree transaction doing, per update, a get of the profile key and inserts of
-//!     the profile and export values the store writes (same byte sizes), then `db.flush()` and
+//!     the profile and export values the store writes (same byte sizes; each profile value a new
+//!     one, since sled skips a set of the same value), then `db.flush()` and
 //!     (raw+fsync) an fsync of `<path>/db` as `Store::flush` does. Target: agent >= 0.6 x raw.
 //!     Also one client while the agent delivers the exports to an in-process receiver (OAuth
 //!     client credentials), as it would in use.

@@ -10,7 +10,8 @@
 //! - raw: a plain `sled::Db` (same cache size and mode) with two trees; per batch of N one
 //!   two-tree transaction doing, per update, a get of the profile key, an insert of profile bytes
 //!   and an insert of export bytes (both the sizes the committer writes) under a big-endian u64
-//!   key; then `db.flush()`. "raw+fsync" also fsyncs `<path>/db` after the flush, as
+//!   key; then `db.flush()`. Each profile value differs from the stored one (sled skips a set of
+//!   the same value), as an update's does. "raw+fsync" also fsyncs `<path>/db` after the flush, as
 //!   `Store::flush` does.
 //!
 //! Prints updates/s for each and the ratio committer/raw per batch size (target: >= 0.6 at 500).
