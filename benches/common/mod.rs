@@ -219,8 +219,8 @@ impl RawSled<'_> {
     /// `Store::flush` does.
     ///
     /// sled skips a set whose value equals the stored one (`Tree::insert_inner`, 0.34.7: "a
-    /// no-op set"), so each profile written carries the update's number in its first 8 bytes:
-    /// a new value of the same size, as a real update writes, rather than no write at all.
+    /// no-op set"), so each profile written has its first 8 bytes XORed with the update's
+    /// number + 1: a new value of the same size, as a real update writes, rather than no write.
     pub fn run(&self, batch: usize, total: usize, fsync: bool) -> f64 {
         let (profile, export, pool) = (self.profile, self.export, self.pool);
         let dir = tempfile::tempdir().unwrap();
@@ -243,7 +243,11 @@ impl RawSled<'_> {
             None
         };
         let mut seq = 0u64;
-        assert!(profile.len() >= 8, "a profile value of at least 8 bytes");
+        let head = profile
+            .get(..8)
+            .and_then(|head| head.try_into().ok())
+            .map(u64::from_le_bytes)
+            .expect("a profile of 8 bytes or more");
         let start = Instant::now();
         let mut done = 0;
         while done < total {
@@ -254,7 +258,8 @@ impl RawSled<'_> {
                     for k in 0..n {
                         let id = ids[(done + k) % pool].as_bytes();
                         std::hint::black_box(p.get(id)?);
-                        value[..8].copy_from_slice(&((done + k) as u64).to_le_bytes());
+                        let stamp = head ^ (done + k + 1) as u64;
+                        value[..8].copy_from_slice(&stamp.to_le_bytes());
                         p.insert(id, value.as_slice())?;
                         o.insert(&(seq + k as u64).to_be_bytes(), export)?;
                     }
