@@ -169,15 +169,16 @@ async fn example_config_passes_check() {
     assert!(!all.contains("wrong-secret"), "{all}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_command_issues_tokens_and_writes_exports() {
+/// `outpost receiver` on a free port with `--client-secret s3cret`, exports appended to `out`;
+/// its address and a token once it answers.
+async fn spawn_receiver_command(
+    out: &std::path::Path,
+) -> (std::process::Child, std::net::SocketAddr, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("exports.ndjson");
     let mut child = std::process::Command::new(binary())
         .args([
             "receiver",
@@ -187,12 +188,11 @@ async fn receiver_command_issues_tokens_and_writes_exports() {
             "s3cret",
             "--out",
         ])
-        .arg(&out)
+        .arg(out)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut token = None;
     for _ in 0..500 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             let form = "grant_type=client_credentials&client_id=edge-agent&client_secret=s3cret"
@@ -206,12 +206,21 @@ async fn receiver_command_issues_tokens_and_writes_exports() {
             .await;
             assert_eq!(status, 200, "{body}");
             let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
-            token = answer["access_token"].as_str().map(str::to_owned);
-            break;
+            let token = answer["access_token"].as_str().unwrap().to_owned();
+            return (child, addr, token);
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let token = token.expect("the receiver never answered");
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the receiver never answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_command_issues_tokens_and_writes_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exports.ndjson");
+    let (mut child, addr, token) = spawn_receiver_command(&out).await;
     let (status, _) = http_post(
         addr,
         "/oauth/token",
@@ -249,5 +258,60 @@ fn completions_are_printed() {
     assert!(
         script.contains("outpost") && script.contains("outbox"),
         "{script}"
+    );
+}
+
+/// `VmRSS` of a process, in KiB.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A receiver left running for a soak must not keep what it received: 3,000 exports of 8 KB
+/// (24 MB) leave its resident memory within a few MiB of where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_command_memory_stays_flat() {
+    use http_body_util::{BodyExt, Full};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exports.ndjson");
+    let (mut child, addr, token) = spawn_receiver_command(&out).await;
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let payload =
+        bytes::Bytes::from(serde_json::json!({"filler": "x".repeat(8 << 10)}).to_string());
+    let post = |body: bytes::Bytes| {
+        let request = hyper::Request::post(format!("http://{addr}/profiles"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            response.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    assert_eq!(post(bytes::Bytes::from_static(b"{not json")).await, 400);
+    for _ in 0..300 {
+        assert_eq!(post(payload.clone()).await, 200);
+    }
+    let before = resident_kib(child.id());
+    for _ in 0..3_000 {
+        assert_eq!(post(payload.clone()).await, 200);
+    }
+    let after = resident_kib(child.id());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        3_300
+    );
+    assert!(
+        after < before + 8 * 1024,
+        "resident memory grew from {before} KiB to {after} KiB over 3,000 exports of 8 KB"
     );
 }

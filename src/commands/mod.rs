@@ -87,6 +87,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
                 client_secret,
                 token_lifetime: Duration::from_secs(token_lifetime_s),
                 fail_share,
+                keep_requests: false,
                 ..ReceiverOptions::default()
             };
             return runtime()?.block_on(receiver(listen, options, out));
