@@ -10,8 +10,10 @@
 //!     the profile and export values the store writes (same byte sizes; each profile value a new
 //!     one, since sled skips a set of the same value), then `db.flush()` and
 //!     (raw+fsync) an fsync of `<path>/db` as `Store::flush` does. Target: agent >= 0.6 x raw.
-//!     Also one client while the agent delivers the exports to an in-process receiver (OAuth
-//!     client credentials), as it would in use.
+//!     Also while the agent delivers the exports to an in-process receiver (OAuth client
+//!     credentials), as it would in use: one client and 4 clients, with one export a request
+//!     and with `delivery.max_profiles_per_request = 10`. Each run prints how many cores the bench
+//!     process (client, agent and receiver together) kept busy while it was timed.
 //! (b) start to serving with 1,000,000 pending exports: from the `Agent::start` call (or from
 //!     spawning `outpost run`) until `GET /healthz` answers 200. sled 0.34 writes its snapshot
 //!     only when it opens a store, so the first open after a big write replays the whole log
@@ -53,7 +55,7 @@ mod common;
 use common::{
     best, config_text, full_mapping_toml, http_client, list, make_update, ms, ndjson_bodies,
     post_concurrently, post_updates, rate, tiny_mapping_toml, verdict, wait_unlocked, write_config,
-    RawSled, AUTH_NONE,
+    BusyWatch, RawSled, AUTH_NONE,
 };
 
 /// The agent's default `storage.cache_bytes`.
@@ -226,25 +228,48 @@ fn bodies(template: &Map<String, Value>, pool: usize, from: usize, total: usize)
     ndjson_bodies(updates.iter(), BATCH)
 }
 
-/// Updates/s of durable ingest over HTTP with `clients` concurrent clients.
-/// Durable ingest over HTTP of the plan's timed updates by `clients` clients, to an agent whose
-/// destination is down, or with `receiver`, delivering to it meanwhile.
+/// Where a run's exports go, and with which `[delivery]` settings.
+#[derive(Clone, Copy)]
+enum Destination<'a> {
+    /// A closed port: nothing is delivered while the run ingests.
+    Down,
+    /// The in-process receiver, with these extra `[delivery]` TOML lines.
+    Receiver(&'a Receiver, &'a str),
+}
+
+struct IngestRun {
+    rate: f64,
+    /// Bytes of NDJSON per update.
+    line_len: usize,
+    start_took: Duration,
+    /// Cores the whole bench process (client, agent and receiver) kept busy while timed.
+    cores_busy: f64,
+    /// Export requests the receiver got while timed.
+    requests_delivered: u64,
+}
+
+/// Durable ingest over HTTP of the plan's timed updates by `clients` clients.
 async fn run_http(
     template: &Map<String, Value>,
     plan: &Plan,
     clients: usize,
-    receiver: Option<&Receiver>,
-) -> (f64, usize, Duration) {
+    destination: Destination<'_>,
+) -> IngestRun {
     let dir = tempfile::tempdir().unwrap();
     let storage = format!("cache_bytes = {CACHE_BYTES}");
-    let config = match receiver {
-        None => down_config(dir.path(), &full_mapping_toml(), &storage),
-        Some(receiver) => {
+    let config = match destination {
+        Destination::Down => down_config(dir.path(), &full_mapping_toml(), &storage),
+        Destination::Receiver(receiver, delivery) => {
             let base = receiver.base_url();
             let auth = common::oauth_auth(&base);
             let text = config_text(&base, &auth, &full_mapping_toml(), "127.0.0.1:0", &storage);
+            let text = format!("{text}\n[delivery]\n{delivery}\n");
             write_config(dir.path(), "outpost.toml", &text).1
         }
+    };
+    let arrivals = || match destination {
+        Destination::Down => 0,
+        Destination::Receiver(receiver, _) => receiver.export_arrivals(),
     };
     let started = Instant::now();
     let agent = Agent::start(&config, AgentOptions::default())
@@ -260,7 +285,11 @@ async fn run_http(
     }
     let timed = bodies(template, plan.pool, plan.pool, plan.timed);
     let body_bytes: usize = timed.iter().map(Bytes::len).sum();
+    let before = arrivals();
+    let watch = BusyWatch::start();
     let (exports, elapsed) = post_concurrently(&client, &uri, timed, clients).await;
+    let (_, cores_busy) = watch.read();
+    let requests_delivered = arrivals() - before;
     assert_eq!(
         exports as usize, plan.timed,
         "every timed update should export"
@@ -269,14 +298,41 @@ async fn run_http(
     agent.stop().await.unwrap();
     wait_unlocked(&store_path);
     drop(dir);
-    (
-        rate(plan.timed, elapsed),
-        body_bytes / plan.timed,
+    IngestRun {
+        rate: rate(plan.timed, elapsed),
+        line_len: body_bytes / plan.timed,
         start_took,
-    )
+        cores_busy,
+        requests_delivered,
+    }
 }
 
-fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f64, f64) {
+/// The ingest runs of one round, in the order they run, and what each prints as.
+const INGEST_CASES: [(&str, usize, Option<&str>); 6] = [
+    ("1 client", 1, None),
+    ("4 clients", CLIENTS, None),
+    ("1 client while delivering", 1, Some("")),
+    ("4 clients while delivering", CLIENTS, Some("")),
+    (
+        "1 client while delivering arrays of 10",
+        1,
+        Some("max_profiles_per_request = 10"),
+    ),
+    (
+        "4 clients while delivering arrays of 10",
+        CLIENTS,
+        Some("max_profiles_per_request = 10"),
+    ),
+];
+
+/// Best updates/s of each of [`INGEST_CASES`], and of the raw floor without and with fsync.
+struct IngestFigures {
+    cases: Vec<f64>,
+    raw: f64,
+    raw_fsync: f64,
+}
+
+fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> IngestFigures {
     let mapping = Arc::new(common::full_mapping());
     let template = common::template(&mapping);
     let (profile, export, _) = common::value_sizes(rt, &template, &mapping, plan.pool, CACHE_BYTES);
@@ -287,30 +343,45 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f6
         cache_bytes: CACHE_BYTES,
     };
     let receiver = rt.block_on(async {
-        Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        let options = ReceiverOptions {
+            keep_requests: false,
+            ..ReceiverOptions::default()
+        };
+        Receiver::start("127.0.0.1:0".parse().unwrap(), options)
             .await
             .unwrap()
     });
-    let (mut one, mut many, mut raw, mut raw_fsync) = (Vec::new(), Vec::new(), Vec::new(), vec![]);
-    let mut delivering = Vec::new();
+    let mut cases: Vec<Vec<f64>> = vec![Vec::new(); INGEST_CASES.len()];
+    let (mut raw, mut raw_fsync) = (Vec::new(), Vec::new());
     let mut line = 0;
     for _ in 0..plan.repeats {
         // Interleaved so that drift in the machine hits every configuration alike.
-        let (r, line_len, start_took) = rt.block_on(run_http(&template, plan, 1, None));
-        one.push(r);
-        line = line_len;
-        raw.push(raw_sled.run(BATCH, plan.timed, false));
-        raw_fsync.push(raw_sled.run(BATCH, plan.timed, true));
-        many.push(rt.block_on(run_http(&template, plan, CLIENTS, None)).0);
-        let before = receiver.delivered().len();
-        delivering.push(rt.block_on(run_http(&template, plan, 1, Some(&receiver))).0);
+        let mut round = Vec::new();
+        for (i, (name, clients, delivery)) in INGEST_CASES.iter().enumerate() {
+            let destination = match delivery {
+                None => Destination::Down,
+                Some(delivery) => Destination::Receiver(&receiver, delivery),
+            };
+            let run = rt.block_on(run_http(&template, plan, *clients, destination));
+            line = run.line_len;
+            cases[i].push(run.rate);
+            let delivered = match delivery {
+                None => String::new(),
+                Some(_) => format!(", {} export requests delivered", run.requests_delivered),
+            };
+            round.push(format!(
+                "{name} {:.0}/s ({:.2} cores busy{delivered})",
+                run.rate, run.cores_busy
+            ));
+            if i == 0 {
+                round.push(format!("Agent::start {}", ms(run.start_took)));
+                raw.push(raw_sled.run(BATCH, plan.timed, false));
+                raw_fsync.push(raw_sled.run(BATCH, plan.timed, true));
+            }
+        }
         println!(
-            "agent[ingest]: run: Agent::start {}, 1 client {:.0}/s, {CLIENTS} clients {:.0}/s, 1 client while delivering {:.0}/s ({} delivered meanwhile), raw {:.0}/s, raw+fsync {:.0}/s",
-            ms(start_took),
-            one.last().unwrap(),
-            many.last().unwrap(),
-            delivering.last().unwrap(),
-            receiver.delivered().len() - before,
+            "agent[ingest]: run: {}; raw {:.0}/s, raw+fsync {:.0}/s",
+            round.join(", "),
             raw.last().unwrap(),
             raw_fsync.last().unwrap()
         );
@@ -323,17 +394,23 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> (f64, f64, f64, f6
         plan.timed,
         plan.repeats
     );
-    let (o, m, r, rf) = (best(&one), best(&many), best(&raw), best(&raw_fsync));
-    let d = best(&delivering);
+    let figures = IngestFigures {
+        cases: cases.iter().map(|runs| best(runs)).collect(),
+        raw: best(&raw),
+        raw_fsync: best(&raw_fsync),
+    };
+    let mut line = format!("agent[ingest, batch={BATCH}]:");
+    for ((name, _, _), runs) in INGEST_CASES.iter().zip(&cases) {
+        line += &format!("  HTTP {name} {:>8.0}/s [{}]", best(runs), list(runs));
+    }
     println!(
-        "agent[ingest, batch={BATCH}]: HTTP 1 client {o:>8.0}/s [{}]  HTTP {CLIENTS} clients {m:>8.0}/s [{}]  HTTP 1 client while delivering {d:>8.0}/s [{}]  raw {r:>8.0}/s [{}]  raw+fsync {rf:>8.0}/s [{}]",
-        list(&one),
-        list(&many),
-        list(&delivering),
+        "{line}  raw {:>8.0}/s [{}]  raw+fsync {:>8.0}/s [{}]",
+        figures.raw,
         list(&raw),
+        figures.raw_fsync,
         list(&raw_fsync)
     );
-    (o, m, d, r, rf)
+    figures
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,20 +760,18 @@ fn main() {
         println!("agent: smoke run done (run with cargo bench to measure)");
         return;
     }
-    if let Some((one, many, delivering, raw, raw_fsync)) = ingest {
+    if let Some(figures) = ingest {
         println!(
-        "agent RATIO ingest batch={BATCH}: HTTP/raw = {:.2}, HTTP/raw+fsync = {:.2}, HTTP x{CLIENTS}/raw+fsync = {:.2}  (target >= 0.6 vs raw+fsync: {}, vs raw: {})",
-        one / raw,
-        one / raw_fsync,
-        many / raw_fsync,
-        verdict(one / raw_fsync >= 0.6),
-        verdict(one / raw >= 0.6)
-    );
-        println!(
-            "agent RATIO ingest batch={BATCH} while delivering: HTTP/raw+fsync = {:.2} (target >= 0.6) {}",
-            delivering / raw_fsync,
-            verdict(delivering / raw_fsync >= 0.6)
+            "agent RATIO ingest batch={BATCH}: HTTP 1 client/raw = {:.2}",
+            figures.cases[0] / figures.raw
         );
+        for ((name, _, _), rate) in INGEST_CASES.iter().zip(&figures.cases) {
+            let ratio = rate / figures.raw_fsync;
+            println!(
+                "agent RATIO ingest batch={BATCH}, HTTP {name}/raw+fsync = {ratio:.2} (target >= 0.6) {}",
+                verdict(ratio >= 0.6)
+            );
+        }
     }
     for (name, time) in starts {
         println!(

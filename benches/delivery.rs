@@ -7,6 +7,8 @@
 //!     a raw hyper POST loop (8 tasks, same bodies and headers, no store). Each run: 20,000
 //!     exports pre-filled through `Store::apply_groups`, timed from `Agent::start` until the
 //!     receiver answered them all and the outbox is empty.
+//!     Each run also prints how many cores the bench process (the agent or the loop, and the
+//!     receiver) kept busy.
 //! (b) `max_profiles_per_request = 10`: exports/s vs the raw loop's requests/s.
 //! (c) a flaky receiver (10% of requests answered 500 at random): exports/s vs healthy.
 //! (d) a rate-limited receiver (token bucket at half the agent's healthy rate, burst of 100 ms,
@@ -37,7 +39,7 @@ use outpost::config::Config;
 use outpost::receiver::{RateLimit, Receiver, ReceiverOptions, Reply, Script};
 
 mod common;
-use common::{best, http_client, list, ms, prefill, rate, verdict, HttpClient};
+use common::{best, http_client, list, ms, prefill, rate, verdict, BusyWatch, HttpClient};
 
 const CONCURRENCY: usize = 8;
 /// The agent's `storage.cache_bytes` (the default).
@@ -127,6 +129,8 @@ struct AgentRun {
     start_took: Duration,
     marks: Vec<Duration>,
     drained: Option<Duration>,
+    /// Cores the bench process (agent and receiver) kept busy from the start to the end.
+    cores_busy: f64,
 }
 
 async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: bool) -> AgentRun {
@@ -134,6 +138,7 @@ async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: b
     wait_unlocked(&config.storage.path);
     progress.reset(marks);
     let start = Instant::now();
+    let watch = BusyWatch::start();
     let agent = Agent::start(
         config,
         AgentOptions {
@@ -160,6 +165,7 @@ async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: b
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
+    let (_, cores_busy) = watch.read();
     let marks = progress.times(start);
     let limit = agent.metrics.concurrency_limit.get();
     agent.stop().await.unwrap();
@@ -168,6 +174,7 @@ async fn agent_run(config: &Config, progress: &Progress, marks: &[u64], drain: b
         start_took,
         marks,
         drained,
+        cores_busy,
     }
 }
 
@@ -197,15 +204,16 @@ async fn fetch_token(client: &HttpClient, base: &str) -> String {
     value["access_token"].as_str().unwrap().to_owned()
 }
 
-/// POSTs every payload once, `CONCURRENCY` at a time; returns the time taken.
-async fn raw_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
+/// POSTs every payload once, `CONCURRENCY` at a time; returns the time taken and the cores the
+/// process (this client and the receiver) kept busy meanwhile.
+async fn raw_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> (Duration, f64) {
     let client = http_client();
     let token = fetch_token(&client, base).await;
     let bearer = format!("Bearer {token}");
     let uri: hyper::Uri = format!("{base}/profiles?source=edge").parse().unwrap();
     let user_agent = concat!("outpost/", env!("CARGO_PKG_VERSION"));
     let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
+    let watch = BusyWatch::start();
     let tasks: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
             let (client, payloads, next) = (client.clone(), Arc::clone(payloads), next.clone());
@@ -233,14 +241,14 @@ async fn raw_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
     for task in tasks {
         task.await.unwrap();
     }
-    start.elapsed()
+    watch.read()
 }
 
 /// The durable-relay floor: the same payloads in a plain sled tree; `CONCURRENCY` tasks read
 /// and POST them in order; one writer thread removes acknowledged keys in grouped batches with
 /// one flush (and an fsync of the log, as the agent does) per group. Returns the time until
-/// every removal is durable.
-async fn floor_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration {
+/// every removal is durable, and the cores the process kept busy meanwhile.
+async fn floor_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> (Duration, f64) {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::Config::new()
         .path(dir.path())
@@ -260,7 +268,7 @@ async fn floor_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration
     let uri: hyper::Uri = format!("{base}/profiles?source=edge").parse().unwrap();
     let user_agent = concat!("outpost/", env!("CARGO_PKG_VERSION"));
     let n = payloads.len();
-    let start = Instant::now();
+    let watch = BusyWatch::start();
     let (acked, removals) = std::sync::mpsc::channel::<u64>();
     let writer = {
         let (db, tree) = (db.clone(), tree.clone());
@@ -315,9 +323,9 @@ async fn floor_run(base: &str, payloads: &Arc<Vec<(String, Bytes)>>) -> Duration
     tokio::task::spawn_blocking(move || writer.join().unwrap())
         .await
         .unwrap();
-    let took = start.elapsed();
+    let (took, cores) = watch.read();
     assert!(tree.is_empty());
-    took
+    (took, cores)
 }
 
 /// (a) and (b): the agent (single exports, then arrays of 10) vs the floor and the raw loop.
@@ -350,25 +358,26 @@ async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
             let drained = run.drained.unwrap();
             rates.push(rate(n, drained));
             println!(
-                "delivery[healthy{}]: pre-fill {n} in {}, avg payload {} B; start {}, {n} delivered and outbox empty after {} ({:.0}/s), concurrency limit at the end {}",
+                "delivery[healthy{}]: pre-fill {n} in {}, avg payload {} B; start {}, {n} delivered and outbox empty after {} ({:.0}/s, {:.2} cores busy), concurrency limit at the end {}",
                 if delivery.is_empty() { String::new() } else { format!(", {delivery}") },
                 ms(took),
                 payloads.iter().map(|(_, p)| p.len()).sum::<usize>() / n,
                 ms(run.start_took),
                 ms(drained),
                 rate(n, drained),
+                run.cores_busy,
                 run.limit,
             );
             if delivery.is_empty() {
                 let payloads = Arc::new(payloads);
                 let before = progress.count();
-                let f = floor_run(&base, &payloads).await;
-                let r = raw_run(&base, &payloads).await;
+                let (f, floor_busy) = floor_run(&base, &payloads).await;
+                let (r, raw_busy) = raw_run(&base, &payloads).await;
                 assert_eq!(progress.count() - before, 2 * n as u64);
                 floor.push(rate(n, f));
                 raw.push(rate(n, r));
                 println!(
-                    "delivery[healthy]: floor {} ({:.0}/s), raw {} ({:.0}/s)",
+                    "delivery[healthy]: floor {} ({:.0}/s, {floor_busy:.2} cores busy), raw {} ({:.0}/s, {raw_busy:.2} cores busy)",
                     ms(f),
                     rate(n, f),
                     ms(r),

@@ -56,6 +56,42 @@ pub fn rate(n: usize, time: Duration) -> f64 {
     n as f64 / time.as_secs_f64()
 }
 
+/// CPU time (user + system) this process has used so far, all its threads together.
+pub fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given, and the zeroed struct is valid anyway.
+    let usage = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Wall and CPU time since it started: how many cores the process kept busy on average.
+pub struct BusyWatch {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl BusyWatch {
+    pub fn start() -> BusyWatch {
+        BusyWatch {
+            wall: Instant::now(),
+            cpu: process_cpu(),
+        }
+    }
+
+    /// The time since the start, and the cores kept busy meanwhile.
+    pub fn read(&self) -> (Duration, f64) {
+        let took = self.wall.elapsed();
+        let cpu = process_cpu() - self.cpu;
+        (took, cpu.as_secs_f64() / took.as_secs_f64())
+    }
+}
+
 pub fn ms(time: Duration) -> String {
     format!("{:.0} ms", time.as_secs_f64() * 1e3)
 }
