@@ -13,7 +13,8 @@
 //!     Also while the agent delivers the exports to an in-process receiver (OAuth client
 //!     credentials), as it would in use: one client and 4 clients, with one export a request
 //!     and with `delivery.max_profiles_per_request = 10`. Each run prints how many cores the bench
-//!     process (client, agent and receiver together) kept busy while it was timed.
+//!     process (client, agent and receiver together) kept busy while it was timed, and the
+//!     share of that time the committer thread was busy.
 //! (b) start to serving with 1,000,000 pending exports: from the `Agent::start` call (or from
 //!     spawning `outpost run`) until `GET /healthz` answers 200. sled 0.34 writes its snapshot
 //!     only when it opens a store, so the first open after a big write replays the whole log
@@ -54,8 +55,8 @@ use outpost::receiver::{Receiver, ReceiverOptions};
 mod common;
 use common::{
     best, config_text, full_mapping_toml, http_client, list, make_update, ms, ndjson_bodies,
-    post_concurrently, post_updates, rate, tiny_mapping_toml, verdict, wait_unlocked, write_config,
-    BusyWatch, RawSled, AUTH_NONE,
+    post_concurrently, post_updates, rate, threads_cpu, tiny_mapping_toml, verdict, wait_unlocked,
+    write_config, BusyWatch, RawSled, AUTH_NONE,
 };
 
 /// The agent's default `storage.cache_bytes`.
@@ -228,6 +229,9 @@ fn bodies(template: &Map<String, Value>, pool: usize, from: usize, total: usize)
     ndjson_bodies(updates.iter(), BATCH)
 }
 
+/// The committer's thread name as `/proc` shows it (15 bytes).
+const COMMITTER_THREAD: &str = "outpost-committ";
+
 /// Where a run's exports go, and with which `[delivery]` settings.
 #[derive(Clone, Copy)]
 enum Destination<'a> {
@@ -244,6 +248,8 @@ struct IngestRun {
     start_took: Duration,
     /// Cores the whole bench process (client, agent and receiver) kept busy while timed.
     cores_busy: f64,
+    /// The share of that time the committer thread was busy.
+    committer_busy: f64,
     /// Export requests the receiver got while timed.
     requests_delivered: u64,
 }
@@ -286,9 +292,11 @@ async fn run_http(
     let timed = bodies(template, plan.pool, plan.pool, plan.timed);
     let body_bytes: usize = timed.iter().map(Bytes::len).sum();
     let before = arrivals();
-    let watch = BusyWatch::start();
+    let (watch, committer) = (BusyWatch::start(), threads_cpu(COMMITTER_THREAD));
     let (exports, elapsed) = post_concurrently(&client, &uri, timed, clients).await;
-    let (_, cores_busy) = watch.read();
+    let (took, cores_busy) = watch.read();
+    let committer_busy =
+        (threads_cpu(COMMITTER_THREAD) - committer).as_secs_f64() / took.as_secs_f64();
     let requests_delivered = arrivals() - before;
     assert_eq!(
         exports as usize, plan.timed,
@@ -303,6 +311,7 @@ async fn run_http(
         line_len: body_bytes / plan.timed,
         start_took,
         cores_busy,
+        committer_busy,
         requests_delivered,
     }
 }
@@ -370,8 +379,10 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> IngestFigures {
                 Some(_) => format!(", {} export requests delivered", run.requests_delivered),
             };
             round.push(format!(
-                "{name} {:.0}/s ({:.2} cores busy{delivered})",
-                run.rate, run.cores_busy
+                "{name} {:.0}/s ({:.2} cores busy, the committer thread {:.0}%{delivered})",
+                run.rate,
+                run.cores_busy,
+                run.committer_busy * 100.0
             ));
             if i == 0 {
                 round.push(format!("Agent::start {}", ms(run.start_took)));
