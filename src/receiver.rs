@@ -99,9 +99,10 @@ pub struct ReceiverOptions {
     pub fail_share: f64,
     /// Serve TLS with this configuration instead of plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Keep every request it gets, for [`Receiver::export_requests`] and the like (tests and the
-    /// demo read them back). Off, the receiver only counts them and its memory stays flat
-    /// however long it runs, as `outpost receiver` needs.
+    /// Keep every request it gets, for [`Receiver::export_requests`],
+    /// [`Receiver::token_requests`] and [`Receiver::delivered`] (tests and the demo read them
+    /// back). Off, those stay empty and the receiver only counts requests, so its memory stays
+    /// flat however long it runs, as `outpost receiver` needs.
     pub keep_requests: bool,
 }
 
@@ -507,11 +508,13 @@ fn issue_token(state: &State, received: &Received) -> Response<Full<Bytes>> {
     }
     let token = format!("tok-{:032x}", rand::random::<u128>());
     let lifetime = state.options.token_lifetime;
-    state
-        .tokens
-        .lock()
-        .unwrap()
-        .insert(token.clone(), Instant::now() + lifetime);
+    let now = Instant::now();
+    let mut tokens = state.tokens.lock().unwrap();
+    // Expired tokens are refused as unknown ones are: forgetting them keeps a long run's memory
+    // flat.
+    tokens.retain(|_, expiry| now < *expiry);
+    tokens.insert(token.clone(), now + lifetime);
+    drop(tokens);
     *state.issued.lock().unwrap() += 1;
     let mut body =
         json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs()});
@@ -542,8 +545,8 @@ fn accept_export(state: &State, received: &Received) -> Response<Full<Bytes>> {
     if !live {
         return answer(401, &[], json!({"error": "invalid_token"}).to_string());
     }
-    // Checked without building a tree: this is every export's cost to the receiver.
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&received.body).is_err() {
+    // Checked as strictly as a `Value` parse, without building the tree.
+    if serde_json::from_slice::<crate::profile::record::Valid>(&received.body).is_err() {
         return answer(
             400,
             &[],

@@ -18,15 +18,6 @@ use outpost::receiver::{Receiver, ReceiverOptions};
 const PROFILES: usize = 500;
 const BATCH: usize = 50;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a soak test: minutes long; run with --ignored soak"]
 async fn soak() {
@@ -86,7 +77,7 @@ async fn soak() {
             other => panic!("ingest answered {other}: {body}"),
         }
         if Instant::now() >= next_sample {
-            samples.push(rss_kib(agent.pid()));
+            samples.push(resident_kib(agent.pid()));
             next_sample += Duration::from_secs(30);
         }
     }

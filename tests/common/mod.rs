@@ -362,3 +362,23 @@ pub async fn start_agent(config: &outpost::config::Config) -> outpost::agent::Ag
         .await
         .unwrap()
 }
+
+/// `VmRSS` of a process in KiB, 0 once it has ended.
+pub fn resident_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A child process killed (and reaped) when this is dropped, also when a test fails early.
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
