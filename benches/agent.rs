@@ -54,9 +54,9 @@ use outpost::receiver::{Receiver, ReceiverOptions};
 
 mod common;
 use common::{
-    best, config_text, full_mapping_toml, http_client, list, make_update, ms, ndjson_bodies,
-    post_concurrently, post_updates, rate, threads_cpu, tiny_mapping_toml, verdict, wait_unlocked,
-    write_config, BusyWatch, RawSled, AUTH_NONE,
+    best, config_text, cpu_since, full_mapping_toml, http_client, list, make_update, ms,
+    ndjson_bodies, post_concurrently, post_updates, rate, threads_cpu, tiny_mapping_toml, verdict,
+    wait_unlocked, write_config, BusyWatch, RawSled, AUTH_NONE,
 };
 
 /// The agent's default `storage.cache_bytes`.
@@ -295,8 +295,8 @@ async fn run_http(
     let (watch, committer) = (BusyWatch::start(), threads_cpu(COMMITTER_THREAD));
     let (exports, elapsed) = post_concurrently(&client, &uri, timed, clients).await;
     let (took, cores_busy) = watch.read();
-    let committer_busy =
-        (threads_cpu(COMMITTER_THREAD) - committer).as_secs_f64() / took.as_secs_f64();
+    let committer = cpu_since(&committer, &threads_cpu(COMMITTER_THREAD));
+    let committer_busy = committer.as_secs_f64() / took.as_secs_f64();
     let requests_delivered = arrivals() - before;
     assert_eq!(
         exports as usize, plan.timed,
@@ -410,12 +410,12 @@ fn bench_ingest(rt: &tokio::runtime::Runtime, plan: &Plan) -> IngestFigures {
         raw: best(&raw),
         raw_fsync: best(&raw_fsync),
     };
-    let mut line = format!("agent[ingest, batch={BATCH}]:");
+    let mut summary = format!("agent[ingest, batch={BATCH}]:");
     for ((name, _, _), runs) in INGEST_CASES.iter().zip(&cases) {
-        line += &format!("  HTTP {name} {:>8.0}/s [{}]", best(runs), list(runs));
+        summary += &format!("  HTTP {name} {:>8.0}/s [{}]", best(runs), list(runs));
     }
     println!(
-        "{line}  raw {:>8.0}/s [{}]  raw+fsync {:>8.0}/s [{}]",
+        "{summary}  raw {:>8.0}/s [{}]  raw+fsync {:>8.0}/s [{}]",
         figures.raw,
         list(&raw),
         figures.raw_fsync,

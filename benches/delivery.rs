@@ -103,19 +103,24 @@ impl Progress {
     }
 }
 
-async fn start_receiver() -> (Receiver, Arc<Progress>) {
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+/// A receiver counting the exports it accepts; `keep_requests` for runs that read its requests
+/// back ([`Receiver::export_requests`]).
+async fn start_receiver(keep_requests: bool) -> (Receiver, Arc<Progress>) {
+    let options = ReceiverOptions {
+        keep_requests,
+        ..ReceiverOptions::default()
+    };
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
         .await
         .unwrap();
     let progress = Arc::new(Progress::default());
     let hook = Arc::clone(&progress);
     receiver.on_delivered(Arc::new(move |r| {
-        // An array body carries several exports.
-        let exports = match r.json() {
-            Some(Value::Array(items)) => items.len() as u64,
-            _ => 1,
-        };
-        hook.delivered(exports)
+        // An array body carries several exports, their ids joined by commas in the key.
+        let exports = r
+            .header("idempotency-key")
+            .map_or(1, |key| key.split(',').count());
+        hook.delivered(exports as u64)
     }));
     (receiver, progress)
 }
@@ -339,7 +344,7 @@ struct Healthy {
 }
 
 async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
-    let (receiver, progress) = start_receiver().await;
+    let (receiver, progress) = start_receiver(false).await;
     let base = receiver.base_url();
     let (mut agent, mut agent_8, mut batched, mut floor, mut raw) =
         (vec![], vec![], vec![], vec![], vec![]);
@@ -412,7 +417,7 @@ async fn bench_healthy(n: usize, repeats: usize) -> Healthy {
 /// One run against a receiver with `script`: exports/s between the 10% and 90% marks, and the
 /// export requests the receiver got with their statuses.
 async fn scenario(name: &str, n: usize, script: Option<Script>, delivery: &str) -> (f64, Vec<u16>) {
-    let (receiver, progress) = start_receiver().await;
+    let (receiver, progress) = start_receiver(true).await;
     receiver.set_export_script(script);
     let dir = tempfile::tempdir().unwrap();
     let config = load_config(dir.path(), &receiver.base_url(), delivery);
@@ -553,7 +558,7 @@ fn main() {
         let (slow_rate, _) = scenario("slow, 20 ms answers", slow_n, Some(slow), "").await;
 
         // (f) small and large backlogs.
-        let (receiver, progress) = start_receiver().await;
+        let (receiver, progress) = start_receiver(false).await;
         let small_rates = bench_first(&receiver, &progress, small, &first[..1]).await;
         let mid_rates = bench_first(&receiver, &progress, mid, &first).await;
         let large_rates = bench_first(&receiver, &progress, large, &first).await;

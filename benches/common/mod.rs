@@ -70,12 +70,18 @@ pub fn process_cpu() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
-/// CPU time (user + system) used so far by this process's threads whose name starts with
-/// `prefix` (Linux truncates thread names to 15 bytes), to the kernel's tick (10 ms here).
-pub fn threads_cpu(prefix: &str) -> Duration {
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    let mut ticks = 0;
+/// CPU time (user + system) used so far by each of this process's threads whose name starts
+/// with `prefix` (Linux truncates thread names to 15 bytes), by thread id, to the kernel's tick
+/// (10 ms here).
+pub fn threads_cpu(prefix: &str) -> std::collections::HashMap<u64, Duration> {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks_per_s > 0, "sysconf(_SC_CLK_TCK) failed");
+    let mut threads = std::collections::HashMap::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
         let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
             continue; // the thread has ended
         };
@@ -87,9 +93,25 @@ pub fn threads_cpu(prefix: &str) -> Duration {
         };
         // After the name in parentheses: state is field 3, utime 14 and stime 15.
         let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        threads.insert(
+            tid,
+            Duration::from_millis(ticks * 1000 / ticks_per_s as u64),
+        );
     }
-    Duration::from_millis(ticks * 1000 / ticks_per_s)
+    threads
+}
+
+/// The CPU time the threads of `after` used since `before` (threads that ended meanwhile do
+/// not count, threads that started count whole).
+pub fn cpu_since(
+    before: &std::collections::HashMap<u64, Duration>,
+    after: &std::collections::HashMap<u64, Duration>,
+) -> Duration {
+    after
+        .iter()
+        .map(|(tid, cpu)| cpu.saturating_sub(before.get(tid).copied().unwrap_or_default()))
+        .sum()
 }
 
 /// Wall and CPU time since it started: how many cores the process kept busy on average.
