@@ -217,13 +217,34 @@ async fn spawn_receiver_command(
 }
 
 /// Stops the receiver with SIGTERM; it must exit 0.
-fn stop_receiver(mut receiver: KilledOnDrop) {
-    unsafe { libc::kill(receiver.0.id() as i32, libc::SIGTERM) };
-    assert!(receiver.0.wait().unwrap().success());
+async fn stop_receiver(mut receiver: KilledOnDrop) {
+    // SAFETY: kill only sends a signal to the child's pid, which is still ours to reap.
+    assert_eq!(
+        unsafe { libc::kill(receiver.0.id() as i32, libc::SIGTERM) },
+        0
+    );
+    loop {
+        if let Some(status) = receiver.0.try_wait().unwrap() {
+            assert!(status.success(), "the receiver exited with {status}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs a receiver test, failing it (and so killing its receiver) if it takes over a minute.
+async fn within_a_minute(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(std::time::Duration::from_secs(60), test)
+        .await
+        .expect("the test took over a minute");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_command_issues_tokens_and_writes_exports() {
+    within_a_minute(issues_tokens_and_writes_exports()).await;
+}
+
+async fn issues_tokens_and_writes_exports() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("exports.ndjson");
     let (receiver, addr, token) = spawn_receiver_command(&out).await;
@@ -244,7 +265,7 @@ async fn receiver_command_issues_tokens_and_writes_exports() {
     ];
     let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &headers).await;
     assert_eq!(status, 200);
-    stop_receiver(receiver);
+    stop_receiver(receiver).await;
     let written = std::fs::read_to_string(&out).unwrap();
     assert_eq!(
         json_lines(&written),
@@ -271,6 +292,10 @@ fn completions_are_printed() {
 /// a `Value` parse refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_command_refuses_bad_json_and_its_memory_stays_flat() {
+    within_a_minute(refuses_bad_json_and_its_memory_stays_flat()).await;
+}
+
+async fn refuses_bad_json_and_its_memory_stays_flat() {
     use http_body_util::{BodyExt, Full};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("exports.ndjson");
@@ -312,13 +337,12 @@ async fn receiver_command_refuses_bad_json_and_its_memory_stays_flat() {
             }
         }
     };
-    let within = std::time::Duration::from_secs(60);
-    tokio::time::timeout(within, exports(300)).await.unwrap();
+    exports(300).await;
     let before = resident_kib(pid);
     assert!(before > 0);
-    tokio::time::timeout(within, exports(3_000)).await.unwrap();
+    exports(3_000).await;
     let after = resident_kib(pid);
-    stop_receiver(receiver);
+    stop_receiver(receiver).await;
     assert_eq!(
         std::fs::read_to_string(&out).unwrap().lines().count(),
         3_300
