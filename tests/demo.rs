@@ -169,66 +169,82 @@ async fn example_config_passes_check() {
     assert!(!all.contains("wrong-secret"), "{all}");
 }
 
-/// `outpost receiver` on a free port with `--client-secret s3cret`, exports appended to `out`;
-/// its address and a token once it answers.
-async fn spawn_receiver_command(
-    out: &std::path::Path,
-) -> (KilledOnDrop, std::net::SocketAddr, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = KilledOnDrop(
-        std::process::Command::new(binary())
-            .args([
-                "receiver",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--client-secret",
-                "s3cret",
-                "--out",
-            ])
-            .arg(out)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..500 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            let form = "grant_type=client_credentials&client_id=edge-agent&client_secret=s3cret"
-                .to_owned();
-            let (status, body) = http_post(
-                addr,
-                "/oauth/token",
-                form,
-                &[("content-type", "application/x-www-form-urlencoded")],
-            )
-            .await;
-            assert_eq!(status, 200, "{body}");
-            let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let token = answer["access_token"].as_str().unwrap().to_owned();
-            return (child, addr, token);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("the receiver never answered");
+/// `outpost receiver` on a free port with `--client-secret s3cret`, its exports appended to a
+/// file of its own; killed when dropped, also when a test fails early.
+struct ReceiverCommand {
+    process: KilledOnDrop,
+    addr: std::net::SocketAddr,
+    /// A token it issued.
+    token: String,
+    out: std::path::PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-/// Stops the receiver with SIGTERM; it must exit 0.
-async fn stop_receiver(mut receiver: KilledOnDrop) {
-    // SAFETY: kill only sends a signal to the child's pid, which is still ours to reap.
-    assert_eq!(
-        unsafe { libc::kill(receiver.0.id() as i32, libc::SIGTERM) },
-        0
-    );
-    loop {
-        if let Some(status) = receiver.0.try_wait().unwrap() {
-            assert!(status.success(), "the receiver exited with {status}");
-            return;
+impl ReceiverCommand {
+    /// Starts it and waits until it issues a token.
+    async fn start() -> ReceiverCommand {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("exports.ndjson");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = KilledOnDrop(
+            std::process::Command::new(binary())
+                .args([
+                    "receiver",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--client-secret",
+                    "s3cret",
+                    "--out",
+                ])
+                .arg(&out)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                let form =
+                    "grant_type=client_credentials&client_id=edge-agent&client_secret=s3cret";
+                let (status, body) = http_post(
+                    addr,
+                    "/oauth/token",
+                    form.to_owned(),
+                    &[("content-type", "application/x-www-form-urlencoded")],
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+                let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let token = answer["access_token"].as_str().unwrap().to_owned();
+                return ReceiverCommand {
+                    process,
+                    addr,
+                    token,
+                    out,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        panic!("the receiver never answered");
+    }
+
+    /// Stops it with SIGTERM (it must exit 0) and returns what it wrote to its file.
+    async fn stop(mut self) -> String {
+        // SAFETY: kill only sends a signal to the child's pid, which is still ours to reap.
+        let pid = self.process.0.id() as i32;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        loop {
+            if let Some(status) = self.process.0.try_wait().unwrap() {
+                assert!(status.success(), "the receiver exited with {status}");
+                return std::fs::read_to_string(&self.out).unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -241,36 +257,35 @@ async fn within_a_minute(test: impl std::future::Future<Output = ()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_command_issues_tokens_and_writes_exports() {
-    within_a_minute(issues_tokens_and_writes_exports()).await;
-}
-
-async fn issues_tokens_and_writes_exports() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("exports.ndjson");
-    let (receiver, addr, token) = spawn_receiver_command(&out).await;
-    let (status, _) = http_post(
-        addr,
-        "/oauth/token",
-        "grant_type=client_credentials&client_id=edge-agent&client_secret=bad".into(),
-        &[],
-    )
+    within_a_minute(async {
+        let receiver = ReceiverCommand::start().await;
+        let addr = receiver.addr;
+        let (status, _) = http_post(
+            addr,
+            "/oauth/token",
+            "grant_type=client_credentials&client_id=edge-agent&client_secret=bad".into(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 401, "a wrong secret gets no token");
+        let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &[]).await;
+        assert_eq!(status, 401, "no token, no export");
+        let bearer = format!("Bearer {}", receiver.token);
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("idempotency-key", "k-1"),
+        ];
+        let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &headers).await;
+        assert_eq!(status, 200);
+        let written = receiver.stop().await;
+        assert_eq!(
+            json_lines(&written),
+            vec![
+                serde_json::json!({"idempotency_key": "k-1", "query": "x=1", "payload": {"a": 1}})
+            ]
+        );
+    })
     .await;
-    assert_eq!(status, 401, "a wrong secret gets no token");
-    let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &[]).await;
-    assert_eq!(status, 401, "no token, no export");
-    let bearer = format!("Bearer {token}");
-    let headers = [
-        ("authorization", bearer.as_str()),
-        ("idempotency-key", "k-1"),
-    ];
-    let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &headers).await;
-    assert_eq!(status, 200);
-    stop_receiver(receiver).await;
-    let written = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(
-        json_lines(&written),
-        vec![serde_json::json!({"idempotency_key": "k-1", "query": "x=1", "payload": {"a": 1}})]
-    );
 }
 
 #[test]
@@ -292,63 +307,57 @@ fn completions_are_printed() {
 /// a `Value` parse refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_command_refuses_bad_json_and_its_memory_stays_flat() {
-    within_a_minute(refuses_bad_json_and_its_memory_stays_flat()).await;
-}
-
-async fn refuses_bad_json_and_its_memory_stays_flat() {
     use http_body_util::{BodyExt, Full};
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("exports.ndjson");
-    let (receiver, addr, token) = spawn_receiver_command(&out).await;
-    let pid = receiver.0.id();
-    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let payload =
-        bytes::Bytes::from(serde_json::json!({"filler": "x".repeat(8 << 10)}).to_string());
-    let post = |body: bytes::Bytes| {
-        let request = hyper::Request::post(format!("http://{addr}/profiles"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .unwrap();
-        let client = client.clone();
-        async move {
-            let response = client.request(request).await.unwrap();
-            let status = response.status().as_u16();
-            response.into_body().collect().await.unwrap();
-            status
-        }
-    };
-    for bad in [
-        &b"{not json"[..],
-        b"{\"a\":\"\xff\xfe\"}",
-        b"{\"a\":\"\\ud800\"}",
-        b"[1e999]",
-    ] {
-        let refused = post(bytes::Bytes::from_static(bad)).await;
-        assert_eq!(refused, 400, "{}", String::from_utf8_lossy(bad));
-    }
-    let exports = |n: usize| {
-        let (post, payload) = (&post, payload.clone());
-        async move {
-            for _ in 0..n {
-                assert_eq!(post(payload.clone()).await, 200);
+    within_a_minute(async {
+        let receiver = ReceiverCommand::start().await;
+        let pid = receiver.process.0.id();
+        let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let payload =
+            bytes::Bytes::from(serde_json::json!({"filler": "x".repeat(8 << 10)}).to_string());
+        let (addr, bearer) = (receiver.addr, format!("Bearer {}", receiver.token));
+        let post = |body: bytes::Bytes| {
+            let request = hyper::Request::post(format!("http://{addr}/profiles"))
+                .header("authorization", &bearer)
+                .header("content-type", "application/json")
+                .body(Full::new(body))
+                .unwrap();
+            let client = client.clone();
+            async move {
+                let response = client.request(request).await.unwrap();
+                let status = response.status().as_u16();
+                response.into_body().collect().await.unwrap();
+                status
             }
+        };
+        for bad in [
+            &b"{not json"[..],
+            b"{\"a\":\"\xff\xfe\"}",
+            b"{\"a\":\"\\ud800\"}",
+            b"[1e999]",
+        ] {
+            let refused = post(bytes::Bytes::from_static(bad)).await;
+            assert_eq!(refused, 400, "{}", String::from_utf8_lossy(bad));
         }
-    };
-    exports(300).await;
-    let before = resident_kib(pid);
-    assert!(before > 0);
-    exports(3_000).await;
-    let after = resident_kib(pid);
-    stop_receiver(receiver).await;
-    assert_eq!(
-        std::fs::read_to_string(&out).unwrap().lines().count(),
-        3_300
-    );
-    assert!(
-        after < before + 8 * 1024,
-        "resident memory grew from {before} KiB to {after} KiB over 3,000 exports of 8 KB"
-    );
+        let exports = |n: usize| {
+            let (post, payload) = (&post, payload.clone());
+            async move {
+                for _ in 0..n {
+                    assert_eq!(post(payload.clone()).await, 200);
+                }
+            }
+        };
+        exports(300).await;
+        let before = resident_kib(pid);
+        assert!(before > 0);
+        exports(3_000).await;
+        let after = resident_kib(pid);
+        assert_eq!(receiver.stop().await.lines().count(), 3_300);
+        assert!(
+            after < before + 8 * 1024,
+            "resident memory grew from {before} KiB to {after} KiB over 3,000 exports of 8 KB"
+        );
+    })
+    .await;
 }
