@@ -277,11 +277,16 @@ async fn receiver_command_issues_tokens_and_writes_exports() {
         ];
         let (status, _) = http_post(addr, "/profiles?x=1", "{\"a\":1}".into(), &headers).await;
         assert_eq!(status, 200);
+        // Pretty-printed JSON still makes one line of the file.
+        let pretty = "{\n  \"b\": [\r\n    \"x\\ny\"\n  ]\n}";
+        let (status, _) = http_post(addr, "/profiles", pretty.into(), &headers).await;
+        assert_eq!(status, 200);
         let written = receiver.stop().await;
         assert_eq!(
             json_lines(&written),
             vec![
-                serde_json::json!({"idempotency_key": "k-1", "query": "x=1", "payload": {"a": 1}})
+                serde_json::json!({"idempotency_key": "k-1", "query": "x=1", "payload": {"a": 1}}),
+                serde_json::json!({"idempotency_key": "k-1", "query": null, "payload": {"b": ["x\ny"]}}),
             ]
         );
     })

@@ -188,18 +188,39 @@ async fn receiver(
         None => None,
     };
     receiver.on_delivered(std::sync::Arc::new(move |r| {
-        let key = r.header("idempotency-key").unwrap_or("-").to_owned();
-        let body = r.json().unwrap_or(Value::Null);
+        let key = r.header("idempotency-key").unwrap_or("-");
+        // An accepted body is valid JSON (the receiver checked it): written as it came, not
+        // parsed a second time. A line break in valid JSON text can only be whitespace between
+        // tokens (inside strings it is escaped), so a space keeps each export on one line.
+        let payload = std::str::from_utf8(&r.body).ok().and_then(|text| {
+            serde_json::value::RawValue::from_string(text.replace(['\n', '\r'], " ")).ok()
+        });
         match &sink {
             Some(file) => {
-                let line =
-                    serde_json::json!({"idempotency_key": key, "query": r.query, "payload": body});
+                /// One line of `--out`; the payload as the receiver got it.
+                #[derive(serde::Serialize)]
+                struct Line<'a> {
+                    idempotency_key: &'a str,
+                    query: &'a Option<String>,
+                    payload: Option<&'a serde_json::value::RawValue>,
+                }
+                let line = serde_json::to_string(&Line {
+                    idempotency_key: key,
+                    query: &r.query,
+                    payload: payload.as_deref(),
+                })
+                .expect("a line serializes");
                 let _ = writeln!(
                     file.lock().expect("the sink lock is never poisoned"),
                     "{line}"
                 );
             }
-            None => println!("{key} {body}"),
+            None => println!(
+                "{key} {}",
+                payload
+                    .as_deref()
+                    .map_or("null", serde_json::value::RawValue::get)
+            ),
         }
     }));
     let base = receiver.base_url();
