@@ -69,13 +69,13 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// recorded by then stays pending (sent again: at least once).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// At most this many exports are read from the store at once; fewer when the window is empty.
-const READ_CHUNK: usize = 2_048;
+const READ_CHUNK: usize = 1_024;
 const FIRST_READ: usize = 128;
 
 /// Pending exports held in memory ahead of sending: four times what the requests in flight
 /// can take at most, within [`MIN_WINDOW`] and [`MAX_HELD`]. Holding more only costs memory:
-/// with the defaults (64 requests of one export) the minimum holds 64 rounds of every request
-/// in flight, and a read starts while 32 are left.
+/// with the defaults (64 requests of one export) the minimum holds 32 rounds of every request
+/// in flight, and a read starts while 16 are left.
 fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
     (4 * max_concurrency * max_profiles_per_request).clamp(MIN_WINDOW, MAX_HELD)
 }
@@ -748,9 +748,9 @@ mod tests {
         let table = [
             ((64, 1), MIN_WINDOW),
             ((1, 1), MIN_WINDOW),
-            ((64, 10), MIN_WINDOW),
+            ((64, 10), 2_560),
             ((64, 100), 25_600),
-            ((1024, 1), MIN_WINDOW),
+            ((1024, 1), 4_096),
             ((1024, 10), 40_960),
             ((1024, 1000), MAX_HELD),
         ];

@@ -29,8 +29,9 @@ enum State {
 struct Profile<B> {
     exports: VecDeque<Export>,
     state: State,
-    /// The head export's retry schedule, while it keeps failing.
-    backoff: Option<B>,
+    /// The head export's retry schedule, while it keeps failing. Boxed: few profiles ever
+    /// need one, and a window holds thousands of profiles.
+    backoff: Option<Box<B>>,
     /// The head export must go alone (an array holding it was refused).
     solo: bool,
 }
@@ -81,7 +82,8 @@ impl<B> Queue<B> {
         }
         let id: Arc<str> = Arc::from(export.record.profile_id.as_str());
         let profile = self.profiles.entry(Arc::clone(&id)).or_insert(Profile {
-            exports: VecDeque::new(),
+            // Most profiles hold one export in the window; a deque grows from four otherwise.
+            exports: VecDeque::with_capacity(1),
             state: State::Idle,
             backoff: None,
             solo: false,
@@ -213,7 +215,7 @@ impl<B> Queue<B> {
     /// The retry schedule of the profile's head export, made by `new` on its first failure.
     pub fn backoff_of(&mut self, id: &Arc<str>, new: impl FnOnce() -> B) -> Option<&mut B> {
         let profile = self.profiles.get_mut(id)?;
-        Some(profile.backoff.get_or_insert_with(new))
+        Some(profile.backoff.get_or_insert_with(|| Box::new(new())))
     }
 
     /// Makes the profiles whose retry time has come ready.
