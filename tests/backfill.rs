@@ -261,3 +261,62 @@ async fn a_full_outbox_pauses_the_backfill_as_it_pauses_ingest() {
     assert!((progress.exported as usize) < members);
     agent.stop().await.unwrap();
 }
+
+/// A backfill begun by an outpost that stored profiles one to a key had walked them in id
+/// order, and recorded the last id it scanned: after the upgrade to profile groups it goes on
+/// with exactly the members above that id.
+#[test]
+fn a_backfill_begun_before_profile_groups_goes_on_with_the_members_it_had_not_scanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    store_profiles(&only_a, 3_000);
+    let a_and_b = load(dir.path(), "ab.toml", &text);
+    let store_path = dir.path().join("store");
+    {
+        let store = Store::open(&store_path, 8 << 20).unwrap();
+        let mut mapping = a_and_b.mapping.clone();
+        store
+            .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+            .unwrap();
+        assert_eq!(store.backfill_progress().unwrap().unwrap().scanned, 0);
+    }
+    // As the older outpost left it, half way: through p001499 in id order.
+    {
+        let db = open_with_sled_alone(&store_path).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let stored = meta.get("backfill").unwrap().unwrap();
+        let mut state: serde_json::Value = serde_json::from_slice(&stored[1..]).unwrap();
+        state["jobs"][0]["after"] = json!("p001499");
+        state["jobs"][0]["scanned"] = json!(1_500);
+        let mut value = vec![stored[0]];
+        value.extend(state.to_string().into_bytes());
+        meta.insert("backfill", value).unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(&store_path, 8 << 20).unwrap();
+    let mut mapping = a_and_b.mapping.clone();
+    store
+        .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+        .unwrap();
+    let mut steps = 0;
+    while let Some(progress) = store.backfill_step(&mapping, 500, Utc::now()).unwrap() {
+        steps += 1;
+        assert!(steps < 100, "the backfill never ends: {progress:?}");
+        if progress.done {
+            assert_eq!(progress.scanned, 3_000, "{progress:?}");
+            break;
+        }
+    }
+    assert!(steps > 1, "walked in several steps");
+    let counts = segment_exports_per_profile(&store);
+    let expected: Vec<String> = (1_500..3_000)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("p{i:06}"))
+        .collect();
+    let mut exported: Vec<String> = counts.keys().cloned().collect();
+    exported.sort();
+    assert_eq!(exported, expected);
+    assert!(counts.values().all(|&n| n == 1), "no member twice");
+    assert_eq!(store.backfill_progress().unwrap(), None);
+}

@@ -1,7 +1,8 @@
 //! Unreadable records: bad bytes written straight into a store with sled before the real agent
 //! (or CLI) opens it. Nothing panics; an unreadable export becomes a dead letter "unreadable
-//! record"; an update of an unreadable profile is refused, naming it, until `outpost repair`
-//! forgets it; unreadable meta values are rebuilt at open. `outpost check --store` lists them.
+//! record"; an update of an unreadable profile (or of a profile in an unreadable group) is
+//! refused, naming it, until `outpost repair` forgets it; unreadable meta values are rebuilt at
+//! open. `outpost check --store` lists them.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::store::groups::{group_key, GroupView};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -82,6 +84,23 @@ impl Setup {
 fn corrupt(store: &Path, tree: &str, key: &[u8], value: &[u8]) {
     let db = sled::open(store).unwrap();
     db.open_tree(tree).unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+/// Replaces profile `id`'s value inside its group with `value`, with sled itself.
+fn corrupt_profile(store: &Path, id: &str, value: &[u8]) {
+    let db = sled::open(store).unwrap();
+    let groups = db.open_tree("profile_groups").unwrap();
+    let key = group_key(id);
+    let stored = groups
+        .get(key)
+        .unwrap()
+        .expect("the profile's group is stored");
+    let view = GroupView::decode(&stored).unwrap();
+    assert!(view.get(id).is_some(), "{id} is stored");
+    groups
+        .insert(key, view.with_changes(&[(id, Some(value))]).unwrap())
+        .unwrap();
     db.flush().unwrap();
 }
 
@@ -174,7 +193,7 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     let s = setup().await;
     let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
     assert!(out.status.success(), "{}", text(&out));
-    s.corrupt("profiles", b"p1", b"\x01\xff\xff\xff");
+    corrupt_profile(&s.store, "p1", b"\x01\xff\xff\xff");
 
     // The CLI on the store: refused, naming the profile; nothing of the input stored.
     let out = s.ingest(&[update("p0", "a2"), update("p1", "b2")]);
@@ -229,6 +248,50 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     let out = s.run(&["check", "--store"], None);
     assert!(out.status.success(), "{}", text(&out));
     agent.terminate().await;
+}
+
+#[test]
+fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_them() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s = runtime.block_on(setup());
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let group = group_key("p1");
+    assert_ne!(group, group_key("p0"), "the two profiles share no group");
+    s.corrupt("profile_groups", &group, b"\x01\xff\xff\xff");
+
+    let out = s.ingest(&[update("p1", "b2")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name: String = group.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        stderr.contains("profile `p1` is unreadable") && stderr.contains(&name),
+        "{stderr}"
+    );
+    let out = s.ingest(&[update("p0", "a2")]);
+    assert!(out.status.success(), "other groups go on: {}", text(&out));
+
+    let out = s.run(&["check", "--store", "--json"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0]["tree"].as_str(), listed[0]["key"].as_str()),
+        (Some("profile_groups"), Some(name.as_str()))
+    );
+    let out = s.run(&["repair", "--yes"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("profile group {name}: its profiles forgotten")),
+        "{}",
+        text(&out)
+    );
+    let out = s.run(&["ingest", "--json", "-"], Some(&update("p1", "b3")));
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["exports"], 1, "a new profile now: {summary}");
+    let out = s.run(&["check", "--store"], None);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

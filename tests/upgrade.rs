@@ -1,9 +1,10 @@
-//! A store whose profiles are JSON text (formats 1 and 2, before typed records) is upgraded in
-//! place when it is opened: every profile becomes a typed record judged as before, and a kill
-//! at any instant of the upgrade leaves a store that opens and finishes it.
+//! A store whose profiles are one to a key (formats 1 to 3: JSON text in 1 and 2, typed
+//! records in 3) is upgraded in place when it is opened: every profile moves into its group as
+//! a typed record judged as before, and a kill at any instant of the upgrade leaves a store
+//! that opens and finishes it.
 //!
 //! The old stores are made by this outpost (real updates through the store), then their
-//! profiles are written back with the format-1 encoder, as an older outpost wrote them.
+//! profiles are written back one to a key, as an older outpost wrote them.
 
 mod common;
 
@@ -16,6 +17,7 @@ use common::*;
 use outpost::config::Config;
 use outpost::profile::record::ProfileRecord;
 use outpost::store::codec::{self, ProfileJson};
+use outpost::store::groups::GroupView;
 use outpost::store::{Store, FORMAT_VERSION};
 use rand::Rng;
 use serde_json::Value;
@@ -24,9 +26,35 @@ fn open_sled(path: &std::path::Path) -> sled::Db {
     open_with_sled_alone(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Stores `profiles` members of A through the store, then rewrites the store as format 2
-/// with JSON profiles. Returns the record each profile must read as after the upgrade.
-fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, ProfileRecord> {
+#[derive(Clone, Copy, PartialEq)]
+enum OldFormat {
+    /// Formats 1 and 2: JSON text, one profile to a key.
+    Json,
+    /// Format 3: typed records, one profile to a key.
+    Records,
+}
+
+/// Every profile in the groups of the store at `path`, read with sled alone.
+fn grouped(db: &sled::Db) -> Vec<(String, Vec<u8>)> {
+    let mut found = Vec::new();
+    for item in db.open_tree("profile_groups").unwrap().iter() {
+        let (_, value) = item.unwrap();
+        let view = GroupView::decode(&value).unwrap();
+        for &(id, value) in view.entries() {
+            found.push((id.to_owned(), value.to_vec()));
+        }
+    }
+    found
+}
+
+/// Stores `profiles` members of A through the store, then rewrites the store as an older
+/// outpost left it: profiles one to a key in `profiles`, no groups. Returns the record each
+/// profile must read as after the upgrade.
+fn old_store(
+    workspace: &Workspace,
+    profiles: usize,
+    old: OldFormat,
+) -> BTreeMap<String, ProfileRecord> {
     let config = Config::load(&workspace.config_path()).unwrap();
     let store_path = workspace.path().join("store");
     {
@@ -48,46 +76,54 @@ fn old_store(workspace: &Workspace, profiles: usize) -> BTreeMap<String, Profile
         store.flush().unwrap();
     }
     let db = open_sled(&store_path);
-    let tree = db.open_tree("profiles").unwrap();
     let mut expected = BTreeMap::new();
     let mut batch = sled::Batch::default();
-    for item in tree.iter() {
-        let (key, value) = item.unwrap();
+    for (id, value) in grouped(&db) {
         let record = codec::decode_profile(&value).unwrap();
-        let json = record.to_value();
-        let old = ProfileJson {
-            timestamp_micros: record.timestamp_micros,
-            json: json.to_string(),
+        let (value, record) = match old {
+            OldFormat::Json => {
+                let json = record.to_value();
+                let value = codec::encode_profile_json(&ProfileJson {
+                    timestamp_micros: record.timestamp_micros,
+                    json: json.to_string(),
+                });
+                (
+                    value,
+                    ProfileRecord::from_json_profile(record.timestamp_micros, &json),
+                )
+            }
+            OldFormat::Records => (value, record),
         };
-        batch.insert(key.clone(), codec::encode_profile_json(&old));
-        expected.insert(
-            String::from_utf8(key.to_vec()).unwrap(),
-            ProfileRecord::from_json_profile(record.timestamp_micros, &json),
-        );
+        batch.insert(id.as_bytes(), value);
+        expected.insert(id, record);
     }
-    tree.apply_batch(batch).unwrap();
+    db.open_tree("profiles")
+        .unwrap()
+        .apply_batch(batch)
+        .unwrap();
+    db.open_tree("profile_groups").unwrap().clear().unwrap();
+    let format: u64 = match old {
+        OldFormat::Json => 2,
+        OldFormat::Records => 3,
+    };
     db.open_tree("meta")
         .unwrap()
-        .insert("format", &2u64.to_be_bytes())
+        .insert("format", &format.to_be_bytes())
         .unwrap();
     db.flush().unwrap();
     assert_eq!(expected.len(), profiles);
     expected
 }
 
-/// How many profiles are still JSON and how many are records, read with sled alone.
+/// How many profiles are still one to a key and how many are in groups, read with sled alone.
 fn formats(workspace: &Workspace) -> (usize, usize) {
     let db = open_sled(&workspace.path().join("store"));
-    let (mut json, mut records) = (0, 0);
-    for item in db.open_tree("profiles").unwrap().iter() {
-        let (_, value) = item.unwrap();
-        if codec::is_profile_json(&value) {
-            json += 1;
-        } else {
-            records += 1;
-        }
+    let left = db.open_tree("profiles").unwrap().len();
+    let grouped = grouped(&db);
+    for (id, value) in &grouped {
+        assert!(!codec::is_profile_json(value), "{id} moved as JSON");
     }
-    (json, records)
+    (left, grouped.len())
 }
 
 fn meta_value(workspace: &Workspace, key: &str) -> Option<Vec<u8>> {
@@ -124,8 +160,14 @@ fn assert_upgraded(workspace: &Workspace, expected: &BTreeMap<String, ProfileRec
 
 #[test]
 fn an_old_store_is_upgraded_on_open_and_its_profiles_are_judged_as_before() {
+    for old in [OldFormat::Json, OldFormat::Records] {
+        upgraded_and_judged_as_before(old);
+    }
+}
+
+fn upgraded_and_judged_as_before(old: OldFormat) {
     let workspace = Workspace::new();
-    let expected = old_store(&workspace, 300);
+    let expected = old_store(&workspace, 300, old);
     assert_eq!(formats(&workspace), (300, 0));
 
     let out = outbox_stats_command(&workspace).output().unwrap();
@@ -202,7 +244,7 @@ fn an_upgrade_killed_at_random_instants_finishes_on_the_next_open() {
     let workspace = Workspace::new();
     let store_path = workspace.path().join("store");
     let pristine = workspace.path().join("pristine-store");
-    let expected = old_store(&workspace, 30_000);
+    let expected = old_store(&workspace, 30_000, OldFormat::Json);
     let _ = open_sled(&store_path); // waits until sled has let go of the store
     copy_dir(&store_path, &pristine);
 
@@ -220,23 +262,23 @@ fn an_upgrade_killed_at_random_instants_finishes_on_the_next_open() {
     for _attempt in 0..5 {
         copy_dir(&pristine, &store_path);
         for _ in 0..8 {
-            let (json_before, _) = formats(&workspace);
+            let (left_before, _) = formats(&workspace);
             let (mut child, began) = spawn_until_upgrade_begins(&workspace);
             // Kill at a random instant of what is left of the upgrade.
-            let left = whole_upgrade.mul_f64(json_before as f64 / expected.len() as f64);
+            let left = whole_upgrade.mul_f64(left_before as f64 / expected.len() as f64);
             std::thread::sleep(left.mul_f64(rng.gen_range(0.0..1.0)));
             child.kill().unwrap();
             child.wait().unwrap();
-            let (json, records) = formats(&workspace);
-            assert_eq!(json + records, expected.len(), "no profile lost");
-            if json == 0 {
+            let (left, moved) = formats(&workspace);
+            assert_eq!(left + moved, expected.len(), "no profile lost or doubled");
+            if left == 0 {
                 break;
             }
             assert!(
                 began,
-                "the store still holds JSON profiles but no upgrade began"
+                "the store still holds profiles one to a key but no upgrade began"
             );
-            if records > 0 {
+            if moved > 0 {
                 killed_mid_upgrade += 1;
                 assert!(meta_value(&workspace, "upgrade").is_some());
                 if killed_mid_upgrade == 3 {

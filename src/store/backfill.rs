@@ -3,16 +3,20 @@
 //! an export"). The store keeps every segment membership, mapped or not, for this.
 //!
 //! Value of `meta/backfill`: one format byte, then JSON `{"jobs": [...]}`, each job
-//! `{segments, after, scanned, exported, profiles, queued_ms}`: the segments to backfill, the
-//! last profile id scanned (`null`: none yet), how many profiles were scanned and exported so
-//! far, and how many were stored when the job was queued (for progress).
+//! `{segments, after_group, after, scanned, exported, profiles, queued_ms}`: the segments to
+//! backfill, the last profile group scanned (absent: none yet), the last profile id a build
+//! before profile groups scanned (in id order; `null`: none), how many profiles were scanned
+//! and exported so far, and how many were stored when the job was queued (for progress).
 //!
 //! Invariants:
 //! - a job is queued in the same write that records the mapping that made it
 //!   (`Store::record_mapping`), so no kill can record the mapping and lose the job;
-//! - a step scans the next profiles after `after` in key order and writes their exports and
-//!   the advanced job in one transaction: a kill at any instant neither repeats nor skips a
-//!   profile;
+//! - a step scans the next groups after `after_group` in key order and writes their exports
+//!   and the advanced job in one transaction: a kill at any instant neither repeats nor skips
+//!   a profile; a job begun before profile groups, with `after` set, skips the profiles whose
+//!   ids are not above it, which it had scanned then;
+//! - while an upgrade has left profiles outside their groups (it stopped on an I/O error),
+//!   steps wait: they would miss those profiles;
 //! - steps run where updates are applied (the committer thread, or `outpost ingest` before
 //!   its first chunk), never at the same time as an update: a step reads the versions the
 //!   updates before it left, and an update after it is judged against the same, so each
@@ -26,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
 use super::export::{append_exports, new_export};
+use super::groups::GroupView;
 use super::keys::meta;
-use super::profiles::{decode_profile, profiles_after};
+use super::profiles::{decode_profile, groups_after, unreadable_group};
 use super::{codec, Store, StoreError};
 use crate::config::Mapping;
 use crate::profile::layout::Layout;
@@ -38,7 +43,7 @@ use crate::profile::Reason;
 
 const BACKFILL_V1: u8 = 1;
 
-/// Profiles a step scans: small enough that updates waiting behind a step wait a few
+/// Profiles a step scans, about (whole groups): small enough that updates waiting behind a step wait a few
 /// milliseconds, large enough that the transaction and flush per step are a small share.
 pub const STEP_PROFILES: usize = 1_000;
 
@@ -50,7 +55,10 @@ pub struct BackfillState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackfillJob {
     pub segments: Vec<String>,
-    /// The last profile id scanned.
+    /// The last profile group scanned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_group: Option<u32>,
+    /// For a job begun before profile groups: the last profile id scanned then, in id order.
     pub after: Option<String>,
     pub scanned: u64,
     pub exported: u64,
@@ -64,6 +72,7 @@ impl BackfillState {
     pub fn with_job(mut self, segments: Vec<String>, profiles: u64, now_ms: i64) -> Self {
         self.jobs.push(BackfillJob {
             segments,
+            after_group: None,
             after: None,
             scanned: 0,
             exported: 0,
@@ -143,9 +152,10 @@ impl Store {
             .map(|job| BackfillProgress::of(job, state.jobs.len() - 1)))
     }
 
-    /// Runs one step of the first queued backfill: scans up to `max_profiles` profiles and
-    /// queues the exports of the members found, with the job's progress, in one transaction.
-    /// `None` when nothing is queued. Not durable until [`Store::flush`].
+    /// Runs one step of the first queued backfill: scans whole groups until they held at least
+    /// `max_profiles` profiles, and queues the exports of the members found, with the job's
+    /// progress, in one transaction. `None` when nothing is queued, or the job waits for the
+    /// upgrade (see the invariants). Not durable until [`Store::flush`].
     pub fn backfill_step(
         &self,
         mapping: &Mapping,
@@ -156,47 +166,63 @@ impl Store {
         let Some(mut job) = state.jobs.first().cloned() else {
             return Ok(None);
         };
+        if self.with(|t| Ok(t.has_legacy_profiles))? {
+            tracing::warn!(
+                "the backfill waits until the upgrade of the stored profiles has finished (the next open goes on with it)"
+            );
+            return Ok(None);
+        }
         let still_mapped = job.segments.iter().any(|s| mapping.segments.contains(s));
-        let scanned: Vec<(sled::IVec, sled::IVec)> = if still_mapped {
-            self.with(|t| {
-                let after = job.after.as_deref().map(str::as_bytes);
-                Ok(profiles_after(&t.profiles, after, max_profiles)?)
-            })?
+        let (groups, done) = if still_mapped {
+            let after = job.after_group.map(u32::to_be_bytes);
+            self.with(|t| Ok(groups_after(&t.profile_groups, after, max_profiles)?))?
         } else {
-            Vec::new()
+            (Vec::new(), true)
         };
         let time = format_time(now);
         let created_at_ms = now.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
         let layout = Layout::new(mapping);
         let mut exports = Vec::new();
-        for (key, value) in &scanned {
-            let id = String::from_utf8_lossy(key);
-            match decode_profile(&id, value) {
-                Ok(stored) => {
-                    if let Some(payload) =
-                        backfill_payload(&stored, &job.segments, mapping, &layout, &time)
-                    {
-                        exports.push(new_export(
-                            &id,
-                            Reason::Segment,
-                            payload,
-                            created_at_ms,
-                            queued_at_uptime_ms,
-                        ));
-                    }
-                }
+        let scanned_before = job.after.as_deref();
+        for (key, value) in &groups {
+            let view = match GroupView::decode(value) {
+                Ok(view) => view,
                 Err(e) => {
-                    tracing::warn!(profile = %id, "backfill skips an unreadable profile: {e}")
+                    let e = unreadable_group(key, e);
+                    tracing::warn!("backfill skips an unreadable profile group: {e}");
+                    continue;
+                }
+            };
+            for &(id, value) in view.entries() {
+                if scanned_before.is_some_and(|before| id <= before) {
+                    continue;
+                }
+                job.scanned += 1;
+                match decode_profile(id, value) {
+                    Ok(stored) => {
+                        if let Some(payload) =
+                            backfill_payload(&stored, &job.segments, mapping, &layout, &time)
+                        {
+                            exports.push(new_export(
+                                id,
+                                Reason::Segment,
+                                payload,
+                                created_at_ms,
+                                queued_at_uptime_ms,
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(profile = %id, "backfill skips an unreadable profile: {e}")
+                    }
                 }
             }
         }
-        job.scanned += scanned.len() as u64;
         job.exported += exports.len() as u64;
-        if let Some((last, _)) = scanned.last() {
-            job.after = Some(String::from_utf8_lossy(last).into_owned());
+        if let Some((last, _)) = groups.last() {
+            job.after_group = last.as_ref().try_into().ok().map(u32::from_be_bytes);
         }
-        let done = scanned.len() < max_profiles;
         let mut progress = BackfillProgress::of(&job, state.jobs.len() - 1);
         progress.done = done;
         if done {

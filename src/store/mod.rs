@@ -3,8 +3,9 @@
 //! | part | file | trees and keys (key → value) |
 //! |---|---|---|
 //! | opening, format, reopening after an I/O error, flush | `open.rs` | `meta/format` → layout version (u64 BE); `meta/store_id` → u32 BE |
-//! | upgrading profiles stored as JSON (formats 1, 2) to typed records | `upgrade.rs` | `meta/upgrade` → format byte + last profile id rewritten |
-//! | profiles and applying updates | `profiles.rs` | `profiles`: profile id (UTF-8) → format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]) |
+//! | moving the profiles of older stores (formats 1 to 3, one to a key) into groups | `upgrade.rs` | `profiles`: profile id (UTF-8) → a profile value; `meta/upgrade` → format byte, present while under way |
+//! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
+//! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
 //! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
@@ -40,6 +41,7 @@ pub mod codec;
 pub mod committer;
 mod error;
 mod export;
+pub mod groups;
 pub mod keys;
 pub mod mapping;
 mod open;
@@ -69,7 +71,14 @@ pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};
 /// after an I/O error ([`Store::recover`]); holders of `Arc<Store>` keep working.
 pub(crate) struct Trees {
     db: sled::Db,
-    pub(crate) profiles: sled::Tree,
+    /// The stored profiles, a few to a key ([`groups`]).
+    pub(crate) profile_groups: sled::Tree,
+    /// Profiles one to a key, as stores before format 4 hold them: moved into their groups
+    /// when the store is opened ([`upgrade`]), empty after.
+    pub(crate) legacy_profiles: sled::Tree,
+    /// Whether `legacy_profiles` held anything once the upgrade at open was done (it stops
+    /// only on an I/O error): reads then look there for a profile missing from its group.
+    pub(crate) has_legacy_profiles: bool,
     pub(crate) outbox: sled::Tree,
     pub(crate) dead: sled::Tree,
     pub(crate) meta: sled::Tree,

@@ -19,13 +19,14 @@ use super::{upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
 
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
-/// (`meta/clock`, exports of format 2); format 3 stores profiles as typed records.
-pub const FORMAT_VERSION: u64 = 3;
+/// (`meta/clock`, exports of format 2); format 3 stores profiles as typed records; format 4
+/// stores them a few to a key ([`groups`](super::groups)).
+pub const FORMAT_VERSION: u64 = 4;
 
 /// Older layouts this build opens and upgrades: it records [`FORMAT_VERSION`] (an older build
-/// then refuses the store whole), and rewrites their profiles as typed records
+/// then refuses the store whole), and moves their profiles into groups as typed records
 /// ([`upgrade`](super::upgrade)). Their other values stay readable as they are ([`codec`]).
-pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1, 2];
+pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1, 2, 3];
 
 /// What opening a store read from it.
 pub(super) struct Opened {
@@ -251,8 +252,10 @@ impl Store {
             }
         };
         let log_file = File::open(path.join("db")).ok();
-        let trees = Trees {
-            profiles: db.open_tree("profiles")?,
+        let mut trees = Trees {
+            profile_groups: db.open_tree("profile_groups")?,
+            legacy_profiles: db.open_tree("profiles")?,
+            has_legacy_profiles: true,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
             positions: db.open_tree("positions")?,
@@ -267,11 +270,12 @@ impl Store {
             tracing::warn!("{note}");
         }
         if let Err(e) = upgrade::finish(&trees) {
-            // Both profile encodings are read, so the store works meanwhile.
+            // Profiles not yet moved are read where they are, so the store works meanwhile.
             tracing::warn!(
-                "the upgrade of the stored profiles stopped ({e}); profiles not yet rewritten are read as they are, and the next open goes on with it"
+                "the upgrade of the stored profiles stopped ({e}); profiles not yet moved are read where they are, and the next open goes on with it"
             );
         }
+        trees.has_legacy_profiles = !trees.legacy_profiles.is_empty();
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
             None => ClockRecord::default(),

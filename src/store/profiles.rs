@@ -1,11 +1,12 @@
 //! Profiles: applying groups of updates (read the stored versions, decide each update, write
 //! the new versions and their exports in one transaction), and reading one profile.
 //!
-//! `profiles`: key = the profile id (UTF-8); value = format byte 2 + bincode of a
-//! [`ProfileRecord`] (`profile::record`: the update time in microseconds, every segment entry,
-//! the kept identities and attribute values as JSON text). Format 1 (the pruned profile as
-//! JSON text) is still read, and upgraded when a store is opened (`open`).
+//! A profile value: format byte 2 + bincode of a [`ProfileRecord`] (`profile::record`: the
+//! update time in microseconds, every segment entry, the kept identities and attribute values
+//! as JSON text), stored in the profile's group ([`groups`](super::groups)). Format 1 (the
+//! pruned profile as JSON text) is still read, and upgraded when a store is opened (`open`).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
@@ -17,7 +18,8 @@ use sled::Transactional;
 use super::codec;
 use super::error::StoreError;
 use super::export::{append_exports, new_export};
-use super::{source, Store};
+use super::groups::{group_key, Change, GroupKey, GroupView};
+use super::{source, Store, Trees};
 use crate::config::Mapping;
 use crate::profile::apply::{StoredProfile, UpdateResult};
 use crate::profile::engine::{apply_record, RecordAction};
@@ -93,26 +95,173 @@ pub fn stored_view(record: &ProfileRecord) -> StoredProfile {
     }
 }
 
-/// Up to `limit` stored profiles (id, value) after the id `after` (`None`: from the first),
-/// in id order: how the backfill and the upgrade walk the store in steps.
-pub(super) fn profiles_after(
-    profiles: &sled::Tree,
-    after: Option<&[u8]>,
-    limit: usize,
-) -> Result<Vec<(sled::IVec, sled::IVec)>, sled::Error> {
+/// The groups after `after` (`None`: from the first), in key order, until they hold at least
+/// `min_profiles` profiles or the tree ends (then `true`): how the backfill walks the store in
+/// steps. An unreadable group counts as one.
+pub(super) fn groups_after(
+    groups: &sled::Tree,
+    after: Option<GroupKey>,
+    min_profiles: usize,
+) -> Result<(Vec<(sled::IVec, sled::IVec)>, bool), sled::Error> {
     let from = match after {
         Some(after) => Bound::Excluded(after),
         None => Bound::Unbounded,
     };
-    profiles
-        .range::<&[u8], _>((from, Bound::Unbounded))
-        .take(limit)
-        .collect()
+    let mut found = Vec::new();
+    let mut profiles = 0;
+    for item in groups.range::<GroupKey, _>((from, Bound::Unbounded)) {
+        let (key, value) = item?;
+        profiles += GroupView::decode(&value).map_or(1, |view| view.len());
+        found.push((key, value));
+        if profiles >= min_profiles {
+            return Ok((found, false));
+        }
+    }
+    Ok((found, true))
+}
+
+/// How many profiles the store holds (walks every group).
+pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
+    let mut count = t.legacy_profiles.len() as u64;
+    for item in t.profile_groups.iter() {
+        let (_, value) = item?;
+        count += GroupView::decode(&value).map_or(0, |view| view.len() as u64);
+    }
+    Ok(count)
 }
 
 /// Decodes a stored profile of either format, naming it in the error.
 pub(super) fn decode_profile(id: &str, bytes: &[u8]) -> Result<ProfileRecord, StoreError> {
     codec::decode_profile(bytes).map_err(|e| StoreError::corrupt(format!("profile {id}"), e))
+}
+
+/// The error for a group that cannot be read: every profile in it is unreadable.
+pub(super) fn unreadable_group(key: &[u8], error: impl std::fmt::Display) -> StoreError {
+    StoreError::corrupt(format!("profile group {}", group_name(key)), error)
+}
+
+/// A group's key as people read it: 8 hex digits.
+pub(super) fn group_name(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A stored profile that cannot be read, or a group whose profiles cannot be.
+pub(super) enum Unreadable {
+    Group { key: sled::IVec, error: StoreError },
+    Profile { id: String, error: StoreError },
+}
+
+/// Every unreadable group and profile, in groups and where an unfinished upgrade left them.
+pub(super) fn unreadable_profiles(t: &Trees) -> Result<Vec<Unreadable>, StoreError> {
+    let mut found = Vec::new();
+    for item in t.profile_groups.iter() {
+        let (key, value) = item?;
+        match GroupView::decode(&value) {
+            Err(e) => found.push(Unreadable::Group {
+                error: unreadable_group(&key, e),
+                key,
+            }),
+            Ok(view) => {
+                for &(id, value) in view.entries() {
+                    if let Err(error) = decode_profile(id, value) {
+                        found.push(Unreadable::Profile {
+                            id: id.to_owned(),
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for item in t.legacy_profiles.iter() {
+        let (key, value) = item?;
+        let id = super::unreadable::key_text(&key);
+        if let Err(error) = decode_profile(&id, &value) {
+            found.push(Unreadable::Profile { id, error });
+        }
+    }
+    Ok(found)
+}
+
+/// Removes profile `id` wherever it is stored (`outpost repair`). Not flushed.
+pub(super) fn forget_profile(t: &Trees, id: &str) -> Result<(), StoreError> {
+    let key = group_key(id);
+    if let Some(stored) = t.profile_groups.get(key)? {
+        let view = GroupView::decode(&stored).map_err(|e| unreadable_group(&key, e))?;
+        if view.get(id).is_some() {
+            match view.with_changes(&[(id, None)]) {
+                Some(bytes) => t.profile_groups.insert(key, bytes)?,
+                None => t.profile_groups.remove(key)?,
+            };
+        }
+    }
+    t.legacy_profiles.remove(id.as_bytes())?;
+    Ok(())
+}
+
+/// The group key [`group_name`] wrote.
+pub(super) fn group_from_name(name: &str) -> Option<GroupKey> {
+    let group = u32::from_str_radix(name, 16).ok()?;
+    (name.len() == 8).then(|| group.to_be_bytes())
+}
+
+/// The stored groups read so far by one caller: each is read from sled once.
+type GroupReads = HashMap<GroupKey, Option<sled::IVec>>;
+
+/// Reads profile `id`: from its group, or from `legacy_profiles` while an upgrade has not
+/// finished moving it.
+fn read_record(
+    t: &Trees,
+    reads: &mut GroupReads,
+    id: &str,
+) -> Result<Option<ProfileRecord>, StoreError> {
+    let key = group_key(id);
+    let stored = match reads.entry(key) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => entry.insert(t.profile_groups.get(key)?),
+    };
+    if let Some(bytes) = stored {
+        let view = GroupView::decode(bytes).map_err(|e| {
+            let detail = format!("its group {} is unreadable: {e}", group_name(&key));
+            StoreError::corrupt(format!("profile {id}"), detail)
+        })?;
+        if let Some(value) = view.get(id) {
+            return decode_profile(id, value).map(Some);
+        }
+    }
+    if t.has_legacy_profiles {
+        if let Some(bytes) = t.legacy_profiles.get(id.as_bytes())? {
+            return decode_profile(id, &bytes).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// A group to store (`None`: to remove, no profile left in it).
+type GroupWrite = (GroupKey, Option<Vec<u8>>);
+
+/// The groups that `writes` change, encoded (`None`: the group is left empty, remove it), from
+/// the stored groups `reads` holds (every written profile was read first).
+fn changed_groups(
+    reads: &GroupReads,
+    writes: &mut [(GroupKey, &str, Option<Vec<u8>>)],
+) -> Result<Vec<GroupWrite>, StoreError> {
+    writes.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut changed = Vec::new();
+    for same_group in writes.chunk_by(|a, b| a.0 == b.0) {
+        let key = same_group[0].0;
+        let stored = reads.get(&key).and_then(Option::as_ref);
+        let view = match stored {
+            Some(bytes) => GroupView::decode(bytes).map_err(|e| unreadable_group(&key, e))?,
+            None => GroupView::default(),
+        };
+        let changes: Vec<Change> = same_group
+            .iter()
+            .map(|(_, id, value)| (*id, value.as_deref()))
+            .collect();
+        changed.push((key, view.with_changes(&changes)));
+    }
+    Ok(changed)
 }
 
 impl Store {
@@ -153,6 +302,7 @@ impl Store {
         let layout = Layout::new(mapping);
         // The latest version of each profile touched, and whether it must be written.
         let mut versions: HashMap<&str, (Option<ProfileRecord>, bool)> = HashMap::new();
+        let mut reads = GroupReads::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
         'groups: for group in groups {
@@ -161,7 +311,7 @@ impl Store {
             for update in group.iter() {
                 let id = update.id.as_str();
                 if !versions.contains_key(id) {
-                    match self.profile_record(id) {
+                    match self.with(|t| read_record(t, &mut reads, id)) {
                         Ok(version) => {
                             versions.insert(id, (version, false));
                         }
@@ -211,13 +361,19 @@ impl Store {
             }
             summaries.push(Ok(summary));
         }
-        let mut writes: Vec<(&str, Option<Vec<u8>>)> = versions
+        let mut writes: Vec<(GroupKey, &str, Option<Vec<u8>>)> = versions
             .into_iter()
             .filter(|(_, (_, dirty))| *dirty)
-            .map(|(id, (version, _))| (id, version.map(|v| codec::encode_profile(&v))))
+            .map(|(id, (version, _))| {
+                (
+                    group_key(id),
+                    id,
+                    version.map(|v| codec::encode_profile(&v)),
+                )
+            })
             .collect();
-        // In key order, sled touches each leaf once rather than hopping between them.
-        writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // In key order, so that sled touches each leaf once rather than hopping between them.
+        let groups = changed_groups(&reads, &mut writes)?;
 
         // A refused group's stream position is not recorded: its messages come again.
         let consumed: Vec<source::SourcePosition> = consumed
@@ -226,19 +382,33 @@ impl Store {
             .map(|(_, position)| position.clone())
             .collect();
         let next_seq = self.with(|t| {
-            let trees = (&t.profiles, &t.outbox, &t.meta, &t.positions, &t.rejected);
-            Ok(
-                trees.transaction(|(profiles, outbox, meta_tx, positions, rejected)| {
+            let trees = (
+                &t.profile_groups,
+                &t.legacy_profiles,
+                &t.outbox,
+                &t.meta,
+                &t.positions,
+                &t.rejected,
+            );
+            Ok(trees.transaction(
+                |(profile_groups, legacy, outbox, meta_tx, positions, rejected)| {
                     source::write(positions, rejected, &consumed)?;
-                    for (id, value) in &writes {
+                    for (key, value) in &groups {
                         match value {
-                            Some(bytes) => profiles.insert(id.as_bytes(), bytes.as_slice())?,
-                            None => profiles.remove(id.as_bytes())?,
+                            Some(bytes) => profile_groups.insert(key, bytes.as_slice())?,
+                            None => profile_groups.remove(key)?,
                         };
                     }
+                    // A profile read from where an unfinished upgrade left it now lives in
+                    // its group only.
+                    if t.has_legacy_profiles {
+                        for (_, id, _) in &writes {
+                            legacy.remove(id.as_bytes())?;
+                        }
+                    }
                     append_exports(outbox, meta_tx, &exports)
-                })?,
-            )
+                },
+            )?)
         })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(summaries)
@@ -250,9 +420,6 @@ impl Store {
     }
 
     pub fn profile_record(&self, id: &str) -> Result<Option<ProfileRecord>, StoreError> {
-        self.with(|t| match t.profiles.get(id.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => decode_profile(id, &bytes).map(Some),
-        })
+        self.with(|t| read_record(t, &mut GroupReads::new(), id))
     }
 }

@@ -142,7 +142,7 @@ pub enum Place {
 impl Store {
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let mut stats = self.outbox_stats(now)?;
-        stats.profiles = Some(self.trees()?.profiles.len() as u64);
+        stats.profiles = Some(self.with(super::profiles::count_profiles)?);
         Ok(stats)
     }
 

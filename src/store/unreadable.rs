@@ -9,7 +9,9 @@ use super::codec::{self, ExportRecord};
 use super::error::StoreError;
 use super::export::ExportId;
 use super::keys::{self, meta};
-use super::profiles::decode_profile;
+use super::profiles::{
+    forget_profile, group_from_name, group_name, unreadable_profiles, Unreadable,
+};
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::Store;
 use crate::profile::Reason;
@@ -50,9 +52,11 @@ impl ExportRecord {
 /// A record that cannot be read, as `outpost check --store` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UnreadableRecord {
-    /// `profiles`, `outbox`, `dead` or `meta`.
+    /// `profiles` (a profile), `profile_groups` (a group: all of its profiles), `outbox`,
+    /// `dead` or `meta`.
     pub tree: &'static str,
-    /// The key: a profile id, an export id, a meta key (bytes shown escaped when not text).
+    /// The key: a profile id, a group (8 hex digits), an export id, a meta key (bytes shown
+    /// escaped when not text).
     pub key: String,
     pub error: String,
     /// What `outpost repair` does with it, or did already.
@@ -83,11 +87,11 @@ impl Store {
                 }
             }
         }
-        for item in t.profiles.iter() {
-            let (key, value) = item?;
-            let id = String::from_utf8_lossy(&key).into_owned();
-            if let Err(e) = decode_profile(&id, &value) {
-                problems.push(e.to_string());
+        for unreadable in unreadable_profiles(&t)? {
+            match unreadable {
+                Unreadable::Group { error, .. } | Unreadable::Profile { error, .. } => {
+                    problems.push(error.to_string())
+                }
             }
         }
         let recorded = self.tally()?;
@@ -153,17 +157,22 @@ impl Store {
             });
         }
         let t = self.trees()?;
-        for item in t.profiles.iter() {
-            let (key, value) = item?;
-            let id = key_text(&key);
-            if let Err(e) = decode_profile(&id, &value) {
-                found.push(UnreadableRecord {
+        for unreadable in unreadable_profiles(&t)? {
+            found.push(match unreadable {
+                Unreadable::Group { key, error } => UnreadableRecord {
+                    tree: "profile_groups",
+                    key: group_name(&key),
+                    error: error.to_string(),
+                    action: "forget the group's profiles (their next updates count them as new)"
+                        .into(),
+                },
+                Unreadable::Profile { id, error } => UnreadableRecord {
                     tree: "profiles",
                     key: id,
-                    error: e.to_string(),
+                    error: error.to_string(),
                     action: "forget the profile (its next update counts it as new)".into(),
-                });
-            }
+                },
+            });
         }
         for (tree, name, dead) in [(&t.outbox, "outbox", false), (&t.dead, "dead", true)] {
             for item in tree.iter() {
@@ -200,9 +209,19 @@ impl Store {
         for record in found {
             match record.tree {
                 "profiles" => {
-                    t.profiles.remove(record.key.as_bytes())?;
+                    forget_profile(&t, &record.key)?;
                     done.push(format!(
                         "profile {}: forgotten ({})",
+                        record.key, record.error
+                    ));
+                }
+                "profile_groups" => {
+                    let Some(key) = group_from_name(&record.key) else {
+                        continue;
+                    };
+                    t.profile_groups.remove(key)?;
+                    done.push(format!(
+                        "profile group {}: its profiles forgotten ({})",
                         record.key, record.error
                     ));
                 }

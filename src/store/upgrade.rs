@@ -1,98 +1,146 @@
-//! Upgrading the profiles of a store of format 1 or 2, whose profile values are JSON text
-//! (value format byte 1), to typed records (value format byte 2) in place when the store is
-//! opened; the store is then of format 3. (Store formats number the whole layout; each value's
-//! own format byte numbers its encoding.)
+//! Upgrading a store of format 1, 2 or 3, whose profiles are one to a key in the `profiles`
+//! tree (formats 1 and 2 as JSON text, value format byte 1; format 3 as typed records, value
+//! format byte 2), to format 4: each profile moves into its group ([`groups`](super::groups))
+//! as a typed record, in place, when the store is opened. (Store formats number the whole
+//! layout; each value's own format byte numbers its encoding.)
 //!
-//! `meta/upgrade`: [`UPGRADE_V1`] then the last profile id rewritten (none yet: nothing after
-//! the byte). Present while an upgrade is under way.
+//! `meta/upgrade`: [`UPGRADE_V1`], then what older builds wrote after it (ignored). Present
+//! while an upgrade is under way.
 //!
 //! Invariants:
-//! - `meta/format` says 3 and `meta/upgrade` is set in one write, before any profile is
-//!   rewritten: an older outpost refuses the store from then on, so it never meets a record it
+//! - `meta/format` says 4 and `meta/upgrade` is set in one write, before any profile is
+//!   moved: an older outpost refuses the store from then on, so it never meets a layout it
 //!   cannot read;
-//! - every profile value says its own format, and both are read (`codec::decode_profile`):
-//!   a store whose upgrade was cut short by a kill works as it is, and opening it again goes
-//!   on from the last chunk recorded; rewriting a profile twice changes nothing;
-//! - a profile whose JSON cannot be read is left as it is: it stays unreadable, as before;
-//! - an error while rewriting (a full disk) stops the upgrade, not the open: the store works
-//!   as it is, and the next open goes on.
+//! - a chunk of profiles leaves `profiles` and enters its groups in one transaction, so a kill
+//!   at any instant loses none and stores none twice; the next open goes on with those left;
+//! - a profile already in its group is newer than the one left in `profiles` (only an update
+//!   made while an upgrade was stopped puts it there), and is kept;
+//! - a profile whose JSON cannot be read moves as it is: it stays unreadable, as before;
+//! - an error while moving (a full disk) stops the upgrade, not the open: profiles not yet
+//!   moved are read where they are, and the next open goes on.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::time::{Duration, Instant};
+
+use sled::Transactional;
 
 use super::codec;
 use super::error::StoreError;
+use super::groups::{group_key, Change, GroupKey, GroupView};
 use super::keys::meta;
-use super::profiles::profiles_after;
 use super::Trees;
 
 pub(super) const UPGRADE_V1: u8 = 1;
 
-/// Profiles rewritten per chunk: each chunk is one batch and one flush.
-const CHUNK_PROFILES: usize = 10_000;
+/// Profiles moved per chunk: each chunk is one transaction and one flush.
+const CHUNK_PROFILES: usize = 2_000;
 
-/// The value of `meta/upgrade` before any profile was rewritten.
+/// The value of `meta/upgrade` before any profile was moved.
 pub(super) fn not_started() -> Vec<u8> {
     vec![UPGRADE_V1]
 }
 
-/// Finishes the upgrade recorded in `meta/upgrade`, if any: rewrites each profile still
-/// stored as JSON, chunk by chunk, logging how far it is.
+/// A profile value as format 4 stores it: typed; JSON that cannot be read stays as it is.
+fn typed(value: &[u8]) -> Vec<u8> {
+    if codec::is_profile_json(value) {
+        if let Ok(record) = codec::decode_profile(value) {
+            return codec::encode_profile(&record);
+        }
+    }
+    value.to_vec()
+}
+
+/// Finishes the upgrade recorded in `meta/upgrade`, if any: moves every profile still in
+/// `profiles` into its group, chunk by chunk, logging how far it is.
 pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
-    let Some(state) = t.meta.get(meta::UPGRADE)? else {
+    if t.meta.get(meta::UPGRADE)?.is_none() {
         return Ok(());
-    };
-    let mut after = match state.split_first() {
-        Some((&UPGRADE_V1, rest)) => (!rest.is_empty()).then(|| rest.to_vec()),
-        // An unreadable cursor: start again (rewriting is idempotent).
-        _ => None,
-    };
-    let total = t.profiles.len();
+    }
+    let total = t.legacy_profiles.len();
     tracing::info!(
         profiles = total,
-        "upgrading the stored profiles to typed records (store format 3); a restart goes on where this stops"
+        "upgrading the stored profiles to groups of typed records (store format 4); a restart goes on where this stops"
     );
     let started = Instant::now();
     let mut last_line = Instant::now();
-    let (mut scanned, mut rewritten, mut unreadable) = (0u64, 0u64, 0u64);
+    let (mut moved, mut left) = (0u64, 0u64);
+    // Past the profiles that stay (see below): the others leave the tree as they move.
+    let mut after: Option<sled::IVec> = None;
     loop {
-        let chunk = profiles_after(&t.profiles, after.as_deref(), CHUNK_PROFILES)?;
-        let mut batch = sled::Batch::default();
+        let from = match &after {
+            Some(key) => Bound::Excluded(key.clone()),
+            None => Bound::Unbounded,
+        };
+        let chunk: Vec<(sled::IVec, sled::IVec)> = t
+            .legacy_profiles
+            .range((from, Bound::Unbounded))
+            .take(CHUNK_PROFILES)
+            .collect::<Result<_, _>>()?;
+        let Some((last, _)) = chunk.last() else { break };
+        after = Some(last.clone());
+        // Each group's arrivals, ids ascending (the tree's order). A key that is not UTF-8
+        // was never a profile id that outpost wrote: it stays, as `outpost check` shows.
+        let mut arrivals: BTreeMap<GroupKey, Vec<(&str, Vec<u8>)>> = BTreeMap::new();
         for (key, value) in &chunk {
-            if codec::is_profile_json(value) {
-                match codec::decode_profile(value) {
-                    Ok(record) => {
-                        batch.insert(key, codec::encode_profile(&record));
-                        rewritten += 1;
-                    }
-                    Err(_) => unreadable += 1,
-                }
+            if let Ok(id) = std::str::from_utf8(key) {
+                arrivals
+                    .entry(group_key(id))
+                    .or_default()
+                    .push((id, typed(value)));
             }
         }
-        scanned += chunk.len() as u64;
-        let Some((last, _)) = chunk.last() else { break };
-        t.profiles.apply_batch(batch)?;
-        let mut cursor = not_started();
-        cursor.extend_from_slice(last);
-        t.meta.insert(meta::UPGRADE, cursor)?;
+        let arriving = arrivals.values().map(Vec::len).sum::<usize>() as u64;
+        let stayed = (&t.legacy_profiles, &t.profile_groups)
+            .transaction(|(legacy, groups)| {
+                let mut stayed = 0u64;
+                for (group, entries) in &arrivals {
+                    let stored = groups.get(group)?;
+                    let view = match &stored {
+                        None => GroupView::default(),
+                        Some(bytes) => match GroupView::decode(bytes) {
+                            Ok(view) => view,
+                            // An unreadable group keeps its bytes (`outpost repair` forgets
+                            // it); its arrivals stay in `profiles`, read from there after.
+                            Err(_) => {
+                                stayed += entries.len() as u64;
+                                continue;
+                            }
+                        },
+                    };
+                    let changes: Vec<Change> = entries
+                        .iter()
+                        .filter(|(id, _)| view.get(id).is_none())
+                        .map(|(id, value)| (*id, Some(value.as_slice())))
+                        .collect();
+                    if let Some(bytes) = view.with_changes(&changes) {
+                        groups.insert(group, bytes)?;
+                    }
+                    for (id, _) in entries {
+                        legacy.remove(id.as_bytes())?;
+                    }
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(stayed)
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => unreachable!("never aborts"),
+            })?;
         t.db.flush()?;
-        after = Some(last.to_vec());
+        left += chunk.len() as u64 - arriving + stayed;
+        moved += arriving - stayed;
         if last_line.elapsed() >= Duration::from_secs(1) {
             last_line = Instant::now();
-            tracing::info!(
-                "upgrading profiles: {scanned} of {total} scanned, {rewritten} rewritten"
-            );
-        }
-        if chunk.len() < CHUNK_PROFILES {
-            break;
+            tracing::info!("upgrading profiles: {moved} of {total} moved");
         }
     }
     t.meta.remove(meta::UPGRADE)?;
     t.db.flush()?;
     tracing::info!(
-        "upgraded the stored profiles: {rewritten} rewritten of {scanned} in {:.1} s{}",
+        "upgraded the stored profiles: {moved} rewritten of {total} in {:.1} s{}",
         started.elapsed().as_secs_f64(),
-        if unreadable > 0 {
-            format!("; {unreadable} unreadable, left as they were (see `outpost repair`)")
+        if left > 0 {
+            format!("; {left} left where they were, their key or group unreadable (see `outpost check --store`)")
         } else {
             String::new()
         }
