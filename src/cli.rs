@@ -40,10 +40,10 @@ pub enum Command {
     /// Segments added to the mapping since the last run are backfilled: each stored member
     /// gets one export, in steps between updates (`outbox stats` shows how far it is).
     ///
-    /// A store written by an outpost before store format 3 (profiles as JSON text) is
+    /// A store written by an outpost before store format 4 (profiles one to a key) is
     /// upgraded in place when it is first opened, by this or any other command: its profiles
-    /// are rewritten as typed records in chunks of 10,000, with a progress line in the log;
-    /// a kill during the upgrade loses nothing, and the next open finishes it.
+    /// move into groups of a few, as typed records, in chunks of 2,000, with a progress line in
+    /// the log; a kill during the upgrade loses nothing, and the next open finishes it.
     ///
     /// Stops on SIGTERM or SIGINT after in-flight deliveries finish.
     ///

@@ -13,9 +13,10 @@
 //!   two to the same answers.
 //! - [`store`]: the sled store, one concept a file (its module docs have the table of parts
 //!   and of each tree's keys and values): key and value encodings ([`store::keys`],
-//!   [`store::codec`]), the group-committing single writer ([`store::committer`]),
-//!   delivery's grouped changes to pending exports ([`store::outbox`]), the backfill of newly
-//!   mapped segments ([`store::backfill`]), the upgrade of older stores' profiles.
+//!   [`store::codec`]), profiles a few to a key ([`store::groups`]), the group-committing
+//!   single writer ([`store::committer`]), delivery's grouped changes to pending exports
+//!   ([`store::outbox`]), the backfill of newly mapped segments ([`store::backfill`]), the
+//!   upgrade of older stores' profiles.
 //! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]), the
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client

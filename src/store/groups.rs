@@ -17,7 +17,7 @@
 //! Invariants:
 //! - a profile is in the group its id hashes to, at most once;
 //! - a group with no entry is not stored;
-//! - only the one writer of profiles (see `profiles`) rewrites a group, so reading a group
+//! - groups are changed by one writer at a time (`Store::profile_writer`), so reading a group
 //!   outside a transaction and writing it back inside one loses no entry.
 
 use bincode::{BorrowDecode, Encode};

@@ -20,6 +20,8 @@
 //! Invariants:
 //! - a profile version and the export it caused are written in one transaction, so the store
 //!   never holds one without the other;
+//! - profiles are changed by one writer at a time (`profile_writer`): a group read for a
+//!   change is written back before anyone else reads it for another;
 //! - export sequence numbers only grow; an export keeps its number (and so its id) for life,
 //!   also when it moves to `dead` and back;
 //! - `meta/tally` counts the entries of `outbox` and `dead` and the bytes of their values,
@@ -118,6 +120,10 @@ pub struct Store {
     durable_next: AtomicU64,
     /// Unreadable `meta` values rebuilt when the store was opened (see [`rebuild_meta`]).
     rebuilt_meta: std::sync::Mutex<Vec<String>>,
+    /// Held by whoever changes profiles, from reading their groups to writing them back: the
+    /// committer, and `outpost repair` through the admin socket while the agent runs. A group
+    /// holds several profiles, so two writers would each write back the other's old version.
+    profile_writer: std::sync::Mutex<()>,
 }
 
 impl Store {

@@ -167,6 +167,7 @@ impl Store {
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
+            profile_writer: std::sync::Mutex::new(()),
         })
     }
 

@@ -269,8 +269,9 @@ impl Store {
     /// group. Nothing is durable until [`Store::flush`].
     ///
     /// The decisions are made before the transaction, reading the stored versions directly:
-    /// that is sound because there is one writer of `profiles` (the committer, or the CLI
-    /// holding the store alone), and it keeps the transaction, which sled may re-run, short.
+    /// that is sound because profiles have one writer at a time (the committer, `repair`, or
+    /// the CLI holding the store alone; see `Store::profile_writer`), and it keeps the
+    /// transaction, which sled may re-run, short.
     ///
     /// A group that updates a profile whose stored version cannot be read is refused whole
     /// ([`StoreError::UnreadableProfile`]) and the others go on: see [`Store::apply_each`].
@@ -297,6 +298,7 @@ impl Store {
         received_at: DateTime<Utc>,
         consumed: &[(usize, source::SourcePosition)],
     ) -> Result<Vec<Result<BatchSummary, StoreError>>, StoreError> {
+        let _writer = self.lock_profile_writer();
         let created_at_ms = received_at.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
         let layout = Layout::new(mapping);
@@ -412,6 +414,13 @@ impl Store {
         })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(summaries)
+    }
+
+    /// The right to change profiles (see `Store::profile_writer`).
+    pub(super) fn lock_profile_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.profile_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// A stored profile as people read it (`outpost profile`).

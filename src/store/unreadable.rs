@@ -204,6 +204,8 @@ impl Store {
     /// what it did, one line each.
     pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
         let found = self.unreadable()?;
+        // Listed first, without holding the committer up: what is unreadable stays so.
+        let _writer = self.lock_profile_writer();
         let t = self.trees()?;
         let mut done = Vec::new();
         for record in found {
