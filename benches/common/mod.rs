@@ -440,7 +440,7 @@ pub fn write_config(dir: &Path, name: &str, text: &str) -> (PathBuf, Config) {
 /// A tiny first sight of profile `i` with a first name of its own; a member of SEGMENT_A (so it
 /// exports) when `member`.
 pub fn tiny_update(i: usize, member: bool, keep: &KeepTree) -> Update {
-    let id = format!("p-{i:07}");
+    let id = tiny_id(i);
     let status = if member { "realized" } else { "exited" };
     let Value::Object(mut profile) = json!({
         "person": {"name": {"firstName": format!("Name{i:07}"), "lastName": "Doe"}},
@@ -458,6 +458,13 @@ pub fn tiny_update(i: usize, member: bool, keep: &KeepTree) -> Update {
         timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
         record: None,
     }
+}
+
+/// The id of tiny profile `i`: distinct for each `i` and in no order, as ECIDs and UUIDs are.
+/// Ids numbered in order would keep writing to the same few sled leaves, which stay cached,
+/// and hide what a store larger than the cache costs.
+pub fn tiny_id(i: usize) -> String {
+    format!("p-{:016x}", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// Pre-fills the store at `path` (through `Store::apply_groups`, cache `PREFILL_CACHE_BYTES`)
