@@ -43,8 +43,9 @@ use crate::profile::Reason;
 
 const BACKFILL_V1: u8 = 1;
 
-/// Profiles a step scans, about (whole groups): small enough that updates waiting behind a step wait a few
-/// milliseconds, large enough that the transaction and flush per step are a small share.
+/// Profiles a step scans, at least (it takes whole groups): small enough that updates waiting
+/// behind a step wait a few milliseconds, large enough that the transaction and flush per step
+/// are a small share.
 pub const STEP_PROFILES: usize = 1_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
