@@ -75,6 +75,16 @@ impl Setup {
         AgentProcess::start(&self.config, self.port).await
     }
 
+    /// The tree and key of the one record `outpost check --store` lists.
+    fn the_one_unreadable(&self) -> (String, String) {
+        let out = self.run(&["check", "--store", "--json"], None);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let field = |name: &str| listed[0][name].as_str().unwrap_or_default().to_owned();
+        (field("tree"), field("key"))
+    }
+
     /// Writes `value` under `key` in `tree` with sled itself (no agent may run).
     fn corrupt(&self, tree: &str, key: &[u8], value: &[u8]) {
         corrupt(&self.store, tree, key, value)
@@ -218,14 +228,7 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     assert_eq!(status, 200, "other profiles go on: {body}");
 
     // Listed through the running agent, then forgotten on the operator's word.
-    let out = s.run(&["check", "--store", "--json"], None);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(
-        (listed[0]["tree"].as_str(), listed[0]["key"].as_str()),
-        (Some("profiles"), Some("p1"))
-    );
+    assert_eq!(s.the_one_unreadable(), ("profiles".into(), "p1".into()));
     let out = s.run(&["repair"], None);
     assert_eq!(
         out.status.code(),
@@ -271,13 +274,9 @@ fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_
     let out = s.ingest(&[update("p0", "a2")]);
     assert!(out.status.success(), "other groups go on: {}", text(&out));
 
-    let out = s.run(&["check", "--store", "--json"], None);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(
-        (listed[0]["tree"].as_str(), listed[0]["key"].as_str()),
-        (Some("profile_groups"), Some(name.as_str()))
+        s.the_one_unreadable(),
+        ("profile_groups".into(), name.clone())
     );
     let out = s.run(&["repair", "--yes"], None);
     assert!(out.status.success(), "{}", text(&out));
