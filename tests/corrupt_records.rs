@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
-use outpost::store::groups::{group_key, GroupView};
+use outpost::store::groups::{encode, group_key, GroupView};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -331,4 +331,43 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     assert!(listed.iter().all(|r| r["tree"] == "meta"), "{listed:?}");
     assert_eq!(stats(&s)["dead"], 0);
     agent.terminate().await;
+}
+
+/// Keys that cannot be what outpost wrote: a profile group whose key is not 4 bytes, a key
+/// left in the old profile tree that is not UTF-8. `check` lists them, `repair` deletes them.
+#[test]
+fn keys_that_are_no_group_or_profile_are_listed_and_deleted() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s = runtime.block_on(setup());
+    let out = s.ingest(&[update("p0", "a")]);
+    assert!(out.status.success(), "{}", text(&out));
+    s.corrupt("profile_groups", b"\x00\x01\x02", &encode(&[("q", b"x")]));
+    s.corrupt("profiles", b"\xffq", b"\x02");
+
+    let out = s.run(&["check", "--store", "--json"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let mut listed: Vec<(String, String)> = json_lines(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .map(|r| {
+            (
+                r["tree"].as_str().unwrap().into(),
+                r["key"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("profile_groups".to_owned(), "000102".to_owned()),
+            ("profiles".to_owned(), "\\xffq".to_owned())
+        ]
+    );
+    let out = s.run(&["repair", "--yes"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = s.run(&["check", "--store"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = s.ingest(&[update("p0", "a")]);
+    assert!(out.status.success(), "p0 kept: {}", text(&out));
+    assert!(text(&out).contains("1 unchanged"), "{}", text(&out));
 }

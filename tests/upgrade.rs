@@ -17,7 +17,7 @@ use common::*;
 use outpost::config::Config;
 use outpost::profile::record::ProfileRecord;
 use outpost::store::codec::{self, ProfileJson};
-use outpost::store::groups::GroupView;
+use outpost::store::groups::{group_key, GroupView};
 use outpost::store::{Store, FORMAT_VERSION};
 use rand::Rng;
 use serde_json::Value;
@@ -297,4 +297,89 @@ fn an_upgrade_killed_at_random_instants_finishes_on_the_next_open() {
     let out = outbox_stats_command(&workspace).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_upgraded(&workspace, &expected);
+}
+
+/// A profile whose group cannot be read when the upgrade moves it stays where it was, refused
+/// like the group's own profiles; `outpost repair` forgets the group and moves it in. The
+/// upgrade is finished all the same, so a backfill does not wait for it.
+#[test]
+fn a_profile_whose_group_is_unreadable_waits_for_repair_and_then_moves_in() {
+    let workspace = Workspace::new();
+    let expected = old_store(&workspace, 300, OldFormat::Records);
+    let group = group_key("p000007");
+    let stuck: Vec<&String> = expected
+        .keys()
+        .filter(|id| group_key(id) == group)
+        .collect();
+    {
+        let db = open_sled(&workspace.path().join("store"));
+        db.open_tree("profile_groups")
+            .unwrap()
+            .insert(group, &b"\x01\xff\xff\xff"[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let moved = expected.len() - stuck.len();
+    assert!(
+        log.contains(&format!(
+            "upgraded the stored profiles: {moved} rewritten of 300"
+        )) && log.contains(&format!("{} left where they were", stuck.len())),
+        "{log}"
+    );
+    assert_eq!(
+        meta_value(&workspace, "upgrade"),
+        None,
+        "the upgrade is done"
+    );
+
+    let name: String = group.iter().map(|b| format!("{b:02x}")).collect();
+    let out = workspace.run(&["check", "--store", "--json"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["tree"], "profile_groups");
+    assert_eq!(listed[0]["key"], name.as_str());
+
+    // Meanwhile: the stuck profile is refused, the others read, and a backfill runs.
+    {
+        let store = Store::open(&workspace.path().join("store"), 8 << 20).unwrap();
+        let error = store.profile_record("p000007").unwrap_err().to_string();
+        assert!(error.contains(&name), "{error}");
+        assert_eq!(
+            store.profile_record("p000008").unwrap().as_ref(),
+            expected.get("p000008")
+        );
+        let config = Config::load(&workspace.config_path()).unwrap();
+        let mut mapping = config.mapping.clone();
+        mapping.segments.push("a-segment-mapped-later".into());
+        store
+            .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+            .unwrap();
+        let progress = store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+        assert!(
+            progress.is_some_and(|p| p.scanned as usize == moved),
+            "the backfill runs over the moved profiles"
+        );
+    }
+
+    let out = workspace.run(&["repair", "--yes"], None);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "{} profiles the upgrade could not move into it moved in",
+            stuck.len()
+        )),
+        "{said}"
+    );
+    let out = workspace.run(&["check", "--store"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(formats(&workspace), (0, expected.len()));
+    let store = Store::open(&workspace.path().join("store"), 8 << 20).unwrap();
+    for id in stuck {
+        assert_eq!(store.profile_record(id).unwrap().as_ref(), expected.get(id));
+    }
 }

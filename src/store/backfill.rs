@@ -15,8 +15,8 @@
 //!   and the advanced job in one transaction: a kill at any instant neither repeats nor skips
 //!   a profile; a job begun before profile groups, with `after` set, skips the profiles whose
 //!   ids are not above it, which it had scanned then;
-//! - while an upgrade has left profiles outside their groups (it stopped on an I/O error),
-//!   steps wait: they would miss those profiles;
+//! - while an upgrade is unfinished (it stopped on an I/O error), steps wait until the next
+//!   start, which finishes it: they would miss the profiles not yet moved;
 //! - steps run where updates are applied (the committer thread, or `outpost ingest` before
 //!   its first chunk), never at the same time as an update: a step reads the versions the
 //!   updates before it left, and an update after it is judged against the same, so each
@@ -32,7 +32,9 @@ use sled::Transactional;
 use super::export::{append_exports, new_export};
 use super::groups::GroupView;
 use super::keys::meta;
-use super::profiles::{decode_profile, groups_after, unreadable_group};
+use super::profiles::{
+    decode_profile, group_from_name, group_name, groups_after, unreadable_group,
+};
 use super::{codec, Store, StoreError};
 use crate::config::Mapping;
 use crate::profile::layout::Layout;
@@ -56,9 +58,9 @@ pub struct BackfillState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackfillJob {
     pub segments: Vec<String>,
-    /// The last profile group scanned.
+    /// The key of the last profile group scanned, in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_group: Option<u32>,
+    pub after_group: Option<String>,
     /// For a job begun before profile groups: the last profile id scanned then, in id order.
     pub after: Option<String>,
     pub scanned: u64,
@@ -167,16 +169,31 @@ impl Store {
         let Some(mut job) = state.jobs.first().cloned() else {
             return Ok(None);
         };
-        if self.with(|t| Ok(t.has_legacy_profiles))? {
+        if self.with(|t| Ok(t.upgrade_unfinished))? {
             tracing::warn!(
-                "the backfill waits until the upgrade of the stored profiles has finished (the next open goes on with it)"
+                "the backfill waits until the upgrade of the stored profiles has finished (at the next start)"
             );
             return Ok(None);
         }
         let still_mapped = job.segments.iter().any(|s| mapping.segments.contains(s));
         let (groups, done) = if still_mapped {
-            let after = job.after_group.map(u32::to_be_bytes);
-            self.with(|t| Ok(groups_after(&t.profile_groups, after, max_profiles)?))?
+            let after = match job.after_group.as_deref().map(group_from_name) {
+                None => None,
+                Some(Some(key)) => Some(key),
+                Some(None) => {
+                    return Err(StoreError::corrupt(
+                        "the backfill state",
+                        "after_group is not hex",
+                    ))
+                }
+            };
+            self.with(|t| {
+                Ok(groups_after(
+                    &t.profile_groups,
+                    after.as_deref(),
+                    max_profiles,
+                )?)
+            })?
         } else {
             (Vec::new(), true)
         };
@@ -222,7 +239,7 @@ impl Store {
         }
         job.exported += exports.len() as u64;
         if let Some((last, _)) = groups.last() {
-            job.after_group = last.as_ref().try_into().ok().map(u32::from_be_bytes);
+            job.after_group = Some(group_name(last));
         }
         let mut progress = BackfillProgress::of(&job, state.jobs.len() - 1);
         progress.done = done;

@@ -78,9 +78,13 @@ pub(crate) struct Trees {
     /// Profiles one to a key, as stores before format 4 hold them: moved into their groups
     /// when the store is opened ([`upgrade`]), empty after.
     pub(crate) legacy_profiles: sled::Tree,
-    /// Whether `legacy_profiles` held anything once the upgrade at open was done (it stops
-    /// only on an I/O error): reads then look there for a profile missing from its group.
+    /// Whether `legacy_profiles` held anything once the upgrade at open was done: reads then
+    /// look there for a profile missing from its group. Profiles stay there while an upgrade
+    /// is unfinished, and after it those whose group could not be read (`outpost repair`
+    /// moves them in when it forgets the group).
     pub(crate) has_legacy_profiles: bool,
+    /// The upgrade stopped on an I/O error; the next open goes on with it.
+    pub(crate) upgrade_unfinished: bool,
     pub(crate) outbox: sled::Tree,
     pub(crate) dead: sled::Tree,
     pub(crate) meta: sled::Tree,
@@ -144,7 +148,17 @@ impl Store {
         f: impl FnOnce(&Trees) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let trees = self.trees()?;
-        f(&trees).map_err(|e| self.classify(e, trees.generation))
+        self.with_trees(&trees, f)
+    }
+
+    /// [`Store::with`] on handles taken earlier: a caller that must read and write through
+    /// the same handles takes them once ([`Store::trees`]).
+    pub(crate) fn with_trees<T>(
+        &self,
+        trees: &Trees,
+        f: impl FnOnce(&Trees) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(trees).map_err(|e| self.classify(e, trees.generation))
     }
 
     pub fn store_id(&self) -> u32 {

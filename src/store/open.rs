@@ -257,6 +257,7 @@ impl Store {
             profile_groups: db.open_tree("profile_groups")?,
             legacy_profiles: db.open_tree("profiles")?,
             has_legacy_profiles: true,
+            upgrade_unfinished: true,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
             positions: db.open_tree("positions")?,
@@ -277,6 +278,7 @@ impl Store {
             );
         }
         trees.has_legacy_profiles = !trees.legacy_profiles.is_empty();
+        trees.upgrade_unfinished = trees.meta.get(meta::UPGRADE)?.is_some();
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
             None => ClockRecord::default(),

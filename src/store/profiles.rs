@@ -15,10 +15,10 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sled::Transactional;
 
-use super::codec;
-use super::error::StoreError;
+use super::codec::{self, CodecError};
+use super::error::{StoreError, TxResult};
 use super::export::{append_exports, new_export};
-use super::groups::{group_key, Change, GroupKey, GroupView};
+use super::groups::{self, group_key, Change, GroupKey, GroupView};
 use super::{source, Store, Trees};
 use crate::config::Mapping;
 use crate::profile::apply::{StoredProfile, UpdateResult};
@@ -100,7 +100,7 @@ pub fn stored_view(record: &ProfileRecord) -> StoredProfile {
 /// steps. An unreadable group counts as one.
 pub(super) fn groups_after(
     groups: &sled::Tree,
-    after: Option<GroupKey>,
+    after: Option<&[u8]>,
     min_profiles: usize,
 ) -> Result<(Vec<(sled::IVec, sled::IVec)>, bool), sled::Error> {
     let from = match after {
@@ -109,7 +109,7 @@ pub(super) fn groups_after(
     };
     let mut found = Vec::new();
     let mut profiles = 0;
-    for item in groups.range::<GroupKey, _>((from, Bound::Unbounded)) {
+    for item in groups.range::<&[u8], _>((from, Bound::Unbounded)) {
         let (key, value) = item?;
         profiles += GroupView::decode(&value).map_or(1, |view| view.len());
         found.push((key, value));
@@ -140,15 +140,25 @@ pub(super) fn unreadable_group(key: &[u8], error: impl std::fmt::Display) -> Sto
     StoreError::corrupt(format!("profile group {}", group_name(key)), error)
 }
 
-/// A group's key as people read it: 8 hex digits.
+/// A group's key as people read it: hex, 8 digits (a key of another length is damage).
 pub(super) fn group_name(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A stored profile that cannot be read, or a group whose profiles cannot be.
 pub(super) enum Unreadable {
-    Group { key: sled::IVec, error: StoreError },
-    Profile { id: String, error: StoreError },
+    Group {
+        key: sled::IVec,
+        error: StoreError,
+    },
+    Profile {
+        id: String,
+        error: StoreError,
+    },
+    /// A key left in the old tree that is not a profile id (not UTF-8).
+    NotAnId {
+        key: sled::IVec,
+    },
 }
 
 /// Every unreadable group and profile, in groups and where an unfinished upgrade left them.
@@ -156,7 +166,11 @@ pub(super) fn unreadable_profiles(t: &Trees) -> Result<Vec<Unreadable>, StoreErr
     let mut found = Vec::new();
     for item in t.profile_groups.iter() {
         let (key, value) = item?;
-        match GroupView::decode(&value) {
+        let decoded = match key.len() {
+            4 => GroupView::decode(&value),
+            n => Err(CodecError::Corrupt(format!("a key of {n} bytes, not 4"))),
+        };
+        match decoded {
             Err(e) => found.push(Unreadable::Group {
                 error: unreadable_group(&key, e),
                 key,
@@ -175,9 +189,15 @@ pub(super) fn unreadable_profiles(t: &Trees) -> Result<Vec<Unreadable>, StoreErr
     }
     for item in t.legacy_profiles.iter() {
         let (key, value) = item?;
-        let id = super::unreadable::key_text(&key);
-        if let Err(error) = decode_profile(&id, &value) {
-            found.push(Unreadable::Profile { id, error });
+        let Ok(id) = std::str::from_utf8(&key) else {
+            found.push(Unreadable::NotAnId { key });
+            continue;
+        };
+        if let Err(error) = decode_profile(id, &value) {
+            found.push(Unreadable::Profile {
+                id: id.to_owned(),
+                error,
+            });
         }
     }
     Ok(found)
@@ -199,10 +219,45 @@ pub(super) fn forget_profile(t: &Trees, id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The group key [`group_name`] wrote.
-pub(super) fn group_from_name(name: &str) -> Option<GroupKey> {
-    let group = u32::from_str_radix(name, 16).ok()?;
-    (name.len() == 8).then(|| group.to_be_bytes())
+/// Forgets the unreadable group `key`, and moves into its place the profiles the upgrade left
+/// in the old tree because the group could not be read (`outpost repair`). Returns how many
+/// moved. Not flushed.
+pub(super) fn forget_group(t: &Trees, key: &[u8]) -> Result<usize, StoreError> {
+    let mut left: Vec<(String, sled::IVec)> = Vec::new();
+    if t.has_legacy_profiles && key.len() == 4 {
+        for item in t.legacy_profiles.iter() {
+            let (id, value) = item?;
+            if let Ok(id) = std::str::from_utf8(&id) {
+                if group_key(id) == key {
+                    left.push((id.to_owned(), value));
+                }
+            }
+        }
+    }
+    let entries: Vec<groups::Entry> = left.iter().map(|(id, v)| (id.as_str(), &v[..])).collect();
+    (&t.profile_groups, &t.legacy_profiles).transaction(|(groups, legacy)| -> TxResult<()> {
+        if entries.is_empty() {
+            groups.remove(key)?;
+        } else {
+            groups.insert(key, groups::encode(&entries))?;
+        }
+        for (id, _) in &entries {
+            legacy.remove(id.as_bytes())?;
+        }
+        Ok(())
+    })?;
+    Ok(entries.len())
+}
+
+/// The key [`group_name`] wrote.
+pub(super) fn group_from_name(name: &str) -> Option<Vec<u8>> {
+    if !name.len().is_multiple_of(2) || !name.is_ascii() {
+        return None;
+    }
+    (0..name.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&name[at..at + 2], 16).ok())
+        .collect()
 }
 
 /// The stored groups read so far by one caller: each is read from sled once.
@@ -299,6 +354,10 @@ impl Store {
         consumed: &[(usize, source::SourcePosition)],
     ) -> Result<Vec<Result<BatchSummary, StoreError>>, StoreError> {
         let _writer = self.lock_profile_writer();
+        // One set of handles for the reads and the transaction: groups read from handles that
+        // a reopen (`Store::recover`) has since replaced must not be written to the new ones,
+        // which may hold other versions of their profiles. The old handles refuse the write.
+        let trees = self.trees()?;
         let created_at_ms = received_at.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
         let layout = Layout::new(mapping);
@@ -313,7 +372,7 @@ impl Store {
             for update in group.iter() {
                 let id = update.id.as_str();
                 if !versions.contains_key(id) {
-                    match self.with(|t| read_record(t, &mut reads, id)) {
+                    match self.with_trees(&trees, |t| read_record(t, &mut reads, id)) {
                         Ok(version) => {
                             versions.insert(id, (version, false));
                         }
@@ -383,7 +442,7 @@ impl Store {
             .filter(|(group, _)| summaries.get(*group).is_some_and(Result::is_ok))
             .map(|(_, position)| position.clone())
             .collect();
-        let next_seq = self.with(|t| {
+        let next_seq = self.with_trees(&trees, |t| {
             let trees = (
                 &t.profile_groups,
                 &t.legacy_profiles,

@@ -10,7 +10,7 @@ use super::error::StoreError;
 use super::export::ExportId;
 use super::keys::{self, meta};
 use super::profiles::{
-    forget_profile, group_from_name, group_name, unreadable_profiles, Unreadable,
+    forget_group, forget_profile, group_from_name, group_name, unreadable_profiles, Unreadable,
 };
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::Store;
@@ -92,6 +92,10 @@ impl Store {
                 Unreadable::Group { error, .. } | Unreadable::Profile { error, .. } => {
                     problems.push(error.to_string())
                 }
+                Unreadable::NotAnId { key } => problems.push(format!(
+                    "profiles: key {} is not a profile id",
+                    key_text(&key)
+                )),
             }
         }
         let recorded = self.tally()?;
@@ -172,6 +176,12 @@ impl Store {
                     error: error.to_string(),
                     action: "forget the profile (its next update counts it as new)".into(),
                 },
+                Unreadable::NotAnId { key } => UnreadableRecord {
+                    tree: "profiles",
+                    key: key_text(&key),
+                    error: "the key is not a profile id (not UTF-8)".into(),
+                    action: "delete it".into(),
+                },
             });
         }
         for (tree, name, dead) in [(&t.outbox, "outbox", false), (&t.dead, "dead", true)] {
@@ -211,20 +221,45 @@ impl Store {
         for record in found {
             match record.tree {
                 "profiles" => {
-                    forget_profile(&t, &record.key)?;
-                    done.push(format!(
-                        "profile {}: forgotten ({})",
-                        record.key, record.error
-                    ));
+                    // A key that is not UTF-8 is listed escaped: find it again.
+                    let not_an_id = t
+                        .legacy_profiles
+                        .iter()
+                        .keys()
+                        .filter_map(Result::ok)
+                        .find(|k| std::str::from_utf8(k).is_err() && key_text(k) == record.key);
+                    match not_an_id {
+                        Some(raw) => {
+                            t.legacy_profiles.remove(raw)?;
+                            done.push(format!(
+                                "profiles entry with key {}: deleted ({})",
+                                record.key, record.error
+                            ));
+                        }
+                        None => {
+                            forget_profile(&t, &record.key)?;
+                            done.push(format!(
+                                "profile {}: forgotten ({})",
+                                record.key, record.error
+                            ));
+                        }
+                    }
                 }
                 "profile_groups" => {
                     let Some(key) = group_from_name(&record.key) else {
                         continue;
                     };
-                    t.profile_groups.remove(key)?;
+                    let moved = forget_group(&t, &key)?;
                     done.push(format!(
-                        "profile group {}: its profiles forgotten ({})",
-                        record.key, record.error
+                        "profile group {}: its profiles forgotten ({}){}",
+                        record.key,
+                        record.error,
+                        match moved {
+                            0 => String::new(),
+                            n => format!(
+                                "; {n} profiles the upgrade could not move into it moved in"
+                            ),
+                        }
                     ));
                 }
                 "outbox" | "dead" => {

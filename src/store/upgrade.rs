@@ -13,9 +13,13 @@
 //!   cannot read;
 //! - a chunk of profiles leaves `profiles` and enters its groups in one transaction, so a kill
 //!   at any instant loses none and stores none twice; the next open goes on with those left;
-//! - a profile already in its group is newer than the one left in `profiles` (only an update
-//!   made while an upgrade was stopped puts it there), and is kept;
+//! - a profile is never in both places: a move, and an update of a profile read from
+//!   `profiles`, remove it there in the same transaction (were it found in both, the group's
+//!   would be kept);
 //! - a profile whose JSON cannot be read moves as it is: it stays unreadable, as before;
+//! - a profile whose group cannot be read stays in `profiles`, refused like the group's own
+//!   profiles, until `outpost repair` forgets the group and moves it in; a key that is not
+//!   UTF-8 (never a profile id) stays too, and `outpost check --store` lists both;
 //! - an error while moving (a full disk) stops the upgrade, not the open: profiles not yet
 //!   moved are read where they are, and the next open goes on.
 
@@ -26,7 +30,7 @@ use std::time::{Duration, Instant};
 use sled::Transactional;
 
 use super::codec;
-use super::error::StoreError;
+use super::error::{StoreError, TxResult};
 use super::groups::{group_key, Change, GroupKey, GroupView};
 use super::keys::meta;
 use super::Trees;
@@ -91,8 +95,8 @@ pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
             }
         }
         let arriving = arrivals.values().map(Vec::len).sum::<usize>() as u64;
-        let stayed = (&t.legacy_profiles, &t.profile_groups)
-            .transaction(|(legacy, groups)| {
+        let stayed = (&t.legacy_profiles, &t.profile_groups).transaction(
+            |(legacy, groups)| -> TxResult<u64> {
                 let mut stayed = 0u64;
                 for (group, entries) in &arrivals {
                     let stored = groups.get(group)?;
@@ -100,8 +104,8 @@ pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
                         None => GroupView::default(),
                         Some(bytes) => match GroupView::decode(bytes) {
                             Ok(view) => view,
-                            // An unreadable group keeps its bytes (`outpost repair` forgets
-                            // it); its arrivals stay in `profiles`, read from there after.
+                            // An unreadable group keeps its bytes; its arrivals stay in
+                            // `profiles` until `outpost repair` forgets it.
                             Err(_) => {
                                 stayed += entries.len() as u64;
                                 continue;
@@ -120,12 +124,9 @@ pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
                         legacy.remove(id.as_bytes())?;
                     }
                 }
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(stayed)
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => unreachable!("never aborts"),
-            })?;
+                Ok(stayed)
+            },
+        )?;
         t.db.flush()?;
         left += chunk.len() as u64 - arriving + stayed;
         moved += arriving - stayed;
