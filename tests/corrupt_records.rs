@@ -343,6 +343,7 @@ fn keys_that_are_no_group_or_profile_are_listed_and_deleted() {
     assert!(out.status.success(), "{}", text(&out));
     s.corrupt("profile_groups", b"\x00\x01\x02", &encode(&[("q", b"x")]));
     s.corrupt("profiles", b"\xffq", b"\x02");
+    assert_eq!(stats(&s)["profiles"], 1, "neither is counted as a profile");
 
     let out = s.run(&["check", "--store", "--json"], None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));

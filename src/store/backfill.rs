@@ -12,9 +12,13 @@
 //! - a job is queued in the same write that records the mapping that made it
 //!   (`Store::record_mapping`), so no kill can record the mapping and lose the job;
 //! - a step scans the next groups after `after_group` in key order and writes their exports
-//!   and the advanced job in one transaction: a kill at any instant neither repeats nor skips
+//!   and the advanced job in one transaction, reading and writing through one set of store
+//!   handles: a kill at any instant, or a reopen after an I/O error, neither repeats nor skips
 //!   a profile; a job begun before profile groups, with `after` set, skips the profiles whose
 //!   ids are not above it, which it had scanned then;
+//! - a profile that cannot be read when its step passes (its record or its group is
+//!   unreadable, or it is one an upgrade left outside its unreadable group) gets no export
+//!   from the job, also if `outpost repair` makes it readable later;
 //! - while an upgrade is unfinished (it stopped on an I/O error), steps wait until the next
 //!   start, which finishes it: they would miss the profiles not yet moved;
 //! - steps run where updates are applied (the committer thread, or `outpost ingest` before
@@ -35,7 +39,7 @@ use super::keys::meta;
 use super::profiles::{
     decode_profile, group_from_name, group_name, groups_after, unreadable_group,
 };
-use super::{codec, Store, StoreError};
+use super::{codec, Store, StoreError, Trees};
 use crate::config::Mapping;
 use crate::profile::layout::Layout;
 use crate::profile::payload::{self, Kind};
@@ -138,12 +142,16 @@ pub fn backfill_payload(
     member.then(|| payload::write(profile, profile, Kind::Update, mapping, layout, time))
 }
 
+fn read_state(t: &Trees) -> Result<BackfillState, StoreError> {
+    match t.meta.get(meta::BACKFILL)? {
+        None => Ok(BackfillState::default()),
+        Some(bytes) => BackfillState::decode(&bytes),
+    }
+}
+
 impl Store {
     pub fn backfill_state(&self) -> Result<BackfillState, StoreError> {
-        match self.with(|t| Ok(t.meta.get(meta::BACKFILL)?))? {
-            None => Ok(BackfillState::default()),
-            Some(bytes) => BackfillState::decode(&bytes),
-        }
+        self.with(read_state)
     }
 
     /// The backfill in progress, if any.
@@ -165,11 +173,14 @@ impl Store {
         max_profiles: usize,
         now: DateTime<Utc>,
     ) -> Result<Option<BackfillProgress>, StoreError> {
-        let mut state = self.backfill_state()?;
+        // One set of handles for the reads and the write: a cursor read from handles that a
+        // reopen (`Store::recover`) replaced must not be written to the new ones.
+        let trees = self.trees()?;
+        let mut state = self.with_trees(&trees, read_state)?;
         let Some(mut job) = state.jobs.first().cloned() else {
             return Ok(None);
         };
-        if self.with(|t| Ok(t.upgrade_unfinished))? {
+        if trees.upgrade_unfinished {
             tracing::warn!(
                 "the backfill waits until the upgrade of the stored profiles has finished (at the next start)"
             );
@@ -187,7 +198,7 @@ impl Store {
                     ))
                 }
             };
-            self.with(|t| {
+            self.with_trees(&trees, |t| {
                 Ok(groups_after(
                     &t.profile_groups,
                     after.as_deref(),
@@ -249,7 +260,7 @@ impl Store {
             state.jobs[0] = job;
         }
         let value = state.encode();
-        let next_seq = self.with(|t| {
+        let next_seq = self.with_trees(&trees, |t| {
             Ok((&t.outbox, &t.meta).transaction(|(outbox, meta_tx)| {
                 let next_seq = append_exports(outbox, meta_tx, &exports)?;
                 meta_tx.insert(meta::BACKFILL, value.as_slice())?;

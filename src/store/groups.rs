@@ -29,7 +29,9 @@ pub const GROUP_BITS: u32 = 18;
 
 pub const GROUP_V1: u8 = 1;
 
-pub type GroupKey = [u8; 4];
+pub type GroupKey = [u8; GROUP_KEY_LEN];
+
+pub const GROUP_KEY_LEN: usize = 4;
 
 /// A profile's id and stored value.
 pub type Entry<'a> = (&'a str, &'a [u8]);

@@ -76,7 +76,8 @@ pub(crate) struct Trees {
     /// The stored profiles, a few to a key ([`groups`]).
     pub(crate) profile_groups: sled::Tree,
     /// Profiles one to a key, as stores before format 4 hold them: moved into their groups
-    /// when the store is opened ([`upgrade`]), empty after.
+    /// when the store is opened ([`upgrade`]), empty after but for those whose group could
+    /// not be read.
     pub(crate) legacy_profiles: sled::Tree,
     /// Whether `legacy_profiles` held anything once the upgrade at open was done: reads then
     /// look there for a profile missing from its group. Profiles stay there while an upgrade

@@ -15,10 +15,10 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sled::Transactional;
 
-use super::codec::{self, CodecError};
+use super::codec;
 use super::error::{StoreError, TxResult};
 use super::export::{append_exports, new_export};
-use super::groups::{self, group_key, Change, GroupKey, GroupView};
+use super::groups::{self, group_key, Change, GroupKey, GroupView, GROUP_KEY_LEN};
 use super::{source, Store, Trees};
 use crate::config::Mapping;
 use crate::profile::apply::{StoredProfile, UpdateResult};
@@ -111,6 +111,10 @@ pub(super) fn groups_after(
     let mut profiles = 0;
     for item in groups.range::<&[u8], _>((from, Bound::Unbounded)) {
         let (key, value) = item?;
+        if key.len() != GROUP_KEY_LEN {
+            // Damage (`outpost check --store` lists it), never a group outpost wrote.
+            continue;
+        }
         profiles += GroupView::decode(&value).map_or(1, |view| view.len());
         found.push((key, value));
         if profiles >= min_profiles {
@@ -122,10 +126,15 @@ pub(super) fn groups_after(
 
 /// How many profiles the store holds (walks every group).
 pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
-    let mut count = t.legacy_profiles.len() as u64;
+    let mut count = 0;
+    for key in t.legacy_profiles.iter().keys() {
+        count += u64::from(std::str::from_utf8(&key?).is_ok());
+    }
     for item in t.profile_groups.iter() {
-        let (_, value) = item?;
-        count += GroupView::decode(&value).map_or(0, |view| view.len() as u64);
+        let (key, value) = item?;
+        if key.len() == GROUP_KEY_LEN {
+            count += GroupView::decode(&value).map_or(0, |view| view.len() as u64);
+        }
     }
     Ok(count)
 }
@@ -166,11 +175,17 @@ pub(super) fn unreadable_profiles(t: &Trees) -> Result<Vec<Unreadable>, StoreErr
     let mut found = Vec::new();
     for item in t.profile_groups.iter() {
         let (key, value) = item?;
-        let decoded = match key.len() {
-            4 => GroupView::decode(&value),
-            n => Err(CodecError::Corrupt(format!("a key of {n} bytes, not 4"))),
-        };
-        match decoded {
+        if key.len() != GROUP_KEY_LEN {
+            found.push(Unreadable::Group {
+                error: StoreError::corrupt(
+                    format!("profile group key {}", group_name(&key)),
+                    format!("{} bytes, not {GROUP_KEY_LEN}", key.len()),
+                ),
+                key,
+            });
+            continue;
+        }
+        match GroupView::decode(&value) {
             Err(e) => found.push(Unreadable::Group {
                 error: unreadable_group(&key, e),
                 key,
@@ -223,13 +238,13 @@ pub(super) fn forget_profile(t: &Trees, id: &str) -> Result<(), StoreError> {
 /// in the old tree because the group could not be read (`outpost repair`). Returns how many
 /// moved. Not flushed.
 pub(super) fn forget_group(t: &Trees, key: &[u8]) -> Result<usize, StoreError> {
-    let mut left: Vec<(String, sled::IVec)> = Vec::new();
-    if t.has_legacy_profiles && key.len() == 4 {
+    let mut left: Vec<(String, Vec<u8>)> = Vec::new();
+    if t.has_legacy_profiles && key.len() == GROUP_KEY_LEN {
         for item in t.legacy_profiles.iter() {
             let (id, value) = item?;
             if let Ok(id) = std::str::from_utf8(&id) {
                 if group_key(id) == key {
-                    left.push((id.to_owned(), value));
+                    left.push((id.to_owned(), super::upgrade::typed(&value)));
                 }
             }
         }

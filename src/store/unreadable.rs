@@ -9,9 +9,7 @@ use super::codec::{self, ExportRecord};
 use super::error::StoreError;
 use super::export::ExportId;
 use super::keys::{self, meta};
-use super::profiles::{
-    forget_group, forget_profile, group_from_name, group_name, unreadable_profiles, Unreadable,
-};
+use super::profiles::{forget_group, forget_profile, group_name, unreadable_profiles, Unreadable};
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::Store;
 use crate::profile::Reason;
@@ -55,7 +53,7 @@ pub struct UnreadableRecord {
     /// `profiles` (a profile), `profile_groups` (a group: all of its profiles), `outbox`,
     /// `dead` or `meta`.
     pub tree: &'static str,
-    /// The key: a profile id, a group (8 hex digits), an export id, a meta key (bytes shown
+    /// The key: a profile id, a group's key (hex), an export id, a meta key (bytes shown
     /// escaped when not text).
     pub key: String,
     pub error: String,
@@ -218,42 +216,15 @@ impl Store {
         let _writer = self.lock_profile_writer();
         let t = self.trees()?;
         let mut done = Vec::new();
-        for record in found {
-            match record.tree {
-                "profiles" => {
-                    // A key that is not UTF-8 is listed escaped: find it again.
-                    let not_an_id = t
-                        .legacy_profiles
-                        .iter()
-                        .keys()
-                        .filter_map(Result::ok)
-                        .find(|k| std::str::from_utf8(k).is_err() && key_text(k) == record.key);
-                    match not_an_id {
-                        Some(raw) => {
-                            t.legacy_profiles.remove(raw)?;
-                            done.push(format!(
-                                "profiles entry with key {}: deleted ({})",
-                                record.key, record.error
-                            ));
-                        }
-                        None => {
-                            forget_profile(&t, &record.key)?;
-                            done.push(format!(
-                                "profile {}: forgotten ({})",
-                                record.key, record.error
-                            ));
-                        }
-                    }
-                }
-                "profile_groups" => {
-                    let Some(key) = group_from_name(&record.key) else {
-                        continue;
-                    };
+        // Profiles from a fresh walk (groups first, so that a group's leftovers in the old
+        // tree are in it before they are judged); the list only stands for them.
+        for unreadable in unreadable_profiles(&t)? {
+            match unreadable {
+                Unreadable::Group { key, error } => {
                     let moved = forget_group(&t, &key)?;
                     done.push(format!(
-                        "profile group {}: its profiles forgotten ({}){}",
-                        record.key,
-                        record.error,
+                        "profile group {}: its profiles forgotten ({error}){}",
+                        group_name(&key),
                         match moved {
                             0 => String::new(),
                             n => format!(
@@ -262,6 +233,21 @@ impl Store {
                         }
                     ));
                 }
+                Unreadable::Profile { id, error } => {
+                    forget_profile(&t, &id)?;
+                    done.push(format!("profile {id}: forgotten ({error})"));
+                }
+                Unreadable::NotAnId { key } => {
+                    t.legacy_profiles.remove(&key)?;
+                    done.push(format!(
+                        "profiles entry with key {}: deleted (the key is not a profile id)",
+                        key_text(&key)
+                    ));
+                }
+            }
+        }
+        for record in found {
+            match record.tree {
                 "outbox" | "dead" => {
                     let tree = if record.tree == "outbox" {
                         &t.outbox

@@ -46,7 +46,7 @@ pub(super) fn not_started() -> Vec<u8> {
 }
 
 /// A profile value as format 4 stores it: typed; JSON that cannot be read stays as it is.
-fn typed(value: &[u8]) -> Vec<u8> {
+pub(super) fn typed(value: &[u8]) -> Vec<u8> {
     if codec::is_profile_json(value) {
         if let Ok(record) = codec::decode_profile(value) {
             return codec::encode_profile(&record);
