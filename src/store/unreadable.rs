@@ -11,7 +11,7 @@ use super::export::ExportId;
 use super::keys::{self, meta};
 use super::profiles::{forget_group, forget_profile, group_name, unreadable_profiles, Unreadable};
 use super::tally::{read_tally, write_tally, Place, Tally};
-use super::Store;
+use super::{Store, Trees};
 use crate::profile::Reason;
 
 /// The reason (`last_error`) of a dead letter made of an unreadable export record.
@@ -182,6 +182,13 @@ impl Store {
                 },
             });
         }
+        found.extend(self.unreadable_exports(&t)?);
+        Ok(found)
+    }
+
+    /// The unreadable records of `outbox` and `dead`.
+    fn unreadable_exports(&self, t: &Trees) -> Result<Vec<UnreadableRecord>, StoreError> {
+        let mut found = Vec::new();
         for (tree, name, dead) in [(&t.outbox, "outbox", false), (&t.dead, "dead", true)] {
             for item in tree.iter() {
                 let (raw, value) = item?;
@@ -211,14 +218,15 @@ impl Store {
     /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
     /// what it did, one line each.
     pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
-        let found = self.unreadable()?;
-        // Listed first, without holding the committer up: what is unreadable stays so.
-        let _writer = self.lock_profile_writer();
         let t = self.trees()?;
+        // Listed first, without holding the committer up: what is unreadable stays so.
+        let profiles = unreadable_profiles(&t)?;
+        let found = self.unreadable_exports(&t)?;
+        let _writer = self.lock_profile_writer();
         let mut done = Vec::new();
-        // Profiles from a fresh walk (groups first, so that a group's leftovers in the old
-        // tree are in it before they are judged); the list only stands for them.
-        for unreadable in unreadable_profiles(&t)? {
+        // Groups first, so that a group's leftovers in the old tree are in it before they are
+        // judged.
+        for unreadable in profiles {
             match unreadable {
                 Unreadable::Group { key, error } => {
                     let moved = forget_group(&t, &key)?;
