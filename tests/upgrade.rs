@@ -34,7 +34,7 @@ enum OldFormat {
     Records,
 }
 
-/// Every profile in the groups of the store at `path`, read with sled alone.
+/// Every profile in the groups of `db`, read with sled alone.
 fn grouped(db: &sled::Db) -> Vec<(String, Vec<u8>)> {
     let mut found = Vec::new();
     for item in db.open_tree("profile_groups").unwrap().iter() {
