@@ -278,6 +278,11 @@ fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_
         s.the_one_unreadable(),
         ("profile_groups".into(), name.clone())
     );
+    assert_eq!(
+        stats(&s)["profiles"],
+        2,
+        "counted as stored until forgotten"
+    );
     let out = s.run(&["repair", "--yes"], None);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -285,6 +290,7 @@ fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_
         "{}",
         text(&out)
     );
+    assert_eq!(stats(&s)["profiles"], 1, "recounted by repair");
     let out = s.run(&["ingest", "--json", "-"], Some(&update("p1", "b3")));
     assert!(out.status.success(), "{}", text(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -301,10 +307,11 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     s.corrupt("meta", b"tally", b"xx");
     s.corrupt("meta", b"next_seq", b"abc");
     s.corrupt("meta", b"clock", b"\x09zz");
+    s.corrupt("meta", b"profiles", b"x");
 
     let mut agent = s.agent().await;
     let log = agent.log();
-    for key in ["meta/tally", "meta/next_seq", "meta/clock"] {
+    for key in ["meta/tally", "meta/next_seq", "meta/clock", "meta/profiles"] {
         assert!(log.contains(&format!("{key} was unreadable")), "{log}");
     }
     let (status, body) = http_post(agent.addr, "/v1/updates", update("p2", "c"), &[]).await;
@@ -327,9 +334,14 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     let out = s.run(&["check", "--store", "--json"], None);
     assert!(out.status.success(), "{}", text(&out));
     let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), 4, "{listed:?}");
     assert!(listed.iter().all(|r| r["tree"] == "meta"), "{listed:?}");
     assert_eq!(stats(&s)["dead"], 0);
+    assert_eq!(
+        stats(&s)["profiles"],
+        3,
+        "recounted at open, then counted on"
+    );
     agent.terminate().await;
 }
 

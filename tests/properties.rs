@@ -323,8 +323,8 @@ fn open() -> (tempfile::TempDir, Store) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-    /// The store's exports (profile, reason, in order), counts and stored versions are the
-    /// model's, whether the updates come one a commit or several in one.
+    /// The store's exports (profile, reason, in order), counts, stored versions and number of
+    /// profiles are the model's, whether the updates come one a commit or several in one.
     #[test]
     fn the_store_follows_the_reference_model(
         ops in prop::collection::vec(op(), 1..24),
@@ -355,6 +355,8 @@ proptest! {
             .map(|e| (e.record.profile_id.clone(), e.record.reason().as_str()))
             .collect();
         prop_assert_eq!(&exports, &model.exports);
+        prop_assert_eq!(store.profile_count().unwrap(), model.profiles.len() as u64);
+        prop_assert_eq!(store.verify().unwrap(), Vec::<String>::new());
         for id in ["a", "b", "c"] {
             let stored = store.profile(id).unwrap();
             let expected = model.profiles.get(id);

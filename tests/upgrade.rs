@@ -149,6 +149,8 @@ fn assert_upgraded(workspace: &Workspace, expected: &BTreeMap<String, ProfileRec
         Some(FORMAT_VERSION.to_be_bytes().to_vec())
     );
     let store = Store::open(&workspace.path().join("store"), 8 << 20).unwrap();
+    assert_eq!(store.profile_count().unwrap(), expected.len() as u64);
+    assert_eq!(store.verify().unwrap(), Vec::<String>::new());
     for (id, record) in expected {
         assert_eq!(
             store.profile_record(id).unwrap().as_ref(),

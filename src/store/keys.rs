@@ -28,6 +28,9 @@ pub mod meta {
     pub const BACKFILL: &[u8] = b"backfill";
     /// How far the upgrade of profiles to typed records is (see `store::upgrade`).
     pub const UPGRADE: &[u8] = b"upgrade";
+    /// How many profiles the store holds (u64 BE), kept by the transactions that add or
+    /// remove one (sled counts only by walking).
+    pub const PROFILES: &[u8] = b"profiles";
 }
 
 #[cfg(test)]

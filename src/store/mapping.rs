@@ -115,7 +115,7 @@ impl Store {
             write.insert(meta::MAPPING, value);
             let segments = newly_mapped(&before, mapping);
             if !segments.is_empty() {
-                let profiles = self.with(super::profiles::count_profiles)?;
+                let profiles = self.profile_count()?;
                 let backfill = self.backfill_state()?.with_job(segments, profiles, now_ms);
                 tracing::info!(
                     segments = ?backfill.jobs.last().map(|j| &j.segments),

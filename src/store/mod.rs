@@ -5,7 +5,7 @@
 //! | opening, format, reopening after an I/O error, flush | `open.rs` | `meta/format` → layout version (u64 BE); `meta/store_id` → u32 BE |
 //! | moving the profiles of older stores (formats 1 to 3, one to a key) into groups | `upgrade.rs` | `profiles`: profile id (UTF-8) → a profile value; `meta/upgrade` → format byte, present while under way |
 //! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
-//! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]) |
+//! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
 //! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
@@ -26,6 +26,8 @@
 //!   also when it moves to `dead` and back;
 //! - `meta/tally` counts the entries of `outbox` and `dead` and the bytes of their values,
 //!   kept in the same transactions that change those trees (sled can only count by walking);
+//!   `meta/profiles` counts the profiles the same way (`outpost repair` counts them again, as
+//!   an unreadable group's profiles cannot be counted);
 //! - nothing is acknowledged before [`Store::flush`] has returned;
 //! - after an I/O error (a full disk) sled fails every write until the store is reopened:
 //!   the sled handles sit behind a swappable `Trees`, which [`Store::recover`] replaces once
@@ -328,6 +330,38 @@ mod tests {
         assert!(!store
             .run_clock()
             .expired(&retried.record, Duration::from_secs(60)));
+    }
+
+    /// A store written before the count of profiles was kept gets it at open, counted.
+    #[test]
+    fn a_store_without_a_profile_count_is_counted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = crate::config::Mapping::new(&["person.name.firstName"], &["s1"], &[]);
+        let updates = crate::profile::update::parse_body(
+            br#"{"id":"p1","profile":{"person":{"name":{"firstName":"A"}}}}
+{"id":"p2","profile":{"person":{"name":{"firstName":"B"}}}}
+{"id":"p3","profile":{"person":{"name":{"firstName":"C"}}}}
+{"id":"p2","op":"delete"}"#,
+        )
+        .unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, chrono::Utc::now())
+            .unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.profile_count().unwrap(), 2);
+        drop(store);
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .remove(meta::PROFILES)
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.profile_count().unwrap(), 2);
+        assert_eq!(store.verify().unwrap(), Vec::<String>::new());
     }
 
     /// A format-1 store opens, its old exports read as queued at run time 0, and it is marked

@@ -3,7 +3,8 @@
 //! flush that makes commits durable.
 //!
 //! `meta/format`: the layout version (big-endian u64), [`FORMAT_VERSION`]; `meta/store_id`:
-//! a random u32 (big-endian), part of every export id.
+//! a random u32 (big-endian), part of every export id. `meta/profiles` is written with the
+//! format in a new store, and counted at open in a store that lacks it.
 
 use std::fs::File;
 use std::path::Path;
@@ -15,7 +16,7 @@ use super::codec;
 use super::error::{io_detail, is_no_space, StoreError};
 use super::keys::{self, meta};
 use super::tally::{Place, Tally};
-use super::{upgrade, Store, Trees};
+use super::{profiles, upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
 
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
@@ -79,7 +80,7 @@ fn remove_unfinished_snapshots(path: &Path) -> Result<(), StoreError> {
 pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
 
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
-/// cannot be read: `tally` is recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest
+/// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest
 /// export held, `clock` starts again (run time 0, which delays expiry, never hastens it).
 /// Returns what it did, one line each; flushed when anything was done.
 pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
@@ -105,6 +106,14 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
             t.meta.insert(meta::NEXT_SEQ, &next.to_be_bytes())?;
             rebuilt.push(format!(
                 "meta/next_seq was unreadable (not 8 bytes); new exports are numbered from {next}"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::PROFILES)? {
+        if v.len() != 8 {
+            let count = profiles::recount_profiles(t)?;
+            rebuilt.push(format!(
+                "meta/profiles was unreadable (not 8 bytes); recounted: {count} profiles"
             ));
         }
     }
@@ -217,7 +226,10 @@ impl Store {
         let meta = db.open_tree("meta")?;
         match meta.get(meta::FORMAT)? {
             None => {
-                meta.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+                let mut batch = sled::Batch::default();
+                batch.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes());
+                batch.insert(meta::PROFILES, &0u64.to_be_bytes());
+                meta.apply_batch(batch)?;
             }
             Some(v) => {
                 let found = v
@@ -279,6 +291,12 @@ impl Store {
         }
         trees.has_legacy_profiles = !trees.legacy_profiles.is_empty();
         trees.upgrade_unfinished = trees.meta.get(meta::UPGRADE)?.is_some();
+        if trees.meta.get(meta::PROFILES)?.is_none() {
+            // A store from before the count was kept, or just upgraded.
+            let count = profiles::recount_profiles(&trees)?;
+            trees.db.flush()?;
+            tracing::info!(profiles = count, "counted the stored profiles");
+        }
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
             None => ClockRecord::default(),

@@ -19,6 +19,8 @@ use super::codec;
 use super::error::{StoreError, TxResult};
 use super::export::{append_exports, new_export};
 use super::groups::{self, group_key, Change, GroupKey, GroupView, GROUP_KEY_LEN};
+use super::keys::meta;
+use super::tally::{read_u64, write_u64};
 use super::{source, Store, Trees};
 use crate::config::Mapping;
 use crate::profile::apply::{StoredProfile, UpdateResult};
@@ -124,7 +126,8 @@ pub(super) fn groups_after(
     Ok((found, true))
 }
 
-/// How many profiles the store holds (walks every group).
+/// How many profiles the store holds, counted by walking every group (`meta/profiles` keeps
+/// the count without walking). The profiles of an unreadable group are not counted.
 pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
     let mut count = 0;
     for key in t.legacy_profiles.iter().keys() {
@@ -136,6 +139,25 @@ pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
             count += GroupView::decode(&value).map_or(0, |view| view.len() as u64);
         }
     }
+    Ok(count)
+}
+
+/// `meta/profiles`: 0 when absent, which only a store still opening can be.
+pub(super) fn read_profile_count(t: &Trees) -> Result<u64, StoreError> {
+    match t.meta.get(meta::PROFILES)? {
+        None => Ok(0),
+        Some(v) => {
+            Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                StoreError::corrupt("profile count", "not 8 bytes")
+            })?))
+        }
+    }
+}
+
+/// Counts the profiles by walking them and records the count in `meta/profiles`. Not flushed.
+pub(super) fn recount_profiles(t: &Trees) -> Result<u64, StoreError> {
+    let count = count_profiles(t)?;
+    t.meta.insert(meta::PROFILES, &count.to_be_bytes())?;
     Ok(count)
 }
 
@@ -376,8 +398,9 @@ impl Store {
         let created_at_ms = received_at.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
         let layout = Layout::new(mapping);
-        // The latest version of each profile touched, and whether it must be written.
-        let mut versions: HashMap<&str, (Option<ProfileRecord>, bool)> = HashMap::new();
+        // The latest version of each profile touched, whether it must be written, and whether
+        // it was stored before (for the count of profiles).
+        let mut versions: HashMap<&str, (Option<ProfileRecord>, bool, bool)> = HashMap::new();
         let mut reads = GroupReads::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
@@ -389,7 +412,8 @@ impl Store {
                 if !versions.contains_key(id) {
                     match self.with_trees(&trees, |t| read_record(t, &mut reads, id)) {
                         Ok(version) => {
-                            versions.insert(id, (version, false));
+                            let stored = version.is_some();
+                            versions.insert(id, (version, false, stored));
                         }
                         Err(StoreError::Corrupt { detail, .. }) => {
                             tracing::warn!(
@@ -409,7 +433,7 @@ impl Store {
             let mut summary = BatchSummary::default();
             for update in group.iter() {
                 let id = update.id.as_str();
-                let (version, dirty) = versions.get_mut(id).expect("inserted above");
+                let (version, dirty, _) = versions.get_mut(id).expect("inserted above");
                 let applied = apply_record(version.as_ref(), update, mapping, &layout, received_at);
                 summary.accepted += 1;
                 match applied.result {
@@ -437,10 +461,15 @@ impl Store {
             }
             summaries.push(Ok(summary));
         }
+        let added: i64 = versions
+            .values()
+            .filter(|(_, dirty, _)| *dirty)
+            .map(|(version, _, stored)| i64::from(version.is_some()) - i64::from(*stored))
+            .sum();
         let mut writes: Vec<(GroupKey, &str, Option<Vec<u8>>)> = versions
             .into_iter()
-            .filter(|(_, (_, dirty))| *dirty)
-            .map(|(id, (version, _))| {
+            .filter(|(_, (_, dirty, _))| *dirty)
+            .map(|(id, (version, _, _))| {
                 (
                     group_key(id),
                     id,
@@ -482,6 +511,10 @@ impl Store {
                             legacy.remove(id.as_bytes())?;
                         }
                     }
+                    if added != 0 {
+                        let count = read_u64(meta_tx, meta::PROFILES)?;
+                        write_u64(meta_tx, meta::PROFILES, count.saturating_add_signed(added))?;
+                    }
                     append_exports(outbox, meta_tx, &exports)
                 },
             )?)
@@ -500,6 +533,11 @@ impl Store {
     /// A stored profile as people read it (`outpost profile`).
     pub fn profile(&self, id: &str) -> Result<Option<StoredProfile>, StoreError> {
         Ok(self.profile_record(id)?.as_ref().map(stored_view))
+    }
+
+    /// How many profiles the store holds, as `meta/profiles` keeps it (no walk).
+    pub fn profile_count(&self) -> Result<u64, StoreError> {
+        self.with(read_profile_count)
     }
 
     pub fn profile_record(&self, id: &str) -> Result<Option<ProfileRecord>, StoreError> {

@@ -24,7 +24,7 @@ pub struct OutboxStats {
     /// `delivery.max_age_s` is compared with.
     pub oldest_pending_waited_s: Option<u64>,
     pub bytes: u64,
-    /// Profiles stored; left out by [`Store::outbox_stats`] (counting walks the profile tree).
+    /// Profiles stored; left out by [`Store::outbox_stats`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiles: Option<u64>,
     pub store_id: String,
@@ -142,12 +142,12 @@ pub enum Place {
 impl Store {
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let mut stats = self.outbox_stats(now)?;
-        stats.profiles = Some(self.with(super::profiles::count_profiles)?);
+        stats.profiles = Some(self.profile_count()?);
         Ok(stats)
     }
 
-    /// [`Store::stats`] without the count of profiles, which walks the profile tree: cheap
-    /// enough to read every second (`outpost top`, `GET /metrics`).
+    /// [`Store::stats`] without the count of profiles: cheap enough to read every second
+    /// (`outpost top`, `GET /metrics`).
     pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let first = self.with(|t| Ok(t.outbox.first()?))?;
         let oldest = match first {

@@ -9,7 +9,10 @@ use super::codec::{self, ExportRecord};
 use super::error::StoreError;
 use super::export::ExportId;
 use super::keys::{self, meta};
-use super::profiles::{forget_group, forget_profile, group_name, unreadable_profiles, Unreadable};
+use super::profiles::{
+    count_profiles, forget_group, forget_profile, group_name, read_profile_count, recount_profiles,
+    unreadable_profiles, Unreadable,
+};
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::{Store, Trees};
 use crate::profile::Reason;
@@ -95,6 +98,12 @@ impl Store {
                     key_text(&key)
                 )),
             }
+        }
+        let (recorded, counted_profiles) = (read_profile_count(&t)?, count_profiles(&t)?);
+        if recorded != counted_profiles {
+            problems.push(format!(
+                "meta/profiles says {recorded}, the groups hold {counted_profiles}"
+            ));
         }
         let recorded = self.tally()?;
         if recorded != counted {
@@ -214,7 +223,7 @@ impl Store {
     }
 
     /// Acts on every unreadable record as [`Store::unreadable`] says: forgets unreadable
-    /// profiles, keeps unreadable exports as dead letters "unreadable record" (with their
+    /// profiles (and counts the profiles again), keeps unreadable exports as dead letters "unreadable record" (with their
     /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
     /// what it did, one line each.
     pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
@@ -253,6 +262,10 @@ impl Store {
                     ));
                 }
             }
+        }
+        if !done.is_empty() {
+            let count = recount_profiles(&t)?;
+            done.push(format!("profiles recounted: {count}"));
         }
         for record in found {
             match record.tree {

@@ -61,6 +61,8 @@ pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
     if t.meta.get(meta::UPGRADE)?.is_none() {
         return Ok(());
     }
+    // Counted again once every profile is moved: a profile found in both places is one.
+    t.meta.remove(meta::PROFILES)?;
     let total = t.legacy_profiles.len();
     tracing::info!(
         profiles = total,
