@@ -43,7 +43,10 @@ pub enum Command {
     /// A store written by an outpost before store format 4 (profiles one to a key) is
     /// upgraded in place when it is first opened, by this or any other command: its profiles
     /// move into groups of a few, as typed records, in chunks of 2,000, with a progress line in
-    /// the log; a kill during the upgrade loses nothing, and the next open finishes it.
+    /// the log; a kill during the upgrade loses nothing, and the next open finishes it. The
+    /// store is then rebuilt into a fresh database inside its folder (sled keeps in memory a
+    /// record of every page the upgrade emptied): this needs about the store's size free on
+    /// its disk, and is skipped, and tried at a later open, when there is not.
     ///
     /// Stops on SIGTERM or SIGINT after in-flight deliveries finish.
     ///

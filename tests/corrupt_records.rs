@@ -92,14 +92,14 @@ impl Setup {
 }
 
 fn corrupt(store: &Path, tree: &str, key: &[u8], value: &[u8]) {
-    let db = sled::open(store).unwrap();
+    let db = open_with_sled_alone(store).unwrap();
     db.open_tree(tree).unwrap().insert(key, value).unwrap();
     db.flush().unwrap();
 }
 
 /// Replaces profile `id`'s value inside its group with `value`, with sled itself.
 fn corrupt_profile(store: &Path, id: &str, value: &[u8]) {
-    let db = sled::open(store).unwrap();
+    let db = open_with_sled_alone(store).unwrap();
     let groups = db.open_tree("profile_groups").unwrap();
     let key = group_key(id);
     let stored = groups

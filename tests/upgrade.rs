@@ -180,6 +180,7 @@ fn upgraded_and_judged_as_before(old: OldFormat) {
         log.contains("upgraded the stored profiles: 300 rewritten of 300"),
         "{log}"
     );
+    assert!(log.contains("the rebuilt store is in place"), "{log}");
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         stats["pending"], 300,
@@ -227,16 +228,22 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// Spawns `outpost outbox stats` and waits for the upgrade's first log line; `false` when the
-/// command exited without starting an upgrade. The rest of its log is read (and dropped) by a
-/// thread of its own, so the command never writes to a closed pipe.
+/// command exited without starting an upgrade.
 fn spawn_until_upgrade_begins(workspace: &Workspace) -> (std::process::Child, bool) {
+    spawn_until_logged(workspace, "upgrading the stored profiles")
+}
+
+/// Spawns `outpost outbox stats` and waits until it logs `line`; `false` when it exited
+/// without. The rest of its log is read (and dropped) by a thread of its own, so the command
+/// never writes to a closed pipe.
+fn spawn_until_logged(workspace: &Workspace, line: &str) -> (std::process::Child, bool) {
     let mut child = outbox_stats_command(workspace)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let began = lines.any(|line| line.unwrap().contains("upgrading the stored profiles"));
+    let began = lines.any(|logged| logged.unwrap().contains(line));
     std::thread::spawn(move || lines.for_each(drop));
     (child, began)
 }
@@ -299,6 +306,74 @@ fn an_upgrade_killed_at_random_instants_finishes_on_the_next_open() {
     let out = outbox_stats_command(&workspace).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_upgraded(&workspace, &expected);
+}
+
+/// Asks for the store to be rebuilt at its next open, as an upgrade does.
+fn want_rebuild(workspace: &Workspace) {
+    let db = open_sled(&workspace.path().join("store"));
+    db.open_tree("meta")
+        .unwrap()
+        .insert("rebuild", &[])
+        .unwrap();
+    db.flush().unwrap();
+}
+
+/// The rebuild that follows an upgrade (a copy into a fresh database, swapped in), killed at
+/// random instants: every next open finds the store whole, as it was or as the copy, and
+/// finishes or redoes the rebuild.
+#[test]
+fn a_rebuild_killed_at_random_instants_leaves_the_store_whole() {
+    let workspace = Workspace::new();
+    let store_path = workspace.path().join("store");
+    let expected = old_store(&workspace, 30_000, OldFormat::Records);
+    let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_upgraded(&workspace, &expected);
+
+    // How long a whole rebuild takes on this machine.
+    want_rebuild(&workspace);
+    let (mut child, began) = spawn_until_logged(&workspace, "rebuilding the store");
+    let begun_at = std::time::Instant::now();
+    assert!(began, "no rebuild began");
+    assert!(child.wait().unwrap().success());
+    let whole_rebuild = begun_at.elapsed();
+    assert_upgraded(&workspace, &expected);
+
+    let mut rng = rand::thread_rng();
+    let (mut mid_copy, mut after_copy) = (0, 0);
+    for _attempt in 0..8 {
+        want_rebuild(&workspace);
+        let (mut child, began) = spawn_until_logged(&workspace, "rebuilding the store");
+        assert!(began, "no rebuild began");
+        std::thread::sleep(whole_rebuild.mul_f64(rng.gen_range(0.0..1.0)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let swapping = store_path.join("rebuild.swap").exists();
+        if swapping {
+            after_copy += 1;
+        } else if store_path.join("rebuild").exists() {
+            mid_copy += 1;
+        }
+        // The next open finishes what the kill stopped (or rebuilds again).
+        let store = Store::open(&store_path, 8 << 20).unwrap();
+        assert_eq!(store.profile_count().unwrap(), expected.len() as u64);
+        drop(store);
+        assert_upgraded(&workspace, &expected);
+        assert!(!store_path.join("rebuild").exists() && !store_path.join("rebuild.swap").exists());
+        if mid_copy >= 3 {
+            break;
+        }
+    }
+    eprintln!("a whole rebuild took {whole_rebuild:?}; kills while copying: {mid_copy}, after: {after_copy}");
+    assert!(
+        mid_copy > 0,
+        "no kill landed while the copy was made (a whole rebuild took {whole_rebuild:?}): the test shows nothing"
+    );
+    let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["pending"], expected.len());
+    assert_eq!(stats["profiles"], expected.len());
 }
 
 /// A profile whose group cannot be read when the upgrade moves it stays where it was, refused

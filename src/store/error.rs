@@ -9,8 +9,28 @@ use super::open::FORMAT_VERSION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the store at {0} is in use by another process (is `outpost run` running on it?)")]
+    #[error(
+        "the store at {0} is in use by another process (is `outpost run` running on it, or \
+         another outpost command upgrading or rebuilding it?)"
+    )]
     Locked(PathBuf),
+    /// Too little free space for a rebuild ([`rebuild`](super::rebuild)): logged, the store is
+    /// used as it is.
+    #[error(
+        "not rebuilt: the disk holding {path} has {free_mib} MiB free, and a rebuild stops \
+         below {reserve_mib} MiB so as never to fill it"
+    )]
+    NoRoomToRebuild {
+        path: PathBuf,
+        free_mib: u64,
+        reserve_mib: u64,
+    },
+    /// Finishing the swap of a rebuilt store failed; the next open goes on with it.
+    #[error(
+        "the store at {path} is being replaced by its rebuilt copy, and this stopped ({detail}); \
+         nothing is lost, and the next start goes on with it"
+    )]
+    Swap { path: PathBuf, detail: String },
     #[error("{}", open_message(.path, .source))]
     Open { path: PathBuf, source: sled::Error },
     #[error(

@@ -31,6 +31,8 @@ pub mod meta {
     /// How many profiles the store holds (u64 BE), kept by the transactions that add or
     /// remove one (sled counts only by walking).
     pub const PROFILES: &[u8] = b"profiles";
+    /// Present while the store is to be rebuilt into a fresh database (see `store::rebuild`).
+    pub const REBUILD: &[u8] = b"rebuild";
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | opening, format, reopening after an I/O error, flush | `open.rs` | `meta/format` → layout version (u64 BE); `meta/store_id` → u32 BE |
 //! | moving the profiles of older stores (formats 1 to 3, one to a key) into groups | `upgrade.rs` | `profiles`: profile id (UTF-8) → a profile value; `meta/upgrade` → format byte, present while under way |
+//! | rebuilding a store into a fresh database after an upgrade, swapped in inside its folder | `rebuild.rs` | `meta/rebuild` → empty, present while wanted; files `rebuild/`, `rebuild.swap`, `outpost.lock` |
 //! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
 //! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
@@ -29,6 +30,8 @@
 //!   `meta/profiles` counts the profiles the same way (`outpost repair` counts them again, as
 //!   an unreadable group's profiles cannot be counted);
 //! - nothing is acknowledged before [`Store::flush`] has returned;
+//! - one process has the store open (`outpost.lock`, and sled's own lock on `db`); a rebuild
+//!   replaces the store's files only once its copy is whole and synced ([`rebuild`]);
 //! - after an I/O error (a full disk) sled fails every write until the store is reopened:
 //!   the sled handles sit behind a swappable `Trees`, which [`Store::recover`] replaces once
 //!   there is room, so holders of `Arc<Store>` keep working; the sequence watermarks are
@@ -51,6 +54,7 @@ pub mod mapping;
 mod open;
 pub mod outbox;
 mod profiles;
+mod rebuild;
 pub mod source;
 mod tally;
 mod unreadable;
@@ -131,6 +135,9 @@ pub struct Store {
     /// committer, and `outpost repair` through the admin socket while the agent runs. A group
     /// holds several profiles, so two writers would each write back the other's old version.
     profile_writer: std::sync::Mutex<()>,
+    /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
+    /// own lock is on a file that a rebuild replaces ([`rebuild`]).
+    _lock: File,
 }
 
 impl Store {
@@ -332,9 +339,17 @@ mod tests {
             .expired(&retried.record, Duration::from_secs(60)));
     }
 
-    /// A store written before the count of profiles was kept gets it at open, counted.
+    /// A store without the count of profiles gets it at open, counted: one of format 4 (before
+    /// the count was kept) is marked format 5 and rebuilt, which counts; one of format 5 whose
+    /// count a stopped `repair` left unknown is counted where it is.
     #[test]
     fn a_store_without_a_profile_count_is_counted_at_open() {
+        for format in [4, FORMAT_VERSION] {
+            count_at_open(format);
+        }
+    }
+
+    fn count_at_open(format: u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let mapping = crate::config::Mapping::new(&["person.name.firstName"], &["s1"], &[]);
@@ -353,15 +368,22 @@ mod tests {
         drop(store);
         {
             let db = sled::open(dir.path()).unwrap();
-            db.open_tree("meta")
-                .unwrap()
-                .remove(meta::PROFILES)
+            let meta_tree = db.open_tree("meta").unwrap();
+            meta_tree.remove(meta::PROFILES).unwrap();
+            meta_tree
+                .insert(meta::FORMAT, &format.to_be_bytes())
                 .unwrap();
             db.flush().unwrap();
         }
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        assert_eq!(store.profile_count().unwrap(), 2);
+        assert_eq!(store.profile_count().unwrap(), 2, "format {format}");
         assert_eq!(store.verify().unwrap(), Vec::<String>::new());
+        let meta_value = |key| store.with(|t| Ok(t.meta.get(key)?)).unwrap();
+        assert_eq!(
+            meta_value(meta::FORMAT).as_deref(),
+            Some(&FORMAT_VERSION.to_be_bytes()[..])
+        );
+        assert_eq!(meta_value(meta::REBUILD), None, "format {format}");
     }
 
     /// A format-1 store opens, its old exports read as queued at run time 0, and it is marked

@@ -4,7 +4,7 @@
 //!
 //! `meta/format`: the layout version (big-endian u64), [`FORMAT_VERSION`]; `meta/store_id`:
 //! a random u32 (big-endian), part of every export id. `meta/profiles` is written with the
-//! format in a new store, and counted at open in a store that lacks it.
+//! format in a new store; missing, it is unknown, and counted at open.
 
 use std::fs::File;
 use std::path::Path;
@@ -16,18 +16,23 @@ use super::codec;
 use super::error::{io_detail, is_no_space, StoreError};
 use super::keys::{self, meta};
 use super::tally::{Place, Tally};
-use super::{profiles, upgrade, Store, Trees};
+use super::{profiles, rebuild, upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
 
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
 /// (`meta/clock`, exports of format 2); format 3 stores profiles as typed records; format 4
-/// stores them a few to a key ([`groups`](super::groups)).
-pub const FORMAT_VERSION: u64 = 4;
+/// stores them a few to a key ([`groups`](super::groups)); format 5 keeps their number
+/// (`meta/profiles`), which a build of format 4 would not keep up to date.
+pub const FORMAT_VERSION: u64 = 5;
 
 /// Older layouts this build opens and upgrades: it records [`FORMAT_VERSION`] (an older build
-/// then refuses the store whole), and moves their profiles into groups as typed records
-/// ([`upgrade`](super::upgrade)). Their other values stay readable as they are ([`codec`]).
-pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1, 2, 3];
+/// then refuses the store whole), moves the profiles of formats 1 to 3 into groups as typed
+/// records ([`upgrade`](super::upgrade)), and rebuilds the store ([`rebuild`]), which counts
+/// them. Their other values stay readable as they are ([`codec`]).
+pub(super) const UPGRADABLE_FORMATS: &[u64] = &[1, 2, 3, 4];
+
+/// The formats whose profiles are one to a key, in the old `profiles` tree.
+const PROFILES_ONE_TO_A_KEY: &[u64] = &[1, 2, 3];
 
 /// What opening a store read from it.
 pub(super) struct Opened {
@@ -73,6 +78,29 @@ fn remove_unfinished_snapshots(path: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// How outpost opens a sled database in `dir`.
+pub(super) fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+}
+
+/// Runs `open` again for a moment while it finds the store locked: a process that closed it
+/// just before (this one, or one exiting) releases it shortly after (sled's threads).
+fn retry_locked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut tries = 0;
+    loop {
+        match open() {
+            Err(StoreError::Locked(_)) if tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// How far past the highest export held a rebuilt `next_seq` starts: exports delivered or
@@ -161,6 +189,7 @@ impl Store {
     /// A lock is retried for a moment: sled's threads release it shortly after a store is
     /// dropped, so a store closed just before (by this or an exiting process) opens.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let lock = retry_locked(|| rebuild::lock(path))?;
         let (trees, opened) = Store::open_trees(path, cache_bytes)?;
         Ok(Store {
             path: path.to_path_buf(),
@@ -177,52 +206,46 @@ impl Store {
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
             profile_writer: std::sync::Mutex::new(()),
+            _lock: lock,
         })
     }
 
+    /// Opens the sled database in the store's folder; the caller holds `outpost.lock`.
     pub(super) fn open_trees(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
-        let mut tries = 0;
-        loop {
-            match Store::open_once(path, cache_bytes) {
-                Err(StoreError::Locked(_)) if tries < 10 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                result => return result,
-            }
-        }
+        retry_locked(|| Store::open_once(path, cache_bytes))
     }
 
-    pub(super) fn open_once(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
-        std::fs::create_dir_all(path).map_err(|e| {
-            tracing::debug!(error = ?e, path = %path.display(), "creating the store folder");
+    fn open_once(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
+        let io_error = |e: std::io::Error| {
+            tracing::debug!(error = ?e, path = %path.display(), "opening the store folder");
             StoreError::Open {
                 path: path.to_path_buf(),
                 source: sled::Error::Io(e),
             }
-        })?;
+        };
+        std::fs::create_dir_all(path).map_err(io_error)?;
+        let swap_error = |e: std::io::Error| StoreError::Swap {
+            path: path.to_path_buf(),
+            detail: io_detail(&e),
+        };
+        rebuild::finish_interrupted(path).map_err(swap_error)?;
         remove_unfinished_snapshots(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                // sled reports the lock as `Other` with this text (0.34.7, config.rs).
-                sled::Error::Io(ref io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    StoreError::Locked(path.to_path_buf())
+        let db = sled_config(path, cache_bytes).open().map_err(|e| match e {
+            // sled reports the lock as `Other` with this text (0.34.7, config.rs).
+            sled::Error::Io(ref io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
+                StoreError::Locked(path.to_path_buf())
+            }
+            source => {
+                tracing::debug!(error = ?source, path = %path.display(), "opening the store");
+                StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
                 }
-                source => {
-                    tracing::debug!(error = ?source, path = %path.display(), "opening the store");
-                    StoreError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    }
-                }
-            })?;
+            }
+        })?;
         let meta = db.open_tree("meta")?;
         match meta.get(meta::FORMAT)? {
             None => {
@@ -240,7 +263,12 @@ impl Store {
                 if UPGRADABLE_FORMATS.contains(&found) {
                     let mut batch = sled::Batch::default();
                     batch.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes());
-                    batch.insert(meta::UPGRADE, upgrade::not_started());
+                    if PROFILES_ONE_TO_A_KEY.contains(&found) {
+                        batch.insert(meta::UPGRADE, upgrade::not_started());
+                    }
+                    // Unknown until counted (by the rebuild, or at open if it is not made).
+                    batch.remove(meta::PROFILES);
+                    batch.insert(meta::REBUILD, &[]);
                     meta.apply_batch(batch)?;
                     db.flush()?;
                 } else if found != FORMAT_VERSION {
@@ -291,11 +319,41 @@ impl Store {
         }
         trees.has_legacy_profiles = !trees.legacy_profiles.is_empty();
         trees.upgrade_unfinished = trees.meta.get(meta::UPGRADE)?.is_some();
+        if !trees.upgrade_unfinished && trees.meta.get(meta::REBUILD)?.is_some() {
+            match rebuild::copy(&trees, path, cache_bytes, rebuild::COPY_RESERVE_BYTES) {
+                Ok(copied) => {
+                    drop(trees);
+                    rebuild::swap_in(path).map_err(swap_error)?;
+                    tracing::info!(
+                        profiles = copied.profiles,
+                        "the rebuilt store is in place"
+                    );
+                    // The copy holds the `meta` values rebuilt above; say so all the same.
+                    let (trees, mut opened) = Store::open_once(path, cache_bytes)?;
+                    opened.rebuilt.splice(0..0, rebuilt);
+                    return Ok((trees, opened));
+                }
+                Err(e @ StoreError::NoRoomToRebuild { .. }) => {
+                    tracing::warn!("{e}; it is used as it is, and rebuilt at a later open")
+                }
+                Err(e) => tracing::warn!(
+                    "the store was not rebuilt ({e}); it is used as it is, and rebuilt at a later open"
+                ),
+            }
+        }
         if trees.meta.get(meta::PROFILES)?.is_none() {
-            // A store from before the count was kept, or just upgraded.
-            let count = profiles::recount_profiles(&trees)?;
-            trees.db.flush()?;
-            tracing::info!(profiles = count, "counted the stored profiles");
+            // Not rebuilt after an upgrade, or a repair was stopped: commits keep no count
+            // until it is counted. A failure (a full disk) fails the store's writes too, and
+            // the reopen that follows counts again.
+            match profiles::recount_profiles(&trees).and_then(|count| {
+                trees.db.flush()?;
+                Ok(count)
+            }) {
+                Ok(count) => tracing::info!(profiles = count, "counted the stored profiles"),
+                Err(e) => tracing::warn!(
+                    "the stored profiles could not be counted ({e}); the next open counts them"
+                ),
+            }
         }
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,

@@ -142,7 +142,7 @@ pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
     Ok(count)
 }
 
-/// `meta/profiles`: 0 when absent, which only a store still opening can be.
+/// `meta/profiles`; 0 while it is unknown (missing: see `open`).
 pub(super) fn read_profile_count(t: &Trees) -> Result<u64, StoreError> {
     match t.meta.get(meta::PROFILES)? {
         None => Ok(0),
@@ -511,7 +511,8 @@ impl Store {
                             legacy.remove(id.as_bytes())?;
                         }
                     }
-                    if added != 0 {
+                    // A missing count is unknown until the next open counts the profiles.
+                    if added != 0 && meta_tx.get(meta::PROFILES)?.is_some() {
                         let count = read_u64(meta_tx, meta::PROFILES)?;
                         write_u64(meta_tx, meta::PROFILES, count.saturating_add_signed(added))?;
                     }

@@ -223,15 +223,23 @@ impl Store {
     }
 
     /// Acts on every unreadable record as [`Store::unreadable`] says: forgets unreadable
-    /// profiles (and counts the profiles again), keeps unreadable exports as dead letters "unreadable record" (with their
+    /// profiles, keeps unreadable exports as dead letters "unreadable record" (with their
     /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
-    /// what it did, one line each.
+    /// what it did, one line each. It also counts the profiles again (`meta/profiles`).
     pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
         let t = self.trees()?;
         // Listed first, without holding the committer up: what is unreadable stays so.
         let profiles = unreadable_profiles(&t)?;
         let found = self.unreadable_exports(&t)?;
         let _writer = self.lock_profile_writer();
+        let counted_before = read_profile_count(&t)?;
+        let repairs_profiles = !profiles.is_empty();
+        if repairs_profiles {
+            // The count is unknown until recounted below: a kill in between leaves it missing,
+            // and the next open counts.
+            t.meta.remove(meta::PROFILES)?;
+            self.flush()?;
+        }
         let mut done = Vec::new();
         // Groups first, so that a group's leftovers in the old tree are in it before they are
         // judged.
@@ -263,9 +271,11 @@ impl Store {
                 }
             }
         }
-        if !done.is_empty() {
-            let count = recount_profiles(&t)?;
-            done.push(format!("profiles recounted: {count}"));
+        let count = recount_profiles(&t)?;
+        if repairs_profiles || count != counted_before {
+            done.push(format!(
+                "profiles counted again: {count} (meta/profiles said {counted_before})"
+            ));
         }
         for record in found {
             match record.tree {

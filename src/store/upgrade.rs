@@ -61,7 +61,8 @@ pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
     if t.meta.get(meta::UPGRADE)?.is_none() {
         return Ok(());
     }
-    // Counted again once every profile is moved: a profile found in both places is one.
+    // Unknown until counted again at the end of the open: were a profile in both places, the
+    // move would drop one of them.
     t.meta.remove(meta::PROFILES)?;
     let total = t.legacy_profiles.len();
     tracing::info!(

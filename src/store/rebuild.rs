@@ -1,0 +1,567 @@
+//! Rebuilding a store into a fresh sled database and swapping it in, inside the store's
+//! folder (which keeps its name and place: it may be a mount point).
+//!
+//! Why: sled 0.34 never lets go of a page id. A store that emptied a large tree, as the
+//! upgrade to format 4 empties `profiles`, keeps a record of every freed page in memory for as
+//! long as it is open. A copy holds only what is live.
+//!
+//! When: at open, once an upgrade has finished (`meta/rebuild` is written when it starts), and
+//! for a store that lacks `meta/profiles` (written before the count was kept): the copy
+//! counts the profiles as it goes.
+//!
+//! In the store's folder:
+//! - `rebuild/`: the copy being made, and a whole sled database once `rebuild.swap` exists;
+//! - `rebuild.swap`: `delete` (the copy replaces the store; the store's own sled files,
+//!   `conf`, `db`, `blobs/` and `snap.*`, are being deleted) or `move` (they are gone; the
+//!   copy's files are being moved up into the folder);
+//! - `outpost.lock`: locked (`flock`) by the process that has the store open.
+//!
+//! Invariants:
+//! - the copy is made while nothing else writes to the store: at open, before the store is
+//!   handed out;
+//! - `rebuild.swap` is written (a temporary file, synced, renamed, the folder synced) only
+//!   once every file of the copy is synced: a kill before leaves the store as it was and the
+//!   next open deletes the copy; from then on, the next open finishes the swap;
+//! - every step can be repeated, so a kill during one is mended by doing it again;
+//! - a database's files are deleted or moved only once it is closed (its lock on `db` is
+//!   free), so that none of its threads writes into the folder after;
+//! - `outpost.lock` is held throughout, also between deleting the old files and moving the
+//!   new ones, when no sled lock exists: no other outpost opens a folder half swapped.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::error::StoreError;
+use super::groups::{GroupView, GROUP_KEY_LEN};
+use super::keys::meta;
+use super::Trees;
+
+const COPY_DIR: &str = "rebuild";
+const SWAP_STATE: &str = "rebuild.swap";
+const SWAP_STATE_TEMP: &str = "rebuild.swap.tmp";
+/// Locked by the process that has the store open (see [`lock`]).
+pub(super) const LOCK_FILE: &str = "outpost.lock";
+
+/// Keys copied per batch.
+const COPY_BATCH: u64 = 1_000;
+
+/// Where a swap is, as `rebuild.swap` records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Swap {
+    DeleteOld,
+    MoveNew,
+}
+
+impl Swap {
+    fn text(self) -> &'static str {
+        match self {
+            Swap::DeleteOld => "delete\n",
+            Swap::MoveNew => "move\n",
+        }
+    }
+
+    fn read(store: &Path) -> io::Result<Option<Swap>> {
+        match fs::read_to_string(store.join(SWAP_STATE)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+            Ok(text) => match text.trim() {
+                "delete" => Ok(Some(Swap::DeleteOld)),
+                "move" => Ok(Some(Swap::MoveNew)),
+                other => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{SWAP_STATE} says {other:?}, not \"delete\" or \"move\""),
+                )),
+            },
+        }
+    }
+
+    fn write(self, store: &Path) -> io::Result<()> {
+        let temp = store.join(SWAP_STATE_TEMP);
+        fs::write(&temp, self.text())?;
+        File::open(&temp)?.sync_all()?;
+        fs::rename(&temp, store.join(SWAP_STATE))?;
+        sync_dir(store)
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Syncs every file under `dir`, and the folders.
+fn sync_all_under(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_all_under(&entry.path())?;
+        } else {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// The files and folders sled 0.34 keeps in its folder.
+fn is_sled_file(name: &str) -> bool {
+    matches!(name, "conf" | "db" | "blobs") || name.starts_with("snap.")
+}
+
+/// Takes `outpost.lock` in `store` (creating the folder and the file): [`StoreError::Locked`]
+/// while another process holds it. Held until the returned file is dropped.
+pub(super) fn lock(store: &Path) -> Result<File, StoreError> {
+    let io_error = |source: io::Error| {
+        tracing::debug!(error = ?source, path = %store.display(), "creating the store folder and its lock file");
+        StoreError::Open {
+            path: store.to_path_buf(),
+            source: sled::Error::Io(source),
+        }
+    };
+    fs::create_dir_all(store).map_err(io_error)?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(store.join(LOCK_FILE))
+        .map_err(io_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked(store.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(io_error(e)),
+    }
+}
+
+/// Waits until no sled database has the folder `dir` open: sled's threads hold its lock on
+/// `db` until they are done, shortly after the last handle is dropped.
+fn wait_closed(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let db = match File::open(dir.join("db")) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        match db.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is still open after 30 s", dir.join("db").display()),
+                ))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
+/// Finishes a swap that a kill interrupted, or deletes a copy that was never finished. Called
+/// at open, holding `outpost.lock`, before sled opens the folder.
+pub(super) fn finish_interrupted(store: &Path) -> io::Result<()> {
+    match Swap::read(store)? {
+        Some(Swap::DeleteOld) if !store.join(COPY_DIR).join("db").exists() => {
+            // Nothing was deleted yet (the copy goes only after every file of it moved), so
+            // the store is whole as it is.
+            tracing::warn!(
+                "{SWAP_STATE} records a rebuild to swap in, but the copy is missing: the store is used as it is"
+            );
+            fs::remove_file(store.join(SWAP_STATE))?;
+            sync_dir(store)
+        }
+        Some(state) => {
+            tracing::info!(
+                store = %store.display(),
+                "finishing the swap of the rebuilt store that the last run began"
+            );
+            wait_closed(store)?;
+            swap(store, state)
+        }
+        None => {
+            let copy = store.join(COPY_DIR);
+            if copy.exists() {
+                tracing::warn!(
+                    copy = %copy.display(),
+                    "removing an unfinished rebuild of the store (the store is as it was before it; it is rebuilt again)"
+                );
+                fs::remove_dir_all(&copy)?;
+            }
+            match fs::remove_file(store.join(SWAP_STATE_TEMP)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// Replaces the store's sled files by the copy's, from `state` on. The store's database must
+/// be closed.
+fn swap(store: &Path, state: Swap) -> io::Result<()> {
+    if state == Swap::DeleteOld {
+        delete_old(store)?;
+    }
+    move_new(store)
+}
+
+/// Deletes the store's sled files, then records that the copy's are to move up.
+fn delete_old(store: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(store)? {
+        let entry = entry?;
+        if is_sled_file(&entry.file_name().to_string_lossy()) {
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    sync_dir(store)?;
+    Swap::MoveNew.write(store)
+}
+
+/// Moves the copy's files up into the store's folder (those still in the copy), then removes
+/// the copy's folder and `rebuild.swap`.
+fn move_new(store: &Path) -> io::Result<()> {
+    let copy = store.join(COPY_DIR);
+    if copy.exists() {
+        for entry in fs::read_dir(&copy)? {
+            let entry = entry?;
+            fs::rename(entry.path(), store.join(entry.file_name()))?;
+        }
+        sync_dir(&copy)?;
+        sync_dir(store)?;
+        fs::remove_dir(&copy)?;
+    }
+    fs::remove_file(store.join(SWAP_STATE))?;
+    sync_dir(store)
+}
+
+/// What the copy held.
+pub(super) struct Copied {
+    pub keys: u64,
+    pub profiles: u64,
+}
+
+/// Copies every tree of `t` into a fresh database in `<store>/rebuild/`, with `meta/profiles`
+/// counted and `meta/rebuild` left out, syncs it and records that it replaces the store
+/// (`rebuild.swap`). Nothing else may write to `t` meanwhile. On an error the copy is deleted
+/// and the store is left as it was. It stops when the disk has less than `reserve` bytes free ([`COPY_RESERVE_BYTES`]).
+pub(super) fn copy(
+    t: &Trees,
+    store: &Path,
+    cache_bytes: u64,
+    reserve: u64,
+) -> Result<Copied, StoreError> {
+    check_reserve(store, reserve)?;
+    let dir = store.join(COPY_DIR);
+    let remove_copy = || {
+        let _ = wait_closed(&dir);
+        let _ = fs::remove_dir_all(&dir);
+    };
+    let copied = copy_into(t, &dir, cache_bytes, reserve).inspect_err(|_| remove_copy())?;
+    if let Err(e) = Swap::DeleteOld.write(store) {
+        // Whether the record landed is unknown: it goes before the copy does, or, if it cannot,
+        // the copy stays for the next open to swap in.
+        let taken_back = match fs::remove_file(store.join(SWAP_STATE)) {
+            Err(gone) if gone.kind() != io::ErrorKind::NotFound => Err(gone),
+            _ => sync_dir(store),
+        };
+        if taken_back.is_ok() {
+            remove_copy();
+        }
+        return Err(StoreError::Sync(e));
+    }
+    Ok(copied)
+}
+
+/// How many profiles a key of tree `tree` holds, as [`super::profiles::count_profiles`]
+/// counts them.
+fn profiles_under(tree: &[u8], key: &[u8], value: &[u8]) -> u64 {
+    match tree {
+        b"profile_groups" if key.len() == GROUP_KEY_LEN => {
+            GroupView::decode(value).map_or(0, |view| view.len() as u64)
+        }
+        b"profiles" => u64::from(std::str::from_utf8(key).is_ok()),
+        _ => 0,
+    }
+}
+
+fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Copied, StoreError> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(StoreError::Sync)?;
+    }
+    tracing::info!(
+        "rebuilding the store into a fresh database, to free what sled keeps of the pages it emptied; a restart goes on with it"
+    );
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    let new = super::open::sled_config(dir, cache_bytes).open()?;
+    let mut copied = Copied {
+        keys: 0,
+        profiles: 0,
+    };
+    for name in t.db.tree_names() {
+        let from = t.db.open_tree(&name)?;
+        let to = new.open_tree(&name)?;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for item in from.iter() {
+            let (key, value) = item?;
+            copied.profiles += profiles_under(&name, &key, &value);
+            batch.insert(key, value);
+            in_batch += 1;
+            if in_batch == COPY_BATCH {
+                to.apply_batch(std::mem::take(&mut batch))?;
+                copied.keys += in_batch;
+                in_batch = 0;
+                if (copied.keys / COPY_BATCH).is_multiple_of(BATCHES_PER_SPACE_CHECK) {
+                    check_reserve(dir, reserve)?;
+                }
+                if last_line.elapsed() >= Duration::from_secs(1) {
+                    last_line = Instant::now();
+                    tracing::info!("rebuilding the store: {} keys copied", copied.keys);
+                }
+            }
+        }
+        to.apply_batch(batch)?;
+        copied.keys += in_batch;
+    }
+    let meta = new.open_tree("meta")?;
+    meta.remove(meta::REBUILD)?;
+    meta.insert(meta::PROFILES, &copied.profiles.to_be_bytes())?;
+    new.flush()?;
+    drop((meta, new));
+    wait_closed(dir).map_err(StoreError::Sync)?;
+    sync_all_under(dir).map_err(StoreError::Sync)?;
+    tracing::info!(
+        "rebuilt the store: {} keys copied in {:.1} s",
+        copied.keys,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(copied)
+}
+
+/// Swaps the copy [`copy`] made in for the store, whose handles must be dropped already: waits
+/// until sled has closed it, then deletes its files and moves the copy's up.
+pub(super) fn swap_in(store: &Path) -> io::Result<()> {
+    wait_closed(store)?;
+    swap(store, Swap::DeleteOld)
+}
+
+/// Free space a rebuild leaves on the store's disk: it stops rather than go below, since a
+/// full disk would fail other writers too. sled writes a few MiB behind (it flushes every
+/// 500 ms), and [`COPY_BATCH`] × [`BATCHES_PER_SPACE_CHECK`] keys of a large store are about
+/// 20 MiB.
+pub(super) const COPY_RESERVE_BYTES: u64 = 64 << 20;
+
+/// Batches copied between two looks at the free space.
+const BATCHES_PER_SPACE_CHECK: u64 = 16;
+
+/// [`StoreError::NoRoomToRebuild`] while the disk holding `store` has less than `reserve` bytes
+/// free.
+fn check_reserve(store: &Path, reserve: u64) -> Result<(), StoreError> {
+    let free = free_bytes(store).map_err(|e| StoreError::Io {
+        path: store.to_path_buf(),
+        detail: super::error::io_detail(&e),
+    })?;
+    if free < reserve {
+        return Err(StoreError::NoRoomToRebuild {
+            path: store.to_path_buf(),
+            free_mib: free >> 20,
+            reserve_mib: reserve >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the disk holding `dir`.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs writes into the zeroed struct it is given; the path is NUL-terminated.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mapping;
+    use crate::store::Store;
+
+    const CACHE: u64 = 8 << 20;
+
+    fn mapping() -> Mapping {
+        Mapping::new(&["person.name.firstName"], &["s1"], &[])
+    }
+
+    /// A store of `n` profiles, each a member of s1 (so each has a pending export), that wants
+    /// a rebuild at its next open when `wants_rebuild`. Returns the ids.
+    fn store_of(path: &Path, n: usize, wants_rebuild: bool) -> Vec<String> {
+        let store = Store::open(path, CACHE).unwrap();
+        let ids: Vec<String> = (0..n).map(|i| format!("profile-{i:04}")).collect();
+        let body: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                serde_json::json!({"id": id, "profile": {
+                    "person": {"name": {"firstName": id}},
+                    "segmentMembership": {"ups": {"s1": {"status": "realized"}}}
+                }})
+                .to_string()
+            })
+            .collect();
+        let updates = crate::profile::update::parse_body(body.join("\n").as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping(), chrono::Utc::now())
+            .unwrap();
+        if wants_rebuild {
+            store
+                .with(|t| Ok(t.meta.insert(meta::REBUILD, &[])?))
+                .unwrap();
+        }
+        store.flush().unwrap();
+        ids
+    }
+
+    /// The handles of the store at `path` as a rebuild at open has them: every step of the
+    /// open done, and `meta/rebuild` set.
+    fn trees_wanting_a_rebuild(path: &Path) -> Trees {
+        let (trees, _) = Store::open_trees(path, CACHE).unwrap();
+        trees.meta.insert(meta::REBUILD, &[]).unwrap();
+        trees
+    }
+
+    /// Opens the store and checks it holds what [`store_of`] wrote, whole,
+    /// and nothing of a rebuild is left.
+    fn assert_whole(path: &Path, ids: &[String]) -> Store {
+        let store = Store::open(path, CACHE).unwrap();
+        for id in ids {
+            assert!(store.profile_record(id).unwrap().is_some(), "{id}");
+        }
+        assert_eq!(store.profile_count().unwrap(), ids.len() as u64);
+        assert_eq!(store.tally().unwrap().pending, ids.len() as u64);
+        assert_eq!(store.verify().unwrap(), Vec::<String>::new());
+        assert_eq!(
+            store.with(|t| Ok(t.meta.get(meta::REBUILD)?)).unwrap(),
+            None
+        );
+        for leftover in [COPY_DIR, SWAP_STATE, SWAP_STATE_TEMP] {
+            assert!(!path.join(leftover).exists(), "{leftover} is left");
+        }
+        store
+    }
+
+    /// Where a kill stops a rebuild after the copy is whole.
+    #[derive(Clone, Copy, Debug)]
+    enum StopAt {
+        CopyWhole,
+        OldDeleted,
+        SomeMoved,
+    }
+
+    /// A kill at each step after the copy is whole: the next open finishes the swap, and the
+    /// store it opens is the copy (marked here, after it was made, so that it shows).
+    #[test]
+    fn a_swap_stopped_at_any_step_is_finished_at_the_next_open() {
+        for stop in [StopAt::CopyWhole, StopAt::OldDeleted, StopAt::SomeMoved] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path();
+            let ids = store_of(path, 200, false);
+            // The steps as a rebuild at open takes them, to the stop.
+            let trees = trees_wanting_a_rebuild(path);
+            let copied = copy(&trees, path, CACHE, COPY_RESERVE_BYTES).unwrap();
+            assert_eq!((copied.profiles, copied.keys > 200), (200, true));
+            drop(trees);
+            wait_closed(path).unwrap();
+            {
+                let db = sled::open(path.join(COPY_DIR)).unwrap();
+                db.open_tree("meta").unwrap().insert("copy", "1").unwrap();
+                db.flush().unwrap();
+            }
+            wait_closed(&path.join(COPY_DIR)).unwrap();
+            match stop {
+                StopAt::CopyWhole => {}
+                StopAt::OldDeleted => delete_old(path).unwrap(),
+                StopAt::SomeMoved => {
+                    delete_old(path).unwrap();
+                    for name in ["db", "conf"] {
+                        fs::rename(path.join(COPY_DIR).join(name), path.join(name)).unwrap();
+                    }
+                }
+            }
+            let store = assert_whole(path, &ids);
+            let marked = store.with(|t| Ok(t.meta.get("copy")?)).unwrap();
+            assert!(marked.is_some(), "{stop:?}: the store opened is the copy");
+        }
+    }
+
+    /// A copy a kill left unfinished is deleted; the store is as it was, and rebuilt again.
+    #[test]
+    fn an_unfinished_copy_is_deleted_and_the_store_rebuilt_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let ids = store_of(path, 50, true);
+        {
+            let db = sled::open(path.join(COPY_DIR)).unwrap();
+            db.open_tree("meta").unwrap().insert("copy", "1").unwrap();
+            db.flush().unwrap();
+        }
+        wait_closed(&path.join(COPY_DIR)).unwrap();
+        fs::write(path.join(SWAP_STATE_TEMP), "del").unwrap();
+        let store = assert_whole(path, &ids);
+        let marked = store.with(|t| Ok(t.meta.get("copy")?)).unwrap();
+        assert!(marked.is_none(), "the unfinished copy was not used");
+    }
+
+    /// `rebuild.swap` without a whole copy beside it, as a failure to write it can leave:
+    /// nothing of the store was deleted yet, and it opens as it was.
+    #[test]
+    fn a_swap_record_without_a_copy_leaves_the_store_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let ids = store_of(path, 30, false);
+        Swap::DeleteOld.write(path).unwrap();
+        assert_whole(path, &ids);
+    }
+
+    /// A disk with less free than the reserve: no copy is made, the store opens as it is and
+    /// keeps wanting a rebuild.
+    #[test]
+    fn no_copy_is_made_below_the_free_space_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let ids = store_of(path, 20, false);
+        let trees = trees_wanting_a_rebuild(path);
+        let reserve = free_bytes(path).unwrap() + (1 << 30);
+        let error = copy(&trees, path, CACHE, reserve)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("not rebuilt: the disk holding"), "{error}");
+        assert!(!path.join(COPY_DIR).exists() && !path.join(SWAP_STATE).exists());
+        let wanted = trees.meta.get(meta::REBUILD).unwrap();
+        assert!(wanted.is_some());
+        drop(trees);
+        assert_whole(path, &ids);
+    }
+
+    /// `outpost.lock` held elsewhere: the store is not opened (not even read).
+    #[test]
+    fn a_store_whose_lock_is_held_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), CACHE).unwrap());
+        let held = File::open(dir.path().join(LOCK_FILE)).unwrap();
+        held.try_lock().unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), CACHE),
+            Err(StoreError::Locked(_))
+        ));
+        drop(held);
+        assert!(Store::open(dir.path(), CACHE).is_ok());
+    }
+}
