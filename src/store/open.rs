@@ -108,8 +108,9 @@ fn retry_locked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T,
 pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
 
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
-/// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest
-/// export held, `clock` starts again (run time 0, which delays expiry, never hastens it).
+/// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`]
+/// past the highest export held, `clock` starts again (run time 0, which delays expiry, never
+/// hastens it).
 /// Returns what it did, one line each; flushed when anything was done.
 pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
     let mut rebuilt = Vec::new();

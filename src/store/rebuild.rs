@@ -5,9 +5,9 @@
 //! upgrade to format 4 empties `profiles`, keeps a record of every freed page in memory for as
 //! long as it is open. A copy holds only what is live.
 //!
-//! When: at open, once an upgrade has finished (`meta/rebuild` is written when it starts), and
-//! for a store that lacks `meta/profiles` (written before the count was kept): the copy
-//! counts the profiles as it goes.
+//! When: at open, once an upgrade has finished (`meta/rebuild` is written when it starts,
+//! also for a format-4 store, which an earlier build may have upgraded without a rebuild). The
+//! copy counts the profiles as it goes (`meta/profiles`).
 //!
 //! In the store's folder:
 //! - `rebuild/`: the copy being made, and a whole sled database once `rebuild.swap` exists;
@@ -246,7 +246,8 @@ pub(super) struct Copied {
 /// Copies every tree of `t` into a fresh database in `<store>/rebuild/`, with `meta/profiles`
 /// counted and `meta/rebuild` left out, syncs it and records that it replaces the store
 /// (`rebuild.swap`). Nothing else may write to `t` meanwhile. On an error the copy is deleted
-/// and the store is left as it was. It stops when the disk has less than `reserve` bytes free ([`COPY_RESERVE_BYTES`]).
+/// and the store is left as it was. It stops when the disk has less than `reserve` bytes free
+/// ([`COPY_RESERVE_BYTES`]).
 pub(super) fn copy(
     t: &Trees,
     store: &Path,
@@ -292,7 +293,7 @@ fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Co
         fs::remove_dir_all(dir).map_err(StoreError::Sync)?;
     }
     tracing::info!(
-        "rebuilding the store into a fresh database, to free what sled keeps of the pages it emptied; a restart goes on with it"
+        "rebuilding the store into a fresh database, to free what sled keeps of the pages it emptied; a kill leaves the store as it was, and the next open begins again"
     );
     let started = Instant::now();
     let mut last_line = Instant::now();
