@@ -45,8 +45,8 @@ pub enum Command {
     /// move into groups of a few, as typed records, in chunks of 2,000, with a progress line in
     /// the log; a kill during the upgrade loses nothing, and the next open finishes it. The
     /// store is then rebuilt into a fresh database inside its folder (sled keeps in memory a
-    /// record of every page the upgrade emptied): this needs about the store's size free on
-    /// its disk, and is skipped, and tried at a later open, when there is not.
+    /// record of every page the upgrade emptied); the copy stops short of leaving less than
+    /// 64 MiB free on the disk, and is tried again at an open that finds more room.
     ///
     /// Stops on SIGTERM or SIGINT after in-flight deliveries finish.
     ///

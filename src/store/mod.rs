@@ -366,6 +366,7 @@ mod tests {
         store.flush().unwrap();
         assert_eq!(store.profile_count().unwrap(), 2);
         drop(store);
+        rebuild::wait_closed(dir.path()).unwrap();
         {
             let db = sled::open(dir.path()).unwrap();
             let meta_tree = db.open_tree("meta").unwrap();

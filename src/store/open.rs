@@ -191,7 +191,7 @@ impl Store {
     /// dropped, so a store closed just before (by this or an exiting process) opens.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let lock = retry_locked(|| rebuild::lock(path))?;
-        let (trees, opened) = Store::open_trees(path, cache_bytes)?;
+        let (trees, opened) = Store::open_trees(path, cache_bytes, true)?;
         Ok(Store {
             path: path.to_path_buf(),
             cache_bytes,
@@ -211,12 +211,21 @@ impl Store {
         })
     }
 
-    /// Opens the sled database in the store's folder; the caller holds `outpost.lock`.
-    pub(super) fn open_trees(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
-        retry_locked(|| Store::open_once(path, cache_bytes))
+    /// Opens the sled database in the store's folder; the caller holds `outpost.lock`. A
+    /// rebuild the store wants is made when `may_rebuild` ([`rebuild`]).
+    pub(super) fn open_trees(
+        path: &Path,
+        cache_bytes: u64,
+        may_rebuild: bool,
+    ) -> Result<(Trees, Opened), StoreError> {
+        retry_locked(|| Store::open_once(path, cache_bytes, may_rebuild))
     }
 
-    fn open_once(path: &Path, cache_bytes: u64) -> Result<(Trees, Opened), StoreError> {
+    fn open_once(
+        path: &Path,
+        cache_bytes: u64,
+        may_rebuild: bool,
+    ) -> Result<(Trees, Opened), StoreError> {
         let io_error = |e: std::io::Error| {
             tracing::debug!(error = ?e, path = %path.display(), "opening the store folder");
             StoreError::Open {
@@ -225,11 +234,7 @@ impl Store {
             }
         };
         std::fs::create_dir_all(path).map_err(io_error)?;
-        let swap_error = |e: std::io::Error| StoreError::Swap {
-            path: path.to_path_buf(),
-            detail: io_detail(&e),
-        };
-        rebuild::finish_interrupted(path).map_err(swap_error)?;
+        rebuild::finish_interrupted(path).map_err(|e| rebuild::swap_error(path, e))?;
         remove_unfinished_snapshots(path)?;
         let db = sled_config(path, cache_bytes).open().map_err(|e| match e {
             // sled reports the lock as `Other` with this text (0.34.7, config.rs).
@@ -320,27 +325,16 @@ impl Store {
         }
         trees.has_legacy_profiles = !trees.legacy_profiles.is_empty();
         trees.upgrade_unfinished = trees.meta.get(meta::UPGRADE)?.is_some();
-        if !trees.upgrade_unfinished && trees.meta.get(meta::REBUILD)?.is_some() {
-            match rebuild::copy(&trees, path, cache_bytes, rebuild::COPY_RESERVE_BYTES) {
-                Ok(copied) => {
-                    drop(trees);
-                    rebuild::swap_in(path).map_err(swap_error)?;
-                    tracing::info!(
-                        profiles = copied.profiles,
-                        "the rebuilt store is in place"
-                    );
+        if may_rebuild && !trees.upgrade_unfinished {
+            trees = match rebuild::rebuild_if_wanted(trees, path, cache_bytes)? {
+                rebuild::Outcome::NotNow(trees) => trees,
+                rebuild::Outcome::Done => {
                     // The copy holds the `meta` values rebuilt above; say so all the same.
-                    let (trees, mut opened) = Store::open_once(path, cache_bytes)?;
+                    let (trees, mut opened) = Store::open_once(path, cache_bytes, false)?;
                     opened.rebuilt.splice(0..0, rebuilt);
                     return Ok((trees, opened));
                 }
-                Err(e @ StoreError::NoRoomToRebuild { .. }) => {
-                    tracing::warn!("{e}; it is used as it is, and rebuilt at a later open")
-                }
-                Err(e) => tracing::warn!(
-                    "the store was not rebuilt ({e}); it is used as it is, and rebuilt at a later open"
-                ),
-            }
+            };
         }
         if trees.meta.get(meta::PROFILES)?.is_none() {
             // Not rebuilt after an upgrade, or a repair was stopped: commits keep no count
@@ -470,7 +464,8 @@ impl Store {
         // sled's threads release the file lock shortly after the last handle goes.
         let mut tries = 0;
         let (mut trees, opened) = loop {
-            match Store::open_trees(&self.path, self.cache_bytes) {
+            // Not rebuilt here: updates would be refused while it copies (the next start does).
+            match Store::open_trees(&self.path, self.cache_bytes, false) {
                 Err(StoreError::Locked(_)) if tries < 10 => tries += 1,
                 Err(e) => return Err(self.classify(e, u64::MAX)),
                 Ok(opened) => break opened,

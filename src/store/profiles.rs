@@ -142,14 +142,14 @@ pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
     Ok(count)
 }
 
-/// `meta/profiles`; 0 while it is unknown (missing: see `open`).
-pub(super) fn read_profile_count(t: &Trees) -> Result<u64, StoreError> {
+/// `meta/profiles`; `None` while it is unknown (missing: the next open counts).
+pub(super) fn read_profile_count(t: &Trees) -> Result<Option<u64>, StoreError> {
     match t.meta.get(meta::PROFILES)? {
-        None => Ok(0),
+        None => Ok(None),
         Some(v) => {
-            Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-                StoreError::corrupt("profile count", "not 8 bytes")
-            })?))
+            Ok(Some(u64::from_be_bytes(v.as_ref().try_into().map_err(
+                |_| StoreError::corrupt("profile count", "not 8 bytes"),
+            )?)))
         }
     }
 }
@@ -536,9 +536,13 @@ impl Store {
         Ok(self.profile_record(id)?.as_ref().map(stored_view))
     }
 
-    /// How many profiles the store holds, as `meta/profiles` keeps it (no walk).
+    /// How many profiles the store holds, as `meta/profiles` keeps it; counted by walking them
+    /// in the rare case it is unknown (an open that could not count, a repair that failed).
     pub fn profile_count(&self) -> Result<u64, StoreError> {
-        self.with(read_profile_count)
+        self.with(|t| match read_profile_count(t)? {
+            Some(count) => Ok(count),
+            None => count_profiles(t),
+        })
     }
 
     pub fn profile_record(&self, id: &str) -> Result<Option<ProfileRecord>, StoreError> {

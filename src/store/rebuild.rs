@@ -134,7 +134,7 @@ pub(super) fn lock(store: &Path) -> Result<File, StoreError> {
 
 /// Waits until no sled database has the folder `dir` open: sled's threads hold its lock on
 /// `db` until they are done, shortly after the last handle is dropped.
-fn wait_closed(dir: &Path) -> io::Result<()> {
+pub(super) fn wait_closed(dir: &Path) -> io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let db = match File::open(dir.join("db")) {
@@ -246,7 +246,8 @@ pub(super) struct Copied {
 /// Copies every tree of `t` into a fresh database in `<store>/rebuild/`, with `meta/profiles`
 /// counted and `meta/rebuild` left out, syncs it and records that it replaces the store
 /// (`rebuild.swap`). Nothing else may write to `t` meanwhile. On an error the copy is deleted
-/// and the store is left as it was. It stops when the disk has less than `reserve` bytes free
+/// and the store is left as it was, but for [`StoreError::Swap`]: the swap may have been
+/// recorded, and the store must not be used before the next open finishes it. It stops when the disk has less than `reserve` bytes free
 /// ([`COPY_RESERVE_BYTES`]).
 pub(super) fn copy(
     t: &Trees,
@@ -263,15 +264,22 @@ pub(super) fn copy(
     let copied = copy_into(t, &dir, cache_bytes, reserve).inspect_err(|_| remove_copy())?;
     if let Err(e) = Swap::DeleteOld.write(store) {
         // Whether the record landed is unknown: it goes before the copy does, or, if it cannot,
-        // the copy stays for the next open to swap in.
+        // the copy stays for the next open to swap in, and this open fails.
         let taken_back = match fs::remove_file(store.join(SWAP_STATE)) {
             Err(gone) if gone.kind() != io::ErrorKind::NotFound => Err(gone),
             _ => sync_dir(store),
         };
-        if taken_back.is_ok() {
-            remove_copy();
-        }
-        return Err(StoreError::Sync(e));
+        return match taken_back {
+            Ok(()) => {
+                remove_copy();
+                Err(StoreError::Sync(e))
+            }
+            // The store must not be written to now: the next open may swap the copy in.
+            Err(_) => Err(StoreError::Swap {
+                path: store.to_path_buf(),
+                detail: super::error::io_detail(&e),
+            }),
+        };
     }
     Ok(copied)
 }
@@ -345,9 +353,84 @@ fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Co
 
 /// Swaps the copy [`copy`] made in for the store, whose handles must be dropped already: waits
 /// until sled has closed it, then deletes its files and moves the copy's up.
-pub(super) fn swap_in(store: &Path) -> io::Result<()> {
+fn swap_in(store: &Path) -> io::Result<()> {
     wait_closed(store)?;
     swap(store, Swap::DeleteOld)
+}
+
+/// [`StoreError::Swap`] for the store at `store`.
+pub(super) fn swap_error(store: &Path, e: io::Error) -> StoreError {
+    StoreError::Swap {
+        path: store.to_path_buf(),
+        detail: super::error::io_detail(&e),
+    }
+}
+
+/// What [`rebuild_if_wanted`] did.
+pub(super) enum Outcome {
+    /// The rebuilt store is in place: open it.
+    Done,
+    /// Not rebuilt (not wanted, or not now): the store as it was.
+    NotNow(Trees),
+}
+
+/// The free space the last try had when it ran out of room, as `meta/rebuild` records it
+/// (empty: no try ran out of room).
+fn last_try_free(wanted: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(wanted.try_into().ok()?))
+}
+
+/// Rebuilds the store if `meta/rebuild` asks for it, at open, before anything else uses `t`.
+/// A try that runs out of room records the free space it had, and the next is made only once
+/// more is free, so that a disk too small is not filled up to the reserve at every open.
+pub(super) fn rebuild_if_wanted(
+    t: Trees,
+    store: &Path,
+    cache_bytes: u64,
+) -> Result<Outcome, StoreError> {
+    let Some(wanted) = t.meta.get(meta::REBUILD)? else {
+        return Ok(Outcome::NotNow(t));
+    };
+    let later = "it is used as it is, and rebuilt at a later open";
+    let free = match free_bytes(store) {
+        Ok(free) => free,
+        Err(e) => {
+            tracing::warn!("the store was not rebuilt (its free space is unknown: {e}); {later}");
+            return Ok(Outcome::NotNow(t));
+        }
+    };
+    if let Some(last) = last_try_free(&wanted).filter(|&last| free <= last) {
+        tracing::warn!(
+            "the store was not rebuilt: its last rebuild ran out of room with {} MiB free, and the disk has {} MiB now; {later}, once more is free",
+            last >> 20,
+            free >> 20
+        );
+        return Ok(Outcome::NotNow(t));
+    }
+    match copy(&t, store, cache_bytes, COPY_RESERVE_BYTES) {
+        Ok(copied) => {
+            drop(t);
+            swap_in(store).map_err(|e| swap_error(store, e))?;
+            tracing::info!(profiles = copied.profiles, "the rebuilt store is in place");
+            Ok(Outcome::Done)
+        }
+        Err(e @ StoreError::Swap { .. }) => Err(e),
+        Err(e @ StoreError::NoRoomToRebuild { .. }) => {
+            tracing::warn!("{e}; {later}, once more than {} MiB is free", free >> 20);
+            let recorded = t
+                .meta
+                .insert(meta::REBUILD, &free.to_be_bytes())
+                .and_then(|_| t.db.flush());
+            if let Err(e) = recorded {
+                tracing::warn!("could not record the rebuild's need for room: {e}");
+            }
+            Ok(Outcome::NotNow(t))
+        }
+        Err(e) => {
+            tracing::warn!("the store was not rebuilt ({e}); {later}");
+            Ok(Outcome::NotNow(t))
+        }
+    }
 }
 
 /// Free space a rebuild leaves on the store's disk: it stops rather than go below, since a
@@ -432,7 +515,7 @@ mod tests {
     /// The handles of the store at `path` as a rebuild at open has them: every step of the
     /// open done, and `meta/rebuild` set.
     fn trees_wanting_a_rebuild(path: &Path) -> Trees {
-        let (trees, _) = Store::open_trees(path, CACHE).unwrap();
+        let (trees, _) = Store::open_trees(path, CACHE, false).unwrap();
         trees.meta.insert(meta::REBUILD, &[]).unwrap();
         trees
     }
@@ -501,12 +584,12 @@ mod tests {
         }
     }
 
-    /// A copy a kill left unfinished is deleted; the store is as it was, and rebuilt again.
+    /// A copy a kill left unfinished is deleted at the next open; the store is as it was.
     #[test]
-    fn an_unfinished_copy_is_deleted_and_the_store_rebuilt_again() {
+    fn an_unfinished_copy_is_deleted_and_the_store_used_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
-        let ids = store_of(path, 50, true);
+        let ids = store_of(path, 50, false);
         {
             let db = sled::open(path.join(COPY_DIR)).unwrap();
             db.open_tree("meta").unwrap().insert("copy", "1").unwrap();
@@ -548,6 +631,39 @@ mod tests {
         let wanted = trees.meta.get(meta::REBUILD).unwrap();
         assert!(wanted.is_some());
         drop(trees);
+        assert_whole(path, &ids);
+    }
+
+    /// A rebuild that ran out of room is tried again only once more is free than it had.
+    #[test]
+    fn a_rebuild_that_ran_out_of_room_waits_for_more_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let ids = store_of(path, 20, false);
+        let more_than_free = free_bytes(path).unwrap() + (1 << 30);
+        let store = Store::open(path, CACHE).unwrap();
+        store
+            .with(|t| {
+                Ok(t.meta
+                    .insert(meta::REBUILD, &more_than_free.to_be_bytes())?)
+            })
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = Store::open(path, CACHE).unwrap();
+        let wanted = store.with(|t| Ok(t.meta.get(meta::REBUILD)?)).unwrap();
+        assert_eq!(
+            wanted.as_deref(),
+            Some(&more_than_free.to_be_bytes()[..]),
+            "not tried: no more room than the last try had"
+        );
+        assert!(!path.join(COPY_DIR).exists());
+        assert_eq!(store.profile_count().unwrap(), ids.len() as u64);
+        store
+            .with(|t| Ok(t.meta.insert(meta::REBUILD, &1u64.to_be_bytes())?))
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
         assert_whole(path, &ids);
     }
 
