@@ -540,6 +540,20 @@ mod tests {
         store
     }
 
+    /// Writes a key into the database in `rebuild/` (creating it if there is none), so that a
+    /// store opened later shows whether it is that database.
+    fn mark_the_copy(path: &Path) {
+        let db = sled::open(path.join(COPY_DIR)).unwrap();
+        db.open_tree("meta").unwrap().insert("copy", "1").unwrap();
+        db.flush().unwrap();
+        drop(db);
+        wait_closed(&path.join(COPY_DIR)).unwrap();
+    }
+
+    fn is_the_copy(store: &Store) -> bool {
+        store.with(|t| Ok(t.meta.get("copy")?)).unwrap().is_some()
+    }
+
     /// Where a kill stops a rebuild after the copy is whole.
     #[derive(Clone, Copy, Debug)]
     enum StopAt {
@@ -562,12 +576,7 @@ mod tests {
             assert_eq!((copied.profiles, copied.keys > 200), (200, true));
             drop(trees);
             wait_closed(path).unwrap();
-            {
-                let db = sled::open(path.join(COPY_DIR)).unwrap();
-                db.open_tree("meta").unwrap().insert("copy", "1").unwrap();
-                db.flush().unwrap();
-            }
-            wait_closed(&path.join(COPY_DIR)).unwrap();
+            mark_the_copy(path);
             match stop {
                 StopAt::CopyWhole => {}
                 StopAt::OldDeleted => delete_old(path).unwrap(),
@@ -579,8 +588,10 @@ mod tests {
                 }
             }
             let store = assert_whole(path, &ids);
-            let marked = store.with(|t| Ok(t.meta.get("copy")?)).unwrap();
-            assert!(marked.is_some(), "{stop:?}: the store opened is the copy");
+            assert!(
+                is_the_copy(&store),
+                "{stop:?}: the store opened is the copy"
+            );
         }
     }
 
@@ -590,16 +601,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path();
         let ids = store_of(path, 50, false);
-        {
-            let db = sled::open(path.join(COPY_DIR)).unwrap();
-            db.open_tree("meta").unwrap().insert("copy", "1").unwrap();
-            db.flush().unwrap();
-        }
-        wait_closed(&path.join(COPY_DIR)).unwrap();
+        mark_the_copy(path);
         fs::write(path.join(SWAP_STATE_TEMP), "del").unwrap();
         let store = assert_whole(path, &ids);
-        let marked = store.with(|t| Ok(t.meta.get("copy")?)).unwrap();
-        assert!(marked.is_none(), "the unfinished copy was not used");
+        assert!(!is_the_copy(&store), "the unfinished copy was not used");
     }
 
     /// `rebuild.swap` without a whole copy beside it, as a failure to write it can leave:
