@@ -104,6 +104,8 @@ pub struct Metrics {
     pub outbox_dead: Gauge,
     /// How long the oldest pending export has waited in run time (0: none pending).
     pub outbox_oldest_waited: Gauge,
+    /// Profiles stored (as the store keeps the count).
+    pub profiles_stored: Gauge,
     pub token_fetches: Counter,
     /// When the OAuth token held expires (not a Prometheus metric: read by `outpost top`).
     pub token_expiry: TokenExpiry,
@@ -210,6 +212,12 @@ impl Metrics {
             "Run time the oldest pending export has waited, what delivery.max_age_s counts (0: none pending)",
             outbox_oldest_waited.clone(),
         );
+        let profiles_stored = Gauge::default();
+        registry.register(
+            "profiles_stored",
+            "Profiles in the store",
+            profiles_stored.clone(),
+        );
         registry.register(
             "token_fetches",
             "Requests to the token endpoint",
@@ -295,6 +303,7 @@ impl Metrics {
             outbox_pending,
             outbox_dead,
             outbox_oldest_waited,
+            profiles_stored,
             token_fetches,
             token_expiry: TokenExpiry::default(),
             delivery_latency,
@@ -398,6 +407,9 @@ impl Metrics {
         self.outbox_dead.set(stats.dead as i64);
         self.outbox_oldest_waited
             .set(stats.oldest_pending_waited_s.unwrap_or(0) as i64);
+        if let Some(profiles) = stats.profiles {
+            self.profiles_stored.set(profiles as i64);
+        }
     }
 
     pub fn render(&self) -> String {

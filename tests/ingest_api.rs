@@ -622,6 +622,7 @@ async fn accepted_updates_are_counted_delivered_and_measured() {
         ("outpost_deliveries_total{outcome=\"delivered\"}", 5.0),
         ("outpost_outbox_pending", 0.0),
         ("outpost_outbox_dead", 0.0),
+        ("outpost_profiles_stored", 3.0),
         ("outpost_token_fetches_total", 1.0),
         ("outpost_delivery_latency_seconds_count", 5.0),
     ] {

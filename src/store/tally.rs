@@ -24,7 +24,7 @@ pub struct OutboxStats {
     /// `delivery.max_age_s` is compared with.
     pub oldest_pending_waited_s: Option<u64>,
     pub bytes: u64,
-    /// Profiles stored; left out by [`Store::outbox_stats`].
+    /// Profiles stored; left out by [`Store::outbox_stats`] while the count is unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiles: Option<u64>,
     pub store_id: String,
@@ -146,8 +146,8 @@ impl Store {
         Ok(stats)
     }
 
-    /// [`Store::stats`] without the count of profiles: cheap enough to read every second
-    /// (`outpost top`, `GET /metrics`).
+    /// [`Store::stats`], cheap enough to read every second (`outpost top`, `GET /metrics`):
+    /// without the number of profiles while it is unknown, rather than count them.
     pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let first = self.with(|t| Ok(t.outbox.first()?))?;
         let oldest = match first {
@@ -168,7 +168,7 @@ impl Store {
             oldest_pending_waited_s: oldest
                 .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
             bytes: tally.bytes,
-            profiles: None,
+            profiles: self.with(super::profiles::read_profile_count)?,
             store_id: format!("{:08x}", self.store_id),
             run_time_s: uptime_ms / 1000,
             clock_jumps: clock.jumps,
