@@ -118,6 +118,12 @@ async fn top_once_prints_the_figures_of_metrics() {
     assert_eq!(m.value("outpost_outbox_pending"), 0.0);
     assert_eq!(figure(&top, "outbox", "dead"), ["2"]);
     assert_eq!(m.value("outpost_outbox_dead"), 2.0);
+    assert_eq!(
+        figure(&top, "store", "profiles"),
+        ["14"],
+        "p-0 to p-11, bad-1, bad-2"
+    );
+    assert_eq!(m.value("outpost_profiles_stored"), 14.0);
     // Latency since start, from the same histogram /metrics serves.
     let buckets = m.buckets(LATENCY);
     assert!(m.value("outpost_delivery_latency_seconds_count") >= 12.0);

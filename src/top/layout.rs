@@ -200,6 +200,10 @@ fn outbox(frame: &mut Frame, area: Rect, view: &View) {
         Line::raw(format!("pending    {}", view.pending)),
         Line::styled(format!("dead       {}", view.dead), dead),
         Line::raw(format!(
+            "profiles   {}",
+            super::view::profiles(view.profiles)
+        )),
+        Line::raw(format!(
             "oldest     {}",
             view.oldest_waited_s
                 .map_or("-".to_owned(), |s| format!("waited {}", duration(s)))
@@ -258,7 +262,7 @@ mod tests {
         let now = Snapshot::from_answer(
             2.0,
             &json!({"metrics": metrics,
-                    "stats": {"pending": 30, "oldest_pending_waited_s": 7, "run_time_s": 3725},
+                    "stats": {"pending": 30, "oldest_pending_waited_s": 7, "run_time_s": 3725, "profiles": 1000},
                     "token_expires_in_s": 3125}),
         )
         .unwrap();
@@ -312,6 +316,7 @@ mod tests {
                 "token      expires in 52m 5s (3 fetched)",
                 "pending    30",
                 "dead       2",
+                "profiles   1000",
                 "oldest     waited 7s",
                 "Outbox pending: 30, last 5s",
                 "Oldest waited (s): 7",

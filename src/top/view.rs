@@ -202,6 +202,8 @@ pub struct View {
     pub destination_down: bool,
     pub pending: u64,
     pub dead: u64,
+    /// Profiles stored (`None` while the store does not know: counted at its next open).
+    pub profiles: Option<u64>,
     pub oldest_waited_s: Option<u64>,
     pub pending_history: Vec<u64>,
     pub waited_history: Vec<u64>,
@@ -280,6 +282,7 @@ pub fn view(
         destination_down: gauge("outpost_destination_down") == 1,
         pending: gauge("outpost_outbox_pending").max(0) as u64,
         dead: gauge("outpost_outbox_dead").max(0) as u64,
+        profiles: current.stats["profiles"].as_u64(),
         oldest_waited_s: current.stats["oldest_pending_waited_s"].as_u64(),
         pending_history: history.pending.iter().copied().collect(),
         waited_history: history.waited.iter().copied().collect(),
@@ -293,6 +296,11 @@ pub fn view(
         source_lag: source_lag(m),
         notice: None,
     }
+}
+
+/// The number of profiles stored, or "-" while the store does not know it.
+pub(super) fn profiles(count: Option<u64>) -> String {
+    count.map_or("-".into(), |n| n.to_string())
 }
 
 /// "1,240 waiting (connected): 0:12 1:0 …" from `outpost_source_pending{partition}`, or `None`
@@ -473,6 +481,7 @@ pub fn plain(view: &View) -> String {
         view.oldest_waited_s
             .map_or("- (none pending)".into(), |s| format!("{s} s")),
     );
+    line("store", "profiles", profiles(view.profiles));
     line("clock", "wall-clock jumps", view.clock_jumps.clone());
     if let Some(lag) = &view.source_lag {
         line("source", "NATS lag", lag.clone());
