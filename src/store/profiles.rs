@@ -126,17 +126,29 @@ pub(super) fn groups_after(
     Ok((found, true))
 }
 
+/// How many profiles the entry `key` → `value` of the tree named `tree` holds: those of a
+/// readable group, one for a key of the old `profiles` tree that is a profile id, else none.
+pub(super) fn profiles_in(tree: &[u8], key: &[u8], value: &[u8]) -> u64 {
+    match tree {
+        b"profile_groups" if key.len() == GROUP_KEY_LEN => {
+            GroupView::decode(value).map_or(0, |view| view.len() as u64)
+        }
+        b"profiles" => u64::from(std::str::from_utf8(key).is_ok()),
+        _ => 0,
+    }
+}
+
 /// How many profiles the store holds, counted by walking every group (`meta/profiles` keeps
 /// the count without walking). The profiles of an unreadable group are not counted.
 pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
     let mut count = 0;
-    for key in t.legacy_profiles.iter().keys() {
-        count += u64::from(std::str::from_utf8(&key?).is_ok());
-    }
-    for item in t.profile_groups.iter() {
-        let (key, value) = item?;
-        if key.len() == GROUP_KEY_LEN {
-            count += GroupView::decode(&value).map_or(0, |view| view.len() as u64);
+    for (name, tree) in [
+        (&b"profiles"[..], &t.legacy_profiles),
+        (b"profile_groups", &t.profile_groups),
+    ] {
+        for item in tree.iter() {
+            let (key, value) = item?;
+            count += profiles_in(name, &key, &value);
         }
     }
     Ok(count)

@@ -34,8 +34,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::error::StoreError;
-use super::groups::{GroupView, GROUP_KEY_LEN};
 use super::keys::meta;
+use super::profiles::profiles_in;
 use super::Trees;
 
 const COPY_DIR: &str = "rebuild";
@@ -284,18 +284,6 @@ pub(super) fn copy(
     Ok(copied)
 }
 
-/// How many profiles a key of tree `tree` holds, as [`super::profiles::count_profiles`]
-/// counts them.
-fn profiles_under(tree: &[u8], key: &[u8], value: &[u8]) -> u64 {
-    match tree {
-        b"profile_groups" if key.len() == GROUP_KEY_LEN => {
-            GroupView::decode(value).map_or(0, |view| view.len() as u64)
-        }
-        b"profiles" => u64::from(std::str::from_utf8(key).is_ok()),
-        _ => 0,
-    }
-}
-
 fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Copied, StoreError> {
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(StoreError::Sync)?;
@@ -317,7 +305,7 @@ fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Co
         let mut in_batch = 0;
         for item in from.iter() {
             let (key, value) = item?;
-            copied.profiles += profiles_under(&name, &key, &value);
+            copied.profiles += profiles_in(&name, &key, &value);
             batch.insert(key, value);
             in_batch += 1;
             if in_batch == COPY_BATCH {

@@ -61,9 +61,6 @@ pub(super) fn finish(t: &Trees) -> Result<(), StoreError> {
     if t.meta.get(meta::UPGRADE)?.is_none() {
         return Ok(());
     }
-    // Unknown until counted again at the end of the open: were a profile in both places, the
-    // move would drop one of them.
-    t.meta.remove(meta::PROFILES)?;
     let total = t.legacy_profiles.len();
     tracing::info!(
         profiles = total,
