@@ -29,12 +29,16 @@
 //!     receiver. sled's flusher thread also cleans log segments (it pages in and rewrites old
 //!     pages), so the RSS keeps growing for a while after start: hence the long idle.
 //!     Target: <= 64 MiB.
+//! (d) a delivered backlog, before and after `outpost compact`: 300,000 tiny profiles, each with
+//!     a pending export, delivered by `outpost run` to an in-process receiver; then the store's
+//!     size on disk and the peak RSS of an idle `outpost run` on it (VmHWM after 20 s), before
+//!     and after `outpost compact`, and how long the compaction took.
 //!
-//! The stores of (b) and (c) are pre-filled in this process through `Store::apply_groups`
+//! The stores of (b), (c) and (d) are pre-filled in this process through `Store::apply_groups`
 //! (batches of 20,000 tiny profiles), then dropped. The binary is the one cargo builds with the
 //! bench (`CARGO_BIN_EXE_outpost`, i.e. target/release/outpost under `cargo bench`).
 //!
-//! Run: `cargo bench --bench agent`; `OUTPOST_BENCH_ONLY=ingest` (or `start`, `rss`) runs one
+//! Run: `cargo bench --bench agent`; `OUTPOST_BENCH_ONLY=ingest` (or `start`, `rss`, `compact`) runs one
 //! section.
 
 use std::fs::File;
@@ -80,6 +84,8 @@ struct Plan {
     member_every: usize,
     /// (c): how long the agent idles before its memory is read.
     idle: Duration,
+    /// (d): exports delivered before compacting.
+    backlog: usize,
     repeats: usize,
 }
 
@@ -718,6 +724,118 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
     results
 }
 
+// ---------------------------------------------------------------------------------------------
+// (d) a delivered backlog, before and after `outpost compact`
+
+/// Starts `outpost run` on `config`, waits until it serves `/healthz` and `idle` more, and
+/// returns its VmHWM in KiB.
+async fn idle_peak_kib(config: &Path, port: u16, idle: Duration, log: &Path) -> u64 {
+    let start = Instant::now();
+    let mut child = spawn_agent(config, log);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_healthy(addr, start, Some(&mut child)).await;
+    tokio::time::sleep(idle).await;
+    let (hwm, _) = memory_kib(child.id());
+    stop_agent(child);
+    hwm
+}
+
+/// `outpost outbox stats --json` on `config`, through the running agent.
+fn pending_of(config: &Path) -> Option<u64> {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(config)
+        .args(["outbox", "stats", "--json"])
+        .output()
+        .ok()?;
+    serde_json::from_slice::<Value>(&out.stdout).ok()?["pending"].as_u64()
+}
+
+fn bench_compact(rt: &tokio::runtime::Runtime, plan: &Plan) {
+    let dir = tempfile::tempdir().unwrap();
+    let n = plan.backlog;
+    let idle = plan.idle.min(Duration::from_secs(20));
+    rt.block_on(async {
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+            .await
+            .unwrap();
+        let base = receiver.base_url();
+        let port = free_port();
+        let text = config_text(
+            &base,
+            &common::oauth_auth(&base),
+            &tiny_mapping_toml(),
+            &format!("127.0.0.1:{port}"),
+            "",
+        );
+        let (config_path, config) = write_config(dir.path(), "outpost.toml", &text);
+        let store = &config.storage.path;
+        let took = prefill(&config, n, 1);
+        println!(
+            "agent[compact]: pre-fill of {n} profiles, each with a pending export, took {}; store {:.1} MiB on disk",
+            ms(took),
+            dir_bytes(store) as f64 / (1 << 20) as f64
+        );
+        let start = Instant::now();
+        let mut child = spawn_agent(&config_path, &dir.path().join("deliver.log"));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_healthy(addr, start, Some(&mut child)).await;
+        while receiver.export_arrivals() < n as u64 || pending_of(&config_path) != Some(0) {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "the backlog was not delivered within 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let delivered = start.elapsed();
+        stop_agent(child);
+        wait_unlocked(store);
+        let bytes_before = dir_bytes(store);
+        let peak_before = idle_peak_kib(&config_path, port, idle, &dir.path().join("idle.log")).await;
+        wait_unlocked(store);
+        let compacting = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["compact", "--json"])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        let compact_took = compacting.elapsed();
+        assert!(out.status.success(), "outpost compact failed: {out:?}");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["profiles"], n, "{report}");
+        let bytes_after = dir_bytes(store);
+        let peak_after = idle_peak_kib(&config_path, port, idle, &dir.path().join("idle.log")).await;
+        let size = |bytes: u64| format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64);
+        println!(
+            "agent[compact]: {n} exports delivered in {} ({:.0}/s)",
+            ms(delivered),
+            rate(n, delivered)
+        );
+        println!(
+            "agent[compact]: before: store {} on disk, idle `outpost run` VmHWM {} after {:.0} s",
+            size(bytes_before),
+            mib(peak_before),
+            idle.as_secs_f64()
+        );
+        println!(
+            "agent[compact]: `outpost compact` took {} (by its own clock {:.2} s); after: store {} on disk, idle VmHWM {}",
+            ms(compact_took),
+            report["seconds"].as_f64().unwrap_or(f64::NAN),
+            size(bytes_after),
+            mib(peak_after)
+        );
+        println!(
+            "agent COMPACT {n} delivered: disk {} -> {}, idle peak {} -> {}",
+            size(bytes_before),
+            size(bytes_after),
+            mib(peak_before),
+            mib(peak_after)
+        );
+    });
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: then run a tiny smoke test.
     let quick = common::smoke_run();
@@ -729,6 +847,7 @@ fn main() {
             profiles: 2_000,
             member_every: 10,
             idle: Duration::from_millis(300),
+            backlog: 2_000,
             repeats: 1,
         }
     } else {
@@ -739,6 +858,7 @@ fn main() {
             profiles: 1_000_000,
             member_every: 10,
             idle: Duration::from_secs(45),
+            backlog: 300_000,
             repeats: REPEATS,
         }
     };
@@ -765,6 +885,14 @@ fn main() {
     };
     println!(
         "agent[rss]: section took {:.1} s",
+        section.elapsed().as_secs_f64()
+    );
+    let section = Instant::now();
+    if runs("compact") {
+        bench_compact(&rt, &plan);
+    }
+    println!(
+        "agent[compact]: section took {:.1} s",
         section.elapsed().as_secs_f64()
     );
     if quick {

@@ -74,6 +74,20 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Rebuild the store into a fresh database inside its folder, to give back the disk space
+    /// (and memory) that sled keeps of every page emptied: after a large backlog was delivered
+    /// or dropped, or many profiles were deleted.
+    ///
+    /// Needs the store to itself (stop the agent first; it takes a few seconds a million
+    /// profiles) and room on its disk for a copy of what is live, plus 64 MiB. A kill at any
+    /// point loses nothing: the next open finishes the swap or deletes the unfinished copy.
+    ///
+    /// Example: outpost compact --config /etc/outpost/outpost.toml
+    Compact {
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Ingest NDJSON updates (also a JSON array or one object) from a file or `-` for stdin.
     ///
     /// The input is validated whole before anything is stored: one bad line refuses it all.

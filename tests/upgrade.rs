@@ -230,14 +230,17 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// Spawns `outpost outbox stats` and waits for the upgrade's first log line; `false` when the
 /// command exited without starting an upgrade.
 fn spawn_until_upgrade_begins(workspace: &Workspace) -> (std::process::Child, bool) {
-    spawn_until_logged(workspace, "upgrading the stored profiles")
+    spawn_until_logged(
+        outbox_stats_command(workspace),
+        "upgrading the stored profiles",
+    )
 }
 
-/// Spawns `outpost outbox stats` and waits until it logs `line`; `false` when it exited
-/// without. The rest of its log is read (and dropped) by a thread of its own, so the command
-/// never writes to a closed pipe.
-fn spawn_until_logged(workspace: &Workspace, line: &str) -> (std::process::Child, bool) {
-    let mut child = outbox_stats_command(workspace)
+/// Spawns `command` and waits until it logs `line`; `false` when it exited without. The rest
+/// of its log is read (and dropped) by a thread of its own, so the command never writes to a
+/// closed pipe.
+fn spawn_until_logged(mut command: Command, line: &str) -> (std::process::Child, bool) {
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -318,9 +321,30 @@ fn want_rebuild(workspace: &Workspace) {
     db.flush().unwrap();
 }
 
-/// The rebuild that follows an upgrade (a copy into a fresh database, swapped in), killed at
-/// random instants: every next open finds the store whole, as it was or as the copy, and
-/// finishes or redoes the rebuild.
+/// `outpost compact`, which rebuilds the store whether it wants it or not.
+fn compact_command(workspace: &Workspace) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .args(["--config", workspace.config_path().to_str().unwrap()])
+        .arg("compact")
+        .env("OUTPOST_LOG", "info");
+    command
+}
+
+/// A command that rebuilds the store: the open after an upgrade (`outbox stats` on a store
+/// that wants a rebuild) on even attempts, `outpost compact` on odd ones.
+fn rebuild_command(workspace: &Workspace, attempt: usize) -> Command {
+    if attempt.is_multiple_of(2) {
+        want_rebuild(workspace);
+        outbox_stats_command(workspace)
+    } else {
+        compact_command(workspace)
+    }
+}
+
+/// The rebuild that follows an upgrade, and `outpost compact` (a copy into a fresh database,
+/// swapped in), killed at random instants: every next open finishes the swap or deletes the
+/// copy and finds the store whole, as it was or as the copy.
 #[test]
 fn a_rebuild_killed_at_random_instants_leaves_the_store_whole() {
     let workspace = Workspace::new();
@@ -331,19 +355,22 @@ fn a_rebuild_killed_at_random_instants_leaves_the_store_whole() {
     assert_upgraded(&workspace, &expected);
 
     // How long a whole rebuild takes on this machine.
-    want_rebuild(&workspace);
-    let (mut child, began) = spawn_until_logged(&workspace, "rebuilding the store");
+    let (mut child, began) =
+        spawn_until_logged(rebuild_command(&workspace, 0), "rebuilding the store");
     let begun_at = std::time::Instant::now();
     assert!(began, "no rebuild began");
     assert!(child.wait().unwrap().success());
     let whole_rebuild = begun_at.elapsed();
     assert_upgraded(&workspace, &expected);
+    let out = compact_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_upgraded(&workspace, &expected);
 
     let mut rng = rand::thread_rng();
-    let (mut mid_copy, mut after_copy) = (0, 0);
-    for _attempt in 0..8 {
-        want_rebuild(&workspace);
-        let (mut child, began) = spawn_until_logged(&workspace, "rebuilding the store");
+    let (mut mid_copy, mut after_copy) = ([0; 2], 0);
+    for attempt in 0..16 {
+        let (mut child, began) =
+            spawn_until_logged(rebuild_command(&workspace, attempt), "rebuilding the store");
         assert!(began, "no rebuild began");
         std::thread::sleep(whole_rebuild.mul_f64(rng.gen_range(0.0..1.0)));
         child.kill().unwrap();
@@ -352,7 +379,7 @@ fn a_rebuild_killed_at_random_instants_leaves_the_store_whole() {
         if swapping {
             after_copy += 1;
         } else if store_path.join("rebuild").exists() {
-            mid_copy += 1;
+            mid_copy[attempt % 2] += 1;
         }
         // The next open finishes what the kill stopped (or rebuilds again).
         let store = Store::open(&store_path, 8 << 20).unwrap();
@@ -360,14 +387,14 @@ fn a_rebuild_killed_at_random_instants_leaves_the_store_whole() {
         drop(store);
         assert_upgraded(&workspace, &expected);
         assert!(!store_path.join("rebuild").exists() && !store_path.join("rebuild.swap").exists());
-        if mid_copy >= 3 {
+        if mid_copy.iter().all(|&kills| kills >= 2) {
             break;
         }
     }
-    eprintln!("a whole rebuild took {whole_rebuild:?}; kills while copying: {mid_copy}, after: {after_copy}");
+    eprintln!("a whole rebuild took {whole_rebuild:?}; kills while copying (after an upgrade, compacting): {mid_copy:?}, after: {after_copy}");
     assert!(
-        mid_copy > 0,
-        "no kill landed while the copy was made (a whole rebuild took {whole_rebuild:?}): the test shows nothing"
+        mid_copy.iter().all(|&kills| kills > 0),
+        "no kill landed while the copy was made, after an upgrade or compacting ({mid_copy:?}; a whole rebuild took {whole_rebuild:?}): the test shows nothing"
     );
     let out = outbox_stats_command(&workspace).output().unwrap();
     assert!(out.status.success(), "{out:?}");

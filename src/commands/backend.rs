@@ -29,7 +29,7 @@ impl Backend {
     /// The agent if one answers on the store's socket, else the store itself.
     pub fn connect(config: &Config) -> Result<Backend, CliError> {
         let socket = crate::server::admin::socket_path(&config.storage.path);
-        if UnixStream::connect(&socket).is_ok() {
+        if Backend::agent_answers(config) {
             return Ok(Backend::Agent(socket));
         }
         match Store::open(&config.storage.path, config.storage.cache_bytes) {
@@ -41,6 +41,11 @@ impl Backend {
             ))),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether a running agent answers on the store's admin socket.
+    pub fn agent_answers(config: &Config) -> bool {
+        UnixStream::connect(crate::server::admin::socket_path(&config.storage.path)).is_ok()
     }
 
     pub fn execute(&self, request: &AdminRequest) -> Result<Value, AdminError> {

@@ -22,7 +22,7 @@ use crate::cli::{Cli, Command, NatsCommand, OutboxCommand, ProfileCommand, Targe
 use crate::config::{self, Auth, Config, ConfigError};
 use crate::profile::update::InputError;
 use crate::receiver::{Receiver, ReceiverOptions};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 pub use backend::Backend;
 pub use ingest::{ingest_file, ingest_path};
 use output::{
@@ -110,6 +110,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Check { store: false, .. } => runtime()?.block_on(check(&config)),
         Command::Check { store: true, json } => check_store(&Backend::connect(&config)?, json),
         Command::Repair { yes } => repair_store(&Backend::connect(&config)?, yes),
+        Command::Compact { json } => compact_store(&config, json),
         Command::Ingest { file, json } => {
             let backend = Backend::connect(&config)?;
             let summary = ingest_path(&backend, &config, &file)?;
@@ -481,6 +482,44 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
     } else {
         Ok(())
     }
+}
+
+/// `outpost compact`: rebuilds the store, which must not be open elsewhere.
+fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
+    let path = &config.storage.path;
+    let compacted = match Store::compact(path, config.storage.cache_bytes) {
+        Err(StoreError::Locked(_)) if Backend::agent_answers(config) => {
+            return Err(CliError::Failure(format!(
+                "the store at {} is open in the running agent: stop it, then compact (compacting needs the store to itself)",
+                path.display()
+            )))
+        }
+        other => other?,
+    };
+    if json {
+        print_json(
+            &serde_json::json!({
+                "path": path,
+                "bytes_before": compacted.bytes_before,
+                "bytes_after": compacted.bytes_after,
+                "keys": compacted.keys,
+                "profiles": compacted.profiles,
+                "seconds": compacted.took.as_secs_f64(),
+            }),
+            true,
+        );
+    } else {
+        println!(
+            "compacted the store at {} in {:.1} s: {} on disk before, {} after (keys copied: {}, profiles: {})",
+            path.display(),
+            compacted.took.as_secs_f64(),
+            preflight::bytes(compacted.bytes_before),
+            preflight::bytes(compacted.bytes_after),
+            compacted.keys,
+            compacted.profiles,
+        );
+    }
+    Ok(())
 }
 
 /// `outpost repair`: acts on the unreadable records, after confirmation.

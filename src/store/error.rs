@@ -14,6 +14,14 @@ pub enum StoreError {
          another outpost command upgrading or rebuilding it?)"
     )]
     Locked(PathBuf),
+    #[error("there is no store at {0} (`storage.path` in the config)")]
+    Missing(PathBuf),
+    /// The upgrade at open stopped on an I/O error (logged); the next open goes on with it.
+    #[error(
+        "the upgrade of the store at {0} to this outpost's format is unfinished (the log says \
+         why it stopped); nothing was done, and the next open goes on with it"
+    )]
+    UpgradeUnfinished(PathBuf),
     /// Too little free space for a rebuild ([`rebuild`](super::rebuild)): logged, the store is
     /// used as it is.
     #[error(

@@ -90,7 +90,9 @@ pub(super) fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
 
 /// Runs `open` again for a moment while it finds the store locked: a process that closed it
 /// just before (this one, or one exiting) releases it shortly after (sled's threads).
-fn retry_locked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+pub(super) fn retry_locked<T>(
+    mut open: impl FnMut() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     let mut tries = 0;
     loop {
         match open() {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use super::error::StoreError;
 use super::keys::meta;
 use super::profiles::profiles_in;
-use super::Trees;
+use super::{Store, Trees};
 
 const COPY_DIR: &str = "rebuild";
 const SWAP_STATE: &str = "rebuild.swap";
@@ -421,6 +421,92 @@ pub(super) fn rebuild_if_wanted(
     }
 }
 
+/// What [`Store::compact`] did.
+#[derive(Clone, Copy, Debug)]
+pub struct Compacted {
+    /// Bytes the store's sled files took on the disk before, and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub keys: u64,
+    pub profiles: u64,
+    pub took: Duration,
+}
+
+impl Store {
+    /// Rebuilds the store at `path` into a fresh database now (`outpost compact`), whether or
+    /// not it wants a rebuild: sled keeps the disk space, and a record in memory, of every
+    /// page a large delivered backlog or many deleted profiles emptied. Needs the store to
+    /// itself ([`StoreError::Locked`] while another process has it open) and room for a copy
+    /// of what is live plus [`COPY_RESERVE_BYTES`]. A kill at any point loses nothing: the next
+    /// open finishes the swap or deletes the copy.
+    pub fn compact(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
+        let started = Instant::now();
+        // Looked at before the lock, which would make the folder: a store mid-swap has one of
+        // the two.
+        if !path.join("db").exists() && !path.join(SWAP_STATE).exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let _lock = super::open::retry_locked(|| lock(path))?;
+        let (t, _) = Store::open_trees(path, cache_bytes, false)?;
+        if t.upgrade_unfinished {
+            // The copy would drop `meta/rebuild`, which the upgrade set for when it is done.
+            return Err(StoreError::UpgradeUnfinished(path.to_path_buf()));
+        }
+        let bytes_before = sled_bytes(path).map_err(|e| io_error(path, &e))?;
+        let copied = copy(&t, path, cache_bytes, COPY_RESERVE_BYTES)?;
+        drop(t);
+        swap_in(path).map_err(|e| swap_error(path, e))?;
+        // Opened once, as every later open will: it must read.
+        let (t, _) = Store::open_trees(path, cache_bytes, false)?;
+        drop(t);
+        wait_closed(path).map_err(|e| io_error(path, &e))?;
+        let bytes_after = sled_bytes(path).map_err(|e| io_error(path, &e))?;
+        tracing::info!(
+            profiles = copied.profiles,
+            "the compacted store is in place"
+        );
+        Ok(Compacted {
+            bytes_before,
+            bytes_after,
+            keys: copied.keys,
+            profiles: copied.profiles,
+            took: started.elapsed(),
+        })
+    }
+}
+
+fn io_error(store: &Path, e: &io::Error) -> StoreError {
+    StoreError::Io {
+        path: store.to_path_buf(),
+        detail: super::error::io_detail(e),
+    }
+}
+
+/// Bytes the sled files in the folder `store` take on the disk (blocks allocated, so a sparse
+/// file counts what it holds).
+fn sled_bytes(store: &Path) -> io::Result<u64> {
+    fn under(path: &Path) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = fs::symlink_metadata(path)?;
+        if !metadata.is_dir() {
+            return Ok(metadata.blocks() * 512);
+        }
+        let mut bytes = 0;
+        for entry in fs::read_dir(path)? {
+            bytes += under(&entry?.path())?;
+        }
+        Ok(bytes)
+    }
+    let mut bytes = 0;
+    for entry in fs::read_dir(store)? {
+        let entry = entry?;
+        if is_sled_file(&entry.file_name().to_string_lossy()) {
+            bytes += under(&entry.path())?;
+        }
+    }
+    Ok(bytes)
+}
+
 /// Free space a rebuild leaves on the store's disk: it stops rather than go below, since a
 /// full disk would fail other writers too. sled writes a few MiB behind (it flushes every
 /// 500 ms), and [`COPY_BATCH`] × [`BATCHES_PER_SPACE_CHECK`] keys of a large store are about
@@ -433,10 +519,7 @@ const BATCHES_PER_SPACE_CHECK: u64 = 16;
 /// [`StoreError::NoRoomToRebuild`] while the disk holding `store` has less than `reserve` bytes
 /// free.
 fn check_reserve(store: &Path, reserve: u64) -> Result<(), StoreError> {
-    let free = free_bytes(store).map_err(|e| StoreError::Io {
-        path: store.to_path_buf(),
-        detail: super::error::io_detail(&e),
-    })?;
+    let free = free_bytes(store).map_err(|e| io_error(store, &e))?;
     if free < reserve {
         return Err(StoreError::NoRoomToRebuild {
             path: store.to_path_buf(),

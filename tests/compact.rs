@@ -1,0 +1,207 @@
+//! `outpost compact`: the store rebuilt into a fresh database gives back the space of a
+//! delivered backlog and keeps everything else as it was: pending exports and dead letters
+//! (ids, payloads, attempts), profiles, counts, and the numbering of exports. It refuses a store
+//! that is open in the agent, and a folder with no store. Kills during a compaction are in
+//! `upgrade.rs` (`a_rebuild_killed_at_random_instants_leaves_the_store_whole`).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::agent_process::{free_port, AgentProcess};
+use common::*;
+use outpost::receiver::{ReceiverOptions, Reply};
+use serde_json::Value;
+
+/// `outbox list --json --limit 0` with `extra` flags.
+fn list(config: &std::path::Path, extra: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(binary())
+        .args(["--config", config.to_str().unwrap()])
+        .args(["outbox", "list", "--json", "--limit", "0"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    json_lines(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn outpost(config: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(binary())
+        .args(["--config", config.to_str().unwrap()])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn outpost_ok(config: &std::path::Path, args: &[&str], stdin: &str) -> String {
+    let out = outpost(config, args, stdin);
+    assert!(out.status.success(), "outpost {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn member_lines(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| member_update(&format!("{prefix}-{i:05}"), "Ann", "2026-01-01T00:00:01Z"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_gives_back_a_delivered_backlog_and_keeps_everything_else() {
+    const DELIVERED: usize = 6_000;
+    let setup = receiver_setup(ReceiverOptions::default(), oauth_body, "").await;
+    // Dead letters too: the receiver refuses the exports of profiles named `bad-…`.
+    setup.receiver.set_export_script(Some(Arc::new(|_, r| {
+        let profile = r.json().map(|p| profile_of(&p)).unwrap_or_default();
+        if profile.starts_with("bad") {
+            Reply::Status(400, vec![], "{\"error\":\"rejected\"}".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let config = setup._dir.path().join("outpost.toml");
+    let backlog = format!(
+        "{}\n{}",
+        member_lines("p", DELIVERED),
+        member_lines("bad", 3)
+    );
+    outpost_ok(&config, &["ingest", "-"], &backlog);
+    let agent = start_agent(&setup.config).await;
+    wait_until(60, "the backlog delivered, the bad ones dead", || {
+        let tally = agent.store.tally().unwrap();
+        tally.pending == 0 && tally.dead == 3
+    })
+    .await;
+    agent.stop().await.unwrap();
+    // Pending again, with the destination stopped: 50 changed profiles and 20 new ones.
+    let pending_lines = format!(
+        "{}\n{}",
+        (0..50)
+            .map(|i| member_update(&format!("p-{i:05}"), "Bea", "2026-01-01T00:00:02Z"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        member_lines("q", 20)
+    );
+    outpost_ok(&config, &["ingest", "-"], &pending_lines);
+
+    let pending_before = list(&config, &[]);
+    let dead_before = list(&config, &["--dead"]);
+    let stats_before = outbox_stats(&config);
+    let profiles_before: Vec<String> = ["p-00000", "p-05999", "bad-00001", "q-00019"]
+        .iter()
+        .map(|id| outpost_ok(&config, &["profile", "show", id, "--json"], ""))
+        .collect();
+    assert_eq!(pending_before.len(), 70);
+    assert_eq!(dead_before.len(), 3);
+    assert_eq!(stats_before["profiles"], DELIVERED + 3 + 20);
+
+    let out = outpost_ok(&config, &["compact", "--json"], "");
+    let compacted: Value = serde_json::from_str(out.trim()).unwrap();
+    let (before, after) = (
+        compacted["bytes_before"].as_u64().unwrap(),
+        compacted["bytes_after"].as_u64().unwrap(),
+    );
+    eprintln!("compacted: {compacted}");
+    assert!(
+        after < before / 4 * 3,
+        "the store took {before} bytes before compacting, {after} after"
+    );
+    assert_eq!(compacted["profiles"], DELIVERED + 3 + 20);
+
+    assert_eq!(list(&config, &[]), pending_before);
+    assert_eq!(list(&config, &["--dead"]), dead_before);
+    let stats_after = outbox_stats(&config);
+    for field in ["pending", "dead", "bytes", "profiles", "store_id"] {
+        assert_eq!(stats_after[field], stats_before[field], "{field}");
+    }
+    let profiles_after: Vec<String> = ["p-00000", "p-05999", "bad-00001", "q-00019"]
+        .iter()
+        .map(|id| outpost_ok(&config, &["profile", "show", id, "--json"], ""))
+        .collect();
+    assert_eq!(profiles_after, profiles_before);
+    outpost_ok(&config, &["check", "--store"], "");
+
+    // Export ids are never used twice: the next export is numbered after every earlier one.
+    outpost_ok(
+        &config,
+        &["ingest", "-"],
+        &member_update("r-1", "Cy", "2026-01-01T00:00:03Z"),
+    );
+    let newest = list(&config, &["--profile", "r-1"]);
+    let highest_before = pending_before
+        .iter()
+        .chain(&dead_before)
+        .map(|e| seq_of(e["id"].as_str().unwrap()))
+        .max()
+        .unwrap();
+    assert!(seq_of(newest[0]["id"].as_str().unwrap()) > highest_before);
+
+    // The agent delivers what was pending from the compacted store.
+    let agent = start_agent(&setup.config).await;
+    wait_until(60, "the pending exports delivered", || {
+        agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    agent.stop().await.unwrap();
+    let delivered_after: std::collections::HashSet<String> = setup
+        .receiver
+        .delivered()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    for export in pending_before.iter().chain(&newest) {
+        assert!(delivered_after.contains(export["id"].as_str().unwrap()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_refuses_a_store_open_in_the_agent_and_a_folder_without_a_store() {
+    let ws = Workspace::with_extra(&format!(
+        "[ingest]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port()
+    ));
+    let out = ws.run(&["compact"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("there is no store at"), "{error}");
+    assert!(!ws.store_path().exists(), "compact made a store folder");
+
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(member_update("p-1", "Ann", "2026-01-01T00:00:01Z").as_bytes()),
+    );
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    let port: u16 = text
+        .rsplit_once("127.0.0.1:")
+        .unwrap()
+        .1
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap();
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let out = ws.run(&["compact"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        error.contains("open in the running agent: stop it, then compact"),
+        "{error}"
+    );
+    // The agent goes on, its store untouched.
+    assert_eq!(ws.outbox_stats()["pending"], 1);
+    agent.assert_running();
+    agent.terminate().await;
+    let out = ws.run_ok(&["compact"], None);
+    assert!(out.contains("profiles: 1)"), "{out}");
+    assert_eq!(ws.outbox_stats()["pending"], 1);
+}
