@@ -75,12 +75,12 @@ pub enum Command {
         yes: bool,
     },
     /// Rebuild the store into a fresh database inside its folder, to give back the disk space
-    /// (and memory) that sled keeps of every page emptied: after a large backlog was delivered
-    /// or dropped, or many profiles were deleted.
+    /// (and memory) sled keeps: its log holds old versions of rewritten pages, and it never
+    /// returns the space of what was removed (a delivered backlog, deleted profiles).
     ///
-    /// Needs the store to itself (stop the agent first; it takes a few seconds a million
-    /// profiles) and room on its disk for a copy of what is live, plus 64 MiB. A kill at any
-    /// point loses nothing: the next open finishes the swap or deletes the unfinished copy.
+    /// Needs the store to itself (stop the agent first; it takes about 1 to 2 s for each
+    /// 100,000 profiles) and room on its disk for a copy of what is live, plus 64 MiB. A kill
+    /// at any point loses nothing: the next open finishes the swap or deletes the copy.
     ///
     /// Example: outpost compact --config /etc/outpost/outpost.toml
     Compact {

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub outbox_oldest_waited: Gauge,
     /// Profiles stored (as the store keeps the count).
     pub profiles_stored: Gauge,
+    /// Bytes the store's files take on the disk.
+    pub store_disk_bytes: Gauge,
     pub token_fetches: Counter,
     /// When the OAuth token held expires (not a Prometheus metric: read by `outpost top`).
     pub token_expiry: TokenExpiry,
@@ -218,6 +220,12 @@ impl Metrics {
             "Profiles in the store",
             profiles_stored.clone(),
         );
+        let store_disk_bytes = Gauge::default();
+        registry.register(
+            "store_disk_bytes",
+            "Bytes the store's files take on the disk (outpost compact gives back what removed data took)",
+            store_disk_bytes.clone(),
+        );
         registry.register(
             "token_fetches",
             "Requests to the token endpoint",
@@ -304,6 +312,7 @@ impl Metrics {
             outbox_dead,
             outbox_oldest_waited,
             profiles_stored,
+            store_disk_bytes,
             token_fetches,
             token_expiry: TokenExpiry::default(),
             delivery_latency,
@@ -409,6 +418,9 @@ impl Metrics {
             .set(stats.oldest_pending_waited_s.unwrap_or(0) as i64);
         if let Some(profiles) = stats.profiles {
             self.profiles_stored.set(profiles as i64);
+        }
+        if let Some(bytes) = stats.store_disk_bytes {
+            self.store_disk_bytes.set(bytes as i64);
         }
     }
 

@@ -628,6 +628,11 @@ async fn accepted_updates_are_counted_delivered_and_measured() {
     ] {
         assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
     }
+    let disk = sample(&metrics, "outpost_store_disk_bytes");
+    assert!(
+        disk.is_some_and(|bytes| bytes > 0.0),
+        "{disk:?} in:\n{metrics}"
+    );
     assert!(metrics.contains("# TYPE outpost_delivery_latency_seconds histogram"));
     assert!(metrics.contains("outpost_delivery_latency_seconds_bucket{le=\"+Inf\"} 5"));
 

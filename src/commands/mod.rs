@@ -494,12 +494,17 @@ fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
                 path.display()
             )))
         }
+        // A wrong `storage.path`, most likely.
+        Err(e @ StoreError::Missing(_)) => return Err(CliError::Usage(e.to_string())),
+        Err(e @ StoreError::NoRoomToRebuild { .. }) => {
+            return Err(CliError::Failure(format!("{e}; the store is as it was")))
+        }
         other => other?,
     };
     if json {
         print_json(
             &serde_json::json!({
-                "path": path,
+                "path": path.display().to_string(),
                 "bytes_before": compacted.bytes_before,
                 "bytes_after": compacted.bytes_after,
                 "keys": compacted.keys,

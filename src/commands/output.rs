@@ -88,6 +88,9 @@ pub(super) fn print_stats(stats: &Value) {
     }
     println!("outbox bytes     {}", text_of(&stats["bytes"]));
     println!("profiles stored  {}", text_of(&stats["profiles"]));
+    if let Some(bytes) = stats["store_disk_bytes"].as_u64() {
+        println!("store on disk    {}", super::preflight::bytes(bytes));
+    }
     println!("store id         {}", text_of(&stats["store_id"]));
     println!("run time         {} s", text_of(&stats["run_time_s"]));
     println!("clock jumps      {}", describe_clock_jumps(stats));

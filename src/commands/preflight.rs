@@ -2,7 +2,6 @@
 //! written and how much space its file system has, and that `ingest.listen` is free.
 
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
@@ -12,11 +11,6 @@ pub(super) struct Finding {
     pub line: String,
     pub problem: Option<String>,
     pub warning: Option<String>,
-}
-
-/// Whether an agent answers on the store's socket.
-fn agent_runs(config: &Config) -> bool {
-    UnixStream::connect(crate::server::admin::socket_path(&config.storage.path)).is_ok()
 }
 
 /// The store folder, or the nearest folder above it that exists (`check` creates nothing).
@@ -70,7 +64,7 @@ pub(super) fn store(config: &Config) -> Finding {
     } else {
         ", created at the first run"
     };
-    let (free, warning) = match free_bytes(&folder) {
+    let (free, warning) = match crate::store::free_bytes(&folder).ok() {
         Some(free) => {
             // sled keeps about four times the data on disk (ARCHITECTURE.md's measurement).
             let needed = config.storage.max_outbox_bytes.saturating_mul(4);
@@ -94,21 +88,6 @@ pub(super) fn store(config: &Config) -> Finding {
     }
 }
 
-/// Space available to this user on the file system of `folder`.
-fn free_bytes(folder: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let name = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
-    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: a NUL-terminated path and a buffer of the right type; read only on success.
-    let stats = unsafe {
-        if libc::statvfs(name.as_ptr(), stats.as_mut_ptr()) != 0 {
-            return None;
-        }
-        stats.assume_init()
-    };
-    Some((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
-}
-
 /// Binds `ingest.listen` for a moment, unless the agent of this store is the one there.
 pub(super) fn listen(config: &Config) -> Finding {
     let addr = config.ingest.listen;
@@ -125,7 +104,7 @@ pub(super) fn listen(config: &Config) -> Finding {
             ""
         }
     );
-    if agent_runs(config) {
+    if super::Backend::agent_answers(config) {
         return Finding {
             line: format!("{addr}{token} (the agent running on this store listens there)"),
             problem: None,

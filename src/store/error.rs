@@ -18,15 +18,17 @@ pub enum StoreError {
     Missing(PathBuf),
     /// The upgrade at open stopped on an I/O error (logged); the next open goes on with it.
     #[error(
-        "the upgrade of the store at {0} to this outpost's format is unfinished (the log says \
-         why it stopped); nothing was done, and the next open goes on with it"
+        "the store at {0} was not compacted: the upgrade of its profiles to this outpost's \
+         format stopped (the log above says why); once that is mended, run `outpost compact` \
+         again, which goes on with the upgrade first"
     )]
     UpgradeUnfinished(PathBuf),
     /// Too little free space for a rebuild ([`rebuild`](super::rebuild)): logged, the store is
     /// used as it is.
     #[error(
-        "not rebuilt: the disk holding {path} has {free_mib} MiB free, and a rebuild stops \
-         below {reserve_mib} MiB so as never to fill it"
+        "not rebuilt: the disk holding the store at {path} has {free_mib} MiB free, and a \
+         rebuild (a copy of what the store holds) stops below {reserve_mib} MiB so as never to \
+         fill it"
     )]
     NoRoomToRebuild {
         path: PathBuf,

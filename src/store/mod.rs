@@ -72,7 +72,7 @@ pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, Export, ExportId, ListFilter};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use profiles::BatchSummary;
-pub use rebuild::Compacted;
+pub use rebuild::{free_bytes, Compacted};
 pub use tally::{ClockJumpReport, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};
 

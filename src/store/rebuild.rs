@@ -33,7 +33,7 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::error::StoreError;
+use super::error::{is_no_space, StoreError};
 use super::keys::meta;
 use super::profiles::profiles_in;
 use super::{Store, Trees};
@@ -111,24 +111,24 @@ fn is_sled_file(name: &str) -> bool {
 /// Takes `outpost.lock` in `store` (creating the folder and the file): [`StoreError::Locked`]
 /// while another process holds it. Held until the returned file is dropped.
 pub(super) fn lock(store: &Path) -> Result<File, StoreError> {
-    let io_error = |source: io::Error| {
+    let open_error = |source: io::Error| {
         tracing::debug!(error = ?source, path = %store.display(), "creating the store folder and its lock file");
         StoreError::Open {
             path: store.to_path_buf(),
             source: sled::Error::Io(source),
         }
     };
-    fs::create_dir_all(store).map_err(io_error)?;
+    fs::create_dir_all(store).map_err(open_error)?;
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(store.join(LOCK_FILE))
-        .map_err(io_error)?;
+        .map_err(open_error)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked(store.to_path_buf())),
-        Err(fs::TryLockError::Error(e)) => Err(io_error(e)),
+        Err(fs::TryLockError::Error(e)) => Err(open_error(e)),
     }
 }
 
@@ -247,8 +247,8 @@ pub(super) struct Copied {
 /// counted and `meta/rebuild` left out, syncs it and records that it replaces the store
 /// (`rebuild.swap`). Nothing else may write to `t` meanwhile. On an error the copy is deleted
 /// and the store is left as it was, but for [`StoreError::Swap`]: the swap may have been
-/// recorded, and the store must not be used before the next open finishes it. It stops when the disk has less than `reserve` bytes free
-/// ([`COPY_RESERVE_BYTES`]).
+/// recorded, and the store must not be used before the next open finishes it. It stops when
+/// the disk has less than `reserve` bytes free ([`COPY_RESERVE_BYTES`]).
 pub(super) fn copy(
     t: &Trees,
     store: &Path,
@@ -261,7 +261,7 @@ pub(super) fn copy(
         let _ = wait_closed(&dir);
         let _ = fs::remove_dir_all(&dir);
     };
-    let copied = copy_into(t, &dir, cache_bytes, reserve).inspect_err(|_| remove_copy())?;
+    let copied = copy_into(t, store, &dir, cache_bytes, reserve).inspect_err(|_| remove_copy())?;
     if let Err(e) = Swap::DeleteOld.write(store) {
         // Whether the record landed is unknown: it goes before the copy does, or, if it cannot,
         // the copy stays for the next open to swap in, and this open fails.
@@ -284,7 +284,13 @@ pub(super) fn copy(
     Ok(copied)
 }
 
-fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Copied, StoreError> {
+fn copy_into(
+    t: &Trees,
+    store: &Path,
+    dir: &Path,
+    cache_bytes: u64,
+    reserve: u64,
+) -> Result<Copied, StoreError> {
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(StoreError::Sync)?;
     }
@@ -313,7 +319,7 @@ fn copy_into(t: &Trees, dir: &Path, cache_bytes: u64, reserve: u64) -> Result<Co
                 copied.keys += in_batch;
                 in_batch = 0;
                 if (copied.keys / COPY_BATCH).is_multiple_of(BATCHES_PER_SPACE_CHECK) {
-                    check_reserve(dir, reserve)?;
+                    check_reserve(store, reserve)?;
                 }
                 if last_line.elapsed() >= Duration::from_secs(1) {
                     last_line = Instant::now();
@@ -427,8 +433,11 @@ pub struct Compacted {
     /// Bytes the store's sled files took on the disk before, and after.
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// Keys copied, over every tree.
     pub keys: u64,
+    /// Profiles stored (counted as they were copied).
     pub profiles: u64,
+    /// From the call to the compacted store having been opened once.
     pub took: Duration,
 }
 
@@ -440,10 +449,27 @@ impl Store {
     /// of what is live plus [`COPY_RESERVE_BYTES`]. A kill at any point loses nothing: the next
     /// open finishes the swap or deletes the copy.
     pub fn compact(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
+        Store::compact_at(path, cache_bytes).map_err(|e| match e {
+            // sled's own I/O errors name no path.
+            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) if is_no_space(&io) => {
+                StoreError::NoSpace(path.to_path_buf())
+            }
+            other => other,
+        })
+    }
+
+    fn compact_at(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
         let started = Instant::now();
         // Looked at before the lock, which would make the folder: a store mid-swap has one of
         // the two.
-        if !path.join("db").exists() && !path.join(SWAP_STATE).exists() {
+        let mut is_store = false;
+        for file in ["db", SWAP_STATE] {
+            is_store |= path
+                .join(file)
+                .try_exists()
+                .map_err(|e| io_error(path, &e))?;
+        }
+        if !is_store {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
         let _lock = super::open::retry_locked(|| lock(path))?;
@@ -484,7 +510,7 @@ fn io_error(store: &Path, e: &io::Error) -> StoreError {
 
 /// Bytes the sled files in the folder `store` take on the disk (blocks allocated, so a sparse
 /// file counts what it holds).
-fn sled_bytes(store: &Path) -> io::Result<u64> {
+pub(super) fn sled_bytes(store: &Path) -> io::Result<u64> {
     fn under(path: &Path) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         let metadata = fs::symlink_metadata(path)?;
@@ -531,7 +557,7 @@ fn check_reserve(store: &Path, reserve: u64) -> Result<(), StoreError> {
 }
 
 /// Bytes an unprivileged writer may still use on the disk holding `dir`.
-fn free_bytes(dir: &Path) -> io::Result<u64> {
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;

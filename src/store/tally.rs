@@ -28,6 +28,10 @@ pub struct OutboxStats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profiles: Option<u64>,
     pub store_id: String,
+    /// Bytes the store's sled files take on the disk (left out if they cannot be read): sled
+    /// never gives back what removed data took, `outpost compact` does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_disk_bytes: Option<u64>,
     /// The run time of the store (agents' running time, summed over runs).
     pub run_time_s: u64,
     /// Wall-clock jumps noticed on this store.
@@ -170,6 +174,9 @@ impl Store {
             bytes: tally.bytes,
             profiles: self.with(super::profiles::read_profile_count)?,
             store_id: format!("{:08x}", self.store_id),
+            store_disk_bytes: super::rebuild::sled_bytes(&self.path)
+                .inspect_err(|e| tracing::debug!(error = %e, "reading the store's size on disk"))
+                .ok(),
             run_time_s: uptime_ms / 1000,
             clock_jumps: clock.jumps,
             last_clock_jump: clock.last_jump.map(|j| ClockJumpReport {
