@@ -44,6 +44,8 @@ pub enum AdminRequest {
     Unreadable,
     /// Acts on every unreadable record (`outpost repair`).
     RepairUnreadable,
+    /// Rebuilds the store into a fresh database (`outpost compact`).
+    Compact,
     /// Updates already validated by the CLI, committed as one group.
     Ingest {
         updates: Vec<Value>,
@@ -66,11 +68,15 @@ pub enum AdminRequest {
 }
 
 impl AdminRequest {
-    /// Whether it changes the outbox (the agent then wakes its delivery loop).
+    /// Whether it changes the outbox or reopens the store (the agent then wakes its delivery
+    /// loop).
     pub fn repairs(&self) -> bool {
         matches!(
             self,
-            AdminRequest::Retry { .. } | AdminRequest::Drop { .. } | AdminRequest::RepairUnreadable
+            AdminRequest::Retry { .. }
+                | AdminRequest::Drop { .. }
+                | AdminRequest::RepairUnreadable
+                | AdminRequest::Compact
         )
     }
 }
@@ -180,6 +186,7 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
             Ok(serde_json::to_value(store.unreadable()?).expect("records serialize"))
         }
         AdminRequest::RepairUnreadable => Ok(json!({ "repaired": store.repair_unreadable()? })),
+        AdminRequest::Compact => Ok(store.compact_in_place()?.to_json(store.path())),
         AdminRequest::Retry { ids, all_dead } => repair(store, ids, *all_dead, true),
         AdminRequest::Drop { ids, all_dead } => repair(store, ids, *all_dead, false),
         AdminRequest::Ingest { .. } => {

@@ -75,12 +75,14 @@ pub enum Command {
         yes: bool,
     },
     /// Rebuild the store into a fresh database inside its folder, to give back the disk space
-    /// (and memory) sled keeps: its log holds old versions of rewritten pages, and it never
-    /// returns the space of what was removed (a delivered backlog, deleted profiles).
+    /// sled keeps (and, at the agent's next start, the memory): its log holds old versions of
+    /// rewritten pages, and it never returns the space of what was removed (a delivered
+    /// backlog, deleted profiles).
     ///
-    /// Needs the store to itself (stop the agent first; it takes about 1 to 2 s for each
-    /// 100,000 profiles) and room on its disk for a copy of what is live, plus 64 MiB. A kill
-    /// at any point loses nothing: the next open finishes the swap or deletes the copy.
+    /// While the agent runs, the agent does it: it refuses updates with 503 (and delivery
+    /// waits) for the time it takes, about 1 to 2 s for each 100,000 profiles. Needs room on
+    /// the store's disk for a copy of what is live, plus 64 MiB. A kill at any point loses
+    /// nothing: the next open finishes the swap or deletes the copy.
     ///
     /// Example: outpost compact --config /etc/outpost/outpost.toml
     Compact {

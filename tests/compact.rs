@@ -8,6 +8,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
@@ -233,33 +234,117 @@ async fn compact_after_a_delivered_backlog_keeps_everything_else() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compact_refuses_a_store_open_in_the_agent_and_a_folder_without_a_store() {
-    let port = free_port();
-    let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+#[test]
+fn compact_refuses_a_folder_without_a_store_and_makes_none() {
+    let ws = Workspace::new();
     let out = ws.run(&["compact"], None);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let error = String::from_utf8_lossy(&out.stderr);
     assert!(error.contains("there is no store at"), "{error}");
     assert!(!ws.store_path().exists(), "compact made a store folder");
+}
 
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(member_update("p-1", "Ann", "2026-01-01T00:00:01Z").as_bytes()),
-    );
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
-    let out = ws.run(&["compact"], None);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let error = String::from_utf8_lossy(&out.stderr);
+/// The agent compacts its store when asked over its socket, while a client keeps sending
+/// updates and exports are delivered: each update is acknowledged or refused with 503, every
+/// acknowledged one is delivered, and the agent takes updates and delivers again after. A
+/// refused update may have been stored all the same (its group was written, its flush came
+/// too late), as after a full disk; a client sends it again, which changes nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_agent_compacts_its_store_while_updates_arrive() {
+    const BEFORE: usize = 3_000;
+    let setup = receiver_setup(ReceiverOptions::default(), oauth_body, "").await;
+    let config = setup._dir.path().join("outpost.toml");
+    let port = free_port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let listen = "listen = \"127.0.0.1:0\"";
+    assert!(text.contains(listen), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(listen, &format!("listen = \"127.0.0.1:{port}\"")),
+    )
+    .unwrap();
+    outpost_ok(&config, &["ingest", "-"], &member_lines("p", BEFORE));
+    let mut agent = AgentProcess::start(&config, port).await;
+    let addr = agent.addr;
+    let stop_sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sender = tokio::spawn({
+        let stop_sending = Arc::clone(&stop_sending);
+        let acked_count = Arc::clone(&acked_count);
+        async move {
+            let (mut acked, mut refused) = (Vec::new(), Vec::new());
+            for i in 0.. {
+                if stop_sending.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let id = format!("live-{i:05}");
+                let line = member_update(&id, "Liv", "2026-01-01T00:00:05Z");
+                match http_post(addr, "/v1/updates", line, &[]).await {
+                    (200, _) => {
+                        acked.push(id);
+                        acked_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    (503, _) => refused.push(id),
+                    other => panic!("ingest answered {other:?} while compacting"),
+                }
+            }
+            (acked, refused)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let compact = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || outpost(&config, &["compact", "--json"], "")
+    });
+    let out = compact.await.unwrap();
+    let acked_when_compacted = acked_count.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(out.status.success(), "{out:?}\n{}", agent.log());
+    let compacted: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
-        error.contains("open in the running agent: stop it, then compact"),
-        "{error}"
+        compacted["profiles"].as_u64().unwrap() >= BEFORE as u64,
+        "{compacted}"
     );
-    // The agent goes on, its store untouched.
-    assert_eq!(ws.outbox_stats()["pending"], 1);
+    let acked_by_then = {
+        // Updates are taken again after: wait for a few more acknowledgements.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop_sending.store(true, std::sync::atomic::Ordering::SeqCst);
+        sender.await.unwrap()
+    };
+    let (acked, refused) = acked_by_then;
+    eprintln!(
+        "compacted: {compacted}; {} updates acknowledged, {} refused with 503",
+        acked.len(),
+        refused.len()
+    );
     agent.assert_running();
+    assert!(
+        acked.len() > acked_when_compacted,
+        "no update was acknowledged after compacting"
+    );
+    // Every acknowledged update is stored, and its export delivered.
+    let delivered = || -> std::collections::HashSet<String> {
+        setup
+            .receiver
+            .delivered()
+            .iter()
+            .map(|r| profile_of(&r.json().unwrap()))
+            .collect()
+    };
+    wait_until(60, "every export delivered", || {
+        delivered().len() >= BEFORE + acked.len() && outbox_stats(&config)["pending"] == 0
+    })
+    .await;
+    let delivered = delivered();
+    for id in &acked {
+        assert!(delivered.contains(id), "{id} acknowledged, not delivered");
+    }
+    for id in &delivered {
+        assert!(
+            id.starts_with("p-") || acked.contains(id) || refused.contains(id),
+            "{id} delivered, never sent"
+        );
+    }
+    assert_eq!(outbox_stats(&config)["profiles"], delivered.len());
     agent.terminate().await;
-    let out = ws.run_ok(&["compact"], None);
-    assert!(out.contains("profiles: 1)"), "{out}");
-    assert_eq!(ws.outbox_stats()["pending"], 1);
+    outpost_ok(&config, &["check", "--store"], "");
 }

@@ -484,44 +484,31 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
     }
 }
 
-/// `outpost compact`: rebuilds the store, which must not be open elsewhere.
+/// `outpost compact`: rebuilds the store, in the running agent if there is one.
 fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
     let path = &config.storage.path;
-    let compacted = match Store::compact(path, config.storage.cache_bytes) {
-        Err(StoreError::Locked(_)) if Backend::agent_answers(config) => {
-            return Err(CliError::Failure(format!(
-                "the store at {} is open in the running agent: stop it, then compact (compacting needs the store to itself)",
-                path.display()
-            )))
+    let result = if Backend::agent_answers(config) {
+        Backend::connect(config)?.execute(&AdminRequest::Compact)?
+    } else {
+        match Store::compact(path, config.storage.cache_bytes) {
+            Ok(compacted) => compacted.to_json(path),
+            // A wrong `storage.path`, most likely.
+            Err(e @ StoreError::Missing(_)) => return Err(CliError::Usage(e.to_string())),
+            Err(e) => return Err(e.into()),
         }
-        // A wrong `storage.path`, most likely.
-        Err(e @ StoreError::Missing(_)) => return Err(CliError::Usage(e.to_string())),
-        Err(e @ StoreError::NoRoomToRebuild { .. }) => {
-            return Err(CliError::Failure(format!("{e}; the store is as it was")))
-        }
-        other => other?,
     };
     if json {
-        print_json(
-            &serde_json::json!({
-                "path": path.display().to_string(),
-                "bytes_before": compacted.bytes_before,
-                "bytes_after": compacted.bytes_after,
-                "keys": compacted.keys,
-                "profiles": compacted.profiles,
-                "seconds": compacted.took.as_secs_f64(),
-            }),
-            true,
-        );
+        print_json(&result, true);
     } else {
+        let size = |field: &str| preflight::bytes(result[field].as_u64().unwrap_or(0));
         println!(
             "compacted the store at {} in {:.1} s: {} on disk before, {} after (keys copied: {}, profiles: {})",
             path.display(),
-            compacted.took.as_secs_f64(),
-            preflight::bytes(compacted.bytes_before),
-            preflight::bytes(compacted.bytes_after),
-            compacted.keys,
-            compacted.profiles,
+            result["seconds"].as_f64().unwrap_or(0.0),
+            size("bytes_before"),
+            size("bytes_after"),
+            result["keys"],
+            result["profiles"],
         );
     }
     Ok(())

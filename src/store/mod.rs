@@ -136,6 +136,8 @@ pub struct Store {
     /// committer, and `outpost repair` through the admin socket while the agent runs. A group
     /// holds several profiles, so two writers would each write back the other's old version.
     profile_writer: std::sync::Mutex<()>,
+    /// See [`Store::lock_reopening`].
+    reopening: std::sync::Mutex<()>,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,
@@ -170,6 +172,11 @@ impl Store {
         f: impl FnOnce(&Trees) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         f(trees).map_err(|e| self.classify(e, trees.generation))
+    }
+
+    /// The store's folder.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     pub fn store_id(&self) -> u32 {

@@ -209,6 +209,7 @@ impl Store {
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
             profile_writer: std::sync::Mutex::new(()),
+            reopening: std::sync::Mutex::new(()),
             _lock: lock,
         })
     }
@@ -438,35 +439,64 @@ impl Store {
                 }
             }
         })?;
+        let _reopening = self.lock_reopening();
+        if !self.is_failed() {
+            return Ok(false); // a compaction reopened it meanwhile
+        }
+        if !self.close_trees() {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                detail: "its handles are still in use; reopening later".into(),
+            });
+        }
+        // Not rebuilt here: updates would be refused while it copies (the next start does).
+        self.reopen_trees()?;
+        self.failed.store(false, Ordering::SeqCst);
+        self.failed_no_space.store(false, Ordering::SeqCst);
+        tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
+        Ok(true)
+    }
+
+    /// Held while the handles are closed and opened again: by one reopening or compaction at
+    /// a time.
+    pub(super) fn lock_reopening(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.reopening.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the sled handles out (calls meanwhile fail with [`StoreError::Reopening`]) and
+    /// waits until the calls that took them before are done and they are dropped; `false`
+    /// (the handles back in place) if that takes over 30 s. sled lets one open at a time, so
+    /// every handle must be gone before the next open.
+    pub(super) fn close_trees(&self) -> bool {
         let old = self.trees.write().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(mut old) = old {
-            // Calls that took the handles before finish (their writes fail); sled lets one
-            // open at a time, so every handle must be gone before the next open.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(trees) => {
-                        drop(trees);
-                        break;
-                    }
-                    Err(still_shared) if Instant::now() < deadline => {
-                        old = still_shared;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(still_shared) => {
-                        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
-                        return Err(StoreError::Io {
-                            path: self.path.clone(),
-                            detail: "its handles are still in use; reopening later".into(),
-                        });
-                    }
+        let Some(mut old) = old else {
+            return true;
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(trees) => {
+                    drop(trees);
+                    return true;
+                }
+                Err(still_shared) if Instant::now() < deadline => {
+                    old = still_shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(still_shared) => {
+                    *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
+                    return false;
                 }
             }
         }
+    }
+
+    /// Opens the store's folder again after [`Store::close_trees`] (never rebuilding) and puts
+    /// the new handles in place, with the sequence watermarks read from it.
+    pub(super) fn reopen_trees(&self) -> Result<(), StoreError> {
         // sled's threads release the file lock shortly after the last handle goes.
         let mut tries = 0;
         let (mut trees, opened) = loop {
-            // Not rebuilt here: updates would be refused while it copies (the next start does).
             match Store::open_trees(&self.path, self.cache_bytes, false) {
                 Err(StoreError::Locked(_)) if tries < 10 => tries += 1,
                 Err(e) => return Err(self.classify(e, u64::MAX)),
@@ -494,10 +524,7 @@ impl Store {
         self.durable_next.store(opened.next_seq, Ordering::SeqCst);
         trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
-        self.failed.store(false, Ordering::SeqCst);
-        self.failed_no_space.store(false, Ordering::SeqCst);
-        tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
-        Ok(true)
+        Ok(())
     }
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.

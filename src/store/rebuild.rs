@@ -427,7 +427,7 @@ pub(super) fn rebuild_if_wanted(
     }
 }
 
-/// What [`Store::compact`] did.
+/// What [`Store::compact_in_place`] did.
 #[derive(Clone, Copy, Debug)]
 pub struct Compacted {
     /// Bytes the store's sled files took on the disk before, and after.
@@ -437,31 +437,32 @@ pub struct Compacted {
     pub keys: u64,
     /// Profiles stored (counted as they were copied).
     pub profiles: u64,
-    /// From the call to the compacted store having been opened once.
+    /// From the call until the compacted store was open.
     pub took: Duration,
 }
 
-impl Store {
-    /// Rebuilds the store at `path` into a fresh database now (`outpost compact`), whether or
-    /// not it wants a rebuild: sled keeps the disk space, and a record in memory, of every
-    /// page a large delivered backlog or many deleted profiles emptied. Needs the store to
-    /// itself ([`StoreError::Locked`] while another process has it open) and room for a copy
-    /// of what is live plus [`COPY_RESERVE_BYTES`]. A kill at any point loses nothing: the next
-    /// open finishes the swap or deletes the copy.
-    pub fn compact(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
-        Store::compact_at(path, cache_bytes).map_err(|e| match e {
-            // sled's own I/O errors name no path.
-            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) if is_no_space(&io) => {
-                StoreError::NoSpace(path.to_path_buf())
-            }
-            other => other,
+impl Compacted {
+    /// As `outpost compact --json` prints it (also the admin socket's answer).
+    pub fn to_json(&self, path: &Path) -> serde_json::Value {
+        serde_json::json!({
+            "path": path.display().to_string(),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "keys": self.keys,
+            "profiles": self.profiles,
+            "seconds": self.took.as_secs_f64(),
         })
     }
+}
 
-    fn compact_at(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
-        let started = Instant::now();
-        // Looked at before the lock, which would make the folder: a store mid-swap has one of
-        // the two.
+impl Store {
+    /// Rebuilds the store at `path` into a fresh database now (`outpost compact` with no agent
+    /// running), whether or not it wants a rebuild: see [`Store::compact_in_place`].
+    /// [`StoreError::Missing`] if the folder holds no store (none is made);
+    /// [`StoreError::Locked`] while another process has it open.
+    pub fn compact(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
+        // Looked at before the open, which would make a store: a store mid-swap has one of the
+        // two.
         let mut is_store = false;
         for file in ["db", SWAP_STATE] {
             is_store |= path
@@ -472,21 +473,46 @@ impl Store {
         if !is_store {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        let _lock = super::open::retry_locked(|| lock(path))?;
-        let (t, _) = Store::open_trees(path, cache_bytes, false)?;
-        if t.upgrade_unfinished {
-            // The copy would drop `meta/rebuild`, which the upgrade set for when it is done.
-            return Err(StoreError::UpgradeUnfinished(path.to_path_buf()));
+        Store::open(path, cache_bytes)?.compact_in_place()
+    }
+
+    /// Rebuilds the open store into a fresh database and goes on with it (`outpost compact`):
+    /// sled's log keeps old versions of rewritten pages, and sled keeps the disk space, and a
+    /// record in memory, of every page emptied (a delivered backlog, deleted profiles). Calls
+    /// meanwhile fail with [`StoreError::Reopening`] (ingest answers 503, delivery's writes
+    /// wait), as while the store is reopened after a full disk. Needs room for a copy of what
+    /// is live plus [`COPY_RESERVE_BYTES`]. Whatever fails, the store is opened again, as it
+    /// was or as the copy; a kill at any point loses nothing (the next open finishes the swap
+    /// or deletes the copy).
+    pub fn compact_in_place(&self) -> Result<Compacted, StoreError> {
+        let started = Instant::now();
+        let _reopening = self.lock_reopening();
+        if !self.close_trees() {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                detail: "not compacted: the store stayed in use for 30 s".into(),
+            });
         }
-        let bytes_before = sled_bytes(path).map_err(|e| io_error(path, &e))?;
-        let copied = copy(&t, path, cache_bytes, COPY_RESERVE_BYTES)?;
-        drop(t);
-        swap_in(path).map_err(|e| swap_error(path, e))?;
-        // Opened once, as every later open will: it must read.
-        let (t, _) = Store::open_trees(path, cache_bytes, false)?;
-        drop(t);
-        wait_closed(path).map_err(|e| io_error(path, &e))?;
-        let bytes_after = sled_bytes(path).map_err(|e| io_error(path, &e))?;
+        let compacted = self.copy_and_swap().map_err(|e| match e {
+            // sled's own I/O errors name no path.
+            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) if is_no_space(&io) => {
+                StoreError::NoSpace(self.path.clone())
+            }
+            other => other,
+        });
+        if let Err(e) = self.reopen_trees() {
+            // The agent reopens a failed store by itself (`recover`), finishing a swap begun.
+            use std::sync::atomic::Ordering;
+            self.failed_no_space
+                .store(matches!(e, StoreError::NoSpace(_)), Ordering::SeqCst);
+            self.failed.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                "the store could not be opened again after compacting ({e}); updates are refused until it is"
+            );
+            return Err(compacted.err().unwrap_or(e));
+        }
+        let (bytes_before, copied) = compacted?;
+        let bytes_after = sled_bytes(&self.path).map_err(|e| io_error(&self.path, &e))?;
         tracing::info!(
             profiles = copied.profiles,
             "the compacted store is in place"
@@ -498,6 +524,22 @@ impl Store {
             profiles: copied.profiles,
             took: started.elapsed(),
         })
+    }
+
+    /// Copies the closed store and swaps the copy in; returns the size on disk before.
+    fn copy_and_swap(&self) -> Result<(u64, Copied), StoreError> {
+        let path = &self.path;
+        wait_closed(path).map_err(|e| io_error(path, &e))?;
+        let bytes_before = sled_bytes(path).map_err(|e| io_error(path, &e))?;
+        let (t, _) = Store::open_trees(path, self.cache_bytes, false)?;
+        if t.upgrade_unfinished {
+            // The copy would drop `meta/rebuild`, which the upgrade set for when it is done.
+            return Err(StoreError::UpgradeUnfinished(path.to_path_buf()));
+        }
+        let copied = copy(&t, path, self.cache_bytes, COPY_RESERVE_BYTES)?;
+        drop(t);
+        swap_in(path).map_err(|e| swap_error(path, e))?;
+        Ok((bytes_before, copied))
     }
 }
 
