@@ -117,9 +117,9 @@ pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value,
     let failed =
         |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
     let mut stream = UnixStream::connect(socket).map_err(failed)?;
-    stream
-        .set_read_timeout(Some(AGENT_TIMEOUT))
-        .map_err(failed)?;
+    // A compaction takes as long as the store is large; the agent answers when it is done.
+    let timeout = (*request != AdminRequest::Compact).then_some(AGENT_TIMEOUT);
+    stream.set_read_timeout(timeout).map_err(failed)?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(failed)?;

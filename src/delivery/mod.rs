@@ -45,7 +45,7 @@ use crate::clock::RunClock;
 use crate::config::{Config, Secret};
 use crate::metrics::{DeliveryOutcome, Metrics, RetryCause};
 use crate::store::outbox::ExportChange;
-use crate::store::{Export, Store};
+use crate::store::{Export, Store, StoreError};
 use auth::TokenSource;
 use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
@@ -383,7 +383,11 @@ impl Deliverer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the outbox; trying again shortly");
+                if matches!(e, StoreError::Reopening(_)) {
+                    tracing::debug!(error = %e, "cannot read the outbox; trying again shortly");
+                } else {
+                    tracing::error!(error = %e, "cannot read the outbox; trying again shortly");
+                }
                 state.read_retry_at = Some(now + READ_RETRY);
             }
         }

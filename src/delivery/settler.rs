@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::store::outbox::ExportChange;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// One change, with the profile it belongs to.
 pub struct Change {
@@ -86,7 +86,7 @@ fn run(
             match applied {
                 Ok(missing) => break missing,
                 Err(e) => {
-                    if failures == 0 {
+                    if failures == 0 && !matches!(e, StoreError::Reopening(_)) {
                         tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
                     } else {
                         tracing::debug!(error = %e, "cannot record deliveries in the outbox; retrying");

@@ -65,8 +65,8 @@ pub enum StoreError {
     /// Another I/O error from the disk; the store is reopened as after a full disk.
     #[error("I/O error on the store at {path}: {detail}")]
     Io { path: PathBuf, detail: String },
-    /// The store is being reopened after an I/O error.
-    #[error("the store at {0} is being reopened after an I/O error")]
+    /// The store is being reopened: after an I/O error, or by a compaction.
+    #[error("the store at {0} is being reopened (after an I/O error, or compacted)")]
     Reopening(PathBuf),
 }
 

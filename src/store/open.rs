@@ -90,6 +90,9 @@ pub(super) fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
 
 /// Runs `open` again for a moment while it finds the store locked: a process that closed it
 /// just before (this one, or one exiting) releases it shortly after (sled's threads).
+/// How long closing the store waits for the calls that hold its handles.
+pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
 pub(super) fn retry_locked<T>(
     mut open: impl FnMut() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
@@ -192,8 +195,17 @@ impl Store {
     /// A lock is retried for a moment: sled's threads release it shortly after a store is
     /// dropped, so a store closed just before (by this or an exiting process) opens.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        Store::open_rebuilding(path, cache_bytes, true)
+    }
+
+    /// [`Store::open`]; a rebuild the store wants is made only when `may_rebuild`.
+    pub(super) fn open_rebuilding(
+        path: &Path,
+        cache_bytes: u64,
+        may_rebuild: bool,
+    ) -> Result<Store, StoreError> {
         let lock = retry_locked(|| rebuild::lock(path))?;
-        let (trees, opened) = Store::open_trees(path, cache_bytes, true)?;
+        let (trees, opened) = Store::open_trees(path, cache_bytes, may_rebuild)?;
         Ok(Store {
             path: path.to_path_buf(),
             cache_bytes,
@@ -443,7 +455,7 @@ impl Store {
         if !self.is_failed() {
             return Ok(false); // a compaction reopened it meanwhile
         }
-        if !self.close_trees() {
+        if self.take_trees().is_err() {
             return Err(StoreError::Io {
                 path: self.path.clone(),
                 detail: "its handles are still in use; reopening later".into(),
@@ -464,31 +476,34 @@ impl Store {
     }
 
     /// Takes the sled handles out (calls meanwhile fail with [`StoreError::Reopening`]) and
-    /// waits until the calls that took them before are done and they are dropped; `false`
-    /// (the handles back in place) if that takes over 30 s. sled lets one open at a time, so
-    /// every handle must be gone before the next open.
-    pub(super) fn close_trees(&self) -> bool {
+    /// waits until the calls that took them before are done; returns them, the last holder
+    /// (`None` if they were out already). `Err` (the handles back in place) if that takes over
+    /// [`CLOSE_WAIT`]. sled lets one open at a time, so every handle must be dropped before
+    /// the next open.
+    pub(super) fn take_trees(&self) -> Result<Option<Trees>, ()> {
         let old = self.trees.write().unwrap_or_else(|e| e.into_inner()).take();
         let Some(mut old) = old else {
-            return true;
+            return Ok(None);
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + CLOSE_WAIT;
         loop {
             match Arc::try_unwrap(old) {
-                Ok(trees) => {
-                    drop(trees);
-                    return true;
-                }
+                Ok(trees) => return Ok(Some(trees)),
                 Err(still_shared) if Instant::now() < deadline => {
                     old = still_shared;
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(still_shared) => {
-                    *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
-                    return false;
+                    self.put_back(still_shared);
+                    return Err(());
                 }
             }
         }
+    }
+
+    /// Puts handles taken out by [`Store::take_trees`] back in place.
+    pub(super) fn put_back(&self, trees: Arc<Trees>) {
+        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(trees);
     }
 
     /// Opens the store's folder again after [`Store::close_trees`] (never rebuilding) and puts

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 use super::error::{is_no_space, StoreError};
 use super::keys::meta;
 use super::profiles::profiles_in;
+use std::sync::Arc;
+
 use super::{Store, Trees};
 
 const COPY_DIR: &str = "rebuild";
@@ -473,7 +475,8 @@ impl Store {
         if !is_store {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        Store::open(path, cache_bytes)?.compact_in_place()
+        // Not rebuilt at the open: the compaction is one.
+        Store::open_rebuilding(path, cache_bytes, false)?.compact_in_place()
     }
 
     /// Rebuilds the open store into a fresh database and goes on with it (`outpost compact`):
@@ -485,15 +488,44 @@ impl Store {
     /// was or as the copy; a kill at any point loses nothing (the next open finishes the swap
     /// or deletes the copy).
     pub fn compact_in_place(&self) -> Result<Compacted, StoreError> {
+        self.compact_keeping(COPY_RESERVE_BYTES)
+    }
+
+    /// [`Store::compact_in_place`], stopping below `reserve` bytes free.
+    fn compact_keeping(&self, reserve: u64) -> Result<Compacted, StoreError> {
+        use std::sync::atomic::Ordering;
         let started = Instant::now();
         let _reopening = self.lock_reopening();
-        if !self.close_trees() {
-            return Err(StoreError::Io {
-                path: self.path.clone(),
-                detail: "not compacted: the store stayed in use for 30 s".into(),
-            });
+        let not_compacted = |detail: String| StoreError::Io {
+            path: self.path.clone(),
+            detail: format!("not compacted: {detail}"),
+        };
+        let old = self.take_trees().map_err(|()| {
+            not_compacted(format!(
+                "calls in progress held the store for {} s",
+                super::open::CLOSE_WAIT.as_secs()
+            ))
+        })?;
+        if let Some(old) = old {
+            // A writer whose own flush comes after this point finds the handles gone (and
+            // answers with an error) or, after the reopen, flushes the copy: what it wrote
+            // must be durable before the copy is made of it.
+            let flushed =
+                old.db
+                    .flush()
+                    .map_err(StoreError::from)
+                    .and_then(|_| match &old.log_file {
+                        Some(file) => file.sync_data().map_err(StoreError::Sync),
+                        None => Ok(()),
+                    });
+            if let Err(e) = flushed {
+                self.put_back(Arc::new(old));
+                return Err(self.classify(e, self.generation.load(Ordering::SeqCst)));
+            }
         }
-        let compacted = self.copy_and_swap().map_err(|e| match e {
+        // Until the store is open again, a panic leaves it failed, for the agent to reopen.
+        let reopen_guard = FailUnlessReopened(self);
+        let compacted = self.copy_and_swap(reserve).map_err(|e| match e {
             // sled's own I/O errors name no path.
             StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) if is_no_space(&io) => {
                 StoreError::NoSpace(self.path.clone())
@@ -502,15 +534,18 @@ impl Store {
         });
         if let Err(e) = self.reopen_trees() {
             // The agent reopens a failed store by itself (`recover`), finishing a swap begun.
-            use std::sync::atomic::Ordering;
+            drop(reopen_guard);
             self.failed_no_space
                 .store(matches!(e, StoreError::NoSpace(_)), Ordering::SeqCst);
-            self.failed.store(true, Ordering::SeqCst);
             tracing::warn!(
                 "the store could not be opened again after compacting ({e}); updates are refused until it is"
             );
             return Err(compacted.err().unwrap_or(e));
         }
+        std::mem::forget(reopen_guard);
+        // The handles are new: an earlier failure is behind them.
+        self.failed.store(false, Ordering::SeqCst);
+        self.failed_no_space.store(false, Ordering::SeqCst);
         let (bytes_before, copied) = compacted?;
         let bytes_after = sled_bytes(&self.path).map_err(|e| io_error(&self.path, &e))?;
         tracing::info!(
@@ -527,7 +562,7 @@ impl Store {
     }
 
     /// Copies the closed store and swaps the copy in; returns the size on disk before.
-    fn copy_and_swap(&self) -> Result<(u64, Copied), StoreError> {
+    fn copy_and_swap(&self, reserve: u64) -> Result<(u64, Copied), StoreError> {
         let path = &self.path;
         wait_closed(path).map_err(|e| io_error(path, &e))?;
         let bytes_before = sled_bytes(path).map_err(|e| io_error(path, &e))?;
@@ -536,10 +571,22 @@ impl Store {
             // The copy would drop `meta/rebuild`, which the upgrade set for when it is done.
             return Err(StoreError::UpgradeUnfinished(path.to_path_buf()));
         }
-        let copied = copy(&t, path, self.cache_bytes, COPY_RESERVE_BYTES)?;
+        let copied = copy(&t, path, self.cache_bytes, reserve)?;
         drop(t);
         swap_in(path).map_err(|e| swap_error(path, e))?;
         Ok((bytes_before, copied))
+    }
+}
+
+/// Marks the store failed when dropped: while its handles are out, so that the agent's
+/// `recover` reopens it should the compaction stop on a panic.
+struct FailUnlessReopened<'a>(&'a Store);
+
+impl Drop for FailUnlessReopened<'_> {
+    fn drop(&mut self) {
+        self.0
+            .failed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -775,6 +822,59 @@ mod tests {
         let wanted = trees.meta.get(meta::REBUILD).unwrap();
         assert!(wanted.is_some());
         drop(trees);
+        assert_whole(path, &ids);
+    }
+
+    /// An open store compacts itself and goes on: what it holds is there, it takes writes,
+    /// and a failure from before (a full disk) is behind it.
+    #[test]
+    fn an_open_store_compacts_itself_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let ids = store_of(path, 300, false);
+        let store = Store::open(path, CACHE).unwrap();
+        store
+            .failed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let compacted = store.compact_in_place().unwrap();
+        assert_eq!((compacted.profiles, compacted.keys > 300), (300, true));
+        assert!(!store.is_failed());
+        assert!(
+            store.with(|t| Ok(t.generation)).unwrap() > 0,
+            "not reopened"
+        );
+        let more = crate::profile::update::parse_body(
+            br#"{"id":"after","profile":{"segmentMembership":{"ups":{"s1":{"status":"realized"}}}}}"#,
+        )
+        .unwrap();
+        store
+            .apply_groups(&[&more], &mapping(), chrono::Utc::now())
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let mut ids = ids;
+        ids.push("after".into());
+        assert_whole(path, &ids);
+    }
+
+    /// A compaction without room leaves the open store as it was, and working.
+    #[test]
+    fn a_compaction_without_room_leaves_the_open_store_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let ids = store_of(path, 50, false);
+        let store = Store::open(path, CACHE).unwrap();
+        let reserve = free_bytes(path).unwrap() + (1 << 30);
+        let error = store.compact_keeping(reserve).err().unwrap();
+        assert!(
+            matches!(error, StoreError::NoRoomToRebuild { .. }),
+            "{error}"
+        );
+        assert!(!store.is_failed());
+        assert!(!path.join(COPY_DIR).exists() && !path.join(SWAP_STATE).exists());
+        assert_eq!(store.profile_count().unwrap(), 50);
+        store.flush().unwrap();
+        drop(store);
         assert_whole(path, &ids);
     }
 
