@@ -31,13 +31,12 @@
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::{is_no_space, StoreError};
 use super::keys::meta;
 use super::profiles::profiles_in;
-use std::sync::Arc;
-
 use super::{Store, Trees};
 
 const COPY_DIR: &str = "rebuild";
