@@ -17,33 +17,13 @@ use serde_json::Value;
 
 /// `outbox list --json --limit 0` with `extra` flags.
 fn list(config: &std::path::Path, extra: &[&str]) -> Vec<Value> {
-    let out = std::process::Command::new(binary())
-        .args(["--config", config.to_str().unwrap()])
-        .args(["outbox", "list", "--json", "--limit", "0"])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    json_lines(&String::from_utf8(out.stdout).unwrap())
+    let mut args = vec!["outbox", "list", "--json", "--limit", "0"];
+    args.extend_from_slice(extra);
+    json_lines(&outpost_ok(config, &args, ""))
 }
 
 fn outpost(config: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = std::process::Command::new(binary())
-        .args(["--config", config.to_str().unwrap()])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_config(config, args, Some(stdin.as_bytes()))
 }
 
 fn outpost_ok(config: &std::path::Path, args: &[&str], stdin: &str) -> String {

@@ -70,25 +70,7 @@ path = "store"
 
     /// Runs `outpost --config <ws> ARGS` with `stdin` as standard input.
     pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut child = Command::new(binary())
-            .arg("--config")
-            .arg(self.config_path())
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(input) = stdin {
-            use std::io::Write;
-            // The command may exit before reading its input (e.g. on a locked store).
-            let _ = child.stdin.take().unwrap().write_all(input);
-        }
-        child.wait_with_output().unwrap()
+        run_with_config(&self.config_path(), args, stdin)
     }
 
     /// Runs and asserts exit 0; returns stdout.
@@ -103,6 +85,29 @@ path = "store"
         );
         String::from_utf8(out.stdout).unwrap()
     }
+}
+
+/// Runs `outpost --config CONFIG ARGS` with `stdin` as standard input.
+pub fn run_with_config(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        use std::io::Write;
+        // The command may exit before reading its input (e.g. on a locked store).
+        let _ = child.stdin.take().unwrap().write_all(input);
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// An update line for profile `id`: a member of SEGMENT_A with `first_name`.
