@@ -1,9 +1,10 @@
 //! `outpost compact`: the store rebuilt into a fresh database after a delivered backlog keeps
 //! everything as it was: pending exports and dead letters (ids, payloads, attempts), profiles,
-//! counts, and the numbering of exports; it reports the store's size on disk. It refuses a
-//! store that is open in the agent, and a folder with no store. What it gives back is measured
-//! by `cargo bench --bench agent` (section (d)). Kills during a compaction are in
-//! `upgrade.rs` (`a_rebuild_killed_at_random_instants_leaves_the_store_whole`).
+//! counts, and the numbering of exports; it reports the store's size on disk. A running agent
+//! compacts its own store while updates arrive and exports are delivered. A folder with no
+//! store is refused. What it gives back is measured by `cargo bench --bench agent` (section
+//! (d)). Kills during a compaction are in `upgrade.rs`
+//! (`a_rebuild_killed_at_random_instants_leaves_the_store_whole`).
 
 mod common;
 
@@ -117,7 +118,7 @@ async fn compact_after_a_delivered_backlog_keeps_everything_else() {
     })
     .await;
     agent.stop().await.unwrap();
-    // Pending again, with the destination stopped: 50 changed profiles and 20 new ones.
+    // Pending again, with the agent stopped: 50 changed profiles and 20 new ones.
     let pending_lines = format!(
         "{}\n{}",
         (0..50)
