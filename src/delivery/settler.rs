@@ -77,7 +77,8 @@ fn run(
         // the profiles must not send again before it is durable.
         let mut failures = 0u32;
         let missing = loop {
-            let applied = store.apply_export_changes(&changes).and_then(|missing| {
+            let applied = store.write_section().and_then(|_section| {
+                let missing = store.apply_export_changes(&changes)?;
                 if must_flush {
                     store.flush()?;
                 }

@@ -156,8 +156,12 @@ fn backfill_step(
     committed: &Notify,
 ) -> Result<Option<BackfillProgress>, CommitError> {
     let progress = store
-        .backfill_step(mapping, STEP_PROFILES, Utc::now())
-        .and_then(|progress| store.flush().map(|()| progress))
+        .write_section()
+        .and_then(|_section| {
+            let progress = store.backfill_step(mapping, STEP_PROFILES, Utc::now())?;
+            store.flush()?;
+            Ok(progress)
+        })
         .map_err(commit_error)?;
     if progress.is_some() {
         committed.notify_one();
@@ -204,9 +208,13 @@ fn run(
             .collect();
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
         let started = std::time::Instant::now();
-        let applied = store.apply_each(&groups, mapping, Utc::now(), &consumed);
-        let decided = started.elapsed();
-        let result = applied.and_then(|summaries| store.flush().map(|()| summaries));
+        let mut decided = std::time::Duration::ZERO;
+        let result = store.write_section().and_then(|_section| {
+            let summaries = store.apply_each(&groups, mapping, Utc::now(), &consumed)?;
+            decided = started.elapsed();
+            store.flush()?;
+            Ok(summaries)
+        });
         tracing::debug!(
             requests = jobs.len(),
             updates = total,

@@ -29,7 +29,9 @@
 //!   kept in the same transactions that change those trees (sled can only count by walking);
 //!   `meta/profiles` counts the profiles the same way (`outpost repair` counts them again, as
 //!   an unreadable group's profiles cannot be counted);
-//! - nothing is acknowledged before [`Store::flush`] has returned;
+//! - nothing is acknowledged before [`Store::flush`] has returned; the committer and the
+//!   settler write and flush inside a [`Store::write_section`], which a compaction waits for
+//!   before closing the store, so an error they answer with means nothing was written;
 //! - one process has the store open (`outpost.lock`, and sled's own lock on `db`); a rebuild
 //!   replaces the store's files only once its copy is whole and synced ([`rebuild`]);
 //! - after an I/O error (a full disk) sled fails every write until the store is reopened:
@@ -138,6 +140,8 @@ pub struct Store {
     profile_writer: std::sync::Mutex<()>,
     /// See [`Store::lock_reopening`].
     reopening: std::sync::Mutex<()>,
+    /// See [`Store::write_section`].
+    write_sections: RwLock<()>,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,

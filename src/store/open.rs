@@ -222,6 +222,7 @@ impl Store {
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
             profile_writer: std::sync::Mutex::new(()),
             reopening: std::sync::Mutex::new(()),
+            write_sections: RwLock::new(()),
             _lock: lock,
         })
     }
@@ -467,6 +468,16 @@ impl Store {
         self.failed_no_space.store(false, Ordering::SeqCst);
         tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
         Ok(true)
+    }
+
+    /// Held by a writer from its write to its flush (the committer's groups and backfill
+    /// steps, delivery's outcomes), so that a compaction, which waits for every section in
+    /// progress before closing the store, never comes between the two: an error then means
+    /// nothing was written. [`StoreError::Reopening`] at once while a compaction runs.
+    pub fn write_section(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
+        self.write_sections
+            .try_read()
+            .map_err(|_| StoreError::Reopening(self.path.clone()))
     }
 
     /// Held while the handles are closed and opened again: by one reopening or compaction at

@@ -495,6 +495,12 @@ impl Store {
         use std::sync::atomic::Ordering;
         let started = Instant::now();
         let _reopening = self.lock_reopening();
+        // Writers between their write and their flush finish first; later ones are refused
+        // (having written nothing) until the copy is open.
+        let _no_writes = self
+            .write_sections
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let not_compacted = |detail: String| StoreError::Io {
             path: self.path.clone(),
             detail: format!("not compacted: {detail}"),
