@@ -31,7 +31,7 @@
 //!   an unreadable group's profiles cannot be counted);
 //! - nothing is acknowledged before [`Store::flush`] has returned; the committer and the
 //!   settler write and flush inside a [`Store::write_section`], which a compaction waits for
-//!   before closing the store, so an error they answer with means nothing was written;
+//!   before closing the store, so a writer refused because of a compaction wrote nothing;
 //! - one process has the store open (`outpost.lock`, and sled's own lock on `db`); a rebuild
 //!   replaces the store's files only once its copy is whole and synced ([`rebuild`]);
 //! - after an I/O error (a full disk) sled fails every write until the store is reopened:
@@ -140,8 +140,10 @@ pub struct Store {
     profile_writer: std::sync::Mutex<()>,
     /// See [`Store::lock_reopening`].
     reopening: std::sync::Mutex<()>,
-    /// See [`Store::write_section`].
+    /// See [`Store::write_section`] and [`Store::stop_writes`].
     write_sections: RwLock<()>,
+    /// Set while a compaction stops write sections.
+    closing: AtomicBool,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,

@@ -90,6 +90,18 @@ pub(super) fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
 
 /// Runs `open` again for a moment while it finds the store locked: a process that closed it
 /// just before (this one, or one exiting) releases it shortly after (sled's threads).
+/// Write sections stopped by [`Store::stop_writes`]; allowed again when dropped.
+pub(super) struct WritesStopped<'a> {
+    closing: &'a AtomicBool,
+    _sections: Option<std::sync::RwLockWriteGuard<'a, ()>>,
+}
+
+impl Drop for WritesStopped<'_> {
+    fn drop(&mut self) {
+        self.closing.store(false, Ordering::SeqCst);
+    }
+}
+
 /// How long closing the store waits for the calls that hold its handles.
 pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
@@ -223,6 +235,7 @@ impl Store {
             profile_writer: std::sync::Mutex::new(()),
             reopening: std::sync::Mutex::new(()),
             write_sections: RwLock::new(()),
+            closing: AtomicBool::new(false),
             _lock: lock,
         })
     }
@@ -472,12 +485,51 @@ impl Store {
 
     /// Held by a writer from its write to its flush (the committer's groups and backfill
     /// steps, delivery's outcomes), so that a compaction, which waits for every section in
-    /// progress before closing the store, never comes between the two: an error then means
-    /// nothing was written. [`StoreError::Reopening`] at once while a compaction runs.
+    /// progress before closing the store, never comes between the two: a writer refused
+    /// because of a compaction has written nothing. [`StoreError::Reopening`] at once while a
+    /// compaction runs or waits to.
     pub fn write_section(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
-        self.write_sections
-            .try_read()
-            .map_err(|_| StoreError::Reopening(self.path.clone()))
+        let refused = || StoreError::Reopening(self.path.clone());
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(refused());
+        }
+        match self.write_sections.try_read() {
+            Ok(section) => Ok(section),
+            // A compaction that panicked: the store was marked failed and is reopened.
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(refused()),
+        }
+    }
+
+    /// Refuses new write sections and waits (at most [`CLOSE_WAIT`]) for those in progress;
+    /// `None` if they took longer. New sections are refused until the guard is dropped.
+    pub(super) fn stop_writes(&self) -> Option<WritesStopped<'_>> {
+        self.closing.store(true, Ordering::SeqCst);
+        let stopped = WritesStopped {
+            closing: &self.closing,
+            _sections: None,
+        };
+        let deadline = Instant::now() + CLOSE_WAIT;
+        loop {
+            match self.write_sections.try_write() {
+                Ok(sections) => {
+                    return Some(WritesStopped {
+                        _sections: Some(sections),
+                        ..stopped
+                    })
+                }
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                    return Some(WritesStopped {
+                        _sections: Some(poisoned.into_inner()),
+                        ..stopped
+                    })
+                }
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
     }
 
     /// Held while the handles are closed and opened again: by one reopening or compaction at

@@ -495,16 +495,18 @@ impl Store {
         use std::sync::atomic::Ordering;
         let started = Instant::now();
         let _reopening = self.lock_reopening();
-        // Writers between their write and their flush finish first; later ones are refused
-        // (having written nothing) until the copy is open.
-        let _no_writes = self
-            .write_sections
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
         let not_compacted = |detail: String| StoreError::Io {
             path: self.path.clone(),
             detail: format!("not compacted: {detail}"),
         };
+        // Writers between their write and their flush finish first; later ones are refused
+        // (having written nothing) until the copy is open.
+        let _no_writes = self.stop_writes().ok_or_else(|| {
+            not_compacted(format!(
+                "writes in progress held the store for {} s",
+                super::open::CLOSE_WAIT.as_secs()
+            ))
+        })?;
         let old = self.take_trees().map_err(|()| {
             not_compacted(format!(
                 "calls in progress held the store for {} s",
@@ -860,6 +862,32 @@ mod tests {
         let mut ids = ids;
         ids.push("after".into());
         assert_whole(path, &ids);
+    }
+
+    /// Write sections are refused while a compaction stops them, allowed after, and still
+    /// allowed after a compaction panicked with them stopped.
+    #[test]
+    fn write_sections_come_back_after_a_compaction_also_one_that_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CACHE).unwrap();
+        let stopped = store.stop_writes().unwrap();
+        assert!(matches!(
+            store.write_section(),
+            Err(StoreError::Reopening(_))
+        ));
+        drop(stopped);
+        drop(store.write_section().unwrap());
+        std::thread::scope(|scope| {
+            let panicked = scope
+                .spawn(|| {
+                    let _stopped = store.stop_writes().unwrap();
+                    panic!("a compaction panicked (as this test means it to)");
+                })
+                .join();
+            assert!(panicked.is_err());
+        });
+        drop(store.write_section().unwrap());
+        drop(store.stop_writes().unwrap());
     }
 
     /// A compaction without room leaves the open store as it was, and working.
