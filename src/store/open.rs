@@ -88,23 +88,33 @@ pub(super) fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
         .mode(sled::Mode::HighThroughput)
 }
 
-/// Runs `open` again for a moment while it finds the store locked: a process that closed it
-/// just before (this one, or one exiting) releases it shortly after (sled's threads).
-/// Write sections stopped by [`Store::stop_writes`]; allowed again when dropped.
-pub(super) struct WritesStopped<'a> {
-    closing: &'a AtomicBool,
-    _sections: Option<std::sync::RwLockWriteGuard<'a, ()>>,
-}
-
-impl Drop for WritesStopped<'_> {
-    fn drop(&mut self) {
-        self.closing.store(false, Ordering::SeqCst);
-    }
-}
-
 /// How long closing the store waits for the calls that hold its handles.
 pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
+/// Write sections stopped by [`Store::stop_writes`]; allowed again when dropped.
+pub(super) struct WritesStopped<'a> {
+    _refusing: Refusing<'a>,
+    _sections: std::sync::RwLockWriteGuard<'a, ()>,
+}
+
+/// Makes [`Store::write_section`] refuse at once, until dropped.
+struct Refusing<'a>(&'a AtomicBool);
+
+impl<'a> Refusing<'a> {
+    fn start(closing: &'a AtomicBool) -> Refusing<'a> {
+        closing.store(true, Ordering::SeqCst);
+        Refusing(closing)
+    }
+}
+
+impl Drop for Refusing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Runs `open` again for a moment while it finds the store locked: a process that closed it
+/// just before (this one, or one exiting) releases it shortly after (sled's threads).
 pub(super) fn retry_locked<T>(
     mut open: impl FnMut() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
@@ -504,32 +514,23 @@ impl Store {
     /// Refuses new write sections and waits (at most [`CLOSE_WAIT`]) for those in progress;
     /// `None` if they took longer. New sections are refused until the guard is dropped.
     pub(super) fn stop_writes(&self) -> Option<WritesStopped<'_>> {
-        self.closing.store(true, Ordering::SeqCst);
-        let stopped = WritesStopped {
-            closing: &self.closing,
-            _sections: None,
-        };
+        // New sections are refused from here on, also while those in progress finish.
+        let refusing = Refusing::start(&self.closing);
         let deadline = Instant::now() + CLOSE_WAIT;
-        loop {
+        let sections = loop {
             match self.write_sections.try_write() {
-                Ok(sections) => {
-                    return Some(WritesStopped {
-                        _sections: Some(sections),
-                        ..stopped
-                    })
-                }
-                Err(std::sync::TryLockError::Poisoned(poisoned)) => {
-                    return Some(WritesStopped {
-                        _sections: Some(poisoned.into_inner()),
-                        ..stopped
-                    })
-                }
+                Ok(sections) => break sections,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => break poisoned.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(std::sync::TryLockError::WouldBlock) => return None,
             }
-        }
+        };
+        Some(WritesStopped {
+            _refusing: refusing,
+            _sections: sections,
+        })
     }
 
     /// Held while the handles are closed and opened again: by one reopening or compaction at
