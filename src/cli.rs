@@ -80,7 +80,7 @@ pub enum Command {
     /// backlog, deleted profiles).
     ///
     /// While the agent runs, the agent does it: it refuses updates with 503 (and delivery
-    /// waits) for the time it takes, about 1 to 2 s for each 100,000 profiles. Needs room on
+    /// waits) for the time it takes, under 2 s for each 100,000 profiles here. Needs room on
     /// the store's disk for a copy of what is live, plus 64 MiB. A kill at any point loses
     /// nothing: the next open finishes the swap or deletes the copy.
     ///
