@@ -108,6 +108,17 @@ pub(crate) struct Trees {
     generation: u64,
 }
 
+impl Trees {
+    /// sled's flush, then an fsync of its log file: sled's own flush does not reach the drive.
+    fn flush_to_drive(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        if let Some(file) = &self.log_file {
+            file.sync_data().map_err(StoreError::Sync)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Store {
     path: PathBuf,
     cache_bytes: u64,

@@ -570,7 +570,7 @@ impl Store {
         *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(trees);
     }
 
-    /// Opens the store's folder again after [`Store::close_trees`] (never rebuilding) and puts
+    /// Opens the store's folder again after [`Store::take_trees`] (never rebuilding) and puts
     /// the new handles in place, with the sequence watermarks read from it.
     pub(super) fn reopen_trees(&self) -> Result<(), StoreError> {
         // sled's threads release the file lock shortly after the last handle goes.
@@ -602,7 +602,7 @@ impl Store {
         self.written_next.store(opened.next_seq, Ordering::SeqCst);
         self.durable_next.store(opened.next_seq, Ordering::SeqCst);
         trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        *self.trees.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(trees));
+        self.put_back(Arc::new(trees));
         Ok(())
     }
 
@@ -610,10 +610,7 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.with(|t| {
             let written = self.written_next.load(Ordering::SeqCst);
-            t.db.flush()?;
-            if let Some(file) = &t.log_file {
-                file.sync_data().map_err(StoreError::Sync)?;
-            }
+            t.flush_to_drive()?;
             self.durable_next.fetch_max(written, Ordering::SeqCst);
             Ok(())
         })

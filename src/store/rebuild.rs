@@ -348,9 +348,10 @@ fn copy_into(
 
 /// Swaps the copy [`copy`] made in for the store, whose handles must be dropped already: waits
 /// until sled has closed it, then deletes its files and moves the copy's up.
-fn swap_in(store: &Path) -> io::Result<()> {
-    wait_closed(store)?;
-    swap(store, Swap::DeleteOld)
+fn swap_in(store: &Path) -> Result<(), StoreError> {
+    wait_closed(store)
+        .and_then(|()| swap(store, Swap::DeleteOld))
+        .map_err(|e| swap_error(store, e))
 }
 
 /// [`StoreError::Swap`] for the store at `store`.
@@ -405,7 +406,7 @@ pub(super) fn rebuild_if_wanted(
     match copy(&t, store, cache_bytes, COPY_RESERVE_BYTES) {
         Ok(copied) => {
             drop(t);
-            swap_in(store).map_err(|e| swap_error(store, e))?;
+            swap_in(store)?;
             tracing::info!(profiles = copied.profiles, "the rebuilt store is in place");
             Ok(Outcome::Done)
         }
@@ -517,15 +518,7 @@ impl Store {
             // A writer whose own flush comes after this point finds the handles gone (and
             // answers with an error) or, after the reopen, flushes the copy: what it wrote
             // must be durable before the copy is made of it.
-            let flushed =
-                old.db
-                    .flush()
-                    .map_err(StoreError::from)
-                    .and_then(|_| match &old.log_file {
-                        Some(file) => file.sync_data().map_err(StoreError::Sync),
-                        None => Ok(()),
-                    });
-            if let Err(e) = flushed {
+            if let Err(e) = old.flush_to_drive() {
                 self.put_back(Arc::new(old));
                 return Err(self.classify(e, self.generation.load(Ordering::SeqCst)));
             }
@@ -580,7 +573,7 @@ impl Store {
         }
         let copied = copy(&t, path, self.cache_bytes, reserve)?;
         drop(t);
-        swap_in(path).map_err(|e| swap_error(path, e))?;
+        swap_in(path)?;
         Ok((bytes_before, copied))
     }
 }
