@@ -194,25 +194,25 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
             "an id that is a number",
             br#"{"id":5,"profile":{}}"#.to_vec(),
             1,
-            "invalid type",
+            "`id` must be a string, not a number",
         ),
         (
             "a profile that is an array",
             br#"{"id":"p-1","profile":[1]}"#.to_vec(),
             1,
-            "invalid type",
+            "`profile` must be an object, not an array",
         ),
         (
             "a timestamp that is a number",
             br#"{"id":"p-1","profile":{},"timestamp":1767225600}"#.to_vec(),
             1,
-            "invalid type",
+            "`timestamp` must be a string, not a number",
         ),
         (
             "an op that is a boolean",
             br#"{"id":"p-1","op":true,"profile":{}}"#.to_vec(),
             1,
-            "invalid type",
+            "`op` must be a string, not a boolean",
         ),
         (
             "a missing profile",
@@ -345,9 +345,26 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
         ),
         (
             "a bad item 2 in an array",
-            format!("[{}, 7]", good("p-1")).into_bytes(),
-            2,
+            format!("[\n{},\n7]", good("p-1")).into_bytes(),
+            3,
             "array item 2",
+        ),
+        (
+            "segment memberships as an array after a good line (a member's would all exit)",
+            format!(
+                "{}\n{}\n",
+                good("p-1"),
+                r#"{"id":"p-2","profile":{"segmentMembership":{"ups":[{"s1":{"status":"realized"}}]}}}"#
+            )
+            .into_bytes(),
+            2,
+            "`profile.segmentMembership.ups` must be an object, not an array",
+        ),
+        (
+            "an op given as an object",
+            br#"{"id":"p-1","op":{"delete":null}}"#.to_vec(),
+            1,
+            "`op` must be a string, not an object",
         ),
     ];
     for (what, body, line, reason) in cases {

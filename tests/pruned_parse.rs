@@ -1,13 +1,16 @@
 //! Parsing an update with the store's `KeepTree` (the profile pruned as it is read, the rest
 //! never built) against parsing it whole and pruning it after: random update lines with nested
 //! and repeated keys, keys written with escapes, and bad JSON tokens placed in kept and in
-//! dropped parts must be accepted or refused alike, with the same message, and kept alike.
+//! dropped parts must be accepted or refused alike, with the same message, and kept alike
+//! (but for the shape of a namespace the mapping drops, which is never read).
 
 use outpost::config::Mapping;
 use outpost::profile::engine;
 use outpost::profile::layout::Layout;
 use outpost::profile::prune::KeepTree;
-use outpost::profile::update::{update_from_json, update_from_json_with, Parsing};
+use outpost::profile::update::{
+    update_from_json, update_from_json_with, InputError, Parsing, Update,
+};
 use outpost::profile::Op;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
@@ -140,7 +143,9 @@ fn assert_same(line: &str) {
             keep.prune(&mut update.profile);
             update
         });
-        assert_eq!(pruned_as_read, pruned_after, "{line}");
+        if !shape_error_in_a_dropped_namespace(&pruned_as_read, &pruned_after, &mapping) {
+            assert_eq!(pruned_as_read, pruned_after, "{line}");
+        }
         // As the committer parses: an upsert is made its record as it is read.
         let upsert = line.replacen(r#""op":"merge""#, r#""op":"upsert""#, 1);
         let layout = Layout::new(&mapping);
@@ -153,8 +158,32 @@ fn assert_same(line: &str) {
             engine::prepare(&mut update, &layout);
             update
         });
-        assert_eq!(prepared_as_read, prepared_after, "{upsert}");
+        if !shape_error_in_a_dropped_namespace(&prepared_as_read, &prepared_after, &mapping) {
+            assert_eq!(prepared_as_read, prepared_after, "{upsert}");
+        }
     }
+}
+
+/// The one way the two may differ: the shape of identities is checked on what parsing kept,
+/// and a pruning parse drops a namespace the mapping does not export unread, so where parsing
+/// whole names such a namespace, parsing as read accepts or names another.
+fn shape_error_in_a_dropped_namespace(
+    as_read: &Result<Update, InputError>,
+    whole: &Result<Update, InputError>,
+    mapping: &Mapping,
+) -> bool {
+    let Err(error) = whole else {
+        return false;
+    };
+    // Accepted, or refused for a shape it did read.
+    if matches!(as_read, Err(e) if !e.reason.starts_with("`profile.")) {
+        return false;
+    }
+    let Some(rest) = error.reason.strip_prefix("`profile.identityMap.") else {
+        return false;
+    };
+    let namespace = rest.split(['`', '[']).next().unwrap_or_default();
+    !mapping.identities.is_empty() && !mapping.identities.iter().any(|n| n == namespace)
 }
 
 proptest! {
@@ -163,7 +192,10 @@ proptest! {
     #[test]
     fn valid_profiles_are_kept_alike(profile in profile(false)) {
         let line = line_of(&profile);
-        assert!(update_from_json(line.as_bytes(), 1).is_ok(), "{line}");
+        // Valid JSON is refused only for the shape of memberships or identities (`shape`).
+        if let Err(e) = update_from_json(line.as_bytes(), 1) {
+            assert!(e.reason.starts_with("`profile."), "{line}: {e}");
+        }
         assert_same(&line);
     }
 
@@ -221,11 +253,7 @@ fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
         r#"{"id":"a","timestamp":null,"timestamp":null,"profile":{}}"#,
         r#"{"profile":{}}"#,
         r#"{"id":"a","profile":{},"extra":1}"#,
-        r#"{"id":5,"profile":{}}"#,
         r#"{"id":"a","op":"replace","profile":{}}"#,
-        r#"{"id":"a","profile":"text"}"#,
-        r#"{"id":"a","profile":[1]}"#,
-        r#"{"id":"a","timestamp":5,"profile":{}}"#,
         r#"{"id":"a","profile":{}} x"#,
     ] {
         let derived = serde_json::from_str::<DerivedUpdate>(line).unwrap_err();
@@ -237,6 +265,43 @@ fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
                 error.reason.ends_with(derived),
                 "{line}: {error} / {derived}"
             );
+        }
+    }
+    // A field of the wrong type is named, which serde's message does not do; so is a profile
+    // key with an `xdm:` prefix, which pruning would otherwise drop unread.
+    for (line, reason) in [
+        (
+            r#"{"id":5,"profile":{}}"#,
+            "`id` must be a string, not a number",
+        ),
+        (
+            r#"{"id":"a","profile":"text"}"#,
+            "`profile` must be an object, not a string",
+        ),
+        (
+            r#"{"id":"a","profile":[1]}"#,
+            "`profile` must be an object, not an array",
+        ),
+        (
+            r#"{"id":"a","timestamp":5,"profile":{}}"#,
+            "`timestamp` must be a string, not a number",
+        ),
+        (
+            r#"{"id":"a","op":{"delete":null}}"#,
+            "`op` must be a string, not an object",
+        ),
+        (
+            r#"{"id":"a","op":["merge"],"profile":{}}"#,
+            "`op` must be a string, not an array",
+        ),
+        (
+            r#"{"id":"a","profile":{"xdm:identityMap":{"ecid":[{"id":"1"}]}}}"#,
+            "`profile.xdm:identityMap`: profiles are taken without `xdm:` prefixes (`identityMap`)",
+        ),
+    ] {
+        for parsing in [&parsing, &Parsing::default()] {
+            let error = update_from_json_with(line.as_bytes(), 1, parsing).unwrap_err();
+            assert_eq!(error.reason, reason, "{line}");
         }
     }
     for line in [

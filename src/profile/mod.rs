@@ -13,6 +13,7 @@ pub mod layout;
 pub mod payload;
 pub mod prune;
 pub mod record;
+pub mod shape;
 pub mod update;
 
 pub use apply::{apply, Applied, StoredProfile};

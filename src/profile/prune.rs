@@ -16,6 +16,7 @@ use serde_json::{Map, Number, Value};
 
 use crate::config::Mapping;
 use crate::profile::record::Valid;
+use crate::profile::shape;
 
 /// A tree of object keys to keep; a leaf keeps the whole value under it.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -85,7 +86,11 @@ impl KeepTree {
 /// rest: the parts dropped are checked as strictly as a `Value` parse checks them (through
 /// [`Valid`]), so an input is accepted or refused exactly as parsing it whole and pruning it
 /// would, but their keys and values are never allocated.
-pub struct PrunedObject<'a>(pub &'a KeepTree);
+pub struct PrunedObject<'a> {
+    pub keep: &'a KeepTree,
+    /// The profile itself (not an object inside it): its keys are checked for `xdm:` prefixes.
+    pub top: bool,
+}
 
 impl<'de> DeserializeSeed<'de> for PrunedObject<'_> {
     type Value = Map<String, Value>;
@@ -105,7 +110,11 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut kept = Map::new();
-        while let Some(key) = map.next_key_seed(KeptKey(self.0))? {
+        let keys = KeptKey {
+            keep: self.keep,
+            top: self.top,
+        };
+        while let Some(key) = map.next_key_seed(keys)? {
             match key {
                 None => {
                     map.next_value::<Valid>()?;
@@ -124,7 +133,11 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
 
 /// An object key: the key and its subtree when the tree keeps it, `None` (nothing allocated)
 /// when it does not.
-struct KeptKey<'a>(&'a KeepTree);
+#[derive(Clone, Copy)]
+struct KeptKey<'a> {
+    keep: &'a KeepTree,
+    top: bool,
+}
 
 impl<'de, 'a> DeserializeSeed<'de> for KeptKey<'a> {
     type Value = Option<(String, &'a KeepTree)>;
@@ -142,8 +155,13 @@ impl<'de, 'a> Visitor<'de> for KeptKey<'a> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        if self.top {
+            if let Some(reason) = shape::prefixed_key(key) {
+                return Err(E::custom(reason));
+            }
+        }
         Ok(self
-            .0
+            .keep
             .children
             .iter()
             .find(|(k, _)| k == key)
@@ -171,7 +189,12 @@ impl<'de> Visitor<'de> for PrunedValue<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
-        PrunedObject(self.0).visit_map(map).map(Value::Object)
+        PrunedObject {
+            keep: self.0,
+            top: false,
+        }
+        .visit_map(map)
+        .map(Value::Object)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {

@@ -1,7 +1,8 @@
 //! The `Update` type and the parsing of NDJSON / JSON-array / single-object input (pure).
 //!
 //! Parsing is strict: any unknown field, missing or ill-typed field, or a line that is not JSON
-//! refuses the whole input, naming the line (or array item) and the reason.
+//! refuses the whole input, naming the line (and array item) and the reason. So does a
+//! profile whose memberships or identities are not shaped as XDM shapes them (`shape`).
 
 use std::io::BufRead;
 
@@ -15,6 +16,7 @@ use crate::profile::engine;
 use crate::profile::layout::Layout;
 use crate::profile::prune::{KeepTree, PrunedObject};
 use crate::profile::record::ProfileRecord;
+use crate::profile::shape;
 
 pub const MAX_ID_BYTES: usize = 512;
 
@@ -127,7 +129,11 @@ impl<'de> Visitor<'de> for RawUpdateSeed<'_> {
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Id => once(&mut id, "id", map.next_value::<String>()?)?,
-                Field::Op => once(&mut op, "op", map.next_value::<Option<Op>>()?)?,
+                Field::Op => once(
+                    &mut op,
+                    "op",
+                    map.next_value::<Option<OpName>>()?.map(|name| name.0),
+                )?,
                 Field::Profile => {
                     let value = match self.keep {
                         Some(keep) => map.next_value_seed(OptionalPruned(keep))?,
@@ -148,6 +154,37 @@ impl<'de> Visitor<'de> for RawUpdateSeed<'_> {
             profile: profile.flatten(),
             timestamp: timestamp.flatten(),
         })
+    }
+}
+
+const OPS: &[&str] = &["upsert", "merge", "delete"];
+
+/// `op` given as its name, and only so: serde's derived enum would also take an object such as
+/// `{"delete": null}`.
+struct OpName(Op);
+
+impl<'de> Deserialize<'de> for OpName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(OpNameVisitor)
+    }
+}
+
+struct OpNameVisitor;
+
+impl Visitor<'_> for OpNameVisitor {
+    type Value = OpName;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("one of `upsert`, `merge`, `delete`")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<OpName, E> {
+        match name {
+            "upsert" => Ok(OpName(Op::Upsert)),
+            "merge" => Ok(OpName(Op::Merge)),
+            "delete" => Ok(OpName(Op::Delete)),
+            other => Err(E::unknown_variant(other, OPS)),
+        }
     }
 }
 
@@ -178,7 +215,12 @@ impl<'de> Visitor<'de> for OptionalPruned<'_> {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        PrunedObject(self.0).deserialize(deserializer).map(Some)
+        PrunedObject {
+            keep: self.0,
+            top: true,
+        }
+        .deserialize(deserializer)
+        .map(Some)
     }
 }
 
@@ -205,7 +247,7 @@ impl Parsing<'_> {
     }
 }
 
-/// Why an input was refused; `line` is 1-based (the array item number for a JSON array).
+/// Why an input was refused; `line` is 1-based (in a JSON array, where the item starts).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {reason}")]
 pub struct InputError {
@@ -299,10 +341,16 @@ pub fn update_from_json_with(
                 ));
             }
             // serde reports some type errors inside valid JSON (an enum given `true`) as syntax
-            // errors; the `Value` route names them properly.
-            if e.is_syntax() {
+            // errors, and type errors without the field; the `Value` route names both. (Not
+            // for every error: a `Value` keeps the last of a field given twice.)
+            if !e.is_eof() {
                 if let Ok(value) = serde_json::from_slice::<Value>(text) {
-                    return update_from_value_with(value, line, parsing);
+                    if e.is_syntax() {
+                        return update_from_value_with(value, line, parsing);
+                    }
+                    if let Some(reason) = ill_typed_field(&value) {
+                        return Err(InputError::new(line, reason));
+                    }
                 }
             }
             let prefix = if e.is_syntax() || e.is_eof() {
@@ -335,10 +383,36 @@ pub fn update_from_value_with(
             format!("an update must be a JSON object, not {}", json_kind(&value)),
         ));
     }
+    if let Some(reason) = ill_typed_field(&value) {
+        return Err(InputError::new(line, reason));
+    }
     let raw = RawUpdateSeed { keep: parsing.keep }
         .deserialize(value)
         .map_err(|e| InputError::new(line, strip_serde_position(e.to_string())))?;
     validate(raw, line, parsing)
+}
+
+/// The first of the update's fields that has the wrong JSON type, named (serde's own message
+/// does not say which field it was reading).
+fn ill_typed_field(update: &Value) -> Option<String> {
+    ["id", "op", "profile", "timestamp"]
+        .into_iter()
+        .find_map(|name| {
+            let value = update.get(name)?;
+            let expected = match (name, value) {
+                ("id", Value::String(_)) => return None,
+                (_, Value::Null) if name != "id" => return None,
+                ("op" | "timestamp", Value::String(_)) | ("profile", Value::Object(_)) => {
+                    return None
+                }
+                ("profile", _) => "an object",
+                _ => "a string",
+            };
+            Some(format!(
+                "`{name}` must be {expected}, not {}",
+                json_kind(value)
+            ))
+        })
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -374,6 +448,7 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
             ));
         }
     };
+    shape::check(&profile, op).map_err(|reason| InputError::new(line, reason))?;
     let timestamp = match raw.timestamp {
         None => None,
         Some(text) => Some(
@@ -458,7 +533,7 @@ pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, In
                 let error_line = if e.is_eof() || e.line() == 0 {
                     line
                 } else {
-                    e.line() as u64
+                    syntax_error_line(&e)
                 };
                 return Err(InputError::new(
                     error_line,
@@ -473,7 +548,7 @@ pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, In
 fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
     let values: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
         InputError::new(
-            e.line().max(1) as u64,
+            syntax_error_line(&e),
             format!(
                 "not a valid JSON array: {}",
                 strip_serde_position(e.to_string())
@@ -483,16 +558,48 @@ fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError
     if values.is_empty() {
         return Err(InputError::new(1, "the input holds no update"));
     }
+    let mut lines = LineCounter::default();
     values
         .into_iter()
         .enumerate()
         .map(|(i, value)| {
-            update_from_json_with(value.get().as_bytes(), i as u64 + 1, parsing).map_err(|mut e| {
+            let text = value.get().as_bytes();
+            // The item's text is a slice of `body`: its offset gives its line.
+            let offset = text.as_ptr() as usize - body.as_ptr() as usize;
+            let line = lines.line_at(body, offset);
+            update_from_json_with(text, line, parsing).map_err(|mut e| {
                 e.reason = format!("array item {}: {}", i + 1, e.reason);
                 e
             })
         })
         .collect()
+}
+
+/// 1-based line numbers of offsets into a body, asked for in increasing order.
+#[derive(Default)]
+struct LineCounter {
+    scanned: usize,
+    newlines: u64,
+}
+
+impl LineCounter {
+    fn line_at(&mut self, body: &[u8], offset: usize) -> u64 {
+        self.newlines += body[self.scanned..offset]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
+        self.scanned = offset;
+        self.newlines + 1
+    }
+}
+
+/// The line of a syntax error. serde_json counts the newline it failed on (a value cut short
+/// at the end of its line) into the next line, at column 0: that is the line it ends.
+fn syntax_error_line(e: &serde_json::Error) -> u64 {
+    match (e.line(), e.column()) {
+        (line, 0) if line > 1 => line as u64 - 1,
+        (line, _) => line.max(1) as u64,
+    }
 }
 
 /// Reads NDJSON from a stream one line at a time, so memory stays bounded by the longest line.
@@ -658,7 +765,11 @@ mod tests {
                 1,
                 "unknown field `extra`",
             ),
-            ("{\"id\":5,\"profile\":{}}".into(), 1, "invalid type"),
+            (
+                "{\"id\":5,\"profile\":{}}".into(),
+                1,
+                "`id` must be a string, not a number",
+            ),
             ("{\"profile\":{}}".into(), 1, "missing field `id`"),
             ("{\"id\":\"a\"}".into(), 1, "`profile` is required"),
             (
@@ -666,7 +777,11 @@ mod tests {
                 1,
                 "`profile` is required for op `merge`",
             ),
-            ("{\"id\":\"a\",\"profile\":[]}".into(), 1, "invalid type"),
+            (
+                "{\"id\":\"a\",\"profile\":[]}".into(),
+                1,
+                "`profile` must be an object, not an array",
+            ),
             (
                 "{\"id\":\"\",\"profile\":{}}".into(),
                 1,
@@ -685,7 +800,7 @@ mod tests {
             (
                 "{\"id\":\"a\",\"profile\":{},\"timestamp\":5}".into(),
                 1,
-                "invalid type",
+                "`timestamp` must be a string, not a number",
             ),
             (
                 "{\"id\":\"a\",\"op\":\"replace\",\"profile\":{}}".into(),
@@ -697,8 +812,38 @@ mod tests {
             ("[]".into(), 1, "no update"),
             (
                 "[{\"id\":\"a\",\"profile\":{}}, 7]".into(),
-                2,
+                1,
                 "array item 2",
+            ),
+            (
+                "[\n\n{\"id\":\"a\",\"profile\":{}},\n\n{\"id\":\"b\",\n\"zz\":1}\n]".into(),
+                5,
+                "array item 2: unknown field `zz`",
+            ),
+            (
+                "{\"id\":\"a\",\"op\":{\"delete\":null}}".into(),
+                1,
+                "`op` must be a string, not an object",
+            ),
+            (
+                "{\"id\":\"a\",\"op\":5,\"profile\":{}}".into(),
+                1,
+                "`op` must be a string, not a number",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{\"segmentMembership\":{\"ups\":[]}}}".into(),
+                1,
+                "`profile.segmentMembership.ups` must be an object, not an array",
+            ),
+            (
+                "{\"id\":\"a\",\"op\":\"merge\",\"profile\":{\"identityMap\":{\"ecid\":{\"id\":\"1\"}}}}".into(),
+                1,
+                "`profile.identityMap.ecid` must be an array of identity objects, not an object",
+            ),
+            (
+                "{\n  \"id\": \"a\",\n  \"profile\": {\n    \"b\": tru\n  }\n}\n".into(),
+                4,
+                "not valid JSON",
             ),
             (deep, 1, "must be a JSON object, not an array"),
             (deep_profile, 1, "recursion limit"),
@@ -783,7 +928,7 @@ mod tests {
         assert_eq!(error.line, 3);
         assert!(error.reason.contains("3600 s ahead"), "{error}");
 
-        let array = format!("[{},{}]", line("a", 0), line("b", 3600));
+        let array = format!("[{},\n{}]", line("a", 0), line("b", 3600));
         let error = parse_body_with(array.as_bytes(), &Parsing::within(limit)).unwrap_err();
         assert_eq!(error.line, 2);
         assert!(error.reason.contains("array item 2"), "{error}");
