@@ -27,6 +27,49 @@ pub enum ConfigError {
     },
 }
 
+/// Where a TOML error is and what it says, without the line's text or the value: toml's own
+/// message quotes the line, and a type error the value, which may be a secret (a
+/// `client_secret` with a bad escape, say).
+fn parse_error_without_values(text: &str, error: &toml::de::Error) -> String {
+    let message = error
+        .message()
+        .trim_end()
+        .lines()
+        .collect::<Vec<_>>()
+        .join("; ");
+    let message = message.as_str();
+    // serde's "invalid type: integer `5`, expected a string" names the value in backticks.
+    let message = match ["invalid type: ", "invalid value: "]
+        .iter()
+        .find(|prefix| message.starts_with(**prefix))
+    {
+        Some(_) => match (message.find(" `"), message.find("`, ")) {
+            (Some(open), Some(close)) if open < close => {
+                format!("{}{}", &message[..open], &message[close + 1..])
+            }
+            _ => message.to_owned(),
+        },
+        None => message.to_owned(),
+    };
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    // The key the line sets, when it sets one: `key = value`.
+    let line_text = text[line_start..].lines().next().unwrap_or_default();
+    let key = line_text
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    match key {
+        Some(key) => format!("line {line}, column {column} (`{key}`): {message}"),
+        None => format!("line {line}, column {column}: {message}"),
+    }
+}
+
 /// A value that must never be printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -477,7 +520,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_owned(),
+            message: parse_error_without_values(text, &e),
         })?;
         let a = raw.destination.auth.as_ref();
         let inline_secrets: Vec<&'static str> = [
@@ -1108,6 +1151,35 @@ path = "store"
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cr3t-value"), "{debug}");
         assert!(debug.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn parse_errors_show_neither_the_line_nor_the_value() {
+        // (the secret's line replaced with, what the error says)
+        let cases = [
+            (
+                r#"client_secret = "s3cr3t\q-value""#,
+                "line 11, column 26 (`client_secret`): invalid escape sequence",
+            ),
+            (
+                "client_secret = s3cr3t-value",
+                "line 11, column 17 (`client_secret`): invalid string",
+            ),
+            (
+                "client_secret = 998877665544",
+                "line 11, column 17 (`client_secret`): invalid type: integer, expected a string",
+            ),
+        ];
+        for (line, expected) in cases {
+            let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
+            let secret = line
+                .trim_start_matches("client_secret = ")
+                .trim_matches('"');
+            let error = error_of(&text);
+            assert!(error.contains(expected), "{line}: {error}");
+            assert!(!error.contains(secret), "{line}: {error}");
+            assert!(!error.contains("s3cr3t"), "{line}: {error}");
+        }
     }
 
     #[test]

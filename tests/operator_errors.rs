@@ -129,6 +129,16 @@ fn store_folder_that_cannot_be_written() {
 /// A token endpoint on loopback that answers every request 200 with this content type and
 /// body.
 async fn token_endpoint(content_type: &'static str, body: &'static str) -> String {
+    token_endpoint_answering("200 OK", content_type, body).await
+}
+
+/// A token endpoint on loopback that answers every request with this status line, content
+/// type and body.
+async fn token_endpoint_answering(
+    status: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -137,7 +147,7 @@ async fn token_endpoint(content_type: &'static str, body: &'static str) -> Strin
             let mut request = [0u8; 4096];
             let _ = stream.read(&mut request).await;
             let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = stream.write_all(answer.as_bytes()).await;
@@ -203,6 +213,47 @@ async fn token_endpoint_answers_a_body_that_is_not_json() {
         !stderr(&out).contains("t0ken-in-form"),
         "the body may hold a token"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_echoes_the_secret_does_not_get_it_printed() {
+    let url = token_endpoint_answering(
+        "401 Unauthorized",
+        "application/json",
+        r#"{"error":"invalid_client","error_description":"secret s3cret-value is wrong"}"#,
+    )
+    .await;
+    let ws = oauth_workspace(&url, "");
+    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+        .await
+        .unwrap();
+    let line = error_line(&out);
+    assert!(
+        line.contains("token endpoint answered 401")
+            && line.contains("secret *** is wrong")
+            && line.contains("invalid_client"),
+        "{line}"
+    );
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!printed.contains("s3cret"), "{printed}");
+}
+
+#[test]
+fn a_config_that_does_not_parse_does_not_show_the_secret_in_it() {
+    let ws = oauth_workspace("http://127.0.0.1:9/token", "");
+    let config = std::fs::read_to_string(ws.config_path())
+        .unwrap()
+        .replace("\"s3cret-value\"", "\"s3cret\\q-value\"");
+    std::fs::write(ws.config_path(), config).unwrap();
+    let out = run(&ws, &["check"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(`client_secret`): invalid escape sequence"),
+        "{}",
+        stderr(&out)
+    );
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!printed.contains("s3cret"), "{printed}");
 }
 
 // Certificates.

@@ -285,9 +285,15 @@ impl TokenSource {
             .await
             .map_err(|e| AuthError::Transport(e.to_string()))?;
         if !answer.status.is_success() {
+            let mut secrets = vec![client_secret.expose()];
+            match grant {
+                FormGrant::Password { password, .. } => secrets.push(password.expose()),
+                FormGrant::RefreshToken(refresh) => secrets.push(refresh.expose()),
+                FormGrant::ClientCredentials => {}
+            }
             return Err(AuthError::Status {
                 status: answer.status.as_u16(),
-                body: answer.body_start(),
+                body: answer.body_start_hiding(&secrets),
             });
         }
         let parsed: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|e| {

@@ -42,6 +42,23 @@ impl Answer {
         let end = self.body.len().min(ERROR_BODY_BYTES);
         String::from_utf8_lossy(&self.body[..end]).into_owned()
     }
+
+    /// [`Answer::body_start`] with each of `secrets` shown as `***`, also as it travels
+    /// form-encoded: an endpoint may echo what it was sent, and error texts reach logs, the
+    /// outbox's `last_error` and `outpost check`.
+    pub fn body_start_hiding(&self, secrets: &[&str]) -> String {
+        let mut text = String::from_utf8_lossy(&self.body).into_owned();
+        for secret in secrets.iter().filter(|s| !s.is_empty()) {
+            let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            text = text.replace(secret, "***").replace(&encoded, "***");
+        }
+        let mut end = text.len().min(ERROR_BODY_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text
+    }
 }
 
 #[derive(Clone)]
@@ -223,4 +240,37 @@ fn describe_error(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(body: &str) -> Answer {
+        Answer {
+            status: StatusCode::UNAUTHORIZED,
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn secrets_echoed_in_a_body_are_hidden() {
+        // (body, secrets, what is shown)
+        let table: [(&str, &[&str], &str); 4] = [
+            ("bad secret s3 cret!", &["s3 cret!"], "bad secret ***"),
+            ("client_secret=s3+cret%21", &["s3 cret!"], "client_secret=***"),
+            ("no secret here", &["s3 cret!", ""], "no secret here"),
+            ("token t0k and t0k", &["t0k"], "token *** and ***"),
+        ];
+        for (body, secrets, shown) in table {
+            assert_eq!(answer(body).body_start_hiding(secrets), shown, "{body}");
+        }
+        // Hidden before the body is cut, and cut on a character's boundary.
+        let long = format!("{}é{}", "x".repeat(ERROR_BODY_BYTES - 1), "s3cret");
+        let shown = answer(&long).body_start_hiding(&["s3cret"]);
+        assert_eq!(shown, "x".repeat(ERROR_BODY_BYTES - 1));
+        let cut = format!("{}s3cret", "x".repeat(ERROR_BODY_BYTES - 3));
+        assert!(!answer(&cut).body_start_hiding(&["s3cret"]).contains("s3c"));
+    }
 }

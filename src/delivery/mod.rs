@@ -633,7 +633,16 @@ impl Deliverer {
         let error = if answer.status.is_success() {
             String::new()
         } else {
-            format!("HTTP {status}: {}", answer.body_start())
+            // Custom headers may carry API keys; short values (a version, a tenant) are not
+            // hidden, or every digit in the body would be.
+            let mut secrets: Vec<&str> = self
+                .headers
+                .iter()
+                .filter_map(|(_, v)| v.to_str().ok())
+                .filter(|v| v.len() >= 8)
+                .collect();
+            secrets.extend(token.as_ref().map(Secret::expose));
+            format!("HTTP {status}: {}", answer.body_start_hiding(&secrets))
         };
         Attempted::Answered {
             status,
