@@ -77,12 +77,12 @@ impl ExportBackoff {
         }
     }
 
-    /// How long the export waits after one more failed attempt.
+    /// How long the export waits after one more failed attempt. The jittered delay is held to
+    /// `max` too: `backoff` caps the interval before jittering it, so alone it waits up to
+    /// 1.5 × `max`.
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
-        let delay = self
-            .backoff
-            .next_backoff()
-            .unwrap_or(self.backoff.max_interval);
+        let max = self.backoff.max_interval;
+        let delay = self.backoff.next_backoff().unwrap_or(max).min(max);
         match retry_after {
             Some(wait) => wait.max(delay),
             None => delay,
@@ -213,5 +213,17 @@ mod tests {
             first >= Duration::from_millis(500) && first <= Duration::from_millis(1500),
             "{first:?}"
         );
+    }
+
+    #[test]
+    fn jitter_never_waits_past_the_cap() {
+        let max = Duration::from_millis(2000);
+        let mut backoff = ExportBackoff::new(Duration::from_millis(200), max, true);
+        let delays: Vec<Duration> = (0..200).map(|_| backoff.next_delay(None)).collect();
+        assert!(delays.iter().all(|d| *d <= max), "{delays:?}");
+        // At the cap it still varies, below it.
+        let at_cap = &delays[10..];
+        assert!(at_cap.iter().any(|d| *d < max * 9 / 10), "{at_cap:?}");
+        assert!(at_cap.iter().all(|d| *d >= max / 2), "{at_cap:?}");
     }
 }
