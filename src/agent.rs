@@ -40,6 +40,18 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// A mistake in the configuration (a certificate file that cannot be read, say): exit
+    /// status 2, as for the configuration's other errors.
+    pub fn is_config(&self) -> bool {
+        match self {
+            AgentError::Setup(e) => e.is_config(),
+            AgentError::Tls(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Options that tests and the demo change.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentOptions {

@@ -219,7 +219,8 @@ async fn a_ca_certificate_as_the_servers_own_is_refused_with_what_to_do() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // A configuration error: exit status 2.
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("is a CA certificate") && stderr.contains("signed by it"),
         "{stderr}"

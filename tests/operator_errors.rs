@@ -256,6 +256,57 @@ fn a_config_that_does_not_parse_does_not_show_the_secret_in_it() {
     assert!(!printed.contains("s3cret"), "{printed}");
 }
 
+#[test]
+fn destination_certificate_files_that_cannot_be_used_are_configuration_errors() {
+    let ws = Workspace::new();
+    let not_pem = ws.path().join("not-pem.txt");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let missing = ws.path().join("missing.pem");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    // (the lines added to [destination], what the error starts with)
+    let cases = [
+        (
+            format!("ca_file = {:?}", missing.display().to_string()),
+            format!(
+                "outpost: destination.ca_file: cannot read {}",
+                missing.display()
+            ),
+        ),
+        (
+            format!("ca_file = {:?}", not_pem.display().to_string()),
+            format!(
+                "outpost: destination.ca_file: {} holds no PEM certificate",
+                not_pem.display()
+            ),
+        ),
+        (
+            format!(
+                "client_cert_file = {:?}\nclient_key_file = {:?}",
+                missing.display().to_string(),
+                not_pem.display().to_string()
+            ),
+            format!(
+                "outpost: destination.client_cert_file: cannot read {}",
+                missing.display()
+            ),
+        ),
+    ];
+    for (lines, expected) in cases {
+        let with = config.replacen("[destination]\n", &format!("[destination]\n{lines}\n"), 1);
+        assert_ne!(with, config);
+        std::fs::write(ws.config_path(), &with).unwrap();
+        for command in ["run", "check"] {
+            let out = run(&ws, &[command], None);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{command} with {lines}: {err}");
+            assert!(
+                err.lines().any(|l| l.starts_with(&expected)),
+                "{command} with {lines}: {err}"
+            );
+        }
+    }
+}
+
 // Certificates.
 
 fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {

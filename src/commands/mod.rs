@@ -243,7 +243,10 @@ async fn run(config: &Config) -> Result<(), CliError> {
     let terminated = termination_signal();
     let agent = Agent::start(config, AgentOptions::default())
         .await
-        .map_err(|e| CliError::Failure(e.to_string()))?;
+        .map_err(|e| match e.is_config() {
+            true => CliError::Usage(e.to_string()),
+            false => CliError::Failure(e.to_string()),
+        })?;
     let stop = agent.shutdown_token();
     tokio::spawn(async move {
         terminated.await;
@@ -307,7 +310,10 @@ async fn check(config: &Config) -> Result<(), CliError> {
         nats::check_nats(nats).await?;
     }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
-        .map_err(|e| CliError::Failure(format!("destination TLS: {e}")))?;
+        .map_err(|e| match e {
+            crate::delivery::client::ClientError::Config(message) => CliError::Usage(message),
+            other => CliError::Failure(format!("destination TLS: {other}")),
+        })?;
     if d.http_endpoint.scheme() == "https" {
         match crate::delivery::client::tls_handshake(
             d,

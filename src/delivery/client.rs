@@ -20,6 +20,10 @@ pub const ERROR_BODY_BYTES: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// A certificate or key file named in the configuration is missing or wrong; the message
+    /// starts with the key.
+    #[error("{0}")]
+    Config(String),
     #[error("{0}")]
     Tls(String),
     #[error("timed out after {0:?}")]
@@ -67,17 +71,24 @@ pub struct HttpClient {
     timeout: Duration,
 }
 
+/// A file named in the configuration, read as PEM certificates; errors name the key.
 fn read_pem_certs(
+    key: &str,
     path: &Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
     let file = std::fs::File::open(path)
-        .map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| ClientError::Config(format!("{key}: cannot read {}: {e}", path.display())))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
         .collect::<Result<_, _>>()
-        .map_err(|e| ClientError::Tls(format!("{}: not PEM certificates: {e}", path.display())))?;
+        .map_err(|e| {
+            ClientError::Config(format!(
+                "{key}: {}: not PEM certificates: {e}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(ClientError::Tls(format!(
-            "{} holds no PEM certificate",
+        return Err(ClientError::Config(format!(
+            "{key}: {} holds no PEM certificate",
             path.display()
         )));
     }
@@ -91,10 +102,10 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
         let _ = roots.add(cert);
     }
     if let Some(ca_file) = &destination.ca_file {
-        for cert in read_pem_certs(ca_file)? {
-            roots
-                .add(cert)
-                .map_err(|e| ClientError::Tls(format!("{}: {e}", ca_file.display())))?;
+        for cert in read_pem_certs("destination.ca_file", ca_file)? {
+            roots.add(cert).map_err(|e| {
+                ClientError::Config(format!("destination.ca_file: {}: {e}", ca_file.display()))
+            })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -105,18 +116,23 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
     match &destination.client_cert {
         None => Ok(builder.with_no_client_auth()),
         Some((cert_file, key_file)) => {
-            let certs = read_pem_certs(cert_file)?;
-            let key_reader = std::fs::File::open(key_file).map_err(|e| {
-                ClientError::Tls(format!("cannot read {}: {e}", key_file.display()))
-            })?;
+            let certs = read_pem_certs("destination.client_cert_file", cert_file)?;
+            let key_error = |detail: String| {
+                ClientError::Config(format!(
+                    "destination.client_key_file: {}: {detail}",
+                    key_file.display()
+                ))
+            };
+            let key_reader = std::fs::File::open(key_file)
+                .map_err(|e| key_error(format!("cannot read it: {e}")))?;
             let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(key_reader))
-                .map_err(|e| ClientError::Tls(format!("{}: {e}", key_file.display())))?
-                .ok_or_else(|| {
-                    ClientError::Tls(format!("{} holds no PEM private key", key_file.display()))
-                })?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))
+                .map_err(|e| key_error(e.to_string()))?
+                .ok_or_else(|| key_error("holds no PEM private key".into()))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                ClientError::Config(format!(
+                    "destination.client_cert_file / destination.client_key_file: {e} (is the key the certificate's?)"
+                ))
+            })
         }
     }
 }
@@ -259,7 +275,11 @@ mod tests {
         // (body, secrets, what is shown)
         let table: [(&str, &[&str], &str); 4] = [
             ("bad secret s3 cret!", &["s3 cret!"], "bad secret ***"),
-            ("client_secret=s3+cret%21", &["s3 cret!"], "client_secret=***"),
+            (
+                "client_secret=s3+cret%21",
+                &["s3 cret!"],
+                "client_secret=***",
+            ),
             ("no secret here", &["s3 cret!", ""], "no secret here"),
             ("token t0k and t0k", &["t0k"], "token *** and ***"),
         ];

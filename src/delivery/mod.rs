@@ -153,10 +153,29 @@ pub struct Deliverer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// A certificate or key file the configuration names (the message names the key).
+    #[error("{0}")]
+    Files(String),
     #[error("destination: {0}")]
-    Client(#[from] client::ClientError),
+    Client(client::ClientError),
     #[error("destination.http_endpoint: {0}")]
     Endpoint(String),
+}
+
+impl From<client::ClientError> for SetupError {
+    fn from(e: client::ClientError) -> Self {
+        match e {
+            client::ClientError::Config(message) => SetupError::Files(message),
+            other => SetupError::Client(other),
+        }
+    }
+}
+
+impl SetupError {
+    /// A mistake in the configuration (exit status 2), not a failure.
+    pub fn is_config(&self) -> bool {
+        matches!(self, SetupError::Files(_) | SetupError::Endpoint(_))
+    }
 }
 
 impl Deliverer {
