@@ -759,15 +759,38 @@ impl Config {
 }
 
 fn parse_http_url(text: &str) -> Result<Url, String> {
-    let url = Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    let shown = without_userinfo(text);
+    let url = Url::parse(text).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {}
         other => return Err(format!("scheme `{other}` is not http or https")),
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("`{text}` has no host"));
+        return Err(format!("`{shown}` has no host"));
+    }
+    // The HTTP client sends no credentials from the URL, and would log them (hyper's pool
+    // names its connections by scheme and authority).
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "`{shown}` carries a user name or password, which are not sent from the URL; \
+             give credentials in destination.auth or destination.custom_headers"
+        ));
     }
     Ok(url)
+}
+
+/// A URL as text with its `user:password@` part shown as `***@`.
+fn without_userinfo(text: &str) -> String {
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let authority_end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..start], &text[start + at..]),
+        None => text.to_owned(),
+    }
 }
 
 /// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
@@ -1179,6 +1202,37 @@ path = "store"
             assert!(error.contains(expected), "{line}: {error}");
             assert!(!error.contains(secret), "{line}: {error}");
             assert!(!error.contains("s3cr3t"), "{line}: {error}");
+        }
+    }
+
+    #[test]
+    fn endpoints_with_credentials_in_them_are_refused_without_showing_them() {
+        for (key, line) in [
+            (
+                "destination.http_endpoint",
+                "https://user:pa55word@api.example.com/profiles?source=edge",
+            ),
+            (
+                "destination.http_endpoint",
+                "https://pa55word@api.example.com/profiles?source=edge",
+            ),
+            (
+                "destination.auth.auth_endpoint",
+                "https://id:pa55word@auth.example.com/oauth/token",
+            ),
+            ("destination.http_endpoint", "https://id:pa55word@/x"),
+            ("destination.http_endpoint", "https://id:pa55 word@host:99999/x"),
+        ] {
+            let text = if key == "destination.http_endpoint" {
+                VALID.replace("https://api.example.com/profiles?source=edge", line)
+            } else {
+                VALID.replace("https://auth.example.com/oauth/token", line)
+            };
+            assert_ne!(text, VALID);
+            let error = error_of(&text);
+            assert!(error.contains(key), "{error}");
+            assert!(!error.contains("pa55"), "{error}");
+            assert!(error.contains("***@"), "{error}");
         }
     }
 
