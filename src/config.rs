@@ -1221,7 +1221,10 @@ path = "store"
                 "https://id:pa55word@auth.example.com/oauth/token",
             ),
             ("destination.http_endpoint", "https://id:pa55word@/x"),
-            ("destination.http_endpoint", "https://id:pa55 word@host:99999/x"),
+            (
+                "destination.http_endpoint",
+                "https://id:pa55 word@host:99999/x",
+            ),
         ] {
             let text = if key == "destination.http_endpoint" {
                 VALID.replace("https://api.example.com/profiles?source=edge", line)

@@ -499,6 +499,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
 
 /// [`parse_body`] with [`Parsing`]'s checks (naming the line refused) and pruning.
 pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
+    let body = without_bom(body);
     let start = body.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {
         return Err(InputError::new(1, "the input holds no update"));
@@ -573,6 +574,12 @@ fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError
             })
         })
         .collect()
+}
+
+/// The input without a UTF-8 byte-order mark at its start, which editors on Windows write and
+/// RFC 8259 lets a parser ignore.
+fn without_bom(input: &[u8]) -> &[u8] {
+    input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input)
 }
 
 /// 1-based line numbers of offsets into a body, asked for in increasing order.
@@ -686,7 +693,10 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
                 return None;
             }
             self.line += 1;
-            let text = self.buffer.trim_ascii();
+            let text = match self.line {
+                1 => without_bom(&self.buffer).trim_ascii(),
+                _ => self.buffer.trim_ascii(),
+            };
             if text.is_empty() {
                 continue;
             }
@@ -946,6 +956,24 @@ mod tests {
         );
         let no_timestamp = br#"{"id":"d","profile":{}}"#;
         assert!(parse_body_with(no_timestamp, &Parsing::within(limit)).is_ok());
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_ignored() {
+        let ndjson =
+            b"\xEF\xBB\xBF{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\"op\":\"delete\"}\n";
+        let array =
+            b"\xEF\xBB\xBF[{\"id\":\"a\",\"profile\":{}},\n{\"id\":\"b\",\"op\":\"delete\"}]";
+        for body in [&ndjson[..], &array[..]] {
+            let parsed = parse_body(body).unwrap();
+            assert_eq!(parsed.len(), 2);
+            let read: Vec<_> = UpdateReader::new(body).collect::<Result<_, _>>().unwrap();
+            assert_eq!(read, parsed);
+        }
+        // Only at the start.
+        let later =
+            b"{\"id\":\"a\",\"profile\":{}}\n\xEF\xBB\xBF{\"id\":\"b\",\"op\":\"delete\"}\n";
+        assert_eq!(error_of(later).line, 2);
     }
 
     #[test]
