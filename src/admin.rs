@@ -276,6 +276,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let now = Utc::now().timestamp_millis();
     let uptime_ms = store.run_clock().uptime_ms();
     let mut unreadable = Vec::new();
+    let mut already_pending = Vec::new();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         let mut done = Vec::new();
         let mut missing = Vec::new();
@@ -303,8 +304,16 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                         || store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?
                 }
             };
+            let pending = |seq: Option<u64>| -> Result<bool, AdminError> {
+                Ok(match seq {
+                    Some(seq) => store.export(store.export_id(seq))?.is_some_and(|e| !e.dead),
+                    None => false,
+                })
+            };
             if changed {
                 done.push(text)
+            } else if retry && pending(seq)? {
+                already_pending.push(text)
             } else {
                 missing.push(text)
             }
@@ -317,5 +326,10 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let (done, missing) = store.rewinding(apply)?;
     store.flush()?;
     let verb = if retry { "retried" } else { "dropped" };
-    Ok(json!({ verb: done, "not_found": missing, "unreadable": unreadable }))
+    Ok(json!({
+        verb: done,
+        "not_found": missing,
+        "unreadable": unreadable,
+        "already_pending": already_pending,
+    }))
 }

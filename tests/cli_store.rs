@@ -63,10 +63,28 @@ fn ingest_then_inspect_outbox_and_profile() {
 
     let only_p1 = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--profile", "p-1"], None));
     assert_eq!(only_p1.len(), 2);
-    let limited = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--limit", "1"], None));
-    assert_eq!(limited.len(), 1);
+    for (limit, listed, cut) in [("1", 1, true), ("4", 4, false)] {
+        let out = ws.run(&["outbox", "list", "--json", "--limit", limit], None);
+        assert!(out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(json_lines(&stdout).len(), listed, "{stdout}");
+        let said = stderr.contains(&format!("the first {limit} shown; --limit 0 lists all"));
+        assert_eq!(said, cut, "--limit {limit}: {stderr}");
+    }
     let all = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--limit", "0"], None));
     assert_eq!(all.len(), 4);
+
+    // Retrying an export that is pending, not dead, changes nothing and is no failure.
+    let pending_id = list[0]["id"].as_str().unwrap();
+    let out = ws.run_ok(&["outbox", "retry", pending_id], None);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "0 export(s) put back in the outbox\nalready pending (not dead letters), left as they are: {pending_id}"
+        )
+    );
+    assert_eq!(ws.outbox_stats()["pending"], 4);
 
     let id = list[2]["id"].as_str().unwrap();
     let shown: serde_json::Value =

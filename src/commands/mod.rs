@@ -419,12 +419,17 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
             limit,
             json,
         } => {
+            // One more than asked for, to tell whether the list was cut.
             let exports = backend.execute(&AdminRequest::List {
                 dead,
                 profile_id: profile,
-                limit,
+                limit: if limit == 0 { 0 } else { limit + 1 },
             })?;
-            let exports = exports.as_array().cloned().unwrap_or_default();
+            let mut exports = exports.as_array().cloned().unwrap_or_default();
+            if limit > 0 && exports.len() > limit {
+                exports.truncate(limit);
+                eprintln!("the first {limit} shown; --limit 0 lists all");
+            }
             if json.json {
                 let mut out = std::io::stdout().lock();
                 for export in &exports {
@@ -582,6 +587,17 @@ fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
 fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> {
     let done = result[key].as_array().map_or(0, Vec::len);
     println!("{done} export(s) {verb}");
+    // Retrying an export that is not a dead letter changes nothing, and is no failure.
+    let pending: Vec<&str> = result["already_pending"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !pending.is_empty() {
+        println!(
+            "already pending (not dead letters), left as they are: {}",
+            pending.join(", ")
+        );
+    }
     let missing: Vec<&str> = result["not_found"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
