@@ -298,6 +298,14 @@ fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
             r#"{"id":"a","profile":{"xdm:identityMap":{"ecid":[{"id":"1"}]}}}"#,
             "`profile.xdm:identityMap`: profiles are taken without `xdm:` prefixes (`identityMap`)",
         ),
+        (
+            r#"{"id":"a","profile":{"segmentMembership":{"xdm:ups":{"s1":{"status":"realized"}}}}}"#,
+            "`profile.segmentMembership.xdm:ups`: profiles are taken without `xdm:` prefixes (`ups`)",
+        ),
+        (
+            r#"{"id":"a","op":"delete","profile":{"xdm:x":1}}"#,
+            "`profile.xdm:x`: profiles are taken without `xdm:` prefixes (`x`)",
+        ),
     ] {
         for parsing in [&parsing, &Parsing::default()] {
             let error = update_from_json_with(line.as_bytes(), 1, parsing).unwrap_err();

@@ -88,8 +88,9 @@ impl KeepTree {
 /// would, but their keys and values are never allocated.
 pub struct PrunedObject<'a> {
     pub keep: &'a KeepTree,
-    /// The profile itself (not an object inside it): its keys are checked for `xdm:` prefixes.
-    pub top: bool,
+    /// Where this object is in the profile when its keys are checked for `xdm:` prefixes
+    /// (`Some("")` for the profile itself, see [`shape::PREFIX_CHECKED`]).
+    pub prefixes_at: Option<&'static str>,
 }
 
 impl<'de> DeserializeSeed<'de> for PrunedObject<'_> {
@@ -112,7 +113,7 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
         let mut kept = Map::new();
         let keys = KeptKey {
             keep: self.keep,
-            top: self.top,
+            prefixes_at: self.prefixes_at,
         };
         while let Some(key) = map.next_key_seed(keys)? {
             match key {
@@ -123,7 +124,18 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
                     kept.insert(key, map.next_value::<Value>()?);
                 }
                 Some((key, child)) => {
-                    kept.insert(key, map.next_value_seed(PrunedValue(child))?);
+                    // Below the profile, the keys of the objects `shape` checks.
+                    let prefixes_at = match self.prefixes_at {
+                        Some("") => shape::PREFIX_CHECKED
+                            .into_iter()
+                            .find(|path| path.strip_suffix('.') == Some(key.as_str())),
+                        _ => None,
+                    };
+                    let child = PrunedValue {
+                        keep: child,
+                        prefixes_at,
+                    };
+                    kept.insert(key, map.next_value_seed(child)?);
                 }
             }
         }
@@ -136,7 +148,7 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
 #[derive(Clone, Copy)]
 struct KeptKey<'a> {
     keep: &'a KeepTree,
-    top: bool,
+    prefixes_at: Option<&'static str>,
 }
 
 impl<'de, 'a> DeserializeSeed<'de> for KeptKey<'a> {
@@ -155,10 +167,8 @@ impl<'de, 'a> Visitor<'de> for KeptKey<'a> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        if self.top {
-            if let Some(reason) = shape::prefixed_key(key) {
-                return Err(E::custom(reason));
-            }
+        if let Some(reason) = self.prefixes_at.and_then(|at| shape::prefixed_key(at, key)) {
+            return Err(E::custom(reason));
         }
         Ok(self
             .keep
@@ -171,7 +181,10 @@ impl<'de, 'a> Visitor<'de> for KeptKey<'a> {
 
 /// The value under a kept key the tree goes deeper into: an object is pruned further, anything
 /// else is kept whole (as `KeepTree::prune` keeps it).
-struct PrunedValue<'a>(&'a KeepTree);
+struct PrunedValue<'a> {
+    keep: &'a KeepTree,
+    prefixes_at: Option<&'static str>,
+}
 
 impl<'de> DeserializeSeed<'de> for PrunedValue<'_> {
     type Value = Value;
@@ -190,8 +203,8 @@ impl<'de> Visitor<'de> for PrunedValue<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
         PrunedObject {
-            keep: self.0,
-            top: false,
+            keep: self.keep,
+            prefixes_at: self.prefixes_at,
         }
         .visit_map(map)
         .map(Value::Object)

@@ -3,53 +3,59 @@
 //! `segmentMembership.ups` and `identityMap` decide exports, so an update whose parts there do
 //! not have XDM's shape is refused rather than read as "no memberships" or "no identities":
 //! a producer that sent `ups` as an array would otherwise make every mapped segment of the
-//! profile exit at the destination. What is checked:
+//! profile exit at the destination. What is checked, in profiles and merge patches alike:
 //!
 //! | path | must be |
 //! |---|---|
-//! | `segmentMembership`, `segmentMembership.ups`, `identityMap` | an object (or `null`: none) |
-//! | `segmentMembership.ups.<segment>` | an object (`null` only in a merge patch: removed) |
-//! | `segmentMembership.ups.<segment>.status` | a string (`null` only in a merge patch) |
-//! | `identityMap.<namespace>` | an array of objects (or `null`: none) |
+//! | `segmentMembership`, `segmentMembership.ups`, `identityMap` | an object |
+//! | `segmentMembership.ups.<segment>` | an object |
+//! | `segmentMembership.ups.<segment>.status` | a string |
+//! | `identityMap.<namespace>` | an array of objects |
 //!
-//! Nor may a key of the profile carry an `xdm:` prefix.
+//! `null` is accepted at each of them: in a merge patch it removes the part (RFC 7386); in a
+//! profile it is what a producer that writes every nullable field sends, and reads as none (a
+//! segment entry of `null`, or without a status, makes no member, as SPEC's rule says).
+//!
+//! Nor may a key of the profile, of `segmentMembership` or of `identityMap` carry an `xdm:`
+//! prefix: SPEC takes profiles without them, and a prefixed `identityMap` or `ups` would be
+//! read as absent.
 //!
 //! A status other than `realized`, `existing` and `exited` is accepted: SPEC makes a profile a
 //! member only for the first two, so it is a membership of another kind.
 //!
 //! The check runs on what parsing kept of the profile (see `prune`): a namespace the mapping
-//! does not export is dropped unread, whatever its shape.
+//! does not export is dropped unread, whatever its shape. Parsing that prunes checks the
+//! prefixes itself, as it reads the keys ([`prefixed_key`]), since it drops such keys unbuilt.
 
 use serde_json::{Map, Value};
 
-use super::update::Op;
+/// The objects whose keys may not carry an `xdm:` prefix: the profile's own (path `""`) and
+/// these, by their path.
+pub const PREFIX_CHECKED: [&str; 2] = ["segmentMembership.", "identityMap."];
 
-/// Checks the profile (an upsert's) or merge patch (a merge's); `Err` says which path is wrong
-/// and what it holds.
-pub fn check(profile: &Map<String, Value>, op: Op) -> Result<(), String> {
-    let patch = op == Op::Merge;
-    if let Some(reason) = profile.keys().find_map(|key| prefixed_key(key)) {
-        return Err(reason);
-    }
+/// Checks a profile or merge patch; `Err` says which path is wrong and what it holds.
+pub fn check(profile: &Map<String, Value>) -> Result<(), String> {
+    check_prefixes(profile, "")?;
     if let Some(membership) = object_or_none(profile, "segmentMembership", "")? {
-        if let Some(ups) = object_or_none(membership, "ups", "segmentMembership.")? {
+        check_prefixes(membership, PREFIX_CHECKED[0])?;
+        if let Some(ups) = object_or_none(membership, "ups", PREFIX_CHECKED[0])? {
             for (segment, entry) in ups {
                 let path = format!("segmentMembership.ups.{segment}");
                 match entry {
                     Value::Object(fields) => match fields.get("status") {
-                        None | Some(Value::String(_)) => {}
-                        Some(Value::Null) if patch => {}
+                        None | Some(Value::String(_) | Value::Null) => {}
                         Some(other) => {
                             return Err(wrong(&format!("{path}.status"), "a string", other))
                         }
                     },
-                    Value::Null if patch => {}
+                    Value::Null => {}
                     other => return Err(wrong(&path, "an object", other)),
                 }
             }
         }
     }
     if let Some(identity_map) = object_or_none(profile, "identityMap", "")? {
+        check_prefixes(identity_map, PREFIX_CHECKED[1])?;
         for (namespace, identities) in identity_map {
             let path = format!("identityMap.{namespace}");
             match identities {
@@ -67,13 +73,19 @@ pub fn check(profile: &Map<String, Value>, op: Op) -> Result<(), String> {
     Ok(())
 }
 
-/// A key of the profile itself that carries an `xdm:` prefix: SPEC takes profiles without
-/// them, and a prefixed `identityMap` would otherwise be dropped unread, exporting nothing.
-/// (Parsing that prunes checks this as it reads the keys, since it drops such keys unbuilt.)
-pub fn prefixed_key(key: &str) -> Option<String> {
+/// Refuses `xdm:`-prefixed keys of `object`, found at `path`.
+pub fn check_prefixes(object: &Map<String, Value>, path: &str) -> Result<(), String> {
+    match object.keys().find_map(|key| prefixed_key(path, key)) {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    }
+}
+
+/// The error for a key at `path` that carries an `xdm:` prefix.
+pub fn prefixed_key(path: &str, key: &str) -> Option<String> {
     let unprefixed = key.strip_prefix("xdm:")?;
     Some(format!(
-        "`profile.{key}`: profiles are taken without `xdm:` prefixes (`{unprefixed}`)"
+        "`profile.{path}{key}`: profiles are taken without `xdm:` prefixes (`{unprefixed}`)"
     ))
 }
 
@@ -109,88 +121,71 @@ mod tests {
 
     #[test]
     fn shapes_table() {
-        // (profile, refused as an upsert, refused as a merge patch, the path named)
+        // (profile or patch, the error, if refused)
         let table = [
-            (json!({}), None, None),
+            (json!({}), None),
             (
                 json!({"segmentMembership": {"ups": {"s": {"status": "realized", "x": 1}}},
                        "identityMap": {"ecid": [{"id": "1"}], "email": []}}),
                 None,
-                None,
             ),
-            (json!({"segmentMembership": {"ups": {"s": {}}}}), None, None),
-            (json!({"segmentMembership": {"ups": {"s": {"status": "REALIZED"}}}}), None, None),
-            (json!({"segmentMembership": null, "identityMap": null}), None, None),
-            (json!({"segmentMembership": {"ups": null}}), None, None),
-            (json!({"segmentMembership": {"other": [1]}}), None, None),
-            (json!({"identityMap": {"ecid": null}}), None, None),
-            (json!({"person": {"xdm:name": 1}}), None, None),
-            (
-                json!({"xdm:identityMap": {"ecid": [{"id": "1"}]}}),
-                Some("`profile.xdm:identityMap`: profiles are taken without `xdm:` prefixes (`identityMap`)"),
-                Some("xdm:identityMap`"),
-            ),
+            (json!({"segmentMembership": {"ups": {"s": {}}}}), None),
+            (json!({"segmentMembership": {"ups": {"s": {"status": "REALIZED"}}}}), None),
+            (json!({"segmentMembership": null, "identityMap": null}), None),
+            (json!({"segmentMembership": {"ups": null}}), None),
+            (json!({"segmentMembership": {"ups": {"s": null}}}), None),
+            (json!({"segmentMembership": {"ups": {"s": {"status": null}}}}), None),
+            (json!({"segmentMembership": {"other": [1]}}), None),
+            (json!({"identityMap": {"ecid": null}}), None),
+            (json!({"person": {"xdm:name": 1}}), None),
             (
                 json!({"segmentMembership": [1]}),
                 Some("`profile.segmentMembership` must be an object, not an array"),
-                Some("segmentMembership`"),
             ),
             (
                 json!({"segmentMembership": {"ups": [{"s": {"status": "realized"}}]}}),
                 Some("`profile.segmentMembership.ups` must be an object, not an array"),
-                Some("segmentMembership.ups`"),
             ),
             (
                 json!({"segmentMembership": {"ups": {"s": "realized"}}}),
                 Some("`profile.segmentMembership.ups.s` must be an object, not a string"),
-                Some("ups.s`"),
-            ),
-            (
-                json!({"segmentMembership": {"ups": {"s": null}}}),
-                Some("`profile.segmentMembership.ups.s` must be an object, not null"),
-                None,
             ),
             (
                 json!({"segmentMembership": {"ups": {"s": {"status": 5}}}}),
                 Some("`profile.segmentMembership.ups.s.status` must be a string, not a number"),
-                Some("ups.s.status`"),
-            ),
-            (
-                json!({"segmentMembership": {"ups": {"s": {"status": null}}}}),
-                Some("`profile.segmentMembership.ups.s.status` must be a string, not null"),
-                None,
             ),
             (
                 json!({"identityMap": "x"}),
                 Some("`profile.identityMap` must be an object, not a string"),
-                Some("identityMap`"),
             ),
             (
                 json!({"identityMap": {"ecid": {"id": "e1"}}}),
                 Some("`profile.identityMap.ecid` must be an array of identity objects, not an object"),
-                Some("identityMap.ecid`"),
             ),
             (
                 json!({"identityMap": {"ecid": [{"id": "e1"}, "e2"]}}),
                 Some("`profile.identityMap.ecid[1]` must be an identity object, not a string"),
-                Some("ecid[1]`"),
+            ),
+            (
+                json!({"xdm:identityMap": {"ecid": [{"id": "1"}]}}),
+                Some("`profile.xdm:identityMap`: profiles are taken without `xdm:` prefixes (`identityMap`)"),
+            ),
+            (
+                json!({"segmentMembership": {"xdm:ups": {"s": {"status": "realized"}}}}),
+                Some("`profile.segmentMembership.xdm:ups`: profiles are taken without `xdm:` prefixes (`ups`)"),
+            ),
+            (
+                json!({"identityMap": {"xdm:ecid": [{"id": "1"}]}}),
+                Some("`profile.identityMap.xdm:ecid`: profiles are taken without `xdm:` prefixes (`ecid`)"),
             ),
         ];
-        for (profile, as_upsert, as_patch) in table {
-            let profile = profile.as_object().unwrap();
-            let upsert = check(profile, Op::Upsert);
-            let merge = check(profile, Op::Merge);
-            match as_upsert {
-                None => assert!(upsert.is_ok(), "{profile:?}: {upsert:?}"),
-                Some(text) => assert_eq!(upsert, Err(text.to_owned()), "{profile:?}"),
-            }
-            match as_patch {
-                None => assert!(merge.is_ok(), "{profile:?} as a patch: {merge:?}"),
-                Some(path) => {
-                    let reason = merge.unwrap_err();
-                    assert!(reason.contains(path), "{profile:?} as a patch: {reason}");
-                }
-            }
+        for (profile, refused) in table {
+            let checked = check(profile.as_object().unwrap());
+            assert_eq!(
+                checked,
+                refused.map_or(Ok(()), |e| Err(e.to_owned())),
+                "{profile}"
+            );
         }
     }
 }

@@ -217,7 +217,7 @@ impl<'de> Visitor<'de> for OptionalPruned<'_> {
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         PrunedObject {
             keep: self.0,
-            top: true,
+            prefixes_at: Some(""),
         }
         .deserialize(deserializer)
         .map(Some)
@@ -437,6 +437,11 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
         ));
     }
     let op = raw.op.unwrap_or(Op::Upsert);
+    // Also a delete's, which is then dropped: parsing that prunes refuses prefixed keys as it
+    // reads them, whatever the op.
+    if let Some(profile) = &raw.profile {
+        shape::check(profile).map_err(|reason| InputError::new(line, reason))?;
+    }
     let profile = match (op, raw.profile) {
         (Op::Delete, _) => Map::new(),
         (_, Some(profile)) => profile,
@@ -448,7 +453,6 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
             ));
         }
     };
-    shape::check(&profile, op).map_err(|reason| InputError::new(line, reason))?;
     let timestamp = match raw.timestamp {
         None => None,
         Some(text) => Some(
@@ -578,7 +582,7 @@ fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError
 
 /// The input without a UTF-8 byte-order mark at its start, which editors on Windows write and
 /// RFC 8259 lets a parser ignore.
-fn without_bom(input: &[u8]) -> &[u8] {
+pub fn without_bom(input: &[u8]) -> &[u8] {
     input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input)
 }
 

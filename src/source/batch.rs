@@ -1,7 +1,7 @@
 //! What a batch fetched from one partition becomes (pure): the updates to commit, the
 //! redeliveries to skip, the messages to reject, and the position to record with them.
 
-use crate::profile::update::{update_from_json_with, Parsing};
+use crate::profile::update::{update_from_json_with, without_bom, Parsing};
 use crate::profile::Update;
 use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
 
@@ -50,7 +50,8 @@ pub fn sort_batch(
             continue;
         }
         high = message.seq;
-        let parsed = update_from_json_with(message.payload, message.seq, parsing)
+        // Each message is an input of its own, so a byte-order mark may start it.
+        let parsed = update_from_json_with(without_bom(message.payload), message.seq, parsing)
             .map_err(|e| e.reason)
             .and_then(|update| {
                 let home = partition_of(&update.id, partitions);
@@ -127,6 +128,7 @@ mod tests {
         let long = "x".repeat(MAX_REJECTED_RAW + 10);
         let other = r#"{"id":"p-000123","profile":{}}"#; // partition 6 of 8
         let future = r#"{"id":"p-000001","timestamp":"2026-01-03T00:00:00Z","profile":{}}"#;
+        let with_bom = format!("\u{feff}{a}");
         // (recorded, messages) -> (updates, skipped, position, rejected seqs)
         type Case<'a> = (u64, Vec<(u64, &'a str)>, usize, u64, Option<u64>, Vec<u64>);
         let table: Vec<Case> = vec![
@@ -145,6 +147,7 @@ mod tests {
             (0, vec![(3, &a), (3, &a), (2, &b)], 1, 2, Some(3), vec![]),
             (0, vec![(9, other)], 0, 0, Some(9), vec![9]),
             (0, vec![(1, &a), (2, future)], 1, 0, Some(2), vec![2]),
+            (0, vec![(1, &with_bom)], 1, 0, Some(1), vec![]),
             (0, vec![], 0, 0, None, vec![]),
         ];
         for (i, (recorded, messages, updates, skipped, position, rejected)) in
