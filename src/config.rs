@@ -31,26 +31,8 @@ pub enum ConfigError {
 /// message quotes the line, and a type error the value, which may be a secret (a
 /// `client_secret` with a bad escape, say).
 fn parse_error_without_values(text: &str, error: &toml::de::Error) -> String {
-    let message = error
-        .message()
-        .trim_end()
-        .lines()
-        .collect::<Vec<_>>()
-        .join("; ");
-    let message = message.as_str();
-    // serde's "invalid type: integer `5`, expected a string" names the value in backticks.
-    let message = match ["invalid type: ", "invalid value: "]
-        .iter()
-        .find(|prefix| message.starts_with(**prefix))
-    {
-        Some(_) => match (message.find(" `"), message.find("`, ")) {
-            (Some(open), Some(close)) if open < close => {
-                format!("{}{}", &message[..open], &message[close + 1..])
-            }
-            _ => message.to_owned(),
-        },
-        None => message.to_owned(),
-    };
+    let message = error.message().trim_end().lines().collect::<Vec<_>>();
+    let message = without_value(&message.join("; "));
     let Some(span) = error.span() else {
         return message;
     };
@@ -58,16 +40,42 @@ fn parse_error_without_values(text: &str, error: &toml::de::Error) -> String {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
-    // The key the line sets, when it sets one: `key = value`.
+    // The key the line sets, when it sets one: `key = value`; not on a line inside a
+    // multi-line string, which may be a secret's.
     let line_text = text[line_start..].lines().next().unwrap_or_default();
+    let in_string = [r#"""""#, "'''"]
+        .iter()
+        .any(|quotes| before[..line_start].matches(quotes).count() % 2 == 1);
     let key = line_text
         .split_once('=')
         .map(|(key, _)| key.trim())
-        .filter(|key| !key.is_empty() && !key.starts_with('['));
+        .filter(|key| {
+            !in_string
+                && !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
+        });
     match key {
         Some(key) => format!("line {line}, column {column} (`{key}`): {message}"),
         None => format!("line {line}, column {column}: {message}"),
     }
+}
+
+/// serde's "invalid type: integer `5`, expected a string" (or `string "…"`) without the value:
+/// "invalid type: integer, expected a string".
+fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        let kind = rest.split([' ', ',']).next().unwrap_or_default();
+        return match rest.find(", expected") {
+            Some(expected) => format!("{prefix}{kind}{}", &rest[expected..]),
+            None => format!("{prefix}{kind}"),
+        };
+    }
+    message.to_owned()
 }
 
 /// A value that must never be printed.
@@ -779,18 +787,18 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// A URL as text with its `user:password@` part shown as `***@`.
+/// A URL as text with everything between its scheme and its last `@` shown as `***`: a
+/// user and password may be written in several ways the URL parser accepts (`https:u:p@h`,
+/// `https:///u:p@h`), and may hold `/`, `?` or `#`. A path with an `@` in it is hidden too,
+/// which errors can afford.
 fn without_userinfo(text: &str) -> String {
-    let Some(start) = text.find("://").map(|i| i + 3) else {
+    let (Some(colon), Some(at)) = (text.find(':'), text.rfind('@')) else {
         return text.to_owned();
     };
-    let authority_end = text[start..]
-        .find(['/', '?', '#'])
-        .map_or(text.len(), |i| start + i);
-    match text[start..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &text[..start], &text[start + at..]),
-        None => text.to_owned(),
+    if at < colon {
+        return text.to_owned();
     }
+    format!("{}***{}", &text[..=colon], &text[at..])
 }
 
 /// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
@@ -1192,9 +1200,15 @@ path = "store"
                 "client_secret = 998877665544",
                 "line 11, column 17 (`client_secret`): invalid type: integer, expected a string",
             ),
+            // A secret in a multi-line string: no key is taken from its lines.
+            (
+                "client_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\n\"\"\"",
+                "line 12, column 18: invalid escape sequence",
+            ),
         ];
         for (line, expected) in cases {
             let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
+            assert_ne!(text, VALID);
             let secret = line
                 .trim_start_matches("client_secret = ")
                 .trim_matches('"');
@@ -1202,7 +1216,16 @@ path = "store"
             assert!(error.contains(expected), "{line}: {error}");
             assert!(!error.contains(secret), "{line}: {error}");
             assert!(!error.contains("s3cr3t"), "{line}: {error}");
+            assert!(!error.contains("c2Vj"), "{line}: {error}");
         }
+        // A string where a number belongs: serde quotes it with `"`, not backticks.
+        let text = VALID.replace(
+            "[storage]",
+            "[delivery]\nmax_concurrency = \"s3cr3t-value\"\n\n[storage]",
+        );
+        let error = error_of(&text);
+        assert!(error.contains("invalid type: string, expected"), "{error}");
+        assert!(!error.contains("s3cr3t"), "{error}");
     }
 
     #[test]
@@ -1224,6 +1247,22 @@ path = "store"
             (
                 "destination.http_endpoint",
                 "https://id:pa55 word@host:99999/x",
+            ),
+            (
+                "destination.http_endpoint",
+                "https:id:pa55word@api.example.com/x",
+            ),
+            (
+                "destination.http_endpoint",
+                "https:///id:pa55word@api.example.com/x",
+            ),
+            (
+                "destination.http_endpoint",
+                "https://id:pa55/word@api.example.com/x",
+            ),
+            (
+                "destination.http_endpoint",
+                "https://id:pa55?w#rd@api.example.com/x",
             ),
         ] {
             let text = if key == "destination.http_endpoint" {

@@ -261,13 +261,15 @@ impl TokenSource {
             )
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, super::user_agent());
+        let mut basic = None;
         if *credentials == CredentialsPlacement::Basic {
             // RFC 6749 2.3.1: each part form-encoded, then joined and base64-encoded.
             let encode =
                 |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
             let pair = format!("{}:{}", encode(client_id), encode(client_secret.expose()));
-            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
-            request = request.header(AUTHORIZATION, format!("Basic {basic}"));
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            request = request.header(AUTHORIZATION, format!("Basic {encoded}"));
+            basic = Some(encoded);
         }
         let form = token_form(
             grant,
@@ -286,6 +288,8 @@ impl TokenSource {
             .map_err(|e| AuthError::Transport(e.to_string()))?;
         if !answer.status.is_success() {
             let mut secrets = vec![client_secret.expose()];
+            // With `credentials = "basic"` the pair went in a header an endpoint may echo.
+            secrets.extend(basic.as_deref());
             match grant {
                 FormGrant::Password { password, .. } => secrets.push(password.expose()),
                 FormGrant::RefreshToken(refresh) => secrets.push(refresh.expose()),

@@ -47,14 +47,29 @@ impl Answer {
         String::from_utf8_lossy(&self.body[..end]).into_owned()
     }
 
-    /// [`Answer::body_start`] with each of `secrets` shown as `***`, also as it travels
-    /// form-encoded: an endpoint may echo what it was sent, and error texts reach logs, the
-    /// outbox's `last_error` and `outpost check`.
+    /// [`Answer::body_start`] with each of `secrets` shown as `***`, also as it may come back
+    /// encoded (form- or percent-encoded, or escaped in JSON): an endpoint may echo what it was
+    /// sent, and error texts reach logs, the outbox's `last_error` and `outpost check`.
     pub fn body_start_hiding(&self, secrets: &[&str]) -> String {
         let mut text = String::from_utf8_lossy(&self.body).into_owned();
         for secret in secrets.iter().filter(|s| !s.is_empty()) {
-            let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-            text = text.replace(secret, "***").replace(&encoded, "***");
+            let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            let json = serde_json::to_string(secret).unwrap_or_default();
+            let json = json.trim_matches('"');
+            let mut forms = vec![
+                secret.to_string(),
+                form.replace('+', "%20"),
+                form.to_lowercase(),
+                form.replace('+', "%20").to_lowercase(),
+                json.to_owned(),
+                json.replace('/', "\\/"),
+                form,
+            ];
+            // Longest first, so that no form leaves a part of a longer one shown.
+            forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+            for form in forms {
+                text = text.replace(&form, "***");
+            }
         }
         let mut end = text.len().min(ERROR_BODY_BYTES);
         while !text.is_char_boundary(end) {
@@ -273,7 +288,7 @@ mod tests {
     #[test]
     fn secrets_echoed_in_a_body_are_hidden() {
         // (body, secrets, what is shown)
-        let table: [(&str, &[&str], &str); 4] = [
+        let table: [(&str, &[&str], &str); 7] = [
             ("bad secret s3 cret!", &["s3 cret!"], "bad secret ***"),
             (
                 "client_secret=s3+cret%21",
@@ -282,6 +297,9 @@ mod tests {
             ),
             ("no secret here", &["s3 cret!", ""], "no secret here"),
             ("token t0k and t0k", &["t0k"], "token *** and ***"),
+            ("s3%20cret%21 s3%20cret%21", &["s3 cret!"], "*** ***"),
+            (r#"{"echo":"a\/b\"c"}"#, &["a/b\"c"], r#"{"echo":"***"}"#),
+            ("a%2fb a%2Fb", &["a/b"], "*** ***"),
         ];
         for (body, secrets, shown) in table {
             assert_eq!(answer(body).body_start_hiding(secrets), shown, "{body}");
