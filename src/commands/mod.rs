@@ -423,7 +423,11 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
             let exports = backend.execute(&AdminRequest::List {
                 dead,
                 profile_id: profile,
-                limit: if limit == 0 { 0 } else { limit + 1 },
+                limit: if limit == 0 {
+                    0
+                } else {
+                    limit.saturating_add(1)
+                },
             })?;
             let mut exports = exports.as_array().cloned().unwrap_or_default();
             if limit > 0 && exports.len() > limit {

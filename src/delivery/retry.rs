@@ -79,10 +79,15 @@ impl ExportBackoff {
 
     /// How long the export waits after one more failed attempt. The jittered delay is held to
     /// `max` too: `backoff` caps the interval before jittering it, so alone it waits up to
-    /// 1.5 × `max`.
+    /// 1.5 × `max`. A draw above `max` is reflected below it, so that at the cap the waits
+    /// still spread over [`max`/2, `max`] rather than pile up at `max` in step.
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         let max = self.backoff.max_interval;
-        let delay = self.backoff.next_backoff().unwrap_or(max).min(max);
+        let drawn = self.backoff.next_backoff().unwrap_or(max);
+        let delay = match drawn.checked_sub(max) {
+            Some(over) if !over.is_zero() => max.saturating_sub(over),
+            _ => drawn,
+        };
         match retry_after {
             Some(wait) => wait.max(delay),
             None => delay,
@@ -221,9 +226,16 @@ mod tests {
         let mut backoff = ExportBackoff::new(Duration::from_millis(200), max, true);
         let delays: Vec<Duration> = (0..200).map(|_| backoff.next_delay(None)).collect();
         assert!(delays.iter().all(|d| *d <= max), "{delays:?}");
-        // At the cap it still varies, below it.
+        // At the cap it still varies, below it, and not in step at the cap itself.
         let at_cap = &delays[10..];
-        assert!(at_cap.iter().any(|d| *d < max * 9 / 10), "{at_cap:?}");
         assert!(at_cap.iter().all(|d| *d >= max / 2), "{at_cap:?}");
+        let above_three_quarters = at_cap.iter().filter(|d| **d > max * 3 / 4).count();
+        assert!(
+            (at_cap.len() / 4..at_cap.len() * 3 / 4).contains(&above_three_quarters),
+            "{above_three_quarters} of {}",
+            at_cap.len()
+        );
+        let at_max = at_cap.iter().filter(|d| **d == max).count();
+        assert!(at_max <= 2, "{at_max} waits of exactly the cap");
     }
 }
