@@ -368,7 +368,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
                 if fetched.lifetime_given {
                     ""
                 } else {
-                    ", assumed: no expires_in"
+                    ", assumed: no usable expires_in"
                 }
             );
         }

@@ -332,23 +332,32 @@ impl TokenSource {
         if parsed.access_token.is_empty() {
             return Err(AuthError::Answer("empty access_token".into()));
         }
-        let seconds = match &parsed.expires_in {
-            Some(serde_json::Value::Number(n)) => n.as_u64(),
-            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        };
+        let (lifetime, lifetime_given) = lifetime_of(parsed.expires_in.as_ref());
         Ok(Fetched {
             token: Secret::new(parsed.access_token),
-            lifetime: seconds.filter(|&s| s > 0).map_or(DEFAULT_LIFETIME, |s| {
-                Duration::from_secs(s.min(MAX_LIFETIME_S))
-            }),
-            lifetime_given: seconds.is_some(),
+            lifetime,
+            lifetime_given,
             token_type: parsed.token_type,
             refresh_token: parsed
                 .refresh_token
                 .filter(|t| !t.is_empty())
                 .map(Secret::new),
         })
+    }
+}
+
+/// A token's lifetime from its answer's `expires_in` (seconds, as a number or a string), and
+/// whether the answer gave one that can be used: missing, zero, negative or unreadable, it is
+/// [`DEFAULT_LIFETIME`] (a lifetime of zero would fetch a token for every request).
+fn lifetime_of(expires_in: Option<&serde_json::Value>) -> (Duration, bool) {
+    let seconds = match expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    match seconds.filter(|&s| s > 0) {
+        Some(s) => (Duration::from_secs(s.min(MAX_LIFETIME_S)), true),
+        None => (DEFAULT_LIFETIME, false),
     }
 }
 
@@ -435,6 +444,33 @@ mod tests {
             assert_eq!(
                 token_form(grant, "c", &secret, CredentialsPlacement::Body, None),
                 expected
+            );
+        }
+    }
+
+    #[test]
+    fn lifetime_table() {
+        use serde_json::json;
+        let hour = DEFAULT_LIFETIME.as_secs();
+        // (expires_in, lifetime in seconds, given)
+        let table = [
+            (Some(json!(300)), 300, true),
+            (Some(json!("300")), 300, true),
+            (Some(json!(" 45 ")), 45, true),
+            (Some(json!(10_u64.pow(12))), MAX_LIFETIME_S, true),
+            (Some(json!(0)), hour, false),
+            (Some(json!("0")), hour, false),
+            (Some(json!(-5)), hour, false),
+            (Some(json!(2.5)), hour, false),
+            (Some(json!("soon")), hour, false),
+            (Some(json!(null)), hour, false),
+            (None, hour, false),
+        ];
+        for (expires_in, seconds, given) in table {
+            assert_eq!(
+                lifetime_of(expires_in.as_ref()),
+                (Duration::from_secs(seconds), given),
+                "{expires_in:?}"
             );
         }
     }
