@@ -16,9 +16,10 @@
 //! profile it is what a producer that writes every nullable field sends, and reads as none (a
 //! segment entry of `null`, or without a status, makes no member, as SPEC's rule says).
 //!
-//! Nor may a key of the profile, of `segmentMembership` or of `identityMap` carry an `xdm:`
-//! prefix: SPEC takes profiles without them, and a prefixed `identityMap` or `ups` would be
-//! read as absent.
+//! Nor may a key of the profile, of `segmentMembership`, of `identityMap`, of a `ups` entry or
+//! of an identity carry an `xdm:` prefix: SPEC takes profiles without them, and a prefixed
+//! `identityMap`, `ups` or `status` would be read as absent (an identity's `xdm:id` would go
+//! to the destination as it is).
 //!
 //! A status other than `realized`, `existing` and `exited` is accepted: SPEC makes a profile a
 //! member only for the first two, so it is a membership of another kind.
@@ -42,12 +43,15 @@ pub fn check(profile: &Map<String, Value>) -> Result<(), String> {
             for (segment, entry) in ups {
                 let path = format!("segmentMembership.ups.{segment}");
                 match entry {
-                    Value::Object(fields) => match fields.get("status") {
-                        None | Some(Value::String(_) | Value::Null) => {}
-                        Some(other) => {
-                            return Err(wrong(&format!("{path}.status"), "a string", other))
+                    Value::Object(fields) => {
+                        check_prefixes(fields, &format!("{path}."))?;
+                        match fields.get("status") {
+                            None | Some(Value::String(_) | Value::Null) => {}
+                            Some(other) => {
+                                return Err(wrong(&format!("{path}.status"), "a string", other))
+                            }
                         }
-                    },
+                    }
                     Value::Null => {}
                     other => return Err(wrong(&path, "an object", other)),
                 }
@@ -61,9 +65,11 @@ pub fn check(profile: &Map<String, Value>) -> Result<(), String> {
             match identities {
                 Value::Null => {}
                 Value::Array(items) => {
-                    if let Some((i, item)) = items.iter().enumerate().find(|(_, v)| !v.is_object())
-                    {
-                        return Err(wrong(&format!("{path}[{i}]"), "an identity object", item));
+                    for (i, item) in items.iter().enumerate() {
+                        let Value::Object(fields) = item else {
+                            return Err(wrong(&format!("{path}[{i}]"), "an identity object", item));
+                        };
+                        check_prefixes(fields, &format!("{path}[{i}]."))?;
                     }
                 }
                 other => return Err(wrong(&path, "an array of identity objects", other)),
@@ -173,6 +179,14 @@ mod tests {
             (
                 json!({"segmentMembership": {"xdm:ups": {"s": {"status": "realized"}}}}),
                 Some("`profile.segmentMembership.xdm:ups`: profiles are taken without `xdm:` prefixes (`ups`)"),
+            ),
+            (
+                json!({"segmentMembership": {"ups": {"s": {"xdm:status": "realized"}}}}),
+                Some("`profile.segmentMembership.ups.s.xdm:status`: profiles are taken without `xdm:` prefixes (`status`)"),
+            ),
+            (
+                json!({"identityMap": {"ecid": [{"id": "1"}, {"xdm:id": "2"}]}}),
+                Some("`profile.identityMap.ecid[1].xdm:id`: profiles are taken without `xdm:` prefixes (`id`)"),
             ),
             (
                 json!({"identityMap": {"xdm:ecid": [{"id": "1"}]}}),
