@@ -34,55 +34,57 @@ use serde_json::{Map, Value};
 /// these, by their path.
 pub const PREFIX_CHECKED: [&str; 2] = ["segmentMembership.", "identityMap."];
 
-/// Checks a profile or merge patch; `Err` says which path is wrong and what it holds.
+/// Checks a profile or merge patch; `Err` says which path is wrong and what it holds. (Every
+/// update on its way to the store passes here: paths are only spelled out for an error.)
 pub fn check(profile: &Map<String, Value>) -> Result<(), String> {
-    check_prefixes(profile, "")?;
+    check_prefixes(profile, String::new)?;
     if let Some(membership) = object_or_none(profile, "segmentMembership", "")? {
-        check_prefixes(membership, PREFIX_CHECKED[0])?;
+        check_prefixes(membership, || PREFIX_CHECKED[0].to_owned())?;
         if let Some(ups) = object_or_none(membership, "ups", PREFIX_CHECKED[0])? {
             for (segment, entry) in ups {
-                let path = format!("segmentMembership.ups.{segment}");
+                let path = || format!("segmentMembership.ups.{segment}");
                 match entry {
                     Value::Object(fields) => {
-                        check_prefixes(fields, &format!("{path}."))?;
+                        check_prefixes(fields, || format!("{}.", path()))?;
                         match fields.get("status") {
                             None | Some(Value::String(_) | Value::Null) => {}
                             Some(other) => {
-                                return Err(wrong(&format!("{path}.status"), "a string", other))
+                                return Err(wrong(&format!("{}.status", path()), "a string", other))
                             }
                         }
                     }
                     Value::Null => {}
-                    other => return Err(wrong(&path, "an object", other)),
+                    other => return Err(wrong(&path(), "an object", other)),
                 }
             }
         }
     }
     if let Some(identity_map) = object_or_none(profile, "identityMap", "")? {
-        check_prefixes(identity_map, PREFIX_CHECKED[1])?;
+        check_prefixes(identity_map, || PREFIX_CHECKED[1].to_owned())?;
         for (namespace, identities) in identity_map {
-            let path = format!("identityMap.{namespace}");
+            let path = || format!("identityMap.{namespace}");
             match identities {
                 Value::Null => {}
                 Value::Array(items) => {
                     for (i, item) in items.iter().enumerate() {
                         let Value::Object(fields) = item else {
-                            return Err(wrong(&format!("{path}[{i}]"), "an identity object", item));
+                            let at = format!("{}[{i}]", path());
+                            return Err(wrong(&at, "an identity object", item));
                         };
-                        check_prefixes(fields, &format!("{path}[{i}]."))?;
+                        check_prefixes(fields, || format!("{}[{i}].", path()))?;
                     }
                 }
-                other => return Err(wrong(&path, "an array of identity objects", other)),
+                other => return Err(wrong(&path(), "an array of identity objects", other)),
             }
         }
     }
     Ok(())
 }
 
-/// Refuses `xdm:`-prefixed keys of `object`, found at `path`.
-pub fn check_prefixes(object: &Map<String, Value>, path: &str) -> Result<(), String> {
-    match object.keys().find_map(|key| prefixed_key(path, key)) {
-        Some(reason) => Err(reason),
+/// Refuses `xdm:`-prefixed keys of `object`, found at `path()`.
+fn check_prefixes(object: &Map<String, Value>, path: impl Fn() -> String) -> Result<(), String> {
+    match object.keys().find(|key| key.starts_with("xdm:")) {
+        Some(key) => Err(prefixed_key(&path(), key).unwrap_or_default()),
         None => Ok(()),
     }
 }
