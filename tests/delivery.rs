@@ -160,6 +160,52 @@ async fn basic_credentials_and_scope() {
     agent.stop().await.unwrap();
 }
 
+/// SPEC: a `Retry-After` is the earliest time the export is sent again, also when the agent
+/// restarts meanwhile (the retry time is kept in the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_holds_across_a_restart() {
+    let s = setup().await;
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let seen = Arc::clone(&arrivals);
+    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
+        seen.lock().unwrap().push(Instant::now());
+        match n {
+            0 => Reply::Status(503, vec![("retry-after".into(), "4".into())], "busy".into()),
+            _ => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    wait_until(10, "the first attempt", || {
+        !arrivals.lock().unwrap().is_empty()
+    })
+    .await;
+    // Stopped while the attempt may still be in flight: the stop waits for its answer and
+    // records the failure, with its retry time, before its last flush.
+    agent.stop().await.unwrap();
+    let pending = outpost::store::Store::open(&s.config.storage.path, 8 << 20)
+        .unwrap()
+        .list(&ListFilter::default())
+        .unwrap();
+    assert_eq!(pending[0].record.attempts, 1, "the failure was recorded");
+    let agent = start(&s.config).await;
+    let restarted = Instant::now();
+    let first = arrivals.lock().unwrap()[0];
+    assert!(
+        restarted < first + Duration::from_secs(3),
+        "the restart must come before the Retry-After is over"
+    );
+    drained(&agent, &s.receiver, 1).await;
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 2, "one retry");
+    assert!(
+        arrivals[1] >= first + Duration::from_secs(4),
+        "sent again {:?} after a Retry-After of 4 s",
+        arrivals[1] - first
+    );
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn token_endpoint_failures_back_off_and_never_dead_letter() {
     let s = setup().await;

@@ -248,7 +248,7 @@ impl Deliverer {
     /// Runs until `shutdown`; then lets the requests in flight finish, records their outcomes
     /// durably, and returns. `wake` is notified on commits and repairs.
     pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
-        let (settler, mut settled) = Settler::start(Arc::clone(&self.store));
+        let (settler, mut settled, settler_thread) = Settler::start(Arc::clone(&self.store));
         let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
         let (read_tx, mut reads) = mpsc::unbounded_channel::<Read>();
         let mut state = LoopState {
@@ -347,6 +347,15 @@ impl Deliverer {
                 _ = shutdown.cancelled(), if !stopping => {}
             }
         }
+        // Every change handed over is applied before the agent's last flush, failed attempts
+        // too (which the loop does not wait for): a restart keeps their retry times. The
+        // settler ends once its channel, closed here, is drained; `settled` stays open for it.
+        drop(state);
+        let joined = tokio::task::spawn_blocking(move || settler_thread.join());
+        if tokio::time::timeout(STOP_GRACE, joined).await.is_err() {
+            tracing::warn!("the last failed attempts were not recorded in time; they stay pending as they were");
+        }
+        drop(settled);
     }
 
     /// Starts a read of the store when the window runs low (or few profiles are ready) and
@@ -395,9 +404,12 @@ impl Deliverer {
         match read.exports {
             Ok(exports) => {
                 state.cursor = read.cursor;
+                let uptime_ms = self.clock.uptime_ms();
                 for export in exports {
                     if !state.out_at_read.contains(&export.id.seq) {
-                        state.queue.push(export);
+                        let longest = self.controller.max_backoff.max(retry::MAX_RETRY_AFTER);
+                        let at = retry_instant(export.retry_at_uptime_ms, uptime_ms, now, longest);
+                        state.queue.push_waiting(export, at);
                     }
                 }
             }
@@ -530,16 +542,20 @@ impl Deliverer {
         };
         state.controller.answered(now, sent_at, signal);
         let at_ms = now_ms();
+        let uptime_ms = self.clock.uptime_ms();
         for (profile, export) in batch {
-            let retry_at = if cause == RetryCause::Auth {
+            let delay = if cause == RetryCause::Auth {
                 None
             } else {
                 let delay = state
                     .queue
                     .backoff_of(&profile, || self.new_backoff())
                     .map_or(Duration::ZERO, |b| b.next_delay(retry_after));
-                Some(now + delay)
+                Some(delay)
             };
+            let retry_at = delay.map(|d| now + d);
+            // Kept in the store too, so that a restart does not send it before its time.
+            let retry_at_uptime_ms = delay.map(|d| uptime_ms.saturating_add(d.as_millis() as u64));
             tracing::info!(export = %export.id, %profile, %error, "delivery failed; will retry");
             let outcome = if cause == RetryCause::Auth {
                 DeliveryOutcome::AuthRejected
@@ -554,6 +570,7 @@ impl Deliverer {
                 change: ExportChange::Failed {
                     error: error.clone(),
                     at_ms,
+                    retry_at_uptime_ms,
                 },
             });
             state.queue.put_back(&profile, export, retry_at);
@@ -705,6 +722,21 @@ impl LoopState {
     }
 }
 
+/// When an export read from the store may go, given the run time its last failed attempt set
+/// (`None`: at once), the run time now, and the `longest` wait an attempt can set. A crash
+/// loses up to [`crate::clock::CHECKPOINT_EVERY`] of run time, which only lengthens the wait;
+/// a time further ahead than that comes from a run clock that started again from 0 (its
+/// record was unreadable), and is passed over.
+fn retry_instant(
+    retry_at_uptime_ms: Option<u64>,
+    uptime_ms: u64,
+    now: Instant,
+    longest: Duration,
+) -> Option<Instant> {
+    let left = Duration::from_millis(retry_at_uptime_ms?.checked_sub(uptime_ms)?);
+    (left <= longest + crate::clock::CHECKPOINT_EVERY).then(|| now + left)
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -799,6 +831,7 @@ mod tests {
         (
             Arc::from(format!("p{seq}").as_str()),
             Export {
+                retry_at_uptime_ms: None,
                 id: ExportId { store: 0xabc, seq },
                 dead: false,
                 record: ExportRecord::new_pending(
@@ -810,6 +843,29 @@ mod tests {
                 ),
             },
         )
+    }
+
+    #[test]
+    fn retry_times_read_from_the_store() {
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        // (stored run time, run time now, waits for)
+        let table: [(Option<u64>, u64, Option<u64>); 6] = [
+            (None, 1_000, None),
+            (Some(900), 1_000, None),
+            (Some(1_000), 1_000, Some(0)),
+            (Some(5_000), 1_000, Some(4_000)),
+            (Some(1_000 + 3_600_000 + 5_000), 1_000, Some(3_605_000)),
+            // Further than any attempt sets: the run clock started again.
+            (Some(1_000 + 3_600_000 + 5_001), 1_000, None),
+        ];
+        for (stored, uptime, wait) in table {
+            assert_eq!(
+                retry_instant(stored, uptime, now, hour),
+                wait.map(|ms| now + Duration::from_millis(ms)),
+                "{stored:?} at {uptime}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,14 @@ impl<B> Queue<B> {
 
     /// Adds an export read from the store; exports must come in sequence order per profile.
     pub fn push(&mut self, export: Export) {
+        self.push_waiting(export, None);
+    }
+
+    /// [`Queue::push`], for an export that is not to go before `at`: a failed export read
+    /// again (after a restart) keeps its retry time. It is its profile's head, since a
+    /// profile's later exports wait behind a failed one; a profile already waiting or busy
+    /// keeps its own state.
+    pub fn push_waiting(&mut self, export: Export, at: Option<Instant>) {
         if self.out.contains(&export.id.seq) {
             return;
         }
@@ -92,7 +100,15 @@ impl<B> Queue<B> {
         profile.exports.push_back(export);
         self.held += 1;
         if profile.state == State::Idle && profile.exports.len() == 1 {
-            self.ready.insert(seq, id);
+            match at {
+                Some(at) => {
+                    profile.state = State::Waiting(at);
+                    self.waiting.insert((at, id));
+                }
+                None => {
+                    self.ready.insert(seq, id);
+                }
+            }
         }
     }
 
@@ -265,6 +281,7 @@ mod tests {
             id: ExportId { store: 1, seq },
             dead: false,
             record: ExportRecord::new_pending(profile.into(), Reason::Segment, "{}".into(), 0, 0),
+            retry_at_uptime_ms: None,
         }
     }
 
@@ -320,6 +337,30 @@ mod tests {
         assert!(q.take(10).is_empty());
         q.wake_due(retry_at);
         assert_eq!(seqs(&q.take(10)), [1], "the failed export again, before 2");
+    }
+
+    #[test]
+    fn an_export_read_with_a_retry_time_waits_for_it_and_its_profile_with_it() {
+        let start = Instant::now();
+        let at = start + Duration::from_secs(30);
+        let mut q: Queue<u32> = Queue::default();
+        q.push_waiting(export(1, "a"), Some(at));
+        q.push(export(2, "a"));
+        q.push_waiting(export(3, "b"), None);
+        assert_eq!(q.waiting(), 1);
+        assert_eq!(seqs(&q.take(10)), [3], "a waits with its later export");
+        assert_eq!(q.next_due(), Some(at));
+        q.wake_due(at - Duration::from_millis(1));
+        assert!(q.take(10).is_empty());
+        q.wake_due(at);
+        assert_eq!(seqs(&q.take(10)), [1]);
+        // Read again while its profile is out or waiting, a retry time changes nothing.
+        q.forget_held();
+        q.push_waiting(export(2, "a"), Some(start + Duration::from_secs(600)));
+        assert_eq!(q.waiting(), 0);
+        let a: Arc<str> = "a".into();
+        q.settled(&a, 1);
+        assert_eq!(seqs(&q.take(10)), [2]);
     }
 
     #[test]

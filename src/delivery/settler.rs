@@ -38,14 +38,21 @@ pub struct Settler {
 
 impl Settler {
     /// Starts the thread; settled profiles arrive on the returned receiver, a group at a time.
-    pub fn start(store: Arc<Store>) -> (Settler, mpsc::UnboundedReceiver<Vec<Settled>>) {
+    /// The thread ends once every `Settler` is dropped and what they sent is applied.
+    pub fn start(
+        store: Arc<Store>,
+    ) -> (
+        Settler,
+        mpsc::UnboundedReceiver<Vec<Settled>>,
+        std::thread::JoinHandle<()>,
+    ) {
         let (changes, receiver) = mpsc::unbounded_channel();
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("outpost-settler".into())
             .spawn(move || run(&store, receiver, &settled_tx))
             .expect("spawning the settler thread");
-        (Settler { changes }, settled_rx)
+        (Settler { changes }, settled_rx, thread)
     }
 
     /// Hands over the changes of one turn of the delivery loop (one wake-up of the thread for

@@ -56,6 +56,9 @@ pub struct Export {
     pub id: ExportId,
     pub dead: bool,
     pub record: ExportRecord,
+    /// For delivery ([`Store::read_pending`]): the run time (ms) before which it is not sent
+    /// again, its last attempt having failed. `None` elsewhere.
+    pub retry_at_uptime_ms: Option<u64>,
 }
 
 impl Export {
@@ -146,6 +149,7 @@ impl Store {
             id: self.export_id(seq),
             dead,
             record,
+            retry_at_uptime_ms: None,
         })
     }
 
@@ -167,6 +171,7 @@ impl Store {
                 id: self.export_id(seq),
                 dead,
                 record: unreadable_record(value, &e.to_string(), 0),
+                retry_at_uptime_ms: None,
             }),
             (result, _) => result,
         }
@@ -244,6 +249,8 @@ impl Store {
         let mut unreadable = Vec::new();
         let mut seen = 0;
         let t = self.trees()?;
+        // Usually none: then no look-up per export.
+        let retry_times = !t.retry_at.is_empty();
         for item in t
             .outbox
             .range(keys::seq_key(*cursor)..keys::seq_key(until))
@@ -252,8 +259,12 @@ impl Store {
             seen += 1;
             let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
             match self.decode_export(&key, &value, false) {
-                Ok(export) => {
+                Ok(mut export) => {
                     *cursor = export.id.seq + 1;
+                    if retry_times {
+                        export.retry_at_uptime_ms = super::outbox::retry_time(&t, export.id.seq)
+                            .map_err(|e| self.classify(e.into(), t.generation))?;
+                    }
                     exports.push(export);
                 }
                 Err(e) => match keys::seq_from_key(&key) {

@@ -8,7 +8,7 @@
 //! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
 //! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
-//! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead` |
+//! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
@@ -43,7 +43,10 @@
 //!   `meta` values are rebuilt at open;
 //! - every export carries the store's run time when it was queued (`queued_at_uptime_ms`), and
 //!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]);
-//! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those.
+//! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those;
+//! - `retry_at` holds an entry only for a pending export whose last attempt failed, written
+//!   and removed in the transactions that record what delivery did; one left by an export
+//!   that left the outbox otherwise (`outbox drop`, an unreadable record) is removed at open.
 
 pub mod backfill;
 pub mod codec;
@@ -97,6 +100,9 @@ pub(crate) struct Trees {
     pub(crate) upgrade_unfinished: bool,
     pub(crate) outbox: sled::Tree,
     pub(crate) dead: sled::Tree,
+    /// When failed pending exports may be sent again, on the run-time clock (see
+    /// [`outbox`]): a restart keeps a `Retry-After`.
+    pub(crate) retry_at: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// Stream positions and rejected stream messages (see [`source`]).
     pub(crate) positions: sled::Tree,
@@ -245,6 +251,68 @@ mod tests {
             .iter()
             .map(|e| e.id.seq)
             .collect()
+    }
+
+    /// A failed export's retry time is kept with it while it is pending, and only then: the
+    /// next failure without one, its delivery, or its leaving the outbox otherwise (then at
+    /// the next open) removes it.
+    #[test]
+    fn retry_times_live_while_their_export_is_pending() {
+        use crate::store::outbox::ExportChange;
+        let dir = tempfile::tempdir().unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let line = |id: &str| {
+            format!(
+                r#"{{"id":"{id}","profile":{{"name":"1","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+            )
+        };
+        let failed = |retry_at_uptime_ms| ExportChange::Failed {
+            error: "HTTP 503: busy".into(),
+            at_ms: 1,
+            retry_at_uptime_ms,
+        };
+        let retry_times = |store: &Store| -> Vec<(u64, Option<u64>)> {
+            let mut cursor = 0;
+            let pending = store.read_pending(&mut cursor, 100).unwrap();
+            pending
+                .iter()
+                .map(|e| (e.id.seq, e.retry_at_uptime_ms))
+                .collect()
+        };
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let body = [line("a"), line("b"), line("c")].join("\n");
+            let updates = parse_body(body.as_bytes()).unwrap();
+            store
+                .apply_groups(&[&updates], &mapping, Utc::now())
+                .unwrap();
+            store.flush().unwrap();
+            assert_eq!(retry_times(&store), [(0, None), (1, None), (2, None)]);
+            let changes = [
+                (0, failed(Some(5_000))),
+                (1, failed(Some(6_000))),
+                (2, failed(Some(7_000))),
+            ];
+            store.apply_export_changes(&changes).unwrap();
+            assert_eq!(
+                retry_times(&store),
+                [(0, Some(5_000)), (1, Some(6_000)), (2, Some(7_000))]
+            );
+            // Failed again without a retry time (a refused token), and delivered.
+            store
+                .apply_export_changes(&[(0, failed(None)), (1, ExportChange::Delivered)])
+                .unwrap();
+            assert_eq!(retry_times(&store), [(0, None), (2, Some(7_000))]);
+            assert_eq!(store.trees().unwrap().retry_at.len(), 1);
+            // Dropped by the operator: its retry time goes at the next open.
+            assert!(store
+                .change_export(2, Place::Pending, |r| (Place::Gone, r))
+                .unwrap());
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(retry_times(&store), [(0, None)]);
+        assert_eq!(store.trees().unwrap().retry_at.len(), 0);
     }
 
     /// Regression: a scan that kept its place must not skip a dead letter put back below it,

@@ -345,6 +345,7 @@ impl Store {
             upgrade_unfinished: true,
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
+            retry_at: db.open_tree("retry_at")?,
             positions: db.open_tree("positions")?,
             rejected: db.open_tree("rejected")?,
             meta,
@@ -353,6 +354,7 @@ impl Store {
             generation: 0,
         };
         let rebuilt = rebuild_meta(&trees)?;
+        super::outbox::forget_stale_retry_times(&trees)?;
         for note in &rebuilt {
             tracing::warn!("{note}");
         }

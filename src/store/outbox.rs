@@ -9,7 +9,7 @@ use sled::Transactional;
 
 use super::codec::{self, ExportRecord};
 use super::tally::{read_tally, write_tally};
-use super::{keys, Place, Store, StoreError};
+use super::{keys, Place, Store, StoreError, Trees};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -20,8 +20,13 @@ fn now_ms() -> i64 {
 pub enum ExportChange {
     /// Answered 2xx: it leaves the outbox.
     Delivered,
-    /// A failed attempt; the export stays pending.
-    Failed { error: String, at_ms: i64 },
+    /// A failed attempt; the export stays pending, not to be sent again before
+    /// `retry_at_uptime_ms` on the store's run-time clock (`None`: at once).
+    Failed {
+        error: String,
+        at_ms: i64,
+        retry_at_uptime_ms: Option<u64>,
+    },
     /// Refused by the endpoint: a dead letter.
     Rejected { error: String, at_ms: i64 },
     /// Undelivered after `delivery.max_age_s`: a dead letter.
@@ -40,7 +45,7 @@ impl ExportChange {
 pub fn changed_record(mut record: ExportRecord, change: &ExportChange) -> (Place, ExportRecord) {
     match change {
         ExportChange::Delivered => (Place::Gone, record),
-        ExportChange::Failed { error, at_ms } => {
+        ExportChange::Failed { error, at_ms, .. } => {
             record.attempts += 1;
             record.last_error = Some(error.clone());
             record.last_attempt_at_ms = Some(*at_ms);
@@ -74,8 +79,13 @@ impl Store {
         changes: &[(u64, ExportChange)],
     ) -> Result<Vec<u64>, StoreError> {
         self.with(|t| {
-            Ok(
-                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+            // The settler is the only writer of `retry_at` while the store is open: with no
+            // retry time stored, a delivery has none to remove (the usual case, spared a
+            // removal per export).
+            let any_stored = !t.retry_at.is_empty();
+            Ok((&t.outbox, &t.dead, &t.meta, &t.retry_at).transaction(
+                |(outbox, dead, meta_tx, retry_at)| {
+                    let mut any_retry_times = any_stored;
                     let mut tally = read_tally(meta_tx)?;
                     let mut missing = Vec::new();
                     for (seq, change) in changes {
@@ -84,6 +94,20 @@ impl Store {
                             missing.push(*seq);
                             continue;
                         };
+                        match change {
+                            ExportChange::Failed {
+                                retry_at_uptime_ms: Some(at),
+                                ..
+                            } => {
+                                retry_at.insert(&key, &at.to_be_bytes())?;
+                                // A later change of the same group may be for this export.
+                                any_retry_times = true;
+                            }
+                            _ if any_retry_times => {
+                                retry_at.remove(&key)?;
+                            }
+                            _ => {}
+                        }
                         tally.count(Place::Pending, old.len(), -1);
                         if *change == ExportChange::Delivered {
                             continue; // gone: no need to read it
@@ -111,10 +135,37 @@ impl Store {
                     }
                     write_tally(meta_tx, tally)?;
                     Ok(missing)
-                })?,
-            )
+                },
+            )?)
         })
     }
+}
+
+/// When pending export `seq` may be sent again (run time, ms), if its last attempt failed
+/// with a retry time. A value of another size (written by nobody) reads as none.
+pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
+    Ok(t.retry_at
+        .get(keys::seq_key(seq))?
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+}
+
+/// Removes the retry times of exports no longer pending (dropped by the operator, or
+/// dead-lettered as unreadable): the only writes to `outbox` that do not go through
+/// [`Store::apply_export_changes`]. Returns how many.
+pub(super) fn forget_stale_retry_times(t: &Trees) -> sled::Result<usize> {
+    let mut stale = sled::Batch::default();
+    let mut count = 0;
+    for item in t.retry_at.iter() {
+        let (key, _) = item?;
+        if !t.outbox.contains_key(&key)? {
+            stale.remove(key);
+            count += 1;
+        }
+    }
+    if count > 0 {
+        t.retry_at.apply_batch(stale)?;
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -141,6 +192,7 @@ mod tests {
         let failed = ExportChange::Failed {
             error: "HTTP 503: busy".into(),
             at_ms: 9,
+            retry_at_uptime_ms: Some(7),
         };
         let (place, r) = changed_record(record(), &failed);
         assert_eq!(place, Place::Pending);
@@ -185,7 +237,8 @@ mod tests {
         assert!(ExportChange::Delivered.settles());
         assert!(!ExportChange::Failed {
             error: String::new(),
-            at_ms: 0
+            at_ms: 0,
+            retry_at_uptime_ms: None,
         }
         .settles());
         assert!(ExportChange::Rejected {
