@@ -505,7 +505,9 @@ impl Deliverer {
                     state.controller.answered(now, sent_at, Signal::Healthy);
                     let latency = now.saturating_duration_since(sent_at);
                     for (profile, export) in &batch {
-                        state.settle(profile, export, ExportChange::Delivered);
+                        let retried =
+                            export.retry_at_uptime_ms.is_some() || state.queue.failed(profile);
+                        state.settle(profile, export, ExportChange::Delivered { retried });
                         self.metrics
                             .record_delivery(DeliveryOutcome::Delivered, Some(latency));
                     }

@@ -300,7 +300,10 @@ mod tests {
             );
             // Failed again without a retry time (a refused token), and delivered.
             store
-                .apply_export_changes(&[(0, failed(None)), (1, ExportChange::Delivered)])
+                .apply_export_changes(&[
+                    (0, failed(None)),
+                    (1, ExportChange::Delivered { retried: true }),
+                ])
                 .unwrap();
             assert_eq!(retry_times(&store), [(0, None), (2, Some(7_000))]);
             assert_eq!(store.trees().unwrap().retry_at.len(), 1);

@@ -18,8 +18,9 @@ fn now_ms() -> i64 {
 /// A change to one pending export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportChange {
-    /// Answered 2xx: it leaves the outbox.
-    Delivered,
+    /// Answered 2xx: it leaves the outbox. `retried`: an attempt of it failed before, so a
+    /// retry time may be stored for it (the usual delivery is spared a removal).
+    Delivered { retried: bool },
     /// A failed attempt; the export stays pending, not to be sent again before
     /// `retry_at_uptime_ms` on the store's run-time clock (`None`: at once).
     Failed {
@@ -44,7 +45,7 @@ impl ExportChange {
 /// Where the export goes and how it reads there.
 pub fn changed_record(mut record: ExportRecord, change: &ExportChange) -> (Place, ExportRecord) {
     match change {
-        ExportChange::Delivered => (Place::Gone, record),
+        ExportChange::Delivered { .. } => (Place::Gone, record),
         ExportChange::Failed { error, at_ms, .. } => {
             record.attempts += 1;
             record.last_error = Some(error.clone());
@@ -79,13 +80,8 @@ impl Store {
         changes: &[(u64, ExportChange)],
     ) -> Result<Vec<u64>, StoreError> {
         self.with(|t| {
-            // The settler is the only writer of `retry_at` while the store is open: with no
-            // retry time stored, a delivery has none to remove (the usual case, spared a
-            // removal per export).
-            let any_stored = !t.retry_at.is_empty();
             Ok((&t.outbox, &t.dead, &t.meta, &t.retry_at).transaction(
                 |(outbox, dead, meta_tx, retry_at)| {
-                    let mut any_retry_times = any_stored;
                     let mut tally = read_tally(meta_tx)?;
                     let mut missing = Vec::new();
                     for (seq, change) in changes {
@@ -100,16 +96,14 @@ impl Store {
                                 ..
                             } => {
                                 retry_at.insert(&key, &at.to_be_bytes())?;
-                                // A later change of the same group may be for this export.
-                                any_retry_times = true;
                             }
-                            _ if any_retry_times => {
+                            ExportChange::Delivered { retried: false } => {}
+                            _ => {
                                 retry_at.remove(&key)?;
                             }
-                            _ => {}
                         }
                         tally.count(Place::Pending, old.len(), -1);
-                        if *change == ExportChange::Delivered {
+                        if matches!(change, ExportChange::Delivered { .. }) {
                             continue; // gone: no need to read it
                         }
                         let (place, record) = match codec::decode_export(&old) {
@@ -227,14 +221,14 @@ mod tests {
         assert_eq!(r.attempts, 2, "expiry is not an attempt");
 
         assert_eq!(
-            changed_record(record(), &ExportChange::Delivered).0,
+            changed_record(record(), &ExportChange::Delivered { retried: false }).0,
             Place::Gone
         );
     }
 
     #[test]
     fn only_failed_attempts_do_not_settle() {
-        assert!(ExportChange::Delivered.settles());
+        assert!(ExportChange::Delivered { retried: true }.settles());
         assert!(!ExportChange::Failed {
             error: String::new(),
             at_ms: 0,
