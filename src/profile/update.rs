@@ -513,21 +513,16 @@ pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, In
     }
     let mut updates = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
-    let mut line = 1u64;
-    let mut scanned = 0usize;
+    let mut lines = LineCounter::default();
     loop {
-        // The line of the next value: count newlines up to its first byte.
+        // The line of the next value: where its first byte is.
         let offset = stream.byte_offset();
         let next_start = body[offset..]
             .iter()
             .position(|b| !b.is_ascii_whitespace())
             .map(|p| offset + p);
         let Some(next_start) = next_start else { break };
-        line += body[scanned..next_start]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count() as u64;
-        scanned = next_start;
+        let line = lines.line_at(body, next_start);
         match stream.next() {
             None => break,
             Some(Ok(raw)) => {
