@@ -171,6 +171,15 @@ fn oauth_workspace(auth_endpoint: &str, destination_lines: &str) -> Workspace {
     ws
 }
 
+/// `outpost check` against this token endpoint (on a blocking thread: the endpoint is served
+/// by the test's runtime).
+async fn check_with_token_endpoint(url: &str) -> Output {
+    let ws = oauth_workspace(url, "");
+    tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_answers_html() {
     let url = token_endpoint(
@@ -178,10 +187,7 @@ async fn token_endpoint_answers_html() {
         "<!DOCTYPE html><html><body><form>Sign in</form></body></html>",
     )
     .await;
-    let ws = oauth_workspace(&url, "");
-    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
-        .await
-        .unwrap();
+    let out = check_with_token_endpoint(&url).await;
     assert_eq!(
         error_line(&out),
         "outpost: token: the token endpoint answered 200 with an HTML page (Content-Type \
@@ -197,10 +203,7 @@ async fn token_endpoint_answers_html() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_answers_a_body_that_is_not_json() {
     let url = token_endpoint("text/plain", "access_token=t0ken-in-form&expires_in=3600").await;
-    let ws = oauth_workspace(&url, "");
-    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
-        .await
-        .unwrap();
+    let out = check_with_token_endpoint(&url).await;
     let line = error_line(&out);
     assert_eq!(
         line,
@@ -223,10 +226,7 @@ async fn a_token_endpoint_that_echoes_the_secret_does_not_get_it_printed() {
         r#"{"error":"invalid_client","error_description":"secret s3cret-value is wrong"}"#,
     )
     .await;
-    let ws = oauth_workspace(&url, "");
-    let out = tokio::task::spawn_blocking(move || run(&ws, &["check"], None))
-        .await
-        .unwrap();
+    let out = check_with_token_endpoint(&url).await;
     let line = error_line(&out);
     assert!(
         line.contains("token endpoint answered 401")

@@ -30,6 +30,8 @@
 
 use serde_json::{Map, Value};
 
+use super::update::json_kind;
+
 /// The objects whose keys may not carry an `xdm:` prefix: the profile's own (path `""`) and
 /// these, by their path.
 pub const PREFIX_CHECKED: [&str; 2] = ["segmentMembership.", "identityMap."];
@@ -111,15 +113,10 @@ fn object_or_none<'a>(
 }
 
 fn wrong(path: &str, expected: &str, found: &Value) -> String {
-    let found = match found {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
-    format!("`profile.{path}` must be {expected}, not {found}")
+    format!(
+        "`profile.{path}` must be {expected}, not {}",
+        json_kind(found)
+    )
 }
 
 #[cfg(test)]

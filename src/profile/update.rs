@@ -415,7 +415,8 @@ fn ill_typed_field(update: &Value) -> Option<String> {
         })
 }
 
-fn json_kind(value: &Value) -> &'static str {
+/// What a JSON value is, as error messages say it ("a number").
+pub(crate) fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
