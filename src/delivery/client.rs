@@ -51,7 +51,9 @@ impl Answer {
     /// encoded (form- or percent-encoded, or escaped in JSON): an endpoint may echo what it was
     /// sent, and error texts reach logs, the outbox's `last_error` and `outpost check`.
     pub fn body_start_hiding(&self, secrets: &[&str]) -> String {
-        let mut text = String::from_utf8_lossy(&self.body).into_owned();
+        // Only the start is shown: a large error page is not searched whole for each failure.
+        let window = &self.body[..self.body.len().min(HIDING_WINDOW_BYTES)];
+        let mut text = String::from_utf8_lossy(window).into_owned();
         for secret in secrets.iter().filter(|s| !s.is_empty()) {
             let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
             let json = serde_json::to_string(secret).unwrap_or_default();
@@ -79,6 +81,10 @@ impl Answer {
         text
     }
 }
+
+/// How much of an error body is searched for echoed secrets: far more than is shown
+/// ([`ERROR_BODY_BYTES`]), so that what is shown after the secrets are cut out comes from it.
+const HIDING_WINDOW_BYTES: usize = 64 << 10;
 
 #[derive(Clone)]
 pub struct HttpClient {
@@ -310,5 +316,13 @@ mod tests {
         assert_eq!(shown, "x".repeat(ERROR_BODY_BYTES - 1));
         let cut = format!("{}s3cret", "x".repeat(ERROR_BODY_BYTES - 3));
         assert!(!answer(&cut).body_start_hiding(&["s3cret"]).contains("s3c"));
+        // A large page: its start is searched, not all of it.
+        let page = format!("s3cret {}", "y".repeat(8 << 20));
+        let shown = answer(&page).body_start_hiding(&["s3cret"]);
+        assert!(
+            shown.starts_with("*** yyy") && shown.len() == ERROR_BODY_BYTES,
+            "{}",
+            shown.len()
+        );
     }
 }
