@@ -304,15 +304,16 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                         || store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?
                 }
             };
-            let pending = |seq: Option<u64>| -> Result<bool, AdminError> {
-                Ok(match seq {
-                    Some(seq) => store.export(store.export_id(seq))?.is_some_and(|e| !e.dead),
-                    None => false,
-                })
+            // Retrying an export still pending changes nothing; it is there all the same.
+            let pending = match seq {
+                Some(seq) if retry && !changed => {
+                    store.export(store.export_id(seq))?.is_some_and(|e| !e.dead)
+                }
+                _ => false,
             };
             if changed {
                 done.push(text)
-            } else if retry && pending(seq)? {
+            } else if pending {
                 already_pending.push(text)
             } else {
                 missing.push(text)

@@ -405,9 +405,9 @@ impl Deliverer {
             Ok(exports) => {
                 state.cursor = read.cursor;
                 let uptime_ms = self.clock.uptime_ms();
+                let longest = self.controller.max_backoff.max(retry::MAX_RETRY_AFTER);
                 for export in exports {
                     if !state.out_at_read.contains(&export.id.seq) {
-                        let longest = self.controller.max_backoff.max(retry::MAX_RETRY_AFTER);
                         let at = retry_instant(export.retry_at_uptime_ms, uptime_ms, now, longest);
                         state.queue.push_waiting(export, at);
                     }
