@@ -45,6 +45,9 @@ pub struct Queue<B> {
     waiting: BTreeSet<(Instant, Arc<str>)>,
     /// Sequence numbers out of the window; a reader that starts over skips them.
     out: HashSet<u64>,
+    /// Retry times of exports read behind another export of their profile (a dead letter put
+    /// back below a failed export): each waits for its time once it is the head.
+    not_before: HashMap<u64, Instant>,
     held: usize,
 }
 
@@ -55,6 +58,7 @@ impl<B> Default for Queue<B> {
             ready: BTreeMap::new(),
             waiting: BTreeSet::new(),
             out: HashSet::new(),
+            not_before: HashMap::new(),
             held: 0,
         }
     }
@@ -81,9 +85,9 @@ impl<B> Queue<B> {
     }
 
     /// [`Queue::push`], for an export that is not to go before `at`: a failed export read
-    /// again (after a restart) keeps its retry time. It is its profile's head, since a
-    /// profile's later exports wait behind a failed one; a profile already waiting or busy
-    /// keeps its own state.
+    /// again (after a restart) keeps its retry time. It is most often its profile's head,
+    /// since a profile's later exports wait behind a failed one; behind another export, it
+    /// waits for `at` once it becomes the head.
     pub fn push_waiting(&mut self, export: Export, at: Option<Instant>) {
         if self.out.contains(&export.id.seq) {
             return;
@@ -109,6 +113,8 @@ impl<B> Queue<B> {
                     self.ready.insert(seq, id);
                 }
             }
+        } else if let Some(at) = at {
+            self.not_before.insert(seq, at);
         }
     }
 
@@ -145,13 +151,20 @@ impl<B> Queue<B> {
         taken
     }
 
+    /// Its head export may go now, or at its retry time if it was read with one.
     fn make_ready(&mut self, id: &Arc<str>) {
         let profile = self.profiles.get_mut(id).expect("known profile");
         profile.state = State::Idle;
         match profile.exports.front() {
-            Some(head) => {
-                self.ready.insert(head.id.seq, Arc::clone(id));
-            }
+            Some(head) => match self.not_before.remove(&head.id.seq) {
+                Some(at) => {
+                    profile.state = State::Waiting(at);
+                    self.waiting.insert((at, Arc::clone(id)));
+                }
+                None => {
+                    self.ready.insert(head.id.seq, Arc::clone(id));
+                }
+            },
             None => {
                 self.profiles.remove(id);
             }
@@ -198,6 +211,7 @@ impl<B> Queue<B> {
         };
         profile.exports.remove(at);
         self.held -= 1;
+        self.not_before.remove(&seq);
         if at > 0 {
             return;
         }
@@ -260,6 +274,7 @@ impl<B> Queue<B> {
     /// [`Queue::push`] skips what is out.
     pub fn forget_held(&mut self) {
         self.ready.clear();
+        self.not_before.clear();
         self.held = 0;
         for profile in self.profiles.values_mut() {
             profile.exports.clear();
@@ -359,13 +374,35 @@ mod tests {
         assert!(q.take(10).is_empty());
         q.wake_due(at);
         assert_eq!(seqs(&q.take(10)), [1]);
-        // Read again while its profile is out or waiting, a retry time changes nothing.
-        q.forget_held();
-        q.push_waiting(export(2, "a"), Some(start + Duration::from_secs(600)));
-        assert_eq!(q.waiting(), 0);
+    }
+
+    #[test]
+    fn an_export_read_with_a_retry_time_behind_another_waits_for_it_as_the_head() {
+        // A dead letter (1) put back below an export that had failed (2), read after a restart.
+        let start = Instant::now();
+        let at = start + Duration::from_secs(600);
         let a: Arc<str> = "a".into();
+        let mut q: Queue<u32> = Queue::default();
+        q.push(export(1, "a"));
+        q.push_waiting(export(2, "a"), Some(at));
+        assert_eq!(q.waiting(), 0, "the head goes at once");
+        assert_eq!(seqs(&q.take(10)), [1]);
         q.settled(&a, 1);
+        assert!(q.take(10).is_empty(), "2 keeps its retry time");
+        assert_eq!(q.next_due(), Some(at));
+        q.wake_due(at);
         assert_eq!(seqs(&q.take(10)), [2]);
+
+        // Read again while the head is out, and dropped before it is the head: forgotten.
+        let mut q: Queue<u32> = Queue::default();
+        q.push(export(1, "a"));
+        assert_eq!(seqs(&q.take(10)), [1]);
+        q.forget_held();
+        q.push_waiting(export(2, "a"), Some(at));
+        q.push(export(3, "a"));
+        q.remove(&a, 2);
+        q.settled(&a, 1);
+        assert_eq!(seqs(&q.take(10)), [3]);
     }
 
     #[test]
