@@ -740,6 +740,65 @@ async fn messages_handed_again_are_skipped() {
     }
 }
 
+/// A stream deleted and made again starts its sequences at 1: the agent must consume it from
+/// its start rather than skip what lies at or below its position in the old stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_is_consumed_from_its_start() {
+    let Some(server_bin) = nats_server_or_skip("a_stream_made_again_is_consumed_from_its_start")
+    else {
+        return;
+    };
+    const PROFILES: usize = 60;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let version = |v| {
+        (0..PROFILES)
+            .map(|p| version_line(p, v))
+            .collect::<Vec<_>>()
+    };
+    setup.publish(&version(0));
+    let agent = setup.start().await;
+    wait_or_show(60, "the first versions delivered", &[&agent], || {
+        distinct_delivered(&receiver) >= PROFILES
+    })
+    .await;
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_stream("UPDATES")
+        .await
+        .unwrap();
+    setup.cli(&["nats", "setup"]);
+    setup.publish(&version(2));
+    wait_or_show(
+        60,
+        "the versions in the new stream delivered",
+        &[&agent],
+        || distinct_delivered(&receiver) >= 2 * PROFILES,
+    )
+    .await;
+    let committed = "outpost_source_messages_total{result=\"committed\"}";
+    assert_eq!(metric(agent.addr, committed).await, (2 * PROFILES) as f64);
+    let names = names_by_profile(&receiver);
+    for p in 0..PROFILES {
+        assert_eq!(
+            names[&format!("p{p}")],
+            [format!("p{p}-v0"), format!("p{p}-v2")]
+        );
+    }
+    assert!(
+        agent.log().contains("one in another stream"),
+        "the agent says why it starts over:\n{}",
+        agent.log()
+    );
+}
+
 /// Runs `outpost nats setup` against `[source.nats]` `table`; exit code and stderr.
 fn setup_with(table: &str) -> (Option<i32>, String) {
     let setup = AgentSetup::new("http://127.0.0.1:9", Some(table), "");

@@ -26,7 +26,8 @@ pub struct Sorted {
     pub skipped: u64,
 }
 
-/// Sorts the messages of `partition` fetched after `recorded` (the position in the store).
+/// Sorts the messages of `partition` of `stream` (its fingerprint) fetched after `recorded`
+/// (the position in the store).
 ///
 /// A message is skipped when its sequence is not above every sequence before it: it is
 /// already in the store, so it changes nothing and exports nothing. A message that is not a
@@ -36,7 +37,7 @@ pub struct Sorted {
 pub fn sort_batch(
     partition: u32,
     partitions: u32,
-    recorded: u64,
+    (stream, recorded): (u64, u64),
     messages: &[Fetched<'_>],
     parsing: &Parsing,
     now_ms: i64,
@@ -80,6 +81,7 @@ pub fn sort_batch(
     if high > recorded {
         sorted.position = Some(SourcePosition {
             partition,
+            stream,
             seq: high,
             rejected,
         });
@@ -115,7 +117,7 @@ mod tests {
         sort_batch(
             1,
             PARTITIONS,
-            recorded,
+            (5, recorded),
             &fetched,
             &Parsing::within(limit),
             7,

@@ -27,6 +27,7 @@ use super::partition::subject_of;
 use crate::metrics::Metrics;
 use crate::profile::update::FutureLimit;
 use crate::store::committer::Committer;
+use crate::store::source::Recorded;
 use crate::store::Store;
 
 /// How long a fetch waits for a first message when the partition is idle.
@@ -350,12 +351,27 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     }
 }
 
-/// (Re)creates the partition's durable consumer to start right after `recorded`.
-async fn fresh_consumer(
-    shared: &Shared,
-    partition: u32,
+/// Which stream this is: a fingerprint of its name and creation time, so that a stream deleted
+/// and made again under the same name is another stream.
+fn stream_fingerprint(info: &stream::Info) -> u64 {
+    let identity = format!(
+        "{}\0{}",
+        info.config.name,
+        info.created.unix_timestamp_nanos()
+    );
+    super::partition::fnv1a64(identity.as_bytes())
+}
+
+/// A partition's consumer and where the store is in it.
+struct Consuming {
+    consumer: consumer::PullConsumer,
+    stream: u64,
     recorded: u64,
-) -> Result<consumer::PullConsumer, NatsError> {
+}
+
+/// (Re)creates the partition's durable consumer to start right after the position recorded
+/// in the store for this stream.
+async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, NatsError> {
     let stream = shared
         .js
         .get_stream(&shared.config.stream)
@@ -369,6 +385,21 @@ async fn fresh_consumer(
                 e,
             )
         })?;
+    let info = stream.cached_info();
+    let fingerprint = stream_fingerprint(info);
+    let recorded = shared
+        .store
+        .source_position(partition, fingerprint, info.state.last_sequence)
+        .map_err(|e| nats_error("reading the stream position", e))?;
+    if let Recorded::OtherStream { seq } = recorded {
+        tracing::warn!(
+            partition,
+            stream = %shared.config.stream,
+            recorded_seq = seq,
+            "the store's position in this partition is one in another stream (the stream was made again, or source.nats.stream changed); consuming the partition from the stream's start"
+        );
+    }
+    let recorded = recorded.seq();
     let name = consumer_name(&shared.config.consumer_prefix, partition);
     // The store, not the server, knows how far this partition is durable.
     let _ = stream.delete_consumer(&name).await;
@@ -379,7 +410,7 @@ async fn fresh_consumer(
             start_sequence: recorded + 1,
         }
     };
-    stream
+    let consumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(name.clone()),
             filter_subject: subject_of(&shared.config.subject_prefix, partition),
@@ -390,20 +421,26 @@ async fn fresh_consumer(
             ..Default::default()
         })
         .await
-        .map_err(|e| nats_error(&format!("creating consumer {name}"), e))
+        .map_err(|e| nats_error(&format!("creating consumer {name}"), e))?;
+    Ok(Consuming {
+        consumer,
+        stream: fingerprint,
+        recorded,
+    })
 }
 
 /// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
 async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), NatsError> {
-    let recorded = shared
-        .store
-        .source_position(partition)
-        .map_err(|e| nats_error("reading the stream position", e))?;
     // Messages that arrive over one unbroken connection arrive in order and without gaps; after
     // a break, some may have been sent and lost, so the partition starts over.
     let breaks = shared.state.breaks.load(Ordering::SeqCst);
-    let consumer = fresh_consumer(shared, partition, recorded).await?;
-    tracing::debug!(partition, recorded, "partition consumer ready");
+    let mut consuming = fresh_consumer(shared, partition).await?;
+    let consumer = &consuming.consumer;
+    tracing::debug!(
+        partition,
+        recorded = consuming.recorded,
+        "partition consumer ready"
+    );
     let batch = shared.config.fetch_batch;
     loop {
         if shared.shutdown.is_cancelled() {
@@ -422,11 +459,11 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
             continue;
         }
         // What is there now, at once; if nothing, wait a while for one message.
-        let mut messages = fetch(&consumer, batch, None, &shared.shutdown).await?;
+        let mut messages = fetch(consumer, batch, None, &shared.shutdown).await?;
         if messages.is_empty() {
-            messages = fetch(&consumer, 1, Some(IDLE_WAIT), &shared.shutdown).await?;
+            messages = fetch(consumer, 1, Some(IDLE_WAIT), &shared.shutdown).await?;
             if !messages.is_empty() && batch > 1 {
-                messages.extend(fetch(&consumer, batch - 1, None, &shared.shutdown).await?);
+                messages.extend(fetch(consumer, batch - 1, None, &shared.shutdown).await?);
             }
         }
         if shared.state.breaks.load(Ordering::SeqCst) != breaks {
@@ -441,7 +478,13 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         if let Ok(info) = last.info() {
             shared.state.pending[slot].store(info.pending, Ordering::Relaxed);
         }
-        commit_and_ack(shared, partition, &messages).await?;
+        consuming.recorded = commit_and_ack(
+            shared,
+            partition,
+            (consuming.stream, consuming.recorded),
+            &messages,
+        )
+        .await?;
     }
 }
 
@@ -482,15 +525,14 @@ async fn fetch(
     }
 }
 
+/// Commits a batch of `partition` of `stream`, consumed up to `recorded`, and acknowledges
+/// its messages; the position recorded after it.
 async fn commit_and_ack(
     shared: &Shared,
     partition: u32,
+    (stream, recorded): (u64, u64),
     messages: &[jetstream::Message],
-) -> Result<(), NatsError> {
-    let recorded = shared
-        .store
-        .source_position(partition)
-        .map_err(|e| nats_error("reading the stream position", e))?;
+) -> Result<u64, NatsError> {
     let mut fetched = Vec::with_capacity(messages.len());
     for message in messages {
         let info = message
@@ -510,7 +552,7 @@ async fn commit_and_ack(
     let sorted = sort_batch(
         partition,
         shared.config.partitions,
-        recorded,
+        (stream, recorded),
         &fetched,
         &shared.committer.parsing(limit),
         now.timestamp_millis(),
@@ -523,6 +565,7 @@ async fn commit_and_ack(
         tracing::warn!(partition, seq = record.seq, error = %record.error, "rejected a message from the stream");
     }
     let committed = sorted.updates.len() as u64;
+    let position = sorted.position.as_ref().map_or(recorded, |p| p.seq);
     if sorted.position.is_some() {
         let summary = shared
             .committer
@@ -543,5 +586,5 @@ async fn commit_and_ack(
         shared.state.acks.fetch_add(1, Ordering::Relaxed);
         shared.metrics.source_acks.inc();
     }
-    Ok(())
+    Ok(position)
 }

@@ -2,9 +2,12 @@
 //!
 //! Invariants:
 //! - `positions[partition]` is the highest stream sequence of that partition whose update (or
-//!   rejection) is in the store; it is written in the same transaction as those updates, so
-//!   after a crash it never claims more than the store holds, nor less;
-//! - a position only grows;
+//!   rejection) is in the store, and the stream it counts in; it is written in the same
+//!   transaction as those updates, so after a crash it never claims more than the store holds,
+//!   nor less;
+//! - a position only grows within its stream. Sequences of another stream say nothing about
+//!   this one: a stream deleted and made again (or `source.nats.stream` changed) starts at 1,
+//!   and consuming it starts over;
 //! - `rejected[(partition, sequence)]` keeps a message that was not a valid update, with the
 //!   reason, written in the same transaction as its partition's position.
 
@@ -24,9 +27,32 @@ pub const MAX_REJECTED_RAW: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SourcePosition {
     pub partition: u32,
+    /// The stream it was consumed from: a fingerprint of its name and creation time.
+    pub stream: u64,
     /// The highest stream sequence consumed: committed, rejected or skipped.
     pub seq: u64,
     pub rejected: Vec<RejectedRecord>,
+}
+
+/// A partition's position in the store, seen from the stream being consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Nothing of this partition is in the store.
+    Nothing,
+    /// The highest sequence of this stream in the store.
+    At(u64),
+    /// A position in another stream: it says nothing about this one.
+    OtherStream { seq: u64 },
+}
+
+impl Recorded {
+    /// The sequence after which this stream is consumed.
+    pub fn seq(self) -> u64 {
+        match self {
+            Recorded::At(seq) => seq,
+            Recorded::Nothing | Recorded::OtherStream { .. } => 0,
+        }
+    }
 }
 
 /// A message from the stream that is not a valid update.
@@ -109,13 +135,35 @@ fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
     }
 }
 
-fn decode_position(bytes: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
-        StoreError::Corrupt {
+/// A position value: the sequence (u64 BE), then the stream's fingerprint (u64 BE). Stores
+/// before the fingerprint hold the sequence alone (`None`).
+fn encode_position(seq: u64, stream: u64) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&seq.to_be_bytes());
+    value[8..].copy_from_slice(&stream.to_be_bytes());
+    value
+}
+
+fn decode_position(bytes: &[u8]) -> Result<(u64, Option<u64>), StoreError> {
+    let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    match bytes.len() {
+        8 => Ok((u64_at(0), None)),
+        16 => Ok((u64_at(0), Some(u64_at(8)))),
+        n => Err(StoreError::Corrupt {
             what: "stream position".into(),
-            detail: "not 8 bytes".into(),
-        }
-    })?))
+            detail: format!("{n} bytes, not 8 or 16"),
+        }),
+    }
+}
+
+/// How a stored position reads for `stream`, whose last sequence is `last_seq`. A position
+/// from before fingerprints counts as this stream's unless it lies beyond the stream's end.
+fn recorded_for(value: (u64, Option<u64>), stream: u64, last_seq: u64) -> Recorded {
+    match value {
+        (seq, Some(fingerprint)) if fingerprint == stream => Recorded::At(seq),
+        (seq, None) if seq <= last_seq => Recorded::At(seq),
+        (seq, _) => Recorded::OtherStream { seq },
+    }
 }
 
 /// Writes the positions and rejected messages of a group, inside its transaction.
@@ -126,12 +174,16 @@ pub(super) fn write(
 ) -> TxResult<()> {
     for position in consumed {
         let key = position_key(position.partition);
-        let old = match positions.get(key)? {
-            Some(v) => decode_position(&v).map_err(abort)?,
-            None => 0,
+        let grows = match positions.get(key)? {
+            Some(v) => match decode_position(&v).map_err(abort)? {
+                (old, Some(stream)) if stream == position.stream => position.seq > old,
+                // Another stream's, or from before fingerprints: replaced.
+                _ => true,
+            },
+            None => true,
         };
-        if position.seq > old {
-            positions.insert(&key, &position.seq.to_be_bytes())?;
+        if grows {
+            positions.insert(&key, &encode_position(position.seq, position.stream))?;
         }
         for record in &position.rejected {
             rejected.insert(
@@ -144,11 +196,17 @@ pub(super) fn write(
 }
 
 impl Store {
-    /// The highest stream sequence of `partition` in the store (0: none yet).
-    pub fn source_position(&self, partition: u32) -> Result<u64, StoreError> {
+    /// How far `partition` of `stream` (a fingerprint; its last sequence `last_seq`) is in
+    /// the store.
+    pub fn source_position(
+        &self,
+        partition: u32,
+        stream: u64,
+        last_seq: u64,
+    ) -> Result<Recorded, StoreError> {
         self.with(|t| match t.positions.get(position_key(partition))? {
-            Some(v) => decode_position(&v),
-            None => Ok(0),
+            Some(v) => Ok(recorded_for(decode_position(&v)?, stream, last_seq)),
+            None => Ok(Recorded::Nothing),
         })
     }
 
@@ -165,7 +223,7 @@ impl Store {
                             detail: format!("{key:?}"),
                         }
                     })?);
-                    Ok((partition, decode_position(&value)?))
+                    Ok((partition, decode_position(&value)?.0))
                 })
                 .collect()
         })
@@ -245,6 +303,7 @@ mod tests {
         };
         let at = |seq, rejected: Vec<RejectedRecord>| SourcePosition {
             partition: 3,
+            stream: 77,
             seq,
             rejected,
         };
@@ -257,17 +316,65 @@ mod tests {
                 &[(0, at(10, vec![rejected.clone()]))],
             )
             .unwrap();
-        assert_eq!(store.source_position(3).unwrap(), 10);
-        assert_eq!(store.source_position(4).unwrap(), 0);
+        assert_eq!(store.source_position(3, 77, 10).unwrap(), Recorded::At(10));
+        assert_eq!(store.source_position(4, 77, 10).unwrap(), Recorded::Nothing);
         assert!(store.profile("a").unwrap().is_some());
         assert_eq!(store.rejected_get(3, 9).unwrap(), Some(rejected));
         store
             .apply_each(&[&[]], &mapping, now, &[(0, at(7, vec![]))])
             .unwrap();
         assert_eq!(store.source_positions().unwrap(), [(3, 10)]);
+
+        // Another stream (made again, or another name): its sequences start over.
+        assert_eq!(
+            store.source_position(3, 78, 100).unwrap(),
+            Recorded::OtherStream { seq: 10 }
+        );
+        let other = SourcePosition {
+            stream: 78,
+            ..at(2, vec![])
+        };
+        store
+            .apply_each(&[&[]], &mapping, now, &[(0, other)])
+            .unwrap();
+        assert_eq!(store.source_position(3, 78, 100).unwrap(), Recorded::At(2));
+        assert_eq!(
+            store.source_position(3, 77, 100).unwrap(),
+            Recorded::OtherStream { seq: 2 }
+        );
         assert!(store.rejected_drop(3, 9).unwrap());
         assert!(!store.rejected_drop(3, 9).unwrap());
         assert_eq!(store.rejected_count(), 0);
+    }
+
+    /// A position from before fingerprints is the stream's own unless the stream ends before
+    /// it; the first position written for the stream replaces it.
+    #[test]
+    fn positions_without_a_stream_are_taken_while_the_stream_reaches_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        store
+            .with(|t| Ok(t.positions.insert(position_key(5), &40u64.to_be_bytes())?))
+            .unwrap();
+        assert_eq!(store.source_position(5, 9, 40).unwrap(), Recorded::At(40));
+        assert_eq!(
+            store.source_position(5, 9, 39).unwrap(),
+            Recorded::OtherStream { seq: 40 }
+        );
+        assert_eq!(Recorded::OtherStream { seq: 40 }.seq(), 0);
+        let mapping = crate::config::Mapping::new(&["name"], &["s"], &[]);
+        let position = SourcePosition {
+            partition: 5,
+            stream: 9,
+            seq: 3,
+            rejected: vec![],
+        };
+        store
+            .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
+            .unwrap();
+        assert_eq!(store.source_position(5, 9, 3).unwrap(), Recorded::At(3));
+        let err = decode_position(&[0; 5]).unwrap_err().to_string();
+        assert!(err.contains("5 bytes"), "{err}");
     }
 
     /// Pins the layout of format 1.
