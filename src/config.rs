@@ -791,7 +791,7 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
 /// user and password may be written in several ways the URL parser accepts (`https:u:p@h`,
 /// `https:///u:p@h`), and may hold `/`, `?` or `#`. A path with an `@` in it is hidden too,
 /// which errors can afford.
-fn without_userinfo(text: &str) -> String {
+pub(crate) fn without_userinfo(text: &str) -> String {
     let (Some(colon), Some(at)) = (text.find(':'), text.rfind('@')) else {
         return text.to_owned();
     };

@@ -193,6 +193,10 @@ fn a_bad_source_config_names_the_key_and_exits_2() {
             ),
             "source.nats.token",
         ),
+        (
+            nats_table("nats://alice:t0ps3cret@127.0.0.1:4222", 12, "0-3", ""),
+            "source.nats.servers",
+        ),
     ] {
         let setup = AgentSetup::new(receiver_base, Some(&table), "");
         for args in [

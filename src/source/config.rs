@@ -132,9 +132,17 @@ fn check_server(server: &str) -> Result<(), String> {
         .iter()
         .any(|s| server.starts_with(s))
         || !server.contains("://");
+    let shown = crate::config::without_userinfo(server);
     if server.trim().is_empty() || !scheme_ok {
         return Err(format!(
-            "`{server}` is not a server address like nats://10.0.0.5:4222"
+            "`{shown}` is not a server address like nats://10.0.0.5:4222"
+        ));
+    }
+    // The NATS client ignores a user, password or token in a server's address; and the
+    // address is printed in errors and logs.
+    if server.contains('@') {
+        return Err(format!(
+            "`{shown}` carries credentials in the address, where they are not used: give them as source.nats.user and password, token or creds_file"
         ));
     }
     Ok(())
@@ -389,5 +397,20 @@ segments = ["s"]
         assert!(!format!("{config:?}").contains("hunter2"));
         let config = parse("servers = [\"h:4222\"]\npartitions = 4\ntoken = \"hunter2\"").unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    /// The client would not use them, and addresses are printed.
+    #[test]
+    fn credentials_in_a_server_address_are_refused_unshown() {
+        for server in [
+            "nats://alice:hunter2@h:4222",
+            "tls://hunter2@h",
+            "alice:hunter2@h:4222",
+            "http://alice:hunter2@h:4222",
+        ] {
+            let error = parse(&format!("servers = [\"{server}\"]\npartitions = 4")).unwrap_err();
+            assert!(error.contains("source.nats.servers"), "{server}: {error}");
+            assert!(!error.contains("hunter2"), "a secret in an error: {error}");
+        }
     }
 }
