@@ -1,6 +1,6 @@
 //! `outpost nats setup`, `outpost publish` and `outpost rejected`.
 
-use std::io::{BufReader, IsTerminal, Seek, Write};
+use std::io::{BufReader, IsTerminal, Read, Seek, Write};
 use std::path::Path;
 
 use serde_json::Value;
@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::profile::update::{FutureLimit, UpdateReader};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{probe, setup, SetupOutcome};
+use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
 use crate::source::publish::{publish, Planner};
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
@@ -102,7 +103,10 @@ pub(super) async fn publish_path(
         total += 1;
     }
     rewind(&mut file)?;
-    let mut planner = Planner::new(nats);
+    let input = digest(&mut file)
+        .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))?;
+    rewind(&mut file)?;
+    let mut planner = Planner::new(nats, input);
     // A line that fails on the second pass (the file changed meanwhile) ends the publish.
     let reread_error = std::cell::RefCell::new(None);
     let messages = UpdateReader::new(BufReader::new(&mut file))
@@ -158,6 +162,18 @@ pub(super) async fn publish_path(
             "{e}; the first {} of {total} update(s) were published in order: publishing the same input again completes it",
             report.published
         ))),
+    }
+}
+
+/// FNV-1a 64 of everything `file` holds from where it is.
+fn digest(file: &mut std::fs::File) -> std::io::Result<u64> {
+    let mut hash = FNV1A64_EMPTY;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buffer)? {
+            0 => return Ok(hash),
+            n => hash = fnv1a64_extend(hash, &buffer[..n]),
+        }
     }
 }
 

@@ -4,9 +4,16 @@
 //! fixed forever: FNV-1a 64 of the id's UTF-8 bytes, modulo the number of partitions. The
 //! README lists the test vectors below for producers to check against.
 
+/// FNV-1a 64's offset basis: the hash of nothing.
+pub const FNV1A64_EMPTY: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// FNV-1a, 64 bits: offset basis 0xcbf29ce484222325, prime 0x100000001b3.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a64_extend(FNV1A64_EMPTY, bytes)
+}
+
+/// The FNV-1a 64 of what `hash` is the hash of, followed by `bytes`.
+pub fn fnv1a64_extend(mut hash: u64, bytes: &[u8]) -> u64 {
     for &byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
@@ -29,8 +36,12 @@ pub fn subject_of(prefix: &str, partition: u32) -> String {
 pub fn parse_owned(text: &str, partitions: u32) -> Result<Vec<u32>, String> {
     let number = |s: &str| -> Result<u32, String> {
         let s = s.trim();
-        s.parse::<u32>()
-            .map_err(|_| format!("`{s}` is not a partition number"))
+        // Digits only: `u32::from_str` would take `+1`.
+        s.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+            .ok_or_else(|| format!("`{s}` is not a partition number"))
     };
     let mut owned = Vec::new();
     for item in text.split(',') {
@@ -99,6 +110,7 @@ mod tests {
         ] {
             assert_eq!(fnv1a64(input.as_bytes()), hash, "fnv1a64({input:?})");
         }
+        assert_eq!(fnv1a64_extend(fnv1a64(b"foo"), b"bar"), fnv1a64(b"foobar"));
     }
 
     #[test]
@@ -146,6 +158,8 @@ mod tests {
             ("0-8", 8, "partition 8 is not below partitions = 8"),
             ("1,0-2", 8, "partition 1 is listed twice"),
             ("-1", 8, "`` is not a partition number"),
+            ("+1", 8, "`+1` is not a partition number"),
+            ("0-+3", 8, "`+3` is not a partition number"),
         ] {
             let error = parse_owned(text, partitions).unwrap_err();
             assert!(error.contains(message), "{text:?}: {error}");

@@ -1,13 +1,13 @@
 //! `outpost publish`: validated updates into the stream, each to its profile's partition, with
 //! JetStream's publish acknowledgement and a de-duplication id.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 
 use super::config::NatsSource;
 use super::nats::{connect, NatsError};
-use super::partition::{fnv1a64, partition_of, subject_of};
+use super::partition::{fnv1a64_extend, partition_of, subject_of, FNV1A64_EMPTY};
 use crate::profile::Update;
 
 /// One message to publish.
@@ -20,42 +20,59 @@ pub struct Planned {
     pub msg_id: String,
 }
 
-/// Plans the messages for `updates`, in input order (pure).
-///
-/// The de-duplication id is derived from the update: the FNV-1a 64 hashes of its id and of its
-/// message body, and which occurrence of that same body in this input it is. Publishing the
-/// same input again within the stream's duplicate window adds nothing; an input that sends
-/// the same update twice on purpose (A, B, A) keeps both.
+/// Plans the messages for `updates`, in input order (pure). The input's digest is taken over
+/// the updates' message bodies, one a line.
 pub fn plan(updates: &[Update], config: &NatsSource) -> Vec<Planned> {
-    let mut planner = Planner::new(config);
-    updates.iter().map(|update| planner.plan(update)).collect()
+    let payloads: Vec<Vec<u8>> = updates.iter().map(payload_of).collect();
+    let input = payloads.iter().fold(FNV1A64_EMPTY, |hash, payload| {
+        fnv1a64_extend(fnv1a64_extend(hash, payload), b"\n")
+    });
+    let mut planner = Planner::new(config, input);
+    updates
+        .iter()
+        .zip(payloads)
+        .map(|(update, payload)| planner.plan_with(update, payload))
+        .collect()
 }
 
-/// [`plan`] one update at a time, for inputs too big to hold: it remembers only how often each
-/// (id, body) pair came.
+fn payload_of(update: &Update) -> Vec<u8> {
+    serde_json::to_vec(&update.to_value()).expect("updates serialize")
+}
+
+/// [`plan`] one update at a time, for inputs too big to hold.
+///
+/// The de-duplication id is the digest of the whole input and the update's place in it
+/// (`<digest>-<n>`). Publishing the same input again within the stream's duplicate window
+/// adds nothing, which is how a publish that failed halfway is completed; the same update in
+/// another input (a later publish that sets a profile back to what it was) is a message of
+/// its own, as is an update sent twice in one input on purpose (A, B, A).
 pub struct Planner<'a> {
     config: &'a NatsSource,
-    seen: HashMap<(u64, u64), u32>,
+    input: u64,
+    planned: u64,
 }
 
 impl<'a> Planner<'a> {
-    pub fn new(config: &'a NatsSource) -> Self {
+    /// `input`: a digest of the whole input (FNV-1a 64 of its bytes).
+    pub fn new(config: &'a NatsSource, input: u64) -> Self {
         Planner {
             config,
-            seen: HashMap::new(),
+            input,
+            planned: 0,
         }
     }
 
     pub fn plan(&mut self, update: &Update) -> Planned {
+        self.plan_with(update, payload_of(update))
+    }
+
+    fn plan_with(&mut self, update: &Update, payload: Vec<u8>) -> Planned {
         let partition = partition_of(&update.id, self.config.partitions);
-        let payload = serde_json::to_vec(&update.to_value()).expect("updates serialize");
-        let key = (fnv1a64(update.id.as_bytes()), fnv1a64(&payload));
-        let occurrence = self.seen.entry(key).or_insert(0);
-        *occurrence += 1;
+        self.planned += 1;
         Planned {
             partition,
             subject: subject_of(&self.config.subject_prefix, partition),
-            msg_id: format!("{:016x}{:016x}-{}", key.0, key.1, occurrence),
+            msg_id: format!("{:016x}-{}", self.input, self.planned),
             payload,
         }
     }
@@ -151,9 +168,14 @@ partitions = 8
         assert_eq!(subjects, ["u.1", "u.6", "u.1", "u.1"]);
         // A, B, A of one profile: the second A is a message of its own.
         assert_ne!(planned[0].msg_id, planned[3].msg_id);
-        assert!(planned[3].msg_id.ends_with("-2"), "{}", planned[3].msg_id);
+        assert!(planned[3].msg_id.ends_with("-4"), "{}", planned[3].msg_id);
         let again = plan(&updates, &config());
         assert_eq!(planned, again, "the same input gets the same ids");
+        // The same update in another input (published later to set the profile back): new.
+        let later = plan(&updates[3..], &config());
+        assert_eq!(later[0].payload, planned[3].payload);
+        assert_ne!(later[0].msg_id, planned[0].msg_id);
+        assert_ne!(later[0].msg_id, planned[3].msg_id);
         let reparsed = crate::profile::update::update_from_json(&planned[2].payload, 1).unwrap();
         assert_eq!(reparsed, updates[2], "the body is the update");
     }
