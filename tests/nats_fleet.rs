@@ -803,6 +803,80 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     );
 }
 
+/// The partition count a stream was made for is written in it by `nats setup`: `nats setup`,
+/// `publish` and agents with another count are refused, since every profile would be routed
+/// to another partition. A stream made without it gets it from `nats setup` when its messages
+/// fit the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_for_another_partition_count_is_refused() {
+    let Some(server_bin) = nats_server_or_skip("a_stream_made_for_another_partition_count") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let base = "http://127.0.0.1:9";
+    let eight = AgentSetup::new(base, Some(&nats_table(&server.url(), 8, "0-7", "")), "");
+    let sixteen = AgentSetup::new(base, Some(&nats_table(&server.url(), 16, "0-15", "")), "");
+    let refused = |setup: &AgentSetup, args: &[&str], why: &str| {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(setup.config())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    };
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let messages = |js: async_nats::jetstream::Context| async move {
+        let mut stream = js.get_stream("UPDATES").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+
+    eight.cli(&["nats", "setup"]);
+    refused(&sixteen, &["nats", "setup"], "made for 8 partitions");
+    let file = write_lines(
+        sixteen.dir.path(),
+        &(0..20).map(|p| version_line(p, 0)).collect::<Vec<_>>(),
+    );
+    refused(
+        &sixteen,
+        &["publish", file.to_str().unwrap()],
+        "made for 8 partitions",
+    );
+    assert_eq!(messages(js.clone()).await, 0, "nothing published");
+    let agent = sixteen.start().await;
+    wait_or_show(20, "the agent to refuse the stream", &[&agent], || {
+        agent.log().contains("made for 8 partitions")
+    })
+    .await;
+    drop(agent);
+
+    // A stream made by hand, without the count, holding a message of partition 12.
+    js.delete_stream("UPDATES").await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "UPDATES".into(),
+        subjects: vec!["test.updates.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("test.updates.12", version_line(0, 0).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    refused(&eight, &["nats", "setup"], "on test.updates.12");
+    let recorded = sixteen.cli(&["nats", "setup"]);
+    assert!(
+        recorded.contains("now records the partition count"),
+        "{recorded}"
+    );
+    refused(&eight, &["nats", "setup"], "made for 16 partitions");
+    assert!(sixteen.cli(&["nats", "setup"]).contains("nothing changed"));
+}
+
 /// Runs `outpost nats setup` against `[source.nats]` `table`; exit code and stderr.
 fn setup_with(table: &str) -> (Option<i32>, String) {
     let setup = AgentSetup::new("http://127.0.0.1:9", Some(table), "");

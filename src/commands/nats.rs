@@ -37,9 +37,18 @@ pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
             "stream           {} created: subjects {subjects}, file storage, {} replica(s)",
             nats.stream, nats.replicas
         ),
-        SetupOutcome::Found { messages, replicas } => println!(
-            "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); nothing changed",
-            nats.stream
+        SetupOutcome::Found {
+            messages,
+            replicas,
+            recorded,
+        } => println!(
+            "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); {}",
+            nats.stream,
+            if recorded {
+                "its description now records the partition count"
+            } else {
+                "nothing changed"
+            }
         ),
     }
     println!(

@@ -43,7 +43,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[error("NATS: {0}")]
 pub struct NatsError(pub String);
 
-fn nats_error(what: &str, e: impl std::fmt::Display) -> NatsError {
+pub(crate) fn nats_error(what: &str, e: impl std::fmt::Display) -> NatsError {
     NatsError(format!("{what}: {e}"))
 }
 
@@ -112,14 +112,51 @@ async fn connect_counting(
     })
 }
 
-/// The stream `outpost nats setup` makes: file storage, subjects `<prefix>.*`.
+/// The stream `outpost nats setup` makes: file storage, subjects `<prefix>.*`, and the
+/// partition count in its description.
 pub fn stream_config(config: &NatsSource) -> stream::Config {
     stream::Config {
         name: config.stream.clone(),
         subjects: vec![format!("{}.*", config.subject_prefix)],
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
+        description: Some(description(config)),
         ..Default::default()
+    }
+}
+
+const DESCRIPTION_START: &str = "outpost: partitions = ";
+
+/// A stream's description as `nats setup` writes it: the partition count it was made for
+/// (NATS 2.9 has no stream metadata), so that agents and publishers with another count are
+/// refused rather than route profiles to partitions nobody consumes.
+fn description(config: &NatsSource) -> String {
+    let last = config.partitions - 1;
+    let prefix = &config.subject_prefix;
+    format!(
+        "{DESCRIPTION_START}{}; subjects {prefix}.0 to {prefix}.{last}",
+        config.partitions
+    )
+}
+
+/// The partition count a stream's description records, if `nats setup` wrote it.
+pub fn recorded_partitions(description: Option<&str>) -> Option<u32> {
+    description?
+        .strip_prefix(DESCRIPTION_START)?
+        .split(';')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether the stream was made for the partition count of `config`, as far as it records one.
+pub fn check_partitions(info: &stream::Info, config: &NatsSource) -> Result<(), NatsError> {
+    match recorded_partitions(info.config.description.as_deref()) {
+        Some(made_for) if made_for != config.partitions => Err(NatsError(format!(
+            "stream {} was made for {made_for} partitions, not source.nats.partitions = {}: every profile would be routed to another partition; keep the count, or make a new stream for the new one",
+            config.stream, config.partitions
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -131,6 +168,8 @@ pub enum SetupOutcome {
     Found {
         messages: u64,
         replicas: usize,
+        /// It recorded no partition count, and now records this agent's (its messages fit).
+        recorded: bool,
     },
 }
 
@@ -139,11 +178,8 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
     match js.get_stream(&config.stream).await {
-        Ok(mut stream) => {
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| nats_error("reading the stream", e))?;
+        Ok(stream) => {
+            let info = stream.cached_info().clone();
             let wanted = format!("{}.*", config.subject_prefix);
             if !info.config.subjects.contains(&wanted) {
                 return Err(NatsError(format!(
@@ -157,9 +193,23 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
                     config.stream
                 )));
             }
+            check_partitions(&info, config)?;
+            let messages = info.state.messages;
+            let replicas = info.config.num_replicas;
+            let recorded = info.config.description.as_deref().unwrap_or("").is_empty();
+            if recorded {
+                // Made by hand or by an earlier build: its messages must fit the count.
+                check_subjects_fit(&stream, config).await?;
+                let mut with_count = info.config.clone();
+                with_count.description = Some(description(config));
+                js.update_stream(with_count)
+                    .await
+                    .map_err(|e| nats_error("recording the partition count", e))?;
+            }
             Ok(SetupOutcome::Found {
-                messages: info.state.messages,
-                replicas: info.config.num_replicas,
+                messages,
+                replicas,
+                recorded,
             })
         }
         Err(e)
@@ -181,6 +231,29 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
     }
 }
 
+/// Fails when the stream holds messages on a subject beyond the partitions of `config`.
+async fn check_subjects_fit(stream: &stream::Stream, config: &NatsSource) -> Result<(), NatsError> {
+    let mut subjects = stream
+        .info_with_subjects(format!("{}.*", config.subject_prefix))
+        .await
+        .map_err(|e| nats_error("reading the stream's subjects", e))?;
+    while let Some(subject) = subjects.next().await {
+        let (subject, count) =
+            subject.map_err(|e| nats_error("reading the stream's subjects", e))?;
+        let partition = subject
+            .rsplit('.')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        if partition.is_none_or(|p| p >= config.partitions) {
+            return Err(NatsError(format!(
+                "stream {} holds {count} message(s) on {subject}, which is not one of the {} partitions of source.nats.partitions",
+                config.stream, config.partitions
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// For `outpost check`: connects and reads the stream; its message count, or why not.
 pub async fn probe(config: &NatsSource) -> Result<u64, NatsError> {
     let client = connect(config, false).await?;
@@ -195,6 +268,7 @@ pub async fn probe(config: &NatsSource) -> Result<u64, NatsError> {
         .info()
         .await
         .map_err(|e| nats_error("reading the stream", e))?;
+    check_partitions(info, config)?;
     Ok(info.state.messages)
 }
 
@@ -386,6 +460,7 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
             )
         })?;
     let info = stream.cached_info();
+    check_partitions(info, &shared.config)?;
     let fingerprint = stream_fingerprint(info);
     let recorded = shared
         .store

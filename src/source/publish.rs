@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 
 use super::config::NatsSource;
-use super::nats::{connect, NatsError};
+use super::nats::{check_partitions, connect, nats_error, NatsError};
 use super::partition::{fnv1a64_extend, partition_of, subject_of, FNV1A64_EMPTY};
 use crate::profile::Update;
 
@@ -99,6 +99,14 @@ pub async fn publish(
         .await
         .map_err(|e| (PublishReport::default(), e))?;
     let js = jetstream::new(client);
+    let failed = |e| (PublishReport::default(), e);
+    let stream = js.get_stream(&config.stream).await.map_err(|e| {
+        failed(nats_error(
+            &format!("stream {} (has `outpost nats setup` run?)", config.stream),
+            e,
+        ))
+    })?;
+    check_partitions(stream.cached_info(), config).map_err(failed)?;
     let mut report = PublishReport::default();
     let mut waiting: VecDeque<PublishAckFuture> = VecDeque::new();
     let settle =
