@@ -13,6 +13,22 @@ fn main() -> ExitCode {
         _ => "info,async_nats=warn",
     };
     outpost::logging::init(cli.log_format, cli.log_level.as_deref(), default_level);
+    // What people read and pipe on (`outbox list | head`): a reader that stops early ends
+    // the command quietly, as it ends `ls`, not with a panic at the next print. Servers and
+    // clients of sockets keep SIGPIPE ignored, as Rust sets it.
+    if matches!(
+        cli.command,
+        outpost::cli::Command::Outbox(_)
+            | outpost::cli::Command::Profile(_)
+            | outpost::cli::Command::Rejected(_)
+            | outpost::cli::Command::Check { .. }
+            | outpost::cli::Command::Completions { .. }
+    ) {
+        // SAFETY: at start, before any thread is spawned; only restores the default action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match outpost::commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

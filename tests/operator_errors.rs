@@ -474,3 +474,27 @@ async fn check_verifies_the_endpoints_certificate() {
         "no request is sent"
     );
 }
+
+/// A reader that stops early (`outpost outbox stats | head -1`) ends the command quietly:
+/// Rust's default is a panic, "failed printing to stdout: Broken pipe", at the next print.
+#[test]
+fn a_closed_pipe_ends_inspection_commands_quietly() {
+    let ws = Workspace::new();
+    for args in [&["outbox", "stats"][..], &["completions", "bash"]] {
+        let mut child = Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(ws.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command prints its first line.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = stderr(&out);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+    }
+}
