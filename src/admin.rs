@@ -256,28 +256,32 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         ));
     }
     // Each target with its sequence number; an id of another store is never found here.
-    let targets: Vec<(String, Option<u64>)> = if all_dead {
-        store
-            .dead_seqs()?
-            .into_iter()
-            .map(|seq| (store.export_id(seq).to_string(), Some(seq)))
-            .collect()
-    } else {
-        ids.iter()
-            .map(|text| {
-                let id: ExportId = text.parse().map_err(AdminError::Usage)?;
-                Ok((
-                    text.clone(),
-                    (id.store == store.store_id()).then_some(id.seq),
-                ))
-            })
-            .collect::<Result<_, AdminError>>()?
-    };
+    let named: Vec<(String, Option<u64>)> = ids
+        .iter()
+        .map(|text| {
+            let id: ExportId = text.parse().map_err(AdminError::Usage)?;
+            Ok((
+                text.clone(),
+                (id.store == store.store_id()).then_some(id.seq),
+            ))
+        })
+        .collect::<Result<_, AdminError>>()?;
     let now = Utc::now().timestamp_millis();
     let uptime_ms = store.run_clock().uptime_ms();
     let mut unreadable = Vec::new();
     let mut already_pending = Vec::new();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
+        // The dead letters as they are now, under the lock that keeps other repairs out: a
+        // list made before it could name exports another repair has since put back.
+        let targets = if all_dead {
+            store
+                .dead_seqs()?
+                .into_iter()
+                .map(|seq| (store.export_id(seq).to_string(), Some(seq)))
+                .collect()
+        } else {
+            named
+        };
         let mut done = Vec::new();
         let mut missing = Vec::new();
         for (text, seq) in targets {
@@ -299,9 +303,11 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                     record.queued_at_uptime_ms = uptime_ms;
                     (Place::Pending, record)
                 })?,
+                // `--all-dead` drops dead letters only, whatever happened to them since.
                 Some(seq) => {
                     store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
-                        || store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?
+                        || (!all_dead
+                            && store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?)
                 }
             };
             // Retrying an export still pending changes nothing; it is there all the same.
@@ -333,4 +339,77 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         "unreadable": unreadable,
         "already_pending": already_pending,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ListFilter;
+
+    /// A store holding `n` dead letters, one a profile.
+    fn dead_letters(dir: &std::path::Path, n: usize) -> Store {
+        let store = Store::open(dir, 8 << 20).unwrap();
+        let mapping = crate::config::Mapping::new(&["name"], &["s"], &[]);
+        let body: String = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"p{i}","profile":{{"segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+                ) + "\n"
+            })
+            .collect();
+        let updates = crate::profile::update::parse_body(body.as_bytes()).unwrap();
+        store
+            .apply_each(&[&updates], &mapping, Utc::now(), &[])
+            .unwrap();
+        assert_eq!(store.tally().unwrap().pending, n as u64);
+        for export in store.list(&ListFilter::default()).unwrap() {
+            assert!(store
+                .change_export(export.id.seq, Place::Pending, |r| (Place::Dead, r))
+                .unwrap());
+        }
+        store.flush().unwrap();
+        store
+    }
+
+    /// `retry --all-dead` and `drop --all-dead` at once: each export is either put back or
+    /// dropped, and nothing put back is dropped. A list of dead letters made before the
+    /// other repair ran named exports it had since put back, which the drop then deleted.
+    #[test]
+    fn retry_and_drop_of_all_dead_letters_at_once_lose_nothing_put_back() {
+        const N: usize = 2_000;
+        for round in 0..4 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = dead_letters(dir.path(), N);
+            let (retried, dropped) = std::thread::scope(|s| {
+                let repair = |request: AdminRequest, verb: &'static str| {
+                    let store = &store;
+                    s.spawn(move || {
+                        execute(store, &request).unwrap()[verb]
+                            .as_array()
+                            .unwrap()
+                            .len()
+                    })
+                };
+                let retry = repair(
+                    AdminRequest::Retry {
+                        ids: vec![],
+                        all_dead: true,
+                    },
+                    "retried",
+                );
+                let drop = repair(
+                    AdminRequest::Drop {
+                        ids: vec![],
+                        all_dead: true,
+                    },
+                    "dropped",
+                );
+                (retry.join().unwrap(), drop.join().unwrap())
+            });
+            let tally = store.tally().unwrap();
+            assert_eq!(retried + dropped, N, "round {round}");
+            assert_eq!(tally.pending, retried as u64, "round {round}");
+            assert_eq!(tally.dead, 0, "round {round}");
+        }
+    }
 }
