@@ -500,3 +500,36 @@ fn inspect_profile(ws: &Workspace, id: &str) {
         serde_json::from_str(ws.run_ok(&["profile", "show", id, "--json"], None).trim()).unwrap();
     assert_eq!(profile["id"], id);
 }
+
+/// Updates sent through the agent's socket are judged by the agent's mapping. A CLI config
+/// that maps less (edited while the agent runs) made an identical resend look as if the
+/// attributes only the agent maps were removed: an export without them, and a stored profile
+/// that lost them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_through_the_agent_is_judged_by_the_agents_own_mapping() {
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let _agent = AgentProcess::start(&ws.config_path(), port).await;
+    let file = write_file(&ws, "one.ndjson", &[update("p1", "Ada")]);
+    let out = ws.run_ok(&["ingest", &file], None);
+    assert!(out.contains("1 exports"), "{out}");
+
+    let mapped = r#"attributes = ["person.name.firstName", "person.name.lastName"]"#;
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    assert!(text.contains(mapped), "{text}");
+    let cli_config = ws.path().join("cli.toml");
+    std::fs::write(
+        &cli_config,
+        text.replace(mapped, r#"attributes = ["person.name.lastName"]"#),
+    )
+    .unwrap();
+    let out = run_with_config(&cli_config, &["ingest", &file], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr_of(&out));
+    assert_eq!(
+        stdout.trim(),
+        "accepted 1 updates: 0 exports, 1 unchanged, 0 stale, 0 deleted"
+    );
+    let shown = ws.run_ok(&["profile", "show", "p1", "--json"], None);
+    assert!(shown.contains("Ada"), "{shown}");
+}

@@ -77,13 +77,17 @@ pub fn ingest_file<F: Read + Seek + Send>(
         now: chrono::Utc::now(),
         max_future_s: config.ingest.max_future_s,
     };
-    // Pruned as they are read: the parts dropped are checked, never built.
-    let keep = KeepTree::for_mapping(&config.mapping);
+    // For the store itself, pruned as they are read: the parts dropped are checked, never
+    // built. The agent is sent whole updates and prunes them by its own mapping, which may
+    // differ from this config's (edited while the agent runs): pruned by this one, an
+    // attribute only the agent maps would read as removed.
+    let keep = matches!(backend, Backend::Local(_)).then(|| KeepTree::for_mapping(&config.mapping));
     let mut count = 0u64;
-    for update in UpdateReader::new(BufReader::new(&mut *file))
-        .within(limit)
-        .keeping(&keep)
-    {
+    let mut reader = UpdateReader::new(BufReader::new(&mut *file)).within(limit);
+    if let Some(keep) = &keep {
+        reader = reader.keeping(keep);
+    }
+    for update in reader {
         update?;
         count += 1;
     }
@@ -106,9 +110,10 @@ pub fn ingest_file<F: Read + Seek + Send>(
         let (chunks, parsed) = std::sync::mpsc::sync_channel(1);
         scope.spawn(move || {
             let layout = Layout::new(&config.mapping);
-            let mut reader = UpdateReader::new(BufReader::new(file))
-                .within(limit)
-                .keeping(&keep);
+            let mut reader = UpdateReader::new(BufReader::new(file)).within(limit);
+            if let Some(keep) = &keep {
+                reader = reader.keeping(keep);
+            }
             if prepare {
                 reader = reader.preparing(&layout);
             }
