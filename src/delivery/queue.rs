@@ -183,14 +183,32 @@ impl<B> Queue<B> {
     }
 
     /// The export that was out failed: it goes back to the head of its profile, and the
-    /// profile waits until `at` (or is ready at once with `at` = None).
+    /// profile waits until `at` (or is ready at once with `at` = None). An older export of the
+    /// profile read while it was out (a dead letter put back) stays ahead of it and goes now;
+    /// the failed one then waits for `at` once it is the head.
     pub fn put_back(&mut self, id: &Arc<str>, export: Export, at: Option<Instant>) {
-        self.out.remove(&export.id.seq);
+        let seq = export.id.seq;
+        self.out.remove(&seq);
         let Some(profile) = self.profiles.get_mut(id) else {
             return;
         };
-        profile.exports.push_front(export);
+        let place = profile
+            .exports
+            .iter()
+            .position(|e| e.id.seq > seq)
+            .unwrap_or(profile.exports.len());
+        profile.exports.insert(place, export);
         self.held += 1;
+        if place > 0 {
+            // The schedule and the flag were the failed export's; the head is another.
+            profile.backoff = None;
+            profile.solo = false;
+            if let Some(at) = at {
+                self.not_before.insert(seq, at);
+            }
+            self.make_ready(id);
+            return;
+        }
         match at {
             Some(at) => {
                 profile.state = State::Waiting(at);
@@ -403,6 +421,24 @@ mod tests {
         q.remove(&a, 2);
         q.settled(&a, 1);
         assert_eq!(seqs(&q.take(10)), [3]);
+    }
+
+    #[test]
+    fn a_failed_export_goes_back_behind_an_older_one_read_while_it_was_out() {
+        // 2 is out when a dead letter 1 of its profile is put back and the window read again;
+        // then 2 fails.
+        let mut q = queue(&[(2, "a")]);
+        let (id, two) = q.take(10).pop().unwrap();
+        q.forget_held();
+        q.push(export(1, "a"));
+        let at = Instant::now() + Duration::from_secs(60);
+        q.put_back(&id, two, Some(at));
+        assert_eq!(seqs(&q.take(10)), [1], "the older export first");
+        q.settled(&id, 1);
+        assert!(q.take(10).is_empty(), "2 waits for its retry time");
+        assert_eq!(q.next_due(), Some(at));
+        q.wake_due(at);
+        assert_eq!(seqs(&q.take(10)), [2]);
     }
 
     #[test]
