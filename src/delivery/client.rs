@@ -73,6 +73,9 @@ impl Answer {
                 text = text.replace(&form, "***");
             }
         }
+        if still_holds_a_secret(&text, secrets) {
+            return WITHHELD_BODY.to_owned();
+        }
         let mut end = text.len().min(ERROR_BODY_BYTES);
         while !text.is_char_boundary(end) {
             end -= 1;
@@ -80,6 +83,91 @@ impl Answer {
         text.truncate(end);
         text
     }
+}
+
+/// Shown instead of a body that echoes a secret in a form [`Answer::body_start_hiding`] does
+/// not cut out.
+pub const WITHHELD_BODY: &str =
+    "(body not shown: it holds a secret outpost sent, in an encoding it cannot cut out)";
+
+/// Whether `text` still holds one of `secrets` once percent-encoding (`+` as a space, or
+/// not) or JSON string escapes are undone: encodings other than the few that are cut out,
+/// such as percent-encoding that leaves `/` as it is, or `\u` escapes of non-ASCII letters.
+fn still_holds_a_secret(text: &str, secrets: &[&str]) -> bool {
+    let unescaped = json_unescaped(text);
+    let views = [
+        percent_decoded(text, false),
+        percent_decoded(text, true),
+        percent_decoded(&unescaped, false),
+        unescaped,
+    ];
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .any(|secret| views.iter().any(|view| view.contains(secret)))
+}
+
+fn percent_decoded(text: &str, plus_is_space: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `text` with JSON's string escapes (`\"`, `\/`, `\uXXXX`, surrogate pairs …) undone
+/// wherever they stand.
+fn json_unescaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut pending_high: Option<u32> = None;
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('u') => {
+                let code: String = chars.by_ref().take(4).collect();
+                let Ok(unit) = u32::from_str_radix(&code, 16) else {
+                    out.push_str("\\u");
+                    out.push_str(&code);
+                    continue;
+                };
+                match (pending_high.take(), unit) {
+                    (None, 0xD800..=0xDBFF) => pending_high = Some(unit),
+                    (Some(high), 0xDC00..=0xDFFF) => out.push(
+                        char::from_u32(0x10000 + ((high - 0xD800) << 10) + (unit - 0xDC00))
+                            .unwrap_or('\u{fffd}'),
+                    ),
+                    (_, unit) => out.push(char::from_u32(unit).unwrap_or('\u{fffd}')),
+                }
+            }
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// How much of an error body is searched for echoed secrets: far more than is shown
@@ -310,6 +398,24 @@ mod tests {
         for (body, secrets, shown) in table {
             assert_eq!(answer(body).body_start_hiding(secrets), shown, "{body}");
         }
+        // Encodings that are not cut out: the body is not shown at all.
+        for (body, secret) in [
+            ("client_secret=AbC/def%2Bghi9Kq%3D", "AbC/def+ghi9Kq="),
+            (
+                r#"{"echo":"p@ss w+rd/\u00e9\"SECRET"}"#,
+                "p@ss w+rd/é\"SECRET",
+            ),
+            (r#"{"echo":"\ud83d\ude00-s3cret"}"#, "😀-s3cret"),
+            ("pw=s3cr%c3%A9t%20two", "s3crét two"),
+        ] {
+            assert_eq!(
+                answer(body).body_start_hiding(&[secret]),
+                WITHHELD_BODY,
+                "{body}"
+            );
+        }
+        let plain = "100% sure: a+b \\u00e9";
+        assert_eq!(answer(plain).body_start_hiding(&["s3cret"]), plain);
         // Hidden before the body is cut, and cut on a character's boundary.
         let long = format!("{}é{}", "x".repeat(ERROR_BODY_BYTES - 1), "s3cret");
         let shown = answer(&long).body_start_hiding(&["s3cret"]);
