@@ -132,6 +132,25 @@ fn a_bad_line_refuses_the_whole_file_and_stores_nothing() {
 #[test]
 fn exit_codes_for_usage_config_and_missing_things() {
     let ws = Workspace::new();
+    // Inspecting a store that was never made (a mistyped storage.path) does not make one.
+    for args in [
+        &["outbox", "stats"][..],
+        &["outbox", "list"],
+        &["outbox", "retry", "--all-dead"],
+        &["profile", "show", "nobody"],
+        &["rejected", "list"],
+        &["check", "--store"],
+    ] {
+        let out = ws.run(args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("no store at"), "{args:?}: {stderr}");
+    }
+    assert!(!ws.store_path().exists());
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
+    );
     assert_eq!(
         ws.run(&["outbox", "frobnicate"], None).status.code(),
         Some(2)
@@ -173,6 +192,10 @@ fn exit_codes_for_usage_config_and_missing_things() {
 #[test]
 fn config_path_is_accepted_after_the_subcommand_and_from_env() {
     let ws = Workspace::new();
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
+    );
     let out = std::process::Command::new(binary())
         .args(["outbox", "stats", "--json", "--config"])
         .arg(ws.config_path())

@@ -121,8 +121,8 @@ fn store_folder_that_cannot_be_written() {
         "{}",
         stderr(&out)
     );
-    // The same message where the CLI opens the store itself.
-    let out = run(&ws, &["outbox", "stats"], uid);
+    // The same message where the CLI makes the store itself.
+    let out = run(&ws, &["ingest", "-"], uid);
     assert_eq!(error_line(&out), line);
 }
 
@@ -480,6 +480,10 @@ async fn check_verifies_the_endpoints_certificate() {
 #[test]
 fn a_closed_pipe_ends_inspection_commands_quietly() {
     let ws = Workspace::new();
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
+    );
     for args in [&["outbox", "stats"][..], &["completions", "bash"]] {
         let mut child = Command::new(binary())
             .args(args)

@@ -43,6 +43,21 @@ impl Backend {
         }
     }
 
+    /// [`Backend::connect`] for commands that read or repair what is stored: without an
+    /// agent, a store that does not exist is an error rather than made empty, so that a
+    /// mistyped `storage.path` is not taken for an empty outbox.
+    pub fn connect_existing(config: &Config) -> Result<Backend, CliError> {
+        let path = &config.storage.path;
+        if !Backend::agent_answers(config) && !Store::exists_at(path) {
+            return Err(CliError::Usage(format!(
+                "no store at {} (storage.path in {}): nothing was ever stored there",
+                path.display(),
+                config.path.display()
+            )));
+        }
+        Backend::connect(config)
+    }
+
     /// Whether a running agent answers on the store's admin socket.
     pub fn agent_answers(config: &Config) -> bool {
         UnixStream::connect(crate::server::admin::socket_path(&config.storage.path)).is_ok()

@@ -108,8 +108,10 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => runtime()?.block_on(run(&config)),
         Command::Check { store: false, .. } => runtime()?.block_on(check(&config)),
-        Command::Check { store: true, json } => check_store(&Backend::connect(&config)?, json),
-        Command::Repair { yes } => repair_store(&Backend::connect(&config)?, yes),
+        Command::Check { store: true, json } => {
+            check_store(&Backend::connect_existing(&config)?, json)
+        }
+        Command::Repair { yes } => repair_store(&Backend::connect_existing(&config)?, yes),
         Command::Compact { json } => compact_store(&config, json),
         Command::Ingest { file, json } => {
             let backend = Backend::connect(&config)?;
@@ -117,9 +119,10 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print_summary(&summary, json);
             Ok(())
         }
-        Command::Outbox(command) => outbox(&Backend::connect(&config)?, command),
+        Command::Outbox(command) => outbox(&Backend::connect_existing(&config)?, command),
         Command::Profile(ProfileCommand::Show { id, json }) => {
-            let value = Backend::connect(&config)?.execute(&AdminRequest::Profile { id })?;
+            let value =
+                Backend::connect_existing(&config)?.execute(&AdminRequest::Profile { id })?;
             print_json(&value, json.json);
             Ok(())
         }
@@ -127,7 +130,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             runtime()?.block_on(nats::publish_path(&config, &file, in_flight))
         }
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
-        Command::Rejected(command) => nats::rejected(&Backend::connect(&config)?, command),
+        Command::Rejected(command) => nats::rejected(&Backend::connect_existing(&config)?, command),
         Command::Top { once, interval } => top::top(&config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
@@ -387,7 +390,7 @@ fn fail(problems: Vec<String>) -> Result<(), CliError> {
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
 fn clock_report(config: &Config) -> String {
-    if !config.storage.path.join("db").exists() {
+    if !crate::store::Store::exists_at(&config.storage.path) {
         return "wall clock not watched yet (no store)".to_owned();
     }
     let stats = Backend::connect(config)

@@ -212,6 +212,11 @@ pub(super) fn probe_space(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
+    /// Whether a store was ever made at `path` (its database, or one halfway through a swap).
+    pub fn exists_at(path: &Path) -> bool {
+        path.join("db").exists() || path.join(super::rebuild::SWAP_STATE).exists()
+    }
+
     /// Opens (or creates) the store. A store open in another process is [`StoreError::Locked`].
     ///
     /// A lock is retried for a moment: sled's threads release it shortly after a store is

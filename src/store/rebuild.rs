@@ -40,7 +40,7 @@ use super::profiles::profiles_in;
 use super::{Store, Trees};
 
 const COPY_DIR: &str = "rebuild";
-const SWAP_STATE: &str = "rebuild.swap";
+pub(super) const SWAP_STATE: &str = "rebuild.swap";
 const SWAP_STATE_TEMP: &str = "rebuild.swap.tmp";
 /// Locked by the process that has the store open (see [`lock`]).
 pub(super) const LOCK_FILE: &str = "outpost.lock";
