@@ -25,6 +25,10 @@ pub enum AdminRequest {
         dead: bool,
         profile_id: Option<String>,
         limit: usize,
+        /// Only exports numbered above this one: the CLI asks for a long list page by page,
+        /// so that neither side holds it whole.
+        #[serde(default)]
+        after: Option<u64>,
     },
     Show {
         id: String,
@@ -157,11 +161,13 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
             dead,
             profile_id,
             limit,
+            after,
         } => {
             let filter = ListFilter {
                 dead: *dead,
                 profile_id: profile_id.clone(),
                 limit: *limit,
+                after: *after,
             };
             Ok(Value::Array(
                 store.list(&filter)?.iter().map(|e| e.to_json()).collect(),

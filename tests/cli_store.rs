@@ -299,3 +299,47 @@ fn sample_updates_give_the_documented_counts() {
         "the store path is relative to the config"
     );
 }
+
+/// A long list comes page by page (1,000 exports a request), so neither the agent nor the
+/// CLI holds it whole; in order, each export once, cut where asked.
+#[test]
+fn a_long_outbox_lists_whole_and_in_order_across_pages() {
+    let ws = Workspace::new();
+    let lines: Vec<String> = (0..2_500)
+        .map(|i| member_update(&format!("p-{i}"), "x", "2026-01-01T00:00:01Z"))
+        .collect();
+    ws.run_ok(&["ingest", "-"], Some(lines.join("\n").as_bytes()));
+    let all = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--limit", "0"], None));
+    let profiles: Vec<String> = all
+        .iter()
+        .map(|e| e["profile_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..2_500).map(|i| format!("p-{i}")).collect();
+    assert_eq!(profiles, expected);
+    let seqs: Vec<u64> = all
+        .iter()
+        .map(|e| seq_of(e["id"].as_str().unwrap()))
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "oldest first, each once"
+    );
+    for (limit, listed, cut) in [
+        ("1000", 1_000, true),
+        ("1500", 1_500, true),
+        ("2500", 2_500, false),
+    ] {
+        let out = ws.run(&["outbox", "list", "--json", "--limit", limit], None);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(json_lines(&stdout).len(), listed, "--limit {limit}");
+        assert_eq!(
+            stderr.contains("--limit 0 lists all"),
+            cut,
+            "--limit {limit}: {stderr}"
+        );
+    }
+    let table = ws.run_ok(&["outbox", "list", "--limit", "0"], None);
+    assert_eq!(table.lines().count(), 2_501, "one header");
+    assert_eq!(table.lines().filter(|l| l.starts_with("ID ")).count(), 1);
+}

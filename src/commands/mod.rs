@@ -22,12 +22,15 @@ use crate::cli::{Cli, Command, NatsCommand, OutboxCommand, ProfileCommand, Targe
 use crate::config::{self, Auth, Config, ConfigError};
 use crate::profile::update::InputError;
 use crate::receiver::{Receiver, ReceiverOptions};
-use crate::store::{Store, StoreError};
+use crate::store::{ExportId, Store, StoreError};
+
+/// How many exports `outbox list` asks for at a time.
+const LIST_PAGE: usize = 1_000;
 pub use backend::Backend;
 pub use ingest::{ingest_file, ingest_path};
 use output::{
-    describe_clock_jumps, display_url, print_export, print_export_table, print_json, print_stats,
-    print_summary,
+    describe_clock_jumps, display_url, print_export, print_json, print_stats, print_summary,
+    ExportTable,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -422,29 +425,37 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
             limit,
             json,
         } => {
-            // One more than asked for, to tell whether the list was cut.
-            let exports = backend.execute(&AdminRequest::List {
-                dead,
-                profile_id: profile,
-                limit: if limit == 0 {
-                    0
-                } else {
-                    limit.saturating_add(1)
-                },
-            })?;
-            let mut exports = exports.as_array().cloned().unwrap_or_default();
-            if limit > 0 && exports.len() > limit {
-                exports.truncate(limit);
-                eprintln!("the first {limit} shown; --limit 0 lists all");
-            }
-            if json.json {
-                let mut out = std::io::stdout().lock();
-                for export in &exports {
-                    let _ = writeln!(out, "{export}");
+            let wanted = if limit == 0 { usize::MAX } else { limit };
+            let mut table = ExportTable::new(json.json);
+            let mut after = None;
+            loop {
+                // Page by page, so that a long outbox is never held whole, by the agent or
+                // here; one more than is still wanted, to tell whether the list was cut.
+                let left = wanted - table.rows;
+                let asked = LIST_PAGE.min(left.saturating_add(1));
+                let page = backend.execute(&AdminRequest::List {
+                    dead,
+                    profile_id: profile.clone(),
+                    limit: asked,
+                    after,
+                })?;
+                let page = page.as_array().map(Vec::as_slice).unwrap_or_default();
+                for export in page.iter().take(left) {
+                    table.row(export);
                 }
-            } else {
-                print_export_table(&exports);
+                if page.len() > left {
+                    eprintln!("the first {limit} shown; --limit 0 lists all");
+                    break;
+                }
+                let next = page
+                    .last()
+                    .and_then(|e| e["id"].as_str()?.parse::<ExportId>().ok());
+                match next {
+                    Some(last) if page.len() == asked => after = Some(last.seq),
+                    _ => break,
+                }
             }
+            table.finish();
         }
         OutboxCommand::Show { id, json } => {
             let export = backend.execute(&AdminRequest::Show { id })?;

@@ -133,25 +133,56 @@ pub(super) fn describe_clock_jumps(stats: &Value) -> String {
     }
 }
 
-pub(super) fn print_export_table(exports: &[Value]) {
-    if exports.is_empty() {
-        println!("(no exports)");
-        return;
+/// `outbox list`'s output, a row at a time as the pages come: NDJSON, or a table under one
+/// header.
+pub(super) struct ExportTable {
+    json: bool,
+    /// Rows printed so far.
+    pub rows: usize,
+    out: std::io::StdoutLock<'static>,
+}
+
+impl ExportTable {
+    pub fn new(json: bool) -> Self {
+        ExportTable {
+            json,
+            rows: 0,
+            out: std::io::stdout().lock(),
+        }
     }
-    println!(
-        "{:<22} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
-        "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
-    );
-    for e in exports {
-        println!(
-            "{:<22} {:<24} {:<9} {:>8}  {:<24}  {}",
-            text_of(&e["id"]),
-            truncate_chars(&text_of(&e["profile_id"]), 24),
-            text_of(&e["reason"]),
-            text_of(&e["attempts"]),
-            text_of(&e["created_at"]),
-            truncate_chars(&text_of(&e["last_error"]), 60)
-        );
+
+    pub fn row(&mut self, e: &Value) {
+        use std::io::Write;
+        if self.json {
+            let _ = writeln!(self.out, "{e}");
+        } else {
+            if self.rows == 0 {
+                let _ = writeln!(
+                    self.out,
+                    "{:<22} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
+                    "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
+                );
+            }
+            let _ = writeln!(
+                self.out,
+                "{:<22} {:<24} {:<9} {:>8}  {:<24}  {}",
+                text_of(&e["id"]),
+                truncate_chars(&text_of(&e["profile_id"]), 24),
+                text_of(&e["reason"]),
+                text_of(&e["attempts"]),
+                text_of(&e["created_at"]),
+                truncate_chars(&text_of(&e["last_error"]), 60)
+            );
+        }
+        self.rows += 1;
+    }
+
+    pub fn finish(mut self) {
+        use std::io::Write;
+        if !self.json && self.rows == 0 {
+            let _ = writeln!(self.out, "(no exports)");
+        }
+        let _ = self.out.flush();
     }
 }
 

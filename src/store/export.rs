@@ -96,6 +96,8 @@ pub struct ListFilter {
     pub profile_id: Option<String>,
     /// 0: all.
     pub limit: usize,
+    /// Only exports numbered above this one: where the page before ended.
+    pub after: Option<u64>,
 }
 
 /// A new pending export, encoded.
@@ -203,7 +205,8 @@ impl Store {
             filter.limit
         };
         let mut exports = Vec::new();
-        for item in tree.iter() {
+        let from = filter.after.map_or(0, |seq| seq.saturating_add(1));
+        for item in tree.range(keys::seq_key(from)..) {
             if exports.len() >= limit {
                 break;
             }
