@@ -214,6 +214,10 @@ impl Default for RawStorage {
     }
 }
 
+/// The longest path a Unix socket can be bound at on Linux (`sun_path` is 108 bytes, with
+/// its terminating zero).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+
 fn default_storage_path() -> PathBuf {
     PathBuf::from("/var/lib/outpost")
 }
@@ -593,6 +597,20 @@ impl Config {
 
         if raw.storage.path.as_os_str().is_empty() {
             return Err(invalid("storage.path", "must not be empty".into()));
+        }
+        // The agent's admin socket lives in the store folder, and a Unix socket's path has
+        // room for 107 bytes.
+        let socket = relative(raw.storage.path.clone()).join(crate::admin::SOCKET_NAME);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+            return Err(invalid(
+                "storage.path",
+                format!(
+                    "{} is too long: the agent's socket there, {}, would be {} bytes, and a Unix socket's path holds at most {MAX_SOCKET_PATH_BYTES}",
+                    relative(raw.storage.path.clone()).display(),
+                    crate::admin::SOCKET_NAME,
+                    socket.as_os_str().len()
+                ),
+            ));
         }
         if raw.storage.max_outbox_bytes == 0 {
             return Err(invalid(
@@ -1280,6 +1298,8 @@ path = "store"
 
     #[test]
     fn errors_name_the_key() {
+        // In /etc/outpost/, its socket would be 108 bytes; one less is taken (below).
+        let long_store_path = format!("path = \"{}\"", "s".repeat(82));
         let cases: &[(&str, &str, &str)] = &[
             ("unknown key", "[mapping]\n", "[mapping]\ncolour = 1\n"),
             (
@@ -1314,6 +1334,11 @@ path = "store"
                 "[storage]",
                 "[ingest]\nmax_future_s = -5\n\n[storage]",
             ),
+            (
+                "a store path too long for the agent's socket",
+                "path = \"store\"",
+                &long_store_path,
+            ),
         ];
         let expected_keys = [
             "colour",
@@ -1325,6 +1350,7 @@ path = "store"
             "destination.auth.type",
             "ingest.max_future_s",
             "max_future_s",
+            "storage.path",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {
             let text = VALID.replacen(from, to, 1);
@@ -1339,6 +1365,8 @@ path = "store"
                 "case {name} leaks the secret"
             );
         }
+        let longest = format!("path = \"{}\"", "s".repeat(81));
+        assert!(parse(&VALID.replacen("path = \"store\"", &longest, 1)).is_ok());
     }
 
     #[test]
