@@ -451,20 +451,41 @@ async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
     );
     assert!(before < PROFILES as f64, "everything was taken: {before}");
     assert_eq!(metric(agent.addr, "outpost_source_paused").await, 1.0);
-    let pending: u64 = healthz_json(agent.addr).await["nats"]["pending"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
-    assert!(pending > 0, "nothing waits in the stream");
+    let pending = || async {
+        healthz_json(agent.addr).await["nats"]["pending"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert!(pending().await > 0, "nothing waits in the stream");
+    // Published while paused: what waits is counted without a fetch.
+    const MORE: usize = 50;
+    let more: Vec<String> = (PROFILES..PROFILES + MORE)
+        .map(|p| version_line(p, 0))
+        .collect();
+    setup.publish(&more);
+    let waiting = (PROFILES + MORE) as u64 - before as u64;
+    let mut seen = 0;
+    for _ in 0..100 {
+        seen = pending().await;
+        if seen == waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, waiting, "messages waiting, as /healthz shows them");
 
     receiver.set_export_script(None);
     wait_until(60, "every export delivered", || {
-        distinct_delivered(&receiver) >= PROFILES
+        distinct_delivered(&receiver) >= PROFILES + MORE
     })
     .await;
-    assert_eq!(metric(agent.addr, committed).await, PROFILES as f64);
+    assert_eq!(
+        metric(agent.addr, committed).await,
+        (PROFILES + MORE) as f64
+    );
     let mut state = serde_json::Value::Null;
     for _ in 0..100 {
         state = healthz_json(agent.addr).await["nats"]["state"].clone();

@@ -34,6 +34,8 @@ use crate::store::Store;
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How often a paused partition looks at the outbox again.
 const PAUSE_POLL: Duration = Duration::from_millis(100);
+/// How often a paused partition reads how many messages wait for it.
+const PENDING_REFRESH: Duration = Duration::from_secs(1);
 /// How long a fetch may take beyond the time it asks the server to wait.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -517,6 +519,8 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         "partition consumer ready"
     );
     let batch = shared.config.fetch_batch;
+    // When the pending count was last read while paused.
+    let mut pending_read_at: Option<std::time::Instant> = None;
     loop {
         if shared.shutdown.is_cancelled() {
             return Ok(());
@@ -528,11 +532,20 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
             .map_err(|e| nats_error("reading the outbox tally", e))?;
         shared.state.paused.store(full, Ordering::Relaxed);
         if full {
+            // No fetch tells how many messages wait meanwhile, and a paused agent is when an
+            // operator looks: the consumer's own count, now and then.
+            if pending_read_at.is_none_or(|at| at.elapsed() >= PENDING_REFRESH) {
+                if let Ok(info) = consumer.get_info().await {
+                    shared.state.pending[slot].store(info.num_pending, Ordering::Relaxed);
+                }
+                pending_read_at = Some(std::time::Instant::now());
+            }
             if !pause(&shared.shutdown, PAUSE_POLL).await {
                 return Ok(());
             }
             continue;
         }
+        pending_read_at = None;
         // What is there now, at once; if nothing, wait a while for one message.
         let mut messages = fetch(consumer, batch, None, &shared.shutdown).await?;
         if messages.is_empty() {
