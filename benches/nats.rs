@@ -116,7 +116,7 @@ async fn publish(port: u16, stream: &str, updates: &[Update]) -> f64 {
     outpost::source::nats::setup(&nats).await.unwrap();
     let planned = outpost::source::publish::plan(updates, &nats);
     let start = Instant::now();
-    let report = outpost::source::publish::publish(&nats, planned, 256, |_| {})
+    let report = outpost::source::publish::publish(&nats, planned, None, 256, |_| {})
         .await
         .unwrap();
     assert_eq!(report.published as usize, updates.len());

@@ -136,7 +136,7 @@ pub async fn run(fail_share: f64, show_progress: bool) -> Result<FleetReport, St
         "publish [{bar:40}] {pos}/{len} updates into the stream",
     ));
     let shown = Arc::clone(&bar);
-    let report = publish(&nats, plan(&updates, &nats), 64, move |n| {
+    let report = publish(&nats, plan(&updates, &nats), None, 64, move |n| {
         shown.set_position(n)
     })
     .await

@@ -535,7 +535,7 @@ async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
     server.restart();
     let updates = outpost::profile::update::parse_body(second.join("\n").as_bytes()).unwrap();
     let planned = outpost::source::publish::plan(&updates, &config);
-    outpost::source::publish::publish(&config, planned, 64, |_| {})
+    outpost::source::publish::publish(&config, planned, None, 64, |_| {})
         .await
         .unwrap();
     wait_until(60, "the second half delivered", || {
@@ -586,7 +586,7 @@ async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again
             let updates =
                 outpost::profile::update::parse_body(lines.join("\n").as_bytes()).unwrap();
             let planned = outpost::source::publish::plan(&updates, &config);
-            outpost::source::publish::publish(&config, planned, 64, |_| {})
+            outpost::source::publish::publish(&config, planned, None, 64, |_| {})
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(120)).await;
@@ -896,6 +896,42 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
     );
     refused(&eight, &["nats", "setup"], "made for 16 partitions");
     assert!(sixteen.cli(&["nats", "setup"]).contains("nothing changed"));
+}
+
+/// An update larger than the server takes as one message (its max_payload, 1 MiB by default)
+/// is refused before anything of the input is published, naming its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_too_large_for_a_message_publishes_nothing() {
+    let Some(server_bin) = nats_server_or_skip("an_update_too_large_for_a_message") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let setup = AgentSetup::new(
+        "http://127.0.0.1:9",
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let mut big: serde_json::Value = serde_json::from_str(&version_line(1, 0)).unwrap();
+    big["profile"]["note"] = serde_json::json!("x".repeat(1_100_000));
+    let file = write_lines(setup.dir.path(), &[version_line(0, 0), big.to_string()]);
+    let out = std::process::Command::new(binary())
+        .args(["publish", file.to_str().unwrap(), "--config"])
+        .arg(setup.config())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("max_payload"),
+        "{stderr}"
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("UPDATES")
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
 }
 
 /// Runs `outpost nats setup` against `[source.nats]` `table`; exit code and stderr.

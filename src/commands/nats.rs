@@ -13,7 +13,7 @@ use crate::profile::update::{FutureLimit, UpdateReader};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
-use crate::source::publish::{publish, Planner};
+use crate::source::publish::{payload_of, publish, Largest, Planner};
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
     config.nats.as_ref().ok_or_else(|| {
@@ -107,9 +107,19 @@ pub(super) async fn publish_path(
     };
     rewind(&mut file)?;
     let mut total = 0u64;
-    for update in UpdateReader::new(BufReader::new(&mut file)).within(limit) {
-        update.map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
+    let mut largest: Option<Largest> = None;
+    let mut reader = UpdateReader::new(BufReader::new(&mut file)).within(limit);
+    while let Some(update) = reader.next() {
+        let update = update
+            .map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
         total += 1;
+        let bytes = payload_of(&update).len();
+        if largest.is_none_or(|l| bytes > l.bytes) {
+            largest = Some(Largest {
+                bytes,
+                line: reader.line(),
+            });
+        }
     }
     rewind(&mut file)?;
     let input = digest(&mut file)
@@ -139,7 +149,7 @@ pub(super) async fn publish_path(
     } else {
         None
     };
-    let result = publish(nats, messages, in_flight, |n| {
+    let result = publish(nats, messages, largest, in_flight, |n| {
         if let Some(bar) = &bar {
             bar.set_position(n);
         }

@@ -634,6 +634,11 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
         }
     }
 
+    /// The line the reader is at: the last one read.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
     /// Refuses timestamps beyond `limit`.
     pub fn within(mut self, limit: FutureLimit) -> Self {
         self.parsing.limit = Some(limit);

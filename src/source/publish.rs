@@ -35,7 +35,8 @@ pub fn plan(updates: &[Update], config: &NatsSource) -> Vec<Planned> {
         .collect()
 }
 
-fn payload_of(update: &Update) -> Vec<u8> {
+/// The message body of an update: its JSON, `op` included.
+pub fn payload_of(update: &Update) -> Vec<u8> {
     serde_json::to_vec(&update.to_value()).expect("updates serialize")
 }
 
@@ -86,20 +87,37 @@ pub struct PublishReport {
     pub duplicates: u64,
 }
 
+/// The largest message of an input, found before anything is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Largest {
+    pub bytes: usize,
+    /// The line where its update ends.
+    pub line: u64,
+}
+
 /// Publishes in order, with at most `in_flight` messages awaiting their acknowledgement
 /// (one connection keeps their order). Stops at the first failure; the report says how far it
 /// got, and publishing the same input again completes it (duplicates are dropped by JetStream).
+/// A `largest` message beyond what the server takes fails before anything is published.
 pub async fn publish(
     config: &NatsSource,
     messages: impl IntoIterator<Item = Planned>,
+    largest: Option<Largest>,
     in_flight: usize,
     progress: impl Fn(u64),
 ) -> Result<PublishReport, (PublishReport, NatsError)> {
     let client = connect(config, false)
         .await
         .map_err(|e| (PublishReport::default(), e))?;
-    let js = jetstream::new(client);
     let failed = |e| (PublishReport::default(), e);
+    let max_payload = client.server_info().max_payload;
+    if let Some(largest) = largest.filter(|l| l.bytes > max_payload) {
+        return Err(failed(NatsError(format!(
+            "line {}: the update is a message of {} bytes, more than the {max_payload} bytes the NATS server takes (its max_payload); nothing was published",
+            largest.line, largest.bytes
+        ))));
+    }
+    let js = jetstream::new(client);
     let stream = js.get_stream(&config.stream).await.map_err(|e| {
         failed(nats_error(
             &format!("stream {} (has `outpost nats setup` run?)", config.stream),
