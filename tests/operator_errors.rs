@@ -502,3 +502,32 @@ fn a_closed_pipe_ends_inspection_commands_quietly() {
         assert!(!stderr.contains("Broken pipe"), "{args:?}: {stderr}");
     }
 }
+
+/// An agent that stops before it answers (killed mid-request) is named as such, not as an
+/// answer that could not be parsed.
+#[test]
+fn an_agent_that_closes_without_answering_is_said_so() {
+    let ws = Workspace::new();
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
+    );
+    let listener =
+        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    let agent = std::thread::spawn(move || {
+        // Connections that check the agent is there, then the request, closed unanswered.
+        loop {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut request);
+            if !request.is_empty() {
+                return;
+            }
+        }
+    });
+    let out = ws.run(&["outbox", "stats"], None);
+    agent.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let error = error_line(&out);
+    assert!(error.contains("closed without an answer"), "{error}");
+}

@@ -143,6 +143,13 @@ pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value,
     BufReader::new(stream)
         .read_line(&mut answer)
         .map_err(failed)?;
+    if answer.is_empty() {
+        // What was asked may have been done, or not: the agent stopped before it answered.
+        return Err(AdminError::Failed(format!(
+            "agent at {}: the connection closed without an answer (did the agent stop?); `outbox stats` tells what is stored",
+            socket.display()
+        )));
+    }
     let answer: AdminAnswer = serde_json::from_str(&answer).map_err(|e| {
         AdminError::Failed(format!(
             "agent at {}: unreadable answer: {e}",
