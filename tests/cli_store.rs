@@ -147,10 +147,7 @@ fn exit_codes_for_usage_config_and_missing_things() {
         assert!(stderr.contains("no store at"), "{args:?}: {stderr}");
     }
     assert!(!ws.store_path().exists());
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
-    );
+    ws.make_store();
     assert_eq!(
         ws.run(&["outbox", "frobnicate"], None).status.code(),
         Some(2)
@@ -192,10 +189,7 @@ fn exit_codes_for_usage_config_and_missing_things() {
 #[test]
 fn config_path_is_accepted_after_the_subcommand_and_from_env() {
     let ws = Workspace::new();
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
-    );
+    ws.make_store();
     let out = std::process::Command::new(binary())
         .args(["outbox", "stats", "--json", "--config"])
         .arg(ws.config_path())

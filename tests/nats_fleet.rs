@@ -53,13 +53,18 @@ impl AgentSetup {
         self.cli(&["publish", file.to_str().unwrap()])
     }
 
-    fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(binary())
+    /// `outpost ARGS --config <this agent's config>`.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(binary())
             .args(args)
             .arg("--config")
             .arg(self.config())
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = self.run(args);
         assert!(
             out.status.success(),
             "outpost {args:?}: {}\n{}",
@@ -205,12 +210,7 @@ fn a_bad_source_config_names_the_key_and_exits_2() {
             &["publish", "-"],
             &["rejected", "list"],
         ] {
-            let out = std::process::Command::new(binary())
-                .args(args)
-                .arg("--config")
-                .arg(setup.config())
-                .output()
-                .unwrap();
+            let out = setup.run(args);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
             assert!(stderr.contains(key), "{args:?}: {stderr}");
@@ -838,12 +838,7 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
     let eight = AgentSetup::new(base, Some(&nats_table(&server.url(), 8, "0-7", "")), "");
     let sixteen = AgentSetup::new(base, Some(&nats_table(&server.url(), 16, "0-15", "")), "");
     let refused = |setup: &AgentSetup, args: &[&str], why: &str| {
-        let out = std::process::Command::new(binary())
-            .args(args)
-            .arg("--config")
-            .arg(setup.config())
-            .output()
-            .unwrap();
+        let out = setup.run(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
@@ -915,11 +910,7 @@ async fn an_update_too_large_for_a_message_publishes_nothing() {
     let mut big: serde_json::Value = serde_json::from_str(&version_line(1, 0)).unwrap();
     big["profile"]["note"] = serde_json::json!("x".repeat(1_100_000));
     let file = write_lines(setup.dir.path(), &[version_line(0, 0), big.to_string()]);
-    let out = std::process::Command::new(binary())
-        .args(["publish", file.to_str().unwrap(), "--config"])
-        .arg(setup.config())
-        .output()
-        .unwrap();
+    let out = setup.run(&["publish", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -936,12 +927,7 @@ async fn an_update_too_large_for_a_message_publishes_nothing() {
 
 /// Runs `outpost nats setup` against `[source.nats]` `table`; exit code and stderr.
 fn setup_with(table: &str) -> (Option<i32>, String) {
-    let setup = AgentSetup::new("http://127.0.0.1:9", Some(table), "");
-    let out = std::process::Command::new(binary())
-        .args(["nats", "setup", "--config"])
-        .arg(setup.config())
-        .output()
-        .unwrap();
+    let out = AgentSetup::new("http://127.0.0.1:9", Some(table), "").run(&["nats", "setup"]);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

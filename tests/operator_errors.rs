@@ -480,10 +480,7 @@ async fn check_verifies_the_endpoints_certificate() {
 #[test]
 fn a_closed_pipe_ends_inspection_commands_quietly() {
     let ws = Workspace::new();
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
-    );
+    ws.make_store();
     for args in [&["outbox", "stats"][..], &["completions", "bash"]] {
         let mut child = Command::new(binary())
             .args(args)
@@ -508,10 +505,7 @@ fn a_closed_pipe_ends_inspection_commands_quietly() {
 #[test]
 fn an_agent_that_closes_without_answering_is_said_so() {
     let ws = Workspace::new();
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(member_update("p-0", "x", "2026-01-01T00:00:01Z").as_bytes()),
-    );
+    ws.make_store();
     let listener =
         std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
     let agent = std::thread::spawn(move || {

@@ -85,6 +85,12 @@ path = "store"
         );
         String::from_utf8(out.stdout).unwrap()
     }
+
+    /// Makes the store, holding one profile (commands that inspect a store do not make one).
+    pub fn make_store(&self) {
+        let update = member_update("p-0", "x", "2026-01-01T00:00:01Z");
+        self.run_ok(&["ingest", "-"], Some(update.as_bytes()));
+    }
 }
 
 /// Runs `outpost --config CONFIG ARGS` with `stdin` as standard input.
