@@ -206,6 +206,49 @@ async fn a_retry_after_holds_across_a_restart() {
     agent.stop().await.unwrap();
 }
 
+/// A dead letter put back while a newer export of its profile is in flight: the newer one
+/// fails (a timeout), goes back behind it, and both are delivered in order. The newer one's
+/// stored retry time leaves with its delivery: nothing is left in `retry_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back() {
+    let s = setup().await; // request_timeout_ms = 500
+    let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = Arc::clone(&arrived);
+    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
+        seen.store(n + 1, std::sync::atomic::Ordering::SeqCst);
+        match n {
+            0 => Reply::Status(400, vec![], "refused".into()),
+            1 => Reply::Delay(Duration::from_secs(3)), // past the timeout
+            _ => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 2)).await;
+    wait_until(10, "the second export in flight", || {
+        arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    let answer = outpost::admin::execute(
+        &agent.store,
+        &outpost::admin::AdminRequest::Retry {
+            ids: vec![],
+            all_dead: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(answer["retried"].as_array().unwrap().len(), 1);
+    wait_drained(&agent, &s.receiver, 2).await;
+    // The receiver took the timed-out request too, late; the agent then sent both in order.
+    let keys: Vec<u64> = delivered_pairs(&s.receiver)
+        .iter()
+        .map(|(_, key)| seq_of(key))
+        .collect();
+    assert_eq!(keys[keys.len() - 2..], [0, 1], "{keys:?}");
+    agent.stop().await.unwrap();
+    let db = open_with_sled_alone(&s.config.storage.path).unwrap();
+    assert_eq!(db.open_tree("retry_at").unwrap().len(), 0);
+}
+
 #[tokio::test]
 async fn token_endpoint_failures_back_off_and_never_dead_letter() {
     let s = setup().await;

@@ -261,6 +261,7 @@ impl Deliverer {
             out_at_read: HashSet::new(),
             read_retry_at: None,
             changes: Vec::new(),
+            retry_stored: HashSet::new(),
             settler,
         };
         let mut stop_by: Option<Instant> = None;
@@ -505,8 +506,9 @@ impl Deliverer {
                     state.controller.answered(now, sent_at, Signal::Healthy);
                     let latency = now.saturating_duration_since(sent_at);
                     for (profile, export) in &batch {
-                        let retried =
-                            export.retry_at_uptime_ms.is_some() || state.queue.failed(profile);
+                        // Its stored retry time, if any, goes with it.
+                        let retried = export.retry_at_uptime_ms.is_some()
+                            || state.retry_stored.contains(&export.id.seq);
                         state.settle(profile, export, ExportChange::Delivered { retried });
                         self.metrics
                             .record_delivery(DeliveryOutcome::Delivered, Some(latency));
@@ -575,6 +577,9 @@ impl Deliverer {
                     retry_at_uptime_ms,
                 },
             });
+            if retry_at_uptime_ms.is_some() {
+                state.retry_stored.insert(export.id.seq);
+            }
             state.queue.put_back(&profile, export, retry_at);
         }
     }
@@ -707,6 +712,9 @@ struct LoopState {
     read_retry_at: Option<Instant>,
     /// Changes made in this turn of the loop, sent to the settler together at its end.
     changes: Vec<Change>,
+    /// Exports whose failed attempt in this run stored a retry time, until they settle: their
+    /// delivery removes it, also after a re-read of the outbox that did not see it yet.
+    retry_stored: HashSet<u64>,
     settler: Settler,
 }
 
@@ -715,6 +723,7 @@ impl LoopState {
     /// stays busy until it is durable.
     fn settle(&mut self, profile: &Arc<str>, export: &Export, change: ExportChange) {
         debug_assert!(change.settles());
+        self.retry_stored.remove(&export.id.seq);
         self.settling += 1;
         self.changes.push(Change {
             profile: Arc::clone(profile),

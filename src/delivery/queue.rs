@@ -260,11 +260,6 @@ impl<B> Queue<B> {
         }
     }
 
-    /// Whether the profile's head export has failed in this run (it has a retry schedule).
-    pub fn failed(&self, id: &Arc<str>) -> bool {
-        self.profiles.get(id).is_some_and(|p| p.backoff.is_some())
-    }
-
     /// The retry schedule of the profile's head export, made by `new` on its first failure.
     pub fn backoff_of(&mut self, id: &Arc<str>, new: impl FnOnce() -> B) -> Option<&mut B> {
         let profile = self.profiles.get_mut(id)?;
