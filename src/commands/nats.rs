@@ -108,7 +108,13 @@ pub(super) async fn publish_path(
     rewind(&mut file)?;
     let mut total = 0u64;
     let mut largest: Option<Largest> = None;
-    let mut reader = UpdateReader::new(BufReader::new(&mut file)).within(limit);
+    // The input's digest, for the messages' de-duplication ids, taken as it is read.
+    let input = std::cell::Cell::new(FNV1A64_EMPTY);
+    let hashing = Hashing {
+        inner: &mut file,
+        hash: &input,
+    };
+    let mut reader = UpdateReader::new(BufReader::new(hashing)).within(limit);
     while let Some(update) = reader.next() {
         let update = update
             .map_err(|e| CliError::Failure(format!("input refused, nothing published: {e}")))?;
@@ -121,11 +127,9 @@ pub(super) async fn publish_path(
             });
         }
     }
+    drop(reader);
     rewind(&mut file)?;
-    let input = digest(&mut file)
-        .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))?;
-    rewind(&mut file)?;
-    let mut planner = Planner::new(nats, input);
+    let mut planner = Planner::new(nats, input.get());
     // A line that fails on the second pass (the file changed meanwhile) ends the publish.
     let reread_error = std::cell::RefCell::new(None);
     let messages = UpdateReader::new(BufReader::new(&mut file))
@@ -184,15 +188,17 @@ pub(super) async fn publish_path(
     }
 }
 
-/// FNV-1a 64 of everything `file` holds from where it is.
-fn digest(file: &mut std::fs::File) -> std::io::Result<u64> {
-    let mut hash = FNV1A64_EMPTY;
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buffer)? {
-            0 => return Ok(hash),
-            n => hash = fnv1a64_extend(hash, &buffer[..n]),
-        }
+/// A reader that keeps the FNV-1a 64 of what was read through it in `hash`.
+struct Hashing<'a, R> {
+    inner: R,
+    hash: &'a std::cell::Cell<u64>,
+}
+
+impl<R: Read> Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.set(fnv1a64_extend(self.hash.get(), &buf[..n]));
+        Ok(n)
     }
 }
 
