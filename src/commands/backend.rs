@@ -43,12 +43,12 @@ impl Backend {
         }
     }
 
-    /// [`Backend::connect`] for commands that read or repair what is stored: without an
-    /// agent, a store that does not exist is an error rather than made empty, so that a
-    /// mistyped `storage.path` is not taken for an empty outbox.
+    /// [`Backend::connect`] for commands that read or repair what is stored: a store that
+    /// does not exist is an error rather than made empty, so that a mistyped `storage.path`
+    /// is not taken for an empty outbox. (A running agent has made its store.)
     pub fn connect_existing(config: &Config) -> Result<Backend, CliError> {
         let path = &config.storage.path;
-        if !Backend::agent_answers(config) && !Store::exists_at(path) {
+        if !Store::exists_at(path) {
             return Err(CliError::Usage(format!(
                 "no store at {} (storage.path in {}): nothing was ever stored there",
                 path.display(),
