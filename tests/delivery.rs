@@ -54,6 +54,16 @@ fn updates(profiles: &[&str], n: usize) -> Vec<String> {
     lines
 }
 
+/// `outbox retry --all-dead` on the agent's store; how many were put back.
+fn retry_all_dead(agent: &Agent) -> usize {
+    let request = outpost::admin::AdminRequest::Retry {
+        ids: vec![],
+        all_dead: true,
+    };
+    let answer = outpost::admin::execute(&agent.store, &request).unwrap();
+    answer["retried"].as_array().unwrap().len()
+}
+
 fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
     receiver
         .delivered()
@@ -228,15 +238,7 @@ async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back(
         arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
     })
     .await;
-    let answer = outpost::admin::execute(
-        &agent.store,
-        &outpost::admin::AdminRequest::Retry {
-            ids: vec![],
-            all_dead: true,
-        },
-    )
-    .unwrap();
-    assert_eq!(answer["retried"].as_array().unwrap().len(), 1);
+    assert_eq!(retry_all_dead(&agent), 1);
     wait_drained(&agent, &s.receiver, 2).await;
     // The receiver took the timed-out request too, late; the agent then sent both in order.
     let keys: Vec<u64> = delivered_pairs(&s.receiver)
@@ -465,15 +467,7 @@ async fn rejected_exports_are_dead_lettered_while_the_rest_go_on() {
     }
     // Repaired: the destination now takes them, and a retry puts them back in order.
     reject.store(false, std::sync::atomic::Ordering::Relaxed);
-    let answer = outpost::admin::execute(
-        &agent.store,
-        &outpost::admin::AdminRequest::Retry {
-            ids: vec![],
-            all_dead: true,
-        },
-    )
-    .unwrap();
-    assert_eq!(answer["retried"].as_array().unwrap().len(), 3);
+    assert_eq!(retry_all_dead(&agent), 3);
     tokio::time::sleep(Duration::from_millis(1100)).await; // the loop's idle tick picks them up
     drained(&agent, &s.receiver, 9).await;
     let dead_keys: Vec<String> = dead.iter().map(|e| e.id.to_string()).collect();

@@ -37,6 +37,18 @@ impl AgentSetup {
         AgentSetup { dir, addr }
     }
 
+    /// An agent owning all 8 partitions of the stream on `server` (`nats` extra lines of
+    /// `[source.nats]`), the stream made by `outpost nats setup`.
+    fn on_stream(base: &str, server: &NatsServer, nats: &str, storage: &str) -> AgentSetup {
+        let setup = AgentSetup::new(
+            base,
+            Some(&nats_table(&server.url(), 8, "0-7", nats)),
+            storage,
+        );
+        setup.cli(&["nats", "setup"]);
+        setup
+    }
+
     fn config(&self) -> PathBuf {
         self.dir.path().join("outpost.toml")
     }
@@ -299,12 +311,7 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
     };
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
-    let setup = AgentSetup::new(
-        &receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "0-7", "")),
-        "",
-    );
-    setup.cli(&["nats", "setup"]);
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
     let agent = setup.start().await;
     // p-000001 lives in partition 1 of 8, p-000123 in partition 6.
     let subject = "test.updates.1";
@@ -421,12 +428,12 @@ async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     receiver.set_export_script(Some(outpost::receiver::down()));
-    let setup = AgentSetup::new(
+    let setup = AgentSetup::on_stream(
         &receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "0-7", "fetch_batch = 5")),
+        &server,
+        "fetch_batch = 5",
         "max_outbox_bytes = 4000",
     );
-    setup.cli(&["nats", "setup"]);
     let lines: Vec<String> = (0..PROFILES).map(|p| version_line(p, 0)).collect();
     setup.publish(&lines);
     let agent = setup.start().await;
@@ -505,12 +512,7 @@ async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
     const PROFILES: usize = 400;
     let mut server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
-    let setup = AgentSetup::new(
-        &receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "0-7", "")),
-        "",
-    );
-    setup.cli(&["nats", "setup"]);
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
     let agent = setup.start().await;
     let config = setup.nats_config();
     let first: Vec<String> = (0..PROFILES).map(|p| version_line(p, 0)).collect();
@@ -689,12 +691,12 @@ async fn messages_handed_again_are_skipped() {
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     receiver.set_export_script(Some(outpost::receiver::down()));
-    let setup = AgentSetup::new(
+    let setup = AgentSetup::on_stream(
         &receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "0-7", "fetch_batch = 2")),
+        &server,
+        "fetch_batch = 2",
         "max_outbox_bytes = 3000",
     );
-    setup.cli(&["nats", "setup"]);
     // Version 0, then version 2 of each profile, without timestamps: applying version 0
     // again would export.
     let lines: Vec<String> = [0, 2]
@@ -776,12 +778,7 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     const PROFILES: usize = 60;
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
-    let setup = AgentSetup::new(
-        &receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "0-7", "")),
-        "",
-    );
-    setup.cli(&["nats", "setup"]);
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
     let version = |v| {
         (0..PROFILES)
             .map(|p| version_line(p, v))
@@ -901,12 +898,7 @@ async fn an_update_too_large_for_a_message_publishes_nothing() {
         return;
     };
     let server = NatsServer::start(&server_bin);
-    let setup = AgentSetup::new(
-        "http://127.0.0.1:9",
-        Some(&nats_table(&server.url(), 8, "0-7", "")),
-        "",
-    );
-    setup.cli(&["nats", "setup"]);
+    let setup = AgentSetup::on_stream("http://127.0.0.1:9", &server, "", "");
     let mut big: serde_json::Value = serde_json::from_str(&version_line(1, 0)).unwrap();
     big["profile"]["note"] = serde_json::json!("x".repeat(1_100_000));
     let file = write_lines(setup.dir.path(), &[version_line(0, 0), big.to_string()]);
