@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
 use crate::store::source::parse_rejected_id;
-use crate::store::{ExportId, ListFilter, Place, Store, StoreError};
+use crate::store::{Export, ExportId, ListFilter, Place, PutBack, Store, StoreError};
 
 /// The name of the agent's socket in the store folder.
 pub const SOCKET_NAME: &str = "outpost.sock";
@@ -169,8 +169,12 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
                 limit: *limit,
                 after: *after,
             };
+            let exports = store.list(&filter)?;
             Ok(Value::Array(
-                store.list(&filter)?.iter().map(|e| e.to_json()).collect(),
+                exports
+                    .iter()
+                    .map(|e| export_view(store, e))
+                    .collect::<Result<_, _>>()?,
             ))
         }
         AdminRequest::Show { id } => {
@@ -178,7 +182,7 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
             let export = store.export(id)?.ok_or_else(|| {
                 AdminError::NotFound(format!("no export `{id}` in the outbox or dead letters"))
             })?;
-            Ok(export.to_json())
+            export_view(store, &export)
         }
         AdminRequest::Profile { id } => {
             let stored = store
@@ -253,8 +257,20 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
     Ok(json!({"dropped": dropped, "not_found": missing}))
 }
 
+/// An export as `outbox list` and `show` give it; a dead letter also names the newer export of
+/// its profile that the endpoint acknowledged, if one did (then it is never sent again).
+fn export_view(store: &Store, export: &Export) -> Result<Value, AdminError> {
+    let mut view = export.to_json();
+    if export.dead {
+        let by = store.superseded_by(export.id.seq)?;
+        view["superseded_by"] = json!(by.map(|by| store.export_id(by).to_string()));
+    }
+    Ok(view)
+}
+
 /// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`
-/// counts again from now, on the store's run-time clock); `drop` deletes exports, dead or pending.
+/// counts again from now, on the store's run-time clock), but not one a newer export of its
+/// profile has overtaken at the endpoint; `drop` deletes exports, dead or pending.
 fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<Value, AdminError> {
     if all_dead != ids.is_empty() {
         return Err(AdminError::Usage(
@@ -276,6 +292,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let uptime_ms = store.run_clock().uptime_ms();
     let mut unreadable = Vec::new();
     let mut already_pending = Vec::new();
+    let mut superseded = Vec::new();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
@@ -291,42 +308,31 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         let mut done = Vec::new();
         let mut missing = Vec::new();
         for (text, seq) in targets {
-            let changed = match seq {
-                None => false,
-                // Nothing can be sent from a record that could not be read.
-                Some(seq)
-                    if retry
-                        && store
-                            .export(store.export_id(seq))?
-                            .is_some_and(|e| e.dead && e.record.is_unreadable()) =>
-                {
-                    unreadable.push(text);
-                    continue;
-                }
-                Some(seq) if retry => store.change_export(seq, Place::Dead, |mut record| {
-                    record.dead_at_ms = None;
-                    record.queued_at_ms = now;
-                    record.queued_at_uptime_ms = uptime_ms;
-                    (Place::Pending, record)
-                })?,
-                // `--all-dead` drops dead letters only, whatever happened to them since.
-                Some(seq) => {
-                    store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
-                        || (!all_dead
-                            && store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?)
-                }
+            let Some(seq) = seq else {
+                missing.push(text);
+                continue;
             };
-            // Retrying an export still pending changes nothing; it is there all the same.
-            let pending = match seq {
-                Some(seq) if retry && !changed => {
-                    store.export(store.export_id(seq))?.is_some_and(|e| !e.dead)
+            if retry {
+                match store.put_back_dead_letter(seq, now, uptime_ms)? {
+                    PutBack::Done => done.push(text),
+                    PutBack::Superseded { by } => superseded.push(json!({
+                        "id": text,
+                        "acknowledged": store.export_id(by).to_string(),
+                    })),
+                    PutBack::Unreadable => unreadable.push(text),
+                    // Retrying an export still pending changes nothing; it is there all the same.
+                    PutBack::NotDead if store.export(store.export_id(seq))?.is_some() => {
+                        already_pending.push(text)
+                    }
+                    PutBack::NotDead => missing.push(text),
                 }
-                _ => false,
-            };
-            if changed {
+                continue;
+            }
+            // `--all-dead` drops dead letters only, whatever happened to them since.
+            let dropped = store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
+                || (!all_dead && store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?);
+            if dropped {
                 done.push(text)
-            } else if pending {
-                already_pending.push(text)
             } else {
                 missing.push(text)
             }
@@ -344,6 +350,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         "not_found": missing,
         "unreadable": unreadable,
         "already_pending": already_pending,
+        "superseded": superseded,
     }))
 }
 

@@ -273,6 +273,9 @@ pub enum OutboxCommand {
     },
     /// Put dead letters back in the outbox (same id, so the same Idempotency-Key).
     ///
+    /// A dead letter is not put back once the endpoint has acknowledged a newer export of its
+    /// profile: sending it would undo that one.
+    ///
     /// Example: outpost outbox retry --all-dead
     Retry(Targets),
     /// Delete exports (dead letters, or pending ones named by id).

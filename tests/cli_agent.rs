@@ -533,3 +533,48 @@ async fn ingest_through_the_agent_is_judged_by_the_agents_own_mapping() {
     let shown = ws.run_ok(&["profile", "show", "p1", "--json"], None);
     assert!(shown.contains("Ada"), "{shown}");
 }
+
+/// `outbox retry` refuses a dead letter once the endpoint has acknowledged a newer export of
+/// its profile, naming that export, through the agent and on the store alike; `outbox show`
+/// names it too.
+#[tokio::test]
+async fn retry_refuses_a_dead_letter_a_newer_export_overtook() {
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    ws.run_ok(&["ingest", "-"], Some(update("bad1", "v1").as_bytes()));
+    wait_counts(&ws, 0, 1).await;
+    let older = id_of(&ws, "bad1", &["--dead"]);
+    destination.allow("bad1");
+    let newer_update = member_update("bad1", "v2", "2026-01-01T00:00:02Z");
+    ws.run_ok(&["ingest", "-"], Some(newer_update.as_bytes()));
+    wait_counts(&ws, 0, 1).await;
+    let newer = destination.delivered_keys();
+    assert_eq!(newer.len(), 1, "{newer:?}");
+    let refusal = format!("{older} (after {})", newer[0]);
+
+    let out = ws.run(&["outbox", "retry", &older], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0 export(s) put back in the outbox"
+    );
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("acknowledged a newer export of the same profile")
+            && stderr.contains(&refusal),
+        "{stderr}"
+    );
+    let shown = ws.run_ok(&["outbox", "show", &older], None);
+    assert!(
+        shown.contains(&format!("superseded_by    {}", newer[0])),
+        "{shown}"
+    );
+    agent.terminate().await;
+
+    let out = ws.run(&["outbox", "retry", "--all-dead"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains(&refusal), "{}", stderr_of(&out));
+    assert_counts(&ws, 0, 1);
+    assert_eq!(destination.delivered_keys(), newer, "nothing sent again");
+}

@@ -251,6 +251,81 @@ async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back(
     assert_eq!(db.open_tree("retry_at").unwrap().len(), 0);
 }
 
+/// A dead letter put back while a newer export of its profile is in flight is not sent once
+/// that one is acknowledged (SPEC: no older export of a profile is sent after a newer one was
+/// acknowledged): it goes back to the dead letters, and a second retry is refused.
+#[tokio::test]
+async fn a_dead_letter_put_back_behind_an_acknowledged_export_is_never_sent() {
+    let s = setup_with(
+        ReceiverOptions::default(),
+        oauth_body,
+        "request_timeout_ms = 10000",
+    )
+    .await;
+    let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = Arc::clone(&arrived);
+    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
+        seen.store(n + 1, std::sync::atomic::Ordering::SeqCst);
+        match n {
+            0 => Reply::Status(400, vec![], "refused".into()),
+            1 => Reply::Delay(Duration::from_secs(2)),
+            _ => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 2)).await;
+    wait_until(10, "the second export in flight", || {
+        arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(
+        retry_all_dead(&agent),
+        1,
+        "put back while the newer one is out"
+    );
+    wait_until(10, "the newer export delivered", || {
+        !s.receiver.delivered().is_empty()
+    })
+    .await;
+    // Time enough for the loop to send the older one, had it kept it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let keys: Vec<u64> = s
+        .receiver
+        .export_requests()
+        .iter()
+        .map(|r| seq_of(r.header("idempotency-key").unwrap()))
+        .collect();
+    assert_eq!(
+        keys,
+        [0, 1],
+        "the older export went out after the newer one"
+    );
+    let tally = agent.store.tally().unwrap();
+    assert_eq!((tally.pending, tally.dead), (0, 1));
+    let dead = agent
+        .store
+        .list(&ListFilter {
+            dead: true,
+            ..ListFilter::default()
+        })
+        .unwrap();
+    let newer = agent.store.export_id(1).to_string();
+    let error = dead[0].record.last_error.as_deref().unwrap();
+    assert!(error.contains(&newer), "{error}");
+
+    let request = outpost::admin::AdminRequest::Retry {
+        ids: vec![],
+        all_dead: true,
+    };
+    let answer = outpost::admin::execute(&agent.store, &request).unwrap();
+    assert_eq!(answer["retried"], json!([]));
+    assert_eq!(
+        answer["superseded"],
+        json!([{"id": dead[0].id.to_string(), "acknowledged": newer}])
+    );
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn token_endpoint_failures_back_off_and_never_dead_letter() {
     let s = setup().await;

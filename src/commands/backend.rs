@@ -22,7 +22,7 @@ pub enum Backend {
     /// The running agent's admin socket.
     Agent(PathBuf),
     /// The store on disk, opened by this process.
-    Local(Store),
+    Local(Box<Store>),
 }
 
 impl Backend {
@@ -33,7 +33,7 @@ impl Backend {
             return Ok(Backend::Agent(socket));
         }
         match Store::open(&config.storage.path, config.storage.cache_bytes) {
-            Ok(store) => Ok(Backend::Local(store)),
+            Ok(store) => Ok(Backend::Local(Box::new(store))),
             Err(StoreError::Locked(path)) => Err(CliError::Failure(format!(
                 "the store at {} is in use by another process, and no agent answers on {}",
                 path.display(),

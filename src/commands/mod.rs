@@ -624,9 +624,29 @@ fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> 
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    let superseded: Vec<String> = result["superseded"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    format!(
+                        "{} (after {})",
+                        s["id"].as_str().unwrap_or("?"),
+                        s["acknowledged"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!("not found: {}", missing.join(", ")));
+    }
+    if !superseded.is_empty() {
+        problems.push(format!(
+            "not retried, the endpoint has acknowledged a newer export of the same profile, which sending these would undo (`outbox drop ID` deletes them): {}",
+            superseded.join(", ")
+        ));
     }
     if !unreadable.is_empty() {
         problems.push(format!(

@@ -197,7 +197,11 @@ pub(super) fn print_export(export: &Value) {
         "last_attempt_at",
         "last_error",
         "dead_at",
+        "superseded_by",
     ] {
+        if key == "superseded_by" && export[key].is_null() {
+            continue; // pending, or a dead letter that may be retried
+        }
         println!("{key:<16} {}", text_of(&export[key]));
     }
     println!("payload:");

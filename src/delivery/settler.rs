@@ -8,23 +8,17 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::store::outbox::ExportChange;
+pub use crate::store::outbox::Outcome as Change;
 use crate::store::{Store, StoreError};
-
-/// One change, with the profile it belongs to.
-pub struct Change {
-    pub profile: Arc<str>,
-    pub seq: u64,
-    pub change: ExportChange,
-}
 
 /// What became of a change the loop waits for.
 pub struct Settled {
     pub profile: Arc<str>,
     pub seq: u64,
-    /// `false`: delivered or dead-lettered, durably (a change that settles). `true`: a failed
-    /// attempt of an export that is no longer pending (dropped by `outbox drop`): the loop
-    /// must forget it rather than retry it.
+    /// `false`: delivered or dead-lettered, durably (a change that settles). `true`: an export
+    /// the loop must forget rather than send or retry: a failed attempt of one no longer
+    /// pending (dropped by `outbox drop`), or an older export of a delivered one's profile,
+    /// put back while that one was in flight and now a dead letter again.
     pub vanished: bool,
 }
 
@@ -78,21 +72,20 @@ fn run(
                 Err(_) => break,
             }
         }
-        let changes: Vec<_> = group.iter().map(|c| (c.seq, c.change.clone())).collect();
         let must_flush = group.iter().any(|c| c.change.settles());
         // A failed write is retried (on a full disk, until the store is reopened with room):
         // the profiles must not send again before it is durable.
         let mut failures = 0u32;
-        let missing = loop {
+        let applied = loop {
             let applied = store.write_section().and_then(|_section| {
-                let missing = store.apply_export_changes(&changes)?;
+                let applied = store.apply_export_changes(&group)?;
                 if must_flush {
                     store.flush()?;
                 }
-                Ok(missing)
+                Ok(applied)
             });
             match applied {
-                Ok(missing) => break missing,
+                Ok(applied) => break applied,
                 Err(e) => {
                     if failures == 0 && !matches!(e, StoreError::Reopening(_)) {
                         tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
@@ -106,20 +99,31 @@ fn run(
         };
         if failures > 0 {
             tracing::info!(
-                changes = changes.len(),
+                changes = group.len(),
                 "deliveries recorded after {failures} retries"
             );
         }
-        let done: Vec<Settled> = group
-            .into_iter()
-            .filter_map(|c| {
-                let vanished = !c.change.settles() && missing.contains(&c.seq);
+        for (_, seq) in &applied.withdrawn {
+            tracing::warn!(
+                export = %store.export_id(*seq),
+                "a dead letter put back while a newer export of its profile was in flight is a dead letter again: that export was acknowledged, so sending this older one would undo it"
+            );
+        }
+        // Withdrawn exports first: the loop forgets them before their profile may send again.
+        let withdrawn = applied.withdrawn.into_iter().map(|(profile, seq)| Settled {
+            profile,
+            seq,
+            vanished: true,
+        });
+        let done: Vec<Settled> = withdrawn
+            .chain(group.into_iter().filter_map(|c| {
+                let vanished = !c.change.settles() && applied.missing.contains(&c.seq);
                 (c.change.settles() || vanished).then_some(Settled {
                     profile: c.profile,
                     seq: c.seq,
                     vanished,
                 })
-            })
+            }))
             .collect();
         if !done.is_empty() && settled.send(done).is_err() {
             return;

@@ -225,6 +225,18 @@ pub fn decode_export(bytes: &[u8]) -> Result<ExportRecord, CodecError> {
     Ok(record)
 }
 
+/// The profile id an export belongs to, read without the rest of the record: every export
+/// format begins with it.
+pub fn export_profile_id(bytes: &[u8]) -> Result<&str, CodecError> {
+    let (&format, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if format != EXPORT_V1 && format != EXPORT_V2 {
+        return Err(CodecError::UnknownFormat(format));
+    }
+    let (id, _) = bincode::borrow_decode_from_slice::<&str, _>(rest, decode_config())
+        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    Ok(id)
+}
+
 pub fn encode_clock(record: &ClockRecord) -> Vec<u8> {
     encode(CLOCK_V1, record)
 }
@@ -352,6 +364,7 @@ pub(crate) mod tests {
             ..sample_export()
         };
         assert_eq!(decode_export(&bytes).unwrap(), expected);
+        assert_eq!(export_profile_id(&bytes).unwrap(), "p1");
     }
 
     #[test]
@@ -370,6 +383,12 @@ pub(crate) mod tests {
         .concat();
         assert_eq!(bytes, expected);
         assert_eq!(decode_export(&bytes).unwrap(), sample_export());
+        assert_eq!(export_profile_id(&bytes).unwrap(), "p1");
+        assert!(export_profile_id(&bytes[..3]).is_err(), "cut inside the id");
+        assert!(matches!(
+            export_profile_id(&[9, 0]),
+            Err(CodecError::UnknownFormat(9))
+        ));
     }
 
     #[test]

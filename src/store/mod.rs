@@ -9,6 +9,7 @@
 //! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
 //! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again |
+//! | dead letters overtaken by a newer export of their profile | `superseded.rs` | `superseded`: sequence (u64 BE) → sequence of the acknowledged newer export |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
@@ -46,7 +47,10 @@
 //! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those;
 //! - `retry_at` holds an entry only for a pending export whose last attempt failed, written
 //!   and removed in the transactions that record what delivery did; one left by an export
-//!   that left the outbox otherwise (`outbox drop`, an unreadable record) is removed at open.
+//!   that left the outbox otherwise (`outbox drop`, an unreadable record) is removed at open;
+//! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
+//!   profile, in the transaction that records that delivery; a marked dead letter is never put
+//!   back, and a mark whose dead letter was dropped is removed at open.
 
 pub mod backfill;
 pub mod codec;
@@ -61,6 +65,7 @@ pub mod outbox;
 mod profiles;
 mod rebuild;
 pub mod source;
+mod superseded;
 mod tally;
 mod unreadable;
 mod upgrade;
@@ -78,6 +83,7 @@ pub use export::{format_ms, Export, ExportId, ListFilter};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
+pub use superseded::PutBack;
 pub use tally::{ClockJumpReport, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};
 
@@ -103,6 +109,8 @@ pub(crate) struct Trees {
     /// When failed pending exports may be sent again, on the run-time clock (see
     /// [`outbox`]): a restart keeps a `Retry-After`.
     pub(crate) retry_at: sled::Tree,
+    /// Dead letters a newer export of their profile overtook ([`superseded`]).
+    pub(crate) superseded: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// Stream positions and rejected stream messages (see [`source`]).
     pub(crate) positions: sled::Tree,
@@ -161,6 +169,8 @@ pub struct Store {
     write_sections: RwLock<()>,
     /// Set while a compaction stops write sections.
     closing: AtomicBool,
+    /// Where each profile's dead letters are ([`superseded`]).
+    dead_letters: superseded::DeadLetterIndex,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,
@@ -288,10 +298,15 @@ mod tests {
                 .unwrap();
             store.flush().unwrap();
             assert_eq!(retry_times(&store), [(0, None), (1, None), (2, None)]);
+            let outcome = |seq: u64, change| crate::store::outbox::Outcome {
+                profile: ["a", "b", "c"][seq as usize].into(),
+                seq,
+                change,
+            };
             let changes = [
-                (0, failed(Some(5_000))),
-                (1, failed(Some(6_000))),
-                (2, failed(Some(7_000))),
+                outcome(0, failed(Some(5_000))),
+                outcome(1, failed(Some(6_000))),
+                outcome(2, failed(Some(7_000))),
             ];
             store.apply_export_changes(&changes).unwrap();
             assert_eq!(
@@ -301,8 +316,8 @@ mod tests {
             // Failed again without a retry time (a refused token), and delivered.
             store
                 .apply_export_changes(&[
-                    (0, failed(None)),
-                    (1, ExportChange::Delivered { retried: true }),
+                    outcome(0, failed(None)),
+                    outcome(1, ExportChange::Delivered { retried: true }),
                 ])
                 .unwrap();
             assert_eq!(retry_times(&store), [(0, None), (2, Some(7_000))]);

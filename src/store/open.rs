@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::codec;
 use super::error::{io_detail, is_no_space, StoreError};
 use super::keys::{self, meta};
+use super::superseded::DeadLetterIndex;
 use super::tally::{Place, Tally};
 use super::{profiles, rebuild, upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
@@ -251,6 +252,7 @@ impl Store {
             reopening: std::sync::Mutex::new(()),
             write_sections: RwLock::new(()),
             closing: AtomicBool::new(false),
+            dead_letters: DeadLetterIndex::default(),
             _lock: lock,
         })
     }
@@ -351,6 +353,7 @@ impl Store {
             outbox: db.open_tree("outbox")?,
             dead: db.open_tree("dead")?,
             retry_at: db.open_tree("retry_at")?,
+            superseded: db.open_tree("superseded")?,
             positions: db.open_tree("positions")?,
             rejected: db.open_tree("rejected")?,
             meta,
@@ -359,7 +362,8 @@ impl Store {
             generation: 0,
         };
         let rebuilt = rebuild_meta(&trees)?;
-        super::outbox::forget_stale_retry_times(&trees)?;
+        super::outbox::forget_keys_missing_from(&trees.retry_at, &trees.outbox)?;
+        super::outbox::forget_keys_missing_from(&trees.superseded, &trees.dead)?;
         for note in &rebuilt {
             tracing::warn!("{note}");
         }

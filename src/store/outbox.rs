@@ -5,11 +5,13 @@
 //! cost of a flush is paid by the group, not by each export. The tally stays exact because the
 //! same transaction adjusts it.
 
+use std::sync::Arc;
+
 use sled::Transactional;
 
 use super::codec::{self, ExportRecord};
 use super::tally::{read_tally, write_tally};
-use super::{keys, Place, Store, StoreError, Trees};
+use super::{keys, superseded, Place, Store, StoreError, Trees};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -71,23 +73,44 @@ pub fn changed_record(mut record: ExportRecord, change: &ExportChange) -> (Place
     }
 }
 
+/// What delivery did to one export of a profile.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub profile: Arc<str>,
+    pub seq: u64,
+    pub change: ExportChange,
+}
+
+/// What [`Store::apply_export_changes`] found besides the changes it made.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Exports that were no longer pending (dropped meanwhile by `outbox drop`): passed over.
+    pub missing: Vec<u64>,
+    /// Older exports of a delivered one's profile, put back by `outbox retry` while it was in
+    /// flight: moved back to the dead letters, never to be sent (see [`super::superseded`]).
+    pub withdrawn: Vec<(Arc<str>, u64)>,
+}
+
 impl Store {
-    /// Applies the changes in order, in one transaction, and returns the sequence numbers of
-    /// the exports that were no longer pending (dropped meanwhile by `outbox drop`): those are
-    /// passed over. Not flushed.
-    pub fn apply_export_changes(
-        &self,
-        changes: &[(u64, ExportChange)],
-    ) -> Result<Vec<u64>, StoreError> {
-        self.with(|t| {
-            Ok((&t.outbox, &t.dead, &t.meta, &t.retry_at).transaction(
-                |(outbox, dead, meta_tx, retry_at)| {
+    /// Applies the changes in order, in one transaction; a delivery also marks its profile's
+    /// older dead letters as superseded ([`super::superseded`]). Not flushed.
+    pub fn apply_export_changes(&self, changes: &[Outcome]) -> Result<Applied, StoreError> {
+        let (older, applied, found) = self.with(|t| {
+            let older = self.dead_letters.older_than(
+                t,
+                changes
+                    .iter()
+                    .filter(|o| matches!(o.change, ExportChange::Delivered { .. }))
+                    .map(|o| (&o.profile, o.seq)),
+            )?;
+            let (applied, found) = (&t.outbox, &t.dead, &t.meta, &t.retry_at, &t.superseded)
+                .transaction(|(outbox, dead, meta_tx, retry_at, superseded)| {
                     let mut tally = read_tally(meta_tx)?;
-                    let mut missing = Vec::new();
-                    for (seq, change) in changes {
+                    let mut applied = Applied::default();
+                    for Outcome { seq, change, .. } in changes {
                         let key = keys::seq_key(*seq);
                         let Some(old) = outbox.remove(&key)? else {
-                            missing.push(*seq);
+                            applied.missing.push(*seq);
                             continue;
                         };
                         match change {
@@ -127,11 +150,51 @@ impl Store {
                         tally.count(place, value.len(), 1);
                         target.insert(&key, value)?;
                     }
+                    let views = superseded::Views {
+                        outbox,
+                        dead,
+                        retry_at,
+                        superseded,
+                    };
+                    let mut found = Vec::with_capacity(older.len());
+                    for candidate in &older {
+                        let newer_id = self.export_id(candidate.newer).to_string();
+                        let what =
+                            superseded::mark(&views, &mut tally, candidate, &newer_id, now_ms())?;
+                        if what == superseded::Found::Withdrawn {
+                            applied
+                                .withdrawn
+                                .push((Arc::clone(&candidate.profile), candidate.seq));
+                        }
+                        found.push(what);
+                    }
                     write_tally(meta_tx, tally)?;
-                    Ok(missing)
-                },
-            )?)
-        })
+                    Ok((applied, found))
+                })?;
+            Ok((older, applied, found))
+        })?;
+        let gone: Vec<_> = older
+            .into_iter()
+            .zip(found)
+            .filter(|(_, what)| *what == superseded::Found::Gone)
+            .map(|(candidate, _)| candidate)
+            .collect();
+        self.dead_letters.forget(&gone);
+        for Outcome {
+            profile,
+            seq,
+            change,
+        } in changes
+        {
+            let died = matches!(
+                change,
+                ExportChange::Rejected { .. } | ExportChange::Expired { .. }
+            );
+            if died && !applied.missing.contains(seq) {
+                self.dead_letters.add(profile, *seq);
+            }
+        }
+        Ok(applied)
     }
 }
 
@@ -143,21 +206,23 @@ pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
 }
 
-/// Removes the retry times of exports no longer pending (dropped by the operator, or
-/// dead-lettered as unreadable): the only writes to `outbox` that do not go through
-/// [`Store::apply_export_changes`]. Returns how many.
-pub(super) fn forget_stale_retry_times(t: &Trees) -> sled::Result<usize> {
+/// Removes the entries of `index` whose key is not in `of`: retry times of exports no longer
+/// pending (`retry_at`, `outbox`) and marks of exports no longer dead letters (`superseded`,
+/// `dead`). Those left by exports that left through a path other than
+/// [`Store::apply_export_changes`] (`outbox drop`, an unreadable record) go at open. Returns
+/// how many.
+pub(super) fn forget_keys_missing_from(index: &sled::Tree, of: &sled::Tree) -> sled::Result<usize> {
     let mut stale = sled::Batch::default();
     let mut count = 0;
-    for item in t.retry_at.iter() {
+    for item in index.iter() {
         let (key, _) = item?;
-        if !t.outbox.contains_key(&key)? {
+        if !of.contains_key(&key)? {
             stale.remove(key);
             count += 1;
         }
     }
     if count > 0 {
-        t.retry_at.apply_batch(stale)?;
+        index.apply_batch(stale)?;
     }
     Ok(count)
 }

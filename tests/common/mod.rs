@@ -171,6 +171,11 @@ pub fn agent_config_text(base: &str, auth: &str, delivery: &str) -> String {
     } else {
         "max_concurrency = 4"
     };
+    let timeout = if delivery.contains("request_timeout_ms") {
+        ""
+    } else {
+        "request_timeout_ms = 500"
+    };
     format!(
         r#"[destination]
 name = "test"
@@ -194,7 +199,7 @@ listen = "127.0.0.1:0"
 
 [delivery]
 {concurrency}
-request_timeout_ms = 500
+{timeout}
 initial_backoff_ms = 20
 max_backoff_ms = 200
 {delivery}

@@ -1,0 +1,405 @@
+//! Dead letters overtaken by a newer export of their profile.
+//!
+//! A dead letter does not hold back its profile's later exports. Once the endpoint has
+//! acknowledged one of those, sending the dead letter would undo it (SPEC: no older export of
+//! a profile is sent after a newer one was acknowledged). So the transaction that records a
+//! delivery marks the profile's older dead letters in `superseded` (the dead letter's
+//! sequence → the acknowledged export's), and `outbox retry` refuses them. A dead letter put
+//! back while the newer export was in flight is found pending: it goes back to the dead
+//! letters, marked, and the delivery loop forgets it.
+//!
+//! `dead` is keyed by sequence, and a transaction cannot scan, so finding a profile's dead
+//! letters needs an index: [`DeadLetterIndex`] keeps (hash of the profile id, sequence) in
+//! memory, read from `dead` when the first delivery is recorded and added to as exports die
+//! or are put back. It may name exports that are no longer dead letters (put back, dropped):
+//! the transaction checks each, and one found nowhere is forgotten.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+
+use super::codec::{self, ExportRecord};
+use super::tally::{read_tally, write_tally, Tally};
+use super::{keys, Place, Store, StoreError, Trees};
+use crate::source::partition::fnv1a64;
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub(super) struct DeadLetterIndex {
+    entries: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    /// (hash of the profile id, sequence).
+    set: BTreeSet<(u64, u64)>,
+    /// Whether `dead` was read into `set`: when a delivery is first recorded, so commands that
+    /// record none never read it. Entries added before then are kept.
+    scanned: bool,
+}
+
+/// A dead letter (or one put back) older than an export of its profile being delivered.
+#[derive(Debug, Clone)]
+pub(super) struct Candidate {
+    pub seq: u64,
+    pub profile: Arc<str>,
+    /// The delivered export.
+    pub newer: u64,
+}
+
+fn entry(profile: &str, seq: u64) -> (u64, u64) {
+    (fnv1a64(profile.as_bytes()), seq)
+}
+
+impl DeadLetterIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Indexes a dead letter: one that died, or one about to be put back (added before it
+    /// leaves `dead`, so that a scan made meanwhile cannot miss it).
+    pub fn add(&self, profile: &str, seq: u64) {
+        self.lock().set.insert(entry(profile, seq));
+    }
+
+    /// The indexed exports older than each delivered one, of its profile (or of another
+    /// profile with the same hash: the transaction checks). Reads every dead letter of `t`
+    /// into the index first if that was not done yet. Takes no sled lock while holding the
+    /// index's (nor the reverse), so it cannot deadlock with a transaction.
+    pub fn older_than<'a>(
+        &self,
+        t: &Trees,
+        delivered: impl Iterator<Item = (&'a Arc<str>, u64)>,
+    ) -> sled::Result<Vec<Candidate>> {
+        let mut entries = self.lock();
+        if !entries.scanned {
+            for item in t.dead.iter() {
+                let (key, value) = item?;
+                if let (Some(seq), Ok(profile)) =
+                    (keys::seq_from_key(&key), codec::export_profile_id(&value))
+                {
+                    entries.set.insert(entry(profile, seq));
+                }
+            }
+            entries.scanned = true;
+        }
+        let mut found = Vec::new();
+        if entries.set.is_empty() {
+            return Ok(found);
+        }
+        for (profile, newer) in delivered {
+            let hash = fnv1a64(profile.as_bytes());
+            for &(_, seq) in entries.set.range((hash, 0)..(hash, newer)) {
+                found.push(Candidate {
+                    seq,
+                    profile: Arc::clone(profile),
+                    newer,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Forgets exports found neither dead nor pending.
+    pub fn forget(&self, gone: &[Candidate]) {
+        let mut entries = self.lock();
+        for c in gone {
+            entries.set.remove(&entry(&c.profile, c.seq));
+        }
+    }
+}
+
+/// What the transaction found of a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Found {
+    /// A dead letter of the profile: now marked.
+    Marked,
+    /// Put back and pending: moved to the dead letters and marked; the loop must forget it.
+    Withdrawn,
+    /// Another profile's export (same hash): left alone.
+    Other,
+    /// Neither dead nor pending any more.
+    Gone,
+}
+
+/// The trees the settling transaction works on.
+pub(super) struct Views<'a> {
+    pub outbox: &'a TransactionalTree,
+    pub dead: &'a TransactionalTree,
+    pub retry_at: &'a TransactionalTree,
+    pub superseded: &'a TransactionalTree,
+}
+
+/// Marks, inside the settling transaction, candidate `c` as overtaken by its newer export,
+/// whose id reads `newer_id`.
+pub(super) fn mark(
+    v: &Views<'_>,
+    tally: &mut Tally,
+    c: &Candidate,
+    newer_id: &str,
+    now_ms: i64,
+) -> Result<Found, ConflictableTransactionError<StoreError>> {
+    let key = keys::seq_key(c.seq);
+    let of_profile = |value: &[u8]| {
+        codec::decode_export(value)
+            .ok()
+            .filter(|r: &ExportRecord| *r.profile_id == *c.profile)
+    };
+    if let Some(value) = v.dead.get(key)? {
+        if of_profile(&value).is_none() {
+            return Ok(Found::Other);
+        }
+        v.superseded.insert(&key, &c.newer.to_be_bytes())?;
+        return Ok(Found::Marked);
+    }
+    let Some(value) = v.outbox.get(key)? else {
+        return Ok(Found::Gone);
+    };
+    let Some(mut record) = of_profile(&value) else {
+        return Ok(Found::Other);
+    };
+    v.outbox.remove(&key)?;
+    v.retry_at.remove(&key)?;
+    tally.count(Place::Pending, value.len(), -1);
+    record.last_error = Some(format!(
+        "not sent: export {newer_id} of the same profile, newer, was acknowledged while this one was being put back"
+    ));
+    record.dead_at_ms = Some(now_ms);
+    let value = codec::encode_export(&record);
+    tally.count(Place::Dead, value.len(), 1);
+    v.dead.insert(&key, value)?;
+    v.superseded.insert(&key, &c.newer.to_be_bytes())?;
+    Ok(Found::Withdrawn)
+}
+
+fn superseded_by(
+    superseded: &TransactionalTree,
+    seq: u64,
+) -> Result<Option<u64>, ConflictableTransactionError<StoreError>> {
+    Ok(superseded
+        .get(keys::seq_key(seq))?
+        .as_deref()
+        .and_then(decode_seq))
+}
+
+/// A value of another size (written by nobody) reads as none.
+fn decode_seq(value: &[u8]) -> Option<u64> {
+    value.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// What became of a dead letter to be put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutBack {
+    /// Pending again.
+    Done,
+    /// Not put back: the endpoint acknowledged `by`, a newer export of its profile.
+    Superseded { by: u64 },
+    /// Not put back: nothing can be sent from a record that could not be read.
+    Unreadable,
+    /// No such dead letter.
+    NotDead,
+}
+
+impl Store {
+    /// Puts dead letter `seq` back in the outbox, queued anew at `queued_at_ms` (wall clock)
+    /// and `queued_at_uptime_ms` (run time), unless it is superseded or unreadable. One
+    /// transaction: a delivery recorded at the same moment either marks it before, or finds
+    /// it pending after and withdraws it.
+    pub fn put_back_dead_letter(
+        &self,
+        seq: u64,
+        queued_at_ms: i64,
+        queued_at_uptime_ms: u64,
+    ) -> Result<PutBack, StoreError> {
+        let key = keys::seq_key(seq);
+        self.with(|t| {
+            if let Some(value) = t.dead.get(key)? {
+                if let Ok(profile) = codec::export_profile_id(&value) {
+                    self.dead_letters.add(profile, seq);
+                }
+            }
+            Ok((&t.outbox, &t.dead, &t.meta, &t.superseded).transaction(
+                |(outbox, dead, meta_tx, superseded)| {
+                    let Some(old) = dead.get(key)? else {
+                        return Ok(PutBack::NotDead);
+                    };
+                    if let Some(by) = superseded_by(superseded, seq)? {
+                        return Ok(PutBack::Superseded { by });
+                    }
+                    let mut record = match codec::decode_export(&old) {
+                        Ok(record) if !record.is_unreadable() => record,
+                        _ => return Ok(PutBack::Unreadable),
+                    };
+                    record.dead_at_ms = None;
+                    record.queued_at_ms = queued_at_ms;
+                    record.queued_at_uptime_ms = queued_at_uptime_ms;
+                    let value = codec::encode_export(&record);
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(Place::Dead, old.len(), -1);
+                    tally.count(Place::Pending, value.len(), 1);
+                    dead.remove(&key)?;
+                    outbox.insert(&key, value)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok(PutBack::Done)
+                },
+            )?)
+        })
+    }
+
+    /// The acknowledged export that overtook dead letter `seq`, if one did.
+    pub fn superseded_by(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        self.with(|t| {
+            Ok(t.superseded
+                .get(keys::seq_key(seq))?
+                .as_deref()
+                .and_then(decode_seq))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mapping;
+    use crate::store::outbox::{ExportChange, Outcome};
+    use crate::store::Tally;
+
+    /// Stores one export for each `(profile, name)`, in order: each changes a mapped attribute.
+    fn export_each(store: &Store, updates: &[(&str, &str)]) {
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let body: Vec<String> = updates
+            .iter()
+            .map(|(id, name)| {
+                format!(
+                    r#"{{"id":"{id}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+                )
+            })
+            .collect();
+        let updates = crate::profile::update::parse_body(body.join("\n").as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, chrono::Utc::now())
+            .unwrap();
+        store.flush().unwrap();
+    }
+
+    fn settle(
+        store: &Store,
+        profile: &str,
+        seq: u64,
+        change: ExportChange,
+    ) -> Vec<(Arc<str>, u64)> {
+        let outcome = Outcome {
+            profile: profile.into(),
+            seq,
+            change,
+        };
+        store.apply_export_changes(&[outcome]).unwrap().withdrawn
+    }
+
+    fn refused() -> ExportChange {
+        ExportChange::Rejected {
+            error: "HTTP 400: refused".into(),
+            at_ms: 1,
+        }
+    }
+
+    const DELIVERED: ExportChange = ExportChange::Delivered { retried: false };
+
+    fn put_back(store: &Store, seq: u64) -> PutBack {
+        store.put_back_dead_letter(seq, 2, 2).unwrap()
+    }
+
+    fn counts(store: &Store) -> (u64, u64) {
+        let Tally { pending, dead, .. } = store.tally().unwrap();
+        (pending, dead)
+    }
+
+    #[test]
+    fn a_delivery_marks_the_older_dead_letters_of_its_profile_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "1"), ("b", "1"), ("a", "2"), ("b", "2")]);
+        settle(&store, "a", 0, refused());
+        settle(&store, "b", 1, refused());
+        assert!(settle(&store, "a", 2, DELIVERED).is_empty());
+        assert_eq!(store.superseded_by(0).unwrap(), Some(2));
+        assert_eq!(store.superseded_by(1).unwrap(), None, "another profile");
+        assert_eq!(put_back(&store, 0), PutBack::Superseded { by: 2 });
+        assert_eq!(counts(&store), (1, 2), "refused: still a dead letter");
+        // b's newer export is pending, not acknowledged: its dead letter goes back ahead of it.
+        assert_eq!(put_back(&store, 1), PutBack::Done);
+        assert_eq!(counts(&store), (2, 1));
+        assert_eq!(put_back(&store, 1), PutBack::NotDead);
+    }
+
+    /// The index is built when first needed, from the dead letters as they are then: also
+    /// when the first need is a dead letter put back, before any delivery is recorded.
+    #[test]
+    fn dead_letters_of_an_earlier_run_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            export_each(&store, &[("a", "1"), ("a", "2")]);
+            settle(&store, "a", 0, refused());
+            store.flush().unwrap();
+        }
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            assert_eq!(put_back(&store, 0), PutBack::Done);
+            assert_eq!(settle(&store, "a", 1, DELIVERED), [(Arc::from("a"), 0)]);
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "3")]);
+        settle(&store, "a", 2, DELIVERED);
+        assert_eq!(put_back(&store, 0), PutBack::Superseded { by: 2 });
+    }
+
+    #[test]
+    fn one_put_back_while_the_newer_one_was_out_is_withdrawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "1"), ("a", "2"), ("a", "3")]);
+        settle(&store, "a", 0, refused());
+        assert_eq!(put_back(&store, 0), PutBack::Done);
+        assert_eq!(counts(&store), (3, 0));
+        assert_eq!(
+            settle(&store, "a", 1, DELIVERED),
+            [(Arc::from("a"), 0)],
+            "the loop is told to forget it"
+        );
+        assert_eq!(counts(&store), (1, 1));
+        let dead = store.export(store.export_id(0)).unwrap().unwrap();
+        assert!(dead.dead);
+        let error = dead.record.last_error.unwrap();
+        assert!(error.contains(&store.export_id(1).to_string()), "{error}");
+        assert_eq!(put_back(&store, 0), PutBack::Superseded { by: 1 });
+        // Settled for good: the next delivery finds nothing more to withdraw or mark.
+        assert!(settle(&store, "a", 2, DELIVERED).is_empty());
+        assert_eq!(store.superseded_by(0).unwrap(), Some(2));
+    }
+
+    #[test]
+    fn a_mark_goes_with_its_dropped_dead_letter_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            export_each(&store, &[("a", "1"), ("a", "2"), ("b", "1"), ("b", "2")]);
+            settle(&store, "a", 0, refused());
+            settle(&store, "b", 2, refused());
+            settle(&store, "a", 1, DELIVERED);
+            settle(&store, "b", 3, DELIVERED);
+            assert!(store
+                .change_export(0, Place::Dead, |r| (Place::Gone, r))
+                .unwrap());
+            store.flush().unwrap();
+            assert_eq!(store.trees().unwrap().superseded.len(), 2);
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let t = store.trees().unwrap();
+        assert_eq!(t.superseded.len(), 1);
+        assert_eq!(store.superseded_by(2).unwrap(), Some(3));
+    }
+}
