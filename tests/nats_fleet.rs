@@ -643,6 +643,16 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         healthz_json(agent.addr).await["nats"]["state"],
         "disconnected"
     );
+    wait_or_show(
+        10,
+        "the log saying NATS cannot be reached",
+        &[&agent],
+        || {
+            let log = agent.log();
+            log.contains("cannot connect to NATS") && log.contains(&server.url())
+        },
+    )
+    .await;
     let (status, body) = http_post(agent.addr, "/v1/updates", version_line(1, 0), &[]).await;
     assert_eq!(status, 200, "{body}");
 

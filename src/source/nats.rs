@@ -40,6 +40,8 @@ const PENDING_REFRESH: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the agent gives NATS at start before it says it cannot connect.
+const CONNECT_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 #[error("NATS: {0}")]
@@ -371,6 +373,11 @@ pub async fn start(
         max_future_s,
         shutdown,
     });
+    tokio::spawn(warn_if_unreachable(
+        Arc::clone(&state),
+        config.servers.join(", "),
+        shared.shutdown.clone(),
+    ));
     let tasks = config
         .owned
         .iter()
@@ -386,6 +393,21 @@ pub async fn start(
         "consuming NATS partitions"
     );
     Ok((state, tasks))
+}
+
+/// Says so when NATS cannot be reached at start. The connection is then made in the
+/// background, and the consumers' own errors (requests that time out) would not say why.
+async fn warn_if_unreachable(
+    state: Arc<SourceState>,
+    servers: String,
+    shutdown: CancellationToken,
+) {
+    if pause(&shutdown, CONNECT_GRACE).await && !state.connected() {
+        tracing::warn!(
+            %servers,
+            "cannot connect to NATS; trying again in the background (`/healthz` shows nats.state)"
+        );
+    }
 }
 
 /// Sleeps, or returns false at once when the agent stops.
@@ -410,7 +432,11 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                     backoff = BACKOFF_FIRST;
                     last_error.clear();
                 }
-                let error = e.to_string();
+                let error = if shared.state.connected() {
+                    e.to_string()
+                } else {
+                    format!("not connected to NATS ({e})")
+                };
                 let retry_in_ms = backoff.as_millis() as u64;
                 if error == last_error {
                     tracing::debug!(partition, %error, retry_in_ms, "NATS partition consumer failed again");
