@@ -274,7 +274,8 @@ pub enum OutboxCommand {
     /// Put dead letters back in the outbox (same id, so the same Idempotency-Key).
     ///
     /// A dead letter is not put back once the endpoint has acknowledged a newer export of its
-    /// profile: sending it would undo that one.
+    /// profile: sending it would undo that one. Through the running agent, waits first for the
+    /// requests in flight to end (at most 60 s), starting none meanwhile.
     ///
     /// Example: outpost outbox retry --all-dead
     Retry(Targets),

@@ -572,7 +572,16 @@ async fn retry_refuses_a_dead_letter_a_newer_export_overtook() {
     );
     agent.terminate().await;
 
-    let out = ws.run(&["outbox", "retry", "--all-dead"], None);
+    // With --all-dead, every dead letter that may be retried is: the others are counted.
+    let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "0 export(s) put back in the outbox",
+            "1 dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox show ID` names it)"
+        ]
+    );
+    let out = ws.run(&["outbox", "retry", &older], None);
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains(&refusal), "{}", stderr_of(&out));
     assert_counts(&ws, 0, 1);

@@ -435,10 +435,6 @@ fn delivered_names(receiver: &Receiver) -> Vec<String> {
     receiver.delivered().iter().map(first_name_in).collect()
 }
 
-fn admin(agent: &Agent, request: AdminRequest) -> serde_json::Value {
-    outpost::admin::execute(&agent.store, &request).unwrap()
-}
-
 fn dead_ids(agent: &Agent) -> Vec<String> {
     agent
         .store
@@ -482,13 +478,14 @@ async fn a_retried_dead_letter_goes_before_the_newer_export_held_for_its_profile
     )
     .await;
     accept_old.store(true, Ordering::SeqCst);
-    let retried = admin(
+    let retried = admin_request(
         &agent,
         AdminRequest::Retry {
             ids: vec![],
             all_dead: true,
         },
-    );
+    )
+    .await;
     assert_eq!(retried["retried"].as_array().unwrap().len(), 1, "{retried}");
     wait_for_exports(&agent, &s.receiver, 2).await;
     assert_eq!(
@@ -526,13 +523,14 @@ async fn a_dropped_export_is_not_sent_again_and_its_profile_goes_on() {
     let failing = agent.store.list(&ListFilter::default()).unwrap()[0]
         .id
         .to_string();
-    let dropped = admin(
+    let dropped = admin_request(
         &agent,
         AdminRequest::Drop {
             ids: vec![failing],
             all_dead: false,
         },
-    );
+    )
+    .await;
     assert_eq!(dropped["dropped"].as_array().unwrap().len(), 1, "{dropped}");
     wait_for_exports(&agent, &s.receiver, 1).await;
     assert_eq!(delivered_names(&s.receiver), ["p0-v1"]);

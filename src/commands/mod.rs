@@ -467,7 +467,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
         }
         OutboxCommand::Retry(Targets { ids, all_dead }) => {
             let result = backend.execute(&AdminRequest::Retry { ids, all_dead })?;
-            report_repair(&result, "retried", "put back in the outbox")?;
+            report_repair(&result, "retried", "put back in the outbox", all_dead)?;
         }
         OutboxCommand::Drop {
             targets: Targets { ids, all_dead },
@@ -477,7 +477,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
                 return Err(CliError::Failure("nothing dropped".into()));
             }
             let result = backend.execute(&AdminRequest::Drop { ids, all_dead })?;
-            report_repair(&result, "dropped", "deleted")?;
+            report_repair(&result, "dropped", "deleted", all_dead)?;
         }
     }
     Ok(())
@@ -602,7 +602,8 @@ fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> {
+/// Prints what a repair did; what it could not do for an export named by id is a failure.
+fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Result<(), CliError> {
     let done = result[key].as_array().map_or(0, Vec::len);
     println!("{done} export(s) {verb}");
     // Retrying an export that is not a dead letter changes nothing, and is no failure.
@@ -642,7 +643,13 @@ fn report_repair(result: &Value, key: &str, verb: &str) -> Result<(), CliError> 
     if !missing.is_empty() {
         problems.push(format!("not found: {}", missing.join(", ")));
     }
-    if !superseded.is_empty() {
+    if all_dead && !superseded.is_empty() {
+        // Every dead letter that may be retried was: the others are no failure of the command.
+        println!(
+            "{} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox show ID` names it)",
+            superseded.len()
+        );
+    } else if !superseded.is_empty() {
         problems.push(format!(
             "not retried, the endpoint has acknowledged a newer export of the same profile, which sending these would undo (`outbox drop ID` deletes them): {}",
             superseded.join(", ")

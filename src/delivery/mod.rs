@@ -287,7 +287,10 @@ impl Deliverer {
                         state.reading = false;
                     }
                     state.queue.wake_due(now);
-                    self.start_requests(&mut state, &done_tx, now);
+                    if !self.store.requests_held() {
+                        self.start_requests(&mut state, &done_tx, now);
+                    }
+                    self.store.set_exports_out(state.queue.out().len());
                 });
                 self.refill(&mut state, &read_tx, now);
             }
@@ -357,6 +360,8 @@ impl Deliverer {
             tracing::warn!("the last failed attempts were not recorded in time; they stay pending as they were");
         }
         drop(settled);
+        // Nothing is sent any more: a put-back need not wait.
+        self.store.set_exports_out(0);
     }
 
     /// Starts a read of the store when the window runs low (or few profiles are ready) and

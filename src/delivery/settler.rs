@@ -76,16 +76,24 @@ fn run(
         // A failed write is retried (on a full disk, until the store is reopened with room):
         // the profiles must not send again before it is durable.
         let mut failures = 0u32;
-        let applied = loop {
-            let applied = store.write_section().and_then(|_section| {
+        // Kept from every attempt: one retried after its flush failed may find them withdrawn
+        // already, and the loop must still forget them.
+        let mut withdrawn: Vec<(Arc<str>, u64)> = Vec::new();
+        let missing = loop {
+            let attempt = store.write_section().and_then(|_section| {
                 let applied = store.apply_export_changes(&group)?;
+                for w in applied.withdrawn {
+                    if !withdrawn.contains(&w) {
+                        withdrawn.push(w);
+                    }
+                }
                 if must_flush {
                     store.flush()?;
                 }
-                Ok(applied)
+                Ok(applied.missing)
             });
-            match applied {
-                Ok(applied) => break applied,
+            match attempt {
+                Ok(missing) => break missing,
                 Err(e) => {
                     if failures == 0 && !matches!(e, StoreError::Reopening(_)) {
                         tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
@@ -103,21 +111,21 @@ fn run(
                 "deliveries recorded after {failures} retries"
             );
         }
-        for (_, seq) in &applied.withdrawn {
+        for (_, seq) in &withdrawn {
             tracing::warn!(
                 export = %store.export_id(*seq),
                 "a dead letter put back while a newer export of its profile was in flight is a dead letter again: that export was acknowledged, so sending this older one would undo it"
             );
         }
         // Withdrawn exports first: the loop forgets them before their profile may send again.
-        let withdrawn = applied.withdrawn.into_iter().map(|(profile, seq)| Settled {
+        let withdrawn = withdrawn.into_iter().map(|(profile, seq)| Settled {
             profile,
             seq,
             vanished: true,
         });
         let done: Vec<Settled> = withdrawn
             .chain(group.into_iter().filter_map(|c| {
-                let vanished = !c.change.settles() && applied.missing.contains(&c.seq);
+                let vanished = !c.change.settles() && missing.contains(&c.seq);
                 (c.change.settles() || vanished).then_some(Settled {
                     profile: c.profile,
                     seq: c.seq,

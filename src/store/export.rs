@@ -7,7 +7,7 @@
 //! number, and so its id `<store id>-<sequence>`, for life, also in `dead` and back.
 //! `meta/next_seq` (big-endian u64) is the number the next export gets; it only grows.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{TimeZone, Utc};
 use serde_json::Value;
@@ -231,6 +231,48 @@ impl Store {
         let result = change();
         self.rewound.store(true, Ordering::SeqCst);
         result
+    }
+
+    /// [`Store::rewinding`] once the delivery loop has no export out (in flight, or answered
+    /// and not yet durable), starting none meanwhile: a dead letter put back while a newer
+    /// export of its profile is out could be sent after the endpoint acknowledged that one
+    /// (after a crash, before the acknowledgement is durable). `None` if exports are still out
+    /// after `wait`: then nothing was run.
+    pub fn rewinding_with_nothing_out<T>(
+        &self,
+        wait: std::time::Duration,
+        change: impl FnOnce() -> T,
+    ) -> Option<T> {
+        struct Release<'a>(&'a AtomicU32);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.holding_requests.fetch_add(1, Ordering::SeqCst);
+        let _release = Release(&self.holding_requests);
+        // A start of requests that did not see the hold has ended, and published what is out,
+        // once the lock was free.
+        drop(self.rewind_lock.write().unwrap_or_else(|e| e.into_inner()));
+        let deadline = std::time::Instant::now() + wait;
+        while self.exports_out.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Some(self.rewinding(change))
+    }
+
+    /// Whether a put-back waits for the delivery loop to have nothing out: the loop starts no
+    /// request meanwhile. Read in [`Store::unless_rewound`].
+    pub fn requests_held(&self) -> bool {
+        self.holding_requests.load(Ordering::SeqCst) > 0
+    }
+
+    /// The delivery loop says how many exports it has out, in [`Store::unless_rewound`].
+    pub fn set_exports_out(&self, n: usize) {
+        self.exports_out.store(n as u64, Ordering::SeqCst);
     }
 
     /// Runs `start` while no [`Store::rewinding`] can run, telling it whether exports were put

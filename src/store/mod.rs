@@ -72,7 +72,7 @@ mod upgrade;
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::{Arc, RwLock};
 
 use crate::clock::{ClockRecord, RunClock};
@@ -150,6 +150,10 @@ pub struct Store {
     /// outbox again from its head (see [`Store::unless_rewound`]).
     rewind_lock: RwLock<()>,
     rewound: AtomicBool,
+    /// Put-backs waiting for the delivery loop to have nothing out, and what it has out (see
+    /// [`Store::rewinding_with_nothing_out`]).
+    holding_requests: AtomicU32,
+    exports_out: AtomicU64,
     /// The store's run time as this process counts it, from the last checkpoint on.
     run_clock: RunClock,
     /// `next_seq` as the last committed transaction left it, and as the last completed flush

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -245,6 +245,8 @@ impl Store {
             store_id: opened.store_id,
             rewind_lock: RwLock::new(()),
             rewound: AtomicBool::new(false),
+            holding_requests: AtomicU32::new(0),
+            exports_out: AtomicU64::new(0),
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
@@ -613,6 +615,8 @@ impl Store {
         self.written_next.store(opened.next_seq, Ordering::SeqCst);
         self.durable_next.store(opened.next_seq, Ordering::SeqCst);
         trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // Writes that were not durable are gone: the dead letters are read again.
+        self.dead_letters.read_again();
         self.put_back(Arc::new(trees));
         Ok(())
     }

@@ -176,7 +176,7 @@ impl Store {
         let gone: Vec<_> = older
             .into_iter()
             .zip(found)
-            .filter(|(_, what)| *what == superseded::Found::Gone)
+            .filter(|(_, what)| *what != superseded::Found::Other)
             .map(|(candidate, _)| candidate)
             .collect();
         self.dead_letters.forget(&gone);

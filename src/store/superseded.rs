@@ -102,7 +102,14 @@ impl DeadLetterIndex {
         Ok(found)
     }
 
-    /// Forgets exports found neither dead nor pending.
+    /// Makes the next delivery read `dead` again, keeping what is indexed (after the store was
+    /// reopened, a dead letter whose drop or put-back was not durable is one again).
+    pub fn read_again(&self) {
+        self.lock().scanned = false;
+    }
+
+    /// Forgets exports that need no more looking at: found neither dead nor pending, or
+    /// marked (never put back again).
     pub fn forget(&self, gone: &[Candidate]) {
         let mut entries = self.lock();
         for c in gone {
@@ -142,13 +149,9 @@ pub(super) fn mark(
     now_ms: i64,
 ) -> Result<Found, ConflictableTransactionError<StoreError>> {
     let key = keys::seq_key(c.seq);
-    let of_profile = |value: &[u8]| {
-        codec::decode_export(value)
-            .ok()
-            .filter(|r: &ExportRecord| *r.profile_id == *c.profile)
-    };
+    let of_profile = |value: &[u8]| codec::export_profile_id(value).is_ok_and(|p| *p == *c.profile);
     if let Some(value) = v.dead.get(key)? {
-        if of_profile(&value).is_none() {
+        if !of_profile(&value) {
             return Ok(Found::Other);
         }
         v.superseded.insert(&key, &c.newer.to_be_bytes())?;
@@ -157,14 +160,21 @@ pub(super) fn mark(
     let Some(value) = v.outbox.get(key)? else {
         return Ok(Found::Gone);
     };
-    let Some(mut record) = of_profile(&value) else {
+    let Some(mut record) = codec::decode_export(&value)
+        .ok()
+        .filter(|r: &ExportRecord| *r.profile_id == *c.profile)
+    else {
         return Ok(Found::Other);
     };
     v.outbox.remove(&key)?;
     v.retry_at.remove(&key)?;
     tally.count(Place::Pending, value.len(), -1);
+    let before = record
+        .last_error
+        .as_deref()
+        .map_or(String::new(), |e| format!(" (before: {e})"));
     record.last_error = Some(format!(
-        "not sent: export {newer_id} of the same profile, newer, was acknowledged while this one was being put back"
+        "put back, then not sent: the endpoint acknowledged {newer_id}, a newer export of the same profile, first{before}"
     ));
     record.dead_at_ms = Some(now_ms);
     let value = codec::encode_export(&record);
@@ -215,7 +225,8 @@ impl Store {
     ) -> Result<PutBack, StoreError> {
         let key = keys::seq_key(seq);
         self.with(|t| {
-            if let Some(value) = t.dead.get(key)? {
+            // A marked one is refused below, and needs no entry.
+            if let (Some(value), false) = (t.dead.get(key)?, t.superseded.contains_key(key)?) {
                 if let Ok(profile) = codec::export_profile_id(&value) {
                     self.dead_letters.add(profile, seq);
                 }
@@ -378,7 +389,11 @@ mod tests {
         assert_eq!(put_back(&store, 0), PutBack::Superseded { by: 1 });
         // Settled for good: the next delivery finds nothing more to withdraw or mark.
         assert!(settle(&store, "a", 2, DELIVERED).is_empty());
-        assert_eq!(store.superseded_by(0).unwrap(), Some(2));
+        assert_eq!(store.superseded_by(0).unwrap(), Some(1));
+        assert!(
+            store.dead_letters.lock().set.is_empty(),
+            "a marked dead letter is no longer looked at"
+        );
     }
 
     #[test]

@@ -373,6 +373,19 @@ pub async fn receiver_setup(
 }
 
 /// Starts the agent in this process, without backoff jitter (tests assert delays).
+/// Runs an admin request on the agent's store as the admin socket does: off the runtime's
+/// thread, since a put-back waits for the delivery loop (on this runtime) to have nothing out.
+pub async fn admin_request(
+    agent: &outpost::agent::Agent,
+    request: outpost::admin::AdminRequest,
+) -> serde_json::Value {
+    let store = std::sync::Arc::clone(&agent.store);
+    tokio::task::spawn_blocking(move || outpost::admin::execute(&store, &request))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 pub async fn start_agent(config: &outpost::config::Config) -> outpost::agent::Agent {
     outpost::agent::Agent::start(config, outpost::agent::AgentOptions { jitter: false })
         .await
