@@ -95,6 +95,9 @@ pub enum AdminError {
     Usage(String),
     #[error("{0}")]
     Failed(String),
+    /// The request reached the agent, but no answer came back: it may have been done.
+    #[error("{0}")]
+    Unanswered(String),
 }
 
 impl From<StoreError> for AdminError {
@@ -126,7 +129,7 @@ impl AdminAnswer {
                 let kind = match e {
                     AdminError::NotFound(_) => "not_found",
                     AdminError::Usage(_) => "usage",
-                    AdminError::Failed(_) => "failed",
+                    AdminError::Failed(_) | AdminError::Unanswered(_) => "failed",
                 };
                 AdminAnswer {
                     ok: None,

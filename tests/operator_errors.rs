@@ -525,3 +525,49 @@ fn an_agent_that_closes_without_answering_is_said_so() {
     let error = error_line(&out);
     assert!(error.contains("closed without an answer"), "{error}");
 }
+
+/// An agent that stops after it got a chunk of `outpost ingest` but before it answered may
+/// have stored that chunk: the message says so, rather than counting it as not stored.
+#[test]
+fn ingest_counts_the_unanswered_chunk_as_maybe_stored() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let listener =
+        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    let agent = std::thread::spawn(move || {
+        // Probes, then one chunk answered as stored, then one closed unanswered.
+        let mut chunks = 0;
+        loop {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut request);
+            if request.is_empty() {
+                continue;
+            }
+            chunks += 1;
+            if chunks == 2 {
+                return;
+            }
+            let report = serde_json::json!({"ok": {
+                "accepted": 1000, "exports": 0, "unchanged": 1000, "stale": 0, "deleted": 0,
+                "exports_by_reason": {"segment": 0, "identity": 0, "attribute": 0, "delete": 0},
+            }});
+            std::io::Write::write_all(&mut stream, format!("{report}\n").as_bytes()).unwrap();
+        }
+    });
+    let lines: Vec<String> = (0..2500)
+        .map(|i| member_update(&format!("p{i}"), "Ada", "2026-01-01T00:00:01Z"))
+        .collect();
+    let input = ws.path().join("updates.ndjson");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = ws.run(&["ingest", input.to_str().unwrap()], None);
+    agent.join().unwrap();
+    let error = error_line(&out);
+    assert!(
+        error.contains("closed without an answer")
+            && error.contains(
+                "the first 1000 of 2500 updates were stored, the next 1000 may have been, the rest not"
+            ),
+        "{error}"
+    );
+}

@@ -139,13 +139,13 @@ pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value,
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(failed)?;
     stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+    // From here on, what was asked may have been done, or not.
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
-        .map_err(failed)?;
+        .map_err(|e| AdminError::Unanswered(format!("agent at {}: {e}", socket.display())))?;
     if answer.is_empty() {
-        // What was asked may have been done, or not: the agent stopped before it answered.
-        return Err(AdminError::Failed(format!(
+        return Err(AdminError::Unanswered(format!(
             "agent at {}: the connection closed without an answer (did the agent stop?); `outbox stats` tells what is stored",
             socket.display()
         )));

@@ -16,22 +16,29 @@ use crate::store::BatchSummary;
 const INGEST_CHUNK: usize = 1_000;
 
 /// Says how much of the input was stored before `error` (a full disk, say): each chunk is
-/// stored whole or not at all.
-fn partly_stored(error: CliError, stored: u64, count: u64) -> CliError {
-    let message = match error {
-        CliError::Failure(message) => message,
-        CliError::Store(e) => e.to_string(),
+/// stored whole or not at all, and the chunk of `in_flight` updates that the agent did not
+/// answer for may have been.
+fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> CliError {
+    let (message, in_doubt) = match error {
+        CliError::Failure(message) => (message, 0),
+        CliError::Unanswered(message) => (message, in_flight as u64),
+        CliError::Store(e) => (e.to_string(), 0),
         other => return other,
     };
-    let what = if stored == 0 {
-        "nothing of the input was stored".to_string()
-    } else {
-        format!(
-            "the first {stored} of {count} updates were stored, the rest not; once this is fixed, \
-             run the same input again (updates already stored are then stale or unchanged)"
-        )
+    let what = match (stored, in_doubt) {
+        (0, 0) => "nothing of the input was stored".to_string(),
+        (0, _) => format!("the first {in_doubt} of {count} updates may have been stored, the rest not"),
+        (_, 0) => format!("the first {stored} of {count} updates were stored, the rest not"),
+        _ => format!(
+            "the first {stored} of {count} updates were stored, the next {in_doubt} may have been, the rest not"
+        ),
     };
-    CliError::Failure(format!("{message}; {what}"))
+    if stored + in_doubt == 0 {
+        return CliError::Failure(format!("{message}; {what}"));
+    }
+    CliError::Failure(format!(
+        "{message}; {what}; once this is fixed, run the same input again (updates already stored are then stale or unchanged)"
+    ))
 }
 
 /// Opens the input file, or for `-` standard input spooled to a temporary file, so that it can
@@ -134,7 +141,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
             }
             let committed = backend
                 .ingest(config, &chunk)
-                .map_err(|e| partly_stored(e, total.accepted, count))?;
+                .map_err(|e| partly_stored(e, total.accepted, chunk.len(), count))?;
             total.add(&committed);
             bar.inc(chunk.len() as u64);
         }

@@ -45,6 +45,9 @@ pub enum CliError {
     Input(#[from] InputError),
     #[error("{0}")]
     Failure(String),
+    /// The agent got the request but did not answer: it may have been done.
+    #[error("{0}")]
+    Unanswered(String),
 }
 
 impl CliError {
@@ -62,6 +65,7 @@ impl From<AdminError> for CliError {
         match e {
             AdminError::Usage(m) => CliError::Usage(m),
             AdminError::NotFound(m) | AdminError::Failed(m) => CliError::Failure(m),
+            AdminError::Unanswered(m) => CliError::Unanswered(m),
         }
     }
 }
