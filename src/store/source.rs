@@ -75,9 +75,15 @@ impl RejectedRecord {
         format!("{}-{}", self.partition, self.seq)
     }
 
-    /// The object `rejected list --json` and `rejected show --json` print.
+    /// The object `rejected list --json` and `rejected show --json` print. `raw` is text for
+    /// people; bytes that are not UTF-8 read there as U+FFFD, so they also come whole as
+    /// `raw_base64`.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        use base64::Engine;
+        let raw_base64 = std::str::from_utf8(&self.raw)
+            .is_err()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&self.raw));
+        let mut view = serde_json::json!({
             "id": self.id(),
             "partition": self.partition,
             "seq": self.seq,
@@ -87,7 +93,11 @@ impl RejectedRecord {
             "raw": String::from_utf8_lossy(&self.raw),
             "raw_bytes": self.raw_len,
             "raw_truncated": (self.raw.len() as u64) < self.raw_len,
-        })
+        });
+        if let Some(raw_base64) = raw_base64 {
+            view["raw_base64"] = raw_base64.into();
+        }
+        view
     }
 }
 
@@ -280,6 +290,25 @@ mod tests {
         assert_eq!(parse_rejected_id("7-1042"), Ok((7, 1042)));
         assert!(parse_rejected_id("7").unwrap_err().contains("`7`"));
         assert!(parse_rejected_id("a-1").is_err());
+    }
+
+    #[test]
+    fn raw_bytes_that_are_not_utf8_also_come_whole_in_base64() {
+        let record = |raw: &[u8]| RejectedRecord {
+            partition: 1,
+            seq: 2,
+            subject: "profiles.1".into(),
+            received_at_ms: 0,
+            raw: raw.to_vec(),
+            raw_len: raw.len() as u64,
+            error: "line 1: not JSON".into(),
+        };
+        let text = record(b"{\"id\":1}").to_json();
+        assert_eq!(text["raw"], "{\"id\":1}");
+        assert!(text.get("raw_base64").is_none(), "{text}");
+        let bytes = record(&[b'{', 0xff, 0xfe, b'}']).to_json();
+        assert_eq!(bytes["raw"], "{\u{fffd}\u{fffd}}");
+        assert_eq!(bytes["raw_base64"], "e//+fQ==");
     }
 
     /// The position and rejected messages are written with the updates, and a position never
