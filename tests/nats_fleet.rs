@@ -898,6 +898,34 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
     );
     refused(&eight, &["nats", "setup"], "made for 16 partitions");
     assert!(sixteen.cli(&["nats", "setup"]).contains("nothing changed"));
+
+    // Made by hand with `<prefix>.>`: it takes every partition's subject, and deeper ones,
+    // which are no partition's.
+    js.delete_stream("UPDATES").await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "UPDATES".into(),
+        subjects: vec!["test.updates.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("test.updates.x.3", version_line(0, 0).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    refused(&eight, &["nats", "setup"], "on test.updates.x.3");
+    js.get_stream("UPDATES")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    let recorded = eight.cli(&["nats", "setup"]);
+    assert!(
+        recorded.contains("now records the partition count"),
+        "{recorded}"
+    );
 }
 
 /// An update larger than the server takes as one message (its max_payload, 1 MiB by default)

@@ -184,13 +184,18 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
     match js.get_stream(&config.stream).await {
         Ok(stream) => {
             let info = stream.cached_info().clone();
+            // `<prefix>.*` as setup makes it, or `<prefix>.>` as one may make it by hand: either
+            // takes every partition's subject.
             let wanted = format!("{}.*", config.subject_prefix);
-            if !info.config.subjects.contains(&wanted) {
+            let Some(covering) = [wanted.clone(), format!("{}.>", config.subject_prefix)]
+                .into_iter()
+                .find(|s| info.config.subjects.contains(s))
+            else {
                 return Err(NatsError(format!(
                     "stream {} exists with subjects {:?}, not {wanted}; delete it or change source.nats.stream",
                     config.stream, info.config.subjects
                 )));
-            }
+            };
             if info.config.storage != stream::StorageType::File {
                 return Err(NatsError(format!(
                     "stream {} keeps its messages in memory; outpost needs file storage",
@@ -203,7 +208,7 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
             let recorded = info.config.description.as_deref().unwrap_or("").is_empty();
             if recorded {
                 // Made by hand or by an earlier build: its messages must fit the count.
-                check_subjects_fit(&stream, config).await?;
+                check_subjects_fit(&stream, &covering, config).await?;
                 let mut with_count = info.config.clone();
                 with_count.description = Some(description(config));
                 js.update_stream(with_count)
@@ -236,17 +241,21 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
 }
 
 /// Fails when the stream holds messages on a subject beyond the partitions of `config`.
-async fn check_subjects_fit(stream: &stream::Stream, config: &NatsSource) -> Result<(), NatsError> {
+async fn check_subjects_fit(
+    stream: &stream::Stream,
+    covering: &str,
+    config: &NatsSource,
+) -> Result<(), NatsError> {
     let mut subjects = stream
-        .info_with_subjects(format!("{}.*", config.subject_prefix))
+        .info_with_subjects(covering)
         .await
         .map_err(|e| nats_error("reading the stream's subjects", e))?;
+    let prefix = format!("{}.", config.subject_prefix);
     while let Some(subject) = subjects.next().await {
         let (subject, count) =
             subject.map_err(|e| nats_error("reading the stream's subjects", e))?;
         let partition = subject
-            .rsplit('.')
-            .next()
+            .strip_prefix(&prefix)
             .and_then(|p| p.parse::<u32>().ok());
         if partition.is_none_or(|p| p >= config.partitions) {
             return Err(NatsError(format!(
