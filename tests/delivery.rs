@@ -223,9 +223,10 @@ async fn a_retry_after_holds_across_a_restart() {
     agent.stop().await.unwrap();
 }
 
-/// A dead letter put back while a newer export of its profile is in flight: the newer one
-/// fails (a timeout), goes back behind it, and both are delivered in order. The newer one's
-/// stored retry time leaves with its delivery: nothing is left in `retry_at`.
+/// A dead letter retried while a newer export of its profile is in flight: the retry waits
+/// for that request, which fails (a timeout) and stores a retry time; the dead letter goes
+/// back ahead of it, and both are delivered in order. The newer one's stored retry time
+/// leaves with its delivery: nothing is left in `retry_at`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back() {
     let s = setup().await; // request_timeout_ms = 500
@@ -259,9 +260,9 @@ async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back(
 }
 
 /// `outbox retry` while a newer export of the dead letter's profile is in flight waits for
-/// that request to end. The endpoint acknowledges it, so the dead letter is not put back
-/// (SPEC: no older export of a profile is sent after a newer one was acknowledged), then or
-/// later, and it is never sent.
+/// that request to end, and starts no other meanwhile. The endpoint acknowledges it, so the
+/// dead letter is not put back (SPEC: no older export of a profile is sent after a newer one
+/// was acknowledged), then or later, and it is never sent.
 #[tokio::test]
 async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
     let s = setup_with(
@@ -270,29 +271,52 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
         "request_timeout_ms = 10000",
     )
     .await;
-    let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let seen = Arc::clone(&arrived);
+    // When each request arrived.
+    let arrivals: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+    let seen = Arc::clone(&arrivals);
     s.receiver.set_export_script(Some(Arc::new(move |n, _| {
-        seen.store(n + 1, std::sync::atomic::Ordering::SeqCst);
+        seen.lock().unwrap().push(Instant::now());
         match n {
             0 => Reply::Status(400, vec![], "refused".into()),
-            1 => Reply::Delay(Duration::from_secs(1)),
+            1 => Reply::Delay(Duration::from_secs(2)),
             _ => Reply::Normal,
         }
     })));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 2)).await;
     wait_until(10, "the second export in flight", || {
-        arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
+        arrivals.lock().unwrap().len() == 2
     })
     .await;
     let older = agent.store.export_id(0).to_string();
     let newer = agent.store.export_id(1).to_string();
     let superseded = json!([{"id": older, "acknowledged": newer}]);
-    let answer = retry_all_dead(&agent).await;
-    assert_eq!(s.receiver.delivered().len(), 1, "waited for the request");
+    let retry = {
+        let store = Arc::clone(&agent.store);
+        tokio::task::spawn_blocking(move || {
+            let request = outpost::admin::AdminRequest::Retry {
+                ids: vec![],
+                all_dead: true,
+            };
+            outpost::admin::execute(&store, &request).unwrap()
+        })
+    };
+    wait_until(10, "the retry holding requests", || {
+        agent.store.requests_held()
+    })
+    .await;
+    // Another profile's export, ready while the retry waits: it goes once the retry is done.
+    ingest(&agent, &updates(&["b"], 1)).await;
+    let answer = retry.await.unwrap();
     assert_eq!(answer["retried"], json!([]), "{answer}");
     assert_eq!(answer["superseded"], superseded, "{answer}");
+    wait_until(10, "b delivered", || s.receiver.delivered().len() == 2).await;
+    let arrived = arrivals.lock().unwrap().clone();
+    assert!(
+        arrived[2] - arrived[1] >= Duration::from_millis(1500),
+        "b was sent while the retry held requests, {:?} after a's second export",
+        arrived[2] - arrived[1]
+    );
     // Time enough for the loop to send the older one, had it been put back.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let keys: Vec<u64> = s
@@ -303,7 +327,7 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
         .collect();
     assert_eq!(
         keys,
-        [0, 1],
+        [0, 1, 2],
         "the older export went out after the newer one"
     );
     let tally = agent.store.tally().unwrap();

@@ -534,11 +534,22 @@ fn ingest_counts_the_unanswered_chunk_as_maybe_stored() {
     ws.make_store();
     let listener =
         std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    listener.set_nonblocking(true).unwrap();
     let agent = std::thread::spawn(move || {
         // Probes, then one chunk answered as stored, then one closed unanswered.
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut chunks = 0;
         loop {
-            let (mut stream, _) = listener.accept().unwrap();
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the CLI sent {chunks} chunk(s)");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            stream.set_nonblocking(false).unwrap();
             let mut request = String::new();
             let _ = std::io::Read::read_to_string(&mut stream, &mut request);
             if request.is_empty() {

@@ -101,8 +101,9 @@ impl Backend {
                     updates: updates.iter().map(Update::to_value).collect(),
                 };
                 let report = call_agent(socket, &request)?;
+                // The agent took the chunk; what it says of it cannot be read.
                 BatchSummary::from_report(&report).ok_or_else(|| {
-                    CliError::Failure(format!("unexpected answer from the agent: {report}"))
+                    CliError::Unanswered(format!("unexpected answer from the agent: {report}"))
                 })
             }
         }
@@ -132,8 +133,13 @@ pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value,
     let failed =
         |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
     let mut stream = UnixStream::connect(socket).map_err(failed)?;
-    // A compaction takes as long as the store is large; the agent answers when it is done.
-    let timeout = (*request != AdminRequest::Compact).then_some(AGENT_TIMEOUT);
+    // A compaction takes as long as the store is large; the agent answers when it is done. A
+    // retry first waits for the requests in flight (at most a minute), then puts back.
+    let timeout = match request {
+        AdminRequest::Compact => None,
+        AdminRequest::Retry { .. } => Some(AGENT_TIMEOUT * 3),
+        _ => Some(AGENT_TIMEOUT),
+    };
     stream.set_read_timeout(timeout).map_err(failed)?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
@@ -141,9 +147,18 @@ pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value,
     stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
     // From here on, what was asked may have been done, or not.
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| AdminError::Unanswered(format!("agent at {}: {e}", socket.display())))?;
+    BufReader::new(stream).read_line(&mut answer).map_err(|e| {
+        let why = match (e.kind(), timeout) {
+            (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(timeout)) => {
+                format!("no answer within {} s", timeout.as_secs())
+            }
+            _ => e.to_string(),
+        };
+        AdminError::Unanswered(format!(
+            "agent at {}: {why}; what was asked may have been done, or not (`outbox stats` tells what is stored)",
+            socket.display()
+        ))
+    })?;
     if answer.is_empty() {
         return Err(AdminError::Unanswered(format!(
             "agent at {}: the connection closed without an answer (did the agent stop?); `outbox stats` tells what is stored",
@@ -151,7 +166,7 @@ pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value,
         )));
     }
     let answer: AdminAnswer = serde_json::from_str(&answer).map_err(|e| {
-        AdminError::Failed(format!(
+        AdminError::Unanswered(format!(
             "agent at {}: unreadable answer: {e}",
             socket.display()
         ))

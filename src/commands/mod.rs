@@ -650,7 +650,7 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     if all_dead && !superseded.is_empty() {
         // Every dead letter that may be retried was: the others are no failure of the command.
         println!(
-            "{} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox show ID` names it)",
+            "{} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox list --dead --json` names it, as superseded_by)",
             superseded.len()
         );
     } else if !superseded.is_empty() {

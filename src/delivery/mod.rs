@@ -265,6 +265,9 @@ impl Deliverer {
             settler,
         };
         let mut stop_by: Option<Instant> = None;
+        // Whether the loop stopped with nothing out: requests it gave up on may still be
+        // acknowledged, unrecorded.
+        let all_recorded: bool;
         // One timer for the idle tick, moved forward when it fires rather than made anew on
         // every turn of the loop.
         let idle = tokio::time::sleep(IDLE_TICK);
@@ -300,6 +303,7 @@ impl Deliverer {
                 let deadline = *stop_by.get_or_insert(now + self.request_timeout + STOP_GRACE);
                 let done = state.controller.in_flight() == 0 && state.settling == 0;
                 if done || now >= deadline {
+                    all_recorded = done;
                     if !done {
                         tracing::warn!(
                             in_flight = state.controller.in_flight(),
@@ -313,14 +317,16 @@ impl Deliverer {
             let timer = if stopping {
                 stop_by
             } else {
-                [
-                    state.queue.next_due(),
-                    state.controller.next_permit_at(now),
-                    state.read_retry_at,
-                ]
-                .into_iter()
-                .flatten()
-                .min()
+                // While a put-back holds requests, no permit is taken, so none is waited for.
+                let permit_at = if self.store.requests_held() {
+                    None
+                } else {
+                    state.controller.next_permit_at(now)
+                };
+                [state.queue.next_due(), permit_at, state.read_retry_at]
+                    .into_iter()
+                    .flatten()
+                    .min()
             };
             tokio::select! {
                 Some(finished) = done.recv() => {
@@ -356,12 +362,18 @@ impl Deliverer {
         // settler ends once its channel, closed here, is drained; `settled` stays open for it.
         drop(state);
         let joined = tokio::task::spawn_blocking(move || settler_thread.join());
-        if tokio::time::timeout(STOP_GRACE, joined).await.is_err() {
+        let joined = tokio::time::timeout(STOP_GRACE, joined).await;
+        if joined.is_err() {
             tracing::warn!("the last failed attempts were not recorded in time; they stay pending as they were");
         }
         drop(settled);
-        // Nothing is sent any more: a put-back need not wait.
-        self.store.set_exports_out(0);
+        // Nothing is sent any more: a put-back need not wait, unless an export given up on may
+        // still be acknowledged (then a put-back keeps waiting, and fails).
+        if all_recorded && joined.is_ok() {
+            self.store.set_exports_out(0);
+        } else {
+            self.store.set_exports_out(usize::MAX);
+        }
     }
 
     /// Starts a read of the store when the window runs low (or few profiles are ready) and

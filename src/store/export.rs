@@ -396,3 +396,40 @@ impl Store {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_put_back_waits_for_nothing_out_and_lets_requests_go_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            store.rewinding_with_nothing_out(std::time::Duration::ZERO, || 7),
+            Some(7),
+            "nothing out: at once"
+        );
+        store.set_exports_out(1);
+        let started = std::time::Instant::now();
+        let wait = std::time::Duration::from_millis(50);
+        assert_eq!(store.rewinding_with_nothing_out(wait, || 7), None);
+        assert!(started.elapsed() >= wait);
+        assert!(!store.requests_held(), "released after giving up");
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                store.rewinding_with_nothing_out(std::time::Duration::from_secs(10), || 8)
+            });
+            while !store.requests_held() {
+                std::thread::yield_now();
+            }
+            store.set_exports_out(0);
+            assert_eq!(waiting.join().unwrap(), Some(8));
+        });
+        assert!(!store.requests_held());
+        assert!(
+            store.unless_rewound(|rewound| rewound),
+            "the loop reads the outbox again"
+        );
+    }
+}
