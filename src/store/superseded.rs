@@ -4,9 +4,10 @@
 //! acknowledged one of those, sending the dead letter would undo it (SPEC: no older export of
 //! a profile is sent after a newer one was acknowledged). So the transaction that records a
 //! delivery marks the profile's older dead letters in `superseded` (the dead letter's
-//! sequence → the acknowledged export's), and `outbox retry` refuses them. A dead letter put
-//! back while the newer export was in flight is found pending: it goes back to the dead
-//! letters, marked, and the delivery loop forgets it.
+//! sequence → the acknowledged export's), and `outbox retry` refuses them. `outbox retry`
+//! waits for the requests in flight before it puts back ([`Store::rewinding_with_nothing_out`]);
+//! should an older export still be found pending when a newer one is delivered, it goes back
+//! to the dead letters, marked, and the delivery loop forgets it.
 //!
 //! `dead` is keyed by sequence, and a transaction cannot scan, so finding a profile's dead
 //! letters needs an index: [`DeadLetterIndex`] keeps (hash of the profile id, sequence) in
