@@ -600,13 +600,14 @@ impl Config {
         }
         // The agent's admin socket lives in the store folder, and a Unix socket's path has
         // room for 107 bytes.
-        let socket = relative(raw.storage.path.clone()).join(crate::admin::SOCKET_NAME);
+        let store = relative(raw.storage.path.clone());
+        let socket = store.join(crate::admin::SOCKET_NAME);
         if socket.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
             return Err(invalid(
                 "storage.path",
                 format!(
                     "{} is too long: the agent's socket there, {}, would be {} bytes, and a Unix socket's path holds at most {MAX_SOCKET_PATH_BYTES}",
-                    relative(raw.storage.path.clone()).display(),
+                    store.display(),
                     crate::admin::SOCKET_NAME,
                     socket.as_os_str().len()
                 ),

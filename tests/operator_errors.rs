@@ -500,25 +500,54 @@ fn a_closed_pipe_ends_inspection_commands_quietly() {
     }
 }
 
+/// A stand-in for the agent on the workspace's socket: probes (connections that send nothing)
+/// are passed over, and the n-th request (from 1) gets `answer(n)` as its answer line, or is
+/// closed unanswered, which ends it. Fails after 30 s without that.
+fn fake_agent(
+    ws: &Workspace,
+    mut answer: impl FnMut(u32) -> Option<String> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let listener =
+        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut requests = 0;
+        loop {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the CLI sent {requests} request(s)"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            stream.set_nonblocking(false).unwrap();
+            let mut request = String::new();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut request);
+            if request.is_empty() {
+                continue;
+            }
+            requests += 1;
+            let Some(line) = answer(requests) else {
+                return;
+            };
+            std::io::Write::write_all(&mut stream, format!("{line}\n").as_bytes()).unwrap();
+        }
+    })
+}
+
 /// An agent that stops before it answers (killed mid-request) is named as such, not as an
 /// answer that could not be parsed.
 #[test]
 fn an_agent_that_closes_without_answering_is_said_so() {
     let ws = Workspace::new();
     ws.make_store();
-    let listener =
-        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
-    let agent = std::thread::spawn(move || {
-        // Connections that check the agent is there, then the request, closed unanswered.
-        loop {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = String::new();
-            let _ = std::io::Read::read_to_string(&mut stream, &mut request);
-            if !request.is_empty() {
-                return;
-            }
-        }
-    });
+    let agent = fake_agent(&ws, |_| None);
     let out = ws.run(&["outbox", "stats"], None);
     agent.join().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -532,39 +561,13 @@ fn an_agent_that_closes_without_answering_is_said_so() {
 fn ingest_counts_the_unanswered_chunk_as_maybe_stored() {
     let ws = Workspace::new();
     ws.make_store();
-    let listener =
-        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let agent = std::thread::spawn(move || {
-        // Probes, then one chunk answered as stored, then one closed unanswered.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut chunks = 0;
-        loop {
-            let mut stream = match listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    assert!(Instant::now() < deadline, "the CLI sent {chunks} chunk(s)");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) => panic!("{e}"),
-            };
-            stream.set_nonblocking(false).unwrap();
-            let mut request = String::new();
-            let _ = std::io::Read::read_to_string(&mut stream, &mut request);
-            if request.is_empty() {
-                continue;
-            }
-            chunks += 1;
-            if chunks == 2 {
-                return;
-            }
-            let report = serde_json::json!({"ok": {
-                "accepted": 1000, "exports": 0, "unchanged": 1000, "stale": 0, "deleted": 0,
-                "exports_by_reason": {"segment": 0, "identity": 0, "attribute": 0, "delete": 0},
-            }});
-            std::io::Write::write_all(&mut stream, format!("{report}\n").as_bytes()).unwrap();
-        }
+    // One chunk answered as stored, then one closed unanswered.
+    let agent = fake_agent(&ws, |n| {
+        let report = serde_json::json!({"ok": {
+            "accepted": 1000, "exports": 0, "unchanged": 1000, "stale": 0, "deleted": 0,
+            "exports_by_reason": {"segment": 0, "identity": 0, "attribute": 0, "delete": 0},
+        }});
+        (n == 1).then(|| report.to_string())
     });
     let lines: Vec<String> = (0..2500)
         .map(|i| member_update(&format!("p{i}"), "Ada", "2026-01-01T00:00:01Z"))

@@ -48,12 +48,10 @@ impl Backend {
     /// is not taken for an empty outbox. (A running agent has made its store.)
     pub fn connect_existing(config: &Config) -> Result<Backend, CliError> {
         let path = &config.storage.path;
-        if !Store::exists_at(path) {
-            return Err(CliError::Usage(format!(
-                "no store at {} (storage.path in {}): nothing was ever stored there",
-                path.display(),
-                config.path.display()
-            )));
+        if !Store::exists_at(path)? {
+            return Err(CliError::Usage(
+                StoreError::Missing(path.clone()).to_string(),
+            ));
         }
         Backend::connect(config)
     }

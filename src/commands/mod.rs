@@ -397,7 +397,7 @@ fn fail(problems: Vec<String>) -> Result<(), CliError> {
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
 fn clock_report(config: &Config) -> String {
-    if !crate::store::Store::exists_at(&config.storage.path) {
+    if !Store::exists_at(&config.storage.path).unwrap_or(false) {
         return "wall clock not watched yet (no store)".to_owned();
     }
     let stats = Backend::connect(config)
@@ -610,39 +610,34 @@ fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
 fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Result<(), CliError> {
     let done = result[key].as_array().map_or(0, Vec::len);
     println!("{done} export(s) {verb}");
+    let listed =
+        |name: &str| -> Vec<Value> { result[name].as_array().cloned().unwrap_or_default() };
+    let ids = |name: &str| -> Vec<String> {
+        listed(name)
+            .iter()
+            .filter_map(|id| Some(id.as_str()?.to_owned()))
+            .collect()
+    };
     // Retrying an export that is not a dead letter changes nothing, and is no failure.
-    let pending: Vec<&str> = result["already_pending"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let pending = ids("already_pending");
     if !pending.is_empty() {
         println!(
             "already pending (not dead letters), left as they are: {}",
             pending.join(", ")
         );
     }
-    let missing: Vec<&str> = result["not_found"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let unreadable: Vec<&str> = result["unreadable"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let superseded: Vec<String> = result["superseded"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| {
-                    format!(
-                        "{} (after {})",
-                        s["id"].as_str().unwrap_or("?"),
-                        s["acknowledged"].as_str().unwrap_or("?")
-                    )
-                })
-                .collect()
+    let missing = ids("not_found");
+    let unreadable = ids("unreadable");
+    let superseded: Vec<String> = listed("superseded")
+        .iter()
+        .map(|s| {
+            format!(
+                "{} (after {})",
+                s["id"].as_str().unwrap_or("?"),
+                s["acknowledged"].as_str().unwrap_or("?")
+            )
         })
-        .unwrap_or_default();
+        .collect();
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!("not found: {}", missing.join(", ")));

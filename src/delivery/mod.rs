@@ -44,14 +44,14 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::RunClock;
 use crate::config::{Config, Secret};
 use crate::metrics::{DeliveryOutcome, Metrics, RetryCause};
-use crate::store::outbox::ExportChange;
+use crate::store::outbox::{ExportChange, Outcome};
 use crate::store::{Export, Store, StoreError};
 use auth::TokenSource;
 use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
 use queue::Queue;
 use retry::{classify, Class, ExportBackoff};
-use settler::{Change, Settler};
+use settler::Settler;
 
 /// The fewest pending exports held in memory ahead of sending ([`window`]): two reads' worth,
 /// so that a read is under way while the rest go out.
@@ -585,7 +585,7 @@ impl Deliverer {
             };
             self.metrics.record_delivery(outcome, None);
             self.metrics.record_retry(cause);
-            state.changes.push(Change {
+            state.changes.push(Outcome {
                 profile: Arc::clone(&profile),
                 seq: export.id.seq,
                 change: ExportChange::Failed {
@@ -728,7 +728,7 @@ struct LoopState {
     out_at_read: HashSet<u64>,
     read_retry_at: Option<Instant>,
     /// Changes made in this turn of the loop, sent to the settler together at its end.
-    changes: Vec<Change>,
+    changes: Vec<Outcome>,
     /// Exports whose failed attempt in this run stored a retry time, until they settle: their
     /// delivery removes it, also after a re-read of the outbox that did not see it yet.
     retry_stored: HashSet<u64>,
@@ -742,7 +742,7 @@ impl LoopState {
         debug_assert!(change.settles());
         self.retry_stored.remove(&export.id.seq);
         self.settling += 1;
-        self.changes.push(Change {
+        self.changes.push(Outcome {
             profile: Arc::clone(profile),
             seq: export.id.seq,
             change,

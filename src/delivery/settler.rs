@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-pub use crate::store::outbox::Outcome as Change;
+use crate::store::outbox::Outcome;
 use crate::store::{Store, StoreError};
 
 /// What became of a change the loop waits for.
@@ -27,7 +27,7 @@ const MAX_GROUP: usize = 4096;
 
 #[derive(Clone)]
 pub struct Settler {
-    changes: mpsc::UnboundedSender<Vec<Change>>,
+    changes: mpsc::UnboundedSender<Vec<Outcome>>,
 }
 
 impl Settler {
@@ -51,7 +51,7 @@ impl Settler {
 
     /// Hands over the changes of one turn of the delivery loop (one wake-up of the thread for
     /// all of them).
-    pub fn send(&self, changes: Vec<Change>) {
+    pub fn send(&self, changes: Vec<Outcome>) {
         if changes.is_empty() {
             return;
         }
@@ -62,7 +62,7 @@ impl Settler {
 
 fn run(
     store: &Store,
-    mut receiver: mpsc::UnboundedReceiver<Vec<Change>>,
+    mut receiver: mpsc::UnboundedReceiver<Vec<Outcome>>,
     settled: &mpsc::UnboundedSender<Vec<Settled>>,
 ) {
     while let Some(mut group) = receiver.blocking_recv() {

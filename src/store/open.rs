@@ -213,9 +213,19 @@ pub(super) fn probe_space(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Whether a store was ever made at `path` (its database, or one halfway through a swap).
-    pub fn exists_at(path: &Path) -> bool {
-        path.join("db").exists() || path.join(super::rebuild::SWAP_STATE).exists()
+    /// Whether a store was ever made at `path`: its database, or a store halfway through a
+    /// swap ([`rebuild`]) with only the state of the swap.
+    pub fn exists_at(path: &Path) -> Result<bool, StoreError> {
+        for file in ["db", rebuild::SWAP_STATE] {
+            if path
+                .join(file)
+                .try_exists()
+                .map_err(|e| rebuild::io_error(path, &e))?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Opens (or creates) the store. A store open in another process is [`StoreError::Locked`].

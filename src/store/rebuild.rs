@@ -463,16 +463,8 @@ impl Store {
     /// [`StoreError::Missing`] if the folder holds no store (none is made);
     /// [`StoreError::Locked`] while another process has it open.
     pub fn compact(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
-        // Looked at before the open, which would make a store: a store mid-swap has one of the
-        // two.
-        let mut is_store = false;
-        for file in ["db", SWAP_STATE] {
-            is_store |= path
-                .join(file)
-                .try_exists()
-                .map_err(|e| io_error(path, &e))?;
-        }
-        if !is_store {
+        // Looked at before the open, which would make a store.
+        if !Store::exists_at(path)? {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
         // Not rebuilt at the open: the compaction is one.
@@ -590,7 +582,7 @@ impl Drop for FailUnlessReopened<'_> {
     }
 }
 
-fn io_error(store: &Path, e: &io::Error) -> StoreError {
+pub(super) fn io_error(store: &Path, e: &io::Error) -> StoreError {
     StoreError::Io {
         path: store.to_path_buf(),
         detail: super::error::io_detail(e),

@@ -189,15 +189,11 @@ fn superseded_by(
     superseded: &TransactionalTree,
     seq: u64,
 ) -> Result<Option<u64>, ConflictableTransactionError<StoreError>> {
+    // A value of another size (written by nobody) reads as none.
     Ok(superseded
         .get(keys::seq_key(seq))?
         .as_deref()
-        .and_then(decode_seq))
-}
-
-/// A value of another size (written by nobody) reads as none.
-fn decode_seq(value: &[u8]) -> Option<u64> {
-    value.try_into().ok().map(u64::from_be_bytes)
+        .and_then(keys::seq_from_key))
 }
 
 /// What became of a dead letter to be put back.
@@ -266,7 +262,7 @@ impl Store {
             Ok(t.superseded
                 .get(keys::seq_key(seq))?
                 .as_deref()
-                .and_then(decode_seq))
+                .and_then(keys::seq_from_key))
         })
     }
 }
