@@ -2,9 +2,11 @@
 //! socket and (with `[source.nats]`) the stream consumers, started together and stopped together.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -12,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Watcher;
 use crate::config::Config;
-use crate::delivery::{Deliverer, SetupError};
+use crate::delivery::{panic_message, Deliverer, DeliveryStopped, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
 use crate::store::committer::{CommitError, Committer};
@@ -38,6 +40,8 @@ pub enum AgentError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}; the agent stopped (nothing pending is lost: start it again)")]
+    Delivery(#[from] DeliveryStopped),
 }
 
 impl AgentError {
@@ -71,6 +75,7 @@ pub struct Agent {
     pub store: Arc<Store>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    delivery: JoinHandle<Result<(), DeliveryStopped>>,
     clock: JoinHandle<Watcher>,
 }
 
@@ -122,15 +127,16 @@ impl Agent {
         let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
         let mut tasks = Vec::new();
-        {
-            let running = Arc::clone(&delivery_running);
-            let (wake, stop) = (Arc::clone(&wake), shutdown.clone());
+        let delivery = {
             let deliverer = Arc::new(deliverer);
-            tasks.push(tokio::spawn(async move {
-                deliverer.run(wake, stop).await;
-                running.store(false, Ordering::Relaxed);
-            }));
-        }
+            let run = deliverer.run(Arc::clone(&wake), shutdown.clone());
+            tokio::spawn(supervise_delivery(
+                run,
+                Arc::clone(&delivery_running),
+                Arc::clone(&store),
+                shutdown.clone(),
+            ))
+        };
         let source = match &config.nats {
             Some(nats) => {
                 let (state, consumers) = crate::source::nats::start(
@@ -196,6 +202,7 @@ impl Agent {
             store,
             shutdown,
             tasks,
+            delivery,
             clock,
         })
     }
@@ -210,6 +217,10 @@ impl Agent {
         for task in self.tasks {
             let _ = task.await;
         }
+        let delivery = match self.delivery.await {
+            Ok(ended) => ended,
+            Err(e) => Err(DeliveryStopped::Panicked(e.to_string())),
+        };
         // The last checkpoint of the run time, then the flush that makes it durable.
         let store = Arc::clone(&self.store);
         let last_write = async move {
@@ -231,6 +242,7 @@ impl Agent {
             }
             Err(e) => return Err(e.into()),
         }
+        delivery?;
         tracing::info!("outpost stopped");
         Ok(())
     }
@@ -240,6 +252,29 @@ impl Agent {
         self.shutdown.cancel();
         self.wait().await
     }
+}
+
+/// Runs the delivery loop. Should it end before `shutdown` (a panic, or the thread that records
+/// deliveries gone), `/healthz` stops answering 200, a put-back no longer waits for requests
+/// that will never be recorded, and the whole agent stops with the error, so that a service
+/// manager restarts it rather than letting it take updates it will never deliver.
+async fn supervise_delivery(
+    run: impl std::future::Future<Output = Result<(), DeliveryStopped>>,
+    running: Arc<AtomicBool>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> Result<(), DeliveryStopped> {
+    let ended = AssertUnwindSafe(run)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(DeliveryStopped::Panicked(panic_message(&*panic))));
+    running.store(false, Ordering::Relaxed);
+    if let Err(e) = &ended {
+        store.set_exports_out(usize::MAX);
+        tracing::error!(error = %e, "delivery stopped; stopping the agent");
+        shutdown.cancel();
+    }
+    ended
 }
 
 /// How often a failed store is checked for room to reopen it.
@@ -351,5 +386,78 @@ async fn run_backfill(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn panicking_loop() -> Result<(), DeliveryStopped> {
+        panic!("a bug in the loop");
+    }
+
+    fn supervised() -> (
+        tempfile::TempDir,
+        Arc<Store>,
+        Arc<AtomicBool>,
+        CancellationToken,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        store.set_exports_out(0);
+        (
+            dir,
+            store,
+            Arc::new(AtomicBool::new(true)),
+            CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_delivery_loop_that_panics_stops_the_agent_and_put_backs() {
+        let (_dir, store, running, shutdown) = supervised();
+        let ended = supervise_delivery(
+            panicking_loop(),
+            Arc::clone(&running),
+            Arc::clone(&store),
+            shutdown.clone(),
+        )
+        .await;
+        match ended {
+            Err(DeliveryStopped::Panicked(message)) => assert_eq!(message, "a bug in the loop"),
+            other => panic!("expected the panic, got {other:?}"),
+        }
+        assert!(
+            !running.load(Ordering::Relaxed),
+            "/healthz would still say running"
+        );
+        assert!(
+            shutdown.is_cancelled(),
+            "the agent goes on without delivery"
+        );
+        let put_back = store.rewinding_with_nothing_out(Duration::from_millis(20), || ());
+        assert!(
+            put_back.is_none(),
+            "a put-back must not trust what the dead loop published"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delivery_loop_that_stops_when_told_leaves_the_agent_to_stop_itself() {
+        let (_dir, store, running, shutdown) = supervised();
+        let ended = supervise_delivery(
+            async { Ok(()) },
+            Arc::clone(&running),
+            Arc::clone(&store),
+            shutdown.clone(),
+        )
+        .await;
+        assert!(ended.is_ok());
+        assert!(!running.load(Ordering::Relaxed));
+        assert!(!shutdown.is_cancelled());
+        let put_back = store.rewinding_with_nothing_out(Duration::from_millis(20), || ());
+        assert!(put_back.is_some(), "what the loop published is kept");
     }
 }

@@ -72,6 +72,25 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const READ_CHUNK: usize = 1_024;
 const FIRST_READ: usize = 128;
 
+/// Why delivery ended before it was told to stop. Everything not recorded stays pending and is
+/// sent again after a restart.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryStopped {
+    #[error("the delivery loop panicked: {0}")]
+    Panicked(String),
+    #[error("the thread that records deliveries in the store stopped: {0}")]
+    SettlerGone(String),
+}
+
+/// The message a panic was raised with, when it has one.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Pending exports held in memory ahead of sending: four times what the requests in flight
 /// can take at most, within [`MIN_WINDOW`] and [`MAX_HELD`]. Holding more only costs memory:
 /// with the defaults (64 requests of one export) the minimum holds 32 rounds of every request
@@ -246,8 +265,13 @@ impl Deliverer {
     }
 
     /// Runs until `shutdown`; then lets the requests in flight finish, records their outcomes
-    /// durably, and returns. `wake` is notified on commits and repairs.
-    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    /// durably, and returns. `wake` is notified on commits and repairs. Ends early, with an
+    /// error, when the thread that records outcomes is gone: nothing could settle any more.
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<(), DeliveryStopped> {
         let (settler, mut settled, settler_thread) = Settler::start(Arc::clone(&self.store));
         let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
         let (read_tx, mut reads) = mpsc::unbounded_channel::<Read>();
@@ -268,6 +292,7 @@ impl Deliverer {
         // Whether the loop stopped with nothing out: requests it gave up on may still be
         // acknowledged, unrecorded.
         let all_recorded: bool;
+        let mut settler_gone = false;
         // One timer for the idle tick, moved forward when it fires rather than made anew on
         // every turn of the loop.
         let idle = tokio::time::sleep(IDLE_TICK);
@@ -338,7 +363,14 @@ impl Deliverer {
                 Some(read) = reads.recv() => {
                     self.read_done(&mut state, read, Instant::now());
                 }
-                Some(group) = settled.recv() => {
+                group = settled.recv() => {
+                    // The thread sends until its channel is closed, after this loop: ended
+                    // before, it panicked.
+                    let Some(group) = group else {
+                        settler_gone = true;
+                        all_recorded = false;
+                        break;
+                    };
                     for s in group {
                         if s.vanished {
                             state.queue.remove(&s.profile, s.seq);
@@ -363,16 +395,20 @@ impl Deliverer {
         drop(state);
         let joined = tokio::task::spawn_blocking(move || settler_thread.join());
         let joined = tokio::time::timeout(STOP_GRACE, joined).await;
-        if joined.is_err() {
-            tracing::warn!("the last failed attempts were not recorded in time; they stay pending as they were");
-        }
         drop(settled);
         // Nothing is sent any more: a put-back need not wait, unless an export given up on may
         // still be acknowledged (then a put-back keeps waiting, and fails).
-        if all_recorded && joined.is_ok() {
-            self.store.set_exports_out(0);
-        } else {
-            self.store.set_exports_out(usize::MAX);
+        let recorded = all_recorded && matches!(joined, Ok(Ok(Ok(()))));
+        self.store
+            .set_exports_out(if recorded { 0 } else { usize::MAX });
+        match joined {
+            Ok(Ok(Err(panic))) => Err(DeliveryStopped::SettlerGone(panic_message(&*panic))),
+            _ if settler_gone => Err(DeliveryStopped::SettlerGone("it ended".into())),
+            Err(_) => {
+                tracing::warn!("the last failed attempts were not recorded in time; they stay pending as they were");
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
