@@ -260,11 +260,6 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
     Ok(json!({"dropped": dropped, "not_found": missing}))
 }
 
-/// How long `outbox retry` waits for the requests in flight to end (see
-/// [`Store::rewinding_with_nothing_out`]): six times the default request timeout, and within
-/// the CLI's wait for an answer.
-const PUT_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// An export as `outbox list` and `show` give it; a dead letter also names the newer export of
 /// its profile that the endpoint acknowledged, if one did (then it is never sent again).
 fn export_view(store: &Store, export: &Export) -> Result<Value, AdminError> {
@@ -351,12 +346,13 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     // delivery loop's window: the loop must not start requests meanwhile, and reads the outbox
     // again from its head after.
     let (done, missing) = if retry {
+        let wait = store.put_back_wait();
         store
-            .rewinding_with_nothing_out(PUT_BACK_WAIT, apply)
+            .rewinding_with_nothing_out(wait, apply)
             .ok_or_else(|| {
                 AdminError::Failed(format!(
                     "nothing was put back: exports were still being sent after {} s; try again",
-                    PUT_BACK_WAIT.as_secs()
+                    wait.as_secs()
                 ))
             })??
     } else {

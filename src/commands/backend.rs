@@ -12,15 +12,19 @@ use super::CliError;
 use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest};
 use crate::config::Config;
 use crate::profile::Update;
-use crate::store::{BatchSummary, Store, StoreError};
+use crate::store::{put_back_wait, BatchSummary, Store, StoreError};
 
 /// How long the CLI waits for the agent's answer.
-const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where the CLI's requests go.
 pub enum Backend {
-    /// The running agent's admin socket.
-    Agent(PathBuf),
+    /// The running agent's admin socket, and the agent's request timeout, which bounds how
+    /// long a retry waits before it puts back.
+    Agent {
+        socket: PathBuf,
+        request_timeout: Duration,
+    },
     /// The store on disk, opened by this process.
     Local(Box<Store>),
 }
@@ -30,7 +34,10 @@ impl Backend {
     pub fn connect(config: &Config) -> Result<Backend, CliError> {
         let socket = crate::server::admin::socket_path(&config.storage.path);
         if Backend::agent_answers(config) {
-            return Ok(Backend::Agent(socket));
+            return Ok(Backend::Agent {
+                socket,
+                request_timeout: config.delivery.request_timeout,
+            });
         }
         match Store::open(&config.storage.path, config.storage.cache_bytes) {
             Ok(store) => Ok(Backend::Local(Box::new(store))),
@@ -64,7 +71,10 @@ impl Backend {
     pub fn execute(&self, request: &AdminRequest) -> Result<Value, AdminError> {
         match self {
             Backend::Local(store) => execute(store, request),
-            Backend::Agent(socket) => call_agent(socket, request),
+            Backend::Agent {
+                socket,
+                request_timeout,
+            } => call_agent(socket, request, answer_within(request, *request_timeout)),
         }
     }
 
@@ -94,11 +104,11 @@ impl Backend {
                 );
                 Ok(summaries[0])
             }
-            Backend::Agent(socket) => {
+            Backend::Agent { socket, .. } => {
                 let request = AdminRequest::Ingest {
                     updates: updates.iter().map(Update::to_value).collect(),
                 };
-                let report = call_agent(socket, &request)?;
+                let report = call_agent(socket, &request, Some(AGENT_TIMEOUT))?;
                 // The agent took the chunk; what it says of it cannot be read.
                 BatchSummary::from_report(&report).ok_or_else(|| {
                     CliError::Unanswered(format!("unexpected answer from the agent: {report}"))
@@ -127,17 +137,26 @@ fn run_backfill(store: &Store, mapping: &crate::config::Mapping) -> Result<(), S
     Ok(())
 }
 
-pub(super) fn call_agent(socket: &Path, request: &AdminRequest) -> Result<Value, AdminError> {
+/// How long the agent may take to answer `request`. A compaction takes as long as the store
+/// is large; the agent answers when it is done. A retry first waits for the requests in flight
+/// (see [`put_back_wait`]), then puts back.
+fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Duration> {
+    match request {
+        AdminRequest::Compact => None,
+        AdminRequest::Retry { .. } => Some(put_back_wait(request_timeout) + 2 * AGENT_TIMEOUT),
+        _ => Some(AGENT_TIMEOUT),
+    }
+}
+
+/// Sends `request` to the agent and waits `timeout` for its answer (`None`: for ever).
+pub(super) fn call_agent(
+    socket: &Path,
+    request: &AdminRequest,
+    timeout: Option<Duration>,
+) -> Result<Value, AdminError> {
     let failed =
         |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
     let mut stream = UnixStream::connect(socket).map_err(failed)?;
-    // A compaction takes as long as the store is large; the agent answers when it is done. A
-    // retry first waits for the requests in flight (at most a minute), then puts back.
-    let timeout = match request {
-        AdminRequest::Compact => None,
-        AdminRequest::Retry { .. } => Some(AGENT_TIMEOUT * 3),
-        _ => Some(AGENT_TIMEOUT),
-    };
     stream.set_read_timeout(timeout).map_err(failed)?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');

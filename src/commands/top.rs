@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 
-use super::backend::call_agent;
+use super::backend::{call_agent, AGENT_TIMEOUT};
 use super::CliError;
 use crate::admin::AdminRequest;
 use crate::config::{Auth, Config};
@@ -76,7 +76,8 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
 
 /// One snapshot from the agent, timed on this process's monotonic clock.
 fn snapshot(socket: &Path, started: Instant) -> Result<Snapshot, String> {
-    let answer = call_agent(socket, &AdminRequest::Snapshot).map_err(|e| e.to_string())?;
+    let answer = call_agent(socket, &AdminRequest::Snapshot, Some(AGENT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     Snapshot::from_answer(started.elapsed().as_secs_f64(), &answer)
 }
 

@@ -272,6 +272,7 @@ impl Deliverer {
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) -> Result<(), DeliveryStopped> {
+        self.store.set_request_timeout(self.request_timeout);
         let (settler, mut settled, settler_thread) = Settler::start(Arc::clone(&self.store));
         let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
         let (read_tx, mut reads) = mpsc::unbounded_channel::<Read>();

@@ -136,6 +136,13 @@ pub(super) fn append_exports(
     Ok(next_seq)
 }
 
+/// How long a put-back waits for the delivery loop to have nothing out: the longest a request
+/// in flight can take, then time for the outcomes to be recorded (a minute with the default
+/// 10 s timeout).
+pub fn put_back_wait(request_timeout: std::time::Duration) -> std::time::Duration {
+    request_timeout + std::time::Duration::from_secs(50)
+}
+
 impl Store {
     pub(super) fn decode_export(
         &self,
@@ -268,6 +275,20 @@ impl Store {
     /// request meanwhile. Read in [`Store::unless_rewound`].
     pub fn requests_held(&self) -> bool {
         self.holding_requests.load(Ordering::SeqCst) > 0
+    }
+
+    /// The delivery loop says how long a request of its may take, before it starts any.
+    pub fn set_request_timeout(&self, timeout: std::time::Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.request_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// How long a put-back through a running agent waits for it to have nothing out: see
+    /// [`put_back_wait`].
+    pub fn put_back_wait(&self) -> std::time::Duration {
+        put_back_wait(std::time::Duration::from_millis(
+            self.request_timeout_ms.load(Ordering::SeqCst),
+        ))
     }
 
     /// The delivery loop says how many exports it has out, in [`Store::unless_rewound`].
@@ -427,6 +448,12 @@ mod tests {
             assert_eq!(waiting.join().unwrap(), Some(8));
         });
         assert!(!store.requests_held());
+        store.set_request_timeout(std::time::Duration::from_secs(100));
+        assert_eq!(
+            store.put_back_wait(),
+            std::time::Duration::from_secs(150),
+            "the longest request, then time to record its outcome"
+        );
         assert!(
             store.unless_rewound(|rewound| rewound),
             "the loop reads the outbox again"

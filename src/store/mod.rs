@@ -79,7 +79,7 @@ use crate::clock::{ClockRecord, RunClock};
 use keys::meta;
 
 pub use error::{is_no_space, StoreError};
-pub use export::{format_ms, Export, ExportId, ListFilter};
+pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
@@ -154,6 +154,8 @@ pub struct Store {
     /// [`Store::rewinding_with_nothing_out`]).
     holding_requests: AtomicU32,
     exports_out: AtomicU64,
+    /// The delivery loop's request timeout, which bounds how long it has an export in flight.
+    request_timeout_ms: AtomicU64,
     /// The store's run time as this process counts it, from the last checkpoint on.
     run_clock: RunClock,
     /// `next_seq` as the last committed transaction left it, and as the last completed flush

@@ -257,6 +257,7 @@ impl Store {
             rewound: AtomicBool::new(false),
             holding_requests: AtomicU32::new(0),
             exports_out: AtomicU64::new(0),
+            request_timeout_ms: AtomicU64::new(0),
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
