@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
 use crate::store::source::parse_rejected_id;
-use crate::store::{Export, ExportId, ListFilter, Place, PutBack, Store, StoreError};
+use crate::store::{
+    Export, ExportId, ListFilter, MaybeAcknowledged, Place, PutBack, Store, StoreError,
+};
 
 /// The name of the agent's socket in the store folder.
 pub const SOCKET_NAME: &str = "outpost.sock";
@@ -296,6 +298,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let mut unreadable = Vec::new();
     let mut already_pending = Vec::new();
     let mut superseded = Vec::new();
+    let mut maybe_overtaken = Vec::new();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
@@ -310,17 +313,27 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         };
         let mut done = Vec::new();
         let mut missing = Vec::new();
+        let maybe_acknowledged = if retry {
+            let seqs: Vec<u64> = targets.iter().filter_map(|(_, seq)| *seq).collect();
+            store.maybe_acknowledged(&seqs)?
+        } else {
+            MaybeAcknowledged::default()
+        };
         for (text, seq) in targets {
             let Some(seq) = seq else {
                 missing.push(text);
                 continue;
             };
             if retry {
-                match store.put_back_dead_letter(seq, now, uptime_ms)? {
+                match store.put_back_dead_letter(seq, now, uptime_ms, &maybe_acknowledged)? {
                     PutBack::Done => done.push(text),
                     PutBack::Superseded { by } => superseded.push(json!({
                         "id": text,
                         "acknowledged": store.export_id(by).to_string(),
+                    })),
+                    PutBack::MaybeOvertaken { by } => maybe_overtaken.push(json!({
+                        "id": text,
+                        "pending": store.export_id(by).to_string(),
                     })),
                     PutBack::Unreadable => unreadable.push(text),
                     // Retrying an export still pending changes nothing; it is there all the same.
@@ -366,6 +379,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         "unreadable": unreadable,
         "already_pending": already_pending,
         "superseded": superseded,
+        "maybe_overtaken": maybe_overtaken,
     }))
 }
 

@@ -587,3 +587,76 @@ async fn retry_refuses_a_dead_letter_a_newer_export_overtook() {
     assert_counts(&ws, 0, 1);
     assert_eq!(destination.delivered_keys(), newer, "nothing sent again");
 }
+
+/// After a `kill -9` with a newer export of a profile in flight (the endpoint may have
+/// acknowledged it, unrecorded), `outbox retry` leaves the profile's older dead letter as it is
+/// until the newer export is delivered, which supersedes it: the endpoint never gets the older
+/// export after the newer one.
+#[tokio::test]
+async fn retry_after_a_crash_holds_a_dead_letter_behind_a_newer_export_maybe_acknowledged() {
+    let destination = Destination::start().await;
+    let arrivals: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hold_newer = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (seen, hold) = (Arc::clone(&arrivals), Arc::clone(&hold_newer));
+    destination
+        .receiver
+        .set_export_script(Some(Arc::new(move |_, r| {
+            let name = r
+                .json()
+                .and_then(|p| Some(p["person"]["name"]["firstName"].as_str()?.to_owned()))
+                .unwrap_or_default();
+            seen.lock().unwrap().push(name.clone());
+            match name.as_str() {
+                "v1" => Reply::Status(400, vec![], "refused".into()),
+                "v2" if hold.load(std::sync::atomic::Ordering::SeqCst) => {
+                    Reply::Delay(Duration::from_secs(60))
+                }
+                _ => Reply::Normal,
+            }
+        })));
+    let (ws, port) = workspace(&destination);
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    ws.run_ok(&["ingest", "-"], Some(update("p1", "v1").as_bytes()));
+    wait_counts(&ws, 0, 1).await;
+    let older = id_of(&ws, "p1", &["--dead"]);
+    let newer_update = member_update("p1", "v2", "2026-01-01T00:00:02Z");
+    ws.run_ok(&["ingest", "-"], Some(newer_update.as_bytes()));
+    wait_until(10, "the newer export at the endpoint", || {
+        arrivals.lock().unwrap().len() == 2
+    })
+    .await;
+    agent
+        .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
+        .await;
+    let newer = id_of(&ws, "p1", &[]);
+
+    let out = ws.run(&["outbox", "retry", &older], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("may already have reached the endpoint")
+            && stderr.contains(&format!("{older} (before {newer})")),
+        "{stderr}"
+    );
+    let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0 export(s) put back in the outbox", "{out}");
+    assert!(
+        lines[1].starts_with("1 dead letter(s) left as they are: a newer export"),
+        "{out}"
+    );
+    assert_counts(&ws, 1, 1);
+
+    hold_newer.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    wait_counts(&ws, 0, 1).await;
+    let out = ws.run(&["outbox", "retry", &older], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains(&format!("{older} (after {newer})")),
+        "superseded once the newer export is delivered: {}",
+        stderr_of(&out)
+    );
+    agent.terminate().await;
+    assert_eq!(*arrivals.lock().unwrap(), ["v1", "v2", "v2"]);
+}

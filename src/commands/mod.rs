@@ -628,16 +628,20 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     }
     let missing = ids("not_found");
     let unreadable = ids("unreadable");
-    let superseded: Vec<String> = listed("superseded")
-        .iter()
-        .map(|s| {
-            format!(
-                "{} (after {})",
-                s["id"].as_str().unwrap_or("?"),
-                s["acknowledged"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
+    let paired = |name: &str, with: &str, word: &str| -> Vec<String> {
+        listed(name)
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} ({word} {})",
+                    s["id"].as_str().unwrap_or("?"),
+                    s[with].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    let superseded = paired("superseded", "acknowledged", "after");
+    let maybe_overtaken = paired("maybe_overtaken", "pending", "before");
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!("not found: {}", missing.join(", ")));
@@ -652,6 +656,19 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
         problems.push(format!(
             "not retried, the endpoint has acknowledged a newer export of the same profile, which sending these would undo (`outbox drop ID` deletes them): {}",
             superseded.join(", ")
+        ));
+    }
+    // Held until the newer export is delivered (then superseded) or dead too.
+    let held = "a newer export of the same profile is pending and may already have reached the endpoint (the agent stopped before recording every delivery), so sending the older one first could undo it; once the newer one is delivered, the older is superseded";
+    if all_dead && !maybe_overtaken.is_empty() {
+        println!(
+            "{} dead letter(s) left as they are: {held}",
+            maybe_overtaken.len()
+        );
+    } else if !maybe_overtaken.is_empty() {
+        problems.push(format!(
+            "not retried, {held}: {}",
+            maybe_overtaken.join(", ")
         ));
     }
     if !unreadable.is_empty() {

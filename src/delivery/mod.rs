@@ -273,6 +273,9 @@ impl Deliverer {
         shutdown: CancellationToken,
     ) -> Result<(), DeliveryStopped> {
         self.store.set_request_timeout(self.request_timeout);
+        if !self.record_that_delivery_runs(&shutdown).await {
+            return Ok(());
+        }
         let (settler, mut settled, settler_thread) = Settler::start(Arc::clone(&self.store));
         let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
         let (read_tx, mut reads) = mpsc::unbounded_channel::<Read>();
@@ -402,6 +405,11 @@ impl Deliverer {
         let recorded = all_recorded && matches!(joined, Ok(Ok(Ok(()))));
         self.store
             .set_exports_out(if recorded { 0 } else { usize::MAX });
+        if recorded {
+            if let Err(e) = self.store.delivery_stopped_recorded() {
+                tracing::debug!(error = %e, "not recorded that every outcome was; the next start errs towards refusing put-backs");
+            }
+        }
         match joined {
             Ok(Ok(Err(panic))) => Err(DeliveryStopped::SettlerGone(panic_message(&*panic))),
             _ if settler_gone => Err(DeliveryStopped::SettlerGone("it ended".into())),
@@ -410,6 +418,30 @@ impl Deliverer {
                 Ok(())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Records, durably, that delivery runs before anything is sent (see
+    /// `store::unrecorded`), trying again while the store cannot be written. `false` if told
+    /// to stop first.
+    async fn record_that_delivery_runs(&self, shutdown: &CancellationToken) -> bool {
+        let mut failures = 0u32;
+        loop {
+            let store = Arc::clone(&self.store);
+            let written = tokio::task::spawn_blocking(move || store.delivery_starting()).await;
+            match written {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) if failures == 0 => {
+                    tracing::error!(error = %e, "cannot record in the store that delivery starts; nothing is sent until it is")
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot record that delivery starts"),
+                Err(e) => panic!("recording that delivery starts: {e}"),
+            }
+            failures += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(READ_RETRY) => {}
+                _ = shutdown.cancelled() => return false,
+            }
         }
     }
 

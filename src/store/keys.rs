@@ -33,6 +33,11 @@ pub mod meta {
     pub const PROFILES: &[u8] = b"profiles";
     /// Present while the store is to be rebuilt into a fresh database (see `store::rebuild`).
     pub const REBUILD: &[u8] = b"rebuild";
+    /// Present while a delivery loop runs and may have outcomes unrecorded (see
+    /// `store::unrecorded`).
+    pub const DELIVERING: &[u8] = b"delivering";
+    /// Pending exports below this sequence (u64 BE) may have been acknowledged unrecorded.
+    pub const UNRECORDED_BELOW: &[u8] = b"unrecorded_below";
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ pub mod source;
 mod superseded;
 mod tally;
 mod unreadable;
+mod unrecorded;
 mod upgrade;
 
 use std::fs::File;
@@ -86,6 +87,7 @@ pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;
 pub use tally::{ClockJumpReport, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};
+pub use unrecorded::MaybeAcknowledged;
 
 /// The sled handles of an open store. They are replaced as a whole when the store is reopened
 /// after an I/O error ([`Store::recover`]); holders of `Arc<Store>` keep working.
@@ -156,6 +158,9 @@ pub struct Store {
     exports_out: AtomicU64,
     /// The delivery loop's request timeout, which bounds how long it has an export in flight.
     request_timeout_ms: AtomicU64,
+    /// Pending exports below this sequence may have been acknowledged unrecorded, as the store
+    /// was found at open ([`unrecorded`]).
+    unrecorded_below: u64,
     /// The store's run time as this process counts it, from the last checkpoint on.
     run_clock: RunClock,
     /// `next_seq` as the last committed transaction left it, and as the last completed flush

@@ -17,7 +17,7 @@ use super::error::{io_detail, is_no_space, StoreError};
 use super::keys::{self, meta};
 use super::superseded::DeadLetterIndex;
 use super::tally::{Place, Tally};
-use super::{profiles, rebuild, upgrade, Store, Trees};
+use super::{profiles, rebuild, unrecorded, upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
 
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
@@ -244,6 +244,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let lock = retry_locked(|| rebuild::lock(path))?;
         let (trees, opened) = Store::open_trees(path, cache_bytes, may_rebuild)?;
+        let unrecorded_below = unrecorded::unrecorded_below_at_open(&trees, opened.next_seq)?;
         Ok(Store {
             path: path.to_path_buf(),
             cache_bytes,
@@ -258,6 +259,7 @@ impl Store {
             holding_requests: AtomicU32::new(0),
             exports_out: AtomicU64::new(0),
             request_timeout_ms: AtomicU64::new(0),
+            unrecorded_below,
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),

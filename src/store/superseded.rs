@@ -23,7 +23,7 @@ use sled::Transactional;
 
 use super::codec::{self, ExportRecord};
 use super::tally::{read_tally, write_tally, Tally};
-use super::{keys, Place, Store, StoreError, Trees};
+use super::{keys, MaybeAcknowledged, Place, Store, StoreError, Trees};
 use crate::source::partition::fnv1a64;
 
 /// See the module docs.
@@ -203,6 +203,9 @@ pub enum PutBack {
     Done,
     /// Not put back: the endpoint acknowledged `by`, a newer export of its profile.
     Superseded { by: u64 },
+    /// Not put back: `by`, a newer export of its profile, is pending and may have been
+    /// acknowledged by a run that did not record it ([`super::unrecorded`]).
+    MaybeOvertaken { by: u64 },
     /// Not put back: nothing can be sent from a record that could not be read.
     Unreadable,
     /// No such dead letter.
@@ -219,6 +222,7 @@ impl Store {
         seq: u64,
         queued_at_ms: i64,
         queued_at_uptime_ms: u64,
+        maybe_acknowledged: &MaybeAcknowledged,
     ) -> Result<PutBack, StoreError> {
         let key = keys::seq_key(seq);
         self.with(|t| {
@@ -240,6 +244,9 @@ impl Store {
                         Ok(record) if !record.is_unreadable() => record,
                         _ => return Ok(PutBack::Unreadable),
                     };
+                    if let Some(by) = maybe_acknowledged.newer_than(&record.profile_id, seq) {
+                        return Ok(PutBack::MaybeOvertaken { by });
+                    }
                     record.dead_at_ms = None;
                     record.queued_at_ms = queued_at_ms;
                     record.queued_at_uptime_ms = queued_at_uptime_ms;
@@ -316,7 +323,9 @@ mod tests {
     const DELIVERED: ExportChange = ExportChange::Delivered { retried: false };
 
     fn put_back(store: &Store, seq: u64) -> PutBack {
-        store.put_back_dead_letter(seq, 2, 2).unwrap()
+        store
+            .put_back_dead_letter(seq, 2, 2, &MaybeAcknowledged::default())
+            .unwrap()
     }
 
     fn counts(store: &Store) -> (u64, u64) {

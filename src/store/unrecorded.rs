@@ -1,0 +1,254 @@
+//! Exports the endpoint may have acknowledged without the store knowing.
+//!
+//! A delivery is recorded (the export removed, durably) after the endpoint's 2xx. A run of the
+//! delivery loop that ends before recording every outcome (`kill -9`, a crash, or a stop that
+//! gave up on requests) may leave pending exports that the endpoint acknowledged. Sending one
+//! again is harmless (at least once; `Idempotency-Key`), but a dead letter of its profile put
+//! back before it would reach the endpoint after it: an older export after a newer one was
+//! acknowledged (SPEC "Order").
+//!
+//! So `meta/delivering` is written, durably, before the loop sends anything, and removed once
+//! it stopped with every outcome recorded. An open that finds it knows the last run ended
+//! otherwise: every export pending then, all below `next_seq` at that open, may have been
+//! acknowledged; so does an open of a store no delivery loop of this version ran on yet.
+//! `meta/unrecorded_below` keeps that bound for later runs (it only grows), and
+//! `outbox retry` refuses a dead letter while a newer export of its profile below it is
+//! pending. Once that export is delivered, the dead letter is superseded
+//! ([`super::superseded`]). A dead letter put back under the bound counts too, which errs
+//! towards refusing.
+
+use std::collections::HashMap;
+
+use super::keys::{self, meta};
+use super::{codec, Store, StoreError, Trees};
+
+/// The bound below which pending exports may have been acknowledged unrecorded, as an open
+/// finds it: the recorded one, raised to `next_seq` if the last delivery loop did not stop
+/// with every outcome recorded, or if no delivery loop of this version ran on the store yet
+/// (one of an earlier version may have ended any way; a new store has `next_seq` 0).
+pub(super) fn unrecorded_below_at_open(t: &Trees, next_seq: u64) -> Result<u64, StoreError> {
+    let Some(recorded) = t.meta.get(meta::UNRECORDED_BELOW)? else {
+        return Ok(next_seq);
+    };
+    let recorded = keys::seq_from_key(&recorded)
+        .ok_or_else(|| StoreError::corrupt("meta/unrecorded_below", "not 8 bytes"))?;
+    Ok(if t.meta.contains_key(meta::DELIVERING)? {
+        recorded.max(next_seq)
+    } else {
+        recorded
+    })
+}
+
+/// The newest pending export, under the bound, of each profile of some dead letters.
+#[derive(Debug, Default)]
+pub struct MaybeAcknowledged {
+    newest: HashMap<String, u64>,
+}
+
+impl MaybeAcknowledged {
+    /// A pending export of `profile` newer than `seq` that the endpoint may have acknowledged.
+    pub fn newer_than(&self, profile: &str, seq: u64) -> Option<u64> {
+        self.newest.get(profile).copied().filter(|&n| n > seq)
+    }
+}
+
+impl Store {
+    /// Before the delivery loop sends anything: records that it runs, and the bound found at
+    /// open, durably.
+    pub fn delivery_starting(&self) -> Result<(), StoreError> {
+        self.with(|t| {
+            t.meta.insert(
+                meta::UNRECORDED_BELOW,
+                &keys::seq_key(self.unrecorded_below),
+            )?;
+            t.meta.insert(meta::DELIVERING, &[])?;
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// Once the delivery loop stopped with every outcome recorded; made durable by the next
+    /// flush (until then a restart errs towards refusing).
+    pub fn delivery_stopped_recorded(&self) -> Result<(), StoreError> {
+        self.with(|t| {
+            t.meta.remove(meta::DELIVERING)?;
+            Ok(())
+        })
+    }
+
+    /// For a put-back of `dead` (sequences of dead letters): the pending exports of their
+    /// profiles that the endpoint may have acknowledged (see the module docs). Scans the
+    /// outbox between the oldest of them and the bound, reading only profile ids.
+    pub fn maybe_acknowledged(&self, dead: &[u64]) -> Result<MaybeAcknowledged, StoreError> {
+        let below = self.unrecorded_below;
+        let mut found = MaybeAcknowledged::default();
+        let Some(oldest) = dead.iter().copied().filter(|&s| s < below).min() else {
+            return Ok(found);
+        };
+        self.with(|t| {
+            for &seq in dead.iter().filter(|&&s| s < below) {
+                if let Some(value) = t.dead.get(keys::seq_key(seq))? {
+                    if let Ok(profile) = codec::export_profile_id(&value) {
+                        found.newest.entry(profile.to_owned()).or_insert(0);
+                    }
+                }
+            }
+            if found.newest.is_empty() {
+                return Ok(());
+            }
+            let range = keys::seq_key(oldest.saturating_add(1))..keys::seq_key(below);
+            for item in t.outbox.range(range) {
+                let (key, value) = item?;
+                let (Some(seq), Ok(profile)) =
+                    (keys::seq_from_key(&key), codec::export_profile_id(&value))
+                else {
+                    continue;
+                };
+                if let Some(newest) = found.newest.get_mut(profile) {
+                    *newest = (*newest).max(seq);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mapping;
+    use crate::store::{ListFilter, Place, PutBack};
+
+    /// Stores one export for each `(profile, name)`, in order; their sequences.
+    fn export_each(store: &Store, updates: &[(&str, &str)]) -> Vec<u64> {
+        let pending = || -> Vec<u64> {
+            let listed = store.list(&ListFilter::default()).unwrap();
+            listed.iter().map(|e| e.id.seq).collect()
+        };
+        let before = pending();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let body: Vec<String> = updates
+            .iter()
+            .map(|(id, name)| {
+                format!(
+                    r#"{{"id":"{id}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+                )
+            })
+            .collect();
+        let updates = crate::profile::update::parse_body(body.join("\n").as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, chrono::Utc::now())
+            .unwrap();
+        store.flush().unwrap();
+        let made: Vec<u64> = pending()
+            .into_iter()
+            .filter(|s| !before.contains(s))
+            .collect();
+        assert_eq!(made.len(), updates.len());
+        made
+    }
+
+    fn kill(store: &Store, seq: u64) {
+        assert!(store
+            .change_export(seq, Place::Pending, |r| (Place::Dead, r))
+            .unwrap());
+        store.flush().unwrap();
+    }
+
+    fn put_back(store: &Store, seq: u64) -> PutBack {
+        let maybe = store.maybe_acknowledged(&[seq]).unwrap();
+        store.put_back_dead_letter(seq, 1, 1, &maybe).unwrap()
+    }
+
+    /// p: an export made a dead letter, then a newer one pending; q: the same, for a profile
+    /// whose newer export came after the run that may have sent p's.
+    fn dead_then_pending(store: &Store) -> (u64, u64) {
+        let seqs = export_each(store, &[("p", "v1"), ("p", "v2")]);
+        kill(store, seqs[0]);
+        (seqs[0], seqs[1])
+    }
+
+    #[test]
+    fn a_dead_letter_waits_for_a_newer_export_a_run_that_stopped_unrecorded_may_have_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let seqs = dead_then_pending(&store);
+            store.delivery_starting().unwrap();
+            seqs // dropped without delivery_stopped_recorded: as a kill -9 leaves it
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
+        // Exports made after that run were never sent by it.
+        let later = export_each(&store, &[("q", "v1"), ("q", "v2")]);
+        kill(&store, later[0]);
+        assert_eq!(put_back(&store, later[0]), PutBack::Done);
+
+        // A run that stops with everything recorded keeps the bound of the one before.
+        store.delivery_starting().unwrap();
+        store.delivery_stopped_recorded().unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
+        assert_eq!(store.tally().unwrap().dead, 1, "still a dead letter");
+    }
+
+    #[test]
+    fn a_store_no_delivery_of_this_version_ran_on_errs_towards_holding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            dead_then_pending(&store)
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_goes_back_when_every_run_recorded_its_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let older = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let (older, _) = dead_then_pending(&store);
+            store.delivery_starting().unwrap();
+            store.delivery_stopped_recorded().unwrap();
+            store.flush().unwrap();
+            older
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(put_back(&store, older), PutBack::Done);
+    }
+
+    #[test]
+    fn only_newer_exports_of_the_same_profile_hold_a_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let seqs = export_each(&store, &[("p", "v1"), ("q", "v1"), ("p", "v2")]);
+            kill(&store, seqs[1]);
+            kill(&store, seqs[2]);
+            store.delivery_starting().unwrap();
+            seqs
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let maybe = store.maybe_acknowledged(&[seqs[1], seqs[2]]).unwrap();
+        assert_eq!(maybe.newer_than("q", seqs[1]), None, "q has none pending");
+        assert_eq!(
+            maybe.newer_than("p", seqs[2]),
+            None,
+            "p's pending one is older"
+        );
+        assert_eq!(put_back(&store, seqs[2]), PutBack::Done);
+    }
+}
