@@ -235,31 +235,58 @@ fn ingest_of_100k_updates_is_streamed() {
     }
     let file_bytes = std::fs::metadata(&path).unwrap().len();
     assert!(file_bytes > 200 << 20, "{file_bytes}");
-    let out = ws.run_ok(&["ingest", "--json", path.to_str().unwrap()], None);
+    let (out, peak) = run_measured(&ws, &["ingest", "--json", path.to_str().unwrap()]);
     let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(summary["accepted"], 100_000);
     // 20,000 first sights qualify, then 4 attribute changes each.
     assert_eq!(summary["exports_by_reason"]["segment"], 20_000);
     assert_eq!(summary["exports_by_reason"]["attribute"], 80_000);
-    let peak = peak_child_rss_bytes();
+    eprintln!("peak RSS of the ingest: {peak} bytes, file {file_bytes} bytes");
+    assert!(peak > 16 << 20, "{peak} bytes cannot be the ingest's peak");
     assert!(
         peak < file_bytes,
         "peak RSS {peak} is not below the file size {file_bytes}"
     );
 }
 
-/// The largest resident set of any child this test process has waited for.
-fn peak_child_rss_bytes() -> u64 {
+/// Runs `outpost ARGS` in `ws`, asserts exit 0, and returns its stdout and its own peak
+/// resident set: taken from wait4(2) for this child alone, so that children of other tests
+/// running meanwhile in this process do not count.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which `Child` does not know of
+fn run_measured(ws: &Workspace, args: &[&str]) -> (String, u64) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read on threads, so that a full pipe cannot keep the child from exiting.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            pipe.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given.
+    // SAFETY: wait4 on our own child, filling the status and the struct it is given.
     let usage = unsafe {
-        assert_eq!(
-            libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()),
-            0
-        );
+        assert_eq!(libc::wait4(pid, &mut status, 0, usage.as_mut_ptr()), pid);
         usage.assume_init()
     };
-    usage.ru_maxrss as u64 * 1024
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "outpost {args:?} failed ({status}): {stderr}"
+    );
+    (stdout, usage.ru_maxrss as u64 * 1024)
 }
 
 /// The sample data and the example config in `data/` go together: the counts are the ones
