@@ -424,9 +424,129 @@ impl Metrics {
         }
     }
 
+    /// The OpenMetrics text.
     pub fn render(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// The media types `/metrics` answers with.
+pub const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scraper's `Accept` header asks for OpenMetrics (Prometheus's does); other
+/// clients get the Prometheus text format.
+pub fn accepts_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|accept| {
+        accept.split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let is_openmetrics = parts
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
+            let refused = parts.any(|p| p.replace(' ', "") == "q=0");
+            is_openmetrics && !refused
+        })
+    })
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics text: the same samples; a counter's
+/// `HELP` and `TYPE` lines name its samples (`…_total`), as that format wants; no `UNIT` or
+/// `EOF` lines, which it does not have.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {rest}"))
+        });
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_goes_to_scrapers_that_ask_for_it() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        for (accept, openmetrics) in [
+            (None, false),
+            (Some("*/*"), false),
+            (Some("text/plain"), false),
+            (Some(prometheus), true),
+            (Some("Application/OpenMetrics-Text; version=1.0.0"), true),
+            (Some("text/plain, application/openmetrics-text; q=0"), false),
+            (Some("application/openmetrics-textual"), false),
+        ] {
+            assert_eq!(accepts_openmetrics(accept), openmetrics, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn the_prometheus_text_names_counters_by_their_samples_and_has_no_eof() {
+        let openmetrics = "\
+# HELP outpost_updates Profile updates by result.
+# TYPE outpost_updates counter
+outpost_updates_total{result=\"exported\"} 4
+# HELP outpost_outbox_pending Exports waiting for delivery.
+# TYPE outpost_outbox_pending gauge
+outpost_outbox_pending 3
+# HELP outpost_delivery_latency_seconds Request latency.
+# TYPE outpost_delivery_latency_seconds histogram
+# UNIT outpost_delivery_latency_seconds seconds
+outpost_delivery_latency_seconds_sum 0.5
+outpost_delivery_latency_seconds_count 2
+outpost_delivery_latency_seconds_bucket{le=\"+Inf\"} 2
+# EOF
+";
+        let expected = "\
+# HELP outpost_updates_total Profile updates by result.
+# TYPE outpost_updates_total counter
+outpost_updates_total{result=\"exported\"} 4
+# HELP outpost_outbox_pending Exports waiting for delivery.
+# TYPE outpost_outbox_pending gauge
+outpost_outbox_pending 3
+# HELP outpost_delivery_latency_seconds Request latency.
+# TYPE outpost_delivery_latency_seconds histogram
+outpost_delivery_latency_seconds_sum 0.5
+outpost_delivery_latency_seconds_count 2
+outpost_delivery_latency_seconds_bucket{le=\"+Inf\"} 2
+";
+        assert_eq!(to_prometheus_text(openmetrics), expected);
+    }
+
+    #[test]
+    fn every_sample_of_the_agent_is_in_both_formats() {
+        let metrics = Metrics::new();
+        metrics.token_fetches.inc();
+        let openmetrics = metrics.render();
+        let prometheus = to_prometheus_text(&openmetrics);
+        let samples = |text: &str| -> Vec<String> {
+            let lines = text.lines().filter(|l| !l.starts_with('#'));
+            lines.map(str::to_owned).collect()
+        };
+        assert_eq!(samples(&prometheus), samples(&openmetrics));
+        assert!(samples(&prometheus).contains(&"outpost_token_fetches_total 1".to_owned()));
+        for line in prometheus.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(
+                !line.ends_with(" counter") || line.contains("_total "),
+                "{line}"
+            );
+        }
+        assert!(!prometheus.contains("# EOF") && openmetrics.contains("# EOF"));
     }
 }

@@ -602,19 +602,37 @@ async fn accepted_updates_are_counted_delivered_and_measured() {
         "the 900 KB attribute was not exported"
     );
 
+    // Prometheus asks for OpenMetrics; a client that does not gets the Prometheus text.
+    let prometheus_accept =
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (status, headers, openmetrics) = request(
+        agent.addr,
+        "GET",
+        "/metrics",
+        None,
+        &[("accept", prometheus_accept)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let media_type =
+        |headers: &hyper::HeaderMap| headers["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        media_type(&headers).starts_with("application/openmetrics-text"),
+        "{headers:?}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    assert!(openmetrics.contains("# TYPE outpost_updates counter\n"));
     let (status, headers, metrics) = request(agent.addr, "GET", "/metrics", None, &[])
         .await
         .unwrap();
     assert_eq!(status, 200);
-    assert!(
-        headers
-            .get("content-type")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("application/openmetrics-text"),
-        "{headers:?}"
+    assert_eq!(
+        media_type(&headers),
+        "text/plain; version=0.0.4; charset=utf-8"
     );
+    assert!(!metrics.contains("# EOF"), "{metrics}");
+    assert!(metrics.contains("# TYPE outpost_updates_total counter\n"));
     for name in [
         "outpost_updates_total",
         "outpost_exports_total",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::profile::update::{parse_body_with, FutureLimit};
 use crate::store::committer::{CommitError, Committer};
 use crate::store::Store;
@@ -173,12 +173,19 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
                     metrics.set_source_pending(partition, pending);
                 }
             }
-            Response::builder()
-                .header(
-                    CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let openmetrics = state.metrics.render();
+            let (media_type, text) = if metrics::accepts_openmetrics(accept) {
+                (metrics::OPENMETRICS_TYPE, openmetrics)
+            } else {
+                (
+                    metrics::PROMETHEUS_TYPE,
+                    metrics::to_prometheus_text(&openmetrics),
                 )
-                .body(Full::new(Bytes::from(state.metrics.render())))
+            };
+            Response::builder()
+                .header(CONTENT_TYPE, media_type)
+                .body(Full::new(Bytes::from(text)))
                 .expect("static parts are valid")
         }
         (_, "/v1/updates" | "/healthz" | "/metrics") => {
