@@ -10,6 +10,7 @@ pub mod change;
 pub mod engine;
 pub mod export;
 pub mod layout;
+pub mod numbers;
 pub mod payload;
 pub mod prune;
 pub mod record;

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::profile::engine;
 use crate::profile::layout::Layout;
+use crate::profile::numbers;
 use crate::profile::prune::{KeepTree, PrunedObject};
 use crate::profile::record::ProfileRecord;
 use crate::profile::shape;
@@ -323,7 +324,20 @@ pub fn update_from_json_with(
         .deserialize(&mut deserializer)
         .and_then(|raw| deserializer.end().map(|()| raw));
     match parsed {
-        Ok(raw) => validate(raw, line, parsing),
+        Ok(raw) => {
+            if let (Some(profile), false) = (&raw.profile, raw.op == Some(Op::Delete)) {
+                if let Some((path, literal)) = numbers::inexact_integer(profile, text) {
+                    return Err(InputError::new(
+                        line,
+                        format!(
+                            "`profile.{path}` is the integer {}, beyond the 64-bit range outpost keeps exactly (XDM integers stay within ±2^53); it would be stored and sent altered, so the update is refused: send it as a string",
+                            truncate(&literal, 64)
+                        ),
+                    ));
+                }
+            }
+            validate(raw, line, parsing)
+        }
         Err(e) => {
             // Judged by its first byte, so that a deeply nested array is not parsed again.
             let kind = match text.trim_ascii_start().first() {
@@ -1025,5 +1039,44 @@ mod tests {
         }
         let empty: Vec<_> = UpdateReader::new(&b""[..]).collect();
         assert!(matches!(empty.as_slice(), [Err(e)] if e.reason.contains("no update")));
+    }
+
+    #[test]
+    fn an_integer_beyond_64_bits_that_would_be_kept_is_refused_naming_it() {
+        let big = "123456789012345678901234567890";
+        let body = format!(
+            "{{\"id\":\"a\",\"profile\":{{}}}}\n{{\"id\":\"b\",\"profile\":{{\"person\":{{\"loyalty\":{big}}},\"other\":{big}}}}}\n"
+        );
+        let error = error_of(body.as_bytes());
+        assert_eq!(error.line, 2);
+        assert!(
+            error
+                .reason
+                .contains(&format!("`profile.other` is the integer {big}"))
+                || error
+                    .reason
+                    .contains(&format!("`profile.person.loyalty` is the integer {big}")),
+            "{error}"
+        );
+
+        // Pruned away, it is never kept nor sent: no concern.
+        let mapping = crate::config::Mapping::new(&["person.loyalty"], &["s"], &[]);
+        let keep = KeepTree::for_mapping(&mapping);
+        let parsing = Parsing {
+            keep: Some(&keep),
+            ..Parsing::default()
+        };
+        let unmapped = format!("{{\"id\":\"b\",\"profile\":{{\"other\":{big}}}}}");
+        assert!(parse_body_with(unmapped.as_bytes(), &parsing).is_ok());
+        let error = parse_body_with(body.as_bytes(), &parsing).unwrap_err();
+        assert!(
+            error
+                .reason
+                .starts_with(&format!("`profile.person.loyalty` is the integer {big}")),
+            "{error}"
+        );
+        // A delete's profile is dropped.
+        let delete = format!("{{\"id\":\"b\",\"op\":\"delete\",\"profile\":{{\"x\":{big}}}}}");
+        assert!(parse_body(delete.as_bytes()).is_ok());
     }
 }
