@@ -346,7 +346,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
             }
             // `--all-dead` drops dead letters only, whatever happened to them since.
             let dropped = store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
-                || (!all_dead && store.change_export(seq, Place::Pending, |r| (Place::Gone, r))?);
+                || (!all_dead && store.drop_pending(seq)?);
             if dropped {
                 done.push(text)
             } else {

@@ -18,9 +18,11 @@
 //! towards refusing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::keys::{self, meta};
-use super::{codec, Store, StoreError, Trees};
+use super::outbox::{ExportChange, Outcome};
+use super::{codec, Place, Store, StoreError, Trees};
 
 /// The bound below which pending exports may have been acknowledged unrecorded, as an open
 /// finds it: the recorded one, raised to `next_seq` if the last delivery loop did not stop
@@ -30,8 +32,12 @@ pub(super) fn unrecorded_below_at_open(t: &Trees, next_seq: u64) -> Result<u64, 
     let Some(recorded) = t.meta.get(meta::UNRECORDED_BELOW)? else {
         return Ok(next_seq);
     };
-    let recorded = keys::seq_from_key(&recorded)
-        .ok_or_else(|| StoreError::corrupt("meta/unrecorded_below", "not 8 bytes"))?;
+    let Some(recorded) = keys::seq_from_key(&recorded) else {
+        tracing::warn!(
+            "meta/unrecorded_below is unreadable; every export pending now counts as one the endpoint may have acknowledged"
+        );
+        return Ok(next_seq);
+    };
     Ok(if t.meta.contains_key(meta::DELIVERING)? {
         recorded.max(next_seq)
     } else {
@@ -74,6 +80,30 @@ impl Store {
             t.meta.remove(meta::DELIVERING)?;
             Ok(())
         })
+    }
+
+    /// Drops pending export `seq`; `false` if it is not pending. One the endpoint may have
+    /// acknowledged unrecorded (under the bound) is dropped as a delivered one is recorded:
+    /// the profile's older dead letters are then superseded by it, since sending one of them
+    /// could undo it at the endpoint.
+    pub fn drop_pending(&self, seq: u64) -> Result<bool, StoreError> {
+        let drop_only = || self.change_export(seq, Place::Pending, |r| (Place::Gone, r));
+        if seq >= self.unrecorded_below {
+            return drop_only();
+        }
+        let Some(value) = self.with(|t| Ok(t.outbox.get(keys::seq_key(seq))?))? else {
+            return Ok(false);
+        };
+        let Ok(profile) = codec::export_profile_id(&value) else {
+            return drop_only();
+        };
+        let as_delivered = Outcome {
+            profile: Arc::from(profile),
+            seq,
+            change: ExportChange::Delivered { retried: true },
+        };
+        let applied = self.apply_export_changes(&[as_delivered])?;
+        Ok(!applied.missing.contains(&seq))
     }
 
     /// For a put-back of `dead` (sequences of dead letters): the pending exports of their
@@ -161,8 +191,7 @@ mod tests {
         store.put_back_dead_letter(seq, 1, 1, &maybe).unwrap()
     }
 
-    /// p: an export made a dead letter, then a newer one pending; q: the same, for a profile
-    /// whose newer export came after the run that may have sent p's.
+    /// An export of p made a dead letter, then a newer one pending.
     fn dead_then_pending(store: &Store) -> (u64, u64) {
         let seqs = export_each(store, &[("p", "v1"), ("p", "v2")]);
         kill(store, seqs[0]);
@@ -250,5 +279,48 @@ mod tests {
             "p's pending one is older"
         );
         assert_eq!(put_back(&store, seqs[2]), PutBack::Done);
+    }
+
+    #[test]
+    fn dropping_an_export_that_may_have_been_acknowledged_supersedes_older_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let seqs = dead_then_pending(&store);
+            store.delivery_starting().unwrap();
+            seqs
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert!(store.drop_pending(newer).unwrap());
+        assert!(!store.drop_pending(newer).unwrap(), "gone");
+        assert_eq!(put_back(&store, older), PutBack::Superseded { by: newer });
+        assert_eq!(store.tally().unwrap().pending, 0);
+
+        // Over the bound, a drop is only a drop.
+        let later = export_each(&store, &[("q", "v1"), ("q", "v2")]);
+        kill(&store, later[0]);
+        assert!(store.drop_pending(later[1]).unwrap());
+        assert_eq!(put_back(&store, later[0]), PutBack::Done);
+    }
+
+    #[test]
+    fn an_unreadable_bound_opens_the_store_erring_towards_holding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let seqs = dead_then_pending(&store);
+            store.delivery_starting().unwrap();
+            store.delivery_stopped_recorded().unwrap();
+            store
+                .with(|t| Ok(t.meta.insert(meta::UNRECORDED_BELOW, b"bad".as_slice())?))
+                .unwrap();
+            store.flush().unwrap();
+            seqs
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
     }
 }
