@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::profile::update::format_time;
 use crate::store::source::parse_rejected_id;
 use crate::store::{
-    Export, ExportId, ListFilter, MaybeAcknowledged, Place, PutBack, Store, StoreError,
+    Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, Place, PutBack, Store, StoreError,
 };
 
 /// The name of the agent's socket in the store folder.
@@ -362,11 +362,14 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         let wait = store.put_back_wait();
         store
             .rewinding_with_nothing_out(wait, apply)
-            .ok_or_else(|| {
-                AdminError::Failed(format!(
-                    "nothing was put back: exports were still being sent after {} s; try again",
-                    wait.as_secs()
-                ))
+            .map_err(|why| {
+                AdminError::Failed(match why {
+                    NotQuiet::StillOut => format!(
+                        "nothing was put back: exports were still being sent after {} s; try again",
+                        wait.as_secs()
+                    ),
+                    NotQuiet::GaveUp => "nothing was put back: delivery stopped with requests whose outcome was not recorded (the log says why); once the agent is started again, retry".into(),
+                })
             })??
     } else {
         store.rewinding(apply)?

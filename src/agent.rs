@@ -255,9 +255,9 @@ impl Agent {
 }
 
 /// Runs the delivery loop. Should it end before `shutdown` (a panic, or the thread that records
-/// deliveries gone), `/healthz` stops answering 200, a put-back no longer waits for requests
-/// that will never be recorded, and the whole agent stops with the error, so that a service
-/// manager restarts it rather than letting it take updates it will never deliver.
+/// deliveries gone), `/healthz` stops answering 200, a put-back is refused rather than trust
+/// what the loop last said it had out, and the whole agent stops with the error, so that a
+/// service manager restarts it rather than letting it take updates it will never deliver.
 async fn supervise_delivery(
     run: impl std::future::Future<Output = Result<(), DeliveryStopped>>,
     running: Arc<AtomicBool>,
@@ -437,9 +437,10 @@ mod tests {
             shutdown.is_cancelled(),
             "the agent goes on without delivery"
         );
-        let put_back = store.rewinding_with_nothing_out(Duration::from_millis(20), || ());
-        assert!(
-            put_back.is_none(),
+        let put_back = store.rewinding_with_nothing_out(Duration::from_secs(10), || ());
+        assert_eq!(
+            put_back,
+            Err(crate::store::NotQuiet::GaveUp),
             "a put-back must not trust what the dead loop published"
         );
     }
@@ -458,6 +459,6 @@ mod tests {
         assert!(!running.load(Ordering::Relaxed));
         assert!(!shutdown.is_cancelled());
         let put_back = store.rewinding_with_nothing_out(Duration::from_millis(20), || ());
-        assert!(put_back.is_some(), "what the loop published is kept");
+        assert_eq!(put_back, Ok(()), "what the loop published is kept");
     }
 }

@@ -320,6 +320,9 @@ impl Deliverer {
                     }
                     state.queue.wake_due(now);
                     if !self.store.requests_held() {
+                        // Should starting them panic, a put-back must not take the count
+                        // from before for the truth.
+                        self.store.set_exports_out(usize::MAX);
                         self.start_requests(&mut state, &done_tx, now);
                     }
                     self.store.set_exports_out(state.queue.out().len());

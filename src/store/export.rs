@@ -136,6 +136,16 @@ pub(super) fn append_exports(
     Ok(next_seq)
 }
 
+/// Why [`Store::rewinding_with_nothing_out`] ran nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotQuiet {
+    /// Exports were still out when the wait ended.
+    StillOut,
+    /// The delivery loop stopped with exports whose outcome it did not record (the count it
+    /// publishes then is `usize::MAX`): nothing out will ever be reported.
+    GaveUp,
+}
+
 /// How long a put-back waits for the delivery loop to have nothing out: the longest a request
 /// in flight can take, then time for the outcomes to be recorded (a minute with the default
 /// 10 s timeout).
@@ -243,13 +253,13 @@ impl Store {
     /// [`Store::rewinding`] once the delivery loop has no export out (in flight, or answered
     /// and not yet durable), starting none meanwhile: a dead letter put back while a newer
     /// export of its profile is out could be sent after the endpoint acknowledged that one
-    /// (after a crash, before the acknowledgement is durable). `None` if exports are still out
-    /// after `wait`: then nothing was run.
+    /// (after a crash, before the acknowledgement is durable). Runs nothing if exports are
+    /// still out after `wait`, or if the loop stopped with some it will never report on.
     pub fn rewinding_with_nothing_out<T>(
         &self,
         wait: std::time::Duration,
         change: impl FnOnce() -> T,
-    ) -> Option<T> {
+    ) -> Result<T, NotQuiet> {
         struct Release<'a>(&'a AtomicU32);
         impl Drop for Release<'_> {
             fn drop(&mut self) {
@@ -262,13 +272,14 @@ impl Store {
         // once the lock was free.
         drop(self.rewind_lock.write().unwrap_or_else(|e| e.into_inner()));
         let deadline = std::time::Instant::now() + wait;
-        while self.exports_out.load(Ordering::SeqCst) > 0 {
-            if std::time::Instant::now() >= deadline {
-                return None;
+        loop {
+            match self.exports_out.load(Ordering::SeqCst) {
+                0 => return Ok(self.rewinding(change)),
+                u64::MAX => return Err(NotQuiet::GaveUp),
+                _ if std::time::Instant::now() >= deadline => return Err(NotQuiet::StillOut),
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        Some(self.rewinding(change))
     }
 
     /// Whether a put-back waits for the delivery loop to have nothing out: the loop starts no
@@ -428,13 +439,16 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(
             store.rewinding_with_nothing_out(std::time::Duration::ZERO, || 7),
-            Some(7),
+            Ok(7),
             "nothing out: at once"
         );
         store.set_exports_out(1);
         let started = std::time::Instant::now();
         let wait = std::time::Duration::from_millis(50);
-        assert_eq!(store.rewinding_with_nothing_out(wait, || 7), None);
+        assert_eq!(
+            store.rewinding_with_nothing_out(wait, || 7),
+            Err(NotQuiet::StillOut)
+        );
         assert!(started.elapsed() >= wait);
         assert!(!store.requests_held(), "released after giving up");
         std::thread::scope(|scope| {
@@ -445,9 +459,18 @@ mod tests {
                 std::thread::yield_now();
             }
             store.set_exports_out(0);
-            assert_eq!(waiting.join().unwrap(), Some(8));
+            assert_eq!(waiting.join().unwrap(), Ok(8));
         });
         assert!(!store.requests_held());
+        store.set_exports_out(usize::MAX);
+        let started = std::time::Instant::now();
+        assert_eq!(
+            store.rewinding_with_nothing_out(std::time::Duration::from_secs(10), || 9),
+            Err(NotQuiet::GaveUp),
+            "a loop that gave up reports nothing more: not waited for"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        store.set_exports_out(0);
         store.set_request_timeout(std::time::Duration::from_secs(100));
         assert_eq!(
             store.put_back_wait(),

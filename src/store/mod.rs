@@ -80,7 +80,7 @@ use crate::clock::{ClockRecord, RunClock};
 use keys::meta;
 
 pub use error::{is_no_space, StoreError};
-pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter};
+pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
