@@ -67,6 +67,8 @@ mod rebuild;
 pub mod source;
 mod superseded;
 mod tally;
+#[cfg(test)]
+mod testing;
 mod unreadable;
 mod unrecorded;
 mod upgrade;

@@ -277,27 +277,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Mapping;
     use crate::store::outbox::{ExportChange, Outcome};
+    use crate::store::testing::export_each;
     use crate::store::Tally;
-
-    /// Stores one export for each `(profile, name)`, in order: each changes a mapped attribute.
-    fn export_each(store: &Store, updates: &[(&str, &str)]) {
-        let mapping = Mapping::new(&["name"], &["s"], &[]);
-        let body: Vec<String> = updates
-            .iter()
-            .map(|(id, name)| {
-                format!(
-                    r#"{{"id":"{id}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
-                )
-            })
-            .collect();
-        let updates = crate::profile::update::parse_body(body.join("\n").as_bytes()).unwrap();
-        store
-            .apply_groups(&[&updates], &mapping, chrono::Utc::now())
-            .unwrap();
-        store.flush().unwrap();
-    }
 
     fn settle(
         store: &Store,
