@@ -37,6 +37,8 @@ pub enum Reply {
     Status(u16, Vec<(String, String)>, String),
     /// Wait this long, then answer normally.
     Delay(Duration),
+    /// Wait this long, then answer as the inner reply says.
+    After(Duration, Box<Reply>),
 }
 
 /// Chooses the reply to the n-th request (0-based) of its endpoint.
@@ -385,14 +387,17 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
     };
     let n = arrivals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let _in_flight = (received.path == PROFILES_PATH).then(|| InFlight::enter(state));
-    let reply = script.map_or(Reply::Normal, |script| script(n, &received));
-    let mut response = match reply {
-        Reply::Status(status, headers, body) => answer(status, &headers, body),
-        Reply::Delay(wait) => {
-            tokio::time::sleep(wait).await;
-            normal(state, &received)
+    let mut reply = script.map_or(Reply::Normal, |script| script(n, &received));
+    let mut response = loop {
+        match reply {
+            Reply::Status(status, headers, body) => break answer(status, &headers, body),
+            Reply::Delay(wait) => reply = Reply::After(wait, Box::new(Reply::Normal)),
+            Reply::After(wait, then) => {
+                tokio::time::sleep(wait).await;
+                reply = *then;
+            }
+            Reply::Normal => break normal(state, &received),
         }
-        Reply::Normal => normal(state, &received),
     };
     if received.path == PROFILES_PATH
         && response.status() == StatusCode::OK

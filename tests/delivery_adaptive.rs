@@ -541,6 +541,105 @@ async fn a_dropped_export_is_not_sent_again_and_its_profile_goes_on() {
     agent.stop().await.unwrap();
 }
 
+/// Regression: an export dropped while in flight is not sent again when its answer would have
+/// it retried at once (401) or sent alone (an array refused with a 4xx); its profile goes on.
+#[tokio::test]
+async fn an_export_dropped_in_flight_is_not_sent_again_whatever_the_answer() {
+    for (delivery, status, lines) in [
+        (
+            "request_timeout_ms = 5000",
+            401,
+            [
+                member_update("p0", "p0-v0", "2026-01-01T00:00:01Z"),
+                member_update("p0", "p0-v1", "2026-01-01T00:00:02Z"),
+            ],
+        ),
+        (
+            "request_timeout_ms = 5000\nmax_profiles_per_request = 2",
+            400,
+            [
+                member_update("p0", "p0-v0", "2026-01-01T00:00:01Z"),
+                member_update("p1", "p1-v0", "2026-01-01T00:00:01Z"),
+            ],
+        ),
+    ] {
+        let s = setup(ReceiverOptions::default(), oauth_body, delivery).await;
+        let first = Arc::new(AtomicBool::new(true));
+        let is_first = Arc::clone(&first);
+        s.receiver.set_export_script(Some(Arc::new(move |_, _| {
+            if is_first.swap(false, Ordering::SeqCst) {
+                let answer = Reply::Status(status, vec![], "not now".into());
+                Reply::After(Duration::from_millis(1500), Box::new(answer))
+            } else {
+                Reply::Normal
+            }
+        })));
+        let agent = start(&s.config).await;
+        ingest(&agent, &lines).await;
+        wait_until(10, "the first request at the endpoint", || {
+            s.receiver.export_arrivals() == 1
+        })
+        .await;
+        let in_flight = agent
+            .store
+            .list(&ListFilter {
+                profile_id: Some("p0".into()),
+                ..ListFilter::default()
+            })
+            .unwrap()[0]
+            .id
+            .to_string();
+        let dropped = admin_request(
+            &agent,
+            AdminRequest::Drop {
+                ids: vec![in_flight],
+                all_dead: false,
+            },
+        )
+        .await;
+        assert_eq!(dropped["dropped"].as_array().unwrap().len(), 1, "{dropped}");
+        wait_for_exports(&agent, &s.receiver, 1).await;
+        wait_until(10, "the held request answered", || {
+            s.receiver
+                .export_requests()
+                .iter()
+                .any(|r| r.status == status)
+        })
+        .await;
+        // Time for the answer to come back and, if it were put back, go out again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent_dropped = s
+            .receiver
+            .export_requests()
+            .iter()
+            .filter(|r| String::from_utf8_lossy(&r.body).contains("p0-v0"))
+            .count();
+        assert_eq!(
+            sent_dropped, 1,
+            "{delivery}: the dropped export was sent again"
+        );
+        let other = if status == 401 { "p0-v1" } else { "p1-v0" };
+        // Arrays (`max_profiles_per_request` > 1) and single payloads alike.
+        let delivered: Vec<String> = s
+            .receiver
+            .delivered()
+            .iter()
+            .flat_map(|r| match r.json() {
+                Some(serde_json::Value::Array(items)) => items,
+                other => other.into_iter().collect(),
+            })
+            .map(|p| {
+                p["person"]["name"]["firstName"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(delivered, [other], "{delivery}");
+        agent.stop().await.unwrap();
+    }
+}
+
 /// Regression: a profile with more exports than the window holds, all waiting behind a failing
 /// one, does not keep other profiles' exports from being read and delivered.
 #[tokio::test]

@@ -290,6 +290,7 @@ impl Deliverer {
             read_retry_at: None,
             changes: Vec::new(),
             retry_stored: HashSet::new(),
+            out_at_rewind: HashSet::new(),
             settler,
         };
         let mut stop_by: Option<Instant> = None;
@@ -314,6 +315,9 @@ impl Deliverer {
                             "exports were put back or dropped; reading the outbox again"
                         );
                         state.queue.forget_held();
+                        state
+                            .out_at_rewind
+                            .extend(state.queue.out().iter().copied());
                         state.cursor = 0;
                         state.read_generation += 1;
                         state.reading = false;
@@ -585,6 +589,7 @@ impl Deliverer {
             attempted,
         } = finished;
         let now = Instant::now();
+        let dropped = self.dropped_while_out(state, &batch);
         let (error, retry_after, signal, cause) = match attempted {
             Attempted::Answered {
                 status,
@@ -607,7 +612,7 @@ impl Deliverer {
                 }
                 Class::Reject => {
                     state.controller.answered(now, sent_at, Signal::Neutral);
-                    self.reject(state, batch, error);
+                    self.reject(state, batch, error, &dropped);
                     return;
                 }
                 Class::AuthRejected => {
@@ -637,6 +642,10 @@ impl Deliverer {
         let at_ms = now_ms();
         let uptime_ms = self.clock.uptime_ms();
         for (profile, export) in batch {
+            if dropped.contains(&export.id.seq) {
+                state.queue.settled(&profile, export.id.seq);
+                continue;
+            }
             let delay = if cause == RetryCause::Auth {
                 None
             } else {
@@ -675,11 +684,15 @@ impl Deliverer {
 
     /// A non-retryable 4xx: an export refused on its own is dead-lettered; an array is split
     /// and its exports sent alone.
-    fn reject(&self, state: &mut LoopState, mut batch: Batch, error: String) {
+    fn reject(&self, state: &mut LoopState, mut batch: Batch, error: String, dropped: &[u64]) {
         if batch.len() > 1 {
             tracing::info!(exports = batch.len(), %error, "an array was refused; sending its exports one by one");
             self.metrics.record_split();
             for (profile, export) in batch {
+                if dropped.contains(&export.id.seq) {
+                    state.queue.settled(&profile, export.id.seq);
+                    continue;
+                }
                 state.queue.set_solo(&profile);
                 state.queue.put_back(&profile, export, None);
             }
@@ -696,6 +709,22 @@ impl Deliverer {
                 at_ms: now_ms(),
             },
         );
+    }
+
+    /// The exports of a finished request that `outbox drop` removed while it was out. Such an
+    /// export must not be put back into the window for another attempt: the record of its
+    /// outcome would find it gone, but not before the window had sent it again. Only exports
+    /// out at the last put-back or drop are looked up in the store.
+    fn dropped_while_out(&self, state: &mut LoopState, batch: &Batch) -> Vec<u64> {
+        batch
+            .iter()
+            .map(|(_, export)| export.id.seq)
+            .filter(|seq| state.out_at_rewind.remove(seq))
+            .filter(|&seq| {
+                // Unknown: kept, and sent again at worst (at least once).
+                !self.store.is_pending(seq).unwrap_or(true)
+            })
+            .collect()
     }
 
     fn publish(&self, state: &LoopState) {
@@ -804,6 +833,10 @@ struct LoopState {
     /// Exports whose failed attempt in this run stored a retry time, until they settle: their
     /// delivery removes it, also after a re-read of the outbox that did not see it yet.
     retry_stored: HashSet<u64>,
+    /// Exports that were out when exports were last put back or dropped, until they come
+    /// back: one dropped meanwhile must not go back into the window (see
+    /// [`Deliverer::dropped_while_out`]).
+    out_at_rewind: HashSet<u64>,
     settler: Settler,
 }
 

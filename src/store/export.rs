@@ -414,6 +414,11 @@ impl Store {
         })
     }
 
+    /// Whether export `seq` is pending (in the outbox).
+    pub fn is_pending(&self, seq: u64) -> Result<bool, StoreError> {
+        self.with(|t| Ok(t.outbox.contains_key(keys::seq_key(seq))?))
+    }
+
     /// Sequence numbers of every dead letter, oldest first.
     pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
         let t = self.trees()?;
