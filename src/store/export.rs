@@ -304,7 +304,8 @@ impl Store {
 
     /// The delivery loop says how many exports it has out, in [`Store::unless_rewound`].
     pub fn set_exports_out(&self, n: usize) {
-        self.exports_out.store(n as u64, Ordering::SeqCst);
+        let n = if n == usize::MAX { u64::MAX } else { n as u64 };
+        self.exports_out.store(n, Ordering::SeqCst);
     }
 
     /// Runs `start` while no [`Store::rewinding`] can run, telling it whether exports were put
