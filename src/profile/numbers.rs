@@ -23,7 +23,8 @@ pub fn inexact_integer(profile: &Map<String, Value>, text: &[u8]) -> Option<(Str
         collect_suspects(value, key.clone(), &mut suspects);
     }
     integer_literals_beyond_64_bits(text).find_map(|literal| {
-        let read_as: f64 = literal.parse().ok()?;
+        // As serde_json read it, which is not always the nearest float.
+        let read_as: f64 = serde_json::from_str(literal).ok()?;
         let (path, _) = suspects.iter().find(|(_, v)| *v == read_as)?;
         Some((path.clone(), literal.to_owned()))
     })
@@ -125,6 +126,11 @@ mod tests {
                 r#"{"a":18446744073709551616}"#,
                 Some(("a", "18446744073709551616")),
             ),
+            // serde_json reads this one a step away from the nearest float.
+            (
+                r#"{"a":24177763170669074391500}"#,
+                Some(("a", "24177763170669074391500")),
+            ),
             (
                 r#"{"s":"99999999999999999999999","a":{"b":99999999999999999999999}}"#,
                 Some(("a.b", "99999999999999999999999")),
@@ -144,7 +150,11 @@ mod tests {
                 r#"{"ecid":"12345678901234567890123456789012345678","a":1e22}"#,
                 None,
             ),
-            (r#"{"k\"":"\"12345678901234567890123","a":2.5}"#, None),
+            (r#"{"k\"":"\"12345678901234567890123","a":1e22}"#, None),
+            (
+                r#"{"k":"\\","a":12345678901234567890123}"#,
+                Some(("a", "12345678901234567890123")),
+            ),
         ];
         for (profile, expected) in cases {
             let expected = expected.map(|(p, l)| (p.to_owned(), l.to_owned()));
