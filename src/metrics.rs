@@ -436,19 +436,36 @@ impl Metrics {
 pub const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Whether a scraper's `Accept` header asks for OpenMetrics (Prometheus's does); other
-/// clients get the Prometheus text format.
+/// Whether a scraper's `Accept` header prefers OpenMetrics to the Prometheus text format (as
+/// Prometheus's does by default): OpenMetrics is asked for with a quality above 0 and at
+/// least that of `text/plain` (or of `text/*` or `*/*`, when `text/plain` is not named).
+/// Other clients get the Prometheus text format.
 pub fn accepts_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|accept| {
-        accept.split(',').any(|range| {
-            let mut parts = range.split(';').map(str::trim);
-            let is_openmetrics = parts
-                .next()
-                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
-            let refused = parts.any(|p| p.replace(' ', "") == "q=0");
-            is_openmetrics && !refused
-        })
-    })
+    let Some(accept) = accept else {
+        return false;
+    };
+    let quality_of = |wanted: &[&str]| -> Option<f64> {
+        accept
+            .split(',')
+            .filter_map(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                let media_type = parts.next()?;
+                if !wanted.iter().any(|w| media_type.eq_ignore_ascii_case(w)) {
+                    return None;
+                }
+                let q = parts
+                    .filter_map(|p| p.split_once('='))
+                    .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                    .map_or(Some(1.0), |(_, value)| value.trim().parse::<f64>().ok());
+                Some(q.unwrap_or(0.0))
+            })
+            .reduce(f64::max)
+    };
+    let openmetrics = quality_of(&["application/openmetrics-text"]).unwrap_or(0.0);
+    let text = quality_of(&["text/plain"])
+        .or_else(|| quality_of(&["text/*", "*/*"]))
+        .unwrap_or(0.0);
+    openmetrics > 0.0 && openmetrics >= text
 }
 
 /// The Prometheus text format (0.0.4) of an OpenMetrics text: the same samples; a counter's
@@ -490,7 +507,13 @@ mod tests {
             (Some(prometheus), true),
             (Some("Application/OpenMetrics-Text; version=1.0.0"), true),
             (Some("text/plain, application/openmetrics-text; q=0"), false),
+            (Some("application/openmetrics-text;Q=0.000"), false),
+            (Some("application/openmetrics-text; q = 0.0, */*"), false),
             (Some("application/openmetrics-textual"), false),
+            // Prometheus with `scrape_protocols` preferring the Prometheus text.
+            (Some("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;version=1.0.0;q=0.4,*/*;q=0.1"), false),
+            (Some("application/openmetrics-text;q=0.4, */*;q=0.1"), true),
+            (Some("application/openmetrics-text;q=0.4, */*"), false),
         ] {
             assert_eq!(accepts_openmetrics(accept), openmetrics, "{accept:?}");
         }
