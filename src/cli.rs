@@ -274,8 +274,11 @@ pub enum OutboxCommand {
     /// Put dead letters back in the outbox (same id, so the same Idempotency-Key).
     ///
     /// A dead letter is not put back once the endpoint has acknowledged a newer export of its
-    /// profile: sending it would undo that one. Through the running agent, waits first for the
-    /// requests in flight to end (at most 60 s), starting none meanwhile.
+    /// profile: sending it would undo that one. Nor while a newer export of its profile is
+    /// pending that an agent which stopped before recording every delivery may have had
+    /// acknowledged; once that one is delivered, the dead letter is superseded. Through the
+    /// running agent, waits first for the requests in flight to end (at most the request
+    /// timeout and 50 s more), starting none meanwhile.
     ///
     /// Example: outpost outbox retry --all-dead
     Retry(Targets),
