@@ -402,14 +402,15 @@ impl Deliverer {
         }
         // Every change handed over is applied before the agent's last flush, failed attempts
         // too (which the loop does not wait for): a restart keeps their retry times. The
-        // settler ends once its channel, closed here, is drained; `settled` stays open for it.
+        // settler ends once its channel, closed here, is drained, or at its first write that
+        // fails from here on (a full disk); `settled` stays open for it.
         drop(state);
         let joined = tokio::task::spawn_blocking(move || settler_thread.join());
         let joined = tokio::time::timeout(STOP_GRACE, joined).await;
         drop(settled);
         // Nothing is sent any more: a put-back need not wait, unless an export given up on may
         // still be acknowledged (then a put-back keeps waiting, and fails).
-        let recorded = all_recorded && matches!(joined, Ok(Ok(Ok(()))));
+        let recorded = all_recorded && matches!(joined, Ok(Ok(Ok(true))));
         self.store
             .set_exports_out(if recorded { 0 } else { usize::MAX });
         if recorded {

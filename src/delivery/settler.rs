@@ -32,13 +32,14 @@ pub struct Settler {
 
 impl Settler {
     /// Starts the thread; settled profiles arrive on the returned receiver, a group at a time.
-    /// The thread ends once every `Settler` is dropped and what they sent is applied.
+    /// The thread ends once every `Settler` is dropped and what they sent is applied, or could
+    /// not be (the store cannot be written): it returns whether everything was recorded.
     pub fn start(
         store: Arc<Store>,
     ) -> (
         Settler,
         mpsc::UnboundedReceiver<Vec<Settled>>,
-        std::thread::JoinHandle<()>,
+        std::thread::JoinHandle<bool>,
     ) {
         let (changes, receiver) = mpsc::unbounded_channel();
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
@@ -64,7 +65,7 @@ fn run(
     store: &Store,
     mut receiver: mpsc::UnboundedReceiver<Vec<Outcome>>,
     settled: &mpsc::UnboundedSender<Vec<Settled>>,
-) {
+) -> bool {
     while let Some(mut group) = receiver.blocking_recv() {
         while group.len() < MAX_GROUP {
             match receiver.try_recv() {
@@ -94,6 +95,12 @@ fn run(
             });
             match attempt {
                 Ok(missing) => break missing,
+                // Delivery has stopped: nothing waits for these any more, and a stop must not
+                // wait for a disk to get room. Delivered ones are sent again (at least once).
+                Err(e) if receiver.is_closed() => {
+                    tracing::warn!(error = %e, changes = group.len(), "stopping with outcomes not recorded in the store; those exports stay pending as they were");
+                    return false;
+                }
                 Err(e) => {
                     if failures == 0 && !matches!(e, StoreError::Reopening(_)) {
                         tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
@@ -134,7 +141,8 @@ fn run(
             }))
             .collect();
         if !done.is_empty() && settled.send(done).is_err() {
-            return;
+            return true;
         }
     }
+    true
 }
