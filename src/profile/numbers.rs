@@ -1,7 +1,7 @@
 //! Integers outpost cannot keep exactly (pure).
 //!
-//! serde_json reads an integer literal beyond the 64-bit range as the nearest `f64`:
-//! `123456789012345678901234567890` would be stored, compared and sent as
+//! serde_json reads an integer literal beyond the 64-bit range as an `f64` (near it, not always
+//! the nearest): `123456789012345678901234567890` would be stored, compared and sent as
 //! `1.2345678901234568e29`, a value the sender never gave. XDM's integers stay within ±2^53, so
 //! such an integer is refused, naming where it is, rather than passed on altered. Only values
 //! the profile keeps count (an unmapped attribute is dropped whole), and a float literal
