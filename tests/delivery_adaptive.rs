@@ -48,6 +48,14 @@ async fn ingest(agent: &Agent, lines: &[String]) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The payloads a request carries: an array's items, or the one object.
+fn payloads_of(request: &Received) -> Vec<serde_json::Value> {
+    match request.json().unwrap() {
+        serde_json::Value::Array(items) => items,
+        single => vec![single],
+    }
+}
+
 /// (profile, export id) of every export answered 2xx, array items included, in arrival order.
 fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
@@ -58,10 +66,7 @@ fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
             .split(',')
             .map(str::to_owned)
             .collect();
-        let payloads = match request.json().unwrap() {
-            serde_json::Value::Array(items) => items,
-            single => vec![single],
-        };
+        let payloads = payloads_of(&request);
         assert_eq!(keys.len(), payloads.len(), "one key per item");
         for (key, payload) in keys.into_iter().zip(payloads) {
             pairs.push((profile_of(&payload), key));
@@ -496,6 +501,19 @@ async fn a_retried_dead_letter_goes_before_the_newer_export_held_for_its_profile
     agent.stop().await.unwrap();
 }
 
+/// `outbox drop ID` through the agent's admin socket; asserts it dropped it.
+async fn drop_export(agent: &Agent, id: String) {
+    let dropped = admin_request(
+        agent,
+        AdminRequest::Drop {
+            ids: vec![id],
+            all_dead: false,
+        },
+    )
+    .await;
+    assert_eq!(dropped["dropped"].as_array().unwrap().len(), 1, "{dropped}");
+}
+
 /// Regression: an export dropped by `outbox drop` while it waits for its retry time (or is in
 /// flight) is never sent again, and its profile's next export goes on.
 #[tokio::test]
@@ -523,15 +541,7 @@ async fn a_dropped_export_is_not_sent_again_and_its_profile_goes_on() {
     let failing = agent.store.list(&ListFilter::default()).unwrap()[0]
         .id
         .to_string();
-    let dropped = admin_request(
-        &agent,
-        AdminRequest::Drop {
-            ids: vec![failing],
-            all_dead: false,
-        },
-    )
-    .await;
-    assert_eq!(dropped["dropped"].as_array().unwrap().len(), 1, "{dropped}");
+    drop_export(&agent, failing).await;
     wait_for_exports(&agent, &s.receiver, 1).await;
     assert_eq!(delivered_names(&s.receiver), ["p0-v1"]);
     // One attempt may have been in flight when it was dropped; none after that.
@@ -589,15 +599,7 @@ async fn an_export_dropped_in_flight_is_not_sent_again_whatever_the_answer() {
             .unwrap()[0]
             .id
             .to_string();
-        let dropped = admin_request(
-            &agent,
-            AdminRequest::Drop {
-                ids: vec![in_flight],
-                all_dead: false,
-            },
-        )
-        .await;
-        assert_eq!(dropped["dropped"].as_array().unwrap().len(), 1, "{dropped}");
+        drop_export(&agent, in_flight).await;
         wait_for_exports(&agent, &s.receiver, 1).await;
         wait_until(10, "the held request answered", || {
             s.receiver
@@ -624,10 +626,7 @@ async fn an_export_dropped_in_flight_is_not_sent_again_whatever_the_answer() {
             .receiver
             .delivered()
             .iter()
-            .flat_map(|r| match r.json() {
-                Some(serde_json::Value::Array(items)) => items,
-                other => other.into_iter().collect(),
-            })
+            .flat_map(payloads_of)
             .map(|p| {
                 p["person"]["name"]["firstName"]
                     .as_str()
