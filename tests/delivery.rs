@@ -224,11 +224,12 @@ async fn a_retry_after_holds_across_a_restart() {
 }
 
 /// A dead letter retried while a newer export of its profile is in flight: the retry waits
-/// for that request, which fails (a timeout) and stores a retry time; the dead letter goes
-/// back ahead of it, and both are delivered in order. The newer one's stored retry time
-/// leaves with its delivery: nothing is left in `retry_at`.
+/// for that request, which times out. The endpoint may have taken it all the same (this one
+/// does, late), so the dead letter stays as it is until the newer export is delivered, which
+/// supersedes it: the older export is never sent again. The newer one's retry entry leaves
+/// with its delivery: nothing is left in `retry_at`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back() {
+async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves_with_it() {
     let s = setup().await; // request_timeout_ms = 500
     let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = Arc::clone(&arrived);
@@ -246,14 +247,27 @@ async fn a_retry_time_leaves_with_its_export_also_behind_a_dead_letter_put_back(
         arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
     })
     .await;
-    assert_eq!(retried_all_dead(&agent).await, 1);
-    wait_drained(&agent, &s.receiver, 2).await;
-    // The receiver took the timed-out request too, late; the agent then sent both in order.
+    let newer = agent.store.export_id(1).to_string();
+    let answer = retry_all_dead(&agent).await;
+    assert_eq!(answer["retried"], json!([]), "{answer}");
+    assert_eq!(
+        answer["maybe_overtaken"][0]["pending"],
+        json!(newer),
+        "{answer}"
+    );
+    wait_drained(&agent, &s.receiver, 1).await;
+    let answer = retry_all_dead(&agent).await;
+    assert_eq!(answer["retried"], json!([]), "{answer}");
+    assert_eq!(
+        answer["superseded"][0]["acknowledged"],
+        json!(newer),
+        "{answer}"
+    );
     let keys: Vec<u64> = delivered_pairs(&s.receiver)
         .iter()
         .map(|(_, key)| seq_of(key))
         .collect();
-    assert_eq!(keys[keys.len() - 2..], [0, 1], "{keys:?}");
+    assert!(!keys.is_empty() && keys.iter().all(|&k| k == 1), "{keys:?}");
     agent.stop().await.unwrap();
     let db = open_with_sled_alone(&s.config.storage.path).unwrap();
     assert_eq!(db.open_tree("retry_at").unwrap().len(), 0);

@@ -640,6 +640,8 @@ impl Deliverer {
             }
         };
         state.controller.answered(now, sent_at, signal);
+        // The endpoint may have taken a request it did not answer.
+        let unanswered = matches!(cause, RetryCause::Timeout | RetryCause::Connection);
         let at_ms = now_ms();
         let uptime_ms = self.clock.uptime_ms();
         for (profile, export) in batch {
@@ -667,6 +669,10 @@ impl Deliverer {
             };
             self.metrics.record_delivery(outcome, None);
             self.metrics.record_retry(cause);
+            if unanswered {
+                // Before a put-back can see the export no longer out.
+                self.store.attempt_unanswered(export.id.seq);
+            }
             state.changes.push(Outcome {
                 profile: Arc::clone(&profile),
                 seq: export.id.seq,
@@ -674,11 +680,11 @@ impl Deliverer {
                     error: error.clone(),
                     at_ms,
                     retry_at_uptime_ms,
+                    unanswered,
                 },
             });
-            if retry_at_uptime_ms.is_some() {
-                state.retry_stored.insert(export.id.seq);
-            }
+            // Even without a retry time, an earlier unanswered attempt keeps an entry.
+            state.retry_stored.insert(export.id.seq);
             state.queue.put_back(&profile, export, retry_at);
         }
     }
@@ -831,8 +837,9 @@ struct LoopState {
     read_retry_at: Option<Instant>,
     /// Changes made in this turn of the loop, sent to the settler together at its end.
     changes: Vec<Outcome>,
-    /// Exports whose failed attempt in this run stored a retry time, until they settle: their
-    /// delivery removes it, also after a re-read of the outbox that did not see it yet.
+    /// Exports with a failed attempt in this run, which may have stored a retry entry, until
+    /// they settle: their delivery removes it, also after a re-read of the outbox that did
+    /// not see it yet.
     retry_stored: HashSet<u64>,
     /// Exports that were out when exports were last put back or dropped, until they come
     /// back: one dropped meanwhile must not go back into the window (see

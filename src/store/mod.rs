@@ -8,7 +8,7 @@
 //! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
 //! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
-//! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again |
+//! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again, then byte 1 if an attempt of it got no answer |
 //! | dead letters overtaken by a newer export of their profile | `superseded.rs` | `superseded`: sequence (u64 BE) → sequence of the acknowledged newer export |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
@@ -45,7 +45,8 @@
 //! - every export carries the store's run time when it was queued (`queued_at_uptime_ms`), and
 //!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]);
 //! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those;
-//! - `retry_at` holds an entry only for a pending export whose last attempt failed, written
+//! - `retry_at` holds an entry only for a pending export whose last attempt failed with a
+//!   retry time, or an attempt of which got no answer (kept until it leaves the outbox), written
 //!   and removed in the transactions that record what delivery did; one left by an export
 //!   that left the outbox otherwise (`outbox drop`, an unreadable record) is removed at open;
 //! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
@@ -163,6 +164,9 @@ pub struct Store {
     /// Pending exports below this sequence may have been acknowledged unrecorded, as the store
     /// was found at open ([`unrecorded`]).
     unrecorded_below: u64,
+    /// Pending exports whose last attempt got no answer, from the delivery loop's hearing of
+    /// it until the store records it in `retry_at` ([`unrecorded`]).
+    unanswered: std::sync::Mutex<std::collections::HashSet<u64>>,
     /// The store's run time as this process counts it, from the last checkpoint on.
     run_clock: RunClock,
     /// `next_seq` as the last committed transaction left it, and as the last completed flush
@@ -293,6 +297,7 @@ mod tests {
             error: "HTTP 503: busy".into(),
             at_ms: 1,
             retry_at_uptime_ms,
+            unanswered: false,
         };
         let retry_times = |store: &Store| -> Vec<(u64, Option<u64>)> {
             let mut cursor = 0;

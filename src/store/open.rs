@@ -260,6 +260,7 @@ impl Store {
             exports_out: AtomicU64::new(0),
             request_timeout_ms: AtomicU64::new(0),
             unrecorded_below,
+            unanswered: Default::default(),
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),

@@ -24,11 +24,14 @@ pub enum ExportChange {
     /// retry time may be stored for it (the usual delivery is spared a removal).
     Delivered { retried: bool },
     /// A failed attempt; the export stays pending, not to be sent again before
-    /// `retry_at_uptime_ms` on the store's run-time clock (`None`: at once).
+    /// `retry_at_uptime_ms` on the store's run-time clock (`None`: at once). `unanswered`: the
+    /// request got no answer (a timeout, a connection error), so the endpoint may have
+    /// acknowledged the export all the same ([`super::unrecorded`]).
     Failed {
         error: String,
         at_ms: i64,
         retry_at_uptime_ms: Option<u64>,
+        unanswered: bool,
     },
     /// Refused by the endpoint: a dead letter.
     Rejected { error: String, at_ms: i64 },
@@ -115,10 +118,26 @@ impl Store {
                         };
                         match change {
                             ExportChange::Failed {
-                                retry_at_uptime_ms: Some(at),
+                                retry_at_uptime_ms,
+                                unanswered,
                                 ..
                             } => {
-                                retry_at.insert(&key, &at.to_be_bytes())?;
+                                // Once unanswered, the export may have been acknowledged
+                                // until it leaves the outbox, whatever later attempts got.
+                                let unanswered = *unanswered
+                                    || retry_at
+                                        .get(key)?
+                                        .and_then(|v| RetryEntry::decode(&v))
+                                        .is_some_and(|e| e.unanswered);
+                                let entry = RetryEntry {
+                                    at_uptime_ms: retry_at_uptime_ms.unwrap_or(0),
+                                    unanswered,
+                                };
+                                if retry_at_uptime_ms.is_some() || unanswered {
+                                    retry_at.insert(&key, entry.encode())?;
+                                } else {
+                                    retry_at.remove(&key)?;
+                                }
                             }
                             ExportChange::Delivered { retried: false } => {}
                             _ => {
@@ -173,6 +192,7 @@ impl Store {
                 })?;
             Ok((older, applied, found))
         })?;
+        self.forget_unanswered(changes.iter().map(|o| o.seq));
         let gone: Vec<_> = older
             .into_iter()
             .zip(found)
@@ -198,12 +218,47 @@ impl Store {
     }
 }
 
-/// When pending export `seq` may be sent again (run time, ms), if its last attempt failed
-/// with a retry time. A value of another size (written by nobody) reads as none.
+/// A `retry_at` value: the run time (ms, u64 BE) before which the export is not sent again,
+/// then the byte [`RetryEntry::UNANSWERED`] if an attempt of it got no answer (older builds
+/// wrote the time alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RetryEntry {
+    pub at_uptime_ms: u64,
+    pub unanswered: bool,
+}
+
+impl RetryEntry {
+    const UNANSWERED: u8 = 1;
+
+    fn encode(self) -> Vec<u8> {
+        let mut value = self.at_uptime_ms.to_be_bytes().to_vec();
+        if self.unanswered {
+            value.push(Self::UNANSWERED);
+        }
+        value
+    }
+
+    /// `None` for a value written by nobody (another size or flag).
+    pub fn decode(value: &[u8]) -> Option<RetryEntry> {
+        let (time, flag) = value.split_first_chunk::<8>()?;
+        let unanswered = match flag {
+            [] => false,
+            [Self::UNANSWERED] => true,
+            _ => return None,
+        };
+        Some(RetryEntry {
+            at_uptime_ms: u64::from_be_bytes(*time),
+            unanswered,
+        })
+    }
+}
+
+/// When pending export `seq` may be sent again (run time, ms), if an attempt of it failed.
 pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
     Ok(t.retry_at
         .get(keys::seq_key(seq))?
-        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        .and_then(|v| RetryEntry::decode(&v))
+        .map(|e| e.at_uptime_ms))
 }
 
 /// Removes the entries of `index` whose key is not in `of`: retry times of exports no longer
@@ -252,6 +307,7 @@ mod tests {
             error: "HTTP 503: busy".into(),
             at_ms: 9,
             retry_at_uptime_ms: Some(7),
+            unanswered: false,
         };
         let (place, r) = changed_record(record(), &failed);
         assert_eq!(place, Place::Pending);
@@ -292,12 +348,35 @@ mod tests {
     }
 
     #[test]
+    fn retry_entries_read_as_written_and_as_older_builds_wrote_them() {
+        for (at_uptime_ms, unanswered) in [(0, false), (7, true), (u64::MAX, false)] {
+            let entry = RetryEntry {
+                at_uptime_ms,
+                unanswered,
+            };
+            assert_eq!(RetryEntry::decode(&entry.encode()), Some(entry));
+        }
+        let older_build = 9u64.to_be_bytes();
+        assert_eq!(
+            RetryEntry::decode(&older_build),
+            Some(RetryEntry {
+                at_uptime_ms: 9,
+                unanswered: false
+            })
+        );
+        for unknown in [&[0u8; 7][..], &[0; 10], &[0, 0, 0, 0, 0, 0, 0, 9, 2]] {
+            assert_eq!(RetryEntry::decode(unknown), None, "{unknown:?}");
+        }
+    }
+
+    #[test]
     fn only_failed_attempts_do_not_settle() {
         assert!(ExportChange::Delivered { retried: true }.settles());
         assert!(!ExportChange::Failed {
             error: String::new(),
             at_ms: 0,
             retry_at_uptime_ms: None,
+            unanswered: true,
         }
         .settles());
         assert!(ExportChange::Rejected {

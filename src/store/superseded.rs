@@ -204,7 +204,8 @@ pub enum PutBack {
     /// Not put back: the endpoint acknowledged `by`, a newer export of its profile.
     Superseded { by: u64 },
     /// Not put back: `by`, a newer export of its profile, is pending and may have been
-    /// acknowledged by a run that did not record it ([`super::unrecorded`]).
+    /// acknowledged unrecorded: by a run that did not record it, or in answer to a request
+    /// that got none ([`super::unrecorded`]).
     MaybeOvertaken { by: u64 },
     /// Not put back: nothing can be sent from a record that could not be read.
     Unreadable,

@@ -16,12 +16,18 @@
 //! pending. Once that export is delivered, the dead letter is superseded
 //! ([`super::superseded`]). A dead letter put back under the bound counts too, which errs
 //! towards refusing.
+//!
+//! A request that got no answer (a timeout, a connection error) may have been acknowledged
+//! too: the endpoint may have taken it and answered too late, or the answer was lost. Its
+//! exports count the same way until they leave the outbox: marked in `retry_at` by the
+//! transaction that records the failed attempt, and held in memory (`Store::unanswered`) from
+//! the moment the delivery loop hears of it until then.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::keys::{self, meta};
-use super::outbox::{ExportChange, Outcome};
+use super::outbox::{ExportChange, Outcome, RetryEntry};
 use super::{codec, Place, Store, StoreError, Trees};
 
 /// The bound below which pending exports may have been acknowledged unrecorded, as an open
@@ -82,13 +88,44 @@ impl Store {
         })
     }
 
+    /// The delivery loop heard no answer to a request of pending export `seq`: from now on
+    /// until it leaves the outbox, it may have been acknowledged.
+    pub fn attempt_unanswered(&self, seq: u64) {
+        self.unanswered_now().insert(seq);
+    }
+
+    /// Once the changes of these exports are recorded (`retry_at` marks the unanswered).
+    pub(super) fn forget_unanswered(&self, seqs: impl Iterator<Item = u64>) {
+        let mut unanswered = self.unanswered_now();
+        if !unanswered.is_empty() {
+            for seq in seqs {
+                unanswered.remove(&seq);
+            }
+        }
+    }
+
+    fn unanswered_now(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.unanswered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether pending export `seq` may have been acknowledged without the store knowing.
+    fn may_be_acknowledged(&self, t: &Trees, seq: u64) -> Result<bool, StoreError> {
+        if seq < self.unrecorded_below || self.unanswered_now().contains(&seq) {
+            return Ok(true);
+        }
+        Ok(t.retry_at
+            .get(keys::seq_key(seq))?
+            .and_then(|v| RetryEntry::decode(&v))
+            .is_some_and(|e| e.unanswered))
+    }
+
     /// Drops pending export `seq`; `false` if it is not pending. One the endpoint may have
-    /// acknowledged unrecorded (under the bound) is dropped as a delivered one is recorded:
-    /// the profile's older dead letters are then superseded by it, since sending one of them
-    /// could undo it at the endpoint.
+    /// acknowledged unrecorded (under the bound, or unanswered) is dropped as a delivered one
+    /// is recorded: the profile's older dead letters are then superseded by it, since sending
+    /// one of them could undo it at the endpoint.
     pub fn drop_pending(&self, seq: u64) -> Result<bool, StoreError> {
         let drop_only = || self.change_export(seq, Place::Pending, |r| (Place::Gone, r));
-        if seq >= self.unrecorded_below {
+        if !self.with(|t| self.may_be_acknowledged(t, seq))? {
             return drop_only();
         }
         let Some(value) = self.with(|t| Ok(t.outbox.get(keys::seq_key(seq))?))? else {
@@ -107,16 +144,24 @@ impl Store {
     }
 
     /// For a put-back of `dead` (sequences of dead letters): the pending exports of their
-    /// profiles that the endpoint may have acknowledged (see the module docs). Scans the
-    /// outbox between the oldest of them and the bound, reading only profile ids.
+    /// profiles that the endpoint may have acknowledged (see the module docs). Reads the
+    /// profile ids of the pending exports between the oldest of them and the bound, and of
+    /// those over it that got no answer.
     pub fn maybe_acknowledged(&self, dead: &[u64]) -> Result<MaybeAcknowledged, StoreError> {
-        let below = self.unrecorded_below;
         let mut found = MaybeAcknowledged::default();
-        let Some(oldest) = dead.iter().copied().filter(|&s| s < below).min() else {
+        let Some(oldest) = dead.iter().copied().min() else {
             return Ok(found);
         };
+        let from = oldest.saturating_add(1);
+        let over_bound = from.max(self.unrecorded_below);
+        let unanswered_now: Vec<u64> = self
+            .unanswered_now()
+            .iter()
+            .copied()
+            .filter(|&s| s >= over_bound)
+            .collect();
         self.with(|t| {
-            for &seq in dead.iter().filter(|&&s| s < below) {
+            for &seq in dead {
                 if let Some(value) = t.dead.get(keys::seq_key(seq))? {
                     if let Ok(profile) = codec::export_profile_id(&value) {
                         found.newest.entry(profile.to_owned()).or_insert(0);
@@ -126,16 +171,41 @@ impl Store {
             if found.newest.is_empty() {
                 return Ok(());
             }
-            let range = keys::seq_key(oldest.saturating_add(1))..keys::seq_key(below);
-            for item in t.outbox.range(range) {
-                let (key, value) = item?;
+            let mut note = |key: &[u8], value: &[u8]| {
                 let (Some(seq), Ok(profile)) =
-                    (keys::seq_from_key(&key), codec::export_profile_id(&value))
+                    (keys::seq_from_key(key), codec::export_profile_id(value))
                 else {
-                    continue;
+                    return;
                 };
                 if let Some(newest) = found.newest.get_mut(profile) {
                     *newest = (*newest).max(seq);
+                }
+            };
+            if from < self.unrecorded_below {
+                let range = keys::seq_key(from)..keys::seq_key(self.unrecorded_below);
+                for item in t.outbox.range(range) {
+                    let (key, value) = item?;
+                    note(&key, &value);
+                }
+            }
+            let marked = t
+                .retry_at
+                .range(keys::seq_key(over_bound)..)
+                .filter_map(|item| {
+                    item.map(|(key, value)| {
+                        RetryEntry::decode(&value)
+                            .is_some_and(|e| e.unanswered)
+                            .then_some(key)
+                    })
+                    .transpose()
+                });
+            let unanswered = unanswered_now
+                .iter()
+                .map(|&seq| Ok(sled::IVec::from(&keys::seq_key(seq)[..])));
+            for key in marked.chain(unanswered) {
+                let key = key?;
+                if let Some(value) = t.outbox.get(&key)? {
+                    note(&key, &value);
                 }
             }
             Ok(())
@@ -272,6 +342,109 @@ mod tests {
         kill(&store, later[0]);
         assert!(store.drop_pending(later[1]).unwrap());
         assert_eq!(put_back(&store, later[0]), PutBack::Done);
+    }
+
+    fn fail(store: &Store, profile: &str, seq: u64, unanswered: bool) {
+        let change = ExportChange::Failed {
+            error: if unanswered {
+                "timed out"
+            } else {
+                "HTTP 503: busy"
+            }
+            .into(),
+            at_ms: 1,
+            retry_at_uptime_ms: Some(5),
+            unanswered,
+        };
+        store
+            .apply_export_changes(&[Outcome {
+                profile: Arc::from(profile),
+                seq,
+                change,
+            }])
+            .unwrap();
+    }
+
+    /// A fresh store: every export it makes is over the bound.
+    fn stopped_cleanly(dir: &std::path::Path) -> Store {
+        let store = Store::open(dir, 8 << 20).unwrap();
+        store.delivery_starting().unwrap();
+        store.delivery_stopped_recorded().unwrap();
+        store.flush().unwrap();
+        store
+    }
+
+    #[test]
+    fn a_dead_letter_waits_for_a_newer_export_whose_request_got_no_answer_until_it_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = stopped_cleanly(dir.path());
+            let (older, newer) = dead_then_pending(&store);
+            // Answered failures hold nothing.
+            fail(&store, "p", newer, false);
+            assert_eq!(
+                store
+                    .maybe_acknowledged(&[older])
+                    .unwrap()
+                    .newer_than("p", older),
+                None
+            );
+            // Heard by the delivery loop, not yet recorded.
+            store.attempt_unanswered(newer);
+            assert_eq!(
+                put_back(&store, older),
+                PutBack::MaybeOvertaken { by: newer }
+            );
+            // Recorded; an answered failure after it does not clear it.
+            fail(&store, "p", newer, true);
+            assert!(store.unanswered_now().is_empty(), "recorded in retry_at");
+            fail(&store, "p", newer, false);
+            assert_eq!(
+                put_back(&store, older),
+                PutBack::MaybeOvertaken { by: newer }
+            );
+            store.flush().unwrap();
+            (older, newer)
+        };
+        // Across a clean stop: the store keeps it.
+        let store = stopped_cleanly(dir.path());
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
+        let delivered = Outcome {
+            profile: Arc::from("p"),
+            seq: newer,
+            change: ExportChange::Delivered { retried: true },
+        };
+        store.apply_export_changes(&[delivered]).unwrap();
+        assert_eq!(put_back(&store, older), PutBack::Superseded { by: newer });
+        assert_eq!(store.trees().unwrap().retry_at.len(), 0);
+    }
+
+    #[test]
+    fn dropping_an_export_whose_request_got_no_answer_supersedes_older_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = stopped_cleanly(dir.path());
+        let seqs = export_each(
+            &store,
+            &[("p", "v1"), ("q", "v1"), ("p", "v2"), ("q", "v2")],
+        );
+        kill(&store, seqs[0]);
+        kill(&store, seqs[1]);
+        // Heard by the delivery loop only, and recorded only.
+        store.attempt_unanswered(seqs[2]);
+        fail(&store, "q", seqs[3], true);
+        assert!(store.drop_pending(seqs[2]).unwrap());
+        assert!(store.drop_pending(seqs[3]).unwrap());
+        assert_eq!(
+            put_back(&store, seqs[0]),
+            PutBack::Superseded { by: seqs[2] }
+        );
+        assert_eq!(
+            put_back(&store, seqs[1]),
+            PutBack::Superseded { by: seqs[3] }
+        );
     }
 
     #[test]
