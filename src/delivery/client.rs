@@ -30,6 +30,9 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("{0}")]
     Transport(String),
+    /// No connection could be made: nothing of the request was sent.
+    #[error("{0}")]
+    Connect(String),
 }
 
 /// An answer: status, headers and (the start of) the body.
@@ -274,7 +277,7 @@ impl HttpClient {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| request_error(&uri, &e))?;
+                .map_err(|e| request_error(&uri, &e, e.is_connect()))?;
             let (parts, body) = response.into_parts();
             let body = body
                 .collect()
@@ -334,11 +337,22 @@ pub async fn tls_handshake(
 }
 
 /// A request that got no answer: a certificate problem explained (the whole error in the debug
-/// log), else the error and its causes.
-fn request_error(uri: &hyper::Uri, error: &(dyn std::error::Error + 'static)) -> ClientError {
+/// log), else the error and its causes. `connect`: it failed while connecting.
+fn request_error(
+    uri: &hyper::Uri,
+    error: &(dyn std::error::Error + 'static),
+    connect: bool,
+) -> ClientError {
     let described = describe_error(error);
+    let unexplained = |described| {
+        if connect {
+            ClientError::Connect(described)
+        } else {
+            ClientError::Transport(described)
+        }
+    };
     let Some(tls) = crate::explain::find_tls_error(error) else {
-        return ClientError::Transport(described);
+        return unexplained(described);
     };
     tracing::debug!(error = %described, tls = ?tls, "TLS with {uri} failed");
     let host = uri.host().unwrap_or("?").trim_matches(['[', ']']);
@@ -350,8 +364,9 @@ fn request_error(uri: &hyper::Uri, error: &(dyn std::error::Error + 'static)) ->
             443
         });
     match crate::explain::certificate(&format!("{host}:{port}"), host, tls) {
+        Some(message) if connect => ClientError::Connect(message),
         Some(message) => ClientError::Tls(message),
-        None => ClientError::Transport(described),
+        None => unexplained(described),
     }
 }
 
@@ -370,6 +385,49 @@ fn describe_error(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client_of(url: &str) -> HttpClient {
+        let destination = Destination {
+            name: None,
+            description: None,
+            http_endpoint: url.parse().unwrap(),
+            custom_headers: vec![],
+            ca_file: None,
+            client_cert: None,
+            auth: crate::config::Auth::None,
+        };
+        HttpClient::new(&destination, Duration::from_secs(5)).unwrap()
+    }
+
+    fn post(url: &str) -> Request<Full<Bytes>> {
+        Request::post(url)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    }
+
+    /// Whether the endpoint may have taken a request that got no answer: not when no
+    /// connection was made, but when one was closed after the request was written.
+    #[tokio::test]
+    async fn a_refused_connection_sent_nothing_a_closed_one_may_have() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        drop(listener);
+        let refused = client_of(&url).send(post(&url)).await.unwrap_err();
+        assert!(matches!(refused, ClientError::Connect(_)), "{refused:?}");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            // Closed without an answer.
+        });
+        let closed = client_of(&url).send(post(&url)).await.unwrap_err();
+        assert!(matches!(closed, ClientError::Transport(_)), "{closed:?}");
+        server.await.unwrap();
+    }
 
     fn answer(body: &str) -> Answer {
         Answer {

@@ -136,8 +136,13 @@ enum Attempted {
     },
     /// No token could be had.
     TokenFailed(String),
-    /// No answer: a connection error or a timeout.
-    SendFailed { error: String, timeout: bool },
+    /// No answer: a connection error or a timeout. `nothing_sent`: the request never left
+    /// (no connection, or it could not be made), so the endpoint cannot have taken it.
+    SendFailed {
+        error: String,
+        timeout: bool,
+        nothing_sent: bool,
+    },
 }
 
 /// A read of the outbox: which read it was, where the cursor got to, and what was read.
@@ -557,6 +562,7 @@ impl Deliverer {
                         .unwrap_or_else(|_| Attempted::SendFailed {
                             error: "internal error while sending (see the log)".into(),
                             timeout: false,
+                            nothing_sent: false,
                         });
                     let _ = done.send(Finished {
                         batch,
@@ -591,6 +597,7 @@ impl Deliverer {
         } = finished;
         let now = Instant::now();
         let dropped = self.dropped_while_out(state, &batch);
+        let mut unanswered = false;
         let (error, retry_after, signal, cause) = match attempted {
             Attempted::Answered {
                 status,
@@ -630,7 +637,13 @@ impl Deliverer {
                 }
             },
             Attempted::TokenFailed(error) => (error, None, Signal::Failed, RetryCause::Token),
-            Attempted::SendFailed { error, timeout } => {
+            Attempted::SendFailed {
+                error,
+                timeout,
+                nothing_sent,
+            } => {
+                // The endpoint may have taken a request it did not answer.
+                unanswered = !nothing_sent;
                 let cause = if timeout {
                     RetryCause::Timeout
                 } else {
@@ -640,8 +653,6 @@ impl Deliverer {
             }
         };
         state.controller.answered(now, sent_at, signal);
-        // The endpoint may have taken a request it did not answer.
-        let unanswered = matches!(cause, RetryCause::Timeout | RetryCause::Connection);
         let at_ms = now_ms();
         let uptime_ms = self.clock.uptime_ms();
         for (profile, export) in batch {
@@ -779,6 +790,7 @@ impl Deliverer {
                 return Attempted::SendFailed {
                     error,
                     timeout: false,
+                    nothing_sent: true,
                 }
             }
         };
@@ -787,6 +799,7 @@ impl Deliverer {
             Err(e) => {
                 return Attempted::SendFailed {
                     timeout: matches!(e, ClientError::Timeout(_)),
+                    nothing_sent: matches!(e, ClientError::Connect(_)),
                     error: e.to_string(),
                 }
             }
