@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::profile::update::format_time;
 use crate::store::source::parse_rejected_id;
 use crate::store::{
-    Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, Place, PutBack, Store, StoreError,
+    Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, PutBack, Store, StoreError,
 };
 
 /// The name of the agent's socket in the store folder.
@@ -345,8 +345,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                 continue;
             }
             // `--all-dead` drops dead letters only, whatever happened to them since.
-            let dropped = store.change_export(seq, Place::Dead, |r| (Place::Gone, r))?
-                || (!all_dead && store.drop_pending(seq)?);
+            let dropped = store.drop_dead(seq)? || (!all_dead && store.drop_pending(seq)?);
             if dropped {
                 done.push(text)
             } else {
@@ -357,18 +356,20 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     };
     // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in the
     // delivery loop's window: the loop must not start requests meanwhile, and reads the outbox
-    // again from its head after.
-    let (done, missing) = if retry {
+    // again from its head after. A pending export dropped is not out either: should its
+    // request get no answer, the drop must know that the endpoint may have taken it.
+    let (done, missing) = if retry || !all_dead {
         let wait = store.put_back_wait();
+        let what = if retry { "put back" } else { "dropped" };
         store
             .rewinding_with_nothing_out(wait, apply)
             .map_err(|why| {
                 AdminError::Failed(match why {
                     NotQuiet::StillOut => format!(
-                        "nothing was put back: exports were still being sent after {} s; try again",
+                        "nothing was {what}: exports were still being sent after {} s; try again",
                         wait.as_secs()
                     ),
-                    NotQuiet::GaveUp => "nothing was put back: delivery stopped with requests whose outcome was not recorded (the log says why); once the agent is started again, retry".into(),
+                    NotQuiet::GaveUp => format!("nothing was {what}: delivery stopped with requests whose outcome was not recorded (the log says why); once the agent is started again, retry"),
                 })
             })??
     } else {
@@ -389,7 +390,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ListFilter;
+    use crate::store::{ListFilter, Place};
 
     /// A store holding `n` dead letters, one a profile.
     fn dead_letters(dir: &std::path::Path, n: usize) -> Store {

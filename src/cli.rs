@@ -274,10 +274,10 @@ pub enum OutboxCommand {
     /// Put dead letters back in the outbox (same id, so the same Idempotency-Key).
     ///
     /// A dead letter is not put back once the endpoint has acknowledged a newer export of its
-    /// profile: sending it would undo that one. Nor while a newer export of its profile is
-    /// pending that may have been acknowledged unrecorded (a request of it got no answer, or
-    /// an agent stopped before recording every delivery); once that one is delivered, the
-    /// dead letter is superseded. Through the
+    /// profile: sending it would undo that one. Nor while a newer export of its profile
+    /// (pending, or a dead letter) may have been acknowledged unrecorded (a request of it got
+    /// no answer, or an agent stopped before recording every delivery); once that one is
+    /// delivered or dropped, the dead letter is superseded. Through the
     /// running agent, waits first for the requests in flight to end (at most the request
     /// timeout and 50 s more), starting none meanwhile.
     ///

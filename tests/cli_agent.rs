@@ -593,12 +593,11 @@ async fn retry_refuses_a_dead_letter_a_newer_export_overtook() {
     assert_eq!(destination.delivered_keys(), newer, "nothing sent again");
 }
 
-/// A request that timed out may have been taken by the endpoint all the same: `outbox retry`
-/// leaves the profile's older dead letter as it is, through the agent and, after a clean stop,
-/// on the store, until the newer export is delivered, which supersedes it.
-#[tokio::test]
-async fn retry_holds_a_dead_letter_behind_a_newer_export_whose_request_got_no_answer() {
-    let destination = Destination::start().await;
+/// Scripts the endpoint: it refuses first name `v1` (a dead letter) and holds `v2` unanswered
+/// while the flag returned is set. The first names that arrived, in order.
+fn refuse_v1_hold_v2(
+    destination: &Destination,
+) -> (Arc<Mutex<Vec<String>>>, Arc<std::sync::atomic::AtomicBool>) {
     let arrivals: Arc<Mutex<Vec<String>>> = Arc::default();
     let hold_newer = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (seen, hold) = (Arc::clone(&arrivals), Arc::clone(&hold_newer));
@@ -618,13 +617,53 @@ async fn retry_holds_a_dead_letter_behind_a_newer_export_whose_request_got_no_an
                 _ => Reply::Normal,
             }
         })));
-    let (ws, port) = workspace_delivering(&destination, "request_timeout_ms = 500");
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    (arrivals, hold_newer)
+}
+
+/// Ingests `v1` of profile `p1`, waits for it to be a dead letter, then ingests `v2`; the dead
+/// letter's id.
+async fn dead_v1_then_v2(ws: &Workspace) -> String {
     ws.run_ok(&["ingest", "-"], Some(update("p1", "v1").as_bytes()));
-    wait_counts(&ws, 0, 1).await;
-    let older = id_of(&ws, "p1", &["--dead"]);
+    wait_counts(ws, 0, 1).await;
+    let older = id_of(ws, "p1", &["--dead"]);
     let newer_update = member_update("p1", "v2", "2026-01-01T00:00:02Z");
     ws.run_ok(&["ingest", "-"], Some(newer_update.as_bytes()));
+    older
+}
+
+/// Once the endpoint takes `v2` (`newer`): dead letter `older` is superseded; stops the agent.
+/// The endpoint never got the older export after the newer one.
+async fn superseded_once_delivered(
+    ws: &Workspace,
+    mut agent: AgentProcess,
+    arrivals: &Mutex<Vec<String>>,
+    older: &str,
+    newer: &str,
+) {
+    wait_counts(ws, 0, 1).await;
+    let out = ws.run(&["outbox", "retry", older], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains(&format!("{older} (after {newer})")),
+        "superseded once the newer export is delivered: {}",
+        stderr_of(&out)
+    );
+    agent.terminate().await;
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals[..2], ["v1", "v2"]);
+    assert!(arrivals[2..].iter().all(|a| a == "v2"), "{arrivals:?}");
+}
+
+/// A request that timed out may have been taken by the endpoint all the same: `outbox retry`
+/// leaves the profile's older dead letter as it is, through the agent and, after a clean stop,
+/// on the store, until the newer export is delivered, which supersedes it.
+#[tokio::test]
+async fn retry_holds_a_dead_letter_behind_a_newer_export_whose_request_got_no_answer() {
+    let destination = Destination::start().await;
+    let (arrivals, hold_newer) = refuse_v1_hold_v2(&destination);
+    let (ws, port) = workspace_delivering(&destination, "request_timeout_ms = 500");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let older = dead_v1_then_v2(&ws).await;
     // A second attempt: the first timed out.
     wait_until(10, "the newer export sent twice", || {
         arrivals.lock().unwrap().len() >= 3
@@ -643,23 +682,24 @@ async fn retry_holds_a_dead_letter_behind_a_newer_export_whose_request_got_no_an
     };
     assert_held(&ws.run(&["outbox", "retry", &older], None));
     agent.terminate().await;
+    {
+        // Held by the mark of the unanswered request, not by an unclean stop.
+        let db = open_with_sled_alone(&ws.store_path()).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        assert!(!meta.contains_key("delivering").unwrap(), "a clean stop");
+        let retry_at = db.open_tree("retry_at").unwrap();
+        let marks: Vec<Vec<u8>> = retry_at.iter().map(|e| e.unwrap().1.to_vec()).collect();
+        assert!(
+            matches!(marks.as_slice(), [mark] if mark.len() == 9 && mark[8] == 1),
+            "{marks:?}"
+        );
+    }
     assert_held(&ws.run(&["outbox", "retry", &older], None));
     assert_counts(&ws, 1, 1);
 
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
     hold_newer.store(false, std::sync::atomic::Ordering::SeqCst);
-    wait_counts(&ws, 0, 1).await;
-    let out = ws.run(&["outbox", "retry", &older], None);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
-    assert!(
-        stderr_of(&out).contains(&format!("{older} (after {newer})")),
-        "superseded once the newer export is delivered: {}",
-        stderr_of(&out)
-    );
-    agent.terminate().await;
-    let arrivals = arrivals.lock().unwrap().clone();
-    assert_eq!(arrivals[..2], ["v1", "v2"]);
-    assert!(arrivals[2..].iter().all(|a| a == "v2"), "{arrivals:?}");
+    superseded_once_delivered(&ws, agent, &arrivals, &older, &newer).await;
 }
 
 /// After a `kill -9` with a newer export of a profile in flight (the endpoint may have
@@ -669,32 +709,10 @@ async fn retry_holds_a_dead_letter_behind_a_newer_export_whose_request_got_no_an
 #[tokio::test]
 async fn retry_after_a_crash_holds_a_dead_letter_behind_a_newer_export_maybe_acknowledged() {
     let destination = Destination::start().await;
-    let arrivals: Arc<Mutex<Vec<String>>> = Arc::default();
-    let hold_newer = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (seen, hold) = (Arc::clone(&arrivals), Arc::clone(&hold_newer));
-    destination
-        .receiver
-        .set_export_script(Some(Arc::new(move |_, r| {
-            let name = r
-                .json()
-                .and_then(|p| Some(p["person"]["name"]["firstName"].as_str()?.to_owned()))
-                .unwrap_or_default();
-            seen.lock().unwrap().push(name.clone());
-            match name.as_str() {
-                "v1" => Reply::Status(400, vec![], "refused".into()),
-                "v2" if hold.load(std::sync::atomic::Ordering::SeqCst) => {
-                    Reply::Delay(Duration::from_secs(60))
-                }
-                _ => Reply::Normal,
-            }
-        })));
+    let (arrivals, hold_newer) = refuse_v1_hold_v2(&destination);
     let (ws, port) = workspace_delivering(&destination, "request_timeout_ms = 1000");
     let mut agent = AgentProcess::start(&ws.config_path(), port).await;
-    ws.run_ok(&["ingest", "-"], Some(update("p1", "v1").as_bytes()));
-    wait_counts(&ws, 0, 1).await;
-    let older = id_of(&ws, "p1", &["--dead"]);
-    let newer_update = member_update("p1", "v2", "2026-01-01T00:00:02Z");
-    ws.run_ok(&["ingest", "-"], Some(newer_update.as_bytes()));
+    let older = dead_v1_then_v2(&ws).await;
     wait_until(10, "the newer export at the endpoint", || {
         arrivals.lock().unwrap().len() == 2
     })
@@ -727,23 +745,12 @@ async fn retry_after_a_crash_holds_a_dead_letter_behind_a_newer_export_maybe_ack
 
     // Through the agent, which sends the newer export again (held again by the endpoint, so
     // its attempts time out and it stays pending).
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
     wait_until(10, "the newer export sent again", || {
         arrivals.lock().unwrap().len() >= 3
     })
     .await;
     assert_held(&ws.run(&["outbox", "retry", &older], None));
     hold_newer.store(false, std::sync::atomic::Ordering::SeqCst);
-    wait_counts(&ws, 0, 1).await;
-    let out = ws.run(&["outbox", "retry", &older], None);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
-    assert!(
-        stderr_of(&out).contains(&format!("{older} (after {newer})")),
-        "superseded once the newer export is delivered: {}",
-        stderr_of(&out)
-    );
-    agent.terminate().await;
-    let arrivals = arrivals.lock().unwrap().clone();
-    assert_eq!(arrivals[..2], ["v1", "v2"]);
-    assert!(arrivals[2..].iter().all(|a| a == "v2"), "{arrivals:?}");
+    superseded_once_delivered(&ws, agent, &arrivals, &older, &newer).await;
 }

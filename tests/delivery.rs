@@ -223,21 +223,25 @@ async fn a_retry_after_holds_across_a_restart() {
     agent.stop().await.unwrap();
 }
 
-/// A dead letter retried while a newer export of its profile is in flight: the retry waits
-/// for that request, which times out. The endpoint may have taken it all the same (this one
-/// does, late), so the dead letter stays as it is until the newer export is delivered, which
-/// supersedes it: the older export is never sent again. The newer one's retry entry leaves
-/// with its delivery: nothing is left in `retry_at`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves_with_it() {
-    let s = setup().await; // request_timeout_ms = 500
+/// `outbox retry --all-dead` puts nothing back: the one dead letter is listed under `why`,
+/// naming export `newer` as `whose`.
+async fn assert_not_retried(agent: &Agent, why: &str, whose: &str, newer: &str) {
+    let answer = retry_all_dead(agent).await;
+    assert_eq!(answer["retried"], json!([]), "{answer}");
+    assert_eq!(answer[why][0][whose], json!(newer), "{answer}");
+}
+
+/// Starts an agent whose endpoint refuses the first request and holds the next ones past the
+/// request timeout (500 ms), up to the `answered_from`th (from 0), which it answers 2xx; ingests
+/// two exports of profile `a` and returns once the second is in flight, the first a dead letter.
+async fn older_dead_newer_in_flight(s: &Setup, answered_from: u64) -> Agent {
     let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = Arc::clone(&arrived);
     s.receiver.set_export_script(Some(Arc::new(move |n, _| {
         seen.store(n + 1, std::sync::atomic::Ordering::SeqCst);
         match n {
             0 => Reply::Status(400, vec![], "refused".into()),
-            1 => Reply::Delay(Duration::from_secs(3)), // past the timeout
+            n if n < answered_from => Reply::Delay(Duration::from_secs(3)),
             _ => Reply::Normal,
         }
     })));
@@ -247,22 +251,22 @@ async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves
         arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
     })
     .await;
+    agent
+}
+
+/// A dead letter retried while a newer export of its profile is in flight: the retry waits
+/// for that request, which times out. The endpoint may have taken it all the same (this one
+/// does, late), so the dead letter stays as it is until the newer export is delivered, which
+/// supersedes it: the older export is never sent again. The newer one's retry entry leaves
+/// with its delivery: nothing is left in `retry_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves_with_it() {
+    let s = setup().await;
+    let agent = older_dead_newer_in_flight(&s, 2).await;
     let newer = agent.store.export_id(1).to_string();
-    let answer = retry_all_dead(&agent).await;
-    assert_eq!(answer["retried"], json!([]), "{answer}");
-    assert_eq!(
-        answer["maybe_overtaken"][0]["pending"],
-        json!(newer),
-        "{answer}"
-    );
+    assert_not_retried(&agent, "maybe_overtaken", "pending", &newer).await;
     wait_drained(&agent, &s.receiver, 1).await;
-    let answer = retry_all_dead(&agent).await;
-    assert_eq!(answer["retried"], json!([]), "{answer}");
-    assert_eq!(
-        answer["superseded"][0]["acknowledged"],
-        json!(newer),
-        "{answer}"
-    );
+    assert_not_retried(&agent, "superseded", "acknowledged", &newer).await;
     let keys: Vec<u64> = delivered_pairs(&s.receiver)
         .iter()
         .map(|(_, key)| seq_of(key))
@@ -271,6 +275,25 @@ async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves
     agent.stop().await.unwrap();
     let db = open_with_sled_alone(&s.config.storage.path).unwrap();
     assert_eq!(db.open_tree("retry_at").unwrap().len(), 0);
+}
+
+/// `outbox drop` of a pending export whose request is in flight waits for that request. It
+/// gets no answer (a timeout), so the endpoint may have taken it: the drop counts as its
+/// delivery, and the profile's older dead letter is superseded, never sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_export_in_flight_that_gets_no_answer_supersedes_older_dead_letters() {
+    let s = setup().await;
+    let agent = older_dead_newer_in_flight(&s, u64::MAX).await;
+    let newer = agent.store.export_id(1).to_string();
+    let request = outpost::admin::AdminRequest::Drop {
+        ids: vec![newer.clone()],
+        all_dead: false,
+    };
+    let dropped = admin_request(&agent, request).await;
+    assert_eq!(dropped["dropped"], json!([newer]), "{dropped}");
+    assert_not_retried(&agent, "superseded", "acknowledged", &newer).await;
+    assert_eq!(agent.store.tally().unwrap().pending, 0);
+    agent.stop().await.unwrap();
 }
 
 /// `outbox retry` while a newer export of the dead letter's profile is in flight waits for

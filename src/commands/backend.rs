@@ -138,12 +138,15 @@ fn run_backfill(store: &Store, mapping: &crate::config::Mapping) -> Result<(), S
 }
 
 /// How long the agent may take to answer `request`. A compaction takes as long as the store
-/// is large; the agent answers when it is done. A retry first waits for the requests in flight
-/// (see [`put_back_wait`]), then puts back.
+/// is large; the agent answers when it is done. A retry, and a drop by id, first wait for the
+/// requests in flight (see [`put_back_wait`]).
 fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Duration> {
     match request {
         AdminRequest::Compact => None,
-        AdminRequest::Retry { .. } => Some(put_back_wait(request_timeout) + 2 * AGENT_TIMEOUT),
+        AdminRequest::Retry { .. }
+        | AdminRequest::Drop {
+            all_dead: false, ..
+        } => Some(put_back_wait(request_timeout) + 2 * AGENT_TIMEOUT),
         _ => Some(AGENT_TIMEOUT),
     }
 }

@@ -8,7 +8,7 @@
 //! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
 //! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
-//! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again, then byte 1 if an attempt of it got no answer |
+//! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again, then byte 1 if it may have been acknowledged unrecorded (`unrecorded.rs`) |
 //! | dead letters overtaken by a newer export of their profile | `superseded.rs` | `superseded`: sequence (u64 BE) → sequence of the acknowledged newer export |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
@@ -46,9 +46,10 @@
 //!   `meta/clock` the run time at the last checkpoint ([`crate::clock`]);
 //! - exports below [`Store::durable_next_seq`] are durable; delivery reads only those;
 //! - `retry_at` holds an entry only for a pending export whose last attempt failed with a
-//!   retry time, or an attempt of which got no answer (kept until it leaves the outbox), written
-//!   and removed in the transactions that record what delivery did; one left by an export
-//!   that left the outbox otherwise (`outbox drop`, an unreadable record) is removed at open;
+//!   retry time, or one that may have been acknowledged unrecorded, pending or a dead letter
+//!   ([`unrecorded`]), written and removed in the transactions that record what delivery did
+//!   (and drop a marked dead letter); one left by an export that left the outbox and the dead
+//!   letters otherwise (`outbox drop`, an unreadable record) is removed at open;
 //! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
 //!   profile, in the transaction that records that delivery; a marked dead letter is never put
 //!   back, and a mark whose dead letter was dropped is removed at open.

@@ -122,13 +122,9 @@ impl Store {
                                 unanswered,
                                 ..
                             } => {
-                                // Once unanswered, the export may have been acknowledged
-                                // until it leaves the outbox, whatever later attempts got.
-                                let unanswered = *unanswered
-                                    || retry_at
-                                        .get(key)?
-                                        .and_then(|v| RetryEntry::decode(&v))
-                                        .is_some_and(|e| e.unanswered);
+                                // Once unanswered, the export may have been acknowledged,
+                                // whatever later attempts got.
+                                let unanswered = *unanswered || marked_unanswered(retry_at, key)?;
                                 let entry = RetryEntry {
                                     at_uptime_ms: retry_at_uptime_ms.unwrap_or(0),
                                     unanswered,
@@ -140,8 +136,22 @@ impl Store {
                                 }
                             }
                             ExportChange::Delivered { retried: false } => {}
-                            _ => {
+                            ExportChange::Delivered { retried: true } => {
                                 retry_at.remove(&key)?;
+                            }
+                            // A dead letter that may have been acknowledged keeps the mark,
+                            // so that its profile's older ones wait for it (`unrecorded`).
+                            ExportChange::Rejected { .. } | ExportChange::Expired { .. } => {
+                                if *seq < self.unrecorded_below || marked_unanswered(retry_at, key)?
+                                {
+                                    let entry = RetryEntry {
+                                        at_uptime_ms: 0,
+                                        unanswered: true,
+                                    };
+                                    retry_at.insert(&key, entry.encode())?;
+                                } else {
+                                    retry_at.remove(&key)?;
+                                }
                             }
                         }
                         tally.count(Place::Pending, old.len(), -1);
@@ -175,31 +185,36 @@ impl Store {
                         retry_at,
                         superseded,
                     };
-                    let mut found = Vec::with_capacity(older.len());
-                    for candidate in &older {
-                        let newer_id = self.export_id(candidate.newer).to_string();
-                        let what =
-                            superseded::mark(&views, &mut tally, candidate, &newer_id, now_ms())?;
-                        if what == superseded::Found::Withdrawn {
+                    let found = self.mark_superseded(&views, &mut tally, &older)?;
+                    for (candidate, what) in older.iter().zip(&found) {
+                        if *what == superseded::Found::Withdrawn {
                             applied
                                 .withdrawn
                                 .push((Arc::clone(&candidate.profile), candidate.seq));
                         }
-                        found.push(what);
                     }
                     write_tally(meta_tx, tally)?;
                     Ok((applied, found))
                 })?;
             Ok((older, applied, found))
         })?;
-        self.forget_unanswered(changes.iter().map(|o| o.seq));
-        let gone: Vec<_> = older
-            .into_iter()
-            .zip(found)
-            .filter(|(_, what)| *what != superseded::Found::Other)
-            .map(|(candidate, _)| candidate)
-            .collect();
-        self.dead_letters.forget(&gone);
+        // An answered failure recorded now may be older than an unanswered attempt heard of
+        // since, whose change is still to come.
+        self.forget_unanswered(
+            changes
+                .iter()
+                .filter(|o| {
+                    !matches!(
+                        o.change,
+                        ExportChange::Failed {
+                            unanswered: false,
+                            ..
+                        }
+                    )
+                })
+                .map(|o| o.seq),
+        );
+        self.forget_superseded(older, &found);
         for Outcome {
             profile,
             seq,
@@ -253,6 +268,17 @@ impl RetryEntry {
     }
 }
 
+/// Whether export `key`'s retry entry says an attempt of it got no answer.
+fn marked_unanswered(
+    retry_at: &sled::transaction::TransactionalTree,
+    key: [u8; keys::SEQ_KEY_LEN],
+) -> sled::transaction::ConflictableTransactionResult<bool, StoreError> {
+    Ok(retry_at
+        .get(key)?
+        .and_then(|v| RetryEntry::decode(&v))
+        .is_some_and(|e| e.unanswered))
+}
+
 /// When pending export `seq` may be sent again (run time, ms), if an attempt of it failed.
 pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
     Ok(t.retry_at
@@ -261,17 +287,22 @@ pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
         .map(|e| e.at_uptime_ms))
 }
 
-/// Removes the entries of `index` whose key is not in `of`: retry times of exports no longer
-/// pending (`retry_at`, `outbox`) and marks of exports no longer dead letters (`superseded`,
-/// `dead`). Those left by exports that left through a path other than
-/// [`Store::apply_export_changes`] (`outbox drop`, an unreadable record) go at open. Returns
-/// how many.
-pub(super) fn forget_keys_missing_from(index: &sled::Tree, of: &sled::Tree) -> sled::Result<usize> {
+/// Removes the entries of `index` whose key is in none of `of`: retry entries of exports
+/// neither pending nor dead letters (`retry_at`; `outbox`, `dead`) and marks of exports no
+/// longer dead letters (`superseded`; `dead`). Those left by exports that left through a path
+/// other than [`Store::apply_export_changes`] (`outbox drop`, an unreadable record) go at
+/// open. Returns how many.
+pub(super) fn forget_keys_missing_from(
+    index: &sled::Tree,
+    of: &[&sled::Tree],
+) -> sled::Result<usize> {
     let mut stale = sled::Batch::default();
     let mut count = 0;
     for item in index.iter() {
         let (key, _) = item?;
-        if !of.contains_key(&key)? {
+        if !of.iter().try_fold(false, |found, tree| {
+            Ok::<_, sled::Error>(found || tree.contains_key(&key)?)
+        })? {
             stale.remove(key);
             count += 1;
         }

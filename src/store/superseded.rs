@@ -185,6 +185,42 @@ pub(super) fn mark(
     Ok(Found::Withdrawn)
 }
 
+impl Store {
+    /// [`mark`]s each candidate, inside the settling transaction.
+    pub(super) fn mark_superseded(
+        &self,
+        v: &Views<'_>,
+        tally: &mut Tally,
+        older: &[Candidate],
+    ) -> Result<Vec<Found>, ConflictableTransactionError<StoreError>> {
+        older
+            .iter()
+            .map(|c| {
+                let newer_id = self.export_id(c.newer).to_string();
+                mark(
+                    v,
+                    tally,
+                    c,
+                    &newer_id,
+                    chrono::Utc::now().timestamp_millis(),
+                )
+            })
+            .collect()
+    }
+
+    /// Once the transaction that marked them is committed: the index forgets the candidates
+    /// that need no more looking at.
+    pub(super) fn forget_superseded(&self, older: Vec<Candidate>, found: &[Found]) {
+        let gone: Vec<_> = older
+            .into_iter()
+            .zip(found)
+            .filter(|(_, what)| **what != Found::Other)
+            .map(|(candidate, _)| candidate)
+            .collect();
+        self.dead_letters.forget(&gone);
+    }
+}
+
 fn superseded_by(
     superseded: &TransactionalTree,
     seq: u64,

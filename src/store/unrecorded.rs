@@ -19,16 +19,22 @@
 //!
 //! A request that got no answer (a timeout, a connection error) may have been acknowledged
 //! too: the endpoint may have taken it and answered too late, or the answer was lost. Its
-//! exports count the same way until they leave the outbox: marked in `retry_at` by the
-//! transaction that records the failed attempt, and held in memory (`Store::unanswered`) from
-//! the moment the delivery loop hears of it until then.
+//! exports count the same way: marked in `retry_at` by the transaction that records the failed
+//! attempt, and held in memory (`Store::unanswered`) from the moment the delivery loop hears
+//! of it until then.
+//!
+//! Such an export (marked, or pending under the bound) that becomes a dead letter keeps the
+//! mark (an entry with run time 0), so its profile's older dead letters still wait for it: put
+//! back and delivered, it supersedes them; dropped, it does so at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::keys::{self, meta};
 use super::outbox::{ExportChange, Outcome, RetryEntry};
+use super::tally::{read_tally, write_tally};
 use super::{codec, Place, Store, StoreError, Trees};
+use sled::Transactional;
 
 /// The bound below which pending exports may have been acknowledged unrecorded, as an open
 /// finds it: the recorded one, raised to `next_seq` if the last delivery loop did not stop
@@ -143,10 +149,61 @@ impl Store {
         Ok(!applied.missing.contains(&seq))
     }
 
-    /// For a put-back of `dead` (sequences of dead letters): the pending exports of their
-    /// profiles that the endpoint may have acknowledged (see the module docs). Reads the
-    /// profile ids of the pending exports between the oldest of them and the bound, and of
-    /// those over it that got no answer.
+    /// Drops dead letter `seq`; `false` if it is not one. One the endpoint may have
+    /// acknowledged (marked when it died) is dropped as [`Store::drop_pending`] drops a
+    /// pending one: its profile's older dead letters are superseded by it.
+    pub fn drop_dead(&self, seq: u64) -> Result<bool, StoreError> {
+        let key = keys::seq_key(seq);
+        let marked = self.with(|t| {
+            let Some(value) = t.dead.get(key)? else {
+                return Ok(None);
+            };
+            let marked = t
+                .retry_at
+                .get(key)?
+                .and_then(|v| RetryEntry::decode(&v))
+                .is_some_and(|e| e.unanswered);
+            Ok(marked
+                .then(|| codec::export_profile_id(&value).ok().map(Arc::<str>::from))
+                .flatten())
+        })?;
+        let Some(profile) = marked else {
+            return self.change_export(seq, Place::Dead, |r| (Place::Gone, r));
+        };
+        let (older, dropped, found) = self.with(|t| {
+            let older = self
+                .dead_letters
+                .older_than(t, std::iter::once((&profile, seq)))?;
+            let (dropped, found) = (&t.outbox, &t.dead, &t.meta, &t.retry_at, &t.superseded)
+                .transaction(|(outbox, dead, meta_tx, retry_at, superseded)| {
+                    let Some(old) = dead.remove(&key)? else {
+                        return Ok((false, Vec::new()));
+                    };
+                    retry_at.remove(&key)?;
+                    let mut tally = read_tally(meta_tx)?;
+                    tally.count(Place::Dead, old.len(), -1);
+                    let views = super::superseded::Views {
+                        outbox,
+                        dead,
+                        retry_at,
+                        superseded,
+                    };
+                    let found = self.mark_superseded(&views, &mut tally, &older)?;
+                    write_tally(meta_tx, tally)?;
+                    Ok((true, found))
+                })?;
+            Ok((older, dropped, found))
+        })?;
+        if dropped {
+            self.forget_superseded(older, &found);
+        }
+        Ok(dropped)
+    }
+
+    /// For a put-back of `dead` (sequences of dead letters): the exports of their profiles,
+    /// pending or dead letters, that the endpoint may have acknowledged (see the module docs).
+    /// Reads the profile ids of the pending exports between the oldest of them and the bound,
+    /// and of the marked ones after the oldest.
     pub fn maybe_acknowledged(&self, dead: &[u64]) -> Result<MaybeAcknowledged, StoreError> {
         let mut found = MaybeAcknowledged::default();
         let Some(oldest) = dead.iter().copied().min() else {
@@ -161,6 +218,24 @@ impl Store {
             .filter(|&s| s >= over_bound)
             .collect();
         self.with(|t| {
+            // Marked after the oldest: pending ones that got no answer, and dead letters that
+            // may have been acknowledged before they died; then those heard of but not yet
+            // recorded.
+            let mut held = Vec::new();
+            for item in t.retry_at.range(keys::seq_key(from)..) {
+                let (key, value) = item?;
+                if RetryEntry::decode(&value).is_some_and(|e| e.unanswered) {
+                    held.push(key);
+                }
+            }
+            held.extend(
+                unanswered_now
+                    .iter()
+                    .map(|&seq| sled::IVec::from(&keys::seq_key(seq)[..])),
+            );
+            if held.is_empty() && from >= self.unrecorded_below {
+                return Ok(());
+            }
             for &seq in dead {
                 if let Some(value) = t.dead.get(keys::seq_key(seq))? {
                     if let Ok(profile) = codec::export_profile_id(&value) {
@@ -188,23 +263,8 @@ impl Store {
                     note(&key, &value);
                 }
             }
-            let marked = t
-                .retry_at
-                .range(keys::seq_key(over_bound)..)
-                .filter_map(|item| {
-                    item.map(|(key, value)| {
-                        RetryEntry::decode(&value)
-                            .is_some_and(|e| e.unanswered)
-                            .then_some(key)
-                    })
-                    .transpose()
-                });
-            let unanswered = unanswered_now
-                .iter()
-                .map(|&seq| Ok(sled::IVec::from(&keys::seq_key(seq)[..])));
-            for key in marked.chain(unanswered) {
-                let key = key?;
-                if let Some(value) = t.outbox.get(&key)? {
+            for key in held {
+                if let Some(value) = t.outbox.get(&key)?.or(t.dead.get(&key)?) {
                     note(&key, &value);
                 }
             }
@@ -344,6 +404,16 @@ mod tests {
         assert_eq!(put_back(&store, later[0]), PutBack::Done);
     }
 
+    fn settle(store: &Store, profile: &str, seq: u64, change: ExportChange) {
+        store
+            .apply_export_changes(&[Outcome {
+                profile: Arc::from(profile),
+                seq,
+                change,
+            }])
+            .unwrap();
+    }
+
     fn fail(store: &Store, profile: &str, seq: u64, unanswered: bool) {
         let change = ExportChange::Failed {
             error: if unanswered {
@@ -356,13 +426,7 @@ mod tests {
             retry_at_uptime_ms: Some(5),
             unanswered,
         };
-        store
-            .apply_export_changes(&[Outcome {
-                profile: Arc::from(profile),
-                seq,
-                change,
-            }])
-            .unwrap();
+        settle(store, profile, seq, change);
     }
 
     /// A fresh store: every export it makes is over the bound.
@@ -372,6 +436,13 @@ mod tests {
         store.delivery_stopped_recorded().unwrap();
         store.flush().unwrap();
         store
+    }
+
+    /// Delivers `newer` of profile p: `older` is then superseded, and no retry entry is left.
+    fn deliver_then_superseded(store: &Store, older: u64, newer: u64) {
+        settle(store, "p", newer, ExportChange::Delivered { retried: true });
+        assert_eq!(put_back(store, older), PutBack::Superseded { by: newer });
+        assert_eq!(store.trees().unwrap().retry_at.len(), 0);
     }
 
     #[test]
@@ -389,8 +460,10 @@ mod tests {
                     .newer_than("p", older),
                 None
             );
-            // Heard by the delivery loop, not yet recorded.
+            // Heard by the delivery loop, not yet recorded; an answered failure from before,
+            // recorded meanwhile, does not clear it.
             store.attempt_unanswered(newer);
+            fail(&store, "p", newer, false);
             assert_eq!(
                 put_back(&store, older),
                 PutBack::MaybeOvertaken { by: newer }
@@ -412,14 +485,7 @@ mod tests {
             put_back(&store, older),
             PutBack::MaybeOvertaken { by: newer }
         );
-        let delivered = Outcome {
-            profile: Arc::from("p"),
-            seq: newer,
-            change: ExportChange::Delivered { retried: true },
-        };
-        store.apply_export_changes(&[delivered]).unwrap();
-        assert_eq!(put_back(&store, older), PutBack::Superseded { by: newer });
-        assert_eq!(store.trees().unwrap().retry_at.len(), 0);
+        deliver_then_superseded(&store, older, newer);
     }
 
     #[test]
@@ -445,6 +511,75 @@ mod tests {
             put_back(&store, seqs[1]),
             PutBack::Superseded { by: seqs[3] }
         );
+    }
+
+    fn refuse(store: &Store, profile: &str, seq: u64) {
+        let change = ExportChange::Rejected {
+            error: "HTTP 400: refused".into(),
+            at_ms: 1,
+        };
+        settle(store, profile, seq, change);
+    }
+
+    #[test]
+    fn a_dead_letter_waits_for_a_newer_one_that_may_have_been_acknowledged_before_it_died() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let seqs = dead_then_pending(&store);
+            store.delivery_starting().unwrap();
+            seqs // pending when a run stopped unrecorded
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        refuse(&store, "p", newer);
+        // A newer export that died with an answer, over the bound, holds nothing.
+        let q = export_each(&store, &[("q", "v1"), ("q", "v2")]);
+        refuse(&store, "q", q[0]);
+        refuse(&store, "q", q[1]);
+        let all_dead = [older, newer, q[0], q[1]];
+        let maybe = store.maybe_acknowledged(&all_dead).unwrap();
+        assert_eq!(maybe.newer_than("p", older), Some(newer));
+        assert_eq!(maybe.newer_than("q", q[0]), None);
+        // `--all-dead`, in order: the older one waits, the newer one goes back.
+        let put_back_as_one = |seq| store.put_back_dead_letter(seq, 1, 1, &maybe).unwrap();
+        assert_eq!(
+            put_back_as_one(older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
+        assert_eq!(put_back_as_one(newer), PutBack::Done);
+        assert_eq!(put_back_as_one(q[0]), PutBack::Done);
+        deliver_then_superseded(&store, older, newer);
+    }
+
+    #[test]
+    fn dropping_a_dead_letter_that_may_have_been_acknowledged_supersedes_older_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = stopped_cleanly(dir.path());
+            let (older, newer) = dead_then_pending(&store);
+            fail(&store, "p", newer, true);
+            refuse(&store, "p", newer);
+            store.flush().unwrap();
+            (older, newer)
+        };
+        // The mark outlives a clean stop and the open's clean-up.
+        let store = stopped_cleanly(dir.path());
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
+        assert!(store.drop_dead(newer).unwrap());
+        assert!(!store.drop_dead(newer).unwrap(), "gone");
+        assert_eq!(put_back(&store, older), PutBack::Superseded { by: newer });
+        assert_eq!(store.tally().unwrap().dead, 1, "the older one stays");
+        assert_eq!(store.trees().unwrap().retry_at.len(), 0);
+
+        // An unmarked dead letter is only dropped.
+        let q = export_each(&store, &[("q", "v1"), ("q", "v2")]);
+        kill(&store, q[0]);
+        refuse(&store, "q", q[1]);
+        assert!(store.drop_dead(q[1]).unwrap());
+        assert_eq!(put_back(&store, q[0]), PutBack::Done);
     }
 
     #[test]
