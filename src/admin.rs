@@ -299,6 +299,13 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let mut already_pending = Vec::new();
     let mut superseded = Vec::new();
     let mut maybe_overtaken = Vec::new();
+    // Whether a drop names a pending export (see below).
+    let mut drops_pending = false;
+    if !retry && !all_dead {
+        for seq in named.iter().filter_map(|(_, seq)| *seq) {
+            drops_pending |= store.is_pending(seq)?;
+        }
+    }
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
@@ -331,6 +338,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                         "id": text,
                         "acknowledged": store.export_id(by).to_string(),
                     })),
+                    // `pending` names the newer export, also when it is a dead letter.
                     PutBack::MaybeOvertaken { by } => maybe_overtaken.push(json!({
                         "id": text,
                         "pending": store.export_id(by).to_string(),
@@ -358,7 +366,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     // delivery loop's window: the loop must not start requests meanwhile, and reads the outbox
     // again from its head after. A pending export dropped is not out either: should its
     // request get no answer, the drop must know that the endpoint may have taken it.
-    let (done, missing) = if retry || !all_dead {
+    let (done, missing) = if retry || drops_pending {
         let wait = store.put_back_wait();
         let what = if retry { "put back" } else { "dropped" };
         store

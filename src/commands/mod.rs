@@ -658,7 +658,7 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
             superseded.join(", ")
         ));
     }
-    // Held until the newer export is delivered (then superseded) or dead too.
+    // Held until the newer export is delivered or dropped (then superseded).
     let held = "a newer export of the same profile, pending or a dead letter, may already have been acknowledged by the endpoint (a request of it got no answer, or it was pending when an agent stopped before recording every delivery or before this version of outpost kept track), so sending the older one first could undo it; once the newer one is delivered (a dead letter: retried), or dropped, the older is superseded";
     if all_dead && !maybe_overtaken.is_empty() {
         println!(

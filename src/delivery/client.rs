@@ -249,12 +249,20 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
     }
 }
 
+/// How long connecting may take, of a request's `timeout`.
+fn connect_timeout(timeout: Duration) -> Duration {
+    (timeout / 2).min(Duration::from_secs(10))
+}
+
 impl HttpClient {
     pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeout));
+        // Well within the request's timeout, so that a connection never made reads as one
+        // (nothing sent) rather than as a request that timed out, which the endpoint may
+        // have taken.
+        http.set_connect_timeout(Some(connect_timeout(timeout)));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(destination)?)
             .https_or_http()
@@ -409,9 +417,10 @@ mod tests {
     /// connection was made, but when one was closed after the request was written.
     #[tokio::test]
     async fn a_refused_connection_sent_nothing_a_closed_one_may_have() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        drop(listener);
+        // Bound, not listening: the port stays this test's, and connecting is refused.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let url = format!("http://{}/", socket.local_addr().unwrap());
         let refused = client_of(&url).send(post(&url)).await.unwrap_err();
         assert!(matches!(refused, ClientError::Connect(_)), "{refused:?}");
 
@@ -427,6 +436,17 @@ mod tests {
         let closed = client_of(&url).send(post(&url)).await.unwrap_err();
         assert!(matches!(closed, ClientError::Transport(_)), "{closed:?}");
         server.await.unwrap();
+        drop(socket);
+    }
+
+    #[test]
+    fn connecting_takes_at_most_half_the_request_timeout_and_10_s() {
+        for (request, connect) in [(500, 250), (10_000, 5_000), (60_000, 10_000)] {
+            assert_eq!(
+                connect_timeout(Duration::from_millis(request)),
+                Duration::from_millis(connect)
+            );
+        }
     }
 
     fn answer(body: &str) -> Answer {

@@ -49,7 +49,8 @@
 //!   retry time, or one that may have been acknowledged unrecorded, pending or a dead letter
 //!   ([`unrecorded`]), written and removed in the transactions that record what delivery did
 //!   (and drop a marked dead letter); one left by an export that left the outbox and the dead
-//!   letters otherwise (`outbox drop`, an unreadable record) is removed at open;
+//!   letters otherwise (`outbox drop`), or by a dead letter without the mark (an unreadable
+//!   record), is removed at open;
 //! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
 //!   profile, in the transaction that records that delivery; a marked dead letter is never put
 //!   back, and a mark whose dead letter was dropped is removed at open.

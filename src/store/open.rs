@@ -378,8 +378,8 @@ impl Store {
             generation: 0,
         };
         let rebuilt = rebuild_meta(&trees)?;
-        super::outbox::forget_keys_missing_from(&trees.retry_at, &[&trees.outbox, &trees.dead])?;
-        super::outbox::forget_keys_missing_from(&trees.superseded, &[&trees.dead])?;
+        super::outbox::forget_stale_retry_entries(&trees)?;
+        super::outbox::forget_keys_missing_from(&trees.superseded, &trees.dead)?;
         for note in &rebuilt {
             tracing::warn!("{note}");
         }

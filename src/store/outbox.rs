@@ -25,7 +25,7 @@ pub enum ExportChange {
     Delivered { retried: bool },
     /// A failed attempt; the export stays pending, not to be sent again before
     /// `retry_at_uptime_ms` on the store's run-time clock (`None`: at once). `unanswered`: the
-    /// request got no answer (a timeout, a connection error), so the endpoint may have
+    /// request got no answer (a timeout, a connection lost after it was written), so the endpoint may have
     /// acknowledged the export all the same ([`super::unrecorded`]).
     Failed {
         error: String,
@@ -287,28 +287,39 @@ pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
         .map(|e| e.at_uptime_ms))
 }
 
-/// Removes the entries of `index` whose key is in none of `of`: retry entries of exports
-/// neither pending nor dead letters (`retry_at`; `outbox`, `dead`) and marks of exports no
-/// longer dead letters (`superseded`; `dead`). Those left by exports that left through a path
-/// other than [`Store::apply_export_changes`] (`outbox drop`, an unreadable record) go at
-/// open. Returns how many.
-pub(super) fn forget_keys_missing_from(
+/// Removes the entries of `index` whose key is not in `of`: marks of exports no longer dead
+/// letters (`superseded`, `dead`). Those left by exports that left through a path other than
+/// [`Store::apply_export_changes`] (`outbox drop`, an unreadable record) go at open. Returns
+/// how many.
+pub(super) fn forget_keys_missing_from(index: &sled::Tree, of: &sled::Tree) -> sled::Result<usize> {
+    forget_entries(index, |key, _| Ok(!of.contains_key(key)?))
+}
+
+/// Removes the retry entries that serve nothing (at open): of exports neither pending nor
+/// dead letters, and of dead letters without the mark that they may have been acknowledged.
+pub(super) fn forget_stale_retry_entries(t: &Trees) -> sled::Result<usize> {
+    forget_entries(&t.retry_at, |key, value| {
+        let marked = || RetryEntry::decode(value).is_some_and(|e| e.unanswered);
+        let serves = t.outbox.contains_key(key)? || (t.dead.contains_key(key)? && marked());
+        Ok(!serves)
+    })
+}
+
+fn forget_entries(
     index: &sled::Tree,
-    of: &[&sled::Tree],
+    stale: impl Fn(&[u8], &[u8]) -> sled::Result<bool>,
 ) -> sled::Result<usize> {
-    let mut stale = sled::Batch::default();
+    let mut batch = sled::Batch::default();
     let mut count = 0;
     for item in index.iter() {
-        let (key, _) = item?;
-        if !of.iter().try_fold(false, |found, tree| {
-            Ok::<_, sled::Error>(found || tree.contains_key(&key)?)
-        })? {
-            stale.remove(key);
+        let (key, value) = item?;
+        if stale(&key, &value)? {
+            batch.remove(key);
             count += 1;
         }
     }
     if count > 0 {
-        index.apply_batch(stale)?;
+        index.apply_batch(batch)?;
     }
     Ok(count)
 }

@@ -48,6 +48,8 @@ pub(super) struct Candidate {
     pub profile: Arc<str>,
     /// The delivered export.
     pub newer: u64,
+    /// `newer` was acknowledged; else it is a dead letter dropped that may have been.
+    pub acknowledged: bool,
 }
 
 fn entry(profile: &str, seq: u64) -> (u64, u64) {
@@ -97,6 +99,7 @@ impl DeadLetterIndex {
                     seq,
                     profile: Arc::clone(profile),
                     newer,
+                    acknowledged: true,
                 });
             }
         }
@@ -155,7 +158,14 @@ pub(super) fn mark(
         if !of_profile(&value) {
             return Ok(Found::Other);
         }
-        v.superseded.insert(&key, &c.newer.to_be_bytes())?;
+        // A drop ([`Store::drop_dead`]) does not replace a mark naming an export the endpoint
+        // acknowledged with one naming an export that is gone.
+        if c.acknowledged || v.superseded.get(key)?.is_none() {
+            v.superseded.insert(&key, &c.newer.to_be_bytes())?;
+        }
+        // A superseded dead letter is never put back: a mark that it may have been
+        // acknowledged would only hold older ones, which are superseded with it.
+        v.retry_at.remove(&key)?;
         return Ok(Found::Marked);
     }
     let Some(value) = v.outbox.get(key)? else {
@@ -239,9 +249,9 @@ pub enum PutBack {
     Done,
     /// Not put back: the endpoint acknowledged `by`, a newer export of its profile.
     Superseded { by: u64 },
-    /// Not put back: `by`, a newer export of its profile, is pending and may have been
-    /// acknowledged unrecorded: by a run that did not record it, or in answer to a request
-    /// that got none ([`super::unrecorded`]).
+    /// Not put back: `by`, a newer export of its profile, pending or a dead letter, may have
+    /// been acknowledged unrecorded: by a run that did not record it, or in answer to a
+    /// request that got none ([`super::unrecorded`]).
     MaybeOvertaken { by: u64 },
     /// Not put back: nothing can be sent from a record that could not be read.
     Unreadable,

@@ -17,7 +17,7 @@
 //! ([`super::superseded`]). A dead letter put back under the bound counts too, which errs
 //! towards refusing.
 //!
-//! A request that got no answer (a timeout, a connection error) may have been acknowledged
+//! A request that got no answer (a timeout, a connection lost after it was written) may have been acknowledged
 //! too: the endpoint may have taken it and answered too late, or the answer was lost. Its
 //! exports count the same way: marked in `retry_at` by the transaction that records the failed
 //! attempt, and held in memory (`Store::unanswered`) from the moment the delivery loop hears
@@ -57,14 +57,16 @@ pub(super) fn unrecorded_below_at_open(t: &Trees, next_seq: u64) -> Result<u64, 
     })
 }
 
-/// The newest pending export, under the bound, of each profile of some dead letters.
+/// The newest export that the endpoint may have acknowledged, pending or a dead letter, of each
+/// profile of some dead letters.
 #[derive(Debug, Default)]
 pub struct MaybeAcknowledged {
     newest: HashMap<String, u64>,
 }
 
 impl MaybeAcknowledged {
-    /// A pending export of `profile` newer than `seq` that the endpoint may have acknowledged.
+    /// An export of `profile` newer than `seq`, pending or a dead letter, that the endpoint may
+    /// have acknowledged.
     pub fn newer_than(&self, profile: &str, seq: u64) -> Option<u64> {
         self.newest.get(profile).copied().filter(|&n| n > seq)
     }
@@ -94,8 +96,8 @@ impl Store {
         })
     }
 
-    /// The delivery loop heard no answer to a request of pending export `seq`: from now on
-    /// until it leaves the outbox, it may have been acknowledged.
+    /// The delivery loop heard no answer to a request of pending export `seq`: from now on it
+    /// may have been acknowledged (until it is delivered or dropped, also as a dead letter).
     pub fn attempt_unanswered(&self, seq: u64) {
         self.unanswered_now().insert(seq);
     }
@@ -171,9 +173,12 @@ impl Store {
             return self.change_export(seq, Place::Dead, |r| (Place::Gone, r));
         };
         let (older, dropped, found) = self.with(|t| {
-            let older = self
+            let mut older = self
                 .dead_letters
                 .older_than(t, std::iter::once((&profile, seq)))?;
+            for candidate in &mut older {
+                candidate.acknowledged = false;
+            }
             let (dropped, found) = (&t.outbox, &t.dead, &t.meta, &t.retry_at, &t.superseded)
                 .transaction(|(outbox, dead, meta_tx, retry_at, superseded)| {
                     let Some(old) = dead.remove(&key)? else {
@@ -264,7 +269,11 @@ impl Store {
                 }
             }
             for key in held {
-                if let Some(value) = t.outbox.get(&key)?.or(t.dead.get(&key)?) {
+                let value = match t.outbox.get(&key)? {
+                    Some(value) => Some(value),
+                    None => t.dead.get(&key)?,
+                };
+                if let Some(value) = value {
                     note(&key, &value);
                 }
             }
@@ -438,11 +447,15 @@ mod tests {
         store
     }
 
-    /// Delivers `newer` of profile p: `older` is then superseded, and no retry entry is left.
+    /// Delivers `newer` of profile p: `older` is then superseded, and neither has a retry
+    /// entry left.
     fn deliver_then_superseded(store: &Store, older: u64, newer: u64) {
         settle(store, "p", newer, ExportChange::Delivered { retried: true });
         assert_eq!(put_back(store, older), PutBack::Superseded { by: newer });
-        assert_eq!(store.trees().unwrap().retry_at.len(), 0);
+        let retry_at = store.trees().unwrap().retry_at.clone();
+        for seq in [older, newer] {
+            assert!(!retry_at.contains_key(keys::seq_key(seq)).unwrap(), "{seq}");
+        }
     }
 
     #[test]
@@ -524,21 +537,29 @@ mod tests {
     #[test]
     fn a_dead_letter_waits_for_a_newer_one_that_may_have_been_acknowledged_before_it_died() {
         let dir = tempfile::tempdir().unwrap();
-        let (older, newer) = {
+        let ((older, newer), r) = {
             let store = Store::open(dir.path(), 8 << 20).unwrap();
             let seqs = dead_then_pending(&store);
+            let r = export_each(&store, &[("r", "v1"), ("r", "v2")]);
+            kill(&store, r[0]);
             store.delivery_starting().unwrap();
-            seqs // pending when a run stopped unrecorded
+            (seqs, r) // pending when a run stopped unrecorded
         };
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         refuse(&store, "p", newer);
+        let expired = ExportChange::Expired {
+            max_age_s: 60,
+            at_ms: 1,
+        };
+        settle(&store, "r", r[1], expired);
         // A newer export that died with an answer, over the bound, holds nothing.
         let q = export_each(&store, &[("q", "v1"), ("q", "v2")]);
         refuse(&store, "q", q[0]);
         refuse(&store, "q", q[1]);
-        let all_dead = [older, newer, q[0], q[1]];
+        let all_dead = [older, newer, r[0], r[1], q[0], q[1]];
         let maybe = store.maybe_acknowledged(&all_dead).unwrap();
         assert_eq!(maybe.newer_than("p", older), Some(newer));
+        assert_eq!(maybe.newer_than("r", r[0]), Some(r[1]), "expired");
         assert_eq!(maybe.newer_than("q", q[0]), None);
         // `--all-dead`, in order: the older one waits, the newer one goes back.
         let put_back_as_one = |seq| store.put_back_dead_letter(seq, 1, 1, &maybe).unwrap();
@@ -580,6 +601,40 @@ mod tests {
         refuse(&store, "q", q[1]);
         assert!(store.drop_dead(q[1]).unwrap());
         assert_eq!(put_back(&store, q[0]), PutBack::Done);
+    }
+
+    #[test]
+    fn superseded_dead_letters_lose_their_mark_and_keep_the_export_that_superseded_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = {
+            let store = stopped_cleanly(dir.path());
+            let v = export_each(
+                &store,
+                &[("p", "v1"), ("p", "v2"), ("p", "v3"), ("p", "v4")],
+            );
+            kill(&store, v[0]);
+            fail(&store, "p", v[1], true);
+            refuse(&store, "p", v[1]);
+            // v3, delivered, supersedes both; a mark on a superseded one would hold nothing.
+            settle(
+                &store,
+                "p",
+                v[2],
+                ExportChange::Delivered { retried: false },
+            );
+            assert_eq!(store.superseded_by(v[1]).unwrap(), Some(v[2]));
+            assert_eq!(store.trees().unwrap().retry_at.len(), 0);
+            fail(&store, "p", v[3], true);
+            refuse(&store, "p", v[3]);
+            store.flush().unwrap();
+            v
+        };
+        // Dropping the newest, marked, after an open read the dead letters again: the older
+        // ones still name v3, which the endpoint did acknowledge.
+        let store = stopped_cleanly(dir.path());
+        assert!(store.drop_dead(v[3]).unwrap());
+        assert_eq!(store.superseded_by(v[0]).unwrap(), Some(v[2]));
+        assert_eq!(store.superseded_by(v[1]).unwrap(), Some(v[2]));
     }
 
     #[test]
