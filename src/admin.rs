@@ -299,13 +299,6 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let mut already_pending = Vec::new();
     let mut superseded = Vec::new();
     let mut maybe_overtaken = Vec::new();
-    // Whether a drop names a pending export (see below).
-    let mut drops_pending = false;
-    if !retry && !all_dead {
-        for seq in named.iter().filter_map(|(_, seq)| *seq) {
-            drops_pending |= store.is_pending(seq)?;
-        }
-    }
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
@@ -365,8 +358,9 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in the
     // delivery loop's window: the loop must not start requests meanwhile, and reads the outbox
     // again from its head after. A pending export dropped is not out either: should its
-    // request get no answer, the drop must know that the endpoint may have taken it.
-    let (done, missing) = if retry || drops_pending {
+    // request get no answer, the drop must know that the endpoint may have taken it (a drop
+    // by id, whether an id is pending is known only under the lock).
+    let (done, missing) = if retry || !all_dead {
         let wait = store.put_back_wait();
         let what = if retry { "put back" } else { "dropped" };
         store

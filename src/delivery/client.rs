@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
@@ -249,20 +249,12 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
     }
 }
 
-/// How long connecting may take, of a request's `timeout`.
-fn connect_timeout(timeout: Duration) -> Duration {
-    (timeout / 2).min(Duration::from_secs(10))
-}
-
 impl HttpClient {
     pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        // Well within the request's timeout, so that a connection never made reads as one
-        // (nothing sent) rather than as a request that timed out, which the endpoint may
-        // have taken.
-        http.set_connect_timeout(Some(connect_timeout(timeout)));
+        http.set_connect_timeout(Some(timeout));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(destination)?)
             .https_or_http()
@@ -277,8 +269,10 @@ impl HttpClient {
         Ok(HttpClient { client, timeout })
     }
 
-    /// Sends the request and reads the answer, all within the timeout.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+    /// Sends the request and reads the answer, all within the timeout. Time out before a
+    /// connection was ready (name, TCP, TLS) is [`ClientError::Connect`]: nothing was sent.
+    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+        let connection = capture_connection(&mut request);
         let uri = request.uri().clone();
         let exchange = async {
             let response = self
@@ -298,9 +292,13 @@ impl HttpClient {
                 body,
             })
         };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout(self.timeout))?
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(answer) => answer,
+            Err(_) if connection.connection_metadata().is_none() => Err(ClientError::Connect(
+                format!("no connection within {:?}", self.timeout),
+            )),
+            Err(_) => Err(ClientError::Timeout(self.timeout)),
+        }
     }
 }
 
@@ -439,14 +437,32 @@ mod tests {
         drop(socket);
     }
 
-    #[test]
-    fn connecting_takes_at_most_half_the_request_timeout_and_10_s() {
-        for (request, connect) in [(500, 250), (10_000, 5_000), (60_000, 10_000)] {
+    /// A server that takes connections and never answers: over `https` the handshake never
+    /// ends (nothing sent), over `http` the request is written and never answered.
+    #[tokio::test]
+    async fn a_timeout_before_a_connection_is_ready_sent_nothing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        for (scheme, sent) in [("https", false), ("http", true)] {
+            let url = format!("{scheme}://{address}/");
+            let mut client = client_of(&url);
+            client.timeout = Duration::from_millis(300);
+            let error = client.send(post(&url)).await.unwrap_err();
+            let timed_out = matches!(error, ClientError::Timeout(_));
+            let not_connected = matches!(error, ClientError::Connect(_));
             assert_eq!(
-                connect_timeout(Duration::from_millis(request)),
-                Duration::from_millis(connect)
+                (timed_out, not_connected),
+                (sent, !sent),
+                "{scheme}: {error:?}"
             );
         }
+        server.abort();
     }
 
     fn answer(body: &str) -> Answer {

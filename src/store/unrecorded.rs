@@ -638,6 +638,43 @@ mod tests {
     }
 
     #[test]
+    fn open_keeps_the_retry_entries_of_pending_exports_and_of_marked_dead_letters_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = {
+            let store = stopped_cleanly(dir.path());
+            let seqs = export_each(&store, &[("p", "v1"), ("q", "v1"), ("r", "v1")]);
+            kill(&store, seqs[0]);
+            kill(&store, seqs[1]);
+            let time_only = 9u64.to_be_bytes().to_vec();
+            let mut marked = 0u64.to_be_bytes().to_vec();
+            marked.push(1);
+            let retry_at = store.trees().unwrap().retry_at.clone();
+            for (seq, entry) in [
+                (seqs[0], &time_only), // a dead letter, unmarked (an unreadable record's)
+                (seqs[1], &marked),
+                (seqs[2], &time_only), // pending
+                (99, &marked),         // neither
+            ] {
+                retry_at
+                    .insert(keys::seq_key(seq), entry.as_slice())
+                    .unwrap();
+            }
+            store.flush().unwrap();
+            seqs
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let kept: Vec<u64> = store
+            .trees()
+            .unwrap()
+            .retry_at
+            .iter()
+            .keys()
+            .map(|k| keys::seq_from_key(&k.unwrap()).unwrap())
+            .collect();
+        assert_eq!(kept, [seqs[1], seqs[2]]);
+    }
+
+    #[test]
     fn an_unreadable_bound_opens_the_store_erring_towards_holding() {
         let dir = tempfile::tempdir().unwrap();
         let (older, newer) = {
