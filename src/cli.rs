@@ -285,9 +285,10 @@ pub enum OutboxCommand {
     Retry(Targets),
     /// Delete exports (dead letters, or pending ones named by id).
     ///
-    /// Through the running agent, a drop by id first waits for the requests in flight to end. Dropping an export that may have been acknowledged without
-    /// outpost knowing (a request of it got no answer, or an agent stopped before recording
-    /// every delivery) supersedes its profile's older dead letters, as its delivery would.
+    /// Through the running agent, a drop by id first waits for the requests in flight to end.
+    /// Dropping an export that may have been acknowledged without outpost knowing (a request
+    /// of it got no answer, or an agent stopped before recording every delivery) supersedes
+    /// its profile's older dead letters, as its delivery would.
     ///
     /// Example: outpost outbox drop 3fa2c1d0-42 --yes
     Drop {

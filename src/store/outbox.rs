@@ -25,8 +25,8 @@ pub enum ExportChange {
     Delivered { retried: bool },
     /// A failed attempt; the export stays pending, not to be sent again before
     /// `retry_at_uptime_ms` on the store's run-time clock (`None`: at once). `unanswered`: the
-    /// request got no answer (a timeout, a connection lost after it was written), so the endpoint may have
-    /// acknowledged the export all the same ([`super::unrecorded`]).
+    /// request got no answer (a timeout, a connection lost after it was written), so the
+    /// endpoint may have acknowledged the export all the same ([`super::unrecorded`]).
     Failed {
         error: String,
         at_ms: i64,

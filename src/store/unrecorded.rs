@@ -17,11 +17,11 @@
 //! ([`super::superseded`]). A dead letter put back under the bound counts too, which errs
 //! towards refusing.
 //!
-//! A request that got no answer (a timeout, a connection lost after it was written) may have been acknowledged
-//! too: the endpoint may have taken it and answered too late, or the answer was lost. Its
-//! exports count the same way: marked in `retry_at` by the transaction that records the failed
-//! attempt, and held in memory (`Store::unanswered`) from the moment the delivery loop hears
-//! of it until then.
+//! A request that got no answer once its connection was ready (a timeout, a connection lost)
+//! may have been acknowledged too: the endpoint may have taken it and answered too late, or
+//! the answer was lost. Its exports count the same way: marked in `retry_at` by the
+//! transaction that records the failed attempt, and held in memory (`Store::unanswered`) from
+//! the moment the delivery loop hears of it until then.
 //!
 //! Such an export (marked, or pending under the bound) that becomes a dead letter keeps the
 //! mark (an entry with run time 0), so its profile's older dead letters still wait for it: put
