@@ -639,6 +639,56 @@ async fn an_export_dropped_in_flight_is_not_sent_again_whatever_the_answer() {
     }
 }
 
+/// `n` updates of profile `blocked0`, each exporting (first names `blocked0-v<i>`).
+fn blocked_updates(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            member_update(
+                "blocked0",
+                &format!("blocked0-v{i}"),
+                &format!(
+                    "2026-01-01T{:02}:{:02}:{:02}Z",
+                    i / 3600,
+                    i / 60 % 60,
+                    i % 60
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Regression: one profile the endpoint fails on its own makes the destination look down while
+/// nothing else is sent, and the window then read no further than a few hundred exports: those
+/// of other profiles behind it in the outbox were never read, so never sent, until it expired.
+#[tokio::test]
+async fn a_profile_failing_alone_does_not_starve_the_others_while_the_destination_looks_down() {
+    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    s.receiver.set_export_script(Some(Arc::new(|_, r| {
+        if first_name_in(r).starts_with("blocked0-") {
+            Reply::Status(500, vec![], "always failing".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &blocked_updates(300)).await;
+    wait_until(10, "the destination counted as down", || {
+        agent.metrics.destination_down.get() == 1
+    })
+    .await;
+    ingest(&agent, &one_each("free", 20, 0)).await;
+    wait_until(10, "the other profiles delivered", || {
+        delivered_names(&s.receiver).len() == 20
+    })
+    .await;
+    assert_eq!(
+        agent.metrics.destination_down.get(),
+        0,
+        "a probe reopened it"
+    );
+    agent.stop().await.unwrap();
+}
+
 /// Regression: a profile with more exports than the window holds, all waiting behind a failing
 /// one, does not keep other profiles' exports from being read and delivered.
 #[tokio::test]
@@ -654,21 +704,7 @@ async fn a_long_blocked_profile_does_not_starve_the_others() {
     let agent = start(&s.config).await;
     // 12,000 exports of one profile (more than the window reads before it stops), then 20 of
     // others.
-    let blocked: Vec<String> = (0..12_000)
-        .map(|i| {
-            member_update(
-                "blocked0",
-                &format!("blocked0-v{i}"),
-                &format!(
-                    "2026-01-01T{:02}:{:02}:{:02}Z",
-                    i / 3600,
-                    i / 60 % 60,
-                    i % 60
-                ),
-            )
-        })
-        .collect();
-    ingest(&agent, &blocked).await;
+    ingest(&agent, &blocked_updates(12_000)).await;
     ingest(&agent, &one_each("free", 20, 0)).await;
     wait_until(30, "the other profiles delivered", || {
         delivered_names(&s.receiver).len() == 20

@@ -101,10 +101,13 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 
 /// Whether the window (of `window` exports) should read more from the store, holding `held`
 /// exports of which `ready` could go now: when fewer than half are left, or when few profiles
-/// are ready (the rest wait behind failing exports), up to [`MAX_HELD`].
+/// are ready (the rest wait behind failing exports), up to [`MAX_HELD`]. While the destination
+/// is down, a little; more only once none is ready: one profile failing on its own (a server
+/// error for what it holds) also makes the destination look down when nothing else is being
+/// sent, and the exports behind its own in the outbox are the probes that can reopen it.
 fn wants_read(window: usize, held: usize, ready: usize, destination_down: bool) -> bool {
     if destination_down {
-        held < DOWN_WINDOW / 2
+        held < DOWN_WINDOW / 2 || (ready == 0 && held < MAX_HELD)
     } else {
         held < window / 2 || (ready < READ_CHUNK && held < MAX_HELD)
     }
@@ -540,7 +543,11 @@ impl Deliverer {
                 return;
             }
             for _ in 0..permits {
-                let mut batch = state.queue.take(self.max_profiles_per_request);
+                let mut batch = if state.controller.is_down() {
+                    state.queue.take_probe().into_iter().collect()
+                } else {
+                    state.queue.take(self.max_profiles_per_request)
+                };
                 batch.retain(|(profile, export)| {
                     let expired = self.clock.expired(&export.record, self.max_age);
                     if expired {
@@ -936,7 +943,7 @@ mod tests {
     use crate::store::ExportId;
 
     #[test]
-    fn the_window_reads_ahead_only_a_little_while_the_destination_is_down() {
+    fn the_window_reads_ahead_only_a_little_while_the_destination_is_down_unless_none_is_ready() {
         let window = 8_192;
         // (held, ready, down) -> read more
         let table = [
@@ -948,8 +955,12 @@ mod tests {
             ((MAX_HELD, 10, false), false),
             ((0, 0, true), true),
             ((DOWN_WINDOW / 2 - 1, 0, true), true),
-            ((DOWN_WINDOW / 2, 0, true), false),
+            ((DOWN_WINDOW / 2, 1, true), false),
             ((window, 10, true), false),
+            // None ready: every profile held waits behind a failing export.
+            ((DOWN_WINDOW / 2, 0, true), true),
+            ((window, 0, true), true),
+            ((MAX_HELD, 0, true), false),
         ];
         for ((held, ready, down), expected) in table {
             assert_eq!(

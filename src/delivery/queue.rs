@@ -15,6 +15,9 @@ use tokio::time::Instant;
 
 use crate::store::Export;
 
+/// How many ready profiles a probe looks through for one whose export has not failed.
+const PROBE_SCAN: usize = 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Nothing out; ready when it holds an export.
@@ -131,24 +134,48 @@ impl<B> Queue<B> {
                 break;
             }
             let solo = profile.solo;
-            let id = self.ready.remove(&seq).expect("just looked at");
-            let profile = self
-                .profiles
-                .get_mut(&id)
-                .expect("a ready profile is known");
-            let export = profile
-                .exports
-                .pop_front()
-                .expect("a ready profile holds one");
-            profile.state = State::Busy;
-            self.held -= 1;
-            self.out.insert(export.id.seq);
-            taken.push((id, export));
+            taken.push(self.take_ready(seq));
             if solo {
                 break;
             }
         }
         taken
+    }
+
+    /// Takes one ready export to probe a destination that looks down: the oldest whose
+    /// attempts have not failed, if one of the first [`PROBE_SCAN`] ready has none, else the
+    /// oldest. An export that fails for what it holds (a server error on that profile alone)
+    /// would otherwise be the probe every time, keeping every other profile waiting.
+    pub fn take_probe(&mut self) -> Option<(Arc<str>, Export)> {
+        let fresh = self.ready.iter().take(PROBE_SCAN).find(|(_, id)| {
+            let profile = self.profiles.get(*id).expect("a ready profile is known");
+            profile.backoff.is_none()
+                && profile
+                    .exports
+                    .front()
+                    .is_some_and(|e| e.retry_at_uptime_ms.is_none())
+        });
+        let seq = fresh
+            .or_else(|| self.ready.first_key_value())
+            .map(|(&seq, _)| seq)?;
+        Some(self.take_ready(seq))
+    }
+
+    /// Hands out the head export of the ready profile whose head is `seq`.
+    fn take_ready(&mut self, seq: u64) -> (Arc<str>, Export) {
+        let id = self.ready.remove(&seq).expect("a ready head");
+        let profile = self
+            .profiles
+            .get_mut(&id)
+            .expect("a ready profile is known");
+        let export = profile
+            .exports
+            .pop_front()
+            .expect("a ready profile holds one");
+        profile.state = State::Busy;
+        self.held -= 1;
+        self.out.insert(export.id.seq);
+        (id, export)
     }
 
     /// Its head export may go now, or at its retry time if it was read with one.
@@ -342,6 +369,28 @@ mod tests {
         let a: Arc<str> = "a".into();
         q.settled(&a, 1);
         assert_eq!(seqs(&q.take(10)), [3]);
+    }
+
+    #[test]
+    fn a_probe_is_the_oldest_export_that_has_not_failed_else_the_oldest() {
+        let start = Instant::now();
+        let mut q: Queue<u32> = Queue::default();
+        q.push(export(1, "a"));
+        let mut read_failed = export(2, "b"); // failed in an earlier run
+        read_failed.retry_at_uptime_ms = Some(0);
+        q.push(read_failed);
+        q.push(export(3, "c"));
+        // a fails and comes back, ready again.
+        let (a, first) = q.take(1).remove(0);
+        q.backoff_of(&a, || 0);
+        q.put_back(&a, first, Some(start));
+        q.wake_due(start);
+        let (_, probe) = q.take_probe().unwrap();
+        assert_eq!(probe.id.seq, 3, "c has not failed");
+        let (_, probe) = q.take_probe().unwrap();
+        assert_eq!(probe.id.seq, 1, "only failed ones left: the oldest");
+        assert_eq!(q.take_probe().unwrap().1.id.seq, 2);
+        assert!(q.take_probe().is_none());
     }
 
     #[test]
