@@ -319,8 +319,13 @@ impl Controller {
         }
     }
 
-    /// When to ask again, if requests are held back by the rate cap or the probe schedule.
-    pub fn next_permit_at(&self, now: Instant) -> Option<Instant> {
+    /// When to ask again, if requests that `wanted` could start are held back by the rate cap
+    /// or the probe schedule. With none wanted, none is held back: a probe time already past
+    /// would otherwise wake the loop at once, again and again, until an export is ready.
+    pub fn next_permit_at(&self, now: Instant, wanted: usize) -> Option<Instant> {
+        if wanted == 0 {
+            return None;
+        }
         if self.down_since.is_some() {
             return (!self.probe_in_flight).then_some(self.probe_at.max(now));
         }
@@ -723,14 +728,15 @@ mod tests {
         for delay in [100, 200, 400, 800, 800] {
             assert_eq!(c.permits(now, 10), 0);
             assert_eq!(
-                c.next_permit_at(now),
+                c.next_permit_at(now, 10),
                 Some(now + Duration::from_millis(delay))
             );
             now += Duration::from_millis(delay);
+            assert_eq!(c.next_permit_at(now, 0), None, "nothing to probe with");
             assert_eq!(c.permits(now, 10), 1, "one probe");
             c.started(now);
             assert_eq!(c.permits(now, 10), 0, "only one probe in flight");
-            assert_eq!(c.next_permit_at(now), None);
+            assert_eq!(c.next_permit_at(now, 10), None);
             c.answered(now, now, Signal::Failed);
         }
         // The probe succeeds: open again at once, with the limit as the failures left it.
@@ -752,11 +758,11 @@ mod tests {
         for _ in 0..DOWN_AFTER {
             c.answered(later, start, Signal::Overloaded);
         }
-        let probe_at = c.next_permit_at(later).unwrap();
+        let probe_at = c.next_permit_at(later, 10).unwrap();
         for _ in 0..3 {
             c.answered(later + Duration::from_millis(50), start, Signal::Overloaded);
         }
-        assert_eq!(c.next_permit_at(later), Some(probe_at));
+        assert_eq!(c.next_permit_at(later, 10), Some(probe_at));
     }
 
     #[test]

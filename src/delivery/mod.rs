@@ -365,7 +365,8 @@ impl Deliverer {
                 let permit_at = if self.store.requests_held() {
                     None
                 } else {
-                    state.controller.next_permit_at(now)
+                    let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);
+                    state.controller.next_permit_at(now, wanted)
                 };
                 [state.queue.next_due(), permit_at, state.read_retry_at]
                     .into_iter()

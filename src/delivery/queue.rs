@@ -6,7 +6,8 @@
 //! - a profile has at most one export out of the window (in flight, or delivered and waiting
 //!   for its removal to be durable): that is what keeps one profile's exports in order;
 //! - a profile's exports are handed out in sequence order; a failed one goes back to the head;
-//! - ready profiles are handed out oldest head first, so the oldest exports go first.
+//! - ready profiles are handed out oldest head first, so the oldest exports go first; but for
+//!   the probe of a destination that looks down, which prefers an export that has not failed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
