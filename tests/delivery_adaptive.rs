@@ -657,11 +657,8 @@ fn blocked_updates(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Regression: one profile the endpoint fails on its own makes the destination look down while
-/// nothing else is sent, and the window then read no further than a few hundred exports: those
-/// of other profiles behind it in the outbox were never read, so never sent, until it expired.
-#[tokio::test]
-async fn a_profile_failing_alone_does_not_starve_the_others_while_the_destination_looks_down() {
+/// An agent whose endpoint fails every export of profile `blocked0` (500) and takes the rest.
+async fn failing_blocked0() -> (ReceiverSetup, Agent) {
     let s = setup(ReceiverOptions::default(), oauth_body, "").await;
     s.receiver.set_export_script(Some(Arc::new(|_, r| {
         if first_name_in(r).starts_with("blocked0-") {
@@ -671,6 +668,15 @@ async fn a_profile_failing_alone_does_not_starve_the_others_while_the_destinatio
         }
     })));
     let agent = start(&s.config).await;
+    (s, agent)
+}
+
+/// Regression: one profile the endpoint fails on its own makes the destination look down while
+/// nothing else is sent, and the window then read no further than a few hundred exports: those
+/// of other profiles behind it in the outbox were never read, so never sent, until it expired.
+#[tokio::test]
+async fn a_profile_failing_alone_does_not_starve_the_others_while_the_destination_looks_down() {
+    let (s, agent) = failing_blocked0().await;
     ingest(&agent, &blocked_updates(300)).await;
     wait_until(10, "the destination counted as down", || {
         agent.metrics.destination_down.get() == 1
@@ -689,15 +695,7 @@ async fn a_profile_failing_alone_does_not_starve_the_others_while_the_destinatio
 /// one, does not keep other profiles' exports from being read and delivered.
 #[tokio::test]
 async fn a_long_blocked_profile_does_not_starve_the_others() {
-    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
-    s.receiver.set_export_script(Some(Arc::new(|_, r| {
-        if first_name_in(r).starts_with("blocked0-") {
-            Reply::Status(500, vec![], "always failing".into())
-        } else {
-            Reply::Normal
-        }
-    })));
-    let agent = start(&s.config).await;
+    let (s, agent) = failing_blocked0().await;
     // 12,000 exports of one profile (more than the window reads before it stops), then 20 of
     // others.
     ingest(&agent, &blocked_updates(12_000)).await;
