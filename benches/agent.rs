@@ -26,7 +26,8 @@
 //!     32 MiB (the default), 8 MiB, and 32 MiB with jemalloc's default of 4 arenas a core instead
 //!     of outpost's one (`_RJEM_MALLOC_CONF=narenas:8`; run side by side, each
 //!     on its own copy of the pre-filled store); then 10 s while delivering to an in-process
-//!     receiver. sled's flusher thread also cleans log segments (it pages in and rewrites old
+//!     receiver; then, destination down, 100,000 pending exports of 100 profiles (1,000 each,
+//!     which makes the window read on for probes; fewer in the smoke run). sled's flusher thread also cleans log segments (it pages in and rewrites old
 //!     pages), so the RSS keeps growing for a while after start: hence the long idle.
 //!     Target: <= 64 MiB.
 //! (d) a delivered backlog, before and after `outpost compact`: 300,000 tiny profiles, each with
@@ -71,6 +72,8 @@ const PREFILL_BATCH: usize = 20_000;
 const BATCH: usize = 500;
 const CLIENTS: usize = 4;
 const REPEATS: usize = 2;
+/// (c): the profiles of the pending exports in the backlog case.
+const BACKLOG_PROFILES: usize = 100;
 
 /// Sizes of one run; the smoke run (no `--bench`) uses tiny ones.
 struct Plan {
@@ -677,6 +680,12 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
             env: None,
             deliver: true,
         }];
+        let backlog = RssCase {
+            name: "cache 32 MiB, destination down, the same pending exports of 100 profiles",
+            cache_bytes: 32 << 20,
+            env: None,
+            deliver: false,
+        };
         let pristine = &config.storage.path;
         let mut all = rss_runs(
             dir.path(),
@@ -687,6 +696,7 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
             &receiver,
         )
         .await;
+        let checkpoints_down = checkpoints.clone();
         checkpoints.retain(|&s| s < deliver_idle.as_secs_f64());
         all.extend(
             rss_runs(
@@ -695,6 +705,34 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64)> {
                 &delivering,
                 deliver_idle,
                 &checkpoints,
+                &receiver,
+            )
+            .await,
+        );
+        // While down, the window reads on for probes once none it holds is ready: with few
+        // profiles, every export behind their failing heads.
+        let backlog_dir = dir.path().join("backlog");
+        std::fs::create_dir_all(&backlog_dir).unwrap();
+        let backlog_config = down_config(&backlog_dir, &tiny_mapping_toml(), "");
+        let took = common::prefill_backlog(
+            &backlog_config.storage.path,
+            &backlog_config.mapping,
+            pending,
+            BACKLOG_PROFILES,
+            PREFILL_BATCH,
+        );
+        wait_unlocked(&backlog_config.storage.path);
+        println!(
+            "agent[rss]: pre-fill of {pending} exports of {BACKLOG_PROFILES} profiles took {}",
+            ms(took)
+        );
+        all.extend(
+            rss_runs(
+                &backlog_dir,
+                &backlog_config.storage.path,
+                &[backlog],
+                plan.idle,
+                &checkpoints_down,
                 &receiver,
             )
             .await,

@@ -131,6 +131,9 @@ pub struct Metrics {
     pub rate_cap: Gauge,
     /// Exports waiting for their retry time.
     pub retry_waiting: Gauge,
+    /// Pending exports read ahead and held in memory, and about the bytes they take.
+    pub window_exports: Gauge,
+    pub window_bytes: Gauge,
     /// 1 while the destination looks down and is probed one request at a time.
     pub destination_down: Gauge,
 }
@@ -160,6 +163,8 @@ impl Metrics {
         let in_flight = Gauge::default();
         let rate_cap = Gauge::default();
         let retry_waiting = Gauge::default();
+        let window_exports = Gauge::default();
+        let window_bytes = Gauge::default();
         let destination_down = Gauge::default();
         registry.register(
             "delivery_retries",
@@ -190,6 +195,16 @@ impl Metrics {
             "delivery_retry_waiting",
             "Exports waiting for their retry time",
             retry_waiting.clone(),
+        );
+        registry.register(
+            "delivery_window_exports",
+            "Pending exports read ahead and held in memory by delivery",
+            window_exports.clone(),
+        );
+        registry.register(
+            "delivery_window_bytes",
+            "About the memory the exports held by delivery take (at most about 32 MiB)",
+            window_bytes.clone(),
         );
         registry.register(
             "destination_down",
@@ -320,6 +335,8 @@ impl Metrics {
             in_flight,
             rate_cap,
             retry_waiting,
+            window_exports,
+            window_bytes,
             destination_down,
         }
     }

@@ -14,7 +14,7 @@ use common::*;
 use outpost::admin::AdminRequest;
 use outpost::agent::Agent;
 use outpost::config::Config;
-use outpost::receiver::{RateLimit, Received, Receiver, ReceiverOptions, Reply};
+use outpost::receiver::{self, RateLimit, Received, Receiver, ReceiverOptions, Reply};
 use outpost::store::{ListFilter, Store};
 
 async fn setup(
@@ -704,5 +704,43 @@ async fn a_long_blocked_profile_does_not_starve_the_others() {
         delivered_names(&s.receiver).len() == 20
     })
     .await;
+    agent.stop().await.unwrap();
+}
+
+/// The exports delivery holds in memory stay under about 32 MiB whatever their size: 800
+/// exports of 64 KB (50 MB) of 8 profiles, which the window would read ahead in full by their
+/// count alone (it reads on while few profiles are ready; then the destination looks down).
+#[tokio::test]
+async fn the_window_holds_about_32_mib_of_exports_at_most() {
+    const MIB: i64 = 1 << 20;
+    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    s.receiver.set_export_script(Some(receiver::down()));
+    let filler = "x".repeat(64 << 10);
+    let updates: Vec<String> = (0..100)
+        .flat_map(|round| {
+            let filler = &filler;
+            (0..8).map(move |i| {
+                member_update(
+                    &format!("big{i}"),
+                    &format!("big{i}-v{round}-{filler}"),
+                    &format!("2026-01-01T00:{:02}:{:02}Z", round / 60, round % 60),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(prefill(&s.config, &updates).len(), 800);
+    let agent = start(&s.config).await;
+    wait_until(30, "the window read ahead", || {
+        agent.metrics.window_bytes.get() >= 24 * MIB
+    })
+    .await;
+    // Reads still under way would show here.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (held, bytes) = (
+        agent.metrics.window_exports.get(),
+        agent.metrics.window_bytes.get(),
+    );
+    assert!(bytes <= 33 * MIB, "{bytes} bytes held in {held} exports");
+    assert!((300..600).contains(&held), "{held} exports held");
     agent.stop().await.unwrap();
 }

@@ -480,40 +480,9 @@ pub fn prefill(
     batch: usize,
     keep_payloads: bool,
 ) -> (Duration, Vec<(String, Bytes)>) {
-    let start = Instant::now();
-    let (batches, receive) = std::sync::mpsc::sync_channel::<Vec<Update>>(2);
-    let builder = {
-        let keep = KeepTree::for_mapping(mapping);
-        std::thread::spawn(move || {
-            let mut done = 0;
-            while done < profiles {
-                let m = batch.min(profiles - done);
-                let updates = (done..done + m)
-                    .map(|i| tiny_update(i, i % member_every == 0, &keep))
-                    .collect();
-                if batches.send(updates).is_err() {
-                    return;
-                }
-                done += m;
-            }
-        })
-    };
-    let store = Store::open(path, PREFILL_CACHE_BYTES).unwrap();
-    for updates in receive {
-        let summaries = store
-            .apply_groups(&[updates.as_slice()], mapping, Utc::now())
-            .unwrap();
-        if member_every == 1 {
-            assert_eq!(
-                summaries[0].exports,
-                updates.len() as u64,
-                "every update should export"
-            );
-        }
-    }
-    builder.join().unwrap();
-    store.flush().unwrap();
-    let took = start.elapsed();
+    let (took, store) = prefill_updates(path, mapping, profiles, batch, move |i, keep| {
+        tiny_update(i, i % member_every == 0, keep)
+    });
     assert_eq!(
         store.tally().unwrap().pending as usize,
         profiles.div_ceil(member_every)
@@ -530,6 +499,61 @@ pub fn prefill(
     };
     drop(store);
     (took, payloads)
+}
+
+/// Pre-fills the store at `path` with `updates` tiny updates, `backlog_of` profiles each
+/// updated in turn with a first name of its own every time, so that every update exports: a
+/// backlog of `updates / backlog_of` pending exports a profile. As [`prefill`] otherwise.
+pub fn prefill_backlog(
+    path: &Path,
+    mapping: &Mapping,
+    updates: usize,
+    backlog_of: usize,
+    batch: usize,
+) -> Duration {
+    let (took, store) = prefill_updates(path, mapping, updates, batch, move |i, keep| {
+        let mut update = tiny_update(i, true, keep);
+        update.id = tiny_id(i % backlog_of);
+        update
+    });
+    assert_eq!(store.tally().unwrap().pending as usize, updates);
+    took
+}
+
+/// Applies updates `make(0..updates)`, `batch` to a transaction, built on another thread
+/// meanwhile, then flushes; returns the time taken and the open store.
+fn prefill_updates(
+    path: &Path,
+    mapping: &Mapping,
+    updates: usize,
+    batch: usize,
+    make: impl Fn(usize, &KeepTree) -> Update + Send + 'static,
+) -> (Duration, Store) {
+    let start = Instant::now();
+    let (batches, receive) = std::sync::mpsc::sync_channel::<Vec<Update>>(2);
+    let builder = {
+        let keep = KeepTree::for_mapping(mapping);
+        std::thread::spawn(move || {
+            let mut done = 0;
+            while done < updates {
+                let m = batch.min(updates - done);
+                let group = (done..done + m).map(|i| make(i, &keep)).collect();
+                if batches.send(group).is_err() {
+                    return;
+                }
+                done += m;
+            }
+        })
+    };
+    let store = Store::open(path, PREFILL_CACHE_BYTES).unwrap();
+    for group in receive {
+        store
+            .apply_groups(&[group.as_slice()], mapping, Utc::now())
+            .unwrap();
+    }
+    builder.join().unwrap();
+    store.flush().unwrap();
+    (start.elapsed(), store)
 }
 
 /// Waits until no one holds sled's lock on the store (an flock on `<store>/db`): a dropped

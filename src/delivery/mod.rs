@@ -59,6 +59,9 @@ const MIN_WINDOW: usize = 2 * READ_CHUNK;
 /// The most exports held, also while few profiles are ready (the rest wait behind failing
 /// exports). `heaptrack` put 16,384 decoded exports of the agent bench's tiny profiles at 7.5 MB.
 const MAX_HELD: usize = 65_536;
+/// At most about this much memory is held in exports ([`Queue::held_bytes`]), whatever their
+/// size: a window of [`MAX_HELD`] exports of a few KB each would take hundreds of MB.
+const MAX_HELD_BYTES: usize = 32 << 20;
 /// The window while the destination is down: only probes go out, so holding more than a
 /// little only costs memory; it grows again from the first answer that reopens the
 /// destination.
@@ -105,8 +108,16 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// is down, a little; more only once none is ready: one profile failing on its own (a server
 /// error for what it holds) also makes the destination look down when nothing else is being
 /// sent, and the exports behind its own in the outbox are the probes that can reopen it.
-fn wants_read(window: usize, held: usize, ready: usize, destination_down: bool) -> bool {
-    if destination_down {
+/// Never once the exports held take [`MAX_HELD_BYTES`].
+fn wants_read(
+    window: usize,
+    (held, held_bytes): (usize, usize),
+    ready: usize,
+    destination_down: bool,
+) -> bool {
+    if held_bytes >= MAX_HELD_BYTES {
+        false
+    } else if destination_down {
         held < DOWN_WINDOW / 2 || (ready == 0 && held < MAX_HELD)
     } else {
         held < window / 2 || (ready < READ_CHUNK && held < MAX_HELD)
@@ -469,10 +480,10 @@ impl Deliverer {
         if state.reading || state.read_retry_at.is_some_and(|at| now < at) {
             return;
         }
-        let held = state.queue.held();
+        let (held, held_bytes) = (state.queue.held(), state.queue.held_bytes());
         let wanted = wants_read(
             self.window,
-            held,
+            (held, held_bytes),
             state.queue.ready(),
             state.controller.is_down(),
         );
@@ -490,8 +501,9 @@ impl Deliverer {
         // a cold outbox is done.
         let chunk = if held == 0 { FIRST_READ } else { READ_CHUNK };
         let limit = (MAX_HELD - held).min(chunk);
+        let max_bytes = MAX_HELD_BYTES - held_bytes;
         tokio::task::spawn_blocking(move || {
-            let exports = store.read_pending(&mut cursor, limit);
+            let exports = store.read_pending(&mut cursor, limit, max_bytes);
             let _ = reads.send(Read {
                 generation,
                 cursor,
@@ -760,6 +772,8 @@ impl Deliverer {
         m.rate_cap
             .set(state.controller.rate_cap().map_or(0, |r| r.round() as i64));
         m.retry_waiting.set(state.queue.waiting() as i64);
+        m.window_exports.set(state.queue.held() as i64);
+        m.window_bytes.set(state.queue.held_bytes() as i64);
         m.destination_down
             .set(i64::from(state.controller.is_down()));
     }
@@ -946,7 +960,8 @@ mod tests {
     #[test]
     fn the_window_reads_ahead_only_a_little_while_the_destination_is_down_unless_none_is_ready() {
         let window = 8_192;
-        // (held, ready, down) -> read more
+        let full = MAX_HELD_BYTES;
+        // (held, ready, down) -> read more; the bytes held are under MAX_HELD_BYTES
         let table = [
             ((0, 0, false), true),
             ((window / 2 - 1, window / 2 - 1, false), true),
@@ -965,11 +980,14 @@ mod tests {
         ];
         for ((held, ready, down), expected) in table {
             assert_eq!(
-                wants_read(window, held, ready, down),
+                wants_read(window, (held, full - 1), ready, down),
                 expected,
                 "held {held}, ready {ready}, down {down}"
             );
+            // Whatever the count, never past the bytes.
+            assert!(!wants_read(window, (held, full), ready, down));
         }
+        assert!(!wants_read(window, (1, full), 0, false), "one big export");
     }
 
     #[test]

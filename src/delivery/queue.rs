@@ -53,6 +53,17 @@ pub struct Queue<B> {
     /// back below a failed export): each waits for its time once it is the head.
     not_before: HashMap<u64, Instant>,
     held: usize,
+    /// What the exports held take in memory, about ([`footprint`]).
+    held_bytes: usize,
+}
+
+/// About what a held export takes in memory: its record and the text it owns.
+fn footprint(export: &Export) -> usize {
+    let r = &export.record;
+    std::mem::size_of::<Export>()
+        + r.payload.len()
+        + r.profile_id.len()
+        + r.last_error.as_ref().map_or(0, String::len)
 }
 
 impl<B> Default for Queue<B> {
@@ -64,6 +75,7 @@ impl<B> Default for Queue<B> {
             out: HashSet::new(),
             not_before: HashMap::new(),
             held: 0,
+            held_bytes: 0,
         }
     }
 }
@@ -72,6 +84,11 @@ impl<B> Queue<B> {
     /// Exports held in the window (not counting those out).
     pub fn held(&self) -> usize {
         self.held
+    }
+
+    /// About what the exports held take in memory.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Exports waiting for their retry time.
@@ -105,8 +122,9 @@ impl<B> Queue<B> {
             solo: false,
         });
         let seq = export.id.seq;
-        profile.exports.push_back(export);
         self.held += 1;
+        self.held_bytes += footprint(&export);
+        profile.exports.push_back(export);
         if profile.state == State::Idle && profile.exports.len() == 1 {
             match at {
                 Some(at) => {
@@ -175,6 +193,7 @@ impl<B> Queue<B> {
             .expect("a ready profile holds one");
         profile.state = State::Busy;
         self.held -= 1;
+        self.held_bytes -= footprint(&export);
         self.out.insert(export.id.seq);
         (id, export)
     }
@@ -225,8 +244,9 @@ impl<B> Queue<B> {
             .iter()
             .position(|e| e.id.seq > seq)
             .unwrap_or(profile.exports.len());
-        profile.exports.insert(place, export);
         self.held += 1;
+        self.held_bytes += footprint(&export);
+        profile.exports.insert(place, export);
         if place > 0 {
             // The schedule and the flag were the failed export's; the head is another.
             profile.backoff = None;
@@ -255,8 +275,10 @@ impl<B> Queue<B> {
         let Some(at) = profile.exports.iter().position(|e| e.id.seq == seq) else {
             return;
         };
-        profile.exports.remove(at);
-        self.held -= 1;
+        if let Some(export) = profile.exports.remove(at) {
+            self.held -= 1;
+            self.held_bytes -= footprint(&export);
+        }
         self.not_before.remove(&seq);
         if at > 0 {
             return;
@@ -317,6 +339,7 @@ impl<B> Queue<B> {
         self.ready.clear();
         self.not_before.clear();
         self.held = 0;
+        self.held_bytes = 0;
         for profile in self.profiles.values_mut() {
             profile.exports.clear();
         }
@@ -370,6 +393,27 @@ mod tests {
         let a: Arc<str> = "a".into();
         q.settled(&a, 1);
         assert_eq!(seqs(&q.take(10)), [3]);
+    }
+
+    #[test]
+    fn held_bytes_follow_the_exports_held() {
+        let mut q = queue(&[(1, "a"), (2, "a"), (3, "b")]);
+        let one = footprint(&export(1, "a"));
+        assert!(one > std::mem::size_of::<Export>());
+        assert_eq!(q.held_bytes(), 3 * one);
+        let (a, mut failed) = q.take(1).remove(0);
+        assert_eq!(q.held_bytes(), 2 * one);
+        failed.record.last_error = Some("HTTP 503: busy".into());
+        let failed_size = footprint(&failed);
+        assert!(failed_size > one);
+        q.put_back(&a, failed, None);
+        assert_eq!(q.held_bytes(), 2 * one + failed_size);
+        q.remove(&"b".into(), 3);
+        assert_eq!(q.held_bytes(), one + failed_size);
+        q.remove(&"b".into(), 3);
+        assert_eq!(q.held_bytes(), one + failed_size, "already gone");
+        q.forget_held();
+        assert_eq!(q.held_bytes(), 0);
     }
 
     #[test]

@@ -317,25 +317,32 @@ impl Store {
     }
 
     /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
-    /// keeps its place between calls; `*cursor` moves past the last one returned.
-    pub fn read_pending(&self, cursor: &mut u64, limit: usize) -> Result<Vec<Export>, StoreError> {
+    /// keeps its place between calls; `*cursor` moves past the last one returned. Stops early
+    /// once the records read reach `max_bytes` (stored size; at least one is read).
+    pub fn read_pending(
+        &self,
+        cursor: &mut u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Export>, StoreError> {
         let until = self.durable_next_seq();
         if *cursor >= until {
             return Ok(Vec::new());
         }
         let mut exports = Vec::new();
         let mut unreadable = Vec::new();
-        let mut seen = 0;
+        let (mut seen, mut bytes, mut stopped) = (0, 0, false);
         let t = self.trees()?;
         // Usually none: then no look-up per export.
         let retry_times = !t.retry_at.is_empty();
-        for item in t
-            .outbox
-            .range(keys::seq_key(*cursor)..keys::seq_key(until))
-            .take(limit)
-        {
+        for item in t.outbox.range(keys::seq_key(*cursor)..keys::seq_key(until)) {
+            if seen == limit || bytes >= max_bytes {
+                stopped = true;
+                break;
+            }
             seen += 1;
             let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
+            bytes += value.len();
             match self.decode_export(&key, &value, false) {
                 Ok(mut export) => {
                     *cursor = export.id.seq + 1;
@@ -365,7 +372,7 @@ impl Store {
             );
             self.dead_letter_unreadable(seq, &error)?;
         }
-        if seen < limit {
+        if !stopped {
             *cursor = until;
         }
         Ok(exports)

@@ -275,7 +275,7 @@ mod tests {
 
     fn seqs(store: &Store, cursor: &mut u64) -> Vec<u64> {
         store
-            .read_pending(cursor, 100)
+            .read_pending(cursor, 100, usize::MAX)
             .unwrap()
             .iter()
             .map(|e| e.id.seq)
@@ -303,7 +303,7 @@ mod tests {
         };
         let retry_times = |store: &Store| -> Vec<(u64, Option<u64>)> {
             let mut cursor = 0;
-            let pending = store.read_pending(&mut cursor, 100).unwrap();
+            let pending = store.read_pending(&mut cursor, 100, usize::MAX).unwrap();
             pending
                 .iter()
                 .map(|e| (e.id.seq, e.retry_at_uptime_ms))
@@ -399,6 +399,49 @@ mod tests {
             [0, 1, 2],
             "the put-back export comes first"
         );
+    }
+
+    /// A read stops at its count or once it read `max_bytes`, and the next one goes on from
+    /// there; only a read that reached the end moves the cursor to the end.
+    #[test]
+    fn reads_page_through_the_outbox_by_count_and_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let body: Vec<String> = (0..5)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"p{i}","profile":{{"name":"1","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+                )
+            })
+            .collect();
+        let updates = parse_body(body.join("\n").as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, Utc::now())
+            .unwrap();
+        store.flush().unwrap();
+        let read = |cursor: &mut u64, limit, max_bytes| -> Vec<u64> {
+            let exports = store.read_pending(cursor, limit, max_bytes).unwrap();
+            exports.iter().map(|e| e.id.seq).collect()
+        };
+        let mut cursor = 0;
+        assert_eq!(read(&mut cursor, 2, usize::MAX), [0, 1]);
+        assert_eq!(cursor, 2);
+        assert_eq!(
+            read(&mut cursor, 100, 1),
+            [2],
+            "at least one, then the bytes stop it"
+        );
+        assert_eq!(cursor, 3);
+        let two_records = {
+            let t = store.trees().unwrap();
+            let size = |seq| t.outbox.get(keys::seq_key(seq)).unwrap().unwrap().len();
+            size(3) + size(4)
+        };
+        assert_eq!(read(&mut cursor, 100, two_records - 1), [3, 4]);
+        assert_eq!(cursor, 5);
+        assert_eq!(read(&mut cursor, 100, usize::MAX), Vec::<u64>::new());
+        assert_eq!(cursor, store.durable_next_seq());
     }
 
     /// The run time carries across reopening the store; exports are queued at the run time,
