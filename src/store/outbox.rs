@@ -253,6 +253,11 @@ impl RetryEntry {
         value
     }
 
+    /// Whether stored `value` carries the mark that the export may have been acknowledged.
+    pub fn is_marked(value: &[u8]) -> bool {
+        Self::decode(value).is_some_and(|e| e.unanswered)
+    }
+
     /// `None` for a value written by nobody (another size or flag).
     pub fn decode(value: &[u8]) -> Option<RetryEntry> {
         let (time, flag) = value.split_first_chunk::<8>()?;
@@ -268,15 +273,21 @@ impl RetryEntry {
     }
 }
 
-/// Whether export `key`'s retry entry says an attempt of it got no answer.
+/// Whether export `key`'s retry entry carries the mark, inside a transaction.
 fn marked_unanswered(
     retry_at: &sled::transaction::TransactionalTree,
     key: [u8; keys::SEQ_KEY_LEN],
 ) -> sled::transaction::ConflictableTransactionResult<bool, StoreError> {
     Ok(retry_at
         .get(key)?
-        .and_then(|v| RetryEntry::decode(&v))
-        .is_some_and(|e| e.unanswered))
+        .is_some_and(|v| RetryEntry::is_marked(&v)))
+}
+
+/// Whether export `seq`'s retry entry carries the mark that it may have been acknowledged.
+pub(super) fn is_marked(t: &Trees, seq: u64) -> sled::Result<bool> {
+    Ok(t.retry_at
+        .get(keys::seq_key(seq))?
+        .is_some_and(|v| RetryEntry::is_marked(&v)))
 }
 
 /// When pending export `seq` may be sent again (run time, ms), if an attempt of it failed.
@@ -299,8 +310,8 @@ pub(super) fn forget_keys_missing_from(index: &sled::Tree, of: &sled::Tree) -> s
 /// dead letters, and of dead letters without the mark that they may have been acknowledged.
 pub(super) fn forget_stale_retry_entries(t: &Trees) -> sled::Result<usize> {
     forget_entries(&t.retry_at, |key, value| {
-        let marked = || RetryEntry::decode(value).is_some_and(|e| e.unanswered);
-        let serves = t.outbox.contains_key(key)? || (t.dead.contains_key(key)? && marked());
+        let serves = t.outbox.contains_key(key)?
+            || (t.dead.contains_key(key)? && RetryEntry::is_marked(value));
         Ok(!serves)
     })
 }

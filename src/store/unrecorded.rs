@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::keys::{self, meta};
-use super::outbox::{ExportChange, Outcome, RetryEntry};
+use super::outbox::{self, RetryEntry};
 use super::tally::{read_tally, write_tally};
 use super::{codec, Place, Store, StoreError, Trees};
 use sled::Transactional;
@@ -121,56 +121,40 @@ impl Store {
         if seq < self.unrecorded_below || self.unanswered_now().contains(&seq) {
             return Ok(true);
         }
-        Ok(t.retry_at
-            .get(keys::seq_key(seq))?
-            .and_then(|v| RetryEntry::decode(&v))
-            .is_some_and(|e| e.unanswered))
+        Ok(outbox::is_marked(t, seq)?)
     }
 
-    /// Drops pending export `seq`; `false` if it is not pending. One the endpoint may have
-    /// acknowledged unrecorded (under the bound, or unanswered) is dropped as a delivered one
-    /// is recorded: the profile's older dead letters are then superseded by it, since sending
-    /// one of them could undo it at the endpoint.
+    /// Drops pending export `seq`; `false` if it is not pending. See [`Store::drop_export`].
     pub fn drop_pending(&self, seq: u64) -> Result<bool, StoreError> {
-        let drop_only = || self.change_export(seq, Place::Pending, |r| (Place::Gone, r));
-        if !self.with(|t| self.may_be_acknowledged(t, seq))? {
-            return drop_only();
-        }
-        let Some(value) = self.with(|t| Ok(t.outbox.get(keys::seq_key(seq))?))? else {
-            return Ok(false);
-        };
-        let Ok(profile) = codec::export_profile_id(&value) else {
-            return drop_only();
-        };
-        let as_delivered = Outcome {
-            profile: Arc::from(profile),
-            seq,
-            change: ExportChange::Delivered { retried: true },
-        };
-        let applied = self.apply_export_changes(&[as_delivered])?;
-        Ok(!applied.missing.contains(&seq))
+        self.drop_export(seq, Place::Pending)
     }
 
-    /// Drops dead letter `seq`; `false` if it is not one. One the endpoint may have
-    /// acknowledged (marked when it died) is dropped as [`Store::drop_pending`] drops a
-    /// pending one: its profile's older dead letters are superseded by it.
+    /// Drops dead letter `seq`; `false` if it is not one. See [`Store::drop_export`].
     pub fn drop_dead(&self, seq: u64) -> Result<bool, StoreError> {
+        self.drop_export(seq, Place::Dead)
+    }
+
+    /// Drops export `seq` from `from`; `false` if it is not there. One the endpoint may have
+    /// acknowledged unrecorded (pending under the bound or unanswered, or a dead letter marked
+    /// when it died) supersedes its profile's older dead letters in the same transaction, as
+    /// a delivery does, since sending one of them could undo it at the endpoint. A dead letter
+    /// already superseded keeps naming the export that was acknowledged.
+    fn drop_export(&self, seq: u64, from: Place) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
-        let marked = self.with(|t| {
-            let Some(value) = t.dead.get(key)? else {
-                return Ok(None);
+        // Read first, to find the older dead letters outside the transaction (which takes no
+        // index lock); the transaction finds out whether it is still there.
+        let superseding = self.with(|t| {
+            let (value, may_be_acknowledged) = match from {
+                Place::Pending => (t.outbox.get(key)?, self.may_be_acknowledged(t, seq)?),
+                Place::Dead => (t.dead.get(key)?, outbox::is_marked(t, seq)?),
+                Place::Gone => return Ok(None),
             };
-            let marked = t
-                .retry_at
-                .get(key)?
-                .and_then(|v| RetryEntry::decode(&v))
-                .is_some_and(|e| e.unanswered);
-            Ok(marked
-                .then(|| codec::export_profile_id(&value).ok().map(Arc::<str>::from))
-                .flatten())
+            Ok(value
+                .filter(|_| may_be_acknowledged)
+                .and_then(|v| codec::export_profile_id(&v).ok().map(Arc::<str>::from)))
         })?;
-        let Some(profile) = marked else {
-            return self.change_export(seq, Place::Dead, |r| (Place::Gone, r));
+        let Some(profile) = superseding else {
+            return self.change_export(seq, from, |r| (Place::Gone, r));
         };
         let (older, dropped, found) = self.with(|t| {
             let mut older = self
@@ -181,12 +165,13 @@ impl Store {
             }
             let (dropped, found) = (&t.outbox, &t.dead, &t.meta, &t.retry_at, &t.superseded)
                 .transaction(|(outbox, dead, meta_tx, retry_at, superseded)| {
-                    let Some(old) = dead.remove(&key)? else {
+                    let source = if from == Place::Pending { outbox } else { dead };
+                    let Some(old) = source.remove(&key)? else {
                         return Ok((false, Vec::new()));
                     };
                     retry_at.remove(&key)?;
                     let mut tally = read_tally(meta_tx)?;
-                    tally.count(Place::Dead, old.len(), -1);
+                    tally.count(from, old.len(), -1);
                     let views = super::superseded::Views {
                         outbox,
                         dead,
@@ -200,6 +185,7 @@ impl Store {
             Ok((older, dropped, found))
         })?;
         if dropped {
+            self.forget_unanswered(std::iter::once(seq));
             self.forget_superseded(older, &found);
         }
         Ok(dropped)
@@ -229,7 +215,7 @@ impl Store {
             let mut held = Vec::new();
             for item in t.retry_at.range(keys::seq_key(from)..) {
                 let (key, value) = item?;
-                if RetryEntry::decode(&value).is_some_and(|e| e.unanswered) {
+                if RetryEntry::is_marked(&value) {
                     held.push(key);
                 }
             }
@@ -286,6 +272,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::outbox::{ExportChange, Outcome};
     use crate::store::testing::export_each;
     use crate::store::PutBack;
 
@@ -635,6 +622,17 @@ mod tests {
         assert!(store.drop_dead(v[3]).unwrap());
         assert_eq!(store.superseded_by(v[0]).unwrap(), Some(v[2]));
         assert_eq!(store.superseded_by(v[1]).unwrap(), Some(v[2]));
+        // So does dropping a pending export that may have been acknowledged (after an open,
+        // which reads the superseded dead letters into the index again).
+        let v5 = export_each(&store, &[("p", "v5")])[0];
+        store.flush().unwrap();
+        drop(store);
+        let store = stopped_cleanly(dir.path());
+        fail(&store, "p", v5, true);
+        assert!(store.drop_pending(v5).unwrap());
+        assert_eq!(store.superseded_by(v[0]).unwrap(), Some(v[2]));
+        assert_eq!(store.superseded_by(v[1]).unwrap(), Some(v[2]));
+        assert_eq!(store.tally().unwrap().pending, 0);
     }
 
     #[test]
