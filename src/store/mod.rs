@@ -407,19 +407,8 @@ mod tests {
     fn reads_page_through_the_outbox_by_count_and_by_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let mapping = Mapping::new(&["name"], &["s"], &[]);
-        let body: Vec<String> = (0..5)
-            .map(|i| {
-                format!(
-                    r#"{{"id":"p{i}","profile":{{"name":"1","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
-                )
-            })
-            .collect();
-        let updates = parse_body(body.join("\n").as_bytes()).unwrap();
-        store
-            .apply_groups(&[&updates], &mapping, Utc::now())
-            .unwrap();
-        store.flush().unwrap();
+        let profiles = ["p0", "p1", "p2", "p3", "p4"].map(|p| (p, "1"));
+        assert_eq!(testing::export_each(&store, &profiles), [0, 1, 2, 3, 4]);
         let read = |cursor: &mut u64, limit, max_bytes| -> Vec<u64> {
             let exports = store.read_pending(cursor, limit, max_bytes).unwrap();
             exports.iter().map(|e| e.id.seq).collect()
