@@ -641,11 +641,17 @@ async fn an_export_dropped_in_flight_is_not_sent_again_whatever_the_answer() {
 
 /// `n` updates of profile `blocked0`, each exporting (first names `blocked0-v<i>`).
 fn blocked_updates(n: usize) -> Vec<String> {
+    updates_of("blocked0", n, "")
+}
+
+/// `n` updates of profile `id`, each exporting: first names `<id>-v<i>` and then `filler`,
+/// which makes each export as large as wanted.
+fn updates_of(id: &str, n: usize, filler: &str) -> Vec<String> {
     (0..n)
         .map(|i| {
             member_update(
-                "blocked0",
-                &format!("blocked0-v{i}"),
+                id,
+                &format!("{id}-v{i}{filler}"),
                 &format!(
                     "2026-01-01T{:02}:{:02}:{:02}Z",
                     i / 3600,
@@ -715,18 +721,9 @@ async fn the_window_holds_about_32_mib_of_exports_at_most() {
     const MIB: i64 = 1 << 20;
     let s = setup(ReceiverOptions::default(), oauth_body, "").await;
     s.receiver.set_export_script(Some(receiver::down()));
-    let filler = "x".repeat(64 << 10);
-    let updates: Vec<String> = (0..100)
-        .flat_map(|round| {
-            let filler = &filler;
-            (0..8).map(move |i| {
-                member_update(
-                    &format!("big{i}"),
-                    &format!("big{i}-v{round}-{filler}"),
-                    &format!("2026-01-01T00:{:02}:{:02}Z", round / 60, round % 60),
-                )
-            })
-        })
+    let filler = format!("-{}", "x".repeat(64 << 10));
+    let updates: Vec<String> = (0..8)
+        .flat_map(|i| updates_of(&format!("big{i}"), 100, &filler))
         .collect();
     assert_eq!(prefill(&s.config, &updates).len(), 800);
     let agent = start(&s.config).await;
@@ -742,5 +739,51 @@ async fn the_window_holds_about_32_mib_of_exports_at_most() {
     );
     assert!(bytes <= 33 * MIB, "{bytes} bytes held in {held} exports");
     assert!((300..600).contains(&held), "{held} exports held");
+    agent.stop().await.unwrap();
+}
+
+/// Past what the window may hold, the exports waiting behind one profile's failing export are
+/// let go of, so that other profiles' exports are read and delivered; once that profile moves,
+/// they are read again and delivered in order. 600 exports of 64 KB (38 MB) of `blocked0`,
+/// then 20 of other profiles.
+#[tokio::test]
+async fn a_blocked_backlog_larger_than_the_window_does_not_starve_the_others() {
+    const MIB: i64 = 1 << 20;
+    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    let blocked = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&blocked);
+    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
+        if flag.load(Ordering::SeqCst) && String::from_utf8_lossy(&r.body).contains("blocked0-v") {
+            Reply::Status(500, vec![], "always failing".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let filler = format!("-{}", "x".repeat(64 << 10));
+    let mut updates = updates_of("blocked0", 600, &filler);
+    updates.extend(one_each("free", 20, 0));
+    assert_eq!(prefill(&s.config, &updates).len(), 620);
+    let agent = start(&s.config).await;
+    wait_until(30, "the other profiles delivered", || {
+        s.receiver.delivered().len() >= 20
+    })
+    .await;
+    let bytes = agent.metrics.window_bytes.get();
+    assert!(bytes <= 33 * MIB, "{bytes} bytes held");
+
+    blocked.store(false, Ordering::SeqCst);
+    wait_until(60, "every export delivered", || {
+        agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    let names: Vec<String> = delivered_names(&s.receiver)
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(&filler).map(str::to_owned))
+        .collect();
+    let expected: Vec<String> = (0..600).map(|i| format!("blocked0-v{i}")).collect();
+    assert_eq!(
+        names, expected,
+        "blocked0's exports, each once and in order"
+    );
     agent.stop().await.unwrap();
 }

@@ -108,7 +108,8 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// is down, a little; more only once none is ready: one profile failing on its own (a server
 /// error for what it holds) also makes the destination look down when nothing else is being
 /// sent, and the exports behind its own in the outbox are the probes that can reopen it.
-/// Never once the exports held take [`MAX_HELD_BYTES`].
+/// Never once the exports held take [`MAX_HELD_BYTES`]. Past either bound with none ready, the
+/// loop lets go of the exports waiting behind failing ones ([`Queue::let_go_of_blocked_tails`]).
 fn wants_read(
     window: usize,
     (held, held_bytes): (usize, usize),
@@ -125,6 +126,9 @@ fn wants_read(
 }
 /// A wake-up even without commits: picks up expiries and anything missed.
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// The window starts over to read exports it let go of at most this often (the idle tick
+/// wakes it for that).
+const LET_GO_START_OVER_EVERY: Duration = Duration::from_secs(1);
 
 const USER_AGENT_VALUE: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));
 
@@ -310,6 +314,7 @@ impl Deliverer {
             changes: Vec::new(),
             retry_stored: HashSet::new(),
             out_at_rewind: HashSet::new(),
+            let_go_start_over: None,
             settler,
         };
         let mut stop_by: Option<Instant> = None;
@@ -329,14 +334,26 @@ impl Deliverer {
                 // since the last turn is seen before any: an export put back under an older
                 // number is never overtaken by a newer one of its profile held here.
                 self.store.unless_rewound(|rewound| {
+                    // At most once a second: when an outage ends, the profiles let go of
+                    // settle one after another, and each start-over reads the window again.
+                    let let_go_moved = state.queue.start_over_wanted()
+                        && state
+                            .let_go_start_over
+                            .is_none_or(|at| now.duration_since(at) >= LET_GO_START_OVER_EVERY);
+                    if let_go_moved {
+                        tracing::debug!("reading again the exports let go of to make room");
+                        state.let_go_start_over = Some(now);
+                    }
                     if rewound {
                         tracing::debug!(
                             "exports were put back or dropped; reading the outbox again"
                         );
-                        state.queue.forget_held();
                         state
                             .out_at_rewind
                             .extend(state.queue.out().iter().copied());
+                    }
+                    if rewound || let_go_moved {
+                        state.queue.forget_held();
                         state.cursor = 0;
                         state.read_generation += 1;
                         state.reading = false;
@@ -480,16 +497,28 @@ impl Deliverer {
         if state.reading || state.read_retry_at.is_some_and(|at| now < at) {
             return;
         }
-        let (held, held_bytes) = (state.queue.held(), state.queue.held_bytes());
-        let wanted = wants_read(
-            self.window,
-            (held, held_bytes),
-            state.queue.ready(),
-            state.controller.is_down(),
-        );
-        if !wanted || state.cursor >= self.store.durable_next_seq() {
+        if state.cursor >= self.store.durable_next_seq() {
             return;
         }
+        let ready = state.queue.ready();
+        let down = state.controller.is_down();
+        let wanted = |queue: &Queue<ExportBackoff>| {
+            let held = (queue.held(), queue.held_bytes());
+            wants_read(self.window, held, ready, down)
+        };
+        if !wanted(&state.queue) {
+            // Nothing can go and the window is full of exports waiting behind failing ones:
+            // those go (read again once their profile moves), so that the exports of other
+            // profiles, which may go, are read.
+            let full = state.queue.held_bytes() >= MAX_HELD_BYTES || state.queue.held() >= MAX_HELD;
+            if !(ready == 0 && full && state.queue.let_go_of_blocked_tails() > 0) {
+                return;
+            }
+            if !wanted(&state.queue) {
+                return;
+            }
+        }
+        let (held, held_bytes) = (state.queue.held(), state.queue.held_bytes());
         state.reading = true;
         state.read_retry_at = None;
         // An export out now may be read again (after a start-over); by the time the read is
@@ -880,6 +909,8 @@ struct LoopState {
     /// back: one dropped meanwhile must not go back into the window (see
     /// [`Deliverer::dropped_while_out`]).
     out_at_rewind: HashSet<u64>,
+    /// When the window last started over to read exports it let go of.
+    let_go_start_over: Option<Instant>,
     settler: Settler,
 }
 

@@ -55,6 +55,13 @@ pub struct Queue<B> {
     held: usize,
     /// What the exports held take in memory, about ([`footprint`]).
     held_bytes: usize,
+    /// Profiles whose exports behind a failed head were let go of to make room
+    /// ([`Queue::let_go_of_blocked_tails`]): reads skip their exports, so none overtakes those
+    /// let go of, until the window starts over.
+    let_go: HashSet<Arc<str>>,
+    /// A profile of `let_go` has nothing held any more: the window must start over to read
+    /// its next exports.
+    start_over: bool,
 }
 
 /// About what a held export takes in memory: its record and the text it owns.
@@ -76,6 +83,8 @@ impl<B> Default for Queue<B> {
             not_before: HashMap::new(),
             held: 0,
             held_bytes: 0,
+            let_go: HashSet::new(),
+            start_over: false,
         }
     }
 }
@@ -110,7 +119,9 @@ impl<B> Queue<B> {
     /// since a profile's later exports wait behind a failed one; behind another export, it
     /// waits for `at` once it becomes the head.
     pub fn push_waiting(&mut self, export: Export, at: Option<Instant>) {
-        if self.out.contains(&export.id.seq) {
+        if self.out.contains(&export.id.seq)
+            || (!self.let_go.is_empty() && self.let_go.contains(export.record.profile_id.as_str()))
+        {
             return;
         }
         let id: Arc<str> = Arc::from(export.record.profile_id.as_str());
@@ -214,6 +225,9 @@ impl<B> Queue<B> {
             },
             None => {
                 self.profiles.remove(id);
+                if self.let_go.contains(id) {
+                    self.start_over = true;
+                }
             }
         }
     }
@@ -340,10 +354,45 @@ impl<B> Queue<B> {
         self.not_before.clear();
         self.held = 0;
         self.held_bytes = 0;
+        self.let_go.clear();
+        self.start_over = false;
         for profile in self.profiles.values_mut() {
             profile.exports.clear();
         }
         self.profiles.retain(|_, p| p.state != State::Idle);
+    }
+
+    /// Lets go of the exports held behind each failed head that waits for its retry time,
+    /// keeping the heads: when nothing is ready and the window is full, so that the exports of
+    /// other profiles further in the outbox can be read. Reads skip those profiles' exports
+    /// until one of them has nothing held any more; then [`Queue::start_over_wanted`] tells the
+    /// window to [`Queue::forget_held`] and read from the head again. Returns how many it let
+    /// go of.
+    pub fn let_go_of_blocked_tails(&mut self) -> usize {
+        let mut count = 0;
+        for (_, id) in &self.waiting {
+            let profile = self
+                .profiles
+                .get_mut(id)
+                .expect("a waiting profile is known");
+            if profile.exports.len() < 2 {
+                continue;
+            }
+            for tail in profile.exports.drain(1..) {
+                self.held -= 1;
+                self.held_bytes -= footprint(&tail);
+                self.not_before.remove(&tail.id.seq);
+                count += 1;
+            }
+            self.let_go.insert(Arc::clone(id));
+        }
+        count
+    }
+
+    /// Whether the window must start over (see [`Queue::let_go_of_blocked_tails`]), until it
+    /// does ([`Queue::forget_held`]).
+    pub fn start_over_wanted(&self) -> bool {
+        self.start_over
     }
 
     /// Whether nothing is held, waiting or out.
@@ -414,6 +463,50 @@ mod tests {
         assert_eq!(q.held_bytes(), one + failed_size, "already gone");
         q.forget_held();
         assert_eq!(q.held_bytes(), 0);
+    }
+
+    #[test]
+    fn exports_behind_a_failed_head_are_let_go_of_and_read_again_once_it_moves() {
+        let start = Instant::now();
+        let mut q = queue(&[(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert_eq!(q.let_go_of_blocked_tails(), 0, "nothing waits");
+        let (_, first) = q.take(1).remove(0);
+        assert_eq!(first.id.seq, 1);
+        q.put_back(&a, first, Some(start + Duration::from_secs(1)));
+        assert_eq!(
+            q.let_go_of_blocked_tails(),
+            2,
+            "a's 2 and 4 go, its head stays"
+        );
+        assert_eq!(q.held(), 3);
+        assert_eq!(q.held_bytes(), 3 * footprint(&export(1, "a")));
+        q.push(export(6, "a"));
+        q.push(export(7, "c"));
+        assert_eq!(q.held(), 4, "a's later exports are skipped, c's kept");
+        assert_eq!(seqs(&q.take(10)), [3, 7], "b and c go on");
+        q.settled(&b, 3);
+        assert!(!q.start_over_wanted());
+        // a's head fails again: still nothing to read again.
+        q.wake_due(start + Duration::from_secs(1));
+        let (_, head) = q.take(1).remove(0);
+        assert_eq!(head.id.seq, 1);
+        q.put_back(&a, head, None);
+        assert!(!q.start_over_wanted());
+        let (_, head) = q.take(1).remove(0);
+        q.settled(&a, head.id.seq);
+        assert!(
+            q.start_over_wanted(),
+            "a moved: its exports let go of must be read"
+        );
+        q.forget_held();
+        assert!(!q.start_over_wanted());
+        q.push(export(2, "a"));
+        assert_eq!(
+            q.held(),
+            1,
+            "after a start-over, a's exports are read again"
+        );
     }
 
     #[test]

@@ -318,7 +318,8 @@ impl Store {
 
     /// Up to `limit` durable pending exports from `*cursor` on, oldest first, for a reader that
     /// keeps its place between calls; `*cursor` moves past the last one returned. Stops early
-    /// once the records read reach `max_bytes` (stored size; at least one is read).
+    /// once the records read reach `max_bytes` (stored size; the first is read whatever its
+    /// size).
     pub fn read_pending(
         &self,
         cursor: &mut u64,
@@ -336,13 +337,10 @@ impl Store {
         // Usually none: then no look-up per export.
         let retry_times = !t.retry_at.is_empty();
         for item in t.outbox.range(keys::seq_key(*cursor)..keys::seq_key(until)) {
-            if seen == limit || bytes >= max_bytes {
-                stopped = true;
-                break;
-            }
             seen += 1;
             let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
             bytes += value.len();
+            stopped = seen >= limit || bytes >= max_bytes;
             match self.decode_export(&key, &value, false) {
                 Ok(mut export) => {
                     *cursor = export.id.seq + 1;
@@ -362,6 +360,9 @@ impl Store {
                         "an outbox key that is not a sequence number is passed over; `outpost check --store` lists it"
                     ),
                 },
+            }
+            if stopped {
+                break; // before the next record is read
             }
         }
         drop(t);

@@ -46,9 +46,10 @@ struct Entries {
 pub(super) struct Candidate {
     pub seq: u64,
     pub profile: Arc<str>,
-    /// The delivered export.
+    /// The delivered export (or the dropped one).
     pub newer: u64,
-    /// `newer` was acknowledged; else it is a dead letter dropped that may have been.
+    /// `newer` was acknowledged; else it is an export dropped (pending or a dead letter) that
+    /// may have been ([`Store::drop_pending`], [`Store::drop_dead`]).
     pub acknowledged: bool,
 }
 
@@ -158,8 +159,8 @@ pub(super) fn mark(
         if !of_profile(&value) {
             return Ok(Found::Other);
         }
-        // A drop ([`Store::drop_dead`]) does not replace a mark naming an export the endpoint
-        // acknowledged with one naming an export that is gone.
+        // A drop does not replace a mark naming an export the endpoint acknowledged with one
+        // naming an export that is gone.
         if c.acknowledged || v.superseded.get(key)?.is_none() {
             v.superseded.insert(&key, &c.newer.to_be_bytes())?;
         }
@@ -184,8 +185,13 @@ pub(super) fn mark(
         .last_error
         .as_deref()
         .map_or(String::new(), |e| format!(" (before: {e})"));
+    let acknowledged = if c.acknowledged {
+        "acknowledged"
+    } else {
+        "may have acknowledged"
+    };
     record.last_error = Some(format!(
-        "put back, then not sent: the endpoint acknowledged {newer_id}, a newer export of the same profile, first{before}"
+        "put back, then not sent: the endpoint {acknowledged} {newer_id}, a newer export of the same profile, first{before}"
     ));
     record.dead_at_ms = Some(now_ms);
     let value = codec::encode_export(&record);
