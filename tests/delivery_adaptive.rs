@@ -727,25 +727,31 @@ async fn the_window_holds_about_32_mib_of_exports_at_most() {
         .collect();
     assert_eq!(prefill(&s.config, &updates).len(), 800);
     let agent = start(&s.config).await;
-    wait_until(30, "the window read ahead", || {
-        agent.metrics.window_bytes.get() >= 24 * MIB
-    })
-    .await;
+    let (mut most_bytes, mut most_held) = (0, 0);
+    let mut sample = || {
+        most_bytes = most_bytes.max(agent.metrics.window_bytes.get());
+        most_held = most_held.max(agent.metrics.window_exports.get());
+        most_bytes
+    };
+    wait_until(30, "the window read ahead", || sample() >= 24 * MIB).await;
     // Reads still under way would show here.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (held, bytes) = (
-        agent.metrics.window_exports.get(),
-        agent.metrics.window_bytes.get(),
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        sample();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(most_bytes <= 33 * MIB, "at most {most_bytes} bytes held");
+    assert!(
+        (300..600).contains(&most_held),
+        "at most {most_held} exports held"
     );
-    assert!(bytes <= 33 * MIB, "{bytes} bytes held in {held} exports");
-    assert!((300..600).contains(&held), "{held} exports held");
     agent.stop().await.unwrap();
 }
 
 /// Past what the window may hold, the exports waiting behind one profile's failing export are
-/// let go of, so that other profiles' exports are read and delivered; once that profile moves,
-/// they are read again and delivered in order. 600 exports of 64 KB (38 MB) of `blocked0`,
-/// then 20 of other profiles.
+/// let go of once it failed a few times, so that other profiles' exports are read and
+/// delivered; once that profile moves, they are read again and delivered in order. 600
+/// exports of 64 KB (38 MB) of `blocked0`, then 20 of other profiles.
 #[tokio::test]
 async fn a_blocked_backlog_larger_than_the_window_does_not_starve_the_others() {
     const MIB: i64 = 1 << 20;
@@ -764,12 +770,14 @@ async fn a_blocked_backlog_larger_than_the_window_does_not_starve_the_others() {
     updates.extend(one_each("free", 20, 0));
     assert_eq!(prefill(&s.config, &updates).len(), 620);
     let agent = start(&s.config).await;
+    let mut most_held = 0;
     wait_until(30, "the other profiles delivered", || {
+        most_held = most_held.max(agent.metrics.window_bytes.get());
         s.receiver.delivered().len() >= 20
     })
     .await;
-    let bytes = agent.metrics.window_bytes.get();
-    assert!(bytes <= 33 * MIB, "{bytes} bytes held");
+    // The window never held them all (it is published once what it lets go of is gone).
+    assert!(most_held <= 33 * MIB, "at most {most_held} bytes held");
 
     blocked.store(false, Ordering::SeqCst);
     wait_until(60, "every export delivered", || {

@@ -501,19 +501,24 @@ pub fn prefill(
     (took, payloads)
 }
 
-/// Pre-fills the store at `path` with `updates` tiny updates, `backlog_of` profiles each
-/// updated in turn with a first name of its own every time, so that every update exports: a
-/// backlog of `updates / backlog_of` pending exports a profile. As [`prefill`] otherwise.
+/// Pre-fills the store at `path` with `updates` updates, `backlog_of` profiles each updated in
+/// turn with a first name of its own every time, so that every update exports: a backlog of
+/// `updates / backlog_of` pending exports a profile, each of about `export_bytes` (a tiny
+/// update whose first name is padded). As [`prefill`] otherwise.
 pub fn prefill_backlog(
     path: &Path,
     mapping: &Mapping,
     updates: usize,
     backlog_of: usize,
+    export_bytes: usize,
     batch: usize,
 ) -> Duration {
     let (took, store) = prefill_updates(path, mapping, updates, batch, move |i, keep| {
         let mut update = tiny_update(i, true, keep);
         update.id = tiny_id(i % backlog_of);
+        let name = &mut update.profile["person"]["name"]["firstName"];
+        let padding = export_bytes.saturating_sub(256);
+        *name = Value::String(format!("{}{}", name.as_str().unwrap(), "x".repeat(padding)));
         update
     });
     assert_eq!(store.tally().unwrap().pending as usize, updates);

@@ -4,8 +4,9 @@
 //! (the [`settler`]) writes their outcomes to the store in groups.
 //!
 //! - **Reading**: a read-ahead window ([`queue::Queue`]) of durable pending exports, filled in
-//!   order from a cursor; new commits wake the loop. Exports put back or dropped by the CLI make
-//!   it start over from the head of the outbox.
+//!   order from a cursor, bounded by count and by bytes; new commits wake the loop. Exports put
+//!   back or dropped by the CLI make it start over from the head of the outbox; so does a
+//!   profile moving whose exports the full window let go of (they waited behind a failing one).
 //! - **Order**: a profile has at most one export out at a time. A delivered (or dead-lettered)
 //!   export's removal is made durable before that profile's next export is sent, so once the
 //!   endpoint acknowledged an export, no older one of that profile is sent again, whatever

@@ -18,6 +18,10 @@ use crate::store::Export;
 
 /// How many ready profiles a probe looks through for one whose export has not failed.
 const PROBE_SCAN: usize = 1024;
+/// A profile's exports behind its head are let go of only once the head failed this many
+/// times in a row: a 429 or a passing error on one profile's long backlog must not make the
+/// window read the rest of the outbox and then again from its head.
+pub const LET_GO_AFTER_FAILURES: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -38,6 +42,8 @@ struct Profile<B> {
     backoff: Option<Box<B>>,
     /// The head export must go alone (an array holding it was refused).
     solo: bool,
+    /// Attempts of the head export that failed in a row.
+    failures: u32,
 }
 
 /// See the module docs. `B` is the per-export retry schedule kept while an export fails.
@@ -131,6 +137,7 @@ impl<B> Queue<B> {
             state: State::Idle,
             backoff: None,
             solo: false,
+            failures: 0,
         });
         let seq = export.id.seq;
         self.held += 1;
@@ -239,6 +246,7 @@ impl<B> Queue<B> {
         if let Some(profile) = self.profiles.get_mut(id) {
             profile.backoff = None;
             profile.solo = false;
+            profile.failures = 0;
             self.make_ready(id);
         }
     }
@@ -265,12 +273,14 @@ impl<B> Queue<B> {
             // The schedule and the flag were the failed export's; the head is another.
             profile.backoff = None;
             profile.solo = false;
+            profile.failures = 0;
             if let Some(at) = at {
                 self.not_before.insert(seq, at);
             }
             self.make_ready(id);
             return;
         }
+        profile.failures = profile.failures.saturating_add(1);
         match at {
             Some(at) => {
                 profile.state = State::Waiting(at);
@@ -299,6 +309,7 @@ impl<B> Queue<B> {
         }
         profile.backoff = None;
         profile.solo = false;
+        profile.failures = 0;
         match profile.state {
             State::Waiting(when) => {
                 self.waiting.remove(&(when, Arc::clone(id)));
@@ -362,9 +373,10 @@ impl<B> Queue<B> {
         self.profiles.retain(|_, p| p.state != State::Idle);
     }
 
-    /// Lets go of the exports held behind each failed head that waits for its retry time,
-    /// keeping the heads: when nothing is ready and the window is full, so that the exports of
-    /// other profiles further in the outbox can be read. Reads skip those profiles' exports
+    /// Lets go of the exports held behind each head that waits for its retry time after
+    /// [`LET_GO_AFTER_FAILURES`] failed attempts in a row, keeping the heads: when nothing is
+    /// ready and the window is full, so that the exports of other profiles further in the
+    /// outbox can be read. Reads skip those profiles' exports
     /// until one of them has nothing held any more; then [`Queue::start_over_wanted`] tells the
     /// window to [`Queue::forget_held`] and read from the head again. Returns how many it let
     /// go of.
@@ -375,7 +387,7 @@ impl<B> Queue<B> {
                 .profiles
                 .get_mut(id)
                 .expect("a waiting profile is known");
-            if profile.exports.len() < 2 {
+            if profile.exports.len() < 2 || profile.failures < LET_GO_AFTER_FAILURES {
                 continue;
             }
             for tail in profile.exports.drain(1..) {
@@ -471,9 +483,19 @@ mod tests {
         let mut q = queue(&[(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         assert_eq!(q.let_go_of_blocked_tails(), 0, "nothing waits");
-        let (_, first) = q.take(1).remove(0);
-        assert_eq!(first.id.seq, 1);
-        q.put_back(&a, first, Some(start + Duration::from_secs(1)));
+        let mut at = start;
+        for failure in 1..=LET_GO_AFTER_FAILURES {
+            if failure > 1 {
+                q.wake_due(at);
+            }
+            let (_, head) = q.take(1).remove(0);
+            assert_eq!(head.id.seq, 1);
+            at += Duration::from_secs(1);
+            q.put_back(&a, head, Some(at));
+            if failure < LET_GO_AFTER_FAILURES {
+                assert_eq!(q.let_go_of_blocked_tails(), 0, "a passing failure");
+            }
+        }
         assert_eq!(
             q.let_go_of_blocked_tails(),
             2,
@@ -488,7 +510,7 @@ mod tests {
         q.settled(&b, 3);
         assert!(!q.start_over_wanted());
         // a's head fails again: still nothing to read again.
-        q.wake_due(start + Duration::from_secs(1));
+        q.wake_due(at);
         let (_, head) = q.take(1).remove(0);
         assert_eq!(head.id.seq, 1);
         q.put_back(&a, head, None);
@@ -501,12 +523,19 @@ mod tests {
         );
         q.forget_held();
         assert!(!q.start_over_wanted());
-        q.push(export(2, "a"));
+        for (seq, profile) in [(2, "a"), (4, "a"), (5, "b"), (6, "a")] {
+            q.push(export(seq, profile));
+        }
         assert_eq!(
             q.held(),
-            1,
+            4,
             "after a start-over, a's exports are read again"
         );
+        assert_eq!(seqs(&q.take(10)), [2, 5]);
+        q.settled(&a, 2);
+        assert_eq!(seqs(&q.take(10)), [4]);
+        q.settled(&a, 4);
+        assert_eq!(seqs(&q.take(10)), [6], "in order");
     }
 
     #[test]
