@@ -26,8 +26,8 @@
 //!     32 MiB (the default), 8 MiB, and 32 MiB with jemalloc's default of 4 arenas a core instead
 //!     of outpost's one (`_RJEM_MALLOC_CONF=narenas:8`; run side by side, each
 //!     on its own copy of the pre-filled store); then 10 s while delivering to an in-process
-//!     receiver; then, destination down, 100,000 pending exports of ~2 KB of 100 profiles
-//!     (1,000 each, which makes the window read on for probes until it is full, then let go
+//!     receiver; then, destination down, 100,000 pending exports of ~2 KB of 4 profiles
+//!     (25,000 each, which makes the window read on for probes until it is full, then let go
 //!     of what waits behind each failing export; fewer in the smoke run). sled's flusher thread also cleans log segments (it pages in and rewrites old
 //!     pages), so the RSS keeps growing for a while after start: hence the long idle.
 //!     Target: <= 64 MiB.
@@ -74,7 +74,7 @@ const BATCH: usize = 500;
 const CLIENTS: usize = 4;
 const REPEATS: usize = 2;
 /// (c): the profiles of the pending exports in the backlog case, and about the size of each.
-const BACKLOG_PROFILES: usize = 100;
+const BACKLOG_PROFILES: usize = 4;
 const BACKLOG_EXPORT_BYTES: usize = 2_048;
 
 /// Sizes of one run; the smoke run (no `--bench`) uses tiny ones.

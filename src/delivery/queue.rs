@@ -376,10 +376,9 @@ impl<B> Queue<B> {
     /// Lets go of the exports held behind each head that waits for its retry time after
     /// [`LET_GO_AFTER_FAILURES`] failed attempts in a row, keeping the heads: when nothing is
     /// ready and the window is full, so that the exports of other profiles further in the
-    /// outbox can be read. Reads skip those profiles' exports
-    /// until one of them has nothing held any more; then [`Queue::start_over_wanted`] tells the
-    /// window to [`Queue::forget_held`] and read from the head again. Returns how many it let
-    /// go of.
+    /// outbox can be read. Reads skip those profiles' exports until one of them has nothing
+    /// held any more; then [`Queue::start_over_wanted`] tells the window to
+    /// [`Queue::forget_held`] and read from the head again. Returns how many it let go of.
     pub fn let_go_of_blocked_tails(&mut self) -> usize {
         let mut count = 0;
         for (_, id) in &self.waiting {
