@@ -125,6 +125,11 @@ fn wants_read(
         held < window / 2 || (ready < READ_CHUNK && held < MAX_HELD)
     }
 }
+/// Whether the window holds as many exports, or as many bytes of them, as it may.
+fn window_full(held: usize, held_bytes: usize) -> bool {
+    held >= MAX_HELD || held_bytes >= MAX_HELD_BYTES
+}
+
 /// A wake-up even without commits: picks up expiries and anything missed.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// The window starts over to read exports it let go of at most this often (the idle tick
@@ -501,8 +506,14 @@ impl Deliverer {
         if state.cursor >= self.store.durable_next_seq() {
             return;
         }
-        let ready = state.queue.ready();
         let down = state.controller.is_down();
+        // While down, only one probe goes at a time: exports ready again after failing wait
+        // their turn, and only one that has not failed yet tells the destination is back.
+        let ready = if down && !state.queue.has_fresh_ready() {
+            0
+        } else {
+            state.queue.ready()
+        };
         let wanted = |queue: &Queue<ExportBackoff>| {
             let held = (queue.held(), queue.held_bytes());
             wants_read(self.window, held, ready, down)
@@ -511,7 +522,7 @@ impl Deliverer {
             // Nothing can go and the window is full of exports waiting behind failing ones:
             // those go (read again once their profile moves), so that the exports of other
             // profiles, which may go, are read.
-            let full = state.queue.held_bytes() >= MAX_HELD_BYTES || state.queue.held() >= MAX_HELD;
+            let full = window_full(state.queue.held(), state.queue.held_bytes());
             if !(ready == 0 && full && state.queue.let_go_of_blocked_tails() > 0) {
                 return;
             }
@@ -531,6 +542,8 @@ impl Deliverer {
         // a cold outbox is done.
         let chunk = if held == 0 { FIRST_READ } else { READ_CHUNK };
         let limit = (MAX_HELD - held).min(chunk);
+        // The store counts stored sizes, the window its estimate of the memory taken: close
+        // enough for a bound that is about a size.
         let max_bytes = MAX_HELD_BYTES - held_bytes;
         tokio::task::spawn_blocking(move || {
             let exports = store.read_pending(&mut cursor, limit, max_bytes);

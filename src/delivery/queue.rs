@@ -42,7 +42,8 @@ struct Profile<B> {
     backoff: Option<Box<B>>,
     /// The head export must go alone (an array holding it was refused).
     solo: bool,
-    /// Attempts of the head export that failed in a row.
+    /// Attempts of the head export that failed in a row and wait for a retry time (not an
+    /// array split, nor a refused token).
     failures: u32,
 }
 
@@ -184,18 +185,31 @@ impl<B> Queue<B> {
     /// oldest. An export that fails for what it holds (a server error on that profile alone)
     /// would otherwise be the probe every time, keeping every other profile waiting.
     pub fn take_probe(&mut self) -> Option<(Arc<str>, Export)> {
-        let fresh = self.ready.iter().take(PROBE_SCAN).find(|(_, id)| {
+        let seq = self
+            .first_fresh_ready()
+            .or_else(|| self.ready.first_key_value().map(|(&seq, _)| seq))?;
+        Some(self.take_ready(seq))
+    }
+
+    /// Whether a ready export has not failed yet (among the first [`PROBE_SCAN`] ready): while
+    /// the destination looks down, ready exports that all failed before are no probe worth
+    /// waiting for, and the window reads on for one.
+    pub fn has_fresh_ready(&self) -> bool {
+        self.first_fresh_ready().is_some()
+    }
+
+    /// The head of the oldest ready profile whose export has not failed, if one of the first
+    /// [`PROBE_SCAN`] ready is.
+    fn first_fresh_ready(&self) -> Option<u64> {
+        let (&seq, _) = self.ready.iter().take(PROBE_SCAN).find(|(_, id)| {
             let profile = self.profiles.get(*id).expect("a ready profile is known");
             profile.backoff.is_none()
                 && profile
                     .exports
                     .front()
                     .is_some_and(|e| e.retry_at_uptime_ms.is_none())
-        });
-        let seq = fresh
-            .or_else(|| self.ready.first_key_value())
-            .map(|(&seq, _)| seq)?;
-        Some(self.take_ready(seq))
+        })?;
+        Some(seq)
     }
 
     /// Hands out the head export of the ready profile whose head is `seq`.
@@ -280,7 +294,9 @@ impl<B> Queue<B> {
             self.make_ready(id);
             return;
         }
-        profile.failures = profile.failures.saturating_add(1);
+        if at.is_some() {
+            profile.failures = profile.failures.saturating_add(1);
+        }
         match at {
             Some(at) => {
                 profile.state = State::Waiting(at);
@@ -538,6 +554,21 @@ mod tests {
     }
 
     #[test]
+    fn only_failures_that_wait_for_a_retry_time_count_towards_letting_go() {
+        let start = Instant::now();
+        let mut q = queue(&[(1, "a"), (2, "a")]);
+        let a: Arc<str> = "a".into();
+        // An array split or a refused token: sent again at once.
+        for _ in 0..LET_GO_AFTER_FAILURES {
+            let (_, head) = q.take(1).remove(0);
+            q.put_back(&a, head, None);
+        }
+        let (_, head) = q.take(1).remove(0);
+        q.put_back(&a, head, Some(start));
+        assert_eq!(q.let_go_of_blocked_tails(), 0);
+    }
+
+    #[test]
     fn a_probe_is_the_oldest_export_that_has_not_failed_else_the_oldest() {
         let start = Instant::now();
         let mut q: Queue<u32> = Queue::default();
@@ -551,8 +582,10 @@ mod tests {
         q.backoff_of(&a, || 0);
         q.put_back(&a, first, Some(start));
         q.wake_due(start);
+        assert!(q.has_fresh_ready());
         let (_, probe) = q.take_probe().unwrap();
         assert_eq!(probe.id.seq, 3, "c has not failed");
+        assert!(!q.has_fresh_ready(), "a and b failed");
         let (_, probe) = q.take_probe().unwrap();
         assert_eq!(probe.id.seq, 1, "only failed ones left: the oldest");
         assert_eq!(q.take_probe().unwrap().1.id.seq, 2);
