@@ -191,13 +191,6 @@ impl<B> Queue<B> {
         Some(self.take_ready(seq))
     }
 
-    /// Whether a ready export has not failed yet (among the first [`PROBE_SCAN`] ready): while
-    /// the destination looks down, ready exports that all failed before are no probe worth
-    /// waiting for, and the window reads on for one.
-    pub fn has_fresh_ready(&self) -> bool {
-        self.first_fresh_ready().is_some()
-    }
-
     /// The head of the oldest ready profile whose export has not failed, if one of the first
     /// [`PROBE_SCAN`] ready is.
     fn first_fresh_ready(&self) -> Option<u64> {
@@ -582,10 +575,8 @@ mod tests {
         q.backoff_of(&a, || 0);
         q.put_back(&a, first, Some(start));
         q.wake_due(start);
-        assert!(q.has_fresh_ready());
         let (_, probe) = q.take_probe().unwrap();
         assert_eq!(probe.id.seq, 3, "c has not failed");
-        assert!(!q.has_fresh_ready(), "a and b failed");
         let (_, probe) = q.take_probe().unwrap();
         assert_eq!(probe.id.seq, 1, "only failed ones left: the oldest");
         assert_eq!(q.take_probe().unwrap().1.id.seq, 2);
