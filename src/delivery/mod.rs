@@ -109,7 +109,7 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// is down, a little; more only once none is ready: one profile failing on its own (a server
 /// error for what it holds) also makes the destination look down when nothing else is being
 /// sent, and the exports behind its own in the outbox are the probes that can reopen it.
-/// Never once the exports held take [`MAX_HELD_BYTES`]. Past either bound with none ready, the
+/// Never once the window is full ([`window_full`]). Past either bound with none ready, the
 /// loop lets go of the exports waiting behind failing ones ([`Queue::let_go_of_blocked_tails`]).
 fn wants_read(
     window: usize,
@@ -117,13 +117,12 @@ fn wants_read(
     ready: usize,
     destination_down: bool,
 ) -> bool {
-    if held_bytes >= MAX_HELD_BYTES {
-        false
-    } else if destination_down {
-        held < DOWN_WINDOW / 2 || (ready == 0 && held < MAX_HELD)
-    } else {
-        held < window / 2 || (ready < READ_CHUNK && held < MAX_HELD)
-    }
+    !window_full(held, held_bytes)
+        && if destination_down {
+            held < DOWN_WINDOW / 2 || ready == 0
+        } else {
+            held < window / 2 || ready < READ_CHUNK
+        }
 }
 /// Whether the window holds as many exports, or as many bytes of them, as it may.
 fn window_full(held: usize, held_bytes: usize) -> bool {
@@ -510,7 +509,8 @@ impl Deliverer {
         // While down, exports ready again after failing count as ready though they wait for
         // their turn as the probe, so with a few profiles failing the window seldom lets go
         // then. Counting them as not ready took the agent bench's backlog case (destination
-        // down) from 102 to 213 MiB at its peak, the window reading on through the outbox.
+        // down) from 102 to 213 MiB at its peak, likely from the window reading on through the
+        // outbox (not measured).
         let ready = state.queue.ready();
         let wanted = |queue: &Queue<ExportBackoff>| {
             let held = (queue.held(), queue.held_bytes());

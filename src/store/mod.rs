@@ -407,8 +407,8 @@ mod tests {
     fn reads_page_through_the_outbox_by_count_and_by_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let profiles = ["p0", "p1", "p2", "p3", "p4"].map(|p| (p, "1"));
-        assert_eq!(testing::export_each(&store, &profiles), [0, 1, 2, 3, 4]);
+        let profiles = ["p0", "p1", "p2", "p3", "p4", "p5"].map(|p| (p, "1"));
+        assert_eq!(testing::export_each(&store, &profiles), [0, 1, 2, 3, 4, 5]);
         let read = |cursor: &mut u64, limit, max_bytes| -> Vec<u64> {
             let exports = store.read_pending(cursor, limit, max_bytes).unwrap();
             exports.iter().map(|e| e.id.seq).collect()
@@ -428,7 +428,9 @@ mod tests {
             size(3) + size(4)
         };
         assert_eq!(read(&mut cursor, 100, two_records - 1), [3, 4]);
-        assert_eq!(cursor, 5);
+        assert_eq!(cursor, 5, "stopped by the bytes before the last export");
+        assert_eq!(read(&mut cursor, 100, usize::MAX), [5]);
+        assert_eq!(cursor, 6);
         assert_eq!(read(&mut cursor, 100, usize::MAX), Vec::<u64>::new());
         assert_eq!(cursor, store.durable_next_seq());
     }
