@@ -28,10 +28,11 @@
 //!     on its own copy of the pre-filled store); then 10 s while delivering to an in-process
 //!     receiver; then, destination down, 100,000 pending exports of ~2 KB of 4 profiles
 //!     (25,000 each, which makes the window read on for probes until it is full; fewer in the
-//!     smoke run). sled's flusher
+//!     smoke run); then 100,000 pending exports of ~2 KB, each of its own profile, while
+//!     delivering to the receiver (the whole outbox is read and drained). sled's flusher
 //!     thread also cleans log segments (it pages in and rewrites old pages), so the RSS keeps
 //!     growing for a while after start: hence the long idle. Target: <= 64 MiB (not for the
-//!     backlog of 4 profiles).
+//!     two cases of ~2 KB exports).
 //! (d) a delivered backlog, before and after `outpost compact`: 300,000 tiny profiles, each with
 //!     a pending export, delivered by `outpost run` to an in-process receiver; then the store's
 //!     size on disk and the peak RSS of an idle `outpost run` on it (VmHWM after 20 s), before
@@ -744,7 +745,41 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
             )
             .await,
         );
-        let labels = std::iter::repeat_n(&label, all.len() - 1).chain([&backlog_label]);
+        // Exports of that size, each of its own profile, delivered: the window reads on as it
+        // sends, through the whole outbox.
+        let distinct_dir = dir.path().join("distinct");
+        std::fs::create_dir_all(&distinct_dir).unwrap();
+        let distinct_config = down_config(&distinct_dir, &tiny_mapping_toml(), "");
+        let took = common::prefill_backlog(
+            &distinct_config.storage.path,
+            &distinct_config.mapping,
+            pending,
+            pending,
+            BACKLOG_EXPORT_BYTES,
+            PREFILL_BATCH,
+        );
+        wait_unlocked(&distinct_config.storage.path);
+        let distinct_label =
+            format!("{pending} profiles, a pending export of ~{BACKLOG_EXPORT_BYTES} B each");
+        println!(
+            "agent[rss, {distinct_label}]: pre-fill took {}, store {:.0} MiB on disk",
+            ms(took),
+            dir_bytes(&distinct_config.storage.path) as f64 / (1 << 20) as f64
+        );
+        all.extend(
+            rss_runs(
+                &distinct_dir,
+                &distinct_config.storage.path,
+                &delivering,
+                plan.idle,
+                &checkpoints_down,
+                &receiver,
+            )
+            .await,
+        );
+        let label_with_target = label.clone();
+        let labels =
+            std::iter::repeat_n(&label, all.len() - 2).chain([&backlog_label, &distinct_label]);
         for (r, label) in all.into_iter().zip(labels) {
             let hwm: Vec<String> = r
                 .hwm
@@ -764,8 +799,8 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
                 mib(r.rss)
             );
             let peak = r.hwm.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
-            // The target is for an outbox of distinct profiles.
-            let has_target = *label != backlog_label;
+            // The target is for 1,000,000 stored profiles and 100,000 tiny exports.
+            let has_target = *label == label_with_target;
             results.push((format!("{} ({label})", r.name), peak, has_target));
         }
     });
