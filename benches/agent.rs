@@ -799,7 +799,7 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
                 mib(r.rss)
             );
             let peak = r.hwm.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
-            // The target is for 1,000,000 stored profiles and 100,000 tiny exports.
+            // The target is for the plan's store of tiny profiles and exports.
             let has_target = *label == label_with_target;
             results.push((format!("{} ({label})", r.name), peak, has_target));
         }

@@ -109,8 +109,9 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// is down, a little; more only once none is ready: one profile failing on its own (a server
 /// error for what it holds) also makes the destination look down when nothing else is being
 /// sent, and the exports behind its own in the outbox are the probes that can reopen it.
-/// Never once the window is full ([`window_full`]). Past either bound with none ready, the
-/// loop lets go of the exports waiting behind failing ones ([`Queue::let_go_of_blocked_tails`]).
+/// Never once the window is full ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]). Past
+/// either bound with none ready, the loop lets go of the exports waiting behind failing ones
+/// ([`Queue::let_go_of_blocked_tails`]).
 fn wants_read(
     window: usize,
     (held, held_bytes): (usize, usize),
@@ -509,8 +510,8 @@ impl Deliverer {
         // While down, exports ready again after failing count as ready though they wait for
         // their turn as the probe, so with a few profiles failing the window seldom lets go
         // then. Counting them as not ready took the agent bench's backlog case (destination
-        // down) from 102 to 213 MiB at its peak: the outbox nodes that sled's cache kept after
-        // the window read on through the outbox (README, on delivery's read-ahead).
+        // down) from 102 to 213 MiB at its peak, mostly the outbox nodes that sled's cache kept
+        // after the window read on through the outbox (README, on delivery's read-ahead).
         let ready = state.queue.ready();
         let wanted = |queue: &Queue<ExportBackoff>| {
             let held = (queue.held(), queue.held_bytes());
