@@ -133,7 +133,7 @@ pub enum Command {
         /// The client id tokens are issued to
         #[arg(long, default_value = "edge-agent")]
         client_id: String,
-        /// The client secret [env: OUTPOST_RECEIVER_SECRET; default: change-me]
+        /// The client secret [default: change-me]
         #[arg(
             long,
             env = "OUTPOST_RECEIVER_SECRET",

@@ -874,7 +874,7 @@ fn validate_auth(
     let Some(raw) = raw else {
         return Err((
             "destination.auth",
-            "is required (type = \"oauth2_client_credentials\", \"bearer\" or \"none\")".into(),
+            "is required (type = \"oauth2_client_credentials\", \"oauth2_password\", \"bearer\" or \"none\")".into(),
         ));
     };
     let unused = |present: bool, key: &'static str, kind: &str| -> Result<(), KeyError> {
