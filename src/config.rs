@@ -1196,6 +1196,28 @@ path = "store"
     }
 
     #[test]
+    fn a_missing_auth_section_names_every_type() {
+        let auth = r#"[destination.auth]
+type = "oauth2_client_credentials"
+auth_endpoint = "https://auth.example.com/oauth/token"
+client_id = "edge-agent"
+client_secret = "s3cr3t-value"
+"#;
+        let text = VALID.replace(auth, "");
+        assert_ne!(text, VALID);
+        let error = error_of(&text);
+        assert!(error.contains("destination.auth"), "{error}");
+        for kind in [
+            "oauth2_client_credentials",
+            "oauth2_password",
+            "bearer",
+            "none",
+        ] {
+            assert!(error.contains(&format!("\"{kind}\"")), "{kind}: {error}");
+        }
+    }
+
+    #[test]
     fn secrets_never_show_in_debug_output() {
         let config = parse(VALID).unwrap();
         let debug = format!("{config:?}");
