@@ -27,9 +27,9 @@
 //!     of outpost's one (`_RJEM_MALLOC_CONF=narenas:8`; run side by side, each
 //!     on its own copy of the pre-filled store); then 10 s while delivering to an in-process
 //!     receiver; then, destination down, 100,000 pending exports of ~2 KB of 4 profiles
-//!     (25,000 each, which makes the window read on for probes until it is full; fewer in the
-//!     smoke run); then 100,000 pending exports of ~2 KB, each of its own profile, while
-//!     delivering to the receiver (the whole outbox is read and drained). sled's flusher
+//!     (25,000 each, which makes the window read on for probes until it is full); then 100,000
+//!     pending exports of ~2 KB, each of its own profile, while delivering to the receiver
+//!     (the whole outbox is read and drained); fewer in the smoke run. sled's flusher
 //!     thread also cleans log segments (it pages in and rewrites old pages), so the RSS keeps
 //!     growing for a while after start: hence the long idle. Target: <= 64 MiB (not for the
 //!     two cases of ~2 KB exports).

@@ -510,8 +510,9 @@ impl Deliverer {
         // While down, exports ready again after failing count as ready though they wait for
         // their turn as the probe, so with a few profiles failing the window seldom lets go
         // then. Counting them as not ready took the agent bench's backlog case (destination
-        // down) from 102 to 213 MiB at its peak: most of the rise was outbox nodes that sled's
-        // cache kept after the window read on through the outbox (README, on the read-ahead).
+        // down) from 102 to 213 MiB at its peak; `heaptrack` of a store of that shape put most
+        // of the heap's rise in outbox nodes that sled's cache kept after the window read on
+        // through the outbox (README, on the read-ahead).
         let ready = state.queue.ready();
         let wanted = |queue: &Queue<ExportBackoff>| {
             let held = (queue.held(), queue.held_bytes());
