@@ -47,7 +47,7 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -638,6 +638,36 @@ async fn rss_runs(
     results
 }
 
+/// A store in `<dir>/<name>/store`, pre-filled with `pending` exports of about
+/// [`BACKLOG_EXPORT_BYTES`] from `profiles` profiles (`common::prefill_backlog`); returns
+/// `<dir>/<name>` and the store's path.
+fn large_exports_store(
+    dir: &Path,
+    name: &str,
+    pending: usize,
+    profiles: usize,
+    label: &str,
+) -> (PathBuf, PathBuf) {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    let config = down_config(&home, &tiny_mapping_toml(), "");
+    let took = common::prefill_backlog(
+        &config.storage.path,
+        &config.mapping,
+        pending,
+        profiles,
+        BACKLOG_EXPORT_BYTES,
+        PREFILL_BATCH,
+    );
+    wait_unlocked(&config.storage.path);
+    println!(
+        "agent[rss, {label}]: pre-fill took {}, store {:.0} MiB on disk",
+        ms(took),
+        dir_bytes(&config.storage.path) as f64 / (1 << 20) as f64
+    );
+    (home, config.storage.path)
+}
+
 fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, bool)> {
     let dir = tempfile::tempdir().unwrap();
     let config = down_config(dir.path(), &tiny_mapping_toml(), "");
@@ -715,29 +745,19 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
         );
         // While down, the window reads on for probes once none it holds is ready: with few
         // profiles, every export behind their failing heads.
-        let backlog_dir = dir.path().join("backlog");
-        std::fs::create_dir_all(&backlog_dir).unwrap();
-        let backlog_config = down_config(&backlog_dir, &tiny_mapping_toml(), "");
-        let took = common::prefill_backlog(
-            &backlog_config.storage.path,
-            &backlog_config.mapping,
-            pending,
-            BACKLOG_PROFILES,
-            BACKLOG_EXPORT_BYTES,
-            PREFILL_BATCH,
-        );
-        wait_unlocked(&backlog_config.storage.path);
         let backlog_label =
             format!("{BACKLOG_PROFILES} profiles, {pending} pending of ~{BACKLOG_EXPORT_BYTES} B");
-        println!(
-            "agent[rss, {backlog_label}]: pre-fill took {}, store {:.0} MiB on disk",
-            ms(took),
-            dir_bytes(&backlog_config.storage.path) as f64 / (1 << 20) as f64
+        let (backlog_dir, backlog_store) = large_exports_store(
+            dir.path(),
+            "backlog",
+            pending,
+            BACKLOG_PROFILES,
+            &backlog_label,
         );
         all.extend(
             rss_runs(
                 &backlog_dir,
-                &backlog_config.storage.path,
+                &backlog_store,
                 &[backlog],
                 plan.idle,
                 &checkpoints_down,
@@ -747,29 +767,14 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
         );
         // Exports of that size, each of its own profile, delivered: the window reads on as it
         // sends, through the whole outbox.
-        let distinct_dir = dir.path().join("distinct");
-        std::fs::create_dir_all(&distinct_dir).unwrap();
-        let distinct_config = down_config(&distinct_dir, &tiny_mapping_toml(), "");
-        let took = common::prefill_backlog(
-            &distinct_config.storage.path,
-            &distinct_config.mapping,
-            pending,
-            pending,
-            BACKLOG_EXPORT_BYTES,
-            PREFILL_BATCH,
-        );
-        wait_unlocked(&distinct_config.storage.path);
         let distinct_label =
             format!("{pending} profiles, a pending export of ~{BACKLOG_EXPORT_BYTES} B each");
-        println!(
-            "agent[rss, {distinct_label}]: pre-fill took {}, store {:.0} MiB on disk",
-            ms(took),
-            dir_bytes(&distinct_config.storage.path) as f64 / (1 << 20) as f64
-        );
+        let (distinct_dir, distinct_store) =
+            large_exports_store(dir.path(), "distinct", pending, pending, &distinct_label);
         all.extend(
             rss_runs(
                 &distinct_dir,
-                &distinct_config.storage.path,
+                &distinct_store,
                 &delivering,
                 plan.idle,
                 &checkpoints_down,
