@@ -782,10 +782,9 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
             )
             .await,
         );
-        let label_with_target = label.clone();
         let labels =
             std::iter::repeat_n(&label, all.len() - 2).chain([&backlog_label, &distinct_label]);
-        for (r, label) in all.into_iter().zip(labels) {
+        for (r, case_label) in all.into_iter().zip(labels) {
             let hwm: Vec<String> = r
                 .hwm
                 .iter()
@@ -797,7 +796,7 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
                 String::new()
             };
             println!(
-                "agent[rss, {label}]: {}: healthy after {}; VmHWM {}; VmRSS at end {}{delivered}",
+                "agent[rss, {case_label}]: {}: healthy after {}; VmHWM {}; VmRSS at end {}{delivered}",
                 r.name,
                 ms(r.ready),
                 hwm.join(", "),
@@ -805,8 +804,8 @@ fn bench_rss(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, u64, boo
             );
             let peak = r.hwm.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
             // The target is for the plan's store of tiny profiles and exports.
-            let has_target = *label == label_with_target;
-            results.push((format!("{} ({label})", r.name), peak, has_target));
+            let has_target = case_label == &label;
+            results.push((format!("{} ({case_label})", r.name), peak, has_target));
         }
     });
     results

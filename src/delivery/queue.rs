@@ -185,24 +185,18 @@ impl<B> Queue<B> {
     /// oldest. An export that fails for what it holds (a server error on that profile alone)
     /// would otherwise be the probe every time, keeping every other profile waiting.
     pub fn take_probe(&mut self) -> Option<(Arc<str>, Export)> {
-        let seq = self
-            .first_fresh_ready()
-            .or_else(|| self.ready.first_key_value().map(|(&seq, _)| seq))?;
-        Some(self.take_ready(seq))
-    }
-
-    /// The head of the oldest ready profile whose export has not failed, if one of the first
-    /// [`PROBE_SCAN`] ready is.
-    fn first_fresh_ready(&self) -> Option<u64> {
-        let (&seq, _) = self.ready.iter().take(PROBE_SCAN).find(|(_, id)| {
+        let fresh = self.ready.iter().take(PROBE_SCAN).find(|(_, id)| {
             let profile = self.profiles.get(*id).expect("a ready profile is known");
             profile.backoff.is_none()
                 && profile
                     .exports
                     .front()
                     .is_some_and(|e| e.retry_at_uptime_ms.is_none())
-        })?;
-        Some(seq)
+        });
+        let seq = fresh
+            .or_else(|| self.ready.first_key_value())
+            .map(|(&seq, _)| seq)?;
+        Some(self.take_ready(seq))
     }
 
     /// Hands out the head export of the ready profile whose head is `seq`.
