@@ -12,9 +12,9 @@
 //!     (raw+fsync) an fsync of `<path>/db` as `Store::flush` does. Target: agent >= 0.6 x raw.
 //!     Also while the agent delivers the exports to an in-process receiver (OAuth client
 //!     credentials), as it would in use: one client and 4 clients, with one export a request
-//!     and with `delivery.max_profiles_per_request = 10`. Each run prints how many cores the bench
-//!     process (client, agent and receiver together) kept busy while it was timed, and the
-//!     share of that time the committer thread was busy.
+//!     and with `delivery.max_profiles_per_request` 10 and 100. Each run prints how many cores
+//!     the bench process (client, agent and receiver together) kept busy while it was timed,
+//!     and the share of that time the committer thread was busy.
 //! (b) start to serving with 1,000,000 pending exports: from the `Agent::start` call (or from
 //!     spawning `outpost run`) until `GET /healthz` answers 200. sled 0.34 writes its snapshot
 //!     only when it opens a store, so the first open after a big write replays the whole log
@@ -330,7 +330,7 @@ async fn run_http(
 }
 
 /// The ingest runs of one round, in the order they run, and what each prints as.
-const INGEST_CASES: [(&str, usize, Option<&str>); 6] = [
+const INGEST_CASES: [(&str, usize, Option<&str>); 8] = [
     ("1 client", 1, None),
     ("4 clients", CLIENTS, None),
     ("1 client while delivering", 1, Some("")),
@@ -344,6 +344,16 @@ const INGEST_CASES: [(&str, usize, Option<&str>); 6] = [
         "4 clients while delivering arrays of 10",
         CLIENTS,
         Some("max_profiles_per_request = 10"),
+    ),
+    (
+        "1 client while delivering arrays of 100",
+        1,
+        Some("max_profiles_per_request = 100"),
+    ),
+    (
+        "4 clients while delivering arrays of 100",
+        CLIENTS,
+        Some("max_profiles_per_request = 100"),
     ),
 ];
 
