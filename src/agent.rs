@@ -461,4 +461,56 @@ mod tests {
         let put_back = store.rewinding_with_nothing_out(Duration::from_millis(20), || ());
         assert_eq!(put_back, Ok(()), "what the loop published is kept");
     }
+
+    /// The settler thread panics on the first outcome it records: the agent stops with the
+    /// error (which `outpost run` exits 1 with), and the acknowledged export stays pending, to
+    /// be sent again after a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_whose_settler_panics_stops_with_the_error_and_keeps_the_export() {
+        use crate::receiver::{Receiver, ReceiverOptions};
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::TokioExecutor;
+
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("outpost.toml");
+        let text = crate::demo::demo_config_text(&receiver.base_url());
+        let config = Config::parse(&config_path, &text).unwrap();
+        let agent = Agent::start(&config, AgentOptions::default())
+            .await
+            .unwrap();
+        agent.store.panic_when_settling();
+        let store = Arc::clone(&agent.store);
+
+        let update = r#"{"id":"p-1","profile":{"person":{"name":{"firstName":"Ada"}},"segmentMembership":{"ups":{"7841ba61-23c1-4bb3-a495-00d3g5fe1e93":{"status":"realized"}}}}}"#;
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let request = hyper::Request::post(format!("http://{}/v1/updates", agent.listen_addr))
+            .body(Full::new(Bytes::from(update)))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+        let stopped = tokio::time::timeout(Duration::from_secs(30), agent.wait())
+            .await
+            .expect("the agent stops by itself once the settler is gone");
+        match stopped {
+            Err(AgentError::Delivery(DeliveryStopped::SettlerGone(message))) => {
+                assert_eq!(message, "a fault injected into settling");
+            }
+            other => panic!("expected the settler's panic, got {other:?}"),
+        }
+        assert_eq!(receiver.delivered().len(), 1, "the export was acknowledged");
+        let pending = store.list(&crate::store::ListFilter::default()).unwrap();
+        assert_eq!(
+            pending.len(),
+            1,
+            "the acknowledged export was not recorded, so it stays pending"
+        );
+    }
 }

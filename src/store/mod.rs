@@ -190,6 +190,10 @@ pub struct Store {
     closing: AtomicBool,
     /// Where each profile's dead letters are ([`superseded`]).
     dead_letters: superseded::DeadLetterIndex,
+    /// Makes [`Store::apply_export_changes`] panic: a fault for tests of what follows when
+    /// delivery's outcomes can no longer be recorded.
+    #[cfg(test)]
+    settling_panics: AtomicBool,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,

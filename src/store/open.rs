@@ -269,6 +269,8 @@ impl Store {
             write_sections: RwLock::new(()),
             closing: AtomicBool::new(false),
             dead_letters: DeadLetterIndex::default(),
+            #[cfg(test)]
+            settling_panics: AtomicBool::new(false),
             _lock: lock,
         })
     }

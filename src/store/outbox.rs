@@ -95,9 +95,23 @@ pub struct Applied {
 }
 
 impl Store {
+    /// From now on, [`Store::apply_export_changes`] panics.
+    #[cfg(test)]
+    pub(crate) fn panic_when_settling(&self) {
+        self.settling_panics
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Applies the changes in order, in one transaction; a delivery also marks its profile's
     /// older dead letters as superseded ([`super::superseded`]). Not flushed.
     pub fn apply_export_changes(&self, changes: &[Outcome]) -> Result<Applied, StoreError> {
+        #[cfg(test)]
+        if self
+            .settling_panics
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            panic!("a fault injected into settling");
+        }
         let (older, applied, found) = self.with(|t| {
             let older = self.dead_letters.older_than(
                 t,
