@@ -786,7 +786,7 @@ impl Config {
 }
 
 fn parse_http_url(text: &str) -> Result<Url, String> {
-    let shown = without_userinfo(text);
+    let shown = redacted_address(text);
     let url = Url::parse(text).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {}
@@ -806,18 +806,31 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// A URL as text with everything between its scheme and its last `@` shown as `***`: a
-/// user and password may be written in several ways the URL parser accepts (`https:u:p@h`,
-/// `https:///u:p@h`), and may hold `/`, `?` or `#`. A path with an `@` in it is hidden too,
-/// which errors can afford.
-pub(crate) fn without_userinfo(text: &str) -> String {
-    let (Some(colon), Some(at)) = (text.find(':'), text.rfind('@')) else {
-        return text.to_owned();
+/// An address as text fit for an error message, without what may be secret: everything
+/// before its last `@` but a leading `scheme://` is shown as `***` (a user, password or token
+/// may be written in several ways a parser accepts, `https:u:p@h`, `https:///u:p@h` or
+/// `token@host:4222` without a scheme, and may hold `/`, `?` or `#`; a path with an `@` in it
+/// is hidden too, which errors can afford), and the query and fragment after it are left out,
+/// as API keys often travel in a query.
+pub(crate) fn redacted_address(text: &str) -> String {
+    let (shown, rest) = match text.rfind('@') {
+        Some(at) => {
+            let scheme = text[..at]
+                .find("://")
+                .filter(|&i| {
+                    text[..i]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                })
+                .map_or("", |i| &text[..i + 3]);
+            (format!("{scheme}***"), &text[at..])
+        }
+        None => (String::new(), text),
     };
-    if at < colon {
-        return text.to_owned();
+    match rest.find(['?', '#']) {
+        Some(cut) => format!("{shown}{}?…", &rest[..cut]),
+        None => format!("{shown}{rest}"),
     }
-    format!("{}***{}", &text[..=colon], &text[at..])
 }
 
 /// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
@@ -1267,6 +1280,49 @@ client_secret = "s3cr3t-value"
         let error = error_of(&text);
         assert!(error.contains("invalid type: string, expected"), "{error}");
         assert!(!error.contains("s3cr3t"), "{error}");
+    }
+
+    #[test]
+    fn addresses_in_errors_show_neither_credentials_nor_queries() {
+        for (address, shown) in [
+            ("s3cret@10.0.0.5:4222", "***@10.0.0.5:4222"),
+            (
+                "nats://user:s3cret@10.0.0.5:4222",
+                "nats://***@10.0.0.5:4222",
+            ),
+            ("https:id:s3cret@api.example.com/x", "***@api.example.com/x"),
+            (
+                "https://id:s3c?r#et@api.example.com/x?key=s3cret",
+                "https://***@api.example.com/x?…",
+            ),
+            (
+                "https://api.example.com/p?api_key=s3cret",
+                "https://api.example.com/p?…",
+            ),
+            (
+                "https://api.example.com/p#s3cret",
+                "https://api.example.com/p?…",
+            ),
+            ("nats://10.0.0.5:4222", "nats://10.0.0.5:4222"),
+        ] {
+            assert_eq!(redacted_address(address), shown, "{address}");
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_a_url_is_named_without_its_query() {
+        let text = VALID.replace(
+            "https://api.example.com/profiles?source=edge",
+            "https://api example.com/profiles?api_key=s3cret",
+        );
+        assert_ne!(text, VALID);
+        let error = error_of(&text);
+        assert!(error.contains("destination.http_endpoint"), "{error}");
+        assert!(
+            error.contains("https://api example.com/profiles?…"),
+            "{error}"
+        );
+        assert!(!error.contains("s3cret"), "{error}");
     }
 
     #[test]

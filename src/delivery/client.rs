@@ -360,7 +360,6 @@ fn request_error(
     let Some(tls) = crate::explain::find_tls_error(error) else {
         return unexplained(described);
     };
-    tracing::debug!(error = %described, tls = ?tls, "TLS with {uri} failed");
     let host = uri.host().unwrap_or("?").trim_matches(['[', ']']);
     let port = uri
         .port_u16()
@@ -369,6 +368,8 @@ fn request_error(
         } else {
             443
         });
+    // The host alone: the endpoint's query may carry a secret.
+    tracing::debug!(error = %described, tls = ?tls, "TLS with {host}:{port} failed");
     match crate::explain::certificate(&format!("{host}:{port}"), host, tls) {
         Some(message) if connect => ClientError::Connect(message),
         Some(message) => ClientError::Tls(message),

@@ -132,7 +132,7 @@ fn check_server(server: &str) -> Result<(), String> {
         .iter()
         .any(|s| server.starts_with(s))
         || !server.contains("://");
-    let shown = crate::config::without_userinfo(server);
+    let shown = crate::config::redacted_address(server);
     if server.trim().is_empty() || !scheme_ok {
         return Err(format!(
             "`{shown}` is not a server address like nats://10.0.0.5:4222"
@@ -406,6 +406,7 @@ segments = ["s"]
             "nats://alice:hunter2@h:4222",
             "tls://hunter2@h",
             "alice:hunter2@h:4222",
+            "hunter2@h:4222",
             "http://alice:hunter2@h:4222",
         ] {
             let error = parse(&format!("servers = [\"{server}\"]\npartitions = 4")).unwrap_err();
