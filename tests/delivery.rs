@@ -549,6 +549,55 @@ async fn connection_refused_until_the_receiver_starts() {
     agent.stop().await.unwrap();
 }
 
+/// An endpoint that refuses one profile's export for its token (403) while it takes the
+/// others: the first refusal is retried at once with a new token, the later ones on the
+/// export's backoff, so the export is neither sent nor a token fetched as fast as the
+/// endpoint answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_refused_for_its_token_while_others_go_waits_for_its_backoff() {
+    let s = setup().await;
+    s.receiver.set_export_script(Some(Arc::new(|_, r| {
+        if r.json().is_some_and(|p| profile_of(&p) == "forbidden") {
+            Reply::Status(403, vec![], "not for this tenant".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["forbidden"], 1)).await;
+    // Other profiles' exports keep being delivered meanwhile, so the destination never
+    // looks down.
+    let started = Instant::now();
+    let mut others = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        ingest(&agent, &updates(&[&format!("ok{others}")], 1)).await;
+        others += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = s
+        .receiver
+        .export_requests()
+        .iter()
+        .filter(|r| r.status == 403)
+        .count();
+    // Backoff of 20 ms doubling up to 200 ms: about a dozen attempts in 1.5 s.
+    assert!(
+        (2..=20).contains(&refused),
+        "{refused} refused attempts in 1.5 s"
+    );
+    assert!(
+        s.receiver.tokens_issued() <= refused as u64 + 1,
+        "{} tokens for {refused} refusals",
+        s.receiver.tokens_issued()
+    );
+    wait_until(10, "the other profiles' exports delivered", || {
+        s.receiver.delivered().len() == others
+    })
+    .await;
+    assert_eq!(agent.store.tally().unwrap().pending, 1, "still pending");
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn rejected_exports_are_dead_lettered_while_the_rest_go_on() {
     let s = setup().await;

@@ -687,7 +687,8 @@ impl Deliverer {
                     return;
                 }
                 Class::AuthRejected => {
-                    // The token was dropped by the request task; a new one goes with the retry.
+                    // The token was dropped by the request task; a new one goes with the
+                    // retry, at once the first time.
                     (error, None, Signal::Failed, RetryCause::Auth)
                 }
                 Class::Retry => {
@@ -723,7 +724,7 @@ impl Deliverer {
                 state.queue.settled(&profile, export.id.seq);
                 continue;
             }
-            let delay = if cause == RetryCause::Auth {
+            let delay = if cause == RetryCause::Auth && !state.queue.token_refused_again(&profile) {
                 None
             } else {
                 let delay = state

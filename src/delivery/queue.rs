@@ -43,8 +43,23 @@ struct Profile<B> {
     /// The head export must go alone (an array holding it was refused).
     solo: bool,
     /// Attempts of the head export that failed in a row and wait for a retry time (not an
-    /// array split, nor a refused token).
+    /// array split, nor the first refused token).
     failures: u32,
+    /// An attempt of the head export was refused for its token (401/403). Only the first
+    /// refusal is retried at once, with a new token: an endpoint that refuses one export for
+    /// good while it takes the others would otherwise have it sent, and a token fetched, as
+    /// fast as they answer.
+    token_refused: bool,
+}
+
+impl<B> Profile<B> {
+    /// Forgets what was kept of the head export's attempts: the head is another now.
+    fn new_head(&mut self) {
+        self.backoff = None;
+        self.solo = false;
+        self.failures = 0;
+        self.token_refused = false;
+    }
 }
 
 /// See the module docs. `B` is the per-export retry schedule kept while an export fails.
@@ -139,6 +154,7 @@ impl<B> Queue<B> {
             backoff: None,
             solo: false,
             failures: 0,
+            token_refused: false,
         });
         let seq = export.id.seq;
         self.held += 1;
@@ -245,9 +261,7 @@ impl<B> Queue<B> {
     pub fn settled(&mut self, id: &Arc<str>, seq: u64) {
         self.out.remove(&seq);
         if let Some(profile) = self.profiles.get_mut(id) {
-            profile.backoff = None;
-            profile.solo = false;
-            profile.failures = 0;
+            profile.new_head();
             self.make_ready(id);
         }
     }
@@ -271,10 +285,8 @@ impl<B> Queue<B> {
         self.held_bytes += footprint(&export);
         profile.exports.insert(place, export);
         if place > 0 {
-            // The schedule and the flag were the failed export's; the head is another.
-            profile.backoff = None;
-            profile.solo = false;
-            profile.failures = 0;
+            // The schedule and the flags were the failed export's; the head is another.
+            profile.new_head();
             if let Some(at) = at {
                 self.not_before.insert(seq, at);
             }
@@ -310,9 +322,7 @@ impl<B> Queue<B> {
         if at > 0 {
             return;
         }
-        profile.backoff = None;
-        profile.solo = false;
-        profile.failures = 0;
+        profile.new_head();
         match profile.state {
             State::Waiting(when) => {
                 self.waiting.remove(&(when, Arc::clone(id)));
@@ -336,6 +346,14 @@ impl<B> Queue<B> {
         if let Some(profile) = self.profiles.get_mut(id) {
             profile.solo = true;
         }
+    }
+
+    /// Notes that the profile's head export was refused for its token; whether it had been
+    /// already, since it became the head.
+    pub fn token_refused_again(&mut self, id: &Arc<str>) -> bool {
+        self.profiles
+            .get_mut(id)
+            .is_some_and(|p| std::mem::replace(&mut p.token_refused, true))
     }
 
     /// The retry schedule of the profile's head export, made by `new` on its first failure.
@@ -553,6 +571,17 @@ mod tests {
         let (_, head) = q.take(1).remove(0);
         q.put_back(&a, head, Some(start));
         assert_eq!(q.let_go_of_blocked_tails(), 0);
+    }
+
+    #[test]
+    fn only_the_first_token_refusal_of_a_head_is_the_first() {
+        let mut q = queue(&[(1, "a"), (2, "a")]);
+        let a: Arc<str> = "a".into();
+        assert!(!q.token_refused_again(&a));
+        assert!(q.token_refused_again(&a));
+        let (_, head) = q.take(1).remove(0);
+        q.settled(&a, head.id.seq);
+        assert!(!q.token_refused_again(&a), "export 2 is the head now");
     }
 
     #[test]
