@@ -22,14 +22,14 @@
 //!   in flight at a time, on the backoff schedule; the first answer that is not such a failure
 //!   reopens at once.
 //!
-//! Per-export retry times are not decided here (see `retry::ExportBackoff`): a 429 delays its
+//! Per-export retry times are not decided here (see `retry::RetrySchedule`): a 429 delays its
 //! own export, not the destination.
 
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use tokio::time::Instant;
+
+use super::retry::RetrySchedule;
 
 /// Failures in a row after which the destination counts as down.
 pub const DOWN_AFTER: u32 = 8;
@@ -240,20 +240,12 @@ pub struct Controller {
     down_since: Option<Instant>,
     probe_in_flight: bool,
     probe_at: Instant,
-    backoff: ExponentialBackoff,
+    backoff: RetrySchedule,
 }
 
 impl Controller {
     pub fn new(config: ControllerConfig, now: Instant) -> Controller {
-        let backoff = ExponentialBackoff {
-            current_interval: config.initial_backoff,
-            initial_interval: config.initial_backoff,
-            randomization_factor: if config.jitter { 0.5 } else { 0.0 },
-            multiplier: 2.0,
-            max_interval: config.max_backoff,
-            max_elapsed_time: None,
-            ..ExponentialBackoff::default()
-        };
+        let backoff = RetrySchedule::new(config.initial_backoff, config.max_backoff, config.jitter);
         let limit = if config.fixed {
             config.max_concurrency
         } else {
@@ -416,9 +408,7 @@ impl Controller {
     }
 
     fn next_backoff(&mut self) -> Duration {
-        self.backoff
-            .next_backoff()
-            .unwrap_or(self.backoff.max_interval)
+        self.backoff.next_delay(None)
     }
 
     fn cut_rate(&mut self, now: Instant) {
@@ -745,6 +735,35 @@ mod tests {
         c.answered(now, now, Signal::Healthy);
         assert!(!c.is_down());
         assert_eq!(c.permits(now, 100), c.limit());
+    }
+
+    #[test]
+    fn with_jitter_probes_never_wait_past_the_maximum_backoff() {
+        let start = Instant::now();
+        let mut c = Controller::new(
+            ControllerConfig {
+                jitter: true,
+                ..config(64)
+            },
+            start,
+        );
+        for _ in 0..DOWN_AFTER {
+            c.started(start);
+            c.answered(start, start, Signal::Overloaded);
+        }
+        let mut now = start;
+        for probe in 0..200 {
+            let at = c.next_permit_at(now, 10).unwrap();
+            let wait = at - now;
+            assert!(
+                wait <= Duration::from_millis(800),
+                "probe {probe} waited {wait:?}"
+            );
+            now = at;
+            assert_eq!(c.permits(now, 10), 1);
+            c.started(now);
+            c.answered(now, now, Signal::Failed);
+        }
     }
 
     #[test]

@@ -51,7 +51,7 @@ use auth::TokenSource;
 use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
 use queue::Queue;
-use retry::{classify, Class, ExportBackoff};
+use retry::{classify, Class, RetrySchedule};
 use settler::Settler;
 
 /// The fewest pending exports held in memory ahead of sending ([`window`]): two reads' worth,
@@ -288,9 +288,9 @@ impl Deliverer {
         self
     }
 
-    fn new_backoff(&self) -> ExportBackoff {
+    fn new_backoff(&self) -> RetrySchedule {
         let c = &self.controller;
-        ExportBackoff::new(c.initial_backoff, c.max_backoff, c.jitter)
+        RetrySchedule::new(c.initial_backoff, c.max_backoff, c.jitter)
     }
 
     /// Runs until `shutdown`; then lets the requests in flight finish, records their outcomes
@@ -514,7 +514,7 @@ impl Deliverer {
         // of the heap's rise in outbox nodes that sled's cache kept after the window read on
         // through the outbox (README, on the read-ahead).
         let ready = state.queue.ready();
-        let wanted = |queue: &Queue<ExportBackoff>| {
+        let wanted = |queue: &Queue<RetrySchedule>| {
             let held = (queue.held(), queue.held_bytes());
             wants_read(self.window, held, ready, down)
         };
@@ -901,7 +901,7 @@ impl Deliverer {
 
 /// The loop's own state; only the loop task touches it.
 struct LoopState {
-    queue: Queue<ExportBackoff>,
+    queue: Queue<RetrySchedule>,
     controller: Controller,
     /// The next sequence number to read from the outbox.
     cursor: u64,

@@ -55,16 +55,17 @@ pub fn retry_after(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Durati
     parse_retry_after(value, reference)
 }
 
-/// The retry schedule of one export: `initial`, doubling per failed attempt up to `max`, with
-/// jitter (off in tests, for exact delays); a `Retry-After` is a floor.
+/// The retry schedule of one export, and of the probes while the destination is down:
+/// `initial`, doubling per failed attempt up to `max`, with jitter (off in tests, for exact
+/// delays); a `Retry-After` is a floor.
 #[derive(Debug)]
-pub struct ExportBackoff {
+pub struct RetrySchedule {
     backoff: ExponentialBackoff,
 }
 
-impl ExportBackoff {
-    pub fn new(initial: Duration, max: Duration, jitter: bool) -> ExportBackoff {
-        ExportBackoff {
+impl RetrySchedule {
+    pub fn new(initial: Duration, max: Duration, jitter: bool) -> RetrySchedule {
+        RetrySchedule {
             backoff: ExponentialBackoff {
                 current_interval: initial,
                 initial_interval: initial,
@@ -75,6 +76,11 @@ impl ExportBackoff {
                 ..ExponentialBackoff::default()
             },
         }
+    }
+
+    /// Starts again from `initial`.
+    pub fn reset(&mut self) {
+        self.backoff.reset();
     }
 
     /// How long the export waits after one more failed attempt. The jittered delay is held to
@@ -189,7 +195,7 @@ mod tests {
 
     #[test]
     fn export_backoff_doubles_to_the_cap_and_retry_after_is_a_floor() {
-        let mut backoff = ExportBackoff::new(
+        let mut backoff = RetrySchedule::new(
             Duration::from_millis(100),
             Duration::from_millis(500),
             false,
@@ -212,7 +218,7 @@ mod tests {
     #[test]
     fn jitter_stays_within_half_of_the_interval() {
         let mut backoff =
-            ExportBackoff::new(Duration::from_millis(1000), Duration::from_secs(60), true);
+            RetrySchedule::new(Duration::from_millis(1000), Duration::from_secs(60), true);
         let first = backoff.next_delay(None);
         assert!(
             first >= Duration::from_millis(500) && first <= Duration::from_millis(1500),
@@ -223,7 +229,7 @@ mod tests {
     #[test]
     fn jitter_never_waits_past_the_cap() {
         let max = Duration::from_millis(2000);
-        let mut backoff = ExportBackoff::new(Duration::from_millis(200), max, true);
+        let mut backoff = RetrySchedule::new(Duration::from_millis(200), max, true);
         let delays: Vec<Duration> = (0..200).map(|_| backoff.next_delay(None)).collect();
         assert!(delays.iter().all(|d| *d <= max), "{delays:?}");
         // At the cap it still varies, below it, and not in step at the cap itself.
