@@ -3,7 +3,8 @@
 //!
 //! The cache hands out the current token and refreshes it before it expires (when less than
 //! 10% of its lifetime or 60 s remains, whichever is less) or after the destination rejected
-//! it. Concurrent callers share one token request: the fetch happens under the cache's lock.
+//! it. Should the refresh fail, the token held is used until it expires, with a new try each
+//! second. Concurrent callers share one token request: the fetch happens under the cache's lock.
 //! When a token answer carried a `refresh_token`, the next refresh uses it first and falls back
 //! to the original grant if the token endpoint refuses it. Lifetimes are counted on the
 //! monotonic clock (`tokio::time::Instant`), so a wall clock that jumps changes nothing.
@@ -80,11 +81,27 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
     (lifetime / 10).min(Duration::from_secs(60))
 }
 
+/// After a failed refresh, the token held is used this long before the next try (while it
+/// lives): requests go on meanwhile rather than each waiting for a failing token endpoint.
+const REFRESH_RETRY: Duration = Duration::from_secs(1);
+
 struct Cached {
     token: Secret,
     /// On the monotonic clock: a step of the wall clock neither refreshes a token early nor
     /// keeps one past its lifetime (tests/clock_jumps.rs).
     refresh_at: Instant,
+    expires_at: Instant,
+}
+
+impl Cached {
+    /// A refresh failed at `now`: the token, if it still lives, to be used until the next try.
+    fn after_failed_refresh(&mut self, now: Instant) -> Option<Secret> {
+        if now >= self.expires_at {
+            return None;
+        }
+        self.refresh_at = (now + REFRESH_RETRY).min(self.expires_at);
+        Some(self.token.clone())
+    }
 }
 
 /// What the fetch lock guards.
@@ -168,7 +185,18 @@ impl TokenSource {
                 let fetched = match self.fetch_with(&mut fetching.refresh_token).await {
                     Ok(fetched) => fetched,
                     Err(error) => {
-                        fetching.failed = Some((Instant::now(), error.clone()));
+                        let now = Instant::now();
+                        fetching.failed = Some((now, error.clone()));
+                        let held = self
+                            .current
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_mut()
+                            .and_then(|c| c.after_failed_refresh(now));
+                        if let Some(token) = held {
+                            tracing::warn!(%error, "refreshing the token failed; the one held is used until it expires");
+                            return Ok(Some(token));
+                        }
                         return Err(error);
                     }
                 };
@@ -179,6 +207,7 @@ impl TokenSource {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
                     token: fetched.token.clone(),
                     refresh_at,
+                    expires_at: now + fetched.lifetime,
                 });
                 if fetched.refresh_token.is_some() {
                     fetching.refresh_token = fetched.refresh_token;
@@ -398,6 +427,53 @@ fn token_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The token endpoint fails once the token is due for refresh: the token held is used
+    /// until it expires, with one new try a [`REFRESH_RETRY`], then the failure shows.
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_token_until_it_expires() {
+        use crate::receiver::{Receiver, ReceiverOptions, Reply};
+        let options = ReceiverOptions {
+            token_lifetime: Duration::from_secs(600),
+            ..ReceiverOptions::default()
+        };
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::demo::demo_config_text(&receiver.base_url());
+        let config = crate::config::Config::parse(&dir.path().join("outpost.toml"), &text).unwrap();
+        let client = HttpClient::new(&config.destination, Duration::from_secs(5)).unwrap();
+        let tokens = TokenSource::new(config.destination.auth.clone(), client, Counter::default());
+        let first = tokens.token().await.unwrap().unwrap();
+
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            Reply::Status(500, vec![], "down".into())
+        })));
+        async fn skip(by: Duration) {
+            tokio::time::pause();
+            tokio::time::advance(by).await;
+            tokio::time::resume();
+        }
+        skip(Duration::from_secs(545)).await; // past refresh_at (540 s), before expiry (600 s)
+        let held = tokens.token().await.expect("the token held still lives");
+        assert_eq!(held, Some(first.clone()));
+        assert_eq!(receiver.token_requests().len(), 2, "one refresh tried");
+        assert_eq!(tokens.token().await.unwrap(), Some(first.clone()));
+        assert_eq!(
+            receiver.token_requests().len(),
+            2,
+            "no new try before a second has passed"
+        );
+        skip(REFRESH_RETRY).await;
+        assert_eq!(tokens.token().await.unwrap(), Some(first));
+        assert_eq!(receiver.token_requests().len(), 3, "tried again");
+        skip(Duration::from_secs(60)).await; // expired
+        assert!(matches!(
+            tokens.token().await,
+            Err(AuthError::Status { status: 500, .. })
+        ));
+    }
 
     #[test]
     fn token_form_table() {
