@@ -136,3 +136,48 @@ fn max_future_s_is_validated_naming_the_key() {
         assert!(stderr.contains("max_future_s"), "{bad}: {stderr}");
     }
 }
+
+/// `outpost ingest` beside a running agent checks the input with its own config, and the
+/// agent checks each chunk again with its own: an agent stricter than the CLI's config refuses
+/// a chunk after earlier ones were stored. The CLI fails (exit 1), names the update the agent
+/// refused and why, and says how much of the input was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_stricter_than_the_cli_refuses_a_chunk_and_the_cli_says_what_was_stored() {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    let ws = Workspace::new();
+    let port = free_port();
+    let listen = format!("listen = \"127.0.0.1:{port}\"");
+    let cli_config = agent_config_text(&receiver.base_url(), "type = \"none\"", "")
+        .replace("listen = \"127.0.0.1:0\"", &listen);
+    let agent_config = cli_config.replace(&listen, &format!("{listen}\nmax_future_s = 3600"));
+    assert_ne!(agent_config, cli_config);
+    std::fs::write(ws.config_path(), agent_config).unwrap();
+    let _agent = AgentProcess::start(&ws.config_path(), port).await;
+    let cli_config_path = ws.path().join("cli.toml");
+    std::fs::write(&cli_config_path, cli_config).unwrap();
+
+    // The first chunk (1,000 updates) is good; the second holds one 23 h ahead.
+    let mut lines: Vec<String> = (0..1_001)
+        .map(|i| update_ahead(&format!("p-{i}"), TimeDelta::zero()))
+        .collect();
+    lines.push(update_ahead("p-ahead", TimeDelta::hours(23)));
+    let out = run_with_config(
+        &cli_config_path,
+        &["ingest", "-"],
+        Some(lines.join("\n").as_bytes()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the agent refused update 2 of the 2 sent together"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ingest.max_future_s (3600)"), "{stderr}");
+    assert!(
+        stderr.contains("the first 1000 of 1002 updates were stored, the rest not"),
+        "{stderr}"
+    );
+    assert_eq!(stats(&ws)["profiles"], 1_000);
+}

@@ -135,7 +135,11 @@ pub fn ingest_file<F: Read + Seek + Send>(
             }
         });
         for chunk in parsed {
-            let chunk = chunk?;
+            // The first pass found every line good: the input changed since.
+            let chunk = chunk.map_err(|e| {
+                let changed = format!("the input changed while it was stored: {e}");
+                partly_stored(CliError::Failure(changed), total.accepted, 0, count)
+            })?;
             if chunk.is_empty() {
                 break;
             }

@@ -144,12 +144,21 @@ async fn ingest(
         max_future_s: state.max_future_s,
     };
     let parsing = state.committer.parsing(limit);
+    let sent = values.len();
+    // The CLI checked every update with its own config first: one refused here is judged
+    // differently by the agent (a stricter `ingest.max_future_s`, a clock stepped back), and
+    // the CLI may have stored earlier chunks, which it says.
     let updates = values
         .into_iter()
         .enumerate()
         .map(|(i, value)| update_from_value_with(value, i as u64 + 1, &parsing))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AdminError::Usage(e.to_string()))?;
+        .map_err(|e| {
+            AdminError::Failed(format!(
+                "the agent refused update {} of the {sent} sent together: {}",
+                e.line, e.reason
+            ))
+        })?;
     if state.store.outbox_full(state.max_outbox_bytes)? {
         return Err(AdminError::Failed(OUTBOX_FULL.into()));
     }
