@@ -549,6 +549,47 @@ async fn connection_refused_until_the_receiver_starts() {
     agent.stop().await.unwrap();
 }
 
+/// A redirect is not followed, and its export is kept (retried on its backoff) rather than
+/// dead-lettered: the endpoint moved, which is the configuration's to fix, not the export's.
+/// Its stored error names where the redirect points, without the query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_keeps_the_export_and_names_where_it_points() {
+    let s = setup().await;
+    let moved = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let moving = Arc::clone(&moved);
+    s.receiver.set_export_script(Some(Arc::new(move |_, _| {
+        if moving.load(std::sync::atomic::Ordering::SeqCst) {
+            let to = "https://new.example.com/profiles?key=s3cret".to_owned();
+            Reply::Status(308, vec![("location".into(), to)], String::new())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    wait_until(10, "a few redirected attempts", || {
+        agent
+            .store
+            .list(&ListFilter::default())
+            .unwrap()
+            .first()
+            .is_some_and(|e| e.record.attempts >= 2)
+    })
+    .await;
+    let pending = agent.store.list(&ListFilter::default()).unwrap();
+    let error = pending[0].record.last_error.clone().unwrap();
+    assert!(
+        error.starts_with("HTTP 308 (a redirect to https://new.example.com/profiles?…"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret"), "{error}");
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+    moved.store(false, std::sync::atomic::Ordering::SeqCst);
+    drained(&agent, &s.receiver, 1).await;
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+    agent.stop().await.unwrap();
+}
+
 /// An endpoint that refuses one profile's export for its token (403) while it takes the
 /// others: the first refusal is retried at once with a new token, the later ones on the
 /// export's backoff, so the export is neither sent nor a token fetched as fast as the

@@ -889,7 +889,22 @@ impl Deliverer {
                 .filter(|v| v.len() >= 8)
                 .collect();
             secrets.extend(token.as_ref().map(Secret::expose));
-            format!("HTTP {status}: {}", answer.body_start_hiding(&secrets))
+            let redirect = answer
+                .status
+                .is_redirection()
+                .then(|| answer.headers.get(hyper::header::LOCATION))
+                .map(|to| {
+                    let to = to.and_then(|v| v.to_str().ok()).unwrap_or("?");
+                    format!(
+                        " (a redirect to {}, which is not followed: destination.http_endpoint must name where the endpoint is)",
+                        crate::config::redacted_address(to)
+                    )
+                })
+                .unwrap_or_default();
+            format!(
+                "HTTP {status}{redirect}: {}",
+                answer.body_start_hiding(&secrets)
+            )
         };
         Attempted::Answered {
             status,

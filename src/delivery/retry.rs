@@ -15,9 +15,12 @@ pub enum Class {
     Delivered,
     /// 401, 403: drop the token, fetch a new one, retry.
     AuthRejected,
-    /// 408, 425, 429, 5xx: retry after backing off.
+    /// 408, 425, 429, 5xx: retry after backing off. Also what SPEC does not name: a redirect
+    /// (not followed: the endpoint moved, which the configuration must say) or a status
+    /// outside HTTP's classes. Either is a fault of the endpoint or the configuration, not of
+    /// the export, so it keeps the export rather than dead-letter the whole outbox.
     Retry,
-    /// Any other status: dead-letter it.
+    /// Any other 4xx: dead-letter it.
     Reject,
 }
 
@@ -25,8 +28,9 @@ pub fn classify(status: u16) -> Class {
     match status {
         200..=299 => Class::Delivered,
         401 | 403 => Class::AuthRejected,
-        408 | 425 | 429 | 500..=599 => Class::Retry,
-        _ => Class::Reject,
+        408 | 425 | 429 => Class::Retry,
+        400..=499 => Class::Reject,
+        _ => Class::Retry,
     }
 }
 
@@ -112,7 +116,8 @@ mod tests {
             (201, Class::Delivered),
             (204, Class::Delivered),
             (299, Class::Delivered),
-            (301, Class::Reject),
+            (301, Class::Retry),
+            (308, Class::Retry),
             (400, Class::Reject),
             (401, Class::AuthRejected),
             (403, Class::AuthRejected),
@@ -127,6 +132,9 @@ mod tests {
             (502, Class::Retry),
             (503, Class::Retry),
             (599, Class::Retry),
+            (600, Class::Retry),
+            (999, Class::Retry),
+            (100, Class::Retry),
         ];
         for &(status, class) in table {
             assert_eq!(classify(status), class, "status {status}");
