@@ -867,6 +867,8 @@ pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>,
                 "idempotency-key",
                 "content-length",
                 "host",
+                // SPEC: `outpost/<version>`; a second one would make the endpoint see two.
+                "user-agent",
             ];
             if reserved.contains(&name.to_ascii_lowercase().as_str()) {
                 return Err(format!(
@@ -1469,6 +1471,7 @@ client_secret = "s3cr3t-value"
             ":1",
             "bad name:1",
             "authorization:x",
+            "User-Agent:acme/1",
             "a:b\u{1}c",
         ] {
             assert!(
