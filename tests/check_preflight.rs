@@ -114,3 +114,30 @@ fn every_problem_is_reported_with_what_to_do() {
         "{stderr}"
     );
 }
+
+/// A NATS source that cannot be reached is one problem among the others, not the end of the
+/// check.
+#[test]
+fn an_unreachable_nats_server_is_reported_with_the_other_problems() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let closed = common::agent_process::free_port();
+    let ws = Workspace::with_extra(&format!(
+        "[ingest]\nlisten = \"127.0.0.1:{port}\"\n\n[source.nats]\nservers = [\"nats://127.0.0.1:{closed}\"]\npartitions = 4\n"
+    ));
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(line(&stdout, "stream"), "stream           cannot be read");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("outpost: "))
+        .collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    assert!(errors[0].contains("ingest.listen"), "{stderr}");
+    assert!(
+        errors[1].contains(&format!("127.0.0.1:{closed}")),
+        "{stderr}"
+    );
+}

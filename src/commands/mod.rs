@@ -317,7 +317,10 @@ async fn check(config: &Config) -> Result<(), CliError> {
         println!("warning          {warning}");
     }
     if let Some(nats) = &config.nats {
-        nats::check_nats(nats).await?;
+        if let Err(e) = nats::check_nats(nats).await {
+            println!("stream           cannot be read");
+            problems.push(e.to_string());
+        }
     }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
         .map_err(|e| match e {
