@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::agent_process::{free_port, AgentProcess};
+use common::agent_process::{free_port, healthz, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
 
@@ -218,6 +218,7 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
         );
         assert_plain_no_space(&message, store);
     }
+    assert_eq!(healthz(addr).await, Some(503), "not healthy while full");
 
     // Room again: the same agent takes updates again by itself.
     std::fs::remove_file(&filler).unwrap();
@@ -241,6 +242,7 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
         assert_eq!(status, 200, "{message}");
         acked += 1;
     }
+    assert_eq!(healthz(addr).await, Some(200), "healthy once reopened");
 
     // The destination is back: every acknowledged update arrives, each export once.
     receiver.set_export_script(None);

@@ -148,18 +148,22 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/updates") => post_updates(state, request).await,
         (&Method::GET, "/healthz") => {
-            if state.delivery_running.load(Ordering::Relaxed) {
-                let mut body = json!({"status": "ok"});
-                if let Some(source) = &state.source {
-                    body["nats"] = source.to_json();
-                }
-                json_answer(StatusCode::OK, body)
-            } else {
-                error_answer(
+            if !state.delivery_running.load(Ordering::Relaxed) {
+                return error_answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the delivery loop is not running",
-                )
+                );
             }
+            // SPEC: healthy while the store is open; one that refuses writes for now (a full
+            // disk, a compaction) answers 503 until it takes them again by itself.
+            if let Some(refused) = state.store.refusing_writes() {
+                return unavailable(&refused.to_string());
+            }
+            let mut body = json!({"status": "ok"});
+            if let Some(source) = &state.source {
+                body["nats"] = source.to_json();
+            }
+            json_answer(StatusCode::OK, body)
         }
         (&Method::GET, "/metrics") => {
             if let Ok(stats) = state.store.outbox_stats(chrono::Utc::now()) {

@@ -469,6 +469,18 @@ impl Store {
         self.failed.load(Ordering::SeqCst)
     }
 
+    /// Why writes are refused now, if they are: sled reported an I/O error (a full disk), or
+    /// the store is closed for a compaction or being reopened.
+    pub fn refusing_writes(&self) -> Option<StoreError> {
+        if self.is_failed() {
+            return Some(self.failure());
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Some(StoreError::Reopening(self.path.clone()));
+        }
+        self.trees().err()
+    }
+
     /// The error a failed store answers with.
     pub fn failure(&self) -> StoreError {
         if self.failed_no_space.load(Ordering::SeqCst) {
