@@ -290,9 +290,11 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("not stored: {e}"),
         ),
+        // Nothing was stored; after a restart the same request may be: a 503 like the others,
+        // with `Retry-After`.
         Err(e) => {
             tracing::error!(error = %e, "commit failed");
-            error_answer(StatusCode::SERVICE_UNAVAILABLE, &format!("not stored: {e}"))
+            unavailable(&format!("not stored: {e}"))
         }
     }
 }
