@@ -549,6 +549,28 @@ async fn connection_refused_until_the_receiver_starts() {
     agent.stop().await.unwrap();
 }
 
+/// A slow token endpoint is not taken for a slow destination: latency (and the controller's
+/// round-trip times) count from when the request went out, after the token was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_counts_from_the_request_not_from_the_wait_for_a_token() {
+    let s = setup().await;
+    s.receiver.set_token_script(Some(Arc::new(|_, _| {
+        Reply::Delay(Duration::from_millis(300))
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    drained(&agent, &s.receiver, 1).await;
+    let metrics = agent.metrics.render();
+    let sum: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_delivery_latency_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no latency sum in\n{metrics}"));
+    // The token takes 0.3 s (within the tests' 0.5 s request timeout); the request far less.
+    assert!(sum < 0.15, "latency {sum} s counts the token's 0.3 s");
+    agent.stop().await.unwrap();
+}
+
 /// A redirect is not followed, and its export is kept (retried on its backoff) rather than
 /// dead-lettered: the endpoint moved, which is the configuration's to fix, not the export's.
 /// Its stored error names where the redirect points, without the query.

@@ -178,6 +178,8 @@ struct Read {
 
 struct Finished {
     batch: Batch,
+    /// When the request went out, after any wait for a token: the endpoint's answer time is
+    /// what the controller and the latency metric judge, not the token endpoint's.
     sent_at: Instant,
     attempted: Attempted,
 }
@@ -619,7 +621,8 @@ impl Deliverer {
                 tokio::spawn(async move {
                     // A panic must still report back: the controller counts the request as in
                     // flight and the profile as busy until it does.
-                    let attempted = AssertUnwindSafe(this.attempt(&batch))
+                    let mut sent_at = now;
+                    let attempted = AssertUnwindSafe(this.attempt(&batch, &mut sent_at))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| Attempted::SendFailed {
@@ -629,7 +632,7 @@ impl Deliverer {
                         });
                     let _ = done.send(Finished {
                         batch,
-                        sent_at: now,
+                        sent_at,
                         attempted,
                     });
                 });
@@ -845,11 +848,12 @@ impl Deliverer {
     }
 
     /// One request: a token, the POST, and what came of it. Writes nothing to the store.
-    async fn attempt(&self, batch: &Batch) -> Attempted {
+    async fn attempt(&self, batch: &Batch, sent_at: &mut Instant) -> Attempted {
         let token = match self.tokens.token().await {
             Ok(token) => token,
             Err(e) => return Attempted::TokenFailed(e.to_string()),
         };
+        *sent_at = Instant::now();
         let request = match self.request(batch, token.as_ref()) {
             Ok(request) => request,
             Err(error) => {
