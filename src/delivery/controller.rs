@@ -343,8 +343,22 @@ impl Controller {
         }
     }
 
-    /// A request sent at `sent_at` was answered (or failed) now.
+    /// A request started and sent at `sent_at` was answered (or failed) now.
     pub fn answered(&mut self, now: Instant, sent_at: Instant, signal: Signal) {
+        self.answered_after(now, sent_at, sent_at, signal);
+    }
+
+    /// A request started at `started_at` (its permit taken) and sent at `sent_at` (after any
+    /// wait for a token) was answered now: the round trip counts from `sent_at`, while whether
+    /// it was started before the destination went down or the rate was cut counts from
+    /// `started_at`, since a request waiting for a token then was started under the old state.
+    pub fn answered_after(
+        &mut self,
+        now: Instant,
+        started_at: Instant,
+        sent_at: Instant,
+        signal: Signal,
+    ) {
         self.in_flight = self.in_flight.saturating_sub(1);
         let rtt = now.saturating_duration_since(sent_at);
         if signal == Signal::Healthy {
@@ -356,7 +370,7 @@ impl Controller {
         let sent_since_cut = self
             .rate_cap
             .as_ref()
-            .is_none_or(|cap| sent_at >= cap.cut_at);
+            .is_none_or(|cap| started_at >= cap.cut_at);
         if sent_since_cut {
             self.recent_429.record(now, signal == Signal::RateLimited);
             if let Some(cap) = &mut self.rate_cap {
@@ -374,14 +388,14 @@ impl Controller {
         if signal == Signal::Overloaded {
             self.back_pressure = true;
         }
-        self.track_down(now, sent_at, signal);
+        self.track_down(now, started_at, signal);
         self.grow_rate(now);
         if now >= self.interval_end {
             self.adjust_limit(now);
         }
     }
 
-    fn track_down(&mut self, now: Instant, sent_at: Instant, signal: Signal) {
+    fn track_down(&mut self, now: Instant, started_at: Instant, signal: Signal) {
         if !signal.is_failure() {
             self.failures_in_a_row = 0;
             if self.down_since.take().is_some() {
@@ -399,7 +413,7 @@ impl Controller {
             }
             // The probe failed: the next one waits longer. Answers to requests sent before the
             // destination went down change nothing.
-            Some(since) if sent_at >= since => {
+            Some(since) if started_at >= since => {
                 self.probe_in_flight = false;
                 self.probe_at = now + self.next_backoff();
             }
@@ -764,6 +778,24 @@ mod tests {
             c.started(now);
             c.answered(now, now, Signal::Failed);
         }
+    }
+
+    #[test]
+    fn a_request_started_before_going_down_but_sent_after_a_token_wait_is_no_probe() {
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        for _ in 0..DOWN_AFTER + 1 {
+            c.started(start);
+        }
+        let later = start + Duration::from_millis(1);
+        for _ in 0..DOWN_AFTER {
+            c.answered(later, start, Signal::Failed);
+        }
+        let probe_at = c.next_permit_at(later, 10).unwrap();
+        // It waited for a token until after the destination went down.
+        let sent = later + Duration::from_millis(5);
+        c.answered_after(sent + Duration::from_millis(1), start, sent, Signal::Failed);
+        assert_eq!(c.next_permit_at(later, 10), Some(probe_at));
     }
 
     #[test]

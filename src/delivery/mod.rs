@@ -178,8 +178,10 @@ struct Read {
 
 struct Finished {
     batch: Batch,
+    /// When its permit was taken.
+    started_at: Instant,
     /// When the request went out, after any wait for a token: the endpoint's answer time is
-    /// what the controller and the latency metric judge, not the token endpoint's.
+    /// what the round-trip times and the latency metric judge, not the token endpoint's.
     sent_at: Instant,
     attempted: Attempted,
 }
@@ -632,6 +634,7 @@ impl Deliverer {
                         });
                     let _ = done.send(Finished {
                         batch,
+                        started_at: now,
                         sent_at,
                         attempted,
                     });
@@ -658,6 +661,7 @@ impl Deliverer {
     fn finish(&self, state: &mut LoopState, finished: Finished) {
         let Finished {
             batch,
+            started_at,
             sent_at,
             attempted,
         } = finished;
@@ -671,7 +675,9 @@ impl Deliverer {
                 error,
             } => match classify(status) {
                 Class::Delivered => {
-                    state.controller.answered(now, sent_at, Signal::Healthy);
+                    state
+                        .controller
+                        .answered_after(now, started_at, sent_at, Signal::Healthy);
                     let latency = now.saturating_duration_since(sent_at);
                     for (profile, export) in &batch {
                         // Its stored retry time, if any, goes with it.
@@ -685,7 +691,9 @@ impl Deliverer {
                     return;
                 }
                 Class::Reject => {
-                    state.controller.answered(now, sent_at, Signal::Neutral);
+                    state
+                        .controller
+                        .answered_after(now, started_at, sent_at, Signal::Neutral);
                     self.reject(state, batch, error, &dropped);
                     return;
                 }
@@ -719,7 +727,9 @@ impl Deliverer {
                 (error, None, Signal::Overloaded, cause)
             }
         };
-        state.controller.answered(now, sent_at, signal);
+        state
+            .controller
+            .answered_after(now, started_at, sent_at, signal);
         let at_ms = now_ms();
         let uptime_ms = self.clock.uptime_ms();
         for (profile, export) in batch {
