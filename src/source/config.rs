@@ -128,10 +128,9 @@ fn check_subject_prefix(prefix: &str) -> Result<(), String> {
 }
 
 fn check_server(server: &str) -> Result<(), String> {
-    let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
-        .iter()
-        .any(|s| server.starts_with(s))
-        || !server.contains("://");
+    // outpost's NATS client is built without WebSocket support.
+    let scheme_ok =
+        ["nats://", "tls://"].iter().any(|s| server.starts_with(s)) || !server.contains("://");
     let shown = crate::config::redacted_address(server);
     if server.trim().is_empty() || !scheme_ok {
         return Err(format!(

@@ -153,8 +153,18 @@ pub fn recorded_partitions(description: Option<&str>) -> Option<u32> {
         .ok()
 }
 
-/// Whether the stream was made for the partition count of `config`, as far as it records one.
+/// Whether the stream was made for the partition count of `config`, as far as it records one,
+/// and keeps its messages until its limits, not only while a consumer wants them: each
+/// partition's consumer is made anew at every start, and a stream that drops what no consumer
+/// holds (interest or work-queue retention) would lose the updates published or left
+/// unacknowledged meanwhile.
 pub fn check_partitions(info: &stream::Info, config: &NatsSource) -> Result<(), NatsError> {
+    if info.config.retention != stream::RetentionPolicy::Limits {
+        return Err(NatsError(format!(
+            "stream {} has {:?} retention; outpost needs limits retention (the default), since it makes its consumers anew at every start and the stream must keep what none holds meanwhile",
+            config.stream, info.config.retention
+        )));
+    }
     match recorded_partitions(info.config.description.as_deref()) {
         Some(made_for) if made_for != config.partitions => Err(NatsError(format!(
             "stream {} was made for {made_for} partitions, not source.nats.partitions = {}: every profile would be routed to another partition; keep the count, or make a new stream for the new one",
@@ -513,8 +523,20 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
     }
     let recorded = recorded.seq();
     let name = consumer_name(&shared.config.consumer_prefix, partition);
-    // The store, not the server, knows how far this partition is durable.
-    let _ = stream.delete_consumer(&name).await;
+    // The store, not the server, knows how far this partition is durable. A consumer that
+    // could not be deleted would be reused as it is (creating one with the same config returns
+    // it), handing out messages past some it holds unacknowledged, which would then be skipped
+    // as below the position: only "not found" lets the start go on.
+    if let Err(e) = stream.delete_consumer(&name).await {
+        let not_found = matches!(
+            e.kind(),
+            jetstream::stream::ConsumerErrorKind::JetStream(ref js)
+                if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+        );
+        if !not_found {
+            return Err(nats_error(&format!("deleting the old consumer {name}"), e));
+        }
+    }
     let deliver_policy = if recorded == 0 {
         consumer::DeliverPolicy::All
     } else {
