@@ -3,8 +3,9 @@
 //!
 //! The cache hands out the current token and refreshes it before it expires (when less than
 //! 10% of its lifetime or 60 s remains, whichever is less) or after the destination rejected
-//! it. Should the refresh fail, the token held is used until it expires, with a new try each
-//! second. Concurrent callers share one token request: the fetch happens under the cache's lock.
+//! it. Concurrent callers share one token request: the fetch happens under the cache's lock;
+//! while a refresh before expiry is under way, or after it failed, the token held is handed out
+//! until it expires (with a new try each second).
 //! When a token answer carried a `refresh_token`, the next refresh uses it first and falls back
 //! to the original grant if the token endpoint refuses it. Lifetimes are counted on the
 //! monotonic clock (`tokio::time::Instant`), so a wall clock that jumps changes nothing.
@@ -91,16 +92,20 @@ struct Cached {
     /// keeps one past its lifetime (tests/clock_jumps.rs).
     refresh_at: Instant,
     expires_at: Instant,
+    /// Refreshes of this token that failed.
+    failed_refreshes: u32,
 }
 
 impl Cached {
-    /// A refresh failed at `now`: the token, if it still lives, to be used until the next try.
-    fn after_failed_refresh(&mut self, now: Instant) -> Option<Secret> {
+    /// A refresh failed at `now`: the token, if it still lives, to be used until the next try,
+    /// and whether this was the first failed refresh of it.
+    fn after_failed_refresh(&mut self, now: Instant) -> Option<(Secret, bool)> {
         if now >= self.expires_at {
             return None;
         }
         self.refresh_at = (now + REFRESH_RETRY).min(self.expires_at);
-        Some(self.token.clone())
+        self.failed_refreshes += 1;
+        Some((self.token.clone(), self.failed_refreshes == 1))
     }
 }
 
@@ -172,7 +177,15 @@ impl TokenSource {
                     return Ok(Some(token));
                 }
                 let waiting_since = Instant::now();
-                let mut fetching = self.fetching.lock().await;
+                let mut fetching = match self.fetching.try_lock() {
+                    Ok(fetching) => fetching,
+                    // A refresh is under way: the token held serves meanwhile, while it lives,
+                    // rather than every request waiting for the token endpoint.
+                    Err(_) => match self.unexpired_current() {
+                        Some(token) => return Ok(Some(token)),
+                        None => self.fetching.lock().await,
+                    },
+                };
                 // Another caller may have fetched one, or failed to, while this one waited.
                 if let Some(token) = self.valid_current() {
                     return Ok(Some(token));
@@ -193,8 +206,12 @@ impl TokenSource {
                             .unwrap_or_else(|e| e.into_inner())
                             .as_mut()
                             .and_then(|c| c.after_failed_refresh(now));
-                        if let Some(token) = held {
-                            tracing::warn!(%error, "refreshing the token failed; the one held is used until it expires");
+                        if let Some((token, first)) = held {
+                            if first {
+                                tracing::warn!(%error, "refreshing the token failed; the one held is used until it expires, and the refresh tried again each second");
+                            } else {
+                                tracing::debug!(%error, "refreshing the token failed again");
+                            }
                             return Ok(Some(token));
                         }
                         return Err(error);
@@ -208,6 +225,7 @@ impl TokenSource {
                     token: fetched.token.clone(),
                     refresh_at,
                     expires_at: now + fetched.lifetime,
+                    failed_refreshes: 0,
                 });
                 if fetched.refresh_token.is_some() {
                     fetching.refresh_token = fetched.refresh_token;
@@ -234,6 +252,15 @@ impl TokenSource {
             }
             other => other,
         }
+    }
+
+    /// The token held, until it expires (past its refresh time too).
+    fn unexpired_current(&self) -> Option<Secret> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| Instant::now() < c.expires_at)
+            .map(|c| c.token.clone())
     }
 
     fn valid_current(&self) -> Option<Secret> {
@@ -429,7 +456,8 @@ mod tests {
     use super::*;
 
     /// The token endpoint fails once the token is due for refresh: the token held is used
-    /// until it expires, with one new try a [`REFRESH_RETRY`], then the failure shows.
+    /// until it expires, also by requests that come while the refresh is under way, with one
+    /// new try a [`REFRESH_RETRY`]; then the failure shows.
     #[tokio::test]
     async fn a_failed_refresh_keeps_the_token_until_it_expires() {
         use crate::receiver::{Receiver, ReceiverOptions, Reply};
@@ -444,28 +472,52 @@ mod tests {
         let text = crate::demo::demo_config_text(&receiver.base_url());
         let config = crate::config::Config::parse(&dir.path().join("outpost.toml"), &text).unwrap();
         let client = HttpClient::new(&config.destination, Duration::from_secs(5)).unwrap();
-        let tokens = TokenSource::new(config.destination.auth.clone(), client, Counter::default());
+        let tokens = Arc::new(TokenSource::new(
+            config.destination.auth.clone(),
+            client,
+            Counter::default(),
+        ));
         let first = tokens.token().await.unwrap().unwrap();
-
-        receiver.set_token_script(Some(Arc::new(|_, _| {
-            Reply::Status(500, vec![], "down".into())
-        })));
         async fn skip(by: Duration) {
             tokio::time::pause();
             tokio::time::advance(by).await;
             tokio::time::resume();
         }
-        skip(Duration::from_secs(545)).await; // past refresh_at (540 s), before expiry (600 s)
-        let held = tokens.token().await.expect("the token held still lives");
-        assert_eq!(held, Some(first.clone()));
+
+        // Past refresh_at (540 s), before expiry (600 s); the refresh takes 1 s, then fails.
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            let failed = Reply::Status(500, vec![], "down".into());
+            Reply::After(Duration::from_secs(1), Box::new(failed))
+        })));
+        skip(Duration::from_secs(545)).await;
+        let refreshing = tokio::spawn({
+            let tokens = Arc::clone(&tokens);
+            async move { tokens.token().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let meanwhile = tokio::time::timeout(Duration::from_millis(500), tokens.token())
+            .await
+            .expect("a request during the refresh does not wait for it");
+        assert_eq!(meanwhile.unwrap(), Some(first.clone()));
+        let refreshed = refreshing.await.unwrap();
+        assert_eq!(
+            refreshed.expect("the token held still lives"),
+            Some(first.clone())
+        );
         assert_eq!(receiver.token_requests().len(), 2, "one refresh tried");
+
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            Reply::Status(500, vec![], "down".into())
+        })));
+        tokio::time::pause();
         assert_eq!(tokens.token().await.unwrap(), Some(first.clone()));
         assert_eq!(
             receiver.token_requests().len(),
             2,
             "no new try before a second has passed"
         );
-        skip(REFRESH_RETRY).await;
+        tokio::time::advance(REFRESH_RETRY).await;
+        tokio::time::resume();
         assert_eq!(tokens.token().await.unwrap(), Some(first));
         assert_eq!(receiver.token_requests().len(), 3, "tried again");
         skip(Duration::from_secs(60)).await; // expired
