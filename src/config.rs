@@ -813,24 +813,29 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
 /// is hidden too, which errors can afford), and the query and fragment after it are left out,
 /// as API keys often travel in a query.
 pub(crate) fn redacted_address(text: &str) -> String {
+    let query = text.find(['?', '#']);
     let (shown, rest) = match text.rfind('@') {
-        Some(at) => {
-            let scheme = text[..at]
-                .find("://")
-                .filter(|&i| {
-                    text[..i]
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-                })
-                .map_or("", |i| &text[..i + 3]);
-            (format!("{scheme}***"), &text[at..])
-        }
+        // An `@` after a `?` or `#` may be in the query (`?user=ops@corp&key=…`) or in a
+        // password holding one: either way nothing after the scheme is shown.
+        Some(at) if query.is_some_and(|q| q < at) => (format!("{}***", scheme_of(text)), "?"),
+        Some(at) => (format!("{}***", scheme_of(&text[..at])), &text[at..]),
         None => (String::new(), text),
     };
     match rest.find(['?', '#']) {
         Some(cut) => format!("{shown}{}?…", &rest[..cut]),
         None => format!("{shown}{rest}"),
     }
+}
+
+/// A leading `scheme://` of `text`, or "".
+fn scheme_of(text: &str) -> &str {
+    text.find("://")
+        .filter(|&i| {
+            text[..i]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+        .map_or("", |i| &text[..i + 3])
 }
 
 /// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
@@ -1295,8 +1300,9 @@ client_secret = "s3cr3t-value"
             ("https:id:s3cret@api.example.com/x", "***@api.example.com/x"),
             (
                 "https://id:s3c?r#et@api.example.com/x?key=s3cret",
-                "https://***@api.example.com/x?…",
+                "https://***?…",
             ),
+            ("https://h/p?user=ops@corp.com&key=s3cret", "https://***?…"),
             (
                 "https://api.example.com/p?api_key=s3cret",
                 "https://api.example.com/p?…",
@@ -1373,7 +1379,7 @@ client_secret = "s3cr3t-value"
             let error = error_of(&text);
             assert!(error.contains(key), "{error}");
             assert!(!error.contains("pa55"), "{error}");
-            assert!(error.contains("***@"), "{error}");
+            assert!(error.contains("***"), "{error}");
         }
     }
 

@@ -56,26 +56,7 @@ impl Answer {
     pub fn body_start_hiding(&self, secrets: &[&str]) -> String {
         // Only the start is shown: a large error page is not searched whole for each failure.
         let window = &self.body[..self.body.len().min(HIDING_WINDOW_BYTES)];
-        let mut text = String::from_utf8_lossy(window).into_owned();
-        for secret in secrets.iter().filter(|s| !s.is_empty()) {
-            let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-            let json = serde_json::to_string(secret).unwrap_or_default();
-            let json = json.trim_matches('"');
-            let mut forms = vec![
-                secret.to_string(),
-                form.replace('+', "%20"),
-                form.to_lowercase(),
-                form.replace('+', "%20").to_lowercase(),
-                json.to_owned(),
-                json.replace('/', "\\/"),
-                form,
-            ];
-            // Longest first, so that no form leaves a part of a longer one shown.
-            forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-            for form in forms {
-                text = text.replace(&form, "***");
-            }
-        }
+        let mut text = hiding(&String::from_utf8_lossy(window), secrets);
         if still_holds_a_secret(&text, secrets) {
             return WITHHELD_BODY.to_owned();
         }
@@ -86,6 +67,32 @@ impl Answer {
         text.truncate(end);
         text
     }
+}
+
+/// `text` with each of `secrets` shown as `***`, also as it may come back encoded (form- or
+/// percent-encoded, or escaped in JSON).
+pub fn hiding(text: &str, secrets: &[&str]) -> String {
+    let mut text = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+        let json = serde_json::to_string(secret).unwrap_or_default();
+        let json = json.trim_matches('"');
+        let mut forms = vec![
+            secret.to_string(),
+            form.replace('+', "%20"),
+            form.to_lowercase(),
+            form.replace('+', "%20").to_lowercase(),
+            json.to_owned(),
+            json.replace('/', "\\/"),
+            form,
+        ];
+        // Longest first, so that no form leaves a part of a longer one shown.
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        for form in forms {
+            text = text.replace(&form, "***");
+        }
+    }
+    text
 }
 
 /// Shown instead of a body that echoes a secret in a form [`Answer::body_start_hiding`] does

@@ -909,9 +909,9 @@ impl Deliverer {
                 .then(|| answer.headers.get(hyper::header::LOCATION))
                 .map(|to| {
                     let to = to.and_then(|v| v.to_str().ok()).unwrap_or("?");
+                    let to = client::hiding(&crate::config::redacted_address(to), &secrets);
                     format!(
-                        " (a redirect to {}, which is not followed: destination.http_endpoint must name where the endpoint is)",
-                        crate::config::redacted_address(to)
+                        " (a redirect to {to}, which is not followed: destination.http_endpoint must name where the endpoint is)"
                     )
                 })
                 .unwrap_or_default();
