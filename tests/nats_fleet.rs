@@ -926,6 +926,24 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
         recorded.contains("now records the partition count"),
         "{recorded}"
     );
+
+    // Made by hand with interest retention: it would drop what no consumer holds while the
+    // agents make their consumers anew.
+    js.delete_stream("UPDATES").await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "UPDATES".into(),
+        subjects: vec!["test.updates.*".into()],
+        retention: async_nats::jetstream::stream::RetentionPolicy::Interest,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    refused(&eight, &["nats", "setup"], "outpost needs limits retention");
+    refused(
+        &eight,
+        &["publish", file.to_str().unwrap()],
+        "outpost needs limits retention",
+    );
 }
 
 /// An update larger than the server takes as one message (its max_payload, 1 MiB by default)

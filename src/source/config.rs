@@ -328,6 +328,10 @@ segments = ["s"]
                 "servers = [\"http://h\"]\npartitions = 4".to_owned(),
                 "source.nats.servers",
             ),
+            (
+                "servers = [\"ws://h:8080\"]\npartitions = 4".to_owned(),
+                "source.nats.servers",
+            ),
             (format!("{servers}partitions = 0"), "source.nats.partitions"),
             (
                 format!("{servers}partitions = 4\nowned = \"0-4\""),
