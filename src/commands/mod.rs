@@ -319,7 +319,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
     if let Some(nats) = &config.nats {
         if let Err(e) = nats::check_nats(nats).await {
             println!("stream           cannot be read");
-            problems.push(e.to_string());
+            problems.push(format!("nats: {e}"));
         }
     }
     let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
