@@ -163,8 +163,9 @@ pub enum Command {
     ///
     /// The input is validated whole first (one bad line: nothing is published). Each message
     /// waits for JetStream's acknowledgement and carries a de-duplication id (Nats-Msg-Id)
-    /// derived from the update, so publishing the same file again within the stream's
-    /// duplicate window adds nothing.
+    /// made of a digest of the whole input and the update's place in it, so publishing the
+    /// same file again within the stream's duplicate window adds nothing, and completes a
+    /// publish that failed.
     ///
     /// Example: outpost publish --config outpost.toml data/sample-updates.ndjson
     Publish {

@@ -1,13 +1,13 @@
 //! `outpost publish`: validated updates into the stream, each to its profile's partition, with
 //! JetStream's publish acknowledgement and a de-duplication id.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 
 use super::config::NatsSource;
 use super::nats::{check_partitions, connect, nats_error, NatsError};
-use super::partition::{fnv1a64_extend, partition_of, subject_of, FNV1A64_EMPTY};
+use super::partition::{fnv1a64, fnv1a64_extend, partition_of, subject_of, FNV1A64_EMPTY};
 use crate::profile::Update;
 
 /// One message to publish.
@@ -18,6 +18,8 @@ pub struct Planned {
     pub payload: Vec<u8>,
     /// `Nats-Msg-Id`.
     pub msg_id: String,
+    /// A hash of the update's profile id.
+    pub profile: u64,
 }
 
 /// Plans the messages for `updates`, in input order (pure). The input's digest is taken over
@@ -75,6 +77,7 @@ impl<'a> Planner<'a> {
             subject: subject_of(&self.config.subject_prefix, partition),
             msg_id: format!("{:016x}-{}", self.input, self.planned),
             payload,
+            profile: fnv1a64(update.id.as_bytes()),
         }
     }
 }
@@ -95,9 +98,51 @@ pub struct Largest {
     pub line: u64,
 }
 
+/// Messages sent and not acknowledged yet, oldest first, with how many of each profile.
+struct Unacknowledged<F> {
+    queue: VecDeque<(F, u64)>,
+    per_profile: HashMap<u64, usize>,
+}
+
+impl<F> Unacknowledged<F> {
+    fn new() -> Self {
+        Unacknowledged {
+            queue: VecDeque::new(),
+            per_profile: HashMap::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether a message of `profile` awaits its acknowledgement.
+    fn holds(&self, profile: u64) -> bool {
+        self.per_profile.contains_key(&profile)
+    }
+
+    fn push(&mut self, ack: F, profile: u64) {
+        *self.per_profile.entry(profile).or_default() += 1;
+        self.queue.push_back((ack, profile));
+    }
+
+    fn pop(&mut self) -> Option<F> {
+        let (ack, profile) = self.queue.pop_front()?;
+        if let Some(count) = self.per_profile.get_mut(&profile) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_profile.remove(&profile);
+            }
+        }
+        Some(ack)
+    }
+}
+
 /// Publishes in order, with at most `in_flight` messages awaiting their acknowledgement
-/// (one connection keeps their order). Stops at the first failure; the report says how far it
-/// got, and publishing the same input again completes it (duplicates are dropped by JetStream).
+/// (one connection keeps their order), and at most one of each profile: should a message
+/// fail, no later update of its profile was sent after it, so publishing the same input again
+/// (which JetStream takes as duplicates up to where they stop) sends that profile's updates
+/// in their order. Stops at the first failure; the report says how far it got.
 /// A `largest` message beyond what the server takes fails before anything is published.
 pub async fn publish(
     config: &NatsSource,
@@ -126,7 +171,7 @@ pub async fn publish(
     })?;
     check_partitions(stream.cached_info(), config).map_err(failed)?;
     let mut report = PublishReport::default();
-    let mut waiting: VecDeque<PublishAckFuture> = VecDeque::new();
+    let mut waiting: Unacknowledged<PublishAckFuture> = Unacknowledged::new();
     let settle =
         |ack: Result<jetstream::publish::PublishAck, _>, report: &mut PublishReport| match ack {
             Ok(ack) => {
@@ -137,6 +182,11 @@ pub async fn publish(
             Err(e) => Err(NatsError(format!("publish not acknowledged: {e}"))),
         };
     for message in messages {
+        while waiting.len() >= in_flight.max(1) || waiting.holds(message.profile) {
+            let ack = waiting.pop().expect("not empty").await;
+            settle(ack, &mut report).map_err(|e| (report, e))?;
+            progress(report.published);
+        }
         let publish = PublishMessage::build()
             .payload(message.payload.into())
             .message_id(&message.msg_id);
@@ -144,14 +194,9 @@ pub async fn publish(
             .send_publish(message.subject, publish)
             .await
             .map_err(|e| (report, NatsError(format!("publishing: {e}"))))?;
-        waiting.push_back(future);
-        if waiting.len() >= in_flight.max(1) {
-            let ack = waiting.pop_front().expect("not empty").await;
-            settle(ack, &mut report).map_err(|e| (report, e))?;
-            progress(report.published);
-        }
+        waiting.push(future, message.profile);
     }
-    while let Some(future) = waiting.pop_front() {
+    while let Some(future) = waiting.pop() {
         settle(future.await, &mut report).map_err(|e| (report, e))?;
         progress(report.published);
     }
@@ -180,6 +225,22 @@ partitions = 8
             .unwrap()
             .nats
             .unwrap()
+    }
+
+    #[test]
+    fn unacknowledged_messages_are_counted_per_profile() {
+        let mut waiting = Unacknowledged::new();
+        waiting.push("a1", 1);
+        waiting.push("b1", 2);
+        waiting.push("a2", 1);
+        assert!(waiting.holds(1) && waiting.holds(2) && !waiting.holds(3));
+        assert_eq!(waiting.pop(), Some("a1"));
+        assert!(waiting.holds(1), "a2 is still out");
+        assert_eq!(waiting.pop(), Some("b1"));
+        assert!(!waiting.holds(2));
+        assert_eq!(waiting.pop(), Some("a2"));
+        assert!(!waiting.holds(1));
+        assert_eq!((waiting.len(), waiting.pop()), (0, None));
     }
 
     #[test]
