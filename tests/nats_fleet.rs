@@ -971,6 +971,31 @@ async fn an_update_too_large_for_a_message_publishes_nothing() {
         .await
         .unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
+
+    // Its body alone fits, with 20 bytes to spare, but not with its Nats-Msg-Id header, which
+    // the server counts too.
+    let max_payload = 1_048_576;
+    let body_of = |note: usize| {
+        let mut update: serde_json::Value = serde_json::from_str(&version_line(1, 0)).unwrap();
+        update["profile"]["note"] = serde_json::json!("x".repeat(note));
+        let parsed = outpost::profile::update::parse_body(update.to_string().as_bytes()).unwrap();
+        (
+            update.to_string(),
+            outpost::source::publish::payload_of(&parsed[0]).len(),
+        )
+    };
+    let note = max_payload - 20 - body_of(0).1;
+    let (near, bytes) = body_of(note);
+    assert_eq!(bytes, max_payload - 20);
+    let file = write_lines(setup.dir.path(), &[version_line(0, 0), near]);
+    let out = setup.run(&["publish", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("Nats-Msg-Id header"),
+        "{stderr}"
+    );
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
 }
 
 /// Runs `outpost nats setup` against `[source.nats]` `table`; exit code and stderr.

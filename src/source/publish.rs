@@ -98,6 +98,11 @@ pub struct Largest {
     pub line: u64,
 }
 
+/// What the `Nats-Msg-Id` header adds to a message on the wire at most, which the server
+/// counts against its `max_payload` too: `NATS/1.0\r\n`, `Nats-Msg-Id: ` and an id of 16 hex
+/// digits, `-` and up to 20 digits, `\r\n`, `\r\n`.
+const MSG_ID_HEADER_BYTES: usize = 10 + 13 + 16 + 1 + 20 + 2 + 2;
+
 /// Messages sent and not acknowledged yet, oldest first, with how many of each profile.
 struct Unacknowledged<F> {
     queue: VecDeque<(F, u64)>,
@@ -156,9 +161,9 @@ pub async fn publish(
         .map_err(|e| (PublishReport::default(), e))?;
     let failed = |e| (PublishReport::default(), e);
     let max_payload = client.server_info().max_payload;
-    if let Some(largest) = largest.filter(|l| l.bytes > max_payload) {
+    if let Some(largest) = largest.filter(|l| l.bytes + MSG_ID_HEADER_BYTES > max_payload) {
         return Err(failed(NatsError(format!(
-            "line {}: the update is a message of {} bytes, more than the {max_payload} bytes the NATS server takes (its max_payload); nothing was published",
+            "line {}: the update is a message of {} bytes and its {MSG_ID_HEADER_BYTES}-byte Nats-Msg-Id header at most, more than the {max_payload} bytes the NATS server takes (its max_payload); nothing was published",
             largest.line, largest.bytes
         ))));
     }
