@@ -374,7 +374,7 @@ async fn check_against(served: &(rcgen::Certificate, KeyPair), ca: &rcgen::Certi
         .unwrap();
     let line = error_line(&out);
     assert!(
-        stderr(&out).contains("TLS with https://localhost"),
+        stderr(&out).contains(&format!("TLS with localhost:{port} failed")),
         "the whole error is in the debug log: {}",
         stderr(&out)
     );
