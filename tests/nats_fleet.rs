@@ -188,6 +188,19 @@ fn write_lines(dir: &Path, lines: &[String]) -> PathBuf {
     path
 }
 
+/// Needs no nats-server: `--in-flight` is checked before connecting.
+#[test]
+fn in_flight_beyond_what_the_client_awaits_is_refused_before_anything_is_published() {
+    let table = nats_table("nats://127.0.0.1:4222", 12, "0-3", "");
+    let setup = AgentSetup::new("http://127.0.0.1:9", Some(&table), "");
+    for (n, why) in [("0", "at least 1"), ("5001", "at most 5000")] {
+        let out = setup.run(&["publish", "--in-flight", n, "-"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{n}: {stderr}");
+        assert!(stderr.contains(why), "{n}: {stderr}");
+    }
+}
+
 /// Needs no nats-server: a bad `[source.nats]` is a configuration error naming the key.
 #[test]
 fn a_bad_source_config_names_the_key_and_exits_2() {

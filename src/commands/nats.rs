@@ -84,6 +84,9 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
     Ok(())
 }
 
+/// async-nats' default bound on publish acknowledgements awaited.
+const MAX_IN_FLIGHT: usize = 5_000;
+
 pub(super) async fn publish_path(
     config: &Config,
     path: &Path,
@@ -92,6 +95,13 @@ pub(super) async fn publish_path(
     let nats = nats_config(config)?;
     if in_flight == 0 {
         return Err(CliError::Usage("--in-flight must be at least 1".into()));
+    }
+    // The NATS client holds at most this many acknowledgements awaited; past it, a publish
+    // would wait for one that is only awaited after it.
+    if in_flight > MAX_IN_FLIGHT {
+        return Err(CliError::Usage(format!(
+            "--in-flight must be at most {MAX_IN_FLIGHT}, the acknowledgements the NATS client awaits at once"
+        )));
     }
     // Two passes, so that memory stays bounded and a bad line publishes nothing: the first
     // validates every line, the second publishes. Standard input is spooled to read it twice.

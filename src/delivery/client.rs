@@ -103,7 +103,7 @@ pub const WITHHELD_BODY: &str =
 /// Whether `text` still holds one of `secrets` once percent-encoding (`+` as a space, or
 /// not) or JSON string escapes are undone: encodings other than the few that are cut out,
 /// such as percent-encoding that leaves `/` as it is, or `\u` escapes of non-ASCII letters.
-fn still_holds_a_secret(text: &str, secrets: &[&str]) -> bool {
+pub fn still_holds_a_secret(text: &str, secrets: &[&str]) -> bool {
     let unescaped = json_unescaped(text);
     let views = [
         percent_decoded(text, false),

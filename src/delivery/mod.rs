@@ -909,7 +909,14 @@ impl Deliverer {
                 .then(|| answer.headers.get(hyper::header::LOCATION))
                 .map(|to| {
                     let to = to.and_then(|v| v.to_str().ok()).unwrap_or("?");
-                    let to = client::hiding(&crate::config::redacted_address(to), &secrets);
+                    // Hidden before it is cut, so that a secret holding `@`, `?` or `#` is
+                    // hidden whole.
+                    let to = crate::config::redacted_address(&client::hiding(to, &secrets));
+                    let to = if client::still_holds_a_secret(&to, &secrets) {
+                        "(an address not shown: it holds a secret outpost sent)".to_owned()
+                    } else {
+                        to
+                    };
                     format!(
                         " (a redirect to {to}, which is not followed: destination.http_endpoint must name where the endpoint is)"
                     )

@@ -128,10 +128,15 @@ fn check_subject_prefix(prefix: &str) -> Result<(), String> {
 }
 
 fn check_server(server: &str) -> Result<(), String> {
+    let shown = crate::config::redacted_address(server);
     // outpost's NATS client is built without WebSocket support.
+    if server.starts_with("ws://") || server.starts_with("wss://") {
+        return Err(format!(
+            "`{shown}`: NATS over WebSocket is not supported; give the server's nats:// or tls:// address"
+        ));
+    }
     let scheme_ok =
         ["nats://", "tls://"].iter().any(|s| server.starts_with(s)) || !server.contains("://");
-    let shown = crate::config::redacted_address(server);
     if server.trim().is_empty() || !scheme_ok {
         return Err(format!(
             "`{shown}` is not a server address like nats://10.0.0.5:4222"

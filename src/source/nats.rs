@@ -527,14 +527,22 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
     // could not be deleted would be reused as it is (creating one with the same config returns
     // it), handing out messages past some it holds unacknowledged, which would then be skipped
     // as below the position: only "not found" lets the start go on.
-    if let Err(e) = stream.delete_consumer(&name).await {
-        let not_found = matches!(
-            e.kind(),
-            jetstream::stream::ConsumerErrorKind::JetStream(ref js)
-                if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
-        );
-        if !not_found {
-            return Err(nats_error(&format!("deleting the old consumer {name}"), e));
+    match stream.delete_consumer(&name).await {
+        Ok(deleted) if !deleted.success => {
+            return Err(NatsError(format!(
+                "deleting the old consumer {name}: the server did not delete it"
+            )));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let not_found = matches!(
+                e.kind(),
+                jetstream::stream::ConsumerErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+            );
+            if !not_found {
+                return Err(nats_error(&format!("deleting the old consumer {name}"), e));
+            }
         }
     }
     let deliver_policy = if recorded == 0 {
