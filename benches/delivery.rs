@@ -23,7 +23,8 @@
 //!     large one (1,000,000 pending): time from `Agent::start`'s return (the store open) until
 //!     the receiver answered the first 1,000 and 10,000 exports 2xx; also from the call, the
 //!     open included. Each the median of five runs, each on its own copy of the pre-filled
-//!     store: the first thousand take some 30 ms, which one run measures poorly.
+//!     store (synced to the disk before the run), in rounds that take each size in turn: the
+//!     first thousand take some 30 ms, which one run measures poorly.
 //!
 //! Rates in (c), (d), (e) are counted between the 10% and the 90% marks of the run, so the
 //! start (token, first reads) and the tail (exports waiting out a `Retry-After`) do not count.
@@ -489,14 +490,103 @@ fn print_flaky_ratio(flaky: f64, healthy: f64) {
     );
 }
 
-/// (b): the rate of the first `marks` deliveries with `pending` exports in the store.
-/// (f) runs of each outbox size, for the median of each.
+/// (f) runs of each outbox size, for the median of each (odd, so the median is one run's).
 const BACKLOG_RUNS: usize = 5;
 
 /// Median rates of (f) for a small, a middling and a large outbox: (from `Agent::start`,
 /// from its return), each by mark.
 type Backlogs = [(Vec<f64>, Vec<f64>); 3];
 
+/// One outbox size of (f): its pre-filled store, never opened since, and the rates measured.
+struct Backlog {
+    dir: tempfile::TempDir,
+    pending: usize,
+    marks: Vec<u64>,
+    from_start: Vec<Vec<f64>>,
+    after_start: Vec<Vec<f64>>,
+}
+
+impl Backlog {
+    fn prefill(base: &str, pending: usize, marks: &[u64]) -> Backlog {
+        let dir = tempfile::tempdir().unwrap();
+        let pristine = dir.path().join("pristine");
+        std::fs::create_dir(&pristine).unwrap();
+        let batch = if pending > 100_000 { BIG_BATCH } else { 1_000 };
+        let config = load_config(&pristine, base, "");
+        let (took, _) = prefill(
+            &config.storage.path,
+            &config.mapping,
+            pending,
+            1,
+            batch,
+            false,
+        );
+        wait_unlocked(&config.storage.path);
+        println!(
+            "delivery[{pending} pending]: pre-fill took {} ({:.0} exports/s, batches of {batch})",
+            ms(took),
+            rate(pending, took),
+        );
+        Backlog {
+            dir,
+            pending,
+            marks: marks.to_vec(),
+            from_start: vec![Vec::new(); marks.len()],
+            after_start: vec![Vec::new(); marks.len()],
+        }
+    }
+
+    /// One run of the agent on a copy of the pre-filled store, synced to the disk first so
+    /// that writing it back does not fall in the timed span; the copy is removed after.
+    async fn run(&mut self, receiver: &Receiver, progress: &Progress, round: usize) {
+        let home = self.dir.path().join(format!("run{round}"));
+        std::fs::create_dir(&home).unwrap();
+        let config = load_config(&home, &receiver.base_url(), "");
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.path().join("pristine").join("store"))
+            .arg(&config.storage.path)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let synced = std::process::Command::new("sync")
+            .arg("-f")
+            .arg(&config.storage.path)
+            .status()
+            .unwrap();
+        assert!(synced.success());
+        let agent = agent_run(&config, progress, &self.marks, false).await;
+        let mut figures = Vec::new();
+        for (i, (&m, &t)) in self.marks.iter().zip(&agent.marks).enumerate() {
+            let (r, a) = (rate(m as usize, t), rate(m as usize, t - agent.start_took));
+            self.from_start[i].push(r);
+            self.after_start[i].push(a);
+            figures.push(format!(
+                "first {m} after {} ({r:.0}/s; {a:.0}/s counted from Agent::start's return)",
+                ms(t)
+            ));
+        }
+        println!(
+            "delivery[{} pending]: run {}: Agent::start {}; {}",
+            self.pending,
+            round + 1,
+            ms(agent.start_took),
+            figures.join(", ")
+        );
+        wait_unlocked(&config.storage.path);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    fn medians(self) -> (Vec<f64>, Vec<f64>) {
+        (
+            self.from_start.into_iter().map(median).collect(),
+            self.after_start.into_iter().map(median).collect(),
+        )
+    }
+}
+
+/// (f): the three outbox sizes pre-filled, then `runs` rounds, each running the agent once on
+/// a copy of each, so that the machine's drift falls on every size alike.
 async fn bench_backlogs(
     small: usize,
     mid: usize,
@@ -504,12 +594,20 @@ async fn bench_backlogs(
     first: &[u64; 2],
     runs: usize,
 ) -> Backlogs {
+    assert!(runs % 2 == 1, "an odd number of runs has a median");
     let (receiver, progress) = start_receiver(false).await;
-    [
-        bench_first(&receiver, &progress, small, &first[..1], runs).await,
-        bench_first(&receiver, &progress, mid, first, runs).await,
-        bench_first(&receiver, &progress, large, first, runs).await,
-    ]
+    let base = receiver.base_url();
+    let mut backlogs = [
+        Backlog::prefill(&base, small, &first[..1]),
+        Backlog::prefill(&base, mid, first),
+        Backlog::prefill(&base, large, first),
+    ];
+    for round in 0..runs {
+        for backlog in &mut backlogs {
+            backlog.run(&receiver, &progress, round).await;
+        }
+    }
+    backlogs.map(Backlog::medians)
 }
 
 fn print_backlog_ratios(backlogs: &Backlogs, sizes: [usize; 3], first: [u64; 2], runs: usize) {
@@ -534,84 +632,6 @@ fn print_backlog_ratios(backlogs: &Backlogs, sizes: [usize; 3], first: [u64; 2],
 fn median(mut rates: Vec<f64>) -> f64 {
     rates.sort_by(f64::total_cmp);
     rates[rates.len() / 2]
-}
-
-/// (f) for one outbox size: pre-fills a store once, then runs the agent `runs` times, each on
-/// a copy of it made before any open (so each open replays the same log), and returns for
-/// each mark the median rate counted from `Agent::start` and from its return. The first
-/// thousand exports take some 30 ms, so one run says little.
-async fn bench_first(
-    receiver: &Receiver,
-    progress: &Progress,
-    pending: usize,
-    marks: &[u64],
-    runs: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let dir = tempfile::tempdir().unwrap();
-    let pristine = dir.path().join("pristine");
-    std::fs::create_dir(&pristine).unwrap();
-    let batch = if pending > 100_000 { BIG_BATCH } else { 1_000 };
-    let config = load_config(&pristine, &receiver.base_url(), "");
-    let (took, _) = prefill(
-        &config.storage.path,
-        &config.mapping,
-        pending,
-        1,
-        batch,
-        false,
-    );
-    wait_unlocked(&config.storage.path);
-    println!(
-        "delivery[{pending} pending]: pre-fill took {} ({:.0} exports/s, batches of {batch})",
-        ms(took),
-        rate(pending, took),
-    );
-    let (mut from_start, mut after_start) =
-        (vec![Vec::new(); marks.len()], vec![Vec::new(); marks.len()]);
-    for run in 0..runs {
-        let home = dir.path().join(format!("run{run}"));
-        std::fs::create_dir(&home).unwrap();
-        let config = load_config(&home, &receiver.base_url(), "");
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(pristine.join("store"))
-            .arg(&config.storage.path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let agent = agent_run(&config, progress, marks, false).await;
-        let mut figures = Vec::new();
-        for (i, (&m, &t)) in marks.iter().zip(&agent.marks).enumerate() {
-            let (r, a) = (rate(m as usize, t), rate(m as usize, t - agent.start_took));
-            from_start[i].push(r);
-            after_start[i].push(a);
-            figures.push(format!(
-                "first {m} after {} ({r:.0}/s; {a:.0}/s counted from Agent::start's return)",
-                ms(t)
-            ));
-        }
-        println!(
-            "delivery[{pending} pending]: run {}: Agent::start {}; {}",
-            run + 1,
-            ms(agent.start_took),
-            figures.join(", ")
-        );
-        drop(config);
-        std::fs::remove_dir_all(&home).unwrap();
-    }
-    drop(config);
-    let start = Instant::now();
-    drop(dir);
-    if pending > 100_000 {
-        println!(
-            "delivery[{pending} pending]: removing the stores took {}",
-            ms(start.elapsed())
-        );
-    }
-    (
-        from_start.into_iter().map(median).collect(),
-        after_start.into_iter().map(median).collect(),
-    )
 }
 
 fn main() {
