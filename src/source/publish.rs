@@ -175,34 +175,57 @@ pub async fn publish(
         ))
     })?;
     check_partitions(stream.cached_info(), config).map_err(failed)?;
+    let js = &js;
+    let send = |message: Planned| async move {
+        let publish = PublishMessage::build()
+            .payload(message.payload.into())
+            .message_id(&message.msg_id);
+        let ack: PublishAckFuture = js
+            .send_publish(message.subject, publish)
+            .await
+            .map_err(|e| NatsError(format!("publishing: {e}")))?;
+        Ok(async move {
+            ack.await
+                .map(|ack| ack.duplicate)
+                .map_err(|e| NatsError(format!("publish not acknowledged: {e}")))
+        })
+    };
+    send_in_order(messages, in_flight, send, progress).await
+}
+
+/// The loop of [`publish`]: `send` sends one message and gives the future of its
+/// acknowledgement (whether JetStream took it as a duplicate).
+async fn send_in_order<S, Sent, Ack>(
+    messages: impl IntoIterator<Item = Planned>,
+    in_flight: usize,
+    mut send: S,
+    progress: impl Fn(u64),
+) -> Result<PublishReport, (PublishReport, NatsError)>
+where
+    S: FnMut(Planned) -> Sent,
+    Sent: std::future::Future<Output = Result<Ack, NatsError>>,
+    Ack: std::future::Future<Output = Result<bool, NatsError>>,
+{
     let mut report = PublishReport::default();
-    let mut waiting: Unacknowledged<PublishAckFuture> = Unacknowledged::new();
-    let settle =
-        |ack: Result<jetstream::publish::PublishAck, _>, report: &mut PublishReport| match ack {
-            Ok(ack) => {
-                report.published += 1;
-                report.duplicates += u64::from(ack.duplicate);
-                Ok(())
-            }
-            Err(e) => Err(NatsError(format!("publish not acknowledged: {e}"))),
-        };
+    let mut waiting: Unacknowledged<Ack> = Unacknowledged::new();
+    let settle = |duplicate: Result<bool, NatsError>, report: &mut PublishReport| {
+        let duplicate = duplicate?;
+        report.published += 1;
+        report.duplicates += u64::from(duplicate);
+        Ok(())
+    };
     for message in messages {
         while waiting.len() >= in_flight.max(1) || waiting.holds(message.profile) {
             let ack = waiting.pop().expect("not empty").await;
             settle(ack, &mut report).map_err(|e| (report, e))?;
             progress(report.published);
         }
-        let publish = PublishMessage::build()
-            .payload(message.payload.into())
-            .message_id(&message.msg_id);
-        let future = js
-            .send_publish(message.subject, publish)
-            .await
-            .map_err(|e| (report, NatsError(format!("publishing: {e}"))))?;
-        waiting.push(future, message.profile);
+        let profile = message.profile;
+        let ack = send(message).await.map_err(|e| (report, e))?;
+        waiting.push(ack, profile);
     }
-    while let Some(future) = waiting.pop() {
-        settle(future.await, &mut report).map_err(|e| (report, e))?;
+    while let Some(ack) = waiting.pop() {
+        settle(ack.await, &mut report).map_err(|e| (report, e))?;
         progress(report.published);
     }
     Ok(report)
@@ -230,6 +253,38 @@ partitions = 8
             .unwrap()
             .nats
             .unwrap()
+    }
+
+    /// A1, B1, A2 with room for all three in flight: A2 is sent only once A1 is acknowledged,
+    /// so that a failed A1 never has A2 stored after it; B1 goes before A1's answer.
+    #[tokio::test]
+    async fn a_profile_has_one_message_awaiting_its_acknowledgement_at_a_time() {
+        use std::sync::{Arc, Mutex};
+        let body = br#"{"id":"a","profile":{"v":1}}
+{"id":"b","profile":{"v":1}}
+{"id":"a","profile":{"v":2}}"#;
+        let planned = plan(&parse_body(body).unwrap(), &config());
+        let names = ["A1", "B1", "A2"];
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let mut sent = 0;
+        let send = |_message: Planned| {
+            let name = names[sent];
+            sent += 1;
+            let log = Arc::clone(&log);
+            log.lock().unwrap().push(format!("send {name}"));
+            async move {
+                Ok(async move {
+                    log.lock().unwrap().push(format!("ack {name}"));
+                    Ok(false)
+                })
+            }
+        };
+        let report = send_in_order(planned, 10, send, |_| {}).await.unwrap();
+        assert_eq!(report.published, 3);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["send A1", "send B1", "ack A1", "send A2", "ack B1", "ack A2"]
+        );
     }
 
     #[test]
