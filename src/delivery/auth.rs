@@ -256,18 +256,19 @@ impl TokenSource {
 
     /// The token held, until it expires (past its refresh time too).
     fn unexpired_current(&self) -> Option<Secret> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current
-            .as_ref()
-            .filter(|c| Instant::now() < c.expires_at)
-            .map(|c| c.token.clone())
+        self.current_before(|c| c.expires_at)
     }
 
+    /// The token held, until it is due for refresh.
     fn valid_current(&self) -> Option<Secret> {
+        self.current_before(|c| c.refresh_at)
+    }
+
+    fn current_before(&self, until: fn(&Cached) -> Instant) -> Option<Secret> {
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
         current
             .as_ref()
-            .filter(|c| Instant::now() < c.refresh_at)
+            .filter(|c| Instant::now() < until(c))
             .map(|c| c.token.clone())
     }
 
