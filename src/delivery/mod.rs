@@ -908,7 +908,10 @@ impl Deliverer {
                 .is_redirection()
                 .then(|| answer.headers.get(hyper::header::LOCATION))
                 .map(|to| {
-                    let to = to.and_then(|v| v.to_str().ok()).unwrap_or("?");
+                    let Some(to) = to.and_then(|v| v.to_str().ok()) else {
+                        return " (a redirect without a readable Location, which is not followed)"
+                            .to_owned();
+                    };
                     // Hidden before it is cut, so that a secret holding `@`, `?` or `#` is
                     // hidden whole.
                     let to = crate::config::redacted_address(&client::hiding(to, &secrets));
