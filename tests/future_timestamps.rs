@@ -21,6 +21,17 @@ fn stats(ws: &Workspace) -> Value {
     serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap()
 }
 
+/// An agent's config delivering to `receiver`, listening on `port`, with `ingest` lines added
+/// to its `[ingest]` table.
+fn config_on_port(receiver: &Receiver, port: u16, ingest: &str) -> String {
+    let config = agent_config_text(&receiver.base_url(), "type = \"none\"", "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\"\n{ingest}"),
+    );
+    assert!(config.contains(&format!("127.0.0.1:{port}")), "{config}");
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_http_a_timestamp_too_far_ahead_is_a_400_naming_the_line() {
     let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
@@ -28,12 +39,11 @@ async fn over_http_a_timestamp_too_far_ahead_is_a_400_naming_the_line() {
         .unwrap();
     let ws = Workspace::new();
     let port = free_port();
-    let config = agent_config_text(&receiver.base_url(), "type = \"none\"", "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\"\nmax_future_s = 3600"),
-    );
-    assert!(config.contains("max_future_s = 3600"));
-    std::fs::write(ws.config_path(), config).unwrap();
+    std::fs::write(
+        ws.config_path(),
+        config_on_port(&receiver, port, "max_future_s = 3600"),
+    )
+    .unwrap();
     let agent = AgentProcess::start(&ws.config_path(), port).await;
 
     let body = [
@@ -148,15 +158,11 @@ async fn an_agent_stricter_than_the_cli_refuses_a_chunk_and_the_cli_says_what_wa
         .unwrap();
     let ws = Workspace::new();
     let port = free_port();
-    let listen = format!("listen = \"127.0.0.1:{port}\"");
-    let cli_config = agent_config_text(&receiver.base_url(), "type = \"none\"", "")
-        .replace("listen = \"127.0.0.1:0\"", &listen);
-    let agent_config = cli_config.replace(&listen, &format!("{listen}\nmax_future_s = 3600"));
-    assert_ne!(agent_config, cli_config);
+    let agent_config = config_on_port(&receiver, port, "max_future_s = 3600");
     std::fs::write(ws.config_path(), agent_config).unwrap();
     let _agent = AgentProcess::start(&ws.config_path(), port).await;
     let cli_config_path = ws.path().join("cli.toml");
-    std::fs::write(&cli_config_path, cli_config).unwrap();
+    std::fs::write(&cli_config_path, config_on_port(&receiver, port, "")).unwrap();
 
     // The first chunk (1,000 updates) is good; the second holds one 23 h ahead.
     let mut lines: Vec<String> = (0..1_001)

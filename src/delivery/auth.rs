@@ -92,8 +92,8 @@ struct Cached {
     /// keeps one past its lifetime (tests/clock_jumps.rs).
     refresh_at: Instant,
     expires_at: Instant,
-    /// Refreshes of this token that failed.
-    failed_refreshes: u32,
+    /// A refresh of this token failed.
+    refresh_failed: bool,
 }
 
 impl Cached {
@@ -104,8 +104,8 @@ impl Cached {
             return None;
         }
         self.refresh_at = (now + REFRESH_RETRY).min(self.expires_at);
-        self.failed_refreshes += 1;
-        Some((self.token.clone(), self.failed_refreshes == 1))
+        let first = !std::mem::replace(&mut self.refresh_failed, true);
+        Some((self.token.clone(), first))
     }
 }
 
@@ -225,7 +225,7 @@ impl TokenSource {
                     token: fetched.token.clone(),
                     refresh_at,
                     expires_at: now + fetched.lifetime,
-                    failed_refreshes: 0,
+                    refresh_failed: false,
                 });
                 if fetched.refresh_token.is_some() {
                     fetching.refresh_token = fetched.refresh_token;
