@@ -1082,3 +1082,70 @@ fn credentials_and_tls_reach_a_server_that_requires_them() {
         "a server certificate of an unknown CA was accepted: {stderr}"
     );
 }
+
+/// The store, not the server, knows how far a partition is durable, so a partition's old
+/// consumer must go before a new one starts at the stored position. A server that refuses the
+/// deletion (here: the agent's user may not publish to the delete API) keeps the partition
+/// from being consumed, and the log says why; the same agent allowed to delete consumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() {
+    let Some(server_bin) = nats_server_or_skip("a_consumer_the_server_will_not_delete") else {
+        return;
+    };
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        conf.path(),
+        r#"accounts {
+  EDGE {
+    jetstream: enabled
+    users: [
+      { user: operator, password: "op-pass" }
+      { user: agent, password: "agent-pass", permissions: { publish: { deny: ["$JS.API.CONSUMER.DELETE.>"] } } }
+    ]
+  }
+}
+"#,
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&server_bin, &["-c", conf.path().to_str().unwrap()]);
+    let receiver = start_receiver().await;
+    let operator = "user = \"operator\"\npassword = \"op-pass\"";
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, operator, "");
+    let refused_config = setup.dir.path().join("agent.toml");
+    std::fs::write(
+        &refused_config,
+        std::fs::read_to_string(setup.config())
+            .unwrap()
+            .replace(operator, "user = \"agent\"\npassword = \"agent-pass\""),
+    )
+    .unwrap();
+    setup.publish(&[version_line(1, 0)]);
+
+    let agent = AgentProcess::start_with_env(
+        &refused_config,
+        setup.addr.port(),
+        &[("OUTPOST_LOG", "warn")],
+    )
+    .await;
+    wait_or_show(
+        30,
+        "the log saying the old consumer could not be deleted",
+        &[&agent],
+        || agent.log().contains("deleting the old consumer"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        distinct_delivered(&receiver),
+        0,
+        "a partition was consumed without its old consumer deleted"
+    );
+    assert!(!agent.log().contains("agent-pass"), "{}", agent.log());
+    drop(agent);
+
+    let agent = setup.start().await;
+    wait_or_show(30, "the update delivered", &[&agent], || {
+        distinct_delivered(&receiver) == 1
+    })
+    .await;
+}
