@@ -98,6 +98,11 @@ async fn connect_counting(
                         breaks.fetch_add(1, Ordering::SeqCst);
                         tracing::warn!("disconnected from NATS; reconnecting")
                     }
+                    // A permissions violation surfaces here alone: the request it refused
+                    // only times out.
+                    async_nats::Event::ServerError(error) => {
+                        tracing::warn!(%error, "the NATS server reported an error")
+                    }
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             }
