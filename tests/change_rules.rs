@@ -584,6 +584,7 @@ fn segment_names_and_timestamps_when_the_mapping_asks_for_them() {
 #[test]
 fn segment_rules() {
     let lost_realized = edit(jane(), |p| del(p, &ups(SEG_REALIZED)));
+    let null_realized = edit(jane(), |p| set(p, &ups(SEG_REALIZED), Value::Null));
     let payload_realized_exited_at =
         |t: &str| edit(jane_payload(), |p| set(p, &ups(SEG_REALIZED), exited(t)));
     let exited_entry = json!({"status": "exited", "lastQualificationTime": "2026-01-01T00:09:30Z"});
@@ -691,6 +692,14 @@ fn segment_rules() {
             Exported,
             Some((Reason::Segment, payload_realized_exited_at(T1))),
             Put(Some(T1), lost_realized.clone()),
+        ),
+        case(
+            "exit: an entry of null is a vanished entry",
+            stored_jane(),
+            upsert(Some(T1), null_realized.clone()),
+            Exported,
+            Some((Reason::Segment, payload_realized_exited_at(T1))),
+            Put(Some(T1), null_realized.clone()),
         ),
         case(
             "exit: vanished entry, T is the update timestamp normalized to UTC",

@@ -387,11 +387,14 @@ impl ProfileRecord {
         object
     }
 
+    /// The segment's entry; an entry of `null`, which records of earlier builds may hold, is
+    /// none.
     pub fn membership(&self, segment: &str) -> Option<&Membership> {
         self.segments
             .binary_search_by(|m| m.segment.as_str().cmp(segment))
             .ok()
             .map(|i| &self.segments[i])
+            .filter(|m| !matches!(&m.rest, Rest::NotObject(text) if text == "null"))
     }
 
     pub fn is_member(&self, segment: &str) -> bool {
@@ -444,10 +447,12 @@ fn identities_of(profile: &Map<String, Value>, keep: impl Fn(&str) -> bool) -> V
         .collect()
 }
 
+/// An entry of `null` is no entry (SPEC: its entry vanished), so none is kept.
 fn segments_of(profile: &Map<String, Value>) -> Vec<Membership> {
     object_at(profile.get("segmentMembership"), "ups")
         .into_iter()
         .flatten()
+        .filter(|(_, entry)| !entry.is_null())
         .map(|(segment, entry)| Membership::from_entry(segment, entry))
         .collect()
 }
@@ -496,6 +501,19 @@ mod tests {
                 "identityMap": {"ecid": [{"primary": true, "id": "1"}]}
             })
         );
+    }
+
+    #[test]
+    fn an_entry_of_null_is_no_membership_also_in_an_older_record() {
+        let layout = Layout::new(&Mapping::new(&[], &["s1"], &[]));
+        let profile = json!({"segmentMembership": {"ups": {"s1": null}}});
+        let record = ProfileRecord::from_profile(None, profile.as_object().unwrap(), &layout);
+        assert!(record.segments.is_empty());
+        let older = ProfileRecord {
+            segments: vec![Membership::from_entry("s1", &Value::Null)],
+            ..record
+        };
+        assert_eq!(older.membership("s1"), None);
     }
 
     #[test]
