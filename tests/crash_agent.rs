@@ -99,39 +99,59 @@ async fn run(shape: Run) {
     let config = dir.path().join("outpost.toml");
     std::fs::write(&config, text).unwrap();
 
-    // Batches of 6 updates; versions in order per profile.
+    // Batches of 2 updates, a few ms apart, so that ingest spans several kills; versions in
+    // order per profile.
     let lines: Vec<String> = (0..versions)
         .flat_map(|v| (0..profiles).map(move |p| version_line(p, v)))
         .collect();
-    let batches: Vec<String> = lines.chunks(6).map(|c| c.join("\n")).collect();
+    let batches: Vec<String> = lines.chunks(2).map(|c| c.join("\n")).collect();
     let mut next_batch = 0;
     let mut rng = rand::thread_rng();
 
     receiver.set_export_script(Some(outpost::receiver::down()));
+    // Kills that landed with some of this run's batches acknowledged and more to send.
+    let mut kills_mid_ingest = 0;
     for _ in 0..ingest_kills {
         let agent = start_agent(&config, addr).await;
+        let batch_before = next_batch;
         let kill_at = tokio::time::Instant::now() + Duration::from_millis(rng.gen_range(20..300));
         while next_batch < batches.len() && tokio::time::Instant::now() < kill_at {
             match tokio::time::timeout_at(kill_at, try_post(addr, batches[next_batch].clone()))
                 .await
             {
-                Ok(Ok((200, _))) => next_batch += 1,
+                Ok(Ok((200, _))) => {
+                    next_batch += 1;
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(0..8))).await;
+                }
                 Ok(Ok((status, body))) => panic!("ingest answered {status}: {body}"),
                 Ok(Err(_)) | Err(_) => break, // not acknowledged: resent after the restart
             }
         }
         tokio::time::sleep_until(kill_at).await;
         drop(agent); // SIGKILL
+        if next_batch > batch_before && next_batch < batches.len() {
+            kills_mid_ingest += 1;
+        }
     }
+    assert!(kills_mid_ingest > 0, "no kill landed while ingesting");
     // Slow answers stretch the delivery over several kills.
     receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
         Reply::Delay(Duration::from_millis(10))
     })));
+    // Kills that landed after some deliveries of their run, with exports still pending.
+    let mut kills_mid_delivery = 0;
     for _ in 0..delivery_kills {
+        let delivered_before = receiver.delivered().len();
         let agent = start_agent(&config, addr).await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(20..250))).await;
         drop(agent); // SIGKILL while delivering
+        if receiver.delivered().len() > delivered_before
+            && outbox_stats(&config)["pending"].as_u64() > Some(0)
+        {
+            kills_mid_delivery += 1;
+        }
     }
+    assert!(kills_mid_delivery > 0, "no kill landed while delivering");
 
     receiver.set_export_script(None);
     let agent = start_agent(&config, addr).await;
@@ -185,7 +205,7 @@ async fn run(shape: Run) {
     assert!(receiver.tokens_issued() >= 1);
     let delivered = receiver.delivered().len();
     println!(
-        "crash run: {} SIGKILLs ({ingest_kills} while ingesting, {delivery_kills} while delivering); {} updates acknowledged; {} exports expected, {delivered} deliveries (duplicates after kills included) of {} requests; 0 lost, 0 out of order",
+        "crash run: {} SIGKILLs ({ingest_kills} in the ingest phase, {kills_mid_ingest} of them with batches left to send; {delivery_kills} in the delivery phase, {kills_mid_delivery} of them after deliveries with exports pending); {} updates acknowledged; {} exports expected, {delivered} deliveries (duplicates after kills included) of {} requests; 0 lost, 0 out of order",
         ingest_kills + delivery_kills,
         lines.len(),
         profiles * versions,
