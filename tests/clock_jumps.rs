@@ -326,7 +326,7 @@ async fn clock_steps_while_running_neither_expire_nor_resend_anything() {
     );
 }
 
-/// max_age_s still dead-letters an export that truly waited too long: 6 s of run time, most of
+/// max_age_s still dead-letters an export that truly waited too long: 10 s of run time, most of
 /// it in a first run, the rest after a restart with the clock set back a day (on which a
 /// wall-clock age would never grow).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -334,19 +334,19 @@ async fn max_age_counts_the_wait_across_a_restart() {
     let Some(library) = libfaketime() else { return };
     let receiver = receiver(Arc::new(AtomicU8::new(DOWN))).await;
     let port = free_port();
-    let ws = workspace(&receiver, port, "max_age_s = 6");
+    let ws = workspace(&receiver, port, "max_age_s = 10");
     let clock = FakeClock::new(library, ws.path(), "+0");
 
     let mut agent = clock.start_agent(&ws, port).await;
     ingest(&agent, "p", 1).await;
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    tokio::time::sleep(Duration::from_millis(7500)).await;
     let s = ws.outbox_stats();
     assert_eq!(
         (s["pending"].as_u64(), s["dead"].as_u64()),
         (Some(1), Some(0)),
         "{s}"
     );
-    assert!(s["oldest_pending_waited_s"].as_u64().unwrap() >= 3, "{s}");
+    assert!(s["oldest_pending_waited_s"].as_u64().unwrap() >= 6, "{s}");
     agent.terminate().await;
 
     clock.set("-1d");
@@ -356,15 +356,17 @@ async fn max_age_counts_the_wait_across_a_restart() {
         ws.outbox_stats()["dead"] == 1
     })
     .await;
+    // About 2.5 s with the first run's wait counted, 10 s without; the margin is for a
+    // loaded machine.
     let waited = restarted.elapsed();
     assert!(
-        waited < Duration::from_millis(4500),
+        waited < Duration::from_millis(7000),
         "expired {waited:?} after the restart: the first run's wait was not counted"
     );
     let dead = json_lines(&ws.run_ok(&["outbox", "list", "--dead", "--json"], None));
     assert_eq!(dead.len(), 1);
     let error = dead[0]["last_error"].as_str().unwrap();
-    assert!(error.contains("undelivered after max_age_s 6"), "{error}");
+    assert!(error.contains("undelivered after max_age_s 10"), "{error}");
     let s = ws.outbox_stats();
     assert_eq!(s["clock_jumps"], 1, "the step back is reported: {s}");
     assert_jump_near(&s["last_clock_jump"], -DAY_S);

@@ -159,7 +159,7 @@ async fn retry_after_delays_only_its_export_and_its_profile() {
     let flag = Arc::clone(&refused_once);
     s.receiver.set_export_script(Some(Arc::new(move |_, r| {
         if profile_in(r) == "slow0" && !flag.swap(true, Ordering::SeqCst) {
-            Reply::Status(429, vec![("retry-after".into(), "2".into())], "wait".into())
+            Reply::Status(429, vec![("retry-after".into(), "5".into())], "wait".into())
         } else {
             Reply::Normal
         }
@@ -178,10 +178,11 @@ async fn retry_after_delays_only_its_export_and_its_profile() {
             == 20
     })
     .await;
+    // 20 exports take well under a second; the margin is for a loaded machine.
     let others_took = started.elapsed();
     assert!(
-        others_took < Duration::from_millis(1800),
-        "other profiles waited for the 429's Retry-After of 2 s: {others_took:?}"
+        others_took < Duration::from_secs(4),
+        "other profiles waited for the 429's Retry-After of 5 s: {others_took:?}"
     );
     assert!(
         !delivered_pairs(&s.receiver)
@@ -191,8 +192,8 @@ async fn retry_after_delays_only_its_export_and_its_profile() {
     );
     wait_for_exports(&agent, &s.receiver, 22).await;
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "Retry-After: 2 was not honoured"
+        started.elapsed() >= Duration::from_secs(5),
+        "Retry-After: 5 was not honoured"
     );
     agent.stop().await.unwrap();
 }
@@ -248,7 +249,7 @@ async fn a_down_endpoint_gets_one_probe_at_a_time_and_delivery_resumes_when_it_i
     // One backoff step (max_backoff 200 ms) and a probe's round trip, with room for a busy
     // machine; far below what hammering or a stuck loop would show.
     assert!(
-        resumed_after <= Duration::from_millis(1000),
+        resumed_after <= Duration::from_millis(2000),
         "delivery resumed {resumed_after:?} after the endpoint came back (max_backoff 200 ms)"
     );
     wait_for_exports(&agent, &s.receiver, 200).await;

@@ -455,13 +455,11 @@ fn token_form(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::receiver::{Receiver, ReceiverOptions};
 
-    /// The token endpoint fails once the token is due for refresh: the token held is used
-    /// until it expires, also by requests that come while the refresh is under way, with one
-    /// new try a [`REFRESH_RETRY`]; then the failure shows.
-    #[tokio::test]
-    async fn a_failed_refresh_keeps_the_token_until_it_expires() {
-        use crate::receiver::{Receiver, ReceiverOptions, Reply};
+    /// A receiver issuing tokens good for 600 s, and a token source of the demo's config
+    /// fetching them from it.
+    async fn with_receiver() -> (Receiver, TokenSource) {
         let options = ReceiverOptions {
             token_lifetime: Duration::from_secs(600),
             ..ReceiverOptions::default()
@@ -469,15 +467,22 @@ mod tests {
         let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
             .await
             .unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let text = crate::demo::demo_config_text(&receiver.base_url());
-        let config = crate::config::Config::parse(&dir.path().join("outpost.toml"), &text).unwrap();
+        let config =
+            crate::config::Config::parse(std::path::Path::new("outpost.toml"), &text).unwrap();
         let client = HttpClient::new(&config.destination, Duration::from_secs(5)).unwrap();
-        let tokens = Arc::new(TokenSource::new(
-            config.destination.auth.clone(),
-            client,
-            Counter::default(),
-        ));
+        let tokens = TokenSource::new(config.destination.auth.clone(), client, Counter::default());
+        (receiver, tokens)
+    }
+
+    /// The token endpoint fails once the token is due for refresh: the token held is used
+    /// until it expires, also by requests that come while the refresh is under way, with one
+    /// new try a [`REFRESH_RETRY`]; then the failure shows.
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_the_token_until_it_expires() {
+        use crate::receiver::Reply;
+        let (receiver, tokens) = with_receiver().await;
+        let tokens = Arc::new(tokens);
         let first = tokens.token().await.unwrap().unwrap();
         async fn skip(by: Duration) {
             tokio::time::pause();
@@ -485,18 +490,24 @@ mod tests {
             tokio::time::resume();
         }
 
-        // Past refresh_at (540 s), before expiry (600 s); the refresh takes 1 s, then fails.
+        // Past refresh_at (540 s), before expiry (600 s); the refresh takes 3 s, then fails.
         receiver.set_token_script(Some(Arc::new(|_, _| {
             let failed = Reply::Status(500, vec![], "down".into());
-            Reply::After(Duration::from_secs(1), Box::new(failed))
+            Reply::After(Duration::from_secs(3), Box::new(failed))
         })));
         skip(Duration::from_secs(545)).await;
         let refreshing = tokio::spawn({
             let tokens = Arc::clone(&tokens);
             async move { tokens.token().await }
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let meanwhile = tokio::time::timeout(Duration::from_millis(500), tokens.token())
+        for _ in 0..1000 {
+            if receiver.token_requests().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(receiver.token_requests().len(), 2, "the refresh began");
+        let meanwhile = tokio::time::timeout(Duration::from_millis(1500), tokens.token())
             .await
             .expect("a request during the refresh does not wait for it");
         assert_eq!(meanwhile.unwrap(), Some(first.clone()));
@@ -526,6 +537,29 @@ mod tests {
             tokens.token().await,
             Err(AuthError::Status { status: 500, .. })
         ));
+    }
+
+    /// Within the refresh margin (the last 10% of the lifetime) a new token is fetched
+    /// before the held one is handed out; before it, the held one is.
+    #[tokio::test]
+    async fn a_token_is_refreshed_within_its_margin_before_it_expires() {
+        let (receiver, tokens) = with_receiver().await;
+        let first = tokens.token().await.unwrap().unwrap();
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(535)).await;
+        tokio::time::resume();
+        assert_eq!(tokens.token().await.unwrap(), Some(first.clone()));
+        assert_eq!(receiver.token_requests().len(), 1, "held before the margin");
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(10)).await; // 545 s: past 540 s, before 600 s
+        tokio::time::resume();
+        let second = tokens.token().await.unwrap().unwrap();
+        assert_eq!(
+            receiver.token_requests().len(),
+            2,
+            "refreshed within the margin"
+        );
+        assert_ne!(second, first);
     }
 
     #[test]
