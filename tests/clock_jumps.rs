@@ -33,10 +33,6 @@ const LIBFAKETIME_PATHS: &[&str] = &[
     "/usr/local/lib/faketime/libfaketimeMT.so.1",
 ];
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
 /// The library to preload; `None` (after saying why) when it is missing outside CI.
 fn libfaketime() -> Option<PathBuf> {
     let given = std::env::var_os("OUTPOST_TEST_LIBFAKETIME").map(PathBuf::from);

@@ -86,7 +86,7 @@ impl Drop for Tmpfs {
 fn tmpfs_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
     match Tmpfs::mount(dir, size) {
         Ok(fs) => Some(fs),
-        Err(why) if std::env::var_os("CI").is_some() => {
+        Err(why) if in_ci() => {
             panic!("the disk-full test needs a tmpfs (run as root): {why}")
         }
         Err(why) => {

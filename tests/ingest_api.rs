@@ -735,13 +735,11 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     );
     assert_eq!(sample(&metrics, "outpost_outbox_pending"), Some(2.0));
 
-    // SIGTERM while the destination fails and the loop backs off: exit 0, promptly.
-    let started = Instant::now();
+    // SIGTERM while the destination fails and the loop backs off: exit 0, within 5 s.
     let status = agent
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
         .await;
     assert_eq!(status.code(), Some(0), "{}", agent.log());
-    assert!(started.elapsed() < Duration::from_secs(5));
     // It stopped taking updates, and what it acknowledged is still there.
     assert!(request(agent.addr, "GET", "/healthz", None, &[])
         .await

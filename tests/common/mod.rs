@@ -11,6 +11,13 @@ pub mod pki;
 pub const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
 pub const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";
 
+/// Whether the tests run under CI (env `CI` set, and not to `false` or `0`), where a test
+/// that needs something missing (nats-server, libfaketime, root for a tmpfs) fails rather
+/// than skips.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_outpost")
 }

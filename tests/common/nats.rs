@@ -27,7 +27,7 @@ fn nats_server_binary() -> Option<PathBuf> {
 pub fn nats_server_or_skip(test: &str) -> Option<PathBuf> {
     match nats_server_binary() {
         Some(path) => Some(path),
-        None if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") => {
+        None if super::in_ci() => {
             panic!("{test}: nats-server is not installed, and CI is set: `apt-get install -y nats-server`")
         }
         None => {
