@@ -608,11 +608,27 @@ async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again
         }
     });
     let mut rng = rand::thread_rng();
+    // Kills that landed after the agent committed messages in that run, while the publisher
+    // was still publishing.
+    let mut kills_mid_stream = 0;
     for _ in 0..KILLS {
         let agent = setups[0].start().await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(30..300))).await;
+        let committed = metric(
+            agent.addr,
+            "outpost_source_messages_total{result=\"committed\"}",
+        )
+        .await;
+        let publishing = !publisher.is_finished();
         drop(agent); // SIGKILL
+        if committed > 0.0 && publishing {
+            kills_mid_stream += 1;
+        }
     }
+    assert!(
+        kills_mid_stream > 0,
+        "no kill landed while the agent was consuming"
+    );
     publisher.await.unwrap();
     let _survivor = setups[0].start().await;
     let exports = PROFILES * VERSIONS / 2;
