@@ -102,7 +102,7 @@ async fn a_slow_endpoint_gets_more_requests_in_flight() {
     wait_for_exports(&agent, &s.receiver, 600).await;
     let most = s.receiver.max_in_flight();
     assert!(
-        most >= 16,
+        most > 8,
         "the limit should grow past its start of 8 on a steady slow endpoint; at most {most} in flight"
     );
     assert!(most <= 32, "never above max_concurrency: {most}");
