@@ -160,6 +160,8 @@ impl Agent {
             token: config.ingest.token.clone(),
             max_body_bytes: config.ingest.max_body_bytes,
             max_future_s: config.ingest.max_future_s,
+            read_timeout: config.ingest.read_timeout,
+            bodies: ingest::BodyBudget::for_max_body_bytes(config.ingest.max_body_bytes),
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
             source,

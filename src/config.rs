@@ -239,6 +239,8 @@ struct RawIngest {
     max_body_bytes: u64,
     #[serde(default = "default_max_future_s")]
     max_future_s: u64,
+    #[serde(default = "default_read_timeout_ms")]
+    read_timeout_ms: u64,
     #[serde(default)]
     tls_cert_file: Option<PathBuf>,
     #[serde(default)]
@@ -257,6 +259,7 @@ impl Default for RawIngest {
             client_ca_file: None,
             max_body_bytes: default_max_body_bytes(),
             max_future_s: default_max_future_s(),
+            read_timeout_ms: default_read_timeout_ms(),
         }
     }
 }
@@ -269,6 +272,9 @@ fn default_max_body_bytes() -> u64 {
 }
 fn default_max_future_s() -> u64 {
     86_400
+}
+fn default_read_timeout_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -449,6 +455,9 @@ pub struct Ingest {
     pub max_body_bytes: u64,
     /// An update's timestamp may be at most this far ahead of the agent's clock.
     pub max_future_s: u64,
+    /// How long a request's headers may take to arrive once the connection waits for one (so
+    /// also how long an idle connection stays open), and how long its body may stall.
+    pub read_timeout: Duration,
     /// Serve the ingest API over HTTPS.
     pub tls: Option<IngestTls>,
 }
@@ -647,6 +656,9 @@ impl Config {
         if raw.ingest.max_future_s == 0 {
             return Err(invalid("ingest.max_future_s", "must be above 0".into()));
         }
+        if raw.ingest.read_timeout_ms == 0 {
+            return Err(invalid("ingest.read_timeout_ms", "must be above 0".into()));
+        }
         let ingest_tls = match (raw.ingest.tls_cert_file, raw.ingest.tls_key_file) {
             (Some(cert), Some(key)) => Some(IngestTls {
                 cert_file: relative(cert),
@@ -769,6 +781,7 @@ impl Config {
                 token: ingest_token,
                 max_body_bytes: raw.ingest.max_body_bytes,
                 max_future_s: raw.ingest.max_future_s,
+                read_timeout: Duration::from_millis(raw.ingest.read_timeout_ms),
                 tls: ingest_tls,
             },
             delivery: Delivery {
@@ -1213,6 +1226,7 @@ path = "store"
         );
         assert!(config.mapping.identities.is_empty());
         assert_eq!(config.ingest.max_future_s, 86_400);
+        assert_eq!(config.ingest.read_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -1422,6 +1436,11 @@ client_secret = "s3cr3t-value"
                 "[ingest]\nmax_future_s = -5\n\n[storage]",
             ),
             (
+                "zero read_timeout_ms",
+                "[storage]",
+                "[ingest]\nread_timeout_ms = 0\n\n[storage]",
+            ),
+            (
                 "a store path too long for the agent's socket",
                 "path = \"store\"",
                 &long_store_path,
@@ -1437,6 +1456,7 @@ client_secret = "s3cr3t-value"
             "destination.auth.type",
             "ingest.max_future_s",
             "max_future_s",
+            "ingest.read_timeout_ms",
             "storage.path",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {

@@ -866,3 +866,92 @@ async fn a_stalled_upload_delays_the_stop_only_for_a_bounded_time() {
     let stats = ws.outbox_stats();
     assert_eq!(stats["profiles"], 0, "{stats}");
 }
+
+/// Reads what `stream` sends until it closes it; `None` if it is still open after 10 s.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).ok().map(|_| rest)
+}
+
+/// Slow or silent clients do not hold the ingest API: headers must arrive within
+/// `ingest.read_timeout_ms` of the connection waiting for a request (so an idle keep-alive
+/// connection is closed then too), a body that stalls as long is answered 408, and bodies in
+/// flight hold at most 4 × `max_body_bytes`: a request past that waits for room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
+    use std::io::Write;
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let limit = format!("max_body_bytes = {MAX_BODY}");
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    std::fs::write(
+        ws.config_path(),
+        text.replace(&limit, &format!("{limit}\nread_timeout_ms = 1000")),
+    )
+    .unwrap();
+    let agent = start_agent(&ws, port).await;
+    let connect = || {
+        let stream = std::net::TcpStream::connect(agent.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+
+    let mut partial_head = connect();
+    partial_head
+        .write_all(b"POST /v1/updates HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    assert!(
+        read_until_closed(&mut partial_head).is_some(),
+        "a connection whose headers never end stays open"
+    );
+
+    let mut idle = connect();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut idle).starts_with("HTTP/1.1 200"));
+    assert!(
+        read_until_closed(&mut idle).is_some(),
+        "an idle keep-alive connection stays open"
+    );
+
+    let stalled_body = |declared: usize| {
+        let mut stream = connect();
+        let head = format!(
+            "POST /v1/updates HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {declared}\r\n\r\n{{\"id\":"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+    };
+    let mut stalled = stalled_body(100);
+    let head = read_head(&mut stalled);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+
+    // Four bodies of max_body_bytes fill the budget; a fifth request waits until they time out.
+    let holding: Vec<_> = (0..4).map(|_| stalled_body(MAX_BODY)).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    let posted = post(
+        agent.addr,
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+    );
+    let (status, _, answer) = tokio::time::timeout(Duration::from_secs(20), posted)
+        .await
+        .expect("the request still waits after the bodies before it timed out");
+    let waited = sent.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "answered after {waited:?}, beside four bodies of max_body_bytes in flight"
+    );
+    for mut stream in holding {
+        let head = read_head(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    }
+    assert_eq!(ws.outbox_stats()["profiles"], 1);
+}

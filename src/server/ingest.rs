@@ -11,11 +11,12 @@ use hyper::body::Incoming;
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
@@ -28,6 +29,38 @@ use crate::store::Store;
 const FULL_RETRY_AFTER_S: u64 = 5;
 /// How long a graceful stop waits for open requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests in flight on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 64;
+
+/// Bodies held at once (read, parsed, or waiting for their commit) take at most this many
+/// times `ingest.max_body_bytes`; further requests wait for room before their body is read.
+pub const BODIES_IN_FLIGHT: u64 = 4;
+
+/// The memory held by request bodies, in KiB permits.
+pub struct BodyBudget {
+    permits: Semaphore,
+    total_kib: u32,
+}
+
+impl BodyBudget {
+    pub fn for_max_body_bytes(max_body_bytes: u64) -> BodyBudget {
+        let total_kib = (max_body_bytes.saturating_mul(BODIES_IN_FLIGHT) / 1024)
+            .clamp(1, u64::from(u32::MAX >> 3)) as u32;
+        BodyBudget {
+            permits: Semaphore::new(total_kib as usize),
+            total_kib,
+        }
+    }
+
+    /// Waits until a body of `bytes` fits; the room is given back when the permit drops.
+    async fn room_for(&self, bytes: u64) -> tokio::sync::SemaphorePermit<'_> {
+        let kib = bytes.div_ceil(1024).clamp(1, u64::from(self.total_kib)) as u32;
+        self.permits
+            .acquire_many(kib)
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+}
 
 pub struct IngestState {
     pub store: Arc<Store>,
@@ -37,6 +70,9 @@ pub struct IngestState {
     pub max_body_bytes: u64,
     /// `ingest.max_future_s`.
     pub max_future_s: u64,
+    /// `ingest.read_timeout_ms`.
+    pub read_timeout: Duration,
+    pub bodies: BodyBudget,
     pub max_outbox_bytes: u64,
     /// Set while the delivery loop runs; `/healthz` reports it.
     pub delivery_running: Arc<AtomicBool>,
@@ -80,6 +116,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
+    let state_read_timeout = state.read_timeout;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -99,8 +136,9 @@ pub async fn serve(
                 });
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
+                let read_timeout = state_read_timeout;
                 tokio::spawn(async move {
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let builder = connection_builder(read_timeout);
                     let served = match tls {
                         None => {
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -142,6 +180,25 @@ pub async fn serve(
     {
         tracing::warn!("open ingest requests did not finish in time");
     }
+}
+
+/// Without a timer hyper applies no timeout at all: a client could hold a connection open
+/// forever without sending a request. With it, headers must arrive within `read_timeout` of the
+/// connection waiting for a request, which also closes idle keep-alive connections then; an
+/// HTTP/2 connection is pinged as often, and closed when a ping goes unanswered as long.
+fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(read_timeout)
+        .keep_alive_timeout(read_timeout);
+    builder
 }
 
 async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
@@ -251,11 +308,23 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(e) if e.is_transient() => return unavailable(&e.to_string()),
         Err(e) => return error_answer(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
-    let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
-    let body = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(e) => {
+    let _room = state
+        .bodies
+        .room_for(declared.unwrap_or(state.max_body_bytes))
+        .await;
+    let body = match read_body(request.into_body(), declared, state).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::Stalled) => {
+            return error_answer(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "no part of the body arrived for {} ms (ingest.read_timeout_ms)",
+                    state.read_timeout.as_millis()
+                ),
+            )
+        }
+        Err(BodyError::Unreadable(e)) => {
             return error_answer(
                 StatusCode::BAD_REQUEST,
                 &format!("cannot read the body: {e}"),
@@ -295,6 +364,41 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(e) => {
             tracing::error!(error = %e, "commit failed");
             unavailable(&format!("not stored: {e}"))
+        }
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    /// No frame arrived for `ingest.read_timeout_ms`.
+    Stalled,
+    Unreadable(String),
+}
+
+/// The whole body, up to `ingest.max_body_bytes`, each part arriving within the read timeout
+/// of the one before.
+async fn read_body(
+    body: Incoming,
+    declared: Option<u64>,
+    state: &IngestState,
+) -> Result<Vec<u8>, BodyError> {
+    let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
+    let mut body = Limited::new(body, limit);
+    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let mut bytes = Vec::with_capacity(expected);
+    loop {
+        match tokio::time::timeout(state.read_timeout, body.frame()).await {
+            Err(_) => return Err(BodyError::Stalled),
+            Ok(None) => return Ok(bytes),
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    bytes.extend_from_slice(data);
+                }
+            }
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(BodyError::TooLarge)
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Unreadable(e.to_string())),
         }
     }
 }
