@@ -520,6 +520,15 @@ impl Store {
         if !self.is_failed() {
             return Ok(false); // a compaction reopened it meanwhile
         }
+        // A writer between its write and its flush must not flush the new handles, which do
+        // not hold what it wrote: sections in progress end first (with an error, the old
+        // handles failing), later ones are refused until the store is open again.
+        let Some(_no_writes) = self.stop_writes() else {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                detail: "writes in progress held it; reopening later".into(),
+            });
+        };
         if self.take_trees().is_err() {
             return Err(StoreError::Io {
                 path: self.path.clone(),

@@ -849,6 +849,27 @@ mod tests {
         assert_whole(path, &ids);
     }
 
+    /// A reopen after a failure waits for the write sections in progress: a writer between
+    /// its write and its flush must not flush the reopened handles, which lack what it wrote.
+    #[test]
+    fn a_reopen_waits_for_the_writes_in_progress() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), CACHE).unwrap();
+        store.failed.store(true, Ordering::SeqCst);
+        let section = store.write_section().unwrap();
+        std::thread::scope(|scope| {
+            let reopening = scope.spawn(|| store.recover());
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(store.is_failed(), "reopened beside a write in progress");
+            assert_eq!(store.with(|t| Ok(t.generation)).unwrap(), 0);
+            drop(section);
+            assert!(reopening.join().unwrap().unwrap(), "not reopened after it");
+        });
+        assert!(!store.is_failed());
+        drop(store.write_section().unwrap());
+    }
+
     /// Write sections are refused while a compaction stops them, allowed after, and still
     /// allowed after a compaction panicked with them stopped.
     #[test]
