@@ -251,6 +251,7 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
     };
     let mut dropped = Vec::new();
     let mut missing = Vec::new();
+    let _section = store.write_section()?;
     for (id, partition, seq) in targets {
         if store.rejected_drop(partition, seq)? {
             dropped.push(id);
@@ -300,6 +301,11 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let mut superseded = Vec::new();
     let mut maybe_overtaken = Vec::new();
     let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
+        // Written and flushed on the same handles (a reopen waits for the section), and
+        // flushed before the delivery loop, told of the change, reads the outbox again: a
+        // drop not yet durable could otherwise let a newer export of its profile be sent and
+        // acknowledged, and a crash then bring the dropped one back ahead of it.
+        let _section = store.write_section()?;
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
         let targets = if all_dead {
@@ -353,6 +359,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                 missing.push(text)
             }
         }
+        store.flush()?;
         Ok((done, missing))
     };
     // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in the
@@ -377,7 +384,6 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     } else {
         store.rewinding(apply)?
     };
-    store.flush()?;
     let verb = if retry { "retried" } else { "dropped" };
     Ok(json!({
         verb: done,

@@ -233,6 +233,8 @@ impl Store {
     /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
     /// what it did, one line each. It also counts the profiles again (`meta/profiles`).
     pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
+        // Written and flushed on the same handles: a reopen waits for the section.
+        let _section = self.write_section()?;
         let t = self.trees()?;
         // Listed first, without holding the committer up: what is unreadable stays so.
         let profiles = unreadable_profiles(&t)?;
