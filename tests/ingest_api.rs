@@ -456,7 +456,7 @@ async fn the_ingest_token_is_required() {
         vec![("authorization", "Basic aW5nZXN0LXNlY3JldA==")],
         vec![("authorization", "Bearer ")],
     ] {
-        let (status, _, answer) = request(
+        let (status, www_authenticate, answer) = request(
             agent.addr,
             "POST",
             "/v1/updates",
@@ -466,6 +466,12 @@ async fn the_ingest_token_is_required() {
         .await
         .unwrap();
         assert_eq!(status, 401, "{headers:?}: {answer}");
+        assert_eq!(
+            www_authenticate
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap()),
+            Some("Bearer")
+        );
         let answer: Value = serde_json::from_str(&answer).unwrap();
         assert!(answer["error"].is_string(), "{answer}");
         assert!(
@@ -954,4 +960,63 @@ async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
         assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     }
     assert_eq!(ws.outbox_stats()["profiles"], 1);
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// POSTs `body` with the token and `Content-Encoding: encoding`.
+async fn post_encoded(addr: SocketAddr, body: Vec<u8>, encoding: &str) -> (u16, String) {
+    let (status, _, answer) = request(
+        addr,
+        "POST",
+        "/v1/updates",
+        Some(Payload::Sized(body)),
+        &[AUTH, ("content-encoding", encoding)],
+    )
+    .await
+    .unwrap();
+    (status, answer)
+}
+
+/// A gzip body is taken as its decompressed text (also several gzip members one after
+/// another); one that is not gzip, one that decompresses past `max_body_bytes`, and another
+/// encoding are refused, storing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gzip_body_is_taken_and_other_encodings_are_refused() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let agent = start_agent(&ws, port).await;
+
+    let (status, answer) = post_encoded(agent.addr, b"{\"id\":".to_vec(), "gzip").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("not valid gzip"), "{answer}");
+    let (status, answer) = post_encoded(agent.addr, gzip(b"x"), "br").await;
+    assert_eq!(status, 415, "{answer}");
+    assert!(answer.contains("`br` is not supported"), "{answer}");
+    // Small compressed, past the limit decompressed.
+    let bomb = gzip(&vec![b' '; MAX_BODY + 1]);
+    assert!(bomb.len() < MAX_BODY / 100);
+    let (status, answer) = post_encoded(agent.addr, bomb, "gzip").await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer.contains("decompressed"), "{answer}");
+    assert_eq!(ws.outbox_stats()["profiles"], 0);
+
+    let first = member_update("p-1", "Jane", "2026-01-01T00:00:01Z");
+    let second = member_update("p-2", "John", "2026-01-01T00:00:01Z");
+    let mut body = gzip(format!("{first}\n").as_bytes());
+    body.extend(gzip(second.as_bytes()));
+    let (status, answer) = post_encoded(agent.addr, body, "gzip").await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["exports"].as_u64()),
+        (Some(2), Some(2)),
+        "{answer}"
+    );
+    assert_eq!(ws.outbox_stats()["profiles"], 2);
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
+};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -279,8 +282,17 @@ fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
 
 async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer {
     if !authorized(state, &request) {
-        return error_answer(StatusCode::UNAUTHORIZED, "missing or wrong ingest token");
+        let mut answer = error_answer(StatusCode::UNAUTHORIZED, "missing or wrong ingest token");
+        answer.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return answer;
     }
+    let encoding = match body_encoding(&request) {
+        Ok(encoding) => encoding,
+        Err(refused) => return error_answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &refused),
+    };
     let too_large = || {
         error_answer(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -308,10 +320,12 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(e) if e.is_transient() => return unavailable(&e.to_string()),
         Err(e) => return error_answer(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
-    let _room = state
-        .bodies
-        .room_for(declared.unwrap_or(state.max_body_bytes))
-        .await;
+    // A gzip body may grow to max_body_bytes once decompressed.
+    let room = match encoding {
+        Encoding::Identity => declared.unwrap_or(state.max_body_bytes),
+        Encoding::Gzip => state.max_body_bytes,
+    };
+    let _room = state.bodies.room_for(room).await;
     let body = match read_body(request.into_body(), declared, state).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => return too_large(),
@@ -330,6 +344,27 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                 &format!("cannot read the body: {e}"),
             )
         }
+    };
+    let body = match encoding {
+        Encoding::Identity => body,
+        Encoding::Gzip => match gunzip(&body, state.max_body_bytes) {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return error_answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "the body, decompressed, is larger than ingest.max_body_bytes ({})",
+                        state.max_body_bytes
+                    ),
+                )
+            }
+            Err(_) => {
+                return error_answer(
+                    StatusCode::BAD_REQUEST,
+                    "the body is not valid gzip (Content-Encoding: gzip)",
+                )
+            }
+        },
     };
     let limit = FutureLimit {
         now: chrono::Utc::now(),
@@ -401,4 +436,45 @@ async fn read_body(
             Ok(Some(Err(e))) => return Err(BodyError::Unreadable(e.to_string())),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+/// The body's `Content-Encoding`: none, `identity` or `gzip` (`x-gzip`); else why it is
+/// refused.
+fn body_encoding(request: &Request<Incoming>) -> Result<Encoding, String> {
+    let Some(value) = request.headers().get(CONTENT_ENCODING) else {
+        return Ok(Encoding::Identity);
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("identity") {
+        Ok(Encoding::Identity)
+    } else if text.eq_ignore_ascii_case("gzip") || text.eq_ignore_ascii_case("x-gzip") {
+        Ok(Encoding::Gzip)
+    } else {
+        let shown: String = text.chars().take(40).collect();
+        Err(format!(
+            "Content-Encoding `{shown}` is not supported: send the body as it is, or gzip"
+        ))
+    }
+}
+
+/// Decompresses a gzip body (one member or several, as `cat a.gz b.gz` makes), refusing one
+/// that grows past `limit` bytes.
+fn gunzip(compressed: &[u8], limit: u64) -> Result<Vec<u8>, BodyError> {
+    use std::io::Read;
+    let mut decoded = Vec::new();
+    flate2::read::MultiGzDecoder::new(compressed)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut decoded)
+        .map_err(|e| BodyError::Unreadable(e.to_string()))?;
+    if decoded.len() as u64 > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(decoded)
 }
