@@ -455,8 +455,9 @@ pub struct Ingest {
     pub max_body_bytes: u64,
     /// An update's timestamp may be at most this far ahead of the agent's clock.
     pub max_future_s: u64,
-    /// How long a request's headers may take to arrive once the connection waits for one (so
-    /// also how long an idle connection stays open), and how long its body may stall.
+    /// How long a connection may wait for its first byte, a request's headers may take to
+    /// arrive once the connection waits for one (so also how long an idle HTTP/1 connection
+    /// stays open), a body may stall, and a request may wait for room for its body.
     pub read_timeout: Duration,
     /// Serve the ingest API over HTTPS.
     pub tls: Option<IngestTls>,

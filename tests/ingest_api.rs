@@ -883,10 +883,11 @@ fn read_until_closed(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
     stream.read_to_end(&mut rest).ok().map(|_| rest)
 }
 
-/// Slow or silent clients do not hold the ingest API: headers must arrive within
-/// `ingest.read_timeout_ms` of the connection waiting for a request (so an idle keep-alive
+/// Slow or silent clients do not hold the ingest API: a connection must send its first byte
+/// and each request its headers within `ingest.read_timeout_ms` (so an idle keep-alive
 /// connection is closed then too), a body that stalls as long is answered 408, and bodies in
-/// flight hold at most 4 × `max_body_bytes`: a request past that waits for room.
+/// flight are held to 4 × `max_body_bytes`: a request past that waits for room as long, then
+/// gets 503 with `Retry-After`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
     use std::io::Write;
@@ -908,6 +909,11 @@ async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
         stream
     };
 
+    let mut silent = connect();
+    assert!(
+        read_until_closed(&mut silent).is_some(),
+        "a connection that sends nothing stays open"
+    );
     let mut partial_head = connect();
     partial_head
         .write_all(b"POST /v1/updates HTTP/1.1\r\nhost: x\r\n")
@@ -916,7 +922,6 @@ async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
         read_until_closed(&mut partial_head).is_some(),
         "a connection whose headers never end stays open"
     );
-
     let mut idle = connect();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         .unwrap();
@@ -938,27 +943,49 @@ async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
     let head = read_head(&mut stalled);
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
 
-    // Four bodies of max_body_bytes fill the budget; a fifth request waits until they time out.
-    let holding: Vec<_> = (0..4).map(|_| stalled_body(MAX_BODY)).collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let sent = Instant::now();
-    let posted = post(
-        agent.addr,
-        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
-    );
-    let (status, _, answer) = tokio::time::timeout(Duration::from_secs(20), posted)
-        .await
-        .expect("the request still waits after the bodies before it timed out");
-    let waited = sent.elapsed();
-    assert_eq!(status, 200, "{answer}");
-    assert!(
-        waited >= Duration::from_millis(500),
-        "answered after {waited:?}, beside four bodies of max_body_bytes in flight"
-    );
-    for mut stream in holding {
-        let head = read_head(&mut stream);
+    // Four bodies of max_body_bytes, a byte every 300 ms (never stalled for the 1 s), fill
+    // the room for bodies: other requests wait for room, then get 503.
+    let trickling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let holders: Vec<_> = (0..4)
+        .map(|_| {
+            let mut stream = stalled_body(MAX_BODY);
+            let trickling = Arc::clone(&trickling);
+            std::thread::spawn(move || {
+                while trickling.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if stream.write_all(b" ").is_err() {
+                        break;
+                    }
+                }
+                read_head(&mut stream)
+            })
+        })
+        .collect();
+    let update = member_update("a", "Ann", "2026-01-01T00:00:01Z");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, headers, answer) =
+            tokio::time::timeout(Duration::from_secs(10), post(agent.addr, update.clone()))
+                .await
+                .expect("a request waited for room past ingest.read_timeout_ms");
+        if status == 503 {
+            assert!(answer.contains("busy"), "{answer}");
+            assert!(headers.contains_key("retry-after"), "{headers:?}");
+            break;
+        }
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "four bodies of max_body_bytes in flight, and requests still get room"
+        );
+    }
+    trickling.store(false, std::sync::atomic::Ordering::SeqCst);
+    for holder in holders {
+        let head = holder.join().unwrap();
         assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     }
+    let (status, _, answer) = post(agent.addr, update).await;
+    assert_eq!(status, 200, "{answer}");
     assert_eq!(ws.outbox_stats()["profiles"], 1);
 }
 

@@ -31,20 +31,36 @@ fn client_config(ca: &Ca, client: Option<&Leaf>) -> rustls::ClientConfig {
     }
 }
 
-/// POSTs updates to `https://localhost:port/v1/updates`; the status, or the error as text.
+/// POSTs updates to `https://localhost:port/v1/updates` over HTTP/1.1; the status, or the
+/// error as text.
 async fn https_post(
     port: u16,
     tls: rustls::ClientConfig,
     body: String,
 ) -> Result<(u16, String), String> {
+    https_post_over(port, tls, body, false)
+        .await
+        .map(|(status, body, _)| (status, body))
+}
+
+/// [`https_post`], offering only HTTP/2 when `http2`; the answer's HTTP version too.
+async fn https_post_over(
+    port: u16,
+    tls: rustls::ClientConfig,
+    body: String,
+    http2: bool,
+) -> Result<(u16, String, hyper::Version), String> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
+        .https_only();
+    let connector = if http2 {
+        connector.enable_http2().build()
+    } else {
+        connector.enable_http1().build()
+    };
     let client: Client<_, Full<bytes::Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
     let request = hyper::Request::post(format!("https://localhost:{port}/v1/updates"))
@@ -56,13 +72,14 @@ async fn https_post(
             .await
             .map_err(|e| format!("{e:?}"))?;
         let status = response.status().as_u16();
+        let version = response.version();
         let body = response
             .into_body()
             .collect()
             .await
             .map_err(|e| format!("{e:?}"))?
             .to_bytes();
-        Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned(), version))
     })
     .await
     .map_err(|_| "timed out".to_string())?;
@@ -143,11 +160,16 @@ async fn ingest_over_https_with_a_private_ca() {
     let trusting = client_config(&ca, None);
     wait_serving(&mut agent, &trusting).await;
 
-    let (status, body) = https_post(files.port, trusting, one_update())
+    let (status, body) = https_post(files.port, trusting.clone(), one_update())
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"accepted\":1"), "{body}");
+    // HTTP/2, agreed in the handshake (ALPN).
+    let (status, body, version) = https_post_over(files.port, trusting, one_update(), true)
+        .await
+        .unwrap();
+    assert_eq!((status, version), (200, hyper::Version::HTTP_2), "{body}");
     // A client that does not trust the CA gets nothing through, nor does plain HTTP.
     let other = Ca::new("another CA");
     let refused = https_post(files.port, client_config(&other, None), one_update()).await;

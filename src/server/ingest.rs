@@ -35,33 +35,41 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests in flight on one HTTP/2 connection.
 const MAX_STREAMS: u32 = 64;
 
-/// Bodies held at once (read, parsed, or waiting for their commit) take at most this many
-/// times `ingest.max_body_bytes`; further requests wait for room before their body is read.
+/// Request bodies held at once (from their first byte until their commit answers) are
+/// reserved at most this many times `ingest.max_body_bytes` (their length when they declare
+/// one, else the whole limit; gzip ones the whole limit); a request past that waits for room,
+/// up to `ingest.read_timeout_ms`, before its body is read, then gets 503 with `Retry-After`.
 pub const BODIES_IN_FLIGHT: u64 = 4;
 
-/// The memory held by request bodies, in KiB permits.
+/// The room for request bodies, in KiB permits.
 pub struct BodyBudget {
     permits: Semaphore,
-    total_kib: u32,
+    /// What one body of `ingest.max_body_bytes` takes.
+    max_kib: u32,
 }
 
 impl BodyBudget {
     pub fn for_max_body_bytes(max_body_bytes: u64) -> BodyBudget {
-        let total_kib = (max_body_bytes.saturating_mul(BODIES_IN_FLIGHT) / 1024)
-            .clamp(1, u64::from(u32::MAX >> 3)) as u32;
+        let limit = u64::from(u32::MAX >> 3) / BODIES_IN_FLIGHT;
+        let max_kib = max_body_bytes.div_ceil(1024).clamp(1, limit) as u32;
         BodyBudget {
-            permits: Semaphore::new(total_kib as usize),
-            total_kib,
+            permits: Semaphore::new(max_kib as usize * BODIES_IN_FLIGHT as usize),
+            max_kib,
         }
     }
 
-    /// Waits until a body of `bytes` fits; the room is given back when the permit drops.
-    async fn room_for(&self, bytes: u64) -> tokio::sync::SemaphorePermit<'_> {
-        let kib = bytes.div_ceil(1024).clamp(1, u64::from(self.total_kib)) as u32;
-        self.permits
-            .acquire_many(kib)
-            .await
-            .expect("the budget's semaphore is never closed")
+    /// Room for a body of `bytes`, given back when the permit drops; `None` if there was none
+    /// within `wait`.
+    async fn room_for(
+        &self,
+        bytes: u64,
+        wait: Duration,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let kib = bytes.div_ceil(1024).clamp(1, u64::from(self.max_kib)) as u32;
+        let permit = tokio::time::timeout(wait, self.permits.acquire_many(kib)).await;
+        permit
+            .ok()
+            .map(|p| p.expect("the budget's semaphore is never closed"))
     }
 }
 
@@ -141,9 +149,16 @@ pub async fn serve(
                 let tls = tls.clone();
                 let read_timeout = state_read_timeout;
                 tokio::spawn(async move {
-                    let builder = connection_builder(read_timeout);
                     let served = match tls {
                         None => {
+                            // hyper reads the first bytes to tell HTTP/1 from HTTP/2 without a
+                            // timeout: a client that sends nothing would hold the connection.
+                            let mut first = [0u8; 1];
+                            if tokio::time::timeout(read_timeout, stream.peek(&mut first)).await.is_err() {
+                                tracing::debug!("an ingest connection sent nothing in time");
+                                return;
+                            }
+                            let builder = connection_builder(read_timeout);
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
                             watcher.watch(connection.into_owned()).await
                         }
@@ -164,6 +179,10 @@ pub async fn serve(
                                     return;
                                 }
                             };
+                            // The protocol agreed in the handshake: nothing to read to tell.
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            let builder = connection_builder(read_timeout);
+                            let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
                             watcher.watch(connection.into_owned()).await
                         }
@@ -186,9 +205,10 @@ pub async fn serve(
 }
 
 /// Without a timer hyper applies no timeout at all: a client could hold a connection open
-/// forever without sending a request. With it, headers must arrive within `read_timeout` of the
-/// connection waiting for a request, which also closes idle keep-alive connections then; an
-/// HTTP/2 connection is pinged as often, and closed when a ping goes unanswered as long.
+/// forever without sending a request. With it, HTTP/1 headers must arrive within
+/// `read_timeout` of the connection waiting for a request, which also closes idle keep-alive
+/// connections then; an HTTP/2 connection is pinged as often, and closed when a ping goes
+/// unanswered as long (an idle one that answers stays open).
 fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -325,7 +345,11 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Encoding::Identity => declared.unwrap_or(state.max_body_bytes),
         Encoding::Gzip => state.max_body_bytes,
     };
-    let _room = state.bodies.room_for(room).await;
+    let Some(_room) = state.bodies.room_for(room, state.read_timeout).await else {
+        return unavailable(
+            "busy: the bodies of other requests fill the room for them; not stored, send it again",
+        );
+    };
     let body = match read_body(request.into_body(), declared, state).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => return too_large(),
@@ -347,7 +371,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     };
     let body = match encoding {
         Encoding::Identity => body,
-        Encoding::Gzip => match gunzip(&body, state.max_body_bytes) {
+        Encoding::Gzip => match gunzip(body, state.max_body_bytes) {
             Ok(body) => body,
             Err(BodyError::TooLarge) => {
                 return error_answer(
@@ -371,7 +395,9 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         max_future_s: state.max_future_s,
     };
     let parsing = state.committer.parsing(limit);
-    let updates = match parse_body_with(&body, &parsing) {
+    let parsed = parse_body_with(&body, &parsing);
+    drop(body);
+    let updates = match parsed {
         Ok(updates) => updates,
         Err(e) => {
             state.metrics.record_refused(1);
@@ -465,16 +491,19 @@ fn body_encoding(request: &Request<Incoming>) -> Result<Encoding, String> {
 }
 
 /// Decompresses a gzip body (one member or several, as `cat a.gz b.gz` makes), refusing one
-/// that grows past `limit` bytes.
-fn gunzip(compressed: &[u8], limit: u64) -> Result<Vec<u8>, BodyError> {
+/// that grows past `limit` bytes. The compressed bytes are freed once read, and the slack of
+/// the growing buffer before the text is kept.
+fn gunzip(compressed: Vec<u8>, limit: u64) -> Result<Vec<u8>, BodyError> {
     use std::io::Read;
     let mut decoded = Vec::new();
-    flate2::read::MultiGzDecoder::new(compressed)
+    flate2::read::MultiGzDecoder::new(compressed.as_slice())
         .take(limit.saturating_add(1))
         .read_to_end(&mut decoded)
         .map_err(|e| BodyError::Unreadable(e.to_string()))?;
+    drop(compressed);
     if decoded.len() as u64 > limit {
         return Err(BodyError::TooLarge);
     }
+    decoded.shrink_to_fit();
     Ok(decoded)
 }
