@@ -47,8 +47,8 @@ impl std::fmt::Display for Reason {
     }
 }
 
-/// The entry of segment `segment` in `segmentMembership.ups`, if any.
-/// A mapped segment's entry; one of `null` is none (SPEC: its entry vanished).
+/// The entry of segment `segment` in `segmentMembership.ups`, if any; one of `null` is none
+/// (SPEC: its entry vanished).
 pub fn segment_entry<'a>(profile: &'a Value, segment: &str) -> Option<&'a Value> {
     let entry = profile.get("segmentMembership")?.get("ups")?.get(segment)?;
     (!entry.is_null()).then_some(entry)
