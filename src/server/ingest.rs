@@ -140,10 +140,16 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // Set by the first request to reach the service; see `unless_no_request`.
+                let requested = Arc::new(AtomicBool::new(false));
                 let state = Arc::clone(&state);
-                let service = service_fn(move |request| {
-                    let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                let service = service_fn({
+                    let requested = Arc::clone(&requested);
+                    move |request| {
+                        requested.store(true, Ordering::Relaxed);
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                    }
                 });
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
@@ -151,16 +157,10 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let served = match tls {
                         None => {
-                            // hyper reads the first bytes to tell HTTP/1 from HTTP/2 without a
-                            // timeout: a client that sends nothing would hold the connection.
-                            let mut first = [0u8; 1];
-                            if tokio::time::timeout(read_timeout, stream.peek(&mut first)).await.is_err() {
-                                tracing::debug!("an ingest connection sent nothing in time");
-                                return;
-                            }
                             let builder = connection_builder(read_timeout);
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            watcher.watch(connection.into_owned()).await
+                            let connection = watcher.watch(connection.into_owned());
+                            unless_no_request(connection, &requested, read_timeout).await
                         }
                         Some(acceptor) => {
                             let stream = match tokio::time::timeout(
@@ -184,7 +184,8 @@ pub async fn serve(
                             let builder = connection_builder(read_timeout);
                             let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            watcher.watch(connection.into_owned()).await
+                            let connection = watcher.watch(connection.into_owned());
+                            unless_no_request(connection, &requested, read_timeout).await
                         }
                     };
                     if let Err(e) = served {
@@ -201,6 +202,29 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("open ingest requests did not finish in time");
+    }
+}
+
+/// Serves `connection`, but drops it if no request has reached the service within
+/// `read_timeout`: hyper waits without a timeout for the bytes that tell HTTP/1 from HTTP/2,
+/// and for HTTP/2's preface, so a client sending nothing, or part of them, would hold it.
+/// Once a request came, hyper's own timeouts (below) take over.
+async fn unless_no_request<E>(
+    connection: impl std::future::Future<Output = Result<(), E>>,
+    requested: &AtomicBool,
+    read_timeout: Duration,
+) -> Result<(), E> {
+    tokio::pin!(connection);
+    tokio::select! {
+        served = &mut connection => served,
+        () = tokio::time::sleep(read_timeout) => {
+            if requested.load(Ordering::Relaxed) {
+                connection.await
+            } else {
+                tracing::debug!("an ingest connection sent no request in time");
+                Ok(())
+            }
+        }
     }
 }
 
@@ -300,65 +324,100 @@ fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
     }
 }
 
-async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer {
-    if !authorized(state, &request) {
+fn too_large(state: &IngestState) -> Answer {
+    error_answer(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!(
+            "the body is larger than ingest.max_body_bytes ({})",
+            state.max_body_bytes
+        ),
+    )
+}
+
+/// What a request that may be read was found to send, and the room reserved for its body.
+struct Admitted<'a> {
+    encoding: Encoding,
+    declared: Option<u64>,
+    _room: tokio::sync::SemaphorePermit<'a>,
+}
+
+/// Whether a request's body may be read; else the answer.
+async fn admit<'a>(
+    state: &'a IngestState,
+    request: &Request<Incoming>,
+) -> Result<Admitted<'a>, Box<Answer>> {
+    if !authorized(state, request) {
         let mut answer = error_answer(StatusCode::UNAUTHORIZED, "missing or wrong ingest token");
         answer.headers_mut().insert(
             WWW_AUTHENTICATE,
             hyper::header::HeaderValue::from_static("Bearer"),
         );
-        return answer;
+        return Err(Box::new(answer));
     }
-    let encoding = match body_encoding(&request) {
-        Ok(encoding) => encoding,
-        Err(refused) => return error_answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &refused),
-    };
-    let too_large = || {
-        error_answer(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "the body is larger than ingest.max_body_bytes ({})",
-                state.max_body_bytes
-            ),
-        )
-    };
+    let encoding = body_encoding(request)
+        .map_err(|refused| error_answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &refused))?;
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > state.max_body_bytes) {
-        return too_large();
+        return Err(Box::new(too_large(state)));
     }
     if state.store.is_failed() {
         // Taken again by itself once the disk has room (`Store::recover`).
-        return unavailable(&state.store.failure().to_string());
+        return Err(Box::new(unavailable(&state.store.failure().to_string())));
     }
     match state.store.outbox_full(state.max_outbox_bytes) {
-        Ok(true) => return unavailable(crate::admin::OUTBOX_FULL),
+        Ok(true) => return Err(Box::new(unavailable(crate::admin::OUTBOX_FULL))),
         Ok(false) => {}
-        Err(e) if e.is_transient() => return unavailable(&e.to_string()),
-        Err(e) => return error_answer(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Err(e) if e.is_transient() => return Err(Box::new(unavailable(&e.to_string()))),
+        Err(e) => {
+            return Err(Box::new(error_answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &e.to_string(),
+            )))
+        }
     }
     // A gzip body may grow to max_body_bytes once decompressed.
     let room = match encoding {
         Encoding::Identity => declared.unwrap_or(state.max_body_bytes),
         Encoding::Gzip => state.max_body_bytes,
     };
-    let Some(_room) = state.bodies.room_for(room, state.read_timeout).await else {
-        return unavailable(
+    let Some(room) = state.bodies.room_for(room, state.read_timeout).await else {
+        return Err(Box::new(unavailable(
             "busy: the bodies of other requests fill the room for them; not stored, send it again",
-        );
+        )));
     };
+    Ok(Admitted {
+        encoding,
+        declared,
+        _room: room,
+    })
+}
+
+async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer {
+    let admitted = match admit(state, &request).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            // A client that asked to hear first (`Expect: 100-continue`) sends nothing more.
+            if !request.headers().contains_key(hyper::header::EXPECT) {
+                discard_body(request.into_body(), state).await;
+            }
+            return *refused;
+        }
+    };
+    let (encoding, declared) = (admitted.encoding, admitted.declared);
     let body = match read_body(request.into_body(), declared, state).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::TooLarge) => return too_large(state),
         Err(BodyError::Stalled) => {
             return error_answer(
                 StatusCode::REQUEST_TIMEOUT,
                 &format!(
-                    "no part of the body arrived for {} ms (ingest.read_timeout_ms)",
-                    state.read_timeout.as_millis()
+                    "the body stalled for {} ms (ingest.read_timeout_ms), or did not arrive whole within {} times that",
+                    state.read_timeout.as_millis(),
+                    BODY_DEADLINE_TIMEOUTS
                 ),
             )
         }
@@ -429,37 +488,80 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     }
 }
 
+/// A body must arrive whole within this many read timeouts.
+const BODY_DEADLINE_TIMEOUTS: u32 = 4;
+
 enum BodyError {
     TooLarge,
-    /// No frame arrived for `ingest.read_timeout_ms`.
+    /// No frame arrived for `ingest.read_timeout_ms`, or not all of them in time.
     Stalled,
     Unreadable(String),
 }
 
-/// The whole body, up to `ingest.max_body_bytes`, each part arriving within the read timeout
-/// of the one before.
+/// The whole body, up to `ingest.max_body_bytes`.
 async fn read_body(
     body: Incoming,
     declared: Option<u64>,
     state: &IngestState,
 ) -> Result<Vec<u8>, BodyError> {
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
-    let mut body = Limited::new(body, limit);
     let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
     let mut bytes = Vec::with_capacity(expected);
+    for_each_part(Limited::new(body, limit), state.read_timeout, |data| {
+        bytes.extend_from_slice(data);
+        true
+    })
+    .await
+    .map_err(|e| match e {
+        PartError::Stalled => BodyError::Stalled,
+        PartError::Failed(e) if e.is::<http_body_util::LengthLimitError>() => BodyError::TooLarge,
+        PartError::Failed(e) => BodyError::Unreadable(e.to_string()),
+    })?;
+    Ok(bytes)
+}
+
+/// Reads and drops what a client still sends of a body refused before it was read (up to
+/// `ingest.max_body_bytes` and 1 MiB more): closing a connection with unread bytes resets it,
+/// and a client still sending would see the reset rather than the answer.
+async fn discard_body(body: Incoming, state: &IngestState) {
+    let cap = state.max_body_bytes.saturating_add(1 << 20);
+    let mut seen = 0u64;
+    let _ = for_each_part(body, state.read_timeout, |data| {
+        seen += data.len() as u64;
+        seen <= cap
+    })
+    .await;
+}
+
+enum PartError<E> {
+    Stalled,
+    Failed(E),
+}
+
+/// Hands each part of `body` to `take` (which says whether to go on), each part arriving
+/// within `read_timeout` of the one before, and all of them within
+/// [`BODY_DEADLINE_TIMEOUTS`] read timeouts, so that a trickle cannot hold a request (and its
+/// room for bodies) for ever.
+async fn for_each_part<B: hyper::body::Body<Data = Bytes> + Unpin>(
+    mut body: B,
+    read_timeout: Duration,
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> Result<(), PartError<B::Error>> {
+    let deadline = tokio::time::Instant::now() + read_timeout * BODY_DEADLINE_TIMEOUTS;
     loop {
-        match tokio::time::timeout(state.read_timeout, body.frame()).await {
-            Err(_) => return Err(BodyError::Stalled),
-            Ok(None) => return Ok(bytes),
+        let wait =
+            read_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => return Err(PartError::Stalled),
+            Ok(None) => return Ok(()),
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    bytes.extend_from_slice(data);
+                    if !take(data) {
+                        return Ok(());
+                    }
                 }
             }
-            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(BodyError::TooLarge)
-            }
-            Ok(Some(Err(e))) => return Err(BodyError::Unreadable(e.to_string())),
+            Ok(Some(Err(e))) => return Err(PartError::Failed(e)),
         }
     }
 }
