@@ -216,6 +216,8 @@ async fn unless_no_request<E>(
 ) -> Result<(), E> {
     tokio::pin!(connection);
     tokio::select! {
+        // The connection first: a request that came as the timer fired counts.
+        biased;
         served = &mut connection => served,
         () = tokio::time::sleep(read_timeout) => {
             if requested.load(Ordering::Relaxed) {
