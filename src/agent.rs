@@ -161,7 +161,9 @@ impl Agent {
             max_body_bytes: config.ingest.max_body_bytes,
             max_future_s: config.ingest.max_future_s,
             read_timeout: config.ingest.read_timeout,
-            bodies: ingest::BodyBudget::for_max_body_bytes(config.ingest.max_body_bytes),
+            bodies: crate::server::body::BodyBudget::for_max_body_bytes(
+                config.ingest.max_body_bytes,
+            ),
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
             source,

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
-    WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -19,9 +18,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::body::{
+    body_encoding, discard_body, gunzip, read_body, BodyBudget, BodyError, Encoding,
+    BODY_DEADLINE_TIMEOUTS,
+};
 use crate::config::Secret;
 use crate::metrics::{self, Metrics};
 use crate::profile::update::{parse_body_with, FutureLimit};
@@ -34,44 +36,6 @@ const FULL_RETRY_AFTER_S: u64 = 5;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests in flight on one HTTP/2 connection.
 const MAX_STREAMS: u32 = 64;
-
-/// Request bodies held at once (from their first byte until their commit answers) are
-/// reserved at most this many times `ingest.max_body_bytes` (their length when they declare
-/// one, else the whole limit; gzip ones the whole limit); a request past that waits for room,
-/// up to `ingest.read_timeout_ms`, before its body is read, then gets 503 with `Retry-After`.
-pub const BODIES_IN_FLIGHT: u64 = 4;
-
-/// The room for request bodies, in KiB permits.
-pub struct BodyBudget {
-    permits: Semaphore,
-    /// What one body of `ingest.max_body_bytes` takes.
-    max_kib: u32,
-}
-
-impl BodyBudget {
-    pub fn for_max_body_bytes(max_body_bytes: u64) -> BodyBudget {
-        let limit = u64::from(u32::MAX >> 3) / BODIES_IN_FLIGHT;
-        let max_kib = max_body_bytes.div_ceil(1024).clamp(1, limit) as u32;
-        BodyBudget {
-            permits: Semaphore::new(max_kib as usize * BODIES_IN_FLIGHT as usize),
-            max_kib,
-        }
-    }
-
-    /// Room for a body of `bytes`, given back when the permit drops; `None` if there was none
-    /// within `wait`.
-    async fn room_for(
-        &self,
-        bytes: u64,
-        wait: Duration,
-    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        let kib = bytes.div_ceil(1024).clamp(1, u64::from(self.max_kib)) as u32;
-        let permit = tokio::time::timeout(wait, self.permits.acquire_many(kib)).await;
-        permit
-            .ok()
-            .map(|p| p.expect("the budget's semaphore is never closed"))
-    }
-}
 
 pub struct IngestState {
     pub store: Arc<Store>,
@@ -404,13 +368,25 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(refused) => {
             // A client that asked to hear first (`Expect: 100-continue`) sends nothing more.
             if !request.headers().contains_key(hyper::header::EXPECT) {
-                discard_body(request.into_body(), state).await;
+                discard_body(
+                    request.into_body(),
+                    state.max_body_bytes,
+                    state.read_timeout,
+                )
+                .await;
             }
             return *refused;
         }
     };
     let (encoding, declared) = (admitted.encoding, admitted.declared);
-    let body = match read_body(request.into_body(), declared, state).await {
+    let body = match read_body(
+        request.into_body(),
+        declared,
+        state.max_body_bytes,
+        state.read_timeout,
+    )
+    .await
+    {
         Ok(body) => body,
         Err(BodyError::TooLarge) => return too_large(state),
         Err(BodyError::Stalled) => {
@@ -488,126 +464,4 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             unavailable(&format!("not stored: {e}"))
         }
     }
-}
-
-/// A body must arrive whole within this many read timeouts.
-const BODY_DEADLINE_TIMEOUTS: u32 = 4;
-
-enum BodyError {
-    TooLarge,
-    /// No frame arrived for `ingest.read_timeout_ms`, or not all of them in time.
-    Stalled,
-    Unreadable(String),
-}
-
-/// The whole body, up to `ingest.max_body_bytes`.
-async fn read_body(
-    body: Incoming,
-    declared: Option<u64>,
-    state: &IngestState,
-) -> Result<Vec<u8>, BodyError> {
-    let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
-    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
-    let mut bytes = Vec::with_capacity(expected);
-    for_each_part(Limited::new(body, limit), state.read_timeout, |data| {
-        bytes.extend_from_slice(data);
-        true
-    })
-    .await
-    .map_err(|e| match e {
-        PartError::Stalled => BodyError::Stalled,
-        PartError::Failed(e) if e.is::<http_body_util::LengthLimitError>() => BodyError::TooLarge,
-        PartError::Failed(e) => BodyError::Unreadable(e.to_string()),
-    })?;
-    Ok(bytes)
-}
-
-/// Reads and drops what a client still sends of a body refused before it was read (up to
-/// `ingest.max_body_bytes` and 1 MiB more): closing a connection with unread bytes resets it,
-/// and a client still sending would see the reset rather than the answer.
-async fn discard_body(body: Incoming, state: &IngestState) {
-    let cap = state.max_body_bytes.saturating_add(1 << 20);
-    let mut seen = 0u64;
-    let _ = for_each_part(body, state.read_timeout, |data| {
-        seen += data.len() as u64;
-        seen <= cap
-    })
-    .await;
-}
-
-enum PartError<E> {
-    Stalled,
-    Failed(E),
-}
-
-/// Hands each part of `body` to `take` (which says whether to go on), each part arriving
-/// within `read_timeout` of the one before, and all of them within
-/// [`BODY_DEADLINE_TIMEOUTS`] read timeouts, so that a trickle cannot hold a request (and its
-/// room for bodies) for ever.
-async fn for_each_part<B: hyper::body::Body<Data = Bytes> + Unpin>(
-    mut body: B,
-    read_timeout: Duration,
-    mut take: impl FnMut(&[u8]) -> bool,
-) -> Result<(), PartError<B::Error>> {
-    let deadline = tokio::time::Instant::now() + read_timeout * BODY_DEADLINE_TIMEOUTS;
-    loop {
-        let wait =
-            read_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-        match tokio::time::timeout(wait, body.frame()).await {
-            Err(_) => return Err(PartError::Stalled),
-            Ok(None) => return Ok(()),
-            Ok(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if !take(data) {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok(Some(Err(e))) => return Err(PartError::Failed(e)),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Identity,
-    Gzip,
-}
-
-/// The body's `Content-Encoding`: none, `identity` or `gzip` (`x-gzip`); else why it is
-/// refused.
-fn body_encoding(request: &Request<Incoming>) -> Result<Encoding, String> {
-    let Some(value) = request.headers().get(CONTENT_ENCODING) else {
-        return Ok(Encoding::Identity);
-    };
-    let text = String::from_utf8_lossy(value.as_bytes());
-    let text = text.trim();
-    if text.is_empty() || text.eq_ignore_ascii_case("identity") {
-        Ok(Encoding::Identity)
-    } else if text.eq_ignore_ascii_case("gzip") || text.eq_ignore_ascii_case("x-gzip") {
-        Ok(Encoding::Gzip)
-    } else {
-        let shown: String = text.chars().take(40).collect();
-        Err(format!(
-            "Content-Encoding `{shown}` is not supported: send the body as it is, or gzip"
-        ))
-    }
-}
-
-/// Decompresses a gzip body (one member or several, as `cat a.gz b.gz` makes), refusing one
-/// that grows past `limit` bytes. The compressed bytes are freed once read, and the slack of
-/// the growing buffer before the text is kept.
-fn gunzip(compressed: Vec<u8>, limit: u64) -> Result<Vec<u8>, BodyError> {
-    use std::io::Read;
-    let mut decoded = Vec::new();
-    flate2::read::MultiGzDecoder::new(compressed.as_slice())
-        .take(limit.saturating_add(1))
-        .read_to_end(&mut decoded)
-        .map_err(|e| BodyError::Unreadable(e.to_string()))?;
-    drop(compressed);
-    if decoded.len() as u64 > limit {
-        return Err(BodyError::TooLarge);
-    }
-    decoded.shrink_to_fit();
-    Ok(decoded)
 }

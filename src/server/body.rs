@@ -1,0 +1,221 @@
+//! Request bodies of the ingest API: the room they may take at once, how long they may take
+//! to arrive, and their encoding.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_ENCODING;
+use hyper::Request;
+use tokio::sync::Semaphore;
+
+/// Request bodies held at once (from their first byte until their commit answers) are
+/// reserved at most this many times `ingest.max_body_bytes` (their length when they declare
+/// one, else the whole limit; gzip ones the whole limit); a request past that waits for room,
+/// up to `ingest.read_timeout_ms`, before its body is read, then gets 503 with `Retry-After`.
+pub const BODIES_IN_FLIGHT: u64 = 4;
+
+/// The room for request bodies, in KiB permits.
+pub struct BodyBudget {
+    permits: Semaphore,
+    /// What one body of `ingest.max_body_bytes` takes.
+    max_kib: u32,
+}
+
+impl BodyBudget {
+    pub fn for_max_body_bytes(max_body_bytes: u64) -> BodyBudget {
+        let limit = u64::from(u32::MAX >> 3) / BODIES_IN_FLIGHT;
+        let max_kib = max_body_bytes.div_ceil(1024).clamp(1, limit) as u32;
+        BodyBudget {
+            permits: Semaphore::new(max_kib as usize * BODIES_IN_FLIGHT as usize),
+            max_kib,
+        }
+    }
+
+    /// Room for a body of `bytes`, given back when the permit drops; `None` if there was none
+    /// within `wait`.
+    pub async fn room_for(
+        &self,
+        bytes: u64,
+        wait: Duration,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let kib = bytes.div_ceil(1024).clamp(1, u64::from(self.max_kib)) as u32;
+        let permit = tokio::time::timeout(wait, self.permits.acquire_many(kib)).await;
+        permit
+            .ok()
+            .map(|p| p.expect("the budget's semaphore is never closed"))
+    }
+}
+
+/// A body must arrive whole within this many read timeouts.
+pub const BODY_DEADLINE_TIMEOUTS: u32 = 4;
+
+pub enum BodyError {
+    TooLarge,
+    /// No frame arrived for `ingest.read_timeout_ms`, or not all of them in time.
+    Stalled,
+    Unreadable(String),
+}
+
+/// The whole body, up to `max_body_bytes`.
+pub async fn read_body(
+    body: Incoming,
+    declared: Option<u64>,
+    max_body_bytes: u64,
+    read_timeout: Duration,
+) -> Result<Vec<u8>, BodyError> {
+    let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
+    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let mut bytes = Vec::with_capacity(expected);
+    for_each_part(Limited::new(body, limit), read_timeout, |data| {
+        bytes.extend_from_slice(data);
+        true
+    })
+    .await
+    .map_err(|e| match e {
+        PartError::Stalled => BodyError::Stalled,
+        PartError::Failed(e) if e.is::<http_body_util::LengthLimitError>() => BodyError::TooLarge,
+        PartError::Failed(e) => BodyError::Unreadable(e.to_string()),
+    })?;
+    Ok(bytes)
+}
+
+/// Reads and drops what a client still sends of a body refused before it was read (up to
+/// `max_body_bytes` and 1 MiB more): closing a connection with unread bytes resets it, and a
+/// client still sending would see the reset rather than the answer.
+pub async fn discard_body(body: Incoming, max_body_bytes: u64, read_timeout: Duration) {
+    let cap = max_body_bytes.saturating_add(1 << 20);
+    let mut seen = 0u64;
+    let _ = for_each_part(body, read_timeout, |data| {
+        seen += data.len() as u64;
+        seen <= cap
+    })
+    .await;
+}
+
+enum PartError<E> {
+    Stalled,
+    Failed(E),
+}
+
+/// Hands each part of `body` to `take` (which says whether to go on), each part arriving
+/// within `read_timeout` of the one before, and all of them within
+/// [`BODY_DEADLINE_TIMEOUTS`] read timeouts, so that a trickle cannot hold a request (and its
+/// room for bodies) for ever.
+async fn for_each_part<B: hyper::body::Body<Data = Bytes> + Unpin>(
+    mut body: B,
+    read_timeout: Duration,
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> Result<(), PartError<B::Error>> {
+    let deadline = tokio::time::Instant::now() + read_timeout * BODY_DEADLINE_TIMEOUTS;
+    loop {
+        let wait =
+            read_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => return Err(PartError::Stalled),
+            Ok(None) => return Ok(()),
+            Ok(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !take(data) {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(Some(Err(e))) => return Err(PartError::Failed(e)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+}
+
+/// The body's `Content-Encoding`: none, `identity` or `gzip` (`x-gzip`); else why it is
+/// refused.
+pub fn body_encoding(request: &Request<Incoming>) -> Result<Encoding, String> {
+    let Some(value) = request.headers().get(CONTENT_ENCODING) else {
+        return Ok(Encoding::Identity);
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("identity") {
+        Ok(Encoding::Identity)
+    } else if text.eq_ignore_ascii_case("gzip") || text.eq_ignore_ascii_case("x-gzip") {
+        Ok(Encoding::Gzip)
+    } else {
+        let shown: String = text.chars().take(40).collect();
+        Err(format!(
+            "Content-Encoding `{shown}` is not supported: send the body as it is, or gzip"
+        ))
+    }
+}
+
+/// Decompresses a gzip body (one member or several, as `cat a.gz b.gz` makes), refusing one
+/// that grows past `limit` bytes. The compressed bytes are freed once read, and the slack of
+/// the growing buffer before the text is kept.
+pub fn gunzip(compressed: Vec<u8>, limit: u64) -> Result<Vec<u8>, BodyError> {
+    use std::io::Read;
+    let mut decoded = Vec::new();
+    flate2::read::MultiGzDecoder::new(compressed.as_slice())
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut decoded)
+        .map_err(|e| BodyError::Unreadable(e.to_string()))?;
+    drop(compressed);
+    if decoded.len() as u64 > limit {
+        return Err(BodyError::TooLarge);
+    }
+    decoded.shrink_to_fit();
+    Ok(decoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four bodies of `max_body_bytes` fit at once whatever its size (rounded to KiB), and
+    /// nothing more does until one gives its room back.
+    #[tokio::test]
+    async fn four_whole_bodies_fit_and_no_more() {
+        let wait = Duration::from_millis(10);
+        for max in [1, 100, 1023, 1024, 1025, 16 << 20, (16 << 20) + 1] {
+            let budget = BodyBudget::for_max_body_bytes(max);
+            let mut held = Vec::new();
+            for _ in 0..BODIES_IN_FLIGHT {
+                held.push(
+                    budget
+                        .room_for(max, wait)
+                        .await
+                        .expect("room for a whole body"),
+                );
+            }
+            assert!(budget.room_for(1, wait).await.is_none(), "max {max}");
+            held.pop();
+            assert!(budget.room_for(max, wait).await.is_some(), "max {max}");
+        }
+    }
+
+    #[test]
+    fn gzip_bodies_are_bounded_once_decompressed() {
+        use std::io::Write;
+        let gzip = |text: &[u8]| {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(text).unwrap();
+            encoder.finish().unwrap()
+        };
+        let mut two = gzip(b"one\n");
+        two.extend(gzip(b"two\n"));
+        assert_eq!(gunzip(two, 8).ok(), Some(b"one\ntwo\n".to_vec()));
+        assert!(matches!(
+            gunzip(gzip(&[b' '; 9]), 8),
+            Err(BodyError::TooLarge)
+        ));
+        assert!(matches!(
+            gunzip(b"not gzip".to_vec(), 8),
+            Err(BodyError::Unreadable(_))
+        ));
+    }
+}
