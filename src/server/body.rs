@@ -10,10 +10,10 @@ use hyper::header::CONTENT_ENCODING;
 use hyper::Request;
 use tokio::sync::Semaphore;
 
-/// Request bodies held at once (from their first byte until their commit answers) are
-/// reserved at most this many times `ingest.max_body_bytes` (their length when they declare
-/// one, else the whole limit; gzip ones the whole limit); a request past that waits for room,
-/// up to `ingest.read_timeout_ms`, before its body is read, then gets 503 with `Retry-After`.
+/// Before its body is read, a request reserves room for it until its commit answers: its
+/// declared length, else (and when gzip) the whole `ingest.max_body_bytes`; all requests at
+/// once, at most this many times that. A request past it waits for room up to
+/// `ingest.read_timeout_ms`, then gets 503 with `Retry-After`.
 pub const BODIES_IN_FLIGHT: u64 = 4;
 
 /// The room for request bodies, in KiB permits.
