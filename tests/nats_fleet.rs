@@ -986,10 +986,15 @@ async fn an_update_too_large_for_a_message_publishes_nothing() {
     let setup = AgentSetup::on_stream("http://127.0.0.1:9", &server, "", "");
     let mut big: serde_json::Value = serde_json::from_str(&version_line(1, 0)).unwrap();
     big["profile"]["note"] = serde_json::json!("x".repeat(1_100_000));
-    let file = write_lines(setup.dir.path(), &[version_line(0, 0), big.to_string()]);
-    let out = setup.run(&["publish", file.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // `outpost publish` of `lines`, which must exit 1; its stderr.
+    let refused = |lines: &[String]| {
+        let file = write_lines(setup.dir.path(), lines);
+        let out = setup.run(&["publish", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        stderr
+    };
+    let stderr = refused(&[version_line(0, 0), big.to_string()]);
     assert!(
         stderr.contains("line 2") && stderr.contains("max_payload"),
         "{stderr}"
@@ -1016,10 +1021,7 @@ async fn an_update_too_large_for_a_message_publishes_nothing() {
     let note = max_payload - 20 - body_of(0).1;
     let (near, bytes) = body_of(note);
     assert_eq!(bytes, max_payload - 20);
-    let file = write_lines(setup.dir.path(), &[version_line(0, 0), near]);
-    let out = setup.run(&["publish", file.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused(&[version_line(0, 0), near]);
     assert!(
         stderr.contains("line 2") && stderr.contains("Nats-Msg-Id header"),
         "{stderr}"

@@ -91,7 +91,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let state_read_timeout = state.read_timeout;
+    let read_timeout = state.read_timeout;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -117,7 +117,6 @@ pub async fn serve(
                 });
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
-                let read_timeout = state_read_timeout;
                 tokio::spawn(async move {
                     let served = match tls {
                         None => {
