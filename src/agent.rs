@@ -161,6 +161,7 @@ impl Agent {
             max_body_bytes: config.ingest.max_body_bytes,
             max_future_s: config.ingest.max_future_s,
             read_timeout: config.ingest.read_timeout,
+            max_connections: config.ingest.max_connections,
             bodies: crate::server::body::BodyBudget::for_max_body_bytes(
                 config.ingest.max_body_bytes,
             ),

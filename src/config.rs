@@ -241,6 +241,8 @@ struct RawIngest {
     max_future_s: u64,
     #[serde(default = "default_read_timeout_ms")]
     read_timeout_ms: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: u64,
     #[serde(default)]
     tls_cert_file: Option<PathBuf>,
     #[serde(default)]
@@ -260,6 +262,7 @@ impl Default for RawIngest {
             max_body_bytes: default_max_body_bytes(),
             max_future_s: default_max_future_s(),
             read_timeout_ms: default_read_timeout_ms(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -276,6 +279,11 @@ fn default_max_future_s() -> u64 {
 fn default_read_timeout_ms() -> u64 {
     30_000
 }
+fn default_max_connections() -> u64 {
+    512
+}
+/// Far past what one process can hold open (file descriptors), and within a semaphore's range.
+const MAX_CONNECTIONS: u64 = 1_000_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -459,6 +467,8 @@ pub struct Ingest {
     /// arrive once the connection waits for one (so also how long an idle HTTP/1 connection
     /// stays open), a body may stall, and a request may wait for room for its body.
     pub read_timeout: Duration,
+    /// Connections open at once; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
     /// Serve the ingest API over HTTPS.
     pub tls: Option<IngestTls>,
 }
@@ -660,6 +670,12 @@ impl Config {
         if raw.ingest.read_timeout_ms == 0 {
             return Err(invalid("ingest.read_timeout_ms", "must be above 0".into()));
         }
+        if raw.ingest.max_connections == 0 || raw.ingest.max_connections > MAX_CONNECTIONS {
+            return Err(invalid(
+                "ingest.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
         let ingest_tls = match (raw.ingest.tls_cert_file, raw.ingest.tls_key_file) {
             (Some(cert), Some(key)) => Some(IngestTls {
                 cert_file: relative(cert),
@@ -783,6 +799,7 @@ impl Config {
                 max_body_bytes: raw.ingest.max_body_bytes,
                 max_future_s: raw.ingest.max_future_s,
                 read_timeout: Duration::from_millis(raw.ingest.read_timeout_ms),
+                max_connections: raw.ingest.max_connections as usize,
                 tls: ingest_tls,
             },
             delivery: Delivery {
@@ -1442,6 +1459,11 @@ client_secret = "s3cr3t-value"
                 "[ingest]\nread_timeout_ms = 0\n\n[storage]",
             ),
             (
+                "zero max_connections",
+                "[storage]",
+                "[ingest]\nmax_connections = 0\n\n[storage]",
+            ),
+            (
                 "a store path too long for the agent's socket",
                 "path = \"store\"",
                 &long_store_path,
@@ -1458,6 +1480,7 @@ client_secret = "s3cr3t-value"
             "ingest.max_future_s",
             "max_future_s",
             "ingest.read_timeout_ms",
+            "ingest.max_connections",
             "storage.path",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {

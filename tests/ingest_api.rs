@@ -1007,6 +1007,59 @@ async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
     assert_eq!(ws.outbox_stats()["profiles"], 1);
 }
 
+/// Connections past `ingest.max_connections` are not taken: they wait in the listen backlog
+/// until an open one closes, then are served, and the log says the limit was reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    use std::io::{ErrorKind, Read, Write};
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let limit = format!("max_body_bytes = {MAX_BODY}");
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    std::fs::write(
+        ws.config_path(),
+        text.replace(&limit, &format!("{limit}\nmax_connections = 2")),
+    )
+    .unwrap();
+    let agent = start_agent(&ws, port).await;
+    let healthz = || {
+        let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        stream
+    };
+    // Two keep-alive connections, answered and left open.
+    let mut open: Vec<_> = (0..2).map(|_| healthz()).collect();
+    for stream in &mut open {
+        let head = read_head(stream);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let mut waiting = healthz();
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match waiting.read(&mut byte) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("a third connection was served past max_connections = 2: {other:?}"),
+    }
+    drop(open.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = read_head(&mut waiting);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        agent.log().contains("ingest.max_connections"),
+        "{}",
+        agent.log()
+    );
+}
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{
@@ -47,6 +48,8 @@ pub struct IngestState {
     pub max_future_s: u64,
     /// `ingest.read_timeout_ms`.
     pub read_timeout: Duration,
+    /// `ingest.max_connections`.
+    pub max_connections: usize,
     pub bodies: BodyBudget,
     pub max_outbox_bytes: u64,
     /// Set while the delivery loop runs; `/healthz` reports it.
@@ -92,7 +95,32 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let read_timeout = state.read_timeout;
+    // A connection holds one until it ends; without one, nothing is accepted, and new
+    // connections wait in the kernel's listen backlog rather than take memory and descriptors.
+    let connections = Arc::new(Semaphore::new(state.max_connections));
+    let mut warned_full = false;
     loop {
+        let slot = match Arc::clone(&connections).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if !warned_full {
+                    warned_full = true;
+                    tracing::warn!(
+                        max_connections = state.max_connections,
+                        "ingest connections at ingest.max_connections; new ones wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    slot = Arc::clone(&connections).acquire_owned() => {
+                        slot.expect("the semaphore is never closed")
+                    }
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        if connections.available_permits() > state.max_connections / 2 {
+            warned_full = false;
+        }
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -118,6 +146,7 @@ pub async fn serve(
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let served = match tls {
                         None => {
                             let builder = connection_builder(read_timeout);
