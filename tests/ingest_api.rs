@@ -1007,6 +1007,63 @@ async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
     assert_eq!(ws.outbox_stats()["profiles"], 1);
 }
 
+/// A body sent without a length (chunked) that goes past `max_body_bytes` is answered 413
+/// once the client has sent it (up to 1 MiB past the limit), rather than the connection
+/// closed with bytes unread, which a client still sending sees as a reset instead of the
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunked_body_past_the_limit_is_answered_413_not_reset() {
+    use std::io::{Read, Write};
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let agent = start_agent(&ws, port).await;
+    let chunk = vec![b' '; 64 << 10];
+    let chunks = (MAX_BODY + (512 << 10)) / chunk.len();
+    for attempt in 0..3 {
+        let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "POST /v1/updates HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        for sent in 0..chunks {
+            // Past the limit, a pause: the client is still sending when the agent has seen
+            // enough to refuse the body.
+            if sent == MAX_BODY / chunk.len() + 1 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            stream
+                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .and_then(|()| stream.write_all(&chunk))
+                .and_then(|()| stream.write_all(b"\r\n"))
+                .unwrap_or_else(|e| panic!("attempt {attempt}: sending the body: {e}"));
+        }
+        stream
+            .write_all(b"0\r\n\r\n")
+            .unwrap_or_else(|e| panic!("attempt {attempt}: ending the body: {e}"));
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let ended = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break "closed".to_string(),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) => break e.to_string(),
+            }
+            if answer.windows(14).any(|w| w == b"max_body_bytes") {
+                break "answered".to_string();
+            }
+        };
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 413") && ended == "answered",
+            "attempt {attempt}: {answer:?}, then {ended}"
+        );
+    }
+    assert_eq!(ws.outbox_stats()["profiles"], 0);
+}
+
 /// Connections past `ingest.max_connections` are not taken: they wait in the listen backlog
 /// until an open one closes, then are served, and the log says the limit was reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_ENCODING;
 use hyper::Request;
@@ -58,7 +58,13 @@ pub enum BodyError {
     Unreadable(String),
 }
 
-/// The whole body, up to `max_body_bytes`.
+/// What a client may still send of a body refused before or while it is read, on top of what
+/// was read: it is read and dropped, since closing a connection with unread bytes resets it,
+/// and a client still sending would see the reset rather than the answer.
+const DRAINED_BYTES: u64 = 1 << 20;
+
+/// The whole body, up to `max_body_bytes`. Past that, what the client still sends (up to
+/// [`DRAINED_BYTES`]) is read and dropped before the body is refused.
 pub async fn read_body(
     body: Incoming,
     declared: Option<u64>,
@@ -68,24 +74,31 @@ pub async fn read_body(
     let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
     let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
     let mut bytes = Vec::with_capacity(expected);
-    for_each_part(Limited::new(body, limit), read_timeout, |data| {
+    let mut seen = 0u64;
+    let read = for_each_part(body, read_timeout, |data| {
+        seen = seen.saturating_add(data.len() as u64);
+        if seen > max_body_bytes {
+            bytes = Vec::new();
+            return seen <= max_body_bytes.saturating_add(DRAINED_BYTES);
+        }
         bytes.extend_from_slice(data);
         true
     })
-    .await
-    .map_err(|e| match e {
+    .await;
+    if seen > max_body_bytes {
+        return Err(BodyError::TooLarge);
+    }
+    read.map_err(|e| match e {
         PartError::Stalled => BodyError::Stalled,
-        PartError::Failed(e) if e.is::<http_body_util::LengthLimitError>() => BodyError::TooLarge,
         PartError::Failed(e) => BodyError::Unreadable(e.to_string()),
     })?;
     Ok(bytes)
 }
 
 /// Reads and drops what a client still sends of a body refused before it was read (up to
-/// `max_body_bytes` and 1 MiB more): closing a connection with unread bytes resets it, and a
-/// client still sending would see the reset rather than the answer.
+/// `max_body_bytes` and [`DRAINED_BYTES`] more).
 pub async fn discard_body(body: Incoming, max_body_bytes: u64, read_timeout: Duration) {
-    let cap = max_body_bytes.saturating_add(1 << 20);
+    let cap = max_body_bytes.saturating_add(DRAINED_BYTES);
     let mut seen = 0u64;
     let _ = for_each_part(body, read_timeout, |data| {
         seen += data.len() as u64;
