@@ -505,10 +505,17 @@ fn a_closed_pipe_ends_inspection_commands_quietly() {
 /// closed unanswered, which ends it. Fails after 30 s without that.
 fn fake_agent(
     ws: &Workspace,
+    answer: impl FnMut(u32) -> Option<String> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    fake_agent_at(&ws.store_path().join("outpost.sock"), answer)
+}
+
+/// [`fake_agent`] on the socket at `path`.
+fn fake_agent_at(
+    path: &std::path::Path,
     mut answer: impl FnMut(u32) -> Option<String> + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
-    let listener =
-        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -539,6 +546,40 @@ fn fake_agent(
             std::io::Write::write_all(&mut stream, format!("{line}\n").as_bytes()).unwrap();
         }
     })
+}
+
+/// An agent holds its store before its socket answers while it starts, and after its socket
+/// is gone while it stops: the CLI waits for one or the other rather than fail at once.
+#[test]
+fn the_cli_waits_for_an_agent_that_holds_the_store_but_does_not_answer_yet() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let held = outpost::store::Store::open(&ws.store_path(), 8 << 20).unwrap();
+    let socket = ws.store_path().join("outpost.sock");
+    let starting = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(2500));
+            let answer = serde_json::json!({"ok": {"pending": 7, "dead": 0}}).to_string();
+            // The CLI's request answered, the test's own (below) ends it.
+            fake_agent_at(&socket, move |n| (n == 1).then(|| answer.clone()))
+        }
+    });
+    let out = ws.run(&["outbox", "stats", "--json"], None);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let agent = starting.join().unwrap();
+    let mut last = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(&mut last, b"{}\n").unwrap();
+    last.shutdown(std::net::Shutdown::Write).unwrap();
+    agent.join().unwrap();
+    drop(held);
+    let stats: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(stats["pending"], 7, "{stats}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting up to 30 s"),
+        "{out:?}"
+    );
 }
 
 /// An agent that stops before it answers (killed mid-request) is named as such, not as an

@@ -16,6 +16,8 @@ use crate::store::{put_back_wait, BatchSummary, Store, StoreError};
 
 /// How long the CLI waits for the agent's answer.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the CLI waits for a store held by a process whose agent does not answer.
+const LOCKED_WAIT: Duration = Duration::from_secs(30);
 
 /// Where the CLI's requests go.
 pub enum Backend {
@@ -30,23 +32,45 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The agent if one answers on the store's socket, else the store itself.
+    /// The agent if one answers on the store's socket, else the store itself. A store held
+    /// by another process with no agent answering is waited for up to [`LOCKED_WAIT`]: an
+    /// agent holds its store before its socket answers while it starts (longer when it
+    /// upgrades or rebuilds the store), and after its socket is gone while it stops.
     pub fn connect(config: &Config) -> Result<Backend, CliError> {
         let socket = crate::server::admin::socket_path(&config.storage.path);
-        if Backend::agent_answers(config) {
-            return Ok(Backend::Agent {
-                socket,
-                request_timeout: config.delivery.request_timeout,
-            });
-        }
-        match Store::open(&config.storage.path, config.storage.cache_bytes) {
-            Ok(store) => Ok(Backend::Local(Box::new(store))),
-            Err(StoreError::Locked(path)) => Err(CliError::Failure(format!(
-                "the store at {} is in use by another process, and no agent answers on {}",
-                path.display(),
-                socket.display()
-            ))),
-            Err(e) => Err(e.into()),
+        let deadline = std::time::Instant::now() + LOCKED_WAIT;
+        let mut said = false;
+        loop {
+            if Backend::agent_answers(config) {
+                return Ok(Backend::Agent {
+                    socket,
+                    request_timeout: config.delivery.request_timeout,
+                });
+            }
+            match Store::open(&config.storage.path, config.storage.cache_bytes) {
+                Ok(store) => return Ok(Backend::Local(Box::new(store))),
+                Err(StoreError::Locked(path)) if std::time::Instant::now() < deadline => {
+                    if !said {
+                        said = true;
+                        eprintln!(
+                            "the store at {} is in use by another process; waiting up to {} s for an agent to answer on {} or the store to be free",
+                            path.display(),
+                            LOCKED_WAIT.as_secs(),
+                            socket.display()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(StoreError::Locked(path)) => {
+                    return Err(CliError::Failure(format!(
+                        "the store at {} is in use by another process, and no agent answered on {} within {} s",
+                        path.display(),
+                        socket.display(),
+                        LOCKED_WAIT.as_secs()
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 
