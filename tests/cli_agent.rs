@@ -754,3 +754,69 @@ async fn retry_after_a_crash_holds_a_dead_letter_behind_a_newer_export_maybe_ack
     hold_newer.store(false, std::sync::atomic::Ordering::SeqCst);
     superseded_once_delivered(&ws, agent, &arrivals, &older, &newer).await;
 }
+
+/// `outbox drop` asks on a terminal before it opens the store, so that an agent started while
+/// the question waits for its answer (a service manager restarting it) is not kept from its
+/// store; the drop then goes through that agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_starts_while_drop_waits_for_its_answer() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["bad1"]).join("\n").as_bytes()),
+    );
+    let (mut master, slave) = {
+        let (mut master, mut slave) = (0, 0);
+        let opened = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+        unsafe {
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(master)),
+                OwnedFd::from_raw_fd(slave),
+            )
+        }
+    };
+    let mut dropping = std::process::Command::new(binary())
+        .args(["--config", ws.config_path().to_str().unwrap()])
+        .args(["outbox", "drop", "--all-dead"])
+        .stdin(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = dropping.stderr.take().unwrap();
+    let mut asked = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&asked).contains("[y/N]") {
+        assert_eq!(stderr.read(&mut byte).unwrap(), 1, "{asked:?}");
+        asked.push(byte[0]);
+    }
+    assert!(
+        String::from_utf8_lossy(&asked).contains("Delete every dead letter for good?"),
+        "{asked:?}"
+    );
+    // Panics unless the agent opens its store and answers /healthz while the question waits.
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    wait_counts(&ws, 0, 1).await;
+    master.write_all(b"y\n").unwrap();
+    let out = dropping.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next(),
+        Some("1 export(s) deleted"),
+        "{out:?}"
+    );
+    assert_counts(&ws, 0, 0);
+    drop(agent);
+}

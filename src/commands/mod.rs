@@ -118,7 +118,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Check { store: true, json } => {
             check_store(&Backend::connect_existing(&config)?, json)
         }
-        Command::Repair { yes } => repair_store(&Backend::connect_existing(&config)?, yes),
+        Command::Repair { yes } => repair_store(&config, yes),
         Command::Compact { json } => compact_store(&config, json),
         Command::Ingest { file, json } => {
             let backend = Backend::connect(&config)?;
@@ -126,7 +126,20 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print_summary(&summary, json);
             Ok(())
         }
-        Command::Outbox(command) => outbox(&Backend::connect_existing(&config)?, command),
+        Command::Outbox(command) => {
+            // Asked before the store is opened: a store this process held while a person
+            // reads the question would keep `outpost run` from starting meanwhile.
+            if let OutboxCommand::Drop {
+                targets: Targets { ids, all_dead },
+                yes: false,
+            } = &command
+            {
+                if std::io::stdin().is_terminal() && !confirm(ids, *all_dead)? {
+                    return Err(CliError::Failure("nothing dropped".into()));
+                }
+            }
+            outbox(&Backend::connect_existing(&config)?, command)
+        }
         Command::Profile(ProfileCommand::Show { id, json }) => {
             let value =
                 Backend::connect_existing(&config)?.execute(&AdminRequest::Profile { id })?;
@@ -478,11 +491,8 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
         }
         OutboxCommand::Drop {
             targets: Targets { ids, all_dead },
-            yes,
+            ..
         } => {
-            if !yes && std::io::stdin().is_terminal() && !confirm(&ids, all_dead)? {
-                return Err(CliError::Failure("nothing dropped".into()));
-            }
             let result = backend.execute(&AdminRequest::Drop { ids, all_dead })?;
             report_repair(&result, "dropped", "deleted", all_dead)?;
         }
@@ -551,7 +561,8 @@ fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
 }
 
 /// `outpost repair`: acts on the unreadable records, after confirmation.
-fn repair_store(backend: &Backend, yes: bool) -> Result<(), CliError> {
+fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
+    let backend = Backend::connect_existing(config)?;
     let found = backend.execute(&AdminRequest::Unreadable)?;
     let records: Vec<Value> = found
         .as_array()
@@ -572,7 +583,12 @@ fn repair_store(backend: &Backend, yes: bool) -> Result<(), CliError> {
             record["action"].as_str().unwrap_or("?"),
         );
     }
-    if !yes {
+    let backend = if yes {
+        backend
+    } else {
+        // Not held while a person reads the question (`outpost run` could not start), and
+        // opened again after: the repair acts on what is unreadable then.
+        drop(backend);
         if !std::io::stdin().is_terminal() {
             return Err(CliError::Usage(
                 "repair asks for confirmation on a terminal; give --yes to go ahead without".into(),
@@ -587,7 +603,8 @@ fn repair_store(backend: &Backend, yes: bool) -> Result<(), CliError> {
             println!("nothing changed");
             return Ok(());
         }
-    }
+        Backend::connect_existing(config)?
+    };
     let done = backend.execute(&AdminRequest::RepairUnreadable)?;
     for line in done["repaired"].as_array().cloned().unwrap_or_default() {
         println!("{}", line.as_str().unwrap_or("?"));
