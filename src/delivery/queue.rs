@@ -50,6 +50,10 @@ struct Profile<B> {
     /// good while it takes the others would otherwise have it sent, and a token fetched, as
     /// fast as they answer.
     token_refused: bool,
+    /// While it waits with nothing held (the window forgot what it held, [`Queue::forget_held`]):
+    /// the head export it waits with. Read again, that export waits as before; another read
+    /// first (the head was dropped, or an older export put back below it) is a new head.
+    forgotten_head: Option<u64>,
 }
 
 impl<B> Profile<B> {
@@ -140,6 +144,10 @@ impl<B> Queue<B> {
     /// again (after a restart) keeps its retry time. It is most often its profile's head,
     /// since a profile's later exports wait behind a failed one; behind another export, it
     /// waits for `at` once it becomes the head.
+    ///
+    /// An export its profile holds already is skipped: one put back after a start-over, which
+    /// the reader had not passed yet, comes again (a profile's exports come in sequence order,
+    /// so it is the last one held).
     pub fn push_waiting(&mut self, export: Export, at: Option<Instant>) {
         if self.out.contains(&export.id.seq)
             || (!self.let_go.is_empty() && self.let_go.contains(export.record.profile_id.as_str()))
@@ -155,8 +163,29 @@ impl<B> Queue<B> {
             solo: false,
             failures: 0,
             token_refused: false,
+            forgotten_head: None,
         });
         let seq = export.id.seq;
+        if profile
+            .exports
+            .back()
+            .is_some_and(|last| last.id.seq >= seq)
+        {
+            return;
+        }
+        if let (State::Waiting(when), true) = (profile.state, profile.exports.is_empty()) {
+            if profile.forgotten_head.take() == Some(seq) {
+                // The head it waits with, read again: it goes on waiting, as it was.
+                self.held += 1;
+                self.held_bytes += footprint(&export);
+                profile.exports.push_back(export);
+                return;
+            }
+            // Its own retry time, if it has one, and its own schedule.
+            self.waiting.remove(&(when, Arc::clone(&id)));
+            profile.state = State::Idle;
+            profile.new_head();
+        }
         self.held += 1;
         self.held_bytes += footprint(&export);
         profile.exports.push_back(export);
@@ -389,6 +418,9 @@ impl<B> Queue<B> {
         self.let_go.clear();
         self.start_over = false;
         for profile in self.profiles.values_mut() {
+            if let (State::Waiting(_), Some(head)) = (profile.state, profile.exports.front()) {
+                profile.forgotten_head = Some(head.id.seq);
+            }
             profile.exports.clear();
         }
         self.profiles.retain(|_, p| p.state != State::Idle);
@@ -460,6 +492,81 @@ mod tests {
 
     fn seqs(taken: &[(Arc<str>, Export)]) -> Vec<u64> {
         taken.iter().map(|(_, e)| e.id.seq).collect()
+    }
+
+    /// An export out when the window starts over, put back before the reader gets to it, is
+    /// not held twice when the reader comes to it: it would be sent again after its delivery.
+    #[test]
+    fn an_export_put_back_after_a_start_over_is_not_read_in_twice() {
+        let start = Instant::now();
+        let mut q = queue(&[(1, "a"), (300, "q")]);
+        let q_id: Arc<str> = "q".into();
+        assert_eq!(seqs(&q.take(10)), [1, 300]);
+        q.forget_held();
+        let at = start + Duration::from_secs(30);
+        q.put_back(&q_id, export(300, "q"), Some(at));
+        q.push_waiting(export(300, "q"), Some(at));
+        q.push(export(301, "q"));
+        assert_eq!(q.held(), 2, "300 once, and 301");
+        q.wake_due(at);
+        let (_, head) = q.take(10).remove(0);
+        assert_eq!(head.id.seq, 300);
+        q.settled(&q_id, 300);
+        assert_eq!(seqs(&q.take(10)), [301]);
+        q.settled(&q_id, 301);
+        assert!(q.take(10).is_empty());
+        assert_eq!(q.held(), 0);
+    }
+
+    /// A profile that waits for its head's retry time when the window starts over (exports
+    /// were dropped or put back) waits on only for that export: another export read first is
+    /// a new head, with its own time and schedule.
+    #[test]
+    fn after_a_start_over_a_profile_waits_only_for_the_head_it_waited_with() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(3600);
+        let p: Arc<str> = "p".into();
+        let failed_head = |q: &mut Queue<u32>| {
+            let (_, head) = q.take(1).remove(0);
+            q.put_back(&p, head, Some(later));
+            *q.backoff_of(&p, || 0).unwrap() += 5;
+        };
+
+        // Read again, the head waits on, with its schedule.
+        let mut q = queue(&[(10, "p"), (11, "p")]);
+        failed_head(&mut q);
+        q.forget_held();
+        q.push_waiting(export(10, "p"), None);
+        q.push(export(11, "p"));
+        assert!(q.take(10).is_empty(), "the head waits for its time");
+        assert_eq!(
+            *q.backoff_of(&p, || 0).unwrap(),
+            5,
+            "and keeps its schedule"
+        );
+        q.wake_due(later);
+        assert_eq!(seqs(&q.take(10)), [10]);
+
+        // The head was dropped: the next export goes at once, on a schedule of its own.
+        let mut q = queue(&[(10, "p"), (11, "p")]);
+        failed_head(&mut q);
+        q.forget_held();
+        q.push(export(11, "p"));
+        assert_eq!(seqs(&q.take(10)), [11]);
+        assert_eq!(*q.backoff_of(&p, || 0).unwrap(), 0);
+
+        // An older export put back below it goes first, at once; the head waits for the
+        // time it was read with once it is the head again.
+        let mut q = queue(&[(10, "p")]);
+        failed_head(&mut q);
+        q.forget_held();
+        q.push(export(4, "p"));
+        q.push_waiting(export(10, "p"), Some(later));
+        assert_eq!(seqs(&q.take(10)), [4]);
+        q.settled(&p, 4);
+        assert!(q.take(10).is_empty(), "10 waits for its time");
+        q.wake_due(later);
+        assert_eq!(seqs(&q.take(10)), [10]);
     }
 
     #[test]
