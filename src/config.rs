@@ -360,7 +360,8 @@ pub struct Destination {
     pub name: Option<String>,
     pub description: Option<String>,
     pub http_endpoint: Url,
-    pub custom_headers: Vec<(String, String)>,
+    /// Names and values; a value may be a credential, so it never shows in `Debug` output.
+    pub custom_headers: Vec<(String, Secret)>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub auth: Auth,
@@ -590,7 +591,10 @@ impl Config {
         let http_endpoint = parse_http_url(&raw.destination.http_endpoint)
             .map_err(|m| invalid("destination.http_endpoint", m))?;
         let custom_headers = parse_custom_headers(raw.destination.custom_headers.as_deref())
-            .map_err(|m| invalid("destination.custom_headers", m))?;
+            .map_err(|m| invalid("destination.custom_headers", m))?
+            .into_iter()
+            .map(|(name, value)| (name, Secret::new(value)))
+            .collect();
         let client_cert = match (
             raw.destination.client_cert_file,
             raw.destination.client_key_file,
@@ -881,11 +885,10 @@ pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>,
         .enumerate()
         .map(|(i, pair)| {
             let n = i + 1;
+            // What was written is not shown: a value may be a secret, and a `,` in one
+            // makes its tail look like a header of its own.
             let (name, value) = pair.split_once(':').ok_or_else(|| {
-                format!(
-                    "header {n} `{}` has no `:` between name and value",
-                    pair.trim()
-                )
+                format!("header {n} has no `:` between name and value (format name1:value1,name2:value2; a value may not hold a `,`)")
             })?;
             let name = name.trim();
             let value = value.trim();
@@ -893,7 +896,7 @@ pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>,
                 return Err(format!("header {n} has an empty name"));
             }
             hyper::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("header {n}: `{name}` is not a valid header name"))?;
+                .map_err(|_| format!("header {n}: its name is not a valid header name"))?;
             hyper::header::HeaderValue::from_str(value).map_err(|_| {
                 format!("header {n} ({name}): the value has characters not allowed in a header")
             })?;
@@ -1225,13 +1228,13 @@ path = "store"
             config.destination.http_endpoint.query(),
             Some("source=edge")
         );
-        assert_eq!(
-            config.destination.custom_headers,
-            vec![
-                ("x-api-version".into(), "2".into()),
-                ("x-tenant".into(), "acme".into())
-            ]
-        );
+        let headers: Vec<(&str, &str)> = config
+            .destination
+            .custom_headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()))
+            .collect();
+        assert_eq!(headers, [("x-api-version", "2"), ("x-tenant", "acme")]);
         assert_eq!(config.storage.path, PathBuf::from("/etc/outpost/store"));
         assert_eq!(config.delivery.max_concurrency, 64);
         assert!(!config.delivery.fixed_concurrency);
@@ -1275,6 +1278,15 @@ client_secret = "s3cr3t-value"
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cr3t-value"), "{debug}");
         assert!(debug.contains("Secret(***)"));
+        let with_key = VALID.replacen(
+            "custom_headers = \"x-api-version:2,x-tenant:acme\"",
+            "custom_headers = \"x-api-key:5f2b9c0e1a7d4e3f\"",
+            1,
+        );
+        assert_ne!(with_key, VALID);
+        let debug = format!("{:?}", parse(&with_key).unwrap());
+        assert!(debug.contains("x-api-key"), "{debug}");
+        assert!(!debug.contains("5f2b9c0e1a7d4e3f"), "{debug}");
     }
 
     #[test]
@@ -1528,6 +1540,15 @@ client_secret = "s3cr3t-value"
                 parse_custom_headers(Some(bad)).is_err(),
                 "{bad:?} was accepted"
             );
+        }
+        // Values may be secrets: a mistyped separator, or a `,` inside a value, shows none.
+        for (bad, secret) in [
+            ("x-api-key=5f2b9c0e1a7d4e3f", "5f2b9c0e1a7d4e3f"),
+            ("x-sig:abc,defghijk123", "defghijk123"),
+            ("x-sig:abc,de fg:hijk123", "de fg"),
+        ] {
+            let error = parse_custom_headers(Some(bad)).unwrap_err();
+            assert!(!error.contains(secret), "{bad:?}: {error}");
         }
     }
 

@@ -259,7 +259,7 @@ impl Deliverer {
                 // Both were validated with the same types when the config was loaded.
                 (
                     HeaderName::from_bytes(name.as_bytes()).expect("validated header name"),
-                    HeaderValue::from_str(value).expect("validated header value"),
+                    HeaderValue::from_str(value.expose()).expect("validated header value"),
                 )
             })
             .collect();
