@@ -483,7 +483,7 @@ async fn a_stale_socket_after_kill_9_is_no_obstacle() {
         s.get("waiting_for_retry").is_none(),
         "no agent, no retry queue: {s}"
     );
-    assert!(s["pending"].as_u64() <= Some(1), "{s}");
+    assert!(s["pending"].as_u64().is_some_and(|p| p <= 1), "{s}");
     inspect_profile(&ws, "good1");
     let out = ws.run_ok(&["outbox", "retry", "--all-dead"], None);
     assert_eq!(out.trim(), "1 export(s) put back in the outbox");

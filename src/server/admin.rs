@@ -31,21 +31,49 @@ pub fn socket_path(store_path: &Path) -> PathBuf {
     store_path.join(SOCKET_NAME)
 }
 
-/// Binds the socket, replacing a stale one (this process holds the store's lock, so no other
-/// agent can be using it), readable and writable by the owner only.
-pub fn bind(store_path: &Path) -> std::io::Result<UnixListener> {
-    let path = socket_path(store_path);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+/// Where the socket is made before it is moved to its place: a folder only the owner may
+/// enter, so that nobody else can connect in the moment between binding the socket (with the
+/// umask's mode) and narrowing its mode. Short, so that its path is no longer than the
+/// socket's own.
+const BINDING_DIR: &str = ".admin";
+
+/// The admin socket, bound and in its place.
+pub struct AdminListener {
+    listener: UnixListener,
+    path: PathBuf,
 }
 
-pub async fn serve(listener: UnixListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+/// Binds the socket, replacing a stale one (this process holds the store's lock, so no other
+/// agent can be using it), readable and writable by the owner only from the start.
+pub fn bind(store_path: &Path) -> std::io::Result<AdminListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = socket_path(store_path);
+    let binding_dir = store_path.join(BINDING_DIR);
+    let ignore_missing = |result: std::io::Result<()>| match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    ignore_missing(std::fs::remove_file(&path))?;
+    // Left by an agent killed while binding.
+    ignore_missing(std::fs::remove_dir_all(&binding_dir))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&binding_dir)?;
+    let bound: std::io::Result<UnixListener> = (|| {
+        let binding = binding_dir.join("s");
+        let listener = UnixListener::bind(&binding)?;
+        std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&binding, &path)?;
+        Ok(listener)
+    })();
+    let removed = std::fs::remove_dir_all(&binding_dir);
+    let listener = bound?;
+    removed?;
+    Ok(AdminListener { listener, path })
+}
+
+pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let AdminListener { listener, path } = admin;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -57,16 +85,17 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>, shutdown: Can
                         }
                     });
                 }
-                Err(e) => tracing::warn!(error = %e, "admin accept failed"),
+                Err(e) => {
+                    // Out of file descriptors, say: what waits to be accepted stays, so
+                    // trying again at once would spin.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
             },
             _ = shutdown.cancelled() => break,
         }
     }
-    if let Ok(addr) = listener.local_addr() {
-        if let Some(path) = addr.as_pathname() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    let _ = std::fs::remove_file(path);
 }
 
 async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<()> {
@@ -169,4 +198,29 @@ async fn ingest(
         .map_err(|e| AdminError::Failed(e.to_string()))?;
     state.metrics.record_commit(&summary);
     Ok(summary.report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket is in its place with mode 0600, connections reach it, and the folder it is
+    /// made in, also one left by an agent killed while binding, is gone.
+    #[tokio::test]
+    async fn the_socket_is_bound_in_a_private_folder_and_moved_to_its_place() {
+        let store = tempfile::tempdir().unwrap();
+        let leftover = store.path().join(BINDING_DIR);
+        std::fs::create_dir(&leftover).unwrap();
+        std::fs::write(leftover.join("s"), b"stale").unwrap();
+        std::fs::write(socket_path(store.path()), b"stale").unwrap();
+        let admin = bind(store.path()).unwrap();
+        assert_eq!(admin.path, socket_path(store.path()));
+        let mode = std::fs::metadata(&admin.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!leftover.exists());
+        let (connected, accepted) =
+            tokio::join!(UnixStream::connect(&admin.path), admin.listener.accept());
+        connected.unwrap();
+        accepted.unwrap();
+    }
 }
