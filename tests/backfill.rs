@@ -320,3 +320,110 @@ fn a_backfill_begun_before_profile_groups_goes_on_with_the_members_it_had_not_sc
     assert!(counts.values().all(|&n| n == 1), "no member twice");
     assert_eq!(store.backfill_progress().unwrap(), None);
 }
+
+/// Runs the queued backfill to its end, in steps of 500 profiles.
+fn run_backfill(store: &Store, mapping: &outpost::config::Mapping) {
+    let mut steps = 0;
+    while let Some(progress) = store.backfill_step(mapping, 500, Utc::now()).unwrap() {
+        steps += 1;
+        assert!(steps < 100, "the backfill never ends: {progress:?}");
+    }
+}
+
+/// The store at `store_path` recording `mapping` as the one it runs with.
+fn record(store: &Store, config: &Config) -> outpost::config::Mapping {
+    let mut mapping = config.mapping.clone();
+    store
+        .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+        .unwrap();
+    mapping
+}
+
+/// A segment that leaves the mapping while its backfill is under way, and comes back later,
+/// is backfilled once more from the start: its unfinished job does not go on beside the new.
+#[test]
+fn a_segment_mapped_again_during_its_backfill_exports_each_member_once_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let members = store_profiles(&only_a, 3_000);
+    let a_and_b = load(dir.path(), "ab.toml", &text);
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
+    let mapping = record(&store, &a_and_b);
+    let first = store.backfill_step(&mapping, 500, Utc::now()).unwrap();
+    assert!(first.is_some_and(|p| !p.done && p.exported > 0));
+    record(&store, &only_a);
+    let mapping = record(&store, &a_and_b);
+    let before = segment_exports_per_profile(&store);
+    run_backfill(&store, &mapping);
+    let after = segment_exports_per_profile(&store);
+    let again: Vec<usize> = after
+        .iter()
+        .map(|(id, n)| n - before.get(id).copied().unwrap_or(0))
+        .collect();
+    assert_eq!(again.len(), members);
+    assert!(again.iter().all(|&n| n == 1), "a member exported twice");
+}
+
+/// Segments newly mapped while a backfill is under way join it: a profile that is a member of
+/// both its segments and the new ones gets one export, wherever the first job had got to.
+#[test]
+fn segments_mapped_while_a_backfill_is_under_way_export_each_member_once() {
+    const SEGMENT_C: &str = "c0ffee00-0000-4000-8000-00000000000c";
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let a_b = load(dir.path(), "ab.toml", &text);
+    let a_b_c = load(
+        dir.path(),
+        "abc.toml",
+        &with_segments(&text, &[SEGMENT_A, SEGMENT_B, SEGMENT_C]),
+    );
+    // Every third profile a member of B, every second of C.
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
+    let mapping = record(&store, &only_a);
+    let ups = |i: usize| {
+        let mut ups = serde_json::Map::new();
+        let entry = json!({"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"});
+        if i.is_multiple_of(3) {
+            ups.insert(SEGMENT_B.into(), entry.clone());
+        }
+        if i.is_multiple_of(2) {
+            ups.insert(SEGMENT_C.into(), entry);
+        }
+        ups
+    };
+    let lines: Vec<String> = (0..3_000)
+        .map(|i| {
+            json!({"id": format!("p{i:06}"), "timestamp": "2026-01-01T00:00:00Z",
+                   "profile": {"segmentMembership": {"ups": ups(i)}}})
+            .to_string()
+        })
+        .collect();
+    store
+        .apply_groups(&[&pruned_updates(&lines, &mapping)], &mapping, Utc::now())
+        .unwrap();
+    assert_eq!(store.tally().unwrap().pending, 0);
+
+    let mapping = record(&store, &a_b);
+    let first = store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+    assert!(first.is_some_and(|p| !p.done && p.exported > 0));
+    // Exported for B before C was mapped: without C, so C's backfill exports them again.
+    let before_c = segment_exports_per_profile(&store);
+    let mapping = record(&store, &a_b_c);
+    run_backfill(&store, &mapping);
+    let counts = segment_exports_per_profile(&store);
+    let mut exported_for_both = 0;
+    for i in 0..3_000usize {
+        let id = format!("p{i:06}");
+        let (b, c, exported_before) = (
+            i.is_multiple_of(3),
+            i.is_multiple_of(2),
+            before_c.contains_key(&id),
+        );
+        let expected = usize::from(exported_before) + usize::from(c || (b && !exported_before));
+        assert_eq!(counts.get(&id).copied().unwrap_or(0), expected, "{id}");
+        exported_for_both += usize::from(b && c && !exported_before);
+    }
+    assert!(exported_for_both > 100, "{exported_for_both}");
+}

@@ -3,10 +3,11 @@
 //! an export"). The store keeps every segment membership, mapped or not, for this.
 //!
 //! Value of `meta/backfill`: one format byte, then JSON `{"jobs": [...]}`, each job
-//! `{segments, after_group, after, scanned, exported, profiles, queued_ms}`: the segments to
-//! backfill, the last profile group scanned (absent: none yet), the last profile id a build
-//! before profile groups scanned (in id order; `null`: none), how many profiles were scanned
-//! and exported so far, and how many were stored when the job was queued (for progress).
+//! `{segments, after_group, until_group, after, scanned, exported, profiles, queued_ms}`: the
+//! segments to backfill, the last profile group scanned (absent: none yet), the last group to
+//! scan (absent: to the end), the last profile id a build before profile groups scanned (in id
+//! order; `null`: none), how many profiles were scanned and exported so far, and how many were
+//! stored when the job was queued (for progress).
 //!
 //! Invariants:
 //! - a job is queued in the same write that records the mapping that made it
@@ -25,7 +26,13 @@
 //!   its first chunk), never at the same time as an update: a step reads the versions the
 //!   updates before it left, and an update after it is judged against the same, so each
 //!   profile's exports stay in order;
-//! - a job's segments that have left the mapping by the time a step runs are skipped.
+//! - a job's segments that have left the mapping by the time a step runs are skipped, and
+//!   are taken out of every job when the mapping without them is recorded, so that a segment
+//!   mapped again is backfilled once, by the job its return queues;
+//! - a profile is exported at most once for the segments mapped by one recording of the
+//!   mapping: segments newly mapped while a job is under way join it for the groups it has
+//!   yet to scan, and a job bounded by `until_group` covers those it scanned already
+//!   ([`BackfillState::with_new_segments`]).
 
 use std::sync::atomic::Ordering;
 
@@ -65,6 +72,9 @@ pub struct BackfillJob {
     /// The key of the last profile group scanned, in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after_group: Option<String>,
+    /// The key of the last profile group to scan, in hex (absent: to the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_group: Option<String>,
     /// For a job begun before profile groups: the last profile id scanned then, in id order.
     pub after: Option<String>,
     pub scanned: u64,
@@ -77,15 +87,53 @@ pub struct BackfillJob {
 impl BackfillState {
     /// The state with one more job, run after those already queued.
     pub fn with_job(mut self, segments: Vec<String>, profiles: u64, now_ms: i64) -> Self {
-        self.jobs.push(BackfillJob {
-            segments,
-            after_group: None,
-            after: None,
-            scanned: 0,
-            exported: 0,
-            profiles,
-            queued_ms: now_ms,
+        self.jobs.push(BackfillJob::new(segments, profiles, now_ms));
+        self
+    }
+
+    /// The state once `mapped` is the mapping (pure): segments it no longer maps are taken
+    /// out of every job (a job left without any is dropped), and `new` segments (newly mapped)
+    /// are backfilled so that no profile gets two exports for them from jobs queued now:
+    /// - a job not begun yet and bounded by nothing takes them in;
+    /// - else a job under way (begun after profile groups) takes them in for the groups it has
+    ///   yet to scan, and a new job covers them up to the last group it scanned;
+    /// - else (a job begun before profile groups, whose scan skips some ids) a new job.
+    pub fn with_new_segments(
+        mut self,
+        mapped: &[String],
+        new: Vec<String>,
+        profiles: u64,
+        now_ms: i64,
+    ) -> Self {
+        for job in &mut self.jobs {
+            job.segments.retain(|s| mapped.contains(s));
+        }
+        self.jobs.retain(|job| !job.segments.is_empty());
+        if new.is_empty() {
+            return self;
+        }
+        let join = |job: &mut BackfillJob| {
+            for segment in &new {
+                if !job.segments.contains(segment) {
+                    job.segments.push(segment.clone());
+                }
+            }
+        };
+        if let Some(job) = self.jobs.iter_mut().find(|job| {
+            job.after_group.is_none() && job.after.is_none() && job.until_group.is_none()
+        }) {
+            join(job);
+            return self;
+        }
+        let under_way = self.jobs.first_mut().filter(|job| {
+            job.after.is_none() && job.after_group.is_some() && job.until_group.is_none()
         });
+        let mut job = BackfillJob::new(new.clone(), profiles, now_ms);
+        if let Some(under_way) = under_way {
+            join(under_way);
+            job.until_group = under_way.after_group.clone();
+        }
+        self.jobs.push(job);
         self
     }
 
@@ -112,6 +160,21 @@ pub struct BackfillProgress {
     pub done: bool,
     /// Jobs queued behind this one.
     pub queued_after: usize,
+}
+
+impl BackfillJob {
+    fn new(segments: Vec<String>, profiles: u64, now_ms: i64) -> BackfillJob {
+        BackfillJob {
+            segments,
+            after_group: None,
+            until_group: None,
+            after: None,
+            scanned: 0,
+            exported: 0,
+            profiles,
+            queued_ms: now_ms,
+        }
+    }
 }
 
 impl BackfillProgress {
@@ -188,20 +251,21 @@ impl Store {
         }
         let still_mapped = job.segments.iter().any(|s| mapping.segments.contains(s));
         let (groups, done) = if still_mapped {
-            let after = match job.after_group.as_deref().map(group_from_name) {
-                None => None,
-                Some(Some(key)) => Some(key),
-                Some(None) => {
-                    return Err(StoreError::corrupt(
-                        "the backfill state",
-                        "after_group is not hex",
-                    ))
-                }
+            let group_key = |name: Option<&str>, what: &str| match name.map(group_from_name) {
+                None => Ok(None),
+                Some(Some(key)) => Ok(Some(key)),
+                Some(None) => Err(StoreError::corrupt(
+                    "the backfill state",
+                    format!("{what} is not hex"),
+                )),
             };
+            let after = group_key(job.after_group.as_deref(), "after_group")?;
+            let until = group_key(job.until_group.as_deref(), "until_group")?;
             self.with_trees(&trees, |t| {
                 Ok(groups_after(
                     &t.profile_groups,
                     after.as_deref(),
+                    until.as_deref(),
                     max_profiles,
                 )?)
             })?
@@ -319,6 +383,44 @@ mod tests {
                 "{not_member}"
             );
         }
+    }
+
+    #[test]
+    fn newly_mapped_segments_join_the_queued_jobs_and_unmapped_ones_leave_them() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let segments = |state: &BackfillState| {
+            state
+                .jobs
+                .iter()
+                .map(|j| (j.segments.clone(), j.until_group.clone()))
+                .collect::<Vec<_>>()
+        };
+        // A job not begun takes new segments in.
+        let state = BackfillState::default().with_job(names(&["b"]), 10, 1);
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), names(&["c"]), 10, 2);
+        assert_eq!(segments(&state), [(names(&["b", "c"]), None)]);
+        // Under way: it takes them in for what it has yet to scan, a new job covers the rest.
+        let mut state = state;
+        state.jobs[0].after_group = Some("00ff".into());
+        let state = state.with_new_segments(&names(&["a", "b", "c", "d"]), names(&["d"]), 10, 3);
+        assert_eq!(
+            segments(&state),
+            [
+                (names(&["b", "c", "d"]), None),
+                (names(&["d"]), Some("00ff".into()))
+            ]
+        );
+        // Unmapped segments leave every job; a job left with none is dropped.
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 4);
+        assert_eq!(segments(&state), [(names(&["b", "c"]), None)]);
+        // A job begun before profile groups goes on alone: a new job.
+        let mut state = state;
+        state.jobs[0].after = Some("p1".into());
+        let state = state.with_new_segments(&names(&["a", "b", "c", "e"]), names(&["e"]), 10, 5);
+        assert_eq!(
+            segments(&state),
+            [(names(&["b", "c"]), None), (names(&["e"]), None)]
+        );
     }
 
     #[test]

@@ -114,14 +114,17 @@ impl Store {
             let mut write = sled::Batch::default();
             write.insert(meta::MAPPING, value);
             let segments = newly_mapped(&before, mapping);
+            let queued = self.backfill_state()?;
             if !segments.is_empty() {
-                let profiles = self.profile_count()?;
-                let backfill = self.backfill_state()?.with_job(segments, profiles, now_ms);
                 tracing::info!(
-                    segments = ?backfill.jobs.last().map(|j| &j.segments),
-                    profiles,
+                    ?segments,
                     "newly mapped segments: their stored members will be exported (backfill)"
                 );
+            }
+            if !segments.is_empty() || !queued.jobs.is_empty() {
+                let profiles = self.profile_count()?;
+                let backfill =
+                    queued.with_new_segments(&mapping.segments, segments, profiles, now_ms);
                 write.insert(meta::BACKFILL, backfill.encode());
             }
             self.with(|t| Ok(t.meta.apply_batch(write)?))?;

@@ -97,21 +97,31 @@ pub fn stored_view(record: &ProfileRecord) -> StoredProfile {
     }
 }
 
-/// The groups after `after` (`None`: from the first), in key order, until they hold at least
-/// `min_profiles` profiles or the tree ends (then `true`): how the backfill walks the store in
-/// steps. An unreadable group counts as one.
+/// The groups after `after` (`None`: from the first) up to `until` (`None`: the last), in key
+/// order, until they hold at least `min_profiles` profiles or the range ends (then `true`):
+/// how the backfill walks the store in steps. An unreadable group counts as one.
 pub(super) fn groups_after(
     groups: &sled::Tree,
     after: Option<&[u8]>,
+    until: Option<&[u8]>,
     min_profiles: usize,
 ) -> Result<(Vec<(sled::IVec, sled::IVec)>, bool), sled::Error> {
     let from = match after {
         Some(after) => Bound::Excluded(after),
         None => Bound::Unbounded,
     };
+    let to = match until {
+        Some(until) => Bound::Included(until),
+        None => Bound::Unbounded,
+    };
+    if let (Some(after), Some(until)) = (after, until) {
+        if after >= until {
+            return Ok((Vec::new(), true));
+        }
+    }
     let mut found = Vec::new();
     let mut profiles = 0;
-    for item in groups.range::<&[u8], _>((from, Bound::Unbounded)) {
+    for item in groups.range::<&[u8], _>((from, to)) {
         let (key, value) = item?;
         if key.len() != GROUP_KEY_LEN {
             // Damage (`outpost check --store` lists it), never a group outpost wrote.
