@@ -179,6 +179,7 @@ impl Agent {
         tasks.push(tokio::spawn(run_backfill(
             committer.clone(),
             Arc::clone(&store),
+            Arc::clone(&metrics),
             config.storage.max_outbox_bytes,
             shutdown.clone(),
         )));
@@ -335,6 +336,7 @@ const BACKFILL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 async fn run_backfill(
     committer: Committer,
     store: Arc<Store>,
+    metrics: Arc<Metrics>,
     max_outbox_bytes: u64,
     shutdown: CancellationToken,
 ) {
@@ -356,6 +358,9 @@ async fn run_backfill(
             () = shutdown.cancelled() => return,
             step = committer.backfill_step() => step,
         };
+        if let Ok(Some(progress)) = &step {
+            metrics.record_backfill_exports(progress.step_exported);
+        }
         match step {
             Ok(None) | Err(CommitError::Stopped) => return,
             Ok(Some(progress)) if progress.done => {

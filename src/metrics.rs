@@ -397,6 +397,13 @@ impl Metrics {
         self.delivery_counters[outcome as usize].get()
     }
 
+    /// Exports a backfill step made (reason `segment`).
+    pub fn record_backfill_exports(&self, exported: u64) {
+        self.exports
+            .get_or_create(&vec![("reason", Reason::Segment.as_str())])
+            .inc_by(exported);
+    }
+
     pub fn exports(&self, reason: Reason) -> u64 {
         self.exports
             .get_or_create(&vec![("reason", reason.as_str())])

@@ -98,6 +98,12 @@ async fn a_newly_mapped_segment_exports_its_stored_members_once() {
     let b_entry =
         |status: &str| json!({"status": status, "lastQualificationTime": "2026-01-01T00:00:00Z"});
     assert_eq!(backfilled.len(), 2, "{backfilled:?}");
+    assert_eq!(delivered.len(), 5, "no member twice");
+    assert_eq!(
+        agent.metrics.exports(Reason::Segment),
+        2,
+        "/metrics counts the backfill's exports"
+    );
     assert_eq!(
         backfilled["b-only"]["segmentMembership"]["ups"],
         json!({ SEGMENT_B: b_entry("existing") })
@@ -260,6 +266,43 @@ async fn a_full_outbox_pauses_the_backfill_as_it_pauses_ingest() {
     );
     assert!((progress.exported as usize) < members);
     agent.stop().await.unwrap();
+}
+
+/// `outpost ingest` without an agent runs the queued backfill first, and stops it as the agent
+/// does once the outbox is full: the command fails as ingest into a full outbox does, and
+/// the steps it made are kept.
+#[test]
+fn outpost_ingest_stops_the_backfill_when_the_outbox_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "")
+        .replace("[storage]\n", "[storage]\nmax_outbox_bytes = 20000\n");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    store_profiles(&only_a, 6_000);
+    let a_and_b = dir.path().join("ab.toml");
+    std::fs::write(&a_and_b, &text).unwrap();
+    let update = line("new", None, Some("realized"));
+    let out = run_with_config(&a_and_b, &["ingest", "-"], Some(update.as_bytes()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("outbox is full") && stderr.contains("backfill"),
+        "{stderr}"
+    );
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
+    let progress = store
+        .backfill_progress()
+        .unwrap()
+        .expect("stopped, not done");
+    assert_eq!(
+        progress.scanned as usize,
+        outpost::store::backfill::STEP_PROFILES,
+        "one step filled the outbox past its limit; no step after it"
+    );
+    assert_eq!(
+        store.profile("new").unwrap(),
+        None,
+        "the update was not taken"
+    );
 }
 
 /// A backfill begun by an outpost that stored profiles one to a key had walked them in id

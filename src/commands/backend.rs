@@ -116,7 +116,7 @@ impl Backend {
                 let started = std::time::Instant::now();
                 let mut mapping = config.mapping.clone();
                 store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
-                run_backfill(store, &mapping)?;
+                run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;
                 let summaries = store.apply_groups(&[updates], &mapping, Utc::now())?;
                 let decided = started.elapsed();
                 store.flush()?;
@@ -143,11 +143,31 @@ impl Backend {
 }
 
 /// Runs a queued backfill to its end before the updates are applied, so that they are judged
-/// after it (as the agent's committer would order them).
-fn run_backfill(store: &Store, mapping: &crate::config::Mapping) -> Result<(), StoreError> {
-    while let Some(progress) =
-        store.backfill_step(mapping, crate::store::backfill::STEP_PROFILES, Utc::now())?
-    {
+/// after it (as the agent's committer would order them). It stops, with the outbox full,
+/// once the outbox holds `max_outbox_bytes`, as the agent's does; what it did is kept.
+fn run_backfill(
+    store: &Store,
+    mapping: &crate::config::Mapping,
+    max_outbox_bytes: u64,
+) -> Result<(), CliError> {
+    loop {
+        if store.outbox_full(max_outbox_bytes)? {
+            return Err(CliError::Failure(format!(
+                "{} (a backfill of newly mapped segments is under way: {})",
+                crate::admin::OUTBOX_FULL,
+                store
+                    .backfill_progress()?
+                    .map_or_else(String::new, |p| format!(
+                        "{} of {} profiles scanned, {} exported",
+                        p.scanned, p.profiles, p.exported
+                    ))
+            )));
+        }
+        let Some(progress) =
+            store.backfill_step(mapping, crate::store::backfill::STEP_PROFILES, Utc::now())?
+        else {
+            break;
+        };
         store.flush()?;
         if progress.done {
             tracing::info!(

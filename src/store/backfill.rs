@@ -160,6 +160,9 @@ pub struct BackfillProgress {
     pub done: bool,
     /// Jobs queued behind this one.
     pub queued_after: usize,
+    /// Exports the step that answered this made (0 for `outbox stats`).
+    #[serde(skip)]
+    pub step_exported: u64,
 }
 
 impl BackfillJob {
@@ -186,6 +189,7 @@ impl BackfillProgress {
             profiles: job.profiles,
             done: false,
             queued_after,
+            step_exported: 0,
         }
     }
 }
@@ -318,6 +322,7 @@ impl Store {
         }
         let mut progress = BackfillProgress::of(&job, state.jobs.len() - 1);
         progress.done = done;
+        progress.step_exported = exports.len() as u64;
         if done {
             state.jobs.remove(0);
         } else {
