@@ -35,33 +35,39 @@ fn mapped_by_default() -> bool {
     true
 }
 
-/// The config's entry of `segment`, as text that changes when the entry does.
+/// The config's entry of `segment`, as text that changes when the entry does: the same for
+/// `"seg"` and `{ id = "seg" }`, which say the same.
 fn entry_of(mapping: &Mapping, segment: &str) -> String {
     match mapping.segment_details.get(segment) {
-        None => String::new(),
-        Some(d) => format!("{:?}|{:?}|{:?}", d.name, d.created_at_ms, d.updated_at_ms),
+        Some(d) if d.name.is_some() || d.created_at_ms.is_some() || d.updated_at_ms.is_some() => {
+            format!("{:?}|{:?}|{:?}", d.name, d.created_at_ms, d.updated_at_ms)
+        }
+        _ => String::new(),
     }
 }
 
 /// The records after running with `mapping` at `now_ms` (pure): new segments are created now,
-/// changed entries updated now, the rest kept, each marked mapped or not.
+/// changed entries and segments mapped again updated now, the rest kept, each marked mapped or
+/// not.
 pub fn updated_records(
     mut records: BTreeMap<String, RecordedSegment>,
     mapping: &Mapping,
     now_ms: i64,
 ) -> BTreeMap<String, RecordedSegment> {
-    for record in records.values_mut() {
-        record.mapped = false;
+    for (segment, record) in records.iter_mut() {
+        if !mapping.segments.contains(segment) {
+            record.mapped = false;
+        }
     }
     for segment in &mapping.segments {
         let entry = entry_of(mapping, segment);
         match records.get_mut(segment) {
             Some(record) => {
-                record.mapped = true;
-                if record.entry != entry {
+                if record.entry != entry || !record.mapped {
                     record.entry = entry;
                     record.updated_ms = now_ms;
                 }
+                record.mapped = true;
             }
             None => {
                 records.insert(
@@ -197,10 +203,23 @@ mod tests {
         let second = Mapping::new(&[], &["a", "c"], &[]);
         assert_eq!(newly_mapped(&records, &second), ["c"]);
         let records = updated_records(records, &second, 200);
-        // b comes back: mapped again, backfilled again; its first time is kept.
+        // b comes back: mapped again, backfilled again; its first time is kept, and its
+        // mapping changed then.
         let third = Mapping::new(&[], &["a", "b", "c"], &[]);
         assert_eq!(newly_mapped(&records, &third), ["b"]);
-        assert_eq!(updated_records(records, &third, 300)["b"].created_ms, 100);
+        let b = &updated_records(records, &third, 300)["b"];
+        assert_eq!((b.created_ms, b.updated_ms), (100, 300));
+    }
+
+    #[test]
+    fn a_segment_written_as_a_table_with_its_id_alone_is_no_change() {
+        let plain = Mapping::new(&[], &["a"], &[]);
+        let records = updated_records(BTreeMap::new(), &plain, 100);
+        let mut table = plain.clone();
+        table
+            .segment_details
+            .insert("a".into(), SegmentDetails::default());
+        assert_eq!(updated_records(records.clone(), &table, 200), records);
     }
 
     #[test]
