@@ -114,7 +114,8 @@ async fn publish(port: u16, stream: &str, updates: &[Update]) -> f64 {
     let config = agent_config(dir.path(), Some((port, stream, "0-7")));
     let nats = config.nats.unwrap();
     outpost::source::nats::setup(&nats).await.unwrap();
-    let planned = outpost::source::publish::plan(updates, &nats);
+    let planned =
+        outpost::source::publish::plan(updates, &nats, outpost::source::publish::fresh_nonce());
     let start = Instant::now();
     let report = outpost::source::publish::publish(&nats, planned, None, 256, |_| {})
         .await

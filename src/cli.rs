@@ -175,6 +175,11 @@ pub enum Command {
         /// Publishes waiting for their acknowledgement at most
         #[arg(long, default_value_t = 256)]
         in_flight: usize,
+        /// Completes the publish of the same input that failed with this id: what went
+        /// through then is dropped by JetStream as a duplicate (within the stream's
+        /// duplicate window, 2 minutes by default)
+        #[arg(long, value_name = "ID")]
+        resume: Option<String>,
     },
     /// Set up NATS JetStream for `[source.nats]`.
     #[command(subcommand)]

@@ -14,7 +14,7 @@ use crate::metrics::DeliveryOutcome;
 use crate::profile::update::parse_body;
 use crate::receiver::{Receiver, ReceiverOptions};
 use crate::source::nats::setup;
-use crate::source::publish::{plan, publish};
+use crate::source::publish::{fresh_nonce, plan, publish};
 
 const PARTITIONS: u32 = 12;
 const OWNED: [&str; 3] = ["0-3", "4-7", "8-11"];
@@ -136,9 +136,13 @@ pub async fn run(fail_share: f64, show_progress: bool) -> Result<FleetReport, St
         "publish [{bar:40}] {pos}/{len} updates into the stream",
     ));
     let shown = Arc::clone(&bar);
-    let report = publish(&nats, plan(&updates, &nats), None, 64, move |n| {
-        shown.set_position(n)
-    })
+    let report = publish(
+        &nats,
+        plan(&updates, &nats, fresh_nonce()),
+        None,
+        64,
+        move |n| shown.set_position(n),
+    )
     .await
     .map_err(|(_, e)| e.to_string())?;
     bar.finish();

@@ -310,9 +310,38 @@ async fn deliveries_from_the_stream_equal_those_over_http() {
         .await,
         20_000.0
     );
-    // Publishing the same file again adds nothing: JetStream drops the duplicates.
-    let again = nats_agent.cli(&["publish", file.to_str().unwrap()]);
-    assert!(again.contains("0 update(s) published"), "{again}");
+    // Publishing an input again publishes it again (the same update may be meant twice,
+    // A, B, A); with the id of an earlier publish (`--resume`, which a failed one prints)
+    // JetStream drops what that one published.
+    let one = nats_agent.dir.path().join("one.ndjson");
+    std::fs::write(&one, &lines[0]).unwrap();
+    for _ in 0..2 {
+        let again = nats_agent.cli(&["publish", one.to_str().unwrap()]);
+        assert!(again.contains("1 update(s) published"), "{again}");
+    }
+    let resume = [
+        "publish",
+        "--resume",
+        "00000000000000aa",
+        file.to_str().unwrap(),
+    ];
+    let first = nats_agent.cli(&resume);
+    assert!(first.contains("20000 update(s) published"), "{first}");
+    let resumed = nats_agent.cli(&resume);
+    assert!(
+        resumed.contains("0 update(s) published") && resumed.contains("20000 already there"),
+        "{resumed}"
+    );
+    let committed = "outpost_source_messages_total{result=\"committed\"}";
+    let mut taken = 0.0;
+    for _ in 0..300 {
+        taken = metric(agent_n.addr, committed).await;
+        if taken >= 40_002.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(taken, 40_002.0, "each publish but the resumed one reached the agent");
     drop(agent_h);
     drop(agent_n);
 }
@@ -549,7 +578,7 @@ async fn the_agent_reconnects_after_a_nats_restart_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.restart();
     let updates = outpost::profile::update::parse_body(second.join("\n").as_bytes()).unwrap();
-    let planned = outpost::source::publish::plan(&updates, &config);
+    let planned = outpost::source::publish::plan(&updates, &config, 2);
     outpost::source::publish::publish(&config, planned, None, 64, |_| {})
         .await
         .unwrap();
@@ -600,7 +629,7 @@ async fn a_fleet_of_three_loses_nothing_when_one_agent_is_killed_again_and_again
             let lines: Vec<String> = (0..PROFILES).map(|p| version_line(p, v)).collect();
             let updates =
                 outpost::profile::update::parse_body(lines.join("\n").as_bytes()).unwrap();
-            let planned = outpost::source::publish::plan(&updates, &config);
+            let planned = outpost::source::publish::plan(&updates, &config, v as u64);
             outpost::source::publish::publish(&config, planned, None, 64, |_| {})
                 .await
                 .unwrap();

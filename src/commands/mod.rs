@@ -146,9 +146,16 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print_json(&value, json.json);
             Ok(())
         }
-        Command::Publish { file, in_flight } => {
-            runtime()?.block_on(nats::publish_path(&config, &file, in_flight))
-        }
+        Command::Publish {
+            file,
+            in_flight,
+            resume,
+        } => runtime()?.block_on(nats::publish_path(
+            &config,
+            &file,
+            in_flight,
+            resume.as_deref(),
+        )),
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
         Command::Rejected(command) => nats::rejected(&Backend::connect_existing(&config)?, command),
         Command::Top { once, interval } => top::top(&config, once, interval),

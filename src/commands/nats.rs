@@ -13,7 +13,7 @@ use crate::profile::update::{FutureLimit, UpdateReader};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
-use crate::source::publish::{payload_of, publish, Largest, Planner};
+use crate::source::publish::{fresh_nonce, payload_of, publish, Largest, Planner};
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
     config.nats.as_ref().ok_or_else(|| {
@@ -91,8 +91,21 @@ pub(super) async fn publish_path(
     config: &Config,
     path: &Path,
     in_flight: usize,
+    resume: Option<&str>,
 ) -> Result<(), CliError> {
     let nats = nats_config(config)?;
+    let nonce = match resume {
+        None => fresh_nonce(),
+        Some(id) => u64::from_str_radix(id, 16)
+            .ok()
+            .filter(|_| id.len() == 16)
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--resume takes the 16 hexadecimal digits a failed publish printed, not `{}`",
+                    id.chars().take(40).collect::<String>()
+                ))
+            })?,
+    };
     if in_flight == 0 {
         return Err(CliError::Usage("--in-flight must be at least 1".into()));
     }
@@ -139,7 +152,7 @@ pub(super) async fn publish_path(
     }
     drop(reader);
     rewind(&mut file)?;
-    let mut planner = Planner::new(nats, input.get());
+    let mut planner = Planner::new(nats, input.get(), nonce);
     // A line that fails on the second pass (the file changed meanwhile) ends the publish.
     let reread_error = std::cell::RefCell::new(None);
     let messages = UpdateReader::new(BufReader::new(&mut file))
@@ -192,7 +205,7 @@ pub(super) async fn publish_path(
             Ok(())
         }
         Err((report, e)) => Err(CliError::Failure(format!(
-            "{e}; the first {} of {total} update(s) were published in order: publishing the same input again completes it",
+            "{e}; the first {} of {total} update(s) were published in order: publishing the same input again with `--resume {nonce:016x}` within the stream's duplicate window (2 minutes by default) completes it",
             report.published
         ))),
     }

@@ -22,14 +22,14 @@ pub struct Planned {
     pub profile: u64,
 }
 
-/// Plans the messages for `updates`, in input order (pure). The input's digest is taken over
-/// the updates' message bodies, one a line.
-pub fn plan(updates: &[Update], config: &NatsSource) -> Vec<Planned> {
+/// Plans the messages for `updates`, in input order, for the publish `nonce` (pure). The
+/// input's digest is taken over the updates' message bodies, one a line.
+pub fn plan(updates: &[Update], config: &NatsSource, nonce: u64) -> Vec<Planned> {
     let payloads: Vec<Vec<u8>> = updates.iter().map(payload_of).collect();
     let input = payloads.iter().fold(FNV1A64_EMPTY, |hash, payload| {
         fnv1a64_extend(fnv1a64_extend(hash, payload), b"\n")
     });
-    let mut planner = Planner::new(config, input);
+    let mut planner = Planner::new(config, input, nonce);
     updates
         .iter()
         .zip(payloads)
@@ -44,23 +44,38 @@ pub fn payload_of(update: &Update) -> Vec<u8> {
 
 /// [`plan`] one update at a time, for inputs too big to hold.
 ///
-/// The de-duplication id is the digest of the whole input and the update's place in it
-/// (`<digest>-<n>`). Publishing the same input again within the stream's duplicate window
-/// adds nothing, which is how a publish that failed halfway is completed; the same update in
-/// another input (a later publish that sets a profile back to what it was) is a message of
-/// its own, as is an update sent twice in one input on purpose (A, B, A).
+/// The de-duplication id is a digest of the whole input and the publish's nonce, and the
+/// update's place in the input (`<digest>-<n>`). Each publish takes a fresh nonce, so an
+/// input published again is published again: identical inputs may be meant (A, then B, then
+/// A again for one profile, without timestamps), and JetStream would drop the repeat as a
+/// duplicate. The same input with the nonce of a publish that failed halfway (`--resume`)
+/// gets the same ids, so that within the stream's duplicate window JetStream drops what went
+/// through and the rest completes it. An update sent twice in one input (A, B, A) is a
+/// message of its own each time.
 pub struct Planner<'a> {
     config: &'a NatsSource,
-    input: u64,
+    digest: u64,
     planned: u64,
 }
 
+/// A nonce for a new publish: the time and the process, so that two publishes do not share
+/// one within the duplicate window.
+pub fn fresh_nonce() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    fnv1a64_extend(
+        fnv1a64(&nanos.to_le_bytes()),
+        &std::process::id().to_le_bytes(),
+    )
+}
+
 impl<'a> Planner<'a> {
-    /// `input`: a digest of the whole input (FNV-1a 64 of its bytes).
-    pub fn new(config: &'a NatsSource, input: u64) -> Self {
+    /// `input`: a digest of the whole input (FNV-1a 64 of its bytes); `nonce`: the publish's.
+    pub fn new(config: &'a NatsSource, input: u64, nonce: u64) -> Self {
         Planner {
             config,
-            input,
+            digest: fnv1a64_extend(input, &nonce.to_le_bytes()),
             planned: 0,
         }
     }
@@ -75,7 +90,7 @@ impl<'a> Planner<'a> {
         Planned {
             partition,
             subject: subject_of(&self.config.subject_prefix, partition),
-            msg_id: format!("{:016x}-{}", self.input, self.planned),
+            msg_id: format!("{:016x}-{}", self.digest, self.planned),
             payload,
             profile: fnv1a64(update.id.as_bytes()),
         }
@@ -263,7 +278,7 @@ partitions = 8
         let body = br#"{"id":"a","profile":{"v":1}}
 {"id":"b","profile":{"v":1}}
 {"id":"a","profile":{"v":2}}"#;
-        let planned = plan(&parse_body(body).unwrap(), &config());
+        let planned = plan(&parse_body(body).unwrap(), &config(), 1);
         let names = ["A1", "B1", "A2"];
         let log = Arc::new(Mutex::new(Vec::<String>::new()));
         let mut sent = 0;
@@ -310,16 +325,26 @@ partitions = 8
 {"id":"p-000001","profile":{"a":2}}
 {"id":"p-000001","profile":{"a":1}}"#;
         let updates = parse_body(body).unwrap();
-        let planned = plan(&updates, &config());
+        let planned = plan(&updates, &config(), 7);
         let subjects: Vec<&str> = planned.iter().map(|p| p.subject.as_str()).collect();
         assert_eq!(subjects, ["u.1", "u.6", "u.1", "u.1"]);
         // A, B, A of one profile: the second A is a message of its own.
         assert_ne!(planned[0].msg_id, planned[3].msg_id);
         assert!(planned[3].msg_id.ends_with("-4"), "{}", planned[3].msg_id);
-        let again = plan(&updates, &config());
-        assert_eq!(planned, again, "the same input gets the same ids");
+        let resumed = plan(&updates, &config(), 7);
+        assert_eq!(
+            planned, resumed,
+            "the same input and nonce get the same ids"
+        );
+        // The same input published again: new ids, nothing taken for a duplicate.
+        let again = plan(&updates, &config(), 8);
+        assert!(planned
+            .iter()
+            .zip(&again)
+            .all(|(a, b)| a.msg_id != b.msg_id));
+        assert_ne!(fresh_nonce(), fresh_nonce());
         // The same update in another input (published later to set the profile back): new.
-        let later = plan(&updates[3..], &config());
+        let later = plan(&updates[3..], &config(), 7);
         assert_eq!(later[0].payload, planned[3].payload);
         assert_ne!(later[0].msg_id, planned[0].msg_id);
         assert_ne!(later[0].msg_id, planned[3].msg_id);
