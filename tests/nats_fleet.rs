@@ -341,7 +341,10 @@ async fn deliveries_from_the_stream_equal_those_over_http() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(taken, 40_002.0, "each publish but the resumed one reached the agent");
+    assert_eq!(
+        taken, 40_002.0,
+        "each publish but the resumed one reached the agent"
+    );
     drop(agent_h);
     drop(agent_n);
 }

@@ -60,6 +60,8 @@ fn default_replicas() -> u32 {
 fn default_fetch_batch() -> u32 {
     1000
 }
+const MAX_ACK_WAIT_S: u64 = 86_400;
+
 fn default_ack_wait_s() -> u64 {
     60
 }
@@ -246,8 +248,12 @@ pub(crate) fn validate_nats(
             ),
         ));
     }
-    if raw.ack_wait_s == 0 {
-        return Err(("source.nats.ack_wait_s", "must be above 0".into()));
+    // NATS takes it in nanoseconds as an i64: far larger values wrap around.
+    if raw.ack_wait_s == 0 || raw.ack_wait_s > MAX_ACK_WAIT_S {
+        return Err((
+            "source.nats.ack_wait_s",
+            format!("must be between 1 and {MAX_ACK_WAIT_S} (a day)"),
+        ));
     }
     Ok(NatsSource {
         servers: raw.servers,
@@ -365,6 +371,10 @@ segments = ["s"]
             (
                 format!("{servers}partitions = 4\nfetch_batch = 0"),
                 "source.nats.fetch_batch",
+            ),
+            (
+                format!("{servers}partitions = 4\nack_wait_s = 10000000000"),
+                "source.nats.ack_wait_s",
             ),
             (
                 format!("{servers}partitions = 4\nconsumer_prefix = \"a.b\""),
