@@ -518,13 +518,27 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
         .store
         .source_position(partition, fingerprint, info.state.last_sequence)
         .map_err(|e| nats_error("reading the stream position", e))?;
-    if let Recorded::OtherStream { seq } = recorded {
-        tracing::warn!(
+    match recorded {
+        Recorded::OtherStream { seq } => tracing::warn!(
             partition,
             stream = %shared.config.stream,
             recorded_seq = seq,
             "the store's position in this partition is one in another stream (the stream was made again, or source.nats.stream changed); consuming the partition from the stream's start"
-        );
+        ),
+        Recorded::PastEnd { seq, last_seq } => {
+            tracing::warn!(
+                partition,
+                stream = %shared.config.stream,
+                recorded_seq = seq,
+                last_seq,
+                "the store's position in this partition lies past the stream's last message: the stream went back (restored from a backup, or its server lost writes); consuming its messages after the last one"
+            );
+            shared
+                .store
+                .rewind_source_position(partition, fingerprint, last_seq)
+                .map_err(|e| nats_error("setting the stream position back", e))?;
+        }
+        Recorded::Nothing | Recorded::At(_) => {}
     }
     let recorded = recorded.seq();
     let name = consumer_name(&shared.config.consumer_prefix, partition);

@@ -43,6 +43,10 @@ pub enum Recorded {
     At(u64),
     /// A position in another stream: it says nothing about this one.
     OtherStream { seq: u64 },
+    /// A position of this stream past its last message: the stream went back (restored from
+    /// a backup, or its server lost its last writes). What it holds up to `last_seq` was
+    /// committed; its messages after that are new, whatever their numbers.
+    PastEnd { seq: u64, last_seq: u64 },
 }
 
 impl Recorded {
@@ -50,6 +54,7 @@ impl Recorded {
     pub fn seq(self) -> u64 {
         match self {
             Recorded::At(seq) => seq,
+            Recorded::PastEnd { last_seq, .. } => last_seq,
             Recorded::Nothing | Recorded::OtherStream { .. } => 0,
         }
     }
@@ -170,6 +175,9 @@ fn decode_position(bytes: &[u8]) -> Result<(u64, Option<u64>), StoreError> {
 /// from before fingerprints counts as this stream's unless it lies beyond the stream's end.
 fn recorded_for(value: (u64, Option<u64>), stream: u64, last_seq: u64) -> Recorded {
     match value {
+        (seq, Some(fingerprint)) if fingerprint == stream && seq > last_seq => {
+            Recorded::PastEnd { seq, last_seq }
+        }
         (seq, Some(fingerprint)) if fingerprint == stream => Recorded::At(seq),
         (seq, None) if seq <= last_seq => Recorded::At(seq),
         (seq, _) => Recorded::OtherStream { seq },
@@ -218,6 +226,23 @@ impl Store {
             Some(v) => Ok(recorded_for(decode_position(&v)?, stream, last_seq)),
             None => Ok(Recorded::Nothing),
         })
+    }
+
+    /// Sets the partition's position back to `seq` of `stream`, durably: for a stream that went
+    /// back ([`Recorded::PastEnd`]), whose positions after `seq` are new messages, so that
+    /// a position written for them is not taken for one below what was recorded.
+    pub fn rewind_source_position(
+        &self,
+        partition: u32,
+        stream: u64,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|t| {
+            t.positions
+                .insert(position_key(partition), &encode_position(seq, stream))?;
+            Ok(())
+        })?;
+        self.flush()
     }
 
     /// Every recorded partition position, by partition.
@@ -374,6 +399,28 @@ mod tests {
         assert!(store.rejected_drop(3, 9).unwrap());
         assert!(!store.rejected_drop(3, 9).unwrap());
         assert_eq!(store.rejected_count(), 0);
+
+        // The stream went back (restored from a backup): consumed from its end, and the
+        // position set back there, so that what comes next is recorded.
+        let recorded = store.source_position(3, 78, 1).unwrap();
+        assert_eq!(
+            recorded,
+            Recorded::PastEnd {
+                seq: 2,
+                last_seq: 1
+            }
+        );
+        assert_eq!(recorded.seq(), 1);
+        store.rewind_source_position(3, 78, 1).unwrap();
+        assert_eq!(store.source_position(3, 78, 1).unwrap(), Recorded::At(1));
+        let next = SourcePosition {
+            stream: 78,
+            ..at(2, vec![])
+        };
+        store
+            .apply_each(&[&[]], &mapping, now, &[(0, next)])
+            .unwrap();
+        assert_eq!(store.source_position(3, 78, 2).unwrap(), Recorded::At(2));
     }
 
     /// A position from before fingerprints is the stream's own unless the stream ends before
