@@ -1205,3 +1205,75 @@ async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() 
     })
     .await;
 }
+
+/// A TCP proxy to the local port `target` that passes on what the server sends at about
+/// `rate` bytes a second (what the client sends, at once): a slow link. Its port.
+async fn slow_proxy(target: u16, rate: f64) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = tokio::io::copy(&mut from_client, &mut to_server);
+                let down = async {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = from_server.read(&mut buf).await {
+                        if n == 0 || to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = up => {}
+                    () = down => {}
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A batch that takes longer than a fetch may go without a message to come whole (30 messages
+/// of 60 KB over a link of 120 KB/s: 15 s) is taken, since each message keeps it going: the
+/// partition is not fetched again and again, never committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_over_a_slow_link_is_taken_as_long_as_it_keeps_coming() {
+    let Some(server_bin) = nats_server_or_skip("a_large_batch_over_a_slow_link") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let proxy = slow_proxy(server.port, 120_000.0).await;
+    let receiver = start_receiver().await;
+    let url = format!("nats://127.0.0.1:{proxy}");
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&url, 8, "0-7", "fetch_batch = 30")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let lines: Vec<String> = (0..30)
+        .map(|v| {
+            let mut update: serde_json::Value = serde_json::from_str(&version_line(0, v)).unwrap();
+            update["profile"]["note"] = serde_json::json!("n".repeat(60_000));
+            update.to_string()
+        })
+        .collect();
+    let published = setup.publish(&lines);
+    assert!(published.contains("30 update(s) published"), "{published}");
+    let agent = setup.start().await;
+    let committed = "outpost_source_messages_total{result=\"committed\"}";
+    let started = std::time::Instant::now();
+    let mut taken = 0.0;
+    while taken < 30.0 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        taken = metric(agent.addr, committed).await;
+    }
+    assert_eq!(taken, 30.0, "{}", agent.log());
+}

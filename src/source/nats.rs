@@ -36,7 +36,9 @@ const IDLE_WAIT: Duration = Duration::from_secs(1);
 const PAUSE_POLL: Duration = Duration::from_millis(100);
 /// How often a paused partition reads how many messages wait for it.
 const PENDING_REFRESH: Duration = Duration::from_secs(1);
-/// How long a fetch may take beyond the time it asks the server to wait.
+/// How long a fetch may go without a message beyond the time it asks the server to wait: a
+/// fetch whose end was lost must not hold the partition, while a large batch over a slow link
+/// may take as long as it keeps coming.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -667,31 +669,39 @@ async fn fetch(
     wait: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Result<Vec<jetstream::Message>, NatsError> {
+    let stalled =
+        |limit: Duration| NatsError(format!("a fetch stalled: nothing came for {limit:?}"));
     let request = async {
-        let mut batch = match wait {
-            None => consumer.fetch().max_messages(max).messages().await,
-            Some(wait) => {
-                consumer
-                    .batch()
-                    .max_messages(max)
-                    .expires(wait)
-                    .messages()
-                    .await
+        let mut batch = tokio::time::timeout(FETCH_TIMEOUT, async {
+            match wait {
+                None => consumer.fetch().max_messages(max).messages().await,
+                Some(wait) => {
+                    consumer
+                        .batch()
+                        .max_messages(max)
+                        .expires(wait)
+                        .messages()
+                        .await
+                }
             }
-        }
+        })
+        .await
+        .map_err(|_| stalled(FETCH_TIMEOUT))?
         .map_err(|e| nats_error("fetching", e))?;
         let mut messages = Vec::with_capacity(max.min(1024));
-        while let Some(message) = batch.next().await {
+        // The first message may take as long as the server was asked to wait.
+        let mut limit = wait.unwrap_or_default() + FETCH_TIMEOUT;
+        while let Some(message) = tokio::time::timeout(limit, batch.next())
+            .await
+            .map_err(|_| stalled(limit))?
+        {
             messages.push(message.map_err(|e| nats_error("fetching", e))?);
+            limit = FETCH_TIMEOUT;
         }
         Ok(messages)
     };
-    // A fetch the server never ends (its answer lost) must not hold the partition.
-    let limit = wait.unwrap_or_default() + FETCH_TIMEOUT;
     tokio::select! {
-        result = tokio::time::timeout(limit, request) => {
-            result.map_err(|_| NatsError(format!("no end of a fetch within {limit:?}")))?
-        }
+        result = request => result,
         // Stopping drops the fetch: what it held is not acknowledged, so it comes again.
         _ = shutdown.cancelled() => Ok(Vec::new()),
     }
