@@ -35,6 +35,9 @@ pub enum AgentError {
     Nats(#[from] crate::source::nats::NatsError),
     #[error("{0}")]
     Tls(String),
+    /// A file `[source.nats]` names cannot be used.
+    #[error("{0}")]
+    NatsFiles(String),
     #[error("cannot create the admin socket in {path}: {source}")]
     Socket {
         path: String,
@@ -50,7 +53,7 @@ impl AgentError {
     pub fn is_config(&self) -> bool {
         match self {
             AgentError::Setup(e) => e.is_config(),
-            AgentError::Tls(_) => true,
+            AgentError::Tls(_) | AgentError::NatsFiles(_) => true,
             _ => false,
         }
     }
@@ -139,6 +142,7 @@ impl Agent {
         };
         let source = match &config.nats {
             Some(nats) => {
+                nats.check_files().map_err(AgentError::NatsFiles)?;
                 let (state, consumers) = crate::source::nats::start(
                     nats,
                     Arc::clone(&store),

@@ -201,6 +201,42 @@ fn in_flight_beyond_what_the_client_awaits_is_refused_before_anything_is_publish
     }
 }
 
+/// Needs no nats-server: a credentials file that cannot be used is a configuration error of
+/// the agent and of the NATS commands (exit 2, naming the key), before any connection; the
+/// commands that do not use NATS go on without it.
+#[test]
+fn an_unusable_creds_file_is_a_configuration_error_where_nats_is_used() {
+    let table = nats_table(
+        "nats://127.0.0.1:4222",
+        12,
+        "0-3",
+        "creds_file = \"agent.creds\"",
+    );
+    let setup = AgentSetup::new("http://127.0.0.1:9", Some(&table), "");
+    let creds = setup.dir.path().join("agent.creds");
+    for (contents, why) in [
+        (None, "No such file"),
+        (Some("SUAKEYSEEDNOTAJWT"), "not a NATS credentials file"),
+    ] {
+        if let Some(contents) = contents {
+            std::fs::write(&creds, contents).unwrap();
+        }
+        for args in [&["run"][..], &["nats", "setup"], &["publish", "-"]] {
+            let out = setup.run(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("source.nats.creds_file") && stderr.contains(why),
+                "{args:?}: {stderr}"
+            );
+            assert!(!stderr.contains("SUAKEYSEED"), "{stderr}");
+        }
+    }
+    // The agent's attempts made the store before they stopped.
+    let out = setup.run(&["outbox", "stats", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 /// Needs no nats-server: a bad `[source.nats]` is a configuration error naming the key.
 #[test]
 fn a_bad_source_config_names_the_key_and_exits_2() {

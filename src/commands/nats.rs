@@ -16,12 +16,14 @@ use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
 use crate::source::publish::{fresh_nonce, payload_of, publish, Largest, Planner};
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
-    config.nats.as_ref().ok_or_else(|| {
+    let nats = config.nats.as_ref().ok_or_else(|| {
         CliError::Usage(format!(
             "config {} has no [source.nats] table",
             config.path.display()
         ))
-    })
+    })?;
+    nats.check_files().map_err(CliError::Usage)?;
+    Ok(nats)
 }
 
 pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {

@@ -78,6 +78,28 @@ pub enum NatsAuth {
     UserPassword { user: String, password: Secret },
 }
 
+impl NatsSource {
+    /// Whether the files `[source.nats]` names can be used: the credentials file read and
+    /// parsed, the CA file read. Checked when the agent or a NATS command starts, not when the
+    /// config is loaded, so that commands that do not use NATS work without them. The error
+    /// names the key and the file, never what the file holds.
+    pub fn check_files(&self) -> Result<(), String> {
+        if let NatsAuth::CredsFile(path) = &self.auth {
+            let shown = path.display();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("source.nats.creds_file: {shown}: {e}"))?;
+            async_nats::ConnectOptions::with_credentials(&text).map_err(|_| {
+                format!("source.nats.creds_file: {shown} is not a NATS credentials file (a user JWT and its NKey seed)")
+            })?;
+        }
+        if let Some(path) = &self.tls_ca_file {
+            std::fs::read(path)
+                .map_err(|e| format!("source.nats.tls_ca_file: {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
 /// The validated `[source.nats]`.
 #[derive(Debug, Clone)]
 pub struct NatsSource {
