@@ -938,42 +938,40 @@ fn validate_auth(
             Ok(())
         }
     };
+    // What only the OAuth2 types use: a left-over key after switching type is an error, so
+    // that a config does not seem to say what it does not do.
+    let oauth_only = [
+        (
+            raw.auth_endpoint.is_some(),
+            "destination.auth.auth_endpoint",
+        ),
+        (raw.client_id.is_some(), "destination.auth.client_id"),
+        (
+            raw.client_secret.is_some(),
+            "destination.auth.client_secret",
+        ),
+        (
+            raw.client_secret_file.is_some(),
+            "destination.auth.client_secret_file",
+        ),
+        (raw.credentials.is_some(), "destination.auth.credentials"),
+        (raw.scope.is_some(), "destination.auth.scope"),
+        (raw.username.is_some(), "destination.auth.username"),
+        (raw.password.is_some(), "destination.auth.password"),
+        (
+            raw.password_file.is_some(),
+            "destination.auth.password_file",
+        ),
+    ];
     match raw.kind.as_str() {
-        "none" => {
-            unused(
-                raw.auth_endpoint.is_some(),
-                "destination.auth.auth_endpoint",
-                "none",
-            )?;
-            unused(
-                raw.client_id.is_some(),
-                "destination.auth.client_id",
-                "none",
-            )?;
-            unused(
-                raw.client_secret.is_some(),
-                "destination.auth.client_secret",
-                "none",
-            )?;
-            unused(raw.token.is_some(), "destination.auth.token", "none")?;
-            Ok(Auth::None)
-        }
-        "bearer" => {
-            unused(
-                raw.auth_endpoint.is_some(),
-                "destination.auth.auth_endpoint",
-                "bearer",
-            )?;
-            unused(
-                raw.client_id.is_some(),
-                "destination.auth.client_id",
-                "bearer",
-            )?;
-            unused(
-                raw.client_secret.is_some(),
-                "destination.auth.client_secret",
-                "bearer",
-            )?;
+        kind @ ("none" | "bearer") => {
+            for (present, key) in oauth_only {
+                unused(present, key, kind)?;
+            }
+            if kind == "none" {
+                unused(raw.token.is_some(), "destination.auth.token", kind)?;
+                return Ok(Auth::None);
+            }
             match raw.token {
                 Some(t) if !t.is_empty() => Ok(Auth::Bearer {
                     token: Secret::new(t),
@@ -1613,6 +1611,31 @@ client_secret = "s3cr3t-value"
             "type = \"none\"",
         );
         assert!(matches!(parse(&none).unwrap().destination.auth, Auth::None));
+        // A key only the OAuth2 types use, left over after switching type, is named.
+        for (text, kind) in [(&bearer, "bearer"), (&none, "none")] {
+            for key in [
+                "client_secret_file = \"secret\"",
+                "scope = \"profiles.write\"",
+                "credentials = \"basic\"",
+                "username = \"u\"",
+                "password = \"p\"",
+                "password_file = \"p\"",
+            ] {
+                let left_over = text.replacen(
+                    &format!("type = \"{kind}\""),
+                    &format!("type = \"{kind}\"\n{key}"),
+                    1,
+                );
+                assert_ne!(&left_over, text);
+                let name = key.split(' ').next().unwrap();
+                let error = error_of(&left_over);
+                assert!(
+                    error.contains(&format!("destination.auth.{name}"))
+                        && error.contains("is not used"),
+                    "{kind}, {key}: {error}"
+                );
+            }
+        }
         let basic = VALID.replace(
             "client_id = \"edge-agent\"",
             "client_id = \"edge-agent\"\ncredentials = \"basic\"",
