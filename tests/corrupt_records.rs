@@ -308,10 +308,19 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     s.corrupt("meta", b"next_seq", b"abc");
     s.corrupt("meta", b"clock", b"\x09zz");
     s.corrupt("meta", b"profiles", b"x");
+    s.corrupt("meta", b"mapping", b"\x01{");
+    s.corrupt("meta", b"backfill", b"\x01{\"jobs\"");
 
     let mut agent = s.agent().await;
     let log = agent.log();
-    for key in ["meta/tally", "meta/next_seq", "meta/clock", "meta/profiles"] {
+    for key in [
+        "meta/tally",
+        "meta/next_seq",
+        "meta/clock",
+        "meta/profiles",
+        "meta/mapping",
+        "meta/backfill",
+    ] {
         assert!(log.contains(&format!("{key} was unreadable")), "{log}");
     }
     let (status, body) = http_post(agent.addr, "/v1/updates", update("p2", "c"), &[]).await;
@@ -334,7 +343,7 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     let out = s.run(&["check", "--store", "--json"], None);
     assert!(out.status.success(), "{}", text(&out));
     let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
-    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert_eq!(listed.len(), 6, "{listed:?}");
     assert!(listed.iter().all(|r| r["tree"] == "meta"), "{listed:?}");
     assert_eq!(stats(&s)["dead"], 0);
     assert_eq!(

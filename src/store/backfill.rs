@@ -141,7 +141,7 @@ impl BackfillState {
         codec::encode_json(BACKFILL_V1, self)
     }
 
-    fn decode(bytes: &[u8]) -> Result<BackfillState, StoreError> {
+    pub(super) fn decode(bytes: &[u8]) -> Result<BackfillState, StoreError> {
         codec::decode_json(BACKFILL_V1, bytes)
             .map_err(|e| StoreError::corrupt("the backfill state", e))
     }

@@ -100,13 +100,19 @@ pub fn newly_mapped(before: &BTreeMap<String, RecordedSegment>, mapping: &Mappin
         .collect()
 }
 
+pub(super) fn decode_records(
+    bytes: &[u8],
+) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
+    codec::decode_json(MAPPING_V1, bytes)
+        .map_err(|e| StoreError::corrupt("the recorded mapping", e))
+}
+
 impl Store {
     fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
         let Some(value) = self.with(|t| Ok(t.meta.get(meta::MAPPING)?))? else {
             return Ok(BTreeMap::new());
         };
-        codec::decode_json(MAPPING_V1, &value)
-            .map_err(|e| StoreError::corrupt("the recorded mapping", e))
+        decode_records(&value)
     }
 
     /// Records that the store now runs with `mapping` (durably), queues the backfill of its

@@ -138,7 +138,8 @@ pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
 /// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`]
 /// past the highest export held, `clock` starts again (run time 0, which delays expiry, never
-/// hastens it).
+/// hastens it). `mapping` and `backfill` cannot be rebuilt: they are dropped, so that the
+/// store opens and runs, and what that loses is said.
 /// Returns what it did, one line each; flushed when anything was done.
 pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
     let mut rebuilt = Vec::new();
@@ -187,6 +188,22 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
             rebuilt.push(format!(
                 "meta/tally was unreadable (not 24 bytes); recounted: {} pending, {} dead",
                 tally.pending, tally.dead
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::MAPPING)? {
+        if let Err(e) = super::mapping::decode_records(&v) {
+            t.meta.remove(meta::MAPPING)?;
+            rebuilt.push(format!(
+                "meta/mapping was unreadable ({e}); the mapping of this run is recorded as if new: nothing is backfilled for it, and its segments' mappingCreatedAt and mappingUpdatedAt start again"
+            ));
+        }
+    }
+    if let Some(v) = t.meta.get(meta::BACKFILL)? {
+        if let Err(e) = super::backfill::BackfillState::decode(&v) {
+            t.meta.remove(meta::BACKFILL)?;
+            rebuilt.push(format!(
+                "meta/backfill was unreadable ({e}); the backfills queued in it are dropped: members of segments mapped since the last finished backfill may have had no export (map such a segment out and in again to backfill it)"
             ));
         }
     }
