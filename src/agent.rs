@@ -84,10 +84,10 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: &Config, options: AgentOptions) -> Result<Agent, AgentError> {
-        let store = Arc::new(Store::open(
-            &config.storage.path,
-            config.storage.cache_bytes,
-        )?);
+        if let Some(nats) = &config.nats {
+            nats.check_files().map_err(AgentError::NatsFiles)?;
+        }
+        let store = Arc::new(open_store(config).await?);
         let metrics = Arc::new(Metrics::new());
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
@@ -142,7 +142,6 @@ impl Agent {
         };
         let source = match &config.nats {
             Some(nats) => {
-                nats.check_files().map_err(AgentError::NatsFiles)?;
                 let (state, consumers) = crate::source::nats::start(
                     nats,
                     Arc::clone(&store),
@@ -337,6 +336,36 @@ const BACKFILL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 /// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
 /// updates go on between steps, and says in the log how far it is. While the outbox holds
 /// `max_outbox_bytes`, it waits as ingest does (a step may pass the limit by its own exports).
+/// How long the agent waits for a store another process holds: an outpost command that has
+/// it open (one started while an agent stopped, say) ends in moments.
+const LOCKED_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the store, waiting up to [`LOCKED_STORE_WAIT`] while another process holds it.
+async fn open_store(config: &Config) -> Result<Store, StoreError> {
+    let deadline = tokio::time::Instant::now() + LOCKED_STORE_WAIT;
+    let mut said = false;
+    loop {
+        let (path, cache) = (config.storage.path.clone(), config.storage.cache_bytes);
+        let opened = tokio::task::spawn_blocking(move || Store::open(&path, cache))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match opened {
+            Err(StoreError::Locked(path)) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    said = true;
+                    tracing::warn!(
+                        store = %path.display(),
+                        "the store is in use by another process (an outpost command?); waiting up to {} s for it",
+                        LOCKED_STORE_WAIT.as_secs()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 async fn run_backfill(
     committer: Committer,
     store: Arc<Store>,

@@ -820,3 +820,25 @@ async fn an_agent_starts_while_drop_waits_for_its_answer() {
     assert_counts(&ws, 0, 0);
     drop(agent);
 }
+
+/// An agent started while an outpost command holds the store (one begun while the previous
+/// agent stopped, say) waits for it rather than exit 'in use'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    ws.make_store();
+    let held = Store::open(&ws.store_path(), CACHE_BYTES).unwrap();
+    let releasing = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2500));
+        drop(held);
+    });
+    // Panics unless /healthz answers 200 within 15 s.
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    releasing.join().unwrap();
+    assert!(
+        agent.log().contains("waiting up to 30 s"),
+        "{}",
+        agent.log()
+    );
+}

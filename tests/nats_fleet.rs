@@ -221,7 +221,12 @@ fn an_unusable_creds_file_is_a_configuration_error_where_nats_is_used() {
         if let Some(contents) = contents {
             std::fs::write(&creds, contents).unwrap();
         }
-        for args in [&["run"][..], &["nats", "setup"], &["publish", "-"]] {
+        for args in [
+            &["run"][..],
+            &["nats", "setup"],
+            &["publish", "-"],
+            &["check"],
+        ] {
             let out = setup.run(args);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
@@ -232,9 +237,39 @@ fn an_unusable_creds_file_is_a_configuration_error_where_nats_is_used() {
             assert!(!stderr.contains("SUAKEYSEED"), "{stderr}");
         }
     }
-    // The agent's attempts made the store before they stopped.
-    let out = setup.run(&["outbox", "stats", "--json"]);
+    // Checked before the store is opened: the agent made none.
+    assert!(!setup.dir.path().join("store").exists());
+    let update = member_update("p-1", "x", "2026-01-01T00:00:01Z");
+    let ingest = std::process::Command::new(binary())
+        .args(["ingest", "-", "--config"])
+        .arg(setup.config())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut ingest.stdin.as_ref().unwrap(), update.as_bytes()).unwrap();
+    let out = ingest.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // A CA file without a certificate: the NATS client would take it as no roots at all.
+    let table = nats_table(
+        "nats://127.0.0.1:4222",
+        12,
+        "0-3",
+        "tls_ca_file = \"ca.pem\"",
+    );
+    let setup = AgentSetup::new("http://127.0.0.1:9", Some(&table), "");
+    std::fs::write(setup.dir.path().join("ca.pem"), "not a certificate").unwrap();
+    for args in [&["run"][..], &["nats", "setup"], &["check"]] {
+        let out = setup.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("source.nats.tls_ca_file") && stderr.contains("no PEM certificate"),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 /// Needs no nats-server: a bad `[source.nats]` is a configuration error naming the key.

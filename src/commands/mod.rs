@@ -337,6 +337,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
         println!("warning          {warning}");
     }
     if let Some(nats) = &config.nats {
+        nats.check_files().map_err(CliError::Usage)?;
         if let Err(e) = nats::check_nats(nats).await {
             println!("stream           cannot be read");
             problems.push(format!("nats: {e}"));

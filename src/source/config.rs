@@ -93,8 +93,21 @@ impl NatsSource {
             })?;
         }
         if let Some(path) = &self.tls_ca_file {
-            std::fs::read(path)
-                .map_err(|e| format!("source.nats.tls_ca_file: {}: {e}", path.display()))?;
+            let shown = path.display();
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("source.nats.tls_ca_file: {shown}: {e}"))?;
+            // The NATS client takes a file without certificates as an empty set of roots
+            // (and then trusts none), so it is refused here.
+            let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    format!("source.nats.tls_ca_file: {shown}: not PEM certificates: {e}")
+                })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "source.nats.tls_ca_file: {shown} holds no PEM certificate"
+                ));
+            }
         }
         Ok(())
     }
