@@ -163,9 +163,10 @@ pub enum Command {
     ///
     /// The input is validated whole first (one bad line: nothing is published). Each message
     /// waits for JetStream's acknowledgement and carries a de-duplication id (Nats-Msg-Id)
-    /// made of a digest of the whole input and the update's place in it, so publishing the
-    /// same file again within the stream's duplicate window adds nothing, and completes a
-    /// publish that failed.
+    /// made of a digest of the whole input, an id of this publish and the update's place in
+    /// the input. Publishing a file again publishes it again; a publish that failed prints
+    /// its id, and the same input published with `--resume ID` within the stream's duplicate
+    /// window adds only what did not go through.
     ///
     /// Example: outpost publish --config outpost.toml data/sample-updates.ndjson
     Publish {
@@ -175,9 +176,9 @@ pub enum Command {
         /// Publishes waiting for their acknowledgement at most
         #[arg(long, default_value_t = 256)]
         in_flight: usize,
-        /// Completes the publish of the same input that failed with this id: what went
-        /// through then is dropped by JetStream as a duplicate (within the stream's
-        /// duplicate window, 2 minutes by default)
+        /// Completes the publish that failed with this id, of the same input (refused for
+        /// another): what went through then is dropped by JetStream as a duplicate (within
+        /// the stream's duplicate window, 2 minutes by default)
         #[arg(long, value_name = "ID")]
         resume: Option<String>,
     },

@@ -390,12 +390,15 @@ async fn deliveries_from_the_stream_equal_those_over_http() {
         let again = nats_agent.cli(&["publish", one.to_str().unwrap()]);
         assert!(again.contains("1 update(s) published"), "{again}");
     }
-    let resume = [
-        "publish",
-        "--resume",
-        "00000000000000aa",
-        file.to_str().unwrap(),
-    ];
+    // A publish's id: a nonce, then the digest of the input it read.
+    let digest = outpost::source::partition::fnv1a64(&std::fs::read(&file).unwrap());
+    let id = format!("00000000000000aa{digest:016x}");
+    let other = format!("00000000000000aa{:016x}", digest ^ 1);
+    let refused = nats_agent.run(&["publish", "--resume", &other, file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not the one that publish read"), "{stderr}");
+    let resume = ["publish", "--resume", &id, file.to_str().unwrap()];
     let first = nats_agent.cli(&resume);
     assert!(first.contains("20000 update(s) published"), "{first}");
     let resumed = nats_agent.cli(&resume);

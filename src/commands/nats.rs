@@ -96,18 +96,24 @@ pub(super) async fn publish_path(
     resume: Option<&str>,
 ) -> Result<(), CliError> {
     let nats = nats_config(config)?;
-    let nonce = match resume {
-        None => fresh_nonce(),
-        Some(id) => u64::from_str_radix(id, 16)
-            .ok()
-            .filter(|_| id.len() == 16)
-            .ok_or_else(|| {
-                CliError::Usage(format!(
-                    "--resume takes the 16 hexadecimal digits a failed publish printed, not `{}`",
+    // A publish's id: its nonce, then the digest of the input it read (16 hex digits each).
+    let resumed = match resume {
+        None => None,
+        Some(id) => {
+            let half = |at: usize| {
+                id.get(at..at + 16)
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            };
+            match (half(0), half(16), id.len()) {
+                (Some(nonce), Some(digest), 32) => Some((nonce, digest)),
+                _ => return Err(CliError::Usage(format!(
+                    "--resume takes the 32 hexadecimal digits a failed publish printed, not `{}`",
                     id.chars().take(40).collect::<String>()
-                ))
-            })?,
+                ))),
+            }
+        }
     };
+    let nonce = resumed.map_or_else(fresh_nonce, |(nonce, _)| nonce);
     if in_flight == 0 {
         return Err(CliError::Usage("--in-flight must be at least 1".into()));
     }
@@ -153,6 +159,13 @@ pub(super) async fn publish_path(
         }
     }
     drop(reader);
+    if let Some((_, digest)) = resumed.filter(|&(_, digest)| digest != input.get()) {
+        return Err(CliError::Usage(format!(
+            "--resume: this input is not the one that publish read (its digest {:016x}, this one's {:016x}); nothing published. Publish it without --resume",
+            digest,
+            input.get()
+        )));
+    }
     rewind(&mut file)?;
     let mut planner = Planner::new(nats, input.get(), nonce);
     // A line that fails on the second pass (the file changed meanwhile) ends the publish.
@@ -207,8 +220,9 @@ pub(super) async fn publish_path(
             Ok(())
         }
         Err((report, e)) => Err(CliError::Failure(format!(
-            "{e}; the first {} of {total} update(s) were published in order: publishing the same input again with `--resume {nonce:016x}` within the stream's duplicate window (2 minutes by default) completes it",
-            report.published
+            "{e}; the first {} of {total} update(s) were published in order: publishing the same input again with `--resume {nonce:016x}{:016x}` within the stream's duplicate window (2 minutes by default) completes it",
+            report.published,
+            input.get()
         ))),
     }
 }

@@ -160,9 +160,9 @@ impl<F> Unacknowledged<F> {
 
 /// Publishes in order, with at most `in_flight` messages awaiting their acknowledgement
 /// (one connection keeps their order), and at most one of each profile: should a message
-/// fail, no later update of its profile was sent after it, so publishing the same input again
-/// (which JetStream takes as duplicates up to where they stop) sends that profile's updates
-/// in their order. Stops at the first failure; the report says how far it got.
+/// fail, no later update of its profile was sent after it, so publishing the same messages
+/// again (which JetStream takes as duplicates up to where they stop, see [`Planner`]) sends
+/// that profile's updates in their order. Stops at the first failure; the report says how far it got.
 /// A `largest` message beyond what the server takes fails before anything is published.
 pub async fn publish(
     config: &NatsSource,
