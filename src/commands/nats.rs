@@ -106,10 +106,12 @@ pub(super) async fn publish_path(
             };
             match (half(0), half(16), id.len()) {
                 (Some(nonce), Some(digest), 32) => Some((nonce, digest)),
-                _ => return Err(CliError::Usage(format!(
+                _ => {
+                    return Err(CliError::Usage(format!(
                     "--resume takes the 32 hexadecimal digits a failed publish printed, not `{}`",
                     id.chars().take(40).collect::<String>()
-                ))),
+                )))
+                }
             }
         }
     };

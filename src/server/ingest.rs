@@ -100,6 +100,10 @@ pub async fn serve(
     let connections = Arc::new(Semaphore::new(state.max_connections));
     let mut warned_full = false;
     loop {
+        // Said again once fewer than half are open.
+        if connections.available_permits() * 2 > state.max_connections {
+            warned_full = false;
+        }
         let slot = match Arc::clone(&connections).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -118,9 +122,6 @@ pub async fn serve(
                 }
             }
         };
-        if connections.available_permits() > state.max_connections / 2 {
-            warned_full = false;
-        }
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
