@@ -760,33 +760,14 @@ async fn retry_after_a_crash_holds_a_dead_letter_behind_a_newer_export_maybe_ack
 /// store; the drop then goes through that agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_starts_while_drop_waits_for_its_answer() {
-    use std::io::{Read, Write};
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::io::Write;
     let destination = Destination::start().await;
     let (ws, port) = workspace(&destination);
     ws.run_ok(
         &["ingest", "-"],
         Some(updates(&["bad1"]).join("\n").as_bytes()),
     );
-    let (mut master, slave) = {
-        let (mut master, mut slave) = (0, 0);
-        let opened = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
-        unsafe {
-            (
-                std::fs::File::from(OwnedFd::from_raw_fd(master)),
-                OwnedFd::from_raw_fd(slave),
-            )
-        }
-    };
+    let (mut master, slave) = pty();
     let mut dropping = std::process::Command::new(binary())
         .args(["--config", ws.config_path().to_str().unwrap()])
         .args(["outbox", "drop", "--all-dead"])
@@ -795,15 +776,9 @@ async fn an_agent_starts_while_drop_waits_for_its_answer() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = dropping.stderr.take().unwrap();
-    let mut asked = Vec::new();
-    let mut byte = [0u8; 1];
-    while !String::from_utf8_lossy(&asked).contains("[y/N]") {
-        assert_eq!(stderr.read(&mut byte).unwrap(), 1, "{asked:?}");
-        asked.push(byte[0]);
-    }
+    let asked = read_question(dropping.stderr.as_mut().unwrap());
     assert!(
-        String::from_utf8_lossy(&asked).contains("Delete every dead letter for good?"),
+        asked.contains("Delete every dead letter for good?"),
         "{asked:?}"
     );
     // Panics unless the agent opens its store and answers /healthz while the question waits.

@@ -393,3 +393,40 @@ fn keys_that_are_no_group_or_profile_are_listed_and_deleted() {
     assert!(out.status.success(), "p0 kept: {}", text(&out));
     assert!(text(&out).contains("1 unchanged"), "{}", text(&out));
 }
+
+/// `repair` lets the store go while it asks, and goes ahead only if what it would do is still
+/// what it showed: a record that became unreadable meanwhile makes it stop, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_changes_nothing_when_what_is_unreadable_changed_while_it_asked() {
+    use std::io::Write;
+    let s = setup().await;
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b"), update("p2", "c")]);
+    assert!(out.status.success(), "{}", text(&out));
+    s.corrupt("outbox", &1u64.to_be_bytes(), b"\x02not an export");
+    let (mut master, slave) = pty();
+    let mut repair = Command::new(binary())
+        .arg("--config")
+        .arg(&s.config)
+        .arg("repair")
+        .stdin(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let asked = read_question(repair.stderr.as_mut().unwrap());
+    assert!(asked.contains("Do this to 1 record(s)?"), "{asked}");
+    // The store is not held while the question waits.
+    s.corrupt("outbox", &2u64.to_be_bytes(), b"\x02not an export either");
+    master.write_all(b"y\n").unwrap();
+    let out = repair.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("changed while the question waited"),
+        "{}",
+        text(&out)
+    );
+    let out = s.run(&["check", "--store", "--json"], None);
+    let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(listed.len(), 2, "nothing repaired: {listed:?}");
+    assert_eq!(stats(&s)["pending"], 3);
+}

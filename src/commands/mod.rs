@@ -134,6 +134,11 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
                 yes: false,
             } = &command
             {
+                if !Store::exists_at(&config.storage.path)? {
+                    return Err(CliError::Usage(
+                        StoreError::Missing(config.storage.path.clone()).to_string(),
+                    ));
+                }
                 if std::io::stdin().is_terminal() && !confirm(ids, *all_dead)? {
                     return Err(CliError::Failure("nothing dropped".into()));
                 }
@@ -571,31 +576,20 @@ fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
 /// `outpost repair`: acts on the unreadable records, after confirmation.
 fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     let backend = Backend::connect_existing(config)?;
-    let found = backend.execute(&AdminRequest::Unreadable)?;
-    let records: Vec<Value> = found
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r["tree"] != "meta")
-        .collect();
+    let records = records_to_repair(&backend)?;
     if records.is_empty() {
         println!("no unreadable records");
         return Ok(());
     }
-    for record in &records {
-        println!(
-            "{} {}: {}",
-            record["tree"].as_str().unwrap_or("?"),
-            record["key"].as_str().unwrap_or("?"),
-            record["action"].as_str().unwrap_or("?"),
-        );
+    for (tree, key, action) in &records {
+        println!("{tree} {key}: {action}");
     }
     let backend = if yes {
         backend
     } else {
         // Not held while a person reads the question (`outpost run` could not start), and
-        // opened again after: the repair acts on what is unreadable then.
+        // opened again after: the repair goes ahead only if what it would do is still what
+        // was shown.
         drop(backend);
         if !std::io::stdin().is_terminal() {
             return Err(CliError::Usage(
@@ -611,13 +605,41 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
             println!("nothing changed");
             return Ok(());
         }
-        Backend::connect_existing(config)?
+        let backend = Backend::connect_existing(config)?;
+        let now = records_to_repair(&backend)?;
+        let keys = |list: &[(String, String, String)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(t, k, _)| (t.clone(), k.clone()))
+                .collect()
+        };
+        if keys(&now) != keys(&records) {
+            return Err(CliError::Failure(format!(
+                "the unreadable records changed while the question waited ({} now); nothing changed: run repair again",
+                now.len()
+            )));
+        }
+        backend
     };
     let done = backend.execute(&AdminRequest::RepairUnreadable)?;
     for line in done["repaired"].as_array().cloned().unwrap_or_default() {
         println!("{}", line.as_str().unwrap_or("?"));
     }
     Ok(())
+}
+
+/// The unreadable records `repair` acts on (meta values are rebuilt at open): tree, key and
+/// what it does.
+fn records_to_repair(backend: &Backend) -> Result<Vec<(String, String, String)>, CliError> {
+    let found = backend.execute(&AdminRequest::Unreadable)?;
+    let text = |r: &Value, field: &str| r[field].as_str().unwrap_or("?").to_owned();
+    Ok(found
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r["tree"] != "meta")
+        .map(|r| (text(r, "tree"), text(r, "key"), text(r, "action")))
+        .collect())
 }
 
 fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {

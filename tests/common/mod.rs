@@ -418,3 +418,37 @@ impl Drop for KilledOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A pseudo-terminal: its master side (what a person types is written there), and its slave
+/// side, to give a child process as standard input so that it asks as it would a person.
+pub fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    let opened = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+    unsafe {
+        (
+            std::fs::File::from(OwnedFd::from_raw_fd(master)),
+            OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// Reads `stream` until what it sent ends with `[y/N] ` (a question waits); what it sent.
+pub fn read_question(stream: &mut impl std::io::Read) -> String {
+    let mut asked = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&asked).contains("[y/N]") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "{asked:?}");
+        asked.push(byte[0]);
+    }
+    String::from_utf8_lossy(&asked).into_owned()
+}
