@@ -414,8 +414,8 @@ pub struct Mapping {
     /// Each gets `createdAt`, `updatedAt` (when given) and `mappingCreatedAt`,
     /// `mappingUpdatedAt` (from [`Mapping::mapped_at`]), in Unix epoch milliseconds.
     pub include_segment_timestamps: bool,
-    /// When each segment was first mapped and when its entry last changed, as the store
-    /// recorded them (`Store::record_mapping`); empty until then.
+    /// When each segment was first mapped and when its entry last changed (or it was mapped
+    /// again), as the store recorded them (`Store::record_mapping`); empty until then.
     pub mapped_at: BTreeMap<String, MappedAt>,
 }
 
@@ -428,7 +428,8 @@ pub struct SegmentDetails {
     pub updated_at_ms: Option<i64>,
 }
 
-/// When a segment was first mapped and when its mapping entry last changed (epoch ms).
+/// When a segment was first mapped and when its mapping entry last changed, or it was mapped
+/// again after leaving the mapping (epoch ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct MappedAt {
     pub created_ms: i64,

@@ -344,6 +344,12 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     assert!(out.status.success(), "{}", text(&out));
     let listed = json_lines(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(listed.len(), 6, "{listed:?}");
+    let dropped: Vec<&str> = listed
+        .iter()
+        .filter(|r| r["action"] == "dropped when the store was opened")
+        .filter_map(|r| r["key"].as_str())
+        .collect();
+    assert_eq!(dropped, ["mapping", "backfill"], "{listed:?}");
     assert!(listed.iter().all(|r| r["tree"] == "meta"), "{listed:?}");
     assert_eq!(stats(&s)["dead"], 0);
     assert_eq!(

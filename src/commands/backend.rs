@@ -152,15 +152,15 @@ fn run_backfill(
 ) -> Result<(), CliError> {
     loop {
         if store.outbox_full(max_outbox_bytes)? {
+            let under_way = store.backfill_progress()?.map_or_else(String::new, |p| {
+                format!(
+                    " (a backfill of newly mapped segments is under way: {} of {} profiles scanned, {} exported)",
+                    p.scanned, p.profiles, p.exported
+                )
+            });
             return Err(CliError::Failure(format!(
-                "{} (a backfill of newly mapped segments is under way: {})",
-                crate::admin::OUTBOX_FULL,
-                store
-                    .backfill_progress()?
-                    .map_or_else(String::new, |p| format!(
-                        "{} of {} profiles scanned, {} exported",
-                        p.scanned, p.profiles, p.exported
-                    ))
+                "{}{under_way}",
+                crate::admin::OUTBOX_FULL
             )));
         }
         let Some(progress) =

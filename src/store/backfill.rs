@@ -141,9 +141,28 @@ impl BackfillState {
         codec::encode_json(BACKFILL_V1, self)
     }
 
+    /// Decoded, with every job's group names readable (a step could not go on from one that
+    /// is not).
     pub(super) fn decode(bytes: &[u8]) -> Result<BackfillState, StoreError> {
-        codec::decode_json(BACKFILL_V1, bytes)
-            .map_err(|e| StoreError::corrupt("the backfill state", e))
+        let state: BackfillState = codec::decode_json(BACKFILL_V1, bytes)
+            .map_err(|e| StoreError::corrupt("the backfill state", e))?;
+        for job in &state.jobs {
+            for (name, what) in [
+                (&job.after_group, "after_group"),
+                (&job.until_group, "until_group"),
+            ] {
+                if name
+                    .as_deref()
+                    .is_some_and(|n| group_from_name(n).is_none())
+                {
+                    return Err(StoreError::corrupt(
+                        "the backfill state",
+                        format!("{what} is not hex"),
+                    ));
+                }
+            }
+        }
+        Ok(state)
     }
 }
 
@@ -434,5 +453,18 @@ mod tests {
         assert_eq!(BackfillState::decode(&state.encode()).unwrap(), state);
         let error = BackfillState::decode(&[9, b'{']).unwrap_err().to_string();
         assert!(error.contains("backfill state"), "{error}");
+        // JSON, but a step could not go on from its position: unreadable too.
+        for field in ["after_group", "until_group"] {
+            let mut bad = state.clone();
+            let name = Some("0q01ff00".to_owned());
+            match field {
+                "after_group" => bad.jobs[0].after_group = name,
+                _ => bad.jobs[0].until_group = name,
+            }
+            let error = BackfillState::decode(&bad.encode())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(&format!("{field} is not hex")), "{error}");
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! The mapping the store last ran with, per segment: when it was first mapped and when its
-//! entry (name, its own times) last changed. The payload's `mappingCreatedAt` and
+//! entry (name, its own times) last changed or it was mapped again after leaving the mapping. The payload's `mappingCreatedAt` and
 //! `mappingUpdatedAt` come from here.
 //!
 //! Value of `meta/mapping`: one format byte, then JSON `{segment id: {created_ms, updated_ms,
@@ -63,7 +63,12 @@ pub fn updated_records(
         let entry = entry_of(mapping, segment);
         match records.get_mut(segment) {
             Some(record) => {
-                if record.entry != entry || !record.mapped {
+                // Builds before `{ id = "seg" }` counted as no entry recorded it so.
+                let recorded = match record.entry.as_str() {
+                    "None|None|None" => "",
+                    other => other,
+                };
+                if recorded != entry || !record.mapped {
                     record.entry = entry;
                     record.updated_ms = now_ms;
                 }
@@ -226,6 +231,10 @@ mod tests {
             .segment_details
             .insert("a".into(), SegmentDetails::default());
         assert_eq!(updated_records(records.clone(), &table, 200), records);
+        // As an earlier build recorded it: no change either.
+        let mut earlier = records.clone();
+        earlier.get_mut("a").unwrap().entry = "None|None|None".into();
+        assert_eq!(updated_records(earlier, &table, 200)["a"].updated_ms, 100);
     }
 
     #[test]

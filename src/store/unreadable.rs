@@ -166,11 +166,17 @@ impl Store {
             let (key, error) = note
                 .split_once(" was unreadable ")
                 .unwrap_or(("meta", note));
+            let key = key.trim_start_matches("meta/");
+            // The mapping and the backfills cannot be derived from the rest of the store.
+            let action = match key {
+                "mapping" | "backfill" => "dropped when the store was opened",
+                _ => "rebuilt when the store was opened",
+            };
             found.push(UnreadableRecord {
                 tree: "meta",
-                key: key.trim_start_matches("meta/").to_owned(),
+                key: key.to_owned(),
                 error: format!("was unreadable {error}"),
-                action: "rebuilt when the store was opened".into(),
+                action: action.into(),
             });
         }
         let t = self.trees()?;
