@@ -29,10 +29,10 @@
 //! - a job's segments that have left the mapping by the time a step runs are skipped, and
 //!   are taken out of every job when the mapping without them is recorded, so that a segment
 //!   mapped again is backfilled once, by the job its return queues;
-//! - a profile is exported at most once for the segments mapped by one recording of the
-//!   mapping: segments newly mapped while a job is under way join it for the groups it has
-//!   yet to scan, and a job bounded by `until_group` covers those it scanned already
-//!   ([`BackfillState::with_new_segments`]).
+//! - a profile is exported at most once for the segments newly mapped by one recording of
+//!   the mapping: they join every queued job for the groups it has yet to scan, and jobs
+//!   bounded by `after_group` and `until_group` cover the groups none of those will scan
+//!   ([`BackfillState::with_new_segments`]; jobs begun before profile groups excepted).
 
 use std::sync::atomic::Ordering;
 
@@ -93,11 +93,12 @@ impl BackfillState {
 
     /// The state once `mapped` is the mapping (pure): segments it no longer maps are taken
     /// out of every job (a job left without any is dropped), and `new` segments (newly mapped)
-    /// are backfilled so that no profile gets two exports for them from jobs queued now:
-    /// - a job not begun yet and bounded by nothing takes them in;
-    /// - else a job under way (begun after profile groups) takes them in for the groups it has
-    ///   yet to scan, and a new job covers them up to the last group it scanned;
-    /// - else (a job begun before profile groups, whose scan skips some ids) a new job.
+    /// are backfilled so that no profile gets two exports for them: they join every queued
+    /// job for the groups it has yet to scan (its exports, written after this, carry them
+    /// anyway), and new jobs cover the groups none of those will scan (those scanned before
+    /// `new` was mapped, whose exports did not carry them). A job begun before profile
+    /// groups, whose scan skips ids rather than groups, is not joined: a member of its
+    /// segments and of `new` gets an export from it and one from the new jobs.
     pub fn with_new_segments(
         mut self,
         mapped: &[String],
@@ -112,28 +113,55 @@ impl BackfillState {
         if new.is_empty() {
             return self;
         }
-        let join = |job: &mut BackfillJob| {
+        // What joined jobs have yet to scan: the groups after `after_group` (None: from the
+        // first) up to `until_group` (None: to the last). Group names are hex of one length,
+        // so they sort as the keys do.
+        let mut ranges = Vec::new();
+        for job in self.jobs.iter_mut().filter(|job| job.after.is_none()) {
             for segment in &new {
                 if !job.segments.contains(segment) {
                     job.segments.push(segment.clone());
                 }
             }
-        };
-        if let Some(job) = self.jobs.iter_mut().find(|job| {
-            job.after_group.is_none() && job.after.is_none() && job.until_group.is_none()
-        }) {
-            join(job);
-            return self;
+            let (from, to) = (job.after_group.clone(), job.until_group.clone());
+            let empty = matches!((&from, &to), (Some(from), Some(to)) if from >= to);
+            if !empty {
+                ranges.push((from, to));
+            }
         }
-        let under_way = self.jobs.first_mut().filter(|job| {
-            job.after.is_none() && job.after_group.is_some() && job.until_group.is_none()
-        });
-        let mut job = BackfillJob::new(new.clone(), profiles, now_ms);
-        if let Some(under_way) = under_way {
-            join(under_way);
-            job.until_group = under_way.after_group.clone();
+        ranges.sort();
+        let mut gaps = Vec::new();
+        // The gap starts after this group (None: from the first); `open` while groups after
+        // it may still be uncovered.
+        let mut from: Option<String> = None;
+        let mut open = true;
+        for (start, end) in ranges {
+            if let Some(start) = &start {
+                if from.as_ref().is_none_or(|from| start > from) {
+                    gaps.push((from.clone(), Some(start.clone())));
+                }
+            }
+            match end {
+                None => {
+                    open = false;
+                    break;
+                }
+                Some(end) => {
+                    if from.as_ref().is_none_or(|from| end > *from) {
+                        from = Some(end);
+                    }
+                }
+            }
         }
-        self.jobs.push(job);
+        if open {
+            gaps.push((from, None));
+        }
+        for (after_group, until_group) in gaps {
+            let mut job = BackfillJob::new(new.clone(), profiles, now_ms);
+            job.after_group = after_group;
+            job.until_group = until_group;
+            self.jobs.push(job);
+        }
         self
     }
 
@@ -412,38 +440,66 @@ mod tests {
     #[test]
     fn newly_mapped_segments_join_the_queued_jobs_and_unmapped_ones_leave_them() {
         let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let segments = |state: &BackfillState| {
+        let group = |name: &str| Some(name.to_owned());
+        let jobs = |state: &BackfillState| {
             state
                 .jobs
                 .iter()
-                .map(|j| (j.segments.clone(), j.until_group.clone()))
+                .map(|j| {
+                    (
+                        j.segments.clone(),
+                        j.after_group.clone(),
+                        j.until_group.clone(),
+                    )
+                })
                 .collect::<Vec<_>>()
         };
-        // A job not begun takes new segments in.
-        let state = BackfillState::default().with_job(names(&["b"]), 10, 1);
+        // Nothing queued: one job over every group.
+        let state =
+            BackfillState::default().with_new_segments(&names(&["a", "b"]), names(&["b"]), 10, 1);
+        assert_eq!(jobs(&state), [(names(&["b"]), None, None)]);
+        // A job not begun takes new segments in: nothing else to cover.
         let state = state.with_new_segments(&names(&["a", "b", "c"]), names(&["c"]), 10, 2);
-        assert_eq!(segments(&state), [(names(&["b", "c"]), None)]);
+        assert_eq!(jobs(&state), [(names(&["b", "c"]), None, None)]);
         // Under way: it takes them in for what it has yet to scan, a new job covers the rest.
         let mut state = state;
-        state.jobs[0].after_group = Some("00ff".into());
+        state.jobs[0].after_group = group("0500");
         let state = state.with_new_segments(&names(&["a", "b", "c", "d"]), names(&["d"]), 10, 3);
         assert_eq!(
-            segments(&state),
+            jobs(&state),
             [
-                (names(&["b", "c", "d"]), None),
-                (names(&["d"]), Some("00ff".into()))
+                (names(&["b", "c", "d"]), group("0500"), None),
+                (names(&["d"]), None, group("0500"))
+            ]
+        );
+        // Both under way: what neither will scan is covered, once.
+        let mut state = state;
+        state.jobs[0].after_group = group("0900");
+        state.jobs[1].after_group = group("0100");
+        let state =
+            state.with_new_segments(&names(&["a", "b", "c", "d", "e"]), names(&["e"]), 10, 4);
+        assert_eq!(
+            jobs(&state),
+            [
+                (names(&["b", "c", "d", "e"]), group("0900"), None),
+                (names(&["d", "e"]), group("0100"), group("0500")),
+                (names(&["e"]), None, group("0100")),
+                (names(&["e"]), group("0500"), group("0900")),
             ]
         );
         // Unmapped segments leave every job; a job left with none is dropped.
-        let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 4);
-        assert_eq!(segments(&state), [(names(&["b", "c"]), None)]);
-        // A job begun before profile groups goes on alone: a new job.
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 5);
+        assert_eq!(jobs(&state), [(names(&["b", "c"]), group("0900"), None)]);
+        // A job begun before profile groups is not joined: new jobs over every group.
         let mut state = state;
         state.jobs[0].after = Some("p1".into());
-        let state = state.with_new_segments(&names(&["a", "b", "c", "e"]), names(&["e"]), 10, 5);
+        let state = state.with_new_segments(&names(&["a", "b", "c", "f"]), names(&["f"]), 10, 6);
         assert_eq!(
-            segments(&state),
-            [(names(&["b", "c"]), None), (names(&["e"]), None)]
+            jobs(&state),
+            [
+                (names(&["b", "c"]), group("0900"), None),
+                (names(&["f"]), None, None)
+            ]
         );
     }
 
