@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -412,7 +413,6 @@ fn a_segment_mapped_again_during_its_backfill_exports_each_member_once_more() {
 /// both its segments and the new ones gets one export, wherever the first job had got to.
 #[test]
 fn segments_mapped_while_a_backfill_is_under_way_export_each_member_once() {
-    const SEGMENT_C: &str = "c0ffee00-0000-4000-8000-00000000000c";
     let dir = tempfile::tempdir().unwrap();
     let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
     let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
@@ -423,30 +423,16 @@ fn segments_mapped_while_a_backfill_is_under_way_export_each_member_once() {
         &with_segments(&text, &[SEGMENT_A, SEGMENT_B, SEGMENT_C]),
     );
     // Every third profile a member of B, every second of C.
-    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
-    let mapping = record(&store, &only_a);
-    let ups = |i: usize| {
-        let mut ups = serde_json::Map::new();
-        let entry = json!({"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"});
+    let store = store_members(dir.path(), &only_a, |i| {
+        let mut segments = Vec::new();
         if i.is_multiple_of(3) {
-            ups.insert(SEGMENT_B.into(), entry.clone());
+            segments.push(SEGMENT_B);
         }
         if i.is_multiple_of(2) {
-            ups.insert(SEGMENT_C.into(), entry);
+            segments.push(SEGMENT_C);
         }
-        ups
-    };
-    let lines: Vec<String> = (0..3_000)
-        .map(|i| {
-            json!({"id": format!("p{i:06}"), "timestamp": "2026-01-01T00:00:00Z",
-                   "profile": {"segmentMembership": {"ups": ups(i)}}})
-            .to_string()
-        })
-        .collect();
-    store
-        .apply_groups(&[&pruned_updates(&lines, &mapping)], &mapping, Utc::now())
-        .unwrap();
-    assert_eq!(store.tally().unwrap().pending, 0);
+        segments
+    });
 
     let mapping = record(&store, &a_b);
     let first = store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
@@ -469,4 +455,81 @@ fn segments_mapped_while_a_backfill_is_under_way_export_each_member_once() {
         exported_for_both += usize::from(b && c && !exported_before);
     }
     assert!(exported_for_both > 100, "{exported_for_both}");
+}
+
+const SEGMENT_C: &str = "c0ffee00-0000-4000-8000-00000000000c";
+const SEGMENT_D: &str = "d0ffee00-0000-4000-8000-00000000000d";
+
+/// A store at `dir`/store running with `mapping`'s config, holding profiles p000000 to
+/// p002999, each a member of `segments(i)`.
+fn store_members(
+    dir: &Path,
+    config: &Config,
+    segments: impl Fn(usize) -> Vec<&'static str>,
+) -> Store {
+    let store = Store::open(&dir.join("store"), 8 << 20).unwrap();
+    let mapping = record(&store, config);
+    let entry = json!({"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"});
+    let lines: Vec<String> = (0..3_000)
+        .map(|i| {
+            let ups: serde_json::Map<String, serde_json::Value> = segments(i)
+                .into_iter()
+                .map(|s| (s.to_owned(), entry.clone()))
+                .collect();
+            json!({"id": format!("p{i:06}"), "timestamp": "2026-01-01T00:00:00Z",
+                   "profile": {"segmentMembership": {"ups": ups}}})
+            .to_string()
+        })
+        .collect();
+    store
+        .apply_groups(&[&pruned_updates(&lines, &mapping)], &mapping, Utc::now())
+        .unwrap();
+    assert_eq!(store.tally().unwrap().pending, 0);
+    store
+}
+
+/// A third segment mapped while the job made by the second change is part way (a job bounded
+/// to the groups the first had scanned): each member of the third gets one export from then
+/// on, whichever job scans it.
+#[test]
+fn a_segment_mapped_while_a_bounded_backfill_is_under_way_exports_each_member_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let config =
+        |name: &str, segments: &[&str]| load(dir.path(), name, &with_segments(&text, segments));
+    let only_a = config("a.toml", &[SEGMENT_A]);
+    let a_b = config("ab.toml", &[SEGMENT_A, SEGMENT_B]);
+    let a_b_c = config("abc.toml", &[SEGMENT_A, SEGMENT_B, SEGMENT_C]);
+    let a_b_c_d = config("abcd.toml", &[SEGMENT_A, SEGMENT_B, SEGMENT_C, SEGMENT_D]);
+    let store = store_members(dir.path(), &only_a, |i| {
+        [(3, SEGMENT_B), (2, SEGMENT_C), (5, SEGMENT_D)]
+            .into_iter()
+            .filter(|&(n, _)| i.is_multiple_of(n))
+            .map(|(_, s)| s)
+            .collect()
+    });
+    let mapping = record(&store, &a_b);
+    store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+    // C: the B job goes on with C, a job bounded to what it had scanned covers the rest.
+    let mapping = record(&store, &a_b_c);
+    let jobs = store.backfill_state().unwrap().jobs;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    while store.backfill_state().unwrap().jobs.len() == 2 {
+        store.backfill_step(&mapping, 500, Utc::now()).unwrap();
+    }
+    let bounded = store.backfill_step(&mapping, 100, Utc::now()).unwrap();
+    assert!(bounded.is_some_and(|p| !p.done), "the bounded job part way");
+
+    let before_d = segment_exports_per_profile(&store);
+    let mapping = record(&store, &a_b_c_d);
+    run_backfill(&store, &mapping);
+    let after = segment_exports_per_profile(&store);
+    let mut members = 0;
+    for i in (0..3_000usize).filter(|i| i.is_multiple_of(5)) {
+        let id = format!("p{i:06}");
+        let new = after.get(&id).copied().unwrap_or(0) - before_d.get(&id).copied().unwrap_or(0);
+        assert_eq!(new, 1, "{id}");
+        members += 1;
+    }
+    assert_eq!(members, 600);
 }

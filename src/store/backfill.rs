@@ -93,12 +93,14 @@ impl BackfillState {
 
     /// The state once `mapped` is the mapping (pure): segments it no longer maps are taken
     /// out of every job (a job left without any is dropped), and `new` segments (newly mapped)
-    /// are backfilled so that no profile gets two exports for them: they join every queued
-    /// job for the groups it has yet to scan (its exports, written after this, carry them
+    /// are backfilled so that no profile gets two exports for them: they join the queued jobs
+    /// for the groups each has yet to scan (its exports, written after this, carry them
     /// anyway), and new jobs cover the groups none of those will scan (those scanned before
-    /// `new` was mapped, whose exports did not carry them). A job begun before profile
-    /// groups, whose scan skips ids rather than groups, is not joined: a member of its
-    /// segments and of `new` gets an export from it and one from the new jobs.
+    /// `new` was mapped, whose exports did not carry them). A job whose remaining groups
+    /// overlap those of a job joined already (queues made by earlier builds) is not joined. A
+    /// job begun before profile groups, whose scan skips ids rather than groups, is not
+    /// joined either: a member of its segments and of `new` gets an export from it and one
+    /// from the new jobs.
     pub fn with_new_segments(
         mut self,
         mapped: &[String],
@@ -113,23 +115,38 @@ impl BackfillState {
         if new.is_empty() {
             return self;
         }
-        // What joined jobs have yet to scan: the groups after `after_group` (None: from the
+        // What each job has yet to scan: the groups after `after_group` (None: from the
         // first) up to `until_group` (None: to the last). Group names are hex of one length,
         // so they sort as the keys do.
+        let mut candidates: Vec<(Option<String>, Option<String>, usize)> = Vec::new();
+        for (at, job) in self.jobs.iter().enumerate() {
+            let (from, to) = (job.after_group.clone(), job.until_group.clone());
+            let empty = matches!((&from, &to), (Some(from), Some(to)) if from >= to);
+            if job.after.is_none() && !empty {
+                candidates.push((from, to, at));
+            }
+        }
+        candidates.sort();
+        // Joined: jobs whose ranges do not overlap (queues made by earlier builds may hold
+        // overlapping ones), so that no group is scanned for `new` twice.
         let mut ranges = Vec::new();
-        for job in self.jobs.iter_mut().filter(|job| job.after.is_none()) {
+        for (from, to, at) in candidates {
+            let overlaps = match ranges.last() {
+                None => false,
+                Some((_, None)) => true,
+                Some((_, Some(end))) => from.as_ref().is_none_or(|from| from < end),
+            };
+            if overlaps {
+                continue;
+            }
+            let job = &mut self.jobs[at];
             for segment in &new {
                 if !job.segments.contains(segment) {
                     job.segments.push(segment.clone());
                 }
             }
-            let (from, to) = (job.after_group.clone(), job.until_group.clone());
-            let empty = matches!((&from, &to), (Some(from), Some(to)) if from >= to);
-            if !empty {
-                ranges.push((from, to));
-            }
+            ranges.push((from, to));
         }
-        ranges.sort();
         let mut gaps = Vec::new();
         // The gap starts after this group (None: from the first); `open` while groups after
         // it may still be uncovered.
@@ -490,6 +507,25 @@ mod tests {
         // Unmapped segments leave every job; a job left with none is dropped.
         let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 5);
         assert_eq!(jobs(&state), [(names(&["b", "c"]), group("0900"), None)]);
+        // Overlapping jobs (as earlier builds queued them): one is joined, no gap.
+        let overlapping = BackfillState {
+            jobs: vec![
+                BackfillJob {
+                    after_group: group("0500"),
+                    ..BackfillJob::new(names(&["b"]), 10, 1)
+                },
+                BackfillJob::new(names(&["c"]), 10, 1),
+            ],
+        };
+        let state_of =
+            overlapping.with_new_segments(&names(&["b", "c", "d"]), names(&["d"]), 10, 2);
+        assert_eq!(
+            jobs(&state_of),
+            [
+                (names(&["b"]), group("0500"), None),
+                (names(&["c", "d"]), None, None)
+            ]
+        );
         // A job begun before profile groups is not joined: new jobs over every group.
         let mut state = state;
         state.jobs[0].after = Some("p1".into());
