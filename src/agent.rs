@@ -333,9 +333,6 @@ pub fn termination_signal() -> impl std::future::Future<Output = ()> {
 /// Between progress lines of a backfill in the log.
 const BACKFILL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
-/// updates go on between steps, and says in the log how far it is. While the outbox holds
-/// `max_outbox_bytes`, it waits as ingest does (a step may pass the limit by its own exports).
 /// How long the agent waits for a store another process holds: an outpost command that has
 /// it open (one started while an agent stopped, say) ends in moments.
 const LOCKED_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -366,6 +363,9 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
     }
 }
 
+/// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
+/// updates go on between steps, and says in the log how far it is. While the outbox holds
+/// `max_outbox_bytes`, it waits as ingest does (a step may pass the limit by its own exports).
 async fn run_backfill(
     committer: Committer,
     store: Arc<Store>,

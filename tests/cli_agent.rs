@@ -435,13 +435,33 @@ async fn a_locked_store_without_an_agent_is_a_clear_error() {
         (vec!["profile", "show", "p-1"], None),
         (vec!["ingest", "-"], Some(stdin.as_bytes())),
     ] {
-        let out = ws.run(&args, input);
+        // Waited for 1 s rather than 30 (OUTPOST_STORE_WAIT_S).
+        let mut command = std::process::Command::new(binary());
+        command
+            .arg("--config")
+            .arg(ws.config_path())
+            .args(&args)
+            .env("OUTPOST_STORE_WAIT_S", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        if let Some(input) = input {
+            use std::io::Write;
+            // The command may exit before reading its input.
+            let _ = child.stdin.as_mut().unwrap().write_all(input);
+        }
+        let started = Instant::now();
+        let out = child.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = stderr_of(&out);
         assert!(
-            stderr.contains("in use") && stderr.contains("outpost.sock"),
+            stderr.contains("in use")
+                && stderr.contains("outpost.sock")
+                && stderr.contains("within 1 s"),
             "{args:?}: {stderr}"
         );
+        assert!(started.elapsed() >= Duration::from_secs(1), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
     assert_eq!(store.tally().unwrap().pending, 0, "nothing was ingested");
@@ -816,4 +836,18 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
         "{}",
         agent.log()
     );
+    drop(agent);
+
+    // A SIGTERM while it waits stops it there.
+    let held = Store::open(&ws.store_path(), CACHE_BYTES).unwrap();
+    let mut waiting = AgentProcess::spawn_with_env(&ws.config_path(), port, &[]);
+    wait_until(10, "the agent waiting for the store", || {
+        waiting.log().contains("waiting up to 30 s")
+    })
+    .await;
+    let status = waiting
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", waiting.log());
+    drop(held);
 }

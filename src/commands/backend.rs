@@ -16,8 +16,21 @@ use crate::store::{put_back_wait, BatchSummary, Store, StoreError};
 
 /// How long the CLI waits for the agent's answer.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the CLI waits for a store held by a process whose agent does not answer.
+/// How long the CLI waits for a store held by a process whose agent does not answer, unless
+/// `OUTPOST_STORE_WAIT_S` says otherwise.
 const LOCKED_WAIT: Duration = Duration::from_secs(30);
+
+fn locked_wait() -> Result<Duration, CliError> {
+    match std::env::var("OUTPOST_STORE_WAIT_S") {
+        Err(_) => Ok(LOCKED_WAIT),
+        Ok(text) => text.trim().parse().map(Duration::from_secs).map_err(|_| {
+            CliError::Usage(format!(
+                "OUTPOST_STORE_WAIT_S must be a whole number of seconds, not `{}`",
+                text.chars().take(20).collect::<String>()
+            ))
+        }),
+    }
+}
 
 /// Where the CLI's requests go.
 pub enum Backend {
@@ -33,12 +46,13 @@ pub enum Backend {
 
 impl Backend {
     /// The agent if one answers on the store's socket, else the store itself. A store held
-    /// by another process with no agent answering is waited for up to [`LOCKED_WAIT`]: an
+    /// by another process with no agent answering is waited for up to [`locked_wait`]: an
     /// agent holds its store before its socket answers while it starts (longer when it
     /// upgrades or rebuilds the store), and after its socket is gone while it stops.
     pub fn connect(config: &Config) -> Result<Backend, CliError> {
         let socket = crate::server::admin::socket_path(&config.storage.path);
-        let deadline = std::time::Instant::now() + LOCKED_WAIT;
+        let wait = locked_wait()?;
+        let deadline = std::time::Instant::now() + wait;
         let mut said = false;
         loop {
             if Backend::agent_answers(config) {
@@ -55,7 +69,7 @@ impl Backend {
                         eprintln!(
                             "the store at {} is in use by another process; waiting up to {} s for an agent to answer on {} or the store to be free",
                             path.display(),
-                            LOCKED_WAIT.as_secs(),
+                            wait.as_secs(),
                             socket.display()
                         );
                     }
@@ -66,7 +80,7 @@ impl Backend {
                         "the store at {} is in use by another process, and no agent answered on {} within {} s",
                         path.display(),
                         socket.display(),
-                        LOCKED_WAIT.as_secs()
+                        wait.as_secs()
                     )))
                 }
                 Err(e) => return Err(e.into()),

@@ -275,13 +275,20 @@ async fn receiver(
 
 async fn run(config: &Config) -> Result<(), CliError> {
     // Before the agent serves: a SIGTERM right after `/healthz` first answers stops it cleanly.
-    let terminated = termination_signal();
-    let agent = Agent::start(config, AgentOptions::default())
-        .await
-        .map_err(|e| match e.is_config() {
-            true => CliError::Usage(e.to_string()),
-            false => CliError::Failure(e.to_string()),
-        })?;
+    let mut terminated = Box::pin(termination_signal());
+    // A signal while the agent starts (it may wait up to 30 s for a store another process
+    // holds) stops it there: nothing was taken or acknowledged yet.
+    let started = tokio::select! {
+        started = Agent::start(config, AgentOptions::default()) => started,
+        () = terminated.as_mut() => {
+            tracing::info!("stopped before the agent had started");
+            return Ok(());
+        }
+    };
+    let agent = started.map_err(|e| match e.is_config() {
+        true => CliError::Usage(e.to_string()),
+        false => CliError::Failure(e.to_string()),
+    })?;
     let stop = agent.shutdown_token();
     tokio::spawn(async move {
         terminated.await;

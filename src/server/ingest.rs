@@ -35,6 +35,8 @@ use crate::store::Store;
 const FULL_RETRY_AFTER_S: u64 = 5;
 /// How long a graceful stop waits for open requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the log may say that connections are at `ingest.max_connections`.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// Requests in flight on one HTTP/2 connection.
 const MAX_STREAMS: u32 = 64;
 
@@ -98,17 +100,15 @@ pub async fn serve(
     // A connection holds one until it ends; without one, nothing is accepted, and new
     // connections wait in the kernel's listen backlog rather than take memory and descriptors.
     let connections = Arc::new(Semaphore::new(state.max_connections));
-    let mut warned_full = false;
+    let mut last_warned = None;
     loop {
-        // Said again once fewer than half are open.
-        if connections.available_permits() * 2 > state.max_connections {
-            warned_full = false;
-        }
         let slot = match Arc::clone(&connections).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                if !warned_full {
-                    warned_full = true;
+                if last_warned
+                    .is_none_or(|at: tokio::time::Instant| at.elapsed() >= FULL_WARNING_EVERY)
+                {
+                    last_warned = Some(tokio::time::Instant::now());
                     tracing::warn!(
                         max_connections = state.max_connections,
                         "ingest connections at ingest.max_connections; new ones wait until one closes"
