@@ -143,6 +143,20 @@ fn workspace(receiver: &Receiver, storage_extra: &str) -> (Workspace, u16) {
     (ws, port)
 }
 
+/// [`workspace`] with `line` added to `[ingest]`.
+fn workspace_with_ingest(receiver: &Receiver, line: &str) -> (Workspace, u16) {
+    let (ws, port) = workspace(receiver, "");
+    let limit = format!("max_body_bytes = {MAX_BODY}");
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    assert!(text.contains(&limit), "{text}");
+    std::fs::write(
+        ws.config_path(),
+        text.replace(&limit, &format!("{limit}\n{line}")),
+    )
+    .unwrap();
+    (ws, port)
+}
+
 async fn receiver() -> Receiver {
     Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
@@ -893,14 +907,7 @@ fn read_until_closed(stream: &mut std::net::TcpStream) -> Option<Vec<u8>> {
 async fn slow_clients_time_out_and_bodies_in_flight_are_bounded() {
     use std::io::{Read, Write};
     let receiver = receiver().await;
-    let (ws, port) = workspace(&receiver, "");
-    let limit = format!("max_body_bytes = {MAX_BODY}");
-    let text = std::fs::read_to_string(ws.config_path()).unwrap();
-    std::fs::write(
-        ws.config_path(),
-        text.replace(&limit, &format!("{limit}\nread_timeout_ms = 2000")),
-    )
-    .unwrap();
+    let (ws, port) = workspace_with_ingest(&receiver, "read_timeout_ms = 2000");
     let agent = start_agent(&ws, port).await;
     let connect = || {
         let stream = std::net::TcpStream::connect(agent.addr).unwrap();
@@ -1070,14 +1077,7 @@ async fn a_chunked_body_past_the_limit_is_answered_413_not_reset() {
 async fn connections_past_the_limit_wait_until_one_closes() {
     use std::io::{ErrorKind, Read, Write};
     let receiver = receiver().await;
-    let (ws, port) = workspace(&receiver, "");
-    let limit = format!("max_body_bytes = {MAX_BODY}");
-    let text = std::fs::read_to_string(ws.config_path()).unwrap();
-    std::fs::write(
-        ws.config_path(),
-        text.replace(&limit, &format!("{limit}\nmax_connections = 2")),
-    )
-    .unwrap();
+    let (ws, port) = workspace_with_ingest(&receiver, "max_connections = 2");
     let agent = start_agent(&ws, port).await;
     let healthz = || {
         let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();

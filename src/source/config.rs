@@ -80,7 +80,7 @@ pub enum NatsAuth {
 
 impl NatsSource {
     /// Whether the files `[source.nats]` names can be used: the credentials file read and
-    /// parsed, the CA file read. Checked when the agent or a NATS command starts, not when the
+    /// parsed, the CA file read and holding certificates. Checked when the agent or a NATS command starts, not when the
     /// config is loaded, so that commands that do not use NATS work without them. The error
     /// names the key and the file, never what the file holds.
     pub fn check_files(&self) -> Result<(), String> {
