@@ -1351,3 +1351,48 @@ async fn a_large_batch_over_a_slow_link_is_taken_as_long_as_it_keeps_coming() {
     }
     assert_eq!(taken, 30.0, "{}", agent.log());
 }
+
+/// Messages on subjects under the prefix that name no partition (`.01`, a number past the
+/// partitions) are taken by the stream and consumed by no agent: `outpost check` and the
+/// agent's log say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_on_subjects_that_name_no_partition_are_reported() {
+    let Some(server_bin) = nats_server_or_skip("messages_on_subjects_that_name_no_partition")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // 8 partitions: .3 is one, .01 and .9 are not.
+    for subject in [
+        "test.updates.01",
+        "test.updates.9",
+        "test.updates.9",
+        "test.updates.3",
+    ] {
+        let update = member_update("p-000001", "x", "2026-01-01T00:00:01Z");
+        js.publish(subject, update.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let check = setup.run(&["check"]);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        stdout.contains(
+            "3 message(s) on 2 subject(s) that name no partition (test.updates.01, test.updates.9)"
+        ),
+        "{stdout}"
+    );
+    let agent = setup.start().await;
+    wait_until(10, "the agent's warning", || {
+        agent
+            .log()
+            .contains("on 2 subject(s) that name no partition")
+    })
+    .await;
+}

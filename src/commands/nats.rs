@@ -73,7 +73,7 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         NatsAuth::UserPassword { .. } => "user and password (set)",
     };
     println!("nats             {} ({auth})", nats.servers.join(", "));
-    let messages = probe(nats)
+    let (messages, stray) = probe(nats)
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
     println!(
@@ -83,6 +83,12 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         nats.subject_prefix,
         nats.owned_text()
     );
+    if !stray.is_empty() {
+        println!(
+            "warning          {}",
+            crate::source::nats::describe_stray(&stray)
+        );
+    }
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{sort_batch, Fetched};
 use super::config::{NatsAuth, NatsSource};
-use super::partition::subject_of;
+use super::partition::{is_partition_subject, subject_of};
 use crate::metrics::Metrics;
 use crate::profile::update::FutureLimit;
 use crate::store::committer::Committer;
@@ -285,7 +285,7 @@ async fn check_subjects_fit(
 }
 
 /// For `outpost check`: connects and reads the stream; its message count, or why not.
-pub async fn probe(config: &NatsSource) -> Result<u64, NatsError> {
+pub async fn probe(config: &NatsSource) -> Result<(u64, Vec<(String, usize)>), NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
     let mut stream = js.get_stream(&config.stream).await.map_err(|e| {
@@ -299,7 +299,69 @@ pub async fn probe(config: &NatsSource) -> Result<u64, NatsError> {
         .await
         .map_err(|e| nats_error("reading the stream", e))?;
     check_partitions(info, config)?;
-    Ok(info.state.messages)
+    let messages = info.state.messages;
+    Ok((messages, stray_subjects(&stream, config).await?))
+}
+
+/// The subjects under the prefix that hold messages of the stream and name no partition
+/// (`<prefix>.01`, or a number past the partitions), with their message counts: no agent
+/// consumes them, since each consumer filters on its partition's subject.
+pub async fn stray_subjects(
+    stream: &stream::Stream,
+    config: &NatsSource,
+) -> Result<Vec<(String, usize)>, NatsError> {
+    use futures_util::TryStreamExt;
+    let mut subjects = stream
+        .info_with_subjects(format!("{}.>", config.subject_prefix))
+        .await
+        .map_err(|e| nats_error("listing the stream's subjects", e))?;
+    let mut stray = Vec::new();
+    while let Some((subject, count)) = subjects
+        .try_next()
+        .await
+        .map_err(|e| nats_error("listing the stream's subjects", e))?
+    {
+        if !is_partition_subject(&config.subject_prefix, &subject, config.partitions) {
+            stray.push((subject, count));
+        }
+    }
+    stray.sort();
+    Ok(stray)
+}
+
+/// One line on subjects no agent consumes, naming a few.
+pub fn describe_stray(stray: &[(String, usize)]) -> String {
+    let messages: usize = stray.iter().map(|(_, n)| n).sum();
+    let named: Vec<&str> = stray.iter().take(3).map(|(s, _)| s.as_str()).collect();
+    format!(
+        "{messages} message(s) on {} subject(s) that name no partition ({}{}): no agent consumes them; publish each update on the subject of its profile's partition, as `outpost publish` does",
+        stray.len(),
+        named.join(", "),
+        if stray.len() > named.len() { ", …" } else { "" }
+    )
+}
+
+/// Says in the log, once at start, when the stream holds messages no agent consumes.
+async fn warn_of_stray_subjects(shared: Arc<Shared>) {
+    let found = async {
+        let stream = shared
+            .js
+            .get_stream(&shared.config.stream)
+            .await
+            .map_err(|e| nats_error("the stream", e))?;
+        stray_subjects(&stream, &shared.config).await
+    };
+    let found = tokio::select! {
+        found = found => found,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    match found {
+        Ok(stray) if !stray.is_empty() => {
+            tracing::warn!(stream = %shared.config.stream, "{}", describe_stray(&stray));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "could not list the stream's subjects"),
+    }
 }
 
 /// What `/healthz` and `/metrics` show of the source.
@@ -404,6 +466,7 @@ pub async fn start(
         config.servers.join(", "),
         shared.shutdown.clone(),
     ));
+    tokio::spawn(warn_of_stray_subjects(Arc::clone(&shared)));
     let tasks = config
         .owned
         .iter()

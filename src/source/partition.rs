@@ -31,6 +31,20 @@ pub fn subject_of(prefix: &str, partition: u32) -> String {
     format!("{prefix}.{partition}")
 }
 
+/// Whether `subject` is the subject of one of `partitions` under `prefix`, written as
+/// [`subject_of`] writes it (`<prefix>.01` is not: no consumer filters on it).
+pub fn is_partition_subject(prefix: &str, subject: &str, partitions: u32) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|n| {
+            n.parse::<u32>()
+                .ok()
+                .filter(|p| subject_of(prefix, *p) == subject)
+        })
+        .is_some_and(|p| p < partitions)
+}
+
 /// Parses an `owned` list such as `0-3,7,9-11` into sorted partition numbers, each below
 /// `partitions`, none listed twice.
 pub fn parse_owned(text: &str, partitions: u32) -> Result<Vec<u32>, String> {
@@ -99,6 +113,23 @@ pub fn format_owned(owned: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_subjects_are_those_the_consumers_filter_on() {
+        for (subject, is) in [
+            ("u.p.0", true),
+            ("u.p.63", true),
+            ("u.p.64", false),
+            ("u.p.01", false),
+            ("u.p.+1", false),
+            ("u.p.1.x", false),
+            ("u.p", false),
+            ("u.px.1", false),
+            ("v.p.1", false),
+        ] {
+            assert_eq!(is_partition_subject("u.p", subject, 64), is, "{subject}");
+        }
+    }
 
     /// The vectors the README gives producers. The first three are FNV's published ones.
     #[test]
