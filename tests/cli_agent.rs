@@ -787,15 +787,8 @@ async fn an_agent_starts_while_drop_waits_for_its_answer() {
         &["ingest", "-"],
         Some(updates(&["bad1"]).join("\n").as_bytes()),
     );
-    let (mut master, slave) = pty();
-    let mut dropping = std::process::Command::new(binary())
-        .args(["--config", ws.config_path().to_str().unwrap()])
-        .args(["outbox", "drop", "--all-dead"])
-        .stdin(std::process::Stdio::from(slave))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut master, mut dropping) =
+        spawn_on_a_terminal(&ws.config_path(), &["outbox", "drop", "--all-dead"]);
     let asked = read_question(dropping.stderr.as_mut().unwrap());
     assert!(
         asked.contains("Delete every dead letter for good?"),

@@ -409,16 +409,7 @@ async fn repair_changes_nothing_when_what_is_unreadable_changed_while_it_asked()
     let out = s.ingest(&[update("p0", "a"), update("p1", "b"), update("p2", "c")]);
     assert!(out.status.success(), "{}", text(&out));
     s.corrupt("outbox", &1u64.to_be_bytes(), b"\x02not an export");
-    let (mut master, slave) = pty();
-    let mut repair = Command::new(binary())
-        .arg("--config")
-        .arg(&s.config)
-        .arg("repair")
-        .stdin(std::process::Stdio::from(slave))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut master, mut repair) = spawn_on_a_terminal(&s.config, &["repair"]);
     let asked = read_question(repair.stderr.as_mut().unwrap());
     assert!(asked.contains("Do this to 1 record(s)?"), "{asked}");
     // The store is not held while the question waits.

@@ -240,16 +240,7 @@ fn an_unusable_creds_file_is_a_configuration_error_where_nats_is_used() {
     // Checked before the store is opened: the agent made none.
     assert!(!setup.dir.path().join("store").exists());
     let update = member_update("p-1", "x", "2026-01-01T00:00:01Z");
-    let ingest = std::process::Command::new(binary())
-        .args(["ingest", "-", "--config"])
-        .arg(setup.config())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut ingest.stdin.as_ref().unwrap(), update.as_bytes()).unwrap();
-    let out = ingest.wait_with_output().unwrap();
+    let out = run_with_config(&setup.config(), &["ingest", "-"], Some(update.as_bytes()));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 
     // A CA file without a certificate: the NATS client would take it as no roots at all.

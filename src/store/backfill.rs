@@ -85,12 +85,6 @@ pub struct BackfillJob {
 }
 
 impl BackfillState {
-    /// The state with one more job, run after those already queued.
-    pub fn with_job(mut self, segments: Vec<String>, profiles: u64, now_ms: i64) -> Self {
-        self.jobs.push(BackfillJob::new(segments, profiles, now_ms));
-        self
-    }
-
     /// The state once `mapped` is the mapping (pure): segments it no longer maps are taken
     /// out of every job (a job left without any is dropped), and `new` segments (newly mapped)
     /// are backfilled so that no profile gets two exports for them: they join the queued jobs
@@ -541,7 +535,9 @@ mod tests {
 
     #[test]
     fn the_state_reads_back_and_bad_bytes_are_named() {
-        let state = BackfillState::default().with_job(vec!["s".into()], 3, 7);
+        let state = BackfillState {
+            jobs: vec![BackfillJob::new(vec!["s".into()], 3, 7)],
+        };
         assert_eq!(BackfillState::decode(&state.encode()).unwrap(), state);
         let error = BackfillState::decode(&[9, b'{']).unwrap_err().to_string();
         assert!(error.contains("backfill state"), "{error}");

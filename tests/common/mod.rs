@@ -442,6 +442,22 @@ pub fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
     }
 }
 
+/// Starts `outpost --config CONFIG ARGS` with a terminal as standard input (as a person runs
+/// it, so that it asks before it acts), its output piped; the terminal's side to type on.
+pub fn spawn_on_a_terminal(config: &Path, args: &[&str]) -> (std::fs::File, std::process::Child) {
+    let (master, slave) = pty();
+    let child = Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::from(slave))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (master, child)
+}
+
 /// Reads `stream` until what it sent ends with `[y/N] ` (a question waits); what it sent.
 pub fn read_question(stream: &mut impl std::io::Read) -> String {
     let mut asked = Vec::new();
