@@ -804,3 +804,61 @@ async fn a_blocked_backlog_larger_than_the_window_does_not_starve_the_others() {
     }
     agent.stop().await.unwrap();
 }
+
+/// Regression: a window full of failing exports alone, the heads of many profiles that each
+/// fail for what they hold, kept the exports of other profiles further in the outbox unread:
+/// the destination looked down, and its probes went to those heads in turn until they
+/// expired. 300 profiles with one export of 128 KB each (38 MB, past the window's 32 MiB)
+/// that the endpoint fails, then 20 of other profiles.
+#[tokio::test]
+async fn a_window_full_of_failing_heads_does_not_starve_the_others() {
+    const MIB: i64 = 1 << 20;
+    let mut s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    // Probes one at a time, as while the destination is down, go every 20 ms at most.
+    s.config.delivery.initial_backoff = Duration::from_millis(5);
+    s.config.delivery.max_backoff = Duration::from_millis(20);
+    let blocked = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&blocked);
+    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
+        if flag.load(Ordering::SeqCst) && String::from_utf8_lossy(&r.body).contains("blocked") {
+            Reply::Status(500, vec![], "always failing".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    let filler = format!("-{}", "x".repeat(128 << 10));
+    let mut updates: Vec<String> = (0..300)
+        .flat_map(|i| updates_of(&format!("blocked{i}"), 1, &filler))
+        .collect();
+    updates.extend(one_each("free", 20, 0));
+    assert_eq!(prefill(&s.config, &updates).len(), 320);
+    let agent = start(&s.config).await;
+    let mut most_bytes = 0;
+    wait_until(60, "the other profiles delivered", || {
+        most_bytes = most_bytes.max(agent.metrics.window_bytes.get());
+        s.receiver.delivered().len() >= 20
+    })
+    .await;
+    assert!(most_bytes <= 33 * MIB, "at most {most_bytes} bytes held");
+    let names = delivered_names(&s.receiver);
+    assert!(
+        names.iter().all(|n| n.starts_with("free")),
+        "only the others went: {names:?}"
+    );
+
+    blocked.store(false, Ordering::SeqCst);
+    wait_until(60, "every export delivered", || {
+        agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    let mut names: Vec<String> = delivered_names(&s.receiver)
+        .into_iter()
+        .map(|n| n.strip_suffix(&filler).map_or(n.clone(), str::to_owned))
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = (0..300).map(|i| format!("blocked{i}-v0")).collect();
+    expected.extend((0..20).map(|i| format!("free{i}-v0")));
+    expected.sort();
+    assert_eq!(names, expected, "each export delivered once");
+    agent.stop().await.unwrap();
+}

@@ -28,7 +28,7 @@ pub mod queue;
 pub mod retry;
 pub mod settler;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -75,6 +75,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// At most this many exports are read from the store at once; fewer when the window is empty.
 const READ_CHUNK: usize = 1_024;
 const FIRST_READ: usize = 128;
+/// While the destination looks down and nothing else is ready, heads let go of are read back
+/// this many at a time: enough for the probes that go one at a time.
+const DOWN_READ_BACK: usize = 16;
 
 /// Why delivery ended before it was told to stop. Everything not recorded stays pending and is
 /// sent again after a restart.
@@ -111,7 +114,7 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// sent, and the exports behind its own in the outbox are the probes that can reopen it.
 /// Never once the window is full ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]). Past
 /// either bound with none ready, the loop lets go of the exports waiting behind failing ones
-/// ([`Queue::let_go_of_blocked_tails`]).
+/// ([`Queue::let_go_of_blocked`]).
 fn wants_read(
     window: usize,
     (held, held_bytes): (usize, usize),
@@ -173,7 +176,12 @@ enum Attempted {
 struct Read {
     generation: u64,
     cursor: u64,
+    /// Heads let go of that were read back ([`Queue::read_back`]), rather than the outbox
+    /// from the cursor on.
+    heads: Vec<(Arc<str>, u64)>,
     exports: Result<Vec<Export>, crate::store::StoreError>,
+    /// Of `heads`, how many were looked up (the rest are to be read later).
+    heads_looked_up: usize,
 }
 
 struct Finished {
@@ -507,30 +515,57 @@ impl Deliverer {
         if state.reading || state.read_retry_at.is_some_and(|at| now < at) {
             return;
         }
+        let down = state.controller.is_down();
+        let ready = state.queue.ready();
+        let full = |queue: &Queue<RetrySchedule>| window_full(queue.held(), queue.held_bytes());
+        // Heads let go of whose time came go back while the window has room. While the
+        // destination looks down they would only be probes that failed before, so they wait
+        // until nothing else is ready.
+        if !full(&state.queue) {
+            let n = match (down, ready) {
+                (false, _) => READ_CHUNK,
+                (true, 0) => DOWN_READ_BACK,
+                (true, _) => 0,
+            };
+            let heads = state.queue.take_heads_to_read(n);
+            if !heads.is_empty() {
+                self.read_back(state, reads, heads);
+                return;
+            }
+        }
         if state.cursor >= self.store.durable_next_seq() {
             return;
         }
-        let down = state.controller.is_down();
-        // While down, exports ready again after failing count as ready though they wait for
-        // their turn as the probe, so with a few profiles failing the window seldom lets go
-        // then. Counting them as not ready took the agent bench's backlog case (destination
-        // down) from 102 to 213 MiB at its peak; `heaptrack` of a store of that shape put most
-        // of the heap's rise in outbox nodes that sled's cache kept after the window read on
-        // through the outbox (README, on the read-ahead).
-        let ready = state.queue.ready();
+        // While down, exports ready again after failing count as not ready for reading on,
+        // since a probe prefers one that did not fail: the window reads on while it has none.
+        // It stops at its bound all the same; only then does it let go of exports to read on
+        // (below), since reading on through the outbox makes sled's cache grow: letting go
+        // of the exports behind failing heads while down took the agent bench's backlog case
+        // (destination down) from 102 to 213 MiB at its peak; `heaptrack` of a store of that
+        // shape put most of the heap's rise in outbox nodes that sled's cache kept after the
+        // window read on through the outbox (README, on the read-ahead).
+        let fresh = !down || state.queue.has_fresh_ready();
         let wanted = |queue: &Queue<RetrySchedule>| {
             let held = (queue.held(), queue.held_bytes());
+            let ready = if down { usize::from(fresh) } else { ready };
             wants_read(self.window, held, ready, down)
         };
         if !wanted(&state.queue) {
             // Nothing can go and the window is full of exports waiting behind failing ones:
             // those go (read again once their profile moves), so that the exports of other
-            // profiles, which may go, are read.
-            let full = window_full(state.queue.held(), state.queue.held_bytes());
-            if !(ready == 0 && full && state.queue.let_go_of_blocked_tails() > 0) {
+            // profiles, which may go, are read. While down, failing heads with nothing behind
+            // them go too, so that exports that may show the destination back are read.
+            if !full(&state.queue) {
                 return;
             }
-            if !wanted(&state.queue) {
+            let mut let_go = 0;
+            if ready == 0 {
+                let_go += state.queue.let_go_of_blocked();
+            }
+            if !fresh {
+                let_go += state.queue.let_go_of_failed_heads(now);
+            }
+            if let_go == 0 || !wanted(&state.queue) {
                 return;
             }
         }
@@ -554,7 +589,37 @@ impl Deliverer {
             let _ = reads.send(Read {
                 generation,
                 cursor,
+                heads: Vec::new(),
                 exports,
+                heads_looked_up: 0,
+            });
+        });
+    }
+
+    /// Reads back the heads let go of whose retry time came, by their sequence numbers.
+    fn read_back(
+        &self,
+        state: &mut LoopState,
+        reads: &mpsc::UnboundedSender<Read>,
+        heads: Vec<(Arc<str>, u64)>,
+    ) {
+        state.reading = true;
+        state.read_retry_at = None;
+        let (store, reads) = (Arc::clone(&self.store), reads.clone());
+        let (generation, cursor) = (state.read_generation, state.cursor);
+        let max_bytes = MAX_HELD_BYTES - state.queue.held_bytes();
+        tokio::task::spawn_blocking(move || {
+            let seqs: Vec<u64> = heads.iter().map(|(_, seq)| *seq).collect();
+            let (exports, heads_looked_up) = match store.read_pending_by_seq(&seqs, max_bytes) {
+                Ok((exports, looked_up)) => (Ok(exports), looked_up),
+                Err(e) => (Err(e), 0),
+            };
+            let _ = reads.send(Read {
+                generation,
+                cursor,
+                heads,
+                exports,
+                heads_looked_up,
             });
         });
     }
@@ -564,6 +629,10 @@ impl Deliverer {
             return; // started before the outbox changed under the window
         }
         state.reading = false;
+        if !read.heads.is_empty() {
+            self.heads_read(state, read, now);
+            return;
+        }
         match read.exports {
             Ok(exports) => {
                 state.cursor = read.cursor;
@@ -577,15 +646,31 @@ impl Deliverer {
                 }
             }
             Err(e) => {
-                if matches!(e, StoreError::Reopening(_)) {
-                    tracing::debug!(error = %e, "cannot read the outbox; trying again shortly");
-                } else {
-                    tracing::error!(error = %e, "cannot read the outbox; trying again shortly");
-                }
+                log_read_error(&e);
                 state.read_retry_at = Some(now + READ_RETRY);
             }
         }
         state.out_at_read.clear();
+    }
+
+    fn heads_read(&self, state: &mut LoopState, read: Read, now: Instant) {
+        let mut heads = read.heads;
+        match read.exports {
+            Ok(exports) => {
+                let later = heads.split_off(read.heads_looked_up);
+                let mut read: HashMap<u64, Export> =
+                    exports.into_iter().map(|e| (e.id.seq, e)).collect();
+                for (profile, seq) in heads {
+                    state.queue.read_back(&profile, seq, read.remove(&seq));
+                }
+                state.queue.read_back_later(later);
+            }
+            Err(e) => {
+                log_read_error(&e);
+                state.queue.read_back_later(heads);
+                state.read_retry_at = Some(now + READ_RETRY);
+            }
+        }
     }
 
     /// Starts as many requests as the controller allows, each with up to
@@ -980,6 +1065,14 @@ impl LoopState {
             seq: export.id.seq,
             change,
         });
+    }
+}
+
+fn log_read_error(e: &StoreError) {
+    if matches!(e, StoreError::Reopening(_)) {
+        tracing::debug!(error = %e, "cannot read the outbox; trying again shortly");
+    } else {
+        tracing::error!(error = %e, "cannot read the outbox; trying again shortly");
     }
 }
 

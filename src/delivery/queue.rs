@@ -22,6 +22,9 @@ const PROBE_SCAN: usize = 1024;
 /// times in a row: a 429 or a passing error on one profile's long backlog must not make the
 /// window read the rest of the outbox and then again from its head.
 pub const LET_GO_AFTER_FAILURES: u32 = 3;
+/// At most this many profiles are let go of ([`Queue::let_go_of_blocked`]): each keeps an
+/// entry (its state and retry schedule, a few hundred bytes) while its exports are not held.
+pub const MAX_LET_GO: usize = 16_384;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -50,13 +53,24 @@ struct Profile<B> {
     /// good while it takes the others would otherwise have it sent, and a token fetched, as
     /// fast as they answer.
     token_refused: bool,
-    /// While it waits with nothing held (the window forgot what it held, [`Queue::forget_held`]):
-    /// the head export it waits with. Read again, that export waits as before; another read
-    /// first (the head was dropped, or an older export put back below it) is a new head.
+    /// While it waits with nothing held (the window forgot what it held, [`Queue::forget_held`],
+    /// or let go of its head, [`Queue::let_go_of_blocked`]): the head export it waits with.
+    /// Read again, that export waits as before; another read first (the head was dropped, or
+    /// an older export put back below it) is a new head.
     forgotten_head: Option<u64>,
 }
 
 impl<B> Profile<B> {
+    /// Whether an attempt of the head export failed, in this run or (by its stored retry time)
+    /// before.
+    fn head_failed(&self) -> bool {
+        self.backoff.is_some()
+            || self
+                .exports
+                .front()
+                .is_some_and(|e| e.retry_at_uptime_ms.is_some())
+    }
+
     /// Forgets what was kept of the head export's attempts: the head is another now.
     fn new_head(&mut self) {
         self.backoff = None;
@@ -82,12 +96,15 @@ pub struct Queue<B> {
     /// What the exports held take in memory, about ([`footprint`]).
     held_bytes: usize,
     /// Profiles whose exports behind a failed head were let go of to make room
-    /// ([`Queue::let_go_of_blocked_tails`]): reads skip their exports, so none overtakes those
+    /// ([`Queue::let_go_of_blocked`]): reads skip their exports, so none overtakes those
     /// let go of, until the window starts over.
     let_go: HashSet<Arc<str>>,
     /// A profile of `let_go` has nothing held any more: the window must start over to read
     /// its next exports.
     start_over: bool,
+    /// Profiles of `let_go` whose head, let go of too, may go now: it is to be read back
+    /// ([`Queue::take_heads_to_read`]). Each stays `Waiting`, out of `waiting`, until then.
+    heads_to_read: Vec<(Arc<str>, u64)>,
 }
 
 /// About what a held export takes in memory: its record and the text it owns.
@@ -111,6 +128,7 @@ impl<B> Default for Queue<B> {
             held_bytes: 0,
             let_go: HashSet::new(),
             start_over: false,
+            heads_to_read: Vec::new(),
         }
     }
 }
@@ -230,18 +248,27 @@ impl<B> Queue<B> {
     /// oldest. An export that fails for what it holds (a server error on that profile alone)
     /// would otherwise be the probe every time, keeping every other profile waiting.
     pub fn take_probe(&mut self) -> Option<(Arc<str>, Export)> {
-        let fresh = self.ready.iter().take(PROBE_SCAN).find(|(_, id)| {
-            let profile = self.profiles.get(*id).expect("a ready profile is known");
-            profile.backoff.is_none()
-                && profile
-                    .exports
-                    .front()
-                    .is_some_and(|e| e.retry_at_uptime_ms.is_none())
-        });
-        let seq = fresh
-            .or_else(|| self.ready.first_key_value())
-            .map(|(&seq, _)| seq)?;
+        let seq = self
+            .fresh_ready()
+            .or_else(|| self.ready.first_key_value().map(|(&seq, _)| seq))?;
         Some(self.take_ready(seq))
+    }
+
+    /// The oldest ready export of the first [`PROBE_SCAN`] whose attempts have not failed.
+    fn fresh_ready(&self) -> Option<u64> {
+        self.ready
+            .iter()
+            .take(PROBE_SCAN)
+            .find(|(_, id)| {
+                let profile = self.profiles.get(*id).expect("a ready profile is known");
+                !profile.head_failed()
+            })
+            .map(|(&seq, _)| seq)
+    }
+
+    /// Whether a probe would find a ready export whose attempts have not failed.
+    pub fn has_fresh_ready(&self) -> bool {
+        self.fresh_ready().is_some()
     }
 
     /// Hands out the head export of the ready profile whose head is `seq`.
@@ -398,6 +425,10 @@ impl<B> Queue<B> {
                 break;
             }
             let (_, id) = self.waiting.pop_first().expect("just looked at");
+            if let Some(seq) = self.let_go_head(&id) {
+                self.heads_to_read.push((id, seq));
+                continue;
+            }
             self.make_ready(&id);
         }
     }
@@ -417,35 +448,54 @@ impl<B> Queue<B> {
         self.held_bytes = 0;
         self.let_go.clear();
         self.start_over = false;
-        for profile in self.profiles.values_mut() {
-            if let (State::Waiting(_), Some(head)) = (profile.state, profile.exports.front()) {
-                profile.forgotten_head = Some(head.id.seq);
+        self.heads_to_read.clear();
+        for (id, profile) in &mut self.profiles {
+            if let State::Waiting(at) = profile.state {
+                match profile.exports.front() {
+                    Some(head) => profile.forgotten_head = Some(head.id.seq),
+                    // A head let go of that was due, or being read back: it waits as the
+                    // others do until the reader reads it again.
+                    None => {
+                        self.waiting.insert((at, Arc::clone(id)));
+                    }
+                }
             }
             profile.exports.clear();
         }
         self.profiles.retain(|_, p| p.state != State::Idle);
     }
 
-    /// Lets go of the exports held behind each head that waits for its retry time after
-    /// [`LET_GO_AFTER_FAILURES`] failed attempts in a row, keeping the heads: when nothing is
-    /// ready and the window is full, so that the exports of other profiles further in the
-    /// outbox can be read. Reads skip those profiles' exports until one of them has nothing
-    /// held any more; then [`Queue::start_over_wanted`] tells the window to
-    /// [`Queue::forget_held`] and read from the head again. Returns how many it let go of.
-    pub fn let_go_of_blocked_tails(&mut self) -> usize {
+    /// Lets go of the exports held of each profile whose head waits for its retry time after
+    /// [`LET_GO_AFTER_FAILURES`] failed attempts in a row, its head too while fewer than
+    /// [`MAX_LET_GO`] profiles are let go of (the profile keeps its state and schedule): when
+    /// nothing is ready and the window is full, so that the exports of other profiles further
+    /// in the outbox can be read. Reads skip those profiles' exports. A head let go of is read
+    /// back alone once its retry time comes ([`Queue::take_heads_to_read`],
+    /// [`Queue::read_back`]). Once one of those profiles has nothing held any more,
+    /// [`Queue::start_over_wanted`] tells the window to [`Queue::forget_held`] and read from
+    /// the head again. Returns how many exports it let go of.
+    pub fn let_go_of_blocked(&mut self) -> usize {
         let mut count = 0;
         for (_, id) in &self.waiting {
             let profile = self
                 .profiles
                 .get_mut(id)
                 .expect("a waiting profile is known");
-            if profile.exports.len() < 2 || profile.failures < LET_GO_AFTER_FAILURES {
+            let keep = if self.let_go.len() < MAX_LET_GO || self.let_go.contains(id) {
+                0
+            } else {
+                1
+            };
+            if profile.exports.len() <= keep || profile.failures < LET_GO_AFTER_FAILURES {
                 continue;
             }
-            for tail in profile.exports.drain(1..) {
+            if keep == 0 {
+                profile.forgotten_head = profile.exports.front().map(|head| head.id.seq);
+            }
+            for export in profile.exports.drain(keep..) {
                 self.held -= 1;
-                self.held_bytes -= footprint(&tail);
-                self.not_before.remove(&tail.id.seq);
+                self.held_bytes -= footprint(&export);
+                self.not_before.remove(&export.id.seq);
                 count += 1;
             }
             self.let_go.insert(Arc::clone(id));
@@ -453,7 +503,96 @@ impl<B> Queue<B> {
         count
     }
 
-    /// Whether the window must start over (see [`Queue::let_go_of_blocked_tails`]), until it
+    /// While the destination looks down and no ready export could show it back (each one
+    /// failed before), lets go of the failed heads of profiles with nothing else held, ready
+    /// or waiting, while fewer than [`MAX_LET_GO`] profiles are let go of: so that the window
+    /// reads on to exports that did not fail, the probes that can show the destination back
+    /// (a window full of exports that each fail for what they hold, while others would go,
+    /// would otherwise be probed one at a time until they expire). Each profile keeps its
+    /// state and schedule; a head whose time came is read back as [`Queue::let_go_of_blocked`]
+    /// says. Profiles with exports held behind their head keep them: reading on past those,
+    /// through what may be the rest of the outbox, is left to [`Queue::let_go_of_blocked`].
+    /// Returns how many it let go of.
+    pub fn let_go_of_failed_heads(&mut self, now: Instant) -> usize {
+        let ready = self.ready.iter().map(|(&seq, id)| (Some(seq), id));
+        let waiting = self.waiting.iter().map(|(_, id)| (None, id));
+        let heads: Vec<(Option<u64>, Arc<str>)> = ready
+            .chain(waiting)
+            .filter(|(ready_seq, id)| {
+                let profile = self.profiles.get(*id).expect("a profile held is known");
+                profile.exports.len() == 1 && (ready_seq.is_none() || profile.head_failed())
+            })
+            .map(|(seq, id)| (seq, Arc::clone(id)))
+            .collect();
+        let mut count = 0;
+        for (ready_seq, id) in heads {
+            if self.let_go.len() >= MAX_LET_GO {
+                break;
+            }
+            let profile = self.profiles.get_mut(&id).expect("a profile held is known");
+            let head = profile.exports.pop_front().expect("one held");
+            self.held -= 1;
+            self.held_bytes -= footprint(&head);
+            self.not_before.remove(&head.id.seq);
+            profile.forgotten_head = Some(head.id.seq);
+            if let Some(seq) = ready_seq {
+                // Its time has come: it is to be read back, and waits until then.
+                self.ready.remove(&seq);
+                profile.state = State::Waiting(now);
+                self.heads_to_read.push((Arc::clone(&id), seq));
+            }
+            self.let_go.insert(id);
+            count += 1;
+        }
+        count
+    }
+
+    /// The head a profile let go of with it waits with, if that is what it is now.
+    fn let_go_head(&self, id: &Arc<str>) -> Option<u64> {
+        let profile = self.profiles.get(id)?;
+        let let_go = matches!(profile.state, State::Waiting(_))
+            && profile.exports.is_empty()
+            && self.let_go.contains(id);
+        profile.forgotten_head.filter(|_| let_go)
+    }
+
+    /// Up to `n` of the heads let go of whose retry time came, to be read from the store and
+    /// handed to [`Queue::read_back`] (or [`Queue::read_back_later`] if the read fails).
+    pub fn take_heads_to_read(&mut self, n: usize) -> Vec<(Arc<str>, u64)> {
+        let n = n.min(self.heads_to_read.len());
+        self.heads_to_read.drain(..n).collect()
+    }
+
+    /// Heads that could not be read now, to be read first at the next try.
+    pub fn read_back_later(&mut self, heads: Vec<(Arc<str>, u64)>) {
+        self.heads_to_read.splice(0..0, heads);
+    }
+
+    /// A head let go of, read back from the store: it may go now. `None`: it is no longer
+    /// pending (dropped, or dead-lettered as unreadable), and the profile's next exports are
+    /// to be read.
+    pub fn read_back(&mut self, id: &Arc<str>, seq: u64, export: Option<Export>) {
+        if self.let_go_head(id) != Some(seq) {
+            return; // the window started over meanwhile and reads it again
+        }
+        let profile = self.profiles.get_mut(id).expect("a profile let go of");
+        match export {
+            Some(export) => {
+                profile.forgotten_head = None;
+                profile.state = State::Idle;
+                self.held += 1;
+                self.held_bytes += footprint(&export);
+                profile.exports.push_back(export);
+                self.ready.insert(seq, Arc::clone(id));
+            }
+            None => {
+                self.profiles.remove(id);
+                self.start_over = true;
+            }
+        }
+    }
+
+    /// Whether the window must start over (see [`Queue::let_go_of_blocked`]), until it
     /// does ([`Queue::forget_held`]).
     pub fn start_over_wanted(&self) -> bool {
         self.start_over
@@ -609,7 +748,7 @@ mod tests {
         let start = Instant::now();
         let mut q = queue(&[(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        assert_eq!(q.let_go_of_blocked_tails(), 0, "nothing waits");
+        assert_eq!(q.let_go_of_blocked(), 0, "nothing waits");
         let mut at = start;
         for failure in 1..=LET_GO_AFTER_FAILURES {
             if failure > 1 {
@@ -620,26 +759,39 @@ mod tests {
             at += Duration::from_secs(1);
             q.put_back(&a, head, Some(at));
             if failure < LET_GO_AFTER_FAILURES {
-                assert_eq!(q.let_go_of_blocked_tails(), 0, "a passing failure");
+                assert_eq!(q.let_go_of_blocked(), 0, "a passing failure");
             }
         }
         assert_eq!(
-            q.let_go_of_blocked_tails(),
-            2,
-            "a's 2 and 4 go, its head stays"
+            q.let_go_of_blocked(),
+            3,
+            "a's head, 2 and 4 go; a keeps its state"
         );
-        assert_eq!(q.held(), 3);
-        assert_eq!(q.held_bytes(), 3 * footprint(&export(1, "a")));
+        assert_eq!(q.held(), 2);
+        assert_eq!(q.held_bytes(), 2 * footprint(&export(1, "a")));
+        assert_eq!(q.waiting(), 1, "a waits for its head's time");
         q.push(export(6, "a"));
         q.push(export(7, "c"));
-        assert_eq!(q.held(), 4, "a's later exports are skipped, c's kept");
+        assert_eq!(q.held(), 3, "a's later exports are skipped, c's kept");
         assert_eq!(seqs(&q.take(10)), [3, 7], "b and c go on");
         q.settled(&b, 3);
         assert!(!q.start_over_wanted());
-        // a's head fails again: still nothing to read again.
+        assert!(
+            q.take_heads_to_read(usize::MAX).is_empty(),
+            "a's head is not due yet"
+        );
         q.wake_due(at);
+        assert_eq!(seqs(&q.take(10)), [5], "a's head is not held: b goes on");
+        let heads = q.take_heads_to_read(usize::MAX);
+        assert_eq!(heads, [(Arc::clone(&a), 1)], "a's head is to be read back");
+        q.read_back_later(heads);
+        let heads = q.take_heads_to_read(usize::MAX);
+        assert_eq!(heads.len(), 1, "still to be read after a failed read");
+        q.read_back(&a, 1, Some(export(1, "a")));
+        // a's head fails again: still nothing to read again.
         let (_, head) = q.take(1).remove(0);
         assert_eq!(head.id.seq, 1);
+        assert_eq!(*q.backoff_of(&a, || 0).unwrap(), 0);
         q.put_back(&a, head, None);
         assert!(!q.start_over_wanted());
         let (_, head) = q.take(1).remove(0);
@@ -655,14 +807,169 @@ mod tests {
         }
         assert_eq!(
             q.held(),
-            4,
-            "after a start-over, a's exports are read again"
+            3,
+            "after a start-over, a's exports are read again (b's 5 is out)"
         );
-        assert_eq!(seqs(&q.take(10)), [2, 5]);
+        assert_eq!(seqs(&q.take(10)), [2]);
         q.settled(&a, 2);
         assert_eq!(seqs(&q.take(10)), [4]);
         q.settled(&a, 4);
         assert_eq!(seqs(&q.take(10)), [6], "in order");
+    }
+
+    /// Fails the head of `id` (a profile with one export held) until it may be let go of,
+    /// counting its schedule up once a failure; returns when it waits.
+    fn fail_until_let_go(q: &mut Queue<u32>, id: &Arc<str>, at: Instant) -> Instant {
+        let mut at = at;
+        for failure in 1..=LET_GO_AFTER_FAILURES {
+            if failure > 1 {
+                q.wake_due(at);
+            }
+            let (_, head) = q.take(1).remove(0);
+            *q.backoff_of(id, || 0).unwrap() += 1;
+            at += Duration::from_secs(1);
+            q.put_back(id, head, Some(at));
+        }
+        at
+    }
+
+    /// A window full of failing heads alone (one export each) lets go of the heads too, so
+    /// that other profiles' exports are read; each keeps its schedule and is read back alone
+    /// when its time comes.
+    #[test]
+    fn failing_heads_are_let_go_of_and_read_back_when_due() {
+        let start = Instant::now();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let mut q = queue(&[(1, "a")]);
+        let due_a = fail_until_let_go(&mut q, &a, start + Duration::from_secs(100));
+        q.push(export(2, "b"));
+        let due_b = fail_until_let_go(&mut q, &b, start);
+        assert!(due_b < due_a);
+        assert_eq!(q.let_go_of_blocked(), 2);
+        assert_eq!((q.held(), q.held_bytes()), (0, 0));
+        q.push(export(3, "a"));
+        q.push(export(4, "c"));
+        assert_eq!(seqs(&q.take(10)), [4], "a's next export is skipped");
+
+        q.wake_due(due_a);
+        let mut heads = q.take_heads_to_read(usize::MAX);
+        assert_eq!(
+            heads,
+            [(Arc::clone(&b), 2), (Arc::clone(&a), 1)],
+            "by due time"
+        );
+        q.read_back(&a, 1, Some(export(1, "a")));
+        q.read_back_later(vec![heads.remove(0)]);
+        let (_, head) = q.take(10).remove(0);
+        assert_eq!(head.id.seq, 1);
+        assert_eq!(
+            *q.backoff_of(&a, || 0).unwrap(),
+            LET_GO_AFTER_FAILURES,
+            "a keeps its schedule"
+        );
+        q.put_back(&a, head, Some(due_a + Duration::from_secs(1)));
+        assert_eq!(
+            q.let_go_of_blocked(),
+            1,
+            "a failed again: let go of at once"
+        );
+        q.wake_due(due_a + Duration::from_secs(1));
+        let heads = q.take_heads_to_read(usize::MAX);
+        assert_eq!(heads.len(), 2, "b's, still to be read, and a's");
+        q.read_back(&a, 1, Some(export(1, "a")));
+        let (_, head) = q.take(10).remove(0);
+        q.settled(&a, head.id.seq);
+        assert!(
+            q.start_over_wanted(),
+            "a moved: its next export is to be read"
+        );
+
+        // b's head was dropped while let go of: read back as gone, its next exports are read.
+        let mut q = queue(&[(2, "b")]);
+        let due_b = fail_until_let_go(&mut q, &b, due_b);
+        assert_eq!(q.let_go_of_blocked(), 1);
+        q.wake_due(due_b);
+        let heads = q.take_heads_to_read(usize::MAX);
+        assert_eq!(heads, [(Arc::clone(&b), 2)]);
+        q.read_back(&b, 2, None);
+        assert!(q.start_over_wanted());
+        q.forget_held();
+        q.push(export(5, "b"));
+        assert_eq!(seqs(&q.take(10)), [5], "b's next export goes at once");
+    }
+
+    /// While the destination looks down, failed heads with nothing behind them are let go
+    /// of, ready or waiting; fresh exports and profiles with a backlog are kept; a ready one
+    /// is to be read back at once, a waiting one once its time comes.
+    #[test]
+    fn while_down_failed_heads_alone_are_let_go_of() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(60);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        let mut q = queue(&[(1, "a"), (2, "b"), (3, "c"), (4, "c"), (5, "d")]);
+        let mut stored_failure = export(6, "e");
+        stored_failure.retry_at_uptime_ms = Some(0);
+        q.push(stored_failure);
+        // a failed and is ready again; b failed and waits; c failed with one behind it.
+        for (id, at) in [(&a, None), (&b, Some(later)), (&c, None)] {
+            let taken = q.take(10);
+            let (_, head) = taken.iter().find(|(p, _)| p == id).unwrap().clone();
+            for (p, e) in taken {
+                if &p != id {
+                    q.put_back(&p, e, None);
+                }
+            }
+            *q.backoff_of(id, || 0).unwrap() += 1;
+            q.put_back(id, head, at);
+        }
+        assert!(q.has_fresh_ready(), "d's has not failed");
+        assert_eq!(q.let_go_of_failed_heads(start), 3, "a's, b's and e's");
+        assert_eq!(q.held(), 3, "c's two and d's");
+        let mut heads = q.take_heads_to_read(usize::MAX);
+        heads.sort();
+        assert_eq!(
+            heads,
+            [(Arc::clone(&a), 1), ("e".into(), 6)],
+            "the ready ones"
+        );
+        let taken = q.take(10);
+        assert_eq!(seqs(&taken), [3, 5], "c and d go on");
+        for (p, e) in taken {
+            q.put_back(&p, e, None);
+        }
+        assert!(q.take_heads_to_read(usize::MAX).is_empty());
+        q.wake_due(later);
+        assert_eq!(q.take_heads_to_read(usize::MAX), [(Arc::clone(&b), 2)]);
+        q.read_back(&b, 2, Some(export(2, "b")));
+        assert_eq!(*q.backoff_of(&b, || 0).unwrap(), 1, "b keeps its schedule");
+    }
+
+    /// A head let go of that came due, or was being read back, when the window starts over
+    /// is read again by the reader and goes at once, with its schedule; one read back after
+    /// the start-over is passed over.
+    #[test]
+    fn a_head_let_go_of_when_the_window_starts_over_waits_for_the_reader() {
+        let start = Instant::now();
+        let a: Arc<str> = "a".into();
+        let mut q = queue(&[(1, "a")]);
+        let due = fail_until_let_go(&mut q, &a, start);
+        assert_eq!(q.let_go_of_blocked(), 1);
+        q.wake_due(due);
+        let heads = q.take_heads_to_read(usize::MAX);
+        assert_eq!(heads.len(), 1);
+        q.forget_held();
+        q.read_back(&a, 1, Some(export(1, "a")));
+        assert_eq!(
+            q.held(),
+            0,
+            "a read back from before the start-over is passed over"
+        );
+        q.push(export(1, "a"));
+        q.push(export(2, "a"));
+        assert_eq!(q.held(), 2);
+        q.wake_due(due);
+        assert_eq!(seqs(&q.take(10)), [1]);
+        assert_eq!(*q.backoff_of(&a, || 0).unwrap(), LET_GO_AFTER_FAILURES);
     }
 
     #[test]
@@ -677,7 +984,7 @@ mod tests {
         }
         let (_, head) = q.take(1).remove(0);
         q.put_back(&a, head, Some(start));
-        assert_eq!(q.let_go_of_blocked_tails(), 0);
+        assert_eq!(q.let_go_of_blocked(), 0);
     }
 
     #[test]

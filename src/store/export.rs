@@ -379,6 +379,52 @@ impl Store {
         Ok(exports)
     }
 
+    /// The pending exports of these sequence numbers, as [`Store::read_pending`] reads them,
+    /// for a reader that let go of them and wants them back one by one, with how many of
+    /// `seqs` were looked up: it stops once the records read reach `max_bytes`, as
+    /// [`Store::read_pending`] does. One no longer pending is left out; an unreadable one is
+    /// dead-lettered, as [`Store::read_pending`] does.
+    pub fn read_pending_by_seq(
+        &self,
+        seqs: &[u64],
+        max_bytes: usize,
+    ) -> Result<(Vec<Export>, usize), StoreError> {
+        let mut exports = Vec::with_capacity(seqs.len());
+        let mut unreadable = Vec::new();
+        let (mut looked_up, mut bytes) = (0, 0);
+        let t = self.trees()?;
+        for &seq in seqs {
+            if bytes >= max_bytes {
+                break;
+            }
+            looked_up += 1;
+            let key = keys::seq_key(seq);
+            let value = t
+                .outbox
+                .get(key)
+                .map_err(|e| self.classify(e.into(), t.generation))?;
+            let Some(value) = value else { continue };
+            bytes += value.len();
+            match self.decode_export(&key, &value, false) {
+                Ok(mut export) => {
+                    export.retry_at_uptime_ms = super::outbox::retry_time(&t, seq)
+                        .map_err(|e| self.classify(e.into(), t.generation))?;
+                    exports.push(export);
+                }
+                Err(e) => unreadable.push((seq, e.to_string())),
+            }
+        }
+        drop(t);
+        for (seq, error) in unreadable {
+            tracing::warn!(
+                export = %self.export_id(seq),
+                "{error}; it goes to the dead letters as \"{UNREADABLE}\""
+            );
+            self.dead_letter_unreadable(seq, &error)?;
+        }
+        Ok((exports, looked_up))
+    }
+
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
     /// `change` gets the record where it is now and returns where it goes and how it reads
     /// there; it may run more than once, so it must be pure. Returns false if no such export
