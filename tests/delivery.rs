@@ -223,6 +223,53 @@ async fn a_retry_after_holds_across_a_restart() {
     agent.stop().await.unwrap();
 }
 
+/// SPEC: the backoff doubles per failed attempt, also across a restart: an export that failed
+/// five times waits `initial_backoff_ms` × 2^5 after its sixth failure, not
+/// `initial_backoff_ms` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backoff_goes_on_doubling_across_a_restart() {
+    let mut s = setup().await;
+    s.config.delivery.initial_backoff = Duration::from_millis(100);
+    s.config.delivery.max_backoff = Duration::from_secs(10);
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let seen = Arc::clone(&arrivals);
+    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
+        seen.lock().unwrap().push(Instant::now());
+        match n {
+            0..=5 => Reply::Status(500, vec![], "failing".into()),
+            _ => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    wait_until(10, "five attempts", || arrivals.lock().unwrap().len() >= 5).await;
+    agent.stop().await.unwrap();
+    let pending = outpost::store::Store::open(&s.config.storage.path, 8 << 20)
+        .unwrap()
+        .list(&ListFilter::default())
+        .unwrap();
+    assert_eq!(pending[0].record.attempts, 5, "the failures were recorded");
+    let agent = start(&s.config).await;
+    drained(&agent, &s.receiver, 1).await;
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 7, "two attempts after the restart");
+    let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, expected_ms) in [100, 200, 400, 800].into_iter().enumerate() {
+        assert!(
+            gaps[i] >= Duration::from_millis(expected_ms),
+            "attempt {} came {:?} after the one before",
+            i + 2,
+            gaps[i]
+        );
+    }
+    assert!(
+        gaps[5] >= Duration::from_millis(3200),
+        "after its sixth failure it waited {:?}, not 3.2 s",
+        gaps[5]
+    );
+    agent.stop().await.unwrap();
+}
+
 /// `outbox retry --all-dead` puts nothing back: the one dead letter is listed under `why`,
 /// naming export `newer` as `whose`.
 async fn assert_not_retried(agent: &Agent, why: &str, whose: &str, newer: &str) {

@@ -827,7 +827,10 @@ impl Deliverer {
             } else {
                 let delay = state
                     .queue
-                    .backoff_of(&profile, || self.new_backoff())
+                    .backoff_of(&profile, || {
+                        self.new_backoff()
+                            .after_failures(retry::failures_before(&export.record))
+                    })
                     .map_or(Duration::ZERO, |b| b.next_delay(retry_after));
                 Some(delay)
             };

@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime};
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
+use crate::store::codec::ExportRecord;
+
 /// `Retry-After` is honoured up to this long.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -82,6 +84,18 @@ impl RetrySchedule {
         }
     }
 
+    /// The schedule of an export that failed `failures` times already (before a restart, or
+    /// before the window read it again): its next delay is the one its next failure gets,
+    /// `initial` doubled that many times, up to `max`.
+    pub fn after_failures(mut self, failures: u32) -> RetrySchedule {
+        let b = &mut self.backoff;
+        b.current_interval = b
+            .initial_interval
+            .checked_mul(2u32.saturating_pow(failures))
+            .map_or(b.max_interval, |d| d.min(b.max_interval));
+        self
+    }
+
     /// Starts again from `initial`.
     pub fn reset(&mut self) {
         self.backoff.reset();
@@ -102,6 +116,16 @@ impl RetrySchedule {
             Some(wait) => wait.max(delay),
             None => delay,
         }
+    }
+}
+
+/// How many failed attempts of an export its retry schedule counts from: those stored with it,
+/// unless it was put back in the outbox (`outbox retry`) since its last attempt, which starts
+/// its schedule again.
+pub fn failures_before(record: &ExportRecord) -> u32 {
+    match record.last_attempt_at_ms {
+        Some(at) if at >= record.queued_at_ms => record.attempts,
+        _ => 0,
     }
 }
 
@@ -220,6 +244,50 @@ mod tests {
                 backoff.next_delay(retry_after.map(Duration::from_millis)),
                 Duration::from_millis(expected)
             );
+        }
+    }
+
+    #[test]
+    fn a_schedule_goes_on_from_the_failures_before() {
+        let initial = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        let table: &[(u32, &[u64])] = &[
+            (0, &[100, 200, 400]),
+            (1, &[200, 400, 800]),
+            (3, &[800, 1600, 3200]),
+            (6, &[6400, 10_000, 10_000]),
+            (7, &[10_000, 10_000]),
+            (40, &[10_000]),
+            (u32::MAX, &[10_000]),
+        ];
+        for &(failures, delays) in table {
+            let mut schedule = RetrySchedule::new(initial, max, false).after_failures(failures);
+            let got: Vec<u64> = delays
+                .iter()
+                .map(|_| schedule.next_delay(None).as_millis() as u64)
+                .collect();
+            assert_eq!(got, delays, "after {failures} failures");
+        }
+    }
+
+    #[test]
+    fn failures_count_from_the_last_put_back() {
+        use crate::profile::Reason;
+        let record = |attempts, queued_at_ms, last_attempt_at_ms| ExportRecord {
+            attempts,
+            queued_at_ms,
+            last_attempt_at_ms,
+            ..ExportRecord::new_pending("p".into(), Reason::Segment, "{}".into(), 0, 0)
+        };
+        let table = [
+            (record(0, 10, None), 0),
+            (record(4, 10, Some(20)), 4),
+            (record(4, 10, Some(10)), 4),
+            // Put back by `outbox retry` after its last attempt.
+            (record(4, 30, Some(20)), 0),
+        ];
+        for (record, expected) in table {
+            assert_eq!(failures_before(&record), expected, "{record:?}");
         }
     }
 
