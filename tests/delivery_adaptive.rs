@@ -833,17 +833,18 @@ async fn a_window_full_of_failing_heads_does_not_starve_the_others() {
     updates.extend(one_each("free", 20, 0));
     assert_eq!(prefill(&s.config, &updates).len(), 320);
     let agent = start(&s.config).await;
-    let mut most_bytes = 0;
+    let (mut most_bytes, mut seen_down) = (0, false);
     wait_until(60, "the other profiles delivered", || {
         most_bytes = most_bytes.max(agent.metrics.window_bytes.get());
+        seen_down |= agent.metrics.destination_down.get() == 1;
         s.receiver.delivered().len() >= 20
     })
     .await;
+    // Read back, the heads let go of stay within the window's bound too.
     assert!(most_bytes <= 33 * MIB, "at most {most_bytes} bytes held");
-    let names = delivered_names(&s.receiver);
     assert!(
-        names.iter().all(|n| n.starts_with("free")),
-        "only the others went: {names:?}"
+        seen_down,
+        "the failing heads made the destination look down"
     );
 
     blocked.store(false, Ordering::SeqCst);

@@ -50,16 +50,13 @@ use crate::store::{Export, Store, StoreError};
 use auth::TokenSource;
 use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
-use queue::Queue;
+use queue::{Queue, MAX_HELD};
 use retry::{classify, Class, RetrySchedule};
 use settler::Settler;
 
 /// The fewest pending exports held in memory ahead of sending ([`window`]): two reads' worth,
 /// so that a read is under way while the rest go out.
 const MIN_WINDOW: usize = 2 * READ_CHUNK;
-/// The most exports held, also while few profiles are ready (the rest wait behind failing
-/// exports). `heaptrack` put 16,384 decoded exports of the agent bench's tiny profiles at 7.5 MB.
-const MAX_HELD: usize = 65_536;
 /// At most about this much memory is held in exports ([`Queue::held_bytes`]), whatever their
 /// size: a window of [`MAX_HELD`] exports of a few KB each would take hundreds of MB.
 const MAX_HELD_BYTES: usize = 32 << 20;
@@ -109,21 +106,26 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// Whether the window (of `window` exports) should read more from the store, holding `held`
 /// exports of which `ready` could go now: when fewer than half are left, or when few profiles
 /// are ready (the rest wait behind failing exports), up to [`MAX_HELD`]. While the destination
-/// is down, a little; more only once none is ready: one profile failing on its own (a server
-/// error for what it holds) also makes the destination look down when nothing else is being
-/// sent, and the exports behind its own in the outbox are the probes that can reopen it.
-/// Never once the window is full ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]). Past
-/// either bound with none ready, the loop lets go of the exports waiting behind failing ones
-/// ([`Queue::let_go_of_blocked`]).
+/// is down, `ready` counts only exports whose attempts did not fail (a probe prefers those),
+/// and it reads a little; more only once none is ready: one profile failing on its own (a
+/// server error for what it holds) also makes the destination look down when nothing else is
+/// being sent, and the exports behind its own in the outbox are the probes that can reopen
+/// it. But not while the last read held nothing new (`read_held_nothing`: it passed over the
+/// exports of profiles let go of), until a probe answers: reading on through their backlogs
+/// while the destination is down only fills sled's cache. Never once the window is full
+/// ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]). Past either bound with none ready,
+/// the loop lets go of exports ([`Queue::let_go_of_blocked`],
+/// [`Queue::let_go_of_failed_heads`]).
 fn wants_read(
     window: usize,
     (held, held_bytes): (usize, usize),
     ready: usize,
     destination_down: bool,
+    read_held_nothing: bool,
 ) -> bool {
     !window_full(held, held_bytes)
         && if destination_down {
-            held < DOWN_WINDOW / 2 || ready == 0
+            !read_held_nothing && (held < DOWN_WINDOW / 2 || ready == 0)
         } else {
             held < window / 2 || ready < READ_CHUNK
         }
@@ -333,6 +335,7 @@ impl Deliverer {
             retry_stored: HashSet::new(),
             out_at_rewind: HashSet::new(),
             let_go_start_over: None,
+            read_held_nothing: false,
             settler,
         };
         let mut stop_by: Option<Instant> = None;
@@ -373,6 +376,7 @@ impl Deliverer {
                     if rewound || let_go_moved {
                         state.queue.forget_held();
                         state.cursor = 0;
+                        state.read_held_nothing = false;
                         state.read_generation += 1;
                         state.reading = false;
                     }
@@ -527,7 +531,9 @@ impl Deliverer {
                 (true, 0) => DOWN_READ_BACK,
                 (true, _) => 0,
             };
-            let heads = state.queue.take_heads_to_read(n);
+            let heads = state
+                .queue
+                .take_heads_to_read(n.min(MAX_HELD - state.queue.held()));
             if !heads.is_empty() {
                 self.read_back(state, reads, heads);
                 return;
@@ -545,10 +551,11 @@ impl Deliverer {
         // shape put most of the heap's rise in outbox nodes that sled's cache kept after the
         // window read on through the outbox (README, on the read-ahead).
         let fresh = !down || state.queue.has_fresh_ready();
+        let read_held_nothing = state.read_held_nothing;
         let wanted = |queue: &Queue<RetrySchedule>| {
             let held = (queue.held(), queue.held_bytes());
             let ready = if down { usize::from(fresh) } else { ready };
-            wants_read(self.window, held, ready, down)
+            wants_read(self.window, held, ready, down, read_held_nothing)
         };
         if !wanted(&state.queue) {
             // Nothing can go and the window is full of exports waiting behind failing ones:
@@ -636,6 +643,8 @@ impl Deliverer {
         match read.exports {
             Ok(exports) => {
                 state.cursor = read.cursor;
+                let held_before = state.queue.held();
+                state.read_held_nothing = state.controller.is_down() && !exports.is_empty();
                 let uptime_ms = self.clock.uptime_ms();
                 let longest = self.controller.max_backoff.max(retry::MAX_RETRY_AFTER);
                 for export in exports {
@@ -644,6 +653,7 @@ impl Deliverer {
                         state.queue.push_waiting(export, at);
                     }
                 }
+                state.read_held_nothing &= state.queue.held() == held_before;
             }
             Err(e) => {
                 log_read_error(&e);
@@ -751,6 +761,7 @@ impl Deliverer {
             attempted,
         } = finished;
         let now = Instant::now();
+        state.read_held_nothing = false;
         let dropped = self.dropped_while_out(state, &batch);
         let mut unanswered = false;
         let (error, retry_after, signal, cause) = match attempted {
@@ -1053,6 +1064,9 @@ struct LoopState {
     out_at_rewind: HashSet<u64>,
     /// When the window last started over to read exports it let go of.
     let_go_start_over: Option<Instant>,
+    /// The last read of the outbox, while the destination looked down, held nothing new: see
+    /// [`wants_read`]. Until a request ends or the window starts over.
+    read_held_nothing: bool,
     settler: Settler,
 }
 
@@ -1161,14 +1175,23 @@ mod tests {
         ];
         for ((held, ready, down), expected) in table {
             assert_eq!(
-                wants_read(window, (held, full - 1), ready, down),
+                wants_read(window, (held, full - 1), ready, down, false),
                 expected,
                 "held {held}, ready {ready}, down {down}"
             );
             // Whatever the count, never past the bytes.
-            assert!(!wants_read(window, (held, full), ready, down));
+            assert!(!wants_read(window, (held, full), ready, down, false));
+            // A read that held nothing new stops reading on while down, until a probe answers.
+            assert_eq!(
+                wants_read(window, (held, full - 1), ready, down, true),
+                expected && !down,
+                "held {held}, ready {ready}, down {down}, after a read that held nothing"
+            );
         }
-        assert!(!wants_read(window, (1, full), 0, false), "one big export");
+        assert!(
+            !wants_read(window, (1, full), 0, false, false),
+            "one big export"
+        );
     }
 
     #[test]

@@ -22,8 +22,13 @@ const PROBE_SCAN: usize = 1024;
 /// times in a row: a 429 or a passing error on one profile's long backlog must not make the
 /// window read the rest of the outbox and then again from its head.
 pub const LET_GO_AFTER_FAILURES: u32 = 3;
-/// At most this many profiles are let go of ([`Queue::let_go_of_blocked`]): each keeps an
-/// entry (its state and retry schedule, a few hundred bytes) while its exports are not held.
+/// The most exports held, also while few profiles are ready (the rest wait behind failing
+/// exports). `heaptrack` put 16,384 decoded exports of the agent bench's tiny profiles at 7.5 MB.
+pub const MAX_HELD: usize = 65_536;
+/// Heads are let go of ([`Queue::let_go_of_blocked`], [`Queue::let_go_of_failed_heads`]) only
+/// while the window knows fewer than this many profiles beyond those that may hold exports
+/// ([`MAX_HELD`], one an export at most): each profile let go of keeps an entry (its state
+/// and retry schedule, a few hundred bytes) while none of its exports is held.
 pub const MAX_LET_GO: usize = 16_384;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -475,17 +480,14 @@ impl<B> Queue<B> {
     /// [`Queue::start_over_wanted`] tells the window to [`Queue::forget_held`] and read from
     /// the head again. Returns how many exports it let go of.
     pub fn let_go_of_blocked(&mut self) -> usize {
+        let heads_too = self.profiles.len() < MAX_HELD + MAX_LET_GO;
         let mut count = 0;
         for (_, id) in &self.waiting {
             let profile = self
                 .profiles
                 .get_mut(id)
                 .expect("a waiting profile is known");
-            let keep = if self.let_go.len() < MAX_LET_GO || self.let_go.contains(id) {
-                0
-            } else {
-                1
-            };
+            let keep = if heads_too { 0 } else { 1 };
             if profile.exports.len() <= keep || profile.failures < LET_GO_AFTER_FAILURES {
                 continue;
             }
@@ -498,6 +500,8 @@ impl<B> Queue<B> {
                 self.not_before.remove(&export.id.seq);
                 count += 1;
             }
+            // A long backlog's room is not to stay with an entry that holds one export or none.
+            profile.exports.shrink_to_fit();
             self.let_go.insert(Arc::clone(id));
         }
         count
@@ -514,21 +518,23 @@ impl<B> Queue<B> {
     /// through what may be the rest of the outbox, is left to [`Queue::let_go_of_blocked`].
     /// Returns how many it let go of.
     pub fn let_go_of_failed_heads(&mut self, now: Instant) -> usize {
+        if self.profiles.len() >= MAX_HELD + MAX_LET_GO {
+            return 0;
+        }
         let ready = self.ready.iter().map(|(&seq, id)| (Some(seq), id));
         let waiting = self.waiting.iter().map(|(_, id)| (None, id));
+        // A head read back since it was let go of stays for its turn as the probe.
         let heads: Vec<(Option<u64>, Arc<str>)> = ready
             .chain(waiting)
             .filter(|(ready_seq, id)| {
                 let profile = self.profiles.get(*id).expect("a profile held is known");
-                profile.exports.len() == 1 && (ready_seq.is_none() || profile.head_failed())
+                profile.exports.len() == 1
+                    && (ready_seq.is_none() || profile.head_failed() && !self.let_go.contains(*id))
             })
             .map(|(seq, id)| (seq, Arc::clone(id)))
             .collect();
         let mut count = 0;
         for (ready_seq, id) in heads {
-            if self.let_go.len() >= MAX_LET_GO {
-                break;
-            }
             let profile = self.profiles.get_mut(&id).expect("a profile held is known");
             let head = profile.exports.pop_front().expect("one held");
             self.held -= 1;
@@ -942,13 +948,41 @@ mod tests {
         assert_eq!(q.take_heads_to_read(usize::MAX), [(Arc::clone(&b), 2)]);
         q.read_back(&b, 2, Some(export(2, "b")));
         assert_eq!(*q.backoff_of(&b, || 0).unwrap(), 1, "b keeps its schedule");
+        assert_eq!(
+            q.let_go_of_failed_heads(later),
+            0,
+            "b, read back, waits for its turn as the probe"
+        );
+    }
+
+    /// Heads are let go of only while the window knows fewer than [`MAX_HELD`] +
+    /// [`MAX_LET_GO`] profiles, so that the entries of those let go of stay bounded.
+    #[test]
+    fn heads_are_let_go_of_only_while_few_profiles_are_known() {
+        let failed = |seq: u64| {
+            let mut e = export(seq, &format!("p{seq}"));
+            e.retry_at_uptime_ms = Some(0);
+            e
+        };
+        let cap = (MAX_HELD + MAX_LET_GO) as u64;
+        let mut q: Queue<u32> = Queue::default();
+        for seq in 0..cap - 1 {
+            q.push(failed(seq));
+        }
+        assert_eq!(q.let_go_of_failed_heads(Instant::now()), cap as usize - 1);
+        q.push(failed(cap));
+        assert_eq!(q.held(), 1);
+        assert_eq!(q.let_go_of_failed_heads(Instant::now()), 0, "at the bound");
+        assert_eq!(q.held(), 1);
     }
 
     /// A head let go of that came due, or was being read back, when the window starts over
-    /// is read again by the reader and goes at once, with its schedule; one read back after
-    /// the start-over is passed over.
+    /// is read again by the reader, in the loop's order (start over, wake what is due, read):
+    /// it goes at once, as it was due, once, in order. Its profile's entry is gone by then,
+    /// and with it the schedule kept in memory: the loop makes the next one from the attempts
+    /// stored with the export (`retry::failures_before`).
     #[test]
-    fn a_head_let_go_of_when_the_window_starts_over_waits_for_the_reader() {
+    fn a_head_let_go_of_when_the_window_starts_over_is_read_again_and_goes() {
         let start = Instant::now();
         let a: Arc<str> = "a".into();
         let mut q = queue(&[(1, "a")]);
@@ -956,17 +990,34 @@ mod tests {
         assert_eq!(q.let_go_of_blocked(), 1);
         q.wake_due(due);
         let heads = q.take_heads_to_read(usize::MAX);
-        assert_eq!(heads.len(), 1);
+        assert_eq!(heads.len(), 1, "being read back");
         q.forget_held();
-        q.read_back(&a, 1, Some(export(1, "a")));
-        assert_eq!(
-            q.held(),
-            0,
-            "a read back from before the start-over is passed over"
+        q.wake_due(due);
+        assert!(
+            q.take_heads_to_read(usize::MAX).is_empty(),
+            "not let go of any more"
         );
         q.push(export(1, "a"));
         q.push(export(2, "a"));
         assert_eq!(q.held(), 2);
+        assert_eq!(seqs(&q.take(10)), [1]);
+        q.settled(&a, 1);
+        assert_eq!(seqs(&q.take(10)), [2]);
+    }
+
+    /// A head let go of that is not due yet when the window starts over waits on for its time
+    /// once the reader reads it again, with its schedule.
+    #[test]
+    fn a_head_let_go_of_waits_on_after_a_start_over() {
+        let start = Instant::now();
+        let a: Arc<str> = "a".into();
+        let mut q = queue(&[(1, "a")]);
+        let due = fail_until_let_go(&mut q, &a, start);
+        assert_eq!(q.let_go_of_blocked(), 1);
+        q.forget_held();
+        q.wake_due(due - Duration::from_millis(1));
+        q.push(export(1, "a"));
+        assert!(q.take(10).is_empty(), "it waits for its time");
         q.wake_due(due);
         assert_eq!(seqs(&q.take(10)), [1]);
         assert_eq!(*q.backoff_of(&a, || 0).unwrap(), LET_GO_AFTER_FAILURES);
