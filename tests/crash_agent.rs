@@ -143,7 +143,9 @@ async fn run(shape: Run) {
     for _ in 0..delivery_kills {
         let delivered_before = receiver.delivered().len();
         let agent = start_agent(&config, addr).await;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..250))).await;
+        // Past the retry times the down phase stored (up to `max_backoff_ms`, 200 ms: the
+        // backoff doubles from each export's stored attempts) for some runs.
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..450))).await;
         drop(agent); // SIGKILL while delivering
         if receiver.delivered().len() > delivered_before
             && outbox_stats(&config)["pending"].as_u64() > Some(0)

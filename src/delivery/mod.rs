@@ -110,9 +110,7 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// and it reads a little; more only once none is ready: one profile failing on its own (a
 /// server error for what it holds) also makes the destination look down when nothing else is
 /// being sent, and the exports behind its own in the outbox are the probes that can reopen
-/// it. But not while the last read held nothing new (`read_held_nothing`: it passed over the
-/// exports of profiles let go of), until a probe answers: reading on through their backlogs
-/// while the destination is down only fills sled's cache. Never once the window is full
+/// it. Never once the window is full
 /// ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]). Past either bound with none ready,
 /// the loop lets go of exports ([`Queue::let_go_of_blocked`],
 /// [`Queue::let_go_of_failed_heads`]).
@@ -121,11 +119,10 @@ fn wants_read(
     (held, held_bytes): (usize, usize),
     ready: usize,
     destination_down: bool,
-    read_held_nothing: bool,
 ) -> bool {
     !window_full(held, held_bytes)
         && if destination_down {
-            !read_held_nothing && (held < DOWN_WINDOW / 2 || ready == 0)
+            held < DOWN_WINDOW / 2 || ready == 0
         } else {
             held < window / 2 || ready < READ_CHUNK
         }
@@ -335,7 +332,6 @@ impl Deliverer {
             retry_stored: HashSet::new(),
             out_at_rewind: HashSet::new(),
             let_go_start_over: None,
-            read_held_nothing: false,
             settler,
         };
         let mut stop_by: Option<Instant> = None;
@@ -376,7 +372,6 @@ impl Deliverer {
                     if rewound || let_go_moved {
                         state.queue.forget_held();
                         state.cursor = 0;
-                        state.read_held_nothing = false;
                         state.read_generation += 1;
                         state.reading = false;
                     }
@@ -551,11 +546,10 @@ impl Deliverer {
         // shape put most of the heap's rise in outbox nodes that sled's cache kept after the
         // window read on through the outbox (README, on the read-ahead).
         let fresh = !down || state.queue.has_fresh_ready();
-        let read_held_nothing = state.read_held_nothing;
         let wanted = |queue: &Queue<RetrySchedule>| {
             let held = (queue.held(), queue.held_bytes());
             let ready = if down { usize::from(fresh) } else { ready };
-            wants_read(self.window, held, ready, down, read_held_nothing)
+            wants_read(self.window, held, ready, down)
         };
         if !wanted(&state.queue) {
             // Nothing can go and the window is full of exports waiting behind failing ones:
@@ -643,8 +637,6 @@ impl Deliverer {
         match read.exports {
             Ok(exports) => {
                 state.cursor = read.cursor;
-                let held_before = state.queue.held();
-                state.read_held_nothing = state.controller.is_down() && !exports.is_empty();
                 let uptime_ms = self.clock.uptime_ms();
                 let longest = self.controller.max_backoff.max(retry::MAX_RETRY_AFTER);
                 for export in exports {
@@ -653,7 +645,6 @@ impl Deliverer {
                         state.queue.push_waiting(export, at);
                     }
                 }
-                state.read_held_nothing &= state.queue.held() == held_before;
             }
             Err(e) => {
                 log_read_error(&e);
@@ -761,7 +752,6 @@ impl Deliverer {
             attempted,
         } = finished;
         let now = Instant::now();
-        state.read_held_nothing = false;
         let dropped = self.dropped_while_out(state, &batch);
         let mut unanswered = false;
         let (error, retry_after, signal, cause) = match attempted {
@@ -1064,9 +1054,6 @@ struct LoopState {
     out_at_rewind: HashSet<u64>,
     /// When the window last started over to read exports it let go of.
     let_go_start_over: Option<Instant>,
-    /// The last read of the outbox, while the destination looked down, held nothing new: see
-    /// [`wants_read`]. Until a request ends or the window starts over.
-    read_held_nothing: bool,
     settler: Settler,
 }
 
@@ -1175,23 +1162,14 @@ mod tests {
         ];
         for ((held, ready, down), expected) in table {
             assert_eq!(
-                wants_read(window, (held, full - 1), ready, down, false),
+                wants_read(window, (held, full - 1), ready, down),
                 expected,
                 "held {held}, ready {ready}, down {down}"
             );
             // Whatever the count, never past the bytes.
-            assert!(!wants_read(window, (held, full), ready, down, false));
-            // A read that held nothing new stops reading on while down, until a probe answers.
-            assert_eq!(
-                wants_read(window, (held, full - 1), ready, down, true),
-                expected && !down,
-                "held {held}, ready {ready}, down {down}, after a read that held nothing"
-            );
+            assert!(!wants_read(window, (held, full), ready, down));
         }
-        assert!(
-            !wants_read(window, (1, full), 0, false, false),
-            "one big export"
-        );
+        assert!(!wants_read(window, (1, full), 0, false), "one big export");
     }
 
     #[test]
