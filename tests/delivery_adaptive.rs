@@ -714,6 +714,21 @@ async fn a_long_blocked_profile_does_not_starve_the_others() {
     agent.stop().await.unwrap();
 }
 
+/// Makes the endpoint fail (500) every export whose body names a `blocked` profile, until the
+/// flag returned is cleared.
+fn fail_blocked_profiles(receiver: &Receiver) -> Arc<AtomicBool> {
+    let blocked = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&blocked);
+    receiver.set_export_script(Some(Arc::new(move |_, r| {
+        if flag.load(Ordering::SeqCst) && String::from_utf8_lossy(&r.body).contains("blocked") {
+            Reply::Status(500, vec![], "always failing".into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    blocked
+}
+
 /// The exports delivery holds in memory stay under about 32 MiB whatever their size: 800
 /// exports of 64 KB (50 MB) of 8 profiles, which the window would read ahead in full by their
 /// count alone (it reads on while few profiles are ready; then the destination looks down).
@@ -757,15 +772,7 @@ async fn the_window_holds_about_32_mib_of_exports_at_most() {
 async fn a_blocked_backlog_larger_than_the_window_does_not_starve_the_others() {
     const MIB: i64 = 1 << 20;
     let s = setup(ReceiverOptions::default(), oauth_body, "").await;
-    let blocked = Arc::new(AtomicBool::new(true));
-    let flag = Arc::clone(&blocked);
-    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
-        if flag.load(Ordering::SeqCst) && String::from_utf8_lossy(&r.body).contains("blocked") {
-            Reply::Status(500, vec![], "always failing".into())
-        } else {
-            Reply::Normal
-        }
-    })));
+    let blocked = fail_blocked_profiles(&s.receiver);
     let filler = format!("-{}", "x".repeat(128 << 10));
     let blocked_profiles = ["blocked0", "blocked1"];
     let mut updates: Vec<String> = blocked_profiles
@@ -817,15 +824,7 @@ async fn a_window_full_of_failing_heads_does_not_starve_the_others() {
     // Probes one at a time, as while the destination is down, go every 20 ms at most.
     s.config.delivery.initial_backoff = Duration::from_millis(5);
     s.config.delivery.max_backoff = Duration::from_millis(20);
-    let blocked = Arc::new(AtomicBool::new(true));
-    let flag = Arc::clone(&blocked);
-    s.receiver.set_export_script(Some(Arc::new(move |_, r| {
-        if flag.load(Ordering::SeqCst) && String::from_utf8_lossy(&r.body).contains("blocked") {
-            Reply::Status(500, vec![], "always failing".into())
-        } else {
-            Reply::Normal
-        }
-    })));
+    let blocked = fail_blocked_profiles(&s.receiver);
     let filler = format!("-{}", "x".repeat(128 << 10));
     let mut updates: Vec<String> = (0..300)
         .flat_map(|i| updates_of(&format!("blocked{i}"), 1, &filler))

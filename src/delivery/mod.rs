@@ -110,10 +110,9 @@ fn window(max_concurrency: usize, max_profiles_per_request: usize) -> usize {
 /// and it reads a little; more only once none is ready: one profile failing on its own (a
 /// server error for what it holds) also makes the destination look down when nothing else is
 /// being sent, and the exports behind its own in the outbox are the probes that can reopen
-/// it. Never once the window is full
-/// ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]). Past either bound with none ready,
-/// the loop lets go of exports ([`Queue::let_go_of_blocked`],
-/// [`Queue::let_go_of_failed_heads`]).
+/// it. Never once the window is full ([`MAX_HELD`] or [`MAX_HELD_BYTES`]: [`window_full`]).
+/// Past either bound with none ready, the loop lets go of exports
+/// ([`Queue::let_go_of_blocked`], [`Queue::let_go_of_failed_heads`]).
 fn wants_read(
     window: usize,
     (held, held_bytes): (usize, usize),

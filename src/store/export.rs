@@ -366,13 +366,7 @@ impl Store {
             }
         }
         drop(t);
-        for (seq, error) in unreadable {
-            tracing::warn!(
-                export = %self.export_id(seq),
-                "{error}; it goes to the dead letters as \"{UNREADABLE}\""
-            );
-            self.dead_letter_unreadable(seq, &error)?;
-        }
+        self.dead_letter_unreadable_read(unreadable)?;
         if !stopped {
             *cursor = until;
         }
@@ -415,6 +409,15 @@ impl Store {
             }
         }
         drop(t);
+        self.dead_letter_unreadable_read(unreadable)?;
+        Ok((exports, looked_up))
+    }
+
+    /// Dead-letters the exports a read found unreadable, `(sequence, error)`, saying so.
+    fn dead_letter_unreadable_read(
+        &self,
+        unreadable: Vec<(u64, String)>,
+    ) -> Result<(), StoreError> {
         for (seq, error) in unreadable {
             tracing::warn!(
                 export = %self.export_id(seq),
@@ -422,7 +425,7 @@ impl Store {
             );
             self.dead_letter_unreadable(seq, &error)?;
         }
-        Ok((exports, looked_up))
+        Ok(())
     }
 
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
