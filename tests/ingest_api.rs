@@ -863,6 +863,47 @@ async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout
     assert_eq!(stats["pending"], 1, "{stats}");
 }
 
+/// A request whose body is still arriving when SIGTERM comes is read, stored and answered
+/// before the agent stops, and the agent exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
+    use std::io::Write;
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = start_agent(&ws, port).await;
+    let body = format!("{}\n", member_update("p-1", "Jane", "2026-01-01T00:00:01Z"));
+    let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/updates HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(10);
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(first.as_bytes()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rest = rest.to_owned();
+    let client = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        stream.write_all(rest.as_bytes()).unwrap();
+        read_head(&mut stream)
+    });
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
+        .await;
+    let answer = client.join().unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    let stats = ws.outbox_stats();
+    assert_eq!(stats["profiles"], 1, "{stats}");
+}
+
 /// A client that stalls in the middle of its upload holds the stop up only for a bounded time
 /// (the agent's drain timeout), and the agent still exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1128,6 +1169,64 @@ async fn connections_past_the_limit_wait_until_one_closes() {
         .unwrap();
     assert!(third.read(&mut byte).is_err(), "served past the limit");
     assert_eq!(warnings(), 1, "{}", agent.log());
+}
+
+/// An HTTP/2 connection (h2c) that has had no request open for `ingest.read_timeout_ms` is
+/// closed (GOAWAY), so that clients' pooled idle connections do not keep their places under
+/// `ingest.max_connections`, though they answer the agent's pings; one that sends requests
+/// more often stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_http2_connection_is_closed_and_gives_up_its_place() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let receiver = receiver().await;
+    let (ws, port) =
+        workspace_with_ingest(&receiver, "max_connections = 1\nread_timeout_ms = 2000");
+    let agent = start_agent(&ws, port).await;
+    let tcp = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let healthz = || {
+        hyper::Request::get(format!("http://{}/healthz", agent.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let busy_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < busy_until {
+        let answer = sender
+            .send_request(healthz())
+            .await
+            .expect("an HTTP/2 connection in use was closed");
+        assert_eq!(answer.status(), 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let idle_from = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("an idle HTTP/2 connection stayed open")
+        .unwrap()
+        .ok();
+    let idle_for = idle_from.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(1000),
+        "closed after only {idle_for:?} idle"
+    );
+    // Its place is free: the next connection is served.
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        request(agent.addr, "GET", "/healthz", None, &[]),
+    )
+    .await
+    .expect("no place for a connection after the idle one closed")
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        agent.log().contains("closing an idle ingest connection"),
+        "{}",
+        agent.log()
+    );
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {

@@ -15,16 +15,17 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::body::{
     body_encoding, discard_body, gunzip, read_body, BodyBudget, BodyError, Encoding,
     BODY_DEADLINE_TIMEOUTS,
 };
+use super::connection::{drive, Activity};
 use crate::config::Secret;
 use crate::metrics::{self, Metrics};
 use crate::profile::update::{parse_body_with, FutureLimit};
@@ -95,7 +96,9 @@ pub async fn serve(
     state: Arc<IngestState>,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Cancelled at shutdown: every connection is then closed gracefully.
+    let closing = CancellationToken::new();
+    let connections_open = TaskTracker::new();
     let read_timeout = state.read_timeout;
     // A connection holds one until it ends; without one, nothing is accepted, and new
     // connections wait in the kernel's listen backlog rather than take memory and descriptors.
@@ -133,27 +136,30 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                // Set by the first request to reach the service; see `unless_no_request`.
-                let requested = Arc::new(AtomicBool::new(false));
+                let activity = Activity::new();
                 let state = Arc::clone(&state);
                 let service = service_fn({
-                    let requested = Arc::clone(&requested);
+                    let activity = Arc::clone(&activity);
                     move |request| {
-                        requested.store(true, Ordering::Relaxed);
+                        let open = activity.request_started();
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                        async move {
+                            let answer = handle(&state, request).await;
+                            drop(open);
+                            Ok::<_, Infallible>(answer)
+                        }
                     }
                 });
-                let watcher = graceful.watcher();
                 let tls = tls.clone();
-                tokio::spawn(async move {
+                let closing = closing.clone();
+                connections_open.spawn(async move {
                     let _slot = slot;
                     let served = match tls {
                         None => {
                             let builder = connection_builder(read_timeout);
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            let connection = watcher.watch(connection.into_owned());
-                            unless_no_request(connection, &requested, read_timeout).await
+                            drive(connection, |c| c.graceful_shutdown(), &activity, read_timeout, &closing)
+                                .await
                         }
                         Some(acceptor) => {
                             let stream = match tokio::time::timeout(
@@ -177,8 +183,8 @@ pub async fn serve(
                             let builder = connection_builder(read_timeout);
                             let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            let connection = watcher.watch(connection.into_owned());
-                            unless_no_request(connection, &requested, read_timeout).await
+                            drive(connection, |c| c.graceful_shutdown(), &activity, read_timeout, &closing)
+                                .await
                         }
                     };
                     if let Err(e) = served {
@@ -190,7 +196,9 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    closing.cancel();
+    connections_open.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections_open.wait())
         .await
         .is_err()
     {
@@ -198,36 +206,11 @@ pub async fn serve(
     }
 }
 
-/// Serves `connection`, but drops it if no request has reached the service within
-/// `read_timeout`: hyper waits without a timeout for the bytes that tell HTTP/1 from HTTP/2,
-/// and for HTTP/2's preface, so a client sending nothing, or part of them, would hold it.
-/// Once a request came, hyper's own timeouts (below) take over.
-async fn unless_no_request<E>(
-    connection: impl std::future::Future<Output = Result<(), E>>,
-    requested: &AtomicBool,
-    read_timeout: Duration,
-) -> Result<(), E> {
-    tokio::pin!(connection);
-    tokio::select! {
-        // The connection first: a request that came as the timer fired counts.
-        biased;
-        served = &mut connection => served,
-        () = tokio::time::sleep(read_timeout) => {
-            if requested.load(Ordering::Relaxed) {
-                connection.await
-            } else {
-                tracing::debug!("an ingest connection sent no request in time");
-                Ok(())
-            }
-        }
-    }
-}
-
 /// Without a timer hyper applies no timeout at all: a client could hold a connection open
 /// forever without sending a request. With it, HTTP/1 headers must arrive within
 /// `read_timeout` of the connection waiting for a request, which also closes idle keep-alive
 /// connections then; an HTTP/2 connection is pinged as often, and closed when a ping goes
-/// unanswered as long (an idle one that answers stays open).
+/// unanswered as long (an idle one that answers is closed by `connection::drive`).
 fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod body;
+pub mod connection;
 pub mod ingest;
 pub mod tls;
