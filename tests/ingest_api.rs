@@ -877,13 +877,15 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let head = format!(
-        "POST /v1/updates HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\n\r\n",
+        "POST /v1/updates HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
         body.len()
     );
-    let (first, rest) = body.split_at(10);
     stream.write_all(head.as_bytes()).unwrap();
+    // Sent once the agent reads the body: the request is open.
+    let continued = read_head(&mut stream);
+    assert!(continued.starts_with("HTTP/1.1 100"), "{continued:?}");
+    let (first, rest) = body.split_at(10);
     stream.write_all(first.as_bytes()).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let rest = rest.to_owned();
     let client = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(700));
@@ -1194,15 +1196,16 @@ async fn an_idle_http2_connection_is_closed_and_gives_up_its_place() {
             .unwrap()
     };
     let busy_until = Instant::now() + Duration::from_secs(4);
+    let mut idle_from = Instant::now();
     while Instant::now() < busy_until {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let answer = sender
             .send_request(healthz())
             .await
             .expect("an HTTP/2 connection in use was closed");
         assert_eq!(answer.status(), 200);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        idle_from = Instant::now();
     }
-    let idle_from = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), connection)
         .await
         .expect("an idle HTTP/2 connection stayed open")

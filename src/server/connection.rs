@@ -68,8 +68,12 @@ impl Activity {
 /// has been idle for `read_timeout` or at `shutdown`, and dropping it if no request came
 /// within `read_timeout` of opening: hyper waits without a timeout for the bytes that tell
 /// HTTP/1 from HTTP/2, and for HTTP/2's preface, so a client sending nothing, or part of them,
-/// would hold it. A connection asked to close that has not ended `read_timeout` later is
-/// dropped.
+/// would hold it. A connection asked to close is dropped once it has had no request open for
+/// `read_timeout` (counted from when it was asked at the earliest) and still has not ended;
+/// requests still open are left to their own timeouts, and at shutdown to the drain's.
+///
+/// hyper calls the service only from within the connection's poll, on this task, so no
+/// request can begin between the connection's poll and the timer's look at `activity`.
 pub async fn drive<C, E>(
     connection: C,
     close: impl Fn(Pin<&mut C>),
@@ -83,13 +87,12 @@ where
     tokio::pin!(connection);
     // When it was asked to close.
     let mut closing: Option<Instant> = None;
+    let due = |closing: Option<Instant>| match activity.due(read_timeout) {
+        Some(idle) => closing.map_or(idle, |asked| idle.max(asked + read_timeout)),
+        // A request is open: look again later.
+        None => Instant::now() + read_timeout,
+    };
     loop {
-        let due = match closing {
-            Some(asked) => asked + read_timeout,
-            None => activity
-                .due(read_timeout)
-                .unwrap_or_else(|| Instant::now() + read_timeout),
-        };
         tokio::select! {
             // The connection first: a request that came as the timer fired counts.
             biased;
@@ -98,7 +101,11 @@ where
                 close(connection.as_mut());
                 closing = Some(Instant::now());
             }
-            () = tokio::time::sleep_until(due) => {
+            () = tokio::time::sleep_until(due(closing)) => {
+                let idle = activity.due(read_timeout).is_some() && due(closing) <= Instant::now();
+                if !idle {
+                    continue;
+                }
                 if closing.is_some() {
                     tracing::debug!("an ingest connection asked to close did not in time");
                     return Ok(());
@@ -107,11 +114,9 @@ where
                     tracing::debug!("an ingest connection sent no request in time");
                     return Ok(());
                 }
-                if activity.due(read_timeout).is_some_and(|due| due <= Instant::now()) {
-                    tracing::debug!("closing an idle ingest connection");
-                    close(connection.as_mut());
-                    closing = Some(Instant::now());
-                }
+                tracing::debug!("closing an idle ingest connection");
+                close(connection.as_mut());
+                closing = Some(Instant::now());
             }
         }
     }
@@ -189,6 +194,22 @@ mod tests {
         let (driven, ()) = tokio::join!(run(&activity, &shutdown, true), stop);
         let at = Duration::from_secs(5);
         assert_eq!(driven, (at, Some(at)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_asked_to_close_is_dropped_only_once_idle_for_the_timeout() {
+        let activity = Activity::new();
+        let open = activity.request_started();
+        let shutdown = CancellationToken::new();
+        let stop_then_end = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            shutdown.cancel();
+            tokio::time::sleep(TIMEOUT * 2).await;
+            drop(open);
+        };
+        let (driven, ()) = tokio::join!(run(&activity, &shutdown, false), stop_then_end);
+        let (asked, ended) = (Duration::from_secs(5), Duration::from_secs(5) + TIMEOUT * 2);
+        assert_eq!(driven, (ended + TIMEOUT, Some(asked)));
     }
 
     #[tokio::test(start_paused = true)]

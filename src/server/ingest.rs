@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -99,7 +99,6 @@ pub async fn serve(
     // Cancelled at shutdown: every connection is then closed gracefully.
     let closing = CancellationToken::new();
     let connections_open = TaskTracker::new();
-    let read_timeout = state.read_timeout;
     // A connection holds one until it ends; without one, nothing is accepted, and new
     // connections wait in the kernel's listen backlog rather than take memory and descriptors.
     let connections = Arc::new(Semaphore::new(state.max_connections));
@@ -136,60 +135,10 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let activity = Activity::new();
-                let state = Arc::clone(&state);
-                let service = service_fn({
-                    let activity = Arc::clone(&activity);
-                    move |request| {
-                        let open = activity.request_started();
-                        let state = Arc::clone(&state);
-                        async move {
-                            let answer = handle(&state, request).await;
-                            drop(open);
-                            Ok::<_, Infallible>(answer)
-                        }
-                    }
-                });
-                let tls = tls.clone();
-                let closing = closing.clone();
+                let connection = serve_one(stream, tls.clone(), Arc::clone(&state), closing.clone());
                 connections_open.spawn(async move {
                     let _slot = slot;
-                    let served = match tls {
-                        None => {
-                            let builder = connection_builder(read_timeout);
-                            let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            drive(connection, |c| c.graceful_shutdown(), &activity, read_timeout, &closing)
-                                .await
-                        }
-                        Some(acceptor) => {
-                            let stream = match tokio::time::timeout(
-                                HANDSHAKE_TIMEOUT,
-                                acceptor.accept(stream),
-                            )
-                            .await
-                            {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "ingest TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("ingest TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            // The protocol agreed in the handshake: nothing to read to tell.
-                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            let builder = connection_builder(read_timeout);
-                            let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
-                            let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            drive(connection, |c| c.graceful_shutdown(), &activity, read_timeout, &closing)
-                                .await
-                        }
-                    };
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "ingest connection ended with an error");
-                    }
+                    connection.await;
                 });
             }
             _ = shutdown.cancelled() => break,
@@ -204,6 +153,79 @@ pub async fn serve(
     {
         tracing::warn!("open ingest requests did not finish in time");
     }
+}
+
+/// Serves one accepted connection, over TLS after its handshake when `tls`.
+async fn serve_one(
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<IngestState>,
+    closing: CancellationToken,
+) {
+    let builder = connection_builder(state.read_timeout);
+    let served = match tls {
+        None => serve_http(TokioIo::new(stream), builder, state, &closing).await,
+        Some(acceptor) => {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "ingest TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("ingest TLS handshake timed out");
+                        return;
+                    }
+                };
+            // The protocol agreed in the handshake: nothing to read to tell.
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let builder = if h2 {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
+            serve_http(TokioIo::new(stream), builder, state, &closing).await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "ingest connection ended with an error");
+    }
+}
+
+/// Serves HTTP on `io`; the connection's time for its first request starts now.
+async fn serve_http<I>(
+    io: I,
+    builder: auto::Builder<TokioExecutor>,
+    state: Arc<IngestState>,
+    closing: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let read_timeout = state.read_timeout;
+    let activity = Activity::new();
+    let service = service_fn({
+        let activity = Arc::clone(&activity);
+        move |request| {
+            let open = activity.request_started();
+            let state = Arc::clone(&state);
+            async move {
+                let answer = handle(&state, request).await;
+                drop(open);
+                Ok::<_, Infallible>(answer)
+            }
+        }
+    });
+    let connection = builder.serve_connection(io, service);
+    drive(
+        connection,
+        |c| c.graceful_shutdown(),
+        &activity,
+        read_timeout,
+        closing,
+    )
+    .await
 }
 
 /// Without a timer hyper applies no timeout at all: a client could hold a connection open
