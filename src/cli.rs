@@ -66,7 +66,9 @@ pub enum Command {
     },
     /// Act on the store's unreadable records (`outpost check --store` lists them): forget
     /// unreadable profiles (their next update counts them as new), keep unreadable exports as
-    /// dead letters "unreadable record".
+    /// dead letters "unreadable record", delete stream positions and rejected messages whose
+    /// keys name nothing. An unreadable stream position is left as it is (its partition does
+    /// not start); an unreadable rejected message needs nothing (`rejected list` shows it).
     ///
     /// Example: outpost repair --yes
     Repair {

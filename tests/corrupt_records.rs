@@ -400,6 +400,99 @@ fn keys_that_are_no_group_or_profile_are_listed_and_deleted() {
     assert!(text(&out).contains("1 unchanged"), "{}", text(&out));
 }
 
+/// Stream records: an unreadable rejected message is listed, shown by `rejected list|show`
+/// with its stored bytes and dropped by `rejected drop --all`; an unreadable position is
+/// listed and left as it is by `repair`; keys of either tree that name nothing are listed and
+/// deleted by `repair`.
+#[test]
+fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes() {
+    use base64::Engine;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s = runtime.block_on(setup());
+    let out = s.ingest(&[update("p0", "a")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut rejected_key = 3u32.to_be_bytes().to_vec();
+    rejected_key.extend(42u64.to_be_bytes());
+    s.corrupt("rejected", &rejected_key, b"\x07\xffnot a record");
+    s.corrupt("rejected", b"short", b"\x01");
+    s.corrupt("positions", &5u32.to_be_bytes(), b"abc");
+    s.corrupt("positions", b"\x00\x01", &[0u8; 16]);
+
+    let listed = |s: &Setup| -> Vec<(String, String, String)> {
+        let out = s.run(&["check", "--store", "--json"], None);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let mut listed: Vec<_> = json_lines(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .map(|r| {
+                let field = |name: &str| r[name].as_str().unwrap().to_owned();
+                (field("tree"), field("key"), field("action"))
+            })
+            .collect();
+        listed.sort();
+        listed
+    };
+    let keys = |listed: &[(String, String, String)]| -> Vec<(String, String)> {
+        listed
+            .iter()
+            .map(|(t, k, _)| (t.clone(), k.clone()))
+            .collect()
+    };
+    let first = listed(&s);
+    assert_eq!(
+        keys(&first),
+        [
+            ("positions".to_owned(), "5".to_owned()),
+            ("positions".to_owned(), "\\x00\\x01".to_owned()),
+            ("rejected".to_owned(), "3-42".to_owned()),
+            ("rejected".to_owned(), "short".to_owned()),
+        ],
+        "{first:?}"
+    );
+    assert!(first[0].2.starts_with("left as it is"), "{first:?}");
+
+    let out = s.run(&["repair", "--yes"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let after = listed(&s);
+    assert_eq!(
+        keys(&after),
+        [
+            ("positions".to_owned(), "5".to_owned()),
+            ("rejected".to_owned(), "3-42".to_owned()),
+        ],
+        "{after:?}"
+    );
+
+    let out = s.run(&["rejected", "list", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let shown = shown
+        .first()
+        .and_then(|v| v.as_array().map(|a| a[0].clone()).or(Some(v.clone())))
+        .unwrap();
+    assert_eq!(shown["id"], "3-42", "{shown}");
+    assert!(
+        shown["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreadable record"),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["raw_base64"],
+        base64::engine::general_purpose::STANDARD.encode(b"\x07\xffnot a record"),
+        "{shown}"
+    );
+    let out = s.run(&["rejected", "show", "3-42"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("unreadable record"), "{}", text(&out));
+    let out = s.run(&["rejected", "drop", "--all"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        keys(&listed(&s)),
+        [("positions".to_owned(), "5".to_owned())]
+    );
+}
+
 /// `repair` lets the store go while it asks, and goes ahead only if what it would do is still
 /// what it showed: a record that became unreadable meanwhile makes it stop, changing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

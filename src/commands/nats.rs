@@ -316,6 +316,7 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
 
 fn text(value: &Value) -> String {
     match value {
+        Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }

@@ -15,6 +15,7 @@ use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
 
 use super::error::{abort, TxResult};
+use super::unreadable::{key_text, UnreadableRecord};
 use super::{Store, StoreError};
 
 /// The format byte of a [`RejectedRecord`] value.
@@ -75,6 +76,12 @@ pub struct RejectedRecord {
 }
 
 impl RejectedRecord {
+    /// Whether this stands for a stored message that could not be decoded (its bytes in
+    /// `raw`, no subject or time).
+    pub fn is_unreadable(&self) -> bool {
+        self.subject.is_empty() && self.error.starts_with(UNREADABLE_REJECTED)
+    }
+
     /// `<partition>-<sequence>`, as `outpost rejected show|drop` takes it.
     pub fn id(&self) -> String {
         format!("{}-{}", self.partition, self.seq)
@@ -93,7 +100,7 @@ impl RejectedRecord {
             "partition": self.partition,
             "seq": self.seq,
             "subject": self.subject,
-            "received_at": super::format_ms(self.received_at_ms),
+            "received_at": (!self.is_unreadable()).then(|| super::format_ms(self.received_at_ms)),
             "error": self.error,
             "raw": String::from_utf8_lossy(&self.raw),
             "raw_bytes": self.raw_len,
@@ -132,6 +139,41 @@ fn encode_rejected(record: &RejectedRecord) -> Vec<u8> {
     bincode::encode_into_std_write(record, &mut bytes, bincode::config::standard())
         .expect("writing to a Vec cannot fail");
     bytes
+}
+
+/// The (partition, sequence) of a `rejected` key.
+fn rejected_key_parts(key: &[u8]) -> Result<(u32, u64), StoreError> {
+    let key: &[u8; 12] = key.try_into().map_err(|_| StoreError::Corrupt {
+        what: "rejected message key".into(),
+        detail: format!(
+            "{} is not a partition and a sequence; `outpost repair` deletes it",
+            key.escape_ascii()
+        ),
+    })?;
+    let partition = u32::from_be_bytes(key[..4].try_into().expect("4 bytes"));
+    Ok((
+        partition,
+        u64::from_be_bytes(key[4..].try_into().expect("8 bytes")),
+    ))
+}
+
+/// The reason (`error`) of the stand-in for a rejected message that cannot be decoded.
+pub const UNREADABLE_REJECTED: &str = "unreadable record";
+
+/// A rejected message as stored at `key`. One whose value cannot be decoded is shown by a
+/// stand-in that keeps the stored bytes as its `raw` (so `rejected list|show|drop` still work
+/// and nothing is lost); a key that names no message is an error that says so.
+fn read_rejected(key: &[u8], value: &[u8]) -> Result<RejectedRecord, StoreError> {
+    let (partition, seq) = rejected_key_parts(key)?;
+    Ok(decode_rejected(value).unwrap_or_else(|e| RejectedRecord {
+        partition,
+        seq,
+        subject: String::new(),
+        received_at_ms: 0,
+        raw: value.to_vec(),
+        raw_len: value.len() as u64,
+        error: format!("{UNREADABLE_REJECTED}: {e}"),
+    }))
 }
 
 fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
@@ -270,9 +312,11 @@ impl Store {
         self.with(|t| {
             t.rejected
                 .iter()
-                .values()
                 .take(limit)
-                .map(|v| decode_rejected(&v?))
+                .map(|item| {
+                    let (key, value) = item?;
+                    read_rejected(&key, &value)
+                })
                 .collect()
         })
     }
@@ -287,9 +331,10 @@ impl Store {
         seq: u64,
     ) -> Result<Option<RejectedRecord>, StoreError> {
         self.with(|t| {
+            let key = rejected_key(partition, seq);
             t.rejected
-                .get(rejected_key(partition, seq))?
-                .map(|v| decode_rejected(&v))
+                .get(key)?
+                .map(|v| read_rejected(&key, &v))
                 .transpose()
         })
     }
@@ -301,8 +346,102 @@ impl Store {
 
     /// Ids of every rejected message.
     pub fn rejected_ids(&self) -> Result<Vec<(u32, u64)>, StoreError> {
-        self.rejected_list(0)
-            .map(|all| all.iter().map(|r| (r.partition, r.seq)).collect())
+        self.with(|t| {
+            t.rejected
+                .iter()
+                .keys()
+                .map(|key| rejected_key_parts(&key?))
+                .collect()
+        })
+    }
+
+    /// The stream records `outpost check --store` lists: positions that cannot be read (their
+    /// partition does not start), rejected messages shown by a stand-in, and keys of either
+    /// tree that name nothing (`outpost repair` deletes those).
+    pub(super) fn unreadable_stream_records(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
+        self.with(|t| {
+            let mut found = Vec::new();
+            for item in t.positions.iter() {
+                let (key, value) = item?;
+                let Ok(partition) = <[u8; 4]>::try_from(key.as_ref()).map(u32::from_be_bytes)
+                else {
+                    found.push(key_not_an_id("positions", &key, "a partition number"));
+                    continue;
+                };
+                let Err(e) = decode_position(&value) else {
+                    continue;
+                };
+                found.push(UnreadableRecord {
+                    tree: "positions",
+                    key: partition.to_string(),
+                    error: e.to_string(),
+                    action: "left as it is: its partition does not start while it is unreadable, \
+                             since neither the stream's start (messages applied again) nor its \
+                             end (messages skipped) is a safe guess"
+                        .into(),
+                });
+            }
+            for item in t.rejected.iter() {
+                let (key, value) = item?;
+                let Ok(record) = read_rejected(&key, &value) else {
+                    found.push(key_not_an_id("rejected", &key, "a rejected message id"));
+                    continue;
+                };
+                if record.is_unreadable() {
+                    found.push(UnreadableRecord {
+                        tree: "rejected",
+                        key: record.id(),
+                        error: record.error,
+                        action: "nothing to do: `rejected list|show` show its stored bytes, \
+                                 `rejected drop` deletes it"
+                            .into(),
+                    });
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    /// Deletes the keys of `positions` and `rejected` that name nothing; what it deleted, one
+    /// line each. Not durable until a flush.
+    pub(super) fn delete_stream_keys_not_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut done = Vec::new();
+        for record in self.unreadable_stream_records()? {
+            if !record.action.starts_with(DELETE) {
+                continue;
+            }
+            let t = self.trees()?;
+            let tree = if record.tree == "positions" {
+                &t.positions
+            } else {
+                &t.rejected
+            };
+            let keys: Vec<_> = tree
+                .iter()
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| key_text(k) == record.key)
+                .collect();
+            for key in keys {
+                tree.remove(key)?;
+            }
+            done.push(format!(
+                "{} entry with key {}: deleted ({})",
+                record.tree, record.key, record.error
+            ));
+        }
+        Ok(done)
+    }
+}
+
+const DELETE: &str = "delete it";
+
+fn key_not_an_id(tree: &'static str, key: &[u8], what: &str) -> UnreadableRecord {
+    UnreadableRecord {
+        tree,
+        key: key_text(key),
+        error: format!("the key is not {what}"),
+        action: format!("{DELETE} (the key names nothing)"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Records that cannot be decoded: unreadable exports become dead letters that keep their
 //! bytes, unreadable profiles refuse their updates until `outpost repair` forgets them;
-//! `outpost check --store` lists them. And the store's self-check ([`Store::verify`]).
+//! `outpost check --store` lists them, with the stream records `store::source` finds. And the
+//! store's self-check ([`Store::verify`]).
 
 use chrono::Utc;
 use sled::Transactional;
@@ -54,7 +55,7 @@ impl ExportRecord {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UnreadableRecord {
     /// `profiles` (a profile), `profile_groups` (a group: all of its profiles), `outbox`,
-    /// `dead` or `meta`.
+    /// `dead`, `meta`, `positions` (a stream partition's) or `rejected`.
     pub tree: &'static str,
     /// The key: a profile id, a group's key (hex), an export id, a meta key (bytes shown
     /// escaped when not text).
@@ -64,10 +65,11 @@ pub struct UnreadableRecord {
     pub action: String,
 }
 
+/// A key as text: as it is when it is UTF-8 without control characters, else escaped.
 pub(super) fn key_text(key: &[u8]) -> String {
     match std::str::from_utf8(key) {
-        Ok(text) => text.to_owned(),
-        Err(_) => key.escape_ascii().to_string(),
+        Ok(text) if !text.chars().any(char::is_control) => text.to_owned(),
+        _ => key.escape_ascii().to_string(),
     }
 }
 
@@ -204,6 +206,7 @@ impl Store {
             });
         }
         found.extend(self.unreadable_exports(&t)?);
+        found.extend(self.unreadable_stream_records()?);
         Ok(found)
     }
 
@@ -356,6 +359,7 @@ impl Store {
             }
         }
         drop(t);
+        done.extend(self.delete_stream_keys_not_ids()?);
         self.flush()?;
         Ok(done)
     }
