@@ -168,7 +168,7 @@ fn run_backfill(
         if store.outbox_full(max_outbox_bytes)? {
             let under_way = store.backfill_progress()?.map_or_else(String::new, |p| {
                 format!(
-                    " (a backfill of newly mapped segments is under way: {} of {} profiles scanned, {} exported)",
+                    " (a backfill of newly mapped segments is under way: {} of about {} profiles scanned, {} exported)",
                     p.scanned, p.profiles, p.exported
                 )
             });

@@ -111,7 +111,7 @@ fn describe_backfill(backfill: &Value) -> Option<String> {
         _ => String::new(),
     };
     Some(format!(
-        "{} of {} profiles scanned, {} exported, for newly mapped {}{queued}",
+        "{} of about {} profiles scanned, {} exported, for newly mapped {}{queued}",
         text_of(&backfill["scanned"]),
         text_of(&backfill["profiles"]),
         text_of(&backfill["exported"]),
@@ -231,7 +231,7 @@ mod tests {
         let backfill = json!({"segments": ["s1", "s2"], "scanned": 2000, "exported": 12, "profiles": 9000, "queued_after": 1});
         assert_eq!(
             describe_backfill(&backfill).unwrap(),
-            "2000 of 9000 profiles scanned, 12 exported, for newly mapped s1, s2; 1 more queued"
+            "2000 of about 9000 profiles scanned, 12 exported, for newly mapped s1, s2; 1 more queued"
         );
         assert_eq!(describe_backfill(&Value::Null), None);
     }

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
 use super::export::{append_exports, new_export};
-use super::groups::GroupView;
+use super::groups::{GroupView, GROUP_BITS};
 use super::keys::meta;
 use super::profiles::{
     decode_profile, group_from_name, group_name, groups_after, unreadable_group,
@@ -211,7 +211,7 @@ pub struct BackfillProgress {
     pub segments: Vec<String>,
     pub scanned: u64,
     pub exported: u64,
-    /// Profiles stored when the job was queued.
+    /// Profiles the job scans in all, as far as can be told ([`BackfillJob::expected_profiles`]).
     pub profiles: u64,
     /// Whether the job in progress is finished (set only on the answer of its last step).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -238,13 +238,36 @@ impl BackfillJob {
     }
 }
 
+impl BackfillJob {
+    /// The profiles the job scans in all: those it scanned, and, of the profiles stored when
+    /// it was queued, the share of the groups it has yet to scan (a group is a hash of the id,
+    /// so groups hold about as many each). So a job bounded to some of the groups counts only
+    /// theirs. A job begun before profile groups scans ids: the count when it was queued.
+    pub fn expected_profiles(&self) -> u64 {
+        if self.after.is_some() {
+            return self.profiles;
+        }
+        let index = |name: &Option<String>| {
+            let key = <[u8; 4]>::try_from(group_from_name(name.as_deref()?)?).ok()?;
+            Some(i64::from(u32::from_be_bytes(key)))
+        };
+        let groups = 1i64 << GROUP_BITS;
+        // Scanned: groups up to `after_group`; to scan: those after it up to `until_group`.
+        let after = index(&self.after_group).unwrap_or(-1);
+        let until = index(&self.until_group).unwrap_or(groups - 1);
+        let left = (until - after).clamp(0, groups) as u128;
+        let share = u128::from(self.profiles) * left / groups as u128;
+        self.scanned + share as u64
+    }
+}
+
 impl BackfillProgress {
     fn of(job: &BackfillJob, queued_after: usize) -> BackfillProgress {
         BackfillProgress {
             segments: job.segments.clone(),
             scanned: job.scanned,
             exported: job.exported,
-            profiles: job.profiles,
+            profiles: job.expected_profiles(),
             done: false,
             queued_after,
             step_exported: 0,
@@ -403,6 +426,36 @@ impl Store {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn a_job_expects_its_groups_share_of_the_profiles() {
+        let job = |after_group: Option<&str>, until_group: Option<&str>, scanned: u64| {
+            let mut job = BackfillJob::new(vec!["s".into()], 1_000, 0);
+            job.after_group = after_group.map(str::to_owned);
+            job.until_group = until_group.map(str::to_owned);
+            job.scanned = scanned;
+            job
+        };
+        // (after_group, until_group, scanned) → expected; 2^18 groups, 1,000 profiles stored.
+        let cases: [(Option<&str>, Option<&str>, u64, u64); 6] = [
+            (None, None, 0, 1_000),
+            (Some("0001ffff"), None, 480, 980),
+            (None, Some("0000ffff"), 0, 250),
+            (Some("0001ffff"), None, 0, 500),
+            (Some("0000ffff"), Some("0001ffff"), 100, 350),
+            (Some("0001ffff"), Some("0001ffff"), 230, 230),
+        ];
+        for (after, until, scanned, expected) in cases {
+            assert_eq!(
+                job(after, until, scanned).expected_profiles(),
+                expected,
+                "{after:?}..{until:?} with {scanned} scanned"
+            );
+        }
+        let mut legacy = job(Some("0001ffff"), None, 10);
+        legacy.after = Some("p-0042".into());
+        assert_eq!(legacy.expected_profiles(), 1_000, "scans ids, not groups");
+    }
 
     #[test]
     fn members_of_a_still_mapped_segment_get_their_payload() {
