@@ -570,6 +570,8 @@ async fn rss_runs(
     checkpoints: &[f64],
     receiver: &Receiver,
 ) -> Vec<RssResult> {
+    // Counted from before the agents start: they deliver before they answer `/healthz`.
+    let before = receiver.export_arrivals();
     let mut running = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let home = dir.join(format!("run{i}"));
@@ -617,7 +619,6 @@ async fn rss_runs(
     for (_, child, addr, start) in running.iter_mut() {
         readies.push(wait_healthy(*addr, *start, Some(child)).await);
     }
-    let before = receiver.export_arrivals();
     let healthy = Instant::now();
     let mut hwms: Vec<Vec<(f64, u64)>> = cases.iter().map(|_| Vec::new()).collect();
     for &at in checkpoints {

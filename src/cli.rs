@@ -57,7 +57,8 @@ pub enum Command {
     /// Example: outpost check --config /etc/outpost/outpost.toml
     Check {
         /// Instead: read every record of the store and list those that cannot be read, with
-        /// their keys (exit 1 if there are any)
+        /// their keys (exit 1 if `outpost repair` acts on one, or a stream position is
+        /// unreadable)
         #[arg(long)]
         store: bool,
         /// With --store: print JSON (one object a line)

@@ -450,8 +450,29 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
     );
     assert!(first[0].2.starts_with("left as it is"), "{first:?}");
 
+    let out = s.run(&["check", "--store"], None);
+    assert!(
+        text(&out).contains("2 unreadable record(s); `outpost repair` acts on them")
+            && text(&out).contains("1 unreadable stream position(s)"),
+        "{}",
+        text(&out)
+    );
     let out = s.run(&["repair", "--yes"], None);
     assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        text(&out)
+            .matches(": deleted (the key names nothing)")
+            .count(),
+        2,
+        "{}",
+        text(&out)
+    );
+    let out = s.run(&["repair", "--yes"], None);
+    assert!(
+        text(&out).contains("no unreadable records for repair to act on"),
+        "what is left is not for repair: {}",
+        text(&out)
+    );
     let after = listed(&s);
     assert_eq!(
         keys(&after),

@@ -537,16 +537,30 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
             );
         }
     }
-    let to_repair = records.iter().filter(|r| r["tree"] != "meta").count();
+    let to_repair = records.iter().filter(|r| r["repairs"] == true).count();
+    // Left by repair, and its partition does not start: the operator's to act on.
+    let positions = records
+        .iter()
+        .filter(|r| r["tree"] == "positions" && r["repairs"] == false)
+        .count();
     if !json {
         println!("{} unreadable record(s)", records.len());
     }
+    let mut failures = Vec::new();
     if to_repair > 0 {
-        Err(CliError::Failure(format!(
+        failures.push(format!(
             "{to_repair} unreadable record(s); `outpost repair` acts on them"
-        )))
-    } else {
+        ));
+    }
+    if positions > 0 {
+        failures.push(format!(
+            "{positions} unreadable stream position(s): their partitions do not start"
+        ));
+    }
+    if failures.is_empty() {
         Ok(())
+    } else {
+        Err(CliError::Failure(failures.join("; ")))
     }
 }
 
@@ -585,7 +599,7 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     let backend = Backend::connect_existing(config)?;
     let records = records_to_repair(&backend)?;
     if records.is_empty() {
-        println!("no unreadable records");
+        println!("no unreadable records for repair to act on (`outpost check --store` lists all)");
         return Ok(());
     }
     for (tree, key, action) in &records {
@@ -634,8 +648,8 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The unreadable records `repair` acts on (meta values are rebuilt at open): tree, key and
-/// what it does.
+/// The unreadable records `repair` acts on (not meta values, rebuilt at open, nor the stream
+/// records it leaves): tree, key and what it does.
 fn records_to_repair(backend: &Backend) -> Result<Vec<(String, String, String)>, CliError> {
     let found = backend.execute(&AdminRequest::Unreadable)?;
     let text = |r: &Value, field: &str| r[field].as_str().unwrap_or("?").to_owned();
@@ -644,7 +658,7 @@ fn records_to_repair(backend: &Backend) -> Result<Vec<(String, String, String)>,
         .cloned()
         .unwrap_or_default()
         .iter()
-        .filter(|r| r["tree"] != "meta")
+        .filter(|r| r["repairs"] == true)
         .map(|r| (text(r, "tree"), text(r, "key"), text(r, "action")))
         .collect())
 }

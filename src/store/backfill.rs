@@ -257,7 +257,7 @@ impl BackfillJob {
         let until = index(&self.until_group).unwrap_or(groups - 1);
         let left = (until - after).clamp(0, groups) as u128;
         let share = u128::from(self.profiles) * left / groups as u128;
-        self.scanned + share as u64
+        self.scanned.saturating_add(share as u64)
     }
 }
 

@@ -13,9 +13,11 @@
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
+use sled::IVec;
 
 use super::error::{abort, TxResult};
 use super::unreadable::{key_text, UnreadableRecord};
+use super::Trees;
 use super::{Store, StoreError};
 
 /// The format byte of a [`RejectedRecord`] value.
@@ -143,7 +145,7 @@ fn encode_rejected(record: &RejectedRecord) -> Vec<u8> {
 
 /// The (partition, sequence) of a `rejected` key.
 fn rejected_key_parts(key: &[u8]) -> Result<(u32, u64), StoreError> {
-    let key: &[u8; 12] = key.try_into().map_err(|_| StoreError::Corrupt {
+    let key: &[u8; REJECTED_KEY_LEN] = key.try_into().map_err(|_| StoreError::Corrupt {
         what: "rejected message key".into(),
         detail: format!(
             "{} is not a partition and a sequence; `outpost repair` deletes it",
@@ -363,7 +365,8 @@ impl Store {
             let mut found = Vec::new();
             for item in t.positions.iter() {
                 let (key, value) = item?;
-                let Ok(partition) = <[u8; 4]>::try_from(key.as_ref()).map(u32::from_be_bytes)
+                let Ok(partition) =
+                    <[u8; POSITION_KEY_LEN]>::try_from(key.as_ref()).map(u32::from_be_bytes)
                 else {
                     found.push(key_not_an_id("positions", &key, "a partition number"));
                     continue;
@@ -379,6 +382,7 @@ impl Store {
                              since neither the stream's start (messages applied again) nor its \
                              end (messages skipped) is a safe guess"
                         .into(),
+                    repairs: false,
                 });
             }
             for item in t.rejected.iter() {
@@ -395,53 +399,68 @@ impl Store {
                         action: "nothing to do: `rejected list|show` show its stored bytes, \
                                  `rejected drop` deletes it"
                             .into(),
+                        repairs: false,
                     });
                 }
             }
             Ok(found)
         })
     }
-
-    /// Deletes the keys of `positions` and `rejected` that name nothing; what it deleted, one
-    /// line each. Not durable until a flush.
-    pub(super) fn delete_stream_keys_not_ids(&self) -> Result<Vec<String>, StoreError> {
-        let mut done = Vec::new();
-        for record in self.unreadable_stream_records()? {
-            if !record.action.starts_with(DELETE) {
-                continue;
-            }
-            let t = self.trees()?;
-            let tree = if record.tree == "positions" {
-                &t.positions
-            } else {
-                &t.rejected
-            };
-            let keys: Vec<_> = tree
-                .iter()
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| key_text(k) == record.key)
-                .collect();
-            for key in keys {
-                tree.remove(key)?;
-            }
-            done.push(format!(
-                "{} entry with key {}: deleted ({})",
-                record.tree, record.key, record.error
-            ));
-        }
-        Ok(done)
-    }
 }
 
-const DELETE: &str = "delete it";
+/// Position keys are a partition number.
+const POSITION_KEY_LEN: usize = 4;
+/// Rejected message keys are a partition number and a sequence.
+const REJECTED_KEY_LEN: usize = 12;
+
+/// The keys of `positions` and `rejected` that name nothing (of another length), by tree.
+/// Reads keys only.
+pub(super) fn stream_keys_not_ids(t: &Trees) -> Result<Vec<(&'static str, IVec)>, StoreError> {
+    let mut found = Vec::new();
+    for (name, tree, len) in [
+        ("positions", &t.positions, POSITION_KEY_LEN),
+        ("rejected", &t.rejected, REJECTED_KEY_LEN),
+    ] {
+        for key in tree.iter().keys() {
+            let key = key?;
+            if key.len() != len {
+                found.push((name, key));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Deletes `keys` (from [`stream_keys_not_ids`]); what it deleted, one line each. Not durable
+/// until a flush.
+pub(super) fn delete_stream_keys(
+    t: &Trees,
+    keys: &[(&'static str, IVec)],
+) -> Result<Vec<String>, StoreError> {
+    let mut done = Vec::new();
+    for (name, key) in keys {
+        let tree = if *name == "positions" {
+            &t.positions
+        } else {
+            &t.rejected
+        };
+        if tree.remove(key)?.is_some() {
+            done.push(format!(
+                "{name} entry with key {}: deleted (the key names nothing)",
+                key_text(key)
+            ));
+        }
+    }
+    Ok(done)
+}
 
 fn key_not_an_id(tree: &'static str, key: &[u8], what: &str) -> UnreadableRecord {
     UnreadableRecord {
         tree,
         key: key_text(key),
         error: format!("the key is not {what}"),
-        action: format!("{DELETE} (the key names nothing)"),
+        action: "delete it (the key names nothing)".into(),
+        repairs: true,
     }
 }
 

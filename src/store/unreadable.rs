@@ -63,6 +63,9 @@ pub struct UnreadableRecord {
     pub error: String,
     /// What `outpost repair` does with it, or did already.
     pub action: String,
+    /// Whether `outpost repair` acts on it (not on `meta` values, rebuilt at open, nor on
+    /// the stream records it leaves).
+    pub repairs: bool,
 }
 
 /// A key as text: as it is when it is UTF-8 without control characters, else escaped.
@@ -179,6 +182,7 @@ impl Store {
                 key: key.to_owned(),
                 error: format!("was unreadable {error}"),
                 action: action.into(),
+                repairs: false,
             });
         }
         let t = self.trees()?;
@@ -190,18 +194,21 @@ impl Store {
                     error: error.to_string(),
                     action: "forget the group's profiles (their next updates count them as new)"
                         .into(),
+                    repairs: true,
                 },
                 Unreadable::Profile { id, error } => UnreadableRecord {
                     tree: "profiles",
                     key: id,
                     error: error.to_string(),
                     action: "forget the profile (its next update counts it as new)".into(),
+                    repairs: true,
                 },
                 Unreadable::NotAnId { key } => UnreadableRecord {
                     tree: "profiles",
                     key: key_text(&key),
                     error: "the key is not a profile id (not UTF-8)".into(),
                     action: "delete it".into(),
+                    repairs: true,
                 },
             });
         }
@@ -231,6 +238,7 @@ impl Store {
                     key,
                     error: e.to_string(),
                     action: action.into(),
+                    repairs: true,
                 });
             }
         }
@@ -248,6 +256,7 @@ impl Store {
         // Listed first, without holding the committer up: what is unreadable stays so.
         let profiles = unreadable_profiles(&t)?;
         let found = self.unreadable_exports(&t)?;
+        let stream_keys = super::source::stream_keys_not_ids(&t)?;
         let _writer = self.lock_profile_writer();
         let counted_before = read_profile_count(&t)?;
         let repairs_profiles = !profiles.is_empty();
@@ -358,8 +367,8 @@ impl Store {
                 _ => {}
             }
         }
+        done.extend(super::source::delete_stream_keys(&t, &stream_keys)?);
         drop(t);
-        done.extend(self.delete_stream_keys_not_ids()?);
         self.flush()?;
         Ok(done)
     }
