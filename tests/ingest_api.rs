@@ -906,6 +906,49 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// A client without the token is not held by the body it trickles: it gets its answer (or
+/// its connection closed) within one read timeout, not the four a body may take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_without_the_token_is_not_held_by_its_trickling_body() {
+    use std::io::{Read, Write};
+    let receiver = receiver().await;
+    let (ws, port) = workspace_with_ingest(&receiver, "read_timeout_ms = 1500");
+    let agent = start_agent(&ws, port).await;
+    let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .write_all(b"POST /v1/updates HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    // A byte every 200 ms: never stalled for the read timeout.
+    let mut trickle = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        while started.elapsed() < Duration::from_secs(10) {
+            if trickle.write_all(b"x").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let held = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        held < Duration::from_secs(4),
+        "held for {held:?} (4 read timeouts: 6 s): {answer:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 401"),
+        "{answer:?}"
+    );
+    drop(stream);
+    writer.join().unwrap();
+    assert_eq!(ws.outbox_stats()["profiles"], 0);
+}
+
 /// A client that stalls in the middle of its upload holds the stop up only for a bounded time
 /// (the agent's drain timeout), and the agent still exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

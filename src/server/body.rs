@@ -75,15 +75,20 @@ pub async fn read_body(
     let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
     let mut bytes = Vec::with_capacity(expected);
     let mut seen = 0u64;
-    let read = for_each_part(body, read_timeout, |data| {
-        seen = seen.saturating_add(data.len() as u64);
-        if seen > max_body_bytes {
-            bytes = Vec::new();
-            return seen <= max_body_bytes.saturating_add(DRAINED_BYTES);
-        }
-        bytes.extend_from_slice(data);
-        true
-    })
+    let read = for_each_part(
+        body,
+        read_timeout,
+        read_timeout * BODY_DEADLINE_TIMEOUTS,
+        |data| {
+            seen = seen.saturating_add(data.len() as u64);
+            if seen > max_body_bytes {
+                bytes = Vec::new();
+                return seen <= max_body_bytes.saturating_add(DRAINED_BYTES);
+            }
+            bytes.extend_from_slice(data);
+            true
+        },
+    )
     .await;
     if seen > max_body_bytes {
         return Err(BodyError::TooLarge);
@@ -96,11 +101,16 @@ pub async fn read_body(
 }
 
 /// Reads and drops what a client still sends of a body refused before it was read (up to
-/// `max_body_bytes` and [`DRAINED_BYTES`] more).
-pub async fn discard_body(body: Incoming, max_body_bytes: u64, read_timeout: Duration) {
+/// `max_body_bytes` and [`DRAINED_BYTES`] more), for at most `within`.
+pub async fn discard_body(
+    body: Incoming,
+    max_body_bytes: u64,
+    read_timeout: Duration,
+    within: Duration,
+) {
     let cap = max_body_bytes.saturating_add(DRAINED_BYTES);
     let mut seen = 0u64;
-    let _ = for_each_part(body, read_timeout, |data| {
+    let _ = for_each_part(body, read_timeout, within, |data| {
         seen += data.len() as u64;
         seen <= cap
     })
@@ -113,15 +123,15 @@ enum PartError<E> {
 }
 
 /// Hands each part of `body` to `take` (which says whether to go on), each part arriving
-/// within `read_timeout` of the one before, and all of them within
-/// [`BODY_DEADLINE_TIMEOUTS`] read timeouts, so that a trickle cannot hold a request (and its
-/// room for bodies) for ever.
+/// within `read_timeout` of the one before, and all of them `within`, so that a trickle
+/// cannot hold a request (and its room for bodies) for ever.
 async fn for_each_part<B: hyper::body::Body<Data = Bytes> + Unpin>(
     mut body: B,
     read_timeout: Duration,
+    within: Duration,
     mut take: impl FnMut(&[u8]) -> bool,
 ) -> Result<(), PartError<B::Error>> {
-    let deadline = tokio::time::Instant::now() + read_timeout * BODY_DEADLINE_TIMEOUTS;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let wait =
             read_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
