@@ -22,7 +22,14 @@ use outpost::store::{Store, FORMAT_VERSION};
 use rand::Rng;
 use serde_json::Value;
 
+/// The store's sled database, read with sled alone. A store killed while its rebuilt copy was
+/// being swapped in (`rebuild.swap`; the upgrade had finished before the rebuild) is opened by
+/// outpost first, which finishes the swap: sled alone would see the folder half swapped, an
+/// empty database where the old one was deleted, and make one there.
 fn open_sled(path: &std::path::Path) -> sled::Db {
+    if path.join("rebuild.swap").exists() {
+        drop(Store::open(path, 8 << 20).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    }
     open_with_sled_alone(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
