@@ -520,7 +520,8 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `outpost check --store`: every unreadable record with its key; exit 1 if there are any.
+/// `outpost check --store`: every unreadable record with its key; exit 1 if `repair` acts on
+/// one, or a stream position is unreadable.
 fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
     let found = backend.execute(&AdminRequest::Unreadable)?;
     let records = found.as_array().cloned().unwrap_or_default();
@@ -537,11 +538,11 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
             );
         }
     }
-    let to_repair = records.iter().filter(|r| r["repairs"] == true).count();
+    let to_repair = records.iter().filter(|r| repairs(r)).count();
     // Left by repair, and its partition does not start: the operator's to act on.
     let positions = records
         .iter()
-        .filter(|r| r["tree"] == "positions" && r["repairs"] == false)
+        .filter(|r| r["tree"] == "positions" && !repairs(r))
         .count();
     if !json {
         println!("{} unreadable record(s)", records.len());
@@ -648,6 +649,14 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Whether `repair` acts on a listed unreadable record. An agent of an earlier build, still
+/// running, lists no `repairs`: it acted on every record but `meta` values.
+fn repairs(record: &Value) -> bool {
+    record["repairs"]
+        .as_bool()
+        .unwrap_or(record["tree"] != "meta")
+}
+
 /// The unreadable records `repair` acts on (not meta values, rebuilt at open, nor the stream
 /// records it leaves): tree, key and what it does.
 fn records_to_repair(backend: &Backend) -> Result<Vec<(String, String, String)>, CliError> {
@@ -658,7 +667,7 @@ fn records_to_repair(backend: &Backend) -> Result<Vec<(String, String, String)>,
         .cloned()
         .unwrap_or_default()
         .iter()
-        .filter(|r| r["repairs"] == true)
+        .filter(|r| repairs(r))
         .map(|r| (text(r, "tree"), text(r, "key"), text(r, "action")))
         .collect())
 }

@@ -402,19 +402,16 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(refused) => {
             // A client that asked to hear first (`Expect: 100-continue`) sends nothing more.
             if !request.headers().contains_key(hyper::header::EXPECT) {
-                // One without the token gets no more of a connection's time than one that
-                // sends no request: what it sends is dropped for one read timeout at most.
-                let (max_body_bytes, within) = if refused.status() == StatusCode::UNAUTHORIZED {
-                    (0, state.read_timeout)
+                // A request without the token holds its connection no longer than one whose
+                // headers trickle: what it sends is dropped for one read timeout at most.
+                let within = if refused.status() == StatusCode::UNAUTHORIZED {
+                    state.read_timeout
                 } else {
-                    (
-                        state.max_body_bytes,
-                        state.read_timeout * BODY_DEADLINE_TIMEOUTS,
-                    )
+                    state.read_timeout * BODY_DEADLINE_TIMEOUTS
                 };
                 discard_body(
                     request.into_body(),
-                    max_body_bytes,
+                    state.max_body_bytes,
                     state.read_timeout,
                     within,
                 )
