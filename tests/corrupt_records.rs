@@ -85,6 +85,23 @@ impl Setup {
         (field("tree"), field("key"))
     }
 
+    /// The (tree, key) of every record `outpost check --store` lists, sorted; it must exit 1.
+    fn unreadable_listed(&self) -> Vec<(String, String)> {
+        let out = self.run(&["check", "--store", "--json"], None);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let mut listed: Vec<(String, String)> = json_lines(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .map(|r| {
+                (
+                    r["tree"].as_str().unwrap().into(),
+                    r["key"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        listed.sort();
+        listed
+    }
+
     /// Writes `value` under `key` in `tree` with sled itself (no agent may run).
     fn corrupt(&self, tree: &str, key: &[u8], value: &[u8]) {
         corrupt(&self.store, tree, key, value)
@@ -372,20 +389,8 @@ fn keys_that_are_no_group_or_profile_are_listed_and_deleted() {
     s.corrupt("profiles", b"\xffq", b"\x02");
     assert_eq!(stats(&s)["profiles"], 1, "neither is counted as a profile");
 
-    let out = s.run(&["check", "--store", "--json"], None);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let mut listed: Vec<(String, String)> = json_lines(&String::from_utf8_lossy(&out.stdout))
-        .iter()
-        .map(|r| {
-            (
-                r["tree"].as_str().unwrap().into(),
-                r["key"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    listed.sort();
     assert_eq!(
-        listed,
+        s.unreadable_listed(),
         [
             ("profile_groups".to_owned(), "000102".to_owned()),
             ("profiles".to_owned(), "\\xffq".to_owned())
@@ -418,41 +423,20 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
     s.corrupt("positions", &5u32.to_be_bytes(), b"abc");
     s.corrupt("positions", b"\x00\x01", &[0u8; 16]);
 
-    let listed = |s: &Setup| -> Vec<(String, String, String)> {
-        let out = s.run(&["check", "--store", "--json"], None);
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        let mut listed: Vec<_> = json_lines(&String::from_utf8_lossy(&out.stdout))
-            .iter()
-            .map(|r| {
-                let field = |name: &str| r[name].as_str().unwrap().to_owned();
-                (field("tree"), field("key"), field("action"))
-            })
-            .collect();
-        listed.sort();
-        listed
-    };
-    let keys = |listed: &[(String, String, String)]| -> Vec<(String, String)> {
-        listed
-            .iter()
-            .map(|(t, k, _)| (t.clone(), k.clone()))
-            .collect()
-    };
-    let first = listed(&s);
     assert_eq!(
-        keys(&first),
+        s.unreadable_listed(),
         [
             ("positions".to_owned(), "5".to_owned()),
             ("positions".to_owned(), "\\x00\\x01".to_owned()),
             ("rejected".to_owned(), "3-42".to_owned()),
             ("rejected".to_owned(), "short".to_owned()),
-        ],
-        "{first:?}"
+        ]
     );
-    assert!(first[0].2.starts_with("left as it is"), "{first:?}");
-
     let out = s.run(&["check", "--store"], None);
     assert!(
-        text(&out).contains("2 unreadable record(s); `outpost repair` acts on them")
+        text(&out).contains("positions 5: ")
+            && text(&out).contains("; repair: left as it is")
+            && text(&out).contains("2 unreadable record(s); `outpost repair` acts on them")
             && text(&out).contains("1 unreadable stream position(s)"),
         "{}",
         text(&out)
@@ -473,23 +457,19 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         "what is left is not for repair: {}",
         text(&out)
     );
-    let after = listed(&s);
     assert_eq!(
-        keys(&after),
+        s.unreadable_listed(),
         [
             ("positions".to_owned(), "5".to_owned()),
             ("rejected".to_owned(), "3-42".to_owned()),
-        ],
-        "{after:?}"
+        ]
     );
 
     let out = s.run(&["rejected", "list", "--json"], None);
     assert!(out.status.success(), "{}", text(&out));
     let shown = json_lines(&String::from_utf8_lossy(&out.stdout));
-    let shown = shown
-        .first()
-        .and_then(|v| v.as_array().map(|a| a[0].clone()).or(Some(v.clone())))
-        .unwrap();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    let shown = &shown[0];
     assert_eq!(shown["id"], "3-42", "{shown}");
     assert!(
         shown["error"]
@@ -509,7 +489,7 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
     let out = s.run(&["rejected", "drop", "--all"], None);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
-        keys(&listed(&s)),
+        s.unreadable_listed(),
         [("positions".to_owned(), "5".to_owned())]
     );
 }

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
 use super::export::{append_exports, new_export};
-use super::groups::{GroupView, GROUP_BITS};
+use super::groups::{GroupKey, GroupView, GROUP_BITS};
 use super::keys::meta;
 use super::profiles::{
     decode_profile, group_from_name, group_name, groups_after, unreadable_group,
@@ -236,9 +236,7 @@ impl BackfillJob {
             queued_ms: now_ms,
         }
     }
-}
 
-impl BackfillJob {
     /// The profiles the job scans in all: those it scanned, and, of the profiles stored when
     /// it was queued, the share of the groups it has yet to scan (a group is a hash of the id,
     /// so groups hold about as many each). So a job bounded to some of the groups counts only
@@ -248,7 +246,7 @@ impl BackfillJob {
             return self.profiles;
         }
         let index = |name: &Option<String>| {
-            let key = <[u8; 4]>::try_from(group_from_name(name.as_deref()?)?).ok()?;
+            let key = GroupKey::try_from(group_from_name(name.as_deref()?)?).ok()?;
             Some(i64::from(u32::from_be_bytes(key)))
         };
         let groups = 1i64 << GROUP_BITS;

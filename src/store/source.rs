@@ -16,7 +16,7 @@ use sled::transaction::TransactionalTree;
 use sled::IVec;
 
 use super::error::{abort, TxResult};
-use super::unreadable::{key_text, UnreadableRecord};
+use super::unreadable::{key_text, UnreadableRecord, UNREADABLE};
 use super::Trees;
 use super::{Store, StoreError};
 
@@ -81,7 +81,7 @@ impl RejectedRecord {
     /// Whether this stands for a stored message that could not be decoded (its bytes in
     /// `raw`, no subject or time).
     pub fn is_unreadable(&self) -> bool {
-        self.subject.is_empty() && self.error.starts_with(UNREADABLE_REJECTED)
+        self.subject.is_empty() && self.error.starts_with(UNREADABLE)
     }
 
     /// `<partition>-<sequence>`, as `outpost rejected show|drop` takes it.
@@ -159,9 +159,6 @@ fn rejected_key_parts(key: &[u8]) -> Result<(u32, u64), StoreError> {
     ))
 }
 
-/// The reason (`error`) of the stand-in for a rejected message that cannot be decoded.
-pub const UNREADABLE_REJECTED: &str = "unreadable record";
-
 /// A rejected message as stored at `key`. One whose value cannot be decoded is shown by a
 /// stand-in that keeps the stored bytes as its `raw` (so `rejected list|show|drop` still work
 /// and nothing is lost); a key that names no message is an error that says so.
@@ -174,7 +171,7 @@ fn read_rejected(key: &[u8], value: &[u8]) -> Result<RejectedRecord, StoreError>
         received_at_ms: 0,
         raw: value.to_vec(),
         raw_len: value.len() as u64,
-        error: format!("{UNREADABLE_REJECTED}: {e}"),
+        error: format!("{UNREADABLE}: {e}"),
     }))
 }
 
@@ -357,18 +354,28 @@ impl Store {
         })
     }
 
-    /// The stream records `outpost check --store` lists: positions that cannot be read (their
-    /// partition does not start), rejected messages shown by a stand-in, and keys of either
-    /// tree that name nothing (`outpost repair` deletes those).
+    /// The stream records `outpost check --store` lists: keys of either tree that name
+    /// nothing (`outpost repair` deletes those), positions that cannot be read (their
+    /// partition does not start) and rejected messages shown by a stand-in.
     pub(super) fn unreadable_stream_records(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
         self.with(|t| {
-            let mut found = Vec::new();
+            let mut found: Vec<UnreadableRecord> = stream_keys_not_ids(t)?
+                .iter()
+                .map(|&(tree, ref key)| UnreadableRecord {
+                    tree,
+                    key: key_text(key),
+                    error: match tree {
+                        "positions" => "the key is not a partition number",
+                        _ => "the key is not a partition and a sequence",
+                    }
+                    .into(),
+                    action: "delete it (the key names nothing)".into(),
+                    repairs: true,
+                })
+                .collect();
             for item in t.positions.iter() {
                 let (key, value) = item?;
-                let Ok(partition) =
-                    <[u8; POSITION_KEY_LEN]>::try_from(key.as_ref()).map(u32::from_be_bytes)
-                else {
-                    found.push(key_not_an_id("positions", &key, "a partition number"));
+                let Ok(key) = <[u8; POSITION_KEY_LEN]>::try_from(key.as_ref()) else {
                     continue;
                 };
                 let Err(e) = decode_position(&value) else {
@@ -376,7 +383,7 @@ impl Store {
                 };
                 found.push(UnreadableRecord {
                     tree: "positions",
-                    key: partition.to_string(),
+                    key: u32::from_be_bytes(key).to_string(),
                     error: e.to_string(),
                     action: "left as it is: its partition does not start while it is unreadable, \
                              since neither the stream's start (messages applied again) nor its \
@@ -387,12 +394,8 @@ impl Store {
             }
             for item in t.rejected.iter() {
                 let (key, value) = item?;
-                let Ok(record) = read_rejected(&key, &value) else {
-                    found.push(key_not_an_id("rejected", &key, "a rejected message id"));
-                    continue;
-                };
-                if record.is_unreadable() {
-                    found.push(UnreadableRecord {
+                match read_rejected(&key, &value) {
+                    Ok(record) if record.is_unreadable() => found.push(UnreadableRecord {
                         tree: "rejected",
                         key: record.id(),
                         error: record.error,
@@ -400,7 +403,9 @@ impl Store {
                                  `rejected drop` deletes it"
                             .into(),
                         repairs: false,
-                    });
+                    }),
+                    // Readable, or a key listed above.
+                    Ok(_) | Err(_) => {}
                 }
             }
             Ok(found)
@@ -452,16 +457,6 @@ pub(super) fn delete_stream_keys(
         }
     }
     Ok(done)
-}
-
-fn key_not_an_id(tree: &'static str, key: &[u8], what: &str) -> UnreadableRecord {
-    UnreadableRecord {
-        tree,
-        key: key_text(key),
-        error: format!("the key is not {what}"),
-        action: "delete it (the key names nothing)".into(),
-        repairs: true,
-    }
 }
 
 #[cfg(test)]
