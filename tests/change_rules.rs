@@ -354,7 +354,7 @@ fn record_engine_failures(case: &Case, update: &Update) -> Vec<String> {
     }
     let kept = match &applied.store {
         RecordAction::Keep => stored.clone(),
-        RecordAction::Put(new) => Some(new.clone()),
+        RecordAction::Put(new) => Some(new.clone().into_owned()),
         RecordAction::Remove => None,
     };
     let expected = match &case.store {

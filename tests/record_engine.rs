@@ -233,7 +233,7 @@ fn store_both(
     match by_record {
         RecordAction::Keep => false,
         RecordAction::Put(new) => {
-            *record = Some(new);
+            *record = Some(new.into_owned());
             true
         }
         RecordAction::Remove => {

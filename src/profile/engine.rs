@@ -21,30 +21,32 @@ use super::record::{canonical, parse, related, Attribute, Membership, Namespace,
 use super::update::{format_time, Op, Update};
 use crate::config::Mapping;
 
-/// What to write for one update.
+/// What to write for one update. An upsert's new record borrows the record prepared with
+/// it ([`prepare`]) where it is that record unchanged: copying it took 5-6% of the committer
+/// thread's samples, and freeing the copy more.
 #[derive(Debug, Clone, PartialEq)]
-pub enum RecordAction {
+pub enum RecordAction<'a> {
     Keep,
-    Put(ProfileRecord),
+    Put(Cow<'a, ProfileRecord>),
     Remove,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct AppliedRecord {
+pub struct AppliedRecord<'a> {
     pub result: UpdateResult,
-    pub store: RecordAction,
+    pub store: RecordAction<'a>,
     /// The reason and the payload as JSON text.
     pub export: Option<(Reason, String)>,
 }
 
 /// Applies `update` to `stored`. `received_at` stands in for the update's time when it has none.
-pub fn apply_record(
+pub fn apply_record<'a>(
     stored: Option<&ProfileRecord>,
-    update: &Update,
+    update: &'a Update,
     mapping: &Mapping,
     layout: &Layout,
     received_at: DateTime<Utc>,
-) -> AppliedRecord {
+) -> AppliedRecord<'a> {
     let stored_micros = stored.and_then(|s| s.timestamp_micros);
     if let (Some(theirs), Some(ours)) = (update.timestamp, stored.and_then(|s| s.timestamp())) {
         if theirs < ours {
@@ -82,19 +84,26 @@ pub fn apply_record(
         .timestamp
         .map(|t| t.timestamp_micros())
         .or(stored_micros);
-    let new = match (update.op, &update.record) {
-        (Op::Merge, _) => merged(old, &update.profile, layout, timestamp_micros),
-        (_, Some(prepared)) => ProfileRecord {
+    let new: Cow<'a, ProfileRecord> = match (update.op, &update.record) {
+        (Op::Merge, _) => Cow::Owned(merged(old, &update.profile, layout, timestamp_micros)),
+        (_, Some(prepared)) if prepared.timestamp_micros == timestamp_micros => {
+            Cow::Borrowed(&**prepared)
+        }
+        (_, Some(prepared)) => Cow::Owned(ProfileRecord {
             timestamp_micros,
             ..(**prepared).clone()
-        },
-        (_, None) => ProfileRecord::from_profile(timestamp_micros, &update.profile, layout),
+        }),
+        (_, None) => Cow::Owned(ProfileRecord::from_profile(
+            timestamp_micros,
+            &update.profile,
+            layout,
+        )),
     };
     let export = decide(old, &new, layout).map(|reason| {
         let payload = payload::write(old, &new, Kind::Update, mapping, layout, &time());
         (reason, payload)
     });
-    let changed = stored.is_none_or(|s| *s != new);
+    let changed = stored.is_none_or(|s| *s != *new);
     AppliedRecord {
         result: if export.is_some() {
             UpdateResult::Exported

@@ -6,6 +6,7 @@
 //! as JSON text), stored in the profile's group ([`groups`](super::groups)). Format 1 (the
 //! pruned profile as JSON text) is still read, and upgraded when a store is opened (`open`).
 
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -422,7 +423,7 @@ impl Store {
         let layout = Layout::new(mapping);
         // The latest version of each profile touched, whether it must be written, and whether
         // it was stored before (for the count of profiles).
-        let mut versions: HashMap<&str, (Option<ProfileRecord>, bool, bool)> = HashMap::new();
+        let mut versions: HashMap<&str, (Option<Cow<ProfileRecord>>, bool, bool)> = HashMap::new();
         let mut reads = GroupReads::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
@@ -435,7 +436,7 @@ impl Store {
                     match self.with_trees(&trees, |t| read_record(t, &mut reads, id)) {
                         Ok(version) => {
                             let stored = version.is_some();
-                            versions.insert(id, (version, false, stored));
+                            versions.insert(id, (version.map(Cow::Owned), false, stored));
                         }
                         Err(StoreError::Corrupt { detail, .. }) => {
                             tracing::warn!(
@@ -456,7 +457,8 @@ impl Store {
             for update in group.iter() {
                 let id = update.id.as_str();
                 let (version, dirty, _) = versions.get_mut(id).expect("inserted above");
-                let applied = apply_record(version.as_ref(), update, mapping, &layout, received_at);
+                let applied =
+                    apply_record(version.as_deref(), update, mapping, &layout, received_at);
                 summary.accepted += 1;
                 match applied.result {
                     UpdateResult::Exported => {}
