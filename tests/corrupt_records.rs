@@ -422,6 +422,12 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
     s.corrupt("rejected", b"short", b"\x01");
     s.corrupt("positions", &5u32.to_be_bytes(), b"abc");
     s.corrupt("positions", b"\x00\x01", &[0u8; 16]);
+    // A key that names no message hides none of the others.
+    let out = s.run(&["rejected", "list", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["id"], "3-42", "{}", shown[0]);
 
     assert_eq!(
         s.unreadable_listed(),

@@ -305,18 +305,25 @@ impl Store {
         })
     }
 
-    /// Rejected messages by partition and sequence; `limit` 0 lists all.
+    /// Rejected messages by partition and sequence; `limit` 0 lists all. Keys that name no
+    /// message are passed over (`outpost check --store` lists them, `outpost repair` deletes
+    /// them), so that one damaged key does not hide every message.
     pub fn rejected_list(&self, limit: usize) -> Result<Vec<RejectedRecord>, StoreError> {
         let limit = if limit == 0 { usize::MAX } else { limit };
         self.with(|t| {
-            t.rejected
-                .iter()
-                .take(limit)
-                .map(|item| {
-                    let (key, value) = item?;
-                    read_rejected(&key, &value)
-                })
-                .collect()
+            let mut listed = Vec::new();
+            for item in t.rejected.iter() {
+                if listed.len() == limit {
+                    break;
+                }
+                let (key, value) = item?;
+                if key.len() == REJECTED_KEY_LEN {
+                    listed.push(read_rejected(&key, &value)?);
+                } else {
+                    warn_key_names_nothing(&key);
+                }
+            }
+            Ok(listed)
         })
     }
 
@@ -343,14 +350,20 @@ impl Store {
         self.with(|t| Ok(t.rejected.remove(rejected_key(partition, seq))?.is_some()))
     }
 
-    /// Ids of every rejected message.
+    /// Ids of every rejected message (keys that name none are passed over, as by
+    /// [`Store::rejected_list`]).
     pub fn rejected_ids(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         self.with(|t| {
-            t.rejected
-                .iter()
-                .keys()
-                .map(|key| rejected_key_parts(&key?))
-                .collect()
+            let mut ids = Vec::new();
+            for key in t.rejected.iter().keys() {
+                let key = key?;
+                if key.len() == REJECTED_KEY_LEN {
+                    ids.push(rejected_key_parts(&key)?);
+                } else {
+                    warn_key_names_nothing(&key);
+                }
+            }
+            Ok(ids)
         })
     }
 
@@ -411,6 +424,13 @@ impl Store {
             Ok(found)
         })
     }
+}
+
+fn warn_key_names_nothing(key: &[u8]) {
+    tracing::warn!(
+        key = %key_text(key),
+        "a key of the rejected messages names none; passed over (`outpost check --store` lists it, `outpost repair` deletes it)"
+    );
 }
 
 /// Position keys are a partition number.
