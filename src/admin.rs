@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
-use crate::store::source::parse_rejected_id;
+use crate::store::source::{parse_rejected_id, PositionSet};
 use crate::store::{
     Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, PutBack, Store, StoreError,
 };
@@ -66,6 +66,11 @@ pub enum AdminRequest {
     RejectedDrop {
         ids: Vec<String>,
         all: bool,
+    },
+    /// Sets an unreadable stream position (`outpost nats set-position`).
+    SetPosition {
+        partition: u32,
+        seq: u64,
     },
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
@@ -222,6 +227,19 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
             Ok(record.to_json())
         }
         AdminRequest::RejectedDrop { ids, all } => drop_rejected(store, ids, *all),
+        AdminRequest::SetPosition { partition, seq } => {
+            match store.set_unreadable_position(*partition, *seq)? {
+                PositionSet::Set => Ok(json!({ "partition": partition, "seq": seq })),
+                PositionSet::NoPosition => Err(AdminError::NotFound(format!(
+                    "partition {partition} has no stream position: nothing of it is in the \
+                     store, and it is consumed from the stream's start"
+                ))),
+                PositionSet::Readable(at) => Err(AdminError::Failed(format!(
+                    "partition {partition}'s stream position reads ({at}): only an unreadable \
+                     one is set, so that no message is skipped or applied again by mistake"
+                ))),
+            }
+        }
         AdminRequest::Snapshot => Err(AdminError::Failed(
             "only a running agent has figures to show".into(),
         )),

@@ -214,6 +214,23 @@ pub enum NatsCommand {
     ///
     /// Example: outpost nats setup --config outpost.toml
     Setup,
+    /// Set a stream position that cannot be read (`outpost check --store` lists them): its
+    /// partition, stopped until then, starts again with the messages after SEQ.
+    ///
+    /// The store cannot tell where such a partition was, so the choice is yours: messages at
+    /// or below SEQ are taken as in the store and never applied, those after it are applied,
+    /// also ones that already were (without a timestamp, such an update counts as new). 0
+    /// consumes the partition from the stream's start; a SEQ past the stream's last message
+    /// does too. A readable position is never changed. The running agent picks it up at its
+    /// next attempt to start the partition.
+    ///
+    /// Example: outpost nats set-position 7 1042
+    SetPosition {
+        /// The partition
+        partition: u32,
+        /// The last stream sequence of the partition to take as in the store
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

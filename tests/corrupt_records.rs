@@ -498,6 +498,27 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         s.unreadable_listed(),
         [("positions".to_owned(), "5".to_owned())]
     );
+
+    // Only an unreadable position is set: none is not made, a readable one not changed.
+    let out = s.run(&["nats", "set-position", "6", "1"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("partition 6 has no stream position"),
+        "{}",
+        text(&out)
+    );
+    let out = s.run(&["nats", "set-position", "5", "40"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = s.run(&["check", "--store", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(json_lines(&String::from_utf8_lossy(&out.stdout)).is_empty());
+    let out = s.run(&["nats", "set-position", "5", "41"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("partition 5's stream position reads (40)"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// `repair` lets the store go while it asks, and goes ahead only if what it would do is still

@@ -1387,3 +1387,79 @@ async fn messages_on_subjects_that_name_no_partition_are_reported() {
     })
     .await;
 }
+
+/// A partition whose stored position cannot be read does not start; `outpost nats
+/// set-position`, run while the agent runs, starts it again after the sequence given: its
+/// messages up to there are not applied again, those after it are, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
+    let Some(server_bin) =
+        nats_server_or_skip("an_unreadable_position_set_by_hand_starts_its_partition_again")
+    else {
+        return;
+    };
+    const PROFILES: usize = 60;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let version = |v| {
+        (0..PROFILES)
+            .map(|p| version_line(p, v))
+            .collect::<Vec<_>>()
+    };
+    // Stream sequences 1 to 60.
+    setup.publish(&version(0));
+    let mut agent = setup.start().await;
+    wait_or_show(60, "the first versions delivered", &[&agent], || {
+        distinct_delivered(&receiver) >= PROFILES
+    })
+    .await;
+    agent.terminate().await;
+
+    let stopped = outpost::source::partition::partition_of("p0", 8);
+    let in_stopped = (0..PROFILES)
+        .filter(|p| outpost::source::partition::partition_of(&format!("p{p}"), 8) == stopped)
+        .count();
+    let store = outpost::config::Config::load(&setup.config())
+        .unwrap()
+        .storage
+        .path;
+    let db = open_with_sled_alone(&store).unwrap();
+    db.open_tree("positions")
+        .unwrap()
+        .insert(stopped.to_be_bytes(), b"bad")
+        .unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    // Stream sequences 61 to 120.
+    setup.publish(&version(2));
+    let agent = setup.start().await;
+    wait_or_show(60, "the other partitions' new versions", &[&agent], || {
+        distinct_delivered(&receiver) >= 2 * PROFILES - in_stopped
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        distinct_delivered(&receiver),
+        2 * PROFILES - in_stopped,
+        "the partition with the unreadable position stays stopped"
+    );
+
+    let out = setup.cli(&["nats", "set-position", &stopped.to_string(), "60"]);
+    assert!(out.contains("position set to 60"), "{out}");
+    wait_or_show(
+        30,
+        "the stopped partition's new versions",
+        &[&agent],
+        || distinct_delivered(&receiver) >= 2 * PROFILES,
+    )
+    .await;
+    let names = names_by_profile(&receiver);
+    for p in 0..PROFILES {
+        assert_eq!(
+            names[&format!("p{p}")],
+            [format!("p{p}-v0"), format!("p{p}-v2")]
+        );
+    }
+}

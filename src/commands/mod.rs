@@ -162,6 +162,12 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             resume.as_deref(),
         )),
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
+        Command::Nats(NatsCommand::SetPosition { partition, seq }) => nats::set_position(
+            &Backend::connect_existing(&config)?,
+            &config,
+            partition,
+            seq,
+        ),
         Command::Rejected(command) => nats::rejected(&Backend::connect_existing(&config)?, command),
         Command::Top { once, interval } => top::top(&config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
@@ -555,7 +561,8 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
     }
     if positions > 0 {
         failures.push(format!(
-            "{positions} unreadable stream position(s): their partitions do not start"
+            "{positions} unreadable stream position(s): their partitions do not start until \
+             `outpost nats set-position` sets them"
         ));
     }
     if failures.is_empty() {

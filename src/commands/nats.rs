@@ -249,6 +249,28 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
+/// `outpost nats set-position`: sets an unreadable stream position.
+pub(super) fn set_position(
+    backend: &Backend,
+    config: &Config,
+    partition: u32,
+    seq: u64,
+) -> Result<(), CliError> {
+    if let Some(nats) = &config.nats {
+        if partition >= nats.partitions {
+            return Err(CliError::Usage(format!(
+                "partition {partition} is not one of source.nats's {} partitions",
+                nats.partitions
+            )));
+        }
+    }
+    backend.execute(&AdminRequest::SetPosition { partition, seq })?;
+    println!(
+        "partition {partition}: position set to {seq}; the partition starts again with the messages after it"
+    );
+    Ok(())
+}
+
 pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<(), CliError> {
     match command {
         RejectedCommand::List { limit, json } => {

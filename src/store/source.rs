@@ -37,6 +37,16 @@ pub struct SourcePosition {
     pub rejected: Vec<RejectedRecord>,
 }
 
+/// What [`Store::set_unreadable_position`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionSet {
+    Set,
+    /// The partition has no position: nothing of it is in the store.
+    NoPosition,
+    /// The stored position reads (this sequence): left as it is.
+    Readable(u64),
+}
+
 /// A partition's position in the store, seen from the stream being consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
@@ -286,6 +296,40 @@ impl Store {
         self.flush()
     }
 
+    /// Sets `partition`'s position to `seq` where the stored one cannot be read (`outpost nats
+    /// set-position`): its partition, stopped until then, starts again with the messages after
+    /// `seq`, and takes those up to it as in the store. Written without a stream fingerprint,
+    /// as positions from before fingerprints are: one past the stream's end reads as another
+    /// stream's, and the partition is then consumed from the stream's start. A readable
+    /// position, or none, is left as it is. Durable on return.
+    pub fn set_unreadable_position(
+        &self,
+        partition: u32,
+        seq: u64,
+    ) -> Result<PositionSet, StoreError> {
+        let _section = self.write_section()?;
+        let key = position_key(partition);
+        let set = self.with(|t| loop {
+            let Some(stored) = t.positions.get(key)? else {
+                return Ok(PositionSet::NoPosition);
+            };
+            if let Ok((at, _)) = decode_position(&stored) {
+                return Ok(PositionSet::Readable(at));
+            }
+            // Only the unreadable bytes just read are replaced.
+            let swapped =
+                t.positions
+                    .compare_and_swap(key, Some(stored), Some(&seq.to_be_bytes()[..]))?;
+            if swapped.is_ok() {
+                return Ok(PositionSet::Set);
+            }
+        })?;
+        if set == PositionSet::Set {
+            self.flush()?;
+        }
+        Ok(set)
+    }
+
     /// Every recorded partition position, by partition.
     pub fn source_positions(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         self.with(|t| {
@@ -400,7 +444,8 @@ impl Store {
                     error: e.to_string(),
                     action: "left as it is: its partition does not start while it is unreadable, \
                              since neither the stream's start (messages applied again) nor its \
-                             end (messages skipped) is a safe guess"
+                             end (messages skipped) is a safe guess; `outpost nats set-position` \
+                             sets it"
                         .into(),
                     repairs: false,
                 });
@@ -598,6 +643,30 @@ mod tests {
 
     /// A position from before fingerprints is the stream's own unless the stream ends before
     /// it; the first position written for the stream replaces it.
+    #[test]
+    fn an_unreadable_position_is_set_and_then_read_like_one_without_a_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        store
+            .with(|t| Ok(t.positions.insert(position_key(5), b"abc")?))
+            .unwrap();
+        assert!(store.source_position(5, 9, 100).is_err());
+        assert_eq!(
+            store.set_unreadable_position(6, 40).unwrap(),
+            PositionSet::NoPosition
+        );
+        assert_eq!(
+            store.set_unreadable_position(5, 40).unwrap(),
+            PositionSet::Set
+        );
+        assert_eq!(store.source_position(5, 9, 100).unwrap(), Recorded::At(40));
+        assert_eq!(
+            store.set_unreadable_position(5, 41).unwrap(),
+            PositionSet::Readable(40)
+        );
+        assert_eq!(store.source_positions().unwrap(), [(5, 40)]);
+    }
+
     #[test]
     fn positions_without_a_stream_are_taken_while_the_stream_reaches_them() {
         let dir = tempfile::tempdir().unwrap();
