@@ -220,9 +220,11 @@ pub enum NatsCommand {
     /// The store cannot tell where such a partition was, so the choice is yours: messages at
     /// or below SEQ are taken as in the store and never applied, those after it are applied,
     /// also ones that already were (without a timestamp, such an update counts as new). 0
-    /// consumes the partition from the stream's start; a SEQ past the stream's last message
-    /// does too. A readable position is never changed. The running agent picks it up at its
-    /// next attempt to start the partition.
+    /// consumes the partition from the stream's start. Give a SEQ no higher than the stream's
+    /// last sequence: one past it is taken, when the partition starts, for a position in
+    /// another stream, and the partition is then consumed from the start. A readable position
+    /// is never changed. The running agent picks it up at its next attempt to start the
+    /// partition, within seconds.
     ///
     /// Example: outpost nats set-position 7 1042
     SetPosition {

@@ -519,6 +519,16 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         "{}",
         text(&out)
     );
+
+    // `rejected drop --all` passes over a key that names nothing, too.
+    s.corrupt("rejected", &rejected_key, b"\x07\xffnot a record");
+    s.corrupt("rejected", b"short", b"\x01");
+    let out = s.run(&["rejected", "drop", "--all"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        s.unreadable_listed(),
+        [("rejected".to_owned(), "short".to_owned())]
+    );
 }
 
 /// `repair` lets the store go while it asks, and goes ahead only if what it would do is still

@@ -1407,11 +1407,13 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
             .map(|p| version_line(p, v))
             .collect::<Vec<_>>()
     };
-    // Stream sequences 1 to 60.
+    // Stream sequences 1 to 120. Applied again, version 0 (without a timestamp) would make an
+    // export of its own, and show.
     setup.publish(&version(0));
+    setup.publish(&version(2));
     let mut agent = setup.start().await;
     wait_or_show(60, "the first versions delivered", &[&agent], || {
-        distinct_delivered(&receiver) >= PROFILES
+        distinct_delivered(&receiver) >= 2 * PROFILES
     })
     .await;
     agent.terminate().await;
@@ -1432,34 +1434,35 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
     db.flush().unwrap();
     drop(db);
 
-    // Stream sequences 61 to 120.
-    setup.publish(&version(2));
+    // Stream sequences 121 to 180.
+    setup.publish(&version(4));
     let agent = setup.start().await;
     wait_or_show(60, "the other partitions' new versions", &[&agent], || {
-        distinct_delivered(&receiver) >= 2 * PROFILES - in_stopped
+        distinct_delivered(&receiver) >= 3 * PROFILES - in_stopped
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         distinct_delivered(&receiver),
-        2 * PROFILES - in_stopped,
+        3 * PROFILES - in_stopped,
         "the partition with the unreadable position stays stopped"
     );
 
-    let out = setup.cli(&["nats", "set-position", &stopped.to_string(), "60"]);
-    assert!(out.contains("position set to 60"), "{out}");
+    let out = setup.cli(&["nats", "set-position", &stopped.to_string(), "120"]);
+    assert!(out.contains("position set to 120"), "{out}");
     wait_or_show(
         30,
         "the stopped partition's new versions",
         &[&agent],
-        || distinct_delivered(&receiver) >= 2 * PROFILES,
+        || distinct_delivered(&receiver) >= 3 * PROFILES,
     )
     .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let names = names_by_profile(&receiver);
     for p in 0..PROFILES {
         assert_eq!(
             names[&format!("p{p}")],
-            [format!("p{p}-v0"), format!("p{p}-v2")]
+            [format!("p{p}-v0"), format!("p{p}-v2"), format!("p{p}-v4")]
         );
     }
 }

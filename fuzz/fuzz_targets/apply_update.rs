@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         }
         match by_record.store {
             RecordAction::Keep => {}
-            RecordAction::Put(new) => record = Some(new),
+            RecordAction::Put(new) => record = Some(new.into_owned()),
             RecordAction::Remove => record = None,
         }
     }

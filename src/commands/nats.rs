@@ -266,7 +266,7 @@ pub(super) fn set_position(
     }
     backend.execute(&AdminRequest::SetPosition { partition, seq })?;
     println!(
-        "partition {partition}: position set to {seq}; the partition starts again with the messages after it"
+        "partition {partition}: position set to {seq}; the partition starts again at its next attempt"
     );
     Ok(())
 }

@@ -641,8 +641,6 @@ mod tests {
         assert_eq!(store.source_position(3, 78, 2).unwrap(), Recorded::At(2));
     }
 
-    /// A position from before fingerprints is the stream's own unless the stream ends before
-    /// it; the first position written for the stream replaces it.
     #[test]
     fn an_unreadable_position_is_set_and_then_read_like_one_without_a_stream() {
         let dir = tempfile::tempdir().unwrap();
@@ -661,12 +659,18 @@ mod tests {
         );
         assert_eq!(store.source_position(5, 9, 100).unwrap(), Recorded::At(40));
         assert_eq!(
+            store.source_position(5, 9, 39).unwrap(),
+            Recorded::OtherStream { seq: 40 }
+        );
+        assert_eq!(
             store.set_unreadable_position(5, 41).unwrap(),
             PositionSet::Readable(40)
         );
         assert_eq!(store.source_positions().unwrap(), [(5, 40)]);
     }
 
+    /// A position from before fingerprints is the stream's own unless the stream ends before
+    /// it; the first position written for the stream replaces it.
     #[test]
     fn positions_without_a_stream_are_taken_while_the_stream_reaches_them() {
         let dir = tempfile::tempdir().unwrap();
