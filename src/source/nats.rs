@@ -600,9 +600,13 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
             );
             shared
                 .store
-                .rewind_source_position(partition, fingerprint, last_seq)
+                .mark_source_position(partition, fingerprint, last_seq)
                 .map_err(|e| nats_error("setting the stream position back", e))?;
         }
+        Recorded::Unmarked(seq) => shared
+            .store
+            .mark_source_position(partition, fingerprint, seq)
+            .map_err(|e| nats_error("recording the stream of the position", e))?,
         Recorded::Nothing | Recorded::At(_) => {}
     }
     let recorded = recorded.seq();

@@ -54,6 +54,11 @@ pub enum Recorded {
     Nothing,
     /// The highest sequence of this stream in the store.
     At(u64),
+    /// The same, from a position that does not say which stream it counts in (written before
+    /// positions kept one, or by `outpost nats set-position`): the consumer writes it again
+    /// with this stream's fingerprint, so that a stream that later goes back is known as
+    /// [`Recorded::PastEnd`] rather than taken for another.
+    Unmarked(u64),
     /// A position in another stream: it says nothing about this one.
     OtherStream { seq: u64 },
     /// A position of this stream past its last message: the stream went back (restored from
@@ -66,7 +71,7 @@ impl Recorded {
     /// The sequence after which this stream is consumed.
     pub fn seq(self) -> u64 {
         match self {
-            Recorded::At(seq) => seq,
+            Recorded::At(seq) | Recorded::Unmarked(seq) => seq,
             Recorded::PastEnd { last_seq, .. } => last_seq,
             Recorded::Nothing | Recorded::OtherStream { .. } => 0,
         }
@@ -230,7 +235,7 @@ fn recorded_for(value: (u64, Option<u64>), stream: u64, last_seq: u64) -> Record
             Recorded::PastEnd { seq, last_seq }
         }
         (seq, Some(fingerprint)) if fingerprint == stream => Recorded::At(seq),
-        (seq, None) if seq <= last_seq => Recorded::At(seq),
+        (seq, None) if seq <= last_seq => Recorded::Unmarked(seq),
         (seq, _) => Recorded::OtherStream { seq },
     }
 }
@@ -279,10 +284,11 @@ impl Store {
         })
     }
 
-    /// Sets the partition's position back to `seq` of `stream`, durably: for a stream that went
+    /// Sets the partition's position to `seq` of `stream`, durably: for a stream that went
     /// back ([`Recorded::PastEnd`]), whose positions after `seq` are new messages, so that
-    /// a position written for them is not taken for one below what was recorded.
-    pub fn rewind_source_position(
+    /// a position written for them is not taken for one below what was recorded; and for a
+    /// position that did not say its stream ([`Recorded::Unmarked`]).
+    pub fn mark_source_position(
         &self,
         partition: u32,
         stream: u64,
@@ -629,7 +635,7 @@ mod tests {
             }
         );
         assert_eq!(recorded.seq(), 1);
-        store.rewind_source_position(3, 78, 1).unwrap();
+        store.mark_source_position(3, 78, 1).unwrap();
         assert_eq!(store.source_position(3, 78, 1).unwrap(), Recorded::At(1));
         let next = SourcePosition {
             stream: 78,
@@ -657,7 +663,10 @@ mod tests {
             store.set_unreadable_position(5, 40).unwrap(),
             PositionSet::Set
         );
-        assert_eq!(store.source_position(5, 9, 100).unwrap(), Recorded::At(40));
+        assert_eq!(
+            store.source_position(5, 9, 100).unwrap(),
+            Recorded::Unmarked(40)
+        );
         assert_eq!(
             store.source_position(5, 9, 39).unwrap(),
             Recorded::OtherStream { seq: 40 }
@@ -670,7 +679,8 @@ mod tests {
     }
 
     /// A position from before fingerprints is the stream's own unless the stream ends before
-    /// it; the first position written for the stream replaces it.
+    /// it; the first position written for the stream, or the consumer's marking it with the
+    /// stream, replaces it.
     #[test]
     fn positions_without_a_stream_are_taken_while_the_stream_reaches_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -678,7 +688,10 @@ mod tests {
         store
             .with(|t| Ok(t.positions.insert(position_key(5), &40u64.to_be_bytes())?))
             .unwrap();
-        assert_eq!(store.source_position(5, 9, 40).unwrap(), Recorded::At(40));
+        assert_eq!(
+            store.source_position(5, 9, 40).unwrap(),
+            Recorded::Unmarked(40)
+        );
         assert_eq!(
             store.source_position(5, 9, 39).unwrap(),
             Recorded::OtherStream { seq: 40 }
@@ -695,6 +708,19 @@ mod tests {
             .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
             .unwrap();
         assert_eq!(store.source_position(5, 9, 3).unwrap(), Recorded::At(3));
+        // Marked with its stream, a position past the stream's end says the stream went back.
+        store
+            .with(|t| Ok(t.positions.insert(position_key(5), &40u64.to_be_bytes())?))
+            .unwrap();
+        store.mark_source_position(5, 9, 40).unwrap();
+        assert_eq!(store.source_position(5, 9, 40).unwrap(), Recorded::At(40));
+        assert_eq!(
+            store.source_position(5, 9, 39).unwrap(),
+            Recorded::PastEnd {
+                seq: 40,
+                last_seq: 39
+            }
+        );
         let err = decode_position(&[0; 5]).unwrap_err().to_string();
         assert!(err.contains("5 bytes"), "{err}");
     }
