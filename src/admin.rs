@@ -113,6 +113,10 @@ impl From<StoreError> for AdminError {
     }
 }
 
+/// How an agent answers a request it cannot read; serde names a request it does not know
+/// an "unknown variant".
+pub const UNKNOWN_REQUEST: &str = "bad admin request: unknown variant";
+
 /// The answer on the socket: exactly one of the two is set.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AdminAnswer {
@@ -150,6 +154,17 @@ impl AdminAnswer {
     pub fn into_result(self) -> Result<Value, AdminError> {
         match (self.ok, self.error) {
             (Some(value), None) => Ok(value),
+            // An agent of an older build than the command, which never heard of the request:
+            // nothing was done, and the fault is not in how the command was called.
+            (_, Some(error))
+                if self.kind.as_deref() == Some("usage") && error.starts_with(UNKNOWN_REQUEST) =>
+            {
+                Err(AdminError::Failed(format!(
+                    "the running agent does not know this request: it is an older build of \
+                     outpost than this command (restart it with this build); nothing was done \
+                     ({error})"
+                )))
+            }
             (_, Some(error)) => Err(match self.kind.as_deref() {
                 Some("not_found") => AdminError::NotFound(error),
                 Some("usage") => AdminError::Usage(error),
@@ -417,6 +432,31 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
 mod tests {
     use super::*;
     use crate::store::{ListFilter, Place};
+
+    #[test]
+    fn a_request_an_older_agent_does_not_know_is_a_failure_that_says_so() {
+        let line = serde_json::to_string(&AdminRequest::Stats)
+            .unwrap()
+            .replace("stats", "a_request_from_a_later_build");
+        let error = serde_json::from_str::<AdminRequest>(&line).unwrap_err();
+        let answer = AdminAnswer::from_result(Err(AdminError::Usage(format!(
+            "bad admin request: {error}"
+        ))));
+        match answer.into_result() {
+            Err(AdminError::Failed(message)) => {
+                assert!(message.contains("older build"), "{message}");
+                assert!(
+                    message.contains("a_request_from_a_later_build"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let malformed = AdminAnswer::from_result(Err(AdminError::Usage(
+            "bad admin request: EOF while parsing".into(),
+        )));
+        assert!(matches!(malformed.into_result(), Err(AdminError::Usage(_))));
+    }
 
     /// A store holding `n` dead letters, one a profile.
     fn dead_letters(dir: &std::path::Path, n: usize) -> Store {
