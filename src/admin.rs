@@ -115,7 +115,7 @@ impl From<StoreError> for AdminError {
 
 /// How an agent answers a request it cannot read; serde names a request it does not know
 /// an "unknown variant".
-pub const UNKNOWN_REQUEST: &str = "bad admin request: unknown variant";
+const UNKNOWN_REQUEST: &str = "bad admin request: unknown variant";
 
 /// The answer on the socket: exactly one of the two is set.
 #[derive(Debug, Serialize, Deserialize)]
