@@ -94,6 +94,11 @@ impl AgentSetup {
     }
 }
 
+/// Version `v` of profiles `p0` to `p<profiles - 1>`, one line each.
+fn versions(profiles: usize, v: usize) -> Vec<String> {
+    (0..profiles).map(|p| version_line(p, v)).collect()
+}
+
 /// Version `v` of profile `p`. Even versions change the mapped first name (an export), odd
 /// ones an unmapped field (no export).
 fn version_line(p: usize, v: usize) -> String {
@@ -915,11 +920,7 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
-    let version = |v| {
-        (0..PROFILES)
-            .map(|p| version_line(p, v))
-            .collect::<Vec<_>>()
-    };
+    let version = |v| versions(PROFILES, v);
     setup.publish(&version(0));
     let agent = setup.start().await;
     wait_or_show(60, "the first versions delivered", &[&agent], || {
@@ -1402,11 +1403,7 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
-    let version = |v| {
-        (0..PROFILES)
-            .map(|p| version_line(p, v))
-            .collect::<Vec<_>>()
-    };
+    let version = |v| versions(PROFILES, v);
     // Stream sequences 1 to 120. Applied again, version 0 (without a timestamp) would make an
     // export of its own, and show.
     setup.publish(&version(0));
