@@ -584,12 +584,18 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
         .source_position(partition, fingerprint, info.state.last_sequence)
         .map_err(|e| nats_error("reading the stream position", e))?;
     match recorded {
-        Recorded::OtherStream { seq } => tracing::warn!(
-            partition,
-            stream = %shared.config.stream,
-            recorded_seq = seq,
-            "the store's position in this partition is one in another stream (the stream was made again, or source.nats.stream changed); consuming the partition from the stream's start"
-        ),
+        Recorded::OtherStream { seq } => {
+            tracing::warn!(
+                partition,
+                stream = %shared.config.stream,
+                recorded_seq = seq,
+                "the store's position in this partition is one in another stream (the stream was made again, or source.nats.stream changed); consuming the partition from the stream's start"
+            );
+            shared
+                .store
+                .mark_source_position(partition, fingerprint, 0)
+                .map_err(|e| nats_error("recording the start over", e))?;
+        }
         Recorded::PastEnd { seq, last_seq } => {
             tracing::warn!(
                 partition,

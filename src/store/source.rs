@@ -284,16 +284,21 @@ impl Store {
         })
     }
 
-    /// Sets the partition's position to `seq` of `stream`, durably: for a stream that went
-    /// back ([`Recorded::PastEnd`]), whose positions after `seq` are new messages, so that
-    /// a position written for them is not taken for one below what was recorded; and for a
-    /// position that did not say its stream ([`Recorded::Unmarked`]).
+    /// Sets the partition's position to `seq` of `stream`, durably, as its consumer starts:
+    /// for a stream that went back ([`Recorded::PastEnd`]), whose positions after `seq` are
+    /// new messages, so that a position written for them is not taken for one below what was
+    /// recorded; for a position that did not say its stream ([`Recorded::Unmarked`]); and to
+    /// 0 for one of another stream ([`Recorded::OtherStream`]), so that the decision to start
+    /// over holds however far the stream has grown at the next start.
     pub fn mark_source_position(
         &self,
         partition: u32,
         stream: u64,
         seq: u64,
     ) -> Result<(), StoreError> {
+        // Within a write section, so that a compaction does not come between the write and
+        // its flush.
+        let _section = self.write_section()?;
         self.with(|t| {
             t.positions
                 .insert(position_key(partition), &encode_position(seq, stream))?;
