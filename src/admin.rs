@@ -113,9 +113,14 @@ impl From<StoreError> for AdminError {
     }
 }
 
-/// How an agent answers a request it cannot read; serde names a request it does not know
-/// an "unknown variant".
-const UNKNOWN_REQUEST: &str = "bad admin request: unknown variant";
+/// How an agent answers a request line it cannot read. Older agents answer the same, and
+/// serde names a request they do not know an "unknown variant" (see
+/// [`AdminAnswer::into_result`]).
+pub fn unreadable_request(e: &serde_json::Error) -> AdminError {
+    AdminError::Usage(format!("{BAD_REQUEST}: {e}"))
+}
+
+const BAD_REQUEST: &str = "bad admin request";
 
 /// The answer on the socket: exactly one of the two is set.
 #[derive(Debug, Serialize, Deserialize)]
@@ -157,7 +162,8 @@ impl AdminAnswer {
             // An agent of an older build than the command, which never heard of the request:
             // nothing was done, and the fault is not in how the command was called.
             (_, Some(error))
-                if self.kind.as_deref() == Some("usage") && error.starts_with(UNKNOWN_REQUEST) =>
+                if self.kind.as_deref() == Some("usage")
+                    && error.starts_with(&format!("{BAD_REQUEST}: unknown variant")) =>
             {
                 Err(AdminError::Failed(format!(
                     "the running agent does not know this request: it is an older build of \
@@ -439,9 +445,7 @@ mod tests {
             .unwrap()
             .replace("stats", "a_request_from_a_later_build");
         let error = serde_json::from_str::<AdminRequest>(&line).unwrap_err();
-        let answer = AdminAnswer::from_result(Err(AdminError::Usage(format!(
-            "bad admin request: {error}"
-        ))));
+        let answer = AdminAnswer::from_result(Err(unreadable_request(&error)));
         match answer.into_result() {
             Err(AdminError::Failed(message)) => {
                 assert!(message.contains("older build"), "{message}");
@@ -452,9 +456,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let malformed = AdminAnswer::from_result(Err(AdminError::Usage(
-            "bad admin request: EOF while parsing".into(),
-        )));
+        let error = serde_json::from_str::<AdminRequest>("{\"op\":").unwrap_err();
+        let malformed = AdminAnswer::from_result(Err(unreadable_request(&error)));
         assert!(matches!(malformed.into_result(), Err(AdminError::Usage(_))));
     }
 

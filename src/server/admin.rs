@@ -10,7 +10,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME};
+use crate::admin::{
+    execute, unreadable_request, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME,
+};
 use crate::metrics::Metrics;
 use crate::profile::update::{update_from_value_with, FutureLimit};
 use crate::store::committer::Committer;
@@ -105,7 +107,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
         return Ok(()); // a probe: the CLI checking that the agent answers
     }
     let result = match serde_json::from_str::<AdminRequest>(&line) {
-        Err(e) => Err(AdminError::Usage(format!("bad admin request: {e}"))),
+        Err(e) => Err(unreadable_request(&e)),
         Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
         Ok(AdminRequest::Snapshot) => snapshot(state).await,
         Ok(request) => {
