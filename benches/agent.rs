@@ -17,7 +17,8 @@
 //!     and the share of that time the committer thread was busy. raw+fsync is also run just
 //!     before each case, and each case's ratio to it printed round by round: this machine's
 //!     speed drifts within a minute, so that ratio is the one least moved by the drift (the
-//!     verdict stays best case against best floor).
+//!     verdict stays as it was: each case's best against the best of the floors run once a
+//!     round, after the first case).
 //! (b) start to serving with 1,000,000 pending exports: from the `Agent::start` call (or from
 //!     spawning `outpost run`) until `GET /healthz` answers 200. sled 0.34 writes its snapshot
 //!     only when it opens a store, so the first open after a big write replays the whole log
