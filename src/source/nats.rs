@@ -584,17 +584,21 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
         .source_position(partition, fingerprint, info.state.last_sequence)
         .map_err(|e| nats_error("reading the stream position", e))?;
     match recorded {
-        Recorded::OtherStream { seq } => {
+        Recorded::OtherStream { seq } | Recorded::UnmarkedOther { seq } => {
             tracing::warn!(
                 partition,
                 stream = %shared.config.stream,
                 recorded_seq = seq,
                 "the store's position in this partition is one in another stream (the stream was made again, or source.nats.stream changed); consuming the partition from the stream's start"
             );
-            shared
-                .store
-                .mark_source_position(partition, fingerprint, 0)
-                .map_err(|e| nats_error("recording the start over", e))?;
+            // Another stream's position that names it stays until the first commit, in case
+            // the config is turned back to that stream.
+            if let Recorded::UnmarkedOther { .. } = recorded {
+                shared
+                    .store
+                    .mark_source_position(partition, fingerprint, 0)
+                    .map_err(|e| nats_error("recording the start over", e))?;
+            }
         }
         Recorded::PastEnd { seq, last_seq } => {
             tracing::warn!(

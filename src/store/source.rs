@@ -61,6 +61,11 @@ pub enum Recorded {
     Unmarked(u64),
     /// A position in another stream: it says nothing about this one.
     OtherStream { seq: u64 },
+    /// A position that does not say its stream, past this stream's end: taken for another
+    /// stream's, as [`Recorded::OtherStream`]. The consumer records that it starts over
+    /// (position 0 of this stream), since once the stream grows past it, it would read as
+    /// this stream's.
+    UnmarkedOther { seq: u64 },
     /// A position of this stream past its last message: the stream went back (restored from
     /// a backup, or its server lost its last writes). What it holds up to `last_seq` was
     /// committed; its messages after that are new, whatever their numbers.
@@ -73,7 +78,7 @@ impl Recorded {
         match self {
             Recorded::At(seq) | Recorded::Unmarked(seq) => seq,
             Recorded::PastEnd { last_seq, .. } => last_seq,
-            Recorded::Nothing | Recorded::OtherStream { .. } => 0,
+            Recorded::Nothing | Recorded::OtherStream { .. } | Recorded::UnmarkedOther { .. } => 0,
         }
     }
 }
@@ -236,7 +241,8 @@ fn recorded_for(value: (u64, Option<u64>), stream: u64, last_seq: u64) -> Record
         }
         (seq, Some(fingerprint)) if fingerprint == stream => Recorded::At(seq),
         (seq, None) if seq <= last_seq => Recorded::Unmarked(seq),
-        (seq, _) => Recorded::OtherStream { seq },
+        (seq, None) => Recorded::UnmarkedOther { seq },
+        (seq, Some(_)) => Recorded::OtherStream { seq },
     }
 }
 
@@ -288,8 +294,9 @@ impl Store {
     /// for a stream that went back ([`Recorded::PastEnd`]), whose positions after `seq` are
     /// new messages, so that a position written for them is not taken for one below what was
     /// recorded; for a position that did not say its stream ([`Recorded::Unmarked`]); and to
-    /// 0 for one of another stream ([`Recorded::OtherStream`]), so that the decision to start
-    /// over holds however far the stream has grown at the next start.
+    /// 0 for one that did not and lies past the stream's end ([`Recorded::UnmarkedOther`]),
+    /// so that the decision to start over holds however far the stream has grown at the next
+    /// start.
     pub fn mark_source_position(
         &self,
         partition: u32,
@@ -674,7 +681,7 @@ mod tests {
         );
         assert_eq!(
             store.source_position(5, 9, 39).unwrap(),
-            Recorded::OtherStream { seq: 40 }
+            Recorded::UnmarkedOther { seq: 40 }
         );
         assert_eq!(
             store.set_unreadable_position(5, 41).unwrap(),
@@ -699,8 +706,9 @@ mod tests {
         );
         assert_eq!(
             store.source_position(5, 9, 39).unwrap(),
-            Recorded::OtherStream { seq: 40 }
+            Recorded::UnmarkedOther { seq: 40 }
         );
+        assert_eq!(Recorded::UnmarkedOther { seq: 40 }.seq(), 0);
         assert_eq!(Recorded::OtherStream { seq: 40 }.seq(), 0);
         let mapping = crate::config::Mapping::new(&["name"], &["s"], &[]);
         let position = SourcePosition {
