@@ -70,6 +70,26 @@ impl From<AdminError> for CliError {
     }
 }
 
+/// Where the next page of `outbox list` starts (`None`: this was the last), from the page
+/// asked for exports numbered above `after`. An agent of a build from before paging ignores
+/// `after` and answers the first page again: that is refused rather than listed for ever.
+fn next_page(after: Option<u64>, page: &[Value], asked: usize) -> Result<Option<u64>, CliError> {
+    let seq = |export: &Value| Some(export["id"].as_str()?.parse::<ExportId>().ok()?.seq);
+    if let (Some(after), Some(first)) = (after, page.first().and_then(seq)) {
+        if first <= after {
+            return Err(CliError::Failure(format!(
+                "the running agent answered the page after export number {after} with export \
+                 number {first}: it is of an older build, which lists only a first page; \
+                 restart it with this build, or list with --limit {LIST_PAGE} or less"
+            )));
+        }
+    }
+    if page.len() < asked {
+        return Ok(None);
+    }
+    Ok(page.last().and_then(seq))
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -493,12 +513,9 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
                     eprintln!("the first {limit} shown; --limit 0 lists all");
                     break;
                 }
-                let next = page
-                    .last()
-                    .and_then(|e| e["id"].as_str()?.parse::<ExportId>().ok());
-                match next {
-                    Some(last) if page.len() == asked => after = Some(last.seq),
-                    _ => break,
+                match next_page(after, page, asked)? {
+                    Some(last) => after = Some(last),
+                    None => break,
                 }
             }
             table.finish();
@@ -769,5 +786,38 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
         Ok(())
     } else {
         Err(CliError::Failure(problems.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn page(seqs: std::ops::RangeInclusive<u64>) -> Vec<Value> {
+        seqs.map(|seq| json!({ "id": ExportId { store: 7, seq }.to_string() }))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_page_goes_on_after_its_last_export_and_a_short_one_ends_the_list() {
+        assert_eq!(next_page(None, &page(1..=3), 3).unwrap(), Some(3));
+        assert_eq!(next_page(Some(3), &page(4..=6), 3).unwrap(), Some(6));
+        assert_eq!(next_page(Some(6), &page(7..=8), 3).unwrap(), None);
+        assert_eq!(next_page(Some(6), &[], 3).unwrap(), None);
+    }
+
+    #[test]
+    fn an_agent_that_answers_the_first_page_again_is_refused() {
+        let error = next_page(Some(3), &page(1..=3), 3).unwrap_err();
+        assert_eq!(error.exit_code(), 1);
+        let message = error.to_string();
+        assert!(
+            message.contains("after export number 3 with export number 1"),
+            "{message}"
+        );
+        assert!(message.contains("older build"), "{message}");
+        assert!(next_page(Some(3), &page(3..=5), 3).is_err());
     }
 }
