@@ -220,9 +220,10 @@ pub enum NatsCommand {
     /// The store cannot tell where such a partition was, so the choice is yours: messages at
     /// or below SEQ are taken as in the store and never applied, those after it are applied,
     /// also ones that already were (without a timestamp, such an update counts as new). 0
-    /// consumes the partition from the stream's start. Give a SEQ no higher than the stream's
-    /// last sequence: one past it is taken, when the partition starts, for a position in
-    /// another stream, and the partition is then consumed from the start. A readable position
+    /// consumes the partition from the stream's start. A SEQ past the stream's last sequence
+    /// is taken, when the partition starts, for a position in another stream, and the
+    /// partition is then consumed from the start: so it is refused while the stream can be
+    /// read, and set with a warning when NATS cannot be reached. A readable position
     /// is never changed. The running agent picks it up at its next attempt to start the
     /// partition, within seconds.
     ///

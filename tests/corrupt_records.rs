@@ -519,6 +519,27 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         "{}",
         text(&out)
     );
+    // Where NATS cannot be reached, the number is set unchecked, with a warning.
+    s.corrupt("positions", &5u32.to_be_bytes(), b"abc");
+    let unreachable = s.config.with_file_name("nats-unreachable.toml");
+    let config = std::fs::read_to_string(&s.config).unwrap()
+        + "\n[source.nats]\nservers = [\"nats://127.0.0.1:1\"]\nstream = \"UPDATES\"\n\
+           subject_prefix = \"test.updates\"\npartitions = 8\nowned = \"0-7\"\n";
+    std::fs::write(&unreachable, config).unwrap();
+    let out = Command::new(binary())
+        .arg("--config")
+        .arg(&unreachable)
+        .args(["nats", "set-position", "5", "40"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("warning: 40 was not checked against the end of stream UPDATES"),
+        "{}",
+        text(&out)
+    );
+    let out = s.run(&["check", "--store", "--json"], None);
+    assert!(json_lines(&String::from_utf8_lossy(&out.stdout)).is_empty());
 
     // `rejected drop --all` passes over a key that names nothing, too.
     s.corrupt("rejected", &rejected_key, b"\x07\xffnot a record");

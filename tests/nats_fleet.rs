@@ -1445,6 +1445,12 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
         "the partition with the unreadable position stays stopped"
     );
 
+    // A number past the stream's end would start the partition from the stream's start.
+    let out = setup.run(&["nats", "set-position", &stopped.to_string(), "181"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("181 is past the end of stream"), "{said}");
+    assert!(said.contains("whose last message is 180"), "{said}");
     let out = setup.cli(&["nats", "set-position", &stopped.to_string(), "120"]);
     assert!(out.contains("position set to 120"), "{out}");
     wait_or_show(

@@ -11,7 +11,7 @@ use crate::cli::RejectedCommand;
 use crate::config::Config;
 use crate::profile::update::{FutureLimit, UpdateReader};
 use crate::source::config::{NatsAuth, NatsSource};
-use crate::source::nats::{probe, setup, SetupOutcome};
+use crate::source::nats::{last_sequence, probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
 use crate::source::publish::{fresh_nonce, payload_of, publish, Largest, Planner};
 
@@ -262,6 +262,24 @@ pub(super) fn set_position(
                 "partition {partition} is not one of source.nats's {} partitions",
                 nats.partitions
             )));
+        }
+        // A position past the stream's end is taken for one in another stream when the
+        // partition starts, and the partition is then consumed from the start: refused here
+        // while the stream can be read, so that a mistyped number does not do that.
+        match super::runtime()?.block_on(last_sequence(nats)) {
+            Ok(last) if seq > last => {
+                return Err(CliError::Usage(format!(
+                    "{seq} is past the end of stream {}, whose last message is {last}: \
+                     give at most {last}",
+                    nats.stream
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "warning: {seq} was not checked against the end of stream {} ({e}); \
+                 a position past it makes the partition start again from the stream's start",
+                nats.stream
+            ),
         }
     }
     backend.execute(&AdminRequest::SetPosition { partition, seq })?;

@@ -303,6 +303,21 @@ pub async fn probe(config: &NatsSource) -> Result<(u64, Vec<(String, usize)>), N
     Ok((messages, stray_subjects(&stream, config).await?))
 }
 
+/// The sequence of the stream's last message (0 while it has had none).
+pub async fn last_sequence(config: &NatsSource) -> Result<u64, NatsError> {
+    let client = connect(config, false).await?;
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| nats_error(&format!("stream {}", config.stream), e))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| nats_error("reading the stream", e))?;
+    Ok(info.state.last_sequence)
+}
+
 /// The subjects under the prefix that hold messages of the stream and name no partition
 /// (`<prefix>.01`, or a number past the partitions), with their message counts: no agent
 /// consumes them, since each consumer filters on its partition's subject.
