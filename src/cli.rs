@@ -223,7 +223,8 @@ pub enum NatsCommand {
     /// consumes the partition from the stream's start. A SEQ past the stream's last sequence
     /// is taken, when the partition starts, for a position in another stream, and the
     /// partition is then consumed from the start: so it is refused while the stream can be
-    /// read, and set with a warning when NATS cannot be reached. A readable position
+    /// read, and set with a warning when it cannot (or the config has no [source.nats]). A
+    /// readable position
     /// is never changed. The running agent picks it up at its next attempt to start the
     /// partition, within seconds.
     ///

@@ -539,7 +539,14 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         text(&out)
     );
     let out = s.run(&["check", "--store", "--json"], None);
+    assert!(out.status.success(), "{}", text(&out));
     assert!(json_lines(&String::from_utf8_lossy(&out.stdout)).is_empty());
+    let out = s.run(&["nats", "set-position", "5", "41"], None);
+    assert!(
+        text(&out).contains("partition 5's stream position reads (40)"),
+        "{}",
+        text(&out)
+    );
 
     // `rejected drop --all` passes over a key that names nothing, too.
     s.corrupt("rejected", &rejected_key, b"\x07\xffnot a record");

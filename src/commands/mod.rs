@@ -70,24 +70,46 @@ impl From<AdminError> for CliError {
     }
 }
 
-/// Where the next page of `outbox list` starts (`None`: this was the last), from the page
-/// asked for exports numbered above `after`. An agent of a build from before paging ignores
-/// `after` and answers the first page again: that is refused rather than listed for ever.
-fn next_page(after: Option<u64>, page: &[Value], asked: usize) -> Result<Option<u64>, CliError> {
+/// Lists up to `wanted` exports page by page, so that a long outbox is never held whole, by
+/// the agent or here: `fetch(after, asked)` answers up to `asked` exports numbered above
+/// `after`, and `show` takes each export listed. Returns whether the list was cut at `wanted`
+/// (each page asks for one more than is still wanted, to tell).
+///
+/// An agent of a build from before paging ignores `after` and answers the first page again:
+/// that is refused before any of the page is shown, rather than listed again and again.
+fn list_paged(
+    wanted: usize,
+    mut fetch: impl FnMut(Option<u64>, usize) -> Result<Value, CliError>,
+    mut show: impl FnMut(&Value),
+) -> Result<bool, CliError> {
     let seq = |export: &Value| Some(export["id"].as_str()?.parse::<ExportId>().ok()?.seq);
-    if let (Some(after), Some(first)) = (after, page.first().and_then(seq)) {
-        if first <= after {
-            return Err(CliError::Failure(format!(
-                "the running agent answered the page after export number {after} with export \
-                 number {first}: it is of an older build, which lists only a first page; \
-                 restart it with this build, or list with --limit {LIST_PAGE} or less"
-            )));
+    let (mut after, mut shown) = (None, 0);
+    loop {
+        let left = wanted - shown;
+        let asked = LIST_PAGE.min(left.saturating_add(1));
+        let page = fetch(after, asked)?;
+        let page = page.as_array().map(Vec::as_slice).unwrap_or_default();
+        if let (Some(after), Some(first)) = (after, page.first().and_then(seq)) {
+            if first <= after {
+                return Err(CliError::Failure(format!(
+                    "the running agent answered the page after export number {after} with \
+                     export number {first}: it is of an older build, which lists only a first \
+                     page; restart it with this build, or list fewer than {LIST_PAGE} with --limit"
+                )));
+            }
+        }
+        for export in page.iter().take(left) {
+            show(export);
+            shown += 1;
+        }
+        if page.len() > left {
+            return Ok(true);
+        }
+        match page.last().and_then(seq) {
+            Some(last) if page.len() == asked => after = Some(last),
+            _ => return Ok(false),
         }
     }
-    if page.len() < asked {
-        return Ok(None);
-    }
-    Ok(page.last().and_then(seq))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
@@ -182,12 +204,10 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             resume.as_deref(),
         )),
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
-        Command::Nats(NatsCommand::SetPosition { partition, seq }) => nats::set_position(
-            &Backend::connect_existing(&config)?,
-            &config,
-            partition,
-            seq,
-        ),
+        Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
+            nats::check_position(&config, partition, seq)?;
+            nats::set_position(&Backend::connect_existing(&config)?, partition, seq)
+        }
         Command::Rejected(command) => nats::rejected(&Backend::connect_existing(&config)?, command),
         Command::Top { once, interval } => top::top(&config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
@@ -493,30 +513,17 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
         } => {
             let wanted = if limit == 0 { usize::MAX } else { limit };
             let mut table = ExportTable::new(json.json);
-            let mut after = None;
-            loop {
-                // Page by page, so that a long outbox is never held whole, by the agent or
-                // here; one more than is still wanted, to tell whether the list was cut.
-                let left = wanted - table.rows;
-                let asked = LIST_PAGE.min(left.saturating_add(1));
-                let page = backend.execute(&AdminRequest::List {
+            let fetch = |after, asked| {
+                Ok(backend.execute(&AdminRequest::List {
                     dead,
                     profile_id: profile.clone(),
                     limit: asked,
                     after,
-                })?;
-                let page = page.as_array().map(Vec::as_slice).unwrap_or_default();
-                for export in page.iter().take(left) {
-                    table.row(export);
-                }
-                if page.len() > left {
-                    eprintln!("the first {limit} shown; --limit 0 lists all");
-                    break;
-                }
-                match next_page(after, page, asked)? {
-                    Some(last) => after = Some(last),
-                    None => break,
-                }
+                })?)
+            };
+            let cut = list_paged(wanted, fetch, |export| table.row(export))?;
+            if cut {
+                eprintln!("the first {limit} shown; --limit 0 lists all");
             }
             table.finish();
         }
@@ -795,29 +802,66 @@ mod tests {
 
     use super::*;
 
-    fn page(seqs: std::ops::RangeInclusive<u64>) -> Vec<Value> {
-        seqs.map(|seq| json!({ "id": ExportId { store: 7, seq }.to_string() }))
-            .collect()
+    /// An agent holding exports 1 to `exports`; `pages` says whether it honours `after`.
+    fn agent(
+        exports: u64,
+        pages: bool,
+    ) -> impl FnMut(Option<u64>, usize) -> Result<Value, CliError> {
+        move |after, asked| {
+            let from = if pages { after.unwrap_or(0) + 1 } else { 1 };
+            let ids = (from..=exports)
+                .take(asked)
+                .map(|seq| json!({ "id": ExportId { store: 7, seq }.to_string() }))
+                .collect();
+            Ok(Value::Array(ids))
+        }
+    }
+
+    fn listed(wanted: usize, exports: u64, pages: bool) -> (Result<bool, CliError>, Vec<u64>) {
+        let mut shown = Vec::new();
+        let result = list_paged(wanted, agent(exports, pages), |export| {
+            let id: ExportId = export["id"].as_str().unwrap().parse().unwrap();
+            shown.push(id.seq);
+        });
+        (result, shown)
     }
 
     #[test]
-    fn a_full_page_goes_on_after_its_last_export_and_a_short_one_ends_the_list() {
-        assert_eq!(next_page(None, &page(1..=3), 3).unwrap(), Some(3));
-        assert_eq!(next_page(Some(3), &page(4..=6), 3).unwrap(), Some(6));
-        assert_eq!(next_page(Some(6), &page(7..=8), 3).unwrap(), None);
-        assert_eq!(next_page(Some(6), &[], 3).unwrap(), None);
+    fn pages_list_every_export_once_in_order_and_say_when_the_list_was_cut() {
+        for (wanted, exports, cut) in [
+            (usize::MAX, 2_500, false),
+            (usize::MAX, 2_000, false),
+            (usize::MAX, 0, false),
+            (1_500, 2_500, true),
+            (1_500, 1_500, false),
+            (1_000, 1_001, true),
+            (10, 3, false),
+        ] {
+            let (result, shown) = listed(wanted, exports, true);
+            assert_eq!(result.unwrap(), cut, "{wanted} of {exports}");
+            let expected: Vec<u64> = (1..=exports).take(wanted).collect();
+            assert_eq!(shown, expected, "{wanted} of {exports}");
+        }
     }
 
     #[test]
-    fn an_agent_that_answers_the_first_page_again_is_refused() {
-        let error = next_page(Some(3), &page(1..=3), 3).unwrap_err();
-        assert_eq!(error.exit_code(), 1);
-        let message = error.to_string();
-        assert!(
-            message.contains("after export number 3 with export number 1"),
-            "{message}"
-        );
-        assert!(message.contains("older build"), "{message}");
-        assert!(next_page(Some(3), &page(3..=5), 3).is_err());
+    fn an_agent_that_answers_the_first_page_again_is_refused_before_it_is_shown_twice() {
+        for wanted in [usize::MAX, 1_500, 2_000] {
+            let (result, shown) = listed(wanted, 2_500, false);
+            let error = result.unwrap_err();
+            assert_eq!(error.exit_code(), 1);
+            let message = error.to_string();
+            assert!(
+                message.contains("after export number 1000 with export number 1"),
+                "{message}"
+            );
+            assert!(message.contains("older build"), "{message}");
+            assert_eq!(shown, (1..=1_000).collect::<Vec<u64>>(), "{wanted}");
+        }
+        // Fewer than a page is all an older agent can list: its first page tells whether the
+        // list was cut.
+        let (result, shown) = listed(LIST_PAGE - 1, 2_500, false);
+        assert!(result.unwrap());
+        assert_eq!(shown, (1..=999).collect::<Vec<u64>>());
     }
 }

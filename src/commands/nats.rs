@@ -249,39 +249,59 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
-/// `outpost nats set-position`: sets an unreadable stream position.
-pub(super) fn set_position(
-    backend: &Backend,
-    config: &Config,
-    partition: u32,
-    seq: u64,
-) -> Result<(), CliError> {
-    if let Some(nats) = &config.nats {
-        if partition >= nats.partitions {
-            return Err(CliError::Usage(format!(
-                "partition {partition} is not one of source.nats's {} partitions",
-                nats.partitions
-            )));
+/// How long `outpost nats set-position` waits for the stream's last sequence.
+const STREAM_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `outpost nats set-position`'s checks, before the store is opened: the partition is one of
+/// the config's, and SEQ is not past the stream's end. A position past it is taken for one
+/// in another stream when the partition starts, and the partition is then consumed from the
+/// start: refused while the stream can be read, so that a mistyped number does not do that.
+/// When it cannot be read, SEQ is set with a warning: that may be when it is needed most.
+pub(super) fn check_position(config: &Config, partition: u32, seq: u64) -> Result<(), CliError> {
+    let Some(nats) = &config.nats else {
+        eprintln!(
+            "warning: config {} has no [source.nats] table: {seq} was not checked against the end of the stream",
+            config.path.display()
+        );
+        return Ok(());
+    };
+    if partition >= nats.partitions {
+        return Err(CliError::Usage(format!(
+            "partition {partition} is not one of source.nats's {} partitions",
+            nats.partitions
+        )));
+    }
+    let read = super::runtime()?.block_on(async {
+        match tokio::time::timeout(STREAM_END_WAIT, last_sequence(nats)).await {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", STREAM_END_WAIT.as_secs())),
         }
-        // A position past the stream's end is taken for one in another stream when the
-        // partition starts, and the partition is then consumed from the start: refused here
-        // while the stream can be read, so that a mistyped number does not do that.
-        match super::runtime()?.block_on(last_sequence(nats)) {
-            Ok(last) if seq > last => {
-                return Err(CliError::Usage(format!(
-                    "{seq} is past the end of stream {}, whose last message is {last}: \
-                     give at most {last}",
-                    nats.stream
-                )))
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!(
+    });
+    match read {
+        Ok(last) => within_stream(seq, last, &nats.stream),
+        Err(e) => {
+            eprintln!(
                 "warning: {seq} was not checked against the end of stream {} ({e}); \
                  a position past it makes the partition start again from the stream's start",
                 nats.stream
-            ),
+            );
+            Ok(())
         }
     }
+}
+
+fn within_stream(seq: u64, last: u64, stream: &str) -> Result<(), CliError> {
+    if seq > last {
+        return Err(CliError::Usage(format!(
+            "{seq} is past the end of stream {stream}, whose last message is {last}: \
+             give at most {last}"
+        )));
+    }
+    Ok(())
+}
+
+/// `outpost nats set-position`: sets an unreadable stream position.
+pub(super) fn set_position(backend: &Backend, partition: u32, seq: u64) -> Result<(), CliError> {
     backend.execute(&AdminRequest::SetPosition { partition, seq })?;
     println!(
         "partition {partition}: position set to {seq}; the partition starts again at its next attempt"
@@ -359,5 +379,25 @@ fn text(value: &Value) -> String {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_is_refused_only_past_the_streams_last_message() {
+        assert!(within_stream(180, 180, "UPDATES").is_ok());
+        assert!(within_stream(0, 180, "UPDATES").is_ok());
+        assert!(within_stream(0, 0, "UPDATES").is_ok());
+        for (seq, last) in [(181, 180), (1, 0)] {
+            let error = within_stream(seq, last, "UPDATES").unwrap_err();
+            assert_eq!(error.exit_code(), 2);
+            assert_eq!(
+                error.to_string(),
+                format!("{seq} is past the end of stream UPDATES, whose last message is {last}: give at most {last}")
+            );
+        }
     }
 }

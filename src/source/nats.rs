@@ -307,15 +307,11 @@ pub async fn probe(config: &NatsSource) -> Result<(u64, Vec<(String, usize)>), N
 pub async fn last_sequence(config: &NatsSource) -> Result<u64, NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
-    let mut stream = js
+    let stream = js
         .get_stream(&config.stream)
         .await
         .map_err(|e| nats_error(&format!("stream {}", config.stream), e))?;
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| nats_error("reading the stream", e))?;
-    Ok(info.state.last_sequence)
+    Ok(stream.cached_info().state.last_sequence)
 }
 
 /// The subjects under the prefix that hold messages of the stream and name no partition
