@@ -844,3 +844,50 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
     assert_eq!(status.code(), Some(0), "{}", waiting.log());
     drop(held);
 }
+
+/// `outbox drop` through the running agent answers only once the drop is durable: a `kill -9`
+/// right after the answer does not bring the dropped export back, ahead of its profile's next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drop_answered_by_the_agent_survives_kill_9() {
+    let destination = Destination::start().await;
+    // Exports of `hold…` profiles are answered 503 (retried) until allowed.
+    let allowed = Arc::clone(&destination.allowed);
+    destination
+        .receiver
+        .set_export_script(Some(Arc::new(move |_, r| {
+            let profile = r.json().map(|p| profile_of(&p)).unwrap_or_default();
+            if profile.starts_with("hold") && !allowed.lock().unwrap().contains(&profile) {
+                Reply::Status(503, vec![], "busy".into())
+            } else {
+                Reply::Normal
+            }
+        })));
+    let (ws, port) = workspace(&destination);
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    let older = member_update("hold1", "old", "2026-01-01T00:00:01Z");
+    let newer = member_update("hold1", "new", "2026-01-01T00:00:02Z");
+    ws.run_ok(&["ingest", "-"], Some([older, newer].join("\n").as_bytes()));
+    wait_counts(&ws, 2, 0).await;
+    let listed = ws.run_ok(&["outbox", "list", "--profile", "hold1", "--json"], None);
+    let ids: Vec<String> = listed
+        .lines()
+        .map(|line| {
+            let export: Value = serde_json::from_str(line).unwrap();
+            export["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{listed}");
+
+    let out = ws.run_ok(&["outbox", "drop", &ids[0], "--yes"], None);
+    assert_eq!(out.trim(), "1 export(s) deleted");
+    let status = agent
+        .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    destination.allow("hold1");
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    wait_counts(&ws, 0, 0).await;
+    assert_eq!(destination.delivered_keys(), [ids[1].clone()]);
+    agent.terminate().await;
+}
