@@ -888,6 +888,9 @@ async fn a_drop_answered_by_the_agent_survives_kill_9() {
     destination.allow("hold1");
     let mut agent = AgentProcess::start(&ws.config_path(), port).await;
     wait_counts(&ws, 0, 0).await;
-    assert_eq!(destination.delivered_keys(), [ids[1].clone()]);
+    // At least once: the newer may come twice, the dropped one never.
+    let delivered = destination.delivered_keys();
+    assert!(!delivered.contains(&ids[0]), "{delivered:?}");
+    assert!(delivered.contains(&ids[1]), "{delivered:?}");
     agent.terminate().await;
 }

@@ -83,20 +83,26 @@ async fn soak() {
     }
 
     // The backlog drains as fast as this machine delivers, so the wait is not bounded by a
-    // time but by progress: a delivery loop stuck for a minute fails the test.
+    // time but by progress: when no profile's newest delivered version rises for a minute
+    // (a loop stuck, or one sending the same exports again and again), the test fails.
     let mut newest: HashMap<String, usize> = HashMap::new();
     let (mut read, mut last_progress) = (0, Instant::now());
     loop {
         let delivered = receiver.delivered();
+        let mut rose = false;
         for r in &delivered[read..] {
             let payload = r.json().unwrap();
             let name = payload["person"]["name"]["firstName"].as_str().unwrap();
             let v: usize = name.trim_start_matches('v').parse().unwrap();
-            let entry = newest.entry(profile_of(&payload)).or_insert(0);
-            *entry = (*entry).max(v);
+            let profile = profile_of(&payload);
+            if newest.get(&profile).is_none_or(|&known| v > known) {
+                newest.insert(profile, v);
+                rose = true;
+            }
         }
-        if delivered.len() > read {
-            (read, last_progress) = (delivered.len(), Instant::now());
+        read = delivered.len();
+        if rose {
+            last_progress = Instant::now();
         }
         let behind: Vec<_> = latest
             .iter()
@@ -108,8 +114,8 @@ async fn soak() {
         }
         assert!(
             last_progress.elapsed() < Duration::from_secs(60),
-            "nothing delivered for 60 s with {} of {} profiles behind, after {version} batches \
-             and {read} deliveries; for example (profile, latest, newest delivered): {:?}",
+            "no newer version delivered for 60 s with {} of {} profiles behind, after {version} \
+             batches and {read} deliveries; for example (profile, latest, newest delivered): {:?}",
             behind.len(),
             latest.len(),
             &behind[..behind.len().min(5)]
