@@ -373,19 +373,13 @@ impl Store {
     pub fn rejected_list(&self, limit: usize) -> Result<Vec<RejectedRecord>, StoreError> {
         let limit = if limit == 0 { usize::MAX } else { limit };
         self.with(|t| {
-            let mut listed = Vec::new();
-            for item in t.rejected.iter() {
-                if listed.len() == limit {
-                    break;
-                }
-                let (key, value) = item?;
-                if key.len() == REJECTED_KEY_LEN {
-                    listed.push(read_rejected(&key, &value)?);
-                } else {
-                    warn_key_names_nothing(&key);
-                }
-            }
-            Ok(listed)
+            named_rejected(t)
+                .take(limit)
+                .map(|item| {
+                    let (key, value) = item?;
+                    read_rejected(&key, &value)
+                })
+                .collect()
         })
     }
 
@@ -416,16 +410,9 @@ impl Store {
     /// [`Store::rejected_list`]).
     pub fn rejected_ids(&self) -> Result<Vec<(u32, u64)>, StoreError> {
         self.with(|t| {
-            let mut ids = Vec::new();
-            for key in t.rejected.iter().keys() {
-                let key = key?;
-                if key.len() == REJECTED_KEY_LEN {
-                    ids.push(rejected_key_parts(&key)?);
-                } else {
-                    warn_key_names_nothing(&key);
-                }
-            }
-            Ok(ids)
+            named_rejected(t)
+                .map(|item| rejected_key_parts(&item?.0))
+                .collect()
         })
     }
 
@@ -489,11 +476,19 @@ impl Store {
     }
 }
 
-fn warn_key_names_nothing(key: &[u8]) {
-    tracing::warn!(
-        key = %key_text(key),
-        "a key of the rejected messages names none; passed over (`outpost check --store` lists it, `outpost repair` deletes it)"
-    );
+/// The entries of `rejected` whose keys name a message; a key that names none is passed over
+/// with a warning.
+fn named_rejected(t: &Trees) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
+    t.rejected.iter().filter_map(|item| match item {
+        Ok((key, _)) if key.len() != REJECTED_KEY_LEN => {
+            tracing::warn!(
+                key = %key_text(&key),
+                "a key of the rejected messages names none; passed over (`outpost check --store` lists it, `outpost repair` deletes it)"
+            );
+            None
+        }
+        item => Some(item.map_err(StoreError::from)),
+    })
 }
 
 /// Position keys are a partition number.
