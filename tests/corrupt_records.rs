@@ -541,7 +541,9 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
     let out = s.run(&["check", "--store", "--json"], None);
     assert!(out.status.success(), "{}", text(&out));
     assert!(json_lines(&String::from_utf8_lossy(&out.stdout)).is_empty());
+    // Readable now: a position that reads is never changed.
     let out = s.run(&["nats", "set-position", "5", "41"], None);
+    assert!(!out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("partition 5's stream position reads (40)"),
         "{}",
