@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
-use crate::store::source::{parse_rejected_id, PositionSet};
+use crate::store::source::{PositionSet, RejectedId};
 use crate::store::{
     Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, PutBack, Store, StoreError,
 };
@@ -241,9 +241,9 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
                 .collect(),
         )),
         AdminRequest::RejectedShow { id } => {
-            let (partition, seq) = parse_rejected_id(id).map_err(AdminError::Usage)?;
+            let parsed = RejectedId::parse(id).map_err(AdminError::Usage)?;
             let record = store
-                .rejected_get(partition, seq)?
+                .rejected_get(parsed)?
                 .ok_or_else(|| AdminError::NotFound(format!("no rejected message `{id}`")))?;
             Ok(record.to_json())
         }
@@ -274,28 +274,30 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
             "give rejected message ids or --all, not both or neither".into(),
         ));
     }
-    let targets: Vec<(String, u32, u64)> = if all {
+    let targets: Vec<(String, RejectedId)> = if all {
         store
             .rejected_ids()?
             .into_iter()
-            .map(|(p, s)| (format!("{p}-{s}"), p, s))
+            .map(|id| (id.to_string(), id))
             .collect()
     } else {
         ids.iter()
             .map(|id| {
-                let (p, s) = parse_rejected_id(id).map_err(AdminError::Usage)?;
-                Ok((id.clone(), p, s))
+                Ok((
+                    id.clone(),
+                    RejectedId::parse(id).map_err(AdminError::Usage)?,
+                ))
             })
             .collect::<Result<_, AdminError>>()?
     };
     let mut dropped = Vec::new();
     let mut missing = Vec::new();
     let _section = store.write_section()?;
-    for (id, partition, seq) in targets {
-        if store.rejected_drop(partition, seq)? {
-            dropped.push(id);
+    for (text, id) in targets {
+        if store.rejected_drop(id)? {
+            dropped.push(text);
         } else {
-            missing.push(id);
+            missing.push(text);
         }
     }
     store.flush()?;

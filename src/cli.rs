@@ -253,7 +253,8 @@ pub enum RejectedCommand {
     ///
     /// Example: outpost rejected show 7-1042
     Show {
-        /// The rejected message's id: <partition>-<stream sequence>
+        /// The rejected message's id: <partition>-<stream sequence>, and -<n> for the n-th
+        /// message rejected at that place (a stream made again numbers its messages anew)
         id: String,
         #[command(flatten)]
         json: JsonFlag,

@@ -167,6 +167,23 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits (at most 60 s) until the agent's metric `name` reads `value`.
+async fn wait_until_metric(agent: &AgentProcess, name: &str, value: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = metric(agent.addr, name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} is {now}, not {value}; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// [`wait_until`], showing the agents' logs if it times out.
 async fn wait_or_show(
     seconds: u64,
@@ -923,18 +940,31 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     let version = |v| versions(PROFILES, v);
     setup.publish(&version(0));
     let agent = setup.start().await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // Not an update: rejected, as sequence PROFILES + 1 of partition 1, in each stream.
+    let publish_bad = |raw: &'static str| {
+        let js = js.clone();
+        async move {
+            js.publish("test.updates.1", raw.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(publish_bad("{old").await.sequence, PROFILES as u64 + 1);
+    let rejected = "outpost_source_messages_total{result=\"rejected\"}";
     wait_or_show(60, "the first versions delivered", &[&agent], || {
         distinct_delivered(&receiver) >= PROFILES
     })
     .await;
+    wait_until_metric(&agent, rejected, 1.0).await;
 
-    let client = async_nats::connect(server.url()).await.unwrap();
-    async_nats::jetstream::new(client)
-        .delete_stream("UPDATES")
-        .await
-        .unwrap();
+    js.delete_stream("UPDATES").await.unwrap();
     setup.cli(&["nats", "setup"]);
     setup.publish(&version(2));
+    assert_eq!(publish_bad("{new").await.sequence, PROFILES as u64 + 1);
     wait_or_show(
         60,
         "the versions in the new stream delivered",
@@ -942,6 +972,36 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
         || distinct_delivered(&receiver) >= 2 * PROFILES,
     )
     .await;
+    wait_until_metric(&agent, rejected, 2.0).await;
+    // The new stream's message rejected at the old one's place is kept beside it.
+    let kept: Vec<(String, String)> = json_lines(&setup.cli(&["rejected", "list", "--json"]))
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().into(),
+                r["raw"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let place = format!("1-{}", PROFILES + 1);
+    assert_eq!(
+        kept,
+        [
+            (place.clone(), "{old".to_owned()),
+            (format!("{place}-2"), "{new".to_owned())
+        ]
+    );
+    let later = format!("{place}-2");
+    let shown: serde_json::Value =
+        serde_json::from_str(&setup.cli(&["rejected", "show", &later, "--json"])).unwrap();
+    assert_eq!(
+        (&shown["id"], &shown["raw"]),
+        (&later.as_str().into(), &"{new".into())
+    );
+    setup.cli(&["rejected", "drop", &later]);
+    let left = json_lines(&setup.cli(&["rejected", "list", "--json"]));
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["raw"], "{old");
     let committed = "outpost_source_messages_total{result=\"committed\"}";
     assert_eq!(metric(agent.addr, committed).await, (2 * PROFILES) as f64);
     let names = names_by_profile(&receiver);

@@ -9,7 +9,13 @@
 //!   this one: a stream deleted and made again (or `source.nats.stream` changed) starts at 1,
 //!   and consuming it starts over;
 //! - `rejected[(partition, sequence)]` keeps a message that was not a valid update, with the
-//!   reason, written in the same transaction as its partition's position.
+//!   reason, written in the same transaction as its partition's position. A stream made again
+//!   (or gone back) numbers its messages from 1 again: a different message rejected where one
+//!   is kept goes under `(partition, sequence, n)`, n = 2, 3, ..., so no kept message is
+//!   replaced by another. The same message rejected again (a position set back by hand) is
+//!   kept once. Keys of 12 bytes (partition u32 BE, sequence u64 BE) are the first message at
+//!   their place, keys of 16 bytes (the same, then n u32 BE, n >= 2) the later ones, so a
+//!   place's messages list together, in the order they came.
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
@@ -104,29 +110,122 @@ impl RejectedRecord {
         self.subject.is_empty() && self.error.starts_with(UNREADABLE)
     }
 
-    /// `<partition>-<sequence>`, as `outpost rejected show|drop` takes it.
-    pub fn id(&self) -> String {
-        format!("{}-{}", self.partition, self.seq)
+    /// Whether `other` is the same message (handed again), as far as the store keeps it.
+    fn same_message(&self, other: &RejectedRecord) -> bool {
+        (&self.subject, &self.raw, self.raw_len) == (&other.subject, &other.raw, other.raw_len)
+    }
+}
+
+/// Where a rejected message is kept: its partition and stream sequence, and `nth` > 1 for a
+/// later message rejected at the same place (from a stream made again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RejectedId {
+    pub partition: u32,
+    pub seq: u64,
+    pub nth: u32,
+}
+
+impl RejectedId {
+    /// The first message rejected at this place.
+    pub fn first(partition: u32, seq: u64) -> RejectedId {
+        RejectedId {
+            partition,
+            seq,
+            nth: 1,
+        }
     }
 
+    /// Parses `<partition>-<sequence>`, or `<partition>-<sequence>-<n>` for a later one.
+    pub fn parse(text: &str) -> Result<RejectedId, String> {
+        let bad = || {
+            format!(
+                "`{text}` is not a rejected message id (like 7-1042, or 7-1042-2 for a later message at the same place)"
+            )
+        };
+        let mut parts = text.split('-');
+        let (Some(partition), Some(seq)) = (parts.next(), parts.next()) else {
+            return Err(bad());
+        };
+        let nth = match parts.next() {
+            None => 1,
+            Some(nth) => nth.parse().ok().filter(|&n: &u32| n >= 2).ok_or_else(bad)?,
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(RejectedId {
+            partition: partition.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+            nth,
+        })
+    }
+
+    fn key(self) -> Vec<u8> {
+        let mut key = Vec::with_capacity(LATER_REJECTED_KEY_LEN);
+        key.extend(self.partition.to_be_bytes());
+        key.extend(self.seq.to_be_bytes());
+        if self.nth > 1 {
+            key.extend(self.nth.to_be_bytes());
+        }
+        key
+    }
+
+    /// The id a `rejected` key names, if it names one.
+    fn from_key(key: &[u8]) -> Option<RejectedId> {
+        let partition = u32::from_be_bytes(key.get(..4)?.try_into().ok()?);
+        let seq = u64::from_be_bytes(key.get(4..12)?.try_into().ok()?);
+        let nth = match key.len() {
+            REJECTED_KEY_LEN => 1,
+            LATER_REJECTED_KEY_LEN => {
+                Some(u32::from_be_bytes(key[12..].try_into().ok()?)).filter(|&n| n >= 2)?
+            }
+            _ => return None,
+        };
+        Some(RejectedId {
+            partition,
+            seq,
+            nth,
+        })
+    }
+}
+
+impl std::fmt::Display for RejectedId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.partition, self.seq)?;
+        if self.nth > 1 {
+            write!(f, "-{}", self.nth)?;
+        }
+        Ok(())
+    }
+}
+
+/// A rejected message and where it is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub id: RejectedId,
+    pub record: RejectedRecord,
+}
+
+impl Rejected {
     /// The object `rejected list --json` and `rejected show --json` print. `raw` is text for
     /// people; bytes that are not UTF-8 read there as U+FFFD, so they also come whole as
     /// `raw_base64`.
     pub fn to_json(&self) -> serde_json::Value {
         use base64::Engine;
-        let raw_base64 = std::str::from_utf8(&self.raw)
+        let record = &self.record;
+        let raw_base64 = std::str::from_utf8(&record.raw)
             .is_err()
-            .then(|| base64::engine::general_purpose::STANDARD.encode(&self.raw));
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&record.raw));
         let mut view = serde_json::json!({
-            "id": self.id(),
-            "partition": self.partition,
-            "seq": self.seq,
-            "subject": self.subject,
-            "received_at": (!self.is_unreadable()).then(|| super::format_ms(self.received_at_ms)),
-            "error": self.error,
-            "raw": String::from_utf8_lossy(&self.raw),
-            "raw_bytes": self.raw_len,
-            "raw_truncated": (self.raw.len() as u64) < self.raw_len,
+            "id": self.id.to_string(),
+            "partition": self.id.partition,
+            "seq": self.id.seq,
+            "subject": record.subject,
+            "received_at": (!record.is_unreadable()).then(|| super::format_ms(record.received_at_ms)),
+            "error": record.error,
+            "raw": String::from_utf8_lossy(&record.raw),
+            "raw_bytes": record.raw_len,
+            "raw_truncated": (record.raw.len() as u64) < record.raw_len,
         });
         if let Some(raw_base64) = raw_base64 {
             view["raw_base64"] = raw_base64.into();
@@ -135,25 +234,8 @@ impl RejectedRecord {
     }
 }
 
-/// Parses `<partition>-<sequence>`.
-pub fn parse_rejected_id(text: &str) -> Result<(u32, u64), String> {
-    let bad = || format!("`{text}` is not a rejected message id (like 7-1042)");
-    let (partition, seq) = text.split_once('-').ok_or_else(bad)?;
-    Ok((
-        partition.parse().map_err(|_| bad())?,
-        seq.parse().map_err(|_| bad())?,
-    ))
-}
-
 fn position_key(partition: u32) -> [u8; 4] {
     partition.to_be_bytes()
-}
-
-fn rejected_key(partition: u32, seq: u64) -> [u8; 12] {
-    let mut key = [0u8; 12];
-    key[..4].copy_from_slice(&partition.to_be_bytes());
-    key[4..].copy_from_slice(&seq.to_be_bytes());
-    key
 }
 
 fn encode_rejected(record: &RejectedRecord) -> Vec<u8> {
@@ -163,36 +245,32 @@ fn encode_rejected(record: &RejectedRecord) -> Vec<u8> {
     bytes
 }
 
-/// The (partition, sequence) of a `rejected` key.
-fn rejected_key_parts(key: &[u8]) -> Result<(u32, u64), StoreError> {
-    let key: &[u8; REJECTED_KEY_LEN] = key.try_into().map_err(|_| StoreError::Corrupt {
+/// The id a `rejected` key names, or an error that says it names none.
+fn rejected_key_id(key: &[u8]) -> Result<RejectedId, StoreError> {
+    RejectedId::from_key(key).ok_or_else(|| StoreError::Corrupt {
         what: "rejected message key".into(),
         detail: format!(
             "{} is not a partition and a sequence; `outpost repair` deletes it",
             key.escape_ascii()
         ),
-    })?;
-    let partition = u32::from_be_bytes(key[..4].try_into().expect("4 bytes"));
-    Ok((
-        partition,
-        u64::from_be_bytes(key[4..].try_into().expect("8 bytes")),
-    ))
+    })
 }
 
 /// A rejected message as stored at `key`. One whose value cannot be decoded is shown by a
 /// stand-in that keeps the stored bytes as its `raw` (so `rejected list|show|drop` still work
 /// and nothing is lost); a key that names no message is an error that says so.
-fn read_rejected(key: &[u8], value: &[u8]) -> Result<RejectedRecord, StoreError> {
-    let (partition, seq) = rejected_key_parts(key)?;
-    Ok(decode_rejected(value).unwrap_or_else(|e| RejectedRecord {
-        partition,
-        seq,
+fn read_rejected(key: &[u8], value: &[u8]) -> Result<Rejected, StoreError> {
+    let id = rejected_key_id(key)?;
+    let record = decode_rejected(value).unwrap_or_else(|e| RejectedRecord {
+        partition: id.partition,
+        seq: id.seq,
         subject: String::new(),
         received_at_ms: 0,
         raw: value.to_vec(),
         raw_len: value.len() as u64,
         error: format!("{UNREADABLE}: {e}"),
-    }))
+    });
+    Ok(Rejected { id, record })
 }
 
 fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
@@ -266,13 +344,27 @@ pub(super) fn write(
             positions.insert(&key, &encode_position(position.seq, position.stream))?;
         }
         for record in &position.rejected {
-            rejected.insert(
-                &rejected_key(record.partition, record.seq),
-                encode_rejected(record),
-            )?;
+            let key = free_rejected_key(rejected, record)?;
+            rejected.insert(key, encode_rejected(record))?;
         }
     }
     Ok(())
+}
+
+/// Where `record` is kept: the first key of its place that is free or holds this same
+/// message. A kept message that cannot be read is left as it is.
+fn free_rejected_key(rejected: &TransactionalTree, record: &RejectedRecord) -> TxResult<Vec<u8>> {
+    let mut id = RejectedId::first(record.partition, record.seq);
+    loop {
+        let key = id.key();
+        match rejected.get(&key)? {
+            None => return Ok(key),
+            Some(kept) if decode_rejected(&kept).is_ok_and(|kept| kept.same_message(record)) => {
+                return Ok(key)
+            }
+            Some(_) => id.nth += 1,
+        }
+    }
 }
 
 impl Store {
@@ -370,7 +462,7 @@ impl Store {
     /// Rejected messages by partition and sequence; `limit` 0 lists all. Keys that name no
     /// message are passed over (`outpost check --store` lists them, `outpost repair` deletes
     /// them), so that one damaged key does not hide every message.
-    pub fn rejected_list(&self, limit: usize) -> Result<Vec<RejectedRecord>, StoreError> {
+    pub fn rejected_list(&self, limit: usize) -> Result<Vec<Rejected>, StoreError> {
         let limit = if limit == 0 { usize::MAX } else { limit };
         self.with(|t| {
             named_rejected(t)
@@ -387,31 +479,27 @@ impl Store {
         self.trees().map_or(0, |t| t.rejected.len())
     }
 
-    pub fn rejected_get(
-        &self,
-        partition: u32,
-        seq: u64,
-    ) -> Result<Option<RejectedRecord>, StoreError> {
+    pub fn rejected_get(&self, id: RejectedId) -> Result<Option<Rejected>, StoreError> {
         self.with(|t| {
-            let key = rejected_key(partition, seq);
+            let key = id.key();
             t.rejected
-                .get(key)?
+                .get(&key)?
                 .map(|v| read_rejected(&key, &v))
                 .transpose()
         })
     }
 
     /// Deletes one rejected message; false if there was none. Not durable until a flush.
-    pub fn rejected_drop(&self, partition: u32, seq: u64) -> Result<bool, StoreError> {
-        self.with(|t| Ok(t.rejected.remove(rejected_key(partition, seq))?.is_some()))
+    pub fn rejected_drop(&self, id: RejectedId) -> Result<bool, StoreError> {
+        self.with(|t| Ok(t.rejected.remove(id.key())?.is_some()))
     }
 
     /// Ids of every rejected message (keys that name none are passed over, as by
     /// [`Store::rejected_list`]).
-    pub fn rejected_ids(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+    pub fn rejected_ids(&self) -> Result<Vec<RejectedId>, StoreError> {
         self.with(|t| {
             named_rejected(t)
-                .map(|item| rejected_key_parts(&item?.0))
+                .map(|item| rejected_key_id(&item?.0))
                 .collect()
         })
     }
@@ -458,15 +546,17 @@ impl Store {
             for item in t.rejected.iter() {
                 let (key, value) = item?;
                 match read_rejected(&key, &value) {
-                    Ok(record) if record.is_unreadable() => found.push(UnreadableRecord {
-                        tree: "rejected",
-                        key: record.id(),
-                        error: record.error,
-                        action: "nothing to do: `rejected list|show` show its stored bytes, \
+                    Ok(Rejected { id, record }) if record.is_unreadable() => {
+                        found.push(UnreadableRecord {
+                            tree: "rejected",
+                            key: id.to_string(),
+                            error: record.error,
+                            action: "nothing to do: `rejected list|show` show its stored bytes, \
                                  `rejected drop` deletes it"
-                            .into(),
-                        repairs: false,
-                    }),
+                                .into(),
+                            repairs: false,
+                        })
+                    }
                     // Readable, or a key listed above.
                     Ok(_) | Err(_) => {}
                 }
@@ -480,7 +570,7 @@ impl Store {
 /// with a warning.
 fn named_rejected(t: &Trees) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
     t.rejected.iter().filter_map(|item| match item {
-        Ok((key, _)) if key.len() != REJECTED_KEY_LEN => {
+        Ok((key, _)) if RejectedId::from_key(&key).is_none() => {
             tracing::warn!(
                 key = %key_text(&key),
                 "a key of the rejected messages names none; passed over (`outpost check --store` lists it, `outpost repair` deletes it)"
@@ -493,22 +583,24 @@ fn named_rejected(t: &Trees) -> impl Iterator<Item = Result<(IVec, IVec), StoreE
 
 /// Position keys are a partition number.
 const POSITION_KEY_LEN: usize = 4;
-/// Rejected message keys are a partition number and a sequence.
+/// The key of the first message rejected at a place: a partition number and a sequence.
 const REJECTED_KEY_LEN: usize = 12;
+/// The key of a later one: the same, then which one it is.
+const LATER_REJECTED_KEY_LEN: usize = 16;
 
-/// The keys of `positions` and `rejected` that name nothing (of another length), by tree.
-/// Reads keys only.
+/// The keys of `positions` and `rejected` that name nothing, by tree. Reads keys only.
 pub(super) fn stream_keys_not_ids(t: &Trees) -> Result<Vec<(&'static str, IVec)>, StoreError> {
     let mut found = Vec::new();
-    for (name, tree, len) in [
-        ("positions", &t.positions, POSITION_KEY_LEN),
-        ("rejected", &t.rejected, REJECTED_KEY_LEN),
-    ] {
-        for key in tree.iter().keys() {
-            let key = key?;
-            if key.len() != len {
-                found.push((name, key));
-            }
+    for key in t.positions.iter().keys() {
+        let key = key?;
+        if key.len() != POSITION_KEY_LEN {
+            found.push(("positions", key));
+        }
+    }
+    for key in t.rejected.iter().keys() {
+        let key = key?;
+        if RejectedId::from_key(&key).is_none() {
+            found.push(("rejected", key));
         }
     }
     Ok(found)
@@ -543,21 +635,43 @@ mod tests {
 
     #[test]
     fn rejected_ids_round_trip_and_bad_ones_are_named() {
-        assert_eq!(parse_rejected_id("7-1042"), Ok((7, 1042)));
-        assert!(parse_rejected_id("7").unwrap_err().contains("`7`"));
-        assert!(parse_rejected_id("a-1").is_err());
+        let first = RejectedId::first(7, 1042);
+        let later = RejectedId { nth: 3, ..first };
+        for id in [first, later] {
+            assert_eq!(RejectedId::parse(&id.to_string()), Ok(id));
+            assert_eq!(RejectedId::from_key(&id.key()), Some(id));
+        }
+        assert_eq!(first.to_string(), "7-1042");
+        assert_eq!(later.to_string(), "7-1042-3");
+        assert_eq!(first.key().len(), REJECTED_KEY_LEN);
+        assert_eq!(later.key().len(), LATER_REJECTED_KEY_LEN);
+        // The first of a place lists before the later ones, and they before the next place.
+        let next = RejectedId::first(7, 1043);
+        assert!(first.key() < later.key() && later.key() < next.key());
+        assert!(RejectedId::parse("7").unwrap_err().contains("`7`"));
+        for bad in ["a-1", "7-1042-1", "7-1042-0", "7-1042-2-2", "7-1042-"] {
+            assert!(RejectedId::parse(bad).is_err(), "{bad}");
+        }
+        // A 16-byte key that would repeat the first of its place names nothing.
+        let mut one = first.key();
+        one.extend(1u32.to_be_bytes());
+        assert_eq!(RejectedId::from_key(&one), None);
+        assert_eq!(RejectedId::from_key(&first.key()[..11]), None);
     }
 
     #[test]
     fn raw_bytes_that_are_not_utf8_also_come_whole_in_base64() {
-        let record = |raw: &[u8]| RejectedRecord {
-            partition: 1,
-            seq: 2,
-            subject: "profiles.1".into(),
-            received_at_ms: 0,
-            raw: raw.to_vec(),
-            raw_len: raw.len() as u64,
-            error: "line 1: not JSON".into(),
+        let record = |raw: &[u8]| Rejected {
+            id: RejectedId::first(1, 2),
+            record: RejectedRecord {
+                partition: 1,
+                seq: 2,
+                subject: "profiles.1".into(),
+                received_at_ms: 0,
+                raw: raw.to_vec(),
+                raw_len: raw.len() as u64,
+                error: "line 1: not JSON".into(),
+            },
         };
         let text = record(b"{\"id\":1}").to_json();
         assert_eq!(text["raw"], "{\"id\":1}");
@@ -604,7 +718,9 @@ mod tests {
         assert_eq!(store.source_position(3, 77, 10).unwrap(), Recorded::At(10));
         assert_eq!(store.source_position(4, 77, 10).unwrap(), Recorded::Nothing);
         assert!(store.profile("a").unwrap().is_some());
-        assert_eq!(store.rejected_get(3, 9).unwrap(), Some(rejected));
+        let id = RejectedId::first(3, 9);
+        let kept = store.rejected_get(id).unwrap().unwrap();
+        assert_eq!((kept.id, kept.record), (id, rejected));
         store
             .apply_each(&[&[]], &mapping, now, &[(0, at(7, vec![]))])
             .unwrap();
@@ -627,8 +743,8 @@ mod tests {
             store.source_position(3, 77, 100).unwrap(),
             Recorded::OtherStream { seq: 2 }
         );
-        assert!(store.rejected_drop(3, 9).unwrap());
-        assert!(!store.rejected_drop(3, 9).unwrap());
+        assert!(store.rejected_drop(id).unwrap());
+        assert!(!store.rejected_drop(id).unwrap());
         assert_eq!(store.rejected_count(), 0);
 
         // The stream went back (restored from a backup): consumed from its end, and the
@@ -652,6 +768,66 @@ mod tests {
             .apply_each(&[&[]], &mapping, now, &[(0, next)])
             .unwrap();
         assert_eq!(store.source_position(3, 78, 2).unwrap(), Recorded::At(2));
+    }
+
+    /// A stream made again numbers its messages from 1 again: a message rejected where another
+    /// is kept is kept beside it, and the same message rejected again is kept once.
+    #[test]
+    fn a_message_rejected_where_another_is_kept_replaces_nothing() {
+        use crate::config::Mapping;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let message = |seq, raw: &str| RejectedRecord {
+            partition: 3,
+            seq,
+            subject: "u.3".into(),
+            received_at_ms: 1,
+            raw: raw.as_bytes().to_vec(),
+            raw_len: raw.len() as u64,
+            error: "not valid JSON".into(),
+        };
+        let commit = |stream, seq, rejected: Vec<RejectedRecord>| {
+            let position = SourcePosition {
+                partition: 3,
+                stream,
+                seq,
+                rejected,
+            };
+            store
+                .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
+                .unwrap();
+        };
+        commit(77, 10, vec![message(9, "{old"), message(10, "{old 10")]);
+        // The stream made again (another fingerprint), its messages rejected at the same places.
+        commit(78, 9, vec![message(9, "{new")]);
+        commit(78, 10, vec![message(10, "{old 10")]);
+        // A third stream, and the first message handed again.
+        commit(79, 9, vec![message(9, "{newer"), message(9, "{old")]);
+        let kept: Vec<(String, String)> = store
+            .rejected_list(0)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id.to_string(), String::from_utf8(r.record.raw).unwrap()))
+            .collect();
+        let expected = [
+            ("3-9", "{old"),
+            ("3-9-2", "{new"),
+            ("3-9-3", "{newer"),
+            ("3-10", "{old 10"),
+        ];
+        assert_eq!(
+            kept,
+            expected.map(|(id, raw)| (id.to_owned(), raw.to_owned()))
+        );
+        let later = RejectedId::parse("3-9-2").unwrap();
+        assert_eq!(
+            store.rejected_get(later).unwrap().unwrap().record.raw,
+            b"{new"
+        );
+        assert!(store.rejected_drop(later).unwrap());
+        assert_eq!(store.rejected_ids().unwrap().len(), 3);
+        assert!(store.unreadable_stream_records().unwrap().is_empty());
     }
 
     #[test]
