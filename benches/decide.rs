@@ -15,7 +15,8 @@
 //! updates/s for both and the ratio decide/parse (target: >= 1.0). For context it also prints
 //! `apply_record` making the upserts' records itself, `engine::prepare` alone (on a fresh
 //! copy of the pruned update, the copy's time taken off), the full validating parse
-//! (`parse_body`), the rules on JSON values (`profile::apply`, what the store ran before typed
+//! (`parse_body`), the same lines as the ingest API takes them (NDJSON bodies of 500, parsed
+//! pruned and prepared, as `POST /v1/updates` does), the rules on JSON values (`profile::apply`, what the store ran before typed
 //! records) and the per-update CPU work the store does around `apply_record` (decode the
 //! stored record, apply, encode the record and the export).
 //!
@@ -34,7 +35,7 @@ use outpost::profile::engine::{self, apply_record, RecordAction};
 use outpost::profile::layout::Layout;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::record::ProfileRecord;
-use outpost::profile::update::parse_body;
+use outpost::profile::update::{parse_body, parse_body_with, Parsing};
 use outpost::profile::{Op, Update};
 use outpost::store::codec::{self, ExportRecord};
 
@@ -43,6 +44,8 @@ use common::rate;
 
 const LINES: usize = 2_000;
 const ROUNDS: usize = 25;
+/// Updates in an NDJSON body, as the ingest benchmarks send them.
+const BODY_LINES: usize = 500;
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 2, 0, 0, 0).unwrap()
@@ -244,6 +247,22 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     let mut store_times = Vec::with_capacity(ROUNDS);
     let mut unprepared_times = Vec::with_capacity(ROUNDS);
     let mut prepare_times = Vec::with_capacity(ROUNDS);
+    let mut body_times = Vec::with_capacity(ROUNDS);
+    let bodies: Vec<String> = cases
+        .chunks(BODY_LINES)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|case| format!("{}\n", case.line))
+                .collect()
+        })
+        .collect();
+    let keep = KeepTree::for_mapping(mapping);
+    let ingest_parsing = Parsing {
+        keep: Some(&keep),
+        layout: Some(&layout),
+        ..Parsing::default()
+    };
     for round in 0..=ROUNDS {
         let start = Instant::now();
         for case in cases {
@@ -302,6 +321,12 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
         let validate = start.elapsed();
 
         let start = Instant::now();
+        for body in &bodies {
+            black_box(parse_body_with(black_box(body.as_bytes()), &ingest_parsing).unwrap());
+        }
+        let body = start.elapsed();
+
+        let start = Instant::now();
         for case in &prepared {
             black_box(store_side(case, mapping, &layout));
         }
@@ -316,6 +341,7 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
             store_times.push(store);
             unprepared_times.push(unprepared);
             prepare_times.push(prepare);
+            body_times.push(body);
         }
     }
     let parse_rate = rate(n, median(parse_times));
@@ -325,6 +351,7 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     let store_rate = rate(n, median(store_times));
     let unprepared_rate = rate(n, median(unprepared_times));
     let prepare_rate = rate(n, median(prepare_times));
+    let body_rate = rate(n, median(body_times));
     println!(
         "decide[{name}]: {n} lines, avg {avg_line} B, {with_old} with a stored version; \
          results exported={} unchanged={} stale={} deleted={}",
@@ -353,6 +380,10 @@ fn measure(name: &str, cases: &[Case], mapping: &Mapping) {
     println!(
         "decide[{name}]:   context: parse_body (validating)     {validate_rate:>10.0} updates/s  ({:.2} us/update)",
         1e6 / validate_rate
+    );
+    println!(
+        "decide[{name}]:   context: NDJSON bodies of {BODY_LINES} as ingest parses them (pruned, prepared) {body_rate:>10.0} updates/s  ({:.2} us/update)",
+        1e6 / body_rate
     );
     println!(
         "decide[{name}]:   context: store-side CPU per update   {store_rate:>10.0} updates/s  ({:.2} us/update: decode record, apply_record, encode record and export)",

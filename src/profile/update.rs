@@ -526,6 +526,15 @@ pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, In
     if body[start] == b'[' {
         return parse_array(body, parsing);
     }
+    match parse_lines(body, parsing) {
+        Some(updates) => Ok(updates),
+        None => parse_values(body, parsing),
+    }
+}
+
+/// The general way through a body that is not an array: value after value, wherever each
+/// starts and ends.
+fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
     let mut updates = Vec::new();
     let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
     let mut lines = LineCounter::default();
@@ -612,6 +621,23 @@ impl LineCounter {
         self.scanned = offset;
         self.newlines + 1
     }
+}
+
+/// NDJSON as it is mostly sent, one update a line: each line parsed as it is, without the pass
+/// that first finds where each value ends. `None` when a line is not exactly one update that
+/// is taken: the body then goes the general way, which finds the same updates, since a line
+/// that holds exactly one value holds the value the general way finds there, and names the
+/// first error.
+fn parse_lines(body: &[u8], parsing: &Parsing) -> Option<Vec<Update>> {
+    let mut updates = Vec::new();
+    for (index, line) in body.split(|&b| b == b'\n').enumerate() {
+        // JSON's whitespace, as the general way passes over it between values.
+        if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
+            continue;
+        }
+        updates.push(update_from_json_with(line, index as u64 + 1, parsing).ok()?);
+    }
+    Some(updates)
 }
 
 /// The line of a syntax error. serde_json counts the newline it failed on (a value cut short
@@ -1017,6 +1043,55 @@ mod tests {
                 .unwrap()
                 .len(),
             1 << 20
+        );
+    }
+
+    /// One update a line is parsed line by line; every other body goes the general way, and
+    /// either way the updates, or the first error, are those the general way finds.
+    #[test]
+    fn bodies_parsed_line_by_line_read_as_the_general_way_reads_them() {
+        let mapping = crate::config::Mapping::new(&["person.name.firstName"], &["s"], &[]);
+        let keep = KeepTree::for_mapping(&mapping);
+        let layout = Layout::new(&mapping);
+        let ingest = Parsing {
+            keep: Some(&keep),
+            layout: Some(&layout),
+            ..Parsing::default()
+        };
+        let sample = crate::demo::SAMPLE_UPDATES;
+        let a = r#"{"id":"a","profile":{"person":{"name":{"firstName":"A"}}}}"#;
+        let b = r#"{"id":"b","op":"delete"}"#;
+        // (body, whether it is parsed line by line)
+        let bodies: Vec<(String, bool)> = vec![
+            (sample.to_owned(), true),
+            (sample.replace('\n', "\r\n"), true),
+            (format!("\n{a}\n \t\r\n\n{b}  \n\n"), true),
+            (format!("{a}\n{b}"), true),
+            (format!("{a} {b}\n{a}"), false),
+            (
+                format!("{a}\n{{\n\"id\":\"c\",\n\"profile\":{{}}\n}}\n{b}"),
+                false,
+            ),
+            (format!("{a}\n{b}\n{{\"id\":\"\"}}\n{a}"), false),
+            (format!("{a}\n\u{c}\n{b}"), false),
+            (format!("{a}\n12\n"), false),
+            (format!("{a}\n{{\"id\":\"c\","), false),
+        ];
+        for parsing in [Parsing::default(), ingest] {
+            for (body, by_line) in &bodies {
+                let body = body.as_bytes();
+                assert_eq!(parse_lines(body, &parsing).is_some(), *by_line, "{body:?}");
+                let seen = |r: Result<Vec<Update>, InputError>| r.map_err(|e| (e.line, e.reason));
+                assert_eq!(
+                    seen(parse_body_with(body, &parsing)),
+                    seen(parse_values(body, &parsing)),
+                    "{body:?}"
+                );
+            }
+        }
+        assert_eq!(
+            parse_body(sample.as_bytes()).unwrap().len(),
+            sample.lines().count()
         );
     }
 
