@@ -263,7 +263,7 @@ pub enum RejectedCommand {
     ///
     /// Example: outpost rejected drop 7-1042
     Drop {
-        /// Rejected message ids
+        /// Rejected message ids: <partition>-<stream sequence>[-<n>], as `rejected list` shows
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<String>,
         /// Every rejected message

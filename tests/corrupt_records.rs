@@ -559,6 +559,38 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         s.unreadable_listed(),
         [("rejected".to_owned(), "short".to_owned())]
     );
+
+    // Later messages at one place: a key that says it is the first again names nothing
+    // (listed, deleted by `repair`); an unreadable one is shown under its id.
+    let later = |n: u32| [rejected_key.clone(), n.to_be_bytes().to_vec()].concat();
+    s.corrupt("rejected", &later(1), b"\x01");
+    s.corrupt("rejected", &later(2), b"\x07\xffnot a record");
+    let rejected = |key: &str| ("rejected".to_owned(), key.to_owned());
+    assert_eq!(
+        s.unreadable_listed(),
+        [
+            rejected("3-42-2"),
+            rejected(&later(1).escape_ascii().to_string()),
+            rejected("short"),
+        ]
+    );
+    let out = s.run(&["rejected", "show", "3-42-2"], None);
+    assert!(text(&out).contains("unreadable record"), "{}", text(&out));
+    let out = s.run(&["repair", "--yes"], None);
+    assert_eq!(
+        text(&out)
+            .matches(": deleted (the key names nothing)")
+            .count(),
+        2,
+        "{}",
+        text(&out)
+    );
+    let out = s.run(&["rejected", "list", "--json"], None);
+    let ids: Vec<String> = json_lines(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["3-42-2"]);
 }
 
 /// `repair` lets the store go while it asks, and goes ahead only if what it would do is still

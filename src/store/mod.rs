@@ -509,16 +509,17 @@ mod tests {
     }
 
     /// A store without the count of profiles gets it at open, counted: one of format 4 (before
-    /// the count was kept) is marked format 5 and rebuilt, which counts; one of format 5 whose
-    /// count a stopped `repair` left unknown is counted where it is.
+    /// the count was kept) is marked format 6 and rebuilt, which counts; one of format 5 or 6
+    /// whose count a stopped `repair` left unknown is counted where it is, and keeps its
+    /// format.
     #[test]
     fn a_store_without_a_profile_count_is_counted_at_open() {
-        for format in [4, FORMAT_VERSION] {
-            count_at_open(format);
+        for (format, marked) in [(4, FORMAT_VERSION), (5, 5), (6, 6)] {
+            count_at_open(format, marked);
         }
     }
 
-    fn count_at_open(format: u64) {
+    fn count_at_open(format: u64, marked: u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let mapping = crate::config::Mapping::new(&["person.name.firstName"], &["s1"], &[]);
@@ -551,7 +552,8 @@ mod tests {
         let meta_value = |key| store.with(|t| Ok(t.meta.get(key)?)).unwrap();
         assert_eq!(
             meta_value(meta::FORMAT).as_deref(),
-            Some(&FORMAT_VERSION.to_be_bytes()[..])
+            Some(&marked.to_be_bytes()[..]),
+            "format {format}"
         );
         assert_eq!(meta_value(meta::REBUILD), None, "format {format}");
     }

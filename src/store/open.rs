@@ -23,8 +23,15 @@ use crate::clock::{ClockRecord, RunClock};
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
 /// (`meta/clock`, exports of format 2); format 3 stores profiles as typed records; format 4
 /// stores them a few to a key ([`groups`](super::groups)); format 5 keeps their number
-/// (`meta/profiles`), which a build of format 4 would not keep up to date.
-pub const FORMAT_VERSION: u64 = 5;
+/// (`meta/profiles`), which a build of format 4 would not keep up to date; format 6 may keep
+/// several rejected messages at one place, under keys a build of format 5 takes for damage
+/// ([`source`](super::source)).
+pub const FORMAT_VERSION: u64 = 6;
+
+/// Formats this build opens as they are, without marking them [`FORMAT_VERSION`], since they
+/// differ from it only in keys they do not hold: so a build of that format still opens the
+/// store until one is written, by the transaction that marks it [`FORMAT_VERSION`].
+pub(super) const OPENED_AS_THEY_ARE: &[u64] = &[5];
 
 /// Older layouts this build opens and upgrades: it records [`FORMAT_VERSION`] (an older build
 /// then refuses the store whole), moves the profiles of formats 1 to 3 into groups as typed
@@ -358,7 +365,7 @@ impl Store {
                     batch.insert(meta::REBUILD, &[]);
                     meta.apply_batch(batch)?;
                     db.flush()?;
-                } else if found != FORMAT_VERSION {
+                } else if found != FORMAT_VERSION && !OPENED_AS_THEY_ARE.contains(&found) {
                     return Err(StoreError::Format {
                         path: path.to_path_buf(),
                         found,

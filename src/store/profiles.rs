@@ -521,7 +521,7 @@ impl Store {
             );
             Ok(trees.transaction(
                 |(profile_groups, legacy, outbox, meta_tx, positions, rejected)| {
-                    source::write(positions, rejected, &consumed)?;
+                    source::write(positions, rejected, meta_tx, &consumed)?;
                     for (key, value) in &groups {
                         match value {
                             Some(bytes) => profile_groups.insert(key, bytes.as_slice())?,

@@ -10,20 +10,24 @@
 //!   and consuming it starts over;
 //! - `rejected[(partition, sequence)]` keeps a message that was not a valid update, with the
 //!   reason, written in the same transaction as its partition's position. A stream made again
-//!   (or gone back) numbers its messages from 1 again: a different message rejected where one
-//!   is kept goes under `(partition, sequence, n)`, n = 2, 3, ..., so no kept message is
-//!   replaced by another. The same message rejected again (a position set back by hand) is
-//!   kept once. Keys of 12 bytes (partition u32 BE, sequence u64 BE) are the first message at
-//!   their place, keys of 16 bytes (the same, then n u32 BE, n >= 2) the later ones, so a
-//!   place's messages list together, in the order they came.
+//!   numbers its messages from 1 again: a different message rejected where one is kept goes
+//!   under `(partition, sequence, n)`, the first n = 2, 3, ... that is free, so no kept
+//!   message is replaced by another. The same message rejected again (a position set back by
+//!   hand) is not kept again if found before that free place (so it may be, after a drop).
+//!   Keys of 12 bytes (partition u32 BE, sequence u64 BE) are the first message at their
+//!   place, keys of 16 bytes (the same, then n u32 BE, n >= 2) the later ones, so a place's
+//!   messages list together. The first key of 16 bytes marks the store format 6
+//!   ([`FORMAT_VERSION`]), in the same transaction: a build of format 5 takes them for damage.
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
 use sled::IVec;
 
 use super::error::{abort, TxResult};
+use super::keys::meta;
 use super::unreadable::{key_text, UnreadableRecord, UNREADABLE};
 use super::Trees;
+use super::FORMAT_VERSION;
 use super::{Store, StoreError};
 
 /// The format byte of a [`RejectedRecord`] value.
@@ -250,7 +254,7 @@ fn rejected_key_id(key: &[u8]) -> Result<RejectedId, StoreError> {
     RejectedId::from_key(key).ok_or_else(|| StoreError::Corrupt {
         what: "rejected message key".into(),
         detail: format!(
-            "{} is not a partition and a sequence; `outpost repair` deletes it",
+            "{} names no rejected message (a partition and a sequence, and which one at that place); `outpost repair` deletes it",
             key.escape_ascii()
         ),
     })
@@ -328,6 +332,7 @@ fn recorded_for(value: (u64, Option<u64>), stream: u64, last_seq: u64) -> Record
 pub(super) fn write(
     positions: &TransactionalTree,
     rejected: &TransactionalTree,
+    meta_tx: &TransactionalTree,
     consumed: &[SourcePosition],
 ) -> TxResult<()> {
     for position in consumed {
@@ -344,23 +349,29 @@ pub(super) fn write(
             positions.insert(&key, &encode_position(position.seq, position.stream))?;
         }
         for record in &position.rejected {
-            let key = free_rejected_key(rejected, record)?;
-            rejected.insert(key, encode_rejected(record))?;
+            let Some(id) = id_for(rejected, record)? else {
+                continue;
+            };
+            if id.nth > 1 {
+                // A store of an older format is marked with the first key it cannot read.
+                meta_tx.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            }
+            rejected.insert(id.key(), encode_rejected(record))?;
         }
     }
     Ok(())
 }
 
-/// Where `record` is kept: the first key of its place that is free or holds this same
-/// message. A kept message that cannot be read is left as it is.
-fn free_rejected_key(rejected: &TransactionalTree, record: &RejectedRecord) -> TxResult<Vec<u8>> {
+/// Where `record` is to be kept: the first id of its place that is free. `None` when an id
+/// before that one keeps this same message (handed again): it is kept once, as it was first
+/// recorded. A kept message that cannot be read is left as it is.
+fn id_for(rejected: &TransactionalTree, record: &RejectedRecord) -> TxResult<Option<RejectedId>> {
     let mut id = RejectedId::first(record.partition, record.seq);
     loop {
-        let key = id.key();
-        match rejected.get(&key)? {
-            None => return Ok(key),
+        match rejected.get(id.key())? {
+            None => return Ok(Some(id)),
             Some(kept) if decode_rejected(&kept).is_ok_and(|kept| kept.same_message(record)) => {
-                return Ok(key)
+                return Ok(None)
             }
             Some(_) => id.nth += 1,
         }
@@ -516,7 +527,7 @@ impl Store {
                     key: key_text(key),
                     error: match tree {
                         "positions" => "the key is not a partition number",
-                        _ => "the key is not a partition and a sequence",
+                        _ => "the key names no rejected message",
                     }
                     .into(),
                     action: "delete it (the key names nothing)".into(),
@@ -798,9 +809,28 @@ mod tests {
                 .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
                 .unwrap();
         };
+        // A store of format 5 keeps it until it keeps a second message at one place.
+        let format = || {
+            let bytes = store
+                .with(|t| Ok(t.meta.get(meta::FORMAT)?))
+                .unwrap()
+                .unwrap();
+            u64::from_be_bytes(bytes.as_ref().try_into().unwrap())
+        };
+        store
+            .with(|t| Ok(t.meta.insert(meta::FORMAT, &5u64.to_be_bytes())?))
+            .unwrap();
         commit(77, 10, vec![message(9, "{old"), message(10, "{old 10")]);
+        // Handed again: kept once, as first recorded.
+        let again = RejectedRecord {
+            received_at_ms: 2,
+            ..message(9, "{old")
+        };
+        commit(77, 10, vec![again]);
+        assert_eq!(format(), 5);
         // The stream made again (another fingerprint), its messages rejected at the same places.
         commit(78, 9, vec![message(9, "{new")]);
+        assert_eq!(format(), FORMAT_VERSION);
         commit(78, 10, vec![message(10, "{old 10")]);
         // A third stream, and the first message handed again.
         commit(79, 9, vec![message(9, "{newer"), message(9, "{old")]);
@@ -820,6 +850,11 @@ mod tests {
             kept,
             expected.map(|(id, raw)| (id.to_owned(), raw.to_owned()))
         );
+        let first = store
+            .rejected_get(RejectedId::first(3, 9))
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.record.received_at_ms, 1);
         let later = RejectedId::parse("3-9-2").unwrap();
         assert_eq!(
             store.rejected_get(later).unwrap().unwrap().record.raw,
