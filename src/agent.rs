@@ -88,6 +88,14 @@ impl Agent {
             nats.check_files().map_err(AgentError::NatsFiles)?;
         }
         let store = Arc::new(open_store(config).await?);
+        let cleaning = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || match cleaning.forget_stale_retry_entries() {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed retry entries that served nothing"),
+            Err(e) => {
+                tracing::debug!(error = %e, "retry entries not looked over; the next start does it")
+            }
+        });
         let metrics = Arc::new(Metrics::new());
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
@@ -555,5 +563,32 @@ mod tests {
             1,
             "the acknowledged export was not recorded, so it stays pending"
         );
+    }
+    /// A retry entry that serves nothing (as one left by an export moved out by hand) is
+    /// removed once the agent has started, beside its work, not while it opens the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_forgets_retry_entries_that_serve_nothing_once_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("outpost.toml");
+        let text = crate::demo::demo_config_text("http://127.0.0.1:9");
+        let config = Config::parse(&config_path, &text).unwrap();
+        {
+            let store = Store::open(&config.storage.path, 8 << 20).unwrap();
+            let retry_at = store.trees().unwrap().retry_at.clone();
+            retry_at
+                .insert(crate::store::keys::seq_key(99), &9u64.to_be_bytes()[..])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let agent = Agent::start(&config, AgentOptions::default())
+            .await
+            .unwrap();
+        let entries = || agent.store.trees().unwrap().retry_at.len();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while entries() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(entries(), 0);
+        agent.stop().await.unwrap();
     }
 }

@@ -50,7 +50,7 @@
 //!   ([`unrecorded`]), written and removed in the transactions that record what delivery did
 //!   (and drop a marked dead letter); one left by an export that left the outbox and the dead
 //!   letters otherwise (`outbox drop`), or by a dead letter without the mark (an unreadable
-//!   record), is removed at open;
+//!   record), is removed once the agent has started ([`Store::forget_stale_retry_entries`]);
 //! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
 //!   profile, in the transaction that records that delivery; a marked dead letter is never put
 //!   back, and a mark whose dead letter was dropped is removed at open.
@@ -346,7 +346,8 @@ mod tests {
                 .unwrap();
             assert_eq!(retry_times(&store), [(0, None), (2, Some(7_000))]);
             assert_eq!(store.trees().unwrap().retry_at.len(), 1);
-            // Dropped by the operator: its retry time goes at the next open.
+            // Moved out of the outbox by hand: its retry time goes once looked over, as the
+            // agent does after it starts.
             assert!(store
                 .change_export(2, Place::Pending, |r| (Place::Gone, r))
                 .unwrap());
@@ -354,6 +355,8 @@ mod tests {
         }
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(retry_times(&store), [(0, None)]);
+        assert_eq!(store.trees().unwrap().retry_at.len(), 1);
+        assert_eq!(store.forget_stale_retry_entries().unwrap(), 1);
         assert_eq!(store.trees().unwrap().retry_at.len(), 0);
     }
 
