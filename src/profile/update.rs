@@ -1067,6 +1067,7 @@ mod tests {
             (sample.replace('\n', "\r\n"), true),
             (format!("\n{a}\n \t\r\n\n{b}  \n\n"), true),
             (format!("{a}\n{b}"), true),
+            (format!("\u{feff}{a}\n \t{b}\t \r\n"), true),
             (format!("{a} {b}\n{a}"), false),
             (
                 format!("{a}\n{{\n\"id\":\"c\",\n\"profile\":{{}}\n}}\n{b}"),
@@ -1080,11 +1081,17 @@ mod tests {
         for parsing in [Parsing::default(), ingest] {
             for (body, by_line) in &bodies {
                 let body = body.as_bytes();
-                assert_eq!(parse_lines(body, &parsing).is_some(), *by_line, "{body:?}");
+                // As `parse_body_with` hands the body on.
+                let without = without_bom(body);
+                assert_eq!(
+                    parse_lines(without, &parsing).is_some(),
+                    *by_line,
+                    "{body:?}"
+                );
                 let seen = |r: Result<Vec<Update>, InputError>| r.map_err(|e| (e.line, e.reason));
                 assert_eq!(
                     seen(parse_body_with(body, &parsing)),
-                    seen(parse_values(body, &parsing)),
+                    seen(parse_values(without, &parsing)),
                     "{body:?}"
                 );
             }
