@@ -152,14 +152,14 @@ impl RejectedId {
         };
         let nth = match parts.next() {
             None => 1,
-            Some(nth) => nth.parse().ok().filter(|&n: &u32| n >= 2).ok_or_else(bad)?,
+            Some(nth) => number(nth).filter(|&n: &u32| n >= 2).ok_or_else(bad)?,
         };
         if parts.next().is_some() {
             return Err(bad());
         }
         Ok(RejectedId {
-            partition: partition.parse().map_err(|_| bad())?,
-            seq: seq.parse().map_err(|_| bad())?,
+            partition: number(partition).ok_or_else(bad)?,
+            seq: number(seq).ok_or_else(bad)?,
             nth,
         })
     }
@@ -191,6 +191,13 @@ impl RejectedId {
             nth,
         })
     }
+}
+
+/// A number written as `Display` writes it: digits only, no leading zero, so that each id has
+/// one spelling.
+fn number<N: std::str::FromStr + ToString>(text: &str) -> Option<N> {
+    let n: N = text.parse().ok()?;
+    (n.to_string() == text).then_some(n)
 }
 
 impl std::fmt::Display for RejectedId {
@@ -660,7 +667,17 @@ mod tests {
         let next = RejectedId::first(7, 1043);
         assert!(first.key() < later.key() && later.key() < next.key());
         assert!(RejectedId::parse("7").unwrap_err().contains("`7`"));
-        for bad in ["a-1", "7-1042-1", "7-1042-0", "7-1042-2-2", "7-1042-"] {
+        for bad in [
+            "a-1",
+            "7-1042-1",
+            "7-1042-0",
+            "7-1042-2-2",
+            "7-1042-",
+            "+7-1042",
+            "7-01042",
+            "7-1042-+2",
+            "7-1042-02",
+        ] {
             assert!(RejectedId::parse(bad).is_err(), "{bad}");
         }
         // A 16-byte key that would repeat the first of its place names nothing.
