@@ -23,7 +23,9 @@
 //!     spawning `outpost run`) until `GET /healthz` answers 200. sled 0.34 writes its snapshot
 //!     only when it opens a store, so the first open after a big write replays the whole log
 //!     since the previous open: measured "cold" (first open after the pre-fill; the binary runs
-//!     on a copy made before any open) and "warm" (opened before). Target: <= 2 s.
+//!     on a copy made before any open) and "warm" (opened before). Then, in-process, the same
+//!     store after every pending export failed once (a retry entry each, as after the
+//!     endpoint was down). Target: <= 2 s.
 //! (c) peak RSS of `outpost run` with 1,000,000 stored profiles and 100,000 pending exports:
 //!     VmHWM (and VmRSS) from /proc/<pid>/status 5 s and 20 s after it served `/healthz` and at
 //!     the end of `idle` (45 s), destination down so the exports stay, with `storage.cache_bytes`
@@ -549,7 +551,63 @@ fn bench_startup(rt: &tokio::runtime::Runtime, plan: &Plan) -> Vec<(String, Dura
             results.push((name.to_owned(), healthy));
         }
     });
+    // As after the endpoint was down: every pending export failed once, so each has a retry
+    // entry, which the agent looks over beside its work once it has started.
+    let took = fail_every_pending(&config.storage.path);
+    println!(
+        "agent[start, {} pending]: every export marked failed in {}",
+        plan.pending,
+        ms(took)
+    );
+    rt.block_on(async {
+        for name in [
+            "in-process, each export failed once, first open after",
+            "in-process, each export failed once, warm",
+        ] {
+            let (healthy, started) = start_in_process(&config).await;
+            println!(
+                "agent[start, {} pending]: {name}: Agent::start {}, /healthz 200 after {}",
+                plan.pending,
+                ms(started),
+                ms(healthy)
+            );
+            results.push((name.to_owned(), healthy));
+        }
+    });
     results
+}
+
+/// Records a failed attempt, with a retry time, of every pending export of the store at
+/// `path`, as delivery does while the endpoint is down; returns the time it took.
+fn fail_every_pending(path: &Path) -> Duration {
+    use outpost::store::outbox::{ExportChange, Outcome};
+    let start = Instant::now();
+    let store = outpost::store::Store::open(path, CACHE_BYTES).unwrap();
+    let mut cursor = 0;
+    loop {
+        let page = store.read_pending(&mut cursor, 10_000, usize::MAX).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        let failed: Vec<Outcome> = page
+            .iter()
+            .map(|export| Outcome {
+                profile: Arc::from(export.record.profile_id.as_str()),
+                seq: export.id.seq,
+                change: ExportChange::Failed {
+                    error: "HTTP 503".into(),
+                    at_ms: 0,
+                    retry_at_uptime_ms: Some(60_000),
+                    unanswered: false,
+                },
+            })
+            .collect();
+        store.apply_export_changes(&failed).unwrap();
+    }
+    store.flush().unwrap();
+    drop(store);
+    wait_unlocked(path);
+    start.elapsed()
 }
 
 /// One `outpost run` of (c).

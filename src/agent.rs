@@ -88,14 +88,6 @@ impl Agent {
             nats.check_files().map_err(AgentError::NatsFiles)?;
         }
         let store = Arc::new(open_store(config).await?);
-        let cleaning = Arc::clone(&store);
-        tokio::task::spawn_blocking(move || match cleaning.forget_stale_retry_entries() {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "removed retry entries that served nothing"),
-            Err(e) => {
-                tracing::debug!(error = %e, "retry entries not looked over; the next start does it")
-            }
-        });
         let metrics = Arc::new(Metrics::new());
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
@@ -137,7 +129,10 @@ impl Agent {
         let shutdown = CancellationToken::new();
         let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(forget_stale_retry_entries(
+            Arc::clone(&store),
+            shutdown.clone(),
+        ))];
         let delivery = {
             let deliverer = Arc::new(deliverer);
             let run = deliverer.run(Arc::clone(&wake), shutdown.clone());
@@ -292,6 +287,24 @@ async fn supervise_delivery(
         shutdown.cancel();
     }
     ended
+}
+
+/// Looks the store's retry entries over for ones that serve nothing, beside the agent's work
+/// ([`Store::forget_stale_retry_entries`]); stops at shutdown.
+async fn forget_stale_retry_entries(store: Arc<Store>, shutdown: CancellationToken) {
+    let looked = tokio::task::spawn_blocking(move || {
+        store.forget_stale_retry_entries(|| shutdown.is_cancelled())
+    })
+    .await;
+    match looked {
+        Ok(Ok(0)) => {}
+        Ok(Ok(removed)) => tracing::info!(removed, "removed retry entries that served nothing"),
+        Ok(Err(e)) => tracing::info!(
+            error = %e,
+            "the retry entries were not all looked over; the next start looks them over again"
+        ),
+        Err(e) => tracing::error!(error = %e, "looking the retry entries over failed"),
+    }
 }
 
 /// How often a failed store is checked for room to reopen it.
@@ -564,8 +577,10 @@ mod tests {
             "the acknowledged export was not recorded, so it stays pending"
         );
     }
+
     /// A retry entry that serves nothing (as one left by an export moved out by hand) is
-    /// removed once the agent has started, beside its work, not while it opens the store.
+    /// removed once the agent has started, beside its work (that opening the store leaves it
+    /// is tested in `store`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_agent_forgets_retry_entries_that_serve_nothing_once_started() {
         let dir = tempfile::tempdir().unwrap();

@@ -671,11 +671,22 @@ mod tests {
                 .map(|k| keys::seq_from_key(&k.unwrap()).unwrap())
                 .collect()
         };
-        // Not at open: the agent looks them over once it has started.
+        // Not at open: the agent looks them over once it has started, until it stops.
         assert_eq!(kept().len(), 4);
-        assert_eq!(store.forget_stale_retry_entries().unwrap(), 2);
+        assert_eq!(store.forget_stale_retry_entries(|| true).unwrap(), 0);
+        assert_eq!(kept().len(), 4);
+        assert_eq!(store.forget_stale_retry_entries(|| false).unwrap(), 2);
         assert_eq!(kept(), [seqs[1], seqs[2]]);
-        assert_eq!(store.forget_stale_retry_entries().unwrap(), 0);
+        assert_eq!(store.forget_stale_retry_entries(|| false).unwrap(), 0);
+        // More than are looked over at a time.
+        let retry_at = store.trees().unwrap().retry_at.clone();
+        for seq in 1_000..3_500u64 {
+            retry_at
+                .insert(keys::seq_key(seq), &9u64.to_be_bytes()[..])
+                .unwrap();
+        }
+        assert_eq!(store.forget_stale_retry_entries(|| false).unwrap(), 2_500);
+        assert_eq!(kept(), [seqs[1], seqs[2]]);
     }
 
     #[test]
