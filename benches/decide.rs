@@ -16,9 +16,10 @@
 //! `apply_record` making the upserts' records itself, `engine::prepare` alone (on a fresh
 //! copy of the pruned update, the copy's time taken off), the full validating parse
 //! (`parse_body`), the same lines as the ingest API takes them (NDJSON bodies of 500, parsed
-//! pruned and prepared, as `POST /v1/updates` does), the rules on JSON values (`profile::apply`, what the store ran before typed
-//! records) and the per-update CPU work the store does around `apply_record` (decode the
-//! stored record, apply, encode the record and the export).
+//! pruned and prepared, as `POST /v1/updates` does), the rules on JSON values
+//! (`profile::apply`, what the store ran before typed records) and the per-update CPU work the
+//! store does around `apply_record` (decode the stored record, apply, encode the record and
+//! the export).
 //!
 //! Run: `cargo bench --bench decide`.
 

@@ -85,6 +85,16 @@ impl Setup {
         (field("tree"), field("key"))
     }
 
+    /// Runs `outpost repair --yes`, which must succeed; how many keys it deleted as naming
+    /// nothing.
+    fn repair_deleting_keys(&self) -> usize {
+        let out = self.run(&["repair", "--yes"], None);
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+            .matches(": deleted (the key names nothing)")
+            .count()
+    }
+
     /// The (tree, key) of every record `outpost check --store` lists, sorted; it must exit 1.
     fn unreadable_listed(&self) -> Vec<(String, String)> {
         let out = self.run(&["check", "--store", "--json"], None);
@@ -447,16 +457,7 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
         "{}",
         text(&out)
     );
-    let out = s.run(&["repair", "--yes"], None);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        text(&out)
-            .matches(": deleted (the key names nothing)")
-            .count(),
-        2,
-        "{}",
-        text(&out)
-    );
+    assert_eq!(s.repair_deleting_keys(), 2);
     let out = s.run(&["repair", "--yes"], None);
     assert!(
         text(&out).contains("no unreadable records for repair to act on"),
@@ -576,15 +577,7 @@ fn unreadable_stream_records_are_listed_and_rejected_ones_shown_with_their_bytes
     );
     let out = s.run(&["rejected", "show", "3-42-2"], None);
     assert!(text(&out).contains("unreadable record"), "{}", text(&out));
-    let out = s.run(&["repair", "--yes"], None);
-    assert_eq!(
-        text(&out)
-            .matches(": deleted (the key names nothing)")
-            .count(),
-        2,
-        "{}",
-        text(&out)
-    );
+    assert_eq!(s.repair_deleting_keys(), 2);
     let out = s.run(&["rejected", "list", "--json"], None);
     let ids: Vec<String> = json_lines(&String::from_utf8_lossy(&out.stdout))
         .iter()
