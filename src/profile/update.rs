@@ -559,10 +559,13 @@ fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputErro
                 } else {
                     syntax_error_line(&e)
                 };
-                return Err(InputError::new(
-                    error_line,
-                    format!("not valid JSON: {}", strip_serde_position(e.to_string())),
-                ));
+                let mut reason = format!("not valid JSON: {}", strip_serde_position(e.to_string()));
+                // Found past its update's first line: a closing brace left out shows only
+                // where the next update begins, so the line it is missing from is named too.
+                if error_line > line {
+                    reason.push_str(&format!(" (in the update that starts on line {line})"));
+                }
+                return Err(InputError::new(error_line, reason));
             }
         }
     }
@@ -698,8 +701,12 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
         self
     }
 
+    /// Reads the rest of the input from the current line and parses it whole. The lines before
+    /// it (all blank) are kept as newlines, so every line an error names is the input's own.
     fn read_rest_whole(&mut self) -> Result<(), InputError> {
-        let mut all = std::mem::take(&mut self.buffer);
+        let blank_lines = usize::try_from(self.line - 1).unwrap_or(usize::MAX);
+        let mut all = vec![b'\n'; blank_lines];
+        all.append(&mut self.buffer);
         self.reader
             .read_to_end(&mut all)
             .map_err(|e| InputError::new(self.line, format!("cannot read input: {e}")))?;
@@ -751,9 +758,7 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
             {
                 // Not one object per line: an array or a multi-line object. Read it whole.
                 self.saw_update = true;
-                let first_line = self.line;
-                if let Err(mut e) = self.read_rest_whole() {
-                    e.line += first_line - 1;
+                if let Err(e) = self.read_rest_whole() {
                     return Some(Err(e));
                 }
                 return self.next();
@@ -898,7 +903,12 @@ mod tests {
             (
                 "{\n  \"id\": \"a\",\n  \"profile\": {\n    \"b\": tru\n  }\n}\n".into(),
                 4,
-                "not valid JSON",
+                "not valid JSON: expected ident (in the update that starts on line 1)",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\"profile\":{\"x\":1}\n{\"id\":\"c\",\"profile\":{}}\n".into(),
+                3,
+                "expected `,` or `}` (in the update that starts on line 2)",
             ),
             (deep, 1, "must be a JSON object, not an array"),
             (deep_profile, 1, "recursion limit"),
@@ -1119,6 +1129,17 @@ mod tests {
                 .unwrap();
             assert_eq!(results, parse_body(whole.as_bytes()).unwrap());
         }
+        // Read whole after blank lines: the lines named are the input's own.
+        let unfinished = "\n\n{\n\"id\":\"a\",\n\"profile\":{}\n{\"id\":\"b\",\"profile\":{}}\n";
+        let results: Vec<_> = UpdateReader::new(unfinished.as_bytes()).collect();
+        let error = results[0].as_ref().unwrap_err();
+        assert_eq!(error.line, 6, "{error}");
+        assert!(
+            error
+                .reason
+                .ends_with("(in the update that starts on line 3)"),
+            "{error}"
+        );
         let empty: Vec<_> = UpdateReader::new(&b""[..]).collect();
         assert!(matches!(empty.as_slice(), [Err(e)] if e.reason.contains("no update")));
     }
