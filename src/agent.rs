@@ -129,7 +129,7 @@ impl Agent {
         let shutdown = CancellationToken::new();
         let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
-        let mut tasks = vec![tokio::spawn(forget_stale_retry_entries(
+        let mut tasks = vec![tokio::spawn(forget_stale_entries(
             Arc::clone(&store),
             shutdown.clone(),
         ))];
@@ -289,21 +289,34 @@ async fn supervise_delivery(
     ended
 }
 
-/// Looks the store's retry entries over for ones that serve nothing, beside the agent's work
-/// ([`Store::forget_stale_retry_entries`]); stops at shutdown.
-async fn forget_stale_retry_entries(store: Arc<Store>, shutdown: CancellationToken) {
-    let looked = tokio::task::spawn_blocking(move || {
-        store.forget_stale_retry_entries(|| shutdown.is_cancelled())
-    })
-    .await;
+/// Looks the store's retry entries and `superseded` marks over for ones that serve nothing,
+/// beside the agent's work ([`Store::forget_stale_entries`]); stops at shutdown.
+async fn forget_stale_entries(store: Arc<Store>, shutdown: CancellationToken) {
+    let looked =
+        tokio::task::spawn_blocking(move || store.forget_stale_entries(|| shutdown.is_cancelled()))
+            .await;
     match looked {
-        Ok(Ok(0)) => {}
-        Ok(Ok(removed)) => tracing::info!(removed, "removed retry entries that served nothing"),
+        Ok(Ok(removed)) => {
+            if removed.retry_entries > 0 {
+                tracing::info!(
+                    removed = removed.retry_entries,
+                    "removed retry entries that served nothing"
+                );
+            }
+            if removed.marks > 0 {
+                tracing::info!(
+                    removed = removed.marks,
+                    "removed the superseded marks of exports no longer dead letters"
+                );
+            }
+        }
         Ok(Err(e)) => tracing::info!(
             error = %e,
-            "the retry entries were not all looked over; the next start looks them over again"
+            "the retry entries and superseded marks were not all looked over; the next start looks them over again"
         ),
-        Err(e) => tracing::error!(error = %e, "looking the retry entries over failed"),
+        Err(e) => {
+            tracing::error!(error = %e, "looking the retry entries and superseded marks over failed")
+        }
     }
 }
 
@@ -578,32 +591,38 @@ mod tests {
         );
     }
 
-    /// A retry entry that serves nothing (as one left by an export moved out by hand) is
-    /// removed once the agent has started, beside its work (that opening the store leaves it
-    /// is tested in `store`).
+    /// A retry entry and a `superseded` mark that serve nothing (as ones left by exports moved
+    /// out by hand) are removed once the agent has started, beside its work (that opening the
+    /// store leaves them is tested in `store`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_agent_forgets_retry_entries_that_serve_nothing_once_started() {
+    async fn an_agent_forgets_entries_that_serve_nothing_once_started() {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("outpost.toml");
         let text = crate::demo::demo_config_text("http://127.0.0.1:9");
         let config = Config::parse(&config_path, &text).unwrap();
         {
             let store = Store::open(&config.storage.path, 8 << 20).unwrap();
-            let retry_at = store.trees().unwrap().retry_at.clone();
-            retry_at
-                .insert(crate::store::keys::seq_key(99), &9u64.to_be_bytes()[..])
+            let trees = store.trees().unwrap();
+            let key = crate::store::keys::seq_key(99);
+            trees.retry_at.insert(key, &9u64.to_be_bytes()[..]).unwrap();
+            trees
+                .superseded
+                .insert(key, &100u64.to_be_bytes()[..])
                 .unwrap();
             store.flush().unwrap();
         }
         let agent = Agent::start(&config, AgentOptions::default())
             .await
             .unwrap();
-        let entries = || agent.store.trees().unwrap().retry_at.len();
+        let entries = || {
+            let trees = agent.store.trees().unwrap();
+            (trees.retry_at.len(), trees.superseded.len())
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while entries() > 0 && tokio::time::Instant::now() < deadline {
+        while entries() != (0, 0) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(entries(), 0);
+        assert_eq!(entries(), (0, 0));
         agent.stop().await.unwrap();
     }
 }

@@ -10,6 +10,7 @@
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
 //! | what delivery does to exports, in groups | `outbox.rs` | `outbox`, `dead`; `retry_at`: sequence (u64 BE) → run time (ms, u64 BE) before which a failed export is not sent again, then byte 1 if it may have been acknowledged unrecorded (`unrecorded.rs`) |
 //! | dead letters overtaken by a newer export of their profile | `superseded.rs` | `superseded`: sequence (u64 BE) → sequence of the acknowledged newer export |
+//! | index entries that outlived their export, looked over beside the agent's work | `stale.rs` | `retry_at`, `superseded` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
@@ -50,10 +51,10 @@
 //!   ([`unrecorded`]), written and removed in the transactions that record what delivery did
 //!   (and drop a marked dead letter); one left by an export that left the outbox and the dead
 //!   letters otherwise (`outbox drop`), or by a dead letter without the mark (an unreadable
-//!   record), is removed once the agent has started ([`Store::forget_stale_retry_entries`]);
+//!   record), is removed once the agent has started ([`stale`]);
 //! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
 //!   profile, in the transaction that records that delivery; a marked dead letter is never put
-//!   back, and a mark whose dead letter was dropped is removed at open.
+//!   back, and a mark whose dead letter was dropped is removed once the agent has started.
 
 pub mod backfill;
 pub mod codec;
@@ -68,6 +69,7 @@ pub mod outbox;
 mod profiles;
 mod rebuild;
 pub mod source;
+mod stale;
 mod superseded;
 mod tally;
 #[cfg(test)]
@@ -89,6 +91,7 @@ pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuie
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
+pub use stale::StaleRemoved;
 pub use superseded::PutBack;
 pub use tally::{ClockJumpReport, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};

@@ -404,7 +404,6 @@ impl Store {
             generation: 0,
         };
         let rebuilt = rebuild_meta(&trees)?;
-        super::outbox::forget_keys_missing_from(&trees.superseded, &trees.dead)?;
         for note in &rebuilt {
             tracing::warn!("{note}");
         }

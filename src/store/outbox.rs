@@ -5,7 +5,6 @@
 //! cost of a flush is paid by the group, not by each export. The tally stays exact because the
 //! same transaction adjusts it.
 
-use std::ops::Bound;
 use std::sync::Arc;
 
 use sled::Transactional;
@@ -311,105 +310,6 @@ pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
         .get(keys::seq_key(seq))?
         .and_then(|v| RetryEntry::decode(&v))
         .map(|e| e.at_uptime_ms))
-}
-
-/// Removes the entries of `index` whose key is not in `of`: marks of exports no longer dead
-/// letters (`superseded`, `dead`). Those left by exports that left through a path other than
-/// [`Store::apply_export_changes`] (`outbox drop`, an unreadable record) go at open. Returns
-/// how many.
-pub(super) fn forget_keys_missing_from(index: &sled::Tree, of: &sled::Tree) -> sled::Result<usize> {
-    forget_entries(index, |key, _| Ok(!of.contains_key(key)?))
-}
-
-/// How many retry entries are looked over at a time (and at most removed in one transaction).
-const FORGET_CHUNK: usize = 1024;
-
-impl Store {
-    /// Removes the retry entries that serve nothing: those of exports neither pending nor dead
-    /// letters, and of dead letters without the mark that they may have been acknowledged.
-    /// Exports leave them when they leave the outbox other than through
-    /// [`Store::apply_export_changes`] ([`Store::change_export`], a record found unreadable)
-    /// and older builds left them. Returns how many it removed, stopping early once `stop`
-    /// says so.
-    ///
-    /// The agent runs this beside its work once it has started, not at open: it reads every
-    /// entry, and a store whose endpoint was down holds one for each pending export that
-    /// failed. Until then such an entry changes nothing it would not have changed before the
-    /// agent stopped. The entries are read a chunk at a time, so that a reopen of the store
-    /// waits for one chunk only; each removal is checked again in the transaction that makes
-    /// it, so an export put back or marked meanwhile keeps its entry.
-    pub fn forget_stale_retry_entries(&self, stop: impl Fn() -> bool) -> Result<usize, StoreError> {
-        let mut after: Option<sled::IVec> = None;
-        let mut removed = 0;
-        while !stop() {
-            let (stale, last) = self.with(|t| {
-                let from = match after.clone() {
-                    Some(key) => Bound::Excluded(key),
-                    None => Bound::Unbounded,
-                };
-                let (mut stale, mut last) = (Vec::new(), None);
-                for item in t
-                    .retry_at
-                    .range((from, Bound::Unbounded))
-                    .take(FORGET_CHUNK)
-                {
-                    let (key, value) = item?;
-                    let serves = t.outbox.contains_key(&key)?
-                        || (RetryEntry::is_marked(&value) && t.dead.contains_key(&key)?);
-                    if !serves {
-                        stale.push(key.clone());
-                    }
-                    last = Some(key);
-                }
-                Ok((stale, last))
-            })?;
-            let Some(last) = last else { break };
-            after = Some(last);
-            if stale.is_empty() {
-                continue;
-            }
-            let _section = self.write_section()?;
-            removed += self.with(|t| {
-                Ok(
-                    (&t.outbox, &t.dead, &t.retry_at).transaction(|(outbox, dead, retry_at)| {
-                        let mut removed = 0;
-                        for key in &stale {
-                            let Some(value) = retry_at.get(key)? else {
-                                continue;
-                            };
-                            let serves = outbox.get(key)?.is_some()
-                                || (RetryEntry::is_marked(&value) && dead.get(key)?.is_some());
-                            if !serves {
-                                retry_at.remove(key)?;
-                                removed += 1;
-                            }
-                        }
-                        Ok(removed)
-                    })?,
-                )
-            })?;
-        }
-        Ok(removed)
-    }
-}
-
-fn forget_entries(
-    index: &sled::Tree,
-    stale: impl Fn(&[u8], &[u8]) -> sled::Result<bool>,
-) -> sled::Result<usize> {
-    let mut batch = sled::Batch::default();
-    let mut count = 0;
-    for item in index.iter() {
-        let (key, value) = item?;
-        if stale(&key, &value)? {
-            batch.remove(key);
-            count += 1;
-        }
-    }
-    if count > 0 {
-        index.apply_batch(batch)?;
-    }
-    Ok(count)
 }
 
 #[cfg(test)]

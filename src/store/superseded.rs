@@ -438,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mark_goes_with_its_dropped_dead_letter_at_open() {
+    fn a_mark_goes_with_its_dropped_dead_letter_once_looked_over() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), 8 << 20).unwrap();
@@ -454,8 +454,24 @@ mod tests {
             assert_eq!(store.trees().unwrap().superseded.len(), 2);
         }
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let t = store.trees().unwrap();
-        assert_eq!(t.superseded.len(), 1);
+        let marks = || store.trees().unwrap().superseded.len();
+        // Not at open: the agent looks them over once it has started, until it stops.
+        assert_eq!(marks(), 2);
+        assert_eq!(store.forget_stale_marks(|| true).unwrap(), 0);
+        assert_eq!(marks(), 2);
+        assert_eq!(store.forget_stale_marks(|| false).unwrap(), 1);
+        assert_eq!(marks(), 1);
+        assert_eq!(store.superseded_by(2).unwrap(), Some(3));
+        assert_eq!(store.forget_stale_marks(|| false).unwrap(), 0);
+        // More than are looked over at a time, beside a kept one.
+        let superseded = store.trees().unwrap().superseded.clone();
+        for seq in 1_000..3_500u64 {
+            superseded
+                .insert(keys::seq_key(seq), &4_000u64.to_be_bytes()[..])
+                .unwrap();
+        }
+        assert_eq!(store.forget_stale_marks(|| false).unwrap(), 2_500);
+        assert_eq!(marks(), 1);
         assert_eq!(store.superseded_by(2).unwrap(), Some(3));
     }
 }
