@@ -400,8 +400,12 @@ proptest! {
             prop_assert!(e.line >= 1 && e.line <= ops.len() as u64 + 1, "{:?}", e);
             // The damage is on its line or makes an earlier line's end unreadable, or it leaves
             // its update unfinished where the next begins, and the update's first line is named.
-            let named = update_start_named(&e.reason).unwrap_or(e.line);
-            prop_assert!(named <= line + 1, "refused line {} for damage on line {}: {}", e.line, line, e);
+            let named = update_start_named(&e.reason);
+            prop_assert!(named.unwrap_or(e.line) <= line + 1, "refused line {} for damage on line {}: {}", e.line, line, e);
+            if named.is_some() {
+                // Found no earlier than the damage.
+                prop_assert!(e.line >= line, "refused line {} for damage on line {}: {}", e.line, line, e);
+            }
         }
     }
 

@@ -582,10 +582,13 @@ fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError
             ),
         )
     })?;
-    if values.is_empty() {
-        return Err(InputError::new(1, "the input holds no update"));
-    }
     let mut lines = LineCounter::default();
+    if values.is_empty() {
+        // The line of the `[`, the first thing in the body.
+        let bracket = body.iter().position(|&b| b == b'[').unwrap_or(0);
+        let line = lines.line_at(body, bracket);
+        return Err(InputError::new(line, "the input holds no update"));
+    }
     values
         .into_iter()
         .enumerate()
@@ -1139,6 +1142,11 @@ mod tests {
                 .reason
                 .ends_with("(in the update that starts on line 3)"),
             "{error}"
+        );
+        let empty: Vec<_> = UpdateReader::new(&b"\n \n[ ]\n"[..]).collect();
+        assert!(
+            matches!(empty.as_slice(), [Err(e)] if e.line == 3 && e.reason.contains("no update")),
+            "{empty:?}"
         );
         let empty: Vec<_> = UpdateReader::new(&b""[..]).collect();
         assert!(matches!(empty.as_slice(), [Err(e)] if e.reason.contains("no update")));
