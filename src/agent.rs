@@ -289,33 +289,32 @@ async fn supervise_delivery(
     ended
 }
 
-/// Looks the store's retry entries and `superseded` marks over for ones that serve nothing,
-/// beside the agent's work ([`Store::forget_stale_entries`]); stops at shutdown.
+/// Looks the store's retry entries, then its `superseded` marks, over for ones that serve
+/// nothing, beside the agent's work (`store/stale.rs`); stops at shutdown.
 async fn forget_stale_entries(store: Arc<Store>, shutdown: CancellationToken) {
-    let looked =
-        tokio::task::spawn_blocking(move || store.forget_stale_entries(|| shutdown.is_cancelled()))
-            .await;
-    match looked {
-        Ok(Ok(removed)) => {
-            if removed.retry_entries > 0 {
-                tracing::info!(
-                    removed = removed.retry_entries,
-                    "removed retry entries that served nothing"
-                );
-            }
-            if removed.marks > 0 {
-                tracing::info!(
-                    removed = removed.marks,
-                    "removed the superseded marks of exports no longer dead letters"
-                );
-            }
-        }
-        Ok(Err(e)) => tracing::info!(
-            error = %e,
-            "the retry entries and superseded marks were not all looked over; the next start looks them over again"
-        ),
+    let looked = tokio::task::spawn_blocking(move || {
+        let stop = || shutdown.is_cancelled();
+        [
+            ("retry entries", store.forget_stale_retry_entries(stop)),
+            ("superseded marks", store.forget_stale_marks(stop)),
+        ]
+    })
+    .await;
+    let looked = match looked {
+        Ok(looked) => looked,
         Err(e) => {
-            tracing::error!(error = %e, "looking the retry entries and superseded marks over failed")
+            tracing::error!(error = %e, "looking the retry entries and superseded marks over failed");
+            return;
+        }
+    };
+    for (what, result) in looked {
+        match result {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed {what} that served nothing"),
+            Err(e) => tracing::info!(
+                error = %e,
+                "the {what} were not all looked over; the next start looks them over again"
+            ),
         }
     }
 }

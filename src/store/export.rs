@@ -440,8 +440,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
         self.with(|t| {
-            Ok(
-                (&t.outbox, &t.dead, &t.meta).transaction(|(outbox, dead, meta_tx)| {
+            Ok((&t.outbox, &t.dead, &t.meta, &t.superseded).transaction(
+                |(outbox, dead, meta_tx, superseded)| {
                     let source = match from {
                         Place::Pending => outbox,
                         Place::Dead => dead,
@@ -465,10 +465,14 @@ impl Store {
                         tally.count(to, value.len(), 1);
                         target.insert(&key, value)?;
                     }
+                    if from == Place::Dead && to == Place::Gone {
+                        // Its mark (if it was superseded) serves nothing once it is gone.
+                        superseded.remove(&key)?;
+                    }
                     write_tally(meta_tx, tally)?;
                     Ok(true)
-                })?,
-            )
+                },
+            )?)
         })
     }
 

@@ -51,10 +51,11 @@
 //!   ([`unrecorded`]), written and removed in the transactions that record what delivery did
 //!   (and drop a marked dead letter); one left by an export that left the outbox and the dead
 //!   letters otherwise (`outbox drop`), or by a dead letter without the mark (an unreadable
-//!   record), is removed once the agent has started ([`stale`]);
+//!   record), is removed once the agent has started (`stale.rs`);
 //! - `superseded` marks a dead letter once the endpoint has acknowledged a newer export of its
 //!   profile, in the transaction that records that delivery; a marked dead letter is never put
-//!   back, and a mark whose dead letter was dropped is removed once the agent has started.
+//!   back; a drop of a dead letter removes its mark, and a mark left without its dead letter
+//!   (by an older build) is removed once the agent has started.
 
 pub mod backfill;
 pub mod codec;
@@ -91,7 +92,6 @@ pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuie
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
-pub use stale::StaleRemoved;
 pub use superseded::PutBack;
 pub use tally::{ClockJumpReport, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};

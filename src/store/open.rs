@@ -162,7 +162,8 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
     if let Some(v) = t.meta.get(meta::NEXT_SEQ)? {
         if v.len() != 8 {
             let mut highest = None;
-            for tree in [&t.outbox, &t.dead] {
+            // The indexes too: a number an entry of theirs holds must not be given again.
+            for tree in [&t.outbox, &t.dead, &t.retry_at, &t.superseded] {
                 for key in tree.iter().keys() {
                     highest = highest.max(keys::seq_from_key(&key?));
                 }

@@ -1,10 +1,12 @@
 //! Index entries that outlived their export, looked over beside the agent's work.
 //!
 //! `retry_at` and `superseded` are keyed by an export's sequence. The transactions that record
-//! what delivery does keep them with their exports; an export that leaves another way (`outbox
-//! drop`, [`Store::change_export`], a record found unreadable) or under an older build leaves
-//! its entry behind. Such an entry changes nothing: a sequence is never used again, a retry
-//! time counts only for an export still pending, and a mark only for a dead letter.
+//! what delivery does, and those that drop exports, keep them with their exports. A retry
+//! entry is left behind by an export moved out another way ([`Store::change_export`], a
+//! record found unreadable, which stays a dead letter without the retry entry's mark), and
+//! both kinds by older builds. Such an entry changes nothing: a sequence is never given
+//! again, a retry time counts only for an export still pending, and a mark only for a dead
+//! letter.
 //!
 //! Each look-over reads every entry of its index, which takes seconds with a million of them
 //! (a store whose endpoint was down holds a retry entry for every pending export that failed,
@@ -23,26 +25,7 @@ use super::{Store, StoreError, Trees};
 /// How many entries are looked over at a time (and at most removed in one transaction).
 const CHUNK: usize = 1024;
 
-/// What one look-over of the store's indexes removed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct StaleRemoved {
-    pub retry_entries: usize,
-    pub marks: usize,
-}
-
 impl Store {
-    /// Removes the retry entries and the `superseded` marks that serve nothing (see the
-    /// module docs), stopping early once `stop` says so.
-    pub fn forget_stale_entries(
-        &self,
-        stop: impl Fn() -> bool,
-    ) -> Result<StaleRemoved, StoreError> {
-        Ok(StaleRemoved {
-            retry_entries: self.forget_stale_retry_entries(&stop)?,
-            marks: self.forget_stale_marks(&stop)?,
-        })
-    }
-
     /// Removes the retry entries of exports neither pending nor dead letters, and of dead
     /// letters without the mark that they may have been acknowledged. Returns how many.
     pub fn forget_stale_retry_entries(&self, stop: impl Fn() -> bool) -> Result<usize, StoreError> {

@@ -170,6 +170,9 @@ impl Store {
                         return Ok((false, Vec::new()));
                     };
                     retry_at.remove(&key)?;
+                    if from == Place::Dead {
+                        superseded.remove(&key)?;
+                    }
                     let mut tally = read_tally(meta_tx)?;
                     tally.count(from, old.len(), -1);
                     let views = super::superseded::Views {
@@ -633,6 +636,10 @@ mod tests {
         assert_eq!(store.superseded_by(v[0]).unwrap(), Some(v[2]));
         assert_eq!(store.superseded_by(v[1]).unwrap(), Some(v[2]));
         assert_eq!(store.tally().unwrap().pending, 0);
+        // A superseded dead letter dropped takes its mark with it.
+        assert!(store.drop_dead(v[1]).unwrap());
+        assert_eq!(store.superseded_by(v[1]).unwrap(), None);
+        assert_eq!(store.superseded_by(v[0]).unwrap(), Some(v[2]));
     }
 
     #[test]
