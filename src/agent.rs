@@ -590,9 +590,9 @@ mod tests {
         );
     }
 
-    /// A retry entry and a `superseded` mark that serve nothing (as an export moved out by hand
-    /// leaves the one, and older builds the other) are removed once the agent has started,
-    /// beside its work (that opening the store leaves them is tested in `store`).
+    /// A retry entry and a `superseded` mark that serve nothing (as older builds left them) are
+    /// removed once the agent has started, beside its work (that opening the store leaves them
+    /// is tested in `store`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_agent_forgets_entries_that_serve_nothing_once_started() {
         let dir = tempfile::tempdir().unwrap();

@@ -440,39 +440,43 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
         self.with(|t| {
-            Ok((&t.outbox, &t.dead, &t.meta, &t.superseded).transaction(
-                |(outbox, dead, meta_tx, superseded)| {
-                    let source = match from {
-                        Place::Pending => outbox,
-                        Place::Dead => dead,
-                        Place::Gone => return Ok(false),
-                    };
-                    let Some(old) = source.remove(&key)? else {
-                        return Ok(false);
-                    };
-                    let record = codec::decode_export(&old)
-                        .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
-                    let mut tally = read_tally(meta_tx)?;
-                    tally.count(from, old.len(), -1);
-                    let (to, record) = change(record);
-                    let target = match to {
-                        Place::Pending => Some(outbox),
-                        Place::Dead => Some(dead),
-                        Place::Gone => None,
-                    };
-                    if let Some(target) = target {
-                        let value = codec::encode_export(&record);
-                        tally.count(to, value.len(), 1);
-                        target.insert(&key, value)?;
-                    }
-                    if from == Place::Dead && to == Place::Gone {
-                        // Its mark (if it was superseded) serves nothing once it is gone.
-                        superseded.remove(&key)?;
-                    }
-                    write_tally(meta_tx, tally)?;
-                    Ok(true)
-                },
-            )?)
+            Ok(
+                (&t.outbox, &t.dead, &t.meta, &t.retry_at, &t.superseded).transaction(
+                    |(outbox, dead, meta_tx, retry_at, superseded)| {
+                        let source = match from {
+                            Place::Pending => outbox,
+                            Place::Dead => dead,
+                            Place::Gone => return Ok(false),
+                        };
+                        let Some(old) = source.remove(&key)? else {
+                            return Ok(false);
+                        };
+                        let record = codec::decode_export(&old)
+                            .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                        let mut tally = read_tally(meta_tx)?;
+                        tally.count(from, old.len(), -1);
+                        let (to, record) = change(record);
+                        let target = match to {
+                            Place::Pending => Some(outbox),
+                            Place::Dead => Some(dead),
+                            Place::Gone => None,
+                        };
+                        if let Some(target) = target {
+                            let value = codec::encode_export(&record);
+                            tally.count(to, value.len(), 1);
+                            target.insert(&key, value)?;
+                        }
+                        if to == Place::Gone {
+                            // Its retry time, and its mark if it was superseded, serve nothing
+                            // once it is gone.
+                            retry_at.remove(&key)?;
+                            superseded.remove(&key)?;
+                        }
+                        write_tally(meta_tx, tally)?;
+                        Ok(true)
+                    },
+                )?,
+            )
         })
     }
 

@@ -2,11 +2,10 @@
 //!
 //! `retry_at` and `superseded` are keyed by an export's sequence. The transactions that record
 //! what delivery does, and those that drop exports, keep them with their exports. A retry
-//! entry is left behind by an export moved out another way ([`Store::change_export`], a
-//! record found unreadable, which stays a dead letter without the retry entry's mark), and
-//! both kinds by older builds. Such an entry changes nothing: a sequence is never given
-//! again, a retry time counts only for an export still pending, and a mark only for a dead
-//! letter.
+//! entry is left behind by a record found unreadable (it stays a dead letter, without the
+//! retry entry's mark), and both kinds by older builds, whose drops kept them. Such an entry
+//! changes nothing: a sequence is never given again, a retry time counts only for an export
+//! still pending, and a mark only for a dead letter.
 //!
 //! Each look-over reads every entry of its index, which takes seconds with a million of them
 //! (a store whose endpoint was down holds a retry entry for every pending export that failed,
