@@ -431,7 +431,8 @@ impl Store {
     /// Moves or rewrites one export in one transaction, keeping the tally exact.
     /// `change` gets the record where it is now and returns where it goes and how it reads
     /// there; it may run more than once, so it must be pure. Returns false if no such export
-    /// is `from` where it was looked for.
+    /// is `from` where it was looked for. An export that goes ([`Place::Gone`]) takes its
+    /// retry entry and its `superseded` mark with it; other moves leave both as they are.
     pub fn change_export(
         &self,
         seq: u64,

@@ -289,8 +289,7 @@ mod tests {
     }
 
     /// A failed export's retry time is kept with it while it is pending, and only then: the
-    /// next failure without one, its delivery, or its leaving the outbox otherwise (then once
-    /// the entries are looked over, as the agent does after it starts) removes it.
+    /// next failure without one, its delivery, or its drop removes it.
     #[test]
     fn retry_times_live_while_their_export_is_pending() {
         use crate::store::outbox::ExportChange;
@@ -348,10 +347,8 @@ mod tests {
                 .unwrap();
             assert_eq!(retry_times(&store), [(0, None), (2, Some(7_000))]);
             assert_eq!(store.trees().unwrap().retry_at.len(), 1);
-            // Moved out of the outbox by hand: its retry time goes with it.
-            assert!(store
-                .change_export(2, Place::Pending, |r| (Place::Gone, r))
-                .unwrap());
+            // Dropped (`outbox drop`): its retry time goes with it.
+            assert!(store.drop_pending(2).unwrap());
             assert_eq!(store.trees().unwrap().retry_at.len(), 0);
             store.flush().unwrap();
         }

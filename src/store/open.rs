@@ -138,13 +138,14 @@ pub(super) fn retry_locked<T>(
     }
 }
 
-/// How far past the highest export held a rebuilt `next_seq` starts: exports delivered or
-/// dropped before may have had higher numbers, and an export id must never be reused.
+/// How far past the highest sequence held (by an export, a retry entry or a mark) a rebuilt
+/// `next_seq` starts: exports delivered or dropped before may have had higher numbers, and an
+/// export id must never be reused.
 pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
 
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
 /// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`]
-/// past the highest export held, `clock` starts again (run time 0, which delays expiry, never
+/// past the highest sequence held, `clock` starts again (run time 0, which delays expiry, never
 /// hastens it). `mapping` and `backfill` cannot be rebuilt: they are dropped, so that the
 /// store opens and runs, and what that loses is said.
 /// Returns what it did, one line each; flushed when anything was done.
@@ -162,7 +163,7 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
     if let Some(v) = t.meta.get(meta::NEXT_SEQ)? {
         if v.len() != 8 {
             let mut highest = None;
-            // The indexes too: a number an entry of theirs holds must not be given again.
+            // The indexes' keys too: an entry may outlive its export.
             for tree in [&t.outbox, &t.dead, &t.retry_at, &t.superseded] {
                 for key in tree.iter().keys() {
                     highest = highest.max(keys::seq_from_key(&key?));

@@ -137,8 +137,9 @@ impl Store {
     /// Drops export `seq` from `from`; `false` if it is not there. One the endpoint may have
     /// acknowledged unrecorded (pending under the bound or unanswered, or a dead letter marked
     /// when it died) supersedes its profile's older dead letters in the same transaction, as
-    /// a delivery does, since sending one of them could undo it at the endpoint. A dead letter
-    /// already superseded keeps naming the export that was acknowledged.
+    /// a delivery does, since sending one of them could undo it at the endpoint. An older dead
+    /// letter already superseded keeps naming the export that was acknowledged. The dropped
+    /// export's own retry entry and `superseded` mark go with it.
     fn drop_export(&self, seq: u64, from: Place) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
         // Read first, to find the older dead letters outside the transaction (which takes no
