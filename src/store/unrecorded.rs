@@ -580,8 +580,17 @@ mod tests {
             put_back(&store, older),
             PutBack::MaybeOvertaken { by: newer }
         );
+        // Marked superseded too, as only an older build leaves a marked dead letter: the mark
+        // goes with it.
+        store
+            .trees()
+            .unwrap()
+            .superseded
+            .insert(keys::seq_key(newer), &keys::seq_key(newer + 10)[..])
+            .unwrap();
         assert!(store.drop_dead(newer).unwrap());
         assert!(!store.drop_dead(newer).unwrap(), "gone");
+        assert_eq!(store.superseded_by(newer).unwrap(), None);
         assert_eq!(put_back(&store, older), PutBack::Superseded { by: newer });
         assert_eq!(store.tally().unwrap().dead, 1, "the older one stays");
         assert_eq!(store.trees().unwrap().retry_at.len(), 0);
