@@ -524,7 +524,7 @@ pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, In
         return Err(InputError::new(1, "the input holds no update"));
     };
     if body[start] == b'[' {
-        return parse_array(body, parsing);
+        return parse_array(body, start, parsing);
     }
     match parse_lines(body, parsing) {
         Some(updates) => Ok(updates),
@@ -572,7 +572,8 @@ fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputErro
     Ok(updates)
 }
 
-fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
+/// Parses a body whose first byte that is not whitespace, at `bracket`, is `[`.
+fn parse_array(body: &[u8], bracket: usize, parsing: &Parsing) -> Result<Vec<Update>, InputError> {
     let values: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
         InputError::new(
             syntax_error_line(&e),
@@ -584,8 +585,6 @@ fn parse_array(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError
     })?;
     let mut lines = LineCounter::default();
     if values.is_empty() {
-        // The line of the `[`, the first thing in the body.
-        let bracket = body.iter().position(|&b| b == b'[').unwrap_or(0);
         let line = lines.line_at(body, bracket);
         return Err(InputError::new(line, "the input holds no update"));
     }
@@ -707,8 +706,7 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
     /// Reads the rest of the input from the current line and parses it whole. The lines before
     /// it (all blank) are kept as newlines, so every line an error names is the input's own.
     fn read_rest_whole(&mut self) -> Result<(), InputError> {
-        let blank_lines = usize::try_from(self.line - 1).unwrap_or(usize::MAX);
-        let mut all = vec![b'\n'; blank_lines];
+        let mut all = vec![b'\n'; self.line as usize - 1];
         all.append(&mut self.buffer);
         self.reader
             .read_to_end(&mut all)
