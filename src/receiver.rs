@@ -262,6 +262,13 @@ impl Receiver {
         self.state.exports.lock().unwrap().clone()
     }
 
+    /// The export requests from the `from`th on ([`Receiver::export_requests`] without
+    /// copying those already seen: the log only grows, a request joining it once answered).
+    pub fn export_requests_from(&self, from: usize) -> Vec<Received> {
+        let log = self.state.exports.lock().unwrap();
+        log.get(from..).map_or_else(Vec::new, <[Received]>::to_vec)
+    }
+
     /// Exports answered 2xx, in arrival order.
     pub fn delivered(&self) -> Vec<Received> {
         self.export_requests()
