@@ -604,4 +604,35 @@ mod tests {
             Err(StoreError::Format { found, .. }) if found == FORMAT_VERSION + 1
         ));
     }
+
+    /// A failed `fsync` of outpost's own leaves sled taking writes: until the store is
+    /// reopened, nothing may be written or flushed, so that no later write is acknowledged on
+    /// top of what the disk may have lost, and delivery never reads the exports written before
+    /// the failure.
+    #[test]
+    fn a_failed_store_refuses_writes_and_flushes_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        testing::export_each(&store, &[("a", "1")]);
+        let durable = store.durable_next_seq();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let line = r#"{"id":"b","profile":{"name":"1","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
+        let updates = parse_body(line.as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, Utc::now())
+            .unwrap();
+        // As if the flush of that write had failed in `sync_data`.
+        let generation = store.trees().unwrap().generation;
+        let eio = std::io::Error::from_raw_os_error(5);
+        store.classify(StoreError::Sync(eio), generation);
+
+        assert!(store.write_section().is_err());
+        let flushed = store.flush();
+        assert!(matches!(flushed, Err(StoreError::Io { .. })), "{flushed:?}");
+        assert_eq!(store.durable_next_seq(), durable);
+
+        assert!(store.recover().unwrap());
+        assert!(store.write_section().is_ok());
+        store.flush().unwrap();
+    }
 }

@@ -572,10 +572,17 @@ impl Store {
     /// progress before closing the store, never comes between the two: a writer refused
     /// because of a compaction has written nothing. [`StoreError::Reopening`] at once while a
     /// compaction runs or waits to.
+    ///
+    /// Refused too while the store is failed: an error outpost's own `fsync` got leaves sled
+    /// taking writes, and a later write flushed then would be acknowledged on top of what may
+    /// not have reached the disk.
     pub fn write_section(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
         let refused = || StoreError::Reopening(self.path.clone());
         if self.closing.load(Ordering::SeqCst) {
             return Err(refused());
+        }
+        if self.is_failed() {
+            return Err(self.failure());
         }
         match self.write_sections.try_read() {
             Ok(section) => Ok(section),
@@ -683,10 +690,20 @@ impl Store {
     }
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
+    ///
+    /// Refused while the store is failed, also when the failure comes from another writer's
+    /// flush while this one runs: the exports written before a failed flush are not durable
+    /// (the disk may have lost them, and a reopen forgets them), so delivery must not read them.
     pub fn flush(&self) -> Result<(), StoreError> {
+        if self.is_failed() {
+            return Err(self.failure());
+        }
         self.with(|t| {
             let written = self.written_next.load(Ordering::SeqCst);
             t.flush_to_drive()?;
+            if self.is_failed() {
+                return Err(self.failure());
+            }
             self.durable_next.fetch_max(written, Ordering::SeqCst);
             Ok(())
         })
