@@ -5,7 +5,8 @@
 //! answers 503 with `Retry-After` and a plain message, and once a filler file on the tmpfs is
 //! deleted it takes updates again and delivers everything, each export once, without a
 //! restart; SIGTERM exits 0. Then `outpost ingest` on a full disk fails with a clear message,
-//! says how much it stored, and a second run stores the rest.
+//! says how much it stored, and a second run stores the rest. Fed by NATS instead (needs
+//! `nats-server`, as `tests/nats_fleet.rs`), a full disk loses no message either.
 
 mod common;
 
@@ -18,6 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::agent_process::{free_port, healthz, AgentProcess};
+use common::nats::{nats_server_or_skip, nats_table, NatsServer};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
 
@@ -275,6 +277,103 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
     agent.terminate().await;
     let log = agent.log();
     assert!(log.contains("the store was reopened"), "{log}");
+}
+
+/// Fed by a NATS stream, a full disk loses no message: a partition whose commit failed starts
+/// again from the position on the disk once the store is reopened, not from the one the
+/// failed write left in sled's memory (a consumer started there skipped the messages of the
+/// failed commit for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_a_nats_feed_loses_no_message() {
+    let Some(server_bin) = nats_server_or_skip("a_full_disk_under_a_nats_feed") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "24m") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    let port = free_port();
+    let config = dir.path().join("outpost.toml");
+    let text = config_text(
+        &receiver.base_url(),
+        &format!("127.0.0.1:{port}"),
+        &fs.dir.join("store"),
+    );
+    let nats = nats_table(&server.url(), 4, "0-3", "");
+    std::fs::write(&config, format!("{text}\n{nats}")).unwrap();
+    let cli = |args: &[&str]| {
+        let out = run_with_config(&config, args, None);
+        assert!(
+            out.status.success(),
+            "outpost {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let publish = |profiles: std::ops::Range<usize>| {
+        let file = dir.path().join("updates.ndjson");
+        let lines: Vec<String> = profiles.map(|i| update(&format!("p{i}"))).collect();
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        cli(&["publish", file.to_str().unwrap()]);
+    };
+    cli(&["nats", "setup"]);
+    let agent = AgentProcess::start(&config, port).await;
+    const BATCH: usize = 40;
+    publish(0..BATCH);
+    all_delivered(&receiver, &agent, BATCH, "before the disk filled").await;
+
+    // Nothing else writes now, so the commit of the next messages is what meets the full disk.
+    let filler = fs.fill(0);
+    publish(BATCH..2 * BATCH);
+    wait_until_healthz(&agent, 503, "the store to fail on the full disk").await;
+    // The partitions whose commit failed start over while the store is failed; then they
+    // have no message left to take until the reopen.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::remove_file(&filler).unwrap();
+    wait_until_healthz(&agent, 200, "the store to be reopened").await;
+    publish(2 * BATCH..3 * BATCH);
+    all_delivered(&receiver, &agent, 3 * BATCH, "after the reopen").await;
+}
+
+/// Waits (at most 60 s) until profiles `p0` to `p{profiles - 1}` each had an export delivered.
+async fn all_delivered(receiver: &Receiver, agent: &AgentProcess, profiles: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered: std::collections::HashSet<String> = receiver
+            .delivered()
+            .iter()
+            .map(|r| profile_of(&r.json().unwrap()))
+            .collect();
+        let missing: Vec<usize> = (0..profiles)
+            .filter(|i| !delivered.contains(&format!("p{i}")))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {profiles} profiles not delivered, e.g. {:?}:\n{}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_until_healthz(agent: &AgentProcess, status: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while healthz(agent.addr).await != Some(status) {
+        assert!(
+            Instant::now() < deadline,
+            "waited 60 s for {what}:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// SIGTERM while the disk is still full: exit 0 (everything acknowledged was flushed when it

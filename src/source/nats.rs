@@ -574,6 +574,13 @@ struct Consuming {
 /// (Re)creates the partition's durable consumer to start right after the position recorded
 /// in the store for this stream.
 async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, NatsError> {
+    // A failed store may still read back a position whose write never reached the disk, which
+    // its reopen forgets: a consumer started past it would skip the messages in between.
+    if let Some(refused) = shared.store.refusing_writes() {
+        return Err(NatsError(format!(
+            "the store takes no writes now ({refused}); the partition starts again once it does"
+        )));
+    }
     let stream = shared
         .js
         .get_stream(&shared.config.stream)
