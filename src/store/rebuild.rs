@@ -856,8 +856,9 @@ mod tests {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), CACHE).unwrap();
-        store.failed.store(true, Ordering::SeqCst);
+        // A section taken before the failure (a failed store refuses new ones).
         let section = store.write_section().unwrap();
+        store.failed.store(true, Ordering::SeqCst);
         std::thread::scope(|scope| {
             let reopening = scope.spawn(|| store.recover());
             std::thread::sleep(std::time::Duration::from_millis(300));
