@@ -166,8 +166,8 @@ pub struct Store {
     /// The delivery loop's request timeout, which bounds how long it has an export in flight.
     request_timeout_ms: AtomicU64,
     /// Pending exports below this sequence may have been acknowledged unrecorded, as the store
-    /// was found at open ([`unrecorded`]).
-    unrecorded_below: u64,
+    /// was found at open, or at a reopen after an I/O error ([`unrecorded`]); it only grows.
+    unrecorded_below: AtomicU64,
     /// Pending exports whose last attempt got no answer, from the delivery loop's hearing of
     /// it until the store records it in `retry_at` ([`unrecorded`]).
     unanswered: std::sync::Mutex<std::collections::HashSet<u64>>,

@@ -285,7 +285,7 @@ impl Store {
             holding_requests: AtomicU32::new(0),
             exports_out: AtomicU64::new(0),
             request_timeout_ms: AtomicU64::new(0),
-            unrecorded_below,
+            unrecorded_below: AtomicU64::new(unrecorded_below),
             unanswered: Default::default(),
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
@@ -561,6 +561,7 @@ impl Store {
         }
         // Not rebuilt here: updates would be refused while it copies (the next start does).
         self.reopen_trees()?;
+        self.raise_unrecorded_below_after_reopen()?;
         self.failed.store(false, Ordering::SeqCst);
         self.failed_no_space.store(false, Ordering::SeqCst);
         tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");

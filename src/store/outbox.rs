@@ -156,7 +156,8 @@ impl Store {
                             // A dead letter that may have been acknowledged keeps the mark,
                             // so that its profile's older ones wait for it (`unrecorded`).
                             ExportChange::Rejected { .. } | ExportChange::Expired { .. } => {
-                                if *seq < self.unrecorded_below || marked_unanswered(retry_at, key)?
+                                if *seq < self.unrecorded_below()
+                                    || marked_unanswered(retry_at, key)?
                                 {
                                     let entry = RetryEntry {
                                         at_uptime_ms: 0,

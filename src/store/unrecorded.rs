@@ -10,7 +10,8 @@
 //! So `meta/delivering` is written, durably, before the loop sends anything, and removed once
 //! it stopped with every outcome recorded. An open that finds it knows the last run ended
 //! otherwise: every export pending then, all below `next_seq` at that open, may have been
-//! acknowledged; so does an open of a store no delivery loop of this version ran on yet.
+//! acknowledged; so does an open of a store no delivery loop of this version ran on yet, and
+//! a reopen after an I/O error (`Store::recover`), which forgets what was not flushed.
 //! `meta/unrecorded_below` keeps that bound for later runs (it only grows), and
 //! `outbox retry` refuses a dead letter while a newer export of its profile below it is
 //! pending. Once that export is delivered, the dead letter is superseded
@@ -28,6 +29,7 @@
 //! back and delivered, it supersedes them; dropped, it does so at once.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::keys::{self, meta};
@@ -79,12 +81,34 @@ impl Store {
         self.with(|t| {
             t.meta.insert(
                 meta::UNRECORDED_BELOW,
-                &keys::seq_key(self.unrecorded_below),
+                &keys::seq_key(self.unrecorded_below()),
             )?;
             t.meta.insert(meta::DELIVERING, &[])?;
             Ok(())
         })?;
         self.flush()
+    }
+
+    pub(super) fn unrecorded_below(&self) -> u64 {
+        self.unrecorded_below.load(Ordering::SeqCst)
+    }
+
+    /// After a reopen of the store that forgot what was not flushed (`Store::recover`, after
+    /// an I/O error): a failed attempt's mark in `retry_at` may have been among it, so, as
+    /// after a crash, every export pending then may have been acknowledged if a delivery loop
+    /// ran. The raised bound is recorded durably, so that a clean stop does not lower it.
+    pub(super) fn raise_unrecorded_below_after_reopen(&self) -> Result<(), StoreError> {
+        self.with(|t| {
+            let next_seq = self.written_next.load(Ordering::SeqCst);
+            let found = unrecorded_below_at_open(t, next_seq)?;
+            let bound = self
+                .unrecorded_below
+                .fetch_max(found, Ordering::SeqCst)
+                .max(found);
+            t.meta
+                .insert(meta::UNRECORDED_BELOW, &keys::seq_key(bound))?;
+            t.flush_to_drive()
+        })
     }
 
     /// Once the delivery loop stopped with every outcome recorded; made durable by the next
@@ -118,7 +142,7 @@ impl Store {
 
     /// Whether pending export `seq` may have been acknowledged without the store knowing.
     fn may_be_acknowledged(&self, t: &Trees, seq: u64) -> Result<bool, StoreError> {
-        if seq < self.unrecorded_below || self.unanswered_now().contains(&seq) {
+        if seq < self.unrecorded_below() || self.unanswered_now().contains(&seq) {
             return Ok(true);
         }
         Ok(outbox::is_marked(t, seq)?)
@@ -205,7 +229,8 @@ impl Store {
             return Ok(found);
         };
         let from = oldest.saturating_add(1);
-        let over_bound = from.max(self.unrecorded_below);
+        let unrecorded_below = self.unrecorded_below();
+        let over_bound = from.max(unrecorded_below);
         let unanswered_now: Vec<u64> = self
             .unanswered_now()
             .iter()
@@ -228,7 +253,7 @@ impl Store {
                     .iter()
                     .map(|&seq| sled::IVec::from(&keys::seq_key(seq)[..])),
             );
-            if held.is_empty() && from >= self.unrecorded_below {
+            if held.is_empty() && from >= unrecorded_below {
                 return Ok(());
             }
             for &seq in dead {
@@ -251,8 +276,8 @@ impl Store {
                     *newest = (*newest).max(seq);
                 }
             };
-            if from < self.unrecorded_below {
-                let range = keys::seq_key(from)..keys::seq_key(self.unrecorded_below);
+            if from < unrecorded_below {
+                let range = keys::seq_key(from)..keys::seq_key(unrecorded_below);
                 for item in t.outbox.range(range) {
                     let (key, value) = item?;
                     note(&key, &value);
@@ -329,6 +354,40 @@ mod tests {
             PutBack::MaybeOvertaken { by: newer }
         );
         assert_eq!(store.tally().unwrap().dead, 1, "still a dead letter");
+    }
+
+    /// A reopen after an I/O error forgets what was not flushed, the mark of an attempt that
+    /// got no answer among it: then, as after a crash, every export pending at the reopen may
+    /// have been acknowledged, also after a clean stop.
+    #[test]
+    fn a_reopen_after_an_io_error_errs_towards_holding_as_a_crash_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (older, newer) = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            store.delivery_starting().unwrap();
+            let (older, newer) = dead_then_pending(&store);
+            // Its unanswered attempt's mark is what the reopen forgets.
+            let maybe = store.maybe_acknowledged(&[older]).unwrap();
+            assert_eq!(maybe.newer_than("p", older), None);
+
+            let generation = store.trees().unwrap().generation;
+            store.classify(
+                StoreError::Sync(std::io::Error::from_raw_os_error(5)),
+                generation,
+            );
+            assert!(store.recover().unwrap());
+            let maybe = store.maybe_acknowledged(&[older]).unwrap();
+            assert_eq!(maybe.newer_than("p", older), Some(newer));
+
+            store.delivery_stopped_recorded().unwrap();
+            store.flush().unwrap();
+            (older, newer)
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(
+            put_back(&store, older),
+            PutBack::MaybeOvertaken { by: newer }
+        );
     }
 
     #[test]
