@@ -6,7 +6,7 @@
 //! "Where SPEC is silent" names the edges where the two differ). Merging an RFC 7386 patch is
 //! done per kept part: each attribute leaf, each segment entry and each identity namespace is
 //! what merging the whole profile would leave there; values at paths the mapping no longer
-//! reaches are carried as they are, unless the patch removes them.
+//! reaches are not carried (see `merged_attributes`).
 
 use std::borrow::Cow;
 
@@ -17,7 +17,7 @@ use super::apply::UpdateResult;
 use super::change::Reason;
 use super::layout::Layout;
 use super::payload::{self, Kind};
-use super::record::{canonical, parse, related, Attribute, Membership, Namespace, ProfileRecord};
+use super::record::{canonical, parse, Attribute, Membership, Namespace, ProfileRecord};
 use super::update::{format_time, Op, Update};
 use crate::config::Mapping;
 
@@ -231,15 +231,17 @@ fn merged_text(
     }
 }
 
-/// The attributes after merging `patch`: each leaf's value, and the values the record holds
-/// at paths the mapping no longer reaches (kept, as the stored profile keeps them, for a
-/// mapping that reaches them again).
+/// The attributes after merging `patch`: each leaf's value. Values the record holds at paths
+/// the mapping no longer reaches (kept from a run with another mapping) are not carried: the
+/// patch was pruned to this mapping, so it cannot say whether it changed them, and one carried
+/// unchanged could be exported stale once a mapping reaches it again. Without them, such a
+/// path counts as absent before, as an upsert leaves it.
 fn merged_attributes(
     old: &ProfileRecord,
     patch: &Map<String, Value>,
     layout: &Layout,
 ) -> Vec<Attribute> {
-    let mut attributes: Vec<Attribute> = layout
+    layout
         .leaves
         .iter()
         .filter_map(|leaf| {
@@ -248,29 +250,7 @@ fn merged_attributes(
                 json,
             })
         })
-        .collect();
-    let mut carried = false;
-    for stale in &old.attributes {
-        if layout
-            .leaves
-            .iter()
-            .any(|leaf| related(&leaf.joined, &stale.path))
-        {
-            continue;
-        }
-        let keys: Vec<String> = stale.path.split('.').map(str::to_owned).collect();
-        if let Some(json) = merged_text(Some(Cow::Borrowed(&stale.json)), patch, &keys) {
-            attributes.push(Attribute {
-                path: stale.path.clone(),
-                json,
-            });
-            carried = true;
-        }
-    }
-    if carried {
-        attributes.sort_by(|a, b| a.path.cmp(&b.path));
-    }
-    attributes
+        .collect()
 }
 
 fn merged_segments(old: &ProfileRecord, patch: &Map<String, Value>) -> Vec<Membership> {
@@ -306,17 +286,24 @@ fn merged_segments(old: &ProfileRecord, patch: &Map<String, Value>) -> Vec<Membe
     segments
 }
 
+/// The mapped namespaces after merging `patch`; as with attributes (`merged_attributes`),
+/// namespaces the mapping no longer reaches are not carried.
 fn merged_identities(
     old: &ProfileRecord,
     patch: &Map<String, Value>,
     layout: &Layout,
 ) -> Vec<Namespace> {
+    let mut identities: Vec<Namespace> = old
+        .identities
+        .iter()
+        .filter(|n| layout.keeps_namespace(&n.namespace))
+        .cloned()
+        .collect();
     let map = match patch.get("identityMap") {
-        None => return old.identities.clone(),
+        None => return identities,
         Some(Value::Object(map)) => map,
         Some(_) => return Vec::new(),
     };
-    let mut identities = old.identities.clone();
     for (namespace, change) in map {
         if !layout.keeps_namespace(namespace) {
             continue;
