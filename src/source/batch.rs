@@ -89,6 +89,22 @@ pub fn sort_batch(
     sorted
 }
 
+/// Where a batch's deliveries skip one: the consumer numbers every message it delivers
+/// (redeliveries too) from 1, so when the one a client expects next is not the one that came,
+/// the server sent some that never arrived (a fetch ended before its message came, which the
+/// client then drops). Committing past it would skip that message for good: its redelivery is
+/// at or below the position. `Some((expected, found))` at the first skip.
+pub fn delivery_gap(expected: u64, consumer_seqs: &[u64]) -> Option<(u64, u64)> {
+    let mut next = expected;
+    for &found in consumer_seqs {
+        if found != next {
+            return Some((next, found));
+        }
+        next = found + 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +138,22 @@ mod tests {
             &Parsing::within(limit),
             7,
         )
+    }
+
+    #[test]
+    fn a_delivery_the_client_never_saw_is_a_gap() {
+        type Case = (u64, &'static [u64], Option<(u64, u64)>);
+        let cases: &[Case] = &[
+            (1, &[], None),
+            (1, &[1, 2, 3], None),
+            (4, &[4], None),
+            (1, &[2], Some((1, 2))),
+            (1, &[1, 3, 4], Some((2, 3))),
+            (5, &[5, 6, 6], Some((7, 6))),
+        ];
+        for &(expected, seqs, gap) in cases {
+            assert_eq!(delivery_gap(expected, seqs), gap, "{expected} {seqs:?}");
+        }
     }
 
     #[test]

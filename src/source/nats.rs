@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{sort_batch, Fetched};
+use super::batch::{delivery_gap, sort_batch, Fetched};
 use super::config::{NatsAuth, NatsSource};
 use super::partition::{is_partition_subject, subject_of};
 use crate::metrics::Metrics;
@@ -689,8 +689,9 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
 
 /// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
 async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), NatsError> {
-    // Messages that arrive over one unbroken connection arrive in order and without gaps; after
-    // a break, some may have been sent and lost, so the partition starts over.
+    // Messages that arrive over one unbroken connection arrive in order; after a break, some
+    // may have been sent and lost, so the partition starts over. So it does when a delivery
+    // is missing without a break (`delivery_gap`).
     let breaks = shared.state.breaks.load(Ordering::SeqCst);
     let mut consuming = fresh_consumer(shared, partition).await?;
     let consumer = &consuming.consumer;
@@ -700,6 +701,8 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         "partition consumer ready"
     );
     let batch = shared.config.fetch_batch;
+    // The consumer sequence of the next delivery (a fresh consumer numbers them from 1).
+    let mut next_delivery = 1;
     // When the pending count was last read while paused.
     let mut pending_read_at: Option<std::time::Instant> = None;
     loop {
@@ -744,6 +747,22 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
             shared.state.pending[slot].store(0, Ordering::Relaxed);
             continue;
         };
+        let deliveries = messages
+            .iter()
+            .map(|m| m.info().map(|info| info.consumer_sequence))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|e| nats_error("reading a message's consumer sequence", e))?;
+        if let Some((expected, found)) = delivery_gap(next_delivery, &deliveries) {
+            let what = if found < expected {
+                format!("the consumer numbers its deliveries from {found} again (it was made again behind the agent's back)")
+            } else {
+                format!("delivery {expected} of the consumer never arrived (the next was {found})")
+            };
+            return Err(NatsError(format!(
+                "{what}; starting the partition over from the stored position"
+            )));
+        }
+        next_delivery += deliveries.len() as u64;
         if let Ok(info) = last.info() {
             shared.state.pending[slot].store(info.pending, Ordering::Relaxed);
         }
