@@ -510,6 +510,21 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// JSON's whitespace (RFC 8259): not Rust's ASCII whitespace, which also takes a form feed.
+fn is_json_space(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// `text` without JSON whitespace at either end.
+fn trim_json_space(text: &[u8]) -> &[u8] {
+    let start = text.iter().position(|b| !is_json_space(b));
+    let end = text.iter().rposition(|b| !is_json_space(b));
+    match (start, end) {
+        (Some(start), Some(end)) => &text[start..=end],
+        _ => &[],
+    }
+}
+
 /// Parses a whole body: NDJSON (also several objects on a line, or pretty-printed objects),
 /// a JSON array of updates, or one object. An empty body is an error.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
@@ -519,7 +534,7 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
 /// [`parse_body`] with [`Parsing`]'s checks (naming the line refused) and pruning.
 pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
     let body = without_bom(body);
-    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    let start = body.iter().position(|b| !is_json_space(b));
     let Some(start) = start else {
         return Err(InputError::new(1, "the input holds no update"));
     };
@@ -543,7 +558,7 @@ fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputErro
         let offset = stream.byte_offset();
         let next_start = body[offset..]
             .iter()
-            .position(|b| !b.is_ascii_whitespace())
+            .position(|b| !is_json_space(b))
             .map(|p| offset + p);
         let Some(next_start) = next_start else { break };
         let line = lines.line_at(body, next_start);
@@ -747,8 +762,8 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
             }
             self.line += 1;
             let text = match self.line {
-                1 => without_bom(&self.buffer).trim_ascii(),
-                _ => self.buffer.trim_ascii(),
+                1 => trim_json_space(without_bom(&self.buffer)),
+                _ => trim_json_space(&self.buffer),
             };
             if text.is_empty() {
                 continue;
@@ -1148,6 +1163,28 @@ mod tests {
         );
         let empty: Vec<_> = UpdateReader::new(&b""[..]).collect();
         assert!(matches!(empty.as_slice(), [Err(e)] if e.reason.contains("no update")));
+    }
+
+    /// A form feed is not JSON whitespace: refused wherever it stands, by the body parser and
+    /// the streaming reader alike (Rust's ASCII whitespace takes it).
+    #[test]
+    fn a_form_feed_is_refused_at_its_line() {
+        for (input, line) in [
+            (&b"{\"id\":\"a\",\"profile\":{}}\n\x0c"[..], 2),
+            (
+                &b"{\"id\":\"a\",\"profile\":{}}\n\x0c{\"id\":\"b\",\"profile\":{}}\n"[..],
+                2,
+            ),
+            (&b"\x0c{\"id\":\"a\",\"profile\":{}}\n"[..], 1),
+            (&b"\x0c"[..], 1),
+        ] {
+            let shown = String::from_utf8_lossy(input);
+            let error = parse_body(input).expect_err(&shown);
+            assert_eq!(error.line, line, "{shown:?}: {error}");
+            let read: Result<Vec<_>, _> = UpdateReader::new(input).collect();
+            let error = read.expect_err(&shown);
+            assert_eq!(error.line, line, "{shown:?}: {error}");
+        }
     }
 
     #[test]
