@@ -437,9 +437,9 @@ async fn outpost_ingest_on_a_full_disk_says_what_was_stored() {
     let last = stderr.lines().last().unwrap_or_default();
     assert!(last.starts_with("outpost: "), "{stderr}");
     assert_plain_no_space(last, &store);
+    // The chunk whose write met the full disk may be on it all the same.
     assert!(
-        stderr.contains("updates were stored, the rest not")
-            || stderr.contains("nothing of the input was stored"),
+        stderr.contains("may have been") && stderr.contains("the rest not"),
         "{stderr}"
     );
 

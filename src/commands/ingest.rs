@@ -10,18 +10,22 @@ use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
 use crate::profile::Update;
-use crate::store::BatchSummary;
+use crate::store::{BatchSummary, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
 const INGEST_CHUNK: usize = 1_000;
 
 /// Says how much of the input was stored before `error` (a full disk, say): each chunk is
 /// stored whole or not at all, and the chunk of `in_flight` updates that the agent did not
-/// answer for may have been.
+/// answer for, or whose write or flush met an I/O error, may have been (sled writes in the
+/// background too, so a chunk whose flush failed may be on the disk all the same).
 fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> CliError {
     let (message, in_doubt) = match error {
         CliError::Failure(message) => (message, 0),
         CliError::Unanswered(message) => (message, in_flight as u64),
+        CliError::Store(e @ (StoreError::NoSpace(_) | StoreError::Io { .. })) => {
+            (e.to_string(), in_flight as u64)
+        }
         CliError::Store(e) => (e.to_string(), 0),
         other => return other,
     };
