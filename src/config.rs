@@ -187,10 +187,11 @@ struct RawSegmentTable {
     id: String,
     #[serde(default)]
     name: Option<String>,
+    /// RFC 3339 text, or TOML's own (unquoted) date-time, read as its text.
     #[serde(default)]
-    created_at: Option<String>,
+    created_at: Option<toml::Value>,
     #[serde(default)]
-    updated_at: Option<String>,
+    updated_at: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1114,21 +1115,35 @@ fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
                         format!("entry {}: {}", n + 1, e.to_string().trim_end()),
                     )
                 })?;
-                let time = |text: Option<String>, key: &str| {
-                    text.map(|t| {
-                        chrono::DateTime::parse_from_rfc3339(&t)
-                            .map(|t| t.timestamp_millis())
-                            .map_err(|e| {
-                                (
-                                    "mapping.segments",
-                                    format!(
+                let time = |value: Option<toml::Value>, key: &str| {
+                    value
+                        .map(|value| match value {
+                            toml::Value::String(text) => Ok(text),
+                            toml::Value::Datetime(time) => Ok(time.to_string()),
+                            other => Err((
+                                "mapping.segments",
+                                format!(
+                                    "segment `{}`: {key} must be an RFC 3339 time, not {}",
+                                    table.id,
+                                    other.type_str()
+                                ),
+                            )),
+                        })
+                        .transpose()?
+                        .map(|t| {
+                            chrono::DateTime::parse_from_rfc3339(&t)
+                                .map(|t| t.timestamp_millis())
+                                .map_err(|e| {
+                                    (
+                                        "mapping.segments",
+                                        format!(
                                         "segment `{}`: {key} `{t}` is not an RFC 3339 time: {e}",
                                         table.id
                                     ),
-                                )
-                            })
-                    })
-                    .transpose()
+                                    )
+                                })
+                        })
+                        .transpose()
                 };
                 let details = SegmentDetails {
                     name: table.name.clone().filter(|n| !n.is_empty()),
@@ -1674,6 +1689,15 @@ client_secret = "s3cr3t-value"
         );
         assert_eq!(mapping.segment_details["seg-c"], SegmentDetails::default());
         assert!(!mapping.segment_details.contains_key("seg-a"));
+        // TOML's own date-times, unquoted, say the same.
+        let unquoted = text
+            .replace("\"2025-10-01T00:00:00Z\"", "2025-10-01T00:00:00Z")
+            .replace("\"2026-01-05T10:00:00+00:00\"", "2026-01-05T10:00:00+00:00");
+        assert_ne!(unquoted, text);
+        assert_eq!(
+            parse(&unquoted).unwrap().mapping.segment_details,
+            mapping.segment_details
+        );
 
         let defaults = parse(VALID).unwrap().mapping;
         assert!(!defaults.include_segment_names && !defaults.include_segment_timestamps);
@@ -1682,6 +1706,14 @@ client_secret = "s3cr3t-value"
             (
                 "{ id = \"seg-b\", created_at = \"yesterday\" }",
                 "created_at `yesterday`",
+            ),
+            (
+                "{ id = \"seg-b\", created_at = 2025-10-01T00:00:00 }",
+                "created_at `2025-10-01T00:00:00` is not an RFC 3339 time",
+            ),
+            (
+                "{ id = \"seg-b\", updated_at = 5 }",
+                "updated_at must be an RFC 3339 time, not integer",
             ),
             ("{ id = \"seg-b\", colour = \"red\" }", "mapping.segments"),
             ("{ name = \"no id\" }", "mapping.segments"),
