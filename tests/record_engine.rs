@@ -590,3 +590,38 @@ proptest! {
         prop_assert!(found.is_none(), "{}", found.unwrap_or_default());
     }
 }
+
+/// A number is sent as it was given: full-precision floats, which serde_json's default float
+/// parsing may round to a neighbour, come through digit for digit.
+#[test]
+fn full_precision_floats_reach_the_payload_unchanged() {
+    let mapping = Mapping::new(&["score"], &["s"], &[]);
+    for score in [
+        "0.9215686321258545",
+        "10587.436593658977",
+        "10587.436593658975",
+        "2.2250738585072014e-308",
+        "0.30000000000000004",
+    ] {
+        let line = format!(
+            r#"{{"id":"p","profile":{{"score":{score},"segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+        );
+        let updates = outpost::profile::update::parse_body(line.as_bytes()).unwrap();
+        let applied = apply_record(
+            None,
+            &updates[0],
+            &mapping,
+            &Layout::new(&mapping),
+            at(0),
+        );
+        let (_, payload) = applied.export.expect("a new member is exported");
+        let sent = parsed(&payload)["score"].clone();
+        let given: Value = serde_json::from_str(score).unwrap();
+        assert_eq!(sent, given, "{score}: {payload}");
+        assert_eq!(
+            sent.as_f64().unwrap().to_bits(),
+            score.parse::<f64>().unwrap().to_bits(),
+            "{score} was read as {sent}: {payload}"
+        );
+    }
+}
