@@ -371,6 +371,35 @@ fn disagreement_across_mappings(updates: &[Update], runs: &[usize]) -> Option<St
     None
 }
 
+/// `update` pruned to `mapping` (as parsing prunes it), applied by the engine to `record`,
+/// which then holds what the engine stored: the result and the export's payload.
+fn apply_step(
+    record: &mut Option<ProfileRecord>,
+    update: &Update,
+    mapping: &Mapping,
+    received: DateTime<Utc>,
+) -> (UpdateResult, Option<String>) {
+    let mut pruned = update.clone();
+    KeepTree::for_mapping(mapping).prune(&mut pruned.profile);
+    let applied = apply_record(
+        record.as_ref(),
+        &pruned,
+        mapping,
+        &Layout::new(mapping),
+        received,
+    );
+    let stored = match applied.store {
+        RecordAction::Keep => None,
+        RecordAction::Put(new) => Some(Some(new.into_owned())),
+        RecordAction::Remove => Some(None),
+    };
+    let outcome = (applied.result, applied.export.map(|(_, payload)| payload));
+    if let Some(stored) = stored {
+        *record = stored;
+    }
+    outcome
+}
+
 /// What the store can know of the value at one mapped path, as the updates went by.
 #[derive(Debug, Clone, PartialEq)]
 enum Known {
@@ -433,16 +462,8 @@ fn stale_value_across_mappings(updates: &[Update], runs: &[usize]) -> Option<Str
     let mut record: Option<ProfileRecord> = None;
     for (step, (update, run)) in updates.iter().zip(runs).enumerate() {
         let mapping = &mappings[*run];
-        let mut pruned = update.clone();
-        KeepTree::for_mapping(mapping).prune(&mut pruned.profile);
-        let applied = apply_record(
-            record.as_ref(),
-            &pruned,
-            mapping,
-            &Layout::new(mapping),
-            at(10_000),
-        );
-        if applied.result == UpdateResult::Stale {
+        let (result, export) = apply_step(&mut record, update, mapping, at(10_000));
+        if result == UpdateResult::Stale {
             continue;
         }
         let before = known.clone();
@@ -457,7 +478,7 @@ fn stale_value_across_mappings(updates: &[Update], runs: &[usize]) -> Option<Str
                 (Op::Merge, true) => merged_at(known, &update.profile, path),
             };
         }
-        if let Some((_, payload)) = &applied.export {
+        if let Some(payload) = &export {
             let payload = parsed(payload);
             // A delete's export is the last payload: the profile as it was.
             let known = if update.op == Op::Delete {
@@ -481,11 +502,6 @@ fn stale_value_across_mappings(updates: &[Update], runs: &[usize]) -> Option<Str
                     ));
                 }
             }
-        }
-        match applied.store {
-            RecordAction::Keep => {}
-            RecordAction::Put(new) => record = Some(new.into_owned()),
-            RecordAction::Remove => record = None,
         }
     }
     None
@@ -517,19 +533,8 @@ fn a_value_changed_while_unmapped_is_not_exported_stale() {
     let mut record: Option<ProfileRecord> = None;
     let mut last_payload = None;
     for (update, mapping) in updates.iter().zip([&both, &name_only, &both]) {
-        let mut pruned = update.clone();
-        KeepTree::for_mapping(mapping).prune(&mut pruned.profile);
-        let applied = apply_record(
-            record.as_ref(),
-            &pruned,
-            mapping,
-            &Layout::new(mapping),
-            at(0),
-        );
-        last_payload = applied.export.map(|(_, p)| parsed(&p));
-        if let RecordAction::Put(new) = applied.store {
-            record = Some(new.into_owned());
-        }
+        let (_, export) = apply_step(&mut record, update, mapping, at(0));
+        last_payload = export.map(|p| parsed(&p));
     }
     let payload = last_payload.expect("the name change is exported");
     assert_eq!(payload["name"], "Janet");
@@ -607,13 +612,7 @@ fn full_precision_floats_reach_the_payload_unchanged() {
             r#"{{"id":"p","profile":{{"score":{score},"segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
         );
         let updates = outpost::profile::update::parse_body(line.as_bytes()).unwrap();
-        let applied = apply_record(
-            None,
-            &updates[0],
-            &mapping,
-            &Layout::new(&mapping),
-            at(0),
-        );
+        let applied = apply_record(None, &updates[0], &mapping, &Layout::new(&mapping), at(0));
         let (_, payload) = applied.export.expect("a new member is exported");
         let sent = parsed(&payload)["score"].clone();
         let given: Value = serde_json::from_str(score).unwrap();
