@@ -574,13 +574,6 @@ struct Consuming {
 /// (Re)creates the partition's durable consumer to start right after the position recorded
 /// in the store for this stream.
 async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, NatsError> {
-    // A failed store may still read back a position whose write never reached the disk, which
-    // its reopen forgets: a consumer started past it would skip the messages in between.
-    if let Some(refused) = shared.store.refusing_writes() {
-        return Err(NatsError(format!(
-            "the store takes no writes now ({refused}); the partition starts again once it does"
-        )));
-    }
     let stream = shared
         .js
         .get_stream(&shared.config.stream)
@@ -600,6 +593,7 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
     let recorded = shared
         .store
         .source_position(partition, fingerprint, info.state.last_sequence)
+        // Refused while the store takes no writes: the partition starts again once it does.
         .map_err(|e| nats_error("reading the stream position", e))?;
     match recorded {
         Recorded::OtherStream { seq } | Recorded::UnmarkedOther { seq } => {

@@ -387,13 +387,18 @@ fn id_for(rejected: &TransactionalTree, record: &RejectedRecord) -> TxResult<Opt
 
 impl Store {
     /// How far `partition` of `stream` (a fingerprint; its last sequence `last_seq`) is in
-    /// the store.
+    /// the store. Refused while the store takes no writes: a failed store may read back a
+    /// position whose write never reached the disk, which its reopen forgets, and a consumer
+    /// started past it would skip the messages in between.
     pub fn source_position(
         &self,
         partition: u32,
         stream: u64,
         last_seq: u64,
     ) -> Result<Recorded, StoreError> {
+        if let Some(refused) = self.refusing_writes() {
+            return Err(refused);
+        }
         self.with(|t| match t.positions.get(position_key(partition))? {
             Some(v) => Ok(recorded_for(decode_position(&v)?, stream, last_seq)),
             None => Ok(Recorded::Nothing),
@@ -707,6 +712,36 @@ mod tests {
         let bytes = record(&[b'{', 0xff, 0xfe, b'}']).to_json();
         assert_eq!(bytes["raw"], "{\u{fffd}\u{fffd}}");
         assert_eq!(bytes["raw_base64"], "e//+fQ==");
+    }
+
+    /// A position written by a commit whose flush failed is not read back: the reopen forgets
+    /// it, and a consumer started past it would skip that commit's messages.
+    #[test]
+    fn a_failed_store_reads_no_position_until_reopened() {
+        use crate::config::Mapping;
+        use crate::profile::update::parse_body;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let updates = parse_body(br#"{"id":"a","profile":{"name":"x"}}"#).unwrap();
+        let at = SourcePosition {
+            partition: 3,
+            stream: 77,
+            seq: 10,
+            rejected: Vec::new(),
+        };
+        store
+            .apply_each(&[&updates], &mapping, chrono::Utc::now(), &[(0, at)])
+            .unwrap();
+        // As if the flush of that commit had failed in `sync_data`.
+        let generation = store.trees().unwrap().generation;
+        store.classify(
+            StoreError::Sync(std::io::Error::from_raw_os_error(5)),
+            generation,
+        );
+        assert!(store.source_position(3, 77, 10).is_err());
+        assert!(store.recover().unwrap());
+        assert!(store.source_position(3, 77, 10).is_ok());
     }
 
     /// The position and rejected messages are written with the updates, and a position never
