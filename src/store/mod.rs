@@ -184,6 +184,10 @@ pub struct Store {
     /// committer, and `outpost repair` through the admin socket while the agent runs. A group
     /// holds several profiles, so two writers would each write back the other's old version.
     profile_writer: std::sync::Mutex<()>,
+    /// Held by a flush from its `fsync` until a failure of it marks the store failed: Linux
+    /// reports a failed writeback to one `fsync` only, so a second one running beside it could
+    /// succeed on pages the disk has lost, and its writer be answered that they are durable.
+    flushing: std::sync::Mutex<()>,
     /// See [`Store::lock_reopening`].
     reopening: std::sync::Mutex<()>,
     /// See [`Store::write_section`] and [`Store::stop_writes`].
@@ -196,6 +200,10 @@ pub struct Store {
     /// delivery's outcomes can no longer be recorded.
     #[cfg(test)]
     settling_panics: AtomicBool,
+    /// Makes the next flush wait this long and fail as an `fsync` that got `EIO`: a fault for
+    /// tests of flushes that overlap a failing one.
+    #[cfg(test)]
+    failing_sync: std::sync::Mutex<Option<std::time::Duration>>,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,
@@ -634,5 +642,31 @@ mod tests {
         assert!(store.recover().unwrap());
         assert!(store.write_section().is_ok());
         store.flush().unwrap();
+    }
+
+    #[test]
+    fn a_flush_beside_a_failing_one_is_not_answered_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        testing::export_each(&store, &[("a", "1")]);
+        let durable = store.durable_next_seq();
+        *store.failing_sync.lock().unwrap() = Some(Duration::from_millis(400));
+        std::thread::scope(|scope| {
+            let failing = scope.spawn(|| store.flush());
+            // The failing flush has begun its `fsync`; this write's flush comes beside it, as
+            // the settler's comes beside the committer's, and its own `fsync` would succeed.
+            std::thread::sleep(Duration::from_millis(100));
+            let mapping = Mapping::new(&["name"], &["s"], &[]);
+            let line = r#"{"id":"b","profile":{"name":"1","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
+            let updates = parse_body(line.as_bytes()).unwrap();
+            store
+                .apply_groups(&[&updates], &mapping, Utc::now())
+                .unwrap();
+            let beside = store.flush();
+            assert!(matches!(beside, Err(StoreError::Io { .. })), "{beside:?}");
+            let failed = failing.join().unwrap();
+            assert!(matches!(failed, Err(StoreError::Io { .. })), "{failed:?}");
+        });
+        assert_eq!(store.durable_next_seq(), durable);
     }
 }

@@ -291,12 +291,15 @@ impl Store {
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
             profile_writer: std::sync::Mutex::new(()),
+            flushing: std::sync::Mutex::new(()),
             reopening: std::sync::Mutex::new(()),
             write_sections: RwLock::new(()),
             closing: AtomicBool::new(false),
             dead_letters: DeadLetterIndex::default(),
             #[cfg(test)]
             settling_panics: AtomicBool::new(false),
+            #[cfg(test)]
+            failing_sync: std::sync::Mutex::new(None),
             _lock: lock,
         })
     }
@@ -693,14 +696,18 @@ impl Store {
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
     ///
     /// Refused while the store is failed, also when the failure comes from another writer's
-    /// flush while this one runs: the exports written before a failed flush are not durable
-    /// (the disk may have lost them, and a reopen forgets them), so delivery must not read them.
+    /// flush: the exports written before a failed flush are not durable (the disk may have
+    /// lost them, and a reopen forgets them), so delivery must not read them. Flushes run one
+    /// at a time, so a failing one marks the store failed before the next one begins.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_failed() {
             return Err(self.failure());
         }
         self.with(|t| {
             let written = self.written_next.load(Ordering::SeqCst);
+            #[cfg(test)]
+            self.sync_fault()?;
             t.flush_to_drive()?;
             if self.is_failed() {
                 return Err(self.failure());
@@ -708,6 +715,18 @@ impl Store {
             self.durable_next.fetch_max(written, Ordering::SeqCst);
             Ok(())
         })
+    }
+
+    #[cfg(test)]
+    fn sync_fault(&self) -> Result<(), StoreError> {
+        let fault = self.failing_sync.lock().unwrap().take();
+        match fault {
+            Some(delay) => {
+                std::thread::sleep(delay);
+                Err(StoreError::Sync(std::io::Error::from_raw_os_error(5)))
+            }
+            None => Ok(()),
+        }
     }
 
     /// Every export below this sequence number is durable.

@@ -510,9 +510,12 @@ impl Store {
             // A writer whose own flush comes after this point finds the handles gone (and
             // answers with an error) or, after the reopen, flushes the copy: what it wrote
             // must be durable before the copy is made of it.
+            let one_at_a_time = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = old.flush_to_drive() {
+                let error = self.classify(e, self.generation.load(Ordering::SeqCst));
+                drop(one_at_a_time);
                 self.put_back(Arc::new(old));
-                return Err(self.classify(e, self.generation.load(Ordering::SeqCst)));
+                return Err(error);
             }
         }
         // Until the store is open again, a panic leaves it failed, for the agent to reopen.
