@@ -105,6 +105,10 @@ pub enum AdminError {
     /// The request reached the agent, but no answer came back: it may have been done.
     #[error("{0}")]
     Unanswered(String),
+    /// The agent answered that the request may have been done or not (an ingest chunk whose
+    /// flush failed).
+    #[error("{0}")]
+    InDoubt(String),
 }
 
 impl From<StoreError> for AdminError {
@@ -146,6 +150,7 @@ impl AdminAnswer {
                     AdminError::NotFound(_) => "not_found",
                     AdminError::Usage(_) => "usage",
                     AdminError::Failed(_) | AdminError::Unanswered(_) => "failed",
+                    AdminError::InDoubt(_) => "in_doubt",
                 };
                 AdminAnswer {
                     ok: None,
@@ -174,6 +179,7 @@ impl AdminAnswer {
             (_, Some(error)) => Err(match self.kind.as_deref() {
                 Some("not_found") => AdminError::NotFound(error),
                 Some("usage") => AdminError::Usage(error),
+                Some("in_doubt") => AdminError::InDoubt(error),
                 _ => AdminError::Failed(error),
             }),
             (None, None) => Err(AdminError::Failed("empty answer from the agent".into())),
@@ -440,6 +446,17 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
 mod tests {
     use super::*;
     use crate::store::{ListFilter, Place};
+
+    #[test]
+    fn an_answer_in_doubt_reaches_the_command_as_in_doubt() {
+        let answer = AdminAnswer::from_result(Err(AdminError::InDoubt("disk full".into())));
+        let line = serde_json::to_string(&answer).unwrap();
+        let read: AdminAnswer = serde_json::from_str(&line).unwrap();
+        assert!(
+            matches!(read.into_result(), Err(AdminError::InDoubt(ref m)) if m == "disk full"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn a_request_an_older_agent_does_not_know_is_a_failure_that_says_so() {

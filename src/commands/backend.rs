@@ -149,7 +149,7 @@ impl Backend {
                 let report = call_agent(socket, &request, Some(AGENT_TIMEOUT))?;
                 // The agent took the chunk; what it says of it cannot be read.
                 BatchSummary::from_report(&report).ok_or_else(|| {
-                    CliError::Unanswered(format!("unexpected answer from the agent: {report}"))
+                    CliError::InDoubt(format!("unexpected answer from the agent: {report}"))
                 })
             }
         }

@@ -16,13 +16,14 @@ use crate::store::{BatchSummary, StoreError};
 const INGEST_CHUNK: usize = 1_000;
 
 /// Says how much of the input was stored before `error` (a full disk, say): each chunk is
-/// stored whole or not at all, and the chunk of `in_flight` updates that the agent did not
-/// answer for, or whose write or flush met an I/O error, may have been (sled writes in the
-/// background too, so a chunk whose flush failed may be on the disk all the same).
+/// stored whole or not at all, and the chunk of `in_flight` updates may have been when the
+/// agent did not answer for it or answered so, or when its write or flush here met an I/O
+/// error (sled writes in the background too, so a chunk whose flush failed may be on the disk
+/// all the same).
 fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> CliError {
     let (message, in_doubt) = match error {
         CliError::Failure(message) => (message, 0),
-        CliError::Unanswered(message) => (message, in_flight as u64),
+        CliError::InDoubt(message) => (message, in_flight as u64),
         CliError::Store(e @ (StoreError::NoSpace(_) | StoreError::Io { .. })) => {
             (e.to_string(), in_flight as u64)
         }
@@ -157,4 +158,28 @@ pub fn ingest_file<F: Read + Seek + Send>(
     })?;
     bar.finish_and_clear();
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::AdminError;
+
+    #[test]
+    fn a_chunk_the_agent_could_not_tell_of_may_have_been_stored() {
+        let error = CliError::from(AdminError::InDoubt("no space left".into()));
+        let message = partly_stored(error, 1000, 1000, 2500).to_string();
+        assert_eq!(
+            message,
+            "no space left; the first 1000 of 2500 updates were stored, the next 1000 may have \
+             been, the rest not; once this is fixed, run the same input again (updates already \
+             stored are then stale or unchanged)"
+        );
+        let error = CliError::from(AdminError::Failed("no space left".into()));
+        let message = partly_stored(error, 1000, 1000, 2500).to_string();
+        assert!(
+            message.contains("the first 1000 of 2500 updates were stored, the rest not"),
+            "{message}"
+        );
+    }
 }

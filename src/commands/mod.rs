@@ -45,9 +45,10 @@ pub enum CliError {
     Input(#[from] InputError),
     #[error("{0}")]
     Failure(String),
-    /// The agent got the request but did not answer: it may have been done.
+    /// The request may have been done: the agent got it but did not answer, or answered that
+    /// it could not tell.
     #[error("{0}")]
-    Unanswered(String),
+    InDoubt(String),
 }
 
 impl CliError {
@@ -65,7 +66,7 @@ impl From<AdminError> for CliError {
         match e {
             AdminError::Usage(m) => CliError::Usage(m),
             AdminError::NotFound(m) | AdminError::Failed(m) => CliError::Failure(m),
-            AdminError::Unanswered(m) => CliError::Unanswered(m),
+            AdminError::Unanswered(m) | AdminError::InDoubt(m) => CliError::InDoubt(m),
         }
     }
 }

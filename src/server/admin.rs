@@ -15,7 +15,7 @@ use crate::admin::{
 };
 use crate::metrics::Metrics;
 use crate::profile::update::{update_from_value_with, FutureLimit};
-use crate::store::committer::Committer;
+use crate::store::committer::{CommitError, Committer};
 use crate::store::Store;
 
 pub struct AdminState {
@@ -193,11 +193,10 @@ async fn ingest(
     if state.store.outbox_full(state.max_outbox_bytes)? {
         return Err(AdminError::Failed(OUTBOX_FULL.into()));
     }
-    let summary = state
-        .committer
-        .commit(updates)
-        .await
-        .map_err(|e| AdminError::Failed(e.to_string()))?;
+    let summary = state.committer.commit(updates).await.map_err(|e| match e {
+        CommitError::InDoubt(e) => AdminError::InDoubt(e),
+        e => AdminError::Failed(e.to_string()),
+    })?;
     state.metrics.record_commit(&summary);
     Ok(summary.report())
 }

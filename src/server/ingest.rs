@@ -75,7 +75,8 @@ fn error_answer(status: StatusCode, message: &str) -> Answer {
     json_answer(status, json!({ "error": message }))
 }
 
-/// 503 with `Retry-After`: the request was not stored, and can be sent again.
+/// 503 with `Retry-After`: the request can be sent again (`message` says whether it may have
+/// been stored).
 fn unavailable(message: &str) -> Answer {
     let mut answer = error_answer(StatusCode::SERVICE_UNAVAILABLE, message);
     answer
@@ -495,6 +496,9 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             )
         }
         Err(CommitError::Unavailable(e)) => unavailable(&format!("not stored: {e}")),
+        Err(CommitError::InDoubt(e)) => unavailable(&format!(
+            "may have been stored or not: {e}; sending the same request again is safe"
+        )),
         Err(CommitError::Refused(e)) => error_answer(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("not stored: {e}"),

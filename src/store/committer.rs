@@ -29,6 +29,11 @@ pub enum CommitError {
     /// request was acknowledged, and the same request can be sent again later.
     #[error("{0}")]
     Unavailable(String),
+    /// The group was written but its flush failed (the store is then failed and reopened):
+    /// sled may have written it to the disk all the same, so it may be stored or not. Sending
+    /// the same request again is safe: updates already stored are then stale or unchanged.
+    #[error("{0}")]
+    InDoubt(String),
     /// This request alone was refused: it updates a profile whose stored version cannot be
     /// read. Nothing of it was stored.
     #[error("{0}")]
@@ -209,9 +214,11 @@ fn run(
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
         let started = std::time::Instant::now();
         let mut decided = std::time::Duration::ZERO;
+        let mut written = false;
         let result = store.write_section().and_then(|_section| {
             let summaries = store.apply_each(&groups, mapping, Utc::now(), &consumed)?;
             decided = started.elapsed();
+            written = true;
             store.flush()?;
             Ok(summaries)
         });
@@ -230,11 +237,55 @@ fn run(
                 }
             }
             Err(e) => {
-                let error = commit_error(e);
+                let error = if written {
+                    tracing::debug!(error = %e, "the flush of a written group failed");
+                    CommitError::InDoubt(e.to_string())
+                } else {
+                    commit_error(e)
+                };
                 for job in jobs {
                     job.answer(Err(error.clone()));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::profile::update::parse_body;
+
+    fn update(id: &str) -> Vec<Update> {
+        let line = format!(
+            r#"{{"id":"{id}","profile":{{"name":"1","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+        );
+        parse_body(line.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_flush_failed_may_have_been_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
+        let (committer, thread) = Committer::start(Arc::clone(&store), mapping, Arc::default());
+        committer.commit(update("a")).await.unwrap();
+
+        *store.failing_sync.lock().unwrap() = Some(Duration::ZERO);
+        let written = committer.commit(update("b")).await;
+        assert!(
+            matches!(written, Err(CommitError::InDoubt(_))),
+            "{written:?}"
+        );
+        // The store is failed now: the next group is refused before anything of it is written.
+        let refused = committer.commit(update("c")).await;
+        assert!(
+            matches!(refused, Err(CommitError::Unavailable(_))),
+            "{refused:?}"
+        );
+        drop(committer);
+        thread.join().unwrap();
     }
 }
