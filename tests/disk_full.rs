@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::agent_process::{free_port, healthz, AgentProcess};
+use common::agent_process::{free_port, healthz, wait_or_show, AgentProcess};
 use common::nats::{nats_server_or_skip, nats_table, NatsServer};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
@@ -340,40 +340,23 @@ async fn a_full_disk_under_a_nats_feed_loses_no_message() {
 
 /// Waits (at most 60 s) until profiles `p0` to `p{profiles - 1}` each had an export delivered.
 async fn all_delivered(receiver: &Receiver, agent: &AgentProcess, profiles: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let what = format!("{what}: profiles p0 to p{} delivered", profiles - 1);
+    wait_or_show(60, &what, &[agent], async || {
         let delivered: std::collections::HashSet<String> = receiver
             .delivered()
             .iter()
             .map(|r| profile_of(&r.json().unwrap()))
             .collect();
-        let missing: Vec<usize> = (0..profiles)
-            .filter(|i| !delivered.contains(&format!("p{i}")))
-            .collect();
-        if missing.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} of {profiles} profiles not delivered, e.g. {:?}:\n{}",
-            missing.len(),
-            &missing[..missing.len().min(10)],
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (0..profiles).all(|i| delivered.contains(&format!("p{i}")))
+    })
+    .await;
 }
 
 async fn wait_until_healthz(agent: &AgentProcess, status: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while healthz(agent.addr).await != Some(status) {
-        assert!(
-            Instant::now() < deadline,
-            "waited 60 s for {what}:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_or_show(60, what, &[agent], async || {
+        healthz(agent.addr).await == Some(status)
+    })
+    .await;
 }
 
 /// SIGTERM while the disk is still full: exit 0 (everything acknowledged was flushed when it

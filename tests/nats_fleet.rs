@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::agent_process::{free_port, AgentProcess};
+use common::agent_process::{free_port, wait_or_show, AgentProcess};
 use common::nats::{nats_server_or_skip, nats_table, NatsServer};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
@@ -142,13 +142,10 @@ async fn start_receiver() -> Receiver {
 
 /// Waits (at most 10 s) until the agent's source says it paused fetching.
 async fn wait_until_paused(agent: &AgentProcess) {
-    for _ in 0..200 {
-        if healthz_json(agent.addr).await["nats"]["state"] == "paused" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the source never paused:\n{}", agent.log());
+    wait_or_show(10, "the source to pause", &[agent], async || {
+        healthz_json(agent.addr).await["nats"]["state"] == "paused"
+    })
+    .await;
 }
 
 async fn healthz_json(addr: SocketAddr) -> serde_json::Value {
@@ -169,39 +166,11 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
 
 /// Waits (at most 60 s) until the agent's metric `name` reads `value`.
 async fn wait_until_metric(agent: &AgentProcess, name: &str, value: f64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = metric(agent.addr, name).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} is {now}, not {value}; agent log:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// [`wait_until`], showing the agents' logs if it times out.
-async fn wait_or_show(
-    seconds: u64,
-    what: &str,
-    agents: &[&AgentProcess],
-    check: impl Fn() -> bool,
-) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
-    while !check() {
-        if std::time::Instant::now() > deadline {
-            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
-            panic!(
-                "timed out waiting for {what}; agent logs:\n{}",
-                logs.join("\n---\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{name} to read {value}");
+    wait_or_show(60, &what, &[agent], async || {
+        metric(agent.addr, name).await == value
+    })
+    .await;
 }
 
 fn write_lines(dir: &Path, lines: &[String]) -> PathBuf {
@@ -463,7 +432,7 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
             .await
             .unwrap();
     }
-    wait_or_show(20, "both valid updates delivered", &[&agent], || {
+    wait_or_show(20, "both valid updates delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= 2
     })
     .await;
@@ -795,7 +764,7 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         10,
         "the log saying NATS cannot be reached",
         &[&agent],
-        || {
+        async || {
             let log = agent.log();
             log.contains("cannot connect to NATS") && log.contains(&server.url())
         },
@@ -808,7 +777,7 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     setup.cli(&["nats", "setup"]);
     let lines: Vec<String> = (2..12).map(|p| version_line(p, 0)).collect();
     setup.publish(&lines);
-    wait_or_show(30, "every export delivered", &[&agent], || {
+    wait_or_show(30, "every export delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= 11
     })
     .await;
@@ -894,7 +863,7 @@ async fn a_consumer_made_again_behind_the_agents_back_is_noticed() {
     }
 
     receiver.set_export_script(None);
-    wait_or_show(60, "every export delivered", &[&agent], || {
+    wait_or_show(60, "every export delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= 2 * PROFILES
     })
     .await;
@@ -954,7 +923,7 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     };
     assert_eq!(publish_bad("{old").await.sequence, PROFILES as u64 + 1);
     let rejected = "outpost_source_messages_total{result=\"rejected\"}";
-    wait_or_show(60, "the first versions delivered", &[&agent], || {
+    wait_or_show(60, "the first versions delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= PROFILES
     })
     .await;
@@ -968,7 +937,7 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
         60,
         "the versions in the new stream delivered",
         &[&agent],
-        || distinct_delivered(&receiver) >= 2 * PROFILES,
+        async || distinct_delivered(&receiver) >= 2 * PROFILES,
     )
     .await;
     wait_until_metric(&agent, rejected, 2.0).await;
@@ -1056,9 +1025,12 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
     );
     assert_eq!(messages(js.clone()).await, 0, "nothing published");
     let agent = sixteen.start().await;
-    wait_or_show(20, "the agent to refuse the stream", &[&agent], || {
-        agent.log().contains("made for 8 partitions")
-    })
+    wait_or_show(
+        20,
+        "the agent to refuse the stream",
+        &[&agent],
+        async || agent.log().contains("made for 8 partitions"),
+    )
     .await;
     drop(agent);
 
@@ -1306,7 +1278,7 @@ async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() 
         30,
         "the log saying the old consumer could not be deleted",
         &[&agent],
-        || agent.log().contains("deleting the old consumer"),
+        async || agent.log().contains("deleting the old consumer"),
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1325,7 +1297,7 @@ async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() 
     drop(agent);
 
     let agent = setup.start().await;
-    wait_or_show(30, "the update delivered", &[&agent], || {
+    wait_or_show(30, "the update delivered", &[&agent], async || {
         distinct_delivered(&receiver) == 1
     })
     .await;
@@ -1468,7 +1440,7 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
     setup.publish(&version(0));
     setup.publish(&version(2));
     let mut agent = setup.start().await;
-    wait_or_show(60, "the first versions delivered", &[&agent], || {
+    wait_or_show(60, "the first versions delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= 2 * PROFILES
     })
     .await;
@@ -1493,9 +1465,12 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
     // Stream sequences 121 to 180.
     setup.publish(&version(4));
     let agent = setup.start().await;
-    wait_or_show(60, "the other partitions' new versions", &[&agent], || {
-        distinct_delivered(&receiver) >= 3 * PROFILES - in_stopped
-    })
+    wait_or_show(
+        60,
+        "the other partitions' new versions",
+        &[&agent],
+        async || distinct_delivered(&receiver) >= 3 * PROFILES - in_stopped,
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -1516,7 +1491,7 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
         30,
         "the stopped partition's new versions",
         &[&agent],
-        || distinct_delivered(&receiver) >= 3 * PROFILES,
+        async || distinct_delivered(&receiver) >= 3 * PROFILES,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

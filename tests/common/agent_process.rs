@@ -149,3 +149,24 @@ fn next_number() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// Polls `check` every 20 ms until it holds; after `seconds`, panics naming `what`, with the
+/// agents' logs.
+pub async fn wait_or_show(
+    seconds: u64,
+    what: &str,
+    agents: &[&AgentProcess],
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !check().await {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
+            panic!(
+                "timed out waiting for {what}; agent logs:\n{}",
+                logs.join("\n---\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
