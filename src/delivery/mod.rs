@@ -646,7 +646,7 @@ impl Deliverer {
                 }
             }
             Err(e) => {
-                log_read_error(&e);
+                log_read_error(&e, self.store.is_failed());
                 state.read_retry_at = Some(now + READ_RETRY);
             }
         }
@@ -666,7 +666,7 @@ impl Deliverer {
                 state.queue.read_back_later(later);
             }
             Err(e) => {
-                log_read_error(&e);
+                log_read_error(&e, self.store.is_failed());
                 state.queue.read_back_later(heads);
                 state.read_retry_at = Some(now + READ_RETRY);
             }
@@ -1071,8 +1071,9 @@ impl LoopState {
     }
 }
 
-fn log_read_error(e: &StoreError) {
-    if matches!(e, StoreError::Reopening(_)) {
+/// At debug level while the store is failed or reopened: that was logged once already.
+fn log_read_error(e: &StoreError, store_failed: bool) {
+    if store_failed || matches!(e, StoreError::Reopening(_)) {
         tracing::debug!(error = %e, "cannot read the outbox; trying again shortly");
     } else {
         tracing::error!(error = %e, "cannot read the outbox; trying again shortly");

@@ -240,6 +240,16 @@ impl Store {
         Ok(exports)
     }
 
+    /// While the store is failed, sled's memory may hold changes that its reopen will forget
+    /// (a drop or a put-back whose flush failed): delivery reads nothing until the reopen,
+    /// after which it reads the outbox again from its head (see `Store::reopen_trees`).
+    fn refuse_reads_while_failed(&self) -> Result<(), StoreError> {
+        match self.is_failed() {
+            true => Err(self.failure()),
+            false => Ok(()),
+        }
+    }
+
     /// Runs `change`, which puts exports back into the outbox under their old sequence numbers
     /// or drops pending ones, while the delivery loop starts nothing (see
     /// [`Store::unless_rewound`]); the loop then reads the outbox again from its head.
@@ -326,6 +336,7 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<Export>, StoreError> {
+        self.refuse_reads_while_failed()?;
         let until = self.durable_next_seq();
         if *cursor >= until {
             return Ok(Vec::new());
@@ -383,6 +394,7 @@ impl Store {
         seqs: &[u64],
         max_bytes: usize,
     ) -> Result<(Vec<Export>, usize), StoreError> {
+        self.refuse_reads_while_failed()?;
         let mut exports = Vec::with_capacity(seqs.len());
         let mut unreadable = Vec::new();
         let (mut looked_up, mut bytes) = (0, 0);

@@ -184,9 +184,10 @@ pub struct Store {
     /// committer, and `outpost repair` through the admin socket while the agent runs. A group
     /// holds several profiles, so two writers would each write back the other's old version.
     profile_writer: std::sync::Mutex<()>,
-    /// Held by a flush from its `fsync` until a failure of it marks the store failed: Linux
-    /// reports a failed writeback to one `fsync` only, so a second one running beside it could
-    /// succeed on pages the disk has lost, and its writer be answered that they are durable.
+    /// Held around every `fsync` of the store until a failure of it marks the store failed:
+    /// Linux reports a failed writeback to one `fsync` only, so a second one running beside it
+    /// could succeed on pages the disk has lost, and its writer be answered that they are
+    /// durable (or a reopen be thought sound).
     flushing: std::sync::Mutex<()>,
     /// See [`Store::lock_reopening`].
     reopening: std::sync::Mutex<()>,
@@ -644,6 +645,37 @@ mod tests {
         store.flush().unwrap();
     }
 
+    /// A drop or a put-back whose flush failed is in sled's memory but not on the disk, and the
+    /// reopen forgets it: delivery reads nothing meanwhile, and the outbox again from its head
+    /// once the store is reopened.
+    #[test]
+    fn delivery_reads_nothing_of_a_failed_store_and_reads_again_after_its_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let seqs = testing::export_each(&store, &[("a", "1"), ("b", "1")]);
+        let mut cursor = 0;
+        assert_eq!(
+            store
+                .read_pending(&mut cursor, 10, usize::MAX)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(!store.unless_rewound(|rewound| rewound));
+
+        let generation = store.trees().unwrap().generation;
+        let eio = std::io::Error::from_raw_os_error(5);
+        store.classify(StoreError::Sync(eio), generation);
+        let read = store.read_pending(&mut 0, 10, usize::MAX);
+        assert!(matches!(read, Err(StoreError::Io { .. })), "{read:?}");
+        let read = store.read_pending_by_seq(&seqs, usize::MAX);
+        assert!(matches!(read, Err(StoreError::Io { .. })), "{read:?}");
+
+        assert!(store.recover().unwrap());
+        assert!(store.unless_rewound(|rewound| rewound));
+        assert_eq!(store.read_pending(&mut 0, 10, usize::MAX).unwrap().len(), 2);
+    }
+
     #[test]
     fn a_flush_beside_a_failing_one_is_not_answered_durable() {
         let dir = tempfile::tempdir().unwrap();
@@ -653,9 +685,11 @@ mod tests {
         *store.failing_sync.lock().unwrap() = Some(Duration::from_millis(400));
         std::thread::scope(|scope| {
             let failing = scope.spawn(|| store.flush());
+            while store.failing_sync.lock().unwrap().is_some() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             // The failing flush has begun its `fsync`; this write's flush comes beside it, as
             // the settler's comes beside the committer's, and its own `fsync` would succeed.
-            std::thread::sleep(Duration::from_millis(100));
             let mapping = Mapping::new(&["name"], &["s"], &[]);
             let line = r#"{"id":"b","profile":{"name":"1","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
             let updates = parse_body(line.as_bytes()).unwrap();

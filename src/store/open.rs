@@ -678,6 +678,7 @@ impl Store {
         }
         if let Some(file) = &trees.log_file {
             // What the reopened store read is on the drive before anything is sent from it.
+            let _one_at_a_time = self.lock_flushing();
             file.sync_data().map_err(StoreError::Sync)?;
         }
         self.rebuilt_meta
@@ -687,9 +688,11 @@ impl Store {
         self.written_next.store(opened.next_seq, Ordering::SeqCst);
         self.durable_next.store(opened.next_seq, Ordering::SeqCst);
         trees.generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        // Writes that were not durable are gone: the dead letters are read again.
+        // Writes that were not durable are gone: the dead letters are read again, and so is
+        // the outbox by the delivery loop, as after a put-back (a drop that was not durable
+        // is undone, below where the loop had read).
         self.dead_letters.read_again();
-        self.put_back(Arc::new(trees));
+        self.rewinding(|| self.put_back(Arc::new(trees)));
         Ok(())
     }
 
@@ -700,7 +703,7 @@ impl Store {
     /// lost them, and a reopen forgets them), so delivery must not read them. Flushes run one
     /// at a time, so a failing one marks the store failed before the next one begins.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = self.lock_flushing();
         if self.is_failed() {
             return Err(self.failure());
         }
@@ -727,6 +730,11 @@ impl Store {
             }
             None => Ok(()),
         }
+    }
+
+    /// Held around every `fsync` of the store (see `Store::flushing`).
+    pub(super) fn lock_flushing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.flushing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every export below this sequence number is durable.

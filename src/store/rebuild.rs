@@ -305,6 +305,7 @@ fn copy_into(
         keys: 0,
         profiles: 0,
     };
+    let mut unchecked_bytes = 0u64;
     for name in t.db.tree_names() {
         let from = t.db.open_tree(&name)?;
         let to = new.open_tree(&name)?;
@@ -313,14 +314,16 @@ fn copy_into(
         for item in from.iter() {
             let (key, value) = item?;
             copied.profiles += profiles_in(&name, &key, &value);
+            unchecked_bytes += (key.len() + value.len()) as u64;
             batch.insert(key, value);
             in_batch += 1;
-            if in_batch == COPY_BATCH {
+            if in_batch == COPY_BATCH || unchecked_bytes >= SPACE_CHECK_BYTES {
                 to.apply_batch(std::mem::take(&mut batch))?;
                 copied.keys += in_batch;
                 in_batch = 0;
-                if (copied.keys / COPY_BATCH).is_multiple_of(BATCHES_PER_SPACE_CHECK) {
+                if unchecked_bytes >= SPACE_CHECK_BYTES {
                     check_reserve(store, reserve)?;
+                    unchecked_bytes = 0;
                 }
                 if last_line.elapsed() >= Duration::from_secs(1) {
                     last_line = Instant::now();
@@ -500,17 +503,22 @@ impl Store {
                 super::open::CLOSE_WAIT.as_secs()
             ))
         })?;
+        // A failed store's handles may have lost writes sled took in memory: those of a
+        // delivery outcome too, so the reopen must raise the bound of what may have been
+        // acknowledged unrecorded, as `Store::recover` does.
+        let failed_before = self.is_failed();
         let old = self.take_trees().map_err(|()| {
             not_compacted(format!(
                 "calls in progress held the store for {} s",
                 super::open::CLOSE_WAIT.as_secs()
             ))
         })?;
+        let old_missing = old.is_none();
         if let Some(old) = old {
             // A writer whose own flush comes after this point finds the handles gone (and
             // answers with an error) or, after the reopen, flushes the copy: what it wrote
             // must be durable before the copy is made of it.
-            let one_at_a_time = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+            let one_at_a_time = self.lock_flushing();
             if let Err(e) = old.flush_to_drive() {
                 let error = self.classify(e, self.generation.load(Ordering::SeqCst));
                 drop(one_at_a_time);
@@ -538,6 +546,9 @@ impl Store {
             return Err(compacted.err().unwrap_or(e));
         }
         std::mem::forget(reopen_guard);
+        if failed_before || old_missing {
+            self.raise_unrecorded_below_after_reopen()?;
+        }
         // The handles are new: an earlier failure is behind them.
         self.failed.store(false, Ordering::SeqCst);
         self.failed_no_space.store(false, Ordering::SeqCst);
@@ -619,12 +630,11 @@ pub(super) fn sled_bytes(store: &Path) -> io::Result<u64> {
 
 /// Free space a rebuild leaves on the store's disk: it stops rather than go below, since a
 /// full disk would fail other writers too. sled writes a few MiB behind (it flushes every
-/// 500 ms), and [`COPY_BATCH`] × [`BATCHES_PER_SPACE_CHECK`] keys of a large store are about
-/// 20 MiB.
+/// 500 ms), and the free space is looked at again after each [`SPACE_CHECK_BYTES`] copied.
 pub(super) const COPY_RESERVE_BYTES: u64 = 64 << 20;
 
-/// Batches copied between two looks at the free space.
-const BATCHES_PER_SPACE_CHECK: u64 = 16;
+/// Bytes of keys and values copied between two looks at the free space.
+const SPACE_CHECK_BYTES: u64 = 16 << 20;
 
 /// [`StoreError::NoRoomToRebuild`] while the disk holding `store` has less than `reserve` bytes
 /// free.

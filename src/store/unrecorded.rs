@@ -98,6 +98,7 @@ impl Store {
     /// after a crash, every export pending then may have been acknowledged if a delivery loop
     /// ran. The raised bound is recorded durably, so that a clean stop does not lower it.
     pub(super) fn raise_unrecorded_below_after_reopen(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.lock_flushing();
         self.with(|t| {
             let next_seq = self.written_next.load(Ordering::SeqCst);
             let found = unrecorded_below_at_open(t, next_seq)?;
@@ -388,6 +389,27 @@ mod tests {
             put_back(&store, older),
             PutBack::MaybeOvertaken { by: newer }
         );
+    }
+
+    /// A reopen that failed after giving up the handles, then a compaction that opens the
+    /// store again: the compaction raises the bound as the reopen would have.
+    #[test]
+    fn a_compaction_that_ends_a_failed_reopen_errs_towards_holding() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        store.delivery_starting().unwrap();
+        let (older, newer) = dead_then_pending(&store);
+        let generation = store.trees().unwrap().generation;
+        store.classify(
+            StoreError::Sync(std::io::Error::from_raw_os_error(5)),
+            generation,
+        );
+        drop(store.take_trees().unwrap());
+
+        store.compact_in_place().unwrap();
+        assert!(!store.is_failed());
+        let maybe = store.maybe_acknowledged(&[older]).unwrap();
+        assert_eq!(maybe.newer_than("p", older), Some(newer));
     }
 
     #[test]
