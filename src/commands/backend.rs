@@ -131,9 +131,11 @@ impl Backend {
                 let mut mapping = config.mapping.clone();
                 store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
                 run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;
-                let summaries = store.apply_groups(&[updates], &mapping, Utc::now())?;
+                let summaries = store
+                    .apply_groups(&[updates], &mapping, Utc::now())
+                    .map_err(maybe_written)?;
                 let decided = started.elapsed();
-                store.flush()?;
+                store.flush().map_err(maybe_written)?;
                 tracing::debug!(
                     updates = updates.len(),
                     apply_us = decided.as_micros() as u64,
@@ -153,6 +155,15 @@ impl Backend {
                 })
             }
         }
+    }
+}
+
+/// An error from writing a chunk, or from flushing it: on an I/O error, sled may have put the
+/// chunk (or part of it) on the disk all the same.
+fn maybe_written(e: StoreError) -> CliError {
+    match e {
+        StoreError::NoSpace(_) | StoreError::Io { .. } => CliError::InDoubt(e.to_string()),
+        e => CliError::Store(e),
     }
 }
 

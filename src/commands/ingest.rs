@@ -10,22 +10,26 @@ use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
 use crate::profile::Update;
-use crate::store::{BatchSummary, StoreError};
+use crate::store::committer::IN_DOUBT;
+use crate::store::BatchSummary;
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
 const INGEST_CHUNK: usize = 1_000;
 
-/// Says how much of the input was stored before `error` (a full disk, say): each chunk is
-/// stored whole or not at all, and the chunk of `in_flight` updates may have been when the
-/// agent did not answer for it or answered so, or when its write or flush here met an I/O
-/// error (sled writes in the background too, so a chunk whose flush failed may be on the disk
-/// all the same).
+/// Says how much of the input was stored before `error` (a full disk, say): the chunks before
+/// it were stored, and the chunk of `in_flight` updates may have been, or part of it, when
+/// the agent did not answer for it or answered so, or when its write or flush here met an
+/// I/O error (sled writes in the background too, so a chunk whose flush failed may be on the
+/// disk all the same).
 fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> CliError {
     let (message, in_doubt) = match error {
         CliError::Failure(message) => (message, 0),
-        CliError::InDoubt(message) => (message, in_flight as u64),
-        CliError::Store(e @ (StoreError::NoSpace(_) | StoreError::Io { .. })) => {
-            (e.to_string(), in_flight as u64)
+        CliError::InDoubt(message) => {
+            let plain = message.strip_prefix(&format!("{IN_DOUBT}: "));
+            (
+                plain.map_or(message.clone(), str::to_owned),
+                in_flight as u64,
+            )
         }
         CliError::Store(e) => (e.to_string(), 0),
         other => return other,
@@ -167,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_chunk_the_agent_could_not_tell_of_may_have_been_stored() {
-        let error = CliError::from(AdminError::InDoubt("no space left".into()));
+        let error = CliError::from(AdminError::InDoubt(format!("{IN_DOUBT}: no space left")));
         let message = partly_stored(error, 1000, 1000, 2500).to_string();
         assert_eq!(
             message,

@@ -194,7 +194,9 @@ async fn ingest(
         return Err(AdminError::Failed(OUTBOX_FULL.into()));
     }
     let summary = state.committer.commit(updates).await.map_err(|e| match e {
-        CommitError::InDoubt(e) => AdminError::InDoubt(e),
+        // Said in the message too, for a command of an older build, which reads this answer's
+        // kind as a plain failure.
+        CommitError::InDoubt(_) => AdminError::InDoubt(e.to_string()),
         e => AdminError::Failed(e.to_string()),
     })?;
     state.metrics.record_commit(&summary);

@@ -496,9 +496,9 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             )
         }
         Err(CommitError::Unavailable(e)) => unavailable(&format!("not stored: {e}")),
-        Err(CommitError::InDoubt(e)) => unavailable(&format!(
-            "may have been stored or not: {e}; sending the same request again is safe"
-        )),
+        Err(e @ CommitError::InDoubt(_)) => {
+            unavailable(&format!("{e}; send the same request again"))
+        }
         Err(CommitError::Refused(e)) => error_answer(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("not stored: {e}"),

@@ -21,6 +21,9 @@ use crate::profile::{Op, Update};
 /// At most this many updates go into one transaction; more waiting requests go into the next.
 const MAX_GROUP_UPDATES: usize = 20_000;
 
+/// How [`CommitError::InDoubt`] begins.
+pub const IN_DOUBT: &str = "may have been stored or not";
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
     #[error("{0}")]
@@ -29,10 +32,10 @@ pub enum CommitError {
     /// request was acknowledged, and the same request can be sent again later.
     #[error("{0}")]
     Unavailable(String),
-    /// The group was written but its flush failed (the store is then failed and reopened):
-    /// sled may have written it to the disk all the same, so it may be stored or not. Sending
-    /// the same request again is safe: updates already stored are then stale or unchanged.
-    #[error("{0}")]
+    /// The group was written, or its transaction failed on an I/O error, and it was not
+    /// flushed (the store is then failed and reopened): sled may have put it on the disk all
+    /// the same, or part of it, so it may be stored or not.
+    #[error("{IN_DOUBT}: {0}")]
     InDoubt(String),
     /// This request alone was refused: it updates a profile whose stored version cannot be
     /// read. Nothing of it was stored.
@@ -48,8 +51,10 @@ struct Job {
     position: Option<SourcePosition>,
     /// The answer, with the updates handed back: freeing their JSON trees takes the
     /// committer thread a fifth of its time, which the caller's thread can spare.
-    reply: oneshot::Sender<(Result<BatchSummary, CommitError>, Vec<Update>)>,
+    reply: oneshot::Sender<Answer>,
 }
+
+type Answer = (Result<BatchSummary, CommitError>, Vec<Update>);
 
 impl Job {
     fn answer(self, result: Result<BatchSummary, CommitError>) {
@@ -111,9 +116,21 @@ impl Committer {
     /// partition was consumed, and its rejected messages) is written in the same transaction.
     pub async fn commit_at(
         &self,
-        mut updates: Vec<Update>,
+        updates: Vec<Update>,
         position: Option<SourcePosition>,
     ) -> Result<BatchSummary, CommitError> {
+        let answer = self.queue(updates, position).await?;
+        let (result, _updates) = answer.await.map_err(|_| CommitError::Stopped)?;
+        result
+    }
+
+    /// Prepares the updates and queues them for the committer thread, which answers on the
+    /// receiver returned.
+    async fn queue(
+        &self,
+        mut updates: Vec<Update>,
+        position: Option<SourcePosition>,
+    ) -> Result<oneshot::Receiver<Answer>, CommitError> {
         for update in &mut updates {
             match update.op {
                 Op::Upsert => engine::prepare(update, &self.layout),
@@ -129,8 +146,7 @@ impl Committer {
             }))
             .await
             .map_err(|_| CommitError::Stopped)?;
-        let (result, _updates) = answer.await.map_err(|_| CommitError::Stopped)?;
-        result
+        Ok(answer)
     }
 
     /// Runs one step of the queued backfill, durably, between groups of updates; `None` when
@@ -214,13 +230,12 @@ fn run(
         let groups: Vec<&[Update]> = jobs.iter().map(|j| j.updates.as_slice()).collect();
         let started = std::time::Instant::now();
         let mut decided = std::time::Duration::ZERO;
-        let mut written = false;
-        let result = store.write_section().and_then(|_section| {
-            let summaries = store.apply_each(&groups, mapping, Utc::now(), &consumed)?;
+        let (mut writing, mut applied) = (false, None);
+        let flushed = store.write_section().and_then(|_section| {
+            writing = true;
+            applied = Some(store.apply_each(&groups, mapping, Utc::now(), &consumed)?);
             decided = started.elapsed();
-            written = true;
-            store.flush()?;
-            Ok(summaries)
+            store.flush()
         });
         tracing::debug!(
             requests = jobs.len(),
@@ -229,25 +244,46 @@ fn run(
             flush_us = (started.elapsed() - decided).as_micros() as u64,
             "committed a group"
         );
-        match result {
-            Ok(summaries) => {
+        let summaries = match (flushed, applied) {
+            (Ok(()), Some(summaries)) => {
                 committed.notify_one();
+                summaries
+            }
+            (Err(e), Some(summaries)) => {
+                tracing::debug!(error = %e, "the flush of a written group failed");
+                let in_doubt = CommitError::InDoubt(e.to_string());
                 for (job, summary) in jobs.into_iter().zip(summaries) {
-                    job.answer(summary.map_err(|e| CommitError::Refused(e.to_string())));
+                    // A request refused whole wrote nothing.
+                    job.answer(match summary {
+                        Ok(_) => Err(in_doubt.clone()),
+                        Err(refused) => Err(CommitError::Refused(refused.to_string())),
+                    });
                 }
+                continue;
             }
-            Err(e) => {
-                let error = if written {
-                    tracing::debug!(error = %e, "the flush of a written group failed");
-                    CommitError::InDoubt(e.to_string())
-                } else {
-                    commit_error(e)
-                };
-                for job in jobs {
-                    job.answer(Err(error.clone()));
-                }
+            // sled applies a transaction's writes tree by tree: one that failed on an I/O
+            // error may have left some of them to reach the disk. (Its reads failing the same
+            // way are counted in too.)
+            (Err(e @ (StoreError::NoSpace(_) | StoreError::Io { .. })), None) if writing => {
+                tracing::debug!(error = %e, "the write of a group failed");
+                answer_all(jobs, &CommitError::InDoubt(e.to_string()));
+                continue;
             }
+            (Err(e), _) => {
+                answer_all(jobs, &commit_error(e));
+                continue;
+            }
+            (Ok(()), None) => unreachable!("applied before the flush"),
+        };
+        for (job, summary) in jobs.into_iter().zip(summaries) {
+            job.answer(summary.map_err(|e| CommitError::Refused(e.to_string())));
         }
+    }
+}
+
+fn answer_all(jobs: Vec<Job>, error: &CommitError) {
+    for job in jobs {
+        job.answer(Err(error.clone()));
     }
 }
 
@@ -265,25 +301,52 @@ mod tests {
         parse_body(line.as_bytes()).unwrap()
     }
 
+    // The lock held across the awaits is what keeps the committer thread (not a task) waiting.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test]
-    async fn a_group_whose_flush_failed_may_have_been_stored() {
+    async fn a_group_whose_flush_failed_may_have_been_stored_but_not_its_refused_requests() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        // Profile `x`'s group cannot be read: an update of it is refused whole.
+        let trees = store.trees().unwrap();
+        trees
+            .profile_groups
+            .insert(super::super::groups::group_key("x"), &[0xff][..])
+            .unwrap();
         let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
         let (committer, thread) = Committer::start(Arc::clone(&store), mapping, Arc::default());
-        committer.commit(update("a")).await.unwrap();
 
-        *store.failing_sync.lock().unwrap() = Some(Duration::ZERO);
-        let written = committer.commit(update("b")).await;
+        // The first group waits for the right to write profiles, and the next two requests
+        // queue behind it, to be committed together; the first group's flush goes through,
+        // theirs fails.
+        let writer = store.lock_profile_writer();
+        let first = committer.queue(update("a"), None).await.unwrap();
+        while committer.jobs.capacity() < committer.jobs.max_capacity() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        *store.failing_sync.lock().unwrap() = Some((1, Duration::ZERO));
+        let written = committer.queue(update("b"), None).await.unwrap();
+        let refused = committer.queue(update("x"), None).await.unwrap();
+        drop(writer);
+
+        first.await.unwrap().0.unwrap();
+        let written = written.await.unwrap().0;
         assert!(
             matches!(written, Err(CommitError::InDoubt(_))),
             "{written:?}"
         );
-        // The store is failed now: the next group is refused before anything of it is written.
-        let refused = committer.commit(update("c")).await;
+        assert!(written.unwrap_err().to_string().starts_with(IN_DOUBT));
+        let refused = refused.await.unwrap().0;
         assert!(
-            matches!(refused, Err(CommitError::Unavailable(_))),
+            matches!(refused, Err(CommitError::Refused(_))),
             "{refused:?}"
+        );
+        // The store is failed now: the next group is refused before anything of it is written.
+        let after = committer.commit(update("c")).await;
+        assert!(
+            matches!(after, Err(CommitError::Unavailable(_))),
+            "{after:?}"
         );
         drop(committer);
         thread.join().unwrap();

@@ -201,10 +201,10 @@ pub struct Store {
     /// delivery's outcomes can no longer be recorded.
     #[cfg(test)]
     settling_panics: AtomicBool,
-    /// Makes the next flush wait this long and fail as an `fsync` that got `EIO`: a fault for
-    /// tests of flushes that overlap a failing one.
+    /// Lets this many flushes through, then makes the next one wait this long and fail as an
+    /// `fsync` that got `EIO`: a fault for tests of what follows a failed flush.
     #[cfg(test)]
-    failing_sync: std::sync::Mutex<Option<std::time::Duration>>,
+    failing_sync: std::sync::Mutex<Option<(u32, std::time::Duration)>>,
     /// `outpost.lock` in the store's folder, locked for as long as the store is open: sled's
     /// own lock is on a file that a rebuild replaces ([`rebuild`]).
     _lock: File,
@@ -682,7 +682,7 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         testing::export_each(&store, &[("a", "1")]);
         let durable = store.durable_next_seq();
-        *store.failing_sync.lock().unwrap() = Some(Duration::from_millis(400));
+        *store.failing_sync.lock().unwrap() = Some((0, Duration::from_millis(400)));
         std::thread::scope(|scope| {
             let failing = scope.spawn(|| store.flush());
             while store.failing_sync.lock().unwrap().is_some() {

@@ -722,13 +722,19 @@ impl Store {
 
     #[cfg(test)]
     fn sync_fault(&self) -> Result<(), StoreError> {
-        let fault = self.failing_sync.lock().unwrap().take();
-        match fault {
-            Some(delay) => {
+        let mut fault = self.failing_sync.lock().unwrap();
+        match fault.as_mut() {
+            None => Ok(()),
+            Some((pass, _)) if *pass > 0 => {
+                *pass -= 1;
+                Ok(())
+            }
+            Some(&mut (_, delay)) => {
+                *fault = None;
+                drop(fault);
                 std::thread::sleep(delay);
                 Err(StoreError::Sync(std::io::Error::from_raw_os_error(5)))
             }
-            None => Ok(()),
         }
     }
 
