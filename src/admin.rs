@@ -273,6 +273,16 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
     }
 }
 
+/// `items` in their order, without the later ones of a key already seen: an id named twice
+/// is acted on once (and not reported as not found the second time).
+fn first_of_each<T, K: Ord>(items: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut seen = std::collections::BTreeSet::new();
+    items
+        .into_iter()
+        .filter(|item| seen.insert(key(item)))
+        .collect()
+}
+
 /// Deletes rejected messages (named, or `all`), durably.
 fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, AdminError> {
     if all != ids.is_empty() {
@@ -287,14 +297,16 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
             .map(|id| (id.to_string(), id))
             .collect()
     } else {
-        ids.iter()
+        let named = ids
+            .iter()
             .map(|id| {
                 Ok((
                     id.clone(),
                     RejectedId::parse(id).map_err(AdminError::Usage)?,
                 ))
             })
-            .collect::<Result<_, AdminError>>()?
+            .collect::<Result<_, AdminError>>()?;
+        first_of_each(named, |(_, id)| *id)
     };
     let mut dropped = Vec::new();
     let mut missing = Vec::new();
@@ -331,16 +343,14 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         ));
     }
     // Each target with its sequence number; an id of another store is never found here.
-    let named: Vec<(String, Option<u64>)> = ids
+    let parsed: Vec<(String, ExportId)> = ids
         .iter()
-        .map(|text| {
-            let id: ExportId = text.parse().map_err(AdminError::Usage)?;
-            Ok((
-                text.clone(),
-                (id.store == store.store_id()).then_some(id.seq),
-            ))
-        })
+        .map(|text| Ok((text.clone(), text.parse().map_err(AdminError::Usage)?)))
         .collect::<Result<_, AdminError>>()?;
+    let named: Vec<(String, Option<u64>)> = first_of_each(parsed, |(_, id)| *id)
+        .into_iter()
+        .map(|(text, id)| (text, (id.store == store.store_id()).then_some(id.seq)))
+        .collect();
     let now = Utc::now().timestamp_millis();
     let uptime_ms = store.run_clock().uptime_ms();
     let mut unreadable = Vec::new();
@@ -503,6 +513,25 @@ mod tests {
         }
         store.flush().unwrap();
         store
+    }
+
+    #[test]
+    fn an_export_named_twice_is_dropped_once_and_not_reported_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let seqs = crate::store::testing::export_each(&store, &[("a", "1"), ("b", "1")]);
+        let first = store.export_id(seqs[0]).to_string();
+        let second = store.export_id(seqs[1]).to_string();
+        let answer = execute(
+            &store,
+            &AdminRequest::Drop {
+                ids: vec![first.clone(), second.clone(), first.clone()],
+                all_dead: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(answer["dropped"], json!([first, second]), "{answer}");
+        assert_eq!(answer["not_found"], json!([]), "{answer}");
     }
 
     /// `retry --all-dead` and `drop --all-dead` at once: each export is either put back or

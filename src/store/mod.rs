@@ -73,7 +73,7 @@ mod stale;
 mod superseded;
 mod tally;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 mod unreadable;
 mod unrecorded;
 mod upgrade;
