@@ -195,6 +195,8 @@ impl TokenSource {
                         return Err(error.clone());
                     }
                 }
+                // The lifetime counts from the asking: the answer may take a while to come.
+                let asked_at = Instant::now();
                 let fetched = match self.fetch_with(&mut fetching.refresh_token).await {
                     Ok(fetched) => fetched,
                     Err(error) => {
@@ -218,13 +220,12 @@ impl TokenSource {
                     }
                 };
                 fetching.failed = None;
-                let now = Instant::now();
-                let refresh_at = now + fetched.lifetime - refresh_margin(fetched.lifetime);
-                self.expiry.set(Some(now + fetched.lifetime));
+                let refresh_at = asked_at + fetched.lifetime - refresh_margin(fetched.lifetime);
+                self.expiry.set(Some(asked_at + fetched.lifetime));
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
                     token: fetched.token.clone(),
                     refresh_at,
-                    expires_at: now + fetched.lifetime,
+                    expires_at: asked_at + fetched.lifetime,
                     refresh_failed: false,
                 });
                 if fetched.refresh_token.is_some() {
@@ -537,6 +538,24 @@ mod tests {
             tokens.token().await,
             Err(AuthError::Status { status: 500, .. })
         ));
+    }
+
+    /// A token's lifetime counts from when it was asked for: an answer that took 3 s leaves
+    /// the token 3 s less to live, and the refresh comes that much earlier.
+    #[tokio::test]
+    async fn a_token_lifetime_counts_from_the_asking() {
+        use crate::receiver::Reply;
+        let (receiver, tokens) = with_receiver().await;
+        receiver.set_token_script(Some(Arc::new(|_, _| Reply::Delay(Duration::from_secs(3)))));
+        let first = tokens.token().await.unwrap().unwrap();
+        receiver.set_token_script(None);
+        // 538 s after the answer came: 541 s after the asking, past the refresh (540 s).
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(538)).await;
+        tokio::time::resume();
+        let second = tokens.token().await.unwrap().unwrap();
+        assert_eq!(receiver.token_requests().len(), 2, "refreshed");
+        assert_ne!(second, first);
     }
 
     /// Within the refresh margin (the last 10% of the lifetime) a new token is fetched
