@@ -894,3 +894,41 @@ async fn a_drop_answered_by_the_agent_survives_kill_9() {
     assert!(delivered.contains(&ids[1]), "{delivered:?}");
     agent.terminate().await;
 }
+
+/// A user the agent's socket is closed to (it is the agent user's alone) is told so, rather
+/// than sent to open the store the agent holds. Needs root, to run the command as another
+/// user (`setpriv`): skips without, and fails under CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_the_agents_socket_is_closed_to_is_told_so() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !in_ci(),
+            "this test needs root (to run a command as another user)"
+        );
+        eprintln!("skipped: this test needs root, to run a command as another user");
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let _agent = AgentProcess::start(&ws.config_path(), port).await;
+    // The other user may read the config and look into the store's folder.
+    for (path, mode) in [
+        (ws.path().to_path_buf(), 0o755),
+        (ws.config_path(), 0o644),
+        (ws.store_path(), 0o755),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["outbox", "stats"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not open to this user"), "{stderr}");
+}

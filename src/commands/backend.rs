@@ -55,7 +55,7 @@ impl Backend {
         let deadline = std::time::Instant::now() + wait;
         let mut said = false;
         loop {
-            if Backend::agent_answers(config) {
+            if Backend::agent_answers(config)? {
                 return Ok(Backend::Agent {
                     socket,
                     request_timeout: config.delivery.request_timeout,
@@ -101,9 +101,22 @@ impl Backend {
         Backend::connect(config)
     }
 
-    /// Whether a running agent answers on the store's admin socket.
-    pub fn agent_answers(config: &Config) -> bool {
-        UnixStream::connect(crate::server::admin::socket_path(&config.storage.path)).is_ok()
+    /// Whether a running agent answers on the store's admin socket. A socket this user may
+    /// not open is an error that says so: an agent of another user runs there, and the store
+    /// is not this process's to open meanwhile.
+    pub fn agent_answers(config: &Config) -> Result<bool, CliError> {
+        let socket = crate::server::admin::socket_path(&config.storage.path);
+        match UnixStream::connect(&socket) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(CliError::Failure(format!(
+                    "the agent's admin socket {} is not open to this user (permission denied): \
+                     run the command as the user the agent runs as",
+                    socket.display()
+                )))
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     pub fn execute(&self, request: &AdminRequest) -> Result<Value, AdminError> {

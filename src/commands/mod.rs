@@ -600,7 +600,7 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
 /// `outpost compact`: rebuilds the store, in the running agent if there is one.
 fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
     let path = &config.storage.path;
-    let result = if Backend::agent_answers(config) {
+    let result = if Backend::agent_answers(config)? {
         Backend::connect(config)?.execute(&AdminRequest::Compact)?
     } else {
         match Store::compact(path, config.storage.cache_bytes) {

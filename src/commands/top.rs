@@ -3,7 +3,6 @@
 //! this is the socket, the terminal and the keys.
 
 use std::io::IsTerminal;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
     }
     let interval = Duration::from_secs_f64(interval_s);
     let socket = crate::server::admin::socket_path(&config.storage.path);
-    if UnixStream::connect(&socket).is_err() {
+    if !super::Backend::agent_answers(config)? {
         return Err(CliError::Failure(format!(
             "no agent is running on the store at {} (nothing answers on {}); \
              `outpost top` shows a running agent: start it with `outpost run` (or check \
