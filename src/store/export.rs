@@ -244,10 +244,10 @@ impl Store {
     /// (a drop or a put-back whose flush failed): delivery reads nothing until the reopen,
     /// after which it reads the outbox again from its head (see `Store::reopen_trees`).
     fn refuse_reads_while_failed(&self) -> Result<(), StoreError> {
-        match self.is_failed() {
-            true => Err(self.failure()),
-            false => Ok(()),
+        if self.is_failed() {
+            return Err(self.failure());
         }
+        Ok(())
     }
 
     /// Runs `change`, which puts exports back into the outbox under their old sequence numbers

@@ -624,16 +624,9 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         testing::export_each(&store, &[("a", "1")]);
         let durable = store.durable_next_seq();
-        let mapping = Mapping::new(&["name"], &["s"], &[]);
-        let line = r#"{"id":"b","profile":{"name":"1","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
-        let updates = parse_body(line.as_bytes()).unwrap();
-        store
-            .apply_groups(&[&updates], &mapping, Utc::now())
-            .unwrap();
+        testing::write_each(&store, &[("b", "1")]);
         // As if the flush of that write had failed in `sync_data`.
-        let generation = store.trees().unwrap().generation;
-        let eio = std::io::Error::from_raw_os_error(5);
-        store.classify(StoreError::Sync(eio), generation);
+        testing::fail_as_after_eio(&store);
 
         assert!(store.write_section().is_err());
         let flushed = store.flush();
@@ -663,9 +656,7 @@ mod tests {
         );
         assert!(!store.unless_rewound(|rewound| rewound));
 
-        let generation = store.trees().unwrap().generation;
-        let eio = std::io::Error::from_raw_os_error(5);
-        store.classify(StoreError::Sync(eio), generation);
+        testing::fail_as_after_eio(&store);
         let read = store.read_pending(&mut 0, 10, usize::MAX);
         assert!(matches!(read, Err(StoreError::Io { .. })), "{read:?}");
         let read = store.read_pending_by_seq(&seqs, usize::MAX);
@@ -690,12 +681,7 @@ mod tests {
             }
             // The failing flush has begun its `fsync`; this write's flush comes beside it, as
             // the settler's comes beside the committer's, and its own `fsync` would succeed.
-            let mapping = Mapping::new(&["name"], &["s"], &[]);
-            let line = r#"{"id":"b","profile":{"name":"1","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
-            let updates = parse_body(line.as_bytes()).unwrap();
-            store
-                .apply_groups(&[&updates], &mapping, Utc::now())
-                .unwrap();
+            testing::write_each(&store, &[("b", "1")]);
             let beside = store.flush();
             assert!(matches!(beside, Err(StoreError::Io { .. })), "{beside:?}");
             let failed = failing.join().unwrap();

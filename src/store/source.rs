@@ -734,11 +734,7 @@ mod tests {
             .apply_each(&[&updates], &mapping, chrono::Utc::now(), &[(0, at)])
             .unwrap();
         // As if the flush of that commit had failed in `sync_data`.
-        let generation = store.trees().unwrap().generation;
-        store.classify(
-            StoreError::Sync(std::io::Error::from_raw_os_error(5)),
-            generation,
-        );
+        super::super::testing::fail_as_after_eio(&store);
         assert!(store.source_position(3, 77, 10).is_err());
         assert!(store.recover().unwrap());
         assert!(store.source_position(3, 77, 10).is_ok());

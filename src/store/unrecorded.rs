@@ -371,11 +371,7 @@ mod tests {
             let maybe = store.maybe_acknowledged(&[older]).unwrap();
             assert_eq!(maybe.newer_than("p", older), None);
 
-            let generation = store.trees().unwrap().generation;
-            store.classify(
-                StoreError::Sync(std::io::Error::from_raw_os_error(5)),
-                generation,
-            );
+            super::super::testing::fail_as_after_eio(&store);
             assert!(store.recover().unwrap());
             let maybe = store.maybe_acknowledged(&[older]).unwrap();
             assert_eq!(maybe.newer_than("p", older), Some(newer));
@@ -399,11 +395,7 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         store.delivery_starting().unwrap();
         let (older, newer) = dead_then_pending(&store);
-        let generation = store.trees().unwrap().generation;
-        store.classify(
-            StoreError::Sync(std::io::Error::from_raw_os_error(5)),
-            generation,
-        );
+        super::super::testing::fail_as_after_eio(&store);
         drop(store.take_trees().unwrap());
 
         store.compact_in_place().unwrap();
