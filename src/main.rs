@@ -32,7 +32,10 @@ fn main() -> ExitCode {
     match outpost::commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("outpost: {error}");
+            eprintln!(
+                "outpost: {}",
+                outpost::commands::for_terminal(&error.to_string(), true)
+            );
             ExitCode::from(error.exit_code())
         }
     }

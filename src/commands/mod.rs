@@ -28,9 +28,10 @@ use crate::store::{ExportId, Store, StoreError};
 const LIST_PAGE: usize = 1_000;
 pub use backend::Backend;
 pub use ingest::{ingest_file, ingest_path};
+pub use output::for_terminal;
 use output::{
     describe_clock_jumps, display_url, print_export, print_json, print_stats, print_summary,
-    ExportTable,
+    text_of, ExportTable,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -562,10 +563,10 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
         } else {
             println!(
                 "{} {}: {}; repair: {}",
-                record["tree"].as_str().unwrap_or("?"),
-                record["key"].as_str().unwrap_or("?"),
-                record["error"].as_str().unwrap_or("?"),
-                record["action"].as_str().unwrap_or("?"),
+                text_of(&record["tree"]),
+                text_of(&record["key"]),
+                text_of(&record["error"]),
+                text_of(&record["action"]),
             );
         }
     }

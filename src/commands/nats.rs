@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{Backend, CliError};
+use super::{for_terminal, text_of, Backend, CliError};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
@@ -331,10 +331,10 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
                     let _ = writeln!(
                         out,
                         "{:<14} {:<24} {:<24} {}",
-                        text(&item["id"]),
-                        text(&item["subject"]),
-                        text(&item["received_at"]),
-                        text(&item["error"])
+                        text_of(&item["id"]),
+                        text_of(&item["subject"]),
+                        text_of(&item["received_at"]),
+                        text_of(&item["error"])
                     );
                 }
             }
@@ -345,14 +345,18 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
                 println!("{item}");
             } else {
                 for key in ["id", "subject", "seq", "received_at", "error", "raw_bytes"] {
-                    println!("{key:<12} {}", text(&item[key]));
+                    println!("{key:<12} {}", text_of(&item[key]));
                 }
                 if item["raw_truncated"].as_bool() == Some(true) {
                     println!("raw (first bytes):");
                 } else {
                     println!("raw:");
                 }
-                println!("{}", text(&item["raw"]));
+                // A message may span lines; its other control characters are escaped.
+                match item["raw"].as_str() {
+                    Some(raw) => println!("{}", for_terminal(raw, true)),
+                    None => println!("{}", text_of(&item["raw"])),
+                }
             }
         }
         RejectedCommand::Drop { ids, all } => {
@@ -372,14 +376,6 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
         }
     }
     Ok(())
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

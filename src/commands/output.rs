@@ -47,12 +47,33 @@ pub(super) fn print_summary(summary: &BatchSummary, as_json: bool) {
     );
 }
 
-fn text_of(value: &Value) -> String {
+/// A value as a person reads it: `-` for null, strings unquoted and [`for_terminal`].
+pub(super) fn text_of(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => for_terminal(s, false).into_owned(),
         other => other.to_string(),
     }
+}
+
+/// `text` with its control characters escaped (`\u{1b}`), newlines too unless `keep_lines`:
+/// ids, error bodies and rejected messages come from inputs and endpoints, and printed as
+/// they are an escape sequence in one could move the cursor, recolour or retitle the
+/// terminal of whoever lists them.
+pub fn for_terminal(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c.is_control() && !(keep_lines && c == '\n');
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown)
 }
 
 pub(super) fn print_stats(stats: &Value) {
@@ -225,6 +246,22 @@ fn truncate_chars(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn control_characters_reach_the_terminal_escaped() {
+        let hostile = "a\u{1b}]0;title\u{7}b\u{9b}2Jc\r\nd\te";
+        assert_eq!(
+            text_of(&json!(hostile)),
+            "a\\u{1b}]0;title\\u{7}b\\u{9b}2Jc\\r\\nd\\te"
+        );
+        assert_eq!(
+            for_terminal(hostile, true),
+            "a\\u{1b}]0;title\\u{7}b\\u{9b}2Jc\\r\nd\\te"
+        );
+        assert_eq!(text_of(&json!("plain é ✓")), "plain é ✓");
+        assert_eq!(text_of(&Value::Null), "-");
+        assert_eq!(text_of(&json!(3)), "3");
+    }
 
     #[test]
     fn a_running_backfill_is_described_and_none_is_left_out() {
