@@ -5,7 +5,8 @@
 mod common;
 
 use std::collections::HashSet;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::PathBuf;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -900,19 +901,86 @@ async fn a_drop_answered_by_the_agent_survives_kill_9() {
 /// user (`setpriv`): skips without, and fails under CI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_user_the_agents_socket_is_closed_to_is_told_so() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            !in_ci(),
-            "this test needs root (to run a command as another user)"
-        );
-        eprintln!("skipped: this test needs root, to run a command as another user");
+    if !running_as_root() {
         return;
     }
     let destination = Destination::start().await;
     let (ws, port) = workspace(&destination);
     let _agent = AgentProcess::start(&ws.config_path(), port).await;
-    // The other user may read the config and look into the store's folder.
+    open_to_others(&ws);
+    let out = as_nobody(&ws, &["outbox", "stats"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not open to this user"), "{stderr}");
+}
+
+/// A command run as root on the store of an agent that runs as another user (`sudo outpost
+/// compact` while it is stopped) hands the files it made to that user, whose agent can then
+/// open its store again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    open_to_others(&ws);
+    let entries = || -> Vec<(PathBuf, u32, u32)> {
+        let mut found = Vec::new();
+        let mut folders = vec![ws.store_path()];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    folders.push(path.clone());
+                }
+                found.push((path, meta.uid(), meta.gid()));
+            }
+        }
+        found
+    };
+    std::os::unix::fs::chown(ws.store_path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    for (path, _, _) in entries() {
+        std::os::unix::fs::lchown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+
+    let compacted = ws.run_ok(&["compact", "--json"], None);
+    assert!(compacted.contains("\"bytes_after\""), "{compacted}");
+    let entries = entries();
+    assert!(entries.len() >= 3, "{entries:?}");
+    for (path, uid, gid) in &entries {
+        assert_eq!((*uid, *gid), (NOBODY, NOBODY), "{}", path.display());
+    }
+    let out = as_nobody(&ws, &["outbox", "stats", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["pending"], 1, "{stats}");
+}
+
+const NOBODY: u32 = 65534;
+
+/// Whether this test runs as root, as it needs to run a command as another user (under CI it
+/// must; elsewhere it is skipped).
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "this test needs root (to run a command as another user)"
+    );
+    eprintln!("skipped: this test needs root, to run a command as another user");
+    false
+}
+
+/// Lets other users read the config and look into the store's folder.
+fn open_to_others(ws: &Workspace) {
     for (path, mode) in [
         (ws.path().to_path_buf(), 0o755),
         (ws.config_path(), 0o644),
@@ -920,15 +988,16 @@ async fn a_user_the_agents_socket_is_closed_to_is_told_so() {
     ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let out = std::process::Command::new("setpriv")
+}
+
+/// `outpost --config … ARGS` run as the user nobody.
+fn as_nobody(ws: &Workspace, args: &[&str]) -> Output {
+    std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(binary())
         .arg("--config")
         .arg(ws.config_path())
-        .args(["outbox", "stats"])
+        .args(args)
         .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("is not open to this user"), "{stderr}");
+        .unwrap()
 }

@@ -156,17 +156,24 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     }
     let config_path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&config_path)?;
-    match cli.command {
-        Command::Run => runtime()?.block_on(run(&config)),
-        Command::Check { store: false, .. } => runtime()?.block_on(check(&config)),
+    let result = with_config(cli.command, &config);
+    crate::store::hand_back_to_owner(&config.storage.path);
+    result
+}
+
+/// The commands that read a config.
+fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
+    match command {
+        Command::Run => runtime()?.block_on(run(config)),
+        Command::Check { store: false, .. } => runtime()?.block_on(check(config)),
         Command::Check { store: true, json } => {
-            check_store(&Backend::connect_existing(&config)?, json)
+            check_store(&Backend::connect_existing(config)?, json)
         }
-        Command::Repair { yes } => repair_store(&config, yes),
-        Command::Compact { json } => compact_store(&config, json),
+        Command::Repair { yes } => repair_store(config, yes),
+        Command::Compact { json } => compact_store(config, json),
         Command::Ingest { file, json } => {
-            let backend = Backend::connect(&config)?;
-            let summary = ingest_path(&backend, &config, &file)?;
+            let backend = Backend::connect(config)?;
+            let summary = ingest_path(&backend, config, &file)?;
             print_summary(&summary, json);
             Ok(())
         }
@@ -187,11 +194,11 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
                     return Err(CliError::Failure("nothing dropped".into()));
                 }
             }
-            outbox(&Backend::connect_existing(&config)?, command)
+            outbox(&Backend::connect_existing(config)?, command)
         }
         Command::Profile(ProfileCommand::Show { id, json }) => {
             let value =
-                Backend::connect_existing(&config)?.execute(&AdminRequest::Profile { id })?;
+                Backend::connect_existing(config)?.execute(&AdminRequest::Profile { id })?;
             print_json(&value, json.json);
             Ok(())
         }
@@ -200,18 +207,18 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             in_flight,
             resume,
         } => runtime()?.block_on(nats::publish_path(
-            &config,
+            config,
             &file,
             in_flight,
             resume.as_deref(),
         )),
-        Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(&config)),
+        Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(config)),
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
-            nats::check_position(&config, partition, seq)?;
-            nats::set_position(&Backend::connect_existing(&config)?, partition, seq)
+            nats::check_position(config, partition, seq)?;
+            nats::set_position(&Backend::connect_existing(config)?, partition, seq)
         }
-        Command::Rejected(command) => nats::rejected(&Backend::connect_existing(&config)?, command),
-        Command::Top { once, interval } => top::top(&config, once, interval),
+        Command::Rejected(command) => nats::rejected(&Backend::connect_existing(config)?, command),
+        Command::Top { once, interval } => top::top(config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
         }

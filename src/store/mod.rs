@@ -12,6 +12,7 @@
 //! | dead letters overtaken by a newer export of their profile | `superseded.rs` | `superseded`: sequence (u64 BE) → sequence of the acknowledged newer export |
 //! | index entries that outlived their export, looked over beside the agent's work | `stale.rs` | `retry_at`, `superseded` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
+//! | files a command run as root made, handed to the store folder's owner | `owner.rs` | |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
 //! | backfill of newly mapped segments | `backfill.rs` | `meta/backfill` → format byte + JSON |
@@ -66,6 +67,7 @@ pub mod keys;
 pub mod mapping;
 mod open;
 pub mod outbox;
+mod owner;
 mod profiles;
 mod rebuild;
 pub mod source;
@@ -89,6 +91,7 @@ use keys::meta;
 pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
+pub use owner::hand_back_to_owner;
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;

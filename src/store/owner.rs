@@ -1,0 +1,66 @@
+//! Files a command running as root makes in a store folder that another user owns (`sudo
+//! outpost compact`, or `ingest`, while the agent, which runs as that user, is stopped) are
+//! handed to the folder's owner, so that the agent can open its store again.
+
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Folders below the store's that hold its files: `blobs/`, `rebuild/blobs/`.
+const DEPTH: usize = 2;
+
+/// Hands what root made under `store` to the owner of `store`: only entries root owns, never
+/// through a symbolic link, and only files with one link (a hard link put in the folder could
+/// name a file elsewhere); a socket is left (the next agent makes its own). Does nothing
+/// unless this process runs as root and the folder belongs to another user. What fails is
+/// logged: the command's own work is done.
+pub fn hand_back_to_owner(store: &Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let Ok(folder) = open(store, 0) else {
+        return;
+    };
+    match folder.metadata() {
+        Ok(meta) if meta.is_dir() && meta.uid() != 0 => {
+            hand_back_under(&folder, meta.uid(), meta.gid(), DEPTH)
+        }
+        _ => {}
+    }
+}
+
+fn open(path: &Path, flags: i32) -> std::io::Result<File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | flags)
+        .open(path)
+}
+
+/// Each entry is opened through the open folder (`/proc/self/fd/N/name`) and looked at and
+/// changed through its own open file: a folder or file swapped for a link meanwhile is not
+/// followed out of the store.
+fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize) {
+    let through = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let Ok(entries) = fs::read_dir(&through) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = through.join(entry.file_name());
+        let Ok(file) = open(&path, libc::O_NOFOLLOW) else {
+            continue;
+        };
+        let Ok(meta) = file.metadata() else {
+            continue;
+        };
+        if meta.uid() == 0 && (meta.is_dir() || meta.nlink() == 1) {
+            if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
+                tracing::warn!(file = ?entry.file_name(), uid, error = %e, "cannot hand a store file to the store folder's owner");
+            }
+        }
+        if meta.is_dir() && depth > 0 {
+            hand_back_under(&file, uid, gid, depth - 1);
+        }
+    }
+}
