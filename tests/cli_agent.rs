@@ -810,6 +810,35 @@ async fn an_agent_starts_while_drop_waits_for_its_answer() {
     drop(agent);
 }
 
+/// `outbox drop` on a terminal looks its ids up before it asks: a mistyped one is named at
+/// once, nothing is asked and nothing dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_names_an_id_it_cannot_find_before_it_asks() {
+    use std::io::Write;
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    let present = id_of(&ws, "p1", &[]);
+    let (store, _) = present.split_once('-').unwrap();
+    let mistyped = format!("{store}-999999");
+    let (mut master, dropping) =
+        spawn_on_a_terminal(&ws.config_path(), &["outbox", "drop", &present, &mistyped]);
+    // Were it asked, the question would be answered no (and the question seen below).
+    master.write_all(b"n\n").unwrap();
+    let out = dropping.wait_with_output().unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!stderr.contains("[y/N]"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("not found: {mistyped}; nothing dropped")),
+        "{stderr}"
+    );
+    assert_counts(&ws, 1, 0);
+}
+
 /// An agent started while an outpost command holds the store (one begun while the previous
 /// agent stopped, say) waits for it rather than exit 'in use'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,8 +190,17 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
                         StoreError::Missing(config.storage.path.clone()).to_string(),
                     ));
                 }
-                if std::io::stdin().is_terminal() && !confirm(ids, *all_dead)? {
-                    return Err(CliError::Failure("nothing dropped".into()));
+                if std::io::stdin().is_terminal() {
+                    let missing = exports_not_found(config, ids)?;
+                    if !missing.is_empty() {
+                        return Err(CliError::Failure(format!(
+                            "not found: {}; nothing dropped",
+                            missing.join(", ")
+                        )));
+                    }
+                    if !confirm(ids, *all_dead)? {
+                        return Err(CliError::Failure("nothing dropped".into()));
+                    }
                 }
             }
             outbox(&Backend::connect_existing(config)?, command)
@@ -710,6 +719,25 @@ fn records_to_repair(backend: &Backend) -> Result<Vec<(String, String, String)>,
         .filter(|r| repairs(r))
         .map(|r| (text(r, "tree"), text(r, "key"), text(r, "action")))
         .collect())
+}
+
+/// Of `ids`, those in neither the outbox nor the dead letters, looked up before `outbox drop`
+/// asks, so that a mistyped id is not found out only after the answer. The store is let go
+/// of before the question, as the drop connects again after it.
+fn exports_not_found(config: &Config, ids: &[String]) -> Result<Vec<String>, CliError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = Backend::connect_existing(config)?;
+    let mut missing = Vec::new();
+    for id in ids {
+        match backend.execute(&AdminRequest::Show { id: id.clone() }) {
+            Ok(_) => {}
+            Err(AdminError::NotFound(_)) => missing.push(for_terminal(id, false).into_owned()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(missing)
 }
 
 fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
