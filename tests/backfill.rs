@@ -533,3 +533,147 @@ fn a_segment_mapped_while_a_bounded_backfill_is_under_way_exports_each_member_on
     }
     assert_eq!(members, 600);
 }
+
+/// The exports of each profile in the outbox, whatever their reason.
+fn exports_per_profile(store: &Store) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for export in store.list(&ListFilter::default()).unwrap() {
+        *counts.entry(export.record.profile_id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Profiles exported by updates while the first queued job is part way: ten members whose
+/// groups it has yet to scan and ten whose groups it has passed (a mapped attribute changes),
+/// and ten profiles ahead of it that join; each is then a member of `segments`. Returns them
+/// in that order.
+fn exported_while_the_backfill_runs(
+    store: &Store,
+    mapping: &outpost::config::Mapping,
+    member: impl Fn(usize) -> bool,
+    segments: &[&str],
+) -> [Vec<String>; 3] {
+    let after_group = store.backfill_state().unwrap().jobs[0]
+        .after_group
+        .clone()
+        .expect("a job part way");
+    let ahead = |i: &usize| {
+        let key = outpost::store::groups::group_key(&format!("p{i:06}"));
+        let name: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        name > after_group
+    };
+    let pick = |wanted: &dyn Fn(&usize) -> bool| -> Vec<usize> {
+        (0..3_000usize).filter(|i| wanted(i)).take(10).collect()
+    };
+    let members_ahead = pick(&|i| member(*i) && ahead(i));
+    let members_behind = pick(&|i| member(*i) && !ahead(i));
+    let joining = pick(&|i| !member(*i) && ahead(i));
+    let entry = json!({"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"});
+    let update = |i: usize, first_name: Option<&str>| {
+        let ups: serde_json::Map<String, serde_json::Value> = segments
+            .iter()
+            .map(|s| (s.to_string(), entry.clone()))
+            .collect();
+        let mut profile = json!({"segmentMembership": {"ups": ups}});
+        if let Some(name) = first_name {
+            profile["person"] = json!({"name": {"firstName": name}});
+        }
+        json!({"id": format!("p{i:06}"), "timestamp": "2026-01-02T00:00:00Z", "profile": profile})
+            .to_string()
+    };
+    let lines: Vec<String> = members_ahead
+        .iter()
+        .chain(&members_behind)
+        .map(|&i| update(i, Some("Jane")))
+        .chain(joining.iter().map(|&i| update(i, None)))
+        .collect();
+    let summary = store
+        .apply_groups(&[&pruned_updates(&lines, mapping)], mapping, Utc::now())
+        .unwrap();
+    assert_eq!(summary[0].exports, 30, "{:?}", summary[0]);
+    store.flush().unwrap();
+    let ids = |list: Vec<usize>| list.into_iter().map(|i| format!("p{i:06}")).collect();
+    [ids(members_ahead), ids(members_behind), ids(joining)]
+}
+
+/// The entries of the store's `backfill_exported` tree, read with sled alone.
+fn marks_left(store_path: &Path) -> usize {
+    let db = open_with_sled_alone(store_path).unwrap();
+    db.open_tree("backfill_exported").unwrap().len()
+}
+
+/// A member whose update was exported after its segment was newly mapped, before the
+/// backfill reached it, gets no second export from the backfill (the update's carried the
+/// segment), also across a reopen; one whose group the backfill had passed gets both.
+#[test]
+fn a_member_an_update_exported_before_the_backfill_reached_it_is_not_exported_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let a_b = load(dir.path(), "ab.toml", &text);
+    let member = |i: usize| i.is_multiple_of(3);
+    let store = store_members(dir.path(), &only_a, |i| {
+        if member(i) {
+            vec![SEGMENT_B]
+        } else {
+            vec![]
+        }
+    });
+    let mapping = record(&store, &a_b);
+    store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+    let [ahead, behind, joining] =
+        exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B]);
+    drop(store);
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
+    let mapping = record(&store, &a_b);
+    run_backfill(&store, &mapping);
+
+    let counts = exports_per_profile(&store);
+    for i in 0..3_000usize {
+        let id = format!("p{i:06}");
+        let expected = if behind.contains(&id) {
+            2
+        } else {
+            usize::from(member(i) || joining.contains(&id))
+        };
+        assert_eq!(counts.get(&id).copied().unwrap_or(0), expected, "{id}");
+    }
+    assert_eq!(ahead.len() + behind.len() + joining.len(), 30);
+    drop(store);
+    assert_eq!(marks_left(&dir.path().join("store")), 0);
+}
+
+/// A segment newly mapped while a job is part way joins it, and the updates exported before
+/// did not carry it: the members they exported get their export for it from the backfill.
+#[test]
+fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let config =
+        |name: &str, segments: &[&str]| load(dir.path(), name, &with_segments(&text, segments));
+    let only_a = config("a.toml", &[SEGMENT_A]);
+    let a_b = config("ab.toml", &[SEGMENT_A, SEGMENT_B]);
+    let a_b_c = config("abc.toml", &[SEGMENT_A, SEGMENT_B, SEGMENT_C]);
+    // Members of B are members of C too.
+    let member = |i: usize| i.is_multiple_of(3);
+    let store = store_members(dir.path(), &only_a, |i| {
+        if member(i) {
+            vec![SEGMENT_B, SEGMENT_C]
+        } else {
+            vec![]
+        }
+    });
+    let mapping = record(&store, &a_b);
+    store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+    let [ahead, _, _] =
+        exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B, SEGMENT_C]);
+    let before_c = exports_per_profile(&store);
+    let mapping = record(&store, &a_b_c);
+    run_backfill(&store, &mapping);
+    let counts = exports_per_profile(&store);
+    for id in &ahead {
+        assert_eq!(counts[id] - before_c[id], 1, "{id}: its export for C");
+    }
+    drop(store);
+    assert_eq!(marks_left(&dir.path().join("store")), 0);
+}

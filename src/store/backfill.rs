@@ -3,11 +3,13 @@
 //! an export"). The store keeps every segment membership, mapped or not, for this.
 //!
 //! Value of `meta/backfill`: one format byte, then JSON `{"jobs": [...]}`, each job
-//! `{segments, after_group, until_group, after, scanned, exported, profiles, queued_ms}`: the
-//! segments to backfill, the last profile group scanned (absent: none yet), the last group to
-//! scan (absent: to the end), the last profile id a build before profile groups scanned (in id
-//! order; `null`: none), how many profiles were scanned and exported so far, and how many were
-//! stored when the job was queued (for progress).
+//! `{segments, after_group, until_group, after, scanned, exported, profiles, queued_ms,
+//! queued_seq}`: the segments to backfill, the last profile group scanned (absent: none yet),
+//! the last group to scan (absent: to the end), the last profile id a build before profile
+//! groups scanned (in id order; `null`: none), how many profiles were scanned and exported so
+//! far, how many were stored when the job was queued (for progress), and the export number
+//! exports were numbered from when it was queued or last joined by new segments (absent in
+//! jobs of earlier builds: 0, as they marked nothing).
 //!
 //! Invariants:
 //! - a job is queued in the same write that records the mapping that made it
@@ -29,23 +31,37 @@
 //! - a job's segments that have left the mapping by the time a step runs are skipped, and
 //!   are taken out of every job when the mapping without them is recorded, so that a segment
 //!   mapped again is backfilled once, by the job its return queues;
+//! - a profile exported by an update after a job was queued (or last joined), while the job
+//!   had yet to scan its group, is skipped by the job: that export carried the job's segments
+//!   (every mapped one), and a later change of their membership exports again. So an update
+//!   does not make a member get a second export from the backfill. The update's transaction
+//!   marks the profile in `backfill_exported` (group key ++ profile id → the export number the
+//!   transaction's exports begin at), and the job skips a mark at or above its `queued_seq`; a
+//!   step removes the marks of the groups it passes that no other job has yet to scan, and
+//!   the last step of the last job every mark left. A mark lost can only make a second export,
+//!   never a missing one;
 //! - a profile is exported at most once for the segments newly mapped by one recording of
 //!   the mapping: they join every queued job for the groups it has yet to scan, and jobs
 //!   bounded by `after_group` and `until_group` cover the groups none of those will scan
 //!   ([`BackfillState::with_new_segments`]; jobs begun before profile groups excepted).
 
+use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sled::transaction::TransactionalTree;
 use sled::Transactional;
 
+use super::error::TxResult;
 use super::export::{append_exports, new_export};
-use super::groups::{GroupKey, GroupView, GROUP_BITS};
+use super::groups::{group_key, GroupKey, GroupView, GROUP_BITS, GROUP_KEY_LEN};
 use super::keys::meta;
 use super::profiles::{
     decode_profile, group_from_name, group_name, groups_after, unreadable_group,
 };
+use super::tally::read_u64;
 use super::{codec, Store, StoreError, Trees};
 use crate::config::Mapping;
 use crate::profile::layout::Layout;
@@ -82,6 +98,10 @@ pub struct BackfillJob {
     /// Profiles stored when the job was queued.
     pub profiles: u64,
     pub queued_ms: i64,
+    /// Exports numbered from here on were written after the job was queued, or last joined by
+    /// new segments: a profile marked exported at or above it is skipped.
+    #[serde(default)]
+    pub queued_seq: u64,
 }
 
 impl BackfillState {
@@ -95,12 +115,16 @@ impl BackfillState {
     /// job begun before profile groups, whose scan skips ids rather than groups, is not
     /// joined either: a member of its segments and of `new` gets an export from it and one
     /// from the new jobs.
+    ///
+    /// A joined job takes `next_seq` as its `queued_seq`: the exports before carried none of
+    /// `new`, so their marks no longer make it skip a profile.
     pub fn with_new_segments(
         mut self,
         mapped: &[String],
         new: Vec<String>,
         profiles: u64,
         now_ms: i64,
+        next_seq: u64,
     ) -> Self {
         for job in &mut self.jobs {
             job.segments.retain(|s| mapped.contains(s));
@@ -139,6 +163,7 @@ impl BackfillState {
                     job.segments.push(segment.clone());
                 }
             }
+            job.queued_seq = next_seq;
             ranges.push((from, to));
         }
         let mut gaps = Vec::new();
@@ -168,7 +193,7 @@ impl BackfillState {
             gaps.push((from, None));
         }
         for (after_group, until_group) in gaps {
-            let mut job = BackfillJob::new(new.clone(), profiles, now_ms);
+            let mut job = BackfillJob::new(new.clone(), profiles, now_ms, next_seq);
             job.after_group = after_group;
             job.until_group = until_group;
             self.jobs.push(job);
@@ -224,7 +249,7 @@ pub struct BackfillProgress {
 }
 
 impl BackfillJob {
-    fn new(segments: Vec<String>, profiles: u64, now_ms: i64) -> BackfillJob {
+    fn new(segments: Vec<String>, profiles: u64, now_ms: i64, next_seq: u64) -> BackfillJob {
         BackfillJob {
             segments,
             after_group: None,
@@ -234,7 +259,15 @@ impl BackfillJob {
             exported: 0,
             profiles,
             queued_ms: now_ms,
+            queued_seq: next_seq,
         }
+    }
+
+    /// Whether the job has yet to scan `group` (an unreadable bound counts as none).
+    fn has_ahead(&self, group: &[u8]) -> bool {
+        let key = |name: &Option<String>| name.as_deref().and_then(group_from_name);
+        key(&self.after_group).is_none_or(|after| group > after.as_slice())
+            && key(&self.until_group).is_none_or(|until| group <= until.as_slice())
     }
 
     /// The profiles the job scans in all: those it scanned, and, of the profiles stored when
@@ -295,6 +328,90 @@ fn read_state(t: &Trees) -> Result<BackfillState, StoreError> {
     }
 }
 
+/// The `backfill_exported` key of profile `id`: its group key, then the id.
+fn mark_key(id: &str) -> Vec<u8> {
+    let mut key = group_key(id).to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// The marks to write for the profiles `exported` by updates now: those whose group a queued
+/// job has yet to scan. None while no job is queued, or the queue cannot be read (a mark
+/// missing makes a second export at worst).
+pub(super) fn marks_for<'a>(
+    t: &Trees,
+    exported: impl Iterator<Item = &'a str>,
+) -> Result<Vec<Vec<u8>>, StoreError> {
+    let state = match read_state(t) {
+        Ok(state) if !state.jobs.is_empty() => state,
+        Ok(_) | Err(StoreError::Corrupt { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(exported
+        .filter(|id| {
+            let group = group_key(id);
+            state.jobs.iter().any(|job| job.has_ahead(&group))
+        })
+        .map(mark_key)
+        .collect())
+}
+
+/// Writes `marks` ([`marks_for`]) in the transaction that appends their exports, before it
+/// does: each holds the number its exports begin at.
+pub(super) fn write_marks(
+    marks_tx: &TransactionalTree,
+    meta_tx: &TransactionalTree,
+    marks: &[Vec<u8>],
+) -> TxResult<()> {
+    if marks.is_empty() {
+        return Ok(());
+    }
+    let from = read_u64(meta_tx, meta::NEXT_SEQ)?.to_be_bytes();
+    for key in marks {
+        marks_tx.insert(key.as_slice(), &from)?;
+    }
+    Ok(())
+}
+
+/// The marks of the groups after `after` up to `through` (`None`: to the last), with the
+/// number each holds (`None`: unreadable, which skips nothing).
+fn marks_between(
+    marks: &sled::Tree,
+    after: Option<&[u8]>,
+    through: Option<&[u8]>,
+) -> Result<Vec<(sled::IVec, Option<u64>)>, sled::Error> {
+    let successor = |key: &[u8]| -> Option<Vec<u8>> {
+        let key = GroupKey::try_from(key).ok()?;
+        Some(
+            u32::from_be_bytes(key)
+                .checked_add(1)?
+                .to_be_bytes()
+                .to_vec(),
+        )
+    };
+    let from = match after {
+        None => Bound::Unbounded,
+        Some(after) => match successor(after) {
+            Some(next) => Bound::Included(next),
+            None => return Ok(Vec::new()),
+        },
+    };
+    let to = match through.map(successor) {
+        Some(Some(next)) => Bound::Excluded(next),
+        Some(None) | None => Bound::Unbounded,
+    };
+    marks
+        .range::<Vec<u8>, _>((from, to))
+        .map(|item| {
+            let (key, value) = item?;
+            let seq = <[u8; 8]>::try_from(value.as_ref())
+                .ok()
+                .map(u64::from_be_bytes);
+            Ok((key, seq))
+        })
+        .collect()
+}
+
 impl Store {
     pub fn backfill_state(&self) -> Result<BackfillState, StoreError> {
         self.with(read_state)
@@ -333,17 +450,17 @@ impl Store {
             return Ok(None);
         }
         let still_mapped = job.segments.iter().any(|s| mapping.segments.contains(s));
+        let group_key = |name: Option<&str>, what: &str| match name.map(group_from_name) {
+            None => Ok(None),
+            Some(Some(key)) => Ok(Some(key)),
+            Some(None) => Err(StoreError::corrupt(
+                "the backfill state",
+                format!("{what} is not hex"),
+            )),
+        };
+        let after = group_key(job.after_group.as_deref(), "after_group")?;
+        let until = group_key(job.until_group.as_deref(), "until_group")?;
         let (groups, done) = if still_mapped {
-            let group_key = |name: Option<&str>, what: &str| match name.map(group_from_name) {
-                None => Ok(None),
-                Some(Some(key)) => Ok(Some(key)),
-                Some(None) => Err(StoreError::corrupt(
-                    "the backfill state",
-                    format!("{what} is not hex"),
-                )),
-            };
-            let after = group_key(job.after_group.as_deref(), "after_group")?;
-            let until = group_key(job.until_group.as_deref(), "until_group")?;
             self.with_trees(&trees, |t| {
                 Ok(groups_after(
                     &t.profile_groups,
@@ -355,6 +472,27 @@ impl Store {
         } else {
             (Vec::new(), true)
         };
+        // The marks of the groups this step passes: up to its last group, or to the job's end.
+        let through = match groups.last() {
+            _ if done => until.clone(),
+            Some((last, _)) => Some(last.to_vec()),
+            None => after.clone(),
+        };
+        let passed = if through.is_some() || done {
+            self.with_trees(&trees, |t| {
+                Ok(marks_between(
+                    &t.backfill_exported,
+                    after.as_deref(),
+                    through.as_deref(),
+                )?)
+            })?
+        } else {
+            Vec::new()
+        };
+        let exported_since: HashMap<&[u8], u64> = passed
+            .iter()
+            .filter_map(|(key, seq)| Some((key.as_ref(), (*seq)?)))
+            .collect();
         let time = format_time(now);
         let created_at_ms = now.timestamp_millis();
         let queued_at_uptime_ms = self.run_clock.uptime_ms();
@@ -375,6 +513,12 @@ impl Store {
                     continue;
                 }
                 job.scanned += 1;
+                let exported_after_queued = exported_since
+                    .get([key.as_ref(), id.as_bytes()].concat().as_slice())
+                    .is_some_and(|seq| *seq >= job.queued_seq);
+                if exported_after_queued {
+                    continue;
+                }
                 match decode_profile(id, value) {
                     Ok(stored) => {
                         if let Some(payload) =
@@ -407,13 +551,35 @@ impl Store {
         } else {
             state.jobs[0] = job;
         }
+        // Marks another job still needs are kept; once no job is left, none is.
+        let mut unmarked: Vec<sled::IVec> = passed
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|key| {
+                let group = &key[..key.len().min(GROUP_KEY_LEN)];
+                !state.jobs.iter().any(|job| job.has_ahead(group))
+            })
+            .collect();
+        if state.jobs.is_empty() {
+            self.with_trees(&trees, |t| {
+                for item in t.backfill_exported.iter().keys() {
+                    unmarked.push(item?);
+                }
+                Ok(())
+            })?;
+        }
         let value = state.encode();
         let next_seq = self.with_trees(&trees, |t| {
-            Ok((&t.outbox, &t.meta).transaction(|(outbox, meta_tx)| {
-                let next_seq = append_exports(outbox, meta_tx, &exports)?;
-                meta_tx.insert(meta::BACKFILL, value.as_slice())?;
-                Ok(next_seq)
-            })?)
+            Ok((&t.outbox, &t.meta, &t.backfill_exported).transaction(
+                |(outbox, meta_tx, marks)| {
+                    for key in &unmarked {
+                        marks.remove(key)?;
+                    }
+                    let next_seq = append_exports(outbox, meta_tx, &exports)?;
+                    meta_tx.insert(meta::BACKFILL, value.as_slice())?;
+                    Ok(next_seq)
+                },
+            )?)
         })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
         Ok(Some(progress))
@@ -428,7 +594,7 @@ mod tests {
     #[test]
     fn a_job_expects_its_groups_share_of_the_profiles() {
         let job = |after_group: Option<&str>, until_group: Option<&str>, scanned: u64| {
-            let mut job = BackfillJob::new(vec!["s".into()], 1_000, 0);
+            let mut job = BackfillJob::new(vec!["s".into()], 1_000, 0, 0);
             job.after_group = after_group.map(str::to_owned);
             job.until_group = until_group.map(str::to_owned);
             job.scanned = scanned;
@@ -517,16 +683,22 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         // Nothing queued: one job over every group.
-        let state =
-            BackfillState::default().with_new_segments(&names(&["a", "b"]), names(&["b"]), 10, 1);
+        let state = BackfillState::default().with_new_segments(
+            &names(&["a", "b"]),
+            names(&["b"]),
+            10,
+            1,
+            100,
+        );
         assert_eq!(jobs(&state), [(names(&["b"]), None, None)]);
         // A job not begun takes new segments in: nothing else to cover.
-        let state = state.with_new_segments(&names(&["a", "b", "c"]), names(&["c"]), 10, 2);
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), names(&["c"]), 10, 2, 200);
         assert_eq!(jobs(&state), [(names(&["b", "c"]), None, None)]);
         // Under way: it takes them in for what it has yet to scan, a new job covers the rest.
         let mut state = state;
         state.jobs[0].after_group = group("0500");
-        let state = state.with_new_segments(&names(&["a", "b", "c", "d"]), names(&["d"]), 10, 3);
+        let state =
+            state.with_new_segments(&names(&["a", "b", "c", "d"]), names(&["d"]), 10, 3, 300);
         assert_eq!(
             jobs(&state),
             [
@@ -538,8 +710,13 @@ mod tests {
         let mut state = state;
         state.jobs[0].after_group = group("0900");
         state.jobs[1].after_group = group("0100");
-        let state =
-            state.with_new_segments(&names(&["a", "b", "c", "d", "e"]), names(&["e"]), 10, 4);
+        let state = state.with_new_segments(
+            &names(&["a", "b", "c", "d", "e"]),
+            names(&["e"]),
+            10,
+            4,
+            400,
+        );
         assert_eq!(
             jobs(&state),
             [
@@ -550,20 +727,20 @@ mod tests {
             ]
         );
         // Unmapped segments leave every job; a job left with none is dropped.
-        let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 5);
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 5, 500);
         assert_eq!(jobs(&state), [(names(&["b", "c"]), group("0900"), None)]);
         // Overlapping jobs (as earlier builds queued them): one is joined, no gap.
         let overlapping = BackfillState {
             jobs: vec![
                 BackfillJob {
                     after_group: group("0500"),
-                    ..BackfillJob::new(names(&["b"]), 10, 1)
+                    ..BackfillJob::new(names(&["b"]), 10, 1, 0)
                 },
-                BackfillJob::new(names(&["c"]), 10, 1),
+                BackfillJob::new(names(&["c"]), 10, 1, 0),
             ],
         };
         let state_of =
-            overlapping.with_new_segments(&names(&["b", "c", "d"]), names(&["d"]), 10, 2);
+            overlapping.with_new_segments(&names(&["b", "c", "d"]), names(&["d"]), 10, 2, 200);
         assert_eq!(
             jobs(&state_of),
             [
@@ -574,7 +751,8 @@ mod tests {
         // A job begun before profile groups is not joined: new jobs over every group.
         let mut state = state;
         state.jobs[0].after = Some("p1".into());
-        let state = state.with_new_segments(&names(&["a", "b", "c", "f"]), names(&["f"]), 10, 6);
+        let state =
+            state.with_new_segments(&names(&["a", "b", "c", "f"]), names(&["f"]), 10, 6, 600);
         assert_eq!(
             jobs(&state),
             [
@@ -585,9 +763,51 @@ mod tests {
     }
 
     #[test]
+    fn a_job_counts_exports_from_when_it_was_queued_or_joined_and_knows_what_is_ahead() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let state = BackfillState::default().with_new_segments(
+            &names(&["a", "b"]),
+            names(&["b"]),
+            10,
+            1,
+            100,
+        );
+        assert_eq!(state.jobs[0].queued_seq, 100);
+        let mut state = state;
+        state.jobs[0].after_group = Some("00000500".into());
+        state.jobs[0].until_group = Some("00000900".into());
+        let ahead = |job: &BackfillJob, group: u32| job.has_ahead(&group.to_be_bytes());
+        let cases = [
+            (0x4ff, false),
+            (0x500, false),
+            (0x501, true),
+            (0x900, true),
+            (0x901, false),
+        ];
+        for (group, expected) in cases {
+            assert_eq!(ahead(&state.jobs[0], group), expected, "{group:x}");
+        }
+        // Joined: the exports before carried none of the new segments.
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), names(&["c"]), 10, 2, 200);
+        assert_eq!(
+            state.jobs.iter().map(|j| j.queued_seq).collect::<Vec<_>>(),
+            [200, 200, 200]
+        );
+        // No new segment: nothing joins.
+        let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 3, 300);
+        assert!(state.jobs.iter().all(|j| j.queued_seq == 200));
+        // A job of an earlier build counts from 0; a job not begun has every group ahead.
+        let earlier: BackfillJob = serde_json::from_value(json!({"segments": ["s"], "after": null,
+            "scanned": 0, "exported": 0, "profiles": 1, "queued_ms": 5}))
+        .unwrap();
+        assert_eq!(earlier.queued_seq, 0);
+        assert!(ahead(&earlier, 0) && ahead(&earlier, u32::MAX));
+    }
+
+    #[test]
     fn the_state_reads_back_and_bad_bytes_are_named() {
         let state = BackfillState {
-            jobs: vec![BackfillJob::new(vec!["s".into()], 3, 7)],
+            jobs: vec![BackfillJob::new(vec!["s".into()], 3, 7, 9)],
         };
         assert_eq!(BackfillState::decode(&state.encode()).unwrap(), state);
         let error = BackfillState::decode(&[9, b'{']).unwrap_err().to_string();

@@ -140,8 +140,15 @@ impl Store {
             }
             if !segments.is_empty() || !queued.jobs.is_empty() {
                 let profiles = self.profile_count()?;
-                let backfill =
-                    queued.with_new_segments(&mapping.segments, segments, profiles, now_ms);
+                // Nothing is written meanwhile: the store is being opened.
+                let next_seq = self.written_next.load(std::sync::atomic::Ordering::SeqCst);
+                let backfill = queued.with_new_segments(
+                    &mapping.segments,
+                    segments,
+                    profiles,
+                    now_ms,
+                    next_seq,
+                );
                 write.insert(meta::BACKFILL, backfill.encode());
             }
             self.with(|t| Ok(t.meta.apply_batch(write)?))?;

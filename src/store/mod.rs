@@ -15,7 +15,7 @@
 //! | files a command run as root made, handed to the store folder's owner | `owner.rs` | |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
-//! | backfill of newly mapped segments | `backfill.rs` | `meta/backfill` → format byte + JSON |
+//! | backfill of newly mapped segments | `backfill.rs` | `meta/backfill` → format byte + JSON; `backfill_exported`: group key ++ profile id → export number (u64 BE) |
 //! | stream positions, rejected messages | `source.rs` | `positions`, `rejected` |
 //! | the run-time clock | `crate::clock` | `meta/clock` → [`codec`] clock record |
 //! | value encodings (format byte + bincode), key encodings | `codec.rs`, `keys.rs` | |
@@ -123,6 +123,8 @@ pub(crate) struct Trees {
     pub(crate) retry_at: sled::Tree,
     /// Dead letters a newer export of their profile overtook ([`superseded`]).
     pub(crate) superseded: sled::Tree,
+    /// Profiles exported while a backfill job had yet to scan them ([`backfill`]).
+    pub(crate) backfill_exported: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// Stream positions and rejected stream messages (see [`source`]).
     pub(crate) positions: sled::Tree,

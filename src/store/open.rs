@@ -401,6 +401,7 @@ impl Store {
             dead: db.open_tree("dead")?,
             retry_at: db.open_tree("retry_at")?,
             superseded: db.open_tree("superseded")?,
+            backfill_exported: db.open_tree("backfill_exported")?,
             positions: db.open_tree("positions")?,
             rejected: db.open_tree("rejected")?,
             meta,

@@ -22,7 +22,7 @@ use super::export::{append_exports, new_export};
 use super::groups::{self, group_key, Change, GroupKey, GroupView, GROUP_KEY_LEN};
 use super::keys::meta;
 use super::tally::{read_u64, write_u64};
-use super::{source, Store, Trees};
+use super::{backfill, source, Store, Trees};
 use crate::config::Mapping;
 use crate::profile::apply::{StoredProfile, UpdateResult};
 use crate::profile::engine::{apply_record, RecordAction};
@@ -426,6 +426,7 @@ impl Store {
         let mut versions: HashMap<&str, (Option<Cow<ProfileRecord>>, bool, bool)> = HashMap::new();
         let mut reads = GroupReads::new();
         let mut exports: Vec<Vec<u8>> = Vec::new();
+        let mut exported: Vec<&str> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
         'groups: for group in groups {
             // Every profile of the group is read before any update of it is applied, so that a
@@ -479,6 +480,7 @@ impl Store {
                         created_at_ms,
                         queued_at_uptime_ms,
                     ));
+                    exported.push(id);
                     summary.exports += 1;
                     summary.by_reason[reason.code() as usize] += 1;
                 }
@@ -510,6 +512,7 @@ impl Store {
             .filter(|(group, _)| summaries.get(*group).is_some_and(Result::is_ok))
             .map(|(_, position)| position.clone())
             .collect();
+        let marks = self.with_trees(&trees, |t| backfill::marks_for(t, exported.into_iter()))?;
         let next_seq = self.with_trees(&trees, |t| {
             let trees = (
                 &t.profile_groups,
@@ -518,9 +521,10 @@ impl Store {
                 &t.meta,
                 &t.positions,
                 &t.rejected,
+                &t.backfill_exported,
             );
             Ok(trees.transaction(
-                |(profile_groups, legacy, outbox, meta_tx, positions, rejected)| {
+                |(profile_groups, legacy, outbox, meta_tx, positions, rejected, marks_tx)| {
                     source::write(positions, rejected, meta_tx, &consumed)?;
                     for (key, value) in &groups {
                         match value {
@@ -540,6 +544,7 @@ impl Store {
                         let count = read_u64(meta_tx, meta::PROFILES)?;
                         write_u64(meta_tx, meta::PROFILES, count.saturating_add_signed(added))?;
                     }
+                    backfill::write_marks(marks_tx, meta_tx, &marks)?;
                     append_exports(outbox, meta_tx, &exports)
                 },
             )?)
