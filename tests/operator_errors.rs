@@ -582,6 +582,29 @@ fn the_cli_waits_for_an_agent_that_holds_the_store_but_does_not_answer_yet() {
     );
 }
 
+/// `outpost compact` run while another process holds the store (an agent starting or
+/// stopping) waits for it as other commands do, then compacts the store itself.
+#[test]
+fn compact_waits_for_a_store_held_by_another_process() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let held = outpost::store::Store::open(&ws.store_path(), 8 << 20).unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let out = ws.run(&["compact", "--json"], None);
+    release.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting up to 30 s"),
+        "{out:?}"
+    );
+    let compacted: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert!(compacted["bytes_after"].is_u64(), "{compacted}");
+}
+
 /// An agent that stops before it answers (killed mid-request) is named as such, not as an
 /// answer that could not be parsed.
 #[test]

@@ -50,6 +50,14 @@ impl Backend {
     /// agent holds its store before its socket answers while it starts (longer when it
     /// upgrades or rebuilds the store), and after its socket is gone while it stops.
     pub fn connect(config: &Config) -> Result<Backend, CliError> {
+        Backend::connect_opening(config, Store::open)
+    }
+
+    /// [`Backend::connect`], opening the store with `open` when no agent has it.
+    pub fn connect_opening(
+        config: &Config,
+        open: fn(&std::path::Path, u64) -> Result<Store, StoreError>,
+    ) -> Result<Backend, CliError> {
         let socket = crate::server::admin::socket_path(&config.storage.path);
         let wait = locked_wait()?;
         let deadline = std::time::Instant::now() + wait;
@@ -61,7 +69,7 @@ impl Backend {
                     request_timeout: config.delivery.request_timeout,
                 });
             }
-            match Store::open(&config.storage.path, config.storage.cache_bytes) {
+            match open(&config.storage.path, config.storage.cache_bytes) {
                 Ok(store) => return Ok(Backend::Local(Box::new(store))),
                 Err(StoreError::Locked(path)) if std::time::Instant::now() < deadline => {
                     if !said {
@@ -92,13 +100,21 @@ impl Backend {
     /// does not exist is an error rather than made empty, so that a mistyped `storage.path`
     /// is not taken for an empty outbox. (A running agent has made its store.)
     pub fn connect_existing(config: &Config) -> Result<Backend, CliError> {
+        Backend::connect_existing_opening(config, Store::open)
+    }
+
+    /// [`Backend::connect_existing`], opening the store with `open` when no agent has it.
+    pub fn connect_existing_opening(
+        config: &Config,
+        open: fn(&std::path::Path, u64) -> Result<Store, StoreError>,
+    ) -> Result<Backend, CliError> {
         let path = &config.storage.path;
         if !Store::exists_at(path)? {
             return Err(CliError::Usage(
                 StoreError::Missing(path.clone()).to_string(),
             ));
         }
-        Backend::connect(config)
+        Backend::connect_opening(config, open)
     }
 
     /// Whether a running agent answers on the store's admin socket. A socket this user may

@@ -614,19 +614,12 @@ fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
     }
 }
 
-/// `outpost compact`: rebuilds the store, in the running agent if there is one.
+/// `outpost compact`: rebuilds the store, in the running agent if there is one (waiting, as
+/// other commands do, for one that is starting or stopping).
 fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
     let path = &config.storage.path;
-    let result = if Backend::agent_answers(config)? {
-        Backend::connect(config)?.execute(&AdminRequest::Compact)?
-    } else {
-        match Store::compact(path, config.storage.cache_bytes) {
-            Ok(compacted) => compacted.to_json(path),
-            // A wrong `storage.path`, most likely.
-            Err(e @ StoreError::Missing(_)) => return Err(CliError::Usage(e.to_string())),
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let result = Backend::connect_existing_opening(config, Store::open_to_compact)?
+        .execute(&AdminRequest::Compact)?;
     if json {
         print_json(&result, true);
     } else {

@@ -461,17 +461,10 @@ impl Compacted {
 }
 
 impl Store {
-    /// Rebuilds the store at `path` into a fresh database now (`outpost compact` with no agent
-    /// running), whether or not it wants a rebuild: see [`Store::compact_in_place`].
-    /// [`StoreError::Missing`] if the folder holds no store (none is made);
-    /// [`StoreError::Locked`] while another process has it open.
-    pub fn compact(path: &Path, cache_bytes: u64) -> Result<Compacted, StoreError> {
-        // Looked at before the open, which would make a store.
-        if !Store::exists_at(path)? {
-            return Err(StoreError::Missing(path.to_path_buf()));
-        }
-        // Not rebuilt at the open: the compaction is one.
-        Store::open_rebuilding(path, cache_bytes, false)?.compact_in_place()
+    /// [`Store::open`] for [`Store::compact_in_place`] to follow: not rebuilt at the open, as
+    /// the compaction is a rebuild.
+    pub fn open_to_compact(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        Store::open_rebuilding(path, cache_bytes, false)
     }
 
     /// Rebuilds the open store into a fresh database and goes on with it (`outpost compact`):
