@@ -59,6 +59,9 @@ pub enum AdminRequest {
     /// Messages from the NATS stream that were not valid updates.
     RejectedList {
         limit: usize,
+        /// Only those after this id (the next page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     RejectedShow {
         id: String,
@@ -239,9 +242,16 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
         AdminRequest::Ingest { .. } => {
             Err(AdminError::Failed("ingest is not executed here".into()))
         }
-        AdminRequest::RejectedList { limit } => Ok(Value::Array(
+        AdminRequest::RejectedList { limit, after } => Ok(Value::Array(
             store
-                .rejected_list(*limit)?
+                .rejected_list(
+                    *limit,
+                    after
+                        .as_deref()
+                        .map(RejectedId::parse)
+                        .transpose()
+                        .map_err(AdminError::Usage)?,
+                )?
                 .iter()
                 .map(|r| r.to_json())
                 .collect(),

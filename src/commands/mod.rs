@@ -79,35 +79,47 @@ impl From<AdminError> for CliError {
 ///
 /// An agent of a build from before paging ignores `after` and answers the first page again:
 /// that is refused before any of the page is shown, rather than listed again and again.
-fn list_paged(
+pub(super) fn list_paged(
     wanted: usize,
-    mut fetch: impl FnMut(Option<u64>, usize) -> Result<Value, CliError>,
-    mut show: impl FnMut(&Value),
+    fetch: impl FnMut(Option<u64>, usize) -> Result<Value, CliError>,
+    show: impl FnMut(&Value),
 ) -> Result<bool, CliError> {
     let seq = |export: &Value| Some(export["id"].as_str()?.parse::<ExportId>().ok()?.seq);
+    list_paged_by(wanted, "export number", seq, fetch, show)
+}
+
+/// [`list_paged`] for any list in key order: `key` reads an item's key, which `fetch` takes
+/// to answer the items after it; `what` names a key in the message for an older agent.
+pub(super) fn list_paged_by<K: PartialOrd + Copy + std::fmt::Display>(
+    wanted: usize,
+    what: &str,
+    key: impl Fn(&Value) -> Option<K>,
+    mut fetch: impl FnMut(Option<K>, usize) -> Result<Value, CliError>,
+    mut show: impl FnMut(&Value),
+) -> Result<bool, CliError> {
     let (mut after, mut shown) = (None, 0);
     loop {
         let left = wanted - shown;
         let asked = LIST_PAGE.min(left.saturating_add(1));
         let page = fetch(after, asked)?;
         let page = page.as_array().map(Vec::as_slice).unwrap_or_default();
-        if let (Some(after), Some(first)) = (after, page.first().and_then(seq)) {
+        if let (Some(after), Some(first)) = (after, page.first().and_then(&key)) {
             if first <= after {
                 return Err(CliError::Failure(format!(
-                    "the running agent answered the page after export number {after} with \
-                     export number {first}: it is of an older build, which lists only a first \
+                    "the running agent answered the page after {what} {after} with \
+                     {what} {first}: it is of an older build, which lists only a first \
                      page; restart it with this build, or list fewer than {LIST_PAGE} with --limit"
                 )));
             }
         }
-        for export in page.iter().take(left) {
-            show(export);
+        for item in page.iter().take(left) {
+            show(item);
             shown += 1;
         }
         if page.len() > left {
             return Ok(true);
         }
-        match page.last().and_then(seq) {
+        match page.last().and_then(&key) {
             Some(last) if page.len() == asked => after = Some(last),
             _ => return Ok(false),
         }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{for_terminal, text_of, Backend, CliError};
+use super::{for_terminal, list_paged_by, text_of, Backend, CliError};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
@@ -14,6 +14,7 @@ use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{last_sequence, probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
 use crate::source::publish::{fresh_nonce, payload_of, publish, Largest, Planner};
+use crate::store::source::RejectedId;
 
 fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
     let nats = config.nats.as_ref().ok_or_else(|| {
@@ -312,22 +313,27 @@ pub(super) fn set_position(backend: &Backend, partition: u32, seq: u64) -> Resul
 pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<(), CliError> {
     match command {
         RejectedCommand::List { limit, json } => {
-            let list = backend.execute(&AdminRequest::RejectedList { limit })?;
-            let list = list.as_array().cloned().unwrap_or_default();
+            let wanted = if limit == 0 { usize::MAX } else { limit };
             let mut out = std::io::stdout().lock();
-            if json.json {
-                for item in &list {
+            let mut rows = 0;
+            let fetch = |after: Option<RejectedId>, asked| {
+                Ok(backend.execute(&AdminRequest::RejectedList {
+                    limit: asked,
+                    after: after.map(|id| id.to_string()),
+                })?)
+            };
+            let id_of = |item: &Value| RejectedId::parse(item["id"].as_str()?).ok();
+            let cut = list_paged_by(wanted, "rejected message", id_of, fetch, |item| {
+                if json.json {
                     let _ = writeln!(out, "{item}");
-                }
-            } else if list.is_empty() {
-                let _ = writeln!(out, "no rejected messages");
-            } else {
-                let _ = writeln!(
-                    out,
-                    "{:<14} {:<24} {:<24} ERROR",
-                    "ID", "SUBJECT", "RECEIVED"
-                );
-                for item in &list {
+                } else {
+                    if rows == 0 {
+                        let _ = writeln!(
+                            out,
+                            "{:<14} {:<24} {:<24} ERROR",
+                            "ID", "SUBJECT", "RECEIVED"
+                        );
+                    }
                     let _ = writeln!(
                         out,
                         "{:<14} {:<24} {:<24} {}",
@@ -337,6 +343,14 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
                         text_of(&item["error"])
                     );
                 }
+                rows += 1;
+            })?;
+            if !json.json && rows == 0 {
+                let _ = writeln!(out, "no rejected messages");
+            }
+            let _ = out.flush();
+            if cut {
+                eprintln!("the first {limit} shown; --limit 0 lists all");
             }
         }
         RejectedCommand::Show { id, json } => {

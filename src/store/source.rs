@@ -482,19 +482,30 @@ impl Store {
         })
     }
 
-    /// Rejected messages by partition and sequence; `limit` 0 lists all. Keys that name no
-    /// message are passed over (`outpost check --store` lists them, `outpost repair` deletes
-    /// them), so that one damaged key does not hide every message.
-    pub fn rejected_list(&self, limit: usize) -> Result<Vec<Rejected>, StoreError> {
+    /// Up to `limit` rejected messages (0: all) by partition and sequence, those after `after`
+    /// if given. Keys that name no message are passed over (`outpost check --store` lists them,
+    /// `outpost repair` deletes them), so that one damaged key does not hide every message.
+    pub fn rejected_list(
+        &self,
+        limit: usize,
+        after: Option<RejectedId>,
+    ) -> Result<Vec<Rejected>, StoreError> {
         let limit = if limit == 0 { usize::MAX } else { limit };
+        let from = match after {
+            Some(after) => std::ops::Bound::Excluded(after.key()),
+            None => std::ops::Bound::Unbounded,
+        };
         self.with(|t| {
-            named_rejected(t)
-                .take(limit)
-                .map(|item| {
-                    let (key, value) = item?;
-                    read_rejected(&key, &value)
-                })
-                .collect()
+            named(
+                t.rejected
+                    .range::<Vec<u8>, _>((from, std::ops::Bound::Unbounded)),
+            )
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item?;
+                read_rejected(&key, &value)
+            })
+            .collect()
         })
     }
 
@@ -592,7 +603,12 @@ impl Store {
 /// The entries of `rejected` whose keys name a message; a key that names none is passed over
 /// with a warning.
 fn named_rejected(t: &Trees) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
-    t.rejected.iter().filter_map(|item| match item {
+    named(t.rejected.iter())
+}
+
+/// [`named_rejected`] over `entries` of the tree.
+fn named(entries: sled::Iter) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> {
+    entries.filter_map(|item| match item {
         Ok((key, _)) if RejectedId::from_key(&key).is_none() => {
             tracing::warn!(
                 key = %key_text(&key),
@@ -883,7 +899,7 @@ mod tests {
         // A third stream, and the first message handed again.
         commit(79, 9, vec![message(9, "{newer"), message(9, "{old")]);
         let kept: Vec<(String, String)> = store
-            .rejected_list(0)
+            .rejected_list(0, None)
             .unwrap()
             .into_iter()
             .map(|r| (r.id.to_string(), String::from_utf8(r.record.raw).unwrap()))
@@ -898,6 +914,16 @@ mod tests {
             kept,
             expected.map(|(id, raw)| (id.to_owned(), raw.to_owned()))
         );
+        // Page by page: the ids after the one given, in id order.
+        let page = |limit, after: Option<&str>| -> Vec<String> {
+            let after = after.map(|id| RejectedId::parse(id).unwrap());
+            let list = store.rejected_list(limit, after).unwrap();
+            list.into_iter().map(|r| r.id.to_string()).collect()
+        };
+        assert_eq!(page(2, None), ["3-9", "3-9-2"]);
+        assert_eq!(page(2, Some("3-9-2")), ["3-9-3", "3-10"]);
+        assert_eq!(page(2, Some("3-10")), Vec::<String>::new());
+        assert_eq!(page(0, Some("3-9")), ["3-9-2", "3-9-3", "3-10"]);
         let first = store
             .rejected_get(RejectedId::first(3, 9))
             .unwrap()
