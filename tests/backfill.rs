@@ -677,3 +677,108 @@ fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
     drop(store);
     assert_eq!(marks_left(&dir.path().join("store")), 0);
 }
+
+/// A job dropped when its segment leaves the mapping takes its marks with it: no later job
+/// finds a mark it did not make.
+#[test]
+fn a_job_dropped_with_its_segment_leaves_no_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let a_b = load(dir.path(), "ab.toml", &text);
+    let member = |i: usize| i.is_multiple_of(3);
+    let store = store_members(dir.path(), &only_a, |i| {
+        if member(i) {
+            vec![SEGMENT_B]
+        } else {
+            vec![]
+        }
+    });
+    let mapping = record(&store, &a_b);
+    store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+    exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B]);
+    drop(store);
+    assert!(
+        marks_left(&dir.path().join("store")) > 0,
+        "marks while it runs"
+    );
+
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
+    record(&store, &only_a);
+    assert!(store.backfill_state().unwrap().jobs.is_empty());
+    drop(store);
+    assert_eq!(marks_left(&dir.path().join("store")), 0);
+}
+
+/// Export numbers rebuilt from an unreadable `meta/next_seq` stay above the numbers the
+/// backfill recorded, also once the outbox is empty: a mark at or above a job's number makes
+/// the job skip its profile.
+#[test]
+fn export_numbers_rebuilt_stay_above_the_backfills_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let a_b = load(dir.path(), "ab.toml", &text);
+    let member = |i: usize| i.is_multiple_of(3);
+    let store = store_members(dir.path(), &only_a, |i| {
+        if member(i) {
+            vec![SEGMENT_B]
+        } else {
+            vec![]
+        }
+    });
+    drop(store);
+    // Numbers past the gap a rebuild adds, as after an earlier rebuild.
+    let high = 3u64 << 32;
+    let db = open_with_sled_alone(&path).unwrap();
+    db.open_tree("meta")
+        .unwrap()
+        .insert("next_seq", &high.to_be_bytes())
+        .unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    let store = Store::open(&path, 8 << 20).unwrap();
+    let mapping = record(&store, &a_b);
+    store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
+    exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B]);
+    let delivered: Vec<outpost::store::outbox::Outcome> = store
+        .list(&ListFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|export| outpost::store::outbox::Outcome {
+            profile: export.record.profile_id.into(),
+            seq: export.id.seq,
+            change: outpost::store::outbox::ExportChange::Delivered { retried: false },
+        })
+        .collect();
+    store.apply_export_changes(&delivered).unwrap();
+    store.flush().unwrap();
+    drop(store);
+
+    let db = open_with_sled_alone(&path).unwrap();
+    let highest_mark = db
+        .open_tree("backfill_exported")
+        .unwrap()
+        .iter()
+        .values()
+        .map(|v| u64::from_be_bytes(v.unwrap().as_ref().try_into().unwrap()))
+        .max()
+        .expect("marks while the job runs");
+    assert!(highest_mark >= high);
+    db.open_tree("meta")
+        .unwrap()
+        .insert("next_seq", "abc")
+        .unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    let store = Store::open(&path, 8 << 20).unwrap();
+    assert!(store.list(&ListFilter::default()).unwrap().is_empty());
+    assert!(
+        store.durable_next_seq() > highest_mark,
+        "rebuilt from {} against a mark at {highest_mark}",
+        store.durable_next_seq()
+    );
+}

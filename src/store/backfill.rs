@@ -38,8 +38,10 @@
 //!   marks the profile in `backfill_exported` (group key ++ profile id → the export number the
 //!   transaction's exports begin at), and the job skips a mark at or above its `queued_seq`; a
 //!   step removes the marks of the groups it passes that no other job has yet to scan, and
-//!   the last step of the last job every mark left. A mark lost can only make a second export,
-//!   never a missing one;
+//!   the last step of the last job every mark left; the marks of jobs dropped with their
+//!   segments go when the mapping is recorded. A mark lost can only make a second export,
+//!   never a missing one; a mark at or above a later job's number would make one missing, so
+//!   export numbers rebuilt from an unreadable `meta/next_seq` start above every mark;
 //! - a profile is exported at most once for the segments newly mapped by one recording of
 //!   the mapping: they join every queued job for the groups it has yet to scan, and jobs
 //!   bounded by `after_group` and `until_group` cover the groups none of those will scan
@@ -105,6 +107,16 @@ pub struct BackfillJob {
 }
 
 impl BackfillState {
+    /// Whether a queued job has yet to scan `group`: a profile exported there is marked.
+    fn needs_mark_of(&self, group: &[u8]) -> bool {
+        self.jobs.iter().any(|job| job.has_ahead(group))
+    }
+
+    /// [`Self::needs_mark_of`] the group of a `backfill_exported` key.
+    fn needs_mark(&self, key: &[u8]) -> bool {
+        self.needs_mark_of(&key[..key.len().min(GROUP_KEY_LEN)])
+    }
+
     /// The state once `mapped` is the mapping (pure): segments it no longer maps are taken
     /// out of every job (a job left without any is dropped), and `new` segments (newly mapped)
     /// are backfilled so that no profile gets two exports for them: they join the queued jobs
@@ -342,6 +354,10 @@ pub(super) fn marks_for<'a>(
     t: &Trees,
     exported: impl Iterator<Item = &'a str>,
 ) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut exported = exported.peekable();
+    if exported.peek().is_none() {
+        return Ok(Vec::new());
+    }
     let state = match read_state(t) {
         Ok(state) if !state.jobs.is_empty() => state,
         Ok(_) | Err(StoreError::Corrupt { .. }) => return Ok(Vec::new()),
@@ -350,7 +366,7 @@ pub(super) fn marks_for<'a>(
     Ok(exported
         .filter(|id| {
             let group = group_key(id);
-            state.jobs.iter().any(|job| job.has_ahead(&group))
+            state.needs_mark_of(&group)
         })
         .map(mark_key)
         .collect())
@@ -412,9 +428,52 @@ fn marks_between(
         .collect()
 }
 
+/// The highest export number the backfill's records hold (jobs' `queued_seq`, marks), so that
+/// export numbers rebuilt from the outbox never fall below them: a mark above a job's
+/// `queued_seq` made later would skip a member. `None` when they hold none, or cannot be read.
+pub(super) fn highest_seq_recorded(t: &Trees) -> Result<Option<u64>, StoreError> {
+    let mut highest = read_state(t)
+        .ok()
+        .and_then(|state| state.jobs.iter().map(|job| job.queued_seq).max());
+    for value in t.backfill_exported.iter().values() {
+        let value = value?;
+        if let Ok(bytes) = <[u8; 8]>::try_from(value.as_ref()) {
+            highest = highest.max(Some(u64::from_be_bytes(bytes)));
+        }
+    }
+    Ok(highest)
+}
+
 impl Store {
     pub fn backfill_state(&self) -> Result<BackfillState, StoreError> {
         self.with(read_state)
+    }
+
+    /// Removes the marks no queued job needs (every mark, when none is queued): those of jobs
+    /// dropped with their segments when the mapping was recorded. Run at open, after the
+    /// queue is written, so a kill before leaves marks only where a job had them.
+    pub(super) fn remove_unneeded_marks(&self) -> Result<usize, StoreError> {
+        self.with(|t| {
+            let state = match read_state(t) {
+                Ok(state) => state,
+                // An unreadable queue: the marks stay, as the step leaves them.
+                Err(StoreError::Corrupt { .. }) => return Ok(0),
+                Err(e) => return Err(e),
+            };
+            let mut unneeded = sled::Batch::default();
+            let mut count = 0;
+            for key in t.backfill_exported.iter().keys() {
+                let key = key?;
+                if !state.needs_mark(&key) {
+                    unneeded.remove(key);
+                    count += 1;
+                }
+            }
+            if count > 0 {
+                t.backfill_exported.apply_batch(unneeded)?;
+            }
+            Ok(count)
+        })
     }
 
     /// The backfill in progress, if any.
@@ -555,10 +614,7 @@ impl Store {
         let mut unmarked: Vec<sled::IVec> = passed
             .into_iter()
             .map(|(key, _)| key)
-            .filter(|key| {
-                let group = &key[..key.len().min(GROUP_KEY_LEN)];
-                !state.jobs.iter().any(|job| job.has_ahead(group))
-            })
+            .filter(|key| !state.needs_mark(key))
             .collect();
         if state.jobs.is_empty() {
             self.with_trees(&trees, |t| {

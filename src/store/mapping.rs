@@ -154,6 +154,9 @@ impl Store {
             self.with(|t| Ok(t.meta.apply_batch(write)?))?;
             self.flush()?;
         }
+        if self.remove_unneeded_marks()? > 0 {
+            self.flush()?;
+        }
         mapping.mapped_at = mapping
             .segments
             .iter()

@@ -162,7 +162,7 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
     }
     if let Some(v) = t.meta.get(meta::NEXT_SEQ)? {
         if v.len() != 8 {
-            let mut highest = None;
+            let mut highest = super::backfill::highest_seq_recorded(t)?;
             // The indexes' keys too: an entry may outlive its export.
             for tree in [&t.outbox, &t.dead, &t.retry_at, &t.superseded] {
                 for key in tree.iter().keys() {
