@@ -19,11 +19,15 @@ pub(super) fn print_json(value: &Value, compact: bool) {
     if compact {
         println!("{value}");
     } else {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("a Value always serializes")
-        );
+        println!("{}", pretty_for_terminal(value));
     }
+}
+
+/// `value` as indented JSON for people: serde_json leaves DEL and the C1 controls (U+0080 to
+/// U+009F, such as the one-character CSI U+009B) raw in strings, so they are escaped too.
+fn pretty_for_terminal(value: &Value) -> String {
+    let pretty = serde_json::to_string_pretty(value).expect("a Value always serializes");
+    for_terminal(&pretty, true).into_owned()
 }
 
 pub(super) fn print_summary(summary: &BatchSummary, as_json: bool) {
@@ -226,10 +230,7 @@ pub(super) fn print_export(export: &Value) {
         println!("{key:<16} {}", text_of(&export[key]));
     }
     println!("payload:");
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&export["payload"]).expect("a Value always serializes")
-    );
+    println!("{}", pretty_for_terminal(&export["payload"]));
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {
@@ -257,6 +258,10 @@ mod tests {
         assert_eq!(
             for_terminal(hostile, true),
             "a\\u{1b}]0;title\\u{7}b\\u{9b}2Jc\\r\nd\\te"
+        );
+        assert_eq!(
+            pretty_for_terminal(&json!({"name": "a\u{9b}2J\u{7f}b\n"})),
+            "{\n  \"name\": \"a\\u{9b}2J\\u{7f}b\\n\"\n}"
         );
         assert_eq!(text_of(&json!("plain é ✓")), "plain é ✓");
         assert_eq!(text_of(&Value::Null), "-");
