@@ -85,13 +85,15 @@ pub(super) fn list_paged(
     show: impl FnMut(&Value),
 ) -> Result<bool, CliError> {
     let seq = |export: &Value| Some(export["id"].as_str()?.parse::<ExportId>().ok()?.seq);
-    list_paged_by(wanted, "export number", seq, fetch, show)
+    list_paged_by(wanted, LIST_PAGE, "export number", seq, fetch, show)
 }
 
-/// [`list_paged`] for any list in key order: `key` reads an item's key, which `fetch` takes
-/// to answer the items after it; `what` names a key in the message for an older agent.
+/// [`list_paged`] for any list in key order, `page` items a page: `key` reads an item's key,
+/// which `fetch` takes to answer the items after it; `what` names a key in the message for an
+/// older agent.
 pub(super) fn list_paged_by<K: PartialOrd + Copy + std::fmt::Display>(
     wanted: usize,
+    page: usize,
     what: &str,
     key: impl Fn(&Value) -> Option<K>,
     mut fetch: impl FnMut(Option<K>, usize) -> Result<Value, CliError>,
@@ -100,27 +102,27 @@ pub(super) fn list_paged_by<K: PartialOrd + Copy + std::fmt::Display>(
     let (mut after, mut shown) = (None, 0);
     loop {
         let left = wanted - shown;
-        let asked = LIST_PAGE.min(left.saturating_add(1));
-        let page = fetch(after, asked)?;
-        let page = page.as_array().map(Vec::as_slice).unwrap_or_default();
-        if let (Some(after), Some(first)) = (after, page.first().and_then(&key)) {
+        let asked = page.min(left.saturating_add(1));
+        let items = fetch(after, asked)?;
+        let items = items.as_array().map(Vec::as_slice).unwrap_or_default();
+        if let (Some(after), Some(first)) = (after, items.first().and_then(&key)) {
             if first <= after {
                 return Err(CliError::Failure(format!(
                     "the running agent answered the page after {what} {after} with \
                      {what} {first}: it is of an older build, which lists only a first \
-                     page; restart it with this build, or list fewer than {LIST_PAGE} with --limit"
+                     page; restart it with this build, or list fewer than {page} with --limit"
                 )));
             }
         }
-        for item in page.iter().take(left) {
+        for item in items.iter().take(left) {
             show(item);
             shown += 1;
         }
-        if page.len() > left {
+        if items.len() > left {
             return Ok(true);
         }
-        match page.last().and_then(&key) {
-            Some(last) if page.len() == asked => after = Some(last),
+        match items.last().and_then(&key) {
+            Some(last) if items.len() == asked => after = Some(last),
             _ => return Ok(false),
         }
     }

@@ -313,6 +313,9 @@ pub(super) fn set_position(backend: &Backend, partition: u32, seq: u64) -> Resul
 pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<(), CliError> {
     match command {
         RejectedCommand::List { limit, json } => {
+            // Fewer a page than exports: each carries its message (up to 64 KiB, as text and
+            // as base64).
+            const PAGE: usize = 100;
             let wanted = if limit == 0 { usize::MAX } else { limit };
             let mut out = std::io::stdout().lock();
             let mut rows = 0;
@@ -323,7 +326,7 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
                 })?)
             };
             let id_of = |item: &Value| RejectedId::parse(item["id"].as_str()?).ok();
-            let cut = list_paged_by(wanted, "rejected message", id_of, fetch, |item| {
+            let cut = list_paged_by(wanted, PAGE, "rejected message", id_of, fetch, |item| {
                 if json.json {
                     let _ = writeln!(out, "{item}");
                 } else {
