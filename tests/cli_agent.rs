@@ -943,16 +943,16 @@ async fn a_user_the_agents_socket_is_closed_to_is_told_so() {
     assert!(stderr.contains("is not open to this user"), "{stderr}");
 }
 
-/// A command run as root on the store of an agent that runs as another user (`sudo outpost
-/// compact` while it is stopped) hands the files it made to that user, whose agent can then
-/// open its store again.
+/// Commands run as root on the store of an agent that runs as another user leave files that
+/// user owns, whose agent can then open its store again: `sudo outpost compact` while it is
+/// stopped (run as that user), and an agent run as root (which hands them over as it ends).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
     if !running_as_root() {
         return;
     }
     let destination = Destination::start().await;
-    let (ws, _port) = workspace(&destination);
+    let (ws, port) = workspace(&destination);
     ws.run_ok(
         &["ingest", "-"],
         Some(updates(&["p1"]).join("\n").as_bytes()),
@@ -973,22 +973,83 @@ async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
         }
         found
     };
-    std::os::unix::fs::chown(ws.store_path(), Some(NOBODY), Some(NOBODY)).unwrap();
-    for (path, _, _) in entries() {
-        std::os::unix::fs::lchown(path, Some(NOBODY), Some(NOBODY)).unwrap();
-    }
+    give_store_to_nobody(&ws);
 
     let compacted = ws.run_ok(&["compact", "--json"], None);
     assert!(compacted.contains("\"bytes_after\""), "{compacted}");
-    let entries = entries();
-    assert!(entries.len() >= 3, "{entries:?}");
-    for (path, uid, gid) in &entries {
-        assert_eq!((*uid, *gid), (NOBODY, NOBODY), "{}", path.display());
-    }
+    let all_nobodys = || {
+        let entries = entries();
+        assert!(entries.len() >= 3, "{entries:?}");
+        for (path, uid, gid) in &entries {
+            assert_eq!((*uid, *gid), (NOBODY, NOBODY), "{}", path.display());
+        }
+    };
+    all_nobodys();
+
+    let lock = ws.store_path().join("outpost.lock");
+    std::fs::remove_file(&lock).unwrap();
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0, "made by root");
+    agent.terminate().await;
+    all_nobodys();
     let out = as_nobody(&ws, &["outbox", "stats", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["profiles"], 1, "{stats}");
+}
+
+/// Run as root on a store folder another user owns, a command acts as that user: a link the
+/// user put in the folder in place of the lock file does not make root write where it points.
+#[tokio::test]
+async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    open_to_others(&ws);
+    give_store_to_nobody(&ws);
+    // A folder only root may write in.
+    let root_only = ws.path().join("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let planted = root_only.join("planted");
+    let lock = ws.store_path().join("outpost.lock");
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(&planted, &lock).unwrap();
+    std::os::unix::fs::lchown(&lock, Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let out = ws.run(&["outbox", "stats", "--json"], None);
+    assert!(!planted.exists(), "root wrote through the link: {out:?}");
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("permission denied"), "{stderr}");
+
+    std::fs::remove_file(&lock).unwrap();
+    let stats: Value =
+        serde_json::from_str(&ws.run_ok(&["outbox", "stats", "--json"], None)).unwrap();
     assert_eq!(stats["pending"], 1, "{stats}");
+    let made = std::fs::symlink_metadata(&lock).unwrap();
+    assert_eq!((made.uid(), made.gid()), (NOBODY, NOBODY));
+}
+
+/// Hands the workspace's store folder and everything in it to the user nobody.
+fn give_store_to_nobody(ws: &Workspace) {
+    let mut folders = vec![ws.store_path()];
+    std::os::unix::fs::chown(ws.store_path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+                folders.push(path.clone());
+            }
+            std::os::unix::fs::lchown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+    }
 }
 
 const NOBODY: u32 = 65534;

@@ -177,6 +177,19 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
 
 /// The commands that read a config.
 fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
+    let works_on_store = matches!(
+        command,
+        Command::Check { store: true, .. }
+            | Command::Repair { .. }
+            | Command::Compact { .. }
+            | Command::Outbox(_)
+            | Command::Profile(_)
+            | Command::Nats(NatsCommand::SetPosition { .. })
+            | Command::Rejected(_)
+    );
+    if works_on_store {
+        as_store_owner(config)?;
+    }
     match command {
         Command::Run => runtime()?.block_on(run(config)),
         Command::Check { store: false, .. } => runtime()?.block_on(check(config)),
@@ -186,8 +199,11 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Repair { yes } => repair_store(config, yes),
         Command::Compact { json } => compact_store(config, json),
         Command::Ingest { file, json } => {
+            // Opened with this process's rights, before it may act as the store's owner.
+            let mut input = ingest::open_input(&file)?;
+            as_store_owner(config)?;
             let backend = Backend::connect(config)?;
-            let summary = ingest_path(&backend, config, &file)?;
+            let summary = ingest_file(&backend, config, &mut input)?;
             print_summary(&summary, json);
             Ok(())
         }
@@ -245,6 +261,23 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
         }
+    }
+}
+
+/// Run as root on a store folder another user owns, a command that works on the store acts as
+/// that user ([`crate::store::act_as_owner`]).
+fn as_store_owner(config: &Config) -> Result<(), CliError> {
+    let store = &config.storage.path;
+    match crate::store::act_as_owner(store) {
+        Ok(Some(uid)) => {
+            tracing::debug!(uid, store = %store.display(), "acting as the store folder's owner");
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(CliError::Failure(format!(
+            "cannot act as the owner of the store folder {} ({e}); run the command as that user",
+            store.display()
+        ))),
     }
 }
 

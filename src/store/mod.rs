@@ -12,7 +12,7 @@
 //! | dead letters overtaken by a newer export of their profile | `superseded.rs` | `superseded`: sequence (u64 BE) → sequence of the acknowledged newer export |
 //! | index entries that outlived their export, looked over beside the agent's work | `stale.rs` | `retry_at`, `superseded` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
-//! | files a command run as root made, handed to the store folder's owner | `owner.rs` | |
+//! | a command run as root on another user's store acts as that user; `run` hands its files back | `owner.rs` | |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
 //! | backfill of newly mapped segments | `backfill.rs` | `meta/backfill` → format byte + JSON; `backfill_exported`: group key ++ profile id → export number (u64 BE) |
@@ -91,7 +91,7 @@ use keys::meta;
 pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
-pub use owner::hand_back_to_owner;
+pub use owner::{act_as_owner, hand_back_to_owner};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;

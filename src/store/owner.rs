@@ -1,6 +1,9 @@
-//! Files a command running as root makes in a store folder that another user owns (`sudo
-//! outpost compact`, or `ingest`, while the agent, which runs as that user, is stopped) are
-//! handed to the folder's owner, so that the agent can open its store again.
+//! A command run as root on a store folder that another user owns (`sudo outpost compact`, or
+//! `ingest`, while the agent, which runs as that user, is stopped) acts as that user
+//! ([`act_as_owner`]): what it makes is the owner's, so the agent can open its store again,
+//! and a link the owner planted in the folder leads root's writes nowhere. `outpost run` keeps
+//! root's rights (ports, key files) and hands what it made back when it ends
+//! ([`hand_back_to_owner`]).
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
@@ -9,6 +12,44 @@ use std::path::{Path, PathBuf};
 
 /// Folders below the store's that hold its files: `blobs/`, `rebuild/blobs/`.
 const DEPTH: usize = 2;
+
+/// Gives up root for the owner of the store folder `store` when this process runs as root and
+/// the folder belongs to another user: its user id, and the folder's group as the only group.
+/// Returns the user id taken; `None` when not root, or the folder is missing or root's.
+pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let meta = match fs::metadata(store) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() || meta.uid() == 0 {
+        return Ok(None);
+    }
+    let (uid, gid) = (meta.uid(), meta.gid());
+    let failed = |what: &str| {
+        let e = std::io::Error::last_os_error();
+        std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    // Groups before the user id: once that is given up, they cannot be changed. glibc makes
+    // each call take effect on every thread of the process.
+    // SAFETY: plain system calls; `&gid` outlives the call.
+    unsafe {
+        if libc::setgroups(1, &gid) != 0 {
+            return Err(failed("setgroups"));
+        }
+        if libc::setgid(gid) != 0 {
+            return Err(failed(&format!("setgid({gid})")));
+        }
+        if libc::setuid(uid) != 0 {
+            return Err(failed(&format!("setuid({uid})")));
+        }
+    }
+    Ok(Some(uid))
+}
 
 /// Hands what root made under `store` to the owner of `store`: only entries root owns, never
 /// through a symbolic link, and only files with one link (a hard link put in the folder could
@@ -43,8 +84,12 @@ fn open(path: &Path, flags: i32) -> std::io::Result<File> {
 /// followed out of the store.
 fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize) {
     let through = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-    let Ok(entries) = fs::read_dir(&through) else {
-        return;
+    let entries = match fs::read_dir(&through) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list a store folder to hand its files to the folder's owner");
+            return;
+        }
     };
     for entry in entries.flatten() {
         let path = through.join(entry.file_name());
