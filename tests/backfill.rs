@@ -545,13 +545,13 @@ fn exports_per_profile(store: &Store) -> HashMap<String, usize> {
 
 /// Profiles exported by updates while the first queued job is part way: ten members whose
 /// groups it has yet to scan and ten whose groups it has passed (a mapped attribute changes),
-/// and ten profiles ahead of it that join; each is then a member of `segments`. Returns them
-/// in that order.
+/// and ten profiles ahead of it that join; profile i is then a member of `segments(i)`.
+/// Returns them in that order.
 fn exported_while_the_backfill_runs(
     store: &Store,
     mapping: &outpost::config::Mapping,
     member: impl Fn(usize) -> bool,
-    segments: &[&str],
+    segments: impl Fn(usize) -> Vec<&'static str>,
 ) -> [Vec<String>; 3] {
     let after_group = store.backfill_state().unwrap().jobs[0]
         .after_group
@@ -570,7 +570,7 @@ fn exported_while_the_backfill_runs(
     let joining = pick(&|i| !member(*i) && ahead(i));
     let entry = json!({"status": "realized", "lastQualificationTime": "2026-01-01T00:00:00Z"});
     let update = |i: usize, first_name: Option<&str>| {
-        let ups: serde_json::Map<String, serde_json::Value> = segments
+        let ups: serde_json::Map<String, serde_json::Value> = segments(i)
             .iter()
             .map(|s| (s.to_string(), entry.clone()))
             .collect();
@@ -622,7 +622,7 @@ fn a_member_an_update_exported_before_the_backfill_reached_it_is_not_exported_ag
     let mapping = record(&store, &a_b);
     store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
     let [ahead, behind, joining] =
-        exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B]);
+        exported_while_the_backfill_runs(&store, &mapping, member, |_| vec![SEGMENT_B]);
     drop(store);
     let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
     let mapping = record(&store, &a_b);
@@ -644,7 +644,9 @@ fn a_member_an_update_exported_before_the_backfill_reached_it_is_not_exported_ag
 }
 
 /// A segment newly mapped while a job is part way joins it, and the updates exported before
-/// did not carry it: the members they exported get their export for it from the backfill.
+/// did not carry it: the members of it they exported get their export for it from the
+/// backfill; those that are members only of the job's own segment, which the updates carried,
+/// get none.
 #[test]
 fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -654,25 +656,38 @@ fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
     let only_a = config("a.toml", &[SEGMENT_A]);
     let a_b = config("ab.toml", &[SEGMENT_A, SEGMENT_B]);
     let a_b_c = config("abc.toml", &[SEGMENT_A, SEGMENT_B, SEGMENT_C]);
-    // Members of B are members of C too.
+    // Members of B; every other one a member of C too.
     let member = |i: usize| i.is_multiple_of(3);
-    let store = store_members(dir.path(), &only_a, |i| {
-        if member(i) {
-            vec![SEGMENT_B, SEGMENT_C]
-        } else {
-            vec![]
+    let segments_of = |i: usize| -> &'static [&'static str] {
+        match (member(i), i.is_multiple_of(2)) {
+            (true, true) => &[SEGMENT_B, SEGMENT_C],
+            (true, false) => &[SEGMENT_B],
+            (false, _) => &[],
         }
-    });
+    };
+    let store = store_members(dir.path(), &only_a, |i| segments_of(i).to_vec());
     let mapping = record(&store, &a_b);
     store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
-    let [ahead, _, _] =
-        exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B, SEGMENT_C]);
+    let [ahead, _, _] = exported_while_the_backfill_runs(&store, &mapping, member, |i| {
+        if member(i) {
+            segments_of(i).to_vec()
+        } else {
+            vec![SEGMENT_B, SEGMENT_C]
+        }
+    });
     let before_c = exports_per_profile(&store);
     let mapping = record(&store, &a_b_c);
     run_backfill(&store, &mapping);
     let counts = exports_per_profile(&store);
+    let of_c = |id: &str| id[1..].parse::<usize>().unwrap().is_multiple_of(2);
+    assert!(ahead.iter().any(|id| of_c(id)) && ahead.iter().any(|id| !of_c(id)));
     for id in &ahead {
-        assert_eq!(counts[id] - before_c[id], 1, "{id}: its export for C");
+        let expected = usize::from(of_c(id));
+        assert_eq!(
+            counts[id] - before_c[id],
+            expected,
+            "{id}: its export for C"
+        );
     }
     drop(store);
     assert_eq!(marks_left(&dir.path().join("store")), 0);
@@ -696,7 +711,7 @@ fn a_job_dropped_with_its_segment_leaves_no_marks() {
     });
     let mapping = record(&store, &a_b);
     store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
-    exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B]);
+    exported_while_the_backfill_runs(&store, &mapping, member, |_| vec![SEGMENT_B]);
     drop(store);
     assert!(
         marks_left(&dir.path().join("store")) > 0,
@@ -742,7 +757,7 @@ fn export_numbers_rebuilt_stay_above_the_backfills_marks() {
     let store = Store::open(&path, 8 << 20).unwrap();
     let mapping = record(&store, &a_b);
     store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
-    exported_while_the_backfill_runs(&store, &mapping, member, &[SEGMENT_B]);
+    exported_while_the_backfill_runs(&store, &mapping, member, |_| vec![SEGMENT_B]);
     let delivered: Vec<outpost::store::outbox::Outcome> = store
         .list(&ListFilter::default())
         .unwrap()

@@ -4,12 +4,13 @@
 //!
 //! Value of `meta/backfill`: one format byte, then JSON `{"jobs": [...]}`, each job
 //! `{segments, after_group, until_group, after, scanned, exported, profiles, queued_ms,
-//! queued_seq}`: the segments to backfill, the last profile group scanned (absent: none yet),
+//! queued_seq, joined_seq}`: the segments to backfill, the last profile group scanned (absent: none yet),
 //! the last group to scan (absent: to the end), the last profile id a build before profile
 //! groups scanned (in id order; `null`: none), how many profiles were scanned and exported so
-//! far, how many were stored when the job was queued (for progress), and the export number
-//! exports were numbered from when it was queued or last joined by new segments (absent in
-//! jobs of earlier builds: 0, as they marked nothing).
+//! far, how many were stored when the job was queued (for progress), the export number
+//! exports were numbered from when it was queued (absent in jobs of earlier builds: 0, as they
+//! marked nothing), and for each segment that joined it later, the number then (absent: none
+//! joined, or the job is of a build that set `queued_seq` again for every segment instead).
 //!
 //! Invariants:
 //! - a job is queued in the same write that records the mapping that made it
@@ -31,9 +32,12 @@
 //! - a job's segments that have left the mapping by the time a step runs are skipped, and
 //!   are taken out of every job when the mapping without them is recorded, so that a segment
 //!   mapped again is backfilled once, by the job its return queues;
-//! - a profile exported by an update after a job was queued (or last joined), while the job
-//!   had yet to scan its group, is skipped by the job: that export carried the job's segments
-//!   (every mapped one), and a later change of their membership exports again. So an update
+//! - a profile exported by an update after a job was queued, while the job had yet to scan
+//!   its group, is skipped by the job: that export carried the job's segments (every mapped
+//!   one), and a later change of their membership exports again; a segment that joined the
+//!   job later counts only exports from when it joined, so a member of it exported before
+//!   gets the job's export, and a profile that is a member only of the job's other segments
+//!   does not. So an update
 //!   does not make a member get a second export from the backfill. The update's transaction
 //!   marks the profile in `backfill_exported` (group key ++ profile id → the export number the
 //!   transaction's exports begin at), and the job skips a mark at or above its `queued_seq`; a
@@ -47,7 +51,7 @@
 //!   bounded by `after_group` and `until_group` cover the groups none of those will scan
 //!   ([`BackfillState::with_new_segments`]; jobs begun before profile groups excepted).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
@@ -104,6 +108,10 @@ pub struct BackfillJob {
     /// new segments: a profile marked exported at or above it is skipped.
     #[serde(default)]
     pub queued_seq: u64,
+    /// Segments that joined the job after it was queued, each with the export number then:
+    /// the number it counts exports from, in place of `queued_seq`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub joined_seq: BTreeMap<String, u64>,
 }
 
 impl BackfillState {
@@ -128,8 +136,8 @@ impl BackfillState {
     /// joined either: a member of its segments and of `new` gets an export from it and one
     /// from the new jobs.
     ///
-    /// A joined job takes `next_seq` as its `queued_seq`: the exports before carried none of
-    /// `new`, so their marks no longer make it skip a profile.
+    /// The segments joining a job count exports from `next_seq` (`joined_seq`): the exports
+    /// before carried none of them, so their marks do not make the job skip a member of them.
     pub fn with_new_segments(
         mut self,
         mapped: &[String],
@@ -140,6 +148,7 @@ impl BackfillState {
     ) -> Self {
         for job in &mut self.jobs {
             job.segments.retain(|s| mapped.contains(s));
+            job.joined_seq.retain(|s, _| mapped.contains(s));
         }
         self.jobs.retain(|job| !job.segments.is_empty());
         if new.is_empty() {
@@ -174,8 +183,8 @@ impl BackfillState {
                 if !job.segments.contains(segment) {
                     job.segments.push(segment.clone());
                 }
+                job.joined_seq.insert(segment.clone(), next_seq);
             }
-            job.queued_seq = next_seq;
             ranges.push((from, to));
         }
         let mut gaps = Vec::new();
@@ -272,7 +281,16 @@ impl BackfillJob {
             profiles,
             queued_ms: now_ms,
             queued_seq: next_seq,
+            joined_seq: BTreeMap::new(),
         }
+    }
+
+    /// The export number from which an export of a profile carried `segment`.
+    fn counts_from(&self, segment: &str) -> u64 {
+        self.joined_seq
+            .get(segment)
+            .copied()
+            .unwrap_or(self.queued_seq)
     }
 
     /// Whether the job has yet to scan `group` (an unreadable bound counts as none).
@@ -432,9 +450,11 @@ fn marks_between(
 /// export numbers rebuilt from the outbox never fall below them: a mark above a job's
 /// `queued_seq` made later would skip a member. `None` when they hold none, or cannot be read.
 pub(super) fn highest_seq_recorded(t: &Trees) -> Result<Option<u64>, StoreError> {
-    let mut highest = read_state(t)
-        .ok()
-        .and_then(|state| state.jobs.iter().map(|job| job.queued_seq).max());
+    let mut highest = read_state(t).ok().and_then(|state| {
+        let joined = state.jobs.iter().flat_map(|job| job.joined_seq.values());
+        let queued = state.jobs.iter().map(|job| &job.queued_seq);
+        queued.chain(joined).copied().max()
+    });
     for value in t.backfill_exported.iter().values() {
         let value = value?;
         if let Ok(bytes) = <[u8; 8]>::try_from(value.as_ref()) {
@@ -572,16 +592,25 @@ impl Store {
                     continue;
                 }
                 job.scanned += 1;
-                let exported_after_queued = exported_since
-                    .get([key.as_ref(), id.as_bytes()].concat().as_slice())
-                    .is_some_and(|seq| *seq >= job.queued_seq);
-                if exported_after_queued {
+                // The segments an update's export since has not carried to the destination.
+                let mark = exported_since.get([key.as_ref(), id.as_bytes()].concat().as_slice());
+                let segments = match mark {
+                    None => std::borrow::Cow::Borrowed(&job.segments),
+                    Some(&seq) => std::borrow::Cow::Owned(
+                        job.segments
+                            .iter()
+                            .filter(|s| seq < job.counts_from(s))
+                            .cloned()
+                            .collect(),
+                    ),
+                };
+                if segments.is_empty() {
                     continue;
                 }
                 match decode_profile(id, value) {
                     Ok(stored) => {
                         if let Some(payload) =
-                            backfill_payload(&stored, &job.segments, mapping, &layout, &time)
+                            backfill_payload(&stored, &segments, mapping, &layout, &time)
                         {
                             exports.push(new_export(
                                 id,
@@ -843,15 +872,22 @@ mod tests {
         for (group, expected) in cases {
             assert_eq!(ahead(&state.jobs[0], group), expected, "{group:x}");
         }
-        // Joined: the exports before carried none of the new segments.
+        // Joined: the exports before carried none of the new segment, and carried the job's
+        // own; the jobs for the groups outside it are new.
         let state = state.with_new_segments(&names(&["a", "b", "c"]), names(&["c"]), 10, 2, 200);
-        assert_eq!(
-            state.jobs.iter().map(|j| j.queued_seq).collect::<Vec<_>>(),
-            [200, 200, 200]
-        );
+        let counts_from = |segment: &str| -> Vec<u64> {
+            state.jobs.iter().map(|j| j.counts_from(segment)).collect()
+        };
+        assert_eq!(counts_from("b"), [100, 200, 200]);
+        assert_eq!(counts_from("c"), [200, 200, 200]);
         // No new segment: nothing joins.
         let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 3, 300);
-        assert!(state.jobs.iter().all(|j| j.queued_seq == 200));
+        assert_eq!(state.jobs[0].counts_from("b"), 100);
+        assert_eq!(state.jobs[0].counts_from("c"), 200);
+        // A segment unmapped leaves the job with its number.
+        let state = state.with_new_segments(&names(&["a", "b"]), vec![], 10, 4, 400);
+        assert_eq!(state.jobs[0].segments, ["b"]);
+        assert!(state.jobs[0].joined_seq.is_empty());
         // A job of an earlier build counts from 0; a job not begun has every group ahead.
         let earlier: BackfillJob = serde_json::from_value(json!({"segments": ["s"], "after": null,
             "scanned": 0, "exported": 0, "profiles": 1, "queued_ms": 5}))
