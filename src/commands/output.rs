@@ -65,7 +65,10 @@ pub(super) fn text_of(value: &Value) -> String {
 /// they are an escape sequence in one could move the cursor, recolour or retitle the
 /// terminal of whoever lists them.
 pub fn for_terminal(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
-    let escaped = |c: char| c.is_control() && !(keep_lines && c == '\n');
+    // The bidirectional embeddings, overrides and isolates too: they reorder what follows
+    // them on the line where the terminal honours them.
+    let bidi = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    let escaped = |c: char| (c.is_control() && !(keep_lines && c == '\n')) || bidi(c);
     if !text.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -262,6 +265,10 @@ mod tests {
         assert_eq!(
             pretty_for_terminal(&json!({"name": "a\u{9b}2J\u{7f}b\n"})),
             "{\n  \"name\": \"a\\u{9b}2J\\u{7f}b\\n\"\n}"
+        );
+        assert_eq!(
+            text_of(&json!("id\u{202e}gnp.exe\u{2066}x")),
+            "id\\u{202e}gnp.exe\\u{2066}x"
         );
         assert_eq!(text_of(&json!("plain é ✓")), "plain é ✓");
         assert_eq!(text_of(&Value::Null), "-");
