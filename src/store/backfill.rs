@@ -4,13 +4,15 @@
 //!
 //! Value of `meta/backfill`: one format byte, then JSON `{"jobs": [...]}`, each job
 //! `{segments, after_group, until_group, after, scanned, exported, profiles, queued_ms,
-//! queued_seq, joined_seq}`: the segments to backfill, the last profile group scanned (absent: none yet),
-//! the last group to scan (absent: to the end), the last profile id a build before profile
-//! groups scanned (in id order; `null`: none), how many profiles were scanned and exported so
-//! far, how many were stored when the job was queued (for progress), the export number
-//! exports were numbered from when it was queued (absent in jobs of earlier builds: 0, as they
-//! marked nothing), and for each segment that joined it later, the number then (absent: none
-//! joined, or the job is of a build that set `queued_seq` again for every segment instead).
+//! queued_seq, counted_from}`: the segments to backfill, the last profile group scanned
+//! (absent: none yet), the last group to scan (absent: to the end), the last profile id a
+//! build before profile groups scanned (in id order; `null`: none), how many profiles were
+//! scanned and exported so far, how many were stored when the job was queued (for progress),
+//! the export number exports were numbered from when it was queued or last joined by new
+//! segments (absent in jobs of earlier builds: 0, as they marked nothing), and for segments in
+//! the job before the last join, the lower number each counts from (absent: none joined, or
+//! the job was last written by a build that kept no such numbers; then every segment counts
+//! from `queued_seq`, which can make a second export but never a missing one).
 //!
 //! Invariants:
 //! - a job is queued in the same write that records the mapping that made it
@@ -108,10 +110,11 @@ pub struct BackfillJob {
     /// new segments: a profile marked exported at or above it is skipped.
     #[serde(default)]
     pub queued_seq: u64,
-    /// Segments that joined the job after it was queued, each with the export number then:
-    /// the number it counts exports from, in place of `queued_seq`.
+    /// Segments that were in the job before new ones joined it, each with the lower number it
+    /// counts exports from, in place of `queued_seq`. Kept apart so that a build that reads
+    /// only `queued_seq` counts from the later number: it exports a member twice, never not.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub joined_seq: BTreeMap<String, u64>,
+    pub counted_from: BTreeMap<String, u64>,
 }
 
 impl BackfillState {
@@ -136,8 +139,9 @@ impl BackfillState {
     /// joined either: a member of its segments and of `new` gets an export from it and one
     /// from the new jobs.
     ///
-    /// The segments joining a job count exports from `next_seq` (`joined_seq`): the exports
-    /// before carried none of them, so their marks do not make the job skip a member of them.
+    /// The segments joining a job count exports from `next_seq`, its new `queued_seq`: the
+    /// exports before carried none of them, so their marks do not make the job skip a member
+    /// of them. Its segments before keep the number they counted from (`counted_from`).
     pub fn with_new_segments(
         mut self,
         mapped: &[String],
@@ -148,7 +152,7 @@ impl BackfillState {
     ) -> Self {
         for job in &mut self.jobs {
             job.segments.retain(|s| mapped.contains(s));
-            job.joined_seq.retain(|s, _| mapped.contains(s));
+            job.counted_from.retain(|s, _| mapped.contains(s));
         }
         self.jobs.retain(|job| !job.segments.is_empty());
         if new.is_empty() {
@@ -179,12 +183,20 @@ impl BackfillState {
                 continue;
             }
             let job = &mut self.jobs[at];
+            for segment in &job.segments {
+                if !new.contains(segment) {
+                    let from = job.counted_from.get(segment).copied();
+                    let from = from.unwrap_or(job.queued_seq);
+                    job.counted_from.insert(segment.clone(), from);
+                }
+            }
             for segment in &new {
                 if !job.segments.contains(segment) {
                     job.segments.push(segment.clone());
                 }
-                job.joined_seq.insert(segment.clone(), next_seq);
+                job.counted_from.remove(segment);
             }
+            job.queued_seq = next_seq;
             ranges.push((from, to));
         }
         let mut gaps = Vec::new();
@@ -281,13 +293,13 @@ impl BackfillJob {
             profiles,
             queued_ms: now_ms,
             queued_seq: next_seq,
-            joined_seq: BTreeMap::new(),
+            counted_from: BTreeMap::new(),
         }
     }
 
     /// The export number from which an export of a profile carried `segment`.
     fn counts_from(&self, segment: &str) -> u64 {
-        self.joined_seq
+        self.counted_from
             .get(segment)
             .copied()
             .unwrap_or(self.queued_seq)
@@ -451,9 +463,9 @@ fn marks_between(
 /// `queued_seq` made later would skip a member. `None` when they hold none, or cannot be read.
 pub(super) fn highest_seq_recorded(t: &Trees) -> Result<Option<u64>, StoreError> {
     let mut highest = read_state(t).ok().and_then(|state| {
-        let joined = state.jobs.iter().flat_map(|job| job.joined_seq.values());
+        let earlier = state.jobs.iter().flat_map(|job| job.counted_from.values());
         let queued = state.jobs.iter().map(|job| &job.queued_seq);
-        queued.chain(joined).copied().max()
+        queued.chain(earlier).copied().max()
     });
     for value in t.backfill_exported.iter().values() {
         let value = value?;
@@ -880,14 +892,26 @@ mod tests {
         };
         assert_eq!(counts_from("b"), [100, 200, 200]);
         assert_eq!(counts_from("c"), [200, 200, 200]);
+        // A build that reads only `queued_seq` counts every segment from the join.
+        assert!(state.jobs.iter().all(|j| j.queued_seq == 200));
         // No new segment: nothing joins.
         let state = state.with_new_segments(&names(&["a", "b", "c"]), vec![], 10, 3, 300);
         assert_eq!(state.jobs[0].counts_from("b"), 100);
         assert_eq!(state.jobs[0].counts_from("c"), 200);
-        // A segment unmapped leaves the job with its number.
-        let state = state.with_new_segments(&names(&["a", "b"]), vec![], 10, 4, 400);
+        // Another join: each segment before keeps its number.
+        let state =
+            state.with_new_segments(&names(&["a", "b", "c", "d"]), names(&["d"]), 10, 4, 300);
+        let first = &state.jobs[0];
+        assert_eq!(
+            ["b", "c", "d"].map(|s| first.counts_from(s)),
+            [100, 200, 300]
+        );
+        assert_eq!(first.queued_seq, 300);
+        // A segment unmapped leaves the job; the others count as they did.
+        let state = state.with_new_segments(&names(&["a", "b"]), vec![], 10, 5, 400);
         assert_eq!(state.jobs[0].segments, ["b"]);
-        assert!(state.jobs[0].joined_seq.is_empty());
+        assert_eq!(state.jobs[0].counts_from("b"), 100);
+        assert_eq!(state.jobs[0].counted_from.len(), 1);
         // A job of an earlier build counts from 0; a job not begun has every group ahead.
         let earlier: BackfillJob = serde_json::from_value(json!({"segments": ["s"], "after": null,
             "scanned": 0, "exported": 0, "profiles": 1, "queued_ms": 5}))
