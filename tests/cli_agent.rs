@@ -998,8 +998,9 @@ async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
-/// Run as root on a store folder another user owns, a command acts as that user: a link the
-/// user put in the folder in place of the lock file does not make root write where it points.
+/// Run as root on a store folder another user owns, a command acts as that user, with that
+/// user's groups: a link the user put in the folder in place of the lock file does not make
+/// root write where it points.
 #[tokio::test]
 async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     if !running_as_root() {
@@ -1013,6 +1014,8 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     );
     open_to_others(&ws);
     give_store_to_nobody(&ws);
+    // Its group root's, as after `mkdir` and `chown USER`: the command takes the user's own.
+    std::os::unix::fs::chown(ws.store_path(), None, Some(0)).unwrap();
     // A folder only root may write in.
     let root_only = ws.path().join("root-only");
     std::fs::create_dir(&root_only).unwrap();

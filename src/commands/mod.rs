@@ -184,7 +184,6 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             | Command::Compact { .. }
             | Command::Outbox(_)
             | Command::Profile(_)
-            | Command::Nats(NatsCommand::SetPosition { .. })
             | Command::Rejected(_)
     );
     if works_on_store {
@@ -253,7 +252,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         )),
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(config)),
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
+            // Checked against the stream with this process's rights (credential files).
             nats::check_position(config, partition, seq)?;
+            as_store_owner(config)?;
             nats::set_position(&Backend::connect_existing(config)?, partition, seq)
         }
         Command::Rejected(command) => nats::rejected(&Backend::connect_existing(config)?, command),

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 const DEPTH: usize = 2;
 
 /// Gives up root for the owner of the store folder `store` when this process runs as root and
-/// the folder belongs to another user: its user id, and the folder's group as the only group.
+/// the folder belongs to another user: that user's id and groups from the user database (the
+/// folder's group alone for a user it has no entry for, unless that group is root's).
 /// Returns the user id taken; `None` when not root, or the folder is missing or root's.
 pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
     // SAFETY: geteuid has no preconditions.
@@ -29,26 +30,69 @@ pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
     if !meta.is_dir() || meta.uid() == 0 {
         return Ok(None);
     }
-    let (uid, gid) = (meta.uid(), meta.gid());
+    let uid = meta.uid();
     let failed = |what: &str| {
         let e = std::io::Error::last_os_error();
         std::io::Error::new(e.kind(), format!("{what}: {e}"))
     };
+    // SAFETY: a plain system call.
+    let set_gid = |gid: u32| match unsafe { libc::setgid(gid) } {
+        0 => Ok(()),
+        _ => Err(failed(&format!("setgid({gid})"))),
+    };
     // Groups before the user id: once that is given up, they cannot be changed. glibc makes
     // each call take effect on every thread of the process.
-    // SAFETY: plain system calls; `&gid` outlives the call.
-    unsafe {
-        if libc::setgroups(1, &gid) != 0 {
-            return Err(failed("setgroups"));
+    match user_entry(uid) {
+        Some((name, gid)) => {
+            // SAFETY: `name` is a NUL-terminated string that outlives the call.
+            if unsafe { libc::initgroups(name.as_ptr(), gid) } != 0 {
+                return Err(failed("initgroups"));
+            }
+            set_gid(gid)?;
         }
-        if libc::setgid(gid) != 0 {
-            return Err(failed(&format!("setgid({gid})")));
-        }
-        if libc::setuid(uid) != 0 {
-            return Err(failed(&format!("setuid({uid})")));
+        None if meta.gid() == 0 => return Err(std::io::Error::other(format!(
+            "its owner (user id {uid}) has no entry in the user database, and its group is root's"
+        ))),
+        None => {
+            let gid = meta.gid();
+            // SAFETY: `&gid` outlives the call.
+            if unsafe { libc::setgroups(1, &gid) } != 0 {
+                return Err(failed("setgroups"));
+            }
+            set_gid(gid)?;
         }
     }
+    // SAFETY: a plain system call.
+    if unsafe { libc::setuid(uid) } != 0 {
+        return Err(failed(&format!("setuid({uid})")));
+    }
     Ok(Some(uid))
+}
+
+/// The name and primary group of user `uid` in the user database, if it has an entry.
+fn user_entry(uid: u32) -> Option<(std::ffi::CString, u32)> {
+    // SAFETY: all zeroes is a valid `passwd` (null pointers, zero ids); it is only read after
+    // getpwuid_r filled it.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: the pointers are to live values of the right types and `buffer`'s length is
+    // given; the strings in `entry` point into `buffer`, read before it is dropped.
+    let code = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut entry,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    if code != 0 || found.is_null() || entry.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r succeeded, so `pw_name` is a NUL-terminated string in `buffer`.
+    let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_owned();
+    Some((name, entry.pw_gid))
 }
 
 /// Hands what root made under `store` to the owner of `store`: only entries root owns, never
