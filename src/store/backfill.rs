@@ -39,11 +39,11 @@
 //!   one), and a later change of their membership exports again; a segment that joined the
 //!   job later counts only exports from when it joined, so a member of it exported before
 //!   gets the job's export, and a profile that is a member only of the job's other segments
-//!   does not. So an update
-//!   does not make a member get a second export from the backfill. The update's transaction
-//!   marks the profile in `backfill_exported` (group key ++ profile id → the export number the
-//!   transaction's exports begin at), and the job skips a mark at or above its `queued_seq`; a
-//!   step removes the marks of the groups it passes that no other job has yet to scan, and
+//!   does not. So an update does not make a member get a second export from the backfill.
+//!   The update's transaction marks the profile in `backfill_exported` (group key ++ profile
+//!   id → the export number the transaction's exports begin at), and the job skips a marked
+//!   profile unless it is a member of a segment that counts from above the mark; a step
+//!   removes the marks of the groups it passes that no other job has yet to scan, and
 //!   the last step of the last job every mark left; the marks of jobs dropped with their
 //!   segments go when the mapping is recorded. A mark lost can only make a second export,
 //!   never a missing one; a mark at or above a later job's number would make one missing, so
