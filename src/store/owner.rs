@@ -50,9 +50,11 @@ pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
             }
             set_gid(gid)?;
         }
-        None if meta.gid() == 0 => return Err(std::io::Error::other(format!(
-            "its owner (user id {uid}) has no entry in the user database, and its group is root's"
-        ))),
+        None if meta.gid() == 0 => {
+            return Err(std::io::Error::other(format!(
+                "its owner (uid {uid}) is not in the user database, and its group is root's"
+            )));
+        }
         None => {
             let gid = meta.gid();
             // SAFETY: `&gid` outlives the call.
