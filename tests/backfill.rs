@@ -596,6 +596,31 @@ fn exported_while_the_backfill_runs(
     [ids(members_ahead), ids(members_behind), ids(joining)]
 }
 
+/// Whether profile `i` of [`every_third_in_b`] is a member of B.
+fn in_b(i: usize) -> bool {
+    i.is_multiple_of(3)
+}
+
+/// A store in `dir` of 3,000 profiles recorded with a mapping of A alone, every third
+/// ([`in_b`]) a member of B; with the configs that map A, and A and B.
+fn every_third_in_b(dir: &Path) -> (Store, Config, Config) {
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let only_a = load(dir, "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    let a_b = load(dir, "ab.toml", &text);
+    let store = store_members(
+        dir,
+        &only_a,
+        |i| {
+            if in_b(i) {
+                vec![SEGMENT_B]
+            } else {
+                vec![]
+            }
+        },
+    );
+    (store, only_a, a_b)
+}
+
 /// The entries of the store's `backfill_exported` tree, read with sled alone.
 fn marks_left(store_path: &Path) -> usize {
     let db = open_with_sled_alone(store_path).unwrap();
@@ -608,17 +633,8 @@ fn marks_left(store_path: &Path) -> usize {
 #[test]
 fn a_member_an_update_exported_before_the_backfill_reached_it_is_not_exported_again() {
     let dir = tempfile::tempdir().unwrap();
-    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
-    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
-    let a_b = load(dir.path(), "ab.toml", &text);
-    let member = |i: usize| i.is_multiple_of(3);
-    let store = store_members(dir.path(), &only_a, |i| {
-        if member(i) {
-            vec![SEGMENT_B]
-        } else {
-            vec![]
-        }
-    });
+    let (store, _, a_b) = every_third_in_b(dir.path());
+    let member = in_b;
     let mapping = record(&store, &a_b);
     store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
     let [ahead, behind, joining] =
@@ -698,17 +714,8 @@ fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
 #[test]
 fn a_job_dropped_with_its_segment_leaves_no_marks() {
     let dir = tempfile::tempdir().unwrap();
-    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
-    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
-    let a_b = load(dir.path(), "ab.toml", &text);
-    let member = |i: usize| i.is_multiple_of(3);
-    let store = store_members(dir.path(), &only_a, |i| {
-        if member(i) {
-            vec![SEGMENT_B]
-        } else {
-            vec![]
-        }
-    });
+    let (store, only_a, a_b) = every_third_in_b(dir.path());
+    let member = in_b;
     let mapping = record(&store, &a_b);
     store.backfill_step(&mapping, 1_000, Utc::now()).unwrap();
     exported_while_the_backfill_runs(&store, &mapping, member, |_| vec![SEGMENT_B]);
@@ -732,17 +739,8 @@ fn a_job_dropped_with_its_segment_leaves_no_marks() {
 fn export_numbers_rebuilt_stay_above_the_backfills_marks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
-    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
-    let a_b = load(dir.path(), "ab.toml", &text);
-    let member = |i: usize| i.is_multiple_of(3);
-    let store = store_members(dir.path(), &only_a, |i| {
-        if member(i) {
-            vec![SEGMENT_B]
-        } else {
-            vec![]
-        }
-    });
+    let (store, _, a_b) = every_third_in_b(dir.path());
+    let member = in_b;
     drop(store);
     // Numbers past the gap a rebuild adds, as after an earlier rebuild.
     let high = 3u64 << 32;
