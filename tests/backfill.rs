@@ -662,7 +662,7 @@ fn a_member_an_update_exported_before_the_backfill_reached_it_is_not_exported_ag
 /// A segment newly mapped while a job is part way joins it, and the updates exported before
 /// did not carry it: the members of it they exported get their export for it from the
 /// backfill; those that are members only of the job's own segment, which the updates carried,
-/// get none.
+/// get none. Also when the store is opened again in between.
 #[test]
 fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -693,6 +693,9 @@ fn a_segment_joining_a_job_reaches_the_members_updates_exported_before_it() {
     });
     let before_c = exports_per_profile(&store);
     let mapping = record(&store, &a_b_c);
+    // The numbers the job counts from are read back from the store.
+    drop(store);
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
     run_backfill(&store, &mapping);
     let counts = exports_per_profile(&store);
     let of_c = |id: &str| id[1..].parse::<usize>().unwrap().is_multiple_of(2);
