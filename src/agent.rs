@@ -10,10 +10,12 @@ use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Watcher;
 use crate::config::Config;
+use crate::delivery::client::HttpClient;
 use crate::delivery::{panic_message, Deliverer, DeliveryStopped, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
@@ -71,6 +73,53 @@ impl Default for AgentOptions {
     }
 }
 
+/// What `outpost run` readies with root's rights before it acts as the owner of a store folder
+/// another user owns (`store::StoreOwner`): the ingest port, which may be one only root may
+/// bind, and what reads key files (the ingest TLS acceptor, the delivery client), which may be
+/// root's alone.
+pub struct Ready {
+    client: HttpClient,
+    tls: Option<TlsAcceptor>,
+    listener: TcpListener,
+}
+
+impl Ready {
+    pub async fn new(config: &Config) -> Result<Ready, AgentError> {
+        Ok(Ready {
+            client: delivery_client(config)?,
+            tls: ingest_tls(config)?,
+            listener: bind_ingest(config).await?,
+        })
+    }
+}
+
+fn delivery_client(config: &Config) -> Result<HttpClient, AgentError> {
+    let client = HttpClient::new(&config.destination, config.delivery.request_timeout)
+        .map_err(SetupError::from)?;
+    Ok(client)
+}
+
+fn ingest_tls(config: &Config) -> Result<Option<TlsAcceptor>, AgentError> {
+    match &config.ingest.tls {
+        Some(tls) => Ok(Some(
+            crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+async fn bind_ingest(config: &Config) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(config.ingest.listen)
+        .await
+        .map_err(|source| {
+            tracing::debug!(error = ?source, addr = %config.ingest.listen, "binding ingest.listen");
+            AgentError::Listen {
+                addr: config.ingest.listen,
+                source,
+            }
+        })
+}
+
 /// A started agent.
 pub struct Agent {
     pub listen_addr: SocketAddr,
@@ -84,6 +133,23 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: &Config, options: AgentOptions) -> Result<Agent, AgentError> {
+        Agent::start_with(config, options, None).await
+    }
+
+    /// [`Agent::start`] with the port bound and the key files read beforehand ([`Ready`]).
+    pub async fn start_ready(
+        config: &Config,
+        options: AgentOptions,
+        ready: Ready,
+    ) -> Result<Agent, AgentError> {
+        Agent::start_with(config, options, Some(ready)).await
+    }
+
+    async fn start_with(
+        config: &Config,
+        options: AgentOptions,
+        ready: Option<Ready>,
+    ) -> Result<Agent, AgentError> {
         if let Some(nats) = &config.nats {
             nats.check_files().map_err(AgentError::NatsFiles)?;
         }
@@ -99,23 +165,23 @@ impl Agent {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        let mut deliverer = Deliverer::new(config, Arc::clone(&store), Arc::clone(&metrics))?;
+        let (client, tls, listener) = match ready {
+            Some(Ready {
+                client,
+                tls,
+                listener,
+            }) => (client, tls, listener),
+            None => (
+                delivery_client(config)?,
+                ingest_tls(config)?,
+                bind_ingest(config).await?,
+            ),
+        };
+        let mut deliverer =
+            Deliverer::with_client(config, client, Arc::clone(&store), Arc::clone(&metrics))?;
         if !options.jitter {
             deliverer = deliverer.without_jitter();
         }
-        let tls = match &config.ingest.tls {
-            Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
-            None => None,
-        };
-        let listener = TcpListener::bind(config.ingest.listen)
-            .await
-            .map_err(|source| {
-                tracing::debug!(error = ?source, addr = %config.ingest.listen, "binding ingest.listen");
-                AgentError::Listen {
-                    addr: config.ingest.listen,
-                    source,
-                }
-            })?;
         let listen_addr = listener.local_addr().map_err(|source| AgentError::Listen {
             addr: config.ingest.listen,
             source,

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -945,7 +945,8 @@ async fn a_user_the_agents_socket_is_closed_to_is_told_so() {
 
 /// Commands run as root on the store of an agent that runs as another user leave files that
 /// user owns, whose agent can then open its store again: `sudo outpost compact` while it is
-/// stopped (run as that user), and an agent run as root (which hands them over as it ends).
+/// stopped, and `outpost run` itself, which acts as that user once it has bound its port, so
+/// that a link the user put in the folder does not make root write where it points.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
     if !running_as_root() {
@@ -987,15 +988,52 @@ async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
     all_nobodys();
 
     let lock = ws.store_path().join("outpost.lock");
+    let planted = plant_link_for_root(&ws, &lock);
+    let mut refused = AgentProcess::spawn_with_env(&ws.config_path(), port, &[]);
+    let status = refused.wait_for_exit(Duration::from_secs(15)).await;
+    assert!(
+        !planted.exists(),
+        "root wrote through the link:\n{}",
+        refused.log()
+    );
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    assert!(
+        refused.log().contains("permission denied"),
+        "{}",
+        refused.log()
+    );
+
     std::fs::remove_file(&lock).unwrap();
     let mut agent = AgentProcess::start(&ws.config_path(), port).await;
-    assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 0, "made by root");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let ids = |field: &str| -> Vec<String> {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().skip(1).map(str::to_owned).collect()
+    };
+    assert_eq!(ids("Uid:"), vec![NOBODY.to_string(); 4], "{status}");
+    assert_eq!(ids("Gid:"), vec![NOBODY.to_string(); 4], "{status}");
+    assert!(!ids("Groups:").contains(&"0".to_owned()), "{status}");
+    let made = std::fs::symlink_metadata(&lock).unwrap();
+    assert_eq!((made.uid(), made.gid()), (NOBODY, NOBODY), "made by nobody");
     agent.terminate().await;
     all_nobodys();
     let out = as_nobody(&ws, &["outbox", "stats", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let stats: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["profiles"], 1, "{stats}");
+}
+
+/// Puts at `at`, in the store folder (which nobody owns), a link of nobody's to a file in a
+/// folder only root may write in; returns where it points.
+fn plant_link_for_root(ws: &Workspace, at: &Path) -> PathBuf {
+    let root_only = ws.path().join("root-only");
+    std::fs::create_dir_all(&root_only).unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let planted = root_only.join("planted");
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(&planted, at).unwrap();
+    std::os::unix::fs::lchown(at, Some(NOBODY), Some(NOBODY)).unwrap();
+    planted
 }
 
 /// Run as root on a store folder another user owns, a command acts as that user, with that
@@ -1016,15 +1054,8 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     give_store_to_nobody(&ws);
     // Its group root's, as after `mkdir` and `chown USER`: the command takes the user's own.
     std::os::unix::fs::chown(ws.store_path(), None, Some(0)).unwrap();
-    // A folder only root may write in.
-    let root_only = ws.path().join("root-only");
-    std::fs::create_dir(&root_only).unwrap();
-    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let planted = root_only.join("planted");
     let lock = ws.store_path().join("outpost.lock");
-    std::fs::remove_file(&lock).unwrap();
-    std::os::unix::fs::symlink(&planted, &lock).unwrap();
-    std::os::unix::fs::lchown(&lock, Some(NOBODY), Some(NOBODY)).unwrap();
+    let planted = plant_link_for_root(&ws, &lock);
 
     let out = ws.run(&["outbox", "stats", "--json"], None);
     assert!(!planted.exists(), "root wrote through the link: {out:?}");

@@ -275,11 +275,15 @@ fn as_store_owner(config: &Config) -> Result<(), CliError> {
             Ok(())
         }
         Ok(None) => Ok(()),
-        Err(e) => Err(CliError::Failure(format!(
-            "cannot act as the owner of the store folder {} ({e}); run the command as that user",
-            store.display()
-        ))),
+        Err(e) => Err(cannot_act_as_owner(config, &e)),
     }
+}
+
+fn cannot_act_as_owner(config: &Config, e: &std::io::Error) -> CliError {
+    CliError::Failure(format!(
+        "cannot act as the owner of the store folder {} ({e}); run the command as that user",
+        config.storage.path.display()
+    ))
 }
 
 async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
@@ -390,17 +394,40 @@ async fn run(config: &Config) -> Result<(), CliError> {
     let mut terminated = Box::pin(termination_signal());
     // A signal while the agent starts (it may wait up to 30 s for a store another process
     // holds) stops it there: nothing was taken or acknowledged yet.
+    let agent_error = |e: crate::agent::AgentError| match e.is_config() {
+        true => CliError::Usage(e.to_string()),
+        false => CliError::Failure(e.to_string()),
+    };
+    // Run as root on a store folder another user owns, the agent acts as that user, as the
+    // commands do, once it has bound its port and read its key files.
+    let ready = match crate::store::StoreOwner::of_foreign_store(&config.storage.path) {
+        Ok(None) => None,
+        Ok(Some(owner)) => {
+            let ready = crate::agent::Ready::new(config)
+                .await
+                .map_err(agent_error)?;
+            let uid = owner
+                .act_as()
+                .map_err(|e| cannot_act_as_owner(config, &e))?;
+            tracing::info!(uid, store = %config.storage.path.display(), "acting as the store folder's owner");
+            Some(ready)
+        }
+        Err(e) => return Err(cannot_act_as_owner(config, &e)),
+    };
+    let start = async {
+        match ready {
+            Some(ready) => Agent::start_ready(config, AgentOptions::default(), ready).await,
+            None => Agent::start(config, AgentOptions::default()).await,
+        }
+    };
     let started = tokio::select! {
-        started = Agent::start(config, AgentOptions::default()) => started,
+        started = start => started,
         () = terminated.as_mut() => {
             tracing::info!("stopped before the agent had started");
             return Ok(());
         }
     };
-    let agent = started.map_err(|e| match e.is_config() {
-        true => CliError::Usage(e.to_string()),
-        false => CliError::Failure(e.to_string()),
-    })?;
+    let agent = started.map_err(agent_error)?;
     let stop = agent.shutdown_token();
     tokio::spawn(async move {
         terminated.await;

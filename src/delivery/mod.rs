@@ -243,6 +243,16 @@ impl Deliverer {
         metrics: Arc<Metrics>,
     ) -> Result<Deliverer, SetupError> {
         let client = HttpClient::new(&config.destination, config.delivery.request_timeout)?;
+        Deliverer::with_client(config, client, store, metrics)
+    }
+
+    /// [`Deliverer::new`] with the client made from `config` beforehand.
+    pub fn with_client(
+        config: &Config,
+        client: HttpClient,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Deliverer, SetupError> {
         let tokens = Arc::new(
             TokenSource::new(
                 config.destination.auth.clone(),

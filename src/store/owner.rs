@@ -1,8 +1,10 @@
 //! A command run as root on a store folder that another user owns (`sudo outpost compact`, or
 //! `ingest`, while the agent, which runs as that user, is stopped) acts as that user
 //! ([`act_as_owner`]): what it makes is the owner's, so the agent can open its store again,
-//! and a link the owner planted in the folder leads root's writes nowhere. `outpost run` keeps
-//! root's rights (ports, key files) and hands what it made back when it ends
+//! and a link the owner planted in the folder leads root's writes nowhere. `outpost run` does
+//! the same once it has bound its port and read its key files with root's rights
+//! (`agent::Ready`). What root made there all the same (a build before this one, a command
+//! that does not act as the owner) is handed back when the command ends
 //! ([`hand_back_to_owner`]).
 
 use std::fs::{self, File};
@@ -14,61 +16,97 @@ use std::path::{Path, PathBuf};
 const DEPTH: usize = 2;
 
 /// Gives up root for the owner of the store folder `store` when this process runs as root and
-/// the folder belongs to another user: that user's id and groups from the user database (the
-/// folder's group alone for a user it has no entry for, unless that group is root's).
+/// the folder belongs to another user ([`StoreOwner::of_foreign_store`], [`StoreOwner::act_as`]).
 /// Returns the user id taken; `None` when not root, or the folder is missing or root's.
 pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
+    match StoreOwner::of_foreign_store(store)? {
+        Some(owner) => owner.act_as().map(Some),
+        None => Ok(None),
     }
-    let meta = match fs::metadata(store) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if !meta.is_dir() || meta.uid() == 0 {
-        return Ok(None);
-    }
-    let uid = meta.uid();
-    let failed = |what: &str| {
-        let e = std::io::Error::last_os_error();
-        std::io::Error::new(e.kind(), format!("{what}: {e}"))
-    };
-    // SAFETY: a plain system call.
-    let set_gid = |gid: u32| match unsafe { libc::setgid(gid) } {
-        0 => Ok(()),
-        _ => Err(failed(&format!("setgid({gid})"))),
-    };
-    // Groups before the user id: once that is given up, they cannot be changed. glibc makes
-    // each call take effect on every thread of the process.
-    match user_entry(uid) {
-        Some((name, gid)) => {
-            // SAFETY: `name` is a NUL-terminated string that outlives the call.
-            if unsafe { libc::initgroups(name.as_ptr(), gid) } != 0 {
-                return Err(failed("initgroups"));
+}
+
+/// The user a process run as root takes on for a store folder another user owns: that user's
+/// id and groups from the user database, or the folder's group alone for a user it has no
+/// entry for.
+#[derive(Debug)]
+pub struct StoreOwner {
+    uid: u32,
+    groups: OwnerGroups,
+}
+
+#[derive(Debug)]
+enum OwnerGroups {
+    /// The user's name and primary group: `initgroups` adds the rest.
+    Entry(std::ffi::CString, u32),
+    /// The folder's group (never root's).
+    Folder(u32),
+}
+
+impl StoreOwner {
+    /// The owner of `store` when this process runs as root and the folder belongs to another
+    /// user; `None` when not root, or the folder is missing or root's. An error for a user not
+    /// in the user database whose folder's group is root's: no group is safe to take then.
+    pub fn of_foreign_store(store: &Path) -> std::io::Result<Option<StoreOwner>> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let meta = match fs::metadata(store) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !meta.is_dir() || meta.uid() == 0 {
+            return Ok(None);
+        }
+        let uid = meta.uid();
+        let groups = match user_entry(uid) {
+            Some((name, gid)) => OwnerGroups::Entry(name, gid),
+            None if meta.gid() == 0 => {
+                return Err(std::io::Error::other(format!(
+                    "its owner (uid {uid}) is not in the user database, and its group is root's"
+                )));
             }
-            set_gid(gid)?;
-        }
-        None if meta.gid() == 0 => {
-            return Err(std::io::Error::other(format!(
-                "its owner (uid {uid}) is not in the user database, and its group is root's"
-            )));
-        }
-        None => {
-            let gid = meta.gid();
-            // SAFETY: `&gid` outlives the call.
-            if unsafe { libc::setgroups(1, &gid) } != 0 {
-                return Err(failed("setgroups"));
+            None => OwnerGroups::Folder(meta.gid()),
+        };
+        Ok(Some(StoreOwner { uid, groups }))
+    }
+
+    /// Gives up root for this user, on every thread of the process (glibc makes each call
+    /// take effect on all of them). Returns the user id taken.
+    pub fn act_as(self) -> std::io::Result<u32> {
+        let failed = |what: &str| {
+            let e = std::io::Error::last_os_error();
+            std::io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        // SAFETY: a plain system call.
+        let set_gid = |gid: u32| match unsafe { libc::setgid(gid) } {
+            0 => Ok(()),
+            _ => Err(failed(&format!("setgid({gid})"))),
+        };
+        // Groups before the user id: once that is given up, they cannot be changed.
+        match &self.groups {
+            OwnerGroups::Entry(name, gid) => {
+                // SAFETY: `name` is a NUL-terminated string that outlives the call.
+                if unsafe { libc::initgroups(name.as_ptr(), *gid) } != 0 {
+                    return Err(failed("initgroups"));
+                }
+                set_gid(*gid)?;
             }
-            set_gid(gid)?;
+            OwnerGroups::Folder(gid) => {
+                // SAFETY: `gid` outlives the call.
+                if unsafe { libc::setgroups(1, gid) } != 0 {
+                    return Err(failed("setgroups"));
+                }
+                set_gid(*gid)?;
+            }
         }
+        // SAFETY: a plain system call.
+        if unsafe { libc::setuid(self.uid) } != 0 {
+            return Err(failed(&format!("setuid({})", self.uid)));
+        }
+        Ok(self.uid)
     }
-    // SAFETY: a plain system call.
-    if unsafe { libc::setuid(uid) } != 0 {
-        return Err(failed(&format!("setuid({uid})")));
-    }
-    Ok(Some(uid))
 }
 
 /// The name and primary group of user `uid` in the user database, if it has an entry.

@@ -120,6 +120,11 @@ impl AgentProcess {
     pub async fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
         // SAFETY: kill(2) with the pid of our own child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        self.wait_for_exit(within).await
+    }
+
+    /// Waits (at most `within`) for the process to exit by itself.
+    pub async fn wait_for_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -127,7 +132,7 @@ impl AgentProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent did not exit within {within:?} of signal {signal}:\n{}",
+                "the agent did not exit within {within:?}:\n{}",
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
