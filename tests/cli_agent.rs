@@ -943,12 +943,13 @@ async fn a_user_the_agents_socket_is_closed_to_is_told_so() {
     assert!(stderr.contains("is not open to this user"), "{stderr}");
 }
 
-/// Commands run as root on the store of an agent that runs as another user leave files that
-/// user owns, whose agent can then open its store again: `sudo outpost compact` while it is
-/// stopped, and `outpost run` itself, which acts as that user once it has bound its port, so
-/// that a link the user put in the folder does not make root write where it points.
+/// Run as root on a store folder another user owns, `sudo outpost compact` and `outpost run`
+/// act as that user: the files they leave are that user's, whose agent can then open its
+/// store again, and a link the user put in the folder does not make root write where it
+/// points. `run` reads a key file only root may read before it gives up root, and hands back
+/// a store file root made before (an agent of an earlier build kept root).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
+async fn an_agent_run_as_root_on_another_users_store_runs_as_that_user() {
     if !running_as_root() {
         return;
     }
@@ -1002,8 +1003,27 @@ async fn files_root_makes_in_another_users_store_are_handed_to_that_user() {
         "{}",
         refused.log()
     );
-
     std::fs::remove_file(&lock).unwrap();
+
+    // The store's main file as an agent run as root by an earlier build would leave it.
+    let db = ws.store_path().join("db");
+    std::os::unix::fs::chown(&db, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A CA file only root may read.
+    let ca_file = ws.path().join("root-only-ca.pem");
+    std::fs::write(&ca_file, common::pki::Ca::new("outpost test CA").pem()).unwrap();
+    std::fs::set_permissions(&ca_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let config = config.replacen(
+        "[destination]\n",
+        &format!(
+            "[destination]\nca_file = {:?}\n",
+            ca_file.display().to_string()
+        ),
+        1,
+    );
+    std::fs::write(ws.config_path(), config).unwrap();
+
     let mut agent = AgentProcess::start(&ws.config_path(), port).await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let ids = |field: &str| -> Vec<String> {

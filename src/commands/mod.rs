@@ -400,7 +400,7 @@ async fn run(config: &Config) -> Result<(), CliError> {
     };
     // Run as root on a store folder another user owns, the agent acts as that user, as the
     // commands do, once it has bound its port and read its key files.
-    let ready = match crate::store::StoreOwner::of_foreign_store(&config.storage.path) {
+    let acting_as = match crate::store::StoreOwner::of_foreign_store(&config.storage.path) {
         Ok(None) => None,
         Ok(Some(owner)) => {
             let ready = crate::agent::Ready::new(config)
@@ -410,13 +410,14 @@ async fn run(config: &Config) -> Result<(), CliError> {
                 .act_as()
                 .map_err(|e| cannot_act_as_owner(config, &e))?;
             tracing::info!(uid, store = %config.storage.path.display(), "acting as the store folder's owner");
-            Some(ready)
+            Some((ready, uid))
         }
         Err(e) => return Err(cannot_act_as_owner(config, &e)),
     };
+    let uid = acting_as.as_ref().map(|(_, uid)| *uid);
     let start = async {
-        match ready {
-            Some(ready) => Agent::start_ready(config, AgentOptions::default(), ready).await,
+        match acting_as {
+            Some((ready, _)) => Agent::start_ready(config, AgentOptions::default(), ready).await,
             None => Agent::start(config, AgentOptions::default()).await,
         }
     };
@@ -426,6 +427,15 @@ async fn run(config: &Config) -> Result<(), CliError> {
             tracing::info!("stopped before the agent had started");
             return Ok(());
         }
+    };
+    let started = match (started, uid) {
+        // The owner may be refused a file root could read: the error says whose rights it had.
+        (Err(crate::agent::AgentError::NatsFiles(e)), Some(uid)) => {
+            Err(crate::agent::AgentError::NatsFiles(format!(
+                "{e} (read as uid {uid}, the store folder's owner, whose rights the agent takes)"
+            )))
+        }
+        (started, _) => started,
     };
     let agent = started.map_err(agent_error)?;
     let stop = agent.shutdown_token();

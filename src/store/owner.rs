@@ -3,9 +3,9 @@
 //! ([`act_as_owner`]): what it makes is the owner's, so the agent can open its store again,
 //! and a link the owner planted in the folder leads root's writes nowhere. `outpost run` does
 //! the same once it has bound its port and read its key files with root's rights
-//! (`agent::Ready`). What root made there all the same (a build before this one, a command
-//! that does not act as the owner) is handed back when the command ends
-//! ([`hand_back_to_owner`]).
+//! (`agent::Ready`). What root made there all the same (an agent of a build before this one,
+//! which kept root) is handed back before root is given up, and when a command that keeps
+//! root ends ([`hand_back_to_owner`]).
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
@@ -32,6 +32,7 @@ pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
 pub struct StoreOwner {
     uid: u32,
     groups: OwnerGroups,
+    store: PathBuf,
 }
 
 #[derive(Debug)]
@@ -64,17 +65,24 @@ impl StoreOwner {
             Some((name, gid)) => OwnerGroups::Entry(name, gid),
             None if meta.gid() == 0 => {
                 return Err(std::io::Error::other(format!(
-                    "its owner (uid {uid}) is not in the user database, and its group is root's"
+                    "its owner (uid {uid}) is not in the user database, and its group is root's, which outpost will not take: add the user to the user database, or give the folder another group with chgrp"
                 )));
             }
             None => OwnerGroups::Folder(meta.gid()),
         };
-        Ok(Some(StoreOwner { uid, groups }))
+        Ok(Some(StoreOwner {
+            uid,
+            groups,
+            store: store.to_owned(),
+        }))
     }
 
     /// Gives up root for this user, on every thread of the process (glibc makes each call
-    /// take effect on all of them). Returns the user id taken.
+    /// take effect on all of them), having handed the user what root made in the store
+    /// before (an agent of an earlier build, which kept root, killed as it ran): the user
+    /// could not open it afterwards. Returns the user id taken.
     pub fn act_as(self) -> std::io::Result<u32> {
+        hand_back_to_owner(&self.store);
         let failed = |what: &str| {
             let e = std::io::Error::last_os_error();
             std::io::Error::new(e.kind(), format!("{what}: {e}"))
