@@ -1043,6 +1043,42 @@ async fn an_agent_run_as_root_on_another_users_store_runs_as_that_user() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// Securebits that keep capabilities past `setuid` (`no_setuid_fixup`, which a service manager
+/// may set) would leave a command acting as the store's owner with root's rights over files:
+/// it refuses rather than follow the owner's link with them.
+#[tokio::test]
+async fn a_command_refuses_to_act_as_the_owner_with_roots_capabilities_kept() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    open_to_others(&ws);
+    give_store_to_nobody(&ws);
+    let lock = ws.store_path().join("outpost.lock");
+    let planted = plant_link_for_root(&ws, &lock);
+
+    let out = std::process::Command::new("setpriv")
+        .args(["--securebits", "+no_setuid_fixup"])
+        .arg(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["outbox", "stats", "--json"])
+        .output()
+        .unwrap();
+    assert!(!planted.exists(), "written through the link: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("capabilities over files remain after taking uid 65534"),
+        "{stderr}"
+    );
+}
+
 /// Puts at `at`, in the store folder (which nobody owns), a link of nobody's to a file in a
 /// folder only root may write in; returns where it points.
 fn plant_link_for_root(ws: &Workspace, at: &Path) -> PathBuf {

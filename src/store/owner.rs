@@ -113,8 +113,32 @@ impl StoreOwner {
         if unsafe { libc::setuid(self.uid) } != 0 {
             return Err(failed(&format!("setuid({})", self.uid)));
         }
+        // Securebits a service manager set (`no_setuid_fixup`) keep capabilities past setuid,
+        // and with some of them the user's links would still lead root's writes elsewhere.
+        if let Some(kept) = kept_file_capabilities() {
+            return Err(std::io::Error::other(format!(
+                "capabilities over files remain after taking uid {} (effective set {kept:#x}; securebits such as no_setuid_fixup keep them): start outpost without them",
+                self.uid
+            )));
+        }
         Ok(self.uid)
     }
+}
+
+/// Capabilities that pass over file permissions or give root back: CAP_CHOWN,
+/// CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_SETGID, CAP_SETUID,
+/// CAP_SYS_ADMIN. Others (CAP_NET_BIND_SERVICE, which a service may be given) do not matter.
+const FILE_CAPABILITIES: u64 = 0b1101_1111 | 1 << 21;
+
+/// Those of [`FILE_CAPABILITIES`] this process still has in effect, as `/proc/self/status`
+/// says (`None` when it has none, or says nothing).
+fn kept_file_capabilities() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?;
+    let kept = u64::from_str_radix(effective.trim(), 16).ok()? & FILE_CAPABILITIES;
+    (kept != 0).then_some(kept)
 }
 
 /// The name and primary group of user `uid` in the user database, if it has an entry.
