@@ -392,8 +392,6 @@ async fn receiver(
 async fn run(config: &Config) -> Result<(), CliError> {
     // Before the agent serves: a SIGTERM right after `/healthz` first answers stops it cleanly.
     let mut terminated = Box::pin(termination_signal());
-    // A signal while the agent starts (it may wait up to 30 s for a store another process
-    // holds) stops it there: nothing was taken or acknowledged yet.
     let agent_error = |e: crate::agent::AgentError| match e.is_config() {
         true => CliError::Usage(e.to_string()),
         false => CliError::Failure(e.to_string()),
@@ -421,6 +419,8 @@ async fn run(config: &Config) -> Result<(), CliError> {
             None => Agent::start(config, AgentOptions::default()).await,
         }
     };
+    // A signal while the agent starts (it may wait up to 30 s for a store another process
+    // holds) stops it there: nothing was taken or acknowledged yet.
     let started = tokio::select! {
         started = start => started,
         () = terminated.as_mut() => {
