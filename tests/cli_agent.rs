@@ -954,12 +954,7 @@ async fn an_agent_run_as_root_on_another_users_store_runs_as_that_user() {
         return;
     }
     let destination = Destination::start().await;
-    let (ws, port) = workspace(&destination);
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(updates(&["p1"]).join("\n").as_bytes()),
-    );
-    open_to_others(&ws);
+    let (ws, port) = nobodys_store_of_one_profile(&destination);
     let entries = || -> Vec<(PathBuf, u32, u32)> {
         let mut found = Vec::new();
         let mut folders = vec![ws.store_path()];
@@ -975,7 +970,6 @@ async fn an_agent_run_as_root_on_another_users_store_runs_as_that_user() {
         }
         found
     };
-    give_store_to_nobody(&ws);
 
     let compacted = ws.run_ok(&["compact", "--json"], None);
     assert!(compacted.contains("\"bytes_after\""), "{compacted}");
@@ -1052,13 +1046,7 @@ async fn a_command_refuses_to_act_as_the_owner_with_roots_capabilities_kept() {
         return;
     }
     let destination = Destination::start().await;
-    let (ws, _port) = workspace(&destination);
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(updates(&["p1"]).join("\n").as_bytes()),
-    );
-    open_to_others(&ws);
-    give_store_to_nobody(&ws);
+    let (ws, _port) = nobodys_store_of_one_profile(&destination);
     let lock = ws.store_path().join("outpost.lock");
     let planted = plant_link_for_root(&ws, &lock);
 
@@ -1101,13 +1089,7 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
         return;
     }
     let destination = Destination::start().await;
-    let (ws, _port) = workspace(&destination);
-    ws.run_ok(
-        &["ingest", "-"],
-        Some(updates(&["p1"]).join("\n").as_bytes()),
-    );
-    open_to_others(&ws);
-    give_store_to_nobody(&ws);
+    let (ws, _port) = nobodys_store_of_one_profile(&destination);
     // Its group root's, as after `mkdir` and `chown USER`: the command takes the user's own.
     std::os::unix::fs::chown(ws.store_path(), None, Some(0)).unwrap();
     let lock = ws.store_path().join("outpost.lock");
@@ -1125,6 +1107,19 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     assert_eq!(stats["pending"], 1, "{stats}");
     let made = std::fs::symlink_metadata(&lock).unwrap();
     assert_eq!((made.uid(), made.gid()), (NOBODY, NOBODY));
+}
+
+/// A workspace whose store, holding one profile, and everything in it are the user nobody's,
+/// its config readable by all.
+fn nobodys_store_of_one_profile(destination: &Destination) -> (Workspace, u16) {
+    let (ws, port) = workspace(destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    open_to_others(&ws);
+    give_store_to_nobody(&ws);
+    (ws, port)
 }
 
 /// Hands the workspace's store folder and everything in it to the user nobody.
