@@ -1037,6 +1037,38 @@ async fn an_agent_run_as_root_on_another_users_store_runs_as_that_user() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// The files of `[source.nats]` are read with the rights of the store's owner, whom the agent
+/// acts as (the NATS client reads them again at each connection): one only root may read
+/// stops the start, and the error says whose rights read it.
+#[tokio::test]
+async fn an_agent_run_as_root_says_whose_rights_could_not_read_a_nats_file() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, port) = nobodys_store_of_one_profile(&destination);
+    let ca_file = ws.path().join("root-only-nats-ca.pem");
+    std::fs::write(&ca_file, common::pki::Ca::new("outpost test CA").pem()).unwrap();
+    std::fs::set_permissions(&ca_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut config = std::fs::read_to_string(ws.config_path()).unwrap();
+    config.push_str(&format!(
+        "\n[source.nats]\nservers = [\"nats://127.0.0.1:9\"]\nstream = \"UPDATES\"\nsubject_prefix = \"updates\"\npartitions = 1\nowned = \"0\"\ntls_ca_file = {:?}\n",
+        ca_file.display().to_string()
+    ));
+    std::fs::write(ws.config_path(), config).unwrap();
+
+    let mut refused = AgentProcess::spawn_with_env(&ws.config_path(), port, &[]);
+    let status = refused.wait_for_exit(Duration::from_secs(15)).await;
+    let log = refused.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("source.nats.tls_ca_file"), "{log}");
+    assert!(log.contains("Permission denied"), "{log}");
+    assert!(
+        log.contains("(read as uid 65534, the store folder's owner, whose rights the agent takes)"),
+        "{log}"
+    );
+}
+
 /// Securebits that keep capabilities past `setuid` (`no_setuid_fixup`, which a service manager
 /// may set) would leave a command acting as the store's owner with root's rights over files:
 /// it refuses rather than follow the owner's link with them.
