@@ -1127,6 +1127,18 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     let lock = ws.store_path().join("outpost.lock");
     let planted = plant_link_for_root(&ws, &lock);
 
+    // `check` keeps root's rights (for the key files), so it leaves the store unread.
+    let checked = ws.run(&["check"], None);
+    assert!(
+        !planted.exists(),
+        "root wrote through the link: {checked:?}"
+    );
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        stdout.contains("clock            not read: the store is another user's"),
+        "{checked:?}"
+    );
+
     let out = ws.run(&["outbox", "stats", "--json"], None);
     assert!(!planted.exists(), "root wrote through the link: {out:?}");
     assert!(!out.status.success(), "{out:?}");
@@ -1139,6 +1151,134 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     assert_eq!(stats["pending"], 1, "{stats}");
     let made = std::fs::symlink_metadata(&lock).unwrap();
     assert_eq!((made.uid(), made.gid()), (NOBODY, NOBODY));
+}
+
+/// Root keeps its rights only on a store no one else may change the path to: in a folder of
+/// nobody's, nobody could swap root's store folder for one of theirs between the command's look
+/// at it and the open, and root would write through its links; in a store folder others may
+/// write in, they could put links there. Such a store is refused, and works once the path is
+/// root's alone again.
+#[tokio::test]
+async fn a_command_as_root_refuses_a_store_of_roots_that_another_may_change_the_path_to() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    open_to_others(&ws);
+    let refused = |expected: &str| {
+        let out = ws.run(&["outbox", "stats", "--json"], None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    };
+
+    std::os::unix::fs::chown(ws.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    // Named as the walk finds it, without links.
+    let folder = ws.path().canonicalize().unwrap();
+    refused(&format!(
+        "but {}, on the way to it, belongs to uid 65534",
+        folder.display()
+    ));
+    refused("give the store to that user (chown -R 65534");
+
+    std::os::unix::fs::chown(ws.path(), Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(ws.store_path(), std::fs::Permissions::from_mode(0o757)).unwrap();
+    refused("would be opened with root's rights, but it may be written in by anyone");
+    refused(&format!("chmod go-w {}", ws.store_path().display()));
+
+    // What another put in it while they could stays after they no longer can.
+    std::fs::set_permissions(ws.store_path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = ws.store_path().join("conf");
+    std::fs::remove_file(&conf).unwrap();
+    let planted = plant_link_for_root(&ws, &conf);
+    refused(&format!(
+        "is root's, but it holds a link, {}",
+        conf.display()
+    ));
+    assert!(!planted.exists());
+
+    std::fs::remove_file(&conf).unwrap();
+    let stats: Value =
+        serde_json::from_str(&ws.run_ok(&["outbox", "stats", "--json"], None)).unwrap();
+    assert_eq!(stats["pending"], 1, "{stats}");
+}
+
+/// A store yet to be made in a folder of another user's is made by that user: root, making it,
+/// would be in a place the user may change.
+#[tokio::test]
+async fn a_command_as_root_makes_a_new_store_in_another_users_folder_as_that_user() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    assert!(!ws.store_path().exists());
+    std::os::unix::fs::chown(ws.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    let store = std::fs::metadata(ws.store_path()).unwrap();
+    assert_eq!((store.uid(), store.gid()), (NOBODY, NOBODY));
+    for entry in std::fs::read_dir(ws.store_path()).unwrap() {
+        let made = entry.unwrap().metadata().unwrap();
+        assert_eq!(made.uid(), NOBODY, "{made:?}");
+    }
+
+    // In a sticky folder anyone may write in (`/tmp`, a fresh tmpfs), root makes the store
+    // folder itself first, and keeps it.
+    std::os::unix::fs::chown(ws.path(), Some(0), Some(0)).unwrap();
+    let sticky = ws.path().join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let config = config.replace("path = \"store\"", "path = \"sticky/store\"");
+    assert!(config.contains("sticky/store"), "{config}");
+    std::fs::write(ws.config_path(), config).unwrap();
+    // A command that needs a store there makes none.
+    let out = ws.run(&["outbox", "stats"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("there is no store at"), "{stderr}");
+    assert!(!sticky.join("store").exists());
+    // Under a umask that leaves what it makes open to all, too.
+    let mut ingest = std::process::Command::new("sh")
+        .args(["-c", "umask 000 && exec \"$0\" \"$@\""])
+        .arg(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["ingest", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = updates(&["p1"]).join("\n");
+    std::io::Write::write_all(&mut ingest.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = ingest.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let store = sticky.join("store");
+    let mut made = vec![(store.clone(), std::fs::metadata(&store).unwrap())];
+    for entry in std::fs::read_dir(&store).unwrap() {
+        let path = entry.unwrap().path();
+        made.push((path.clone(), std::fs::symlink_metadata(&path).unwrap()));
+    }
+    for (path, meta) in made {
+        assert_eq!(meta.uid(), 0, "{}", path.display());
+        assert_eq!(
+            meta.mode() & 0o022,
+            0,
+            "{}: {:o}",
+            path.display(),
+            meta.mode()
+        );
+    }
 }
 
 /// A workspace whose store, holding one profile, and everything in it are the user nobody's,

@@ -22,7 +22,7 @@ use crate::cli::{Cli, Command, NatsCommand, OutboxCommand, ProfileCommand, Targe
 use crate::config::{self, Auth, Config, ConfigError};
 use crate::profile::update::InputError;
 use crate::receiver::{Receiver, ReceiverOptions};
-use crate::store::{ExportId, Store, StoreError};
+use crate::store::{ExportId, Store, StoreError, StoreOwner, StoreUse};
 
 /// How many exports `outbox list` asks for at a time.
 const LIST_PAGE: usize = 1_000;
@@ -187,7 +187,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             | Command::Rejected(_)
     );
     if works_on_store {
-        as_store_owner(config)?;
+        as_store_owner(config, StoreUse::Existing)?;
     }
     match command {
         Command::Run => runtime()?.block_on(run(config)),
@@ -200,7 +200,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Ingest { file, json } => {
             // Opened with this process's rights, before it may act as the store's owner.
             let mut input = ingest::open_input(&file)?;
-            as_store_owner(config)?;
+            as_store_owner(config, StoreUse::Make)?;
             let backend = Backend::connect(config)?;
             let summary = ingest_file(&backend, config, &mut input)?;
             print_summary(&summary, json);
@@ -254,7 +254,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
             // Checked against the stream with this process's rights (credential files).
             nats::check_position(config, partition, seq)?;
-            as_store_owner(config)?;
+            as_store_owner(config, StoreUse::Existing)?;
             nats::set_position(&Backend::connect_existing(config)?, partition, seq)
         }
         Command::Rejected(command) => nats::rejected(&Backend::connect_existing(config)?, command),
@@ -267,23 +267,27 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
 
 /// Run as root on a store folder another user owns, a command that works on the store acts as
 /// that user ([`crate::store::act_as_owner`]).
-fn as_store_owner(config: &Config) -> Result<(), CliError> {
+fn as_store_owner(config: &Config, store_use: StoreUse) -> Result<(), CliError> {
     let store = &config.storage.path;
-    match crate::store::act_as_owner(store) {
+    match crate::store::act_as_owner(store, store_use) {
         Ok(Some(uid)) => {
             tracing::debug!(uid, store = %store.display(), "acting as the store folder's owner");
             Ok(())
         }
         Ok(None) => Ok(()),
-        Err(e) => Err(cannot_act_as_owner(config, &e)),
+        Err(e) => Err(cannot_act_as_owner(config, e)),
     }
 }
 
-fn cannot_act_as_owner(config: &Config, e: &std::io::Error) -> CliError {
-    CliError::Failure(format!(
-        "cannot act as the owner of the store folder {} ({e}); run the command as that user",
-        config.storage.path.display()
-    ))
+fn cannot_act_as_owner(config: &Config, e: impl Into<crate::store::OwnerError>) -> CliError {
+    match e.into() {
+        crate::store::OwnerError::Refused(refusal) => CliError::Failure(refusal),
+        missing @ crate::store::OwnerError::Missing(_) => CliError::Usage(missing.to_string()),
+        crate::store::OwnerError::Io(e) => CliError::Failure(format!(
+            "cannot act as the owner of the store folder {} ({e}); run the command as that user",
+            config.storage.path.display()
+        )),
+    }
 }
 
 async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
@@ -398,19 +402,17 @@ async fn run(config: &Config) -> Result<(), CliError> {
     };
     // Run as root on a store folder another user owns, the agent acts as that user, as the
     // commands do, once it has bound its port and read its key files.
-    let acting_as = match crate::store::StoreOwner::of_foreign_store(&config.storage.path) {
+    let acting_as = match StoreOwner::of_foreign_store(&config.storage.path, StoreUse::Make) {
         Ok(None) => None,
         Ok(Some(owner)) => {
             let ready = crate::agent::Ready::new(config)
                 .await
                 .map_err(agent_error)?;
-            let uid = owner
-                .act_as()
-                .map_err(|e| cannot_act_as_owner(config, &e))?;
+            let uid = owner.act_as().map_err(|e| cannot_act_as_owner(config, e))?;
             tracing::info!(uid, store = %config.storage.path.display(), "acting as the store folder's owner");
             Some((ready, uid))
         }
-        Err(e) => return Err(cannot_act_as_owner(config, &e)),
+        Err(e) => return Err(cannot_act_as_owner(config, e)),
     };
     let uid = acting_as.as_ref().map(|(_, uid)| *uid);
     let start = async {
@@ -584,6 +586,15 @@ fn fail(problems: Vec<String>) -> Result<(), CliError> {
 fn clock_report(config: &Config) -> String {
     if !Store::exists_at(&config.storage.path).unwrap_or(false) {
         return "wall clock not watched yet (no store)".to_owned();
+    }
+    // Run as root, `check` keeps root's rights throughout (for the key files), so it opens
+    // the store only where root would keep them too.
+    match StoreOwner::of_foreign_store(&config.storage.path, StoreUse::Existing) {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return "not read: the store is another user's, and check runs with root's rights (run it as that user for this line)".to_owned()
+        }
+        Err(e) => return format!("not read: {e}"),
     }
     let stats = Backend::connect(config)
         .map_err(|e| e.to_string())

@@ -13,6 +13,7 @@
 //! | index entries that outlived their export, looked over beside the agent's work | `stale.rs` | `retry_at`, `superseded` |
 //! | counts and bytes of the outbox, stats | `tally.rs` | `meta/tally` → pending, dead, bytes (3 × u64 BE) |
 //! | a command run as root on another user's store acts as that user; `run` hands its files back | `owner.rs` | |
+//! | who besides root may change what the store's path names | `path_control.rs` | |
 //! | unreadable records, the self-check | `unreadable.rs` | any tree |
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
 //! | backfill of newly mapped segments | `backfill.rs` | `meta/backfill` → format byte + JSON; `backfill_exported`: group key ++ profile id → export number (u64 BE) |
@@ -68,6 +69,7 @@ pub mod mapping;
 mod open;
 pub mod outbox;
 mod owner;
+mod path_control;
 mod profiles;
 mod rebuild;
 pub mod source;
@@ -91,7 +93,7 @@ use keys::meta;
 pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
-pub use owner::{act_as_owner, hand_back_to_owner, StoreOwner};
+pub use owner::{act_as_owner, hand_back_to_owner, OwnerError, StoreOwner, StoreUse};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;

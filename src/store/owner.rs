@@ -5,24 +5,110 @@
 //! the same once it has bound its port and read its key files with root's rights
 //! (`agent::Ready`). What root made there all the same (an agent of a build before this one,
 //! which kept root) is handed back before root is given up, and when a command that keeps
-//! root ends ([`hand_back_to_owner`]).
+//! root ends ([`hand_back_to_owner`]). Root keeps its rights only on a store no one else may
+//! change the path to ([`super::path_control`]): it refuses one it would not be alone on.
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use super::path_control::{self, Control, Owner, Planted, Who};
 
 /// Folders below the store's that hold its files: `blobs/`, `rebuild/blobs/`.
 const DEPTH: usize = 2;
 
 /// Gives up root for the owner of the store folder `store` when this process runs as root and
 /// the folder belongs to another user ([`StoreOwner::of_foreign_store`], [`StoreOwner::act_as`]).
-/// Returns the user id taken; `None` when not root, or the folder is missing or root's.
-pub fn act_as_owner(store: &Path) -> std::io::Result<Option<u32>> {
-    match StoreOwner::of_foreign_store(store)? {
-        Some(owner) => owner.act_as().map(Some),
+/// Returns the user id taken; `None` when not root, or root keeps its rights.
+pub fn act_as_owner(store: &Path, store_use: StoreUse) -> Result<Option<u32>, OwnerError> {
+    match StoreOwner::of_foreign_store(store, store_use)? {
+        Some(owner) => Ok(Some(owner.act_as()?)),
         None => Ok(None),
     }
+}
+
+/// What a command does with its store: the answer for a store not there yet differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreUse {
+    /// Opens it, making it if it is not there (`ingest`, `run`).
+    Make,
+    /// Works only on one that is there.
+    Existing,
+}
+
+/// Why a process run as root cannot work on a store.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    /// There is no store, and the command works only on one that is there.
+    #[error("{}", super::StoreError::Missing(.0.clone()))]
+    Missing(PathBuf),
+    /// Taking on the store's owner failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Root would keep its rights on a store another user may change, or that holds what
+    /// would lead its writes elsewhere: what, and what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What `who` may do, for a person: whose it is, or who may write in it.
+fn who_may(who: Who) -> String {
+    match who {
+        Who::User(Owner { uid, .. }) => match user_entry(uid) {
+            Some((name, _)) => format!("belongs to uid {uid} ({})", name.to_string_lossy()),
+            None => format!("belongs to uid {uid}"),
+        },
+        Who::Group(gid) => format!("may be written in by the members of group {gid}"),
+        Who::Anyone => "may be written in by anyone".to_owned(),
+    }
+}
+
+/// The store folder (there, if `exists`, or to be made) is refused: from `folder` on (`None`:
+/// in the store folder itself) `who` may change what the path names.
+fn open_to_others(store: &Path, exists: bool, folder: Option<&Path>, who: Who) -> OwnerError {
+    let (store, who_may) = (store.display(), who_may(who));
+    let risk = match (folder, exists) {
+        (None, _) => format!("the store folder {store} would be opened with root's rights, but it {who_may}: they could put links in it that outpost would write through"),
+        (Some(folder), true) => format!("the store folder {store} would be opened with root's rights, but {}, on the way to it, {who_may}: they could put a folder of theirs in its place, whose links outpost would write through", folder.display()),
+        (Some(folder), false) => format!("the store folder {store} is not there yet, and {}, on the way to it, {who_may}: they could put a folder of theirs in its place, whose links outpost would write through", folder.display()),
+    };
+    let fix = match (who, folder) {
+        (Who::User(Owner { uid, gid }), _) if exists => format!(
+            "give the store to that user (chown -R {uid}:{gid} {store}), whom outpost then acts as"
+        ),
+        (Who::User(_), _) => {
+            "make the store folder where no one else may change the path".to_owned()
+        }
+        (Who::Group(_) | Who::Anyone, None) => format!("take that right away (chmod go-w {store})"),
+        (Who::Group(_) | Who::Anyone, Some(folder)) => {
+            let folder = folder.display();
+            format!("take that right away (chmod go-w {folder}) or make the folder sticky (chmod +t {folder}), so that only root may rename what root made there")
+        }
+    };
+    OwnerError::Refused(format!(
+        "{risk}; {fix}, or keep the store where only root may change the path"
+    ))
+}
+
+/// The store folder, root's, holds `entry`, which would lead root's writes elsewhere.
+fn planted(store: &Path, entry: &Path, planted: Planted) -> OwnerError {
+    let (store, entry) = (store.display(), entry.display());
+    let (what, fix) = match planted {
+        Planted::Link => (format!("holds a link, {entry}, which outpost, keeping root's rights, would write through"), "remove it".to_owned()),
+        Planted::HardLinked => (format!("holds {entry}, a file with other names, which may be anywhere, that outpost, keeping root's rights, would write to"), "remove it".to_owned()),
+        Planted::OpenTo(who @ Who::User(Owner { uid, gid })) => (
+            format!("holds {entry}, which {}: they could put links there that outpost, keeping root's rights, would write through", who_may(who)),
+            format!("give the whole store to root (chown -R root: {store}) or to that user (chown -R {uid}:{gid} {store}), whom outpost then acts as"),
+        ),
+        Planted::OpenTo(who) => (
+            format!("holds {entry}, which {}: they could put links there that outpost, keeping root's rights, would write through", who_may(who)),
+            format!("take that right away (chmod go-w {entry})"),
+        ),
+    };
+    OwnerError::Refused(format!(
+        "the store folder {store} is root's, but it {what}; {fix}"
+    ))
 }
 
 /// The user a process run as root takes on for a store folder another user owns: that user's
@@ -44,37 +130,92 @@ enum OwnerGroups {
 }
 
 impl StoreOwner {
-    /// The owner of `store` when this process runs as root and the folder belongs to another
-    /// user; `None` when not root, or the folder is missing or root's. An error for a user not
-    /// in the user database whose folder's group is root's: no group is safe to take then.
-    pub fn of_foreign_store(store: &Path) -> std::io::Result<Option<StoreOwner>> {
+    /// Whom a process run as root acts as on `store`: the folder's owner when another user owns
+    /// it; when it is yet to be made, the user who may change what its path names (say, the
+    /// owner of the folder it goes in), if no one else may. `None` when not root, or when root
+    /// keeps its rights: no one else may change what the path names, and the store holds
+    /// nothing another may change or that leads elsewhere. [`OwnerError::Refused`] when that
+    /// is not so; [`OwnerError::Missing`] for a store not there that `store_use` needs; an
+    /// error too for a user not in the user database whose folder's group is root's: no group
+    /// is safe to take then. On a store that is not another user's, it tightens the umask and
+    /// makes the store's first missing folder in a sticky folder anyone may write in.
+    pub fn of_foreign_store(
+        store: &Path,
+        store_use: StoreUse,
+    ) -> Result<Option<StoreOwner>, OwnerError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Ok(None);
         }
-        let meta = match fs::metadata(store) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if !meta.is_dir() || meta.uid() == 0 {
-            return Ok(None);
+        match fs::metadata(store) {
+            Ok(meta) if meta.is_dir() && meta.uid() != 0 => {
+                return StoreOwner::of_user(meta.uid(), meta.gid(), store).map(Some)
+            }
+            Ok(_) => {}
+            // Said before anything is made or judged: with no store, such a command stops.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound && store_use == StoreUse::Existing =>
+            {
+                return Err(OwnerError::Missing(store.to_owned()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
         }
-        let uid = meta.uid();
+        // Root's, or yet to be made (or not a folder, which the open refuses): root keeps its
+        // rights only where no one else may change what the path names, and what it makes
+        // there from now on no one else may write in, whatever the umask.
+        // SAFETY: a plain system call.
+        unsafe { libc::umask(libc::umask(0o022) | 0o022) };
+        let root_alone = |uid: u32| uid == 0;
+        let mut control = path_control::control(store, root_alone)?;
+        if let Control::MissingInSticky { entry, .. } = &control {
+            // A plain mkdir fails on anything put there first, a link too.
+            match fs::DirBuilder::new().mode(0o755).create(entry) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+            control = path_control::control(store, root_alone)?;
+        }
+        let exists = store.exists();
+        match control.open_to() {
+            None if store.is_dir() => match path_control::planted_in(store, DEPTH, root_alone)? {
+                None => Ok(None),
+                Some((entry, what)) => Err(planted(store, &entry, what)),
+            },
+            None => Ok(None),
+            // One yet to be made where a user may change the path is made as that user, if
+            // no one else may.
+            Some((_, Who::User(user))) if !exists => {
+                let root_or_user = |uid: u32| uid == 0 || uid == user.uid;
+                match path_control::control(store, root_or_user)?.open_to() {
+                    None => StoreOwner::of_user(user.uid, user.gid, store).map(Some),
+                    Some((folder, who)) => {
+                        Err(open_to_others(store, exists, folder.as_deref(), who))
+                    }
+                }
+            }
+            Some((folder, who)) => Err(open_to_others(store, exists, folder.as_deref(), who)),
+        }
+    }
+
+    /// User `uid`, with the groups the user database gives, or else group `gid` (that of what
+    /// the user owns), never root's.
+    fn of_user(uid: u32, gid: u32, store: &Path) -> Result<StoreOwner, OwnerError> {
         let groups = match user_entry(uid) {
             Some((name, gid)) => OwnerGroups::Entry(name, gid),
-            None if meta.gid() == 0 => {
+            None if gid == 0 => {
                 return Err(std::io::Error::other(format!(
-                    "its owner (uid {uid}) is not in the user database, and its group is root's, which outpost will not take: add the user to the user database, or give the folder another group with chgrp"
-                )));
+                    "uid {uid}, whose rights it would take as the folder's owner, is not in the user database, and the folder's group is root's, which outpost will not take: add the user to the user database, or give the folder another group with chgrp"
+                )).into());
             }
-            None => OwnerGroups::Folder(meta.gid()),
+            None => OwnerGroups::Folder(gid),
         };
-        Ok(Some(StoreOwner {
+        Ok(StoreOwner {
             uid,
             groups,
             store: store.to_owned(),
-        }))
+        })
     }
 
     /// Gives up root for this user, on every thread of the process (glibc makes each call
