@@ -1209,7 +1209,9 @@ async fn a_command_as_root_refuses_a_store_of_roots_that_another_may_change_the_
 }
 
 /// A store yet to be made in a folder of another user's is made by that user: root, making it,
-/// would be in a place the user may change.
+/// would be in a place the user may change. One to be made in a sticky folder anyone may write
+/// in is made by root itself, closed to others' writes whatever the umask, and a command that
+/// needs a store there makes none.
 #[tokio::test]
 async fn a_command_as_root_makes_a_new_store_in_another_users_folder_as_that_user() {
     if !running_as_root() {
