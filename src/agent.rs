@@ -85,39 +85,27 @@ pub struct Ready {
 
 impl Ready {
     pub async fn new(config: &Config) -> Result<Ready, AgentError> {
+        let client = HttpClient::new(&config.destination, config.delivery.request_timeout)
+            .map_err(SetupError::from)?;
+        let tls = match &config.ingest.tls {
+            Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
+            None => None,
+        };
+        let listener = TcpListener::bind(config.ingest.listen)
+            .await
+            .map_err(|source| {
+                tracing::debug!(error = ?source, addr = %config.ingest.listen, "binding ingest.listen");
+                AgentError::Listen {
+                    addr: config.ingest.listen,
+                    source,
+                }
+            })?;
         Ok(Ready {
-            client: delivery_client(config)?,
-            tls: ingest_tls(config)?,
-            listener: bind_ingest(config).await?,
+            client,
+            tls,
+            listener,
         })
     }
-}
-
-fn delivery_client(config: &Config) -> Result<HttpClient, AgentError> {
-    let client = HttpClient::new(&config.destination, config.delivery.request_timeout)
-        .map_err(SetupError::from)?;
-    Ok(client)
-}
-
-fn ingest_tls(config: &Config) -> Result<Option<TlsAcceptor>, AgentError> {
-    match &config.ingest.tls {
-        Some(tls) => Ok(Some(
-            crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?,
-        )),
-        None => Ok(None),
-    }
-}
-
-async fn bind_ingest(config: &Config) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(config.ingest.listen)
-        .await
-        .map_err(|source| {
-            tracing::debug!(error = ?source, addr = %config.ingest.listen, "binding ingest.listen");
-            AgentError::Listen {
-                addr: config.ingest.listen,
-                source,
-            }
-        })
 }
 
 /// A started agent.
@@ -165,20 +153,16 @@ impl Agent {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        let (client, tls, listener) = match ready {
-            Some(Ready {
-                client,
-                tls,
-                listener,
-            }) => (client, tls, listener),
-            None => (
-                delivery_client(config)?,
-                ingest_tls(config)?,
-                bind_ingest(config).await?,
-            ),
+        let Ready {
+            client,
+            tls,
+            listener,
+        } = match ready {
+            Some(ready) => ready,
+            None => Ready::new(config).await?,
         };
         let mut deliverer =
-            Deliverer::with_client(config, client, Arc::clone(&store), Arc::clone(&metrics))?;
+            Deliverer::new(config, client, Arc::clone(&store), Arc::clone(&metrics))?;
         if !options.jitter {
             deliverer = deliverer.without_jitter();
         }

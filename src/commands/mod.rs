@@ -170,9 +170,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
     }
     let config_path = config::resolve_path(cli.config.as_deref());
     let config = Config::load(&config_path)?;
-    let result = with_config(cli.command, &config);
-    crate::store::hand_back_to_owner(&config.storage.path);
-    result
+    with_config(cli.command, &config)
 }
 
 /// The commands that read a config.

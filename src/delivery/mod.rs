@@ -237,17 +237,9 @@ impl SetupError {
 }
 
 impl Deliverer {
+    /// `client` is made from `config` beforehand (`agent::Ready`): it may read key files only
+    /// root may read.
     pub fn new(
-        config: &Config,
-        store: Arc<Store>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Deliverer, SetupError> {
-        let client = HttpClient::new(&config.destination, config.delivery.request_timeout)?;
-        Deliverer::with_client(config, client, store, metrics)
-    }
-
-    /// [`Deliverer::new`] with the client made from `config` beforehand.
-    pub fn with_client(
         config: &Config,
         client: HttpClient,
         store: Arc<Store>,

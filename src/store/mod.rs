@@ -93,7 +93,7 @@ use keys::meta;
 pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
-pub use owner::{act_as_owner, hand_back_to_owner, OwnerError, StoreOwner, StoreUse};
+pub use owner::{act_as_owner, OwnerError, StoreOwner, StoreUse};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;

@@ -3,9 +3,9 @@
 //! ([`act_as_owner`]): what it makes is the owner's, so the agent can open its store again,
 //! and a link the owner planted in the folder leads root's writes nowhere. `outpost run` does
 //! the same once it has bound its port and read its key files with root's rights
-//! (`agent::Ready`). What root made there all the same (an agent of a build before this one,
-//! which kept root) is handed back before root is given up, and when a command that keeps
-//! root ends ([`hand_back_to_owner`]). Root keeps its rights only on a store no one else may
+//! (`agent::Ready`). What root made there all the same (an agent or command of an earlier
+//! build, which kept root) is handed back before root is given up ([`hand_back_to_owner`]); no
+//! command keeps root on such a store any more. Root keeps its rights only on a store no one else may
 //! change the path to ([`super::path_control`]): it refuses one it would not be alone on.
 
 use std::fs::{self, File};
@@ -312,8 +312,8 @@ fn user_entry(uid: u32) -> Option<(std::ffi::CString, u32)> {
 /// through a symbolic link, and only files with one link (a hard link put in the folder could
 /// name a file elsewhere); a socket is left (the next agent makes its own). Does nothing
 /// unless this process runs as root and the folder belongs to another user. What fails is
-/// logged: the command's own work is done.
-pub fn hand_back_to_owner(store: &Path) {
+/// logged; opening the store as the owner then says what it cannot use.
+fn hand_back_to_owner(store: &Path) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return;

@@ -47,13 +47,9 @@ pub enum Who {
 pub enum Control {
     /// Only trusted users may change what the path names.
     Trusted,
-    /// From `folder` on, `who` may change what the path names, or, when `folder` is the store
-    /// folder itself (`store_itself`), put entries in it.
-    OpenTo {
-        folder: PathBuf,
-        who: Who,
-        store_itself: bool,
-    },
+    /// From `folder` on, `who` may change what the path names, or (`None`) put entries in
+    /// the store folder itself.
+    OpenTo { folder: Option<PathBuf>, who: Who },
     /// The path's first missing part, `entry`, would be made in a sticky folder of a trusted
     /// user's that `who` may write in (`/tmp`, a fresh tmpfs). Made there by a trusted user
     /// first (a plain `mkdir`, which anything put there before fails), it is theirs alone.
@@ -77,11 +73,7 @@ impl Control {
     pub fn open_to(self) -> Option<(Option<PathBuf>, Who)> {
         match self {
             Control::Trusted => None,
-            Control::OpenTo {
-                folder,
-                who,
-                store_itself,
-            } => Some(((!store_itself).then_some(folder), who)),
+            Control::OpenTo { folder, who } => Some((folder, who)),
             Control::MissingInSticky { entry, who } => {
                 Some((entry.parent().map(Path::to_owned), who))
             }
@@ -149,9 +141,8 @@ pub fn control(path: &Path, trusted: impl Fn(u32) -> bool + Copy) -> std::io::Re
                 _ => folder,
             };
             return Ok(Control::OpenTo {
-                folder,
+                folder: Some(folder),
                 who,
-                store_itself: false,
             });
         }
         let Some(found) = found else {
@@ -193,11 +184,7 @@ pub fn control(path: &Path, trusted: impl Fn(u32) -> bool + Copy) -> std::io::Re
     // The store folder: sled makes new files in it.
     Ok(
         match who_may_change(Owner::of(&meta), meta.mode(), None, trusted) {
-            Some(who) => Control::OpenTo {
-                folder,
-                who,
-                store_itself: true,
-            },
+            Some(who) => Control::OpenTo { folder: None, who },
             None => Control::Trusted,
         },
     )
@@ -366,9 +353,8 @@ mod tests {
         assert_eq!(
             control(&shared.join("store"), me()).unwrap(),
             Control::OpenTo {
-                folder: shared.clone(),
-                who: Who::Anyone,
-                store_itself: false
+                folder: Some(shared.clone()),
+                who: Who::Anyone
             }
         );
         chmod(&shared, 0o1777);
@@ -402,9 +388,8 @@ mod tests {
         assert_eq!(
             control(&store, me()).unwrap(),
             Control::OpenTo {
-                folder: store.clone(),
-                who: Who::Group(group),
-                store_itself: true
+                folder: None,
+                who: Who::Group(group)
             }
         );
         chmod(&store, 0o1777);
@@ -431,9 +416,8 @@ mod tests {
             assert_eq!(
                 control(&dir.join(link), me()).unwrap(),
                 Control::OpenTo {
-                    folder: open.clone(),
-                    who: Who::Anyone,
-                    store_itself: false
+                    folder: Some(open.clone()),
+                    who: Who::Anyone
                 },
                 "{link}"
             );
@@ -447,9 +431,8 @@ mod tests {
         assert_eq!(
             control(&open.join("to-safe"), me()).unwrap(),
             Control::OpenTo {
-                folder: open,
-                who: Who::Anyone,
-                store_itself: false
+                folder: Some(open),
+                who: Who::Anyone
             }
         );
         symlink("loop", dir.join("loop")).unwrap();
