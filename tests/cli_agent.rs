@@ -1082,14 +1082,12 @@ async fn a_command_refuses_to_act_as_the_owner_with_roots_capabilities_kept() {
     let lock = ws.store_path().join("outpost.lock");
     let planted = plant_link_for_root(&ws, &lock);
 
-    let out = std::process::Command::new("setpriv")
-        .args(["--securebits", "+no_setuid_fixup"])
-        .arg(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(["outbox", "stats", "--json"])
-        .output()
-        .unwrap();
+    let out = run_wrapped(
+        &["setpriv", "--securebits", "+no_setuid_fixup"],
+        &ws.config_path(),
+        &["outbox", "stats", "--json"],
+        None,
+    );
     assert!(!planted.exists(), "written through the link: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -1250,20 +1248,13 @@ async fn a_command_as_root_makes_a_new_store_in_another_users_folder_as_that_use
     assert!(stderr.contains("there is no store at"), "{stderr}");
     assert!(!sticky.join("store").exists());
     // Under a umask that leaves what it makes open to all, too.
-    let mut ingest = std::process::Command::new("sh")
-        .args(["-c", "umask 000 && exec \"$0\" \"$@\""])
-        .arg(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(["ingest", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let input = updates(&["p1"]).join("\n");
-    std::io::Write::write_all(&mut ingest.stdin.take().unwrap(), input.as_bytes()).unwrap();
-    let out = ingest.wait_with_output().unwrap();
+    let out = run_wrapped(
+        &["sh", "-c", "umask 000 && exec \"$0\" \"$@\""],
+        &ws.config_path(),
+        &["ingest", "-"],
+        Some(input.as_bytes()),
+    );
     assert!(out.status.success(), "{out:?}");
     let store = sticky.join("store");
     let mut made = vec![(store.clone(), std::fs::metadata(&store).unwrap())];
@@ -1341,12 +1332,15 @@ fn open_to_others(ws: &Workspace) {
 
 /// `outpost --config … ARGS` run as the user nobody.
 fn as_nobody(ws: &Workspace, args: &[&str]) -> Output {
-    std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(args)
-        .output()
-        .unwrap()
+    run_wrapped(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        &ws.config_path(),
+        args,
+        None,
+    )
 }

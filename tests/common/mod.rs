@@ -102,7 +102,21 @@ path = "store"
 
 /// Runs `outpost --config CONFIG ARGS` with `stdin` as standard input.
 pub fn run_with_config(config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(binary())
+    run_wrapped(&[], config, args, stdin)
+}
+
+/// [`run_with_config`] started through `wrapper` (a program and its arguments, which then runs
+/// outpost's binary with the rest: `setpriv …`, `sh -c '… exec "$0" "$@"'`); none: directly.
+pub fn run_wrapped(wrapper: &[&str], config: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut command = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(binary());
+            command
+        }
+        None => Command::new(binary()),
+    };
+    let mut child = command
         .arg("--config")
         .arg(config)
         .args(args)
