@@ -54,13 +54,12 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use outpost::agent::{Agent, AgentOptions};
 use outpost::config::Config;
@@ -68,9 +67,10 @@ use outpost::receiver::{Receiver, ReceiverOptions};
 
 mod common;
 use common::{
-    best, config_text, cpu_since, full_mapping_toml, http_client, list, make_update, ms,
-    ndjson_bodies, post_concurrently, post_updates, rate, threads_cpu, tiny_mapping_toml, verdict,
-    wait_unlocked, write_config, BusyWatch, RawSled, AUTH_NONE,
+    best, config_text, cpu_since, free_port, full_mapping_toml, http_client, list, make_update,
+    memory_kib, ms, ndjson_bodies, post_concurrently, post_updates, rate, spawn_agent, stop_agent,
+    threads_cpu, tiny_mapping_toml, verdict, wait_healthy, wait_unlocked, write_config, BusyWatch,
+    RawSled, AUTH_NONE,
 };
 
 /// The agent's default `storage.cache_bytes`.
@@ -113,89 +113,6 @@ const DOWN: &str = "http://127.0.0.1:9";
 fn down_config(dir: &Path, mapping: &str, storage: &str) -> Config {
     let text = config_text(DOWN, AUTH_NONE, mapping, "127.0.0.1:0", storage);
     write_config(dir, "outpost.toml", &text).1
-}
-
-/// A port free right now on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET /healthz` on a fresh connection; true on a 200.
-async fn healthz(addr: SocketAddr) -> bool {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        Some(&head == b"HTTP/1.1 200")
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
-async fn wait_healthy(addr: SocketAddr, start: Instant, child: Option<&mut Child>) -> Duration {
-    let mut child = child;
-    loop {
-        if healthz(addr).await {
-            return start.elapsed();
-        }
-        if let Some(child) = child.as_deref_mut() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("outpost run exited early: {status}");
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no healthy agent on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// `outpost --config <config> run`, logging to `<log>`.
-fn spawn_agent(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .arg("--config")
-        .arg(config)
-        .arg("run")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-/// SIGTERM, then waits for the exit.
-fn stop_agent(mut child: Child) {
-    // SAFETY: a plain kill(2) of our own child.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let status = child.wait().unwrap();
-    assert!(status.success(), "outpost run exited with {status}");
-}
-
-/// (VmHWM, VmRSS) of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 fn mib(kib: u64) -> String {

@@ -49,28 +49,11 @@ const REQUESTERS: usize = 4;
 const REPEATS: usize = 2;
 const CLI_UPDATES: usize = 100_000;
 
-/// The sample file cycled to `lines` lines, `p-` ids renamed `p{k}-` on pass k > 0.
-fn sample_mix(lines: usize) -> String {
-    let text = common::sample_text();
-    let sample: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut out = String::new();
-    for (i, line) in sample.iter().cycle().take(lines).enumerate() {
-        let pass = i / sample.len();
-        if pass == 0 {
-            out.push_str(line);
-        } else {
-            out.push_str(&line.replacen("\"id\":\"p-", &format!("\"id\":\"p{pass}-"), 1));
-        }
-        out.push('\n');
-    }
-    out
-}
-
 /// Updates/s of `outpost ingest FILE` into a fresh store, whole process.
 fn run_cli_ingest(lines: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("updates.ndjson");
-    std::fs::write(&file, sample_mix(lines)).unwrap();
+    std::fs::write(&file, common::sample_mix(lines)).unwrap();
     let mapping = format!(
         r#"attributes = ["person.name.firstName", "person.name.lastName", "person.birthDate", "personalEmail.address"]
 segments = ["{}", "{}"]

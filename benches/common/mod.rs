@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Map, Value};
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use outpost::config::{Config, Mapping};
@@ -74,9 +77,6 @@ pub fn process_cpu() -> Duration {
 /// with `prefix` (Linux truncates thread names to 15 bytes), by thread id, to the kernel's tick
 /// (10 ms here).
 pub fn threads_cpu(prefix: &str) -> std::collections::HashMap<u64, Duration> {
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    assert!(ticks_per_s > 0, "sysconf(_SC_CLK_TCK) failed");
     let mut threads = std::collections::HashMap::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let Ok(tid) = task.file_name().to_string_lossy().parse::<u64>() else {
@@ -91,15 +91,26 @@ pub fn threads_cpu(prefix: &str) -> std::collections::HashMap<u64, Duration> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        // After the name in parentheses: state is field 3, utime 14 and stime 15.
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        threads.insert(
-            tid,
-            Duration::from_millis(ticks * 1000 / ticks_per_s as u64),
-        );
+        threads.insert(tid, stat_cpu(&stat));
     }
     threads
+}
+
+/// CPU time (user + system) used so far by process `pid`, all its threads together, to the
+/// kernel's tick.
+pub fn process_cpu_of(pid: u32) -> Duration {
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
+}
+
+/// utime + stime of a `/proc/…/stat` text.
+fn stat_cpu(stat: &str) -> Duration {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks_per_s > 0, "sysconf(_SC_CLK_TCK) failed");
+    // After the name in parentheses: state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 1000 / ticks_per_s as u64)
 }
 
 /// The CPU time the threads of `after` used since `before` (threads that ended meanwhile do
@@ -166,6 +177,23 @@ pub fn verdict(met: bool) -> &'static str {
 pub fn sample_text() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/sample-updates.ndjson");
     std::fs::read_to_string(path).expect("reading data/sample-updates.ndjson")
+}
+
+/// The sample file cycled to `lines` lines, `p-` ids renamed `p{k}-` on pass k > 0.
+pub fn sample_mix(lines: usize) -> String {
+    let text = sample_text();
+    let sample: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = String::new();
+    for (i, line) in sample.iter().cycle().take(lines).enumerate() {
+        let pass = i / sample.len();
+        if pass == 0 {
+            out.push_str(line);
+        } else {
+            out.push_str(&line.replacen("\"id\":\"p-", &format!("\"id\":\"p{pass}-"), 1));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The mapping of data/outpost.example.toml (which the sample file is written for) with the
@@ -581,6 +609,92 @@ pub fn wait_unlocked(store: &Path) -> Duration {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /healthz` on a fresh connection; true on a 200.
+pub async fn healthz(addr: SocketAddr) -> bool {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/1.1 200")
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+pub async fn wait_healthy(addr: SocketAddr, start: Instant, child: Option<&mut Child>) -> Duration {
+    let mut child = child;
+    loop {
+        if healthz(addr).await {
+            return start.elapsed();
+        }
+        if let Some(child) = child.as_deref_mut() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("outpost run exited early: {status}");
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no healthy agent on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// `outpost --config <config> run`, logging to `<log>`.
+pub fn spawn_agent(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM, then waits for the exit.
+pub fn stop_agent(mut child: Child) {
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the process exited with {status}");
+}
+
+/// (VmHWM, VmRSS) of a process, in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+// ---------------------------------------------------------------------------------------------
 // HTTP
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -608,7 +722,8 @@ pub fn ndjson_bodies<'a>(updates: impl Iterator<Item = &'a Update>, batch: usize
         .collect()
 }
 
-/// POSTs one NDJSON body to the agent's ingest API; it must answer 200. Returns its summary.
+/// POSTs one NDJSON body to an ingest API; it must answer 200. Returns the answer's JSON
+/// (outpost's summary), or null for an empty answer (as Vector's `http_server` source gives).
 pub async fn post_updates(client: &HttpClient, uri: &hyper::Uri, body: Bytes) -> Value {
     let request = hyper::Request::post(uri.clone())
         .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
@@ -621,11 +736,15 @@ pub async fn post_updates(client: &HttpClient, uri: &hyper::Uri, body: Bytes) ->
         .unwrap()
         .to_bytes();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    if body.is_empty() {
+        return Value::Null;
+    }
     serde_json::from_slice(&body).unwrap()
 }
 
 /// POSTs `bodies` from `clients` concurrent clients (body i from client i mod `clients`);
-/// returns the exports the agent reported and how long it took.
+/// returns the exports the answers reported (0 for an answer without a summary) and how long
+/// it took.
 pub async fn post_concurrently(
     client: &HttpClient,
     uri: &hyper::Uri,
@@ -644,9 +763,8 @@ pub async fn post_concurrently(
             tokio::spawn(async move {
                 let mut exports = 0;
                 for body in mine {
-                    exports += post_updates(&client, &uri, body).await["exports"]
-                        .as_u64()
-                        .unwrap();
+                    let answer = post_updates(&client, &uri, body).await;
+                    exports += answer.get("exports").and_then(Value::as_u64).unwrap_or(0);
                 }
                 exports
             })
