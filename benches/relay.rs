@@ -68,7 +68,6 @@ const REPEATS: usize = 2;
 /// How long the receiver may take to get every record after the last answer.
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 
-#[derive(Clone)]
 enum Relay {
     Outpost { per_request: usize },
     Vector { binary: PathBuf },
