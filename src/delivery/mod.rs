@@ -512,7 +512,7 @@ impl Deliverer {
     /// there is something to read. The read runs on a blocking thread (the outbox may be cold
     /// on disk) and its result comes back to the loop; sending goes on meanwhile.
     fn refill(&self, state: &mut LoopState, reads: &mpsc::UnboundedSender<Read>, now: Instant) {
-        if state.reading || state.read_retry_at.is_some_and(|at| now < at) {
+        if state.reading || !read_retry_passed(&mut state.read_retry_at, now) {
             return;
         }
         let down = state.controller.is_down();
@@ -573,7 +573,6 @@ impl Deliverer {
         }
         let (held, held_bytes) = (state.queue.held(), state.queue.held_bytes());
         state.reading = true;
-        state.read_retry_at = None;
         // An export out now may be read again (after a start-over); by the time the read is
         // back it may have been delivered or put back already, so it is skipped.
         state.out_at_read = state.queue.out().clone();
@@ -606,7 +605,6 @@ impl Deliverer {
         heads: Vec<(Arc<str>, u64)>,
     ) {
         state.reading = true;
-        state.read_retry_at = None;
         let (store, reads) = (Arc::clone(&self.store), reads.clone());
         let (generation, cursor) = (state.read_generation, state.cursor);
         let max_bytes = MAX_HELD_BYTES - state.queue.held_bytes();
@@ -1028,6 +1026,20 @@ impl Deliverer {
     }
 }
 
+/// Whether a read may start after a failed one: not before its retry time. Once that time has
+/// passed it is forgotten, whether or not a read then starts: the loop's timer wakes it for
+/// the time, and a time left in the past would wake it at once on every turn, a busy loop for
+/// as long as the window wants no read (the destination down with exports ready, say).
+fn read_retry_passed(read_retry_at: &mut Option<Instant>, now: Instant) -> bool {
+    match *read_retry_at {
+        Some(at) if now < at => false,
+        _ => {
+            *read_retry_at = None;
+            true
+        }
+    }
+}
+
 /// The loop's own state; only the loop task touches it.
 struct LoopState {
     queue: Queue<RetrySchedule>,
@@ -1211,6 +1223,21 @@ mod tests {
                 ),
             },
         )
+    }
+
+    #[test]
+    fn a_read_retry_time_is_forgotten_once_passed_so_that_it_stops_waking_the_loop() {
+        let now = Instant::now();
+        let mut at = Some(now + Duration::from_secs(1));
+        assert!(!read_retry_passed(&mut at, now), "not yet");
+        assert_eq!(at, Some(now + Duration::from_secs(1)), "still waited for");
+        let later = now + Duration::from_secs(2);
+        assert!(read_retry_passed(&mut at, later));
+        assert_eq!(
+            at, None,
+            "a past time would fire the loop's timer on every turn"
+        );
+        assert!(read_retry_passed(&mut at, later), "nothing to wait for");
     }
 
     #[test]
