@@ -15,10 +15,6 @@ use crate::store::{
 /// The name of the agent's socket in the store folder.
 pub const SOCKET_NAME: &str = "outpost.sock";
 
-/// Why an ingest is refused while the outbox holds `storage.max_outbox_bytes` or more.
-pub const OUTBOX_FULL: &str =
-    "the outbox is full (storage.max_outbox_bytes); nothing more is taken until deliveries make room";
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {

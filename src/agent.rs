@@ -464,7 +464,10 @@ async fn run_backfill(
         }
     };
     loop {
-        if store.outbox_full(max_outbox_bytes).unwrap_or(false) {
+        if store
+            .outbox_full(max_outbox_bytes)
+            .is_ok_and(|full| full.is_some())
+        {
             if !pause().await {
                 return;
             }

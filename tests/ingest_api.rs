@@ -791,6 +791,64 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     assert_eq!(status.code(), Some(0), "{}", agent.log());
 }
 
+/// Dead letters count toward `storage.max_outbox_bytes` (they take the disk as pending exports
+/// do), but no delivery frees them: the refusal says so and names what does, and once they
+/// are dropped (through the running agent) updates are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outbox_filled_by_dead_letters_says_so_and_takes_updates_once_they_are_dropped() {
+    let receiver = receiver().await;
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(400, vec![], "refused".into())
+    })));
+    let (ws, port) = workspace(&receiver, "max_outbox_bytes = 1");
+    let mut agent = start_agent(&ws, port).await;
+    let first = [
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+        member_update("b", "Bob", "2026-01-01T00:00:01Z"),
+    ]
+    .join("\n");
+    let (status, _, answer) = post(agent.addr, first).await;
+    assert_eq!(status, 200, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ws.outbox_stats()["dead"] != 2 {
+        assert!(Instant::now() < deadline, "not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let refused = || async {
+        let (status, _, answer) =
+            post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
+        assert_eq!(status, 503, "{answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        answer["error"].as_str().unwrap().to_owned()
+    };
+    let error = refused().await;
+    for part in [
+        "the outbox is full: 0 pending exports and 2 dead letters",
+        "storage.max_outbox_bytes is 1",
+        "`outpost outbox retry`",
+        "`outpost outbox drop`",
+        "deliveries cannot",
+    ] {
+        assert!(error.contains(part), "{part:?} not in {error:?}");
+    }
+    // `outpost ingest` through the agent is refused the same way.
+    let update = member_update("c", "Cy", "2026-01-01T00:00:01Z");
+    let out = ws.run(&["ingest", "-"], Some(update.as_bytes()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 dead letters"), "{stderr}");
+
+    ws.run_ok(&["outbox", "drop", "--all-dead", "--yes"], None);
+    let (status, _, answer) =
+        post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
+    assert_eq!(status, 200, "{answer}");
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
 /// SPEC is silent on duplicate keys; parsing is strict, and an update naming two ids is
 /// ambiguous, so it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

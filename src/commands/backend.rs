@@ -153,8 +153,8 @@ impl Backend {
     ) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
-                if store.outbox_full(config.storage.max_outbox_bytes)? {
-                    return Err(CliError::Failure(crate::admin::OUTBOX_FULL.into()));
+                if let Some(full) = store.outbox_full(config.storage.max_outbox_bytes)? {
+                    return Err(CliError::Failure(full.to_string()));
                 }
                 let started = std::time::Instant::now();
                 let mut mapping = config.mapping.clone();
@@ -205,17 +205,14 @@ fn run_backfill(
     max_outbox_bytes: u64,
 ) -> Result<(), CliError> {
     loop {
-        if store.outbox_full(max_outbox_bytes)? {
+        if let Some(full) = store.outbox_full(max_outbox_bytes)? {
             let under_way = store.backfill_progress()?.map_or_else(String::new, |p| {
                 format!(
                     " (a backfill of newly mapped segments is under way: {} of about {} profiles scanned, {} exported)",
                     p.scanned, p.profiles, p.exported
                 )
             });
-            return Err(CliError::Failure(format!(
-                "{}{under_way}",
-                crate::admin::OUTBOX_FULL
-            )));
+            return Err(CliError::Failure(format!("{full}{under_way}")));
         }
         let Some(progress) =
             store.backfill_step(mapping, crate::store::backfill::STEP_PROFILES, Utc::now())?

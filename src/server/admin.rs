@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{
-    execute, unreadable_request, AdminAnswer, AdminError, AdminRequest, OUTBOX_FULL, SOCKET_NAME,
+    execute, unreadable_request, AdminAnswer, AdminError, AdminRequest, SOCKET_NAME,
 };
 use crate::metrics::Metrics;
 use crate::profile::update::{update_from_value_with, FutureLimit};
@@ -190,8 +190,8 @@ async fn ingest(
                 e.line, e.reason
             ))
         })?;
-    if state.store.outbox_full(state.max_outbox_bytes)? {
-        return Err(AdminError::Failed(OUTBOX_FULL.into()));
+    if let Some(full) = state.store.outbox_full(state.max_outbox_bytes)? {
+        return Err(AdminError::Failed(full.to_string()));
     }
     let summary = state.committer.commit(updates).await.map_err(|e| match e {
         // Said in the message too, for a command of an older build, which reads this answer's

@@ -370,8 +370,8 @@ async fn admit<'a>(
         return Err(Box::new(unavailable(&state.store.failure().to_string())));
     }
     match state.store.outbox_full(state.max_outbox_bytes) {
-        Ok(true) => return Err(Box::new(unavailable(crate::admin::OUTBOX_FULL))),
-        Ok(false) => {}
+        Ok(Some(full)) => return Err(Box::new(unavailable(&full.to_string()))),
+        Ok(None) => {}
         Err(e) if e.is_transient() => return Err(Box::new(unavailable(&e.to_string()))),
         Err(e) => {
             return Err(Box::new(error_answer(

@@ -707,7 +707,8 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         let full = shared
             .store
             .outbox_full(shared.max_outbox_bytes)
-            .map_err(|e| nats_error("reading the outbox tally", e))?;
+            .map_err(|e| nats_error("reading the outbox tally", e))?
+            .is_some();
         shared.state.paused.store(full, Ordering::Relaxed);
         if full {
             // No fetch tells how many messages wait meanwhile, and a paused agent is when an

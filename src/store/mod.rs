@@ -97,7 +97,7 @@ pub use owner::{act_as_owner, OwnerError, StoreOwner, StoreUse};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;
-pub use tally::{ClockJumpReport, OutboxStats, Place, Tally};
+pub use tally::{ClockJumpReport, OutboxFull, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};
 pub use unrecorded::MaybeAcknowledged;
 

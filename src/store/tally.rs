@@ -135,6 +135,52 @@ pub(super) fn write_tally(tree: &TransactionalTree, tally: Tally) -> TxResult<()
     Ok(())
 }
 
+/// The outbox holds `storage.max_outbox_bytes` or more, pending exports and dead letters
+/// together: nothing more is taken in. Dead letters count because they take the disk as
+/// pending exports do; but deliveries free only what pending exports take, so the message says
+/// when dead letters are there, and what frees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxFull {
+    pub tally: Tally,
+    pub max_bytes: u64,
+}
+
+impl std::fmt::Display for OutboxFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Tally {
+            pending,
+            dead,
+            bytes,
+        } = self.tally;
+        write!(
+            f,
+            "the outbox is full: {pending} pending {} and {dead} dead {} take {bytes} bytes, \
+             storage.max_outbox_bytes is {}; ",
+            plural(pending, "export", "exports"),
+            plural(dead, "letter", "letters"),
+            self.max_bytes
+        )?;
+        const FREE_DEAD: &str = "dead letters stay until `outpost outbox retry` puts them back \
+                                 or `outpost outbox drop` deletes them";
+        match (pending, dead) {
+            (_, 0) => f.write_str("nothing more is taken until deliveries make room"),
+            (0, _) => write!(f, "{FREE_DEAD}: only that makes room, deliveries cannot"),
+            _ => write!(
+                f,
+                "nothing more is taken until deliveries make room, and {FREE_DEAD}"
+            ),
+        }
+    }
+}
+
+fn plural(n: u64, one: &'static str, more: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        more
+    }
+}
+
 /// Where an export goes in [`Store::change_export`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
@@ -188,9 +234,10 @@ impl Store {
     }
 
     /// Whether the outbox (pending and dead) holds `max_bytes` or more: then nothing more is
-    /// taken in (`storage.max_outbox_bytes`).
-    pub fn outbox_full(&self, max_bytes: u64) -> Result<bool, StoreError> {
-        Ok(self.tally()?.bytes >= max_bytes)
+    /// taken in (`storage.max_outbox_bytes`), and what fills it.
+    pub fn outbox_full(&self, max_bytes: u64) -> Result<Option<OutboxFull>, StoreError> {
+        let tally = self.tally()?;
+        Ok((tally.bytes >= max_bytes).then_some(OutboxFull { tally, max_bytes }))
     }
 
     /// Pending and dead counts and bytes, read without walking the trees.
@@ -201,5 +248,56 @@ impl Store {
                 Tally::from_bytes(&v).ok_or_else(|| StoreError::corrupt("tally", "not 24 bytes"))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_outbox_says_what_fills_it_and_what_frees_it() {
+        let full = |pending, dead| {
+            let tally = Tally {
+                pending,
+                dead,
+                bytes: 2048,
+            };
+            OutboxFull {
+                tally,
+                max_bytes: 1024,
+            }
+            .to_string()
+        };
+        let prefix = "the outbox is full: ";
+        let table: &[(u64, u64, &str)] = &[
+            (
+                3,
+                0,
+                "3 pending exports and 0 dead letters take 2048 bytes, storage.max_outbox_bytes is 1024; \
+                 nothing more is taken until deliveries make room",
+            ),
+            (
+                0,
+                1,
+                "0 pending exports and 1 dead letter take 2048 bytes, storage.max_outbox_bytes is 1024; \
+                 dead letters stay until `outpost outbox retry` puts them back or `outpost outbox drop` \
+                 deletes them: only that makes room, deliveries cannot",
+            ),
+            (
+                1,
+                2,
+                "1 pending export and 2 dead letters take 2048 bytes, storage.max_outbox_bytes is 1024; \
+                 nothing more is taken until deliveries make room, and dead letters stay until \
+                 `outpost outbox retry` puts them back or `outpost outbox drop` deletes them",
+            ),
+        ];
+        for &(pending, dead, said) in table {
+            assert_eq!(
+                full(pending, dead),
+                format!("{prefix}{said}"),
+                "{pending}, {dead}"
+            );
+        }
     }
 }
