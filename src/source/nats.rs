@@ -44,6 +44,12 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long the agent gives NATS at start before it says it cannot connect.
 const CONNECT_GRACE: Duration = Duration::from_secs(3);
+/// How long a partition's consumer may go on once the agent stops, to finish the batch it
+/// holds (commit, acknowledge); then it is dropped. A call into the NATS client may wait
+/// without end for room in the client's queue of commands, which it does not read while it
+/// reconnects, and that queue fills when NATS has been unreachable for some minutes. A batch
+/// dropped committed but unacknowledged comes again and is skipped by its recorded position.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 #[error("NATS: {0}")]
@@ -510,6 +516,20 @@ async fn warn_if_unreachable(
     }
 }
 
+/// `work`'s end, or `None` when it has not ended `grace` after `shutdown`.
+async fn within_grace_of_stop<F: std::future::Future>(
+    work: F,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    tokio::select! {
+        ended = &mut work => return Some(ended),
+        _ = shutdown.cancelled() => {}
+    }
+    tokio::time::timeout(grace, work).await.ok()
+}
+
 /// Sleeps, or returns false at once when the agent stops.
 async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
@@ -524,7 +544,17 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     let mut last_error = String::new();
     while !shared.shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        match run_consumer(shared, slot, partition).await {
+        let consumer = run_consumer(shared, slot, partition);
+        let Some(ended) = within_grace_of_stop(consumer, &shared.shutdown, STOP_GRACE).await else {
+            tracing::warn!(
+                partition,
+                grace_s = STOP_GRACE.as_secs(),
+                "the partition's consumer did not end within the grace after the stop (NATS unreachable?); \
+                 messages it held unacknowledged come again and are skipped"
+            );
+            return;
+        };
+        match ended {
             Ok(()) => return,
             Err(e) => {
                 // A consumer that ran for a good while failed for a new reason.
@@ -878,4 +908,39 @@ async fn commit_and_ack(
         shared.metrics.source_acks.inc();
     }
     Ok(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_stuck_in_the_nats_client_is_dropped_a_grace_after_the_stop() {
+        let shutdown = CancellationToken::new();
+        let grace = Duration::from_secs(5);
+        let ended = within_grace_of_stop(async { 7 }, &shutdown, grace).await;
+        assert_eq!(ended, Some(7), "work that ends is waited for");
+
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            stop.cancel();
+        });
+        let started = tokio::time::Instant::now();
+        let stuck = std::future::pending::<()>();
+        assert_eq!(within_grace_of_stop(stuck, &shutdown, grace).await, None);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(65),
+            "the stop, then the grace"
+        );
+
+        // Work that ends within the grace after the stop is waited for.
+        let finishing = async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            "acknowledged"
+        };
+        let ended = within_grace_of_stop(finishing, &shutdown, grace).await;
+        assert_eq!(ended, Some("acknowledged"));
+    }
 }
