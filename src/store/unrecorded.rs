@@ -78,6 +78,9 @@ impl Store {
     /// Before the delivery loop sends anything: records that it runs, and the bound found at
     /// open, durably.
     pub fn delivery_starting(&self) -> Result<(), StoreError> {
+        // Within a write section, so that no reopen comes between the writes and their flush:
+        // one would drop them unflushed, and the loop would send believing them durable.
+        let _section = self.write_section()?;
         self.with(|t| {
             t.meta.insert(
                 meta::UNRECORDED_BELOW,
