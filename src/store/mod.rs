@@ -59,6 +59,7 @@
 //!   (by an older build) is removed once the agent has started.
 
 pub mod backfill;
+mod blobs;
 pub mod codec;
 pub mod committer;
 mod error;
@@ -132,20 +133,26 @@ pub(crate) struct Trees {
     pub(crate) positions: sled::Tree,
     pub(crate) rejected: sled::Tree,
     /// The log file, fsynced after each flush: sled's own flush does not reach the drive.
-    log_file: Option<File>,
+    log_file: File,
+    /// sled's blob files, which its flush does not sync either.
+    blobs: blobs::BlobSync,
     /// Which opening of the store these handles come from: an error from the handles of an
     /// earlier opening (a call that began before a reopen) does not fail the current one.
     generation: u64,
 }
 
 impl Trees {
-    /// sled's flush, then an fsync of its log file: sled's own flush does not reach the drive.
+    /// sled's flush, then an fsync of its blob files not synced yet and of its log file:
+    /// sled's own flush does not reach the drive. The blobs go first, as the log points at
+    /// them.
     fn flush_to_drive(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        if let Some(file) = &self.log_file {
-            file.sync_data().map_err(StoreError::Sync)?;
-        }
-        Ok(())
+        self.sync_files()
+    }
+
+    fn sync_files(&self) -> Result<(), StoreError> {
+        self.blobs.sync_new().map_err(StoreError::Sync)?;
+        self.log_file.sync_data().map_err(StoreError::Sync)
     }
 }
 

@@ -391,7 +391,7 @@ impl Store {
                 id
             }
         };
-        let log_file = File::open(path.join("db")).ok();
+        let log_file = File::open(path.join("db")).map_err(StoreError::Sync)?;
         let mut trees = Trees {
             profile_groups: db.open_tree("profile_groups")?,
             legacy_profiles: db.open_tree("profiles")?,
@@ -407,6 +407,7 @@ impl Store {
             meta,
             db,
             log_file,
+            blobs: super::blobs::BlobSync::new(path),
             generation: 0,
         };
         let rebuilt = rebuild_meta(&trees)?;
@@ -423,7 +424,7 @@ impl Store {
         trees.upgrade_unfinished = trees.meta.get(meta::UPGRADE)?.is_some();
         if may_rebuild && !trees.upgrade_unfinished {
             trees = match rebuild::rebuild_if_wanted(trees, path, cache_bytes)? {
-                rebuild::Outcome::NotNow(trees) => trees,
+                rebuild::Outcome::NotNow(trees) => *trees,
                 rebuild::Outcome::Done => {
                     // The copy holds the `meta` values rebuilt above; say so all the same.
                     let (trees, mut opened) = Store::open_once(path, cache_bytes, false)?;
@@ -677,10 +678,10 @@ impl Store {
                 ),
             ));
         }
-        if let Some(file) = &trees.log_file {
+        {
             // What the reopened store read is on the drive before anything is sent from it.
             let _one_at_a_time = self.lock_flushing();
-            file.sync_data().map_err(StoreError::Sync)?;
+            trees.sync_files()?;
         }
         self.rebuilt_meta
             .lock()

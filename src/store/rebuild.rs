@@ -370,7 +370,7 @@ pub(super) enum Outcome {
     /// The rebuilt store is in place: open it.
     Done,
     /// Not rebuilt (not wanted, or not now): the store as it was.
-    NotNow(Trees),
+    NotNow(Box<Trees>),
 }
 
 /// The free space the last try had when it ran out of room, as `meta/rebuild` records it
@@ -388,14 +388,14 @@ pub(super) fn rebuild_if_wanted(
     cache_bytes: u64,
 ) -> Result<Outcome, StoreError> {
     let Some(wanted) = t.meta.get(meta::REBUILD)? else {
-        return Ok(Outcome::NotNow(t));
+        return Ok(Outcome::NotNow(Box::new(t)));
     };
     let later = "it is used as it is, and rebuilt at a later open";
     let free = match free_bytes(store) {
         Ok(free) => free,
         Err(e) => {
             tracing::warn!("the store was not rebuilt (its free space is unknown: {e}); {later}");
-            return Ok(Outcome::NotNow(t));
+            return Ok(Outcome::NotNow(Box::new(t)));
         }
     };
     if let Some(last) = last_try_free(&wanted).filter(|&last| free <= last) {
@@ -404,7 +404,7 @@ pub(super) fn rebuild_if_wanted(
             last >> 20,
             free >> 20
         );
-        return Ok(Outcome::NotNow(t));
+        return Ok(Outcome::NotNow(Box::new(t)));
     }
     match copy(&t, store, cache_bytes, COPY_RESERVE_BYTES) {
         Ok(copied) => {
@@ -423,11 +423,11 @@ pub(super) fn rebuild_if_wanted(
             if let Err(e) = recorded {
                 tracing::warn!("could not record the rebuild's need for room: {e}");
             }
-            Ok(Outcome::NotNow(t))
+            Ok(Outcome::NotNow(Box::new(t)))
         }
         Err(e) => {
             tracing::warn!("the store was not rebuilt ({e}); {later}");
-            Ok(Outcome::NotNow(t))
+            Ok(Outcome::NotNow(Box::new(t)))
         }
     }
 }
