@@ -484,10 +484,29 @@ pub struct IngestTls {
     pub client_ca_file: Option<PathBuf>,
 }
 
+/// How clients of the ingest API are told apart: by nothing, by a TLS client certificate,
+/// by the ingest token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestGuards {
+    pub tls: bool,
+    pub client_certificates: bool,
+    pub token: bool,
+}
+
 /// The warning for an ingest API that anyone on the network could feed: listening beyond
-/// loopback with neither TLS nor a token.
-pub fn exposure_warning(listen: std::net::SocketAddr, tls: bool, token: bool) -> Option<String> {
-    (!listen.ip().is_loopback() && !tls && !token).then(|| {
+/// loopback with neither a token nor client certificates. TLS alone encrypts, but it lets
+/// in every client.
+pub fn exposure_warning(listen: std::net::SocketAddr, guards: IngestGuards) -> Option<String> {
+    if listen.ip().is_loopback() || guards.token || guards.client_certificates {
+        return None;
+    }
+    Some(if guards.tls {
+        format!(
+            "ingest.listen {listen} is not a loopback address and the ingest API asks clients \
+             for neither a token (ingest.token) nor a certificate (ingest.client_ca_file): TLS \
+             encrypts, but anyone who reaches it can send updates"
+        )
+    } else {
         format!(
             "ingest.listen {listen} is not a loopback address and the ingest API has neither \
              TLS (ingest.tls_cert_file) nor a token (ingest.token): anyone who reaches it can \
@@ -665,6 +684,16 @@ impl Config {
             Some(t) if t.is_empty() => {
                 return Err(invalid("ingest.token", "must not be empty".into()))
             }
+            // An Authorization header carries only visible ASCII, and a space or tab at either
+            // end of it is not the sender's: such a token could never be matched.
+            Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(invalid(
+                    "ingest.token",
+                    "may hold only visible ASCII characters, without spaces: no request's \
+                     Authorization header could carry it"
+                        .into(),
+                ))
+            }
             other => other.map(Secret::new),
         };
         if raw.ingest.max_body_bytes == 0 {
@@ -717,8 +746,13 @@ impl Config {
         let mut warnings = Vec::new();
         warnings.extend(exposure_warning(
             listen,
-            ingest_tls.is_some(),
-            ingest_token.is_some(),
+            IngestGuards {
+                tls: ingest_tls.is_some(),
+                client_certificates: ingest_tls
+                    .as_ref()
+                    .is_some_and(|t| t.client_ca_file.is_some()),
+                token: ingest_token.is_some(),
+            },
         ));
         let (max_concurrency, fixed_concurrency) = match (d.concurrency, d.max_concurrency) {
             (Some(_), Some(_)) => {
@@ -1813,23 +1847,58 @@ client_secret = "s3cr3t-value"
 
     #[test]
     fn exposure_warning_table() {
+        // (listen, tls, client certificates, token, the warning says)
         let cases = [
-            ("127.0.0.1:8686", false, false, false),
-            ("[::1]:8686", false, false, false),
-            ("0.0.0.0:8686", false, false, true),
-            ("10.0.0.5:8686", false, false, true),
-            ("0.0.0.0:8686", true, false, false),
-            ("0.0.0.0:8686", false, true, false),
-            ("[::]:8686", true, true, false),
+            ("127.0.0.1:8686", false, false, false, None),
+            ("[::1]:8686", false, false, false, None),
+            ("127.0.0.1:8686", true, false, false, None),
+            ("0.0.0.0:8686", false, false, false, Some("clear text")),
+            ("10.0.0.5:8686", false, false, false, Some("clear text")),
+            ("0.0.0.0:8686", true, false, false, Some("TLS encrypts")),
+            ("0.0.0.0:8686", true, true, false, None),
+            ("0.0.0.0:8686", false, false, true, None),
+            ("[::]:8686", true, false, true, None),
         ];
-        for (listen, tls, token, warned) in cases {
+        for (listen, tls, client_certificates, token, says) in cases {
             let addr = listen.parse().unwrap();
+            let guards = IngestGuards {
+                tls,
+                client_certificates,
+                token,
+            };
+            let warning = exposure_warning(addr, guards);
             assert_eq!(
-                exposure_warning(addr, tls, token).is_some(),
-                warned,
-                "{listen} tls={tls} token={token}"
+                warning
+                    .as_ref()
+                    .map(|w| says.is_some_and(|s| w.contains(s))),
+                says.map(|_| true),
+                "{listen} {guards:?}: {warning:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_ingest_token_no_request_could_carry_is_refused() {
+        for token in ["pässwort", "s3cret ", " s3cret", "s3 cret", "s3cret\t"] {
+            let text = VALID.replacen(
+                "[storage]",
+                &format!("[ingest]\ntoken = {token:?}\n\n[storage]"),
+                1,
+            );
+            assert_ne!(text, VALID);
+            let error = error_of(&text);
+            assert!(
+                error.contains("ingest.token") && error.contains("visible ASCII"),
+                "{token:?}: {error}"
+            );
+            assert!(!error.contains(token.trim()), "{token:?} shown: {error}");
+        }
+        let fine = VALID.replacen(
+            "[storage]",
+            "[ingest]\ntoken = \"A-z0.9_~+/=!#\"\n\n[storage]",
+            1,
+        );
+        assert!(parse(&fine).is_ok());
     }
 
     #[test]

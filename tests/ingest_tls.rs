@@ -274,6 +274,20 @@ async fn warnings_for_an_exposed_listener_and_a_readable_secret() {
     assert!(!log.contains("s3cret-ingest"), "no secret in the log");
     agent.terminate().await;
 
+    // Beyond loopback with TLS but neither a token nor client certificates: TLS encrypts, but
+    // anyone may send.
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let config = files.config("0.0.0.0", &files.server_files(&ca));
+    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
+    wait_serving(&mut agent, &client_config(&ca, None)).await;
+    let log = agent.log();
+    assert!(
+        log.contains("is not a loopback address") && log.contains("TLS encrypts"),
+        "{log}"
+    );
+    agent.terminate().await;
+
     // Loopback, mode 0600: no warning.
     let files = Files::new();
     let config = files.config("127.0.0.1", &["token = \"s3cret-ingest\"".into()]);
