@@ -555,11 +555,16 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_for(path, Secrets::Required)
+    }
+
+    /// [`Config::load`], for a command that needs the destination's secrets or not.
+    pub fn load_for(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config = Config::parse(path, &text)?;
+        let mut config = Config::parse_for(path, &text, secrets)?;
         if let Ok(meta) = std::fs::metadata(path) {
             use std::os::unix::fs::PermissionsExt;
             let mode = meta.permissions().mode();
@@ -572,6 +577,11 @@ impl Config {
 
     /// Parses and validates; `OUTPOST_CLIENT_SECRET` is read here when the file has no secret.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_for(path, text, Secrets::Required)
+    }
+
+    /// [`Config::parse`], for a command that needs the destination's secrets or not.
+    pub fn parse_for(path: &Path, text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: parse_error_without_values(text, &e),
@@ -635,8 +645,8 @@ impl Config {
                 ))
             }
         };
-        let auth =
-            validate_auth(raw.destination.auth, &relative).map_err(|(k, m)| invalid(k, m))?;
+        let auth = validate_auth(raw.destination.auth, &relative, secrets)
+            .map_err(|(k, m)| invalid(k, m))?;
 
         let mapping = validate_mapping(raw.mapping).map_err(|(k, m)| invalid(k, m))?;
 
@@ -957,9 +967,21 @@ pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>,
 
 type KeyError = (&'static str, String);
 
+/// Whether a command needs the destination's secrets. Only `run` and `check` talk to the
+/// destination; the commands that work on the store do not, and are often run where a secret
+/// given by the environment is not (`sudo -u outpost outpost outbox stats` clears it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    Required,
+    /// A secret the environment would give and does not is left empty; one given inline or
+    /// in a file is checked as ever.
+    IfGiven,
+}
+
 fn validate_auth(
     raw: Option<RawAuth>,
     relative: &dyn Fn(PathBuf) -> PathBuf,
+    secrets: Secrets,
 ) -> Result<Auth, KeyError> {
     let Some(raw) = raw else {
         return Err((
@@ -1039,6 +1061,7 @@ fn validate_auth(
                     "destination.auth.client_secret_file",
                     "OUTPOST_CLIENT_SECRET",
                 ),
+                secrets,
             )?;
             let credentials = match raw.credentials.as_deref() {
                 None | Some("body") => CredentialsPlacement::Body,
@@ -1069,6 +1092,7 @@ fn validate_auth(
                         "destination.auth.password_file",
                         "OUTPOST_PASSWORD",
                     ),
+                    secrets,
                 )?;
                 Grant::Password { username, password }
             } else {
@@ -1104,6 +1128,7 @@ fn read_secret(
     file: Option<PathBuf>,
     relative: &dyn Fn(PathBuf) -> PathBuf,
     keys: (&'static str, &'static str, &'static str),
+    secrets: Secrets,
 ) -> Result<Secret, KeyError> {
     let (inline_key, file_key, env) = keys;
     let value = match (inline, file) {
@@ -1120,12 +1145,16 @@ fn read_secret(
                 .map_err(|e| (file_key, format!("cannot read {}: {e}", file.display())))?;
             text.trim_end_matches(['\r', '\n']).to_owned()
         }
-        (None, None) => std::env::var(env).map_err(|_| {
-            (
-                inline_key,
-                format!("is required (or {file_key}, or env {env})"),
-            )
-        })?,
+        (None, None) => match (std::env::var(env), secrets) {
+            (Ok(value), _) => value,
+            (Err(_), Secrets::IfGiven) => return Ok(Secret::new(String::new())),
+            (Err(_), Secrets::Required) => {
+                return Err((
+                    inline_key,
+                    format!("is required (or {file_key}, or env {env})"),
+                ))
+            }
+        },
     };
     if value.is_empty() {
         return Err((inline_key, "must not be empty".into()));

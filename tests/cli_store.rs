@@ -364,3 +364,49 @@ fn a_long_outbox_lists_whole_and_in_order_across_pages() {
     assert_eq!(table.lines().count(), 2_501, "one header");
     assert_eq!(table.lines().filter(|l| l.starts_with("ID ")).count(), 1);
 }
+
+/// A secret given by the environment is often not there when an operator runs a command on
+/// the store (`sudo` clears the environment): the commands that never talk to the destination
+/// do without it; `check`, which does, still names it.
+#[test]
+fn store_commands_do_without_a_destination_secret_only_the_environment_would_give() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let oauth = "type = \"oauth2_client_credentials\"\n\
+                 auth_endpoint = \"http://127.0.0.1:9/token\"\n\
+                 client_id = \"edge\"";
+    let without_secret = config.replacen("type = \"none\"", oauth, 1);
+    assert_ne!(without_secret, config);
+    std::fs::write(ws.config_path(), without_secret).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(binary())
+            .arg("--config")
+            .arg(ws.config_path())
+            .args(args)
+            .env_remove("OUTPOST_CLIENT_SECRET")
+            .output()
+            .unwrap()
+    };
+
+    let stats = run(&["outbox", "stats", "--json"]);
+    let stderr = String::from_utf8_lossy(&stats.stderr);
+    assert!(stats.status.success(), "{stderr}");
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["pending"], 1, "{stats}");
+    let shown = run(&["profile", "show", "p-0", "--json"]);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+
+    let check = run(&["check"]);
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("destination.auth.client_secret")
+            && stderr.contains("OUTPOST_CLIENT_SECRET"),
+        "{stderr}"
+    );
+}

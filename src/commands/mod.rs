@@ -169,7 +169,12 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
         _ => {}
     }
     let config_path = config::resolve_path(cli.config.as_deref());
-    let config = Config::load(&config_path)?;
+    // Only these talk to the destination.
+    let secrets = match cli.command {
+        Command::Run | Command::Check { store: false, .. } => config::Secrets::Required,
+        _ => config::Secrets::IfGiven,
+    };
+    let config = Config::load_for(&config_path, secrets)?;
     with_config(cli.command, &config)
 }
 
