@@ -96,7 +96,8 @@ pub enum Command {
     /// Ingest NDJSON updates (also a JSON array or one object) from a file or `-` for stdin.
     ///
     /// The input is validated whole before anything is stored: one bad line refuses it all.
-    /// Without a running agent, a backfill of newly mapped segments runs first.
+    /// Standard input, or a file that is a pipe (`<(zcat updates.gz)`), is first copied to a
+    /// temporary file, to be read twice. Without a running agent, a backfill of newly mapped segments runs first.
     ///
     /// Example: outpost ingest --config outpost.toml data/sample-updates.ndjson
     Ingest {

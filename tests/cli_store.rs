@@ -410,3 +410,19 @@ fn store_commands_do_without_a_destination_secret_only_the_environment_would_giv
         "{stderr}"
     );
 }
+
+/// A FILE that cannot be read twice (a pipe: `<(zcat updates.gz)`, `/dev/stdin`) is spooled
+/// like `-`, rather than failing when the second pass rewinds it.
+#[test]
+fn ingest_reads_a_file_that_is_a_pipe() {
+    let ws = Workspace::new();
+    let input = [
+        member_update("p-1", "Jane", "2026-01-01T00:00:01Z"),
+        member_update("p-2", "John", "2026-01-01T00:00:01Z"),
+    ]
+    .join("\n");
+    let out = ws.run_ok(&["ingest", "--json", "/dev/stdin"], Some(input.as_bytes()));
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["accepted"], 2, "{summary}");
+    assert_eq!(ws.outbox_stats()["pending"], 2);
+}

@@ -50,17 +50,30 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
     ))
 }
 
-/// Opens the input file, or for `-` standard input spooled to a temporary file, so that it can
-/// be read twice (once to validate every line, once to act on them).
+/// Opens the input file so that it can be read twice (once to validate every line, once to act
+/// on them): for `-` standard input, and for a file that is not a regular file (a pipe such as
+/// `<(zcat updates.gz)` or `/dev/stdin`, a FIFO), its contents spooled to a temporary file.
 pub(super) fn open_input(path: &Path) -> Result<File, CliError> {
-    if path != Path::new("-") {
-        return File::open(path)
-            .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())));
+    if path == Path::new("-") {
+        return spool(&mut std::io::stdin().lock(), "standard input");
     }
+    let mut file = File::open(path)
+        .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", path.display())))?;
+    let regular = file
+        .metadata()
+        .map_err(|e| CliError::Failure(format!("cannot read {}: {e}", path.display())))?
+        .is_file();
+    if regular {
+        return Ok(file);
+    }
+    spool(&mut file, &path.display().to_string())
+}
+
+fn spool(input: &mut impl Read, what: &str) -> Result<File, CliError> {
     let mut spool = tempfile::tempfile()
         .map_err(|e| CliError::Failure(format!("cannot create a temporary file: {e}")))?;
-    std::io::copy(&mut std::io::stdin().lock(), &mut spool)
-        .map_err(|e| CliError::Failure(format!("cannot read standard input: {e}")))?;
+    std::io::copy(input, &mut spool)
+        .map_err(|e| CliError::Failure(format!("cannot read {what}: {e}")))?;
     Ok(spool)
 }
 
