@@ -115,6 +115,26 @@ fn every_problem_is_reported_with_what_to_do() {
     );
 }
 
+/// A file where the store folder would be is a problem `check` names, as the agent's start
+/// would meet it.
+#[test]
+fn a_file_in_the_store_path_is_a_problem() {
+    let ws = Workspace::new();
+    std::fs::write(ws.store_path(), b"not a folder").unwrap();
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(!stdout.contains("check            ok"), "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "storage.path {0}: a part of that path, {0}, is a file, not a folder",
+            ws.store_path().display()
+        )),
+        "{stderr}"
+    );
+}
+
 /// A NATS source that cannot be reached is one problem among the others, not the end of the
 /// check.
 #[test]

@@ -13,9 +13,12 @@ pub(super) struct Finding {
     pub warning: Option<String>,
 }
 
-/// The store folder, or the nearest folder above it that exists (`check` creates nothing).
-fn existing_folder(path: &Path) -> Option<PathBuf> {
-    path.ancestors()
+/// The store folder, or the nearest folder above it that exists (`check` creates nothing);
+/// `Err` with the part of the path that exists nearest to it when that is not a folder (a
+/// file where the store or a folder on its way would be: the store could not be made).
+fn existing_folder(path: &Path) -> Result<Option<PathBuf>, PathBuf> {
+    let nearest = path
+        .ancestors()
         .map(|p| {
             if p.as_os_str().is_empty() {
                 Path::new(".") // above a relative path: the current folder
@@ -23,15 +26,34 @@ fn existing_folder(path: &Path) -> Option<PathBuf> {
                 p
             }
         })
-        .find(|p| p.is_dir())
-        .map(Path::to_path_buf)
+        .find(|p| p.exists());
+    match nearest {
+        Some(p) if p.is_dir() => Ok(Some(p.to_path_buf())),
+        Some(p) => Err(p.to_path_buf()),
+        None => Ok(None),
+    }
 }
 
 /// Writes and removes a small file in the store folder (or where it would be created), and
 /// reads the space left on that file system.
 pub(super) fn store(config: &Config) -> Finding {
     let path = &config.storage.path;
-    let Some(folder) = existing_folder(path) else {
+    let folder = match existing_folder(path) {
+        Ok(folder) => folder,
+        Err(file) => {
+            return Finding {
+                line: format!("{} ({} is not a folder)", path.display(), file.display()),
+                problem: Some(format!(
+                    "storage.path {}: a part of that path, {}, is a file, not a folder. Set \
+                     storage.path to a folder (outpost creates it if it is missing)",
+                    path.display(),
+                    file.display()
+                )),
+                warning: None,
+            }
+        }
+    };
+    let Some(folder) = folder else {
         return Finding {
             line: format!("{} (no folder of that path exists)", path.display()),
             problem: Some(format!(
@@ -167,12 +189,21 @@ mod tests {
     fn existing_folder_is_the_nearest_that_exists() {
         let dir = tempfile::tempdir().unwrap();
         let deep = dir.path().join("a/b/store");
-        assert_eq!(existing_folder(&deep).unwrap(), dir.path());
+        assert_eq!(existing_folder(&deep), Ok(Some(dir.path().to_path_buf())));
         std::fs::create_dir_all(&deep).unwrap();
-        assert_eq!(existing_folder(&deep).unwrap(), deep);
+        assert_eq!(existing_folder(&deep), Ok(Some(deep.clone())));
         assert_eq!(
-            existing_folder(Path::new("no-such-folder-here/store")).unwrap(),
-            Path::new(".")
+            existing_folder(Path::new("no-such-folder-here/store")),
+            Ok(Some(PathBuf::from(".")))
         );
+    }
+
+    #[test]
+    fn a_file_where_the_store_or_a_folder_on_its_way_would_be_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(existing_folder(&file), Err(file.clone()));
+        assert_eq!(existing_folder(&file.join("store")), Err(file.clone()));
     }
 }
