@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const TOKEN_PATH: &str = "/oauth/token";
 pub const PROFILES_PATH: &str = "/profiles";
+/// The longest lifetime a token is given.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// What the receiver answers to one request, chosen by a [`Script`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -519,7 +521,8 @@ fn issue_token(state: &State, received: &Received) -> Response<Full<Bytes>> {
         }
     }
     let token = format!("tok-{:032x}", rand::random::<u128>());
-    let lifetime = state.options.token_lifetime;
+    // Held to a century, so that the expiry can be counted (`--token-lifetime-s` takes any u64).
+    let lifetime = state.options.token_lifetime.min(MAX_TOKEN_LIFETIME);
     let now = Instant::now();
     let mut tokens = state.tokens.lock().unwrap();
     // Expired tokens are refused as unknown ones are: forgetting them keeps a long run's memory
@@ -570,4 +573,39 @@ fn accept_export(state: &State, received: &Received) -> Response<Full<Bytes>> {
         &[(CONTENT_TYPE.to_string(), "application/json".into())],
         json!({"status": "accepted"}).to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `outpost receiver --token-lifetime-s` takes any u64: a lifetime whose expiry cannot be
+    /// counted is held to a century rather than panicking with the token table locked, which
+    /// would fail every later token request too.
+    #[tokio::test]
+    async fn a_token_lifetime_too_long_to_count_is_held_to_a_century() {
+        let options = ReceiverOptions {
+            token_lifetime: Duration::from_secs(u64::MAX),
+            ..ReceiverOptions::default()
+        };
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+            .await
+            .unwrap();
+        let addr = receiver.base_url().trim_start_matches("http://").to_owned();
+        let body = "grant_type=client_credentials&client_id=edge-agent&client_secret=change-me";
+        for _ in 0..2 {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let request = format!(
+                "POST {TOKEN_PATH} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: \
+                 application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(answer.contains("\"expires_in\":3153600000"), "{answer}");
+        }
+    }
 }

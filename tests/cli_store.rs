@@ -426,3 +426,25 @@ fn ingest_reads_a_file_that_is_a_pipe() {
     assert_eq!(summary["accepted"], 2, "{summary}");
     assert_eq!(ws.outbox_stats()["pending"], 2);
 }
+
+/// `OUTPOST_STORE_WAIT_S` takes any whole number: one too large to count is no limit, not a
+/// panic.
+#[test]
+fn a_store_wait_too_long_to_count_is_no_limit() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let out = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["outbox", "stats", "--json"])
+        .env("OUTPOST_STORE_WAIT_S", u64::MAX.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["pending"], 1, "{stats}");
+}

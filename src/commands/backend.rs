@@ -60,7 +60,8 @@ impl Backend {
     ) -> Result<Backend, CliError> {
         let socket = crate::server::admin::socket_path(&config.storage.path);
         let wait = locked_wait()?;
-        let deadline = std::time::Instant::now() + wait;
+        // None: a wait too long to count is no limit.
+        let deadline = std::time::Instant::now().checked_add(wait);
         let mut said = false;
         loop {
             if Backend::agent_answers(config)? {
@@ -71,7 +72,9 @@ impl Backend {
             }
             match open(&config.storage.path, config.storage.cache_bytes) {
                 Ok(store) => return Ok(Backend::Local(Box::new(store))),
-                Err(StoreError::Locked(path)) if std::time::Instant::now() < deadline => {
+                Err(StoreError::Locked(path))
+                    if deadline.is_none_or(|d| std::time::Instant::now() < d) =>
+                {
                     if !said {
                         said = true;
                         eprintln!(
