@@ -448,3 +448,48 @@ fn a_store_wait_too_long_to_count_is_no_limit() {
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(stats["pending"], 1, "{stats}");
 }
+
+/// A listing of a store this process opened is printed once the store is closed: a reader who
+/// stops reading (a pager) does not keep the store from the agent, which could not start.
+#[test]
+fn a_listing_nobody_reads_does_not_hold_the_store() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let ws = Workspace::new();
+    // Far more than a pipe's buffer (64 KiB) of listing.
+    let input: Vec<String> = (0..1000)
+        .map(|i| member_update(&format!("p-{i}"), "Jane", "2026-01-01T00:00:01Z"))
+        .collect();
+    ws.run_ok(&["ingest", "-"], Some(input.join("\n").as_bytes()));
+    let mut listing = Command::new(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["outbox", "list", "--json", "--limit", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its first line is out: it has read the store, and now waits for a reader.
+    let mut out = BufReader::new(listing.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with('{'), "{first}");
+
+    let stats = Command::new(binary())
+        .arg("--config")
+        .arg(ws.config_path())
+        .args(["outbox", "stats", "--json"])
+        .env("OUTPOST_STORE_WAIT_S", "5")
+        .output()
+        .unwrap();
+    assert!(
+        stats.status.success(),
+        "the store was held: {}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(listing.wait().unwrap().success());
+    assert_eq!(1 + rest.lines().count(), 1000);
+}

@@ -31,7 +31,7 @@ pub use ingest::{ingest_file, ingest_path};
 pub use output::for_terminal;
 use output::{
     describe_clock_jumps, display_url, print_export, print_json, print_stats, print_summary,
-    text_of, ExportTable,
+    text_of, ExportTable, Listing,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +235,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
                     }
                 }
             }
-            outbox(&Backend::connect_existing(config)?, command)
+            let listing = outbox(&Backend::connect_existing(config)?, command)?;
+            // The store this process opened is closed by now.
+            listing.map_or(Ok(()), Listing::print)
         }
         Command::Profile(ProfileCommand::Show { id, json }) => {
             let value =
@@ -260,7 +262,11 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             as_store_owner(config, StoreUse::Existing)?;
             nats::set_position(&Backend::connect_existing(config)?, partition, seq)
         }
-        Command::Rejected(command) => nats::rejected(&Backend::connect_existing(config)?, command),
+        Command::Rejected(command) => {
+            let listing = nats::rejected(&Backend::connect_existing(config)?, command)?;
+            // The store this process opened is closed by now.
+            listing.map_or(Ok(()), Listing::print)
+        }
         Command::Top { once, interval } => top::top(config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
             unreachable!("handled above")
@@ -612,7 +618,8 @@ fn clock_report(config: &Config) -> String {
     }
 }
 
-fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
+/// An outbox command; a listing it made, to be printed once the store is closed.
+fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Option<Listing>, CliError> {
     match command {
         OutboxCommand::Stats(flag) => {
             let stats = backend.execute(&AdminRequest::Stats)?;
@@ -629,7 +636,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
             json,
         } => {
             let wanted = if limit == 0 { usize::MAX } else { limit };
-            let mut table = ExportTable::new(json.json);
+            let mut table = ExportTable::new(json.json, Listing::for_backend(backend)?);
             let fetch = |after, asked| {
                 Ok(backend.execute(&AdminRequest::List {
                     dead,
@@ -642,7 +649,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
             }
-            table.finish();
+            return Ok(Some(table.finish()));
         }
         OutboxCommand::Show { id, json } => {
             let export = backend.execute(&AdminRequest::Show { id })?;
@@ -664,7 +671,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<(), CliError> {
             report_repair(&result, "dropped", "deleted", all_dead)?;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// `outpost check --store`: every unreadable record with its key; exit 1 if `repair` acts on

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::output::Listing;
 use super::{for_terminal, list_paged_by, text_of, Backend, CliError};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
@@ -310,14 +311,18 @@ pub(super) fn set_position(backend: &Backend, partition: u32, seq: u64) -> Resul
     Ok(())
 }
 
-pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<(), CliError> {
+/// A `rejected` command; a listing it made, to be printed once the store is closed.
+pub(super) fn rejected(
+    backend: &Backend,
+    command: RejectedCommand,
+) -> Result<Option<Listing>, CliError> {
     match command {
         RejectedCommand::List { limit, json } => {
             // Fewer a page than exports: each carries its message (up to 64 KiB, as text and
             // as base64).
             const PAGE: usize = 100;
             let wanted = if limit == 0 { usize::MAX } else { limit };
-            let mut out = std::io::stdout().lock();
+            let mut out = Listing::for_backend(backend)?;
             let mut rows = 0;
             let fetch = |after: Option<RejectedId>, asked| {
                 Ok(backend.execute(&AdminRequest::RejectedList {
@@ -351,10 +356,10 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
             if !json.json && rows == 0 {
                 let _ = writeln!(out, "no rejected messages");
             }
-            let _ = out.flush();
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
             }
+            return Ok(Some(out));
         }
         RejectedCommand::Show { id, json } => {
             let item = backend.execute(&AdminRequest::RejectedShow { id })?;
@@ -392,7 +397,7 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<()
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -163,20 +163,76 @@ pub(super) fn describe_clock_jumps(stats: &Value) -> String {
 
 /// `outbox list`'s output, a row at a time as the pages come: NDJSON, or a table under one
 /// header.
+/// Where a listing goes: straight to standard output through the running agent; into a
+/// temporary file when this process has the store open, printed once the store is closed
+/// ([`Listing::print`]), so that a reader who stops reading (a pager) does not keep the store
+/// from the agent, which then could not start.
+pub(super) enum Listing {
+    Stdout(std::io::StdoutLock<'static>),
+    Spooled(std::io::BufWriter<std::fs::File>),
+}
+
+impl Listing {
+    pub fn for_backend(backend: &super::Backend) -> Result<Listing, super::CliError> {
+        Ok(match backend {
+            super::Backend::Agent { .. } => Listing::Stdout(std::io::stdout().lock()),
+            super::Backend::Local(_) => {
+                let file = tempfile::tempfile().map_err(|e| {
+                    super::CliError::Failure(format!("cannot create a temporary file: {e}"))
+                })?;
+                Listing::Spooled(std::io::BufWriter::new(file))
+            }
+        })
+    }
+
+    /// Prints what was spooled (nothing to do for standard output). A reader gone (a closed
+    /// pipe) ends it quietly, as writing straight to it does.
+    pub fn print(self) -> Result<(), super::CliError> {
+        use std::io::{Seek, Write};
+        let mut out = match self {
+            Listing::Stdout(mut out) => {
+                let _ = out.flush();
+                return Ok(());
+            }
+            Listing::Spooled(out) => out,
+        };
+        let failed = |e: std::io::Error| {
+            super::CliError::Failure(format!("cannot read back the listing: {e}"))
+        };
+        out.flush().map_err(failed)?;
+        let mut file = out.into_inner().map_err(|e| failed(e.into_error()))?;
+        file.rewind().map_err(failed)?;
+        let _ = std::io::copy(&mut file, &mut std::io::stdout().lock());
+        Ok(())
+    }
+}
+
+impl std::io::Write for Listing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Listing::Stdout(out) => out.write(buf),
+            Listing::Spooled(out) => out.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Listing::Stdout(out) => out.flush(),
+            Listing::Spooled(out) => out.flush(),
+        }
+    }
+}
+
 pub(super) struct ExportTable {
     json: bool,
     /// Rows printed so far.
     pub rows: usize,
-    out: std::io::StdoutLock<'static>,
+    out: Listing,
 }
 
 impl ExportTable {
-    pub fn new(json: bool) -> Self {
-        ExportTable {
-            json,
-            rows: 0,
-            out: std::io::stdout().lock(),
-        }
+    pub fn new(json: bool, out: Listing) -> Self {
+        ExportTable { json, rows: 0, out }
     }
 
     pub fn row(&mut self, e: &Value) {
@@ -205,12 +261,13 @@ impl ExportTable {
         self.rows += 1;
     }
 
-    pub fn finish(mut self) {
+    /// The listing, to be printed once the store is closed.
+    pub fn finish(mut self) -> Listing {
         use std::io::Write;
         if !self.json && self.rows == 0 {
             let _ = writeln!(self.out, "(no exports)");
         }
-        let _ = self.out.flush();
+        self.out
     }
 }
 
