@@ -391,7 +391,10 @@ impl Store {
                 id
             }
         };
-        let log_file = File::open(path.join("db")).map_err(StoreError::Sync)?;
+        let log_file = File::open(path.join("db")).map_err(|e| StoreError::Open {
+            path: path.join("db"),
+            source: sled::Error::Io(e),
+        })?;
         let mut trees = Trees {
             profile_groups: db.open_tree("profile_groups")?,
             legacy_profiles: db.open_tree("profiles")?,
