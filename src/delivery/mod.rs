@@ -488,19 +488,23 @@ impl Deliverer {
     /// `store::unrecorded`), trying again while the store cannot be written. `false` if told
     /// to stop first.
     async fn record_that_delivery_runs(&self, shutdown: &CancellationToken) -> bool {
-        let mut failures = 0u32;
+        let mut said = false;
         loop {
             let store = Arc::clone(&self.store);
             let written = tokio::task::spawn_blocking(move || store.delivery_starting()).await;
             match written {
                 Ok(Ok(())) => return true,
-                Ok(Err(e)) if failures == 0 => {
+                // A compaction under way: written once it is done.
+                Ok(Err(e @ StoreError::Reopening(_))) => {
+                    tracing::debug!(error = %e, "cannot record that delivery starts yet")
+                }
+                Ok(Err(e)) if !said => {
+                    said = true;
                     tracing::error!(error = %e, "cannot record in the store that delivery starts; nothing is sent until it is")
                 }
                 Ok(Err(e)) => tracing::debug!(error = %e, "cannot record that delivery starts"),
                 Err(e) => panic!("recording that delivery starts: {e}"),
             }
-            failures += 1;
             tokio::select! {
                 _ = tokio::time::sleep(READ_RETRY) => {}
                 _ = shutdown.cancelled() => return false,

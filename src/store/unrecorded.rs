@@ -328,6 +328,22 @@ mod tests {
         (seqs[0], seqs[1])
     }
 
+    /// Recording that delivery runs waits for no compaction or reopen: refused while one holds
+    /// the writes, so that neither comes between its writes and their flush.
+    #[test]
+    fn recording_that_delivery_runs_is_refused_while_writes_are_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        {
+            let _stopped = store.stop_writes().unwrap();
+            assert!(matches!(
+                store.delivery_starting(),
+                Err(StoreError::Reopening(_))
+            ));
+        }
+        store.delivery_starting().unwrap();
+    }
+
     #[test]
     fn a_dead_letter_waits_for_a_newer_export_a_run_that_stopped_unrecorded_may_have_sent() {
         let dir = tempfile::tempdir().unwrap();
