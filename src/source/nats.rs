@@ -550,7 +550,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 partition,
                 grace_s = STOP_GRACE.as_secs(),
                 "the partition's consumer did not end within the grace after the stop (NATS unreachable?); \
-                 messages it held unacknowledged come again and are skipped"
+                 messages it held unacknowledged come again at the next start (those already committed are skipped)"
             );
             return;
         };
