@@ -849,6 +849,56 @@ async fn an_outbox_filled_by_dead_letters_says_so_and_takes_updates_once_they_ar
     assert_eq!(status.code(), Some(0), "{}", agent.log());
 }
 
+/// A stop waits for requests in flight (up to the request timeout and 5 s more); a second
+/// SIGTERM cuts it short, exit 1, and what was acknowledged is still there to deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_sigterm_ends_a_stop_that_waits_for_requests_in_flight() {
+    let receiver = receiver().await;
+    receiver.set_export_script(Some(Arc::new(|_, _| Reply::Delay(Duration::from_secs(60)))));
+    let (ws, port) = workspace(&receiver, "");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let patient = config.replacen("request_timeout_ms = 500", "request_timeout_ms = 30000", 1);
+    assert_ne!(patient, config);
+    std::fs::write(ws.config_path(), patient).unwrap();
+    let mut agent = start_agent(&ws, port).await;
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while receiver.max_in_flight() == 0 {
+        assert!(Instant::now() < deadline, "nothing sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SAFETY: kill(2) of our own child.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) }, 0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        agent.running(),
+        "the stop waits for the request in flight:\n{}",
+        agent.log()
+    );
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(3))
+        .await;
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    assert!(agent.log().contains("a second signal"), "{}", agent.log());
+    let stats = ws.outbox_stats();
+    assert_eq!(stats["pending"], 1, "{stats}");
+
+    receiver.set_export_script(None);
+    let mut agent = start_agent(&ws, port).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ws.outbox_stats()["pending"] != 0 {
+        assert!(Instant::now() < deadline, "not delivered after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.terminate().await;
+}
+
 /// SPEC is silent on duplicate keys; parsing is strict, and an update naming two ids is
 /// ambiguous, so it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

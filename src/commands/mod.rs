@@ -193,7 +193,15 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         as_store_owner(config, StoreUse::Existing)?;
     }
     match command {
-        Command::Run => runtime()?.block_on(run(config)),
+        Command::Run => {
+            let runtime = runtime()?;
+            let ran = runtime.block_on(run(config));
+            // Blocking work left running (a store still opening, or upgrading, when a signal
+            // came before the agent had started) is not waited for past this: it stops as a
+            // kill would stop it, which the store is made to survive.
+            runtime.shutdown_timeout(LEFT_WORK_WAIT);
+            ran
+        }
         Command::Check { store: false, .. } => runtime()?.block_on(check(config)),
         Command::Check { store: true, json } => {
             check_store(&Backend::connect_existing(config)?, json)
@@ -402,6 +410,22 @@ async fn receiver(
     Ok(())
 }
 
+/// How long `outpost run` waits, once the agent has stopped, for blocking work still running.
+const LEFT_WORK_WAIT: Duration = Duration::from_secs(5);
+
+/// From now on, a SIGTERM or SIGINT ends the process at once, exit 1, as a kill would: a stop
+/// that waits (for requests in flight, up to the request timeout and more) can be cut short by
+/// whoever asked for it. Nothing acknowledged is lost; deliveries not yet recorded are sent
+/// again.
+fn exit_on_a_second_signal() {
+    let again = termination_signal();
+    tokio::spawn(async move {
+        again.await;
+        tracing::warn!("a second signal: exiting now, without waiting for the stop to finish");
+        std::process::exit(1);
+    });
+}
+
 async fn run(config: &Config) -> Result<(), CliError> {
     // Before the agent serves: a SIGTERM right after `/healthz` first answers stops it cleanly.
     let mut terminated = Box::pin(termination_signal());
@@ -436,6 +460,7 @@ async fn run(config: &Config) -> Result<(), CliError> {
         started = start => started,
         () = terminated.as_mut() => {
             tracing::info!("stopped before the agent had started");
+            exit_on_a_second_signal();
             return Ok(());
         }
     };
@@ -453,6 +478,7 @@ async fn run(config: &Config) -> Result<(), CliError> {
     tokio::spawn(async move {
         terminated.await;
         tracing::info!("stopping: finishing in-flight deliveries");
+        exit_on_a_second_signal();
         stop.cancel();
     });
     agent

@@ -139,6 +139,11 @@ impl AgentProcess {
         }
     }
 
+    /// Whether the process has not exited yet.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     /// SIGTERM: the agent must exit 0 within 5 s.
     pub async fn terminate(&mut self) {
         let status = self
