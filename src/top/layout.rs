@@ -11,7 +11,7 @@ use ratatui::{Frame, Terminal};
 
 use super::view::{destination, duration, latency, per_second, rate_cap, Figure, View};
 
-/// How many minutes of history the sparklines can show (one point a second).
+/// How many snapshots of history the sparklines can show (ten minutes at one a second).
 pub const HISTORY_POINTS: usize = 600;
 
 /// Draws `view` over the whole frame.
@@ -45,14 +45,14 @@ pub fn draw(frame: &mut Frame, view: &View) {
             pending,
             "Outbox pending",
             &view.pending_history,
-            true,
+            Some(view.interval_s),
         );
         sparkline(
             frame,
             waited,
             "Oldest waited (s)",
             &view.waited_history,
-            true,
+            Some(view.interval_s),
         );
     } else {
         let [counters, state, trends] = Layout::vertical([
@@ -77,8 +77,8 @@ pub fn draw(frame: &mut Frame, view: &View) {
         ])
         .areas(trends);
         outbox(frame, text, view);
-        sparkline(frame, pending, "Pending", &view.pending_history, false);
-        sparkline(frame, waited, "Oldest (s)", &view.waited_history, false);
+        sparkline(frame, pending, "Pending", &view.pending_history, None);
+        sparkline(frame, waited, "Oldest (s)", &view.waited_history, None);
     }
 }
 
@@ -216,16 +216,24 @@ fn outbox(frame: &mut Frame, area: Rect, view: &View) {
     frame.render_widget(Paragraph::new(lines).block(block("Outbox")), area);
 }
 
-/// The last points of `history` that fit, the latest on the right, with the latest value and
-/// the span shown in the title.
-fn sparkline(frame: &mut Frame, area: Rect, title: &str, history: &[u64], span: bool) {
+/// The last points of `history` that fit, the latest on the right, with the latest value and,
+/// given the seconds between points (one a snapshot), the span shown in the title.
+fn sparkline(
+    frame: &mut Frame,
+    area: Rect,
+    title: &str,
+    history: &[u64],
+    seconds_a_point: Option<f64>,
+) {
     let width = area.width.saturating_sub(2) as usize;
     let shown = &history[history.len().saturating_sub(width)..];
     let latest = shown.last().copied().unwrap_or(0);
-    let title = if span {
-        format!("{title}: {latest}, last {}", duration(shown.len() as u64))
-    } else {
-        format!("{title} {latest}")
+    let title = match seconds_a_point {
+        Some(each) => {
+            let span = (shown.len() as f64 * each).round() as u64;
+            format!("{title}: {latest}, last {}", duration(span))
+        }
+        None => format!("{title} {latest}"),
     };
     frame.render_widget(
         Sparkline::default()
@@ -318,7 +326,8 @@ mod tests {
                 "dead       2",
                 "profiles   1000",
                 "oldest     waited 7s",
-                "Outbox pending: 30, last 5s",
+                // Five snapshots, two seconds apart.
+                "Outbox pending: 30, last 10s",
                 "Oldest waited (s): 7",
             ],
         );
