@@ -161,8 +161,6 @@ pub(super) fn describe_clock_jumps(stats: &Value) -> String {
     }
 }
 
-/// `outbox list`'s output, a row at a time as the pages come: NDJSON, or a table under one
-/// header.
 /// Where a listing goes: straight to standard output through the running agent; into a
 /// temporary file when this process has the store open, printed once the store is closed
 /// ([`Listing::print`]), so that a reader who stops reading (a pager) does not keep the store
@@ -223,6 +221,8 @@ impl std::io::Write for Listing {
     }
 }
 
+/// `outbox list`'s output, a row at a time as the pages come: NDJSON, or a table under one
+/// header.
 pub(super) struct ExportTable {
     json: bool,
     /// Rows printed so far.
