@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
@@ -47,6 +47,8 @@ pub enum AgentError {
     },
     #[error("{0}; the agent stopped (nothing pending is lost: start it again)")]
     Delivery(#[from] DeliveryStopped),
+    #[error("the committer stopped: {0}; the agent stopped (nothing acknowledged is lost: start it again)")]
+    Committer(String),
 }
 
 impl AgentError {
@@ -117,6 +119,8 @@ pub struct Agent {
     tasks: Vec<JoinHandle<()>>,
     delivery: JoinHandle<Result<(), DeliveryStopped>>,
     clock: JoinHandle<Watcher>,
+    /// What the committer thread panicked with, should it have.
+    committer_failure: Arc<OnceLock<String>>,
 }
 
 impl Agent {
@@ -148,8 +152,14 @@ impl Agent {
         // The committer thread ends with the process; every commit it acknowledged was flushed.
         let mut mapping = config.mapping.clone();
         store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;
-        let (committer, _committer_thread) =
-            Committer::start(Arc::clone(&store), Arc::new(mapping), Arc::clone(&wake));
+        let shutdown = CancellationToken::new();
+        let committer_failure: Arc<OnceLock<String>> = Arc::default();
+        let (committer, _committer_thread) = Committer::start_watched(
+            Arc::clone(&store),
+            Arc::new(mapping),
+            Arc::clone(&wake),
+            stop_on_committer_panic(Arc::clone(&committer_failure), shutdown.clone()),
+        );
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
@@ -176,7 +186,6 @@ impl Agent {
                 source,
             })?;
 
-        let shutdown = CancellationToken::new();
         let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
         let mut tasks = vec![tokio::spawn(forget_stale_entries(
@@ -223,6 +232,7 @@ impl Agent {
             ),
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
+            committer_failure: Arc::clone(&committer_failure),
             source,
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -266,6 +276,7 @@ impl Agent {
             tasks,
             delivery,
             clock,
+            committer_failure,
         })
     }
 
@@ -305,6 +316,9 @@ impl Agent {
             Err(e) => return Err(e.into()),
         }
         delivery?;
+        if let Some(panic) = self.committer_failure.get() {
+            return Err(AgentError::Committer(panic.clone()));
+        }
         tracing::info!("outpost stopped");
         Ok(())
     }
@@ -314,6 +328,21 @@ impl Agent {
         self.shutdown.cancel();
         self.wait().await
     }
+}
+
+/// What the agent does should its committer thread panic: no update could be stored any more,
+/// so `/healthz` stops answering 200 (`failure` is set) and the whole agent stops with the
+/// error, for a service manager to start it again, rather than answer 503 to every update.
+fn stop_on_committer_panic(
+    failure: Arc<OnceLock<String>>,
+    shutdown: CancellationToken,
+) -> crate::store::committer::OnPanic {
+    Box::new(move |panic| {
+        let message = panic_message(&*panic);
+        tracing::error!(error = %message, "the committer stopped; stopping the agent");
+        let _ = failure.set(message);
+        shutdown.cancel();
+    })
 }
 
 /// Runs the delivery loop. Should it end before `shutdown` (a panic, or the thread that records
@@ -522,6 +551,25 @@ async fn run_backfill(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A committer thread that panicked takes `/healthz` down and stops the agent, with the
+    /// panic's message for `wait` to return.
+    #[test]
+    fn a_committer_panic_stops_the_agent_with_its_message() {
+        let (failure, shutdown) = (Arc::<OnceLock<String>>::default(), CancellationToken::new());
+        let on_panic = stop_on_committer_panic(Arc::clone(&failure), shutdown.clone());
+        on_panic(Box::new("a bug in the committer"));
+        assert_eq!(
+            failure.get().map(String::as_str),
+            Some("a bug in the committer")
+        );
+        assert!(shutdown.is_cancelled());
+        let error = AgentError::Committer(failure.get().unwrap().clone()).to_string();
+        assert!(
+            error.starts_with("the committer stopped: a bug in the committer"),
+            "{error}"
+        );
+    }
 
     async fn panicking_loop() -> Result<(), DeliveryStopped> {
         panic!("a bug in the loop");

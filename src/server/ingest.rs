@@ -57,6 +57,8 @@ pub struct IngestState {
     pub max_outbox_bytes: u64,
     /// Set while the delivery loop runs; `/healthz` reports it.
     pub delivery_running: Arc<AtomicBool>,
+    /// What the committer thread panicked with, should it have: no update can be stored.
+    pub committer_failure: Arc<std::sync::OnceLock<String>>,
     /// The NATS source, when `[source.nats]` is configured.
     pub source: Option<Arc<crate::source::nats::SourceState>>,
 }
@@ -257,6 +259,12 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
                 return error_answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the delivery loop is not running",
+                );
+            }
+            if state.committer_failure.get().is_some() {
+                return error_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the committer is not running: no update can be stored",
                 );
             }
             // SPEC: healthy while the store is open; one that refuses writes for now (a full

@@ -67,7 +67,14 @@ type BackfillReply = oneshot::Sender<Result<Option<BackfillProgress>, CommitErro
 enum Request {
     Commit(Job),
     BackfillStep(BackfillReply),
+    /// Makes the thread panic, as a fault in it would.
+    #[cfg(test)]
+    Panic,
 }
+
+/// Told what the committer thread panicked with, should it: it then takes no more commits
+/// (each is answered [`CommitError::Stopped`]).
+pub type OnPanic = Box<dyn FnOnce(Box<dyn std::any::Any + Send>) + Send>;
 
 #[derive(Clone)]
 pub struct Committer {
@@ -83,12 +90,30 @@ impl Committer {
         mapping: Arc<Mapping>,
         committed: Arc<Notify>,
     ) -> (Committer, std::thread::JoinHandle<()>) {
+        Committer::start_watched(store, mapping, committed, Box::new(|_| {}))
+    }
+
+    /// [`Committer::start`], with `on_panic` called should the thread panic.
+    pub fn start_watched(
+        store: Arc<Store>,
+        mapping: Arc<Mapping>,
+        committed: Arc<Notify>,
+        on_panic: OnPanic,
+    ) -> (Committer, std::thread::JoinHandle<()>) {
         let (jobs, receiver) = mpsc::channel::<Request>(1024);
         let keep = Arc::new(KeepTree::for_mapping(&mapping));
         let layout = Arc::new(Layout::new(&mapping));
         let handle = std::thread::Builder::new()
             .name("outpost-committer".into())
-            .spawn(move || run(receiver, &store, &mapping, &committed))
+            .spawn(move || {
+                // The queue goes with the unwinding: every job in it is answered `Stopped`.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(receiver, &store, &mapping, &committed)
+                }));
+                if let Err(panic) = ran {
+                    on_panic(panic);
+                }
+            })
             .expect("spawning the committer thread");
         (Committer { jobs, keep, layout }, handle)
     }
@@ -209,6 +234,8 @@ fn run(
                 continue;
             }
             Some(Request::Commit(job)) => job,
+            #[cfg(test)]
+            Some(Request::Panic) => panic!("asked to"),
         };
         let mut total = first.updates.len();
         let mut jobs = vec![first];
@@ -219,6 +246,8 @@ fn run(
                     jobs.push(job);
                 }
                 Ok(Request::BackfillStep(reply)) => held = Some(reply),
+                #[cfg(test)]
+                Ok(Request::Panic) => panic!("asked to"),
                 Err(_) => break,
             }
         }
@@ -350,5 +379,30 @@ mod tests {
         );
         drop(committer);
         thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_committer_that_panics_says_so_and_takes_no_more_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
+        let (told, said) = std::sync::mpsc::channel();
+        let on_panic: OnPanic = Box::new(move |panic| {
+            let message = panic.downcast_ref::<&str>().map(|s| s.to_string());
+            told.send(message).unwrap();
+        });
+        let (committer, thread) =
+            Committer::start_watched(Arc::clone(&store), mapping, Arc::default(), on_panic);
+        committer.commit(update("a")).await.unwrap();
+        committer.jobs.send(Request::Panic).await.unwrap();
+        assert_eq!(
+            said.recv_timeout(Duration::from_secs(5))
+                .unwrap()
+                .as_deref(),
+            Some("asked to")
+        );
+        let after = committer.commit(update("b")).await;
+        assert!(matches!(after, Err(CommitError::Stopped)), "{after:?}");
+        assert!(thread.join().is_ok(), "the panic was caught");
     }
 }
