@@ -321,15 +321,21 @@ fn sample_updates_give_the_documented_counts() {
     );
 }
 
+/// Ingests updates of `n` new profiles `p-0`, `p-1`, …, each a member of a mapped segment:
+/// `n` exports, in that order.
+fn ingest_new_members(ws: &Workspace, n: usize) {
+    let lines: Vec<String> = (0..n)
+        .map(|i| member_update(&format!("p-{i}"), "x", "2026-01-01T00:00:01Z"))
+        .collect();
+    ws.run_ok(&["ingest", "-"], Some(lines.join("\n").as_bytes()));
+}
+
 /// A long list comes page by page (1,000 exports a request), so neither the agent nor the
 /// CLI holds it whole; in order, each export once, cut where asked.
 #[test]
 fn a_long_outbox_lists_whole_and_in_order_across_pages() {
     let ws = Workspace::new();
-    let lines: Vec<String> = (0..2_500)
-        .map(|i| member_update(&format!("p-{i}"), "x", "2026-01-01T00:00:01Z"))
-        .collect();
-    ws.run_ok(&["ingest", "-"], Some(lines.join("\n").as_bytes()));
+    ingest_new_members(&ws, 2_500);
     let all = json_lines(&ws.run_ok(&["outbox", "list", "--json", "--limit", "0"], None));
     let profiles: Vec<String> = all
         .iter()
@@ -457,10 +463,7 @@ fn a_listing_nobody_reads_does_not_hold_the_store() {
     use std::process::{Command, Stdio};
     let ws = Workspace::new();
     // Far more than a pipe's buffer (64 KiB) of listing.
-    let input: Vec<String> = (0..1000)
-        .map(|i| member_update(&format!("p-{i}"), "Jane", "2026-01-01T00:00:01Z"))
-        .collect();
-    ws.run_ok(&["ingest", "-"], Some(input.join("\n").as_bytes()));
+    ingest_new_members(&ws, 1000);
     let mut listing = Command::new(binary())
         .arg("--config")
         .arg(ws.config_path())

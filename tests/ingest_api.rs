@@ -697,16 +697,14 @@ async fn accepted_updates_are_counted_delivered_and_measured() {
     assert_eq!(status.code(), Some(0), "{}", agent.log());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
+/// An agent with `storage.max_outbox_bytes = 1` whose endpoint answers every export `reply`,
+/// after a first request (updates of two new members, `a` and `b`) was taken into its empty
+/// outbox, which that fills.
+async fn agent_past_a_one_byte_outbox(reply: Reply) -> (Receiver, Workspace, u16, AgentProcess) {
     let receiver = receiver().await;
-    receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(503, vec![], "down for maintenance".into())
-    })));
+    receiver.set_export_script(Some(Arc::new(move |_, _| reply.clone())));
     let (ws, port) = workspace(&receiver, "max_outbox_bytes = 1");
-    let mut agent = start_agent(&ws, port).await;
-
-    // The outbox is empty: this one is taken, and its exports stay (the endpoint fails).
+    let agent = start_agent(&ws, port).await;
     let first = [
         member_update("a", "Ann", "2026-01-01T00:00:01Z"),
         member_update("b", "Bob", "2026-01-01T00:00:01Z"),
@@ -714,6 +712,16 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     .join("\n");
     let (status, _, answer) = post(agent.addr, first).await;
     assert_eq!(status, 200, "{answer}");
+    (receiver, ws, port, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
+    // The outbox is empty: the first request is taken, and its exports stay (the endpoint
+    // fails).
+    let (receiver, ws, port, mut agent) =
+        agent_past_a_one_byte_outbox(Reply::Status(503, vec![], "down for maintenance".into()))
+            .await;
     let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 2, "{stats}");
 
@@ -796,19 +804,8 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
 /// are dropped (through the running agent) updates are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outbox_filled_by_dead_letters_says_so_and_takes_updates_once_they_are_dropped() {
-    let receiver = receiver().await;
-    receiver.set_export_script(Some(Arc::new(|_, _| {
-        Reply::Status(400, vec![], "refused".into())
-    })));
-    let (ws, port) = workspace(&receiver, "max_outbox_bytes = 1");
-    let mut agent = start_agent(&ws, port).await;
-    let first = [
-        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
-        member_update("b", "Bob", "2026-01-01T00:00:01Z"),
-    ]
-    .join("\n");
-    let (status, _, answer) = post(agent.addr, first).await;
-    assert_eq!(status, 200, "{answer}");
+    let (_receiver, ws, _port, mut agent) =
+        agent_past_a_one_byte_outbox(Reply::Status(400, vec![], "refused".into())).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while ws.outbox_stats()["dead"] != 2 {
         assert!(Instant::now() < deadline, "not dead-lettered");
