@@ -97,7 +97,8 @@ pub enum Command {
     ///
     /// The input is validated whole before anything is stored: one bad line refuses it all.
     /// Standard input, or a file that is a pipe (`<(zcat updates.gz)`), is first copied to a
-    /// temporary file, to be read twice. Without a running agent, a backfill of newly mapped segments runs first.
+    /// temporary file, to be read twice. Without a running agent, a backfill of newly mapped
+    /// segments runs first.
     ///
     /// Example: outpost ingest --config outpost.toml data/sample-updates.ndjson
     Ingest {

@@ -49,9 +49,10 @@ impl BlobSync {
         let mut present = HashMap::with_capacity(synced.len());
         let mut newly = 0;
         for entry in entries {
-            let name = entry?.file_name();
-            let path = self.dir.join(&name);
-            let len = match std::fs::metadata(&path) {
+            let entry = entry?;
+            let name = entry.file_name();
+            let path = entry.path();
+            let len = match entry.metadata() {
                 Ok(meta) => meta.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
