@@ -255,10 +255,8 @@ fn ingest_of_100k_updates_is_streamed() {
 #[allow(clippy::zombie_processes)] // reaped by wait4, which `Child` does not know of
 fn run_measured(ws: &Workspace, args: &[&str]) -> (String, u64) {
     use std::io::Read;
-    let mut child = std::process::Command::new(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(args)
+    let mut child = ws
+        .command(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -386,10 +384,7 @@ fn store_commands_do_without_a_destination_secret_only_the_environment_would_giv
     assert_ne!(without_secret, config);
     std::fs::write(ws.config_path(), without_secret).unwrap();
     let run = |args: &[&str]| {
-        std::process::Command::new(binary())
-            .arg("--config")
-            .arg(ws.config_path())
-            .args(args)
+        ws.command(args)
             .env_remove("OUTPOST_CLIENT_SECRET")
             .output()
             .unwrap()
@@ -439,10 +434,8 @@ fn ingest_reads_a_file_that_is_a_pipe() {
 fn a_store_wait_too_long_to_count_is_no_limit() {
     let ws = Workspace::new();
     ws.make_store();
-    let out = std::process::Command::new(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(["outbox", "stats", "--json"])
+    let out = ws
+        .command(&["outbox", "stats", "--json"])
         .env("OUTPOST_STORE_WAIT_S", u64::MAX.to_string())
         .output()
         .unwrap();
@@ -460,14 +453,12 @@ fn a_store_wait_too_long_to_count_is_no_limit() {
 #[test]
 fn a_listing_nobody_reads_does_not_hold_the_store() {
     use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let ws = Workspace::new();
     // Far more than a pipe's buffer (64 KiB) of listing.
     ingest_new_members(&ws, 1000);
-    let mut listing = Command::new(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(["outbox", "list", "--json", "--limit", "0"])
+    let mut listing = ws
+        .command(&["outbox", "list", "--json", "--limit", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -478,10 +469,8 @@ fn a_listing_nobody_reads_does_not_hold_the_store() {
     out.read_line(&mut first).unwrap();
     assert!(first.starts_with('{'), "{first}");
 
-    let stats = Command::new(binary())
-        .arg("--config")
-        .arg(ws.config_path())
-        .args(["outbox", "stats", "--json"])
+    let stats = ws
+        .command(&["outbox", "stats", "--json"])
         .env("OUTPOST_STORE_WAIT_S", "5")
         .output()
         .unwrap();

@@ -75,6 +75,14 @@ path = "store"
         self.dir.path().join("store")
     }
 
+    /// `outpost --config <ws> ARGS`, not started: for a caller that sets its environment or
+    /// its pipes.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary());
+        command.arg("--config").arg(self.config_path()).args(args);
+        command
+    }
+
     /// Runs `outpost --config <ws> ARGS` with `stdin` as standard input.
     pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         run_with_config(&self.config_path(), args, stdin)
