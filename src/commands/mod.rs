@@ -671,7 +671,10 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Option<Listing>, 
                     after,
                 })?)
             };
-            let cut = list_paged(wanted, fetch, |export| table.row(export))?;
+            let cut = match list_paged(wanted, fetch, |export| table.row(export)) {
+                Ok(cut) => cut,
+                Err(e) => return Err(table.finish().cut_short(e)),
+            };
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
             }

@@ -352,7 +352,11 @@ pub(super) fn rejected(
                     );
                 }
                 rows += 1;
-            })?;
+            });
+            let cut = match cut {
+                Ok(cut) => cut,
+                Err(e) => return Err(out.cut_short(e)),
+            };
             if !json.json && rows == 0 {
                 let _ = writeln!(out, "no rejected messages");
             }

@@ -183,6 +183,13 @@ impl Listing {
         })
     }
 
+    /// A listing that `error` cut short: prints the rows read before it, as writing straight to
+    /// standard output did, and hands the error back (the one worth telling).
+    pub fn cut_short(self, error: super::CliError) -> super::CliError {
+        let _ = self.print();
+        error
+    }
+
     /// Prints what was spooled (nothing to do for standard output). A reader gone (a closed
     /// pipe) ends it quietly, as writing straight to it does.
     pub fn print(self) -> Result<(), super::CliError> {
