@@ -286,6 +286,13 @@ impl Receiver {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Token requests that arrived, answered or not.
+    pub fn token_arrivals(&self) -> u64 {
+        self.state
+            .token_arrivals
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn tokens_issued(&self) -> u64 {
         *self.state.issued.lock().unwrap()
     }

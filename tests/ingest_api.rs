@@ -896,6 +896,52 @@ async fn a_second_sigterm_ends_a_stop_that_waits_for_requests_in_flight() {
     agent.terminate().await;
 }
 
+/// A request still waiting for its token when the agent is told to stop is not sent: the stop
+/// waits one request timeout for requests already sent, not also for the token endpoint (a
+/// fetch may take a request timeout, two when a refresh token is refused first). Its export
+/// stays pending and goes after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_neither_waits_for_a_token_nor_sends_the_request_that_waited_for_it() {
+    let receiver = receiver().await;
+    receiver.set_token_script(Some(Arc::new(|n, _| match n {
+        0 => Reply::Delay(Duration::from_secs(20)),
+        _ => Reply::Normal,
+    })));
+    let (ws, port) = workspace(&receiver, "");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let patient = config.replacen("request_timeout_ms = 500", "request_timeout_ms = 30000", 1);
+    assert_ne!(patient, config);
+    std::fs::write(ws.config_path(), patient).unwrap();
+    let mut agent = start_agent(&ws, port).await;
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    wait_until(10, "a token request", || receiver.token_arrivals() == 1).await;
+
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert_eq!(receiver.export_arrivals(), 0);
+    assert!(
+        !agent.log().contains("before every outcome was recorded"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(ws.outbox_stats()["pending"], 1);
+
+    let mut agent = start_agent(&ws, port).await;
+    wait_until(10, "the delivery after the restart", || {
+        receiver.export_arrivals() == 1
+    })
+    .await;
+    agent.terminate().await;
+    assert_eq!(ws.outbox_stats()["pending"], 0);
+}
+
 /// SPEC is silent on duplicate keys; parsing is strict, and an update naming two ids is
 /// ambiguous, so it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

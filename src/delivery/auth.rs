@@ -92,6 +92,8 @@ struct Cached {
     /// keeps one past its lifetime (tests/clock_jumps.rs).
     refresh_at: Instant,
     expires_at: Instant,
+    /// When its answer came.
+    stored_at: Instant,
     /// A refresh of this token failed.
     refresh_failed: bool,
 }
@@ -186,8 +188,14 @@ impl TokenSource {
                         None => self.fetching.lock().await,
                     },
                 };
-                // Another caller may have fetched one, or failed to, while this one waited.
-                if let Some(token) = self.valid_current() {
+                // Another caller may have fetched one, or failed to, while this one waited. One
+                // fetched meanwhile serves while it lives, even if already due for refresh (its
+                // answer took most of a short lifetime): else each waiting caller would fetch
+                // another in turn.
+                if let Some(token) = self
+                    .valid_current()
+                    .or_else(|| self.fetched_since(waiting_since))
+                {
                     return Ok(Some(token));
                 }
                 if let Some((at, error)) = &fetching.failed {
@@ -226,6 +234,7 @@ impl TokenSource {
                     token: fetched.token.clone(),
                     refresh_at,
                     expires_at: asked_at + fetched.lifetime,
+                    stored_at: Instant::now(),
                     refresh_failed: false,
                 });
                 if fetched.refresh_token.is_some() {
@@ -263,6 +272,15 @@ impl TokenSource {
     /// The token held, until it is due for refresh.
     fn valid_current(&self) -> Option<Secret> {
         self.current_before(|c| c.refresh_at)
+    }
+
+    /// The token held, if its answer came at `since` or later and it has not expired.
+    fn fetched_since(&self, since: Instant) -> Option<Secret> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current
+            .as_ref()
+            .filter(|c| c.stored_at >= since && Instant::now() < c.expires_at)
+            .map(|c| c.token.clone())
     }
 
     fn current_before(&self, until: fn(&Cached) -> Instant) -> Option<Secret> {
@@ -390,6 +408,12 @@ impl TokenSource {
         if parsed.access_token.is_empty() {
             return Err(AuthError::Answer("empty access_token".into()));
         }
+        // Kept, it would fail every request before it is sent, for the whole of its lifetime.
+        if hyper::header::HeaderValue::from_str(&parsed.access_token).is_err() {
+            return Err(AuthError::Answer(
+                "the access_token holds characters no Authorization header can carry (control characters or non-ASCII)".into(),
+            ));
+        }
         let (lifetime, lifetime_given) = lifetime_of(parsed.expires_in.as_ref());
         Ok(Fetched {
             token: Secret::new(parsed.access_token),
@@ -404,13 +428,22 @@ impl TokenSource {
     }
 }
 
-/// A token's lifetime from its answer's `expires_in` (seconds, as a number or a string), and
-/// whether the answer gave one that can be used: missing, zero, negative or unreadable, it is
-/// [`DEFAULT_LIFETIME`] (a lifetime of zero would fetch a token for every request).
+/// A token's lifetime from its answer's `expires_in` (seconds, as a number or a string; a
+/// fraction is cut off), and whether the answer gave one that can be used: missing, under a
+/// second, negative or unreadable, it is [`DEFAULT_LIFETIME`] (a lifetime of zero would fetch
+/// a token for every request).
 fn lifetime_of(expires_in: Option<&serde_json::Value>) -> (Duration, bool) {
+    let whole_seconds = |s: f64| (s.is_finite() && s >= 1.0).then(|| s.min(u64::MAX as f64) as u64);
     let seconds = match expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_u64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().or_else(|| n.as_f64().and_then(whole_seconds))
+        }
+        Some(serde_json::Value::String(s)) => {
+            let s = s.trim();
+            s.parse()
+                .ok()
+                .or_else(|| s.parse().ok().and_then(whole_seconds))
+        }
         _ => None,
     };
     match seconds.filter(|&s| s > 0) {
@@ -558,6 +591,72 @@ mod tests {
         assert_ne!(second, first);
     }
 
+    /// A token no header can carry is refused as an answer, not kept: kept, it would fail
+    /// every request before it is sent until it expired.
+    #[tokio::test]
+    async fn a_token_no_header_can_carry_is_refused() {
+        use crate::receiver::Reply;
+        let (receiver, tokens) = with_receiver().await;
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            let body = r#"{"access_token":"abc\u0001","token_type":"Bearer","expires_in":600}"#;
+            Reply::Status(
+                200,
+                vec![("content-type".into(), "application/json".into())],
+                body.into(),
+            )
+        })));
+        match tokens.token().await {
+            Err(AuthError::Answer(error)) => {
+                assert!(
+                    error.contains("no Authorization header can carry"),
+                    "{error}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        receiver.set_token_script(None);
+        let token = tokens.token().await.unwrap().unwrap();
+        assert!(!token.expose().contains('\u{1}'));
+    }
+
+    /// Requests waiting for a fetch whose answer came when the token was already due for
+    /// refresh (a 2 s token answered after 1.9 s) take that token: one fetch serves them all.
+    #[tokio::test]
+    async fn callers_waiting_for_a_slow_fetch_of_a_short_lived_token_share_it() {
+        use crate::receiver::Reply;
+        let options = ReceiverOptions {
+            token_lifetime: Duration::from_secs(2),
+            ..ReceiverOptions::default()
+        };
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
+            .await
+            .unwrap();
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            Reply::Delay(Duration::from_millis(1900))
+        })));
+        let text = crate::demo::demo_config_text(&receiver.base_url());
+        let config =
+            crate::config::Config::parse(std::path::Path::new("outpost.toml"), &text).unwrap();
+        let client = HttpClient::new(&config.destination, Duration::from_secs(5)).unwrap();
+        let tokens = Arc::new(TokenSource::new(
+            config.destination.auth.clone(),
+            client,
+            Counter::default(),
+        ));
+        let callers: Vec<_> = (0..5)
+            .map(|_| {
+                let tokens = Arc::clone(&tokens);
+                tokio::spawn(async move { tokens.token().await })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for caller in callers {
+            got.push(caller.await.unwrap().unwrap().unwrap());
+        }
+        assert_eq!(receiver.token_arrivals(), 1);
+        assert!(got.iter().all(|token| *token == got[0]));
+    }
+
     /// Within the refresh margin (the last 10% of the lifetime) a new token is fetched
     /// before the held one is handed out; before it, the held one is.
     #[tokio::test]
@@ -643,7 +742,13 @@ mod tests {
             (Some(json!(0)), hour, false),
             (Some(json!("0")), hour, false),
             (Some(json!(-5)), hour, false),
-            (Some(json!(2.5)), hour, false),
+            (Some(json!(2.5)), 2, true),
+            (Some(json!(299.9)), 299, true),
+            (Some(json!("59.5")), 59, true),
+            (Some(json!(0.5)), hour, false),
+            (Some(json!(1e300)), MAX_LIFETIME_S, true),
+            (Some(json!("NaN")), hour, false),
+            (Some(json!("inf")), hour, false),
             (Some(json!("soon")), hour, false),
             (Some(json!(null)), hour, false),
             (None, hour, false),

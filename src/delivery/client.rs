@@ -184,6 +184,26 @@ fn json_unescaped(text: &str) -> String {
 /// ([`ERROR_BODY_BYTES`]), so that what is shown after the secrets are cut out comes from it.
 const HIDING_WINDOW_BYTES: usize = 64 << 10;
 
+/// How much of an answer's body is read: far more than a token answer or an error's text
+/// needs ([`HIDING_WINDOW_BYTES`] of it are searched for echoed secrets), so that an endpoint
+/// answering with a large file, or a body without end, cannot fill memory within a timeout.
+const ANSWER_BYTES: usize = 1 << 20;
+
+/// The first `cap` bytes of `body`; the rest is not read (its connection is then not reused).
+async fn first_bytes(mut body: hyper::body::Incoming, cap: usize) -> Result<Bytes, hyper::Error> {
+    let mut kept = bytes::BytesMut::new();
+    while kept.len() < cap {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        if let Ok(data) = frame?.into_data() {
+            let room = cap - kept.len();
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+    Ok(kept.freeze())
+}
+
 #[derive(Clone)]
 pub struct HttpClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -288,11 +308,9 @@ impl HttpClient {
                 .await
                 .map_err(|e| request_error(&uri, &e, e.is_connect()))?;
             let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
+            let body = first_bytes(body, ANSWER_BYTES)
                 .await
-                .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?
-                .to_bytes();
+                .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?;
             Ok(Answer {
                 status: parts.status,
                 headers: parts.headers,
@@ -443,6 +461,24 @@ mod tests {
         assert!(matches!(closed, ClientError::Transport(_)), "{closed:?}");
         server.await.unwrap();
         drop(socket);
+    }
+
+    /// An answer's body is read up to [`ANSWER_BYTES`], however much the endpoint sends.
+    #[tokio::test]
+    async fn only_the_start_of_a_large_answer_is_read() {
+        use crate::receiver::{Receiver, ReceiverOptions, Reply, PROFILES_PATH};
+        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+            .await
+            .unwrap();
+        let large = "x".repeat(3 * ANSWER_BYTES);
+        receiver.set_export_script(Some(Arc::new(move |_, _| {
+            Reply::Status(500, vec![], large.clone())
+        })));
+        let url = format!("{}{PROFILES_PATH}", receiver.base_url());
+        let answer = client_of(&url).send(post(&url)).await.unwrap();
+        assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(answer.body.len(), ANSWER_BYTES);
+        assert!(answer.body.iter().all(|&b| b == b'x'));
     }
 
     /// A server that takes connections and never answers: over `https` the handshake never

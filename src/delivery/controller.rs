@@ -343,6 +343,15 @@ impl Controller {
         }
     }
 
+    /// A request started but never sent (the agent began to stop while it waited for its
+    /// token): it says nothing about the endpoint, and a probe it was may go again.
+    pub fn withdrawn(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.down_since.is_some() {
+            self.probe_in_flight = false;
+        }
+    }
+
     /// A request started and sent at `sent_at` was answered (or failed) now.
     #[cfg(test)]
     pub fn answered(&mut self, now: Instant, sent_at: Instant, signal: Signal) {

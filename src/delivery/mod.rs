@@ -161,6 +161,10 @@ enum Attempted {
     },
     /// No token could be had.
     TokenFailed(String),
+    /// The agent began to stop before the request was sent (while it waited for its token, which
+    /// may take a request timeout or two): the endpoint never saw it, and it goes after the
+    /// restart. A stop waits one request timeout for the requests already sent.
+    NotSent,
     /// No answer: a connection error or a timeout. `nothing_sent`: the request never left
     /// (no connection, or it could not be made), so the endpoint cannot have taken it.
     SendFailed {
@@ -381,7 +385,7 @@ impl Deliverer {
                         // Should starting them panic, a put-back must not take the count
                         // from before for the truth.
                         self.store.set_exports_out(usize::MAX);
-                        self.start_requests(&mut state, &done_tx, now);
+                        self.start_requests(&mut state, &done_tx, &shutdown, now);
                     }
                     self.store.set_exports_out(state.queue.out().len());
                 });
@@ -683,6 +687,7 @@ impl Deliverer {
         self: &Arc<Self>,
         state: &mut LoopState,
         done: &mpsc::UnboundedSender<Finished>,
+        stop: &CancellationToken,
         now: Instant,
     ) {
         loop {
@@ -708,12 +713,12 @@ impl Deliverer {
                     continue;
                 }
                 state.controller.started(now);
-                let (this, done) = (Arc::clone(self), done.clone());
+                let (this, done, stop) = (Arc::clone(self), done.clone(), stop.clone());
                 tokio::spawn(async move {
                     // A panic must still report back: the controller counts the request as in
                     // flight and the profile as busy until it does.
                     let mut sent_at = now;
-                    let attempted = AssertUnwindSafe(this.attempt(&batch, &mut sent_at))
+                    let attempted = AssertUnwindSafe(this.attempt(&batch, &mut sent_at, &stop))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| Attempted::SendFailed {
@@ -758,6 +763,17 @@ impl Deliverer {
         let dropped = self.dropped_while_out(state, &batch);
         let mut unanswered = false;
         let (error, retry_after, signal, cause) = match attempted {
+            Attempted::NotSent => {
+                state.controller.withdrawn();
+                for (profile, export) in batch {
+                    if dropped.contains(&export.id.seq) {
+                        state.queue.settled(&profile, export.id.seq);
+                    } else {
+                        state.queue.put_back(&profile, export, None);
+                    }
+                }
+                return;
+            }
             Attempted::Answered {
                 status,
                 retry_after,
@@ -949,12 +965,26 @@ impl Deliverer {
         builder.body(Full::new(body)).map_err(|e| e.to_string())
     }
 
-    /// One request: a token, the POST, and what came of it. Writes nothing to the store.
-    async fn attempt(&self, batch: &Batch, sent_at: &mut Instant) -> Attempted {
-        let token = match self.tokens.token().await {
+    /// One request: a token, the POST, and what came of it. Writes nothing to the store. Not
+    /// sent once `stop` is cancelled before its token is had.
+    async fn attempt(
+        &self,
+        batch: &Batch,
+        sent_at: &mut Instant,
+        stop: &CancellationToken,
+    ) -> Attempted {
+        let token = tokio::select! {
+            biased;
+            token = self.tokens.token() => token,
+            () = stop.cancelled() => return Attempted::NotSent,
+        };
+        let token = match token {
             Ok(token) => token,
             Err(e) => return Attempted::TokenFailed(e.to_string()),
         };
+        if stop.is_cancelled() {
+            return Attempted::NotSent;
+        }
         *sent_at = Instant::now();
         let request = match self.request(batch, token.as_ref()) {
             Ok(request) => request,
