@@ -604,6 +604,34 @@ impl Config {
         ]
         .into_iter()
         .filter_map(|(set, key)| set.then_some(key))
+        .chain(
+            raw.source
+                .as_ref()
+                .and_then(|s| s.nats.as_ref())
+                .map(|nats| nats.inline_secrets())
+                .unwrap_or_default(),
+        )
+        .collect();
+        // A secret in the file shadows the environment's: one rotated there would go unused.
+        let shadowed_env: Vec<String> = [
+            (
+                a.is_some_and(|a| a.client_secret.is_some() || a.client_secret_file.is_some()),
+                "OUTPOST_CLIENT_SECRET",
+                "destination.auth.client_secret",
+            ),
+            (
+                a.is_some_and(|a| a.password.is_some() || a.password_file.is_some()),
+                "OUTPOST_PASSWORD",
+                "destination.auth.password",
+            ),
+        ]
+        .into_iter()
+        .filter(|(in_file, env, _)| {
+            *in_file && std::env::var_os(env).is_some_and(|value| !value.is_empty())
+        })
+        .map(|(_, env, key)| {
+            format!("{env} is set, but {key} (or its _file) in the config file is what is used")
+        })
         .collect();
         let invalid = |key: &'static str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -621,11 +649,17 @@ impl Config {
 
         let http_endpoint = parse_http_url(&raw.destination.http_endpoint)
             .map_err(|m| invalid("destination.http_endpoint", m))?;
-        let custom_headers = parse_custom_headers(raw.destination.custom_headers.as_deref())
-            .map_err(|m| invalid("destination.custom_headers", m))?
-            .into_iter()
-            .map(|(name, value)| (name, Secret::new(value)))
-            .collect();
+        let auth_is_none = raw
+            .destination
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.kind == "none");
+        let custom_headers =
+            parse_custom_headers(raw.destination.custom_headers.as_deref(), auth_is_none)
+                .map_err(|m| invalid("destination.custom_headers", m))?
+                .into_iter()
+                .map(|(name, value)| (name, Secret::new(value)))
+                .collect();
         let client_cert = match (
             raw.destination.client_cert_file,
             raw.destination.client_key_file,
@@ -753,7 +787,7 @@ impl Config {
         };
 
         let d = raw.delivery;
-        let mut warnings = Vec::new();
+        let mut warnings = shadowed_env;
         warnings.extend(exposure_warning(
             listen,
             IngestGuards {
@@ -920,7 +954,12 @@ fn scheme_of(text: &str) -> &str {
 }
 
 /// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
-pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>, String> {
+/// `Authorization` may be given only when outpost sends none itself (`auth_is_none`: an API
+/// key scheme of the endpoint's own).
+pub fn parse_custom_headers(
+    text: Option<&str>,
+    auth_is_none: bool,
+) -> Result<Vec<(String, String)>, String> {
     let Some(text) = text else {
         return Ok(Vec::new());
     };
@@ -947,7 +986,6 @@ pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>,
                 format!("header {n} ({name}): the value has characters not allowed in a header")
             })?;
             let reserved = [
-                "authorization",
                 "content-type",
                 "idempotency-key",
                 "content-length",
@@ -955,9 +993,33 @@ pub fn parse_custom_headers(text: Option<&str>) -> Result<Vec<(String, String)>,
                 // SPEC: `outpost/<version>`; a second one would make the endpoint see two.
                 "user-agent",
             ];
-            if reserved.contains(&name.to_ascii_lowercase().as_str()) {
+            // About the connection or how the body is sent, which the HTTP client decides:
+            // given here, the endpoint would misread the body (or HTTP/2 drop them).
+            let connection_level = [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "te",
+                "trailer",
+                "upgrade",
+                "expect",
+                "content-encoding",
+            ];
+            let lower = name.to_ascii_lowercase();
+            if reserved.contains(&lower.as_str()) || (lower == "authorization" && !auth_is_none) {
                 return Err(format!(
-                    "header {n}: `{name}` is set by outpost and cannot be overridden"
+                    "header {n}: `{name}` is set by outpost and cannot be overridden{}",
+                    if lower == "authorization" {
+                        " (it may be given with destination.auth.type = \"none\")"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            if connection_level.contains(&lower.as_str()) {
+                return Err(format!(
+                    "header {n}: `{name}` is about the connection or how the body is sent, which outpost's HTTP client decides"
                 ));
             }
             Ok((name.to_owned(), value.to_owned()))
@@ -971,6 +1033,12 @@ type KeyError = (&'static str, String);
 fn ingest_token_can_match(token: &str) -> bool {
     let carried = |b: u8| b.is_ascii_graphic() || b == b' ' || b == b'\t';
     token.bytes().all(carried) && !token.ends_with([' ', '\t'])
+}
+
+/// Whether `Authorization: Bearer <token>` carries `token` to a receiver as it is: one that
+/// began with a space or tab would be read as the token without it by most.
+fn header_can_carry(token: &str) -> bool {
+    ingest_token_can_match(token) && !token.starts_with([' ', '\t'])
 }
 
 /// Whether a command needs the destination's secrets. Only `run` and `check` talk to the
@@ -1037,6 +1105,13 @@ fn validate_auth(
                 return Ok(Auth::None);
             }
             match raw.token {
+                Some(t) if !t.is_empty() && !header_can_carry(&t) => Err((
+                    "destination.auth.token",
+                    "may hold only ASCII letters, digits, punctuation and spaces, and must not \
+                     begin or end with a space or tab: an Authorization header could not carry it \
+                     as it is"
+                        .into(),
+                )),
                 Some(t) if !t.is_empty() => Ok(Auth::Bearer {
                     token: Secret::new(t),
                 }),
@@ -1144,16 +1219,32 @@ fn read_secret(
                 format!("give {inline_key} or {file_key}, not both"),
             ))
         }
+        (Some(secret), None) if secret.is_empty() => {
+            return Err((inline_key, "must not be empty".into()))
+        }
         (Some(secret), None) => secret,
         (None, Some(file)) => {
             let file = relative(file);
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| (file_key, format!("cannot read {}: {e}", file.display())))?;
-            text.trim_end_matches(['\r', '\n']).to_owned()
+            let secret = text.trim_end_matches(['\r', '\n']);
+            if secret.is_empty() {
+                return Err((file_key, format!("{} is empty", file.display())));
+            }
+            secret.to_owned()
         }
         (None, None) => match (std::env::var(env), secrets) {
-            (Ok(value), _) => value,
-            (Err(_), Secrets::IfGiven) => return Ok(Secret::new(String::new())),
+            (Ok(value), _) if !value.is_empty() => value,
+            (Err(std::env::VarError::NotUnicode(_)), _) => {
+                return Err((inline_key, format!("env {env} is not valid UTF-8")))
+            }
+            (_, Secrets::IfGiven) => return Ok(Secret::new(String::new())),
+            (Ok(_), Secrets::Required) => {
+                return Err((
+                    inline_key,
+                    format!("env {env} is set but empty (give the secret there, in {inline_key} or in {file_key})"),
+                ))
+            }
             (Err(_), Secrets::Required) => {
                 return Err((
                     inline_key,
@@ -1162,9 +1253,6 @@ fn read_secret(
             }
         },
     };
-    if value.is_empty() {
-        return Err((inline_key, "must not be empty".into()));
-    }
     Ok(Secret::new(value))
 }
 
@@ -1298,6 +1386,14 @@ path = "store"
         Config::parse(Path::new("/etc/outpost/outpost.toml"), text)
     }
 
+    /// Held by the test that sets the secrets' environment variables, and by those that count
+    /// warnings, which such a variable shadowed by the file's secret would add to.
+    static ENVIRONMENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn environment() -> std::sync::MutexGuard<'static, ()> {
+        ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn error_of(text: &str) -> String {
         parse(text)
             .expect_err("config should be refused")
@@ -1306,6 +1402,7 @@ path = "store"
 
     #[test]
     fn valid_config_is_parsed_with_defaults() {
+        let _environment = environment();
         let config = parse(VALID).unwrap();
         assert_eq!(
             config.destination.http_endpoint.query(),
@@ -1597,14 +1694,14 @@ client_secret = "s3cr3t-value"
 
     #[test]
     fn custom_headers_parse_table() {
-        assert_eq!(parse_custom_headers(None).unwrap(), vec![]);
-        assert_eq!(parse_custom_headers(Some("")).unwrap(), vec![]);
+        assert_eq!(parse_custom_headers(None, false).unwrap(), vec![]);
+        assert_eq!(parse_custom_headers(Some(""), false).unwrap(), vec![]);
         assert_eq!(
-            parse_custom_headers(Some("a:1")).unwrap(),
+            parse_custom_headers(Some("a:1"), false).unwrap(),
             vec![("a".to_owned(), "1".to_owned())]
         );
         assert_eq!(
-            parse_custom_headers(Some("a: x:y , b:2")).unwrap(),
+            parse_custom_headers(Some("a: x:y , b:2"), false).unwrap(),
             vec![
                 ("a".to_owned(), "x:y".to_owned()),
                 ("b".to_owned(), "2".to_owned())
@@ -1618,25 +1715,37 @@ client_secret = "s3cr3t-value"
             "authorization:x",
             "User-Agent:acme/1",
             "a:b\u{1}c",
+            "transfer-encoding:gzip",
+            "Content-Encoding:gzip",
+            "connection:close",
+            "TE:trailers",
+            "expect:100-continue",
         ] {
             assert!(
-                parse_custom_headers(Some(bad)).is_err(),
+                parse_custom_headers(Some(bad), false).is_err(),
                 "{bad:?} was accepted"
             );
         }
+        // With no auth of outpost's own, the endpoint's scheme may go in Authorization.
+        assert_eq!(
+            parse_custom_headers(Some("Authorization:ApiKey k3y"), true).unwrap(),
+            vec![("Authorization".to_owned(), "ApiKey k3y".to_owned())]
+        );
+        assert!(parse_custom_headers(Some("user-agent:x"), true).is_err());
         // Values may be secrets: a mistyped separator, or a `,` inside a value, shows none.
         for (bad, secret) in [
             ("x-api-key=5f2b9c0e1a7d4e3f", "5f2b9c0e1a7d4e3f"),
             ("x-sig:abc,defghijk123", "defghijk123"),
             ("x-sig:abc,de fg:hijk123", "de fg"),
         ] {
-            let error = parse_custom_headers(Some(bad)).unwrap_err();
+            let error = parse_custom_headers(Some(bad), false).unwrap_err();
             assert!(!error.contains(secret), "{bad:?}: {error}");
         }
     }
 
     #[test]
     fn client_secret_from_a_file_or_the_environment() {
+        let _environment = environment();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("secret"), "from-file\n").unwrap();
         let config_path = dir.path().join("outpost.toml");
@@ -1674,11 +1783,95 @@ client_secret = "s3cr3t-value"
         assert!(error_of(&without).contains("OUTPOST_CLIENT_SECRET"));
         std::env::set_var("OUTPOST_CLIENT_SECRET", "from-env");
         let config = parse(&without).unwrap();
+        let shadowed = parse(VALID).unwrap();
         std::env::remove_var("OUTPOST_CLIENT_SECRET");
         let Auth::OAuth2 { client_secret, .. } = config.destination.auth else {
             panic!("not oauth2")
         };
         assert_eq!(client_secret.expose(), "from-env");
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        assert_eq!(
+            shadowed.warnings,
+            ["OUTPOST_CLIENT_SECRET is set, but destination.auth.client_secret (or its _file) in the config file is what is used"]
+        );
+
+        // An empty secret is named where it came from: the file, or the environment.
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let empty_file = VALID.replace(
+            "client_secret = \"s3cr3t-value\"",
+            "client_secret_file = \"empty\"",
+        );
+        let error = Config::parse(&config_path, &empty_file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("destination.auth.client_secret_file") && error.contains("is empty"),
+            "{error}"
+        );
+        std::env::set_var("OUTPOST_CLIENT_SECRET", "");
+        let error = error_of(&without);
+        let store_only = Config::parse_for(&config_path, &without, Secrets::IfGiven);
+        std::env::remove_var("OUTPOST_CLIENT_SECRET");
+        assert!(
+            error.contains("env OUTPOST_CLIENT_SECRET is set but empty"),
+            "{error}"
+        );
+        assert!(store_only.is_ok(), "{store_only:?}");
+    }
+
+    /// Secrets of `[source.nats]` given in the file count toward the warning about a file
+    /// others may read, as the destination's do.
+    #[test]
+    fn nats_secrets_in_the_file_are_counted_as_inline_secrets() {
+        for (line, key) in [
+            ("token = \"t0ken\"", "source.nats.token"),
+            (
+                "user = \"u\"\npassword = \"hunter2\"",
+                "source.nats.password",
+            ),
+        ] {
+            let text =
+                format!("{VALID}\n[source.nats]\nservers = [\"nats://127.0.0.1:4222\"]\npartitions = 4\n{line}\n");
+            let config = parse(&text).unwrap();
+            assert_eq!(
+                config.inline_secrets,
+                ["destination.auth.client_secret", key],
+                "{line}"
+            );
+        }
+    }
+
+    /// A static bearer token goes into a header as it is: one no header can carry, or that a
+    /// receiver would read without its leading or trailing blanks, is refused at start.
+    #[test]
+    fn a_bearer_token_no_header_carries_as_it_is_is_refused() {
+        let bearer = |token: &str| {
+            VALID.replace(
+                "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
+                &format!(
+                    "type = \"bearer\"\ntoken = {}",
+                    serde_json::to_string(token).unwrap()
+                ),
+            )
+        };
+        for bad in [
+            "abc\n",
+            "abc\r",
+            " abc",
+            "abc ",
+            "abc\t",
+            "ab\u{e9}c",
+            "a\u{1}b",
+        ] {
+            let error = error_of(&bearer(bad));
+            assert!(
+                error.contains("destination.auth.token") && error.contains("Authorization header"),
+                "{bad:?}: {error}"
+            );
+        }
+        for good in ["abc", "a b.c-d_e~f+g/h=", "eyJhbGciOi.J9.x"] {
+            assert!(parse(&bearer(good)).is_ok(), "{good:?}");
+        }
     }
 
     #[test]
@@ -1800,6 +1993,7 @@ client_secret = "s3cr3t-value"
 
     #[test]
     fn the_deprecated_concurrency_fixes_the_limit_with_a_warning() {
+        let _environment = environment();
         let config = parse(&format!("{VALID}\n[delivery]\nconcurrency = 6\n")).unwrap();
         assert_eq!(config.delivery.max_concurrency, 6);
         assert!(config.delivery.fixed_concurrency);

@@ -269,10 +269,12 @@ impl Deliverer {
             .iter()
             .map(|(name, value)| {
                 // Both were validated with the same types when the config was loaded.
-                (
-                    HeaderName::from_bytes(name.as_bytes()).expect("validated header name"),
-                    HeaderValue::from_str(value.expose()).expect("validated header value"),
-                )
+                let name = HeaderName::from_bytes(name.as_bytes()).expect("validated header name");
+                let mut value =
+                    HeaderValue::from_str(value.expose()).expect("validated header value");
+                // An endpoint's own credentials (`destination.auth.type = "none"`).
+                value.set_sensitive(name == AUTHORIZATION);
+                (name, value)
             })
             .collect();
         let d = &config.delivery;

@@ -63,6 +63,9 @@ pub enum BodyError {
 /// and a client still sending would see the reset rather than the answer.
 const DRAINED_BYTES: u64 = 1 << 20;
 
+/// The most of a body's declared length that is set aside before its bytes come.
+const PREALLOCATED_BYTES: usize = 16 << 20;
+
 /// The whole body, up to `max_body_bytes`. Past that, what the client still sends (up to
 /// [`DRAINED_BYTES`]) is read and dropped before the body is refused.
 pub async fn read_body(
@@ -73,7 +76,9 @@ pub async fn read_body(
 ) -> Result<Vec<u8>, BodyError> {
     let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
     let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
-    let mut bytes = Vec::with_capacity(expected);
+    // Memory follows the bytes that come, not a length a client declares (up to
+    // `max_body_bytes`, which may be set far above what the host has).
+    let mut bytes = Vec::with_capacity(expected.min(PREALLOCATED_BYTES));
     let mut seen = 0u64;
     let read = for_each_part(
         body,

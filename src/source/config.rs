@@ -48,6 +48,19 @@ pub(crate) struct RawNats {
     consumer_prefix: String,
 }
 
+impl RawNats {
+    /// The keys of the secrets given in the configuration file itself.
+    pub(crate) fn inline_secrets(&self) -> Vec<&'static str> {
+        [
+            (self.token.is_some(), "source.nats.token"),
+            (self.password.is_some(), "source.nats.password"),
+        ]
+        .into_iter()
+        .filter_map(|(set, key)| set.then_some(key))
+        .collect()
+    }
+}
+
 fn default_stream() -> String {
     "OUTPOST_UPDATES".into()
 }
@@ -186,6 +199,20 @@ fn check_server(server: &str) -> Result<(), String> {
             "`{shown}` carries credentials in the address, where they are not used: give them as source.nats.user and password, token or creds_file"
         ));
     }
+    // What the client will connect to: a host, and nothing after it (`nats//10.0.0.5:4222`
+    // would be host `nats` with a path, tried in the background for ever).
+    let not_an_address =
+        |why: &str| format!("`{shown}` is not a server address like nats://10.0.0.5:4222: {why}");
+    let url = server
+        .parse::<async_nats::ServerAddr>()
+        .map_err(|e| not_an_address(&e.to_string()))?
+        .into_inner();
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(not_an_address("it names no host"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(not_an_address("it has more after the host and port"));
+    }
     Ok(())
 }
 
@@ -208,6 +235,9 @@ pub(crate) fn validate_nats(
         (None, Some(token), None, None) if !token.is_empty() => NatsAuth::Token(Secret::new(token)),
         (None, Some(_), None, None) => {
             return Err(("source.nats.token", "must not be empty".into()))
+        }
+        (None, None, Some(user), Some(password)) if password.is_empty() && !user.is_empty() => {
+            return Err(("source.nats.password", "must not be empty".into()))
         }
         (None, None, Some(user), Some(password)) if !user.is_empty() => NatsAuth::UserPassword {
             user,
@@ -377,6 +407,26 @@ segments = ["s"]
             (
                 "servers = [\"ws://h:8080\"]\npartitions = 4".to_owned(),
                 "source.nats.servers",
+            ),
+            (
+                "servers = [\"nats//10.0.0.5:4222\"]\npartitions = 4".to_owned(),
+                "source.nats.servers: `nats//10.0.0.5:4222` is not a server address like nats://10.0.0.5:4222: it has more after the host and port",
+            ),
+            (
+                "servers = [\"nats://\"]\npartitions = 4".to_owned(),
+                "source.nats.servers",
+            ),
+            (
+                "servers = [\"h:99999\"]\npartitions = 4".to_owned(),
+                "source.nats.servers",
+            ),
+            (
+                "servers = [\"nats://h:4222/x\"]\npartitions = 4".to_owned(),
+                "it has more after the host and port",
+            ),
+            (
+                format!("{servers}partitions = 4\nuser = \"u\"\npassword = \"\""),
+                "source.nats.password: must not be empty",
             ),
             (format!("{servers}partitions = 0"), "source.nats.partitions"),
             (
