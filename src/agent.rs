@@ -20,7 +20,7 @@ use crate::delivery::{panic_message, Deliverer, DeliveryStopped, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
 use crate::store::committer::{CommitError, Committer};
-use crate::store::{Store, StoreError};
+use crate::store::{backfill, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -477,7 +477,8 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
 
 /// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
 /// updates go on between steps, and says in the log how far it is. While the outbox holds
-/// `max_outbox_bytes`, it waits as ingest does (a step may pass the limit by its own exports).
+/// its share of `max_outbox_bytes` ([`backfill::outbox_share`]), it waits for deliveries (a
+/// step may pass the share by its own exports).
 async fn run_backfill(
     committer: Committer,
     store: Arc<Store>,
@@ -494,7 +495,7 @@ async fn run_backfill(
     };
     loop {
         if store
-            .outbox_full(max_outbox_bytes)
+            .outbox_full(backfill::outbox_share(max_outbox_bytes))
             .is_ok_and(|full| full.is_some())
         {
             if !pause().await {

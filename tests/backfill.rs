@@ -269,6 +269,105 @@ async fn a_full_outbox_pauses_the_backfill_as_it_pauses_ingest() {
     agent.stop().await.unwrap();
 }
 
+/// What a step of the backfill of B over [`store_profiles`]' 6,000 profiles exports, on
+/// average: measured on a store of its own, made as the tests make theirs.
+fn backfill_step_bytes(text: &str) -> u64 {
+    let probe = tempfile::tempdir().unwrap();
+    let only_a = load(probe.path(), "a.toml", &with_segments(text, &[SEGMENT_A]));
+    store_profiles(&only_a, 6_000);
+    let a_and_b = load(probe.path(), "ab.toml", text);
+    let store = Store::open(&a_and_b.storage.path, a_and_b.storage.cache_bytes).unwrap();
+    let mut mapping = a_and_b.mapping.clone();
+    store
+        .record_mapping(&mut mapping, Utc::now().timestamp_millis())
+        .unwrap();
+    let mut steps = 0;
+    while let Some(progress) = store
+        .backfill_step(
+            &mapping,
+            outpost::store::backfill::STEP_PROFILES,
+            Utc::now(),
+        )
+        .unwrap()
+    {
+        steps += 1;
+        if progress.done {
+            break;
+        }
+    }
+    assert!(steps >= 5, "{steps} steps");
+    store.tally().unwrap().bytes / steps
+}
+
+/// `outpost ingest` without an agent stops the backfill at its share of the outbox too, and
+/// takes the updates into the rest.
+#[test]
+fn outpost_ingest_leaves_half_the_outbox_to_the_updates() {
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let limit = 3 * backfill_step_bytes(&text);
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        "[storage]\n",
+        &format!("[storage]\nmax_outbox_bytes = {limit}\n"),
+    );
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    store_profiles(&only_a, 6_000);
+    let a_and_b = dir.path().join("ab.toml");
+    std::fs::write(&a_and_b, &text).unwrap();
+    let update = line("new", None, Some("realized"));
+    let out = run_with_config(&a_and_b, &["ingest", "-"], Some(update.as_bytes()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = Store::open(&dir.path().join("store"), 8 << 20).unwrap();
+    let progress = store
+        .backfill_progress()
+        .unwrap()
+        .expect("stopped, not done");
+    assert!(!progress.done);
+    let held = store.tally().unwrap().bytes;
+    assert!(held < limit, "{held} of {limit} bytes");
+    assert_eq!(
+        segment_exports_per_profile(&store).get("new"),
+        Some(&1),
+        "the update's export"
+    );
+}
+
+/// A backfill takes the outbox up to half of `storage.max_outbox_bytes`, then waits for
+/// deliveries: the rest stays for ingest, which a backfill of many members would otherwise
+/// keep refused for as long as delivery takes to drain what it adds.
+#[tokio::test]
+async fn a_backfill_leaves_half_the_outbox_to_ingest() {
+    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
+    let step_bytes = backfill_step_bytes(&text);
+    // Room for three steps: the backfill alone would fill it; it stops after two.
+    let limit = 3 * step_bytes;
+    let dir = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        "[storage]\n",
+        &format!("[storage]\nmax_outbox_bytes = {limit}\n"),
+    );
+    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
+    store_profiles(&only_a, 6_000);
+    let a_and_b = load(dir.path(), "ab.toml", &text);
+    let agent = start_agent(&a_and_b).await;
+    wait_until(10, "half the outbox", || {
+        agent.store.tally().unwrap().bytes >= limit / 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = agent.store.tally().unwrap().bytes;
+    assert!(held < limit, "{held} of {limit} bytes");
+    assert!(!agent.store.backfill_progress().unwrap().unwrap().done);
+    let update = line("new", None, Some("realized"));
+    let (status, body) = http_post(agent.listen_addr, "/v1/updates", update, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    agent.stop().await.unwrap();
+}
+
 /// `outpost ingest` without an agent runs the queued backfill first, and stops it as the agent
 /// does once the outbox is full: the command fails as ingest into a full outbox does, and
 /// the steps it made are kept.

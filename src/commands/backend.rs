@@ -156,13 +156,19 @@ impl Backend {
     ) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
-                if let Some(full) = store.outbox_full(config.storage.max_outbox_bytes)? {
-                    return Err(CliError::Failure(full.to_string()));
-                }
-                let started = std::time::Instant::now();
                 let mut mapping = config.mapping.clone();
                 store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
                 run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;
+                if let Some(full) = store.outbox_full(config.storage.max_outbox_bytes)? {
+                    let under_way = store.backfill_progress()?.map_or_else(String::new, |p| {
+                        format!(
+                            " (a backfill of newly mapped segments is under way: {} of about {} profiles scanned, {} exported)",
+                            p.scanned, p.profiles, p.exported
+                        )
+                    });
+                    return Err(CliError::Failure(format!("{full}{under_way}")));
+                }
+                let started = std::time::Instant::now();
                 let summaries = store
                     .apply_groups(&[updates], &mapping, Utc::now())
                     .map_err(maybe_written)?;
@@ -199,23 +205,21 @@ fn maybe_written(e: StoreError) -> CliError {
     }
 }
 
-/// Runs a queued backfill to its end before the updates are applied, so that they are judged
-/// after it (as the agent's committer would order them). It stops, with the outbox full,
-/// once the outbox holds `max_outbox_bytes`, as the agent's does; what it did is kept.
+/// Runs a queued backfill before the updates are applied, so that they are judged after it
+/// (as the agent's committer would order them), until it ends or the outbox holds the
+/// backfill's share of `max_outbox_bytes`, as the agent's does; what it did is kept, and
+/// the rest waits for the next run.
 fn run_backfill(
     store: &Store,
     mapping: &crate::config::Mapping,
     max_outbox_bytes: u64,
 ) -> Result<(), CliError> {
     loop {
-        if let Some(full) = store.outbox_full(max_outbox_bytes)? {
-            let under_way = store.backfill_progress()?.map_or_else(String::new, |p| {
-                format!(
-                    " (a backfill of newly mapped segments is under way: {} of about {} profiles scanned, {} exported)",
-                    p.scanned, p.profiles, p.exported
-                )
-            });
-            return Err(CliError::Failure(format!("{full}{under_way}")));
+        if store
+            .outbox_full(crate::store::backfill::outbox_share(max_outbox_bytes))?
+            .is_some()
+        {
+            return Ok(());
         }
         let Some(progress) =
             store.backfill_step(mapping, crate::store::backfill::STEP_PROFILES, Utc::now())?

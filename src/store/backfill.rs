@@ -80,6 +80,13 @@ use crate::profile::Reason;
 
 const BACKFILL_V1: u8 = 1;
 
+/// The share of `storage.max_outbox_bytes` a backfill may fill before it waits for
+/// deliveries: half. The rest stays for ingest, which a backfill of many members would
+/// otherwise keep refused for as long as delivery takes to drain what it adds.
+pub fn outbox_share(max_outbox_bytes: u64) -> u64 {
+    max_outbox_bytes / 2
+}
+
 /// Profiles a step scans, at least (it takes whole groups): small enough that updates waiting
 /// behind a step wait a few milliseconds, large enough that the transaction and flush per step
 /// are a small share.
