@@ -80,6 +80,9 @@ use crate::profile::Reason;
 
 const BACKFILL_V1: u8 = 1;
 
+/// Marks removed in one batch when no job needs them.
+const MARKS_A_BATCH: usize = 10_000;
+
 /// The share of `storage.max_outbox_bytes` a backfill may fill before it waits for
 /// deliveries: half. The rest stays for ingest, which a backfill of many members would
 /// otherwise keep refused for as long as delivery takes to drain what it adds.
@@ -489,8 +492,11 @@ impl Store {
     }
 
     /// Removes the marks no queued job needs (every mark, when none is queued): those of jobs
-    /// dropped with their segments when the mapping was recorded. Run at open, after the
-    /// queue is written, so a kill before leaves marks only where a job had them.
+    /// dropped with their segments when the mapping was recorded, or left by the last step.
+    /// Run after the queue is written, so a kill before leaves marks only where a job had
+    /// them. In batches of [`MARKS_A_BATCH`], not in one: a mark left by a kill part way
+    /// makes no job skip a profile (a later job counts from a later export), and a store
+    /// updated throughout a long backfill holds a mark for each profile updated.
     pub(super) fn remove_unneeded_marks(&self) -> Result<usize, StoreError> {
         self.with(|t| {
             let state = match read_state(t) {
@@ -500,15 +506,21 @@ impl Store {
                 Err(e) => return Err(e),
             };
             let mut unneeded = sled::Batch::default();
-            let mut count = 0;
+            let (mut count, mut in_batch) = (0, 0);
             for key in t.backfill_exported.iter().keys() {
                 let key = key?;
                 if !state.needs_mark(&key) {
                     unneeded.remove(key);
                     count += 1;
+                    in_batch += 1;
+                    if in_batch == MARKS_A_BATCH {
+                        t.backfill_exported
+                            .apply_batch(std::mem::take(&mut unneeded))?;
+                        in_batch = 0;
+                    }
                 }
             }
-            if count > 0 {
+            if in_batch > 0 {
                 t.backfill_exported.apply_batch(unneeded)?;
             }
             Ok(count)
@@ -658,20 +670,13 @@ impl Store {
         } else {
             state.jobs[0] = job;
         }
-        // Marks another job still needs are kept; once no job is left, none is.
-        let mut unmarked: Vec<sled::IVec> = passed
+        // Marks another job still needs are kept; once no job is left, none is: the rest are
+        // removed after this step, in batches.
+        let unmarked: Vec<sled::IVec> = passed
             .into_iter()
             .map(|(key, _)| key)
             .filter(|key| !state.needs_mark(key))
             .collect();
-        if state.jobs.is_empty() {
-            self.with_trees(&trees, |t| {
-                for item in t.backfill_exported.iter().keys() {
-                    unmarked.push(item?);
-                }
-                Ok(())
-            })?;
-        }
         let value = state.encode();
         let next_seq = self.with_trees(&trees, |t| {
             Ok((&t.outbox, &t.meta, &t.backfill_exported).transaction(
@@ -686,6 +691,9 @@ impl Store {
             )?)
         })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
+        if state.jobs.is_empty() {
+            self.remove_unneeded_marks()?;
+        }
         Ok(Some(progress))
     }
 }
@@ -694,6 +702,25 @@ impl Store {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    /// With no job queued, every mark goes, in batches, the last one short.
+    #[test]
+    fn unneeded_marks_are_removed_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let marks = 2 * MARKS_A_BATCH + 7;
+        store
+            .with(|t| {
+                for n in 0..marks {
+                    let key = mark_key(&format!("p-{n}"));
+                    t.backfill_exported.insert(key, &1u64.to_be_bytes())?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.remove_unneeded_marks().unwrap(), marks);
+        assert!(store.with(|t| Ok(t.backfill_exported.is_empty())).unwrap());
+    }
 
     #[test]
     fn a_job_expects_its_groups_share_of_the_profiles() {
