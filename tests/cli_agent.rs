@@ -1151,6 +1151,48 @@ async fn a_command_run_as_root_on_another_users_store_acts_as_that_user() {
     assert_eq!((made.uid(), made.gid()), (NOBODY, NOBODY));
 }
 
+/// Root takes on the rights of a store's owner only where no one else may change what the path
+/// names: in a folder anyone may write in, another could put a store folder of theirs in its
+/// place, and in a sticky one (`/tmp`) anyone could have made it first. Such a store is
+/// refused, and works once the folder is closed again.
+#[tokio::test]
+async fn a_command_as_root_refuses_a_users_store_another_may_have_put_there() {
+    if !running_as_root() {
+        return;
+    }
+    let destination = Destination::start().await;
+    let (ws, _port) = nobodys_store_of_one_profile(&destination);
+    let folder = ws.path().canonicalize().unwrap();
+    let refused = |expected: &str| {
+        let out = ws.run(&["outbox", "stats", "--json"], None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
+    };
+    let set_mode = |mode: u32| {
+        std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+
+    set_mode(0o777);
+    refused(&format!(
+        "but {}, on the way to it, may be written in by anyone",
+        folder.display()
+    ));
+    refused(&format!("chmod go-w {}", folder.display()));
+
+    set_mode(0o1777);
+    refused(&format!(
+        "{} belongs to uid 65534",
+        folder.join("store").display()
+    ));
+    refused("anyone could have made it before the store's user did");
+
+    set_mode(0o755);
+    let stats: Value =
+        serde_json::from_str(&ws.run_ok(&["outbox", "stats", "--json"], None)).unwrap();
+    assert_eq!(stats["pending"], 1, "{stats}");
+}
+
 /// Root keeps its rights only on a store no one else may change the path to: in a folder of
 /// nobody's, nobody could swap root's store folder for one of theirs between the command's look
 /// at it and the open, and root would write through its links; in a store folder others may
@@ -1207,9 +1249,10 @@ async fn a_command_as_root_refuses_a_store_of_roots_that_another_may_change_the_
 }
 
 /// A store yet to be made in a folder of another user's is made by that user: root, making it,
-/// would be in a place the user may change. One to be made in a sticky folder anyone may write
-/// in is made by root itself, closed to others' writes whatever the umask, and a command that
-/// needs a store there makes none.
+/// would be in a place the user may change. Not when that user's folder sits in a sticky
+/// folder anyone may write in: anyone could have made it first. One to be made in such a
+/// folder itself is made by root, closed to others' writes whatever the umask, and a command
+/// that needs a store there makes none.
 #[tokio::test]
 async fn a_command_as_root_makes_a_new_store_in_another_users_folder_as_that_user() {
     if !running_as_root() {
@@ -1217,30 +1260,53 @@ async fn a_command_as_root_makes_a_new_store_in_another_users_folder_as_that_use
     }
     let destination = Destination::start().await;
     let (ws, _port) = workspace(&destination);
-    assert!(!ws.store_path().exists());
-    std::os::unix::fs::chown(ws.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let store_at = |from: &str, to: &str| {
+        let config = std::fs::read_to_string(ws.config_path()).unwrap();
+        let moved = config.replace(&format!("path = \"{from}\""), &format!("path = \"{to}\""));
+        assert_ne!(moved, config);
+        std::fs::write(ws.config_path(), moved).unwrap();
+    };
+    for (path, mode) in [(ws.path().to_path_buf(), 0o755), (ws.config_path(), 0o644)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let home = ws.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    store_at("store", "home/store");
 
     ws.run_ok(
         &["ingest", "-"],
         Some(updates(&["p1"]).join("\n").as_bytes()),
     );
-    let store = std::fs::metadata(ws.store_path()).unwrap();
+    let store = std::fs::metadata(home.join("store")).unwrap();
     assert_eq!((store.uid(), store.gid()), (NOBODY, NOBODY));
-    for entry in std::fs::read_dir(ws.store_path()).unwrap() {
+    for entry in std::fs::read_dir(home.join("store")).unwrap() {
         let made = entry.unwrap().metadata().unwrap();
         assert_eq!(made.uid(), NOBODY, "{made:?}");
     }
 
-    // In a sticky folder anyone may write in (`/tmp`, a fresh tmpfs), root makes the store
-    // folder itself first, and keeps it.
-    std::os::unix::fs::chown(ws.path(), Some(0), Some(0)).unwrap();
+    // A folder of nobody's in a sticky folder anyone may write in: refused.
     let sticky = ws.path().join("sticky");
     std::fs::create_dir(&sticky).unwrap();
     std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let config = std::fs::read_to_string(ws.config_path()).unwrap();
-    let config = config.replace("path = \"store\"", "path = \"sticky/store\"");
-    assert!(config.contains("sticky/store"), "{config}");
-    std::fs::write(ws.config_path(), config).unwrap();
+    std::fs::create_dir(sticky.join("nobodys")).unwrap();
+    std::os::unix::fs::chown(sticky.join("nobodys"), Some(NOBODY), Some(NOBODY)).unwrap();
+    store_at("home/store", "sticky/nobodys/store");
+    let out = ws.run(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("anyone could have made it before the store's user did"),
+        "{stderr}"
+    );
+    assert!(!sticky.join("nobodys/store").exists());
+
+    // In a sticky folder anyone may write in (`/tmp`, a fresh tmpfs), root makes the store
+    // folder itself first, and keeps it.
+    store_at("sticky/nobodys/store", "sticky/store");
     // A command that needs a store there makes none.
     let out = ws.run(&["outbox", "stats"], None);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -6,7 +6,10 @@
 //! (`agent::Ready`). What root made there all the same (an agent or command of an earlier
 //! build, which kept root) is handed back before root is given up ([`hand_back_to_owner`]); no
 //! command keeps root on such a store any more. Root keeps its rights only on a store no one else may
-//! change the path to ([`super::path_control`]): it refuses one it would not be alone on.
+//! change the path to ([`super::path_control`]): it refuses one it would not be alone on. It
+//! takes on a user's rights only where that user and root alone may change the path, and the
+//! user's hold on it does not begin in a sticky folder others may write in (`/tmp`), where
+//! anyone could have made the folder that decides whose rights root takes.
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
@@ -91,6 +94,45 @@ fn open_to_others(store: &Path, exists: bool, folder: Option<&Path>, who: Who) -
     ))
 }
 
+/// Whether `entry` is in a sticky folder that others than its owner may write in (`/tmp`):
+/// anyone may have made it.
+fn in_a_shared_sticky_folder(entry: &Path) -> bool {
+    entry
+        .parent()
+        .and_then(|folder| fs::metadata(folder).ok())
+        .is_some_and(|folder| folder.mode() & 0o1000 != 0 && folder.mode() & 0o022 != 0)
+}
+
+/// The store folder `store` is user `uid`'s, but from `folder` on `who` may change what its
+/// path names.
+fn swappable_users_store(store: &Path, uid: u32, folder: &Path, who: Who) -> OwnerError {
+    let (store_shown, owner) = (store.display(), who_may(Who::User(Owner { uid, gid: 0 })));
+    let folder_shown = folder.display();
+    let fix = match who {
+        Who::User(Owner { uid: other, gid }) => format!(
+            "give {folder_shown} to the store's user (chown {uid} {folder_shown}) or to root, or run the command as the store's user; uid {other}:{gid} now holds it"
+        ),
+        Who::Group(_) | Who::Anyone => format!(
+            "take that right away (chmod go-w {folder_shown}) or make the folder sticky (chmod +t {folder_shown}), or run the command as the store's user"
+        ),
+    };
+    OwnerError::Refused(format!(
+        "the store folder {store_shown} {owner}, whose rights outpost run as root would take on, but {folder_shown}, on the way to it, {}: they could put a folder of theirs in its place, and outpost would take on their rights; {fix}",
+        who_may(who)
+    ))
+}
+
+/// The entry `entry`, on the way to (or being) the store folder `store`, is user `uid`'s and
+/// sits in a sticky folder others may write in: anyone could have made it first.
+fn made_first_by_another(store: &Path, uid: u32, entry: &Path) -> OwnerError {
+    let owner = who_may(Who::User(Owner { uid, gid: 0 }));
+    OwnerError::Refused(format!(
+        "{} {owner}, in a folder anyone may make entries in, so anyone could have made it before the store's user did; outpost run as root will not take on the rights of whoever made it: run the command as the store's user (sudo -u), or keep the store where only root and its user may change the path (the store: {})",
+        entry.display(),
+        store.display()
+    ))
+}
+
 /// The store folder, root's, holds `entry`, which would lead root's writes elsewhere.
 fn planted(store: &Path, entry: &Path, planted: Planted) -> OwnerError {
     let (store, entry) = (store.display(), entry.display());
@@ -149,7 +191,7 @@ impl StoreOwner {
         }
         match fs::metadata(store) {
             Ok(meta) if meta.is_dir() && meta.uid() != 0 => {
-                return StoreOwner::of_user(meta.uid(), meta.gid(), store).map(Some)
+                return StoreOwner::of_users_store(store, meta.uid(), meta.gid()).map(Some)
             }
             Ok(_) => {}
             // Said before anything is made or judged: with no store, such a command stops.
@@ -169,10 +211,16 @@ impl StoreOwner {
         let root_alone = |uid: u32| uid == 0;
         let mut control = path_control::control(store, root_alone)?;
         if let Control::MissingInSticky { entry, .. } = &control {
-            // A plain mkdir fails on anything put there first, a link too.
+            // A plain mkdir fails on anything put there first, a link too; what another
+            // process of root's made meanwhile is as good.
             match fs::DirBuilder::new().mode(0o755).create(entry) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let made = fs::symlink_metadata(entry)?;
+                    if !(made.is_dir() && made.uid() == 0) {
+                        return Err(made_first_by_another(store, made.uid(), entry));
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
             control = path_control::control(store, root_alone)?;
@@ -186,6 +234,11 @@ impl StoreOwner {
             None => Ok(None),
             // One yet to be made where a user may change the path is made as that user, if
             // no one else may.
+            Some((Some(folder), Who::User(user)))
+                if !exists && in_a_shared_sticky_folder(&folder) =>
+            {
+                Err(made_first_by_another(store, user.uid, &folder))
+            }
             Some((_, Who::User(user))) if !exists => {
                 let root_or_user = |uid: u32| uid == 0 || uid == user.uid;
                 match path_control::control(store, root_or_user)?.open_to() {
@@ -197,6 +250,27 @@ impl StoreOwner {
             }
             Some((folder, who)) => Err(open_to_others(store, exists, folder.as_deref(), who)),
         }
+    }
+
+    /// The owner of `store`, a folder user `uid` owns (its group `gid`), if root may take on
+    /// their rights there: no one but root and that user may change what the path names
+    /// (else another could put a folder of theirs in its place, and root would take on their
+    /// rights), and the user's hold on the path does not begin with an entry in a sticky folder
+    /// others may write in (`/tmp`: anyone could have made it first). What the store folder
+    /// holds is the user's own business, as when the agent runs as them.
+    fn of_users_store(store: &Path, uid: u32, gid: u32) -> Result<StoreOwner, OwnerError> {
+        let root_or_owner = |u: u32| u == 0 || u == uid;
+        if let Some((Some(folder), who)) = path_control::control(store, root_or_owner)?.open_to() {
+            return Err(swappable_users_store(store, uid, &folder, who));
+        }
+        if let Some((Some(folder), Who::User(user))) =
+            path_control::control(store, |u| u == 0)?.open_to()
+        {
+            if user.uid == uid && in_a_shared_sticky_folder(&folder) {
+                return Err(made_first_by_another(store, uid, &folder));
+            }
+        }
+        StoreOwner::of_user(uid, gid, store)
     }
 
     /// User `uid`, with the groups the user database gives, or else group `gid` (that of what
@@ -223,7 +297,7 @@ impl StoreOwner {
     /// before (an agent of an earlier build, which kept root, killed as it ran): the user
     /// could not open it afterwards. Returns the user id taken.
     pub fn act_as(self) -> std::io::Result<u32> {
-        hand_back_to_owner(&self.store);
+        hand_back_to_owner(&self.store, self.uid);
         let failed = |what: &str| {
             let e = std::io::Error::last_os_error();
             std::io::Error::new(e.kind(), format!("{what}: {e}"))
@@ -308,22 +382,27 @@ fn user_entry(uid: u32) -> Option<(std::ffi::CString, u32)> {
     Some((name, entry.pw_gid))
 }
 
-/// Hands what root made under `store` to the owner of `store`: only entries root owns, never
+/// Hands what root made under `store` to its owner, user `uid`: only entries root owns, never
 /// through a symbolic link, and only files with one link (a hard link put in the folder could
-/// name a file elsewhere); a socket is left (the next agent makes its own). Does nothing
-/// unless this process runs as root and the folder belongs to another user. What fails is
-/// logged; opening the store as the owner then says what it cannot use.
-fn hand_back_to_owner(store: &Path) {
+/// name a file elsewhere), and files only where the kernel keeps users from linking to files
+/// they do not own (`fs.protected_hardlinks`); a socket is left (the next agent makes its
+/// own). Does nothing unless this process runs as root and the folder it opens is still
+/// `uid`'s: had the path been changed to lead to another user's folder since the owner was
+/// decided, root would hand that user's files over. What fails is logged; opening the store as
+/// the owner then says what it cannot use.
+fn hand_back_to_owner(store: &Path, uid: u32) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return;
     }
-    let Ok(folder) = open(store, 0) else {
+    let Ok(folder) = open(store, libc::O_DIRECTORY) else {
         return;
     };
+    let files_too =
+        fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|on| on.trim() == "1");
     match folder.metadata() {
-        Ok(meta) if meta.is_dir() && meta.uid() != 0 => {
-            hand_back_under(&folder, meta.uid(), meta.gid(), DEPTH)
+        Ok(meta) if meta.is_dir() && meta.uid() == uid && uid != 0 => {
+            hand_back_under(&folder, uid, meta.gid(), DEPTH, files_too)
         }
         _ => {}
     }
@@ -339,7 +418,7 @@ fn open(path: &Path, flags: i32) -> std::io::Result<File> {
 /// Each entry is opened through the open folder (`/proc/self/fd/N/name`) and looked at and
 /// changed through its own open file: a folder or file swapped for a link meanwhile is not
 /// followed out of the store.
-fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize) {
+fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize, files_too: bool) {
     let through = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
     let entries = match fs::read_dir(&through) {
         Ok(entries) => entries,
@@ -356,13 +435,16 @@ fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize) {
         let Ok(meta) = file.metadata() else {
             continue;
         };
-        if meta.uid() == 0 && (meta.is_dir() || meta.nlink() == 1) {
+        if meta.uid() == 0 && meta.is_file() && !files_too {
+            tracing::warn!(file = ?entry.file_name(), uid, "a store file of root's is not handed to the store folder's owner: fs.protected_hardlinks is off, so it could be another file linked in; chown it by hand if it is the store's");
+        }
+        if meta.uid() == 0 && (meta.is_dir() || (files_too && meta.nlink() == 1)) {
             if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
                 tracing::warn!(file = ?entry.file_name(), uid, error = %e, "cannot hand a store file to the store folder's owner");
             }
         }
         if meta.is_dir() && depth > 0 {
-            hand_back_under(&file, uid, gid, depth - 1);
+            hand_back_under(&file, uid, gid, depth - 1, files_too);
         }
     }
 }
