@@ -171,9 +171,11 @@ fn parse_proc_uptime(text: &str) -> Option<u64> {
 /// How far the wall clock moved beyond the time that passed between two samples of one clock
 /// origin (positive: set forward). Not a jump unless [`is_jump`].
 pub fn jump_ms(earlier: &Sample, later: &Sample) -> i64 {
-    let wall = later.wall_ms - earlier.wall_ms;
-    let passed = later.mono_ms as i64 - earlier.mono_ms as i64;
-    wall - passed
+    // Saturating: a damaged clock record may hold any value.
+    let wall = later.wall_ms.saturating_sub(earlier.wall_ms);
+    let passed = (i128::from(later.mono_ms) - i128::from(earlier.mono_ms))
+        .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    wall.saturating_sub(passed)
 }
 
 pub fn is_jump(by_ms: i64) -> bool {
@@ -199,7 +201,7 @@ pub fn startup_jump_ms(last: &ClockRecord, now: &Sample) -> Option<i64> {
             };
             jump_ms(&earlier, now)
         }
-        _ => (now.wall_ms - last.wall_ms).min(0),
+        _ => now.wall_ms.saturating_sub(last.wall_ms).min(0),
     };
     is_jump(by).then_some(by)
 }
@@ -402,6 +404,25 @@ mod tests {
             (sample(0, 0, None), sample(-60_001, 0, None), -60_001, true),
             // A slewing clock drifts by milliseconds: no jump.
             (sample(0, 0, None), sample(5_005, 5_000, None), 5, false),
+            // Values a damaged clock record may hold: the most either way, no overflow.
+            (
+                sample(i64::MIN, 0, None),
+                sample(i64::MAX, 0, None),
+                i64::MAX,
+                true,
+            ),
+            (
+                sample(0, u64::MAX, None),
+                sample(0, 0, None),
+                i64::MAX,
+                true,
+            ),
+            (
+                sample(0, 0, None),
+                sample(i64::MIN, u64::MAX, None),
+                i64::MIN,
+                true,
+            ),
         ];
         for (earlier, later, want, jump) in table {
             let by = jump_ms(&earlier, &later);
@@ -458,6 +479,17 @@ mod tests {
                 last(t, Some("a"), Some(1_000)),
                 sample(t - 30_000, 6_000, None),
                 None,
+            ),
+            // A damaged record: the most either way, no overflow.
+            (
+                last(i64::MAX, Some("a"), Some(1_000)),
+                sample(i64::MIN, 6_000, None),
+                Some(i64::MIN),
+            ),
+            (
+                last(i64::MIN, Some("b"), Some(u64::MAX)),
+                sample(t, 6_000, Some("b")),
+                Some(i64::MAX),
             ),
         ];
         for (record, now, want) in table {
