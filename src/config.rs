@@ -515,6 +515,40 @@ pub fn exposure_warning(listen: std::net::SocketAddr, guards: IngestGuards) -> O
     })
 }
 
+/// Whether `url` is `http://` to a host beyond this one: what goes to it crosses the network
+/// in clear text.
+fn clear_text_beyond_loopback(url: &Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    url.scheme() == "http" && !loopback
+}
+
+/// The warnings for credentials the config would send in clear text across the network: the
+/// access token (or static token) to an `http://` endpoint, the client's secret (and
+/// password) to an `http://` token endpoint.
+pub fn clear_text_credentials_warnings(http_endpoint: &Url, auth: &Auth) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !matches!(auth, Auth::None) && clear_text_beyond_loopback(http_endpoint) {
+        warnings.push(format!(
+            "destination.http_endpoint is http:// to {}: every export carries its token there in clear text; use https://",
+            http_endpoint.host_str().unwrap_or_default()
+        ));
+    }
+    if let Auth::OAuth2 { auth_endpoint, .. } = auth {
+        if clear_text_beyond_loopback(auth_endpoint) {
+            warnings.push(format!(
+                "destination.auth.auth_endpoint is http:// to {}: the client secret goes there in clear text with every token request; use https://",
+                auth_endpoint.host_str().unwrap_or_default()
+            ));
+        }
+    }
+    warnings
+}
+
 /// The warning for a config file that holds secrets (`keys`) and that other users can read
 /// (`mode`: its Unix permission bits).
 pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
@@ -788,6 +822,7 @@ impl Config {
 
         let d = raw.delivery;
         let mut warnings = shadowed_env;
+        warnings.extend(clear_text_credentials_warnings(&http_endpoint, &auth));
         warnings.extend(exposure_warning(
             listen,
             IngestGuards {
@@ -2071,6 +2106,69 @@ client_secret = "s3cr3t-value"
             let text = VALID.replace("type = \"oauth2_client_credentials\"", auth);
             let error = error_of(&text);
             assert!(error.contains(key), "{auth}: {error}");
+        }
+    }
+
+    #[test]
+    fn clear_text_credentials_table() {
+        let oauth = |auth_endpoint: &str| Auth::OAuth2 {
+            auth_endpoint: auth_endpoint.parse().unwrap(),
+            client_id: "id".into(),
+            client_secret: Secret::new("s3cret".to_owned()),
+            credentials: CredentialsPlacement::Body,
+            scope: None,
+            grant: Grant::ClientCredentials,
+        };
+        let bearer = Auth::Bearer {
+            token: Secret::new("t0ken".to_owned()),
+        };
+        // (endpoint, auth, warnings naming these keys)
+        let cases: [(&str, Auth, &[&str]); 8] = [
+            (
+                "https://api.example.com/p",
+                oauth("https://a.example.com/t"),
+                &[],
+            ),
+            (
+                "http://127.0.0.1:8687/p",
+                oauth("http://localhost:8687/t"),
+                &[],
+            ),
+            ("http://[::1]/p", bearer.clone(), &[]),
+            ("http://10.0.0.5/p", Auth::None, &[]),
+            (
+                "http://10.0.0.5/p",
+                bearer.clone(),
+                &["destination.http_endpoint"],
+            ),
+            (
+                "http://api.example.com/p",
+                oauth("http://auth.example.com/t"),
+                &[
+                    "destination.http_endpoint",
+                    "destination.auth.auth_endpoint",
+                ],
+            ),
+            (
+                "https://api.example.com/p",
+                oauth("http://10.1.1.1/t"),
+                &["destination.auth.auth_endpoint"],
+            ),
+            ("http://LOCALHOST/p", bearer, &[]),
+        ];
+        for (endpoint, auth, keys) in cases {
+            let warnings = clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth);
+            assert_eq!(warnings.len(), keys.len(), "{endpoint}: {warnings:?}");
+            for (warning, key) in warnings.iter().zip(keys) {
+                assert!(
+                    warning.starts_with(key) && warning.contains("clear text"),
+                    "{warning}"
+                );
+                assert!(
+                    !warning.contains("s3cret") && !warning.contains("t0ken"),
+                    "{warning}"
+                );
+            }
         }
     }
 
