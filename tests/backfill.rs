@@ -539,6 +539,11 @@ fn segments_mapped_while_a_backfill_is_under_way_export_each_member_once() {
     // Exported for B before C was mapped: without C, so C's backfill exports them again.
     let before_c = segment_exports_per_profile(&store);
     let mapping = record(&store, &a_b_c);
+    // The joined job's progress counts from the join; a job for C covers what it scanned.
+    let joined = store.backfill_progress().unwrap().unwrap();
+    assert_eq!((joined.scanned, joined.exported), (0, 0), "{joined:?}");
+    assert_eq!(joined.segments, [SEGMENT_B, SEGMENT_C]);
+    assert_eq!(joined.queued_after, 1);
     run_backfill(&store, &mapping);
     let counts = segment_exports_per_profile(&store);
     let mut exported_for_both = 0;

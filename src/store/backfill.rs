@@ -207,6 +207,10 @@ impl BackfillState {
                 job.counted_from.remove(segment);
             }
             job.queued_seq = next_seq;
+            // Its progress counts from the join: what it scanned and exported before was for
+            // its segments of then, and would read as progress for the new ones.
+            job.scanned = 0;
+            job.exported = 0;
             ranges.push((from, to));
         }
         let mut gaps = Vec::new();
