@@ -18,14 +18,20 @@ pub fn inexact_integer(profile: &Map<String, Value>, text: &[u8]) -> Option<(Str
     if !profile.values().any(has_suspect) {
         return None;
     }
+    // By value (the first path of each): a line may hold many such literals and many
+    // suspects, and each literal is looked up once.
     let mut suspects = Vec::new();
     for (key, value) in profile {
         collect_suspects(value, key.clone(), &mut suspects);
     }
+    let mut by_value = std::collections::HashMap::with_capacity(suspects.len());
+    for (path, value) in suspects {
+        by_value.entry(value.to_bits()).or_insert(path);
+    }
     integer_literals_beyond_64_bits(text).find_map(|literal| {
         // As serde_json read it, which is not always the nearest float.
         let read_as: f64 = serde_json::from_str(literal).ok()?;
-        let (path, _) = suspects.iter().find(|(_, v)| *v == read_as)?;
+        let path = by_value.get(&read_as.to_bits())?;
         Some((path.clone(), literal.to_owned()))
     })
 }

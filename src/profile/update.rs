@@ -6,7 +6,7 @@
 
 use std::io::BufRead;
 
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, TimeDelta, Utc};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -293,6 +293,24 @@ impl FutureLimit {
     }
 }
 
+/// An update's `timestamp`, in UTC, to the microsecond, as it is stored and compared: a
+/// finer one, or a leap second (`23:59:60`, the next second's start once stored), would be
+/// compared at one precision and stored at another, so that a resend of the same update
+/// could be taken for an older one. RFC 3339 in ASCII (chrono also takes `−` for a minus), a
+/// year from 0000 to 9999 once in UTC (exports carry it as RFC 3339).
+pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
+    if !text.is_ascii() {
+        return Err("is not RFC 3339: it holds characters other than ASCII".into());
+    }
+    let parsed = DateTime::parse_from_rfc3339(text)
+        .map_err(|e| format!("is not RFC 3339: {e}"))?
+        .with_timezone(&Utc);
+    let in_utc = DateTime::from_timestamp_micros(parsed.timestamp_micros())
+        .filter(|t| (0..=9999).contains(&t.year()))
+        .ok_or_else(|| "is outside the years 0000 to 9999 once in UTC".to_owned())?;
+    Ok(in_utc)
+}
+
 /// Formats a time as the exports carry it: RFC 3339, UTC, whole seconds.
 pub fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -470,16 +488,12 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
     };
     let timestamp = match raw.timestamp {
         None => None,
-        Some(text) => Some(
-            DateTime::parse_from_rfc3339(&text)
-                .map_err(|e| {
-                    InputError::new(
-                        line,
-                        format!("`timestamp` `{}` is not RFC 3339: {e}", truncate(&text, 64)),
-                    )
-                })?
-                .with_timezone(&Utc),
-        ),
+        Some(text) => Some(parse_timestamp(&text).map_err(|reason| {
+            InputError::new(
+                line,
+                format!("`timestamp` `{}` {reason}", truncate(&text, 64)),
+            )
+        })?),
     };
     if let (Some(timestamp), Some(limit)) = (timestamp, &parsing.limit) {
         limit
@@ -818,6 +832,50 @@ mod tests {
             format_time(update.timestamp.unwrap()),
             "2026-01-01T00:00:05Z"
         );
+    }
+
+    /// Timestamps are kept to the microsecond: what is compared is what is stored.
+    #[test]
+    fn timestamp_table() {
+        // (timestamp, in UTC as stored, or the start of the refusal)
+        let cases: &[(&str, Result<&str, &str>)] = &[
+            (
+                "2026-01-01T01:00:05+01:00",
+                Ok("2026-01-01T00:00:05.000000Z"),
+            ),
+            (
+                "2026-01-01T00:00:05.1234569Z",
+                Ok("2026-01-01T00:00:05.123456Z"),
+            ),
+            ("2016-12-31T23:59:60Z", Ok("2017-01-01T00:00:00.000000Z")),
+            ("2016-12-31T23:59:60.5Z", Ok("2017-01-01T00:00:00.500000Z")),
+            ("9999-12-31T23:59:59Z", Ok("9999-12-31T23:59:59.000000Z")),
+            (
+                "0000-01-01T00:30:00+01:00",
+                Err("is outside the years 0000 to 9999"),
+            ),
+            (
+                "9999-12-31T23:30:00-01:00",
+                Err("is outside the years 0000 to 9999"),
+            ),
+            (
+                "2026-01-01T00:00:05\u{2212}01:00",
+                Err("is not RFC 3339: it holds characters"),
+            ),
+            ("2026-01-01T00:00:05", Err("is not RFC 3339: premature end")),
+        ];
+        for (text, expected) in cases {
+            let got = parse_timestamp(text).map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true));
+            match (got, expected) {
+                (Ok(got), Ok(expected)) => assert_eq!(got, *expected, "{text}"),
+                (Err(got), Err(expected)) => assert!(got.starts_with(expected), "{text}: {got}"),
+                (got, _) => panic!("{text}: {got:?}"),
+            }
+        }
+        // A resend of an update with a leap second is not older than its stored self.
+        let leap = parse_timestamp("2016-12-31T23:59:60Z").unwrap();
+        let stored = DateTime::from_timestamp_micros(leap.timestamp_micros()).unwrap();
+        assert_eq!(leap, stored);
     }
 
     #[test]
