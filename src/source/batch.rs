@@ -1,6 +1,8 @@
 //! What a batch fetched from one partition becomes (pure): the updates to commit, the
 //! redeliveries to skip, the messages to reject, and the position to record with them.
 
+use chrono::{DateTime, Utc};
+
 use crate::profile::update::{update_from_json_with, without_bom, Parsing};
 use crate::profile::Update;
 use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
@@ -13,7 +15,13 @@ pub struct Fetched<'a> {
     pub subject: &'a str,
     pub seq: u64,
     pub payload: &'a [u8],
+    /// When the stream took the message, by the NATS server's clock.
+    pub published: Option<DateTime<Utc>>,
 }
+
+/// The most of a rejected message's error that is kept and logged: serde's messages quote
+/// the field names a message gave, which may be long.
+const MAX_REJECTED_ERROR: usize = 1024;
 
 /// The decision for one batch.
 #[derive(Debug, Default)]
@@ -33,7 +41,10 @@ pub struct Sorted {
 /// already in the store, so it changes nothing and exports nothing. A message that is not a
 /// valid update (the same strict parser and `ingest.max_future_s` limit as HTTP ingest), or
 /// whose profile belongs to another partition, is rejected; the others of the batch are
-/// committed all the same.
+/// committed all the same. A timestamp is too far ahead only if it is so of both the agent's
+/// clock and the time the stream took the message: a rejected message is acknowledged and
+/// gone from the stream's path, and an edge host whose clock starts days behind would
+/// otherwise reject every update waiting for it.
 pub fn sort_batch(
     partition: u32,
     partitions: u32,
@@ -51,8 +62,12 @@ pub fn sort_batch(
             continue;
         }
         high = message.seq;
+        let mut parsing = *parsing;
+        if let (Some(limit), Some(published)) = (&mut parsing.limit, message.published) {
+            limit.now = limit.now.max(published);
+        }
         // Each message is an input of its own, so a byte-order mark may start it.
-        let parsed = update_from_json_with(without_bom(message.payload), message.seq, parsing)
+        let parsed = update_from_json_with(without_bom(message.payload), message.seq, &parsing)
             .map_err(|e| e.reason)
             .and_then(|update| {
                 let home = partition_of(&update.id, partitions);
@@ -74,7 +89,7 @@ pub fn sort_batch(
                 received_at_ms: now_ms,
                 raw: message.payload[..message.payload.len().min(MAX_REJECTED_RAW)].to_vec(),
                 raw_len: message.payload.len() as u64,
-                error,
+                error: cut_to(error, MAX_REJECTED_ERROR),
             }),
         }
     }
@@ -87,6 +102,19 @@ pub fn sort_batch(
         });
     }
     sorted
+}
+
+/// `text`, cut to at most `max` bytes at a character boundary, with `…` where it was cut.
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// Where a batch's deliveries skip one: the consumer numbers every message it delivers
@@ -118,12 +146,21 @@ mod tests {
     }
 
     fn run(recorded: u64, messages: &[(u64, &str)]) -> Sorted {
+        run_published(recorded, messages, None)
+    }
+
+    fn run_published(
+        recorded: u64,
+        messages: &[(u64, &str)],
+        published: Option<DateTime<Utc>>,
+    ) -> Sorted {
         let fetched: Vec<Fetched> = messages
             .iter()
             .map(|(seq, body)| Fetched {
                 subject: "u.1",
                 seq: *seq,
                 payload: body.as_bytes(),
+                published,
             })
             .collect();
         let limit = FutureLimit {
@@ -138,6 +175,48 @@ mod tests {
             &Parsing::within(limit),
             7,
         )
+    }
+
+    /// The agent's clock two days behind the stream's: an update timestamped by the stream's
+    /// time is taken; one a day and more ahead of both is rejected.
+    #[test]
+    fn a_timestamp_is_too_far_ahead_only_of_both_clocks() {
+        let stream_now = chrono::DateTime::from_timestamp(1_767_225_600 + 2 * 86_400, 0);
+        let now = r#"{"id":"p-000001","timestamp":"2026-01-03T00:00:00Z","profile":{}}"#;
+        let ahead = r#"{"id":"p-000001","timestamp":"2026-01-04T00:00:01Z","profile":{}}"#;
+        let sorted = run_published(0, &[(1, now), (2, ahead)], stream_now);
+        assert_eq!(sorted.updates.len(), 1);
+        let rejected: Vec<u64> = sorted
+            .position
+            .unwrap()
+            .rejected
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(rejected, [2]);
+        // Without the stream's time, the agent's clock alone judges.
+        let sorted = run(0, &[(1, now)]);
+        assert_eq!(sorted.updates.len(), 0);
+    }
+
+    /// A rejected message's error is kept to 1 KiB, however long the field it names.
+    #[test]
+    fn a_rejected_message_keeps_the_start_of_a_long_error() {
+        let long_field = format!(
+            r#"{{"id":"p-000001","{}":1,"profile":{{}}}}"#,
+            "é".repeat(5_000)
+        );
+        let sorted = run(0, &[(1, &long_field)]);
+        let error = &sorted.position.unwrap().rejected[0].error;
+        assert!(
+            error.len() <= MAX_REJECTED_ERROR + '…'.len_utf8(),
+            "{}",
+            error.len()
+        );
+        assert!(
+            error.starts_with("unknown field") && error.ends_with('…'),
+            "{error}"
+        );
     }
 
     #[test]

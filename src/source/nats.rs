@@ -863,6 +863,9 @@ async fn commit_and_ack(
             subject: message.subject.as_str(),
             seq: info.stream_sequence,
             payload: &message.payload,
+            published: Some(chrono::DateTime::from_timestamp_nanos(
+                i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            )),
         });
     }
     let now = chrono::Utc::now();
