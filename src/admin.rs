@@ -388,41 +388,49 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         } else {
             MaybeAcknowledged::default()
         };
-        for (text, seq) in targets {
-            let Some(seq) = seq else {
-                missing.push(text);
-                continue;
-            };
-            if retry {
-                match store.put_back_dead_letter(seq, now, uptime_ms, &maybe_acknowledged)? {
-                    PutBack::Done => done.push(text),
-                    PutBack::Superseded { by } => superseded.push(json!({
-                        "id": text,
-                        "acknowledged": store.export_id(by).to_string(),
-                    })),
-                    // `pending` names the newer export, also when it is a dead letter.
-                    PutBack::MaybeOvertaken { by } => maybe_overtaken.push(json!({
-                        "id": text,
-                        "pending": store.export_id(by).to_string(),
-                    })),
-                    PutBack::Unreadable => unreadable.push(text),
-                    // Retrying an export still pending changes nothing; it is there all the same.
-                    PutBack::NotDead if store.export(store.export_id(seq))?.is_some() => {
-                        already_pending.push(text)
+        // What was done before an error is flushed all the same: it is in the store, and
+        // flushed only later it would let the delivery loop, told of the change, run ahead
+        // of it.
+        let each = || -> Result<(), AdminError> {
+            for (text, seq) in targets {
+                let Some(seq) = seq else {
+                    missing.push(text);
+                    continue;
+                };
+                if retry {
+                    match store.put_back_dead_letter(seq, now, uptime_ms, &maybe_acknowledged)? {
+                        PutBack::Done => done.push(text),
+                        PutBack::Superseded { by } => superseded.push(json!({
+                            "id": text,
+                            "acknowledged": store.export_id(by).to_string(),
+                        })),
+                        // `pending` names the newer export, also when it is a dead letter.
+                        PutBack::MaybeOvertaken { by } => maybe_overtaken.push(json!({
+                            "id": text,
+                            "pending": store.export_id(by).to_string(),
+                        })),
+                        PutBack::Unreadable => unreadable.push(text),
+                        // Retrying an export still pending changes nothing; it is there all the same.
+                        PutBack::NotDead if store.export(store.export_id(seq))?.is_some() => {
+                            already_pending.push(text)
+                        }
+                        PutBack::NotDead => missing.push(text),
                     }
-                    PutBack::NotDead => missing.push(text),
+                    continue;
                 }
-                continue;
+                // `--all-dead` drops dead letters only, whatever happened to them since.
+                let dropped = store.drop_dead(seq)? || (!all_dead && store.drop_pending(seq)?);
+                if dropped {
+                    done.push(text)
+                } else {
+                    missing.push(text)
+                }
             }
-            // `--all-dead` drops dead letters only, whatever happened to them since.
-            let dropped = store.drop_dead(seq)? || (!all_dead && store.drop_pending(seq)?);
-            if dropped {
-                done.push(text)
-            } else {
-                missing.push(text)
-            }
-        }
+            Ok(())
+        };
+        let each = each();
         store.flush()?;
+        each?;
         Ok((done, missing))
     };
     // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in the

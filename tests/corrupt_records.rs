@@ -223,6 +223,13 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
     assert_eq!(s.receiver.delivered().len(), 2);
     assert_eq!(stats(&s)["dead"], 1);
     agent.terminate().await;
+
+    // A dead letter whose own bytes cannot be read is dropped all the same.
+    s.corrupt("dead", &1u64.to_be_bytes(), b"\x02not an export either");
+    let out = s.run(&["outbox", "drop", &id, "--yes"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stats(&s)["dead"], 0);
+    assert_eq!(stats(&s)["pending"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,6 +331,35 @@ fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_
     assert_eq!(summary["exports"], 1, "a new profile now: {summary}");
     let out = s.run(&["check", "--store"], None);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// A readable `meta/next_seq` at or below a stored export's would number new exports over
+/// older ones: it is raised past them at open, and said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_export_number_behind_the_outbox_is_raised_at_open() {
+    let s = setup().await;
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
+    assert!(out.status.success(), "{}", text(&out));
+    s.corrupt("meta", b"next_seq", &0u64.to_be_bytes());
+
+    let mut agent = s.agent().await;
+    let log = agent.log();
+    assert!(
+        log.contains("meta/next_seq was 0, not past export"),
+        "{log}"
+    );
+    let (status, body) = http_post(agent.addr, "/v1/updates", update("p2", "c"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(20, "the outbox empty", || stats(&s)["pending"] == 0).await;
+    let mut delivered: Vec<String> = s
+        .receiver
+        .delivered()
+        .iter()
+        .map(|r| profile_of(&r.json().unwrap()))
+        .collect();
+    delivered.sort();
+    assert_eq!(delivered, ["p0", "p1", "p2"]);
+    agent.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

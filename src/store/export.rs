@@ -451,6 +451,28 @@ impl Store {
         from: Place,
         change: impl Fn(ExportRecord) -> (Place, ExportRecord),
     ) -> Result<bool, StoreError> {
+        self.rewrite_export(seq, from, |old| {
+            let record = codec::decode_export(old)
+                .map_err(|e| StoreError::corrupt(format!("export {seq}"), e))?;
+            let (to, record) = change(record);
+            Ok((to, (to != Place::Gone).then_some(record)))
+        })
+    }
+
+    /// Removes one export as [`Store::change_export`] does, without reading its record: one
+    /// that cannot be decoded goes too (`outbox drop` of an unreadable export).
+    pub fn remove_export(&self, seq: u64, from: Place) -> Result<bool, StoreError> {
+        self.rewrite_export(seq, from, |_| Ok((Place::Gone, None)))
+    }
+
+    /// [`Store::change_export`] on the stored bytes: `change` says where the export goes and,
+    /// unless gone, its record there.
+    fn rewrite_export(
+        &self,
+        seq: u64,
+        from: Place,
+        change: impl Fn(&[u8]) -> Result<(Place, Option<ExportRecord>), StoreError>,
+    ) -> Result<bool, StoreError> {
         let key = keys::seq_key(seq);
         self.with(|t| {
             Ok(
@@ -464,18 +486,16 @@ impl Store {
                         let Some(old) = source.remove(&key)? else {
                             return Ok(false);
                         };
-                        let record = codec::decode_export(&old)
-                            .map_err(|e| abort(StoreError::corrupt(format!("export {seq}"), e)))?;
+                        let (to, record) = change(&old).map_err(abort)?;
                         let mut tally = read_tally(meta_tx)?;
                         tally.count(from, old.len(), -1);
-                        let (to, record) = change(record);
-                        let target = match to {
-                            Place::Pending => Some(outbox),
-                            Place::Dead => Some(dead),
-                            Place::Gone => None,
+                        let target = match (to, &record) {
+                            (Place::Pending, Some(record)) => Some((outbox, record)),
+                            (Place::Dead, Some(record)) => Some((dead, record)),
+                            _ => None,
                         };
-                        if let Some(target) = target {
-                            let value = codec::encode_export(&record);
+                        if let Some((target, record)) = target {
+                            let value = codec::encode_export(record);
                             tally.count(to, value.len(), 1);
                             target.insert(&key, value)?;
                         }

@@ -169,12 +169,34 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
                     highest = highest.max(keys::seq_from_key(&key?));
                 }
             }
-            let next = highest.map_or(0, |h| h + 1) + NEXT_SEQ_GAP;
+            let next = highest
+                .map_or(0, |h| h.saturating_add(1))
+                .saturating_add(NEXT_SEQ_GAP);
             t.meta.insert(meta::NEXT_SEQ, &next.to_be_bytes())?;
             rebuilt.push(format!(
                 "meta/next_seq was unreadable (not 8 bytes); new exports are numbered from {next}"
             ));
         }
+    }
+    // A next number at or below a stored export's (written by hand, or lost) would write new
+    // exports over older ones: raised past every export and index entry.
+    let next = t
+        .meta
+        .get(meta::NEXT_SEQ)?
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0);
+    let mut last = None;
+    for tree in [&t.outbox, &t.dead, &t.retry_at, &t.superseded] {
+        if let Some((key, _)) = tree.last()? {
+            last = last.max(keys::seq_from_key(&key));
+        }
+    }
+    if let Some(last) = last.filter(|&last| next <= last) {
+        let raised = last.saturating_add(1).saturating_add(NEXT_SEQ_GAP);
+        t.meta.insert(meta::NEXT_SEQ, &raised.to_be_bytes())?;
+        rebuilt.push(format!(
+            "meta/next_seq was {next}, not past export {last} stored; new exports are numbered from {raised}"
+        ));
     }
     if let Some(v) = t.meta.get(meta::PROFILES)? {
         if v.len() != 8 {

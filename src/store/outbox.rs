@@ -52,13 +52,13 @@ pub fn changed_record(mut record: ExportRecord, change: &ExportChange) -> (Place
     match change {
         ExportChange::Delivered { .. } => (Place::Gone, record),
         ExportChange::Failed { error, at_ms, .. } => {
-            record.attempts += 1;
+            record.attempts = record.attempts.saturating_add(1);
             record.last_error = Some(error.clone());
             record.last_attempt_at_ms = Some(*at_ms);
             (Place::Pending, record)
         }
         ExportChange::Rejected { error, at_ms } => {
-            record.attempts += 1;
+            record.attempts = record.attempts.saturating_add(1);
             record.last_error = Some(error.clone());
             record.last_attempt_at_ms = Some(*at_ms);
             record.dead_at_ms = Some(*at_ms);

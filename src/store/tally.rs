@@ -107,7 +107,7 @@ impl Tally {
     pub(super) fn count(&mut self, place: Place, value_len: usize, sign: i64) {
         let apply = |n: &mut u64, by: u64| {
             *n = if sign > 0 {
-                *n + by
+                n.saturating_add(by)
             } else {
                 n.saturating_sub(by)
             };

@@ -168,9 +168,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            let (key, error) = note
-                .split_once(" was unreadable ")
-                .unwrap_or(("meta", note));
+            let (key, error) = note.split_once(" was ").unwrap_or(("meta", note));
             let key = key.trim_start_matches("meta/");
             // The mapping and the backfills cannot be derived from the rest of the store.
             let action = match key {
@@ -180,7 +178,7 @@ impl Store {
             found.push(UnreadableRecord {
                 tree: "meta",
                 key: key.to_owned(),
-                error: format!("was unreadable {error}"),
+                error: format!("was {error}"),
                 action: action.into(),
                 repairs: false,
             });

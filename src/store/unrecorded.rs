@@ -183,7 +183,7 @@ impl Store {
                 .and_then(|v| codec::export_profile_id(&v).ok().map(Arc::<str>::from)))
         })?;
         let Some(profile) = superseding else {
-            return self.change_export(seq, from, |r| (Place::Gone, r));
+            return self.remove_export(seq, from);
         };
         let (older, dropped, found) = self.with(|t| {
             let mut older = self
