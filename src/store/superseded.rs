@@ -81,6 +81,11 @@ impl DeadLetterIndex {
         if !entries.scanned {
             for item in t.dead.iter() {
                 let (key, value) = item?;
+                // One marked already is never put back: no later delivery needs to mark it
+                // again (after a restart, each would, in its settling transaction).
+                if t.superseded.contains_key(&key)? {
+                    continue;
+                }
                 if let (Some(seq), Ok(profile)) =
                     (keys::seq_from_key(&key), codec::export_profile_id(&value))
                 {
@@ -403,10 +408,37 @@ mod tests {
             assert_eq!(settle(&store, "a", 1, DELIVERED), [(Arc::from("a"), 0)]);
             store.flush().unwrap();
         }
+        // Marked then by 1, it keeps that mark.
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         export_each(&store, &[("a", "3")]);
         settle(&store, "a", 2, DELIVERED);
-        assert_eq!(put_back(&store, 0), PutBack::Superseded { by: 2 });
+        assert_eq!(put_back(&store, 0), PutBack::Superseded { by: 1 });
+    }
+
+    /// A dead letter marked in an earlier run is not indexed again: a later delivery of its
+    /// profile has nothing to mark, and its mark stays that of the delivery that made it.
+    #[test]
+    fn dead_letters_marked_in_an_earlier_run_are_left_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            export_each(&store, &[("a", "1"), ("a", "2")]);
+            settle(&store, "a", 0, refused());
+            settle(&store, "a", 1, DELIVERED);
+            assert_eq!(store.superseded_by(0).unwrap(), Some(1));
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "3")]);
+        let t = store.trees().unwrap();
+        let delivered = Arc::from("a");
+        let candidates = store
+            .dead_letters
+            .older_than(&t, std::iter::once((&delivered, 2)))
+            .unwrap();
+        assert!(candidates.is_empty(), "{candidates:?}");
+        settle(&store, "a", 2, DELIVERED);
+        assert_eq!(store.superseded_by(0).unwrap(), Some(1));
     }
 
     #[test]
