@@ -299,10 +299,10 @@ fn backfill_step_bytes(text: &str) -> u64 {
     store.tally().unwrap().bytes / steps
 }
 
-/// `outpost ingest` without an agent stops the backfill at its share of the outbox too, and
-/// takes the updates into the rest.
-#[test]
-fn outpost_ingest_leaves_half_the_outbox_to_the_updates() {
+/// A folder with a store of [`store_profiles`]' 6,000 profiles, mapped with A, and the text
+/// of a config mapping A and B whose outbox holds about three steps of B's backfill (`limit`
+/// bytes): the backfill alone would fill it, and stops at its half after two steps.
+fn room_for_three_backfill_steps() -> (tempfile::TempDir, String, u64) {
     let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
     let limit = 3 * backfill_step_bytes(&text);
     let dir = tempfile::tempdir().unwrap();
@@ -312,6 +312,14 @@ fn outpost_ingest_leaves_half_the_outbox_to_the_updates() {
     );
     let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
     store_profiles(&only_a, 6_000);
+    (dir, text, limit)
+}
+
+/// `outpost ingest` without an agent stops the backfill at its share of the outbox too, and
+/// takes the updates into the rest.
+#[test]
+fn outpost_ingest_leaves_half_the_outbox_to_the_updates() {
+    let (dir, text, limit) = room_for_three_backfill_steps();
     let a_and_b = dir.path().join("ab.toml");
     std::fs::write(&a_and_b, &text).unwrap();
     let update = line("new", None, Some("realized"));
@@ -341,17 +349,7 @@ fn outpost_ingest_leaves_half_the_outbox_to_the_updates() {
 /// keep refused for as long as delivery takes to drain what it adds.
 #[tokio::test]
 async fn a_backfill_leaves_half_the_outbox_to_ingest() {
-    let text = agent_config_text("http://127.0.0.1:9", "type = \"none\"", "");
-    let step_bytes = backfill_step_bytes(&text);
-    // Room for three steps: the backfill alone would fill it; it stops after two.
-    let limit = 3 * step_bytes;
-    let dir = tempfile::tempdir().unwrap();
-    let text = text.replace(
-        "[storage]\n",
-        &format!("[storage]\nmax_outbox_bytes = {limit}\n"),
-    );
-    let only_a = load(dir.path(), "a.toml", &with_segments(&text, &[SEGMENT_A]));
-    store_profiles(&only_a, 6_000);
+    let (dir, text, limit) = room_for_three_backfill_steps();
     let a_and_b = load(dir.path(), "ab.toml", &text);
     let agent = start_agent(&a_and_b).await;
     wait_until(10, "half the outbox", || {
