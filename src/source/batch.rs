@@ -30,6 +30,10 @@ pub struct Sorted {
     /// How far the partition is consumed after this batch, with its rejected messages; `None`
     /// when every message was a redelivery of something already in the store.
     pub position: Option<SourcePosition>,
+    /// The message the batch stopped before, and why: timestamped too far ahead of the
+    /// agent's clock, but not of the time the stream took it. This host's clock may be
+    /// behind; the message and those after it wait, unacknowledged, for a later try.
+    pub held_back: Option<(u64, String)>,
     /// Messages at or below the recorded position (or repeated within the batch).
     pub skipped: u64,
 }
@@ -41,10 +45,10 @@ pub struct Sorted {
 /// already in the store, so it changes nothing and exports nothing. A message that is not a
 /// valid update (the same strict parser and `ingest.max_future_s` limit as HTTP ingest), or
 /// whose profile belongs to another partition, is rejected; the others of the batch are
-/// committed all the same. A timestamp is too far ahead only if it is so of both the agent's
-/// clock and the time the stream took the message: a rejected message is acknowledged and
-/// gone from the stream's path, and an edge host whose clock starts days behind would
-/// otherwise reject every update waiting for it.
+/// committed all the same. A timestamp too far ahead of the agent's clock but not of the time
+/// the stream took the message holds the batch back from that message on ([`Sorted::held_back`]):
+/// rejected, it would be acknowledged and gone, and an edge host whose clock starts days
+/// behind would reject every update waiting for it. Too far ahead of both, it is rejected.
 pub fn sort_batch(
     partition: u32,
     partitions: u32,
@@ -62,6 +66,7 @@ pub fn sort_batch(
             continue;
         }
         high = message.seq;
+        let agent_clock = parsing.limit;
         let mut parsing = *parsing;
         if let (Some(limit), Some(published)) = (&mut parsing.limit, message.published) {
             limit.now = limit.now.max(published);
@@ -80,6 +85,27 @@ pub fn sort_batch(
                     ))
                 }
             });
+        let ahead_of_this_host = match (&parsed, agent_clock) {
+            (Ok(update), Some(limit)) => update
+                .timestamp
+                .filter(|&t| limit.check(t).is_err())
+                .map(|t| (t, limit.max_future_s)),
+            _ => None,
+        };
+        if let Some((timestamp, max_future_s)) = ahead_of_this_host {
+            let format = crate::profile::update::format_time;
+            // The same words at each try, so that the log says it once.
+            sorted.held_back = Some((
+                message.seq,
+                format!(
+                    "its timestamp {} is more than ingest.max_future_s ({max_future_s}) ahead of this host's clock, though not of the time the stream took it ({}): this host's clock may be behind",
+                    format(timestamp),
+                    message.published.map(format).unwrap_or_default()
+                ),
+            ));
+            high = message.seq - 1;
+            break;
+        }
         match parsed {
             Ok(update) => sorted.updates.push(update),
             Err(error) => rejected.push(RejectedRecord {
@@ -178,14 +204,25 @@ mod tests {
     }
 
     /// The agent's clock two days behind the stream's: an update timestamped by the stream's
-    /// time is taken; one a day and more ahead of both is rejected.
+    /// time holds the batch back from it (acknowledged up to the one before); one a day and
+    /// more ahead of both clocks is rejected.
     #[test]
-    fn a_timestamp_is_too_far_ahead_only_of_both_clocks() {
+    fn an_update_ahead_of_this_hosts_clock_only_waits_and_one_ahead_of_both_is_rejected() {
         let stream_now = chrono::DateTime::from_timestamp(1_767_225_600 + 2 * 86_400, 0);
-        let now = r#"{"id":"p-000001","timestamp":"2026-01-03T00:00:00Z","profile":{}}"#;
+        let fine = r#"{"id":"p-000001","timestamp":"2026-01-01T00:00:00Z","profile":{}}"#;
+        let stream_time = r#"{"id":"p-000001","timestamp":"2026-01-03T00:00:00Z","profile":{}}"#;
         let ahead = r#"{"id":"p-000001","timestamp":"2026-01-04T00:00:01Z","profile":{}}"#;
-        let sorted = run_published(0, &[(1, now), (2, ahead)], stream_now);
+
+        let sorted = run_published(0, &[(1, fine), (4, stream_time), (6, fine)], stream_now);
         assert_eq!(sorted.updates.len(), 1);
+        assert_eq!(sorted.position.as_ref().map(|p| p.seq), Some(3));
+        let (held, why) = sorted.held_back.unwrap();
+        assert_eq!(held, 4);
+        assert!(why.contains("this host's clock may be behind"), "{why}");
+
+        let sorted = run_published(0, &[(1, ahead), (2, fine)], stream_now);
+        assert_eq!(sorted.updates.len(), 1);
+        assert!(sorted.held_back.is_none());
         let rejected: Vec<u64> = sorted
             .position
             .unwrap()
@@ -193,10 +230,12 @@ mod tests {
             .iter()
             .map(|r| r.seq)
             .collect();
-        assert_eq!(rejected, [2]);
-        // Without the stream's time, the agent's clock alone judges.
-        let sorted = run(0, &[(1, now)]);
-        assert_eq!(sorted.updates.len(), 0);
+        assert_eq!(rejected, [1]);
+
+        // Without the stream's time, the agent's clock alone judges: rejected.
+        let sorted = run(0, &[(1, stream_time)]);
+        assert!(sorted.held_back.is_none());
+        assert_eq!(sorted.position.unwrap().rejected.len(), 1);
     }
 
     /// A rejected message's error is kept to 1 KiB, however long the field it names.

@@ -863,9 +863,9 @@ async fn commit_and_ack(
             subject: message.subject.as_str(),
             seq: info.stream_sequence,
             payload: &message.payload,
-            published: Some(chrono::DateTime::from_timestamp_nanos(
-                i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
-            )),
+            published: i64::try_from(info.published.unix_timestamp_nanos())
+                .ok()
+                .map(chrono::DateTime::from_timestamp_nanos),
         });
     }
     let now = chrono::Utc::now();
@@ -901,14 +901,23 @@ async fn commit_and_ack(
     shared
         .metrics
         .record_source_messages(committed, sorted.skipped, rejected);
-    // The group is durable: now the messages may go.
-    for message in messages {
+    // The group is durable: now the messages may go, up to one held back.
+    let held_at = sorted.held_back.as_ref().map(|(seq, _)| *seq);
+    for (message, fetched) in messages.iter().zip(&fetched) {
+        if held_at.is_some_and(|held| fetched.seq >= held) {
+            continue;
+        }
         message
             .ack()
             .await
             .map_err(|e| nats_error("acknowledging", e))?;
         shared.state.acks.fetch_add(1, Ordering::Relaxed);
         shared.metrics.source_acks.inc();
+    }
+    if let Some((seq, reason)) = sorted.held_back {
+        return Err(NatsError(format!(
+            "stream message {seq} waits: {reason}; it and those after it are tried again"
+        )));
     }
     Ok(position)
 }
