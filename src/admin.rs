@@ -339,6 +339,10 @@ fn export_view(store: &Store, export: &Export) -> Result<Value, AdminError> {
     Ok(view)
 }
 
+/// Dead letters `outbox drop --all-dead` drops under the lock at a time (fewer in tests, so
+/// that they take several pages).
+const DROPPED_A_PAGE: usize = if cfg!(test) { 500 } else { 10_000 };
+
 /// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`
 /// counts again from now, on the store's run-time clock), but not one a newer export of its
 /// profile has overtaken at the endpoint; `drop` deletes exports, dead or pending.
@@ -363,7 +367,8 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let mut already_pending = Vec::new();
     let mut superseded = Vec::new();
     let mut maybe_overtaken = Vec::new();
-    let apply = || -> Result<(Vec<String>, Vec<String>), AdminError> {
+    // `page`: with `--all-dead`, at most this many of the dead letters there are now.
+    let mut apply = |page: usize| -> Result<(Vec<String>, Vec<String>), AdminError> {
         // Written and flushed on the same handles (a reopen waits for the section), and
         // flushed before the delivery loop, told of the change, reads the outbox again: a
         // drop not yet durable could otherwise let a newer export of its profile be sent and
@@ -371,14 +376,14 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         let _section = store.write_section()?;
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
-        let targets = if all_dead {
+        let targets: Vec<(String, Option<u64>)> = if all_dead {
             store
-                .dead_seqs()?
+                .dead_seqs(page)?
                 .into_iter()
                 .map(|seq| (store.export_id(seq).to_string(), Some(seq)))
                 .collect()
         } else {
-            named
+            named.clone()
         };
         let mut done = Vec::new();
         let mut missing = Vec::new();
@@ -442,7 +447,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         let wait = store.put_back_wait();
         let what = if retry { "put back" } else { "dropped" };
         store
-            .rewinding_with_nothing_out(wait, apply)
+            .rewinding_with_nothing_out(wait, || apply(usize::MAX))
             .map_err(|why| {
                 AdminError::Failed(match why {
                     NotQuiet::StillOut => format!(
@@ -453,7 +458,20 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                 })
             })??
     } else {
-        store.rewinding(apply)?
+        // A page at a time, each under the lock on its own: the delivery loop waits for one
+        // page, not for every dead letter of a large store.
+        let (mut done, mut missing) = (Vec::new(), Vec::new());
+        loop {
+            let (page_done, page_missing) = store.rewinding(|| apply(DROPPED_A_PAGE))?;
+            let last =
+                page_done.len() + page_missing.len() < DROPPED_A_PAGE || page_done.is_empty();
+            done.extend(page_done);
+            missing.extend(page_missing);
+            if last {
+                break;
+            }
+        }
+        (done, missing)
     };
     let verb = if retry { "retried" } else { "dropped" };
     Ok(json!({
@@ -546,6 +564,27 @@ mod tests {
         .unwrap();
         assert_eq!(answer["dropped"], json!([first, second]), "{answer}");
         assert_eq!(answer["not_found"], json!([]), "{answer}");
+    }
+
+    /// `drop --all-dead` takes the dead letters a page at a time, and every one of them.
+    #[test]
+    fn all_dead_letters_are_dropped_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dead_letters(dir.path(), 2 * DROPPED_A_PAGE + 34);
+        let answer = execute(
+            &store,
+            &AdminRequest::Drop {
+                ids: vec![],
+                all_dead: true,
+            },
+        )
+        .unwrap();
+        let dropped = answer["dropped"].as_array().unwrap();
+        assert_eq!(dropped.len(), 2 * DROPPED_A_PAGE + 34);
+        let distinct: std::collections::HashSet<_> = dropped.iter().collect();
+        assert_eq!(distinct.len(), dropped.len());
+        assert_eq!(store.tally().unwrap().dead, 0);
+        assert!(store.dead_seqs(usize::MAX).unwrap().is_empty());
     }
 
     /// `retry --all-dead` and `drop --all-dead` at once: each export is either put back or

@@ -518,12 +518,13 @@ impl Store {
         self.with(|t| Ok(t.outbox.contains_key(keys::seq_key(seq))?))
     }
 
-    /// Sequence numbers of every dead letter, oldest first.
-    pub fn dead_seqs(&self) -> Result<Vec<u64>, StoreError> {
+    /// Sequence numbers of the oldest `at_most` dead letters, oldest first.
+    pub fn dead_seqs(&self, at_most: usize) -> Result<Vec<u64>, StoreError> {
         let t = self.trees()?;
         t.dead
             .iter()
             .keys()
+            .take(at_most)
             .map(|k| {
                 let k = k.map_err(|e| self.classify(e.into(), t.generation))?;
                 keys::seq_from_key(&k)
