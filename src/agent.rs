@@ -476,9 +476,9 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
 }
 
 /// Runs the queued backfill (`store::backfill`) step by step through the committer, so that
-/// updates go on between steps, and says in the log how far it is. While the outbox holds
-/// its share of `max_outbox_bytes` ([`backfill::outbox_share`]), it waits for deliveries (a
-/// step may pass the share by its own exports).
+/// updates go on between steps, and says in the log how far it is. While pending exports
+/// take its share of the outbox ([`backfill::waits_for_deliveries`]), it waits for
+/// deliveries (a step may pass the share by its own exports), saying so once a wait.
 async fn run_backfill(
     committer: Committer,
     store: Arc<Store>,
@@ -493,16 +493,21 @@ async fn run_backfill(
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => true,
         }
     };
+    let mut waiting = false;
     loop {
         if store
-            .outbox_full(backfill::outbox_share(max_outbox_bytes))
-            .is_ok_and(|full| full.is_some())
+            .tally()
+            .is_ok_and(|tally| backfill::waits_for_deliveries(tally, max_outbox_bytes))
         {
+            if !std::mem::replace(&mut waiting, true) {
+                tracing::info!("the backfill waits for deliveries: pending exports take half the outbox's room (storage.max_outbox_bytes, less what dead letters hold), the rest is ingest's");
+            }
             if !pause().await {
                 return;
             }
             continue;
         }
+        waiting = false;
         let step = tokio::select! {
             () = shutdown.cancelled() => return,
             step = committer.backfill_step() => step,

@@ -528,11 +528,16 @@ fn clear_text_beyond_loopback(url: &Url) -> bool {
 }
 
 /// The warnings for credentials the config would send in clear text across the network: the
-/// access token (or static token) to an `http://` endpoint, the client's secret (and
-/// password) to an `http://` token endpoint.
-pub fn clear_text_credentials_warnings(http_endpoint: &Url, auth: &Auth) -> Vec<String> {
+/// access token (or static token, or an `Authorization` of `custom_headers`) to an `http://`
+/// endpoint, the client's secret (and password) to an `http://` token endpoint.
+pub fn clear_text_credentials_warnings(
+    http_endpoint: &Url,
+    auth: &Auth,
+    custom_authorization: bool,
+) -> Vec<String> {
     let mut warnings = Vec::new();
-    if !matches!(auth, Auth::None) && clear_text_beyond_loopback(http_endpoint) {
+    let token = !matches!(auth, Auth::None) || custom_authorization;
+    if token && clear_text_beyond_loopback(http_endpoint) {
         warnings.push(format!(
             "destination.http_endpoint is http:// to {}: every export carries its token there in clear text; use https://",
             http_endpoint.host_str().unwrap_or_default()
@@ -547,6 +552,18 @@ pub fn clear_text_credentials_warnings(http_endpoint: &Url, auth: &Auth) -> Vec<
         }
     }
     warnings
+}
+
+/// Whether `destination.custom_headers` (as written) gives an `Authorization` header: an
+/// endpoint's own credentials.
+fn custom_authorization(custom_headers: Option<&str>) -> bool {
+    custom_headers.is_some_and(|headers| {
+        headers.split(',').any(|pair| {
+            pair.split(':')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("authorization"))
+        })
+    })
 }
 
 /// The warning for a config file that holds secrets (`keys`) and that other users can read
@@ -635,6 +652,10 @@ impl Config {
                 "destination.auth.token",
             ),
             (raw.ingest.token.is_some(), "ingest.token"),
+            (
+                custom_authorization(raw.destination.custom_headers.as_deref()),
+                "destination.custom_headers",
+            ),
         ]
         .into_iter()
         .filter_map(|(set, key)| set.then_some(key))
@@ -688,7 +709,7 @@ impl Config {
             .auth
             .as_ref()
             .is_some_and(|a| a.kind == "none");
-        let custom_headers =
+        let custom_headers: Vec<(String, Secret)> =
             parse_custom_headers(raw.destination.custom_headers.as_deref(), auth_is_none)
                 .map_err(|m| invalid("destination.custom_headers", m))?
                 .into_iter()
@@ -822,7 +843,13 @@ impl Config {
 
         let d = raw.delivery;
         let mut warnings = shadowed_env;
-        warnings.extend(clear_text_credentials_warnings(&http_endpoint, &auth));
+        warnings.extend(clear_text_credentials_warnings(
+            &http_endpoint,
+            &auth,
+            custom_headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("authorization")),
+        ));
         warnings.extend(exposure_warning(
             listen,
             IngestGuards {
@@ -1270,10 +1297,10 @@ fn read_secret(
         }
         (None, None) => match (std::env::var(env), secrets) {
             (Ok(value), _) if !value.is_empty() => value,
+            (_, Secrets::IfGiven) => return Ok(Secret::new(String::new())),
             (Err(std::env::VarError::NotUnicode(_)), _) => {
                 return Err((inline_key, format!("env {env} is not valid UTF-8")))
             }
-            (_, Secrets::IfGiven) => return Ok(Secret::new(String::new())),
             (Ok(_), Secrets::Required) => {
                 return Err((
                     inline_key,
@@ -2156,8 +2183,18 @@ client_secret = "s3cr3t-value"
             ),
             ("http://LOCALHOST/p", bearer, &[]),
         ];
+        // An endpoint's own `Authorization` in custom_headers is a token too.
+        let warnings = clear_text_credentials_warnings(
+            &"http://10.0.0.5/p".parse().unwrap(),
+            &Auth::None,
+            true,
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(custom_authorization(Some("x-a:1, Authorization :ApiKey k")));
+        assert!(!custom_authorization(Some("x-authorization:1")));
         for (endpoint, auth, keys) in cases {
-            let warnings = clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth);
+            let warnings =
+                clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth, false);
             assert_eq!(warnings.len(), keys.len(), "{endpoint}: {warnings:?}");
             for (warning, key) in warnings.iter().zip(keys) {
                 assert!(

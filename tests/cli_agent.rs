@@ -1185,7 +1185,7 @@ async fn a_command_as_root_refuses_a_users_store_another_may_have_put_there() {
         "{} belongs to uid 65534",
         folder.join("store").display()
     ));
-    refused("anyone could have made it before the store's user did");
+    refused("another could have made it before the store's user did");
 
     set_mode(0o755);
     let stats: Value =
@@ -1299,7 +1299,7 @@ async fn a_command_as_root_makes_a_new_store_in_another_users_folder_as_that_use
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("anyone could have made it before the store's user did"),
+        stderr.contains("another could have made it before the store's user did"),
         "{stderr}"
     );
     assert!(!sticky.join("nobodys/store").exists());

@@ -215,10 +215,18 @@ fn run_backfill(
     max_outbox_bytes: u64,
 ) -> Result<(), CliError> {
     loop {
-        if store
-            .outbox_full(crate::store::backfill::outbox_share(max_outbox_bytes))?
-            .is_some()
-        {
+        if crate::store::backfill::waits_for_deliveries(store.tally()?, max_outbox_bytes) {
+            // Said once a command, not at each chunk.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            let said = SAID.swap(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(p) = store.backfill_progress()?.filter(|_| !said) {
+                tracing::warn!(
+                    scanned = p.scanned,
+                    profiles = p.profiles,
+                    exported = p.exported,
+                    "the backfill of newly mapped segments waits for deliveries (pending exports take half the outbox's room); it goes on at the next run or with the agent"
+                );
+            }
             return Ok(());
         }
         let Some(progress) =

@@ -620,19 +620,19 @@ mod tests {
     }
 
     /// Requests waiting for a fetch whose answer came when the token was already due for
-    /// refresh (a 2 s token answered after 1.9 s) take that token: one fetch serves them all.
+    /// refresh (a 4 s token answered after 3.65 s) take that token: one fetch serves them all.
     #[tokio::test]
     async fn callers_waiting_for_a_slow_fetch_of_a_short_lived_token_share_it() {
         use crate::receiver::Reply;
         let options = ReceiverOptions {
-            token_lifetime: Duration::from_secs(2),
+            token_lifetime: Duration::from_secs(4),
             ..ReceiverOptions::default()
         };
         let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
             .await
             .unwrap();
         receiver.set_token_script(Some(Arc::new(|_, _| {
-            Reply::Delay(Duration::from_millis(1900))
+            Reply::Delay(Duration::from_millis(3650))
         })));
         let text = crate::demo::demo_config_text(&receiver.base_url());
         let config =

@@ -70,6 +70,7 @@ use super::profiles::{
     decode_profile, group_from_name, group_name, groups_after, unreadable_group,
 };
 use super::tally::read_u64;
+use super::tally::Tally;
 use super::{codec, Store, StoreError, Trees};
 use crate::config::Mapping;
 use crate::profile::layout::Layout;
@@ -83,11 +84,23 @@ const BACKFILL_V1: u8 = 1;
 /// Marks removed in one batch when no job needs them.
 const MARKS_A_BATCH: usize = 10_000;
 
-/// The share of `storage.max_outbox_bytes` a backfill may fill before it waits for
-/// deliveries: half. The rest stays for ingest, which a backfill of many members would
-/// otherwise keep refused for as long as delivery takes to drain what it adds.
-pub fn outbox_share(max_outbox_bytes: u64) -> u64 {
-    max_outbox_bytes / 2
+/// Whether a backfill waits for deliveries before its next step (pure): while pending
+/// exports take half of the room dead letters leave in `storage.max_outbox_bytes`, or the
+/// outbox is full. The other half stays for ingest, which a backfill of many members would
+/// otherwise keep refused for as long as delivery takes to drain what it adds. Dead letters
+/// are counted out by their share of the exports (the tally keeps one byte count for both):
+/// no delivery frees them, so a backfill that counted them could wait for good.
+pub fn waits_for_deliveries(tally: Tally, max_outbox_bytes: u64) -> bool {
+    if tally.bytes >= max_outbox_bytes {
+        return true;
+    }
+    let held = u128::from(tally.pending) + u128::from(tally.dead);
+    let dead_bytes = match held {
+        0 => 0,
+        _ => (u128::from(tally.bytes) * u128::from(tally.dead) / held) as u64,
+    };
+    let room = max_outbox_bytes - dead_bytes;
+    tally.bytes - dead_bytes >= (room / 2).max(1)
 }
 
 /// Profiles a step scans, at least (it takes whole groups): small enough that updates waiting
@@ -695,8 +708,11 @@ impl Store {
             )?)
         })?;
         self.written_next.fetch_max(next_seq, Ordering::SeqCst);
+        // The step is committed whatever comes of this: what is left goes at the next open.
         if state.jobs.is_empty() {
-            self.remove_unneeded_marks()?;
+            if let Err(e) = self.remove_unneeded_marks() {
+                tracing::warn!(error = %e, "the backfill is done, but not all of its marks could be removed; the rest go when the store is next opened");
+            }
         }
         Ok(Some(progress))
     }
@@ -706,6 +722,39 @@ impl Store {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn a_backfill_waits_while_pending_exports_take_half_the_room_dead_letters_leave() {
+        let tally = |pending, dead, bytes| Tally {
+            pending,
+            dead,
+            bytes,
+        };
+        // (tally, max_outbox_bytes, waits)
+        let cases = [
+            (tally(0, 0, 0), 1_000, false),
+            (tally(10, 0, 499), 1_000, false),
+            (tally(10, 0, 500), 1_000, true),
+            (tally(10, 0, 1_000), 1_000, true),
+            // Dead letters take 600 of 1,000: pending exports may take 200.
+            (tally(1, 3, 800), 1_000, true),
+            (tally(1, 3, 760), 1_000, false),
+            // All dead, 90% full: room for the backfill still.
+            (tally(0, 9, 900), 1_000, false),
+            (tally(0, 9, 1_000), 1_000, true),
+            // The smallest outbox: a step at a time while it is empty.
+            (tally(0, 0, 0), 1, false),
+            (tally(1, 0, 1), 1, true),
+            (tally(u64::MAX, u64::MAX, u64::MAX - 1), u64::MAX, true),
+        ];
+        for (tally, max, waits) in cases {
+            assert_eq!(
+                waits_for_deliveries(tally, max),
+                waits,
+                "{tally:?} of {max}"
+            );
+        }
+    }
 
     /// With no job queued, every mark goes, in batches, the last one short.
     #[test]

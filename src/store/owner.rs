@@ -127,7 +127,7 @@ fn swappable_users_store(store: &Path, uid: u32, folder: &Path, who: Who) -> Own
 fn made_first_by_another(store: &Path, uid: u32, entry: &Path) -> OwnerError {
     let owner = who_may(Who::User(Owner { uid, gid: 0 }));
     OwnerError::Refused(format!(
-        "{} {owner}, in a folder anyone may make entries in, so anyone could have made it before the store's user did; outpost run as root will not take on the rights of whoever made it: run the command as the store's user (sudo -u), or keep the store where only root and its user may change the path (the store: {})",
+        "{} {owner}, in a sticky folder others may make entries in, so another could have made it before the store's user did; outpost run as root will not take on the rights of whoever made it: run the command as the store's user (sudo -u), or keep the store where only root and its user may change the path (the store: {})",
         entry.display(),
         store.display()
     ))
@@ -436,7 +436,7 @@ fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize, files_too: bool
             continue;
         };
         if meta.uid() == 0 && meta.is_file() && !files_too {
-            tracing::warn!(file = ?entry.file_name(), uid, "a store file of root's is not handed to the store folder's owner: fs.protected_hardlinks is off, so it could be another file linked in; chown it by hand if it is the store's");
+            tracing::warn!(file = ?entry.file_name(), uid, "a store file of root's is not handed to the store folder's owner: fs.protected_hardlinks is off (or could not be read), so it could be another file linked in; chown it by hand if it is the store's");
         }
         if meta.uid() == 0 && (meta.is_dir() || (files_too && meta.nlink() == 1)) {
             if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
