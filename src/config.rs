@@ -554,18 +554,6 @@ pub fn clear_text_credentials_warnings(
     warnings
 }
 
-/// Whether `destination.custom_headers` (as written) gives an `Authorization` header: an
-/// endpoint's own credentials.
-fn custom_authorization(custom_headers: Option<&str>) -> bool {
-    custom_headers.is_some_and(|headers| {
-        headers.split(',').any(|pair| {
-            pair.split(':')
-                .next()
-                .is_some_and(|name| name.trim().eq_ignore_ascii_case("authorization"))
-        })
-    })
-}
-
 /// The warning for a config file that holds secrets (`keys`) and that other users can read
 /// (`mode`: its Unix permission bits).
 pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
@@ -638,7 +626,7 @@ impl Config {
             message: parse_error_without_values(text, &e),
         })?;
         let a = raw.destination.auth.as_ref();
-        let inline_secrets: Vec<&'static str> = [
+        let mut inline_secrets: Vec<&'static str> = [
             (
                 a.is_some_and(|a| a.client_secret.is_some()),
                 "destination.auth.client_secret",
@@ -652,10 +640,6 @@ impl Config {
                 "destination.auth.token",
             ),
             (raw.ingest.token.is_some(), "ingest.token"),
-            (
-                custom_authorization(raw.destination.custom_headers.as_deref()),
-                "destination.custom_headers",
-            ),
         ]
         .into_iter()
         .filter_map(|(set, key)| set.then_some(key))
@@ -842,13 +826,18 @@ impl Config {
         };
 
         let d = raw.delivery;
+        // An endpoint's own credentials, with `destination.auth.type = "none"`.
+        let custom_authorization = custom_headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
+        if custom_authorization {
+            inline_secrets.push("destination.custom_headers");
+        }
         let mut warnings = shadowed_env;
         warnings.extend(clear_text_credentials_warnings(
             &http_endpoint,
             &auth,
-            custom_headers
-                .iter()
-                .any(|(name, _)| name.eq_ignore_ascii_case("authorization")),
+            custom_authorization,
         ));
         warnings.extend(exposure_warning(
             listen,
@@ -2183,15 +2172,25 @@ client_secret = "s3cr3t-value"
             ),
             ("http://LOCALHOST/p", bearer, &[]),
         ];
-        // An endpoint's own `Authorization` in custom_headers is a token too.
+        // An endpoint's own `Authorization` in custom_headers is a token, and a secret in the
+        // file, too.
+        let text = VALID
+            .replace(
+                "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
+                "type = \"none\"",
+            )
+            .replace("x-tenant:acme", "Authorization:ApiKey k3y");
+        assert_eq!(
+            parse(&text).unwrap().inline_secrets,
+            ["destination.custom_headers"]
+        );
         let warnings = clear_text_credentials_warnings(
             &"http://10.0.0.5/p".parse().unwrap(),
             &Auth::None,
             true,
         );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(custom_authorization(Some("x-a:1, Authorization :ApiKey k")));
-        assert!(!custom_authorization(Some("x-authorization:1")));
+
         for (endpoint, auth, keys) in cases {
             let warnings =
                 clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth, false);

@@ -277,24 +277,9 @@ fn backfill_step_bytes(text: &str) -> u64 {
     store_profiles(&only_a, 6_000);
     let a_and_b = load(probe.path(), "ab.toml", text);
     let store = Store::open(&a_and_b.storage.path, a_and_b.storage.cache_bytes).unwrap();
-    let mut mapping = a_and_b.mapping.clone();
-    store
-        .record_mapping(&mut mapping, Utc::now().timestamp_millis())
-        .unwrap();
-    let mut steps = 0;
-    while let Some(progress) = store
-        .backfill_step(
-            &mapping,
-            outpost::store::backfill::STEP_PROFILES,
-            Utc::now(),
-        )
-        .unwrap()
-    {
-        steps += 1;
-        if progress.done {
-            break;
-        }
-    }
+    let mapping = record(&store, &a_and_b);
+    let steps =
+        run_backfill_in_steps_of(&store, &mapping, outpost::store::backfill::STEP_PROFILES) as u64;
     assert!(steps >= 5, "{steps} steps");
     store.tally().unwrap().bytes / steps
 }
@@ -462,11 +447,21 @@ fn a_backfill_begun_before_profile_groups_goes_on_with_the_members_it_had_not_sc
 
 /// Runs the queued backfill to its end, in steps of 500 profiles.
 fn run_backfill(store: &Store, mapping: &outpost::config::Mapping) {
+    run_backfill_in_steps_of(store, mapping, 500);
+}
+
+/// [`run_backfill`] with steps of `profiles`; how many steps it took.
+fn run_backfill_in_steps_of(
+    store: &Store,
+    mapping: &outpost::config::Mapping,
+    profiles: usize,
+) -> usize {
     let mut steps = 0;
-    while let Some(progress) = store.backfill_step(mapping, 500, Utc::now()).unwrap() {
+    while let Some(progress) = store.backfill_step(mapping, profiles, Utc::now()).unwrap() {
         steps += 1;
         assert!(steps < 100, "the backfill never ends: {progress:?}");
     }
+    steps
 }
 
 /// The store at `store_path` recording `mapping` as the one it runs with.

@@ -725,6 +725,17 @@ async fn agent_past_a_one_byte_outbox(reply: Reply) -> (Receiver, Workspace, u16
     (receiver, ws, port, agent)
 }
 
+/// Room again: the agent takes an update (of `c`), then stops on SIGTERM with exit 0.
+async fn takes_an_update_then_stops_cleanly(agent: &mut AgentProcess) {
+    let (status, _, answer) =
+        post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
+    assert_eq!(status, 200, "{answer}");
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
     // The outbox is empty: the first request is taken, and its exports stay (the endpoint
@@ -800,13 +811,7 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(receiver.delivered().len(), 2);
-    let (status, _, answer) =
-        post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
-    assert_eq!(status, 200, "{answer}");
-    let status = agent
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
-        .await;
-    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    takes_an_update_then_stops_cleanly(&mut agent).await;
 }
 
 /// Dead letters count toward `storage.max_outbox_bytes` (they take the disk as pending exports
@@ -816,11 +821,10 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
 async fn an_outbox_filled_by_dead_letters_says_so_and_takes_updates_once_they_are_dropped() {
     let (_receiver, ws, _port, mut agent) =
         agent_past_a_one_byte_outbox(Reply::Status(400, vec![], "refused".into())).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ws.outbox_stats()["dead"] != 2 {
-        assert!(Instant::now() < deadline, "not dead-lettered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(10, "the two dead-lettered", || {
+        ws.outbox_stats()["dead"] == 2
+    })
+    .await;
 
     let refused = || async {
         let (status, _, answer) =
@@ -847,13 +851,7 @@ async fn an_outbox_filled_by_dead_letters_says_so_and_takes_updates_once_they_ar
     assert!(stderr.contains("2 dead letters"), "{stderr}");
 
     ws.run_ok(&["outbox", "drop", "--all-dead", "--yes"], None);
-    let (status, _, answer) =
-        post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
-    assert_eq!(status, 200, "{answer}");
-    let status = agent
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
-        .await;
-    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    takes_an_update_then_stops_cleanly(&mut agent).await;
 }
 
 /// A stop waits for requests in flight (up to the request timeout and 5 s more); a second
@@ -870,11 +868,7 @@ async fn a_second_sigterm_ends_a_stop_that_waits_for_requests_in_flight() {
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while receiver.max_in_flight() == 0 {
-        assert!(Instant::now() < deadline, "nothing sent");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(10, "a request sent", || receiver.max_in_flight() > 0).await;
 
     // SAFETY: kill(2) of our own child.
     assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) }, 0);
@@ -894,11 +888,10 @@ async fn a_second_sigterm_ends_a_stop_that_waits_for_requests_in_flight() {
 
     receiver.set_export_script(None);
     let mut agent = start_agent(&ws, port).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ws.outbox_stats()["pending"] != 0 {
-        assert!(Instant::now() < deadline, "not delivered after the restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(10, "the delivery after the restart", || {
+        ws.outbox_stats()["pending"] == 0
+    })
+    .await;
     agent.terminate().await;
 }
 

@@ -513,7 +513,8 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
     Ok(update)
 }
 
-fn truncate(text: &str, max: usize) -> &str {
+/// The longest start of `text` of at most `max` bytes that ends at a character boundary.
+pub(crate) fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::profile::update::{update_from_json_with, without_bom, Parsing};
+use crate::profile::update::{truncate, update_from_json_with, without_bom, Parsing};
 use crate::profile::Update;
 use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
 
@@ -132,12 +132,9 @@ pub fn sort_batch(
 
 /// `text`, cut to at most `max` bytes at a character boundary, with `…` where it was cut.
 fn cut_to(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+    let kept = truncate(&text, max).len();
+    if kept < text.len() {
+        text.truncate(kept);
         text.push('…');
     }
     text

@@ -756,9 +756,10 @@ mod tests {
         }
     }
 
-    /// With no job queued, every mark goes, in batches, the last one short.
+    /// With no job queued, every mark goes, over more than one batch and a last one short
+    /// (how many go at once is not seen from outside; this holds the loop to removing all).
     #[test]
-    fn unneeded_marks_are_removed_in_batches() {
+    fn every_unneeded_mark_goes_over_several_batches() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let marks = 2 * MARKS_A_BATCH + 7;
