@@ -302,12 +302,7 @@ fn sample_updates_give_the_documented_counts() {
         .arg(manifest.join("data/sample-updates.ndjson"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = json_of_success(&out);
     assert_eq!(
         summary,
         json!({"accepted": 1529, "exports": 823, "unchanged": 662, "stale": 30, "deleted": 26,
@@ -439,12 +434,7 @@ fn a_store_wait_too_long_to_count_is_no_limit() {
         .env("OUTPOST_STORE_WAIT_S", u64::MAX.to_string())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stats = json_of_success(&out);
     assert_eq!(stats["pending"], 1, "{stats}");
 }
 
@@ -484,4 +474,14 @@ fn a_listing_nobody_reads_does_not_hold_the_store() {
     out.read_to_string(&mut rest).unwrap();
     assert!(listing.wait().unwrap().success());
     assert_eq!(1 + rest.lines().count(), 1000);
+}
+
+/// The JSON a command printed, once it succeeded.
+fn json_of_success(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -730,10 +730,7 @@ async fn takes_an_update_then_stops_cleanly(agent: &mut AgentProcess) {
     let (status, _, answer) =
         post(agent.addr, member_update("c", "Cy", "2026-01-01T00:00:01Z")).await;
     assert_eq!(status, 200, "{answer}");
-    let status = agent
-        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
-        .await;
-    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    agent.terminate().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
