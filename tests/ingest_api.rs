@@ -143,14 +143,22 @@ fn workspace(receiver: &Receiver, storage_extra: &str) -> (Workspace, u16) {
     (ws, port)
 }
 
-/// [`workspace`] with a request timeout of 30 s, which no test waits out.
-fn patient_workspace(receiver: &Receiver) -> (Workspace, u16) {
+/// An agent on a [`workspace`] with a request timeout of 30 s (which no test waits out) that
+/// took one update (of `a`).
+async fn patient_agent_after_one_update(receiver: &Receiver) -> (Workspace, u16, AgentProcess) {
     let (ws, port) = workspace(receiver, "");
     let config = std::fs::read_to_string(ws.config_path()).unwrap();
     let patient = config.replacen("request_timeout_ms = 500", "request_timeout_ms = 30000", 1);
     assert_ne!(patient, config);
     std::fs::write(ws.config_path(), patient).unwrap();
-    (ws, port)
+    let agent = start_agent(&ws, port).await;
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    (ws, port, agent)
 }
 
 /// [`workspace`] with `line` added to `[ingest]`.
@@ -857,14 +865,7 @@ async fn an_outbox_filled_by_dead_letters_says_so_and_takes_updates_once_they_ar
 async fn a_second_sigterm_ends_a_stop_that_waits_for_requests_in_flight() {
     let receiver = receiver().await;
     receiver.set_export_script(Some(Arc::new(|_, _| Reply::Delay(Duration::from_secs(60)))));
-    let (ws, port) = patient_workspace(&receiver);
-    let mut agent = start_agent(&ws, port).await;
-    let (status, _, answer) = post(
-        agent.addr,
-        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    let (ws, port, mut agent) = patient_agent_after_one_update(&receiver).await;
     wait_until(10, "a request sent", || receiver.max_in_flight() > 0).await;
 
     // SAFETY: kill(2) of our own child.
@@ -903,14 +904,7 @@ async fn a_stop_neither_waits_for_a_token_nor_sends_the_request_that_waited_for_
         0 => Reply::Delay(Duration::from_secs(20)),
         _ => Reply::Normal,
     })));
-    let (ws, port) = patient_workspace(&receiver);
-    let mut agent = start_agent(&ws, port).await;
-    let (status, _, answer) = post(
-        agent.addr,
-        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    let (ws, port, mut agent) = patient_agent_after_one_update(&receiver).await;
     wait_until(10, "a token request", || receiver.token_arrivals() == 1).await;
 
     let status = agent
