@@ -494,8 +494,13 @@ mod tests {
     /// A receiver issuing tokens good for 600 s, and a token source of the demo's config
     /// fetching them from it.
     async fn with_receiver() -> (Receiver, TokenSource) {
+        with_receiver_issuing(Duration::from_secs(600)).await
+    }
+
+    /// [`with_receiver`], the tokens good for `lifetime`.
+    async fn with_receiver_issuing(lifetime: Duration) -> (Receiver, TokenSource) {
         let options = ReceiverOptions {
-            token_lifetime: Duration::from_secs(600),
+            token_lifetime: lifetime,
             ..ReceiverOptions::default()
         };
         let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
@@ -624,25 +629,11 @@ mod tests {
     #[tokio::test]
     async fn callers_waiting_for_a_slow_fetch_of_a_short_lived_token_share_it() {
         use crate::receiver::Reply;
-        let options = ReceiverOptions {
-            token_lifetime: Duration::from_secs(4),
-            ..ReceiverOptions::default()
-        };
-        let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), options)
-            .await
-            .unwrap();
+        let (receiver, tokens) = with_receiver_issuing(Duration::from_secs(4)).await;
+        let tokens = Arc::new(tokens);
         receiver.set_token_script(Some(Arc::new(|_, _| {
             Reply::Delay(Duration::from_millis(3650))
         })));
-        let text = crate::demo::demo_config_text(&receiver.base_url());
-        let config =
-            crate::config::Config::parse(std::path::Path::new("outpost.toml"), &text).unwrap();
-        let client = HttpClient::new(&config.destination, Duration::from_secs(5)).unwrap();
-        let tokens = Arc::new(TokenSource::new(
-            config.destination.auth.clone(),
-            client,
-            Counter::default(),
-        ));
         let callers: Vec<_> = (0..5)
             .map(|_| {
                 let tokens = Arc::clone(&tokens);
