@@ -285,6 +285,12 @@ fn default_max_connections() -> u64 {
 }
 /// Far past what one process can hold open (file descriptors), and within a semaphore's range.
 const MAX_CONNECTIONS: u64 = 1_000_000;
+/// Ten minutes: `ingest.read_timeout_ms`, `delivery.request_timeout_ms`.
+const MAX_TIMEOUT_MS: u64 = 600_000;
+/// One day: `delivery.initial_backoff_ms`, `delivery.max_backoff_ms`.
+const MAX_BACKOFF_MS: u64 = 86_400_000;
+/// Ten years of run time: `delivery.max_age_s`.
+const MAX_AGE_S: u64 = 315_360_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -785,8 +791,11 @@ impl Config {
         if raw.ingest.max_future_s == 0 {
             return Err(invalid("ingest.max_future_s", "must be above 0".into()));
         }
-        if raw.ingest.read_timeout_ms == 0 {
-            return Err(invalid("ingest.read_timeout_ms", "must be above 0".into()));
+        if raw.ingest.read_timeout_ms == 0 || raw.ingest.read_timeout_ms > MAX_TIMEOUT_MS {
+            return Err(invalid(
+                "ingest.read_timeout_ms",
+                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+            ));
         }
         if raw.ingest.max_connections == 0 || raw.ingest.max_connections > MAX_CONNECTIONS {
             return Err(invalid(
@@ -884,14 +893,24 @@ impl Config {
                 "must be between 1 and 1000".into(),
             ));
         }
-        for (key, value) in [
-            ("delivery.request_timeout_ms", d.request_timeout_ms),
-            ("delivery.initial_backoff_ms", d.initial_backoff_ms),
-            ("delivery.max_backoff_ms", d.max_backoff_ms),
-            ("delivery.max_age_s", d.max_age_s),
+        // Upper bounds catch a value in the wrong unit, and keep every deadline the agent
+        // adds them to (a stop's, a retry's) within what a clock can hold.
+        for (key, value, most) in [
+            (
+                "delivery.request_timeout_ms",
+                d.request_timeout_ms,
+                MAX_TIMEOUT_MS,
+            ),
+            (
+                "delivery.initial_backoff_ms",
+                d.initial_backoff_ms,
+                MAX_BACKOFF_MS,
+            ),
+            ("delivery.max_backoff_ms", d.max_backoff_ms, MAX_BACKOFF_MS),
+            ("delivery.max_age_s", d.max_age_s, MAX_AGE_S),
         ] {
-            if value == 0 {
-                return Err(invalid(key, "must be above 0".into()));
+            if value == 0 || value > most {
+                return Err(invalid(key, format!("must be between 1 and {most}")));
             }
         }
         if d.max_backoff_ms < d.initial_backoff_ms {
@@ -2083,6 +2102,38 @@ client_secret = "s3cr3t-value"
             ),
             (3, 10)
         );
+    }
+
+    #[test]
+    fn timings_must_lie_between_one_and_their_bound() {
+        let _environment = environment();
+        // (section, key, most allowed, another key it needs beside it)
+        let table = [
+            ("delivery", "request_timeout_ms", "600000", ""),
+            (
+                "delivery",
+                "initial_backoff_ms",
+                "86400000",
+                "max_backoff_ms = 86400000",
+            ),
+            ("delivery", "max_backoff_ms", "86400000", ""),
+            ("delivery", "max_age_s", "315360000", ""),
+            ("ingest", "read_timeout_ms", "600000", ""),
+        ];
+        for (section, key, most, beside) in table {
+            let at_most = format!("{VALID}\n[{section}]\n{key} = {most}\n{beside}\n");
+            if let Err(error) = parse(&at_most) {
+                panic!("{key} = {most}: {error}");
+            }
+            for value in ["0", &format!("{most}1"), "9223372036854775807"] {
+                let error = error_of(&format!("{VALID}\n[{section}]\n{key} = {value}\n"));
+                assert!(
+                    error.contains(&format!("{section}.{key}"))
+                        && error.contains(&format!("between 1 and {most}")),
+                    "{key} = {value}: {error}"
+                );
+            }
+        }
     }
 
     #[test]
