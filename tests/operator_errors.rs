@@ -619,6 +619,42 @@ fn an_agent_that_closes_without_answering_is_said_so() {
     assert!(error.contains("closed without an answer"), "{error}");
 }
 
+/// Something on the agent's socket that answers `outbox stats` without end (a command run as
+/// root calls sockets in folders others own) is given up on once its answer is longer than
+/// any agent's, rather than read until memory runs out.
+#[test]
+fn an_answer_to_stats_that_does_not_end_is_given_up_on() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let listener =
+        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    let endless = std::thread::spawn(move || {
+        let mut sent = 0usize;
+        // Probes send nothing; the request is the connection that sends a line.
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut request = String::new();
+            let _ = std::io::Read::read_to_string(&mut stream, &mut request);
+            if request.is_empty() {
+                continue;
+            }
+            let chunk = vec![b' '; 1 << 20];
+            while std::io::Write::write_all(&mut stream, &chunk).is_ok() {
+                sent += chunk.len();
+                assert!(sent < 1 << 30, "the CLI read 1 GiB of an answer");
+            }
+            return sent;
+        }
+        unreachable!("the listener ends only with the test")
+    });
+    let out = ws.run(&["outbox", "stats"], None);
+    let sent = endless.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let error = error_line(&out);
+    assert!(error.contains("goes on past 16777216 bytes"), "{error}");
+    assert!(sent < 64 << 20, "{sent} bytes sent");
+}
+
 /// An agent that stops after it got a chunk of `outpost ingest` but before it answered may
 /// have stored that chunk: the message says so, rather than counting it as not stored.
 #[test]

@@ -1,6 +1,6 @@
 //! Where the CLI's requests go: the running agent's admin socket, or the store itself.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -261,6 +261,17 @@ fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Du
     }
 }
 
+/// The most an answer to `request` is read of. Statistics and `outpost top`'s snapshots have
+/// a size of their own, whatever the store holds: one that goes on is not the agent's (a
+/// command run as root may call a socket in a folder another user owns). Lists, profiles
+/// and repairs answer with what the store holds, and are read whole.
+fn answer_limit(request: &AdminRequest) -> u64 {
+    match request {
+        AdminRequest::Stats | AdminRequest::Snapshot => 16 << 20,
+        _ => u64::MAX,
+    }
+}
+
 /// Sends `request` to the agent and waits `timeout` for its answer (`None`: for ever).
 pub(super) fn call_agent(
     socket: &Path,
@@ -276,8 +287,9 @@ pub(super) fn call_agent(
     stream.write_all(line.as_bytes()).map_err(failed)?;
     stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
     // From here on, what was asked may have been done, or not.
+    let limit = answer_limit(request);
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(|e| {
+    BufReader::new(stream.take(limit)).read_line(&mut answer).map_err(|e| {
         let why = match (e.kind(), timeout) {
             (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(timeout)) => {
                 format!("no answer within {} s", timeout.as_secs())
@@ -292,6 +304,12 @@ pub(super) fn call_agent(
     if answer.is_empty() {
         return Err(AdminError::Unanswered(format!(
             "agent at {}: the connection closed without an answer (did the agent stop?); `outbox stats` tells what is stored",
+            socket.display()
+        )));
+    }
+    if answer.len() as u64 == limit && !answer.ends_with('\n') {
+        return Err(AdminError::Unanswered(format!(
+            "agent at {}: the answer goes on past {limit} bytes, more than an agent sends for this; is something else listening there?",
             socket.display()
         )));
     }
