@@ -339,9 +339,18 @@ fn export_view(store: &Store, export: &Export) -> Result<Value, AdminError> {
     Ok(view)
 }
 
-/// Dead letters `outbox drop --all-dead` drops under the lock at a time (fewer in tests, so
+/// Dead letters `--all-dead` puts back or drops under the lock at a time (fewer in tests, so
 /// that they take several pages).
-const DROPPED_A_PAGE: usize = if cfg!(test) { 500 } else { 10_000 };
+const DEAD_LETTERS_A_PAGE: usize = if cfg!(test) { 500 } else { 10_000 };
+
+/// What one step of a repair did, under the lock.
+struct Page {
+    done: Vec<String>,
+    missing: Vec<String>,
+    /// With `--all-dead`, the last dead letter looked at, when the page was full: the next
+    /// page starts after it.
+    next_after: Option<u64>,
+}
 
 /// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`
 /// counts again from now, on the store's run-time clock), but not one a newer export of its
@@ -367,8 +376,8 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let mut already_pending = Vec::new();
     let mut superseded = Vec::new();
     let mut maybe_overtaken = Vec::new();
-    // `page`: with `--all-dead`, at most this many of the dead letters there are now.
-    let mut apply = |page: usize| -> Result<(Vec<String>, Vec<String>), AdminError> {
+    // `after`: with `--all-dead`, the page of dead letters after this one.
+    let mut apply = |after: Option<u64>| -> Result<Page, AdminError> {
         // Written and flushed on the same handles (a reopen waits for the section), and
         // flushed before the delivery loop, told of the change, reads the outbox again: a
         // drop not yet durable could otherwise let a newer export of its profile be sent and
@@ -376,14 +385,19 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         let _section = store.write_section()?;
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
-        let targets: Vec<(String, Option<u64>)> = if all_dead {
-            store
-                .dead_seqs(page)?
+        let (targets, next_after): (Vec<(String, Option<u64>)>, Option<u64>) = if all_dead {
+            let seqs = store.dead_seqs(after, DEAD_LETTERS_A_PAGE)?;
+            let next_after = seqs
+                .last()
+                .copied()
+                .filter(|_| seqs.len() == DEAD_LETTERS_A_PAGE);
+            let targets = seqs
                 .into_iter()
                 .map(|seq| (store.export_id(seq).to_string(), Some(seq)))
-                .collect()
+                .collect();
+            (targets, next_after)
         } else {
-            named.clone()
+            (named.clone(), None)
         };
         let mut done = Vec::new();
         let mut missing = Vec::new();
@@ -436,43 +450,50 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         let each = each();
         store.flush()?;
         each?;
-        Ok((done, missing))
+        Ok(Page {
+            done,
+            missing,
+            next_after,
+        })
     };
-    // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in the
-    // delivery loop's window: the loop must not start requests meanwhile, and reads the outbox
-    // again from its head after. A pending export dropped is not out either: should its
-    // request get no answer, the drop must know that the endpoint may have taken it (a drop
-    // by id, whether an id is pending is known only under the lock).
-    let (done, missing) = if retry || !all_dead {
-        let wait = store.put_back_wait();
-        let what = if retry { "put back" } else { "dropped" };
-        store
-            .rewinding_with_nothing_out(wait, || apply(usize::MAX))
-            .map_err(|why| {
-                AdminError::Failed(match why {
-                    NotQuiet::StillOut => format!(
-                        "nothing was {what}: exports were still being sent after {} s; try again",
-                        wait.as_secs()
-                    ),
-                    NotQuiet::GaveUp => format!("nothing was {what}: delivery stopped with requests whose outcome was not recorded (the log says why); once the agent is started again, retry"),
-                })
-            })??
-    } else {
-        // A page at a time, each under the lock on its own: the delivery loop waits for one
-        // page, not for every dead letter of a large store.
-        let (mut done, mut missing) = (Vec::new(), Vec::new());
-        loop {
-            let (page_done, page_missing) = store.rewinding(|| apply(DROPPED_A_PAGE))?;
-            let last =
-                page_done.len() + page_missing.len() < DROPPED_A_PAGE || page_done.is_empty();
-            done.extend(page_done);
-            missing.extend(page_missing);
-            if last {
-                break;
-            }
+    // With `--all-dead` a page at a time, each under the lock on its own: the delivery loop
+    // waits for one page, not for every dead letter of a large store.
+    let wait = store.put_back_wait();
+    let (mut done, mut missing) = (Vec::new(), Vec::new());
+    let mut after = None;
+    loop {
+        // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in
+        // the delivery loop's window: the loop must not start requests meanwhile, and reads
+        // the outbox again from its head after. A pending export dropped is not out either:
+        // should its request get no answer, the drop must know that the endpoint may have
+        // taken it (a drop by id, whether an id is pending is known only under the lock).
+        let page = if retry || !all_dead {
+            let what = if retry { "put back" } else { "dropped" };
+            let so_far = match done.len() {
+                0 => format!("nothing was {what}"),
+                n => format!("{n} dead letter(s) were {what}, the rest not"),
+            };
+            store
+                .rewinding_with_nothing_out(wait, || apply(after))
+                .map_err(|why| {
+                    AdminError::Failed(match why {
+                        NotQuiet::StillOut => format!(
+                            "{so_far}: exports were still being sent after {} s; try again",
+                            wait.as_secs()
+                        ),
+                        NotQuiet::GaveUp => format!("{so_far}: delivery stopped with requests whose outcome was not recorded (the log says why); once the agent is started again, retry"),
+                    })
+                })??
+        } else {
+            store.rewinding(|| apply(after))?
+        };
+        done.extend(page.done);
+        missing.extend(page.missing);
+        match page.next_after {
+            Some(last) => after = Some(last),
+            None => break,
         }
-        (done, missing)
-    };
+    }
     let verb = if retry { "retried" } else { "dropped" };
     Ok(json!({
         verb: done,
@@ -571,7 +592,7 @@ mod tests {
     #[test]
     fn every_dead_letter_is_dropped_over_several_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let store = dead_letters(dir.path(), 2 * DROPPED_A_PAGE + 34);
+        let store = dead_letters(dir.path(), 2 * DEAD_LETTERS_A_PAGE + 34);
         let answer = execute(
             &store,
             &AdminRequest::Drop {
@@ -581,11 +602,78 @@ mod tests {
         )
         .unwrap();
         let dropped = answer["dropped"].as_array().unwrap();
-        assert_eq!(dropped.len(), 2 * DROPPED_A_PAGE + 34);
+        assert_eq!(dropped.len(), 2 * DEAD_LETTERS_A_PAGE + 34);
         let distinct: std::collections::HashSet<_> = dropped.iter().collect();
         assert_eq!(distinct.len(), dropped.len());
         assert_eq!(store.tally().unwrap().dead, 0);
-        assert!(store.dead_seqs(usize::MAX).unwrap().is_empty());
+        assert!(store.dead_seqs(None, usize::MAX).unwrap().is_empty());
+    }
+
+    /// `retry --all-dead` goes over every dead letter once, over several pages: those whose
+    /// profile a newer export has superseded at the endpoint stay where they are, more than a
+    /// page of them, and the pages go on past them to the ones that can go back.
+    #[test]
+    fn retry_of_all_dead_letters_goes_past_those_that_stay() {
+        use crate::store::outbox::{ExportChange, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let (stay, go) = (DEAD_LETTERS_A_PAGE + 10, DEAD_LETTERS_A_PAGE + 20);
+        // One export for each of `count` profiles `{prefix}{i}`: the profiles, the exports.
+        let exports = |prefix: &str, count: usize, value: &str| {
+            let profiles: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+            let updates: Vec<(&str, &str)> = profiles.iter().map(|p| (p.as_str(), value)).collect();
+            let seqs = crate::store::testing::export_each(&store, &updates);
+            (profiles, seqs)
+        };
+        let settle = |(profiles, seqs): &(Vec<String>, Vec<u64>), change: &ExportChange| {
+            let outcomes: Vec<Outcome> = profiles
+                .iter()
+                .zip(seqs)
+                .map(|(profile, seq)| Outcome {
+                    profile: profile.as_str().into(),
+                    seq: *seq,
+                    change: change.clone(),
+                })
+                .collect();
+            store.apply_export_changes(&outcomes).unwrap();
+        };
+        let (older, newer, alone) = (
+            exports("a", stay, "1"),
+            exports("a", stay, "2"),
+            exports("b", go, "1"),
+        );
+        let refused = ExportChange::Rejected {
+            error: "HTTP 400".into(),
+            at_ms: 1,
+        };
+        settle(&older, &refused);
+        settle(&alone, &refused);
+        settle(&newer, &ExportChange::Delivered { retried: false });
+        store.flush().unwrap();
+
+        let answer = execute(
+            &store,
+            &AdminRequest::Retry {
+                ids: vec![],
+                all_dead: true,
+            },
+        )
+        .unwrap();
+        let ids = |seqs: &[u64]| -> Vec<String> {
+            seqs.iter()
+                .map(|s| store.export_id(*s).to_string())
+                .collect()
+        };
+        assert_eq!(answer["retried"], json!(ids(&alone.1)));
+        let superseded: Vec<&str> = answer["superseded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(superseded, ids(&older.1));
+        let tally = store.tally().unwrap();
+        assert_eq!((tally.pending, tally.dead), (go as u64, stay as u64));
     }
 
     /// `retry --all-dead` and `drop --all-dead` at once: each export is either put back or

@@ -248,15 +248,17 @@ fn run_backfill(
 }
 
 /// How long the agent may take to answer `request`. A compaction takes as long as the store
-/// is large; the agent answers when it is done. A retry, and a drop by id, first wait for the
-/// requests in flight (see [`put_back_wait`]).
+/// is large, and so does a repair of every dead letter (a page at a time, a retry's each
+/// waiting for the requests in flight); the agent answers when it is done. A retry, and a
+/// drop, by id first wait for the requests in flight (see [`put_back_wait`]).
 fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Duration> {
     match request {
-        AdminRequest::Compact => None,
-        AdminRequest::Retry { .. }
-        | AdminRequest::Drop {
-            all_dead: false, ..
-        } => Some(put_back_wait(request_timeout) + 2 * AGENT_TIMEOUT),
+        AdminRequest::Compact
+        | AdminRequest::Retry { all_dead: true, .. }
+        | AdminRequest::Drop { all_dead: true, .. } => None,
+        AdminRequest::Retry { .. } | AdminRequest::Drop { .. } => {
+            Some(put_back_wait(request_timeout) + 2 * AGENT_TIMEOUT)
+        }
         _ => Some(AGENT_TIMEOUT),
     }
 }

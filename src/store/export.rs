@@ -518,11 +518,17 @@ impl Store {
         self.with(|t| Ok(t.outbox.contains_key(keys::seq_key(seq))?))
     }
 
-    /// Sequence numbers of the oldest `at_most` dead letters, oldest first.
-    pub fn dead_seqs(&self, at_most: usize) -> Result<Vec<u64>, StoreError> {
+    /// Sequence numbers of the oldest `at_most` dead letters after `after` (from the first
+    /// with `None`), oldest first.
+    pub fn dead_seqs(&self, after: Option<u64>, at_most: usize) -> Result<Vec<u64>, StoreError> {
         let t = self.trees()?;
+        let from = match after {
+            None => 0,
+            Some(u64::MAX) => return Ok(Vec::new()),
+            Some(seq) => seq + 1,
+        };
         t.dead
-            .iter()
+            .range(keys::seq_key(from)..)
             .keys()
             .take(at_most)
             .map(|k| {
