@@ -412,7 +412,7 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
     };
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
-    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "max_rejected = 3", "");
     let agent = setup.start().await;
     // p-000001 lives in partition 1 of 8, p-000123 in partition 6.
     let subject = "test.updates.1";
@@ -476,6 +476,38 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
         3.0
     );
     assert_eq!(metric(agent.addr, "outpost_source_acks_total").await, 5.0);
+
+    // Past `max_rejected`, a rejected message is logged, acknowledged and counted, not kept.
+    js.publish(subject, "{bad again".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_or_show(20, "the fourth rejected message", &[&agent], async || {
+        metric(agent.addr, "outpost_source_acks_total").await == 6.0
+    })
+    .await;
+    let stats: serde_json::Value =
+        serde_json::from_str(&setup.cli(&["outbox", "stats", "--json"])).unwrap();
+    assert_eq!(
+        (&stats["rejected"], &stats["rejected_not_kept"]),
+        (&serde_json::json!(3), &serde_json::json!(1)),
+        "{stats}"
+    );
+    let human = setup.cli(&["outbox", "stats"]);
+    assert!(
+        human.contains("3 stream message(s) kept, 1 more not kept"),
+        "{human}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("rejected messages not kept") && log.contains("seq=6"),
+        "{log}"
+    );
+    assert_eq!(
+        json_lines(&setup.cli(&["rejected", "list", "--json"])).len(),
+        3
+    );
 
     // A bad line refuses the whole input: nothing is published.
     let stream_messages = || async {

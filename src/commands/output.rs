@@ -125,6 +125,15 @@ pub(super) fn print_stats(stats: &Value) {
     if let Some(line) = describe_backfill(&stats["backfill"]) {
         println!("backfill         {line}");
     }
+    match (stats["rejected"].as_u64(), stats["rejected_not_kept"].as_u64()) {
+        (Some(kept), Some(0)) if kept > 0 => {
+            println!("rejected         {kept} stream message(s) kept (`outpost rejected list`)")
+        }
+        (Some(kept), Some(not_kept)) if not_kept > 0 => println!(
+            "rejected         {kept} stream message(s) kept, {not_kept} more not kept (source.nats.max_rejected reached; the log has them)"
+        ),
+        _ => {}
+    }
 }
 
 /// How far the backfill in progress is, from `outbox stats --json` (`None`: none running).

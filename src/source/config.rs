@@ -46,6 +46,8 @@ pub(crate) struct RawNats {
     ack_wait_s: u64,
     #[serde(default = "default_consumer_prefix")]
     consumer_prefix: String,
+    #[serde(default = "default_max_rejected")]
+    max_rejected: u64,
 }
 
 impl RawNats {
@@ -81,6 +83,11 @@ fn default_ack_wait_s() -> u64 {
 fn default_consumer_prefix() -> String {
     "outpost".into()
 }
+fn default_max_rejected() -> u64 {
+    100_000
+}
+/// Rejected messages keep up to 64 KiB each: a billion of them is past any disk.
+const MAX_MAX_REJECTED: u64 = 1_000_000_000;
 
 /// How the agent proves who it is to NATS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +153,9 @@ pub struct NatsSource {
     /// Durable consumers are named `<consumer_prefix>-p<partition>`: fleets for different
     /// destinations reading one stream need different prefixes.
     pub consumer_prefix: String,
+    /// At most this many rejected messages are kept in the store; past it, one is logged
+    /// and counted, not kept.
+    pub max_rejected: u64,
 }
 
 impl NatsSource {
@@ -320,6 +330,12 @@ pub(crate) fn validate_nats(
             format!("must be between 1 and {MAX_ACK_WAIT_S} (a day)"),
         ));
     }
+    if raw.max_rejected == 0 || raw.max_rejected > MAX_MAX_REJECTED {
+        return Err((
+            "source.nats.max_rejected",
+            format!("must be between 1 and {MAX_MAX_REJECTED}"),
+        ));
+    }
     Ok(NatsSource {
         servers: raw.servers,
         auth,
@@ -332,6 +348,7 @@ pub(crate) fn validate_nats(
         fetch_batch: raw.fetch_batch as usize,
         ack_wait: Duration::from_secs(raw.ack_wait_s),
         consumer_prefix: raw.consumer_prefix,
+        max_rejected: raw.max_rejected,
     })
 }
 
@@ -464,6 +481,14 @@ segments = ["s"]
             (
                 format!("{servers}partitions = 4\nconsumer_prefix = \"a.b\""),
                 "source.nats.consumer_prefix",
+            ),
+            (
+                format!("{servers}partitions = 4\nmax_rejected = 0"),
+                "source.nats.max_rejected",
+            ),
+            (
+                format!("{servers}partitions = 4\nmax_rejected = 1000000001"),
+                "source.nats.max_rejected",
             ),
             (
                 format!("{servers}partitions = 4\nuser = \"u\""),

@@ -456,6 +456,7 @@ pub async fn start(
     (max_outbox_bytes, max_future_s): (u64, u64),
     shutdown: CancellationToken,
 ) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), NatsError> {
+    store.set_max_rejected(config.max_rejected);
     let breaks = Arc::new(AtomicU64::new(0));
     let client = connect_counting(config, true, Arc::clone(&breaks)).await?;
     let state = Arc::new(SourceState {
@@ -891,12 +892,25 @@ async fn commit_and_ack(
     let committed = sorted.updates.len() as u64;
     let position = sorted.position.as_ref().map_or(recorded, |p| p.seq);
     if sorted.position.is_some() {
+        let not_kept_before = (rejected > 0).then(|| shared.store.rejected_counts());
         let summary = shared
             .committer
             .commit_at(sorted.updates, sorted.position)
             .await
             .map_err(|e| nats_error("committing", e))?;
         shared.metrics.record_commit(&summary);
+        if let (Some(Ok((_, before))), Ok((kept, after))) =
+            (not_kept_before, shared.store.rejected_counts())
+        {
+            if after > before {
+                tracing::warn!(
+                    partition,
+                    kept,
+                    not_kept = after - before,
+                    "rejected messages not kept: the store keeps source.nats.max_rejected of them already; each was logged above, and `outpost rejected drop` makes room"
+                );
+            }
+        }
     }
     shared
         .metrics

@@ -38,6 +38,12 @@ pub mod meta {
     pub const DELIVERING: &[u8] = b"delivering";
     /// Pending exports below this sequence (u64 BE) may have been acknowledged unrecorded.
     pub const UNRECORDED_BELOW: &[u8] = b"unrecorded_below";
+    /// How many rejected stream messages the store keeps (u64 BE), kept by the transactions
+    /// that add or remove one; counted at open when missing (see `store::source`).
+    pub const REJECTED: &[u8] = b"rejected";
+    /// How many rejected stream messages were not kept, the store holding
+    /// `source.nats.max_rejected` already (u64 BE).
+    pub const REJECTED_NOT_KEPT: &[u8] = b"rejected_not_kept";
 }
 
 #[cfg(test)]

@@ -179,6 +179,8 @@ pub struct Store {
     exports_out: AtomicU64,
     /// The delivery loop's request timeout, which bounds how long it has an export in flight.
     request_timeout_ms: AtomicU64,
+    /// `source.nats.max_rejected` (see `store::source`); no limit until set.
+    max_rejected: AtomicU64,
     /// Pending exports below this sequence may have been acknowledged unrecorded, as the store
     /// was found at open, or at a reopen after an I/O error ([`unrecorded`]); it only grows.
     unrecorded_below: AtomicU64,

@@ -307,6 +307,7 @@ impl Store {
             holding_requests: AtomicU32::new(0),
             exports_out: AtomicU64::new(0),
             request_timeout_ms: AtomicU64::new(0),
+            max_rejected: AtomicU64::new(u64::MAX),
             unrecorded_below: AtomicU64::new(unrecorded_below),
             unanswered: Default::default(),
             written_next: AtomicU64::new(opened.next_seq),
@@ -473,6 +474,7 @@ impl Store {
                 ),
             }
         }
+        super::source::count_rejected_if_unknown(&trees)?;
         let clock = match trees.meta.get(meta::CLOCK)? {
             Some(v) => codec::decode_clock(&v).map_err(|e| StoreError::corrupt("clock", e))?,
             None => ClockRecord::default(),

@@ -513,6 +513,7 @@ impl Store {
             .map(|(_, position)| position.clone())
             .collect();
         let marks = self.with_trees(&trees, |t| backfill::marks_for(t, exported.into_iter()))?;
+        let max_rejected = self.max_rejected.load(Ordering::SeqCst);
         let next_seq = self.with_trees(&trees, |t| {
             let trees = (
                 &t.profile_groups,
@@ -525,7 +526,7 @@ impl Store {
             );
             Ok(trees.transaction(
                 |(profile_groups, legacy, outbox, meta_tx, positions, rejected, marks_tx)| {
-                    source::write(positions, rejected, meta_tx, &consumed)?;
+                    source::write(positions, rejected, meta_tx, &consumed, max_rejected)?;
                     for (key, value) in &groups {
                         match value {
                             Some(bytes) => profile_groups.insert(key, bytes.as_slice())?,

@@ -18,6 +18,11 @@
 //!   place, keys of 16 bytes (the same, then n u32 BE, n >= 2) the later ones, so a place's
 //!   messages list together. The first key of 16 bytes marks the store format 6
 //!   ([`FORMAT_VERSION`]), in the same transaction: a build of format 5 takes them for damage.
+//! - `meta/rejected` counts the keys of `rejected`, written in the transactions that add or
+//!   remove one (counted at open when missing). Once it reaches `source.nats.max_rejected`, a
+//!   message rejected is not kept: `meta/rejected_not_kept` counts it, in the same
+//!   transaction, and the log has its reason. The rejected messages thus take a bounded room
+//!   on the disk, whatever a producer publishes.
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
@@ -25,6 +30,7 @@ use sled::IVec;
 
 use super::error::{abort, TxResult};
 use super::keys::meta;
+use super::tally::{read_u64, write_u64};
 use super::unreadable::{key_text, UnreadableRecord, UNREADABLE};
 use super::Trees;
 use super::FORMAT_VERSION;
@@ -335,13 +341,17 @@ fn recorded_for(value: (u64, Option<u64>), stream: u64, last_seq: u64) -> Record
     }
 }
 
-/// Writes the positions and rejected messages of a group, inside its transaction.
+/// Writes the positions and rejected messages of a group, inside its transaction; rejected
+/// messages past `max_rejected` kept are counted, not kept.
 pub(super) fn write(
     positions: &TransactionalTree,
     rejected: &TransactionalTree,
     meta_tx: &TransactionalTree,
     consumed: &[SourcePosition],
+    max_rejected: u64,
 ) -> TxResult<()> {
+    let mut kept = None;
+    let mut not_kept = 0u64;
     for position in consumed {
         let key = position_key(position.partition);
         let grows = match positions.get(key)? {
@@ -359,13 +369,55 @@ pub(super) fn write(
             let Some(id) = id_for(rejected, record)? else {
                 continue;
             };
+            let count = match kept {
+                Some(count) => count,
+                None => read_u64(meta_tx, meta::REJECTED)?,
+            };
+            if count >= max_rejected {
+                kept = Some(count);
+                not_kept += 1;
+                continue;
+            }
             if id.nth > 1 {
                 // A store of an older format is marked with the first key it cannot read.
                 meta_tx.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes())?;
             }
             rejected.insert(id.key(), encode_rejected(record))?;
+            kept = Some(count + 1);
         }
     }
+    if let Some(count) = kept {
+        write_u64(meta_tx, meta::REJECTED, count)?;
+    }
+    if not_kept > 0 {
+        let before = read_u64(meta_tx, meta::REJECTED_NOT_KEPT)?;
+        write_u64(
+            meta_tx,
+            meta::REJECTED_NOT_KEPT,
+            before.saturating_add(not_kept),
+        )?;
+    }
+    Ok(())
+}
+
+/// Counts the rejected messages into `meta/rejected` if it is missing (a store from a build
+/// that kept no count). Not durable until a flush.
+pub(super) fn count_rejected_if_unknown(t: &Trees) -> Result<(), StoreError> {
+    if t.meta.get(meta::REJECTED)?.is_none() && !t.rejected.is_empty() {
+        let count = t.rejected.iter().keys().count() as u64;
+        t.meta.insert(meta::REJECTED, &count.to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Lowers `meta/rejected` by `removed`, outside a transaction (a repair of keys).
+fn count_removed(t: &Trees, removed: u64) -> Result<(), StoreError> {
+    t.meta.fetch_and_update(meta::REJECTED, |old| {
+        let count = old
+            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+            .map_or(0, u64::from_be_bytes);
+        Some(count.saturating_sub(removed).to_be_bytes().to_vec())
+    })?;
     Ok(())
 }
 
@@ -509,8 +561,25 @@ impl Store {
         })
     }
 
-    pub fn rejected_count(&self) -> usize {
-        self.trees().map_or(0, |t| t.rejected.len())
+    /// How many rejected messages the store keeps, and how many it did not keep, having
+    /// `source.nats.max_rejected` already.
+    pub fn rejected_counts(&self) -> Result<(u64, u64), StoreError> {
+        self.with(|t| {
+            let read = |key| -> Result<u64, StoreError> {
+                Ok(t.meta
+                    .get(key)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes))
+            };
+            Ok((read(meta::REJECTED)?, read(meta::REJECTED_NOT_KEPT)?))
+        })
+    }
+
+    /// At most this many rejected messages are kept (`source.nats.max_rejected`); others are
+    /// counted.
+    pub fn set_max_rejected(&self, max: u64) {
+        self.max_rejected
+            .store(max, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn rejected_get(&self, id: RejectedId) -> Result<Option<Rejected>, StoreError> {
@@ -525,7 +594,17 @@ impl Store {
 
     /// Deletes one rejected message; false if there was none. Not durable until a flush.
     pub fn rejected_drop(&self, id: RejectedId) -> Result<bool, StoreError> {
-        self.with(|t| Ok(t.rejected.remove(id.key())?.is_some()))
+        use sled::Transactional;
+        self.with(|t| {
+            Ok((&t.rejected, &t.meta).transaction(|(rejected, meta_tx)| {
+                let removed = rejected.remove(id.key())?.is_some();
+                if removed {
+                    let count = read_u64(meta_tx, meta::REJECTED)?;
+                    write_u64(meta_tx, meta::REJECTED, count.saturating_sub(1))?;
+                }
+                Ok(removed)
+            })?)
+        })
     }
 
     /// Ids of every rejected message (keys that name none are passed over, as by
@@ -659,6 +738,9 @@ pub(super) fn delete_stream_keys(
             &t.rejected
         };
         if tree.remove(key)?.is_some() {
+            if *name != "positions" {
+                count_removed(t, 1)?;
+            }
             done.push(format!(
                 "{name} entry with key {}: deleted (the key names nothing)",
                 key_text(key)
@@ -820,7 +902,7 @@ mod tests {
         );
         assert!(store.rejected_drop(id).unwrap());
         assert!(!store.rejected_drop(id).unwrap());
-        assert_eq!(store.rejected_count(), 0);
+        assert_eq!(store.rejected_counts().unwrap(), (0, 0));
 
         // The stream went back (restored from a backup): consumed from its end, and the
         // position set back there, so that what comes next is recorded.
@@ -843,6 +925,63 @@ mod tests {
             .apply_each(&[&[]], &mapping, now, &[(0, next)])
             .unwrap();
         assert_eq!(store.source_position(3, 78, 2).unwrap(), Recorded::At(2));
+    }
+
+    /// At most `max_rejected` rejected messages are kept; past it they are counted. A drop
+    /// makes room again, and a store that kept no count is counted at open.
+    #[test]
+    fn rejected_messages_past_the_limit_are_counted_not_kept() {
+        use crate::config::Mapping;
+        let dir = tempfile::tempdir().unwrap();
+        let mapping = Mapping::new(&["name"], &["s"], &[]);
+        let commit = |store: &Store, seqs: std::ops::RangeInclusive<u64>| {
+            let rejected = seqs
+                .clone()
+                .map(|seq| RejectedRecord {
+                    partition: 1,
+                    seq,
+                    subject: "u.1".into(),
+                    received_at_ms: 1,
+                    raw: b"{".to_vec(),
+                    raw_len: 1,
+                    error: "not valid JSON".into(),
+                })
+                .collect();
+            let position = SourcePosition {
+                partition: 1,
+                stream: 7,
+                seq: *seqs.end(),
+                rejected,
+            };
+            store
+                .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
+                .unwrap();
+        };
+        let kept_seqs = |store: &Store| -> Vec<u64> {
+            let list = store.rejected_list(0, None).unwrap();
+            list.iter().map(|r| r.id.seq).collect()
+        };
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            store.set_max_rejected(3);
+            commit(&store, 1..=2);
+            commit(&store, 3..=5);
+            assert_eq!(kept_seqs(&store), [1, 2, 3]);
+            assert_eq!(store.rejected_counts().unwrap(), (3, 2));
+            assert!(store.rejected_drop(RejectedId::first(1, 2)).unwrap());
+            assert_eq!(store.rejected_counts().unwrap(), (2, 2));
+            commit(&store, 6..=7);
+            assert_eq!(kept_seqs(&store), [1, 3, 6]);
+            assert_eq!(store.rejected_counts().unwrap(), (3, 3));
+            // As a build that kept no count left it.
+            store.with(|t| Ok(t.meta.remove(meta::REJECTED)?)).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.rejected_counts().unwrap(), (3, 3));
+        // No limit until the agent sets one.
+        commit(&store, 8..=8);
+        assert_eq!(store.rejected_counts().unwrap(), (4, 3));
     }
 
     /// A stream made again numbers its messages from 1 again: a message rejected where another

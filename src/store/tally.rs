@@ -40,6 +40,9 @@ pub struct OutboxStats {
     /// The backfill in progress (members of newly mapped segments being exported).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backfill: Option<backfill::BackfillProgress>,
+    /// Rejected stream messages kept, and those not kept past `source.nats.max_rejected`.
+    pub rejected: u64,
+    pub rejected_not_kept: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -208,6 +211,7 @@ impl Store {
         let tally = self.tally()?;
         let uptime_ms = self.run_clock.uptime_ms();
         let clock = self.clock_record()?;
+        let (rejected, rejected_not_kept) = self.rejected_counts()?;
         Ok(OutboxStats {
             pending: tally.pending,
             dead: tally.dead,
@@ -230,6 +234,8 @@ impl Store {
                 noticed_at: format_ms(j.noticed_at_ms),
             }),
             backfill: self.backfill_progress()?,
+            rejected,
+            rejected_not_kept,
         })
     }
 
