@@ -5,8 +5,8 @@
 //! folder says (re-read every second, so a test steps the clock of a running agent).
 //! `FAKETIME_DONT_FAKE_MONOTONIC=1`: libfaketime would otherwise also shift (and, when the file
 //! changes, step) CLOCK_MONOTONIC, which no NTP step does; the agent's run time and timers must
-//! see the monotonic clock a real host gives them. The receiver runs in the test, on the real
-//! clock.
+//! see the monotonic clock a real host gives them. The receiver (and, where a test needs one,
+//! the NATS server) runs on the real clock.
 //!
 //! Without libfaketime (Debian package `faketime`) these tests say so and skip, except under
 //! CI (`CI` set to anything but `false`/`0`), where they fail: `.ci/run` installs it.
@@ -366,5 +366,53 @@ async fn max_age_counts_the_wait_across_a_restart() {
     let s = ws.outbox_stats();
     assert_eq!(s["clock_jumps"], 1, "the step back is reported: {s}");
     assert_jump_near(&s["last_clock_jump"], -DAY_S);
+    agent.terminate().await;
+}
+
+/// An agent whose clock is days behind the stream's (an edge host booted without the right
+/// time) takes updates stamped with the real time as too far ahead of its clock, but not of
+/// the time the stream took them: they wait in the stream, none is rejected (a rejected
+/// message is acknowledged and gone), and once NTP sets the clock right they are committed
+/// and delivered, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stream_updates_wait_while_the_agents_clock_is_days_behind() {
+    let Some(library) = libfaketime() else { return };
+    let Some(server_bin) = nats::nats_server_or_skip("stream_updates_wait_while_behind") else {
+        return;
+    };
+    let server = nats::NatsServer::start(&server_bin);
+    let receiver = receiver(Arc::new(AtomicU8::new(UP))).await;
+    let port = free_port();
+    let ws = workspace(&receiver, port, "");
+    let mut config = std::fs::read_to_string(ws.config_path()).unwrap();
+    config.push_str(&nats::nats_table(&server.url(), 1, "0", ""));
+    std::fs::write(ws.config_path(), config).unwrap();
+    ws.run_ok(&["nats", "setup"], None);
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let lines: Vec<String> = (0..3)
+        .map(|i| member_update(&format!("p-{i}"), "Jane", &now))
+        .collect();
+    ws.run_ok(&["publish", "-"], Some(lines.join("\n").as_bytes()));
+
+    let clock = FakeClock::new(library, ws.path(), "-3d");
+    let mut agent = clock.start_agent(&ws, port).await;
+    wait_for(30, "the partition to hold its updates back", async || {
+        agent.log().contains("this host's clock may be behind")
+    })
+    .await;
+    // A few more tries of the partition, each holding back again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rejected = ws.run_ok(&["rejected", "list", "--json"], None);
+    assert_eq!(rejected.trim(), "", "none rejected");
+    assert_eq!(delivered_once(&receiver), 0);
+    assert_eq!(ws.outbox_stats()["pending"], 0);
+
+    clock.set("+0");
+    wait_for(30, "the three updates delivered", async || {
+        delivered_once(&receiver) == 3
+    })
+    .await;
+    let rejected = ws.run_ok(&["rejected", "list", "--json"], None);
+    assert_eq!(rejected.trim(), "", "none rejected");
     agent.terminate().await;
 }
