@@ -595,7 +595,10 @@ async fn check(config: &Config) -> Result<(), CliError> {
             println!(
                 "token            obtained ({} characters, type {}, lifetime {} s{})",
                 fetched.token.expose().len(),
-                fetched.token_type.as_deref().unwrap_or("unspecified"),
+                for_terminal(
+                    fetched.token_type.as_deref().unwrap_or("unspecified"),
+                    false
+                ),
                 fetched.lifetime.as_secs(),
                 if fetched.lifetime_given {
                     ""
@@ -603,6 +606,10 @@ async fn check(config: &Config) -> Result<(), CliError> {
                     ", assumed: no usable expires_in"
                 }
             );
+            let token_type = fetched.token_type.as_deref();
+            if let Some(warning) = crate::delivery::auth::token_type_warning(token_type) {
+                println!("warning          {warning}");
+            }
         }
     }
     if !problems.is_empty() {

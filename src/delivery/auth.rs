@@ -119,6 +119,25 @@ struct Fetching {
     /// The last failed fetch: callers that were waiting for it share its error rather than
     /// each trying again (a token endpoint that is down gets one request, not one per caller).
     failed: Option<(Instant, AuthError)>,
+    /// The last `token_type` warned of, so that each is said once.
+    told_token_type: Option<String>,
+}
+
+/// What to say of a token answer's `token_type`. outpost sends every token as `Bearer` (RFC
+/// 6750), and RFC 6749 reads the type whatever its case; another type (`DPoP`, `MAC`, …)
+/// asks for more than a header, which the endpoint may then refuse. `None`: a bearer token,
+/// or no type given.
+pub fn token_type_warning(token_type: Option<&str>) -> Option<String> {
+    let given = token_type?;
+    if given.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let shown: String = crate::profile::update::truncate(given, 64)
+        .escape_debug()
+        .collect();
+    Some(format!(
+        "the token endpoint gives tokens of type \"{shown}\", not Bearer; outpost sends them as Bearer tokens, which the endpoint may refuse"
+    ))
 }
 
 /// When the OAuth token held expires: shared by the token source with the metrics, so that
@@ -228,6 +247,12 @@ impl TokenSource {
                     }
                 };
                 fetching.failed = None;
+                if let Some(warning) = token_type_warning(fetched.token_type.as_deref()) {
+                    if fetching.told_token_type != fetched.token_type {
+                        tracing::warn!("{warning}");
+                        fetching.told_token_type = fetched.token_type.clone();
+                    }
+                }
                 let refresh_at = asked_at + fetched.lifetime - refresh_margin(fetched.lifetime);
                 self.expiry.set(Some(asked_at + fetched.lifetime));
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached {
@@ -669,6 +694,32 @@ mod tests {
             "refreshed within the margin"
         );
         assert_ne!(second, first);
+    }
+
+    #[test]
+    fn a_token_type_other_than_bearer_is_warned_of() {
+        // (token_type, warned)
+        let table = [
+            (None, false),
+            (Some("Bearer"), false),
+            (Some("bearer"), false),
+            (Some("BEARER"), false),
+            (Some("DPoP"), true),
+            (Some("mac"), true),
+            (Some(""), true),
+            (Some("Bearer "), true),
+        ];
+        for (token_type, warned) in table {
+            let warning = token_type_warning(token_type);
+            assert_eq!(warning.is_some(), warned, "{token_type:?}: {warning:?}");
+            if let (Some(warning), Some(given)) = (warning, token_type) {
+                assert!(warning.contains(&format!("\"{given}\"")), "{warning}");
+            }
+        }
+        let long = token_type_warning(Some(&"x".repeat(1000))).unwrap();
+        assert!(long.len() < 300, "{long}");
+        let escaped = token_type_warning(Some("a\u{1b}[2J")).unwrap();
+        assert!(!escaped.contains('\u{1b}'), "{escaped}");
     }
 
     #[test]
