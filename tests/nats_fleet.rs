@@ -552,6 +552,49 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
         .contains("no rejected messages"));
 }
 
+/// A partition fetches at most its share of a byte budget at a time (1 MiB each of 64). A
+/// message larger than that, which ends every such fetch before it, is fetched by itself, and
+/// the partition goes on in order after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_a_fetch_may_take_is_fetched_alone() {
+    let Some(server_bin) = nats_server_or_skip("a_message_larger_than_a_fetch_may_take") else {
+        return;
+    };
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(conf.path(), "max_payload: 4MB\n").unwrap();
+    let server = NatsServer::start_with(&server_bin, &["-c", conf.path().to_str().unwrap()]);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 64, "0-63", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let with_padding = |name: &str, at: &str, padding: usize| {
+        let mut update: serde_json::Value =
+            serde_json::from_str(&member_update("p-000001", name, at)).unwrap();
+        update["profile"]["padding"] = "x".repeat(padding).into();
+        update.to_string()
+    };
+    setup.publish(&[
+        with_padding("first", "2026-01-01T00:00:01Z", 10),
+        with_padding("large", "2026-01-01T00:00:02Z", 2 << 20),
+        with_padding("after", "2026-01-01T00:00:03Z", 10),
+    ]);
+    let agent = setup.start().await;
+    wait_or_show(30, "the three updates delivered", &[&agent], async || {
+        distinct_delivered(&receiver) >= 3
+    })
+    .await;
+    assert_eq!(
+        names_by_profile(&receiver)["p-000001"],
+        ["first", "large", "after"]
+    );
+    assert!(setup
+        .cli(&["rejected", "list"])
+        .contains("no rejected messages"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
     let Some(server_bin) = nats_server_or_skip("a_full_outbox_pauses_fetching") else {

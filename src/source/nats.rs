@@ -50,6 +50,27 @@ const CONNECT_GRACE: Duration = Duration::from_secs(3);
 /// reconnects, and that queue fills when NATS has been unreachable for some minutes. A batch
 /// dropped committed but unacknowledged comes again and is skipped by its recorded position.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The bytes of messages all owned partitions may fetch at once, shared out among them: a
+/// batch is held, parsed and raw, until it is committed, and `fetch_batch` messages of tens
+/// of KiB each in every one of 64 partitions would take gigabytes.
+const FETCH_BYTES_BUDGET: usize = 64 << 20;
+/// What one partition may fetch at once whatever the budget: a batch of usual updates.
+const MIN_FETCH_BYTES: usize = 1 << 20;
+
+/// The bytes one of `owned` partitions asks for in a fetch of several messages. A message
+/// larger than that alone is fetched by itself ([`fetch`]).
+fn fetch_bytes(owned: usize) -> usize {
+    (FETCH_BYTES_BUDGET / owned.max(1)).max(MIN_FETCH_BYTES)
+}
+
+/// Whether a fetch ended with JetStream's `409 Message Size Exceeds MaxBytes`: the next
+/// message would pass the bytes asked for. The fetch ends there; what came before it stands.
+fn ended_by_max_bytes(error: &dyn std::fmt::Display) -> bool {
+    error
+        .to_string()
+        .to_ascii_lowercase()
+        .contains("message size exceeds maxbytes")
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("NATS: {0}")]
@@ -726,6 +747,7 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         "partition consumer ready"
     );
     let batch = shared.config.fetch_batch;
+    let bytes = fetch_bytes(shared.config.owned.len());
     // The consumer sequence of the next delivery (a fresh consumer numbers them from 1).
     let mut next_delivery = 1;
     // When the pending count was last read while paused.
@@ -756,12 +778,19 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
             continue;
         }
         pending_read_at = None;
-        // What is there now, at once; if nothing, wait a while for one message.
-        let mut messages = fetch(consumer, batch, None, &shared.shutdown).await?;
+        // What is there now, at once; if nothing, wait a while for one message. One message
+        // is fetched whatever its size: so a message larger than `bytes`, which ends the
+        // first fetch with nothing, comes here.
+        let mut messages = fetch(consumer, (batch, bytes), None, &shared.shutdown).await?;
         if messages.is_empty() {
-            messages = fetch(consumer, 1, Some(IDLE_WAIT), &shared.shutdown).await?;
+            let one = (1, usize::MAX);
+            messages = fetch(consumer, one, Some(IDLE_WAIT), &shared.shutdown).await?;
             if !messages.is_empty() && batch > 1 {
-                messages.extend(fetch(consumer, batch - 1, None, &shared.shutdown).await?);
+                let rest = (
+                    batch - 1,
+                    bytes.saturating_sub(messages[0].payload.len()).max(1),
+                );
+                messages.extend(fetch(consumer, rest, None, &shared.shutdown).await?);
             }
         }
         if shared.state.breaks.load(Ordering::SeqCst) != breaks {
@@ -802,23 +831,38 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     }
 }
 
-/// One fetch: without `wait`, only what is there now.
+/// One fetch of at most `max` messages and `max_bytes` bytes (`usize::MAX`: no limit):
+/// without `wait`, only what is there now.
 async fn fetch(
     consumer: &consumer::PullConsumer,
-    max: usize,
+    (max, max_bytes): (usize, usize),
     wait: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Result<Vec<jetstream::Message>, NatsError> {
     let stalled =
         |limit: Duration| NatsError(format!("a fetch stalled: nothing came for {limit:?}"));
+    // 0 asks for no limit.
+    let max_bytes = if max_bytes == usize::MAX {
+        0
+    } else {
+        max_bytes
+    };
     let request = async {
         let mut batch = tokio::time::timeout(FETCH_TIMEOUT, async {
             match wait {
-                None => consumer.fetch().max_messages(max).messages().await,
+                None => {
+                    consumer
+                        .fetch()
+                        .max_messages(max)
+                        .max_bytes(max_bytes)
+                        .messages()
+                        .await
+                }
                 Some(wait) => {
                     consumer
                         .batch()
                         .max_messages(max)
+                        .max_bytes(max_bytes)
                         .expires(wait)
                         .messages()
                         .await
@@ -835,7 +879,11 @@ async fn fetch(
             .await
             .map_err(|_| stalled(limit))?
         {
-            messages.push(message.map_err(|e| nats_error("fetching", e))?);
+            match message {
+                Ok(message) => messages.push(message),
+                Err(e) if ended_by_max_bytes(&e) => break,
+                Err(e) => return Err(nats_error("fetching", e)),
+            }
             limit = FETCH_TIMEOUT;
         }
         Ok(messages)
@@ -939,6 +987,21 @@ async fn commit_and_ack(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owned_partitions_share_the_fetch_budget_down_to_a_floor() {
+        // (owned partitions, bytes a fetch asks for)
+        let table = [
+            (0, 64 << 20),
+            (1, 64 << 20),
+            (8, 8 << 20),
+            (64, 1 << 20),
+            (1024, 1 << 20),
+        ];
+        for (owned, bytes) in table {
+            assert_eq!(fetch_bytes(owned), bytes, "{owned}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_consumer_stuck_in_the_nats_client_is_dropped_a_grace_after_the_stop() {
