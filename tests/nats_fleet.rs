@@ -192,6 +192,151 @@ fn in_flight_beyond_what_the_client_awaits_is_refused_before_anything_is_publish
     }
 }
 
+/// A signed NATS JWT (v2): `claims` signed by `issuer`, as `nsc` makes them.
+fn nats_jwt(issuer: &nkeys::KeyPair, claims: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = b64(claims.to_string().as_bytes());
+    let signed = format!("{header}.{body}");
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// A credentials file's text, as `nsc` writes it.
+fn creds_text(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+}
+
+/// A NATS server in operator mode (JWT accounts, decentralised auth), whose user JWTs expire:
+/// the server closes a connection when its JWT does, and the agent, reconnecting, reads its
+/// creds file again, so a JWT renewed by rewriting the file keeps it consuming without a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_creds_file_is_used_when_the_expired_jwt_is_cut_off() {
+    let Some(server_bin) = nats_server_or_skip("a_renewed_creds_file_is_used") else {
+        return;
+    };
+    let now = chrono::Utc::now().timestamp();
+    let (operator, system, account, user) = (
+        nkeys::KeyPair::new_operator(),
+        nkeys::KeyPair::new_account(),
+        nkeys::KeyPair::new_account(),
+        nkeys::KeyPair::new_user(),
+    );
+    let claims = |issuer: &nkeys::KeyPair, subject: &nkeys::KeyPair, nats: serde_json::Value| {
+        serde_json::json!({
+            "jti": format!("{:x}", rand::thread_rng().gen::<u64>()),
+            "iat": now,
+            "iss": issuer.public_key(),
+            "sub": subject.public_key(),
+            "name": "outpost-test",
+            "nats": nats,
+        })
+    };
+    let operator_jwt = nats_jwt(
+        &operator,
+        claims(
+            &operator,
+            &operator,
+            serde_json::json!({"type": "operator", "version": 2}),
+        ),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = nats_jwt(
+        &operator,
+        claims(
+            &operator,
+            &account,
+            serde_json::json!({"limits": unlimited, "type": "account", "version": 2}),
+        ),
+    );
+    let user_jwt = |lifetime_s: i64| {
+        let mut user_claims = claims(
+            &account,
+            &user,
+            serde_json::json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                "type": "user", "version": 2,
+            }),
+        );
+        user_claims["exp"] = (chrono::Utc::now().timestamp() + lifetime_s).into();
+        nats_jwt(&account, user_claims)
+    };
+    // JetStream needs a system account.
+    let system_jwt = nats_jwt(
+        &operator,
+        claims(
+            &operator,
+            &system,
+            serde_json::json!({"type": "account", "version": 2}),
+        ),
+    );
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        conf.path(),
+        format!(
+            "operator: {operator_jwt}\nsystem_account: {system}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {system}: {system_jwt}\n  {account}: {account_jwt}\n}}\n",
+            system = system.public_key(),
+            account = account.public_key()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&server_bin, &["-c", conf.path().to_str().unwrap()]);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(
+            &server.url(),
+            1,
+            "0",
+            "creds_file = \"agent.creds\"",
+        )),
+        "",
+    );
+    let creds = setup.dir.path().join("agent.creds");
+    let seed = user.seed().unwrap();
+    let first_lifetime_s = 6;
+    std::fs::write(&creds, creds_text(&user_jwt(first_lifetime_s), &seed)).unwrap();
+    let expires = std::time::Instant::now() + Duration::from_secs(first_lifetime_s as u64);
+    setup.cli(&["nats", "setup"]);
+    setup.publish(&[member_update("p-1", "before", "2026-01-01T00:00:01Z")]);
+    let agent = setup.start().await;
+    wait_or_show(20, "the first update delivered", &[&agent], async || {
+        distinct_delivered(&receiver) >= 1
+    })
+    .await;
+
+    // Renewed before the first JWT expires; the server then cuts the agent off.
+    std::fs::write(&creds, creds_text(&user_jwt(3600), &seed)).unwrap();
+    tokio::time::sleep(expires.saturating_duration_since(std::time::Instant::now())).await;
+    wait_or_show(
+        20,
+        "the server to cut the expired connection",
+        &[&agent],
+        async || agent.log().contains("disconnected from NATS"),
+    )
+    .await;
+    setup.publish(&[member_update("p-2", "after", "2026-01-01T00:00:01Z")]);
+    wait_or_show(
+        30,
+        "the update published after the expiry delivered",
+        &[&agent],
+        async || distinct_delivered(&receiver) >= 2,
+    )
+    .await;
+}
+
 /// Needs no nats-server: a credentials file that cannot be used is a configuration error of
 /// the agent and of the NATS commands (exit 2, naming the key), before any connection; the
 /// commands that do not use NATS go on without it.

@@ -108,8 +108,8 @@ impl NatsSource {
             let shown = path.display();
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("source.nats.creds_file: {shown}: {e}"))?;
-            async_nats::ConnectOptions::with_credentials(&text).map_err(|_| {
-                format!("source.nats.creds_file: {shown} is not a NATS credentials file (a user JWT and its NKey seed)")
+            super::creds::parse(&text).map_err(|why| {
+                format!("source.nats.creds_file: {shown} is not a NATS credentials file (a user JWT and its NKey seed): {why}")
             })?;
         }
         if let Some(path) = &self.tls_ca_file {

@@ -2,6 +2,7 @@
 //!
 //! - [`partition`]: the routing function every producer shares, and `owned` lists (pure).
 //! - [`config`]: `[source.nats]`, validated.
+//! - [`creds`]: `creds_file`, read again at each connection (user JWTs that expire).
 //! - [`batch`]: what a fetched batch becomes: updates to commit, redeliveries to skip,
 //!   rejected messages to keep (pure).
 //! - [`nats`]: the connection, the per-partition pull consumers and `nats setup`.
@@ -9,6 +10,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod creds;
 pub mod nats;
 pub mod partition;
 pub mod publish;

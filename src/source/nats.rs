@@ -102,9 +102,16 @@ async fn connect_counting(
     breaks: Arc<AtomicU64>,
 ) -> Result<async_nats::Client, NatsError> {
     let mut options = match &config.auth {
-        NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
-            .await
-            .map_err(|e| NatsError(format!("source.nats.creds_file {}: {e}", path.display())))?,
+        NatsAuth::CredsFile(path) => {
+            let file = super::creds::CredsFile::open(path).map_err(|e| {
+                NatsError(format!("source.nats.creds_file {}: {e}", path.display()))
+            })?;
+            let file = Arc::new(file);
+            async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+                let file = Arc::clone(&file);
+                async move { file.auth(&nonce) }
+            })
+        }
         NatsAuth::Token(token) => {
             async_nats::ConnectOptions::new().token(token.expose().to_owned())
         }
