@@ -263,14 +263,14 @@ fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Du
     }
 }
 
-/// The most an answer to `request` is read of. Statistics and `outpost top`'s snapshots have
-/// a size of their own, whatever the store holds: one that goes on is not the agent's (a
-/// command run as root may call a socket in a folder another user owns). Lists, profiles
-/// and repairs answer with what the store holds, and are read whole.
+/// The most an answer to `request` is read of: one that goes on is not the agent's (a
+/// command run as root may call a socket in a folder another user owns). Statistics and
+/// `outpost top`'s snapshots have a size of their own, whatever the store holds. Lists come
+/// a page at a time and repairs name what they did, which a gibibyte holds many times over.
 fn answer_limit(request: &AdminRequest) -> u64 {
     match request {
         AdminRequest::Stats | AdminRequest::Snapshot => 16 << 20,
-        _ => u64::MAX,
+        _ => 1 << 30,
     }
 }
 
@@ -290,8 +290,10 @@ pub(super) fn call_agent(
     stream.shutdown(std::net::Shutdown::Write).map_err(failed)?;
     // From here on, what was asked may have been done, or not.
     let limit = answer_limit(request);
-    let mut answer = String::new();
-    BufReader::new(stream.take(limit)).read_line(&mut answer).map_err(|e| {
+    let mut answer = Vec::new();
+    BufReader::new(stream.take(limit))
+        .read_until(b'\n', &mut answer)
+        .map_err(|e| {
         let why = match (e.kind(), timeout) {
             (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(timeout)) => {
                 format!("no answer within {} s", timeout.as_secs())
@@ -309,13 +311,13 @@ pub(super) fn call_agent(
             socket.display()
         )));
     }
-    if answer.len() as u64 == limit && !answer.ends_with('\n') {
+    if answer.len() as u64 == limit && !answer.ends_with(b"\n") {
         return Err(AdminError::Unanswered(format!(
             "agent at {}: the answer goes on past {limit} bytes, more than an agent sends for this; is something else listening there?",
             socket.display()
         )));
     }
-    let answer: AdminAnswer = serde_json::from_str(&answer).map_err(|e| {
+    let answer: AdminAnswer = serde_json::from_slice(&answer).map_err(|e| {
         AdminError::Unanswered(format!(
             "agent at {}: unreadable answer: {e}",
             socket.display()
