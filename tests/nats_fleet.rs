@@ -306,11 +306,13 @@ async fn a_renewed_creds_file_is_used_when_the_expired_jwt_is_cut_off() {
     );
     let creds = setup.dir.path().join("agent.creds");
     let seed = user.seed().unwrap();
-    let first_lifetime_s = 6;
-    std::fs::write(&creds, creds_text(&user_jwt(first_lifetime_s), &seed)).unwrap();
-    let expires = std::time::Instant::now() + Duration::from_secs(first_lifetime_s as u64);
+    std::fs::write(&creds, creds_text(&user_jwt(3600), &seed)).unwrap();
     setup.cli(&["nats", "setup"]);
     setup.publish(&[member_update("p-1", "before", "2026-01-01T00:00:01Z")]);
+    // The agent starts with a JWT that expires soon (whole seconds: up to one less).
+    let first_lifetime_s = 8;
+    std::fs::write(&creds, creds_text(&user_jwt(first_lifetime_s), &seed)).unwrap();
+    let expires = std::time::Instant::now() + Duration::from_secs(first_lifetime_s as u64);
     let agent = setup.start().await;
     wait_or_show(20, "the first update delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= 1
@@ -646,7 +648,7 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
     );
     let log = agent.log();
     assert!(
-        log.contains("rejected messages not kept") && log.contains("seq=6"),
+        log.contains("rejected messages are no longer kept") && log.contains("seq=6"),
         "{log}"
     );
     assert_eq!(
@@ -726,7 +728,12 @@ async fn a_message_larger_than_a_fetch_may_take_is_fetched_alone() {
         with_padding("large", "2026-01-01T00:00:02Z", 2 << 20),
         with_padding("after", "2026-01-01T00:00:03Z", 10),
     ]);
-    let agent = setup.start().await;
+    let agent = AgentProcess::start_with_env(
+        &setup.config(),
+        setup.addr.port(),
+        &[("OUTPOST_LOG", "warn,outpost::source::nats=debug")],
+    )
+    .await;
     wait_or_show(30, "the three updates delivered", &[&agent], async || {
         distinct_delivered(&receiver) >= 3
     })
@@ -734,6 +741,11 @@ async fn a_message_larger_than_a_fetch_may_take_is_fetched_alone() {
     assert_eq!(
         names_by_profile(&receiver)["p-000001"],
         ["first", "large", "after"]
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("fetched by itself") && log.contains("share=1048576"),
+        "{log}"
     );
     assert!(setup
         .cli(&["rejected", "list"])

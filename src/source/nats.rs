@@ -792,6 +792,14 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         if messages.is_empty() {
             let one = (1, usize::MAX);
             messages = fetch(consumer, one, Some(IDLE_WAIT), &shared.shutdown).await?;
+            if let Some(large) = messages.first().filter(|m| m.payload.len() > bytes) {
+                tracing::debug!(
+                    partition,
+                    bytes = large.payload.len(),
+                    share = bytes,
+                    "a message larger than the partition's share of the fetch budget, fetched by itself"
+                );
+            }
             if !messages.is_empty() && batch > 1 {
                 let rest = (
                     batch - 1,
@@ -942,7 +950,7 @@ async fn commit_and_ack(
         .as_ref()
         .map_or(0, |p| p.rejected.len() as u64);
     for record in sorted.position.iter().flat_map(|p| &p.rejected) {
-        tracing::warn!(partition, seq = record.seq, error = %record.error, "rejected a message from the stream");
+        tracing::warn!(partition, seq = record.seq, subject = %record.subject, error = %record.error, "rejected a message from the stream");
     }
     let committed = sorted.updates.len() as u64;
     let position = sorted.position.as_ref().map_or(recorded, |p| p.seq);
@@ -954,15 +962,15 @@ async fn commit_and_ack(
             .await
             .map_err(|e| nats_error("committing", e))?;
         shared.metrics.record_commit(&summary);
+        // The count is the store's: partitions committed in the same while count in it too.
         if let (Some(Ok((_, before))), Ok((kept, after))) =
             (not_kept_before, shared.store.rejected_counts())
         {
             if after > before {
                 tracing::warn!(
-                    partition,
                     kept,
-                    not_kept = after - before,
-                    "rejected messages not kept: the store keeps source.nats.max_rejected of them already; each was logged above, and `outpost rejected drop` makes room"
+                    not_kept_in_all = after,
+                    "rejected messages are no longer kept: the store keeps source.nats.max_rejected of them already; each is still logged as rejected, and `outpost rejected drop` makes room"
                 );
             }
         }

@@ -19,10 +19,13 @@
 //!   messages list together. The first key of 16 bytes marks the store format 6
 //!   ([`FORMAT_VERSION`]), in the same transaction: a build of format 5 takes them for damage.
 //! - `meta/rejected` counts the keys of `rejected`, written in the transactions that add or
-//!   remove one (counted at open when missing). Once it reaches `source.nats.max_rejected`, a
-//!   message rejected is not kept: `meta/rejected_not_kept` counts it, in the same
-//!   transaction, and the log has its reason. The rejected messages thus take a bounded room
-//!   on the disk, whatever a producer publishes.
+//!   remove one (counted at open when missing or unreadable). Once it reaches
+//!   `source.nats.max_rejected`, a message rejected is not kept: `meta/rejected_not_kept`
+//!   counts it, in the same transaction, and the log has its reason. The rejected messages
+//!   thus take a bounded room on the disk, whatever a producer publishes. A build before the
+//!   count adds and drops rejected messages without it: the first time a process finds the
+//!   count at the limit, it counts the tree again ([`recount_when_full`]), so that a count
+//!   left too high never stops the keeping for good.
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
@@ -410,15 +413,53 @@ pub(super) fn count_rejected_if_unknown(t: &Trees) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Lowers `meta/rejected` by `removed`, outside a transaction (a repair of keys).
-fn count_removed(t: &Trees, removed: u64) -> Result<(), StoreError> {
-    t.meta.fetch_and_update(meta::REJECTED, |old| {
-        let count = old
-            .and_then(|v| <[u8; 8]>::try_from(v).ok())
-            .map_or(0, u64::from_be_bytes);
-        Some(count.saturating_sub(removed).to_be_bytes().to_vec())
-    })?;
+/// Counts the rejected messages again if `meta/rejected` says `max` or more are kept, once a
+/// process (`done`). Written only if no drop changed the count meanwhile (the next call
+/// would count again, but `done` is set: a drop made room anyway).
+pub(super) fn recount_when_full(
+    t: &Trees,
+    max: u64,
+    done: &std::sync::atomic::AtomicBool,
+) -> Result<(), StoreError> {
+    use std::sync::atomic::Ordering;
+    let before = t.meta.get(meta::REJECTED)?;
+    let count = before
+        .as_ref()
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    if count < max || done.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    let counted = t.rejected.iter().keys().count() as u64;
+    if counted != count {
+        let swapped = t.meta.compare_and_swap(
+            meta::REJECTED,
+            before,
+            Some(counted.to_be_bytes().to_vec()),
+        )?;
+        if swapped.is_ok() {
+            tracing::warn!(
+                was = count,
+                counted,
+                "the count of rejected messages kept was wrong (a build without it ran on this store); counted again"
+            );
+        }
+    }
     Ok(())
+}
+
+/// Removes a rejected message by its key, and lowers `meta/rejected` with it, in one
+/// transaction; whether there was one.
+fn remove_rejected(t: &Trees, key: &[u8]) -> Result<bool, StoreError> {
+    use sled::Transactional;
+    Ok((&t.rejected, &t.meta).transaction(|(rejected, meta_tx)| {
+        let removed = rejected.remove(key)?.is_some();
+        if removed {
+            let count = read_u64(meta_tx, meta::REJECTED)?;
+            write_u64(meta_tx, meta::REJECTED, count.saturating_sub(1))?;
+        }
+        Ok(removed)
+    })?)
 }
 
 /// Where `record` is to be kept: the first id of its place that is free. `None` when an id
@@ -594,17 +635,7 @@ impl Store {
 
     /// Deletes one rejected message; false if there was none. Not durable until a flush.
     pub fn rejected_drop(&self, id: RejectedId) -> Result<bool, StoreError> {
-        use sled::Transactional;
-        self.with(|t| {
-            Ok((&t.rejected, &t.meta).transaction(|(rejected, meta_tx)| {
-                let removed = rejected.remove(id.key())?.is_some();
-                if removed {
-                    let count = read_u64(meta_tx, meta::REJECTED)?;
-                    write_u64(meta_tx, meta::REJECTED, count.saturating_sub(1))?;
-                }
-                Ok(removed)
-            })?)
-        })
+        self.with(|t| remove_rejected(t, &id.key()))
     }
 
     /// Ids of every rejected message (keys that name none are passed over, as by
@@ -732,15 +763,12 @@ pub(super) fn delete_stream_keys(
 ) -> Result<Vec<String>, StoreError> {
     let mut done = Vec::new();
     for (name, key) in keys {
-        let tree = if *name == "positions" {
-            &t.positions
+        let removed = if *name == "positions" {
+            t.positions.remove(key)?.is_some()
         } else {
-            &t.rejected
+            remove_rejected(t, key)?
         };
-        if tree.remove(key)?.is_some() {
-            if *name != "positions" {
-                count_removed(t, 1)?;
-            }
+        if removed {
             done.push(format!(
                 "{name} entry with key {}: deleted (the key names nothing)",
                 key_text(key)
@@ -977,11 +1005,38 @@ mod tests {
             store.with(|t| Ok(t.meta.remove(meta::REJECTED)?)).unwrap();
             store.flush().unwrap();
         }
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            assert_eq!(store.rejected_counts().unwrap(), (3, 3));
+            // No limit until the agent sets one.
+            commit(&store, 8..=8);
+            assert_eq!(store.rejected_counts().unwrap(), (4, 3));
+            // Dropped as a build without the count drops them: it stays at 4.
+            store
+                .with(|t| {
+                    for seq in [1, 3, 6] {
+                        t.rejected.remove(RejectedId::first(1, seq).key())?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            store.flush().unwrap();
+        }
+        {
+            // Found at the limit, counted again: one is kept, and room is left.
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            store.set_max_rejected(3);
+            commit(&store, 9..=9);
+            assert_eq!(kept_seqs(&store), [8, 9]);
+            assert_eq!(store.rejected_counts().unwrap(), (2, 3));
+            // Damaged, it is counted again at the next open.
+            store
+                .with(|t| Ok(t.meta.insert(meta::REJECTED, &[1u8, 2, 3])?))
+                .unwrap();
+            store.flush().unwrap();
+        }
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        assert_eq!(store.rejected_counts().unwrap(), (3, 3));
-        // No limit until the agent sets one.
-        commit(&store, 8..=8);
-        assert_eq!(store.rejected_counts().unwrap(), (4, 3));
+        assert_eq!(store.rejected_counts().unwrap(), (2, 3));
     }
 
     /// A stream made again numbers its messages from 1 again: a message rejected where another
