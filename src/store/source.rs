@@ -448,6 +448,29 @@ pub(super) fn recount_when_full(
     Ok(())
 }
 
+/// What `meta/rejected` says (`None`: missing or unreadable), and the keys the tree holds.
+pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(Option<u64>, u64), StoreError> {
+    let recorded = t
+        .meta
+        .get(meta::REJECTED)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes);
+    Ok((recorded, t.rejected.iter().keys().count() as u64))
+}
+
+/// Sets `meta/rejected` to what the tree holds, if it says otherwise; a line saying so.
+pub(super) fn recount_rejected(t: &Trees) -> Result<Option<String>, StoreError> {
+    let (recorded, counted) = rejected_count_and_keys(t)?;
+    if recorded.unwrap_or(0) == counted {
+        return Ok(None);
+    }
+    t.meta.insert(meta::REJECTED, &counted.to_be_bytes())?;
+    let said = recorded.map_or("nothing readable".into(), |n| n.to_string());
+    Ok(Some(format!(
+        "rejected messages counted again: {counted} (meta/rejected said {said})"
+    )))
+}
+
 /// Removes a rejected message by its key, and lowers `meta/rejected` with it, in one
 /// transaction; whether there was one.
 fn remove_rejected(t: &Trees, key: &[u8]) -> Result<bool, StoreError> {
@@ -703,6 +726,17 @@ impl Store {
                     }
                     // Readable, or a key listed above.
                     Ok(_) | Err(_) => {}
+                }
+            }
+            if let (Some(recorded), counted) = rejected_count_and_keys(t)? {
+                if recorded != counted {
+                    found.push(UnreadableRecord {
+                        tree: "meta",
+                        key: "rejected".into(),
+                        error: format!("says {recorded}, the tree holds {counted} (a build without the count ran on this store)"),
+                        action: "count them again".into(),
+                        repairs: true,
+                    });
                 }
             }
             Ok(found)
@@ -1036,6 +1070,30 @@ mod tests {
             store.flush().unwrap();
         }
         let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.rejected_counts().unwrap(), (2, 3));
+        assert_eq!(store.verify().unwrap(), Vec::<String>::new());
+        // Wrong but readable (a build without the count ran): `check --store` says so, and
+        // `repair` counts them again.
+        store
+            .with(|t| Ok(t.meta.insert(meta::REJECTED, &7u64.to_be_bytes())?))
+            .unwrap();
+        let problems = store.verify().unwrap();
+        assert_eq!(problems, ["meta/rejected says 7, the tree holds 2"]);
+        // Beside the note of the damaged value counted again at open.
+        let listed = store.unreadable().unwrap();
+        let to_repair: Vec<_> = listed.iter().filter(|r| r.repairs).collect();
+        assert_eq!(to_repair.len(), 1, "{listed:?}");
+        assert_eq!(
+            (to_repair[0].tree, to_repair[0].key.as_str()),
+            ("meta", "rejected")
+        );
+        assert!(to_repair[0].error.contains("says 7, the tree holds 2"));
+        let done = store.repair_unreadable().unwrap();
+        assert_eq!(
+            done,
+            ["rejected messages counted again: 2 (meta/rejected said 7)"]
+        );
+        assert_eq!(store.verify().unwrap(), Vec::<String>::new());
         assert_eq!(store.rejected_counts().unwrap(), (2, 3));
     }
 

@@ -63,8 +63,9 @@ pub struct UnreadableRecord {
     pub error: String,
     /// What `outpost repair` does with it, or did already.
     pub action: String,
-    /// Whether `outpost repair` acts on it (not on `meta` values, rebuilt at open, nor on
-    /// the stream records it leaves).
+    /// Whether `outpost repair` acts on it (not on `meta` values, rebuilt at open, but the
+    /// count of rejected messages that disagrees with them; nor on the stream records it
+    /// leaves).
     pub repairs: bool,
 }
 
@@ -113,6 +114,13 @@ impl Store {
             if recorded != counted {
                 problems.push(format!(
                     "meta/profiles says {recorded}, the groups hold {counted}"
+                ));
+            }
+        }
+        if let (Some(recorded), counted) = super::source::rejected_count_and_keys(&t)? {
+            if recorded != counted {
+                problems.push(format!(
+                    "meta/rejected says {recorded}, the tree holds {counted}"
                 ));
             }
         }
@@ -366,6 +374,7 @@ impl Store {
             }
         }
         done.extend(super::source::delete_stream_keys(&t, &stream_keys)?);
+        done.extend(super::source::recount_rejected(&t)?);
         drop(t);
         self.flush()?;
         Ok(done)
