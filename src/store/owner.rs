@@ -330,7 +330,16 @@ impl StoreOwner {
         }
         // Securebits a service manager set (`no_setuid_fixup`) keep capabilities past setuid,
         // and with some of them the user's links would still lead root's writes elsewhere.
-        if let Some(kept) = kept_file_capabilities() {
+        let kept = kept_file_capabilities().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot read the capabilities left after taking uid {}: {e}",
+                    self.uid
+                ),
+            )
+        })?;
+        if let Some(kept) = kept {
             return Err(std::io::Error::other(format!(
                 "capabilities over files remain after taking uid {} (effective set {kept:#x}; securebits such as no_setuid_fixup keep them): start outpost without them",
                 self.uid
@@ -345,15 +354,47 @@ impl StoreOwner {
 /// CAP_SYS_ADMIN. Others (CAP_NET_BIND_SERVICE, which a service may be given) do not matter.
 const FILE_CAPABILITIES: u64 = 0b1101_1111 | 1 << 21;
 
-/// Those of [`FILE_CAPABILITIES`] this process still has in effect, as `/proc/self/status`
-/// says (`None` when it has none, or says nothing).
-fn kept_file_capabilities() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))?;
-    let kept = u64::from_str_radix(effective.trim(), 16).ok()? & FILE_CAPABILITIES;
-    (kept != 0).then_some(kept)
+/// Those of [`FILE_CAPABILITIES`] this process still has in effect (`None`: none).
+fn kept_file_capabilities() -> std::io::Result<Option<u64>> {
+    let kept = effective_capabilities()? & FILE_CAPABILITIES;
+    Ok((kept != 0).then_some(kept))
+}
+
+/// This thread's effective capability set, from the kernel itself (`capget`), so that the
+/// answer does not hang on `/proc` being mounted and readable.
+fn effective_capabilities() -> std::io::Result<u64> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// `_LINUX_CAPABILITY_VERSION_3`: 64 bits a set, in two halves.
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: `header` and the two `data` entries are what capget reads and writes for
+    // version 3, and live across the call.
+    let code = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    if code != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
 }
 
 /// The name and primary group of user `uid` in the user database, if it has an entry.
@@ -446,5 +487,25 @@ fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize, files_too: bool
         if meta.is_dir() && depth > 0 {
             hand_back_under(&file, uid, gid, depth - 1, files_too);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's answer and `/proc`'s agree, both halves of the set (a root in a container
+    /// has capabilities above bit 31, an unprivileged user none).
+    #[test]
+    fn the_effective_capabilities_are_those_proc_shows() {
+        let Ok(status) = fs::read_to_string("/proc/self/status") else {
+            return;
+        };
+        let shown = status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(effective_capabilities().unwrap(), shown, "{shown:#x}");
     }
 }
