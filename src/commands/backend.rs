@@ -263,14 +263,15 @@ fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Du
     }
 }
 
-/// The most an answer to `request` is read of: one that goes on is not the agent's (a
-/// command run as root may call a socket in a folder another user owns). Statistics and
-/// `outpost top`'s snapshots have a size of their own, whatever the store holds. Lists come
-/// a page at a time and repairs name what they did, which a gibibyte holds many times over.
+/// The most an answer to `request` is read of. Statistics and `outpost top`'s snapshots have
+/// a size of their own, whatever the store holds: one that goes on is not the agent's (a
+/// command run as root may call a socket in a folder another user owns). Lists, profiles
+/// and repairs answer with what the store holds (a page of large exports, every dead letter
+/// dropped), and are read whole.
 fn answer_limit(request: &AdminRequest) -> u64 {
     match request {
         AdminRequest::Stats | AdminRequest::Snapshot => 16 << 20,
-        _ => 1 << 30,
+        _ => u64::MAX,
     }
 }
 
