@@ -356,13 +356,14 @@ const FILE_CAPABILITIES: u64 = 0b1101_1111 | 1 << 21;
 
 /// Those of [`FILE_CAPABILITIES`] this process still has in effect (`None`: none).
 fn kept_file_capabilities() -> std::io::Result<Option<u64>> {
-    let kept = effective_capabilities()? & FILE_CAPABILITIES;
+    let (effective, _) = capability_sets()?;
+    let kept = effective & FILE_CAPABILITIES;
     Ok((kept != 0).then_some(kept))
 }
 
-/// This thread's effective capability set, from the kernel itself (`capget`), so that the
-/// answer does not hang on `/proc` being mounted and readable.
-fn effective_capabilities() -> std::io::Result<u64> {
+/// This thread's effective and permitted capability sets, from the kernel itself (`capget`),
+/// so that the answer does not hang on `/proc` being mounted and readable.
+fn capability_sets() -> std::io::Result<(u64, u64)> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -394,7 +395,11 @@ fn effective_capabilities() -> std::io::Result<u64> {
     if code != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
+    let both = |low: u32, high: u32| u64::from(low) | u64::from(high) << 32;
+    Ok((
+        both(data[0].effective, data[1].effective),
+        both(data[0].permitted, data[1].permitted),
+    ))
 }
 
 /// The name and primary group of user `uid` in the user database, if it has an entry.
@@ -494,18 +499,21 @@ fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize, files_too: bool
 mod tests {
     use super::*;
 
-    /// The kernel's answer and `/proc`'s agree, both halves of the set (a root in a container
-    /// has capabilities above bit 31, an unprivileged user none).
+    /// The kernel's answer and `/proc`'s agree, set by set and both halves of each (only
+    /// where `/proc` can be read; the sets are empty but for a privileged user).
     #[test]
-    fn the_effective_capabilities_are_those_proc_shows() {
-        let Ok(status) = fs::read_to_string("/proc/self/status") else {
+    fn the_capability_sets_are_those_proc_shows() {
+        let Ok(status) = fs::read_to_string("/proc/thread-self/status") else {
             return;
         };
-        let shown = status
-            .lines()
-            .find_map(|line| line.strip_prefix("CapEff:"))
-            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
-            .unwrap();
-        assert_eq!(effective_capabilities().unwrap(), shown, "{shown:#x}");
+        let shown = |field: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+                .unwrap()
+        };
+        let shown = (shown("CapEff:"), shown("CapPrm:"));
+        assert_eq!(capability_sets().unwrap(), shown, "{shown:x?}");
     }
 }
