@@ -485,6 +485,13 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), NatsError> {
     store.set_max_rejected(config.max_rejected);
+    let recounting = Arc::clone(&store);
+    let max_rejected = config.max_rejected;
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = recounting.recount_rejected_if_full(max_rejected) {
+            tracing::warn!(error = %e, "counting the rejected messages again failed");
+        }
+    });
     let breaks = Arc::new(AtomicU64::new(0));
     let client = connect_counting(config, true, Arc::clone(&breaks)).await?;
     let state = Arc::new(SourceState {

@@ -181,8 +181,6 @@ pub struct Store {
     request_timeout_ms: AtomicU64,
     /// `source.nats.max_rejected` (see `store::source`); no limit until set.
     max_rejected: AtomicU64,
-    /// Whether this process counted the rejected messages again, finding the count full.
-    rejected_recounted: AtomicBool,
     /// Pending exports below this sequence may have been acknowledged unrecorded, as the store
     /// was found at open, or at a reopen after an I/O error ([`unrecorded`]); it only grows.
     unrecorded_below: AtomicU64,

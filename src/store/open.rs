@@ -198,16 +198,18 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
             "meta/next_seq was {next}, not past export {last} stored; new exports are numbered from {raised}"
         ));
     }
-    for (key, name) in [
-        (meta::REJECTED, "meta/rejected"),
-        (meta::REJECTED_NOT_KEPT, "meta/rejected_not_kept"),
+    // `meta/rejected` is counted again once the store is open; the other starts from 0.
+    for (key, name, then) in [
+        (meta::REJECTED, "meta/rejected", "counted again"),
+        (
+            meta::REJECTED_NOT_KEPT,
+            "meta/rejected_not_kept",
+            "counted from 0 again",
+        ),
     ] {
         if t.meta.get(key)?.is_some_and(|v| v.len() != 8) {
-            // `meta/rejected` is counted again just below; the other starts again from 0.
             t.meta.remove(key)?;
-            rebuilt.push(format!(
-                "{name} was unreadable (not 8 bytes); counted again"
-            ));
+            rebuilt.push(format!("{name} was unreadable (not 8 bytes); {then}"));
         }
     }
     if let Some(v) = t.meta.get(meta::PROFILES)? {
@@ -320,7 +322,6 @@ impl Store {
             exports_out: AtomicU64::new(0),
             request_timeout_ms: AtomicU64::new(0),
             max_rejected: AtomicU64::new(u64::MAX),
-            rejected_recounted: AtomicBool::new(false),
             unrecorded_below: AtomicU64::new(unrecorded_below),
             unanswered: Default::default(),
             written_next: AtomicU64::new(opened.next_seq),

@@ -514,11 +514,6 @@ impl Store {
             .collect();
         let marks = self.with_trees(&trees, |t| backfill::marks_for(t, exported.into_iter()))?;
         let max_rejected = self.max_rejected.load(Ordering::SeqCst);
-        if consumed.iter().any(|p| !p.rejected.is_empty()) {
-            self.with_trees(&trees, |t| {
-                source::recount_when_full(t, max_rejected, &self.rejected_recounted)
-            })?;
-        }
         let next_seq = self.with_trees(&trees, |t| {
             let trees = (
                 &t.profile_groups,

@@ -23,9 +23,12 @@
 //!   `source.nats.max_rejected`, a message rejected is not kept: `meta/rejected_not_kept`
 //!   counts it, in the same transaction, and the log has its reason. The rejected messages
 //!   thus take a bounded room on the disk, whatever a producer publishes. A build before the
-//!   count adds and drops rejected messages without it: the first time a process finds the
-//!   count at the limit, it counts the tree again ([`recount_when_full`]), so that a count
-//!   left too high never stops the keeping for good.
+//!   count adds and drops rejected messages without it: an agent that starts with the count
+//!   at the limit counts the tree again, beside its work ([`Store::recount_rejected_if_full`]),
+//!   so that a count left too high never stops the keeping for good; `check --store` lists a
+//!   count that disagrees with the tree, and `repair` counts again. A count is taken while
+//!   `meta/rejected` stays as it was, and written only if it still is (a commit or a drop
+//!   changes both), so it never misses one that lands meanwhile.
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
@@ -374,7 +377,7 @@ pub(super) fn write(
             };
             let count = match kept {
                 Some(count) => count,
-                None => read_u64(meta_tx, meta::REJECTED)?,
+                None => count_in(meta_tx)?,
             };
             if count >= max_rejected {
                 kept = Some(count);
@@ -413,62 +416,111 @@ pub(super) fn count_rejected_if_unknown(t: &Trees) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Counts the rejected messages again if `meta/rejected` says `max` or more are kept, once a
-/// process (`done`). Written only if no drop changed the count meanwhile (the next call
-/// would count again, but `done` is set: a drop made room anyway).
-pub(super) fn recount_when_full(
-    t: &Trees,
-    max: u64,
-    done: &std::sync::atomic::AtomicBool,
-) -> Result<(), StoreError> {
-    use std::sync::atomic::Ordering;
-    let before = t.meta.get(meta::REJECTED)?;
-    let count = before
-        .as_ref()
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map_or(0, u64::from_be_bytes);
-    if count < max || done.swap(true, Ordering::SeqCst) {
-        return Ok(());
-    }
-    let counted = t.rejected.iter().keys().count() as u64;
-    if counted != count {
-        let swapped = t.meta.compare_and_swap(
-            meta::REJECTED,
-            before,
-            Some(counted.to_be_bytes().to_vec()),
-        )?;
-        if swapped.is_ok() {
-            tracing::warn!(
-                was = count,
-                counted,
-                "the count of rejected messages kept was wrong (a build without it ran on this store); counted again"
-            );
+/// What `meta/rejected` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CountSaid {
+    Missing,
+    Count(u64),
+    /// Not 8 bytes.
+    Unreadable,
+}
+
+impl CountSaid {
+    fn of(value: Option<&IVec>) -> CountSaid {
+        match value.map(|v| <[u8; 8]>::try_from(v.as_ref())) {
+            None => CountSaid::Missing,
+            Some(Ok(bytes)) => CountSaid::Count(u64::from_be_bytes(bytes)),
+            Some(Err(_)) => CountSaid::Unreadable,
         }
     }
-    Ok(())
-}
 
-/// What `meta/rejected` says (`None`: missing or unreadable), and the keys the tree holds.
-pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(Option<u64>, u64), StoreError> {
-    let recorded = t
-        .meta
-        .get(meta::REJECTED)?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-        .map(u64::from_be_bytes);
-    Ok((recorded, t.rejected.iter().keys().count() as u64))
-}
-
-/// Sets `meta/rejected` to what the tree holds, if it says otherwise; a line saying so.
-pub(super) fn recount_rejected(t: &Trees) -> Result<Option<String>, StoreError> {
-    let (recorded, counted) = rejected_count_and_keys(t)?;
-    if recorded.unwrap_or(0) == counted {
-        return Ok(None);
+    /// Whether it holds `counted` (missing holds none).
+    pub(super) fn holds(self, counted: u64) -> bool {
+        match self {
+            CountSaid::Missing => counted == 0,
+            CountSaid::Count(n) => n == counted,
+            CountSaid::Unreadable => false,
+        }
     }
-    t.meta.insert(meta::REJECTED, &counted.to_be_bytes())?;
-    let said = recorded.map_or("nothing readable".into(), |n| n.to_string());
-    Ok(Some(format!(
-        "rejected messages counted again: {counted} (meta/rejected said {said})"
-    )))
+
+    pub(super) fn text(self) -> String {
+        match self {
+            CountSaid::Missing => "nothing".into(),
+            CountSaid::Count(n) => n.to_string(),
+            CountSaid::Unreadable => "something not 8 bytes".into(),
+        }
+    }
+}
+
+/// The count of rejected messages inside a transaction: missing or unreadable counts as 0 (an
+/// open counts it again), so that a damaged value never fails the commits that carry them.
+fn count_in(meta_tx: &TransactionalTree) -> TxResult<u64> {
+    Ok(match CountSaid::of(meta_tx.get(meta::REJECTED)?.as_ref()) {
+        CountSaid::Count(n) => n,
+        CountSaid::Missing | CountSaid::Unreadable => 0,
+    })
+}
+
+/// How many times a count is taken again when a commit or a drop changed `meta/rejected`
+/// during the walk.
+const COUNT_TRIES: usize = 5;
+
+/// `meta/rejected` as stored, and the keys of `rejected`, counted while the value stayed as it
+/// was: a commit or a drop that lands during the walk changes both, and the walk is made
+/// again (up to [`COUNT_TRIES`] times; the last stands). Reads every value with its key
+/// (sled's key iterator does).
+fn settled_count(t: &Trees) -> Result<(Option<IVec>, u64), StoreError> {
+    let mut tries = 0;
+    loop {
+        let before = t.meta.get(meta::REJECTED)?;
+        let mut counted = 0u64;
+        for key in t.rejected.iter().keys() {
+            key?;
+            counted += 1;
+        }
+        let after = t.meta.get(meta::REJECTED)?;
+        tries += 1;
+        if before == after || tries == COUNT_TRIES {
+            return Ok((after, counted));
+        }
+    }
+}
+
+/// What `meta/rejected` says, and the keys the tree holds (see [`settled_count`]).
+pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(CountSaid, u64), StoreError> {
+    let (value, counted) = settled_count(t)?;
+    Ok((CountSaid::of(value.as_ref()), counted))
+}
+
+/// Sets `meta/rejected` to the keys the tree holds if it says otherwise, unless a commit or a
+/// drop changed it meanwhile (then counted again, up to [`COUNT_TRIES`] times): what it said
+/// and what it holds now, if it changed.
+fn recount(t: &Trees) -> Result<Option<(CountSaid, u64)>, StoreError> {
+    for _ in 0..COUNT_TRIES {
+        let (value, counted) = settled_count(t)?;
+        let said = CountSaid::of(value.as_ref());
+        if said.holds(counted) {
+            return Ok(None);
+        }
+        let written = Some(counted.to_be_bytes().to_vec());
+        if t.meta
+            .compare_and_swap(meta::REJECTED, value, written)?
+            .is_ok()
+        {
+            return Ok(Some((said, counted)));
+        }
+    }
+    Ok(None)
+}
+
+/// `outpost repair`: the count set to what the tree holds; a line saying so if it changed.
+pub(super) fn recount_rejected(t: &Trees) -> Result<Option<String>, StoreError> {
+    Ok(recount(t)?.map(|(said, counted)| {
+        format!(
+            "rejected messages counted again: {counted} (meta/rejected said {})",
+            said.text()
+        )
+    }))
 }
 
 /// Removes a rejected message by its key, and lowers `meta/rejected` with it, in one
@@ -478,7 +530,7 @@ fn remove_rejected(t: &Trees, key: &[u8]) -> Result<bool, StoreError> {
     Ok((&t.rejected, &t.meta).transaction(|(rejected, meta_tx)| {
         let removed = rejected.remove(key)?.is_some();
         if removed {
-            let count = read_u64(meta_tx, meta::REJECTED)?;
+            let count = count_in(meta_tx)?;
             write_u64(meta_tx, meta::REJECTED, count.saturating_sub(1))?;
         }
         Ok(removed)
@@ -639,6 +691,27 @@ impl Store {
         })
     }
 
+    /// Counts the rejected messages again if the count says `max` or more are kept: a build
+    /// without the count may have dropped some since it was last right, and a count left too
+    /// high would keep none for good. Called as an agent starts, beside its work: it reads
+    /// every rejected message.
+    pub fn recount_rejected_if_full(&self, max: u64) -> Result<(), StoreError> {
+        self.with(|t| {
+            match CountSaid::of(t.meta.get(meta::REJECTED)?.as_ref()) {
+                CountSaid::Count(n) if n >= max => {}
+                _ => return Ok(()),
+            }
+            if let Some((said, counted)) = recount(t)? {
+                tracing::warn!(
+                    was = %said.text(),
+                    counted,
+                    "the count of rejected messages kept was wrong (a build without it ran on this store); counted again"
+                );
+            }
+            Ok(())
+        })
+    }
+
     /// At most this many rejected messages are kept (`source.nats.max_rejected`); others are
     /// counted.
     pub fn set_max_rejected(&self, max: u64) {
@@ -728,16 +801,18 @@ impl Store {
                     Ok(_) | Err(_) => {}
                 }
             }
-            if let (Some(recorded), counted) = rejected_count_and_keys(t)? {
-                if recorded != counted {
-                    found.push(UnreadableRecord {
-                        tree: "meta",
-                        key: "rejected".into(),
-                        error: format!("says {recorded}, the tree holds {counted} (a build without the count ran on this store)"),
-                        action: "count them again".into(),
-                        repairs: true,
-                    });
-                }
+            let (said, counted) = rejected_count_and_keys(t)?;
+            if !said.holds(counted) {
+                found.push(UnreadableRecord {
+                    tree: "meta",
+                    key: "rejected".into(),
+                    error: format!(
+                        "says {}, the tree holds {counted} (a build without the count ran on this store, or the value is damaged)",
+                        said.text()
+                    ),
+                    action: "count them again".into(),
+                    repairs: true,
+                });
             }
             Ok(found)
         })
@@ -1057,9 +1132,11 @@ mod tests {
             store.flush().unwrap();
         }
         {
-            // Found at the limit, counted again: one is kept, and room is left.
+            // Found at the limit as an agent starts, counted again: one is kept, and room is
+            // left.
             let store = Store::open(dir.path(), 8 << 20).unwrap();
             store.set_max_rejected(3);
+            store.recount_rejected_if_full(3).unwrap();
             commit(&store, 9..=9);
             assert_eq!(kept_seqs(&store), [8, 9]);
             assert_eq!(store.rejected_counts().unwrap(), (2, 3));

@@ -117,12 +117,12 @@ impl Store {
                 ));
             }
         }
-        if let (Some(recorded), counted) = super::source::rejected_count_and_keys(&t)? {
-            if recorded != counted {
-                problems.push(format!(
-                    "meta/rejected says {recorded}, the tree holds {counted}"
-                ));
-            }
+        let (said, rejected_keys) = super::source::rejected_count_and_keys(&t)?;
+        if said != super::source::CountSaid::Missing && !said.holds(rejected_keys) {
+            problems.push(format!(
+                "meta/rejected says {}, the tree holds {rejected_keys}",
+                said.text()
+            ));
         }
         let recorded = self.tally()?;
         if recorded != counted {
