@@ -1107,7 +1107,7 @@ fn ingest_token_can_match(token: &str) -> bool {
 
 /// Whether `Authorization: Bearer <token>` carries `token` to a receiver as it is: one that
 /// began with a space or tab would be read as the token without it by most.
-fn header_can_carry(token: &str) -> bool {
+pub(crate) fn header_can_carry(token: &str) -> bool {
     ingest_token_can_match(token) && !token.starts_with([' ', '\t'])
 }
 

@@ -57,11 +57,7 @@ impl Destination {
     }
 
     fn delivered_profiles(&self) -> Vec<String> {
-        self.receiver
-            .delivered()
-            .iter()
-            .map(|r| profile_of(&r.json().unwrap()))
-            .collect()
+        delivered_profiles(&self.receiver)
     }
 }
 

@@ -307,12 +307,7 @@ async fn the_running_agent_compacts_its_store_while_updates_arrive() {
     );
     // Every acknowledged update is stored, and its export delivered.
     let delivered = || -> std::collections::HashSet<String> {
-        setup
-            .receiver
-            .delivered()
-            .iter()
-            .map(|r| profile_of(&r.json().unwrap()))
-            .collect()
+        delivered_profiles(&setup.receiver).into_iter().collect()
     };
     wait_until(60, "every export delivered", || {
         delivered().len() >= BEFORE + acked.len() && outbox_stats(&config)["pending"] == 0

@@ -192,12 +192,7 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
         stats(&s)["dead"] == 1 && stats(&s)["pending"] == 0
     })
     .await;
-    let delivered: Vec<String> = s
-        .receiver
-        .delivered()
-        .iter()
-        .map(|r| profile_of(&r.json().unwrap()))
-        .collect();
+    let delivered = delivered_profiles(&s.receiver);
     assert_eq!(delivered.len(), 2, "{delivered:?}");
     assert!(delivered.contains(&"p0".into()) && delivered.contains(&"p2".into()));
     let out = s.run(&["outbox", "list", "--dead", "--json"], None);
@@ -351,12 +346,7 @@ async fn a_next_export_number_behind_the_outbox_is_raised_at_open() {
     let (status, body) = http_post(agent.addr, "/v1/updates", update("p2", "c"), &[]).await;
     assert_eq!(status, 200, "{body}");
     wait_until(20, "the outbox empty", || stats(&s)["pending"] == 0).await;
-    let mut delivered: Vec<String> = s
-        .receiver
-        .delivered()
-        .iter()
-        .map(|r| profile_of(&r.json().unwrap()))
-        .collect();
+    let mut delivered = delivered_profiles(&s.receiver);
     delivered.sort();
     assert_eq!(delivered, ["p0", "p1", "p2"]);
     agent.terminate().await;

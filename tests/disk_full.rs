@@ -342,11 +342,8 @@ async fn a_full_disk_under_a_nats_feed_loses_no_message() {
 async fn all_delivered(receiver: &Receiver, agent: &AgentProcess, profiles: usize, what: &str) {
     let what = format!("{what}: profiles p0 to p{} delivered", profiles - 1);
     wait_or_show(60, &what, &[agent], async || {
-        let delivered: std::collections::HashSet<String> = receiver
-            .delivered()
-            .iter()
-            .map(|r| profile_of(&r.json().unwrap()))
-            .collect();
+        let delivered: std::collections::HashSet<String> =
+            delivered_profiles(receiver).into_iter().collect();
         (0..profiles).all(|i| delivered.contains(&format!("p{i}")))
     })
     .await;

@@ -199,11 +199,7 @@ async fn delivers_over_https_to_a_private_ca() {
         1,
         "the token was fetched over TLS"
     );
-    let mut profiles: Vec<String> = receiver
-        .delivered()
-        .iter()
-        .map(|r| profile_of(&r.json().unwrap()))
-        .collect();
+    let mut profiles = delivered_profiles(&receiver);
     profiles.sort();
     assert_eq!(profiles, ["a", "a", "b"]);
     agent.stop().await.unwrap();

@@ -433,10 +433,11 @@ impl TokenSource {
         if parsed.access_token.is_empty() {
             return Err(AuthError::Answer("empty access_token".into()));
         }
-        // Kept, it would fail every request before it is sent, for the whole of its lifetime.
-        if hyper::header::HeaderValue::from_str(&parsed.access_token).is_err() {
+        // Kept, it would fail every request before it is sent, or be read by the endpoint as
+        // another token, for the whole of its lifetime: the check a static token gets.
+        if !crate::config::header_can_carry(&parsed.access_token) {
             return Err(AuthError::Answer(
-                "the access_token holds characters no Authorization header can carry (control characters or non-ASCII)".into(),
+                "the access_token holds what no Authorization header can carry as it is (control characters, non-ASCII, or blanks at either end)".into(),
             ));
         }
         let (lifetime, lifetime_given) = lifetime_of(parsed.expires_in.as_ref());
@@ -627,22 +628,25 @@ mod tests {
     async fn a_token_no_header_can_carry_is_refused() {
         use crate::receiver::Reply;
         let (receiver, tokens) = with_receiver().await;
-        receiver.set_token_script(Some(Arc::new(|_, _| {
-            let body = r#"{"access_token":"abc\u0001","token_type":"Bearer","expires_in":600}"#;
-            Reply::Status(
-                200,
-                vec![("content-type".into(), "application/json".into())],
-                body.into(),
-            )
-        })));
-        match tokens.token().await {
-            Err(AuthError::Answer(error)) => {
-                assert!(
-                    error.contains("no Authorization header can carry"),
-                    "{error}"
+        for token in [r"abc\u0001", "abcé", " abc", "abc "] {
+            let body =
+                format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":600}}"#);
+            receiver.set_token_script(Some(Arc::new(move |_, _| {
+                Reply::Status(
+                    200,
+                    vec![("content-type".into(), "application/json".into())],
+                    body.clone(),
                 )
+            })));
+            match tokens.token().await {
+                Err(AuthError::Answer(error)) => {
+                    assert!(
+                        error.contains("no Authorization header can carry"),
+                        "{token}: {error}"
+                    )
+                }
+                other => panic!("{token}: {other:?}"),
             }
-            other => panic!("{other:?}"),
         }
         receiver.set_token_script(None);
         let token = tokens.token().await.unwrap().unwrap();

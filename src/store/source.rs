@@ -409,9 +409,8 @@ pub(super) fn write(
 /// Counts the rejected messages into `meta/rejected` if it is missing (a store from a build
 /// that kept no count). Not durable until a flush.
 pub(super) fn count_rejected_if_unknown(t: &Trees) -> Result<(), StoreError> {
-    if t.meta.get(meta::REJECTED)?.is_none() && !t.rejected.is_empty() {
-        let count = t.rejected.iter().keys().count() as u64;
-        t.meta.insert(meta::REJECTED, &count.to_be_bytes())?;
+    if t.meta.get(meta::REJECTED)?.is_none() {
+        recount(t)?;
     }
     Ok(())
 }
@@ -431,6 +430,14 @@ impl CountSaid {
             None => CountSaid::Missing,
             Some(Ok(bytes)) => CountSaid::Count(u64::from_be_bytes(bytes)),
             Some(Err(_)) => CountSaid::Unreadable,
+        }
+    }
+
+    /// The count, or 0 for none that reads (an open counts it again).
+    fn or_zero(self) -> u64 {
+        match self {
+            CountSaid::Count(n) => n,
+            CountSaid::Missing | CountSaid::Unreadable => 0,
         }
     }
 
@@ -455,10 +462,7 @@ impl CountSaid {
 /// The count of rejected messages inside a transaction: missing or unreadable counts as 0 (an
 /// open counts it again), so that a damaged value never fails the commits that carry them.
 fn count_in(meta_tx: &TransactionalTree) -> TxResult<u64> {
-    Ok(match CountSaid::of(meta_tx.get(meta::REJECTED)?.as_ref()) {
-        CountSaid::Count(n) => n,
-        CountSaid::Missing | CountSaid::Unreadable => 0,
-    })
+    Ok(CountSaid::of(meta_tx.get(meta::REJECTED)?.as_ref()).or_zero())
 }
 
 /// How many times a count is taken again when a commit or a drop changed `meta/rejected`
@@ -682,10 +686,7 @@ impl Store {
     pub fn rejected_counts(&self) -> Result<(u64, u64), StoreError> {
         self.with(|t| {
             let read = |key| -> Result<u64, StoreError> {
-                Ok(t.meta
-                    .get(key)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map_or(0, u64::from_be_bytes))
+                Ok(CountSaid::of(t.meta.get(key)?.as_ref()).or_zero())
             };
             Ok((read(meta::REJECTED)?, read(meta::REJECTED_NOT_KEPT)?))
         })

@@ -362,6 +362,16 @@ mod tests {
 
     const DELIVERED: ExportChange = ExportChange::Delivered { retried: false };
 
+    /// A store at `dir` where profile a's export 0 was refused (a dead letter) and its export
+    /// 1 delivered.
+    fn dead_letter_superseded_by_the_next(dir: &std::path::Path) -> Store {
+        let store = Store::open(dir, 8 << 20).unwrap();
+        export_each(&store, &[("a", "1"), ("a", "2")]);
+        settle(&store, "a", 0, refused());
+        settle(&store, "a", 1, DELIVERED);
+        store
+    }
+
     fn put_back(store: &Store, seq: u64) -> PutBack {
         store
             .put_back_dead_letter(seq, 2, 2, &MaybeAcknowledged::default())
@@ -421,10 +431,7 @@ mod tests {
     fn dead_letters_marked_in_an_earlier_run_are_left_as_they_are() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), 8 << 20).unwrap();
-            export_each(&store, &[("a", "1"), ("a", "2")]);
-            settle(&store, "a", 0, refused());
-            settle(&store, "a", 1, DELIVERED);
+            let store = dead_letter_superseded_by_the_next(dir.path());
             assert_eq!(store.superseded_by(0).unwrap(), Some(1));
             store.flush().unwrap();
         }
@@ -493,10 +500,7 @@ mod tests {
     fn marks_without_their_dead_letter_go_once_looked_over() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), 8 << 20).unwrap();
-            export_each(&store, &[("a", "1"), ("a", "2")]);
-            settle(&store, "a", 0, refused());
-            settle(&store, "a", 1, DELIVERED);
+            let store = dead_letter_superseded_by_the_next(dir.path());
             let t = store.trees().unwrap();
             // Beyond the first chunk: a dead letter with its mark, and stale marks around it.
             t.dead

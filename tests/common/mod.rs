@@ -336,6 +336,15 @@ pub async fn wait_until(seconds: u64, what: &str, mut check: impl FnMut() -> boo
     }
 }
 
+/// The profile of each export the receiver took with a 2xx, in the order they came.
+pub fn delivered_profiles(receiver: &outpost::receiver::Receiver) -> Vec<String> {
+    receiver
+        .delivered()
+        .iter()
+        .map(|r| profile_of(&r.json().unwrap()))
+        .collect()
+}
+
 /// How many distinct exports (by `Idempotency-Key`) reached the receiver with a 2xx.
 pub fn distinct_delivered(receiver: &outpost::receiver::Receiver) -> usize {
     let mut keys: Vec<String> = receiver
