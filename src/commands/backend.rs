@@ -148,17 +148,35 @@ impl Backend {
         }
     }
 
-    /// Commits one chunk of validated, pruned updates, durably.
+    /// Before the first chunk of an ingest into the store itself: records the mapping the
+    /// store now runs with and runs a queued backfill (see [`run_backfill`]). Once a command
+    /// is enough: nothing delivers meanwhile, so a backfill that waits for deliveries waits
+    /// for the whole command. The mapping, with its segments' times, for every chunk (`None`
+    /// for an agent, which did all this as it started).
+    pub(super) fn prepare_ingest(
+        &self,
+        config: &Config,
+    ) -> Result<Option<crate::config::Mapping>, CliError> {
+        let Backend::Local(store) = self else {
+            return Ok(None);
+        };
+        let mut mapping = config.mapping.clone();
+        store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
+        run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;
+        Ok(Some(mapping))
+    }
+
+    /// Commits one chunk of validated, pruned updates, durably; `mapping` from
+    /// [`Backend::prepare_ingest`].
     pub(super) fn ingest(
         &self,
         config: &Config,
+        mapping: Option<&crate::config::Mapping>,
         updates: &[Update],
     ) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
-                let mut mapping = config.mapping.clone();
-                store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
-                run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;
+                let mapping = mapping.expect("prepared for the store itself");
                 if let Some(full) = store.outbox_full(config.storage.max_outbox_bytes)? {
                     let under_way = store.backfill_progress()?.map_or_else(String::new, |p| {
                         format!(
@@ -170,7 +188,7 @@ impl Backend {
                 }
                 let started = std::time::Instant::now();
                 let summaries = store
-                    .apply_groups(&[updates], &mapping, Utc::now())
+                    .apply_groups(&[updates], mapping, Utc::now())
                     .map_err(maybe_written)?;
                 let decided = started.elapsed();
                 store.flush().map_err(maybe_written)?;
@@ -216,10 +234,7 @@ fn run_backfill(
 ) -> Result<(), CliError> {
     loop {
         if crate::store::backfill::waits_for_deliveries(store.tally()?, max_outbox_bytes) {
-            // Said once a command, not at each chunk.
-            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            let said = SAID.swap(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(p) = store.backfill_progress()?.filter(|_| !said) {
+            if let Some(p) = store.backfill_progress()? {
                 tracing::warn!(
                     scanned = p.scanned,
                     profiles = p.profiles,

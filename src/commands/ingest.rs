@@ -134,6 +134,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
     // most two wait, so memory stays bounded. For the store itself that thread also makes each
     // upsert its record (the agent is sent the updates as they were read).
     let prepare = matches!(backend, Backend::Local(_));
+    let mapping = backend.prepare_ingest(config)?;
     let mut total = BatchSummary::default();
     std::thread::scope(|scope| {
         let (chunks, parsed) = std::sync::mpsc::sync_channel(1);
@@ -166,7 +167,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
                 break;
             }
             let committed = backend
-                .ingest(config, &chunk)
+                .ingest(config, mapping.as_ref(), &chunk)
                 .map_err(|e| partly_stored(e, total.accepted, chunk.len(), count))?;
             total.add(&committed);
             bar.inc(chunk.len() as u64);

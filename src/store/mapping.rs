@@ -154,10 +154,7 @@ impl Store {
             self.with(|t| Ok(t.meta.apply_batch(write)?))?;
             self.flush()?;
         }
-        let looked_over = self
-            .marks_looked_over
-            .swap(true, std::sync::atomic::Ordering::SeqCst);
-        if (records != before || !looked_over) && self.remove_unneeded_marks()? > 0 {
+        if self.remove_unneeded_marks()? > 0 {
             self.flush()?;
         }
         mapping.mapped_at = mapping

@@ -196,10 +196,6 @@ pub struct Store {
     durable_next: AtomicU64,
     /// Unreadable `meta` values rebuilt when the store was opened (see [`rebuild_meta`]).
     rebuilt_meta: std::sync::Mutex<Vec<String>>,
-    /// Backfill marks no job needs were looked for since the store was opened (once is
-    /// enough unless the mapping changes: `record_mapping` runs at every chunk of an offline
-    /// ingest, and a paused backfill leaves marks that grow with it).
-    marks_looked_over: std::sync::atomic::AtomicBool,
     /// Held by whoever changes profiles, from reading their groups to writing them back: the
     /// committer, and `outpost repair` through the admin socket while the agent runs. A group
     /// holds several profiles, so two writers would each write back the other's old version.

@@ -327,7 +327,6 @@ impl Store {
             written_next: AtomicU64::new(opened.next_seq),
             durable_next: AtomicU64::new(opened.next_seq),
             rebuilt_meta: std::sync::Mutex::new(opened.rebuilt),
-            marks_looked_over: std::sync::atomic::AtomicBool::new(false),
             profile_writer: std::sync::Mutex::new(()),
             flushing: std::sync::Mutex::new(()),
             reopening: std::sync::Mutex::new(()),
