@@ -752,6 +752,103 @@ async fn a_message_larger_than_a_fetch_may_take_is_fetched_alone() {
         .contains("no rejected messages"));
 }
 
+/// The bytes JetStream counts against a pull request's budget for each message of
+/// `partition`, as the agent's consumer gets them (subject, reply, headers and payload: what
+/// async-nats reads as `Message::length`), read through a consumer of the agent's name that
+/// is then deleted.
+async fn budgeted_sizes(server: &NatsServer, partition: u32) -> Vec<usize> {
+    use async_nats::jetstream::consumer;
+    use futures_util::StreamExt;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("UPDATES")
+        .await
+        .unwrap();
+    let name = format!("outpost-p{partition}");
+    let reader: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("test.updates.{partition}"),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = reader.fetch().max_messages(1000).messages().await.unwrap();
+    let mut sizes = Vec::new();
+    while let Some(message) = messages.next().await {
+        sizes.push(message.unwrap().length);
+    }
+    stream.delete_consumer(&name).await.unwrap();
+    sizes
+}
+
+/// JetStream ends a pull request whose messages take its byte budget exactly without a status
+/// to say so: the fetch must end there by itself rather than wait for one and stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_messages_take_its_budget_exactly_ends_there() {
+    let Some(server_bin) = nats_server_or_skip("a_fetch_whose_messages_take_its_budget") else {
+        return;
+    };
+    // 64 MiB over the 64 partitions owned; p-000001 is in partition 41 of 64 (README).
+    const SHARE: usize = 1 << 20;
+    const PARTITION: u32 = 41;
+    const FILLING: usize = 17;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 64, "0-63", "")),
+        "",
+    );
+    let update = |v: usize, padding: usize| {
+        let at = format!("2026-01-01T00:00:{v:02}Z");
+        let mut update: serde_json::Value =
+            serde_json::from_str(&member_update("p-000001", &format!("v{v}"), &at)).unwrap();
+        update["profile"]["padding"] = "x".repeat(padding).into();
+        update.to_string()
+    };
+    // The last of the first FILLING messages is made as large as their sum needs to be SHARE.
+    let publish = async |last_padding: usize| {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let _ = js.delete_stream("UPDATES").await;
+        setup.cli(&["nats", "setup"]);
+        for v in 1..=FILLING + 1 {
+            let padding = match v {
+                v if v < FILLING => 60_000,
+                FILLING => last_padding,
+                _ => 10,
+            };
+            js.publish(
+                format!("test.updates.{PARTITION}"),
+                update(v, padding).into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        budgeted_sizes(&server, PARTITION).await
+    };
+    let guess = 60_000;
+    let sizes = publish(guess).await;
+    assert_eq!(sizes.len(), FILLING + 1);
+    let short = SHARE - sizes[..FILLING].iter().sum::<usize>();
+    let sizes = publish(guess + short).await;
+    assert_eq!(sizes[..FILLING].iter().sum::<usize>(), SHARE, "{sizes:?}");
+
+    let agent = setup.start().await;
+    // A fetch waits 10 s for a message before it is taken for stalled.
+    let committed = "outpost_source_messages_total{result=\"committed\"}";
+    wait_or_show(8, "every message committed", &[&agent], async || {
+        metric(agent.addr, committed).await == (FILLING + 1) as f64
+    })
+    .await;
+    assert!(!agent.log().contains("stalled"), "{}", agent.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_pauses_fetching_until_deliveries_make_room() {
     let Some(server_bin) = nats_server_or_skip("a_full_outbox_pauses_fetching") else {

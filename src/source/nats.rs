@@ -895,6 +895,7 @@ async fn fetch(
         .map_err(|_| stalled(FETCH_TIMEOUT))?
         .map_err(|e| nats_error("fetching", e))?;
         let mut messages = Vec::with_capacity(max.min(1024));
+        let mut bytes_left = max_bytes;
         // The first message may take as long as the server was asked to wait.
         let mut limit = wait.unwrap_or_default() + FETCH_TIMEOUT;
         while let Some(message) = tokio::time::timeout(limit, batch.next())
@@ -902,7 +903,18 @@ async fn fetch(
             .map_err(|_| stalled(limit))?
         {
             match message {
-                Ok(message) => messages.push(message),
+                Ok(message) => {
+                    let budget_taken = max_bytes > 0 && {
+                        bytes_left = bytes_left.saturating_sub(message.length);
+                        bytes_left == 0
+                    };
+                    messages.push(message);
+                    // The server ends a request whose messages take its bytes exactly
+                    // without a status to say so; nothing more comes.
+                    if budget_taken {
+                        break;
+                    }
+                }
                 Err(e) if ended_by_max_bytes(&e) => break,
                 Err(e) => return Err(nats_error("fetching", e)),
             }
