@@ -36,7 +36,7 @@ use sled::IVec;
 
 use super::error::{abort, TxResult};
 use super::keys::meta;
-use super::tally::{read_u64, write_u64};
+use super::tally::write_u64;
 use super::unreadable::{key_text, UnreadableRecord, UNREADABLE};
 use super::Trees;
 use super::FORMAT_VERSION;
@@ -377,7 +377,7 @@ pub(super) fn write(
             };
             let count = match kept {
                 Some(count) => count,
-                None => count_in(meta_tx)?,
+                None => count_in(meta_tx, meta::REJECTED)?,
             };
             if count >= max_rejected {
                 kept = Some(count);
@@ -396,7 +396,7 @@ pub(super) fn write(
         write_u64(meta_tx, meta::REJECTED, count)?;
     }
     if not_kept > 0 {
-        let before = read_u64(meta_tx, meta::REJECTED_NOT_KEPT)?;
+        let before = count_in(meta_tx, meta::REJECTED_NOT_KEPT)?;
         write_u64(
             meta_tx,
             meta::REJECTED_NOT_KEPT,
@@ -459,10 +459,11 @@ impl CountSaid {
     }
 }
 
-/// The count of rejected messages inside a transaction: missing or unreadable counts as 0 (an
-/// open counts it again), so that a damaged value never fails the commits that carry them.
-fn count_in(meta_tx: &TransactionalTree) -> TxResult<u64> {
-    Ok(CountSaid::of(meta_tx.get(meta::REJECTED)?.as_ref()).or_zero())
+/// A count of rejected messages (`meta/rejected` or `meta/rejected_not_kept`) inside a
+/// transaction: missing or unreadable counts as 0 (an open counts the first again and starts
+/// the second from 0), so that a damaged value never fails the commits that carry them.
+fn count_in(meta_tx: &TransactionalTree, key: &[u8]) -> TxResult<u64> {
+    Ok(CountSaid::of(meta_tx.get(key)?.as_ref()).or_zero())
 }
 
 /// How many times a count is taken again when a commit or a drop changed `meta/rejected`
@@ -534,7 +535,7 @@ fn remove_rejected(t: &Trees, key: &[u8]) -> Result<bool, StoreError> {
     Ok((&t.rejected, &t.meta).transaction(|(rejected, meta_tx)| {
         let removed = rejected.remove(key)?.is_some();
         if removed {
-            let count = count_in(meta_tx)?;
+            let count = count_in(meta_tx, meta::REJECTED)?;
             write_u64(meta_tx, meta::REJECTED, count.saturating_sub(1))?;
         }
         Ok(removed)
@@ -1173,6 +1174,14 @@ mod tests {
         );
         assert_eq!(store.verify().unwrap(), Vec::<String>::new());
         assert_eq!(store.rejected_counts().unwrap(), (2, 3));
+        // A damaged count of those not kept fails no commit either: it counts from 0 again.
+        store.set_max_rejected(2);
+        store
+            .with(|t| Ok(t.meta.insert(meta::REJECTED_NOT_KEPT, &[9u8])?))
+            .unwrap();
+        commit(&store, 10..=10);
+        assert_eq!(kept_seqs(&store), [8, 9]);
+        assert_eq!(store.rejected_counts().unwrap(), (2, 1));
     }
 
     /// A stream made again numbers its messages from 1 again: a message rejected where another
