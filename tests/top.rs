@@ -1,5 +1,6 @@
 //! `outpost top` against the real `outpost run`: `--once` prints the figures `/metrics`
-//! serves, and without an agent it says what to do and exits 1.
+//! serves, without an agent it says what to do and exits 1, and on a terminal it goes on
+//! reading keys while the agent does not answer.
 
 mod common;
 
@@ -159,4 +160,67 @@ fn top_without_an_agent_says_what_to_do() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("--interval must be between 0.1 and 60 seconds"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_says_the_agent_does_not_answer_and_quits_at_once_meanwhile() {
+    use std::io::{Read, Write};
+    use std::sync::Mutex;
+    let ws = Workspace::new();
+    let port = free_port();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap()
+        + &format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(ws.config_path(), config).unwrap();
+    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
+
+    let (mut terminal, theirs) = pty();
+    let mut top = KilledOnDrop(
+        ws.command(&["top", "--interval", "0.2"])
+            .stdin(theirs.try_clone().unwrap())
+            .stdout(theirs.try_clone().unwrap())
+            .stderr(theirs)
+            .spawn()
+            .unwrap(),
+    );
+    // What top draws, read as it comes so that it never waits to write.
+    let screen = Arc::new(Mutex::new(Vec::new()));
+    let mut reader = terminal.try_clone().unwrap();
+    let drawn = screen.clone();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            drawn.lock().unwrap().extend_from_slice(&buffer[..n]);
+        }
+    });
+    let shows = |text: &str| String::from_utf8_lossy(&screen.lock().unwrap()).contains(text);
+    wait_until(20, "top's first frame", || shows("Outbox")).await;
+
+    // A stopped agent accepts the connection but never answers.
+    let stopped = i32::try_from(agent.pid()).unwrap();
+    // SAFETY: plain kill(2) of the agent this test started.
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGSTOP) }, 0);
+    wait_until(15, "the notice that the agent does not answer", || {
+        shows("no answer from the agent")
+    })
+    .await;
+    terminal.write_all(b"q").unwrap();
+    let asked = Instant::now();
+    let status = loop {
+        if let Some(status) = top.0.try_wait().unwrap() {
+            break status;
+        }
+        if asked.elapsed() > Duration::from_secs(5) {
+            // SAFETY: as above.
+            unsafe { libc::kill(stopped, libc::SIGCONT) };
+            panic!("top did not quit within 5 s of `q` while the agent did not answer");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGCONT) }, 0);
+    agent.terminate().await;
 }

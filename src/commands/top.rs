@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
@@ -46,17 +47,17 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
     };
     let store = config.storage.path.display().to_string();
     let started = Instant::now();
-    let take = || snapshot(&socket, started);
-    let first = take().map_err(CliError::Failure)?;
+    let first = snapshot(&socket, started, AGENT_TIMEOUT).map_err(CliError::Failure)?;
     let mut history = History::new(HISTORY_POINTS);
     history.push(&first);
     if once {
         std::thread::sleep(interval);
-        let second = take().map_err(CliError::Failure)?;
+        let second = snapshot(&socket, started, AGENT_TIMEOUT).map_err(CliError::Failure)?;
         history.push(&second);
         print!("{}", plain(&view(&first, &second, &history, auth, &store)));
         return Ok(());
     }
+    let snapshots = take_snapshots(socket, started, interval);
     let mut terminal = ratatui::try_init()
         .map_err(|e| CliError::Failure(format!("cannot set up the terminal: {e}")))?;
     let first_view = view(&first, &first, &history, auth, &store);
@@ -65,40 +66,72 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
         first,
         first_view,
         history,
-        interval,
         |p, c, h| view(p, c, h, auth, &store),
-        take,
+        &snapshots,
     );
     ratatui::restore();
     result
 }
 
 /// One snapshot from the agent, timed on this process's monotonic clock.
-fn snapshot(socket: &Path, started: Instant) -> Result<Snapshot, String> {
-    let answer = call_agent(socket, &AdminRequest::Snapshot, Some(AGENT_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+fn snapshot(socket: &Path, started: Instant, timeout: Duration) -> Result<Snapshot, String> {
+    let answer =
+        call_agent(socket, &AdminRequest::Snapshot, Some(timeout)).map_err(|e| e.to_string())?;
     Snapshot::from_answer(started.elapsed().as_secs_f64(), &answer)
 }
 
-/// Draws, waits for a key or the next interval, takes a snapshot; until `q`, Esc or Ctrl-C.
-/// A resize is drawn at once. While the agent does not answer, the last figures stay on
-/// screen under a notice, and each interval tries again.
+/// How long the live view waits for one snapshot before it says the agent does not answer:
+/// twice the interval, at least 2 s (an agent busy with a large store call answers late).
+fn snapshot_timeout(interval: Duration) -> Duration {
+    (interval * 2).clamp(Duration::from_secs(2), AGENT_TIMEOUT)
+}
+
+/// Takes a snapshot every `interval` on a thread of its own, so that a hung agent never
+/// keeps the view from reading keys; ends when the receiver is dropped (the thread may still
+/// be waiting for an answer then, which the process's exit ends).
+fn take_snapshots(
+    socket: std::path::PathBuf,
+    started: Instant,
+    interval: Duration,
+) -> Receiver<Result<Snapshot, String>> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let timeout = snapshot_timeout(interval);
+        let mut next = Instant::now() + interval;
+        loop {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            next = Instant::now() + interval;
+            if sender.send(snapshot(&socket, started, timeout)).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+/// How often the view looks for a key while it waits for the next snapshot.
+const KEY_POLL: Duration = Duration::from_millis(100);
+
+/// Draws, then reads keys and snapshots as they come; until `q`, Esc or Ctrl-C. A resize is
+/// drawn at once. While the agent does not answer, the last figures stay on screen under a
+/// notice, and each interval tries again.
 fn live(
     terminal: &mut ratatui::DefaultTerminal,
     first: Snapshot,
     mut shown: View,
     mut history: History,
-    interval: Duration,
     make_view: impl Fn(&Snapshot, &Snapshot, &History) -> View,
-    take: impl Fn() -> Result<Snapshot, String>,
+    snapshots: &Receiver<Result<Snapshot, String>>,
 ) -> Result<(), CliError> {
     let failed = |e: std::io::Error| CliError::Failure(format!("terminal: {e}"));
     let mut previous = first;
-    let mut next = Instant::now() + interval;
+    let mut changed = true;
     loop {
-        terminal.draw(|frame| draw(frame, &shown)).map_err(failed)?;
-        let wait = next.saturating_duration_since(Instant::now());
-        if event::poll(wait).map_err(failed)? {
+        if changed {
+            terminal.draw(|frame| draw(frame, &shown)).map_err(failed)?;
+            changed = false;
+        }
+        if event::poll(KEY_POLL).map_err(failed)? {
             if let Event::Key(key) = event::read().map_err(failed)? {
                 let quit = key.kind == KeyEventKind::Press
                     && (matches!(key.code, KeyCode::Char('q') | KeyCode::Esc)
@@ -108,22 +141,50 @@ fn live(
                     return Ok(());
                 }
             }
-            // A resize (or any other event) is drawn again at the top of the loop.
+            // A resize (or any other event) is drawn again.
+            changed = true;
             continue;
         }
-        next = Instant::now() + interval;
-        match take() {
-            Ok(current) => {
+        match snapshots.try_recv() {
+            Ok(Ok(current)) => {
                 history.push(&current);
                 shown = make_view(&previous, &current, &history);
                 previous = current;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 shown.notice = Some(format!(
                     "no answer from the agent at {}: {e}",
                     chrono::Local::now().format("%H:%M:%S")
                 ));
             }
+            Err(TryRecvError::Empty) => continue,
+            Err(TryRecvError::Disconnected) => {
+                return Err(CliError::Failure(
+                    "the thread taking the agent's snapshots ended".into(),
+                ))
+            }
+        }
+        changed = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_waits_twice_the_interval_and_at_least_two_seconds() {
+        for (interval_ms, want_ms) in [
+            (100, 2_000),
+            (1_000, 2_000),
+            (5_000, 10_000),
+            (60_000, 120_000),
+        ] {
+            assert_eq!(
+                snapshot_timeout(Duration::from_millis(interval_ms)),
+                Duration::from_millis(want_ms),
+                "interval {interval_ms} ms"
+            );
         }
     }
 }

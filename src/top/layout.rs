@@ -6,7 +6,7 @@ use ratatui::backend::TestBackend;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph, Sparkline};
+use ratatui::widgets::{Block, Borders, Paragraph, Sparkline};
 use ratatui::{Frame, Terminal};
 
 use super::view::{destination, duration, latency, per_second, rate_cap, Figure, View};
@@ -36,7 +36,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)])
                 .areas(state);
         delivery(frame, left, view);
-        outbox(frame, right, view);
+        outbox(frame, right, view, Row::Inner);
         let [pending, waited] =
             Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
                 .areas(trends);
@@ -46,6 +46,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             "Outbox pending",
             &view.pending_history,
             Some(view.interval_s),
+            Row::Inner,
         );
         sparkline(
             frame,
@@ -53,6 +54,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             "Oldest waited (s)",
             &view.waited_history,
             Some(view.interval_s),
+            Row::Inner,
         );
     } else {
         let [counters, state, trends] = Layout::vertical([
@@ -76,9 +78,23 @@ pub fn draw(frame: &mut Frame, view: &View) {
             Constraint::Percentage(30),
         ])
         .areas(trends);
-        outbox(frame, text, view);
-        sparkline(frame, pending, "Pending", &view.pending_history, None);
-        sparkline(frame, waited, "Oldest (s)", &view.waited_history, None);
+        outbox(frame, text, view, Row::Bottom);
+        sparkline(
+            frame,
+            pending,
+            "Pending",
+            &view.pending_history,
+            None,
+            Row::Bottom,
+        );
+        sparkline(
+            frame,
+            waited,
+            "Oldest (s)",
+            &view.waited_history,
+            None,
+            Row::Bottom,
+        );
     }
 }
 
@@ -129,6 +145,21 @@ fn block(title: &str) -> Block<'static> {
         format!(" {title} "),
         Style::new().add_modifier(Modifier::BOLD),
     ))
+}
+
+/// Where the blocks go: on a small screen the bottom row's blocks have no bottom border, which
+/// leaves the outbox a line for the stream's lag.
+#[derive(Clone, Copy)]
+enum Row {
+    Inner,
+    Bottom,
+}
+
+fn block_in(title: &str, row: Row) -> Block<'static> {
+    match row {
+        Row::Inner => block(title),
+        Row::Bottom => block(title).borders(Borders::TOP | Borders::LEFT | Borders::RIGHT),
+    }
 }
 
 /// A family's figures: label, per second, and the total when the column is wide enough.
@@ -190,7 +221,7 @@ fn delivery(frame: &mut Frame, area: Rect, view: &View) {
     frame.render_widget(Paragraph::new(lines).block(block("Delivery")), area);
 }
 
-fn outbox(frame: &mut Frame, area: Rect, view: &View) {
+fn outbox(frame: &mut Frame, area: Rect, view: &View, row: Row) {
     let dead = if view.dead > 0 {
         Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)
     } else {
@@ -213,7 +244,7 @@ fn outbox(frame: &mut Frame, area: Rect, view: &View) {
     if let Some(lag) = &view.source_lag {
         lines.push(Line::raw(format!("NATS lag   {lag}")));
     }
-    frame.render_widget(Paragraph::new(lines).block(block("Outbox")), area);
+    frame.render_widget(Paragraph::new(lines).block(block_in("Outbox", row)), area);
 }
 
 /// The last points of `history` that fit, the latest on the right, with the latest value and,
@@ -224,6 +255,7 @@ fn sparkline(
     title: &str,
     history: &[u64],
     seconds_a_point: Option<f64>,
+    row: Row,
 ) {
     let width = area.width.saturating_sub(2) as usize;
     let shown = &history[history.len().saturating_sub(width)..];
@@ -237,7 +269,7 @@ fn sparkline(
     };
     frame.render_widget(
         Sparkline::default()
-            .block(block(&title))
+            .block(block_in(&title, row))
             .data(shown)
             .style(Style::new().fg(Color::Cyan)),
         area,
@@ -357,6 +389,19 @@ mod tests {
                 "Pending 30",
             ],
         );
+    }
+
+    #[test]
+    fn the_stream_lag_shows_at_either_size() {
+        let mut v = sample_view();
+        v.source_lag = Some("120 messages".into());
+        for (width, height) in [(80, 24), (120, 36), (100, 30)] {
+            let screen = render_text(&v, width, height);
+            assert_shows(
+                &screen,
+                &["NATS lag   120 messages", "clock jumps none noticed"],
+            );
+        }
     }
 
     #[test]

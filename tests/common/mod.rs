@@ -450,18 +450,25 @@ impl Drop for KilledOnDrop {
     }
 }
 
-/// A pseudo-terminal: its master side (what a person types is written there), and its slave
-/// side, to give a child process as standard input so that it asks as it would a person.
+/// A pseudo-terminal of 40 rows and 160 columns: its master side (what a person types is
+/// written there, what the program draws is read there), and its slave side, to give a child
+/// process as its terminal so that it asks as it would a person.
 pub fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
     use std::os::fd::{FromRawFd, OwnedFd};
     let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 160,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     let opened = unsafe {
         libc::openpty(
             &mut master,
             &mut slave,
             std::ptr::null_mut(),
             std::ptr::null(),
-            std::ptr::null(),
+            &size,
         )
     };
     assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
