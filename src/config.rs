@@ -1412,6 +1412,23 @@ fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
                 format!("`{path}` is not a dot path of object keys"),
             ));
         }
+        // The payload writes these two parts from the identity and segment mappings, so an
+        // attribute inside them could export a change the payload does not carry.
+        let instead = match keys[0].as_str() {
+            "identityMap" => Some("list the namespace in mapping.identities"),
+            "segmentMembership" => Some("list the segment id in mapping.segments"),
+            _ => None,
+        };
+        if let Some(instead) = instead {
+            return Err((
+                "mapping.attributes",
+                format!(
+                    "`{path}` is inside {}, which the payload carries as the identity and \
+                     segment mappings decide, not as an attribute: {instead}",
+                    keys[0]
+                ),
+            ));
+        }
         attributes.push(keys);
     }
     if let Some(ns) = raw.identities.iter().find(|s| s.trim().is_empty()) {
@@ -1675,6 +1692,34 @@ client_secret = "s3cr3t-value"
             assert!(!error.contains("pa55"), "{error}");
             assert!(error.contains("***"), "{error}");
         }
+    }
+
+    #[test]
+    fn attributes_inside_the_identity_or_segment_parts_are_refused() {
+        let with = |paths: &str| {
+            VALID.replacen(
+                "attributes = [\"person.name.firstName\"]",
+                &format!("attributes = [{paths}]"),
+                1,
+            )
+        };
+        for (paths, part) in [
+            ("\"identityMap.CRM\"", "identityMap"),
+            (
+                "\"person.name.firstName\", \"segmentMembership.ups.S\"",
+                "segmentMembership",
+            ),
+            ("\"identityMap\"", "identityMap"),
+        ] {
+            let error = error_of(&with(paths));
+            assert!(
+                error.contains("mapping.attributes") && error.contains(part),
+                "{paths}: {error}"
+            );
+        }
+        let config = parse(&with("\"identityMapping.x\", \"person.segmentMembership\""))
+            .expect("paths that only look alike are attributes");
+        assert_eq!(config.mapping.attributes.len(), 2);
     }
 
     #[test]
