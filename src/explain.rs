@@ -14,10 +14,17 @@ pub fn listen(key: &str, addr: &SocketAddr, error: &std::io::Error) -> String {
             "{key} {addr}: the address is already in use: another program (or another outpost) \
              listens there. Stop it, or set {key} to a free address in the config"
         ),
-        ErrorKind::PermissionDenied => format!(
+        ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
             "{key} {addr}: not allowed to listen on port {}: ports below 1024 need root or \
              CAP_NET_BIND_SERVICE. Set {key} to a port above 1023",
             addr.port()
+        ),
+        ErrorKind::PermissionDenied => format!(
+            "{key} {addr}: not allowed to listen on port {port} (permission denied), though it \
+             is above 1023: a security policy (SELinux, AppArmor, a container's seccomp) \
+             refuses it, or net.ipv4.ip_unprivileged_port_start is set above {port}. Allow it \
+             there, or set {key} to a port this host lets outpost's user listen on",
+            port = addr.port()
         ),
         ErrorKind::AddrNotAvailable => format!(
             "{key} {addr}: {} is not an address of this host. Set {key} to 127.0.0.1 (this host \
@@ -194,7 +201,7 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:8686".parse().unwrap();
         let table = [
             (ErrorKind::AddrInUse, "already in use"),
-            (ErrorKind::PermissionDenied, "ports below 1024"),
+            (ErrorKind::PermissionDenied, "a security policy"),
             (
                 ErrorKind::AddrNotAvailable,
                 "127.0.0.1 is not an address of this host",
@@ -206,6 +213,9 @@ mod tests {
             assert!(text.starts_with("ingest.listen 127.0.0.1:8686: "), "{text}");
             assert!(text.contains(expected), "{kind:?}: {text}");
         }
+        let low: SocketAddr = "0.0.0.0:443".parse().unwrap();
+        let text = listen("ingest.listen", &low, &ErrorKind::PermissionDenied.into());
+        assert!(text.contains("ports below 1024 need root"), "{text}");
     }
 
     #[test]
