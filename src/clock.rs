@@ -193,7 +193,11 @@ pub fn startup_jump_ms(last: &ClockRecord, now: &Sample) -> Option<i64> {
         return None; // never checkpointed
     }
     let by = match (&last.boot_id, last.boot_ms, &now.boot_id) {
-        (Some(last_boot), Some(last_ms), Some(now_boot)) if last_boot == now_boot => {
+        // A boot clock behind the checkpoint's is not the same boot's, whatever the id says:
+        // a container's own /proc/uptime (lxcfs) starts again with the container.
+        (Some(last_boot), Some(last_ms), Some(now_boot))
+            if last_boot == now_boot && now.mono_ms >= last_ms =>
+        {
             let earlier = Sample {
                 wall_ms: last.wall_ms,
                 mono_ms: last_ms,
@@ -487,9 +491,21 @@ mod tests {
                 Some(i64::MIN),
             ),
             (
-                last(i64::MIN, Some("b"), Some(u64::MAX)),
+                last(i64::MIN, Some("b"), Some(1_000)),
                 sample(t, 6_000, Some("b")),
-                Some(i64::MAX),
+                Some(i64::MAX - 5_000),
+            ),
+            // The same boot id with the boot clock behind the checkpoint (a container's own
+            // uptime, started again with it): judged like another boot.
+            (
+                last(t - 10 * DAY_MS, Some("b"), Some(50_000_000)),
+                sample(t, 6_000, Some("b")),
+                None,
+            ),
+            (
+                last(t, Some("b"), Some(50_000_000)),
+                sample(t - DAY_MS, 6_000, Some("b")),
+                Some(-DAY_MS),
             ),
         ];
         for (record, now, want) in table {
