@@ -361,40 +361,51 @@ fn kept_file_capabilities() -> std::io::Result<Option<u64>> {
     Ok((kept != 0).then_some(kept))
 }
 
-/// This thread's effective and permitted capability sets, from the kernel itself (`capget`),
-/// so that the answer does not hang on `/proc` being mounted and readable.
-fn capability_sets() -> std::io::Result<(u64, u64)> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    /// `_LINUX_CAPABILITY_VERSION_3`: 64 bits a set, in two halves.
-    const VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: VERSION_3,
+/// The header of `capget`/`capset`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// One 32-bit half of each capability set, as `capget`/`capset` take them.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapHalves {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64 bits a set, in two halves.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// This thread's capability sets in halves (low, high), from the kernel itself.
+fn capability_halves() -> std::io::Result<[CapHalves; 2]> {
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
         pid: 0,
     };
-    let mut data = [Data::default(); 2];
+    let mut data = [CapHalves::default(); 2];
     // SAFETY: `header` and the two `data` entries are what capget reads and writes for
     // version 3, and live across the call.
     let code = unsafe {
         libc::syscall(
             libc::SYS_capget,
-            &mut header as *mut Header,
+            &mut header as *mut CapHeader,
             data.as_mut_ptr(),
         )
     };
     if code != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(data)
+}
+
+/// This thread's effective and permitted capability sets, from the kernel itself (`capget`),
+/// so that the answer does not hang on `/proc` being mounted and readable.
+fn capability_sets() -> std::io::Result<(u64, u64)> {
+    let data = capability_halves()?;
     let both = |low: u32, high: u32| u64::from(low) | u64::from(high) << 32;
     Ok((
         both(data[0].effective, data[1].effective),
@@ -503,17 +514,45 @@ mod tests {
     /// where `/proc` can be read; the sets are empty but for a privileged user).
     #[test]
     fn the_capability_sets_are_those_proc_shows() {
-        let Ok(status) = fs::read_to_string("/proc/thread-self/status") else {
-            return;
-        };
-        let shown = |field: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(field))
-                .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
-                .unwrap()
-        };
-        let shown = (shown("CapEff:"), shown("CapPrm:"));
-        assert_eq!(capability_sets().unwrap(), shown, "{shown:x?}");
+        // On a thread of its own, which drops CAP_CHOWN from its effective set where it has
+        // it, so that the two sets differ (as root they are equal, and a swap would pass).
+        std::thread::spawn(|| {
+            if fs::read_to_string("/proc/thread-self/status").is_err() {
+                return;
+            }
+            let mut halves = capability_halves().unwrap();
+            let dropped = halves[0].effective & 1 != 0;
+            if dropped {
+                halves[0].effective &= !1;
+                let mut header = CapHeader {
+                    version: CAP_VERSION_3,
+                    pid: 0,
+                };
+                // SAFETY: as in capability_halves; capset only reads them.
+                let code = unsafe {
+                    libc::syscall(
+                        libc::SYS_capset,
+                        &mut header as *mut CapHeader,
+                        halves.as_ptr(),
+                    )
+                };
+                assert_eq!(code, 0, "capset: {}", std::io::Error::last_os_error());
+            }
+            let status = fs::read_to_string("/proc/thread-self/status").unwrap();
+            let shown = |field: &str| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix(field))
+                    .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+                    .unwrap()
+            };
+            let shown = (shown("CapEff:"), shown("CapPrm:"));
+            assert_eq!(capability_sets().unwrap(), shown, "{shown:x?}");
+            if dropped {
+                assert_ne!(shown.0, shown.1, "the sets should differ now");
+            }
+        })
+        .join()
+        .unwrap();
     }
 }
