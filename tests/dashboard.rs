@@ -93,16 +93,22 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     assert_eq!(status, 200);
     let samples = Samples::parse(&metrics).unwrap();
     let exported = samples.names();
-    let mut labels: BTreeSet<&str> = samples
-        .0
-        .iter()
-        .flat_map(|s| s.labels.iter().map(|(k, _)| k.as_str()))
-        .collect();
-    labels.insert("instance");
+    // The labels the samples of these metrics carry, and the one Prometheus adds to each.
+    let labels_of = |names: &[String]| -> BTreeSet<&str> {
+        samples
+            .0
+            .iter()
+            .filter(|s| names.contains(&s.name))
+            .flat_map(|s| s.labels.iter().map(|(k, _)| k.as_str()))
+            .chain(["instance"])
+            .collect()
+    };
 
     let mut queried = BTreeSet::new();
     for expr in &exprs {
-        for name in metric_names(expr) {
+        let names = metric_names(expr);
+        let labels = labels_of(&names);
+        for name in names {
             assert!(
                 exported.contains(name.as_str()),
                 "the dashboard queries {name}, which /metrics does not export:\n{expr}\n\nexported: {exported:?}"
@@ -112,7 +118,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         for label in grouping_labels(expr) {
             assert!(
                 labels.contains(label.as_str()),
-                "the dashboard groups by {label}, which no sample carries:\n{expr}"
+                "the dashboard groups by {label}, which no sample of its metrics carries:\n{expr}"
             );
         }
     }
