@@ -92,13 +92,18 @@ async fn watch_delivery(
         limit_max: limit,
         ..AdaptiveSeen::default()
     };
+    let mut last_look = tokio::time::Instant::now();
     while watching.load(std::sync::atomic::Ordering::SeqCst) {
+        // The time since the last look, not the sleep asked for: a sleep often lasts longer.
+        let now = tokio::time::Instant::now();
+        let since_last_look = now - last_look;
+        last_look = now;
         let limit = metrics.concurrency_limit.get();
         seen.limit_min = seen.limit_min.min(limit);
         seen.limit_max = seen.limit_max.max(limit);
         seen.limit_end = limit;
         if metrics.destination_down.get() == 1 {
-            seen.down_for += EVERY;
+            seen.down_for += since_last_look;
         }
         let cap = metrics.rate_cap.get();
         if cap > 0 && (seen.rate_cap_min == 0 || cap < seen.rate_cap_min) {
