@@ -442,13 +442,13 @@ async fn a_locked_store_without_an_agent_is_a_clear_error() {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
+        let started = Instant::now();
         let mut child = command.spawn().unwrap();
         if let Some(input) = input {
             use std::io::Write;
             // The command may exit before reading its input.
             let _ = child.stdin.as_mut().unwrap().write_all(input);
         }
-        let started = Instant::now();
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let stderr = stderr_of(&out);

@@ -423,7 +423,10 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
 #[tokio::test]
 async fn token_endpoint_failures_back_off_and_never_dead_letter() {
     let s = setup().await;
-    s.receiver.set_token_script(Some(Arc::new(|n, _| {
+    let asked_at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let asked = Arc::clone(&asked_at);
+    s.receiver.set_token_script(Some(Arc::new(move |n, _| {
+        asked.lock().unwrap().push(Instant::now());
         if n < 3 {
             Reply::Status(503, vec![], "token service down".into())
         } else {
@@ -437,6 +440,14 @@ async fn token_endpoint_failures_back_off_and_never_dead_letter() {
         s.receiver.token_requests().len(),
         4,
         "three failures, then one token"
+    );
+    // Each failure waits its export's backoff (20 ms doubling, jitter down to half): 10, 20
+    // and 40 ms at least, where retrying at once would take a few ms in all.
+    let asked_at = asked_at.lock().unwrap().clone();
+    let waited = asked_at[3] - asked_at[0];
+    assert!(
+        waited >= Duration::from_millis(70),
+        "three failed token requests and the fourth within {waited:?}"
     );
     assert_eq!(agent.store.tally().unwrap().dead, 0);
     agent.stop().await.unwrap();
@@ -463,7 +474,7 @@ async fn server_errors_and_429_with_retry_after() {
     assert_eq!(
         statuses,
         [500, 500, 429, 200, 200, 200],
-        "one probe at a time while failing"
+        "the profile's first export retried until delivered, its later ones behind it"
     );
     let first_key = requests[0].header("idempotency-key").unwrap();
     assert!(
@@ -511,16 +522,23 @@ async fn revoked_token_is_replaced_once() {
 
 #[tokio::test]
 async fn token_is_refreshed_before_it_expires() {
+    const LIFETIME: Duration = Duration::from_secs(4);
     let options = ReceiverOptions {
-        token_lifetime: Duration::from_secs(2),
+        token_lifetime: LIFETIME,
         ..ReceiverOptions::default()
     };
     let s = setup_with(options, oauth_body, "").await;
+    let asked_at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let asked = Arc::clone(&asked_at);
+    s.receiver.set_token_script(Some(Arc::new(move |_, _| {
+        asked.lock().unwrap().push(Instant::now());
+        Reply::Normal
+    })));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 1)).await;
     drained(&agent, &s.receiver, 1).await;
-    // Refresh is due 0.2 s before the 2 s expiry.
-    tokio::time::sleep(Duration::from_millis(1850)).await;
+    // Refresh is due 0.4 s before the 4 s expiry: the next export comes in between.
+    tokio::time::sleep(Duration::from_millis(3650)).await;
     ingest(
         &agent,
         &[member_update("a", "later", "2026-01-01T00:01:00Z")],
@@ -528,6 +546,13 @@ async fn token_is_refreshed_before_it_expires() {
     .await;
     drained(&agent, &s.receiver, 2).await;
     assert_eq!(s.receiver.tokens_issued(), 2);
+    // Asked before the first expired (one fetched only at expiry would be asked after).
+    let asked_at = asked_at.lock().unwrap().clone();
+    let second_after = asked_at[1] - asked_at[0];
+    assert!(
+        second_after < LIFETIME,
+        "the second token was asked for {second_after:?} after the first"
+    );
     assert!(
         s.receiver.export_requests().iter().all(|r| r.status == 200),
         "no request with an expiring token"
@@ -546,8 +571,9 @@ async fn slow_answers_time_out_and_are_retried() {
         }
     })));
     let agent = start(&s.config).await;
-    ingest(&agent, &updates(&["a"], 1)).await;
+    // Timed from before the update: its first request may go out before ingest returns.
     let started = Instant::now();
+    ingest(&agent, &updates(&["a"], 1)).await;
     drained(&agent, &s.receiver, 1).await;
     assert!(
         started.elapsed() >= Duration::from_millis(500),

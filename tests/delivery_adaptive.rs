@@ -198,7 +198,9 @@ async fn retry_after_delays_only_its_export_and_its_profile() {
     agent.stop().await.unwrap();
 }
 
-#[tokio::test]
+// Two threads, and answers that wait without blocking one: two probes sent together overlap
+// at the receiver, so the count of those in flight can see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_endpoint_gets_one_probe_at_a_time_and_delivery_resumes_when_it_is_back() {
     let s = setup(
         ReceiverOptions::default(),
@@ -210,9 +212,7 @@ async fn a_down_endpoint_gets_one_probe_at_a_time_and_delivery_resumes_when_it_i
     let flag = Arc::clone(&down);
     s.receiver.set_export_script(Some(Arc::new(move |_, _| {
         if flag.load(Ordering::SeqCst) {
-            // Slow enough that two probes sent together would overlap at the receiver.
-            std::thread::sleep(Duration::from_millis(30));
-            Reply::down()
+            Reply::After(Duration::from_millis(30), Box::new(Reply::down()))
         } else {
             Reply::Normal
         }
