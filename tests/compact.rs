@@ -285,8 +285,12 @@ async fn the_running_agent_compacts_its_store_while_updates_arrive() {
         "{compacted}"
     );
     let acked_by_then = {
-        // Updates are taken again after: wait for a few more acknowledgements.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Updates are taken again after: wait for one more acknowledgement, however long
+        // the first commit after the reopen takes.
+        wait_until(30, "an update acknowledged after compacting", || {
+            acked_count.load(std::sync::atomic::Ordering::SeqCst) > acked_when_compacted
+        })
+        .await;
         stop_sending.store(true, std::sync::atomic::Ordering::SeqCst);
         sender.await.unwrap()
     };

@@ -5,12 +5,15 @@
 //!
 //! The child is this same test binary, re-run with `OUTPOST_CRASH_CHILD` set.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::KilledOnDrop;
 use outpost::config::Mapping;
 use outpost::profile::update::parse_body;
 use outpost::store::committer::Committer;
@@ -99,7 +102,7 @@ fn acknowledged_commits_survive_sigkill() {
     let mut acked: Vec<(u64, u64, u64)> = Vec::new();
     let kills = 12;
     for run in 0..kills {
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "crash_child",
@@ -116,7 +119,9 @@ fn acknowledged_commits_survive_sigkill() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
+        // Killed also when this test fails before its kill below.
+        let mut child = KilledOnDrop(child);
+        let stdout = child.0.stdout.take().unwrap();
         let (lines_tx, lines_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -139,8 +144,8 @@ fn acknowledged_commits_survive_sigkill() {
                 lines.push(line);
             }
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
         reader.join().unwrap();
         lines.extend(lines_rx.try_iter());
         for line in lines.iter().filter(|l| l.starts_with("ACK ")) {

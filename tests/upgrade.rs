@@ -215,6 +215,7 @@ fn upgraded_and_judged_as_before(old: OldFormat) {
     // Opening again upgrades nothing.
     drop(store);
     let out = outbox_stats_command(&workspace).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("upgrad"));
 }
 
