@@ -998,6 +998,14 @@ async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout
     // The export was not acknowledged by the endpoint: it is still pending.
     let stats = ws.outbox_stats();
     assert_eq!(stats["pending"], 1, "{stats}");
+    // The stop waited for the request's end, its timeout, and recorded the failed attempt.
+    let listed = ws.run_ok(&["outbox", "list", "--json"], None);
+    let export: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(export["attempts"], 1, "{export}");
+    assert!(
+        export["last_error"].as_str().unwrap().contains("timed out"),
+        "{export}"
+    );
 }
 
 /// A request whose body is still arriving when SIGTERM comes is read, stored and answered
