@@ -195,7 +195,7 @@ pub struct Store {
     written_next: AtomicU64,
     durable_next: AtomicU64,
     /// Unreadable `meta` values rebuilt when the store was opened (see [`rebuild_meta`]).
-    rebuilt_meta: std::sync::Mutex<Vec<String>>,
+    rebuilt_meta: std::sync::Mutex<Vec<open::RebuiltMeta>>,
     /// Held by whoever changes profiles, from reading their groups to writing them back: the
     /// committer, and `outpost repair` through the admin socket while the agent runs. A group
     /// holds several profiles, so two writers would each write back the other's old version.

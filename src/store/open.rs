@@ -48,7 +48,7 @@ pub(super) struct Opened {
     clock: ClockRecord,
     next_seq: u64,
     /// Unreadable `meta` values rebuilt at open, described.
-    rebuilt: Vec<String>,
+    rebuilt: Vec<RebuiltMeta>,
 }
 
 /// Removes the snapshot files sled left unfinished, under sled's own lock.
@@ -143,20 +143,43 @@ pub(super) fn retry_locked<T>(
 /// export id must never be reused.
 pub(super) const NEXT_SEQ_GAP: u64 = 1 << 32;
 
+/// A `meta` value rebuilt, or dropped, at open because its bytes could not be read as they
+/// were (or, for `next_seq`, were behind the exports stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RebuiltMeta {
+    /// Its key in `meta`.
+    pub key: &'static str,
+    /// What it was, and what was done: "unreadable (not 8 bytes); recounted: 3 profiles".
+    pub was: String,
+}
+
+impl RebuiltMeta {
+    fn new(key: &'static str, was: String) -> RebuiltMeta {
+        RebuiltMeta { key, was }
+    }
+}
+
+impl std::fmt::Display for RebuiltMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "meta/{} was {}", self.key, self.was)
+    }
+}
+
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
 /// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`]
 /// past the highest sequence held, `clock` starts again (run time 0, which delays expiry, never
 /// hastens it). `mapping` and `backfill` cannot be rebuilt: they are dropped, so that the
 /// store opens and runs, and what that loses is said.
 /// Returns what it did, one line each; flushed when anything was done.
-pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
+pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
     let mut rebuilt = Vec::new();
     if let Some(v) = t.meta.get(meta::CLOCK)? {
         if let Err(e) = codec::decode_clock(&v) {
             t.meta
                 .insert(meta::CLOCK, codec::encode_clock(&ClockRecord::default()))?;
-            rebuilt.push(format!(
-                "meta/clock was unreadable ({e}); the run time starts again from 0"
+            rebuilt.push(RebuiltMeta::new(
+                "clock",
+                format!("unreadable ({e}); the run time starts again from 0"),
             ));
         }
     }
@@ -173,8 +196,9 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
                 .map_or(0, |h| h.saturating_add(1))
                 .saturating_add(NEXT_SEQ_GAP);
             t.meta.insert(meta::NEXT_SEQ, &next.to_be_bytes())?;
-            rebuilt.push(format!(
-                "meta/next_seq was unreadable (not 8 bytes); new exports are numbered from {next}"
+            rebuilt.push(RebuiltMeta::new(
+                "next_seq",
+                format!("unreadable (not 8 bytes); new exports are numbered from {next}"),
             ));
         }
     }
@@ -194,29 +218,36 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
     if let Some(last) = last.filter(|&last| next <= last) {
         let raised = last.saturating_add(1).saturating_add(NEXT_SEQ_GAP);
         t.meta.insert(meta::NEXT_SEQ, &raised.to_be_bytes())?;
-        rebuilt.push(format!(
-            "meta/next_seq was {next}, not past export {last} stored; new exports are numbered from {raised}"
+        rebuilt.push(RebuiltMeta::new(
+            "next_seq",
+            format!(
+                "{next}, not past export {last} stored; new exports are numbered from {raised}"
+            ),
         ));
     }
     // `meta/rejected` is counted again once the store is open; the other starts from 0.
     for (key, name, then) in [
-        (meta::REJECTED, "meta/rejected", "counted again"),
+        (meta::REJECTED, "rejected", "counted again"),
         (
             meta::REJECTED_NOT_KEPT,
-            "meta/rejected_not_kept",
+            "rejected_not_kept",
             "counted from 0 again",
         ),
     ] {
         if t.meta.get(key)?.is_some_and(|v| v.len() != 8) {
             t.meta.remove(key)?;
-            rebuilt.push(format!("{name} was unreadable (not 8 bytes); {then}"));
+            rebuilt.push(RebuiltMeta::new(
+                name,
+                format!("unreadable (not 8 bytes); {then}"),
+            ));
         }
     }
     if let Some(v) = t.meta.get(meta::PROFILES)? {
         if v.len() != 8 {
             let count = profiles::recount_profiles(t)?;
-            rebuilt.push(format!(
-                "meta/profiles was unreadable (not 8 bytes); recounted: {count} profiles"
+            rebuilt.push(RebuiltMeta::new(
+                "profiles",
+                format!("unreadable (not 8 bytes); recounted: {count} profiles"),
             ));
         }
     }
@@ -230,25 +261,30 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<String>, StoreError> {
                 }
             }
             t.meta.insert(meta::TALLY, &tally.to_bytes())?;
-            rebuilt.push(format!(
-                "meta/tally was unreadable (not 24 bytes); recounted: {} pending, {} dead",
-                tally.pending, tally.dead
+            rebuilt.push(RebuiltMeta::new(
+                "tally",
+                format!(
+                    "unreadable (not 24 bytes); recounted: {} pending, {} dead",
+                    tally.pending, tally.dead
+                ),
             ));
         }
     }
     if let Some(v) = t.meta.get(meta::MAPPING)? {
         if let Err(e) = super::mapping::decode_records(&v) {
             t.meta.remove(meta::MAPPING)?;
-            rebuilt.push(format!(
-                "meta/mapping was unreadable ({e}); the mapping of this run is recorded as if new: nothing is backfilled for it, and its segments' mappingCreatedAt and mappingUpdatedAt start again"
+            rebuilt.push(RebuiltMeta::new(
+                "mapping",
+                format!("unreadable ({e}); the mapping of this run is recorded as if new: nothing is backfilled for it, and its segments' mappingCreatedAt and mappingUpdatedAt start again"),
             ));
         }
     }
     if let Some(v) = t.meta.get(meta::BACKFILL)? {
         if let Err(e) = super::backfill::BackfillState::decode(&v) {
             t.meta.remove(meta::BACKFILL)?;
-            rebuilt.push(format!(
-                "meta/backfill was unreadable ({e}); the backfills queued in it are dropped: members of segments mapped since the last finished backfill may have had no export (map such a segment out and in again to backfill it)"
+            rebuilt.push(RebuiltMeta::new(
+                "backfill",
+                format!("unreadable ({e}); the backfills queued in it are dropped: members of segments mapped since the last finished backfill may have had no export (map such a segment out and in again to backfill it)"),
             ));
         }
     }

@@ -176,17 +176,15 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            let (key, error) = note.split_once(" was ").unwrap_or(("meta", note));
-            let key = key.trim_start_matches("meta/");
             // The mapping and the backfills cannot be derived from the rest of the store.
-            let action = match key {
+            let action = match note.key {
                 "mapping" | "backfill" => "dropped when the store was opened",
                 _ => "rebuilt when the store was opened",
             };
             found.push(UnreadableRecord {
                 tree: "meta",
-                key: key.to_owned(),
-                error: format!("was {error}"),
+                key: note.key.to_owned(),
+                error: format!("was {}", note.was),
                 action: action.into(),
                 repairs: false,
             });
