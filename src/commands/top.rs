@@ -143,28 +143,31 @@ fn live(
             }
             // A resize (or any other event) is drawn again.
             changed = true;
-            continue;
         }
-        match snapshots.try_recv() {
-            Ok(Ok(current)) => {
-                history.push(&current);
-                shown = make_view(&previous, &current, &history);
-                previous = current;
+        // Every snapshot that came, so that none waits behind the others however often
+        // they come.
+        loop {
+            match snapshots.try_recv() {
+                Ok(Ok(current)) => {
+                    history.push(&current);
+                    shown = make_view(&previous, &current, &history);
+                    previous = current;
+                }
+                Ok(Err(e)) => {
+                    shown.notice = Some(format!(
+                        "no answer from the agent at {}: {e}",
+                        chrono::Local::now().format("%H:%M:%S")
+                    ));
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    return Err(CliError::Failure(
+                        "the thread taking the agent's snapshots ended".into(),
+                    ))
+                }
             }
-            Ok(Err(e)) => {
-                shown.notice = Some(format!(
-                    "no answer from the agent at {}: {e}",
-                    chrono::Local::now().format("%H:%M:%S")
-                ));
-            }
-            Err(TryRecvError::Empty) => continue,
-            Err(TryRecvError::Disconnected) => {
-                return Err(CliError::Failure(
-                    "the thread taking the agent's snapshots ended".into(),
-                ))
-            }
+            changed = true;
         }
-        changed = true;
     }
 }
 
