@@ -434,19 +434,20 @@ async fn token_endpoint_failures_back_off_and_never_dead_letter() {
         }
     })));
     let agent = start(&s.config).await;
-    ingest(&agent, &updates(&["a", "b"], 2)).await;
-    drained(&agent, &s.receiver, 4).await;
+    // One profile: its first export alone is sent, so one backoff schedule asks for tokens.
+    ingest(&agent, &updates(&["a"], 2)).await;
+    drained(&agent, &s.receiver, 2).await;
     assert_eq!(
         s.receiver.token_requests().len(),
         4,
         "three failures, then one token"
     );
-    // Each failure waits its export's backoff (20 ms doubling, jitter down to half): 10, 20
-    // and 40 ms at least, where retrying at once would take a few ms in all.
+    // Each failure waits the export's backoff (20 ms doubling; tests run without jitter): 20,
+    // 40 and 80 ms, where retrying at once would take a few ms in all.
     let asked_at = asked_at.lock().unwrap().clone();
     let waited = asked_at[3] - asked_at[0];
     assert!(
-        waited >= Duration::from_millis(70),
+        waited >= Duration::from_millis(140),
         "three failed token requests and the fourth within {waited:?}"
     );
     assert_eq!(agent.store.tally().unwrap().dead, 0);
@@ -522,7 +523,7 @@ async fn revoked_token_is_replaced_once() {
 
 #[tokio::test]
 async fn token_is_refreshed_before_it_expires() {
-    const LIFETIME: Duration = Duration::from_secs(4);
+    const LIFETIME: Duration = Duration::from_secs(6);
     let options = ReceiverOptions {
         token_lifetime: LIFETIME,
         ..ReceiverOptions::default()
@@ -537,8 +538,10 @@ async fn token_is_refreshed_before_it_expires() {
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 1)).await;
     drained(&agent, &s.receiver, 1).await;
-    // Refresh is due 0.4 s before the 4 s expiry: the next export comes in between.
-    tokio::time::sleep(Duration::from_millis(3650)).await;
+    // Refresh is due 0.6 s before the 6 s expiry, counted from before the token was asked
+    // for: the next export comes between the two.
+    let first_asked = asked_at.lock().unwrap()[0];
+    tokio::time::sleep_until((first_asked + Duration::from_millis(5450)).into()).await;
     ingest(
         &agent,
         &[member_update("a", "later", "2026-01-01T00:01:00Z")],
