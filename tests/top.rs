@@ -162,65 +162,136 @@ fn top_without_an_agent_says_what_to_do() {
         .contains("--interval must be between 0.1 and 60 seconds"));
 }
 
+/// `outpost top` on a pseudo-terminal beside a running agent, its first frame drawn.
+struct TopOnATerminal {
+    /// Its folder, kept while the test runs.
+    _workspace: Workspace,
+    agent: AgentProcess,
+    /// The terminal's side a person types on; what top draws is read from it into `screen`.
+    terminal: std::fs::File,
+    /// top's side, kept to read the terminal's settings.
+    theirs: std::os::fd::OwnedFd,
+    top: KilledOnDrop,
+    screen: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl TopOnATerminal {
+    async fn start() -> TopOnATerminal {
+        use std::io::Read;
+        let ws = Workspace::new();
+        let port = free_port();
+        let config = std::fs::read_to_string(ws.config_path()).unwrap()
+            + &format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n");
+        std::fs::write(ws.config_path(), config).unwrap();
+        let agent = AgentProcess::start(&ws.config_path(), port).await;
+        let (terminal, theirs) = pty();
+        let top = KilledOnDrop(
+            ws.command(&["top", "--interval", "0.2"])
+                .stdin(theirs.try_clone().unwrap())
+                .stdout(theirs.try_clone().unwrap())
+                .stderr(theirs.try_clone().unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        // What top draws, read as it comes so that it never waits to write.
+        let screen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut reader = terminal.try_clone().unwrap();
+        let drawn = screen.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                drawn.lock().unwrap().extend_from_slice(&buffer[..n]);
+            }
+        });
+        let started = TopOnATerminal {
+            _workspace: ws,
+            agent,
+            terminal,
+            theirs,
+            top,
+            screen,
+        };
+        wait_until(20, "top's first frame", || started.shows("Outbox")).await;
+        started
+    }
+
+    fn shows(&self, text: &str) -> bool {
+        String::from_utf8_lossy(&self.screen.lock().unwrap()).contains(text)
+    }
+
+    /// top's exit status, once it ends within 5 s.
+    async fn exit_within_5_s(&mut self, after: &str) -> std::process::ExitStatus {
+        let asked = Instant::now();
+        loop {
+            if let Some(status) = self.top.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "top did not end within 5 s of {after}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the terminal reads lines and echoes them again (raw mode turns both off).
+    fn in_line_mode(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcgetattr fills the termios it is given, from a descriptor this owns.
+        let mut settings: libc::termios = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            unsafe { libc::tcgetattr(self.theirs.as_raw_fd(), &mut settings) },
+            0,
+            "tcgetattr: {}",
+            std::io::Error::last_os_error()
+        );
+        settings.c_lflag & (libc::ICANON | libc::ECHO) == (libc::ICANON | libc::ECHO)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_says_the_agent_does_not_answer_and_quits_at_once_meanwhile() {
-    use std::io::{Read, Write};
-    use std::sync::Mutex;
-    let ws = Workspace::new();
-    let port = free_port();
-    let config = std::fs::read_to_string(ws.config_path()).unwrap()
-        + &format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n");
-    std::fs::write(ws.config_path(), config).unwrap();
-    let mut agent = AgentProcess::start(&ws.config_path(), port).await;
-
-    let (mut terminal, theirs) = pty();
-    let mut top = KilledOnDrop(
-        ws.command(&["top", "--interval", "0.2"])
-            .stdin(theirs.try_clone().unwrap())
-            .stdout(theirs.try_clone().unwrap())
-            .stderr(theirs)
-            .spawn()
-            .unwrap(),
-    );
-    // What top draws, read as it comes so that it never waits to write.
-    let screen = Arc::new(Mutex::new(Vec::new()));
-    let mut reader = terminal.try_clone().unwrap();
-    let drawn = screen.clone();
-    std::thread::spawn(move || {
-        let mut buffer = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            drawn.lock().unwrap().extend_from_slice(&buffer[..n]);
-        }
-    });
-    let shows = |text: &str| String::from_utf8_lossy(&screen.lock().unwrap()).contains(text);
-    wait_until(20, "top's first frame", || shows("Outbox")).await;
-
+    use std::io::Write;
+    let mut on = TopOnATerminal::start().await;
     // A stopped agent accepts the connection but never answers.
-    let stopped = i32::try_from(agent.pid()).unwrap();
+    let stopped = i32::try_from(on.agent.pid()).unwrap();
     // SAFETY: plain kill(2) of the agent this test started.
     assert_eq!(unsafe { libc::kill(stopped, libc::SIGSTOP) }, 0);
     wait_until(15, "the notice that the agent does not answer", || {
-        shows("no answer from the agent")
+        on.shows("no answer from the agent")
     })
     .await;
-    terminal.write_all(b"q").unwrap();
-    let asked = Instant::now();
-    let status = loop {
-        if let Some(status) = top.0.try_wait().unwrap() {
-            break status;
-        }
-        if asked.elapsed() > Duration::from_secs(5) {
-            // SAFETY: as above.
-            unsafe { libc::kill(stopped, libc::SIGCONT) };
-            panic!("top did not quit within 5 s of `q` while the agent did not answer");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    on.terminal.write_all(b"q").unwrap();
+    let status = on
+        .exit_within_5_s("`q` while the agent did not answer")
+        .await;
     assert!(status.success(), "{status:?}");
+    assert!(on.in_line_mode(), "the terminal was left in raw mode");
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(stopped, libc::SIGCONT) }, 0);
-    agent.terminate().await;
+    on.agent.terminate().await;
+}
+
+/// Stopped by a signal (a service manager, `kill`), top gives the terminal back as it found
+/// it rather than leave it in raw mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_stopped_by_sigterm_gives_the_terminal_back() {
+    let mut on = TopOnATerminal::start().await;
+    assert!(
+        !on.in_line_mode(),
+        "top should have the terminal in raw mode"
+    );
+    let top = i32::try_from(on.top.0.id()).unwrap();
+    // SAFETY: plain kill(2) of the process this test started.
+    assert_eq!(unsafe { libc::kill(top, libc::SIGTERM) }, 0);
+    let status = on.exit_within_5_s("SIGTERM").await;
+    assert!(
+        on.in_line_mode(),
+        "the terminal was left in raw mode ({status:?})"
+    );
+    assert!(status.success(), "{status:?}");
+    on.agent.terminate().await;
 }

@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
         return Ok(());
     }
     let snapshots = take_snapshots(socket, started, interval);
+    stop_on_signals()
+        .map_err(|e| CliError::Failure(format!("cannot set up the signal handlers: {e}")))?;
     let mut terminal = ratatui::try_init()
         .map_err(|e| CliError::Failure(format!("cannot set up the terminal: {e}")))?;
     let first_view = view(&first, &first, &history, auth, &store);
@@ -109,10 +112,31 @@ fn take_snapshots(
     receiver
 }
 
+/// Set by SIGTERM or SIGHUP while the live view runs, so that it gives the terminal back as it
+/// found it before exiting (killed at once, it would leave it in raw mode).
+static STOP_ASKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn ask_to_stop(_signal: libc::c_int) {
+    STOP_ASKED.store(true, Ordering::SeqCst);
+}
+
+fn stop_on_signals() -> std::io::Result<()> {
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which a signal handler may do.
+        let previous =
+            unsafe { libc::signal(signal, ask_to_stop as *const () as libc::sighandler_t) };
+        if previous == libc::SIG_ERR {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// How often the view looks for a key while it waits for the next snapshot.
 const KEY_POLL: Duration = Duration::from_millis(100);
 
-/// Draws, then reads keys and snapshots as they come; until `q`, Esc or Ctrl-C. A resize is
+/// Draws, then reads keys and snapshots as they come; until `q`, Esc, Ctrl-C, SIGTERM or
+/// SIGHUP. A resize is
 /// drawn at once. While the agent does not answer, the last figures stay on screen under a
 /// notice, and each interval tries again.
 fn live(
@@ -127,6 +151,9 @@ fn live(
     let mut previous = first;
     let mut changed = true;
     loop {
+        if STOP_ASKED.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if changed {
             terminal.draw(|frame| draw(frame, &shown)).map_err(failed)?;
             changed = false;
