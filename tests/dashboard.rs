@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::agent_process::{free_port, AgentProcess};
+use common::agent_process::workspace_with_agent;
 use common::*;
 use outpost::top::samples::Samples;
 use serde_json::Value;
@@ -83,12 +83,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
     assert!(exprs.len() >= 20, "{exprs:?}");
 
     // A fresh agent: every series exists from the start, before any traffic.
-    let ws = Workspace::new();
-    let port = free_port();
-    let config = std::fs::read_to_string(ws.config_path()).unwrap()
-        + &format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n");
-    std::fs::write(ws.config_path(), config).unwrap();
-    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    let (_ws, agent) = workspace_with_agent().await;
     let (status, metrics) = http_get(agent.addr, "/metrics").await;
     assert_eq!(status, 200);
     let samples = Samples::parse(&metrics).unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::agent_process::{free_port, AgentProcess};
+use common::agent_process::{free_port, workspace_with_agent, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions, Reply};
 use outpost::top::samples::Samples;
@@ -178,12 +178,7 @@ struct TopOnATerminal {
 impl TopOnATerminal {
     async fn start() -> TopOnATerminal {
         use std::io::Read;
-        let ws = Workspace::new();
-        let port = free_port();
-        let config = std::fs::read_to_string(ws.config_path()).unwrap()
-            + &format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n");
-        std::fs::write(ws.config_path(), config).unwrap();
-        let agent = AgentProcess::start(&ws.config_path(), port).await;
+        let (ws, agent) = workspace_with_agent().await;
         let (terminal, theirs) = pty();
         let top = KilledOnDrop(
             ws.command(&["top", "--interval", "0.2"])

@@ -180,3 +180,12 @@ pub async fn wait_or_show(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A fresh workspace (see [`super::Workspace::new`]) with its agent started, its ingest API
+/// on a free port.
+pub async fn workspace_with_agent() -> (super::Workspace, AgentProcess) {
+    let port = free_port();
+    let ws = super::Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let agent = AgentProcess::start(&ws.config_path(), port).await;
+    (ws, agent)
+}
