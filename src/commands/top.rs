@@ -136,9 +136,8 @@ fn stop_on_signals() -> std::io::Result<()> {
 const KEY_POLL: Duration = Duration::from_millis(100);
 
 /// Draws, then reads keys and snapshots as they come; until `q`, Esc, Ctrl-C, SIGTERM or
-/// SIGHUP. A resize is
-/// drawn at once. While the agent does not answer, the last figures stay on screen under a
-/// notice, and each interval tries again.
+/// SIGHUP. A resize is drawn at once. While the agent does not answer, the last figures stay
+/// on screen under a notice, and each interval tries again.
 fn live(
     terminal: &mut ratatui::DefaultTerminal,
     first: Snapshot,
