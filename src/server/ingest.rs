@@ -323,14 +323,19 @@ fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token);
-    match given {
-        // Compare without an early exit, so the time taken does not tell how much matched.
-        Some(given) => {
-            let (a, b) = (given.as_bytes(), token.expose().as_bytes());
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        }
-        None => false,
-    }
+    given.is_some_and(|given| is_the_token(given.as_bytes(), token.expose().as_bytes()))
+}
+
+/// Whether `given` is `token`, in a time that tells neither how much of it matched nor how
+/// long the token is: their SHA-256 digests, of one length, are compared without an early exit.
+fn is_the_token(given: &[u8], token: &[u8]) -> bool {
+    use ring::digest::{digest, SHA256};
+    let (a, b) = (digest(&SHA256, given), digest(&SHA256, token));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn too_large(state: &IngestState) -> Answer {
@@ -516,6 +521,31 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(e) => {
             tracing::error!(error = %e, "commit failed");
             unavailable(&format!("not stored: {e}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_token_itself_is_the_token() {
+        let token = b"s3cr3t-ingest-token";
+        assert!(is_the_token(token, token));
+        for given in [
+            &b""[..],
+            b"s3cr3t-ingest-toke",
+            b"s3cr3t-ingest-token ",
+            b"s3cr3t-ingest-tokem",
+            b"S3cr3t-ingest-token",
+            b"s3cr3t-ingest-token-and-more",
+        ] {
+            assert!(
+                !is_the_token(given, token),
+                "{:?}",
+                String::from_utf8_lossy(given)
+            );
         }
     }
 }
