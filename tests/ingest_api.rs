@@ -535,10 +535,16 @@ async fn the_ingest_token_is_required() {
 
     // Only POST /v1/updates, GET /healthz and GET /metrics exist; neither needs the token to
     // be refused.
-    let (status, _, _) = request(agent.addr, "GET", "/v1/updates", None, &[])
+    let (status, headers, _) = request(agent.addr, "GET", "/v1/updates", None, &[])
         .await
         .unwrap();
     assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "POST");
+    let (status, headers, _) = request(agent.addr, "POST", "/healthz", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "GET");
     let (status, _, _) = request(agent.addr, "GET", "/nowhere", None, &[])
         .await
         .unwrap();

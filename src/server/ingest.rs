@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    ACCEPT, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -305,8 +305,16 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
                 .body(Full::new(Bytes::from(text)))
                 .expect("static parts are valid")
         }
-        (_, "/v1/updates" | "/healthz" | "/metrics") => {
-            error_answer(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        (_, path @ ("/v1/updates" | "/healthz" | "/metrics")) => {
+            let allowed = if path == "/v1/updates" { "POST" } else { "GET" };
+            let mut answer = error_answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("method not allowed: {path} takes {allowed}"),
+            );
+            answer
+                .headers_mut()
+                .insert(ALLOW, hyper::header::HeaderValue::from_static(allowed));
+            answer
         }
         _ => error_answer(StatusCode::NOT_FOUND, "not found"),
     }
