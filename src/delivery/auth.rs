@@ -119,7 +119,7 @@ struct Fetching {
     /// The last failed fetch: callers that were waiting for it share its error rather than
     /// each trying again (a token endpoint that is down gets one request, not one per caller).
     failed: Option<(Instant, AuthError)>,
-    /// The last `token_type` warned of, so that each is said once.
+    /// The last `token_type` warned of: said once, and again only when another comes.
     told_token_type: Option<String>,
 }
 

@@ -28,7 +28,8 @@
 //!   so that a count left too high never stops the keeping for good; `check --store` lists a
 //!   count that disagrees with the tree, and `repair` counts again. A count is taken while
 //!   `meta/rejected` stays as it was, and written only if it still is (a commit or a drop
-//!   changes both), so it never misses one that lands meanwhile.
+//!   changes both), so one that lands meanwhile is not missed; a drop and a keep that both
+//!   land within one walk leave the value as it was, and may leave the count one off.
 
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
@@ -472,8 +473,9 @@ const COUNT_TRIES: usize = 5;
 
 /// `meta/rejected` as stored, and the keys of `rejected`, counted while the value stayed as it
 /// was: a commit or a drop that lands during the walk changes both, and the walk is made
-/// again (up to [`COUNT_TRIES`] times; the last stands). Reads every value with its key
-/// (sled's key iterator does).
+/// again (up to [`COUNT_TRIES`] times; the last stands). A drop and a keep within one walk
+/// are not seen (the value is as it was). Reads every value with its key (sled's key
+/// iterator does).
 fn settled_count(t: &Trees) -> Result<(Option<IVec>, u64), StoreError> {
     let mut tries = 0;
     loop {
