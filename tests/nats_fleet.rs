@@ -699,6 +699,15 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
         .contains("no rejected messages"));
 }
 
+/// An update of p-000001 (partition 41 of 64) named `name` at `at`, made `padding` bytes
+/// larger by an unmapped attribute.
+fn padded_update(name: &str, at: &str, padding: usize) -> String {
+    let mut update: serde_json::Value =
+        serde_json::from_str(&member_update("p-000001", name, at)).unwrap();
+    update["profile"]["padding"] = "x".repeat(padding).into();
+    update.to_string()
+}
+
 /// A partition fetches at most its share of a byte budget at a time (1 MiB each of 64). A
 /// message larger than that, which ends every such fetch before it, is fetched by itself, and
 /// the partition goes on in order after it.
@@ -717,16 +726,10 @@ async fn a_message_larger_than_a_fetch_may_take_is_fetched_alone() {
         "",
     );
     setup.cli(&["nats", "setup"]);
-    let with_padding = |name: &str, at: &str, padding: usize| {
-        let mut update: serde_json::Value =
-            serde_json::from_str(&member_update("p-000001", name, at)).unwrap();
-        update["profile"]["padding"] = "x".repeat(padding).into();
-        update.to_string()
-    };
     setup.publish(&[
-        with_padding("first", "2026-01-01T00:00:01Z", 10),
-        with_padding("large", "2026-01-01T00:00:02Z", 2 << 20),
-        with_padding("after", "2026-01-01T00:00:03Z", 10),
+        padded_update("first", "2026-01-01T00:00:01Z", 10),
+        padded_update("large", "2026-01-01T00:00:02Z", 2 << 20),
+        padded_update("after", "2026-01-01T00:00:03Z", 10),
     ]);
     let agent = AgentProcess::start_with_env(
         &setup.config(),
@@ -803,11 +806,11 @@ async fn a_fetch_whose_messages_take_its_budget_exactly_ends_there() {
         "",
     );
     let update = |v: usize, padding: usize| {
-        let at = format!("2026-01-01T00:00:{v:02}Z");
-        let mut update: serde_json::Value =
-            serde_json::from_str(&member_update("p-000001", &format!("v{v}"), &at)).unwrap();
-        update["profile"]["padding"] = "x".repeat(padding).into();
-        update.to_string()
+        padded_update(
+            &format!("v{v}"),
+            &format!("2026-01-01T00:00:{v:02}Z"),
+            padding,
+        )
     };
     // The last of the first FILLING messages is made as large as their sum needs to be SHARE.
     let publish = async |last_padding: usize| {
