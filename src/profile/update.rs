@@ -372,15 +372,16 @@ pub fn update_from_json_with(
                     format!("an update must be a JSON object, not {kind}"),
                 ));
             }
-            // serde reports some type errors inside valid JSON (an enum given `true`) as syntax
-            // errors, and type errors without the field; the `Value` route names both. (Not
-            // for every error: a `Value` keeps the last of a field given twice.)
+            // serde reports type errors without the field, so the update's fields are read
+            // again for their kinds alone (nothing of their values is built, so a bad line of
+            // megabytes costs no more memory than its text) to name the ill-typed one.
             if !e.is_eof() {
-                if let Ok(value) = serde_json::from_slice::<Value>(text) {
-                    if e.is_syntax() {
-                        return update_from_value_with(value, line, parsing);
-                    }
-                    if let Some(reason) = ill_typed_field(&value) {
+                if let Ok(TopLevelKinds(kinds)) = serde_json::from_slice(text) {
+                    let kind_of = |name: &str| {
+                        // A field given twice: its last, as a `Value` would keep it.
+                        kinds.iter().rev().find(|(n, _)| n == name).map(|(_, k)| *k)
+                    };
+                    if let Some(reason) = ill_typed_field(kind_of) {
                         return Err(InputError::new(line, reason));
                     }
                 }
@@ -415,7 +416,8 @@ pub fn update_from_value_with(
             format!("an update must be a JSON object, not {}", json_kind(&value)),
         ));
     }
-    if let Some(reason) = ill_typed_field(&value) {
+    let kind_of = |name: &str| value.get(name).map(JsonKind::of);
+    if let Some(reason) = ill_typed_field(kind_of) {
         return Err(InputError::new(line, reason));
     }
     let raw = RawUpdateSeed { keep: parsing.keep }
@@ -425,16 +427,16 @@ pub fn update_from_value_with(
 }
 
 /// The first of the update's fields that has the wrong JSON type, named (serde's own message
-/// does not say which field it was reading).
-fn ill_typed_field(update: &Value) -> Option<String> {
+/// does not say which field it was reading), from the kind of each field given.
+fn ill_typed_field(kind_of: impl Fn(&str) -> Option<JsonKind>) -> Option<String> {
     ["id", "op", "profile", "timestamp"]
         .into_iter()
         .find_map(|name| {
-            let value = update.get(name)?;
-            let expected = match (name, value) {
-                ("id", Value::String(_)) => return None,
-                (_, Value::Null) if name != "id" => return None,
-                ("op" | "timestamp", Value::String(_)) | ("profile", Value::Object(_)) => {
+            let kind = kind_of(name)?;
+            let expected = match (name, kind) {
+                ("id", JsonKind::String) => return None,
+                (_, JsonKind::Null) if name != "id" => return None,
+                ("op" | "timestamp", JsonKind::String) | ("profile", JsonKind::Object) => {
                     return None
                 }
                 ("profile", _) => "an object",
@@ -442,21 +444,116 @@ fn ill_typed_field(update: &Value) -> Option<String> {
             };
             Some(format!(
                 "`{name}` must be {expected}, not {}",
-                json_kind(value)
+                kind.described()
             ))
         })
 }
 
+/// What a JSON value is, without its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JsonKind {
+    Null,
+    Boolean,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl JsonKind {
+    pub(crate) fn of(value: &Value) -> JsonKind {
+        match value {
+            Value::Null => JsonKind::Null,
+            Value::Bool(_) => JsonKind::Boolean,
+            Value::Number(_) => JsonKind::Number,
+            Value::String(_) => JsonKind::String,
+            Value::Array(_) => JsonKind::Array,
+            Value::Object(_) => JsonKind::Object,
+        }
+    }
+
+    /// As error messages say it ("a number").
+    pub(crate) fn described(self) -> &'static str {
+        match self {
+            JsonKind::Null => "null",
+            JsonKind::Boolean => "a boolean",
+            JsonKind::Number => "a number",
+            JsonKind::String => "a string",
+            JsonKind::Array => "an array",
+            JsonKind::Object => "an object",
+        }
+    }
+}
+
+/// Reads a value's kind and passes over its content without keeping any of it.
+impl<'de> Deserialize<'de> for JsonKind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KindVisitor;
+        impl<'de> Visitor<'de> for KindVisitor {
+            type Value = JsonKind;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<JsonKind, E> {
+                Ok(JsonKind::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<JsonKind, E> {
+                Ok(JsonKind::Boolean)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<JsonKind, E> {
+                Ok(JsonKind::Number)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<JsonKind, E> {
+                Ok(JsonKind::Number)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<JsonKind, E> {
+                Ok(JsonKind::Number)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<JsonKind, E> {
+                Ok(JsonKind::String)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonKind, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(JsonKind::Array)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonKind, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(JsonKind::Object)
+            }
+        }
+        deserializer.deserialize_any(KindVisitor)
+    }
+}
+
+/// An object's fields, each with the kind of its value, in the order given.
+struct TopLevelKinds(Vec<(String, JsonKind)>);
+
+impl<'de> Deserialize<'de> for TopLevelKinds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = TopLevelKinds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevelKinds, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry::<String, JsonKind>()? {
+                    fields.push(entry);
+                }
+                Ok(TopLevelKinds(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
 /// What a JSON value is, as error messages say it ("a number").
 pub(crate) fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+    JsonKind::of(value).described()
 }
 
 fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, InputError> {
@@ -785,7 +882,7 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
             }
             if !self.saw_update
                 && (text[0] == b'['
-                    || serde_json::from_slice::<Value>(text).is_err_and(|e| e.is_eof()))
+                    || serde_json::from_slice::<de::IgnoredAny>(text).is_err_and(|e| e.is_eof()))
             {
                 // Not one object per line: an array or a multi-line object. Read it whole.
                 self.saw_update = true;
