@@ -701,15 +701,21 @@ fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputErro
 
 /// Parses a body whose first byte that is not whitespace, at `bracket`, is `[`.
 fn parse_array(body: &[u8], bracket: usize, parsing: &Parsing) -> Result<Vec<Update>, InputError> {
-    let values: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+    let refused = |e: serde_json::Error, context: String| {
+        let reason = strip_serde_position(e.to_string());
         InputError::new(
             syntax_error_line(&e),
-            format!(
-                "not a valid JSON array: {}",
-                strip_serde_position(e.to_string())
-            ),
+            format!("not a valid JSON array: {reason}{context}"),
         )
-    })?;
+    };
+    let mut values: Vec<&RawValue> = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    if let Err(e) = ArrayItems(&mut values).deserialize(&mut deserializer) {
+        // serde names no position inside the array, and a whole array is often one line.
+        let context = where_in_array(body, bracket, &values, syntax_error_line(&e));
+        return Err(refused(e, context));
+    }
+    deserializer.end().map_err(|e| refused(e, String::new()))?;
     let mut lines = LineCounter::default();
     if values.is_empty() {
         let line = lines.line_at(body, bracket);
@@ -729,6 +735,59 @@ fn parse_array(body: &[u8], bracket: usize, parsing: &Parsing) -> Result<Vec<Upd
             })
         })
         .collect()
+}
+
+/// Where in an array a syntax error at `error_line` lies, from the items read whole before
+/// it: " (in array item N)", with the line it starts on if that is another, or " (after
+/// array item N)" when an item ended and no comma or bracket followed.
+fn where_in_array(body: &[u8], bracket: usize, read: &[&RawValue], error_line: u64) -> String {
+    let skip_space =
+        |from: usize| from + body[from..].iter().take_while(|b| is_json_space(b)).count();
+    let after_read = skip_space(read.last().map_or(bracket + 1, |last| end_of(last, body)));
+    let (item, start) = match (read.len(), body.get(after_read)) {
+        (0, None | Some(b']')) => return String::new(),
+        (0, Some(_)) => (1, after_read),
+        (n, Some(b',')) => (n + 1, skip_space(after_read + 1)),
+        (n, _) => return format!(" (after array item {n})"),
+    };
+    let start_line = LineCounter::default().line_at(body, start.min(body.len()));
+    if start_line == error_line {
+        format!(" (in array item {item})")
+    } else {
+        format!(" (in array item {item}, which starts on line {start_line})")
+    }
+}
+
+/// The items of a JSON array as their text, each kept as it is read, so that those read
+/// before a syntax error tell where it is.
+struct ArrayItems<'v, 'de>(&'v mut Vec<&'de RawValue>);
+
+impl<'de> DeserializeSeed<'de> for ArrayItems<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ArrayItems<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        while let Some(item) = items.next_element()? {
+            self.0.push(item);
+        }
+        Ok(())
+    }
+}
+
+/// The offset in `body` just past `item`, a slice of it.
+fn end_of(item: &RawValue, body: &[u8]) -> usize {
+    item.get().as_ptr() as usize + item.get().len() - body.as_ptr() as usize
 }
 
 /// The input without a UTF-8 byte-order mark at its start, which editors on Windows write and
@@ -1183,6 +1242,63 @@ mod tests {
         );
         let no_timestamp = br#"{"id":"d","profile":{}}"#;
         assert!(parse_body_with(no_timestamp, &Parsing::within(limit)).is_ok());
+    }
+
+    /// serde gives no position inside an array but its line, and an array is often one line:
+    /// the item the error lies in (or after) is named.
+    #[test]
+    fn a_syntax_error_in_an_array_names_its_item() {
+        let a = r#"{"id":"a","profile":{}}"#;
+        let cases = [
+            (
+                format!(r#"[{a},{a},{{"id":"c",}}]"#),
+                1,
+                "not a valid JSON array: key must be a string (in array item 3)",
+            ),
+            (
+                format!(r#"[{a} {a}]"#),
+                1,
+                "not a valid JSON array: expected `,` or `]` (after array item 1)",
+            ),
+            (
+                r#"[{"id":"a",]"#.to_owned(),
+                1,
+                "not a valid JSON array: key must be a string (in array item 1)",
+            ),
+            (
+                format!("[\n{a},\n{{\"id\":\"b\",\n\"profile\":{{}}\n,}}]"),
+                5,
+                "not a valid JSON array: key must be a string (in array item 2, which starts on line 3)",
+            ),
+            (
+                format!("[{a},\n]"),
+                2,
+                "not a valid JSON array: trailing comma (in array item 2)",
+            ),
+            (
+                format!("[{a}"),
+                1,
+                "not a valid JSON array: EOF while parsing a list (after array item 1)",
+            ),
+            (
+                format!("[{a}] x"),
+                1,
+                "not a valid JSON array: trailing characters",
+            ),
+            (
+                "[".to_owned(),
+                1,
+                "not a valid JSON array: EOF while parsing a list",
+            ),
+        ];
+        for (body, line, reason) in cases {
+            let error = parse_body(body.as_bytes()).unwrap_err();
+            assert_eq!(
+                (error.line, error.reason.as_str()),
+                (line, reason),
+                "{body}"
+            );
+        }
     }
 
     #[test]
