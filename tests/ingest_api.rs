@@ -1451,8 +1451,9 @@ async fn post_encoded(addr: SocketAddr, body: Vec<u8>, encoding: &str) -> (u16, 
 }
 
 /// A gzip body is taken as its decompressed text (also several gzip members one after
-/// another); one that is not gzip, one that decompresses past `max_body_bytes`, and another
-/// encoding are refused, storing nothing.
+/// another); one that is not gzip (naming the line of its text where it breaks), one that
+/// decompresses past `max_body_bytes`, and other codings (gzip twice among them) are refused,
+/// storing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gzip_body_is_taken_and_other_encodings_are_refused() {
     let receiver = receiver().await;
@@ -1461,10 +1462,42 @@ async fn a_gzip_body_is_taken_and_other_encodings_are_refused() {
 
     let (status, answer) = post_encoded(agent.addr, b"{\"id\":".to_vec(), "gzip").await;
     assert_eq!(status, 400, "{answer}");
-    assert!(answer.contains("not valid gzip"), "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("not valid gzip"),
+        "{answer}"
+    );
+    assert_eq!(answer["line"], 1, "{answer}");
+    // Broken off after a whole member: the line of the text where it breaks is named.
+    let mut broken =
+        gzip(format!("{}\n", member_update("p-1", "Jane", "2026-01-01T00:00:01Z")).as_bytes());
+    broken.extend(b"\x1f\x8b garbage");
+    let (status, answer) = post_encoded(agent.addr, broken, "gzip").await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer).unwrap()["line"],
+        2,
+        "{answer}"
+    );
     let (status, answer) = post_encoded(agent.addr, gzip(b"x"), "br").await;
     assert_eq!(status, 415, "{answer}");
     assert!(answer.contains("`br` is not supported"), "{answer}");
+    // Coded twice, in two headers: not taken as gzip once.
+    let (status, _, answer) = request(
+        agent.addr,
+        "POST",
+        "/v1/updates",
+        Some(Payload::Sized(gzip(&gzip(b"x")))),
+        &[
+            AUTH,
+            ("content-encoding", "gzip"),
+            ("content-encoding", "gzip"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 415, "{answer}");
+    assert!(answer.contains("`gzip, gzip` is not supported"), "{answer}");
     // Small compressed, past the limit decompressed.
     let bomb = gzip(&vec![b' '; MAX_BODY + 1]);
     assert!(bomb.len() < MAX_BODY / 100);

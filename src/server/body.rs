@@ -6,8 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::CONTENT_ENCODING;
-use hyper::Request;
+use hyper::header::{HeaderMap, CONTENT_ENCODING};
 use tokio::sync::Semaphore;
 
 /// Before its body is read, a request reserves room for it until its commit answers: its
@@ -56,6 +55,15 @@ pub enum BodyError {
     /// No frame arrived for `ingest.read_timeout_ms`, or not all of them in time.
     Stalled,
     Unreadable(String),
+}
+
+pub enum GunzipError {
+    TooLarge,
+    /// Not gzip from this line of the text decompressed before it on (1 if none was).
+    NotGzip {
+        line: u64,
+        reason: String,
+    },
 }
 
 /// What a client may still send of a body refused before or while it is read, on top of what
@@ -161,39 +169,49 @@ pub enum Encoding {
     Gzip,
 }
 
-/// The body's `Content-Encoding`: none, `identity` or `gzip` (`x-gzip`); else why it is
-/// refused.
-pub fn body_encoding(request: &Request<Incoming>) -> Result<Encoding, String> {
-    let Some(value) = request.headers().get(CONTENT_ENCODING) else {
-        return Ok(Encoding::Identity);
-    };
-    let text = String::from_utf8_lossy(value.as_bytes());
-    let text = text.trim();
-    if text.is_empty() || text.eq_ignore_ascii_case("identity") {
-        Ok(Encoding::Identity)
-    } else if text.eq_ignore_ascii_case("gzip") || text.eq_ignore_ascii_case("x-gzip") {
-        Ok(Encoding::Gzip)
-    } else {
-        let shown: String = text.chars().take(40).collect();
-        Err(format!(
-            "Content-Encoding `{shown}` is not supported: send the body as it is, or gzip"
-        ))
+/// The body's `Content-Encoding`: none, `identity` or `gzip` (`x-gzip`) once; else why it is
+/// refused. Every header and every coding listed is read, since a body coded twice decoded
+/// once would be refused as garbage with a reason that misleads.
+pub fn body_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
+    let mut given = Vec::new();
+    for value in headers.get_all(CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        given.extend(
+            text.split(',')
+                .map(|coding| coding.trim().to_owned())
+                .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")),
+        );
+    }
+    match given.as_slice() {
+        [] => Ok(Encoding::Identity),
+        [one] if one.eq_ignore_ascii_case("gzip") || one.eq_ignore_ascii_case("x-gzip") => {
+            Ok(Encoding::Gzip)
+        }
+        _ => {
+            let shown: String = given.join(", ").chars().take(40).collect();
+            Err(format!(
+                "Content-Encoding `{shown}` is not supported: send the body as it is, or gzip it once"
+            ))
+        }
     }
 }
 
 /// Decompresses a gzip body (one member or several, as `cat a.gz b.gz` makes), refusing one
 /// that grows past `limit` bytes. The compressed bytes are freed once read, and the slack of
 /// the growing buffer before the text is kept.
-pub fn gunzip(compressed: Vec<u8>, limit: u64) -> Result<Vec<u8>, BodyError> {
+pub fn gunzip(compressed: Vec<u8>, limit: u64) -> Result<Vec<u8>, GunzipError> {
     use std::io::Read;
     let mut decoded = Vec::new();
     flate2::read::MultiGzDecoder::new(compressed.as_slice())
         .take(limit.saturating_add(1))
         .read_to_end(&mut decoded)
-        .map_err(|e| BodyError::Unreadable(e.to_string()))?;
+        .map_err(|e| GunzipError::NotGzip {
+            line: decoded.iter().filter(|&&b| b == b'\n').count() as u64 + 1,
+            reason: e.to_string(),
+        })?;
     drop(compressed);
     if decoded.len() as u64 > limit {
-        return Err(BodyError::TooLarge);
+        return Err(GunzipError::TooLarge);
     }
     decoded.shrink_to_fit();
     Ok(decoded)
@@ -239,11 +257,52 @@ mod tests {
         assert_eq!(gunzip(two, 8).ok(), Some(b"one\ntwo\n".to_vec()));
         assert!(matches!(
             gunzip(gzip(&[b' '; 9]), 8),
-            Err(BodyError::TooLarge)
+            Err(GunzipError::TooLarge)
         ));
         assert!(matches!(
             gunzip(b"not gzip".to_vec(), 8),
-            Err(BodyError::Unreadable(_))
+            Err(GunzipError::NotGzip { line: 1, .. })
         ));
+        // Garbage after a whole member: where the text breaks off is named.
+        let mut broken = gzip(b"one\ntwo\n");
+        broken.extend(b"not gzip");
+        match gunzip(broken, 100) {
+            Err(GunzipError::NotGzip { line, reason }) => {
+                assert_eq!(line, 3, "{reason}")
+            }
+            _ => panic!("garbage after a member is refused"),
+        }
+    }
+
+    /// Every `Content-Encoding` header and every coding in one is read.
+    #[test]
+    fn a_body_is_taken_as_gzip_only_when_gzip_is_its_one_coding() {
+        let cases: &[(&[&str], Result<Encoding, &str>)] = &[
+            (&[], Ok(Encoding::Identity)),
+            (&["identity"], Ok(Encoding::Identity)),
+            (&[""], Ok(Encoding::Identity)),
+            (&["GZip"], Ok(Encoding::Gzip)),
+            (&["x-gzip"], Ok(Encoding::Gzip)),
+            (&["identity", "gzip"], Ok(Encoding::Gzip)),
+            (&["identity, gzip"], Ok(Encoding::Gzip)),
+            (&["gzip", "gzip"], Err("`gzip, gzip`")),
+            (&["gzip, gzip"], Err("`gzip, gzip`")),
+            (&["gzip", "br"], Err("`gzip, br`")),
+            (&["br"], Err("`br`")),
+        ];
+        for (values, expected) in cases {
+            let mut headers = HeaderMap::new();
+            for value in *values {
+                headers.append(CONTENT_ENCODING, value.parse().unwrap());
+            }
+            match (body_encoding(&headers), expected) {
+                (Ok(found), Ok(expected)) => assert_eq!(found, *expected, "{values:?}"),
+                (Err(refused), Err(named)) => assert!(
+                    refused.contains(&format!("Content-Encoding {named} is not supported")),
+                    "{values:?}: {refused}"
+                ),
+                (found, _) => panic!("{values:?}: {found:?}"),
+            }
+        }
     }
 }

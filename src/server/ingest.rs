@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::{
-    body_encoding, discard_body, gunzip, read_body, BodyBudget, BodyError, Encoding,
+    body_encoding, discard_body, gunzip, read_body, BodyBudget, BodyError, Encoding, GunzipError,
     BODY_DEADLINE_TIMEOUTS,
 };
 use super::connection::{drive, Activity};
@@ -376,7 +376,7 @@ async fn admit<'a>(
         );
         return Err(Box::new(answer));
     }
-    let encoding = body_encoding(request)
+    let encoding = body_encoding(request.headers())
         .map_err(|refused| error_answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &refused))?;
     let declared = request
         .headers()
@@ -474,7 +474,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Encoding::Identity => body,
         Encoding::Gzip => match gunzip(body, state.max_body_bytes) {
             Ok(body) => body,
-            Err(BodyError::TooLarge) => {
+            Err(GunzipError::TooLarge) => {
                 return error_answer(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!(
@@ -483,10 +483,13 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                     ),
                 )
             }
-            Err(_) => {
-                return error_answer(
+            Err(GunzipError::NotGzip { line, reason }) => {
+                return json_answer(
                     StatusCode::BAD_REQUEST,
-                    "the body is not valid gzip (Content-Encoding: gzip)",
+                    json!({
+                        "error": format!("the body is not valid gzip (Content-Encoding: gzip) from its line {line} on: {reason}"),
+                        "line": line,
+                    }),
                 )
             }
         },
