@@ -149,6 +149,7 @@ impl Agent {
         let metrics = Arc::new(Metrics::new());
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());
+        store.number_exports_past_the_clock(std::time::SystemTime::now())?;
         // The committer thread ends with the process; every commit it acknowledged was flushed.
         let mut mapping = config.mapping.clone();
         store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;

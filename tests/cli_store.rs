@@ -485,3 +485,37 @@ fn json_of_success(out: &std::process::Output) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// A store put back from a copy (a backup restored, a VM snapshot rolled back) numbers its
+/// new exports past those made after the copy, which the endpoint may have seen: a receiver
+/// that deduplicates by `Idempotency-Key` would drop a new export under a reused id.
+#[test]
+fn a_store_put_back_from_a_copy_reuses_no_export_id() {
+    let ws = Workspace::new();
+    let ingest = |id: &str, name: &str| {
+        let line = member_update(id, name, "2026-01-01T00:00:01Z");
+        ws.run_ok(&["ingest", "-"], Some(line.as_bytes()));
+    };
+    let ids = || -> Vec<String> {
+        json_lines(&ws.run_ok(&["outbox", "list", "--json"], None))
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    ingest("p-1", "Jane");
+    let copy = ws.dir.path().join("copy");
+    copy_dir(&ws.store_path(), &copy);
+    ingest("p-2", "John");
+    let made_after_the_copy = ids()[1].clone();
+
+    copy_dir(&copy, &ws.store_path());
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    ingest("p-3", "Joan");
+    let now = ids();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(
+        seq_of(&now[1]) > seq_of(&made_after_the_copy),
+        "{} made after the put-back is numbered at or below {made_after_the_copy}, made before it",
+        now[1]
+    );
+}

@@ -116,6 +116,14 @@ impl Setup {
     fn corrupt(&self, tree: &str, key: &[u8], value: &[u8]) {
         corrupt(&self.store, tree, key, value)
     }
+
+    /// The sequence number of the `n`th export (from 0) in the outbox, read with sled itself.
+    fn outbox_seq(&self, n: usize) -> u64 {
+        let db = open_with_sled_alone(&self.store).unwrap();
+        let key = db.open_tree("outbox").unwrap().iter().keys().nth(n);
+        let key = key.expect("an export that many in").unwrap();
+        u64::from_be_bytes(key.as_ref().try_into().unwrap())
+    }
 }
 
 fn corrupt(store: &Path, tree: &str, key: &[u8], value: &[u8]) {
@@ -163,13 +171,14 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
     let s = setup().await;
     let out = s.ingest(&[update("p0", "a"), update("p1", "b"), update("p2", "c")]);
     assert!(out.status.success(), "{}", text(&out));
-    s.corrupt("outbox", &1u64.to_be_bytes(), b"\x02not an export");
+    let second = s.outbox_seq(1);
+    s.corrupt("outbox", &second.to_be_bytes(), b"\x02not an export");
 
     let out = s.run(&["check", "--store"], None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(
-        listed.contains("outbox ") && listed.contains("-1: "),
+        listed.contains("outbox ") && listed.contains(&format!("-{second}: ")),
         "{listed}"
     );
 
@@ -207,7 +216,7 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
         dead[0]
     );
     let id = dead[0]["id"].as_str().unwrap().to_owned();
-    assert!(seq_of(&id) == 1, "{id}");
+    assert!(seq_of(&id) == second, "{id}");
     assert!(agent.log().contains(&id), "the log names the export");
 
     // Nothing can be sent from it.
@@ -220,7 +229,7 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
     agent.terminate().await;
 
     // A dead letter whose own bytes cannot be read is dropped all the same.
-    s.corrupt("dead", &1u64.to_be_bytes(), b"\x02not an export either");
+    s.corrupt("dead", &second.to_be_bytes(), b"\x02not an export either");
     let out = s.run(&["outbox", "drop", &id, "--yes"], None);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(stats(&s)["dead"], 0);
@@ -633,12 +642,13 @@ async fn repair_changes_nothing_when_what_is_unreadable_changed_while_it_asked()
     let s = setup().await;
     let out = s.ingest(&[update("p0", "a"), update("p1", "b"), update("p2", "c")]);
     assert!(out.status.success(), "{}", text(&out));
-    s.corrupt("outbox", &1u64.to_be_bytes(), b"\x02not an export");
+    let (second, third) = (s.outbox_seq(1), s.outbox_seq(2));
+    s.corrupt("outbox", &second.to_be_bytes(), b"\x02not an export");
     let (mut master, mut repair) = spawn_on_a_terminal(&s.config, &["repair"]);
     let asked = read_question(repair.stderr.as_mut().unwrap());
     assert!(asked.contains("Do this to 1 record(s)?"), "{asked}");
     // The store is not held while the question waits.
-    s.corrupt("outbox", &2u64.to_be_bytes(), b"\x02not an export either");
+    s.corrupt("outbox", &third.to_be_bytes(), b"\x02not an export either");
     master.write_all(b"y\n").unwrap();
     let out = repair.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));

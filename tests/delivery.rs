@@ -281,7 +281,7 @@ async fn assert_not_retried(agent: &Agent, why: &str, whose: &str, newer: &str) 
 /// Starts an agent whose endpoint refuses the first request and holds the next ones past the
 /// request timeout (500 ms), up to the `answered_from`th (from 0), which it answers 2xx; ingests
 /// two exports of profile `a` and returns once the second is in flight, the first a dead letter.
-async fn older_dead_newer_in_flight(s: &Setup, answered_from: u64) -> Agent {
+async fn older_dead_newer_in_flight(s: &Setup, answered_from: u64) -> (Agent, u64) {
     let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = Arc::clone(&arrived);
     s.receiver.set_export_script(Some(Arc::new(move |n, _| {
@@ -293,12 +293,13 @@ async fn older_dead_newer_in_flight(s: &Setup, answered_from: u64) -> Agent {
         }
     })));
     let agent = start(&s.config).await;
+    let first = agent.store.durable_next_seq();
     ingest(&agent, &updates(&["a"], 2)).await;
     wait_until(10, "the second export in flight", || {
         arrived.load(std::sync::atomic::Ordering::SeqCst) == 2
     })
     .await;
-    agent
+    (agent, first)
 }
 
 /// A dead letter retried while a newer export of its profile is in flight: the retry waits
@@ -309,8 +310,8 @@ async fn older_dead_newer_in_flight(s: &Setup, answered_from: u64) -> Agent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves_with_it() {
     let s = setup().await;
-    let agent = older_dead_newer_in_flight(&s, 2).await;
-    let newer = agent.store.export_id(1).to_string();
+    let (agent, first) = older_dead_newer_in_flight(&s, 2).await;
+    let newer = agent.store.export_id(first + 1).to_string();
     assert_not_retried(&agent, "maybe_overtaken", "pending", &newer).await;
     wait_drained(&agent, &s.receiver, 1).await;
     assert_not_retried(&agent, "superseded", "acknowledged", &newer).await;
@@ -318,7 +319,10 @@ async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves
         .iter()
         .map(|(_, key)| seq_of(key))
         .collect();
-    assert!(!keys.is_empty() && keys.iter().all(|&k| k == 1), "{keys:?}");
+    assert!(
+        !keys.is_empty() && keys.iter().all(|&k| k == first + 1),
+        "{keys:?}"
+    );
     agent.stop().await.unwrap();
     let db = open_with_sled_alone(&s.config.storage.path).unwrap();
     assert_eq!(db.open_tree("retry_at").unwrap().len(), 0);
@@ -330,8 +334,8 @@ async fn a_request_that_timed_out_holds_a_dead_letter_and_its_retry_entry_leaves
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_an_export_in_flight_that_gets_no_answer_supersedes_older_dead_letters() {
     let s = setup().await;
-    let agent = older_dead_newer_in_flight(&s, u64::MAX).await;
-    let newer = agent.store.export_id(1).to_string();
+    let (agent, first) = older_dead_newer_in_flight(&s, u64::MAX).await;
+    let newer = agent.store.export_id(first + 1).to_string();
     let request = outpost::admin::AdminRequest::Drop {
         ids: vec![newer.clone()],
         all_dead: false,
@@ -367,13 +371,14 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
         }
     })));
     let agent = start(&s.config).await;
+    let first = agent.store.durable_next_seq();
     ingest(&agent, &updates(&["a"], 2)).await;
     wait_until(10, "the second export in flight", || {
         arrivals.lock().unwrap().len() == 2
     })
     .await;
-    let older = agent.store.export_id(0).to_string();
-    let newer = agent.store.export_id(1).to_string();
+    let older = agent.store.export_id(first).to_string();
+    let newer = agent.store.export_id(first + 1).to_string();
     let superseded = json!([{"id": older, "acknowledged": newer}]);
     let retry = {
         let store = Arc::clone(&agent.store);
@@ -411,7 +416,7 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
         .collect();
     assert_eq!(
         keys,
-        [0, 1, 2],
+        [first, first + 1, first + 2],
         "the older export went out after the newer one"
     );
     let tally = agent.store.tally().unwrap();

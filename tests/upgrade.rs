@@ -219,22 +219,6 @@ fn upgraded_and_judged_as_before(old: OldFormat) {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("upgrad"));
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    if to.exists() {
-        std::fs::remove_dir_all(to).unwrap();
-    }
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Spawns `outpost outbox stats` and waits for the upgrade's first log line; `false` when the
 /// command exited without starting an upgrade.
 fn spawn_until_upgrade_begins(workspace: &Workspace) -> (std::process::Child, bool) {

@@ -160,6 +160,7 @@ impl Backend {
         let Backend::Local(store) = self else {
             return Ok(None);
         };
+        store.number_exports_past_the_clock(std::time::SystemTime::now())?;
         let mut mapping = config.mapping.clone();
         store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
         run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;

@@ -259,13 +259,13 @@ impl ExportTable {
             if self.rows == 0 {
                 let _ = writeln!(
                     self.out,
-                    "{:<22} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
+                    "{:<26} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
                     "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
                 );
             }
             let _ = writeln!(
                 self.out,
-                "{:<22} {:<24} {:<9} {:>8}  {:<24}  {}",
+                "{:<26} {:<24} {:<9} {:>8}  {:<24}  {}",
                 text_of(&e["id"]),
                 truncate_chars(&text_of(&e["profile_id"]), 24),
                 text_of(&e["reason"]),

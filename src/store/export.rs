@@ -5,7 +5,9 @@
 //! `outbox` and `dead`: key = the sequence number, big-endian u64 (so key order is number
 //! order); value = an [`ExportRecord`] (`codec`: format byte + bincode). An export keeps its
 //! number, and so its id `<store id>-<sequence>`, for life, also in `dead` and back.
-//! `meta/next_seq` (big-endian u64) is the number the next export gets; it only grows.
+//! `meta/next_seq` (big-endian u64) is the number the next export gets; it only grows, and
+//! a process about to make exports raises it to at least [`sequence_floor`] of the wall clock
+//! ([`Store::number_exports_past_the_clock`]).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -115,6 +117,48 @@ pub(super) fn new_export(
         created_at_ms,
         queued_at_uptime_ms,
     ))
+}
+
+/// Export numbers an open starts from at least: 1,024 a millisecond of the wall clock since
+/// the Unix epoch. A store gives out far fewer than that (about 100 a millisecond at most), so
+/// every number it gave out by a time lies below that time's floor. A store put back from a
+/// copy (a backup, a VM snapshot rolled back) therefore numbers its new exports past every
+/// export made after the copy, which the endpoint may have seen: their ids are not reused, and
+/// a receiver that deduplicates by id does not drop the new ones. Only a wall clock set back
+/// past the copy's time defeats it.
+pub(super) fn sequence_floor(now: std::time::SystemTime) -> u64 {
+    let ms = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    u64::try_from(ms.saturating_mul(1024)).unwrap_or(u64::MAX / 2)
+}
+
+impl Store {
+    /// Raises `meta/next_seq` to [`sequence_floor`] of `now`, durably, before this process
+    /// makes exports (an agent as it starts, `outpost ingest` before its first chunk); the
+    /// number it now starts from.
+    pub fn number_exports_past_the_clock(
+        &self,
+        now: std::time::SystemTime,
+    ) -> Result<u64, StoreError> {
+        let floor = sequence_floor(now);
+        // Within a write section, so that no reopen comes between the write and its flush.
+        let _section = self.write_section()?;
+        let next = self.with(|t| {
+            let stored = t
+                .meta
+                .get(meta::NEXT_SEQ)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map_or(0, u64::from_be_bytes);
+            if stored < floor {
+                t.meta.insert(meta::NEXT_SEQ, &floor.to_be_bytes())?;
+            }
+            Ok(stored.max(floor))
+        })?;
+        self.written_next.fetch_max(next, Ordering::SeqCst);
+        self.flush()?;
+        Ok(next)
+    }
 }
 
 /// Appends encoded exports to the outbox under the next sequence numbers, counting them in
@@ -543,6 +587,48 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sequence_floor_gives_1024_numbers_a_millisecond_of_the_wall_clock() {
+        use std::time::{Duration, UNIX_EPOCH};
+        for (since_epoch, floor) in [
+            (Duration::ZERO, 0),
+            (Duration::from_millis(1), 1_024),
+            (Duration::from_micros(1_999), 1_024),
+            (Duration::from_secs(1), 1_024_000),
+            // 2026-12-05T00:00:00Z
+            (Duration::from_secs(1_796_428_800), 1_839_543_091_200_000),
+        ] {
+            assert_eq!(
+                sequence_floor(UNIX_EPOCH + since_epoch),
+                floor,
+                "{since_epoch:?}"
+            );
+        }
+        // A clock before the epoch gives no floor.
+        assert_eq!(sequence_floor(UNIX_EPOCH - Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn numbering_past_the_clock_raises_the_next_number_and_never_lowers_it() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let second = UNIX_EPOCH + Duration::from_secs(1);
+        assert_eq!(
+            store.number_exports_past_the_clock(second).unwrap(),
+            1_024_000
+        );
+        assert_eq!(store.durable_next_seq(), 1_024_000);
+        // A clock set back keeps the number it reached.
+        assert_eq!(
+            store.number_exports_past_the_clock(UNIX_EPOCH).unwrap(),
+            1_024_000
+        );
+        drop(store);
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.durable_next_seq(), 1_024_000, "durable");
+    }
 
     #[test]
     fn a_put_back_waits_for_nothing_out_and_lets_requests_go_after() {

@@ -506,3 +506,20 @@ pub fn read_question(stream: &mut impl std::io::Read) -> String {
     }
     String::from_utf8_lossy(&asked).into_owned()
 }
+
+/// Copies folder `from` to `to` (replacing it), as a backup of a store is made or put back.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    if to.exists() {
+        std::fs::remove_dir_all(to).unwrap();
+    }
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
