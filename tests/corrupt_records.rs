@@ -223,6 +223,10 @@ async fn an_unreadable_export_becomes_a_dead_letter_and_the_others_go() {
     let out = s.run(&["outbox", "retry", &id], None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("unreadable"), "{}", text(&out));
+    // Nor when every dead letter is asked for: it is left, and said, with exit 1.
+    let out = s.run(&["outbox", "retry", "--all-dead"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(&id), "{}", text(&out));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(s.receiver.delivered().len(), 2);
     assert_eq!(stats(&s)["dead"], 1);
