@@ -370,8 +370,6 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         .into_iter()
         .map(|(text, id)| (text, (id.store == store.store_id()).then_some(id.seq)))
         .collect();
-    let now = Utc::now().timestamp_millis();
-    let uptime_ms = store.run_clock().uptime_ms();
     let mut unreadable = Vec::new();
     let mut already_pending = Vec::new();
     let mut superseded = Vec::new();
@@ -383,6 +381,10 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         // drop not yet durable could otherwise let a newer export of its profile be sent and
         // acknowledged, and a crash then bring the dropped one back ahead of it.
         let _section = store.write_section()?;
+        // Put back now, after the wait for requests in flight: a dead letter made meanwhile
+        // then counts as put back after its last failure, and starts its backoff again.
+        let now = Utc::now().timestamp_millis();
+        let uptime_ms = store.run_clock().uptime_ms();
         // The dead letters as they are now, under the lock that keeps other repairs out: a
         // list made before it could name exports another repair has since put back.
         let (targets, next_after): (Vec<(String, Option<u64>)>, Option<u64>) = if all_dead {
