@@ -173,7 +173,14 @@ pub(super) fn append_exports(
     for value in exports {
         tally.count(Place::Pending, value.len(), 1);
         outbox.insert(&keys::seq_key(next_seq), value.as_slice())?;
-        next_seq += 1;
+        // Only damage brings the number this far (a key or mark near the end of the range,
+        // raised past at open): wrapping round would write new exports over pending ones.
+        next_seq = next_seq.checked_add(1).ok_or_else(|| {
+            abort(StoreError::corrupt(
+                "next_seq",
+                "export numbers ran out: the store holds a number near 2^64, which only damage makes",
+            ))
+        })?;
     }
     write_u64(meta_tx, meta::NEXT_SEQ, next_seq)?;
     write_tally(meta_tx, tally)?;
@@ -628,6 +635,34 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(store.durable_next_seq(), 1_024_000, "durable");
+    }
+
+    /// Only damage brings the next number to the end of the range: the commit that would run
+    /// past it is refused whole, rather than number new exports from 0 over pending ones.
+    #[test]
+    fn export_numbers_that_run_out_refuse_the_commit_rather_than_wrap_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let first = super::super::testing::export_each(&store, &[("a", "1")]);
+        store
+            .with(|t| Ok(t.meta.insert(meta::NEXT_SEQ, &u64::MAX.to_be_bytes())?))
+            .unwrap();
+        let mapping = crate::config::Mapping::new(&["name"], &["s"], &[]);
+        let line = r#"{"id":"b","profile":{"name":"2","segmentMembership":{"ups":{"s":{"status":"realized"}}}}}"#;
+        let updates = crate::profile::update::parse_body(line.as_bytes()).unwrap();
+        let refused = store.apply_groups(&[&updates], &mapping, Utc::now());
+        assert!(
+            matches!(&refused, Err(StoreError::Corrupt { what, .. }) if what == "next_seq"),
+            "{refused:?}"
+        );
+        let listed: Vec<u64> = store
+            .list(&super::super::ListFilter::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.id.seq)
+            .collect();
+        assert_eq!(listed, first, "nothing written");
+        assert_eq!(store.tally().unwrap().pending, 1);
     }
 
     #[test]
