@@ -373,7 +373,8 @@ async fn max_age_counts_the_wait_across_a_restart() {
 /// time) takes updates stamped with the real time as too far ahead of its clock, but not of
 /// the time the stream took them: they wait in the stream, none is rejected (a rejected
 /// message is acknowledged and gone), and once NTP sets the clock right they are committed
-/// and delivered, without a restart.
+/// and delivered, without a restart. Meanwhile the partition waits for the clock rather than
+/// fetch them again every few seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stream_updates_wait_while_the_agents_clock_is_days_behind() {
     let Some(library) = libfaketime() else { return };
@@ -400,8 +401,19 @@ async fn stream_updates_wait_while_the_agents_clock_is_days_behind() {
         agent.log().contains("this host's clock may be behind")
     })
     .await;
-    // A few more tries of the partition, each holding back again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // While it waits, the partition's consumer is not made again (nor a batch fetched) every
+    // few seconds on the backoff schedule: it waits for the clock.
+    let consumer_made = || async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let stream = async_nats::jetstream::new(client)
+            .get_stream("UPDATES")
+            .await
+            .unwrap();
+        stream.consumer_info("outpost-p0").await.unwrap().created
+    };
+    let made = consumer_made().await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(consumer_made().await, made, "the consumer was made again");
     let rejected = ws.run_ok(&["rejected", "list", "--json"], None);
     assert_eq!(rejected.trim(), "", "none rejected");
     assert_eq!(delivered_once(&receiver), 0);

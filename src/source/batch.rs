@@ -1,7 +1,7 @@
 //! What a batch fetched from one partition becomes (pure): the updates to commit, the
 //! redeliveries to skip, the messages to reject, and the position to record with them.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::profile::update::{truncate, update_from_json_with, without_bom, Parsing};
 use crate::profile::Update;
@@ -33,9 +33,19 @@ pub struct Sorted {
     /// The message the batch stopped before, and why: timestamped too far ahead of the
     /// agent's clock, but not of the time the stream took it. This host's clock may be
     /// behind; the message and those after it wait, unacknowledged, for a later try.
-    pub held_back: Option<(u64, String)>,
+    pub held_back: Option<HeldBack>,
     /// Messages at or below the recorded position (or repeated within the batch).
     pub skipped: u64,
+}
+
+/// A message held back for this host's clock (see [`Sorted::held_back`]).
+#[derive(Debug)]
+pub struct HeldBack {
+    /// Its stream sequence.
+    pub seq: u64,
+    pub reason: String,
+    /// When this host's clock lets its timestamp pass (`ingest.max_future_s` before it).
+    pub passes_at: DateTime<Utc>,
 }
 
 /// Sorts the messages of `partition` of `stream` (its fingerprint) fetched after `recorded`
@@ -95,14 +105,17 @@ pub fn sort_batch(
         if let Some((timestamp, max_future_s)) = ahead_of_this_host {
             let format = crate::profile::update::format_time;
             // The same words at each try, so that the log says it once.
-            sorted.held_back = Some((
-                message.seq,
-                format!(
+            let ahead_by = TimeDelta::try_seconds(i64::try_from(max_future_s).unwrap_or(i64::MAX))
+                .unwrap_or(TimeDelta::MAX);
+            sorted.held_back = Some(HeldBack {
+                seq: message.seq,
+                reason: format!(
                     "its timestamp {} is more than ingest.max_future_s ({max_future_s}) ahead of this host's clock, though not of the time the stream took it ({}): this host's clock may be behind",
                     format(timestamp),
                     message.published.map(format).unwrap_or_default()
                 ),
-            ));
+                passes_at: timestamp.checked_sub_signed(ahead_by).unwrap_or(timestamp),
+            });
             high = message.seq - 1;
             break;
         }
@@ -213,9 +226,14 @@ mod tests {
         let sorted = run_published(0, &[(1, fine), (4, stream_time), (6, fine)], stream_now);
         assert_eq!(sorted.updates.len(), 1);
         assert_eq!(sorted.position.as_ref().map(|p| p.seq), Some(3));
-        let (held, why) = sorted.held_back.unwrap();
-        assert_eq!(held, 4);
-        assert!(why.contains("this host's clock may be behind"), "{why}");
+        let held = sorted.held_back.unwrap();
+        assert_eq!(held.seq, 4);
+        assert!(
+            held.reason.contains("this host's clock may be behind"),
+            "{held:?}"
+        );
+        // Once the clock is within ingest.max_future_s (a day) of its timestamp.
+        assert_eq!(held.passes_at.to_rfc3339(), "2026-01-02T00:00:00+00:00");
 
         let sorted = run_published(0, &[(1, ahead), (2, fine)], stream_now);
         assert_eq!(sorted.updates.len(), 1);

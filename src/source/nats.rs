@@ -42,6 +42,8 @@ const PENDING_REFRESH: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a partition that waits for this host's clock looks at it.
+const CLOCK_LOOK_EVERY: Duration = Duration::from_secs(1);
 /// How long the agent gives NATS at start before it says it cannot connect.
 const CONNECT_GRACE: Duration = Duration::from_secs(3);
 /// How long a partition's consumer may go on once the agent stops, to finish the batch it
@@ -75,6 +77,25 @@ fn ended_by_max_bytes(error: &dyn std::fmt::Display) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("NATS: {0}")]
 pub struct NatsError(pub String);
+
+/// Why a partition's consumer ended.
+#[derive(Debug)]
+enum PartitionStop {
+    Failed(NatsError),
+    /// A message waits for this host's clock (see `batch::HeldBack`): the partition starts
+    /// over once the clock lets it pass, not on the backoff schedule, since every start over
+    /// makes the consumer again and fetches a batch only to hold it back.
+    Held {
+        why: NatsError,
+        passes_at: chrono::DateTime<chrono::Utc>,
+    },
+}
+
+impl From<NatsError> for PartitionStop {
+    fn from(e: NatsError) -> Self {
+        PartitionStop::Failed(e)
+    }
+}
 
 pub(crate) fn nats_error(what: &str, e: impl std::fmt::Display) -> NatsError {
     NatsError(format!("{what}: {e}"))
@@ -574,6 +595,24 @@ async fn pause(shutdown: &CancellationToken, delay: Duration) -> bool {
     }
 }
 
+/// Waits until the wall clock reads `time`, looking at it each second (NTP may set it right
+/// at any moment), or returns false at once when the agent stops.
+async fn until_the_clock_reaches(
+    shutdown: &CancellationToken,
+    time: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    loop {
+        // Negative once the time has passed.
+        let left = (time - chrono::Utc::now()).to_std().unwrap_or_default();
+        if left.is_zero() {
+            return true;
+        }
+        if !pause(shutdown, left.min(CLOCK_LOOK_EVERY)).await {
+            return false;
+        }
+    }
+}
+
 async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     let mut backoff = BACKOFF_FIRST;
     // The same error again (NATS down for a while) is logged once, not at every retry.
@@ -592,7 +631,18 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
         };
         match ended {
             Ok(()) => return,
-            Err(e) => {
+            Err(PartitionStop::Held { why, passes_at }) => {
+                let error = why.to_string();
+                if error != last_error {
+                    tracing::warn!(partition, %error, "NATS partition waits for this host's clock");
+                    last_error = error;
+                }
+                if !until_the_clock_reaches(&shared.shutdown, passes_at).await {
+                    return;
+                }
+                backoff = BACKOFF_FIRST;
+            }
+            Err(PartitionStop::Failed(e)) => {
                 // A consumer that ran for a good while failed for a new reason.
                 if started.elapsed() > 2 * BACKOFF_MAX {
                     backoff = BACKOFF_FIRST;
@@ -748,7 +798,7 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
 }
 
 /// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
-async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), NatsError> {
+async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), PartitionStop> {
     // Messages that arrive over one unbroken connection arrive in order; after a break, some
     // may have been sent and lost, so the partition starts over. So it does when a delivery
     // is missing without a break (`delivery_gap`).
@@ -818,7 +868,8 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         if shared.state.breaks.load(Ordering::SeqCst) != breaks {
             return Err(NatsError(
                 "the connection broke; starting the partition over from the stored position".into(),
-            ));
+            )
+            .into());
         }
         let Some(last) = messages.last() else {
             shared.state.pending[slot].store(0, Ordering::Relaxed);
@@ -837,7 +888,8 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
             };
             return Err(NatsError(format!(
                 "{what}; starting the partition over from the stored position"
-            )));
+            ))
+            .into());
         }
         next_delivery += deliveries.len() as u64;
         if let Ok(info) = last.info() {
@@ -936,7 +988,7 @@ async fn commit_and_ack(
     partition: u32,
     (stream, recorded): (u64, u64),
     messages: &[jetstream::Message],
-) -> Result<u64, NatsError> {
+) -> Result<u64, PartitionStop> {
     let mut fetched = Vec::with_capacity(messages.len());
     for message in messages {
         let info = message
@@ -998,7 +1050,7 @@ async fn commit_and_ack(
         .metrics
         .record_source_messages(committed, sorted.skipped, rejected);
     // The group is durable: now the messages may go, up to one held back.
-    let held_at = sorted.held_back.as_ref().map(|(seq, _)| *seq);
+    let held_at = sorted.held_back.as_ref().map(|held| held.seq);
     for (message, fetched) in messages.iter().zip(&fetched) {
         if held_at.is_some_and(|held| fetched.seq >= held) {
             continue;
@@ -1010,10 +1062,16 @@ async fn commit_and_ack(
         shared.state.acks.fetch_add(1, Ordering::Relaxed);
         shared.metrics.source_acks.inc();
     }
-    if let Some((seq, reason)) = sorted.held_back {
-        return Err(NatsError(format!(
-            "stream message {seq} waits: {reason}; it and those after it are tried again"
-        )));
+    if let Some(held) = sorted.held_back {
+        return Err(PartitionStop::Held {
+            why: NatsError(format!(
+                "stream message {} waits: {}; it and those after it are tried again once this host's clock reaches {}",
+                held.seq,
+                held.reason,
+                crate::profile::update::format_time(held.passes_at)
+            )),
+            passes_at: held.passes_at,
+        });
     }
     Ok(position)
 }
