@@ -102,7 +102,7 @@ pub struct Metrics {
     splits: Counter,
     pub outbox_pending: Gauge,
     pub outbox_dead: Gauge,
-    /// How long the oldest pending export has waited in run time (0: none pending).
+    /// The longest a pending export has waited in run time (0: none pending).
     pub outbox_oldest_waited: Gauge,
     /// Profiles stored (as the store keeps the count).
     pub profiles_stored: Gauge,
@@ -226,7 +226,7 @@ impl Metrics {
         registry.register("outbox_dead", "Dead-lettered exports", outbox_dead.clone());
         registry.register(
             "outbox_oldest_pending_seconds",
-            "Run time the oldest pending export has waited, what delivery.max_age_s counts (0: none pending)",
+            "The longest run time a pending export has waited, what delivery.max_age_s counts (0: none pending)",
             outbox_oldest_waited.clone(),
         );
         let profiles_stored = Gauge::default();

@@ -383,6 +383,48 @@ mod tests {
         (pending, dead)
     }
 
+    /// An export put back by `outbox retry` keeps its low number but waits from its put-back:
+    /// the longest wait (what `max_age_s` is compared with) is still that of the export behind
+    /// it that has waited all along.
+    #[test]
+    fn an_export_put_back_ahead_does_not_hide_the_longest_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "1"), ("b", "1")]);
+        settle(&store, "a", 0, refused());
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        let put_back = store.put_back_dead_letter(
+            0,
+            chrono::Utc::now().timestamp_millis(),
+            store.run_clock().uptime_ms(),
+            &MaybeAcknowledged::default(),
+        );
+        assert_eq!(put_back.unwrap(), PutBack::Done);
+        let stats = store.outbox_stats(chrono::Utc::now()).unwrap();
+        assert_eq!(stats.pending, 2);
+        assert!(
+            stats.oldest_pending_waited_s >= Some(1),
+            "{:?}",
+            stats.oldest_pending_waited_s
+        );
+    }
+
+    /// A key in the outbox that is no export number (damage; this one sorts first) is passed
+    /// over by the figures that `outbox stats`, `outpost top` and `/metrics` read, rather
+    /// than fail them.
+    #[test]
+    fn the_outbox_figures_pass_over_a_key_that_is_no_export_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "1")]);
+        store
+            .with(|t| Ok(t.outbox.insert(b"\x00", b"\x01")?))
+            .unwrap();
+        let stats = store.outbox_stats(chrono::Utc::now()).unwrap();
+        assert_eq!(stats.pending, 1);
+        assert!(stats.oldest_pending_created_at.is_some());
+    }
+
     #[test]
     fn a_delivery_marks_the_older_dead_letters_of_its_profile_only() {
         let dir = tempfile::tempdir().unwrap();

@@ -20,8 +20,9 @@ pub struct OutboxStats {
     pub oldest_pending_created_at: Option<String>,
     /// Wall-clock age, for people: misleading while the clock is or was wrong.
     pub oldest_pending_age_s: Option<i64>,
-    /// How long the oldest pending export has waited in agent run time: what
-    /// `delivery.max_age_s` is compared with.
+    /// The longest any pending export has waited in agent run time (an export put back by
+    /// `outbox retry` waits from then, whatever its number): what `delivery.max_age_s` is
+    /// compared with.
     pub oldest_pending_waited_s: Option<u64>,
     pub bytes: u64,
     /// Profiles stored; left out by [`Store::outbox_stats`] while the count is unknown.
@@ -192,6 +193,10 @@ pub enum Place {
     Gone,
 }
 
+/// How many pending exports from the head of the outbox are read at most for the longest
+/// wait (see [`Store::head_of_outbox`]).
+const HEAD_READ_FOR_WAIT: usize = 1_000;
+
 impl Store {
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let mut stats = self.outbox_stats(now)?;
@@ -199,17 +204,45 @@ impl Store {
         Ok(stats)
     }
 
+    /// The first readable pending export (the oldest made), and the longest any pending
+    /// export has waited (what `delivery.max_age_s` is compared with). An export put back by
+    /// `outbox retry` keeps its number but waits from its put-back, so the first export is
+    /// not always the one that waited longest: the exports are read from the head up to the
+    /// first one never put back, whose wait is the longest of all after it (numbers follow
+    /// the order exports were made), [`HEAD_READ_FOR_WAIT`] at most. A key that is no export
+    /// number (damage `outpost check --store` lists) is passed over rather than fail the
+    /// figures.
+    fn head_of_outbox(
+        &self,
+        t: &super::Trees,
+        uptime_ms: u64,
+    ) -> Result<(Option<super::Export>, Option<u64>), StoreError> {
+        let (mut oldest, mut longest) = (None, None::<u64>);
+        for item in t.outbox.iter().take(HEAD_READ_FOR_WAIT) {
+            let (key, value) = item?;
+            let Ok(export) = self.decode_export_for_people(&key, &value, false) else {
+                continue;
+            };
+            if export.record.is_unreadable() {
+                continue;
+            }
+            let waited = clock::waited_ms(uptime_ms, export.record.queued_at_uptime_ms);
+            longest = Some(longest.map_or(waited, |l| l.max(waited)));
+            let put_back = export.record.queued_at_ms != export.record.created_at_ms;
+            oldest.get_or_insert(export);
+            if !put_back {
+                break;
+            }
+        }
+        Ok((oldest, longest))
+    }
+
     /// [`Store::stats`], cheap enough to read every second (`outpost top`, `GET /metrics`):
     /// without the number of profiles while it is unknown, rather than count them.
     pub fn outbox_stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
-        let first = self.with(|t| Ok(t.outbox.first()?))?;
-        let oldest = match first {
-            Some((key, value)) => Some(self.decode_export_for_people(&key, &value, false)?)
-                .filter(|e| !e.record.is_unreadable()),
-            None => None,
-        };
-        let tally = self.tally()?;
         let uptime_ms = self.run_clock.uptime_ms();
+        let (oldest, longest_waited_ms) = self.with(|t| self.head_of_outbox(t, uptime_ms))?;
+        let tally = self.tally()?;
         let clock = self.clock_record()?;
         let (rejected, rejected_not_kept) = self.rejected_counts()?;
         Ok(OutboxStats {
@@ -219,8 +252,7 @@ impl Store {
             oldest_pending_age_s: oldest
                 .as_ref()
                 .map(|e| (now.timestamp_millis() - e.record.created_at_ms).max(0) / 1000),
-            oldest_pending_waited_s: oldest
-                .map(|e| clock::waited_ms(uptime_ms, e.record.queued_at_uptime_ms) / 1000),
+            oldest_pending_waited_s: longest_waited_ms.map(|ms| ms / 1000),
             bytes: tally.bytes,
             profiles: self.with(super::profiles::read_profile_count)?,
             store_id: format!("{:08x}", self.store_id),
