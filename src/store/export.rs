@@ -279,7 +279,10 @@ impl Store {
                 break;
             }
             let (key, value) = item.map_err(|e| self.classify(e.into(), t.generation))?;
-            let export = self.decode_export_for_people(&key, &value, filter.dead)?;
+            let Ok(export) = self.decode_export_for_people(&key, &value, filter.dead) else {
+                passed_over_damaged_key(&key);
+                continue;
+            };
             if filter
                 .profile_id
                 .as_deref()
@@ -578,17 +581,29 @@ impl Store {
             Some(u64::MAX) => return Ok(Vec::new()),
             Some(seq) => seq + 1,
         };
-        t.dead
-            .range(keys::seq_key(from)..)
-            .keys()
-            .take(at_most)
-            .map(|k| {
-                let k = k.map_err(|e| self.classify(e.into(), t.generation))?;
-                keys::seq_from_key(&k)
-                    .ok_or_else(|| StoreError::corrupt("dead key", format!("{k:?}")))
-            })
-            .collect()
+        let mut seqs = Vec::new();
+        for key in t.dead.range(keys::seq_key(from)..).keys() {
+            if seqs.len() >= at_most {
+                break;
+            }
+            let key = key.map_err(|e| self.classify(e.into(), t.generation))?;
+            match keys::seq_from_key(&key) {
+                Some(seq) => seqs.push(seq),
+                None => passed_over_damaged_key(&key),
+            }
+        }
+        Ok(seqs)
     }
+}
+
+/// A key of `outbox` or `dead` that is no export number (damage) holds no export a command
+/// can name: listings and `--all-dead` pass over it, as delivery does, rather than fail for
+/// it. `outpost check --store` lists it and `outpost repair` deletes it.
+fn passed_over_damaged_key(key: &[u8]) {
+    tracing::warn!(
+        key = ?key,
+        "an outbox or dead-letter key that is not a sequence number is passed over; `outpost check --store` lists it, `outpost repair` deletes it"
+    );
 }
 
 #[cfg(test)]

@@ -425,6 +425,36 @@ mod tests {
         assert!(stats.oldest_pending_created_at.is_some());
     }
 
+    /// Nor do listings and the pages of `--all-dead` fail for such a key among dead letters;
+    /// a page still holds as many dead letters as asked, so paging goes on past it.
+    #[test]
+    fn listings_and_pages_of_dead_letters_pass_over_a_key_that_is_no_export_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        export_each(&store, &[("a", "1"), ("b", "1"), ("c", "1")]);
+        for (profile, seq) in [("a", 0), ("b", 1), ("c", 2)] {
+            settle(&store, profile, seq, refused());
+        }
+        // Nine bytes: between export 0's key and export 1's.
+        let between = [0u8; 9];
+        store
+            .with(|t| Ok(t.dead.insert(between, b"\x01")?))
+            .unwrap();
+        assert_eq!(store.dead_seqs(None, 2).unwrap(), [0, 1]);
+        assert_eq!(store.dead_seqs(Some(1), 2).unwrap(), [2]);
+        let dead = crate::store::ListFilter {
+            dead: true,
+            ..crate::store::ListFilter::default()
+        };
+        let listed: Vec<u64> = store
+            .list(&dead)
+            .unwrap()
+            .iter()
+            .map(|e| e.id.seq)
+            .collect();
+        assert_eq!(listed, [0, 1, 2]);
+    }
+
     #[test]
     fn a_delivery_marks_the_older_dead_letters_of_its_profile_only() {
         let dir = tempfile::tempdir().unwrap();
