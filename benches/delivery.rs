@@ -30,8 +30,7 @@
 //! start (token, first reads) and the tail (exports waiting out a `Retry-After`) do not count.
 //!
 //! Run: `cargo bench --bench delivery` (`OUTPOST_BENCH_ONLY=healthy` for (a) and (b) alone,
-//! `OUTPOST_BENCH_ONLY=flaky` for (c) alone, `OUTPOST_BENCH_ONLY=limited` for (a) and (d),
-//! `OUTPOST_BENCH_ONLY=backlog` for (f) alone).
+//! `OUTPOST_BENCH_ONLY=flaky` for (c) alone, `OUTPOST_BENCH_ONLY=backlog` for (f) alone).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -635,50 +634,6 @@ fn median(mut rates: Vec<f64>) -> f64 {
     rates[rates.len() / 2]
 }
 
-/// What the agent delivered against a token bucket, and how many of its requests were 429s.
-struct RateLimited {
-    limit: f64,
-    rate: f64,
-    refused: usize,
-    requests: usize,
-}
-
-/// (d) a token bucket at half the healthy rate (`healthy`, exports a second), 100 ms of burst.
-async fn bench_rate_limited(healthy: f64, quick: bool) -> RateLimited {
-    let limit = (healthy / 2.0).max(100.0);
-    let limited_n = if quick { 400 } else { (limit * 6.0) as usize };
-    let bucket = Arc::new(RateLimit::new(limit, limit / 10.0));
-    let (rate, statuses) = scenario(
-        &format!("rate limit {limit:.0}/s"),
-        limited_n,
-        Some(bucket.script()),
-        "",
-        End::Drained,
-    )
-    .await;
-    RateLimited {
-        limit,
-        rate,
-        refused: statuses.iter().filter(|&&s| s == 429).count(),
-        requests: statuses.len(),
-    }
-}
-
-fn print_rate_limited(r: RateLimited) {
-    let ratio = r.rate / r.limit;
-    let share = r.refused as f64 / r.requests as f64;
-    println!(
-        "delivery RATIO rate-limited/limit = {:.0}/{:.0} = {ratio:.2} (target >= 0.9) {}; 429s: {} of {} requests = {:.1}% (target <= 5%) {}",
-        r.rate,
-        r.limit,
-        verdict(ratio >= 0.9),
-        r.refused,
-        r.requests,
-        share * 100.0,
-        verdict(share <= 0.05)
-    );
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not: then run a tiny smoke test.
     let quick = common::smoke_run();
@@ -721,13 +676,22 @@ fn main() {
             return;
         }
 
-        if only.as_deref() == Some("limited") {
-            print_rate_limited(bench_rate_limited(healthy.agent, quick).await);
-            return;
-        }
-
         let (flaky_rate, flaky_healthy) = bench_flaky(if quick { 400 } else { 200_000 }).await;
-        let limited = bench_rate_limited(healthy.agent, quick).await;
+
+        // (d) a token bucket at half the healthy rate.
+        let limit = (healthy.agent / 2.0).max(100.0);
+        let limited_n = if quick { 400 } else { (limit * 6.0) as usize };
+        let bucket = Arc::new(RateLimit::new(limit, limit / 10.0));
+        let (limited_rate, statuses) = scenario(
+            &format!("rate limit {limit:.0}/s"),
+            limited_n,
+            Some(bucket.script()),
+            "",
+            End::Drained,
+        )
+        .await;
+        let refused = statuses.iter().filter(|&&s| s == 429).count();
+        let refused_share = refused as f64 / statuses.len() as f64;
 
         // (e) every answer after 20 ms.
         let slow: Script = Arc::new(|_, _| Reply::Delay(Duration::from_millis(20)));
@@ -752,7 +716,14 @@ fn main() {
             verdict(ratio >= 1.0)
         );
         print_flaky_ratio(flaky_rate, flaky_healthy);
-        print_rate_limited(limited);
+        let ratio = limited_rate / limit;
+        println!(
+            "delivery RATIO rate-limited/limit = {limited_rate:.0}/{limit:.0} = {ratio:.2} (target >= 0.9) {}; 429s: {refused} of {} requests = {:.1}% (target <= 5%) {}",
+            verdict(ratio >= 0.9),
+            statuses.len(),
+            refused_share * 100.0,
+            verdict(refused_share <= 0.05)
+        );
         println!(
             "delivery slow receiver (20 ms answers): {slow_rate:.0} exports/s (target >= 2000) {}",
             verdict(slow_rate >= 2000.0)

@@ -10,17 +10,13 @@
 //! - **Request rate cap**: a concurrency limit alone cannot hold a rate limit on a fast link
 //!   (at one request in flight a loopback endpoint already gets thousands a second). When 429s
 //!   become a tenth of the recent answers (not a stray one, which only delays its own export),
-//!   the rate is capped just under what the endpoint accepted lately (its successes of the last
-//!   100 ms, and at least its last 20 of the last 10 s, so that a low limit is measured on more
-//!   than one answer). The cap then moves in steps of 100 ms that hold at least 20 answers
-//!   (so a step at a few requests a second lasts seconds): a step whose 429s were a twentieth
-//!   of its answers eases it by that share (3% to 10%; a cap just over the limit would
-//!   otherwise stay there, its 429s under a tenth); near the cut (its first 3 s and 10 steps)
-//!   a step in which the cap held requests back and no 429 came grows it 1%, up to the rate
-//!   accepted at the cut; after that, steps that held requests back with 429s under 1% of
-//!   their answers grow it 1%, 2%, … up to 5% a step while they come in a row (the limit may
-//!   have been lifted, or the cut measured it short). So a rate-limited endpoint settles near
-//!   its limit with few 429s, from a few requests a second up.
+//!   the rate is capped just under what the endpoint accepted in the last 100 ms. For 3 s after
+//!   such a cut, each 100 ms in which the cap held requests back and no 429 came grows it 1%, up
+//!   to the rate accepted at the cut, and 100 ms in which 429s were a twentieth of the answers
+//!   ease it 3% (a cap just over the limit would otherwise stay there, its 429s under a tenth);
+//!   after that it grows 5% each 100 ms while it holds requests back (the limit may have been
+//!   lifted) until 429s cut it again. So a rate-limited endpoint settles near its limit with
+//!   few 429s.
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
 //!   token errors) with no answer in between that showed the endpoint working, only one probe is
 //!   in flight at a time, on the backoff schedule; the first answer that is not such a failure
@@ -41,15 +37,7 @@ pub const DOWN_AFTER: u32 = 8;
 pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
 pub const MIN_RATE: f64 = 1.0;
-/// The accepted rate is measured over the successes of the last [`RATE_WINDOW`], and at
-/// least the last [`RATE_MIN_SUCCESSES`] of the last [`RATE_LONGEST_WINDOW`]: at a limit of a
-/// few requests a second, 100 ms holds none or one, which would set a cut anywhere from
-/// [`MIN_RATE`] to twice the limit.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
-const RATE_MIN_SUCCESSES: usize = 20;
-const RATE_LONGEST_WINDOW: Duration = Duration::from_secs(10);
-/// Bounds memory on an endpoint that accepts more than a million requests a second.
-const RATE_MAX_KEPT: usize = 100_000;
 /// The rate is capped only when at least this share of the recent answers (see
 /// [`RefusalShare`]) were 429s, and at least [`CAP_MIN_REFUSED`] of them: a few stray 429s
 /// are left to their own `Retry-After`, a rate limit shows as a share that grows.
@@ -64,33 +52,19 @@ const SHARE_OVER: Duration = Duration::from_millis(100);
 const SHARE_OF_AT_LEAST: usize = 200;
 /// Bounds memory on an endpoint that answers more than a million requests a second.
 const SHARE_OF_AT_MOST: usize = 100_000;
-/// A step of the cap (grow, ease or hold) comes every [`RATE_GROWTH_EVERY`] once at least
-/// [`RATE_STEP_ANSWERS`] answers came since the last: at a low limit a step of 100 ms would
-/// judge the cap by one answer, and grow it far past the limit before its 429s could show.
+const RATE_BUCKETS: usize = 10;
 const RATE_GROWTH_EVERY: Duration = Duration::from_millis(100);
-const RATE_STEP_ANSWERS: u32 = 20;
 /// Growth per step soon after a 429 (probing gently near the limit that was found), and
-/// later (the limit may have been lifted, or the cut measured too little): 1% more for each
-/// growing step in a row, up to 5%, so that the cap comes up to the limit in 1% steps and
-/// then climbs fast enough to find a lifted one.
+/// later (the limit may have been lifted).
 const RATE_GROWTH_NEAR: f64 = 1.01;
-const RATE_GROWTH_FAR_STEP: f64 = 0.01;
-const RATE_GROWTH_FAR_MAX: f64 = 0.05;
-/// Near a cut: the first [`RATE_NEAR_FOR`] after it, and its first [`RATE_NEAR_STEPS`] steps.
+const RATE_GROWTH_FAR: f64 = 1.05;
 const RATE_NEAR_FOR: Duration = Duration::from_secs(3);
-const RATE_NEAR_STEPS: u32 = 10;
-/// Far from a cut the cap grows only through steps whose 429s were under this share of the
-/// answers (none, for a step of fewer than 100): one that grew on through 429s would reach
-/// many times a low limit before the share of 429s showed it.
-const FAR_GROWTH_BELOW_SHARE: f64 = 0.01;
-/// A step whose 429s were at least this share of its answers (a cap just over the limit, say
-/// from a first cut that a burst allowance inflated, whose 429s stay under the share that
-/// cuts) eases the cap by that share, at least [`EASE_LEAST`] and at most [`EASE_MOST`]: a
-/// strict bucket refuses half of a rate just over its limit, which is no measure of how far
-/// over it is.
-const EASE_AT_SHARE: f64 = CAP_AT_SHARE / 2.0;
-const EASE_LEAST: f64 = 0.03;
-const EASE_MOST: f64 = 0.1;
+/// Near a cut, a step with 429s held below the cut's share (a cap just over the limit, say
+/// from a first cut that a burst allowance inflated) eases the cap by this factor rather
+/// than leaving it there; a step with any 429 does not grow it.
+const NEAR_EASE: f64 = 0.97;
+const NEAR_EASE_AT_SHARE: f64 = CAP_AT_SHARE / 2.0;
+const NEAR_EASE_MIN_REFUSED: u32 = 2;
 /// Round trips count as slower when their mean exceeds the past mean by this factor (plus a
 /// little, so that sub-millisecond noise on a local link does not count).
 const SLOWDOWN_FACTOR: f64 = 2.0;
@@ -165,39 +139,51 @@ impl RefusalShare {
     }
 }
 
-/// When the recent successes came (see [`RATE_WINDOW`]), oldest first.
-#[derive(Debug, Default)]
+/// Successes counted in buckets over the last [`RATE_WINDOW`].
+#[derive(Debug)]
 struct RateMeter {
-    successes: std::collections::VecDeque<Instant>,
+    buckets: [u32; RATE_BUCKETS],
+    /// The start of the newest bucket.
+    newest: Instant,
 }
 
 impl RateMeter {
-    fn trim(&mut self, now: Instant) {
-        while let Some(&oldest) = self.successes.front() {
-            let age = now.saturating_duration_since(oldest);
-            let kept = self.successes.len();
-            let beyond_window = age > RATE_WINDOW && kept > RATE_MIN_SUCCESSES;
-            if !beyond_window && age <= RATE_LONGEST_WINDOW && kept <= RATE_MAX_KEPT {
-                break;
-            }
-            self.successes.pop_front();
+    fn new(now: Instant) -> RateMeter {
+        RateMeter {
+            buckets: [0; RATE_BUCKETS],
+            newest: now,
+        }
+    }
+
+    fn bucket_len() -> Duration {
+        RATE_WINDOW / RATE_BUCKETS as u32
+    }
+
+    fn advance(&mut self, now: Instant) {
+        let step = Self::bucket_len();
+        let mut shifts = 0;
+        while now >= self.newest + step && shifts < RATE_BUCKETS {
+            self.buckets.rotate_left(1);
+            self.buckets[RATE_BUCKETS - 1] = 0;
+            self.newest += step;
+            shifts += 1;
+        }
+        if now >= self.newest + step {
+            // Idle for longer than the window: start afresh.
+            self.newest = now;
         }
     }
 
     fn record(&mut self, now: Instant) {
-        self.successes.push_back(now);
-        self.trim(now);
+        self.advance(now);
+        self.buckets[RATE_BUCKETS - 1] += 1;
     }
 
-    /// Successes a second from the oldest kept until now (at least [`RATE_WINDOW`]): those
-    /// after it, over that time.
+    /// Successes a second over the window.
     fn rate(&mut self, now: Instant) -> f64 {
-        self.trim(now);
-        let Some(&oldest) = self.successes.front() else {
-            return 0.0;
-        };
-        let span = now.saturating_duration_since(oldest).max(RATE_WINDOW);
-        (self.successes.len() - 1).max(1) as f64 / span.as_secs_f64()
+        self.advance(now);
+        let count: u32 = self.buckets.iter().sum();
+        f64::from(count) / RATE_WINDOW.as_secs_f64()
     }
 }
 
@@ -217,10 +203,6 @@ struct RateCap {
     /// Answers since `changed` to requests sent since the last cut, and how many were 429s.
     answered: u32,
     refused: u32,
-    /// Steps since the last cut.
-    steps: u32,
-    /// Steps in a row that grew the cap far from a cut.
-    growing: u32,
 }
 
 impl RateCap {
@@ -279,7 +261,7 @@ impl Controller {
             reached_limit: false,
             back_pressure: false,
             past_rtt: None,
-            accepted: RateMeter::default(),
+            accepted: RateMeter::new(now),
             recent_429: RefusalShare::default(),
             rate_cap: None,
             failures_in_a_row: 0,
@@ -469,8 +451,6 @@ impl Controller {
                 cap.binding = false;
                 cap.answered = 0;
                 cap.refused = 0;
-                cap.steps = 0;
-                cap.growing = 0;
             }
             None => {
                 let per_second = (accepted * 0.9).max(MIN_RATE);
@@ -484,40 +464,31 @@ impl Controller {
                     binding: false,
                     answered: 0,
                     refused: 0,
-                    steps: 0,
-                    growing: 0,
                 });
             }
         }
     }
 
     fn grow_rate(&mut self, now: Instant) {
-        let Some(cap) = &mut self.rate_cap else {
-            return;
-        };
-        if now < cap.changed + RATE_GROWTH_EVERY || cap.answered < RATE_STEP_ANSWERS {
-            return;
+        if let Some(cap) = &mut self.rate_cap {
+            if now >= cap.changed + RATE_GROWTH_EVERY {
+                let near = now < cap.cut_at + RATE_NEAR_FOR;
+                let over = cap.refused >= NEAR_EASE_MIN_REFUSED
+                    && f64::from(cap.refused) >= NEAR_EASE_AT_SHARE * f64::from(cap.answered);
+                if near && over {
+                    cap.per_second = (cap.per_second * NEAR_EASE).max(MIN_RATE);
+                } else if near && cap.binding && cap.refused == 0 {
+                    cap.per_second = (cap.per_second * RATE_GROWTH_NEAR)
+                        .min(cap.accepted_at_cut.max(cap.per_second));
+                } else if !near && cap.binding {
+                    cap.per_second *= RATE_GROWTH_FAR;
+                }
+                cap.changed = now;
+                cap.binding = false;
+                cap.answered = 0;
+                cap.refused = 0;
+            }
         }
-        let near = cap.steps < RATE_NEAR_STEPS || now < cap.cut_at + RATE_NEAR_FOR;
-        let share = f64::from(cap.refused) / f64::from(cap.answered);
-        let over = share >= EASE_AT_SHARE;
-        let grows_far = !near && cap.binding && share < FAR_GROWTH_BELOW_SHARE;
-        cap.growing = if grows_far { cap.growing + 1 } else { 0 };
-        if over {
-            let eased = 1.0 - share.clamp(EASE_LEAST, EASE_MOST);
-            cap.per_second = (cap.per_second * eased).max(MIN_RATE);
-        } else if near && cap.binding && cap.refused == 0 {
-            cap.per_second =
-                (cap.per_second * RATE_GROWTH_NEAR).min(cap.accepted_at_cut.max(cap.per_second));
-        } else if grows_far {
-            let growth = (RATE_GROWTH_FAR_STEP * f64::from(cap.growing)).min(RATE_GROWTH_FAR_MAX);
-            cap.per_second *= 1.0 + growth;
-        }
-        cap.changed = now;
-        cap.steps = cap.steps.saturating_add(1);
-        cap.binding = false;
-        cap.answered = 0;
-        cap.refused = 0;
     }
 
     fn adjust_limit(&mut self, now: Instant) {
@@ -862,30 +833,17 @@ mod tests {
         assert!(!c.is_down());
     }
 
-    /// A token bucket endpoint: `limit` requests a second, `burst` at once; answers take
-    /// 300 µs. Returns (accepted per second, share refused) over `seconds`, driving the
-    /// controller as the delivery loop does.
+    /// A token bucket endpoint: `limit` requests a second, `burst` at once; answers take `rtt`.
+    /// Returns (accepted per second, share refused) over `seconds`, driving the controller as
+    /// the delivery loop does.
     fn against_token_bucket(limit: f64, burst: f64, seconds: u64) -> (f64, f64) {
         let rtt = Duration::from_micros(300);
-        against_token_bucket_after(limit, burst, rtt, seconds, 0)
-    }
-
-    /// [`against_token_bucket`] with answers that take `rtt`, counting only the answers after
-    /// the first `settled_after` seconds.
-    fn against_token_bucket_after(
-        limit: f64,
-        burst: f64,
-        rtt: Duration,
-        seconds: u64,
-        settled_after: u64,
-    ) -> (f64, f64) {
         let start = Instant::now();
-        let counted_from = start + Duration::from_secs(settled_after);
         let mut c = Controller::new(config(64), start);
         let mut now = start;
         let mut tokens = burst;
         let (mut accepted, mut refused) = (0u64, 0u64);
-        let step = (rtt / 3).clamp(Duration::from_micros(100), Duration::from_millis(1));
+        let step = Duration::from_micros(100);
         let mut in_flight: Vec<Instant> = Vec::new();
         while now < start + Duration::from_secs(seconds) {
             tokens = (tokens + limit * step.as_secs_f64()).min(burst);
@@ -893,14 +851,13 @@ mod tests {
             let (due, rest): (Vec<Instant>, Vec<Instant>) =
                 in_flight.into_iter().partition(|&sent| sent + rtt <= now);
             in_flight = rest;
-            let counted = u64::from(now >= counted_from);
             for sent in due {
                 if tokens >= 1.0 {
                     tokens -= 1.0;
-                    accepted += counted;
+                    accepted += 1;
                     c.answered(now, sent, Signal::Healthy);
                 } else {
-                    refused += counted;
+                    refused += 1;
                     c.answered(now, sent, Signal::RateLimited);
                 }
             }
@@ -911,8 +868,7 @@ mod tests {
             now += step;
         }
         let total = (accepted + refused) as f64;
-        let counted_seconds = (seconds - settled_after) as f64;
-        (accepted as f64 / counted_seconds, refused as f64 / total)
+        (accepted as f64 / seconds as f64, refused as f64 / total)
     }
 
     #[test]
@@ -983,37 +939,6 @@ mod tests {
             assert!(
                 refused <= 0.05,
                 "limit {limit}, {seconds} s: {:.1}% refused",
-                refused * 100.0
-            );
-        }
-    }
-
-    /// SPEC: a rate-limited endpoint settles at its limit with few 429s, also at the few
-    /// requests a second many APIs allow, where 100 ms hold one answer or none. Buckets that
-    /// allow a second's worth at once, answers after 50 ms; judged once settled (the first
-    /// minute left out: the 429s that first show the limit are at least 20).
-    #[test]
-    fn a_low_rate_limit_is_settled_at_with_few_refusals() {
-        let rtt = Duration::from_millis(50);
-        for limit in [2.0, 5.0, 10.0, 20.0, 50.0] {
-            let (rate, refused) = against_token_bucket_after(limit, limit, rtt, 180, 60);
-            assert!(rate >= 0.95 * limit, "limit {limit}: {rate:.2}/s");
-            assert!(
-                refused <= 0.03,
-                "limit {limit}: {:.1}% refused",
-                refused * 100.0
-            );
-            let (rate, _) = against_token_bucket_after(limit, limit, rtt, 180, 0);
-            assert!(rate >= 0.9 * limit, "limit {limit}, whole run: {rate:.2}/s");
-        }
-        // A bucket that allows no burst refuses any request that comes early by a hair: the
-        // cap settles under it rather than keep meeting 429s.
-        for limit in [2.0, 5.0, 10.0] {
-            let (rate, refused) = against_token_bucket_after(limit, 1.0, rtt, 180, 60);
-            assert!(rate >= 0.7 * limit, "limit {limit}, no burst: {rate:.2}/s");
-            assert!(
-                refused <= 0.05,
-                "limit {limit}, no burst: {:.1}% refused",
                 refused * 100.0
             );
         }
