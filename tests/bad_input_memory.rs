@@ -1,5 +1,5 @@
 //! What refusing a bad update costs in memory, seen in the resident peak of this test binary
-//! (a binary of its own, so that no other test allocates meanwhile).
+//! (a binary of its own, its tests one at a time, so that nothing else allocates meanwhile).
 
 use outpost::config::Mapping;
 use outpost::profile::prune::KeepTree;
@@ -19,6 +19,9 @@ fn status_kib(field: &str) -> usize {
         .expect("a size in kB")
 }
 
+/// The resident peak is the process's: one test at a time measures it.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How far the process's resident memory rose above where it was while `work` ran: the peak
 /// (`VmHWM`) is set back to the present (`VmRSS`) first, by writing 5 to `clear_refs`.
 fn resident_rise_during<T>(work: impl FnOnce() -> T) -> (T, usize) {
@@ -33,6 +36,7 @@ fn resident_rise_during<T>(work: impl FnOnce() -> T) -> (T, usize) {
 /// prunes were once built whole (about 16 times the text) only to name the field.
 #[test]
 fn an_ill_typed_field_after_a_large_profile_is_named_without_building_the_profile() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut line = String::from(r#"{"op":"upsert","profile":{"#);
     for i in 0..100_000 {
         line.push_str(&format!(r#""attribute{i}":{{"a":[1,2,"three"],"b":{i}}},"#));
@@ -51,6 +55,29 @@ fn an_ill_typed_field_after_a_large_profile_is_named_without_building_the_profil
 
     let error = refused.expect_err("an id that is a number is refused");
     assert_eq!(error.line, 7);
+    assert_eq!(error.reason, "`id` must be a string, not a number");
+    assert!(
+        rise < line.len() / 2,
+        "refusing a line of {} bytes raised the resident peak by {rise} bytes",
+        line.len()
+    );
+}
+
+/// Nor does it keep the names of the other fields it passes over: a line of many unknown
+/// top-level fields is refused for its first problem at the cost of its text.
+#[test]
+fn a_line_of_many_unknown_fields_is_refused_without_keeping_their_names() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut line = String::from(r#"{"id":5"#);
+    for i in 0..200_000 {
+        line.push_str(&format!(r#","x{i}":0"#));
+    }
+    line.push('}');
+
+    let (refused, rise) =
+        resident_rise_during(|| update_from_json_with(line.as_bytes(), 3, &Parsing::default()));
+
+    let error = refused.expect_err("an id that is a number is refused");
     assert_eq!(error.reason, "`id` must be a string, not a number");
     assert!(
         rise < line.len() / 2,

@@ -377,10 +377,8 @@ pub fn update_from_json_with(
             // megabytes costs no more memory than its text) to name the ill-typed one.
             if !e.is_eof() {
                 if let Ok(TopLevelKinds(kinds)) = serde_json::from_slice(text) {
-                    let kind_of = |name: &str| {
-                        // A field given twice: its last, as a `Value` would keep it.
-                        kinds.iter().rev().find(|(n, _)| n == name).map(|(_, k)| *k)
-                    };
+                    let kind_of =
+                        |name: &str| kinds.iter().find(|(n, _)| *n == name).map(|(_, k)| *k);
                     if let Some(reason) = ill_typed_field(kind_of) {
                         return Err(InputError::new(line, reason));
                     }
@@ -528,8 +526,30 @@ impl<'de> Deserialize<'de> for JsonKind {
     }
 }
 
-/// An object's fields, each with the kind of its value, in the order given.
-struct TopLevelKinds(Vec<(String, JsonKind)>);
+/// The update's own fields ([`FIELDS`]) with the kind of their value, the last of a field
+/// given twice (as a `Value` keeps it); no other field's name or value is kept.
+struct TopLevelKinds(Vec<(&'static str, JsonKind)>);
+
+/// A field's name if it is one of the update's own ([`FIELDS`]), read without copying it.
+struct KnownField(Option<&'static str>);
+
+impl<'de> Deserialize<'de> for KnownField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl Visitor<'_> for NameVisitor {
+            type Value = KnownField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, name: &str) -> Result<KnownField, E> {
+                Ok(KnownField(
+                    FIELDS.iter().copied().find(|&known| known == name),
+                ))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
 
 impl<'de> Deserialize<'de> for TopLevelKinds {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -540,9 +560,13 @@ impl<'de> Deserialize<'de> for TopLevelKinds {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevelKinds, A::Error> {
-                let mut fields = Vec::new();
-                while let Some(entry) = map.next_entry::<String, JsonKind>()? {
-                    fields.push(entry);
+                let mut fields: Vec<(&'static str, JsonKind)> = Vec::new();
+                while let Some((KnownField(name), kind)) =
+                    map.next_entry::<KnownField, JsonKind>()?
+                {
+                    let Some(name) = name else { continue };
+                    fields.retain(|(given, _)| *given != name);
+                    fields.push((name, kind));
                 }
                 Ok(TopLevelKinds(fields))
             }
