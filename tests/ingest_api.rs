@@ -952,6 +952,46 @@ async fn an_update_with_a_duplicate_key_is_refused() {
     assert_eq!(ws.outbox_stats()["profiles"], 0);
 }
 
+/// A body whose framing breaks (a chunk size that is not hex) is refused 400, storing
+/// nothing, with the line of the body it broke off in, as every 400 names one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_breaks_off_is_refused_naming_the_line() {
+    use std::io::{Read, Write};
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let agent = start_agent(&ws, port).await;
+    let lines = format!(
+        "{}\n{}\n",
+        member_update("p-1", "Jane", "2026-01-01T00:00:01Z"),
+        member_update("p-2", "John", "2026-01-01T00:00:01Z")
+    );
+    let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let request = format!(
+        "POST /v1/updates HTTP/1.1\r\nhost: x\r\n{}: {}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{lines}\r\nzz\r\n",
+        AUTH.0,
+        AUTH.1,
+        lines.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["line"], 3, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read the body"),
+        "{body}"
+    );
+    assert_eq!(ws.outbox_stats()["profiles"], 0);
+}
+
 /// Reads one HTTP/1.1 answer's head from `stream` (up to the blank line).
 fn read_head(stream: &mut std::net::TcpStream) -> String {
     use std::io::Read;

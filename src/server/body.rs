@@ -54,7 +54,12 @@ pub enum BodyError {
     TooLarge,
     /// No frame arrived for `ingest.read_timeout_ms`, or not all of them in time.
     Stalled,
-    Unreadable(String),
+    /// The connection failed mid-body, or its framing was broken (a bad chunk size, say);
+    /// with the newlines of what was read before.
+    Unreadable {
+        reason: String,
+        lines_read: u64,
+    },
 }
 
 pub enum GunzipError {
@@ -108,7 +113,10 @@ pub async fn read_body(
     }
     read.map_err(|e| match e {
         PartError::Stalled => BodyError::Stalled,
-        PartError::Failed(e) => BodyError::Unreadable(e.to_string()),
+        PartError::Failed(e) => BodyError::Unreadable {
+            reason: e.to_string(),
+            lines_read: bytes.iter().filter(|&&b| b == b'\n').count() as u64,
+        },
     })?;
     Ok(bytes)
 }

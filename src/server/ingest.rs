@@ -463,11 +463,19 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                 ),
             )
         }
-        Err(BodyError::Unreadable(e)) => {
-            return error_answer(
+        Err(BodyError::Unreadable { reason, lines_read }) => {
+            // The line it broke off in; a gzip body's bytes are not its lines.
+            let line = match encoding {
+                Encoding::Identity => lines_read + 1,
+                Encoding::Gzip => 1,
+            };
+            return json_answer(
                 StatusCode::BAD_REQUEST,
-                &format!("cannot read the body: {e}"),
-            )
+                json!({
+                    "error": format!("cannot read the body (it broke off in line {line}): {reason}"),
+                    "line": line,
+                }),
+            );
         }
     };
     let body = match encoding {
