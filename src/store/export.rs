@@ -119,13 +119,15 @@ pub(super) fn new_export(
     ))
 }
 
-/// Export numbers an open starts from at least: 1,024 a millisecond of the wall clock since
-/// the Unix epoch. A store gives out far fewer than that (about 100 a millisecond at most), so
-/// every number it gave out by a time lies below that time's floor. A store put back from a
-/// copy (a backup, a VM snapshot rolled back) therefore numbers its new exports past every
-/// export made after the copy, which the endpoint may have seen: their ids are not reused, and
-/// a receiver that deduplicates by id does not drop the new ones. Only a wall clock set back
-/// past the copy's time defeats it.
+/// Export numbers a process that makes exports starts from at least: 1,024 a millisecond of
+/// the wall clock since the Unix epoch. A store gives out far fewer than that (about 100 a
+/// millisecond at most), so every number it gave out by a time lies below that time's floor.
+/// A store put back from a copy of its files (a backup, a disk snapshot rolled back) and
+/// started again therefore numbers its new exports past every export made after the copy,
+/// which the endpoint may have seen: their ids are not reused, and a receiver that
+/// deduplicates by id does not drop the new ones. Not covered: a wall clock that was ahead
+/// when those numbers were given out, or is behind when the copy starts again; a snapshot
+/// that holds the running process's memory (it is not started again).
 pub(super) fn sequence_floor(now: std::time::SystemTime) -> u64 {
     let ms = now
         .duration_since(std::time::UNIX_EPOCH)
@@ -136,7 +138,8 @@ pub(super) fn sequence_floor(now: std::time::SystemTime) -> u64 {
 impl Store {
     /// Raises `meta/next_seq` to [`sequence_floor`] of `now`, durably, before this process
     /// makes exports (an agent as it starts, `outpost ingest` before its first chunk); the
-    /// number it now starts from.
+    /// number it now starts from. Only before anything else writes exports: it reads and
+    /// writes `next_seq` apart, so a commit between the two would be numbered over.
     pub fn number_exports_past_the_clock(
         &self,
         now: std::time::SystemTime,
