@@ -278,9 +278,7 @@ impl FutureLimit {
     /// Refuses a timestamp more than `max_future_s` ahead of `now`, saying by how much.
     pub fn check(&self, timestamp: DateTime<Utc>) -> Result<(), String> {
         let ahead = timestamp - self.now;
-        let limit = TimeDelta::try_seconds(i64::try_from(self.max_future_s).unwrap_or(i64::MAX))
-            .unwrap_or(TimeDelta::MAX);
-        if ahead <= limit {
+        if ahead <= self.max_ahead() {
             return Ok(());
         }
         Err(format!(
@@ -290,6 +288,18 @@ impl FutureLimit {
             format_time(self.now),
             self.max_future_s
         ))
+    }
+
+    /// The time a clock must read for `timestamp` to pass [`FutureLimit::check`].
+    pub fn passes_at(&self, timestamp: DateTime<Utc>) -> DateTime<Utc> {
+        timestamp
+            .checked_sub_signed(self.max_ahead())
+            .unwrap_or(timestamp)
+    }
+
+    fn max_ahead(&self) -> TimeDelta {
+        TimeDelta::try_seconds(i64::try_from(self.max_future_s).unwrap_or(i64::MAX))
+            .unwrap_or(TimeDelta::MAX)
     }
 }
 

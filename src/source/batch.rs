@@ -1,7 +1,7 @@
 //! What a batch fetched from one partition becomes (pure): the updates to commit, the
 //! redeliveries to skip, the messages to reject, and the position to record with them.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::profile::update::{truncate, update_from_json_with, without_bom, Parsing};
 use crate::profile::Update;
@@ -99,14 +99,12 @@ pub fn sort_batch(
             (Ok(update), Some(limit)) => update
                 .timestamp
                 .filter(|&t| limit.check(t).is_err())
-                .map(|t| (t, limit.max_future_s)),
+                .map(|t| (t, limit.max_future_s, limit.passes_at(t))),
             _ => None,
         };
-        if let Some((timestamp, max_future_s)) = ahead_of_this_host {
+        if let Some((timestamp, max_future_s, passes_at)) = ahead_of_this_host {
             let format = crate::profile::update::format_time;
             // The same words at each try, so that the log says it once.
-            let ahead_by = TimeDelta::try_seconds(i64::try_from(max_future_s).unwrap_or(i64::MAX))
-                .unwrap_or(TimeDelta::MAX);
             sorted.held_back = Some(HeldBack {
                 seq: message.seq,
                 reason: format!(
@@ -114,7 +112,7 @@ pub fn sort_batch(
                     format(timestamp),
                     message.published.map(format).unwrap_or_default()
                 ),
-                passes_at: timestamp.checked_sub_signed(ahead_by).unwrap_or(timestamp),
+                passes_at,
             });
             high = message.seq - 1;
             break;

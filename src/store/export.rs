@@ -423,10 +423,7 @@ impl Store {
                         *cursor = seq + 1;
                         unreadable.push((seq, e.to_string()));
                     }
-                    None => tracing::warn!(
-                        key = ?key.as_ref(),
-                        "an outbox key that is not a sequence number is passed over; `outpost check --store` lists it"
-                    ),
+                    None => passed_over_damaged_key(&key),
                 },
             }
             if stopped {
@@ -600,8 +597,8 @@ impl Store {
 }
 
 /// A key of `outbox` or `dead` that is no export number (damage) holds no export a command
-/// can name: listings and `--all-dead` pass over it, as delivery does, rather than fail for
-/// it. `outpost check --store` lists it and `outpost repair` deletes it.
+/// can name: delivery, listings and `--all-dead` pass over it rather than fail for it.
+/// `outpost check --store` lists it and `outpost repair` deletes it.
 fn passed_over_damaged_key(key: &[u8]) {
     tracing::warn!(
         key = ?key,
