@@ -1,5 +1,7 @@
-//! What refusing a bad update costs in memory, seen in the resident peak of this test binary
-//! (a binary of its own, its tests one at a time, so that nothing else allocates meanwhile).
+//! What refusing a bad update costs in memory, seen in the resident peak of a process that
+//! does nothing else: each test runs its measurement in a process of its own (this binary
+//! again), since memory another test freed stays resident for a while and would be reused
+//! without raising the peak.
 
 use outpost::config::Mapping;
 use outpost::profile::prune::KeepTree;
@@ -19,8 +21,28 @@ fn status_kib(field: &str) -> usize {
         .expect("a size in kB")
 }
 
-/// The resident peak is the process's: one test at a time measures it.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const CHILD: &str = "OUTPOST_MEMORY_TEST_CHILD";
+
+/// In the test process: runs `test` of this binary alone in a new process and fails if it
+/// fails, returning true (the caller is done). In that new process: false (the caller
+/// measures).
+fn measured_in_a_process_of_its_own(test: &str) -> bool {
+    if std::env::var_os(CHILD).is_some() {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--test-threads", "1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
 
 /// How far the process's resident memory rose above where it was while `work` ran: the peak
 /// (`VmHWM`) is set back to the present (`VmRSS`) first, by writing 5 to `clear_refs`.
@@ -36,7 +58,11 @@ fn resident_rise_during<T>(work: impl FnOnce() -> T) -> (T, usize) {
 /// prunes were once built whole (about 16 times the text) only to name the field.
 #[test]
 fn an_ill_typed_field_after_a_large_profile_is_named_without_building_the_profile() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if measured_in_a_process_of_its_own(
+        "an_ill_typed_field_after_a_large_profile_is_named_without_building_the_profile",
+    ) {
+        return;
+    }
     let mut line = String::from(r#"{"op":"upsert","profile":{"#);
     for i in 0..100_000 {
         line.push_str(&format!(r#""attribute{i}":{{"a":[1,2,"three"],"b":{i}}},"#));
@@ -67,7 +93,11 @@ fn an_ill_typed_field_after_a_large_profile_is_named_without_building_the_profil
 /// top-level fields is refused for its first problem at the cost of its text.
 #[test]
 fn a_line_of_many_unknown_fields_is_refused_without_keeping_their_names() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if measured_in_a_process_of_its_own(
+        "a_line_of_many_unknown_fields_is_refused_without_keeping_their_names",
+    ) {
+        return;
+    }
     let mut line = String::from(r#"{"id":5"#);
     for i in 0..200_000 {
         line.push_str(&format!(r#","x{i}":0"#));
