@@ -10,13 +10,17 @@
 //! - **Request rate cap**: a concurrency limit alone cannot hold a rate limit on a fast link
 //!   (at one request in flight a loopback endpoint already gets thousands a second). When 429s
 //!   become a tenth of the recent answers (not a stray one, which only delays its own export),
-//!   the rate is capped just under what the endpoint accepted in the last 100 ms. For 3 s after
-//!   such a cut, each 100 ms in which the cap held requests back and no 429 came grows it 1%, up
-//!   to the rate accepted at the cut, and 100 ms in which 429s were a twentieth of the answers
-//!   ease it 3% (a cap just over the limit would otherwise stay there, its 429s under a tenth);
-//!   after that it grows 5% each 100 ms while it holds requests back (the limit may have been
-//!   lifted) until 429s cut it again. So a rate-limited endpoint settles near its limit with
-//!   few 429s.
+//!   the rate is capped under what the endpoint accepted. From then on the cap is judged in
+//!   steps of at least 100 ms and 20 answers, by the share of 429s in the step and the steps
+//!   just before it: at a low limit 100 ms holds one answer or none, so time alone says
+//!   nothing. A share clearly over a twentieth cuts the cap to just under the rate accepted,
+//!   which becomes the *ceiling*, where the limit seems to lie; a share clearly under a
+//!   fiftieth grows the cap, 0.5% a step and faster with each clean step in a row (the limit
+//!   may have been lifted); a share in between eases it by that share. After a cut or an ease
+//!   the cap is held a while, and 429s that go on at caps well apart are strays, expected from
+//!   then on ([`StrayShare`]). Far under the ceiling (after a burst of 429s) the cap grows 5%
+//!   each 100 ms. So a rate-limited endpoint settles at its limit with few 429s, from a few
+//!   requests a second up.
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
 //!   token errors) with no answer in between that showed the endpoint working, only one probe is
 //!   in flight at a time, on the backoff schedule; the first answer that is not such a failure
@@ -37,7 +41,12 @@ pub const DOWN_AFTER: u32 = 8;
 pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
 pub const MIN_RATE: f64 = 1.0;
+/// The rate the endpoint accepts is measured over its successes of the last [`RATE_WINDOW`],
+/// or its last [`RATE_OF_AT_LEAST`] when fewer came in that time (none older than
+/// [`RATE_LOOKBACK`]): 100 ms of a low limit holds one success or none.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
+const RATE_OF_AT_LEAST: usize = 20;
+const RATE_LOOKBACK: Duration = Duration::from_secs(20);
 /// The rate is capped only when at least this share of the recent answers (see
 /// [`RefusalShare`]) were 429s, and at least [`CAP_MIN_REFUSED`] of them: a few stray 429s
 /// are left to their own `Retry-After`, a rate limit shows as a share that grows.
@@ -52,19 +61,43 @@ const SHARE_OVER: Duration = Duration::from_millis(100);
 const SHARE_OF_AT_LEAST: usize = 200;
 /// Bounds memory on an endpoint that answers more than a million requests a second.
 const SHARE_OF_AT_MOST: usize = 100_000;
-const RATE_BUCKETS: usize = 10;
-const RATE_GROWTH_EVERY: Duration = Duration::from_millis(100);
-/// Growth per step soon after a 429 (probing gently near the limit that was found), and
-/// later (the limit may have been lifted).
-const RATE_GROWTH_NEAR: f64 = 1.01;
-const RATE_GROWTH_FAR: f64 = 1.05;
-const RATE_NEAR_FOR: Duration = Duration::from_secs(3);
-/// Near a cut, a step with 429s held below the cut's share (a cap just over the limit, say
-/// from a first cut that a burst allowance inflated) eases the cap by this factor rather
-/// than leaving it there; a step with any 429 does not grow it.
-const NEAR_EASE: f64 = 0.97;
-const NEAR_EASE_AT_SHARE: f64 = CAP_AT_SHARE / 2.0;
-const NEAR_EASE_MIN_REFUSED: u32 = 2;
+/// Once capped, the rate is judged in steps of at least [`STEP_AT_LEAST`] and
+/// [`STEP_ANSWERS`] answers; a step whose 429s neither clear nor condemn the cap goes on up to
+/// [`STEP_ANSWERS_AT_MOST`]. Growth is judged over the last [`RECENT_ANSWERS`] answers: 20 of
+/// them often hold no 429 when a tenth of all are refused.
+const STEP_AT_LEAST: Duration = Duration::from_millis(100);
+const STEP_ANSWERS: u32 = 20;
+const STEP_ANSWERS_AT_MOST: u32 = 100;
+const RECENT_ANSWERS: u32 = 100;
+/// Under this share of the ceiling a step is judged by time alone, the cap grows
+/// [`FAST_GROWTH`] each [`STEP_AT_LEAST`] and only clearer evidence cuts it: there it climbs
+/// back after a burst of 429s, where 20 answers at a cap of a few a second would take seconds.
+const FAST_BELOW: f64 = 0.8;
+const FAST_GROWTH: f64 = 1.05;
+/// 429s clearly (by [`CUT_DEVIATIONS`] standard deviations, [`FAST_CUT_DEVIATIONS`] far under
+/// the ceiling) over the strays plus this share of the answers, and at least
+/// [`CUT_MIN_REFUSED`], cut the cap to [`CUT_TO`] of the accepted rate.
+const CUT_EXCESS: f64 = 0.05;
+const CUT_DEVIATIONS: f64 = 2.0;
+const FAST_CUT_DEVIATIONS: f64 = 3.0;
+const CUT_MIN_REFUSED: u32 = 3;
+const CUT_TO: f64 = 0.95;
+/// 429s not clearly over the strays plus this share of the answers (or fewer than two) let the
+/// cap grow [`NEAR_GROWTH`], times [`ACCELERATION`] for each such step in a row before, up to
+/// [`FAST_GROWTH`]. Between this and a cut the cap eases by the share the strays do not
+/// explain, at least to [`EASE`] of itself.
+const GROW_EXCESS: f64 = 0.02;
+const GROW_DEVIATIONS: f64 = 2.0;
+const NEAR_GROWTH: f64 = 0.005;
+const ACCELERATION: f64 = 1.5;
+const EASE: f64 = 0.97;
+/// After a cut or an ease the cap does not grow for [`HOLD_FOR_ANSWERS`] answers, or
+/// [`HOLD_AT_MOST`]; the share of 429s in that while is kept (see [`StrayShare`]).
+const HOLD_FOR_ANSWERS: u32 = 200;
+const HOLD_AT_MOST: Duration = Duration::from_secs(2);
+const STRAY_WINDOWS: usize = 5;
+const STRAY_CAPS_APART: f64 = 0.9;
+const STRAY_SHARE_AT_MOST: f64 = 0.25;
 /// Round trips count as slower when their mean exceeds the past mean by this factor (plus a
 /// little, so that sub-millisecond noise on a local link does not count).
 const SLOWDOWN_FACTOR: f64 = 2.0;
@@ -139,51 +172,65 @@ impl RefusalShare {
     }
 }
 
-/// Successes counted in buckets over the last [`RATE_WINDOW`].
-#[derive(Debug)]
-struct RateMeter {
-    buckets: [u32; RATE_BUCKETS],
-    /// The start of the newest bucket.
-    newest: Instant,
+/// The times of the latest successes (see [`RATE_WINDOW`]), each with how many came then:
+/// answers come in bunches, and an endpoint that takes tens of thousands a second would
+/// otherwise have each answer go over thousands of them.
+#[derive(Debug, Default)]
+struct AcceptedRate {
+    times: std::collections::VecDeque<(Instant, usize)>,
+    count: usize,
 }
 
-impl RateMeter {
-    fn new(now: Instant) -> RateMeter {
-        RateMeter {
-            buckets: [0; RATE_BUCKETS],
-            newest: now,
-        }
-    }
-
-    fn bucket_len() -> Duration {
-        RATE_WINDOW / RATE_BUCKETS as u32
-    }
-
-    fn advance(&mut self, now: Instant) {
-        let step = Self::bucket_len();
-        let mut shifts = 0;
-        while now >= self.newest + step && shifts < RATE_BUCKETS {
-            self.buckets.rotate_left(1);
-            self.buckets[RATE_BUCKETS - 1] = 0;
-            self.newest += step;
-            shifts += 1;
-        }
-        if now >= self.newest + step {
-            // Idle for longer than the window: start afresh.
-            self.newest = now;
-        }
-    }
-
+impl AcceptedRate {
     fn record(&mut self, now: Instant) {
-        self.advance(now);
-        self.buckets[RATE_BUCKETS - 1] += 1;
+        match self.times.back_mut() {
+            Some((at, n)) if *at == now => *n += 1,
+            _ => self.times.push_back((now, 1)),
+        }
+        self.count += 1;
+        while let Some(&(at, n)) = self.times.front() {
+            let age = now.saturating_duration_since(at);
+            let left = self.count - n;
+            let old = (left >= RATE_OF_AT_LEAST && age > RATE_WINDOW) || age > RATE_LOOKBACK;
+            if !old && left < SHARE_OF_AT_MOST {
+                break;
+            }
+            self.times.pop_front();
+            self.count = left;
+        }
     }
 
-    /// Successes a second over the window.
-    fn rate(&mut self, now: Instant) -> f64 {
-        self.advance(now);
-        let count: u32 = self.buckets.iter().sum();
-        f64::from(count) / RATE_WINDOW.as_secs_f64()
+    /// Successes a second from the first of them to the last: what the endpoint took while it
+    /// took any, so 429s after them do not lower it. None until [`RATE_OF_AT_LEAST`] came, or
+    /// while they all came at once.
+    fn per_second(&self) -> Option<f64> {
+        if self.count < RATE_OF_AT_LEAST {
+            return None;
+        }
+        let (&(first, with_first), &(last, _)) = (self.times.front()?, self.times.back()?);
+        // Those that came with the first are before the span.
+        let after_first = self.count - with_first;
+        if after_first == 0 {
+            return None;
+        }
+        let span = last.saturating_duration_since(first);
+        Some(after_first as f64 / span.max(RATE_WINDOW).as_secs_f64())
+    }
+
+    /// [`Self::per_second`] while the endpoint still accepts at about that pace. Once a few
+    /// of its gaps between successes went by without one (it refuses everything for now), the
+    /// successes are forgotten: what it took before says nothing of what it takes when it
+    /// starts again, and a rate measured across the pause would be far too low.
+    fn per_second_still(&mut self, now: Instant) -> Option<f64> {
+        let rate = self.per_second()?;
+        let since_last = now.saturating_duration_since(self.times.back()?.0);
+        let gap = Duration::from_secs_f64(1.0 / rate);
+        if since_last > (gap * 3).max(RATE_WINDOW) {
+            self.times.clear();
+            self.count = 0;
+            return None;
+        }
+        Some(rate)
     }
 }
 
@@ -192,20 +239,106 @@ struct RateCap {
     per_second: f64,
     tokens: f64,
     refilled: Instant,
-    /// The last cut or growth step.
-    changed: Instant,
     cut_at: Instant,
-    /// What the endpoint accepted a second when the cap was last cut: near that cut, the cap
-    /// grows back up to it and no further (past it lie the 429s that made the cut).
-    accepted_at_cut: f64,
-    /// Whether the cap held requests back since `changed`.
-    binding: bool,
-    /// Answers since `changed` to requests sent since the last cut, and how many were 429s.
+    /// The rate the endpoint accepted at the last cut: where its limit seems to lie. None
+    /// until a cut measured one.
+    ceiling: Option<f64>,
+    strays: StrayShare,
+    /// Answers and 429s of the last steps since the last cut or ease: at least
+    /// [`RECENT_ANSWERS`] when as many came.
+    recent: std::collections::VecDeque<(u32, u32)>,
+    /// Answers and 429s since the last cut or ease, while the cap is held after it.
+    held: Option<(u32, u32)>,
+    /// Steps in a row that grew the cap: the longer growth goes without 429s, the faster it
+    /// goes (the limit may have been lifted, or the ceiling found too low).
+    clean_steps: u32,
+    step: CapStep,
+}
+
+/// 429s that come whatever the rate (a flaky endpoint), which a step expects and does not
+/// count against the cap: else they would drive it down for good. After each cut or ease the
+/// cap is held (see [`HOLD_FOR_ANSWERS`]) and the share of 429s in that while is kept with it.
+/// Strays are 429s whose share stays when the cap goes down: the smallest share of the last
+/// [`STRAY_WINDOWS`] kept, once their caps lie at least [`STRAY_CAPS_APART`] apart. A rate
+/// limit refuses none once the cap is under it, so one cut that went under it clears the
+/// share, and cuts that each stopped just over it (their caps close together) confirm none.
+#[derive(Debug, Default)]
+struct StrayShare {
+    /// (share of 429s, cap) of each window kept, oldest first.
+    windows: std::collections::VecDeque<(f64, f64)>,
+}
+
+impl StrayShare {
+    fn after_cut(&mut self, (answered, refused): (u32, u32), cap: f64) {
+        // Too few to say, or everything refused: a pause, not strays.
+        if answered < STEP_ANSWERS || refused >= answered {
+            return;
+        }
+        self.windows
+            .push_back((f64::from(refused) / f64::from(answered), cap));
+        if self.windows.len() > STRAY_WINDOWS {
+            self.windows.pop_front();
+        }
+    }
+
+    fn share(&self) -> f64 {
+        if self.windows.len() < STRAY_WINDOWS {
+            return 0.0;
+        }
+        let shares = self.windows.iter().map(|&(share, _)| share);
+        let caps = self.windows.iter().map(|&(_, cap)| cap);
+        let lowest_cap = caps.clone().fold(f64::INFINITY, f64::min);
+        let highest_cap = caps.fold(0.0, f64::max);
+        if lowest_cap > STRAY_CAPS_APART * highest_cap {
+            return 0.0;
+        }
+        shares
+            .fold(f64::INFINITY, f64::min)
+            .min(STRAY_SHARE_AT_MOST)
+    }
+}
+
+/// What happened since the cap was last judged.
+#[derive(Debug, Clone, Copy)]
+struct CapStep {
+    from: Instant,
+    /// Answers to requests started since the last cut, and how many were 429s.
     answered: u32,
     refused: u32,
+    /// Whether the cap held requests back.
+    binding: bool,
+}
+
+impl CapStep {
+    fn new(from: Instant) -> CapStep {
+        CapStep {
+            from,
+            answered: 0,
+            refused: 0,
+            binding: false,
+        }
+    }
 }
 
 impl RateCap {
+    /// A first cap, under what the endpoint accepted. That rate often includes a burst the
+    /// endpoint allowed at first, or counts too few successes, so it sets no ceiling: the cap
+    /// grows fast until the first cut of its own finds one.
+    fn new(now: Instant, accepted: Option<f64>) -> RateCap {
+        RateCap {
+            per_second: accepted.map_or(MIN_RATE, |a| a * CUT_TO).max(MIN_RATE),
+            tokens: 0.0,
+            refilled: now,
+            cut_at: now,
+            ceiling: None,
+            strays: StrayShare::default(),
+            held: None,
+            recent: std::collections::VecDeque::new(),
+            clean_steps: 0,
+            step: CapStep::new(now),
+        }
+    }
+
     fn burst(&self) -> f64 {
         // 20 ms worth of requests, at least one: smooth, yet a coarse timer can keep up.
         (self.per_second / 50.0).max(1.0)
@@ -215,6 +348,110 @@ impl RateCap {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst());
         self.refilled = now;
+    }
+
+    /// After a cut or an ease: what came before says nothing of the new cap, which is held.
+    fn restart(&mut self, now: Instant) {
+        self.cut_at = now;
+        self.clean_steps = 0;
+        self.held = Some((0, 0));
+        self.recent.clear();
+    }
+
+    /// Cuts, grows or keeps the cap once a step is long enough; `accepted` is the rate the
+    /// endpoint took (see [`AcceptedRate`]).
+    fn judge_step(&mut self, now: Instant, accepted: Option<f64>) {
+        let step = self.step;
+        let fast = self
+            .ceiling
+            .is_none_or(|ceiling| self.per_second < FAST_BELOW * ceiling);
+        if now < step.from + STEP_AT_LEAST {
+            return;
+        }
+        let strays = self.strays.share();
+        // Whether `refused` of `answered` are clearly more than `share` of them: by some
+        // standard deviations, since a few answers hold clusters.
+        let clearly_above = |(answered, refused): (u32, u32), share: f64, deviations: f64| {
+            let expected = share * f64::from(answered);
+            f64::from(refused) > expected + deviations * expected.sqrt()
+        };
+        // Far under the ceiling a cut wants more evidence: there it throws away what the
+        // endpoint was found to take.
+        let deviations = if fast {
+            FAST_CUT_DEVIATIONS
+        } else {
+            CUT_DEVIATIONS
+        };
+        let over_in = |counts: (u32, u32)| {
+            counts.1 >= CUT_MIN_REFUSED && clearly_above(counts, strays + CUT_EXCESS, deviations)
+        };
+        let recent = self
+            .recent
+            .iter()
+            .fold((step.answered, step.refused), |sum, step| {
+                (sum.0 + step.0, sum.1 + step.1)
+            });
+        let over = over_in((step.answered, step.refused)) || over_in(recent);
+        let clean = recent.1 < 2 || !clearly_above(recent, strays + GROW_EXCESS, GROW_DEVIATIONS);
+        let judged = fast
+            || (step.answered >= STEP_ANSWERS
+                && (over || clean || step.answered >= STEP_ANSWERS_AT_MOST));
+        if !judged {
+            return;
+        }
+        // Neither clearly over nor clear: a cap a little over a limit (by the share the strays
+        // do not explain), or strays not yet known. It eases and is held as after a cut,
+        // which also measures them.
+        let eases = !over && !clean && !fast && self.held.is_none();
+        if over {
+            self.refill(now);
+            match accepted {
+                Some(accepted) => {
+                    self.ceiling = Some(accepted.max(MIN_RATE));
+                    self.per_second = self.per_second.min(accepted) * CUT_TO;
+                }
+                // Nothing accepted of late (the endpoint refuses everything for now, which says
+                // nothing of its limit), or too little seen to say what it takes.
+                None => self.per_second /= 2.0,
+            }
+            self.per_second = self.per_second.max(MIN_RATE);
+            self.tokens = self.tokens.min(self.burst());
+            self.restart(now);
+        } else if eases {
+            let over_by = f64::from(recent.1) / f64::from(recent.0.max(1)) - strays;
+            self.per_second = (self.per_second * (1.0 - over_by).min(EASE)).max(MIN_RATE);
+            self.restart(now);
+        } else if let Some((answered, refused)) = &mut self.held {
+            *answered += step.answered;
+            *refused += step.refused;
+            if *answered >= HOLD_FOR_ANSWERS || now >= self.cut_at + HOLD_AT_MOST {
+                self.strays
+                    .after_cut((*answered, *refused), self.per_second);
+                self.held = None;
+            }
+        } else if step.binding {
+            self.per_second *= if fast {
+                // By the time the step took: at a low cap answers come seconds apart.
+                let steps = (now - step.from).as_secs_f64() / STEP_AT_LEAST.as_secs_f64();
+                FAST_GROWTH.powf(steps.min(10.0))
+            } else {
+                let in_a_row = self.clean_steps.min(20) as i32;
+                1.0 + (NEAR_GROWTH * ACCELERATION.powi(in_a_row)).min(FAST_GROWTH - 1.0)
+            };
+            self.clean_steps += 1;
+        }
+        if !over && !eases {
+            self.recent.push_back((step.answered, step.refused));
+            let mut answered: u32 = self.recent.iter().map(|s| s.0).sum();
+            while let Some(&(oldest, _)) = self.recent.front() {
+                if answered - oldest < RECENT_ANSWERS {
+                    break;
+                }
+                answered -= oldest;
+                self.recent.pop_front();
+            }
+        }
+        self.step = CapStep::new(now);
     }
 }
 
@@ -232,7 +469,7 @@ pub struct Controller {
     back_pressure: bool,
     past_rtt: Option<f64>,
     // Rate.
-    accepted: RateMeter,
+    accepted: AcceptedRate,
     recent_429: RefusalShare,
     rate_cap: Option<RateCap>,
     // Down.
@@ -261,7 +498,7 @@ impl Controller {
             reached_limit: false,
             back_pressure: false,
             past_rtt: None,
-            accepted: RateMeter::new(now),
+            accepted: AcceptedRate::default(),
             recent_429: RefusalShare::default(),
             rate_cap: None,
             failures_in_a_row: 0,
@@ -304,7 +541,7 @@ impl Controller {
                 cap.refill(now);
                 let by_rate = cap.tokens.floor() as usize;
                 if by_rate < wanted.min(by_limit) {
-                    cap.binding = true;
+                    cap.step.binding = true;
                 }
                 by_limit.min(by_rate).min(wanted)
             }
@@ -384,8 +621,8 @@ impl Controller {
         if sent_since_cut {
             self.recent_429.record(now, signal == Signal::RateLimited);
             if let Some(cap) = &mut self.rate_cap {
-                cap.answered += 1;
-                cap.refused += u32::from(signal == Signal::RateLimited);
+                cap.step.answered += 1;
+                cap.step.refused += u32::from(signal == Signal::RateLimited);
             }
         }
         // A 429 pushes back only as part of a rate limit (a share of the answers): a stray one
@@ -393,13 +630,18 @@ impl Controller {
         let rate_limited = signal == Signal::RateLimited && self.recent_429.is_rate_limit();
         if rate_limited {
             self.back_pressure = true;
-            self.cut_rate(now);
+            self.recent_429.clear();
+            if self.rate_cap.is_none() {
+                self.rate_cap = Some(RateCap::new(now, self.accepted.per_second()));
+            }
         }
         if signal == Signal::Overloaded {
             self.back_pressure = true;
         }
         self.track_down(now, started_at, signal);
-        self.grow_rate(now);
+        if let Some(cap) = &mut self.rate_cap {
+            cap.judge_step(now, self.accepted.per_second_still(now));
+        }
         if now >= self.interval_end {
             self.adjust_limit(now);
         }
@@ -433,62 +675,6 @@ impl Controller {
 
     fn next_backoff(&mut self) -> Duration {
         self.backoff.next_delay(None)
-    }
-
-    fn cut_rate(&mut self, now: Instant) {
-        self.recent_429.clear();
-        let accepted = self.accepted.rate(now);
-        match &mut self.rate_cap {
-            // At most one cut a window: the 429s of one burst are one signal.
-            Some(cap) if now < cap.cut_at + RATE_WINDOW => {}
-            Some(cap) => {
-                cap.refill(now);
-                cap.per_second = (accepted * 0.9).min(cap.per_second * 0.9).max(MIN_RATE);
-                cap.tokens = cap.tokens.min(cap.burst());
-                cap.changed = now;
-                cap.cut_at = now;
-                cap.accepted_at_cut = accepted.max(MIN_RATE);
-                cap.binding = false;
-                cap.answered = 0;
-                cap.refused = 0;
-            }
-            None => {
-                let per_second = (accepted * 0.9).max(MIN_RATE);
-                self.rate_cap = Some(RateCap {
-                    per_second,
-                    tokens: 0.0,
-                    refilled: now,
-                    changed: now,
-                    cut_at: now,
-                    accepted_at_cut: accepted.max(MIN_RATE),
-                    binding: false,
-                    answered: 0,
-                    refused: 0,
-                });
-            }
-        }
-    }
-
-    fn grow_rate(&mut self, now: Instant) {
-        if let Some(cap) = &mut self.rate_cap {
-            if now >= cap.changed + RATE_GROWTH_EVERY {
-                let near = now < cap.cut_at + RATE_NEAR_FOR;
-                let over = cap.refused >= NEAR_EASE_MIN_REFUSED
-                    && f64::from(cap.refused) >= NEAR_EASE_AT_SHARE * f64::from(cap.answered);
-                if near && over {
-                    cap.per_second = (cap.per_second * NEAR_EASE).max(MIN_RATE);
-                } else if near && cap.binding && cap.refused == 0 {
-                    cap.per_second = (cap.per_second * RATE_GROWTH_NEAR)
-                        .min(cap.accepted_at_cut.max(cap.per_second));
-                } else if !near && cap.binding {
-                    cap.per_second *= RATE_GROWTH_FAR;
-                }
-                cap.changed = now;
-                cap.binding = false;
-                cap.answered = 0;
-                cap.refused = 0;
-            }
-        }
     }
 
     fn adjust_limit(&mut self, now: Instant) {
@@ -833,42 +1019,117 @@ mod tests {
         assert!(!c.is_down());
     }
 
-    /// A token bucket endpoint: `limit` requests a second, `burst` at once; answers take `rtt`.
-    /// Returns (accepted per second, share refused) over `seconds`, driving the controller as
-    /// the delivery loop does.
-    fn against_token_bucket(limit: f64, burst: f64, seconds: u64) -> (f64, f64) {
-        let rtt = Duration::from_micros(300);
-        let start = Instant::now();
-        let mut c = Controller::new(config(64), start);
-        let mut now = start;
-        let mut tokens = burst;
-        let (mut accepted, mut refused) = (0u64, 0u64);
-        let step = Duration::from_micros(100);
-        let mut in_flight: Vec<Instant> = Vec::new();
-        while now < start + Duration::from_secs(seconds) {
-            tokens = (tokens + limit * step.as_secs_f64()).min(burst);
-            // Answers due now.
-            let (due, rest): (Vec<Instant>, Vec<Instant>) =
-                in_flight.into_iter().partition(|&sent| sent + rtt <= now);
-            in_flight = rest;
-            for sent in due {
-                if tokens >= 1.0 {
-                    tokens -= 1.0;
-                    accepted += 1;
-                    c.answered(now, sent, Signal::Healthy);
-                } else {
-                    refused += 1;
-                    c.answered(now, sent, Signal::RateLimited);
-                }
+    /// What a simulated endpoint does with a request at some moment of a run.
+    #[derive(Debug, Clone, Copy)]
+    enum Endpoint {
+        /// A token bucket: `per_second` requests a second, `burst` at once; 429 above that.
+        Limit { per_second: f64, burst: f64 },
+        /// Every request answered 429 (a quota window, an outage answered 429).
+        RefusesAll,
+        /// Every request accepted (but for stray 429s).
+        Unlimited,
+    }
+
+    /// A run of the controller against a simulated endpoint, driven as the delivery loop
+    /// drives it, with always more exports waiting than it may send.
+    struct Simulation {
+        rtt: Duration,
+        max_concurrency: usize,
+        /// The share of answers refused 429 at random, whatever the rate.
+        stray_429s: f64,
+        seed: u64,
+    }
+
+    /// Accepted and refused requests in one second of a run.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Second {
+        accepted: u64,
+        refused: u64,
+    }
+
+    impl Simulation {
+        fn at(rtt: Duration) -> Simulation {
+            Simulation {
+                rtt,
+                max_concurrency: 64,
+                stray_429s: 0.0,
+                seed: 0,
             }
-            for _ in 0..c.permits(now, usize::MAX) {
-                c.started(now);
-                in_flight.push(now);
-            }
-            now += step;
         }
-        let total = (accepted + refused) as f64;
-        (accepted as f64 / seconds as f64, refused as f64 / total)
+
+        /// Runs `seconds`, asking `endpoint` what the endpoint does at each moment (seconds
+        /// since the start), and returns what was accepted and refused in each second.
+        fn run(&self, seconds: u64, endpoint: impl Fn(f64) -> Endpoint) -> Vec<Second> {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+            let step = (self.rtt / 3).min(Duration::from_millis(1));
+            let start = Instant::now();
+            let mut c = Controller::new(config(self.max_concurrency), start);
+            let mut now = start;
+            // An endpoint idle until now has its whole burst to give.
+            let mut tokens = match endpoint(0.0) {
+                Endpoint::Limit { burst, .. } => burst,
+                _ => 0.0,
+            };
+            let mut in_flight = std::collections::VecDeque::new();
+            let mut tally = vec![Second::default(); seconds as usize];
+            while now < start + Duration::from_secs(seconds) {
+                let elapsed = (now - start).as_secs_f64();
+                let answering = endpoint(elapsed);
+                if let Endpoint::Limit { per_second, burst } = answering {
+                    tokens = (tokens + per_second * step.as_secs_f64()).min(burst);
+                }
+                while let Some(&sent) = in_flight.front() {
+                    if sent + self.rtt > now {
+                        break;
+                    }
+                    in_flight.pop_front();
+                    let accepted = !rng.gen_bool(self.stray_429s)
+                        && match answering {
+                            Endpoint::Limit { .. } if tokens >= 1.0 => {
+                                tokens -= 1.0;
+                                true
+                            }
+                            Endpoint::Limit { .. } | Endpoint::RefusesAll => false,
+                            Endpoint::Unlimited => true,
+                        };
+                    let second = &mut tally[elapsed as usize];
+                    if accepted {
+                        second.accepted += 1;
+                        c.answered(now, sent, Signal::Healthy);
+                    } else {
+                        second.refused += 1;
+                        c.answered(now, sent, Signal::RateLimited);
+                    }
+                }
+                for _ in 0..c.permits(now, usize::MAX) {
+                    c.started(now);
+                    in_flight.push_back(now);
+                }
+                now += step;
+            }
+            tally
+        }
+    }
+
+    /// Accepted requests a second and the share refused over `seconds`.
+    fn summed(seconds: &[Second]) -> (f64, f64) {
+        let accepted: u64 = seconds.iter().map(|s| s.accepted).sum();
+        let refused: u64 = seconds.iter().map(|s| s.refused).sum();
+        (
+            accepted as f64 / seconds.len() as f64,
+            refused as f64 / (accepted + refused).max(1) as f64,
+        )
+    }
+
+    /// A token bucket endpoint: `limit` requests a second, `burst` at once; answers take
+    /// 300 µs. Returns (accepted per second, share refused) over `seconds`.
+    fn against_token_bucket(limit: f64, burst: f64, seconds: u64) -> (f64, f64) {
+        let simulation = Simulation::at(Duration::from_micros(300));
+        summed(&simulation.run(seconds, |_| Endpoint::Limit {
+            per_second: limit,
+            burst,
+        }))
     }
 
     #[test]
@@ -877,54 +1138,20 @@ mod tests {
         // included) still gets nearly the rate of one that answers every request well; several
         // seeds, 2 s each.
         for seed in 0..3u64 {
-            let healthy = against_random_429s(0.0, seed);
-            let flaky = against_random_429s(0.04, seed);
+            let run = |stray_429s| {
+                let simulation = Simulation {
+                    stray_429s,
+                    seed,
+                    ..Simulation::at(Duration::from_micros(300))
+                };
+                summed(&simulation.run(2, |_| Endpoint::Unlimited)).0
+            };
+            let (healthy, flaky) = (run(0.0), run(0.04));
             assert!(
-                flaky.0 >= 0.9 * healthy.0,
-                "seed {seed}: {:.0}/s with stray 429s vs {:.0}/s without (cuts: {})",
-                flaky.0,
-                healthy.0,
-                flaky.1
+                flaky >= 0.9 * healthy,
+                "seed {seed}: {flaky:.0}/s with stray 429s vs {healthy:.0}/s without"
             );
         }
-    }
-
-    /// Accepted requests a second against an endpoint without a limit that answers `share` of
-    /// requests 429 at random after 300 µs, and how often the rate cap was cut.
-    fn against_random_429s(share: f64, seed: u64) -> (f64, u32) {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let rtt = Duration::from_micros(300);
-        let step = Duration::from_micros(100);
-        let seconds = 2;
-        let start = Instant::now();
-        let mut c = Controller::new(config(64), start);
-        let (mut now, mut accepted, mut cuts, mut last_cap) = (start, 0u64, 0u32, None);
-        let mut in_flight: Vec<Instant> = Vec::new();
-        while now < start + Duration::from_secs(seconds) {
-            let (due, rest): (Vec<Instant>, Vec<Instant>) =
-                in_flight.into_iter().partition(|&sent| sent + rtt <= now);
-            in_flight = rest;
-            for sent in due {
-                if rng.gen_bool(share) {
-                    c.answered(now, sent, Signal::RateLimited);
-                } else {
-                    accepted += 1;
-                    c.answered(now, sent, Signal::Healthy);
-                }
-                let cap = c.rate_cap();
-                if cap.is_some_and(|cap| last_cap.is_none_or(|last| cap < last)) {
-                    cuts += 1;
-                }
-                last_cap = cap;
-            }
-            for _ in 0..c.permits(now, usize::MAX) {
-                c.started(now);
-                in_flight.push(now);
-            }
-            now += step;
-        }
-        (accepted as f64 / seconds as f64, cuts)
     }
 
     #[test]
@@ -932,6 +1159,10 @@ mod tests {
         // A low limit over a short run (as the socket test has it), then longer runs.
         for (limit, seconds) in [(300.0, 3), (300.0, 20), (5_000.0, 20), (15_000.0, 20)] {
             let (rate, refused) = against_token_bucket(limit, limit / 10.0, seconds);
+            eprintln!(
+                "limit {limit}, {seconds} s: {rate:.0}/s, {:.1}% refused",
+                refused * 100.0
+            );
             assert!(
                 rate >= 0.9 * limit,
                 "limit {limit}, {seconds} s: {rate:.0}/s"
@@ -942,5 +1173,117 @@ mod tests {
                 refused * 100.0
             );
         }
+    }
+
+    #[test]
+    fn a_low_rate_limit_gets_its_rate_with_few_refusals() {
+        // Limits of a few requests a second, a second's worth allowed at once, answers after
+        // 50 ms; three minutes, the first left out (the cap is found in it).
+        let simulation = Simulation::at(Duration::from_millis(50));
+        let short: Vec<String> = [2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+            .into_iter()
+            .filter_map(|limit| {
+                let seconds = simulation.run(180, |_| Endpoint::Limit {
+                    per_second: limit,
+                    burst: limit,
+                });
+                let (rate, refused) = summed(&seconds[60..]);
+                let got = format!(
+                    "limit {limit}/s: {rate:.2}/s, {:.1}% refused",
+                    refused * 100.0
+                );
+                eprintln!("{got}");
+                (rate < 0.95 * limit || refused > 0.04).then_some(got)
+            })
+            .collect();
+        assert!(short.is_empty(), "{short:#?}");
+    }
+
+    #[test]
+    fn after_a_burst_of_429s_the_cap_climbs_back_to_the_limit_within_30_s() {
+        // A limited endpoint refuses everything for a while (a quota window ran out, or it
+        // answers 429 while it restarts), then takes its old rate again.
+        let simulation = Simulation::at(Duration::from_millis(50));
+        let mut slow = Vec::new();
+        for limit in [20.0, 100.0, 1_000.0] {
+            for burst_of_429s in [2.0, 10.0, 60.0] {
+                let back_at = 30.0 + burst_of_429s;
+                let seconds = simulation.run(back_at as u64 + 60, |t| {
+                    if (30.0..back_at).contains(&t) {
+                        Endpoint::RefusesAll
+                    } else {
+                        Endpoint::Limit {
+                            per_second: limit,
+                            burst: limit / 10.0,
+                        }
+                    }
+                });
+                let climbed = seconds[back_at as usize..]
+                    .iter()
+                    .position(|s| s.accepted as f64 >= 0.9 * limit);
+                let got = format!(
+                    "limit {limit}/s after {burst_of_429s} s of 429s: back to 90% after \
+                     {climbed:?} s"
+                );
+                eprintln!("{got}");
+                if climbed.is_none_or(|s| s > 30) {
+                    slow.push(got);
+                }
+            }
+        }
+        assert!(slow.is_empty(), "{slow:#?}");
+    }
+
+    #[test]
+    fn stray_429s_after_a_cut_do_not_hold_the_cap_down() {
+        // No limit; 2 s of 429s cut the rate, then a few percent of answers are 429 at random
+        // for a minute: the last 20 s must get about what the first 10 s got.
+        let mut held_down = Vec::new();
+        for stray_429s in [0.02, 0.04] {
+            for seed in 0..3 {
+                let simulation = Simulation {
+                    stray_429s,
+                    seed,
+                    ..Simulation::at(Duration::from_millis(50))
+                };
+                let seconds = simulation.run(72, |t| match t {
+                    t if (10.0..12.0).contains(&t) => Endpoint::RefusesAll,
+                    _ => Endpoint::Unlimited,
+                });
+                let (before, _) = summed(&seconds[..10]);
+                let (after, _) = summed(&seconds[52..]);
+                let got = format!(
+                    "{}% stray 429s, seed {seed}: {after:.0}/s after the cut, {before:.0}/s before",
+                    stray_429s * 100.0
+                );
+                eprintln!("{got}");
+                if after < 0.9 * before {
+                    held_down.push(got);
+                }
+            }
+        }
+        assert!(held_down.is_empty(), "{held_down:#?}");
+    }
+
+    #[test]
+    fn answers_that_all_come_at_once_measure_no_rate() {
+        // 64 requests answered in one instant, then 429s: the successes span no time, so they
+        // say nothing of a rate (a rate of 0 would make the gap between them endless, which
+        // no duration holds).
+        let now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        for _ in 0..64 {
+            c.started(now);
+        }
+        for _ in 0..64 {
+            c.answered(now, now, Signal::Healthy);
+        }
+        let later = now + Duration::from_millis(200);
+        for _ in 0..200 {
+            c.started(later);
+            c.answered(later, later, Signal::RateLimited);
+        }
+        assert_eq!(c.rate_cap(), Some(MIN_RATE), "capped, at the least rate");
+        assert_eq!(c.accepted.per_second(), None);
     }
 }
