@@ -49,6 +49,8 @@ pub enum AgentError {
     Delivery(#[from] DeliveryStopped),
     #[error("the committer stopped: {0}; the agent stopped (nothing acknowledged is lost: start it again)")]
     Committer(String),
+    #[error("{0}; the agent stopped (nothing acknowledged is lost: start it again)")]
+    Task(String),
 }
 
 impl AgentError {
@@ -121,6 +123,8 @@ pub struct Agent {
     clock: JoinHandle<Watcher>,
     /// What the committer thread panicked with, should it have.
     committer_failure: Arc<OnceLock<String>>,
+    /// Which task panicked first, and with what, should one have.
+    task_failure: Arc<OnceLock<String>>,
 }
 
 impl Agent {
@@ -189,10 +193,10 @@ impl Agent {
 
         let clock = tokio::spawn(watcher.run(shutdown.clone()));
         let delivery_running = Arc::new(AtomicBool::new(true));
-        let mut tasks = vec![tokio::spawn(forget_stale_entries(
-            Arc::clone(&store),
-            shutdown.clone(),
-        ))];
+        let mut tasks = vec![(
+            "the look-over of stale retry entries and marks".to_string(),
+            tokio::spawn(forget_stale_entries(Arc::clone(&store), shutdown.clone())),
+        )];
         let delivery = {
             let deliverer = Arc::new(deliverer);
             let run = deliverer.run(Arc::clone(&wake), shutdown.clone());
@@ -214,7 +218,15 @@ impl Agent {
                     shutdown.clone(),
                 )
                 .await?;
-                tasks.extend(consumers);
+                let partitions = nats.owned.iter();
+                tasks.extend(
+                    consumers
+                        .into_iter()
+                        .zip(partitions)
+                        .map(|(task, partition)| {
+                            (format!("the NATS consumer of partition {partition}"), task)
+                        }),
+                );
                 Some(state)
             }
             None => None,
@@ -237,19 +249,20 @@ impl Agent {
             source,
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tasks.push(tokio::spawn(ingest::serve(
-            listener,
-            tls,
-            ingest_state,
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(run_backfill(
-            committer.clone(),
-            Arc::clone(&store),
-            Arc::clone(&metrics),
-            config.storage.max_outbox_bytes,
-            shutdown.clone(),
-        )));
+        tasks.push((
+            "the ingest server".to_string(),
+            tokio::spawn(ingest::serve(listener, tls, ingest_state, shutdown.clone())),
+        ));
+        tasks.push((
+            "the backfill".to_string(),
+            tokio::spawn(run_backfill(
+                committer.clone(),
+                Arc::clone(&store),
+                Arc::clone(&metrics),
+                config.storage.max_outbox_bytes,
+                shutdown.clone(),
+            )),
+        ));
         let admin_state = Arc::new(admin::AdminState {
             store: Arc::clone(&store),
             committer,
@@ -258,16 +271,25 @@ impl Agent {
             max_outbox_bytes: config.storage.max_outbox_bytes,
             max_future_s: config.ingest.max_future_s,
         });
-        tasks.push(tokio::spawn(admin::serve(
-            admin_listener,
-            admin_state,
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(recover_store(
-            Arc::clone(&store),
-            Arc::clone(&wake),
-            shutdown.clone(),
-        )));
+        tasks.push((
+            "the admin socket".to_string(),
+            tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone())),
+        ));
+        tasks.push((
+            "the store's recovery".to_string(),
+            tokio::spawn(recover_store(
+                Arc::clone(&store),
+                Arc::clone(&wake),
+                shutdown.clone(),
+            )),
+        ));
+        let task_failure: Arc<OnceLock<String>> = Arc::default();
+        let tasks = tasks
+            .into_iter()
+            .map(|(what, task)| {
+                stop_if_it_panics(what, task, Arc::clone(&task_failure), shutdown.clone())
+            })
+            .collect();
         tracing::info!(listen = %listen_addr, scheme, store = %config.storage.path.display(), "outpost is running");
         Ok(Agent {
             listen_addr,
@@ -278,6 +300,7 @@ impl Agent {
             delivery,
             clock,
             committer_failure,
+            task_failure,
         })
     }
 
@@ -320,6 +343,9 @@ impl Agent {
         if let Some(panic) = self.committer_failure.get() {
             return Err(AgentError::Committer(panic.clone()));
         }
+        if let Some(panic) = self.task_failure.get() {
+            return Err(AgentError::Task(panic.clone()));
+        }
         tracing::info!("outpost stopped");
         Ok(())
     }
@@ -341,6 +367,28 @@ fn stop_on_committer_panic(
     Box::new(move |panic| {
         let message = panic_message(&*panic);
         tracing::error!(error = %message, "the committer stopped; stopping the agent");
+        let _ = failure.set(message);
+        shutdown.cancel();
+    })
+}
+
+/// Waits for one of the agent's tasks. Should it panic, the whole agent stops with what it
+/// panicked with (the first such panic is kept for `wait` to return), so that a service
+/// manager restarts it: the rest running on without it would take updates while, say, a NATS
+/// partition was no longer consumed or ingest no longer served.
+fn stop_if_it_panics(
+    what: String,
+    task: JoinHandle<()>,
+    failure: Arc<OnceLock<String>>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Err(ended) = task.await else { return };
+        if !ended.is_panic() {
+            return;
+        }
+        let message = format!("{what} panicked: {}", panic_message(&*ended.into_panic()));
+        tracing::error!(error = %message, "stopping the agent");
         let _ = failure.set(message);
         shutdown.cancel();
     })
@@ -574,6 +622,37 @@ mod tests {
         let error = AgentError::Committer(failure.get().unwrap().clone()).to_string();
         assert!(
             error.starts_with("the committer stopped: a bug in the committer"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_stops_the_agent_naming_it() {
+        let (failure, shutdown) = (Arc::<OnceLock<String>>::default(), CancellationToken::new());
+        let watch = |what: &str, task| {
+            stop_if_it_panics(what.into(), task, Arc::clone(&failure), shutdown.clone())
+        };
+        // Ending, or being aborted at a stop, is no failure.
+        watch("a task", tokio::spawn(async {})).await.unwrap();
+        let aborted = tokio::spawn(std::future::pending::<()>());
+        aborted.abort();
+        watch("a task", aborted).await.unwrap();
+        assert!(!shutdown.is_cancelled());
+        assert_eq!(failure.get(), None);
+
+        let consumer = tokio::spawn(async { panic!("a bug in the consumer") });
+        watch("the NATS consumer of partition 3", consumer)
+            .await
+            .unwrap();
+        assert!(shutdown.is_cancelled());
+        let message = failure.get().cloned().unwrap();
+        assert_eq!(
+            message,
+            "the NATS consumer of partition 3 panicked: a bug in the consumer"
+        );
+        let error = AgentError::Task(message).to_string();
+        assert!(
+            error.ends_with("; the agent stopped (nothing acknowledged is lost: start it again)"),
             "{error}"
         );
     }
