@@ -418,6 +418,11 @@ impl RateCap {
             self.refill(now);
             match accepted {
                 Some(accepted) => {
+                    // What the cap let through, less the share refused: the successes measured
+                    // may still hold a burst the endpoint allowed at first.
+                    let let_through =
+                        self.per_second * (1.0 - f64::from(recent.1) / f64::from(recent.0.max(1)));
+                    let accepted = accepted.min(let_through.max(MIN_RATE));
                     self.ceiling = Some(accepted.max(MIN_RATE));
                     self.per_second = self.per_second.min(accepted) * CUT_TO;
                 }
