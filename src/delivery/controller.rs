@@ -1307,7 +1307,7 @@ mod tests {
                     );
                     eprintln!("{got}");
                     // After the limit the cap has a ceiling, near which strays are told apart
-                    // (without that, 4% of strays drove the ceiling down to 330-400/s).
+                    // (without that, 4% of strays drove the ceiling down to 270-450/s).
                     let told_apart = cap.ceiling.is_some() && cap.strays.share() > 0.0;
                     if after < 0.9 * clean || (first == "a limit" && !told_apart) {
                         held_down.push(got);
