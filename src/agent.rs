@@ -118,9 +118,9 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub store: Arc<Store>,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<Option<()>>>,
     delivery: JoinHandle<Result<(), DeliveryStopped>>,
-    clock: JoinHandle<Watcher>,
+    clock: JoinHandle<Option<Watcher>>,
     /// What the committer thread panicked with, should it have.
     committer_failure: Arc<OnceLock<String>>,
     /// Which task panicked first, and with what, should one have.
@@ -191,7 +191,13 @@ impl Agent {
                 source,
             })?;
 
-        let clock = tokio::spawn(watcher.run(shutdown.clone()));
+        let task_failure: Arc<OnceLock<String>> = Arc::default();
+        let clock = stop_if_it_panics(
+            "the run-time clock".to_string(),
+            tokio::spawn(watcher.run(shutdown.clone())),
+            Arc::clone(&task_failure),
+            shutdown.clone(),
+        );
         let delivery_running = Arc::new(AtomicBool::new(true));
         let mut tasks = vec![(
             "the look-over of stale retry entries and marks".to_string(),
@@ -283,7 +289,6 @@ impl Agent {
                 shutdown.clone(),
             )),
         ));
-        let task_failure: Arc<OnceLock<String>> = Arc::default();
         let tasks = tasks
             .into_iter()
             .map(|(what, task)| {
@@ -325,7 +330,7 @@ impl Agent {
                 let recovering = Arc::clone(&store);
                 let _ = tokio::task::spawn_blocking(move || recovering.recover()).await;
             }
-            if let Ok(mut watcher) = self.clock.await {
+            if let Ok(Some(mut watcher)) = self.clock.await {
                 watcher.tick(true)?;
             }
             store.flush()
@@ -376,21 +381,23 @@ fn stop_on_committer_panic(
 /// panicked with (the first such panic is kept for `wait` to return), so that a service
 /// manager restarts it: the rest running on without it would take updates while, say, a NATS
 /// partition was no longer consumed or ingest no longer served.
-fn stop_if_it_panics(
+fn stop_if_it_panics<T: Send + 'static>(
     what: String,
-    task: JoinHandle<()>,
+    task: JoinHandle<T>,
     failure: Arc<OnceLock<String>>,
     shutdown: CancellationToken,
-) -> JoinHandle<()> {
+) -> JoinHandle<Option<T>> {
     tokio::spawn(async move {
-        let Err(ended) = task.await else { return };
-        if !ended.is_panic() {
-            return;
-        }
+        let ended = match task.await {
+            Ok(value) => return Some(value),
+            Err(ended) if ended.is_panic() => ended,
+            Err(_) => return None,
+        };
         let message = format!("{what} panicked: {}", panic_message(&*ended.into_panic()));
         tracing::error!(error = %message, "stopping the agent");
         let _ = failure.set(message);
         shutdown.cancel();
+        None
     })
 }
 
@@ -633,10 +640,11 @@ mod tests {
             stop_if_it_panics(what.into(), task, Arc::clone(&failure), shutdown.clone())
         };
         // Ending, or being aborted at a stop, is no failure.
-        watch("a task", tokio::spawn(async {})).await.unwrap();
+        let ended = watch("a task", tokio::spawn(async {})).await.unwrap();
+        assert_eq!(ended, Some(()), "what the task ended with");
         let aborted = tokio::spawn(std::future::pending::<()>());
         aborted.abort();
-        watch("a task", aborted).await.unwrap();
+        assert_eq!(watch("a task", aborted).await.unwrap(), None);
         assert!(!shutdown.is_cancelled());
         assert_eq!(failure.get(), None);
 

@@ -14,10 +14,11 @@
 //!   steps of at least 100 ms and 20 answers, by the 429s of the step and of the last 100
 //!   answers: at a low limit 100 ms holds one answer or none, so time alone says nothing.
 //!   429s clearly over the share expected as strays plus a twentieth cut the cap to just under
-//!   the rate accepted, which becomes the *ceiling*, where the limit seems to lie (with no rate
-//!   accepted of late, the cut halves the cap and leaves the ceiling be). 429s not clearly over
-//!   the strays plus a fiftieth grow it, 0.5% a step and half as much again for each such
-//!   step in a row, up to 5%. 429s in between ease it by their share less the strays', at
+//!   the rate accepted, which becomes the *ceiling*, where the limit seems to lie (when the
+//!   answers judged were all refused, or nothing was accepted of late, the cut halves the cap
+//!   and leaves the ceiling be). 429s not clearly over the strays plus a fiftieth grow it, 0.5%
+//!   a step in which it held requests back and half as much again for each such step in a
+//!   row, up to 5%. 429s in between ease it by their share less the strays', at
 //!   least 3%. After a cut or an ease the cap is held a while; 429s that go on at caps well
 //!   apart are strays ([`StrayShare`]). Under 0.8 of the ceiling (climbing back after a burst
 //!   of 429s) or over twice it (a lifted limit), steps are judged by time: the cap grows 5%
@@ -74,8 +75,8 @@ const RECENT_ANSWERS: u32 = 100;
 /// Under [`FAST_BELOW`] of the ceiling, or over [`FAST_ABOVE`] times it, a step is judged by
 /// time alone, the cap grows [`FAST_GROWTH`] each [`STEP_AT_LEAST`] and only clearer evidence
 /// cuts it: there it climbs back after a burst of 429s, or follows a limit that was lifted
-/// (a limit kept would have refused long before the cap doubled it), where 20 answers at a
-/// cap of a few a second would take seconds.
+/// (a limit kept refuses long before the cap doubles it, unless it allows a burst of many
+/// seconds' worth), where 20 answers at a cap of a few a second would take seconds.
 const FAST_BELOW: f64 = 0.8;
 const FAST_ABOVE: f64 = 2.0;
 const FAST_GROWTH: f64 = 1.05;
@@ -180,13 +181,31 @@ impl RefusalShare {
 /// The times of the latest successes (see [`RATE_WINDOW`]), each with how many came then:
 /// answers come in bunches, and an endpoint that takes tens of thousands a second would
 /// otherwise have each answer go over thousands of them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AcceptedRate {
     times: std::collections::VecDeque<(Instant, usize)>,
     count: usize,
+    /// [`RATE_WINDOW`], or twice the round trip when that is longer: answers to requests held
+    /// back by the concurrency limit come in bunches a round trip apart, and the gap between
+    /// two bunches is no pause.
+    window: Duration,
+}
+
+impl Default for AcceptedRate {
+    fn default() -> AcceptedRate {
+        AcceptedRate {
+            times: std::collections::VecDeque::new(),
+            count: 0,
+            window: RATE_WINDOW,
+        }
+    }
 }
 
 impl AcceptedRate {
+    fn set_round_trip(&mut self, rtt: Duration) {
+        self.window = (rtt * 2).max(RATE_WINDOW);
+    }
+
     fn record(&mut self, now: Instant) {
         // After a pause the successes before it are forgotten: a rate measured across it would
         // be far too low.
@@ -202,7 +221,7 @@ impl AcceptedRate {
         while let Some(&(at, n)) = self.times.front() {
             let age = now.saturating_duration_since(at);
             let left = self.count - n;
-            let old = (left >= RATE_OF_AT_LEAST && age > RATE_WINDOW) || age > RATE_LOOKBACK;
+            let old = (left >= RATE_OF_AT_LEAST && age > self.window) || age > RATE_LOOKBACK;
             if !old && left < SHARE_OF_AT_MOST {
                 break;
             }
@@ -235,7 +254,7 @@ impl AcceptedRate {
             return false;
         };
         let gap = Duration::from_secs_f64(1.0 / rate);
-        now.saturating_duration_since(last) > (gap * 3).max(RATE_WINDOW)
+        now.saturating_duration_since(last) > (gap * 3).max(self.window)
     }
 
     /// [`Self::per_second`] while the endpoint still accepts at about that pace: what it took
@@ -416,18 +435,26 @@ impl RateCap {
         let eases = !over && !clean && !fast && self.held.is_none();
         if over {
             self.refill(now);
-            match accepted {
+            // Answers that were all refused say nothing of the limit (the endpoint may have
+            // just begun to refuse everything), whatever was accepted before them.
+            let any_accepted = recent.1 < recent.0;
+            match accepted.filter(|_| any_accepted) {
                 Some(accepted) => {
-                    // What the cap let through, less the share refused: the successes measured
-                    // may still hold a burst the endpoint allowed at first.
-                    let let_through =
-                        self.per_second * (1.0 - f64::from(recent.1) / f64::from(recent.0.max(1)));
-                    let accepted = accepted.min(let_through.max(MIN_RATE));
+                    // Before a first ceiling, the successes measured may still hold a burst
+                    // the endpoint allowed at first: no more than what the cap let through,
+                    // less the share refused.
+                    let accepted = match self.ceiling {
+                        None => {
+                            let refused = f64::from(recent.1) / f64::from(recent.0);
+                            accepted.min(self.per_second * (1.0 - refused))
+                        }
+                        Some(_) => accepted,
+                    };
                     self.ceiling = Some(accepted.max(MIN_RATE));
                     self.per_second = self.per_second.min(accepted) * CUT_TO;
                 }
-                // Nothing accepted of late (the endpoint refuses everything for now, which says
-                // nothing of its limit), or too little seen to say what it takes.
+                // Nothing accepted of late (the endpoint refuses everything for now), or too
+                // little seen to say what it takes.
                 None => self.per_second /= 2.0,
             }
             self.per_second = self.per_second.max(MIN_RATE);
@@ -455,6 +482,9 @@ impl RateCap {
             self.per_second *=
                 1.0 + (NEAR_GROWTH * ACCELERATION.powi(in_a_row)).min(FAST_GROWTH - 1.0);
             self.clean_steps += 1;
+        } else {
+            // Not held back (idle, or the concurrency limit): no growth to go on with.
+            self.clean_steps = 0;
         }
         if !over && !eases {
             self.recent.push_back((step.answered, step.refused));
@@ -651,7 +681,7 @@ impl Controller {
             self.back_pressure = true;
             self.recent_429.clear();
             if self.rate_cap.is_none() {
-                self.rate_cap = Some(RateCap::new(now, self.accepted.per_second()));
+                self.rate_cap = Some(RateCap::new(now, self.accepted.per_second_still(now)));
             }
         }
         if signal == Signal::Overloaded {
@@ -713,10 +743,14 @@ impl Controller {
             }
         }
         if let Some(current) = current {
-            self.past_rtt = Some(match self.past_rtt {
+            let past = match self.past_rtt {
                 None => current,
                 Some(past) => past * (1.0 - RTT_EWMA) + current * RTT_EWMA,
-            });
+            };
+            self.past_rtt = Some(past);
+            if let Ok(rtt) = Duration::try_from_secs_f64(past) {
+                self.accepted.set_round_trip(rtt);
+            }
         }
         let interval = self
             .past_rtt
@@ -1145,7 +1179,7 @@ mod tests {
         let accepted: u64 = seconds.iter().map(|s| s.accepted).sum();
         let refused: u64 = seconds.iter().map(|s| s.refused).sum();
         (
-            accepted as f64 / seconds.len() as f64,
+            accepted as f64 / seconds.len().max(1) as f64,
             refused as f64 / (accepted + refused).max(1) as f64,
         )
     }
@@ -1230,34 +1264,41 @@ mod tests {
     #[test]
     fn after_a_burst_of_429s_the_cap_climbs_back_to_the_limit_within_20_s_and_stays() {
         // A limited endpoint refuses everything for a while (a quota window ran out, or it
-        // answers 429 while it restarts), then takes its old rate again.
+        // answers 429 while it restarts), then takes its old rate again. The burst starts at
+        // several points of the cap's steps.
         let simulation = Simulation::at(Duration::from_millis(50));
         let mut slow = Vec::new();
-        for limit in [20.0, 100.0, 1_000.0] {
+        for limit in [20.0, 100.0, 500.0, 1_000.0] {
             for burst_of_429s in [2.0, 10.0, 60.0] {
-                let back_at = 30.0 + burst_of_429s;
-                let seconds = simulation.run(back_at as u64 + 60, |t| {
-                    if (30.0..back_at).contains(&t) {
-                        Endpoint::RefusesAll
-                    } else {
-                        Endpoint::Limit {
-                            per_second: limit,
-                            burst: limit / 10.0,
+                for offset in [0.0, 0.17, 0.43, 0.71] {
+                    let (from, back_at) = (30.0 + offset, 30.0 + offset + burst_of_429s);
+                    let seconds = simulation.run(back_at as u64 + 60, |t| {
+                        if (from..back_at).contains(&t) {
+                            Endpoint::RefusesAll
+                        } else {
+                            Endpoint::Limit {
+                                per_second: limit,
+                                burst: limit / 10.0,
+                            }
                         }
+                    });
+                    // From the first whole second it is back.
+                    let back = &seconds[back_at.ceil() as usize..];
+                    let climbed = back.iter().position(|s| s.accepted as f64 >= 0.9 * limit);
+                    // And the ten seconds after it: the rate held, few refused.
+                    let after = climbed
+                        .and_then(|s| back.get(s..s + 10))
+                        .unwrap_or_default();
+                    let (then, refused) = summed(after);
+                    let got = format!(
+                        "limit {limit}/s after {burst_of_429s} s of 429s from {from} s: back \
+                         to 90% after {climbed:?} s, then {then:.0}/s with {:.1}% refused",
+                        refused * 100.0
+                    );
+                    eprintln!("{got}");
+                    if climbed.is_none_or(|s| s > 20) || then < 0.9 * limit || refused > 0.05 {
+                        slow.push(got);
                     }
-                });
-                let back = &seconds[back_at as usize..];
-                let climbed = back.iter().position(|s| s.accepted as f64 >= 0.9 * limit);
-                // And the ten seconds after it: the rate held, few refused.
-                let (then, refused) = summed(&back[climbed.unwrap_or(0)..][..10]);
-                let got = format!(
-                    "limit {limit}/s after {burst_of_429s} s of 429s: back to 90% after \
-                     {climbed:?} s, then {then:.0}/s with {:.1}% refused",
-                    refused * 100.0
-                );
-                eprintln!("{got}");
-                if climbed.is_none_or(|s| s > 20) || then < 0.9 * limit || refused > 0.05 {
-                    slow.push(got);
                 }
             }
         }
@@ -1307,7 +1348,7 @@ mod tests {
                     );
                     eprintln!("{got}");
                     // After the limit the cap has a ceiling, near which strays are told apart
-                    // (without that, 4% of strays drove the ceiling down to 270-450/s).
+                    // (without that, 4% of strays drove the ceiling down to 330-400/s).
                     let told_apart = cap.ceiling.is_some() && cap.strays.share() > 0.0;
                     if after < 0.9 * clean || (first == "a limit" && !told_apart) {
                         held_down.push(got);
@@ -1409,6 +1450,24 @@ mod tests {
             accepted.per_second_still(last + Duration::from_millis(200)),
             None
         );
+    }
+
+    #[test]
+    fn answers_in_bunches_a_round_trip_apart_are_no_pause() {
+        // 64 requests in flight, answered together every 500 ms: 128 a second.
+        let start = Instant::now();
+        let mut accepted = AcceptedRate::default();
+        accepted.set_round_trip(Duration::from_millis(500));
+        for bunch in 0..6u32 {
+            let at = start + Duration::from_millis(500) * bunch;
+            for _ in 0..64 {
+                accepted.record(at);
+            }
+            if bunch >= 2 {
+                let rate = accepted.per_second_still(at).unwrap();
+                assert!((120.0..=136.0).contains(&rate), "bunch {bunch}: {rate}");
+            }
+        }
     }
 
     #[test]
