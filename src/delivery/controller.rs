@@ -44,9 +44,10 @@ pub const DOWN_AFTER: u32 = 8;
 pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
 pub const MIN_RATE: f64 = 1.0;
-/// The rate the endpoint accepts is measured over its successes of the last [`RATE_WINDOW`],
-/// or its last [`RATE_OF_AT_LEAST`] when fewer came in that time (none older than
-/// [`RATE_LOOKBACK`]): 100 ms of a low limit holds one success or none.
+/// The rate the endpoint accepts is measured over its successes of the last [`RATE_WINDOW`]
+/// (or two round trips, when longer: see [`AcceptedRate`]), or its last [`RATE_OF_AT_LEAST`]
+/// when fewer came in that time (none older than [`RATE_LOOKBACK`]): 100 ms of a low limit
+/// holds one success or none.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 const RATE_OF_AT_LEAST: usize = 20;
 const RATE_LOOKBACK: Duration = Duration::from_secs(20);
