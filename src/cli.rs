@@ -237,6 +237,20 @@ pub enum NatsCommand {
         /// The last stream sequence of the partition to take as in the store
         seq: u64,
     },
+    /// Let go the claim on partitions, so that another agent's store may consume them.
+    ///
+    /// An agent claims every partition it owns before consuming it, and one whose partition
+    /// another store claims leaves it alone (and logs who holds it): two agents owning the
+    /// same partition would split its messages and break per-profile order. Release a
+    /// partition only where no agent consumes it any more: to move it (its profiles' stored
+    /// versions stay in the old store, see README), or after the store that held it was lost.
+    /// The agent that then owns it claims it within seconds.
+    ///
+    /// Example: outpost nats release 4-7 --config outpost.toml
+    Release {
+        /// Partitions: ranges and lists, as `owned` ("0-3,7")
+        partitions: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1835,3 +1835,111 @@ async fn an_unreadable_position_set_by_hand_starts_its_partition_again() {
         );
     }
 }
+
+/// Two agents configured to own the same partitions: the one that claimed them first consumes
+/// them, the other leaves them alone and says which store holds them; once that agent is gone
+/// and `outpost nats release` let its claims go, the other takes them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
+    let Some(server_bin) = nats_server_or_skip("partitions_two_agents_own") else {
+        return;
+    };
+    const PROFILES: usize = 80;
+    let server = NatsServer::start(&server_bin);
+    let (first_receiver, second_receiver) = (start_receiver().await, start_receiver().await);
+    // The first owns all 8 partitions, the second 6 and 7 as well.
+    let first = AgentSetup::on_stream(&first_receiver.base_url(), &server, "", "");
+    let second = AgentSetup::new(
+        &second_receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "6-7", "")),
+        "",
+    );
+    let in_both = |p: &usize| outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6;
+    let shared_profiles = (0..PROFILES).filter(in_both).count();
+    assert!(
+        shared_profiles > 5,
+        "{shared_profiles} profiles in partitions 6-7"
+    );
+
+    let mut first_agent = first.start().await;
+    first.publish(&versions(PROFILES, 0));
+    wait_or_show(
+        60,
+        "the first agent's deliveries",
+        &[&first_agent],
+        async || names_by_profile(&first_receiver).len() == PROFILES,
+    )
+    .await;
+    let second_agent = second.start().await;
+    for partition in [6, 7] {
+        let refusal = format!("partition={partition}");
+        wait_or_show(
+            30,
+            "the second agent's refusal",
+            &[&second_agent],
+            async || {
+                second_agent
+                    .log()
+                    .lines()
+                    .any(|l| l.contains("another agent's store claims it") && l.contains(&refusal))
+            },
+        )
+        .await;
+    }
+    let log = second_agent.log();
+    assert!(log.contains("claimed_by=store "), "{log}");
+    // New versions go to the first agent alone.
+    first.publish(&versions(PROFILES, 2));
+    wait_or_show(
+        60,
+        "the first agent's deliveries",
+        &[&first_agent],
+        async || {
+            names_by_profile(&first_receiver)
+                .values()
+                .all(|names| names.last().is_some_and(|n| n.ends_with("-v2")))
+        },
+    )
+    .await;
+    assert!(
+        second_receiver.delivered().is_empty(),
+        "the second agent consumed a partition the first one claims"
+    );
+
+    // The first agent goes; its claims are released; the second takes partitions 6 and 7
+    // (from the stream's start, having no position in them: README "Not handled yet").
+    first_agent.terminate().await;
+    let released = second.cli(&["nats", "release", "6-7"]);
+    assert_eq!(
+        released.matches("released (claimed by store ").count(),
+        2,
+        "{released}"
+    );
+    second.publish(&versions(PROFILES, 4));
+    wait_or_show(
+        60,
+        "the second agent's deliveries",
+        &[&second_agent],
+        async || {
+            let names = names_by_profile(&second_receiver);
+            names.len() == shared_profiles
+                && names
+                    .values()
+                    .all(|n| n.last().is_some_and(|n| n.ends_with("-v4")))
+        },
+    )
+    .await;
+    let names = names_by_profile(&second_receiver);
+    assert!(
+        names.keys().all(|id| in_both(&id[1..].parse().unwrap())),
+        "{names:?}"
+    );
+    // Partition 0 is still the gone agent's; released once, it has no claim left.
+    let released = second.cli(&["nats", "release", "0"]);
+    assert!(
+        released.contains("released (claimed by store "),
+        "{released}"
+    );
+    let again = second.cli(&["nats", "release", "0"]);
+    assert_eq!(again.trim(), "partition 0      had no claim");
+}

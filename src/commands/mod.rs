@@ -264,6 +264,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             resume.as_deref(),
         )),
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(config)),
+        Command::Nats(NatsCommand::Release { partitions }) => {
+            runtime()?.block_on(nats::release(config, &partitions))
+        }
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
             // Checked against the stream with this process's rights (credential files).
             nats::check_position(config, partition, seq)?;

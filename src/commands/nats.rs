@@ -11,6 +11,7 @@ use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
 use crate::profile::update::{FutureLimit, UpdateReader};
+use crate::source::claim;
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{last_sequence, probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
@@ -26,6 +27,28 @@ fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
     })?;
     nats.check_files().map_err(CliError::Usage)?;
     Ok(nats)
+}
+
+/// `outpost nats release PARTITIONS`: lets the claims on them go.
+pub(super) async fn release(config: &Config, partitions: &str) -> Result<(), CliError> {
+    let nats = nats_config(config)?;
+    let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
+        .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
+    let failure = |e: crate::source::nats::NatsError| CliError::Failure(e.to_string());
+    let client = crate::source::nats::connect(nats, false)
+        .await
+        .map_err(failure)?;
+    let js = async_nats::jetstream::new(client);
+    let claims = claim::bucket(&js, &nats.stream, &nats.consumer_prefix)
+        .await
+        .map_err(failure)?;
+    for partition in partitions {
+        match claim::release(&claims, partition).await.map_err(failure)? {
+            Some(holder) => println!("partition {partition:<6} released (claimed by {holder})"),
+            None => println!("partition {partition:<6} had no claim"),
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {

@@ -9,6 +9,7 @@
 //! - [`publish`]: `outpost publish`: updates to their partitions, acknowledged, de-duplicated.
 
 pub mod batch;
+pub mod claim;
 pub mod config;
 pub mod creds;
 pub mod nats;

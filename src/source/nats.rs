@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{delivery_gap, sort_batch, Fetched};
+use super::claim;
 use super::config::{NatsAuth, NatsSource};
 use super::partition::{is_partition_subject, subject_of};
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ const PENDING_REFRESH: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a partition another store claims is looked at again.
+const CLAIM_LOOK_EVERY: Duration = Duration::from_secs(5);
 /// How often a partition that waits for this host's clock looks at it.
 const CLOCK_LOOK_EVERY: Duration = Duration::from_secs(1);
 /// How long the agent gives NATS at start before it says it cannot connect.
@@ -89,6 +92,9 @@ enum PartitionStop {
         why: NatsError,
         passes_at: chrono::DateTime<chrono::Utc>,
     },
+    /// Another store claims the partition (see `claim`): it is left alone, and its claim
+    /// looked at again every [`CLAIM_LOOK_EVERY`].
+    ClaimedElsewhere(String),
 }
 
 impl From<NatsError> for PartitionStop {
@@ -486,6 +492,8 @@ impl SourceState {
 struct Shared {
     config: NatsSource,
     js: jetstream::Context,
+    /// This store's claim on the partitions it owns (see `claim`).
+    claim_as: String,
     store: Arc<Store>,
     committer: Committer,
     metrics: Arc<Metrics>,
@@ -527,6 +535,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         config: config.clone(),
         js: jetstream::new(client),
+        claim_as: claim::holder(store.store_id(), &claim::host_name()),
         store,
         committer,
         metrics,
@@ -638,6 +647,22 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                     last_error = error;
                 }
                 if !until_the_clock_reaches(&shared.shutdown, passes_at).await {
+                    return;
+                }
+                backoff = BACKOFF_FIRST;
+            }
+            Err(PartitionStop::ClaimedElsewhere(holder)) => {
+                let error = format!("claimed by {holder}");
+                if error != last_error {
+                    tracing::error!(
+                        partition,
+                        claimed_by = %holder,
+                        ours = %shared.claim_as,
+                        "NATS partition left alone: another agent's store claims it (two agents own it; give every agent a distinct `owned`, or `outpost nats release` it where it is no longer consumed)"
+                    );
+                    last_error = error;
+                }
+                if !pause(&shared.shutdown, CLAIM_LOOK_EVERY).await {
                     return;
                 }
                 backoff = BACKOFF_FIRST;
@@ -797,12 +822,35 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
     })
 }
 
+async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim, NatsError> {
+    let claims = claim::bucket(
+        &shared.js,
+        &shared.config.stream,
+        &shared.config.consumer_prefix,
+    )
+    .await?;
+    claim::claim(&claims, partition, &shared.claim_as).await
+}
+
 /// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
 async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), PartitionStop> {
     // Messages that arrive over one unbroken connection arrive in order; after a break, some
     // may have been sent and lost, so the partition starts over. So it does when a delivery
     // is missing without a break (`delivery_gap`).
     let breaks = shared.state.breaks.load(Ordering::SeqCst);
+    match claim_partition(shared, partition).await {
+        Ok(claim::Claim::Ours) => {}
+        Ok(claim::Claim::Elsewhere(holder)) => return Err(PartitionStop::ClaimedElsewhere(holder)),
+        // Not connected: making the consumer fails too, and says so.
+        Err(_) if !shared.state.connected() => {}
+        // The partition is not left unconsumed for want of a claim (credentials that allow
+        // no key-value bucket, say): it is consumed, and the risk said.
+        Err(e) => tracing::warn!(
+            partition,
+            error = %e,
+            "the partition is consumed without a claim: another agent owning it too would not be noticed"
+        ),
+    }
     let mut consuming = fresh_consumer(shared, partition).await?;
     let consumer = &consuming.consumer;
     tracing::debug!(

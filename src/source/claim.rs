@@ -1,0 +1,163 @@
+//! Which agent consumes a partition. Two agents configured to own the same partition (a copied
+//! config, or a second agent left with the default `owned`, every partition) would each make
+//! its consumer again in turn, split its messages between their stores and break per-profile
+//! order. So an agent first claims each partition it owns in a JetStream key-value bucket
+//! beside the stream, one bucket per stream and consumer prefix (so fleets for different
+//! destinations each claim their own): key `partition-<n>`, value `store <id> on <host>`.
+//! The first store to claim a partition keeps it; another leaves the partition alone, says
+//! who holds it, and looks again now and then. Claims never expire, so a restart, or a store
+//! that dies for a while, keeps its partitions; `outpost nats release` lets one go (to move
+//! a partition, or after its store was lost).
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+
+use super::nats::{nats_error, NatsError};
+
+/// Whether a partition may be consumed by this store.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    Ours,
+    /// Held by another store: its claim, as recorded.
+    Elsewhere(String),
+}
+
+/// The bucket of claims for `stream` and `consumer_prefix`: bucket names take letters, digits,
+/// `-` and `_`, so any other character of either becomes `_`.
+pub fn bucket_name(stream: &str, consumer_prefix: &str) -> String {
+    let name = format!("{stream}_{consumer_prefix}_owners");
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn key(partition: u32) -> String {
+    format!("partition-{partition}")
+}
+
+/// This store's claim: its id, which decides, and the host it is on, which helps whoever
+/// reads a refusal find it.
+pub fn holder(store_id: u32, host: &str) -> String {
+    format!("store {store_id:08x} on {host}")
+}
+
+/// The host name, for claims; `unknown host` when it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown host".to_string())
+}
+
+/// Whether a recorded claim is this store's: the same store id, wherever it now runs.
+pub fn judge(recorded: &str, ours: &str) -> Claim {
+    let store = |claim: &str| claim.split(" on ").next().unwrap_or(claim).to_string();
+    if store(recorded) == store(ours) {
+        Claim::Ours
+    } else {
+        Claim::Elsewhere(recorded.to_string())
+    }
+}
+
+/// The bucket of claims, made when missing. Its stream is made as the key-value API makes a
+/// bucket's (one value a key, roll-ups for purges, direct reads), but directly: the client's
+/// own way asks the server for account details that servers before 2.10 answer in a form
+/// it cannot read.
+pub async fn bucket(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer_prefix: &str,
+) -> Result<kv::Store, NatsError> {
+    let name = bucket_name(stream, consumer_prefix);
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let making = |e: &dyn std::fmt::Display| {
+        nats_error(&format!("making the bucket of partition claims {name}"), e)
+    };
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        description: Some(format!(
+            "which outpost store consumes each partition of stream {stream} (consumers {consumer_prefix}-p*)"
+        )),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| making(&e))?;
+    js.get_key_value(&name).await.map_err(|e| making(&e))
+}
+
+/// Claims `partition` for `ours` unless another store holds it.
+pub async fn claim(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Claim, NatsError> {
+    let key = key(partition);
+    match bucket.create(&key, Bytes::from(ours.to_string())).await {
+        Ok(_) => return Ok(Claim::Ours),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(nats_error(&format!("claiming partition {partition}"), e)),
+    }
+    let recorded = bucket
+        .get(&key)
+        .await
+        .map_err(|e| nats_error(&format!("reading the claim on partition {partition}"), e))?;
+    match recorded {
+        Some(recorded) => Ok(judge(&String::from_utf8_lossy(&recorded), ours)),
+        // Released in between: the next attempt claims it.
+        None => Err(NatsError(format!(
+            "the claim on partition {partition} went while it was read"
+        ))),
+    }
+}
+
+/// Lets the claim on `partition` go; returns what it was, if there was one.
+pub async fn release(bucket: &kv::Store, partition: u32) -> Result<Option<String>, NatsError> {
+    let key = key(partition);
+    let recorded = bucket
+        .get(&key)
+        .await
+        .map_err(|e| nats_error(&format!("reading the claim on partition {partition}"), e))?;
+    if recorded.is_some() {
+        bucket
+            .purge(&key)
+            .await
+            .map_err(|e| nats_error(&format!("releasing partition {partition}"), e))?;
+    }
+    Ok(recorded.map(|value| String::from_utf8_lossy(&value).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_is_ours_when_it_names_our_store_wherever_that_now_runs() {
+        let ours = holder(0x1a2b, "edge-7");
+        assert_eq!(ours, "store 00001a2b on edge-7");
+        assert_eq!(judge(&ours, &ours), Claim::Ours);
+        assert_eq!(judge("store 00001a2b on edge-8", &ours), Claim::Ours);
+        let theirs = "store 00009999 on edge-7";
+        assert_eq!(judge(theirs, &ours), Claim::Elsewhere(theirs.to_string()));
+    }
+
+    #[test]
+    fn bucket_names_take_only_what_the_server_allows() {
+        assert_eq!(bucket_name("UPDATES", "outpost"), "UPDATES_outpost_owners");
+        assert_eq!(
+            bucket_name("up.dates", "fleet a/b"),
+            "up_dates_fleet_a_b_owners"
+        );
+    }
+}
