@@ -243,8 +243,9 @@ pub enum NatsCommand {
     /// another store claims leaves it alone (and logs who holds it): two agents owning the
     /// same partition would split its messages and break per-profile order. Release a
     /// partition only where no agent consumes it any more: to move it (its profiles' stored
-    /// versions stay in the old store, see README), or after the store that held it was lost.
-    /// The agent that then owns it claims it within seconds.
+    /// versions stay in the old store, see README), or after the store that held it was lost
+    /// or replaced. An agent waiting for the partition claims it within seconds; one still
+    /// consuming it does not notice until its consumer starts again.
     ///
     /// Example: outpost nats release 4-7 --config outpost.toml
     Release {

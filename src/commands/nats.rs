@@ -39,7 +39,7 @@ pub(super) async fn release(config: &Config, partitions: &str) -> Result<(), Cli
         .await
         .map_err(failure)?;
     let js = async_nats::jetstream::new(client);
-    let claims = claim::bucket(&js, &nats.stream, &nats.consumer_prefix)
+    let claims = claim::bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas)
         .await
         .map_err(failure)?;
     for partition in partitions {

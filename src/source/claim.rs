@@ -22,10 +22,11 @@ pub enum Claim {
     Elsewhere(String),
 }
 
-/// The bucket of claims for `stream` and `consumer_prefix`: bucket names take letters, digits,
-/// `-` and `_`, so any other character of either becomes `_`.
+/// The bucket of claims for `stream` and `consumer_prefix`. Bucket names take letters, digits,
+/// `-` and `_`, so any other character becomes `_`; the stream's length comes first, so that
+/// no two pairs share a name (`A_B` and `c`, `A` and `B_c`).
 pub fn bucket_name(stream: &str, consumer_prefix: &str) -> String {
-    let name = format!("{stream}_{consumer_prefix}_owners");
+    let name = format!("owners_{}_{stream}_{consumer_prefix}", stream.len());
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -74,6 +75,7 @@ pub async fn bucket(
     js: &jetstream::Context,
     stream: &str,
     consumer_prefix: &str,
+    replicas: usize,
 ) -> Result<kv::Store, NatsError> {
     let name = bucket_name(stream, consumer_prefix);
     if let Ok(store) = js.get_key_value(&name).await {
@@ -94,6 +96,7 @@ pub async fn bucket(
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: replicas.max(1),
         ..Default::default()
     })
     .await
@@ -115,7 +118,7 @@ pub async fn claim(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Cla
         .map_err(|e| nats_error(&format!("reading the claim on partition {partition}"), e))?;
     match recorded {
         Some(recorded) => Ok(judge(&String::from_utf8_lossy(&recorded), ours)),
-        // Released in between: the next attempt claims it.
+        // Released in between: the caller tries again, and claims it.
         None => Err(NatsError(format!(
             "the claim on partition {partition} went while it was read"
         ))),
@@ -154,10 +157,11 @@ mod tests {
 
     #[test]
     fn bucket_names_take_only_what_the_server_allows() {
-        assert_eq!(bucket_name("UPDATES", "outpost"), "UPDATES_outpost_owners");
         assert_eq!(
-            bucket_name("up.dates", "fleet a/b"),
-            "up_dates_fleet_a_b_owners"
+            bucket_name("UPDATES", "outpost"),
+            "owners_7_UPDATES_outpost"
         );
+        assert_eq!(bucket_name("up.dates", "a/b"), "owners_8_up_dates_a_b");
+        assert_ne!(bucket_name("A_B", "c"), bucket_name("A", "B_c"));
     }
 }

@@ -658,7 +658,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                         partition,
                         claimed_by = %holder,
                         ours = %shared.claim_as,
-                        "NATS partition left alone: another agent's store claims it (two agents own it; give every agent a distinct `owned`, or `outpost nats release` it where it is no longer consumed)"
+                        "NATS partition left alone: another agent's store claims it (two agents own it: give every agent a distinct `owned`; if this agent's store was replaced, the claim is the old store's: `outpost nats release` it)"
                     );
                     last_error = error;
                 }
@@ -823,10 +823,12 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
 }
 
 async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim, NatsError> {
+    let config = &shared.config;
     let claims = claim::bucket(
         &shared.js,
-        &shared.config.stream,
-        &shared.config.consumer_prefix,
+        &config.stream,
+        &config.consumer_prefix,
+        config.replicas,
     )
     .await?;
     claim::claim(&claims, partition, &shared.claim_as).await
@@ -838,18 +840,10 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     // may have been sent and lost, so the partition starts over. So it does when a delivery
     // is missing without a break (`delivery_gap`).
     let breaks = shared.state.breaks.load(Ordering::SeqCst);
-    match claim_partition(shared, partition).await {
-        Ok(claim::Claim::Ours) => {}
-        Ok(claim::Claim::Elsewhere(holder)) => return Err(PartitionStop::ClaimedElsewhere(holder)),
-        // Not connected: making the consumer fails too, and says so.
-        Err(_) if !shared.state.connected() => {}
-        // The partition is not left unconsumed for want of a claim (credentials that allow
-        // no key-value bucket, say): it is consumed, and the risk said.
-        Err(e) => tracing::warn!(
-            partition,
-            error = %e,
-            "the partition is consumed without a claim: another agent owning it too would not be noticed"
-        ),
+    // Never consumed unclaimed: a claim that cannot be made or read now is tried again, on
+    // the backoff schedule, like a consumer that cannot be made.
+    if let claim::Claim::Elsewhere(holder) = claim_partition(shared, partition).await? {
+        return Err(PartitionStop::ClaimedElsewhere(holder));
     }
     let mut consuming = fresh_consumer(shared, partition).await?;
     let consumer = &consuming.consumer;
