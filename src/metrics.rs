@@ -119,6 +119,8 @@ pub struct Metrics {
     pub source_connected: Gauge,
     /// 1 while fetching is paused because the outbox is full.
     pub source_paused: Gauge,
+    /// Owned partitions left alone because another agent's store claims them.
+    pub source_claimed_elsewhere: Gauge,
     source_pending: Family<Vec<(&'static str, String)>, Gauge>,
     /// Wall-clock jumps beyond the threshold noticed by this agent (at start and while running).
     pub clock_jumps: Counter,
@@ -255,6 +257,7 @@ impl Metrics {
         let source_acks = Counter::default();
         let source_connected = Gauge::default();
         let source_paused = Gauge::default();
+        let source_claimed_elsewhere = Gauge::default();
         let source_pending = Family::<Vec<(&'static str, String)>, Gauge>::default();
         registry.register(
             "source_messages",
@@ -275,6 +278,11 @@ impl Metrics {
             "source_paused",
             "1 while fetching from NATS is paused by a full outbox",
             source_paused.clone(),
+        );
+        registry.register(
+            "source_claimed_elsewhere",
+            "Owned NATS partitions left alone because another agent's store claims them",
+            source_claimed_elsewhere.clone(),
         );
         registry.register(
             "source_pending",
@@ -310,6 +318,7 @@ impl Metrics {
             source_acks,
             source_connected,
             source_paused,
+            source_claimed_elsewhere,
             source_pending,
             updates,
             exports,

@@ -1888,6 +1888,17 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     }
     let log = second_agent.log();
     assert!(log.contains("claimed_by=store "), "{log}");
+    let health = healthz_json(second_agent.addr).await;
+    assert_eq!(
+        health["nats"]["claimed_elsewhere"],
+        serde_json::json!([6, 7])
+    );
+    assert_eq!(
+        metric(second_agent.addr, "outpost_source_claimed_elsewhere").await,
+        2.0
+    );
+    let health = healthz_json(first_agent.addr).await;
+    assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
     // New versions go to the first agent alone.
     first.publish(&versions(PROFILES, 2));
     wait_or_show(
@@ -1934,6 +1945,8 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
         names.keys().all(|id| in_both(&id[1..].parse().unwrap())),
         "{names:?}"
     );
+    let health = healthz_json(second_agent.addr).await;
+    assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
     // Partition 0 is still the gone agent's; released once, it has no claim left.
     let released = second.cli(&["nats", "release", "0"]);
     assert!(

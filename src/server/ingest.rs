@@ -286,6 +286,8 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
                 let metrics = &state.metrics;
                 metrics.source_connected.set(i64::from(source.connected()));
                 metrics.source_paused.set(i64::from(source.paused()));
+                let left_alone = source.claimed_elsewhere().len();
+                metrics.source_claimed_elsewhere.set(left_alone as i64);
                 for (partition, pending) in source.pending() {
                     metrics.set_source_pending(partition, pending);
                 }

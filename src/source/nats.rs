@@ -444,6 +444,8 @@ pub struct SourceState {
     paused: AtomicBool,
     /// Messages waiting in the stream per owned partition, as of the last fetch.
     pending: Vec<AtomicU64>,
+    /// Per owned partition, whether another store claims it (see `claim`).
+    claimed_elsewhere: Vec<AtomicBool>,
     acks: AtomicU64,
     /// How many times the connection was lost.
     breaks: Arc<AtomicU64>,
@@ -471,6 +473,16 @@ impl SourceState {
             .collect()
     }
 
+    /// The owned partitions left alone because another agent's store claims them.
+    pub fn claimed_elsewhere(&self) -> Vec<u32> {
+        self.owned
+            .iter()
+            .zip(&self.claimed_elsewhere)
+            .filter(|(_, claimed)| claimed.load(Ordering::Relaxed))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
     /// The object `/healthz` carries under `nats`.
     pub fn to_json(&self) -> serde_json::Value {
         let pending: serde_json::Map<String, serde_json::Value> = self
@@ -483,6 +495,7 @@ impl SourceState {
             "stream": self.stream,
             "owned": super::partition::format_owned(&self.owned),
             "pending": pending,
+            "claimed_elsewhere": self.claimed_elsewhere(),
             "acks": self.acks(),
         })
     }
@@ -530,6 +543,11 @@ pub async fn start(
         owned: config.owned.clone(),
         paused: AtomicBool::new(false),
         pending: config.owned.iter().map(|_| AtomicU64::new(0)).collect(),
+        claimed_elsewhere: config
+            .owned
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect(),
         acks: AtomicU64::new(0),
     });
     let shared = Arc::new(Shared {
@@ -652,6 +670,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 backoff = BACKOFF_FIRST;
             }
             Err(PartitionStop::ClaimedElsewhere(holder)) => {
+                shared.state.claimed_elsewhere[slot].store(true, Ordering::Relaxed);
                 let error = format!("claimed by {holder}");
                 if error != last_error {
                     tracing::error!(
@@ -845,6 +864,7 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     if let claim::Claim::Elsewhere(holder) = claim_partition(shared, partition).await? {
         return Err(PartitionStop::ClaimedElsewhere(holder));
     }
+    shared.state.claimed_elsewhere[slot].store(false, Ordering::Relaxed);
     let mut consuming = fresh_consumer(shared, partition).await?;
     let consumer = &consuming.consumer;
     tracing::debug!(
