@@ -1956,3 +1956,84 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     let again = second.cli(&["nats", "release", "0"]);
     assert_eq!(again.trim(), "partition 0      had no claim");
 }
+
+/// The agent that consumes a partition looks at its claim while it does: released meanwhile
+/// (`outpost nats release` while the agent runs), the claim is made again, so an agent that
+/// waits for the partition does not take it too; claimed by another store, consuming stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_released_or_taken_while_its_partition_is_consumed() {
+    let Some(server_bin) = nats_server_or_skip("claim_while_consumed") else {
+        return;
+    };
+    const PROFILES: usize = 80;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let agent = setup.start().await;
+    setup.publish(&versions(PROFILES, 0));
+    wait_or_show(60, "the deliveries", &[&agent], async || {
+        names_by_profile(&receiver).len() == PROFILES
+    })
+    .await;
+
+    let released = setup.cli(&["nats", "release", "6"]);
+    assert!(
+        released.contains("released (claimed by store "),
+        "{released}"
+    );
+    wait_or_show(30, "the claim made again", &[&agent], async || {
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("was released; claimed again") && l.contains("partition=6"))
+    })
+    .await;
+    let nats = setup.nats_config();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let claims = outpost::source::claim::bucket(&js, &nats.stream, &nats.consumer_prefix, 1)
+        .await
+        .unwrap();
+    let claimed = claims.get("partition-6").await.unwrap().expect("claimed");
+    let claimed = String::from_utf8_lossy(&claimed).into_owned();
+    assert!(claimed.starts_with("store "), "{claimed}");
+
+    // Another store's claim on partition 7: the agent leaves it alone from then on.
+    claims
+        .put("partition-7", "store 0badc0de on elsewhere".into())
+        .await
+        .unwrap();
+    wait_or_show(30, "partition 7 left alone", &[&agent], async || {
+        healthz_json(agent.addr).await["nats"]["claimed_elsewhere"] == serde_json::json!([7])
+    })
+    .await;
+    assert!(
+        agent
+            .log()
+            .contains("claimed_by=store 0badc0de on elsewhere"),
+        "{}",
+        agent.log()
+    );
+    setup.publish(&versions(PROFILES, 2));
+    let in_7 = |id: &str| outpost::source::partition::partition_of(id, 8) == 7;
+    wait_or_show(
+        60,
+        "the other partitions' deliveries",
+        &[&agent],
+        async || {
+            names_by_profile(&receiver)
+                .iter()
+                .filter(|(id, _)| !in_7(id))
+                .all(|(_, names)| names.last().is_some_and(|n| n.ends_with("-v2")))
+        },
+    )
+    .await;
+    let names = names_by_profile(&receiver);
+    let left = names.iter().filter(|(id, _)| in_7(id)).collect::<Vec<_>>();
+    assert!(!left.is_empty(), "no profile in partition 7");
+    assert!(
+        left.iter()
+            .all(|(_, names)| names.last().is_some_and(|n| n.ends_with("-v0"))),
+        "partition 7 was consumed after another store claimed it: {left:?}"
+    );
+}

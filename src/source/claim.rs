@@ -5,7 +5,9 @@
 //! beside the stream, one bucket per stream and consumer prefix (so fleets for different
 //! destinations each claim their own): key `partition-<n>`, value `store <id> on <host>`.
 //! The first store to claim a partition keeps it; another leaves the partition alone, says
-//! who holds it, and looks again now and then. Claims never expire, so a restart, or a store
+//! who holds it, and looks again now and then. The agent that consumes a partition looks
+//! at its claim now and then too: released meanwhile, the claim is made again (the partition
+//! is still consumed there); taken by another store, consuming stops. Claims never expire, so a restart, or a store
 //! that dies for a while, keeps its partitions; `outpost nats release` lets one go (to move
 //! a partition, or after its store was lost).
 
@@ -17,7 +19,10 @@ use super::nats::{nats_error, NatsError};
 /// Whether a partition may be consumed by this store.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
+    /// Claimed for this store before.
     Ours,
+    /// Claimed for this store now: nobody held it.
+    Made,
     /// Held by another store: its claim, as recorded.
     Elsewhere(String),
 }
@@ -108,7 +113,7 @@ pub async fn bucket(
 pub async fn claim(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Claim, NatsError> {
     let key = key(partition);
     match bucket.create(&key, Bytes::from(ours.to_string())).await {
-        Ok(_) => return Ok(Claim::Ours),
+        Ok(_) => return Ok(Claim::Made),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
         Err(e) => return Err(nats_error(&format!("claiming partition {partition}"), e)),
     }

@@ -43,7 +43,8 @@ const PENDING_REFRESH: Duration = Duration::from_secs(1);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How often a partition another store claims is looked at again.
+/// How often a claim is looked at again: on a partition another store claims, and on one
+/// this agent consumes.
 const CLAIM_LOOK_EVERY: Duration = Duration::from_secs(5);
 /// How often a partition that waits for this host's clock looks at it.
 const CLOCK_LOOK_EVERY: Duration = Duration::from_secs(1);
@@ -853,6 +854,37 @@ async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim
     claim::claim(&claims, partition, &shared.claim_as).await
 }
 
+/// Looks at the claim on a partition this agent consumes. Released meanwhile (`outpost nats
+/// release` while the agent ran), it is made again, since the partition is still consumed
+/// here; taken by another store, consuming stops. A look that fails changes nothing: the
+/// claim was ours when consuming started, and a broken connection stops the fetches anyway.
+async fn keep_claim(shared: &Shared, partition: u32) -> Result<(), PartitionStop> {
+    match claim_partition(shared, partition).await {
+        Ok(claim::Claim::Ours) => Ok(()),
+        Ok(claim::Claim::Made) => {
+            tracing::warn!(
+                partition,
+                ours = %shared.claim_as,
+                "the claim on a NATS partition this agent consumes was released; claimed again (to move the partition, stop the agent or take it out of `owned` first, then release it)"
+            );
+            Ok(())
+        }
+        Ok(claim::Claim::Elsewhere(holder)) => {
+            tracing::warn!(
+                partition,
+                claimed_by = %holder,
+                ours = %shared.claim_as,
+                "another store claimed a NATS partition this agent consumes (its claim was released meanwhile); consuming it stops"
+            );
+            Err(PartitionStop::ClaimedElsewhere(holder))
+        }
+        Err(e) => {
+            tracing::debug!(partition, error = %e, "the claim could not be looked at; looked at again later");
+            Ok(())
+        }
+    }
+}
+
 /// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
 async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), PartitionStop> {
     // Messages that arrive over one unbroken connection arrive in order; after a break, some
@@ -878,9 +910,14 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     let mut next_delivery = 1;
     // When the pending count was last read while paused.
     let mut pending_read_at: Option<std::time::Instant> = None;
+    let mut claim_looked_at = std::time::Instant::now();
     loop {
         if shared.shutdown.is_cancelled() {
             return Ok(());
+        }
+        if claim_looked_at.elapsed() >= CLAIM_LOOK_EVERY {
+            keep_claim(shared, partition).await?;
+            claim_looked_at = std::time::Instant::now();
         }
         // Back-pressure: a full outbox stops fetching; updates wait in the stream.
         let full = shared
