@@ -44,7 +44,7 @@ use serde_json::Value;
 
 use outpost::agent::{Agent, AgentOptions};
 use outpost::config::Config;
-use outpost::receiver::{RateLimit, Receiver, ReceiverOptions, Reply, Script};
+use outpost::receiver::{FixedWindow, RateLimit, Receiver, ReceiverOptions, Reply, Script};
 
 mod common;
 use common::{best, http_client, list, ms, prefill, rate, verdict, BusyWatch, HttpClient};
@@ -629,6 +629,39 @@ fn print_backlog_ratios(backlogs: &Backlogs, sizes: [usize; 3], first: [u64; 2],
 }
 
 /// The median of a few rates.
+/// (f): a fixed window of `limit` requests a second, its quota advertised in `RateLimit-*`
+/// headers or not: exports/s between the 10% and 90% marks, 429s, requests.
+async fn bench_quota(limit: u64, n: usize) -> [(bool, f64, usize, usize); 2] {
+    let mut runs = [(true, 0.0, 0, 0), (false, 0.0, 0, 0)];
+    for (advertise, rate, refused, requests) in &mut runs {
+        let window = Arc::new(FixedWindow::new(limit, Duration::from_secs(1), *advertise));
+        let name = format!(
+            "fixed window {limit}/s, {}",
+            if *advertise {
+                "advertised"
+            } else {
+                "unadvertised"
+            }
+        );
+        let (middle, statuses) = scenario(&name, n, Some(window.script()), "", End::Drained).await;
+        *rate = middle;
+        *refused = statuses.iter().filter(|&&s| s == 429).count();
+        *requests = statuses.len();
+    }
+    runs
+}
+
+fn print_quota(limit: u64, runs: &[(bool, f64, usize, usize); 2]) {
+    for (advertise, rate, refused, requests) in runs {
+        println!(
+            "delivery fixed window of {limit}/s, quota {}: {rate:.0} exports/s = {:.2} of the limit; 429s: {refused} of {requests} requests = {:.1}%",
+            if *advertise { "advertised" } else { "not advertised" },
+            rate / limit as f64,
+            *refused as f64 * 100.0 / *requests as f64
+        );
+    }
+}
+
 fn median(mut rates: Vec<f64>) -> f64 {
     rates.sort_by(f64::total_cmp);
     rates[rates.len() / 2]
@@ -659,6 +692,12 @@ fn main() {
             if !quick {
                 print_backlog_ratios(&backlogs, [small, mid, large], first, backlog_runs);
             }
+            return;
+        }
+        let (quota_limit, quota_n) = if quick { (200, 400) } else { (2_000, 12_000) };
+        if only.as_deref() == Some("quota") {
+            let quota = bench_quota(quota_limit, quota_n).await;
+            print_quota(quota_limit, &quota);
             return;
         }
         if only.as_deref() == Some("flaky") {
@@ -698,6 +737,8 @@ fn main() {
         let slow_n = if quick { 200 } else { 10_000 };
         let (slow_rate, _) = scenario("slow, 20 ms answers", slow_n, Some(slow), "", End::Drained).await;
 
+        let quota = bench_quota(quota_limit, quota_n).await;
+
         let backlogs = bench_backlogs(small, mid, large, &first, backlog_runs).await;
         if quick {
             println!("delivery: smoke run done (run with cargo bench to measure)");
@@ -728,6 +769,7 @@ fn main() {
             "delivery slow receiver (20 ms answers): {slow_rate:.0} exports/s (target >= 2000) {}",
             verdict(slow_rate >= 2000.0)
         );
+        print_quota(quota_limit, &quota);
         print_backlog_ratios(&backlogs, [small, mid, large], first, backlog_runs);
     });
     println!(

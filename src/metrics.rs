@@ -131,6 +131,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Requests a second allowed since the endpoint answered 429 (0: no cap).
     pub rate_cap: Gauge,
+    /// Requests the endpoint's window has left, as its answers advertise (-1: none said).
+    pub quota_left: Gauge,
     /// Exports waiting for their retry time.
     pub retry_waiting: Gauge,
     /// Pending exports read ahead and held in memory, and about the bytes they take.
@@ -164,6 +166,8 @@ impl Metrics {
         let concurrency_limit = Gauge::default();
         let in_flight = Gauge::default();
         let rate_cap = Gauge::default();
+        let quota_left = Gauge::default();
+        quota_left.set(-1);
         let retry_waiting = Gauge::default();
         let window_exports = Gauge::default();
         let window_bytes = Gauge::default();
@@ -192,6 +196,11 @@ impl Metrics {
             "delivery_rate_cap",
             "Requests a second allowed after the endpoint answered 429 (0: no cap)",
             rate_cap.clone(),
+        );
+        registry.register(
+            "delivery_quota_left",
+            "Requests the endpoint's window has left, as its RateLimit headers advertise (-1: none said)",
+            quota_left.clone(),
         );
         registry.register(
             "delivery_retry_waiting",
@@ -343,6 +352,7 @@ impl Metrics {
             concurrency_limit,
             in_flight,
             rate_cap,
+            quota_left,
             retry_waiting,
             window_exports,
             window_bytes,

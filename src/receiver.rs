@@ -35,6 +35,8 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub enum Reply {
     /// The normal answer (200 with a token, or 200/401 for an export).
     Normal,
+    /// The normal answer, with these headers too.
+    NormalWith(Vec<(String, String)>),
     /// This status, with these headers and body.
     Status(u16, Vec<(String, String)>, String),
     /// Wait this long, then answer normally.
@@ -360,6 +362,70 @@ impl RateLimit {
     }
 }
 
+/// A fixed window: `limit` requests each `window`, counted from the first request. As a
+/// [`Script`], it answers 429 past the limit with `Retry-After` the rest of the window and,
+/// when `advertise`, every answer says what the window has left (`RateLimit-Remaining`,
+/// `RateLimit-Reset` in whole seconds, rounded up, as the IETF draft has them).
+pub struct FixedWindow {
+    limit: u64,
+    window: Duration,
+    advertise: bool,
+    /// (requests counted, when the window started).
+    counted: Mutex<(u64, Option<Instant>)>,
+}
+
+impl FixedWindow {
+    pub fn new(limit: u64, window: Duration, advertise: bool) -> FixedWindow {
+        FixedWindow {
+            limit,
+            window,
+            advertise,
+            counted: Mutex::new((0, None)),
+        }
+    }
+
+    /// Counts a request: whether it is within the limit, what the window has left, and the
+    /// time until it starts again.
+    fn count(&self) -> (bool, u64, Duration) {
+        let mut counted = self.counted.lock().unwrap();
+        let now = Instant::now();
+        let started = match counted.1 {
+            Some(at) if now < at + self.window => at,
+            _ => {
+                *counted = (0, Some(now));
+                now
+            }
+        };
+        let admitted = counted.0 < self.limit;
+        if admitted {
+            counted.0 += 1;
+        }
+        (
+            admitted,
+            self.limit - counted.0,
+            started + self.window - now,
+        )
+    }
+
+    pub fn script(self: Arc<Self>) -> Script {
+        Arc::new(move |_, _| {
+            let (admitted, remaining, resets_in) = self.count();
+            let seconds = resets_in.as_secs_f64().ceil().max(1.0).to_string();
+            let mut headers = Vec::new();
+            if self.advertise {
+                headers.push(("ratelimit-remaining".to_string(), remaining.to_string()));
+                headers.push(("ratelimit-reset".to_string(), seconds.clone()));
+            }
+            if admitted {
+                Reply::NormalWith(headers)
+            } else {
+                headers.push(("retry-after".to_string(), seconds));
+                Reply::Status(429, headers, "rate limited".into())
+            }
+        })
+    }
+}
+
 fn answer(
     status: u16,
     headers: &[(String, String)],
@@ -413,6 +479,18 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
                 reply = *then;
             }
             Reply::Normal => break normal(state, &received),
+            Reply::NormalWith(headers) => {
+                let mut response = normal(state, &received);
+                for (name, value) in headers {
+                    if let (Ok(name), Ok(value)) = (
+                        hyper::header::HeaderName::from_bytes(name.as_bytes()),
+                        hyper::header::HeaderValue::from_str(&value),
+                    ) {
+                        response.headers_mut().insert(name, value);
+                    }
+                }
+                break response;
+            }
         }
     };
     if received.path == PROFILES_PATH

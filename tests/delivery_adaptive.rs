@@ -14,7 +14,7 @@ use common::*;
 use outpost::admin::AdminRequest;
 use outpost::agent::Agent;
 use outpost::config::Config;
-use outpost::receiver::{self, RateLimit, Received, Receiver, ReceiverOptions, Reply};
+use outpost::receiver::{self, FixedWindow, RateLimit, Received, Receiver, ReceiverOptions, Reply};
 use outpost::store::{ListFilter, Store};
 
 async fn setup(
@@ -144,6 +144,42 @@ async fn a_rate_limited_endpoint_gets_few_429s_and_everything_arrives_in_order()
     let metrics = agent.metrics.render();
     assert!(metrics.contains("outpost_delivery_retries_total{cause=\"rate_limited\"}"));
     assert!(metrics.contains("outpost_delivery_concurrency_limit"));
+    agent.stop().await.unwrap();
+}
+
+/// An endpoint that says what its window has left (`RateLimit-Remaining`, `RateLimit-Reset`)
+/// is not sent more than that: requests wait for the next window rather than collect 429s.
+#[tokio::test]
+async fn an_advertised_quota_is_waited_for_rather_than_refused() {
+    let s = setup(
+        ReceiverOptions::default(),
+        oauth_body,
+        "max_concurrency = 32",
+    )
+    .await;
+    // 50 a second; unadvertised, the same window refused about 150 of 450 requests.
+    let window = Arc::new(FixedWindow::new(50, Duration::from_secs(1), true));
+    s.receiver.set_export_script(Some(window.script()));
+    let agent = start(&s.config).await;
+    assert_eq!(agent.metrics.quota_left.get(), -1, "no quota heard yet");
+    ingest(&agent, &one_each("p", 300, 0)).await;
+    wait_until(30, "a window's quota spent", || {
+        agent.metrics.quota_left.get() == 0
+    })
+    .await;
+    wait_for_exports(&agent, &s.receiver, 300).await;
+    let statuses: Vec<u16> = s
+        .receiver
+        .export_requests()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(
+        refused <= 3,
+        "{refused} of {} requests answered 429 though every answer said what was left",
+        statuses.len()
+    );
     agent.stop().await.unwrap();
 }
 

@@ -1,5 +1,5 @@
 //! How hard delivery pushes the destination: a pure controller fed the answers, asked how many
-//! requests may start now. It owns three decisions, all destination-wide:
+//! requests may start now. It owns four decisions, all destination-wide:
 //!
 //! - **Concurrency limit** (AIMD, as TCP's congestion window and Vector's adaptive
 //!   concurrency): once per measurement interval (about one round trip), the limit grows by one
@@ -24,6 +24,8 @@
 //!   of 429s) or over twice it (a lifted limit), steps are judged by time: the cap grows 5%
 //!   each 100 ms and only clearer evidence cuts it. So a rate-limited endpoint settles at its
 //!   limit with few 429s, from a few requests a second up.
+//! - **Advertised quota**: an answer that says how many requests the endpoint's window has
+//!   left, and when it starts again (`quota`), bounds the requests started until then.
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
 //!   token errors) with no answer in between that showed the endpoint working, only one probe is
 //!   in flight at a time, on the backoff schedule; the first answer that is not such a failure
@@ -36,6 +38,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::quota::{Advertised, Quota};
 use super::retry::RetrySchedule;
 
 /// Failures in a row after which the destination counts as down.
@@ -519,6 +522,8 @@ pub struct Controller {
     accepted: AcceptedRate,
     recent_429: RefusalShare,
     rate_cap: Option<RateCap>,
+    /// What the endpoint last said of its quota (see `quota`).
+    quota: Option<Quota>,
     // Down.
     failures_in_a_row: u32,
     down_since: Option<Instant>,
@@ -548,6 +553,7 @@ impl Controller {
             accepted: AcceptedRate::default(),
             recent_429: RefusalShare::default(),
             rate_cap: None,
+            quota: None,
             failures_in_a_row: 0,
             down_since: None,
             probe_in_flight: false,
@@ -573,6 +579,11 @@ impl Controller {
         self.rate_cap.as_ref().map(|c| c.per_second)
     }
 
+    /// Requests the endpoint's window has left, as its last answers advertised.
+    pub fn quota_left(&self, now: Instant) -> Option<usize> {
+        self.quota.and_then(|q| q.allows(now))
+    }
+
     /// How many requests may start now, when `wanted` could.
     pub fn permits(&mut self, now: Instant, wanted: usize) -> usize {
         if wanted == 0 {
@@ -581,7 +592,10 @@ impl Controller {
         if self.down_since.is_some() {
             return usize::from(!self.probe_in_flight && now >= self.probe_at);
         }
-        let by_limit = self.limit.saturating_sub(self.in_flight);
+        let by_limit = match self.quota.and_then(|q| q.allows(now)) {
+            Some(by_quota) => self.limit.saturating_sub(self.in_flight).min(by_quota),
+            None => self.limit.saturating_sub(self.in_flight),
+        };
         match &mut self.rate_cap {
             None => by_limit.min(wanted),
             Some(cap) => {
@@ -605,8 +619,14 @@ impl Controller {
         if self.down_since.is_some() {
             return (!self.probe_in_flight).then_some(self.probe_at.max(now));
         }
+        if self.in_flight >= self.limit {
+            return None;
+        }
+        if let Some(window) = self.quota.and_then(|q| q.spent_until(now)) {
+            return Some(window);
+        }
         let cap = self.rate_cap.as_ref()?;
-        if cap.tokens >= 1.0 || self.in_flight >= self.limit {
+        if cap.tokens >= 1.0 {
             return None;
         }
         let wait = (1.0 - cap.tokens) / cap.per_second;
@@ -622,6 +642,9 @@ impl Controller {
         if let Some(cap) = &mut self.rate_cap {
             cap.tokens -= 1.0;
         }
+        if let Some(quota) = &mut self.quota {
+            quota.started();
+        }
         if self.down_since.is_some() {
             self.probe_in_flight = true;
         }
@@ -634,6 +657,18 @@ impl Controller {
         if self.down_since.is_some() {
             self.probe_in_flight = false;
         }
+    }
+
+    /// An answer that came now advertised the endpoint's quota: from now until its window
+    /// starts again, no more requests start than it has left. Called before
+    /// [`Controller::answered_after`] of that answer, while its request still counts in flight.
+    pub fn heard_quota(&mut self, now: Instant, advertised: Advertised) {
+        let others = self.in_flight.saturating_sub(1);
+        let heard = Quota::heard(now, advertised, others);
+        self.quota = Some(match self.quota {
+            Some(kept) => kept.updated(now, heard),
+            None => heard,
+        });
     }
 
     /// A request started and sent at `sent_at` was answered (or failed) now.
@@ -816,6 +851,35 @@ mod tests {
             Signal::Healthy,
         );
         assert_eq!(limits, [9, 10, 11, 12, 12, 12, 12, 12]);
+    }
+
+    #[test]
+    fn an_advertised_quota_bounds_the_requests_started_until_its_window_starts_again() {
+        let now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        assert_eq!(c.quota_left(now), None);
+        for _ in 0..3 {
+            c.started(now);
+        }
+        // The first answer: 5 left until 2 s from now, with 2 others still in flight.
+        let answer = now + Duration::from_millis(10);
+        let quota = Advertised {
+            remaining: 5,
+            resets_in: Duration::from_secs(2),
+        };
+        c.heard_quota(answer, quota);
+        c.answered(answer, now, Signal::Healthy);
+        assert_eq!(c.quota_left(answer), Some(3));
+        assert_eq!(c.permits(answer, usize::MAX), 3);
+        for _ in 0..3 {
+            c.started(answer);
+        }
+        assert_eq!(c.permits(answer, usize::MAX), 0);
+        let window = answer + Duration::from_secs(2);
+        assert_eq!(c.next_permit_at(answer, 1), Some(window));
+        // Once the window starts again, the concurrency limit alone bounds them.
+        assert_eq!(c.quota_left(window), None);
+        assert_eq!(c.permits(window, usize::MAX), INITIAL_LIMIT - 5);
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod client;
 pub mod controller;
 pub mod queue;
+pub mod quota;
 pub mod retry;
 pub mod settler;
 
@@ -156,6 +157,8 @@ enum Attempted {
     Answered {
         status: u16,
         retry_after: Option<Duration>,
+        /// The endpoint's quota, when the answer advertised it.
+        quota: Option<quota::Advertised>,
         /// `HTTP <status>: <start of the body>`, for anything but 2xx.
         error: String,
     },
@@ -779,45 +782,51 @@ impl Deliverer {
             Attempted::Answered {
                 status,
                 retry_after,
+                quota,
                 error,
-            } => match classify(status) {
-                Class::Delivered => {
-                    state
-                        .controller
-                        .answered_after(now, started_at, sent_at, Signal::Healthy);
-                    let latency = now.saturating_duration_since(sent_at);
-                    for (profile, export) in &batch {
-                        // Its stored retry time, if any, goes with it.
-                        let retried = export.retry_at_uptime_ms.is_some()
-                            || state.retry_stored.contains(&export.id.seq);
-                        state.settle(profile, export, ExportChange::Delivered { retried });
-                        self.metrics
-                            .record_delivery(DeliveryOutcome::Delivered, Some(latency));
+            } => {
+                if let Some(quota) = quota {
+                    state.controller.heard_quota(now, quota);
+                }
+                match classify(status) {
+                    Class::Delivered => {
+                        state
+                            .controller
+                            .answered_after(now, started_at, sent_at, Signal::Healthy);
+                        let latency = now.saturating_duration_since(sent_at);
+                        for (profile, export) in &batch {
+                            // Its stored retry time, if any, goes with it.
+                            let retried = export.retry_at_uptime_ms.is_some()
+                                || state.retry_stored.contains(&export.id.seq);
+                            state.settle(profile, export, ExportChange::Delivered { retried });
+                            self.metrics
+                                .record_delivery(DeliveryOutcome::Delivered, Some(latency));
+                        }
+                        tracing::debug!(exports = batch.len(), status, "delivered");
+                        return;
                     }
-                    tracing::debug!(exports = batch.len(), status, "delivered");
-                    return;
+                    Class::Reject => {
+                        state
+                            .controller
+                            .answered_after(now, started_at, sent_at, Signal::Neutral);
+                        self.reject(state, batch, error, &dropped);
+                        return;
+                    }
+                    Class::AuthRejected => {
+                        // The token was dropped by the request task; a new one goes with the
+                        // retry, at once the first time.
+                        (error, None, Signal::Failed, RetryCause::Auth)
+                    }
+                    Class::Retry => {
+                        let (signal, cause) = match status {
+                            429 => (Signal::RateLimited, RetryCause::RateLimited),
+                            503 => (Signal::Overloaded, RetryCause::Unavailable),
+                            _ => (Signal::Failed, RetryCause::ServerError),
+                        };
+                        (error, retry_after, signal, cause)
+                    }
                 }
-                Class::Reject => {
-                    state
-                        .controller
-                        .answered_after(now, started_at, sent_at, Signal::Neutral);
-                    self.reject(state, batch, error, &dropped);
-                    return;
-                }
-                Class::AuthRejected => {
-                    // The token was dropped by the request task; a new one goes with the
-                    // retry, at once the first time.
-                    (error, None, Signal::Failed, RetryCause::Auth)
-                }
-                Class::Retry => {
-                    let (signal, cause) = match status {
-                        429 => (Signal::RateLimited, RetryCause::RateLimited),
-                        503 => (Signal::Overloaded, RetryCause::Unavailable),
-                        _ => (Signal::Failed, RetryCause::ServerError),
-                    };
-                    (error, retry_after, signal, cause)
-                }
-            },
+            }
             Attempted::TokenFailed(error) => (error, None, Signal::Failed, RetryCause::Token),
             Attempted::SendFailed {
                 error,
@@ -938,6 +947,12 @@ impl Deliverer {
         m.in_flight.set(state.controller.in_flight() as i64);
         m.rate_cap
             .set(state.controller.rate_cap().map_or(0, |r| r.round() as i64));
+        m.quota_left.set(
+            state
+                .controller
+                .quota_left(Instant::now())
+                .map_or(-1, |left| left.min(i64::MAX as usize) as i64),
+        );
         m.retry_waiting.set(state.queue.waiting() as i64);
         m.window_exports.set(state.queue.held() as i64);
         m.window_bytes.set(state.queue.held_bytes() as i64);
@@ -1015,6 +1030,7 @@ impl Deliverer {
             }
         }
         let retry_after = retry::retry_after(&answer.headers, SystemTime::now());
+        let quota = quota::advertised(&answer.headers, SystemTime::now());
         let error = if answer.status.is_success() {
             String::new()
         } else {
@@ -1057,6 +1073,7 @@ impl Deliverer {
         Attempted::Answered {
             status,
             retry_after,
+            quota,
             error,
         }
     }
