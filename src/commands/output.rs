@@ -103,13 +103,17 @@ pub(super) fn print_stats(stats: &Value) {
             Some(cap) if cap > 0 => format!(", rate capped at {cap}/s after 429s"),
             _ => String::new(),
         };
+        let quota = match stats["quota_left"].as_i64() {
+            Some(left) => format!(", {left} request(s) left in the endpoint's advertised window"),
+            None => String::new(),
+        };
         let down = if stats["destination_down"] == Value::Bool(true) {
             ", destination down: probing one request at a time"
         } else {
             ""
         };
         println!(
-            "delivery         {} in flight, limit {}{cap}{down}",
+            "delivery         {} in flight, limit {}{cap}{quota}{down}",
             text_of(&stats["in_flight"]),
             text_of(&stats["concurrency_limit"])
         );

@@ -146,6 +146,8 @@ fn add_delivery_state(stats: &mut serde_json::Value, metrics: &Metrics) {
     stats["in_flight"] = metrics.in_flight.get().into();
     stats["concurrency_limit"] = metrics.concurrency_limit.get().into();
     stats["rate_cap_per_s"] = metrics.rate_cap.get().into();
+    let quota_left = metrics.quota_left.get();
+    stats["quota_left"] = (quota_left >= 0).then_some(quota_left).into();
     stats["destination_down"] = (metrics.destination_down.get() == 1).into();
 }
 

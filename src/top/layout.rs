@@ -206,7 +206,10 @@ fn delivery(frame: &mut Frame, area: Rect, view: &View) {
             "limit      {}  in flight {}",
             view.concurrency_limit, view.in_flight
         )),
-        Line::raw(format!("rate cap   {}", rate_cap(view.rate_cap))),
+        Line::raw(format!(
+            "rate cap   {}",
+            rate_cap(view.rate_cap, view.quota_left)
+        )),
         Line::raw(format!("retry wait {} exports", view.retry_waiting)),
         Line::styled(
             format!("endpoint   {}", destination(view.destination_down)),

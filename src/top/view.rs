@@ -198,6 +198,8 @@ pub struct View {
     pub concurrency_limit: i64,
     pub in_flight: i64,
     pub rate_cap: i64,
+    /// Requests left in the endpoint's advertised window; `None` when none was advertised.
+    pub quota_left: Option<i64>,
     pub retry_waiting: i64,
     pub destination_down: bool,
     pub pending: u64,
@@ -278,6 +280,11 @@ pub fn view(
         concurrency_limit: gauge("outpost_delivery_concurrency_limit"),
         in_flight: gauge("outpost_delivery_in_flight"),
         rate_cap: gauge("outpost_delivery_rate_cap"),
+        // Absent from agents before the quota was read: none advertised.
+        quota_left: m
+            .get("outpost_delivery_quota_left", &[])
+            .map(|left| left as i64)
+            .filter(|&left| left >= 0),
         retry_waiting: gauge("outpost_delivery_retry_waiting"),
         destination_down: gauge("outpost_destination_down") == 1,
         pending: gauge("outpost_outbox_pending").max(0) as u64,
@@ -382,11 +389,16 @@ pub fn duration(seconds: u64) -> String {
 }
 
 /// The rate cap for people.
-pub fn rate_cap(cap: i64) -> String {
-    if cap > 0 {
+/// The rate cap for people, and what the endpoint's advertised window has left.
+pub fn rate_cap(cap: i64, quota_left: Option<i64>) -> String {
+    let cap = if cap > 0 {
         format!("{cap}/s (after 429s)")
     } else {
         "none".into()
+    };
+    match quota_left {
+        Some(left) => format!("{cap}; quota {left} left"),
+        None => cap,
     }
 }
 
@@ -461,7 +473,11 @@ pub fn plain(view: &View) -> String {
         view.concurrency_limit.to_string(),
     );
     line("delivery", "in flight", view.in_flight.to_string());
-    line("delivery", "rate cap", rate_cap(view.rate_cap));
+    line(
+        "delivery",
+        "rate cap",
+        rate_cap(view.rate_cap, view.quota_left),
+    );
     line(
         "delivery",
         "waiting for retry",
@@ -641,6 +657,7 @@ mod tests {
              outpost_delivery_concurrency_limit 12\n\
              outpost_delivery_in_flight 3\n\
              outpost_delivery_rate_cap 150\n\
+             outpost_delivery_quota_left 7\n\
              outpost_destination_down 0\n\
              outpost_outbox_pending 34\n\
              outpost_outbox_dead 2\n\
@@ -710,6 +727,7 @@ mod tests {
         close(v.latency_recent.1, 0.001 + 0.001 * 39.6 / 40.0);
         close(v.latency_since_start.0, 0.001 + 0.001 * 5.0 / 50.0);
         assert_eq!((v.concurrency_limit, v.in_flight, v.rate_cap), (12, 3, 150));
+        assert_eq!(v.quota_left, Some(7));
         assert_eq!((v.pending, v.dead, v.oldest_waited_s), (34, 2, Some(5)));
         assert_eq!(v.pending_history, vec![50, 34]);
         assert_eq!(v.waited_history, vec![3, 5]);
@@ -732,7 +750,7 @@ mod tests {
             "deliveries  delivered                20.0           90",
             "retries     rate_limited              3.0            6",
             "delivery    concurrency limit  12",
-            "delivery    rate cap           150/s (after 429s)",
+            "delivery    rate cap           150/s (after 429s); quota 7 left",
             "token       lifetime           expires in 2m 5s",
             "outbox      dead               2",
             "source      NATS lag           12 waiting (connected): 2:7 10:5",
