@@ -245,8 +245,9 @@ pub enum NatsCommand {
     /// partition only where no agent consumes it any more: to move it (its profiles' stored
     /// versions stay in the old store, see README), or after the store that held it was lost
     /// or replaced. An agent waiting for the partition claims it within seconds; one still
-    /// consuming it claims it again within seconds (and logs a warning), or, if a waiting
-    /// agent took it first, stops consuming it.
+    /// consuming it claims it again within seconds (and logs a warning), unless a waiting
+    /// agent took it first: then both consume it for a few seconds, so stop the consuming
+    /// agent first.
     ///
     /// Example: outpost nats release 4-7 --config outpost.toml
     Release {

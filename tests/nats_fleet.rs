@@ -1958,8 +1958,8 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
 }
 
 /// The agent that consumes a partition looks at its claim while it does: released meanwhile
-/// (`outpost nats release` while the agent runs), the claim is made again, so an agent that
-/// waits for the partition does not take it too; claimed by another store, consuming stops.
+/// (`outpost nats release` while the agent runs), the claim is made again; claimed by another
+/// store, consuming stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_released_or_taken_while_its_partition_is_consumed() {
     let Some(server_bin) = nats_server_or_skip("claim_while_consumed") else {

@@ -130,6 +130,19 @@ pub async fn claim(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Cla
     }
 }
 
+/// Looks at the claim on a partition this store consumes: read first (the claim is there
+/// nearly always), made again only when it is gone.
+pub async fn look(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Claim, NatsError> {
+    let recorded = bucket
+        .get(key(partition))
+        .await
+        .map_err(|e| nats_error(&format!("reading the claim on partition {partition}"), e))?;
+    match recorded {
+        Some(recorded) => Ok(judge(&String::from_utf8_lossy(&recorded), ours)),
+        None => claim(bucket, partition, ours).await,
+    }
+}
+
 /// Lets the claim on `partition` go; returns what it was, if there was one.
 pub async fn release(bucket: &kv::Store, partition: u32) -> Result<Option<String>, NatsError> {
     let key = key(partition);

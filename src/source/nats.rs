@@ -672,6 +672,8 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
             }
             Err(PartitionStop::ClaimedElsewhere(holder)) => {
                 shared.state.claimed_elsewhere[slot].store(true, Ordering::Relaxed);
+                // Not consumed here: no backlog of this agent's to show.
+                shared.state.pending[slot].store(0, Ordering::Relaxed);
                 let error = format!("claimed by {holder}");
                 if error != last_error {
                     tracing::error!(
@@ -842,16 +844,19 @@ async fn fresh_consumer(shared: &Shared, partition: u32) -> Result<Consuming, Na
     })
 }
 
-async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim, NatsError> {
+async fn claims_bucket(shared: &Shared) -> Result<async_nats::jetstream::kv::Store, NatsError> {
     let config = &shared.config;
-    let claims = claim::bucket(
+    claim::bucket(
         &shared.js,
         &config.stream,
         &config.consumer_prefix,
         config.replicas,
     )
-    .await?;
-    claim::claim(&claims, partition, &shared.claim_as).await
+    .await
+}
+
+async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim, NatsError> {
+    claim::claim(&claims_bucket(shared).await?, partition, &shared.claim_as).await
 }
 
 /// Looks at the claim on a partition this agent consumes. Released meanwhile (`outpost nats
@@ -859,7 +864,11 @@ async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim
 /// here; taken by another store, consuming stops. A look that fails changes nothing: the
 /// claim was ours when consuming started, and a broken connection stops the fetches anyway.
 async fn keep_claim(shared: &Shared, partition: u32) -> Result<(), PartitionStop> {
-    match claim_partition(shared, partition).await {
+    let looked = match claims_bucket(shared).await {
+        Ok(claims) => claim::look(&claims, partition, &shared.claim_as).await,
+        Err(e) => Err(e),
+    };
+    match looked {
         Ok(claim::Claim::Ours) => Ok(()),
         Ok(claim::Claim::Made) => {
             tracing::warn!(
