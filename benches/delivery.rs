@@ -628,7 +628,6 @@ fn print_backlog_ratios(backlogs: &Backlogs, sizes: [usize; 3], first: [u64; 2],
     }
 }
 
-/// The median of a few rates.
 /// (f): a fixed window of `limit` requests a second, its quota advertised in `RateLimit-*`
 /// headers or not: exports/s between the 10% and 90% marks, 429s, requests.
 async fn bench_quota(limit: u64, n: usize) -> [(bool, f64, usize, usize); 2] {
@@ -662,6 +661,7 @@ fn print_quota(limit: u64, runs: &[(bool, f64, usize, usize); 2]) {
     }
 }
 
+/// The median of a few rates.
 fn median(mut rates: Vec<f64>) -> f64 {
     rates.sort_by(f64::total_cmp);
     rates[rates.len() / 2]

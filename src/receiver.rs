@@ -362,7 +362,8 @@ impl RateLimit {
     }
 }
 
-/// A fixed window: `limit` requests each `window`, counted from the first request. As a
+/// A fixed window: `limit` requests each `window`, the windows one after another from the
+/// first request (as a limiter whose windows follow the clock). As a
 /// [`Script`], it answers 429 past the limit with `Retry-After` the rest of the window and,
 /// when `advertise`, every answer says what the window has left (`RateLimit-Remaining`,
 /// `RateLimit-Reset` in whole seconds, rounded up, as the IETF draft has them).
@@ -370,7 +371,7 @@ pub struct FixedWindow {
     limit: u64,
     window: Duration,
     advertise: bool,
-    /// (requests counted, when the window started).
+    /// (requests counted in the current window, when it started).
     counted: Mutex<(u64, Option<Instant>)>,
 }
 
@@ -389,13 +390,12 @@ impl FixedWindow {
     fn count(&self) -> (bool, u64, Duration) {
         let mut counted = self.counted.lock().unwrap();
         let now = Instant::now();
-        let started = match counted.1 {
-            Some(at) if now < at + self.window => at,
-            _ => {
-                *counted = (0, Some(now));
-                now
-            }
-        };
+        let first = *counted.1.get_or_insert(now);
+        let windows = (now - first).as_nanos() / self.window.as_nanos().max(1);
+        let started = first + self.window * windows as u32;
+        if counted.1 != Some(started) {
+            *counted = (0, Some(started));
+        }
         let admitted = counted.0 < self.limit;
         if admitted {
             counted.0 += 1;

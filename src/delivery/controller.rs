@@ -524,6 +524,8 @@ pub struct Controller {
     rate_cap: Option<RateCap>,
     /// What the endpoint last said of its quota (see `quota`).
     quota: Option<Quota>,
+    /// Whether the answer being taken in said it (see [`Controller::heard_quota`]).
+    quota_heard: bool,
     // Down.
     failures_in_a_row: u32,
     down_since: Option<Instant>,
@@ -554,6 +556,7 @@ impl Controller {
             recent_429: RefusalShare::default(),
             rate_cap: None,
             quota: None,
+            quota_heard: false,
             failures_in_a_row: 0,
             down_since: None,
             probe_in_flight: false,
@@ -581,7 +584,7 @@ impl Controller {
 
     /// Requests the endpoint's window has left, as its last answers advertised.
     pub fn quota_left(&self, now: Instant) -> Option<usize> {
-        self.quota.and_then(|q| q.allows(now))
+        self.quota.map(|q| q.allows(now))
     }
 
     /// How many requests may start now, when `wanted` could.
@@ -592,7 +595,7 @@ impl Controller {
         if self.down_since.is_some() {
             return usize::from(!self.probe_in_flight && now >= self.probe_at);
         }
-        let by_limit = match self.quota.and_then(|q| q.allows(now)) {
+        let by_limit = match self.quota.map(|q| q.allows(now)) {
             Some(by_quota) => self.limit.saturating_sub(self.in_flight).min(by_quota),
             None => self.limit.saturating_sub(self.in_flight),
         };
@@ -634,7 +637,7 @@ impl Controller {
     }
 
     /// A request started.
-    pub fn started(&mut self, _now: Instant) {
+    pub fn started(&mut self, now: Instant) {
         self.in_flight += 1;
         if self.in_flight >= self.limit {
             self.reached_limit = true;
@@ -643,7 +646,7 @@ impl Controller {
             cap.tokens -= 1.0;
         }
         if let Some(quota) = &mut self.quota {
-            quota.started();
+            quota.started(now);
         }
         if self.down_since.is_some() {
             self.probe_in_flight = true;
@@ -659,16 +662,17 @@ impl Controller {
         }
     }
 
-    /// An answer that came now advertised the endpoint's quota: from now until its window
-    /// starts again, no more requests start than it has left. Called before
-    /// [`Controller::answered_after`] of that answer, while its request still counts in flight.
-    pub fn heard_quota(&mut self, now: Instant, advertised: Advertised) {
-        let others = self.in_flight.saturating_sub(1);
-        let heard = Quota::heard(now, advertised, others);
+    /// An answer that came now, to a request sent at `sent_at`, advertised the endpoint's
+    /// quota: until its window starts again, no more requests start than it has left. Called
+    /// before [`Controller::answered_after`] of that answer, while its request still counts
+    /// in flight.
+    pub fn heard_quota(&mut self, now: Instant, sent_at: Instant, advertised: Advertised) {
+        let heard = Quota::heard(now, advertised, self.in_flight.saturating_sub(1));
         self.quota = Some(match self.quota {
-            Some(kept) => kept.updated(now, heard),
+            Some(kept) => kept.updated(now, sent_at, heard, self.in_flight),
             None => heard,
         });
+        self.quota_heard = true;
     }
 
     /// A request started and sent at `sent_at` was answered (or failed) now.
@@ -689,6 +693,13 @@ impl Controller {
         signal: Signal,
     ) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        // An answer that says nothing of the quota once its window is over: the endpoint
+        // may have stopped saying, and a quota spent with nothing in flight would hold
+        // requests for good.
+        let quota_heard = std::mem::take(&mut self.quota_heard);
+        if !quota_heard && self.quota.is_some_and(|q| q.past(now)) {
+            self.quota = None;
+        }
         let rtt = now.saturating_duration_since(sent_at);
         if signal == Signal::Healthy {
             self.rtt_sum += rtt.as_secs_f64();
@@ -867,7 +878,7 @@ mod tests {
             remaining: 5,
             resets_in: Duration::from_secs(2),
         };
-        c.heard_quota(answer, quota);
+        c.heard_quota(answer, now, quota);
         c.answered(answer, now, Signal::Healthy);
         assert_eq!(c.quota_left(answer), Some(3));
         assert_eq!(c.permits(answer, usize::MAX), 3);
@@ -877,9 +888,33 @@ mod tests {
         assert_eq!(c.permits(answer, usize::MAX), 0);
         let window = answer + Duration::from_secs(2);
         assert_eq!(c.next_permit_at(answer, 1), Some(window));
-        // Once the window starts again, the concurrency limit alone bounds them.
-        assert_eq!(c.quota_left(window), None);
-        assert_eq!(c.permits(window, usize::MAX), INITIAL_LIMIT - 5);
+        // Once the window starts again, what a window was said to have (5) starts, less
+        // nothing: the 5 in flight were started in the old window.
+        assert_eq!(c.quota_left(window), Some(5));
+        assert_eq!(
+            c.permits(window, usize::MAX),
+            3,
+            "the limit of 8 less 5 out"
+        );
+        for _ in 0..3 {
+            c.started(window);
+        }
+        // An answer to one sent before the window started again says nothing of the new one.
+        let late = window + Duration::from_millis(5);
+        c.heard_quota(
+            late,
+            answer,
+            Advertised {
+                remaining: 0,
+                resets_in: Duration::from_secs(1),
+            },
+        );
+        c.answered(late, answer, Signal::RateLimited);
+        assert_eq!(c.quota_left(late), Some(2));
+        // An answer that says nothing of the quota once its window is over drops it: with
+        // nothing in flight, a spent quota would hold requests for good.
+        c.answered(late, answer, Signal::Healthy);
+        assert_eq!(c.quota_left(late), None);
     }
 
     #[test]

@@ -786,7 +786,7 @@ impl Deliverer {
                 error,
             } => {
                 if let Some(quota) = quota {
-                    state.controller.heard_quota(now, quota);
+                    state.controller.heard_quota(now, sent_at, quota);
                 }
                 match classify(status) {
                     Class::Delivered => {

@@ -1,10 +1,10 @@
 //! The endpoint's own word on its rate limit: `RateLimit-Remaining` and `RateLimit-Reset`
-//! (the IETF draft's, or with an `X-` in front as many APIs send them), or the draft's single
-//! `RateLimit` field (`limit=100, remaining=0, reset=30`, or `"default";r=0;t=30`). An
-//! endpoint that says how many requests its window has left, and when the window starts
-//! again, is not sent more than that: once they are spent, requests wait for the window
-//! rather than collect 429s. Parsing is pure and tested from a table; [`Quota`] is what the
-//! controller keeps of the latest answer that said so.
+//! (the IETF draft's, or as `X-RateLimit-*` and `X-Rate-Limit-*`, as many APIs send them), or
+//! the draft's single `RateLimit` field (`limit=100, remaining=0, reset=30`, or
+//! `"default";r=0;t=30`). An endpoint that says how many requests its window has left, and
+//! when the window starts again, is not sent more than that: once they are spent, requests
+//! wait for the window rather than collect 429s. Parsing is pure and tested from a table;
+//! [`Quota`] is what the controller keeps of what the answers said.
 
 use std::time::{Duration, SystemTime};
 
@@ -21,25 +21,27 @@ pub struct Advertised {
     pub resets_in: Duration,
 }
 
-/// Reset values from this many seconds up are a time since 1970 (GitHub's and others'
-/// `X-RateLimit-Reset`), not a number of seconds from now.
+/// Reset values from this many up are a time since 1970 (GitHub's and others'
+/// `X-RateLimit-Reset`), in seconds, or from [`EPOCH_MILLISECONDS_FROM`] in milliseconds, not
+/// a number of seconds from now.
 const EPOCH_SECONDS_FROM: f64 = 1e9;
+const EPOCH_MILLISECONDS_FROM: f64 = 1e12;
 
 /// The quota an answer advertises, when it says both how much is left and when the window
 /// starts again. Times since 1970 are measured against the answer's `Date` (the endpoint's
 /// clock), else `now`.
 pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Advertised> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let separate = |prefix: &str| {
+    let separate = |name: &str| {
         Some((
-            text(&format!("{prefix}ratelimit-remaining"))?,
-            text(&format!("{prefix}ratelimit-reset"))?,
+            first_number(text(&format!("{name}-remaining"))?)?,
+            first_number(text(&format!("{name}-reset"))?)?,
         ))
     };
-    let (remaining, reset) = match separate("").or_else(|| separate("x-")) {
-        Some((remaining, reset)) => (first_number(remaining)?, first_number(reset)?),
-        None => combined(text("ratelimit")?)?,
-    };
+    let (remaining, reset) = separate("ratelimit")
+        .or_else(|| separate("x-ratelimit"))
+        .or_else(|| separate("x-rate-limit"))
+        .or_else(|| combined(text("ratelimit")?))?;
     if remaining < 0.0 || reset < 0.0 {
         return None;
     }
@@ -47,7 +49,12 @@ pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Adverti
         let reference = text("date")
             .and_then(|date| httpdate::parse_http_date(date).ok())
             .unwrap_or(now);
-        let at = SystemTime::UNIX_EPOCH + Duration::try_from_secs_f64(reset).ok()?;
+        let seconds = if reset >= EPOCH_MILLISECONDS_FROM {
+            reset / 1000.0
+        } else {
+            reset
+        };
+        let at = SystemTime::UNIX_EPOCH + Duration::try_from_secs_f64(seconds).ok()?;
         at.duration_since(reference).unwrap_or_default()
     } else {
         Duration::try_from_secs_f64(reset).ok()?
@@ -61,32 +68,43 @@ pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Adverti
 /// The first number of a field value: `42`, `42, 100;w=60` (a list, as some send for several
 /// policies), `1.5`.
 fn first_number(value: &str) -> Option<f64> {
-    let first = value.split([',', ';']).next()?.trim();
-    first.parse::<f64>().ok().filter(|n| n.is_finite())
+    number(value.split([',', ';']).next()?)
 }
 
-/// (remaining, reset) from a draft `RateLimit` field: `limit=100, remaining=50, reset=30`
-/// or `"default";r=50;t=30`.
+fn number(text: &str) -> Option<f64> {
+    let number = text.trim().trim_matches('"').parse::<f64>().ok()?;
+    number.is_finite().then_some(number)
+}
+
+/// (remaining, reset) from a draft `RateLimit` field: the dictionary of one policy of the
+/// early drafts (`limit=100, remaining=50, reset=30`), or the list of the later ones, an item
+/// a policy (`"hour";r=0;t=1800, "second";r=9;t=1`), of which the most restrictive holds: the
+/// fewest left, and of those the latest reset.
 fn combined(value: &str) -> Option<(f64, f64)> {
-    let (mut remaining, mut reset) = (None, None);
-    for parameter in value.split([',', ';']) {
-        let Some((key, number)) = parameter.split_once('=') else {
-            continue;
-        };
-        let number = number.trim().trim_matches('"').parse::<f64>().ok();
-        match key.trim() {
-            "remaining" | "r" => remaining = number,
-            "reset" | "t" => reset = number,
-            _ => {}
+    let parameters = |text: &'_ str, separator: char, names: [&str; 2]| {
+        let (mut remaining, mut reset) = (None, None);
+        for parameter in text.split(separator) {
+            let Some((key, value)) = parameter.split_once('=') else {
+                continue;
+            };
+            if key.trim() == names[0] {
+                remaining = number(value);
+            } else if key.trim() == names[1] {
+                reset = number(value);
+            }
         }
-    }
-    Some((remaining?, reset?)).filter(|(r, t)| r.is_finite() && t.is_finite())
+        Some((remaining?, reset?))
+    };
+    parameters(value, ',', ["remaining", "reset"]).or_else(|| {
+        value
+            .split(',')
+            .filter_map(|policy| parameters(policy, ';', ["r", "t"]))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)))
+    })
 }
 
-/// Resets this close are taken for one window (see [`Quota::updated`]).
-const SAME_WINDOW: Duration = Duration::from_secs(1);
-
-/// The quota the latest answer advertised, until its window starts again.
+/// The quota the answers advertised: what the current window has left until it starts again,
+/// then, until an answer speaks of the new window, about as much as a window was seen to have.
 #[derive(Debug, Clone, Copy)]
 pub struct Quota {
     /// Requests that may still start in this window: what the answer said was left, less the
@@ -94,6 +112,12 @@ pub struct Quota {
     /// since.
     left: i64,
     until: Instant,
+    /// The most an answer said a window had left (at least one): what the next window is taken
+    /// to allow before an answer speaks of it, so that it does not begin with a burst of more
+    /// than it takes.
+    window: i64,
+    /// Requests started since `until`.
+    started_after: i64,
 }
 
 impl Quota {
@@ -104,37 +128,56 @@ impl Quota {
         Quota {
             left: remaining.saturating_sub(others_in_flight as i64),
             until: now + advertised.resets_in,
+            window: remaining.max(1),
+            started_after: 0,
         }
     }
 
-    /// This quota after another answer advertised `heard`. Answers to requests in flight
-    /// together may come in another order than the endpoint counted them, so within one
-    /// window (resets no more than [`SAME_WINDOW`] apart, the rounding of whole seconds) the
-    /// smaller count left holds: a late answer does not give back requests already spent.
-    pub fn updated(self, now: Instant, heard: Quota) -> Quota {
-        let same_window = now < self.until && heard.until <= self.until + SAME_WINDOW;
-        if same_window && self.left < heard.left {
-            Quota {
-                left: self.left,
-                until: self.until.max(heard.until),
-            }
+    /// This quota after an answer to a request sent at `sent_at` advertised `heard`, with
+    /// `in_flight` requests out. Answers to requests in flight together may come in another
+    /// order than the endpoint counted them: one that says more is left, by no more than the
+    /// requests in flight, is a late answer of the same window and gives back nothing; one
+    /// to a request sent before the window started again speaks of the old window, and is
+    /// left out once it has.
+    pub fn updated(self, now: Instant, sent_at: Instant, heard: Quota, in_flight: usize) -> Quota {
+        let window = self.window.max(heard.window);
+        let of_the_old_window = now >= self.until && sent_at < self.until;
+        let late = now < self.until
+            && heard.left > self.left
+            && heard.left <= self.left.saturating_add(in_flight as i64);
+        if of_the_old_window || late {
+            Quota { window, ..self }
         } else {
-            heard
+            Quota { window, ..heard }
         }
     }
 
-    /// How many requests may start now, or `None` once the window has started again.
-    pub fn allows(&self, now: Instant) -> Option<usize> {
-        (now < self.until).then(|| self.left.max(0) as usize)
+    /// Whether the window this quota knows of has started again.
+    pub fn past(&self, now: Instant) -> bool {
+        now >= self.until
+    }
+
+    /// How many requests may start now.
+    pub fn allows(&self, now: Instant) -> usize {
+        let left = if self.past(now) {
+            self.window - self.started_after
+        } else {
+            self.left
+        };
+        left.max(0) as usize
     }
 
     /// When the window starts again, if none may start before.
     pub fn spent_until(&self, now: Instant) -> Option<Instant> {
-        (self.allows(now) == Some(0)).then_some(self.until)
+        (!self.past(now) && self.left <= 0).then_some(self.until)
     }
 
-    pub fn started(&mut self) {
-        self.left -= 1;
+    pub fn started(&mut self, now: Instant) {
+        if self.past(now) {
+            self.started_after += 1;
+        } else {
+            self.left -= 1;
+        }
     }
 }
 
@@ -199,6 +242,14 @@ mod tests {
                 ],
                 quota(0, Duration::ZERO),
             ),
+            // Twitter's and Okta's names.
+            (
+                &[
+                    ("x-rate-limit-remaining", "0"),
+                    ("x-rate-limit-reset", "1700000045"),
+                ],
+                quota(0, secs(45)),
+            ),
             (
                 &[("RateLimit-Remaining", "3"), ("RateLimit-Reset", "1.5")],
                 quota(3, Duration::from_millis(1500)),
@@ -215,6 +266,32 @@ mod tests {
                 quota(0, secs(7)),
             ),
             (&[("RateLimit", "\"default\";r=25;t=3")], quota(25, secs(3))),
+            // Several policies: the fewest left, and of those the latest reset.
+            (
+                &[("RateLimit", "\"hour\";r=0;t=1800, \"second\";r=9;t=1")],
+                quota(0, secs(1800)),
+            ),
+            (
+                &[("RateLimit", "\"a\";r=3;t=1, \"b\";r=3;t=40, \"c\";r=8;t=90")],
+                quota(3, secs(40)),
+            ),
+            // A time since 1970 in milliseconds.
+            (
+                &[
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "1700000012500"),
+                ],
+                quota(0, Duration::from_millis(12_500)),
+            ),
+            // Separate headers that cannot be read leave the field to say it.
+            (
+                &[
+                    ("RateLimit-Remaining", "soon"),
+                    ("RateLimit-Reset", "30"),
+                    ("RateLimit", "limit=10, remaining=4, reset=6"),
+                ],
+                quota(4, secs(6)),
+            ),
             // At most an hour, as `Retry-After`.
             (
                 &[("RateLimit-Remaining", "0"), ("RateLimit-Reset", "86400")],
@@ -258,35 +335,86 @@ mod tests {
             )
         };
         let mut quota = heard(5, 3);
-        assert_eq!(quota.allows(now), Some(2));
+        assert_eq!(quota.allows(now), 2);
         assert_eq!(quota.spent_until(now), None);
-        quota.started();
-        quota.started();
-        assert_eq!(quota.allows(now), Some(0));
+        quota.started(now);
+        quota.started(now);
+        assert_eq!(quota.allows(now), 0);
         assert_eq!(quota.spent_until(now), Some(now + Duration::from_secs(2)));
-        let later = now + Duration::from_secs(2);
-        assert_eq!(quota.allows(later), None);
-        assert_eq!(quota.spent_until(later), None);
-        // A late answer within the window gives back nothing; one after it starts over.
-        let kept = heard(5, 0).updated(now, heard(40, 0));
-        assert_eq!(kept.allows(now), Some(5));
-        let kept = heard(40, 0).updated(now, heard(5, 0));
-        assert_eq!(kept.allows(now), Some(5));
-        let after = now + Duration::from_secs(3);
-        let next_window = Quota::heard(
-            after,
-            Advertised {
-                remaining: 40,
-                resets_in: Duration::from_secs(1),
-            },
-            0,
-        );
-        assert_eq!(
-            heard(5, 0).updated(after, next_window).allows(after),
-            Some(40)
-        );
         // More in flight than is left: none.
-        assert_eq!(heard(2, 6).allows(now), Some(0));
-        assert_eq!(heard(u64::MAX, 0).allows(now), Some(i64::MAX as usize));
+        assert_eq!(heard(2, 6).allows(now), 0);
+        assert_eq!(heard(u64::MAX, 0).allows(now), i64::MAX as usize);
+    }
+
+    #[test]
+    fn once_its_window_is_over_a_quota_allows_about_what_a_window_had_until_an_answer_says() {
+        let now = Instant::now();
+        let window = |at: Instant, remaining, resets_in| {
+            Quota::heard(
+                at,
+                Advertised {
+                    remaining,
+                    resets_in: Duration::from_secs(resets_in),
+                },
+                0,
+            )
+        };
+        // Windows said to have 30, then 12, then none left; the most said is what the next
+        // window is taken to have.
+        let sent = now;
+        let mut quota = window(now, 30, 2)
+            .updated(now, sent, window(now, 12, 2), 0)
+            .updated(now, sent, window(now, 0, 2), 0);
+        assert_eq!(quota.spent_until(now), Some(now + Duration::from_secs(2)));
+        let over = now + Duration::from_secs(2);
+        assert!(quota.past(over));
+        assert_eq!(quota.spent_until(over), None);
+        assert_eq!(quota.allows(over), 30);
+        for _ in 0..30 {
+            quota.started(over);
+        }
+        assert_eq!(quota.allows(over), 0);
+        // Nothing said a window had anything: one request, to hear of the next.
+        assert_eq!(window(now, 0, 2).allows(over), 1);
+    }
+
+    #[test]
+    fn answers_out_of_order_give_back_nothing_and_a_new_window_starts_over() {
+        let now = Instant::now();
+        let window = |at: Instant, remaining, resets_in| {
+            Quota::heard(
+                at,
+                Advertised {
+                    remaining,
+                    resets_in: Duration::from_secs(resets_in),
+                },
+                0,
+            )
+        };
+        let sent = now;
+        // A late answer (more left, by no more than the 10 in flight) gives back nothing.
+        let kept = window(now, 5, 2).updated(now, sent, window(now, 12, 2), 10);
+        assert_eq!(kept.allows(now), 5);
+        // Fewer left: believed.
+        let kept = window(now, 40, 2).updated(now, sent, window(now, 5, 2), 10);
+        assert_eq!(kept.allows(now), 5);
+        // Far more left than requests in flight: the window started again before the
+        // quota's reset, rounded up, said; the new one holds, with its own reset.
+        let soon = now + Duration::from_millis(700);
+        let next = window(soon, 95, 1);
+        let kept = window(now, 20, 1).updated(soon, soon, next, 10);
+        assert_eq!(kept.allows(soon), 95);
+        assert!(
+            !kept.past(now + Duration::from_millis(1_200)),
+            "the new window's reset, not the old one's"
+        );
+        // Once the window is over, an answer to a request sent before speaks of the old one.
+        let over = now + Duration::from_secs(2);
+        let old = window(over, 0, 1);
+        let kept = window(now, 20, 2).updated(over, sent, old, 3);
+        assert_eq!(kept.allows(over), 20);
+        // One sent after it is of the new window.
+        let kept = window(now, 20, 2).updated(over, over, old, 3);
+        assert_eq!(kept.allows(over), 0);
     }
 }
