@@ -25,20 +25,22 @@
 //!   each 100 ms and only clearer evidence cuts it. So a rate-limited endpoint settles at its
 //!   limit with few 429s, from a few requests a second up.
 //! - **Advertised quota**: an answer that says how many requests the endpoint's window has
-//!   left, and when it starts again (`quota`), bounds the requests started until then.
+//!   left, and when it starts again (`quota`), bounds the requests started until then; so do
+//!   429s whose `Retry-After`s count down to one instant (a window that does not advertise
+//!   itself, spent until then).
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
 //!   token errors) with no answer in between that showed the endpoint working, only one probe is
 //!   in flight at a time, on the backoff schedule; the first answer that is not such a failure
 //!   reopens at once.
 //!
 //! Per-export retry times are not decided here (see `retry::RetrySchedule`): a 429 delays its
-//! own export, not the destination.
+//! own export, not the destination, unless it counts down with others to a window's end.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::quota::{Advertised, Quota};
+use super::quota::{Advertised, CountDown, Quota};
 use super::retry::RetrySchedule;
 
 /// Failures in a row after which the destination counts as down.
@@ -526,6 +528,7 @@ pub struct Controller {
     quota: Option<Quota>,
     /// Whether the answer being taken in said it (see [`Controller::heard_quota`]).
     quota_heard: bool,
+    count_down: CountDown,
     // Down.
     failures_in_a_row: u32,
     down_since: Option<Instant>,
@@ -557,6 +560,7 @@ impl Controller {
             rate_cap: None,
             quota: None,
             quota_heard: false,
+            count_down: CountDown::default(),
             failures_in_a_row: 0,
             down_since: None,
             probe_in_flight: false,
@@ -673,6 +677,27 @@ impl Controller {
             None => heard,
         });
         self.quota_heard = true;
+    }
+
+    /// A 429 that came now, to a request sent at `sent_at`, said to wait `retry_after`. Called
+    /// before [`Controller::answered_after`] of that answer. When 429s count down to one
+    /// instant (see `quota::CountDown`), the endpoint is a fixed window that refuses everything
+    /// until then: no request starts before it, as if its quota were advertised spent; the
+    /// end is returned. Otherwise (a stray 429, a token bucket's constant `Retry-After`) the
+    /// 429 delays its own export alone.
+    pub fn heard_retry_after(
+        &mut self,
+        now: Instant,
+        sent_at: Instant,
+        retry_after: Duration,
+    ) -> Option<Instant> {
+        let end = self.count_down.heard(now, retry_after)?;
+        let spent = Advertised {
+            remaining: 0,
+            resets_in: end.saturating_duration_since(now),
+        };
+        self.heard_quota(now, sent_at, spent);
+        Some(end)
     }
 
     /// A request started and sent at `sent_at` was answered (or failed) now.
@@ -1179,6 +1204,9 @@ mod tests {
         Limit { per_second: f64, burst: f64 },
         /// Every request answered 429 (a quota window, an outage answered 429).
         RefusesAll,
+        /// A fixed window: `limit` requests in each `seconds` from the run's start, 429s
+        /// saying the rest of the window, rounded up to whole seconds, as `Retry-After`.
+        Window { limit: u64, seconds: f64 },
         /// Every request accepted (but for stray 429s).
         Unlimited,
     }
@@ -1235,6 +1263,8 @@ mod tests {
             };
             let mut in_flight = std::collections::VecDeque::new();
             let mut tally = vec![Second::default(); seconds as usize];
+            // The current window's number, and the requests it took.
+            let mut window = (u64::MAX, 0u64);
             while now < start + Duration::from_secs(seconds) {
                 let elapsed = (now - start).as_secs_f64();
                 let answering = endpoint(elapsed);
@@ -1252,6 +1282,14 @@ mod tests {
                                 tokens -= 1.0;
                                 true
                             }
+                            Endpoint::Window { limit, seconds } => {
+                                let number = (elapsed / seconds) as u64;
+                                if window.0 != number {
+                                    window = (number, 0);
+                                }
+                                window.1 += 1;
+                                window.1 <= limit
+                            }
                             Endpoint::Limit { .. } | Endpoint::RefusesAll => false,
                             Endpoint::Unlimited => true,
                         };
@@ -1261,6 +1299,14 @@ mod tests {
                         c.answered(now, sent, Signal::Healthy);
                     } else {
                         second.refused += 1;
+                        // As the receiver: a second, or the rest of a fixed window.
+                        let wait = match answering {
+                            Endpoint::Window { seconds, .. } => {
+                                (seconds - elapsed % seconds).ceil().max(1.0)
+                            }
+                            _ => 1.0,
+                        };
+                        c.heard_retry_after(now, sent, Duration::from_secs_f64(wait));
                         c.answered(now, sent, Signal::RateLimited);
                     }
                 }
@@ -1292,6 +1338,25 @@ mod tests {
             per_second: limit,
             burst,
         }))
+    }
+
+    #[test]
+    fn a_fixed_window_whose_429s_count_down_is_waited_for() {
+        // 1,000 requests a minute and 100 each 10 s, 429s counting down to the window's end:
+        // once told apart, requests wait for the window's end rather than collect 429s (the
+        // share refused was 13-14% and 17-19% without). Minutes 2 to 5.
+        for (limit, seconds, at_most) in [(1_000, 60.0, 0.08), (100, 10.0, 0.14)] {
+            for rtt in [Duration::from_micros(300), Duration::from_millis(50)] {
+                let run = Simulation::at(rtt).run(300, |_| Endpoint::Window { limit, seconds });
+                let (rate, refused) = summed(&run[60..]);
+                let share = rate / (limit as f64 / seconds);
+                assert!(
+                    share >= 0.95 && refused <= at_most,
+                    "{limit} per {seconds} s, answers after {rtt:?}: {share:.2} of the limit, {:.1}% refused",
+                    refused * 100.0
+                );
+            }
+        }
     }
 
     #[test]

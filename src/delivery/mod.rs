@@ -788,6 +788,18 @@ impl Deliverer {
                 if let Some(quota) = quota {
                     state.controller.heard_quota(now, sent_at, quota);
                 }
+                let window_end = match retry_after {
+                    Some(wait) if status == 429 => {
+                        state.controller.heard_retry_after(now, sent_at, wait)
+                    }
+                    _ => None,
+                };
+                if let Some(end) = window_end {
+                    tracing::debug!(
+                        wait_ms = end.saturating_duration_since(now).as_millis() as u64,
+                        "the endpoint's 429s count down to one time: requests wait for it"
+                    );
+                }
                 match classify(status) {
                     Class::Delivered => {
                         state

@@ -103,6 +103,89 @@ fn combined(value: &str) -> Option<(f64, f64)> {
     })
 }
 
+/// 429s whose `Retry-After`s this close point at one instant (whole seconds, rounded).
+const SAME_INSTANT: Duration = Duration::from_secs(1);
+/// ... when they came at least this far apart: a `Retry-After` that stays the same (a token
+/// bucket's "1") points further on as time goes, by more than [`SAME_INSTANT`] here.
+const COUNTING_DOWN_FOR: Duration = Duration::from_millis(1_500);
+/// Windows at least this long are told by their first 429 once their length is known
+/// (shorter ones would match nearly any `Retry-After` within [`SAME_INSTANT`]); a window
+/// with no 429 at all may lie between two that had some, up to [`WINDOWS_SKIPPED`].
+const KNOWN_WINDOW_FROM: Duration = Duration::from_secs(3);
+const WINDOWS_SKIPPED: u32 = 4;
+
+/// 429s whose `Retry-After` counts down to one instant: a fixed window that does not advertise
+/// its quota, and refuses everything until it starts again. Once windows have ended a known
+/// length apart, the next is told by its first 429: it points a whole number of lengths after
+/// the last end.
+#[derive(Debug, Default)]
+pub struct CountDown {
+    /// When the first 429 of the count came, and the instant it pointed at.
+    first: Option<(Instant, Instant)>,
+    /// The end of the last window counted down to, and a window's length.
+    last_end: Option<Instant>,
+    length: Option<Duration>,
+}
+
+fn near(a: Instant, b: Instant) -> bool {
+    let apart = if a > b { a - b } else { b - a };
+    apart <= SAME_INSTANT
+}
+
+impl CountDown {
+    /// A 429 that came `now` said to wait `retry_after`: the end of the window, when a 429 at
+    /// least [`COUNTING_DOWN_FOR`] before pointed at the same instant, or when it points a
+    /// whole number of window lengths after the last end.
+    pub fn heard(&mut self, now: Instant, retry_after: Duration) -> Option<Instant> {
+        let points_at = now + retry_after;
+        if let Some(end) = self.a_known_window_end(points_at) {
+            return Some(self.ended(end));
+        }
+        if let Some((since, at)) = self.first {
+            if near(points_at, at) {
+                let counted_for = now.saturating_duration_since(since);
+                return (counted_for >= COUNTING_DOWN_FOR).then(|| self.ended(at.max(points_at)));
+            }
+        }
+        self.first = Some((now, points_at));
+        None
+    }
+
+    /// The end of a window after the last, of the known length, that `points_at` is near.
+    fn a_known_window_end(&self, points_at: Instant) -> Option<Instant> {
+        let (last, length) = (self.last_end?, self.length?);
+        if length < KNOWN_WINDOW_FROM || points_at <= last + SAME_INSTANT {
+            return None;
+        }
+        (1..=WINDOWS_SKIPPED + 1)
+            .map(|windows| last + length * windows)
+            .find(|&end| near(points_at, end))
+            .map(|end| end.max(points_at))
+    }
+
+    /// Records a window's end; one later than the last ends another window, and the time
+    /// between them is a window's length, or a whole number of them.
+    fn ended(&mut self, end: Instant) -> Instant {
+        let Some(last) = self.last_end.filter(|&last| end > last + SAME_INSTANT) else {
+            let end = self.last_end.map_or(end, |last| end.max(last));
+            self.last_end = Some(end);
+            return end;
+        };
+        let apart = end - last;
+        let a_multiple = |length: Duration| {
+            (1..=WINDOWS_SKIPPED + 1).any(|windows| {
+                let whole = length * windows;
+                whole.abs_diff(apart) <= SAME_INSTANT
+            })
+        };
+        if !self.length.is_some_and(a_multiple) {
+            self.length = Some(apart);
+        }
+        self.last_end = Some(end);
+        end
+    }
+}
+
 /// The quota the answers advertised: what the current window has left until it starts again,
 /// then, until an answer speaks of the new window, about as much as a window was seen to have.
 #[derive(Debug, Clone, Copy)]
@@ -416,5 +499,36 @@ mod tests {
         // One sent after it is of the new window.
         let kept = window(now, 20, 2).updated(over, over, old, 3);
         assert_eq!(kept.allows(over), 0);
+    }
+
+    #[test]
+    fn retry_afters_that_count_down_to_one_instant_are_a_window_that_ends_there() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let secs = Duration::from_secs;
+        // A token bucket's constant "1", for a minute: never a window.
+        let mut bucket = CountDown::default();
+        for ms in (0..60_000).step_by(100) {
+            assert_eq!(bucket.heard(at(ms), secs(1)), None, "at {ms} ms");
+        }
+        // A window ending at 60 s, counted down in whole seconds, rounded up: a window once
+        // 1.5 s of 429s point at its end.
+        let mut window = CountDown::default();
+        let rest = |ms: u64| secs((60_000 - ms).div_ceil(1_000));
+        assert_eq!(window.heard(at(50_200), rest(50_200)), None);
+        assert_eq!(window.heard(at(51_000), rest(51_000)), None);
+        let end = window.heard(at(51_800), rest(51_800)).expect("a window");
+        assert!(end >= at(60_000) && end <= at(61_000), "{:?}", end - start);
+        // The next window's end, a minute on, counted down too; from then on a window is
+        // told by its first 429, also after windows that refused nothing.
+        let rest = |ms: u64, end: u64| secs((end - ms).div_ceil(1_000));
+        assert_eq!(window.heard(at(110_000), rest(110_000, 120_000)), None);
+        assert!(window.heard(at(111_600), rest(111_600, 120_000)).is_some());
+        let first = window.heard(at(175_300), rest(175_300, 180_000));
+        assert!(first.is_some_and(|end| end >= at(180_000) && end <= at(181_000)));
+        let after_skipped = window.heard(at(290_100), rest(290_100, 300_000));
+        assert!(after_skipped.is_some(), "two windows with no 429 between");
+        // A constant `Retry-After` now is still no window.
+        assert_eq!(window.heard(at(330_000), secs(1)), None);
     }
 }
