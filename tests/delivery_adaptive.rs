@@ -56,6 +56,13 @@ fn payloads_of(request: &Received) -> Vec<serde_json::Value> {
     }
 }
 
+/// How many export requests were answered 429, of how many.
+fn answered_429(receiver: &Receiver) -> (usize, usize) {
+    let requests = receiver.export_requests();
+    let refused = requests.iter().filter(|r| r.status == 429).count();
+    (refused, requests.len())
+}
+
 /// (profile, export id) of every export answered 2xx, array items included, in arrival order.
 fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
@@ -124,18 +131,11 @@ async fn a_rate_limited_endpoint_gets_few_429s_and_everything_arrives_in_order()
     lines.extend(one_each("p", 400, 1));
     ingest(&agent, &lines).await;
     wait_for_exports(&agent, &s.receiver, 800).await;
-    let statuses: Vec<u16> = s
-        .receiver
-        .export_requests()
-        .iter()
-        .map(|r| r.status)
-        .collect();
-    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    let (refused, requests) = answered_429(&s.receiver);
     assert!(refused > 0, "the bucket should have refused something");
     assert!(
-        refused * 10 <= statuses.len(),
-        "{refused} of {} requests answered 429: the rate should settle at the limit",
-        statuses.len()
+        refused * 10 <= requests,
+        "{refused} of {requests} requests answered 429: the rate should settle at the limit"
     );
     assert!(
         agent.metrics.rate_cap.get() > 0,
@@ -168,17 +168,10 @@ async fn an_advertised_quota_is_waited_for_rather_than_refused() {
     })
     .await;
     wait_for_exports(&agent, &s.receiver, 300).await;
-    let statuses: Vec<u16> = s
-        .receiver
-        .export_requests()
-        .iter()
-        .map(|r| r.status)
-        .collect();
-    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    let (refused, requests) = answered_429(&s.receiver);
     assert!(
         refused <= 3,
-        "{refused} of {} requests answered 429 though every answer said what was left",
-        statuses.len()
+        "{refused} of {requests} requests answered 429 though every answer said what was left"
     );
     agent.stop().await.unwrap();
 }

@@ -429,19 +429,19 @@ mod tests {
         assert_eq!(heard(u64::MAX, 0).allows(now), i64::MAX as usize);
     }
 
+    /// What an answer that came `at` said: `remaining` left, the window starting again
+    /// `resets_in` seconds on; nothing else in flight.
+    fn window(at: Instant, remaining: u64, resets_in: u64) -> Quota {
+        let advertised = Advertised {
+            remaining,
+            resets_in: Duration::from_secs(resets_in),
+        };
+        Quota::heard(at, advertised, 0)
+    }
+
     #[test]
     fn once_its_window_is_over_a_quota_allows_about_what_a_window_had_until_an_answer_says() {
         let now = Instant::now();
-        let window = |at: Instant, remaining, resets_in| {
-            Quota::heard(
-                at,
-                Advertised {
-                    remaining,
-                    resets_in: Duration::from_secs(resets_in),
-                },
-                0,
-            )
-        };
         // Windows said to have 30, then 12, then none left; the most said is what the next
         // window is taken to have.
         let sent = now;
@@ -464,16 +464,6 @@ mod tests {
     #[test]
     fn answers_out_of_order_give_back_nothing_and_a_new_window_starts_over() {
         let now = Instant::now();
-        let window = |at: Instant, remaining, resets_in| {
-            Quota::heard(
-                at,
-                Advertised {
-                    remaining,
-                    resets_in: Duration::from_secs(resets_in),
-                },
-                0,
-            )
-        };
         let sent = now;
         // A late answer (more left, by no more than the 10 in flight) gives back nothing.
         let kept = window(now, 5, 2).updated(now, sent, window(now, 12, 2), 10);
