@@ -176,6 +176,36 @@ async fn an_advertised_quota_is_waited_for_rather_than_refused() {
     agent.stop().await.unwrap();
 }
 
+/// 429s whose `Retry-After` counts down to one instant are a window that refuses everything
+/// until then: delivery takes its quota for spent until that instant (how much that spares
+/// is measured in the controller's simulation), then delivers everything.
+#[tokio::test]
+async fn a_window_whose_429s_count_down_is_taken_for_a_spent_quota() {
+    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    let opens = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let opens_at = Arc::clone(&opens);
+    s.receiver.set_export_script(Some(Arc::new(move |_, _| {
+        let now = Instant::now();
+        let at = *opens_at
+            .lock()
+            .unwrap()
+            .get_or_insert(now + Duration::from_secs(4));
+        if now >= at {
+            return Reply::Normal;
+        }
+        let rest = (at - now).as_secs_f64().ceil().to_string();
+        Reply::Status(429, vec![("retry-after".into(), rest)], "wait".into())
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &one_each("p", 300, 0)).await;
+    wait_until(10, "the window's end told from the 429s", || {
+        agent.metrics.quota_left.get() == 0
+    })
+    .await;
+    wait_for_exports(&agent, &s.receiver, 300).await;
+    agent.stop().await.unwrap();
+}
+
 /// The profile an export request is about (single bodies only).
 fn profile_in(request: &Received) -> String {
     request.json().map(|p| profile_of(&p)).unwrap_or_default()

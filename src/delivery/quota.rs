@@ -108,20 +108,24 @@ const SAME_INSTANT: Duration = Duration::from_secs(1);
 /// ... when they came at least this far apart: a `Retry-After` that stays the same (a token
 /// bucket's "1") points further on as time goes, by more than [`SAME_INSTANT`] here.
 const COUNTING_DOWN_FOR: Duration = Duration::from_millis(1_500);
-/// Windows at least this long are told by their first 429 once their length is known
-/// (shorter ones would match nearly any `Retry-After` within [`SAME_INSTANT`]); a window
-/// with no 429 at all may lie between two that had some, up to [`WINDOWS_SKIPPED`].
-const KNOWN_WINDOW_FROM: Duration = Duration::from_secs(3);
-const WINDOWS_SKIPPED: u32 = 4;
+/// Windows at least this long are told by a 429 once their length is known: one that points
+/// a window's length (or two: a window may refuse nothing) after the last end, says to wait
+/// longer than a token bucket's constant "1", and comes after [`KNOWN_AFTER_REFUSED`] 429s
+/// with no success between (a window that ended refuses everything; stray 429s come alone).
+const KNOWN_WINDOW_FROM: Duration = Duration::from_secs(10);
+const KNOWN_AFTER_REFUSED: u32 = 3;
 
 /// 429s whose `Retry-After` counts down to one instant: a fixed window that does not advertise
-/// its quota, and refuses everything until it starts again. Once windows have ended a known
-/// length apart, the next is told by its first 429: it points a whole number of lengths after
-/// the last end.
+/// its quota, and refuses everything until it starts again. A success in between, to a request
+/// sent after the count began, shows that it does not. Once windows have ended a known length
+/// apart, the next is told sooner (see [`KNOWN_WINDOW_FROM`]).
 #[derive(Debug, Default)]
 pub struct CountDown {
     /// When the first 429 of the count came, and the instant it pointed at.
     first: Option<(Instant, Instant)>,
+    /// 429s since the last success to a request sent after the latest 429 came.
+    refused_in_a_row: u32,
+    last_refused_at: Option<Instant>,
     /// The end of the last window counted down to, and a window's length.
     last_end: Option<Instant>,
     length: Option<Duration>,
@@ -134,12 +138,16 @@ fn near(a: Instant, b: Instant) -> bool {
 
 impl CountDown {
     /// A 429 that came `now` said to wait `retry_after`: the end of the window, when a 429 at
-    /// least [`COUNTING_DOWN_FOR`] before pointed at the same instant, or when it points a
-    /// whole number of window lengths after the last end.
+    /// least [`COUNTING_DOWN_FOR`] before pointed at the same instant, with no success in
+    /// between, or when it points a window's known length after the last end.
     pub fn heard(&mut self, now: Instant, retry_after: Duration) -> Option<Instant> {
         let points_at = now + retry_after;
-        if let Some(end) = self.a_known_window_end(points_at) {
-            return Some(self.ended(end));
+        self.refused_in_a_row += 1;
+        self.last_refused_at = Some(now);
+        if retry_after > SAME_INSTANT && self.refused_in_a_row >= KNOWN_AFTER_REFUSED {
+            if let Some(end) = self.a_known_window_end(points_at) {
+                return Some(self.ended(end));
+            }
         }
         if let Some((since, at)) = self.first {
             if near(points_at, at) {
@@ -151,20 +159,32 @@ impl CountDown {
         None
     }
 
-    /// The end of a window after the last, of the known length, that `points_at` is near.
+    /// A request sent at `sent_at` succeeded: sent after a 429 came, it shows the endpoint was
+    /// not refusing everything then.
+    pub fn accepted(&mut self, sent_at: Instant) {
+        if self.first.is_some_and(|(since, _)| sent_at >= since) {
+            self.first = None;
+        }
+        if self.last_refused_at.is_none_or(|at| sent_at >= at) {
+            self.refused_in_a_row = 0;
+        }
+    }
+
+    /// The end of the window after the last, or the one after it, of the known length, that
+    /// `points_at` is near.
     fn a_known_window_end(&self, points_at: Instant) -> Option<Instant> {
         let (last, length) = (self.last_end?, self.length?);
-        if length < KNOWN_WINDOW_FROM || points_at <= last + SAME_INSTANT {
+        if length < KNOWN_WINDOW_FROM {
             return None;
         }
-        (1..=WINDOWS_SKIPPED + 1)
-            .map(|windows| last + length * windows)
+        [last + length, last + length * 2]
+            .into_iter()
             .find(|&end| near(points_at, end))
             .map(|end| end.max(points_at))
     }
 
     /// Records a window's end; one later than the last ends another window, and the time
-    /// between them is a window's length, or a whole number of them.
+    /// between them is a window's length, or two.
     fn ended(&mut self, end: Instant) -> Instant {
         let Some(last) = self.last_end.filter(|&last| end > last + SAME_INSTANT) else {
             let end = self.last_end.map_or(end, |last| end.max(last));
@@ -172,13 +192,8 @@ impl CountDown {
             return end;
         };
         let apart = end - last;
-        let a_multiple = |length: Duration| {
-            (1..=WINDOWS_SKIPPED + 1).any(|windows| {
-                let whole = length * windows;
-                whole.abs_diff(apart) <= SAME_INSTANT
-            })
-        };
-        if !self.length.is_some_and(a_multiple) {
+        let twice = |length: Duration| (length * 2).abs_diff(apart) <= SAME_INSTANT;
+        if !self.length.is_some_and(twice) {
             self.length = Some(apart);
         }
         self.last_end = Some(end);
@@ -201,33 +216,38 @@ pub struct Quota {
     window: i64,
     /// Requests started since `until`.
     started_after: i64,
+    /// When the request was sent whose answer said what `left` counts from.
+    told_by: Instant,
 }
 
 impl Quota {
-    /// What an answer that came `now` advertised, with `others_in_flight` requests then out
-    /// besides its own.
-    pub fn heard(now: Instant, advertised: Advertised, others_in_flight: usize) -> Quota {
+    /// What an answer that came `now`, to a request sent at `sent_at`, advertised, with
+    /// `others_in_flight` requests then out besides its own.
+    pub fn heard(
+        now: Instant,
+        sent_at: Instant,
+        advertised: Advertised,
+        others_in_flight: usize,
+    ) -> Quota {
         let remaining = i64::try_from(advertised.remaining).unwrap_or(i64::MAX);
         Quota {
             left: remaining.saturating_sub(others_in_flight as i64),
             until: now + advertised.resets_in,
             window: remaining.max(1),
             started_after: 0,
+            told_by: sent_at,
         }
     }
 
-    /// This quota after an answer to a request sent at `sent_at` advertised `heard`, with
-    /// `in_flight` requests out. Answers to requests in flight together may come in another
-    /// order than the endpoint counted them: one that says more is left, by no more than the
-    /// requests in flight, is a late answer of the same window and gives back nothing; one
-    /// to a request sent before the window started again speaks of the old window, and is
-    /// left out once it has.
-    pub fn updated(self, now: Instant, sent_at: Instant, heard: Quota, in_flight: usize) -> Quota {
+    /// This quota after another answer advertised `heard`. Answers to requests in flight
+    /// together may come in another order than the endpoint counted them: one to a request
+    /// sent before the one this quota counts from, that says more is left, is late and gives
+    /// back nothing; one to a request sent before the window started again speaks of the old
+    /// window, and is left out once it has.
+    pub fn updated(self, now: Instant, heard: Quota) -> Quota {
         let window = self.window.max(heard.window);
-        let of_the_old_window = now >= self.until && sent_at < self.until;
-        let late = now < self.until
-            && heard.left > self.left
-            && heard.left <= self.left.saturating_add(in_flight as i64);
+        let of_the_old_window = now >= self.until && heard.told_by < self.until;
+        let late = now < self.until && heard.left > self.left && heard.told_by < self.told_by;
         if of_the_old_window || late {
             Quota { window, ..self }
         } else {
@@ -410,6 +430,7 @@ mod tests {
         let heard = |remaining, others| {
             Quota::heard(
                 now,
+                now,
                 Advertised {
                     remaining,
                     resets_in: Duration::from_secs(2),
@@ -429,14 +450,19 @@ mod tests {
         assert_eq!(heard(u64::MAX, 0).allows(now), i64::MAX as usize);
     }
 
-    /// What an answer that came `at` said: `remaining` left, the window starting again
-    /// `resets_in` seconds on; nothing else in flight.
+    /// What an answer that came `at` to a request sent then said: `remaining` left, the
+    /// window starting again `resets_in` seconds on; nothing else in flight.
     fn window(at: Instant, remaining: u64, resets_in: u64) -> Quota {
+        sent_at(at, at, remaining, resets_in)
+    }
+
+    /// [`window`], the request sent at `sent`.
+    fn sent_at(sent: Instant, at: Instant, remaining: u64, resets_in: u64) -> Quota {
         let advertised = Advertised {
             remaining,
             resets_in: Duration::from_secs(resets_in),
         };
-        Quota::heard(at, advertised, 0)
+        Quota::heard(at, sent, advertised, 0)
     }
 
     #[test]
@@ -444,10 +470,9 @@ mod tests {
         let now = Instant::now();
         // Windows said to have 30, then 12, then none left; the most said is what the next
         // window is taken to have.
-        let sent = now;
         let mut quota = window(now, 30, 2)
-            .updated(now, sent, window(now, 12, 2), 0)
-            .updated(now, sent, window(now, 0, 2), 0);
+            .updated(now, window(now, 12, 2))
+            .updated(now, window(now, 0, 2));
         assert_eq!(quota.spent_until(now), Some(now + Duration::from_secs(2)));
         let over = now + Duration::from_secs(2);
         assert!(quota.past(over));
@@ -464,18 +489,19 @@ mod tests {
     #[test]
     fn answers_out_of_order_give_back_nothing_and_a_new_window_starts_over() {
         let now = Instant::now();
-        let sent = now;
-        // A late answer (more left, by no more than the 10 in flight) gives back nothing.
-        let kept = window(now, 5, 2).updated(now, sent, window(now, 12, 2), 10);
+        let earlier = now - Duration::from_millis(30);
+        // A late answer (more left, to a request sent before) gives back nothing, however
+        // much more it says.
+        let kept = window(now, 5, 2).updated(now, sent_at(earlier, now, 300, 2));
         assert_eq!(kept.allows(now), 5);
         // Fewer left: believed.
-        let kept = window(now, 40, 2).updated(now, sent, window(now, 5, 2), 10);
+        let kept = window(now, 40, 2).updated(now, sent_at(earlier, now, 5, 2));
         assert_eq!(kept.allows(now), 5);
-        // Far more left than requests in flight: the window started again before the
-        // quota's reset, rounded up, said; the new one holds, with its own reset.
+        // More left, to a request sent after: the window started again before the quota's
+        // reset, rounded up, said; the new one holds, with its own reset.
         let soon = now + Duration::from_millis(700);
         let next = window(soon, 95, 1);
-        let kept = window(now, 20, 1).updated(soon, soon, next, 10);
+        let kept = window(now, 20, 1).updated(soon, next);
         assert_eq!(kept.allows(soon), 95);
         assert!(
             !kept.past(now + Duration::from_millis(1_200)),
@@ -483,11 +509,10 @@ mod tests {
         );
         // Once the window is over, an answer to a request sent before speaks of the old one.
         let over = now + Duration::from_secs(2);
-        let old = window(over, 0, 1);
-        let kept = window(now, 20, 2).updated(over, sent, old, 3);
+        let kept = window(now, 20, 2).updated(over, sent_at(now, over, 0, 1));
         assert_eq!(kept.allows(over), 20);
         // One sent after it is of the new window.
-        let kept = window(now, 20, 2).updated(over, over, old, 3);
+        let kept = window(now, 20, 2).updated(over, window(over, 0, 1));
         assert_eq!(kept.allows(over), 0);
     }
 
@@ -504,21 +529,48 @@ mod tests {
         // A window ending at 60 s, counted down in whole seconds, rounded up: a window once
         // 1.5 s of 429s point at its end.
         let mut window = CountDown::default();
-        let rest = |ms: u64| secs((60_000 - ms).div_ceil(1_000));
-        assert_eq!(window.heard(at(50_200), rest(50_200)), None);
-        assert_eq!(window.heard(at(51_000), rest(51_000)), None);
-        let end = window.heard(at(51_800), rest(51_800)).expect("a window");
+        let rest = |ms: u64, end: u64| secs((end - ms).div_ceil(1_000));
+        assert_eq!(window.heard(at(50_200), rest(50_200, 60_000)), None);
+        assert_eq!(window.heard(at(51_000), rest(51_000, 60_000)), None);
+        let end = window
+            .heard(at(51_800), rest(51_800, 60_000))
+            .expect("a window");
         assert!(end >= at(60_000) && end <= at(61_000), "{:?}", end - start);
         // The next window's end, a minute on, counted down too; from then on a window is
-        // told by its first 429, also after windows that refused nothing.
-        let rest = |ms: u64, end: u64| secs((end - ms).div_ceil(1_000));
+        // told by a few 429s in a row, also after a window with no 429 at all.
         assert_eq!(window.heard(at(110_000), rest(110_000, 120_000)), None);
         assert!(window.heard(at(111_600), rest(111_600, 120_000)).is_some());
-        let first = window.heard(at(175_300), rest(175_300, 180_000));
-        assert!(first.is_some_and(|end| end >= at(180_000) && end <= at(181_000)));
-        let after_skipped = window.heard(at(290_100), rest(290_100, 300_000));
-        assert!(after_skipped.is_some(), "two windows with no 429 between");
-        // A constant `Retry-After` now is still no window.
-        assert_eq!(window.heard(at(330_000), secs(1)), None);
+        window.accepted(at(125_000));
+        assert_eq!(window.heard(at(175_300), rest(175_300, 180_000)), None);
+        assert_eq!(window.heard(at(175_310), rest(175_310, 180_000)), None);
+        let third = window.heard(at(175_320), rest(175_320, 180_000));
+        assert!(third.is_some_and(|end| end >= at(180_000) && end <= at(181_000)));
+        window.accepted(at(185_000));
+        for ms in [290_100, 290_110] {
+            assert_eq!(window.heard(at(ms), rest(ms, 300_000)), None);
+        }
+        let after_none = window.heard(at(290_120), rest(290_120, 300_000));
+        assert!(after_none.is_some(), "a window with no 429 between");
+        // A constant "1" that points at a window's end is no window.
+        window.accepted(at(305_000));
+        for ms in [358_800, 358_900, 359_000, 359_100] {
+            assert_eq!(window.heard(at(ms), secs(1)), None, "at {ms} ms");
+        }
+    }
+
+    #[test]
+    fn a_success_in_between_shows_that_429s_were_no_window() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut stray = CountDown::default();
+        // Two refusals told to wait for one instant, a success sent in between.
+        assert_eq!(stray.heard(at(0), Duration::from_secs(40)), None);
+        stray.accepted(at(700));
+        assert_eq!(stray.heard(at(2_000), Duration::from_secs(38)), None);
+        // A success to a request sent before the first refusal proves nothing.
+        let mut window = CountDown::default();
+        assert_eq!(window.heard(at(0), Duration::from_secs(40)), None);
+        window.accepted(at(0) - Duration::from_millis(5));
+        assert!(window.heard(at(2_000), Duration::from_secs(38)).is_some());
     }
 }
