@@ -661,6 +661,9 @@ impl Controller {
     /// token): it says nothing about the endpoint, and a probe it was may go again.
     pub fn withdrawn(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(quota) = &mut self.quota {
+            quota.withdrawn();
+        }
         if self.down_since.is_some() {
             self.probe_in_flight = false;
         }

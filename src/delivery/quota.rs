@@ -282,6 +282,15 @@ impl Quota {
             self.left -= 1;
         }
     }
+
+    /// A request started but never sent gives its start back.
+    pub fn withdrawn(&mut self) {
+        if self.started_after > 0 {
+            self.started_after -= 1;
+        } else {
+            self.left += 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -482,6 +491,9 @@ mod tests {
             quota.started(over);
         }
         assert_eq!(quota.allows(over), 0);
+        // A start given back (never sent) may go again.
+        quota.withdrawn();
+        assert_eq!(quota.allows(over), 1);
         // Nothing said a window had anything: one request, to hear of the next.
         assert_eq!(window(now, 0, 2).allows(over), 1);
     }
