@@ -110,8 +110,9 @@ const SAME_INSTANT: Duration = Duration::from_secs(1);
 const COUNTING_DOWN_FOR: Duration = Duration::from_millis(1_500);
 /// Windows at least this long are told by a 429 once their length is known: one that points
 /// a window's length (or two: a window may refuse nothing) after the last end, says to wait
-/// longer than a token bucket's constant "1", and comes after [`KNOWN_AFTER_REFUSED`] 429s
-/// with no success between (a window that ended refuses everything; stray 429s come alone).
+/// longer than a token bucket's constant "1", and is at least the [`KNOWN_AFTER_REFUSED`]th
+/// 429 of a run with no success to a request sent after the run began (a window that ended
+/// refuses everything; stray 429s come alone).
 const KNOWN_WINDOW_FROM: Duration = Duration::from_secs(10);
 const KNOWN_AFTER_REFUSED: u32 = 3;
 
@@ -123,9 +124,10 @@ const KNOWN_AFTER_REFUSED: u32 = 3;
 pub struct CountDown {
     /// When the first 429 of the count came, and the instant it pointed at.
     first: Option<(Instant, Instant)>,
-    /// 429s since the last success to a request sent after the latest 429 came.
+    /// 429s in a run with no success to a request sent after the run's first 429 came, and
+    /// when that was.
     refused_in_a_row: u32,
-    last_refused_at: Option<Instant>,
+    run_began: Option<Instant>,
     /// The end of the last window counted down to, and a window's length.
     last_end: Option<Instant>,
     length: Option<Duration>,
@@ -139,11 +141,11 @@ fn near(a: Instant, b: Instant) -> bool {
 impl CountDown {
     /// A 429 that came `now` said to wait `retry_after`: the end of the window, when a 429 at
     /// least [`COUNTING_DOWN_FOR`] before pointed at the same instant, with no success in
-    /// between, or when it points a window's known length after the last end.
+    /// between, or as [`KNOWN_WINDOW_FROM`] says once a window's length is known.
     pub fn heard(&mut self, now: Instant, retry_after: Duration) -> Option<Instant> {
         let points_at = now + retry_after;
         self.refused_in_a_row += 1;
-        self.last_refused_at = Some(now);
+        self.run_began.get_or_insert(now);
         if retry_after > SAME_INSTANT && self.refused_in_a_row >= KNOWN_AFTER_REFUSED {
             if let Some(end) = self.a_known_window_end(points_at) {
                 return Some(self.ended(end));
@@ -165,13 +167,14 @@ impl CountDown {
         if self.first.is_some_and(|(since, _)| sent_at >= since) {
             self.first = None;
         }
-        if self.last_refused_at.is_none_or(|at| sent_at >= at) {
+        if self.run_began.is_none_or(|at| sent_at >= at) {
             self.refused_in_a_row = 0;
+            self.run_began = None;
         }
     }
 
-    /// The end of the window after the last, or the one after it, of the known length, that
-    /// `points_at` is near.
+    /// `points_at`, when it is near the end of the window after the last, or the one after it,
+    /// of the known length.
     fn a_known_window_end(&self, points_at: Instant) -> Option<Instant> {
         let (last, length) = (self.last_end?, self.length?);
         if length < KNOWN_WINDOW_FROM {
@@ -179,8 +182,8 @@ impl CountDown {
         }
         [last + length, last + length * 2]
             .into_iter()
-            .find(|&end| near(points_at, end))
-            .map(|end| end.max(points_at))
+            .any(|end| near(points_at, end))
+            .then_some(points_at)
     }
 
     /// Records a window's end; one later than the last ends another window, and the time
@@ -563,8 +566,16 @@ mod tests {
         }
         let after_none = window.heard(at(290_120), rest(290_120, 300_000));
         assert!(after_none.is_some(), "a window with no 429 between");
-        // A constant "1" that points at a window's end is no window.
+        // A success to a request sent after a run of 429s began ends the run, though its
+        // answer comes after a later 429: 429s among successes are strays, even three of them
+        // pointing at the next end.
         window.accepted(at(305_000));
+        assert_eq!(window.heard(at(355_000), rest(355_000, 360_000)), None);
+        assert_eq!(window.heard(at(355_010), rest(355_010, 360_000)), None);
+        window.accepted(at(355_005));
+        assert_eq!(window.heard(at(355_020), rest(355_020, 360_000)), None);
+        // A constant "1" that points at a window's end is no window.
+        window.accepted(at(356_000));
         for ms in [358_800, 358_900, 359_000, 359_100] {
             assert_eq!(window.heard(at(ms), secs(1)), None, "at {ms} ms");
         }
