@@ -7,9 +7,9 @@
 //! The first store to claim a partition keeps it; another leaves the partition alone, says
 //! who holds it, and looks again now and then. The agent that consumes a partition looks
 //! at its claim now and then too: released meanwhile, the claim is made again (the partition
-//! is still consumed there); taken by another store, consuming stops. Claims never expire, so a restart, or a store
-//! that dies for a while, keeps its partitions; `outpost nats release` lets one go (to move
-//! a partition, or after its store was lost).
+//! is still consumed there); taken by another store, consuming stops. Claims never expire,
+//! so a restart, or a store that dies for a while, keeps its partitions; `outpost nats
+//! release` lets one go (to move a partition, or after its store was lost).
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
