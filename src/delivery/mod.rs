@@ -963,7 +963,7 @@ impl Deliverer {
             state
                 .controller
                 .quota_left(Instant::now())
-                .map_or(-1, |left| left.min(i64::MAX as usize) as i64),
+                .map_or(-1, |left| left as i64),
         );
         m.retry_waiting.set(state.queue.waiting() as i64);
         m.window_exports.set(state.queue.held() as i64);
@@ -1041,8 +1041,9 @@ impl Deliverer {
                 self.tokens.invalidate(token).await;
             }
         }
-        let retry_after = retry::retry_after(&answer.headers, SystemTime::now());
-        let quota = quota::advertised(&answer.headers, SystemTime::now());
+        let answered_at = SystemTime::now();
+        let retry_after = retry::retry_after(&answer.headers, answered_at);
+        let quota = quota::advertised(&answer.headers, answered_at);
         let error = if answer.status.is_success() {
             String::new()
         } else {

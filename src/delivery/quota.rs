@@ -27,20 +27,25 @@ pub struct Advertised {
 const EPOCH_SECONDS_FROM: f64 = 1e9;
 const EPOCH_MILLISECONDS_FROM: f64 = 1e12;
 
+/// The pairs of headers that say what is left and when the window starts again, as each
+/// answer is looked at (names fixed here: no name is built for every answer).
+const SEPARATE_HEADERS: [(&str, &str); 3] = [
+    ("ratelimit-remaining", "ratelimit-reset"),
+    ("x-ratelimit-remaining", "x-ratelimit-reset"),
+    ("x-rate-limit-remaining", "x-rate-limit-reset"),
+];
+
 /// The quota an answer advertises, when it says both how much is left and when the window
 /// starts again. Times since 1970 are measured against the answer's `Date` (the endpoint's
 /// clock), else `now`.
 pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Advertised> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let separate = |name: &str| {
-        Some((
-            first_number(text(&format!("{name}-remaining"))?)?,
-            first_number(text(&format!("{name}-reset"))?)?,
-        ))
+    let separate = |(remaining, reset): (&str, &str)| {
+        Some((first_number(text(remaining)?)?, first_number(text(reset)?)?))
     };
-    let (remaining, reset) = separate("ratelimit")
-        .or_else(|| separate("x-ratelimit"))
-        .or_else(|| separate("x-rate-limit"))
+    let (remaining, reset) = SEPARATE_HEADERS
+        .into_iter()
+        .find_map(separate)
         .or_else(|| combined(text("ratelimit")?))?;
     if remaining < 0.0 || reset < 0.0 {
         return None;
