@@ -526,8 +526,9 @@ pub struct Controller {
     rate_cap: Option<RateCap>,
     /// What the endpoint last said of its quota (see `quota`).
     quota: Option<Quota>,
-    /// Whether the answer being taken in said it (see [`Controller::heard_quota`]).
-    quota_heard: bool,
+    /// Whether the outcome being taken in leaves the quota be: an answer that spoke of it
+    /// ([`Controller::heard_quota`]) or no answer at all ([`Controller::unanswered`]).
+    quota_kept: bool,
     count_down: CountDown,
     // Down.
     failures_in_a_row: u32,
@@ -559,7 +560,7 @@ impl Controller {
             recent_429: RefusalShare::default(),
             rate_cap: None,
             quota: None,
-            quota_heard: false,
+            quota_kept: false,
             count_down: CountDown::default(),
             failures_in_a_row: 0,
             down_since: None,
@@ -657,12 +658,13 @@ impl Controller {
         }
     }
 
-    /// A request started but never sent (the agent began to stop while it waited for its
-    /// token): it says nothing about the endpoint, and a probe it was may go again.
-    pub fn withdrawn(&mut self) {
+    /// A request started at `started_at` but never sent (the agent began to stop while it
+    /// waited for its token): it says nothing about the endpoint, and a probe it was may go
+    /// again.
+    pub fn withdrawn(&mut self, started_at: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(quota) = &mut self.quota {
-            quota.withdrawn();
+            quota.given_back(started_at);
         }
         if self.down_since.is_some() {
             self.probe_in_flight = false;
@@ -680,7 +682,20 @@ impl Controller {
             Some(kept) => kept.updated(now, heard),
             None => heard,
         });
-        self.quota_heard = true;
+        self.quota_kept = true;
+    }
+
+    /// A request started at `started_at` got no answer: its token failed, or its connection
+    /// (a timeout, a reset). Called before [`Controller::answered_after`] of that outcome. It
+    /// says nothing of the quota, which stays as it was (dropping it would let the next
+    /// window begin with a burst), and gives its start back: the endpoint is taken not to
+    /// have counted it, at worst one request more than the window had. So a guess spent on
+    /// requests that got no answer does not hold the next ones for good.
+    pub fn unanswered(&mut self, started_at: Instant) {
+        if let Some(quota) = &mut self.quota {
+            quota.given_back(started_at);
+        }
+        self.quota_kept = true;
     }
 
     /// A 429 that came now, to a request sent at `sent_at`, said to wait `retry_after`. Called
@@ -725,8 +740,8 @@ impl Controller {
         // An answer that says nothing of the quota once its window is over: the endpoint
         // may have stopped saying, and a quota spent with nothing in flight would hold
         // requests for good.
-        let quota_heard = std::mem::take(&mut self.quota_heard);
-        if !quota_heard && self.quota.is_some_and(|q| q.past(now)) {
+        let quota_kept = std::mem::take(&mut self.quota_kept);
+        if !quota_kept && self.quota.is_some_and(|q| q.past(now)) {
             self.quota = None;
         }
         let rtt = now.saturating_duration_since(sent_at);
@@ -945,6 +960,38 @@ mod tests {
         // nothing in flight, a spent quota would hold requests for good.
         c.answered(late, answer, Signal::Healthy);
         assert_eq!(c.quota_left(late), None);
+    }
+
+    #[test]
+    fn requests_that_get_no_answer_keep_the_quota_and_give_their_starts_back() {
+        let now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        c.started(now);
+        let answer = now + Duration::from_millis(10);
+        let quota = Advertised {
+            remaining: 2,
+            resets_in: Duration::from_secs(1),
+        };
+        c.heard_quota(answer, now, quota);
+        c.answered(answer, now, Signal::Healthy);
+        // The next window is taken to have 2: both start, and neither gets an answer.
+        let window = answer + Duration::from_secs(1);
+        assert_eq!(c.permits(window, usize::MAX), 2);
+        c.started(window);
+        c.started(window);
+        assert_eq!(c.permits(window, usize::MAX), 0);
+        let timed_out = window + Duration::from_millis(100);
+        c.unanswered(window);
+        c.answered_after(timed_out, window, window, Signal::Overloaded);
+        assert_eq!(
+            c.quota_left(timed_out),
+            Some(1),
+            "the quota stays, the start given back"
+        );
+        c.unanswered(window);
+        c.answered_after(timed_out, window, window, Signal::Failed);
+        assert_eq!(c.quota_left(timed_out), Some(2));
+        assert_eq!(c.next_permit_at(timed_out, 1), None, "nothing holds them");
     }
 
     #[test]

@@ -769,7 +769,7 @@ impl Deliverer {
         let mut unanswered = false;
         let (error, retry_after, signal, cause) = match attempted {
             Attempted::NotSent => {
-                state.controller.withdrawn();
+                state.controller.withdrawn(started_at);
                 for (profile, export) in batch {
                     if dropped.contains(&export.id.seq) {
                         state.queue.settled(&profile, export.id.seq);
@@ -839,12 +839,16 @@ impl Deliverer {
                     }
                 }
             }
-            Attempted::TokenFailed(error) => (error, None, Signal::Failed, RetryCause::Token),
+            Attempted::TokenFailed(error) => {
+                state.controller.unanswered(started_at);
+                (error, None, Signal::Failed, RetryCause::Token)
+            }
             Attempted::SendFailed {
                 error,
                 timeout,
                 nothing_sent,
             } => {
+                state.controller.unanswered(started_at);
                 // The endpoint may have taken a request it did not answer.
                 unanswered = !nothing_sent;
                 let cause = if timeout {

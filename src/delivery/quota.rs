@@ -291,10 +291,11 @@ impl Quota {
         }
     }
 
-    /// A request started but never sent gives its start back.
-    pub fn withdrawn(&mut self) {
-        if self.started_after > 0 {
-            self.started_after -= 1;
+    /// A request started at `started_at` that the endpoint is taken not to have counted (never
+    /// sent, or never answered) gives its start back to the window it was started in.
+    pub fn given_back(&mut self, started_at: Instant) {
+        if started_at >= self.until {
+            self.started_after = (self.started_after - 1).max(0);
         } else {
             self.left += 1;
         }
@@ -499,8 +500,11 @@ mod tests {
             quota.started(over);
         }
         assert_eq!(quota.allows(over), 0);
-        // A start given back (never sent) may go again.
-        quota.withdrawn();
+        // A start given back (never sent) may go again; one started in the old window gives
+        // nothing to the new one.
+        quota.given_back(now);
+        assert_eq!(quota.allows(over), 0);
+        quota.given_back(over);
         assert_eq!(quota.allows(over), 1);
         // Nothing said a window had anything: one request, to hear of the next.
         assert_eq!(window(now, 0, 2).allows(over), 1);
