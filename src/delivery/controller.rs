@@ -99,8 +99,9 @@ const CUT_TO: f64 = 0.95;
 /// While the latest 429 said to retry within this, a cut on answers all refused halves the cap
 /// no lower than [`CUT_TO`] of the successes of the last [`LAST_SECOND`]: a fixed window of
 /// a second (the usual "N requests a second") takes its N at once and refuses the rest of the
-/// second, so halving at each such end (the controller's simulation: 200 a second got
-/// 0.73–0.79 of it) throws away what the next second takes.
+/// second, so halving at each such end (the controller's simulation, minutes 2 to 5: 200 a
+/// second got 0.69–0.76 of it) throws away what the next second takes. An endpoint that
+/// begins to refuse everything is halved down again once that second's successes age out.
 const SHORT_RETRY_AFTER: Duration = Duration::from_secs(1);
 const LAST_SECOND: Duration = Duration::from_secs(1);
 /// 429s not clearly over the strays plus this share of the answers (or fewer than two) let the
@@ -580,7 +581,7 @@ pub struct Controller {
     /// ([`Controller::heard_quota`]) or no answer at all ([`Controller::unanswered`]).
     quota_kept: bool,
     count_down: CountDown,
-    /// Whether the latest 429 that said when to retry said within [`SHORT_RETRY_AFTER`].
+    /// Whether the latest 429 said to retry within [`SHORT_RETRY_AFTER`].
     retry_soon: bool,
     // Down.
     failures_in_a_row: u32,
@@ -740,32 +741,36 @@ impl Controller {
     }
 
     /// A request started at `started_at` got no answer: its token failed, or its connection
-    /// (a timeout, a reset). Called before [`Controller::answered_after`] of that outcome. It
-    /// says nothing of the quota, which stays as it was (dropping it would let the next
-    /// window begin with a burst), and gives its start back: the endpoint is taken not to
-    /// have counted it, at worst one request more than the window had. So a guess spent on
-    /// requests that got no answer does not hold the next ones for good.
-    pub fn unanswered(&mut self, started_at: Instant) {
+    /// (a timeout, a reset), `reached` telling whether the request may have reached the
+    /// endpoint. Called before [`Controller::answered_after`] of that outcome. It says nothing
+    /// of the quota, which stays as it was (dropping it would let the next window begin with a
+    /// burst); its start is given back if it never reached the endpoint, and otherwise only
+    /// when it was started on the guess past the window (see `Quota::unanswered`).
+    pub fn unanswered(&mut self, started_at: Instant, reached: bool) {
         if let Some(quota) = &mut self.quota {
-            quota.given_back(started_at);
+            if reached {
+                quota.unanswered(started_at);
+            } else {
+                quota.given_back(started_at);
+            }
         }
         self.quota_kept = true;
     }
 
-    /// A 429 that came now, to a request sent at `sent_at`, said to wait `retry_after`. Called
-    /// before [`Controller::answered_after`] of that answer. When 429s count down to one
+    /// A 429 came now, to a request sent at `sent_at`, saying to wait `retry_after` if it said.
+    /// Called before [`Controller::answered_after`] of that answer. When 429s count down to one
     /// instant (see `quota::CountDown`), the endpoint is a fixed window that refuses everything
     /// until then: no request starts before it, as if its quota were advertised spent; the
     /// end is returned. Otherwise (a stray 429, a token bucket's constant `Retry-After`) the
     /// 429 delays its own export alone.
-    pub fn heard_retry_after(
+    pub fn heard_429(
         &mut self,
         now: Instant,
         sent_at: Instant,
-        retry_after: Duration,
+        retry_after: Option<Duration>,
     ) -> Option<Instant> {
-        self.retry_soon = retry_after <= SHORT_RETRY_AFTER;
-        let end = self.count_down.heard(now, retry_after)?;
+        self.retry_soon = retry_after.is_some_and(|wait| wait <= SHORT_RETRY_AFTER);
+        let end = self.count_down.heard(now, retry_after?)?;
         let spent = Advertised {
             remaining: 0,
             resets_in: end.saturating_duration_since(now),
@@ -1035,6 +1040,18 @@ mod tests {
         };
         c.heard_quota(answer, now, quota);
         c.answered(answer, now, Signal::Healthy);
+        // Within the window: one that timed out may have been counted and keeps its start;
+        // one whose token failed never reached the endpoint and gives it back.
+        c.started(answer);
+        c.started(answer);
+        assert_eq!(c.quota_left(answer), Some(0));
+        let failed = answer + Duration::from_millis(100);
+        c.unanswered(answer, true);
+        c.answered_after(failed, answer, answer, Signal::Overloaded);
+        assert_eq!(c.quota_left(failed), Some(0));
+        c.unanswered(answer, false);
+        c.answered_after(failed, answer, answer, Signal::Failed);
+        assert_eq!(c.quota_left(failed), Some(1));
         // The next window is taken to have 2: both start, and neither gets an answer.
         let window = answer + Duration::from_secs(1);
         assert_eq!(c.permits(window, usize::MAX), 2);
@@ -1042,14 +1059,14 @@ mod tests {
         c.started(window);
         assert_eq!(c.permits(window, usize::MAX), 0);
         let timed_out = window + Duration::from_millis(100);
-        c.unanswered(window);
+        c.unanswered(window, true);
         c.answered_after(timed_out, window, window, Signal::Overloaded);
         assert_eq!(
             c.quota_left(timed_out),
             Some(1),
             "the quota stays, the start given back"
         );
-        c.unanswered(window);
+        c.unanswered(window, true);
         c.answered_after(timed_out, window, window, Signal::Failed);
         assert_eq!(c.quota_left(timed_out), Some(2));
         assert_eq!(c.next_permit_at(timed_out, 1), None, "nothing holds them");
@@ -1419,7 +1436,7 @@ mod tests {
                             }
                             _ => 1.0,
                         };
-                        c.heard_retry_after(now, sent, Duration::from_secs_f64(wait));
+                        c.heard_429(now, sent, Some(Duration::from_secs_f64(wait)));
                         c.answered(now, sent, Signal::RateLimited);
                     }
                 }

@@ -788,11 +788,10 @@ impl Deliverer {
                 if let Some(quota) = quota {
                     state.controller.heard_quota(now, sent_at, quota);
                 }
-                let window_end = match retry_after {
-                    Some(wait) if status == 429 => {
-                        state.controller.heard_retry_after(now, sent_at, wait)
-                    }
-                    _ => None,
+                let window_end = if status == 429 {
+                    state.controller.heard_429(now, sent_at, retry_after)
+                } else {
+                    None
                 };
                 if let Some(end) = window_end {
                     tracing::debug!(
@@ -840,7 +839,7 @@ impl Deliverer {
                 }
             }
             Attempted::TokenFailed(error) => {
-                state.controller.unanswered(started_at);
+                state.controller.unanswered(started_at, false);
                 (error, None, Signal::Failed, RetryCause::Token)
             }
             Attempted::SendFailed {
@@ -848,9 +847,9 @@ impl Deliverer {
                 timeout,
                 nothing_sent,
             } => {
-                state.controller.unanswered(started_at);
                 // The endpoint may have taken a request it did not answer.
                 unanswered = !nothing_sent;
+                state.controller.unanswered(started_at, unanswered);
                 let cause = if timeout {
                     RetryCause::Timeout
                 } else {

@@ -291,14 +291,28 @@ impl Quota {
         }
     }
 
-    /// A request started at `started_at` that the endpoint is taken not to have counted (never
-    /// sent, or never answered) gives its start back to the window it was started in.
+    /// A request started at `started_at` that never reached the endpoint gives its start back
+    /// to the window it was started in.
     pub fn given_back(&mut self, started_at: Instant) {
         if started_at >= self.until {
-            self.started_after = (self.started_after - 1).max(0);
+            self.guess_given_back();
         } else {
             self.left += 1;
         }
+    }
+
+    /// A request started at `started_at` that may have reached the endpoint but got no answer:
+    /// within the window the answers told of, the endpoint may have counted it, and it keeps
+    /// its start; on the guess past that window it gives its start back, since a guess spent
+    /// on requests that got no answer would hold the next ones for good.
+    pub fn unanswered(&mut self, started_at: Instant) {
+        if started_at >= self.until {
+            self.guess_given_back();
+        }
+    }
+
+    fn guess_given_back(&mut self) {
+        self.started_after = (self.started_after - 1).max(0);
     }
 }
 
