@@ -1562,6 +1562,52 @@ fn credentials_and_tls_reach_a_server_that_requires_them() {
     );
 }
 
+/// A server whose account has two users: `operator`, who may do anything (`nats setup`,
+/// `publish`), and `agent`, with `permissions` (a NATS config value); the server, and its
+/// config file, which must outlive it.
+fn server_with_agent_user(
+    server_bin: &Path,
+    permissions: &str,
+) -> (NatsServer, tempfile::NamedTempFile) {
+    let conf = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        conf.path(),
+        format!(
+            r#"accounts {{
+  EDGE {{
+    jetstream: enabled
+    users: [
+      {{ user: operator, password: "op-pass" }}
+      {{ user: agent, password: "agent-pass", permissions: {permissions} }}
+    ]
+  }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(server_bin, &["-c", conf.path().to_str().unwrap()]);
+    (server, conf)
+}
+
+const OPERATOR_CREDENTIALS: &str = "user = \"operator\"\npassword = \"op-pass\"";
+
+/// A setup on `server` whose commands run as `operator`, and the path of the same config with
+/// the `agent` user's credentials instead.
+fn setup_with_agent_user(receiver: &Receiver, server: &NatsServer) -> (AgentSetup, PathBuf) {
+    let setup = AgentSetup::on_stream(&receiver.base_url(), server, OPERATOR_CREDENTIALS, "");
+    let agent_config = setup.dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        std::fs::read_to_string(setup.config()).unwrap().replace(
+            OPERATOR_CREDENTIALS,
+            "user = \"agent\"\npassword = \"agent-pass\"",
+        ),
+    )
+    .unwrap();
+    (setup, agent_config)
+}
+
 /// The store, not the server, knows how far a partition is durable, so a partition's old
 /// consumer must go before a new one starts at the stored position. A server that refuses the
 /// deletion (here: the agent's user may not publish to the delete API) keeps the partition
@@ -1571,33 +1617,12 @@ async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() 
     let Some(server_bin) = nats_server_or_skip("a_consumer_the_server_will_not_delete") else {
         return;
     };
-    let conf = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        conf.path(),
-        r#"accounts {
-  EDGE {
-    jetstream: enabled
-    users: [
-      { user: operator, password: "op-pass" }
-      { user: agent, password: "agent-pass", permissions: { publish: { deny: ["$JS.API.CONSUMER.DELETE.>"] } } }
-    ]
-  }
-}
-"#,
-    )
-    .unwrap();
-    let server = NatsServer::start_with(&server_bin, &["-c", conf.path().to_str().unwrap()]);
+    let (server, _conf) = server_with_agent_user(
+        &server_bin,
+        r#"{ publish: { deny: ["$JS.API.CONSUMER.DELETE.>"] } }"#,
+    );
     let receiver = start_receiver().await;
-    let operator = "user = \"operator\"\npassword = \"op-pass\"";
-    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, operator, "");
-    let refused_config = setup.dir.path().join("agent.toml");
-    std::fs::write(
-        &refused_config,
-        std::fs::read_to_string(setup.config())
-            .unwrap()
-            .replace(operator, "user = \"agent\"\npassword = \"agent-pass\""),
-    )
-    .unwrap();
+    let (setup, refused_config) = setup_with_agent_user(&receiver, &server);
     setup.publish(&[version_line(1, 0)]);
 
     let agent = AgentProcess::start_with_env(
@@ -1633,6 +1658,69 @@ async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() 
         distinct_delivered(&receiver) == 1
     })
     .await;
+}
+
+/// The subjects README lists for an agent's user to publish to, for the stream `UPDATES`, the
+/// default consumer prefix and its claims bucket. Each is needed: the test fails with any one
+/// left out.
+const AGENT_PUBLISHES: &[&str] = &[
+    "$JS.API.STREAM.INFO.UPDATES",
+    "$JS.API.CONSUMER.CREATE.UPDATES.>",
+    "$JS.API.CONSUMER.DELETE.UPDATES.>",
+    "$JS.API.CONSUMER.MSG.NEXT.UPDATES.>",
+    "$JS.ACK.UPDATES.>",
+    "$JS.API.STREAM.INFO.KV_owners_7_UPDATES_outpost",
+    "$JS.API.STREAM.CREATE.KV_owners_7_UPDATES_outpost",
+    "$JS.API.DIRECT.GET.KV_owners_7_UPDATES_outpost.>",
+    "$KV.owners_7_UPDATES_outpost.>",
+];
+
+/// An agent whose user may publish to no more than README lists, and subscribe to its inboxes
+/// alone, claims and consumes its partitions; its log shows no permission refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_only_the_listed_permissions_claims_and_consumes() {
+    let Some(server_bin) = nats_server_or_skip("an_agent_with_only_the_listed_permissions") else {
+        return;
+    };
+    let allowed: Vec<String> = AGENT_PUBLISHES.iter().map(|s| format!("{s:?}")).collect();
+    let (server, _conf) = server_with_agent_user(
+        &server_bin,
+        &format!(
+            "{{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }}",
+            allowed.join(", ")
+        ),
+    );
+    let receiver = start_receiver().await;
+    let (setup, agent_config) = setup_with_agent_user(&receiver, &server);
+    let lines: Vec<String> = (0..16).map(|p| version_line(p, 0)).collect();
+    setup.publish(&lines);
+
+    let agent =
+        AgentProcess::start_with_env(&agent_config, setup.addr.port(), &[("OUTPOST_LOG", "warn")])
+            .await;
+    wait_or_show(30, "every update delivered", &[&agent], async || {
+        distinct_delivered(&receiver) == 16
+    })
+    .await;
+    // Started again: its consumers are deleted and made anew, its claims read.
+    let first_log = agent.log();
+    drop(agent);
+    let agent =
+        AgentProcess::start_with_env(&agent_config, setup.addr.port(), &[("OUTPOST_LOG", "warn")])
+            .await;
+    setup.publish(&[version_line(0, 2)]);
+    wait_or_show(30, "the new version delivered", &[&agent], async || {
+        distinct_delivered(&receiver) == 17
+    })
+    .await;
+    // An acknowledgement refused would show only here.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for log in [first_log, agent.log()] {
+        assert!(
+            !log.contains("reported an error") && !log.contains("Permissions Violation"),
+            "{log}"
+        );
+    }
 }
 
 /// A TCP proxy to the local port `target` that passes on what the server sends at about
