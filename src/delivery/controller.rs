@@ -975,6 +975,24 @@ mod tests {
         assert_eq!(limits, [9, 10, 11, 12, 12, 12, 12, 12]);
     }
 
+    /// A request sent at `sent` answered well 10 ms later, the answer saying `remaining` left
+    /// until `resets_in` from then; when it came.
+    fn answered_with_quota(
+        c: &mut Controller,
+        sent: Instant,
+        remaining: u64,
+        resets_in: Duration,
+    ) -> Instant {
+        let answer = sent + Duration::from_millis(10);
+        let quota = Advertised {
+            remaining,
+            resets_in,
+        };
+        c.heard_quota(answer, sent, quota);
+        c.answered(answer, sent, Signal::Healthy);
+        answer
+    }
+
     #[test]
     fn an_advertised_quota_bounds_the_requests_started_until_its_window_starts_again() {
         let now = Instant::now();
@@ -984,13 +1002,7 @@ mod tests {
             c.started(now);
         }
         // The first answer: 5 left until 2 s from now, with 2 others still in flight.
-        let answer = now + Duration::from_millis(10);
-        let quota = Advertised {
-            remaining: 5,
-            resets_in: Duration::from_secs(2),
-        };
-        c.heard_quota(answer, now, quota);
-        c.answered(answer, now, Signal::Healthy);
+        let answer = answered_with_quota(&mut c, now, 5, Duration::from_secs(2));
         assert_eq!(c.quota_left(answer), Some(3));
         assert_eq!(c.permits(answer, usize::MAX), 3);
         for _ in 0..3 {
@@ -1033,13 +1045,7 @@ mod tests {
         let now = Instant::now();
         let mut c = Controller::new(config(64), now);
         c.started(now);
-        let answer = now + Duration::from_millis(10);
-        let quota = Advertised {
-            remaining: 2,
-            resets_in: Duration::from_secs(1),
-        };
-        c.heard_quota(answer, now, quota);
-        c.answered(answer, now, Signal::Healthy);
+        let answer = answered_with_quota(&mut c, now, 2, Duration::from_secs(1));
         // Within the window: one that timed out may have been counted and keeps its start;
         // one whose token failed never reached the endpoint and gives it back.
         c.started(answer);
