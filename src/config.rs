@@ -310,6 +310,8 @@ struct RawDelivery {
     max_backoff_ms: u64,
     #[serde(default = "default_max_age_s")]
     max_age_s: u64,
+    #[serde(default = "default_rate_limit_headers")]
+    rate_limit_headers: bool,
 }
 
 impl Default for RawDelivery {
@@ -322,8 +324,13 @@ impl Default for RawDelivery {
             initial_backoff_ms: default_initial_backoff_ms(),
             max_backoff_ms: default_max_backoff_ms(),
             max_age_s: default_max_age_s(),
+            rate_limit_headers: default_rate_limit_headers(),
         }
     }
+}
+
+fn default_rate_limit_headers() -> bool {
+    true
 }
 
 fn default_max_concurrency() -> u64 {
@@ -585,6 +592,8 @@ pub struct Delivery {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub max_age: Duration,
+    /// Whether an endpoint's `RateLimit` headers (its advertised quota) are believed.
+    pub rate_limit_headers: bool,
 }
 
 /// Where the config comes from: `--config`, else `$OUTPOST_CONFIG`, else `outpost.toml`.
@@ -964,6 +973,7 @@ impl Config {
                 initial_backoff: Duration::from_millis(d.initial_backoff_ms),
                 max_backoff: Duration::from_millis(d.max_backoff_ms),
                 max_age: Duration::from_secs(d.max_age_s),
+                rate_limit_headers: d.rate_limit_headers,
             },
             nats,
         })
@@ -1506,6 +1516,7 @@ path = "store"
         assert_eq!(config.delivery.max_concurrency, 64);
         assert!(!config.delivery.fixed_concurrency);
         assert_eq!(config.delivery.max_profiles_per_request, 1);
+        assert!(config.delivery.rate_limit_headers);
         assert!(config.warnings.is_empty());
         assert_eq!(config.delivery.max_backoff, Duration::from_secs(300));
         assert_eq!(
@@ -2104,6 +2115,20 @@ client_secret = "s3cr3t-value"
             let error = error_of(&text);
             assert!(error.contains(expected), "{entry}: {error}");
         }
+    }
+
+    #[test]
+    fn rate_limit_headers_are_turned_off_by_false_and_nothing_else() {
+        let _environment = environment();
+        let config = parse(&format!(
+            "{VALID}\n[delivery]\nrate_limit_headers = false\n"
+        ))
+        .unwrap();
+        assert!(!config.delivery.rate_limit_headers);
+        let error = error_of(&format!(
+            "{VALID}\n[delivery]\nrate_limit_headers = \"no\"\n"
+        ));
+        assert!(error.contains("rate_limit_headers"), "{error}");
     }
 
     #[test]

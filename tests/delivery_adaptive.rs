@@ -176,6 +176,30 @@ async fn an_advertised_quota_is_waited_for_rather_than_refused() {
     agent.stop().await.unwrap();
 }
 
+/// With `delivery.rate_limit_headers = false`, an endpoint's quota headers are not believed:
+/// one whose every answer says nothing is left for an hour (headers meant for another quota,
+/// say) is still sent everything at once.
+#[tokio::test]
+async fn quota_headers_are_ignored_when_the_config_says_so() {
+    let s = setup(
+        ReceiverOptions::default(),
+        oauth_body,
+        "rate_limit_headers = false",
+    )
+    .await;
+    s.receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::NormalWith(vec![
+            ("ratelimit-remaining".into(), "0".into()),
+            ("ratelimit-reset".into(), "3600".into()),
+        ])
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &one_each("p", 50, 0)).await;
+    wait_for_exports(&agent, &s.receiver, 50).await;
+    assert_eq!(agent.metrics.quota_left.get(), -1, "a quota was heard");
+    agent.stop().await.unwrap();
+}
+
 /// 429s whose `Retry-After` counts down to one instant are a window that refuses everything
 /// until then: delivery takes its quota for spent until that instant (how much that spares
 /// is measured in the controller's simulation), then delivers everything.

@@ -211,6 +211,8 @@ pub struct Deliverer {
     window: usize,
     max_age: Duration,
     request_timeout: Duration,
+    /// `delivery.rate_limit_headers`: whether answers' advertised quotas are read.
+    rate_limit_headers: bool,
     clock: RunClock,
     controller: ControllerConfig,
     metrics: Arc<Metrics>,
@@ -292,6 +294,7 @@ impl Deliverer {
             window: window(d.max_concurrency, d.max_profiles_per_request),
             max_age: d.max_age,
             request_timeout: d.request_timeout,
+            rate_limit_headers: d.rate_limit_headers,
             controller: ControllerConfig {
                 max_concurrency: d.max_concurrency,
                 fixed: d.fixed_concurrency,
@@ -1046,7 +1049,10 @@ impl Deliverer {
         }
         let answered_at = SystemTime::now();
         let retry_after = retry::retry_after(&answer.headers, answered_at);
-        let quota = quota::advertised(&answer.headers, answered_at);
+        let quota = self
+            .rate_limit_headers
+            .then(|| quota::advertised(&answer.headers, answered_at))
+            .flatten();
         let error = if answer.status.is_success() {
             String::new()
         } else {
