@@ -178,7 +178,7 @@ async fn an_advertised_quota_is_waited_for_rather_than_refused() {
 
 /// With `delivery.rate_limit_headers = false`, an endpoint's quota headers are not believed:
 /// one whose every answer says nothing is left for an hour (headers meant for another quota,
-/// say) is still sent everything at once.
+/// say) still gets every export, with no wait for that hour.
 #[tokio::test]
 async fn quota_headers_are_ignored_when_the_config_says_so() {
     let s = setup(

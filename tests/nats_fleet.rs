@@ -1592,10 +1592,14 @@ fn server_with_agent_user(
 
 const OPERATOR_CREDENTIALS: &str = "user = \"operator\"\npassword = \"op-pass\"";
 
-/// A setup on `server` whose commands run as `operator`, and the path of the same config with
-/// the `agent` user's credentials instead.
-fn setup_with_agent_user(receiver: &Receiver, server: &NatsServer) -> (AgentSetup, PathBuf) {
-    let setup = AgentSetup::on_stream(&receiver.base_url(), server, OPERATOR_CREDENTIALS, "");
+/// A setup on `server` (with `storage` settings) whose commands run as `operator`, and the path
+/// of the same config with the `agent` user's credentials instead.
+fn setup_with_agent_user(
+    receiver: &Receiver,
+    server: &NatsServer,
+    storage: &str,
+) -> (AgentSetup, PathBuf) {
+    let setup = AgentSetup::on_stream(&receiver.base_url(), server, OPERATOR_CREDENTIALS, storage);
     let agent_config = setup.dir.path().join("agent.toml");
     std::fs::write(
         &agent_config,
@@ -1622,7 +1626,7 @@ async fn a_consumer_the_server_will_not_delete_keeps_its_partition_unconsumed() 
         r#"{ publish: { deny: ["$JS.API.CONSUMER.DELETE.>"] } }"#,
     );
     let receiver = start_receiver().await;
-    let (setup, refused_config) = setup_with_agent_user(&receiver, &server);
+    let (setup, refused_config) = setup_with_agent_user(&receiver, &server, "");
     setup.publish(&[version_line(1, 0)]);
 
     let agent = AgentProcess::start_with_env(
@@ -1667,6 +1671,7 @@ const AGENT_PUBLISHES: &[&str] = &[
     "$JS.API.STREAM.INFO.UPDATES",
     "$JS.API.CONSUMER.CREATE.UPDATES.>",
     "$JS.API.CONSUMER.DELETE.UPDATES.>",
+    "$JS.API.CONSUMER.INFO.UPDATES.>",
     "$JS.API.CONSUMER.MSG.NEXT.UPDATES.>",
     "$JS.ACK.UPDATES.>",
     "$JS.API.STREAM.INFO.KV_owners_7_UPDATES_outpost",
@@ -1676,7 +1681,8 @@ const AGENT_PUBLISHES: &[&str] = &[
 ];
 
 /// An agent whose user may publish to no more than README lists, and subscribe to its inboxes
-/// alone, claims and consumes its partitions; its log shows no permission refused.
+/// alone, claims and consumes its partitions, and counts what waits in the stream while its
+/// outbox is full; its log shows no permission refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_only_the_listed_permissions_claims_and_consumes() {
     let Some(server_bin) = nats_server_or_skip("an_agent_with_only_the_listed_permissions") else {
@@ -1691,17 +1697,25 @@ async fn an_agent_with_only_the_listed_permissions_claims_and_consumes() {
         ),
     );
     let receiver = start_receiver().await;
-    let (setup, agent_config) = setup_with_agent_user(&receiver, &server);
+    receiver.set_export_script(Some(outpost::receiver::down()));
+    let (setup, agent_config) =
+        setup_with_agent_user(&receiver, &server, "max_outbox_bytes = 4000");
     let lines: Vec<String> = (0..16).map(|p| version_line(p, 0)).collect();
     setup.publish(&lines);
 
     let agent =
         AgentProcess::start_with_env(&agent_config, setup.addr.port(), &[("OUTPOST_LOG", "warn")])
             .await;
-    wait_or_show(30, "every update delivered", &[&agent], async || {
+    // Paused, each partition asks for its consumer's backlog about once a second.
+    wait_until_paused(&agent).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    receiver.set_export_script(None);
+    wait_or_show(60, "every update delivered", &[&agent], async || {
         distinct_delivered(&receiver) == 16
     })
     .await;
+    // Its last acknowledgements refused would show a moment later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // Started again: its consumers are deleted and made anew, its claims read.
     let first_log = agent.log();
     drop(agent);
@@ -1713,7 +1727,6 @@ async fn an_agent_with_only_the_listed_permissions_claims_and_consumes() {
         distinct_delivered(&receiver) == 17
     })
     .await;
-    // An acknowledgement refused would show only here.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for log in [first_log, agent.log()] {
         assert!(
