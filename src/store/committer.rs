@@ -18,8 +18,12 @@ use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, Parsing};
 use crate::profile::{Op, Update};
 
-/// At most this many updates go into one transaction; more waiting requests go into the next.
-const MAX_GROUP_UPDATES: usize = 20_000;
+/// At most this many updates go into one transaction; more waiting requests go into the next
+/// (a request larger than this goes whole). What a group parses into and writes is held until
+/// it is flushed: 34 requests of 500 updates at once took the agent's peak RSS to 111-116 MB
+/// with this at 4,000, 126-205 MB at 20,000, in the same time (README "Memory and the size of
+/// an HTTP request"); a flush per 4,000 updates costs little.
+const MAX_GROUP_UPDATES: usize = 4_000;
 
 /// How [`CommitError::InDoubt`] begins.
 pub const IN_DOUBT: &str = "may have been stored or not";
