@@ -25,12 +25,15 @@
 //!     open included. Each the median of five runs, each on its own copy of the pre-filled
 //!     store (synced to the disk before the run), in rounds that take each size in turn: the
 //!     first thousand take some 30 ms, which one run measures poorly.
+//! (g) a fixed window of 2,000 requests a second, its quota advertised in `RateLimit-*`
+//!     headers or not: accepted exports/s vs the limit, and the share answered 429.
 //!
-//! Rates in (c), (d), (e) are counted between the 10% and the 90% marks of the run, so the
+//! Rates in (c), (d), (e), (g) are counted between the 10% and the 90% marks of the run, so the
 //! start (token, first reads) and the tail (exports waiting out a `Retry-After`) do not count.
 //!
 //! Run: `cargo bench --bench delivery` (`OUTPOST_BENCH_ONLY=healthy` for (a) and (b) alone,
-//! `OUTPOST_BENCH_ONLY=flaky` for (c) alone, `OUTPOST_BENCH_ONLY=backlog` for (f) alone).
+//! `OUTPOST_BENCH_ONLY=flaky` for (c) alone, `OUTPOST_BENCH_ONLY=backlog` for (f) alone,
+//! `OUTPOST_BENCH_ONLY=quota` for (g) alone).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -628,7 +631,7 @@ fn print_backlog_ratios(backlogs: &Backlogs, sizes: [usize; 3], first: [u64; 2],
     }
 }
 
-/// (f): a fixed window of `limit` requests a second, its quota advertised in `RateLimit-*`
+/// (g): a fixed window of `limit` requests a second, its quota advertised in `RateLimit-*`
 /// headers or not: exports/s between the 10% and 90% marks, 429s, requests.
 async fn bench_quota(limit: u64, n: usize) -> [(bool, f64, usize, usize); 2] {
     let mut runs = [(true, 0.0, 0, 0), (false, 0.0, 0, 0)];

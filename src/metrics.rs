@@ -131,7 +131,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Requests a second allowed since the endpoint answered 429 (0: no cap).
     pub rate_cap: Gauge,
-    /// Requests the endpoint's window has left, as its answers advertise (-1: none said).
+    /// Requests the endpoint's window has left, as its answers advertise or its 429s count
+    /// down to (-1: none known).
     pub quota_left: Gauge,
     /// Exports waiting for their retry time.
     pub retry_waiting: Gauge,
@@ -199,7 +200,7 @@ impl Metrics {
         );
         registry.register(
             "delivery_quota_left",
-            "Requests the endpoint's window has left, as its RateLimit headers advertise (-1: none said)",
+            "Requests the endpoint's window has left, as its RateLimit headers advertise or its 429s count down to (-1: none known)",
             quota_left.clone(),
         );
         registry.register(

@@ -206,8 +206,7 @@ async fn quota_headers_are_ignored_when_the_config_says_so() {
 #[tokio::test]
 async fn a_window_whose_429s_count_down_is_taken_for_a_spent_quota() {
     let s = setup(ReceiverOptions::default(), oauth_body, "").await;
-    let opens = Arc::new(std::sync::Mutex::new(None::<Instant>));
-    let opens_at = Arc::clone(&opens);
+    let opens_at = std::sync::Mutex::new(None::<Instant>);
     s.receiver.set_export_script(Some(Arc::new(move |_, _| {
         let now = Instant::now();
         let at = *opens_at

@@ -655,10 +655,8 @@ impl Controller {
         if self.down_since.is_some() {
             return usize::from(!self.probe_in_flight && now >= self.probe_at);
         }
-        let by_limit = match self.quota.map(|q| q.allows(now)) {
-            Some(by_quota) => self.limit.saturating_sub(self.in_flight).min(by_quota),
-            None => self.limit.saturating_sub(self.in_flight),
-        };
+        let by_quota = self.quota.map_or(usize::MAX, |q| q.allows(now));
+        let by_limit = self.limit.saturating_sub(self.in_flight).min(by_quota);
         match &mut self.rate_cap {
             None => by_limit.min(wanted),
             Some(cap) => {

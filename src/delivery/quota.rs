@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::retry::MAX_RETRY_AFTER;
+use super::retry::{answer_clock, MAX_RETRY_AFTER};
 
 /// What one answer said of the endpoint's quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,9 +51,7 @@ pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Adverti
         return None;
     }
     let resets_in = if reset >= EPOCH_SECONDS_FROM {
-        let reference = text("date")
-            .and_then(|date| httpdate::parse_http_date(date).ok())
-            .unwrap_or(now);
+        let reference = answer_clock(headers, now);
         let seconds = if reset >= EPOCH_MILLISECONDS_FROM {
             reset / 1000.0
         } else {

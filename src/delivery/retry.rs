@@ -53,12 +53,17 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 /// neither stretches the wait (up to [`MAX_RETRY_AFTER`]) nor ignores it; else against `now`.
 pub fn retry_after(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
-    let reference = headers
+    parse_retry_after(value, answer_clock(headers, now))
+}
+
+/// The time an answer was made on the server's clock: its `Date` header, else `now`. Times
+/// the server names (a `Retry-After` date, a quota's reset) are measured against it.
+pub fn answer_clock(headers: &hyper::HeaderMap, now: SystemTime) -> SystemTime {
+    headers
         .get(hyper::header::DATE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| httpdate::parse_http_date(v).ok())
-        .unwrap_or(now);
-    parse_retry_after(value, reference)
+        .unwrap_or(now)
 }
 
 /// The retry schedule of one export, and of the probes while the destination is down:

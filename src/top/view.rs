@@ -388,7 +388,6 @@ pub fn duration(seconds: u64) -> String {
     }
 }
 
-/// The rate cap for people.
 /// The rate cap for people, and what the endpoint's advertised window has left.
 pub fn rate_cap(cap: i64, quota_left: Option<i64>) -> String {
     let cap = if cap > 0 {
