@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
+use crate::store::handover::MoveError;
+use crate::store::handover_file::HandedPartition;
 use crate::store::source::{PositionSet, RejectedId};
 use crate::store::{
     Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, PutBack, Store, StoreError,
@@ -70,6 +72,21 @@ pub enum AdminRequest {
     SetPosition {
         partition: u32,
         seq: u64,
+    },
+    /// Writes the stored profiles and positions of `partitions` to a new file at `path`
+    /// (absolute) and forgets them (`outpost nats hand-over`).
+    HandOver {
+        partitions: Vec<u32>,
+        partition_count: u32,
+        /// [`crate::config::Mapping::fingerprint`] of the config.
+        mapping: String,
+        path: String,
+    },
+    /// Stores what the hand-over file at `path` (absolute) holds (`outpost nats take-over`).
+    TakeOver {
+        path: String,
+        partition_count: u32,
+        mapping: String,
     },
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
@@ -267,6 +284,10 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
                     "partition {partition} has no stream position: nothing of it is in the \
                      store, and it is consumed from the stream's start"
                 ))),
+                PositionSet::Moved => Err(AdminError::Failed(format!(
+                    "partition {partition} was handed over, or its take-over is unfinished: \
+                     its position is left as it is"
+                ))),
                 PositionSet::Readable(at) => Err(AdminError::Failed(format!(
                     "partition {partition}'s stream position reads ({at}): only an unreadable \
                      one is set, so that no message is skipped or applied again by mistake"
@@ -276,6 +297,68 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
         AdminRequest::Snapshot => Err(AdminError::Failed(
             "only a running agent has figures to show".into(),
         )),
+        AdminRequest::HandOver { .. } | AdminRequest::TakeOver { .. } => {
+            execute_move(store, request, &[])
+        }
+    }
+}
+
+/// Executes a hand-over or a take-over, refused for a partition in `consumed` (those the
+/// running agent consumes).
+pub fn execute_move(
+    store: &Store,
+    request: &AdminRequest,
+    consumed: &[u32],
+) -> Result<Value, AdminError> {
+    let moved = |e: MoveError| match e {
+        MoveError::Refused(text) => AdminError::Failed(text),
+        MoveError::Store(e) => e.into(),
+    };
+    let partition_json = |p: &HandedPartition| json!({"partition": p.partition, "seq": p.position.map(|(seq, _)| seq)});
+    match request {
+        AdminRequest::HandOver {
+            partitions,
+            partition_count,
+            mapping,
+            path,
+        } => {
+            let done = store
+                .hand_over(
+                    partitions,
+                    *partition_count,
+                    mapping,
+                    std::path::Path::new(path),
+                    consumed,
+                )
+                .map_err(moved)?;
+            Ok(json!({
+                "store": store.store_id(),
+                "partitions": done.partitions.iter().map(partition_json).collect::<Vec<_>>(),
+                "written": done.written,
+                "forgotten": done.forgotten,
+            }))
+        }
+        AdminRequest::TakeOver {
+            path,
+            partition_count,
+            mapping,
+        } => {
+            let done = store
+                .take_over(
+                    std::path::Path::new(path),
+                    *partition_count,
+                    mapping,
+                    consumed,
+                )
+                .map_err(moved)?;
+            Ok(json!({
+                "partitions": done.header.partitions.iter().map(partition_json).collect::<Vec<_>>(),
+                "from_store": format!("{:08x}", done.header.store_id),
+                "profiles_in_file": done.profiles_in_file,
+                "stored": done.stored,
+            }))
+        }
+        _ => Err(AdminError::Failed("not a move of partitions".into())),
     }
 }
 

@@ -276,6 +276,11 @@ impl Agent {
             wake: Arc::clone(&wake),
             max_outbox_bytes: config.storage.max_outbox_bytes,
             max_future_s: config.ingest.max_future_s,
+            consumed: config
+                .nats
+                .as_ref()
+                .map(|nats| nats.owned.clone())
+                .unwrap_or_default(),
         });
         tasks.push((
             "the admin socket".to_string(),

@@ -242,9 +242,9 @@ pub enum NatsCommand {
     /// An agent claims every partition it owns before consuming it, and one whose partition
     /// another store claims leaves it alone (and logs who holds it): two agents owning the
     /// same partition would split its messages and break per-profile order. Release a
-    /// partition only where no agent consumes it any more: to move it (its profiles' stored
-    /// versions stay in the old store, see README), or after the store that held it was lost
-    /// or replaced. An agent waiting for the partition claims it within seconds; one still
+    /// partition only where no agent consumes it any more: after the store that held it was lost
+    /// or replaced (to move a partition with its profiles' stored versions, `outpost nats
+    /// hand-over` releases it). An agent waiting for the partition claims it within seconds; one still
     /// consuming it claims it again within seconds (and logs a warning), unless a waiting
     /// agent took it first: then both consume it for a few seconds, so stop the consuming
     /// agent first.
@@ -253,6 +253,40 @@ pub enum NatsCommand {
     Release {
         /// Partitions: ranges and lists, as `owned` ("0-3,7")
         partitions: String,
+    },
+    /// Hand partitions over to another agent: writes their profiles' stored versions and how
+    /// far each was consumed to FILE, forgets them here, and releases this store's claims on
+    /// them. The other agent's store takes them with `outpost nats take-over FILE`, and its
+    /// agent goes on where this one stopped, deciding against the versions stored here.
+    ///
+    /// First take the partitions out of this agent's `source.nats.owned` and restart it:
+    /// it then stops consuming them and delivers the exports of their profiles, and the
+    /// hand-over is refused while any of those wait (pending or dead), so that the endpoint
+    /// never gets a newer version from the other agent before an older one from this. Runs
+    /// with the agent running (profile updates wait meanwhile) or stopped. Once handed over,
+    /// a partition is not consumed in this store again until it is taken back.
+    ///
+    /// Example: outpost nats hand-over 4-7 /tmp/partitions-4-7.handover
+    HandOver {
+        /// Partitions: ranges and lists, as `owned` ("0-3,7")
+        partitions: String,
+        /// The file to write; it must not exist
+        file: PathBuf,
+    },
+    /// Take over partitions from a file `outpost nats hand-over` wrote: stores their profiles
+    /// and positions, so that this agent consumes them from where the other stopped.
+    ///
+    /// Refused, with nothing changed, when the file is damaged or was written with another
+    /// mapping or partition count, when a partition in it was consumed in this store, or a
+    /// profile of it is stored here with another version. Run it with this agent stopped,
+    /// then add the partitions to `source.nats.owned` and start it; or while it runs without
+    /// them, then add them and restart it. A take-over cut short (a kill) leaves the
+    /// partitions unconsumed until it is run again with the same file.
+    ///
+    /// Example: outpost nats take-over /tmp/partitions-4-7.handover
+    TakeOver {
+        /// The file `outpost nats hand-over` wrote
+        file: PathBuf,
     },
 }
 

@@ -451,6 +451,28 @@ pub struct MappedAt {
 }
 
 impl Mapping {
+    /// What decides which parts of a profile are stored, and which segments are exported, in
+    /// one line: two stores hand profiles over only when theirs are the same
+    /// ([`crate::store::handover`]).
+    pub fn fingerprint(&self) -> String {
+        let mut attributes: Vec<String> = self.attributes.iter().map(|p| p.join(".")).collect();
+        attributes.sort();
+        let mut identities = self.identities.clone();
+        identities.sort();
+        let mut segments = self.segments.clone();
+        segments.sort();
+        format!(
+            "attributes [{}], identities [{}], segments [{}]",
+            attributes.join(", "),
+            if identities.is_empty() {
+                "all".to_string()
+            } else {
+                identities.join(", ")
+            },
+            segments.join(", ")
+        )
+    }
+
     /// Builds a mapping from dot paths; used by tests, benches and the demo.
     pub fn new(attributes: &[&str], segments: &[&str], identities: &[&str]) -> Mapping {
         Mapping {

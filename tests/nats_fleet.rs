@@ -2019,7 +2019,7 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     );
 
     // The first agent goes; its claims are released; the second takes partitions 6 and 7
-    // (from the stream's start, having no position in them: README "Not handled yet").
+    // (from the stream's start, having no position in them: moved without a hand-over).
     first_agent.terminate().await;
     let released = second.cli(&["nats", "release", "6-7"]);
     assert_eq!(
@@ -2137,4 +2137,148 @@ async fn a_claim_released_or_taken_while_its_partition_is_consumed() {
             .all(|(_, names)| names.last().is_some_and(|n| n.ends_with("-v0"))),
         "partition 7 was consumed after another store claimed it: {left:?}"
     );
+}
+
+/// A partition moved from one agent to another with `outpost nats hand-over` and `take-over`:
+/// the second agent goes on from where the first stopped, deciding against the versions the
+/// first stored, so the endpoint hears each profile's next change once and nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
+    let Some(server_bin) = nats_server_or_skip("partition_handed_over") else {
+        return;
+    };
+    const PROFILES: usize = 80;
+    let server = NatsServer::start(&server_bin);
+    let (first_receiver, second_receiver) = (start_receiver().await, start_receiver().await);
+    let first = AgentSetup::on_stream(&first_receiver.base_url(), &server, "", "");
+    let second = AgentSetup::new(
+        &second_receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "6-7", "")),
+        "",
+    );
+    let moved = |p: &usize| outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6;
+    let moved_profiles = (0..PROFILES).filter(moved).count();
+    assert!(
+        moved_profiles > 5,
+        "{moved_profiles} profiles in partitions 6-7"
+    );
+    let file = second.dir.path().join("6-7.handover");
+    let file_arg = file.to_str().unwrap();
+
+    let mut first_agent = first.start().await;
+    first.publish(&versions(PROFILES, 0));
+    wait_or_show(60, "the first deliveries", &[&first_agent], async || {
+        names_by_profile(&first_receiver).len() == PROFILES
+    })
+    .await;
+    // Refused while the agent consumes the partitions, through its admin socket.
+    let refused = first.run(&["nats", "hand-over", "6-7", file_arg]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("this agent consumes partition 6"),
+        "{stderr}"
+    );
+    assert!(!file.exists());
+
+    // Taken out of its `owned`, restarted, and handed over while it runs.
+    let config = std::fs::read_to_string(first.config()).unwrap();
+    std::fs::write(
+        first.config(),
+        config.replace("owned = \"0-7\"", "owned = \"0-5\""),
+    )
+    .unwrap();
+    first_agent.terminate().await;
+    let first_agent = first.start().await;
+    let handed = first.cli(&["nats", "hand-over", "6-7", file_arg]);
+    assert!(
+        handed.contains("partition 6      handed over, consumed up to stream sequence"),
+        "{handed}"
+    );
+    assert!(
+        handed.contains(&format!("{moved_profiles} profile(s) written to")),
+        "{handed}"
+    );
+    assert_eq!(handed.matches("claim released").count(), 2, "{handed}");
+
+    // The second agent, never started, takes them over and starts.
+    let taken = second.cli(&["nats", "take-over", file_arg]);
+    assert!(
+        taken.contains(&format!("{moved_profiles} profile(s) stored from")),
+        "{taken}"
+    );
+    let second_agent = second.start().await;
+    // Version 1 changes no mapped field: against the stored versions it exports nothing
+    // (to an agent that had never seen the profiles, each would be new). Version 2 does.
+    first.publish(&versions(PROFILES, 1));
+    first.publish(&versions(PROFILES, 2));
+    wait_or_show(
+        60,
+        "the deliveries of version 2",
+        &[&first_agent, &second_agent],
+        async || {
+            names_by_profile(&second_receiver).len() == moved_profiles
+                && names_by_profile(&first_receiver)
+                    .iter()
+                    .filter(|(id, _)| !moved(&id[1..].parse().unwrap()))
+                    .all(|(_, names)| names.len() == 2)
+        },
+    )
+    .await;
+    // A moment for anything else that was coming.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (id, names) in names_by_profile(&second_receiver) {
+        assert!(
+            moved(&id[1..].parse().unwrap()),
+            "{id} went to the second agent"
+        );
+        assert_eq!(names, [format!("{id}-v2")], "{id}");
+    }
+    for (id, names) in names_by_profile(&first_receiver) {
+        let expected: Vec<String> = if moved(&id[1..].parse().unwrap()) {
+            vec![format!("{id}-v0")]
+        } else {
+            vec![format!("{id}-v0"), format!("{id}-v2")]
+        };
+        assert_eq!(names, expected, "{id}");
+    }
+    let health = healthz_json(second_agent.addr).await;
+    assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
+
+    // The first agent made to own them again by mistake leaves them: it says they were
+    // handed over, and claims nothing.
+    let mut first_agent = first_agent;
+    first_agent.terminate().await;
+    std::fs::write(first.config(), &config).unwrap();
+    let first_agent = first.start().await;
+    wait_or_show(
+        30,
+        "the first agent's refusal",
+        &[&first_agent],
+        async || {
+            first_agent
+                .log()
+                .contains("the partition was handed over to another store")
+        },
+    )
+    .await;
+    first.publish(&versions(PROFILES, 4));
+    wait_or_show(
+        60,
+        "the deliveries of version 4",
+        &[&first_agent, &second_agent],
+        async || {
+            names_by_profile(&second_receiver)
+                .values()
+                .all(|names| names.len() == 2)
+        },
+    )
+    .await;
+    for (id, names) in names_by_profile(&first_receiver) {
+        if moved(&id[1..].parse().unwrap()) {
+            assert_eq!(names, [format!("{id}-v0")], "{id}");
+        }
+    }
+    let health = healthz_json(second_agent.addr).await;
+    assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
 }

@@ -270,6 +270,8 @@ fn run_backfill(
 fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Duration> {
     match request {
         AdminRequest::Compact
+        | AdminRequest::HandOver { .. }
+        | AdminRequest::TakeOver { .. }
         | AdminRequest::Retry { all_dead: true, .. }
         | AdminRequest::Drop { all_dead: true, .. } => None,
         AdminRequest::Retry { .. } | AdminRequest::Drop { .. } => {

@@ -267,6 +267,20 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Nats(NatsCommand::Release { partitions }) => {
             runtime()?.block_on(nats::release(config, &partitions))
         }
+        Command::Nats(NatsCommand::HandOver { partitions, file }) => {
+            let request = nats::hand_over_request(config, &partitions, &file)?;
+            as_store_owner(config, StoreUse::Existing)?;
+            let answer = Backend::connect_existing(config)?.execute(&request)?;
+            runtime()?.block_on(nats::handed_over(config, &file, &answer))
+        }
+        Command::Nats(NatsCommand::TakeOver { file }) => {
+            let request = nats::take_over_request(config, &file)?;
+            // An agent that has not run yet takes partitions over into a store made for it.
+            as_store_owner(config, StoreUse::Make)?;
+            let answer = Backend::connect(config)?.execute(&request)?;
+            nats::taken_over(&file, &answer);
+            Ok(())
+        }
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
             // Checked against the stream with this process's rights (credential files).
             nats::check_position(config, partition, seq)?;

@@ -51,6 +51,142 @@ pub(super) async fn release(config: &Config, partitions: &str) -> Result<(), Cli
     Ok(())
 }
 
+/// A path as the agent, whose working folder is not ours, would read it.
+fn absolute(file: &Path) -> Result<String, CliError> {
+    let path = std::path::absolute(file)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| CliError::Usage(format!("{}: the path is not UTF-8", path.display())))
+}
+
+pub(super) fn hand_over_request(
+    config: &Config,
+    partitions: &str,
+    file: &Path,
+) -> Result<AdminRequest, CliError> {
+    let nats = nats_config(config)?;
+    let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
+        .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
+    Ok(AdminRequest::HandOver {
+        partitions,
+        partition_count: nats.partitions,
+        mapping: config.mapping.fingerprint(),
+        path: absolute(file)?,
+    })
+}
+
+pub(super) fn take_over_request(config: &Config, file: &Path) -> Result<AdminRequest, CliError> {
+    let nats = nats_config(config)?;
+    Ok(AdminRequest::TakeOver {
+        path: absolute(file)?,
+        partition_count: nats.partitions,
+        mapping: config.mapping.fingerprint(),
+    })
+}
+
+fn partitions_moved(answer: &Value) -> Vec<(u64, Option<u64>)> {
+    answer["partitions"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|p| Some((p["partition"].as_u64()?, p["seq"].as_u64())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn describe_position(seq: Option<u64>) -> String {
+    match seq {
+        Some(seq) => format!("consumed up to stream sequence {seq}"),
+        None => "never consumed".to_string(),
+    }
+}
+
+/// Prints what a hand-over did, then releases this store's claims on its partitions.
+pub(super) async fn handed_over(
+    config: &Config,
+    file: &Path,
+    answer: &Value,
+) -> Result<(), CliError> {
+    let partitions = partitions_moved(answer);
+    for (partition, seq) in &partitions {
+        println!(
+            "partition {partition:<6} handed over, {}",
+            describe_position(*seq)
+        );
+    }
+    match answer["written"].as_u64() {
+        Some(written) => println!("{written} profile(s) written to {}", file.display()),
+        None => println!(
+            "these partitions were handed over before; {} was left as it is",
+            file.display()
+        ),
+    }
+    println!(
+        "{} profile(s) forgotten in this store",
+        answer["forgotten"].as_u64().unwrap_or(0)
+    );
+    let nats = nats_config(config)?;
+    let store = answer["store"].as_u64().unwrap_or_default() as u32;
+    let ours = claim::holder(store, &claim::host_name());
+    let released = async {
+        let client = crate::source::nats::connect(nats, false).await?;
+        let js = async_nats::jetstream::new(client);
+        let claims = claim::bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas).await?;
+        let mut lines = Vec::new();
+        for (partition, _) in &partitions {
+            let partition = *partition as u32;
+            let recorded = claims
+                .get(claim::key(partition))
+                .await
+                .map_err(|e| crate::source::nats::nats_error("reading a claim", e))?;
+            let recorded = recorded.map(|value| String::from_utf8_lossy(&value).into_owned());
+            match recorded {
+                Some(holder) if claim::judge(&holder, &ours) == claim::Claim::Ours => {
+                    claim::release(&claims, partition).await?;
+                    lines.push(format!("partition {partition:<6} claim released"));
+                }
+                Some(holder) => lines.push(format!(
+                    "partition {partition:<6} claim left as it is: {holder} holds it"
+                )),
+                None => lines.push(format!("partition {partition:<6} had no claim")),
+            }
+        }
+        Ok::<_, crate::source::nats::NatsError>(lines)
+    };
+    match tokio::time::timeout(STREAM_END_WAIT, released).await {
+        Ok(Ok(lines)) => lines.iter().for_each(|line| println!("{line}")),
+        Ok(Err(e)) => eprintln!(
+            "warning: the claims were not released ({e}): run `outpost nats release` on these \
+             partitions once NATS answers"
+        ),
+        Err(_) => eprintln!(
+            "warning: the claims were not released (NATS did not answer within {} s): run \
+             `outpost nats release` on these partitions once it does",
+            STREAM_END_WAIT.as_secs()
+        ),
+    }
+    Ok(())
+}
+
+pub(super) fn taken_over(file: &Path, answer: &Value) {
+    for (partition, seq) in partitions_moved(answer) {
+        println!(
+            "partition {partition:<6} taken over, {}",
+            describe_position(seq)
+        );
+    }
+    println!(
+        "{} profile(s) stored from {} (handed over by store {}; {} in the file)",
+        answer["stored"].as_u64().unwrap_or(0),
+        file.display(),
+        answer["from_store"].as_str().unwrap_or("?"),
+        answer["profiles_in_file"].as_u64().unwrap_or(0)
+    );
+    println!("add the partitions to source.nats.owned, if not yet, and (re)start the agent");
+}
+
 pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
     let nats = nats_config(config)?;
     // Addresses carry no credentials (refused at load).

@@ -900,6 +900,14 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     // may have been sent and lost, so the partition starts over. So it does when a delivery
     // is missing without a break (`delivery_gap`).
     let breaks = shared.state.breaks.load(Ordering::SeqCst);
+    // Moved to another store: left unclaimed, for the store that took it over.
+    let moved = shared
+        .store
+        .partition_moved(partition)
+        .map_err(|e| nats_error("reading the stream position", e))?;
+    if let Some(moved) = moved {
+        return Err(NatsError(moved).into());
+    }
     // Never consumed unclaimed: a claim that cannot be made or read now is tried again, on
     // the backoff schedule, like a consumer that cannot be made.
     if let claim::Claim::Elsewhere(holder) = claim_partition(shared, partition).await? {

@@ -18,6 +18,7 @@
 //! | the mapping last run with | `mapping.rs` | `meta/mapping` → format byte + JSON |
 //! | backfill of newly mapped segments | `backfill.rs` | `meta/backfill` → format byte + JSON; `backfill_exported`: group key ++ profile id → export number (u64 BE) |
 //! | stream positions, rejected messages | `source.rs` | `positions`, `rejected` |
+//! | moving stream partitions to another store, and the file that carries them | `handover.rs`, `handover_file.rs` | `positions`: a moved partition's mark ([`source`]) |
 //! | the run-time clock | `crate::clock` | `meta/clock` → [`codec`] clock record |
 //! | value encodings (format byte + bincode), key encodings | `codec.rs`, `keys.rs` | |
 //! | the one writer (group commit) | `committer.rs` | |
@@ -65,6 +66,8 @@ pub mod committer;
 mod error;
 mod export;
 pub mod groups;
+pub mod handover;
+pub mod handover_file;
 pub mod keys;
 pub mod mapping;
 mod open;

@@ -68,6 +68,8 @@ pub enum PositionSet {
     NoPosition,
     /// The stored position reads (this sequence): left as it is.
     Readable(u64),
+    /// The partition was handed over, or is being taken over: left as it is.
+    Moved,
 }
 
 /// A partition's position in the store, seen from the stream being consumed.
@@ -258,7 +260,7 @@ impl Rejected {
     }
 }
 
-fn position_key(partition: u32) -> [u8; 4] {
+pub(super) fn position_key(partition: u32) -> [u8; 4] {
     partition.to_be_bytes()
 }
 
@@ -315,14 +317,78 @@ fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
 
 /// A position value: the sequence (u64 BE), then the stream's fingerprint (u64 BE). Stores
 /// before the fingerprint hold the sequence alone (`None`).
-fn encode_position(seq: u64, stream: u64) -> [u8; 16] {
+pub(super) fn encode_position(seq: u64, stream: u64) -> [u8; 16] {
     let mut value = [0u8; 16];
     value[..8].copy_from_slice(&seq.to_be_bytes());
     value[8..].copy_from_slice(&stream.to_be_bytes());
     value
 }
 
-fn decode_position(bytes: &[u8]) -> Result<(u64, Option<u64>), StoreError> {
+/// The first byte of a position value that says the partition moved ([`Moved`]); a
+/// position of 8 or 16 bytes never is one, by its length.
+const MOVED_TAG: u8 = 0xff;
+const MOVED_LEN: usize = 19;
+
+/// Why a partition's position names no place to consume from: it was handed over to another
+/// store, or is being taken over from one ([`super::handover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Moved {
+    HandedOver,
+    TakingOver,
+}
+
+/// A position value marking a moved partition, with where the partition stood: tag, kind
+/// (`H` or `T`), 1 if a position follows, its sequence and stream (u64 BE each).
+pub(super) fn encode_moved(moved: Moved, position: Option<(u64, u64)>) -> [u8; MOVED_LEN] {
+    let mut value = [0u8; MOVED_LEN];
+    value[0] = MOVED_TAG;
+    value[1] = match moved {
+        Moved::HandedOver => b'H',
+        Moved::TakingOver => b'T',
+    };
+    if let Some((seq, stream)) = position {
+        value[2] = 1;
+        value[3..11].copy_from_slice(&seq.to_be_bytes());
+        value[11..].copy_from_slice(&stream.to_be_bytes());
+    }
+    value
+}
+
+pub(super) fn decode_moved(bytes: &[u8]) -> Option<(Moved, Option<(u64, u64)>)> {
+    if bytes.len() != MOVED_LEN || bytes[0] != MOVED_TAG {
+        return None;
+    }
+    let moved = match bytes[1] {
+        b'H' => Moved::HandedOver,
+        b'T' => Moved::TakingOver,
+        _ => return None,
+    };
+    let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let position = match bytes[2] {
+        0 => None,
+        1 => Some((u64_at(3), u64_at(11))),
+        _ => return None,
+    };
+    Some((moved, position))
+}
+
+fn moved_error(moved: Moved) -> StoreError {
+    StoreError::PartitionMoved(match moved {
+        Moved::HandedOver => "the partition was handed over to another store (`outpost nats \
+             hand-over`): take it out of `source.nats.owned`, or take it back with `outpost nats \
+             take-over` and the other store's hand-over file"
+            .into(),
+        Moved::TakingOver => "the partition's take-over did not finish: run `outpost nats \
+             take-over` again with the same file"
+            .into(),
+    })
+}
+
+/// `Ok` for a position that names a place, of either length.
+pub(super) fn decode_position(bytes: &[u8]) -> Result<(u64, Option<u64>), StoreError> {
+    if let Some((moved, _)) = decode_moved(bytes) {
+        return Err(moved_error(moved));
+    }
     let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     match bytes.len() {
         8 => Ok((u64_at(0), None)),
@@ -580,6 +646,17 @@ impl Store {
         })
     }
 
+    /// Why `partition` is not to be consumed in this store, when it was handed over to
+    /// another or its take-over did not finish ([`super::handover`]).
+    pub fn partition_moved(&self, partition: u32) -> Result<Option<String>, StoreError> {
+        self.with(|t| {
+            Ok(t.positions
+                .get(position_key(partition))?
+                .and_then(|value| decode_moved(&value))
+                .map(|(moved, _)| moved_error(moved).to_string()))
+        })
+    }
+
     /// Sets the partition's position to `seq` of `stream`, durably, as its consumer starts:
     /// for a stream that went back ([`Recorded::PastEnd`]), whose positions after `seq` are
     /// new messages, so that a position written for them is not taken for one below what was
@@ -623,6 +700,9 @@ impl Store {
             };
             if let Ok((at, _)) = decode_position(&stored) {
                 return Ok(PositionSet::Readable(at));
+            }
+            if decode_moved(&stored).is_some() {
+                return Ok(PositionSet::Moved);
             }
             // Only the unreadable bytes just read are replaced.
             let swapped =
@@ -772,6 +852,10 @@ impl Store {
                 let Ok(key) = <[u8; POSITION_KEY_LEN]>::try_from(key.as_ref()) else {
                     continue;
                 };
+                // A moved partition's mark is no damage.
+                if decode_moved(&value).is_some() {
+                    continue;
+                }
                 let Err(e) = decode_position(&value) else {
                     continue;
                 };

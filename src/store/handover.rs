@@ -1,0 +1,863 @@
+//! Moving stream partitions between stores. `outpost nats hand-over` writes the stored
+//! profiles of some partitions, and how far each was consumed, to a file
+//! ([`super::handover_file`]) and forgets them; `outpost nats take-over` stores them in
+//! another store, whose agent then consumes the partitions from where the first left off,
+//! deciding against the versions the first stored.
+//!
+//! Invariants:
+//! - everything below runs under the profile writer: no update changes a profile meanwhile;
+//! - a partition is handed over only while no export of its profiles waits in the outbox or
+//!   the dead letters, so every export the taking store makes of them comes after every one
+//!   the giving store made: the endpoint hears each profile's versions in order;
+//! - the file is whole and synced before the giving store forgets anything; from then on the
+//!   partition's position reads "handed over" ([`Moved::HandedOver`]), so no consumer starts
+//!   it there again. A kill while its profiles are forgotten leaves the mark and the rest of
+//!   them, which a second hand-over of the same partitions forgets;
+//! - the taking store marks the partitions "taking over" ([`Moved::TakingOver`]) before it
+//!   stores the first profile, and sets their positions in the transaction that ends the
+//!   take-over. A kill in between leaves the mark, and the partition does not start until a
+//!   take-over of the same file finishes (a profile stored already with the same bytes is no
+//!   conflict).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use sled::Transactional;
+
+use super::codec;
+use super::error::TxResult;
+use super::groups::{group_key, Change, GroupKey, GroupView};
+use super::handover_file::{FileReader, FileWriter, HandedPartition, Header};
+use super::keys::meta;
+use super::profiles::group_name;
+use super::source::{decode_moved, decode_position, encode_moved, position_key, Moved};
+use super::tally::{read_u64, write_u64};
+use super::{Store, StoreError, Trees};
+use crate::source::partition::partition_of;
+
+/// Groups changed in one transaction.
+const GROUPS_A_TRANSACTION: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// The store or the file is not in a state to move the partitions; nothing was changed.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for MoveError {
+    fn from(e: sled::Error) -> Self {
+        MoveError::Store(e.into())
+    }
+}
+
+fn refused(text: impl Into<String>) -> MoveError {
+    MoveError::Refused(text.into())
+}
+
+fn io_error(path: &Path, what: &str, e: std::io::Error) -> MoveError {
+    refused(format!("{what} {}: {e}", path.display()))
+}
+
+/// What a hand-over did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandedOver {
+    pub partitions: Vec<HandedPartition>,
+    /// Profiles written to the file; `None` when the partitions had been handed over before
+    /// and only the profiles a kill left behind were forgotten.
+    pub written: Option<u64>,
+    pub forgotten: u64,
+}
+
+/// What a take-over did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenOver {
+    pub header: Header,
+    /// Profiles stored; those found stored already with the same bytes (a take-over run
+    /// again) are not counted.
+    pub stored: u64,
+    pub profiles_in_file: u64,
+}
+
+/// A partition's position, as a move sees it.
+enum Standing {
+    Nothing,
+    At(u64, u64),
+    Moved(Moved, Option<(u64, u64)>),
+}
+
+fn standing(t: &Trees, partition: u32) -> Result<Standing, MoveError> {
+    let Some(value) = t.positions.get(position_key(partition))? else {
+        return Ok(Standing::Nothing);
+    };
+    if let Some((moved, position)) = decode_moved(&value) {
+        return Ok(Standing::Moved(moved, position));
+    }
+    match decode_position(&value) {
+        Ok((seq, Some(stream))) => Ok(Standing::At(seq, stream)),
+        Ok((seq, None)) => Err(refused(format!(
+            "partition {partition}'s position ({seq}) does not say which stream it counts in \
+             (an older build wrote it): an agent records that when it starts the partition, \
+             so run it once owning the partition first"
+        ))),
+        Err(e) => Err(refused(format!(
+            "partition {partition}'s position cannot be read ({e}): set it with `outpost nats \
+             set-position` first"
+        ))),
+    }
+}
+
+/// Refuses what a move cannot leave consistent: profiles an upgrade has yet to move into
+/// their groups, a backfill under way (it would miss or repeat the moved profiles), and
+/// partitions the running agent consumes.
+fn refuse_unsettled(
+    store: &Store,
+    t: &Trees,
+    partitions: &[u32],
+    consumed: &[u32],
+) -> Result<(), MoveError> {
+    if let Some(p) = partitions.iter().find(|p| consumed.contains(p)) {
+        return Err(refused(format!(
+            "this agent consumes partition {p}: take it out of `source.nats.owned` and restart \
+             the agent first"
+        )));
+    }
+    if t.has_legacy_profiles || t.upgrade_unfinished {
+        return Err(refused(
+            "the store's profiles are still being upgraded to this build's format: let the \
+             agent finish that (`outpost check --store` shows what is left) first",
+        ));
+    }
+    if let Some(progress) = store.backfill_progress()? {
+        return Err(refused(format!(
+            "a backfill of segment(s) {} is under way ({} of about {} profiles scanned): move \
+             partitions once it has finished",
+            progress.segments.join(", "),
+            progress.scanned,
+            progress.profiles
+        )));
+    }
+    Ok(())
+}
+
+/// Exports of profiles in `partitions` still in the outbox or the dead letters, as a refusal.
+fn refuse_waiting_exports(
+    t: &Trees,
+    partitions: &BTreeSet<u32>,
+    partition_count: u32,
+) -> Result<(), MoveError> {
+    let mut waiting: BTreeMap<u32, (u64, u64, String)> = BTreeMap::new();
+    for (dead, tree) in [(false, &t.outbox), (true, &t.dead)] {
+        for item in tree.iter() {
+            let (_, value) = item?;
+            let Ok(id) = codec::export_profile_id(&value) else {
+                return Err(refused(
+                    "the outbox holds an export that cannot be read, of a profile that may \
+                     be in these partitions: `outpost check --store` lists it, `outpost \
+                     repair` keeps it as a dead letter to drop",
+                ));
+            };
+            let partition = partition_of(id, partition_count);
+            if partitions.contains(&partition) {
+                let entry = waiting
+                    .entry(partition)
+                    .or_insert_with(|| (0, 0, id.to_string()));
+                if dead {
+                    entry.1 += 1;
+                } else {
+                    entry.0 += 1;
+                }
+            }
+        }
+    }
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    let listed: Vec<String> = waiting
+        .iter()
+        .map(|(partition, (pending, dead, example))| {
+            format!(
+                "partition {partition}: {pending} pending, {dead} dead (profile {example} among them)"
+            )
+        })
+        .collect();
+    Err(refused(format!(
+        "exports of these partitions' profiles wait in the outbox ({}): the store that takes \
+         the partitions over must not send newer versions before them. Let the agent deliver \
+         them (it delivers while not consuming the partitions), retry or drop the dead letters, \
+         then hand over",
+        listed.join("; ")
+    )))
+}
+
+/// The stored profiles of `partitions`, group by group, each passed to `each`.
+fn for_each_profile_in(
+    t: &Trees,
+    partitions: &BTreeSet<u32>,
+    partition_count: u32,
+    mut each: impl FnMut(&str, &[u8]) -> Result<(), MoveError>,
+) -> Result<(), MoveError> {
+    for item in t.profile_groups.iter() {
+        let (key, value) = item?;
+        let Ok(group) = GroupKey::try_from(key.as_ref()) else {
+            return Err(refused(format!(
+                "the profile groups hold a key that names no group ({}): `outpost repair` \
+                 deletes it",
+                key.escape_ascii()
+            )));
+        };
+        let view = GroupView::decode(&value).map_err(|e| {
+            refused(format!(
+                "profile group {} cannot be read ({e}): `outpost repair` first",
+                group_name(&group)
+            ))
+        })?;
+        for (id, profile) in view.entries() {
+            if partitions.contains(&partition_of(id, partition_count)) {
+                each(id, profile)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Changes to profiles, by group, each group's in id order (as `with_changes` wants them).
+type GroupChanges<'a> = BTreeMap<GroupKey, Vec<Change<'a>>>;
+
+fn by_group<'a>(changes: impl IntoIterator<Item = Change<'a>>) -> GroupChanges<'a> {
+    let mut grouped = GroupChanges::new();
+    for change in changes {
+        grouped.entry(group_key(change.0)).or_default().push(change);
+    }
+    for changes in grouped.values_mut() {
+        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+    grouped
+}
+
+/// Changes groups in transactions of [`GROUPS_A_TRANSACTION`], keeping `meta/profiles`:
+/// `change` gets a profile's stored value (if any) and says what to store (`None`: remove).
+/// Returns how many profiles were added (positive) or removed (negative).
+fn change_groups(t: &Trees, changes: &GroupChanges) -> Result<i64, MoveError> {
+    let mut total = 0i64;
+    let groups: Vec<_> = changes.iter().collect();
+    for chunk in groups.chunks(GROUPS_A_TRANSACTION) {
+        let changed = (&t.profile_groups, &t.meta).transaction(|(groups_tx, meta_tx)| {
+            let mut changed = 0i64;
+            for (key, changes) in chunk {
+                let stored = groups_tx.get(key)?;
+                let view = match &stored {
+                    Some(bytes) => GroupView::decode(bytes).map_err(|e| {
+                        super::error::abort(super::profiles::unreadable_group(*key, e))
+                    })?,
+                    None => GroupView::default(),
+                };
+                let before = view.len() as i64;
+                match view.with_changes(changes) {
+                    Some(bytes) => {
+                        let after = GroupView::decode(&bytes).map(|v| v.len()).unwrap_or(0);
+                        changed += after as i64 - before;
+                        groups_tx.insert(&key[..], bytes)?;
+                    }
+                    None => {
+                        changed -= before;
+                        groups_tx.remove(&key[..])?;
+                    }
+                }
+            }
+            // A missing count is unknown until the next open counts the profiles.
+            if changed != 0 && meta_tx.get(meta::PROFILES)?.is_some() {
+                let count = read_u64(meta_tx, meta::PROFILES)?;
+                write_u64(
+                    meta_tx,
+                    meta::PROFILES,
+                    count.saturating_add_signed(changed),
+                )?;
+            }
+            TxResult::Ok(changed)
+        });
+        total += changed.map_err(StoreError::from)?;
+    }
+    Ok(total)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => File::open(".")?.sync_all(),
+    }
+}
+
+/// Writes the file beside its place, its profiles by `profiles`, and moves it there once
+/// whole and synced. Returns how many profiles it holds.
+fn write_file(
+    path: &Path,
+    header: &Header,
+    profiles: impl FnOnce(&mut FileWriter<BufWriter<File>>) -> Result<(), MoveError>,
+) -> Result<u64, MoveError> {
+    if path.exists() {
+        return Err(refused(format!(
+            "{} exists: give a file that does not, so that no earlier hand-over is lost",
+            path.display()
+        )));
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| io_error(&partial, "cannot create", e))?;
+    let cannot_write = |e| io_error(&partial, "cannot write", e);
+    let written = (|| {
+        let mut writer = FileWriter::new(BufWriter::new(file), header).map_err(cannot_write)?;
+        profiles(&mut writer)?;
+        let (out, count) = writer.finish().map_err(cannot_write)?;
+        let file = out.into_inner().map_err(|e| cannot_write(e.into_error()))?;
+        file.sync_all().map_err(cannot_write)?;
+        Ok(count)
+    })();
+    let count = written.inspect_err(|_: &MoveError| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
+    std::fs::rename(&partial, path).map_err(|e| io_error(path, "cannot move the file to", e))?;
+    sync_parent(path).map_err(|e| io_error(path, "cannot sync the folder of", e))?;
+    Ok(count)
+}
+
+impl Store {
+    /// Writes the stored profiles of `partitions` and their positions to a new file at
+    /// `path`, then forgets them here, marking the partitions handed over. Refused, with
+    /// nothing changed, while exports of their profiles wait, while `consumed` (what the
+    /// running agent consumes) holds one of them, and in the cases [`refuse_unsettled`]
+    /// names. Partitions all handed over before: forgets what a kill left of their profiles.
+    pub fn hand_over(
+        &self,
+        partitions: &[u32],
+        partition_count: u32,
+        mapping: &str,
+        path: &Path,
+        consumed: &[u32],
+    ) -> Result<HandedOver, MoveError> {
+        let _section = self.write_section()?;
+        let t = self.trees()?;
+        let _writer = self.lock_profile_writer();
+        refuse_unsettled(self, &t, partitions, consumed)?;
+        if let Some(p) = partitions.iter().find(|p| **p >= partition_count) {
+            return Err(refused(format!(
+                "there is no partition {p}: the stream has {partition_count}"
+            )));
+        }
+        let set: BTreeSet<u32> = partitions.iter().copied().collect();
+        let mut handed = Vec::new();
+        let mut before = Vec::new();
+        for &partition in &set {
+            match standing(&t, partition)? {
+                Standing::Moved(Moved::TakingOver, _) => {
+                    return Err(refused(format!(
+                        "partition {partition}'s take-over has not finished: run `outpost nats \
+                         take-over` with its file again first"
+                    )))
+                }
+                Standing::Moved(Moved::HandedOver, position) => before.push(HandedPartition {
+                    partition,
+                    position,
+                }),
+                Standing::At(seq, stream) => handed.push(HandedPartition {
+                    partition,
+                    position: Some((seq, stream)),
+                }),
+                Standing::Nothing => handed.push(HandedPartition {
+                    partition,
+                    position: None,
+                }),
+            }
+        }
+        if !before.is_empty() && !handed.is_empty() {
+            let names: Vec<String> = before.iter().map(|p| p.partition.to_string()).collect();
+            return Err(refused(format!(
+                "partition(s) {} were handed over before: hand over the others on their own",
+                names.join(", ")
+            )));
+        }
+        let mut forgetting: Vec<String> = Vec::new();
+        let mut forget = |id: &str| forgetting.push(id.to_string());
+        let written = if before.is_empty() {
+            refuse_waiting_exports(&t, &set, partition_count)?;
+            let header = Header {
+                partition_count,
+                partitions: handed.clone(),
+                mapping: mapping.to_string(),
+                store_id: self.store_id(),
+                written_at_ms: chrono::Utc::now().timestamp_millis(),
+            };
+            let written = write_file(path, &header, |writer| {
+                for_each_profile_in(&t, &set, partition_count, |id, value| {
+                    forget(id);
+                    writer
+                        .profile(id, value)
+                        .map_err(|e| io_error(path, "cannot write", e))
+                })
+            })?;
+            for partition in &handed {
+                t.positions.insert(
+                    position_key(partition.partition),
+                    &encode_moved(Moved::HandedOver, partition.position)[..],
+                )?;
+            }
+            self.flush()?;
+            Some(written)
+        } else {
+            for_each_profile_in(&t, &set, partition_count, |id, _| {
+                forget(id);
+                Ok(())
+            })?;
+            handed = before;
+            None
+        };
+        let changes = by_group(forgetting.iter().map(|id| (id.as_str(), None)));
+        let forgotten = change_groups(&t, &changes)?.unsigned_abs();
+        self.flush()?;
+        Ok(HandedOver {
+            partitions: handed,
+            written,
+            forgotten,
+        })
+    }
+
+    /// Stores the profiles and positions of the hand-over file at `path`. Refused, with
+    /// nothing changed, when the file is not whole, was written for another partition count
+    /// or mapping, or a partition in it has a position here or a profile of it is stored here
+    /// with other bytes (it came by another input), or `consumed` holds one of its partitions;
+    /// and in the cases [`refuse_unsettled`] names.
+    pub fn take_over(
+        &self,
+        path: &Path,
+        partition_count: u32,
+        mapping: &str,
+        consumed: &[u32],
+    ) -> Result<TakenOver, MoveError> {
+        let open = || -> Result<(Header, FileReader<BufReader<File>>), MoveError> {
+            let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
+            FileReader::open(BufReader::new(file))
+                .map_err(|e| refused(format!("{}: {e}", path.display())))
+        };
+        let (header, mut reader) = open()?;
+        if header.partition_count != partition_count {
+            return Err(refused(format!(
+                "{} was written for a stream of {} partitions, and `source.nats.partitions` is \
+                 {partition_count}: a profile's partition depends on it",
+                path.display(),
+                header.partition_count
+            )));
+        }
+        if header.mapping != mapping {
+            return Err(refused(format!(
+                "{} was written by an agent whose mapping differs from this config's (there: \
+                 {}; here: {mapping}): stored profiles keep what the mapping asks for, so both \
+                 agents must run with the same mapping",
+                path.display(),
+                header.mapping
+            )));
+        }
+        let _section = self.write_section()?;
+        let t = self.trees()?;
+        let _writer = self.lock_profile_writer();
+        let partitions: Vec<u32> = header.partitions.iter().map(|p| p.partition).collect();
+        refuse_unsettled(self, &t, &partitions, consumed)?;
+        for handed in &header.partitions {
+            match standing(&t, handed.partition)? {
+                Standing::Nothing | Standing::Moved(Moved::HandedOver, _) => {}
+                Standing::Moved(Moved::TakingOver, position) if position == handed.position => {}
+                Standing::Moved(Moved::TakingOver, _) => {
+                    return Err(refused(format!(
+                        "partition {}'s take-over from another file has not finished: run \
+                         `outpost nats take-over` with that file first",
+                        handed.partition
+                    )))
+                }
+                Standing::At(seq, _) => {
+                    return Err(refused(format!(
+                        "partition {} was consumed in this store (up to {seq}): a store takes \
+                         over only a partition it has not consumed, or handed over since",
+                        handed.partition
+                    )))
+                }
+            }
+        }
+        let set: BTreeSet<u32> = partitions.iter().copied().collect();
+        // The first reading checks the file whole, and what it would change, before any write.
+        let (mut conflicts, mut example) = (0u64, None);
+        while let Some((id, value)) = reader
+            .next_profile()
+            .map_err(|e| refused(format!("{}: {e}", path.display())))?
+        {
+            if !set.contains(&partition_of(&id, partition_count)) {
+                return Err(refused(format!(
+                    "{}: profile {id} is of none of the partitions it hands over",
+                    path.display()
+                )));
+            }
+            codec::decode_profile(&value).map_err(|e| {
+                refused(format!(
+                    "{}: profile {id} cannot be read by this build: {e}",
+                    path.display()
+                ))
+            })?;
+            if let Some(stored) = stored_value(&t, &id)? {
+                if stored != value {
+                    conflicts += 1;
+                    example.get_or_insert(id);
+                }
+            }
+        }
+        let profiles_in_file = reader.profiles_read();
+        if let Some(example) = example {
+            return Err(refused(format!(
+                "{conflicts} profile(s) of these partitions are stored here already with other \
+                 versions (profile {example} among them), which came by another input: the \
+                 store cannot tell which is newer"
+            )));
+        }
+        for handed in &header.partitions {
+            t.positions.insert(
+                position_key(handed.partition),
+                &encode_moved(Moved::TakingOver, handed.position)[..],
+            )?;
+        }
+        self.flush()?;
+        let (_, mut reader) = open()?;
+        let mut stored = 0i64;
+        loop {
+            let mut chunk = Vec::new();
+            while chunk.len() < GROUPS_A_TRANSACTION {
+                match reader
+                    .next_profile()
+                    .map_err(|e| refused(format!("{}: {e}", path.display())))?
+                {
+                    Some(entry) => chunk.push(entry),
+                    None => break,
+                }
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            let changes = by_group(chunk.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));
+            stored += change_groups(&t, &changes)?;
+        }
+        t.positions
+            .transaction(|positions| {
+                for handed in &header.partitions {
+                    let key = position_key(handed.partition);
+                    match handed.position {
+                        Some((seq, stream)) => positions
+                            .insert(&key[..], &super::source::encode_position(seq, stream)[..])?,
+                        None => positions.remove(&key[..])?,
+                    };
+                }
+                TxResult::Ok(())
+            })
+            .map_err(StoreError::from)?;
+        self.flush()?;
+        Ok(TakenOver {
+            header,
+            stored: stored.max(0) as u64,
+            profiles_in_file,
+        })
+    }
+}
+
+/// The stored value of profile `id` in its group.
+fn stored_value(t: &Trees, id: &str) -> Result<Option<Vec<u8>>, MoveError> {
+    let key = group_key(id);
+    let Some(bytes) = t.profile_groups.get(key)? else {
+        return Ok(None);
+    };
+    let view = GroupView::decode(&bytes).map_err(|e| {
+        refused(format!(
+            "profile group {} cannot be read ({e}): `outpost repair` first",
+            group_name(&key)
+        ))
+    })?;
+    Ok(view.get(id).map(<[u8]>::to_vec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mapping;
+    use crate::profile::update::parse_body;
+    use crate::store::source::{Recorded, SourcePosition};
+    use crate::store::{ListFilter, Place};
+
+    const PARTITIONS: u32 = 4;
+    const STREAM: u64 = 77;
+
+    fn mapping() -> Mapping {
+        Mapping::new(&["name"], &["s"], &[])
+    }
+
+    /// Profiles `p0`.. `p{n-1}`, each a member of `s` with a name, consumed from partition 1
+    /// up to `seq` (and partition 0 up to 5).
+    fn commit(store: &Store, n: usize, name: &str, seq: u64) {
+        let body: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"p{i}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+                )
+            })
+            .collect();
+        let updates = parse_body(body.join("\n").as_bytes()).unwrap();
+        let at = |partition, seq| SourcePosition {
+            partition,
+            stream: STREAM,
+            seq,
+            rejected: Vec::new(),
+        };
+        store
+            .apply_each(
+                &[&updates],
+                &mapping(),
+                chrono::Utc::now(),
+                &[(0, at(1, seq)), (0, at(0, 5))],
+            )
+            .unwrap();
+        store.flush().unwrap();
+    }
+
+    /// As if every pending export had been delivered.
+    fn deliver_all(store: &Store) {
+        for export in store.list(&ListFilter::default()).unwrap() {
+            assert!(store.remove_export(export.id.seq, Place::Pending).unwrap());
+        }
+    }
+
+    fn in_partition(n: usize, partition: u32) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("p{i}"))
+            .filter(|id| partition_of(id, PARTITIONS) == partition)
+            .collect()
+    }
+
+    fn refusal<T: std::fmt::Debug>(result: Result<T, MoveError>) -> String {
+        match result {
+            Err(MoveError::Refused(text)) => text,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_partition_moves_with_its_profiles_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
+        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
+        let file = dir.path().join("1.handover");
+        let fingerprint = mapping().fingerprint();
+        commit(&giving, 40, "x", 40);
+        let moving = in_partition(40, 1);
+        assert!(moving.len() > 3 && moving.len() < 37, "{moving:?}");
+
+        let waiting = refusal(giving.hand_over(&[1], PARTITIONS, &fingerprint, &file, &[]));
+        assert!(waiting.contains("wait in the outbox"), "{waiting}");
+        assert!(!file.exists());
+        deliver_all(&giving);
+        let consumed = refusal(giving.hand_over(&[1], PARTITIONS, &fingerprint, &file, &[1]));
+        assert!(consumed.contains("consumes partition 1"), "{consumed}");
+
+        let records: Vec<_> = moving
+            .iter()
+            .map(|id| giving.profile_record(id).unwrap().unwrap())
+            .collect();
+        let handed = giving
+            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
+            .unwrap();
+        assert_eq!(handed.written, Some(moving.len() as u64));
+        assert_eq!(handed.forgotten, moving.len() as u64);
+        assert_eq!(
+            handed.partitions,
+            [HandedPartition {
+                partition: 1,
+                position: Some((40, STREAM))
+            }]
+        );
+        assert_eq!(giving.profile_count().unwrap(), 40 - moving.len() as u64);
+        for id in &moving {
+            assert!(giving.profile_record(id).unwrap().is_none(), "{id} kept");
+        }
+        for id in (0..40)
+            .map(|i| format!("p{i}"))
+            .filter(|id| !moving.contains(id))
+        {
+            assert!(
+                giving.profile_record(&id).unwrap().is_some(),
+                "{id} forgotten"
+            );
+        }
+        let moved = giving.source_position(1, STREAM, 100).unwrap_err();
+        assert!(moved.to_string().contains("handed over"), "{moved}");
+        assert_eq!(
+            giving.source_position(0, STREAM, 100).unwrap(),
+            Recorded::At(5)
+        );
+        // Handing them over again forgets only what a kill left (here: one profile put
+        // back); the file stays as it is.
+        let left = moving[0].as_str();
+        let left_value = crate::store::codec::encode_profile(&records[0]);
+        let put_back = by_group([(left, Some(&left_value[..]))]);
+        change_groups(&giving.trees().unwrap(), &put_back).unwrap();
+        let file_before = std::fs::read(&file).unwrap();
+        let again = giving
+            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
+            .unwrap();
+        assert_eq!((again.written, again.forgotten), (None, 1));
+        assert!(giving.profile_record(left).unwrap().is_none());
+        assert_eq!(std::fs::read(&file).unwrap(), file_before);
+        let exists = refusal(giving.hand_over(&[2], PARTITIONS, &fingerprint, &file, &[]));
+        assert!(exists.contains("exists"), "{exists}");
+
+        let taken = taking
+            .take_over(&file, PARTITIONS, &fingerprint, &[])
+            .unwrap();
+        assert_eq!(taken.stored, moving.len() as u64);
+        assert_eq!(taken.header.store_id, giving.store_id());
+        for (id, record) in moving.iter().zip(&records) {
+            assert_eq!(taking.profile_record(id).unwrap().as_ref(), Some(record));
+        }
+        assert_eq!(taking.profile_count().unwrap(), moving.len() as u64);
+        assert_eq!(
+            taking.source_position(1, STREAM, 100).unwrap(),
+            Recorded::At(40)
+        );
+        assert_eq!(
+            taking.source_position(0, STREAM, 100).unwrap(),
+            Recorded::Nothing
+        );
+        let consumed_here = refusal(taking.take_over(&file, PARTITIONS, &fingerprint, &[]));
+        assert!(
+            consumed_here.contains("was consumed in this store"),
+            "{consumed_here}"
+        );
+
+        // And back: the giving store takes over a partition it handed over.
+        let back = dir.path().join("back.handover");
+        taking
+            .hand_over(&[1], PARTITIONS, &fingerprint, &back, &[])
+            .unwrap();
+        giving
+            .take_over(&back, PARTITIONS, &fingerprint, &[])
+            .unwrap();
+        assert_eq!(
+            giving.source_position(1, STREAM, 100).unwrap(),
+            Recorded::At(40)
+        );
+        assert_eq!(giving.profile_count().unwrap(), 40);
+    }
+
+    #[test]
+    fn a_take_over_cut_short_is_finished_by_running_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
+        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
+        let file = dir.path().join("1.handover");
+        let fingerprint = mapping().fingerprint();
+        commit(&giving, 60, "x", 12);
+        deliver_all(&giving);
+        giving
+            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
+            .unwrap();
+        let moving = in_partition(60, 1);
+        // Where a kill would leave a take-over: marked, and some of the profiles stored.
+        let (_, mut reader) = FileReader::open(BufReader::new(File::open(&file).unwrap())).unwrap();
+        let first: Vec<(String, Vec<u8>)> = (0..moving.len() / 2)
+            .map(|_| reader.next_profile().unwrap().unwrap())
+            .collect();
+        {
+            let t = taking.trees().unwrap();
+            t.positions
+                .insert(
+                    position_key(1),
+                    &encode_moved(Moved::TakingOver, Some((12, STREAM)))[..],
+                )
+                .unwrap();
+            let changes = by_group(first.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));
+            change_groups(&t, &changes).unwrap();
+        }
+        let unfinished = taking.source_position(1, STREAM, 100).unwrap_err();
+        assert!(
+            unfinished.to_string().contains("did not finish"),
+            "{unfinished}"
+        );
+        let taken = taking
+            .take_over(&file, PARTITIONS, &fingerprint, &[])
+            .unwrap();
+        assert_eq!(taken.stored, (moving.len() - first.len()) as u64);
+        assert_eq!(taking.profile_count().unwrap(), moving.len() as u64);
+        assert_eq!(
+            taking.source_position(1, STREAM, 100).unwrap(),
+            Recorded::At(12)
+        );
+    }
+
+    #[test]
+    fn a_take_over_that_does_not_fit_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
+        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
+        let file = dir.path().join("1.handover");
+        let fingerprint = mapping().fingerprint();
+        commit(&giving, 30, "x", 30);
+        deliver_all(&giving);
+        giving
+            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
+            .unwrap();
+        let unchanged = |taking: &Store| {
+            assert_eq!(
+                taking.source_position(1, STREAM, 100).unwrap(),
+                Recorded::Nothing
+            );
+        };
+
+        let other_mapping = Mapping::new(&["name", "email"], &["s"], &[]).fingerprint();
+        let text = refusal(taking.take_over(&file, PARTITIONS, &other_mapping, &[]));
+        assert!(text.contains("mapping differs"), "{text}");
+        let text = refusal(taking.take_over(&file, 8, &fingerprint, &[]));
+        assert!(text.contains("4 partitions"), "{text}");
+        let text = refusal(taking.take_over(&file, PARTITIONS, &fingerprint, &[1]));
+        assert!(text.contains("consumes partition 1"), "{text}");
+
+        // A profile of the partition stored here with another version.
+        let moving = in_partition(30, 1);
+        let index: usize = moving[0][1..].parse().unwrap();
+        commit(&taking, index + 1, "y", 0);
+        let before = taking.profile_count().unwrap();
+        // Its position for partition 1 was written by that commit: take it away again, as if
+        // the profiles had come over HTTP.
+        taking
+            .trees()
+            .unwrap()
+            .positions
+            .remove(position_key(1))
+            .unwrap();
+        let text = refusal(taking.take_over(&file, PARTITIONS, &fingerprint, &[]));
+        assert!(text.contains(&format!("profile {}", moving[0])), "{text}");
+        unchanged(&taking);
+        assert_eq!(taking.profile_count().unwrap(), before);
+
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let damaged = dir.path().join("damaged.handover");
+        std::fs::write(&damaged, &bytes).unwrap();
+        let fresh = Store::open(&dir.path().join("c"), 8 << 20).unwrap();
+        let text = refusal(fresh.take_over(&damaged, PARTITIONS, &fingerprint, &[]));
+        assert!(text.contains("checksum"), "{text}");
+        assert_eq!(fresh.profile_count().unwrap(), 0);
+        unchanged(&fresh);
+    }
+}
