@@ -9,11 +9,14 @@
 //! - a partition is handed over only while no export of its profiles waits in the outbox or
 //!   the dead letters, so every export the taking store makes of them comes after every one
 //!   the giving store made: the endpoint hears each profile's versions in order;
-//! - the file is whole and synced before the giving store forgets anything; from then on the
-//!   partition's position reads "handed over" ([`Moved::HandedOver`]), so no consumer starts
-//!   it there again. A kill while its profiles are forgotten leaves the mark and the rest of
-//!   them, which a second hand-over of the same partitions forgets;
-//! - the taking store marks the partitions "taking over" ([`Moved::TakingOver`]) before it
+//! - the giving store marks the partitions "handing over" ([`Moved::Giving`]) before it
+//!   writes the file, and "handed over" ([`Moved::Given`]) once the file is whole and
+//!   synced in its place; only then does it forget anything. Either mark keeps every consumer
+//!   off the partition. A kill while the file is written leaves the first mark and every
+//!   profile: the same hand-over again keeps a whole file the kill left at its place (the
+//!   rename is atomic) or writes it anew. A kill while the profiles are forgotten leaves the
+//!   second mark and the rest of them, which the same hand-over again forgets;
+//! - the taking store marks the partitions "taking over" ([`Moved::Taking`]) before it
 //!   stores the first profile, and sets their positions in the transaction that ends the
 //!   take-over. A kill in between leaves the mark, and the partition does not start until a
 //!   take-over of the same file finishes (a profile stored already with the same bytes is no
@@ -292,6 +295,36 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The number of profiles in the whole file a killed hand-over left at `path`, once it is
+/// found to be the file `header` describes (but for its time of writing).
+fn check_file(path: &Path, header: &Header) -> Result<u64, MoveError> {
+    let not_it = |why: String| {
+        refused(format!(
+            "{} is not the file this unfinished hand-over was writing ({why}): move it away, \
+             and run the hand-over again to write it anew",
+            path.display()
+        ))
+    };
+    let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
+    let (found, mut reader) =
+        FileReader::open(BufReader::new(file)).map_err(|e| not_it(e.to_string()))?;
+    let same = Header {
+        written_at_ms: header.written_at_ms,
+        ..found.clone()
+    };
+    if same != *header {
+        return Err(not_it(
+            "it is of other partitions, positions or a mapping".into(),
+        ));
+    }
+    while reader
+        .next_profile()
+        .map_err(|e| not_it(e.to_string()))?
+        .is_some()
+    {}
+    Ok(reader.profiles_read())
+}
+
 /// Writes the file beside its place, its profiles by `profiles`, and moves it there once
 /// whole and synced. Returns how many profiles it holds.
 fn write_file(
@@ -299,12 +332,6 @@ fn write_file(
     header: &Header,
     profiles: impl FnOnce(&mut FileWriter<BufWriter<File>>) -> Result<(), MoveError>,
 ) -> Result<u64, MoveError> {
-    if path.exists() {
-        return Err(refused(format!(
-            "{} exists: give a file that does not, so that no earlier hand-over is lost",
-            path.display()
-        )));
-    }
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
@@ -333,10 +360,13 @@ fn write_file(
 
 impl Store {
     /// Writes the stored profiles of `partitions` and their positions to a new file at
-    /// `path`, then forgets them here, marking the partitions handed over. Refused, with
+    /// `path`, then forgets them here; the partitions are marked as being handed over before
+    /// the file is written, and as handed over once it is whole and synced. Refused, with
     /// nothing changed, while exports of their profiles wait, while `consumed` (what the
     /// running agent consumes) holds one of them, and in the cases [`refuse_unsettled`]
-    /// names. Partitions all handed over before: forgets what a kill left of their profiles.
+    /// names. Run again after a kill, it goes on: a file the kill left whole at `path` is
+    /// kept (one of other partitions is refused), a missing one written again; profiles of
+    /// partitions handed over are forgotten, and the file left as it is.
     pub fn hand_over(
         &self,
         partitions: &[u32],
@@ -355,72 +385,87 @@ impl Store {
             )));
         }
         let set: BTreeSet<u32> = partitions.iter().copied().collect();
+        // Each partition's state, and where it stood when the hand-over began.
+        let mut states = BTreeSet::new();
         let mut handed = Vec::new();
-        let mut before = Vec::new();
         for &partition in &set {
-            match standing(&t, partition)? {
-                Standing::Moved(Moved::TakingOver, _) => {
+            let (state, position) = match standing(&t, partition)? {
+                Standing::Moved(Moved::Taking, _) => {
                     return Err(refused(format!(
                         "partition {partition}'s take-over has not finished: run `outpost nats \
                          take-over` with its file again first"
                     )))
                 }
-                Standing::Moved(Moved::HandedOver, position) => before.push(HandedPartition {
-                    partition,
-                    position,
-                }),
-                Standing::At(seq, stream) => handed.push(HandedPartition {
-                    partition,
-                    position: Some((seq, stream)),
-                }),
-                Standing::Nothing => handed.push(HandedPartition {
-                    partition,
-                    position: None,
-                }),
-            }
-        }
-        if !before.is_empty() && !handed.is_empty() {
-            let names: Vec<String> = before.iter().map(|p| p.partition.to_string()).collect();
-            return Err(refused(format!(
-                "partition(s) {} were handed over before: hand over the others on their own",
-                names.join(", ")
-            )));
-        }
-        let mut forgetting: Vec<String> = Vec::new();
-        let mut forget = |id: &str| forgetting.push(id.to_string());
-        let written = if before.is_empty() {
-            refuse_waiting_exports(&t, &set, partition_count)?;
-            let header = Header {
-                partition_count,
-                partitions: handed.clone(),
-                mapping: mapping.to_string(),
-                store_id: self.store_id(),
-                written_at_ms: chrono::Utc::now().timestamp_millis(),
+                Standing::Moved(moved, position) => (Some(moved), position),
+                Standing::At(seq, stream) => (None, Some((seq, stream))),
+                Standing::Nothing => (None, None),
             };
-            let written = write_file(path, &header, |writer| {
-                for_each_profile_in(&t, &set, partition_count, |id, value| {
-                    forget(id);
-                    writer
-                        .profile(id, value)
-                        .map_err(|e| io_error(path, "cannot write", e))
-                })
-            })?;
+            states.insert(state);
+            handed.push(HandedPartition {
+                partition,
+                position,
+            });
+        }
+        let [state] = states.into_iter().collect::<Vec<_>>()[..] else {
+            return Err(refused(
+                "some of these partitions were handed over, or began to be, and others not: \
+                 hand over the same partitions as before, then the others on their own",
+            ));
+        };
+        let mark = |moved: Moved| -> Result<(), MoveError> {
             for partition in &handed {
                 t.positions.insert(
                     position_key(partition.partition),
-                    &encode_moved(Moved::HandedOver, partition.position)[..],
+                    &encode_moved(moved, partition.position)[..],
                 )?;
             }
             self.flush()?;
-            Some(written)
-        } else {
-            for_each_profile_in(&t, &set, partition_count, |id, _| {
-                forget(id);
-                Ok(())
-            })?;
-            handed = before;
-            None
+            Ok(())
         };
+        let written = match state {
+            None | Some(Moved::Giving) => {
+                refuse_waiting_exports(&t, &set, partition_count)?;
+                let header = Header {
+                    partition_count,
+                    partitions: handed.clone(),
+                    mapping: mapping.to_string(),
+                    store_id: self.store_id(),
+                    written_at_ms: chrono::Utc::now().timestamp_millis(),
+                };
+                let left_whole = match state {
+                    Some(Moved::Giving) if path.exists() => Some(check_file(path, &header)?),
+                    _ if path.exists() => {
+                        return Err(refused(format!(
+                            "{} exists: give a file that does not, so that no earlier \
+                             hand-over is lost",
+                            path.display()
+                        )))
+                    }
+                    _ => None,
+                };
+                if state.is_none() {
+                    mark(Moved::Giving)?;
+                }
+                let written = match left_whole {
+                    Some(count) => count,
+                    None => write_file(path, &header, |writer| {
+                        for_each_profile_in(&t, &set, partition_count, |id, value| {
+                            writer
+                                .profile(id, value)
+                                .map_err(|e| io_error(path, "cannot write", e))
+                        })
+                    })?,
+                };
+                mark(Moved::Given)?;
+                Some(written)
+            }
+            Some(_) => None,
+        };
+        let mut forgetting: Vec<String> = Vec::new();
+        for_each_profile_in(&t, &set, partition_count, |id, _| {
+            forgetting.push(id.to_string());
+            Ok(())
+        })?;
         let changes = by_group(forgetting.iter().map(|id| (id.as_str(), None)));
         let forgotten = change_groups(&t, &changes)?.unsigned_abs();
         self.flush()?;
@@ -473,9 +518,16 @@ impl Store {
         refuse_unsettled(self, &t, &partitions, consumed)?;
         for handed in &header.partitions {
             match standing(&t, handed.partition)? {
-                Standing::Nothing | Standing::Moved(Moved::HandedOver, _) => {}
-                Standing::Moved(Moved::TakingOver, position) if position == handed.position => {}
-                Standing::Moved(Moved::TakingOver, _) => {
+                Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
+                Standing::Moved(Moved::Giving, _) => {
+                    return Err(refused(format!(
+                        "partition {}'s hand-over from this store has not finished: run \
+                         `outpost nats hand-over` again first",
+                        handed.partition
+                    )))
+                }
+                Standing::Moved(Moved::Taking, position) if position == handed.position => {}
+                Standing::Moved(Moved::Taking, _) => {
                     return Err(refused(format!(
                         "partition {}'s take-over from another file has not finished: run \
                          `outpost nats take-over` with that file first",
@@ -528,7 +580,7 @@ impl Store {
         for handed in &header.partitions {
             t.positions.insert(
                 position_key(handed.partition),
-                &encode_moved(Moved::TakingOver, handed.position)[..],
+                &encode_moved(Moved::Taking, handed.position)[..],
             )?;
         }
         self.flush()?;
@@ -782,7 +834,7 @@ mod tests {
             t.positions
                 .insert(
                     position_key(1),
-                    &encode_moved(Moved::TakingOver, Some((12, STREAM)))[..],
+                    &encode_moved(Moved::Taking, Some((12, STREAM)))[..],
                 )
                 .unwrap();
             let changes = by_group(first.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));

@@ -331,20 +331,25 @@ const MOVED_LEN: usize = 19;
 
 /// Why a partition's position names no place to consume from: it was handed over to another
 /// store, or is being taken over from one ([`super::handover`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Moved {
-    HandedOver,
-    TakingOver,
+    /// Being handed over: its file is being written, its profiles are all still here.
+    Giving,
+    /// Handed over: its file is whole, its profiles are forgotten, or being forgotten.
+    Given,
+    /// Being taken over from a hand-over file.
+    Taking,
 }
 
 /// A position value marking a moved partition, with where the partition stood: tag, kind
-/// (`H` or `T`), 1 if a position follows, its sequence and stream (u64 BE each).
+/// (`W`, `H` or `T`), 1 if a position follows, its sequence and stream (u64 BE each).
 pub(super) fn encode_moved(moved: Moved, position: Option<(u64, u64)>) -> [u8; MOVED_LEN] {
     let mut value = [0u8; MOVED_LEN];
     value[0] = MOVED_TAG;
     value[1] = match moved {
-        Moved::HandedOver => b'H',
-        Moved::TakingOver => b'T',
+        Moved::Giving => b'W',
+        Moved::Given => b'H',
+        Moved::Taking => b'T',
     };
     if let Some((seq, stream)) = position {
         value[2] = 1;
@@ -359,8 +364,9 @@ pub(super) fn decode_moved(bytes: &[u8]) -> Option<(Moved, Option<(u64, u64)>)> 
         return None;
     }
     let moved = match bytes[1] {
-        b'H' => Moved::HandedOver,
-        b'T' => Moved::TakingOver,
+        b'W' => Moved::Giving,
+        b'H' => Moved::Given,
+        b'T' => Moved::Taking,
         _ => return None,
     };
     let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -374,11 +380,14 @@ pub(super) fn decode_moved(bytes: &[u8]) -> Option<(Moved, Option<(u64, u64)>)> 
 
 fn moved_error(moved: Moved) -> StoreError {
     StoreError::PartitionMoved(match moved {
-        Moved::HandedOver => "the partition was handed over to another store (`outpost nats \
+        Moved::Given => "the partition was handed over to another store (`outpost nats \
              hand-over`): take it out of `source.nats.owned`, or take it back with `outpost nats \
              take-over` and the other store's hand-over file"
             .into(),
-        Moved::TakingOver => "the partition's take-over did not finish: run `outpost nats \
+        Moved::Giving => "the partition's hand-over did not finish: run `outpost nats \
+             hand-over` again"
+            .into(),
+        Moved::Taking => "the partition's take-over did not finish: run `outpost nats \
              take-over` again with the same file"
             .into(),
     })

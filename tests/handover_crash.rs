@@ -1,0 +1,272 @@
+//! `outpost nats hand-over` and `outpost nats take-over` SIGKILLed at instants spread over
+//! their run, each run again until it finishes: the store and the file are consistent after
+//! every kill (no profile lost or stored twice, no partition consumable half-moved), and the
+//! profiles end up in the taking store exactly as the giving store held them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::agent_process::free_port;
+use common::*;
+use outpost::config::Config;
+use outpost::profile::record::ProfileRecord;
+use outpost::profile::update::parse_body;
+use outpost::source::partition::partition_of;
+use outpost::store::source::{Recorded, SourcePosition};
+use outpost::store::{ListFilter, Place, Store};
+
+const PROFILES: usize = 20_000;
+const PARTITIONS: u32 = 8;
+const STREAM: u64 = 0xfeed;
+const MOVED: [u32; 4] = [4, 5, 6, 7];
+
+/// A folder with a config whose store is `<folder>/store`; `[source.nats]` names a server
+/// that is not there, so the claims are left with a warning.
+fn config_in(dir: &Path, owned: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let base = "http://127.0.0.1:9";
+    let nats = format!(
+        "[source.nats]\nservers = [\"nats://127.0.0.1:{}\"]\nstream = \"UPDATES\"\nsubject_prefix = \"u\"\npartitions = {PARTITIONS}\nowned = \"{owned}\"\n",
+        free_port()
+    );
+    let text = format!("{}\n{nats}", agent_config_text(base, &oauth_body(base), ""));
+    let path = dir.join("outpost.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn moved_id(id: &str) -> bool {
+    MOVED.contains(&partition_of(id, PARTITIONS))
+}
+
+/// The giving store: `PROFILES` profiles, partitions 0-7 consumed up to 1000 + partition,
+/// every export delivered. Returns the moved profiles' records, by id.
+fn fill(config: &Path) -> Vec<(String, ProfileRecord)> {
+    let config = Config::load(config).unwrap();
+    let store = Store::open(&config.storage.path, 8 << 20).unwrap();
+    for chunk in (0..PROFILES).collect::<Vec<_>>().chunks(1_000) {
+        let body: Vec<String> = chunk
+            .iter()
+            .map(|i| {
+                member_update(
+                    &format!("p{i}"),
+                    &format!("name-{i}"),
+                    "2026-01-01T00:00:00Z",
+                )
+            })
+            .collect();
+        let updates = parse_body(body.join("\n").as_bytes()).unwrap();
+        let consumed: Vec<(usize, SourcePosition)> = (0..PARTITIONS)
+            .map(|partition| {
+                let position = SourcePosition {
+                    partition,
+                    stream: STREAM,
+                    seq: 1000 + u64::from(partition),
+                    rejected: Vec::new(),
+                };
+                (0, position)
+            })
+            .collect();
+        store
+            .apply_each(&[&updates], &config.mapping, chrono::Utc::now(), &consumed)
+            .unwrap();
+    }
+    loop {
+        let filter = ListFilter {
+            limit: 1_000,
+            ..ListFilter::default()
+        };
+        let page = store.list(&filter).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for export in page {
+            store.remove_export(export.id.seq, Place::Pending).unwrap();
+        }
+    }
+    store.flush().unwrap();
+    (0..PROFILES)
+        .map(|i| format!("p{i}"))
+        .filter(|id| moved_id(id))
+        .map(|id| {
+            let record = store.profile_record(&id).unwrap().unwrap();
+            (id, record)
+        })
+        .collect()
+}
+
+/// Runs `outpost ARGS --config CONFIG`, SIGKILLed after `delay` unless it ended before:
+/// its success, or `None` when killed.
+fn run_killed(args: &[&str], config: &Path, delay: Duration) -> Option<bool> {
+    let child = Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KilledOnDrop(child);
+    let deadline = Instant::now() + delay;
+    while Instant::now() < deadline {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            if !status.success() {
+                let mut stderr = String::new();
+                std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr)
+                    .unwrap();
+                panic!("outpost {args:?} failed: {stderr}");
+            }
+            return Some(true);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    None
+}
+
+/// Runs the command, killing it at growing instants, until it finishes; checks `consistent`
+/// after each kill. Returns how many kills there were.
+fn until_done(args: &[&str], config: &Path, consistent: impl Fn() -> bool) -> usize {
+    let mut delay = Duration::from_millis(15);
+    let mut kills = 0;
+    loop {
+        match run_killed(args, config, delay) {
+            Some(_) => return kills,
+            None => {
+                kills += 1;
+                assert!(consistent(), "inconsistent after a kill at {delay:?}");
+            }
+        }
+        delay = delay.mul_f64(1.3);
+        assert!(kills < 200, "outpost {args:?} never finished");
+    }
+}
+
+fn profiles_present(store: &Store, moved: &[(String, ProfileRecord)]) -> usize {
+    moved
+        .iter()
+        .filter(|(id, record)| match store.profile_record(id).unwrap() {
+            Some(stored) => {
+                assert_eq!(&stored, record, "{id} changed");
+                true
+            }
+            None => false,
+        })
+        .count()
+}
+
+fn read_file(path: &Path) -> Vec<String> {
+    let (_, mut reader) = outpost::store::handover_file::FileReader::open(std::io::BufReader::new(
+        std::fs::File::open(path).unwrap(),
+    ))
+    .unwrap();
+    let mut ids = Vec::new();
+    while let Some((id, _)) = reader.next_profile().unwrap() {
+        ids.push(id);
+    }
+    ids
+}
+
+#[test]
+fn hand_over_and_take_over_finish_after_sigkills() {
+    let dir = tempfile::tempdir().unwrap();
+    let giving = config_in(&dir.path().join("a"), "0-3");
+    let taking = config_in(&dir.path().join("b"), "4-7");
+    let store_of = |config: &Path| Config::load(config).unwrap().storage.path;
+    let moved = fill(&giving);
+    assert!(moved.len() > PROFILES / 3, "{} moved", moved.len());
+    let file = dir.path().join("4-7.handover");
+    let file_arg = file.to_str().unwrap();
+
+    // What the kills left: not begun, marked while the file is written, forgetting.
+    let seen = std::cell::RefCell::new([0usize; 3]);
+    let kills = until_done(&["nats", "hand-over", "4-7", file_arg], &giving, || {
+        let store = Store::open(&store_of(&giving), 8 << 20).unwrap();
+        let present = profiles_present(&store, &moved);
+        assert_eq!(
+            store.profile_count().unwrap() as usize,
+            PROFILES - moved.len() + present
+        );
+        let why = store.partition_moved(4).unwrap().unwrap_or_default();
+        let handed = why.contains("was handed over");
+        seen.borrow_mut()[usize::from(!why.is_empty()) + usize::from(handed)] += 1;
+        if handed {
+            // Forgetting only once the file is whole.
+            assert_eq!(read_file(&file).len(), moved.len());
+        } else {
+            assert_eq!(present, moved.len(), "forgotten before the file was whole");
+        }
+        true
+    });
+    println!("hand-over: {kills} kills, leaving (not begun, writing, forgetting) {seen:?}");
+    let seen = seen.into_inner();
+    assert!(
+        seen[1] + seen[2] > 0,
+        "no kill came after the hand-over began: {seen:?}"
+    );
+    let store = Store::open(&store_of(&giving), 8 << 20).unwrap();
+    assert_eq!(profiles_present(&store, &moved), 0);
+    assert_eq!(
+        store.profile_count().unwrap() as usize,
+        PROFILES - moved.len()
+    );
+    drop(store);
+    let mut in_file = read_file(&file);
+    in_file.sort();
+    let mut expected: Vec<String> = moved.iter().map(|(id, _)| id.clone()).collect();
+    expected.sort();
+    assert_eq!(in_file, expected);
+
+    // Not begun, marked, finished.
+    let seen = std::cell::RefCell::new([0usize; 3]);
+    let kills = until_done(&["nats", "take-over", file_arg], &taking, || {
+        if !store_of(&taking).exists() {
+            seen.borrow_mut()[0] += 1;
+            return true;
+        }
+        let store = Store::open(&store_of(&taking), 8 << 20).unwrap();
+        let present = profiles_present(&store, &moved);
+        assert_eq!(store.profile_count().unwrap() as usize, present);
+        for partition in MOVED {
+            let marked = store.partition_moved(partition).unwrap();
+            if partition == MOVED[0] {
+                let state = match (&marked, present) {
+                    (Some(_), _) => 1,
+                    (None, 0) => 0,
+                    (None, _) => 2,
+                };
+                seen.borrow_mut()[state] += 1;
+            }
+            match marked {
+                // Marked: not consumed until the take-over finishes.
+                Some(why) => assert!(why.contains("take-over did not finish"), "{why}"),
+                // Not begun (nothing stored), or finished (every profile stored).
+                None => match store.source_position(partition, STREAM, 5000).unwrap() {
+                    Recorded::Nothing => assert_eq!(present, 0),
+                    Recorded::At(seq) => {
+                        assert_eq!(seq, 1000 + u64::from(partition));
+                        assert_eq!(present, moved.len());
+                    }
+                    other => panic!("partition {partition}: {other:?}"),
+                },
+            }
+        }
+        true
+    });
+    println!("take-over: {kills} kills, leaving (not begun, marked, finished) {seen:?}");
+    let seen = seen.into_inner();
+    assert!(seen[1] > 0, "no kill came during the take-over: {seen:?}");
+    let store = Store::open(&store_of(&taking), 8 << 20).unwrap();
+    assert_eq!(profiles_present(&store, &moved), moved.len());
+    assert_eq!(store.profile_count().unwrap() as usize, moved.len());
+    for partition in MOVED {
+        assert_eq!(
+            store.source_position(partition, STREAM, 5000).unwrap(),
+            Recorded::At(1000 + u64::from(partition))
+        );
+    }
+}
