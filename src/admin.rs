@@ -2,13 +2,15 @@
 //! straight on the store when no agent runs, or sent over the agent's Unix socket when one
 //! does (sled lets one process open a store).
 
+use std::path::Path;
+
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::profile::update::format_time;
 use crate::store::handover::MoveError;
-use crate::store::handover_file::HandedPartition;
+use crate::store::handover_file::{HandedPartition, Header, Terms};
 use crate::store::source::{PositionSet, RejectedId};
 use crate::store::{
     Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, PutBack, Store, StoreError,
@@ -77,16 +79,13 @@ pub enum AdminRequest {
     /// (absolute) and forgets them (`outpost nats hand-over`).
     HandOver {
         partitions: Vec<u32>,
-        partition_count: u32,
-        /// [`crate::config::Mapping::fingerprint`] of the config.
-        mapping: String,
+        terms: Terms,
         path: String,
     },
     /// Stores what the hand-over file at `path` (absolute) holds (`outpost nats take-over`).
     TakeOver {
         path: String,
-        partition_count: u32,
-        mapping: String,
+        terms: Terms,
     },
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
@@ -206,6 +205,16 @@ impl AdminAnswer {
 /// Executes every request but `Ingest` (which needs the committer) on the store.
 /// Repairs are flushed before the answer.
 pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminError> {
+    execute_with(store, request, &[])
+}
+
+/// [`execute`] for a running agent that owns the stream partitions `owned`: none of them may
+/// be handed or taken over.
+pub fn execute_with(
+    store: &Store,
+    request: &AdminRequest,
+    owned: &[u32],
+) -> Result<Value, AdminError> {
     match request {
         AdminRequest::Stats => {
             Ok(serde_json::to_value(store.stats(Utc::now())?).expect("stats serialize"))
@@ -297,69 +306,51 @@ pub fn execute(store: &Store, request: &AdminRequest) -> Result<Value, AdminErro
         AdminRequest::Snapshot => Err(AdminError::Failed(
             "only a running agent has figures to show".into(),
         )),
-        AdminRequest::HandOver { .. } | AdminRequest::TakeOver { .. } => {
-            execute_move(store, request, &[])
-        }
-    }
-}
-
-/// Executes a hand-over or a take-over, refused for a partition in `consumed` (those the
-/// running agent consumes).
-pub fn execute_move(
-    store: &Store,
-    request: &AdminRequest,
-    consumed: &[u32],
-) -> Result<Value, AdminError> {
-    let moved = |e: MoveError| match e {
-        MoveError::Refused(text) => AdminError::Failed(text),
-        MoveError::Store(e) => e.into(),
-    };
-    let partition_json = |p: &HandedPartition| json!({"partition": p.partition, "seq": p.position.map(|(seq, _)| seq)});
-    match request {
         AdminRequest::HandOver {
             partitions,
-            partition_count,
-            mapping,
+            terms,
             path,
         } => {
             let done = store
-                .hand_over(
-                    partitions,
-                    *partition_count,
-                    mapping,
-                    std::path::Path::new(path),
-                    consumed,
-                )
+                .hand_over(partitions, terms, Path::new(path), owned)
                 .map_err(moved)?;
             Ok(json!({
                 "store": store.store_id(),
-                "partitions": done.partitions.iter().map(partition_json).collect::<Vec<_>>(),
-                "written": done.written,
+                "file_id": done.header.file_id(),
+                "partitions": partitions_json(&done.header),
+                "profiles_in_file": done.profiles_in_file,
+                "wrote": done.wrote,
                 "forgotten": done.forgotten,
             }))
         }
-        AdminRequest::TakeOver {
-            path,
-            partition_count,
-            mapping,
-        } => {
+        AdminRequest::TakeOver { path, terms } => {
             let done = store
-                .take_over(
-                    std::path::Path::new(path),
-                    *partition_count,
-                    mapping,
-                    consumed,
-                )
+                .take_over(Path::new(path), terms, owned)
                 .map_err(moved)?;
             Ok(json!({
-                "partitions": done.header.partitions.iter().map(partition_json).collect::<Vec<_>>(),
+                "store": store.store_id(),
                 "from_store": format!("{:08x}", done.header.store_id),
+                "file_id": done.header.file_id(),
+                "partitions": partitions_json(&done.header),
                 "profiles_in_file": done.profiles_in_file,
                 "stored": done.stored,
             }))
         }
-        _ => Err(AdminError::Failed("not a move of partitions".into())),
     }
+}
+
+fn moved(e: MoveError) -> AdminError {
+    match e {
+        MoveError::Refused(text) => AdminError::Failed(text),
+        MoveError::Unfinished(_) => AdminError::Failed(e.to_string()),
+        MoveError::Store(e) => e.into(),
+    }
+}
+
+/// The partitions of a hand-over file, each with the last stream sequence handed over.
+fn partitions_json(header: &Header) -> Value {
+    let each = |p: &HandedPartition| json!({"partition": p.partition, "seq": p.position.map(|(seq, _)| seq)});
+    Value::Array(header.partitions.iter().map(each).collect())
 }
 
 /// `items` in their order, without the later ones of a key already seen: an id named twice

@@ -276,7 +276,7 @@ impl Agent {
             wake: Arc::clone(&wake),
             max_outbox_bytes: config.storage.max_outbox_bytes,
             max_future_s: config.ingest.max_future_s,
-            consumed: config
+            owned: config
                 .nats
                 .as_ref()
                 .map(|nats| nats.owned.clone())

@@ -242,12 +242,12 @@ pub enum NatsCommand {
     /// An agent claims every partition it owns before consuming it, and one whose partition
     /// another store claims leaves it alone (and logs who holds it): two agents owning the
     /// same partition would split its messages and break per-profile order. Release a
-    /// partition only where no agent consumes it any more: after the store that held it was lost
-    /// or replaced (to move a partition with its profiles' stored versions, `outpost nats
-    /// hand-over` releases it). An agent waiting for the partition claims it within seconds; one still
-    /// consuming it claims it again within seconds (and logs a warning), unless a waiting
-    /// agent took it first: then both consume it for a few seconds, so stop the consuming
-    /// agent first.
+    /// partition only where no agent consumes it any more: after the store that held it was
+    /// lost or replaced (a partition moves with its profiles' stored versions by `outpost nats
+    /// hand-over` and `take-over`, which pass its claim on). An agent waiting for the
+    /// partition claims it within seconds; one still consuming it claims it again within
+    /// seconds (and logs a warning), unless a waiting agent took it first: then both consume
+    /// it for a few seconds, so stop the consuming agent first.
     ///
     /// Example: outpost nats release 4-7 --config outpost.toml
     Release {
@@ -255,9 +255,10 @@ pub enum NatsCommand {
         partitions: String,
     },
     /// Hand partitions over to another agent: writes their profiles' stored versions and how
-    /// far each was consumed to FILE, forgets them here, and releases this store's claims on
-    /// them. The other agent's store takes them with `outpost nats take-over FILE`, and its
-    /// agent goes on where this one stopped, deciding against the versions stored here.
+    /// far each was consumed to FILE, forgets them here, and makes their claims say they were
+    /// handed over in FILE (no agent consumes them meanwhile). The other agent's store takes
+    /// them with `outpost nats take-over FILE`, and its agent goes on where this one stopped,
+    /// deciding against the versions stored here.
     ///
     /// First take the partitions out of this agent's `source.nats.owned` and restart it:
     /// it then stops consuming them and delivers the exports of their profiles, and the
@@ -276,9 +277,10 @@ pub enum NatsCommand {
     /// Take over partitions from a file `outpost nats hand-over` wrote: stores their profiles
     /// and positions, so that this agent consumes them from where the other stopped.
     ///
-    /// Refused, with nothing changed, when the file is damaged or was written with another
-    /// mapping or partition count, when a partition in it was consumed in this store, or a
-    /// profile of it is stored here with another version. Run it with this agent stopped,
+    /// Refused, with nothing changed, when the partitions' claims do not say they were handed
+    /// over in this file (a stale file, or one of another fleet), when the file is damaged or
+    /// was written with another mapping, stream or partition count, when a partition in it
+    /// was consumed in this store, or a profile of it is stored here with another version. Run it with this agent stopped,
     /// then add the partitions to `source.nats.owned` and start it; or while it runs without
     /// them, then add them and restart it. A take-over cut short (a kill) leaves the
     /// partitions unconsumed until it is run again with the same file.

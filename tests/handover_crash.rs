@@ -1,7 +1,9 @@
 //! `outpost nats hand-over` and `outpost nats take-over` SIGKILLed at instants spread over
 //! their run, each run again until it finishes: the store and the file are consistent after
 //! every kill (no profile lost or stored twice, no partition consumable half-moved), and the
-//! profiles end up in the taking store exactly as the giving store held them.
+//! profiles end up in the taking store exactly as the giving store held them. The claims go
+//! through a real `nats-server -js` (skipped with a message when it is not installed, a
+//! failure under CI).
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::agent_process::free_port;
+use common::nats::{nats_server_or_skip, NatsServer};
 use common::*;
 use outpost::config::Config;
 use outpost::profile::record::ProfileRecord;
@@ -23,14 +25,13 @@ const PARTITIONS: u32 = 8;
 const STREAM: u64 = 0xfeed;
 const MOVED: [u32; 4] = [4, 5, 6, 7];
 
-/// A folder with a config whose store is `<folder>/store`; `[source.nats]` names a server
-/// that is not there, so the claims are left with a warning.
-fn config_in(dir: &Path, owned: &str) -> PathBuf {
+/// A folder with a config whose store is `<folder>/store`, its `[source.nats]` on `server`.
+fn config_in(dir: &Path, server: &NatsServer, owned: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let base = "http://127.0.0.1:9";
     let nats = format!(
-        "[source.nats]\nservers = [\"nats://127.0.0.1:{}\"]\nstream = \"UPDATES\"\nsubject_prefix = \"u\"\npartitions = {PARTITIONS}\nowned = \"{owned}\"\n",
-        free_port()
+        "[source.nats]\nservers = [\"{}\"]\nstream = \"UPDATES\"\nsubject_prefix = \"u\"\npartitions = {PARTITIONS}\nowned = \"{owned}\"\n",
+        server.url()
     );
     let text = format!("{}\n{nats}", agent_config_text(base, &oauth_body(base), ""));
     let path = dir.join("outpost.toml");
@@ -173,9 +174,14 @@ fn read_file(path: &Path) -> Vec<String> {
 
 #[test]
 fn hand_over_and_take_over_finish_after_sigkills() {
+    let Some(server_bin) = nats_server_or_skip("hand_over_and_take_over_finish_after_sigkills")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
     let dir = tempfile::tempdir().unwrap();
-    let giving = config_in(&dir.path().join("a"), "0-3");
-    let taking = config_in(&dir.path().join("b"), "4-7");
+    let giving = config_in(&dir.path().join("a"), &server, "0-3");
+    let taking = config_in(&dir.path().join("b"), &server, "4-7");
     let store_of = |config: &Path| Config::load(config).unwrap().storage.path;
     let moved = fill(&giving);
     assert!(moved.len() > PROFILES / 3, "{} moved", moved.len());
@@ -269,4 +275,12 @@ fn hand_over_and_take_over_finish_after_sigkills() {
             Recorded::At(1000 + u64::from(partition))
         );
     }
+    drop(store);
+    // Run again once finished (the claims now name this store): nothing left to do.
+    let again = run_killed(
+        &["nats", "take-over", file_arg],
+        &taking,
+        Duration::from_secs(60),
+    );
+    assert_eq!(again, Some(true));
 }

@@ -2199,12 +2199,20 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         handed.contains(&format!("{moved_profiles} profile(s) written to")),
         "{handed}"
     );
-    assert_eq!(handed.matches("claim released").count(), 2, "{handed}");
+    assert_eq!(
+        handed.matches("claim says: handed over in file").count(),
+        2,
+        "{handed}"
+    );
 
     // The second agent, never started, takes them over and starts.
     let taken = second.cli(&["nats", "take-over", file_arg]);
     assert!(
         taken.contains(&format!("{moved_profiles} profile(s) stored from")),
+        "{taken}"
+    );
+    assert!(
+        taken.contains("partitions claimed for this store"),
         "{taken}"
     );
     let second_agent = second.start().await;
@@ -2281,4 +2289,13 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     }
     let health = healthz_json(second_agent.addr).await;
     assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
+    // The file is stale now: its partitions were taken over and consumed further.
+    let stale = first.run(&["nats", "take-over", file_arg]);
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(!stale.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("claim says store ")
+            && stderr.contains("is not the partition's latest hand-over"),
+        "{stderr}"
+    );
 }

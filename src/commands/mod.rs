@@ -275,11 +275,20 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         }
         Command::Nats(NatsCommand::TakeOver { file }) => {
             let request = nats::take_over_request(config, &file)?;
+            let runtime = runtime()?;
+            let (handed, claims) = runtime.block_on(nats::claims_for_take_over(config, &file))?;
             // An agent that has not run yet takes partitions over into a store made for it.
             as_store_owner(config, StoreUse::Make)?;
-            let answer = Backend::connect(config)?.execute(&request)?;
-            nats::taken_over(&file, &answer);
-            Ok(())
+            let backend = Backend::connect(config)?;
+            let stats = backend.execute(&AdminRequest::Stats)?;
+            let store_id = stats["store_id"]
+                .as_str()
+                .and_then(|id| u32::from_str_radix(id, 16).ok())
+                .ok_or_else(|| CliError::Failure("the store did not say its id".into()))?;
+            nats::check_claims(&file, &handed, &claims, store_id)?;
+            let answer = backend.execute(&request)?;
+            drop(backend);
+            runtime.block_on(nats::taken_over(config, &file, &answer))
         }
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
             // Checked against the stream with this process's rights (credential files).

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{
-    execute, execute_move, unreadable_request, AdminAnswer, AdminError, AdminRequest, SOCKET_NAME,
+    execute_with, unreadable_request, AdminAnswer, AdminError, AdminRequest, SOCKET_NAME,
 };
 use crate::metrics::Metrics;
 use crate::profile::update::{update_from_value_with, FutureLimit};
@@ -27,8 +27,9 @@ pub struct AdminState {
     pub max_outbox_bytes: u64,
     /// `ingest.max_future_s`, checked again on the agent's clock.
     pub max_future_s: u64,
-    /// The stream partitions this agent consumes: none of them may be handed or taken over.
-    pub consumed: Vec<u32>,
+    /// The stream partitions this agent owns (consumes): none of them may be handed or taken
+    /// over.
+    pub owned: Vec<u32>,
 }
 
 pub fn socket_path(store_path: &Path) -> PathBuf {
@@ -118,12 +119,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
             let state = Arc::clone(state);
             let metrics = Arc::clone(&state.metrics);
             let result = tokio::task::spawn_blocking(move || {
-                let result = match request {
-                    AdminRequest::HandOver { .. } | AdminRequest::TakeOver { .. } => {
-                        execute_move(&state.store, &request, &state.consumed)
-                    }
-                    _ => execute(&state.store, &request),
-                };
+                let result = execute_with(&state.store, &request, &state.owned);
                 if repairs {
                     state.wake.notify_one();
                 }

@@ -53,6 +53,16 @@ pub fn holder(store_id: u32, host: &str) -> String {
     format!("store {store_id:08x} on {host}")
 }
 
+/// What a claim says between `outpost nats hand-over` and `outpost nats take-over`: held by
+/// no store, so no agent consumes the partition, and naming the file that must take it over
+/// (a stale file, or one of another fleet, names another). Never contains " on ", so
+/// [`judge`] takes it for no store's.
+pub fn handed_over(file_id: &str) -> String {
+    format!("{HANDED_OVER}{file_id}")
+}
+
+pub const HANDED_OVER: &str = "handed over in file ";
+
 /// The host name, for claims; `unknown host` when it cannot be read.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -171,6 +181,13 @@ mod tests {
         assert_eq!(judge("store 00001a2b on edge-8", &ours), Claim::Ours);
         let theirs = "store 00009999 on edge-7";
         assert_eq!(judge(theirs, &ours), Claim::Elsewhere(theirs.to_string()));
+    }
+
+    #[test]
+    fn a_handed_over_claim_is_no_stores() {
+        let ours = holder(0x1a2b, "edge-7");
+        let handed = handed_over("00001a2b-1700000000000");
+        assert_eq!(judge(&handed, &ours), Claim::Elsewhere(handed.clone()));
     }
 
     #[test]

@@ -96,6 +96,9 @@ enum PartitionStop {
     /// Another store claims the partition (see `claim`): it is left alone, and its claim
     /// looked at again every [`CLAIM_LOOK_EVERY`].
     ClaimedElsewhere(String),
+    /// The store marks the partition moved (handed over, or being moved): left alone, and
+    /// looked at again as a claim is.
+    Moved(String),
 }
 
 impl From<NatsError> for PartitionStop {
@@ -675,7 +678,14 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 // Not consumed here: no backlog of this agent's to show.
                 shared.state.pending[slot].store(0, Ordering::Relaxed);
                 let error = format!("claimed by {holder}");
-                if error != last_error {
+                if error != last_error && holder.starts_with(claim::HANDED_OVER) {
+                    tracing::warn!(
+                        partition,
+                        claim = %holder,
+                        "NATS partition left alone: it was handed over (`outpost nats hand-over`), and waits for `outpost nats take-over` of that file"
+                    );
+                    last_error = error;
+                } else if error != last_error {
                     tracing::error!(
                         partition,
                         claimed_by = %holder,
@@ -683,6 +693,17 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                         "NATS partition left alone: another agent's store claims it (two agents own it: give every agent a distinct `owned`; if this agent's store was replaced, the claim is the old store's: `outpost nats release` it)"
                     );
                     last_error = error;
+                }
+                if !pause(&shared.shutdown, CLAIM_LOOK_EVERY).await {
+                    return;
+                }
+                backoff = BACKOFF_FIRST;
+            }
+            Err(PartitionStop::Moved(why)) => {
+                shared.state.pending[slot].store(0, Ordering::Relaxed);
+                if why != last_error {
+                    tracing::warn!(partition, "NATS partition left alone: {why}");
+                    last_error = why;
                 }
                 if !pause(&shared.shutdown, CLAIM_LOOK_EVERY).await {
                     return;
@@ -906,7 +927,7 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         .partition_moved(partition)
         .map_err(|e| nats_error("reading the stream position", e))?;
     if let Some(moved) = moved {
-        return Err(NatsError(moved).into());
+        return Err(PartitionStop::Moved(moved));
     }
     // Never consumed unclaimed: a claim that cannot be made or read now is tried again, on
     // the backoff schedule, like a consumer that cannot be made.

@@ -62,11 +62,11 @@ pub enum StoreError {
     /// reopened, which [`Store::recover`](super::Store::recover) does once there is room again.
     #[error("no space left on device for the store at {0}")]
     NoSpace(PathBuf),
-    /// Another I/O error from the disk; the store is reopened as after a full disk.
-    /// A partition handed over to another store, or one whose take-over did not finish: its
-    /// position says so, and it is not consumed ([`super::handover`]).
+    /// A partition handed over to another store, or one whose hand-over or take-over did not
+    /// finish: its position says so, and it is not consumed ([`super::handover`]).
     #[error("{0}")]
     PartitionMoved(String),
+    /// Another I/O error from the disk; the store is reopened as after a full disk.
     #[error("I/O error on the store at {path}: {detail}")]
     Io { path: PathBuf, detail: String },
     /// The store is being reopened: after an I/O error, or by a compaction.

@@ -22,9 +22,9 @@
 //!   take-over of the same file finishes (a profile stored already with the same bytes is no
 //!   conflict).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Seek};
 use std::path::{Path, PathBuf};
 
 use sled::Transactional;
@@ -32,7 +32,7 @@ use sled::Transactional;
 use super::codec;
 use super::error::TxResult;
 use super::groups::{group_key, Change, GroupKey, GroupView};
-use super::handover_file::{FileReader, FileWriter, HandedPartition, Header};
+use super::handover_file::{FileReader, FileWriter, HandedPartition, Header, Terms};
 use super::keys::meta;
 use super::profiles::group_name;
 use super::source::{decode_moved, decode_position, encode_moved, position_key, Moved};
@@ -43,11 +43,17 @@ use crate::source::partition::partition_of;
 /// Groups changed in one transaction.
 const GROUPS_A_TRANSACTION: usize = 1_000;
 
+/// Profiles of a hand-over file stored a chunk at a time.
+const PROFILES_A_CHUNK: usize = 1_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
     /// The store or the file is not in a state to move the partitions; nothing was changed.
     #[error("{0}")]
     Refused(String),
+    /// A take-over stopped after it began to store profiles: its partitions stay marked.
+    #[error("{0}; the take-over stopped part way, and its partitions are not consumed until it is run again with a whole file")]
+    Unfinished(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -69,10 +75,11 @@ fn io_error(path: &Path, what: &str, e: std::io::Error) -> MoveError {
 /// What a hand-over did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandedOver {
-    pub partitions: Vec<HandedPartition>,
-    /// Profiles written to the file; `None` when the partitions had been handed over before
-    /// and only the profiles a kill left behind were forgotten.
-    pub written: Option<u64>,
+    /// The file's header: the one written, or the one a killed hand-over left.
+    pub header: Header,
+    pub profiles_in_file: u64,
+    /// Whether this run wrote the file (not a hand-over run again).
+    pub wrote: bool,
     pub forgotten: u64,
 }
 
@@ -84,6 +91,54 @@ pub struct TakenOver {
     /// again) are not counted.
     pub stored: u64,
     pub profiles_in_file: u64,
+}
+
+/// Refuses a file written under other terms, naming what differs.
+fn refuse_other_terms(path: &Path, file: &Terms, ours: &Terms) -> Result<(), MoveError> {
+    let mut differ = Vec::new();
+    if file.partition_count != ours.partition_count {
+        differ.push(format!(
+            "a stream of {} partitions there, {} here (a profile's partition depends on it)",
+            file.partition_count, ours.partition_count
+        ));
+    }
+    if file.fleet != ours.fleet {
+        differ.push(format!("{} there, {} here", file.fleet, ours.fleet));
+    }
+    if file.mapping != ours.mapping {
+        differ.push(format!(
+            "the mapping there: {}; here: {} (stored profiles keep what the mapping asks for, \
+             so both agents must run with the same)",
+            file.mapping, ours.mapping
+        ));
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(refused(format!(
+        "{} was written by an agent whose config differs from this one: {}",
+        path.display(),
+        differ.join("; ")
+    )))
+}
+
+/// Sets the partitions' marks in one atomic write, durably.
+fn mark(
+    store: &Store,
+    t: &Trees,
+    moved: Moved,
+    partitions: &[HandedPartition],
+) -> Result<(), MoveError> {
+    let mut batch = sled::Batch::default();
+    for partition in partitions {
+        batch.insert(
+            &position_key(partition.partition)[..],
+            &encode_moved(moved, partition.position)[..],
+        );
+    }
+    t.positions.apply_batch(batch)?;
+    store.flush()?;
+    Ok(())
 }
 
 /// A partition's position, as a move sees it.
@@ -116,14 +171,14 @@ fn standing(t: &Trees, partition: u32) -> Result<Standing, MoveError> {
 
 /// Refuses what a move cannot leave consistent: profiles an upgrade has yet to move into
 /// their groups, a backfill under way (it would miss or repeat the moved profiles), and
-/// partitions the running agent consumes.
+/// partitions the running agent owns (`owned`: empty when no agent runs).
 fn refuse_unsettled(
     store: &Store,
     t: &Trees,
     partitions: &[u32],
-    consumed: &[u32],
+    owned: &[u32],
 ) -> Result<(), MoveError> {
-    if let Some(p) = partitions.iter().find(|p| consumed.contains(p)) {
+    if let Some(p) = partitions.iter().find(|p| owned.contains(p)) {
         return Err(refused(format!(
             "this agent consumes partition {p}: take it out of `source.nats.owned` and restart \
              the agent first"
@@ -159,8 +214,8 @@ fn refuse_waiting_exports(
             let (_, value) = item?;
             let Ok(id) = codec::export_profile_id(&value) else {
                 return Err(refused(
-                    "the outbox holds an export that cannot be read, of a profile that may \
-                     be in these partitions: `outpost check --store` lists it, `outpost \
+                    "the outbox or the dead letters hold an export that cannot be read, of a \
+                     profile that may be in these partitions: `outpost check --store` lists it, `outpost \
                      repair` keeps it as a dead letter to drop",
                 ));
             };
@@ -259,18 +314,17 @@ fn change_groups(t: &Trees, changes: &GroupChanges) -> Result<i64, MoveError> {
                     })?,
                     None => GroupView::default(),
                 };
-                let before = view.len() as i64;
-                match view.with_changes(changes) {
-                    Some(bytes) => {
-                        let after = GroupView::decode(&bytes).map(|v| v.len()).unwrap_or(0);
-                        changed += after as i64 - before;
-                        groups_tx.insert(&key[..], bytes)?;
-                    }
-                    None => {
-                        changed -= before;
-                        groups_tx.remove(&key[..])?;
+                for (id, value) in changes.iter() {
+                    match (view.get(id).is_some(), value.is_some()) {
+                        (false, true) => changed += 1,
+                        (true, false) => changed -= 1,
+                        _ => {}
                     }
                 }
+                match view.with_changes(changes) {
+                    Some(bytes) => groups_tx.insert(&key[..], bytes)?,
+                    None => groups_tx.remove(&key[..])?,
+                };
             }
             // A missing count is unknown until the next open counts the profiles.
             if changed != 0 && meta_tx.get(meta::PROFILES)?.is_some() {
@@ -295,34 +349,30 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The number of profiles in the whole file a killed hand-over left at `path`, once it is
-/// found to be the file `header` describes (but for its time of writing).
-fn check_file(path: &Path, header: &Header) -> Result<u64, MoveError> {
+/// The whole hand-over file at `path`, read and checked, once found to be of `partitions`
+/// (with the positions they were marked with); its profiles by id.
+fn read_own_file(
+    path: &Path,
+    partitions: &[HandedPartition],
+) -> Result<(Header, HashMap<String, Vec<u8>>), MoveError> {
     let not_it = |why: String| {
         refused(format!(
-            "{} is not the file this unfinished hand-over was writing ({why}): move it away, \
-             and run the hand-over again to write it anew",
+            "{} is not the file of this hand-over ({why}): put that file back, or, if this \
+             hand-over never finished writing one, move this one away and run it again",
             path.display()
         ))
     };
-    let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
-    let (found, mut reader) =
+    let file = File::open(path).map_err(|e| not_it(e.to_string()))?;
+    let (header, mut reader) =
         FileReader::open(BufReader::new(file)).map_err(|e| not_it(e.to_string()))?;
-    let same = Header {
-        written_at_ms: header.written_at_ms,
-        ..found.clone()
-    };
-    if same != *header {
-        return Err(not_it(
-            "it is of other partitions, positions or a mapping".into(),
-        ));
+    if header.partitions != partitions {
+        return Err(not_it("it is of other partitions or positions".into()));
     }
-    while reader
-        .next_profile()
-        .map_err(|e| not_it(e.to_string()))?
-        .is_some()
-    {}
-    Ok(reader.profiles_read())
+    let mut profiles = HashMap::new();
+    while let Some((id, value)) = reader.next_profile().map_err(|e| not_it(e.to_string()))? {
+        profiles.insert(id, value);
+    }
+    Ok((header, profiles))
 }
 
 /// Writes the file beside its place, its profiles by `profiles`, and moves it there once
@@ -353,35 +403,38 @@ fn write_file(
     let count = written.inspect_err(|_: &MoveError| {
         let _ = std::fs::remove_file(&partial);
     })?;
-    std::fs::rename(&partial, path).map_err(|e| io_error(path, "cannot move the file to", e))?;
+    // A link, unlike a rename, never replaces a file that appeared at `path` meanwhile.
+    let placed = std::fs::hard_link(&partial, path);
+    let _ = std::fs::remove_file(&partial);
+    placed.map_err(|e| io_error(path, "cannot put the file at", e))?;
     sync_parent(path).map_err(|e| io_error(path, "cannot sync the folder of", e))?;
     Ok(count)
 }
 
 impl Store {
     /// Writes the stored profiles of `partitions` and their positions to a new file at
-    /// `path`, then forgets them here; the partitions are marked as being handed over before
-    /// the file is written, and as handed over once it is whole and synced. Refused, with
-    /// nothing changed, while exports of their profiles wait, while `consumed` (what the
-    /// running agent consumes) holds one of them, and in the cases [`refuse_unsettled`]
-    /// names. Run again after a kill, it goes on: a file the kill left whole at `path` is
-    /// kept (one of other partitions is refused), a missing one written again; profiles of
-    /// partitions handed over are forgotten, and the file left as it is.
+    /// `path`, then forgets them here. The partitions are marked as being handed over before
+    /// the file is written, and as handed over once it is whole in its place; only the
+    /// profiles the file holds, with the same bytes, are forgotten. Refused, with nothing
+    /// changed, while exports of their profiles wait, while `owned` (what the running agent
+    /// consumes) holds one of them, and in the cases [`refuse_unsettled`] names. Run again
+    /// after a kill, it goes on: a whole file the kill left at `path` is kept, a missing one
+    /// written; profiles of partitions handed over are forgotten as the file has them.
     pub fn hand_over(
         &self,
         partitions: &[u32],
-        partition_count: u32,
-        mapping: &str,
+        terms: &Terms,
         path: &Path,
-        consumed: &[u32],
+        owned: &[u32],
     ) -> Result<HandedOver, MoveError> {
         let _section = self.write_section()?;
-        let t = self.trees()?;
         let _writer = self.lock_profile_writer();
-        refuse_unsettled(self, &t, partitions, consumed)?;
-        if let Some(p) = partitions.iter().find(|p| **p >= partition_count) {
+        let t = self.trees()?;
+        refuse_unsettled(self, &t, partitions, owned)?;
+        let count = terms.partition_count;
+        if let Some(p) = partitions.iter().find(|p| **p >= count) {
             return Err(refused(format!(
-                "there is no partition {p}: the stream has {partition_count}"
+                "there is no partition {p}: the stream has {count}"
             )));
         }
         let set: BTreeSet<u32> = partitions.iter().copied().collect();
@@ -412,145 +465,151 @@ impl Store {
                  hand over the same partitions as before, then the others on their own",
             ));
         };
-        let mark = |moved: Moved| -> Result<(), MoveError> {
-            for partition in &handed {
-                t.positions.insert(
-                    position_key(partition.partition),
-                    &encode_moved(moved, partition.position)[..],
-                )?;
+        // Exports of their profiles may have come since a killed run (over HTTP).
+        self.rewinding(|| refuse_waiting_exports(&t, &set, count))?;
+        let wrote = match state {
+            None if path.exists() => {
+                return Err(refused(format!(
+                    "{} exists: give a file that does not, so that no earlier hand-over is lost",
+                    path.display()
+                )))
             }
-            self.flush()?;
-            Ok(())
-        };
-        let written = match state {
-            None | Some(Moved::Giving) => {
-                refuse_waiting_exports(&t, &set, partition_count)?;
+            None | Some(Moved::Giving) if !path.exists() => {
+                if state.is_none() {
+                    mark(self, &t, Moved::Giving, &handed)?;
+                }
                 let header = Header {
-                    partition_count,
+                    terms: terms.clone(),
                     partitions: handed.clone(),
-                    mapping: mapping.to_string(),
                     store_id: self.store_id(),
                     written_at_ms: chrono::Utc::now().timestamp_millis(),
                 };
-                let left_whole = match state {
-                    Some(Moved::Giving) if path.exists() => Some(check_file(path, &header)?),
-                    _ if path.exists() => {
-                        return Err(refused(format!(
-                            "{} exists: give a file that does not, so that no earlier \
-                             hand-over is lost",
-                            path.display()
-                        )))
-                    }
-                    _ => None,
-                };
-                if state.is_none() {
-                    mark(Moved::Giving)?;
-                }
-                let written = match left_whole {
-                    Some(count) => count,
-                    None => write_file(path, &header, |writer| {
-                        for_each_profile_in(&t, &set, partition_count, |id, value| {
-                            writer
-                                .profile(id, value)
-                                .map_err(|e| io_error(path, "cannot write", e))
-                        })
-                    })?,
-                };
-                mark(Moved::Given)?;
-                Some(written)
+                write_file(path, &header, |writer| {
+                    for_each_profile_in(&t, &set, count, |id, value| {
+                        writer
+                            .profile(id, value)
+                            .map_err(|e| io_error(path, "cannot write", e))
+                    })
+                })?;
+                true
             }
-            Some(_) => None,
+            // A whole file a killed run left, or the file of a finished hand-over.
+            _ => false,
         };
+        let (header, in_file) = read_own_file(path, &handed)?;
+        refuse_other_terms(path, &header.terms, terms)?;
+        // Only what the file holds is forgotten: a version stored since (over HTTP) is in
+        // no file.
         let mut forgetting: Vec<String> = Vec::new();
-        for_each_profile_in(&t, &set, partition_count, |id, _| {
-            forgetting.push(id.to_string());
+        let mut changed = Vec::new();
+        for_each_profile_in(&t, &set, count, |id, value| {
+            match in_file.get(id) {
+                Some(kept) if kept[..] == *value => forgetting.push(id.to_string()),
+                _ => changed.push(id.to_string()),
+            }
             Ok(())
         })?;
+        if let Some(first) = changed.first() {
+            return Err(refused(format!(
+                "{} profile(s) of these partitions are stored with another version than {} \
+                 holds (profile {first} among them): they changed after the file was written, \
+                 over HTTP. Forgetting them would lose that version; nothing was forgotten",
+                changed.len(),
+                path.display()
+            )));
+        }
+        if state != Some(Moved::Given) {
+            mark(self, &t, Moved::Given, &handed)?;
+        }
         let changes = by_group(forgetting.iter().map(|id| (id.as_str(), None)));
         let forgotten = change_groups(&t, &changes)?.unsigned_abs();
         self.flush()?;
         Ok(HandedOver {
-            partitions: handed,
-            written,
+            header,
+            profiles_in_file: in_file.len() as u64,
+            wrote,
             forgotten,
         })
     }
 
     /// Stores the profiles and positions of the hand-over file at `path`. Refused, with
-    /// nothing changed, when the file is not whole, was written for another partition count
-    /// or mapping, or a partition in it has a position here or a profile of it is stored here
-    /// with other bytes (it came by another input), or `consumed` holds one of its partitions;
-    /// and in the cases [`refuse_unsettled`] names.
+    /// nothing changed, when the file is not whole or was written under other [`Terms`],
+    /// when a partition in it has a position here or a profile of it is stored here with
+    /// other bytes (it came by another input), when `owned` (what the running agent consumes)
+    /// holds one of its partitions, and in the cases [`refuse_unsettled`] names. Run again
+    /// after a kill, it goes on; after it finished, it finds everything stored and says so.
     pub fn take_over(
         &self,
         path: &Path,
-        partition_count: u32,
-        mapping: &str,
-        consumed: &[u32],
+        terms: &Terms,
+        owned: &[u32],
     ) -> Result<TakenOver, MoveError> {
-        let open = || -> Result<(Header, FileReader<BufReader<File>>), MoveError> {
-            let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
-            FileReader::open(BufReader::new(file))
-                .map_err(|e| refused(format!("{}: {e}", path.display())))
-        };
-        let (header, mut reader) = open()?;
-        if header.partition_count != partition_count {
-            return Err(refused(format!(
-                "{} was written for a stream of {} partitions, and `source.nats.partitions` is \
-                 {partition_count}: a profile's partition depends on it",
-                path.display(),
-                header.partition_count
-            )));
-        }
-        if header.mapping != mapping {
-            return Err(refused(format!(
-                "{} was written by an agent whose mapping differs from this config's (there: \
-                 {}; here: {mapping}): stored profiles keep what the mapping asks for, so both \
-                 agents must run with the same mapping",
-                path.display(),
-                header.mapping
-            )));
+        let in_file =
+            |e: super::handover_file::FileError| refused(format!("{}: {e}", path.display()));
+        let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
+        let (header, mut reader) = FileReader::open(BufReader::new(file)).map_err(in_file)?;
+        refuse_other_terms(path, &header.terms, terms)?;
+        let count = terms.partition_count;
+        let partitions: Vec<u32> = header.partitions.iter().map(|p| p.partition).collect();
+        let set: BTreeSet<u32> = partitions.iter().copied().collect();
+        if set.len() != partitions.len() || partitions.iter().any(|p| *p >= count) {
+            return Err(in_file(super::handover_file::FileError::Damaged(format!(
+                "its partitions {partitions:?} are not distinct partitions of {count}"
+            ))));
         }
         let _section = self.write_section()?;
-        let t = self.trees()?;
         let _writer = self.lock_profile_writer();
-        let partitions: Vec<u32> = header.partitions.iter().map(|p| p.partition).collect();
-        refuse_unsettled(self, &t, &partitions, consumed)?;
+        let t = self.trees()?;
+        refuse_unsettled(self, &t, &partitions, owned)?;
+        let mut finished = 0;
         for handed in &header.partitions {
-            match standing(&t, handed.partition)? {
-                Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
-                Standing::Moved(Moved::Giving, _) => {
+            let partition = handed.partition;
+            match standing(&t, partition)? {
+                Standing::Moved(Moved::Given, _) if header.store_id == self.store_id() => {
                     return Err(refused(format!(
-                        "partition {}'s hand-over from this store has not finished: run \
-                         `outpost nats hand-over` again first",
-                        handed.partition
+                        "{} is the file this store wrote when it handed partition {partition} \
+                         over: to take the partition back, take over the file of the store \
+                         that holds it now",
+                        path.display()
                     )))
                 }
+                Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
                 Standing::Moved(Moved::Taking, position) if position == handed.position => {}
+                Standing::At(seq, stream) if Some((seq, stream)) == handed.position => {
+                    finished += 1;
+                }
+                Standing::Moved(Moved::Giving, _) => {
+                    return Err(refused(format!(
+                        "partition {partition}'s hand-over from this store has not finished: \
+                         run `outpost nats hand-over` again first"
+                    )))
+                }
                 Standing::Moved(Moved::Taking, _) => {
                     return Err(refused(format!(
-                        "partition {}'s take-over from another file has not finished: run \
-                         `outpost nats take-over` with that file first",
-                        handed.partition
+                        "partition {partition}'s take-over from another file has not finished: \
+                         run `outpost nats take-over` with that file first"
                     )))
                 }
                 Standing::At(seq, _) => {
                     return Err(refused(format!(
-                        "partition {} was consumed in this store (up to {seq}): a store takes \
-                         over only a partition it has not consumed, or handed over since",
-                        handed.partition
+                        "partition {partition} was consumed in this store (up to {seq}): a \
+                         store takes over only a partition it has not consumed, or handed over \
+                         since"
                     )))
                 }
             }
         }
-        let set: BTreeSet<u32> = partitions.iter().copied().collect();
+        if finished != 0 && finished != partitions.len() {
+            return Err(refused(
+                "some of the file's partitions were taken over already and others not: take \
+                 over the others from their own file",
+            ));
+        }
         // The first reading checks the file whole, and what it would change, before any write.
         let (mut conflicts, mut example) = (0u64, None);
-        while let Some((id, value)) = reader
-            .next_profile()
-            .map_err(|e| refused(format!("{}: {e}", path.display())))?
-        {
-            if !set.contains(&partition_of(&id, partition_count)) {
+        let mut ids = HashSet::new();
+        while let Some((id, value)) = reader.next_profile().map_err(in_file)? {
+            if !set.contains(&partition_of(&id, count)) {
                 return Err(refused(format!(
                     "{}: profile {id} is of none of the partitions it hands over",
                     path.display()
@@ -562,36 +621,52 @@ impl Store {
                     path.display()
                 ))
             })?;
-            if let Some(stored) = stored_value(&t, &id)? {
-                if stored != value {
-                    conflicts += 1;
-                    example.get_or_insert(id);
-                }
+            let stored = stored_value(&t, &id)?;
+            if stored.as_ref().is_some_and(|stored| *stored != value)
+                || (finished != 0 && stored.is_none())
+            {
+                conflicts += 1;
+                example.get_or_insert(id.clone());
+            }
+            if !ids.insert(id.clone()) {
+                return Err(refused(format!(
+                    "{}: profile {id} is in it twice",
+                    path.display()
+                )));
             }
         }
         let profiles_in_file = reader.profiles_read();
         if let Some(example) = example {
             return Err(refused(format!(
-                "{conflicts} profile(s) of these partitions are stored here already with other \
-                 versions (profile {example} among them), which came by another input: the \
-                 store cannot tell which is newer"
+                "{conflicts} profile(s) of these partitions are stored here with other versions \
+                 (profile {example} among them), or missing though the partitions were taken \
+                 over: they came by another input, and the store cannot tell which is newer"
             )));
         }
-        for handed in &header.partitions {
-            t.positions.insert(
-                position_key(handed.partition),
-                &encode_moved(Moved::Taking, handed.position)[..],
-            )?;
+        if finished != 0 {
+            return Ok(TakenOver {
+                header,
+                stored: 0,
+                profiles_in_file,
+            });
         }
-        self.flush()?;
-        let (_, mut reader) = open()?;
+        mark(self, &t, Moved::Taking, &header.partitions)?;
+        // The same file read again, from its start: checked as it goes.
+        let unfinished = |e: String| MoveError::Unfinished(format!("{}: {e}", path.display()));
+        let mut file = reader.into_inner().into_inner();
+        file.rewind().map_err(|e| unfinished(e.to_string()))?;
+        let (again, mut reader) =
+            FileReader::open(BufReader::new(file)).map_err(|e| unfinished(e.to_string()))?;
+        if again != header {
+            return Err(unfinished("it changed while it was read".into()));
+        }
         let mut stored = 0i64;
         loop {
             let mut chunk = Vec::new();
-            while chunk.len() < GROUPS_A_TRANSACTION {
+            while chunk.len() < PROFILES_A_CHUNK {
                 match reader
                     .next_profile()
-                    .map_err(|e| refused(format!("{}: {e}", path.display())))?
+                    .map_err(|e| unfinished(e.to_string()))?
                 {
                     Some(entry) => chunk.push(entry),
                     None => break,
@@ -603,19 +678,20 @@ impl Store {
             let changes = by_group(chunk.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));
             stored += change_groups(&t, &changes)?;
         }
-        t.positions
-            .transaction(|positions| {
-                for handed in &header.partitions {
-                    let key = position_key(handed.partition);
-                    match handed.position {
-                        Some((seq, stream)) => positions
-                            .insert(&key[..], &super::source::encode_position(seq, stream)[..])?,
-                        None => positions.remove(&key[..])?,
-                    };
+        if reader.profiles_read() != profiles_in_file {
+            return Err(unfinished("it changed while it was read".into()));
+        }
+        let mut positions = sled::Batch::default();
+        for handed in &header.partitions {
+            let key = position_key(handed.partition);
+            match handed.position {
+                Some((seq, stream)) => {
+                    positions.insert(&key[..], &super::source::encode_position(seq, stream)[..])
                 }
-                TxResult::Ok(())
-            })
-            .map_err(StoreError::from)?;
+                None => positions.remove(&key[..]),
+            }
+        }
+        t.positions.apply_batch(positions)?;
         self.flush()?;
         Ok(TakenOver {
             header,
@@ -653,6 +729,14 @@ mod tests {
 
     fn mapping() -> Mapping {
         Mapping::new(&["name"], &["s"], &[])
+    }
+
+    fn terms() -> Terms {
+        Terms {
+            partition_count: PARTITIONS,
+            mapping: mapping().fingerprint(),
+            fleet: "stream UPDATES, consumer prefix outpost".into(),
+        }
     }
 
     /// Profiles `p0`.. `p{n-1}`, each a member of `s` with a name, consumed from partition 1
@@ -710,29 +794,28 @@ mod tests {
         let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
         let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
         let file = dir.path().join("1.handover");
-        let fingerprint = mapping().fingerprint();
+        let terms = terms();
         commit(&giving, 40, "x", 40);
         let moving = in_partition(40, 1);
         assert!(moving.len() > 3 && moving.len() < 37, "{moving:?}");
 
-        let waiting = refusal(giving.hand_over(&[1], PARTITIONS, &fingerprint, &file, &[]));
+        let waiting = refusal(giving.hand_over(&[1], &terms, &file, &[]));
         assert!(waiting.contains("wait in the outbox"), "{waiting}");
         assert!(!file.exists());
         deliver_all(&giving);
-        let consumed = refusal(giving.hand_over(&[1], PARTITIONS, &fingerprint, &file, &[1]));
+        let consumed = refusal(giving.hand_over(&[1], &terms, &file, &[1]));
         assert!(consumed.contains("consumes partition 1"), "{consumed}");
 
         let records: Vec<_> = moving
             .iter()
             .map(|id| giving.profile_record(id).unwrap().unwrap())
             .collect();
-        let handed = giving
-            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
-            .unwrap();
-        assert_eq!(handed.written, Some(moving.len() as u64));
+        let handed = giving.hand_over(&[1], &terms, &file, &[]).unwrap();
+        assert!(handed.wrote);
+        assert_eq!(handed.profiles_in_file, moving.len() as u64);
         assert_eq!(handed.forgotten, moving.len() as u64);
         assert_eq!(
-            handed.partitions,
+            handed.header.partitions,
             [HandedPartition {
                 partition: 1,
                 position: Some((40, STREAM))
@@ -764,18 +847,45 @@ mod tests {
         let put_back = by_group([(left, Some(&left_value[..]))]);
         change_groups(&giving.trees().unwrap(), &put_back).unwrap();
         let file_before = std::fs::read(&file).unwrap();
-        let again = giving
-            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
-            .unwrap();
-        assert_eq!((again.written, again.forgotten), (None, 1));
+        let again = giving.hand_over(&[1], &terms, &file, &[]).unwrap();
+        assert_eq!((again.wrote, again.forgotten), (false, 1));
         assert!(giving.profile_record(left).unwrap().is_none());
         assert_eq!(std::fs::read(&file).unwrap(), file_before);
-        let exists = refusal(giving.hand_over(&[2], PARTITIONS, &fingerprint, &file, &[]));
+        // A profile of the partition stored over HTTP after the hand-over: its export waits,
+        // and once delivered, its version is in no file: nothing is forgotten.
+        let late = (100..)
+            .map(|i| format!("p{i}"))
+            .find(|id| partition_of(id, PARTITIONS) == 1)
+            .unwrap();
+        let late_update = parse_body(
+            format!(r#"{{"id":"{late}","profile":{{"name":"late","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        giving
+            .apply_groups(&[&late_update], &mapping(), chrono::Utc::now())
+            .unwrap();
+        let text = refusal(giving.hand_over(&[1], &terms, &file, &[]));
+        assert!(text.contains("wait in the outbox"), "{text}");
+        deliver_all(&giving);
+        let text = refusal(giving.hand_over(&[1], &terms, &file, &[]));
+        assert!(
+            text.contains(&format!("profile {late} among them")),
+            "{text}"
+        );
+        assert!(giving.profile_record(&late).unwrap().is_some());
+        giving
+            .with(|t| {
+                let changes = by_group([(late.as_str(), None)]);
+                change_groups(t, &changes).map_err(|e| StoreError::corrupt("test", e))?;
+                Ok(())
+            })
+            .unwrap();
+
+        let exists = refusal(giving.hand_over(&[2], &terms, &file, &[]));
         assert!(exists.contains("exists"), "{exists}");
 
-        let taken = taking
-            .take_over(&file, PARTITIONS, &fingerprint, &[])
-            .unwrap();
+        let taken = taking.take_over(&file, &terms, &[]).unwrap();
         assert_eq!(taken.stored, moving.len() as u64);
         assert_eq!(taken.header.store_id, giving.store_id());
         for (id, record) in moving.iter().zip(&records) {
@@ -790,23 +900,31 @@ mod tests {
             taking.source_position(0, STREAM, 100).unwrap(),
             Recorded::Nothing
         );
-        let consumed_here = refusal(taking.take_over(&file, PARTITIONS, &fingerprint, &[]));
+        // Run again once finished: everything is found stored.
+        let again = taking.take_over(&file, &terms, &[]).unwrap();
+        assert_eq!(
+            (again.stored, again.profiles_in_file),
+            (0, moving.len() as u64)
+        );
+        // Consumed further since: the file is stale.
+        commit(&taking, 1, "z", 41);
+        deliver_all(&taking);
+        let consumed_here = refusal(taking.take_over(&file, &terms, &[]));
         assert!(
             consumed_here.contains("was consumed in this store"),
             "{consumed_here}"
         );
 
-        // And back: the giving store takes over a partition it handed over.
+        // And back: the giving store takes over a partition it handed over, from the file of
+        // the store that holds it now, not from its own.
+        let own = refusal(giving.take_over(&file, &terms, &[]));
+        assert!(own.contains("is the file this store wrote"), "{own}");
         let back = dir.path().join("back.handover");
-        taking
-            .hand_over(&[1], PARTITIONS, &fingerprint, &back, &[])
-            .unwrap();
-        giving
-            .take_over(&back, PARTITIONS, &fingerprint, &[])
-            .unwrap();
+        taking.hand_over(&[1], &terms, &back, &[]).unwrap();
+        giving.take_over(&back, &terms, &[]).unwrap();
         assert_eq!(
             giving.source_position(1, STREAM, 100).unwrap(),
-            Recorded::At(40)
+            Recorded::At(41)
         );
         assert_eq!(giving.profile_count().unwrap(), 40);
     }
@@ -817,12 +935,10 @@ mod tests {
         let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
         let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
         let file = dir.path().join("1.handover");
-        let fingerprint = mapping().fingerprint();
+        let terms = terms();
         commit(&giving, 60, "x", 12);
         deliver_all(&giving);
-        giving
-            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
-            .unwrap();
+        giving.hand_over(&[1], &terms, &file, &[]).unwrap();
         let moving = in_partition(60, 1);
         // Where a kill would leave a take-over: marked, and some of the profiles stored.
         let (_, mut reader) = FileReader::open(BufReader::new(File::open(&file).unwrap())).unwrap();
@@ -845,9 +961,7 @@ mod tests {
             unfinished.to_string().contains("did not finish"),
             "{unfinished}"
         );
-        let taken = taking
-            .take_over(&file, PARTITIONS, &fingerprint, &[])
-            .unwrap();
+        let taken = taking.take_over(&file, &terms, &[]).unwrap();
         assert_eq!(taken.stored, (moving.len() - first.len()) as u64);
         assert_eq!(taking.profile_count().unwrap(), moving.len() as u64);
         assert_eq!(
@@ -862,12 +976,10 @@ mod tests {
         let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
         let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
         let file = dir.path().join("1.handover");
-        let fingerprint = mapping().fingerprint();
+        let terms = terms();
         commit(&giving, 30, "x", 30);
         deliver_all(&giving);
-        giving
-            .hand_over(&[1], PARTITIONS, &fingerprint, &file, &[])
-            .unwrap();
+        giving.hand_over(&[1], &terms, &file, &[]).unwrap();
         let unchanged = |taking: &Store| {
             assert_eq!(
                 taking.source_position(1, STREAM, 100).unwrap(),
@@ -875,13 +987,39 @@ mod tests {
             );
         };
 
-        let other_mapping = Mapping::new(&["name", "email"], &["s"], &[]).fingerprint();
-        let text = refusal(taking.take_over(&file, PARTITIONS, &other_mapping, &[]));
-        assert!(text.contains("mapping differs"), "{text}");
-        let text = refusal(taking.take_over(&file, 8, &fingerprint, &[]));
-        assert!(text.contains("4 partitions"), "{text}");
-        let text = refusal(taking.take_over(&file, PARTITIONS, &fingerprint, &[1]));
+        let other = |change: fn(&mut Terms)| {
+            let mut other = terms.clone();
+            change(&mut other);
+            other
+        };
+        let other_mapping =
+            other(|t| t.mapping = Mapping::new(&["name", "email"], &["s"], &[]).fingerprint());
+        let text = refusal(taking.take_over(&file, &other_mapping, &[]));
+        assert!(text.contains("the mapping there"), "{text}");
+        let text = refusal(taking.take_over(&file, &other(|t| t.partition_count = 8), &[]));
+        assert!(
+            text.contains("a stream of 4 partitions there, 8 here"),
+            "{text}"
+        );
+        let text = refusal(taking.take_over(&file, &other(|t| t.fleet = "another".into()), &[]));
+        assert!(text.contains("another here"), "{text}");
+        let text = refusal(taking.take_over(&file, &terms, &[1]));
         assert!(text.contains("consumes partition 1"), "{text}");
+
+        // The same profile twice in a file.
+        let (header, mut reader) =
+            FileReader::open(BufReader::new(File::open(&file).unwrap())).unwrap();
+        let (id, value) = reader.next_profile().unwrap().unwrap();
+        let twice = dir.path().join("twice.handover");
+        let mut writer = FileWriter::new(Vec::new(), &header).unwrap();
+        writer.profile(&id, &value).unwrap();
+        writer.profile(&id, &value).unwrap();
+        std::fs::write(&twice, writer.finish().unwrap().0).unwrap();
+        let text = refusal(taking.take_over(&twice, &terms, &[]));
+        assert!(
+            text.contains(&format!("profile {id} is in it twice")),
+            "{text}"
+        );
 
         // A profile of the partition stored here with another version.
         let moving = in_partition(30, 1);
@@ -896,7 +1034,7 @@ mod tests {
             .positions
             .remove(position_key(1))
             .unwrap();
-        let text = refusal(taking.take_over(&file, PARTITIONS, &fingerprint, &[]));
+        let text = refusal(taking.take_over(&file, &terms, &[]));
         assert!(text.contains(&format!("profile {}", moving[0])), "{text}");
         unchanged(&taking);
         assert_eq!(taking.profile_count().unwrap(), before);
@@ -907,7 +1045,7 @@ mod tests {
         let damaged = dir.path().join("damaged.handover");
         std::fs::write(&damaged, &bytes).unwrap();
         let fresh = Store::open(&dir.path().join("c"), 8 << 20).unwrap();
-        let text = refusal(fresh.take_over(&damaged, PARTITIONS, &fingerprint, &[]));
+        let text = refusal(fresh.take_over(&damaged, &terms, &[]));
         assert!(text.contains("checksum"), "{text}");
         assert_eq!(fresh.profile_count().unwrap(), 0);
         unchanged(&fresh);

@@ -25,18 +25,33 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_ENTRY_BYTES>()
 }
 
+/// What the configs of the two stores of a move must agree on.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, serde::Serialize, serde::Deserialize)]
+pub struct Terms {
+    /// `source.nats.partitions`: a profile's partition depends on it.
+    pub partition_count: u32,
+    /// [`crate::config::Mapping::fingerprint`]: stored records keep only what the mapping
+    /// asks for.
+    pub mapping: String,
+    /// The stream and the consumer prefix: which fleet the partitions belong to.
+    pub fleet: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct Header {
-    /// `source.nats.partitions` of the store that handed over: a profile's partition depends
-    /// on it.
-    pub partition_count: u32,
+    pub terms: Terms,
     pub partitions: Vec<HandedPartition>,
-    /// The mapping the giving agent ran with, as [`crate::config::Mapping::fingerprint`]
-    /// writes it: stored records keep only what the mapping asks for.
-    pub mapping: String,
-    /// The store that handed over (its `meta/store_id`), for messages.
+    /// The store that handed over (its `meta/store_id`).
     pub store_id: u32,
     pub written_at_ms: i64,
+}
+
+impl Header {
+    /// Names this file among all hand-overs: the store that wrote it and when. The claims of
+    /// its partitions carry it until they are taken over.
+    pub fn file_id(&self) -> String {
+        format!("{:08x}-{}", self.store_id, self.written_at_ms)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
@@ -234,6 +249,10 @@ impl<R: Read> FileReader<R> {
     pub fn profiles_read(&self) -> u64 {
         self.profiles
     }
+
+    pub fn into_inner(self) -> R {
+        self.input.inner
+    }
 }
 
 #[cfg(test)]
@@ -242,7 +261,11 @@ mod tests {
 
     fn header() -> Header {
         Header {
-            partition_count: 8,
+            terms: Terms {
+                partition_count: 8,
+                mapping: "segments=a,b".into(),
+                fleet: "UPDATES outpost".into(),
+            },
             partitions: vec![
                 HandedPartition {
                     partition: 3,
@@ -253,7 +276,6 @@ mod tests {
                     position: None,
                 },
             ],
-            mapping: "segments=a,b".into(),
             store_id: 7,
             written_at_ms: 1_700_000_000_000,
         }

@@ -8,6 +8,9 @@
 //! - a position only grows within its stream. Sequences of another stream say nothing about
 //!   this one: a stream deleted and made again (or `source.nats.stream` changed) starts at 1,
 //!   and consuming it starts over;
+//! - but a partition moves between stores ([`super::handover`]): its position is then replaced
+//!   by a mark ([`Moved`], 19 bytes, where a position has 8 or 16) that no consumer starts
+//!   from, and a take-over writes the position the giving store had;
 //! - `rejected[(partition, sequence)]` keeps a message that was not a valid update, with the
 //!   reason, written in the same transaction as its partition's position. A stream made again
 //!   numbers its messages from 1 again: a different message rejected where one is kept goes
