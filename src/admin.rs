@@ -86,6 +86,10 @@ pub enum AdminRequest {
     TakeOver {
         path: String,
         terms: Terms,
+        /// Only a take-over of this file finished before fits (its claims name this store
+        /// already).
+        #[serde(default)]
+        finished_only: bool,
     },
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
@@ -315,7 +319,6 @@ pub fn execute_with(
                 .hand_over(partitions, terms, Path::new(path), owned)
                 .map_err(moved)?;
             Ok(json!({
-                "store": store.store_id(),
                 "file_id": done.header.file_id(),
                 "partitions": partitions_json(&done.header),
                 "profiles_in_file": done.profiles_in_file,
@@ -323,12 +326,15 @@ pub fn execute_with(
                 "forgotten": done.forgotten,
             }))
         }
-        AdminRequest::TakeOver { path, terms } => {
+        AdminRequest::TakeOver {
+            path,
+            terms,
+            finished_only,
+        } => {
             let done = store
-                .take_over(Path::new(path), terms, owned)
+                .take_over(Path::new(path), terms, owned, *finished_only)
                 .map_err(moved)?;
             Ok(json!({
-                "store": store.store_id(),
                 "from_store": format!("{:08x}", done.header.store_id),
                 "file_id": done.header.file_id(),
                 "partitions": partitions_json(&done.header),

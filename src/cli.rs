@@ -253,6 +253,11 @@ pub enum NatsCommand {
     Release {
         /// Partitions: ranges and lists, as `owned` ("0-3,7")
         partitions: String,
+        /// Release also claims that say a partition was handed over (`outpost nats
+        /// hand-over`): its file is then never taken over, and an agent that owns the
+        /// partition consumes it from the stream's start
+        #[arg(long)]
+        force: bool,
     },
     /// Hand partitions over to another agent: writes their profiles' stored versions and how
     /// far each was consumed to FILE, forgets them here, and makes their claims say they were

@@ -1949,18 +1949,9 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     let server = NatsServer::start(&server_bin);
     let (first_receiver, second_receiver) = (start_receiver().await, start_receiver().await);
     // The first owns all 8 partitions, the second 6 and 7 as well.
-    let first = AgentSetup::on_stream(&first_receiver.base_url(), &server, "", "");
-    let second = AgentSetup::new(
-        &second_receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "6-7", "")),
-        "",
-    );
-    let in_both = |p: &usize| outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6;
-    let shared_profiles = (0..PROFILES).filter(in_both).count();
-    assert!(
-        shared_profiles > 5,
-        "{shared_profiles} profiles in partitions 6-7"
-    );
+    let (first, second, shared_profiles) =
+        first_and_second(&server, &first_receiver, &second_receiver, PROFILES);
+    let in_both = in_6_or_7;
 
     let mut first_agent = first.start().await;
     first.publish(&versions(PROFILES, 0));
@@ -2058,6 +2049,30 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     assert_eq!(again.trim(), "partition 0      had no claim");
 }
 
+/// Whether profile `p<p>` falls in partition 6 or 7 of 8.
+fn in_6_or_7(p: &usize) -> bool {
+    outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6
+}
+
+/// An agent owning all 8 partitions of the stream (made by it) and one owning 6 and 7, for
+/// the two receivers; and how many of `profiles` fall in 6 and 7.
+fn first_and_second(
+    server: &NatsServer,
+    first: &Receiver,
+    second: &Receiver,
+    profiles: usize,
+) -> (AgentSetup, AgentSetup, usize) {
+    let first = AgentSetup::on_stream(&first.base_url(), server, "", "");
+    let second = AgentSetup::new(
+        &second.base_url(),
+        Some(&nats_table(&server.url(), 8, "6-7", "")),
+        "",
+    );
+    let in_both = (0..profiles).filter(in_6_or_7).count();
+    assert!(in_both > 5, "{in_both} profiles in partitions 6-7");
+    (first, second, in_both)
+}
+
 /// The agent that consumes a partition looks at its claim while it does: released meanwhile
 /// (`outpost nats release` while the agent runs), the claim is made again; claimed by another
 /// store, consuming stops.
@@ -2150,18 +2165,9 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     const PROFILES: usize = 80;
     let server = NatsServer::start(&server_bin);
     let (first_receiver, second_receiver) = (start_receiver().await, start_receiver().await);
-    let first = AgentSetup::on_stream(&first_receiver.base_url(), &server, "", "");
-    let second = AgentSetup::new(
-        &second_receiver.base_url(),
-        Some(&nats_table(&server.url(), 8, "6-7", "")),
-        "",
-    );
-    let moved = |p: &usize| outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6;
-    let moved_profiles = (0..PROFILES).filter(moved).count();
-    assert!(
-        moved_profiles > 5,
-        "{moved_profiles} profiles in partitions 6-7"
-    );
+    let (first, second, moved_profiles) =
+        first_and_second(&server, &first_receiver, &second_receiver, PROFILES);
+    let moved = in_6_or_7;
     let file = second.dir.path().join("6-7.handover");
     let file_arg = file.to_str().unwrap();
 
@@ -2205,16 +2211,20 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{handed}"
     );
 
+    // Meanwhile the claims are no store's, and not released without --force.
+    let kept = second.cli(&["nats", "release", "6"]);
+    assert!(
+        kept.contains("left as it is: its claim says handed over in file"),
+        "{kept}"
+    );
+
     // The second agent, never started, takes them over and starts.
     let taken = second.cli(&["nats", "take-over", file_arg]);
     assert!(
         taken.contains(&format!("{moved_profiles} profile(s) stored from")),
         "{taken}"
     );
-    assert!(
-        taken.contains("partitions claimed for this store"),
-        "{taken}"
-    );
+    assert_eq!(taken.matches("claim says: store ").count(), 2, "{taken}");
     let second_agent = second.start().await;
     // Version 1 changes no mapped field: against the stored versions it exports nothing
     // (to an agent that had never seen the profiles, each would be new). Version 2 does.
@@ -2235,6 +2245,14 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     .await;
     // A moment for anything else that was coming.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // It went on from the first agent's positions: versions 1 and 2 of its profiles, and not
+    // version 0 again (which, against the stored versions, would also export nothing).
+    let mut updates = 0.0;
+    for result in outpost::metrics::UPDATE_RESULTS {
+        let name = format!("outpost_updates_total{{result=\"{result}\"}}");
+        updates += metric(second_agent.addr, &name).await;
+    }
+    assert_eq!(updates, 2.0 * moved_profiles as f64);
     for (id, names) in names_by_profile(&second_receiver) {
         assert!(
             moved(&id[1..].parse().unwrap()),
@@ -2289,8 +2307,15 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     }
     let health = healthz_json(second_agent.addr).await;
     assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
-    // The file is stale now: its partitions were taken over and consumed further.
-    let stale = first.run(&["nats", "take-over", file_arg]);
+    // The file is stale now (its partitions were taken over and consumed further): a third
+    // agent's store cannot take it over.
+    let third_receiver = start_receiver().await;
+    let third = AgentSetup::new(
+        &third_receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "6-7", "")),
+        "",
+    );
+    let stale = third.run(&["nats", "take-over", file_arg]);
     let stderr = String::from_utf8_lossy(&stale.stderr);
     assert!(!stale.status.success(), "{stderr}");
     assert!(

@@ -3,6 +3,7 @@
 //! or (`--json`) for programs ([`output`]).
 
 mod backend;
+mod handover;
 mod ingest;
 mod nats;
 mod output;
@@ -264,32 +265,13 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             resume.as_deref(),
         )),
         Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(config)),
-        Command::Nats(NatsCommand::Release { partitions }) => {
-            runtime()?.block_on(nats::release(config, &partitions))
+        Command::Nats(NatsCommand::Release { partitions, force }) => {
+            runtime()?.block_on(nats::release(config, &partitions, force))
         }
         Command::Nats(NatsCommand::HandOver { partitions, file }) => {
-            let request = nats::hand_over_request(config, &partitions, &file)?;
-            as_store_owner(config, StoreUse::Existing)?;
-            let answer = Backend::connect_existing(config)?.execute(&request)?;
-            runtime()?.block_on(nats::handed_over(config, &file, &answer))
+            handover::hand_over(config, &partitions, &file)
         }
-        Command::Nats(NatsCommand::TakeOver { file }) => {
-            let request = nats::take_over_request(config, &file)?;
-            let runtime = runtime()?;
-            let (handed, claims) = runtime.block_on(nats::claims_for_take_over(config, &file))?;
-            // An agent that has not run yet takes partitions over into a store made for it.
-            as_store_owner(config, StoreUse::Make)?;
-            let backend = Backend::connect(config)?;
-            let stats = backend.execute(&AdminRequest::Stats)?;
-            let store_id = stats["store_id"]
-                .as_str()
-                .and_then(|id| u32::from_str_radix(id, 16).ok())
-                .ok_or_else(|| CliError::Failure("the store did not say its id".into()))?;
-            nats::check_claims(&file, &handed, &claims, store_id)?;
-            let answer = backend.execute(&request)?;
-            drop(backend);
-            runtime.block_on(nats::taken_over(config, &file, &answer))
-        }
+        Command::Nats(NatsCommand::TakeOver { file }) => handover::take_over(config, &file),
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
             // Checked against the stream with this process's rights (credential files).
             nats::check_position(config, partition, seq)?;

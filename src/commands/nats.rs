@@ -16,10 +16,9 @@ use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{last_sequence, probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
 use crate::source::publish::{fresh_nonce, payload_of, publish, Largest, Planner};
-use crate::store::handover_file::{FileReader, Terms};
 use crate::store::source::RejectedId;
 
-fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
+pub(super) fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
     let nats = config.nats.as_ref().ok_or_else(|| {
         CliError::Usage(format!(
             "config {} has no [source.nats] table",
@@ -31,7 +30,11 @@ fn nats_config(config: &Config) -> Result<&NatsSource, CliError> {
 }
 
 /// `outpost nats release PARTITIONS`: lets the claims on them go.
-pub(super) async fn release(config: &Config, partitions: &str) -> Result<(), CliError> {
+pub(super) async fn release(
+    config: &Config,
+    partitions: &str,
+    force: bool,
+) -> Result<(), CliError> {
     let nats = nats_config(config)?;
     let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
@@ -44,276 +47,22 @@ pub(super) async fn release(config: &Config, partitions: &str) -> Result<(), Cli
         .await
         .map_err(failure)?;
     for partition in partitions {
+        let read = claim::read(&claims, partition).await.map_err(failure)?;
+        if let Some(handed) = read.holder.filter(|h| h.starts_with(claim::HANDED_OVER)) {
+            if !force {
+                println!(
+                    "partition {partition:<6} left as it is: its claim says {handed}; take it \
+                     over with that file (`outpost nats take-over`), or give --force to let it \
+                     go, and an agent that owns it consumes it from the stream's start"
+                );
+                continue;
+            }
+        }
         match claim::release(&claims, partition).await.map_err(failure)? {
             Some(holder) => println!("partition {partition:<6} released (claimed by {holder})"),
             None => println!("partition {partition:<6} had no claim"),
         }
     }
-    Ok(())
-}
-
-/// A path as the agent, whose working folder is not ours, would read it.
-fn absolute(file: &Path) -> Result<String, CliError> {
-    let path = std::path::absolute(file)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
-    path.to_str()
-        .map(str::to_string)
-        .ok_or_else(|| CliError::Usage(format!("{}: the path is not UTF-8", path.display())))
-}
-
-/// What the two agents of a move must agree on, from the config.
-fn terms(config: &Config, nats: &NatsSource) -> Terms {
-    Terms {
-        partition_count: nats.partitions,
-        mapping: config.mapping.fingerprint(),
-        fleet: format!(
-            "stream {}, consumer prefix {}",
-            nats.stream, nats.consumer_prefix
-        ),
-    }
-}
-
-pub(super) fn hand_over_request(
-    config: &Config,
-    partitions: &str,
-    file: &Path,
-) -> Result<AdminRequest, CliError> {
-    let nats = nats_config(config)?;
-    let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
-        .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
-    Ok(AdminRequest::HandOver {
-        partitions,
-        terms: terms(config, nats),
-        path: absolute(file)?,
-    })
-}
-
-pub(super) fn take_over_request(config: &Config, file: &Path) -> Result<AdminRequest, CliError> {
-    let nats = nats_config(config)?;
-    Ok(AdminRequest::TakeOver {
-        path: absolute(file)?,
-        terms: terms(config, nats),
-    })
-}
-
-fn partitions_moved(answer: &Value) -> Vec<(u32, Option<u64>)> {
-    answer["partitions"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|p| Some((p["partition"].as_u64()? as u32, p["seq"].as_u64())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn describe_position(seq: Option<u64>) -> String {
-    match seq {
-        Some(seq) => format!("consumed up to stream sequence {seq}"),
-        None => "never consumed".to_string(),
-    }
-}
-
-/// The claims bucket of the config's stream, within [`STREAM_END_WAIT`].
-async fn claims(nats: &NatsSource) -> Result<async_nats::jetstream::kv::Store, String> {
-    let open = async {
-        let client = crate::source::nats::connect(nats, false).await?;
-        let js = async_nats::jetstream::new(client);
-        claim::bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas).await
-    };
-    match tokio::time::timeout(STREAM_END_WAIT, open).await {
-        Ok(opened) => opened.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "NATS did not answer within {} s",
-            STREAM_END_WAIT.as_secs()
-        )),
-    }
-}
-
-async fn read_claim(
-    claims: &async_nats::jetstream::kv::Store,
-    partition: u32,
-) -> Result<Option<String>, String> {
-    let value = claims
-        .get(claim::key(partition))
-        .await
-        .map_err(|e| format!("reading the claim on partition {partition}: {e}"))?;
-    Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
-}
-
-async fn write_claim(
-    claims: &async_nats::jetstream::kv::Store,
-    partition: u32,
-    value: String,
-) -> Result<(), String> {
-    claims
-        .put(claim::key(partition), value.into())
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("writing the claim on partition {partition}: {e}"))
-}
-
-/// Prints what a hand-over did, then makes the partitions' claims say they were handed over
-/// in this file: no agent consumes them until a take-over of the file claims them.
-pub(super) async fn handed_over(
-    config: &Config,
-    file: &Path,
-    answer: &Value,
-) -> Result<(), CliError> {
-    let partitions = partitions_moved(answer);
-    for (partition, seq) in &partitions {
-        println!(
-            "partition {partition:<6} handed over, {}",
-            describe_position(*seq)
-        );
-    }
-    let in_file = answer["profiles_in_file"].as_u64().unwrap_or(0);
-    if answer["wrote"].as_bool() == Some(true) {
-        println!("{in_file} profile(s) written to {}", file.display());
-    } else {
-        println!(
-            "{} holds {in_file} profile(s), written before (left as it is)",
-            file.display()
-        );
-    }
-    println!(
-        "{} profile(s) forgotten in this store",
-        answer["forgotten"].as_u64().unwrap_or(0)
-    );
-    let nats = nats_config(config)?;
-    let store = answer["store"].as_u64().unwrap_or_default() as u32;
-    let ours = claim::holder(store, &claim::host_name());
-    let handed = claim::handed_over(answer["file_id"].as_str().unwrap_or_default());
-    let mut left = Vec::new();
-    let claimed = async {
-        let claims = claims(nats).await?;
-        for (partition, _) in &partitions {
-            match read_claim(&claims, *partition).await? {
-                Some(holder)
-                    if holder != handed && claim::judge(&holder, &ours) != claim::Claim::Ours =>
-                {
-                    left.push(format!(
-                        "partition {partition:<6} claim left as it is: {holder} holds it"
-                    ));
-                }
-                _ => {
-                    write_claim(&claims, *partition, handed.clone()).await?;
-                    println!(
-                        "partition {partition:<6} claim says: {handed} (until a take-over of it)"
-                    );
-                }
-            }
-        }
-        Ok::<_, String>(())
-    };
-    if let Err(e) = claimed.await {
-        return Err(CliError::Failure(format!(
-            "the store's part is done, but the claims were not written ({e}): until they are, \
-             the partitions stay claimed by this store and no other agent can take them over. \
-             Run this hand-over again once NATS answers: it goes on where it stopped"
-        )));
-    }
-    for line in left {
-        println!("{line}");
-    }
-    Ok(())
-}
-
-/// The claims of a hand-over file's partitions, read before a take-over, with this
-/// process's rights (the file, NATS credential files). They must say the partitions were
-/// handed over in this very file, so that a stale file (the partitions consumed further
-/// since), or one of another fleet, is refused before anything is stored; or, for a take-over
-/// run again once it finished, name the taking store.
-pub(super) async fn claims_for_take_over(
-    config: &Config,
-    file: &Path,
-) -> Result<(String, Vec<(u32, Option<String>)>), CliError> {
-    let nats = nats_config(config)?;
-    let opened = std::fs::File::open(file)
-        .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", file.display())))?;
-    let (header, _) = FileReader::open(std::io::BufReader::new(opened))
-        .map_err(|e| CliError::Failure(format!("{}: {e}", file.display())))?;
-    let claims = claims(nats).await.map_err(|e| {
-        CliError::Failure(format!(
-            "the claims could not be read ({e}): a take-over checks them first, as they tell \
-             whether this file is the partitions' latest hand-over"
-        ))
-    })?;
-    let mut read = Vec::new();
-    for partition in header.partitions.iter().map(|p| p.partition) {
-        let holder = read_claim(&claims, partition)
-            .await
-            .map_err(CliError::Failure)?;
-        read.push((partition, holder));
-    }
-    Ok((claim::handed_over(&header.file_id()), read))
-}
-
-/// Refuses a take-over into store `store_id` unless every claim read says the partitions were
-/// handed over in the file (`handed`), or names this store.
-pub(super) fn check_claims(
-    file: &Path,
-    handed: &str,
-    claims: &[(u32, Option<String>)],
-    store_id: u32,
-) -> Result<(), CliError> {
-    let ours = claim::holder(store_id, &claim::host_name());
-    for (partition, holder) in claims {
-        let fits = holder.as_deref().is_some_and(|holder| {
-            holder == handed || claim::judge(holder, &ours) == claim::Claim::Ours
-        });
-        if !fits {
-            let says = holder
-                .clone()
-                .unwrap_or_else(|| "nothing (released)".into());
-            return Err(CliError::Failure(format!(
-                "partition {partition}'s claim says {says}, not \"{handed}\": {} is not the \
-                 partition's latest hand-over (it was taken over since, or belongs to another \
-                 fleet), or the hand-over could not write the claims (run it again)",
-                file.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Prints what a take-over did, then claims its partitions for this store.
-pub(super) async fn taken_over(
-    config: &Config,
-    file: &Path,
-    answer: &Value,
-) -> Result<(), CliError> {
-    let partitions = partitions_moved(answer);
-    for (partition, seq) in &partitions {
-        println!(
-            "partition {partition:<6} taken over, {}",
-            describe_position(*seq)
-        );
-    }
-    println!(
-        "{} profile(s) stored from {} (handed over by store {}; {} in the file)",
-        answer["stored"].as_u64().unwrap_or(0),
-        file.display(),
-        answer["from_store"].as_str().unwrap_or("?"),
-        answer["profiles_in_file"].as_u64().unwrap_or(0)
-    );
-    let nats = nats_config(config)?;
-    let store = answer["store"].as_u64().unwrap_or_default() as u32;
-    let ours = claim::holder(store, &claim::host_name());
-    let claimed = async {
-        let claims = claims(nats).await?;
-        for (partition, _) in &partitions {
-            write_claim(&claims, *partition, ours.clone()).await?;
-        }
-        Ok::<_, String>(())
-    };
-    if let Err(e) = claimed.await {
-        return Err(CliError::Failure(format!(
-            "the store's part is done, but the claims were not written ({e}): run this \
-             take-over again once NATS answers"
-        )));
-    }
-    println!("partitions claimed for this store ({ours}); add them to source.nats.owned, if not yet, and (re)start the agent");
     Ok(())
 }
 
@@ -541,7 +290,7 @@ impl<R: Read> Read for Hashing<'_, R> {
 }
 
 /// How long `outpost nats set-position` waits for the stream's last sequence.
-const STREAM_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(super) const STREAM_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `outpost nats set-position`'s checks, before the store is opened: the partition is one of
 /// the config's, and SEQ is not past the stream's end. A position past it is taken for one

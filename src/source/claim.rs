@@ -9,7 +9,9 @@
 //! at its claim now and then too: released meanwhile, the claim is made again (the partition
 //! is still consumed there); taken by another store, consuming stops. Claims never expire,
 //! so a restart, or a store that dies for a while, keeps its partitions; `outpost nats
-//! release` lets one go (to move a partition, or after its store was lost).
+//! release` lets one go (after its store was lost). `outpost nats hand-over` makes a claim
+//! say which file the partition was handed over in ([`handed_over`]), which no store holds,
+//! and `outpost nats take-over` of that file claims it for the taking store.
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -151,6 +153,54 @@ pub async fn look(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Clai
         Some(recorded) => Ok(judge(&String::from_utf8_lossy(&recorded), ours)),
         None => claim(bucket, partition, ours).await,
     }
+}
+
+/// A claim as read, with the revision a change made on its strength must still find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadClaim {
+    pub partition: u32,
+    /// What it says; `None` when there is none (never made, or released).
+    pub holder: Option<String>,
+    revision: Option<u64>,
+}
+
+pub async fn read(bucket: &kv::Store, partition: u32) -> Result<ReadClaim, NatsError> {
+    let entry = bucket
+        .entry(key(partition))
+        .await
+        .map_err(|e| nats_error(&format!("reading the claim on partition {partition}"), e))?;
+    Ok(ReadClaim {
+        partition,
+        holder: entry
+            .as_ref()
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()),
+        revision: entry.map(|e| e.revision),
+    })
+}
+
+/// Makes the claim read as `read` say `value`, unless it changed since it was read (another
+/// command, or an agent, wrote it meanwhile): then nothing is written, and the error says so.
+pub async fn replace(bucket: &kv::Store, read: &ReadClaim, value: &str) -> Result<(), NatsError> {
+    let (partition, value) = (read.partition, Bytes::from(value.to_string()));
+    let written = match read.revision {
+        Some(revision) => bucket
+            .update(key(partition), value, revision)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => bucket
+            .create(key(partition), value)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    };
+    written.map_err(|e| {
+        NatsError(format!(
+            "writing the claim on partition {partition}: it changed since it was read (another \
+             command or an agent wrote it meanwhile), or could not be written ({e})"
+        ))
+    })
 }
 
 /// Lets the claim on `partition` go; returns what it was, if there was one.

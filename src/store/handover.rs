@@ -48,7 +48,9 @@ const PROFILES_A_CHUNK: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
-    /// The store or the file is not in a state to move the partitions; nothing was changed.
+    /// The store or the file is not in a state to move the partitions. The profiles and
+    /// positions are as they were, but for marks that the same command, run again, goes on
+    /// from (a hand-over that could not write its file, or found a profile changed since).
     #[error("{0}")]
     Refused(String),
     /// A take-over stopped after it began to store profiles: its partitions stay marked.
@@ -403,8 +405,14 @@ fn write_file(
     let count = written.inspect_err(|_: &MoveError| {
         let _ = std::fs::remove_file(&partial);
     })?;
-    // A link, unlike a rename, never replaces a file that appeared at `path` meanwhile.
-    let placed = std::fs::hard_link(&partial, path);
+    // A link, unlike a rename, never replaces a file that appeared at `path` meanwhile; where
+    // the file system has no links (FAT), a rename once `path` is found free.
+    let placed = match std::fs::hard_link(&partial, path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            std::fs::rename(&partial, path)
+        }
+        linked => linked,
+    };
     let _ = std::fs::remove_file(&partial);
     placed.map_err(|e| io_error(path, "cannot put the file at", e))?;
     sync_parent(path).map_err(|e| io_error(path, "cannot sync the folder of", e))?;
@@ -467,14 +475,14 @@ impl Store {
         };
         // Exports of their profiles may have come since a killed run (over HTTP).
         self.rewinding(|| refuse_waiting_exports(&t, &set, count))?;
-        let wrote = match state {
-            None if path.exists() => {
+        let wrote = match (state, path.exists()) {
+            (None, true) => {
                 return Err(refused(format!(
                     "{} exists: give a file that does not, so that no earlier hand-over is lost",
                     path.display()
                 )))
             }
-            None | Some(Moved::Giving) if !path.exists() => {
+            (None | Some(Moved::Giving), false) => {
                 if state.is_none() {
                     mark(self, &t, Moved::Giving, &handed)?;
                 }
@@ -543,6 +551,7 @@ impl Store {
         path: &Path,
         terms: &Terms,
         owned: &[u32],
+        finished_only: bool,
     ) -> Result<TakenOver, MoveError> {
         let in_file =
             |e: super::handover_file::FileError| refused(format!("{}: {e}", path.display()));
@@ -560,7 +569,6 @@ impl Store {
         let _section = self.write_section()?;
         let _writer = self.lock_profile_writer();
         let t = self.trees()?;
-        refuse_unsettled(self, &t, &partitions, owned)?;
         let mut finished = 0;
         for handed in &header.partitions {
             let partition = handed.partition;
@@ -571,6 +579,14 @@ impl Store {
                          over: to take the partition back, take over the file of the store \
                          that holds it now",
                         path.display()
+                    )))
+                }
+                Standing::Moved(Moved::Given, given) if behind(handed.position, given) => {
+                    return Err(refused(format!(
+                        "{} hands partition {partition} over as it stood before this store \
+                         handed it over itself (at {}): the file is stale",
+                        path.display(),
+                        describe(given)
                     )))
                 }
                 Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
@@ -605,6 +621,16 @@ impl Store {
                  over the others from their own file",
             ));
         }
+        if finished_only && finished == 0 {
+            return Err(refused(format!(
+                "the partitions' claims name this store already, but it did not take them over \
+                 from {}: the file is stale",
+                path.display()
+            )));
+        }
+        // A finished take-over run again writes nothing: the running agent may own them.
+        let owned = if finished == 0 { owned } else { &[] };
+        refuse_unsettled(self, &t, &partitions, owned)?;
         // The first reading checks the file whole, and what it would change, before any write.
         let (mut conflicts, mut example) = (0u64, None);
         let mut ids = HashSet::new();
@@ -698,6 +724,25 @@ impl Store {
             stored: stored.max(0) as u64,
             profiles_in_file,
         })
+    }
+}
+
+/// Whether a file's position of a partition lies before where this store stood when it
+/// handed the partition over (`given`), in the same stream.
+fn behind(file: Option<(u64, u64)>, given: Option<(u64, u64)>) -> bool {
+    match (file, given) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some((seq, stream)), Some((given_seq, given_stream))) => {
+            stream == given_stream && seq < given_seq
+        }
+    }
+}
+
+fn describe(position: Option<(u64, u64)>) -> String {
+    match position {
+        Some((seq, _)) => format!("stream sequence {seq}"),
+        None => "its start".into(),
     }
 }
 
@@ -885,7 +930,7 @@ mod tests {
         let exists = refusal(giving.hand_over(&[2], &terms, &file, &[]));
         assert!(exists.contains("exists"), "{exists}");
 
-        let taken = taking.take_over(&file, &terms, &[]).unwrap();
+        let taken = taking.take_over(&file, &terms, &[], false).unwrap();
         assert_eq!(taken.stored, moving.len() as u64);
         assert_eq!(taken.header.store_id, giving.store_id());
         for (id, record) in moving.iter().zip(&records) {
@@ -901,15 +946,23 @@ mod tests {
             Recorded::Nothing
         );
         // Run again once finished: everything is found stored.
-        let again = taking.take_over(&file, &terms, &[]).unwrap();
+        let again = taking.take_over(&file, &terms, &[], false).unwrap();
         assert_eq!(
             (again.stored, again.profiles_in_file),
             (0, moving.len() as u64)
         );
+        // So also when only a finished one fits (its claims name this store), while the
+        // running agent owns the partition.
+        let again = taking.take_over(&file, &terms, &[1], true).unwrap();
+        assert_eq!(again.stored, 0);
+        let fresh = Store::open(&dir.path().join("fresh"), 8 << 20).unwrap();
+        let stale = refusal(fresh.take_over(&file, &terms, &[], true));
+        assert!(stale.contains("the file is stale"), "{stale}");
+        assert_eq!(fresh.profile_count().unwrap(), 0);
         // Consumed further since: the file is stale.
         commit(&taking, 1, "z", 41);
         deliver_all(&taking);
-        let consumed_here = refusal(taking.take_over(&file, &terms, &[]));
+        let consumed_here = refusal(taking.take_over(&file, &terms, &[], false));
         assert!(
             consumed_here.contains("was consumed in this store"),
             "{consumed_here}"
@@ -917,16 +970,33 @@ mod tests {
 
         // And back: the giving store takes over a partition it handed over, from the file of
         // the store that holds it now, not from its own.
-        let own = refusal(giving.take_over(&file, &terms, &[]));
+        let own = refusal(giving.take_over(&file, &terms, &[], false));
         assert!(own.contains("is the file this store wrote"), "{own}");
         let back = dir.path().join("back.handover");
         taking.hand_over(&[1], &terms, &back, &[]).unwrap();
-        giving.take_over(&back, &terms, &[]).unwrap();
+        giving.take_over(&back, &terms, &[], false).unwrap();
         assert_eq!(
             giving.source_position(1, STREAM, 100).unwrap(),
             Recorded::At(41)
         );
         assert_eq!(giving.profile_count().unwrap(), 40);
+    }
+
+    #[test]
+    fn a_file_behind_this_stores_own_hand_over_is_stale() {
+        let (s1, s2) = (1, 2);
+        for (file, given, stale) in [
+            (Some((40, s1)), None, false),
+            (Some((40, s1)), Some((40, s1)), false),
+            (Some((41, s1)), Some((40, s1)), false),
+            (Some((39, s1)), Some((40, s1)), true),
+            (None, Some((40, s1)), true),
+            (None, None, false),
+            // Another stream's sequences say nothing of this one's.
+            (Some((3, s2)), Some((40, s1)), false),
+        ] {
+            assert_eq!(behind(file, given), stale, "{file:?} against {given:?}");
+        }
     }
 
     #[test]
@@ -961,7 +1031,7 @@ mod tests {
             unfinished.to_string().contains("did not finish"),
             "{unfinished}"
         );
-        let taken = taking.take_over(&file, &terms, &[]).unwrap();
+        let taken = taking.take_over(&file, &terms, &[], false).unwrap();
         assert_eq!(taken.stored, (moving.len() - first.len()) as u64);
         assert_eq!(taking.profile_count().unwrap(), moving.len() as u64);
         assert_eq!(
@@ -994,16 +1064,17 @@ mod tests {
         };
         let other_mapping =
             other(|t| t.mapping = Mapping::new(&["name", "email"], &["s"], &[]).fingerprint());
-        let text = refusal(taking.take_over(&file, &other_mapping, &[]));
+        let text = refusal(taking.take_over(&file, &other_mapping, &[], false));
         assert!(text.contains("the mapping there"), "{text}");
-        let text = refusal(taking.take_over(&file, &other(|t| t.partition_count = 8), &[]));
+        let text = refusal(taking.take_over(&file, &other(|t| t.partition_count = 8), &[], false));
         assert!(
             text.contains("a stream of 4 partitions there, 8 here"),
             "{text}"
         );
-        let text = refusal(taking.take_over(&file, &other(|t| t.fleet = "another".into()), &[]));
+        let text =
+            refusal(taking.take_over(&file, &other(|t| t.fleet = "another".into()), &[], false));
         assert!(text.contains("another here"), "{text}");
-        let text = refusal(taking.take_over(&file, &terms, &[1]));
+        let text = refusal(taking.take_over(&file, &terms, &[1], false));
         assert!(text.contains("consumes partition 1"), "{text}");
 
         // The same profile twice in a file.
@@ -1015,7 +1086,7 @@ mod tests {
         writer.profile(&id, &value).unwrap();
         writer.profile(&id, &value).unwrap();
         std::fs::write(&twice, writer.finish().unwrap().0).unwrap();
-        let text = refusal(taking.take_over(&twice, &terms, &[]));
+        let text = refusal(taking.take_over(&twice, &terms, &[], false));
         assert!(
             text.contains(&format!("profile {id} is in it twice")),
             "{text}"
@@ -1034,7 +1105,7 @@ mod tests {
             .positions
             .remove(position_key(1))
             .unwrap();
-        let text = refusal(taking.take_over(&file, &terms, &[]));
+        let text = refusal(taking.take_over(&file, &terms, &[], false));
         assert!(text.contains(&format!("profile {}", moving[0])), "{text}");
         unchanged(&taking);
         assert_eq!(taking.profile_count().unwrap(), before);
@@ -1045,7 +1116,7 @@ mod tests {
         let damaged = dir.path().join("damaged.handover");
         std::fs::write(&damaged, &bytes).unwrap();
         let fresh = Store::open(&dir.path().join("c"), 8 << 20).unwrap();
-        let text = refusal(fresh.take_over(&damaged, &terms, &[]));
+        let text = refusal(fresh.take_over(&damaged, &terms, &[], false));
         assert!(text.contains("checksum"), "{text}");
         assert_eq!(fresh.profile_count().unwrap(), 0);
         unchanged(&fresh);

@@ -1,0 +1,270 @@
+//! `outpost nats hand-over` and `outpost nats take-over`: moving stream partitions, with their
+//! profiles' stored versions, from one agent's store to another's ([`crate::store::handover`]).
+//!
+//! The claims bucket carries the move across the fleet: a hand-over makes each partition's
+//! claim say which file it was handed over in ([`claim::handed_over`]), which no store holds,
+//! so no agent consumes the partition meanwhile; a take-over of that very file claims it for
+//! the taking store. Claims are read before the store is touched and written by
+//! compare-and-set after, so a stale file, one of another fleet, or two commands at once are
+//! refused rather than obeyed.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::nats::{nats_config, STREAM_END_WAIT};
+use super::{as_store_owner, runtime, Backend, CliError};
+use crate::admin::AdminRequest;
+use crate::config::Config;
+use crate::source::claim::{self, ReadClaim};
+use crate::source::config::NatsSource;
+use crate::store::handover_file::{FileReader, Terms};
+use crate::store::StoreUse;
+
+/// A path as the agent, whose working folder is not ours, would read it.
+fn absolute(file: &Path) -> Result<String, CliError> {
+    let path = std::path::absolute(file)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| CliError::Usage(format!("{}: the path is not UTF-8", path.display())))
+}
+
+/// What the two agents of a move must agree on, from the config.
+fn terms(config: &Config, nats: &NatsSource) -> Terms {
+    Terms {
+        partition_count: nats.partitions,
+        mapping: config.mapping.fingerprint(),
+        fleet: format!(
+            "stream {}, consumer prefix {}",
+            nats.stream, nats.consumer_prefix
+        ),
+    }
+}
+
+/// The claims bucket of the config's stream, within [`STREAM_END_WAIT`].
+async fn open_claims(nats: &NatsSource) -> Result<async_nats::jetstream::kv::Store, String> {
+    let open = async {
+        let client = crate::source::nats::connect(nats, false).await?;
+        let js = async_nats::jetstream::new(client);
+        claim::bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas).await
+    };
+    match tokio::time::timeout(STREAM_END_WAIT, open).await {
+        Ok(opened) => opened.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "NATS did not answer within {} s",
+            STREAM_END_WAIT.as_secs()
+        )),
+    }
+}
+
+/// The claims of `partitions`, with this process's rights (NATS credential files), before
+/// it acts as the store's owner; and the bucket, to write them after.
+fn read_claims(
+    runtime: &tokio::runtime::Runtime,
+    nats: &NatsSource,
+    partitions: &[u32],
+    why: &str,
+) -> Result<(async_nats::jetstream::kv::Store, Vec<ReadClaim>), CliError> {
+    runtime.block_on(async {
+        let bucket = open_claims(nats)
+            .await
+            .map_err(|e| CliError::Failure(format!("the claims could not be read ({e}): {why}")))?;
+        let mut read = Vec::new();
+        for &partition in partitions {
+            let claim = claim::read(&bucket, partition)
+                .await
+                .map_err(|e| CliError::Failure(e.to_string()))?;
+            read.push(claim);
+        }
+        Ok((bucket, read))
+    })
+}
+
+/// This store's claim, as its agent makes it.
+fn our_claim(backend: &Backend) -> Result<String, CliError> {
+    let stats = backend.execute(&AdminRequest::Stats)?;
+    let id = stats["store_id"]
+        .as_str()
+        .and_then(|id| u32::from_str_radix(id, 16).ok())
+        .ok_or_else(|| CliError::Failure("the store did not say its id".into()))?;
+    Ok(claim::holder(id, &claim::host_name()))
+}
+
+/// Writes `value` into every claim read that does not say it yet.
+fn write_claims(
+    runtime: &tokio::runtime::Runtime,
+    bucket: &async_nats::jetstream::kv::Store,
+    read: &[ReadClaim],
+    value: &str,
+    then: &str,
+) -> Result<(), CliError> {
+    for claim in read {
+        if claim.holder.as_deref() != Some(value) {
+            runtime
+                .block_on(claim::replace(bucket, claim, value))
+                .map_err(|e| {
+                    CliError::Failure(format!("the store's part is done, but {e}. {then}"))
+                })?;
+        }
+        println!("partition {:<6} claim says: {value}", claim.partition);
+    }
+    Ok(())
+}
+
+fn partitions_moved(answer: &Value) -> Vec<(u64, Option<u64>)> {
+    answer["partitions"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|p| Some((p["partition"].as_u64()?, p["seq"].as_u64())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn describe_position(seq: Option<u64>) -> String {
+    match seq {
+        Some(seq) => format!("consumed up to stream sequence {seq}"),
+        None => "never consumed".to_string(),
+    }
+}
+
+/// `outpost nats hand-over PARTITIONS FILE`.
+pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Result<(), CliError> {
+    let nats = nats_config(config)?;
+    let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
+        .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
+    let request = AdminRequest::HandOver {
+        partitions: partitions.clone(),
+        terms: terms(config, nats),
+        path: absolute(file)?,
+    };
+    let runtime = runtime()?;
+    let (bucket, read) = read_claims(
+        &runtime,
+        nats,
+        &partitions,
+        "a hand-over checks that no other store holds them, and then writes them",
+    )?;
+    as_store_owner(config, StoreUse::Existing)?;
+    let backend = Backend::connect_existing(config)?;
+    let ours = our_claim(&backend)?;
+    for claim in &read {
+        if let Some(holder) = &claim.holder {
+            let handed = holder.starts_with(claim::HANDED_OVER);
+            if !handed && claim::judge(holder, &ours) != claim::Claim::Ours {
+                return Err(CliError::Failure(format!(
+                    "partition {} is claimed by {holder}, not by this store ({ours}): another \
+                     agent consumes it, and its stored versions are there, not here",
+                    claim.partition
+                )));
+            }
+        }
+    }
+    let answer = backend.execute(&request)?;
+    drop(backend);
+    for (partition, seq) in partitions_moved(&answer) {
+        println!(
+            "partition {partition:<6} handed over, {}",
+            describe_position(seq)
+        );
+    }
+    let in_file = answer["profiles_in_file"].as_u64().unwrap_or(0);
+    if answer["wrote"].as_bool() == Some(true) {
+        println!("{in_file} profile(s) written to {}", file.display());
+    } else {
+        println!(
+            "{} holds {in_file} profile(s), written before (left as it is)",
+            file.display()
+        );
+    }
+    println!(
+        "{} profile(s) forgotten in this store",
+        answer["forgotten"].as_u64().unwrap_or(0)
+    );
+    let file_id = answer["file_id"]
+        .as_str()
+        .ok_or_else(|| CliError::Failure("the store did not name the file".into()))?;
+    write_claims(
+        &runtime,
+        &bucket,
+        &read,
+        &claim::handed_over(file_id),
+        "Until the claims say so, no other agent can take the partitions over: run this \
+         hand-over again (it goes on where it stopped)",
+    )
+}
+
+/// `outpost nats take-over FILE`.
+pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
+    let nats = nats_config(config)?;
+    // With this process's rights, as the claims are read.
+    let opened = std::fs::File::open(file)
+        .map_err(|e| CliError::Failure(format!("cannot open {}: {e}", file.display())))?;
+    let (header, _) = FileReader::open(std::io::BufReader::new(opened))
+        .map_err(|e| CliError::Failure(format!("{}: {e}", file.display())))?;
+    let partitions: Vec<u32> = header.partitions.iter().map(|p| p.partition).collect();
+    let runtime = runtime()?;
+    let (bucket, read) = read_claims(
+        &runtime,
+        nats,
+        &partitions,
+        "a take-over checks them first, as they tell whether this file is the partitions' \
+         latest hand-over",
+    )?;
+    // An agent that has not run yet takes partitions over into a store made for it.
+    as_store_owner(config, StoreUse::Make)?;
+    let backend = Backend::connect(config)?;
+    let ours = our_claim(&backend)?;
+    let handed = claim::handed_over(&header.file_id());
+    let mut ours_already = false;
+    for claim in &read {
+        match claim.holder.as_deref() {
+            Some(holder) if holder == handed => {}
+            Some(holder) if claim::judge(holder, &ours) == claim::Claim::Ours => {
+                ours_already = true
+            }
+            holder => {
+                return Err(CliError::Failure(format!(
+                    "partition {}'s claim says {}, not \"{handed}\": {} is not the partition's \
+                     latest hand-over (it was taken over since, or belongs to another fleet), \
+                     or the hand-over could not write the claims (run it again)",
+                    claim.partition,
+                    holder.unwrap_or("nothing (released)"),
+                    file.display()
+                )))
+            }
+        }
+    }
+    let request = AdminRequest::TakeOver {
+        path: absolute(file)?,
+        terms: terms(config, nats),
+        // A claim of this store's is a take-over run again: only a finished one fits it.
+        finished_only: ours_already,
+    };
+    let answer = backend.execute(&request)?;
+    drop(backend);
+    for (partition, seq) in partitions_moved(&answer) {
+        println!(
+            "partition {partition:<6} taken over, {}",
+            describe_position(seq)
+        );
+    }
+    println!(
+        "{} profile(s) stored from {} (handed over by store {}; {} in the file)",
+        answer["stored"].as_u64().unwrap_or(0),
+        file.display(),
+        answer["from_store"].as_str().unwrap_or("?"),
+        answer["profiles_in_file"].as_u64().unwrap_or(0)
+    );
+    write_claims(
+        &runtime,
+        &bucket,
+        &read,
+        &ours,
+        "Run this take-over again once NATS answers",
+    )?;
+    println!("add the partitions to source.nats.owned, if not yet, and (re)start the agent");
+    Ok(())
+}
