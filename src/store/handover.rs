@@ -13,8 +13,8 @@
 //!   writes the file, and "handed over" ([`Moved::Given`]) once the file is whole and
 //!   synced in its place; only then does it forget anything. Either mark keeps every consumer
 //!   off the partition. A kill while the file is written leaves the first mark and every
-//!   profile: the same hand-over again keeps a whole file the kill left at its place (the
-//!   rename is atomic) or writes it anew. A kill while the profiles are forgotten leaves the
+//!   profile: the same hand-over again keeps a whole file the kill left at its place
+//!   (placing it is atomic) or writes it anew. A kill while the profiles are forgotten leaves the
 //!   second mark and the rest of them, which the same hand-over again forgets;
 //! - the taking store marks the partitions "taking over" ([`Moved::Taking`]) before it
 //!   stores the first profile, and sets their positions in the transaction that ends the
@@ -351,12 +351,17 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The hash a profile's bytes are compared by, so that a large file is not held in memory.
+fn digest(value: &[u8]) -> u64 {
+    twox_hash::XxHash64::oneshot(0, value)
+}
+
 /// The whole hand-over file at `path`, read and checked, once found to be of `partitions`
-/// (with the positions they were marked with); its profiles by id.
+/// (with the positions they were marked with); the [`digest`] of its profiles, by id.
 fn read_own_file(
     path: &Path,
     partitions: &[HandedPartition],
-) -> Result<(Header, HashMap<String, Vec<u8>>), MoveError> {
+) -> Result<(Header, HashMap<String, u64>), MoveError> {
     let not_it = |why: String| {
         refused(format!(
             "{} is not the file of this hand-over ({why}): put that file back, or, if this \
@@ -372,7 +377,7 @@ fn read_own_file(
     }
     let mut profiles = HashMap::new();
     while let Some((id, value)) = reader.next_profile().map_err(|e| not_it(e.to_string()))? {
-        profiles.insert(id, value);
+        profiles.insert(id, digest(&value));
     }
     Ok((header, profiles))
 }
@@ -512,7 +517,7 @@ impl Store {
         let mut changed = Vec::new();
         for_each_profile_in(&t, &set, count, |id, value| {
             match in_file.get(id) {
-                Some(kept) if kept[..] == *value => forgetting.push(id.to_string()),
+                Some(kept) if *kept == digest(value) => forgetting.push(id.to_string()),
                 _ => changed.push(id.to_string()),
             }
             Ok(())
@@ -588,6 +593,11 @@ impl Store {
                         path.display(),
                         describe(given)
                     )))
+                }
+                // A partition never consumed has no position once taken over either: finished
+                // if its claim says so and every profile is found stored (below).
+                Standing::Nothing if finished_only && handed.position.is_none() => {
+                    finished += 1;
                 }
                 Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
                 Standing::Moved(Moved::Taking, position) if position == handed.position => {}
@@ -980,6 +990,35 @@ mod tests {
             Recorded::At(41)
         );
         assert_eq!(giving.profile_count().unwrap(), 40);
+    }
+
+    /// A partition never consumed (its profiles came over HTTP) has no position, before or
+    /// after: a take-over run again once finished is told apart from a stale one by the
+    /// profiles it finds.
+    #[test]
+    fn a_partition_never_consumed_moves_and_its_take_over_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
+        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
+        let file = dir.path().join("2.handover");
+        let terms = terms();
+        commit(&giving, 40, "x", 40);
+        deliver_all(&giving);
+        let moving = in_partition(40, 2);
+        assert!(!moving.is_empty());
+        let handed = giving.hand_over(&[2], &terms, &file, &[]).unwrap();
+        assert_eq!(handed.header.partitions[0].position, None);
+        let fresh = Store::open(&dir.path().join("c"), 8 << 20).unwrap();
+        let stale = refusal(fresh.take_over(&file, &terms, &[], true));
+        assert!(stale.contains("missing though"), "{stale}");
+        let taken = taking.take_over(&file, &terms, &[], false).unwrap();
+        assert_eq!(taken.stored, moving.len() as u64);
+        assert_eq!(
+            taking.source_position(2, STREAM, 100).unwrap(),
+            Recorded::Nothing
+        );
+        let again = taking.take_over(&file, &terms, &[2], true).unwrap();
+        assert_eq!(again.stored, 0);
     }
 
     #[test]
