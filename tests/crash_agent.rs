@@ -138,9 +138,15 @@ async fn run(shape: Run) {
     receiver.set_export_script(Some(std::sync::Arc::new(|_, _| {
         Reply::Delay(Duration::from_millis(10))
     })));
-    // Kills that landed after some deliveries of their run, with exports still pending.
-    let mut kills_mid_delivery = 0;
-    for _ in 0..delivery_kills {
+    // Kills that landed after some deliveries of their run, with exports still pending. On a
+    // busy machine a run may end before its agent delivers anything: up to twice as many
+    // more runs then, until one such kill has landed.
+    let (mut kills_mid_delivery, mut delivery_rounds) = (0, 0);
+    for round in 0..delivery_kills * 3 {
+        if round >= delivery_kills && kills_mid_delivery > 0 {
+            break;
+        }
+        delivery_rounds += 1;
         let delivered_before = receiver.delivered().len();
         let agent = start_agent(&config, addr).await;
         // Past the retry times the down phase stored (up to `max_backoff_ms`, 200 ms: the
@@ -207,8 +213,8 @@ async fn run(shape: Run) {
     assert!(receiver.tokens_issued() >= 1);
     let delivered = receiver.delivered().len();
     println!(
-        "crash run: {} SIGKILLs ({ingest_kills} in the ingest phase, {kills_mid_ingest} of them with batches left to send; {delivery_kills} in the delivery phase, {kills_mid_delivery} of them after deliveries with exports pending); {} updates acknowledged; {} exports expected, {delivered} deliveries (duplicates after kills included) of {} requests; 0 lost, 0 out of order",
-        ingest_kills + delivery_kills,
+        "crash run: {} SIGKILLs ({ingest_kills} in the ingest phase, {kills_mid_ingest} of them with batches left to send; {delivery_rounds} in the delivery phase, {kills_mid_delivery} of them after deliveries with exports pending); {} updates acknowledged; {} exports expected, {delivered} deliveries (duplicates after kills included) of {} requests; 0 lost, 0 out of order",
+        ingest_kills + delivery_rounds,
         lines.len(),
         profiles * versions,
         receiver.export_requests().len(),
