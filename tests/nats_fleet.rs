@@ -2323,4 +2323,23 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
             && stderr.contains("is not the partition's latest hand-over"),
         "{stderr}"
     );
+
+    // The second agent, stopped, hands them over in turn: the first store cannot hand them
+    // over again from its old file, which would put that file's claims back.
+    let mut second_agent = second_agent;
+    second_agent.terminate().await;
+    let again_file = second.dir.path().join("6-7.again");
+    let again = second.cli(&["nats", "hand-over", "6-7", again_file.to_str().unwrap()]);
+    assert_eq!(
+        again.matches("claim says: handed over in file").count(),
+        2,
+        "{again}"
+    );
+    let old = first.run(&["nats", "hand-over", "6-7", file_arg]);
+    let stderr = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another hand-over of it waits for its take-over"),
+        "{stderr}"
+    );
 }

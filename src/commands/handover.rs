@@ -150,16 +150,32 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
     as_store_owner(config, StoreUse::Existing)?;
     let backend = Backend::connect_existing(config)?;
     let ours = our_claim(&backend)?;
+    // A claim that says handed over is this hand-over's own only when run again, with its
+    // file at `file`.
+    let this_file = std::fs::File::open(file)
+        .ok()
+        .and_then(|f| FileReader::open(std::io::BufReader::new(f)).ok())
+        .map(|(header, _)| claim::handed_over(&header.file_id()));
     for claim in &read {
-        if let Some(holder) = &claim.holder {
-            let handed = holder.starts_with(claim::HANDED_OVER);
-            if !handed && claim::judge(holder, &ours) != claim::Claim::Ours {
+        match &claim.holder {
+            Some(holder)
+                if holder.starts_with(claim::HANDED_OVER) && this_file.as_ref() != Some(holder) =>
+            {
+                return Err(CliError::Failure(format!(
+                    "partition {}'s claim says {holder}: another hand-over of it waits for its \
+                     take-over, and this store's versions of it are not the latest",
+                    claim.partition
+                )));
+            }
+            Some(holder) if holder.starts_with(claim::HANDED_OVER) => {}
+            Some(holder) if claim::judge(holder, &ours) != claim::Claim::Ours => {
                 return Err(CliError::Failure(format!(
                     "partition {} is claimed by {holder}, not by this store ({ours}): another \
                      agent consumes it, and its stored versions are there, not here",
                     claim.partition
                 )));
             }
+            _ => {}
         }
     }
     let answer = backend.execute(&request)?;
