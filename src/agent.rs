@@ -281,6 +281,7 @@ impl Agent {
                 .as_ref()
                 .map(|nats| nats.owned.clone())
                 .unwrap_or_default(),
+            move_terms: config.move_terms(),
         });
         tasks.push((
             "the admin socket".to_string(),

@@ -450,6 +450,22 @@ pub struct MappedAt {
     pub updated_ms: i64,
 }
 
+impl Config {
+    /// What another agent's config must agree on for partitions to move between their stores
+    /// ([`crate::store::handover`]); `None` without `[source.nats]`.
+    pub fn move_terms(&self) -> Option<crate::store::handover_file::Terms> {
+        let nats = self.nats.as_ref()?;
+        Some(crate::store::handover_file::Terms {
+            partition_count: nats.partitions,
+            mapping: self.mapping.fingerprint(),
+            fleet: format!(
+                "stream {}, consumer prefix {}",
+                nats.stream, nats.consumer_prefix
+            ),
+        })
+    }
+}
+
 impl Mapping {
     /// What decides which parts of a profile are stored, and which segments are exported, in
     /// one line: two stores hand profiles over only when theirs are the same

@@ -30,16 +30,12 @@ fn absolute(file: &Path) -> Result<String, CliError> {
         .ok_or_else(|| CliError::Usage(format!("{}: the path is not UTF-8", path.display())))
 }
 
-/// What the two agents of a move must agree on, from the config.
-fn terms(config: &Config, nats: &NatsSource) -> Terms {
-    Terms {
-        partition_count: nats.partitions,
-        mapping: config.mapping.fingerprint(),
-        fleet: format!(
-            "stream {}, consumer prefix {}",
-            nats.stream, nats.consumer_prefix
-        ),
-    }
+/// What the two agents of a move must agree on, from the config (a running agent uses its
+/// own: see [`crate::server::admin::AdminState`]).
+fn terms(config: &Config) -> Terms {
+    config
+        .move_terms()
+        .expect("checked by nats_config: the config has [source.nats]")
 }
 
 /// The claims bucket of the config's stream, within [`STREAM_END_WAIT`].
@@ -137,7 +133,7 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
     let request = AdminRequest::HandOver {
         partitions: partitions.clone(),
-        terms: terms(config, nats),
+        terms: terms(config),
         path: absolute(file)?,
     };
     let runtime = runtime()?;
@@ -255,7 +251,7 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     }
     let request = AdminRequest::TakeOver {
         path: absolute(file)?,
-        terms: terms(config, nats),
+        terms: terms(config),
         // A claim of this store's is a take-over run again: only a finished one fits it.
         finished_only: ours_already,
     };

@@ -16,6 +16,7 @@ use crate::admin::{
 use crate::metrics::Metrics;
 use crate::profile::update::{update_from_value_with, FutureLimit};
 use crate::store::committer::{CommitError, Committer};
+use crate::store::handover_file::Terms;
 use crate::store::Store;
 
 pub struct AdminState {
@@ -30,6 +31,9 @@ pub struct AdminState {
     /// The stream partitions this agent owns (consumes): none of them may be handed or taken
     /// over.
     pub owned: Vec<u32>,
+    /// The terms of moves, from the config the agent runs with: the store holds what it
+    /// decided under them, whatever the command's config file says now.
+    pub move_terms: Option<Terms>,
 }
 
 pub fn socket_path(store_path: &Path) -> PathBuf {
@@ -113,7 +117,14 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
         Err(e) => Err(unreadable_request(&e)),
         Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
         Ok(AdminRequest::Snapshot) => snapshot(state).await,
-        Ok(request) => {
+        Ok(mut request) => {
+            if let (
+                AdminRequest::HandOver { terms, .. } | AdminRequest::TakeOver { terms, .. },
+                Some(running),
+            ) = (&mut request, &state.move_terms)
+            {
+                *terms = running.clone();
+            }
             let repairs = request.repairs();
             let stats = request == AdminRequest::Stats;
             let state = Arc::clone(state);

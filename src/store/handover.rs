@@ -867,6 +867,8 @@ mod tests {
             .collect();
         let handed = giving.hand_over(&[1], &terms, &file, &[]).unwrap();
         assert!(handed.wrote);
+        // Handed over is no damage: `check --store` lists nothing.
+        assert_eq!(giving.unreadable().unwrap(), []);
         assert_eq!(handed.profiles_in_file, moving.len() as u64);
         assert_eq!(handed.forgotten, moving.len() as u64);
         assert_eq!(
@@ -1065,6 +1067,16 @@ mod tests {
             let changes = by_group(first.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));
             change_groups(&t, &changes).unwrap();
         }
+        let listed = taking.unreadable().unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            (
+                listed[0].tree,
+                listed[0].key.as_str(),
+                listed[0].error.as_str()
+            ),
+            ("positions", "1", "the partition's take-over did not finish")
+        );
         let unfinished = taking.source_position(1, STREAM, 100).unwrap_err();
         assert!(
             unfinished.to_string().contains("did not finish"),
@@ -1077,6 +1089,7 @@ mod tests {
             taking.source_position(1, STREAM, 100).unwrap(),
             Recorded::At(12)
         );
+        assert_eq!(taking.unreadable().unwrap(), []);
     }
 
     #[test]

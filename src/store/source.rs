@@ -864,9 +864,28 @@ impl Store {
                 let Ok(key) = <[u8; POSITION_KEY_LEN]>::try_from(key.as_ref()) else {
                     continue;
                 };
-                // A moved partition's mark is no damage.
-                if decode_moved(&value).is_some() {
-                    continue;
+                // A moved partition's mark is no damage, but a move left unfinished wants its
+                // command run again.
+                match decode_moved(&value) {
+                    Some((Moved::Given, _)) => continue,
+                    Some((moved, _)) => {
+                        let command = match moved {
+                            Moved::Taking => "take-over",
+                            _ => "hand-over",
+                        };
+                        found.push(UnreadableRecord {
+                            tree: "positions",
+                            key: u32::from_be_bytes(key).to_string(),
+                            error: format!("the partition's {command} did not finish"),
+                            action: format!(
+                                "left as it is: the partition is not consumed until `outpost \
+                                 nats {command}` is run again as before, and finishes"
+                            ),
+                            repairs: false,
+                        });
+                        continue;
+                    }
+                    None => {}
                 }
                 let Err(e) = decode_position(&value) else {
                     continue;
