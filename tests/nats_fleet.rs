@@ -1734,6 +1734,45 @@ async fn an_agent_with_only_the_listed_permissions_claims_and_consumes() {
             "{log}"
         );
     }
+
+    // The same user moves partitions 6 and 7 to a new store: the claims read and written.
+    let mut agent = agent;
+    agent.terminate().await;
+    let taking_config = setup.dir.path().join("taking.toml");
+    std::fs::write(
+        &taking_config,
+        std::fs::read_to_string(&agent_config)
+            .unwrap()
+            .replace("path = \"store\"", "path = \"taking-store\""),
+    )
+    .unwrap();
+    let file = setup.dir.path().join("6-7.handover");
+    let as_agent = |config: &Path, args: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let errors = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "outpost {args:?}: {text}{errors}");
+        text
+    };
+    let handed = as_agent(
+        &agent_config,
+        &["nats", "hand-over", "6-7", file.to_str().unwrap()],
+    );
+    assert_eq!(
+        handed.matches("claim says: handed over in file").count(),
+        2,
+        "{handed}"
+    );
+    let taken = as_agent(
+        &taking_config,
+        &["nats", "take-over", file.to_str().unwrap()],
+    );
+    assert_eq!(taken.matches("claim says: store ").count(), 2, "{taken}");
 }
 
 /// A TCP proxy to the local port `target` that passes on what the server sends at about
