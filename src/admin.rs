@@ -81,6 +81,9 @@ pub enum AdminRequest {
         partitions: Vec<u32>,
         terms: Terms,
         path: String,
+        /// Stop once the file is written: forget nothing yet.
+        #[serde(default)]
+        write_only: bool,
     },
     /// Stores what the hand-over file at `path` (absolute) holds (`outpost nats take-over`).
     TakeOver {
@@ -314,9 +317,10 @@ pub fn execute_with(
             partitions,
             terms,
             path,
+            write_only,
         } => {
             let done = store
-                .hand_over(partitions, terms, Path::new(path), owned)
+                .hand_over(partitions, terms, Path::new(path), owned, *write_only)
                 .map_err(moved)?;
             Ok(json!({
                 "file_id": done.header.file_id(),

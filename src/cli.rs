@@ -272,7 +272,12 @@ pub enum NatsCommand {
     /// with the agent running (profile updates wait meanwhile) or stopped. Once handed over,
     /// a partition is not consumed in this store again until it is taken back.
     ///
-    /// Example: outpost nats hand-over 4-7 /tmp/partitions-4-7.handover
+    /// FILE must be where both this command and a running agent see it: the agent writes it
+    /// (with `data/outpost.service`, which gives the agent a private /tmp and lets it write
+    /// only in /var/lib/outpost, a path there). The command checks that it sees the file
+    /// before anything is forgotten.
+    ///
+    /// Example: outpost nats hand-over 4-7 /var/lib/outpost/partitions-4-7.handover
     HandOver {
         /// Partitions: ranges and lists, as `owned` ("0-3,7")
         partitions: String,
@@ -290,7 +295,7 @@ pub enum NatsCommand {
     /// them, then add them and restart it. A take-over cut short (a kill) leaves the
     /// partitions unconsumed until it is run again with the same file.
     ///
-    /// Example: outpost nats take-over /tmp/partitions-4-7.handover
+    /// Example: outpost nats take-over /var/lib/outpost/partitions-4-7.handover
     TakeOver {
         /// The file `outpost nats hand-over` wrote
         file: PathBuf,

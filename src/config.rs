@@ -462,6 +462,7 @@ impl Config {
                 "stream {}, consumer prefix {}",
                 nats.stream, nats.consumer_prefix
             ),
+            segments: self.mapping.segments.clone(),
         })
     }
 }

@@ -131,10 +131,13 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
     let nats = nats_config(config)?;
     let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
-    let request = AdminRequest::HandOver {
-        partitions: partitions.clone(),
-        terms: terms(config),
-        path: absolute(file)?,
+    let request = |write_only| -> Result<AdminRequest, CliError> {
+        Ok(AdminRequest::HandOver {
+            partitions: partitions.clone(),
+            terms: terms(config),
+            path: absolute(file)?,
+            write_only,
+        })
     };
     let runtime = runtime()?;
     let (bucket, read) = read_claims(
@@ -174,7 +177,26 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
             _ => {}
         }
     }
-    let answer = backend.execute(&request)?;
+    // The file first: a running agent writes it, and may see another `/tmp` than this
+    // command (systemd's `PrivateTmp`). Nothing is forgotten before the file is seen here.
+    let written = backend.execute(&request(true)?)?;
+    let file_id = written["file_id"]
+        .as_str()
+        .ok_or_else(|| CliError::Failure("the store did not name the file".into()))?;
+    let seen = std::fs::File::open(file)
+        .ok()
+        .and_then(|f| FileReader::open(std::io::BufReader::new(f)).ok())
+        .map(|(header, _)| header.file_id());
+    if seen.as_deref() != Some(file_id) {
+        return Err(CliError::Failure(format!(
+            "the agent wrote {} where this command does not find it (the agent's service may \
+             have a private /tmp, as systemd's PrivateTmp gives it): nothing was forgotten. Run \
+             the hand-over again with a path both see, such as one in the store's folder; the \
+             partitions stay marked as being handed over until then",
+            file.display()
+        )));
+    }
+    let answer = backend.execute(&request(false)?)?;
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
         println!(
@@ -183,7 +205,7 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
         );
     }
     let in_file = answer["profiles_in_file"].as_u64().unwrap_or(0);
-    if answer["wrote"].as_bool() == Some(true) {
+    if written["wrote"].as_bool() == Some(true) {
         println!("{in_file} profile(s) written to {}", file.display());
     } else {
         println!(
@@ -208,6 +230,18 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
     )
 }
 
+/// The refusal of a take-over whose file the claim does not name.
+fn not_latest(claim: &ReadClaim, handed: &str, file: &Path) -> CliError {
+    CliError::Failure(format!(
+        "partition {}'s claim says {}, not \"{handed}\": {} is not the partition's latest \
+         hand-over (it was taken over since, or belongs to another fleet), or the hand-over \
+         could not write the claims (run it again)",
+        claim.partition,
+        claim.holder.as_deref().unwrap_or("nothing (released)"),
+        file.display()
+    ))
+}
+
 /// `outpost nats take-over FILE`.
 pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     let nats = nats_config(config)?;
@@ -225,11 +259,17 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
         "a take-over checks them first, as they tell whether this file is the partitions' \
          latest hand-over",
     )?;
-    // An agent that has not run yet takes partitions over into a store made for it.
+    let handed = claim::handed_over(&header.file_id());
+    // An agent that has not run yet takes partitions over into a store made for it, once
+    // the claims say the file's hand-over waits for it: a claim naming a store cannot be its.
+    if !crate::store::Store::exists_at(&config.storage.path)? {
+        if let Some(claim) = read.iter().find(|c| c.holder.as_deref() != Some(&handed)) {
+            return Err(not_latest(claim, &handed, file));
+        }
+    }
     as_store_owner(config, StoreUse::Make)?;
     let backend = Backend::connect(config)?;
     let ours = our_claim(&backend)?;
-    let handed = claim::handed_over(&header.file_id());
     let mut ours_already = false;
     for claim in &read {
         match claim.holder.as_deref() {
@@ -237,16 +277,7 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
             Some(holder) if claim::judge(holder, &ours) == claim::Claim::Ours => {
                 ours_already = true
             }
-            holder => {
-                return Err(CliError::Failure(format!(
-                    "partition {}'s claim says {}, not \"{handed}\": {} is not the partition's \
-                     latest hand-over (it was taken over since, or belongs to another fleet), \
-                     or the hand-over could not write the claims (run it again)",
-                    claim.partition,
-                    holder.unwrap_or("nothing (released)"),
-                    file.display()
-                )))
-            }
+            _ => return Err(not_latest(claim, &handed, file)),
         }
     }
     let request = AdminRequest::TakeOver {

@@ -172,13 +172,15 @@ fn standing(t: &Trees, partition: u32) -> Result<Standing, MoveError> {
 }
 
 /// Refuses what a move cannot leave consistent: profiles an upgrade has yet to move into
-/// their groups, a backfill under way (it would miss or repeat the moved profiles), and
+/// their groups, a segment of `terms` the store has not run with (its backfill would miss
+/// the profiles moved away, or repeat those moved in), a backfill under way, and
 /// partitions the running agent owns (`owned`: empty when no agent runs).
 fn refuse_unsettled(
     store: &Store,
     t: &Trees,
     partitions: &[u32],
     owned: &[u32],
+    terms: &Terms,
 ) -> Result<(), MoveError> {
     if let Some(p) = partitions.iter().find(|p| owned.contains(p)) {
         return Err(refused(format!(
@@ -191,6 +193,15 @@ fn refuse_unsettled(
             "the store's profiles are still being upgraded to this build's format: let the \
              agent finish that (`outpost check --store` shows what is left) first",
         ));
+    }
+    let unbackfilled = store.segments_not_yet_run_with(&terms.segments)?;
+    if !unbackfilled.is_empty() {
+        return Err(refused(format!(
+            "this store has not run with segment(s) {} mapped, so their stored members have \
+             not been backfilled: start its agent once with this mapping and let the backfill \
+             finish, then move the partitions",
+            unbackfilled.join(", ")
+        )));
     }
     if let Some(progress) = store.backfill_progress()? {
         return Err(refused(format!(
@@ -433,17 +444,23 @@ impl Store {
     /// consumes) holds one of them, and in the cases [`refuse_unsettled`] names. Run again
     /// after a kill, it goes on: a whole file the kill left at `path` is kept, a missing one
     /// written; profiles of partitions handed over are forgotten as the file has them.
+    ///
+    /// With `write_only`, it stops once the file is written (the partitions stay marked as
+    /// being handed over): the command then makes sure it sees the file itself, since the
+    /// agent that wrote it may see another `/tmp` (systemd's `PrivateTmp`), before it asks
+    /// again to forget.
     pub fn hand_over(
         &self,
         partitions: &[u32],
         terms: &Terms,
         path: &Path,
         owned: &[u32],
+        write_only: bool,
     ) -> Result<HandedOver, MoveError> {
         let _section = self.write_section()?;
         let _writer = self.lock_profile_writer();
         let t = self.trees()?;
-        refuse_unsettled(self, &t, partitions, owned)?;
+        refuse_unsettled(self, &t, partitions, owned, terms)?;
         let count = terms.partition_count;
         if let Some(p) = partitions.iter().find(|p| **p >= count) {
             return Err(refused(format!(
@@ -531,6 +548,14 @@ impl Store {
                 path.display()
             )));
         }
+        if write_only {
+            return Ok(HandedOver {
+                profiles_in_file: in_file.len() as u64,
+                header,
+                wrote,
+                forgotten: 0,
+            });
+        }
         if state != Some(Moved::Given) {
             mark(self, &t, Moved::Given, &handed)?;
         }
@@ -574,7 +599,10 @@ impl Store {
         let _section = self.write_section()?;
         let _writer = self.lock_profile_writer();
         let t = self.trees()?;
-        let mut finished = 0;
+        // Partitions found as a finished take-over of this file leaves them; those never
+        // consumed, which have no position before or after, counted apart.
+        let (mut finished, mut never_consumed) = (0, 0);
+        let mut resuming = false;
         for handed in &header.partitions {
             let partition = handed.partition;
             match standing(&t, partition)? {
@@ -594,13 +622,11 @@ impl Store {
                         describe(given)
                     )))
                 }
-                // A partition never consumed has no position once taken over either: finished
-                // if its claim says so and every profile is found stored (below).
-                Standing::Nothing if finished_only && handed.position.is_none() => {
-                    finished += 1;
-                }
+                Standing::Nothing if handed.position.is_none() => never_consumed += 1,
                 Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
-                Standing::Moved(Moved::Taking, position) if position == handed.position => {}
+                Standing::Moved(Moved::Taking, position) if position == handed.position => {
+                    resuming = true;
+                }
                 Standing::At(seq, stream) if Some((seq, stream)) == handed.position => {
                     finished += 1;
                 }
@@ -625,12 +651,17 @@ impl Store {
                 }
             }
         }
-        if finished != 0 && finished != partitions.len() {
-            return Err(refused(
-                "some of the file's partitions were taken over already and others not: take \
-                 over the others from their own file",
-            ));
-        }
+        // Finished when every partition is as a finished take-over leaves it, and at least
+        // one says so by its position, or the claims do (all never consumed): every profile
+        // must then be found stored (below).
+        let finished = if finished + never_consumed == partitions.len()
+            && !resuming
+            && (finished != 0 || finished_only)
+        {
+            partitions.len()
+        } else {
+            0
+        };
         if finished_only && finished == 0 {
             return Err(refused(format!(
                 "the partitions' claims name this store already, but it did not take them over \
@@ -640,10 +671,11 @@ impl Store {
         }
         // A finished take-over run again writes nothing: the running agent may own them.
         let owned = if finished == 0 { owned } else { &[] };
-        refuse_unsettled(self, &t, &partitions, owned)?;
+        refuse_unsettled(self, &t, &partitions, owned, terms)?;
         // The first reading checks the file whole, and what it would change, before any write.
         let (mut conflicts, mut example) = (0u64, None);
         let mut ids = HashSet::new();
+        let mut newer = HashSet::new();
         while let Some((id, value)) = reader.next_profile().map_err(in_file)? {
             if !set.contains(&partition_of(&id, count)) {
                 return Err(refused(format!(
@@ -658,9 +690,12 @@ impl Store {
                 ))
             })?;
             let stored = stored_value(&t, &id)?;
-            if stored.as_ref().is_some_and(|stored| *stored != value)
-                || (finished != 0 && stored.is_none())
-            {
+            let differs = stored.as_ref().is_some_and(|stored| *stored != value);
+            if differs && resuming {
+                // Stored since the partitions were marked (the first run found no conflict):
+                // newer than the file's version, and kept.
+                newer.insert(id.clone());
+            } else if differs || (finished != 0 && stored.is_none()) {
                 conflicts += 1;
                 example.get_or_insert(id.clone());
             }
@@ -711,7 +746,12 @@ impl Store {
             if chunk.is_empty() {
                 break;
             }
-            let changes = by_group(chunk.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));
+            let changes = by_group(
+                chunk
+                    .iter()
+                    .filter(|(id, _)| !newer.contains(id))
+                    .map(|(id, v)| (id.as_str(), Some(&v[..]))),
+            );
             stored += change_groups(&t, &changes)?;
         }
         if reader.profiles_read() != profiles_in_file {
@@ -791,6 +831,7 @@ mod tests {
             partition_count: PARTITIONS,
             mapping: mapping().fingerprint(),
             fleet: "stream UPDATES, consumer prefix outpost".into(),
+            segments: mapping().segments,
         }
     }
 
@@ -854,18 +895,18 @@ mod tests {
         let moving = in_partition(40, 1);
         assert!(moving.len() > 3 && moving.len() < 37, "{moving:?}");
 
-        let waiting = refusal(giving.hand_over(&[1], &terms, &file, &[]));
+        let waiting = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
         assert!(waiting.contains("wait in the outbox"), "{waiting}");
         assert!(!file.exists());
         deliver_all(&giving);
-        let consumed = refusal(giving.hand_over(&[1], &terms, &file, &[1]));
+        let consumed = refusal(giving.hand_over(&[1], &terms, &file, &[1], false));
         assert!(consumed.contains("consumes partition 1"), "{consumed}");
 
         let records: Vec<_> = moving
             .iter()
             .map(|id| giving.profile_record(id).unwrap().unwrap())
             .collect();
-        let handed = giving.hand_over(&[1], &terms, &file, &[]).unwrap();
+        let handed = giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
         assert!(handed.wrote);
         // Handed over is no damage: `check --store` lists nothing.
         assert_eq!(giving.unreadable().unwrap(), []);
@@ -904,7 +945,7 @@ mod tests {
         let put_back = by_group([(left, Some(&left_value[..]))]);
         change_groups(&giving.trees().unwrap(), &put_back).unwrap();
         let file_before = std::fs::read(&file).unwrap();
-        let again = giving.hand_over(&[1], &terms, &file, &[]).unwrap();
+        let again = giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
         assert_eq!((again.wrote, again.forgotten), (false, 1));
         assert!(giving.profile_record(left).unwrap().is_none());
         assert_eq!(std::fs::read(&file).unwrap(), file_before);
@@ -922,10 +963,10 @@ mod tests {
         giving
             .apply_groups(&[&late_update], &mapping(), chrono::Utc::now())
             .unwrap();
-        let text = refusal(giving.hand_over(&[1], &terms, &file, &[]));
+        let text = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
         assert!(text.contains("wait in the outbox"), "{text}");
         deliver_all(&giving);
-        let text = refusal(giving.hand_over(&[1], &terms, &file, &[]));
+        let text = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
         assert!(
             text.contains(&format!("profile {late} among them")),
             "{text}"
@@ -939,7 +980,7 @@ mod tests {
             })
             .unwrap();
 
-        let exists = refusal(giving.hand_over(&[2], &terms, &file, &[]));
+        let exists = refusal(giving.hand_over(&[2], &terms, &file, &[], false));
         assert!(exists.contains("exists"), "{exists}");
 
         let taken = taking.take_over(&file, &terms, &[], false).unwrap();
@@ -985,7 +1026,7 @@ mod tests {
         let own = refusal(giving.take_over(&file, &terms, &[], false));
         assert!(own.contains("is the file this store wrote"), "{own}");
         let back = dir.path().join("back.handover");
-        taking.hand_over(&[1], &terms, &back, &[]).unwrap();
+        taking.hand_over(&[1], &terms, &back, &[], false).unwrap();
         giving.take_over(&back, &terms, &[], false).unwrap();
         assert_eq!(
             giving.source_position(1, STREAM, 100).unwrap(),
@@ -1008,7 +1049,15 @@ mod tests {
         deliver_all(&giving);
         let moving = in_partition(40, 2);
         assert!(!moving.is_empty());
-        let handed = giving.hand_over(&[2], &terms, &file, &[]).unwrap();
+        // First the file alone, as the command asks before it sees the file itself.
+        let written = giving.hand_over(&[2], &terms, &file, &[], true).unwrap();
+        assert!(written.wrote && written.forgotten == 0);
+        let why = giving.partition_moved(2).unwrap().unwrap();
+        assert!(why.contains("hand-over did not finish"), "{why}");
+        assert!(giving.profile_record(&moving[0]).unwrap().is_some());
+        let handed = giving.hand_over(&[2], &terms, &file, &[], false).unwrap();
+        assert!(!handed.wrote);
+        assert_eq!(handed.forgotten, moving.len() as u64);
         assert_eq!(handed.header.partitions[0].position, None);
         let fresh = Store::open(&dir.path().join("c"), 8 << 20).unwrap();
         let stale = refusal(fresh.take_over(&file, &terms, &[], true));
@@ -1021,6 +1070,55 @@ mod tests {
         );
         let again = taking.take_over(&file, &terms, &[2], true).unwrap();
         assert_eq!(again.stored, 0);
+
+        // With a consumed partition beside it, a finished take-over run again is told by the
+        // consumed one's position, whatever the claims say.
+        let both = dir.path().join("1-2.handover");
+        let (from, to) = (
+            Store::open(&dir.path().join("d"), 8 << 20).unwrap(),
+            Store::open(&dir.path().join("e"), 8 << 20).unwrap(),
+        );
+        commit(&from, 40, "x", 40);
+        deliver_all(&from);
+        from.hand_over(&[1, 2], &terms, &both, &[], false).unwrap();
+        to.take_over(&both, &terms, &[], false).unwrap();
+        let again = to.take_over(&both, &terms, &[], false).unwrap();
+        assert_eq!(again.stored, 0);
+        assert_eq!(
+            to.source_position(1, STREAM, 100).unwrap(),
+            Recorded::At(40)
+        );
+    }
+
+    /// A segment mapped in the config the store has not run with is backfilled at its
+    /// agent's next start: the profiles moved away before would miss it.
+    #[test]
+    fn a_store_that_has_not_run_with_a_mapped_segment_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(dir.path(), 8 << 20).unwrap();
+        let file = dir.path().join("1.handover");
+        giving.record_mapping(&mut mapping(), 1).unwrap();
+        commit(&giving, 20, "x", 20);
+        deliver_all(&giving);
+        let wider = Mapping::new(&["name"], &["s", "t"], &[]);
+        let terms = Terms {
+            mapping: wider.fingerprint(),
+            segments: wider.segments.clone(),
+            ..terms()
+        };
+        let text = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
+        assert!(
+            text.contains("has not run with segment(s) t mapped"),
+            "{text}"
+        );
+        assert!(!file.exists());
+        giving.record_mapping(&mut wider.clone(), 2).unwrap();
+        // Now the backfill of `t` is queued: still refused until it has run.
+        let text = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
+        assert!(
+            text.contains("a backfill of segment(s) t is under way"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1049,7 +1147,7 @@ mod tests {
         let terms = terms();
         commit(&giving, 60, "x", 12);
         deliver_all(&giving);
-        giving.hand_over(&[1], &terms, &file, &[]).unwrap();
+        giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
         let moving = in_partition(60, 1);
         // Where a kill would leave a take-over: marked, and some of the profiles stored.
         let (_, mut reader) = FileReader::open(BufReader::new(File::open(&file).unwrap())).unwrap();
@@ -1067,6 +1165,18 @@ mod tests {
             let changes = by_group(first.iter().map(|(id, v)| (id.as_str(), Some(&v[..]))));
             change_groups(&t, &changes).unwrap();
         }
+        // A profile stored in the meantime (over HTTP, the agent started again): newer than
+        // the file's, and kept.
+        let (changed_id, _) = &first[0];
+        let newer = parse_body(
+            format!(r#"{{"id":"{changed_id}","profile":{{"name":"newer","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        taking
+            .apply_groups(&[&newer], &mapping(), chrono::Utc::now())
+            .unwrap();
+        let newer_record = taking.profile_record(changed_id).unwrap().unwrap();
         let listed = taking.unreadable().unwrap();
         assert_eq!(listed.len(), 1, "{listed:?}");
         assert_eq!(
@@ -1090,6 +1200,10 @@ mod tests {
             Recorded::At(12)
         );
         assert_eq!(taking.unreadable().unwrap(), []);
+        assert_eq!(
+            taking.profile_record(changed_id).unwrap().as_ref(),
+            Some(&newer_record)
+        );
     }
 
     #[test]
@@ -1101,7 +1215,7 @@ mod tests {
         let terms = terms();
         commit(&giving, 30, "x", 30);
         deliver_all(&giving);
-        giving.hand_over(&[1], &terms, &file, &[]).unwrap();
+        giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
         let unchanged = |taking: &Store| {
             assert_eq!(
                 taking.source_position(1, STREAM, 100).unwrap(),

@@ -35,6 +35,9 @@ pub struct Terms {
     pub mapping: String,
     /// The stream and the consumer prefix: which fleet the partitions belong to.
     pub fleet: String,
+    /// The mapped segments (also in `mapping`): a store that has not run with one of them
+    /// has not backfilled it, and moves nothing until it has.
+    pub segments: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -265,6 +268,7 @@ mod tests {
                 partition_count: 8,
                 mapping: "segments=a,b".into(),
                 fleet: "UPDATES outpost".into(),
+                segments: vec!["a".into(), "b".into()],
             },
             partitions: vec![
                 HandedPartition {

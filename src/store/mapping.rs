@@ -94,11 +94,17 @@ pub fn updated_records(
 /// A store that recorded no mapping yet has nothing to backfill: whatever it holds was stored
 /// under this mapping, as far as anyone can tell.
 pub fn newly_mapped(before: &BTreeMap<String, RecordedSegment>, mapping: &Mapping) -> Vec<String> {
+    newly_mapped_ids(before, &mapping.segments)
+}
+
+fn newly_mapped_ids(
+    before: &BTreeMap<String, RecordedSegment>,
+    segments: &[String],
+) -> Vec<String> {
     if before.is_empty() {
         return Vec::new();
     }
-    mapping
-        .segments
+    segments
         .iter()
         .filter(|s| before.get(*s).is_none_or(|r| !r.mapped))
         .cloned()
@@ -113,6 +119,15 @@ pub(super) fn decode_records(
 }
 
 impl Store {
+    /// Which of `segments` the store's last recorded mapping did not map: the agent backfills
+    /// them at its next start. None when no mapping was ever recorded (nothing to backfill).
+    pub fn segments_not_yet_run_with(
+        &self,
+        segments: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(newly_mapped_ids(&self.mapping_records()?, segments))
+    }
+
     fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
         let Some(value) = self.with(|t| Ok(t.meta.get(meta::MAPPING)?))? else {
             return Ok(BTreeMap::new());
