@@ -228,8 +228,8 @@ fn refuse_waiting_exports(
             let Ok(id) = codec::export_profile_id(&value) else {
                 return Err(refused(
                     "the outbox or the dead letters hold an export that cannot be read, of a \
-                     profile that may be in these partitions: `outpost check --store` lists it, `outpost \
-                     repair` keeps it as a dead letter to drop",
+                     profile that may be in these partitions: `outpost check --store` lists \
+                     it, `outpost repair` keeps it as a dead letter to drop",
                 ));
             };
             let partition = partition_of(id, partition_count);
@@ -281,13 +281,7 @@ fn for_each_profile_in(
                 key.escape_ascii()
             )));
         };
-        let view = GroupView::decode(&value).map_err(|e| {
-            refused(format!(
-                "profile group {} cannot be read ({e}): `outpost repair` first",
-                group_name(&group)
-            ))
-        })?;
-        for (id, profile) in view.entries() {
+        for (id, profile) in readable_group(&group, &value)?.entries() {
             if partitions.contains(&partition_of(id, partition_count)) {
                 each(id, profile)?;
             }
@@ -310,9 +304,9 @@ fn by_group<'a>(changes: impl IntoIterator<Item = Change<'a>>) -> GroupChanges<'
     grouped
 }
 
-/// Changes groups in transactions of [`GROUPS_A_TRANSACTION`], keeping `meta/profiles`:
-/// `change` gets a profile's stored value (if any) and says what to store (`None`: remove).
-/// Returns how many profiles were added (positive) or removed (negative).
+/// Makes `changes` (a value to store, or `None`: remove) in transactions of
+/// [`GROUPS_A_TRANSACTION`] groups, keeping `meta/profiles`. Returns how many profiles were
+/// added (positive) or removed (negative).
 fn change_groups(t: &Trees, changes: &GroupChanges) -> Result<i64, MoveError> {
     let mut total = 0i64;
     let groups: Vec<_> = changes.iter().collect();
@@ -497,7 +491,7 @@ impl Store {
         };
         // Exports of their profiles may have come since a killed run (over HTTP).
         self.rewinding(|| refuse_waiting_exports(&t, &set, count))?;
-        let wrote = match (state, path.exists()) {
+        let written = match (state, path.exists()) {
             (None, true) => {
                 return Err(refused(format!(
                     "{} exists: give a file that does not, so that no earlier hand-over is lost",
@@ -514,18 +508,36 @@ impl Store {
                     store_id: self.store_id(),
                     written_at_ms: chrono::Utc::now().timestamp_millis(),
                 };
-                write_file(path, &header, |writer| {
+                let profiles = write_file(path, &header, |writer| {
                     for_each_profile_in(&t, &set, count, |id, value| {
                         writer
                             .profile(id, value)
                             .map_err(|e| io_error(path, "cannot write", e))
                     })
                 })?;
-                true
+                Some((header, profiles))
             }
             // A whole file a killed run left, or the file of a finished hand-over.
-            _ => false,
+            _ => None,
         };
+        let wrote = written.is_some();
+        if write_only {
+            // What is forgotten is compared with the file when asked to forget.
+            let (header, profiles_in_file) = match written {
+                Some(written) => written,
+                None => {
+                    let (header, in_file) = read_own_file(path, &handed)?;
+                    (header, in_file.len() as u64)
+                }
+            };
+            refuse_other_terms(path, &header.terms, terms)?;
+            return Ok(HandedOver {
+                header,
+                profiles_in_file,
+                wrote,
+                forgotten: 0,
+            });
+        }
         let (header, in_file) = read_own_file(path, &handed)?;
         refuse_other_terms(path, &header.terms, terms)?;
         // Only what the file holds is forgotten: a version stored since (over HTTP) is in
@@ -547,14 +559,6 @@ impl Store {
                 changed.len(),
                 path.display()
             )));
-        }
-        if write_only {
-            return Ok(HandedOver {
-                profiles_in_file: in_file.len() as u64,
-                header,
-                wrote,
-                forgotten: 0,
-            });
         }
         if state != Some(Moved::Given) {
             mark(self, &t, Moved::Given, &handed)?;
@@ -802,13 +806,17 @@ fn stored_value(t: &Trees, id: &str) -> Result<Option<Vec<u8>>, MoveError> {
     let Some(bytes) = t.profile_groups.get(key)? else {
         return Ok(None);
     };
-    let view = GroupView::decode(&bytes).map_err(|e| {
+    Ok(readable_group(&key, &bytes)?.get(id).map(<[u8]>::to_vec))
+}
+
+/// A stored group, or the refusal that names it when it cannot be read.
+fn readable_group<'a>(key: &GroupKey, bytes: &'a [u8]) -> Result<GroupView<'a>, MoveError> {
+    GroupView::decode(bytes).map_err(|e| {
         refused(format!(
             "profile group {} cannot be read ({e}): `outpost repair` first",
-            group_name(&key)
+            group_name(key)
         ))
-    })?;
-    Ok(view.get(id).map(<[u8]>::to_vec))
+    })
 }
 
 #[cfg(test)]
@@ -839,11 +847,7 @@ mod tests {
     /// up to `seq` (and partition 0 up to 5).
     fn commit(store: &Store, n: usize, name: &str, seq: u64) {
         let body: Vec<String> = (0..n)
-            .map(|i| {
-                format!(
-                    r#"{{"id":"p{i}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
-                )
-            })
+            .map(|i| member_line(&format!("p{i}"), name))
             .collect();
         let updates = parse_body(body.join("\n").as_bytes()).unwrap();
         let at = |partition, seq| SourcePosition {
@@ -861,6 +865,47 @@ mod tests {
             )
             .unwrap();
         store.flush().unwrap();
+    }
+
+    /// An update of profile `id`: a member of `s`, named `name`.
+    fn member_line(id: &str, name: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","profile":{{"name":"{name}","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+        )
+    }
+
+    /// Stores one update of profile `id` as one that came over HTTP would be.
+    fn store_over_http(store: &Store, id: &str, name: &str) {
+        let updates = parse_body(member_line(id, name).as_bytes()).unwrap();
+        store
+            .apply_groups(&[&updates], &mapping(), chrono::Utc::now())
+            .unwrap();
+    }
+
+    /// A store to take over into, and partition 1 of another (`profiles` profiles consumed up
+    /// to `seq`) handed over to `file`, in `dir`.
+    struct HandedOverFixture {
+        dir: tempfile::TempDir,
+        taking: Store,
+        file: PathBuf,
+        terms: Terms,
+    }
+
+    fn partition_1_handed_over(profiles: usize, seq: u64) -> HandedOverFixture {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
+        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
+        let file = dir.path().join("1.handover");
+        let terms = terms();
+        commit(&giving, profiles, "x", seq);
+        deliver_all(&giving);
+        giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
+        HandedOverFixture {
+            dir,
+            taking,
+            file,
+            terms,
+        }
     }
 
     /// As if every pending export had been delivered.
@@ -955,14 +1000,7 @@ mod tests {
             .map(|i| format!("p{i}"))
             .find(|id| partition_of(id, PARTITIONS) == 1)
             .unwrap();
-        let late_update = parse_body(
-            format!(r#"{{"id":"{late}","profile":{{"name":"late","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#)
-                .as_bytes(),
-        )
-        .unwrap();
-        giving
-            .apply_groups(&[&late_update], &mapping(), chrono::Utc::now())
-            .unwrap();
+        store_over_http(&giving, &late, "late");
         let text = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
         assert!(text.contains("wait in the outbox"), "{text}");
         deliver_all(&giving);
@@ -1140,14 +1178,12 @@ mod tests {
 
     #[test]
     fn a_take_over_cut_short_is_finished_by_running_it_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
-        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
-        let file = dir.path().join("1.handover");
-        let terms = terms();
-        commit(&giving, 60, "x", 12);
-        deliver_all(&giving);
-        giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
+        let HandedOverFixture {
+            dir: _dir,
+            taking,
+            file,
+            terms,
+        } = partition_1_handed_over(60, 12);
         let moving = in_partition(60, 1);
         // Where a kill would leave a take-over: marked, and some of the profiles stored.
         let (_, mut reader) = FileReader::open(BufReader::new(File::open(&file).unwrap())).unwrap();
@@ -1168,14 +1204,7 @@ mod tests {
         // A profile stored in the meantime (over HTTP, the agent started again): newer than
         // the file's, and kept.
         let (changed_id, _) = &first[0];
-        let newer = parse_body(
-            format!(r#"{{"id":"{changed_id}","profile":{{"name":"newer","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#)
-                .as_bytes(),
-        )
-        .unwrap();
-        taking
-            .apply_groups(&[&newer], &mapping(), chrono::Utc::now())
-            .unwrap();
+        store_over_http(&taking, changed_id, "newer");
         let newer_record = taking.profile_record(changed_id).unwrap().unwrap();
         let listed = taking.unreadable().unwrap();
         assert_eq!(listed.len(), 1, "{listed:?}");
@@ -1208,14 +1237,12 @@ mod tests {
 
     #[test]
     fn a_take_over_that_does_not_fit_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
-        let taking = Store::open(&dir.path().join("b"), 8 << 20).unwrap();
-        let file = dir.path().join("1.handover");
-        let terms = terms();
-        commit(&giving, 30, "x", 30);
-        deliver_all(&giving);
-        giving.hand_over(&[1], &terms, &file, &[], false).unwrap();
+        let HandedOverFixture {
+            dir,
+            taking,
+            file,
+            terms,
+        } = partition_1_handed_over(30, 30);
         let unchanged = |taking: &Store| {
             assert_eq!(
                 taking.source_position(1, STREAM, 100).unwrap(),
