@@ -40,12 +40,7 @@ fn terms(config: &Config) -> Terms {
 
 /// The claims bucket of the config's stream, within [`STREAM_END_WAIT`].
 async fn open_claims(nats: &NatsSource) -> Result<async_nats::jetstream::kv::Store, String> {
-    let open = async {
-        let client = crate::source::nats::connect(nats, false).await?;
-        let js = async_nats::jetstream::new(client);
-        claim::bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas).await
-    };
-    match tokio::time::timeout(STREAM_END_WAIT, open).await {
+    match tokio::time::timeout(STREAM_END_WAIT, claim::open(nats)).await {
         Ok(opened) => opened.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
             "NATS did not answer within {} s",

@@ -39,13 +39,7 @@ pub(super) async fn release(
     let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
     let failure = |e: crate::source::nats::NatsError| CliError::Failure(e.to_string());
-    let client = crate::source::nats::connect(nats, false)
-        .await
-        .map_err(failure)?;
-    let js = async_nats::jetstream::new(client);
-    let claims = claim::bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas)
-        .await
-        .map_err(failure)?;
+    let claims = claim::open(nats).await.map_err(failure)?;
     for partition in partitions {
         let read = claim::read(&claims, partition).await.map_err(failure)?;
         if let Some(handed) = read.holder.filter(|h| h.starts_with(claim::HANDED_OVER)) {

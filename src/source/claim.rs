@@ -121,6 +121,13 @@ pub async fn bucket(
     js.get_key_value(&name).await.map_err(|e| making(&e))
 }
 
+/// The claims bucket of `nats`'s stream, on a connection of its own (for commands).
+pub async fn open(nats: &super::config::NatsSource) -> Result<kv::Store, NatsError> {
+    let client = super::nats::connect(nats, false).await?;
+    let js = jetstream::new(client);
+    bucket(&js, &nats.stream, &nats.consumer_prefix, nats.replicas).await
+}
+
 /// Claims `partition` for `ours` unless another store holds it.
 pub async fn claim(bucket: &kv::Store, partition: u32, ours: &str) -> Result<Claim, NatsError> {
     let key = key(partition);
