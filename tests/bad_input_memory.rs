@@ -3,55 +3,12 @@
 //! again), since memory another test freed stays resident for a while and would be reused
 //! without raising the peak.
 
+mod common;
+
+use common::memory::{measured_in_a_process_of_its_own, resident_rise_during};
 use outpost::config::Mapping;
 use outpost::profile::prune::KeepTree;
 use outpost::profile::update::{update_from_json_with, Parsing};
-
-/// A field of `/proc/self/status`, in KiB.
-fn status_kib(field: &str) -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    line.trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .expect("a size in kB")
-}
-
-const CHILD: &str = "OUTPOST_MEMORY_TEST_CHILD";
-
-/// In the test process: runs `test` of this binary alone in a new process and fails if it
-/// fails, returning true (the caller is done). In that new process: false (the caller
-/// measures).
-fn measured_in_a_process_of_its_own(test: &str) -> bool {
-    if std::env::var_os(CHILD).is_some() {
-        return false;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--test-threads", "1", "--nocapture"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    true
-}
-
-/// How far the process's resident memory rose above where it was while `work` ran: the peak
-/// (`VmHWM`) is set back to the present (`VmRSS`) first, by writing 5 to `clear_refs`.
-fn resident_rise_during<T>(work: impl FnOnce() -> T) -> (T, usize) {
-    std::fs::write("/proc/self/clear_refs", "5").expect("resetting the resident peak");
-    let before = status_kib("VmHWM:");
-    let result = work();
-    (result, (status_kib("VmHWM:") - before) * 1024)
-}
 
 /// A line of megabytes whose last field has the wrong type is refused naming that field, and
 /// finding it builds nothing of the profile it passed over: the unmapped parts the parse
