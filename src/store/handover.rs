@@ -34,7 +34,7 @@ use super::error::TxResult;
 use super::groups::{group_key, Change, GroupKey, GroupView};
 use super::handover_file::{FileReader, FileWriter, HandedPartition, Header, Terms};
 use super::keys::meta;
-use super::profiles::group_name;
+use super::profiles::{group_name, groups_after};
 use super::source::{decode_moved, decode_position, encode_moved, position_key, Moved};
 use super::tally::{read_u64, write_u64};
 use super::{Store, StoreError, Trees};
@@ -304,6 +304,40 @@ fn by_group<'a>(changes: impl IntoIterator<Item = Change<'a>>) -> GroupChanges<'
     grouped
 }
 
+/// Forgets every stored profile of `partitions`, reading the groups anew a chunk at a time:
+/// a move may forget most of the store, and neither the profiles nor the list of them are
+/// held in memory at once. Returns how many were forgotten.
+fn forget_profiles_of(
+    t: &Trees,
+    partitions: &BTreeSet<u32>,
+    partition_count: u32,
+) -> Result<u64, MoveError> {
+    let mut forgotten = 0;
+    let mut after: Option<sled::IVec> = None;
+    loop {
+        let (groups, done) = groups_after(
+            &t.profile_groups,
+            after.as_deref(),
+            None,
+            GROUPS_A_TRANSACTION * 4,
+        )?;
+        let mut changes = GroupChanges::new();
+        for (key, value) in &groups {
+            let group = GroupKey::try_from(key.as_ref()).expect("groups_after skips other keys");
+            for (id, _) in readable_group(&group, value)?.entries() {
+                if partitions.contains(&partition_of(id, partition_count)) {
+                    changes.entry(group).or_default().push((id, None));
+                }
+            }
+        }
+        forgotten += change_groups(t, &changes)?.unsigned_abs();
+        match groups.last() {
+            Some((last, _)) if !done => after = Some(last.clone()),
+            _ => return Ok(forgotten),
+        }
+    }
+}
+
 /// Makes `changes` (a value to store, or `None`: remove) in transactions of
 /// [`GROUPS_A_TRANSACTION`] groups, keeping `meta/profiles`. Returns how many profiles were
 /// added (positive) or removed (negative).
@@ -541,34 +575,34 @@ impl Store {
         let (header, in_file) = read_own_file(path, &handed)?;
         refuse_other_terms(path, &header.terms, terms)?;
         // Only what the file holds is forgotten: a version stored since (over HTTP) is in
-        // no file.
-        let mut forgetting: Vec<String> = Vec::new();
-        let mut changed = Vec::new();
+        // no file. Under the profile writer, what is checked here is what is forgotten below.
+        let (mut changed, mut first_changed) = (0u64, None);
         for_each_profile_in(&t, &set, count, |id, value| {
-            match in_file.get(id) {
-                Some(kept) if *kept == digest(value) => forgetting.push(id.to_string()),
-                _ => changed.push(id.to_string()),
+            if in_file.get(id) != Some(&digest(value)) {
+                changed += 1;
+                first_changed.get_or_insert_with(|| id.to_string());
             }
             Ok(())
         })?;
-        if let Some(first) = changed.first() {
+        let profiles_in_file = in_file.len() as u64;
+        drop(in_file);
+        if let Some(first) = first_changed {
             return Err(refused(format!(
-                "{} profile(s) of these partitions are stored with another version than {} \
-                 holds (profile {first} among them): they changed after the file was written, \
-                 over HTTP. Forgetting them would lose that version; nothing was forgotten",
-                changed.len(),
+                "{changed} profile(s) of these partitions are stored with another version than \
+                 {} holds (profile {first} among them): they changed after the file was \
+                 written, over HTTP. Forgetting them would lose that version; nothing was \
+                 forgotten",
                 path.display()
             )));
         }
         if state != Some(Moved::Given) {
             mark(self, &t, Moved::Given, &handed)?;
         }
-        let changes = by_group(forgetting.iter().map(|id| (id.as_str(), None)));
-        let forgotten = change_groups(&t, &changes)?.unsigned_abs();
+        let forgotten = forget_profiles_of(&t, &set, count)?;
         self.flush()?;
         Ok(HandedOver {
             header,
-            profiles_in_file: in_file.len() as u64,
+            profiles_in_file,
             wrote,
             forgotten,
         })
