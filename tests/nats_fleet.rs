@@ -2392,4 +2392,31 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         stderr.contains("another hand-over of it waits for its take-over"),
         "{stderr}"
     );
+
+    // The first agent refuses an update of a moved profile sent to it over HTTP (another
+    // store holds its stored version), and takes one of a profile it kept.
+    let moved_one = (0..PROFILES).find(moved).unwrap();
+    let kept_one = (0..PROFILES).find(|p| !moved(p)).unwrap();
+    let (status, body) = http_post(
+        first_agent.addr,
+        "/v1/updates",
+        version_line(moved_one, 5),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains(&format!("profile p{moved_one} is in partition"))
+            && body.contains("send its updates to the stream"),
+        "{body}"
+    );
+    let (status, body) = http_post(
+        first_agent.addr,
+        "/v1/updates",
+        version_line(kept_one, 5),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""accepted":1"#), "{body}");
 }

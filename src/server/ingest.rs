@@ -537,6 +537,10 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("not stored: {e}"),
         ),
+        // Sent here by mistake: another agent holds the profile; sending it again is no use.
+        Err(CommitError::GivenAway(e)) => {
+            error_answer(StatusCode::CONFLICT, &format!("not stored: {e}"))
+        }
         // Nothing was stored; after a restart the same request may be: a 503 like the others,
         // with `Retry-After`.
         Err(e) => {

@@ -45,6 +45,10 @@ pub enum CommitError {
     /// read. Nothing of it was stored.
     #[error("{0}")]
     Refused(String),
+    /// This request alone was refused: it updates a profile of a partition this store handed
+    /// over to another agent. Nothing of it was stored; sent again here, it is refused again.
+    #[error("{0}")]
+    GivenAway(String),
     #[error("the committer has stopped")]
     Stopped,
 }
@@ -289,7 +293,7 @@ fn run(
                     // A request refused whole wrote nothing.
                     job.answer(match summary {
                         Ok(_) => Err(in_doubt.clone()),
-                        Err(refused) => Err(CommitError::Refused(refused.to_string())),
+                        Err(refused) => Err(refusal(refused)),
                     });
                 }
                 continue;
@@ -309,8 +313,16 @@ fn run(
             (Ok(()), None) => unreachable!("applied before the flush"),
         };
         for (job, summary) in jobs.into_iter().zip(summaries) {
-            job.answer(summary.map_err(|e| CommitError::Refused(e.to_string())));
+            job.answer(summary.map_err(refusal));
         }
+    }
+}
+
+/// Why one request of a group was refused, its other requests stored.
+fn refusal(e: StoreError) -> CommitError {
+    match e {
+        StoreError::PartitionGivenAway { .. } => CommitError::GivenAway(e.to_string()),
+        e => CommitError::Refused(e.to_string()),
     }
 }
 

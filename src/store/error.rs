@@ -66,6 +66,14 @@ pub enum StoreError {
     /// finish: its position says so, and it is not consumed ([`super::handover`]).
     #[error("{0}")]
     PartitionMoved(String),
+    /// An update that did not come from the stream, of a profile whose partition this store
+    /// handed over (or is handing over) to another: that store holds its stored version.
+    #[error(
+        "profile {id} is in partition {partition}, which this store handed over to another \
+         agent (`outpost nats hand-over`): send its updates to the stream, which that agent \
+         consumes, and not to this one"
+    )]
+    PartitionGivenAway { id: String, partition: u32 },
     /// Another I/O error from the disk; the store is reopened as after a full disk.
     #[error("I/O error on the store at {path}: {detail}")]
     Io { path: PathBuf, detail: String },

@@ -130,7 +130,13 @@ fn mark(
     t: &Trees,
     moved: Moved,
     partitions: &[HandedPartition],
+    partition_count: u32,
 ) -> Result<(), MoveError> {
+    // Before the marks: with them, it says which profiles' updates the store refuses.
+    if moved != Moved::Taking {
+        let count = u64::from(partition_count).to_be_bytes();
+        t.meta.insert(meta::MOVED_PARTITIONS_OF, &count[..])?;
+    }
     let mut batch = sled::Batch::default();
     for partition in partitions {
         batch.insert(
@@ -534,7 +540,7 @@ impl Store {
             }
             (None | Some(Moved::Giving), false) => {
                 if state.is_none() {
-                    mark(self, &t, Moved::Giving, &handed)?;
+                    mark(self, &t, Moved::Giving, &handed, count)?;
                 }
                 let header = Header {
                     terms: terms.clone(),
@@ -590,13 +596,12 @@ impl Store {
             return Err(refused(format!(
                 "{changed} profile(s) of these partitions are stored with another version than \
                  {} holds (profile {first} among them): they changed after the file was \
-                 written, over HTTP. Forgetting them would lose that version; nothing was \
-                 forgotten",
+                 written. Forgetting them would lose that version; nothing was forgotten",
                 path.display()
             )));
         }
         if state != Some(Moved::Given) {
-            mark(self, &t, Moved::Given, &handed)?;
+            mark(self, &t, Moved::Given, &handed, count)?;
         }
         let forgotten = forget_profiles_of(&t, &set, count)?;
         self.flush()?;
@@ -759,7 +764,7 @@ impl Store {
                 profiles_in_file,
             });
         }
-        mark(self, &t, Moved::Taking, &header.partitions)?;
+        mark(self, &t, Moved::Taking, &header.partitions, count)?;
         // The same file read again, from its start: checked as it goes.
         let unfinished = |e: String| MoveError::Unfinished(format!("{}: {e}", path.display()));
         let mut file = reader.into_inner().into_inner();
@@ -1028,13 +1033,39 @@ mod tests {
         assert_eq!((again.wrote, again.forgotten), (false, 1));
         assert!(giving.profile_record(left).unwrap().is_none());
         assert_eq!(std::fs::read(&file).unwrap(), file_before);
-        // A profile of the partition stored over HTTP after the hand-over: its export waits,
-        // and once delivered, its version is in no file: nothing is forgotten.
+        // An update of a profile of the partition sent over HTTP after the hand-over is
+        // refused, with nothing stored.
         let late = (100..)
             .map(|i| format!("p{i}"))
             .find(|id| partition_of(id, PARTITIONS) == 1)
             .unwrap();
-        store_over_http(&giving, &late, "late");
+        let update = parse_body(member_line(&late, "late").as_bytes()).unwrap();
+        let refused = giving.apply_groups(&[&update], &mapping(), chrono::Utc::now());
+        assert!(
+            matches!(&refused, Err(StoreError::PartitionGivenAway { id, partition: 1 }) if *id == late),
+            "{refused:?}"
+        );
+        assert!(giving.profile_record(&late).unwrap().is_none());
+        // A version stored all the same (here as from the stream, which is not checked: the
+        // partitions given away are not consumed): its export waits, and once delivered,
+        // its version is in no file: nothing is forgotten.
+        let from_partition_0 = SourcePosition {
+            partition: 0,
+            stream: STREAM,
+            seq: 6,
+            rejected: Vec::new(),
+        };
+        giving
+            .apply_each(
+                &[&update],
+                &mapping(),
+                chrono::Utc::now(),
+                &[(0, from_partition_0)],
+            )
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
         let text = refusal(giving.hand_over(&[1], &terms, &file, &[], false));
         assert!(text.contains("wait in the outbox"), "{text}");
         deliver_all(&giving);
@@ -1127,6 +1158,19 @@ mod tests {
         let why = giving.partition_moved(2).unwrap().unwrap();
         assert!(why.contains("hand-over did not finish"), "{why}");
         assert!(giving.profile_record(&moving[0]).unwrap().is_some());
+        // From then on, updates of the partition's profiles that do not come from the stream
+        // are refused, and those of other partitions' profiles stored.
+        let update = parse_body(member_line(&moving[0], "newer").as_bytes()).unwrap();
+        let refused = giving.apply_groups(&[&update], &mapping(), chrono::Utc::now());
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::PartitionGivenAway { partition: 2, .. })
+            ),
+            "{refused:?}"
+        );
+        let other = in_partition(80, 3).pop().unwrap();
+        store_over_http(&giving, &other, "y");
         let handed = giving.hand_over(&[2], &terms, &file, &[], false).unwrap();
         assert!(!handed.wrote);
         assert_eq!(handed.forgotten, moving.len() as u64);

@@ -44,6 +44,9 @@ pub mod meta {
     /// How many rejected stream messages were not kept, the store holding
     /// `source.nats.max_rejected` already (u64 BE).
     pub const REJECTED_NOT_KEPT: &[u8] = b"rejected_not_kept";
+    /// The partition count of the stream this store handed partitions over from (u64 BE):
+    /// with the partitions marked as given away, which profiles' updates it refuses.
+    pub const MOVED_PARTITIONS_OF: &[u8] = b"moved_partitions_of";
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use crate::profile::engine::{apply_record, RecordAction};
 use crate::profile::layout::Layout;
 use crate::profile::record::ProfileRecord;
 use crate::profile::{Reason, Update};
+use crate::source::partition::partition_of;
 
 /// What one request's updates did, as `POST /v1/updates` and `outpost ingest` report it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -403,7 +404,9 @@ impl Store {
     }
 
     /// [`Store::apply_groups`], with a result per group: a group that touches an unreadable
-    /// profile stores nothing and gets [`StoreError::UnreadableProfile`]. `consumed` says, for
+    /// profile stores nothing and gets [`StoreError::UnreadableProfile`], and one not from the
+    /// stream that updates a profile of a partition this store handed over (or is handing
+    /// over) gets [`StoreError::PartitionGivenAway`]. `consumed` says, for
     /// groups from a stream, how far its partition was consumed (and the messages of it that
     /// were rejected): recorded in the same transaction, for the groups that are stored.
     pub fn apply_each(
@@ -428,7 +431,30 @@ impl Store {
         let mut exports: Vec<Vec<u8>> = Vec::new();
         let mut exported: Vec<&str> = Vec::new();
         let mut summaries = Vec::with_capacity(groups.len());
-        'groups: for group in groups {
+        // Under the profile writer, as a hand-over marks them: no update of a profile given
+        // away is stored once the hand-over began.
+        let from_stream = |index: usize| consumed.iter().any(|(group, _)| *group == index);
+        let given_away = if (0..groups.len()).all(from_stream) {
+            None
+        } else {
+            self.with_trees(&trees, source::moved_away)?
+        };
+        'groups: for (index, group) in groups.iter().enumerate() {
+            if let Some((count, partitions)) = given_away.as_ref().filter(|_| !from_stream(index)) {
+                let given = group.iter().find_map(|update| {
+                    let partition = partition_of(&update.id, *count);
+                    partitions
+                        .contains(&partition)
+                        .then_some((update, partition))
+                });
+                if let Some((update, partition)) = given {
+                    summaries.push(Err(StoreError::PartitionGivenAway {
+                        id: update.id.clone(),
+                        partition,
+                    }));
+                    continue 'groups;
+                }
+            }
             // Every profile of the group is read before any update of it is applied, so that a
             // refused group leaves nothing behind.
             for update in group.iter() {

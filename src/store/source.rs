@@ -34,6 +34,8 @@
 //!   changes both), so one that lands meanwhile is not missed; a drop and a keep that both
 //!   land within one walk leave the value as it was, and may leave the count one off.
 
+use std::collections::BTreeSet;
+
 use bincode::{Decode, Encode};
 use sled::transaction::TransactionalTree;
 use sled::IVec;
@@ -379,6 +381,32 @@ pub(super) fn decode_moved(bytes: &[u8]) -> Option<(Moved, Option<(u64, u64)>)> 
         _ => return None,
     };
     Some((moved, position))
+}
+
+/// The partitions this store handed over or is handing over ([`Moved::Giving`],
+/// [`Moved::Given`]), and the partition count they are of; `None` when it gave none away.
+pub(super) fn moved_away(t: &Trees) -> Result<Option<(u32, BTreeSet<u32>)>, StoreError> {
+    let mut away = BTreeSet::new();
+    for item in t.positions.iter() {
+        let (key, value) = item?;
+        let Ok(partition) = <[u8; 4]>::try_from(key.as_ref()) else {
+            continue;
+        };
+        if let Some((Moved::Giving | Moved::Given, _)) = decode_moved(&value) {
+            away.insert(u32::from_be_bytes(partition));
+        }
+    }
+    if away.is_empty() {
+        return Ok(None);
+    }
+    let count = t
+        .meta
+        .get(meta::MOVED_PARTITIONS_OF)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .and_then(|count| u32::try_from(count).ok())
+        .filter(|count| *count > 0);
+    Ok(count.map(|count| (count, away)))
 }
 
 fn moved_error(moved: Moved) -> StoreError {
