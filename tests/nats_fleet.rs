@@ -2393,8 +2393,8 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{stderr}"
     );
 
-    // The first agent refuses an update of a moved profile sent to it over HTTP (another
-    // store holds its stored version), and takes one of a profile it kept.
+    // The first agent refuses an update of a moved profile sent to it over HTTP (its stored
+    // version went with the partition), and takes one of a profile it kept.
     let moved_one = (0..PROFILES).find(moved).unwrap();
     let kept_one = (0..PROFILES).find(|p| !moved(p)).unwrap();
     let (status, body) = http_post(

@@ -69,9 +69,9 @@ pub enum StoreError {
     /// An update that did not come from the stream, of a profile whose partition this store
     /// handed over (or is handing over) to another: that store holds its stored version.
     #[error(
-        "profile {id} is in partition {partition}, which this store handed over to another \
-         agent (`outpost nats hand-over`): send its updates to the stream, which that agent \
-         consumes, and not to this one"
+        "profile {id} is in partition {partition}, which this store handed over, or is handing \
+         over, to another agent (`outpost nats hand-over`): send its updates to the stream, \
+         which that agent consumes once it takes the partition over, and not to this one"
     )]
     PartitionGivenAway { id: String, partition: u32 },
     /// Another I/O error from the disk; the store is reopened as after a full disk.

@@ -46,6 +46,9 @@ const GROUPS_A_TRANSACTION: usize = 1_000;
 /// Profiles of a hand-over file stored a chunk at a time.
 const PROFILES_A_CHUNK: usize = 1_000;
 
+/// Stored profiles read at a time while a hand-over forgets them.
+const PROFILES_A_FORGETTING_STEP: usize = 4_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
     /// The store or the file is not in a state to move the partitions. The profiles and
@@ -130,13 +133,7 @@ fn mark(
     t: &Trees,
     moved: Moved,
     partitions: &[HandedPartition],
-    partition_count: u32,
 ) -> Result<(), MoveError> {
-    // Before the marks: with them, it says which profiles' updates the store refuses.
-    if moved != Moved::Taking {
-        let count = u64::from(partition_count).to_be_bytes();
-        t.meta.insert(meta::MOVED_PARTITIONS_OF, &count[..])?;
-    }
     let mut batch = sled::Batch::default();
     for partition in partitions {
         batch.insert(
@@ -146,6 +143,18 @@ fn mark(
     }
     t.positions.apply_batch(batch)?;
     store.flush()?;
+    Ok(())
+}
+
+/// Records the partition count a hand-over is of, durably, before its partitions are marked
+/// (and on every run, for marks an older build wrote without it): with the marks, it says
+/// which profiles' updates the store refuses (`source::moved_away`).
+fn record_partition_count(store: &Store, t: &Trees, partition_count: u32) -> Result<(), MoveError> {
+    let count = u64::from(partition_count).to_be_bytes();
+    if t.meta.get(meta::MOVED_PARTITIONS_OF)?.as_deref() != Some(&count[..]) {
+        t.meta.insert(meta::MOVED_PARTITIONS_OF, &count[..])?;
+        store.flush()?;
+    }
     Ok(())
 }
 
@@ -325,7 +334,7 @@ fn forget_profiles_of(
             &t.profile_groups,
             after.as_deref(),
             None,
-            GROUPS_A_TRANSACTION * 4,
+            PROFILES_A_FORGETTING_STEP,
         )?;
         let mut changes = GroupChanges::new();
         for (key, value) in &groups {
@@ -531,6 +540,7 @@ impl Store {
         };
         // Exports of their profiles may have come since a killed run (over HTTP).
         self.rewinding(|| refuse_waiting_exports(&t, &set, count))?;
+        record_partition_count(self, &t, count)?;
         let written = match (state, path.exists()) {
             (None, true) => {
                 return Err(refused(format!(
@@ -540,7 +550,7 @@ impl Store {
             }
             (None | Some(Moved::Giving), false) => {
                 if state.is_none() {
-                    mark(self, &t, Moved::Giving, &handed, count)?;
+                    mark(self, &t, Moved::Giving, &handed)?;
                 }
                 let header = Header {
                     terms: terms.clone(),
@@ -601,7 +611,7 @@ impl Store {
             )));
         }
         if state != Some(Moved::Given) {
-            mark(self, &t, Moved::Given, &handed, count)?;
+            mark(self, &t, Moved::Given, &handed)?;
         }
         let forgotten = forget_profiles_of(&t, &set, count)?;
         self.flush()?;
@@ -764,7 +774,7 @@ impl Store {
                 profiles_in_file,
             });
         }
-        mark(self, &t, Moved::Taking, &header.partitions, count)?;
+        mark(self, &t, Moved::Taking, &header.partitions)?;
         // The same file read again, from its start: checked as it goes.
         let unfinished = |e: String| MoveError::Unfinished(format!("{}: {e}", path.display()));
         let mut file = reader.into_inner().into_inner();
@@ -1174,6 +1184,17 @@ mod tests {
         let handed = giving.hand_over(&[2], &terms, &file, &[], false).unwrap();
         assert!(!handed.wrote);
         assert_eq!(handed.forgotten, moving.len() as u64);
+        // Marks an older build wrote, without the partition count, refuse nothing; the
+        // hand-over run again records it.
+        let away = || giving.with(super::super::source::moved_away).unwrap();
+        assert_eq!(away(), Some((PARTITIONS, BTreeSet::from([2]))));
+        giving
+            .with(|t| Ok(t.meta.remove(meta::MOVED_PARTITIONS_OF).map(|_| ())?))
+            .unwrap();
+        assert_eq!(away(), None);
+        let again = giving.hand_over(&[2], &terms, &file, &[], false).unwrap();
+        assert_eq!(again.forgotten, 0);
+        assert_eq!(away(), Some((PARTITIONS, BTreeSet::from([2]))));
         assert_eq!(handed.header.partitions[0].position, None);
         let fresh = Store::open(&dir.path().join("c"), 8 << 20).unwrap();
         let stale = refusal(fresh.take_over(&file, &terms, &[], true));
