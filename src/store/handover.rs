@@ -1146,6 +1146,17 @@ mod tests {
             Recorded::At(41)
         );
         assert_eq!(giving.profile_count().unwrap(), 40);
+        // Taken back, its profiles' updates are taken again from every input; the store that
+        // gave it now refuses them.
+        store_over_http(&giving, &moving[0], "back");
+        let refused = taking.apply_groups(&[&update], &mapping(), chrono::Utc::now());
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::PartitionGivenAway { partition: 1, .. })
+            ),
+            "{refused:?}"
+        );
     }
 
     /// A partition never consumed (its profiles came over HTTP) has no position, before or
