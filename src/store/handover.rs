@@ -873,6 +873,7 @@ mod tests {
     use super::*;
     use crate::config::Mapping;
     use crate::profile::update::parse_body;
+    use crate::profile::Update;
     use crate::store::source::{Recorded, SourcePosition};
     use crate::store::{ListFilter, Place};
 
@@ -929,6 +930,19 @@ mod tests {
         store
             .apply_groups(&[&updates], &mapping(), chrono::Utc::now())
             .unwrap();
+    }
+
+    /// Asserts that `store` refuses `update`, not from the stream, as one of profile `id` in
+    /// `partition`, given away, and stores nothing of it.
+    fn refused_as_given_away(store: &Store, update: &[Update], id: &str, partition: u32) {
+        let before = store.profile_record(id).unwrap();
+        let refused = store.apply_groups(&[update], &mapping(), chrono::Utc::now());
+        assert!(
+            matches!(&refused, Err(StoreError::PartitionGivenAway { id: named, partition: p })
+                if named == id && *p == partition),
+            "{refused:?}"
+        );
+        assert_eq!(store.profile_record(id).unwrap(), before);
     }
 
     /// A store to take over into, and partition 1 of another (`profiles` profiles consumed up
@@ -1050,12 +1064,7 @@ mod tests {
             .find(|id| partition_of(id, PARTITIONS) == 1)
             .unwrap();
         let update = parse_body(member_line(&late, "late").as_bytes()).unwrap();
-        let refused = giving.apply_groups(&[&update], &mapping(), chrono::Utc::now());
-        assert!(
-            matches!(&refused, Err(StoreError::PartitionGivenAway { id, partition: 1 }) if *id == late),
-            "{refused:?}"
-        );
-        assert!(giving.profile_record(&late).unwrap().is_none());
+        refused_as_given_away(&giving, &update, &late, 1);
         // A version stored all the same (here as from the stream, which is not checked: the
         // partitions given away are not consumed): its export waits, and once delivered,
         // its version is in no file: nothing is forgotten.
@@ -1149,14 +1158,7 @@ mod tests {
         // Taken back, its profiles' updates are taken again from every input; the store that
         // gave it now refuses them.
         store_over_http(&giving, &moving[0], "back");
-        let refused = taking.apply_groups(&[&update], &mapping(), chrono::Utc::now());
-        assert!(
-            matches!(
-                refused,
-                Err(StoreError::PartitionGivenAway { partition: 1, .. })
-            ),
-            "{refused:?}"
-        );
+        refused_as_given_away(&taking, &update, &update[0].id, 1);
     }
 
     /// A partition never consumed (its profiles came over HTTP) has no position, before or
@@ -1182,14 +1184,7 @@ mod tests {
         // From then on, updates of the partition's profiles that do not come from the stream
         // are refused, and those of other partitions' profiles stored.
         let update = parse_body(member_line(&moving[0], "newer").as_bytes()).unwrap();
-        let refused = giving.apply_groups(&[&update], &mapping(), chrono::Utc::now());
-        assert!(
-            matches!(
-                refused,
-                Err(StoreError::PartitionGivenAway { partition: 2, .. })
-            ),
-            "{refused:?}"
-        );
+        refused_as_given_away(&giving, &update, &update[0].id, 2);
         let other = in_partition(80, 3).pop().unwrap();
         store_over_http(&giving, &other, "y");
         let handed = giving.hand_over(&[2], &terms, &file, &[], false).unwrap();
