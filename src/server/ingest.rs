@@ -537,7 +537,8 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("not stored: {e}"),
         ),
-        // Sent here by mistake: another agent holds the profile; sending it again is no use.
+        // Sent here by mistake: the profile's partition was handed over; sending it again is
+        // no use.
         Err(CommitError::GivenAway(e)) => {
             error_answer(StatusCode::CONFLICT, &format!("not stored: {e}"))
         }

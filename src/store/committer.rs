@@ -46,7 +46,8 @@ pub enum CommitError {
     #[error("{0}")]
     Refused(String),
     /// This request alone was refused: it updates a profile of a partition this store handed
-    /// over to another agent. Nothing of it was stored; sent again here, it is refused again.
+    /// over, or is handing over, to another agent. Nothing of it was stored; sent again here,
+    /// it is refused again.
     #[error("{0}")]
     GivenAway(String),
     #[error("the committer has stopped")]

@@ -384,7 +384,9 @@ pub(super) fn decode_moved(bytes: &[u8]) -> Option<(Moved, Option<(u64, u64)>)> 
 }
 
 /// The partitions this store handed over or is handing over ([`Moved::Giving`],
-/// [`Moved::Given`]), and the partition count they are of; `None` when it gave none away.
+/// [`Moved::Given`]), and the partition count they are of; `None` when it gave none away, or
+/// when an older build marked them without recording the count (`meta/moved_partitions_of`,
+/// which the next run of the hand-over records).
 pub(super) fn moved_away(t: &Trees) -> Result<Option<(u32, BTreeSet<u32>)>, StoreError> {
     let mut away = BTreeSet::new();
     for item in t.positions.iter() {
