@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::store::committer::REQUEST_CHUNK;
 use outpost::store::groups::{encode, group_key, GroupView};
 
 struct Setup {
@@ -268,6 +269,25 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     assert!(body.contains("profile `p1` is unreadable"), "{body}");
     let (status, body) = http_post(addr, "/v1/updates", update("p0", "a3"), &[]).await;
     assert_eq!(status, 200, "other profiles go on: {body}");
+    // A request larger than a chunk is committed a chunk at a time: with p1's update last, the
+    // chunk before it is stored, and the answer says so.
+    let new_ones: Vec<String> = (0..REQUEST_CHUNK)
+        .map(|i| update(&format!("n{i}"), "n"))
+        .collect();
+    let large = format!("{}\n{}", new_ones.join("\n"), update("p1", "b4"));
+    let (status, body) = http_post(addr, "/v1/updates", large.clone(), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["stored"], REQUEST_CHUNK, "{answer}");
+    let said = answer["error"].as_str().unwrap();
+    assert!(
+        said.contains("profile `p1` is unreadable")
+            && said.contains(&format!(
+                "the first {REQUEST_CHUNK} of {} updates were stored, the rest not; send the same request again",
+                REQUEST_CHUNK + 1
+            )),
+        "{said}"
+    );
 
     // Listed through the running agent, then forgotten on the operator's word.
     assert_eq!(s.the_one_unreadable(), ("profiles".into(), "p1".into()));
@@ -286,10 +306,12 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
         text(&out)
     );
 
-    let (status, body) = http_post(addr, "/v1/updates", update("p1", "b4"), &[]).await;
+    // Sent again, the request's stored updates change nothing.
+    let (status, body) = http_post(addr, "/v1/updates", large, &[]).await;
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(answer["exports"], 1, "a new profile now: {answer}");
+    assert_eq!(answer["unchanged"], REQUEST_CHUNK, "{answer}");
+    assert_eq!(answer["exports"], 1, "p1 is a new profile now: {answer}");
     let out = s.run(&["check", "--store"], None);
     assert!(out.status.success(), "{}", text(&out));
     agent.terminate().await;

@@ -12,6 +12,7 @@ use common::agent_process::{free_port, wait_or_show, AgentProcess};
 use common::nats::{nats_server_or_skip, nats_table, NatsServer};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::store::committer::REQUEST_CHUNK;
 use rand::Rng;
 
 /// An agent's folder and config: delivering to `base`, ingest on a free port, and (with
@@ -2419,4 +2420,21 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""accepted":1"#), "{body}");
+    // A request larger than a chunk that holds such an update stores nothing either: it is
+    // checked whole before its first chunk.
+    let new_kept: Vec<String> = (PROFILES..)
+        .filter(|p| !moved(p))
+        .take(REQUEST_CHUNK)
+        .map(|p| version_line(p, 1))
+        .collect();
+    let with_moved = format!("{}\n{}", new_kept.join("\n"), version_line(moved_one, 6));
+    let (status, body) = http_post(first_agent.addr, "/v1/updates", with_moved, &[]).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("not stored"), "{body}");
+    let (status, body) = http_post(first_agent.addr, "/v1/updates", new_kept.join("\n"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!(r#""exports":{REQUEST_CHUNK}"#)),
+        "all new: {body}"
+    );
 }

@@ -10,7 +10,7 @@ use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
 use crate::profile::Update;
-use crate::store::committer::IN_DOUBT;
+use crate::store::committer::{what_was_stored, IN_DOUBT};
 use crate::store::BatchSummary;
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
@@ -34,14 +34,7 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
         CliError::Store(e) => (e.to_string(), 0),
         other => return other,
     };
-    let what = match (stored, in_doubt) {
-        (0, 0) => "nothing of the input was stored".to_string(),
-        (0, _) => format!("the first {in_doubt} of {count} updates may have been stored, the rest not"),
-        (_, 0) => format!("the first {stored} of {count} updates were stored, the rest not"),
-        _ => format!(
-            "the first {stored} of {count} updates were stored, the next {in_doubt} may have been, the rest not"
-        ),
-    };
+    let what = what_was_stored(stored, in_doubt, count);
     if stored + in_doubt == 0 {
         return CliError::Failure(format!("{message}; {what}"));
     }

@@ -29,7 +29,7 @@ use super::connection::{drive, Activity};
 use crate::config::Secret;
 use crate::metrics::{self, Metrics};
 use crate::profile::update::{parse_body_with, FutureLimit};
-use crate::store::committer::{CommitError, Committer};
+use crate::store::committer::{what_was_stored, CommitError, Committer, PartlyCommitted};
 use crate::store::Store;
 
 /// How long a client is told to wait when the outbox or the disk is full.
@@ -80,7 +80,10 @@ fn error_answer(status: StatusCode, message: &str) -> Answer {
 /// 503 with `Retry-After`: the request can be sent again (`message` says whether it may have
 /// been stored).
 fn unavailable(message: &str) -> Answer {
-    let mut answer = error_answer(StatusCode::SERVICE_UNAVAILABLE, message);
+    retry_later(error_answer(StatusCode::SERVICE_UNAVAILABLE, message))
+}
+
+fn retry_later(mut answer: Answer) -> Answer {
     answer
         .headers_mut()
         .insert(RETRY_AFTER, FULL_RETRY_AFTER_S.into());
@@ -521,7 +524,8 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             );
         }
     };
-    match state.committer.commit(updates).await {
+    let count = updates.len() as u64;
+    match state.committer.commit_request(updates).await {
         Ok(summary) => {
             state.metrics.record_commit(&summary);
             json_answer(
@@ -529,26 +533,64 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                 serde_json::to_value(summary).expect("summary serializes"),
             )
         }
-        Err(CommitError::Unavailable(e)) => unavailable(&format!("not stored: {e}")),
-        Err(e @ CommitError::InDoubt(_)) => {
-            unavailable(&format!("{e}; send the same request again"))
-        }
-        Err(CommitError::Refused(e)) => error_answer(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("not stored: {e}"),
-        ),
-        // Sent here by mistake: the profile's partition was handed over; sending it again is
-        // no use.
-        Err(CommitError::GivenAway(e)) => {
-            error_answer(StatusCode::CONFLICT, &format!("not stored: {e}"))
-        }
-        // Nothing was stored; after a restart the same request may be: a 503 like the others,
-        // with `Retry-After`.
-        Err(e) => {
-            tracing::error!(error = %e, "commit failed");
-            unavailable(&format!("not stored: {e}"))
+        Err(partly) => {
+            state.metrics.record_commit(&partly.stored);
+            commit_failure(partly, count)
         }
     }
+}
+
+/// The answer to a request of `count` updates whose commit stopped at an error. One stored in
+/// part (only a request of more than `REQUEST_CHUNK` updates can be) says which part, and
+/// `stored` (and `in_doubt`) give how many updates from its start were (and after them may
+/// have been).
+fn commit_failure(partly: PartlyCommitted, count: u64) -> Answer {
+    let stored_any = partly.stored_any();
+    let PartlyCommitted {
+        stored,
+        in_doubt,
+        error,
+    } = partly;
+    let (status, reason) = match &error {
+        CommitError::Unavailable(e) | CommitError::InDoubt(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, e.clone())
+        }
+        CommitError::Refused(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
+        // Sent here by mistake: the profile's partition was handed over; sending it again is
+        // no use.
+        CommitError::GivenAway(e) => (StatusCode::CONFLICT, e.clone()),
+        // Nothing was stored; after a restart the same request may be: a 503 like the others,
+        // with `Retry-After`.
+        e => {
+            tracing::error!(error = %e, "commit failed");
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    };
+    let message = if stored_any {
+        let what = what_was_stored(stored.accepted, in_doubt, count);
+        match error {
+            CommitError::GivenAway(_) => format!("{reason}; {what}"),
+            _ => format!(
+                "{reason}; {what}; send the same request again (the updates already stored are then stale or unchanged)"
+            ),
+        }
+    } else if let CommitError::InDoubt(_) = error {
+        format!("{error}; send the same request again")
+    } else {
+        format!("not stored: {reason}")
+    };
+    let mut body = json!({ "error": message });
+    if stored_any {
+        body["stored"] = stored.accepted.into();
+        if in_doubt > 0 {
+            body["in_doubt"] = in_doubt.into();
+        }
+    }
+    let answer = json_answer(status, body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        return retry_later(answer);
+    }
+    answer
 }
 
 #[cfg(test)]

@@ -19,11 +19,19 @@ use crate::profile::update::{FutureLimit, Parsing};
 use crate::profile::{Op, Update};
 
 /// At most this many updates go into one transaction; more waiting requests go into the next
-/// (a request larger than this goes whole). What a group parses into and writes is held until
+/// (one larger than this goes whole: a stream batch of more than this `fetch_batch`, since
+/// [`Committer::commit_request`] queues a request [`REQUEST_CHUNK`] updates at a time). What a group parses into and writes is held until
 /// it is flushed: 34 requests of 500 updates at once took the agent's peak RSS to 111-116 MB
 /// with this at 4,000, 126-205 MB at 20,000, in the same time (README "Memory and the size of
 /// an HTTP request"); a flush per 4,000 updates costs little.
 const MAX_GROUP_UPDATES: usize = 4_000;
+
+/// A request of more updates than this is committed this many at a time, each chunk in a
+/// transaction of its own, durable before the next is queued: what a transaction's updates
+/// parse into and write is held until it is flushed. One HTTP request of 17,953 ~1 KB updates
+/// (15 MiB) took the agent's peak RSS to 260 MB committed whole, 73 MB in chunks of 1,000
+/// (README "Memory and the size of an HTTP request").
+pub const REQUEST_CHUNK: usize = 1_000;
 
 /// How [`CommitError::InDoubt`] begins.
 pub const IN_DOUBT: &str = "may have been stored or not";
@@ -52,6 +60,45 @@ pub enum CommitError {
     GivenAway(String),
     #[error("the committer has stopped")]
     Stopped,
+}
+
+/// A request committed in chunks that stopped at `error`: the chunks before were stored.
+#[derive(Debug)]
+pub struct PartlyCommitted {
+    /// What the stored chunks did: the first `stored.accepted` updates were stored.
+    pub stored: BatchSummary,
+    /// How many updates after those may have been stored too: the chunk whose write or flush
+    /// failed (`error` is [`CommitError::InDoubt`]); none otherwise.
+    pub in_doubt: u64,
+    pub error: CommitError,
+}
+
+impl PartlyCommitted {
+    fn nothing_stored(error: CommitError) -> Self {
+        PartlyCommitted {
+            stored: BatchSummary::default(),
+            in_doubt: 0,
+            error,
+        }
+    }
+
+    /// Whether any of the request was, or may have been, stored.
+    pub fn stored_any(&self) -> bool {
+        self.stored.accepted + self.in_doubt > 0
+    }
+}
+
+/// Says which part of an input of `count` updates was stored when storing it stopped: the
+/// first `stored`, and the `in_doubt` after them may have been.
+pub fn what_was_stored(stored: u64, in_doubt: u64, count: u64) -> String {
+    match (stored, in_doubt) {
+        (0, 0) => "nothing of the input was stored".to_string(),
+        (0, _) => format!("the first {in_doubt} of {count} updates may have been stored, the rest not"),
+        (_, 0) => format!("the first {stored} of {count} updates were stored, the rest not"),
+        _ => format!(
+            "the first {stored} of {count} updates were stored, the next {in_doubt} may have been, the rest not"
+        ),
+    }
 }
 
 struct Job {
@@ -88,6 +135,7 @@ pub type OnPanic = Box<dyn FnOnce(Box<dyn std::any::Any + Send>) + Send>;
 #[derive(Clone)]
 pub struct Committer {
     jobs: mpsc::Sender<Request>,
+    store: Arc<Store>,
     keep: Arc<KeepTree>,
     layout: Arc<Layout>,
 }
@@ -112,9 +160,11 @@ impl Committer {
         let (jobs, receiver) = mpsc::channel::<Request>(1024);
         let keep = Arc::new(KeepTree::for_mapping(&mapping));
         let layout = Arc::new(Layout::new(&mapping));
+        let thread_store = Arc::clone(&store);
         let handle = std::thread::Builder::new()
             .name("outpost-committer".into())
             .spawn(move || {
+                let store = thread_store;
                 // The queue goes with the unwinding: every job in it is answered `Stopped`.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     run(receiver, &store, &mapping, &committed)
@@ -124,7 +174,15 @@ impl Committer {
                 }
             })
             .expect("spawning the committer thread");
-        (Committer { jobs, keep, layout }, handle)
+        (
+            Committer {
+                jobs,
+                store,
+                keep,
+                layout,
+            },
+            handle,
+        )
     }
 
     /// How to parse updates for [`Committer::commit`]: keeping only the part of each profile
@@ -144,6 +202,49 @@ impl Committer {
     /// does what must be serial.
     pub async fn commit(&self, updates: Vec<Update>) -> Result<BatchSummary, CommitError> {
         self.commit_at(updates, None).await
+    }
+
+    /// Commits a request's updates in order, [`REQUEST_CHUNK`] at a time (one chunk, and so
+    /// whole or not at all, up to that many); returns once all are durable. A request that
+    /// stops partway says how far it got: sent again whole, the updates already stored are
+    /// then stale or unchanged (equal timestamps are processed, and change nothing).
+    pub async fn commit_request(
+        &self,
+        updates: Vec<Update>,
+    ) -> Result<BatchSummary, PartlyCommitted> {
+        if updates.len() > REQUEST_CHUNK {
+            self.store.refuse_given_away(&updates).map_err(|e| {
+                PartlyCommitted::nothing_stored(match e {
+                    StoreError::PartitionGivenAway { .. } => refusal(e),
+                    e => commit_error(e),
+                })
+            })?;
+        }
+        let mut stored = BatchSummary::default();
+        // Each chunk's updates are freed once it is committed.
+        let mut rest = updates.into_iter();
+        loop {
+            let chunk: Vec<Update> = rest.by_ref().take(REQUEST_CHUNK).collect();
+            let len = chunk.len() as u64;
+            if len == 0 {
+                return Ok(stored);
+            }
+            match self.commit(chunk).await {
+                Ok(summary) => stored.add(&summary),
+                Err(error) => {
+                    let in_doubt = if matches!(error, CommitError::InDoubt(_)) {
+                        len
+                    } else {
+                        0
+                    };
+                    return Err(PartlyCommitted {
+                        stored,
+                        in_doubt,
+                        error,
+                    });
+                }
+            }
+        }
     }
 
     /// [`Committer::commit`] for updates from a stream partition: `position` (how far the
@@ -347,20 +448,32 @@ mod tests {
         parse_body(line.as_bytes()).unwrap()
     }
 
-    // The lock held across the awaits is what keeps the committer thread (not a task) waiting.
-    #[allow(clippy::await_holding_lock)]
-    #[tokio::test]
-    async fn a_group_whose_flush_failed_may_have_been_stored_but_not_its_refused_requests() {
+    /// A committer on a store in which profile `x`'s group cannot be read: an update of it is
+    /// refused whole.
+    fn committer_with_x_unreadable() -> (
+        tempfile::TempDir,
+        Arc<Store>,
+        Committer,
+        std::thread::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
-        // Profile `x`'s group cannot be read: an update of it is refused whole.
-        let trees = store.trees().unwrap();
-        trees
+        store
+            .trees()
+            .unwrap()
             .profile_groups
             .insert(super::super::groups::group_key("x"), &[0xff][..])
             .unwrap();
         let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
         let (committer, thread) = Committer::start(Arc::clone(&store), mapping, Arc::default());
+        (dir, store, committer, thread)
+    }
+
+    // The lock held across the awaits is what keeps the committer thread (not a task) waiting.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test]
+    async fn a_group_whose_flush_failed_may_have_been_stored_but_not_its_refused_requests() {
+        let (_dir, store, committer, thread) = committer_with_x_unreadable();
 
         // The first group waits for the right to write profiles, and the next two requests
         // queue behind it, to be committed together; the first group's flush goes through,
@@ -396,6 +509,110 @@ mod tests {
         );
         drop(committer);
         thread.join().unwrap();
+    }
+
+    /// A request of `new` updates of new profiles, then `last`'s.
+    fn request(new: usize, last: &str) -> Vec<Update> {
+        let mut updates: Vec<Update> = (0..new).flat_map(|i| update(&format!("n{i}"))).collect();
+        updates.extend(update(last));
+        updates
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_a_chunk_that_stops_partway_says_how_far_it_got() {
+        let (_dir, store, committer, thread) = committer_with_x_unreadable();
+        let trees = store.trees().unwrap();
+
+        // Up to a chunk, a request is stored whole or not at all.
+        let whole = committer
+            .commit_request(request(REQUEST_CHUNK - 1, "x"))
+            .await;
+        let refused = whole.expect_err("x is unreadable");
+        assert!(!refused.stored_any(), "{refused:?}");
+        assert!(
+            matches!(refused.error, CommitError::Refused(_)),
+            "{refused:?}"
+        );
+        assert!(store.profile("n0").unwrap().is_none());
+
+        // Past it, the chunks before the one that was refused are stored.
+        let partly = committer
+            .commit_request(request(REQUEST_CHUNK + 1, "x"))
+            .await;
+        let partly = partly.expect_err("x is unreadable");
+        assert!(
+            matches!(partly.error, CommitError::Refused(_)),
+            "{partly:?}"
+        );
+        assert_eq!(partly.stored.accepted, REQUEST_CHUNK as u64);
+        assert_eq!(partly.stored.exports, REQUEST_CHUNK as u64);
+        assert_eq!(partly.in_doubt, 0);
+        assert!(store
+            .profile(&format!("n{}", REQUEST_CHUNK - 1))
+            .unwrap()
+            .is_some());
+        assert!(store
+            .profile(&format!("n{REQUEST_CHUNK}"))
+            .unwrap()
+            .is_none());
+
+        // Sent again once x is readable, the stored ones change nothing.
+        trees
+            .profile_groups
+            .remove(super::super::groups::group_key("x"))
+            .unwrap();
+        let again = committer
+            .commit_request(request(REQUEST_CHUNK + 1, "x"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.accepted, again.unchanged, again.exports),
+            (REQUEST_CHUNK as u64 + 2, REQUEST_CHUNK as u64, 2)
+        );
+
+        // A chunk whose flush fails may have been stored.
+        *store.failing_sync.lock().unwrap() = Some((1, Duration::ZERO));
+        let fresh = (0..=REQUEST_CHUNK)
+            .flat_map(|i| update(&format!("m{i}")))
+            .collect();
+        let in_doubt = committer
+            .commit_request(fresh)
+            .await
+            .expect_err("the flush fails");
+        assert!(
+            matches!(in_doubt.error, CommitError::InDoubt(_)),
+            "{in_doubt:?}"
+        );
+        assert_eq!(
+            (in_doubt.stored.accepted, in_doubt.in_doubt),
+            (REQUEST_CHUNK as u64, 1)
+        );
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn what_was_stored_names_the_stored_and_the_doubtful_part() {
+        for (stored, in_doubt, said) in [
+            (0, 0, "nothing of the input was stored"),
+            (
+                0,
+                10,
+                "the first 10 of 30 updates may have been stored, the rest not",
+            ),
+            (
+                20,
+                0,
+                "the first 20 of 30 updates were stored, the rest not",
+            ),
+            (
+                20,
+                10,
+                "the first 20 of 30 updates were stored, the next 10 may have been, the rest not",
+            ),
+        ] {
+            assert_eq!(what_was_stored(stored, in_doubt, 30), said);
+        }
     }
 
     #[tokio::test]

@@ -927,21 +927,26 @@ mod tests {
     /// Stores one update of profile `id` as one that came over HTTP would be.
     fn store_over_http(store: &Store, id: &str, name: &str) {
         let updates = parse_body(member_line(id, name).as_bytes()).unwrap();
+        store.refuse_given_away(&updates).unwrap();
         store
             .apply_groups(&[&updates], &mapping(), chrono::Utc::now())
             .unwrap();
     }
 
     /// Asserts that `store` refuses `update`, not from the stream, as one of profile `id` in
-    /// `partition`, given away, and stores nothing of it.
+    /// `partition`, given away, and stores nothing of it; the check made before a large
+    /// request's first chunk refuses it alike.
     fn refused_as_given_away(store: &Store, update: &[Update], id: &str, partition: u32) {
         let before = store.profile_record(id).unwrap();
         let refused = store.apply_groups(&[update], &mapping(), chrono::Utc::now());
-        assert!(
-            matches!(&refused, Err(StoreError::PartitionGivenAway { id: named, partition: p })
-                if named == id && *p == partition),
-            "{refused:?}"
-        );
+        let checked = store.refuse_given_away(update);
+        for refusal in [refused.map(drop), checked] {
+            assert!(
+                matches!(&refusal, Err(StoreError::PartitionGivenAway { id: named, partition: p })
+                    if named == id && *p == partition),
+                "{refusal:?}"
+            );
+        }
         assert_eq!(store.profile_record(id).unwrap(), before);
     }
 

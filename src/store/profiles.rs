@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
@@ -30,6 +30,21 @@ use crate::profile::layout::Layout;
 use crate::profile::record::ProfileRecord;
 use crate::profile::{Reason, Update};
 use crate::source::partition::partition_of;
+
+/// The refusal of the first of `updates` whose profile's partition is among the `moved` ones
+/// (the partition count and the partitions, as [`source::moved_away`] reads them).
+fn first_given_away(updates: &[Update], moved: &(u32, BTreeSet<u32>)) -> Option<StoreError> {
+    let (count, partitions) = moved;
+    updates.iter().find_map(|update| {
+        let partition = partition_of(&update.id, *count);
+        partitions
+            .contains(&partition)
+            .then(|| StoreError::PartitionGivenAway {
+                id: update.id.clone(),
+                partition,
+            })
+    })
+}
 
 /// What one request's updates did, as `POST /v1/updates` and `outpost ingest` report it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -403,6 +418,18 @@ impl Store {
             .collect()
     }
 
+    /// Refuses `updates` as [`Store::apply_each`] would when one updates a profile of a
+    /// partition this store handed over, or is handing over. Checked before the first chunk
+    /// of a request committed in chunks is stored, so that such a request stores nothing; a
+    /// hand-over that begins between its chunks is caught by each chunk's own check.
+    pub fn refuse_given_away(&self, updates: &[Update]) -> Result<(), StoreError> {
+        let trees = self.trees()?;
+        match self.with_trees(&trees, source::moved_away)? {
+            Some(moved) => first_given_away(updates, &moved).map_or(Ok(()), Err),
+            None => Ok(()),
+        }
+    }
+
     /// [`Store::apply_groups`], with a result per group: a group that touches an unreadable
     /// profile stores nothing and gets [`StoreError::UnreadableProfile`], and one not from the
     /// stream that updates a profile of a partition this store handed over (or is handing
@@ -440,18 +467,9 @@ impl Store {
             self.with_trees(&trees, source::moved_away)?
         };
         'groups: for (index, group) in groups.iter().enumerate() {
-            if let Some((count, partitions)) = given_away.as_ref().filter(|_| !from_stream(index)) {
-                let given = group.iter().find_map(|update| {
-                    let partition = partition_of(&update.id, *count);
-                    partitions
-                        .contains(&partition)
-                        .then_some((update, partition))
-                });
-                if let Some((update, partition)) = given {
-                    summaries.push(Err(StoreError::PartitionGivenAway {
-                        id: update.id.clone(),
-                        partition,
-                    }));
+            if let Some(moved) = given_away.as_ref().filter(|_| !from_stream(index)) {
+                if let Some(refusal) = first_given_away(group, moved) {
+                    summaries.push(Err(refusal));
                     continue 'groups;
                 }
             }
