@@ -26,10 +26,11 @@ fn sample_mix_body(bytes: usize) -> (String, usize) {
     (body, count)
 }
 
-/// A request's updates are committed a chunk at a time: what a transaction's updates write is
-/// held until it is flushed, so one transaction for the whole request raised the agent's peak
-/// by about 12 times the body (96 MiB for 8 MiB in a debug build; 41 MiB in chunks, most of it
-/// the body and its parsed updates, held until the request is answered).
+/// A request's updates are committed, and past the first chunk parsed, a chunk at a time:
+/// what a transaction's updates write is held until it is flushed, so one transaction for the
+/// whole request raised the agent's peak by about 12 times the body (96 MiB for 8 MiB in a
+/// debug build; 51-54 MiB in chunks, most of it the body, held until its last chunk is parsed,
+/// and what sled's page cache keeps of what was written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_raises_the_agent_peak_by_a_few_times_its_size() {
     if measured_in_a_process_of_its_own(
@@ -56,7 +57,7 @@ async fn a_large_request_raises_the_agent_peak_by_a_few_times_its_size() {
         rise >> 20
     );
     assert!(
-        rise < 8 * body_bytes,
+        rise < 9 * body_bytes,
         "a request of {count} updates ({body_bytes} bytes) raised the resident peak by {rise} bytes"
     );
     agent.stop().await.unwrap();

@@ -679,24 +679,174 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Update>, InputError> {
 
 /// [`parse_body`] with [`Parsing`]'s checks (naming the line refused) and pruning.
 pub fn parse_body_with(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
+    let mut updates = Vec::new();
+    parse_into(body, parsing, &mut updates)?;
+    Ok(updates)
+}
+
+/// Where one update's text lies in a body and the line it starts on: enough to parse it again
+/// ([`BodyItem::parse`]) without keeping what it parsed into.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyItem<'b> {
+    text: &'b [u8],
+    line: u64,
+    /// Its place in a body that is a JSON array, from 1.
+    array_item: Option<usize>,
+}
+
+impl BodyItem<'_> {
+    /// Parses the update as [`parse_body_with`] did, with the same `parsing`.
+    pub fn parse(&self, parsing: &Parsing) -> Result<Update, InputError> {
+        update_from_json_with(self.text, self.line, parsing).map_err(|mut e| {
+            if let Some(item) = self.array_item {
+                e.reason = format!("array item {item}: {}", e.reason);
+            }
+            e
+        })
+    }
+}
+
+/// A body's updates, each checked as [`parse_body_with`] checks it: the first ones parsed, and
+/// the others kept only as where they lie, to be parsed again a chunk at a time, so that a
+/// large body is not held parsed whole while it is stored.
+#[derive(Debug, Default)]
+pub struct LocatedBody<'b> {
+    /// The first updates, up to the number asked for.
+    pub first: Vec<Update>,
+    /// Where each update after those lies.
+    pub rest: Vec<BodyItem<'b>>,
+    /// The profile id of each update of `rest`.
+    pub rest_ids: Vec<String>,
+    keep: usize,
+}
+
+/// [`parse_body_with`], keeping the first `keep` updates parsed and of the others only where
+/// they lie ([`LocatedBody`]). Refuses what it refuses, with the same error.
+pub fn locate_body<'b>(
+    body: &'b [u8],
+    parsing: &Parsing,
+    keep: usize,
+) -> Result<LocatedBody<'b>, InputError> {
+    let mut located = LocatedBody {
+        keep,
+        ..LocatedBody::default()
+    };
+    parse_into(body, parsing, &mut located)?;
+    Ok(located)
+}
+
+impl<'b> LocatedBody<'b> {
+    pub fn len(&self) -> usize {
+        self.first.len() + self.rest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every update, when all of them were kept parsed (the body is then no longer needed);
+    /// else the located body itself.
+    pub fn all_parsed(self) -> Result<Vec<Update>, Self> {
+        if self.rest.is_empty() {
+            Ok(self.first)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+/// What takes a body's updates as they are parsed, in order.
+trait UpdateSink<'b> {
+    /// Whether the next update is kept: one that is not is only checked.
+    fn keeps_next(&self) -> bool;
+    fn take(&mut self, item: BodyItem<'b>, update: Update);
+    /// Drops what was taken: the body is parsed again from its start (its lines turned out not
+    /// to be one update each).
+    fn restart(&mut self);
+}
+
+impl<'b> UpdateSink<'b> for Vec<Update> {
+    fn keeps_next(&self) -> bool {
+        true
+    }
+
+    fn take(&mut self, _: BodyItem<'b>, update: Update) {
+        self.push(update);
+    }
+
+    fn restart(&mut self) {
+        self.clear();
+    }
+}
+
+impl<'b> UpdateSink<'b> for LocatedBody<'b> {
+    fn keeps_next(&self) -> bool {
+        self.first.len() < self.keep
+    }
+
+    fn take(&mut self, item: BodyItem<'b>, update: Update) {
+        if self.keeps_next() {
+            self.first.push(update);
+        } else {
+            self.rest.push(item);
+            self.rest_ids.push(update.id);
+        }
+    }
+
+    fn restart(&mut self) {
+        self.first.clear();
+        self.rest.clear();
+        self.rest_ids.clear();
+    }
+}
+
+/// Parses `item`, handing the update to `sink`.
+fn parse_item<'b>(
+    item: BodyItem<'b>,
+    parsing: &Parsing,
+    sink: &mut impl UpdateSink<'b>,
+) -> Result<(), InputError> {
+    let update = if sink.keeps_next() {
+        item.parse(parsing)?
+    } else {
+        // Not made its record (which cannot fail), since it is dropped.
+        let checking = Parsing {
+            layout: None,
+            ..*parsing
+        };
+        item.parse(&checking)?
+    };
+    sink.take(item, update);
+    Ok(())
+}
+
+fn parse_into<'b>(
+    body: &'b [u8],
+    parsing: &Parsing,
+    sink: &mut impl UpdateSink<'b>,
+) -> Result<(), InputError> {
     let body = without_bom(body);
     let start = body.iter().position(|b| !is_json_space(b));
     let Some(start) = start else {
         return Err(InputError::new(1, "the input holds no update"));
     };
     if body[start] == b'[' {
-        return parse_array(body, start, parsing);
+        return parse_array(body, start, parsing, sink);
     }
-    match parse_lines(body, parsing) {
-        Some(updates) => Ok(updates),
-        None => parse_values(body, parsing),
+    if parse_lines(body, parsing, sink) {
+        return Ok(());
     }
+    sink.restart();
+    parse_values(body, parsing, sink)
 }
 
 /// The general way through a body that is not an array: value after value, wherever each
 /// starts and ends.
-fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputError> {
-    let mut updates = Vec::new();
+fn parse_values<'b>(
+    body: &'b [u8],
+    parsing: &Parsing,
+    sink: &mut impl UpdateSink<'b>,
+) -> Result<(), InputError> {
     let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
     let mut lines = LineCounter::default();
     loop {
@@ -711,7 +861,12 @@ fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputErro
         match stream.next() {
             None => break,
             Some(Ok(raw)) => {
-                updates.push(update_from_json_with(raw.get().as_bytes(), line, parsing)?)
+                let item = BodyItem {
+                    text: raw.get().as_bytes(),
+                    line,
+                    array_item: None,
+                };
+                parse_item(item, parsing, sink)?
             }
             Some(Err(e)) => {
                 // An unfinished value is reported at the line where it starts.
@@ -730,11 +885,16 @@ fn parse_values(body: &[u8], parsing: &Parsing) -> Result<Vec<Update>, InputErro
             }
         }
     }
-    Ok(updates)
+    Ok(())
 }
 
 /// Parses a body whose first byte that is not whitespace, at `bracket`, is `[`.
-fn parse_array(body: &[u8], bracket: usize, parsing: &Parsing) -> Result<Vec<Update>, InputError> {
+fn parse_array<'b>(
+    body: &'b [u8],
+    bracket: usize,
+    parsing: &Parsing,
+    sink: &mut impl UpdateSink<'b>,
+) -> Result<(), InputError> {
     let refused = |e: serde_json::Error, context: String| {
         let reason = strip_serde_position(e.to_string());
         InputError::new(
@@ -755,20 +915,18 @@ fn parse_array(body: &[u8], bracket: usize, parsing: &Parsing) -> Result<Vec<Upd
         let line = lines.line_at(body, bracket);
         return Err(InputError::new(line, "the input holds no update"));
     }
-    values
-        .into_iter()
-        .enumerate()
-        .map(|(i, value)| {
-            let text = value.get().as_bytes();
-            // The item's text is a slice of `body`: its offset gives its line.
-            let offset = text.as_ptr() as usize - body.as_ptr() as usize;
-            let line = lines.line_at(body, offset);
-            update_from_json_with(text, line, parsing).map_err(|mut e| {
-                e.reason = format!("array item {}: {}", i + 1, e.reason);
-                e
-            })
-        })
-        .collect()
+    for (i, value) in values.into_iter().enumerate() {
+        let text = value.get().as_bytes();
+        // The item's text is a slice of `body`: its offset gives its line.
+        let offset = text.as_ptr() as usize - body.as_ptr() as usize;
+        let item = BodyItem {
+            text,
+            line: lines.line_at(body, offset),
+            array_item: Some(i + 1),
+        };
+        parse_item(item, parsing, sink)?;
+    }
+    Ok(())
 }
 
 /// Where in an array a syntax error at `error_line` lies, from the items read whole before
@@ -849,20 +1007,26 @@ impl LineCounter {
 }
 
 /// NDJSON as it is mostly sent, one update a line: each line parsed as it is, without the pass
-/// that first finds where each value ends. `None` when a line is not exactly one update that
+/// that first finds where each value ends. False when a line is not exactly one update that
 /// is taken: the body then goes the general way, which finds the same updates, since a line
 /// that holds exactly one value holds the value the general way finds there, and names the
 /// first error.
-fn parse_lines(body: &[u8], parsing: &Parsing) -> Option<Vec<Update>> {
-    let mut updates = Vec::new();
+fn parse_lines<'b>(body: &'b [u8], parsing: &Parsing, sink: &mut impl UpdateSink<'b>) -> bool {
     for (index, line) in body.split(|&b| b == b'\n').enumerate() {
         // JSON's whitespace, as the general way passes over it between values.
         if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
             continue;
         }
-        updates.push(update_from_json_with(line, index as u64 + 1, parsing).ok()?);
+        let item = BodyItem {
+            text: line,
+            line: index as u64 + 1,
+            array_item: None,
+        };
+        if parse_item(item, parsing, sink).is_err() {
+            return false;
+        }
     }
-    Some(updates)
+    true
 }
 
 /// The line of a syntax error. serde_json counts the newline it failed on (a value cut short
@@ -1187,6 +1351,8 @@ mod tests {
             let error = error_of(body.as_bytes());
             assert_eq!(error.line, line, "{error} for {:?}", truncate(&body, 80));
             assert!(error.reason.contains(reason), "`{error}` lacks `{reason}`");
+            let located = locate_body(body.as_bytes(), &Parsing::default(), 1).unwrap_err();
+            assert_eq!((located.line, located.reason), (error.line, error.reason));
         }
     }
 
@@ -1416,14 +1582,35 @@ mod tests {
                 // As `parse_body_with` hands the body on.
                 let without = without_bom(body);
                 assert_eq!(
-                    parse_lines(without, &parsing).is_some(),
+                    parse_lines(without, &parsing, &mut Vec::new()),
                     *by_line,
                     "{body:?}"
                 );
                 let seen = |r: Result<Vec<Update>, InputError>| r.map_err(|e| (e.line, e.reason));
+                let mut general = Vec::new();
+                let general_way = parse_values(without, &parsing, &mut general).map(|()| general);
                 assert_eq!(
                     seen(parse_body_with(body, &parsing)),
-                    seen(parse_values(without, &parsing)),
+                    seen(general_way),
+                    "{body:?}"
+                );
+                // Located, the first one kept parsed, the others parsed again item by item:
+                // the same updates, or error.
+                let again = locate_body(body, &parsing, 1).and_then(|located| {
+                    assert_eq!(located.rest_ids.len(), located.rest.len());
+                    let rest: Vec<Update> = located
+                        .rest
+                        .iter()
+                        .map(|item| item.parse(&parsing))
+                        .collect::<Result<_, _>>()?;
+                    assert_eq!(located.first.len(), 1);
+                    let ids: Vec<&str> = rest.iter().map(|u| u.id.as_str()).collect();
+                    assert_eq!(located.rest_ids, ids);
+                    Ok(located.first.into_iter().chain(rest).collect::<Vec<_>>())
+                });
+                assert_eq!(
+                    seen(again),
+                    seen(parse_body_with(body, &parsing)),
                     "{body:?}"
                 );
             }
@@ -1432,6 +1619,34 @@ mod tests {
             parse_body(sample.as_bytes()).unwrap().len(),
             sample.lines().count()
         );
+    }
+
+    #[test]
+    fn a_located_array_parses_again_into_its_items() {
+        let body = b"[\n{\"id\":\"a\",\"profile\":{}},\n {\"id\":\"b\",\"op\":\"delete\"}]";
+        let located = locate_body(body, &Parsing::default(), 2).unwrap();
+        assert_eq!(located.first, parse_body(body).unwrap());
+        assert!(located.rest.is_empty());
+        let located = locate_body(body, &Parsing::default(), 0).unwrap();
+        assert_eq!(located.rest_ids, ["a", "b"]);
+        let again: Vec<Update> = located
+            .rest
+            .iter()
+            .map(|item| item.parse(&Parsing::default()).unwrap())
+            .collect();
+        assert_eq!(again, parse_body(body).unwrap());
+        // Parsed again with other checks, an item is named as parse_body names it.
+        let limit = FutureLimit {
+            now: "2020-01-01T00:00:00Z".parse().unwrap(),
+            max_future_s: 0,
+        };
+        let late = br#"[{"id":"a","profile":{}},{"id":"b","profile":{},"timestamp":"2026-01-01T00:00:00Z"}]"#;
+        let located = locate_body(late, &Parsing::default(), 0).unwrap();
+        assert!(located.first.is_empty());
+        let refused = located.rest[1].parse(&Parsing::within(limit)).unwrap_err();
+        let whole = parse_body_with(late, &Parsing::within(limit)).unwrap_err();
+        assert_eq!((refused.line, &refused.reason), (whole.line, &whole.reason));
+        assert!(refused.reason.starts_with("array item 2: "), "{refused}");
     }
 
     #[test]

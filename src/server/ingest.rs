@@ -28,8 +28,10 @@ use super::body::{
 use super::connection::{drive, Activity};
 use crate::config::Secret;
 use crate::metrics::{self, Metrics};
-use crate::profile::update::{parse_body_with, FutureLimit};
-use crate::store::committer::{what_was_stored, CommitError, Committer, PartlyCommitted};
+use crate::profile::update::{locate_body, FutureLimit};
+use crate::store::committer::{
+    what_was_stored, CommitError, Committer, PartlyCommitted, REQUEST_CHUNK,
+};
 use crate::store::Store;
 
 /// How long a client is told to wait when the outbox or the disk is full.
@@ -512,10 +514,10 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         max_future_s: state.max_future_s,
     };
     let parsing = state.committer.parsing(limit);
-    let parsed = parse_body_with(&body, &parsing);
-    drop(body);
-    let updates = match parsed {
-        Ok(updates) => updates,
+    // Every update is checked before any is stored; past the first chunk, each is parsed
+    // again as its chunk is committed.
+    let located = match locate_body(&body, &parsing, REQUEST_CHUNK) {
+        Ok(located) => located,
         Err(e) => {
             state.metrics.record_refused(1);
             return json_answer(
@@ -524,8 +526,15 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             );
         }
     };
-    let count = updates.len() as u64;
-    match state.committer.commit_request(updates).await {
+    let count = located.len() as u64;
+    let committed = match located.all_parsed() {
+        Ok(updates) => {
+            drop(body);
+            state.committer.commit_parsed(updates).await
+        }
+        Err(located) => state.committer.commit_located(located, &parsing).await,
+    };
+    match committed {
         Ok(summary) => {
             state.metrics.record_commit(&summary);
             json_answer(
@@ -540,18 +549,29 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     }
 }
 
-/// The answer to a request of `count` updates whose commit stopped at an error. One stored in
-/// part (only a request of more than `REQUEST_CHUNK` updates can be) says which part, and
-/// `stored` (and `in_doubt`) give how many updates from its start were (and after them may
-/// have been).
+/// The answer to a request of `count` updates whose commit stopped at an error.
 fn commit_failure(partly: PartlyCommitted, count: u64) -> Answer {
-    let stored_any = partly.stored_any();
+    if let CommitError::Store(_) | CommitError::Stopped = partly.error {
+        tracing::error!(error = %partly.error, "commit failed");
+    }
+    let (status, body) = failure_body(&partly, count);
+    let answer = json_answer(status, body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        return retry_later(answer);
+    }
+    answer
+}
+
+/// The status and body of [`commit_failure`]'s answer. One stored in part (only a request of
+/// more than `REQUEST_CHUNK` updates can be) says which part, and `stored` (and `in_doubt`)
+/// give how many updates from its start were (and, after them, may have been).
+fn failure_body(partly: &PartlyCommitted, count: u64) -> (StatusCode, serde_json::Value) {
     let PartlyCommitted {
         stored,
         in_doubt,
         error,
     } = partly;
-    let (status, reason) = match &error {
+    let (status, reason) = match error {
         CommitError::Unavailable(e) | CommitError::InDoubt(e) => {
             (StatusCode::SERVICE_UNAVAILABLE, e.clone())
         }
@@ -561,41 +581,119 @@ fn commit_failure(partly: PartlyCommitted, count: u64) -> Answer {
         CommitError::GivenAway(e) => (StatusCode::CONFLICT, e.clone()),
         // Nothing was stored; after a restart the same request may be: a 503 like the others,
         // with `Retry-After`.
-        e => {
-            tracing::error!(error = %e, "commit failed");
-            (StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
+        e => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
-    let message = if stored_any {
-        let what = what_was_stored(stored.accepted, in_doubt, count);
-        match error {
-            CommitError::GivenAway(_) => format!("{reason}; {what}"),
-            _ => format!(
-                "{reason}; {what}; send the same request again (the updates already stored are then stale or unchanged)"
-            ),
-        }
-    } else if let CommitError::InDoubt(_) = error {
-        format!("{error}; send the same request again")
-    } else {
-        format!("not stored: {reason}")
+    if !partly.stored_in_part(count) {
+        let message = match error {
+            CommitError::InDoubt(_) => format!("{error}; send the same request again"),
+            _ => format!("not stored: {reason}"),
+        };
+        return (status, json!({ "error": message }));
+    }
+    let what = what_was_stored(stored.accepted, *in_doubt, count);
+    let message = match error {
+        CommitError::GivenAway(_) => format!("{reason}; {what}"),
+        _ => format!(
+            "{reason}; {what}; send the same request again (the updates already stored are then stale or unchanged)"
+        ),
     };
-    let mut body = json!({ "error": message });
-    if stored_any {
-        body["stored"] = stored.accepted.into();
-        if in_doubt > 0 {
-            body["in_doubt"] = in_doubt.into();
-        }
+    let mut body = json!({ "error": message, "stored": stored.accepted });
+    if *in_doubt > 0 {
+        body["in_doubt"] = (*in_doubt).into();
     }
-    let answer = json_answer(status, body);
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        return retry_later(answer);
-    }
-    answer
+    (status, body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::BatchSummary;
+
+    #[test]
+    fn a_failed_commit_is_answered_with_what_of_the_request_was_stored() {
+        let stored = |accepted| BatchSummary {
+            accepted,
+            ..BatchSummary::default()
+        };
+        let full = || CommitError::Unavailable("no space left".into());
+        let in_doubt = || CommitError::InDoubt("no space left".into());
+        let moved = || CommitError::GivenAway("profile p is in partition 3".into());
+        let again = "; send the same request again (the updates already stored are then stale or unchanged)";
+        // (stored, in doubt, error) of a request of 2,500 updates, or 500 for one chunk
+        let cases = [
+            (0, 0, full(), 2500, 503, "not stored: no space left".to_string(), None),
+            (
+                0,
+                500,
+                in_doubt(),
+                500,
+                503,
+                "may have been stored or not: no space left; send the same request again".into(),
+                None,
+            ),
+            (
+                0,
+                1000,
+                in_doubt(),
+                2500,
+                503,
+                format!("no space left; the first 1000 of 2500 updates may have been stored, the rest not{again}"),
+                Some((0, Some(1000))),
+            ),
+            (
+                2000,
+                0,
+                full(),
+                2500,
+                503,
+                format!("no space left; the first 2000 of 2500 updates were stored, the rest not{again}"),
+                Some((2000, None)),
+            ),
+            (
+                1000,
+                1000,
+                in_doubt(),
+                2500,
+                503,
+                format!("no space left; the first 1000 of 2500 updates were stored, the next 1000 may have been, the rest not{again}"),
+                Some((1000, Some(1000))),
+            ),
+            (
+                0,
+                0,
+                moved(),
+                2500,
+                409,
+                "not stored: profile p is in partition 3".into(),
+                None,
+            ),
+            (
+                1000,
+                0,
+                moved(),
+                2500,
+                409,
+                "profile p is in partition 3; the first 1000 of 2500 updates were stored, the rest not".into(),
+                Some((1000, None)),
+            ),
+        ];
+        for (accepted, doubt, error, count, status, said, parts) in cases {
+            let partly = PartlyCommitted {
+                stored: stored(accepted),
+                in_doubt: doubt,
+                error,
+            };
+            let (got_status, body) = failure_body(&partly, count);
+            assert_eq!(got_status.as_u16(), status, "{body}");
+            assert_eq!(body["error"], said, "{body}");
+            let (stored_field, doubt_field) = match parts {
+                Some((s, d)) => (Some(s), d),
+                None => (None, None),
+            };
+            assert_eq!(body["stored"].as_u64(), stored_field, "{body}");
+            assert_eq!(body["in_doubt"].as_u64(), doubt_field, "{body}");
+        }
+    }
 
     #[test]
     fn only_the_token_itself_is_the_token() {

@@ -15,12 +15,12 @@ use crate::config::Mapping;
 use crate::profile::engine;
 use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
-use crate::profile::update::{FutureLimit, Parsing};
+use crate::profile::update::{FutureLimit, LocatedBody, Parsing};
 use crate::profile::{Op, Update};
 
 /// At most this many updates go into one transaction; more waiting requests go into the next
 /// (one larger than this goes whole: a stream batch of more than this `fetch_batch`, since
-/// [`Committer::commit_request`] queues a request [`REQUEST_CHUNK`] updates at a time). What a group parses into and writes is held until
+/// [`Committer::commit_located`] queues a request [`REQUEST_CHUNK`] updates at a time). What a group parses into and writes is held until
 /// it is flushed: 34 requests of 500 updates at once took the agent's peak RSS to 111-116 MB
 /// with this at 4,000, 126-205 MB at 20,000, in the same time (README "Memory and the size of
 /// an HTTP request"); a flush per 4,000 updates costs little.
@@ -82,19 +82,26 @@ impl PartlyCommitted {
         }
     }
 
-    /// Whether any of the request was, or may have been, stored.
-    pub fn stored_any(&self) -> bool {
-        self.stored.accepted + self.in_doubt > 0
+    /// Whether, of a request of `count` updates, some were stored, or may have been, and
+    /// others not: not when nothing was, nor when all of them may have been (a request
+    /// committed in one chunk whose flush failed).
+    pub fn stored_in_part(&self, count: u64) -> bool {
+        self.stored.accepted > 0 || (self.in_doubt > 0 && self.in_doubt < count)
     }
 }
 
 /// Says which part of an input of `count` updates was stored when storing it stopped: the
 /// first `stored`, and the `in_doubt` after them may have been.
 pub fn what_was_stored(stored: u64, in_doubt: u64, count: u64) -> String {
-    match (stored, in_doubt) {
-        (0, 0) => "nothing of the input was stored".to_string(),
-        (0, _) => format!("the first {in_doubt} of {count} updates may have been stored, the rest not"),
-        (_, 0) => format!("the first {stored} of {count} updates were stored, the rest not"),
+    let rest = count - stored - in_doubt;
+    match (stored, in_doubt, rest) {
+        (0, 0, _) => "nothing of the input was stored".to_string(),
+        (0, _, 0) => format!("the {count} updates may have been stored"),
+        (0, _, _) => format!("the first {in_doubt} of {count} updates may have been stored, the rest not"),
+        (_, 0, _) => format!("the first {stored} of {count} updates were stored, the rest not"),
+        (_, _, 0) => format!(
+            "the first {stored} of {count} updates were stored, the last {in_doubt} may have been"
+        ),
         _ => format!(
             "the first {stored} of {count} updates were stored, the next {in_doubt} may have been, the rest not"
         ),
@@ -205,30 +212,71 @@ impl Committer {
     }
 
     /// Commits a request's updates in order, [`REQUEST_CHUNK`] at a time (one chunk, and so
-    /// whole or not at all, up to that many); returns once all are durable. A request that
-    /// stops partway says how far it got: sent again whole, the updates already stored are
-    /// then stale or unchanged (equal timestamps are processed, and change nothing).
-    pub async fn commit_request(
+    /// whole or not at all, up to that many), each durable before the next is queued; returns
+    /// once all are. `located` holds the first chunk parsed (`locate_body` with
+    /// [`REQUEST_CHUNK`]); each later chunk is parsed again from the body with `parsing` as it
+    /// is queued, so only one chunk's updates are held at a time. A request that stops partway
+    /// says how far it got: sent again whole, the updates already stored are then stale or
+    /// unchanged (equal timestamps are processed, and change nothing).
+    pub async fn commit_located(
+        &self,
+        located: LocatedBody<'_>,
+        parsing: &Parsing<'_>,
+    ) -> Result<BatchSummary, PartlyCommitted> {
+        let LocatedBody {
+            first,
+            rest,
+            rest_ids,
+            ..
+        } = located;
+        if !rest.is_empty() {
+            let ids = first.iter().map(|update| update.id.as_str());
+            self.store
+                .refuse_given_away(ids.chain(rest_ids.iter().map(String::as_str)))
+                .map_err(|e| {
+                    PartlyCommitted::nothing_stored(match e {
+                        StoreError::PartitionGivenAway { .. } => refusal(e),
+                        e => commit_error(e),
+                    })
+                })?;
+        }
+        drop(rest_ids);
+        let later = rest.chunks(REQUEST_CHUNK).map(|items| {
+            items
+                .iter()
+                .map(|item| item.parse(parsing))
+                .collect::<Result<Vec<Update>, _>>()
+                // Parsed before with the same checks and clock reading: cannot happen.
+                .map_err(|e| {
+                    CommitError::Store(format!("line {} read otherwise: {}", e.line, e.reason))
+                })
+        });
+        self.commit_chunks(std::iter::once(Ok(first)).chain(later))
+            .await
+    }
+
+    /// Commits a request's updates, all parsed and at most [`REQUEST_CHUNK`] of them, whole or
+    /// not at all.
+    pub async fn commit_parsed(
         &self,
         updates: Vec<Update>,
     ) -> Result<BatchSummary, PartlyCommitted> {
-        if updates.len() > REQUEST_CHUNK {
-            self.store.refuse_given_away(&updates).map_err(|e| {
-                PartlyCommitted::nothing_stored(match e {
-                    StoreError::PartitionGivenAway { .. } => refusal(e),
-                    e => commit_error(e),
-                })
-            })?;
-        }
+        self.commit_chunks(std::iter::once(Ok(updates))).await
+    }
+
+    /// Commits each chunk in turn, durable before the next is made, until one fails.
+    async fn commit_chunks(
+        &self,
+        chunks: impl Iterator<Item = Result<Vec<Update>, CommitError>>,
+    ) -> Result<BatchSummary, PartlyCommitted> {
         let mut stored = BatchSummary::default();
-        // Each chunk's updates are freed once it is committed.
-        let mut rest = updates.into_iter();
-        loop {
-            let chunk: Vec<Update> = rest.by_ref().take(REQUEST_CHUNK).collect();
+        for chunk in chunks {
+            let chunk = chunk.map_err(|error| PartlyCommitted {
+                stored,
+                in_doubt: 0,
+                error,
+            })?;
             let len = chunk.len() as u64;
-            if len == 0 {
-                return Ok(stored);
-            }
             match self.commit(chunk).await {
                 Ok(summary) => stored.add(&summary),
                 Err(error) => {
@@ -245,6 +293,7 @@ impl Committer {
                 }
             }
         }
+        Ok(stored)
     }
 
     /// [`Committer::commit`] for updates from a stream partition: `position` (how far the
@@ -439,13 +488,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::profile::update::parse_body;
+    use crate::profile::update::{locate_body, parse_body};
+
+    fn line(id: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","profile":{{"name":"1","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
+        )
+    }
 
     fn update(id: &str) -> Vec<Update> {
-        let line = format!(
-            r#"{{"id":"{id}","profile":{{"name":"1","segmentMembership":{{"ups":{{"s":{{"status":"realized"}}}}}}}}}}"#
-        );
-        parse_body(line.as_bytes()).unwrap()
+        parse_body(line(id).as_bytes()).unwrap()
     }
 
     /// A committer on a store in which profile `x`'s group cannot be read: an update of it is
@@ -511,11 +563,27 @@ mod tests {
         thread.join().unwrap();
     }
 
-    /// A request of `new` updates of new profiles, then `last`'s.
-    fn request(new: usize, last: &str) -> Vec<Update> {
-        let mut updates: Vec<Update> = (0..new).flat_map(|i| update(&format!("n{i}"))).collect();
-        updates.extend(update(last));
-        updates
+    /// A request of `new` updates of new profiles `{prefix}{i}`, then `last`'s.
+    fn request(prefix: &str, new: usize, last: &str) -> String {
+        let mut lines: Vec<String> = (0..new).map(|i| line(&format!("{prefix}{i}"))).collect();
+        lines.push(line(last));
+        lines.join("\n")
+    }
+
+    /// Commits `body` as `POST /v1/updates` does.
+    async fn commit_body(
+        committer: &Committer,
+        body: &str,
+    ) -> Result<BatchSummary, PartlyCommitted> {
+        let parsing = committer.parsing(FutureLimit {
+            now: Utc::now(),
+            max_future_s: 0,
+        });
+        let located = locate_body(body.as_bytes(), &parsing, REQUEST_CHUNK).unwrap();
+        match located.all_parsed() {
+            Ok(updates) => committer.commit_parsed(updates).await,
+            Err(located) => committer.commit_located(located, &parsing).await,
+        }
     }
 
     #[tokio::test]
@@ -524,11 +592,9 @@ mod tests {
         let trees = store.trees().unwrap();
 
         // Up to a chunk, a request is stored whole or not at all.
-        let whole = committer
-            .commit_request(request(REQUEST_CHUNK - 1, "x"))
-            .await;
+        let whole = commit_body(&committer, &request("n", REQUEST_CHUNK - 1, "x")).await;
         let refused = whole.expect_err("x is unreadable");
-        assert!(!refused.stored_any(), "{refused:?}");
+        assert_eq!((refused.stored.accepted, refused.in_doubt), (0, 0));
         assert!(
             matches!(refused.error, CommitError::Refused(_)),
             "{refused:?}"
@@ -536,9 +602,8 @@ mod tests {
         assert!(store.profile("n0").unwrap().is_none());
 
         // Past it, the chunks before the one that was refused are stored.
-        let partly = committer
-            .commit_request(request(REQUEST_CHUNK + 1, "x"))
-            .await;
+        let large = request("n", REQUEST_CHUNK + 1, "x");
+        let partly = commit_body(&committer, &large).await;
         let partly = partly.expect_err("x is unreadable");
         assert!(
             matches!(partly.error, CommitError::Refused(_)),
@@ -561,10 +626,7 @@ mod tests {
             .profile_groups
             .remove(super::super::groups::group_key("x"))
             .unwrap();
-        let again = committer
-            .commit_request(request(REQUEST_CHUNK + 1, "x"))
-            .await
-            .unwrap();
+        let again = commit_body(&committer, &large).await.unwrap();
         assert_eq!(
             (again.accepted, again.unchanged, again.exports),
             (REQUEST_CHUNK as u64 + 2, REQUEST_CHUNK as u64, 2)
@@ -572,11 +634,8 @@ mod tests {
 
         // A chunk whose flush fails may have been stored.
         *store.failing_sync.lock().unwrap() = Some((1, Duration::ZERO));
-        let fresh = (0..=REQUEST_CHUNK)
-            .flat_map(|i| update(&format!("m{i}")))
-            .collect();
-        let in_doubt = committer
-            .commit_request(fresh)
+        let fresh = request("m", REQUEST_CHUNK, "last");
+        let in_doubt = commit_body(&committer, &fresh)
             .await
             .expect_err("the flush fails");
         assert!(
@@ -600,15 +659,21 @@ mod tests {
                 10,
                 "the first 10 of 30 updates may have been stored, the rest not",
             ),
+            (0, 30, "the 30 updates may have been stored"),
             (
                 20,
                 0,
                 "the first 20 of 30 updates were stored, the rest not",
             ),
             (
+                10,
+                10,
+                "the first 10 of 30 updates were stored, the next 10 may have been, the rest not",
+            ),
+            (
                 20,
                 10,
-                "the first 20 of 30 updates were stored, the next 10 may have been, the rest not",
+                "the first 20 of 30 updates were stored, the last 10 may have been",
             ),
         ] {
             assert_eq!(what_was_stored(stored, in_doubt, 30), said);

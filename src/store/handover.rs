@@ -927,10 +927,14 @@ mod tests {
     /// Stores one update of profile `id` as one that came over HTTP would be.
     fn store_over_http(store: &Store, id: &str, name: &str) {
         let updates = parse_body(member_line(id, name).as_bytes()).unwrap();
-        store.refuse_given_away(&updates).unwrap();
+        store.refuse_given_away(ids_of(&updates)).unwrap();
         store
             .apply_groups(&[&updates], &mapping(), chrono::Utc::now())
             .unwrap();
+    }
+
+    fn ids_of(updates: &[Update]) -> impl Iterator<Item = &str> {
+        updates.iter().map(|update| update.id.as_str())
     }
 
     /// Asserts that `store` refuses `update`, not from the stream, as one of profile `id` in
@@ -939,7 +943,7 @@ mod tests {
     fn refused_as_given_away(store: &Store, update: &[Update], id: &str, partition: u32) {
         let before = store.profile_record(id).unwrap();
         let refused = store.apply_groups(&[update], &mapping(), chrono::Utc::now());
-        let checked = store.refuse_given_away(update);
+        let checked = store.refuse_given_away(ids_of(update));
         for refusal in [refused.map(drop), checked] {
             assert!(
                 matches!(&refusal, Err(StoreError::PartitionGivenAway { id: named, partition: p })

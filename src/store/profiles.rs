@@ -31,16 +31,19 @@ use crate::profile::record::ProfileRecord;
 use crate::profile::{Reason, Update};
 use crate::source::partition::partition_of;
 
-/// The refusal of the first of `updates` whose profile's partition is among the `moved` ones
-/// (the partition count and the partitions, as [`source::moved_away`] reads them).
-fn first_given_away(updates: &[Update], moved: &(u32, BTreeSet<u32>)) -> Option<StoreError> {
+/// The refusal of the first of profiles `ids` whose partition is among the `moved` ones (the
+/// partition count and the partitions, as [`source::moved_away`] reads them).
+fn first_given_away<'a>(
+    ids: impl IntoIterator<Item = &'a str>,
+    moved: &(u32, BTreeSet<u32>),
+) -> Option<StoreError> {
     let (count, partitions) = moved;
-    updates.iter().find_map(|update| {
-        let partition = partition_of(&update.id, *count);
+    ids.into_iter().find_map(|id| {
+        let partition = partition_of(id, *count);
         partitions
             .contains(&partition)
             .then(|| StoreError::PartitionGivenAway {
-                id: update.id.clone(),
+                id: id.to_owned(),
                 partition,
             })
     })
@@ -422,10 +425,13 @@ impl Store {
     /// partition this store handed over, or is handing over. Checked before the first chunk
     /// of a request committed in chunks is stored, so that such a request stores nothing; a
     /// hand-over that begins between its chunks is caught by each chunk's own check.
-    pub fn refuse_given_away(&self, updates: &[Update]) -> Result<(), StoreError> {
+    pub fn refuse_given_away<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), StoreError> {
         let trees = self.trees()?;
         match self.with_trees(&trees, source::moved_away)? {
-            Some(moved) => first_given_away(updates, &moved).map_or(Ok(()), Err),
+            Some(moved) => first_given_away(ids, &moved).map_or(Ok(()), Err),
             None => Ok(()),
         }
     }
@@ -468,7 +474,8 @@ impl Store {
         };
         'groups: for (index, group) in groups.iter().enumerate() {
             if let Some(moved) = given_away.as_ref().filter(|_| !from_stream(index)) {
-                if let Some(refusal) = first_given_away(group, moved) {
+                let ids = group.iter().map(|update| update.id.as_str());
+                if let Some(refusal) = first_given_away(ids, moved) {
                     summaries.push(Err(refusal));
                     continue 'groups;
                 }
