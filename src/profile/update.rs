@@ -1567,6 +1567,8 @@ mod tests {
             (format!("{a}\n{b}"), true),
             (format!("\u{feff}{a}\n \t{b}\t \r\n"), true),
             (format!("{a} {b}\n{a}"), false),
+            // Two lines taken before the fast way fails: what it took is dropped.
+            (format!("{a}\n{b}\n{a} {b}"), false),
             (
                 format!("{a}\n{{\n\"id\":\"c\",\n\"profile\":{{}}\n}}\n{b}"),
                 false,

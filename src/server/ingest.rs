@@ -562,6 +562,10 @@ fn commit_failure(partly: PartlyCommitted, count: u64) -> Answer {
     answer
 }
 
+/// What a request stored in part is told to do.
+const SEND_AGAIN: &str = "send the same request again (with timestamps, the updates already \
+                          stored are then stale or unchanged)";
+
 /// The status and body of [`commit_failure`]'s answer. One stored in part (only a request of
 /// more than `REQUEST_CHUNK` updates can be) says which part, and `stored` (and `in_doubt`)
 /// give how many updates from its start were (and, after them, may have been).
@@ -593,9 +597,8 @@ fn failure_body(partly: &PartlyCommitted, count: u64) -> (StatusCode, serde_json
     let what = what_was_stored(stored.accepted, *in_doubt, count);
     let message = match error {
         CommitError::GivenAway(_) => format!("{reason}; {what}"),
-        _ => format!(
-            "{reason}; {what}; send the same request again (the updates already stored are then stale or unchanged)"
-        ),
+        CommitError::Refused(_) => format!("{reason}; {what}; once this is fixed, {SEND_AGAIN}"),
+        _ => format!("{reason}; {what}; {SEND_AGAIN}"),
     };
     let mut body = json!({ "error": message, "stored": stored.accepted });
     if *in_doubt > 0 {
@@ -618,7 +621,7 @@ mod tests {
         let full = || CommitError::Unavailable("no space left".into());
         let in_doubt = || CommitError::InDoubt("no space left".into());
         let moved = || CommitError::GivenAway("profile p is in partition 3".into());
-        let again = "; send the same request again (the updates already stored are then stale or unchanged)";
+        let again = format!("; {SEND_AGAIN}");
         // (stored, in doubt, error) of a request of 2,500 updates, or 500 for one chunk
         let cases = [
             (0, 0, full(), 2500, 503, "not stored: no space left".to_string(), None),

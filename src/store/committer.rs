@@ -18,12 +18,13 @@ use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, LocatedBody, Parsing};
 use crate::profile::{Op, Update};
 
-/// At most this many updates go into one transaction; more waiting requests go into the next
-/// (one larger than this goes whole: a stream batch of more than this `fetch_batch`, since
-/// [`Committer::commit_located`] queues a request [`REQUEST_CHUNK`] updates at a time). What a group parses into and writes is held until
-/// it is flushed: 34 requests of 500 updates at once took the agent's peak RSS to 111-116 MB
-/// with this at 4,000, 126-205 MB at 20,000, in the same time (README "Memory and the size of
-/// an HTTP request"); a flush per 4,000 updates costs little.
+/// At most this many updates go into one transaction; more waiting requests go into the next.
+/// A request larger than this goes whole: only a stream batch can be (`fetch_batch` above
+/// this), since [`Committer::commit_located`] queues a request [`REQUEST_CHUNK`] updates at a
+/// time. What a group parses into and writes is held until it is flushed: 34 requests of 500
+/// updates at once took the agent's peak RSS to 111-116 MB with this at 4,000, 126-205 MB at
+/// 20,000, in the same time (README "Memory and the size of an HTTP request"); a flush per
+/// 4,000 updates costs little.
 const MAX_GROUP_UPDATES: usize = 4_000;
 
 /// A request of more updates than this is committed this many at a time, each chunk in a
@@ -216,8 +217,10 @@ impl Committer {
     /// once all are. `located` holds the first chunk parsed (`locate_body` with
     /// [`REQUEST_CHUNK`]); each later chunk is parsed again from the body with `parsing` as it
     /// is queued, so only one chunk's updates are held at a time. A request that stops partway
-    /// says how far it got: sent again whole, the updates already stored are then stale or
-    /// unchanged (equal timestamps are processed, and change nothing).
+    /// (an error, or the caller gone between chunks) has its first chunks stored, and says how
+    /// far it got: sent again whole, the updates already stored are then stale or unchanged
+    /// when they have timestamps (without, an earlier update of a profile the request updates
+    /// twice is applied again over its later one, as on any resend of a stored request).
     pub async fn commit_located(
         &self,
         located: LocatedBody<'_>,
@@ -631,6 +634,19 @@ mod tests {
             (again.accepted, again.unchanged, again.exports),
             (REQUEST_CHUNK as u64 + 2, REQUEST_CHUNK as u64, 2)
         );
+
+        // A body that is a JSON array goes the same way.
+        let items: Vec<String> = (0..=REQUEST_CHUNK)
+            .map(|i| line(&format!("a{i}")))
+            .collect();
+        let array = format!("[{}]", items.join(",\n"));
+        let stored = commit_body(&committer, &array).await.unwrap();
+        let all = REQUEST_CHUNK as u64 + 1;
+        assert_eq!((stored.accepted, stored.exports), (all, all));
+        assert!(store
+            .profile(&format!("a{REQUEST_CHUNK}"))
+            .unwrap()
+            .is_some());
 
         // A chunk whose flush fails may have been stored.
         *store.failing_sync.lock().unwrap() = Some((1, Duration::ZERO));
