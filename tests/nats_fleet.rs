@@ -12,6 +12,7 @@ use common::agent_process::{free_port, wait_or_show, AgentProcess};
 use common::nats::{nats_server_or_skip, nats_table, NatsServer};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions};
+use outpost::source::claim::taking_over;
 use outpost::store::committer::REQUEST_CHUNK;
 use rand::Rng;
 
@@ -92,6 +93,32 @@ impl AgentSetup {
             .unwrap()
             .nats
             .unwrap()
+    }
+
+    /// The claims bucket of this agent's stream, on `server`.
+    async fn claims(&self, server: &NatsServer) -> async_nats::jetstream::kv::Store {
+        let nats = self.nats_config();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        outpost::source::claim::bucket(&js, &nats.stream, &nats.consumer_prefix, 1)
+            .await
+            .unwrap()
+    }
+}
+
+/// What the claim on `partition` says.
+async fn claim_text(claims: &async_nats::jetstream::kv::Store, partition: u32) -> String {
+    let claim = claims.get(format!("partition-{partition}")).await.unwrap();
+    String::from_utf8_lossy(&claim.expect("a claim")).into_owned()
+}
+
+/// Makes the claims on `partitions` say `text`.
+async fn put_claims(claims: &async_nats::jetstream::kv::Store, partitions: &[u32], text: &str) {
+    for partition in partitions {
+        claims
+            .put(format!("partition-{partition}"), text.to_string().into())
+            .await
+            .unwrap();
     }
 }
 
@@ -2144,21 +2171,12 @@ async fn a_claim_released_or_taken_while_its_partition_is_consumed() {
             .any(|l| l.contains("was released; claimed again") && l.contains("partition=6"))
     })
     .await;
-    let nats = setup.nats_config();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let claims = outpost::source::claim::bucket(&js, &nats.stream, &nats.consumer_prefix, 1)
-        .await
-        .unwrap();
-    let claimed = claims.get("partition-6").await.unwrap().expect("claimed");
-    let claimed = String::from_utf8_lossy(&claimed).into_owned();
+    let claims = setup.claims(&server).await;
+    let claimed = claim_text(&claims, 6).await;
     assert!(claimed.starts_with("store "), "{claimed}");
 
     // Another store's claim on partition 7: the agent leaves it alone from then on.
-    claims
-        .put("partition-7", "store 0badc0de on elsewhere".into())
-        .await
-        .unwrap();
+    put_claims(&claims, &[7], "store 0badc0de on elsewhere").await;
     wait_or_show(30, "partition 7 left alone", &[&agent], async || {
         healthz_json(agent.addr).await["nats"]["claimed_elsewhere"] == serde_json::json!([7])
     })
@@ -2269,6 +2287,30 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{kept}"
     );
 
+    // A take-over of the same file begun from another store (the claims say so, as it first
+    // writes them): this one is refused before its store is made. The hand-over run again
+    // makes the claims name the file alone.
+    let claims = second.claims(&server).await;
+    let handed_claim = claim_text(&claims, 6).await;
+    let elsewhere = taking_over(&handed_claim, "store 0badc0de on elsewhere");
+    put_claims(&claims, &[6, 7], &elsewhere).await;
+    let refused = second.run(&["nats", "take-over", file_arg]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("store 0badc0de is taking") && stderr.contains("nothing was stored here"),
+        "{stderr}"
+    );
+    assert!(!second.dir.path().join("store").exists());
+    let again = first.cli(&["nats", "hand-over", "6-7", file_arg]);
+    assert_eq!(
+        again
+            .matches(&format!("claim says: {handed_claim}\n"))
+            .count(),
+        2,
+        "{again}"
+    );
+
     // The second agent, never started, takes them over and starts.
     let taken = second.cli(&["nats", "take-over", file_arg]);
     assert!(
@@ -2276,6 +2318,19 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{taken}"
     );
     assert_eq!(taken.matches("claim says: store ").count(), 2, "{taken}");
+    // Stopped after its store's part, before the claims name its store (as the take-over
+    // left them then), and run again: nothing is stored twice, and the claims are its store's.
+    let second_claim = claim_text(&claims, 6).await;
+    put_claims(&claims, &[6, 7], &taking_over(&handed_claim, &second_claim)).await;
+    let again = second.cli(&["nats", "take-over", file_arg]);
+    assert!(again.contains("0 profile(s) stored from"), "{again}");
+    assert_eq!(
+        again
+            .matches(&format!("claim says: {second_claim}\n"))
+            .count(),
+        2,
+        "{again}"
+    );
     let second_agent = second.start().await;
     // Version 1 changes no mapped field: against the stored versions it exports nothing
     // (to an agent that had never seen the profiles, each would be new). Version 2 does.

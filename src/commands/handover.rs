@@ -4,9 +4,11 @@
 //! The claims bucket carries the move across the fleet: a hand-over makes each partition's
 //! claim say which file it was handed over in ([`claim::handed_over`]), which no store holds,
 //! so no agent consumes the partition meanwhile; a take-over of that very file claims it for
-//! the taking store. Claims are read before the store is touched and written by
-//! compare-and-set after, so a stale file, one of another fleet, or two commands at once are
-//! refused rather than obeyed.
+//! the taking store, first as being taken over by it ([`claim::taking_over`]), before its
+//! store is touched, so that of two take-overs of the same file from two stores one at most
+//! stores anything. Claims are read before the store is touched and written by
+//! compare-and-set, so a stale file, one of another fleet, or two commands at once are refused
+//! rather than obeyed.
 
 use std::path::Path;
 
@@ -82,6 +84,84 @@ fn our_claim(backend: &Backend) -> Result<String, CliError> {
     Ok(claim::holder(id, &claim::host_name()))
 }
 
+/// Makes every claim of `read` that says `handed` say `taking` ([`claim::taking_over`]), by
+/// compare-and-set, and returns the claims as they then are. Should one have changed since it
+/// was read (another take-over of the file, from another store, wrote it first), those made
+/// here say `handed` again and the take-over is refused, before anything is stored.
+fn reserve_claims(
+    runtime: &tokio::runtime::Runtime,
+    bucket: &async_nats::jetstream::kv::Store,
+    read: Vec<ReadClaim>,
+    (handed, taking): (&str, &str),
+    file: &Path,
+) -> Result<Vec<ReadClaim>, CliError> {
+    let mut made: Vec<ReadClaim> = Vec::new();
+    let mut now = Vec::with_capacity(read.len());
+    for claim in read {
+        if claim.holder.as_deref() != Some(handed) {
+            now.push(claim);
+            continue;
+        }
+        match runtime.block_on(claim::replace(bucket, &claim, taking)) {
+            Ok(written) => {
+                made.push(written.clone());
+                now.push(written);
+            }
+            Err(e) => {
+                let left: Vec<String> = made
+                    .iter()
+                    .filter(|written| {
+                        runtime
+                            .block_on(claim::replace(bucket, written, handed))
+                            .is_err()
+                    })
+                    .map(|written| written.partition.to_string())
+                    .collect();
+                let left = if left.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; the claims of partition(s) {} still name this store's take-over:                          run it again",
+                        left.join(", ")
+                    )
+                };
+                return Err(CliError::Failure(format!(
+                    "{e}: another take-over of {} may have begun from another store; nothing was                      stored here{left}",
+                    file.display()
+                )));
+            }
+        }
+    }
+    Ok(now)
+}
+
+/// `error` of a take-over's store part, saying that the claims still name this store's
+/// take-over: the store may hold part of the file, so they are left so.
+fn still_taking(error: CliError, taking: &str) -> CliError {
+    let then = format!(
+        "the partitions' claims say \"{taking}\": run this take-over again once this is fixed \
+         (it goes on where it stopped), or, for another store to take the file over instead, the \
+         hand-over again on the store that wrote it"
+    );
+    match error {
+        CliError::Failure(message) => CliError::Failure(format!("{message}; {then}")),
+        CliError::InDoubt(message) => CliError::InDoubt(format!("{message}; {then}")),
+        CliError::Store(e) => CliError::Failure(format!("{e}; {then}")),
+        other => other,
+    }
+}
+
+/// The refusal of a take-over whose file another store is taking over, if `claim` says so.
+fn taken_by_another(claim: &ReadClaim, handed: &str, file: &Path) -> Option<CliError> {
+    let holder = claim.holder.as_deref()?;
+    let taker = claim::taker(holder, handed)?;
+    Some(CliError::Failure(format!(
+        "partition {}'s claim says {holder}: {taker} is taking {} over (a take-over of the same          file, from another store); nothing was stored here. That take-over goes on when run          again on its store; to take the file over here instead, first run the hand-over again          on the store that wrote the file, which makes the claims name the file alone",
+        claim.partition,
+        file.display()
+    )))
+}
+
 /// Writes `value` into every claim read that does not say it yet.
 fn write_claims(
     runtime: &tokio::runtime::Runtime,
@@ -150,11 +230,17 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
         .ok()
         .and_then(|f| FileReader::open(std::io::BufReader::new(f)).ok())
         .map(|(header, _)| claim::handed_over(&header.file_id()));
+    // As is one saying that the file is being taken over: the take-over did not finish (its
+    // store then runs it again, and goes on), and the hand-over makes the claims name the file
+    // alone again, so that another store may take it over instead.
+    let this_files = |holder: &str| {
+        this_file
+            .as_deref()
+            .is_some_and(|handed| holder == handed || claim::taker(holder, handed).is_some())
+    };
     for claim in &read {
         match &claim.holder {
-            Some(holder)
-                if holder.starts_with(claim::HANDED_OVER) && this_file.as_ref() != Some(holder) =>
-            {
+            Some(holder) if holder.starts_with(claim::HANDED_OVER) && !this_files(holder) => {
                 return Err(CliError::Failure(format!(
                     "partition {}'s claim says {holder}: another hand-over of it waits for its \
                      take-over, and this store's versions of it are not the latest",
@@ -257,31 +343,41 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     let handed = claim::handed_over(&header.file_id());
     // An agent that has not run yet takes partitions over into a store made for it, once
     // the claims say the file's hand-over waits for it: a claim naming a store cannot be its.
+    let refusal = |claim: &ReadClaim| {
+        taken_by_another(claim, &handed, file).unwrap_or_else(|| not_latest(claim, &handed, file))
+    };
     if !crate::store::Store::exists_at(&config.storage.path)? {
         if let Some(claim) = read.iter().find(|c| c.holder.as_deref() != Some(&handed)) {
-            return Err(not_latest(claim, &handed, file));
+            return Err(refusal(claim));
         }
     }
     as_store_owner(config, StoreUse::Make)?;
     let backend = Backend::connect(config)?;
     let ours = our_claim(&backend)?;
+    let taking = claim::taking_over(&handed, &ours);
     let mut ours_already = false;
     for claim in &read {
         match claim.holder.as_deref() {
-            Some(holder) if holder == handed => {}
+            // The file's hand-over, or this store's take-over of it run again.
+            Some(holder) if holder == handed || holder == taking => {}
             Some(holder) if claim::judge(holder, &ours) == claim::Claim::Ours => {
                 ours_already = true
             }
-            _ => return Err(not_latest(claim, &handed, file)),
+            _ => return Err(refusal(claim)),
         }
     }
+    let read = reserve_claims(&runtime, &bucket, read, (&handed, &taking), file)?;
     let request = AdminRequest::TakeOver {
         path: absolute(file)?,
         terms: terms(config),
         // A claim of this store's is a take-over run again: only a finished one fits it.
         finished_only: ours_already,
     };
-    let answer = backend.execute(&request)?;
+    let reserved = read.iter().any(|c| c.holder.as_deref() == Some(&taking));
+    let answer = backend.execute(&request).map_err(|e| match reserved {
+        true => still_taking(e.into(), &taking),
+        false => e.into(),
+    })?;
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
         println!(

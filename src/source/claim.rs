@@ -11,7 +11,8 @@
 //! so a restart, or a store that dies for a while, keeps its partitions; `outpost nats
 //! release` lets one go (after its store was lost). `outpost nats hand-over` makes a claim
 //! say which file the partition was handed over in ([`handed_over`]), which no store holds,
-//! and `outpost nats take-over` of that file claims it for the taking store.
+//! and `outpost nats take-over` of that file claims it for the taking store: first as being
+//! taken over ([`taking_over`]), then, once its store holds the partition, for the store.
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -65,6 +66,28 @@ pub fn handed_over(file_id: &str) -> String {
 
 pub const HANDED_OVER: &str = "handed over in file ";
 
+/// What a claim says while `outpost nats take-over` of the file that `handed` names
+/// ([`handed_over`]) runs for the store whose claim is `taker` ([`holder`]): a take-over writes
+/// it, by compare-and-set, before it touches its store, so that a second take-over of the same
+/// file, from another store, is refused before it stores anything. It starts as `handed` does,
+/// so agents leave the partition alone and `outpost nats release` keeps it, as they do a
+/// handed-over claim; and it never contains " on ", so [`judge`] takes it for no store's.
+pub fn taking_over(handed: &str, taker: &str) -> String {
+    format!("{handed}{TAKEN_BY}{}", store_of(taker))
+}
+
+const TAKEN_BY: &str = ", being taken over by ";
+
+/// The store that a claim saying [`taking_over`] the file `handed` names names (`store <id>`).
+pub fn taker<'a>(claim: &'a str, handed: &str) -> Option<&'a str> {
+    claim.strip_prefix(handed)?.strip_prefix(TAKEN_BY)
+}
+
+/// The store a claim names, without the host it is on.
+fn store_of(claim: &str) -> &str {
+    claim.split(" on ").next().unwrap_or(claim)
+}
+
 /// The host name, for claims; `unknown host` when it cannot be read.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -76,8 +99,7 @@ pub fn host_name() -> String {
 
 /// Whether a recorded claim is this store's: the same store id, wherever it now runs.
 pub fn judge(recorded: &str, ours: &str) -> Claim {
-    let store = |claim: &str| claim.split(" on ").next().unwrap_or(claim).to_string();
-    if store(recorded) == store(ours) {
+    if store_of(recorded) == store_of(ours) {
         Claim::Ours
     } else {
         Claim::Elsewhere(recorded.to_string())
@@ -188,20 +210,29 @@ pub async fn read(bucket: &kv::Store, partition: u32) -> Result<ReadClaim, NatsE
 
 /// Makes the claim read as `read` say `value`, unless it changed since it was read (another
 /// command, or an agent, wrote it meanwhile): then nothing is written, and the error says so.
-pub async fn replace(bucket: &kv::Store, read: &ReadClaim, value: &str) -> Result<(), NatsError> {
-    let (partition, value) = (read.partition, Bytes::from(value.to_string()));
+/// The claim as written.
+pub async fn replace(
+    bucket: &kv::Store,
+    read: &ReadClaim,
+    value: &str,
+) -> Result<ReadClaim, NatsError> {
+    let partition = read.partition;
+    let bytes = Bytes::from(value.to_string());
     let written = match read.revision {
         Some(revision) => bucket
-            .update(key(partition), value, revision)
+            .update(key(partition), bytes, revision)
             .await
-            .map(|_| ())
             .map_err(|e| e.to_string()),
         None => bucket
-            .create(key(partition), value)
+            .create(key(partition), bytes)
             .await
-            .map(|_| ())
             .map_err(|e| e.to_string()),
     };
+    let written = written.map(|revision| ReadClaim {
+        partition,
+        holder: Some(value.to_string()),
+        revision: Some(revision),
+    });
     written.map_err(|e| {
         NatsError(format!(
             "writing the claim on partition {partition}: it changed since it was read (another \
@@ -245,6 +276,23 @@ mod tests {
         let ours = holder(0x1a2b, "edge-7");
         let handed = handed_over("00001a2b-1700000000000");
         assert_eq!(judge(&handed, &ours), Claim::Elsewhere(handed.clone()));
+    }
+
+    #[test]
+    fn a_claim_taken_over_names_its_taker_and_is_no_stores_yet() {
+        let ours = holder(0x1a2b, "edge-7");
+        let handed = handed_over("00009999-1700000000000");
+        let taking = taking_over(&handed, &ours);
+        assert_eq!(
+            taking,
+            "handed over in file 00009999-1700000000000, being taken over by store 00001a2b"
+        );
+        assert!(taking.starts_with(HANDED_OVER));
+        assert_eq!(judge(&taking, &ours), Claim::Elsewhere(taking.clone()));
+        assert_eq!(taker(&taking, &handed), Some("store 00001a2b"));
+        assert_eq!(taker(&handed, &handed), None);
+        let other_file = handed_over("00009999-1800000000000");
+        assert_eq!(taker(&taking, &other_file), None);
     }
 
     #[test]
