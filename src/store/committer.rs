@@ -216,11 +216,12 @@ impl Committer {
     /// whole or not at all, up to that many), each durable before the next is queued; returns
     /// once all are. `located` holds the first chunk parsed (`locate_body` with
     /// [`REQUEST_CHUNK`]); each later chunk is parsed again from the body with `parsing` as it
-    /// is queued, so only one chunk's updates are held at a time. A request that stops partway
-    /// (an error, or the caller gone between chunks) has its first chunks stored, and says how
-    /// far it got: sent again whole, the updates already stored are then stale or unchanged
-    /// when they have timestamps (without, an earlier update of a profile the request updates
-    /// twice is applied again over its later one, as on any resend of a stored request).
+    /// is queued (the next while one is committed), so at most two chunks' updates are held at
+    /// a time. A request that stops partway (an error, or the caller gone between chunks) has
+    /// its first chunks stored, and says how far it got: sent again whole, the updates already
+    /// stored are then stale or unchanged when they have timestamps (without, an earlier
+    /// update of a profile the request updates twice is applied again over its later one, as
+    /// on any resend of a stored request).
     pub async fn commit_located(
         &self,
         located: LocatedBody<'_>,
@@ -267,20 +268,31 @@ impl Committer {
         self.commit_chunks(std::iter::once(Ok(updates))).await
     }
 
-    /// Commits each chunk in turn, durable before the next is made, until one fails.
+    /// Commits each chunk in turn, each durable before the next is queued, until one fails.
+    /// The next chunk is made (parsed) while the one before is committed.
     async fn commit_chunks(
         &self,
-        chunks: impl Iterator<Item = Result<Vec<Update>, CommitError>>,
+        mut chunks: impl Iterator<Item = Result<Vec<Update>, CommitError>>,
     ) -> Result<BatchSummary, PartlyCommitted> {
         let mut stored = BatchSummary::default();
-        for chunk in chunks {
-            let chunk = chunk.map_err(|error| PartlyCommitted {
+        let mut next = chunks.next();
+        while let Some(chunk) = next {
+            let failed = |stored, in_doubt, error| PartlyCommitted {
                 stored,
-                in_doubt: 0,
+                in_doubt,
                 error,
-            })?;
+            };
+            let chunk = chunk.map_err(|error| failed(stored, 0, error))?;
             let len = chunk.len() as u64;
-            match self.commit(chunk).await {
+            let answer = self
+                .queue(chunk, None)
+                .await
+                .map_err(|error| failed(stored, 0, error))?;
+            next = chunks.next();
+            let (result, _updates) = answer
+                .await
+                .map_err(|_| failed(stored, 0, CommitError::Stopped))?;
+            match result {
                 Ok(summary) => stored.add(&summary),
                 Err(error) => {
                     let in_doubt = if matches!(error, CommitError::InDoubt(_)) {
@@ -288,11 +300,7 @@ impl Committer {
                     } else {
                         0
                     };
-                    return Err(PartlyCommitted {
-                        stored,
-                        in_doubt,
-                        error,
-                    });
+                    return Err(failed(stored, in_doubt, error));
                 }
             }
         }
