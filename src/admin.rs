@@ -93,6 +93,9 @@ pub enum AdminRequest {
         /// already).
         #[serde(default)]
         finished_only: bool,
+        /// Refuse as the take-over would, but change nothing.
+        #[serde(default)]
+        check_only: bool,
     },
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
@@ -334,10 +337,14 @@ pub fn execute_with(
             path,
             terms,
             finished_only,
+            check_only,
         } => {
-            let done = store
-                .take_over(Path::new(path), terms, owned, *finished_only)
-                .map_err(moved)?;
+            let take_over = match check_only {
+                true => Store::check_take_over,
+                false => Store::take_over,
+            };
+            let done =
+                take_over(store, Path::new(path), terms, owned, *finished_only).map_err(moved)?;
             Ok(json!({
                 "from_store": format!("{:08x}", done.header.store_id),
                 "file_id": done.header.file_id(),

@@ -283,6 +283,11 @@ pub enum NatsCommand {
         partitions: String,
         /// The file to write; it must not exist
         file: PathBuf,
+        /// Run again with FILE, give up another store's take-over of it that never finished
+        /// (its claims say it is being taken over): only when that store is lost, or will
+        /// never consume these partitions, since it may hold some of their profiles
+        #[arg(long)]
+        force: bool,
     },
     /// Take over partitions from a file `outpost nats hand-over` wrote: stores their profiles
     /// and positions, so that this agent consumes them from where the other stopped.
@@ -290,7 +295,9 @@ pub enum NatsCommand {
     /// Refused, with nothing changed, when the partitions' claims do not say they were handed
     /// over in this file (a stale file, or one of another fleet), when the file is damaged or
     /// was written with another mapping, stream or partition count, when a partition in it
-    /// was consumed in this store, or a profile of it is stored here with another version. Run it with this agent stopped,
+    /// was consumed in this store, or a profile of it is stored here with another version, or
+    /// while another store's take-over of the file is under way (the claims say so: a
+    /// take-over makes them say it is taking the file over before it stores anything). Run it with this agent stopped,
     /// then add the partitions to `source.nats.owned` and start it; or while it runs without
     /// them, then add them and restart it. A take-over cut short (a kill) leaves the
     /// partitions unconsumed until it is run again with the same file.

@@ -16,6 +16,7 @@ use common::*;
 use outpost::config::Config;
 use outpost::profile::record::ProfileRecord;
 use outpost::profile::update::parse_body;
+use outpost::source::claim;
 use outpost::source::partition::partition_of;
 use outpost::store::source::{Recorded, SourcePosition};
 use outpost::store::{ListFilter, Place, Store};
@@ -147,6 +148,38 @@ fn until_done(args: &[&str], config: &Path, consistent: impl Fn() -> bool) -> us
     }
 }
 
+/// The claims on the moved partitions, read for a config's stream.
+struct Claims {
+    runtime: tokio::runtime::Runtime,
+    bucket: async_nats::jetstream::kv::Store,
+}
+
+impl Claims {
+    fn of(config: &Path) -> Claims {
+        let nats = Config::load(config).unwrap().nats.unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let bucket = runtime.block_on(async {
+            let client = async_nats::connect(nats.servers[0].as_str()).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            claim::bucket(&js, &nats.stream, &nats.consumer_prefix, 1)
+                .await
+                .unwrap()
+        });
+        Claims { runtime, bucket }
+    }
+
+    fn read(&self) -> Vec<String> {
+        self.runtime.block_on(async {
+            let mut said = Vec::new();
+            for partition in MOVED {
+                let read = claim::read(&self.bucket, partition).await.unwrap();
+                said.push(read.holder.unwrap_or_default());
+            }
+            said
+        })
+    }
+}
+
 fn profiles_present(store: &Store, moved: &[(String, ProfileRecord)]) -> usize {
     moved
         .iter()
@@ -237,14 +270,38 @@ fn hand_over_and_take_over_finish_after_sigkills() {
     in_file.sort();
     assert_eq!(in_file, expected);
 
-    // Not begun, marked, finished.
+    // Not begun, marked, finished; and how often the claims said the file was being taken
+    // over by the taking store.
     let seen = std::cell::RefCell::new([0usize; 3]);
+    let claims = Claims::of(&taking);
+    let handed = {
+        let (header, _) = outpost::store::handover_file::FileReader::open(std::io::BufReader::new(
+            std::fs::File::open(&file).unwrap(),
+        ))
+        .unwrap();
+        claim::handed_over(&header.file_id())
+    };
+    let reserved = std::cell::Cell::new(0);
     let kills = until_done(&["nats", "take-over", file_arg], &taking, || {
+        let said = claims.read();
         if !store_of(&taking).exists() {
+            assert!(said.iter().all(|c| *c == handed), "{said:?}");
             seen.borrow_mut()[0] += 1;
             return true;
         }
         let store = Store::open(&store_of(&taking), 8 << 20).unwrap();
+        let ours = claim::holder(store.store_id(), &claim::host_name());
+        let taking_over = claim::taking_over(&handed, &ours);
+        reserved.set(reserved.get() + usize::from(said.iter().all(|c| *c == taking_over)));
+        // Once anything of the file is stored here, the claims let no other store take it.
+        let touched = profiles_present(&store, &moved) > 0
+            || MOVED
+                .iter()
+                .any(|p| store.partition_moved(*p).unwrap().is_some());
+        for claim in &said {
+            let allowed = *claim == taking_over || *claim == ours || (!touched && *claim == handed);
+            assert!(allowed, "claims {said:?} with the store touched: {touched}");
+        }
         let present = profiles_present(&store, &moved);
         assert_eq!(store.profile_count().unwrap() as usize, present);
         for partition in MOVED {
@@ -273,9 +330,17 @@ fn hand_over_and_take_over_finish_after_sigkills() {
         }
         true
     });
-    println!("take-over: {kills} kills, leaving (not begun, marked, finished) {seen:?}");
+    println!(
+        "take-over: {kills} kills, leaving (not begun, marked, finished) {seen:?}, {} with the \
+         claims saying it was being taken over",
+        reserved.get()
+    );
     let seen = seen.into_inner();
     assert!(seen[1] > 0, "no kill came during the take-over: {seen:?}");
+    assert!(
+        reserved.get() > 0,
+        "no kill came while the claims said the file was being taken over"
+    );
     let store = Store::open(&store_of(&taking), 8 << 20).unwrap();
     assert_eq!(profiles_present(&store, &moved), moved.len());
     assert_eq!(store.profile_count().unwrap() as usize, moved.len());

@@ -2289,7 +2289,7 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
 
     // A take-over of the same file begun from another store (the claims say so, as it first
     // writes them): this one is refused before its store is made. The hand-over run again
-    // makes the claims name the file alone.
+    // gives that take-over up only with --force, making the claims name the file alone.
     let claims = second.claims(&server).await;
     let handed_claim = claim_text(&claims, 6).await;
     let elsewhere = taking_over(&handed_claim, "store 0badc0de on elsewhere");
@@ -2302,7 +2302,15 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{stderr}"
     );
     assert!(!second.dir.path().join("store").exists());
-    let again = first.cli(&["nats", "hand-over", "6-7", file_arg]);
+    let kept = first.run(&["nats", "hand-over", "6-7", file_arg]);
+    let stderr = String::from_utf8_lossy(&kept.stderr);
+    assert!(!kept.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("has not finished") && stderr.contains("give --force"),
+        "{stderr}"
+    );
+    assert_eq!(claim_text(&claims, 7).await, elsewhere);
+    let again = first.cli(&["nats", "hand-over", "6-7", file_arg, "--force"]);
     assert_eq!(
         again
             .matches(&format!("claim says: {handed_claim}\n"))
@@ -2310,8 +2318,17 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         2,
         "{again}"
     );
+    // The store's own refusals come before the claims are changed: here, its running agent
+    // owns the partitions.
+    let mut second_agent = second.start().await;
+    let refused = second.run(&["nats", "take-over", file_arg]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("this agent consumes partition"), "{stderr}");
+    assert_eq!(claim_text(&claims, 6).await, handed_claim);
+    second_agent.terminate().await;
 
-    // The second agent, never started, takes them over and starts.
+    // The second agent, stopped, takes them over and starts.
     let taken = second.cli(&["nats", "take-over", file_arg]);
     assert!(
         taken.contains(&format!("{moved_profiles} profile(s) stored from")),

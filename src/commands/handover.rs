@@ -84,10 +84,11 @@ fn our_claim(backend: &Backend) -> Result<String, CliError> {
     Ok(claim::holder(id, &claim::host_name()))
 }
 
-/// Makes every claim of `read` that says `handed` say `taking` ([`claim::taking_over`]), by
-/// compare-and-set, and returns the claims as they then are. Should one have changed since it
-/// was read (another take-over of the file, from another store, wrote it first), those made
-/// here say `handed` again and the take-over is refused, before anything is stored.
+/// Makes every claim of `read` that says `handed`, or already `taking` ([`claim::taking_over`]),
+/// say `taking`, by compare-and-set, and returns the claims as they then are. Should one have
+/// changed since it was read (another take-over of the file, from another store, wrote it
+/// first, or the hand-over was run again), those made here are put back and the take-over is
+/// refused, before anything is stored.
 fn reserve_claims(
     runtime: &tokio::runtime::Runtime,
     bucket: &async_nats::jetstream::kv::Store,
@@ -98,13 +99,16 @@ fn reserve_claims(
     let mut made: Vec<ReadClaim> = Vec::new();
     let mut now = Vec::with_capacity(read.len());
     for claim in read {
-        if claim.holder.as_deref() != Some(handed) {
+        let was = claim.holder.clone();
+        if was.as_deref() != Some(handed) && was.as_deref() != Some(taking) {
             now.push(claim);
             continue;
         }
         match runtime.block_on(claim::replace(bucket, &claim, taking)) {
             Ok(written) => {
-                made.push(written.clone());
+                if was.as_deref() == Some(handed) {
+                    made.push(written.clone());
+                }
                 now.push(written);
             }
             Err(e) => {
@@ -121,12 +125,13 @@ fn reserve_claims(
                     String::new()
                 } else {
                     format!(
-                        "; the claims of partition(s) {} still name this store's take-over:                          run it again",
+                        "; the claims of partition(s) {} could not be put back as they were read",
                         left.join(", ")
                     )
                 };
                 return Err(CliError::Failure(format!(
-                    "{e}: another take-over of {} may have begun from another store; nothing was                      stored here{left}",
+                    "{e} (another take-over of {}, from another store, may have begun, or the \
+                     hand-over was run again): nothing was stored here{left}",
                     file.display()
                 )));
             }
@@ -135,13 +140,12 @@ fn reserve_claims(
     Ok(now)
 }
 
-/// `error` of a take-over's store part, saying that the claims still name this store's
-/// take-over: the store may hold part of the file, so they are left so.
+/// `error` of a take-over's store part once the claims name this store's take-over: they are
+/// left so, since the store may hold part of the file.
 fn still_taking(error: CliError, taking: &str) -> CliError {
     let then = format!(
         "the partitions' claims say \"{taking}\": run this take-over again once this is fixed \
-         (it goes on where it stopped), or, for another store to take the file over instead, the \
-         hand-over again on the store that wrote it"
+         (it goes on where it stopped)"
     );
     match error {
         CliError::Failure(message) => CliError::Failure(format!("{message}; {then}")),
@@ -156,7 +160,11 @@ fn taken_by_another(claim: &ReadClaim, handed: &str, file: &Path) -> Option<CliE
     let holder = claim.holder.as_deref()?;
     let taker = claim::taker(holder, handed)?;
     Some(CliError::Failure(format!(
-        "partition {}'s claim says {holder}: {taker} is taking {} over (a take-over of the same          file, from another store); nothing was stored here. That take-over goes on when run          again on its store; to take the file over here instead, first run the hand-over again          on the store that wrote the file, which makes the claims name the file alone",
+        "partition {}'s claim says {holder}: {taker} is taking {} over (a take-over of the same \
+         file, from another store); nothing was stored here. That take-over goes on when run \
+         again on its store. Only if that store is lost, or will never consume these partitions \
+         (it may hold some of their profiles), run the hand-over again on the store that wrote \
+         the file with --force, which makes the claims name the file alone",
         claim.partition,
         file.display()
     )))
@@ -202,7 +210,12 @@ fn describe_position(seq: Option<u64>) -> String {
 }
 
 /// `outpost nats hand-over PARTITIONS FILE`.
-pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Result<(), CliError> {
+pub(super) fn hand_over(
+    config: &Config,
+    partitions: &str,
+    file: &Path,
+    force: bool,
+) -> Result<(), CliError> {
     let nats = nats_config(config)?;
     let partitions = crate::source::partition::parse_owned(partitions, nats.partitions)
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
@@ -230,14 +243,14 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
         .ok()
         .and_then(|f| FileReader::open(std::io::BufReader::new(f)).ok())
         .map(|(header, _)| claim::handed_over(&header.file_id()));
-    // As is one saying that the file is being taken over: the take-over did not finish (its
-    // store then runs it again, and goes on), and the hand-over makes the claims name the file
-    // alone again, so that another store may take it over instead.
-    let this_files = |holder: &str| {
+    // One saying that another store is taking the file over is given up only with `force`:
+    // that store may hold part of the file, or all of it.
+    let being_taken = |holder: &str| {
         this_file
             .as_deref()
-            .is_some_and(|handed| holder == handed || claim::taker(holder, handed).is_some())
+            .is_some_and(|handed| claim::taker(holder, handed).is_some())
     };
+    let this_files = |holder: &str| this_file.as_deref() == Some(holder) || being_taken(holder);
     for claim in &read {
         match &claim.holder {
             Some(holder) if holder.starts_with(claim::HANDED_OVER) && !this_files(holder) => {
@@ -245,6 +258,16 @@ pub(super) fn hand_over(config: &Config, partitions: &str, file: &Path) -> Resul
                     "partition {}'s claim says {holder}: another hand-over of it waits for its \
                      take-over, and this store's versions of it are not the latest",
                     claim.partition
+                )));
+            }
+            Some(holder) if !force && being_taken(holder) => {
+                return Err(CliError::Failure(format!(
+                    "partition {}'s claim says {holder}: that store's take-over of {} has not \
+                     finished; run it again there. Only if that store is lost, or will never \
+                     consume these partitions (it may hold some of their profiles), give --force \
+                     to make the claims name the file alone, for another store to take it over",
+                    claim.partition,
+                    file.display()
                 )));
             }
             Some(holder) if holder.starts_with(claim::HANDED_OVER) => {}
@@ -366,18 +389,26 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
             _ => return Err(refusal(claim)),
         }
     }
-    let read = reserve_claims(&runtime, &bucket, read, (&handed, &taking), file)?;
-    let request = AdminRequest::TakeOver {
-        path: absolute(file)?,
-        terms: terms(config),
-        // A claim of this store's is a take-over run again: only a finished one fits it.
-        finished_only: ours_already,
+    let request = |check_only| -> Result<AdminRequest, CliError> {
+        Ok(AdminRequest::TakeOver {
+            path: absolute(file)?,
+            terms: terms(config),
+            // A claim of this store's is a take-over run again: only a finished one fits it.
+            finished_only: ours_already,
+            check_only,
+        })
     };
+    // The store's refusals first, with the claims as they were; then the claims say this
+    // store is taking the file over, and only then is anything stored.
+    backend.execute(&request(true)?)?;
+    let read = reserve_claims(&runtime, &bucket, read, (&handed, &taking), file)?;
     let reserved = read.iter().any(|c| c.holder.as_deref() == Some(&taking));
-    let answer = backend.execute(&request).map_err(|e| match reserved {
-        true => still_taking(e.into(), &taking),
-        false => e.into(),
-    })?;
+    let answer = backend
+        .execute(&request(false)?)
+        .map_err(|e| match reserved {
+            true => still_taking(e.into(), &taking),
+            false => e.into(),
+        })?;
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
         println!(

@@ -268,9 +268,11 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Nats(NatsCommand::Release { partitions, force }) => {
             runtime()?.block_on(nats::release(config, &partitions, force))
         }
-        Command::Nats(NatsCommand::HandOver { partitions, file }) => {
-            handover::hand_over(config, &partitions, &file)
-        }
+        Command::Nats(NatsCommand::HandOver {
+            partitions,
+            file,
+            force,
+        }) => handover::hand_over(config, &partitions, &file, force),
         Command::Nats(NatsCommand::TakeOver { file }) => handover::take_over(config, &file),
         Command::Nats(NatsCommand::SetPosition { partition, seq }) => {
             // Checked against the stream with this process's rights (credential files).

@@ -636,6 +636,30 @@ impl Store {
         owned: &[u32],
         finished_only: bool,
     ) -> Result<TakenOver, MoveError> {
+        self.take_over_as(path, terms, owned, finished_only, false)
+    }
+
+    /// Refuses the take-over of the file at `path` as [`Store::take_over`] would, and changes
+    /// nothing: `outpost nats take-over` asks this before the claims say the file is being
+    /// taken over by this store, so that a refusal leaves them as they were.
+    pub fn check_take_over(
+        &self,
+        path: &Path,
+        terms: &Terms,
+        owned: &[u32],
+        finished_only: bool,
+    ) -> Result<TakenOver, MoveError> {
+        self.take_over_as(path, terms, owned, finished_only, true)
+    }
+
+    fn take_over_as(
+        &self,
+        path: &Path,
+        terms: &Terms,
+        owned: &[u32],
+        finished_only: bool,
+        check_only: bool,
+    ) -> Result<TakenOver, MoveError> {
         let in_file =
             |e: super::handover_file::FileError| refused(format!("{}: {e}", path.display()));
         let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
@@ -767,7 +791,7 @@ impl Store {
                  over: they came by another input, and the store cannot tell which is newer"
             )));
         }
-        if finished != 0 {
+        if finished != 0 || check_only {
             return Ok(TakenOver {
                 header,
                 stored: 0,
