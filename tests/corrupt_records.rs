@@ -279,6 +279,11 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     assert_eq!(status, 500, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["stored"], REQUEST_CHUNK, "{answer}");
+    // Both refused requests count once each as refused; the chunk stored, as exported.
+    let refused = metric(addr, r#"outpost_updates_total{result="refused"}"#).await;
+    assert_eq!(refused, 2.0);
+    let exported = metric(addr, r#"outpost_updates_total{result="exported"}"#).await;
+    assert_eq!(exported, 1.0 + REQUEST_CHUNK as f64);
     let said = answer["error"].as_str().unwrap();
     assert!(
         said.contains("profile `p1` is unreadable")

@@ -182,16 +182,6 @@ async fn healthz_json(addr: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
-/// A metric's value from `/metrics` text (the first line that starts with `name`).
-async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (_, text) = http_get(addr, "/metrics").await;
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Waits (at most 60 s) until the agent's metric `name` reads `value`.
 async fn wait_until_metric(agent: &AgentProcess, name: &str, value: f64) {
     let what = format!("{name} to read {value}");

@@ -544,6 +544,10 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         }
         Err(partly) => {
             state.metrics.record_commit(&partly.stored);
+            // Refused for what it holds, as a 400 is; a 503 is sent again.
+            if let CommitError::Refused(_) | CommitError::GivenAway(_) = partly.error {
+                state.metrics.record_refused(1);
+            }
             commit_failure(partly, count)
         }
     }

@@ -272,6 +272,17 @@ pub fn assert_per_profile_order(deliveries: &[(String, String)]) {
     }
 }
 
+/// A metric's value from an agent's `/metrics` text (the first line that starts with `name`),
+/// 0 when it has none.
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// POSTs `body` to `http://addr{path}` and returns the status and the answer's body.
 pub async fn http_post(
     addr: std::net::SocketAddr,
