@@ -2292,6 +2292,12 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{stderr}"
     );
     assert!(!second.dir.path().join("store").exists());
+    let kept = second.cli(&["nats", "release", "6"]);
+    assert!(
+        kept.contains("left as it is")
+            && kept.contains("store 0badc0de's take-over of that file has not finished"),
+        "{kept}"
+    );
     let kept = first.run(&["nats", "hand-over", "6-7", file_arg]);
     let stderr = String::from_utf8_lossy(&kept.stderr);
     assert!(!kept.status.success(), "{stderr}");

@@ -44,10 +44,16 @@ pub(super) async fn release(
         let read = claim::read(&claims, partition).await.map_err(failure)?;
         if let Some(handed) = read.holder.filter(|h| h.starts_with(claim::HANDED_OVER)) {
             if !force {
+                let then = match claim::any_taker(&handed) {
+                    Some(taker) => format!(
+                        "{taker}'s take-over of that file has not finished (run it again there)"
+                    ),
+                    None => "take it over with that file (`outpost nats take-over`)".into(),
+                };
                 println!(
-                    "partition {partition:<6} left as it is: its claim says {handed}; take it \
-                     over with that file (`outpost nats take-over`), or give --force to let it \
-                     go, and an agent that owns it consumes it from the stream's start"
+                    "partition {partition:<6} left as it is: its claim says {handed}; {then}, \
+                     or give --force to let it go, and an agent that owns it consumes it from \
+                     the stream's start"
                 );
                 continue;
             }

@@ -83,6 +83,12 @@ pub fn taker<'a>(claim: &'a str, handed: &str) -> Option<&'a str> {
     claim.strip_prefix(handed)?.strip_prefix(TAKEN_BY)
 }
 
+/// The store that a claim saying [`taking_over`] any file names.
+pub fn any_taker(claim: &str) -> Option<&str> {
+    let (handed, taker) = claim.split_once(TAKEN_BY)?;
+    handed.starts_with(HANDED_OVER).then_some(taker)
+}
+
 /// The store a claim names, without the host it is on.
 fn store_of(claim: &str) -> &str {
     claim.split(" on ").next().unwrap_or(claim)
@@ -290,6 +296,8 @@ mod tests {
         assert!(taking.starts_with(HANDED_OVER));
         assert_eq!(judge(&taking, &ours), Claim::Elsewhere(taking.clone()));
         assert_eq!(taker(&taking, &handed), Some("store 00001a2b"));
+        assert_eq!(any_taker(&taking), Some("store 00001a2b"));
+        assert_eq!(any_taker(&handed), None);
         assert_eq!(taker(&handed, &handed), None);
         let other_file = handed_over("00009999-1800000000000");
         assert_eq!(taker(&taking, &other_file), None);
