@@ -2506,3 +2506,72 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "all new: {body}"
     );
 }
+
+/// The claims bucket of the stream on `server`, as the `operator` user of
+/// [`server_with_agent_user`].
+async fn claims_as_operator(server: &NatsServer) -> async_nats::jetstream::kv::Store {
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("operator".into(), "op-pass".into())
+            .connect(server.url())
+            .await
+            .unwrap();
+    let js = async_nats::jetstream::new(client);
+    outpost::source::claim::bucket(&js, "UPDATES", "outpost", 1)
+        .await
+        .unwrap()
+}
+
+/// A take-over that cannot make every claim say it is taking the file over (here: its user may
+/// not write partition 7's claim, as if another take-over had written it first) puts back
+/// those it made and stores nothing; the file can still be taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
+    let Some(server_bin) = nats_server_or_skip("a_take_over_that_cannot_reserve_every_claim")
+    else {
+        return;
+    };
+    let (server, _conf) = server_with_agent_user(
+        &server_bin,
+        r#"{ publish: { deny: ["$KV.owners_7_UPDATES_outpost.partition-7"] } }"#,
+    );
+    let receiver = start_receiver().await;
+    let giving = AgentSetup::on_stream(&receiver.base_url(), &server, OPERATOR_CREDENTIALS, "");
+    let mut agent = giving.start().await;
+    giving.publish(&versions(40, 0));
+    wait_or_show(60, "the deliveries", &[&agent], async || {
+        names_by_profile(&receiver).len() == 40
+    })
+    .await;
+    agent.terminate().await;
+    let file = giving.dir.path().join("6-7.handover");
+    let file_arg = file.to_str().unwrap();
+    giving.cli(&["nats", "hand-over", "6-7", file_arg]);
+    let claims = claims_as_operator(&server).await;
+    let handed = claim_text(&claims, 6).await;
+    assert_eq!(claim_text(&claims, 7).await, handed);
+
+    let taking_as = |credentials: &str| {
+        AgentSetup::new(
+            &receiver.base_url(),
+            Some(&nats_table(&server.url(), 8, "6-7", credentials)),
+            "",
+        )
+    };
+    let taking = taking_as("user = \"agent\"\npassword = \"agent-pass\"");
+    let refused = taking.run(&["nats", "take-over", file_arg]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("partition 7") && stderr.contains("nothing was stored here"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("could not be put back"), "{stderr}");
+    assert_eq!(claim_text(&claims, 6).await, handed, "put back");
+    assert_eq!(claim_text(&claims, 7).await, handed);
+    assert_eq!(outbox_stats(&taking.config())["profiles"], 0);
+
+    // Another store whose user may write both takes the file over.
+    let other = taking_as(OPERATOR_CREDENTIALS);
+    let taken = other.cli(&["nats", "take-over", file_arg]);
+    assert_eq!(taken.matches("claim says: store ").count(), 2, "{taken}");
+}

@@ -130,8 +130,8 @@ fn reserve_claims(
                     )
                 };
                 return Err(CliError::Failure(format!(
-                    "{e} (another take-over of {}, from another store, may have begun, or the \
-                     hand-over was run again): nothing was stored here{left}",
+                    "{e}; nothing was stored here (another take-over of {}, from another store, \
+                     may have begun, or the hand-over was run again){left}",
                     file.display()
                 )));
             }
