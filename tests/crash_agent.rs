@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::agent_process::{free_port, AgentProcess};
 use common::*;
 use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::store::committer::REQUEST_CHUNK;
 use rand::Rng;
 use serde_json::json;
 
@@ -218,5 +219,64 @@ async fn run(shape: Run) {
         lines.len(),
         profiles * versions,
         receiver.export_requests().len(),
+    );
+}
+
+/// A request of more than a chunk is committed a chunk at a time, each durable before the next
+/// is queued: killed while it is stored, the agent leaves whole chunks from the request's start
+/// and nothing after them. The agent is killed at instants growing by 30% until a request is
+/// answered, each time with a request of new profiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_killed_partway_leaves_whole_chunks_from_its_start() {
+    const UPDATES: usize = 4 * REQUEST_CHUNK;
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(outpost::receiver::down()));
+    let dir = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let base = receiver.base_url();
+    let text = agent_config_text(&base, &oauth_body(&base), "")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, text).unwrap();
+    let store_path = outpost::config::Config::load(&config).unwrap().storage.path;
+
+    let mut delay = Duration::from_millis(50);
+    let mut partly = 0;
+    for round in 0.. {
+        assert!(round < 60, "no request was answered");
+        let ids: Vec<String> = (0..UPDATES).map(|i| format!("r{round}-{i}")).collect();
+        let body = ids
+            .iter()
+            .map(|id| member_update(id, "a", "2026-01-01T00:00:00Z"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let agent = start_agent(&config, addr).await;
+        let answered = tokio::time::timeout(delay, try_post(addr, body)).await;
+        drop(agent); // SIGKILL
+        let store = outpost::store::Store::open(&store_path, 8 << 20).unwrap();
+        let stored: Vec<bool> = ids
+            .iter()
+            .map(|id| store.profile(id).unwrap().is_some())
+            .collect();
+        drop(store);
+        let count = stored.iter().filter(|s| **s).count();
+        assert!(
+            stored[..count].iter().all(|s| *s),
+            "round {round}: {count} stored, not the first {count}"
+        );
+        if let Ok(Ok((status, answer))) = answered {
+            assert_eq!((status, count), (200, UPDATES), "{answer}");
+            break;
+        }
+        assert_eq!(count % REQUEST_CHUNK, 0, "round {round}: {count} stored");
+        partly += usize::from(count > 0 && count < UPDATES);
+        delay = delay.mul_f64(1.3);
+    }
+    println!("{partly} kills left part of a request stored");
+    assert!(
+        partly > 0,
+        "no kill came while a request was stored in part"
     );
 }
