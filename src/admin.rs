@@ -93,9 +93,13 @@ pub enum AdminRequest {
         /// already).
         #[serde(default)]
         finished_only: bool,
-        /// Refuse as the take-over would, but change nothing.
-        #[serde(default)]
-        check_only: bool,
+    },
+    /// Refuses as [`AdminRequest::TakeOver`] would, and changes nothing. An op of its own, so
+    /// that an agent of an earlier build refuses it rather than taking the file over.
+    CheckTakeOver {
+        path: String,
+        terms: Terms,
+        finished_only: bool,
     },
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
@@ -337,11 +341,15 @@ pub fn execute_with(
             path,
             terms,
             finished_only,
-            check_only,
+        }
+        | AdminRequest::CheckTakeOver {
+            path,
+            terms,
+            finished_only,
         } => {
-            let take_over = match check_only {
-                true => Store::check_take_over,
-                false => Store::take_over,
+            let take_over = match request {
+                AdminRequest::CheckTakeOver { .. } => Store::check_take_over,
+                _ => Store::take_over,
             };
             let done =
                 take_over(store, Path::new(path), terms, owned, *finished_only).map_err(moved)?;

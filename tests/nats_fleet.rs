@@ -2557,6 +2557,11 @@ async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
             "",
         )
     };
+    let revision_6 = async || {
+        let entry = claims.entry("partition-6").await.unwrap();
+        entry.expect("a claim").revision
+    };
+    let before = revision_6().await;
     let taking = taking_as("user = \"agent\"\npassword = \"agent-pass\"");
     let refused = taking.run(&["nats", "take-over", file_arg]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -2567,6 +2572,10 @@ async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
     );
     assert!(!stderr.contains("could not be put back"), "{stderr}");
     assert_eq!(claim_text(&claims, 6).await, handed, "put back");
+    assert!(
+        revision_6().await > before,
+        "partition 6's claim was written (reserved, then put back)"
+    );
     assert_eq!(claim_text(&claims, 7).await, handed);
     assert_eq!(outbox_stats(&taking.config())["profiles"], 0);
 

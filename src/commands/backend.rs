@@ -272,6 +272,7 @@ fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Du
         AdminRequest::Compact
         | AdminRequest::HandOver { .. }
         | AdminRequest::TakeOver { .. }
+        | AdminRequest::CheckTakeOver { .. }
         | AdminRequest::Retry { all_dead: true, .. }
         | AdminRequest::Drop { all_dead: true, .. } => None,
         AdminRequest::Retry { .. } | AdminRequest::Drop { .. } => {

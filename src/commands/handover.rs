@@ -129,9 +129,14 @@ fn reserve_claims(
                         left.join(", ")
                     )
                 };
+                let stored = if was.as_deref() == Some(taking) {
+                    "this store's take-over begun before may have stored part of the file here"
+                } else {
+                    "nothing was stored here"
+                };
                 return Err(CliError::Failure(format!(
-                    "{e}; nothing was stored here (another take-over of {}, from another store, \
-                     may have begun, or the hand-over was run again){left}",
+                    "{e}; {stored} (another take-over of {}, from another store, may have begun, \
+                     or the hand-over was run again){left}",
                     file.display()
                 )));
             }
@@ -389,26 +394,34 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
             _ => return Err(refusal(claim)),
         }
     }
-    let request = |check_only| -> Result<AdminRequest, CliError> {
-        Ok(AdminRequest::TakeOver {
-            path: absolute(file)?,
-            terms: terms(config),
-            // A claim of this store's is a take-over run again: only a finished one fits it.
-            finished_only: ours_already,
-            check_only,
-        })
+    let path = absolute(file)?;
+    // A claim of this store's is a take-over run again: only a finished one fits it.
+    let finished_only = ours_already;
+    let reserved_before = read.iter().any(|c| c.holder.as_deref() == Some(&taking));
+    let reserved_then = |e: crate::admin::AdminError, reserved| match reserved {
+        true => still_taking(e.into(), &taking),
+        false => CliError::from(e),
     };
     // The store's refusals first, with the claims as they were; then the claims say this
     // store is taking the file over, and only then is anything stored.
-    backend.execute(&request(true)?)?;
+    let check = AdminRequest::CheckTakeOver {
+        path: path.clone(),
+        terms: terms(config),
+        finished_only,
+    };
+    backend
+        .execute(&check)
+        .map_err(|e| reserved_then(e, reserved_before))?;
     let read = reserve_claims(&runtime, &bucket, read, (&handed, &taking), file)?;
     let reserved = read.iter().any(|c| c.holder.as_deref() == Some(&taking));
+    let request = AdminRequest::TakeOver {
+        path,
+        terms: terms(config),
+        finished_only,
+    };
     let answer = backend
-        .execute(&request(false)?)
-        .map_err(|e| match reserved {
-            true => still_taking(e.into(), &taking),
-            false => e.into(),
-        })?;
+        .execute(&request)
+        .map_err(|e| reserved_then(e, reserved))?;
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
         println!(

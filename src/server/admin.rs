@@ -119,7 +119,9 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
         Ok(AdminRequest::Snapshot) => snapshot(state).await,
         Ok(mut request) => {
             if let (
-                AdminRequest::HandOver { terms, .. } | AdminRequest::TakeOver { terms, .. },
+                AdminRequest::HandOver { terms, .. }
+                | AdminRequest::TakeOver { terms, .. }
+                | AdminRequest::CheckTakeOver { terms, .. },
                 Some(running),
             ) = (&mut request, &state.move_terms)
             {

@@ -1266,6 +1266,29 @@ mod tests {
         );
     }
 
+    /// The check `outpost nats take-over` asks for before it changes the claims refuses as
+    /// the take-over does, and changes nothing.
+    #[test]
+    fn a_take_over_checked_changes_nothing() {
+        let f = partition_1_handed_over(30, 30);
+        let owned = refusal(f.taking.check_take_over(&f.file, &f.terms, &[1], false));
+        assert!(owned.contains("this agent consumes partition 1"), "{owned}");
+        let checked = f
+            .taking
+            .check_take_over(&f.file, &f.terms, &[], false)
+            .unwrap();
+        assert_eq!(checked.stored, 0);
+        assert_eq!(f.taking.profile_count().unwrap(), 0);
+        assert!(f.taking.partition_moved(1).unwrap().is_none());
+        assert_eq!(
+            f.taking.source_position(1, STREAM, 100).unwrap(),
+            Recorded::Nothing
+        );
+        let taken = f.taking.take_over(&f.file, &f.terms, &[], false).unwrap();
+        assert_eq!(taken.stored, checked.profiles_in_file);
+        assert!(taken.stored > 0);
+    }
+
     /// A segment mapped in the config the store has not run with is backfilled at its
     /// agent's next start: the profiles moved away before would miss it.
     #[test]
