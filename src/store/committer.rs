@@ -30,7 +30,7 @@ const MAX_GROUP_UPDATES: usize = 4_000;
 /// A request of more updates than this is committed this many at a time, each chunk in a
 /// transaction of its own, durable before the next is queued: what a transaction's updates
 /// parse into and write is held until it is flushed. One HTTP request of 17,953 ~1 KB updates
-/// (15 MiB) took the agent's peak RSS to 260 MB committed whole, 73 MB in chunks of 1,000
+/// (15 MiB) took the agent's peak RSS to 260 MB committed whole, 78 MB in chunks of 1,000
 /// (README "Memory and the size of an HTTP request").
 pub const REQUEST_CHUNK: usize = 1_000;
 
