@@ -5,7 +5,7 @@
 //! claim say which file it was handed over in ([`claim::handed_over`]), which no store holds,
 //! so no agent consumes the partition meanwhile; a take-over of that very file claims it for
 //! the taking store, first as being taken over by it ([`claim::taking_over`]), before its
-//! store is touched, so that of two take-overs of the same file from two stores one at most
+//! store is changed, so that of two take-overs of the same file from two stores one at most
 //! stores anything. Claims are read before the store is touched and written by
 //! compare-and-set, so a stale file, one of another fleet, or two commands at once are refused
 //! rather than obeyed.

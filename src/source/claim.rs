@@ -68,7 +68,7 @@ pub const HANDED_OVER: &str = "handed over in file ";
 
 /// What a claim says while `outpost nats take-over` of the file that `handed` names
 /// ([`handed_over`]) runs for the store whose claim is `taker` ([`holder`]): a take-over writes
-/// it, by compare-and-set, before it touches its store, so that a second take-over of the same
+/// it, by compare-and-set, before it changes its store, so that a second take-over of the same
 /// file, from another store, is refused before it stores anything. It starts as `handed` does,
 /// so agents leave the partition alone and `outpost nats release` keeps it, as they do a
 /// handed-over claim; and it never contains " on ", so [`judge`] takes it for no store's.
