@@ -736,12 +736,9 @@ pub fn locate_body<'b>(
 }
 
 impl<'b> LocatedBody<'b> {
-    pub fn len(&self) -> usize {
+    /// How many updates the body holds.
+    pub fn count(&self) -> usize {
         self.first.len() + self.rest.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Every update, when all of them were kept parsed (the body is then no longer needed);

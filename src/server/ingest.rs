@@ -526,7 +526,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
             );
         }
     };
-    let count = located.len() as u64;
+    let count = located.count() as u64;
     let committed = match located.all_parsed() {
         Ok(updates) => {
             drop(body);

@@ -581,7 +581,8 @@ mod tests {
         lines.join("\n")
     }
 
-    /// Commits `body` as `POST /v1/updates` does.
+    /// Commits `body` as `POST /v1/updates` does (which hands a body it parsed whole to
+    /// [`Committer::commit_parsed`] only to drop the body first).
     async fn commit_body(
         committer: &Committer,
         body: &str,
@@ -591,10 +592,7 @@ mod tests {
             max_future_s: 0,
         });
         let located = locate_body(body.as_bytes(), &parsing, REQUEST_CHUNK).unwrap();
-        match located.all_parsed() {
-            Ok(updates) => committer.commit_parsed(updates).await,
-            Err(located) => committer.commit_located(located, &parsing).await,
-        }
+        committer.commit_located(located, &parsing).await
     }
 
     #[tokio::test]
