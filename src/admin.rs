@@ -131,6 +131,10 @@ pub enum AdminError {
     Usage(String),
     #[error("{0}")]
     Failed(String),
+    /// The store refused the request before changing anything (a take-over's refusals).
+    /// An agent of an older build answers these as [`AdminError::Failed`].
+    #[error("{0}")]
+    Refused(String),
     /// The request reached the agent, but no answer came back: it may have been done.
     #[error("{0}")]
     Unanswered(String),
@@ -179,6 +183,7 @@ impl AdminAnswer {
                     AdminError::NotFound(_) => "not_found",
                     AdminError::Usage(_) => "usage",
                     AdminError::Failed(_) | AdminError::Unanswered(_) => "failed",
+                    AdminError::Refused(_) => "refused",
                     AdminError::InDoubt(_) => "in_doubt",
                 };
                 AdminAnswer {
@@ -209,6 +214,7 @@ impl AdminAnswer {
                 Some("not_found") => AdminError::NotFound(error),
                 Some("usage") => AdminError::Usage(error),
                 Some("in_doubt") => AdminError::InDoubt(error),
+                Some("refused") => AdminError::Refused(error),
                 _ => AdminError::Failed(error),
             }),
             (None, None) => Err(AdminError::Failed("empty answer from the agent".into())),
@@ -351,8 +357,14 @@ pub fn execute_with(
                 AdminRequest::CheckTakeOver { .. } => Store::check_take_over,
                 _ => Store::take_over,
             };
-            let done =
-                take_over(store, Path::new(path), terms, owned, *finished_only).map_err(moved)?;
+            // A take-over refuses before it marks anything: the command can then put the
+            // claims back as they were.
+            let done = take_over(store, Path::new(path), terms, owned, *finished_only).map_err(
+                |e| match e {
+                    MoveError::Refused(text) => AdminError::Refused(text),
+                    other => moved(other),
+                },
+            )?;
             Ok(json!({
                 "from_store": format!("{:08x}", done.header.store_id),
                 "file_id": done.header.file_id(),
@@ -612,14 +624,19 @@ mod tests {
     use crate::store::{ListFilter, Place};
 
     #[test]
-    fn an_answer_in_doubt_reaches_the_command_as_in_doubt() {
-        let answer = AdminAnswer::from_result(Err(AdminError::InDoubt("disk full".into())));
-        let line = serde_json::to_string(&answer).unwrap();
-        let read: AdminAnswer = serde_json::from_str(&line).unwrap();
-        assert!(
-            matches!(read.into_result(), Err(AdminError::InDoubt(ref m)) if m == "disk full"),
-            "{line}"
-        );
+    fn each_kind_of_failure_reaches_the_command_as_that_kind() {
+        for error in [
+            AdminError::NotFound("no such export".into()),
+            AdminError::Usage("bad request".into()),
+            AdminError::Failed("store error".into()),
+            AdminError::Refused("the file is stale".into()),
+            AdminError::InDoubt("disk full".into()),
+        ] {
+            let line =
+                serde_json::to_string(&AdminAnswer::from_result(Err(error.clone()))).unwrap();
+            let read: AdminAnswer = serde_json::from_str(&line).unwrap();
+            assert_eq!(read.into_result(), Err(error), "{line}");
+        }
     }
 
     #[test]

@@ -2584,3 +2584,131 @@ async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
     let taken = other.cli(&["nats", "take-over", file_arg]);
     assert_eq!(taken.matches("claim says: store ").count(), 2, "{taken}");
 }
+
+/// Stands in for a running agent on the admin socket of the store at `store`, as one whose
+/// store changes between a take-over's check and the take-over: `stats` gives store
+/// `0000abcd`, the check passes, and the take-over is answered `take_over_answer`. Returns
+/// the ops asked, once a take-over was.
+fn agent_refusing_the_take_over(
+    store: &Path,
+    take_over_answer: &'static str,
+) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::{Read, Write};
+    std::fs::create_dir_all(store).unwrap();
+    let socket = outpost::server::admin::socket_path(store);
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut ops = Vec::new();
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut request = String::new();
+            stream.read_to_string(&mut request).unwrap();
+            // A connection that asks nothing tells whether an agent answers.
+            let Ok(request) = serde_json::from_str::<serde_json::Value>(&request) else {
+                continue;
+            };
+            let op = request["op"].as_str().unwrap().to_string();
+            let answer = match op.as_str() {
+                "stats" => r#"{"ok":{"store_id":"0000abcd"}}"#,
+                "check_take_over" => {
+                    r#"{"ok":{"from_store":"00000001","file_id":"f","partitions":[],"profiles_in_file":40,"stored":0}}"#
+                }
+                "take_over" => take_over_answer,
+                other => panic!("not asked of a take-over: {other}"),
+            };
+            stream.write_all(format!("{answer}\n").as_bytes()).unwrap();
+            ops.push(op);
+            if ops.last().is_some_and(|op| op == "take_over") {
+                return ops;
+            }
+        }
+        unreachable!("the listener ends only with an error")
+    })
+}
+
+/// The store refuses the take-over itself, though it passed the check (an update of one of
+/// the file's profiles came in between): the claims the command reserved are put back, as a
+/// refusal changes nothing. An agent of an older build answers a refusal as failed: the
+/// claims then stay reserved, as the store may hold part of the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
+    let Some(server_bin) = nats_server_or_skip("a_take_over_its_store_refuses_after_the_check")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let giving = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let mut agent = giving.start().await;
+    giving.publish(&versions(40, 0));
+    wait_or_show(60, "the deliveries", &[&agent], async || {
+        names_by_profile(&receiver).len() == 40
+    })
+    .await;
+    agent.terminate().await;
+    let file = giving.dir.path().join("6-7.handover");
+    let file_arg = file.to_str().unwrap();
+    giving.cli(&["nats", "hand-over", "6-7", file_arg]);
+    let claims = giving.claims(&server).await;
+    let handed = claim_text(&claims, 6).await;
+    assert_eq!(claim_text(&claims, 7).await, handed);
+    let revision = async |partition: u32| {
+        let entry = claims
+            .entry(format!("partition-{partition}"))
+            .await
+            .unwrap();
+        entry.expect("a claim").revision
+    };
+    let before = (revision(6).await, revision(7).await);
+
+    let taking = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "6-7", "")),
+        "",
+    );
+    let store = taking.dir.path().join("store");
+    let refusal = "1 profile(s) of these partitions are stored here with other versions";
+    let agent = agent_refusing_the_take_over(
+        &store,
+        r#"{"error":"1 profile(s) of these partitions are stored here with other versions","kind":"refused"}"#,
+    );
+    let refused = taking.run(&["nats", "take-over", file_arg]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert_eq!(
+        agent.join().unwrap(),
+        ["stats", "check_take_over", "take_over"]
+    );
+    assert!(
+        stderr.contains(refusal) && stderr.contains("the claims it reserved were put back"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("claims say"), "{stderr}");
+    assert_eq!(claim_text(&claims, 6).await, handed, "put back");
+    assert_eq!(claim_text(&claims, 7).await, handed, "put back");
+    assert!(
+        revision(6).await > before.0 && revision(7).await > before.1,
+        "the claims were written (reserved, then put back)"
+    );
+
+    let agent = agent_refusing_the_take_over(
+        &store,
+        r#"{"error":"1 profile(s) of these partitions are stored here with other versions","kind":"failed"}"#,
+    );
+    let failed = taking.run(&["nats", "take-over", file_arg]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert_eq!(
+        agent.join().unwrap(),
+        ["stats", "check_take_over", "take_over"]
+    );
+    let ours = outpost::source::claim::holder(0xabcd, &outpost::source::claim::host_name());
+    let reserved = taking_over(&handed, &ours);
+    assert!(
+        stderr.contains(refusal) && stderr.contains(&reserved),
+        "{stderr}"
+    );
+    assert_eq!(claim_text(&claims, 6).await, reserved, "left reserved");
+    assert_eq!(claim_text(&claims, 7).await, reserved, "left reserved");
+}

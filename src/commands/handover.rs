@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::nats::{nats_config, STREAM_END_WAIT};
 use super::{as_store_owner, runtime, Backend, CliError};
-use crate::admin::AdminRequest;
+use crate::admin::{AdminError, AdminRequest};
 use crate::config::Config;
 use crate::source::claim::{self, ReadClaim};
 use crate::source::config::NatsSource;
@@ -84,18 +84,25 @@ fn our_claim(backend: &Backend) -> Result<String, CliError> {
     Ok(claim::holder(id, &claim::host_name()))
 }
 
+/// The claims as a take-over made them say it is taking the file over.
+struct Reservation {
+    /// Every claim read, as it now is.
+    now: Vec<ReadClaim>,
+    /// Those this run changed from the file's hand-over, as written.
+    made: Vec<ReadClaim>,
+}
+
 /// Makes every claim of `read` that says `handed`, or already `taking` ([`claim::taking_over`]),
-/// say `taking`, by compare-and-set, and returns the claims as they then are. Should one have
-/// changed since it was read (another take-over of the file, from another store, wrote it
-/// first, or the hand-over was run again), those made here are put back and the take-over is
-/// refused, before anything is stored.
+/// say `taking`, by compare-and-set. Should one have changed since it was read (another
+/// take-over of the file, from another store, wrote it first, or the hand-over was run again),
+/// those made here are put back and the take-over is refused, before anything is stored.
 fn reserve_claims(
     runtime: &tokio::runtime::Runtime,
     bucket: &async_nats::jetstream::kv::Store,
     read: Vec<ReadClaim>,
     (handed, taking): (&str, &str),
     file: &Path,
-) -> Result<Vec<ReadClaim>, CliError> {
+) -> Result<Reservation, CliError> {
     let mut made: Vec<ReadClaim> = Vec::new();
     let mut now = Vec::with_capacity(read.len());
     for claim in read {
@@ -112,23 +119,7 @@ fn reserve_claims(
                 now.push(written);
             }
             Err(e) => {
-                let left: Vec<String> = made
-                    .iter()
-                    .filter(|written| {
-                        runtime
-                            .block_on(claim::replace(bucket, written, handed))
-                            .is_err()
-                    })
-                    .map(|written| written.partition.to_string())
-                    .collect();
-                let left = if left.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; the claims of partition(s) {} could not be put back as they were read",
-                        left.join(", ")
-                    )
-                };
+                let left = put_back(runtime, bucket, &made, handed);
                 let stored = if was.as_deref() == Some(taking) {
                     "this store's take-over begun before may have stored part of the file here"
                 } else {
@@ -142,7 +133,34 @@ fn reserve_claims(
             }
         }
     }
-    Ok(now)
+    Ok(Reservation { now, made })
+}
+
+/// Makes the claims `made` by [`reserve_claims`] say `handed` again, by compare-and-set; says
+/// which could not be (empty when all were).
+fn put_back(
+    runtime: &tokio::runtime::Runtime,
+    bucket: &async_nats::jetstream::kv::Store,
+    made: &[ReadClaim],
+    handed: &str,
+) -> String {
+    let left: Vec<String> = made
+        .iter()
+        .filter(|written| {
+            runtime
+                .block_on(claim::replace(bucket, written, handed))
+                .is_err()
+        })
+        .map(|written| written.partition.to_string())
+        .collect();
+    if left.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; the claims of partition(s) {} could not be put back as they were read",
+            left.join(", ")
+        )
+    }
 }
 
 /// `error` of a take-over's store part once the claims name this store's take-over: they are
@@ -398,7 +416,7 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     // A claim of this store's is a take-over run again: only a finished one fits it.
     let finished_only = ours_already;
     let reserved_before = read.iter().any(|c| c.holder.as_deref() == Some(&taking));
-    let reserved_then = |e: crate::admin::AdminError, reserved| match reserved {
+    let reserved_then = |e: AdminError, reserved| match reserved {
         true => still_taking(e.into(), &taking),
         false => CliError::from(e),
     };
@@ -412,16 +430,29 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     backend
         .execute(&check)
         .map_err(|e| reserved_then(e, reserved_before))?;
-    let read = reserve_claims(&runtime, &bucket, read, (&handed, &taking), file)?;
+    let Reservation { now: read, made } =
+        reserve_claims(&runtime, &bucket, read, (&handed, &taking), file)?;
     let reserved = read.iter().any(|c| c.holder.as_deref() == Some(&taking));
     let request = AdminRequest::TakeOver {
         path,
         terms: terms(config),
         finished_only,
     };
-    let answer = backend
-        .execute(&request)
-        .map_err(|e| reserved_then(e, reserved))?;
+    let answer = match backend.execute(&request) {
+        Ok(answer) => answer,
+        // What the check passed changed since (an update of one of the file's profiles, the
+        // agent restarted owning the partitions): the store changed nothing, so neither do
+        // the claims.
+        Err(AdminError::Refused(text)) => {
+            let left = put_back(&runtime, &bucket, &made, &handed);
+            let refusal = AdminError::Refused(format!(
+                "{text}; this take-over stored nothing, and the claims it reserved were put \
+                 back{left}"
+            ));
+            return Err(reserved_then(refusal, reserved_before || !left.is_empty()));
+        }
+        Err(e) => return Err(reserved_then(e, reserved)),
+    };
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
         println!(

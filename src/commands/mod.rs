@@ -67,7 +67,9 @@ impl From<AdminError> for CliError {
     fn from(e: AdminError) -> Self {
         match e {
             AdminError::Usage(m) => CliError::Usage(m),
-            AdminError::NotFound(m) | AdminError::Failed(m) => CliError::Failure(m),
+            AdminError::NotFound(m) | AdminError::Failed(m) | AdminError::Refused(m) => {
+                CliError::Failure(m)
+            }
             AdminError::Unanswered(m) | AdminError::InDoubt(m) => CliError::InDoubt(m),
         }
     }
