@@ -57,8 +57,11 @@ pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Adverti
         } else {
             reset
         };
-        let at = SystemTime::UNIX_EPOCH + Duration::try_from_secs_f64(seconds).ok()?;
-        at.duration_since(reference).unwrap_or_default()
+        // Past what the system's time can hold (a `Duration` holds more): as far as can be.
+        match SystemTime::UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(seconds).ok()?) {
+            Some(at) => at.duration_since(reference).unwrap_or_default(),
+            None => MAX_RETRY_AFTER,
+        }
     } else {
         Duration::try_from_secs_f64(reset).ok()?
     };
@@ -429,6 +432,18 @@ mod tests {
             (
                 &[("RateLimit-Remaining", "0"), ("RateLimit-Reset", "86400")],
                 quota(0, secs(3600)),
+            ),
+            // A time since 1970 too far to add to it, in seconds or milliseconds.
+            (
+                &[
+                    ("X-RateLimit-Remaining", "5"),
+                    ("X-RateLimit-Reset", "1e22"),
+                ],
+                quota(5, secs(3600)),
+            ),
+            (
+                &[("RateLimit", "remaining=1, reset=15000000000000000000000")],
+                quota(1, secs(3600)),
             ),
             // Half a quota, or nonsense, says nothing.
             (&[("RateLimit-Remaining", "0")], None),
