@@ -401,6 +401,12 @@ impl TokenSource {
                 body: answer.body_start_hiding(&secrets),
             });
         }
+        if let Some(cut) = &answer.body_cut {
+            return Err(AuthError::Transport(format!(
+                "the token endpoint answered {}, but {cut}",
+                answer.status.as_u16()
+            )));
+        }
         let parsed: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
             let content_type = answer
                 .headers

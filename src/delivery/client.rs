@@ -41,6 +41,9 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Why `body` is not all the endpoint meant to send: it broke off, or did not end within
+    /// the timeout. The status still stands (a delivery answered 2xx was taken).
+    pub body_cut: Option<String>,
 }
 
 impl Answer {
@@ -190,18 +193,31 @@ const HIDING_WINDOW_BYTES: usize = 64 << 10;
 const ANSWER_BYTES: usize = 1 << 20;
 
 /// The first `cap` bytes of `body`; the rest is not read (its connection is then not reused).
-async fn first_bytes(mut body: hyper::body::Incoming, cap: usize) -> Result<Bytes, hyper::Error> {
+/// Up to `cap` bytes of `body`, as many as came by `deadline`, and why it stopped short, if
+/// it did (it broke off, or did not end in time).
+async fn first_bytes(
+    mut body: hyper::body::Incoming,
+    cap: usize,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> (Bytes, Option<String>) {
     let mut kept = bytes::BytesMut::new();
     while kept.len() < cap {
-        let Some(frame) = body.frame().await else {
-            break;
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                let cut = format!("its body did not end within {timeout:?}");
+                return (kept.freeze(), Some(cut));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return (kept.freeze(), Some(format!("its body broke off: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
         };
-        if let Ok(data) = frame?.into_data() {
+        if let Ok(data) = frame.into_data() {
             let room = cap - kept.len();
             kept.extend_from_slice(&data[..data.len().min(room)]);
         }
     }
-    Ok(kept.freeze())
+    (kept.freeze(), None)
 }
 
 #[derive(Clone)]
@@ -298,32 +314,30 @@ impl HttpClient {
 
     /// Sends the request and reads the answer, all within the timeout. Time out before a
     /// connection was ready (name, TCP, TLS) is [`ClientError::Connect`]: nothing was sent.
+    /// Once the status has come, the answer is the endpoint's, whatever becomes of its body
+    /// ([`Answer::body_cut`]).
     pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
         let connection = capture_connection(&mut request);
         let uri = request.uri().clone();
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| request_error(&uri, &e, e.is_connect()))?;
-            let (parts, body) = response.into_parts();
-            let body = first_bytes(body, ANSWER_BYTES)
-                .await
-                .map_err(|e| ClientError::Transport(format!("reading the answer: {e}")))?;
-            Ok(Answer {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
+            Ok(response) => response.map_err(|e| request_error(&uri, &e, e.is_connect()))?,
+            Err(_) if connection.connection_metadata().is_none() => {
+                return Err(ClientError::Connect(format!(
+                    "no connection within {:?}",
+                    self.timeout
+                )))
+            }
+            Err(_) => return Err(ClientError::Timeout(self.timeout)),
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(answer) => answer,
-            Err(_) if connection.connection_metadata().is_none() => Err(ClientError::Connect(
-                format!("no connection within {:?}", self.timeout),
-            )),
-            Err(_) => Err(ClientError::Timeout(self.timeout)),
-        }
+        let (parts, body) = response.into_parts();
+        let (body, body_cut) = first_bytes(body, ANSWER_BYTES, deadline, self.timeout).await;
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            body_cut,
+        })
     }
 }
 
@@ -463,6 +477,41 @@ mod tests {
         drop(socket);
     }
 
+    /// Once the status has come, it is the answer, whether the body then stalls past the
+    /// timeout or breaks off: a delivery answered 2xx was taken, and sending it again for a
+    /// slow body would only repeat it.
+    #[tokio::test]
+    async fn an_answer_whose_body_stalls_or_breaks_off_keeps_its_status() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for close in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await.unwrap();
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"ok\":";
+                socket.write_all(head.as_bytes()).await.unwrap();
+                if !close {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            });
+            let mut client = client_of(&url);
+            client.timeout = Duration::from_millis(300);
+            let answer = client.send(post(&url)).await.unwrap();
+            assert_eq!(answer.status, StatusCode::OK);
+            assert_eq!(&answer.body[..], b"{\"ok\":");
+            let cut = answer.body_cut.expect("the body was cut");
+            let expected = if close {
+                "broke off"
+            } else {
+                "did not end within 300ms"
+            };
+            assert!(cut.contains(expected), "{cut}");
+            server.abort();
+        }
+    }
+
     /// An answer's body is read up to [`ANSWER_BYTES`], however much the endpoint sends.
     #[tokio::test]
     async fn only_the_start_of_a_large_answer_is_read() {
@@ -514,6 +563,7 @@ mod tests {
             status: StatusCode::UNAUTHORIZED,
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_owned()),
+            body_cut: None,
         }
     }
 

@@ -1087,11 +1087,19 @@ impl Deliverer {
                     )
                 })
                 .unwrap_or_default();
+            let cut = answer
+                .body_cut
+                .as_ref()
+                .map(|cut| format!(" ({cut})"))
+                .unwrap_or_default();
             format!(
-                "HTTP {status}{redirect}: {}",
+                "HTTP {status}{redirect}: {}{cut}",
                 answer.body_start_hiding(&secrets)
             )
         };
+        if let (true, Some(cut)) = (answer.status.is_success(), &answer.body_cut) {
+            tracing::debug!(status, "delivered, though {cut}");
+        }
         Attempted::Answered {
             status,
             retry_after,
