@@ -206,6 +206,8 @@ pub struct Deliverer {
     tokens: Arc<TokenSource>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// What of `headers` and `endpoint` is hidden in error answers ([`secrets_sent`]).
+    sent_secrets: Vec<String>,
     max_profiles_per_request: usize,
     /// See [`window`].
     window: usize,
@@ -283,6 +285,14 @@ impl Deliverer {
             })
             .collect();
         let d = &config.delivery;
+        let sent_secrets = secrets_sent(
+            config
+                .destination
+                .custom_headers
+                .iter()
+                .map(|(_, v)| v.expose()),
+            endpoint.query(),
+        );
         Ok(Deliverer {
             clock: store.run_clock(),
             store,
@@ -290,6 +300,7 @@ impl Deliverer {
             tokens,
             endpoint,
             headers,
+            sent_secrets,
             max_profiles_per_request: d.max_profiles_per_request,
             window: window(d.max_concurrency, d.max_profiles_per_request),
             max_age: d.max_age,
@@ -1056,14 +1067,7 @@ impl Deliverer {
         let error = if answer.status.is_success() {
             String::new()
         } else {
-            // Custom headers may carry API keys; short values (a version, a tenant) are not
-            // hidden, or every digit in the body would be.
-            let mut secrets: Vec<&str> = self
-                .headers
-                .iter()
-                .filter_map(|(_, v)| v.to_str().ok())
-                .filter(|v| v.len() >= 8)
-                .collect();
+            let mut secrets: Vec<&str> = self.sent_secrets.iter().map(String::as_str).collect();
             secrets.extend(token.as_ref().map(Secret::expose));
             let redirect = answer
                 .status
@@ -1107,6 +1111,30 @@ impl Deliverer {
             error,
         }
     }
+}
+
+/// What an endpoint may echo of what it was sent, to hide in error texts: the custom headers'
+/// values (API keys), each word of them (the key after a scheme, `Bearer <key>`), and the
+/// values of the endpoint's query (`?api_key=…`). Shorter ones than 8 characters (a version,
+/// a tenant) are not hidden, or every digit in a body would be.
+fn secrets_sent<'a>(
+    header_values: impl Iterator<Item = &'a str>,
+    query: Option<&str>,
+) -> Vec<String> {
+    let mut secrets: Vec<String> = Vec::new();
+    for value in header_values {
+        secrets.push(value.to_owned());
+        secrets.extend(value.split_whitespace().map(str::to_owned));
+    }
+    // Decoded: hiding cuts out the encoded forms too.
+    let query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes());
+    secrets.extend(query.map(|(_, value)| value.into_owned()));
+    secrets.retain(|secret| secret.len() >= 8);
+    secrets.sort();
+    secrets.dedup();
+    // Longest first, so that a value is hidden whole before a word of it.
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    secrets
 }
 
 /// Whether a read may start after a failed one: not before its retry time. Once that time has
@@ -1235,6 +1263,37 @@ mod tests {
     use crate::profile::Reason;
     use crate::store::codec::ExportRecord;
     use crate::store::ExportId;
+
+    /// What an endpoint echoes of the custom headers or the endpoint's query is hidden: the
+    /// key after a scheme word, a query value as sent (encoded) or decoded, but not values
+    /// short enough to be everywhere in a body.
+    #[test]
+    fn secrets_sent_to_the_endpoint_are_hidden_in_its_answers() {
+        let secrets = secrets_sent(
+            ["Bearer k3yABCDEF", "v2", "tenant-0000001"].into_iter(),
+            Some("api_key=s3cr3t%2Bkey9&format=json&sig=abcdefgh12"),
+        );
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let table = [
+            (
+                r#"{"error":"token k3yABCDEF revoked"}"#,
+                r#"{"error":"token *** revoked"}"#,
+            ),
+            ("bad header: Bearer k3yABCDEF", "bad header: ***"),
+            (
+                "Cannot POST /x?api_key=s3cr3t%2Bkey9",
+                "Cannot POST /x?api_key=***",
+            ),
+            ("key s3cr3t+key9 unknown", "key *** unknown"),
+            ("sig=abcdefgh12 expired", "sig=*** expired"),
+            ("tenant tenant-0000001 suspended", "tenant *** suspended"),
+            ("api v2 wants format json", "api v2 wants format json"),
+        ];
+        for (body, shown) in table {
+            assert_eq!(client::hiding(body, &secrets), shown, "{body}");
+        }
+        assert!(secrets_sent(std::iter::empty(), None).is_empty());
+    }
 
     #[test]
     fn the_window_reads_ahead_only_a_little_while_the_destination_is_down_unless_none_is_ready() {
