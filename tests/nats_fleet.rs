@@ -2498,7 +2498,10 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     let with_moved = format!("{}\n{}", new_kept.join("\n"), version_line(moved_one, 6));
     let (status, body) = http_post(first_agent.addr, "/v1/updates", with_moved, &[]).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains("not stored"), "{body}");
+    assert!(
+        body.contains("not stored") && body.contains(&format!("profile p{moved_one} is in")),
+        "{body}"
+    );
     let (status, body) = http_post(first_agent.addr, "/v1/updates", new_kept.join("\n"), &[]).await;
     assert_eq!(status, 200, "{body}");
     assert!(

@@ -713,10 +713,15 @@ impl BodyItem<'_> {
 pub struct LocatedBody<'b> {
     /// The first updates, up to the number asked for.
     pub first: Vec<Update>,
-    /// Where each update after those lies.
-    pub rest: Vec<BodyItem<'b>>,
-    /// The profile id of each update of `rest`.
-    pub rest_ids: Vec<String>,
+    body: &'b [u8],
+    /// Where in `body` each update after those lies: 16 bytes, as small as many an update
+    /// (a delete); its line and array item are found again from it ([`LocatedBody::rest`]).
+    rest: Vec<std::ops::Range<usize>>,
+    /// Whether the body is a JSON array, whose updates are numbered as its items.
+    in_array: bool,
+    /// The [`id_hash`](crate::source::partition::id_hash) of each update of `rest`: enough to
+    /// tell its partition, in 8 bytes (an update can be shorter than its id's `String`).
+    pub rest_id_hashes: Vec<u64>,
     keep: usize,
 }
 
@@ -729,6 +734,7 @@ pub fn locate_body<'b>(
 ) -> Result<LocatedBody<'b>, InputError> {
     let mut located = LocatedBody {
         keep,
+        body,
         ..LocatedBody::default()
     };
     parse_into(body, parsing, &mut located)?;
@@ -739,6 +745,20 @@ impl<'b> LocatedBody<'b> {
     /// How many updates the body holds.
     pub fn count(&self) -> usize {
         self.first.len() + self.rest.len()
+    }
+
+    /// The updates after the first ones, in order, each as [`parse_body_with`] found it.
+    pub fn rest(&self) -> impl Iterator<Item = BodyItem<'b>> + '_ {
+        let mut lines = LineCounter::default();
+        self.rest.iter().enumerate().map(move |(i, range)| {
+            let body: &'b [u8] = self.body;
+            BodyItem {
+                text: &body[range.clone()],
+                line: lines.line_at(body, range.start),
+                // Those kept parsed come first, as many as asked for.
+                array_item: self.in_array.then_some(self.keep + i + 1),
+            }
+        })
     }
 
     /// Every update, when all of them were kept parsed (the body is then no longer needed);
@@ -785,15 +805,19 @@ impl<'b> UpdateSink<'b> for LocatedBody<'b> {
         if self.keeps_next() {
             self.first.push(update);
         } else {
-            self.rest.push(item);
-            self.rest_ids.push(update.id);
+            // The item's text is a slice of the body.
+            let start = item.text.as_ptr() as usize - self.body.as_ptr() as usize;
+            self.rest.push(start..start + item.text.len());
+            self.in_array = item.array_item.is_some();
+            self.rest_id_hashes
+                .push(crate::source::partition::id_hash(&update.id));
         }
     }
 
     fn restart(&mut self) {
         self.first.clear();
         self.rest.clear();
-        self.rest_ids.clear();
+        self.rest_id_hashes.clear();
     }
 }
 
@@ -1154,6 +1178,7 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::partition::id_hash;
     use serde_json::json;
 
     fn error_of(body: &[u8]) -> InputError {
@@ -1596,15 +1621,14 @@ mod tests {
                 // Located, the first one kept parsed, the others parsed again item by item:
                 // the same updates, or error.
                 let again = locate_body(body, &parsing, 1).and_then(|located| {
-                    assert_eq!(located.rest_ids.len(), located.rest.len());
+                    assert_eq!(located.rest_id_hashes.len(), located.rest.len());
                     let rest: Vec<Update> = located
-                        .rest
-                        .iter()
+                        .rest()
                         .map(|item| item.parse(&parsing))
                         .collect::<Result<_, _>>()?;
                     assert_eq!(located.first.len(), 1);
-                    let ids: Vec<&str> = rest.iter().map(|u| u.id.as_str()).collect();
-                    assert_eq!(located.rest_ids, ids);
+                    let ids: Vec<u64> = rest.iter().map(|u| id_hash(&u.id)).collect();
+                    assert_eq!(located.rest_id_hashes, ids);
                     Ok(located.first.into_iter().chain(rest).collect::<Vec<_>>())
                 });
                 assert_eq!(
@@ -1620,6 +1644,46 @@ mod tests {
         );
     }
 
+    /// An update kept only as where it lies is named, parsed again, by the line (and array
+    /// item) the whole body's parse names it by: a byte-order mark, blank lines, CRLF, a
+    /// value over several lines, an array.
+    #[test]
+    fn an_update_located_is_named_again_by_its_line_and_item() {
+        let limit = FutureLimit {
+            now: "2020-01-01T00:00:00Z".parse().unwrap(),
+            max_future_s: 0,
+        };
+        let late = |id: &str| {
+            format!(r#"{{"id":"{id}","profile":{{}},"timestamp":"2026-01-01T00:00:00Z"}}"#)
+        };
+        let (a, b) = (late("a"), late("b"));
+        let multi_line = late("b").replacen(',', ",\n", 1);
+        let bodies = [
+            (format!("\u{feff}{a}\n\n{b}\r\n"), [(1, None), (3, None)]),
+            (format!("{a}\n\n{multi_line}\n"), [(1, None), (3, None)]),
+            (format!("[\n{a},\n\n {b}]"), [(2, Some(1)), (4, Some(2))]),
+        ];
+        for (body, named) in bodies {
+            for keep in [0, 1] {
+                let located = locate_body(body.as_bytes(), &Parsing::default(), keep).unwrap();
+                let found: Vec<(u64, Option<usize>)> = located
+                    .rest()
+                    .map(|item| {
+                        let refused = item.parse(&Parsing::within(limit)).unwrap_err();
+                        let item = refused
+                            .reason
+                            .strip_prefix("array item ")
+                            .map(|rest| rest.split(':').next().unwrap().parse().unwrap());
+                        (refused.line, item)
+                    })
+                    .collect();
+                assert_eq!(found, named[keep..], "{body:?}, {keep} kept");
+            }
+            let whole = parse_body_with(body.as_bytes(), &Parsing::within(limit)).unwrap_err();
+            assert_eq!(whole.line, named[0].0, "{body:?}");
+        }
+    }
+
     #[test]
     fn a_located_array_parses_again_into_its_items() {
         let body = b"[\n{\"id\":\"a\",\"profile\":{}},\n {\"id\":\"b\",\"op\":\"delete\"}]";
@@ -1627,10 +1691,9 @@ mod tests {
         assert_eq!(located.first, parse_body(body).unwrap());
         assert!(located.rest.is_empty());
         let located = locate_body(body, &Parsing::default(), 0).unwrap();
-        assert_eq!(located.rest_ids, ["a", "b"]);
+        assert_eq!(located.rest_id_hashes, [id_hash("a"), id_hash("b")]);
         let again: Vec<Update> = located
-            .rest
-            .iter()
+            .rest()
             .map(|item| item.parse(&Parsing::default()).unwrap())
             .collect();
         assert_eq!(again, parse_body(body).unwrap());
@@ -1642,7 +1705,12 @@ mod tests {
         let late = br#"[{"id":"a","profile":{}},{"id":"b","profile":{},"timestamp":"2026-01-01T00:00:00Z"}]"#;
         let located = locate_body(late, &Parsing::default(), 0).unwrap();
         assert!(located.first.is_empty());
-        let refused = located.rest[1].parse(&Parsing::within(limit)).unwrap_err();
+        let refused = located
+            .rest()
+            .nth(1)
+            .unwrap()
+            .parse(&Parsing::within(limit))
+            .unwrap_err();
         let whole = parse_body_with(late, &Parsing::within(limit)).unwrap_err();
         assert_eq!((refused.line, &refused.reason), (whole.line, &whole.reason));
         assert!(refused.reason.starts_with("array item 2: "), "{refused}");

@@ -23,7 +23,17 @@ pub fn fnv1a64_extend(mut hash: u64, bytes: &[u8]) -> u64 {
 
 /// The partition of profile `id` among `partitions` (which must be above 0).
 pub fn partition_of(id: &str, partitions: u32) -> u32 {
-    (fnv1a64(id.as_bytes()) % u64::from(partitions)) as u32
+    partition_of_hash(id_hash(id), partitions)
+}
+
+/// What a profile id's partition is taken from, whatever the number of partitions.
+pub fn id_hash(id: &str) -> u64 {
+    fnv1a64(id.as_bytes())
+}
+
+/// [`partition_of`] the id whose [`id_hash`] is `hash`.
+pub fn partition_of_hash(hash: u64, partitions: u32) -> u32 {
+    (hash % u64::from(partitions)) as u32
 }
 
 /// The subject updates of `partition` are published on: `<prefix>.<partition>`.

@@ -15,8 +15,9 @@ use crate::config::Mapping;
 use crate::profile::engine;
 use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
-use crate::profile::update::{FutureLimit, LocatedBody, Parsing};
+use crate::profile::update::{BodyItem, FutureLimit, LocatedBody, Parsing};
 use crate::profile::{Op, Update};
+use crate::source::partition::id_hash;
 
 /// At most this many updates go into one transaction; more waiting requests go into the next.
 /// A request larger than this goes whole: only a stream batch can be (`fetch_batch` above
@@ -224,19 +225,24 @@ impl Committer {
     /// on any resend of a stored request).
     pub async fn commit_located(
         &self,
-        located: LocatedBody<'_>,
+        mut located: LocatedBody<'_>,
         parsing: &Parsing<'_>,
     ) -> Result<BatchSummary, PartlyCommitted> {
-        let LocatedBody {
-            first,
-            rest,
-            rest_ids,
-            ..
-        } = located;
-        if !rest.is_empty() {
-            let ids = first.iter().map(|update| update.id.as_str());
+        let first = std::mem::take(&mut located.first);
+        let rest_id_hashes = std::mem::take(&mut located.rest_id_hashes);
+        if !rest_id_hashes.is_empty() {
+            let hashes = first.iter().map(|update| id_hash(&update.id));
+            // A later update was parsed before with the same checks: its id is found again.
+            let id_of = |i: usize| match first.get(i) {
+                Some(update) => update.id.clone(),
+                None => located
+                    .rest()
+                    .nth(i - first.len())
+                    .and_then(|item| item.parse(parsing).ok())
+                    .map_or_else(|| format!("(update {})", i + 1), |update| update.id),
+            };
             self.store
-                .refuse_given_away(ids.chain(rest_ids.iter().map(String::as_str)))
+                .refuse_given_away(hashes.chain(rest_id_hashes.iter().copied()), id_of)
                 .map_err(|e| {
                     PartlyCommitted::nothing_stored(match e {
                         StoreError::PartitionGivenAway { .. } => refusal(e),
@@ -244,16 +250,19 @@ impl Committer {
                     })
                 })?;
         }
-        drop(rest_ids);
-        let later = rest.chunks(REQUEST_CHUNK).map(|items| {
-            items
+        drop(rest_id_hashes);
+        let mut rest = located.rest();
+        let later = std::iter::from_fn(move || {
+            let chunk: Vec<BodyItem> = rest.by_ref().take(REQUEST_CHUNK).collect();
+            let parsed = chunk
                 .iter()
                 .map(|item| item.parse(parsing))
                 .collect::<Result<Vec<Update>, _>>()
                 // Parsed before with the same checks and clock reading: cannot happen.
                 .map_err(|e| {
                     CommitError::Store(format!("line {} read otherwise: {}", e.line, e.reason))
-                })
+                });
+            (!chunk.is_empty()).then_some(parsed)
         });
         self.commit_chunks(std::iter::once(Ok(first)).chain(later))
             .await

@@ -898,6 +898,7 @@ mod tests {
     use crate::config::Mapping;
     use crate::profile::update::parse_body;
     use crate::profile::Update;
+    use crate::source::partition::id_hash;
     use crate::store::source::{Recorded, SourcePosition};
     use crate::store::{ListFilter, Place};
 
@@ -951,14 +952,16 @@ mod tests {
     /// Stores one update of profile `id` as one that came over HTTP would be.
     fn store_over_http(store: &Store, id: &str, name: &str) {
         let updates = parse_body(member_line(id, name).as_bytes()).unwrap();
-        store.refuse_given_away(ids_of(&updates)).unwrap();
+        refuse_given_away(store, &updates).unwrap();
         store
             .apply_groups(&[&updates], &mapping(), chrono::Utc::now())
             .unwrap();
     }
 
-    fn ids_of(updates: &[Update]) -> impl Iterator<Item = &str> {
-        updates.iter().map(|update| update.id.as_str())
+    /// [`Store::refuse_given_away`] of `updates`, as the committer checks a large request.
+    fn refuse_given_away(store: &Store, updates: &[Update]) -> Result<(), StoreError> {
+        let hashes = updates.iter().map(|update| id_hash(&update.id));
+        store.refuse_given_away(hashes, |i| updates[i].id.clone())
     }
 
     /// Asserts that `store` refuses `update`, not from the stream, as one of profile `id` in
@@ -967,7 +970,7 @@ mod tests {
     fn refused_as_given_away(store: &Store, update: &[Update], id: &str, partition: u32) {
         let before = store.profile_record(id).unwrap();
         let refused = store.apply_groups(&[update], &mapping(), chrono::Utc::now());
-        let checked = store.refuse_given_away(ids_of(update));
+        let checked = refuse_given_away(store, update);
         for refusal in [refused.map(drop), checked] {
             assert!(
                 matches!(&refusal, Err(StoreError::PartitionGivenAway { id: named, partition: p })

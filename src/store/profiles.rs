@@ -29,23 +29,32 @@ use crate::profile::engine::{apply_record, RecordAction};
 use crate::profile::layout::Layout;
 use crate::profile::record::ProfileRecord;
 use crate::profile::{Reason, Update};
-use crate::source::partition::partition_of;
+use crate::source::partition::{id_hash, partition_of_hash};
 
 /// The refusal of the first of profiles `ids` whose partition is among the `moved` ones (the
 /// partition count and the partitions, as [`source::moved_away`] reads them).
 fn first_given_away<'a>(
-    ids: impl IntoIterator<Item = &'a str>,
+    ids: impl IntoIterator<Item = &'a str> + Clone,
     moved: &(u32, BTreeSet<u32>),
 ) -> Option<StoreError> {
+    let hashes = ids.clone().into_iter().map(id_hash);
+    let (index, partition) = first_given_away_at(hashes, moved)?;
+    let id = ids.into_iter().nth(index)?.to_owned();
+    Some(StoreError::PartitionGivenAway { id, partition })
+}
+
+/// Where, among profile ids known by their [`id_hash`]es, the first whose partition is among
+/// the `moved` ones lies, and that partition.
+fn first_given_away_at(
+    hashes: impl IntoIterator<Item = u64>,
+    moved: &(u32, BTreeSet<u32>),
+) -> Option<(usize, u32)> {
     let (count, partitions) = moved;
-    ids.into_iter().find_map(|id| {
-        let partition = partition_of(id, *count);
+    hashes.into_iter().enumerate().find_map(|(index, hash)| {
+        let partition = partition_of_hash(hash, *count);
         partitions
             .contains(&partition)
-            .then(|| StoreError::PartitionGivenAway {
-                id: id.to_owned(),
-                partition,
-            })
+            .then_some((index, partition))
     })
 }
 
@@ -425,13 +434,23 @@ impl Store {
     /// partition this store handed over, or is handing over. Checked before the first chunk
     /// of a request committed in chunks is stored, so that such a request stores nothing; a
     /// hand-over that begins between its chunks is caught by each chunk's own check.
-    pub fn refuse_given_away<'a>(
+    ///
+    /// The profiles are known by their ids' [`id_hash`]es (a large request's are not kept
+    /// whole); `id_of(i)` names the `i`th, for the refusal.
+    pub fn refuse_given_away(
         &self,
-        ids: impl IntoIterator<Item = &'a str>,
+        hashes: impl IntoIterator<Item = u64>,
+        id_of: impl FnOnce(usize) -> String,
     ) -> Result<(), StoreError> {
         let trees = self.trees()?;
-        match self.with_trees(&trees, source::moved_away)? {
-            Some(moved) => first_given_away(ids, &moved).map_or(Ok(()), Err),
+        let Some(moved) = self.with_trees(&trees, source::moved_away)? else {
+            return Ok(());
+        };
+        match first_given_away_at(hashes, &moved) {
+            Some((index, partition)) => Err(StoreError::PartitionGivenAway {
+                id: id_of(index),
+                partition,
+            }),
             None => Ok(()),
         }
     }
