@@ -2496,12 +2496,36 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         .map(|p| version_line(p, 1))
         .collect();
     let with_moved = format!("{}\n{}", new_kept.join("\n"), version_line(moved_one, 6));
-    let (status, body) = http_post(first_agent.addr, "/v1/updates", with_moved, &[]).await;
+    let (status, body) = http_post(first_agent.addr, "/v1/updates", with_moved.clone(), &[]).await;
     assert_eq!(status, 409, "{body}");
     assert!(
         body.contains("not stored") && body.contains(&format!("profile p{moved_one} is in")),
         "{body}"
     );
+    // So does `outpost ingest` of the same updates, through the agent: it is told which
+    // partitions went (also in `outbox stats`) and refuses the file before its first chunk.
+    let stats = outbox_stats(&first.config());
+    assert_eq!(
+        stats["handed_over"]["partitions"],
+        serde_json::json!([6, 7])
+    );
+    assert!(first
+        .cli(&["outbox", "stats"])
+        .contains("handed over      partition(s) 6, 7 of 8"));
+    let profiles = stats["profiles"].clone();
+    let input = first.dir.path().join("with-moved.ndjson");
+    std::fs::write(&input, &with_moved).unwrap();
+    let ingest = first.run(&["ingest", input.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&ingest.stderr);
+    assert!(!ingest.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "update {}: profile p{moved_one} is in partition",
+            REQUEST_CHUNK + 1
+        )) && stderr.contains("nothing was stored"),
+        "{stderr}"
+    );
+    assert_eq!(outbox_stats(&first.config())["profiles"], profiles);
     let (status, body) = http_post(first_agent.addr, "/v1/updates", new_kept.join("\n"), &[]).await;
     assert_eq!(status, 200, "{body}");
     assert!(

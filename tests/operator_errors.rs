@@ -661,13 +661,18 @@ fn an_answer_to_stats_that_does_not_end_is_given_up_on() {
 fn ingest_counts_the_unanswered_chunk_as_maybe_stored() {
     let ws = Workspace::new();
     ws.make_store();
-    // One chunk answered as stored, then one closed unanswered.
+    // Its statistics (no partition handed over), one chunk answered as stored, then one
+    // closed unanswered.
     let agent = fake_agent(&ws, |n| {
         let report = serde_json::json!({"ok": {
             "accepted": 1000, "exports": 0, "unchanged": 1000, "stale": 0, "deleted": 0,
             "exports_by_reason": {"segment": 0, "identity": 0, "attribute": 0, "delete": 0},
         }});
-        (n == 1).then(|| report.to_string())
+        match n {
+            1 => Some(serde_json::json!({"ok": {"store_id": "00000001"}}).to_string()),
+            2 => Some(report.to_string()),
+            _ => None,
+        }
     });
     let lines: Vec<String> = (0..2500)
         .map(|i| member_update(&format!("p{i}"), "Ada", "2026-01-01T00:00:01Z"))

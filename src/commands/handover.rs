@@ -171,7 +171,9 @@ fn still_taking(error: CliError, taking: &str) -> CliError {
          (it goes on where it stopped)"
     );
     match error {
-        CliError::Failure(message) => CliError::Failure(format!("{message}; {then}")),
+        CliError::Failure(message) | CliError::Refused(message) => {
+            CliError::Failure(format!("{message}; {then}"))
+        }
         CliError::InDoubt(message) => CliError::InDoubt(format!("{message}; {then}")),
         CliError::Store(e) => CliError::Failure(format!("{e}; {then}")),
         other => other,

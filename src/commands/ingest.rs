@@ -1,17 +1,20 @@
 //! `outpost ingest`: a file or stdin, validated whole, then committed in chunks.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
 use super::{Backend, CliError};
+use crate::admin::AdminRequest;
 use crate::config::Config;
 use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
 use crate::profile::Update;
+use crate::source::partition::partition_of;
 use crate::store::committer::{what_was_stored, IN_DOUBT};
-use crate::store::BatchSummary;
+use crate::store::{BatchSummary, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
 const INGEST_CHUNK: usize = 1_000;
@@ -22,8 +25,15 @@ const INGEST_CHUNK: usize = 1_000;
 /// I/O error (sled writes in the background too, so a chunk whose flush failed may be on the
 /// disk all the same).
 fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> CliError {
+    let refused = matches!(
+        error,
+        CliError::Refused(_) | CliError::Store(StoreError::PartitionGivenAway { .. })
+    );
     let (message, in_doubt) = match error {
-        CliError::Failure(message) => (message, 0),
+        CliError::Failure(message) | CliError::Refused(message) => (message, 0),
+        // The agent could not read what was sent (an update nested as deep as JSON allows,
+        // two levels deeper in the request): what came before it was stored all the same.
+        CliError::Usage(message) if stored > 0 => (message, 0),
         CliError::InDoubt(message) => {
             let plain = message.strip_prefix(&format!("{IN_DOUBT}: "));
             (
@@ -35,12 +45,48 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
         other => return other,
     };
     let what = what_was_stored(stored, in_doubt, count);
-    if stored + in_doubt == 0 {
+    if stored + in_doubt == 0 || refused {
         return CliError::Failure(format!("{message}; {what}"));
     }
     CliError::Failure(format!(
         "{message}; {what}; once this is fixed, run the same input again (updates already stored are then stale or unchanged)"
     ))
+}
+
+/// How the input was found changed in the pass that stores it.
+enum Changed {
+    /// It holds more updates than were checked: those checked were stored, the others not.
+    Grew,
+    Shrank,
+    /// An update checked good is refused now.
+    Refused(InputError),
+}
+
+impl std::fmt::Display for Changed {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Changed::Grew => f.write_str(
+                "it holds more updates than were checked; those checked were stored, and those \
+                 added after them were not (ingest them apart)",
+            ),
+            Changed::Shrank => f.write_str("it holds fewer updates than were checked"),
+            Changed::Refused(e) => e.fmt(f),
+        }
+    }
+}
+
+/// The partitions the store handed over, as its statistics say (an agent of an earlier build
+/// says nothing of them: each chunk is still checked as it is stored).
+fn handed_over(backend: &Backend) -> Result<Option<(u32, BTreeSet<u32>)>, CliError> {
+    let stats = backend.execute(&AdminRequest::Stats)?;
+    let handed_over = &stats["handed_over"];
+    let count = handed_over["partition_count"].as_u64();
+    let Some(count) = count.and_then(|c| u32::try_from(c).ok()).filter(|c| *c > 0) else {
+        return Ok(None);
+    };
+    let partitions = handed_over["partitions"].as_array().into_iter().flatten();
+    let partitions = partitions.filter_map(|p| p.as_u64()?.try_into().ok());
+    Ok(Some((count, partitions.collect())))
 }
 
 /// Opens the input file so that it can be read twice (once to validate every line, once to act
@@ -104,14 +150,29 @@ pub fn ingest_file<F: Read + Seek + Send>(
     // differ from this config's (edited while the agent runs): pruned by this one, an
     // attribute only the agent maps would read as removed.
     let keep = matches!(backend, Backend::Local(_)).then(|| KeepTree::for_mapping(&config.mapping));
+    let handed_over = handed_over(backend)?;
     let mut count = 0u64;
     let mut reader = UpdateReader::new(BufReader::new(&mut *file)).within(limit);
     if let Some(keep) = &keep {
         reader = reader.keeping(keep);
     }
     for update in reader {
-        update?;
+        let update = update?;
         count += 1;
+        // Refused whole, as over HTTP: one such update stored nothing rather than the chunks
+        // before it (a hand-over that begins meanwhile is caught by each chunk's own check).
+        if let Some((partition_count, partitions)) = &handed_over {
+            let partition = partition_of(&update.id, *partition_count);
+            if partitions.contains(&partition) {
+                let refusal = StoreError::PartitionGivenAway {
+                    id: update.id,
+                    partition,
+                };
+                return Err(CliError::Failure(format!(
+                    "update {count}: {refusal}; nothing was stored"
+                )));
+            }
+        }
     }
     rewind(file)?;
     // Drawn only when stderr is a terminal.
@@ -140,25 +201,43 @@ pub fn ingest_file<F: Read + Seek + Send>(
             if prepare {
                 reader = reader.preparing(&layout);
             }
+            // Only as many updates as the first pass checked.
+            let mut left = count;
             loop {
-                let chunk: Result<Vec<Update>, InputError> =
-                    reader.by_ref().take(INGEST_CHUNK).collect();
-                let last = chunk.as_ref().map_or(true, |c| c.len() < INGEST_CHUNK);
+                let wanted = INGEST_CHUNK.min(usize::try_from(left).unwrap_or(usize::MAX));
+                let chunk: Result<Vec<Update>, Changed> = match wanted {
+                    0 => match reader.next() {
+                        None => return,
+                        Some(_) => Err(Changed::Grew),
+                    },
+                    _ => reader
+                        .by_ref()
+                        .take(wanted)
+                        .collect::<Result<Vec<Update>, InputError>>()
+                        .map_err(Changed::Refused)
+                        .and_then(|chunk| match chunk.len() < wanted {
+                            true => Err(Changed::Shrank),
+                            false => Ok(chunk),
+                        }),
+                };
+                left -= chunk.as_ref().map_or(0, |c| c.len() as u64);
                 // Sending fails only when the committing side stopped at an error.
-                if chunks.send(chunk).is_err() || last {
+                if chunks.send(chunk).is_err() {
                     return;
                 }
             }
         });
         for chunk in parsed {
-            // The first pass found every line good: the input changed since.
-            let chunk = chunk.map_err(|e| {
-                let changed = format!("the input changed while it was stored: {e}");
-                partly_stored(CliError::Failure(changed), total.accepted, 0, count)
+            // The first pass found every update good, and counted them: the input changed.
+            let chunk = chunk.map_err(|changed| {
+                let error =
+                    CliError::Failure(format!("the input changed while it was stored: {changed}"));
+                match changed {
+                    // Every update checked was stored.
+                    Changed::Grew => error,
+                    _ => partly_stored(error, total.accepted, 0, count),
+                }
             })?;
-            if chunk.is_empty() {
-                break;
-            }
             let committed = backend
                 .ingest(config, mapping.as_ref(), &chunk)
                 .map_err(|e| partly_stored(e, total.accepted, chunk.len(), count))?;
@@ -176,6 +255,83 @@ mod tests {
     use super::*;
     use crate::admin::AdminError;
 
+    /// An input whose text is `then` from its second rewind on: as read by the pass that
+    /// stores it, after the pass that checks it.
+    struct ChangingInput {
+        text: std::io::Cursor<Vec<u8>>,
+        then: Option<Vec<u8>>,
+        rewinds: usize,
+    }
+
+    impl Read for ChangingInput {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.text.read(buf)
+        }
+    }
+
+    impl Seek for ChangingInput {
+        fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+            self.rewinds += 1;
+            if self.rewinds == 2 {
+                self.text = std::io::Cursor::new(self.then.take().unwrap());
+            }
+            self.text.seek(to)
+        }
+    }
+
+    /// The input changed between the pass that checks it and the one that stores it (a file
+    /// still being written): only as many updates as were checked are stored, and the command
+    /// says what became of the others.
+    #[test]
+    fn an_input_changed_between_its_passes_stores_no_more_than_was_checked() {
+        let lines = |n: usize| -> Vec<u8> {
+            let line = |i| format!(r#"{{"id":"p{i}","profile":{{"name":"n"}}}}"#);
+            (0..n).map(line).collect::<Vec<_>>().join("\n").into_bytes()
+        };
+        let checked = 2 * INGEST_CHUNK + 1;
+        for (then, expected, stored) in [
+            (lines(checked), None, checked),
+            (
+                lines(checked + 5),
+                Some("more updates than were checked; those checked were stored"),
+                checked,
+            ),
+            (
+                lines(INGEST_CHUNK + 10),
+                Some("fewer updates than were checked; the first 1000 of 2001 updates were stored"),
+                INGEST_CHUNK,
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let text = format!(
+                "[destination]\nhttp_endpoint = \"http://127.0.0.1:1/p\"\n\
+                 [destination.auth]\ntype = \"none\"\n[mapping]\nattributes = [\"name\"]\nsegments = [\"s\"]\n\
+                 [storage]\npath = {:?}\n",
+                dir.path().join("store")
+            );
+            let config = Config::parse(&dir.path().join("outpost.toml"), &text).unwrap();
+            let store = crate::store::Store::open(&config.storage.path, 1 << 20).unwrap();
+            let backend = Backend::Local(Box::new(store));
+            let mut input = ChangingInput {
+                text: std::io::Cursor::new(lines(checked)),
+                then: Some(then),
+                rewinds: 0,
+            };
+            let result = ingest_file(&backend, &config, &mut input);
+            match expected {
+                None => assert_eq!(result.unwrap().accepted, checked as u64),
+                Some(expected) => {
+                    let message = result.unwrap_err().to_string();
+                    assert!(message.contains(expected), "{message}");
+                }
+            }
+            let Backend::Local(store) = &backend else {
+                unreachable!()
+            };
+            assert_eq!(store.profile_count().unwrap(), stored as u64);
+        }
+    }
+
     #[test]
     fn a_chunk_the_agent_could_not_tell_of_may_have_been_stored() {
         let error = CliError::from(AdminError::InDoubt(format!("{IN_DOUBT}: no space left")));
@@ -191,6 +347,59 @@ mod tests {
         assert!(
             message.contains("the first 1000 of 2500 updates were stored, the rest not"),
             "{message}"
+        );
+    }
+
+    /// A refusal that running the input again would meet again (a profile of a partition
+    /// handed over meanwhile) is not told to be run again; an answer the agent could not read
+    /// still says what was stored before it.
+    #[test]
+    fn what_a_stop_partway_advises_depends_on_what_stopped_it() {
+        let given_away = || StoreError::PartitionGivenAway {
+            id: "p7".into(),
+            partition: 3,
+        };
+        let again = "run the same input again";
+        for (error, stored, says, advises_again) in [
+            (
+                CliError::Refused(given_away().to_string()),
+                1000,
+                "the first 1000 of 2500 updates were stored",
+                false,
+            ),
+            (
+                CliError::Store(given_away()),
+                1000,
+                "profile p7 is in partition 3",
+                false,
+            ),
+            (
+                CliError::Failure("no space left".into()),
+                1000,
+                "no space left; the first 1000",
+                true,
+            ),
+            (
+                CliError::Usage("recursion limit exceeded".into()),
+                1000,
+                "recursion limit exceeded; the first 1000",
+                true,
+            ),
+            (
+                CliError::Failure("no space left".into()),
+                0,
+                "nothing of the input was stored",
+                false,
+            ),
+        ] {
+            let message = partly_stored(error, stored, 1000, 2500).to_string();
+            assert!(message.contains(says), "{message}");
+            assert_eq!(message.contains(again), advises_again, "{message}");
+        }
+        let usage = partly_stored(CliError::Usage("bad".into()), 0, 1000, 2500);
+        assert!(
+            matches!(usage, CliError::Usage(_)),
+            "nothing stored: still exit 2"
         );
     }
 }

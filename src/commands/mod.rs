@@ -47,6 +47,10 @@ pub enum CliError {
     Input(#[from] InputError),
     #[error("{0}")]
     Failure(String),
+    /// The store refused the request and changed nothing for it (a profile of a partition it
+    /// handed over): running it again changes nothing either.
+    #[error("{0}")]
+    Refused(String),
     /// The request may have been done: the agent got it but did not answer, or answered that
     /// it could not tell.
     #[error("{0}")]
@@ -67,9 +71,8 @@ impl From<AdminError> for CliError {
     fn from(e: AdminError) -> Self {
         match e {
             AdminError::Usage(m) => CliError::Usage(m),
-            AdminError::NotFound(m) | AdminError::Failed(m) | AdminError::Refused(m) => {
-                CliError::Failure(m)
-            }
+            AdminError::NotFound(m) | AdminError::Failed(m) => CliError::Failure(m),
+            AdminError::Refused(m) => CliError::Refused(m),
             AdminError::Unanswered(m) | AdminError::InDoubt(m) => CliError::InDoubt(m),
         }
     }

@@ -129,6 +129,14 @@ pub(super) fn print_stats(stats: &Value) {
     if let Some(line) = describe_backfill(&stats["backfill"]) {
         println!("backfill         {line}");
     }
+    if let Some(partitions) = stats["handed_over"]["partitions"].as_array() {
+        let listed: Vec<String> = partitions.iter().map(text_of).collect();
+        println!(
+            "handed over      partition(s) {} of {} (`outpost nats hand-over`): their updates go to the stream",
+            listed.join(", "),
+            text_of(&stats["handed_over"]["partition_count"])
+        );
+    }
     match (stats["rejected"].as_u64(), stats["rejected_not_kept"].as_u64()) {
         (Some(kept), Some(0)) if kept > 0 => {
             println!("rejected         {kept} stream message(s) kept (`outpost rejected list`)")

@@ -95,7 +95,7 @@ impl PartlyCommitted {
 /// Says which part of an input of `count` updates was stored when storing it stopped: the
 /// first `stored`, and the `in_doubt` after them may have been.
 pub fn what_was_stored(stored: u64, in_doubt: u64, count: u64) -> String {
-    let rest = count - stored - in_doubt;
+    let rest = count.saturating_sub(stored + in_doubt);
     match (stored, in_doubt, rest) {
         (0, 0, _) => "nothing of the input was stored".to_string(),
         (0, _, 0) => format!("the {count} updates may have been stored"),

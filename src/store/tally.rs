@@ -44,6 +44,16 @@ pub struct OutboxStats {
     /// Rejected stream messages kept, and those not kept past `source.nats.max_rejected`.
     pub rejected: u64,
     pub rejected_not_kept: u64,
+    /// The partitions this store handed over or is handing over (`outpost nats hand-over`),
+    /// whose profiles it refuses from other inputs than the stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handed_over: Option<HandedOver>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HandedOver {
+    pub partition_count: u32,
+    pub partitions: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -268,6 +278,12 @@ impl Store {
             backfill: self.backfill_progress()?,
             rejected,
             rejected_not_kept,
+            handed_over: self.with(super::source::moved_away)?.map(
+                |(partition_count, partitions)| HandedOver {
+                    partition_count,
+                    partitions: partitions.into_iter().collect(),
+                },
+            ),
         })
     }
 
