@@ -131,7 +131,8 @@ pub enum AdminError {
     Usage(String),
     #[error("{0}")]
     Failed(String),
-    /// The store refused the request before changing anything (a take-over's refusals).
+    /// The store refused the request before changing anything for it: a take-over's
+    /// refusals, and an ingest chunk holding a profile of a partition the store handed over.
     /// An agent of an older build answers these as [`AdminError::Failed`].
     #[error("{0}")]
     Refused(String),

@@ -2615,7 +2615,7 @@ async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
 /// Stands in for a running agent on the admin socket of the store at `store`, as one whose
 /// store changes between a take-over's check and the take-over: `stats` gives store
 /// `0000abcd`, the check passes, and the take-over is answered `take_over_answer`. Returns
-/// the ops asked, once a take-over was.
+/// the ops asked, once a take-over was (panics when none was within a minute).
 fn agent_refusing_the_take_over(
     store: &Path,
     take_over_answer: &'static str,
@@ -2625,10 +2625,22 @@ fn agent_refusing_the_take_over(
     let socket = outpost::server::admin::socket_path(store);
     let _ = std::fs::remove_file(&socket);
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut ops = Vec::new();
-        for stream in listener.incoming() {
-            let mut stream = stream.unwrap();
+        loop {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let now = std::time::Instant::now();
+                    assert!(now < deadline, "no take-over was asked, only {ops:?}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            stream.set_nonblocking(false).unwrap();
             let mut request = String::new();
             stream.read_to_string(&mut request).unwrap();
             // A connection that asks nothing tells whether an agent answers.
@@ -2650,7 +2662,6 @@ fn agent_refusing_the_take_over(
                 return ops;
             }
         }
-        unreachable!("the listener ends only with an error")
     })
 }
 

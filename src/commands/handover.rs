@@ -447,10 +447,13 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
         // the claims.
         Err(AdminError::Refused(text)) => {
             let left = put_back(&runtime, &bucket, &made, &handed);
-            let refusal = AdminError::Refused(format!(
-                "{text}; this take-over stored nothing, and the claims it reserved were put \
-                 back{left}"
-            ));
+            let put = if made.is_empty() {
+                ""
+            } else {
+                ", and the claims it reserved were put back"
+            };
+            let refusal =
+                AdminError::Refused(format!("{text}; this take-over stored nothing{put}{left}"));
             return Err(reserved_then(refusal, reserved_before || !left.is_empty()));
         }
         Err(e) => return Err(reserved_then(e, reserved)),

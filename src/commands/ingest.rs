@@ -55,30 +55,38 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
 
 /// How the input was found changed in the pass that stores it.
 enum Changed {
-    /// It holds more updates than were checked: those checked were stored, the others not.
-    Grew,
+    /// It holds more updates than the `checked`: those were stored, the others not.
+    Grew { checked: u64 },
+    /// It holds fewer updates than were checked.
     Shrank,
     /// An update checked good is refused now.
-    Refused(InputError),
+    Unreadable(InputError),
 }
 
 impl std::fmt::Display for Changed {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
-            Changed::Grew => f.write_str(
-                "it holds more updates than were checked; those checked were stored, and those \
-                 added after them were not (ingest them apart)",
+            Changed::Grew { checked } => write!(
+                f,
+                "it holds more updates than the {checked} checked, which were stored; those \
+                 added after them were not (ingest them apart)"
             ),
             Changed::Shrank => f.write_str("it holds fewer updates than were checked"),
-            Changed::Refused(e) => e.fmt(f),
+            Changed::Unreadable(e) => e.fmt(f),
         }
     }
 }
 
-/// The partitions the store handed over, as its statistics say (an agent of an earlier build
-/// says nothing of them: each chunk is still checked as it is stored).
+/// The partitions the store handed over, as its statistics say. When they say nothing (an
+/// agent of an earlier build), or cannot be read, each chunk is still checked as it is stored.
 fn handed_over(backend: &Backend) -> Result<Option<(u32, BTreeSet<u32>)>, CliError> {
-    let stats = backend.execute(&AdminRequest::Stats)?;
+    let stats = match backend.execute(&AdminRequest::Stats) {
+        Ok(stats) => stats,
+        Err(e) => {
+            tracing::debug!(error = %e, "the store's statistics, for the partitions it handed over");
+            return Ok(None);
+        }
+    };
     let handed_over = &stats["handed_over"];
     let count = handed_over["partition_count"].as_u64();
     let Some(count) = count.and_then(|c| u32::try_from(c).ok()).filter(|c| *c > 0) else {
@@ -168,7 +176,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
                     id: update.id,
                     partition,
                 };
-                return Err(CliError::Failure(format!(
+                return Err(CliError::Refused(format!(
                     "update {count}: {refusal}; nothing was stored"
                 )));
             }
@@ -208,13 +216,13 @@ pub fn ingest_file<F: Read + Seek + Send>(
                 let chunk: Result<Vec<Update>, Changed> = match wanted {
                     0 => match reader.next() {
                         None => return,
-                        Some(_) => Err(Changed::Grew),
+                        Some(_) => Err(Changed::Grew { checked: count }),
                     },
                     _ => reader
                         .by_ref()
                         .take(wanted)
                         .collect::<Result<Vec<Update>, InputError>>()
-                        .map_err(Changed::Refused)
+                        .map_err(Changed::Unreadable)
                         .and_then(|chunk| match chunk.len() < wanted {
                             true => Err(Changed::Shrank),
                             false => Ok(chunk),
@@ -234,7 +242,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
                     CliError::Failure(format!("the input changed while it was stored: {changed}"));
                 match changed {
                     // Every update checked was stored.
-                    Changed::Grew => error,
+                    Changed::Grew { .. } => error,
                     _ => partly_stored(error, total.accepted, 0, count),
                 }
             })?;
@@ -293,7 +301,7 @@ mod tests {
             (lines(checked), None, checked),
             (
                 lines(checked + 5),
-                Some("more updates than were checked; those checked were stored"),
+                Some("more updates than the 2001 checked, which were stored"),
                 checked,
             ),
             (

@@ -47,8 +47,9 @@ pub enum CliError {
     Input(#[from] InputError),
     #[error("{0}")]
     Failure(String),
-    /// The store refused the request and changed nothing for it (a profile of a partition it
-    /// handed over): running it again changes nothing either.
+    /// The store refused the request and changed nothing for it ([`AdminError::Refused`]).
+    /// For an ingest, a profile of a partition the store handed over: running the input
+    /// again is refused again.
     #[error("{0}")]
     Refused(String),
     /// The request may have been done: the agent got it but did not answer, or answered that

@@ -41,8 +41,9 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// Why `body` is not all the endpoint meant to send: it broke off, or did not end within
-    /// the timeout. The status still stands (a delivery answered 2xx was taken).
+    /// Why the body stopped before its end: it broke off, or did not end within the timeout
+    /// (one cut at [`ANSWER_BYTES`] says nothing here). The status still stands: a delivery
+    /// answered 2xx was taken.
     pub body_cut: Option<String>,
 }
 
@@ -192,9 +193,9 @@ const HIDING_WINDOW_BYTES: usize = 64 << 10;
 /// answering with a large file, or a body without end, cannot fill memory within a timeout.
 const ANSWER_BYTES: usize = 1 << 20;
 
-/// The first `cap` bytes of `body`; the rest is not read (its connection is then not reused).
 /// Up to `cap` bytes of `body`, as many as came by `deadline`, and why it stopped short, if
-/// it did (it broke off, or did not end in time).
+/// it did (it broke off, or did not end in time). Past `cap` the rest is not read (its
+/// connection is then not reused).
 async fn first_bytes(
     mut body: hyper::body::Incoming,
     cap: usize,

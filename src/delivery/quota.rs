@@ -57,8 +57,11 @@ pub fn advertised(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Adverti
         } else {
             reset
         };
-        // Past what the system's time can hold (a `Duration` holds more): as far as can be.
-        match SystemTime::UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(seconds).ok()?) {
+        // Past what a `Duration` or the system's time can hold: as far off as can be.
+        let at = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|since| SystemTime::UNIX_EPOCH.checked_add(since));
+        match at {
             Some(at) => at.duration_since(reference).unwrap_or_default(),
             None => MAX_RETRY_AFTER,
         }
@@ -433,7 +436,7 @@ mod tests {
                 &[("RateLimit-Remaining", "0"), ("RateLimit-Reset", "86400")],
                 quota(0, secs(3600)),
             ),
-            // A time since 1970 too far to add to it, in seconds or milliseconds.
+            // A time since 1970 too far to add to it, in seconds or milliseconds, or to hold.
             (
                 &[
                     ("X-RateLimit-Remaining", "5"),
@@ -444,6 +447,10 @@ mod tests {
             (
                 &[("RateLimit", "remaining=1, reset=15000000000000000000000")],
                 quota(1, secs(3600)),
+            ),
+            (
+                &[("RateLimit", "remaining=0, reset=1e300")],
+                quota(0, secs(3600)),
             ),
             // Half a quota, or nonsense, says nothing.
             (&[("RateLimit-Remaining", "0")], None),
