@@ -889,3 +889,59 @@ async fn static_bearer_and_no_auth() {
     drained(&agent, &s.receiver, 1).await;
     agent.stop().await.unwrap();
 }
+
+/// An endpoint that answers each request `200` with a body it never finishes: the status
+/// came, so each export was taken, once; none is sent again for the body that stalled past
+/// the request timeout (500 ms here), and the concurrency is not cut for it.
+#[tokio::test]
+async fn a_2xx_whose_body_stalls_is_delivered_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let endpoint = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            held.push(tokio::spawn(async move {
+                // One request a connection: its answer never ends.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 8192];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"ok\":";
+                let _ = socket.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }));
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, agent_config_text(&base, "type = \"none\"", "")).unwrap();
+    let config = Config::load(&path).unwrap();
+    let agent = start(&config).await;
+    ingest(&agent, &updates(&["a", "b", "c"], 1)).await;
+    wait_until(30, "every export delivered", || {
+        agent.store.tally().unwrap().pending == 0
+    })
+    .await;
+    // Longer than the request timeout, for a retry to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+    use outpost::metrics::DeliveryOutcome;
+    assert_eq!(agent.metrics.deliveries(DeliveryOutcome::Delivered), 3);
+    assert_eq!(agent.metrics.deliveries(DeliveryOutcome::Retried), 0);
+    assert_eq!(
+        agent.metrics.concurrency_limit.get(),
+        4,
+        "the limit it started at"
+    );
+    agent.stop().await.unwrap();
+    endpoint.abort();
+}
