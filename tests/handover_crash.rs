@@ -359,3 +359,94 @@ fn hand_over_and_take_over_finish_after_sigkills() {
     );
     assert_eq!(again, Some(true));
 }
+
+/// `outpost nats take-over` through the taking store's running agent (which owns other
+/// partitions), SIGKILLed at growing instants: the agent carries on or stops the store part
+/// on its own, the claims never say more than the take-over did, and the command run again
+/// finishes it; the agent's store then holds the file's profiles as the giving store held them.
+#[test]
+fn a_take_over_through_a_running_agent_finishes_after_its_command_is_killed() {
+    let Some(server_bin) = nats_server_or_skip("a_take_over_through_a_running_agent") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let dir = tempfile::tempdir().unwrap();
+    let giving = config_in(&dir.path().join("a"), &server, "0-3");
+    let moved = fill(&giving);
+    let file = dir.path().join("4-7.handover");
+    let file_arg = file.to_str().unwrap();
+    let handed = run_killed(
+        &["nats", "hand-over", "4-7", file_arg],
+        &giving,
+        Duration::from_secs(60),
+    );
+    assert_eq!(handed, Some(true));
+
+    let taking = config_in(&dir.path().join("b"), &server, "0-3");
+    let port = common::agent_process::free_port();
+    let text = std::fs::read_to_string(&taking).unwrap();
+    std::fs::write(
+        &taking,
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut agent = runtime.block_on(common::agent_process::AgentProcess::start_with_env(
+        &taking,
+        port,
+        &[("OUTPOST_LOG", "warn")],
+    ));
+    let store_id = outbox_stats(&taking)["store_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ours = claim::holder(
+        u32::from_str_radix(&store_id, 16).unwrap(),
+        &claim::host_name(),
+    );
+    let handed = claim::handed_over(&{
+        let (header, _) = outpost::store::handover_file::FileReader::open(std::io::BufReader::new(
+            std::fs::File::open(&file).unwrap(),
+        ))
+        .unwrap();
+        header.file_id()
+    });
+    let taking_over = claim::taking_over(&handed, &ours);
+    let claims = Claims::of(&taking);
+    let reserved = std::cell::Cell::new(0);
+    let kills = until_done(&["nats", "take-over", file_arg], &taking, || {
+        let said = claims.read();
+        for claim in &said {
+            assert!(
+                *claim == handed || *claim == taking_over || *claim == ours,
+                "{said:?}"
+            );
+        }
+        reserved.set(reserved.get() + usize::from(said.contains(&taking_over)));
+        let profiles = outbox_stats(&taking)["profiles"].as_u64().unwrap() as usize;
+        assert!(profiles <= moved.len(), "{profiles} profiles");
+        true
+    });
+    println!(
+        "take-over through the agent: {kills} kills, {} with claims reserved",
+        reserved.get()
+    );
+    assert!(
+        kills > 0 && reserved.get() > 0,
+        "no kill came once the claims were reserved"
+    );
+    assert_eq!(claims.read(), vec![ours; MOVED.len()]);
+    runtime.block_on(agent.terminate());
+    let store = Store::open(&Config::load(&taking).unwrap().storage.path, 8 << 20).unwrap();
+    assert_eq!(profiles_present(&store, &moved), moved.len());
+    assert_eq!(store.profile_count().unwrap() as usize, moved.len());
+    for partition in MOVED {
+        assert_eq!(
+            store.source_position(partition, STREAM, 5000).unwrap(),
+            Recorded::At(1000 + u64::from(partition))
+        );
+    }
+}
