@@ -369,13 +369,15 @@ fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_
 }
 
 /// A readable `meta/next_seq` at or below a stored export's would number new exports over
-/// older ones: it is raised past them at open, and said so.
+/// older ones: it is raised past them at open, and said so, also when a damaged key (not an
+/// export number) sorts after the last export.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_next_export_number_behind_the_outbox_is_raised_at_open() {
     let s = setup().await;
     let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
     assert!(out.status.success(), "{}", text(&out));
     s.corrupt("meta", b"next_seq", &0u64.to_be_bytes());
+    s.corrupt("outbox", &[0xff; 9], b"damaged");
 
     let mut agent = s.agent().await;
     let log = agent.log();

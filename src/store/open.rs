@@ -211,8 +211,13 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
         .unwrap_or(0);
     let mut last = None;
     for tree in [&t.outbox, &t.dead, &t.retry_at, &t.superseded] {
-        if let Some((key, _)) = tree.last()? {
-            last = last.max(keys::seq_from_key(&key));
+        // The last key that is an export number: a damaged one (not 8 bytes) may sort past it.
+        for item in tree.iter().rev() {
+            let (key, _) = item?;
+            if let Some(seq) = keys::seq_from_key(&key) {
+                last = last.max(Some(seq));
+                break;
+            }
         }
     }
     if let Some(last) = last.filter(|&last| next <= last) {
