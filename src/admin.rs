@@ -462,6 +462,24 @@ struct Page {
     /// With `--all-dead`, the last dead letter looked at, when the page was full: the next
     /// page starts after it.
     next_after: Option<u64>,
+    /// What stopped the page partway, after `done` was done (and flushed).
+    stopped: Option<AdminError>,
+}
+
+/// `error` with what a repair did before it: exports put back or dropped are not undone.
+fn after_some_done(error: AdminError, done: usize, what: &str) -> AdminError {
+    if done == 0 {
+        return error;
+    }
+    let said = |message: String| format!("{message}; {done} export(s) were {what} before it");
+    match error {
+        AdminError::NotFound(m) => AdminError::NotFound(said(m)),
+        AdminError::Usage(m) => AdminError::Usage(said(m)),
+        AdminError::Failed(m) => AdminError::Failed(said(m)),
+        AdminError::Refused(m) => AdminError::Refused(said(m)),
+        AdminError::Unanswered(m) => AdminError::Unanswered(said(m)),
+        AdminError::InDoubt(m) => AdminError::InDoubt(said(m)),
+    }
 }
 
 /// `retry` puts dead letters back in the outbox (same id, so same Idempotency-Key; `max_age_s`
@@ -563,11 +581,11 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         };
         let each = each();
         store.flush()?;
-        each?;
         Ok(Page {
             done,
             missing,
             next_after,
+            stopped: each.err(),
         })
     };
     // With `--all-dead` a page at a time, each under the lock on its own: the delivery loop
@@ -575,6 +593,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     let wait = store.put_back_wait();
     let (mut done, mut missing) = (Vec::new(), Vec::new());
     let mut after = None;
+    let what = if retry { "put back" } else { "dropped" };
     loop {
         // Exports put back keep their (lower) sequence numbers, and dropped ones may sit in
         // the delivery loop's window: the loop must not start requests meanwhile, and reads
@@ -582,7 +601,6 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         // should its request get no answer, the drop must know that the endpoint may have
         // taken it (a drop by id, whether an id is pending is known only under the lock).
         let page = if retry || !all_dead {
-            let what = if retry { "put back" } else { "dropped" };
             let so_far = match done.len() {
                 0 => format!("nothing was {what}"),
                 n => format!("{n} dead letter(s) were {what}, the rest not"),
@@ -597,12 +615,16 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                         ),
                         NotQuiet::GaveUp => format!("{so_far}: delivery stopped with requests whose outcome was not recorded (the log says why); once the agent is started again, retry"),
                     })
-                })??
+                })?
         } else {
-            store.rewinding(|| apply(after))?
+            store.rewinding(|| apply(after))
         };
+        let page = page.map_err(|e| after_some_done(e, done.len(), what))?;
         done.extend(page.done);
         missing.extend(page.missing);
+        if let Some(stopped) = page.stopped {
+            return Err(after_some_done(stopped, done.len(), what));
+        }
         match page.next_after {
             Some(last) => after = Some(last),
             None => break,
@@ -638,6 +660,25 @@ mod tests {
             let read: AdminAnswer = serde_json::from_str(&line).unwrap();
             assert_eq!(read.into_result(), Err(error), "{line}");
         }
+    }
+
+    /// A repair stopped by an error after some exports were put back or dropped says how
+    /// many, keeping the error's kind (and exit status); with none done, the error as it was.
+    #[test]
+    fn a_repair_stopped_partway_says_what_it_did_before() {
+        let reopening = || AdminError::Failed("the store is being reopened".into());
+        assert_eq!(after_some_done(reopening(), 0, "dropped"), reopening());
+        assert_eq!(
+            after_some_done(reopening(), 20000, "dropped"),
+            AdminError::Failed(
+                "the store is being reopened; 20000 export(s) were dropped before it".into()
+            )
+        );
+        let in_doubt = after_some_done(AdminError::InDoubt("flush failed".into()), 3, "put back");
+        assert_eq!(
+            in_doubt,
+            AdminError::InDoubt("flush failed; 3 export(s) were put back before it".into())
+        );
     }
 
     #[test]
