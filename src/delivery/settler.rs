@@ -102,8 +102,11 @@ fn run(
                     return false;
                 }
                 Err(e) => {
-                    if failures == 0 && !matches!(e, StoreError::Reopening(_)) {
-                        tracing::error!(error = %e, "cannot record deliveries in the outbox; retrying");
+                    // Said again each minute while it lasts: until then no profile with an
+                    // outcome waiting here sends again, and repairs wait for them.
+                    let said_again = failures > 0 && failures % 300 == 0;
+                    if (failures == 0 || said_again) && !matches!(e, StoreError::Reopening(_)) {
+                        tracing::error!(error = %e, failures, "cannot record deliveries in the outbox; retrying");
                     } else {
                         tracing::debug!(error = %e, "cannot record deliveries in the outbox; retrying");
                     }
