@@ -104,7 +104,7 @@ fn run(
                 Err(e) => {
                     // Said again each minute while it lasts: until then no profile with an
                     // outcome waiting here sends again, and repairs wait for them.
-                    let said_again = failures > 0 && failures % 300 == 0;
+                    let said_again = failures > 0 && failures.is_multiple_of(300);
                     if (failures == 0 || said_again) && !matches!(e, StoreError::Reopening(_)) {
                         tracing::error!(error = %e, failures, "cannot record deliveries in the outbox; retrying");
                     } else {
