@@ -717,6 +717,77 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
         .contains("no rejected messages"));
 }
 
+/// Publishes `payload` on `subject` with `header` as its header block, as it is, over the
+/// NATS protocol itself: the client library would refuse to send a block it cannot read.
+fn publish_with_raw_header(server: &NatsServer, subject: &str, header: &[u8], payload: &[u8]) {
+    use std::io::{BufRead, Write};
+    let address = server.url().trim_start_matches("nats://").to_owned();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    assert!(info.starts_with("INFO"), "{info}");
+    let mut message = format!(
+        "CONNECT {{\"headers\":true,\"verbose\":false,\"pedantic\":false}}\r\nHPUB {subject} {} {}\r\n",
+        header.len(),
+        header.len() + payload.len()
+    )
+    .into_bytes();
+    message.extend_from_slice(header);
+    message.extend_from_slice(payload);
+    message.extend_from_slice(b"\r\nPING\r\n");
+    stream.write_all(&message).unwrap();
+    let mut pong = String::new();
+    reader.read_line(&mut pong).unwrap();
+    assert_eq!(pong, "PONG\r\n");
+}
+
+/// A message whose header block the NATS client cannot read (not UTF-8, as a producer in
+/// another language may write) breaks the agent's connection each time it is fetched: after
+/// two breaks at the same position the partition's next messages are read by their stream
+/// sequence, and it goes on. Its update is taken (its headers are not used), in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_headers_the_client_cannot_read_does_not_stop_its_partition() {
+    let Some(server_bin) = nats_server_or_skip("a_message_whose_headers_the_client_cannot_read")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    // p-000001 lives in partition 1 of 8.
+    let subject = "test.updates.1";
+    let update = |name: &str, second: u32| {
+        member_update("p-000001", name, &format!("2026-01-01T00:00:0{second}Z"))
+    };
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.publish(subject, update("first", 1).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let latin1 = b"NATS/1.0\r\nX-Source: caf\xe9\r\n\r\n";
+    publish_with_raw_header(&server, subject, latin1, update("second", 2).as_bytes());
+    js.publish(subject, update("third", 3).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let agent = setup.start().await;
+    wait_or_show(90, "the three updates delivered", &[&agent], async || {
+        distinct_delivered(&receiver) >= 3
+    })
+    .await;
+    let names = names_by_profile(&receiver);
+    assert_eq!(names["p-000001"], ["first", "second", "third"]);
+    let log = agent.log();
+    assert!(
+        log.contains("whose NATS headers the client cannot read") && log.contains("seq=2"),
+        "{log}"
+    );
+}
+
 /// An update of p-000001 (partition 41 of 64) named `name` at `at`, made `padding` bytes
 /// larger by an unmapped attribute.
 fn padded_update(name: &str, at: &str, padding: usize) -> String {

@@ -21,9 +21,10 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{delivery_gap, sort_batch, Fetched};
+use super::batch::{delivery_gap, sort_batch, Fetched, HeldBack};
 use super::claim;
 use super::config::{NatsAuth, NatsSource};
+use super::headers::unreadable_headers;
 use super::partition::{is_partition_subject, subject_of};
 use crate::metrics::Metrics;
 use crate::profile::update::FutureLimit;
@@ -99,7 +100,19 @@ enum PartitionStop {
     /// The store marks the partition moved (handed over, or being moved): left alone, and
     /// looked at again as a claim is.
     Moved(String),
+    /// Failed as the connection broke, the partition consumed up to `recorded` of `stream`:
+    /// counted, since a message whose headers the client cannot read breaks it every time
+    /// (see [`super::headers`]).
+    Broke {
+        error: NatsError,
+        stream: u64,
+        recorded: u64,
+    },
 }
+
+/// Breaks of the connection in a row at one position after which the partition's next
+/// messages are read by their stream sequence.
+const BREAKS_BEFORE_READING_BY_SEQUENCE: u32 = 2;
 
 impl From<NatsError> for PartitionStop {
     fn from(e: NatsError) -> Self {
@@ -648,6 +661,8 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     let mut backoff = BACKOFF_FIRST;
     // The same error again (NATS down for a while) is logged once, not at every retry.
     let mut last_error = String::new();
+    // Where the connection last broke ((stream, position)), and how many times in a row.
+    let mut broke_at: Option<((u64, u64), u32)> = None;
     while !shared.shutdown.is_cancelled() {
         let started = std::time::Instant::now();
         let consumer = run_consumer(shared, slot, partition);
@@ -659,6 +674,36 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                  messages it held unacknowledged come again at the next start (those already committed are skipped)"
             );
             return;
+        };
+        let ended = match ended {
+            Err(PartitionStop::Broke {
+                error,
+                stream,
+                recorded,
+            }) => {
+                let at = (stream, recorded);
+                let times = match broke_at {
+                    Some((seen, times)) if seen == at => times + 1,
+                    _ => 1,
+                };
+                broke_at = Some((at, times));
+                if times >= BREAKS_BEFORE_READING_BY_SEQUENCE {
+                    broke_at = None;
+                    match read_by_sequence(shared, partition, at).await {
+                        Ok(0) => {}
+                        Ok(read) => {
+                            tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the connection having broken {times} times in a row at the same position; consuming goes on after them");
+                            backoff = BACKOFF_FIRST;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(partition, error = %e, "could not read the partition's next messages by their stream sequence");
+                        }
+                    }
+                }
+                Err(PartitionStop::Failed(error))
+            }
+            other => other,
         };
         match ended {
             Ok(()) => return,
@@ -710,7 +755,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 }
                 backoff = BACKOFF_FIRST;
             }
-            Err(PartitionStop::Failed(e)) => {
+            Err(PartitionStop::Failed(e) | PartitionStop::Broke { error: e, .. }) => {
                 // A consumer that ran for a good while failed for a new reason.
                 if started.elapsed() > 2 * BACKOFF_MAX {
                     backoff = BACKOFF_FIRST;
@@ -936,6 +981,29 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     }
     shared.state.claimed_elsewhere[slot].store(false, Ordering::Relaxed);
     let mut consuming = fresh_consumer(shared, partition).await?;
+    match consume(shared, slot, partition, &mut consuming, breaks).await {
+        Err(PartitionStop::Failed(error))
+            if shared.state.breaks.load(Ordering::SeqCst) != breaks =>
+        {
+            Err(PartitionStop::Broke {
+                error,
+                stream: consuming.stream,
+                recorded: consuming.recorded,
+            })
+        }
+        other => other,
+    }
+}
+
+/// Fetches, commits and acknowledges the partition's messages from where `consuming` is,
+/// over the connection as it was when it had broken `breaks` times.
+async fn consume(
+    shared: &Shared,
+    slot: usize,
+    partition: u32,
+    consuming: &mut Consuming,
+    breaks: u64,
+) -> Result<(), PartitionStop> {
     let consumer = &consuming.consumer;
     tracing::debug!(
         partition,
@@ -1140,6 +1208,44 @@ async fn commit_and_ack(
                 .map(chrono::DateTime::from_timestamp_nanos),
         });
     }
+    let (position, held_back) =
+        commit_fetched(shared, partition, (stream, recorded), &fetched).await?;
+    // The group is durable: now the messages may go, up to one held back.
+    let held_at = held_back.as_ref().map(|held| held.seq);
+    for (message, fetched) in messages.iter().zip(&fetched) {
+        if held_at.is_some_and(|held| fetched.seq >= held) {
+            continue;
+        }
+        message
+            .ack()
+            .await
+            .map_err(|e| nats_error("acknowledging", e))?;
+        shared.state.acks.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.source_acks.inc();
+    }
+    if let Some(held) = held_back {
+        return Err(PartitionStop::Held {
+            why: NatsError(format!(
+                "stream message {} waits: {}; it and those after it are tried again once this host's clock reaches {}",
+                held.seq,
+                held.reason,
+                crate::profile::update::format_time(held.passes_at)
+            )),
+            passes_at: held.passes_at,
+        });
+    }
+    Ok(position)
+}
+
+/// Commits `fetched`, messages of `partition` of `stream` consumed up to `recorded`, durably:
+/// the position recorded after them, and the message the batch stopped before, if one
+/// waits for this host's clock.
+async fn commit_fetched(
+    shared: &Shared,
+    partition: u32,
+    (stream, recorded): (u64, u64),
+    fetched: &[Fetched<'_>],
+) -> Result<(u64, Option<HeldBack>), NatsError> {
     let now = chrono::Utc::now();
     let limit = FutureLimit {
         now,
@@ -1149,7 +1255,7 @@ async fn commit_and_ack(
         partition,
         shared.config.partitions,
         (stream, recorded),
-        &fetched,
+        fetched,
         &shared.committer.parsing(limit),
         now.timestamp_millis(),
     );
@@ -1186,32 +1292,108 @@ async fn commit_and_ack(
     shared
         .metrics
         .record_source_messages(committed, sorted.skipped, rejected);
-    // The group is durable: now the messages may go, up to one held back.
-    let held_at = sorted.held_back.as_ref().map(|held| held.seq);
-    for (message, fetched) in messages.iter().zip(&fetched) {
-        if held_at.is_some_and(|held| fetched.seq >= held) {
-            continue;
-        }
-        message
-            .ack()
-            .await
-            .map_err(|e| nats_error("acknowledging", e))?;
-        shared.state.acks.fetch_add(1, Ordering::Relaxed);
-        shared.metrics.source_acks.inc();
-    }
-    if let Some(held) = sorted.held_back {
-        return Err(PartitionStop::Held {
-            why: NatsError(format!(
-                "stream message {} waits: {}; it and those after it are tried again once this host's clock reaches {}",
-                held.seq,
-                held.reason,
-                crate::profile::update::format_time(held.passes_at)
-            )),
-            passes_at: held.passes_at,
-        });
-    }
-    Ok(position)
+    Ok((position, sorted.held_back))
 }
+
+/// Reads the partition's next messages after `recorded` of `stream` by their stream
+/// sequence, through the JetStream API rather than the consumer, and commits each, up to and
+/// including the first whose headers the client cannot read ([`super::headers`]), or a
+/// batch's worth; how many it committed. Their order is the stream's, as the consumer's.
+async fn read_by_sequence(
+    shared: &Shared,
+    partition: u32,
+    (stream, mut recorded): (u64, u64),
+) -> Result<usize, NatsError> {
+    let subject = subject_of(&shared.config.subject_prefix, partition);
+    let mut read = 0;
+    for _ in 0..shared.config.fetch_batch.max(1) {
+        let Some(message) = message_after(shared, &subject, recorded).await? else {
+            break;
+        };
+        let unreadable = message.headers.as_deref().and_then(unreadable_headers);
+        let fetched = Fetched {
+            subject: &message.subject,
+            seq: message.seq,
+            payload: &message.payload,
+            published: message.published,
+        };
+        let (position, held_back) =
+            commit_fetched(shared, partition, (stream, recorded), &[fetched]).await?;
+        if held_back.is_some() {
+            // Held back as the consumer holds it: it waits there for the clock.
+            break;
+        }
+        recorded = position;
+        read += 1;
+        if let Some(why) = unreadable {
+            tracing::warn!(
+                partition,
+                seq = message.seq,
+                why,
+                "a stream message whose NATS headers the client cannot read broke the connection each time it was fetched; it was read by its stream sequence instead (its headers are not used)"
+            );
+            break;
+        }
+    }
+    Ok(read)
+}
+
+/// A stream message as the JetStream API's `STREAM.MSG.GET` gives it.
+struct BySequence {
+    subject: String,
+    seq: u64,
+    headers: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    published: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The first message on `subject` after stream sequence `after`, if there is one.
+async fn message_after(
+    shared: &Shared,
+    subject: &str,
+    after: u64,
+) -> Result<Option<BySequence>, NatsError> {
+    use base64::Engine;
+    let what = "reading a message by its stream sequence";
+    let request = serde_json::json!({"seq": after + 1, "next_by_subj": subject});
+    let api = format!("STREAM.MSG.GET.{}", shared.config.stream);
+    let answer: serde_json::Value = shared
+        .js
+        .request(api, &request)
+        .await
+        .map_err(|e| nats_error(what, e))?;
+    if let Some(error) = answer.get("error") {
+        if error["err_code"].as_u64() == Some(NO_MESSAGE_FOUND) {
+            return Ok(None);
+        }
+        return Err(NatsError(format!("{what}: {error}")));
+    }
+    let message = &answer["message"];
+    let decoded = |field: &str| -> Result<Option<Vec<u8>>, NatsError> {
+        let Some(text) = message[field].as_str() else {
+            return Ok(None);
+        };
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text);
+        bytes.map(Some).map_err(|e| nats_error(what, e))
+    };
+    let unanswered = || NatsError(format!("{what}: the answer names no message"));
+    Ok(Some(BySequence {
+        subject: message["subject"]
+            .as_str()
+            .ok_or_else(unanswered)?
+            .to_owned(),
+        seq: message["seq"].as_u64().ok_or_else(unanswered)?,
+        headers: decoded("hdrs")?,
+        payload: decoded("data")?.unwrap_or_default(),
+        published: message["time"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc)),
+    }))
+}
+
+/// JetStream's error code for a message that is not there.
+const NO_MESSAGE_FOUND: u64 = 10037;
 
 #[cfg(test)]
 mod tests {
