@@ -717,6 +717,75 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
         .contains("no rejected messages"));
 }
 
+/// nats-server reports the time it started again as the creation time of a stream edited
+/// since its last start. Agents tell a stream made again under the same name by when it was
+/// made, which `nats setup` records in its description: the stream edited (a limit raised)
+/// and its server restarted is still the stream the store has positions in, and nothing is
+/// consumed again from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_edited_and_its_server_restarted_is_consumed_on_from_where_it_was() {
+    let Some(server_bin) = nats_server_or_skip("a_stream_edited_and_its_server_restarted") else {
+        return;
+    };
+    let mut server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let url = server.url();
+    let info = || async {
+        let client = async_nats::connect(url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("UPDATES").await.unwrap();
+        (js, stream.info().await.unwrap().clone())
+    };
+    let (_, made) = info().await;
+    let description = made.config.description.clone().unwrap_or_default();
+    let nanos = made.created.unix_timestamp_nanos();
+    assert!(
+        description.contains(&format!("made at {nanos} ")),
+        "{description}"
+    );
+    let mut agent = setup.start().await;
+    setup.publish(&versions(20, 0));
+    wait_or_show(60, "the first versions", &[&agent], async || {
+        names_by_profile(&receiver).len() == 20
+    })
+    .await;
+    agent.terminate().await;
+
+    // Restarted, edited, restarted: the server then takes its second start for the
+    // stream's creation.
+    server.restart();
+    let (js, edited) = info().await;
+    let mut config = edited.config.clone();
+    config.max_messages_per_subject = 1_000;
+    js.update_stream(config).await.unwrap();
+    server.restart();
+    let (_, restarted) = info().await;
+    println!(
+        "created {} before, {} after the edit and restart",
+        made.created, restarted.created
+    );
+    let agent = setup.start().await;
+    setup.publish(&versions(20, 2));
+    wait_or_show(60, "the second versions", &[&agent], async || {
+        names_by_profile(&receiver)
+            .values()
+            .all(|names| names.len() == 2)
+    })
+    .await;
+    let log = agent.log();
+    assert!(!log.contains("one in another stream"), "{log}");
+    assert_eq!(
+        metric(
+            agent.addr,
+            "outpost_source_messages_total{result=\"committed\"}"
+        )
+        .await,
+        20.0,
+        "only the new versions were consumed"
+    );
+}
+
 /// Publishes `payload` on `subject` with `header` as its header block, as it is, over the
 /// NATS protocol itself: the client library would refuse to send a block it cannot read.
 fn publish_with_raw_header(server: &NatsServer, subject: &str, header: &[u8], payload: &[u8]) {
@@ -1476,6 +1545,29 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
         "{recorded}"
     );
     refused(&eight, &["nats", "setup"], "made for 16 partitions");
+    assert!(sixteen.cli(&["nats", "setup"]).contains("nothing changed"));
+    // As an earlier build described it, without when it was made: recorded, from the
+    // server's time.
+    let mut stream = js.get_stream("UPDATES").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let description = config.description.clone().unwrap();
+    let cut = description.find("; made at ").unwrap();
+    config.description = Some(description[..cut].to_owned());
+    js.update_stream(config).await.unwrap();
+    let recorded = sixteen.cli(&["nats", "setup"]);
+    assert!(
+        recorded.contains("now records when the stream was made"),
+        "{recorded}"
+    );
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(
+        info.config.description.unwrap(),
+        format!(
+            "{}; made at {} (ns since 1970)",
+            &description[..cut],
+            info.created.unix_timestamp_nanos()
+        )
+    );
     assert!(sixteen.cli(&["nats", "setup"]).contains("nothing changed"));
 
     // Made by hand with `<prefix>.>`: it takes every partition's subject, and deeper ones,

@@ -83,13 +83,14 @@ pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
             messages,
             replicas,
             recorded,
+            made_at_recorded,
         } => println!(
             "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); {}",
             nats.stream,
-            if recorded {
-                "its description now records the partition count"
-            } else {
-                "nothing changed"
+            match (recorded, made_at_recorded) {
+                (true, _) => "its description now records the partition count and when the stream was made",
+                (false, true) => "its description now records when the stream was made (a NATS server restarted after the stream was edited reports another time, which agents would take for a new stream)",
+                (false, false) => "nothing changed",
             }
         ),
     }

@@ -209,7 +209,7 @@ pub fn stream_config(config: &NatsSource) -> stream::Config {
         subjects: vec![format!("{}.*", config.subject_prefix)],
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
-        description: Some(description(config)),
+        description: Some(description(config, None)),
         ..Default::default()
     }
 }
@@ -218,14 +218,43 @@ const DESCRIPTION_START: &str = "outpost: partitions = ";
 
 /// A stream's description as `nats setup` writes it: the partition count it was made for
 /// (NATS 2.9 has no stream metadata), so that agents and publishers with another count are
-/// refused rather than route profiles to partitions nobody consumes.
-fn description(config: &NatsSource) -> String {
+/// refused rather than route profiles to partitions nobody consumes; and when it was made
+/// ([`made_at`]).
+fn description(config: &NatsSource, made_at: Option<i128>) -> String {
     let last = config.partitions - 1;
     let prefix = &config.subject_prefix;
-    format!(
+    let text = format!(
         "{DESCRIPTION_START}{}; subjects {prefix}.0 to {prefix}.{last}",
         config.partitions
-    )
+    );
+    match made_at {
+        Some(nanos) => with_made_at(&text, nanos),
+        None => text,
+    }
+}
+
+const MADE_AT: &str = "; made at ";
+
+fn with_made_at(description: &str, nanos: i128) -> String {
+    format!("{description}{MADE_AT}{nanos} (ns since 1970)")
+}
+
+/// When the stream was made (nanoseconds since 1970), as recorded in its description by
+/// `nats setup`, if it was.
+pub fn recorded_made_at(description: Option<&str>) -> Option<i128> {
+    let recorded = description?.strip_prefix(DESCRIPTION_START)?;
+    let after = &recorded[recorded.find(MADE_AT)? + MADE_AT.len()..];
+    after.split(' ').next()?.parse().ok()
+}
+
+/// When the stream was made, which tells it from one deleted and made again under its name:
+/// as its description records it, else as the server says. The server's own time is not
+/// enough: nats-server (2.9.10, and later versions by their issues) reports the time it
+/// started again as the creation time of a stream edited since its last start, which would
+/// make every partition be consumed again from the stream's start.
+fn made_at(info: &stream::Info) -> i128 {
+    recorded_made_at(info.config.description.as_deref())
+        .unwrap_or_else(|| info.created.unix_timestamp_nanos())
 }
 
 /// The partition count a stream's description records, if `nats setup` wrote it.
@@ -269,6 +298,8 @@ pub enum SetupOutcome {
         replicas: usize,
         /// It recorded no partition count, and now records this agent's (its messages fit).
         recorded: bool,
+        /// Its description now records when it was made ([`made_at`]).
+        made_at_recorded: bool,
     },
 }
 
@@ -300,20 +331,33 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
             check_partitions(&info, config)?;
             let messages = info.state.messages;
             let replicas = info.config.num_replicas;
-            let recorded = info.config.description.as_deref().unwrap_or("").is_empty();
+            let description_now = info.config.description.as_deref().unwrap_or("");
+            let recorded = description_now.is_empty();
+            // Outpost's description of an earlier build, without the time: the server's time
+            // is still the stream's, unless it was edited and the server restarted since.
+            let made_at_recorded = recorded
+                || (recorded_partitions(Some(description_now)).is_some()
+                    && recorded_made_at(Some(description_now)).is_none());
             if recorded {
                 // Made by hand or by an earlier build: its messages must fit the count.
                 check_subjects_fit(&stream, &covering, config).await?;
-                let mut with_count = info.config.clone();
-                with_count.description = Some(description(config));
-                js.update_stream(with_count)
+            }
+            if made_at_recorded {
+                let nanos = info.created.unix_timestamp_nanos();
+                let mut described = info.config.clone();
+                described.description = Some(match recorded {
+                    true => description(config, Some(nanos)),
+                    false => with_made_at(description_now, nanos),
+                });
+                js.update_stream(described)
                     .await
-                    .map_err(|e| nats_error("recording the partition count", e))?;
+                    .map_err(|e| nats_error("recording the stream's description", e))?;
             }
             Ok(SetupOutcome::Found {
                 messages,
                 replicas,
                 recorded,
+                made_at_recorded,
             })
         }
         Err(e)
@@ -323,9 +367,22 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
-            js.create_stream(stream_config(config))
+            let made = js
+                .create_stream(stream_config(config))
                 .await
                 .map_err(|e| nats_error(&format!("creating stream {}", config.stream), e))?;
+            let mut described = made.cached_info().config.clone();
+            let nanos = made.cached_info().created.unix_timestamp_nanos();
+            described.description = Some(description(config, Some(nanos)));
+            js.update_stream(described).await.map_err(|e| {
+                nats_error(
+                    &format!(
+                        "stream {} created, but recording when in its description failed (run `outpost nats setup` again)",
+                        config.stream
+                    ),
+                    e,
+                )
+            })?;
             Ok(SetupOutcome::Created)
         }
         Err(e) => Err(nats_error(
@@ -782,14 +839,10 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     }
 }
 
-/// Which stream this is: a fingerprint of its name and creation time, so that a stream deleted
-/// and made again under the same name is another stream.
+/// Which stream this is: a fingerprint of its name and when it was made ([`made_at`]), so
+/// that a stream deleted and made again under the same name is another stream.
 fn stream_fingerprint(info: &stream::Info) -> u64 {
-    let identity = format!(
-        "{}\0{}",
-        info.config.name,
-        info.created.unix_timestamp_nanos()
-    );
+    let identity = format!("{}\0{}", info.config.name, made_at(info));
     super::partition::fnv1a64(identity.as_bytes())
 }
 
