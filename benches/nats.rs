@@ -113,7 +113,7 @@ async fn publish(port: u16, stream: &str, updates: &[Update]) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let config = agent_config(dir.path(), Some((port, stream, "0-7")));
     let nats = config.nats.unwrap();
-    outpost::source::nats::setup(&nats).await.unwrap();
+    outpost::source::nats::setup(&nats, false).await.unwrap();
     let planned =
         outpost::source::publish::plan(updates, &nats, outpost::source::publish::fresh_nonce());
     let start = Instant::now();

@@ -212,10 +212,19 @@ pub enum Command {
 pub enum NatsCommand {
     /// Create the stream (file storage, subjects <prefix>.*), or check the one there.
     ///
-    /// Idempotent: says whether it created the stream or found it.
+    /// Idempotent: says whether it created the stream or found it. A stream it makes records
+    /// in its description when it was made, which agents know it by (a NATS server restarted
+    /// after the stream was edited reports another time).
     ///
     /// Example: outpost nats setup --config outpost.toml
-    Setup,
+    Setup {
+        /// Record when a stream made by an earlier build was made in its description. Only
+        /// once every agent runs this build: agents of earlier builds know the stream by the
+        /// server's time, and this edit is one after which a restarted server reports
+        /// another.
+        #[arg(long)]
+        record_made_at: bool,
+    },
     /// Set a stream position that cannot be read (`outpost check --store` lists them): its
     /// partition, stopped until then, starts again with the messages after SEQ.
     ///

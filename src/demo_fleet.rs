@@ -118,7 +118,7 @@ pub async fn run(fail_share: f64, show_progress: bool) -> Result<FleetReport, St
         .nats
         .clone()
         .expect("the config has [source.nats]");
-    setup(&nats).await.map_err(|e| e.to_string())?;
+    setup(&nats, false).await.map_err(|e| e.to_string())?;
     let mut agents = Vec::new();
     for config in &configs {
         agents.push(

@@ -761,9 +761,10 @@ async fn a_stream_edited_and_its_server_restarted_is_consumed_on_from_where_it_w
     js.update_stream(config).await.unwrap();
     server.restart();
     let (_, restarted) = info().await;
-    println!(
-        "created {} before, {} after the edit and restart",
-        made.created, restarted.created
+    assert_ne!(
+        made.created, restarted.created,
+        "nats-server reports another creation time once restarted after an edit (the case \
+         this test is about)"
     );
     let agent = setup.start().await;
     setup.publish(&versions(20, 2));
@@ -1547,14 +1548,23 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
     refused(&eight, &["nats", "setup"], "made for 16 partitions");
     assert!(sixteen.cli(&["nats", "setup"]).contains("nothing changed"));
     // As an earlier build described it, without when it was made: recorded, from the
-    // server's time.
+    // server's time, when asked (agents of earlier builds know the stream by the server's
+    // time, which the edit may change).
     let mut stream = js.get_stream("UPDATES").await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
     let description = config.description.clone().unwrap();
     let cut = description.find("; made at ").unwrap();
     config.description = Some(description[..cut].to_owned());
     js.update_stream(config).await.unwrap();
-    let recorded = sixteen.cli(&["nats", "setup"]);
+    let unasked = sixteen.cli(&["nats", "setup"]);
+    assert!(
+        unasked.contains("does not record when the stream was made")
+            && unasked.contains("--record-made-at"),
+        "{unasked}"
+    );
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.description.unwrap(), &description[..cut]);
+    let recorded = sixteen.cli(&["nats", "setup", "--record-made-at"]);
     assert!(
         recorded.contains("now records when the stream was made"),
         "{recorded}"

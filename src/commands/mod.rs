@@ -270,7 +270,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             in_flight,
             resume.as_deref(),
         )),
-        Command::Nats(NatsCommand::Setup) => runtime()?.block_on(nats::nats_setup(config)),
+        Command::Nats(NatsCommand::Setup { record_made_at }) => {
+            runtime()?.block_on(nats::nats_setup(config, record_made_at))
+        }
         Command::Nats(NatsCommand::Release { partitions, force }) => {
             runtime()?.block_on(nats::release(config, &partitions, force))
         }

@@ -66,11 +66,11 @@ pub(super) async fn release(
     Ok(())
 }
 
-pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
+pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<(), CliError> {
     let nats = nats_config(config)?;
     // Addresses carry no credentials (refused at load).
     println!("servers          {}", nats.servers.join(", "));
-    let outcome = setup(nats)
+    let outcome = setup(nats, record_made_at)
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
     let subjects = format!("{}.*", nats.subject_prefix);
@@ -89,8 +89,9 @@ pub(super) async fn nats_setup(config: &Config) -> Result<(), CliError> {
             nats.stream,
             match (recorded, made_at_recorded) {
                 (true, _) => "its description now records the partition count and when the stream was made",
-                (false, true) => "its description now records when the stream was made (a NATS server restarted after the stream was edited reports another time, which agents would take for a new stream)",
-                (false, false) => "nothing changed",
+                (false, Some(true)) => "its description now records when the stream was made (a NATS server restarted after the stream was edited reports another time, which agents would take for a new stream)",
+                (false, Some(false)) => "nothing changed; its description does not record when the stream was made: once every agent runs this build, `outpost nats setup --record-made-at` records it (a NATS server restarted after the stream was edited reports another time, which agents would take for a new stream)",
+                (false, None) => "nothing changed",
             }
         ),
     }

@@ -243,8 +243,12 @@ fn with_made_at(description: &str, nanos: i128) -> String {
 /// `nats setup`, if it was.
 pub fn recorded_made_at(description: Option<&str>) -> Option<i128> {
     let recorded = description?.strip_prefix(DESCRIPTION_START)?;
-    let after = &recorded[recorded.find(MADE_AT)? + MADE_AT.len()..];
-    after.split(' ').next()?.parse().ok()
+    // The last one: `nats setup` adds one after an unreadable one edited by hand.
+    let after = &recorded[recorded.rfind(MADE_AT)? + MADE_AT.len()..];
+    let digits = after
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(after.len());
+    after[..digits].parse().ok()
 }
 
 /// When the stream was made, which tells it from one deleted and made again under its name:
@@ -298,13 +302,14 @@ pub enum SetupOutcome {
         replicas: usize,
         /// It recorded no partition count, and now records this agent's (its messages fit).
         recorded: bool,
-        /// Its description now records when it was made ([`made_at`]).
-        made_at_recorded: bool,
+        /// Whether its description now records when it was made ([`made_at`]); `None` when
+        /// it did already, or is not outpost's.
+        made_at_recorded: Option<bool>,
     },
 }
 
 /// Creates the stream, or checks the one that is there (idempotent).
-pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
+pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOutcome, NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
     match js.get_stream(&config.stream).await {
@@ -335,14 +340,17 @@ pub async fn setup(config: &NatsSource) -> Result<SetupOutcome, NatsError> {
             let recorded = description_now.is_empty();
             // Outpost's description of an earlier build, without the time: the server's time
             // is still the stream's, unless it was edited and the server restarted since.
-            let made_at_recorded = recorded
-                || (recorded_partitions(Some(description_now)).is_some()
-                    && recorded_made_at(Some(description_now)).is_none());
+            // Recorded only when asked: to agents of earlier builds, which know the stream by
+            // the server's time, the edit is one after which a restarted server reports
+            // another.
+            let without_made_at = recorded_partitions(Some(description_now)).is_some()
+                && recorded_made_at(Some(description_now)).is_none();
+            let made_at_recorded = without_made_at.then_some(record_made_at);
             if recorded {
                 // Made by hand or by an earlier build: its messages must fit the count.
                 check_subjects_fit(&stream, &covering, config).await?;
             }
-            if made_at_recorded {
+            if recorded || made_at_recorded == Some(true) {
                 let nanos = info.created.unix_timestamp_nanos();
                 let mut described = info.config.clone();
                 described.description = Some(match recorded {
@@ -744,23 +752,36 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                     _ => 1,
                 };
                 broke_at = Some((at, times));
+                let mut ended = Err(PartitionStop::Failed(error));
                 if times >= BREAKS_BEFORE_READING_BY_SEQUENCE {
                     broke_at = None;
-                    match read_by_sequence(shared, partition, at).await {
-                        Ok(0) => {}
-                        Ok(read) => {
-                            tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the connection having broken {times} times in a row at the same position; consuming goes on after them");
-                            backoff = BACKOFF_FIRST;
-                            continue;
+                    let read = read_by_sequence(shared, partition, at);
+                    match within_grace_of_stop(read, &shared.shutdown, STOP_GRACE).await {
+                        None => return,
+                        Some(Ok((0, None))) => {}
+                        Some(Ok((read, held_back))) => {
+                            if read > 0 {
+                                tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the connection having broken {times} times in a row at the same position; consuming goes on after them");
+                            }
+                            match held_back {
+                                Some(held) => ended = Err(held_stop(held)),
+                                None => {
+                                    backoff = BACKOFF_FIRST;
+                                    continue;
+                                }
+                            }
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             tracing::warn!(partition, error = %e, "could not read the partition's next messages by their stream sequence");
                         }
                     }
                 }
-                Err(PartitionStop::Failed(error))
+                ended
             }
-            other => other,
+            other => {
+                broke_at = None;
+                other
+            }
         };
         match ended {
             Ok(()) => return,
@@ -1277,17 +1298,22 @@ async fn commit_and_ack(
         shared.metrics.source_acks.inc();
     }
     if let Some(held) = held_back {
-        return Err(PartitionStop::Held {
-            why: NatsError(format!(
-                "stream message {} waits: {}; it and those after it are tried again once this host's clock reaches {}",
-                held.seq,
-                held.reason,
-                crate::profile::update::format_time(held.passes_at)
-            )),
-            passes_at: held.passes_at,
-        });
+        return Err(held_stop(held));
     }
     Ok(position)
+}
+
+/// The partition stopped for a message that waits for this host's clock.
+fn held_stop(held: HeldBack) -> PartitionStop {
+    PartitionStop::Held {
+        why: NatsError(format!(
+            "stream message {} waits: {}; it and those after it are tried again once this host's clock reaches {}",
+            held.seq,
+            held.reason,
+            crate::profile::update::format_time(held.passes_at)
+        )),
+        passes_at: held.passes_at,
+    }
 }
 
 /// Commits `fetched`, messages of `partition` of `stream` consumed up to `recorded`, durably:
@@ -1351,15 +1377,19 @@ async fn commit_fetched(
 /// Reads the partition's next messages after `recorded` of `stream` by their stream
 /// sequence, through the JetStream API rather than the consumer, and commits each, up to and
 /// including the first whose headers the client cannot read ([`super::headers`]), or a
-/// batch's worth; how many it committed. Their order is the stream's, as the consumer's.
+/// batch's worth; how many it committed, and the message it stopped before if that one waits
+/// for this host's clock. Their order is the stream's, as the consumer's.
 async fn read_by_sequence(
     shared: &Shared,
     partition: u32,
     (stream, mut recorded): (u64, u64),
-) -> Result<usize, NatsError> {
+) -> Result<(usize, Option<HeldBack>), NatsError> {
     let subject = subject_of(&shared.config.subject_prefix, partition);
     let mut read = 0;
     for _ in 0..shared.config.fetch_batch.max(1) {
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
         let Some(message) = message_after(shared, &subject, recorded).await? else {
             break;
         };
@@ -1373,8 +1403,8 @@ async fn read_by_sequence(
         let (position, held_back) =
             commit_fetched(shared, partition, (stream, recorded), &[fetched]).await?;
         if held_back.is_some() {
-            // Held back as the consumer holds it: it waits there for the clock.
-            break;
+            // Held back as the consumer would hold it: the partition waits for the clock.
+            return Ok((read, held_back));
         }
         recorded = position;
         read += 1;
@@ -1388,7 +1418,7 @@ async fn read_by_sequence(
             break;
         }
     }
-    Ok(read)
+    Ok((read, None))
 }
 
 /// A stream message as the JetStream API's `STREAM.MSG.GET` gives it.
@@ -1451,6 +1481,27 @@ const NO_MESSAGE_FOUND: u64 = 10037;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn when_a_stream_was_made_as_its_description_records_it() {
+        let table: &[(Option<&str>, Option<i128>)] = &[
+            (
+                Some("outpost: partitions = 8; subjects u.0 to u.7; made at 1796500000123456789 (ns since 1970)"),
+                Some(1_796_500_000_123_456_789),
+            ),
+            // Edited by hand: the number as far as it goes; the last one, which setup adds.
+            (Some("outpost: partitions = 8; made at 12;"), Some(12)),
+            (Some("outpost: partitions = 8; made at x; made at 34 (ns)"), Some(34)),
+            (Some("outpost: partitions = 8; subjects u.0 to u.7"), None),
+            (Some("outpost: partitions = 8; made at soon"), None),
+            // Not outpost's description.
+            (Some("made at 12"), None),
+            (None, None),
+        ];
+        for (description, made) in table {
+            assert_eq!(recorded_made_at(*description), *made, "{description:?}");
+        }
+    }
 
     #[test]
     fn owned_partitions_share_the_fetch_budget_down_to_a_floor() {
