@@ -193,6 +193,20 @@ fn profiles_present(store: &Store, moved: &[(String, ProfileRecord)]) -> usize {
         .count()
 }
 
+/// Asserts that the store at `store` holds `moved` as the giving store held them, and
+/// nothing else, with the positions the file gave their partitions.
+fn assert_taken_over(store: &Path, moved: &[(String, ProfileRecord)]) {
+    let store = Store::open(store, 8 << 20).unwrap();
+    assert_eq!(profiles_present(&store, moved), moved.len());
+    assert_eq!(store.profile_count().unwrap() as usize, moved.len());
+    for partition in MOVED {
+        assert_eq!(
+            store.source_position(partition, STREAM, 5000).unwrap(),
+            Recorded::At(1000 + u64::from(partition))
+        );
+    }
+}
+
 fn read_file(path: &Path) -> Vec<String> {
     let (_, mut reader) = outpost::store::handover_file::FileReader::open(std::io::BufReader::new(
         std::fs::File::open(path).unwrap(),
@@ -341,16 +355,7 @@ fn hand_over_and_take_over_finish_after_sigkills() {
         reserved.get() > 0,
         "no kill came while the claims said the file was being taken over"
     );
-    let store = Store::open(&store_of(&taking), 8 << 20).unwrap();
-    assert_eq!(profiles_present(&store, &moved), moved.len());
-    assert_eq!(store.profile_count().unwrap() as usize, moved.len());
-    for partition in MOVED {
-        assert_eq!(
-            store.source_position(partition, STREAM, 5000).unwrap(),
-            Recorded::At(1000 + u64::from(partition))
-        );
-    }
-    drop(store);
+    assert_taken_over(&store_of(&taking), &moved);
     // Run again once finished (the claims now name this store): nothing left to do.
     let again = run_killed(
         &["nats", "take-over", file_arg],
@@ -440,13 +445,5 @@ fn a_take_over_through_a_running_agent_finishes_after_its_command_is_killed() {
     );
     assert_eq!(claims.read(), vec![ours; MOVED.len()]);
     runtime.block_on(agent.terminate());
-    let store = Store::open(&Config::load(&taking).unwrap().storage.path, 8 << 20).unwrap();
-    assert_eq!(profiles_present(&store, &moved), moved.len());
-    assert_eq!(store.profile_count().unwrap() as usize, moved.len());
-    for partition in MOVED {
-        assert_eq!(
-            store.source_position(partition, STREAM, 5000).unwrap(),
-            Recorded::At(1000 + u64::from(partition))
-        );
-    }
+    assert_taken_over(&Config::load(&taking).unwrap().storage.path, &moved);
 }

@@ -2707,6 +2707,21 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     );
 }
 
+/// Forty profiles consumed by `giving`'s agent and delivered to `receiver`, then partitions 6
+/// and 7 handed over by its store, the agent stopped: the hand-over file.
+async fn hand_over_6_and_7(giving: &AgentSetup, receiver: &Receiver) -> PathBuf {
+    let mut agent = giving.start().await;
+    giving.publish(&versions(40, 0));
+    wait_or_show(60, "the deliveries", &[&agent], async || {
+        names_by_profile(receiver).len() == 40
+    })
+    .await;
+    agent.terminate().await;
+    let file = giving.dir.path().join("6-7.handover");
+    giving.cli(&["nats", "hand-over", "6-7", file.to_str().unwrap()]);
+    file
+}
+
 /// The claims bucket of the stream on `server`, as the `operator` user of
 /// [`server_with_agent_user`].
 async fn claims_as_operator(server: &NatsServer) -> async_nats::jetstream::kv::Store {
@@ -2736,16 +2751,8 @@ async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
     );
     let receiver = start_receiver().await;
     let giving = AgentSetup::on_stream(&receiver.base_url(), &server, OPERATOR_CREDENTIALS, "");
-    let mut agent = giving.start().await;
-    giving.publish(&versions(40, 0));
-    wait_or_show(60, "the deliveries", &[&agent], async || {
-        names_by_profile(&receiver).len() == 40
-    })
-    .await;
-    agent.terminate().await;
-    let file = giving.dir.path().join("6-7.handover");
+    let file = hand_over_6_and_7(&giving, &receiver).await;
     let file_arg = file.to_str().unwrap();
-    giving.cli(&["nats", "hand-over", "6-7", file_arg]);
     let claims = claims_as_operator(&server).await;
     let handed = claim_text(&claims, 6).await;
     assert_eq!(claim_text(&claims, 7).await, handed);
@@ -2851,16 +2858,8 @@ async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     let giving = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
-    let mut agent = giving.start().await;
-    giving.publish(&versions(40, 0));
-    wait_or_show(60, "the deliveries", &[&agent], async || {
-        names_by_profile(&receiver).len() == 40
-    })
-    .await;
-    agent.terminate().await;
-    let file = giving.dir.path().join("6-7.handover");
+    let file = hand_over_6_and_7(&giving, &receiver).await;
     let file_arg = file.to_str().unwrap();
-    giving.cli(&["nats", "hand-over", "6-7", file_arg]);
     let claims = giving.claims(&server).await;
     let handed = claim_text(&claims, 6).await;
     assert_eq!(claim_text(&claims, 7).await, handed);
