@@ -1387,7 +1387,9 @@ async fn read_by_sequence(
     let subject = subject_of(&shared.config.subject_prefix, partition);
     let mut read = 0;
     for _ in 0..shared.config.fetch_batch.max(1) {
-        if shared.shutdown.is_cancelled() {
+        // A full outbox stops it, as it stops fetching.
+        let full = shared.store.outbox_full(shared.max_outbox_bytes);
+        if shared.shutdown.is_cancelled() || full.map_or(true, |full| full.is_some()) {
             break;
         }
         let Some(message) = message_after(shared, &subject, recorded).await? else {
