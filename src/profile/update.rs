@@ -714,8 +714,8 @@ pub struct LocatedBody<'b> {
     /// The first updates, up to the number asked for.
     pub first: Vec<Update>,
     body: &'b [u8],
-    /// Where in `body` each update after those lies: 16 bytes, as small as many an update
-    /// (a delete); its line and array item are found again from it ([`LocatedBody::rest`]).
+    /// Where in `body` each update after those lies, in 16 bytes: a delete is hardly longer.
+    /// Its line and array item are found again from it ([`LocatedBody::rest`]).
     rest: Vec<std::ops::Range<usize>>,
     /// Whether the body is a JSON array, whose updates are numbered as its items.
     in_array: bool,

@@ -45,7 +45,8 @@ pub struct OutboxStats {
     pub rejected: u64,
     pub rejected_not_kept: u64,
     /// The partitions this store handed over or is handing over (`outpost nats hand-over`),
-    /// whose profiles it refuses from other inputs than the stream.
+    /// whose profiles it refuses from other inputs than the stream; left out by
+    /// [`Store::outbox_stats`], read every second, which has no use for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handed_over: Option<HandedOver>,
 }
@@ -211,6 +212,11 @@ impl Store {
     pub fn stats(&self, now: DateTime<Utc>) -> Result<OutboxStats, StoreError> {
         let mut stats = self.outbox_stats(now)?;
         stats.profiles = Some(self.profile_count()?);
+        let handed_over = self.with(super::source::moved_away)?;
+        stats.handed_over = handed_over.map(|(partition_count, partitions)| HandedOver {
+            partition_count,
+            partitions: partitions.into_iter().collect(),
+        });
         Ok(stats)
     }
 
@@ -278,12 +284,7 @@ impl Store {
             backfill: self.backfill_progress()?,
             rejected,
             rejected_not_kept,
-            handed_over: self.with(super::source::moved_away)?.map(
-                |(partition_count, partitions)| HandedOver {
-                    partition_count,
-                    partitions: partitions.into_iter().collect(),
-                },
-            ),
+            handed_over: None,
         })
     }
 
