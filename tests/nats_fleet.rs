@@ -812,50 +812,82 @@ fn publish_with_raw_header(server: &NatsServer, subject: &str, header: &[u8], pa
     assert_eq!(pong, "PONG\r\n");
 }
 
-/// A message whose header block the NATS client cannot read (not UTF-8, as a producer in
-/// another language may write) breaks the agent's connection each time it is fetched: after
-/// two breaks at the same position the partition's next messages are read by their stream
-/// sequence, and it goes on. Its update is taken (its headers are not used), in order.
+/// A message whose header block the NATS client cannot read as a message's stops its
+/// partition unless the agent reads around the client. With a status on its first line, the
+/// client takes it for the server's answer to the fetch and drops it (404 and 408 end the
+/// fetch as if nothing were there, 100 stalls it, others fail it); not UTF-8 (as a producer in
+/// another language may write), it breaks the connection each time it is fetched. After two
+/// such stops at the same position the partition's next messages are read by their stream
+/// sequence, and it goes on. Its update is taken (its headers are not used), in order. Each
+/// header is in a partition of its own, so that all recover in one run; the one that breaks
+/// the connection, which all partitions share, comes once the others are through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_headers_the_client_cannot_read_does_not_stop_its_partition() {
     let Some(server_bin) = nats_server_or_skip("a_message_whose_headers_the_client_cannot_read")
     else {
         return;
     };
+    let with_status: [&[u8]; 4] = [
+        b"NATS/1.0 404 No Messages\r\n\r\n",
+        b"NATS/1.0 408 Request Timeout\r\n\r\n",
+        b"NATS/1.0 100 Idle Heartbeat\r\n\r\n",
+        b"NATS/1.0 503\r\n\r\n",
+    ];
+    let latin1: &[u8] = b"NATS/1.0\r\nX-Source: caf\xe9\r\n\r\n";
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
-    // p-000001 lives in partition 1 of 8.
-    let subject = "test.updates.1";
-    let update = |name: &str, second: u32| {
-        member_update("p-000001", name, &format!("2026-01-01T00:00:0{second}Z"))
-    };
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    js.publish(subject, update("first", 1).into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let latin1 = b"NATS/1.0\r\nX-Source: caf\xe9\r\n\r\n";
-    publish_with_raw_header(&server, subject, latin1, update("second", 2).as_bytes());
-    js.publish(subject, update("third", 3).into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    // Publishes `first`, then `second` behind `header`, then `third`, all of one profile in
+    // `partition` (of 8): the profile, and the stream sequence of `second`.
+    let publish_around = async |partition: u32, header: &[u8]| {
+        let id = (0..)
+            .map(|n| format!("p-{n:06}"))
+            .find(|id| outpost::source::partition::partition_of(id, 8) == partition)
+            .unwrap();
+        let subject = format!("test.updates.{partition}");
+        let update = |name: &str, second: u32| {
+            member_update(&id, name, &format!("2026-01-01T00:00:0{second}Z"))
+        };
+        let first = js.publish(subject.clone(), update("first", 1).into());
+        let first_seq = first.await.unwrap().await.unwrap().sequence;
+        publish_with_raw_header(&server, &subject, header, update("second", 2).as_bytes());
+        let third = js.publish(subject, update("third", 3).into());
+        third.await.unwrap().await.unwrap();
+        (id, first_seq + 1)
+    };
+    let mut published = Vec::new();
+    for (partition, header) in (2..).zip(with_status) {
+        published.push(publish_around(partition, header).await);
+    }
     let agent = setup.start().await;
-    wait_or_show(90, "the three updates delivered", &[&agent], async || {
-        distinct_delivered(&receiver) >= 3
-    })
-    .await;
-    let names = names_by_profile(&receiver);
-    assert_eq!(names["p-000001"], ["first", "second", "third"]);
-    let log = agent.log();
+    let delivered = async |count: usize| {
+        wait_or_show(90, "every update delivered", &[&agent], async || {
+            distinct_delivered(&receiver) >= count
+        })
+        .await;
+    };
+    delivered(3 * published.len()).await;
     assert!(
-        log.contains("whose NATS headers the client cannot read") && log.contains("seq=2"),
-        "{log}"
+        !agent.log().contains("disconnected"),
+        "a status broke the connection: {}",
+        agent.log()
     );
+    published.push(publish_around(1, latin1).await);
+    delivered(3 * published.len()).await;
+    let names = names_by_profile(&receiver);
+    let log = agent.log();
+    for (id, seq) in published {
+        assert_eq!(names[&id], ["first", "second", "third"], "{id}");
+        assert!(
+            log.lines().any(
+                |line| line.contains("whose NATS headers the client cannot read")
+                    && line.contains(&format!("seq={seq} "))
+            ),
+            "seq {seq}: {log}"
+        );
+    }
 }
 
 /// An update of p-000001 (partition 41 of 64) named `name` at `at`, made `padding` bytes

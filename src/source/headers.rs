@@ -1,12 +1,13 @@
 //! Whether the NATS client can read a stream message's header block (pure).
 //!
 //! async-nats reads the header block of every message it is delivered. One it cannot read
-//! (not UTF-8, say, as a producer in another language may write) breaks the connection, and
-//! the message comes again at the next fetch, breaking it again: such a message would stop
-//! its partition for good. The agent then reads the partition's next messages by their
-//! stream sequence (the JetStream API gives a message's headers as base64 in JSON, which the
-//! client does not parse), up to and including the first whose headers the client cannot
-//! read; this tells that one apart.
+//! (not UTF-8, say, as a producer in another language may write) breaks the connection; one
+//! whose first line carries a status it takes for the server's answer to the fetch, and
+//! drops. Either way the message comes again at the next fetch, and does the same again: such
+//! a message would stop its partition for good. The agent then reads the partition's next
+//! messages by their stream sequence (the JetStream API gives a message's headers as base64
+//! in JSON, which the client does not parse), up to and including the first whose headers the
+//! client cannot read; this tells that one apart.
 
 use std::str::FromStr;
 

@@ -100,19 +100,47 @@ enum PartitionStop {
     /// The store marks the partition moved (handed over, or being moved): left alone, and
     /// looked at again as a claim is.
     Moved(String),
-    /// Failed as the connection broke, the partition consumed up to `recorded` of `stream`:
-    /// counted, since a message whose headers the client cannot read breaks it every time
+    /// Failed at a position, the partition consumed up to `recorded` of `stream`, in a way
+    /// the next message may cause: the connection broke, a fetch failed or stalled among its
+    /// messages, or a delivery never reached the agent. Counted, since a message whose header
+    /// block the client cannot read as a message's does one of these every time it is fetched
     /// (see [`super::headers`]).
-    Broke {
+    StoppedAt {
         error: NatsError,
         stream: u64,
         recorded: u64,
     },
 }
 
-/// Breaks of the connection in a row at one position after which the partition's next
-/// messages are read by their stream sequence.
-const BREAKS_BEFORE_READING_BY_SEQUENCE: u32 = 2;
+/// Stops in a row at one position after which the partition's next messages are read by
+/// their stream sequence.
+const STOPS_BEFORE_READING_BY_SEQUENCE: u32 = 2;
+
+/// How often an idle partition asks its consumer whether it delivered messages the client
+/// never handed on (see [`PartitionStop::StoppedAt`]).
+const DELIVERED_LOOK_EVERY: Duration = Duration::from_secs(3);
+
+/// Why a fetch failed.
+enum FetchFailed {
+    /// Asking for messages failed.
+    Request(NatsError),
+    /// It failed or stalled among the messages it brought: the next one may be the cause.
+    AmongMessages(NatsError),
+}
+
+impl FetchFailed {
+    /// Why the partition's consumer ends, consumed up to `recorded` of `stream`.
+    fn stop(self, (stream, recorded): (u64, u64)) -> PartitionStop {
+        match self {
+            FetchFailed::Request(error) => PartitionStop::Failed(error),
+            FetchFailed::AmongMessages(error) => PartitionStop::StoppedAt {
+                error,
+                stream,
+                recorded,
+            },
+        }
+    }
+}
 
 impl From<NatsError> for PartitionStop {
     fn from(e: NatsError) -> Self {
@@ -726,8 +754,9 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
     let mut backoff = BACKOFF_FIRST;
     // The same error again (NATS down for a while) is logged once, not at every retry.
     let mut last_error = String::new();
-    // Where the connection last broke ((stream, position)), and how many times in a row.
-    let mut broke_at: Option<((u64, u64), u32)> = None;
+    // Where the consumer last stopped at a position ((stream, position)), and how many
+    // times in a row.
+    let mut stopped_at: Option<((u64, u64), u32)> = None;
     while !shared.shutdown.is_cancelled() {
         let started = std::time::Instant::now();
         let consumer = run_consumer(shared, slot, partition);
@@ -741,27 +770,27 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
             return;
         };
         let ended = match ended {
-            Err(PartitionStop::Broke {
+            Err(PartitionStop::StoppedAt {
                 error,
                 stream,
                 recorded,
             }) => {
                 let at = (stream, recorded);
-                let times = match broke_at {
+                let times = match stopped_at {
                     Some((seen, times)) if seen == at => times + 1,
                     _ => 1,
                 };
-                broke_at = Some((at, times));
+                stopped_at = Some((at, times));
                 let mut ended = Err(PartitionStop::Failed(error));
-                if times >= BREAKS_BEFORE_READING_BY_SEQUENCE {
-                    broke_at = None;
+                if times >= STOPS_BEFORE_READING_BY_SEQUENCE {
+                    stopped_at = None;
                     let read = read_by_sequence(shared, partition, at);
                     match within_grace_of_stop(read, &shared.shutdown, STOP_GRACE).await {
                         None => return,
                         Some(Ok((0, None))) => {}
                         Some(Ok((read, held_back))) => {
                             if read > 0 {
-                                tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the connection having broken {times} times in a row at the same position; consuming goes on after them");
+                                tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the consumer having stopped {times} times in a row at the same position; consuming goes on after them");
                             }
                             match held_back {
                                 Some(held) => ended = Err(held_stop(held)),
@@ -779,7 +808,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 ended
             }
             other => {
-                broke_at = None;
+                stopped_at = None;
                 other
             }
         };
@@ -833,7 +862,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 }
                 backoff = BACKOFF_FIRST;
             }
-            Err(PartitionStop::Failed(e) | PartitionStop::Broke { error: e, .. }) => {
+            Err(PartitionStop::Failed(e) | PartitionStop::StoppedAt { error: e, .. }) => {
                 // A consumer that ran for a good while failed for a new reason.
                 if started.elapsed() > 2 * BACKOFF_MAX {
                     backoff = BACKOFF_FIRST;
@@ -1059,7 +1088,7 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
         Err(PartitionStop::Failed(error))
             if shared.state.breaks.load(Ordering::SeqCst) != breaks =>
         {
-            Err(PartitionStop::Broke {
+            Err(PartitionStop::StoppedAt {
                 error,
                 stream: consuming.stream,
                 recorded: consuming.recorded,
@@ -1091,6 +1120,7 @@ async fn consume(
     // When the pending count was last read while paused.
     let mut pending_read_at: Option<std::time::Instant> = None;
     let mut claim_looked_at = std::time::Instant::now();
+    let mut delivered_looked_at = std::time::Instant::now();
     loop {
         if shared.shutdown.is_cancelled() {
             return Ok(());
@@ -1124,10 +1154,12 @@ async fn consume(
         // What is there now, at once; if nothing, wait a while for one message. One message
         // is fetched whatever its size: so a message larger than `bytes`, which ends the
         // first fetch with nothing, comes here.
-        let mut messages = fetch(consumer, (batch, bytes), None, &shared.shutdown).await?;
+        let at = (consuming.stream, consuming.recorded);
+        let fetched = |fetch: Result<_, FetchFailed>| fetch.map_err(|e| e.stop(at));
+        let mut messages = fetched(fetch(consumer, (batch, bytes), None, &shared.shutdown).await)?;
         if messages.is_empty() {
             let one = (1, usize::MAX);
-            messages = fetch(consumer, one, Some(IDLE_WAIT), &shared.shutdown).await?;
+            messages = fetched(fetch(consumer, one, Some(IDLE_WAIT), &shared.shutdown).await)?;
             if let Some(large) = messages.first().filter(|m| m.payload.len() > bytes) {
                 tracing::debug!(
                     partition,
@@ -1141,7 +1173,9 @@ async fn consume(
                     batch - 1,
                     bytes.saturating_sub(messages[0].payload.len()).max(1),
                 );
-                messages.extend(fetch(consumer, rest, None, &shared.shutdown).await?);
+                messages.extend(fetched(
+                    fetch(consumer, rest, None, &shared.shutdown).await,
+                )?);
             }
         }
         if shared.state.breaks.load(Ordering::SeqCst) != breaks {
@@ -1152,6 +1186,27 @@ async fn consume(
         }
         let Some(last) = messages.last() else {
             shared.state.pending[slot].store(0, Ordering::Relaxed);
+            // The client drops a message whose header block carries a status as the server's
+            // answer to the fetch (404 and 408 end it as if nothing were there), with those
+            // after it in the fetch: the partition would wait there for good, unseen.
+            if delivered_looked_at.elapsed() >= DELIVERED_LOOK_EVERY {
+                delivered_looked_at = std::time::Instant::now();
+                // A look that fails changes nothing: the next one may tell.
+                let info = consumer.get_info().await;
+                if let Some(info) = info
+                    .ok()
+                    .filter(|info| info.delivered.consumer_sequence >= next_delivery)
+                {
+                    return Err(PartitionStop::StoppedAt {
+                        error: NatsError(format!(
+                            "the consumer made deliveries {next_delivery} to {}, which never reached the agent (the client drops a message whose header block carries a status); starting the partition over from the stored position",
+                            info.delivered.consumer_sequence
+                        )),
+                        stream: at.0,
+                        recorded: at.1,
+                    });
+                }
+            }
             continue;
         };
         let deliveries = messages
@@ -1165,10 +1220,13 @@ async fn consume(
             } else {
                 format!("delivery {expected} of the consumer never arrived (the next was {found})")
             };
-            return Err(NatsError(format!(
-                "{what}; starting the partition over from the stored position"
-            ))
-            .into());
+            return Err(PartitionStop::StoppedAt {
+                error: NatsError(format!(
+                    "{what}; starting the partition over from the stored position"
+                )),
+                stream: at.0,
+                recorded: at.1,
+            });
         }
         next_delivery += deliveries.len() as u64;
         if let Ok(info) = last.info() {
@@ -1191,9 +1249,10 @@ async fn fetch(
     (max, max_bytes): (usize, usize),
     wait: Option<Duration>,
     shutdown: &CancellationToken,
-) -> Result<Vec<jetstream::Message>, NatsError> {
+) -> Result<Vec<jetstream::Message>, FetchFailed> {
     let stalled =
         |limit: Duration| NatsError(format!("a fetch stalled: nothing came for {limit:?}"));
+    let request_failed = |e| FetchFailed::Request(nats_error("fetching", e));
     // 0 asks for no limit.
     let max_bytes = if max_bytes == usize::MAX {
         0
@@ -1223,15 +1282,15 @@ async fn fetch(
             }
         })
         .await
-        .map_err(|_| stalled(FETCH_TIMEOUT))?
-        .map_err(|e| nats_error("fetching", e))?;
+        .map_err(|_| FetchFailed::Request(stalled(FETCH_TIMEOUT)))?
+        .map_err(request_failed)?;
         let mut messages = Vec::with_capacity(max.min(1024));
         let mut bytes_left = max_bytes;
         // The first message may take as long as the server was asked to wait.
         let mut limit = wait.unwrap_or_default() + FETCH_TIMEOUT;
         while let Some(message) = tokio::time::timeout(limit, batch.next())
             .await
-            .map_err(|_| stalled(limit))?
+            .map_err(|_| FetchFailed::AmongMessages(stalled(limit)))?
         {
             match message {
                 Ok(message) => {
@@ -1247,7 +1306,7 @@ async fn fetch(
                     }
                 }
                 Err(e) if ended_by_max_bytes(&e) => break,
-                Err(e) => return Err(nats_error("fetching", e)),
+                Err(e) => return Err(FetchFailed::AmongMessages(nats_error("fetching", e))),
             }
             limit = FETCH_TIMEOUT;
         }
@@ -1415,7 +1474,7 @@ async fn read_by_sequence(
                 partition,
                 seq = message.seq,
                 why,
-                "a stream message whose NATS headers the client cannot read broke the connection each time it was fetched; it was read by its stream sequence instead (its headers are not used)"
+                "a stream message whose NATS headers the client cannot read stopped its partition each time it was fetched; it was read by its stream sequence instead (its headers are not used)"
             );
             break;
         }
