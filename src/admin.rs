@@ -107,7 +107,25 @@ pub enum AdminRequest {
     Snapshot,
 }
 
+/// How deep a request may nest: an ingest request nests each update two levels down, and an
+/// update may nest as deep as serde_json's default limit (128) lets ingest read it.
+const MAX_REQUEST_DEPTH: usize = 128 + 2;
+
 impl AdminRequest {
+    /// Reads a request line. serde_json's recursion limit would refuse an ingest request
+    /// carrying an update as deep as ingest takes, so it is lifted for a request that nests
+    /// no deeper than [`MAX_REQUEST_DEPTH`] (counted first, so that the stack stays bounded).
+    pub fn from_line(line: &str) -> serde_json::Result<AdminRequest> {
+        if nesting_depth(line) > MAX_REQUEST_DEPTH {
+            return serde_json::from_str(line);
+        }
+        let mut reading = serde_json::Deserializer::from_str(line);
+        reading.disable_recursion_limit();
+        let request = AdminRequest::deserialize(&mut reading)?;
+        reading.end()?;
+        Ok(request)
+    }
+
     /// Whether it changes the outbox or reopens the store (the agent then wakes its delivery
     /// loop).
     pub fn repairs(&self) -> bool {
@@ -641,6 +659,26 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     }))
 }
 
+/// How deep `text`'s arrays and objects nest, outside its strings.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in text.bytes() {
+        match (in_string, byte) {
+            (true, _) if escaped => escaped = false,
+            (true, b'\\') => escaped = true,
+            (true, b'"') | (false, b'"') => in_string = !in_string,
+            (false, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,6 +717,51 @@ mod tests {
             in_doubt,
             AdminError::InDoubt("flush failed; 3 export(s) were put back before it".into())
         );
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_strings() {
+        let cases = [
+            ("1", 0),
+            ("[]", 1),
+            (r#"{"a":[1,{"b":[]}]}"#, 4),
+            (r#"[[],[[]],[]]"#, 3),
+            (r#"["[[[{{{"]"#, 1),
+            (r#"{"a\"[[":"\\",  "b":[[]]}"#, 3),
+            ("]]][", 1),
+        ];
+        for (text, depth) in cases {
+            assert_eq!(nesting_depth(text), depth, "{text}");
+        }
+    }
+
+    /// An ingest request carries an update as deep as ingest reads it, though it nests it
+    /// two levels deeper; one nested past that is refused as serde_json refuses it.
+    #[test]
+    fn an_ingest_request_carries_the_deepest_update_ingest_takes() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let deepest = (1..)
+            .take_while(|&depth| serde_json::from_str::<Value>(&nested(depth)).is_ok())
+            .last()
+            .unwrap();
+        let update = |depth: usize| {
+            let text = format!(r#"{{"id":"a","profile":{{"x":{}}}}}"#, nested(depth - 2));
+            serde_json::from_str::<Value>(&text).map(|update| AdminRequest::Ingest {
+                updates: vec![update],
+            })
+        };
+        let request = update(deepest).unwrap();
+        let line = serde_json::to_string(&request).unwrap();
+        assert_eq!(AdminRequest::from_line(&line).unwrap(), request);
+        let error = serde_json::from_str::<AdminRequest>(&line).unwrap_err();
+        assert!(error.to_string().contains("recursion limit"), "{error}");
+        assert!(update(deepest + 1).is_err());
+        let beyond = line
+            .replacen("\"x\":", "\"x\":[[", 1)
+            .replacen("]}", "]]]}", 1);
+        assert_eq!(nesting_depth(&beyond), MAX_REQUEST_DEPTH + 1);
+        let error = AdminRequest::from_line(&beyond).unwrap_err();
+        assert!(error.to_string().contains("recursion limit"), "{error}");
     }
 
     #[test]

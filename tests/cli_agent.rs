@@ -556,6 +556,39 @@ async fn ingest_through_the_agent_is_judged_by_the_agents_own_mapping() {
     assert!(shown.contains("Ada"), "{shown}");
 }
 
+/// An update as deeply nested as ingest takes is taken through the agent's socket as well,
+/// though the request that carries it nests it deeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deepest_update_ingest_takes_goes_through_the_agent() {
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let _agent = AgentProcess::start(&ws.config_path(), port).await;
+    let nested = |depth: usize| {
+        format!(
+            "{{\"id\":\"deep\",\"profile\":{{\"x\":{}1{}}}}}",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+    };
+    let deepest = (1..)
+        .take_while(|&depth| serde_json::from_str::<Value>(&nested(depth)).is_ok())
+        .last()
+        .unwrap();
+    let too_deep = write_file(&ws, "too-deep.ndjson", &[nested(deepest + 1)]);
+    let out = ws.run(&["ingest", &too_deep], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("recursion limit"),
+        "{}",
+        stderr_of(&out)
+    );
+    let deep = write_file(&ws, "deep.ndjson", &[nested(deepest)]);
+    let out = ws.run_ok(&["ingest", &deep], None);
+    assert!(out.contains("accepted 1 updates"), "{out}");
+    let shown = ws.run_ok(&["profile", "show", "deep", "--json"], None);
+    assert!(shown.contains("deep"), "{shown}");
+}
+
 /// `outbox retry` refuses a dead letter once the endpoint has acknowledged a newer export of
 /// its profile, naming that export, through the agent and on the store alike; `outbox show`
 /// names it too.
