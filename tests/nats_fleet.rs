@@ -890,6 +890,82 @@ async fn a_message_whose_headers_the_client_cannot_read_does_not_stop_its_partit
     }
 }
 
+/// Deploy scripts run `nats setup` on every host of a fleet at once: one makes the stream,
+/// the others find it (made, or being described), and none fails or asks for
+/// `--record-made-at`; the stream records when it was made. Timing decides which setups
+/// race, so each round is run several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setups_run_at_once_all_succeed() {
+    let Some(server_bin) = nats_server_or_skip("setups_run_at_once_all_succeed") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let setup = AgentSetup::new(
+        "http://127.0.0.1:9",
+        Some(&nats_table(&server.url(), 8, "0-7", "")),
+        "",
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let description = async || {
+        let mut stream = js.get_stream("UPDATES").await.unwrap();
+        stream
+            .info()
+            .await
+            .unwrap()
+            .config
+            .description
+            .clone()
+            .unwrap()
+    };
+    const SETUPS: usize = 6;
+    for round in 0..8 {
+        if round > 0 {
+            js.delete_stream("UPDATES").await.unwrap();
+        }
+        let config = setup.config();
+        let setups: Vec<_> = (0..SETUPS)
+            .map(|_| {
+                std::process::Command::new(binary())
+                    .args(["nats", "setup", "--config", config.to_str().unwrap()])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut created = 0;
+        for running in setups {
+            let out = running.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let said = format!(
+                "round {round}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{said}");
+            assert!(!stdout.contains("--record-made-at"), "{said}");
+            created += usize::from(stdout.contains("UPDATES created"));
+        }
+        assert!(created >= 1, "round {round}");
+        assert!(description().await.contains("; made at "), "round {round}");
+    }
+    // An earlier build's description, without when the stream was made, on a stream that
+    // holds no message: nothing for an earlier build's agent to consume again, so it is
+    // recorded unasked.
+    let mut stream = js.get_stream("UPDATES").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let made = description().await;
+    config.description = Some(made[..made.find("; made at ").unwrap()].to_owned());
+    js.update_stream(config).await.unwrap();
+    let out = setup.cli(&["nats", "setup"]);
+    assert!(
+        out.contains("now records when the stream was made"),
+        "{out}"
+    );
+    assert_eq!(description().await, made);
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
 /// An update of p-000001 (partition 41 of 64) named `name` at `at`, made `padding` bytes
 /// larger by an unmapped attribute.
 fn padded_update(name: &str, at: &str, padding: usize) -> String {

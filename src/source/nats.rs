@@ -336,66 +336,13 @@ pub enum SetupOutcome {
     },
 }
 
-/// Creates the stream, or checks the one that is there (idempotent).
+/// Creates the stream, or checks the one that is there (idempotent, also when setups on
+/// several hosts run at once).
 pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOutcome, NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
     match js.get_stream(&config.stream).await {
-        Ok(stream) => {
-            let info = stream.cached_info().clone();
-            // `<prefix>.*` as setup makes it, or `<prefix>.>` as one may make it by hand: either
-            // takes every partition's subject.
-            let wanted = format!("{}.*", config.subject_prefix);
-            let Some(covering) = [wanted.clone(), format!("{}.>", config.subject_prefix)]
-                .into_iter()
-                .find(|s| info.config.subjects.contains(s))
-            else {
-                return Err(NatsError(format!(
-                    "stream {} exists with subjects {:?}, not {wanted}; delete it or change source.nats.stream",
-                    config.stream, info.config.subjects
-                )));
-            };
-            if info.config.storage != stream::StorageType::File {
-                return Err(NatsError(format!(
-                    "stream {} keeps its messages in memory; outpost needs file storage",
-                    config.stream
-                )));
-            }
-            check_partitions(&info, config)?;
-            let messages = info.state.messages;
-            let replicas = info.config.num_replicas;
-            let description_now = info.config.description.as_deref().unwrap_or("");
-            let recorded = description_now.is_empty();
-            // Outpost's description of an earlier build, without the time: the server's time
-            // is still the stream's, unless it was edited and the server restarted since.
-            // Recorded only when asked: to agents of earlier builds, which know the stream by
-            // the server's time, the edit is one after which a restarted server reports
-            // another.
-            let without_made_at = recorded_partitions(Some(description_now)).is_some()
-                && recorded_made_at(Some(description_now)).is_none();
-            let made_at_recorded = without_made_at.then_some(record_made_at);
-            if recorded {
-                // Made by hand or by an earlier build: its messages must fit the count.
-                check_subjects_fit(&stream, &covering, config).await?;
-            }
-            if recorded || made_at_recorded == Some(true) {
-                let nanos = info.created.unix_timestamp_nanos();
-                let mut described = info.config.clone();
-                described.description = Some(match recorded {
-                    true => description(config, Some(nanos)),
-                    false => with_made_at(description_now, nanos),
-                });
-                js.update_stream(described)
-                    .await
-                    .map_err(|e| nats_error("recording the stream's description", e))?;
-            }
-            Ok(SetupOutcome::Found {
-                messages,
-                replicas,
-                recorded,
-                made_at_recorded,
-            })
-        }
+        Ok(stream) => found(&js, &stream, config, record_made_at).await,
         Err(e)
             if matches!(
                 e.kind(),
@@ -403,10 +350,24 @@ pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOut
                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
-            let made = js
-                .create_stream(stream_config(config))
-                .await
-                .map_err(|e| nats_error(&format!("creating stream {}", config.stream), e))?;
+            let made = match js.create_stream(stream_config(config)).await {
+                Ok(made) => made,
+                // Another setup made it meanwhile, and recorded when in its description (which
+                // this create, without it, does not match), or is about to.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+                            if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                    ) =>
+                {
+                    let stream = js.get_stream(&config.stream).await.map_err(|e| {
+                        nats_error(&format!("looking up stream {}", config.stream), e)
+                    })?;
+                    return found(&js, &stream, config, record_made_at).await;
+                }
+                Err(e) => return Err(nats_error(&format!("creating stream {}", config.stream), e)),
+            };
             let mut described = made.cached_info().config.clone();
             let nanos = made.cached_info().created.unix_timestamp_nanos();
             described.description = Some(description(config, Some(nanos)));
@@ -426,6 +387,70 @@ pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOut
             e,
         )),
     }
+}
+
+/// Checks the stream that is there, and records in its description what it lacks.
+async fn found(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    config: &NatsSource,
+    record_made_at: bool,
+) -> Result<SetupOutcome, NatsError> {
+    let info = stream.cached_info().clone();
+    // `<prefix>.*` as setup makes it, or `<prefix>.>` as one may make it by hand: either
+    // takes every partition's subject.
+    let wanted = format!("{}.*", config.subject_prefix);
+    let Some(covering) = [wanted.clone(), format!("{}.>", config.subject_prefix)]
+        .into_iter()
+        .find(|s| info.config.subjects.contains(s))
+    else {
+        return Err(NatsError(format!(
+                    "stream {} exists with subjects {:?}, not {wanted}; delete it or change source.nats.stream",
+                    config.stream, info.config.subjects
+                )));
+    };
+    if info.config.storage != stream::StorageType::File {
+        return Err(NatsError(format!(
+            "stream {} keeps its messages in memory; outpost needs file storage",
+            config.stream
+        )));
+    }
+    check_partitions(&info, config)?;
+    let messages = info.state.messages;
+    let replicas = info.config.num_replicas;
+    let description_now = info.config.description.as_deref().unwrap_or("");
+    let recorded = description_now.is_empty();
+    // Outpost's description of an earlier build, without the time: the server's time
+    // is still the stream's, unless it was edited and the server restarted since.
+    // Recorded only when asked, or when the stream holds no message (as one another
+    // setup has just made, before it records the time): to agents of earlier builds,
+    // which know the stream by the server's time, the edit is one after which a
+    // restarted server reports another, and they would consume the stream again
+    // from its start.
+    let without_made_at = recorded_partitions(Some(description_now)).is_some()
+        && recorded_made_at(Some(description_now)).is_none();
+    let made_at_recorded = without_made_at.then_some(record_made_at || messages == 0);
+    if recorded {
+        // Made by hand or by an earlier build: its messages must fit the count.
+        check_subjects_fit(stream, &covering, config).await?;
+    }
+    if recorded || made_at_recorded == Some(true) {
+        let nanos = info.created.unix_timestamp_nanos();
+        let mut described = info.config.clone();
+        described.description = Some(match recorded {
+            true => description(config, Some(nanos)),
+            false => with_made_at(description_now, nanos),
+        });
+        js.update_stream(described)
+            .await
+            .map_err(|e| nats_error("recording the stream's description", e))?;
+    }
+    Ok(SetupOutcome::Found {
+        messages,
+        replicas,
+        recorded,
+        made_at_recorded,
+    })
 }
 
 /// Fails when the stream holds messages on a subject beyond the partitions of `config`.
