@@ -203,6 +203,7 @@ impl Agent {
             "the look-over of stale retry entries and marks".to_string(),
             tokio::spawn(forget_stale_entries(Arc::clone(&store), shutdown.clone())),
         )];
+        let recording_failure = deliverer.recording_failure();
         let delivery = {
             let deliverer = Arc::new(deliverer);
             let run = deliverer.run(Arc::clone(&wake), shutdown.clone());
@@ -252,6 +253,7 @@ impl Agent {
             max_outbox_bytes: config.storage.max_outbox_bytes,
             delivery_running,
             committer_failure: Arc::clone(&committer_failure),
+            recording_failure,
             source,
         });
         let scheme = if tls.is_some() { "https" } else { "http" };

@@ -53,6 +53,7 @@ use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
 use queue::{Queue, MAX_HELD};
 use retry::{classify, Class, RetrySchedule};
+pub use settler::RecordingFailure;
 use settler::Settler;
 
 /// The fewest pending exports held in memory ahead of sending ([`window`]): two reads' worth,
@@ -218,6 +219,7 @@ pub struct Deliverer {
     clock: RunClock,
     controller: ControllerConfig,
     metrics: Arc<Metrics>,
+    recording_failure: Arc<RecordingFailure>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -314,7 +316,13 @@ impl Deliverer {
                 jitter: true,
             },
             metrics,
+            recording_failure: Arc::default(),
         })
+    }
+
+    /// Why deliveries cannot be recorded now, while they cannot (`/healthz` reads it).
+    pub fn recording_failure(&self) -> Arc<RecordingFailure> {
+        Arc::clone(&self.recording_failure)
     }
 
     /// Switches the backoff jitter off, for tests that assert exact delays.
@@ -340,7 +348,8 @@ impl Deliverer {
         if !self.record_that_delivery_runs(&shutdown).await {
             return Ok(());
         }
-        let (settler, mut settled, settler_thread) = Settler::start(Arc::clone(&self.store));
+        let (settler, mut settled, settler_thread) =
+            Settler::start(Arc::clone(&self.store), self.recording_failure());
         let (done_tx, mut done) = mpsc::unbounded_channel::<Finished>();
         let (read_tx, mut reads) = mpsc::unbounded_channel::<Read>();
         let mut state = LoopState {

@@ -22,6 +22,22 @@ pub struct Settled {
     pub vanished: bool,
 }
 
+/// Why deliveries cannot be recorded now, while they cannot: the settler retries, and no
+/// profile with an outcome waiting sends again meanwhile, so `/healthz` says so (a store
+/// being reopened is not counted: it says so itself).
+#[derive(Default)]
+pub struct RecordingFailure(std::sync::Mutex<Option<String>>);
+
+impl RecordingFailure {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, failure: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = failure;
+    }
+}
+
 /// At most this many changes go into one transaction.
 const MAX_GROUP: usize = 4096;
 
@@ -36,6 +52,7 @@ impl Settler {
     /// not be (the store cannot be written): it returns whether everything was recorded.
     pub fn start(
         store: Arc<Store>,
+        failure: Arc<RecordingFailure>,
     ) -> (
         Settler,
         mpsc::UnboundedReceiver<Vec<Settled>>,
@@ -45,7 +62,7 @@ impl Settler {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("outpost-settler".into())
-            .spawn(move || run(&store, receiver, &settled_tx))
+            .spawn(move || run(&store, receiver, &settled_tx, &failure))
             .expect("spawning the settler thread");
         (Settler { changes }, settled_rx, thread)
     }
@@ -65,6 +82,7 @@ fn run(
     store: &Store,
     mut receiver: mpsc::UnboundedReceiver<Vec<Outcome>>,
     settled: &mpsc::UnboundedSender<Vec<Settled>>,
+    failure: &RecordingFailure,
 ) -> bool {
     while let Some(mut group) = receiver.blocking_recv() {
         while group.len() < MAX_GROUP {
@@ -105,7 +123,9 @@ fn run(
                     // Said again each minute while it lasts: until then no profile with an
                     // outcome waiting here sends again, and repairs wait for them.
                     let said_again = failures > 0 && failures.is_multiple_of(300);
-                    if (failures == 0 || said_again) && !matches!(e, StoreError::Reopening(_)) {
+                    let reopening = matches!(e, StoreError::Reopening(_));
+                    failure.set((!reopening).then(|| e.to_string()));
+                    if (failures == 0 || said_again) && !reopening {
                         tracing::error!(error = %e, failures, "cannot record deliveries in the outbox; retrying");
                     } else {
                         tracing::debug!(error = %e, "cannot record deliveries in the outbox; retrying");
@@ -116,6 +136,7 @@ fn run(
             }
         };
         if failures > 0 {
+            failure.set(None);
             tracing::info!(
                 changes = group.len(),
                 "deliveries recorded after {failures} retries"
@@ -148,4 +169,44 @@ fn run(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::keys::meta;
+    use crate::store::outbox::ExportChange;
+
+    /// A write that fails is reported while the settler retries it, and no longer once it
+    /// goes through; meanwhile the profile's outcome is not handed back.
+    #[test]
+    fn a_failure_to_record_is_reported_until_recording_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let seqs = crate::store::testing::export_each(&store, &[("a", "1")]);
+        let meta_tree = store.trees().unwrap().meta.clone();
+        let tally = meta_tree.get(meta::TALLY).unwrap().unwrap();
+        meta_tree.insert(meta::TALLY, b"xx").unwrap();
+        let failure = Arc::new(RecordingFailure::default());
+        let (settler, mut settled, thread) =
+            Settler::start(Arc::clone(&store), Arc::clone(&failure));
+        settler.send(vec![Outcome {
+            profile: "a".into(),
+            seq: seqs[0],
+            change: ExportChange::Delivered { retried: false },
+        }]);
+        let started = std::time::Instant::now();
+        while failure.get().is_none() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let reported = failure.get().expect("the failure reported");
+        assert!(reported.contains("tally"), "{reported}");
+        assert!(settled.try_recv().is_err(), "nothing settled meanwhile");
+        meta_tree.insert(meta::TALLY, tally).unwrap();
+        let done = settled.blocking_recv().unwrap();
+        assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), seqs);
+        assert_eq!(failure.get(), None);
+        drop(settler);
+        assert!(thread.join().unwrap());
+    }
 }

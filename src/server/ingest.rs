@@ -61,6 +61,8 @@ pub struct IngestState {
     pub delivery_running: Arc<AtomicBool>,
     /// What the committer thread panicked with, should it have: no update can be stored.
     pub committer_failure: Arc<std::sync::OnceLock<String>>,
+    /// Why deliveries cannot be recorded now, while they cannot.
+    pub recording_failure: Arc<crate::delivery::RecordingFailure>,
     /// The NATS source, when `[source.nats]` is configured.
     pub source: Option<Arc<crate::source::nats::SourceState>>,
 }
@@ -276,6 +278,12 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
             // disk, a compaction) answers 503 until it takes them again by itself.
             if let Some(refused) = state.store.refusing_writes() {
                 return unavailable(&refused.to_string());
+            }
+            if let Some(failure) = state.recording_failure.get() {
+                return error_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("deliveries cannot be recorded in the store (retried every 0.2 s; the profiles they are of wait meanwhile): {failure}"),
+                );
             }
             let mut body = json!({"status": "ok"});
             if let Some(source) = &state.source {
