@@ -23,8 +23,8 @@ pub struct Settled {
 }
 
 /// Why deliveries cannot be recorded now, while they cannot: the settler retries, and no
-/// profile with an outcome waiting sends again meanwhile, so `/healthz` says so (a store
-/// being reopened is not counted: it says so itself).
+/// profile with an outcome waiting sends again meanwhile, so `/healthz` says so (a store that
+/// refuses writes is not counted: it says so itself, for as long as it does).
 #[derive(Default)]
 pub struct RecordingFailure(std::sync::Mutex<Option<String>>);
 
@@ -124,7 +124,14 @@ fn run(
                     // outcome waiting here sends again, and repairs wait for them.
                     let said_again = failures > 0 && failures.is_multiple_of(300);
                     let reopening = matches!(e, StoreError::Reopening(_));
-                    failure.set((!reopening).then(|| e.to_string()));
+                    // A store that refuses writes (a full disk, an I/O error, a reopening)
+                    // says so itself, and stops saying so as soon as it takes them again.
+                    let refused_by_the_store = reopening
+                        || matches!(
+                            e,
+                            StoreError::NoSpace(_) | StoreError::Io { .. } | StoreError::Sync(_)
+                        );
+                    failure.set((!refused_by_the_store).then(|| e.to_string()));
                     if (failures == 0 || said_again) && !reopening {
                         tracing::error!(error = %e, failures, "cannot record deliveries in the outbox; retrying");
                     } else {
