@@ -493,6 +493,18 @@ async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_re
     s.receiver.revoke_refresh_tokens();
     ingest(&agent, &one_each("p", 3, 2)).await;
     wait_for_exports(&agent, &s.receiver, 9).await;
+    // A refresh answered 200 without a usable token, as some servers answer one they no
+    // longer take: the password grant again, not the same refresh at every fetch.
+    s.receiver.set_token_script(Some(Arc::new(|_, request| {
+        if grant_of(request) == "refresh_token" {
+            Reply::Status(200, vec![], r#"{"error":"invalid_grant"}"#.into())
+        } else {
+            Reply::Normal
+        }
+    })));
+    s.receiver.revoke_tokens();
+    ingest(&agent, &one_each("p", 3, 3)).await;
+    wait_for_exports(&agent, &s.receiver, 12).await;
 
     let grants: Vec<String> = s.receiver.token_requests().iter().map(grant_of).collect();
     let statuses: Vec<u16> = s
@@ -503,10 +515,17 @@ async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_re
         .collect();
     assert_eq!(
         grants,
-        ["password", "refresh_token", "refresh_token", "password"],
+        [
+            "password",
+            "refresh_token",
+            "refresh_token",
+            "password",
+            "refresh_token",
+            "password"
+        ],
         "statuses {statuses:?}"
     );
-    assert_eq!(statuses, [200, 200, 400, 200]);
+    assert_eq!(statuses, [200, 200, 400, 200, 200, 200]);
     agent.stop().await.unwrap();
 }
 

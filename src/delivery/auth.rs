@@ -271,7 +271,10 @@ impl TokenSource {
     }
 
     /// A new token: with the refresh token when there is one, falling back to the original
-    /// grant when the token endpoint refuses it.
+    /// grant when the token endpoint refuses it: a 4xx, or a 2xx that holds no usable token
+    /// (`{"error": "invalid_grant"}` with a 200, as some servers answer a refresh token they
+    /// no longer take). Kept, such a refresh token would be tried again at every fetch, and
+    /// delivery would stop once the token held expired.
     async fn fetch_with(&self, refresh_token: &mut Option<Secret>) -> Result<Fetched, AuthError> {
         let Some(refresh) = refresh_token.clone() else {
             return self.fetch().await;
@@ -281,6 +284,14 @@ impl TokenSource {
                 tracing::info!(
                     status,
                     "the token endpoint refused the refresh token; using the original grant"
+                );
+                *refresh_token = None;
+                self.fetch().await
+            }
+            Err(error @ (AuthError::NotAToken(_) | AuthError::Answer(_))) => {
+                tracing::info!(
+                    %error,
+                    "the token endpoint's answer to the refresh token holds no usable token; using the original grant"
                 );
                 *refresh_token = None;
                 self.fetch().await
