@@ -326,3 +326,80 @@ async fn mutual_tls_with_a_client_certificate_from_another_ca_fails() {
     }
     agent.stop().await.unwrap();
 }
+
+/// An endpoint over HTTP/2 whose first connection goes silent after its first answer (as a
+/// path through a firewall that drops packets, or a hung proxy, does) and whose later
+/// connections answer. Answered 200 `"connection N"`.
+async fn h2_endpoint_silent_after_one_answer(server: &Leaf) -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut config = (*server_config(server, None)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let connection = connections.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let answered = Arc::new(AtomicUsize::new(0));
+                let service = hyper::service::service_fn(move |_request| {
+                    let before = answered.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if connection == 0 && before > 0 {
+                            std::future::pending::<()>().await;
+                        }
+                        let body = format!("connection {connection}");
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(hyper::body::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request that timed out on a shared HTTP/2 connection retires it: the next request takes
+/// a new connection rather than time out on the silent one again, for as long as its socket
+/// lives.
+#[tokio::test]
+async fn a_timed_out_http2_connection_is_not_used_again() {
+    use outpost::delivery::client::{ClientError, HttpClient};
+    let ca = Ca::new("outpost test CA");
+    let addr = h2_endpoint_silent_after_one_answer(&ca.server_leaf()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let base = format!("https://localhost:{}", addr.port());
+    let text = agent_config_text(&base, &oauth_body(&base), "").replace(
+        "[destination]\n",
+        &format!("[destination]\n{}\n", path_line("ca_file", &ca_file)),
+    );
+    let path = write_file(dir.path(), "outpost.toml", &text);
+    let config = Config::load(&path).unwrap();
+    let client = HttpClient::new(&config.destination, Duration::from_millis(500)).unwrap();
+    let post = || {
+        hyper::Request::post(format!("{base}/profiles"))
+            .body(http_body_util::Full::new(hyper::body::Bytes::from("{}")))
+            .unwrap()
+    };
+    let body = |answer: outpost::delivery::client::Answer| {
+        String::from_utf8_lossy(&answer.body).into_owned()
+    };
+    assert_eq!(body(client.send(post()).await.unwrap()), "connection 0");
+    let timed_out = client.send(post()).await.unwrap_err();
+    assert!(
+        matches!(timed_out, ClientError::Timeout(_)),
+        "{timed_out:?}"
+    );
+    let next = client.send(post()).await;
+    assert_eq!(body(next.unwrap()), "connection 1");
+}

@@ -293,6 +293,11 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
     }
 }
 
+/// How often an HTTP/2 connection is pinged, and how long its answer may take before the
+/// connection is closed.
+const HTTP2_PING_EVERY: Duration = Duration::from_secs(30);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl HttpClient {
     pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
         let mut http = HttpConnector::new();
@@ -309,6 +314,11 @@ impl HttpClient {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            // Pinged while idle too, so that an HTTP/2 connection gone silent between
+            // requests is closed before one is sent on it.
+            .http2_keep_alive_interval(HTTP2_PING_EVERY)
+            .http2_keep_alive_timeout(HTTP2_PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             .build(connector);
         Ok(HttpClient { client, timeout })
     }
@@ -329,7 +339,16 @@ impl HttpClient {
                     self.timeout
                 )))
             }
-            Err(_) => return Err(ClientError::Timeout(self.timeout)),
+            Err(_) => {
+                // An HTTP/2 connection is shared and stays in the pool while its socket lives:
+                // one gone silent (a path through a firewall that drops packets, a hung proxy)
+                // would time out every request after this one too. An HTTP/1 one is dropped
+                // with its request anyway.
+                if let Some(connected) = connection.connection_metadata().as_ref() {
+                    connected.poison();
+                }
+                return Err(ClientError::Timeout(self.timeout));
+            }
         };
         let (parts, body) = response.into_parts();
         let (body, body_cut) = first_bytes(body, ANSWER_BYTES, deadline, self.timeout).await;
