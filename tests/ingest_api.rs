@@ -1560,3 +1560,77 @@ async fn a_gzip_body_is_taken_and_other_encodings_are_refused() {
     );
     assert_eq!(ws.outbox_stats()["profiles"], 2);
 }
+
+/// Uploads multiplexed on one HTTP/2 connection, more than the room for bodies admits at once
+/// (each body sent without a length reserves the whole limit, so four fill the room): those
+/// waiting for room hold no more of the connection's flow-control window than their own
+/// stream's, so the ones admitted, whose bodies come slowly, go on receiving them and are
+/// answered, rather than stall behind the waiting ones until 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_uploads_waiting_for_room_do_not_stall_the_ones_admitted() {
+    use futures_util::StreamExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let receiver = receiver().await;
+    let (ws, port) = workspace_with_ingest(&receiver, "read_timeout_ms = 3000");
+    let agent = start_agent(&ws, port).await;
+    let tcp = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    // Just under the limit, in pieces of 16 KiB; after the first piece, a pause of `pause`.
+    let body = |upload: usize, pause: Duration| {
+        let mut text = String::new();
+        for n in 0.. {
+            let id = format!("u{upload}-{n}");
+            let line = member_update(&id, &"x".repeat(900), "2026-01-01T00:00:01Z") + "\n";
+            if text.len() + line.len() > MAX_BODY {
+                break;
+            }
+            text.push_str(&line);
+        }
+        let pieces: Vec<Bytes> = text
+            .as_bytes()
+            .chunks(16 << 10)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let frames = futures_util::stream::iter(pieces.into_iter().enumerate()).then(
+            move |(n, piece)| async move {
+                if n == 1 {
+                    tokio::time::sleep(pause).await;
+                }
+                Ok::<_, Infallible>(Frame::data(piece))
+            },
+        );
+        http_body_util::StreamBody::new(Box::pin(frames))
+    };
+    let upload = |upload: usize, pause: Duration| {
+        let mut sender = sender.clone();
+        let request = hyper::Request::post(format!("http://{}/v1/updates", agent.addr))
+            .header(AUTH.0, AUTH.1)
+            .body(body(upload, pause))
+            .unwrap();
+        tokio::spawn(async move {
+            let answer = sender.send_request(request).await.unwrap();
+            let status = answer.status().as_u16();
+            let text = answer.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&text).into_owned())
+        })
+    };
+    // Four admitted, whose bodies pause after their first piece; meanwhile four more, sent
+    // at once, wait for room.
+    let mut uploads: Vec<_> = (0..4)
+        .map(|n| upload(n, Duration::from_millis(1000)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    uploads.extend((4..8).map(|n| upload(n, Duration::ZERO)));
+    let mut answers = Vec::new();
+    for upload in uploads {
+        let answered = tokio::time::timeout(Duration::from_secs(60), upload).await;
+        answers.push(answered.expect("an upload never answered").unwrap());
+    }
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses[..4], [200; 4], "{answers:?}");
+    assert!(!statuses.contains(&408), "{answers:?}");
+}

@@ -40,8 +40,14 @@ const FULL_RETRY_AFTER_S: u64 = 5;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the log may say that connections are at `ingest.max_connections`.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
-/// Requests in flight on one HTTP/2 connection.
-const MAX_STREAMS: u32 = 64;
+/// Requests in flight on one HTTP/2 connection, and the flow-control windows: a request's
+/// stream holds at most its window of body not yet read, and the connection's window bounds
+/// what all of them hold. A request that waits for room for its body does not read it, so
+/// the streams' windows together must fit in the connection's: else those waiting fill it,
+/// and the requests admitted get no more of their bodies and stall until 408.
+const MAX_STREAMS: u32 = 16;
+const STREAM_WINDOW: u32 = 64 << 10;
+const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 
 pub struct IngestState {
     pub store: Arc<Store>,
@@ -253,6 +259,8 @@ fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(read_timeout)
         .keep_alive_timeout(read_timeout);
     builder
