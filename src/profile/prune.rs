@@ -9,6 +9,7 @@
 //! An attribute or namespace mapped later is judged against what is stored: it counts as
 //! absent before (SPEC: "the next update of each profile is judged against what is stored").
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -82,6 +83,151 @@ impl KeepTree {
     }
 }
 
+/// The most memory one update's profile may take once parsed, as [`Allowance`] counts it: a
+/// `Value` tree takes far more than its text (an object, however small, several hundred
+/// bytes: `{"a":0}` is 7 bytes of text), so that one body within `ingest.max_body_bytes` could
+/// otherwise take gigabytes.
+pub const MAX_PARSED_PROFILE_BYTES: usize = 64 << 20;
+
+/// What a `serde_json::Map` takes for up to [`ENTRIES_A_NODE`] entries (a B-tree node of 11
+/// slots, of key and value, about 630 bytes, seldom full), and a `Vec<Value>` for an item
+/// (a `Value`, and room to grow).
+const NODE_BYTES: usize = 640;
+const ENTRIES_A_NODE: usize = 8;
+const ITEM_BYTES: usize = 48;
+
+/// What is left of the memory one update's profile may take once parsed; charged as its
+/// `Value` tree is built, so that parsing stops as soon as the tree would pass
+/// [`MAX_PARSED_PROFILE_BYTES`].
+#[derive(Clone, Copy)]
+pub struct Allowance<'a>(&'a Cell<usize>);
+
+impl<'a> Allowance<'a> {
+    /// The allowance of one profile, kept in `left`.
+    pub fn of_a_profile(left: &'a Cell<usize>) -> Allowance<'a> {
+        left.set(MAX_PARSED_PROFILE_BYTES);
+        Allowance(left)
+    }
+
+    fn charge<E: de::Error>(self, bytes: usize) -> Result<(), E> {
+        match self.0.get().checked_sub(bytes) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format!(
+                "the profile would take over {} MiB of memory once parsed (each object in it takes several hundred bytes, however short its text): split it, or leave out what the mapping does not need",
+                MAX_PARSED_PROFILE_BYTES >> 20
+            ))),
+        }
+    }
+
+    /// Charges the `n`th entry of an object (from 0), its key `key_len` bytes long.
+    fn charge_entry<E: de::Error>(self, n: usize, key_len: usize) -> Result<(), E> {
+        let node = if n.is_multiple_of(ENTRIES_A_NODE) {
+            NODE_BYTES
+        } else {
+            0
+        };
+        self.charge(node + key_len)
+    }
+}
+
+/// A JSON value parsed into a `Value`, as serde_json parses one (a key given twice keeps its
+/// last value), charged to an [`Allowance`] as it is built.
+pub struct Weighed<'a>(pub Allowance<'a>);
+
+impl<'de> DeserializeSeed<'de> for Weighed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Weighed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        WeighedObject(self.0).visit_map(map).map(Value::Object)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(Weighed(self.0))? {
+            self.0.charge(ITEM_BYTES)?;
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(value).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
+        self.0.charge(value.len())?;
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, value: String) -> Result<Value, E> {
+        self.0.charge(value.len())?;
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+}
+
+/// A JSON object parsed into a `Map` as [`Weighed`] parses one; anything else is refused as
+/// a `Map` refuses it.
+pub struct WeighedObject<'a>(pub Allowance<'a>);
+
+impl<'de> DeserializeSeed<'de> for WeighedObject<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for WeighedObject<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = Map::new();
+        let mut entries = 0;
+        while let Some(key) = map.next_key::<String>()? {
+            self.0.charge_entry(entries, key.len())?;
+            entries += 1;
+            let value = map.next_value_seed(Weighed(self.0))?;
+            object.insert(key, value);
+        }
+        Ok(object)
+    }
+}
+
 /// Parses a profile object keeping only what `KeepTree::prune` would keep, without building the
 /// rest: the parts dropped are checked as strictly as a `Value` parse checks them (through
 /// [`Valid`]), so an input is accepted or refused exactly as parsing it whole and pruning it
@@ -91,6 +237,8 @@ pub struct PrunedObject<'a> {
     /// Where this object is in the profile when its keys are checked for `xdm:` prefixes
     /// (`Some("")` for the profile itself, see [`shape::PREFIX_CHECKED`]).
     pub prefixes_at: Option<&'static str>,
+    /// What the parts kept may take.
+    pub allowance: Allowance<'a>,
 }
 
 impl<'de> DeserializeSeed<'de> for PrunedObject<'_> {
@@ -116,12 +264,15 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
             prefixes_at: self.prefixes_at,
         };
         while let Some(key) = map.next_key_seed(keys)? {
+            if let Some((key, _)) = &key {
+                self.allowance.charge_entry(kept.len(), key.len())?;
+            }
             match key {
                 None => {
                     map.next_value::<Valid>()?;
                 }
                 Some((key, child)) if child.whole => {
-                    kept.insert(key, map.next_value::<Value>()?);
+                    kept.insert(key, map.next_value_seed(Weighed(self.allowance))?);
                 }
                 Some((key, child)) => {
                     // Below the profile, the keys of the objects `shape` checks.
@@ -134,6 +285,7 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
                     let child = PrunedValue {
                         keep: child,
                         prefixes_at,
+                        allowance: self.allowance,
                     };
                     kept.insert(key, map.next_value_seed(child)?);
                 }
@@ -184,6 +336,7 @@ impl<'de, 'a> Visitor<'de> for KeptKey<'a> {
 struct PrunedValue<'a> {
     keep: &'a KeepTree,
     prefixes_at: Option<&'static str>,
+    allowance: Allowance<'a>,
 }
 
 impl<'de> DeserializeSeed<'de> for PrunedValue<'_> {
@@ -205,17 +358,14 @@ impl<'de> Visitor<'de> for PrunedValue<'_> {
         PrunedObject {
             keep: self.keep,
             prefixes_at: self.prefixes_at,
+            allowance: self.allowance,
         }
         .visit_map(map)
         .map(Value::Object)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<Value>()? {
-            items.push(item);
-        }
-        Ok(Value::Array(items))
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        Weighed(self.allowance).visit_seq(seq)
     }
 
     fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
@@ -234,12 +384,12 @@ impl<'de> Visitor<'de> for PrunedValue<'_> {
         Ok(Number::from_f64(value).map_or(Value::Null, Value::Number))
     }
 
-    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
-        Ok(Value::String(value.to_owned()))
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
+        Weighed(self.allowance).visit_str(value)
     }
 
-    fn visit_string<E>(self, value: String) -> Result<Value, E> {
-        Ok(Value::String(value))
+    fn visit_string<E: de::Error>(self, value: String) -> Result<Value, E> {
+        Weighed(self.allowance).visit_string(value)
     }
 
     fn visit_unit<E>(self) -> Result<Value, E> {

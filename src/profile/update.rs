@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::profile::engine;
 use crate::profile::layout::Layout;
 use crate::profile::numbers;
-use crate::profile::prune::{KeepTree, PrunedObject};
+use crate::profile::prune::{Allowance, KeepTree, PrunedObject, WeighedObject};
 use crate::profile::record::ProfileRecord;
 use crate::profile::shape;
 
@@ -136,10 +136,12 @@ impl<'de> Visitor<'de> for RawUpdateSeed<'_> {
                     map.next_value::<Option<OpName>>()?.map(|name| name.0),
                 )?,
                 Field::Profile => {
-                    let value = match self.keep {
-                        Some(keep) => map.next_value_seed(OptionalPruned(keep))?,
-                        None => map.next_value::<Option<Map<String, Value>>>()?,
-                    };
+                    let left = std::cell::Cell::new(0);
+                    let allowance = Allowance::of_a_profile(&left);
+                    let value = map.next_value_seed(OptionalPruned {
+                        keep: self.keep,
+                        allowance,
+                    })?;
                     once(&mut profile, "profile", value)?
                 }
                 Field::Timestamp => once(
@@ -189,8 +191,11 @@ impl Visitor<'_> for OpNameVisitor {
     }
 }
 
-/// `Option<Map>` (null is no profile), pruned.
-struct OptionalPruned<'a>(&'a KeepTree);
+/// `Option<Map>` (null is no profile), pruned when `keep` is given.
+struct OptionalPruned<'a> {
+    keep: Option<&'a KeepTree>,
+    allowance: Allowance<'a>,
+}
 
 impl<'de> DeserializeSeed<'de> for OptionalPruned<'_> {
     type Value = Option<Map<String, Value>>;
@@ -216,11 +221,15 @@ impl<'de> Visitor<'de> for OptionalPruned<'_> {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        PrunedObject {
-            keep: self.0,
-            prefixes_at: Some(""),
+        match self.keep {
+            Some(keep) => PrunedObject {
+                keep,
+                prefixes_at: Some(""),
+                allowance: self.allowance,
+            }
+            .deserialize(deserializer),
+            None => WeighedObject(self.allowance).deserialize(deserializer),
         }
-        .deserialize(deserializer)
         .map(Some)
     }
 }
@@ -1564,6 +1573,67 @@ mod tests {
                 .len(),
             1 << 20
         );
+    }
+
+    /// A profile whose parsed tree would take more than the allowance is refused as it is
+    /// parsed, pruned or not; what pruning leaves out is never built, so it is not counted;
+    /// a large profile of ordinary segment entries is well within it.
+    #[test]
+    fn a_profile_too_large_once_parsed_is_refused() {
+        let mapping = crate::config::Mapping::new(&["person.name"], &["s"], &[]);
+        let keep = KeepTree::for_mapping(&mapping);
+        let pruned = Parsing {
+            keep: Some(&keep),
+            ..Parsing::default()
+        };
+        let whole = Parsing::default();
+        // Some 140 MB as `Value`s from 1.6 MB of text.
+        let tiny_objects = format!("[{}{{\"a\":0}}]", "{\"a\":0},".repeat(200_000));
+        let update = |at: &str| {
+            let profile = match at {
+                "segment" => format!(
+                    r#"{{"segmentMembership":{{"ups":{{"s":{{"status":"realized","x":{tiny_objects}}}}}}}}}"#
+                ),
+                "attribute" => format!(r#"{{"person":{{"name":{tiny_objects}}}}}"#),
+                _ => format!(r#"{{"unmapped":{tiny_objects}}}"#),
+            };
+            format!(r#"{{"id":"p","profile":{profile}}}"#)
+        };
+        for at in ["segment", "attribute", "unmapped"] {
+            let body = update(at);
+            for (parsing, how) in [(&pruned, "pruned"), (&whole, "whole")] {
+                let parsed = parse_body_with(body.as_bytes(), parsing);
+                if at == "unmapped" && how == "pruned" {
+                    assert!(parsed.is_ok(), "{at}, {how}: {:?}", parsed.err());
+                    continue;
+                }
+                let Err(error) = parsed else {
+                    panic!("{at}, {how}: accepted");
+                };
+                assert_eq!(error.line, 1);
+                assert!(
+                    error.reason.contains("64 MiB of memory once parsed"),
+                    "{at}, {how}: {}",
+                    error.reason
+                );
+            }
+        }
+        let entries: Vec<String> = (0..20_000)
+            .map(|n| {
+                format!(
+                    r#""segment-{n:05}":{{"status":"realized","lastQualificationTime":"2026-01-01T00:00:00Z"}}"#
+                )
+            })
+            .collect();
+        let many_segments = format!(
+            r#"{{"id":"p","profile":{{"segmentMembership":{{"ups":{{{}}}}}}}}}"#,
+            entries.join(",")
+        );
+        for parsing in [&pruned, &whole] {
+            let updates = parse_body_with(many_segments.as_bytes(), parsing).unwrap();
+            let ups = &updates[0].profile["segmentMembership"]["ups"];
+            assert_eq!(ups.as_object().unwrap().len(), 20_000);
+        }
     }
 
     /// One update a line is parsed line by line; every other body goes the general way, and
