@@ -197,6 +197,7 @@ fn update() -> impl Strategy<Value = Update> {
             },
             timestamp: minute.map(|m| at(m * 60)),
             record: None,
+            patch_text: None,
         })
     })
 }
@@ -519,6 +520,7 @@ fn a_value_changed_while_unmapped_is_not_exported_stale() {
         profile: profile.as_object().unwrap().clone(),
         timestamp: None,
         record: None,
+        patch_text: None,
     };
     let member = json!({"status": "realized"});
     let updates = [
@@ -539,6 +541,51 @@ fn a_value_changed_while_unmapped_is_not_exported_stale() {
     let payload = last_payload.expect("the name change is exported");
     assert_eq!(payload["name"], "Janet");
     assert_eq!(at_path(&payload, "email.address"), None, "{payload}");
+}
+
+/// A merge whose patch is large as a tree is kept as its text once parsed, and applies as
+/// the tree does: the same record and the same export; a small one stays a tree.
+#[test]
+fn a_heavy_merge_kept_as_text_applies_as_its_tree() {
+    let mapping = mapping(false);
+    let layout = Layout::new(&mapping);
+    let update = |op, profile: Value| Update {
+        id: "p".into(),
+        op,
+        profile: profile.as_object().unwrap().clone(),
+        timestamp: None,
+        record: None,
+        patch_text: None,
+    };
+    let tiny_objects: Vec<Value> = (0..2_000).map(|n| json!({ "n": n })).collect();
+    let stored = update(
+        Op::Upsert,
+        json!({"a": {"b": 1}, "segmentMembership": {"ups": {"s1": {"status": "realized", "x": 1}}},
+               "identityMap": {"ecid": [{"id": "1"}]}}),
+    );
+    let heavy = update(
+        Op::Merge,
+        json!({"a": {"b": tiny_objects, "c": null},
+               "segmentMembership": {"ups": {"s1": {"x": tiny_objects, "y": 1.5}, "s2": {"status": "realized"}}},
+               "identityMap": {"email": [{"id": "e"}]}}),
+    );
+    let light = update(Op::Merge, json!({"b": 2}));
+    let mut prepared_light = light.clone();
+    engine::prepare(&mut prepared_light, &layout);
+    assert_eq!(prepared_light, light, "a small patch stays a tree");
+
+    let mut record = None;
+    apply_step(&mut record, &stored, &mapping, at(0));
+    let mut as_tree = record.clone();
+    let from_tree = apply_step(&mut as_tree, &heavy, &mapping, at(1));
+    let mut prepared = heavy.clone();
+    engine::prepare(&mut prepared, &layout);
+    assert!(prepared.profile.is_empty() && prepared.patch_text.is_some());
+    let mut as_text = record.clone();
+    let from_text = apply_step(&mut as_text, &prepared, &mapping, at(1));
+    assert_eq!(from_text, from_tree);
+    assert_eq!(as_text, as_tree);
+    assert!(from_tree.1.is_some(), "s2 qualified: exported");
 }
 
 proptest! {

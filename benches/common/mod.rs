@@ -261,6 +261,7 @@ pub fn make_update(template: &Map<String, Value>, pool: usize, j: usize) -> Upda
         profile,
         timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
         record: None,
+        patch_text: None,
     }
 }
 
@@ -485,6 +486,7 @@ pub fn tiny_update(i: usize, member: bool, keep: &KeepTree) -> Update {
         profile,
         timestamp: Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()),
         record: None,
+        patch_text: None,
     }
 }
 

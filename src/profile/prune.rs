@@ -133,6 +133,42 @@ impl<'a> Allowance<'a> {
     }
 }
 
+/// Whether `object` takes more than `bytes` as [`Allowance`] counts it (it stops counting
+/// there).
+pub fn takes_more_than(object: &Map<String, Value>, bytes: usize) -> bool {
+    fn object_bytes(object: &Map<String, Value>, left: &mut usize) -> bool {
+        object.iter().enumerate().any(|(n, (key, value))| {
+            let node = if n.is_multiple_of(ENTRIES_A_NODE) {
+                NODE_BYTES
+            } else {
+                0
+            };
+            spend(left, node + key.len()) || value_bytes(value, left)
+        })
+    }
+    fn value_bytes(value: &Value, left: &mut usize) -> bool {
+        match value {
+            Value::Object(object) => object_bytes(object, left),
+            Value::Array(items) => items
+                .iter()
+                .any(|item| spend(left, ITEM_BYTES) || value_bytes(item, left)),
+            Value::String(text) => spend(left, text.len()),
+            _ => false,
+        }
+    }
+    /// Spends `bytes` of `left`; whether that was more than was left.
+    fn spend(left: &mut usize, bytes: usize) -> bool {
+        match left.checked_sub(bytes) {
+            Some(rest) => {
+                *left = rest;
+                false
+            }
+            None => true,
+        }
+    }
+    object_bytes(object, &mut bytes.clone())
+}
+
 /// A JSON value parsed into a `Value`, as serde_json parses one (a key given twice keeps its
 /// last value), charged to an [`Allowance`] as it is built.
 pub struct Weighed<'a>(pub Allowance<'a>);

@@ -42,14 +42,30 @@ pub struct Update {
     /// committer thread does not; `profile` is then empty. `None`: built when the update is
     /// applied. Only updates on their way to the store are prepared.
     pub record: Option<Box<ProfileRecord>>,
+    /// For a merge whose patch takes much memory as a `Value` tree, the patch as JSON text,
+    /// made by [`crate::profile::engine::prepare`]: parsed again as it is applied, one at a
+    /// time, rather than held as a tree with the rest of its request; `profile` is then empty.
+    pub patch_text: Option<Box<str>>,
 }
 
 impl Update {
+    /// A merge's patch: `profile`, or [`Update::patch_text`] parsed again.
+    pub fn patch(&self) -> std::borrow::Cow<'_, Map<String, Value>> {
+        match &self.patch_text {
+            None => std::borrow::Cow::Borrowed(&self.profile),
+            Some(text) => match crate::profile::record::parse(text) {
+                Value::Object(patch) => std::borrow::Cow::Owned(patch),
+                // Written from an object.
+                _ => std::borrow::Cow::Owned(Map::new()),
+            },
+        }
+    }
+
     /// The update as an input line again (the CLI forwards validated updates to the agent).
     /// Not for a prepared update, whose profile is gone.
     pub fn to_value(&self) -> Value {
         debug_assert!(
-            self.record.is_none(),
+            self.record.is_none() && self.patch_text.is_none(),
             "a prepared update has no profile left"
         );
         let mut object = Map::new();
@@ -646,6 +662,7 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
         profile,
         timestamp,
         record: None,
+        patch_text: None,
     };
     if let Some(layout) = parsing.layout {
         engine::prepare(&mut update, layout);
