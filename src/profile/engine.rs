@@ -149,10 +149,20 @@ pub fn is_member_of_any(record: &ProfileRecord, layout: &Layout) -> bool {
     layout.segments.iter().any(|s| record.is_member(s))
 }
 
-/// Whether two lists of identities hold the same set (order and repeats ignored). The lists
-/// are short, so comparing each with each beats building sets.
+/// Whether two lists of identities hold the same set (order and repeats ignored). Short lists
+/// are compared each with each, which beats sorting them; long ones (a profile may hold tens
+/// of thousands) are sorted, since each with each would take the committer minutes.
 fn same_identities(a: &[String], b: &[String]) -> bool {
-    a.iter().all(|x| b.contains(x)) && b.iter().all(|y| a.contains(y))
+    if a.len().saturating_mul(b.len()) <= 1024 {
+        return a.iter().all(|x| b.contains(x)) && b.iter().all(|y| a.contains(y));
+    }
+    fn set(items: &[String]) -> Vec<&str> {
+        let mut sorted: Vec<&str> = items.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted
+    }
+    set(a) == set(b)
 }
 
 fn identities_differ(old: &ProfileRecord, new: &ProfileRecord, layout: &Layout) -> bool {
@@ -276,26 +286,21 @@ fn merged_segments(old: &ProfileRecord, patch: &Map<String, Value>) -> Vec<Membe
         },
         Some(_) => return Vec::new(),
     };
-    let mut segments = old.segments.clone();
+    // Both in the order of their segment ids: merged in one pass, as a profile may hold
+    // tens of thousands (an insertion each would move the rest each time).
+    let mut segments = Vec::with_capacity(old.segments.len() + ups.len());
+    let mut before = old.segments.iter().peekable();
     for (segment, change) in ups {
-        let at = segments.binary_search_by(|m| m.segment.as_str().cmp(segment));
-        if change.is_null() {
-            if let Ok(i) = at {
-                segments.remove(i);
-            }
-            continue;
+        while let Some(kept) = before.next_if(|m| m.segment.as_str() < segment.as_str()) {
+            segments.push(kept.clone());
         }
-        match at {
-            Ok(i) => {
-                let entry = merge_value(Some(segments[i].to_entry()), change);
-                segments[i] = Membership::from_entry(segment, &entry);
-            }
-            Err(i) => {
-                let entry = merge_value(None, change);
-                segments.insert(i, Membership::from_entry(segment, &entry));
-            }
+        let stored = before.next_if(|m| m.segment == *segment);
+        if !change.is_null() {
+            let entry = merge_value(stored.map(Membership::to_entry), change);
+            segments.push(Membership::from_entry(segment, &entry));
         }
     }
+    segments.extend(before.cloned());
     segments
 }
 
@@ -306,33 +311,31 @@ fn merged_identities(
     patch: &Map<String, Value>,
     layout: &Layout,
 ) -> Vec<Namespace> {
-    let mut identities: Vec<Namespace> = old
+    let kept = old
         .identities
         .iter()
-        .filter(|n| layout.keeps_namespace(&n.namespace))
-        .cloned()
-        .collect();
+        .filter(|n| layout.keeps_namespace(&n.namespace));
     let map = match patch.get("identityMap") {
-        None => return identities,
+        None => return kept.cloned().collect(),
         Some(Value::Object(map)) => map,
         Some(_) => return Vec::new(),
     };
+    // Both in the order of their namespaces: merged in one pass (see `merged_segments`).
+    let mut identities = Vec::with_capacity(old.identities.len() + map.len());
+    let mut before = kept.peekable();
     for (namespace, change) in map {
         if !layout.keeps_namespace(namespace) {
             continue;
         }
-        let at = identities.binary_search_by(|n| n.namespace.as_str().cmp(namespace));
+        while let Some(kept) = before.next_if(|n| n.namespace.as_str() < namespace.as_str()) {
+            identities.push(kept.clone());
+        }
         // Arrays replace; anything else leaves no identities (an object merged into an
         // array makes an object).
-        match (at, Namespace::from_value(namespace, change)) {
-            (Ok(i), Some(new)) => identities[i] = new,
-            (Ok(i), None) => {
-                identities.remove(i);
-            }
-            (Err(i), Some(new)) => identities.insert(i, new),
-            (Err(_), None) => {}
-        }
+        before.next_if(|n| n.namespace == *namespace);
+        identities.extend(Namespace::from_value(namespace, change));
     }
+    identities.extend(before.cloned());
     identities
 }
 
@@ -348,5 +351,33 @@ fn merged(
         segments: merged_segments(old, patch),
         identities: merged_identities(old, patch, layout),
         attributes: merged_attributes(old, patch, layout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Short lists and long ones (compared sorted) alike: the same set in any order and with
+    /// repeats is the same; one identity more or other is not.
+    #[test]
+    fn identities_are_compared_as_sets() {
+        let ids = |range: std::ops::Range<u32>| -> Vec<String> {
+            range.map(|n| format!(r#"{{"id":"{n}"}}"#)).collect()
+        };
+        for n in [3, 40, 5_000] {
+            let a = ids(0..n);
+            let mut shuffled: Vec<String> = a.iter().rev().cloned().collect();
+            shuffled.push(a[0].clone());
+            assert!(same_identities(&a, &shuffled), "{n}");
+            assert!(same_identities(&shuffled, &a), "{n}");
+            let more = ids(0..n + 1);
+            assert!(!same_identities(&a, &more), "{n}");
+            assert!(!same_identities(&more, &a), "{n}");
+            let other = ids(1..n + 1);
+            assert!(!same_identities(&a, &other), "{n}");
+        }
+        assert!(same_identities(&[], &[]));
+        assert!(!same_identities(&ids(0..1), &[]));
     }
 }
