@@ -122,15 +122,19 @@ impl<'a> Allowance<'a> {
         }
     }
 
-    /// Charges the `n`th entry of an object (from 0), its key `key_len` bytes long.
     fn charge_entry<E: de::Error>(self, n: usize, key_len: usize) -> Result<(), E> {
-        let node = if n.is_multiple_of(ENTRIES_A_NODE) {
-            NODE_BYTES
-        } else {
-            0
-        };
-        self.charge(node + key_len)
+        self.charge(entry_bytes(n, key_len))
     }
+}
+
+/// What the `n`th entry of an object (from 0), its key `key_len` bytes long, takes.
+fn entry_bytes(n: usize, key_len: usize) -> usize {
+    let node = if n.is_multiple_of(ENTRIES_A_NODE) {
+        NODE_BYTES
+    } else {
+        0
+    };
+    node + key_len
 }
 
 /// Whether `object` takes more than `bytes` as [`Allowance`] counts it (it stops counting
@@ -138,12 +142,7 @@ impl<'a> Allowance<'a> {
 pub fn takes_more_than(object: &Map<String, Value>, bytes: usize) -> bool {
     fn object_bytes(object: &Map<String, Value>, left: &mut usize) -> bool {
         object.iter().enumerate().any(|(n, (key, value))| {
-            let node = if n.is_multiple_of(ENTRIES_A_NODE) {
-                NODE_BYTES
-            } else {
-                0
-            };
-            spend(left, node + key.len()) || value_bytes(value, left)
+            spend(left, entry_bytes(n, key.len())) || value_bytes(value, left)
         })
     }
     fn value_bytes(value: &Value, left: &mut usize) -> bool {
@@ -166,7 +165,8 @@ pub fn takes_more_than(object: &Map<String, Value>, bytes: usize) -> bool {
             None => true,
         }
     }
-    object_bytes(object, &mut bytes.clone())
+    let mut left = bytes;
+    object_bytes(object, &mut left)
 }
 
 /// A JSON value parsed into a `Value`, as serde_json parses one (a key given twice keeps its
