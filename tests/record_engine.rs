@@ -508,29 +508,33 @@ fn stale_value_across_mappings(updates: &[Update], runs: &[usize]) -> Option<Str
     None
 }
 
-/// The case that showed it: an address mapped, changed while no mapping reached it, then
-/// mapped again.
-#[test]
-fn a_value_changed_while_unmapped_is_not_exported_stale() {
-    let both = Mapping::new(&["name", "email.address"], &["s"], &[]);
-    let name_only = Mapping::new(&["name"], &["s"], &[]);
-    let update = |op, profile: Value| Update {
+/// An update of profile `p` without a timestamp.
+fn update_of_p(op: Op, profile: Value) -> Update {
+    Update {
         id: "p".into(),
         op,
         profile: profile.as_object().unwrap().clone(),
         timestamp: None,
         record: None,
         patch_text: None,
-    };
+    }
+}
+
+/// The case that showed it: an address mapped, changed while no mapping reached it, then
+/// mapped again.
+#[test]
+fn a_value_changed_while_unmapped_is_not_exported_stale() {
+    let both = Mapping::new(&["name", "email.address"], &["s"], &[]);
+    let name_only = Mapping::new(&["name"], &["s"], &[]);
     let member = json!({"status": "realized"});
     let updates = [
-        update(
+        update_of_p(
             Op::Upsert,
             json!({"name": "Jane", "email": {"address": "a@x"},
                    "segmentMembership": {"ups": {"s": member}}}),
         ),
-        update(Op::Merge, json!({"email": {"address": "b@x"}})),
-        update(Op::Merge, json!({"name": "Janet"})),
+        update_of_p(Op::Merge, json!({"email": {"address": "b@x"}})),
+        update_of_p(Op::Merge, json!({"name": "Janet"})),
     ];
     let mut record: Option<ProfileRecord> = None;
     let mut last_payload = None;
@@ -549,27 +553,19 @@ fn a_value_changed_while_unmapped_is_not_exported_stale() {
 fn a_heavy_merge_kept_as_text_applies_as_its_tree() {
     let mapping = mapping(false);
     let layout = Layout::new(&mapping);
-    let update = |op, profile: Value| Update {
-        id: "p".into(),
-        op,
-        profile: profile.as_object().unwrap().clone(),
-        timestamp: None,
-        record: None,
-        patch_text: None,
-    };
     let tiny_objects: Vec<Value> = (0..2_000).map(|n| json!({ "n": n })).collect();
-    let stored = update(
+    let stored = update_of_p(
         Op::Upsert,
         json!({"a": {"b": 1}, "segmentMembership": {"ups": {"s1": {"status": "realized", "x": 1}}},
                "identityMap": {"ecid": [{"id": "1"}]}}),
     );
-    let heavy = update(
+    let heavy = update_of_p(
         Op::Merge,
         json!({"a": {"b": tiny_objects, "c": null},
                "segmentMembership": {"ups": {"s1": {"x": tiny_objects, "y": 1.5}, "s2": {"status": "realized"}}},
                "identityMap": {"email": [{"id": "e"}]}}),
     );
-    let light = update(Op::Merge, json!({"b": 2}));
+    let light = update_of_p(Op::Merge, json!({"b": 2}));
     let mut prepared_light = light.clone();
     engine::prepare(&mut prepared_light, &layout);
     assert_eq!(prepared_light, light, "a small patch stays a tree");

@@ -404,20 +404,20 @@ impl<'de> Visitor<'de> for PrunedValue<'_> {
         Weighed(self.allowance).visit_seq(seq)
     }
 
-    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
-        Ok(Value::Bool(value))
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Value, E> {
+        Weighed(self.allowance).visit_bool(value)
     }
 
-    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
-        Ok(value.into())
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Value, E> {
+        Weighed(self.allowance).visit_i64(value)
     }
 
-    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
-        Ok(value.into())
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Value, E> {
+        Weighed(self.allowance).visit_u64(value)
     }
 
-    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
-        Ok(Number::from_f64(value).map_or(Value::Null, Value::Number))
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Value, E> {
+        Weighed(self.allowance).visit_f64(value)
     }
 
     fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
