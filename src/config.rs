@@ -40,26 +40,86 @@ fn parse_error_without_values(text: &str, error: &toml::de::Error) -> String {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
-    // The key the line sets, when it sets one: `key = value`; not on a line inside a
-    // multi-line string, which may be a secret's.
-    let line_text = text[line_start..].lines().next().unwrap_or_default();
-    let in_string = [r#"""""#, "'''"]
-        .iter()
-        .any(|quotes| before[..line_start].matches(quotes).count() % 2 == 1);
-    let key = line_text
-        .split_once('=')
-        .map(|(key, _)| key.trim())
-        .filter(|key| {
-            !in_string
-                && !key.is_empty()
-                && key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
-        });
-    match key {
+    match key_at(text, before.len()) {
         Some(key) => format!("line {line}, column {column} (`{key}`): {message}"),
         None => format!("line {line}, column {column}: {message}"),
     }
+}
+
+/// The key whose value `offset` of the TOML `text` lies in (or that its line sets), when one
+/// can be told: read past comments and strings, so that no text of a value (a line of a
+/// secret in a multi-line string, say) is taken for a key.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum In {
+        Code,
+        Comment,
+        /// A string, ended by this.
+        Text(&'static str),
+    }
+    const QUOTES: [&str; 4] = [r#"""""#, "'''", "\"", "'"];
+    let mut state = In::Code;
+    // Brackets open in a value (a table header's close on its own line).
+    let mut depth = 0usize;
+    // The key set last at the top level, while its value lasts.
+    let mut last_key: Option<String> = None;
+    let mut line_start = 0;
+    let mut i = 0;
+    while i < offset.min(text.len()) {
+        let rest = &text.as_bytes()[i..];
+        let byte = rest[0];
+        let mut step = 1;
+        match state {
+            In::Comment if byte == b'\n' => state = In::Code,
+            In::Comment => {}
+            In::Text(end) if byte == b'\\' && end.starts_with('"') => step = 2,
+            In::Text(end) if rest.starts_with(end.as_bytes()) => {
+                step = end.len();
+                state = In::Code;
+            }
+            In::Text(_) => {}
+            In::Code => match QUOTES
+                .into_iter()
+                .find(|quotes| rest.starts_with(quotes.as_bytes()))
+            {
+                Some(quotes) => {
+                    step = quotes.len();
+                    state = In::Text(quotes);
+                }
+                None => match byte {
+                    b'#' => state = In::Comment,
+                    b'[' | b'{' => depth += 1,
+                    b']' | b'}' => depth = depth.saturating_sub(1),
+                    b'=' if depth == 0 => last_key = Some(text[line_start..i].trim().to_owned()),
+                    _ => {}
+                },
+            },
+        }
+        let multi_line = matches!(state, In::Text(end) if end.len() == 3);
+        if byte == b'\n' && !multi_line {
+            line_start = i + 1;
+            if state == In::Code && depth == 0 {
+                last_key = None;
+            }
+        }
+        i += step;
+    }
+    // On a top-level line that sets no key before `offset`: its key, if it sets one after
+    // (an unknown key's error points at the key itself).
+    let key = match (state, depth, last_key) {
+        (In::Code, 0, None) => text[line_start..]
+            .lines()
+            .next()
+            .and_then(|line| line.split_once('='))
+            .map(|(key, _)| key.trim().to_owned()),
+        (_, _, key) => key,
+    };
+    key.filter(|key| {
+        !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
+    })
 }
 
 /// serde's "invalid type: integer `5`, expected a string" (or `string "…"`) without the value:
@@ -1606,6 +1666,28 @@ client_secret = "s3cr3t-value"
         assert!(!debug.contains("5f2b9c0e1a7d4e3f"), "{debug}");
     }
 
+    /// The key is named for an error on a line of its value that sets no key: in a
+    /// multi-line array, or an inline table's value.
+    #[test]
+    fn an_error_inside_a_value_names_its_key() {
+        let cases = [
+            (
+                "attributes = [\n  \"a.b\",\n  7,\n]",
+                "line 16, column 3 (`attributes`): invalid type: integer, expected a string",
+            ),
+            (
+                "attributes = [\"a.b\"] # a [comment\nidentities = [\n  # \"x\n  [1],\n]",
+                "line 17, column 3 (`identities`): invalid type: sequence, expected a string",
+            ),
+        ];
+        for (lines, expected) in cases {
+            let text = VALID.replace(r#"attributes = ["person.name.firstName"]"#, lines);
+            assert_ne!(text, VALID);
+            let error = error_of(&text);
+            assert!(error.contains(expected), "{lines}: {error}");
+        }
+    }
+
     #[test]
     fn parse_errors_show_neither_the_line_nor_the_value() {
         // (the secret's line replaced with, what the error says)
@@ -1622,10 +1704,16 @@ client_secret = "s3cr3t-value"
                 "client_secret = 998877665544",
                 "line 11, column 17 (`client_secret`): invalid type: integer, expected a string",
             ),
-            // A secret in a multi-line string: no key is taken from its lines.
+            // A secret in a multi-line string: no key is taken from its lines, but the one
+            // that sets it is named.
             (
                 "client_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\n\"\"\"",
-                "line 12, column 18: invalid escape sequence",
+                "line 12, column 18 (`client_secret`): invalid escape sequence",
+            ),
+            // Also after a comment that holds `"""`, which opens no string.
+            (
+                "# a multi-line string opens with \"\"\"\nclient_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\"\"\"",
+                "line 13, column 18 (`client_secret`): invalid escape sequence",
             ),
         ];
         for (line, expected) in cases {
