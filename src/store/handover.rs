@@ -280,6 +280,28 @@ fn refuse_waiting_exports(
     )))
 }
 
+/// Refuses to hand over a profile this build cannot read: written to the file as it is, it
+/// would make every take-over of the file refuse it whole, once the profiles of its
+/// partitions were forgotten here.
+fn refuse_unreadable_profiles(
+    t: &Trees,
+    partitions: &BTreeSet<u32>,
+    partition_count: u32,
+) -> Result<(), MoveError> {
+    for_each_profile_in(
+        t,
+        partitions,
+        partition_count,
+        |id, value| match codec::decode_profile(value) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(refused(format!(
+                "profile {id} cannot be read ({e}): a take-over would refuse the file whole. \
+             `outpost repair` forgets it; then hand over again"
+            ))),
+        },
+    )
+}
+
 /// The stored profiles of `partitions`, group by group, each passed to `each`.
 fn for_each_profile_in(
     t: &Trees,
@@ -540,6 +562,9 @@ impl Store {
         };
         // Exports of their profiles may have come since a killed run (over HTTP).
         self.rewinding(|| refuse_waiting_exports(&t, &set, count))?;
+        if state != Some(Moved::Given) {
+            refuse_unreadable_profiles(&t, &set, count)?;
+        }
         record_partition_count(self, &t, count)?;
         let written = match (state, path.exists()) {
             (None, true) => {
@@ -1200,6 +1225,31 @@ mod tests {
     /// A partition never consumed (its profiles came over HTTP) has no position, before or
     /// after: a take-over run again once finished is told apart from a stale one by the
     /// profiles it finds.
+    #[test]
+    fn a_profile_this_build_cannot_read_is_not_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let giving = Store::open(&dir.path().join("a"), 8 << 20).unwrap();
+        let file = dir.path().join("2.handover");
+        commit(&giving, 40, "x", 40);
+        deliver_all(&giving);
+        let moving = in_partition(40, 2);
+        giving
+            .with(|t| {
+                let changes = by_group([(moving[0].as_str(), Some(&b"damaged"[..]))]);
+                change_groups(t, &changes).map_err(|e| StoreError::corrupt("test", e))?;
+                Ok(())
+            })
+            .unwrap();
+        let text = refusal(giving.hand_over(&[2], &terms(), &file, &[], false));
+        assert!(
+            text.contains(&format!("profile {} cannot be read", moving[0])),
+            "{text}"
+        );
+        assert!(!file.exists());
+        assert_eq!(giving.partition_moved(2).unwrap(), None);
+        assert!(giving.profile_record(&moving[1]).unwrap().is_some());
+    }
+
     #[test]
     fn a_partition_never_consumed_moves_and_its_take_over_runs_again() {
         let dir = tempfile::tempdir().unwrap();
