@@ -161,3 +161,43 @@ fn an_unreachable_nats_server_is_reported_with_the_other_problems() {
         "{stderr}"
     );
 }
+
+/// Files the config names that the agent could not use (the ingest API's certificate, the
+/// destination's CA) are problems `check` names with the others, and exit 2, as the agent's
+/// start would refuse them.
+#[test]
+fn files_the_agent_could_not_use_are_reported_with_the_other_problems() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let ws = Workspace::with_extra(&format!(
+        "[ingest]\nlisten = \"127.0.0.1:{port}\"\ntls_cert_file = \"nope.pem\"\ntls_key_file = \"nope-key.pem\"\n"
+    ));
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let with_ca = config.replacen(
+        "[destination]\n",
+        "[destination]\nca_file = \"missing-ca.pem\"\n",
+        1,
+    );
+    assert_ne!(with_ca, config);
+    std::fs::write(ws.config_path(), with_ca).unwrap();
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert_eq!(
+        line(&stdout, "ingest TLS"),
+        "ingest TLS       cannot be used"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("outpost: "))
+        .collect();
+    assert_eq!(errors.len(), 3, "{stderr}");
+    assert!(errors[0].contains("ingest.tls_cert_file: "), "{stderr}");
+    assert!(errors[1].contains("destination.ca_file: "), "{stderr}");
+    assert!(
+        errors[2].contains(&format!("ingest.listen 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(!ws.store_path().exists(), "check created the store");
+}

@@ -543,6 +543,17 @@ async fn check(config: &Config) -> Result<(), CliError> {
     let listen = preflight::listen(config);
     println!("ingest           {}", listen.line);
     let mut problems: Vec<String> = Vec::new();
+    // Files the config names that cannot be used: the agent would refuse to start (exit 2).
+    let mut file_problems: Vec<String> = Vec::new();
+    if let Some(tls) = &config.ingest.tls {
+        match crate::server::tls::acceptor(tls) {
+            Ok(_) => println!("ingest TLS       certificate and key load"),
+            Err(e) => {
+                println!("ingest TLS       cannot be used");
+                file_problems.push(e);
+            }
+        }
+    }
     for finding in [store, listen] {
         if let Some(warning) = finding.warning {
             println!("warning          {warning}");
@@ -553,17 +564,31 @@ async fn check(config: &Config) -> Result<(), CliError> {
         println!("warning          {warning}");
     }
     if let Some(nats) = &config.nats {
-        nats.check_files().map_err(CliError::Usage)?;
-        if let Err(e) = nats::check_nats(nats).await {
-            println!("stream           cannot be read");
-            problems.push(format!("nats: {e}"));
+        match nats.check_files() {
+            Err(e) => file_problems.push(e),
+            Ok(()) => {
+                if let Err(e) = nats::check_nats(nats).await {
+                    println!("stream           cannot be read");
+                    problems.push(format!("nats: {e}"));
+                }
+            }
         }
     }
-    let client = crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
-        .map_err(|e| match e {
-            crate::delivery::client::ClientError::Config(message) => CliError::Usage(message),
-            other => CliError::Failure(format!("destination TLS: {other}")),
-        })?;
+    let client = match crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
+    {
+        Ok(client) => client,
+        Err(crate::delivery::client::ClientError::Config(message)) => {
+            file_problems.push(message);
+            return fail_with_files(problems, file_problems);
+        }
+        Err(other) => {
+            problems.push(format!("destination TLS: {other}"));
+            return fail_with_files(problems, file_problems);
+        }
+    };
+    if !file_problems.is_empty() {
+        return fail_with_files(problems, file_problems);
+    }
     if d.http_endpoint.scheme() == "https" {
         match crate::delivery::client::tls_handshake(
             d,
@@ -640,6 +665,16 @@ async fn check(config: &Config) -> Result<(), CliError> {
 /// `check`'s failure: every problem found, one a line.
 fn fail(problems: Vec<String>) -> Result<(), CliError> {
     Err(CliError::Failure(problems.join("\noutpost: ")))
+}
+
+/// `check`'s failure when files the config names cannot be used, as the agent would refuse
+/// them (exit 2): those, then the other problems found.
+fn fail_with_files(problems: Vec<String>, files: Vec<String>) -> Result<(), CliError> {
+    if files.is_empty() {
+        return fail(problems);
+    }
+    let all: Vec<String> = files.into_iter().chain(problems).collect();
+    Err(CliError::Usage(all.join("\noutpost: ")))
 }
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
