@@ -149,6 +149,16 @@ impl Agent {
         if let Some(nats) = &config.nats {
             nats.check_files().map_err(AgentError::NatsFiles)?;
         }
+        // Before the store is opened (made, the first time) and the mapping recorded in it:
+        // a key file that cannot be used or a port already taken changes nothing there.
+        let Ready {
+            client,
+            tls,
+            listener,
+        } = match ready {
+            Some(ready) => ready,
+            None => Ready::new(config).await?,
+        };
         let store = Arc::new(open_store(config).await?);
         let metrics = Arc::new(Metrics::new());
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
@@ -168,14 +178,6 @@ impl Agent {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        let Ready {
-            client,
-            tls,
-            listener,
-        } = match ready {
-            Some(ready) => ready,
-            None => Ready::new(config).await?,
-        };
         let mut deliverer =
             Deliverer::new(config, client, Arc::clone(&store), Arc::clone(&metrics))?;
         if !options.jitter {

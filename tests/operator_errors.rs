@@ -80,6 +80,10 @@ fn ingest_listen_in_use() {
         log.contains("binding ingest.listen") && log.contains("AddrInUse"),
         "{log}"
     );
+    assert!(
+        !ws.store_path().exists(),
+        "a start refused for its config made the store"
+    );
 }
 
 #[test]
