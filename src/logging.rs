@@ -7,11 +7,41 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
-pub fn init(format: LogFormat, level: Option<&str>, default: &str) {
-    let filter = level
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_env("OUTPOST_LOG").ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
+/// The levels a filter may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Targets that log, which a filter may name alone (all their events): outpost and the crates
+/// beneath it.
+const TARGETS: [&str; 10] = [
+    "outpost",
+    "async_nats",
+    "hyper",
+    "hyper_util",
+    "hyper_rustls",
+    "h2",
+    "rustls",
+    "sled",
+    "tokio",
+    "mio",
+];
+
+/// Sets up logging; refuses a filter with a word alone that is neither a level nor a target
+/// that logs (a level mistyped, `warnig`, reads as a target's name and hides every line).
+pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
+    let from_env = std::env::var("OUTPOST_LOG").ok();
+    let (filter, given_as) = match (level, &from_env) {
+        (Some(level), _) => (Some(level), "--log-level"),
+        (None, Some(text)) => (Some(text.as_str()), "OUTPOST_LOG"),
+        (None, None) => (None, ""),
+    };
+    if let Some(word) = filter.and_then(unknown_word) {
+        return Err(format!(
+            "{given_as}: `{word}` is neither a level ({}) nor a target outpost knows ({}); for another target, give its level: `{word}=debug`",
+            LEVELS.join(", "),
+            TARGETS.join(", ")
+        ));
+    }
+    let filter = EnvFilter::new(filter.unwrap_or(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -20,4 +50,48 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    Ok(())
+}
+
+/// The first directive of `filter` that is a word alone, neither a level nor a known target.
+fn unknown_word(filter: &str) -> Option<&str> {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|directive| !directive.is_empty() && !directive.contains(['=', '[']))
+        .find(|word| {
+            let known = |names: &[&str]| names.iter().any(|name| name.eq_ignore_ascii_case(word));
+            // tracing also takes a level as its number, 0 (off) to 5 (trace).
+            let numbered = word.parse::<u8>().is_ok_and(|n| n <= 5);
+            !known(&LEVELS) && !known(&TARGETS) && !numbered && !word.contains("::")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_word_alone_must_be_a_level_or_a_known_target() {
+        // (filter, the word refused)
+        let table = [
+            ("warn", None),
+            ("WARN", None),
+            ("debug,hyper=info", None),
+            ("outpost", None),
+            ("outpost::delivery", None),
+            ("info, async_nats", None),
+            ("outpost=dbug", None),
+            ("[span]=debug", None),
+            ("", None),
+            ("3", None),
+            ("warnig", Some("warnig")),
+            ("6", Some("6")),
+            ("info,degub", Some("degub")),
+            ("warning", Some("warning")),
+        ];
+        for (filter, refused) in table {
+            assert_eq!(unknown_word(filter), refused, "{filter}");
+        }
+    }
 }

@@ -12,7 +12,11 @@ fn main() -> ExitCode {
         | outpost::cli::Command::Nats(_) => "warn",
         _ => "info,async_nats=warn",
     };
-    outpost::logging::init(cli.log_format, cli.log_level.as_deref(), default_level);
+    if let Err(e) = outpost::logging::init(cli.log_format, cli.log_level.as_deref(), default_level)
+    {
+        eprintln!("outpost: {e}");
+        return ExitCode::from(2);
+    }
     // What people read and pipe on (`outbox list | head`): a reader that stops early ends
     // the command quietly, as it ends `ls`, not with a panic at the next print. Servers and
     // clients of sockets keep SIGPIPE ignored, as Rust sets it.
