@@ -1538,10 +1538,21 @@ fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
                 ),
             ));
         }
+        // Listed twice, it would count twice in the mapping's fingerprint, which a take-over
+        // compares with the giving agent's.
+        if attributes.contains(&keys) {
+            return Err(("mapping.attributes", format!("`{path}` is listed twice")));
+        }
         attributes.push(keys);
     }
     if let Some(ns) = raw.identities.iter().find(|s| s.trim().is_empty()) {
         return Err(("mapping.identities", format!("`{ns}` is not a namespace")));
+    }
+    let twice =
+        (1..raw.identities.len()).find(|&n| raw.identities[..n].contains(&raw.identities[n]));
+    if let Some(n) = twice {
+        let ns = &raw.identities[n];
+        return Err(("mapping.identities", format!("`{ns}` is listed twice")));
     }
     Ok(Mapping {
         attributes,
@@ -1858,6 +1869,31 @@ client_secret = "s3cr3t-value"
         let config = parse(&with("\"identityMapping.x\", \"person.segmentMembership\""))
             .expect("paths that only look alike are attributes");
         assert_eq!(config.mapping.attributes.len(), 2);
+    }
+
+    /// As a segment is: each would count twice in the mapping's fingerprint.
+    #[test]
+    fn an_attribute_or_namespace_listed_twice_is_refused() {
+        let text = VALID.replacen(
+            "attributes = [\"person.name.firstName\"]",
+            "attributes = [\"a.b\", \"a\", \"a.b\"]",
+            1,
+        );
+        let error = error_of(&text);
+        assert!(
+            error.contains("mapping.attributes: `a.b` is listed twice"),
+            "{error}"
+        );
+        let text = VALID.replacen(
+            "segments = [\"seg-a\"]",
+            "segments = [\"seg-a\"]\nidentities = [\"ecid\", \"email\", \"ecid\"]",
+            1,
+        );
+        let error = error_of(&text);
+        assert!(
+            error.contains("mapping.identities: `ecid` is listed twice"),
+            "{error}"
+        );
     }
 
     #[test]
