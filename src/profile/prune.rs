@@ -232,6 +232,21 @@ impl<'de> Visitor<'de> for Weighed<'_> {
     }
 }
 
+/// The key serde_json (with its `raw_value` feature) reads as its own token when an object's
+/// first: a `Value` parse takes the object for the JSON text its value holds, or refuses it.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// Refuses [`RAW_VALUE_TOKEN`] as a key: kept, it would sort first in the stored text, which
+/// would then not read back as it was written.
+fn refuse_raw_value_token<E: de::Error>(key: &str) -> Result<(), E> {
+    match key == RAW_VALUE_TOKEN {
+        true => Err(E::custom(format!(
+            "the key `{RAW_VALUE_TOKEN}` is the JSON parser's own and cannot be stored"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// A JSON object parsed into a `Map` as [`Weighed`] parses one; anything else is refused as
 /// a `Map` refuses it.
 pub struct WeighedObject<'a>(pub Allowance<'a>);
@@ -255,6 +270,7 @@ impl<'de> Visitor<'de> for WeighedObject<'_> {
         let mut object = Map::new();
         let mut entries = 0;
         while let Some(key) = map.next_key::<String>()? {
+            refuse_raw_value_token(&key)?;
             self.0.charge_entry(entries, key.len())?;
             entries += 1;
             let value = map.next_value_seed(Weighed(self.0))?;

@@ -1592,6 +1592,40 @@ mod tests {
         );
     }
 
+    /// serde_json's own token key, which a stored text would not read back as written, is
+    /// refused in what is kept, wherever it stands in its object.
+    #[test]
+    fn the_json_parsers_own_key_is_refused_in_what_is_kept() {
+        let mapping = crate::config::Mapping::new(&["person"], &["s"], &[]);
+        let keep = KeepTree::for_mapping(&mapping);
+        let pruned = Parsing {
+            keep: Some(&keep),
+            ..Parsing::default()
+        };
+        let token = r#""$serde_json::private::RawValue""#;
+        for entry in [
+            format!(r#"{{{token}:1}}"#),
+            format!(r#"{{{token}:"{{\"a\":1}}"}}"#),
+            format!(r#"{{"status":"realized","x":{{"b":2,{token}:"1"}}}}"#),
+        ] {
+            for profile in [
+                format!(r#"{{"segmentMembership":{{"ups":{{"s":{entry}}}}}}}"#),
+                format!(r#"{{"person":[{entry}]}}"#),
+            ] {
+                let body = format!(r#"{{"id":"p","profile":{profile}}}"#);
+                for parsing in [&pruned, &Parsing::default()] {
+                    let error = parse_body_with(body.as_bytes(), parsing).unwrap_err();
+                    assert!(
+                        error.reason.contains("the JSON parser's own"),
+                        "{body}: {error}"
+                    );
+                }
+            }
+        }
+        let unkept = format!(r#"{{"id":"p","profile":{{"other":{{{token}:1}}}}}}"#);
+        assert!(parse_body_with(unkept.as_bytes(), &pruned).is_ok());
+    }
+
     /// A profile whose parsed tree would take more than the allowance is refused as it is
     /// parsed, pruned or not; what pruning leaves out is never built, so it is not counted;
     /// a large profile of ordinary segment entries is well within it.
