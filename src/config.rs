@@ -54,48 +54,68 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     enum In {
         Code,
         Comment,
-        /// A string, ended by this.
-        Text(&'static str),
+        /// A string, ended by this quote, three times for a multi-line one.
+        Text(u8, usize),
     }
-    const QUOTES: [&str; 4] = [r#"""""#, "'''", "\"", "'"];
+    let bytes = text.as_bytes();
+    let offset = offset.min(bytes.len());
+    // Read to the end of the line `offset` is on: its key may be set after it (an unknown
+    // key's error points at the key itself).
+    let line_end = bytes[offset..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |n| offset + n);
     let mut state = In::Code;
     // Brackets open in a value (a table header's close on its own line).
     let mut depth = 0usize;
     // The key set last at the top level, while its value lasts.
     let mut last_key: Option<String> = None;
     let mut line_start = 0;
+    // Where `offset` is: inside a value begun on an earlier line (its key), or not.
+    let mut at_offset: Option<Option<String>> = None;
     let mut i = 0;
-    while i < offset.min(text.len()) {
-        let rest = &text.as_bytes()[i..];
-        let byte = rest[0];
+    while i < line_end {
+        if i >= offset && at_offset.is_none() {
+            let inside = state != In::Code || depth > 0;
+            at_offset = Some(inside.then(|| last_key.clone()).flatten());
+            if inside {
+                break;
+            }
+        }
+        let byte = bytes[i];
+        let quotes = |quote: u8| {
+            bytes[i..]
+                .iter()
+                .take(5)
+                .take_while(|&&b| b == quote)
+                .count()
+        };
         let mut step = 1;
         match state {
             In::Comment if byte == b'\n' => state = In::Code,
             In::Comment => {}
-            In::Text(end) if byte == b'\\' && end.starts_with('"') => step = 2,
-            In::Text(end) if rest.starts_with(end.as_bytes()) => {
-                step = end.len();
+            In::Text(b'"', _) if byte == b'\\' => step = 2,
+            In::Text(quote, 1) if byte == quote => state = In::Code,
+            // A multi-line string ends at three quotes, and may end in up to two more.
+            In::Text(quote, 3) if quotes(quote) >= 3 => {
+                step = quotes(quote);
                 state = In::Code;
             }
-            In::Text(_) => {}
-            In::Code => match QUOTES
-                .into_iter()
-                .find(|quotes| rest.starts_with(quotes.as_bytes()))
-            {
-                Some(quotes) => {
-                    step = quotes.len();
-                    state = In::Text(quotes);
+            In::Text(..) => {}
+            In::Code => match byte {
+                b'"' | b'\'' => {
+                    let multi_line = quotes(byte) >= 3;
+                    step = if multi_line { 3 } else { 1 };
+                    state = In::Text(byte, step);
                 }
-                None => match byte {
-                    b'#' => state = In::Comment,
-                    b'[' | b'{' => depth += 1,
-                    b']' | b'}' => depth = depth.saturating_sub(1),
-                    b'=' if depth == 0 => last_key = Some(text[line_start..i].trim().to_owned()),
-                    _ => {}
-                },
+                b'#' => state = In::Comment,
+                b'[' | b'{' => depth += 1,
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b'=' if depth == 0 => last_key = Some(text[line_start..i].trim().to_owned()),
+                _ => {}
             },
         }
-        let multi_line = matches!(state, In::Text(end) if end.len() == 3);
+        let multi_line = matches!(state, In::Text(_, 3));
         if byte == b'\n' && !multi_line {
             line_start = i + 1;
             if state == In::Code && depth == 0 {
@@ -104,15 +124,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         }
         i += step;
     }
-    // On a top-level line that sets no key before `offset`: its key, if it sets one after
-    // (an unknown key's error points at the key itself).
-    let key = match (state, depth, last_key) {
-        (In::Code, 0, None) => text[line_start..]
-            .lines()
-            .next()
-            .and_then(|line| line.split_once('='))
-            .map(|(key, _)| key.trim().to_owned()),
-        (_, _, key) => key,
+    // Not inside a value begun before: the key the line sets, if it sets one.
+    let key = match at_offset {
+        Some(Some(key)) => Some(key),
+        Some(None) | None if line_start <= offset => last_key,
+        _ => None,
     };
     key.filter(|key| {
         !key.is_empty()
@@ -1726,6 +1742,13 @@ client_secret = "s3cr3t-value"
                 "# a multi-line string opens with \"\"\"\nclient_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\"\"\"",
                 "line 13, column 18 (`client_secret`): invalid escape sequence",
             ),
+            // And after a multi-line string that ends in more than three quotes.
+            (
+                "scope = \"\"\"x\"\"\"\"\nclient_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\"\"\"",
+                "line 13, column 18 (`client_secret`): invalid escape sequence",
+            ),
+            // A `=` left out: the one in the value is not taken for the key's.
+            (r#"client_secret "s3cr3t==""#, "line 11, column 15: "),
         ];
         for (line, expected) in cases {
             let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
