@@ -221,7 +221,7 @@ pub enum NatsCommand {
         /// Record when a stream made by an earlier build was made in its description. Only
         /// once every agent runs this build: agents of earlier builds know the stream by the
         /// server's time, and this edit is one after which a restarted server reports
-        /// another. A stream that holds no message gets it without this flag.
+        /// another. A stream another setup has just made gets it without this flag.
         #[arg(long)]
         record_made_at: bool,
     },

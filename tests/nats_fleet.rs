@@ -949,20 +949,28 @@ async fn setups_run_at_once_all_succeed() {
         assert!(created >= 1, "round {round}");
         assert!(description().await.contains("; made at "), "round {round}");
     }
-    // An earlier build's description, without when the stream was made, on a stream that
-    // holds no message: nothing for an earlier build's agent to consume again, so it is
-    // recorded unasked.
+    // As a setup that made it left it before recording when: recorded unasked. As an earlier
+    // build described it: left alone, though the stream is empty (an earlier build's agents
+    // would consume again what is published after the edit, once the server restarts).
     let mut stream = js.get_stream("UPDATES").await.unwrap();
-    let mut config = stream.info().await.unwrap().config.clone();
     let made = description().await;
-    config.description = Some(made[..made.find("; made at ").unwrap()].to_owned());
-    js.update_stream(config).await.unwrap();
+    let without_made_at = made[..made.find("; made at ").unwrap()].to_owned();
+    let mut describe = async |text: String| {
+        let mut config = stream.info().await.unwrap().config.clone();
+        config.description = Some(text);
+        js.update_stream(config).await.unwrap();
+    };
+    describe(format!("{without_made_at}; made at pending")).await;
     let out = setup.cli(&["nats", "setup"]);
     assert!(
         out.contains("now records when the stream was made"),
         "{out}"
     );
     assert_eq!(description().await, made);
+    describe(without_made_at.clone()).await;
+    let out = setup.cli(&["nats", "setup"]);
+    assert!(out.contains("--record-made-at"), "{out}");
+    assert_eq!(description().await, without_made_at);
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
 }
 

@@ -237,10 +237,15 @@ pub fn stream_config(config: &NatsSource) -> stream::Config {
         subjects: vec![format!("{}.*", config.subject_prefix)],
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
-        description: Some(description(config, None)),
+        description: Some(format!("{}{MADE_AT_PENDING}", description(config, None))),
         ..Default::default()
     }
 }
+
+/// What a stream `nats setup` has just made says until it records when it was made: another
+/// setup run at the same time that finds it so records it as well (the same time), where it
+/// leaves one an earlier build made alone unless asked.
+const MADE_AT_PENDING: &str = "; made at pending";
 
 const DESCRIPTION_START: &str = "outpost: partitions = ";
 
@@ -422,14 +427,14 @@ async fn found(
     let recorded = description_now.is_empty();
     // Outpost's description of an earlier build, without the time: the server's time
     // is still the stream's, unless it was edited and the server restarted since.
-    // Recorded only when asked, or when the stream holds no message (as one another
-    // setup has just made, before it records the time): to agents of earlier builds,
-    // which know the stream by the server's time, the edit is one after which a
-    // restarted server reports another, and they would consume the stream again
-    // from its start.
+    // Recorded only when asked, or when the stream is one another setup has just made and
+    // not yet recorded: to agents of earlier builds, which know the stream by the server's
+    // time, the edit is one after which a restarted server reports another, and they would
+    // consume again from the stream's start what was published since.
     let without_made_at = recorded_partitions(Some(description_now)).is_some()
         && recorded_made_at(Some(description_now)).is_none();
-    let made_at_recorded = without_made_at.then_some(record_made_at || messages == 0);
+    let pending = description_now.contains(MADE_AT_PENDING);
+    let made_at_recorded = without_made_at.then_some(record_made_at || pending);
     if recorded {
         // Made by hand or by an earlier build: its messages must fit the count.
         check_subjects_fit(stream, &covering, config).await?;
@@ -439,7 +444,7 @@ async fn found(
         let mut described = info.config.clone();
         described.description = Some(match recorded {
             true => description(config, Some(nanos)),
-            false => with_made_at(description_now, nanos),
+            false => with_made_at(&description_now.replace(MADE_AT_PENDING, ""), nanos),
         });
         js.update_stream(described)
             .await
