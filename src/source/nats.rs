@@ -814,24 +814,32 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 let mut ended = Err(PartitionStop::Failed(error));
                 if times >= STOPS_BEFORE_READING_BY_SEQUENCE {
                     stopped_at = None;
-                    let read = read_by_sequence(shared, partition, at);
-                    match within_grace_of_stop(read, &shared.shutdown, STOP_GRACE).await {
+                    // Read only while the partition is still this store's to consume.
+                    let claim = keep_claim(shared, partition);
+                    match within_grace_of_stop(claim, &shared.shutdown, STOP_GRACE).await {
                         None => return,
-                        Some(Ok((0, None))) => {}
-                        Some(Ok((read, held_back))) => {
-                            if read > 0 {
-                                tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the consumer having stopped {times} times in a row at the same position; consuming goes on after them");
-                            }
-                            match held_back {
-                                Some(held) => ended = Err(held_stop(held)),
-                                None => {
-                                    backoff = BACKOFF_FIRST;
-                                    continue;
+                        Some(Err(stop)) => ended = Err(stop),
+                        Some(Ok(())) => {
+                            let read = read_by_sequence(shared, partition, at);
+                            match within_grace_of_stop(read, &shared.shutdown, STOP_GRACE).await {
+                                None => return,
+                                Some(Ok((0, None))) => {}
+                                Some(Ok((read, held_back))) => {
+                                    if read > 0 {
+                                        tracing::info!(partition, read, "read the partition's next messages by their stream sequence, the consumer having stopped {times} times in a row at the same position; consuming goes on after them");
+                                    }
+                                    match held_back {
+                                        Some(held) => ended = Err(held_stop(held)),
+                                        None => {
+                                            backoff = BACKOFF_FIRST;
+                                            continue;
+                                        }
+                                    }
+                                }
+                                Some(Err(e)) => {
+                                    tracing::warn!(partition, error = %e, "could not read the partition's next messages by their stream sequence");
                                 }
                             }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(partition, error = %e, "could not read the partition's next messages by their stream sequence");
                         }
                     }
                 }
@@ -1250,10 +1258,15 @@ async fn consume(
             } else {
                 format!("delivery {expected} of the consumer never arrived (the next was {found})")
             };
+            let error = NatsError(format!(
+                "{what}; starting the partition over from the stored position"
+            ));
+            // A consumer made again elsewhere says nothing of the next message.
+            if found < expected {
+                return Err(error.into());
+            }
             return Err(PartitionStop::StoppedAt {
-                error: NatsError(format!(
-                    "{what}; starting the partition over from the stored position"
-                )),
+                error,
                 stream: at.0,
                 recorded: at.1,
             });
