@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use futures_util::FutureExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -84,7 +84,9 @@ impl Default for AgentOptions {
 pub struct Ready {
     client: HttpClient,
     tls: Option<TlsAcceptor>,
-    listener: TcpListener,
+    /// `ingest.listen`, bound but not listening: the port is the agent's, and a connection
+    /// made before the store is open is refused rather than left waiting unserved.
+    socket: TcpSocket,
 }
 
 impl Ready {
@@ -95,22 +97,36 @@ impl Ready {
             Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
             None => None,
         };
-        let listener = TcpListener::bind(config.ingest.listen)
-            .await
-            .map_err(|source| {
-                tracing::debug!(error = ?source, addr = %config.ingest.listen, "binding ingest.listen");
-                AgentError::Listen {
-                    addr: config.ingest.listen,
-                    source,
-                }
-            })?;
+        let addr = config.ingest.listen;
+        let listen_error = |source: std::io::Error| {
+            tracing::debug!(error = ?source, %addr, "binding ingest.listen");
+            AgentError::Listen { addr, source }
+        };
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(listen_error)?;
+        // As `TcpListener::bind` sets it: a port left in TIME_WAIT by the last run is taken.
+        socket.set_reuseaddr(true).map_err(listen_error)?;
+        socket.bind(addr).map_err(listen_error)?;
         Ok(Ready {
             client,
             tls,
-            listener,
+            socket,
         })
     }
+
+    /// Starts listening on `ingest.listen`.
+    fn listen(socket: TcpSocket, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+        socket
+            .listen(LISTEN_BACKLOG)
+            .map_err(|source| AgentError::Listen { addr, source })
+    }
 }
+
+/// As `TcpListener::bind` asks for.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// A started agent.
 pub struct Agent {
@@ -154,12 +170,13 @@ impl Agent {
         let Ready {
             client,
             tls,
-            listener,
+            socket,
         } = match ready {
             Some(ready) => ready,
             None => Ready::new(config).await?,
         };
         let store = Arc::new(open_store(config).await?);
+        let listener = Ready::listen(socket, config.ingest.listen)?;
         let metrics = Arc::new(Metrics::new());
         let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
         let wake = Arc::new(Notify::new());

@@ -897,6 +897,15 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
         waiting.log().contains("waiting up to 30 s")
     })
     .await;
+    // Meanwhile its port is bound but not listened on: a connection is refused, not left
+    // waiting unserved.
+    let connected = std::net::TcpStream::connect(("127.0.0.1", port));
+    assert_eq!(
+        connected.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "{}",
+        waiting.log()
+    );
     let status = waiting
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
         .await;
