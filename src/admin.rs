@@ -107,25 +107,27 @@ pub enum AdminRequest {
     Snapshot,
 }
 
-/// How deep a request may nest: an ingest request nests each update two levels down, and an
-/// update may nest as deep as serde_json's default limit (128) lets ingest read it.
-const MAX_REQUEST_DEPTH: usize = 128 + 2;
+/// How deep a line on the socket may nest: an ingest request nests each update two levels
+/// down, an answer a stored profile a few, and either may nest as deep as serde_json's
+/// default limit (128) lets ingest read it.
+const MAX_LINE_DEPTH: usize = 128 + 8;
+
+/// Reads a request or answer line. serde_json's recursion limit would refuse an ingest
+/// request carrying an update as deep as ingest takes (or an answer showing such a profile),
+/// so it is lifted for a line that nests no deeper than [`MAX_LINE_DEPTH`] (counted first,
+/// so that the stack stays bounded).
+pub fn read_line<T: serde::de::DeserializeOwned>(line: &[u8]) -> serde_json::Result<T> {
+    if nesting_depth(line) > MAX_LINE_DEPTH {
+        return serde_json::from_slice(line);
+    }
+    let mut reading = serde_json::Deserializer::from_slice(line);
+    reading.disable_recursion_limit();
+    let read = T::deserialize(&mut reading)?;
+    reading.end()?;
+    Ok(read)
+}
 
 impl AdminRequest {
-    /// Reads a request line. serde_json's recursion limit would refuse an ingest request
-    /// carrying an update as deep as ingest takes, so it is lifted for a request that nests
-    /// no deeper than [`MAX_REQUEST_DEPTH`] (counted first, so that the stack stays bounded).
-    pub fn from_line(line: &str) -> serde_json::Result<AdminRequest> {
-        if nesting_depth(line) > MAX_REQUEST_DEPTH {
-            return serde_json::from_str(line);
-        }
-        let mut reading = serde_json::Deserializer::from_str(line);
-        reading.disable_recursion_limit();
-        let request = AdminRequest::deserialize(&mut reading)?;
-        reading.end()?;
-        Ok(request)
-    }
-
     /// Whether it changes the outbox or reopens the store (the agent then wakes its delivery
     /// loop).
     pub fn repairs(&self) -> bool {
@@ -660,10 +662,10 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
 }
 
 /// How deep `text`'s arrays and objects nest, outside its strings.
-fn nesting_depth(text: &str) -> usize {
+fn nesting_depth(text: &[u8]) -> usize {
     let (mut depth, mut deepest) = (0usize, 0);
     let (mut in_string, mut escaped) = (false, false);
-    for byte in text.bytes() {
+    for &byte in text {
         match (in_string, byte) {
             (true, _) if escaped => escaped = false,
             (true, b'\\') => escaped = true,
@@ -731,7 +733,7 @@ mod tests {
             ("]]][", 1),
         ];
         for (text, depth) in cases {
-            assert_eq!(nesting_depth(text), depth, "{text}");
+            assert_eq!(nesting_depth(text.as_bytes()), depth, "{text}");
         }
     }
 
@@ -752,16 +754,22 @@ mod tests {
         };
         let request = update(deepest).unwrap();
         let line = serde_json::to_string(&request).unwrap();
-        assert_eq!(AdminRequest::from_line(&line).unwrap(), request);
+        let read: AdminRequest = read_line(line.as_bytes()).unwrap();
+        assert_eq!(read, request);
         let error = serde_json::from_str::<AdminRequest>(&line).unwrap_err();
         assert!(error.to_string().contains("recursion limit"), "{error}");
         assert!(update(deepest + 1).is_err());
+        let extra = MAX_LINE_DEPTH + 1 - nesting_depth(line.as_bytes());
         let beyond = line
-            .replacen("\"x\":", "\"x\":[[", 1)
-            .replacen("]}", "]]]}", 1);
-        assert_eq!(nesting_depth(&beyond), MAX_REQUEST_DEPTH + 1);
-        let error = AdminRequest::from_line(&beyond).unwrap_err();
+            .replacen("\"x\":", &format!("\"x\":{}", "[".repeat(extra)), 1)
+            .replacen("]}", &format!("]{}}}", "]".repeat(extra)), 1);
+        assert_eq!(nesting_depth(beyond.as_bytes()), MAX_LINE_DEPTH + 1);
+        let error = read_line::<AdminRequest>(beyond.as_bytes()).unwrap_err();
         assert!(error.to_string().contains("recursion limit"), "{error}");
+        // An answer showing such a profile nests it a few levels deeper still.
+        let answer = |depth: usize| read_line::<Value>(nested(depth).as_bytes());
+        assert!(answer(MAX_LINE_DEPTH).is_ok());
+        assert!(answer(MAX_LINE_DEPTH + 1).is_err());
     }
 
     #[test]

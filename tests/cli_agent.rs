@@ -557,15 +557,17 @@ async fn ingest_through_the_agent_is_judged_by_the_agents_own_mapping() {
 }
 
 /// An update as deeply nested as ingest takes is taken through the agent's socket as well,
-/// though the request that carries it nests it deeper.
+/// though the request that carries it nests it deeper, and shown back, though the answer
+/// nests it deeper too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_deepest_update_ingest_takes_goes_through_the_agent() {
     let destination = Destination::start().await;
     let (ws, port) = workspace(&destination);
     let _agent = AgentProcess::start(&ws.config_path(), port).await;
+    // Under a mapped attribute, so that `profile show` shows it too.
     let nested = |depth: usize| {
         format!(
-            "{{\"id\":\"deep\",\"profile\":{{\"x\":{}1{}}}}}",
+            "{{\"id\":\"deep\",\"profile\":{{\"person\":{{\"name\":{{\"firstName\":{}1{}}}}}}}}}",
             "[".repeat(depth),
             "]".repeat(depth)
         )
@@ -586,7 +588,10 @@ async fn the_deepest_update_ingest_takes_goes_through_the_agent() {
     let out = ws.run_ok(&["ingest", &deep], None);
     assert!(out.contains("accepted 1 updates"), "{out}");
     let shown = ws.run_ok(&["profile", "show", "deep", "--json"], None);
-    assert!(shown.contains("deep"), "{shown}");
+    assert!(
+        shown.contains(&format!("{}1{}", "[".repeat(deepest), "]".repeat(deepest))),
+        "{shown}"
+    );
 }
 
 /// `outbox retry` refuses a dead letter once the endpoint has acknowledged a newer export of

@@ -337,7 +337,7 @@ pub(super) fn call_agent(
             socket.display()
         )));
     }
-    let answer: AdminAnswer = serde_json::from_slice(&answer).map_err(|e| {
+    let answer: AdminAnswer = crate::admin::read_line(&answer).map_err(|e| {
         AdminError::Unanswered(format!(
             "agent at {}: unreadable answer: {e}",
             socket.display()
