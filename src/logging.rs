@@ -41,7 +41,12 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
             TARGETS.join(", ")
         ));
     }
-    let filter = EnvFilter::new(filter.unwrap_or(default));
+    let filter = match (level, &from_env) {
+        (Some(level), _) => EnvFilter::new(level),
+        // One that cannot be read leaves the default, as before it was checked.
+        (None, Some(text)) => EnvFilter::try_new(text).unwrap_or_else(|_| EnvFilter::new(default)),
+        (None, None) => EnvFilter::new(default),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
