@@ -1222,9 +1222,8 @@ mod tests {
         refused_as_given_away(&taking, &update, &update[0].id, 1);
     }
 
-    /// A partition never consumed (its profiles came over HTTP) has no position, before or
-    /// after: a take-over run again once finished is told apart from a stale one by the
-    /// profiles it finds.
+    /// A profile that cannot be read is not written to a file that every take-over would then
+    /// refuse whole: the hand-over is refused before it marks anything.
     #[test]
     fn a_profile_this_build_cannot_read_is_not_handed_over() {
         let dir = tempfile::tempdir().unwrap();
@@ -1250,6 +1249,9 @@ mod tests {
         assert!(giving.profile_record(&moving[1]).unwrap().is_some());
     }
 
+    /// A partition never consumed (its profiles came over HTTP) has no position, before or
+    /// after: a take-over run again once finished is told apart from a stale one by the
+    /// profiles it finds.
     #[test]
     fn a_partition_never_consumed_moves_and_its_take_over_runs_again() {
         let dir = tempfile::tempdir().unwrap();
