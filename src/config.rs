@@ -130,11 +130,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         Some(None) | None if line_start <= offset => last_key,
         _ => None,
     };
+    // Only what TOML reads as a key: a line that lost its `=` may have one in its value.
     key.filter(|key| {
-        !key.is_empty()
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
+        key.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
+            && toml::from_str::<toml::Table>(&format!("{key} = 0")).is_ok()
     })
 }
 
@@ -1452,6 +1452,7 @@ fn read_secret(
 }
 
 fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
+    use crate::profile::prune::RAW_VALUE_TOKEN;
     if raw.segments.is_empty() {
         return Err(("mapping.segments", "must name at least one segment".into()));
     }
@@ -1559,9 +1560,19 @@ fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
         if attributes.contains(&keys) {
             return Err(("mapping.attributes", format!("`{path}` is listed twice")));
         }
+        if keys.iter().any(|key| key == RAW_VALUE_TOKEN) {
+            return Err((
+                "mapping.attributes",
+                format!("`{path}` holds the JSON parser's own key `{RAW_VALUE_TOKEN}`"),
+            ));
+        }
         attributes.push(keys);
     }
-    if let Some(ns) = raw.identities.iter().find(|s| s.trim().is_empty()) {
+    if let Some(ns) = raw
+        .identities
+        .iter()
+        .find(|s| s.trim().is_empty() || *s == RAW_VALUE_TOKEN)
+    {
         return Err(("mapping.identities", format!("`{ns}` is not a namespace")));
     }
     let twice =
@@ -1749,6 +1760,8 @@ client_secret = "s3cr3t-value"
             ),
             // A `=` left out: the one in the value is not taken for the key's.
             (r#"client_secret "s3cr3t==""#, "line 11, column 15: "),
+            ("client_secret c2VjcmV0=", "line 11, column 15: "),
+            (r#"client_secret "s3cr3t" = x"#, "line 11, column 15: "),
         ];
         for (line, expected) in cases {
             let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
@@ -1892,6 +1905,24 @@ client_secret = "s3cr3t-value"
         let config = parse(&with("\"identityMapping.x\", \"person.segmentMembership\""))
             .expect("paths that only look alike are attributes");
         assert_eq!(config.mapping.attributes.len(), 2);
+    }
+
+    /// A stored object may not hold serde_json's own token key, so no mapping names it.
+    #[test]
+    fn the_json_parsers_own_key_is_no_attribute_or_namespace() {
+        let token = "$serde_json::private::RawValue";
+        let attribute = VALID.replacen(
+            "attributes = [\"person.name.firstName\"]",
+            &format!("attributes = [\"person.{token}\"]"),
+            1,
+        );
+        assert!(error_of(&attribute).contains("mapping.attributes"));
+        let namespace = VALID.replacen(
+            "segments = [\"seg-a\"]",
+            &format!("segments = [\"seg-a\"]\nidentities = [\"{token}\"]"),
+            1,
+        );
+        assert!(error_of(&namespace).contains("mapping.identities"));
     }
 
     /// As a segment is: each would count twice in the mapping's fingerprint.

@@ -234,7 +234,7 @@ impl<'de> Visitor<'de> for Weighed<'_> {
 
 /// The key serde_json (with its `raw_value` feature) reads as its own token when an object's
 /// first: a `Value` parse takes the object for the JSON text its value holds, or refuses it.
-const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+pub const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
 /// Refuses [`RAW_VALUE_TOKEN`] as a key: kept, it would sort first in the stored text, which
 /// would then not read back as it was written.
