@@ -311,9 +311,20 @@ impl ProfileRecord {
     /// unequal, which exports once more than needed.)
     pub fn check(&self) -> Result<(), String> {
         fn json(text: &str, what: &str) -> Result<(), String> {
-            serde_json::from_str::<Valid>(text)
-                .map(|_| ())
-                .map_err(|e| format!("{what}: {e}"))
+            serde_json::from_str::<Valid>(text).map_err(|e| format!("{what}: {e}"))?;
+            // serde_json's own token key (stored by earlier builds, which did not refuse it)
+            // reads back as another value, or not at all: the text must read as it is.
+            if text.contains(crate::profile::prune::RAW_VALUE_TOKEN) {
+                let reads_back = serde_json::from_str::<Value>(text)
+                    .is_ok_and(|value| canonical(&value) == text);
+                if !reads_back {
+                    return Err(format!(
+                        "{what}: holds the key `{}`, which does not read back as stored",
+                        crate::profile::prune::RAW_VALUE_TOKEN
+                    ));
+                }
+            }
+            Ok(())
         }
         fn sorted<T>(items: &[T], key: impl Fn(&T) -> &str, what: &str) -> Result<(), String> {
             match items.windows(2).all(|w| key(&w[0]) < key(&w[1])) {
@@ -533,6 +544,18 @@ mod tests {
         for good in ["1e300", r#""\ud83d\ude00""#, r#"{"a":[null,true,-1,1.5]}"#] {
             assert_eq!(with_attribute(good).check(), Ok(()), "{good}");
         }
+        // serde_json's own token key, as earlier builds stored it: the text must read back as
+        // it is (as a string value it does).
+        let token = crate::profile::prune::RAW_VALUE_TOKEN;
+        for bad in [
+            format!(r#"{{"{token}":1}}"#),
+            format!(r#"{{"{token}":"[2]"}}"#),
+            format!(r#"{{"x":{{"{token}":1,"y":2}}}}"#),
+        ] {
+            assert!(with_attribute(&bad).check().is_err(), "{bad}");
+        }
+        let as_text = format!(r#"{{"a":"{token}"}}"#);
+        assert_eq!(with_attribute(&as_text).check(), Ok(()));
     }
 
     #[test]
