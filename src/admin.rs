@@ -109,15 +109,20 @@ pub enum AdminRequest {
 
 /// How deep a line on the socket may nest: an ingest request nests each update two levels
 /// down, an answer a stored profile a few, and either may nest as deep as serde_json's
-/// default limit (128) lets ingest read it.
-const MAX_LINE_DEPTH: usize = 128 + 8;
+/// default limit (128) lets ingest read it; a request no deeper, so that an update the agent
+/// stores reads back.
+pub const MAX_REQUEST_DEPTH: usize = 128 + 2;
+pub const MAX_ANSWER_DEPTH: usize = 128 + 8;
 
 /// Reads a request or answer line. serde_json's recursion limit would refuse an ingest
 /// request carrying an update as deep as ingest takes (or an answer showing such a profile),
-/// so it is lifted for a line that nests no deeper than [`MAX_LINE_DEPTH`] (counted first,
-/// so that the stack stays bounded).
-pub fn read_line<T: serde::de::DeserializeOwned>(line: &[u8]) -> serde_json::Result<T> {
-    if nesting_depth(line) > MAX_LINE_DEPTH {
+/// so it is lifted for a line that nests no deeper than `max_depth` (counted first, so that
+/// the stack stays bounded).
+pub fn read_line<T: serde::de::DeserializeOwned>(
+    line: &[u8],
+    max_depth: usize,
+) -> serde_json::Result<T> {
+    if nesting_depth(line) > max_depth {
         return serde_json::from_slice(line);
     }
     let mut reading = serde_json::Deserializer::from_slice(line);
@@ -754,22 +759,22 @@ mod tests {
         };
         let request = update(deepest).unwrap();
         let line = serde_json::to_string(&request).unwrap();
-        let read: AdminRequest = read_line(line.as_bytes()).unwrap();
+        let read: AdminRequest = read_line(line.as_bytes(), MAX_REQUEST_DEPTH).unwrap();
         assert_eq!(read, request);
         let error = serde_json::from_str::<AdminRequest>(&line).unwrap_err();
         assert!(error.to_string().contains("recursion limit"), "{error}");
         assert!(update(deepest + 1).is_err());
-        let extra = MAX_LINE_DEPTH + 1 - nesting_depth(line.as_bytes());
+        let extra = MAX_REQUEST_DEPTH + 1 - nesting_depth(line.as_bytes());
         let beyond = line
             .replacen("\"x\":", &format!("\"x\":{}", "[".repeat(extra)), 1)
             .replacen("]}", &format!("]{}}}", "]".repeat(extra)), 1);
-        assert_eq!(nesting_depth(beyond.as_bytes()), MAX_LINE_DEPTH + 1);
-        let error = read_line::<AdminRequest>(beyond.as_bytes()).unwrap_err();
+        assert_eq!(nesting_depth(beyond.as_bytes()), MAX_REQUEST_DEPTH + 1);
+        let error = read_line::<AdminRequest>(beyond.as_bytes(), MAX_REQUEST_DEPTH).unwrap_err();
         assert!(error.to_string().contains("recursion limit"), "{error}");
         // An answer showing such a profile nests it a few levels deeper still.
-        let answer = |depth: usize| read_line::<Value>(nested(depth).as_bytes());
-        assert!(answer(MAX_LINE_DEPTH).is_ok());
-        assert!(answer(MAX_LINE_DEPTH + 1).is_err());
+        let answer = |depth: usize| read_line::<Value>(nested(depth).as_bytes(), MAX_ANSWER_DEPTH);
+        assert!(answer(MAX_ANSWER_DEPTH).is_ok());
+        assert!(answer(MAX_ANSWER_DEPTH + 1).is_err());
     }
 
     #[test]

@@ -337,11 +337,12 @@ pub(super) fn call_agent(
             socket.display()
         )));
     }
-    let answer: AdminAnswer = crate::admin::read_line(&answer).map_err(|e| {
-        AdminError::Unanswered(format!(
-            "agent at {}: unreadable answer: {e}",
-            socket.display()
-        ))
-    })?;
+    let answer: AdminAnswer = crate::admin::read_line(&answer, crate::admin::MAX_ANSWER_DEPTH)
+        .map_err(|e| {
+            AdminError::Unanswered(format!(
+                "agent at {}: unreadable answer: {e}",
+                socket.display()
+            ))
+        })?;
     answer.into_result()
 }

@@ -113,7 +113,8 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
     if BufReader::new(read).read_line(&mut line).await? == 0 {
         return Ok(()); // a probe: the CLI checking that the agent answers
     }
-    let result = match crate::admin::read_line::<AdminRequest>(line.as_bytes()) {
+    let request = crate::admin::read_line(line.as_bytes(), crate::admin::MAX_REQUEST_DEPTH);
+    let result = match request {
         Err(e) => Err(unreadable_request(&e)),
         Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
         Ok(AdminRequest::Snapshot) => snapshot(state).await,
