@@ -814,12 +814,23 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                 let mut ended = Err(PartitionStop::Failed(error));
                 if times >= STOPS_BEFORE_READING_BY_SEQUENCE {
                     stopped_at = None;
-                    // Read only while the partition is still this store's to consume.
-                    let claim = keep_claim(shared, partition);
-                    match within_grace_of_stop(claim, &shared.shutdown, STOP_GRACE).await {
+                    // Read only while the partition is still this store's to consume: a
+                    // claim that cannot be looked at now is looked at again before the next
+                    // read (unlike `keep_claim`, which lets a running consumer go on).
+                    let look = async {
+                        let claims = claims_bucket(shared).await?;
+                        claim::look(&claims, partition, &shared.claim_as).await
+                    };
+                    match within_grace_of_stop(look, &shared.shutdown, STOP_GRACE).await {
                         None => return,
-                        Some(Err(stop)) => ended = Err(stop),
-                        Some(Ok(())) => {
+                        Some(Ok(claim::Claim::Elsewhere(holder))) => {
+                            ended = Err(PartitionStop::ClaimedElsewhere(holder))
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(partition, error = %e, "the claim could not be looked at; the partition's next messages are read by their stream sequence once it can");
+                            stopped_at = Some((at, times));
+                        }
+                        Some(Ok(claim::Claim::Ours | claim::Claim::Made)) => {
                             let read = read_by_sequence(shared, partition, at);
                             match within_grace_of_stop(read, &shared.shutdown, STOP_GRACE).await {
                                 None => return,
