@@ -28,7 +28,10 @@ const TARGETS: [&str; 10] = [
 /// Sets up logging; refuses a filter with a word alone that is neither a level nor a target
 /// that logs (a level mistyped, `warnig`, reads as a target's name and hides every line).
 pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
-    let from_env = std::env::var("OUTPOST_LOG").ok();
+    // Empty (as `Environment=OUTPOST_LOG=` leaves it) is unset.
+    let from_env = std::env::var("OUTPOST_LOG")
+        .ok()
+        .filter(|text| !text.trim().is_empty());
     let (filter, given_as) = match (level, &from_env) {
         (Some(level), _) => (Some(level), "--log-level"),
         (None, Some(text)) => (Some(text.as_str()), "OUTPOST_LOG"),
@@ -41,10 +44,14 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
             TARGETS.join(", ")
         ));
     }
+    // One that cannot be read leaves the default, and says so once logging is set up.
+    let mut unreadable = None;
     let filter = match (level, &from_env) {
         (Some(level), _) => EnvFilter::new(level),
-        // One that cannot be read leaves the default, as before it was checked.
-        (None, Some(text)) => EnvFilter::try_new(text).unwrap_or_else(|_| EnvFilter::new(default)),
+        (None, Some(text)) => EnvFilter::try_new(text).unwrap_or_else(|e| {
+            unreadable = Some(e.to_string());
+            EnvFilter::new(default)
+        }),
         (None, None) => EnvFilter::new(default),
     };
     let builder = tracing_subscriber::fmt()
@@ -55,6 +62,9 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    if let Some(error) = unreadable {
+        tracing::warn!(%error, "OUTPOST_LOG cannot be read; logging at the default level");
+    }
     Ok(())
 }
 
