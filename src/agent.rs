@@ -84,8 +84,10 @@ impl Default for AgentOptions {
 pub struct Ready {
     client: HttpClient,
     tls: Option<TlsAcceptor>,
-    /// `ingest.listen`, bound but not listening: the port is the agent's, and a connection
-    /// made before the store is open is refused rather than left waiting unserved.
+    /// `ingest.listen`, bound but not listening: a connection made before the store is open is
+    /// refused rather than left waiting unserved. A port another program listens on is found
+    /// here; one that binds it meanwhile with `SO_REUSEADDR` (Linux lets it, as no one listens
+    /// yet) makes listening fail once the store is open.
     socket: TcpSocket,
 }
 
@@ -166,7 +168,8 @@ impl Agent {
             nats.check_files().map_err(AgentError::NatsFiles)?;
         }
         // Before the store is opened (made, the first time) and the mapping recorded in it:
-        // a key file that cannot be used or a port already taken changes nothing there.
+        // a key file that cannot be used or a port another program listens on changes
+        // nothing there.
         let Ready {
             client,
             tls,
