@@ -2914,7 +2914,7 @@ async fn a_take_over_that_cannot_reserve_every_claim_puts_back_those_it_made() {
 /// the ops asked, once a take-over was (panics when none was within a minute).
 fn agent_refusing_the_take_over(
     store: &Path,
-    take_over_answer: &'static str,
+    take_over_answer: String,
 ) -> std::thread::JoinHandle<Vec<String>> {
     use std::io::{Read, Write};
     std::fs::create_dir_all(store).unwrap();
@@ -2949,7 +2949,7 @@ fn agent_refusing_the_take_over(
                 "check_take_over" => {
                     r#"{"ok":{"from_store":"00000001","file_id":"f","partitions":[],"profiles_in_file":40,"stored":0}}"#
                 }
-                "take_over" => take_over_answer,
+                "take_over" => take_over_answer.as_str(),
                 other => panic!("not asked of a take-over: {other}"),
             };
             stream.write_all(format!("{answer}\n").as_bytes()).unwrap();
@@ -2995,17 +2995,20 @@ async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
     );
     let store = taking.dir.path().join("store");
     let refusal = "1 profile(s) of these partitions are stored here with other versions";
-    let agent = agent_refusing_the_take_over(
-        &store,
-        r#"{"error":"1 profile(s) of these partitions are stored here with other versions","kind":"refused"}"#,
-    );
-    let refused = taking.run(&["nats", "take-over", file_arg]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{stderr}");
-    assert_eq!(
-        agent.join().unwrap(),
-        ["stats", "check_take_over", "take_over"]
-    );
+    // The take-over through the stand-in agent, refused as `kind`: the command's stderr.
+    let take_over_refused_as = |kind: &str| {
+        let answer = serde_json::json!({"error": refusal, "kind": kind}).to_string();
+        let agent = agent_refusing_the_take_over(&store, answer);
+        let out = taking.run(&["nats", "take-over", file_arg]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{stderr}");
+        assert_eq!(
+            agent.join().unwrap(),
+            ["stats", "check_take_over", "take_over"]
+        );
+        stderr
+    };
+    let stderr = take_over_refused_as("refused");
     assert!(
         stderr.contains(refusal) && stderr.contains("the claims it reserved were put back"),
         "{stderr}"
@@ -3018,17 +3021,7 @@ async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
         "the claims were written (reserved, then put back)"
     );
 
-    let agent = agent_refusing_the_take_over(
-        &store,
-        r#"{"error":"1 profile(s) of these partitions are stored here with other versions","kind":"failed"}"#,
-    );
-    let failed = taking.run(&["nats", "take-over", file_arg]);
-    let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(!failed.status.success(), "{stderr}");
-    assert_eq!(
-        agent.join().unwrap(),
-        ["stats", "check_take_over", "take_over"]
-    );
+    let stderr = take_over_refused_as("failed");
     let ours = outpost::source::claim::holder(0xabcd, &outpost::source::claim::host_name());
     let reserved = taking_over(&handed, &ours);
     assert!(

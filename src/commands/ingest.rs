@@ -31,8 +31,9 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
     );
     let (message, in_doubt) = match error {
         CliError::Failure(message) | CliError::Refused(message) => (message, 0),
-        // The agent could not read what was sent (an update nested as deep as JSON allows,
-        // two levels deeper in the request): what came before it was stored all the same.
+        // The agent could not read what was sent (an agent of an earlier build, an update
+        // nested as deep as JSON allows, two levels deeper in the request): what came before
+        // it was stored all the same.
         CliError::Usage(message) if stored > 0 => (message, 0),
         CliError::InDoubt(message) => {
             let plain = message.strip_prefix(&format!("{IN_DOUBT}: "));
@@ -79,22 +80,22 @@ impl std::fmt::Display for Changed {
 
 /// The partitions the store handed over, as its statistics say. When they say nothing (an
 /// agent of an earlier build), or cannot be read, each chunk is still checked as it is stored.
-fn handed_over(backend: &Backend) -> Result<Option<(u32, BTreeSet<u32>)>, CliError> {
+fn handed_over(backend: &Backend) -> Option<(u32, BTreeSet<u32>)> {
     let stats = match backend.execute(&AdminRequest::Stats) {
         Ok(stats) => stats,
         Err(e) => {
             tracing::debug!(error = %e, "the store's statistics, for the partitions it handed over");
-            return Ok(None);
+            return None;
         }
     };
     let handed_over = &stats["handed_over"];
     let count = handed_over["partition_count"].as_u64();
-    let Some(count) = count.and_then(|c| u32::try_from(c).ok()).filter(|c| *c > 0) else {
-        return Ok(None);
-    };
+    let count = count
+        .and_then(|c| u32::try_from(c).ok())
+        .filter(|c| *c > 0)?;
     let partitions = handed_over["partitions"].as_array().into_iter().flatten();
     let partitions = partitions.filter_map(|p| p.as_u64()?.try_into().ok());
-    Ok(Some((count, partitions.collect())))
+    Some((count, partitions.collect()))
 }
 
 /// Opens the input file so that it can be read twice (once to validate every line, once to act
@@ -158,7 +159,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
     // differ from this config's (edited while the agent runs): pruned by this one, an
     // attribute only the agent maps would read as removed.
     let keep = matches!(backend, Backend::Local(_)).then(|| KeepTree::for_mapping(&config.mapping));
-    let handed_over = handed_over(backend)?;
+    let handed_over = handed_over(backend);
     let mut count = 0u64;
     let mut reader = UpdateReader::new(BufReader::new(&mut *file)).within(limit);
     if let Some(keep) = &keep {

@@ -482,19 +482,31 @@ mod tests {
         let refused = client_of(&url).send(post(&url)).await.unwrap_err();
         assert!(matches!(refused, ClientError::Connect(_)), "{refused:?}");
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut request = [0u8; 1024];
-            let _ = socket.read(&mut request).await.unwrap();
-            // Closed without an answer.
-        });
+        // Closed without an answer.
+        let (url, server) = raw_endpoint(|_socket| async {}).await;
         let closed = client_of(&url).send(post(&url)).await.unwrap_err();
         assert!(matches!(closed, ClientError::Transport(_)), "{closed:?}");
         server.await.unwrap();
         drop(socket);
+    }
+
+    /// An endpoint that takes one connection, reads the request's first bytes, then hands the
+    /// connection to `answer`; its URL.
+    async fn raw_endpoint<F, Answering>(answer: F) -> (String, tokio::task::JoinHandle<()>)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Answering + Send + 'static,
+        Answering: std::future::Future<Output = ()> + Send,
+    {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            answer(socket).await;
+        });
+        (url, server)
     }
 
     /// Once the status has come, it is the answer, whether the body then stalls past the
@@ -502,20 +514,16 @@ mod tests {
     /// slow body would only repeat it.
     #[tokio::test]
     async fn an_answer_whose_body_stalls_or_breaks_off_keeps_its_status() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         for close in [false, true] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/", listener.local_addr().unwrap());
-            let server = tokio::spawn(async move {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let mut request = [0u8; 1024];
-                let _ = socket.read(&mut request).await.unwrap();
+            let (url, server) = raw_endpoint(move |mut socket| async move {
                 let head = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"ok\":";
                 socket.write_all(head.as_bytes()).await.unwrap();
                 if !close {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
-            });
+            })
+            .await;
             let mut client = client_of(&url);
             client.timeout = Duration::from_millis(300);
             let answer = client.send(post(&url)).await.unwrap();

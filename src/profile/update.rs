@@ -53,11 +53,9 @@ impl Update {
     pub fn patch(&self) -> std::borrow::Cow<'_, Map<String, Value>> {
         match &self.patch_text {
             None => std::borrow::Cow::Borrowed(&self.profile),
-            Some(text) => match crate::profile::record::parse(text) {
-                Value::Object(patch) => std::borrow::Cow::Owned(patch),
-                // Written from an object.
-                _ => std::borrow::Cow::Owned(Map::new()),
-            },
+            Some(text) => std::borrow::Cow::Owned(
+                serde_json::from_str(text).expect("a patch kept as the text of its object"),
+            ),
         }
     }
 

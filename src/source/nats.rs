@@ -346,6 +346,7 @@ pub enum SetupOutcome {
 pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOutcome, NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
+    let looking_up = |e| nats_error(&format!("looking up stream {}", config.stream), e);
     match js.get_stream(&config.stream).await {
         Ok(stream) => found(&js, &stream, config, record_made_at).await,
         Err(e)
@@ -357,8 +358,8 @@ pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOut
         {
             let made = match js.create_stream(stream_config(config)).await {
                 Ok(made) => made,
-                // Another setup made it meanwhile, and recorded when in its description (which
-                // this create, without it, does not match), or is about to.
+                // Another setup made it meanwhile and recorded when in its description, which
+                // this create's (made at pending) no longer matches.
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -366,9 +367,7 @@ pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOut
                             if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
                     ) =>
                 {
-                    let stream = js.get_stream(&config.stream).await.map_err(|e| {
-                        nats_error(&format!("looking up stream {}", config.stream), e)
-                    })?;
+                    let stream = js.get_stream(&config.stream).await.map_err(looking_up)?;
                     return found(&js, &stream, config, record_made_at).await;
                 }
                 Err(e) => return Err(nats_error(&format!("creating stream {}", config.stream), e)),
@@ -387,10 +386,7 @@ pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOut
             })?;
             Ok(SetupOutcome::Created)
         }
-        Err(e) => Err(nats_error(
-            &format!("looking up stream {}", config.stream),
-            e,
-        )),
+        Err(e) => Err(looking_up(e)),
     }
 }
 
