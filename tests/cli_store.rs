@@ -124,9 +124,17 @@ fn a_bad_line_refuses_the_whole_file_and_stores_nothing() {
         stderr.contains("line 3") && stderr.contains("colour"),
         "{stderr}"
     );
+    assert!(
+        !ws.store_path().exists(),
+        "refused input made no store where there was none"
+    );
+    ws.make_store();
+    let before = ws.outbox_stats();
+    let out = ws.run(&["ingest", path.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
     let stats = ws.outbox_stats();
-    assert_eq!(stats["pending"], 0);
-    assert_eq!(stats["profiles"], 0);
+    assert_eq!(stats["pending"], before["pending"]);
+    assert_eq!(stats["profiles"], 1);
 }
 
 #[test]

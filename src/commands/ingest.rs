@@ -135,42 +135,46 @@ pub fn ingest_path(
     ingest_file(backend, config, &mut file)
 }
 
-/// Two passes so that memory stays bounded and a bad line stores nothing: the first validates
-/// every line, the second commits in chunks. A crash during the second pass leaves a prefix
-/// stored; running the same file again completes it (updates with timestamps are then stale or
-/// unchanged, so no export is made twice).
-pub fn ingest_file<F: Read + Seek + Send>(
-    backend: &Backend,
+/// An input the first pass found good: its count of updates, as judged at `limit`.
+pub struct Checked {
+    count: u64,
+    limit: FutureLimit,
+}
+
+/// What the store keeps of each update when this process stores it itself, pruned as they are
+/// read: the parts dropped are checked, never built. The agent is sent whole updates and prunes
+/// them by its own mapping, which may differ from this config's (edited while the agent runs):
+/// pruned by this one, an attribute only the agent maps would read as removed.
+fn kept_by(backend: Option<&Backend>, config: &Config) -> Option<KeepTree> {
+    let local = backend.is_none_or(|b| matches!(b, Backend::Local(_)));
+    local.then(|| KeepTree::for_mapping(&config.mapping))
+}
+
+/// The first pass: every update read as it will be stored, and none in a partition the store
+/// `handed_over`. Refused whole, as over HTTP: one bad update stores nothing rather than the
+/// chunks before it.
+fn check_input<F: Read + Seek>(
     config: &Config,
     file: &mut F,
-) -> Result<BatchSummary, CliError> {
-    let rewind = |file: &mut F| {
-        file.rewind()
-            .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
-    };
+    keep: Option<&KeepTree>,
+    handed_over: Option<&(u32, BTreeSet<u32>)>,
+) -> Result<Checked, CliError> {
     rewind(file)?;
     // One clock reading for the whole input, so both passes judge every line alike.
     let limit = FutureLimit {
         now: chrono::Utc::now(),
         max_future_s: config.ingest.max_future_s,
     };
-    // For the store itself, pruned as they are read: the parts dropped are checked, never
-    // built. The agent is sent whole updates and prunes them by its own mapping, which may
-    // differ from this config's (edited while the agent runs): pruned by this one, an
-    // attribute only the agent maps would read as removed.
-    let keep = matches!(backend, Backend::Local(_)).then(|| KeepTree::for_mapping(&config.mapping));
-    let handed_over = handed_over(backend);
     let mut count = 0u64;
     let mut reader = UpdateReader::new(BufReader::new(&mut *file)).within(limit);
-    if let Some(keep) = &keep {
+    if let Some(keep) = keep {
         reader = reader.keeping(keep);
     }
     for update in reader {
         let update = update?;
         count += 1;
-        // Refused whole, as over HTTP: one such update stored nothing rather than the chunks
-        // before it (a hand-over that begins meanwhile is caught by each chunk's own check).
-        if let Some((partition_count, partitions)) = &handed_over {
+        // A hand-over that begins after this pass is caught by each chunk's own check.
+        if let Some((partition_count, partitions)) = handed_over {
             let partition = partition_of(&update.id, *partition_count);
             if partitions.contains(&partition) {
                 let refusal = StoreError::PartitionGivenAway {
@@ -183,6 +187,50 @@ pub fn ingest_file<F: Read + Seek + Send>(
             }
         }
     }
+    Ok(Checked { count, limit })
+}
+
+/// The first pass for a store not made yet, before it is made: refused input then leaves no
+/// empty store behind. Such a store has handed nothing over.
+pub fn check_before_making_store<F: Read + Seek>(
+    config: &Config,
+    file: &mut F,
+) -> Result<Checked, CliError> {
+    check_input(config, file, kept_by(None, config).as_ref(), None)
+}
+
+fn rewind<F: Seek>(file: &mut F) -> Result<(), CliError> {
+    file.rewind()
+        .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
+}
+
+/// Two passes so that memory stays bounded and a bad line stores nothing: the first validates
+/// every line, the second commits in chunks. A crash during the second pass leaves a prefix
+/// stored; running the same file again completes it (updates with timestamps are then stale or
+/// unchanged, so no export is made twice).
+pub fn ingest_file<F: Read + Seek + Send>(
+    backend: &Backend,
+    config: &Config,
+    file: &mut F,
+) -> Result<BatchSummary, CliError> {
+    ingest_checked(backend, config, file, None)
+}
+
+/// [`ingest_file`], its first pass skipped when `checked` by [`check_before_making_store`]
+/// and this process stores the input itself (an agent that made the store meanwhile prunes by
+/// its own mapping, so the input is checked again as it will read it).
+pub fn ingest_checked<F: Read + Seek + Send>(
+    backend: &Backend,
+    config: &Config,
+    file: &mut F,
+    checked: Option<Checked>,
+) -> Result<BatchSummary, CliError> {
+    let keep = kept_by(Some(backend), config);
+    let checked = match checked {
+        Some(checked) if keep.is_some() => checked,
+        _ => check_input(config, file, keep.as_ref(), handed_over(backend).as_ref())?,
+    };
+    let Checked { count, limit } = checked;
     rewind(file)?;
     // Drawn only when stderr is a terminal.
     let bar = indicatif::ProgressBar::with_draw_target(

@@ -218,9 +218,14 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Ingest { file, json } => {
             // Opened with this process's rights, before it may act as the store's owner.
             let mut input = ingest::open_input(&file)?;
+            // Checked before a store not made yet is made, so that refused input leaves none.
+            let checked = match Store::exists_at(&config.storage.path)? {
+                true => None,
+                false => Some(ingest::check_before_making_store(config, &mut input)?),
+            };
             as_store_owner(config, StoreUse::Make)?;
             let backend = Backend::connect(config)?;
-            let summary = ingest_file(&backend, config, &mut input)?;
+            let summary = ingest::ingest_checked(&backend, config, &mut input, checked)?;
             print_summary(&summary, json);
             Ok(())
         }
