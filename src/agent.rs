@@ -19,7 +19,7 @@ use crate::delivery::client::HttpClient;
 use crate::delivery::{panic_message, Deliverer, DeliveryStopped, SetupError};
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
-use crate::store::committer::{CommitError, Committer};
+use crate::store::committer::{CommitError, Committer, Watch};
 use crate::store::{backfill, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -189,11 +189,16 @@ impl Agent {
         store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;
         let shutdown = CancellationToken::new();
         let committer_failure: Arc<OnceLock<String>> = Arc::default();
+        let counted = Arc::clone(&metrics);
+        let watch = Watch {
+            on_stored: Box::new(move |stored| counted.record_commit(stored)),
+            on_panic: stop_on_committer_panic(Arc::clone(&committer_failure), shutdown.clone()),
+        };
         let (committer, _committer_thread) = Committer::start_watched(
             Arc::clone(&store),
             Arc::new(mapping),
             Arc::clone(&wake),
-            stop_on_committer_panic(Arc::clone(&committer_failure), shutdown.clone()),
+            watch,
         );
         for warning in &config.warnings {
             tracing::warn!("{warning}");

@@ -219,7 +219,6 @@ async fn ingest(
         CommitError::GivenAway(_) => AdminError::Refused(e.to_string()),
         e => AdminError::Failed(e.to_string()),
     })?;
-    state.metrics.record_commit(&summary);
     Ok(summary.report())
 }
 

@@ -551,15 +551,11 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(located) => state.committer.commit_located(located, &parsing).await,
     };
     match committed {
-        Ok(summary) => {
-            state.metrics.record_commit(&summary);
-            json_answer(
-                StatusCode::OK,
-                serde_json::to_value(summary).expect("summary serializes"),
-            )
-        }
+        Ok(summary) => json_answer(
+            StatusCode::OK,
+            serde_json::to_value(summary).expect("summary serializes"),
+        ),
         Err(partly) => {
-            state.metrics.record_commit(&partly.stored);
             // Refused for what it holds, as a 400 is; a 503 is sent again.
             if let CommitError::Refused(_) | CommitError::GivenAway(_) = partly.error {
                 state.metrics.record_refused(1);

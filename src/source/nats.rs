@@ -1458,12 +1458,11 @@ async fn commit_fetched(
     let position = sorted.position.as_ref().map_or(recorded, |p| p.seq);
     if sorted.position.is_some() {
         let not_kept_before = (rejected > 0).then(|| shared.store.rejected_counts());
-        let summary = shared
+        shared
             .committer
             .commit_at(sorted.updates, sorted.position)
             .await
             .map_err(|e| nats_error("committing", e))?;
-        shared.metrics.record_commit(&summary);
         // The count is the store's: partitions committed in the same while count in it too.
         if let (Some(Ok((_, before))), Ok((kept, after))) =
             (not_kept_before, shared.store.rejected_counts())

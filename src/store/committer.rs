@@ -141,6 +141,25 @@ enum Request {
 /// (each is answered [`CommitError::Stopped`]).
 pub type OnPanic = Box<dyn FnOnce(Box<dyn std::any::Any + Send>) + Send>;
 
+/// Told what each request stored, once it is durable and before it is answered: so it is
+/// counted also when nobody waits for the answer any more (a client gone between chunks).
+pub type OnStored = Box<dyn Fn(&BatchSummary) + Send>;
+
+/// What the committer thread tells of itself.
+pub struct Watch {
+    pub on_stored: OnStored,
+    pub on_panic: OnPanic,
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Watch {
+            on_stored: Box::new(|_| {}),
+            on_panic: Box::new(|_| {}),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Committer {
     jobs: mpsc::Sender<Request>,
@@ -156,16 +175,20 @@ impl Committer {
         mapping: Arc<Mapping>,
         committed: Arc<Notify>,
     ) -> (Committer, std::thread::JoinHandle<()>) {
-        Committer::start_watched(store, mapping, committed, Box::new(|_| {}))
+        Committer::start_watched(store, mapping, committed, Watch::default())
     }
 
-    /// [`Committer::start`], with `on_panic` called should the thread panic.
+    /// [`Committer::start`], telling `watch` what it stores, and should the thread panic.
     pub fn start_watched(
         store: Arc<Store>,
         mapping: Arc<Mapping>,
         committed: Arc<Notify>,
-        on_panic: OnPanic,
+        watch: Watch,
     ) -> (Committer, std::thread::JoinHandle<()>) {
+        let Watch {
+            on_stored,
+            on_panic,
+        } = watch;
         let (jobs, receiver) = mpsc::channel::<Request>(1024);
         let keep = Arc::new(KeepTree::for_mapping(&mapping));
         let layout = Arc::new(Layout::new(&mapping));
@@ -176,7 +199,7 @@ impl Committer {
                 let store = thread_store;
                 // The queue goes with the unwinding: every job in it is answered `Stopped`.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run(receiver, &store, &mapping, &committed)
+                    run(receiver, &store, &mapping, &committed, &on_stored)
                 }));
                 if let Err(panic) = ran {
                     on_panic(panic);
@@ -399,6 +422,7 @@ fn run(
     store: &Store,
     mapping: &Mapping,
     committed: &Notify,
+    on_stored: &dyn Fn(&BatchSummary),
 ) {
     // A backfill step that came while a group was being gathered runs after that group.
     let mut held: Option<BackfillReply> = None;
@@ -484,6 +508,9 @@ fn run(
             (Ok(()), None) => unreachable!("applied before the flush"),
         };
         for (job, summary) in jobs.into_iter().zip(summaries) {
+            if let Ok(stored) = &summary {
+                on_stored(stored);
+            }
             job.answer(summary.map_err(refusal));
         }
     }
@@ -528,6 +555,13 @@ mod tests {
         Committer,
         std::thread::JoinHandle<()>,
     ) {
+        let (dir, store) = store_with_x_unreadable();
+        let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
+        let (committer, thread) = Committer::start(Arc::clone(&store), mapping, Arc::default());
+        (dir, store, committer, thread)
+    }
+
+    fn store_with_x_unreadable() -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
         store
@@ -536,9 +570,7 @@ mod tests {
             .profile_groups
             .insert(super::super::groups::group_key("x"), &[0xff][..])
             .unwrap();
-        let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
-        let (committer, thread) = Committer::start(Arc::clone(&store), mapping, Arc::default());
-        (dir, store, committer, thread)
+        (dir, store)
     }
 
     // The lock held across the awaits is what keeps the committer thread (not a task) waiting.
@@ -711,6 +743,27 @@ mod tests {
         }
     }
 
+    /// A request is told of once stored, also when nobody waits for its answer (a client
+    /// gone), and a request refused is not.
+    #[tokio::test]
+    async fn what_is_stored_is_told_of_whether_or_not_its_answer_is_awaited() {
+        let (_dir, store) = store_with_x_unreadable();
+        let mapping = Arc::new(Mapping::new(&["name"], &["ups"], &[]));
+        let (told, heard) = std::sync::mpsc::channel();
+        let watch = Watch {
+            on_stored: Box::new(move |stored| told.send(stored.accepted).unwrap()),
+            ..Watch::default()
+        };
+        let (committer, _thread) = Committer::start_watched(store, mapping, Arc::default(), watch);
+        let mut two = update("a");
+        two.extend(update("b"));
+        drop(committer.queue(two, None).await.unwrap());
+        assert_eq!(heard.recv_timeout(Duration::from_secs(5)), Ok(2));
+        assert!(committer.commit(update("x")).await.is_err());
+        committer.commit(update("c")).await.unwrap();
+        assert_eq!(heard.try_iter().collect::<Vec<_>>(), [1]);
+    }
+
     #[tokio::test]
     async fn a_committer_that_panics_says_so_and_takes_no_more_commits() {
         let dir = tempfile::tempdir().unwrap();
@@ -721,8 +774,12 @@ mod tests {
             let message = panic.downcast_ref::<&str>().map(|s| s.to_string());
             told.send(message).unwrap();
         });
+        let watch = Watch {
+            on_panic,
+            ..Watch::default()
+        };
         let (committer, thread) =
-            Committer::start_watched(Arc::clone(&store), mapping, Arc::default(), on_panic);
+            Committer::start_watched(Arc::clone(&store), mapping, Arc::default(), watch);
         committer.commit(update("a")).await.unwrap();
         committer.jobs.send(Request::Panic).await.unwrap();
         assert_eq!(
