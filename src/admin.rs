@@ -8,7 +8,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::profile::update::format_time;
+use crate::profile::update::format_stored_time;
 use crate::store::handover::MoveError;
 use crate::store::handover_file::{HandedPartition, Header, Terms};
 use crate::store::source::{PositionSet, RejectedId};
@@ -297,7 +297,7 @@ pub fn execute_with(
                 .profile(id)?
                 .ok_or_else(|| AdminError::NotFound(format!("no profile `{id}` is stored")))?;
             Ok(
-                json!({"id": id, "timestamp": stored.timestamp.map(format_time), "profile": stored.profile}),
+                json!({"id": id, "timestamp": stored.timestamp.map(format_stored_time), "profile": stored.profile}),
             )
         }
         AdminRequest::Unreadable => {

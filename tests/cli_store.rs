@@ -105,6 +105,13 @@ fn ingest_then_inspect_outbox_and_profile() {
     .unwrap();
     assert_eq!(profile["timestamp"], "2026-01-01T00:00:02Z");
     assert_eq!(profile["profile"]["person"]["name"]["firstName"], "Janet");
+
+    // Shown as precisely as it is judged: an update at 05.1 would be stale.
+    let update = member_update("p-3", "Jo", "2026-01-01T00:00:05.25Z");
+    ws.run_ok(&["ingest", "-"], Some(update.as_bytes()));
+    let shown = ws.run_ok(&["profile", "show", "p-3", "--json"], None);
+    let profile: serde_json::Value = serde_json::from_str(shown.trim()).unwrap();
+    assert_eq!(profile["timestamp"], "2026-01-01T00:00:05.250Z");
 }
 
 #[test]

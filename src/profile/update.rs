@@ -78,10 +78,7 @@ impl Update {
             object.insert("profile".into(), Value::Object(self.profile.clone()));
         }
         if let Some(t) = self.timestamp {
-            object.insert(
-                "timestamp".into(),
-                Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-            );
+            object.insert("timestamp".into(), Value::String(format_stored_time(t)));
         }
         Value::Object(object)
     }
@@ -347,6 +344,12 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
 /// Formats a time as the exports carry it: RFC 3339, UTC, whole seconds.
 pub fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Formats a time as precisely as it is stored (RFC 3339, UTC, the fraction only when there
+/// is one): a stored version's timestamp is what later updates are judged stale against.
+pub fn format_stored_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 fn strip_serde_position(message: String) -> String {
