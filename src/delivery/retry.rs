@@ -39,8 +39,11 @@ pub fn classify(status: u16) -> Class {
 /// Parses `Retry-After` (delta seconds or an HTTP date), capped at [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    let delay = if let Ok(seconds) = value.parse::<u64>() {
-        Duration::from_secs(seconds)
+    let delay = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More seconds than a u64 holds is still a wait, of the longest kind.
+        value
+            .parse::<u64>()
+            .map_or(MAX_RETRY_AFTER, Duration::from_secs)
     } else {
         let at = httpdate::parse_http_date(value).ok()?;
         at.duration_since(now).unwrap_or(Duration::ZERO)
@@ -214,6 +217,8 @@ mod tests {
             ("120", Some(120)),
             (" 7 ", Some(7)),
             ("999999", Some(3600)),
+            ("99999999999999999999999", Some(3600)),
+            ("+5", None),
             ("Sun, 29 Nov 2026 10:00:30 GMT", Some(30)),
             ("Sun, 29 Nov 2026 09:00:00 GMT", Some(0)),
             ("Mon, 30 Nov 2026 10:00:00 GMT", Some(3600)),
