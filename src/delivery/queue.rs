@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::retry;
 use crate::store::Export;
 
 /// How many ready profiles a probe looks through for one whose export has not failed.
@@ -209,6 +210,10 @@ impl<B> Queue<B> {
             profile.state = State::Idle;
             profile.new_head();
         }
+        // Failed attempts stored with the export count towards letting go of it, as those of
+        // this run do: read again after a restart or a start-over, a head that waits long
+        // would otherwise hold a full window for as many attempts again.
+        let failed_before = retry::failures_before(&export.record);
         self.held += 1;
         self.held_bytes += footprint(&export);
         profile.exports.push_back(export);
@@ -216,6 +221,7 @@ impl<B> Queue<B> {
             match at {
                 Some(at) => {
                     profile.state = State::Waiting(at);
+                    profile.failures = failed_before;
                     self.waiting.insert((at, id));
                 }
                 None => {
@@ -1021,6 +1027,22 @@ mod tests {
         q.wake_due(due);
         assert_eq!(seqs(&q.take(10)), [1]);
         assert_eq!(*q.backoff_of(&a, || 0).unwrap(), LET_GO_AFTER_FAILURES);
+    }
+
+    /// A head read again with a retry time stored (after a restart) counts the failed
+    /// attempts stored with it towards letting go, as the window that made them did.
+    #[test]
+    fn failures_stored_with_a_head_read_again_count_towards_letting_go() {
+        let start = Instant::now();
+        for (attempts, let_go) in [(LET_GO_AFTER_FAILURES - 1, 0), (LET_GO_AFTER_FAILURES, 2)] {
+            let mut q: Queue<u32> = Queue::default();
+            let mut head = export(1, "a");
+            head.record.attempts = attempts;
+            head.record.last_attempt_at_ms = Some(1);
+            q.push_waiting(head, Some(start + Duration::from_secs(600)));
+            q.push(export(2, "a"));
+            assert_eq!(q.let_go_of_blocked(), let_go, "{attempts} attempts stored");
+        }
     }
 
     #[test]
