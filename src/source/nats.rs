@@ -1492,6 +1492,16 @@ async fn read_by_sequence(
     partition: u32,
     (stream, mut recorded): (u64, u64),
 ) -> Result<(usize, Option<HeldBack>), NatsError> {
+    // From the store's position when it is further on than the one the consumer stopped at:
+    // a group whose commit was in doubt yet reached the disk, or whose acks failed after it,
+    // moved it on, and its messages are not to be applied again.
+    let stored = shared
+        .store
+        .source_position(partition, stream, u64::MAX)
+        .map_err(|e| nats_error("reading the partition's position", e))?;
+    if let Recorded::At(seq) = stored {
+        recorded = recorded.max(seq);
+    }
     let subject = subject_of(&shared.config.subject_prefix, partition);
     let mut read = 0;
     for _ in 0..shared.config.fetch_batch.max(1) {
