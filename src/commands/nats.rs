@@ -126,10 +126,7 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         nats.owned_text()
     );
     if !stray.is_empty() {
-        println!(
-            "warning          {}",
-            crate::source::nats::describe_stray(&stray)
-        );
+        println!("warning          {}", stray.describe());
     }
     Ok(())
 }

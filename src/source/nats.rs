@@ -12,6 +12,7 @@
 //! 4. only once that group is flushed are the batch's messages acknowledged. At most one
 //!    batch is unacknowledged at a time (the consumer's `max_ack_pending`).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -482,7 +483,7 @@ async fn check_subjects_fit(
 }
 
 /// For `outpost check`: connects and reads the stream; its message count, or why not.
-pub async fn probe(config: &NatsSource) -> Result<(u64, Vec<(String, usize)>), NatsError> {
+pub async fn probe(config: &NatsSource) -> Result<(u64, StraySubjects), NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
     let mut stream = js.get_stream(&config.stream).await.map_err(|e| {
@@ -512,41 +513,67 @@ pub async fn last_sequence(config: &NatsSource) -> Result<u64, NatsError> {
 }
 
 /// The subjects under the prefix that hold messages of the stream and name no partition
-/// (`<prefix>.01`, or a number past the partitions), with their message counts: no agent
-/// consumes them, since each consumer filters on its partition's subject.
+/// (`<prefix>.01`, or a number past the partitions): no agent consumes them, since each
+/// consumer filters on its partition's subject. Counted, with the first few by name: a
+/// producer that publishes on a subject per profile makes millions of them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StraySubjects {
+    pub subjects: usize,
+    pub messages: usize,
+    /// The [`StraySubjects::NAMED`] first in name order.
+    pub first: BTreeSet<String>,
+}
+
+impl StraySubjects {
+    const NAMED: usize = 3;
+
+    fn add(&mut self, subject: String, messages: usize) {
+        self.subjects += 1;
+        self.messages = self.messages.saturating_add(messages);
+        self.first.insert(subject);
+        if self.first.len() > Self::NAMED {
+            self.first.pop_last();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subjects == 0
+    }
+
+    /// One line on them, naming a few.
+    pub fn describe(&self) -> String {
+        let named: Vec<&str> = self.first.iter().map(String::as_str).collect();
+        format!(
+            "{} message(s) on {} subject(s) that name no partition ({}{}): no agent consumes them; publish each update on the subject of its profile's partition, as `outpost publish` does",
+            self.messages,
+            self.subjects,
+            named.join(", "),
+            if self.subjects > named.len() { ", …" } else { "" }
+        )
+    }
+}
+
+/// The stream's [`StraySubjects`].
 pub async fn stray_subjects(
     stream: &stream::Stream,
     config: &NatsSource,
-) -> Result<Vec<(String, usize)>, NatsError> {
+) -> Result<StraySubjects, NatsError> {
     use futures_util::TryStreamExt;
     let mut subjects = stream
         .info_with_subjects(format!("{}.>", config.subject_prefix))
         .await
         .map_err(|e| nats_error("listing the stream's subjects", e))?;
-    let mut stray = Vec::new();
+    let mut stray = StraySubjects::default();
     while let Some((subject, count)) = subjects
         .try_next()
         .await
         .map_err(|e| nats_error("listing the stream's subjects", e))?
     {
         if !is_partition_subject(&config.subject_prefix, &subject, config.partitions) {
-            stray.push((subject, count));
+            stray.add(subject, count);
         }
     }
-    stray.sort();
     Ok(stray)
-}
-
-/// One line on subjects no agent consumes, naming a few.
-pub fn describe_stray(stray: &[(String, usize)]) -> String {
-    let messages: usize = stray.iter().map(|(_, n)| n).sum();
-    let named: Vec<&str> = stray.iter().take(3).map(|(s, _)| s.as_str()).collect();
-    format!(
-        "{messages} message(s) on {} subject(s) that name no partition ({}{}): no agent consumes them; publish each update on the subject of its profile's partition, as `outpost publish` does",
-        stray.len(),
-        named.join(", "),
-        if stray.len() > named.len() { ", …" } else { "" }
-    )
 }
 
 /// Says in the log, once at start, when the stream holds messages no agent consumes.
@@ -565,7 +592,7 @@ async fn warn_of_stray_subjects(shared: Arc<Shared>) {
     };
     match found {
         Ok(stray) if !stray.is_empty() => {
-            tracing::warn!(stream = %shared.config.stream, "{}", describe_stray(&stray));
+            tracing::warn!(stream = %shared.config.stream, "{}", stray.describe());
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "could not list the stream's subjects"),
@@ -1601,6 +1628,29 @@ const NO_MESSAGE_FOUND: u64 = 10037;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However many subjects there are, a few of them are named, the first by name, and all
+    /// are counted.
+    #[test]
+    fn stray_subjects_are_counted_and_the_first_few_named() {
+        let mut stray = StraySubjects::default();
+        assert!(stray.is_empty());
+        for i in (0..10_000).rev() {
+            stray.add(format!("u.p-{i:05}"), 2);
+        }
+        assert_eq!((stray.subjects, stray.messages), (10_000, 20_000));
+        let said = stray.describe();
+        assert!(
+            said.starts_with("20000 message(s) on 10000 subject(s) that name no partition (u.p-00000, u.p-00001, u.p-00002, …)"),
+            "{said}"
+        );
+        let mut two = StraySubjects::default();
+        two.add("u.9".into(), 2);
+        two.add("u.01".into(), 1);
+        assert!(two
+            .describe()
+            .contains("3 message(s) on 2 subject(s) that name no partition (u.01, u.9):"));
+    }
 
     #[test]
     fn when_a_stream_was_made_as_its_description_records_it() {
