@@ -125,8 +125,12 @@ fn store_folder_that_cannot_be_written() {
         "{}",
         stderr(&out)
     );
-    // The same message where the CLI makes the store itself.
-    let out = run(&ws, &["ingest", "-"], uid);
+    // The same message where the CLI makes the store itself, for input it would store.
+    let input = ws.path().join("one.ndjson");
+    let update = member_update("p-1", "A", "2026-01-01T00:00:01Z");
+    std::fs::write(&input, update).unwrap();
+    std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&ws, &["ingest", input.to_str().unwrap()], uid);
     assert_eq!(error_line(&out), line);
 }
 
