@@ -129,23 +129,57 @@ fn format_of(bytes: &[u8]) -> Result<u8, CodecError> {
     bytes.first().copied().ok_or(CodecError::Empty)
 }
 
-/// The largest record decoded. bincode allocates what a length prefix claims before reading
-/// it, so without a limit a damaged prefix asks for more memory than exists (a panic) or than
-/// the host has; no stored value comes near this (an ingest body is at most 16 MiB).
+/// What the length prefixes of a small value may claim. bincode allocates what a prefix claims
+/// before reading it, so without a limit a damaged prefix asks for more memory than exists (a
+/// panic) or than the host has.
 pub const DECODE_LIMIT: usize = 64 << 20;
 
-/// bincode's standard encoding, decoding at most [`DECODE_LIMIT`] bytes.
-pub fn decode_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+/// What the length prefixes of a value stored in at most so many bytes may claim, for values
+/// larger than [`DECODE_LIMIT`] allows. A sound value claims its strings' and byte slices'
+/// lengths, together at most its own, and for a moment each list's count times its items' size
+/// in memory (some tens of bytes for each byte of the list): so each limit is 256 times its
+/// length or more. Nothing else bounds what is stored (a profile's text through `outpost ingest`,
+/// escapes that take six bytes for each character parsed, profiles that share a group), and a
+/// value stored is to read back, however large.
+pub(crate) mod limits {
+    pub const SMALL: (usize, usize) = (256 << 10, super::DECODE_LIMIT);
+    pub const MEDIUM: (usize, usize) = (4 << 20, 1 << 30);
+    pub const LARGE: (usize, usize) = (64 << 20, 16 << 30);
+    pub const HUGE: usize = 1 << 40;
 }
+
+/// Runs `$body` with `$config`: bincode's standard encoding, its length prefixes limited to what
+/// a value stored in `$len` bytes may claim ([`limits`]).
+macro_rules! with_decode_config {
+    ($len:expr, |$config:ident| $body:expr) => {{
+        use $crate::store::codec::limits::{HUGE, LARGE, MEDIUM, SMALL};
+        let len: usize = $len;
+        if len <= SMALL.0 {
+            let $config = bincode::config::standard().with_limit::<{ SMALL.1 }>();
+            $body
+        } else if len <= MEDIUM.0 {
+            let $config = bincode::config::standard().with_limit::<{ MEDIUM.1 }>();
+            $body
+        } else if len <= LARGE.0 {
+            let $config = bincode::config::standard().with_limit::<{ LARGE.1 }>();
+            $body
+        } else {
+            let $config = bincode::config::standard().with_limit::<HUGE>();
+            $body
+        }
+    }};
+}
+pub(crate) use with_decode_config;
 
 fn decode<T: Decode<()>>(expected: u8, bytes: &[u8]) -> Result<T, CodecError> {
     let (&format, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
     if format != expected {
         return Err(CodecError::UnknownFormat(format));
     }
-    let (value, used) = bincode::decode_from_slice(rest, decode_config())
-        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    let (value, used) = with_decode_config!(rest.len(), |config| {
+        bincode::decode_from_slice(rest, config)
+    })
+    .map_err(|e| CodecError::Corrupt(e.to_string()))?;
     if used != rest.len() {
         return Err(CodecError::Corrupt(format!(
             "{} trailing bytes",
@@ -232,8 +266,10 @@ pub fn export_profile_id(bytes: &[u8]) -> Result<&str, CodecError> {
     if format != EXPORT_V1 && format != EXPORT_V2 {
         return Err(CodecError::UnknownFormat(format));
     }
-    let (id, _) = bincode::borrow_decode_from_slice::<&str, _>(rest, decode_config())
-        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    let (id, _) = with_decode_config!(rest.len(), |config| {
+        bincode::borrow_decode_from_slice::<&str, _>(rest, config)
+    })
+    .map_err(|e| CodecError::Corrupt(e.to_string()))?;
     Ok(id)
 }
 
@@ -265,6 +301,24 @@ pub(crate) mod tests {
             bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
             assert!(decode_profile(&bytes).is_err(), "format {format}");
         }
+    }
+
+    /// A value larger than the small values' limit reads back as it was stored (an export of
+    /// a profile whose text is mostly escapes, read in through `outpost ingest`, was stored and
+    /// then unreadable), and a damaged prefix in a large value is still an error.
+    #[test]
+    fn a_value_of_any_size_stored_reads_back() {
+        let mut export = sample_export();
+        export.payload = "\\u0001".repeat(12 << 20);
+        let bytes = encode_export(&export);
+        assert!(bytes.len() > DECODE_LIMIT);
+        assert_eq!(decode_export(&bytes).unwrap(), export);
+        assert_eq!(export_profile_id(&bytes).unwrap(), "p1");
+
+        let mut damaged = vec![EXPORT_V2, 0xFF];
+        damaged.extend_from_slice(&(1u64 << 41).to_le_bytes());
+        damaged.resize(limits::SMALL.0 + 10, 0);
+        assert!(decode_export(&damaged).is_err());
     }
 
     pub(crate) fn sample_export() -> ExportRecord {

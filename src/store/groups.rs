@@ -22,7 +22,7 @@
 
 use bincode::{BorrowDecode, Encode};
 
-use super::codec::{decode_config, CodecError};
+use super::codec::{with_decode_config, CodecError};
 
 /// How many bits of the hash name a group: 2^18 = 262,144 groups.
 pub const GROUP_BITS: u32 = 18;
@@ -62,8 +62,10 @@ impl<'a> GroupView<'a> {
             return Err(CodecError::UnknownFormat(format));
         }
         let (Entries(entries), used): (Entries<'a>, usize) =
-            bincode::borrow_decode_from_slice(rest, decode_config())
-                .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+            with_decode_config!(rest.len(), |config| {
+                bincode::borrow_decode_from_slice(rest, config)
+            })
+            .map_err(|e| CodecError::Corrupt(e.to_string()))?;
         if used != rest.len() {
             return Err(CodecError::Corrupt(format!(
                 "{} trailing bytes",
@@ -144,6 +146,18 @@ pub fn encode(entries: &[Entry]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Profiles that share a group may together take more than one alone may: the group reads
+    /// back.
+    #[test]
+    fn a_group_larger_than_a_small_value_reads_back() {
+        let (a, b) = (vec![1u8; 40 << 20], vec![2u8; 40 << 20]);
+        let group = GroupView::default()
+            .with_changes(&[("a", Some(&a[..])), ("b", Some(&b[..]))])
+            .unwrap();
+        let view = GroupView::decode(&group).unwrap();
+        assert_eq!((view.get("a"), view.get("b")), (Some(&a[..]), Some(&b[..])));
+    }
 
     #[test]
     fn the_hash_is_xxhash64_and_groups_are_its_top_bits() {

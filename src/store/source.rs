@@ -311,11 +311,11 @@ fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
         detail,
     };
     match bytes.split_first() {
-        Some((&REJECTED_V1, rest)) => {
-            bincode::decode_from_slice(rest, super::codec::decode_config())
-                .map(|(record, _)| record)
-                .map_err(|e| corrupt(e.to_string()))
-        }
+        Some((&REJECTED_V1, rest)) => super::codec::with_decode_config!(rest.len(), |config| {
+            bincode::decode_from_slice(rest, config)
+        })
+        .map(|(record, _)| record)
+        .map_err(|e| corrupt(e.to_string())),
         Some((format, _)) => Err(corrupt(format!("unknown format byte {format}"))),
         None => Err(corrupt("empty value".into())),
     }
