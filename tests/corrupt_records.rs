@@ -460,6 +460,21 @@ async fn unreadable_meta_values_are_rebuilt_at_open() {
     agent.terminate().await;
 }
 
+/// A store whose exports have no tally (written before there was one) has them counted when
+/// it is opened, rather than read as none pending.
+#[test]
+fn a_missing_tally_is_recounted_at_open() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s = runtime.block_on(setup());
+    let out = s.ingest(&[update("p0", "a"), update("p1", "b")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let db = open_with_sled_alone(&s.store).unwrap();
+    db.open_tree("meta").unwrap().remove(b"tally").unwrap();
+    db.flush().unwrap();
+    drop(db);
+    assert_eq!(stats(&s)["pending"], 2);
+}
+
 /// Keys that cannot be what outpost wrote: a profile group whose key is not 4 bytes, a key
 /// left in the old profile tree that is not UTF-8. `check` lists them, `repair` deletes them.
 #[test]

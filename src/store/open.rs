@@ -256,24 +256,30 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
             ));
         }
     }
-    if let Some(v) = t.meta.get(meta::TALLY)? {
-        if Tally::from_bytes(&v).is_none() {
-            let mut tally = Tally::default();
-            for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
-                for item in tree.iter() {
-                    let (_, value) = item?;
-                    tally.count(place, value.len(), 1);
-                }
+    // Missing, it would read as nothing pending while exports are (a store of a build before
+    // the tally): what is delivered then would count below zero, kept at it, for good.
+    let tally_state = match t.meta.get(meta::TALLY)? {
+        Some(v) if Tally::from_bytes(&v).is_none() => Some("unreadable (not 24 bytes)"),
+        Some(_) => None,
+        None if !(t.outbox.is_empty() && t.dead.is_empty()) => Some("missing, with exports stored"),
+        None => None,
+    };
+    if let Some(state) = tally_state {
+        let mut tally = Tally::default();
+        for (tree, place) in [(&t.outbox, Place::Pending), (&t.dead, Place::Dead)] {
+            for item in tree.iter() {
+                let (_, value) = item?;
+                tally.count(place, value.len(), 1);
             }
-            t.meta.insert(meta::TALLY, &tally.to_bytes())?;
-            rebuilt.push(RebuiltMeta::new(
-                "tally",
-                format!(
-                    "unreadable (not 24 bytes); recounted: {} pending, {} dead",
-                    tally.pending, tally.dead
-                ),
-            ));
         }
+        t.meta.insert(meta::TALLY, &tally.to_bytes())?;
+        rebuilt.push(RebuiltMeta::new(
+            "tally",
+            format!(
+                "{state}; recounted: {} pending, {} dead",
+                tally.pending, tally.dead
+            ),
+        ));
     }
     if let Some(v) = t.meta.get(meta::MAPPING)? {
         if let Err(e) = super::mapping::decode_records(&v) {
