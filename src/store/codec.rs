@@ -71,6 +71,37 @@ struct ExportRecordV1 {
     dead_at_ms: Option<i64>,
 }
 
+/// The first layout written with format byte 1, before `queued_at_ms`: read when a format 1
+/// value does not read as [`ExportRecordV1`] (one written so never does: it ends a field
+/// short, or its `last_error` tag reads as another field's).
+#[derive(Decode)]
+struct ExportRecordV1First {
+    profile_id: String,
+    reason: u8,
+    payload: String,
+    created_at_ms: i64,
+    attempts: u32,
+    last_error: Option<String>,
+    last_attempt_at_ms: Option<i64>,
+    dead_at_ms: Option<i64>,
+}
+
+impl From<ExportRecordV1First> for ExportRecordV1 {
+    fn from(first: ExportRecordV1First) -> Self {
+        ExportRecordV1 {
+            profile_id: first.profile_id,
+            reason: first.reason,
+            payload: first.payload,
+            created_at_ms: first.created_at_ms,
+            queued_at_ms: first.created_at_ms,
+            attempts: first.attempts,
+            last_error: first.last_error,
+            last_attempt_at_ms: first.last_attempt_at_ms,
+            dead_at_ms: first.dead_at_ms,
+        }
+    }
+}
+
 impl From<ExportRecordV1> for ExportRecord {
     fn from(v1: ExportRecordV1) -> Self {
         ExportRecord {
@@ -247,7 +278,13 @@ pub fn encode_export(record: &ExportRecord) -> Vec<u8> {
 
 pub fn decode_export(bytes: &[u8]) -> Result<ExportRecord, CodecError> {
     let record: ExportRecord = match format_of(bytes)? {
-        EXPORT_V1 => decode::<ExportRecordV1>(EXPORT_V1, bytes)?.into(),
+        EXPORT_V1 => match decode::<ExportRecordV1>(EXPORT_V1, bytes) {
+            Ok(v1) => v1.into(),
+            Err(e) => decode::<ExportRecordV1First>(EXPORT_V1, bytes)
+                .map_err(|_| e)
+                .map(ExportRecordV1::from)?
+                .into(),
+        },
         _ => decode(EXPORT_V2, bytes)?,
     };
     if Reason::from_code(record.reason).is_none() {
@@ -419,6 +456,44 @@ pub(crate) mod tests {
         };
         assert_eq!(decode_export(&bytes).unwrap(), expected);
         assert_eq!(export_profile_id(&bytes).unwrap(), "p1");
+    }
+
+    /// As the first builds wrote format 1, before it had `queued_at_ms`: read as queued when
+    /// made, pending or dead.
+    #[test]
+    fn export_v1_bytes_of_the_first_layout_are_still_read() {
+        let pending: Vec<u8> = [
+            &[1u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
+            &[251, 0xd0, 0x07], // created_at_ms 1000: zigzag 2000, varint
+            &[0, 0, 0, 0],      // attempts 0, None, None, None
+        ]
+        .concat();
+        let expected = ExportRecord {
+            attempts: 0,
+            last_error: None,
+            last_attempt_at_ms: None,
+            queued_at_uptime_ms: 0,
+            ..sample_export()
+        };
+        assert_eq!(decode_export(&pending).unwrap(), expected);
+        let dead: Vec<u8> = [
+            &[1u8, 2, b'p', b'1', 2, 2, b'{', b'}'][..],
+            &[251, 0xd0, 0x07], // created_at_ms 1000
+            &[2, 1, 8],         // attempts 2, Some, len 8
+            b"HTTP 500",
+            &[1, 251, 0xa0, 0x0f], // Some(2000)
+            &[1, 251, 0x70, 0x17], // dead at Some(3000): zigzag 6000
+        ]
+        .concat();
+        let expected = ExportRecord {
+            dead_at_ms: Some(3000),
+            queued_at_uptime_ms: 0,
+            ..sample_export()
+        };
+        assert_eq!(decode_export(&dead).unwrap(), expected);
+        let mut cut = dead.clone();
+        cut.pop();
+        assert!(decode_export(&cut).is_err(), "read as neither layout");
     }
 
     #[test]
