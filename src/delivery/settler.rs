@@ -3,6 +3,7 @@
 //! settled for good. Request slots never wait for it; only the settled profiles' next exports
 //! do.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +42,16 @@ impl RecordingFailure {
 /// At most this many changes go into one transaction.
 const MAX_GROUP: usize = 4096;
 
+/// While this many changes or more wait to be recorded, the loop starts no request: a store
+/// that cannot record them (a full disk) would otherwise be handed a failed attempt of each
+/// failing export at each of its retries, held in memory for as long as that lasts.
+pub const MAX_BACKLOG: usize = 65_536;
+
 #[derive(Clone)]
 pub struct Settler {
     changes: mpsc::UnboundedSender<Vec<Outcome>>,
+    /// Changes sent and not yet recorded (or given up on).
+    backlog: Arc<AtomicUsize>,
 }
 
 impl Settler {
@@ -60,11 +68,18 @@ impl Settler {
     ) {
         let (changes, receiver) = mpsc::unbounded_channel();
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let recorded = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
             .name("outpost-settler".into())
-            .spawn(move || run(&store, receiver, &settled_tx, &failure))
+            .spawn(move || run(&store, receiver, &settled_tx, &failure, &recorded))
             .expect("spawning the settler thread");
-        (Settler { changes }, settled_rx, thread)
+        (Settler { changes, backlog }, settled_rx, thread)
+    }
+
+    /// Whether [`MAX_BACKLOG`] changes or more wait to be recorded.
+    pub fn backlogged(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed) >= MAX_BACKLOG
     }
 
     /// Hands over the changes of one turn of the delivery loop (one wake-up of the thread for
@@ -73,6 +88,7 @@ impl Settler {
         if changes.is_empty() {
             return;
         }
+        self.backlog.fetch_add(changes.len(), Ordering::Relaxed);
         // Fails only once the thread is gone, at exit: the export stays pending (at least once).
         let _ = self.changes.send(changes);
     }
@@ -83,6 +99,7 @@ fn run(
     mut receiver: mpsc::UnboundedReceiver<Vec<Outcome>>,
     settled: &mpsc::UnboundedSender<Vec<Settled>>,
     failure: &RecordingFailure,
+    backlog: &AtomicUsize,
 ) -> bool {
     while let Some(mut group) = receiver.blocking_recv() {
         while group.len() < MAX_GROUP {
@@ -142,6 +159,7 @@ fn run(
                 }
             }
         };
+        backlog.fetch_sub(group.len(), Ordering::Relaxed);
         if failures > 0 {
             failure.set(None);
             tracing::info!(
@@ -213,6 +231,41 @@ mod tests {
         let done = settled.blocking_recv().unwrap();
         assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), seqs);
         assert_eq!(failure.get(), None);
+        drop(settler);
+        assert!(thread.join().unwrap());
+    }
+
+    /// Outcomes that cannot be recorded count towards the backlog until they are.
+    #[test]
+    fn outcomes_waiting_to_be_recorded_count_until_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let seqs = crate::store::testing::export_each(&store, &[("a", "1")]);
+        let meta_tree = store.trees().unwrap().meta.clone();
+        let tally = meta_tree.get(meta::TALLY).unwrap().unwrap();
+        meta_tree.insert(meta::TALLY, b"xx").unwrap();
+        let failure = Arc::new(RecordingFailure::default());
+        let (settler, _settled, thread) = Settler::start(Arc::clone(&store), Arc::clone(&failure));
+        let failed = Outcome {
+            profile: "a".into(),
+            seq: seqs[0],
+            change: ExportChange::Failed {
+                error: "HTTP 500".into(),
+                at_ms: 0,
+                retry_at_uptime_ms: None,
+                unanswered: false,
+            },
+        };
+        settler.send(vec![failed.clone(); MAX_BACKLOG - 1]);
+        assert!(!settler.backlogged());
+        settler.send(vec![failed]);
+        assert!(settler.backlogged());
+        meta_tree.insert(meta::TALLY, tally).unwrap();
+        let started = std::time::Instant::now();
+        while settler.backlogged() && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!settler.backlogged(), "recorded");
         drop(settler);
         assert!(thread.join().unwrap());
     }
