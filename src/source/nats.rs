@@ -58,9 +58,9 @@ const CONNECT_GRACE: Duration = Duration::from_secs(3);
 /// reconnects, and that queue fills when NATS has been unreachable for some minutes. A batch
 /// dropped committed but unacknowledged comes again and is skipped by its recorded position.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// The bytes of messages all owned partitions may fetch at once, shared out among them: a
-/// batch is held, parsed and raw, until it is committed, and `fetch_batch` messages of tens
-/// of KiB each in every one of 64 partitions would take gigabytes.
+/// The bytes of messages all owned partitions may hold fetched at once, shared out among them
+/// ([`fetch_room`]): a batch is held, parsed and raw, until it is committed, and `fetch_batch`
+/// messages of tens of KiB each in every one of 64 partitions would take gigabytes.
 const FETCH_BYTES_BUDGET: usize = 64 << 20;
 /// What one partition may fetch at once whatever the budget: a batch of usual updates.
 const MIN_FETCH_BYTES: usize = 1 << 20;
@@ -678,6 +678,19 @@ struct Shared {
     /// `ingest.max_future_s`: the same limit on timestamps as HTTP ingest.
     max_future_s: u64,
     shutdown: CancellationToken,
+    /// The fetch budget's bytes not held by a partition's batch ([`fetch_room`]).
+    fetch_room: tokio::sync::Semaphore,
+}
+
+/// Room for a batch of `bytes` in the fetch budget, held until the batch is committed and
+/// acknowledged: past 64 partitions, where each asks for [`MIN_FETCH_BYTES`], their batches
+/// take turns rather than add up. `None` once the agent stops.
+async fn fetch_room(shared: &Shared, bytes: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    let bytes = u32::try_from(bytes.min(FETCH_BYTES_BUDGET)).expect("the budget fits a u32");
+    tokio::select! {
+        room = shared.fetch_room.acquire_many(bytes) => room.ok(),
+        _ = shared.shutdown.cancelled() => None,
+    }
 }
 
 /// Connects (in the background) and starts one consumer task per owned partition.
@@ -724,6 +737,7 @@ pub async fn start(
         max_outbox_bytes,
         max_future_s,
         shutdown,
+        fetch_room: tokio::sync::Semaphore::new(FETCH_BYTES_BUDGET),
     });
     tokio::spawn(warn_if_unreachable(
         Arc::clone(&state),
@@ -1228,10 +1242,23 @@ async fn consume(
         // first fetch with nothing, comes here.
         let at = (consuming.stream, consuming.recorded);
         let fetched = |fetch: Result<_, FetchFailed>| fetch.map_err(|e| e.stop(at));
+        let Some(room) = fetch_room(shared, bytes).await else {
+            return Ok(());
+        };
         let mut messages = fetched(fetch(consumer, (batch, bytes), None, &shared.shutdown).await)?;
+        // Held until this turn ends; not while waiting for a message (a single one, up to the
+        // server's max_payload, whatever the budget).
+        let mut _room = Some(room);
         if messages.is_empty() {
+            _room = None;
             let one = (1, usize::MAX);
             messages = fetched(fetch(consumer, one, Some(IDLE_WAIT), &shared.shutdown).await)?;
+            if !messages.is_empty() {
+                let Some(room) = fetch_room(shared, bytes).await else {
+                    return Ok(());
+                };
+                _room = Some(room);
+            }
             if let Some(large) = messages.first().filter(|m| m.payload.len() > bytes) {
                 tracing::debug!(
                     partition,
