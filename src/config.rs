@@ -888,7 +888,7 @@ impl Config {
             invalid(
                 "ingest.listen",
                 format!(
-                    "`{}` is not an address like 127.0.0.1:8686",
+                    "`{}` is not an IP address and port like 127.0.0.1:8686 or [::1]:8686 (host names are not looked up)",
                     raw.ingest.listen
                 ),
             )
@@ -2574,6 +2574,27 @@ client_secret = "s3cr3t-value"
                     .map(|w| says.is_some_and(|s| w.contains(s))),
                 says.map(|_| true),
                 "{listen} {guards:?}: {warning:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_listen_address_is_an_ip_address_and_port() {
+        let with = |listen: &str| {
+            VALID.replacen(
+                "[storage]",
+                &format!("[ingest]\nlisten = {listen:?}\n\n[storage]"),
+                1,
+            )
+        };
+        for fine in ["127.0.0.1:8686", "[::1]:0", "0.0.0.0:80"] {
+            assert!(parse(&with(fine)).is_ok(), "{fine}");
+        }
+        for bad in ["localhost:8686", "127.0.0.1", "::1:8686", ""] {
+            let error = error_of(&with(bad));
+            assert!(
+                error.contains("ingest.listen") && error.contains("host names are not looked up"),
+                "{bad}: {error}"
             );
         }
     }
