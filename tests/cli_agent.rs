@@ -185,6 +185,12 @@ fn inspect(ws: &Workspace, dead_profiles: &[&str]) {
     );
     let table = ws.run_ok(&["outbox", "list", "--dead"], None);
     assert_eq!(table.lines().count(), dead.len() + 1, "{table}");
+    let pending = ws.run(&["outbox", "list"], None);
+    let said = String::from_utf8_lossy(&pending.stderr);
+    assert!(
+        said.contains(&format!("also holds {} dead letter(s)", dead.len())),
+        "{said}"
+    );
     let one = json_lines(&ws.run_ok(
         &["outbox", "list", "--dead", "--limit", "1", "--json"],
         None,

@@ -743,6 +743,15 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Option<Listing>, 
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
             }
+            if !dead {
+                // The pending exports alone can read as "(no exports)" while dead letters wait
+                // for a person; a count that cannot be read says nothing here.
+                let dead_letters = backend.execute(&AdminRequest::Stats).ok();
+                let dead_letters = dead_letters.and_then(|stats| stats["dead"].as_u64());
+                if let Some(n) = dead_letters.filter(|&n| n > 0) {
+                    eprintln!("the outbox also holds {n} dead letter(s), not listed here: --dead lists them");
+                }
+            }
             return Ok(Some(table.finish()));
         }
         OutboxCommand::Show { id, json } => {
