@@ -7,6 +7,17 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// `text`, cut to at most `max` bytes at a character boundary, with `…` where it was cut: for
+/// text a peer chose (an address it redirects to, an error it answered), kept or logged.
+pub fn cut_to(mut text: String, max: usize) -> String {
+    let kept = crate::profile::update::truncate(&text, max).len();
+    if kept < text.len() {
+        text.truncate(kept);
+        text.push('…');
+    }
+    text
+}
+
 /// `ingest.listen` (or another listening key) could not be bound.
 pub fn listen(key: &str, addr: &SocketAddr, error: &std::io::Error) -> String {
     match error.kind() {

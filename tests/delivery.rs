@@ -658,7 +658,8 @@ async fn latency_counts_from_the_request_not_from_the_wait_for_a_token() {
 
 /// A redirect is not followed, and its export is kept (retried on its backoff) rather than
 /// dead-lettered: the endpoint moved, which is the configuration's to fix, not the export's.
-/// Its stored error names where the redirect points, without the query.
+/// Its stored error names where the redirect points, without the query, and no more of it
+/// than 2 KiB in all however long the address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_keeps_the_export_and_names_where_it_points() {
     let s = setup().await;
@@ -674,21 +675,21 @@ async fn a_redirect_keeps_the_export_and_names_where_it_points() {
                 .unwrap()
                 .trim_start_matches("Bearer ");
             seeing.lock().unwrap().push(token.to_owned());
-            let to = format!("https://new.example.com/{token}/profiles?key=s3cret");
+            let long = match r.json().map(|p| profile_of(&p)).as_deref() {
+                Some("long") => "/x".repeat(50_000),
+                _ => String::new(),
+            };
+            let to = format!("https://new.example.com/{token}/profiles{long}?key=s3cret");
             Reply::Status(308, vec![("location".into(), to)], String::new())
         } else {
             Reply::Normal
         }
     })));
     let agent = start(&s.config).await;
-    ingest(&agent, &updates(&["a"], 1)).await;
+    ingest(&agent, &updates(&["a", "long"], 1)).await;
     wait_until(10, "a few redirected attempts", || {
-        agent
-            .store
-            .list(&ListFilter::default())
-            .unwrap()
-            .first()
-            .is_some_and(|e| e.record.attempts >= 2)
+        let pending = agent.store.list(&ListFilter::default()).unwrap();
+        pending.len() == 2 && pending.iter().all(|e| e.record.attempts >= 2)
     })
     .await;
     let pending = agent.store.list(&ListFilter::default()).unwrap();
@@ -701,9 +702,18 @@ async fn a_redirect_keeps_the_export_and_names_where_it_points() {
     for token in tokens_seen.lock().unwrap().iter() {
         assert!(!error.contains(token.as_str()), "{error}");
     }
+    let long = pending[1].record.last_error.clone().unwrap();
+    assert!(
+        long.starts_with("HTTP 308 (a redirect to https://new.example.com/***/profiles/x/x/")
+            && long.ends_with("/x…")
+            && long.len() <= 2048 + '…'.len_utf8(),
+        "{} bytes: {}",
+        long.len(),
+        &long[..100]
+    );
     assert_eq!(agent.store.tally().unwrap().dead, 0);
     moved.store(false, std::sync::atomic::Ordering::SeqCst);
-    drained(&agent, &s.receiver, 1).await;
+    drained(&agent, &s.receiver, 2).await;
     assert_eq!(agent.store.tally().unwrap().dead, 0);
     agent.stop().await.unwrap();
 }

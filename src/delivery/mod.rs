@@ -181,6 +181,43 @@ enum Attempted {
     },
 }
 
+/// The most of an attempt's error text kept with its export and logged: an answer's status and
+/// the start of its body take a few hundred bytes, but a peer may put hundreds of KiB into a
+/// header that the text names (a redirect's `Location`, the token endpoint's `Content-Type`),
+/// and each failing export would keep and log it at every attempt.
+const MAX_ERROR_BYTES: usize = 2048;
+
+impl Attempted {
+    /// The same, its error text cut to [`MAX_ERROR_BYTES`].
+    fn with_error_cut(self) -> Attempted {
+        let cut = |error| crate::explain::cut_to(error, MAX_ERROR_BYTES);
+        match self {
+            Attempted::Answered {
+                status,
+                retry_after,
+                quota,
+                error,
+            } => Attempted::Answered {
+                status,
+                retry_after,
+                quota,
+                error: cut(error),
+            },
+            Attempted::TokenFailed(error) => Attempted::TokenFailed(cut(error)),
+            Attempted::NotSent => Attempted::NotSent,
+            Attempted::SendFailed {
+                error,
+                timeout,
+                nothing_sent,
+            } => Attempted::SendFailed {
+                error: cut(error),
+                timeout,
+                nothing_sent,
+            },
+        }
+    }
+}
+
 /// A read of the outbox: which read it was, where the cursor got to, and what was read.
 struct Read {
     generation: u64,
@@ -793,6 +830,7 @@ impl Deliverer {
             sent_at,
             attempted,
         } = finished;
+        let attempted = attempted.with_error_cut();
         let now = Instant::now();
         let dropped = self.dropped_while_out(state, &batch);
         let mut unanswered = false;

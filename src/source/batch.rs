@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::profile::update::{truncate, update_from_json_with, without_bom, Parsing};
+use crate::explain::cut_to;
+use crate::profile::update::{update_from_json_with, without_bom, Parsing};
 use crate::profile::Update;
 use crate::store::source::{RejectedRecord, SourcePosition, MAX_REJECTED_RAW};
 
@@ -139,16 +140,6 @@ pub fn sort_batch(
         });
     }
     sorted
-}
-
-/// `text`, cut to at most `max` bytes at a character boundary, with `…` where it was cut.
-fn cut_to(mut text: String, max: usize) -> String {
-    let kept = truncate(&text, max).len();
-    if kept < text.len() {
-        text.truncate(kept);
-        text.push('…');
-    }
-    text
 }
 
 /// Where a batch's deliveries skip one: the consumer numbers every message it delivers
