@@ -276,7 +276,10 @@ impl Watcher {
             }
         }
         self.last = now.clone();
-        if force || jumped || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+        // Ticks come a sample apart, give or take: one due a little after the interval is
+        // taken at this tick, not the next, so that checkpoints are the interval apart.
+        let due = self.last_checkpoint.elapsed() + SAMPLE_EVERY / 2 >= CHECKPOINT_EVERY;
+        if force || jumped || due {
             self.checkpoint(&now)?;
         }
         Ok(())

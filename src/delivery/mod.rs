@@ -1260,9 +1260,10 @@ fn log_read_error(e: &StoreError, store_failed: bool) {
 
 /// When an export read from the store may go, given the run time its last failed attempt set
 /// (`None`: at once), the run time now, and the `longest` wait an attempt can set. A crash
-/// loses up to [`crate::clock::CHECKPOINT_EVERY`] of run time, which only lengthens the wait;
-/// a time further ahead than that comes from a run clock that started again from 0 (its
-/// record was unreadable), and is passed over.
+/// loses the run time since the last checkpoint that reached the disk (some seconds), which
+/// only lengthens the wait: a time further ahead than `longest` (so lengthened, or set by a
+/// run clock that started again from 0 after its record was unreadable) waits `longest`,
+/// which is never shorter than what was left of it.
 fn retry_instant(
     retry_at_uptime_ms: Option<u64>,
     uptime_ms: u64,
@@ -1270,7 +1271,7 @@ fn retry_instant(
     longest: Duration,
 ) -> Option<Instant> {
     let left = Duration::from_millis(retry_at_uptime_ms?.checked_sub(uptime_ms)?);
-    (left <= longest + crate::clock::CHECKPOINT_EVERY).then(|| now + left)
+    Some(now + left.min(longest))
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -1440,14 +1441,17 @@ mod tests {
         let now = Instant::now();
         let hour = Duration::from_secs(3600);
         // (stored run time, run time now, waits for)
-        let table: [(Option<u64>, u64, Option<u64>); 6] = [
+        let table: [(Option<u64>, u64, Option<u64>); 7] = [
             (None, 1_000, None),
             (Some(900), 1_000, None),
             (Some(1_000), 1_000, Some(0)),
             (Some(5_000), 1_000, Some(4_000)),
-            (Some(1_000 + 3_600_000 + 5_000), 1_000, Some(3_605_000)),
-            // Further than any attempt sets: the run clock started again.
-            (Some(1_000 + 3_600_000 + 5_001), 1_000, None),
+            (Some(1_000 + 3_600_000), 1_000, Some(3_600_000)),
+            // Further than any attempt sets: run time lost to a crash (more than a
+            // checkpoint's interval when its write was refused), or the run clock started
+            // again. Never sent before its time: the longest wait.
+            (Some(1_000 + 3_600_000 + 6_500), 1_000, Some(3_600_000)),
+            (Some(u64::MAX), 1_000, Some(3_600_000)),
         ];
         for (stored, uptime, wait) in table {
             assert_eq!(
