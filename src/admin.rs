@@ -480,6 +480,36 @@ fn export_view(store: &Store, export: &Export) -> Result<Value, AdminError> {
 /// that they take several pages).
 const DEAD_LETTERS_A_PAGE: usize = if cfg!(test) { 500 } else { 10_000 };
 
+/// With `--all-dead`, at most this many ids of each kind are named in the answer, with the
+/// count of all: a store may hold millions of dead letters, and the answer would hold each id
+/// several times over (a list, a JSON value, a line) only for the command to count them.
+const IDS_NAMED: usize = 1_000;
+
+/// Ids a repair names in its answer, and how many there were.
+#[derive(Default)]
+struct Named {
+    ids: Vec<Value>,
+    count: usize,
+    /// Every id is kept, not only the first [`IDS_NAMED`].
+    all: bool,
+}
+
+impl Named {
+    fn every(all: bool) -> Named {
+        Named {
+            all,
+            ..Named::default()
+        }
+    }
+
+    fn push(&mut self, id: Value) {
+        self.count += 1;
+        if self.all || self.ids.len() < IDS_NAMED {
+            self.ids.push(id);
+        }
+    }
+}
+
 /// What one step of a repair did, under the lock.
 struct Page {
     done: Vec<String>,
@@ -527,8 +557,8 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         .collect();
     let mut unreadable = Vec::new();
     let mut already_pending = Vec::new();
-    let mut superseded = Vec::new();
-    let mut maybe_overtaken = Vec::new();
+    let mut superseded = Named::every(!all_dead);
+    let mut maybe_overtaken = Named::every(!all_dead);
     // `after`: with `--all-dead`, the page of dead letters after this one.
     let mut apply = |after: Option<u64>| -> Result<Page, AdminError> {
         // Written and flushed on the same handles (a reopen waits for the section), and
@@ -616,7 +646,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     // With `--all-dead` a page at a time, each under the lock on its own: the delivery loop
     // waits for one page, not for every dead letter of a large store.
     let wait = store.put_back_wait();
-    let (mut done, mut missing) = (Vec::new(), Vec::new());
+    let (mut done, mut missing) = (Named::every(!all_dead), Vec::new());
     let mut after = None;
     let what = if retry { "put back" } else { "dropped" };
     loop {
@@ -626,7 +656,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         // should its request get no answer, the drop must know that the endpoint may have
         // taken it (a drop by id, whether an id is pending is known only under the lock).
         let page = if retry || !all_dead {
-            let so_far = match done.len() {
+            let so_far = match done.count {
                 0 => format!("nothing was {what}"),
                 n => format!("{n} dead letter(s) were {what}, the rest not"),
             };
@@ -644,11 +674,13 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         } else {
             store.rewinding(|| apply(after))
         };
-        let page = page.map_err(|e| after_some_done(e, done.len(), what))?;
-        done.extend(page.done);
+        let page = page.map_err(|e| after_some_done(e, done.count, what))?;
+        for id in page.done {
+            done.push(Value::String(id));
+        }
         missing.extend(page.missing);
         if let Some(stopped) = page.stopped {
-            return Err(after_some_done(stopped, done.len(), what));
+            return Err(after_some_done(stopped, done.count, what));
         }
         match page.next_after {
             Some(last) => after = Some(last),
@@ -657,12 +689,15 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
     }
     let verb = if retry { "retried" } else { "dropped" };
     Ok(json!({
-        verb: done,
+        verb: done.ids,
+        format!("{verb}_count"): done.count,
         "not_found": missing,
         "unreadable": unreadable,
         "already_pending": already_pending,
-        "superseded": superseded,
-        "maybe_overtaken": maybe_overtaken,
+        "superseded": superseded.ids,
+        "superseded_count": superseded.count,
+        "maybe_overtaken": maybe_overtaken.ids,
+        "maybe_overtaken_count": maybe_overtaken.count,
     }))
 }
 
@@ -844,7 +879,8 @@ mod tests {
     }
 
     /// `drop --all-dead` drops every dead letter, over more than one page and a last one
-    /// short (the pages themselves are not seen from outside; this holds the loop to all).
+    /// short (the pages themselves are not seen from outside; this holds the loop to all),
+    /// and names no more than [`IDS_NAMED`] of them.
     #[test]
     fn every_dead_letter_is_dropped_over_several_pages() {
         let dir = tempfile::tempdir().unwrap();
@@ -857,8 +893,10 @@ mod tests {
             },
         )
         .unwrap();
+        // Counted, the first of them named.
+        assert_eq!(answer["dropped_count"], 2 * DEAD_LETTERS_A_PAGE + 34);
         let dropped = answer["dropped"].as_array().unwrap();
-        assert_eq!(dropped.len(), 2 * DEAD_LETTERS_A_PAGE + 34);
+        assert_eq!(dropped.len(), IDS_NAMED.min(2 * DEAD_LETTERS_A_PAGE + 34));
         let distinct: std::collections::HashSet<_> = dropped.iter().collect();
         assert_eq!(distinct.len(), dropped.len());
         assert_eq!(store.tally().unwrap().dead, 0);
@@ -945,10 +983,9 @@ mod tests {
                 let repair = |request: AdminRequest, verb: &'static str| {
                     let store = &store;
                     s.spawn(move || {
-                        execute(store, &request).unwrap()[verb]
-                            .as_array()
-                            .unwrap()
-                            .len()
+                        execute(store, &request).unwrap()[format!("{verb}_count")]
+                            .as_u64()
+                            .unwrap() as usize
                     })
                 };
                 let retry = repair(

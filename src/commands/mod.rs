@@ -958,7 +958,15 @@ fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
 
 /// Prints what a repair did; what it could not do for an export named by id is a failure.
 fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Result<(), CliError> {
-    let done = result[key].as_array().map_or(0, Vec::len);
+    // With `--all-dead`, the agent names the first ids of a kind and counts them all (an
+    // agent of an earlier build named them all).
+    let count = |name: &str| {
+        result[format!("{name}_count")].as_u64().map_or_else(
+            || result[name].as_array().map_or(0, Vec::len),
+            |n| n as usize,
+        )
+    };
+    let done = count(key);
     println!("{done} export(s) {verb}");
     let listed =
         |name: &str| -> Vec<Value> { result[name].as_array().cloned().unwrap_or_default() };
@@ -991,7 +999,11 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
             .collect()
     };
     let superseded = paired("superseded", "acknowledged", "after");
-    let maybe_overtaken = paired("maybe_overtaken", "pending", "before");
+    let mut maybe_overtaken = paired("maybe_overtaken", "pending", "before");
+    let (superseded_count, overtaken_count) = (count("superseded"), count("maybe_overtaken"));
+    if overtaken_count > maybe_overtaken.len() {
+        maybe_overtaken.push("…".into());
+    }
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!("not found: {}", missing.join(", ")));
@@ -999,8 +1011,7 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     if all_dead && !superseded.is_empty() {
         // Every dead letter that may be retried was: the others are no failure of the command.
         println!(
-            "{} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox list --dead --json` names it, as superseded_by)",
-            superseded.len()
+            "{superseded_count} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox list --dead --json` names it, as superseded_by)"
         );
     } else if !superseded.is_empty() {
         problems.push(format!(
@@ -1012,8 +1023,7 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     let held = "a newer export of the same profile, pending or a dead letter, may already have been acknowledged by the endpoint (a request of it got no answer, or it was pending when an agent stopped before recording every delivery or before this version of outpost kept track), so sending the older one first could undo it; once the newer one is delivered (a dead letter: retried), or dropped, the older is superseded";
     if all_dead && !maybe_overtaken.is_empty() {
         println!(
-            "{} dead letter(s) left as they are: {held}: {}",
-            maybe_overtaken.len(),
+            "{overtaken_count} dead letter(s) left as they are: {held}: {}",
             maybe_overtaken.join(", ")
         );
     } else if !maybe_overtaken.is_empty() {
