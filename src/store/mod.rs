@@ -534,6 +534,19 @@ mod tests {
         assert!(!store
             .run_clock()
             .expired(&retried.record, Duration::from_secs(60)));
+        // A clock record that cannot be read starts again from when the export was queued,
+        // not from 0: it waits on from there, and ages from the first run time on.
+        let meta_tree = store.trees().unwrap().meta.clone();
+        meta_tree.insert(meta::CLOCK, &b"\x09zz"[..]).unwrap();
+        store.flush().unwrap();
+        drop((meta_tree, store));
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let uptime = store.run_clock().uptime_ms();
+        assert!(
+            (retried.record.queued_at_uptime_ms..retried.record.queued_at_uptime_ms + 10_000)
+                .contains(&uptime),
+            "{uptime}"
+        );
     }
 
     /// A store without the count of profiles gets it at open, counted: one of format 4 (before

@@ -167,19 +167,30 @@ impl std::fmt::Display for RebuiltMeta {
 
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
 /// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`]
-/// past the highest sequence held, `clock` starts again (run time 0, which delays expiry, never
-/// hastens it). `mapping` and `backfill` cannot be rebuilt: they are dropped, so that the
+/// past the highest sequence held, `clock` starts again from the latest run time a pending
+/// export was queued at (which delays expiry by what was lost since, never hastens it). `mapping` and `backfill` cannot be rebuilt: they are dropped, so that the
 /// store opens and runs, and what that loses is said.
 /// Returns what it did, one line each; flushed when anything was done.
 pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
     let mut rebuilt = Vec::new();
     if let Some(v) = t.meta.get(meta::CLOCK)? {
         if let Err(e) = codec::decode_clock(&v) {
-            t.meta
-                .insert(meta::CLOCK, codec::encode_clock(&ClockRecord::default()))?;
+            // From 0, every export queued before would wait again as long as the store had
+            // run before it was queued, before it could expire.
+            let mut latest = 0;
+            for item in t.outbox.iter().values() {
+                if let Ok(record) = codec::decode_export(&item?) {
+                    latest = latest.max(record.queued_at_uptime_ms);
+                }
+            }
+            let record = ClockRecord {
+                uptime_ms: latest,
+                ..ClockRecord::default()
+            };
+            t.meta.insert(meta::CLOCK, codec::encode_clock(&record))?;
             rebuilt.push(RebuiltMeta::new(
                 "clock",
-                format!("unreadable ({e}); the run time starts again from 0"),
+                format!("unreadable ({e}); the run time starts again from {latest} ms, the latest a pending export was queued at"),
             ));
         }
     }
