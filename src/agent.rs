@@ -282,6 +282,7 @@ impl Agent {
             committer_failure: Arc::clone(&committer_failure),
             recording_failure,
             source,
+            outbox_read_at: tokio::sync::Mutex::default(),
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push((

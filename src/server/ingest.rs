@@ -71,7 +71,16 @@ pub struct IngestState {
     pub recording_failure: Arc<crate::delivery::RecordingFailure>,
     /// The NATS source, when `[source.nats]` is configured.
     pub source: Option<Arc<crate::source::nats::SourceState>>,
+    /// When `/metrics` last read the outbox's figures from the store (see
+    /// [`OUTBOX_FIGURES_EVERY`]).
+    pub outbox_read_at: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// `/metrics` reads the outbox's figures from the store at most this often, on a blocking
+/// thread: reading them looks at up to 1,000 exports and walks the store's folder, and
+/// `/metrics` takes no token, so scrapes as fast as a client can send them would otherwise
+/// keep the threads that serve ingest busy.
+const OUTBOX_FIGURES_EVERY: Duration = Duration::from_secs(1);
 
 type Answer = Response<Full<Bytes>>;
 
@@ -300,9 +309,17 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
             json_answer(StatusCode::OK, body)
         }
         (&Method::GET, "/metrics") => {
-            if let Ok(stats) = state.store.outbox_stats(chrono::Utc::now()) {
-                state.metrics.set_outbox(&stats);
+            let mut read_at = state.outbox_read_at.lock().await;
+            if read_at.is_none_or(|at| at.elapsed() >= OUTBOX_FIGURES_EVERY) {
+                let store = Arc::clone(&state.store);
+                let read =
+                    tokio::task::spawn_blocking(move || store.outbox_stats(chrono::Utc::now()));
+                if let Ok(Ok(stats)) = read.await {
+                    state.metrics.set_outbox(&stats);
+                }
+                *read_at = Some(std::time::Instant::now());
             }
+            drop(read_at);
             if let Some(source) = &state.source {
                 let metrics = &state.metrics;
                 metrics.source_connected.set(i64::from(source.connected()));
