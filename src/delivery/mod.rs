@@ -515,10 +515,14 @@ impl Deliverer {
                     for s in group {
                         if s.vanished {
                             state.queue.remove(&s.profile, s.seq);
+                            state.retry_stored.remove(&s.seq);
                         } else {
                             state.settling -= 1;
                             state.queue.settled(&s.profile, s.seq);
                         }
+                        // Out when a put-back or drop began, it came back before it settled
+                        // and will not come back again.
+                        state.out_at_rewind.remove(&s.seq);
                         if state.reading {
                             state.out_at_read.insert(s.seq);
                         }
@@ -1012,7 +1016,7 @@ impl Deliverer {
     /// outcome would find it gone, but not before the window had sent it again. Only exports
     /// out at the last put-back or drop are looked up in the store.
     fn dropped_while_out(&self, state: &mut LoopState, batch: &Batch) -> Vec<u64> {
-        batch
+        let dropped: Vec<u64> = batch
             .iter()
             .map(|(_, export)| export.id.seq)
             .filter(|seq| state.out_at_rewind.remove(seq))
@@ -1020,7 +1024,11 @@ impl Deliverer {
                 // Unknown: kept, and sent again at worst (at least once).
                 !self.store.is_pending(seq).unwrap_or(true)
             })
-            .collect()
+            .collect();
+        for seq in &dropped {
+            state.retry_stored.remove(seq);
+        }
+        dropped
     }
 
     fn publish(&self, state: &LoopState) {
