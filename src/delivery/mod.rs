@@ -71,9 +71,6 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// At shutdown, outcomes are waited for this long beyond the request timeout; what is not
 /// recorded by then stays pending (sent again: at least once).
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// While too many outcomes wait to be recorded to start requests, the loop looks again this
-/// often.
-const BACKLOG_LOOK_AGAIN: Duration = Duration::from_millis(200);
 /// At most this many exports are read from the store at once; fewer when the window is empty.
 const READ_CHUNK: usize = 1_024;
 const FIRST_READ: usize = 128;
@@ -449,7 +446,7 @@ impl Deliverer {
                         state.reading = false;
                     }
                     state.queue.wake_due(now);
-                    if !self.store.requests_held() && !state.settler.backlogged() {
+                    if !self.store.requests_held() {
                         // Should starting them panic, a put-back must not take the count
                         // from before for the truth.
                         self.store.set_exports_out(usize::MAX);
@@ -479,12 +476,9 @@ impl Deliverer {
             let timer = if stopping {
                 stop_by
             } else {
-                // While a put-back holds requests, no permit is taken, so none is waited for;
-                // while outcomes wait to be recorded, the loop looks again in a while.
+                // While a put-back holds requests, no permit is taken, so none is waited for.
                 let permit_at = if self.store.requests_held() {
                     None
-                } else if state.settler.backlogged() {
-                    Some(now + BACKLOG_LOOK_AGAIN)
                 } else {
                     let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);
                     state.controller.next_permit_at(now, wanted)

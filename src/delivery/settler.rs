@@ -3,13 +3,13 @@
 //! settled for good. Request slots never wait for it; only the settled profiles' next exports
 //! do.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::store::outbox::Outcome;
+use crate::store::outbox::{ExportChange, Outcome};
 use crate::store::{Store, StoreError};
 
 /// What became of a change the loop waits for.
@@ -42,16 +42,9 @@ impl RecordingFailure {
 /// At most this many changes go into one transaction.
 const MAX_GROUP: usize = 4096;
 
-/// While this many changes or more wait to be recorded, the loop starts no request: a store
-/// that cannot record them (a full disk) would otherwise be handed a failed attempt of each
-/// failing export at each of its retries, held in memory for as long as that lasts.
-pub const MAX_BACKLOG: usize = 65_536;
-
 #[derive(Clone)]
 pub struct Settler {
     changes: mpsc::UnboundedSender<Vec<Outcome>>,
-    /// Changes sent and not yet recorded (or given up on).
-    backlog: Arc<AtomicUsize>,
 }
 
 impl Settler {
@@ -68,18 +61,11 @@ impl Settler {
     ) {
         let (changes, receiver) = mpsc::unbounded_channel();
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
-        let backlog = Arc::new(AtomicUsize::new(0));
-        let recorded = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
             .name("outpost-settler".into())
-            .spawn(move || run(&store, receiver, &settled_tx, &failure, &recorded))
+            .spawn(move || run(&store, receiver, &settled_tx, &failure))
             .expect("spawning the settler thread");
-        (Settler { changes, backlog }, settled_rx, thread)
-    }
-
-    /// Whether [`MAX_BACKLOG`] changes or more wait to be recorded.
-    pub fn backlogged(&self) -> bool {
-        self.backlog.load(Ordering::Relaxed) >= MAX_BACKLOG
+        (Settler { changes }, settled_rx, thread)
     }
 
     /// Hands over the changes of one turn of the delivery loop (one wake-up of the thread for
@@ -88,9 +74,60 @@ impl Settler {
         if changes.is_empty() {
             return;
         }
-        self.backlog.fetch_add(changes.len(), Ordering::Relaxed);
         // Fails only once the thread is gone, at exit: the export stays pending (at least once).
         let _ = self.changes.send(changes);
+    }
+}
+
+/// Outcomes that came while a group could not be recorded, in the order they came, the failed
+/// attempts of each export made one: delivery goes on meanwhile, and a failing export is tried
+/// again at each of its retry times, so that kept one by one they would grow for as long as
+/// the store cannot record them. One failed attempt stands for those before it (its error, its
+/// time and its retry time are the last's; once one got no answer, so has the one kept), so
+/// the attempts they count as are fewer; each export holds at most one of them, and what it
+/// settles with comes after.
+#[derive(Default)]
+struct Waiting {
+    outcomes: Vec<Outcome>,
+    /// Where each export's failed attempt is, while nothing came after it.
+    failed_at: HashMap<u64, usize>,
+}
+
+impl Waiting {
+    fn push(&mut self, outcome: Outcome) {
+        let ExportChange::Failed {
+            error,
+            at_ms,
+            retry_at_uptime_ms,
+            unanswered,
+        } = &outcome.change
+        else {
+            self.failed_at.remove(&outcome.seq);
+            self.outcomes.push(outcome);
+            return;
+        };
+        let Some(&at) = self.failed_at.get(&outcome.seq) else {
+            self.failed_at.insert(outcome.seq, self.outcomes.len());
+            self.outcomes.push(outcome);
+            return;
+        };
+        if let ExportChange::Failed {
+            error: kept_error,
+            at_ms: kept_at,
+            retry_at_uptime_ms: kept_retry,
+            unanswered: kept_unanswered,
+        } = &mut self.outcomes[at].change
+        {
+            kept_error.clone_from(error);
+            *kept_at = *at_ms;
+            *kept_retry = *retry_at_uptime_ms;
+            *kept_unanswered |= *unanswered;
+        }
+    }
+
+    fn take(&mut self) -> Vec<Outcome> {
+        self.failed_at.clear();
+        std::mem::take(&mut self.outcomes)
     }
 }
 
@@ -99,9 +136,16 @@ fn run(
     mut receiver: mpsc::UnboundedReceiver<Vec<Outcome>>,
     settled: &mpsc::UnboundedSender<Vec<Settled>>,
     failure: &RecordingFailure,
-    backlog: &AtomicUsize,
 ) -> bool {
-    while let Some(mut group) = receiver.blocking_recv() {
+    let mut waiting = Waiting::default();
+    loop {
+        let mut group = match waiting.outcomes.is_empty() {
+            false => waiting.take(),
+            true => match receiver.blocking_recv() {
+                Some(group) => group,
+                None => break,
+            },
+        };
         while group.len() < MAX_GROUP {
             match receiver.try_recv() {
                 Ok(more) => group.extend(more),
@@ -156,10 +200,14 @@ fn run(
                     }
                     failures += 1;
                     std::thread::sleep(Duration::from_millis(200));
+                    while let Ok(more) = receiver.try_recv() {
+                        for outcome in more {
+                            waiting.push(outcome);
+                        }
+                    }
                 }
             }
         };
-        backlog.fetch_sub(group.len(), Ordering::Relaxed);
         if failures > 0 {
             failure.set(None);
             tracing::info!(
@@ -200,7 +248,99 @@ fn run(
 mod tests {
     use super::*;
     use crate::store::keys::meta;
-    use crate::store::outbox::ExportChange;
+
+    fn failed(seq: u64, error: &str, unanswered: bool) -> Outcome {
+        Outcome {
+            profile: "a".into(),
+            seq,
+            change: ExportChange::Failed {
+                error: error.into(),
+                at_ms: 0,
+                retry_at_uptime_ms: None,
+                unanswered,
+            },
+        }
+    }
+
+    fn delivered(seq: u64) -> Outcome {
+        Outcome {
+            profile: "a".into(),
+            seq,
+            change: ExportChange::Delivered { retried: true },
+        }
+    }
+
+    /// Each export holds one failed attempt among the outcomes waiting, the last's, unanswered
+    /// once any was; what settles it comes after, and a failure after that is kept apart.
+    #[test]
+    fn outcomes_waiting_keep_one_failed_attempt_an_export() {
+        let mut waiting = Waiting::default();
+        for outcome in [
+            failed(1, "e1", false),
+            failed(1, "e2", true),
+            delivered(2),
+            failed(1, "e3", false),
+            delivered(1),
+            failed(1, "e4", false),
+        ] {
+            waiting.push(outcome);
+        }
+        let kept: Vec<(u64, Option<(String, bool)>)> = waiting
+            .take()
+            .into_iter()
+            .map(|o| match o.change {
+                ExportChange::Failed {
+                    error, unanswered, ..
+                } => (o.seq, Some((error, unanswered))),
+                _ => (o.seq, None),
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (1, Some(("e3".to_owned(), true))),
+                (2, None),
+                (1, None),
+                (1, Some(("e4".to_owned(), false))),
+            ]
+        );
+        assert!(waiting.take().is_empty());
+    }
+
+    /// While the store cannot record them, an export failing again and again is held as one
+    /// failed attempt, not one each time: recorded, it counts two attempts, not a thousand.
+    #[test]
+    fn attempts_that_come_while_recording_fails_are_held_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let seqs = crate::store::testing::export_each(&store, &[("a", "1"), ("b", "1")]);
+        let meta_tree = store.trees().unwrap().meta.clone();
+        let tally = meta_tree.get(meta::TALLY).unwrap().unwrap();
+        meta_tree.insert(meta::TALLY, b"xx").unwrap();
+        let failure = Arc::new(RecordingFailure::default());
+        let (settler, mut settled, thread) =
+            Settler::start(Arc::clone(&store), Arc::clone(&failure));
+        settler.send(vec![failed(seqs[0], "first", false)]);
+        let started = std::time::Instant::now();
+        while failure.get().is_none() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(failure.get().is_some(), "the failure reported");
+        for i in 0..1000 {
+            settler.send(vec![failed(seqs[0], &format!("try {i}"), false)]);
+        }
+        settler.send(vec![delivered(seqs[1])]);
+        // Taken in while the write is tried again, every 0.2 s.
+        std::thread::sleep(Duration::from_millis(1000));
+        meta_tree.insert(meta::TALLY, tally).unwrap();
+        let done = settled.blocking_recv().unwrap();
+        assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), [seqs[1]]);
+        let a = store.export(store.export_id(seqs[0])).unwrap().unwrap();
+        assert_eq!(a.record.attempts, 2);
+        assert_eq!(a.record.last_error.as_deref(), Some("try 999"));
+        drop(settler);
+        assert!(thread.join().unwrap());
+    }
 
     /// A write that fails is reported while the settler retries it, and no longer once it
     /// goes through; meanwhile the profile's outcome is not handed back.
@@ -231,41 +371,6 @@ mod tests {
         let done = settled.blocking_recv().unwrap();
         assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), seqs);
         assert_eq!(failure.get(), None);
-        drop(settler);
-        assert!(thread.join().unwrap());
-    }
-
-    /// Outcomes that cannot be recorded count towards the backlog until they are.
-    #[test]
-    fn outcomes_waiting_to_be_recorded_count_until_they_are() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
-        let seqs = crate::store::testing::export_each(&store, &[("a", "1")]);
-        let meta_tree = store.trees().unwrap().meta.clone();
-        let tally = meta_tree.get(meta::TALLY).unwrap().unwrap();
-        meta_tree.insert(meta::TALLY, b"xx").unwrap();
-        let failure = Arc::new(RecordingFailure::default());
-        let (settler, _settled, thread) = Settler::start(Arc::clone(&store), Arc::clone(&failure));
-        let failed = Outcome {
-            profile: "a".into(),
-            seq: seqs[0],
-            change: ExportChange::Failed {
-                error: "HTTP 500".into(),
-                at_ms: 0,
-                retry_at_uptime_ms: None,
-                unanswered: false,
-            },
-        };
-        settler.send(vec![failed.clone(); MAX_BACKLOG - 1]);
-        assert!(!settler.backlogged());
-        settler.send(vec![failed]);
-        assert!(settler.backlogged());
-        meta_tree.insert(meta::TALLY, tally).unwrap();
-        let started = std::time::Instant::now();
-        while settler.backlogged() && started.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(!settler.backlogged(), "recorded");
         drop(settler);
         assert!(thread.join().unwrap());
     }
