@@ -311,13 +311,17 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
         (&Method::GET, "/metrics") => {
             let mut read_at = state.outbox_read_at.lock().await;
             if read_at.is_none_or(|at| at.elapsed() >= OUTBOX_FIGURES_EVERY) {
-                let store = Arc::clone(&state.store);
-                let read =
-                    tokio::task::spawn_blocking(move || store.outbox_stats(chrono::Utc::now()));
-                if let Ok(Ok(stats)) = read.await {
-                    state.metrics.set_outbox(&stats);
-                }
+                // Noted before the read, which sets the figures itself: a scrape that goes
+                // away meanwhile (its stream reset) leaves the read to finish, and the next
+                // scrapes within the second do not start one each.
                 *read_at = Some(std::time::Instant::now());
+                let (store, metrics) = (Arc::clone(&state.store), Arc::clone(&state.metrics));
+                let read = tokio::task::spawn_blocking(move || {
+                    if let Ok(stats) = store.outbox_stats(chrono::Utc::now()) {
+                        metrics.set_outbox(&stats);
+                    }
+                });
+                let _ = read.await;
             }
             drop(read_at);
             if let Some(source) = &state.source {
