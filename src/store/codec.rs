@@ -166,24 +166,34 @@ fn format_of(bytes: &[u8]) -> Result<u8, CodecError> {
 pub const DECODE_LIMIT: usize = 64 << 20;
 
 /// What the length prefixes of a value stored in at most so many bytes may claim, for values
-/// larger than [`DECODE_LIMIT`] allows. A sound value claims its strings' and byte slices'
-/// lengths, together at most its own, and for a moment each list's count times its items' size
-/// in memory (some tens of bytes for each byte of the list): so each limit is 256 times its
-/// length or more. Nothing else bounds what is stored (a profile's text through `outpost ingest`,
-/// escapes that take six bytes for each character parsed, profiles that share a group), and a
-/// value stored is to read back, however large.
+/// larger than [`DECODE_LIMIT`] allows: 32 times that many bytes. A sound value claims its
+/// strings' and byte slices' lengths, together at most its own, and for a moment each list's
+/// count times its items' size in memory: a segment entry takes 112 bytes in memory and at
+/// least 4 stored, a group's entry 32 and 2, an identity 24 and 2, so a sound value claims at
+/// most 29 times its length. A damaged prefix may so ask for at most 128 times the value's
+/// length, which a host that holds the value can mostly give (an allocation it cannot give
+/// ends the process). Nothing else bounds what is stored (a profile's text through `outpost
+/// ingest`, escapes that take six bytes for each character parsed, profiles that share a
+/// group), and a value stored is to read back, however large.
 pub(crate) mod limits {
-    pub const SMALL: (usize, usize) = (256 << 10, super::DECODE_LIMIT);
-    pub const MEDIUM: (usize, usize) = (4 << 20, 1 << 30);
-    pub const LARGE: (usize, usize) = (64 << 20, 16 << 30);
-    pub const HUGE: usize = 1 << 40;
+    pub const SMALL: (usize, usize) = (2 << 20, super::DECODE_LIMIT);
+    pub const MEDIUM: (usize, usize) = (8 << 20, 256 << 20);
+    pub const LARGE: (usize, usize) = (32 << 20, 1 << 30);
+    #[cfg(target_pointer_width = "64")]
+    pub const HUGE: (usize, usize) = (128 << 20, 4 << 30);
+    #[cfg(target_pointer_width = "64")]
+    pub const LARGEST: usize = 16 << 30;
+    #[cfg(not(target_pointer_width = "64"))]
+    pub const HUGE: (usize, usize) = (128 << 20, usize::MAX);
+    #[cfg(not(target_pointer_width = "64"))]
+    pub const LARGEST: usize = usize::MAX;
 }
 
 /// Runs `$body` with `$config`: bincode's standard encoding, its length prefixes limited to what
 /// a value stored in `$len` bytes may claim ([`limits`]).
 macro_rules! with_decode_config {
     ($len:expr, |$config:ident| $body:expr) => {{
-        use $crate::store::codec::limits::{HUGE, LARGE, MEDIUM, SMALL};
+        use $crate::store::codec::limits::{HUGE, LARGE, LARGEST, MEDIUM, SMALL};
         let len: usize = $len;
         if len <= SMALL.0 {
             let $config = bincode::config::standard().with_limit::<{ SMALL.1 }>();
@@ -194,8 +204,11 @@ macro_rules! with_decode_config {
         } else if len <= LARGE.0 {
             let $config = bincode::config::standard().with_limit::<{ LARGE.1 }>();
             $body
+        } else if len <= HUGE.0 {
+            let $config = bincode::config::standard().with_limit::<{ HUGE.1 }>();
+            $body
         } else {
-            let $config = bincode::config::standard().with_limit::<HUGE>();
+            let $config = bincode::config::standard().with_limit::<LARGEST>();
             $body
         }
     }};
@@ -352,10 +365,37 @@ pub(crate) mod tests {
         assert_eq!(decode_export(&bytes).unwrap(), export);
         assert_eq!(export_profile_id(&bytes).unwrap(), "p1");
 
-        let mut damaged = vec![EXPORT_V2, 0xFF];
-        damaged.extend_from_slice(&(1u64 << 41).to_le_bytes());
-        damaged.resize(limits::SMALL.0 + 10, 0);
-        assert!(decode_export(&damaged).is_err());
+        // Claiming more than 32 times its length, or more than its tier allows.
+        for (claim, len) in [(1u64 << 41, limits::SMALL.0 + 10), (300 << 20, 3 << 20)] {
+            let mut damaged = vec![EXPORT_V2, 0xFF];
+            damaged.extend_from_slice(&claim.to_le_bytes());
+            damaged.resize(len, 0);
+            assert!(decode_export(&damaged).is_err(), "{claim} in {len}");
+        }
+    }
+
+    /// A profile of many small segment entries claims far more than its stored length while it
+    /// is read (112 bytes in memory for each entry of about 10 stored): it reads back.
+    #[test]
+    fn a_record_of_many_small_entries_reads_back() {
+        use crate::profile::record::{Membership, Rest};
+        let record = ProfileRecord {
+            timestamp_micros: Some(1),
+            segments: (0..700_000)
+                .map(|i| Membership {
+                    segment: format!("{i:06}"),
+                    status: None,
+                    last_qualification_time: None,
+                    rest: Rest::Nothing,
+                })
+                .collect(),
+            identities: Vec::new(),
+            attributes: Vec::new(),
+        };
+        let bytes = encode_profile(&record);
+        assert!(bytes.len() > limits::SMALL.0 && bytes.len() <= limits::MEDIUM.0);
+        assert!(700_000 * std::mem::size_of::<Membership>() > DECODE_LIMIT);
+        assert_eq!(decode_profile(&bytes).unwrap(), record);
     }
 
     pub(crate) fn sample_export() -> ExportRecord {
