@@ -77,12 +77,23 @@ impl<B> Profile<B> {
                 .is_some_and(|e| e.retry_at_uptime_ms.is_some())
     }
 
-    /// Forgets what was kept of the head export's attempts: the head is another now.
+    /// Forgets what was kept of the head export's attempts: the head is another now, with the
+    /// failed attempts stored with it.
     fn new_head(&mut self) {
         self.backoff = None;
         self.solo = false;
-        self.failures = 0;
+        self.failures = self.stored_failures();
         self.token_refused = false;
+    }
+
+    /// The failed attempts stored with the head export, which count towards letting go of it
+    /// as those of this run do: read again after a restart or a start-over, or come to the
+    /// head behind another, a head that waits long would otherwise hold a full window for as
+    /// many attempts again. (They count every attempt stored, also those sent again at once.)
+    fn stored_failures(&self) -> u32 {
+        self.exports
+            .front()
+            .map_or(0, |head| retry::failures_before(&head.record))
     }
 }
 
@@ -210,18 +221,14 @@ impl<B> Queue<B> {
             profile.state = State::Idle;
             profile.new_head();
         }
-        // Failed attempts stored with the export count towards letting go of it, as those of
-        // this run do: read again after a restart or a start-over, a head that waits long
-        // would otherwise hold a full window for as many attempts again.
-        let failed_before = retry::failures_before(&export.record);
         self.held += 1;
         self.held_bytes += footprint(&export);
         profile.exports.push_back(export);
         if profile.state == State::Idle && profile.exports.len() == 1 {
+            profile.failures = profile.stored_failures();
             match at {
                 Some(at) => {
                     profile.state = State::Waiting(at);
-                    profile.failures = failed_before;
                     self.waiting.insert((at, id));
                 }
                 None => {
@@ -1030,18 +1037,32 @@ mod tests {
     }
 
     /// A head read again with a retry time stored (after a restart) counts the failed
-    /// attempts stored with it towards letting go, as the window that made them did.
+    /// attempts stored with it towards letting go, as the window that made them did; so does
+    /// one read again after its retry time, once it fails again.
     #[test]
     fn failures_stored_with_a_head_read_again_count_towards_letting_go() {
         let start = Instant::now();
+        let later = start + Duration::from_secs(600);
+        let a: Arc<str> = "a".into();
         for (attempts, let_go) in [(LET_GO_AFTER_FAILURES - 1, 0), (LET_GO_AFTER_FAILURES, 2)] {
+            let failed = || {
+                let mut head = export(1, "a");
+                head.record.attempts = attempts;
+                head.record.last_attempt_at_ms = Some(1);
+                head
+            };
             let mut q: Queue<u32> = Queue::default();
-            let mut head = export(1, "a");
-            head.record.attempts = attempts;
-            head.record.last_attempt_at_ms = Some(1);
-            q.push_waiting(head, Some(start + Duration::from_secs(600)));
+            q.push_waiting(failed(), Some(later));
             q.push(export(2, "a"));
             assert_eq!(q.let_go_of_blocked(), let_go, "{attempts} attempts stored");
+
+            let mut q: Queue<u32> = Queue::default();
+            q.push_waiting(failed(), None);
+            q.push(export(2, "a"));
+            let (_, head) = q.take(1).remove(0);
+            q.put_back(&a, head, Some(later));
+            let one_more = usize::from(attempts + 1 >= LET_GO_AFTER_FAILURES) * 2;
+            assert_eq!(q.let_go_of_blocked(), one_more, "{attempts} stored, due");
         }
     }
 
