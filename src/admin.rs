@@ -555,7 +555,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         .into_iter()
         .map(|(text, id)| (text, (id.store == store.store_id()).then_some(id.seq)))
         .collect();
-    let mut unreadable = Vec::new();
+    let mut unreadable = Named::every(!all_dead);
     let mut already_pending = Vec::new();
     let mut superseded = Named::every(!all_dead);
     let mut maybe_overtaken = Named::every(!all_dead);
@@ -615,7 +615,7 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
                             "id": text,
                             "pending": store.export_id(by).to_string(),
                         })),
-                        PutBack::Unreadable => unreadable.push(text),
+                        PutBack::Unreadable => unreadable.push(Value::String(text)),
                         // Retrying an export still pending changes nothing; it is there all the same.
                         PutBack::NotDead if store.export(store.export_id(seq))?.is_some() => {
                             already_pending.push(text)
@@ -692,7 +692,8 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         verb: done.ids,
         format!("{verb}_count"): done.count,
         "not_found": missing,
-        "unreadable": unreadable,
+        "unreadable": unreadable.ids,
+        "unreadable_count": unreadable.count,
         "already_pending": already_pending,
         "superseded": superseded.ids,
         "superseded_count": superseded.count,

@@ -985,7 +985,10 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
         );
     }
     let missing = ids("not_found");
-    let unreadable = ids("unreadable");
+    let mut unreadable = ids("unreadable");
+    if count("unreadable") > unreadable.len() {
+        unreadable.push("…".into());
+    }
     let paired = |name: &str, with: &str, word: &str| -> Vec<String> {
         listed(name)
             .iter()
@@ -1034,7 +1037,8 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     }
     if !unreadable.is_empty() {
         problems.push(format!(
-            "not retried, unreadable records (see `outbox show ID`; `outbox drop ID` deletes them): {}",
+            "not retried, {} unreadable record(s) (see `outbox show ID`; `outbox drop ID` deletes them): {}",
+            count("unreadable"),
             unreadable.join(", ")
         ));
     }
