@@ -72,8 +72,9 @@ struct ExportRecordV1 {
 }
 
 /// The first layout written with format byte 1, before `queued_at_ms`: read when a format 1
-/// value does not read as [`ExportRecordV1`] (one written so never does: it ends a field
-/// short, or its `last_error` tag reads as another field's).
+/// value does not read as [`ExportRecordV1`]. One written so mostly does not: it ends a field
+/// short, or its `last_error` tag reads as another field's. One whose `last_error` is empty
+/// text does, with its attempts and queue time read wrong and that empty error lost.
 #[derive(Decode)]
 struct ExportRecordV1First {
     profile_id: String,
