@@ -80,7 +80,8 @@ pub fn token_answer(
     body: &[u8],
     error: &serde_json::Error,
 ) -> String {
-    let content_type = content_type.unwrap_or("none");
+    // The endpoint's to choose, and a header may take hundreds of KiB.
+    let content_type = cut_to(content_type.unwrap_or("none").to_owned(), 100);
     let start = String::from_utf8_lossy(&body[..body.len().min(64)])
         .trim_start()
         .to_ascii_lowercase();
