@@ -219,9 +219,11 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             // Opened with this process's rights, before it may act as the store's owner.
             let mut input = ingest::open_input(&file)?;
             // Checked before a store not made yet is made, so that refused input leaves none.
-            let checked = match Store::exists_at(&config.storage.path)? {
-                true => None,
-                false => Some(ingest::check_before_making_store(config, &mut input)?),
+            // A folder this user cannot look into is left to the store's opening to report,
+            // as the store owner's folder.
+            let checked = match Store::exists_at(&config.storage.path) {
+                Ok(false) => Some(ingest::check_before_making_store(config, &mut input)?),
+                Ok(true) | Err(_) => None,
             };
             as_store_owner(config, StoreUse::Make)?;
             let backend = Backend::connect(config)?;
@@ -749,7 +751,12 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Option<Listing>, 
                 let dead_letters = backend.execute(&AdminRequest::Stats).ok();
                 let dead_letters = dead_letters.and_then(|stats| stats["dead"].as_u64());
                 if let Some(n) = dead_letters.filter(|&n| n > 0) {
-                    eprintln!("the outbox also holds {n} dead letter(s), not listed here: --dead lists them");
+                    let of = if profile.is_some() {
+                        " (of every profile)"
+                    } else {
+                        ""
+                    };
+                    eprintln!("the outbox also holds {n} dead letter(s){of}, not listed here: --dead lists them");
                 }
             }
             return Ok(Some(table.finish()));
