@@ -515,8 +515,11 @@ impl Deliverer {
                             state.queue.settled(&s.profile, s.seq);
                         }
                         // Out when a put-back or drop began, it came back before it settled
-                        // and will not come back again.
-                        state.out_at_rewind.remove(&s.seq);
+                        // or vanished; unless it is out again (a failed export sent again
+                        // before its outcome was recorded), nothing is to come back of it.
+                        if !state.queue.out().contains(&s.seq) {
+                            state.out_at_rewind.remove(&s.seq);
+                        }
                         if state.reading {
                             state.out_at_read.insert(s.seq);
                         }
@@ -1264,8 +1267,8 @@ fn log_read_error(e: &StoreError, store_failed: bool) {
 /// (`None`: at once), the run time now, and the `longest` wait an attempt can set. A crash
 /// loses the run time since the last checkpoint that reached the disk (some seconds), which
 /// only lengthens the wait: a time further ahead than `longest` (so lengthened, or set by a
-/// run clock that started again from 0 after its record was unreadable) waits `longest`,
-/// which is never shorter than what was left of it.
+/// run clock that started again after its record was unreadable) waits `longest`, which is
+/// never shorter than what was left of it, unless `max_backoff_ms` was lowered since.
 fn retry_instant(
     retry_at_uptime_ms: Option<u64>,
     uptime_ms: u64,
