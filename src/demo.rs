@@ -315,6 +315,24 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     Ok(report)
 }
 
+/// What the demo's own figures say went wrong, if anything: it is to end with every export it
+/// made accepted by its receiver, none twice under another key, none dead.
+pub fn shortfall(report: &DemoReport) -> Option<String> {
+    let made = report.ingested.exports;
+    if report.dead > 0 {
+        return Some(format!(
+            "{} of the {made} exports became dead letters",
+            report.dead
+        ));
+    }
+    (report.receiver_exports != made).then(|| {
+        format!(
+            "the receiver accepted {} distinct exports, not the {made} made",
+            report.receiver_exports
+        )
+    })
+}
+
 pub fn print_report(report: &DemoReport) {
     let i = &report.ingested;
     println!();
@@ -375,4 +393,66 @@ pub fn print_report(report: &DemoReport) {
     }
     println!();
     println!("next: point data/outpost.example.toml at your endpoint, then `outpost check --config data/outpost.example.toml`");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(made: u64, accepted: u64, dead: u64) -> DemoReport {
+        DemoReport {
+            ingested: BatchSummary {
+                exports: made,
+                ..BatchSummary::default()
+            },
+            delivered: accepted,
+            retried: 0,
+            auth_rejected: 0,
+            dead,
+            token_fetches: 0,
+            receiver_requests: accepted,
+            receiver_exports: accepted,
+            receiver_tokens: 0,
+            receiver_refused: 0,
+            receiver_peak_in_flight: 0,
+            adaptive: AdaptiveSeen::default(),
+            samples: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_demo_falls_short_when_an_export_is_missing_extra_or_dead() {
+        // (made, distinct exports the receiver accepted, dead, what is said)
+        let table = [
+            (823, 823, 0, None),
+            (
+                823,
+                822,
+                0,
+                Some("accepted 822 distinct exports, not the 823 made"),
+            ),
+            (
+                823,
+                824,
+                0,
+                Some("accepted 824 distinct exports, not the 823 made"),
+            ),
+            (
+                823,
+                820,
+                3,
+                Some("3 of the 823 exports became dead letters"),
+            ),
+        ];
+        for (made, accepted, dead, said) in table {
+            let problem = shortfall(&report(made, accepted, dead));
+            match said {
+                None => assert_eq!(problem, None),
+                Some(said) => assert!(
+                    problem.as_deref().is_some_and(|p| p.contains(said)),
+                    "{problem:?}"
+                ),
+            }
+        }
+    }
 }

@@ -344,7 +344,10 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
             .await
             .map_err(CliError::Failure)?;
         crate::demo_fleet::print_report(&report);
-        return Ok(());
+        return match crate::demo_fleet::shortfall(&report) {
+            Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
+            None => Ok(()),
+        };
     }
     println!("outpost demo: an embedded receiver on loopback, the agent against it, the sample updates of data/");
     let options = crate::demo::DemoOptions {
@@ -356,7 +359,10 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
         .await
         .map_err(CliError::Failure)?;
     crate::demo::print_report(&report);
-    Ok(())
+    match crate::demo::shortfall(&report) {
+        Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
+        None => Ok(()),
+    }
 }
 
 async fn receiver(
