@@ -502,7 +502,10 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
     }
     received.status = response.status().as_u16();
     if received.path == PROFILES_PATH && (200..300).contains(&received.status) {
-        if let Some(callback) = state.on_delivered.lock().unwrap().clone() {
+        // Taken out of the lock first: a callback that panics (a print to a closed pipe) must
+        // not poison it for every later export.
+        let callback = state.on_delivered.lock().unwrap().clone();
+        if let Some(callback) = callback {
             callback(&received);
         }
     }

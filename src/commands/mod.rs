@@ -419,12 +419,20 @@ async fn receiver(
                     "{line}"
                 );
             }
-            None => println!(
-                "{key} {}",
-                payload
+            None => {
+                let text = payload
                     .as_deref()
-                    .map_or("null", serde_json::value::RawValue::get)
-            ),
+                    .map_or("null", serde_json::value::RawValue::get);
+                // JSON carries control characters raw in its strings, which a terminal would
+                // act on; and a reader that stops early (`| head`) only ends the printing.
+                let line = format!("{key} {text}");
+                let stdout = std::io::stdout();
+                let shown = match stdout.is_terminal() {
+                    true => for_terminal(&line, false),
+                    false => std::borrow::Cow::Borrowed(line.as_str()),
+                };
+                let _ = writeln!(stdout.lock(), "{shown}");
+            }
         }
     }));
     let base = receiver.base_url();
