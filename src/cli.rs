@@ -147,8 +147,8 @@ pub enum Command {
             hide_default_value = true
         )]
         client_secret: String,
-        /// Token lifetime in seconds
-        #[arg(long, default_value_t = 3600)]
+        /// Token lifetime in seconds (at least 1)
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
         token_lifetime_s: u64,
         /// Share (0 to 1) of export requests to fail with 503
         #[arg(long, default_value_t = 0.0)]
