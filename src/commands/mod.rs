@@ -338,11 +338,17 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
             "--fail-share must be at least 0 and below 1".into(),
         ));
     }
+    // Stopped by a signal, the demo's future is dropped, and with it its temporary folders
+    // and the nats-server child: the default action would leave them behind.
+    let interrupted =
+        || CliError::Failure("interrupted; the demo's temporary folders are removed".into());
     if fleet {
         println!("outpost demo --fleet: nats-server, the embedded receiver, three agents owning 12 partitions, the sample updates of data/ published into the stream");
-        let report = crate::demo_fleet::run(fail_share, std::io::stderr().is_terminal())
-            .await
-            .map_err(CliError::Failure)?;
+        let run = crate::demo_fleet::run(fail_share, std::io::stderr().is_terminal());
+        let report = tokio::select! {
+            report = run => report.map_err(CliError::Failure)?,
+            () = termination_signal() => return Err(interrupted()),
+        };
         crate::demo_fleet::print_report(&report);
         return match crate::demo_fleet::shortfall(&report) {
             Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
@@ -355,9 +361,10 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
         show_progress: std::io::stderr().is_terminal(),
         ..Default::default()
     };
-    let report = crate::demo::run(&options)
-        .await
-        .map_err(CliError::Failure)?;
+    let report = tokio::select! {
+        report = crate::demo::run(&options) => report.map_err(CliError::Failure)?,
+        () = termination_signal() => return Err(interrupted()),
+    };
     crate::demo::print_report(&report);
     match crate::demo::shortfall(&report) {
         Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
