@@ -114,10 +114,17 @@ async fn watch_delivery(
     seen
 }
 
-fn demo_config(dir: &std::path::Path, receiver: &str) -> Config {
+/// The demo agent's config in `dir`; refused only where `dir` is (a temporary folder whose
+/// path leaves no room for the admin socket's, say).
+fn demo_config(dir: &std::path::Path, receiver: &str) -> Result<Config, String> {
     let text = demo_config_text(receiver);
     let path = dir.join("outpost.toml");
-    Config::parse(&path, &text).expect("the demo config is valid")
+    Config::parse(&path, &text).map_err(|e| {
+        format!(
+            "the demo's config in its temporary folder {}: {e} (TMPDIR sets where that folder is)",
+            dir.display()
+        )
+    })
 }
 
 /// The demo agent's config, delivering to the receiver at `receiver`.
@@ -193,7 +200,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
             Reply::rate_limited()
         }
     })));
-    let config = demo_config(dir.path(), &receiver.base_url());
+    let config = demo_config(dir.path(), &receiver.base_url())?;
     let agent = Agent::start(&config, AgentOptions::default())
         .await
         .map_err(|e| e.to_string())?;
