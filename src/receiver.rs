@@ -194,7 +194,12 @@ impl Receiver {
                 let stream = tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => stream,
-                        Err(_) => continue,
+                        Err(_) => {
+                            // Out of file descriptors, say: what waits to be accepted stays,
+                            // so trying again at once would spin.
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
                     },
                     _ = serve_stop.cancelled() => break,
                 };
@@ -440,13 +445,21 @@ fn answer(
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
+/// The largest request body the receiver reads: an array of exports takes some MiB at most.
+const MAX_BODY_BYTES: usize = 64 << 20;
+
 async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let body = body
+    let body = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
         .collect()
         .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return answer(413, &[], "the body is larger than the receiver reads");
+        }
+        Err(_) => Bytes::new(),
+    };
     let mut received = Received {
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
