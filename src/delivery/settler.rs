@@ -307,71 +307,97 @@ mod tests {
         assert!(waiting.take().is_empty());
     }
 
-    /// While the store cannot record them, an export failing again and again is held as one
-    /// failed attempt, not one each time: recorded, it counts two attempts, not a thousand.
-    #[test]
-    fn attempts_that_come_while_recording_fails_are_held_as_one() {
+    /// A settler whose writes fail until [`Unrecording::mend`]: its store's tally is damaged.
+    struct Unrecording {
+        _dir: tempfile::TempDir,
+        store: Arc<Store>,
+        seqs: Vec<u64>,
+        meta_tree: sled::Tree,
+        tally: sled::IVec,
+        failure: Arc<RecordingFailure>,
+        settler: Settler,
+        settled: mpsc::UnboundedReceiver<Vec<Settled>>,
+        thread: std::thread::JoinHandle<bool>,
+    }
+
+    fn unrecording(exports: &[(&str, &str)]) -> Unrecording {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
-        let seqs = crate::store::testing::export_each(&store, &[("a", "1"), ("b", "1")]);
+        let seqs = crate::store::testing::export_each(&store, exports);
         let meta_tree = store.trees().unwrap().meta.clone();
         let tally = meta_tree.get(meta::TALLY).unwrap().unwrap();
         meta_tree.insert(meta::TALLY, b"xx").unwrap();
         let failure = Arc::new(RecordingFailure::default());
-        let (settler, mut settled, thread) =
-            Settler::start(Arc::clone(&store), Arc::clone(&failure));
-        settler.send(vec![failed(seqs[0], "first", false)]);
-        let started = std::time::Instant::now();
-        while failure.get().is_none() && started.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
+        let (settler, settled, thread) = Settler::start(Arc::clone(&store), Arc::clone(&failure));
+        Unrecording {
+            _dir: dir,
+            store,
+            seqs,
+            meta_tree,
+            tally,
+            failure,
+            settler,
+            settled,
+            thread,
         }
-        assert!(failure.get().is_some(), "the failure reported");
+    }
+
+    impl Unrecording {
+        /// What the settler reports once it has failed to write.
+        fn reported(&self) -> String {
+            let started = std::time::Instant::now();
+            while self.failure.get().is_none() && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.failure.get().expect("the failure reported")
+        }
+
+        fn mend(&self) {
+            self.meta_tree.insert(meta::TALLY, &self.tally).unwrap();
+        }
+
+        fn stop(self) {
+            drop(self.settler);
+            assert!(self.thread.join().unwrap());
+        }
+    }
+
+    /// While the store cannot record them, an export failing again and again is held as one
+    /// failed attempt, not one each time: recorded, it counts two attempts, not a thousand.
+    #[test]
+    fn attempts_that_come_while_recording_fails_are_held_as_one() {
+        let mut u = unrecording(&[("a", "1"), ("b", "1")]);
+        let (a, b) = (u.seqs[0], u.seqs[1]);
+        u.settler.send(vec![failed(a, "first", false)]);
+        u.reported();
         for i in 0..1000 {
-            settler.send(vec![failed(seqs[0], &format!("try {i}"), false)]);
+            u.settler.send(vec![failed(a, &format!("try {i}"), false)]);
         }
-        settler.send(vec![delivered(seqs[1])]);
+        u.settler.send(vec![delivered(b)]);
         // Taken in while the write is tried again, every 0.2 s.
         std::thread::sleep(Duration::from_millis(1000));
-        meta_tree.insert(meta::TALLY, tally).unwrap();
-        let done = settled.blocking_recv().unwrap();
-        assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), [seqs[1]]);
-        let a = store.export(store.export_id(seqs[0])).unwrap().unwrap();
+        u.mend();
+        let done = u.settled.blocking_recv().unwrap();
+        assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), [b]);
+        let a = u.store.export(u.store.export_id(a)).unwrap().unwrap();
         assert_eq!(a.record.attempts, 2);
         assert_eq!(a.record.last_error.as_deref(), Some("try 999"));
-        drop(settler);
-        assert!(thread.join().unwrap());
+        u.stop();
     }
 
     /// A write that fails is reported while the settler retries it, and no longer once it
     /// goes through; meanwhile the profile's outcome is not handed back.
     #[test]
     fn a_failure_to_record_is_reported_until_recording_goes_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
-        let seqs = crate::store::testing::export_each(&store, &[("a", "1")]);
-        let meta_tree = store.trees().unwrap().meta.clone();
-        let tally = meta_tree.get(meta::TALLY).unwrap().unwrap();
-        meta_tree.insert(meta::TALLY, b"xx").unwrap();
-        let failure = Arc::new(RecordingFailure::default());
-        let (settler, mut settled, thread) =
-            Settler::start(Arc::clone(&store), Arc::clone(&failure));
-        settler.send(vec![Outcome {
-            profile: "a".into(),
-            seq: seqs[0],
-            change: ExportChange::Delivered { retried: false },
-        }]);
-        let started = std::time::Instant::now();
-        while failure.get().is_none() && started.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let reported = failure.get().expect("the failure reported");
+        let mut u = unrecording(&[("a", "1")]);
+        u.settler.send(vec![delivered(u.seqs[0])]);
+        let reported = u.reported();
         assert!(reported.contains("tally"), "{reported}");
-        assert!(settled.try_recv().is_err(), "nothing settled meanwhile");
-        meta_tree.insert(meta::TALLY, tally).unwrap();
-        let done = settled.blocking_recv().unwrap();
-        assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), seqs);
-        assert_eq!(failure.get(), None);
-        drop(settler);
-        assert!(thread.join().unwrap());
+        assert!(u.settled.try_recv().is_err(), "nothing settled meanwhile");
+        u.mend();
+        let done = u.settled.blocking_recv().unwrap();
+        assert_eq!(done.iter().map(|s| s.seq).collect::<Vec<_>>(), u.seqs);
+        assert_eq!(u.failure.get(), None);
+        u.stop();
     }
 }
