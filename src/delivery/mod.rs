@@ -71,6 +71,12 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// At shutdown, outcomes are waited for this long beyond the request timeout; what is not
 /// recorded by then stays pending (sent again: at least once).
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// While this many deliveries and dead letters wait to be recorded, no request starts: a store
+/// that refuses to record them (a damaged tally, say, which does not stop reads as a full disk
+/// does) would otherwise have the loop send the head export of every profile in the outbox,
+/// each outcome held in memory until it is recorded. Failed attempts are held one per export
+/// meanwhile ([`settler`]).
+const MAX_SETTLING: usize = 65_536;
 /// At most this many exports are read from the store at once; fewer when the window is empty.
 const READ_CHUNK: usize = 1_024;
 const FIRST_READ: usize = 128;
@@ -446,7 +452,7 @@ impl Deliverer {
                         state.reading = false;
                     }
                     state.queue.wake_due(now);
-                    if !self.store.requests_held() {
+                    if !self.store.requests_held() && state.settling < MAX_SETTLING {
                         // Should starting them panic, a put-back must not take the count
                         // from before for the truth.
                         self.store.set_exports_out(usize::MAX);
@@ -476,8 +482,10 @@ impl Deliverer {
             let timer = if stopping {
                 stop_by
             } else {
-                // While a put-back holds requests, no permit is taken, so none is waited for.
-                let permit_at = if self.store.requests_held() {
+                // While a put-back holds requests, no permit is taken, so none is waited for;
+                // nor while too many outcomes wait to be recorded (their group's record wakes
+                // the loop).
+                let permit_at = if self.store.requests_held() || state.settling >= MAX_SETTLING {
                     None
                 } else {
                     let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);

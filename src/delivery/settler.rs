@@ -125,9 +125,17 @@ impl Waiting {
         }
     }
 
-    fn take(&mut self) -> Vec<Outcome> {
+    /// The first `n` outcomes, oldest first, to be recorded in one group.
+    fn take(&mut self, n: usize) -> Vec<Outcome> {
+        let taken: Vec<Outcome> = self.outcomes.drain(..n.min(self.outcomes.len())).collect();
         self.failed_at.clear();
-        std::mem::take(&mut self.outcomes)
+        for (at, outcome) in self.outcomes.iter().enumerate() {
+            match outcome.change {
+                ExportChange::Failed { .. } => self.failed_at.insert(outcome.seq, at),
+                _ => self.failed_at.remove(&outcome.seq),
+            };
+        }
+        taken
     }
 }
 
@@ -140,13 +148,14 @@ fn run(
     let mut waiting = Waiting::default();
     loop {
         let mut group = match waiting.outcomes.is_empty() {
-            false => waiting.take(),
+            false => waiting.take(MAX_GROUP),
             true => match receiver.blocking_recv() {
                 Some(group) => group,
                 None => break,
             },
         };
-        while group.len() < MAX_GROUP {
+        // Topped up from the channel only once nothing waits before what comes now.
+        while group.len() < MAX_GROUP && waiting.outcomes.is_empty() {
             match receiver.try_recv() {
                 Ok(more) => group.extend(more),
                 Err(_) => break,
@@ -177,7 +186,8 @@ fn run(
                 // Delivery has stopped: nothing waits for these any more, and a stop must not
                 // wait for a disk to get room. Delivered ones are sent again (at least once).
                 Err(e) if receiver.is_closed() => {
-                    tracing::warn!(error = %e, changes = group.len(), "stopping with outcomes not recorded in the store; those exports stay pending as they were");
+                    let changes = group.len() + waiting.outcomes.len();
+                    tracing::warn!(error = %e, changes, "stopping with outcomes not recorded in the store; those exports stay pending as they were");
                     return false;
                 }
                 Err(e) => {
@@ -286,7 +296,7 @@ mod tests {
             waiting.push(outcome);
         }
         let kept: Vec<(u64, Option<(String, bool)>)> = waiting
-            .take()
+            .take(usize::MAX)
             .into_iter()
             .map(|o| match o.change {
                 ExportChange::Failed {
@@ -304,7 +314,18 @@ mod tests {
                 (1, Some(("e4".to_owned(), false))),
             ]
         );
-        assert!(waiting.take().is_empty());
+        assert!(waiting.take(usize::MAX).is_empty());
+
+        // Taken a group at a time, oldest first: what is left still holds one failed
+        // attempt an export.
+        for outcome in [failed(1, "e1", false), delivered(2), failed(3, "e3", false)] {
+            waiting.push(outcome);
+        }
+        assert_eq!(waiting.take(1).len(), 1);
+        waiting.push(failed(3, "e3 again", true));
+        waiting.push(failed(1, "e1 again", false));
+        let seqs: Vec<u64> = waiting.take(usize::MAX).iter().map(|o| o.seq).collect();
+        assert_eq!(seqs, [2, 3, 1]);
     }
 
     /// A settler whose writes fail until [`Unrecording::mend`]: its store's tally is damaged.
