@@ -175,7 +175,8 @@ pub const DECODE_LIMIT: usize = 64 << 20;
 /// length, which a host that holds the value can mostly give (an allocation it cannot give
 /// ends the process). Nothing else bounds what is stored (a profile's text through `outpost
 /// ingest`, escapes that take six bytes for each character parsed, profiles that share a
-/// group), and a value stored is to read back, however large.
+/// group), and a value stored is to read back: so it does up to 512 MiB, past which the
+/// limit stays at 16 GiB.
 pub(crate) mod limits {
     pub const SMALL: (usize, usize) = (2 << 20, super::DECODE_LIMIT);
     pub const MEDIUM: (usize, usize) = (8 << 20, 256 << 20);
