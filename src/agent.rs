@@ -283,6 +283,7 @@ impl Agent {
             recording_failure,
             source,
             outbox_read_at: tokio::sync::Mutex::default(),
+            outbox_reading: Arc::default(),
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push((

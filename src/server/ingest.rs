@@ -74,6 +74,9 @@ pub struct IngestState {
     /// When `/metrics` last read the outbox's figures from the store (see
     /// [`OUTBOX_FIGURES_EVERY`]).
     pub outbox_read_at: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Set while such a read runs: one that takes longer than the interval is not joined by
+    /// another each interval.
+    pub outbox_reading: Arc<AtomicBool>,
 }
 
 /// `/metrics` reads the outbox's figures from the store at most this often, on a blocking
@@ -310,13 +313,23 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
         }
         (&Method::GET, "/metrics") => {
             let mut read_at = state.outbox_read_at.lock().await;
-            if read_at.is_none_or(|at| at.elapsed() >= OUTBOX_FIGURES_EVERY) {
+            let due = read_at.is_none_or(|at| at.elapsed() >= OUTBOX_FIGURES_EVERY);
+            if due && !state.outbox_reading.swap(true, Ordering::AcqRel) {
                 // Noted before the read, which sets the figures itself: a scrape that goes
                 // away meanwhile (its stream reset) leaves the read to finish, and the next
-                // scrapes within the second do not start one each.
+                // scrapes do not start one each.
                 *read_at = Some(std::time::Instant::now());
                 let (store, metrics) = (Arc::clone(&state.store), Arc::clone(&state.metrics));
+                /// Clears the flag however the read ends.
+                struct Reading(Arc<AtomicBool>);
+                impl Drop for Reading {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::Release);
+                    }
+                }
+                let reading = Reading(Arc::clone(&state.outbox_reading));
                 let read = tokio::task::spawn_blocking(move || {
+                    let _reading = reading;
                     if let Ok(stats) = store.outbox_stats(chrono::Utc::now()) {
                         metrics.set_outbox(&stats);
                     }
