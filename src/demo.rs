@@ -36,6 +36,8 @@ pub struct DemoOptions {
     pub token_lifetime: Duration,
     pub show_progress: bool,
     pub timeout: Duration,
+    /// Cancelled to stop the demo (on a signal).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 impl Default for DemoOptions {
@@ -45,6 +47,7 @@ impl Default for DemoOptions {
             token_lifetime: Duration::from_secs(1),
             show_progress: true,
             timeout: Duration::from_secs(120),
+            stop: tokio_util::sync::CancellationToken::new(),
         }
     }
 }
@@ -204,6 +207,22 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     let agent = Agent::start(&config, AgentOptions::default())
         .await
         .map_err(|e| e.to_string())?;
+    // Stopped by a signal (`stop`), the agent is stopped before its folder goes.
+    let driven = tokio::select! {
+        driven = drive(&agent, &receiver, options) => driven,
+        () = options.stop.cancelled() => Err("interrupted; the demo's temporary folder is removed".into()),
+    };
+    agent.stop().await.map_err(|e| e.to_string())?;
+    driven
+}
+
+/// Streams the sample updates through the agent, waits until every export left the outbox,
+/// and says what happened from both ends.
+async fn drive(
+    agent: &Agent,
+    receiver: &Receiver,
+    options: &DemoOptions,
+) -> Result<DemoReport, String> {
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let watcher = tokio::spawn(watch_delivery(
         Arc::clone(&agent.metrics),
@@ -318,7 +337,6 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
         adaptive,
         samples,
     };
-    agent.stop().await.map_err(|e| e.to_string())?;
     Ok(report)
 }
 

@@ -361,10 +361,14 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
         show_progress: std::io::stderr().is_terminal(),
         ..Default::default()
     };
-    let report = tokio::select! {
-        report = crate::demo::run(&options) => report.map_err(CliError::Failure)?,
-        () = termination_signal() => return Err(interrupted()),
-    };
+    let (stop, terminated) = (options.stop.clone(), termination_signal());
+    tokio::spawn(async move {
+        terminated.await;
+        stop.cancel();
+    });
+    let report = crate::demo::run(&options)
+        .await
+        .map_err(CliError::Failure)?;
     crate::demo::print_report(&report);
     match crate::demo::shortfall(&report) {
         Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
