@@ -68,6 +68,13 @@ pub struct DemoReport {
     /// Export requests the receiver answered 429.
     pub receiver_refused: u64,
     pub receiver_peak_in_flight: u64,
+    /// Profiles the receiver got an export of after a newer one of the same profile.
+    pub receiver_out_of_order: u64,
+    /// Exports the receiver accepted that the store did not hold (it looks each up as it
+    /// accepts it, before the agent hears the answer and records the delivery).
+    pub receiver_unknown: u64,
+    /// Exports the receiver accepted and found in the store, resends included.
+    pub receiver_looked_up: u64,
     pub adaptive: AdaptiveSeen,
     pub samples: Vec<(String, Value)>,
 }
@@ -216,6 +223,40 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
     driven
 }
 
+/// What the receiver accepted, export by export, with the profile the store holds each of:
+/// each profile's exports must arrive oldest first (a resend of the same one aside).
+#[derive(Default)]
+struct Arrivals {
+    by_profile: std::collections::HashMap<String, Vec<u64>>,
+    unknown: u64,
+}
+
+impl Arrivals {
+    /// Notes the exports of an accepted request, looked up in `store`.
+    fn note(&mut self, store: &crate::store::Store, key: &str) {
+        for id in key.split(',') {
+            let export = id
+                .parse()
+                .ok()
+                .and_then(|id| store.export(id).ok().flatten());
+            match export {
+                Some(export) => self
+                    .by_profile
+                    .entry(export.record.profile_id)
+                    .or_default()
+                    .push(export.id.seq),
+                None => self.unknown += 1,
+            }
+        }
+    }
+
+    /// Profiles that got an export after a newer one.
+    fn out_of_order(&self) -> u64 {
+        let ordered = |seqs: &Vec<u64>| seqs.windows(2).all(|pair| pair[0] <= pair[1]);
+        self.by_profile.values().filter(|s| !ordered(s)).count() as u64
+    }
+}
+
 /// Streams the sample updates through the agent, waits until every export left the outbox,
 /// and says what happened from both ends.
 async fn drive(
@@ -223,6 +264,13 @@ async fn drive(
     receiver: &Receiver,
     options: &DemoOptions,
 ) -> Result<DemoReport, String> {
+    let arrivals = Arc::new(std::sync::Mutex::new(Arrivals::default()));
+    let (noting, store) = (Arc::clone(&arrivals), Arc::clone(&agent.store));
+    receiver.on_delivered(Arc::new(move |request| {
+        if let Some(key) = request.header("idempotency-key") {
+            noting.lock().unwrap().note(&store, key);
+        }
+    }));
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let watcher = tokio::spawn(watch_delivery(
         Arc::clone(&agent.metrics),
@@ -318,6 +366,11 @@ async fn drive(
     .filter_map(|&i| delivered_requests.get(i))
     .filter_map(|r| Some((r.header("idempotency-key")?.to_owned(), r.json()?)))
     .collect();
+    let (receiver_out_of_order, receiver_unknown, receiver_looked_up) = {
+        let arrivals = arrivals.lock().unwrap();
+        let found = arrivals.by_profile.values().map(|seqs| seqs.len() as u64);
+        (arrivals.out_of_order(), arrivals.unknown, found.sum())
+    };
     let report = DemoReport {
         ingested,
         delivered: m.deliveries(DeliveryOutcome::Delivered),
@@ -334,6 +387,9 @@ async fn drive(
             .filter(|r| r.status == 429)
             .count() as u64,
         receiver_peak_in_flight: receiver.max_in_flight(),
+        receiver_out_of_order,
+        receiver_unknown,
+        receiver_looked_up,
         adaptive,
         samples,
     };
@@ -344,6 +400,24 @@ async fn drive(
 /// made accepted by its receiver, none twice under another key, none dead.
 pub fn shortfall(report: &DemoReport) -> Option<String> {
     let made = report.ingested.exports;
+    if report.receiver_out_of_order > 0 {
+        return Some(format!(
+            "{} profiles got an export after a newer one of theirs",
+            report.receiver_out_of_order
+        ));
+    }
+    if report.receiver_looked_up < report.receiver_exports {
+        return Some(format!(
+            "the receiver looked up {} of the {} exports it accepted",
+            report.receiver_looked_up, report.receiver_exports
+        ));
+    }
+    if report.receiver_unknown > 0 {
+        return Some(format!(
+            "the receiver accepted {} exports the store did not hold",
+            report.receiver_unknown
+        ));
+    }
     if report.dead > 0 {
         return Some(format!(
             "{} of the {made} exports became dead letters",
@@ -404,8 +478,12 @@ pub fn print_report(report: &DemoReport) {
         "tokens    {} fetched (each lives one second in the demo, refreshed before it expires)",
         report.token_fetches
     );
+    let order = match report.receiver_out_of_order {
+        0 => "each profile's in order".to_owned(),
+        n => format!("{n} profiles' out of order"),
+    };
     println!(
-        "receiver  {} requests, {} distinct exports accepted, {} tokens issued",
+        "receiver  {} requests, {} distinct exports accepted ({order}), {} tokens issued",
         report.receiver_requests, report.receiver_exports, report.receiver_tokens
     );
     for (key, payload) in &report.samples {
@@ -424,6 +502,31 @@ pub fn print_report(report: &DemoReport) {
 mod tests {
     use super::*;
 
+    fn report_with(made: u64, accepted: u64, out_of_order: u64, unknown: u64) -> DemoReport {
+        DemoReport {
+            receiver_out_of_order: out_of_order,
+            receiver_unknown: unknown,
+            ..report(made, accepted, 0)
+        }
+    }
+
+    #[test]
+    fn a_profile_that_got_an_older_export_after_a_newer_one_is_out_of_order() {
+        let mut arrivals = Arrivals::default();
+        for (profile, seqs) in [
+            ("a", vec![1, 4, 4, 9]),
+            ("b", vec![2, 7, 3]),
+            ("c", vec![5]),
+        ] {
+            arrivals.by_profile.insert(profile.into(), seqs);
+        }
+        assert_eq!(arrivals.out_of_order(), 1);
+        let problem = shortfall(&report_with(823, 823, 1, 0));
+        assert!(problem.is_some_and(|p| p.contains("1 profiles got an export after a newer one")));
+        let problem = shortfall(&report_with(823, 823, 0, 2));
+        assert!(problem.is_some_and(|p| p.contains("2 exports the store did not hold")));
+    }
+
     fn report(made: u64, accepted: u64, dead: u64) -> DemoReport {
         DemoReport {
             ingested: BatchSummary {
@@ -440,6 +543,9 @@ mod tests {
             receiver_tokens: 0,
             receiver_refused: 0,
             receiver_peak_in_flight: 0,
+            receiver_out_of_order: 0,
+            receiver_unknown: 0,
+            receiver_looked_up: accepted,
             adaptive: AdaptiveSeen::default(),
             samples: Vec::new(),
         }

@@ -27,6 +27,16 @@ async fn demo_summary_matches_what_the_receiver_got() {
     );
     assert_eq!(report.delivered, i.exports);
     assert_eq!(report.dead, 0);
+    assert_eq!(
+        (report.receiver_out_of_order, report.receiver_unknown),
+        (0, 0),
+        "each export the receiver took was in the store, and each profile's came in order"
+    );
+    assert!(
+        report.receiver_looked_up >= i.exports,
+        "{}",
+        report.receiver_looked_up
+    );
     assert!(
         report.retried >= 4,
         "the scripted outage and injected failures were retried: {}",
