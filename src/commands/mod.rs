@@ -338,8 +338,9 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
             "--fail-share must be at least 0 and below 1".into(),
         ));
     }
-    // Stopped by a signal, the demo's future is dropped, and with it its temporary folders
-    // and the nats-server child: the default action would leave them behind.
+    // Stopped by a signal, the fleet demo's future is dropped, and with it its temporary
+    // folders and the nats-server child; the plain demo stops its agent first. The default
+    // action would leave them behind.
     let interrupted =
         || CliError::Failure("interrupted; the demo's temporary folders are removed".into());
     if fleet {

@@ -166,10 +166,11 @@ impl std::fmt::Display for RebuiltMeta {
 }
 
 /// Rebuilds the `meta` values that are derived from the rest of the store when their bytes
-/// cannot be read: `tally` and `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`]
-/// past the highest sequence held, `clock` starts again from the latest run time a pending
-/// export was queued at (which delays expiry by what was lost since, never hastens it). `mapping` and `backfill` cannot be rebuilt: they are dropped, so that the
-/// store opens and runs, and what that loses is said.
+/// cannot be read (or, for `tally`, are missing while exports are stored): `tally` and
+/// `profiles` are recounted, `next_seq` starts [`NEXT_SEQ_GAP`] past the highest sequence
+/// held, `clock` starts again from the latest run time a pending export was queued at (which
+/// delays expiry by what was lost since, never hastens it). `mapping` and `backfill` cannot be
+/// rebuilt: they are dropped, so that the store opens and runs, and what that loses is said.
 /// Returns what it did, one line each; flushed when anything was done.
 pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
     let mut rebuilt = Vec::new();
