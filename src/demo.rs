@@ -406,16 +406,16 @@ pub fn shortfall(report: &DemoReport) -> Option<String> {
             report.receiver_out_of_order
         ));
     }
-    if report.receiver_looked_up < report.receiver_exports {
-        return Some(format!(
-            "the receiver looked up {} of the {} exports it accepted",
-            report.receiver_looked_up, report.receiver_exports
-        ));
-    }
     if report.receiver_unknown > 0 {
         return Some(format!(
             "the receiver accepted {} exports the store did not hold",
             report.receiver_unknown
+        ));
+    }
+    if report.receiver_looked_up < report.receiver_exports {
+        return Some(format!(
+            "the receiver looked up {} of the {} exports it accepted",
+            report.receiver_looked_up, report.receiver_exports
         ));
     }
     if report.dead > 0 {
