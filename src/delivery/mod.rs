@@ -191,33 +191,15 @@ enum Attempted {
 const MAX_ERROR_BYTES: usize = 2048;
 
 impl Attempted {
-    /// The same, its error text cut to [`MAX_ERROR_BYTES`].
-    fn with_error_cut(self) -> Attempted {
-        let cut = |error| crate::explain::cut_to(error, MAX_ERROR_BYTES);
-        match self {
-            Attempted::Answered {
-                status,
-                retry_after,
-                quota,
-                error,
-            } => Attempted::Answered {
-                status,
-                retry_after,
-                quota,
-                error: cut(error),
-            },
-            Attempted::TokenFailed(error) => Attempted::TokenFailed(cut(error)),
-            Attempted::NotSent => Attempted::NotSent,
-            Attempted::SendFailed {
-                error,
-                timeout,
-                nothing_sent,
-            } => Attempted::SendFailed {
-                error: cut(error),
-                timeout,
-                nothing_sent,
-            },
-        }
+    /// Cuts its error text to [`MAX_ERROR_BYTES`].
+    fn cut_error(&mut self) {
+        let error = match self {
+            Attempted::Answered { error, .. }
+            | Attempted::TokenFailed(error)
+            | Attempted::SendFailed { error, .. } => error,
+            Attempted::NotSent => return,
+        };
+        *error = crate::explain::cut_to(std::mem::take(error), MAX_ERROR_BYTES);
     }
 }
 
@@ -837,9 +819,9 @@ impl Deliverer {
             batch,
             started_at,
             sent_at,
-            attempted,
+            mut attempted,
         } = finished;
-        let attempted = attempted.with_error_cut();
+        attempted.cut_error();
         let now = Instant::now();
         let dropped = self.dropped_while_out(state, &batch);
         let mut unanswered = false;
