@@ -197,12 +197,7 @@ fn run(
                     let reopening = matches!(e, StoreError::Reopening(_));
                     // A store that refuses writes (a full disk, an I/O error, a reopening)
                     // says so itself, and stops saying so as soon as it takes them again.
-                    let refused_by_the_store = reopening
-                        || matches!(
-                            e,
-                            StoreError::NoSpace(_) | StoreError::Io { .. } | StoreError::Sync(_)
-                        );
-                    failure.set((!refused_by_the_store).then(|| e.to_string()));
+                    failure.set((!e.is_transient()).then(|| e.to_string()));
                     if (failures == 0 || said_again) && !reopening {
                         tracing::error!(error = %e, failures, "cannot record deliveries in the outbox; retrying");
                     } else {
