@@ -854,10 +854,7 @@ async fn consume_partition(shared: &Shared, slot: usize, partition: u32) {
                     // Read only while the partition is still this store's to consume: a
                     // claim that cannot be looked at now is looked at again before the next
                     // read (unlike `keep_claim`, which lets a running consumer go on).
-                    let look = async {
-                        let claims = claims_bucket(shared).await?;
-                        claim::look(&claims, partition, &shared.claim_as).await
-                    };
+                    let look = look_at_claim(shared, partition);
                     match within_grace_of_stop(look, &shared.shutdown, STOP_GRACE).await {
                         None => return,
                         Some(Ok(claim::Claim::Elsewhere(holder))) => {
@@ -1118,12 +1115,14 @@ async fn claim_partition(shared: &Shared, partition: u32) -> Result<claim::Claim
 /// release` while the agent ran), it is made again, since the partition is still consumed
 /// here; taken by another store, consuming stops. A look that fails changes nothing: the
 /// claim was ours when consuming started, and a broken connection stops the fetches anyway.
+/// Looks at this store's claim on `partition`, making it again if it was released.
+async fn look_at_claim(shared: &Shared, partition: u32) -> Result<claim::Claim, NatsError> {
+    let claims = claims_bucket(shared).await?;
+    claim::look(&claims, partition, &shared.claim_as).await
+}
+
 async fn keep_claim(shared: &Shared, partition: u32) -> Result<(), PartitionStop> {
-    let looked = match claims_bucket(shared).await {
-        Ok(claims) => claim::look(&claims, partition, &shared.claim_as).await,
-        Err(e) => Err(e),
-    };
-    match looked {
+    match look_at_claim(shared, partition).await {
         Ok(claim::Claim::Ours) => Ok(()),
         Ok(claim::Claim::Made) => {
             tracing::warn!(
