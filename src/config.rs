@@ -1916,13 +1916,21 @@ client_secret = "s3cr3t-value"
             &format!("attributes = [\"person.{token}\"]"),
             1,
         );
-        assert!(error_of(&attribute).contains("mapping.attributes"));
+        let error = error_of(&attribute);
+        assert!(
+            error.contains("mapping.attributes") && error.contains("JSON parser's own key"),
+            "{error}"
+        );
         let namespace = VALID.replacen(
             "segments = [\"seg-a\"]",
             &format!("segments = [\"seg-a\"]\nidentities = [\"{token}\"]"),
             1,
         );
-        assert!(error_of(&namespace).contains("mapping.identities"));
+        let error = error_of(&namespace);
+        assert!(
+            error.contains("mapping.identities") && error.contains("is not a namespace"),
+            "{error}"
+        );
     }
 
     /// As a segment is: each would count twice in the mapping's fingerprint.
