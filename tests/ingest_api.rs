@@ -292,7 +292,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
             "an unknown op",
             br#"{"id":"p-1","op":"replace","profile":{}}"#.to_vec(),
             1,
-            "unknown variant `replace`",
+            "`op` must be one of `upsert`, `merge`, `delete`, not `replace`",
         ),
         (
             "invalid UTF-8",

@@ -171,8 +171,6 @@ impl<'de> Visitor<'de> for RawUpdateSeed<'_> {
     }
 }
 
-const OPS: &[&str] = &["upsert", "merge", "delete"];
-
 /// `op` given as its name, and only so: serde's derived enum would also take an object such as
 /// `{"delete": null}`.
 struct OpName(Op);
@@ -197,7 +195,10 @@ impl Visitor<'_> for OpNameVisitor {
             "upsert" => Ok(OpName(Op::Upsert)),
             "merge" => Ok(OpName(Op::Merge)),
             "delete" => Ok(OpName(Op::Delete)),
-            other => Err(E::unknown_variant(other, OPS)),
+            other => Err(E::custom(format_args!(
+                "`op` must be one of `upsert`, `merge`, `delete`, not `{}`",
+                crate::explain::cut_to(other.to_owned(), 100)
+            ))),
         }
     }
 }
@@ -1343,7 +1344,7 @@ mod tests {
             (
                 "{\"id\":\"a\",\"op\":\"replace\",\"profile\":{}}".into(),
                 1,
-                "unknown variant `replace`",
+                "`op` must be one of `upsert`, `merge`, `delete`, not `replace`",
             ),
             ("".into(), 1, "no update"),
             ("  \n ".into(), 1, "no update"),
