@@ -457,22 +457,48 @@ fn a_store_wait_too_long_to_count_is_no_limit() {
 /// stops reading (a pager) does not keep the store from the agent, which could not start.
 #[test]
 fn a_listing_nobody_reads_does_not_hold_the_store() {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::Stdio;
     let ws = Workspace::new();
     // Far more than a pipe's buffer (64 KiB) of listing.
     ingest_new_members(&ws, 1000);
-    let mut listing = ws
-        .command(&["outbox", "list", "--json", "--limit", "0"])
+    let printed =
+        printed_while_the_store_is_free(&ws, &["outbox", "list", "--json", "--limit", "0"]);
+    assert_eq!(printed.lines().count(), 1000);
+    assert!(printed.starts_with('{'), "{printed:.100}");
+}
+
+/// As a listing, an export larger than a pipe's buffer is printed once the store is closed.
+#[test]
+fn an_export_nobody_reads_does_not_hold_the_store() {
+    let ws = Workspace::new();
+    let name = "n".repeat(200_000);
+    let update = member_update("big", &name, "2026-01-01T00:00:01Z");
+    ws.run_ok(&["ingest", "-"], Some(update.as_bytes()));
+    let listed = json_lines(&ws.run_ok(&["outbox", "list", "--json"], None));
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    for args in [
+        vec!["outbox", "show", &id],
+        vec!["outbox", "show", "--json", &id],
+    ] {
+        let printed = printed_while_the_store_is_free(&ws, &args);
+        assert!(printed.contains(&name), "{args:?} printed {printed:.200}");
+    }
+}
+
+/// What `args` prints, read only after another command opened the store while the first
+/// waited for its reader.
+fn printed_while_the_store_is_free(ws: &Workspace, args: &[&str]) -> String {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut command = ws
+        .command(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Its first line is out: it has read the store, and now waits for a reader.
-    let mut out = BufReader::new(listing.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    assert!(first.starts_with('{'), "{first}");
+    // Its first bytes are out: it has read the store, and now waits for a reader.
+    let mut out = command.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
 
     let stats = ws
         .command(&["outbox", "stats", "--json"])
@@ -481,14 +507,16 @@ fn a_listing_nobody_reads_does_not_hold_the_store() {
         .unwrap();
     assert!(
         stats.status.success(),
-        "the store was held: {}",
+        "{args:?}: the store was held: {}",
         String::from_utf8_lossy(&stats.stderr)
     );
 
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    assert!(listing.wait().unwrap().success());
-    assert_eq!(1 + rest.lines().count(), 1000);
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    assert!(command.wait().unwrap().success(), "{args:?}");
+    let mut printed = first.to_vec();
+    printed.extend(rest);
+    String::from_utf8(printed).unwrap()
 }
 
 /// The JSON a command printed, once it succeeded.

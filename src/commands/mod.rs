@@ -211,7 +211,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         }
         Command::Check { store: false, .. } => runtime()?.block_on(check(config)),
         Command::Check { store: true, json } => {
-            check_store(&Backend::connect_existing(config)?, json)
+            let print = check_store(&Backend::connect_existing(config)?, json)?;
+            // The store this process opened is closed by now.
+            print()
         }
         Command::Repair { yes } => repair_store(config, yes),
         Command::Compact { json } => compact_store(config, json),
@@ -257,9 +259,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
                     }
                 }
             }
-            let listing = outbox(&Backend::connect_existing(config)?, command)?;
+            let print = outbox(&Backend::connect_existing(config)?, command)?;
             // The store this process opened is closed by now.
-            listing.map_or(Ok(()), Listing::print)
+            print()
         }
         Command::Profile(ProfileCommand::Show { id, json }) => {
             let value =
@@ -296,9 +298,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             nats::set_position(&Backend::connect_existing(config)?, partition, seq)
         }
         Command::Rejected(command) => {
-            let listing = nats::rejected(&Backend::connect_existing(config)?, command)?;
+            let print = nats::rejected(&Backend::connect_existing(config)?, command)?;
             // The store this process opened is closed by now.
-            listing.map_or(Ok(()), Listing::print)
+            print()
         }
         Command::Top { once, interval } => top::top(config, once, interval),
         Command::Demo { .. } | Command::Receiver { .. } | Command::Completions { .. } => {
@@ -738,15 +740,22 @@ fn clock_report(config: &Config) -> String {
 }
 
 /// An outbox command; a listing it made, to be printed once the store is closed.
-fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Option<Listing>, CliError> {
+/// What a command prints, printed once the store it opened is closed: a reader who stops
+/// reading (a pager) must not keep the store from `outpost run` meanwhile.
+type Print = Box<dyn FnOnce() -> Result<(), CliError>>;
+
+fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> {
     match command {
         OutboxCommand::Stats(flag) => {
             let stats = backend.execute(&AdminRequest::Stats)?;
-            if flag.json {
-                println!("{stats}");
-            } else {
-                print_stats(&stats);
-            }
+            Ok(Box::new(move || {
+                if flag.json {
+                    println!("{stats}");
+                } else {
+                    print_stats(&stats);
+                }
+                Ok(())
+            }))
         }
         OutboxCommand::List {
             dead,
@@ -785,35 +794,46 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Option<Listing>, 
                     eprintln!("the outbox also holds {n} dead letter(s){of}, not listed here: --dead lists them");
                 }
             }
-            return Ok(Some(table.finish()));
+            let listing = table.finish();
+            Ok(Box::new(move || listing.print()))
         }
         OutboxCommand::Show { id, json } => {
             let export = backend.execute(&AdminRequest::Show { id })?;
-            if json.json {
-                println!("{export}");
-            } else {
-                print_export(&export);
-            }
+            Ok(Box::new(move || {
+                if json.json {
+                    println!("{export}");
+                } else {
+                    print_export(&export);
+                }
+                Ok(())
+            }))
         }
         OutboxCommand::Retry(Targets { ids, all_dead }) => {
             let result = backend.execute(&AdminRequest::Retry { ids, all_dead })?;
-            report_repair(&result, "retried", "put back in the outbox", all_dead)?;
+            Ok(Box::new(move || {
+                report_repair(&result, "retried", "put back in the outbox", all_dead)
+            }))
         }
         OutboxCommand::Drop {
             targets: Targets { ids, all_dead },
             ..
         } => {
             let result = backend.execute(&AdminRequest::Drop { ids, all_dead })?;
-            report_repair(&result, "dropped", "deleted", all_dead)?;
+            Ok(Box::new(move || {
+                report_repair(&result, "dropped", "deleted", all_dead)
+            }))
         }
     }
-    Ok(None)
 }
 
 /// `outpost check --store`: every unreadable record with its key; exit 1 if `repair` acts on
 /// one, or a stream position is unreadable.
-fn check_store(backend: &Backend, json: bool) -> Result<(), CliError> {
+fn check_store(backend: &Backend, json: bool) -> Result<Print, CliError> {
     let found = backend.execute(&AdminRequest::Unreadable)?;
+    Ok(Box::new(move || print_unreadable(&found, json)))
+}
+
+fn print_unreadable(found: &Value, json: bool) -> Result<(), CliError> {
     let records = found.as_array().cloned().unwrap_or_default();
     for record in &records {
         if json {

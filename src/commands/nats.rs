@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::output::Listing;
-use super::{for_terminal, list_paged_by, text_of, Backend, CliError};
+use super::{for_terminal, list_paged_by, text_of, Backend, CliError, Print};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
@@ -348,11 +348,8 @@ pub(super) fn set_position(backend: &Backend, partition: u32, seq: u64) -> Resul
     Ok(())
 }
 
-/// A `rejected` command; a listing it made, to be printed once the store is closed.
-pub(super) fn rejected(
-    backend: &Backend,
-    command: RejectedCommand,
-) -> Result<Option<Listing>, CliError> {
+/// A `rejected` command; what it prints, to be printed once the store is closed.
+pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Print, CliError> {
     match command {
         RejectedCommand::List { limit, json } => {
             // Fewer a page than exports: each carries its message (up to 64 KiB, as text and
@@ -400,45 +397,50 @@ pub(super) fn rejected(
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
             }
-            return Ok(Some(out));
+            Ok(Box::new(move || out.print()))
         }
         RejectedCommand::Show { id, json } => {
             let item = backend.execute(&AdminRequest::RejectedShow { id })?;
-            if json.json {
-                println!("{item}");
-            } else {
-                for key in ["id", "subject", "seq", "received_at", "error", "raw_bytes"] {
-                    println!("{key:<12} {}", text_of(&item[key]));
-                }
-                if item["raw_truncated"].as_bool() == Some(true) {
-                    println!("raw (first bytes):");
+            Ok(Box::new(move || {
+                if json.json {
+                    println!("{item}");
                 } else {
-                    println!("raw:");
+                    for key in ["id", "subject", "seq", "received_at", "error", "raw_bytes"] {
+                        println!("{key:<12} {}", text_of(&item[key]));
+                    }
+                    if item["raw_truncated"].as_bool() == Some(true) {
+                        println!("raw (first bytes):");
+                    } else {
+                        println!("raw:");
+                    }
+                    // A message may span lines; its other control characters are escaped.
+                    match item["raw"].as_str() {
+                        Some(raw) => println!("{}", for_terminal(raw, true)),
+                        None => println!("{}", text_of(&item["raw"])),
+                    }
                 }
-                // A message may span lines; its other control characters are escaped.
-                match item["raw"].as_str() {
-                    Some(raw) => println!("{}", for_terminal(raw, true)),
-                    None => println!("{}", text_of(&item["raw"])),
-                }
-            }
+                Ok(())
+            }))
         }
         RejectedCommand::Drop { ids, all } => {
             let result = backend.execute(&AdminRequest::RejectedDrop { ids, all })?;
-            let done = result["dropped"].as_array().map_or(0, Vec::len);
-            println!("{done} rejected message(s) deleted");
-            let missing: Vec<&str> = result["not_found"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            if !missing.is_empty() {
-                return Err(CliError::Failure(format!(
-                    "not found: {}",
-                    missing.join(", ")
-                )));
-            }
+            Ok(Box::new(move || {
+                let done = result["dropped"].as_array().map_or(0, Vec::len);
+                println!("{done} rejected message(s) deleted");
+                let missing: Vec<&str> = result["not_found"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if !missing.is_empty() {
+                    return Err(CliError::Failure(format!(
+                        "not found: {}",
+                        missing.join(", ")
+                    )));
+                }
+                Ok(())
+            }))
         }
     }
-    Ok(None)
 }
 
 #[cfg(test)]
