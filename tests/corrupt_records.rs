@@ -322,6 +322,31 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     agent.terminate().await;
 }
 
+/// An id is printed as `check --store` shows it, its control characters escaped: it comes from
+/// whoever sent the update, and an escape sequence in it would act on the operator's terminal.
+#[test]
+fn repair_escapes_the_ids_it_names() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s = runtime.block_on(setup());
+    let id = "p\u{1b}]0;owned\u{7}";
+    let line = update(id, "a");
+    let out = s.ingest(std::slice::from_ref(&line));
+    assert!(out.status.success(), "{}", text(&out));
+    corrupt_profile(&s.store, id, b"\x01\xff\xff\xff");
+    let out = s.run(&["repair", "--yes"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('\u{7}'),
+        "{stdout:?}"
+    );
+    assert!(
+        stdout.contains("profiles p\\u{1b}]0;owned\\u{7}: ")
+            && stdout.contains("profile p\\u{1b}]0;owned\\u{7}: forgotten"),
+        "{stdout:?}"
+    );
+}
+
 #[test]
 fn an_unreadable_group_refuses_the_updates_of_its_profiles_until_repair_forgets_them() {
     let runtime = tokio::runtime::Runtime::new().unwrap();

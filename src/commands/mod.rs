@@ -908,7 +908,12 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
         return Ok(());
     }
     for (tree, key, action) in &records {
-        println!("{tree} {key}: {action}");
+        // A profile's key is its id, as an update gave it.
+        println!(
+            "{tree} {}: {}",
+            for_terminal(key, false),
+            for_terminal(action, false)
+        );
     }
     let backend = if yes {
         backend
@@ -948,7 +953,7 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     };
     let done = backend.execute(&AdminRequest::RepairUnreadable)?;
     for line in done["repaired"].as_array().cloned().unwrap_or_default() {
-        println!("{}", line.as_str().unwrap_or("?"));
+        println!("{}", text_of(&line));
     }
     Ok(())
 }

@@ -50,6 +50,8 @@ pub(super) async fn release(
                     ),
                     None => "take it over with that file (`outpost nats take-over`)".into(),
                 };
+                let handed = for_terminal(&handed, false);
+                let then = for_terminal(&then, false);
                 println!(
                     "partition {partition:<6} left as it is: its claim says {handed}; {then}, \
                      or give --force to let it go, and an agent that owns it consumes it from \
@@ -59,7 +61,10 @@ pub(super) async fn release(
             }
         }
         match claim::release(&claims, partition).await.map_err(failure)? {
-            Some(holder) => println!("partition {partition:<6} released (claimed by {holder})"),
+            Some(holder) => println!(
+                "partition {partition:<6} released (claimed by {})",
+                for_terminal(&holder, false)
+            ),
             None => println!("partition {partition:<6} had no claim"),
         }
     }
