@@ -893,7 +893,8 @@ impl Controller {
             if self.back_pressure {
                 self.limit = (self.limit / 2).max(1);
             } else if slower(SLOWDOWN_FACTOR) {
-                self.limit = (self.limit - self.limit / 10).max(1);
+                // At least one fewer: a tenth of a limit under 10 rounds to none.
+                self.limit = self.limit.saturating_sub((self.limit / 10).max(1)).max(1);
             } else if self.reached_limit && current.is_some() && !slower(1.0) {
                 self.limit = (self.limit + 1).min(self.config.max_concurrency);
             }
@@ -1130,6 +1131,28 @@ mod tests {
             Signal::Neutral,
         );
         assert_eq!(limits, [8, 8, 8]);
+    }
+
+    #[test]
+    fn a_clear_slowdown_shrinks_a_limit_under_ten_by_one() {
+        let mut now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        drive(
+            &mut c,
+            &mut now,
+            1,
+            Duration::from_millis(10),
+            Signal::Healthy,
+        );
+        assert_eq!(c.limit(), 9);
+        let limits = drive(
+            &mut c,
+            &mut now,
+            2,
+            Duration::from_millis(30),
+            Signal::Healthy,
+        );
+        assert_eq!(limits, [9, 8]);
     }
 
     #[test]
