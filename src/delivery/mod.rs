@@ -887,11 +887,7 @@ impl Deliverer {
                         (error, None, Signal::Failed, RetryCause::Auth)
                     }
                     Class::Retry => {
-                        let (signal, cause) = match status {
-                            429 => (Signal::RateLimited, RetryCause::RateLimited),
-                            503 => (Signal::Overloaded, RetryCause::Unavailable),
-                            _ => (Signal::Failed, RetryCause::ServerError),
-                        };
+                        let (signal, cause) = retry::retried(status);
                         (error, retry_after, signal, cause)
                     }
                 }

@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime};
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
+use super::controller::Signal;
+use crate::metrics::RetryCause;
 use crate::store::codec::ExportRecord;
 
 /// `Retry-After` is honoured up to this long.
@@ -33,6 +35,19 @@ pub fn classify(status: u16) -> Class {
         408 | 425 | 429 => Class::Retry,
         400..=499 => Class::Reject,
         _ => Class::Retry,
+    }
+}
+
+/// What an answer to retry tells the controller, and the cause it is counted under. A gateway
+/// that timed out (504) or could not reach what it fronts (502), and a server that timed out
+/// waiting for the request (408), are overload as 503 is: the timeouts and connection errors
+/// SPEC halves the limit on, one hop away.
+pub fn retried(status: u16) -> (Signal, RetryCause) {
+    match status {
+        429 => (Signal::RateLimited, RetryCause::RateLimited),
+        503 => (Signal::Overloaded, RetryCause::Unavailable),
+        408 | 502 | 504 => (Signal::Overloaded, RetryCause::ServerError),
+        _ => (Signal::Failed, RetryCause::ServerError),
     }
 }
 
@@ -170,6 +185,24 @@ mod tests {
         ];
         for &(status, class) in table {
             assert_eq!(classify(status), class, "status {status}");
+        }
+    }
+
+    #[test]
+    fn what_answers_to_retry_tell_the_controller() {
+        let table: &[(u16, Signal, RetryCause)] = &[
+            (429, Signal::RateLimited, RetryCause::RateLimited),
+            (503, Signal::Overloaded, RetryCause::Unavailable),
+            (408, Signal::Overloaded, RetryCause::ServerError),
+            (502, Signal::Overloaded, RetryCause::ServerError),
+            (504, Signal::Overloaded, RetryCause::ServerError),
+            (425, Signal::Failed, RetryCause::ServerError),
+            (500, Signal::Failed, RetryCause::ServerError),
+            (501, Signal::Failed, RetryCause::ServerError),
+            (308, Signal::Failed, RetryCause::ServerError),
+        ];
+        for &(status, signal, cause) in table {
+            assert_eq!(retried(status), (signal, cause), "status {status}");
         }
     }
 
