@@ -138,9 +138,10 @@ pub enum Signal {
     Neutral,
     /// 429.
     RateLimited,
-    /// 503, a timeout or a connection error: the endpoint is overloaded or unreachable.
+    /// 503 (or a gateway's 502 or 504, or 408), a timeout or a connection error: the endpoint
+    /// is overloaded or unreachable.
     Overloaded,
-    /// Another retryable failure (5xx, 408, 425, a failed token request).
+    /// Another retryable failure (5xx, 425, a failed token request).
     Failed,
 }
 
@@ -818,7 +819,15 @@ impl Controller {
             .rate_cap
             .as_ref()
             .is_none_or(|cap| started_at >= cap.cut_at);
-        if sent_since_cut {
+        // Only answers that passed the endpoint's rate limit, or hit it, say what share of
+        // requests it refuses: a failed token request never reached the endpoint, a timeout
+        // or a 5xx need not have passed its limit. Counted as answers without a 429, an outage
+        // of the token endpoint would hide a rate limit, or grow the cap while nothing went.
+        let about_the_rate = matches!(
+            signal,
+            Signal::Healthy | Signal::Neutral | Signal::RateLimited
+        );
+        if sent_since_cut && about_the_rate {
             self.recent_429.record(now, signal == Signal::RateLimited);
             if let Some(cap) = &mut self.rate_cap {
                 cap.step.answered += 1;
@@ -1843,6 +1852,24 @@ mod tests {
         }
         let rate = c.accepted.per_second().unwrap();
         assert!((95.0..=105.0).contains(&rate), "{rate}");
+    }
+
+    #[test]
+    fn failures_are_not_answers_without_a_429() {
+        // Every answer from the endpoint is a 429, among many requests whose token could not
+        // be had: a rate limit all the same.
+        let now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        for _ in 0..25 {
+            for signal in std::iter::once(Signal::RateLimited).chain([Signal::Failed; 12]) {
+                c.started(now);
+                c.answered(now, now, signal);
+            }
+        }
+        assert!(
+            c.rate_cap().is_some(),
+            "a rate limit, whatever failed besides"
+        );
     }
 
     #[test]
