@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::Path;
 
 use super::{Backend, CliError};
@@ -18,6 +18,10 @@ use crate::store::{BatchSummary, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
 const INGEST_CHUNK: usize = 1_000;
+/// A chunk also ends once it holds this much input (and the update that passed it): a
+/// thousand updates of a few MB each would take GBs, in this process and, through the socket,
+/// in the agent's.
+const INGEST_CHUNK_BYTES: u64 = 16 << 20;
 
 /// Says how much of the input was stored before `error` (a full disk, say): the chunks before
 /// it were stored, and the chunk of `in_flight` updates may have been, or part of it, when
@@ -199,6 +203,22 @@ pub fn check_before_making_store<F: Read + Seek>(
     check_input(config, file, kept_by(None, config).as_ref(), None)
 }
 
+/// The next `wanted` updates, or fewer once they hold [`INGEST_CHUNK_BYTES`] of input.
+fn next_chunk<R: BufRead>(
+    reader: &mut UpdateReader<'_, R>,
+    wanted: usize,
+) -> Result<Vec<Update>, Changed> {
+    let from = reader.bytes_read();
+    let mut chunk = Vec::new();
+    while chunk.len() < wanted && reader.bytes_read() - from < INGEST_CHUNK_BYTES {
+        match reader.next() {
+            Some(update) => chunk.push(update.map_err(Changed::Unreadable)?),
+            None => return Err(Changed::Shrank),
+        }
+    }
+    Ok(chunk)
+}
+
 fn rewind<F: Seek>(file: &mut F) -> Result<(), CliError> {
     file.rewind()
         .map_err(|e| CliError::Failure(format!("cannot reread the input: {e}")))
@@ -267,15 +287,7 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                         None => return,
                         Some(_) => Err(Changed::Grew { checked: count }),
                     },
-                    _ => reader
-                        .by_ref()
-                        .take(wanted)
-                        .collect::<Result<Vec<Update>, InputError>>()
-                        .map_err(Changed::Unreadable)
-                        .and_then(|chunk| match chunk.len() < wanted {
-                            true => Err(Changed::Shrank),
-                            false => Ok(chunk),
-                        }),
+                    _ => next_chunk(&mut reader, wanted),
                 };
                 left -= chunk.as_ref().map_or(0, |c| c.len() as u64);
                 // Sending fails only when the committing side stopped at an error.
@@ -334,6 +346,37 @@ mod tests {
             }
             self.text.seek(to)
         }
+    }
+
+    #[test]
+    fn a_chunk_ends_at_a_count_of_updates_or_once_it_holds_enough_input() {
+        let update = |i: usize, size: usize| {
+            format!(
+                r#"{{"id":"p{i}","profile":{{"name":"{}"}}}}"#,
+                "n".repeat(size)
+            )
+        };
+        let large = INGEST_CHUNK_BYTES as usize / 3;
+        let input: Vec<String> = (0..7)
+            .map(|i| update(i, if i < 5 { large } else { 10 }))
+            .collect();
+        let input = input.join("\n");
+        let mut reader = UpdateReader::new(input.as_bytes());
+        let mut sizes = Vec::new();
+        let mut left = 7;
+        while left > 0 {
+            match next_chunk(&mut reader, left) {
+                Ok(chunk) => {
+                    left -= chunk.len();
+                    sizes.push(chunk.len());
+                }
+                Err(changed) => panic!("{changed}"),
+            }
+        }
+        // Three thirds reach the bound; the other four do not.
+        assert_eq!(sizes, [3, 4]);
+        // Asked for more than the input holds: it shrank.
+        assert!(matches!(next_chunk(&mut reader, 1), Err(Changed::Shrank)));
     }
 
     /// The input changed between the pass that checks it and the one that stores it (a file

@@ -1094,6 +1094,7 @@ fn syntax_error_line(e: &serde_json::Error) -> u64 {
 pub struct UpdateReader<'k, R> {
     reader: R,
     line: u64,
+    bytes_read: u64,
     buffer: Vec<u8>,
     whole: Option<std::vec::IntoIter<Update>>,
     saw_update: bool,
@@ -1105,6 +1106,7 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
         UpdateReader {
             reader,
             line: 0,
+            bytes_read: 0,
             buffer: Vec::new(),
             whole: None,
             saw_update: false,
@@ -1115,6 +1117,11 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
     /// The line the reader is at: the last one read.
     pub fn line(&self) -> u64 {
         self.line
+    }
+
+    /// How many bytes of input it has read.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     /// Refuses timestamps beyond `limit`.
@@ -1141,9 +1148,11 @@ impl<'k, R: BufRead> UpdateReader<'k, R> {
     fn read_rest_whole(&mut self) -> Result<(), InputError> {
         let mut all = vec![b'\n'; self.line as usize - 1];
         all.append(&mut self.buffer);
-        self.reader
+        let read = self
+            .reader
             .read_to_end(&mut all)
             .map_err(|e| InputError::new(self.line, format!("cannot read input: {e}")))?;
+        self.bytes_read += read as u64;
         let updates = parse_body_with(&all, &self.parsing)?;
         self.whole = Some(updates.into_iter());
         Ok(())
@@ -1168,6 +1177,7 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
                     )))
                 }
             };
+            self.bytes_read += read as u64;
             if read == 0 {
                 if !self.saw_update {
                     self.saw_update = true;
