@@ -5,9 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{
@@ -35,6 +35,18 @@ pub struct AdminState {
     /// decided under them, whatever the command's config file says now.
     pub move_terms: Option<Terms>,
 }
+
+/// The longest request line read. The largest a command sends is an ingest chunk: input of
+/// at most 16 MiB (`outpost ingest`'s chunks), and one update past it (up to
+/// 64 MiB when the CLI sends it whole), as JSON.
+pub const MAX_REQUEST_BYTES: usize = 256 << 20;
+/// How long a connection may take to send its request line, and to take its answer: a client
+/// that connects and sends nothing (or stops reading) would hold a task, a descriptor and the
+/// answer for good.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Connections served at once; more wait to be accepted. Descriptors are shared with ingest
+/// and the store.
+const MAX_CONNECTIONS: usize = 64;
 
 pub fn socket_path(store_path: &Path) -> PathBuf {
     store_path.join(SOCKET_NAME)
@@ -83,7 +95,12 @@ pub fn bind(store_path: &Path) -> std::io::Result<AdminListener> {
 
 pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let AdminListener { listener, path } = admin;
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => permit.expect("never closed"),
+            _ = shutdown.cancelled() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -92,6 +109,7 @@ pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: Cance
                         if let Err(e) = answer(stream, &state).await {
                             tracing::debug!(error = %e, "admin connection ended with an error");
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -109,12 +127,59 @@ pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: Cance
 
 async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
+    let result = match read_request(read, MAX_REQUEST_BYTES, IO_TIMEOUT).await? {
+        Request::Probe => return Ok(()), // the CLI checking that the agent answers
+        Request::TooLarge => Err(AdminError::Usage(format!(
+            "the request is larger than the {} MiB the agent reads",
+            MAX_REQUEST_BYTES >> 20
+        ))),
+        Request::Line(line) => respond(&line, state).await,
+    };
+    let mut text =
+        serde_json::to_string(&AdminAnswer::from_result(result)).expect("answers serialize");
+    text.push('\n');
+    tokio::time::timeout(IO_TIMEOUT, async {
+        write.write_all(text.as_bytes()).await?;
+        write.shutdown().await
+    })
+    .await
+    .map_err(|_| timed_out("the answer was not taken in time"))?
+}
+
+#[derive(Debug, PartialEq)]
+enum Request {
+    /// The connection closed without a byte.
+    Probe,
+    /// Its line ran past the most that is read.
+    TooLarge,
+    Line(String),
+}
+
+/// The request line, of at most `max_bytes`, if it comes within `timeout`.
+async fn read_request(
+    read: impl tokio::io::AsyncRead + Unpin,
+    max_bytes: usize,
+    timeout: std::time::Duration,
+) -> std::io::Result<Request> {
     let mut line = String::new();
-    if BufReader::new(read).read_line(&mut line).await? == 0 {
-        return Ok(()); // a probe: the CLI checking that the agent answers
-    }
+    let mut reading = BufReader::new(read.take(max_bytes as u64 + 1));
+    let read = tokio::time::timeout(timeout, reading.read_line(&mut line))
+        .await
+        .map_err(|_| timed_out("no request in time"))??;
+    Ok(match read {
+        0 => Request::Probe,
+        _ if line.len() > max_bytes => Request::TooLarge,
+        _ => Request::Line(line),
+    })
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what)
+}
+
+async fn respond(line: &str, state: &Arc<AdminState>) -> Result<serde_json::Value, AdminError> {
     let request = crate::admin::read_line(line.as_bytes(), crate::admin::MAX_REQUEST_DEPTH);
-    let result = match request {
+    match request {
         Err(e) => Err(unreadable_request(&e)),
         Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
         Ok(AdminRequest::Snapshot) => snapshot(state).await,
@@ -149,12 +214,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
                 other => other,
             }
         }
-    };
-    let mut text =
-        serde_json::to_string(&AdminAnswer::from_result(result)).expect("answers serialize");
-    text.push('\n');
-    write.write_all(text.as_bytes()).await?;
-    write.shutdown().await
+    }
 }
 
 /// What only the running delivery loop knows, added to `outbox stats`.
@@ -225,6 +285,33 @@ async fn ingest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_is_a_line_of_bounded_size_that_comes_in_time() {
+        let timeout = std::time::Duration::from_millis(200);
+        let cases: &[(&[u8], bool, Result<Request, std::io::ErrorKind>)] = &[
+            (
+                b"{\"op\":\"stats\"}\n",
+                true,
+                Ok(Request::Line("{\"op\":\"stats\"}\n".into())),
+            ),
+            (b"", false, Ok(Request::Probe)),
+            (&[b'x'; 16], false, Ok(Request::Line("x".repeat(16)))),
+            (&[b'x'; 17], false, Ok(Request::TooLarge)),
+            (b"{\"op\":", true, Err(std::io::ErrorKind::TimedOut)),
+            (b"", true, Err(std::io::ErrorKind::TimedOut)),
+        ];
+        for (sent, stays_open, expected) in cases {
+            let (mut client, server) = UnixStream::pair().unwrap();
+            client.write_all(sent).await.unwrap();
+            if !stays_open {
+                client.shutdown().await.unwrap();
+            }
+            let read = read_request(server, 16, timeout).await;
+            let read = read.map_err(|e| e.kind());
+            assert_eq!(&read, expected, "{:?}", String::from_utf8_lossy(sent));
+        }
+    }
 
     /// The socket is in its place with mode 0600, connections reach it, and the folder it is
     /// made in, also one left by an agent killed while binding, is gone.
