@@ -317,13 +317,7 @@ pub(super) fn hand_over(
         .and_then(|f| FileReader::open(std::io::BufReader::new(f)).ok())
         .map(|(header, _)| header.file_id());
     if seen.as_deref() != Some(file_id) {
-        return Err(CliError::Failure(format!(
-            "the agent wrote {} where this command does not find it (the agent's service may \
-             have a private /tmp, as systemd's PrivateTmp gives it): nothing was forgotten. Run \
-             the hand-over again with a path both see, such as one in the store's folder; the \
-             partitions stay marked as being handed over until then",
-            file.display()
-        )));
+        return Err(file_not_seen(file, &written));
     }
     let answer = backend.execute(&request(false)?)?;
     drop(backend);
@@ -481,4 +475,53 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     )?;
     println!("add the partitions to source.nats.owned, if not yet, and (re)start the agent");
     Ok(())
+}
+
+/// The agent wrote the hand-over file where this command does not see it. An agent of a build
+/// before the file was written alone first (it ignores being asked to) has forgotten the
+/// partitions' profiles already, and says how many: the file it wrote is then their only copy.
+fn file_not_seen(file: &Path, written: &Value) -> CliError {
+    let private_tmp =
+        "the agent's service may have a private /tmp, as systemd's PrivateTmp gives it";
+    match written["forgotten"].as_u64().filter(|&n| n > 0) {
+        None => CliError::Failure(format!(
+            "the agent wrote {} where this command does not find it ({private_tmp}): nothing \
+             was forgotten. Run the hand-over again with a path both see, such as one in the \
+             store's folder; the partitions stay marked as being handed over until then",
+            file.display()
+        )),
+        Some(forgotten) => CliError::Failure(format!(
+            "the agent, of an earlier build, wrote {} where this command does not find it \
+             ({private_tmp}) and has forgotten {forgotten} profile(s) of the partitions already: \
+             that file is their only copy. Copy it out from where the agent sees it (with \
+             PrivateTmp, under /tmp/systemd-private-*) before the agent restarts, which may \
+             delete it, and take it over with `outpost nats take-over`",
+            file.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_not_seen_says_whether_profiles_were_forgotten() {
+        let file = Path::new("/tmp/moved");
+        let cases = [
+            (serde_json::json!({"file_id": "f", "forgotten": 0}), "nothing was forgotten"),
+            (serde_json::json!({"file_id": "f"}), "nothing was forgotten"),
+            (
+                serde_json::json!({"file_id": "f", "forgotten": 12}),
+                "has forgotten 12 profile(s) of the partitions already: that file is their only copy",
+            ),
+        ];
+        for (written, said) in cases {
+            let error = file_not_seen(file, &written).to_string();
+            assert!(
+                error.contains(said) && error.contains("/tmp/moved"),
+                "{written}: {error}"
+            );
+        }
+    }
 }
