@@ -663,6 +663,42 @@ fn an_answer_to_stats_that_does_not_end_is_given_up_on() {
     assert!(sent < 64 << 20, "{sent} bytes sent");
 }
 
+/// An agent that closes the socket while a command still writes its request (it stopped, say)
+/// is an error the command names, not SIGPIPE ending it without a word: `outbox` commands
+/// restore SIGPIPE's default action for their piped output, and their requests must go out
+/// without raising it (as std's Unix sockets send).
+#[test]
+fn an_agent_that_closes_the_socket_midway_is_named() {
+    let ws = Workspace::new();
+    ws.make_store();
+    let listener =
+        std::os::unix::net::UnixListener::bind(ws.store_path().join("outpost.sock")).unwrap();
+    // Each connection is held a moment unread, then closed: the probe before the request goes
+    // unnoticed, and the request, far larger than the socket's buffer, stops midway.
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let stream = stream.unwrap();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                drop(stream);
+            });
+        }
+    });
+    let ids: Vec<String> = (0..40_000).map(|i| format!("00000001-{i}")).collect();
+    let mut args = vec!["outbox", "retry"];
+    args.extend(ids.iter().map(String::as_str));
+    let out = ws.run(&args, None);
+    let error = error_line(&out);
+    assert!(
+        error.contains("outbox") || error.contains("agent at"),
+        "{error}"
+    );
+    assert!(
+        error.contains("Broken pipe") || error.contains("reset"),
+        "{error}"
+    );
+}
+
 /// An agent that stops after it got a chunk of `outpost ingest` but before it answered may
 /// have stored that chunk: the message says so, rather than counting it as not stored.
 #[test]
