@@ -484,6 +484,16 @@ impl Store {
                 let id: u32 = rand::random();
                 meta.insert(meta::STORE_ID, &id.to_be_bytes())?;
                 db.flush()?;
+                // A new store: the names of its files, and its folder's own, are durable only
+                // once their folders are synced (a flush syncs the log's data alone).
+                rebuild::sync_dir(path).map_err(io_error)?;
+                if let Some(parent) = path.parent() {
+                    let parent = match parent.as_os_str().is_empty() {
+                        true => Path::new("."),
+                        false => parent,
+                    };
+                    rebuild::sync_dir(parent).map_err(io_error)?;
+                }
                 id
             }
         };
