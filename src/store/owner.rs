@@ -341,7 +341,7 @@ impl StoreOwner {
         })?;
         if let Some(kept) = kept {
             return Err(std::io::Error::other(format!(
-                "capabilities over files remain after taking uid {} (effective set {kept:#x}; securebits such as no_setuid_fixup keep them): start outpost without them",
+                "capabilities over files remain after taking uid {} (effective or permitted set {kept:#x}; securebits such as no_setuid_fixup keep them): start outpost without them",
                 self.uid
             )));
         }
@@ -354,10 +354,11 @@ impl StoreOwner {
 /// CAP_SYS_ADMIN. Others (CAP_NET_BIND_SERVICE, which a service may be given) do not matter.
 const FILE_CAPABILITIES: u64 = 0b1101_1111 | 1 << 21;
 
-/// Those of [`FILE_CAPABILITIES`] this process still has in effect (`None`: none).
+/// Those of [`FILE_CAPABILITIES`] this process still has in effect, or may raise into effect
+/// (its permitted set: `capset` makes them effective again) (`None`: none).
 fn kept_file_capabilities() -> std::io::Result<Option<u64>> {
-    let (effective, _) = capability_sets()?;
-    let kept = effective & FILE_CAPABILITIES;
+    let (effective, permitted) = capability_sets()?;
+    let kept = (effective | permitted) & FILE_CAPABILITIES;
     Ok((kept != 0).then_some(kept))
 }
 
@@ -550,6 +551,13 @@ mod tests {
             assert_eq!(capability_sets().unwrap(), shown, "{shown:x?}");
             if dropped {
                 assert_ne!(shown.0, shown.1, "the sets should differ now");
+                // Still permitted, it may be made effective again: it is kept.
+                let kept = kept_file_capabilities().unwrap().unwrap_or(0);
+                assert_eq!(
+                    kept & 1,
+                    1,
+                    "CAP_CHOWN, permitted, counts as kept: {kept:#x}"
+                );
             }
         })
         .join()
