@@ -36,7 +36,7 @@ use super::handover_file::{FileReader, FileWriter, HandedPartition, Header, Term
 use super::keys::meta;
 use super::profiles::{group_name, groups_after};
 use super::source::{decode_moved, decode_position, encode_moved, position_key, Moved};
-use super::tally::{read_u64, write_u64};
+use super::tally::add_to_profile_count;
 use super::{Store, StoreError, Trees};
 use crate::source::partition::partition_of;
 
@@ -404,15 +404,7 @@ fn change_groups(t: &Trees, changes: &GroupChanges) -> Result<i64, MoveError> {
                     None => groups_tx.remove(&key[..])?,
                 };
             }
-            // A missing count is unknown until the next open counts the profiles.
-            if changed != 0 && meta_tx.get(meta::PROFILES)?.is_some() {
-                let count = read_u64(meta_tx, meta::PROFILES)?;
-                write_u64(
-                    meta_tx,
-                    meta::PROFILES,
-                    count.saturating_add_signed(changed),
-                )?;
-            }
+            add_to_profile_count(meta_tx, changed)?;
             TxResult::Ok(changed)
         });
         total += changed.map_err(StoreError::from)?;

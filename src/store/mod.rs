@@ -560,6 +560,26 @@ mod tests {
         }
     }
 
+    /// A profile count damaged while the agent runs does not refuse the commits that add or
+    /// remove profiles: it is dropped, and counted again when asked for.
+    #[test]
+    fn a_profile_count_damaged_while_open_is_counted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = crate::config::Mapping::new(&["person.name.firstName"], &["s1"], &[]);
+        let apply = |body: &[u8]| {
+            let updates = crate::profile::update::parse_body(body).unwrap();
+            store.apply_groups(&[&updates], &mapping, chrono::Utc::now())
+        };
+        apply(br#"{"id":"p1","profile":{"person":{"name":{"firstName":"A"}}}}"#).unwrap();
+        store
+            .with(|t| Ok(t.meta.insert(meta::PROFILES, b"bad")?))
+            .unwrap();
+        let added = apply(br#"{"id":"p2","profile":{"person":{"name":{"firstName":"B"}}}}"#);
+        assert!(added.is_ok(), "{added:?}");
+        assert_eq!(store.profile_count().unwrap(), 2);
+    }
+
     fn count_at_open(format: u64, marked: u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();

@@ -21,7 +21,7 @@ use super::error::{StoreError, TxResult};
 use super::export::{append_exports, new_export};
 use super::groups::{self, group_key, Change, GroupKey, GroupView, GROUP_KEY_LEN};
 use super::keys::meta;
-use super::tally::{read_u64, write_u64};
+use super::tally::add_to_profile_count;
 use super::{backfill, source, Store, Trees};
 use crate::config::Mapping;
 use crate::profile::apply::{StoredProfile, UpdateResult};
@@ -610,11 +610,7 @@ impl Store {
                             legacy.remove(id.as_bytes())?;
                         }
                     }
-                    // A missing count is unknown until the next open counts the profiles.
-                    if added != 0 && meta_tx.get(meta::PROFILES)?.is_some() {
-                        let count = read_u64(meta_tx, meta::PROFILES)?;
-                        write_u64(meta_tx, meta::PROFILES, count.saturating_add_signed(added))?;
-                    }
+                    add_to_profile_count(meta_tx, added)?;
                     backfill::write_marks(marks_tx, meta_tx, &marks)?;
                     append_exports(outbox, meta_tx, &exports)
                 },

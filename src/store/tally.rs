@@ -84,6 +84,28 @@ pub(super) fn write_u64(tree: &TransactionalTree, key: &[u8], value: u64) -> TxR
     Ok(())
 }
 
+/// Adds `changed` to `meta/profiles`. A missing count is unknown until the next open counts the
+/// profiles; so is a damaged one, which is removed rather than refuse every commit that adds
+/// or removes a profile until a restart.
+pub(super) fn add_to_profile_count(meta_tx: &TransactionalTree, changed: i64) -> TxResult<()> {
+    if changed == 0 {
+        return Ok(());
+    }
+    match meta_tx.get(meta::PROFILES)? {
+        None => {}
+        Some(v) => match <[u8; 8]>::try_from(v.as_ref()) {
+            Ok(bytes) => {
+                let count = u64::from_be_bytes(bytes).saturating_add_signed(changed);
+                write_u64(meta_tx, meta::PROFILES, count)?;
+            }
+            Err(_) => {
+                meta_tx.remove(meta::PROFILES)?;
+            }
+        },
+    }
+    Ok(())
+}
+
 /// Counts kept exact by every transaction that touches `outbox` or `dead`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Tally {
