@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod client;
 pub mod controller;
+pub mod log_limit;
 pub mod queue;
 pub mod quota;
 pub mod retry;
@@ -51,6 +52,7 @@ use crate::store::{Export, Store, StoreError};
 use auth::TokenSource;
 use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
+use log_limit::LogLimit;
 use queue::{Queue, MAX_HELD};
 use retry::{classify, Class, RetrySchedule};
 pub use settler::RecordingFailure;
@@ -391,6 +393,7 @@ impl Deliverer {
             out_at_rewind: HashSet::new(),
             let_go_start_over: None,
             settler,
+            logs: Logs::default(),
         };
         let mut stop_by: Option<Instant> = None;
         // Whether the loop stopped with nothing out: requests it gave up on may still be
@@ -446,6 +449,7 @@ impl Deliverer {
             }
             state.settler.send(std::mem::take(&mut state.changes));
             self.publish(&state);
+            state.logs.say_left_out(now);
             if stopping {
                 let deadline = *stop_by.get_or_insert(now + self.request_timeout + STOP_GRACE);
                 let done = state.controller.in_flight() == 0 && state.settling == 0;
@@ -809,7 +813,9 @@ impl Deliverer {
             },
         );
         self.metrics.record_delivery(DeliveryOutcome::Expired, None);
-        tracing::warn!(export = %export.id, %profile, "export expired; dead-lettered");
+        if state.logs.expired.admit(Instant::now()) {
+            tracing::warn!(export = %export.id, %profile, "export expired; dead-lettered");
+        }
     }
 
     /// Books what a request came to: the controller hears of it once, each export of it moves
@@ -937,7 +943,9 @@ impl Deliverer {
             let retry_at = delay.map(|d| now + d);
             // Kept in the store too, so that a restart does not send it before its time.
             let retry_at_uptime_ms = delay.map(|d| uptime_ms.saturating_add(d.as_millis() as u64));
-            tracing::info!(export = %export.id, %profile, %error, "delivery failed; will retry");
+            if state.logs.failed.admit(now) {
+                tracing::info!(export = %export.id, %profile, %error, "delivery failed; will retry");
+            }
             let outcome = if cause == RetryCause::Auth {
                 DeliveryOutcome::AuthRejected
             } else {
@@ -982,7 +990,9 @@ impl Deliverer {
             return;
         }
         let (profile, export) = batch.pop().expect("a request holds an export");
-        tracing::warn!(export = %export.id, %profile, %error, "export rejected; dead-lettered");
+        if state.logs.rejected.admit(Instant::now()) {
+            tracing::warn!(export = %export.id, %profile, %error, "export rejected; dead-lettered");
+        }
         self.metrics.record_delivery(DeliveryOutcome::Dead, None);
         state.settle(
             &profile,
@@ -1223,6 +1233,40 @@ struct LoopState {
     /// When the window last started over to read exports it let go of.
     let_go_start_over: Option<Instant>,
     settler: Settler,
+    logs: Logs,
+}
+
+/// The lines logged per export, each kind limited (see [`log_limit`]).
+#[derive(Debug, Default)]
+struct Logs {
+    failed: LogLimit,
+    rejected: LogLimit,
+    expired: LogLimit,
+}
+
+impl Logs {
+    /// Says how many lines of each kind the windows over by `now` left out.
+    fn say_left_out(&mut self, now: Instant) {
+        let window_s = log_limit::WINDOW.as_secs();
+        if let Some(n) = self.failed.left_out(now) {
+            tracing::info!(
+                attempts = n,
+                "{n} more failed delivery attempts in the last {window_s} s, not logged one by one (outpost_deliveries_total counts them)"
+            );
+        }
+        if let Some(n) = self.rejected.left_out(now) {
+            tracing::warn!(
+                exports = n,
+                "{n} more exports rejected and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
+            );
+        }
+        if let Some(n) = self.expired.left_out(now) {
+            tracing::warn!(
+                exports = n,
+                "{n} more exports expired and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
+            );
+        }
+    }
 }
 
 impl LoopState {
