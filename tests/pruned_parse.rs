@@ -253,7 +253,6 @@ fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
         r#"{"id":"a","timestamp":null,"timestamp":null,"profile":{}}"#,
         r#"{"profile":{}}"#,
         r#"{"id":"a","profile":{},"extra":1}"#,
-        r#"{"id":"a","op":"replace","profile":{}}"#,
         r#"{"id":"a","profile":{}} x"#,
     ] {
         let derived = serde_json::from_str::<DerivedUpdate>(line).unwrap_err();
@@ -267,9 +266,13 @@ fn the_top_level_fields_are_refused_as_serde_derive_refuses_them() {
             );
         }
     }
-    // A field of the wrong type is named, which serde's message does not do; so is a profile
-    // key with an `xdm:` prefix, which pruning would otherwise drop unread.
+    // A field of the wrong type or an unknown `op` is named, which serde's message does not do;
+    // so is a profile key with an `xdm:` prefix, which pruning would otherwise drop unread.
     for (line, reason) in [
+        (
+            r#"{"id":"a","op":"replace","profile":{}}"#,
+            "`op` must be one of `upsert`, `merge`, `delete`, not `replace`",
+        ),
         (
             r#"{"id":5,"profile":{}}"#,
             "`id` must be a string, not a number",
