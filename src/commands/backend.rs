@@ -16,6 +16,61 @@ use crate::store::{put_back_wait, BatchSummary, Store, StoreError};
 
 /// How long the CLI waits for the agent's answer.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The most JSON of updates one ingest request to the agent holds (one update alone may take
+/// more, up to what the agent reads).
+const AGENT_REQUEST_BUDGET: usize = 64 << 20;
+/// What an ingest request holds besides its updates' JSON, with room to spare.
+const REQUEST_FRAME: usize = 1024;
+
+/// `updates` in runs whose JSON stays within `budget` bytes (an update past it goes alone);
+/// refused when one alone takes more than `most`.
+fn requests_within(
+    updates: &[Update],
+    budget: usize,
+    most: usize,
+) -> Result<Vec<&[Update]>, CliError> {
+    let mut requests = Vec::new();
+    let (mut from, mut bytes) = (0, 0usize);
+    for (i, update) in updates.iter().enumerate() {
+        let size = json_size(&update.to_value());
+        if size > most {
+            return Err(CliError::Failure(format!(
+                "update `{}` takes {} MiB as JSON, more than the running agent reads in one \
+                 request ({} MiB); stop the agent and run the command again, which then stores \
+                 it itself",
+                crate::explain::cut_to(update.id.clone(), 100),
+                size >> 20,
+                (most + REQUEST_FRAME) >> 20
+            )));
+        }
+        if i > from && bytes + size > budget {
+            requests.push(&updates[from..i]);
+            (from, bytes) = (i, 0);
+        }
+        bytes += size + 1;
+    }
+    if from < updates.len() {
+        requests.push(&updates[from..]);
+    }
+    Ok(requests)
+}
+
+/// The length of `value` as JSON, without keeping the text.
+fn json_size(value: &Value) -> usize {
+    struct Counter(usize);
+    impl Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).expect("values serialize");
+    counter.0
+}
 /// How long the CLI waits for a store held by a process whose agent does not answer, unless
 /// `OUTPOST_STORE_WAIT_S` says otherwise.
 const LOCKED_WAIT: Duration = Duration::from_secs(30);
@@ -165,6 +220,23 @@ impl Backend {
         store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;
         run_backfill(store, &mapping, config.storage.max_outbox_bytes)?;
         Ok(Some(mapping))
+    }
+
+    /// `updates` cut into the requests they go in: the whole chunk to the store itself; to the
+    /// agent, runs whose JSON stays within [`AGENT_REQUEST_BUDGET`] (an update past it goes
+    /// alone), so that no request is longer than the agent reads, whatever the input's shape.
+    pub(super) fn requests_of<'u>(
+        &self,
+        updates: &'u [Update],
+    ) -> Result<Vec<&'u [Update]>, CliError> {
+        match self {
+            Backend::Local(_) => Ok(vec![updates]),
+            Backend::Agent { .. } => requests_within(
+                updates,
+                AGENT_REQUEST_BUDGET,
+                crate::server::admin::MAX_REQUEST_BYTES - REQUEST_FRAME,
+            ),
+        }
     }
 
     /// Commits one chunk of validated, pruned updates, durably; `mapping` from
@@ -345,4 +417,51 @@ pub(super) fn call_agent(
             ))
         })?;
     answer.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_go_to_the_agent_in_requests_it_reads_whole() {
+        let update = |id: &str, bytes: usize| Update {
+            id: id.into(),
+            op: crate::profile::Op::Upsert,
+            profile: [("n".to_owned(), Value::String("x".repeat(bytes)))]
+                .into_iter()
+                .collect(),
+            timestamp: None,
+            record: None,
+            patch_text: None,
+        };
+        let ids = |requests: Vec<&[Update]>| -> Vec<Vec<String>> {
+            requests
+                .iter()
+                .map(|r| r.iter().map(|u| u.id.clone()).collect())
+                .collect()
+        };
+        // Each update of 300 bytes of text takes about 350 as JSON: two fit in 1,000.
+        let updates = vec![
+            update("a", 300),
+            update("b", 300),
+            update("c", 300),
+            update("d", 10),
+            update("e", 1_500),
+            update("f", 10),
+        ];
+        let requests = requests_within(&updates, 1_000, 5_000).unwrap();
+        assert_eq!(
+            ids(requests),
+            [vec!["a", "b"], vec!["c", "d"], vec!["e"], vec!["f"]]
+        );
+        let whole = requests_within(&updates, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(whole.len(), 1);
+
+        // More than the agent reads at all: refused before anything is sent.
+        let error = requests_within(&updates, 1_000, 1_000)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("update `e` takes 0 MiB as JSON"), "{error}");
+    }
 }

@@ -307,11 +307,16 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                     _ => partly_stored(error, total.accepted, 0, count),
                 }
             })?;
-            let committed = backend
-                .ingest(config, mapping.as_ref(), &chunk)
-                .map_err(|e| partly_stored(e, total.accepted, chunk.len(), count))?;
-            total.add(&committed);
-            bar.inc(chunk.len() as u64);
+            for request in backend
+                .requests_of(&chunk)
+                .map_err(|e| partly_stored(e, total.accepted, 0, count))?
+            {
+                let committed = backend
+                    .ingest(config, mapping.as_ref(), request)
+                    .map_err(|e| partly_stored(e, total.accepted, request.len(), count))?;
+                total.add(&committed);
+                bar.inc(request.len() as u64);
+            }
         }
         Ok::<(), CliError>(())
     })?;

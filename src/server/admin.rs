@@ -36,9 +36,9 @@ pub struct AdminState {
     pub move_terms: Option<Terms>,
 }
 
-/// The longest request line read. The largest a command sends is an ingest chunk: input of
-/// at most 16 MiB (`outpost ingest`'s chunks), and one update past it (up to
-/// 64 MiB when the CLI sends it whole), as JSON.
+/// The longest request line read, its newline included. The largest a command sends is part
+/// of an ingest chunk: updates whose JSON takes up to 64 MiB, or one update alone, up to this
+/// (`outpost ingest` refuses a larger one while the agent runs).
 pub const MAX_REQUEST_BYTES: usize = 256 << 20;
 /// How long a connection may take to send its request line, and to take its answer: a client
 /// that connects and sends nothing (or stops reading) would hold a task, a descriptor and the
@@ -129,7 +129,7 @@ async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<
     let (read, mut write) = stream.into_split();
     let result = match read_request(read, MAX_REQUEST_BYTES, IO_TIMEOUT).await? {
         Request::Probe => return Ok(()), // the CLI checking that the agent answers
-        Request::TooLarge => Err(AdminError::Usage(format!(
+        Request::TooLarge => Err(AdminError::Failed(format!(
             "the request is larger than the {} MiB the agent reads",
             MAX_REQUEST_BYTES >> 20
         ))),
