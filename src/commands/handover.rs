@@ -493,9 +493,10 @@ fn file_not_seen(file: &Path, written: &Value) -> CliError {
         Some(forgotten) => CliError::Failure(format!(
             "the agent, of an earlier build, wrote {} where this command does not find it \
              ({private_tmp}) and has forgotten {forgotten} profile(s) of the partitions already: \
-             that file is their only copy. Copy it out from where the agent sees it (with \
-             PrivateTmp, under /tmp/systemd-private-*) before the agent restarts, which may \
-             delete it, and take it over with `outpost nats take-over`",
+             that file is their only copy. Copy it from where the agent sees it (with \
+             PrivateTmp, under /tmp/systemd-private-*) to a path both see, such as one in the \
+             store's folder, before the agent restarts, which may delete it; run the hand-over \
+             again with that path, then take the file over",
             file.display()
         )),
     }
