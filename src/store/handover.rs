@@ -412,13 +412,6 @@ fn change_groups(t: &Trees, changes: &GroupChanges) -> Result<i64, MoveError> {
     Ok(total)
 }
 
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(dir) => File::open(dir)?.sync_all(),
-        None => File::open(".")?.sync_all(),
-    }
-}
-
 /// The hash a profile's bytes are compared by, so that a large file is not held in memory.
 fn digest(value: &[u8]) -> u64 {
     twox_hash::XxHash64::oneshot(0, value)
@@ -488,7 +481,8 @@ fn write_file(
     };
     let _ = std::fs::remove_file(&partial);
     placed.map_err(|e| io_error(path, "cannot put the file at", e))?;
-    sync_parent(path).map_err(|e| io_error(path, "cannot sync the folder of", e))?;
+    super::rebuild::sync_parent(path)
+        .map_err(|e| io_error(path, "cannot sync the folder of", e))?;
     Ok(count)
 }
 

@@ -485,14 +485,11 @@ impl Store {
                 meta.insert(meta::STORE_ID, &id.to_be_bytes())?;
                 db.flush()?;
                 // A new store: the names of its files, and its folder's own, are durable only
-                // once their folders are synced (a flush syncs the log's data alone).
+                // once their folders are synced (a flush syncs the log's data alone). The
+                // folder it is in may be one this user can enter but not read (mode 0711).
                 rebuild::sync_dir(path).map_err(io_error)?;
-                if let Some(parent) = path.parent() {
-                    let parent = match parent.as_os_str().is_empty() {
-                        true => Path::new("."),
-                        false => parent,
-                    };
-                    rebuild::sync_dir(parent).map_err(io_error)?;
+                if let Err(e) = rebuild::sync_parent(path) {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot sync the folder the new store is in: its name survives a power cut only as the filesystem keeps it");
                 }
                 id
             }

@@ -91,6 +91,14 @@ pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Syncs the folder `path` is in, so that its name is durable.
+pub(super) fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => sync_dir(dir),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
 /// Syncs every file under `dir`, and the folders.
 fn sync_all_under(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
