@@ -561,7 +561,8 @@ mod tests {
     }
 
     /// A profile count damaged while the agent runs does not refuse the commits that add or
-    /// remove profiles: it is dropped, and counted again when asked for.
+    /// remove profiles: it is dropped, unknown (as a missing one) until the next open counts
+    /// the profiles; a walk counts them meanwhile.
     #[test]
     fn a_profile_count_damaged_while_open_is_counted_again() {
         let dir = tempfile::tempdir().unwrap();

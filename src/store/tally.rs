@@ -99,6 +99,7 @@ pub(super) fn add_to_profile_count(meta_tx: &TransactionalTree, changed: i64) ->
                 write_u64(meta_tx, meta::PROFILES, count)?;
             }
             Err(_) => {
+                tracing::warn!("the stored count of profiles is damaged: dropped; the next start counts them again");
                 meta_tx.remove(meta::PROFILES)?;
             }
         },
