@@ -739,11 +739,11 @@ fn clock_report(config: &Config) -> String {
     }
 }
 
-/// An outbox command; a listing it made, to be printed once the store is closed.
 /// What a command prints, printed once the store it opened is closed: a reader who stops
 /// reading (a pager) must not keep the store from `outpost run` meanwhile.
 type Print = Box<dyn FnOnce() -> Result<(), CliError>>;
 
+/// An outbox command; what it prints, to be printed once the store is closed.
 fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> {
     match command {
         OutboxCommand::Stats(flag) => {
