@@ -1,6 +1,7 @@
 //! Request bodies of the ingest API: the room they may take at once, how long they may take
 //! to arrive, and their encoding.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +18,7 @@ pub const BODIES_IN_FLIGHT: u64 = 4;
 
 /// The room for request bodies, in KiB permits.
 pub struct BodyBudget {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     /// What one body of `ingest.max_body_bytes` takes.
     max_kib: u32,
 }
@@ -27,7 +28,7 @@ impl BodyBudget {
         let limit = u64::from(u32::MAX >> 3) / BODIES_IN_FLIGHT;
         let max_kib = max_body_bytes.div_ceil(1024).clamp(1, limit) as u32;
         BodyBudget {
-            permits: Semaphore::new(max_kib as usize * BODIES_IN_FLIGHT as usize),
+            permits: Arc::new(Semaphore::new(max_kib as usize * BODIES_IN_FLIGHT as usize)),
             max_kib,
         }
     }
@@ -38,9 +39,10 @@ impl BodyBudget {
         &self,
         bytes: u64,
         wait: Duration,
-    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let kib = bytes.div_ceil(1024).clamp(1, u64::from(self.max_kib)) as u32;
-        let permit = tokio::time::timeout(wait, self.permits.acquire_many(kib)).await;
+        let acquired = Arc::clone(&self.permits).acquire_many_owned(kib);
+        let permit = tokio::time::timeout(wait, acquired).await;
         permit
             .ok()
             .map(|p| p.expect("the budget's semaphore is never closed"))

@@ -414,17 +414,14 @@ fn too_large(state: &IngestState) -> Answer {
 }
 
 /// What a request that may be read was found to send, and the room reserved for its body.
-struct Admitted<'a> {
+struct Admitted {
     encoding: Encoding,
     declared: Option<u64>,
-    _room: tokio::sync::SemaphorePermit<'a>,
+    room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Whether a request's body may be read; else the answer.
-async fn admit<'a>(
-    state: &'a IngestState,
-    request: &Request<Incoming>,
-) -> Result<Admitted<'a>, Box<Answer>> {
+async fn admit(state: &IngestState, request: &Request<Incoming>) -> Result<Admitted, Box<Answer>> {
     if !authorized(state, request) {
         let mut answer = error_answer(StatusCode::UNAUTHORIZED, "missing or wrong ingest token");
         answer.headers_mut().insert(
@@ -471,7 +468,7 @@ async fn admit<'a>(
     Ok(Admitted {
         encoding,
         declared,
-        _room: room,
+        room,
     })
 }
 
@@ -500,6 +497,8 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         }
     };
     let (encoding, declared) = (admitted.encoding, admitted.declared);
+    // Held by the request's jobs too, until they are committed (see `committer::Room`).
+    let room = Some(Arc::new(admitted.room));
     let body = match read_body(
         request.into_body(),
         declared,
@@ -580,9 +579,14 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     let committed = match located.all_parsed() {
         Ok(updates) => {
             drop(body);
-            state.committer.commit_parsed(updates).await
+            state.committer.commit_parsed(updates, room).await
         }
-        Err(located) => state.committer.commit_located(located, &parsing).await,
+        Err(located) => {
+            state
+                .committer
+                .commit_located(located, &parsing, room)
+                .await
+        }
     };
     match committed {
         Ok(summary) => json_answer(

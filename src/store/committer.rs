@@ -110,10 +110,16 @@ pub fn what_was_stored(stored: u64, in_doubt: u64, count: u64) -> String {
     }
 }
 
+/// The room reserved for an HTTP request's body ([`crate::server::body::BodyBudget`]), held
+/// by each job of the request until the committer is done with it: a client that goes away
+/// drops its request's task, but not the jobs it queued, which hold its updates until then.
+pub type Room = Option<Arc<tokio::sync::OwnedSemaphorePermit>>;
+
 struct Job {
     updates: Vec<Update>,
     /// For updates from a stream: how far it was consumed, recorded in the same transaction.
     position: Option<SourcePosition>,
+    _room: Room,
     /// The answer, with the updates handed back: freeing their JSON trees takes the
     /// committer thread a fifth of its time, which the caller's thread can spare.
     reply: oneshot::Sender<Answer>,
@@ -250,6 +256,7 @@ impl Committer {
         &self,
         mut located: LocatedBody<'_>,
         parsing: &Parsing<'_>,
+        room: Room,
     ) -> Result<BatchSummary, PartlyCommitted> {
         let first = std::mem::take(&mut located.first);
         let rest_id_hashes = std::mem::take(&mut located.rest_id_hashes);
@@ -287,7 +294,7 @@ impl Committer {
                 });
             (!chunk.is_empty()).then_some(parsed)
         });
-        self.commit_chunks(std::iter::once(Ok(first)).chain(later))
+        self.commit_chunks(std::iter::once(Ok(first)).chain(later), room)
             .await
     }
 
@@ -296,8 +303,9 @@ impl Committer {
     pub async fn commit_parsed(
         &self,
         updates: Vec<Update>,
+        room: Room,
     ) -> Result<BatchSummary, PartlyCommitted> {
-        self.commit_chunks(std::iter::once(Ok(updates))).await
+        self.commit_chunks(std::iter::once(Ok(updates)), room).await
     }
 
     /// Commits each chunk in turn, each durable before the next is queued, until one fails.
@@ -305,6 +313,7 @@ impl Committer {
     async fn commit_chunks(
         &self,
         mut chunks: impl Iterator<Item = Result<Vec<Update>, CommitError>>,
+        room: Room,
     ) -> Result<BatchSummary, PartlyCommitted> {
         let mut stored = BatchSummary::default();
         let mut next = chunks.next();
@@ -317,7 +326,7 @@ impl Committer {
             let chunk = chunk.map_err(|error| failed(stored, 0, error))?;
             let len = chunk.len() as u64;
             let answer = self
-                .queue(chunk, None)
+                .queue(chunk, None, room.clone())
                 .await
                 .map_err(|error| failed(stored, 0, error))?;
             next = chunks.next();
@@ -346,7 +355,7 @@ impl Committer {
         updates: Vec<Update>,
         position: Option<SourcePosition>,
     ) -> Result<BatchSummary, CommitError> {
-        let answer = self.queue(updates, position).await?;
+        let answer = self.queue(updates, position, None).await?;
         let (result, _updates) = answer.await.map_err(|_| CommitError::Stopped)?;
         result
     }
@@ -357,6 +366,7 @@ impl Committer {
         &self,
         mut updates: Vec<Update>,
         position: Option<SourcePosition>,
+        room: Room,
     ) -> Result<oneshot::Receiver<Answer>, CommitError> {
         for update in &mut updates {
             match update.op {
@@ -369,6 +379,7 @@ impl Committer {
             .send(Request::Commit(Job {
                 updates,
                 position,
+                _room: room,
                 reply,
             }))
             .await
@@ -583,14 +594,14 @@ mod tests {
         // queue behind it, to be committed together; the first group's flush goes through,
         // theirs fails.
         let writer = store.lock_profile_writer();
-        let first = committer.queue(update("a"), None).await.unwrap();
+        let first = committer.queue(update("a"), None, None).await.unwrap();
         while committer.jobs.capacity() < committer.jobs.max_capacity() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         *store.failing_sync.lock().unwrap() = Some((1, Duration::ZERO));
-        let written = committer.queue(update("b"), None).await.unwrap();
-        let refused = committer.queue(update("x"), None).await.unwrap();
+        let written = committer.queue(update("b"), None, None).await.unwrap();
+        let refused = committer.queue(update("x"), None, None).await.unwrap();
         drop(writer);
 
         first.await.unwrap().0.unwrap();
@@ -633,7 +644,7 @@ mod tests {
             max_future_s: 0,
         });
         let located = locate_body(body.as_bytes(), &parsing, REQUEST_CHUNK).unwrap();
-        committer.commit_located(located, &parsing).await
+        committer.commit_located(located, &parsing, None).await
     }
 
     #[tokio::test]
@@ -757,11 +768,45 @@ mod tests {
         let (committer, _thread) = Committer::start_watched(store, mapping, Arc::default(), watch);
         let mut two = update("a");
         two.extend(update("b"));
-        drop(committer.queue(two, None).await.unwrap());
+        drop(committer.queue(two, None, None).await.unwrap());
         assert_eq!(heard.recv_timeout(Duration::from_secs(5)), Ok(2));
         assert!(committer.commit(update("x")).await.is_err());
         committer.commit(update("c")).await.unwrap();
         assert_eq!(heard.try_iter().collect::<Vec<_>>(), [1]);
+    }
+
+    /// A request's room is held by the jobs it queued until they are committed, also once
+    /// its caller went away: their updates are held until then.
+    #[tokio::test]
+    async fn a_requests_room_is_held_until_its_updates_are_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let mapping = Arc::new(Mapping::new(&["name"], &["ups"], &[]));
+        let budget = Arc::new(tokio::sync::Semaphore::new(1));
+        let (told, heard) = std::sync::mpsc::channel();
+        let watched = Arc::clone(&budget);
+        let watch = Watch {
+            on_stored: Box::new(move |_| told.send(watched.available_permits()).unwrap()),
+            ..Watch::default()
+        };
+        let (committer, _thread) = Committer::start_watched(store, mapping, Arc::default(), watch);
+        let room = Arc::clone(&budget).acquire_owned().await.unwrap();
+        let mut caller = Box::pin(committer.commit_parsed(update("a"), Some(Arc::new(room))));
+        // Queued at its first poll; then the caller goes: its task is dropped, its job not.
+        assert!(futures_util::poll!(&mut caller).is_pending());
+        drop(caller);
+        let held_while_stored = heard.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            held_while_stored, 0,
+            "given back before its updates were stored"
+        );
+        for _ in 0..100 {
+            if budget.available_permits() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the room was not given back once the job was committed");
     }
 
     #[tokio::test]
