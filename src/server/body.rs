@@ -10,7 +10,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_ENCODING};
 use tokio::sync::Semaphore;
 
-/// Before its body is read, a request reserves room for it until its commit answers: its
+/// Before its body is read, a request reserves room for it until its commit answers (or, its
+/// client gone, until the committer is done with the jobs it queued): its
 /// declared length, else (and when gzip) the whole `ingest.max_body_bytes`; all requests at
 /// once, at most this many times that. A request past it waits for room up to
 /// `ingest.read_timeout_ms`, then gets 503 with `Retry-After`.
