@@ -106,6 +106,10 @@ pub async fn read_body(
                 bytes = Vec::new();
                 return seen <= max_body_bytes.saturating_add(DRAINED_BYTES);
             }
+            let needed = bytes.len() + data.len();
+            if needed > bytes.capacity() {
+                bytes.reserve_exact(grown_capacity(bytes.capacity(), needed, limit) - bytes.len());
+            }
             bytes.extend_from_slice(data);
             true
         },
@@ -122,6 +126,13 @@ pub async fn read_body(
         },
     })?;
     Ok(bytes)
+}
+
+/// The capacity a body's buffer grows to when it must hold `needed` bytes: doubling, as a
+/// `Vec` grows, but never past `limit` (at least `needed`, which is within it). A body just
+/// past half a limit that is no power of two would otherwise take up to twice the limit.
+fn grown_capacity(capacity: usize, needed: usize, limit: usize) -> usize {
+    capacity.saturating_mul(2).min(limit).max(needed)
 }
 
 /// Reads and drops what a client still sends of a body refused before it was read (up to
@@ -231,6 +242,31 @@ pub fn gunzip(compressed: Vec<u8>, limit: u64) -> Result<Vec<u8>, GunzipError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bodys_buffer_doubles_but_never_past_the_limit() {
+        const MIB: usize = 1 << 20;
+        let cases = [
+            (8 * MIB, 8 * MIB + 1, 16 * MIB, 16 * MIB),
+            (8 * MIB, 8 * MIB + 1, 9 * MIB, 9 * MIB),
+            (0, 100, 9 * MIB, 100),
+            (64 * 1024, 70 * 1024, 9 * MIB, 128 * 1024),
+            (8 * MIB, 9 * MIB, 9 * MIB, 9 * MIB),
+            (
+                usize::MAX / 2 + 1,
+                usize::MAX / 2 + 2,
+                usize::MAX,
+                usize::MAX,
+            ),
+        ];
+        for (capacity, needed, limit, grown) in cases {
+            assert_eq!(
+                grown_capacity(capacity, needed, limit),
+                grown,
+                "{capacity} {needed} {limit}"
+            );
+        }
+    }
 
     /// Four bodies of `max_body_bytes` fit at once whatever its size (rounded to KiB), and
     /// nothing more does until one gives its room back.
