@@ -188,6 +188,9 @@ impl Agent {
         let mut mapping = config.mapping.clone();
         store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;
         let shutdown = CancellationToken::new();
+        // Should starting fail, or be given up (a signal drops this future), what started so
+        // far is told to stop: delivery would otherwise go on sending until the process ends.
+        let started_so_far = shutdown.clone().drop_guard();
         let committer_failure: Arc<OnceLock<String>> = Arc::default();
         let counted = Arc::clone(&metrics);
         let watch = Watch {
@@ -333,6 +336,7 @@ impl Agent {
             })
             .collect();
         tracing::info!(listen = %listen_addr, scheme, store = %config.storage.path.display(), "outpost is running");
+        started_so_far.disarm();
         Ok(Agent {
             listen_addr,
             metrics,
