@@ -284,7 +284,7 @@ impl Agent {
             delivery_running,
             committer_failure: Arc::clone(&committer_failure),
             recording_failure,
-            source,
+            source: source.clone(),
             outbox_read_at: tokio::sync::Mutex::default(),
             outbox_reading: Arc::default(),
         });
@@ -316,6 +316,7 @@ impl Agent {
                 .map(|nats| nats.owned.clone())
                 .unwrap_or_default(),
             move_terms: config.move_terms(),
+            source,
         });
         tasks.push((
             "the admin socket".to_string(),

@@ -1367,6 +1367,13 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         healthz_json(agent.addr).await["nats"]["state"],
         "disconnected"
     );
+    // `outpost top` reads the source's state as it shows it, whether or not `/metrics` was
+    // scraped (it has not been).
+    let top = setup.cli(&["top", "--once", "--interval", "0.2"]);
+    assert!(
+        top.contains("NATS lag") && top.contains("waiting (disconnected)"),
+        "{top}"
+    );
     wait_or_show(
         10,
         "the log saying NATS cannot be reached",
@@ -1389,6 +1396,8 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     })
     .await;
     assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
+    let top = setup.cli(&["top", "--once", "--interval", "0.2"]);
+    assert!(top.contains("waiting (connected)"), "{top}");
 }
 
 #[test]

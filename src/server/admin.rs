@@ -34,6 +34,8 @@ pub struct AdminState {
     /// The terms of moves, from the config the agent runs with: the store holds what it
     /// decided under them, whatever the command's config file says now.
     pub move_terms: Option<Terms>,
+    /// The NATS source, when `[source.nats]` is configured: `outpost top` shows its lag.
+    pub source: Option<Arc<crate::source::nats::SourceState>>,
 }
 
 /// The longest request line read, its newline included. The largest a command sends is part
@@ -236,6 +238,9 @@ async fn snapshot(state: &Arc<AdminState>) -> Result<serde_json::Value, AdminErr
         .await
         .map_err(|e| AdminError::Failed(e.to_string()))??;
     state.metrics.set_outbox(&stats);
+    if let Some(source) = &state.source {
+        source.set_gauges(&state.metrics);
+    }
     let mut stats = serde_json::to_value(&stats).expect("stats serialize");
     add_delivery_state(&mut stats, &state.metrics);
     Ok(serde_json::json!({

@@ -338,14 +338,7 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
             }
             drop(read_at);
             if let Some(source) = &state.source {
-                let metrics = &state.metrics;
-                metrics.source_connected.set(i64::from(source.connected()));
-                metrics.source_paused.set(i64::from(source.paused()));
-                let left_alone = source.claimed_elsewhere().len();
-                metrics.source_claimed_elsewhere.set(left_alone as i64);
-                for (partition, pending) in source.pending() {
-                    metrics.set_source_pending(partition, pending);
-                }
+                source.set_gauges(&state.metrics);
             }
             let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
             let openmetrics = state.metrics.render();

@@ -646,6 +646,18 @@ impl SourceState {
             .collect()
     }
 
+    /// Sets the source's gauges to what they are now: read when shown (`/metrics`,
+    /// `outpost top`), not kept up to date as they change.
+    pub fn set_gauges(&self, metrics: &crate::metrics::Metrics) {
+        metrics.source_connected.set(i64::from(self.connected()));
+        metrics.source_paused.set(i64::from(self.paused()));
+        let left_alone = self.claimed_elsewhere().len();
+        metrics.source_claimed_elsewhere.set(left_alone as i64);
+        for (partition, pending) in self.pending() {
+            metrics.set_source_pending(partition, pending);
+        }
+    }
+
     /// The object `/healthz` carries under `nats`.
     pub fn to_json(&self) -> serde_json::Value {
         let pending: serde_json::Map<String, serde_json::Value> = self
