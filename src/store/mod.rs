@@ -576,6 +576,8 @@ mod tests {
         store
             .with(|t| Ok(t.meta.insert(meta::PROFILES, b"bad")?))
             .unwrap();
+        let stats = store.outbox_stats(chrono::Utc::now()).unwrap();
+        assert_eq!(stats.profiles, None, "unknown, not an error");
         let added = apply(br#"{"id":"p2","profile":{"person":{"name":{"firstName":"B"}}}}"#);
         assert!(added.is_ok(), "{added:?}");
         assert_eq!(store.profile_count().unwrap(), 2);

@@ -193,16 +193,12 @@ pub(super) fn count_profiles(t: &Trees) -> Result<u64, StoreError> {
     Ok(count)
 }
 
-/// `meta/profiles`; `None` while it is unknown (missing: the next open counts).
+/// `meta/profiles`; `None` while it is unknown (missing or damaged: the next open counts).
 pub(super) fn read_profile_count(t: &Trees) -> Result<Option<u64>, StoreError> {
-    match t.meta.get(meta::PROFILES)? {
-        None => Ok(None),
-        Some(v) => {
-            Ok(Some(u64::from_be_bytes(v.as_ref().try_into().map_err(
-                |_| StoreError::corrupt("profile count", "not 8 bytes"),
-            )?)))
-        }
-    }
+    Ok(t.meta
+        .get(meta::PROFILES)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes))
 }
 
 /// Counts the profiles by walking them and records the count in `meta/profiles`. Not flushed.
