@@ -274,19 +274,22 @@ async fn top_says_the_agent_does_not_answer_and_quits_at_once_meanwhile() {
 /// it rather than leave it in raw mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_stopped_by_sigterm_gives_the_terminal_back() {
-    let mut on = TopOnATerminal::start().await;
-    assert!(
-        !on.in_line_mode(),
-        "top should have the terminal in raw mode"
-    );
-    let top = i32::try_from(on.top.0.id()).unwrap();
-    // SAFETY: plain kill(2) of the process this test started.
-    assert_eq!(unsafe { libc::kill(top, libc::SIGTERM) }, 0);
-    let status = on.exit_within_5_s("SIGTERM").await;
-    assert!(
-        on.in_line_mode(),
-        "the terminal was left in raw mode ({status:?})"
-    );
-    assert!(status.success(), "{status:?}");
-    on.agent.terminate().await;
+    // SIGINT as another process sends it: in raw mode Ctrl-C is a key.
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let mut on = TopOnATerminal::start().await;
+        assert!(
+            !on.in_line_mode(),
+            "top should have the terminal in raw mode"
+        );
+        let top = i32::try_from(on.top.0.id()).unwrap();
+        // SAFETY: plain kill(2) of the process this test started.
+        assert_eq!(unsafe { libc::kill(top, signal) }, 0);
+        let status = on.exit_within_5_s(name).await;
+        assert!(
+            on.in_line_mode(),
+            "{name}: the terminal was left in raw mode ({status:?})"
+        );
+        assert!(status.success(), "{name}: {status:?}");
+        on.agent.terminate().await;
+    }
 }

@@ -61,8 +61,11 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
     let snapshots = take_snapshots(socket, started, interval);
     stop_on_signals()
         .map_err(|e| CliError::Failure(format!("cannot set up the signal handlers: {e}")))?;
-    let mut terminal = ratatui::try_init()
-        .map_err(|e| CliError::Failure(format!("cannot set up the terminal: {e}")))?;
+    // Raw mode may be on when a later step of the set-up fails.
+    let mut terminal = ratatui::try_init().map_err(|e| {
+        ratatui::restore();
+        CliError::Failure(format!("cannot set up the terminal: {e}"))
+    })?;
     let first_view = view(&first, &first, &history, auth, &store);
     let result = live(
         &mut terminal,
@@ -112,8 +115,9 @@ fn take_snapshots(
     receiver
 }
 
-/// Set by SIGTERM or SIGHUP while the live view runs, so that it gives the terminal back as it
-/// found it before exiting (killed at once, it would leave it in raw mode).
+/// Set by SIGTERM, SIGHUP, SIGINT or SIGQUIT while the live view runs, so that it gives the
+/// terminal back as it found it before exiting (killed at once, it would leave it in raw mode).
+/// In raw mode Ctrl-C is a key; SIGINT comes from another process (`kill -INT`, `timeout`).
 static STOP_ASKED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn ask_to_stop(_signal: libc::c_int) {
@@ -121,7 +125,7 @@ extern "C" fn ask_to_stop(_signal: libc::c_int) {
 }
 
 fn stop_on_signals() -> std::io::Result<()> {
-    for signal in [libc::SIGTERM, libc::SIGHUP] {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
         // SAFETY: the handler only stores to an atomic, which a signal handler may do.
         let previous =
             unsafe { libc::signal(signal, ask_to_stop as *const () as libc::sighandler_t) };
