@@ -743,19 +743,24 @@ fn clock_report(config: &Config) -> String {
 /// reading (a pager) must not keep the store from `outpost run` meanwhile.
 type Print = Box<dyn FnOnce() -> Result<(), CliError>>;
 
+/// Prints `value` as one line of JSON when `json`, else as `text` shows it.
+fn as_json_or(value: Value, json: bool, text: fn(&Value)) -> Print {
+    Box::new(move || {
+        if json {
+            println!("{value}");
+        } else {
+            text(&value);
+        }
+        Ok(())
+    })
+}
+
 /// An outbox command; what it prints, to be printed once the store is closed.
 fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> {
     match command {
         OutboxCommand::Stats(flag) => {
             let stats = backend.execute(&AdminRequest::Stats)?;
-            Ok(Box::new(move || {
-                if flag.json {
-                    println!("{stats}");
-                } else {
-                    print_stats(&stats);
-                }
-                Ok(())
-            }))
+            Ok(as_json_or(stats, flag.json, print_stats))
         }
         OutboxCommand::List {
             dead,
@@ -799,14 +804,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> 
         }
         OutboxCommand::Show { id, json } => {
             let export = backend.execute(&AdminRequest::Show { id })?;
-            Ok(Box::new(move || {
-                if json.json {
-                    println!("{export}");
-                } else {
-                    print_export(&export);
-                }
-                Ok(())
-            }))
+            Ok(as_json_or(export, json.json, print_export))
         }
         OutboxCommand::Retry(Targets { ids, all_dead }) => {
             let result = backend.execute(&AdminRequest::Retry { ids, all_dead })?;

@@ -1142,49 +1142,34 @@ mod tests {
         assert_eq!(limits, [8, 8, 8]);
     }
 
-    #[test]
-    fn a_clear_slowdown_shrinks_a_limit_under_ten_by_one() {
+    /// A fresh controller driven `fast_rounds` intervals of healthy 10 ms round trips, then two
+    /// three times slower (the first still holds answers of the last fast round): the limit
+    /// reached, and the limits over the two slow intervals.
+    fn fast_then_three_times_slower(
+        fast_rounds: usize,
+    ) -> (Controller, Instant, usize, Vec<usize>) {
         let mut now = Instant::now();
         let mut c = Controller::new(config(64), now);
-        drive(
-            &mut c,
-            &mut now,
-            1,
-            Duration::from_millis(10),
-            Signal::Healthy,
-        );
-        assert_eq!(c.limit(), 9);
-        let limits = drive(
-            &mut c,
-            &mut now,
-            2,
-            Duration::from_millis(30),
-            Signal::Healthy,
-        );
+        let fast = Duration::from_millis(10);
+        drive(&mut c, &mut now, fast_rounds, fast, Signal::Healthy);
+        let reached = c.limit();
+        let slow = Duration::from_millis(30);
+        let limits = drive(&mut c, &mut now, 2, slow, Signal::Healthy);
+        (c, now, reached, limits)
+    }
+
+    #[test]
+    fn a_clear_slowdown_shrinks_a_limit_under_ten_by_one() {
+        let (_, _, reached, limits) = fast_then_three_times_slower(1);
+        assert_eq!(reached, 9);
         assert_eq!(limits, [9, 8]);
     }
 
     #[test]
     fn a_clear_slowdown_shrinks_the_limit_and_a_steady_slow_endpoint_grows_it_again() {
-        let mut now = Instant::now();
-        let mut c = Controller::new(config(64), now);
-        drive(
-            &mut c,
-            &mut now,
-            4,
-            Duration::from_millis(10),
-            Signal::Healthy,
-        );
-        assert_eq!(c.limit(), 12);
         // Three times slower: shrink by a tenth.
-        // (The first interval still holds answers of the last fast round.)
-        let limits = drive(
-            &mut c,
-            &mut now,
-            2,
-            Duration::from_millis(30),
-            Signal::Healthy,
-        );
+        let (mut c, mut now, reached, limits) = fast_then_three_times_slower(4);
+        assert_eq!(reached, 12);
         assert_eq!(limits, [12, 11]);
         // Once the mean has caught up with the new round trip, it grows again.
         let limits = drive(
