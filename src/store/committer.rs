@@ -332,7 +332,7 @@ impl Committer {
             next = chunks.next();
             let (result, _updates) = answer
                 .await
-                .map_err(|_| failed(stored, 0, CommitError::Stopped))?;
+                .map_err(|_| failed(stored, len, stopped_before_answering()))?;
             match result {
                 Ok(summary) => stored.add(&summary),
                 Err(error) => {
@@ -356,7 +356,7 @@ impl Committer {
         position: Option<SourcePosition>,
     ) -> Result<BatchSummary, CommitError> {
         let answer = self.queue(updates, position, None).await?;
-        let (result, _updates) = answer.await.map_err(|_| CommitError::Stopped)?;
+        let (result, _updates) = answer.await.map_err(|_| stopped_before_answering())?;
         result
     }
 
@@ -525,6 +525,12 @@ fn run(
             job.answer(summary.map_err(refusal));
         }
     }
+}
+
+/// A job queued and never answered: the committer stopped (it panicked) while it held it,
+/// maybe after the group's write, or even its flush, so the job may have been stored or not.
+fn stopped_before_answering() -> CommitError {
+    CommitError::InDoubt("the committer stopped before it answered".into())
 }
 
 /// Why one request of a group was refused, its other requests stored.
@@ -807,6 +813,35 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the room was not given back once the job was committed");
+    }
+
+    /// A committer that stops while it holds a job (here after the job's group was flushed)
+    /// answers nothing: the job may have been stored, and its caller is told so, not that it
+    /// was not stored.
+    #[tokio::test]
+    async fn a_job_the_committer_stopped_holding_may_have_been_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
+        let watch = Watch {
+            on_stored: Box::new(|_| panic!("after the flush")),
+            on_panic: Box::new(|_| {}),
+        };
+        let (committer, _thread) =
+            Committer::start_watched(Arc::clone(&store), mapping, Arc::default(), watch);
+        let error = committer.commit(update("a")).await.unwrap_err();
+        assert!(matches!(error, CommitError::InDoubt(_)), "{error:?}");
+        assert!(error.to_string().starts_with(IN_DOUBT), "{error}");
+        assert!(store.profile("a").unwrap().is_some(), "it was stored");
+        // Not queued at all once the committer has stopped: not stored.
+        for _ in 0..500 {
+            if committer.jobs.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let error = committer.commit(update("b")).await.unwrap_err();
+        assert!(matches!(error, CommitError::Stopped), "{error:?}");
     }
 
     #[tokio::test]
