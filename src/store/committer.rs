@@ -144,7 +144,7 @@ enum Request {
 }
 
 /// Told what the committer thread panicked with, should it: it then takes no more commits
-/// (each is answered [`CommitError::Stopped`]).
+/// (each is answered [`CommitError::Stopped`]; those it held, [`CommitError::InDoubt`]).
 pub type OnPanic = Box<dyn FnOnce(Box<dyn std::any::Any + Send>) + Send>;
 
 /// Told what each request stored, once it is durable and before it is answered: so it is
