@@ -23,9 +23,17 @@ pub struct Snapshot {
     /// `outbox stats` with the delivery state.
     pub stats: Value,
     pub token_expires_in_s: Option<u64>,
+    /// Which run of the agent answered: its counters start again from zero with each.
+    /// `None` from an agent of an earlier build.
+    pub agent_run: Option<String>,
 }
 
 impl Snapshot {
+    /// Whether another run of the agent answered `previous`: no rate spans a restart.
+    pub fn restarted_since(&self, previous: &Snapshot) -> bool {
+        matches!((&previous.agent_run, &self.agent_run), (Some(a), Some(b)) if a != b)
+    }
+
     pub fn from_answer(at_s: f64, answer: &Value) -> Result<Snapshot, String> {
         let text = answer["metrics"]
             .as_str()
@@ -35,6 +43,7 @@ impl Snapshot {
             metrics: Samples::parse(text)?,
             stats: answer["stats"].clone(),
             token_expires_in_s: answer["token_expires_in_s"].as_u64(),
+            agent_run: answer["agent_run"].as_str().map(str::to_owned),
         })
     }
 }
@@ -225,6 +234,8 @@ pub fn view(
     auth: AuthKind,
     store: &str,
 ) -> View {
+    let restarted = current.restarted_since(previous);
+    let previous = if restarted { current } else { previous };
     let m = &current.metrics;
     let gauge = |name: &str| m.value(name) as i64;
     let reasons: Vec<&'static str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
@@ -301,7 +312,9 @@ pub fn view(
         },
         clock_jumps: clock_jumps(&current.stats),
         source_lag: source_lag(m),
-        notice: None,
+        notice: restarted.then(|| {
+            "the agent restarted since the last snapshot: rates from the next one on".into()
+        }),
     }
 }
 
@@ -629,6 +642,34 @@ mod tests {
         ] {
             assert_eq!(duration(s), text);
         }
+    }
+
+    #[test]
+    fn no_rate_spans_a_restart_of_the_agent() {
+        let of_run = |at_s: f64, delivered: u64, run: Option<&str>| {
+            let metrics =
+                format!("outpost_deliveries_total{{outcome=\"delivered\"}} {delivered}\n");
+            let mut answer = json!({"metrics": metrics, "stats": {}});
+            if let Some(run) = run {
+                answer["agent_run"] = run.into();
+            }
+            Snapshot::from_answer(at_s, &answer).unwrap()
+        };
+        let history = History::new(2);
+        let delivered = |previous: &Snapshot, current: &Snapshot| {
+            let v = view(previous, current, &history, AuthKind::None, "s");
+            let figure = v.deliveries.iter().find(|f| f.label == "delivered");
+            (figure.unwrap().per_s, v.notice.is_some())
+        };
+        // The same run: 40 more in 2 s.
+        let (before, after) = (of_run(10.0, 50, Some("a")), of_run(12.0, 90, Some("a")));
+        assert_eq!(delivered(&before, &after), (20.0, false));
+        // Another run, whose counter passed the old one's: no rate, and a notice.
+        let (before, after) = (of_run(10.0, 50, Some("a")), of_run(12.0, 90, Some("b")));
+        assert_eq!(delivered(&before, &after), (0.0, true));
+        // An agent of an earlier build names no run: judged by its counters alone.
+        let (before, after) = (of_run(10.0, 50, None), of_run(12.0, 90, None));
+        assert_eq!(delivered(&before, &after), (20.0, false));
     }
 
     #[test]
