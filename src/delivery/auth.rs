@@ -327,13 +327,17 @@ impl TokenSource {
             .map(|c| c.token.clone())
     }
 
-    /// Drops `used` after the destination refused it, unless a newer token already replaced it.
-    pub async fn invalidate(&self, used: &Secret) {
+    /// Drops `used` after the destination refused it, unless a newer token already replaced it
+    /// (or it was dropped already). Whether it was the token held: `false` for a refusal of a
+    /// token another refusal dropped first.
+    pub async fn invalidate(&self, used: &Secret) -> bool {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|c| &c.token == used) {
+        let held = current.as_ref().is_some_and(|c| &c.token == used);
+        if held {
             *current = None;
             self.expiry.set(None);
         }
+        held
     }
 
     /// One request to the token endpoint with the configured grant (also used by `outpost

@@ -143,6 +143,9 @@ pub enum Signal {
     Overloaded,
     /// Another retryable failure (5xx, 425, a failed token request).
     Failed,
+    /// A 401/403 to a token an earlier answer refused first: says nothing of the destination
+    /// that the first did not, so it neither counts towards down nor reopens it.
+    TokenDroppedBefore,
 }
 
 impl Signal {
@@ -862,6 +865,9 @@ impl Controller {
     }
 
     fn track_down(&mut self, now: Instant, started_at: Instant, signal: Signal) {
+        if signal == Signal::TokenDroppedBefore {
+            return;
+        }
         if !signal.is_failure() {
             self.failures_in_a_row = 0;
             if self.down_since.take().is_some() {
@@ -1240,6 +1246,32 @@ mod tests {
         }
         assert_eq!(c.permits(now, 100), 2);
         assert_eq!(c.permits(now, 0), 0);
+    }
+
+    #[test]
+    fn refusals_of_a_token_refused_before_neither_take_the_destination_down_nor_reopen_it() {
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        // One token revoked with 64 requests in flight: one refusal counts.
+        for signal in std::iter::once(Signal::Failed).chain([Signal::TokenDroppedBefore; 63]) {
+            c.started(start);
+            c.answered(start, start, signal);
+        }
+        assert!(!c.is_down());
+        // A destination that refuses every token still goes down, a token a failure.
+        for _ in 1..DOWN_AFTER {
+            c.started(start);
+            c.answered(start, start, Signal::Failed);
+            c.started(start);
+            c.answered(start, start, Signal::TokenDroppedBefore);
+        }
+        assert!(c.is_down());
+        c.started(start);
+        c.answered(start, start, Signal::TokenDroppedBefore);
+        assert!(
+            c.is_down(),
+            "a late refusal of an old token reopens nothing"
+        );
     }
 
     #[test]

@@ -168,6 +168,10 @@ enum Attempted {
         retry_after: Option<Duration>,
         /// The endpoint's quota, when the answer advertised it.
         quota: Option<quota::Advertised>,
+        /// A 401/403 to a token that an earlier refusal had dropped already: the requests in
+        /// flight with a token the destination revoked are refused together, and only the
+        /// first says anything of the destination.
+        token_dropped_before: bool,
         /// `HTTP <status>: <start of the body>`, for anything but 2xx.
         error: String,
     },
@@ -847,6 +851,7 @@ impl Deliverer {
                 status,
                 retry_after,
                 quota,
+                token_dropped_before,
                 error,
             } => {
                 if let Some(quota) = quota {
@@ -890,7 +895,11 @@ impl Deliverer {
                     Class::AuthRejected => {
                         // The token was dropped by the request task; a new one goes with the
                         // retry, at once the first time.
-                        (error, None, Signal::Failed, RetryCause::Auth)
+                        let signal = match token_dropped_before {
+                            true => Signal::TokenDroppedBefore,
+                            false => Signal::Failed,
+                        };
+                        (error, None, signal, RetryCause::Auth)
                     }
                     Class::Retry => {
                         let (signal, cause) = retry::retried(status);
@@ -1107,9 +1116,10 @@ impl Deliverer {
             }
         };
         let status = answer.status.as_u16();
+        let mut token_dropped_before = false;
         if classify(status) == Class::AuthRejected {
             if let Some(token) = &token {
-                self.tokens.invalidate(token).await;
+                token_dropped_before = !self.tokens.invalidate(token).await;
             }
         }
         let answered_at = SystemTime::now();
@@ -1162,6 +1172,7 @@ impl Deliverer {
             status,
             retry_after,
             quota,
+            token_dropped_before,
             error,
         }
     }
