@@ -886,6 +886,26 @@ async fn static_bearer_and_no_auth() {
     assert_eq!(s.receiver.token_requests().len(), 0);
     agent.stop().await.unwrap();
 
+    // A static token the endpoint refuses: each refusal counts, as for a token fetched, and
+    // the destination goes down rather than be sent every export over and over.
+    let s = setup_with(
+        ReceiverOptions::default(),
+        |_| "type = \"bearer\"\ntoken = \"revoked\"".into(),
+        "",
+    )
+    .await;
+    s.receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(401, vec![], "revoked".into())
+    })));
+    let agent = start(&s.config).await;
+    let ids = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"];
+    ingest(&agent, &updates(&ids, 1)).await;
+    wait_until(10, "the destination down", || {
+        agent.metrics.destination_down.get() == 1
+    })
+    .await;
+    agent.stop().await.unwrap();
+
     let s = setup_with(ReceiverOptions::default(), |_| "type = \"none\"".into(), "").await;
     s.receiver.set_export_script(Some(Arc::new(|_, r| {
         if r.header("authorization").is_none() {

@@ -328,16 +328,20 @@ impl TokenSource {
     }
 
     /// Drops `used` after the destination refused it, unless a newer token already replaced it
-    /// (or it was dropped already). Whether it was the token held: `false` for a refusal of a
-    /// token another refusal dropped first.
+    /// (or it was dropped already). Whether it was an OAuth token no longer held: `true` for a
+    /// refusal of one that another refusal (or a refresh) replaced first; `false` for the token
+    /// held, and for a static bearer token, each of whose refusals counts.
     pub async fn invalidate(&self, used: &Secret) -> bool {
+        if !matches!(self.auth, Auth::OAuth2 { .. }) {
+            return false;
+        }
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let held = current.as_ref().is_some_and(|c| &c.token == used);
         if held {
             *current = None;
             self.expiry.set(None);
         }
-        held
+        !held
     }
 
     /// One request to the token endpoint with the configured grant (also used by `outpost

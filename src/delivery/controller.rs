@@ -134,7 +134,8 @@ pub enum Signal {
     /// 2xx.
     Healthy,
     /// An answer that shows the endpoint works but is not about load: a 4xx that rejects the
-    /// export (401/403 are [`Signal::Failed`]: a destination that refuses every token is down).
+    /// export (401/403 are [`Signal::Failed`], or [`Signal::TokenDroppedBefore`]: a destination that
+    /// refuses every token is down).
     Neutral,
     /// 429.
     RateLimited,
@@ -143,8 +144,9 @@ pub enum Signal {
     Overloaded,
     /// Another retryable failure (5xx, 425, a failed token request).
     Failed,
-    /// A 401/403 to a token an earlier answer refused first: says nothing of the destination
-    /// that the first did not, so it neither counts towards down nor reopens it.
+    /// A 401/403 to an OAuth token an earlier answer refused first: says nothing of the
+    /// destination that the first did not, so it neither counts towards down nor reopens it
+    /// (a probe so answered failed, though).
     TokenDroppedBefore,
 }
 
@@ -865,10 +867,11 @@ impl Controller {
     }
 
     fn track_down(&mut self, now: Instant, started_at: Instant, signal: Signal) {
-        if signal == Signal::TokenDroppedBefore {
-            return;
-        }
-        if !signal.is_failure() {
+        // A refusal of a token refused before tells nothing new: it neither counts towards down
+        // nor reopens. As a probe's answer, though, it is that probe's failure (below): else
+        // no probe would go again.
+        let news = signal != Signal::TokenDroppedBefore;
+        if news && !signal.is_failure() {
             self.failures_in_a_row = 0;
             if self.down_since.take().is_some() {
                 self.probe_in_flight = false;
@@ -876,9 +879,11 @@ impl Controller {
             }
             return;
         }
-        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        if news {
+            self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        }
         match self.down_since {
-            None if self.failures_in_a_row >= DOWN_AFTER => {
+            None if news && self.failures_in_a_row >= DOWN_AFTER => {
                 self.down_since = Some(now);
                 self.probe_in_flight = false;
                 self.probe_at = now + self.next_backoff();
@@ -1272,6 +1277,15 @@ mod tests {
             c.is_down(),
             "a late refusal of an old token reopens nothing"
         );
+        // A probe so refused failed: the next goes on the backoff schedule.
+        let probe_at = c.next_permit_at(start, 1).expect("a probe is due");
+        assert_eq!(c.permits(probe_at, 1), 1);
+        c.started(probe_at);
+        c.answered(probe_at, probe_at, Signal::TokenDroppedBefore);
+        assert!(c.is_down());
+        let next = c.next_permit_at(probe_at, 1).expect("another probe is due");
+        assert!(next > probe_at);
+        assert_eq!(c.permits(next, 1), 1, "probes go on");
     }
 
     #[test]

@@ -1119,7 +1119,7 @@ impl Deliverer {
         let mut token_dropped_before = false;
         if classify(status) == Class::AuthRejected {
             if let Some(token) = &token {
-                token_dropped_before = !self.tokens.invalidate(token).await;
+                token_dropped_before = self.tokens.invalidate(token).await;
             }
         }
         let answered_at = SystemTime::now();
