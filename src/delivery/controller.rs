@@ -134,8 +134,8 @@ pub enum Signal {
     /// 2xx.
     Healthy,
     /// An answer that shows the endpoint works but is not about load: a 4xx that rejects the
-    /// export (401/403 are [`Signal::Failed`], or [`Signal::TokenDroppedBefore`]: a destination that
-    /// refuses every token is down).
+    /// export (401/403 are [`Signal::Failed`], or [`Signal::TokenDroppedBefore`]: a
+    /// destination that refuses every token is down).
     Neutral,
     /// 429.
     RateLimited,
