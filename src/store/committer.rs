@@ -144,7 +144,8 @@ enum Request {
 }
 
 /// Told what the committer thread panicked with, should it: it then takes no more commits
-/// (each is answered [`CommitError::Stopped`]; those it held, [`CommitError::InDoubt`]).
+/// (those queued and later ones are answered [`CommitError::Stopped`]; those it held,
+/// [`CommitError::InDoubt`]).
 pub type OnPanic = Box<dyn FnOnce(Box<dyn std::any::Any + Send>) + Send>;
 
 /// Told what each request stored, once it is durable and before it is answered: so it is
@@ -203,12 +204,25 @@ impl Committer {
             .name("outpost-committer".into())
             .spawn(move || {
                 let store = thread_store;
-                // The queue goes with the unwinding: every job in it is answered `Stopped`.
+                let mut receiver = receiver;
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run(receiver, &store, &mapping, &committed, &on_stored)
+                    run(&mut receiver, &store, &mapping, &committed, &on_stored)
                 }));
                 if let Err(panic) = ran {
                     on_panic(panic);
+                    // The jobs it held went with the unwinding (their callers are told they
+                    // may have been stored); those still queued were not, and are told so.
+                    receiver.close();
+                    while let Ok(request) = receiver.try_recv() {
+                        match request {
+                            Request::Commit(job) => job.answer(Err(CommitError::Stopped)),
+                            Request::BackfillStep(reply) => {
+                                let _ = reply.send(Err(CommitError::Stopped));
+                            }
+                            #[cfg(test)]
+                            Request::Panic => {}
+                        }
+                    }
                 }
             })
             .expect("spawning the committer thread");
@@ -429,7 +443,7 @@ fn backfill_step(
 }
 
 fn run(
-    mut receiver: mpsc::Receiver<Request>,
+    receiver: &mut mpsc::Receiver<Request>,
     store: &Store,
     mapping: &Mapping,
     committed: &Notify,
@@ -842,6 +856,34 @@ mod tests {
         }
         let error = committer.commit(update("b")).await.unwrap_err();
         assert!(matches!(error, CommitError::Stopped), "{error:?}");
+    }
+
+    /// Jobs still queued when the committer stops were not stored, and are told so.
+    #[tokio::test]
+    async fn jobs_queued_behind_a_panic_are_told_they_were_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), 8 << 20).unwrap());
+        let mapping = Arc::new(Mapping::new(&["name"], &["s"], &[]));
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let watch = Watch {
+            // Holds the thread on the first job while the others are queued behind it.
+            on_stored: Box::new(move |_| {
+                if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }),
+            on_panic: Box::new(|_| {}),
+        };
+        let (committer, _thread) =
+            Committer::start_watched(Arc::clone(&store), mapping, Arc::default(), watch);
+        let held = committer.clone();
+        let a = tokio::spawn(async move { held.commit(update("a")).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        committer.jobs.send(Request::Panic).await.unwrap();
+        let b = committer.commit(update("b")).await;
+        assert!(a.await.unwrap().is_ok());
+        assert!(matches!(b, Err(CommitError::Stopped)), "{b:?}");
+        assert!(store.profile("b").unwrap().is_none());
     }
 
     #[tokio::test]
