@@ -578,9 +578,11 @@ mod tests {
             .unwrap();
         let stats = store.outbox_stats(chrono::Utc::now()).unwrap();
         assert_eq!(stats.profiles, None, "unknown, not an error");
+        assert_eq!(store.verify().unwrap(), ["meta/profiles is not 8 bytes"]);
         let added = apply(br#"{"id":"p2","profile":{"person":{"name":{"firstName":"B"}}}}"#);
         assert!(added.is_ok(), "{added:?}");
         assert_eq!(store.profile_count().unwrap(), 2);
+        assert_eq!(store.verify().unwrap(), Vec::<String>::new(), "dropped");
     }
 
     fn count_at_open(format: u64, marked: u64) {

@@ -109,6 +109,9 @@ impl Store {
         }
         // Missing, the count is unknown (counted at the next open); an unreadable group's
         // profiles are in the kept count but cannot be counted again.
+        if t.meta.get(meta::PROFILES)?.is_some_and(|v| v.len() != 8) {
+            problems.push("meta/profiles is not 8 bytes".into());
+        }
         if let (Some(recorded), false) = (read_profile_count(&t)?, unreadable_group) {
             let counted = count_profiles(&t)?;
             if recorded != counted {
