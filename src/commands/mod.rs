@@ -746,10 +746,9 @@ type Print = Box<dyn FnOnce() -> Result<(), CliError>>;
 /// Prints `value` as one line of JSON when `json`, else as `text` shows it.
 fn as_json_or(value: Value, json: bool, text: fn(&Value)) -> Print {
     Box::new(move || {
-        if json {
-            println!("{value}");
-        } else {
-            text(&value);
+        match json {
+            true => print_json(&value, true),
+            false => text(&value),
         }
         Ok(())
     })
