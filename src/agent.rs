@@ -317,6 +317,7 @@ impl Agent {
                 .unwrap_or_default(),
             move_terms: config.move_terms(),
             source,
+            run: format!("{:016x}", rand::random::<u64>()),
         });
         tasks.push((
             "the admin socket".to_string(),

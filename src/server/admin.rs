@@ -36,6 +36,9 @@ pub struct AdminState {
     pub move_terms: Option<Terms>,
     /// The NATS source, when `[source.nats]` is configured: `outpost top` shows its lag.
     pub source: Option<Arc<crate::source::nats::SourceState>>,
+    /// Drawn at each start: `outpost top` tells a restarted agent, whose counters began
+    /// again at 0.
+    pub run: String,
 }
 
 /// The longest request line read, its newline included. The largest a command sends is part
@@ -243,14 +246,11 @@ async fn snapshot(state: &Arc<AdminState>) -> Result<serde_json::Value, AdminErr
     }
     let mut stats = serde_json::to_value(&stats).expect("stats serialize");
     add_delivery_state(&mut stats, &state.metrics);
-    // Drawn once a process: `top` tells a restarted agent, whose counters began again at 0.
-    static AGENT_RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let run = AGENT_RUN.get_or_init(|| format!("{:016x}", rand::random::<u64>()));
     Ok(serde_json::json!({
         "metrics": state.metrics.render(),
         "stats": stats,
         "token_expires_in_s": state.metrics.token_expiry.remaining_s(),
-        "agent_run": run,
+        "agent_run": state.run,
     }))
 }
 
