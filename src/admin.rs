@@ -426,43 +426,61 @@ fn first_of_each<T, K: Ord>(items: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
         .collect()
 }
 
-/// Deletes rejected messages (named, or `all`), durably.
+/// `rejected drop --all` deletes this many a page, each under its own write section and
+/// flushed: a compaction or a reopen waits for one page, not for every message kept.
+const REJECTED_A_PAGE: usize = if cfg!(test) { 50 } else { 10_000 };
+
+/// Deletes rejected messages (named, or `all`), durably. With `all`, a page at a time, and the
+/// answer names the first [`IDS_NAMED`] and counts them all (`dropped_count`).
 fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, AdminError> {
     if all != ids.is_empty() {
         return Err(AdminError::Usage(
             "give rejected message ids or --all, not both or neither".into(),
         ));
     }
-    let targets: Vec<(String, RejectedId)> = if all {
-        store
-            .rejected_ids()?
-            .into_iter()
-            .map(|id| (id.to_string(), id))
-            .collect()
-    } else {
-        let named = ids
-            .iter()
-            .map(|id| {
-                Ok((
-                    id.clone(),
-                    RejectedId::parse(id).map_err(AdminError::Usage)?,
-                ))
-            })
-            .collect::<Result<_, AdminError>>()?;
-        first_of_each(named, |(_, id)| *id)
-    };
-    let mut dropped = Vec::new();
-    let mut missing = Vec::new();
-    let _section = store.write_section()?;
-    for (text, id) in targets {
-        if store.rejected_drop(id)? {
-            dropped.push(text);
-        } else {
-            missing.push(text);
+    let named = ids
+        .iter()
+        .map(|id| {
+            Ok((
+                id.clone(),
+                RejectedId::parse(id).map_err(AdminError::Usage)?,
+            ))
+        })
+        .collect::<Result<_, AdminError>>()?;
+    let mut targets: Vec<(String, RejectedId)> = first_of_each(named, |(_, id)| *id);
+    let (mut dropped, mut missing) = (Named::every(!all), Vec::new());
+    let mut after = None;
+    let so_far = "rejected message(s) were deleted";
+    loop {
+        if all {
+            let page = store.rejected_ids(after, REJECTED_A_PAGE);
+            let page = page.map_err(|e| after_some_done(e.into(), dropped.count, so_far))?;
+            let Some(&last) = page.last() else {
+                break;
+            };
+            after = Some(last);
+            targets = page.into_iter().map(|id| (id.to_string(), id)).collect();
+        }
+        let deleted = (|| -> Result<(), AdminError> {
+            let _section = store.write_section()?;
+            for (text, id) in targets.drain(..) {
+                match store.rejected_drop(id)? {
+                    true => dropped.push(Value::String(text)),
+                    false => missing.push(text),
+                }
+            }
+            Ok(store.flush()?)
+        })();
+        deleted.map_err(|e| after_some_done(e, dropped.count, so_far))?;
+        if !all {
+            break;
         }
     }
-    store.flush()?;
-    Ok(json!({"dropped": dropped, "not_found": missing}))
+    Ok(json!({
+        "dropped": dropped.ids,
+        "dropped_count": dropped.count,
+        "not_found": missing,
+    }))
 }
 
 /// An export as `outbox list` and `show` give it; a dead letter also names the newer export of
@@ -521,12 +539,13 @@ struct Page {
     stopped: Option<AdminError>,
 }
 
-/// `error` with what a repair did before it: exports put back or dropped are not undone.
+/// `error` with what a repair did before it (`done` of `what`, "export(s) were dropped"):
+/// exports put back or dropped, and rejected messages deleted, are not undone.
 fn after_some_done(error: AdminError, done: usize, what: &str) -> AdminError {
     if done == 0 {
         return error;
     }
-    let said = |message: String| format!("{message}; {done} export(s) were {what} before it");
+    let said = |message: String| format!("{message}; {done} {what} before it");
     match error {
         AdminError::NotFound(m) => AdminError::NotFound(said(m)),
         AdminError::Usage(m) => AdminError::Usage(said(m)),
@@ -674,13 +693,14 @@ fn repair(store: &Store, ids: &[String], all_dead: bool, retry: bool) -> Result<
         } else {
             store.rewinding(|| apply(after))
         };
-        let page = page.map_err(|e| after_some_done(e, done.count, what))?;
+        let so_far = format!("export(s) were {what}");
+        let page = page.map_err(|e| after_some_done(e, done.count, &so_far))?;
         for id in page.done {
             done.push(Value::String(id));
         }
         missing.extend(page.missing);
         if let Some(stopped) = page.stopped {
-            return Err(after_some_done(stopped, done.count, what));
+            return Err(after_some_done(stopped, done.count, &so_far));
         }
         match page.next_after {
             Some(last) => after = Some(last),
@@ -727,6 +747,46 @@ mod tests {
     use super::*;
     use crate::store::{ListFilter, Place};
 
+    /// `rejected drop --all` takes a page at a time (50 in tests), and counts every message it
+    /// deleted.
+    #[test]
+    fn dropping_every_rejected_message_goes_page_by_page_and_counts_them_all() {
+        use crate::store::source::{RejectedRecord, SourcePosition};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = crate::config::Mapping::new(&["name"], &["s"], &[]);
+        let rejected = (1..=120)
+            .map(|seq| RejectedRecord {
+                partition: 3,
+                seq,
+                subject: "u.3".into(),
+                received_at_ms: 1,
+                raw: b"{".to_vec(),
+                raw_len: 1,
+                error: "not valid JSON".into(),
+            })
+            .collect();
+        let position = SourcePosition {
+            partition: 3,
+            stream: 77,
+            seq: 120,
+            rejected,
+        };
+        store
+            .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
+            .unwrap();
+        assert_eq!(store.rejected_ids(None, usize::MAX).unwrap().len(), 120);
+        let answer = drop_rejected(&store, &[], true).unwrap();
+        assert_eq!(answer["dropped_count"], 120);
+        assert_eq!(answer["dropped"].as_array().unwrap().len(), 120);
+        assert_eq!(answer["not_found"], json!([]));
+        assert!(store.rejected_ids(None, usize::MAX).unwrap().is_empty());
+        // Named ones: each once, the missing named.
+        let again = drop_rejected(&store, &["3-1".into(), "3-1".into()], false).unwrap();
+        assert_eq!(again["dropped_count"], 0);
+        assert_eq!(again["not_found"], json!(["3-1"]));
+    }
+
     #[test]
     fn each_kind_of_failure_reaches_the_command_as_that_kind() {
         for error in [
@@ -748,14 +808,19 @@ mod tests {
     #[test]
     fn a_repair_stopped_partway_says_what_it_did_before() {
         let reopening = || AdminError::Failed("the store is being reopened".into());
-        assert_eq!(after_some_done(reopening(), 0, "dropped"), reopening());
+        let dropped = "export(s) were dropped";
+        assert_eq!(after_some_done(reopening(), 0, dropped), reopening());
         assert_eq!(
-            after_some_done(reopening(), 20000, "dropped"),
+            after_some_done(reopening(), 20000, dropped),
             AdminError::Failed(
                 "the store is being reopened; 20000 export(s) were dropped before it".into()
             )
         );
-        let in_doubt = after_some_done(AdminError::InDoubt("flush failed".into()), 3, "put back");
+        let in_doubt = after_some_done(
+            AdminError::InDoubt("flush failed".into()),
+            3,
+            "export(s) were put back",
+        );
         assert_eq!(
             in_doubt,
             AdminError::InDoubt("flush failed; 3 export(s) were put back before it".into())

@@ -430,7 +430,12 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
         RejectedCommand::Drop { ids, all } => {
             let result = backend.execute(&AdminRequest::RejectedDrop { ids, all })?;
             Ok(Box::new(move || {
-                let done = result["dropped"].as_array().map_or(0, Vec::len);
+                // Counted by the agent with `--all`, which names only the first ids (an agent of
+                // an earlier build named them all).
+                let done = result["dropped_count"].as_u64().map_or_else(
+                    || result["dropped"].as_array().map_or(0, Vec::len),
+                    |n| n as usize,
+                );
                 println!("{done} rejected message(s) deleted");
                 let missing: Vec<&str> = result["not_found"]
                     .as_array()

@@ -861,13 +861,25 @@ impl Store {
         self.with(|t| remove_rejected(t, &id.key()))
     }
 
-    /// Ids of every rejected message (keys that name none are passed over, as by
-    /// [`Store::rejected_list`]).
-    pub fn rejected_ids(&self) -> Result<Vec<RejectedId>, StoreError> {
+    /// Ids of up to `limit` rejected messages after `after`, in order (keys that name none are
+    /// passed over, as by [`Store::rejected_list`]).
+    pub fn rejected_ids(
+        &self,
+        after: Option<RejectedId>,
+        limit: usize,
+    ) -> Result<Vec<RejectedId>, StoreError> {
+        let from = match after {
+            Some(after) => std::ops::Bound::Excluded(after.key()),
+            None => std::ops::Bound::Unbounded,
+        };
         self.with(|t| {
-            named_rejected(t)
-                .map(|item| rejected_key_id(&item?.0))
-                .collect()
+            named(
+                t.rejected
+                    .range::<Vec<u8>, _>((from, std::ops::Bound::Unbounded)),
+            )
+            .take(limit)
+            .map(|item| rejected_key_id(&item?.0))
+            .collect()
         })
     }
 
@@ -969,13 +981,8 @@ impl Store {
     }
 }
 
-/// The entries of `rejected` whose keys name a message; a key that names none is passed over
-/// with a warning.
-fn named_rejected(t: &Trees) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> + '_ {
-    named(t.rejected.iter())
-}
-
-/// [`named_rejected`] over `entries` of the tree.
+/// The `entries` of `rejected` whose keys name a message; a key that names none is passed
+/// over with a warning.
 fn named(entries: sled::Iter) -> impl Iterator<Item = Result<(IVec, IVec), StoreError>> {
     entries.filter_map(|item| match item {
         Ok((key, _)) if RejectedId::from_key(&key).is_none() => {
@@ -1422,7 +1429,7 @@ mod tests {
             b"{new"
         );
         assert!(store.rejected_drop(later).unwrap());
-        assert_eq!(store.rejected_ids().unwrap().len(), 3);
+        assert_eq!(store.rejected_ids(None, usize::MAX).unwrap().len(), 3);
         assert!(store.unreadable_stream_records().unwrap().is_empty());
     }
 
