@@ -186,7 +186,10 @@ fn run(
                 // Delivery has stopped: nothing waits for these any more, and a stop must not
                 // wait for a disk to get room. Delivered ones are sent again (at least once).
                 Err(e) if receiver.is_closed() => {
-                    let changes = group.len() + waiting.outcomes.len();
+                    let mut changes = group.len() + waiting.outcomes.len();
+                    while let Ok(more) = receiver.try_recv() {
+                        changes += more.len();
+                    }
                     tracing::warn!(error = %e, changes, "stopping with outcomes not recorded in the store; those exports stay pending as they were");
                     return false;
                 }
