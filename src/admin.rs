@@ -751,30 +751,10 @@ mod tests {
     /// deleted.
     #[test]
     fn dropping_every_rejected_message_goes_page_by_page_and_counts_them_all() {
-        use crate::store::source::{RejectedRecord, SourcePosition};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let mapping = crate::config::Mapping::new(&["name"], &["s"], &[]);
-        let rejected = (1..=120)
-            .map(|seq| RejectedRecord {
-                partition: 3,
-                seq,
-                subject: "u.3".into(),
-                received_at_ms: 1,
-                raw: b"{".to_vec(),
-                raw_len: 1,
-                error: "not valid JSON".into(),
-            })
-            .collect();
-        let position = SourcePosition {
-            partition: 3,
-            stream: 77,
-            seq: 120,
-            rejected,
-        };
-        store
-            .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
-            .unwrap();
+        crate::store::source::commit_rejected(&store, &mapping, (3, 77), 1..=120);
         assert_eq!(store.rejected_ids(None, usize::MAX).unwrap().len(), 120);
         let answer = drop_rejected(&store, &[], true).unwrap();
         assert_eq!(answer["dropped_count"], 120);

@@ -1044,6 +1044,38 @@ pub(super) fn delete_stream_keys(
     Ok(done)
 }
 
+/// Commits messages `seqs` of `partition` in `stream` as rejected (not valid JSON), the
+/// partition's position moved to the last.
+#[cfg(test)]
+pub(crate) fn commit_rejected(
+    store: &Store,
+    mapping: &crate::config::Mapping,
+    (partition, stream): (u32, u64),
+    seqs: std::ops::RangeInclusive<u64>,
+) {
+    let rejected = seqs
+        .clone()
+        .map(|seq| RejectedRecord {
+            partition,
+            seq,
+            subject: format!("u.{partition}"),
+            received_at_ms: 1,
+            raw: b"{".to_vec(),
+            raw_len: 1,
+            error: "not valid JSON".into(),
+        })
+        .collect();
+    let position = SourcePosition {
+        partition,
+        stream,
+        seq: *seqs.end(),
+        rejected,
+    };
+    store
+        .apply_each(&[&[]], mapping, chrono::Utc::now(), &[(0, position)])
+        .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1228,29 +1260,7 @@ mod tests {
         use crate::config::Mapping;
         let dir = tempfile::tempdir().unwrap();
         let mapping = Mapping::new(&["name"], &["s"], &[]);
-        let commit = |store: &Store, seqs: std::ops::RangeInclusive<u64>| {
-            let rejected = seqs
-                .clone()
-                .map(|seq| RejectedRecord {
-                    partition: 1,
-                    seq,
-                    subject: "u.1".into(),
-                    received_at_ms: 1,
-                    raw: b"{".to_vec(),
-                    raw_len: 1,
-                    error: "not valid JSON".into(),
-                })
-                .collect();
-            let position = SourcePosition {
-                partition: 1,
-                stream: 7,
-                seq: *seqs.end(),
-                rejected,
-            };
-            store
-                .apply_each(&[&[]], &mapping, chrono::Utc::now(), &[(0, position)])
-                .unwrap();
-        };
+        let commit = |store: &Store, seqs| commit_rejected(store, &mapping, (1, 7), seqs);
         let kept_seqs = |store: &Store| -> Vec<u64> {
             let list = store.rejected_list(0, None).unwrap();
             list.iter().map(|r| r.id.seq).collect()
