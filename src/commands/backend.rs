@@ -32,7 +32,7 @@ fn requests_within(
     let mut requests = Vec::new();
     let (mut from, mut bytes) = (0, 0usize);
     for (i, update) in updates.iter().enumerate() {
-        let size = json_size(&update.to_value());
+        let size = update.json_len();
         if size > most {
             return Err(CliError::Failure(format!(
                 "update `{}` takes {} MiB as JSON, more than the running agent reads in one \
@@ -55,22 +55,6 @@ fn requests_within(
     Ok(requests)
 }
 
-/// The length of `value` as JSON, without keeping the text.
-fn json_size(value: &Value) -> usize {
-    struct Counter(usize);
-    impl Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    serde_json::to_writer(&mut counter, value).expect("values serialize");
-    counter.0
-}
 /// How long the CLI waits for a store held by a process whose agent does not answer, unless
 /// `OUTPOST_STORE_WAIT_S` says otherwise.
 const LOCKED_WAIT: Duration = Duration::from_secs(30);

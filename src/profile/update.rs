@@ -82,6 +82,36 @@ impl Update {
         }
         Value::Object(object)
     }
+
+    /// The length of [`Update::to_value`]'s JSON, without building it (nor copying the
+    /// profile): `{"id":…,"op":…,"profile":…,"timestamp":…}`, keys in that order.
+    pub fn json_len(&self) -> usize {
+        let mut total = r#"{"id":,"op":}"#.len() + json_len(&self.id) + json_len(&self.op);
+        if self.op != Op::Delete {
+            total += r#","profile":"#.len() + json_len(&self.profile);
+        }
+        if let Some(t) = self.timestamp {
+            total += r#","timestamp":"#.len() + json_len(&format_stored_time(t));
+        }
+        total
+    }
+}
+
+/// The length of `value` as JSON, without keeping the text.
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).expect("serializes as JSON");
+    counter.0
 }
 
 /// An update's fields as given, before [`validate`].
@@ -1237,6 +1267,24 @@ mod tests {
 
         let pretty = b"{\n  \"id\": \"a\",\n  \"profile\": {}\n}\n";
         assert_eq!(parse_body(pretty).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_updates_json_len_is_the_length_of_its_json() {
+        let body = concat!(
+            r#"{"id":"a\u0001é","profile":{"n":"x\"y","z":[1,2.5,null]},"timestamp":"2026-01-01T00:00:05.25Z"}"#,
+            "\n",
+            r#"{"id":"b","op":"merge","profile":{"n":null}}"#,
+            "\n",
+            r#"{"id":"c","op":"delete","timestamp":"2026-01-01T00:00:05Z"}"#,
+        );
+        for update in parse_body(body.as_bytes()).unwrap() {
+            assert_eq!(
+                update.json_len(),
+                update.to_value().to_string().len(),
+                "{update:?}"
+            );
+        }
     }
 
     #[test]
