@@ -100,7 +100,29 @@ pub fn bind(store_path: &Path) -> std::io::Result<AdminListener> {
 
 pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let AdminListener { listener, path } = admin;
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    accept_within(&listener, MAX_CONNECTIONS, &shutdown, |stream| {
+        let state = Arc::clone(&state);
+        async move {
+            if let Err(e) = answer(stream, &state).await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        }
+    })
+    .await;
+    let _ = std::fs::remove_file(path);
+}
+
+/// Accepts connections until `shutdown`, each served on a task of its own by `serve`, at most
+/// `max` at once: more wait to be accepted until one of those ends.
+async fn accept_within<Serving>(
+    listener: &UnixListener,
+    max: usize,
+    shutdown: &CancellationToken,
+    serve: impl Fn(UnixStream) -> Serving,
+) where
+    Serving: std::future::Future<Output = ()> + Send + 'static,
+{
+    let connections = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&connections).acquire_owned() => permit.expect("never closed"),
@@ -109,11 +131,9 @@ pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: Cance
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let state = Arc::clone(&state);
+                    let serving = serve(stream);
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &state).await {
-                            tracing::debug!(error = %e, "admin connection ended with an error");
-                        }
+                        serving.await;
                         drop(permit);
                     });
                 }
@@ -127,7 +147,6 @@ pub async fn serve(admin: AdminListener, state: Arc<AdminState>, shutdown: Cance
             _ = shutdown.cancelled() => break,
         }
     }
-    let _ = std::fs::remove_file(path);
 }
 
 async fn answer(stream: UnixStream, state: &Arc<AdminState>) -> std::io::Result<()> {
@@ -320,6 +339,50 @@ mod tests {
             let read = read.map_err(|e| e.kind());
             assert_eq!(&read, expected, "{:?}", String::from_utf8_lossy(sent));
         }
+    }
+
+    /// Two connections that send nothing hold both places; a third is answered once one of
+    /// them goes.
+    #[tokio::test]
+    async fn connections_past_the_most_served_at_once_wait_for_a_place() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let shutdown = CancellationToken::new();
+        let serving = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                accept_within(&listener, 2, &shutdown, |stream| async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut line = String::new();
+                    let _ = BufReader::new(read).read_line(&mut line).await;
+                    let _ = write.write_all(line.as_bytes()).await;
+                })
+                .await
+            })
+        };
+        let first = UnixStream::connect(&path).await.unwrap();
+        let _second = UnixStream::connect(&path).await.unwrap();
+        let mut third = UnixStream::connect(&path).await.unwrap();
+        third.write_all(b"third\n").await.unwrap();
+        let mut answer = [0u8; 6];
+        let waited = std::time::Duration::from_millis(300);
+        let early = tokio::time::timeout(waited, third.read_exact(&mut answer)).await;
+        assert!(
+            early.is_err(),
+            "the third connection was served beside two others"
+        );
+        drop(first);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            third.read_exact(&mut answer),
+        )
+        .await
+        .expect("the third connection was served once the first went")
+        .unwrap();
+        assert_eq!(&answer, b"third\n");
+        shutdown.cancel();
+        serving.await.unwrap();
     }
 
     /// The socket is in its place with mode 0600, connections reach it, and the folder it is
