@@ -3,7 +3,7 @@
 //! settled for good. Request slots never wait for it; only the settled profiles' next exports
 //! do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +88,10 @@ impl Settler {
 /// settles with comes after.
 #[derive(Default)]
 struct Waiting {
-    outcomes: Vec<Outcome>,
+    outcomes: VecDeque<Outcome>,
+    /// How many outcomes were taken before the first of `outcomes`: positions in `failed_at`
+    /// count from the first ever pushed, so that taking a group leaves the others' as they are.
+    taken: usize,
     /// Where each export's failed attempt is, while nothing came after it.
     failed_at: HashMap<u64, usize>,
 }
@@ -103,12 +106,13 @@ impl Waiting {
         } = &outcome.change
         else {
             self.failed_at.remove(&outcome.seq);
-            self.outcomes.push(outcome);
+            self.outcomes.push_back(outcome);
             return;
         };
         let Some(&at) = self.failed_at.get(&outcome.seq) else {
-            self.failed_at.insert(outcome.seq, self.outcomes.len());
-            self.outcomes.push(outcome);
+            let at = self.taken + self.outcomes.len();
+            self.failed_at.insert(outcome.seq, at);
+            self.outcomes.push_back(outcome);
             return;
         };
         if let ExportChange::Failed {
@@ -116,7 +120,7 @@ impl Waiting {
             at_ms: kept_at,
             retry_at_uptime_ms: kept_retry,
             unanswered: kept_unanswered,
-        } = &mut self.outcomes[at].change
+        } = &mut self.outcomes[at - self.taken].change
         {
             kept_error.clone_from(error);
             *kept_at = *at_ms;
@@ -125,16 +129,16 @@ impl Waiting {
         }
     }
 
-    /// The first `n` outcomes, oldest first, to be recorded in one group.
+    /// The first `n` outcomes, oldest first, to be recorded in one group. A failed attempt
+    /// taken is no longer one a later attempt of its export is made one with.
     fn take(&mut self, n: usize) -> Vec<Outcome> {
         let taken: Vec<Outcome> = self.outcomes.drain(..n.min(self.outcomes.len())).collect();
-        self.failed_at.clear();
-        for (at, outcome) in self.outcomes.iter().enumerate() {
-            match outcome.change {
-                ExportChange::Failed { .. } => self.failed_at.insert(outcome.seq, at),
-                _ => self.failed_at.remove(&outcome.seq),
-            };
+        for (at, outcome) in (self.taken..).zip(&taken) {
+            if self.failed_at.get(&outcome.seq) == Some(&at) {
+                self.failed_at.remove(&outcome.seq);
+            }
         }
+        self.taken += taken.len();
         taken
     }
 }
