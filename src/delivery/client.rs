@@ -76,12 +76,12 @@ impl Answer {
 /// `text` with each of `secrets` shown as `***`, also as it may come back encoded (form- or
 /// percent-encoded, or escaped in JSON).
 pub fn hiding(text: &str, secrets: &[&str]) -> String {
-    let mut text = text.to_owned();
+    let mut forms: Vec<String> = Vec::new();
     for secret in secrets.iter().filter(|s| !s.is_empty()) {
         let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
         let json = serde_json::to_string(secret).unwrap_or_default();
         let json = json.trim_matches('"');
-        let mut forms = vec![
+        forms.extend([
             secret.to_string(),
             form.replace('+', "%20"),
             form.to_lowercase(),
@@ -89,12 +89,14 @@ pub fn hiding(text: &str, secrets: &[&str]) -> String {
             json.to_owned(),
             json.replace('/', "\\/"),
             form,
-        ];
-        // Longest first, so that no form leaves a part of a longer one shown.
-        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        for form in forms {
-            text = text.replace(&form, "***");
-        }
+        ]);
+    }
+    // Longest first, of every secret's forms: a secret that holds another (a password that
+    // begins with the client secret) is cut out whole before the shorter one cuts it apart.
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    let mut text = text.to_owned();
+    for form in forms {
+        text = text.replace(&form, "***");
     }
     text
 }
@@ -598,7 +600,7 @@ mod tests {
     #[test]
     fn secrets_echoed_in_a_body_are_hidden() {
         // (body, secrets, what is shown)
-        let table: [(&str, &[&str], &str); 7] = [
+        let table: [(&str, &[&str], &str); 9] = [
             ("bad secret s3 cret!", &["s3 cret!"], "bad secret ***"),
             (
                 "client_secret=s3+cret%21",
@@ -610,6 +612,17 @@ mod tests {
             ("s3%20cret%21 s3%20cret%21", &["s3 cret!"], "*** ***"),
             (r#"{"echo":"a\/b\"c"}"#, &["a/b\"c"], r#"{"echo":"***"}"#),
             ("a%2fb a%2Fb", &["a/b"], "*** ***"),
+            // A secret that holds another, whichever comes first.
+            (
+                "pw=hunter2x-prod id=hunter2x",
+                &["hunter2x", "hunter2x-prod"],
+                "pw=*** id=***",
+            ),
+            (
+                "pw=hunter2x%2Fprod",
+                &["hunter2x", "hunter2x/prod"],
+                "pw=***",
+            ),
         ];
         for (body, secrets, shown) in table {
             assert_eq!(answer(body).body_start_hiding(secrets), shown, "{body}");
