@@ -505,6 +505,21 @@ async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_re
     s.receiver.revoke_tokens();
     ingest(&agent, &one_each("p", 3, 3)).await;
     wait_for_exports(&agent, &s.receiver, 12).await;
+    // A refresh answered 429 says nothing of the refresh token: it is tried again, rather
+    // than dropped for the password grant.
+    let limited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    s.receiver
+        .set_token_script(Some(Arc::new(move |_, request| {
+            let first_refresh = grant_of(request) == "refresh_token"
+                && !limited.swap(true, std::sync::atomic::Ordering::SeqCst);
+            match first_refresh {
+                true => Reply::Status(429, vec![], "slow down".into()),
+                false => Reply::Normal,
+            }
+        })));
+    s.receiver.revoke_tokens();
+    ingest(&agent, &one_each("p", 3, 4)).await;
+    wait_for_exports(&agent, &s.receiver, 15).await;
 
     let grants: Vec<String> = s.receiver.token_requests().iter().map(grant_of).collect();
     let statuses: Vec<u16> = s
@@ -521,11 +536,13 @@ async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_re
             "refresh_token",
             "password",
             "refresh_token",
-            "password"
+            "password",
+            "refresh_token",
+            "refresh_token"
         ],
         "statuses {statuses:?}"
     );
-    assert_eq!(statuses, [200, 200, 400, 200, 200, 200]);
+    assert_eq!(statuses, [200, 200, 400, 200, 200, 200, 429, 200]);
     agent.stop().await.unwrap();
 }
 

@@ -77,13 +77,22 @@ pub enum FormGrant<'a> {
     RefreshToken(&'a Secret),
 }
 
+/// Whether a token endpoint's answer of `status` refuses the grant it was sent, rather than
+/// failing for a while (429, 408, 5xx) or for reasons of its own (404, 405, …).
+fn refuses_the_grant(status: u16) -> bool {
+    matches!(status, 400 | 401 | 403)
+}
+
 /// How long before expiry a token is refreshed.
 pub fn refresh_margin(lifetime: Duration) -> Duration {
     (lifetime / 10).min(Duration::from_secs(60))
 }
 
 /// After a failed refresh, the token held is used this long before the next try (while it
-/// lives): requests go on meanwhile rather than each waiting for a failing token endpoint.
+/// lives), twice as long after each further failure: requests go on meanwhile rather than each
+/// waiting for a failing token endpoint, and an endpoint that refuses the credentials (or an
+/// identity provider counting failed logins) gets a few tries in the refresh margin, not one a
+/// second.
 const REFRESH_RETRY: Duration = Duration::from_secs(1);
 
 struct Cached {
@@ -94,8 +103,8 @@ struct Cached {
     expires_at: Instant,
     /// When its answer came.
     stored_at: Instant,
-    /// A refresh of this token failed.
-    refresh_failed: bool,
+    /// Refreshes of this token that failed.
+    refresh_failures: u32,
 }
 
 impl Cached {
@@ -105,9 +114,12 @@ impl Cached {
         if now >= self.expires_at {
             return None;
         }
-        self.refresh_at = (now + REFRESH_RETRY).min(self.expires_at);
-        let first = !std::mem::replace(&mut self.refresh_failed, true);
-        Some((self.token.clone(), first))
+        let wait = REFRESH_RETRY.saturating_mul(1 << self.refresh_failures.min(16));
+        self.refresh_at = now
+            .checked_add(wait)
+            .map_or(self.expires_at, |at| at.min(self.expires_at));
+        self.refresh_failures += 1;
+        Some((self.token.clone(), self.refresh_failures == 1))
     }
 }
 
@@ -237,7 +249,7 @@ impl TokenSource {
                             .and_then(|c| c.after_failed_refresh(now));
                         if let Some((token, first)) = held {
                             if first {
-                                tracing::warn!(%error, "refreshing the token failed; the one held is used until it expires, and the refresh tried again each second");
+                                tracing::warn!(%error, "refreshing the token failed; the one held is used until it expires, and the refresh tried again after 1 s, then after twice as long each time");
                             } else {
                                 tracing::debug!(%error, "refreshing the token failed again");
                             }
@@ -260,7 +272,7 @@ impl TokenSource {
                     refresh_at,
                     expires_at: asked_at + fetched.lifetime,
                     stored_at: Instant::now(),
-                    refresh_failed: false,
+                    refresh_failures: 0,
                 });
                 if fetched.refresh_token.is_some() {
                     fetching.refresh_token = fetched.refresh_token;
@@ -271,7 +283,9 @@ impl TokenSource {
     }
 
     /// A new token: with the refresh token when there is one, falling back to the original
-    /// grant when the token endpoint refuses it: a 4xx, or a 2xx that holds no usable token
+    /// grant when the token endpoint refuses it: a 400, 401 or 403 (RFC 6749's `invalid_grant`
+    /// and `invalid_client`; a 429 or 408 says nothing of the refresh token, which is kept for
+    /// the next try), or a 2xx that holds no usable token
     /// (`{"error": "invalid_grant"}` with a 200, as some servers answer a refresh token they
     /// no longer take). Kept, such a refresh token would be tried again at every fetch, and
     /// delivery would stop once the token held expired.
@@ -280,7 +294,7 @@ impl TokenSource {
             return self.fetch().await;
         };
         match self.request(FormGrant::RefreshToken(&refresh)).await {
-            Err(AuthError::Status { status, .. }) if (400..500).contains(&status) => {
+            Err(AuthError::Status { status, .. }) if refuses_the_grant(status) => {
                 tracing::info!(
                     status,
                     "the token endpoint refused the refresh token; using the original grant"
@@ -566,8 +580,8 @@ mod tests {
     }
 
     /// The token endpoint fails once the token is due for refresh: the token held is used
-    /// until it expires, also by requests that come while the refresh is under way, with one
-    /// new try a [`REFRESH_RETRY`]; then the failure shows.
+    /// until it expires, also by requests that come while the refresh is under way, with a
+    /// new try after a [`REFRESH_RETRY`], then after twice as long; then the failure shows.
     #[tokio::test]
     async fn a_failed_refresh_keeps_the_token_until_it_expires() {
         use crate::receiver::Reply;
@@ -620,8 +634,21 @@ mod tests {
         );
         tokio::time::advance(REFRESH_RETRY).await;
         tokio::time::resume();
-        assert_eq!(tokens.token().await.unwrap(), Some(first));
+        assert_eq!(tokens.token().await.unwrap(), Some(first.clone()));
         assert_eq!(receiver.token_requests().len(), 3, "tried again");
+        // Twice as long after each failure.
+        tokio::time::pause();
+        tokio::time::advance(REFRESH_RETRY).await;
+        assert_eq!(tokens.token().await.unwrap(), Some(first.clone()));
+        assert_eq!(
+            receiver.token_requests().len(),
+            3,
+            "not again after a second"
+        );
+        tokio::time::advance(REFRESH_RETRY).await;
+        tokio::time::resume();
+        assert_eq!(tokens.token().await.unwrap(), Some(first));
+        assert_eq!(receiver.token_requests().len(), 4, "again after two");
         skip(Duration::from_secs(60)).await; // expired
         assert!(matches!(
             tokens.token().await,
