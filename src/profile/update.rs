@@ -156,40 +156,38 @@ impl<'de> Visitor<'de> for RawUpdateSeed<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUpdate, A::Error> {
-        fn once<T, E: de::Error>(
-            slot: &mut Option<T>,
-            name: &'static str,
-            value: T,
-        ) -> Result<(), E> {
-            if slot.is_some() {
-                return Err(E::duplicate_field(name));
+        /// A field given twice is refused before its second value is read, as serde's derived
+        /// code refuses it: an ill-typed update is then refused at its first ill-typed field.
+        fn vacant<T, E: de::Error>(slot: &Option<T>, name: &'static str) -> Result<(), E> {
+            match slot {
+                Some(_) => Err(E::duplicate_field(name)),
+                None => Ok(()),
             }
-            *slot = Some(value);
-            Ok(())
         }
         let (mut id, mut op, mut profile, mut timestamp) = (None, None, None, None);
         while let Some(field) = map.next_key::<Field>()? {
             match field {
-                Field::Id => once(&mut id, "id", map.next_value::<String>()?)?,
-                Field::Op => once(
-                    &mut op,
-                    "op",
-                    map.next_value::<Option<OpName>>()?.map(|name| name.0),
-                )?,
+                Field::Id => {
+                    vacant(&id, "id")?;
+                    id = Some(map.next_value::<String>()?);
+                }
+                Field::Op => {
+                    vacant(&op, "op")?;
+                    op = Some(map.next_value::<Option<OpName>>()?.map(|name| name.0));
+                }
                 Field::Profile => {
+                    vacant(&profile, "profile")?;
                     let left = std::cell::Cell::new(0);
                     let allowance = Allowance::of_a_profile(&left);
-                    let value = map.next_value_seed(OptionalPruned {
+                    profile = Some(map.next_value_seed(OptionalPruned {
                         keep: self.keep,
                         allowance,
-                    })?;
-                    once(&mut profile, "profile", value)?
+                    })?);
                 }
-                Field::Timestamp => once(
-                    &mut timestamp,
-                    "timestamp",
-                    map.next_value::<Option<String>>()?,
-                )?,
+                Field::Timestamp => {
+                    vacant(&timestamp, "timestamp")?;
+                    timestamp = Some(map.next_value::<Option<String>>()?);
+                }
             }
         }
         Ok(RawUpdate {
@@ -593,8 +591,9 @@ impl<'de> Deserialize<'de> for JsonKind {
     }
 }
 
-/// The update's own fields ([`FIELDS`]) with the kind of their value, the last of a field
-/// given twice (as a `Value` keeps it); no other field's name or value is kept.
+/// The update's own fields ([`FIELDS`]) with the kind of their value, the first of a field
+/// given twice (the one serde refuses the update at: a type it does not take, or else the
+/// duplicate); no other field's name or value is kept.
 struct TopLevelKinds(Vec<(&'static str, JsonKind)>);
 
 /// A field's name if it is one of the update's own ([`FIELDS`]), read without copying it.
@@ -632,8 +631,9 @@ impl<'de> Deserialize<'de> for TopLevelKinds {
                     map.next_entry::<KnownField, JsonKind>()?
                 {
                     let Some(name) = name else { continue };
-                    fields.retain(|(given, _)| *given != name);
-                    fields.push((name, kind));
+                    if fields.iter().all(|(given, _)| *given != name) {
+                        fields.push((name, kind));
+                    }
                 }
                 Ok(TopLevelKinds(fields))
             }
@@ -1366,6 +1366,16 @@ mod tests {
                 "{\"id\":5,\"profile\":{}}".into(),
                 1,
                 "`id` must be a string, not a number",
+            ),
+            (
+                "{\"id\":5,\"id\":\"a\",\"profile\":{}}".into(),
+                1,
+                "`id` must be a string, not a number",
+            ),
+            (
+                "{\"id\":\"a\",\"id\":5,\"profile\":{}}".into(),
+                1,
+                "duplicate field `id`",
             ),
             ("{\"profile\":{}}".into(), 1, "missing field `id`"),
             ("{\"id\":\"a\"}".into(), 1, "`profile` is required"),
