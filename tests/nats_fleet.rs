@@ -106,6 +106,40 @@ impl AgentSetup {
     }
 }
 
+/// `outpost nats release` purges a claim only while it says what the command read: one that
+/// a hand-over made say "handed over" meanwhile is left as it is, and the error says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_leaves_a_claim_written_after_it_was_read() {
+    use outpost::source::claim;
+    let Some(server_bin) =
+        nats_server_or_skip("a_release_leaves_a_claim_written_after_it_was_read")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let claims = claim::bucket(&js, "UPDATES", "outpost", 1).await.unwrap();
+    let held = "store 0000abcd on h1";
+    put_claims(&claims, &[3], held).await;
+    let stale = claim::read(&claims, 3).await.unwrap();
+    let handed = claim::handed_over("0000abcd-1");
+    put_claims(&claims, &[3], &handed).await;
+    let refused = claim::release(&claims, &stale).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("changed since it was read"),
+        "{refused}"
+    );
+    assert_eq!(claim_text(&claims, 3).await, handed);
+
+    let read = claim::read(&claims, 3).await.unwrap();
+    let released = claim::release(&claims, &read).await.unwrap();
+    assert_eq!(released.as_deref(), Some(handed.as_str()));
+    let gone = claim::read(&claims, 3).await.unwrap();
+    assert_eq!(gone.holder, None);
+    assert_eq!(claim::release(&claims, &gone).await.unwrap(), None);
+}
+
 /// What the claim on `partition` says.
 async fn claim_text(claims: &async_nats::jetstream::kv::Store, partition: u32) -> String {
     let claim = claims.get(format!("partition-{partition}")).await.unwrap();

@@ -42,15 +42,16 @@ pub(super) async fn release(
     let claims = claim::open(nats).await.map_err(failure)?;
     for partition in partitions {
         let read = claim::read(&claims, partition).await.map_err(failure)?;
-        if let Some(handed) = read.holder.filter(|h| h.starts_with(claim::HANDED_OVER)) {
+        let holder = read.holder.as_ref();
+        if let Some(handed) = holder.filter(|h| h.starts_with(claim::HANDED_OVER)) {
             if !force {
-                let then = match claim::any_taker(&handed) {
+                let then = match claim::any_taker(handed) {
                     Some(taker) => format!(
                         "{taker}'s take-over of that file has not finished (run it again there)"
                     ),
                     None => "take it over with that file (`outpost nats take-over`)".into(),
                 };
-                let handed = for_terminal(&handed, false);
+                let handed = for_terminal(handed, false);
                 let then = for_terminal(&then, false);
                 println!(
                     "partition {partition:<6} left as it is: its claim says {handed}; {then}, \
@@ -60,7 +61,7 @@ pub(super) async fn release(
                 continue;
             }
         }
-        match claim::release(&claims, partition).await.map_err(failure)? {
+        match claim::release(&claims, &read).await.map_err(failure)? {
             Some(holder) => println!(
                 "partition {partition:<6} released (claimed by {})",
                 for_terminal(&holder, false)

@@ -247,20 +247,25 @@ pub async fn replace(
     })
 }
 
-/// Lets the claim on `partition` go; returns what it was, if there was one.
-pub async fn release(bucket: &kv::Store, partition: u32) -> Result<Option<String>, NatsError> {
-    let key = key(partition);
-    let recorded = bucket
-        .get(&key)
+/// Lets the claim read as `read` go, unless it changed since it was read (a hand-over that
+/// wrote "handed over" meanwhile, which a release must not wipe unasked): then nothing is
+/// purged, and the error says so. What it said, if there was one.
+pub async fn release(bucket: &kv::Store, read: &ReadClaim) -> Result<Option<String>, NatsError> {
+    let partition = read.partition;
+    let Some(holder) = &read.holder else {
+        return Ok(None);
+    };
+    bucket
+        .purge_expect_revision(key(partition), read.revision)
         .await
-        .map_err(|e| nats_error(&format!("reading the claim on partition {partition}"), e))?;
-    if recorded.is_some() {
-        bucket
-            .purge(&key)
-            .await
-            .map_err(|e| nats_error(&format!("releasing partition {partition}"), e))?;
-    }
-    Ok(recorded.map(|value| String::from_utf8_lossy(&value).into_owned()))
+        .map_err(|e| {
+            NatsError(format!(
+                "releasing partition {partition}: its claim changed since it was read (another \
+                 command or an agent wrote it meanwhile; run again to see what it says now), or \
+                 could not be purged ({e})"
+            ))
+        })?;
+    Ok(Some(holder.clone()))
 }
 
 #[cfg(test)]
