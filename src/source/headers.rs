@@ -26,7 +26,8 @@ pub fn unreadable_headers(header: &[u8]) -> Option<String> {
         return Some("its header block does not begin with `NATS/1.0`".into());
     };
     let status = after_version.trim().split(' ').next().unwrap_or_default();
-    if !status.is_empty() {
+    // A 200 is what the client takes a message without a status for.
+    if !status.is_empty() && status != "200" {
         return Some(format!(
             "its header block carries a status ({status}), which the client takes for one from the server"
         ));
@@ -61,6 +62,8 @@ mod tests {
             b"NATS/1.0\r\nNats-Msg-Id: p1-3\r\n\r\n",
             b"NATS/1.0\r\nX-Src: caf\xc3\xa9\r\n\r\n",
             b"NATS/1.0\r\nX-Long: first\r\n  and more\r\nX-Next: 2\r\n\r\n",
+            b"NATS/1.0 200\r\nNats-Msg-Id: p1-3\r\n\r\n",
+            b"NATS/1.0 200 OK\r\n\r\n",
         ];
         for header in readable {
             assert_eq!(unreadable_headers(header), None, "{header:?}");
@@ -72,6 +75,7 @@ mod tests {
                 "does not begin with `NATS/1.0`",
             ),
             (b"NATS/1.0 404 No Messages\r\n\r\n", "a status (404)"),
+            (b"NATS/1.0 503\r\nX-Src: a\r\n\r\n", "a status (503)"),
             (b"NATS/1.0\r\nX-Src a\r\n\r\n", "holds no `:`"),
             (b"NATS/1.0\r\nX Src: a\r\n\r\n", "a header name"),
             (b"NATS/1.0\r\nX-S\xc3\xa9: a\r\n\r\n", "a header name"),
