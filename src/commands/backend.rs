@@ -21,6 +21,8 @@ pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 const AGENT_REQUEST_BUDGET: usize = 64 << 20;
 /// What an ingest request holds besides its updates' JSON, with room to spare.
 const REQUEST_FRAME: usize = 1024;
+/// The most JSON one update sent to the agent alone may take.
+const MOST_ONE_UPDATE_SENT: usize = crate::server::admin::MAX_REQUEST_BYTES - REQUEST_FRAME;
 
 /// `updates` in runs whose JSON stays within `budget` bytes (an update past it goes alone);
 /// refused when one alone takes more than `most`.
@@ -34,13 +36,8 @@ fn requests_within(
     for (i, update) in updates.iter().enumerate() {
         let size = update.json_len();
         if size > most {
-            return Err(CliError::Failure(format!(
-                "update `{}` takes {} MiB as JSON, more than the running agent reads in one \
-                 request ({} MiB); stop the agent and run the command again, which then stores \
-                 it itself",
-                crate::explain::cut_to(update.id.clone(), 100),
-                size >> 20,
-                (most + REQUEST_FRAME) >> 20
+            return Err(CliError::Failure(too_large_for_the_agent(
+                update, size, most,
             )));
         }
         if i > from && bytes + size > budget {
@@ -53,6 +50,18 @@ fn requests_within(
         requests.push(&updates[from..]);
     }
     Ok(requests)
+}
+
+/// Why `update`, whose JSON takes `size` bytes, cannot go to the running agent, which takes
+/// at most `most` of one update.
+pub(super) fn too_large_for_the_agent(update: &Update, size: usize, most: usize) -> String {
+    format!(
+        "update `{}` takes {} MiB as JSON, more than the running agent reads in one request ({} \
+         MiB); stop the agent and run the command again, which then stores it itself",
+        crate::explain::cut_to(update.id.clone(), 100),
+        size >> 20,
+        (most + REQUEST_FRAME) >> 20
+    )
 }
 
 /// How long the CLI waits for a store held by a process whose agent does not answer, unless
@@ -206,6 +215,15 @@ impl Backend {
         Ok(Some(mapping))
     }
 
+    /// The most JSON one update may take to go where this backend sends it: `None` for the
+    /// store itself, which takes any.
+    pub(super) fn most_one_update_takes(&self) -> Option<usize> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Agent { .. } => Some(MOST_ONE_UPDATE_SENT),
+        }
+    }
+
     /// `updates` cut into the requests they go in: the whole chunk to the store itself; to the
     /// agent, runs whose JSON stays within [`AGENT_REQUEST_BUDGET`] (an update past it goes
     /// alone), so that no request is longer than the agent reads, whatever the input's shape.
@@ -215,11 +233,9 @@ impl Backend {
     ) -> Result<Vec<&'u [Update]>, CliError> {
         match self {
             Backend::Local(_) => Ok(vec![updates]),
-            Backend::Agent { .. } => requests_within(
-                updates,
-                AGENT_REQUEST_BUDGET,
-                crate::server::admin::MAX_REQUEST_BYTES - REQUEST_FRAME,
-            ),
+            Backend::Agent { .. } => {
+                requests_within(updates, AGENT_REQUEST_BUDGET, MOST_ONE_UPDATE_SENT)
+            }
         }
     }
 

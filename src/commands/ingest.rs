@@ -154,14 +154,16 @@ fn kept_by(backend: Option<&Backend>, config: &Config) -> Option<KeepTree> {
     local.then(|| KeepTree::for_mapping(&config.mapping))
 }
 
-/// The first pass: every update read as it will be stored, and none in a partition the store
-/// `handed_over`. Refused whole, as over HTTP: one bad update stores nothing rather than the
+/// The first pass: every update read as it will be stored, none in a partition the store
+/// `handed_over`, and none whose JSON takes more than `most_sent` (what the running agent
+/// takes of one). Refused whole, as over HTTP: one bad update stores nothing rather than the
 /// chunks before it.
 fn check_input<F: Read + Seek>(
     config: &Config,
     file: &mut F,
     keep: Option<&KeepTree>,
     handed_over: Option<&(u32, BTreeSet<u32>)>,
+    most_sent: Option<usize>,
 ) -> Result<Checked, CliError> {
     rewind(file)?;
     // One clock reading for the whole input, so both passes judge every line alike.
@@ -177,6 +179,15 @@ fn check_input<F: Read + Seek>(
     for update in reader {
         let update = update?;
         count += 1;
+        if let Some(most) = most_sent {
+            let size = update.json_len();
+            if size > most {
+                let refusal = super::backend::too_large_for_the_agent(&update, size, most);
+                return Err(CliError::Refused(format!(
+                    "update {count}: {refusal}; nothing was stored"
+                )));
+            }
+        }
         // A hand-over that begins after this pass is caught by each chunk's own check.
         if let Some((partition_count, partitions)) = handed_over {
             let partition = partition_of(&update.id, *partition_count);
@@ -200,7 +211,7 @@ pub fn check_before_making_store<F: Read + Seek>(
     config: &Config,
     file: &mut F,
 ) -> Result<Checked, CliError> {
-    check_input(config, file, kept_by(None, config).as_ref(), None)
+    check_input(config, file, kept_by(None, config).as_ref(), None, None)
 }
 
 /// The next `wanted` updates, or fewer once they hold [`INGEST_CHUNK_BYTES`] of input.
@@ -248,7 +259,13 @@ pub fn ingest_checked<F: Read + Seek + Send>(
     let keep = kept_by(Some(backend), config);
     let checked = match checked {
         Some(checked) if keep.is_some() => checked,
-        _ => check_input(config, file, keep.as_ref(), handed_over(backend).as_ref())?,
+        _ => check_input(
+            config,
+            file,
+            keep.as_ref(),
+            handed_over(backend).as_ref(),
+            backend.most_one_update_takes(),
+        )?,
     };
     let Checked { count, limit } = checked;
     rewind(file)?;
@@ -408,13 +425,7 @@ mod tests {
             ),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let text = format!(
-                "[destination]\nhttp_endpoint = \"http://127.0.0.1:1/p\"\n\
-                 [destination.auth]\ntype = \"none\"\n[mapping]\nattributes = [\"name\"]\nsegments = [\"s\"]\n\
-                 [storage]\npath = {:?}\n",
-                dir.path().join("store")
-            );
-            let config = Config::parse(&dir.path().join("outpost.toml"), &text).unwrap();
+            let config = config_in(dir.path());
             let store = crate::store::Store::open(&config.storage.path, 1 << 20).unwrap();
             let backend = Backend::Local(Box::new(store));
             let mut input = ChangingInput {
@@ -435,6 +446,44 @@ mod tests {
             };
             assert_eq!(store.profile_count().unwrap(), stored as u64);
         }
+    }
+
+    /// A config whose store is in `dir`, mapping `name` and segment `s`.
+    fn config_in(dir: &Path) -> Config {
+        let text = format!(
+            "[destination]\nhttp_endpoint = \"http://127.0.0.1:1/p\"\n\
+             [destination.auth]\ntype = \"none\"\n[mapping]\nattributes = [\"name\"]\nsegments = [\"s\"]\n\
+             [storage]\npath = {:?}\n",
+            dir.join("store")
+        );
+        Config::parse(&dir.join("outpost.toml"), &text).unwrap()
+    }
+
+    /// An update larger than the running agent takes is refused by the first pass, before
+    /// any chunk is sent.
+    #[test]
+    fn an_update_the_agent_would_not_take_is_refused_before_anything_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let line = |i: usize, size: usize| {
+            format!(
+                r#"{{"id":"p{i}","profile":{{"name":"{}"}}}}"#,
+                "n".repeat(size)
+            )
+        };
+        let text = [line(0, 10), line(1, 10), line(2, 500)].join("\n");
+        let mut input = std::io::Cursor::new(text.into_bytes());
+        let checked = check_input(&config, &mut input, None, None, None).unwrap();
+        assert_eq!(checked.count, 3);
+        let refused = check_input(&config, &mut input, None, None, Some(400))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            refused.starts_with("update 3: update `p2` takes 0 MiB as JSON")
+                && refused.ends_with("nothing was stored"),
+            "{refused}"
+        );
     }
 
     #[test]
