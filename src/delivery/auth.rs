@@ -36,8 +36,13 @@ const MAX_LIFETIME_S: u64 = 365 * 24 * 3600;
 pub enum AuthError {
     #[error("token endpoint: {0}")]
     Transport(String),
-    #[error("token endpoint answered {status}: {body}")]
-    Status { status: u16, body: String },
+    #[error("token endpoint answered {status}{redirect}: {body}")]
+    Status {
+        status: u16,
+        /// Where a redirect points, which is not followed ([`client::Answer::redirect_note`]).
+        redirect: String,
+        body: String,
+    },
     #[error("token endpoint: unreadable answer: {0}")]
     Answer(String),
     /// A 2xx answer that is not a JSON token (an HTML login page, another format).
@@ -431,6 +436,7 @@ impl TokenSource {
             }
             return Err(AuthError::Status {
                 status: answer.status.as_u16(),
+                redirect: answer.redirect_note(&secrets, "destination.auth.auth_endpoint"),
                 body: answer.body_start_hiding(&secrets),
             });
         }
@@ -654,6 +660,24 @@ mod tests {
             tokens.token().await,
             Err(AuthError::Status { status: 500, .. })
         ));
+    }
+
+    /// A token endpoint that moved answers a redirect, which is not followed: the error says
+    /// where it points and which setting must name that place.
+    #[tokio::test]
+    async fn a_redirect_from_the_token_endpoint_names_where_it_points() {
+        use crate::receiver::Reply;
+        let (receiver, tokens) = with_receiver().await;
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            let to = "https://idp.example.com/oauth/token?tenant=7".to_owned();
+            Reply::Status(301, vec![("location".into(), to)], String::new())
+        })));
+        let error = tokens.token().await.unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "token endpoint answered 301 (a redirect to https://idp.example.com/oauth/token?…, \
+             which is not followed: destination.auth.auth_endpoint must name where it is): "
+        );
     }
 
     /// A token's lifetime counts from when it was asked for: an answer that took 3 s leaves

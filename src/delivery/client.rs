@@ -54,6 +54,30 @@ impl Answer {
         String::from_utf8_lossy(&self.body[..end]).into_owned()
     }
 
+    /// What to say of this answer when it is a redirect, which outpost does not follow: where
+    /// it points (each of `secrets` hidden, the address cut to what `redacted_address` shows)
+    /// and that `setting` must name the place itself; empty for any other answer.
+    pub fn redirect_note(&self, secrets: &[&str], setting: &str) -> String {
+        if !self.status.is_redirection() {
+            return String::new();
+        }
+        let Some(to) = self
+            .headers
+            .get(hyper::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return " (a redirect without a readable Location, which is not followed)".to_owned();
+        };
+        // Hidden before it is cut, so that a secret holding `@`, `?` or `#` is hidden whole.
+        let to = crate::config::redacted_address(&hiding(to, secrets));
+        let to = if still_holds_a_secret(&to, secrets) {
+            "(an address not shown: it holds a secret outpost sent)".to_owned()
+        } else {
+            to
+        };
+        format!(" (a redirect to {to}, which is not followed: {setting} must name where it is)")
+    }
+
     /// [`Answer::body_start`] with each of `secrets` shown as `***`, also as it may come back
     /// encoded (form- or percent-encoded, or escaped in JSON): an endpoint may echo what it was
     /// sent, and error texts reach logs, the outbox's `last_error` and `outpost check`.

@@ -1133,28 +1133,7 @@ impl Deliverer {
         } else {
             let mut secrets: Vec<&str> = self.sent_secrets.iter().map(String::as_str).collect();
             secrets.extend(token.as_ref().map(Secret::expose));
-            let redirect = answer
-                .status
-                .is_redirection()
-                .then(|| answer.headers.get(hyper::header::LOCATION))
-                .map(|to| {
-                    let Some(to) = to.and_then(|v| v.to_str().ok()) else {
-                        return " (a redirect without a readable Location, which is not followed)"
-                            .to_owned();
-                    };
-                    // Hidden before it is cut, so that a secret holding `@`, `?` or `#` is
-                    // hidden whole.
-                    let to = crate::config::redacted_address(&client::hiding(to, &secrets));
-                    let to = if client::still_holds_a_secret(&to, &secrets) {
-                        "(an address not shown: it holds a secret outpost sent)".to_owned()
-                    } else {
-                        to
-                    };
-                    format!(
-                        " (a redirect to {to}, which is not followed: destination.http_endpoint must name where the endpoint is)"
-                    )
-                })
-                .unwrap_or_default();
+            let redirect = answer.redirect_note(&secrets, "destination.http_endpoint");
             let cut = answer
                 .body_cut
                 .as_ref()
