@@ -893,22 +893,21 @@ impl Config {
                 ),
             )
         })?;
-        let ingest_token =
-            match raw.ingest.token {
-                Some(t) if t.is_empty() => {
-                    return Err(invalid("ingest.token", "must not be empty".into()))
-                }
-                // A header value that is read as text holds only visible ASCII, spaces and tabs,
-                // and a space or tab at its end is not the sender's: such a token could never be
-                // matched.
-                Some(t) if !ingest_token_can_match(&t) => return Err(invalid(
-                    "ingest.token",
-                    "may hold only ASCII letters, digits, punctuation and spaces, and must not \
+        let ingest_token = match raw.ingest.token {
+            Some(t) if t.is_empty() => {
+                return Err(invalid("ingest.token", "must not be empty".into()))
+            }
+            // A header value that is read as text holds only visible ASCII, spaces and tabs,
+            // and a space or tab at its end is not the sender's: such a token could never be
+            // matched.
+            Some(t) if !ingest_token_can_match(&t) => return Err(invalid(
+                "ingest.token",
+                "may hold only ASCII letters, digits, punctuation, spaces and tabs, and must not \
                      end with a space or tab: no request's Authorization header could carry it"
-                        .into(),
-                )),
-                other => other.map(Secret::new),
-            };
+                    .into(),
+            )),
+            other => other.map(Secret::new),
+        };
         if raw.ingest.max_body_bytes == 0 {
             return Err(invalid("ingest.max_body_bytes", "must be above 0".into()));
         }
@@ -1302,7 +1301,7 @@ fn validate_auth(
             match raw.token {
                 Some(t) if !t.is_empty() && !header_can_carry(&t) => Err((
                     "destination.auth.token",
-                    "may hold only ASCII letters, digits, punctuation and spaces, and must not \
+                    "may hold only ASCII letters, digits, punctuation, spaces and tabs, and must not \
                      begin or end with a space or tab: an Authorization header could not carry it \
                      as it is"
                         .into(),
