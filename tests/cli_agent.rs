@@ -887,18 +887,14 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
     let (ws, port) = workspace(&destination);
     ws.make_store();
     let held = Store::open(&ws.store_path(), CACHE_BYTES).unwrap();
-    let releasing = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(2500));
-        drop(held);
-    });
+    let mut agent = AgentProcess::spawn_with_env(&ws.config_path(), port, &[]);
+    wait_until(15, "the agent waiting for the store", || {
+        agent.log().contains("waiting up to 30 s")
+    })
+    .await;
+    drop(held);
     // Panics unless /healthz answers 200 within 15 s.
-    let agent = AgentProcess::start(&ws.config_path(), port).await;
-    releasing.join().unwrap();
-    assert!(
-        agent.log().contains("waiting up to 30 s"),
-        "{}",
-        agent.log()
-    );
+    agent.wait_until_healthy().await;
     drop(agent);
 
     // A SIGTERM while it waits stops it there.

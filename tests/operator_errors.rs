@@ -564,18 +564,12 @@ fn the_cli_waits_for_an_agent_that_holds_the_store_but_does_not_answer_yet() {
     ws.make_store();
     let held = outpost::store::Store::open(&ws.store_path(), 8 << 20).unwrap();
     let socket = ws.store_path().join("outpost.sock");
-    let starting = std::thread::spawn({
-        let socket = socket.clone();
-        move || {
-            std::thread::sleep(Duration::from_millis(2500));
-            let answer = serde_json::json!({"ok": {"pending": 7, "dead": 0}}).to_string();
-            // The CLI's request answered, the test's own (below) ends it.
-            fake_agent_at(&socket, move |n| (n == 1).then(|| answer.clone()))
-        }
+    let (out, agent) = ws.run_waiting_for_the_store(&["outbox", "stats", "--json"], || {
+        let answer = serde_json::json!({"ok": {"pending": 7, "dead": 0}}).to_string();
+        // The CLI's request answered, the test's own (below) ends it.
+        fake_agent_at(&socket, move |n| (n == 1).then(|| answer.clone()))
     });
-    let out = ws.run(&["outbox", "stats", "--json"], None);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let agent = starting.join().unwrap();
     let mut last = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     std::io::Write::write_all(&mut last, b"{}\n").unwrap();
     last.shutdown(std::net::Shutdown::Write).unwrap();
@@ -597,12 +591,7 @@ fn compact_waits_for_a_store_held_by_another_process() {
     let ws = Workspace::new();
     ws.make_store();
     let held = outpost::store::Store::open(&ws.store_path(), 8 << 20).unwrap();
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
-        drop(held);
-    });
-    let out = ws.run(&["compact", "--json"], None);
-    release.join().unwrap();
+    let (out, ()) = ws.run_waiting_for_the_store(&["compact", "--json"], || drop(held));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("waiting up to 30 s"),

@@ -66,17 +66,23 @@ impl AgentProcess {
     /// 15 s.
     pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> AgentProcess {
         let mut agent = AgentProcess::spawn_with_env(config, port, env);
+        agent.wait_until_healthy().await;
+        agent
+    }
+
+    /// Waits until `GET /healthz` answers 200; panics, showing the log, if the agent exits or
+    /// it does not within 15 s.
+    pub async fn wait_until_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while healthz(agent.addr).await != Some(200) {
-            agent.assert_running();
+        while healthz(self.addr).await != Some(200) {
+            self.assert_running();
             assert!(
                 Instant::now() < deadline,
                 "/healthz never answered 200:\n{}",
-                agent.log()
+                self.log()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        agent
     }
 
     /// Starts the binary as [`AgentProcess::start_with_env`] does, without waiting for it.

@@ -89,6 +89,54 @@ path = "store"
         run_with_config(&self.config_path(), args, stdin)
     }
 
+    /// Runs `outpost --config <ws> ARGS` and, once the command says it waits for the store,
+    /// `meanwhile` (which lets go of what it waits for), however long the command took to get
+    /// there; panics, showing its output, if it ends or takes 30 s without saying so.
+    pub fn run_waiting_for_the_store<T>(
+        &self,
+        args: &[&str],
+        meanwhile: impl FnOnce() -> T,
+    ) -> (Output, T) {
+        use std::io::{BufRead, Read};
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            stdout.read_to_end(&mut bytes).unwrap();
+            bytes
+        });
+        let (waiting, told) = std::sync::mpsc::channel();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let stderr = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let mut line = Vec::new();
+            while stderr.read_until(b'\n', &mut line).unwrap() > 0 {
+                if String::from_utf8_lossy(&line).contains("waiting up to 30 s") {
+                    let _ = waiting.send(());
+                }
+                bytes.append(&mut line);
+            }
+            bytes
+        });
+        let said = told.recv_timeout(std::time::Duration::from_secs(30));
+        let meant = said.is_ok().then(meanwhile);
+        let output = Output {
+            status: child.wait().unwrap(),
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        };
+        match meant {
+            Some(meant) => (output, meant),
+            None => panic!("the command never said it waits for the store: {output:?}"),
+        }
+    }
+
     /// Runs and asserts exit 0; returns stdout.
     pub fn run_ok(&self, args: &[&str], stdin: Option<&[u8]>) -> String {
         let out = self.run(args, stdin);
