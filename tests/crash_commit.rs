@@ -102,6 +102,7 @@ fn acknowledged_commits_survive_sigkill() {
     let mut acked: Vec<(u64, u64, u64)> = Vec::new();
     let kills = 12;
     for run in 0..kills {
+        let stderr_path = dir.path().join(format!("child-{run}.stderr"));
         let child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -116,7 +117,7 @@ fn acknowledged_commits_survive_sigkill() {
                 format!("{}|{run}", store_path.display()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .unwrap();
         // Killed also when this test fails before its kill below.
@@ -144,8 +145,16 @@ fn acknowledged_commits_survive_sigkill() {
                 lines.push(line);
             }
         }
+        // The child commits until it is killed: one that ended, or whose writer panicked (the
+        // others going on), failed, and its acks alone would not show it.
+        let ended = child.0.try_wait().unwrap();
         child.0.kill().unwrap(); // SIGKILL
         child.0.wait().unwrap();
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+        assert!(
+            ended.is_none() && !stderr.contains("panicked"),
+            "run {run}: the child ended ({ended:?}) or panicked before it was killed:\n{stderr}"
+        );
         reader.join().unwrap();
         lines.extend(lines_rx.try_iter());
         for line in lines.iter().filter(|l| l.starts_with("ACK ")) {
