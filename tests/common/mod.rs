@@ -321,14 +321,35 @@ pub fn assert_per_profile_order(deliveries: &[(String, String)]) {
 }
 
 /// A metric's value from an agent's `/metrics` text (the first line that starts with `name`),
-/// 0 when it has none.
+/// 0 when it has none yet (a labelled sample appears once counted). Panics when the text
+/// declares no family of that name: a metric renamed would otherwise read as 0 for good, and
+/// a test comparing readings of it pass without measuring anything.
 pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
     let (_, text) = http_get(addr, "/metrics").await;
+    assert!(
+        declares_family_of(&text, name),
+        "/metrics declares no family of `{name}`"
+    );
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Whether `text` has a `# TYPE` line for the family `sample` (a name, labels after it or not)
+/// is a sample of.
+fn declares_family_of(text: &str, sample: &str) -> bool {
+    let name = sample.split('{').next().unwrap_or(sample);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .any(|family| {
+            name == family
+                || name.strip_prefix(family).is_some_and(|suffix| {
+                    ["_total", "_count", "_sum", "_bucket", "_created"].contains(&suffix)
+                })
+        })
 }
 
 /// POSTs `body` to `http://addr{path}` and returns the status and the answer's body.
