@@ -640,7 +640,7 @@ impl Deliverer {
             }
             let mut let_go = 0;
             if ready == 0 {
-                let_go += state.queue.let_go_of_blocked();
+                let_go += state.queue.let_go_of_blocked(now);
             }
             if !fresh {
                 let_go += state.queue.let_go_of_failed_heads(now);

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -23,6 +24,10 @@ const PROBE_SCAN: usize = 1024;
 /// times in a row: a 429 or a passing error on one profile's long backlog must not make the
 /// window read the rest of the outbox and then again from its head.
 pub const LET_GO_AFTER_FAILURES: u32 = 3;
+/// ... or at once when its head waits at least this long: a `Retry-After` of an hour on one
+/// profile's long backlog would otherwise leave every other profile's exports further in the
+/// outbox unread for two more such waits.
+pub const LET_GO_AFTER_WAIT: Duration = Duration::from_secs(30);
 /// The most exports held, also while few profiles are ready (the rest wait behind failing
 /// exports). `heaptrack` put 16,384 decoded exports of the agent bench's tiny profiles at 7.5 MB.
 pub const MAX_HELD: usize = 65_536;
@@ -484,7 +489,8 @@ impl<B> Queue<B> {
     }
 
     /// Lets go of the exports held of each profile whose head waits for its retry time after
-    /// [`LET_GO_AFTER_FAILURES`] failed attempts in a row, its head too while fewer than
+    /// [`LET_GO_AFTER_FAILURES`] failed attempts in a row, or for [`LET_GO_AFTER_WAIT`] or more
+    /// from `now`, its head too while fewer than
     /// [`MAX_LET_GO`] profiles are let go of (the profile keeps its state and schedule): when
     /// nothing is ready and the window is full, so that the exports of other profiles further
     /// in the outbox can be read. Reads skip those profiles' exports. A head let go of is read
@@ -492,16 +498,18 @@ impl<B> Queue<B> {
     /// [`Queue::read_back`]). Once one of those profiles has nothing held any more,
     /// [`Queue::start_over_wanted`] tells the window to [`Queue::forget_held`] and read from
     /// the head again. Returns how many exports it let go of.
-    pub fn let_go_of_blocked(&mut self) -> usize {
+    pub fn let_go_of_blocked(&mut self, now: Instant) -> usize {
         let heads_too = self.profiles.len() < MAX_HELD + MAX_LET_GO;
         let mut count = 0;
-        for (_, id) in &self.waiting {
+        for (retry_at, id) in &self.waiting {
             let profile = self
                 .profiles
                 .get_mut(id)
                 .expect("a waiting profile is known");
             let keep = if heads_too { 0 } else { 1 };
-            if profile.exports.len() <= keep || profile.failures < LET_GO_AFTER_FAILURES {
+            let blocked = profile.failures >= LET_GO_AFTER_FAILURES
+                || retry_at.saturating_duration_since(now) >= LET_GO_AFTER_WAIT;
+            if profile.exports.len() <= keep || !blocked {
                 continue;
             }
             if keep == 0 {
@@ -767,7 +775,7 @@ mod tests {
         let start = Instant::now();
         let mut q = queue(&[(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]);
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        assert_eq!(q.let_go_of_blocked(), 0, "nothing waits");
+        assert_eq!(q.let_go_of_blocked(start), 0, "nothing waits");
         let mut at = start;
         for failure in 1..=LET_GO_AFTER_FAILURES {
             if failure > 1 {
@@ -778,11 +786,11 @@ mod tests {
             at += Duration::from_secs(1);
             q.put_back(&a, head, Some(at));
             if failure < LET_GO_AFTER_FAILURES {
-                assert_eq!(q.let_go_of_blocked(), 0, "a passing failure");
+                assert_eq!(q.let_go_of_blocked(start), 0, "a passing failure");
             }
         }
         assert_eq!(
-            q.let_go_of_blocked(),
+            q.let_go_of_blocked(start),
             3,
             "a's head, 2 and 4 go; a keeps its state"
         );
@@ -836,6 +844,20 @@ mod tests {
         assert_eq!(seqs(&q.take(10)), [6], "in order");
     }
 
+    /// A head told to wait long (a `Retry-After` of an hour) is let go of with the exports
+    /// behind it at its first failure; one told to wait a few seconds is not.
+    #[test]
+    fn exports_behind_a_head_that_waits_long_are_let_go_of_at_once() {
+        let start = Instant::now();
+        let a: Arc<str> = "a".into();
+        for (wait, let_go) in [(Duration::from_secs(5), 0), (LET_GO_AFTER_WAIT, 3)] {
+            let mut q = queue(&[(1, "a"), (2, "a"), (3, "a")]);
+            let (_, head) = q.take(1).remove(0);
+            q.put_back(&a, head, Some(start + wait));
+            assert_eq!(q.let_go_of_blocked(start), let_go, "{wait:?}");
+        }
+    }
+
     /// Fails the head of `id` (a profile with one export held) until it may be let go of,
     /// counting its schedule up once a failure; returns when it waits.
     fn fail_until_let_go(q: &mut Queue<u32>, id: &Arc<str>, at: Instant) -> Instant {
@@ -864,7 +886,7 @@ mod tests {
         q.push(export(2, "b"));
         let due_b = fail_until_let_go(&mut q, &b, start);
         assert!(due_b < due_a);
-        assert_eq!(q.let_go_of_blocked(), 2);
+        assert_eq!(q.let_go_of_blocked(start), 2);
         assert_eq!((q.held(), q.held_bytes()), (0, 0));
         q.push(export(3, "a"));
         q.push(export(4, "c"));
@@ -888,7 +910,7 @@ mod tests {
         );
         q.put_back(&a, head, Some(due_a + Duration::from_secs(1)));
         assert_eq!(
-            q.let_go_of_blocked(),
+            q.let_go_of_blocked(start),
             1,
             "a failed again: let go of at once"
         );
@@ -906,7 +928,7 @@ mod tests {
         // b's head was dropped while let go of: read back as gone, its next exports are read.
         let mut q = queue(&[(2, "b")]);
         let due_b = fail_until_let_go(&mut q, &b, due_b);
-        assert_eq!(q.let_go_of_blocked(), 1);
+        assert_eq!(q.let_go_of_blocked(start), 1);
         q.wake_due(due_b);
         let heads = q.take_heads_to_read(usize::MAX);
         assert_eq!(heads, [(Arc::clone(&b), 2)]);
@@ -1000,7 +1022,7 @@ mod tests {
         let a: Arc<str> = "a".into();
         let mut q = queue(&[(1, "a")]);
         let due = fail_until_let_go(&mut q, &a, start);
-        assert_eq!(q.let_go_of_blocked(), 1);
+        assert_eq!(q.let_go_of_blocked(start), 1);
         q.wake_due(due);
         let heads = q.take_heads_to_read(usize::MAX);
         assert_eq!(heads.len(), 1, "being read back");
@@ -1026,7 +1048,7 @@ mod tests {
         let a: Arc<str> = "a".into();
         let mut q = queue(&[(1, "a")]);
         let due = fail_until_let_go(&mut q, &a, start);
-        assert_eq!(q.let_go_of_blocked(), 1);
+        assert_eq!(q.let_go_of_blocked(start), 1);
         q.forget_held();
         q.wake_due(due - Duration::from_millis(1));
         q.push(export(1, "a"));
@@ -1041,8 +1063,9 @@ mod tests {
     /// one read again after its retry time, once it fails again.
     #[test]
     fn failures_stored_with_a_head_read_again_count_towards_letting_go() {
-        let start = Instant::now();
-        let later = start + Duration::from_secs(600);
+        let later = Instant::now() + Duration::from_secs(600);
+        // Shortly before the retry time: a wait that lets go of nothing by its length.
+        let now = later - Duration::from_secs(1);
         let a: Arc<str> = "a".into();
         for (attempts, let_go) in [(LET_GO_AFTER_FAILURES - 1, 0), (LET_GO_AFTER_FAILURES, 2)] {
             let failed = || {
@@ -1054,7 +1077,11 @@ mod tests {
             let mut q: Queue<u32> = Queue::default();
             q.push_waiting(failed(), Some(later));
             q.push(export(2, "a"));
-            assert_eq!(q.let_go_of_blocked(), let_go, "{attempts} attempts stored");
+            assert_eq!(
+                q.let_go_of_blocked(now),
+                let_go,
+                "{attempts} attempts stored"
+            );
 
             let mut q: Queue<u32> = Queue::default();
             q.push_waiting(failed(), None);
@@ -1062,7 +1089,7 @@ mod tests {
             let (_, head) = q.take(1).remove(0);
             q.put_back(&a, head, Some(later));
             let one_more = usize::from(attempts + 1 >= LET_GO_AFTER_FAILURES) * 2;
-            assert_eq!(q.let_go_of_blocked(), one_more, "{attempts} stored, due");
+            assert_eq!(q.let_go_of_blocked(now), one_more, "{attempts} stored, due");
         }
     }
 
@@ -1078,7 +1105,7 @@ mod tests {
         }
         let (_, head) = q.take(1).remove(0);
         q.put_back(&a, head, Some(start));
-        assert_eq!(q.let_go_of_blocked(), 0);
+        assert_eq!(q.let_go_of_blocked(start), 0);
     }
 
     #[test]
