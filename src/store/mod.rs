@@ -560,6 +560,39 @@ mod tests {
         }
     }
 
+    /// A profile count damaged while the store is open is listed by `check --store`, and a
+    /// repair counts the profiles again.
+    #[test]
+    fn a_damaged_profile_count_is_listed_and_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let mapping = crate::config::Mapping::new(&["person.name.firstName"], &["s1"], &[]);
+        let updates = crate::profile::update::parse_body(
+            br#"{"id":"p1","profile":{"person":{"name":{"firstName":"A"}}}}"#,
+        )
+        .unwrap();
+        store
+            .apply_groups(&[&updates], &mapping, chrono::Utc::now())
+            .unwrap();
+        store
+            .with(|t| Ok(t.meta.insert(meta::PROFILES, b"bad")?))
+            .unwrap();
+        let listed = |store: &Store| -> Vec<(&str, String, bool)> {
+            let found = store.unreadable().unwrap();
+            found
+                .iter()
+                .map(|r| (r.tree, r.key.clone(), r.repairs))
+                .collect()
+        };
+        assert_eq!(listed(&store), [("meta", "profiles".to_owned(), true)]);
+        assert_eq!(
+            store.repair_unreadable().unwrap(),
+            ["profiles counted again: 1 (meta/profiles said something unreadable)"]
+        );
+        assert_eq!(store.profile_count().unwrap(), 1);
+        assert!(listed(&store).is_empty());
+    }
+
     /// A profile count damaged while the agent runs does not refuse the commits that add or
     /// remove profiles: it is dropped, unknown (as a missing one) until the next open counts
     /// the profiles; a walk counts them meanwhile.

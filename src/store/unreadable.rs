@@ -193,6 +193,17 @@ impl Store {
             });
         }
         let t = self.trees()?;
+        // Damaged while the store is open: unknown until a commit that changes the count drops
+        // it, or the next open or a repair counts again.
+        if t.meta.get(meta::PROFILES)?.is_some_and(|v| v.len() != 8) {
+            found.push(UnreadableRecord {
+                tree: "meta",
+                key: "profiles".into(),
+                error: "is not 8 bytes".into(),
+                action: "count the profiles again".into(),
+                repairs: true,
+            });
+        }
         for unreadable in unreadable_profiles(&t)? {
             found.push(match unreadable {
                 Unreadable::Group { key, error } => UnreadableRecord {
@@ -266,6 +277,7 @@ impl Store {
         let stream_keys = super::source::stream_keys_not_ids(&t)?;
         let _writer = self.lock_profile_writer();
         let counted_before = read_profile_count(&t)?;
+        let recorded_before = t.meta.get(meta::PROFILES)?.is_some();
         let repairs_profiles = !profiles.is_empty();
         if repairs_profiles {
             // The count is unknown until recounted below: a kill in between leaves it missing,
@@ -306,7 +318,11 @@ impl Store {
         }
         let count = recount_profiles(&t)?;
         if repairs_profiles || Some(count) != counted_before {
-            let said = counted_before.map_or("nothing".into(), |n| n.to_string());
+            let said = match (counted_before, recorded_before) {
+                (Some(n), _) => n.to_string(),
+                (None, true) => "something unreadable".into(),
+                (None, false) => "nothing".into(),
+            };
             done.push(format!(
                 "profiles counted again: {count} (meta/profiles said {said})"
             ));
