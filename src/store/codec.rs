@@ -217,7 +217,8 @@ macro_rules! with_decode_config {
 }
 pub(crate) use with_decode_config;
 
-fn decode<T: Decode<()>>(expected: u8, bytes: &[u8]) -> Result<T, CodecError> {
+/// A value of format byte `expected`, every byte of it read.
+pub(super) fn decode<T: Decode<()>>(expected: u8, bytes: &[u8]) -> Result<T, CodecError> {
     let (&format, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
     if format != expected {
         return Err(CodecError::UnknownFormat(format));

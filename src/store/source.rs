@@ -306,19 +306,13 @@ fn read_rejected(key: &[u8], value: &[u8]) -> Result<Rejected, StoreError> {
 }
 
 fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt {
+    super::codec::decode(REJECTED_V1, bytes).map_err(|e| StoreError::Corrupt {
         what: "rejected message".into(),
-        detail,
-    };
-    match bytes.split_first() {
-        Some((&REJECTED_V1, rest)) => super::codec::with_decode_config!(rest.len(), |config| {
-            bincode::decode_from_slice(rest, config)
-        })
-        .map(|(record, _)| record)
-        .map_err(|e| corrupt(e.to_string())),
-        Some((format, _)) => Err(corrupt(format!("unknown format byte {format}"))),
-        None => Err(corrupt("empty value".into())),
-    }
+        detail: match e {
+            super::codec::CodecError::Corrupt(detail) => detail,
+            other => other.to_string(),
+        },
+    })
 }
 
 /// A position value: the sequence (u64 BE), then the stream's fingerprint (u64 BE). Stores
@@ -1540,5 +1534,9 @@ mod tests {
             [1, 2, 3, 3, b's', b'.', b'2', 10, 1, b'x', 1, 1, b'e']
         );
         assert_eq!(decode_rejected(&bytes).unwrap(), record);
+        // Bytes past the record: damaged, as any other value with them.
+        let longer = [bytes.as_slice(), b"x"].concat();
+        let error = decode_rejected(&longer).unwrap_err().to_string();
+        assert!(error.contains("1 trailing bytes"), "{error}");
     }
 }
