@@ -1519,6 +1519,8 @@ async fn a_gzip_body_is_taken_and_other_encodings_are_refused() {
         2,
         "{answer}"
     );
+    let refused = metric(agent.addr, r#"outpost_updates_total{result="refused"}"#).await;
+    assert_eq!(refused, 2.0, "each body that is not gzip counts as refused");
     let (status, answer) = post_encoded(agent.addr, gzip(b"x"), "br").await;
     assert_eq!(status, 415, "{answer}");
     assert!(answer.contains("`br` is not supported"), "{answer}");

@@ -541,13 +541,15 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
                 )
             }
             Err(GunzipError::NotGzip { line, reason }) => {
+                // Refused for what the body holds, as a line that is not JSON is.
+                state.metrics.record_refused(1);
                 return json_answer(
                     StatusCode::BAD_REQUEST,
                     json!({
                         "error": format!("the body is not valid gzip (Content-Encoding: gzip) from its line {line} on: {reason}"),
                         "line": line,
                     }),
-                )
+                );
             }
         },
     };
