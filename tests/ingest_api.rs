@@ -533,8 +533,8 @@ async fn the_ingest_token_is_required() {
         "the log shows the ingest token"
     );
 
-    // Only POST /v1/updates, GET /healthz and GET /metrics exist; neither needs the token to
-    // be refused.
+    // Only POST /v1/updates, GET (or HEAD) /healthz and /metrics exist; neither needs the
+    // token to be refused.
     let (status, headers, _) = request(agent.addr, "GET", "/v1/updates", None, &[])
         .await
         .unwrap();
@@ -544,7 +544,14 @@ async fn the_ingest_token_is_required() {
         .await
         .unwrap();
     assert_eq!(status, 405);
-    assert_eq!(headers["allow"], "GET");
+    assert_eq!(headers["allow"], "GET, HEAD");
+    // A HEAD is answered as its GET, without the body.
+    for path in ["/healthz", "/metrics"] {
+        let (status, headers, body) = request(agent.addr, "HEAD", path, None, &[]).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, ""), "{path}");
+        let length: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+        assert!(length > 0, "{path}: the length of its GET's body");
+    }
     let (status, _, _) = request(agent.addr, "GET", "/nowhere", None, &[])
         .await
         .unwrap();

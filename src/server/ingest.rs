@@ -279,9 +279,24 @@ fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
 }
 
 async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
+    // A HEAD is answered as its GET is, without the body: monitors and load balancers probe
+    // with it.
+    let head = request.method() == Method::HEAD;
+    let mut answer = route(state, request).await;
+    if head {
+        let length = hyper::body::Body::size_hint(answer.body()).exact();
+        *answer.body_mut() = Full::new(Bytes::new());
+        if let Some(length) = length {
+            answer.headers_mut().insert(CONTENT_LENGTH, length.into());
+        }
+    }
+    answer
+}
+
+async fn route(state: &IngestState, request: Request<Incoming>) -> Answer {
     match (request.method(), request.uri().path()) {
         (&Method::POST, "/v1/updates") => post_updates(state, request).await,
-        (&Method::GET, "/healthz") => {
+        (&Method::GET | &Method::HEAD, "/healthz") => {
             if !state.delivery_running.load(Ordering::Relaxed) {
                 return error_answer(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -311,7 +326,7 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
             }
             json_answer(StatusCode::OK, body)
         }
-        (&Method::GET, "/metrics") => {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
             let mut read_at = state.outbox_read_at.lock().await;
             let due = read_at.is_none_or(|at| at.elapsed() >= OUTBOX_FIGURES_EVERY);
             if due && !state.outbox_reading.swap(true, Ordering::AcqRel) {
@@ -356,7 +371,11 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
                 .expect("static parts are valid")
         }
         (_, path @ ("/v1/updates" | "/healthz" | "/metrics")) => {
-            let allowed = if path == "/v1/updates" { "POST" } else { "GET" };
+            let allowed = if path == "/v1/updates" {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
             let mut answer = error_answer(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &format!("method not allowed: {path} takes {allowed}"),
