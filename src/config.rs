@@ -40,16 +40,37 @@ fn parse_error_without_values(text: &str, error: &toml::de::Error) -> String {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
-    match key_at(text, before.len()) {
-        Some(key) => format!("line {line}, column {column} (`{key}`): {message}"),
-        None => format!("line {line}, column {column}: {message}"),
-    }
+    let Place { table, key } = place_of(text, before.len());
+    let place = match (table, key) {
+        (Some(table), Some(key)) => format!(" (`{table}.{key}`)"),
+        (None, Some(key)) => format!(" (`{key}`)"),
+        (Some(table), None) => format!(" (in [{table}])"),
+        (None, None) => String::new(),
+    };
+    format!("line {line}, column {column}{place}: {message}")
 }
 
-/// The key whose value `offset` of the TOML `text` lies in (or that its line sets), when one
-/// can be told: read past comments and strings, so that no text of a value (a line of a
-/// secret in a multi-line string, say) is taken for a key.
-fn key_at(text: &str, offset: usize) -> Option<String> {
+/// Where an offset of a TOML text is: the table whose header comes last before it (or is on
+/// its line), and the key whose value it lies in.
+#[derive(Debug, Default, PartialEq)]
+struct Place {
+    table: Option<String>,
+    key: Option<String>,
+}
+
+/// The table a line of TOML opens, when it is a table header (`[destination.auth]`).
+fn table_header(line: &str) -> Option<String> {
+    let line = line.trim();
+    let name = line.strip_prefix('[')?.split(']').next()?.trim();
+    // Only what TOML reads as a header alone.
+    let is_header = !line.starts_with("[[") && toml::from_str::<toml::Table>(line).is_ok();
+    is_header.then(|| name.to_owned())
+}
+
+/// The table and the key whose value `offset` of the TOML `text` lies in (or that its line
+/// sets), when they can be told: read past comments and strings, so that no text of a value (a
+/// line of a secret in a multi-line string, say) is taken for a key or a table.
+fn place_of(text: &str, offset: usize) -> Place {
     #[derive(Clone, Copy, PartialEq)]
     enum In {
         Code,
@@ -70,6 +91,8 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let mut depth = 0usize;
     // The key set last at the top level, while its value lasts.
     let mut last_key: Option<String> = None;
+    // The table whose header came last, on a line of its own.
+    let mut table: Option<String> = None;
     let mut line_start = 0;
     // Where `offset` is: inside a value begun on an earlier line (its key), or not.
     let mut at_offset: Option<Option<String>> = None;
@@ -117,6 +140,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         }
         let multi_line = matches!(state, In::Text(_, 3));
         if byte == b'\n' && !multi_line {
+            if state == In::Code && depth == 0 {
+                if let Some(header) = table_header(&text[line_start..i]) {
+                    table = Some(header);
+                }
+            }
             line_start = i + 1;
             if state == In::Code && depth == 0 {
                 last_key = None;
@@ -130,12 +158,20 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         Some(None) | None if line_start <= offset => last_key,
         _ => None,
     };
+    // The line `offset` is on, when it is a header (a table that lacks a key is told there).
+    let outside_values = state == In::Code && depth == 0;
+    if outside_values && line_start <= offset {
+        if let Some(header) = table_header(&text[line_start..line_end]) {
+            table = Some(header);
+        }
+    }
     // Only what TOML reads as a key: a line that lost its `=` may have one in its value.
-    key.filter(|key| {
+    let key = key.filter(|key| {
         key.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
             && toml::from_str::<toml::Table>(&format!("{key} = 0")).is_ok()
-    })
+    });
+    Place { table, key }
 }
 
 /// serde's "invalid type: integer `5`, expected a string" (or `string "…"`) without the value:
@@ -1710,11 +1746,11 @@ client_secret = "s3cr3t-value"
         let cases = [
             (
                 "attributes = [\n  \"a.b\",\n  7,\n]",
-                "line 16, column 3 (`attributes`): invalid type: integer, expected a string",
+                "line 16, column 3 (`mapping.attributes`): invalid type: integer, expected a string",
             ),
             (
                 "attributes = [\"a.b\"] # a [comment\nidentities = [\n  # \"x\n  [1],\n]",
-                "line 17, column 3 (`identities`): invalid type: sequence, expected a string",
+                "line 17, column 3 (`mapping.identities`): invalid type: sequence, expected a string",
             ),
         ];
         for (lines, expected) in cases {
@@ -1725,42 +1761,68 @@ client_secret = "s3cr3t-value"
         }
     }
 
+    /// A key left out is named with its table, at the table's header.
+    #[test]
+    fn a_missing_key_is_named_with_its_table() {
+        let text = VALID.replace("type = \"oauth2_client_credentials\"\n", "");
+        assert_ne!(text, VALID);
+        let error = error_of(&text);
+        assert!(
+            error.contains("line 7, column 1 (in [destination.auth]): missing field `type`"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn parse_errors_show_neither_the_line_nor_the_value() {
         // (the secret's line replaced with, what the error says)
         let cases = [
             (
                 r#"client_secret = "s3cr3t\q-value""#,
-                "line 11, column 26 (`client_secret`): invalid escape sequence",
+                "line 11, column 26 (`destination.auth.client_secret`): invalid escape sequence",
             ),
             (
                 "client_secret = s3cr3t-value",
-                "line 11, column 17 (`client_secret`): invalid string",
+                "line 11, column 17 (`destination.auth.client_secret`): invalid string",
             ),
             (
                 "client_secret = 998877665544",
-                "line 11, column 17 (`client_secret`): invalid type: integer, expected a string",
+                "line 11, column 17 (`destination.auth.client_secret`): invalid type: integer, expected a string",
             ),
             // A secret in a multi-line string: no key is taken from its lines, but the one
             // that sets it is named.
             (
                 "client_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\n\"\"\"",
-                "line 12, column 18 (`client_secret`): invalid escape sequence",
+                "line 12, column 18 (`destination.auth.client_secret`): invalid escape sequence",
             ),
             // Also after a comment that holds `"""`, which opens no string.
             (
                 "# a multi-line string opens with \"\"\"\nclient_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\"\"\"",
-                "line 13, column 18 (`client_secret`): invalid escape sequence",
+                "line 13, column 18 (`destination.auth.client_secret`): invalid escape sequence",
             ),
             // And after a multi-line string that ends in more than three quotes.
             (
                 "scope = \"\"\"x\"\"\"\"\nclient_secret = \"\"\"\nc2VjcmV0=s3cr3t\\q\"\"\"",
-                "line 13, column 18 (`client_secret`): invalid escape sequence",
+                "line 13, column 18 (`destination.auth.client_secret`): invalid escape sequence",
             ),
             // A `=` left out: the one in the value is not taken for the key's.
-            (r#"client_secret "s3cr3t==""#, "line 11, column 15: "),
-            ("client_secret c2VjcmV0=", "line 11, column 15: "),
-            (r#"client_secret "s3cr3t" = x"#, "line 11, column 15: "),
+            (
+                r#"client_secret "s3cr3t==""#,
+                "line 11, column 15 (in [destination.auth]): ",
+            ),
+            (
+                "client_secret c2VjcmV0=",
+                "line 11, column 15 (in [destination.auth]): ",
+            ),
+            (
+                r#"client_secret "s3cr3t" = x"#,
+                "line 11, column 15 (in [destination.auth]): ",
+            ),
+            // A line of a multi-line string is not taken for a table's header.
+            (
+                "client_secret = \"\"\"\n[s3cr3t]\n\"\"\"\nscope = 5",
+                "line 14, column 9 (`destination.auth.scope`): invalid type: integer, expected a string",
+            ),
         ];
         for (line, expected) in cases {
             let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
