@@ -256,7 +256,7 @@ fn a_config_that_does_not_parse_does_not_show_the_secret_in_it() {
     let out = run(&ws, &["check"], None);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("(`client_secret`): invalid escape sequence"),
+        stderr(&out).contains("(`destination.auth.client_secret`): invalid escape sequence"),
         "{}",
         stderr(&out)
     );

@@ -1,8 +1,9 @@
 //! Parsing an update with the store's `KeepTree` (the profile pruned as it is read, the rest
 //! never built) against parsing it whole and pruning it after: random update lines with nested
-//! and repeated keys, keys written with escapes, and bad JSON tokens placed in kept and in
-//! dropped parts must be accepted or refused alike, with the same message, and kept alike
-//! (but for the shape of a namespace the mapping drops, which is never read).
+//! keys, keys written with escapes, and bad JSON tokens placed in kept and in dropped parts
+//! must be accepted or refused alike, with the same message, and kept alike (but for the shape
+//! of a namespace the mapping drops, which is never read). A key given twice in one object is
+//! refused where it is read: anywhere when parsing whole, only in what is kept when pruning.
 
 use outpost::config::Mapping;
 use outpost::profile::engine;
@@ -25,6 +26,27 @@ enum Doc {
 }
 
 impl Doc {
+    /// The document with each object's later entries of a key it has already (as the key
+    /// reads, escapes undone) left out.
+    fn without_repeats(self) -> Doc {
+        match self {
+            Doc::Token(_) => self,
+            Doc::Array(items) => Doc::Array(items.into_iter().map(Doc::without_repeats).collect()),
+            Doc::Object(entries) => {
+                let mut seen = std::collections::HashSet::new();
+                Doc::Object(
+                    entries
+                        .into_iter()
+                        .filter(|(key, _)| {
+                            seen.insert(serde_json::from_str::<String>(key).unwrap())
+                        })
+                        .map(|(key, value)| (key, value.without_repeats()))
+                        .collect(),
+                )
+            }
+        }
+    }
+
     fn render(&self, out: &mut String) {
         match self {
             Doc::Token(token) => out.push_str(token),
@@ -143,6 +165,14 @@ fn assert_same(line: &str) {
             keep.prune(&mut update.profile);
             update
         });
+        if given_twice(&pruned_as_read) {
+            assert!(given_twice(&pruned_after), "{line}: {pruned_after:?}");
+        }
+        if given_twice(&pruned_after) {
+            // Given twice where pruning drops it, a key is never read: what else the line
+            // holds decides.
+            continue;
+        }
         if !shape_error_in_a_dropped_namespace(&pruned_as_read, &pruned_after, &mapping) {
             assert_eq!(pruned_as_read, pruned_after, "{line}");
         }
@@ -164,7 +194,12 @@ fn assert_same(line: &str) {
     }
 }
 
-/// The one way the two may differ: the shape of identities is checked on what parsing kept,
+/// Whether `parsed` was refused for a key given twice in one object.
+fn given_twice(parsed: &Result<Update, InputError>) -> bool {
+    matches!(parsed, Err(e) if e.reason.contains("is given twice in one object"))
+}
+
+/// The other way the two may differ: the shape of identities is checked on what parsing kept,
 /// and a pruning parse drops a namespace the mapping does not export unread, so where parsing
 /// whole names such a namespace, parsing as read accepts or names another.
 fn shape_error_in_a_dropped_namespace(
@@ -190,17 +225,27 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
     #[test]
-    fn valid_profiles_are_kept_alike(profile in profile(false)) {
+    fn valid_profiles_are_kept_alike(profile in profile(false), repeats in any::<bool>()) {
+        let profile = if repeats { profile } else { profile.without_repeats() };
         let line = line_of(&profile);
-        // Valid JSON is refused only for the shape of memberships or identities (`shape`).
-        if let Err(e) = update_from_json(line.as_bytes(), 1) {
+        // Valid JSON is refused only for the shape of memberships or identities (`shape`), or
+        // a key given twice.
+        let whole = update_from_json(line.as_bytes(), 1);
+        if let (Err(e), false) = (&whole, given_twice(&whole)) {
             assert!(e.reason.starts_with("`profile."), "{line}: {e}");
+        }
+        if !repeats {
+            assert!(!given_twice(&whole), "{line}");
         }
         assert_same(&line);
     }
 
     #[test]
-    fn profiles_with_bad_tokens_are_refused_alike(profile in profile(true)) {
+    fn profiles_with_bad_tokens_are_refused_alike(
+        profile in profile(true),
+        repeats in any::<bool>(),
+    ) {
+        let profile = if repeats { profile } else { profile.without_repeats() };
         assert_same(&line_of(&profile));
     }
 }

@@ -169,8 +169,8 @@ pub fn takes_more_than(object: &Map<String, Value>, bytes: usize) -> bool {
     object_bytes(object, &mut left)
 }
 
-/// A JSON value parsed into a `Value`, as serde_json parses one (a key given twice keeps its
-/// last value), charged to an [`Allowance`] as it is built.
+/// A JSON value parsed into a `Value`, as serde_json parses one but for a key given twice in
+/// one object, which is refused ([`insert_once`]), charged to an [`Allowance`] as it is built.
 pub struct Weighed<'a>(pub Allowance<'a>);
 
 impl<'de> DeserializeSeed<'de> for Weighed<'_> {
@@ -236,6 +236,27 @@ impl<'de> Visitor<'de> for Weighed<'_> {
 /// first: a `Value` parse takes the object for the JSON text its value holds, or refuses it.
 pub const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
+/// Puts `value` under `key` in `object`, refusing a key the object holds already: JSON
+/// readers differ on which of two values they keep, and keeping the last without a word would
+/// send the destination what the sender may not have meant. Only what is kept is checked: a
+/// part the mapping drops is never built, its keys never held.
+fn insert_once<E: de::Error>(
+    object: &mut Map<String, Value>,
+    key: String,
+    value: Value,
+) -> Result<(), E> {
+    match object.entry(key) {
+        serde_json::map::Entry::Vacant(vacant) => {
+            vacant.insert(value);
+            Ok(())
+        }
+        serde_json::map::Entry::Occupied(occupied) => Err(E::custom(format!(
+            "the key `{}` is given twice in one object of the profile",
+            crate::profile::update::truncate(occupied.key(), 100).escape_debug()
+        ))),
+    }
+}
+
 /// Refuses [`RAW_VALUE_TOKEN`] as a key: kept, it would sort first in the stored text, which
 /// would then not read back as it was written.
 fn refuse_raw_value_token<E: de::Error>(key: &str) -> Result<(), E> {
@@ -274,16 +295,17 @@ impl<'de> Visitor<'de> for WeighedObject<'_> {
             self.0.charge_entry(entries, key.len())?;
             entries += 1;
             let value = map.next_value_seed(Weighed(self.0))?;
-            object.insert(key, value);
+            insert_once(&mut object, key, value)?;
         }
         Ok(object)
     }
 }
 
 /// Parses a profile object keeping only what `KeepTree::prune` would keep, without building the
-/// rest: the parts dropped are checked as strictly as a `Value` parse checks them (through
-/// [`Valid`]), so an input is accepted or refused exactly as parsing it whole and pruning it
-/// would, but their keys and values are never allocated.
+/// rest: the parts dropped are checked as strictly as serde_json's `Value` parse checks them
+/// (through [`Valid`]), so an input is accepted or refused as parsing it whole and pruning it
+/// would, but their keys and values are never allocated: so a key given twice is refused in
+/// what is kept ([`insert_once`]), not in what is dropped.
 pub struct PrunedObject<'a> {
     pub keep: &'a KeepTree,
     /// Where this object is in the profile when its keys are checked for `xdm:` prefixes
@@ -324,7 +346,8 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
                     map.next_value::<Valid>()?;
                 }
                 Some((key, child)) if child.whole => {
-                    kept.insert(key, map.next_value_seed(Weighed(self.allowance))?);
+                    let value = map.next_value_seed(Weighed(self.allowance))?;
+                    insert_once(&mut kept, key, value)?;
                 }
                 Some((key, child)) => {
                     // Below the profile, the keys of the objects `shape` checks.
@@ -339,7 +362,8 @@ impl<'de> Visitor<'de> for PrunedObject<'_> {
                         prefixes_at,
                         allowance: self.allowance,
                     };
-                    kept.insert(key, map.next_value_seed(child)?);
+                    let value = map.next_value_seed(child)?;
+                    insert_once(&mut kept, key, value)?;
                 }
             }
         }

@@ -1696,6 +1696,51 @@ mod tests {
         assert!(parse_body_with(unkept.as_bytes(), &pruned).is_ok());
     }
 
+    /// A key given twice in one object of what is kept is refused, naming the key: which value
+    /// counts is not for the agent to guess. In a part pruning drops, it is never read.
+    #[test]
+    fn a_key_given_twice_in_what_is_kept_is_refused() {
+        let mapping = crate::config::Mapping::new(&["person.name"], &["s"], &[]);
+        let keep = KeepTree::for_mapping(&mapping);
+        let pruned = Parsing {
+            keep: Some(&keep),
+            ..Parsing::default()
+        };
+        let whole = Parsing::default();
+        let cases = [
+            (
+                r#"{"person":{"name":{"firstName":"a","firstName":"b"}}}"#,
+                "firstName",
+                true,
+            ),
+            (r#"{"person":{"name":{},"name":{}}}"#, "name", true),
+            (
+                r#"{"segmentMembership":{"ups":{"s":{"status":"realized"},"s":{"status":"exited"}}}}"#,
+                "s",
+                true,
+            ),
+            (r#"{"other":{"x":1,"x":2}}"#, "x", false),
+        ];
+        for (profile, key, kept) in cases {
+            let body = format!(r#"{{"id":"p","profile":{profile}}}"#);
+            for (parsing, how) in [(&pruned, "pruned"), (&whole, "whole")] {
+                let parsed = parse_body_with(body.as_bytes(), parsing);
+                if !kept && how == "pruned" {
+                    assert!(parsed.is_ok(), "{profile}, {how}: {:?}", parsed.err());
+                    continue;
+                }
+                let Err(error) = parsed else {
+                    panic!("{profile}, {how}: accepted");
+                };
+                let expected = format!("the key `{key}` is given twice in one object");
+                assert!(
+                    error.reason.contains(&expected),
+                    "{profile}, {how}: {error}"
+                );
+            }
+        }
+    }
+
     /// A profile whose parsed tree would take more than the allowance is refused as it is
     /// parsed, pruned or not; what pruning leaves out is never built, so it is not counted;
     /// a large profile of ordinary segment entries is well within it.
