@@ -561,9 +561,16 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
             Err(StoreError::Locked(path)) if tokio::time::Instant::now() < deadline => {
                 if !said {
                     said = true;
+                    // An agent's socket answers from its start until its stop begins; an
+                    // outpost command has none.
+                    let socket = crate::server::admin::socket_path(&config.storage.path);
+                    let holder = match std::os::unix::net::UnixStream::connect(socket) {
+                        Ok(_) => "an agent (`outpost run`) that answers on its admin socket",
+                        Err(_) => "another process (an outpost command, or an agent starting or stopping?)",
+                    };
                     tracing::warn!(
                         store = %path.display(),
-                        "the store is in use by another process (an outpost command?); waiting up to {} s for it",
+                        "the store is in use by {holder}; waiting up to {} s for it",
                         LOCKED_STORE_WAIT.as_secs()
                     );
                 }

@@ -880,7 +880,7 @@ async fn drop_names_an_id_it_cannot_find_before_it_asks() {
 }
 
 /// An agent started while an outpost command holds the store (one begun while the previous
-/// agent stopped, say) waits for it rather than exit 'in use'.
+/// agent stopped, say) waits for it rather than exit 'in use', and says what holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
     let destination = Destination::start().await;
@@ -892,9 +892,41 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
         agent.log().contains("waiting up to 30 s")
     })
     .await;
+    assert!(
+        agent
+            .log()
+            .contains("in use by another process (an outpost command"),
+        "{}",
+        agent.log()
+    );
     drop(held);
     // Panics unless /healthz answers 200 within 15 s.
     agent.wait_until_healthy().await;
+
+    // A second agent on the store of one that runs says which holds it, and waits as long.
+    let second_port = free_port();
+    let second_config = ws.path().join("second.toml");
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    assert!(text.contains(&listen), "{text}");
+    let text = text.replace(&listen, &format!("127.0.0.1:{second_port}"));
+    std::fs::write(&second_config, text).unwrap();
+    let mut second = AgentProcess::spawn_with_env(&second_config, second_port, &[]);
+    wait_until(15, "the second agent waiting for the store", || {
+        second.log().contains("waiting up to 30 s")
+    })
+    .await;
+    assert!(
+        second
+            .log()
+            .contains("in use by an agent (`outpost run`) that answers on its admin socket"),
+        "{}",
+        second.log()
+    );
+    let status = second
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", second.log());
     drop(agent);
 
     // A SIGTERM while it waits stops it there.
