@@ -135,6 +135,32 @@ pub fn find_tls_error<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a rustls
     None
 }
 
+/// Whether `error` or one of its causes is a connection refused: nothing listens there.
+pub fn connection_refused(error: &(dyn Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let io = e.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// What is wrong with the TLS `server` (host:port) spoke, and what to do: its certificate
+/// ([`certificate`]), or no TLS at all; `None` for another TLS error.
+pub fn tls_problem(server: &str, host: &str, error: &rustls::Error) -> Option<String> {
+    match error {
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => Some(format!(
+            "{server} does not answer in TLS (a server of plain HTTP answers so): if it serves \
+             http://, the URL must say http:// (destination.http_endpoint or \
+             destination.auth.auth_endpoint)"
+        )),
+        _ => certificate(server, host, error),
+    }
+}
+
 /// What is wrong with the certificate `server` (host:port) presented, and what to do; `None`
 /// for a TLS error that is not about the server's certificate.
 pub fn certificate(server: &str, host: &str, error: &rustls::Error) -> Option<String> {

@@ -409,7 +409,7 @@ pub async fn tls_handshake(
             .map_err(|e| ClientError::Transport(format!("connecting to {host}:{port}: {e}")))?;
         let tls = connector.connect(server_name, tcp).await.map_err(|e| {
             let explained = crate::explain::find_tls_error(&e)
-                .and_then(|tls| crate::explain::certificate(&format!("{host}:{port}"), &host, tls));
+                .and_then(|tls| crate::explain::tls_problem(&format!("{host}:{port}"), &host, tls));
             tracing::debug!(error = ?e, "TLS handshake with {host}:{port}");
             match explained {
                 Some(message) => ClientError::Tls(message),
@@ -427,8 +427,9 @@ pub async fn tls_handshake(
         .map_err(|_| ClientError::Timeout(timeout))?
 }
 
-/// A request that got no answer: a certificate problem explained (the whole error in the debug
-/// log), else the error and its causes. `connect`: it failed while connecting.
+/// A request that got no answer: a connection refused or a TLS problem explained (the whole
+/// error in the debug log), else the error and its causes. `connect`: it failed while
+/// connecting.
 fn request_error(
     uri: &hyper::Uri,
     error: &(dyn std::error::Error + 'static),
@@ -442,9 +443,6 @@ fn request_error(
             ClientError::Transport(described)
         }
     };
-    let Some(tls) = crate::explain::find_tls_error(error) else {
-        return unexplained(described);
-    };
     let host = uri.host().unwrap_or("?").trim_matches(['[', ']']);
     let port = uri
         .port_u16()
@@ -454,8 +452,17 @@ fn request_error(
             443
         });
     // The host alone: the endpoint's query may carry a secret.
+    if connect && crate::explain::connection_refused(error) {
+        tracing::debug!(error = %described, "connecting to {host}:{port} failed");
+        return ClientError::Connect(format!(
+            "nothing listens at {host}:{port} (connection refused)"
+        ));
+    }
+    let Some(tls) = crate::explain::find_tls_error(error) else {
+        return unexplained(described);
+    };
     tracing::debug!(error = %described, tls = ?tls, "TLS with {host}:{port} failed");
-    match crate::explain::certificate(&format!("{host}:{port}"), host, tls) {
+    match crate::explain::tls_problem(&format!("{host}:{port}"), host, tls) {
         Some(message) if connect => ClientError::Connect(message),
         Some(message) => ClientError::Tls(message),
         None => unexplained(described),
@@ -478,8 +485,8 @@ fn describe_error(error: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    fn client_of(url: &str) -> HttpClient {
-        let destination = Destination {
+    fn destination_of(url: &str) -> Destination {
+        Destination {
             name: None,
             description: None,
             http_endpoint: url.parse().unwrap(),
@@ -487,8 +494,11 @@ mod tests {
             ca_file: None,
             client_cert: None,
             auth: crate::config::Auth::None,
-        };
-        HttpClient::new(&destination, Duration::from_secs(5)).unwrap()
+        }
+    }
+
+    fn client_of(url: &str) -> HttpClient {
+        HttpClient::new(&destination_of(url), Duration::from_secs(5)).unwrap()
     }
 
     fn post(url: &str) -> Request<Full<Bytes>> {
@@ -507,6 +517,11 @@ mod tests {
         let url = format!("http://{}/", socket.local_addr().unwrap());
         let refused = client_of(&url).send(post(&url)).await.unwrap_err();
         assert!(matches!(refused, ClientError::Connect(_)), "{refused:?}");
+        let address = socket.local_addr().unwrap();
+        assert_eq!(
+            refused.to_string(),
+            format!("nothing listens at {address} (connection refused)")
+        );
 
         // Closed without an answer.
         let (url, server) = raw_endpoint(|_socket| async {}).await;
@@ -514,6 +529,39 @@ mod tests {
         assert!(matches!(closed, ClientError::Transport(_)), "{closed:?}");
         server.await.unwrap();
         drop(socket);
+    }
+
+    /// An `https://` URL of a server that speaks plain HTTP is told as such, whether a
+    /// request or `outpost check`'s handshake meets it.
+    #[tokio::test]
+    async fn a_server_of_plain_http_named_by_an_https_url_is_told_so() {
+        use tokio::io::AsyncWriteExt;
+        for handshake in [false, true] {
+            let (url, server) = raw_endpoint(|mut socket| async move {
+                let answer = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+                let _ = socket.write_all(answer.as_bytes()).await;
+            })
+            .await;
+            let url = url.replace("http://", "https://");
+            let client = client_of(&url);
+            let error = match handshake {
+                false => client.send(post(&url)).await.unwrap_err(),
+                true => {
+                    let destination = destination_of(&url);
+                    let url = destination.http_endpoint.clone();
+                    tls_handshake(&destination, &url, Duration::from_secs(5))
+                        .await
+                        .unwrap_err()
+                }
+            };
+            let error = error.to_string();
+            assert!(
+                error.contains("does not answer in TLS")
+                    && error.contains("the URL must say http://"),
+                "{error}"
+            );
+            server.await.unwrap();
+        }
     }
 
     /// An endpoint that takes one connection, reads the request's first bytes, then hands the
