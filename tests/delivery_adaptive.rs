@@ -331,7 +331,7 @@ async fn a_down_endpoint_gets_one_probe_at_a_time_and_delivery_resumes_when_it_i
     // One backoff step (max_backoff 200 ms) and a probe's round trip, with room for a busy
     // machine; far below what hammering or a stuck loop would show.
     assert!(
-        resumed_after <= Duration::from_millis(2000),
+        resumed_after <= Duration::from_millis(4000),
         "delivery resumed {resumed_after:?} after the endpoint came back (max_backoff 200 ms)"
     );
     wait_for_exports(&agent, &s.receiver, 200).await;

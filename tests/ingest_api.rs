@@ -1043,8 +1043,10 @@ async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
         .await;
     assert_eq!(status.code(), Some(0), "{}", agent.log());
+    // The request times out after 0.5 s; the stop's own bound is that plus 5 s, and the
+    // answer would take 30 s. Room for a busy machine below the first.
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_millis(4500),
         "{:?}",
         started.elapsed()
     );
@@ -1105,7 +1107,7 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
 }
 
 /// A client without the token is not held by the body it trickles: it gets its answer (or
-/// its connection closed) after about one read timeout (1.5 s; up to 4 s is allowed for a busy
+/// its connection closed) after about one read timeout (1.5 s; up to 5 s is allowed for a busy
 /// machine), not the four (6 s) a body may take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_without_the_token_is_not_held_by_its_trickling_body() {
@@ -1136,7 +1138,7 @@ async fn a_client_without_the_token_is_not_held_by_its_trickling_body() {
     let held = started.elapsed();
     let answer = String::from_utf8_lossy(&answer);
     assert!(
-        held < Duration::from_secs(4),
+        held < Duration::from_secs(5),
         "held for {held:?} (4 read timeouts: 6 s): {answer:?}"
     );
     // Still read for the read timeout, so that a client sending fast reads the answer.
