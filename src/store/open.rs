@@ -215,14 +215,13 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
         }
     }
     // A next number at or below a stored export's (written by hand, or lost) would write new
-    // exports over older ones: raised past every export and index entry, and past the numbers
-    // the backfill recorded, as a rebuilt one is.
+    // exports over older ones: raised past every export and index entry.
     let next = t
         .meta
         .get(meta::NEXT_SEQ)?
         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
         .unwrap_or(0);
-    let mut last = super::backfill::highest_seq_recorded(t)?;
+    let mut last = None;
     for tree in [&t.outbox, &t.dead, &t.retry_at, &t.superseded] {
         // The last key that is an export number: a damaged one (not 8 bytes) may sort past it.
         for item in tree.iter().rev() {
@@ -239,8 +238,7 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
         rebuilt.push(RebuiltMeta::new(
             "next_seq",
             format!(
-                "{next}, not past export {last}, the highest number the store records; new \
-                 exports are numbered from {raised}"
+                "{next}, not past export {last} stored; new exports are numbered from {raised}"
             ),
         ));
     }
