@@ -413,10 +413,11 @@ pub enum OutboxCommand {
     },
 }
 
+/// Export ids or `--all-dead`, one of the two: usage and errors name both.
 #[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
 pub struct Targets {
     /// Export ids
-    #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
     pub ids: Vec<String>,
     /// Every dead letter
     #[arg(long)]

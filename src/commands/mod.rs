@@ -551,7 +551,12 @@ async fn check(config: &Config) -> Result<(), CliError> {
     let query = d.http_endpoint.query_pairs().count();
     println!("endpoint         {}", display_url(&d.http_endpoint));
     if query > 0 {
-        println!("                 (+ {query} query parameters, sent as given)");
+        let parameters = if query == 1 {
+            "parameter"
+        } else {
+            "parameters"
+        };
+        println!("                 (+ {query} query {parameters}, sent as given)");
     }
     let headers: Vec<&str> = d.custom_headers.iter().map(|(n, _)| n.as_str()).collect();
     println!(
