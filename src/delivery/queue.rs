@@ -21,13 +21,15 @@ use crate::store::Export;
 /// How many ready profiles a probe looks through for one whose export has not failed.
 const PROBE_SCAN: usize = 1024;
 /// A profile's exports behind its head are let go of only once the head failed this many
-/// times in a row: a 429 or a passing error on one profile's long backlog must not make the
-/// window read the rest of the outbox and then again from its head.
+/// times in a row, or waits [`LET_GO_AFTER_WAIT`]: a 429 (with a `Retry-After` of a minute,
+/// say) or a passing error on one profile's long backlog must not make the window read the
+/// rest of the outbox and then again from its head.
 pub const LET_GO_AFTER_FAILURES: u32 = 3;
 /// ... or at once when its head waits at least this long: a `Retry-After` of an hour on one
 /// profile's long backlog would otherwise leave every other profile's exports further in the
-/// outbox unread for two more such waits.
-pub const LET_GO_AFTER_WAIT: Duration = Duration::from_secs(30);
+/// outbox unread for two more such waits. Above the `Retry-After`s endpoints commonly give
+/// (seconds to a minute or two), which cost the other profiles at most two such waits.
+pub const LET_GO_AFTER_WAIT: Duration = Duration::from_secs(300);
 /// The most exports held, also while few profiles are ready (the rest wait behind failing
 /// exports). `heaptrack` put 16,384 decoded exports of the agent bench's tiny profiles at 7.5 MB.
 pub const MAX_HELD: usize = 65_536;
