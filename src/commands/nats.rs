@@ -11,7 +11,7 @@ use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
 use crate::profile::update::{FutureLimit, UpdateReader};
-use crate::source::claim;
+use crate::source::claim::{self, Released};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{last_sequence, probe, setup, SetupOutcome};
 use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
@@ -40,6 +40,7 @@ pub(super) async fn release(
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
     let failure = |e: crate::source::nats::NatsError| CliError::Failure(e.to_string());
     let claims = claim::open(nats).await.map_err(failure)?;
+    let mut changed = 0;
     for partition in partitions {
         let read = claim::read(&claims, partition).await.map_err(failure)?;
         let holder = read.holder.as_ref();
@@ -62,14 +63,27 @@ pub(super) async fn release(
             }
         }
         match claim::release(&claims, &read).await.map_err(failure)? {
-            Some(holder) => println!(
+            Released::Was(holder) => println!(
                 "partition {partition:<6} released (claimed by {})",
                 for_terminal(&holder, false)
             ),
-            None => println!("partition {partition:<6} had no claim"),
+            Released::NoClaim => println!("partition {partition:<6} had no claim"),
+            Released::Changed => {
+                changed += 1;
+                println!(
+                    "partition {partition:<6} left as it is: its claim changed since it was read \
+                     (a hand-over or an agent wrote it meanwhile); run the command again to see \
+                     what it says now"
+                );
+            }
         }
     }
-    Ok(())
+    match changed {
+        0 => Ok(()),
+        n => Err(CliError::Failure(format!(
+            "{n} claim(s) changed while they were being released, and were left as they are"
+        ))),
+    }
 }
 
 pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<(), CliError> {

@@ -247,25 +247,32 @@ pub async fn replace(
     })
 }
 
-/// Lets the claim read as `read` go, unless it changed since it was read (a hand-over that
-/// wrote "handed over" meanwhile, which a release must not wipe unasked): then nothing is
-/// purged, and the error says so. What it said, if there was one.
-pub async fn release(bucket: &kv::Store, read: &ReadClaim) -> Result<Option<String>, NatsError> {
+/// What became of a claim [`release`] was asked to let go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// It was let go; it said this.
+    Was(String),
+    /// There was none.
+    NoClaim,
+    /// It changed since it was read (a hand-over that wrote "handed over" meanwhile, which a
+    /// release must not wipe unasked): it is left as it is.
+    Changed,
+}
+
+/// Lets the claim read as `read` go, unless it changed since it was read.
+pub async fn release(bucket: &kv::Store, read: &ReadClaim) -> Result<Released, NatsError> {
     let partition = read.partition;
     let Some(holder) = &read.holder else {
-        return Ok(None);
+        return Ok(Released::NoClaim);
     };
-    bucket
+    match bucket
         .purge_expect_revision(key(partition), read.revision)
         .await
-        .map_err(|e| {
-            NatsError(format!(
-                "releasing partition {partition}: its claim changed since it was read (another \
-                 command or an agent wrote it meanwhile; run again to see what it says now), or \
-                 could not be purged ({e})"
-            ))
-        })?;
-    Ok(Some(holder.clone()))
+    {
+        Ok(()) => Ok(Released::Was(holder.clone())),
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Released::Changed),
+        Err(e) => Err(nats_error(&format!("releasing partition {partition}"), e)),
+    }
 }
 
 #[cfg(test)]
