@@ -58,13 +58,17 @@ struct Place {
     key: Option<String>,
 }
 
-/// The table a line of TOML opens, when it is a table header (`[destination.auth]`).
+/// The table a line of TOML opens, when it is a table header (`[destination.auth]`, or an
+/// entry of an array of tables: `[[mapping.segments]]`).
 fn table_header(line: &str) -> Option<String> {
     let line = line.trim();
-    let name = line.strip_prefix('[')?.split(']').next()?.trim();
+    let name = match line.strip_prefix("[[") {
+        Some(rest) => rest.split("]]").next()?,
+        None => line.strip_prefix('[')?.split(']').next()?,
+    };
     // Only what TOML reads as a header alone.
-    let is_header = !line.starts_with("[[") && toml::from_str::<toml::Table>(line).is_ok();
-    is_header.then(|| name.to_owned())
+    let is_header = toml::from_str::<toml::Table>(line).is_ok();
+    is_header.then(|| name.trim().to_owned())
 }
 
 /// The table and the key whose value `offset` of the TOML `text` lies in (or that its line
@@ -1769,6 +1773,14 @@ client_secret = "s3cr3t-value"
         let error = error_of(&text);
         assert!(
             error.contains("line 7, column 1 (in [destination.auth]): missing field `type`"),
+            "{error}"
+        );
+        // An entry of an array of tables is its table.
+        let text =
+            VALID.replace("segments = [\"seg-a\"]\n", "") + "[[mapping.segments]]\nid = \"a\\q\"\n";
+        let error = error_of(&text);
+        assert!(
+            error.contains("(`mapping.segments.id`): invalid escape sequence"),
             "{error}"
         );
     }
