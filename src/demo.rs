@@ -96,22 +96,25 @@ async fn watch_delivery(
     watching: Arc<std::sync::atomic::AtomicBool>,
 ) -> AdaptiveSeen {
     const EVERY: Duration = Duration::from_millis(5);
-    let limit = metrics.concurrency_limit.get();
-    let mut seen = AdaptiveSeen {
-        limit_min: limit,
-        limit_max: limit,
-        ..AdaptiveSeen::default()
-    };
+    let mut seen = AdaptiveSeen::default();
     let mut last_look = tokio::time::Instant::now();
     while watching.load(std::sync::atomic::Ordering::SeqCst) {
         // The time since the last look, not the sleep asked for: a sleep often lasts longer.
         let now = tokio::time::Instant::now();
         let since_last_look = now - last_look;
         last_look = now;
+        // 0 until the delivery loop has set its first limit.
         let limit = metrics.concurrency_limit.get();
-        seen.limit_min = seen.limit_min.min(limit);
-        seen.limit_max = seen.limit_max.max(limit);
-        seen.limit_end = limit;
+        if limit > 0 {
+            let first = seen.limit_max == 0;
+            seen.limit_min = if first {
+                limit
+            } else {
+                seen.limit_min.min(limit)
+            };
+            seen.limit_max = seen.limit_max.max(limit);
+            seen.limit_end = limit;
+        }
         if metrics.destination_down.get() == 1 {
             seen.down_for += since_last_look;
         }
