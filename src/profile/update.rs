@@ -1759,17 +1759,38 @@ mod tests {
         assert!(parse_body_with(unkept.as_bytes(), &pruned).is_ok());
     }
 
+    /// The keep tree of a mapping of `person.name` and segment `s`.
+    fn keeping_person_name() -> KeepTree {
+        KeepTree::for_mapping(&crate::config::Mapping::new(&["person.name"], &["s"], &[]))
+    }
+
+    /// Parses `body` pruned by `keep` and whole: both refuse it on line 1 for a reason that
+    /// holds `reason`, but a pruned parse when `dropped` (what is wrong lies in a part pruning
+    /// drops unread), which takes it.
+    fn refused_but_where_dropped(body: &str, keep: &KeepTree, dropped: bool, reason: &str) {
+        let pruned = Parsing {
+            keep: Some(keep),
+            ..Parsing::default()
+        };
+        for (parsing, how) in [(&pruned, "pruned"), (&Parsing::default(), "whole")] {
+            let parsed = parse_body_with(body.as_bytes(), parsing);
+            if dropped && how == "pruned" {
+                assert!(parsed.is_ok(), "{how}: {:?}", parsed.err());
+                continue;
+            }
+            let Err(error) = parsed else {
+                panic!("{how}: accepted");
+            };
+            assert_eq!(error.line, 1);
+            assert!(error.reason.contains(reason), "{how}: {}", error.reason);
+        }
+    }
+
     /// A key given twice in one object of what is kept is refused, naming the key: which value
     /// counts is not for the agent to guess. In a part pruning drops, it is never read.
     #[test]
     fn a_key_given_twice_in_what_is_kept_is_refused() {
-        let mapping = crate::config::Mapping::new(&["person.name"], &["s"], &[]);
-        let keep = KeepTree::for_mapping(&mapping);
-        let pruned = Parsing {
-            keep: Some(&keep),
-            ..Parsing::default()
-        };
-        let whole = Parsing::default();
+        let keep = keeping_person_name();
         let cases = [
             (
                 r#"{"person":{"name":{"firstName":"a","firstName":"b"}}}"#,
@@ -1786,21 +1807,8 @@ mod tests {
         ];
         for (profile, key, kept) in cases {
             let body = format!(r#"{{"id":"p","profile":{profile}}}"#);
-            for (parsing, how) in [(&pruned, "pruned"), (&whole, "whole")] {
-                let parsed = parse_body_with(body.as_bytes(), parsing);
-                if !kept && how == "pruned" {
-                    assert!(parsed.is_ok(), "{profile}, {how}: {:?}", parsed.err());
-                    continue;
-                }
-                let Err(error) = parsed else {
-                    panic!("{profile}, {how}: accepted");
-                };
-                let expected = format!("the key `{key}` is given twice in one object");
-                assert!(
-                    error.reason.contains(&expected),
-                    "{profile}, {how}: {error}"
-                );
-            }
+            let expected = format!("the key `{key}` is given twice in one object");
+            refused_but_where_dropped(&body, &keep, !kept, &expected);
         }
     }
 
@@ -1809,8 +1817,7 @@ mod tests {
     /// a large profile of ordinary segment entries is well within it.
     #[test]
     fn a_profile_too_large_once_parsed_is_refused() {
-        let mapping = crate::config::Mapping::new(&["person.name"], &["s"], &[]);
-        let keep = KeepTree::for_mapping(&mapping);
+        let keep = keeping_person_name();
         let pruned = Parsing {
             keep: Some(&keep),
             ..Parsing::default()
@@ -1829,23 +1836,8 @@ mod tests {
             format!(r#"{{"id":"p","profile":{profile}}}"#)
         };
         for at in ["segment", "attribute", "unmapped"] {
-            let body = update(at);
-            for (parsing, how) in [(&pruned, "pruned"), (&whole, "whole")] {
-                let parsed = parse_body_with(body.as_bytes(), parsing);
-                if at == "unmapped" && how == "pruned" {
-                    assert!(parsed.is_ok(), "{at}, {how}: {:?}", parsed.err());
-                    continue;
-                }
-                let Err(error) = parsed else {
-                    panic!("{at}, {how}: accepted");
-                };
-                assert_eq!(error.line, 1);
-                assert!(
-                    error.reason.contains("64 MiB of memory once parsed"),
-                    "{at}, {how}: {}",
-                    error.reason
-                );
-            }
+            let reason = "64 MiB of memory once parsed";
+            refused_but_where_dropped(&update(at), &keep, at == "unmapped", reason);
         }
         let entries: Vec<String> = (0..20_000)
             .map(|n| {
