@@ -887,11 +887,7 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
     let (ws, port) = workspace(&destination);
     ws.make_store();
     let held = Store::open(&ws.store_path(), CACHE_BYTES).unwrap();
-    let mut agent = AgentProcess::spawn_with_env(&ws.config_path(), port, &[]);
-    wait_until(15, "the agent waiting for the store", || {
-        agent.log().contains("waiting up to 30 s")
-    })
-    .await;
+    let mut agent = agent_waiting_for_the_store(&ws.config_path(), port).await;
     assert!(
         agent
             .log()
@@ -911,11 +907,7 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
     assert!(text.contains(&listen), "{text}");
     let text = text.replace(&listen, &format!("127.0.0.1:{second_port}"));
     std::fs::write(&second_config, text).unwrap();
-    let mut second = AgentProcess::spawn_with_env(&second_config, second_port, &[]);
-    wait_until(15, "the second agent waiting for the store", || {
-        second.log().contains("waiting up to 30 s")
-    })
-    .await;
+    let mut second = agent_waiting_for_the_store(&second_config, second_port).await;
     assert!(
         second
             .log()
@@ -931,11 +923,7 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
 
     // A SIGTERM while it waits stops it there.
     let held = Store::open(&ws.store_path(), CACHE_BYTES).unwrap();
-    let mut waiting = AgentProcess::spawn_with_env(&ws.config_path(), port, &[]);
-    wait_until(10, "the agent waiting for the store", || {
-        waiting.log().contains("waiting up to 30 s")
-    })
-    .await;
+    let mut waiting = agent_waiting_for_the_store(&ws.config_path(), port).await;
     // Meanwhile its port is bound but not listened on: a connection is refused, not left
     // waiting unserved.
     let connected = std::net::TcpStream::connect(("127.0.0.1", port));
@@ -950,6 +938,16 @@ async fn an_agent_waits_for_a_store_an_outpost_command_holds() {
         .await;
     assert_eq!(status.code(), Some(0), "{}", waiting.log());
     drop(held);
+}
+
+/// Starts an agent on `config` and waits until it says it waits for its store.
+async fn agent_waiting_for_the_store(config: &std::path::Path, port: u16) -> AgentProcess {
+    let agent = AgentProcess::spawn_with_env(config, port, &[]);
+    wait_until(15, "the agent waiting for the store", || {
+        agent.log().contains("waiting up to 30 s")
+    })
+    .await;
+    agent
 }
 
 /// `outbox drop` through the running agent answers only once the drop is durable: a `kill -9`
