@@ -426,8 +426,8 @@ pub fn update_from_json_with(
             if is_gzip(text) {
                 return Err(InputError::new(line, GZIP_DATA));
             }
-            if let Some(reason) = not_utf8(text) {
-                return Err(InputError::new(line, reason));
+            if not_utf8_before(text, &e) {
+                return Err(InputError::new(line, NOT_UTF8));
             }
             // Judged by its first byte, so that a deeply nested array is not parsed again.
             let kind = match text.trim_ascii_start().first() {
@@ -479,14 +479,23 @@ fn is_gzip(text: &[u8]) -> bool {
     text.starts_with(&[0x1f, 0x8b])
 }
 
-/// Why the line `text` is not UTF-8, naming the column where it stops being so.
-fn not_utf8(text: &[u8]) -> Option<String> {
-    let utf8 = std::str::from_utf8(text).err()?;
-    let before = std::str::from_utf8(&text[..utf8.valid_up_to()]).unwrap_or_default();
-    Some(format!(
-        "not UTF-8: the bytes at column {} are not a UTF-8 character",
-        before.chars().count() + 1
-    ))
+/// Said of input that holds bytes that are not UTF-8 where serde_json stopped reading it.
+const NOT_UTF8: &str = "not UTF-8: it holds bytes that are not a UTF-8 character";
+
+/// Whether `text`, which serde_json refused with `e`, holds bytes that are not UTF-8 up to
+/// where it stopped: then that, rather than the JSON token serde_json names, is what is wrong.
+fn not_utf8_before(text: &[u8], e: &serde_json::Error) -> bool {
+    let line_start = match e.line() {
+        0 | 1 => 0,
+        line => text
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b == b'\n')
+            .nth(line - 2)
+            .map_or(text.len(), |(at, _)| at + 1),
+    };
+    let end = line_start.saturating_add(e.column()).min(text.len());
+    std::str::from_utf8(&text[..end]).is_err()
 }
 
 /// Validates one update already parsed as JSON.
@@ -984,9 +993,8 @@ fn parse_values<'b>(
                 } else {
                     syntax_error_line(&e)
                 };
-                let failing = body.split(|&b| b == b'\n').nth(error_line as usize - 1);
-                if let Some(reason) = failing.and_then(not_utf8) {
-                    return Err(InputError::new(error_line, reason));
+                if not_utf8_before(body, &e) {
+                    return Err(InputError::new(error_line, NOT_UTF8));
                 }
                 let mut reason = format!("not valid JSON: {}", strip_serde_position(e.to_string()));
                 // Found past its update's first line: a closing brace left out shows only
@@ -1009,7 +1017,10 @@ fn parse_array<'b>(
     sink: &mut impl UpdateSink<'b>,
 ) -> Result<(), InputError> {
     let refused = |e: serde_json::Error, context: String| {
-        let reason = strip_serde_position(e.to_string());
+        let reason = match not_utf8_before(body, &e) {
+            true => NOT_UTF8.to_owned(),
+            false => strip_serde_position(e.to_string()),
+        };
         InputError::new(
             syntax_error_line(&e),
             format!("not a valid JSON array: {reason}{context}"),
@@ -1509,10 +1520,11 @@ mod tests {
     }
 
     /// Input that is not JSON text at all is told for what it is: gzip data, or bytes that
-    /// are not UTF-8 (named by their column).
+    /// are not UTF-8 where the parser stopped (an error before them is named as it is).
     #[test]
     fn input_that_is_not_json_text_says_what_it_is() {
-        let cases: [(&[u8], u64, &str); 4] = [
+        let not_utf8 = "not UTF-8: it holds bytes that are not a UTF-8 character";
+        let cases: [(&[u8], u64, &str); 6] = [
             (
                 b"\x1f\x8b\x08\x00\x00\x00",
                 1,
@@ -1523,15 +1535,21 @@ mod tests {
                 2,
                 "this is gzip-compressed data, not JSON",
             ),
-            (
-                b"{\"id\":\"\xc3\xa9\xff\",\"profile\":{}}",
-                1,
-                "not UTF-8: the bytes at column 9 are not a UTF-8 character",
-            ),
+            (b"{\"id\":\"\xc3\xa9\xff\",\"profile\":{}}", 1, not_utf8),
             (
                 b"{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"a\",\"profile\":{\"n\":\"\xff\xfe\"}}",
                 2,
-                "not UTF-8: the bytes at column 27 are not a UTF-8 character",
+                not_utf8,
+            ),
+            (
+                b"[{\"id\":\"a\",\"profile\":{\"n\":\"\xff\"}}]",
+                1,
+                "not a valid JSON array: not UTF-8",
+            ),
+            (
+                b"{\"id\":\"a\" \"profile\":{\"n\":\"Jos\xe9\"}}",
+                1,
+                "not valid JSON: expected `,` or `}`",
             ),
         ];
         for (body, line, reason) in cases {
