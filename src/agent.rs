@@ -562,11 +562,17 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
                 if !said {
                     said = true;
                     // An agent's socket answers from its start until its stop begins; an
-                    // outpost command has none.
+                    // outpost command has none. Bounded: a wedged agent's full backlog would
+                    // hold a connect.
                     let socket = crate::server::admin::socket_path(&config.storage.path);
-                    let holder = match std::os::unix::net::UnixStream::connect(socket) {
-                        Ok(_) => "an agent (`outpost run`) that answers on its admin socket",
-                        Err(_) => "another process (an outpost command, or an agent starting or stopping?)",
+                    let probe = tokio::net::UnixStream::connect(socket);
+                    let probed = tokio::time::timeout(std::time::Duration::from_secs(1), probe);
+                    let holder = match probed.await {
+                        Ok(Ok(_)) => "an agent (`outpost run`) that answers on its admin socket",
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            "an agent of another user (its admin socket is not open to this one)"
+                        }
+                        _ => "another process (an outpost command, or an agent starting or stopping?)",
                     };
                     tracing::warn!(
                         store = %path.display(),
