@@ -135,7 +135,13 @@ pub fn find_tls_error<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a rustls
     None
 }
 
-/// Whether `error` or one of its causes is a connection refused: nothing listens there.
+/// Said of a connection to `server` (host:port) that was refused.
+pub fn refused(server: &str) -> String {
+    format!("nothing accepts connections at {server} (connection refused)")
+}
+
+/// Whether `error` or one of its causes is a connection refused: nothing listens there, or a
+/// firewall rejects it.
 pub fn connection_refused(error: &(dyn Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {

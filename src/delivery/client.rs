@@ -406,7 +406,12 @@ pub async fn tls_handshake(
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| ClientError::Transport(format!("connecting to {host}:{port}: {e}")))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    ClientError::Connect(crate::explain::refused(&format!("{host}:{port}")))
+                }
+                _ => ClientError::Transport(format!("connecting to {host}:{port}: {e}")),
+            })?;
         let tls = connector.connect(server_name, tcp).await.map_err(|e| {
             let explained = crate::explain::find_tls_error(&e)
                 .and_then(|tls| crate::explain::tls_problem(&format!("{host}:{port}"), &host, tls));
@@ -454,9 +459,7 @@ fn request_error(
     // The host alone: the endpoint's query may carry a secret.
     if connect && crate::explain::connection_refused(error) {
         tracing::debug!(error = %described, "connecting to {host}:{port} failed");
-        return ClientError::Connect(format!(
-            "nothing listens at {host}:{port} (connection refused)"
-        ));
+        return ClientError::Connect(crate::explain::refused(&format!("{host}:{port}")));
     }
     let Some(tls) = crate::explain::find_tls_error(error) else {
         return unexplained(described);
@@ -520,8 +523,19 @@ mod tests {
         let address = socket.local_addr().unwrap();
         assert_eq!(
             refused.to_string(),
-            format!("nothing listens at {address} (connection refused)")
+            format!("nothing accepts connections at {address} (connection refused)")
         );
+        // So says `outpost check`'s handshake.
+        let https = url.replace("http://", "https://");
+        let destination = destination_of(&https);
+        let shaken = tls_handshake(
+            &destination,
+            &destination.http_endpoint,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(shaken.to_string(), refused.to_string());
 
         // Closed without an answer.
         let (url, server) = raw_endpoint(|_socket| async {}).await;
