@@ -28,8 +28,8 @@ pub const LET_GO_AFTER_FAILURES: u32 = 3;
 /// ... or at once when its head waits at least this long: a `Retry-After` of an hour on one
 /// profile's long backlog would otherwise leave every other profile's exports further in the
 /// outbox unread for two more such waits. Above the `Retry-After`s endpoints commonly give
-/// (seconds to a minute or two), which cost the other profiles at most two such waits.
-pub const LET_GO_AFTER_WAIT: Duration = Duration::from_secs(300);
+/// (seconds to a minute), which cost the other profiles at most two such waits.
+pub const LET_GO_AFTER_WAIT: Duration = Duration::from_secs(120);
 /// The most exports held, also while few profiles are ready (the rest wait behind failing
 /// exports). `heaptrack` put 16,384 decoded exports of the agent bench's tiny profiles at 7.5 MB.
 pub const MAX_HELD: usize = 65_536;
@@ -852,7 +852,12 @@ mod tests {
     fn exports_behind_a_head_that_waits_long_are_let_go_of_at_once() {
         let start = Instant::now();
         let a: Arc<str> = "a".into();
-        for (wait, let_go) in [(Duration::from_secs(5), 0), (LET_GO_AFTER_WAIT, 3)] {
+        let minute = Duration::from_secs(60);
+        for (wait, let_go) in [
+            (Duration::from_secs(5), 0),
+            (minute, 0),
+            (LET_GO_AFTER_WAIT, 3),
+        ] {
             let mut q = queue(&[(1, "a"), (2, "a"), (3, "a")]);
             let (_, head) = q.take(1).remove(0);
             q.put_back(&a, head, Some(start + wait));
