@@ -298,7 +298,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
             "invalid UTF-8",
             b"{\"id\":\"p-1\",\"profile\":{\"n\":\"\xff\xfe\"}}".to_vec(),
             1,
-            "not valid JSON",
+            "not UTF-8: it holds bytes that are not a UTF-8 character",
         ),
         ("an empty body", Vec::new(), 1, "no update"),
         ("a blank body", b"\n  \n".to_vec(), 1, "no update"),
@@ -361,7 +361,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
             ]
             .concat(),
             3,
-            "not valid JSON",
+            "not UTF-8: it holds bytes that are not a UTF-8 character",
         ),
         (
             "nesting 10,000 deep on line 3 after 2 good lines",
