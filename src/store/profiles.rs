@@ -201,6 +201,11 @@ pub(super) fn read_profile_count(t: &Trees) -> Result<Option<u64>, StoreError> {
         .map(u64::from_be_bytes))
 }
 
+/// Whether `meta/profiles` is there but not a count (not 8 bytes).
+pub(super) fn profile_count_damaged(t: &Trees) -> Result<bool, StoreError> {
+    Ok(t.meta.get(meta::PROFILES)?.is_some_and(|v| v.len() != 8))
+}
+
 /// Counts the profiles by walking them and records the count in `meta/profiles`. Not flushed.
 pub(super) fn recount_profiles(t: &Trees) -> Result<u64, StoreError> {
     let count = count_profiles(t)?;

@@ -11,8 +11,8 @@ use super::error::StoreError;
 use super::export::ExportId;
 use super::keys::{self, meta};
 use super::profiles::{
-    count_profiles, forget_group, forget_profile, group_name, read_profile_count, recount_profiles,
-    unreadable_profiles, Unreadable,
+    count_profiles, forget_group, forget_profile, group_name, profile_count_damaged,
+    read_profile_count, recount_profiles, unreadable_profiles, Unreadable,
 };
 use super::tally::{read_tally, write_tally, Place, Tally};
 use super::{Store, Trees};
@@ -109,7 +109,7 @@ impl Store {
         }
         // Missing, the count is unknown (counted at the next open); an unreadable group's
         // profiles are in the kept count but cannot be counted again.
-        if t.meta.get(meta::PROFILES)?.is_some_and(|v| v.len() != 8) {
+        if profile_count_damaged(&t)? {
             problems.push("meta/profiles is not 8 bytes".into());
         }
         if let (Some(recorded), false) = (read_profile_count(&t)?, unreadable_group) {
@@ -195,7 +195,7 @@ impl Store {
         let t = self.trees()?;
         // Damaged while the store is open: unknown until a commit that changes the count drops
         // it, or the next open or a repair counts again.
-        if t.meta.get(meta::PROFILES)?.is_some_and(|v| v.len() != 8) {
+        if profile_count_damaged(&t)? {
             found.push(UnreadableRecord {
                 tree: "meta",
                 key: "profiles".into(),
@@ -277,7 +277,7 @@ impl Store {
         let stream_keys = super::source::stream_keys_not_ids(&t)?;
         let _writer = self.lock_profile_writer();
         let counted_before = read_profile_count(&t)?;
-        let recorded_before = t.meta.get(meta::PROFILES)?.is_some();
+        let damaged_before = profile_count_damaged(&t)?;
         let repairs_profiles = !profiles.is_empty();
         if repairs_profiles {
             // The count is unknown until recounted below: a kill in between leaves it missing,
@@ -318,7 +318,7 @@ impl Store {
         }
         let count = recount_profiles(&t)?;
         if repairs_profiles || Some(count) != counted_before {
-            let said = match (counted_before, recorded_before) {
+            let said = match (counted_before, damaged_before) {
                 (Some(n), _) => n.to_string(),
                 (None, true) => "something unreadable".into(),
                 (None, false) => "nothing".into(),
