@@ -875,7 +875,16 @@ mod tests {
         store.failed.store(true, Ordering::SeqCst);
         std::thread::scope(|scope| {
             let reopening = scope.spawn(|| store.recover());
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            // Until the reopen refuses new sections (it waits for this one then) or is done.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !store.closing.load(Ordering::SeqCst) && store.is_failed() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the reopen never began"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
             assert!(store.is_failed(), "reopened beside a write in progress");
             assert_eq!(store.with(|t| Ok(t.generation)).unwrap(), 0);
             drop(section);
