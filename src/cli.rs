@@ -171,7 +171,8 @@ pub enum Command {
     /// made of a digest of the whole input, an id of this publish and the update's place in
     /// the input. Publishing a file again publishes it again; a publish that failed prints
     /// its id, and the same input published with `--resume ID` within the stream's duplicate
-    /// window adds only what did not go through.
+    /// window adds only what did not go through: the updates that went through in order are
+    /// not sent again, and JetStream drops the others that went through as duplicates.
     ///
     /// Example: outpost publish --config outpost.toml data/sample-updates.ndjson
     Publish {
@@ -182,8 +183,9 @@ pub enum Command {
         #[arg(long, default_value_t = 256)]
         in_flight: usize,
         /// Completes the publish that failed with this id, of the same input (refused for
-        /// another): what went through then is dropped by JetStream as a duplicate (within
-        /// the stream's duplicate window, 2 minutes by default)
+        /// another): the updates it published in order are not sent again, and the others
+        /// that went through are dropped by JetStream as duplicates (within the stream's
+        /// duplicate window, 2 minutes by default, from the failure)
         #[arg(long, value_name = "ID")]
         resume: Option<String>,
     },

@@ -569,10 +569,11 @@ async fn deliveries_from_the_stream_equal_those_over_http() {
         let again = nats_agent.cli(&["publish", one.to_str().unwrap()]);
         assert!(again.contains("1 update(s) published"), "{again}");
     }
-    // A publish's id: a nonce, then the digest of the input it read.
+    // A publish's id: a nonce, the digest of the input it read, and how many of its updates
+    // went through in order.
     let digest = outpost::source::partition::fnv1a64(&std::fs::read(&file).unwrap());
-    let id = format!("00000000000000aa{digest:016x}");
-    let other = format!("00000000000000aa{:016x}", digest ^ 1);
+    let id = format!("00000000000000aa{digest:016x}{:016x}", 0);
+    let other = format!("00000000000000aa{:016x}{:016x}", digest ^ 1, 0);
     let refused = nats_agent.run(&["publish", "--resume", &other, file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
@@ -585,18 +586,27 @@ async fn deliveries_from_the_stream_equal_those_over_http() {
         resumed.contains("0 update(s) published") && resumed.contains("20000 already there"),
         "{resumed}"
     );
+    // What went through is not sent again: past the duplicate window JetStream would store it
+    // again, after later updates of its profiles. A publish of another nonce said 19,990 went
+    // through: only its last 10 are sent.
+    let went_through = format!("00000000000000bb{digest:016x}{:016x}", 19_990);
+    let rest = nats_agent.cli(&["publish", "--resume", &went_through, file.to_str().unwrap()]);
+    assert!(
+        rest.contains("10 update(s) published") && rest.contains("the first 19990 went through"),
+        "{rest}"
+    );
     let committed = "outpost_source_messages_total{result=\"committed\"}";
     let mut taken = 0.0;
     for _ in 0..300 {
         taken = metric(agent_n.addr, committed).await;
-        if taken >= 40_002.0 {
+        if taken >= 40_012.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        taken, 40_002.0,
-        "each publish but the resumed one reached the agent"
+        taken, 40_012.0,
+        "each publish but the resumed one reached the agent, and the last 10 of the one resumed past what went through"
     );
     drop(agent_h);
     drop(agent_n);

@@ -161,26 +161,11 @@ pub(super) async fn publish_path(
     resume: Option<&str>,
 ) -> Result<(), CliError> {
     let nats = nats_config(config)?;
-    // A publish's id: its nonce, then the digest of the input it read (16 hex digits each).
-    let resumed = match resume {
-        None => None,
-        Some(id) => {
-            let half = |at: usize| {
-                id.get(at..at + 16)
-                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            };
-            match (half(0), half(16), id.len()) {
-                (Some(nonce), Some(digest), 32) => Some((nonce, digest)),
-                _ => {
-                    return Err(CliError::Usage(format!(
-                    "--resume takes the 32 hexadecimal digits a failed publish printed, not `{}`",
-                    id.chars().take(40).collect::<String>()
-                )))
-                }
-            }
-        }
-    };
-    let nonce = resumed.map_or_else(fresh_nonce, |(nonce, _)| nonce);
+    let resumed = resume
+        .map(|id| ResumeId::parse(id).map_err(CliError::Usage))
+        .transpose()?;
+    let nonce = resumed.map_or_else(fresh_nonce, |r| r.nonce);
+    let skip = resumed.map_or(0, |r| r.published);
     if in_flight == 0 {
         return Err(CliError::Usage("--in-flight must be at least 1".into()));
     }
@@ -226,11 +211,16 @@ pub(super) async fn publish_path(
         }
     }
     drop(reader);
-    if let Some((_, digest)) = resumed.filter(|&(_, digest)| digest != input.get()) {
+    if let Some(digest) = resumed.map(|r| r.digest).filter(|&d| d != input.get()) {
         return Err(CliError::Usage(format!(
             "--resume: this input is not the one that publish read (its digest {:016x}, this one's {:016x}); nothing published. Publish it without --resume",
             digest,
             input.get()
+        )));
+    }
+    if skip > total {
+        return Err(CliError::Usage(format!(
+            "--resume: that publish went through {skip} updates, and this input holds {total}; nothing published"
         )));
     }
     rewind(&mut file)?;
@@ -245,9 +235,12 @@ pub(super) async fn publish_path(
                 *reread_error.borrow_mut() = Some(e);
                 None
             }
-        });
+        })
+        // Planned all the same, so that the rest keep their ids.
+        .skip(skip as usize);
     let bar = if std::io::stderr().is_terminal() && path != Path::new("-") {
         let bar = indicatif::ProgressBar::new(total);
+        bar.set_position(skip);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:40} {pos}/{len} updates published, {per_sec}, {eta} left",
@@ -260,7 +253,7 @@ pub(super) async fn publish_path(
     };
     let result = publish(nats, messages, largest, in_flight, |n| {
         if let Some(bar) = &bar {
-            bar.set_position(n);
+            bar.set_position(skip + n);
         }
     })
     .await;
@@ -278,19 +271,74 @@ pub(super) async fn publish_path(
     }
     match result {
         Ok(report) => {
+            let before = match skip {
+                0 => String::new(),
+                n => format!("; the first {n} went through before, and were not sent again"),
+            };
             println!(
-                "{} update(s) published to stream {} ({} already there, ignored as duplicates)",
+                "{} update(s) published to stream {} ({} already there, ignored as duplicates){before}",
                 report.published - report.duplicates,
                 nats.stream,
                 report.duplicates
             );
             Ok(())
         }
-        Err((report, e)) => Err(CliError::Failure(format!(
-            "{e}; the first {} of {total} update(s) were published in order: publishing the same input again with `--resume {nonce:016x}{:016x}` within the stream's duplicate window (2 minutes by default) completes it",
-            report.published,
-            input.get()
-        ))),
+        Err((report, e)) => {
+            let id = ResumeId {
+                nonce,
+                digest: input.get(),
+                published: skip + report.published,
+            };
+            Err(CliError::Failure(format!(
+                "{e}; the first {} of {total} update(s) were published in order: publishing the same input again with `--resume {id}` within the stream's duplicate window (2 minutes by default) completes it",
+                id.published,
+            )))
+        }
+    }
+}
+
+/// What a failed publish prints for `--resume`: its nonce, the input's digest and how many
+/// of its updates went through in order (16 hexadecimal digits each). Those are not sent
+/// again: JetStream drops a repeat only within its duplicate window, counted from when it
+/// took the message, so the start of a long publish sent again would be stored again, after
+/// later updates of its profiles. The rest are sent with the ids they had, so what went
+/// through of them (at most the messages awaiting their acknowledgement when it failed) is
+/// dropped as duplicates within the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ResumeId {
+    nonce: u64,
+    digest: u64,
+    published: u64,
+}
+
+impl ResumeId {
+    fn parse(id: &str) -> Result<ResumeId, String> {
+        let part = |at: usize| {
+            id.get(at..at + 16)
+                .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        };
+        match (id.len(), part(0), part(16), part(32)) {
+            (48, Some(nonce), Some(digest), Some(published)) => Ok(ResumeId {
+                nonce,
+                digest,
+                published,
+            }),
+            _ => Err(format!(
+                "--resume takes the 48 hexadecimal digits a failed publish printed, not `{}`",
+                id.chars().take(60).collect::<String>()
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ResumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:016x}{:016x}{:016x}",
+            self.nonce, self.digest, self.published
+        )
     }
 }
 
@@ -483,6 +531,35 @@ mod tests {
             assert_eq!(
                 error.to_string(),
                 format!("{seq} is past the end of stream UPDATES, whose last message is {last}: give at most {last}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_resume_id_is_what_a_failed_publish_printed() {
+        let id = ResumeId {
+            nonce: 0xaa,
+            digest: 0x0123_4567_89ab_cdef,
+            published: 15_000,
+        };
+        let printed = id.to_string();
+        assert_eq!(printed, "00000000000000aa0123456789abcdef0000000000003a98");
+        assert_eq!(ResumeId::parse(&printed), Ok(id));
+        assert_eq!(ResumeId::parse(&printed.to_uppercase()), Ok(id));
+        for refused in [
+            "",
+            // The id of a publish as it was printed before it counted what went through.
+            "00000000000000aa0123456789abcdef",
+            "00000000000000aa0123456789abcdef0000000000003a9",
+            "00000000000000aa0123456789abcdef0000000000003a988",
+            "00000000000000aa0123456789abcdef+000000000003a98",
+            "00000000000000aa0123456789abcdefg000000000003a98",
+            "00000000000000aa0123456789abcdé000000000003a98",
+        ] {
+            let error = ResumeId::parse(refused).unwrap_err();
+            assert!(
+                error.starts_with("--resume takes the 48 hexadecimal digits"),
+                "{refused}: {error}"
             );
         }
     }

@@ -49,8 +49,8 @@ pub fn payload_of(update: &Update) -> Vec<u8> {
 /// input published again is published again: identical inputs may be meant (A, then B, then
 /// A again for one profile, without timestamps), and JetStream would drop the repeat as a
 /// duplicate. The same input with the nonce of a publish that failed halfway (`--resume`)
-/// gets the same ids, so that within the stream's duplicate window JetStream drops what went
-/// through and the rest completes it. An update sent twice in one input (A, B, A) is a
+/// gets the same ids: what went through in order is not sent again, and within the stream's
+/// duplicate window JetStream drops what went through of the rest. An update sent twice in one input (A, B, A) is a
 /// message of its own each time.
 pub struct Planner<'a> {
     config: &'a NatsSource,
