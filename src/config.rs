@@ -695,6 +695,27 @@ fn clear_text_beyond_loopback(url: &Url) -> bool {
     url.scheme() == "http" && !loopback
 }
 
+/// An `Idempotency-Key` line longer than this is refused by common servers' defaults (nginx
+/// and Apache answer 400, Node.js 431 past 16 KiB for all headers).
+const HEADER_LINE_MOST: u64 = 8192;
+
+/// What one export id takes in an array's `Idempotency-Key`: `3fa2c1d0-` and a 16-digit
+/// export number (numbers made today), and its comma.
+const KEY_BYTES_AN_EXPORT: u64 = 26;
+
+/// A warning when a full array's `Idempotency-Key` would be longer than servers commonly take:
+/// such an array is refused, split and its exports sent one by one, so the arrays gain nothing.
+fn long_idempotency_key_warning(max_profiles_per_request: u64) -> Option<String> {
+    let line = "Idempotency-Key: ".len() as u64 + max_profiles_per_request * KEY_BYTES_AN_EXPORT;
+    (line > HEADER_LINE_MOST).then(|| {
+        format!(
+            "delivery.max_profiles_per_request = {max_profiles_per_request}: the Idempotency-Key header of a full array (its exports' ids) takes about {} KiB, and many servers refuse a header line over 8 KiB (nginx and Apache answer 400): a refused array is split and its exports sent one by one. At most {} keeps it within 8 KiB",
+            line.div_ceil(1024),
+            (HEADER_LINE_MOST - "Idempotency-Key: ".len() as u64) / KEY_BYTES_AN_EXPORT
+        )
+    })
+}
+
 /// The warnings for credentials the config would send in clear text across the network: the
 /// access token (or static token, or an `Authorization` of `custom_headers`) to an `http://`
 /// endpoint, the client's secret (and password) to an `http://` token endpoint.
@@ -1056,6 +1077,7 @@ impl Config {
                 "must be between 1 and 1000".into(),
             ));
         }
+        warnings.extend(long_idempotency_key_warning(d.max_profiles_per_request));
         // Upper bounds catch a value in the wrong unit, and keep every deadline the agent
         // adds them to (a stop's, a retry's) within what a clock can hold.
         for (key, value, most) in [
@@ -2427,6 +2449,44 @@ client_secret = "s3cr3t-value"
             "{VALID}\n[delivery]\nrate_limit_headers = \"no\"\n"
         ));
         assert!(error.contains("rate_limit_headers"), "{error}");
+    }
+
+    #[test]
+    fn arrays_whose_idempotency_key_servers_refuse_are_warned_of() {
+        let _environment = environment();
+        for (most, warned) in [
+            (1, false),
+            (100, false),
+            (314, false),
+            (315, true),
+            (1000, true),
+        ] {
+            let config = parse(&format!(
+                "{VALID}\n[delivery]\nmax_profiles_per_request = {most}\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                config.warnings.len(),
+                usize::from(warned),
+                "{most}: {:?}",
+                config.warnings
+            );
+            if warned {
+                let warning = &config.warnings[0];
+                assert!(
+                    warning.starts_with(&format!("delivery.max_profiles_per_request = {most}: ")),
+                    "{warning}"
+                );
+                assert!(
+                    warning.ends_with("At most 314 keeps it within 8 KiB"),
+                    "{warning}"
+                );
+            }
+        }
+        // The key of 314 ids of today's export numbers, as sent, fits in the line.
+        let id = format!("{:08x}-{}", u32::MAX, 1_800_000_000_000u64 * 1024);
+        let key = vec![id; 314].join(",");
+        assert!(format!("Idempotency-Key: {key}").len() as u64 <= HEADER_LINE_MOST);
     }
 
     #[test]
