@@ -138,6 +138,38 @@ async fn a_release_leaves_a_claim_written_after_it_was_read() {
     assert_eq!(again, claim::Released::NoClaim);
 }
 
+/// The bucket of claims gets as many replicas as the stream, not `source.nats.replicas`
+/// (which is for `nats setup`): on a server that is no cluster a bucket of 3 cannot be made,
+/// and on a cluster a bucket of fewer than the stream stops the fleet while a server the
+/// stream survives is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucket_of_claims_has_as_many_replicas_as_the_stream() {
+    use outpost::source::claim;
+    let Some(server_bin) =
+        nats_server_or_skip("the_bucket_of_claims_has_as_many_replicas_as_the_stream")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let setup = AgentSetup::new(
+        "http://127.0.0.1:9",
+        Some(&nats_table(&server.url(), 4, "0-3", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let claims = claim::bucket(&js, "UPDATES", "outpost", 3).await.unwrap();
+    let mut bucket = js.get_stream(format!("KV_{}", claims.name)).await.unwrap();
+    assert_eq!(bucket.info().await.unwrap().config.num_replicas, 1);
+    assert_eq!(
+        claim::claim(&claims, 2, "store 0000abcd on h1")
+            .await
+            .unwrap(),
+        claim::Claim::Made
+    );
+}
+
 /// What the claim on `partition` says.
 async fn claim_text(claims: &async_nats::jetstream::kv::Store, partition: u32) -> String {
     let claim = claims.get(format!("partition-{partition}")).await.unwrap();

@@ -115,7 +115,9 @@ pub fn judge(recorded: &str, ours: &str) -> Claim {
 /// The bucket of claims, made when missing. Its stream is made as the key-value API makes a
 /// bucket's (one value a key, roll-ups for purges, direct reads), but directly: the client's
 /// own way asks the server for account details that servers before 2.10 answer in a form
-/// it cannot read.
+/// it cannot read. It gets as many replicas as the updates' stream, whatever the config says
+/// (`replicas` is for `nats setup`, and is used only if the stream cannot be read): a bucket
+/// with fewer would stop the fleet's consuming while a server the stream survives is down.
 pub async fn bucket(
     js: &jetstream::Context,
     stream: &str,
@@ -126,6 +128,10 @@ pub async fn bucket(
     if let Ok(store) = js.get_key_value(&name).await {
         return Ok(store);
     }
+    let replicas = match js.get_stream(stream).await {
+        Ok(updates) => updates.cached_info().config.num_replicas,
+        Err(_) => replicas,
+    };
     let making = |e: &dyn std::fmt::Display| {
         nats_error(&format!("making the bucket of partition claims {name}"), e)
     };
