@@ -170,6 +170,52 @@ async fn the_bucket_of_claims_has_as_many_replicas_as_the_stream() {
     );
 }
 
+/// A stream whose limits remove what waits in it unconsumed is warned of by `nats setup`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_removes_unconsumed_updates_is_warned_of() {
+    let Some(server_bin) = nats_server_or_skip("a_stream_that_removes_unconsumed_updates") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let setup = AgentSetup::new(
+        "http://127.0.0.1:9",
+        Some(&nats_table(&server.url(), 4, "0-3", "")),
+        "",
+    );
+    let made = setup.cli(&["nats", "setup"]);
+    assert!(!made.contains("warning"), "{made}");
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut config = js
+        .get_stream("UPDATES")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    config.max_age = Duration::from_secs(3600);
+    config.max_messages_per_subject = 1000;
+    js.update_stream(config).await.unwrap();
+    let found = setup.cli(&["nats", "setup"]);
+    assert!(
+        found.contains("warning          stream UPDATES removes messages older than 1h 0m, keeps the newest 1000 messages of each subject (a partition's): updates that wait in it longer"),
+        "{found}"
+    );
+    // And the agent, in its log at start.
+    let agent = setup.start().await;
+    wait_or_show(
+        20,
+        "the agent to warn of the limits",
+        &[&agent],
+        async || {
+            agent
+                .log()
+                .contains("stream UPDATES removes messages older than 1h 0m")
+        },
+    )
+    .await;
+}
+
 /// What the claim on `partition` says.
 async fn claim_text(claims: &async_nats::jetstream::kv::Store, partition: u32) -> String {
     let claim = claims.get(format!("partition-{partition}")).await.unwrap();

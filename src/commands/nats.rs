@@ -104,6 +104,7 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
             replicas,
             recorded,
             made_at_recorded,
+            ..
         } => println!(
             "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); {}",
             nats.stream,
@@ -114,6 +115,12 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
                 (false, None) => "nothing changed",
             }
         ),
+    }
+    if let SetupOutcome::Found {
+        drops: Some(drops), ..
+    } = &outcome
+    {
+        println!("warning          {drops}");
     }
     println!(
         "partitions       {} ({}.0 to {}.{}); this agent owns {}",
@@ -135,9 +142,10 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         NatsAuth::UserPassword { .. } => "user and password (set)",
     };
     println!("nats             {} ({auth})", nats.servers.join(", "));
-    let (messages, stray) = probe(nats)
+    let probed = probe(nats)
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
+    let (messages, stray) = (probed.messages, probed.stray);
     println!(
         "stream           {}: {messages} message(s); {} partitions on {}.*, this agent owns {}",
         nats.stream,
@@ -147,6 +155,9 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
     );
     if !stray.is_empty() {
         println!("warning          {}", stray.describe());
+    }
+    if let Some(drops) = probed.drops {
+        println!("warning          {drops}");
     }
     Ok(())
 }

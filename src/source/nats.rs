@@ -326,6 +326,41 @@ pub fn check_partitions(info: &stream::Info, config: &NatsSource) -> Result<(), 
     }
 }
 
+/// What of the stream's limits removes messages no one consumed, told in one line: such a
+/// stream loses the updates that wait in it past them (while the outbox is full, or no agent
+/// consumes their partition), and no agent can tell. Limits on counts with `discard = new`
+/// refuse publishes instead, which the publisher hears of.
+pub fn limits_that_drop_updates(config: &stream::Config) -> Option<String> {
+    let discards_old = config.discard == stream::DiscardPolicy::Old;
+    let mut limits = Vec::new();
+    if !config.max_age.is_zero() {
+        limits.push(format!(
+            "removes messages older than {}",
+            crate::top::view::duration(config.max_age.as_secs())
+        ));
+    }
+    if discards_old && config.max_messages > 0 {
+        limits.push(format!("keeps the newest {} messages", config.max_messages));
+    }
+    if discards_old && config.max_bytes > 0 {
+        limits.push(format!("keeps the newest {} bytes", config.max_bytes));
+    }
+    let refuses_per_subject = !discards_old && config.discard_new_per_subject;
+    if config.max_messages_per_subject > 0 && !refuses_per_subject {
+        limits.push(format!(
+            "keeps the newest {} messages of each subject (a partition's)",
+            config.max_messages_per_subject
+        ));
+    }
+    (!limits.is_empty()).then(|| {
+        format!(
+            "stream {} {}: updates that wait in it longer (while the outbox is full, or no agent consumes their partition) are removed unconsumed, and no agent can tell; give it no such limits, or `discard = new` for the counts, which refuses publishes instead",
+            config.name,
+            limits.join(", ")
+        )
+    })
+}
+
 /// What `nats setup` found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetupOutcome {
@@ -339,6 +374,8 @@ pub enum SetupOutcome {
         /// Whether its description now records when it was made ([`made_at`]); `None` when
         /// it did already, or is not outpost's.
         made_at_recorded: Option<bool>,
+        /// [`limits_that_drop_updates`].
+        drops: Option<String>,
     },
 }
 
@@ -452,6 +489,7 @@ async fn found(
         replicas,
         recorded,
         made_at_recorded,
+        drops: limits_that_drop_updates(&info.config),
     })
 }
 
@@ -482,8 +520,16 @@ async fn check_subjects_fit(
     Ok(())
 }
 
-/// For `outpost check`: connects and reads the stream; its message count, or why not.
-pub async fn probe(config: &NatsSource) -> Result<(u64, StraySubjects), NatsError> {
+/// What `outpost check` reads of the stream.
+pub struct Probed {
+    pub messages: u64,
+    pub stray: StraySubjects,
+    /// [`limits_that_drop_updates`].
+    pub drops: Option<String>,
+}
+
+/// For `outpost check`: connects and reads the stream, or says why not.
+pub async fn probe(config: &NatsSource) -> Result<Probed, NatsError> {
     let client = connect(config, false).await?;
     let js = jetstream::new(client);
     let mut stream = js.get_stream(&config.stream).await.map_err(|e| {
@@ -498,7 +544,12 @@ pub async fn probe(config: &NatsSource) -> Result<(u64, StraySubjects), NatsErro
         .map_err(|e| nats_error("reading the stream", e))?;
     check_partitions(info, config)?;
     let messages = info.state.messages;
-    Ok((messages, stray_subjects(&stream, config).await?))
+    let drops = limits_that_drop_updates(&info.config);
+    Ok(Probed {
+        messages,
+        drops,
+        stray: stray_subjects(&stream, config).await?,
+    })
 }
 
 /// The sequence of the stream's last message (0 while it has had none).
@@ -576,14 +627,18 @@ pub async fn stray_subjects(
     Ok(stray)
 }
 
-/// Says in the log, once at start, when the stream holds messages no agent consumes.
-async fn warn_of_stray_subjects(shared: Arc<Shared>) {
+/// Says in the log, once at start, when the stream holds messages no agent consumes, or has
+/// limits that remove updates before they are consumed.
+async fn warn_of_unconsumed_updates(shared: Arc<Shared>) {
     let found = async {
         let stream = shared
             .js
             .get_stream(&shared.config.stream)
             .await
             .map_err(|e| nats_error("the stream", e))?;
+        if let Some(drops) = limits_that_drop_updates(&stream.cached_info().config) {
+            tracing::warn!("{drops}");
+        }
         stray_subjects(&stream, &shared.config).await
     };
     let found = tokio::select! {
@@ -756,7 +811,7 @@ pub async fn start(
         config.servers.join(", "),
         shared.shutdown.clone(),
     ));
-    tokio::spawn(warn_of_stray_subjects(Arc::clone(&shared)));
+    tokio::spawn(warn_of_unconsumed_updates(Arc::clone(&shared)));
     let tasks = config
         .owned
         .iter()
@@ -1669,6 +1724,78 @@ mod tests {
 
     /// However many subjects there are, a few of them are named, the first by name, and all
     /// are counted.
+    #[test]
+    fn limits_that_remove_unconsumed_updates_are_told() {
+        use std::time::Duration;
+        type Edit = fn(&mut stream::Config);
+        let made = |edit: Edit| {
+            let mut config = stream::Config {
+                name: "UPDATES".into(),
+                ..Default::default()
+            };
+            edit(&mut config);
+            limits_that_drop_updates(&config)
+        };
+        let none: [Edit; 5] = [
+            |_| {},
+            // Counts with `discard = new`: publishes past them are refused, not old messages removed.
+            |c| {
+                c.discard = stream::DiscardPolicy::New;
+                c.max_messages = 10;
+                c.max_bytes = 1 << 20;
+            },
+            |c| {
+                c.discard = stream::DiscardPolicy::New;
+                c.discard_new_per_subject = true;
+                c.max_messages_per_subject = 10;
+            },
+            |c| c.max_messages = -1,
+            |c| c.max_bytes = -1,
+        ];
+        for edit in none {
+            assert_eq!(made(edit), None);
+        }
+        let told: [(Edit, &str); 5] = [
+            (
+                |c| c.max_age = Duration::from_secs(7200),
+                "removes messages older than 2h 0m",
+            ),
+            (|c| c.max_messages = 10, "keeps the newest 10 messages"),
+            (|c| c.max_bytes = 4096, "keeps the newest 4096 bytes"),
+            (
+                |c| c.max_messages_per_subject = 3,
+                "keeps the newest 3 messages of each subject (a partition's)",
+            ),
+            // Per subject, `discard = new` refuses only with discard_new_per_subject.
+            (
+                |c| {
+                    c.discard = stream::DiscardPolicy::New;
+                    c.max_messages_per_subject = 3;
+                },
+                "keeps the newest 3 messages of each subject (a partition's)",
+            ),
+        ];
+        for (edit, limit) in told {
+            let said = made(edit).expect(limit);
+            assert!(
+                said.starts_with(&format!("stream UPDATES {limit}: ")),
+                "{said}"
+            );
+            assert!(said.contains("are removed unconsumed"), "{said}");
+        }
+        let both = made(|c| {
+            c.max_age = Duration::from_secs(90);
+            c.max_messages = 5;
+        })
+        .unwrap();
+        assert!(
+            both.starts_with(
+                "stream UPDATES removes messages older than 1m 30s, keeps the newest 5 messages: "
+            ),
+            "{both}"
+        );
+    }
+
     #[test]
     fn stray_subjects_are_counted_and_the_first_few_named() {
         let mut stray = StraySubjects::default();
