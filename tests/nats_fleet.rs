@@ -170,10 +170,13 @@ async fn the_bucket_of_claims_has_as_many_replicas_as_the_stream() {
     );
 }
 
-/// A stream whose limits remove what waits in it unconsumed is warned of by `nats setup`.
+/// A stream whose limits remove what waits in it unconsumed is warned of by `nats setup` and
+/// the agent; so is one whose description is someone else's, which records nothing for the
+/// agents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_that_removes_unconsumed_updates_is_warned_of() {
-    let Some(server_bin) = nats_server_or_skip("a_stream_that_removes_unconsumed_updates") else {
+async fn a_stream_outpost_cannot_look_after_is_warned_of() {
+    let Some(server_bin) = nats_server_or_skip("a_stream_outpost_cannot_look_after_is_warned_of")
+    else {
         return;
     };
     let server = NatsServer::start(&server_bin);
@@ -214,6 +217,60 @@ async fn a_stream_that_removes_unconsumed_updates_is_warned_of() {
         },
     )
     .await;
+    drop(agent);
+
+    // A description of someone else's records nothing of outpost's; setup says so, and
+    // records them once it is cleared.
+    let described = |text: &'static str| {
+        let js = js.clone();
+        async move {
+            let mut config = js
+                .get_stream("UPDATES")
+                .await
+                .unwrap()
+                .cached_info()
+                .config
+                .clone();
+            config.description = Some(text.into()).filter(|t: &String| !t.is_empty());
+            js.update_stream(config).await.unwrap();
+        }
+    };
+    described("orders").await;
+    let foreign = setup.cli(&["nats", "setup"]);
+    assert!(
+        foreign.contains("nothing changed")
+            && foreign
+                .contains("warning          the stream's description (orders) is not outpost's"),
+        "{foreign}"
+    );
+    let checked = setup.run(&["check"]);
+    let checked = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.contains("warning          the stream's description (orders) is not outpost's")
+            && checked
+                .contains("warning          stream UPDATES removes messages older than 1h 0m"),
+        "{checked}"
+    );
+    let agent = setup.start().await;
+    wait_or_show(
+        20,
+        "the agent to warn of the description",
+        &[&agent],
+        async || {
+            agent
+                .log()
+                .contains("the stream's description (orders) is not outpost's")
+        },
+    )
+    .await;
+    drop(agent);
+    described("").await;
+    let recorded = setup.cli(&["nats", "setup"]);
+    assert!(
+        recorded.contains("its description now records the partition count")
+            && !recorded.contains("is not outpost's"),
+        "{recorded}"
+    );
 }
 
 /// What the claim on `partition` says.

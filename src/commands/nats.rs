@@ -117,10 +117,14 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
         ),
     }
     if let SetupOutcome::Found {
-        drops: Some(drops), ..
+        drops,
+        foreign_description,
+        ..
     } = &outcome
     {
-        println!("warning          {drops}");
+        for warning in [foreign_description, drops].into_iter().flatten() {
+            println!("warning          {}", for_terminal(warning, false));
+        }
     }
     println!(
         "partitions       {} ({}.0 to {}.{}); this agent owns {}",
@@ -156,8 +160,8 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
     if !stray.is_empty() {
         println!("warning          {}", stray.describe());
     }
-    if let Some(drops) = probed.drops {
-        println!("warning          {drops}");
+    for warning in &probed.warnings {
+        println!("warning          {}", for_terminal(warning, false));
     }
     Ok(())
 }

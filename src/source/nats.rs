@@ -361,6 +361,19 @@ pub fn limits_that_drop_updates(config: &stream::Config) -> Option<String> {
     })
 }
 
+/// A warning when the stream's description is someone else's: it then records neither the
+/// partition count nor when the stream was made ([`made_at`]), which `nats setup` writes only
+/// in a description that is empty or outpost's.
+pub fn foreign_description_warning(description: Option<&str>) -> Option<String> {
+    let description = description.filter(|d| !d.is_empty())?;
+    recorded_partitions(Some(description)).is_none().then(|| {
+        format!(
+            "the stream's description ({}) is not outpost's, so it records neither the partition count (agents and publishers of another count are not refused) nor when the stream was made (a NATS server restarted after the stream was edited reports another time, which agents take for a new stream, consumed again from its start); clear the description and run `outpost nats setup` to record them",
+            description.escape_debug()
+        )
+    })
+}
+
 /// What `nats setup` found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetupOutcome {
@@ -376,6 +389,8 @@ pub enum SetupOutcome {
         made_at_recorded: Option<bool>,
         /// [`limits_that_drop_updates`].
         drops: Option<String>,
+        /// [`foreign_description_warning`]: `nats setup` leaves such a description as it is.
+        foreign_description: Option<String>,
     },
 }
 
@@ -490,6 +505,7 @@ async fn found(
         recorded,
         made_at_recorded,
         drops: limits_that_drop_updates(&info.config),
+        foreign_description: foreign_description_warning(Some(description_now)),
     })
 }
 
@@ -524,8 +540,8 @@ async fn check_subjects_fit(
 pub struct Probed {
     pub messages: u64,
     pub stray: StraySubjects,
-    /// [`limits_that_drop_updates`].
-    pub drops: Option<String>,
+    /// [`limits_that_drop_updates`] and [`foreign_description_warning`].
+    pub warnings: Vec<String>,
 }
 
 /// For `outpost check`: connects and reads the stream, or says why not.
@@ -544,10 +560,13 @@ pub async fn probe(config: &NatsSource) -> Result<Probed, NatsError> {
         .map_err(|e| nats_error("reading the stream", e))?;
     check_partitions(info, config)?;
     let messages = info.state.messages;
-    let drops = limits_that_drop_updates(&info.config);
+    let warnings = [
+        limits_that_drop_updates(&info.config),
+        foreign_description_warning(info.config.description.as_deref()),
+    ];
     Ok(Probed {
         messages,
-        drops,
+        warnings: warnings.into_iter().flatten().collect(),
         stray: stray_subjects(&stream, config).await?,
     })
 }
@@ -636,8 +655,13 @@ async fn warn_of_unconsumed_updates(shared: Arc<Shared>) {
             .get_stream(&shared.config.stream)
             .await
             .map_err(|e| nats_error("the stream", e))?;
-        if let Some(drops) = limits_that_drop_updates(&stream.cached_info().config) {
-            tracing::warn!("{drops}");
+        let config = &stream.cached_info().config;
+        let warnings = [
+            limits_that_drop_updates(config),
+            foreign_description_warning(config.description.as_deref()),
+        ];
+        for warning in warnings.into_iter().flatten() {
+            tracing::warn!(stream = %shared.config.stream, "{warning}");
         }
         stray_subjects(&stream, &shared.config).await
     };
