@@ -1842,6 +1842,15 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
         .await
         .unwrap();
     refused(&eight, &["nats", "setup"], "on test.updates.12");
+    // A subject that reads as a number but names no partition: no consumer filters on it.
+    js.publish("test.updates.01", version_line(1, 0).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    refused(&sixteen, &["nats", "setup"], "on test.updates.01");
+    let stream = js.get_stream("UPDATES").await.unwrap();
+    stream.purge().filter("test.updates.01").await.unwrap();
     let recorded = sixteen.cli(&["nats", "setup"]);
     assert!(
         recorded.contains("now records the partition count"),

@@ -519,14 +519,10 @@ async fn check_subjects_fit(
         .info_with_subjects(covering)
         .await
         .map_err(|e| nats_error("reading the stream's subjects", e))?;
-    let prefix = format!("{}.", config.subject_prefix);
     while let Some(subject) = subjects.next().await {
         let (subject, count) =
             subject.map_err(|e| nats_error("reading the stream's subjects", e))?;
-        let partition = subject
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok());
-        if partition.is_none_or(|p| p >= config.partitions) {
+        if !is_partition_subject(&config.subject_prefix, &subject, config.partitions) {
             return Err(NatsError(format!(
                 "stream {} holds {count} message(s) on {subject}, which is not one of the {} partitions of source.nats.partitions",
                 config.stream, config.partitions
