@@ -178,15 +178,10 @@ impl Agent {
             Some(ready) => ready,
             None => Ready::new(config).await?,
         };
-        let store = Arc::new(open_store(config).await?);
-        let listener = Ready::listen(socket, config.ingest.listen)?;
         let metrics = Arc::new(Metrics::new());
-        let watcher = Watcher::start(Arc::clone(&store), Arc::clone(&metrics))?;
+        let (store, watcher, mapping) = start_store(config, &metrics).await?;
+        let listener = Ready::listen(socket, config.ingest.listen)?;
         let wake = Arc::new(Notify::new());
-        store.number_exports_past_the_clock(std::time::SystemTime::now())?;
-        // The committer thread ends with the process; every commit it acknowledged was flushed.
-        let mut mapping = config.mapping.clone();
-        store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;
         let shutdown = CancellationToken::new();
         // Should starting fail, or be given up (a signal drops this future), what started so
         // far is told to stop: delivery would otherwise go on sending until the process ends.
@@ -197,6 +192,7 @@ impl Agent {
             on_stored: Box::new(move |stored| counted.record_commit(stored)),
             on_panic: stop_on_committer_panic(Arc::clone(&committer_failure), shutdown.clone()),
         };
+        // The committer thread ends with the process; every commit it acknowledged was flushed.
         let (committer, _committer_thread) = Committer::start_watched(
             Arc::clone(&store),
             Arc::new(mapping),
@@ -547,6 +543,54 @@ const BACKFILL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 /// How long the agent waits for a store another process holds: an outpost command that has
 /// it open (one started while an agent stopped, say) ends in moments.
 const LOCKED_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the store and makes the writes a start makes before anything else (the run-time
+/// clock's checkpoint, the export numbers' floor, the mapping), and gives the mapping as the
+/// store recorded it. On a full disk it waits for room, saying so, rather than exit: a
+/// service manager would start it again every few seconds, each start opening the store.
+async fn start_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<Store>, Watcher, crate::config::Mapping), AgentError> {
+    let mut said = false;
+    loop {
+        let started = async {
+            let store = Arc::new(open_store(config).await?);
+            store.number_exports_past_the_clock(std::time::SystemTime::now())?;
+            let mut mapping = config.mapping.clone();
+            store.record_mapping(&mut mapping, chrono::Utc::now().timestamp_millis())?;
+            let watcher = Watcher::start(Arc::clone(&store), Arc::clone(metrics))?;
+            Ok::<_, StoreError>((store, watcher, mapping))
+        };
+        match started.await {
+            Err(e) if e.is_no_space() => {
+                let path = &config.storage.path;
+                if !std::mem::replace(&mut said, true) {
+                    tracing::error!(
+                        store = %path.display(),
+                        "no space left on device for the store: waiting for room to start (looked at every {} s)",
+                        ROOM_LOOK_EVERY.as_secs()
+                    );
+                }
+                loop {
+                    tokio::time::sleep(ROOM_LOOK_EVERY).await;
+                    let dir = path.clone();
+                    if tokio::task::spawn_blocking(move || Store::has_room(&dir))
+                        .await
+                        .unwrap_or(false)
+                    {
+                        break;
+                    }
+                }
+                tracing::info!(store = %path.display(), "there is room on the disk again; starting");
+            }
+            started => return Ok(started?),
+        }
+    }
+}
+
+/// How often an agent waiting for room on a full disk to start looks for it.
+const ROOM_LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Opens the store, waiting up to [`LOCKED_STORE_WAIT`] while another process holds it.
 async fn open_store(config: &Config) -> Result<Store, StoreError> {

@@ -52,6 +52,12 @@ pub fn store_open(path: &Path, error: &sled::Error) -> Option<String> {
     let sled::Error::Io(io) = error else {
         return None;
     };
+    if crate::store::is_no_space(io) {
+        return Some(format!(
+            "no space left on device for the store at {}: make room on that disk",
+            path.display()
+        ));
+    }
     let path = path.display();
     match io.kind() {
         ErrorKind::PermissionDenied => Some(format!(

@@ -364,7 +364,8 @@ async fn wait_until_healthz(agent: &AgentProcess, status: u16, what: &str) {
 }
 
 /// SIGTERM while the disk is still full: exit 0 (everything acknowledged was flushed when it
-/// was acknowledged), and a restart with room finds every acknowledged update.
+/// was acknowledged). Started again on the full disk, the agent waits for room, and once there
+/// is room it starts and finds every acknowledged update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_disk_is_full_exits_0() {
     let Some(mut disk) = agent_on_a_small_disk().await else {
@@ -381,7 +382,38 @@ async fn sigterm_while_the_disk_is_full_exits_0() {
     let log = agent.log();
     assert!(log.contains("nothing acknowledged is lost"), "{log}");
 
+    // Started again on the full disk, it waits for room rather than exit (a SIGTERM meanwhile
+    // stops it, exit 0), and starts once there is room.
+    let waiting_for_room = async |again: &AgentProcess| {
+        wait_or_show(30, "the agent to wait for room", &[again], async || {
+            again.log().contains("waiting for room to start")
+        })
+        .await;
+    };
+    let mut stopped = AgentProcess::spawn_with_env(config, agent.addr.port(), &[]);
+    waiting_for_room(&stopped).await;
+    let status = stopped
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", stopped.log());
+    let mut again = AgentProcess::spawn_with_env(config, agent.addr.port(), &[]);
+    waiting_for_room(&again).await;
+    again.assert_running();
+    assert_eq!(healthz(again.addr).await, None, "serving before it started");
+    assert!(
+        again
+            .log()
+            .contains("no space left on device for the store"),
+        "{}",
+        again.log()
+    );
     std::fs::remove_file(&filler).unwrap();
+    again.wait_until_healthy().await;
+    assert!(again
+        .log()
+        .contains("there is room on the disk again; starting"));
+    again.terminate().await;
+
     let stats = outbox_stats(config);
     assert!(
         stats["pending"].as_u64().unwrap() >= acked as u64 * 10,

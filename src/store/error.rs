@@ -104,6 +104,20 @@ pub(super) fn open_message(path: &Path, source: &sled::Error) -> String {
 }
 
 impl StoreError {
+    /// Whether the disk (or the user's quota on it) is full, whichever step met it.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace(_) => true,
+            StoreError::Open {
+                source: sled::Error::Io(e),
+                ..
+            }
+            | StoreError::Sled(sled::Error::Io(e))
+            | StoreError::Sync(e) => is_no_space(e),
+            _ => false,
+        }
+    }
+
     /// Whether the error is passing: the disk is full or was, and the store comes back by
     /// itself once there is room (callers answer 503 with `Retry-After`).
     pub fn is_transient(&self) -> bool {

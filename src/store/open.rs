@@ -334,6 +334,11 @@ pub(super) fn probe_space(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
+    /// Whether the disk holding `dir` has room for a store to be written again: [`probe_space`].
+    pub fn has_room(dir: &Path) -> bool {
+        probe_space(dir).is_ok()
+    }
+
     /// Whether a store was ever made at `path`: its database, or a store halfway through a
     /// swap ([`rebuild`]) with only the state of the swap.
     pub fn exists_at(path: &Path) -> Result<bool, StoreError> {
