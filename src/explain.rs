@@ -52,13 +52,12 @@ pub fn store_open(path: &Path, error: &sled::Error) -> Option<String> {
     let sled::Error::Io(io) = error else {
         return None;
     };
+    let path = path.display();
     if crate::store::is_no_space(io) {
         return Some(format!(
-            "no space left on device for the store at {}: make room on that disk",
-            path.display()
+            "storage.path {path}: no space left on device for the store; make room on that disk"
         ));
     }
-    let path = path.display();
     match io.kind() {
         ErrorKind::PermissionDenied => Some(format!(
             "storage.path {path}: cannot create or write the store there (permission denied). \
@@ -275,7 +274,10 @@ mod tests {
             (ErrorKind::PermissionDenied, Some("permission denied")),
             (ErrorKind::ReadOnlyFilesystem, Some("read-only")),
             (ErrorKind::NotADirectory, Some("is a file, not a folder")),
-            (ErrorKind::StorageFull, None),
+            (
+                ErrorKind::StorageFull,
+                Some("no space left on device for the store"),
+            ),
             (ErrorKind::Other, None),
         ];
         for (kind, expected) in table {
@@ -292,6 +294,9 @@ mod tests {
                 }
             }
         }
+        let enospc = std::io::Error::from_raw_os_error(28);
+        assert!(store_open(path, &sled::Error::Io(enospc))
+            .is_some_and(|text| text.ends_with("make room on that disk")));
         assert_eq!(
             store_open(path, &sled::Error::Unsupported("x".into())),
             None
