@@ -251,6 +251,10 @@ struct RawDestination {
     #[serde(default)]
     client_key_file: Option<PathBuf>,
     #[serde(default)]
+    proxy: Option<String>,
+    #[serde(default)]
+    no_proxy: Option<String>,
+    #[serde(default)]
     auth: Option<RawAuth>,
 }
 
@@ -494,7 +498,89 @@ pub struct Destination {
     pub custom_headers: Vec<(String, Secret)>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// `destination.proxy`: the endpoint and the token endpoint are reached through it.
+    pub proxy: Option<Proxy>,
     pub auth: Auth,
+}
+
+/// An HTTP proxy that opens a tunnel (`CONNECT`) to each host it is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// `http://host:port`, without credentials.
+    pub url: Url,
+    /// The user and password of the proxy URL, sent to the proxy alone (`Proxy-Authorization`).
+    pub credentials: Option<(String, Secret)>,
+    /// `destination.no_proxy`: hosts, domains (with their subdomains) and networks reached
+    /// directly, as curl's `NO_PROXY` lists them.
+    pub no_proxy: String,
+}
+
+impl Proxy {
+    /// The proxy as people read it: its host and port, never its credentials.
+    pub fn address(&self) -> String {
+        // An IPv6 host keeps its brackets.
+        let host = self.url.host_str().unwrap_or("?");
+        let port = self.url.port_or_known_default().unwrap_or(80);
+        format!("{host}:{port}")
+    }
+}
+
+/// Parses `destination.proxy` (and `destination.no_proxy`, which needs it).
+fn parse_proxy(
+    proxy: Option<&str>,
+    no_proxy: Option<&str>,
+) -> Result<Option<Proxy>, (&'static str, String)> {
+    let Some(text) = proxy else {
+        return match no_proxy {
+            Some(_) => Err((
+                "destination.no_proxy",
+                "is given without destination.proxy, which it makes exceptions to".into(),
+            )),
+            None => Ok(None),
+        };
+    };
+    let key = "destination.proxy";
+    let shown = redacted_address(text);
+    let mut url = Url::parse(text).map_err(|e| (key, format!("`{shown}` is not a URL: {e}")))?;
+    if url.scheme() != "http" {
+        return Err((key, format!(
+            "`{shown}`: the scheme must be http (outpost speaks to the proxy in plain HTTP, and through its tunnel to the endpoint over TLS when the endpoint is https)"
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err((key, format!("`{shown}` has no host")));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err((
+            key,
+            format!("`{shown}` must be the proxy's address alone, like http://proxy.example:3128"),
+        ));
+    }
+    let decoded = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|p| p.into_owned())
+            .map_err(|_| {
+                (
+                    key,
+                    format!("`{shown}`: the user or password is not UTF-8 once percent-decoded"),
+                )
+            })
+    };
+    let credentials = match (url.username(), url.password()) {
+        ("", None) => None,
+        (user, password) => Some((
+            decoded(user)?,
+            Secret::new(decoded(password.unwrap_or(""))?),
+        )),
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Ok(Some(Proxy {
+        url,
+        credentials,
+        no_proxy: no_proxy.unwrap_or("").to_owned(),
+    }))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -909,6 +995,11 @@ impl Config {
                 ))
             }
         };
+        let proxy = parse_proxy(
+            raw.destination.proxy.as_deref(),
+            raw.destination.no_proxy.as_deref(),
+        )
+        .map_err(|(k, m)| invalid(k, m))?;
         let auth = validate_auth(raw.destination.auth, &relative, secrets)
             .map_err(|(k, m)| invalid(k, m))?;
 
@@ -1026,6 +1117,9 @@ impl Config {
         if custom_authorization {
             inline_secrets.push("destination.custom_headers");
         }
+        if proxy.as_ref().is_some_and(|p| p.credentials.is_some()) {
+            inline_secrets.push("destination.proxy");
+        }
         let mut warnings = shadowed_env;
         warnings.extend(clear_text_credentials_warnings(
             &http_endpoint,
@@ -1124,6 +1218,7 @@ impl Config {
                 custom_headers,
                 ca_file: raw.destination.ca_file.map(&relative),
                 client_cert,
+                proxy,
                 auth,
             },
             mapping,
@@ -2449,6 +2544,83 @@ client_secret = "s3cr3t-value"
             "{VALID}\n[delivery]\nrate_limit_headers = \"no\"\n"
         ));
         assert!(error.contains("rate_limit_headers"), "{error}");
+    }
+
+    #[test]
+    fn a_proxy_is_an_http_address_whose_credentials_stay_secret() {
+        let with = |lines: &str| {
+            VALID.replace(
+                "custom_headers = \"x-api-version:2,x-tenant:acme\"\n",
+                &format!("custom_headers = \"x-api-version:2,x-tenant:acme\"\n{lines}\n"),
+            )
+        };
+        let config = parse(&with(
+            "proxy = \"http://ops%40corp:pa%3Ass@proxy.internal:3128/\"\nno_proxy = \"localhost,.corp\"",
+        ))
+        .unwrap();
+        let proxy = config.destination.proxy.clone().unwrap();
+        assert_eq!(proxy.url.as_str(), "http://proxy.internal:3128/");
+        assert_eq!(proxy.address(), "proxy.internal:3128");
+        let (user, password) = proxy.credentials.clone().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("ops@corp", "pa:ss"));
+        assert_eq!(proxy.no_proxy, "localhost,.corp");
+        assert!(!format!("{config:?}").contains("pa:ss"));
+        assert_eq!(
+            config.inline_secrets,
+            ["destination.auth.client_secret", "destination.proxy"]
+        );
+        let plain = parse(&with("proxy = \"http://[::1]\"")).unwrap();
+        let proxy = plain.destination.proxy.unwrap();
+        assert_eq!(
+            (proxy.address(), proxy.credentials),
+            ("[::1]:80".into(), None)
+        );
+        assert_eq!(parse(VALID).unwrap().destination.proxy, None);
+
+        for (lines, key, says) in [
+            (
+                "proxy = \"https://proxy.internal:3128\"",
+                "destination.proxy",
+                "the scheme must be http",
+            ),
+            (
+                "proxy = \"socks5://proxy.internal:1080\"",
+                "destination.proxy",
+                "the scheme must be http",
+            ),
+            (
+                "proxy = \"proxy.internal:3128\"",
+                "destination.proxy",
+                "the scheme must be http",
+            ),
+            (
+                "proxy = \"http://:3128\"",
+                "destination.proxy",
+                "is not a URL",
+            ),
+            (
+                "proxy = \"http://proxy.internal:3128/path\"",
+                "destination.proxy",
+                "must be the proxy's address alone",
+            ),
+            (
+                "proxy = \"http://u:s3cr3t@proxy.internal:3128?x=1\"",
+                "destination.proxy",
+                "must be the proxy's address alone",
+            ),
+            (
+                "no_proxy = \"localhost\"",
+                "destination.no_proxy",
+                "without destination.proxy",
+            ),
+        ] {
+            let error = error_of(&with(lines));
+            assert!(
+                error.contains(key) && error.contains(says),
+                "{lines}: {error}"
+            );
+            assert!(!error.contains("s3cr3t"), "{error}");
+        }
     }
 
     #[test]

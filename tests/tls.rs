@@ -275,6 +275,56 @@ async fn mutual_tls_with_a_client_certificate() {
     agent.stop().await.unwrap();
 }
 
+/// Through an HTTP proxy's tunnel, TLS (mutual here) runs end to end with the endpoint: the
+/// proxy is asked for `localhost:<port>` and relays bytes; `outpost check`'s handshake goes
+/// through it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_through_a_proxys_tunnel() {
+    let proxy = common::connect_proxy::ConnectProxy::start(None).await;
+    let ca = Ca::new("outpost test CA");
+    let server = ca.server_leaf();
+    let client = ca.client_leaf();
+    let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let cert_file = write_file(dir.path(), "client.pem", &client.cert.pem());
+    let key_file = write_file(dir.path(), "client-key.pem", &client.key.serialize_pem());
+    let config = agent_config(
+        dir.path(),
+        &receiver,
+        &[
+            path_line("ca_file", &ca_file),
+            path_line("client_cert_file", &cert_file),
+            path_line("client_key_file", &key_file),
+            format!("proxy = \"http://{}\"", proxy.addr),
+        ],
+    );
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    drained(&agent, &receiver, exports).await;
+    assert_eq!(receiver.tokens_issued(), 1);
+    agent.stop().await.unwrap();
+    let target = format!("localhost:{}", receiver.addr.port());
+    let tunnels = proxy.tunnels();
+    assert!(
+        !tunnels.is_empty() && tunnels.iter().all(|t| *t == target),
+        "{tunnels:?}"
+    );
+
+    let checked = run_with_config(&config.path, &["check"], None);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        said.contains("endpoint TLS     certificate verifies"),
+        "{said}"
+    );
+    // One tunnel for the handshake, one for the token request.
+    assert_eq!(
+        proxy.tunnels().len(),
+        tunnels.len() + 2,
+        "check went around the proxy"
+    );
+}
+
 #[tokio::test]
 async fn mutual_tls_without_a_client_certificate_fails() {
     let ca = Ca::new("outpost test CA");

@@ -558,6 +558,20 @@ async fn check(config: &Config) -> Result<(), CliError> {
         };
         println!("                 (+ {query} query {parameters}, sent as given)");
     }
+    if let Some(proxy) = &d.proxy {
+        let credentials = match proxy.credentials {
+            Some(_) => ", with credentials (set)",
+            None => "",
+        };
+        let except = match proxy.no_proxy.trim() {
+            "" => String::new(),
+            listed => format!("; not for {}", for_terminal(listed, false)),
+        };
+        println!(
+            "proxy            {} (tunnels to the endpoint and the token endpoint{credentials}){except}",
+            proxy.address()
+        );
+    }
     let headers: Vec<&str> = d.custom_headers.iter().map(|(n, _)| n.as_str()).collect();
     println!(
         "custom headers   {}",

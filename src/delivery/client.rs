@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::proxy::Route;
 use crate::config::Destination;
 
 /// How much of an error answer's body is kept.
@@ -249,8 +250,17 @@ async fn first_bytes(
 
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<Route>, Full<Bytes>>,
     timeout: Duration,
+}
+
+/// The TCP connector under TLS and the proxy's tunnel.
+fn direct_connector(timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeout));
+    http
 }
 
 /// A file named in the configuration, read as PEM certificates; errors name the key.
@@ -326,16 +336,13 @@ const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpClient {
     pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeout));
+        let route = Route::new(direct_connector(timeout), destination.proxy.as_ref());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(destination)?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(route);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -403,15 +410,31 @@ pub async fn tls_handshake(
     let server_name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(destination)?));
+    let mut route = Route::new(direct_connector(timeout), destination.proxy.as_ref());
+    let uri: hyper::Uri = url
+        .as_str()
+        .parse()
+        .map_err(|e| ClientError::Transport(format!("{host}: {e}")))?;
     let exchange = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => {
-                    ClientError::Connect(crate::explain::refused(&format!("{host}:{port}")))
-                }
-                _ => ClientError::Transport(format!("connecting to {host}:{port}: {e}")),
+        let tcp = if route.through_proxy(&uri) {
+            use tower_service::Service;
+            let tunnel = route.call(uri).await.map_err(|e| {
+                ClientError::Connect(match super::proxy::find_proxy_error(&*e) {
+                    Some(proxy) => proxy.to_string(),
+                    None => describe_error(&*e),
+                })
             })?;
+            tunnel.into_inner()
+        } else {
+            tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => {
+                        ClientError::Connect(crate::explain::refused(&format!("{host}:{port}")))
+                    }
+                    _ => ClientError::Transport(format!("connecting to {host}:{port}: {e}")),
+                })?
+        };
         let tls = connector.connect(server_name, tcp).await.map_err(|e| {
             let explained = crate::explain::find_tls_error(&e)
                 .and_then(|tls| crate::explain::tls_problem(&format!("{host}:{port}"), &host, tls));
@@ -456,6 +479,10 @@ fn request_error(
         } else {
             443
         });
+    if let Some(proxy) = super::proxy::find_proxy_error(error) {
+        tracing::debug!(error = %described, "connecting through the proxy failed");
+        return ClientError::Connect(proxy.to_string());
+    }
     // The host alone: the endpoint's query may carry a secret.
     if connect && crate::explain::connection_refused(error) {
         tracing::debug!(error = %described, "connecting to {host}:{port} failed");
@@ -496,6 +523,7 @@ mod tests {
             custom_headers: vec![],
             ca_file: None,
             client_cert: None,
+            proxy: None,
             auth: crate::config::Auth::None,
         }
     }

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod client;
 pub mod controller;
 pub mod log_limit;
+pub mod proxy;
 pub mod queue;
 pub mod quota;
 pub mod retry;

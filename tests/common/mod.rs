@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 pub mod agent_process;
+pub mod connect_proxy;
 pub mod memory;
 pub mod nats;
 pub mod pki;

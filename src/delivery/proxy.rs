@@ -1,0 +1,242 @@
+//! `destination.proxy`: connections to the endpoint and the token endpoint through an HTTP
+//! proxy's tunnel (`CONNECT host:port`), for hosts whose only way out is such a proxy. TLS
+//! with the endpoint runs inside the tunnel, so the proxy sees neither requests nor tokens;
+//! only the proxy's own credentials go to it, in `Proxy-Authorization`. Hosts that
+//! `destination.no_proxy` lists are reached directly.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper::Uri;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use crate::config::Proxy;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper-util's tunnel error, which it does not export by name.
+type TunnelError = <Tunnel<HttpConnector> as Service<Uri>>::Error;
+
+/// Why a connection through the proxy could not be made, worded for people: the proxy's
+/// address, never its credentials.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProxyError(pub String);
+
+/// Connects straight to a host, or through the proxy's tunnel.
+#[derive(Clone)]
+pub struct Route {
+    direct: HttpConnector,
+    proxy: Option<Arc<Through>>,
+}
+
+struct Through {
+    /// `destination.no_proxy` as curl reads `NO_PROXY`; every other host goes through.
+    matcher: Matcher,
+    tunnel: Tunnel<HttpConnector>,
+    /// `host:port` of the proxy, for messages.
+    address: String,
+}
+
+impl Route {
+    pub fn new(direct: HttpConnector, proxy: Option<&Proxy>) -> Route {
+        let proxy = proxy.map(|proxy| {
+            let proxy_uri: Uri = proxy
+                .url
+                .as_str()
+                .parse()
+                .expect("a URL that parsed is a URI");
+            let mut tunnel = Tunnel::new(proxy_uri, direct.clone());
+            if let Some((user, password)) = &proxy.credentials {
+                tunnel = tunnel.with_auth(basic_credentials(user, password.expose()));
+            }
+            Arc::new(Through {
+                matcher: Matcher::builder()
+                    .all(proxy.url.as_str())
+                    .no(proxy.no_proxy.as_str())
+                    .build(),
+                tunnel,
+                address: proxy.address(),
+            })
+        });
+        Route { direct, proxy }
+    }
+
+    /// Whether a connection to `uri` goes through the proxy.
+    pub fn through_proxy(&self, uri: &Uri) -> bool {
+        self.proxy
+            .as_ref()
+            .is_some_and(|p| p.matcher.intercept(uri).is_some())
+    }
+}
+
+/// `Proxy-Authorization: Basic …` of the proxy's user and password.
+fn basic_credentials(user: &str, password: &str) -> hyper::header::HeaderValue {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut value = hyper::header::HeaderValue::from_str(&format!("Basic {encoded}"))
+        .expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+/// `uri` with its port written out: the tunnel asks for port 443 when the URI names none,
+/// which an `http://` endpoint does not listen on.
+fn with_port(uri: Uri) -> Uri {
+    if uri.port().is_some() {
+        return uri;
+    }
+    let port = if uri.scheme_str() == Some("http") {
+        80
+    } else {
+        443
+    };
+    let Some(host) = uri.host() else {
+        return uri;
+    };
+    let mut parts = uri.clone().into_parts();
+    match format!("{host}:{port}").parse() {
+        Ok(authority) => {
+            parts.authority = Some(authority);
+            Uri::from_parts(parts).unwrap_or(uri)
+        }
+        Err(_) => uri,
+    }
+}
+
+/// What a failed tunnel means, worded for people.
+fn tunnel_failed(address: &str, target: &Uri, error: TunnelError) -> ProxyError {
+    let target = target.authority().map_or("?", |a| a.as_str());
+    ProxyError(match error {
+        TunnelError::ProxyAuthRequired => format!(
+            "the proxy at {address} (destination.proxy) asks for credentials (407): give them in \
+             its URL, http://user:password@host:port, or check the ones given"
+        ),
+        TunnelError::TunnelUnsuccessful => format!(
+            "the proxy at {address} (destination.proxy) refused to open a tunnel to {target}"
+        ),
+        TunnelError::ConnectFailed(e) if crate::explain::connection_refused(&*e) => format!(
+            "cannot reach the proxy at {address} (destination.proxy): {}",
+            crate::explain::refused(address)
+        ),
+        TunnelError::ConnectFailed(e) => {
+            format!("cannot reach the proxy at {address} (destination.proxy): {e}")
+        }
+        TunnelError::TunnelUnexpectedEof => format!(
+            "the proxy at {address} (destination.proxy) closed the connection instead of \
+             opening a tunnel to {target}"
+        ),
+        other => format!(
+            "the proxy at {address} (destination.proxy) did not open a tunnel to {target}: {other}"
+        ),
+    })
+}
+
+impl Service<Uri> for Route {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // HttpConnector and Tunnel are always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        match self
+            .proxy
+            .as_ref()
+            .filter(|p| p.matcher.intercept(&dst).is_some())
+        {
+            Some(through) => {
+                let mut tunnel = through.tunnel.clone();
+                let address = through.address.clone();
+                let dst = with_port(dst);
+                Box::pin(async move {
+                    tunnel
+                        .call(dst.clone())
+                        .await
+                        .map_err(|e| tunnel_failed(&address, &dst, e).into())
+                })
+            }
+            None => {
+                let connecting = self.direct.call(dst);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// The first [`ProxyError`] in an error's chain.
+pub fn find_proxy_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ProxyError> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<ProxyError>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_is_asked_for_the_port_the_endpoint_listens_on() {
+        for (uri, wanted) in [
+            ("https://api.example.com/v1?x=1", "api.example.com:443"),
+            ("http://api.example.com/v1", "api.example.com:80"),
+            ("https://api.example.com:8443/v1", "api.example.com:8443"),
+            ("http://[::1]/v1", "[::1]:80"),
+        ] {
+            let with = with_port(uri.parse().unwrap());
+            assert_eq!(with.authority().unwrap().as_str(), wanted, "{uri}");
+            assert_eq!(
+                with.path_and_query(),
+                uri.parse::<Uri>().unwrap().path_and_query()
+            );
+        }
+    }
+
+    #[test]
+    fn hosts_no_proxy_lists_are_reached_directly() {
+        let proxy = Proxy {
+            url: "http://proxy.internal:3128".parse().unwrap(),
+            credentials: None,
+            no_proxy: "localhost, .corp.example, 10.0.0.0/8".into(),
+        };
+        let route = Route::new(HttpConnector::new(), Some(&proxy));
+        for (uri, through) in [
+            ("https://api.example.com/v1", true),
+            ("http://api.example.com/v1", true),
+            ("https://localhost:8443/", false),
+            ("https://auth.corp.example/token", false),
+            ("https://corp.example/token", false),
+            ("https://notcorp.example/token", true),
+            ("https://10.1.2.3/", false),
+            ("https://11.1.2.3/", true),
+        ] {
+            assert_eq!(route.through_proxy(&uri.parse().unwrap()), through, "{uri}");
+        }
+        let direct = Route::new(HttpConnector::new(), None);
+        assert!(!direct.through_proxy(&"https://api.example.com/".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_proxys_credentials_go_in_basic_form() {
+        let value = basic_credentials("ops", "s3cr:t");
+        assert_eq!(value.to_str().unwrap(), "Basic b3BzOnMzY3I6dA==");
+        assert!(value.is_sensitive());
+    }
+}
