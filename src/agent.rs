@@ -552,7 +552,11 @@ async fn start_store(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> Result<(Arc<Store>, Watcher, crate::config::Mapping), AgentError> {
+    let path = &config.storage.path;
     let mut said = false;
+    // Room for the trial write may still be too little for the store: each start that fails
+    // for it again waits twice as long before the next, up to [`START_AGAIN_MOST`].
+    let mut start_again_after = std::time::Duration::ZERO;
     loop {
         let started = async {
             let store = Arc::new(open_store(config).await?);
@@ -562,35 +566,48 @@ async fn start_store(
             let watcher = Watcher::start(Arc::clone(&store), Arc::clone(metrics))?;
             Ok::<_, StoreError>((store, watcher, mapping))
         };
-        match started.await {
-            Err(e) if e.is_no_space() => {
-                let path = &config.storage.path;
-                if !std::mem::replace(&mut said, true) {
-                    tracing::error!(
-                        store = %path.display(),
-                        "no space left on device for the store: waiting for room to start (looked at every {} s)",
-                        ROOM_LOOK_EVERY.as_secs()
-                    );
+        let e = match started.await {
+            Err(e) if e.is_no_space() => e,
+            Ok(started) => {
+                if said {
+                    tracing::info!(store = %path.display(), "there is room on the disk again: the store is open");
                 }
-                loop {
-                    tokio::time::sleep(ROOM_LOOK_EVERY).await;
-                    let dir = path.clone();
-                    if tokio::task::spawn_blocking(move || Store::has_room(&dir))
-                        .await
-                        .unwrap_or(false)
-                    {
-                        break;
-                    }
-                }
-                tracing::info!(store = %path.display(), "there is room on the disk again; starting");
+                return Ok(started);
             }
-            started => return Ok(started?),
+            Err(e) => return Err(e.into()),
+        };
+        if !std::mem::replace(&mut said, true) {
+            tracing::error!(
+                store = %path.display(),
+                error = %e,
+                "no space left on device for the store: waiting for room to start (looked for every {} s)",
+                ROOM_LOOK_EVERY.as_secs()
+            );
+        } else {
+            tracing::debug!(store = %path.display(), error = %e, "still no room to start");
         }
+        loop {
+            tokio::time::sleep(ROOM_LOOK_EVERY).await;
+            let dir = path.clone();
+            match tokio::task::spawn_blocking(move || Store::room_for(&dir)).await {
+                Ok(Err(e)) if crate::store::is_no_space(&e) => continue,
+                // Room, or a trial write that fails otherwise: starting again says why.
+                _ => break,
+            }
+        }
+        tokio::time::sleep(start_again_after).await;
+        start_again_after = (start_again_after * 2)
+            .max(ROOM_LOOK_EVERY)
+            .min(START_AGAIN_MOST);
     }
 }
 
 /// How often an agent waiting for room on a full disk to start looks for it.
 const ROOM_LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The longest an agent that found room for its trial write, but then too little to start,
+/// waits before it starts again.
+const START_AGAIN_MOST: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Opens the store, waiting up to [`LOCKED_STORE_WAIT`] while another process holds it.
 async fn open_store(config: &Config) -> Result<Store, StoreError> {

@@ -411,7 +411,7 @@ async fn sigterm_while_the_disk_is_full_exits_0() {
     again.wait_until_healthy().await;
     assert!(again
         .log()
-        .contains("there is room on the disk again; starting"));
+        .contains("there is room on the disk again: the store is open"));
     again.terminate().await;
 
     let stats = outbox_stats(config);

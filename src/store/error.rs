@@ -104,17 +104,23 @@ pub(super) fn open_message(path: &Path, source: &sled::Error) -> String {
 }
 
 impl StoreError {
+    /// The I/O error under a failure of sled or of a sync, which names no path.
+    pub(super) fn io_cause(&self) -> Option<&std::io::Error> {
+        match self {
+            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) => Some(io),
+            _ => None,
+        }
+    }
+
     /// Whether the disk (or the user's quota on it) is full, whichever step met it.
     pub fn is_no_space(&self) -> bool {
         match self {
             StoreError::NoSpace(_) => true,
             StoreError::Open {
-                source: sled::Error::Io(e),
+                source: sled::Error::Io(io),
                 ..
-            }
-            | StoreError::Sled(sled::Error::Io(e))
-            | StoreError::Sync(e) => is_no_space(e),
-            _ => false,
+            } => is_no_space(io),
+            other => other.io_cause().is_some_and(is_no_space),
         }
     }
 

@@ -334,9 +334,15 @@ pub(super) fn probe_space(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Whether the disk holding `dir` has room for a store to be written again: [`probe_space`].
-    pub fn has_room(dir: &Path) -> bool {
-        probe_space(dir).is_ok()
+    /// Whether the disk that holds, or is to hold, a store at `path` has room for it to be
+    /// written again: [`probe_space`] in `path`, or in the nearest folder above it that
+    /// exists (a store not made yet).
+    pub fn room_for(path: &Path) -> std::io::Result<()> {
+        let existing = path
+            .ancestors()
+            .find(|dir| dir.is_dir())
+            .unwrap_or(Path::new("."));
+        probe_space(existing)
     }
 
     /// Whether a store was ever made at `path`: its database, or a store halfway through a
@@ -582,9 +588,8 @@ impl Store {
     /// Names the store in an I/O error and marks the store failed, if the error came from the
     /// handles in use (`generation`).
     pub(super) fn classify(&self, e: StoreError, generation: u64) -> StoreError {
-        let io = match &e {
-            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) => io,
-            _ => return e,
+        let Some(io) = e.io_cause() else {
+            return e;
         };
         let no_space = is_no_space(io);
         let error = if no_space {

@@ -531,9 +531,7 @@ impl Store {
         let reopen_guard = FailUnlessReopened(self);
         let compacted = self.copy_and_swap(reserve).map_err(|e| match e {
             // sled's own I/O errors name no path.
-            StoreError::Sled(sled::Error::Io(io)) | StoreError::Sync(io) if is_no_space(&io) => {
-                StoreError::NoSpace(self.path.clone())
-            }
+            e if e.io_cause().is_some_and(is_no_space) => StoreError::NoSpace(self.path.clone()),
             other => other,
         });
         if let Err(e) = self.reopen_trees() {
@@ -808,6 +806,26 @@ mod tests {
         let ids = store_of(path, 30, false);
         Swap::DeleteOld.write(path).unwrap();
         assert_whole(path, &ids);
+    }
+
+    /// The trial write for room goes in the store's folder, or in the nearest folder above it
+    /// that exists (a store not made yet), and leaves nothing behind; one that cannot be
+    /// written says why.
+    #[test]
+    fn room_is_looked_for_where_the_store_is_or_is_to_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let to_be = dir.path().join("a/b/store");
+        Store::room_for(&to_be).unwrap();
+        assert!(!dir.path().join("a").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let made = dir.path().join("store");
+        std::fs::create_dir(&made).unwrap();
+        Store::room_for(&made).unwrap();
+        assert_eq!(std::fs::read_dir(&made).unwrap().count(), 0);
+        // A file where the folder would be: no folder above is the store's.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        Store::room_for(&file.join("store")).unwrap();
     }
 
     /// A disk with less free than the reserve: no copy is made, the store opens as it is and
