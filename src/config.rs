@@ -516,6 +516,28 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Whether `no_proxy` lists `*`: every host is reached directly. (hyper-util's matcher
+    /// reads `*` for names only, not for IP addresses.)
+    pub fn all_direct(&self) -> bool {
+        self.no_proxy.split(',').any(|entry| entry.trim() == "*")
+    }
+
+    /// What decides, for a host, whether it goes through the proxy.
+    pub fn matcher(&self) -> hyper_util::client::proxy::matcher::Matcher {
+        hyper_util::client::proxy::matcher::Matcher::builder()
+            .all(self.url.as_str())
+            .no(self.no_proxy.as_str())
+            .build()
+    }
+
+    /// Whether connections to `url` go through the proxy.
+    pub fn takes(&self, url: &Url) -> bool {
+        let Ok(uri) = url.as_str().parse::<hyper::Uri>() else {
+            return false;
+        };
+        !self.all_direct() && self.matcher().intercept(&uri).is_some()
+    }
+
     /// The proxy as people read it: its host and port, never its credentials.
     pub fn address(&self) -> String {
         // An IPv6 host keeps its brackets.
@@ -574,13 +596,64 @@ fn parse_proxy(
             Secret::new(decoded(password.unwrap_or(""))?),
         )),
     };
+    if credentials
+        .as_ref()
+        .is_some_and(|(user, _)| user.contains(':'))
+    {
+        return Err((
+            key,
+            format!("`{shown}`: a user name with `:` cannot be sent in Basic credentials"),
+        ));
+    }
     let _ = url.set_username("");
     let _ = url.set_password(None);
+    // What the HTTP client connects to: a host the URL parser takes but HTTP does not
+    // (`{{host}}` of a template left unfilled) is refused here, not met at start.
+    if let Err(e) = url.as_str().parse::<hyper::Uri>() {
+        return Err((
+            key,
+            format!("`{shown}` is not an address HTTP can use: {e}"),
+        ));
+    }
+    let no_proxy = match no_proxy {
+        Some(list) => parse_no_proxy(list).map_err(|m| ("destination.no_proxy", m))?,
+        None => String::new(),
+    };
     Ok(Some(Proxy {
         url,
         credentials,
-        no_proxy: no_proxy.unwrap_or("").to_owned(),
+        no_proxy,
     }))
+}
+
+/// Checks `destination.no_proxy`, as curl's `NO_PROXY` reads: host names (each with its
+/// subdomains, a leading `.` the same), IP addresses, networks (`10.0.0.0/8`), or `*`.
+/// What the matcher would take for a name and never match (`*.corp`, `host:8443`, `[::1]`,
+/// `https://host`) is refused.
+fn parse_no_proxy(list: &str) -> Result<String, String> {
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let network = entry
+            .split_once('/')
+            .map_or(Some((entry, None)), |(ip, bits)| {
+                bits.parse::<u8>().ok().map(|bits| (ip, Some(bits)))
+            });
+        let is_network = network.is_some_and(|(ip, bits)| match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(_)) => bits.is_none_or(|b| b <= 32),
+            Ok(std::net::IpAddr::V6(_)) => bits.is_none_or(|b| b <= 128),
+            Err(_) => false,
+        });
+        let name = entry.strip_prefix('.').unwrap_or(entry);
+        let is_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !(entry == "*" || is_network || is_name) {
+            return Err(format!(
+                "`{entry}` is not a host name, an IP address, a network (10.0.0.0/8) or `*`: list names without wildcards, ports or schemes (`.corp.example` covers its subdomains), separated by commas"
+            ));
+        }
+    }
+    Ok(list.to_owned())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -809,19 +882,29 @@ pub fn clear_text_credentials_warnings(
     http_endpoint: &Url,
     auth: &Auth,
     custom_authorization: bool,
+    proxy: Option<&Proxy>,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
+    // Through the proxy, an http:// address on this host is reached across the network too.
+    let crosses = |url: &Url| -> Option<&'static str> {
+        let proxied = url.scheme() == "http" && proxy.is_some_and(|p| p.takes(url));
+        match (proxied, clear_text_beyond_loopback(url)) {
+            (true, _) => Some(", through destination.proxy (which many proxies also refuse for ports other than 443)"),
+            (false, true) => Some(""),
+            (false, false) => None,
+        }
+    };
     let token = !matches!(auth, Auth::None) || custom_authorization;
-    if token && clear_text_beyond_loopback(http_endpoint) {
+    if let Some(through) = crosses(http_endpoint).filter(|_| token) {
         warnings.push(format!(
-            "destination.http_endpoint is http:// to {}: every export carries its token there in clear text; use https://",
+            "destination.http_endpoint is http:// to {}: every export carries its token there in clear text{through}; use https://",
             http_endpoint.host_str().unwrap_or_default()
         ));
     }
     if let Auth::OAuth2 { auth_endpoint, .. } = auth {
-        if clear_text_beyond_loopback(auth_endpoint) {
+        if let Some(through) = crosses(auth_endpoint) {
             warnings.push(format!(
-                "destination.auth.auth_endpoint is http:// to {}: the client secret goes there in clear text with every token request; use https://",
+                "destination.auth.auth_endpoint is http:// to {}: the client secret goes there in clear text with every token request{through}; use https://",
                 auth_endpoint.host_str().unwrap_or_default()
             ));
         }
@@ -1125,6 +1208,7 @@ impl Config {
             &http_endpoint,
             &auth,
             custom_authorization,
+            proxy.as_ref(),
         ));
         warnings.extend(exposure_warning(
             listen,
@@ -2569,6 +2653,30 @@ client_secret = "s3cr3t-value"
             config.inline_secrets,
             ["destination.auth.client_secret", "destination.proxy"]
         );
+        let listed = parse(&with(
+            "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"*, localhost, .corp, a-b.example, 10.0.0.0/8, 192.168.1.7, ::1, fd00::/8,\"",
+        ))
+        .unwrap();
+        let proxy = listed.destination.proxy.unwrap();
+        assert!(proxy.all_direct());
+        assert!(!proxy.takes(&"https://10.0.0.5/".parse().unwrap()));
+        // An http:// endpoint on this host is reached across the network through the proxy.
+        let local = with("proxy = \"http://proxy.internal:3128\"")
+            .replace("https://api.example.com", "http://127.0.0.1:8687");
+        let warned = parse(&local).unwrap().warnings;
+        assert!(
+            warned.iter().any(|w| w.starts_with("destination.http_endpoint is http:// to 127.0.0.1: every export carries its token there in clear text, through destination.proxy")),
+            "{warned:?}"
+        );
+        let direct = local.replace(
+            "proxy = \"http://proxy.internal:3128\"",
+            "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"127.0.0.1\"",
+        );
+        let warned = parse(&direct).unwrap().warnings;
+        assert!(
+            !warned.iter().any(|w| w.contains("http_endpoint")),
+            "{warned:?}"
+        );
         let plain = parse(&with("proxy = \"http://[::1]\"")).unwrap();
         let proxy = plain.destination.proxy.unwrap();
         assert_eq!(
@@ -2613,7 +2721,34 @@ client_secret = "s3cr3t-value"
                 "destination.no_proxy",
                 "without destination.proxy",
             ),
-        ] {
+            (
+                "proxy = \"http://{{proxy_host}}:3128\"",
+                "destination.proxy",
+                "is not an address HTTP can use",
+            ),
+            (
+                "proxy = \"http://a%3Ab:s3cr3t@proxy.internal:3128\"",
+                "destination.proxy",
+                "a user name with `:`",
+            ),
+        ]
+        .into_iter()
+        .chain(
+            [
+                "*.corp.example",
+                "api.internal:8443",
+                "[::1]",
+                "https://x",
+                "10.0.0.0/33",
+                "a b",
+            ]
+            .map(|entry| -> (&str, &str, &str) {
+                let line = format!(
+                    "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"localhost, {entry}\""
+                );
+                (line.leak(), "destination.no_proxy", entry)
+            }),
+        ) {
             let error = error_of(&with(lines));
             assert!(
                 error.contains(key) && error.contains(says),
@@ -2839,12 +2974,13 @@ client_secret = "s3cr3t-value"
             &"http://10.0.0.5/p".parse().unwrap(),
             &Auth::None,
             true,
+            None,
         );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
 
         for (endpoint, auth, keys) in cases {
             let warnings =
-                clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth, false);
+                clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth, false, None);
             assert_eq!(warnings.len(), keys.len(), "{endpoint}: {warnings:?}");
             for (warning, key) in warnings.iter().zip(keys) {
                 assert!(

@@ -73,8 +73,8 @@ async fn hosts_no_proxy_lists_are_reached_directly() {
         "proxy = \"http://{}\"\nno_proxy = \"localhost\"",
         proxy.addr
     );
-    let config =
-        outpost::config::Config::load(&config_through(dir.path(), &receiver, &lines)).unwrap();
+    let path = config_through(dir.path(), &receiver, &lines);
+    let config = outpost::config::Config::load(&path).unwrap();
     let agent = start_agent(&config).await;
     deliver(&agent, &receiver, 5).await;
     agent.stop().await.unwrap();
@@ -84,6 +84,15 @@ async fn hosts_no_proxy_lists_are_reached_directly() {
     assert!(
         tunnels.iter().all(|t| *t == format!("127.0.0.1:{port}")),
         "the token endpoint (localhost) was reached directly: {tunnels:?}"
+    );
+    let checked = run_with_config(&path, &["check"], None);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        said.contains(&format!(
+            "proxy            {} (tunnels to the endpoint)\n",
+            proxy.addr
+        )),
+        "{said}"
     );
 }
 
@@ -133,6 +142,30 @@ async fn a_proxy_that_refuses_the_credentials_is_told_without_them() {
         "the proxy was sent the credentials"
     );
     assert_eq!(receiver.token_arrivals(), 0);
+
+    // A proxy that takes the connection and says nothing: the tunnel is given up within the
+    // connect timeout (the request timeout, 500 ms here), naming the proxy.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let line = format!("proxy = \"http://{silent_addr}\"");
+    let path = config_through(dir.path(), &receiver, &line);
+    let started = std::time::Instant::now();
+    let out = run_with_config(&path, &["check"], None);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        said.contains(&format!(
+            "the proxy at {silent_addr} (destination.proxy) did not open a tunnel to localhost:"
+        )) && said.contains("within 500ms"),
+        "{said}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    held.abort();
 
     // Nothing listens where the proxy should be.
     drop(proxy);

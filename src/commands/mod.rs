@@ -563,12 +563,24 @@ async fn check(config: &Config) -> Result<(), CliError> {
             Some(_) => ", with credentials (set)",
             None => "",
         };
-        let except = match proxy.no_proxy.trim() {
-            "" => String::new(),
-            listed => format!("; not for {}", for_terminal(listed, false)),
+        let mut through = Vec::new();
+        if proxy.takes(&d.http_endpoint) {
+            through.push("the endpoint");
+        }
+        if let Auth::OAuth2 { auth_endpoint, .. } = &d.auth {
+            if proxy.takes(auth_endpoint) {
+                through.push("the token endpoint");
+            }
+        }
+        let through = match through.is_empty() {
+            true => {
+                "for neither the endpoint nor the token endpoint: destination.no_proxy lists them"
+                    .to_owned()
+            }
+            false => format!("tunnels to {}", through.join(" and ")),
         };
         println!(
-            "proxy            {} (tunnels to the endpoint and the token endpoint{credentials}){except}",
+            "proxy            {} ({through}{credentials})",
             proxy.address()
         );
     }

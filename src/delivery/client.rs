@@ -336,7 +336,11 @@ const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpClient {
     pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
-        let route = Route::new(direct_connector(timeout), destination.proxy.as_ref());
+        let route = Route::new(
+            direct_connector(timeout),
+            destination.proxy.as_ref(),
+            timeout,
+        );
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(destination)?)
             .https_or_http()
@@ -410,7 +414,11 @@ pub async fn tls_handshake(
     let server_name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(destination)?));
-    let mut route = Route::new(direct_connector(timeout), destination.proxy.as_ref());
+    let mut route = Route::new(
+        direct_connector(timeout),
+        destination.proxy.as_ref(),
+        timeout,
+    );
     let uri: hyper::Uri = url
         .as_str()
         .parse()
@@ -500,7 +508,7 @@ fn request_error(
 }
 
 /// The error and its causes on one line ("client error (Connect): tcp connect error: ...").
-fn describe_error(error: &dyn std::error::Error) -> String {
+pub(super) fn describe_error(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::Uri;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::client::describe_error;
 use crate::config::Proxy;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,11 +45,14 @@ struct Through {
     tunnel: Tunnel<HttpConnector>,
     /// `host:port` of the proxy, for messages.
     address: String,
+    /// How long the proxy may take to connect and open a tunnel: the connect timeout.
+    within: Duration,
 }
 
 impl Route {
-    pub fn new(direct: HttpConnector, proxy: Option<&Proxy>) -> Route {
-        let proxy = proxy.map(|proxy| {
+    /// `within`: how long making a connection may take, through the proxy as directly.
+    pub fn new(direct: HttpConnector, proxy: Option<&Proxy>, within: Duration) -> Route {
+        let proxy = proxy.filter(|p| !p.all_direct()).map(|proxy| {
             let proxy_uri: Uri = proxy
                 .url
                 .as_str()
@@ -58,12 +63,10 @@ impl Route {
                 tunnel = tunnel.with_auth(basic_credentials(user, password.expose()));
             }
             Arc::new(Through {
-                matcher: Matcher::builder()
-                    .all(proxy.url.as_str())
-                    .no(proxy.no_proxy.as_str())
-                    .build(),
+                matcher: proxy.matcher(),
                 tunnel,
                 address: proxy.address(),
+                within,
             })
         });
         Route { direct, proxy }
@@ -111,30 +114,33 @@ fn with_port(uri: Uri) -> Uri {
     }
 }
 
-/// What a failed tunnel means, worded for people.
+/// What a failed tunnel means, worded for people (the cause's whole chain for what is not
+/// the proxy's answer).
 fn tunnel_failed(address: &str, target: &Uri, error: TunnelError) -> ProxyError {
     let target = target.authority().map_or("?", |a| a.as_str());
+    let proxy = format!("the proxy at {address} (destination.proxy)");
     ProxyError(match error {
         TunnelError::ProxyAuthRequired => format!(
-            "the proxy at {address} (destination.proxy) asks for credentials (407): give them in \
-             its URL, http://user:password@host:port, or check the ones given"
+            "{proxy} asks for credentials (407): give them in its URL, \
+             http://user:password@host:port, or check the ones given"
         ),
         TunnelError::TunnelUnsuccessful => format!(
-            "the proxy at {address} (destination.proxy) refused to open a tunnel to {target}"
+            "{proxy} did not open a tunnel to {target}: it answered CONNECT with a status other \
+             than 200 (its rules refuse it, many proxies allowing port 443 alone; or it cannot \
+             reach {target})"
         ),
-        TunnelError::ConnectFailed(e) if crate::explain::connection_refused(&*e) => format!(
-            "cannot reach the proxy at {address} (destination.proxy): {}",
-            crate::explain::refused(address)
-        ),
-        TunnelError::ConnectFailed(e) => {
-            format!("cannot reach the proxy at {address} (destination.proxy): {e}")
+        TunnelError::ConnectFailed(e) if crate::explain::connection_refused(&*e) => {
+            format!("cannot reach {proxy}: {}", crate::explain::refused(address))
         }
-        TunnelError::TunnelUnexpectedEof => format!(
-            "the proxy at {address} (destination.proxy) closed the connection instead of \
-             opening a tunnel to {target}"
-        ),
+        TunnelError::ConnectFailed(e) => {
+            format!("cannot reach {proxy}: {}", describe_error(&*e))
+        }
+        TunnelError::TunnelUnexpectedEof => {
+            format!("{proxy} closed the connection instead of opening a tunnel to {target}")
+        }
         other => format!(
-            "the proxy at {address} (destination.proxy) did not open a tunnel to {target}: {other}"
+            "{proxy} did not open a tunnel to {target}: {}",
+            describe_error(&other)
         ),
     })
 }
@@ -157,13 +163,19 @@ impl Service<Uri> for Route {
         {
             Some(through) => {
                 let mut tunnel = through.tunnel.clone();
-                let address = through.address.clone();
+                let (address, within) = (through.address.clone(), through.within);
                 let dst = with_port(dst);
                 Box::pin(async move {
-                    tunnel
-                        .call(dst.clone())
-                        .await
-                        .map_err(|e| tunnel_failed(&address, &dst, e).into())
+                    // A proxy that takes the connection and then says nothing (waiting on
+                    // its own way to the host) would hold it beyond any request's timeout.
+                    match tokio::time::timeout(within, tunnel.call(dst.clone())).await {
+                        Ok(opened) => opened.map_err(|e| tunnel_failed(&address, &dst, e).into()),
+                        Err(_) => Err(ProxyError(format!(
+                            "the proxy at {address} (destination.proxy) did not open a tunnel to {} within {within:?}",
+                            dst.authority().map_or("?", |a| a.as_str())
+                        ))
+                        .into()),
+                    }
                 })
             }
             None => {
@@ -216,7 +228,7 @@ mod tests {
             credentials: None,
             no_proxy: "localhost, .corp.example, 10.0.0.0/8".into(),
         };
-        let route = Route::new(HttpConnector::new(), Some(&proxy));
+        let route = Route::new(HttpConnector::new(), Some(&proxy), Duration::from_secs(1));
         for (uri, through) in [
             ("https://api.example.com/v1", true),
             ("http://api.example.com/v1", true),
@@ -229,8 +241,21 @@ mod tests {
         ] {
             assert_eq!(route.through_proxy(&uri.parse().unwrap()), through, "{uri}");
         }
-        let direct = Route::new(HttpConnector::new(), None);
+        let direct = Route::new(HttpConnector::new(), None, Duration::from_secs(1));
         assert!(!direct.through_proxy(&"https://api.example.com/".parse().unwrap()));
+        // `*` takes every host off the proxy, IP addresses too.
+        let none = Proxy {
+            no_proxy: "*".into(),
+            ..proxy
+        };
+        let all_direct = Route::new(HttpConnector::new(), Some(&none), Duration::from_secs(1));
+        for uri in [
+            "https://api.example.com/",
+            "https://10.0.0.5/",
+            "https://[::1]:8443/",
+        ] {
+            assert!(!all_direct.through_proxy(&uri.parse().unwrap()), "{uri}");
+        }
     }
 
     #[test]
