@@ -339,8 +339,14 @@ impl ResumeId {
                 digest,
                 published,
             }),
+            // As a failed publish printed it before it said how far it went: from the start.
+            (32, Some(nonce), Some(digest), _) => Ok(ResumeId {
+                nonce,
+                digest,
+                published: 0,
+            }),
             _ => Err(format!(
-                "--resume takes the 48 hexadecimal digits a failed publish printed, not `{}`",
+                "--resume takes the 48 hexadecimal digits a failed publish printed (32 from an earlier outpost), not `{}`",
                 id.chars().take(60).collect::<String>()
             )),
         }
@@ -561,10 +567,14 @@ mod tests {
         assert_eq!(printed, "00000000000000aa0123456789abcdef0000000000003a98");
         assert_eq!(ResumeId::parse(&printed), Ok(id));
         assert_eq!(ResumeId::parse(&printed.to_uppercase()), Ok(id));
+        // The id of a publish as it was printed before it counted what went through.
+        assert_eq!(
+            ResumeId::parse("00000000000000aa0123456789abcdef"),
+            Ok(ResumeId { published: 0, ..id })
+        );
         for refused in [
             "",
-            // The id of a publish as it was printed before it counted what went through.
-            "00000000000000aa0123456789abcdef",
+            "00000000000000aa0123456789abcde",
             "00000000000000aa0123456789abcdef0000000000003a9",
             "00000000000000aa0123456789abcdef0000000000003a988",
             "00000000000000aa0123456789abcdef+000000000003a98",
