@@ -98,8 +98,7 @@ impl AgentSetup {
     /// The claims bucket of this agent's stream, on `server`.
     async fn claims(&self, server: &NatsServer) -> async_nats::jetstream::kv::Store {
         let nats = self.nats_config();
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+        let js = server.jetstream().await;
         outpost::source::claim::bucket(&js, &nats.stream, &nats.consumer_prefix, 1)
             .await
             .unwrap()
@@ -117,8 +116,7 @@ async fn a_release_leaves_a_claim_written_after_it_was_read() {
         return;
     };
     let server = NatsServer::start(&server_bin);
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     let claims = claim::bucket(&js, "UPDATES", "outpost", 1).await.unwrap();
     let held = "store 0000abcd on h1";
     put_claims(&claims, &[3], held).await;
@@ -157,8 +155,7 @@ async fn the_bucket_of_claims_has_as_many_replicas_as_the_stream() {
         "",
     );
     setup.cli(&["nats", "setup"]);
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     let claims = claim::bucket(&js, "UPDATES", "outpost", 3).await.unwrap();
     let mut bucket = js.get_stream(format!("KV_{}", claims.name)).await.unwrap();
     assert_eq!(bucket.info().await.unwrap().config.num_replicas, 1);
@@ -187,8 +184,7 @@ async fn a_stream_outpost_cannot_look_after_is_warned_of() {
     );
     let made = setup.cli(&["nats", "setup"]);
     assert!(!made.contains("warning"), "{made}");
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     let mut config = js
         .get_stream("UPDATES")
         .await
@@ -1082,8 +1078,7 @@ async fn setups_run_at_once_all_succeed() {
         Some(&nats_table(&server.url(), 8, "0-7", "")),
         "",
     );
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     let description = async || {
         let mut stream = js.get_stream("UPDATES").await.unwrap();
         stream
@@ -1266,8 +1261,7 @@ async fn a_fetch_whose_messages_take_its_budget_exactly_ends_there() {
     };
     // The last of the first FILLING messages is made as large as their sum needs to be SHARE.
     let publish = async |last_padding: usize| {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+        let js = server.jetstream().await;
         let _ = js.delete_stream("UPDATES").await;
         setup.cli(&["nats", "setup"]);
         for v in 1..=FILLING + 1 {
@@ -1701,8 +1695,7 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     let version = |v| versions(PROFILES, v);
     setup.publish(&version(0));
     let agent = setup.start().await;
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     // Not an update: rejected, as sequence PROFILES + 1 of partition 1, in each stream.
     let publish_bad = |raw: &'static str| {
         let js = js.clone();
@@ -1798,8 +1791,7 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
     };
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     let messages = |js: async_nats::jetstream::Context| async move {
         let mut stream = js.get_stream("UPDATES").await.unwrap();
         stream.info().await.unwrap().state.messages
@@ -2361,8 +2353,7 @@ async fn messages_on_subjects_that_name_no_partition_are_reported() {
     let server = NatsServer::start(&server_bin);
     let receiver = start_receiver().await;
     let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = server.jetstream().await;
     // 8 partitions: .3 is one, .01 and .9 are not.
     for subject in [
         "test.updates.01",

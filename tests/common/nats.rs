@@ -71,6 +71,12 @@ impl NatsServer {
         server
     }
 
+    /// A JetStream context on a connection of the test's own.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
