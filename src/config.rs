@@ -916,9 +916,27 @@ pub fn clear_text_credentials_warnings(
 /// (`mode`: its Unix permission bits).
 pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
     (mode & 0o044 != 0 && !keys.is_empty()).then(|| {
+        // Only these have another place; the others are kept safe by the file's mode alone.
+        let elsewhere: Vec<String> = [
+            (
+                "destination.auth.client_secret",
+                "client_secret_file or OUTPOST_CLIENT_SECRET",
+            ),
+            (
+                "destination.auth.password",
+                "password_file or OUTPOST_PASSWORD",
+            ),
+        ]
+        .into_iter()
+        .filter(|(key, _)| keys.contains(key))
+        .map(|(key, place)| format!("{key} by {place}"))
+        .collect();
+        let or_move = match elsewhere.is_empty() {
+            true => String::new(),
+            false => format!(", or give {}", elsewhere.join(" and ")),
+        };
         format!(
-            "{} holds secrets ({}) and other users can read it (mode {:o}); run chmod 600 {0}, \
-             or move the secrets to files or the environment",
+            "{} holds secrets ({}) and other users can read it (mode {:o}); run chmod 600 {0}{or_move}",
             path.display(),
             keys.join(", "),
             mode & 0o777
@@ -3098,5 +3116,15 @@ client_secret = "s3cr3t-value"
                 assert!(w.contains(&keys.join(", ")), "{w}");
             }
         }
+        // Where a secret has another place, the warning names it; where none has, it names
+        // none.
+        let told = |keys: &[&str]| readable_secret_warning(path, 0o100644, keys).unwrap();
+        assert!(told(&["ingest.token", "destination.proxy"])
+            .ends_with("run chmod 600 /etc/outpost/outpost.toml"));
+        assert!(told(&["destination.auth.client_secret", "destination.proxy"]).ends_with(
+            "run chmod 600 /etc/outpost/outpost.toml, or give destination.auth.client_secret by client_secret_file or OUTPOST_CLIENT_SECRET"
+        ));
+        assert!(told(&["destination.auth.password"])
+            .ends_with(", or give destination.auth.password by password_file or OUTPOST_PASSWORD"));
     }
 }
