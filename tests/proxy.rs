@@ -159,8 +159,9 @@ async fn a_proxy_that_refuses_the_credentials_is_told_without_them() {
     let out = run_with_config(&path, &["check"], None);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
+        // Whichever of the tunnel's timeout and the request's fires first.
         said.contains(&format!(
-            "the proxy at {silent_addr} (destination.proxy) did not open a tunnel to localhost:"
+            "the proxy at {silent_addr} (destination.proxy) did not open a tunnel"
         )) && said.contains("within 500ms"),
         "{said}"
     );

@@ -252,6 +252,7 @@ async fn first_bytes(
 pub struct HttpClient {
     client: Client<HttpsConnector<Route>, Full<Bytes>>,
     timeout: Duration,
+    route: Route,
 }
 
 /// The TCP connector under TLS and the proxy's tunnel.
@@ -346,7 +347,7 @@ impl HttpClient {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(route);
+            .wrap_connector(route.clone());
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -357,7 +358,11 @@ impl HttpClient {
             .http2_keep_alive_timeout(HTTP2_PING_TIMEOUT)
             .http2_keep_alive_while_idle(true)
             .build(connector);
-        Ok(HttpClient { client, timeout })
+        Ok(HttpClient {
+            client,
+            timeout,
+            route,
+        })
     }
 
     /// Sends the request and reads the answer, all within the timeout. Time out before a
@@ -371,10 +376,17 @@ impl HttpClient {
         let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(response) => response.map_err(|e| request_error(&uri, &e, e.is_connect()))?,
             Err(_) if connection.connection_metadata().is_none() => {
+                // The tunnel's own timeout, as long as this one, may not have fired first.
+                let through = match self.route.proxy_address(&uri) {
+                    Some(address) => format!(
+                        ": the proxy at {address} (destination.proxy) did not open a tunnel in time"
+                    ),
+                    None => String::new(),
+                };
                 return Err(ClientError::Connect(format!(
-                    "no connection within {:?}",
+                    "no connection within {:?}{through}",
                     self.timeout
-                )))
+                )));
             }
             Err(_) => {
                 // An HTTP/2 connection is shared and stays in the pool while its socket lives:

@@ -74,9 +74,15 @@ impl Route {
 
     /// Whether a connection to `uri` goes through the proxy.
     pub fn through_proxy(&self, uri: &Uri) -> bool {
+        self.proxy_address(uri).is_some()
+    }
+
+    /// The proxy's `host:port`, when a connection to `uri` goes through it.
+    pub fn proxy_address(&self, uri: &Uri) -> Option<&str> {
         self.proxy
             .as_ref()
-            .is_some_and(|p| p.matcher.intercept(uri).is_some())
+            .filter(|p| p.matcher.intercept(uri).is_some())
+            .map(|p| p.address.as_str())
     }
 }
 
