@@ -466,6 +466,9 @@ fn drop_rejected(store: &Store, ids: &[String], all: bool) -> Result<Value, Admi
             for (text, id) in targets.drain(..) {
                 match store.rejected_drop(id)? {
                     true => dropped.push(Value::String(text)),
+                    // With `all`, another drop took it since the page was listed: gone, as
+                    // asked.
+                    false if all => {}
                     false => missing.push(text),
                 }
             }

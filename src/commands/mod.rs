@@ -1100,11 +1100,11 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     if all_dead && !superseded.is_empty() {
         // Every dead letter that may be retried was: the others are no failure of the command.
         println!(
-            "{superseded_count} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile (`outbox list --dead --json` names it, as superseded_by)"
+            "{superseded_count} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile, or it was dropped, which counts the same (`outbox list --dead --json` names it, as superseded_by)"
         );
     } else if !superseded.is_empty() {
         problems.push(format!(
-            "not retried, the endpoint has acknowledged a newer export of the same profile, which sending these would undo (`outbox drop ID` deletes them): {}",
+            "not retried, the endpoint has acknowledged a newer export of the same profile (or it was dropped, which counts the same), which sending these would undo (`outbox drop ID` deletes them): {}",
             superseded.join(", ")
         ));
     }

@@ -576,10 +576,10 @@ const COUNT_TRIES: usize = 5;
 
 /// `meta/rejected` as stored, and the keys of `rejected`, counted while the value stayed as it
 /// was: a commit or a drop that lands during the walk changes both, and the walk is made
-/// again (up to [`COUNT_TRIES`] times; the last stands). A drop and a keep within one walk
-/// are not seen (the value is as it was). Reads every value with its key (sled's key
-/// iterator does).
-fn settled_count(t: &Trees) -> Result<(Option<IVec>, u64), StoreError> {
+/// again (up to [`COUNT_TRIES`] times; then the last stands, and `settled` is false). A drop
+/// and a keep within one walk are not seen (the value is as it was). Reads every value with
+/// its key (sled's key iterator does).
+fn settled_count(t: &Trees) -> Result<Counted, StoreError> {
     let mut tries = 0;
     loop {
         let before = t.meta.get(meta::REJECTED)?;
@@ -590,16 +590,29 @@ fn settled_count(t: &Trees) -> Result<(Option<IVec>, u64), StoreError> {
         }
         let after = t.meta.get(meta::REJECTED)?;
         tries += 1;
-        if before == after || tries == COUNT_TRIES {
-            return Ok((after, counted));
+        let settled = before == after;
+        if settled || tries == COUNT_TRIES {
+            return Ok(Counted {
+                value: after,
+                counted,
+                settled,
+            });
         }
     }
 }
 
+/// What [`settled_count`] found.
+struct Counted {
+    value: Option<IVec>,
+    counted: u64,
+    /// Whether nothing changed the count during the walk that counted.
+    settled: bool,
+}
+
 /// What `meta/rejected` says, and the keys the tree holds (see [`settled_count`]).
 pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(CountSaid, u64), StoreError> {
-    let (value, counted) = settled_count(t)?;
-    Ok((CountSaid::of(value.as_ref()), counted))
+    let found = settled_count(t)?;
+    Ok((CountSaid::of(found.value.as_ref()), found.counted))
 }
 
 /// Sets `meta/rejected` to the keys the tree holds if it says otherwise, unless a commit or a
@@ -607,9 +620,15 @@ pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(CountSaid, u64), Sto
 /// and what it holds now, if it changed.
 fn recount(t: &Trees) -> Result<Option<(CountSaid, u64)>, StoreError> {
     for _ in 0..COUNT_TRIES {
-        let (value, counted) = settled_count(t)?;
+        let Counted {
+            value,
+            counted,
+            settled,
+        } = settled_count(t)?;
         let said = CountSaid::of(value.as_ref());
-        if said.holds(counted) {
+        // A walk that drops kept disturbing may have counted what is gone since: it is not
+        // written (the next repair counts again).
+        if said.holds(counted) || !settled {
             return Ok(None);
         }
         let written = Some(counted.to_be_bytes().to_vec());
