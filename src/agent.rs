@@ -596,10 +596,14 @@ async fn start_store(
             }
         }
         tokio::time::sleep(start_again_after).await;
-        start_again_after = (start_again_after * 2)
-            .max(ROOM_LOOK_EVERY)
-            .min(START_AGAIN_MOST);
+        start_again_after = next_start_wait(start_again_after);
     }
+}
+
+/// How long the next start waits after one that found too little room, `after` the last:
+/// none the first time, then [`ROOM_LOOK_EVERY`], doubling up to [`START_AGAIN_MOST`].
+fn next_start_wait(after: std::time::Duration) -> std::time::Duration {
+    (after * 2).max(ROOM_LOOK_EVERY).min(START_AGAIN_MOST)
 }
 
 /// How often an agent waiting for room on a full disk to start looks for it.
@@ -733,6 +737,17 @@ mod tests {
 
     /// A committer thread that panicked takes `/healthz` down and stops the agent, with the
     /// panic's message for `wait` to return.
+    #[test]
+    fn starts_that_find_too_little_room_wait_longer_each_time() {
+        let mut wait = std::time::Duration::ZERO;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            wait = next_start_wait(wait);
+            waits.push(wait.as_secs());
+        }
+        assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
     #[test]
     fn a_committer_panic_stops_the_agent_with_its_message() {
         let (failure, shutdown) = (Arc::<OnceLock<String>>::default(), CancellationToken::new());

@@ -809,15 +809,19 @@ mod tests {
     }
 
     /// The trial write for room goes in the store's folder, or in the nearest folder above it
-    /// that exists (a store not made yet), and leaves nothing behind; one that cannot be
-    /// written says why.
+    /// that exists (a store not made yet), in a file of its own, and leaves every other file
+    /// as it was and nothing behind.
     #[test]
     fn room_is_looked_for_where_the_store_is_or_is_to_be() {
         let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("space-probe");
+        std::fs::write(&theirs, b"someone else's").unwrap();
         let to_be = dir.path().join("a/b/store");
         Store::room_for(&to_be).unwrap();
         assert!(!dir.path().join("a").exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(std::fs::read(&theirs).unwrap(), b"someone else's");
+        std::fs::remove_file(&theirs).unwrap();
         let made = dir.path().join("store");
         std::fs::create_dir(&made).unwrap();
         Store::room_for(&made).unwrap();

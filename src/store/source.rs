@@ -609,47 +609,68 @@ struct Counted {
     settled: bool,
 }
 
-/// What `meta/rejected` says, and the keys the tree holds (see [`settled_count`]).
-pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(CountSaid, u64), StoreError> {
+/// What `meta/rejected` says, and the keys the tree holds (see [`settled_count`]); `None`
+/// when drops kept changing the count while it was counted, so that no mismatch is reported
+/// from a walk that may have counted what is gone since.
+pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<Option<(CountSaid, u64)>, StoreError> {
     let found = settled_count(t)?;
-    Ok((CountSaid::of(found.value.as_ref()), found.counted))
+    Ok(found
+        .settled
+        .then(|| (CountSaid::of(found.value.as_ref()), found.counted)))
+}
+
+/// What [`recount`] did.
+enum Recounted {
+    AsSaid,
+    Changed {
+        said: CountSaid,
+        counted: u64,
+    },
+    /// Drops kept changing the count while it was counted: nothing written.
+    Disturbed,
 }
 
 /// Sets `meta/rejected` to the keys the tree holds if it says otherwise, unless a commit or a
-/// drop changed it meanwhile (then counted again, up to [`COUNT_TRIES`] times): what it said
-/// and what it holds now, if it changed.
-fn recount(t: &Trees) -> Result<Option<(CountSaid, u64)>, StoreError> {
+/// drop changed it meanwhile (then counted again, up to [`COUNT_TRIES`] times).
+fn recount(t: &Trees) -> Result<Recounted, StoreError> {
     for _ in 0..COUNT_TRIES {
         let Counted {
             value,
             counted,
             settled,
         } = settled_count(t)?;
+        // A walk that drops kept disturbing may have counted what is gone since.
+        if !settled {
+            return Ok(Recounted::Disturbed);
+        }
         let said = CountSaid::of(value.as_ref());
-        // A walk that drops kept disturbing may have counted what is gone since: it is not
-        // written (the next repair counts again).
-        if said.holds(counted) || !settled {
-            return Ok(None);
+        if said.holds(counted) {
+            return Ok(Recounted::AsSaid);
         }
         let written = Some(counted.to_be_bytes().to_vec());
         if t.meta
             .compare_and_swap(meta::REJECTED, value, written)?
             .is_ok()
         {
-            return Ok(Some((said, counted)));
+            return Ok(Recounted::Changed { said, counted });
         }
     }
-    Ok(None)
+    Ok(Recounted::Disturbed)
 }
 
-/// `outpost repair`: the count set to what the tree holds; a line saying so if it changed.
+/// `outpost repair`: the count set to what the tree holds; a line saying so if it changed, or
+/// that it could not be counted.
 pub(super) fn recount_rejected(t: &Trees) -> Result<Option<String>, StoreError> {
-    Ok(recount(t)?.map(|(said, counted)| {
-        format!(
+    Ok(match recount(t)? {
+        Recounted::AsSaid => None,
+        Recounted::Changed { said, counted } => Some(format!(
             "rejected messages counted again: {counted} (meta/rejected said {})",
             said.text()
-        )
-    }))
+        )),
+        Recounted::Disturbed => Some(
+            "rejected messages not counted again: drops kept changing their count while it was counted; run repair again once they are done".into(),
+        ),
+    })
 }
 
 /// Removes a rejected message by its key, and lowers `meta/rejected` with it, in one
@@ -841,7 +862,7 @@ impl Store {
                 CountSaid::Count(n) if n >= max => {}
                 _ => return Ok(()),
             }
-            if let Some((said, counted)) = recount(t)? {
+            if let Recounted::Changed { said, counted } = recount(t)? {
                 tracing::warn!(
                     was = %said.text(),
                     counted,
@@ -976,8 +997,9 @@ impl Store {
                     Ok(_) | Err(_) => {}
                 }
             }
-            let (said, counted) = rejected_count_and_keys(t)?;
-            if !said.holds(counted) {
+            if let Some((said, counted)) =
+                rejected_count_and_keys(t)?.filter(|&(said, counted)| !said.holds(counted))
+            {
                 found.push(UnreadableRecord {
                     tree: "meta",
                     key: "rejected".into(),

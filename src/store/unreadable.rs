@@ -120,8 +120,10 @@ impl Store {
                 ));
             }
         }
-        let (said, rejected_keys) = super::source::rejected_count_and_keys(&t)?;
-        if said != super::source::CountSaid::Missing && !said.holds(rejected_keys) {
+        let rejected = super::source::rejected_count_and_keys(&t)?;
+        if let Some((said, rejected_keys)) = rejected
+            .filter(|&(said, keys)| said != super::source::CountSaid::Missing && !said.holds(keys))
+        {
             problems.push(format!(
                 "meta/rejected says {}, the tree holds {rejected_keys}",
                 said.text()
