@@ -632,10 +632,17 @@ fn parse_proxy(
 /// `https://host`) is refused.
 fn parse_no_proxy(list: &str) -> Result<String, String> {
     for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        // Prefix lengths as the matcher reads them: digits alone, no leading zero.
         let network = entry
             .split_once('/')
             .map_or(Some((entry, None)), |(ip, bits)| {
-                bits.parse::<u8>().ok().map(|bits| (ip, Some(bits)))
+                let digits = bits.bytes().all(|b| b.is_ascii_digit())
+                    && (1..=3).contains(&bits.len())
+                    && (bits == "0" || !bits.starts_with('0'));
+                digits
+                    .then(|| bits.parse::<u8>().ok())
+                    .flatten()
+                    .map(|bits| (ip, Some(bits)))
             });
         let is_network = network.is_some_and(|(ip, bits)| match ip.parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(_)) => bits.is_none_or(|b| b <= 32),
@@ -644,12 +651,13 @@ fn parse_no_proxy(list: &str) -> Result<String, String> {
         });
         let name = entry.strip_prefix('.').unwrap_or(entry);
         let is_name = !name.is_empty()
+            && !name.ends_with('.')
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
         if !(entry == "*" || is_network || is_name) {
             return Err(format!(
-                "`{entry}` is not a host name, an IP address, a network (10.0.0.0/8) or `*`: list names without wildcards, ports or schemes (`.corp.example` covers its subdomains), separated by commas"
+                "`{entry}` is not a host name, an IP address, a network (10.0.0.0/8) or `*`: list names without wildcards, ports, schemes or a trailing dot (`.corp.example` covers its subdomains), separated by commas"
             ));
         }
     }
@@ -845,13 +853,44 @@ pub fn exposure_warning(listen: std::net::SocketAddr, guards: IngestGuards) -> O
 /// Whether `url` is `http://` to a host beyond this one: what goes to it crosses the network
 /// in clear text.
 fn clear_text_beyond_loopback(url: &Url) -> bool {
-    let loopback = match url.host() {
+    url.scheme() == "http" && !names_this_host(url)
+}
+
+/// Whether `url`'s host is this host's loopback (`localhost`, 127.0.0.0/8, `::1`).
+fn names_this_host(url: &Url) -> bool {
+    match url.host() {
         Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
+    }
+}
+
+/// Warnings for addresses of this host that go through a proxy on another: the proxy opens
+/// the tunnel to its own host instead (`CONNECT 127.0.0.1:…` from the proxy).
+fn loopback_through_proxy_warnings(
+    http_endpoint: &Url,
+    auth: &Auth,
+    proxy: Option<&Proxy>,
+) -> Vec<String> {
+    let Some(proxy) = proxy.filter(|p| !names_this_host(&p.url)) else {
+        return Vec::new();
     };
-    url.scheme() == "http" && !loopback
+    let mut named = vec![("destination.http_endpoint", http_endpoint)];
+    if let Auth::OAuth2 { auth_endpoint, .. } = auth {
+        named.push(("destination.auth.auth_endpoint", auth_endpoint));
+    }
+    named
+        .into_iter()
+        .filter(|(_, url)| names_this_host(url) && proxy.takes(url))
+        .map(|(key, url)| {
+            let host = url.host_str().unwrap_or_default();
+            format!(
+                "{key} names this host ({host}) and goes through destination.proxy at {}, which opens the tunnel to its own host instead: list {host} in destination.no_proxy",
+                proxy.address()
+            )
+        })
+        .collect()
 }
 
 /// An `Idempotency-Key` line longer than this is refused by common servers' defaults (nginx
@@ -885,14 +924,11 @@ pub fn clear_text_credentials_warnings(
     proxy: Option<&Proxy>,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
-    // Through the proxy, an http:// address on this host is reached across the network too.
     let crosses = |url: &Url| -> Option<&'static str> {
-        let proxied = url.scheme() == "http" && proxy.is_some_and(|p| p.takes(url));
-        match (proxied, clear_text_beyond_loopback(url)) {
-            (true, _) => Some(", through destination.proxy (which many proxies also refuse for ports other than 443)"),
-            (false, true) => Some(""),
-            (false, false) => None,
-        }
+        clear_text_beyond_loopback(url).then(|| match proxy.is_some_and(|p| p.takes(url)) {
+            true => ", through destination.proxy (which many proxies also refuse for ports other than 443)",
+            false => "",
+        })
     };
     let token = !matches!(auth, Auth::None) || custom_authorization;
     if let Some(through) = crosses(http_endpoint).filter(|_| token) {
@@ -909,6 +945,7 @@ pub fn clear_text_credentials_warnings(
             ));
         }
     }
+    warnings.extend(loopback_through_proxy_warnings(http_endpoint, auth, proxy));
     warnings
 }
 
@@ -2675,25 +2712,38 @@ client_secret = "s3cr3t-value"
             "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"*, localhost, .corp, a-b.example, 10.0.0.0/8, 192.168.1.7, ::1, fd00::/8,\"",
         ))
         .unwrap();
-        let proxy = listed.destination.proxy.unwrap();
-        assert!(proxy.all_direct());
-        assert!(!proxy.takes(&"https://10.0.0.5/".parse().unwrap()));
-        // An http:// endpoint on this host is reached across the network through the proxy.
+        assert!(listed.destination.proxy.unwrap().all_direct());
+        // `*` anywhere in the list takes IP addresses off the proxy too.
+        let star = parse(&with(
+            "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"localhost, *\"",
+        ))
+        .unwrap()
+        .destination
+        .proxy
+        .unwrap();
+        assert!(!star.takes(&"https://10.0.0.5/".parse().unwrap()));
+        // An endpoint on this host through a proxy on another reaches the proxy's host; an
+        // http:// one beyond this host goes in clear text through the proxy.
         let local = with("proxy = \"http://proxy.internal:3128\"")
             .replace("https://api.example.com", "http://127.0.0.1:8687");
         let warned = parse(&local).unwrap().warnings;
-        assert!(
-            warned.iter().any(|w| w.starts_with("destination.http_endpoint is http:// to 127.0.0.1: every export carries its token there in clear text, through destination.proxy")),
-            "{warned:?}"
+        assert_eq!(
+            warned,
+            ["destination.http_endpoint names this host (127.0.0.1) and goes through destination.proxy at proxy.internal:3128, which opens the tunnel to its own host instead: list 127.0.0.1 in destination.no_proxy"]
         );
-        let direct = local.replace(
+        let listed = local.replace(
             "proxy = \"http://proxy.internal:3128\"",
             "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"127.0.0.1\"",
         );
-        let warned = parse(&direct).unwrap().warnings;
-        assert!(
-            !warned.iter().any(|w| w.contains("http_endpoint")),
-            "{warned:?}"
+        assert_eq!(parse(&listed).unwrap().warnings, Vec::<String>::new());
+        let local_proxy = local.replace("proxy.internal", "127.0.0.1");
+        assert_eq!(parse(&local_proxy).unwrap().warnings, Vec::<String>::new());
+        let remote = with("proxy = \"http://proxy.internal:3128\"")
+            .replace("https://api.example.com", "http://api.example.com");
+        let warned = parse(&remote).unwrap().warnings;
+        assert_eq!(
+            warned,
+            ["destination.http_endpoint is http:// to api.example.com: every export carries its token there in clear text, through destination.proxy (which many proxies also refuse for ports other than 443); use https://"]
         );
         let plain = parse(&with("proxy = \"http://[::1]\"")).unwrap();
         let proxy = plain.destination.proxy.unwrap();
@@ -2754,6 +2804,9 @@ client_secret = "s3cr3t-value"
         .chain(
             [
                 "*.corp.example",
+                "corp.example.",
+                "10.0.0.0/+8",
+                "10.0.0.0/008",
                 "api.internal:8443",
                 "[::1]",
                 "https://x",

@@ -376,10 +376,11 @@ impl HttpClient {
         let response = match tokio::time::timeout_at(deadline, self.client.request(request)).await {
             Ok(response) => response.map_err(|e| request_error(&uri, &e, e.is_connect()))?,
             Err(_) if connection.connection_metadata().is_none() => {
-                // The tunnel's own timeout, as long as this one, may not have fired first.
+                // The tunnel's own timeout, as long as this one, may not have fired first; or
+                // the tunnel opened and TLS inside it did not finish.
                 let through = match self.route.proxy_address(&uri) {
                     Some(address) => format!(
-                        ": the proxy at {address} (destination.proxy) did not open a tunnel in time"
+                        ": the tunnel through the proxy at {address} (destination.proxy), or TLS inside it, was not ready in time"
                     ),
                     None => String::new(),
                 };
@@ -435,8 +436,9 @@ pub async fn tls_handshake(
         .as_str()
         .parse()
         .map_err(|e| ClientError::Transport(format!("{host}: {e}")))?;
+    let proxy = route.proxy_address(&uri).map(str::to_owned);
     let exchange = async {
-        let tcp = if route.through_proxy(&uri) {
+        let tcp = if proxy.is_some() {
             use tower_service::Service;
             let tunnel = route.call(uri).await.map_err(|e| {
                 ClientError::Connect(match super::proxy::find_proxy_error(&*e) {
@@ -472,7 +474,13 @@ pub async fn tls_handshake(
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| ClientError::Timeout(timeout))?
+        .map_err(|_| match proxy {
+            // The tunnel's own timeout, as long as this one, may not have fired first.
+            Some(address) => ClientError::Connect(format!(
+                "no connection within {timeout:?}: the tunnel through the proxy at {address} (destination.proxy), or TLS inside it, was not ready in time"
+            )),
+            None => ClientError::Timeout(timeout),
+        })?
 }
 
 /// A request that got no answer: a connection refused or a TLS problem explained (the whole

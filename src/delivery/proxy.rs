@@ -131,9 +131,9 @@ fn tunnel_failed(address: &str, target: &Uri, error: TunnelError) -> ProxyError 
              http://user:password@host:port, or check the ones given"
         ),
         TunnelError::TunnelUnsuccessful => format!(
-            "{proxy} did not open a tunnel to {target}: it answered CONNECT with a status other \
-             than 200 (its rules refuse it, many proxies allowing port 443 alone; or it cannot \
-             reach {target})"
+            "{proxy} did not open a tunnel to {target}: it did not answer CONNECT with 200 (its \
+             rules refuse it, many proxies allowing port 443 alone; it cannot reach {target}; \
+             or what answers there is no HTTP proxy: check the port)"
         ),
         TunnelError::ConnectFailed(e) if crate::explain::connection_refused(&*e) => {
             format!("cannot reach {proxy}: {}", crate::explain::refused(address))
