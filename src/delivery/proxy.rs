@@ -1,7 +1,7 @@
 //! `destination.proxy`: connections to the endpoint and the token endpoint through an HTTP
 //! proxy's tunnel (`CONNECT host:port`), for hosts whose only way out is such a proxy. TLS
-//! with the endpoint runs inside the tunnel, so the proxy sees neither requests nor tokens;
-//! only the proxy's own credentials go to it, in `Proxy-Authorization`. Hosts that
+//! with an `https://` endpoint runs inside the tunnel, so the proxy sees neither requests nor
+//! tokens; only the proxy's own credentials go to it, in `Proxy-Authorization`. Hosts that
 //! `destination.no_proxy` lists are reached directly.
 
 use std::future::Future;
@@ -57,7 +57,7 @@ impl Route {
                 .url
                 .as_str()
                 .parse()
-                .expect("a URL that parsed is a URI");
+                .expect("checked to be a URI when the config was loaded");
             let mut tunnel = Tunnel::new(proxy_uri, direct.clone());
             if let Some((user, password)) = &proxy.credentials {
                 tunnel = tunnel.with_auth(basic_credentials(user, password.expose()));
