@@ -735,11 +735,9 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// A committer thread that panicked takes `/healthz` down and stops the agent, with the
-    /// panic's message for `wait` to return.
     #[test]
     fn starts_that_find_too_little_room_wait_longer_each_time() {
-        let mut wait = std::time::Duration::ZERO;
+        let mut wait = Duration::ZERO;
         let mut waits = Vec::new();
         for _ in 0..8 {
             wait = next_start_wait(wait);
@@ -748,6 +746,8 @@ mod tests {
         assert_eq!(waits, [2, 4, 8, 16, 32, 60, 60, 60]);
     }
 
+    /// A committer thread that panicked takes `/healthz` down and stops the agent, with the
+    /// panic's message for `wait` to return.
     #[test]
     fn a_committer_panic_stops_the_agent_with_its_message() {
         let (failure, shutdown) = (Arc::<OnceLock<String>>::default(), CancellationToken::new());

@@ -320,32 +320,14 @@ pub(super) fn rebuild_meta(t: &Trees) -> Result<Vec<RebuiltMeta>, StoreError> {
 /// How much [`Store::recover`] writes beside a failed store, to see whether there is room.
 pub const SPACE_PROBE_BYTES: usize = 1 << 20;
 
-/// Writes, syncs and removes [`SPACE_PROBE_BYTES`] in `dir`, in a file of this process's own
-/// that it makes new: `dir` may be a folder above a store not made yet, which holds other
-/// files.
+/// Writes and syncs [`SPACE_PROBE_BYTES`] in `dir`, in a file without a name (`O_TMPFILE`
+/// where the file system has it, else one of a random name, removed at once): `dir` may be a
+/// folder above a store not made yet, which holds other files, and a kill leaves nothing.
 pub(super) fn probe_space(dir: &Path) -> std::io::Result<()> {
     use std::io::Write;
-    let path = dir.join(format!(".outpost-space-probe-{}", std::process::id()));
-    let create = || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-    };
-    let mut file = match create() {
-        // Left by a process of the same number that was killed while it probed.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::remove_file(&path)?;
-            create()?
-        }
-        made => made?,
-    };
-    let result = file
-        .write_all(&vec![0u8; SPACE_PROBE_BYTES])
-        .and_then(|()| file.sync_all());
-    drop(file);
-    let _ = std::fs::remove_file(&path);
-    result
+    let mut file = tempfile::tempfile_in(dir)?;
+    file.write_all(&vec![0u8; SPACE_PROBE_BYTES])?;
+    file.sync_all()
 }
 
 impl Store {

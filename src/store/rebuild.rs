@@ -809,8 +809,8 @@ mod tests {
     }
 
     /// The trial write for room goes in the store's folder, or in the nearest folder above it
-    /// that exists (a store not made yet), in a file of its own, and leaves every other file
-    /// as it was and nothing behind.
+    /// that exists (a store not made yet), in a file without a name, and leaves every other
+    /// file as it was and nothing behind.
     #[test]
     fn room_is_looked_for_where_the_store_is_or_is_to_be() {
         let dir = tempfile::tempdir().unwrap();
@@ -822,6 +822,10 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         assert_eq!(std::fs::read(&theirs).unwrap(), b"someone else's");
         std::fs::remove_file(&theirs).unwrap();
+        // A folder it cannot write in says so.
+        let missing = dir.path().join("gone");
+        let error = super::super::open::probe_space(&missing).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
         let made = dir.path().join("store");
         std::fs::create_dir(&made).unwrap();
         Store::room_for(&made).unwrap();

@@ -609,14 +609,12 @@ struct Counted {
     settled: bool,
 }
 
-/// What `meta/rejected` says, and the keys the tree holds (see [`settled_count`]); `None`
-/// when drops kept changing the count while it was counted, so that no mismatch is reported
-/// from a walk that may have counted what is gone since.
-pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<Option<(CountSaid, u64)>, StoreError> {
+/// What `meta/rejected` says, and the keys the tree holds (see [`settled_count`]; a walk the
+/// count kept changing during may report a mismatch, which `repair`'s recount, made with
+/// keeps stopped, then judges).
+pub(super) fn rejected_count_and_keys(t: &Trees) -> Result<(CountSaid, u64), StoreError> {
     let found = settled_count(t)?;
-    Ok(found
-        .settled
-        .then(|| (CountSaid::of(found.value.as_ref()), found.counted)))
+    Ok((CountSaid::of(found.value.as_ref()), found.counted))
 }
 
 /// What [`recount`] did.
@@ -997,9 +995,8 @@ impl Store {
                     Ok(_) | Err(_) => {}
                 }
             }
-            if let Some((said, counted)) =
-                rejected_count_and_keys(t)?.filter(|&(said, counted)| !said.holds(counted))
-            {
+            let (said, counted) = rejected_count_and_keys(t)?;
+            if !said.holds(counted) {
                 found.push(UnreadableRecord {
                     tree: "meta",
                     key: "rejected".into(),

@@ -120,10 +120,8 @@ impl Store {
                 ));
             }
         }
-        let rejected = super::source::rejected_count_and_keys(&t)?;
-        if let Some((said, rejected_keys)) = rejected
-            .filter(|&(said, keys)| said != super::source::CountSaid::Missing && !said.holds(keys))
-        {
+        let (said, rejected_keys) = super::source::rejected_count_and_keys(&t)?;
+        if said != super::source::CountSaid::Missing && !said.holds(rejected_keys) {
             problems.push(format!(
                 "meta/rejected says {}, the tree holds {rejected_keys}",
                 said.text()
