@@ -632,23 +632,9 @@ fn parse_proxy(
 /// `https://host`) is refused.
 fn parse_no_proxy(list: &str) -> Result<String, String> {
     for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        // Prefix lengths as the matcher reads them: digits alone, no leading zero.
-        let network = entry
-            .split_once('/')
-            .map_or(Some((entry, None)), |(ip, bits)| {
-                let digits = bits.bytes().all(|b| b.is_ascii_digit())
-                    && (1..=3).contains(&bits.len())
-                    && (bits == "0" || !bits.starts_with('0'));
-                digits
-                    .then(|| bits.parse::<u8>().ok())
-                    .flatten()
-                    .map(|bits| (ip, Some(bits)))
-            });
-        let is_network = network.is_some_and(|(ip, bits)| match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(_)) => bits.is_none_or(|b| b <= 32),
-            Ok(std::net::IpAddr::V6(_)) => bits.is_none_or(|b| b <= 128),
-            Err(_) => false,
-        });
+        // As the matcher reads an entry: a network, else an address, else a name.
+        let is_network =
+            entry.parse::<ipnet::IpNet>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok();
         let name = entry.strip_prefix('.').unwrap_or(entry);
         let is_name = !name.is_empty()
             && !name.ends_with('.')
@@ -884,9 +870,13 @@ fn loopback_through_proxy_warnings(
         .into_iter()
         .filter(|(_, url)| names_this_host(url) && proxy.takes(url))
         .map(|(key, url)| {
-            let host = url.host_str().unwrap_or_default();
+            // As no_proxy takes it: an IPv6 address without its brackets.
+            let host = match url.host() {
+                Some(url::Host::Ipv6(ip)) => ip.to_string(),
+                _ => url.host_str().unwrap_or_default().to_owned(),
+            };
             format!(
-                "{key} names this host ({host}) and goes through destination.proxy at {}, which opens the tunnel to its own host instead: list {host} in destination.no_proxy",
+                "{key} names this host ({host}) and goes through destination.proxy at {}: a proxy on another host opens the tunnel to its own host instead; if it runs elsewhere, list {host} in destination.no_proxy",
                 proxy.address()
             )
         })
@@ -2709,7 +2699,7 @@ client_secret = "s3cr3t-value"
             ["destination.auth.client_secret", "destination.proxy"]
         );
         let listed = parse(&with(
-            "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"*, localhost, .corp, a-b.example, 10.0.0.0/8, 192.168.1.7, ::1, fd00::/8,\"",
+            "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"*, localhost, .corp, a-b.example, A_B.Example, 10.0.0.0/8, 10.0.0.0/08, 192.168.1.7, ::1, fd00::/8, fd00::/064,\"",
         ))
         .unwrap();
         assert!(listed.destination.proxy.unwrap().all_direct());
@@ -2729,11 +2719,23 @@ client_secret = "s3cr3t-value"
         let warned = parse(&local).unwrap().warnings;
         assert_eq!(
             warned,
-            ["destination.http_endpoint names this host (127.0.0.1) and goes through destination.proxy at proxy.internal:3128, which opens the tunnel to its own host instead: list 127.0.0.1 in destination.no_proxy"]
+            ["destination.http_endpoint names this host (127.0.0.1) and goes through destination.proxy at proxy.internal:3128: a proxy on another host opens the tunnel to its own host instead; if it runs elsewhere, list 127.0.0.1 in destination.no_proxy"]
         );
         let listed = local.replace(
             "proxy = \"http://proxy.internal:3128\"",
             "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"127.0.0.1\"",
+        );
+        assert_eq!(parse(&listed).unwrap().warnings, Vec::<String>::new());
+        // The advice for an IPv6 address is an entry no_proxy takes.
+        let six = local.replace("127.0.0.1:8687", "[::1]:8687");
+        let warned = parse(&six).unwrap().warnings;
+        assert!(
+            warned[0].ends_with("list ::1 in destination.no_proxy"),
+            "{warned:?}"
+        );
+        let listed = six.replace(
+            "proxy = \"http://proxy.internal:3128\"",
+            "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"::1\"",
         );
         assert_eq!(parse(&listed).unwrap().warnings, Vec::<String>::new());
         let local_proxy = local.replace("proxy.internal", "127.0.0.1");
@@ -2807,6 +2809,7 @@ client_secret = "s3cr3t-value"
                 "corp.example.",
                 "10.0.0.0/+8",
                 "10.0.0.0/008",
+                "fd00::/129",
                 "api.internal:8443",
                 "[::1]",
                 "https://x",

@@ -379,9 +379,7 @@ impl HttpClient {
                 // The tunnel's own timeout, as long as this one, may not have fired first; or
                 // the tunnel opened and TLS inside it did not finish.
                 let through = match self.route.proxy_address(&uri) {
-                    Some(address) => format!(
-                        ": the tunnel through the proxy at {address} (destination.proxy), or TLS inside it, was not ready in time"
-                    ),
+                    Some(address) => format!(": {}", tunnel_not_ready(address, &uri)),
                     None => String::new(),
                 };
                 return Err(ClientError::Connect(format!(
@@ -437,6 +435,7 @@ pub async fn tls_handshake(
         .parse()
         .map_err(|e| ClientError::Transport(format!("{host}: {e}")))?;
     let proxy = route.proxy_address(&uri).map(str::to_owned);
+    let uri_of_url = uri.clone();
     let exchange = async {
         let tcp = if proxy.is_some() {
             use tower_service::Service;
@@ -477,10 +476,22 @@ pub async fn tls_handshake(
         .map_err(|_| match proxy {
             // The tunnel's own timeout, as long as this one, may not have fired first.
             Some(address) => ClientError::Connect(format!(
-                "no connection within {timeout:?}: the tunnel through the proxy at {address} (destination.proxy), or TLS inside it, was not ready in time"
+                "no connection within {timeout:?}: {}",
+                tunnel_not_ready(&address, &uri_of_url)
             )),
             None => ClientError::Timeout(timeout),
         })?
+}
+
+/// What a connection through the proxy that was not made in time says: the tunnel's own
+/// timeout, as long as the request's, may not have fired first, or the tunnel opened and TLS
+/// inside it did not finish.
+fn tunnel_not_ready(address: &str, uri: &hyper::Uri) -> String {
+    let tls = match uri.scheme_str() {
+        Some("https") => ", or TLS inside it did not finish,",
+        _ => "",
+    };
+    format!("the proxy at {address} (destination.proxy) did not open a tunnel{tls} in time")
 }
 
 /// A request that got no answer: a connection refused or a TLS problem explained (the whole
