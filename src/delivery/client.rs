@@ -435,7 +435,9 @@ pub async fn tls_handshake(
         .parse()
         .map_err(|e| ClientError::Transport(format!("{host}: {e}")))?;
     let proxy = route.proxy_address(&uri).map(str::to_owned);
-    let uri_of_url = uri.clone();
+    let not_ready = proxy
+        .as_deref()
+        .map(|address| tunnel_not_ready(address, &uri));
     let exchange = async {
         let tcp = if proxy.is_some() {
             use tower_service::Service;
@@ -473,12 +475,11 @@ pub async fn tls_handshake(
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| match proxy {
+        .map_err(|_| match not_ready {
             // The tunnel's own timeout, as long as this one, may not have fired first.
-            Some(address) => ClientError::Connect(format!(
-                "no connection within {timeout:?}: {}",
-                tunnel_not_ready(&address, &uri_of_url)
-            )),
+            Some(not_ready) => {
+                ClientError::Connect(format!("no connection within {timeout:?}: {not_ready}"))
+            }
             None => ClientError::Timeout(timeout),
         })?
 }

@@ -374,6 +374,18 @@ pub fn foreign_description_warning(description: Option<&str>) -> Option<String> 
     })
 }
 
+/// What `check` and the agent at start warn of in the stream's config:
+/// [`limits_that_drop_updates`] and [`foreign_description_warning`].
+pub fn stream_warnings(config: &stream::Config) -> Vec<String> {
+    [
+        limits_that_drop_updates(config),
+        foreign_description_warning(config.description.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// What `nats setup` found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetupOutcome {
@@ -536,7 +548,7 @@ async fn check_subjects_fit(
 pub struct Probed {
     pub messages: u64,
     pub stray: StraySubjects,
-    /// [`limits_that_drop_updates`] and [`foreign_description_warning`].
+    /// [`stream_warnings`].
     pub warnings: Vec<String>,
 }
 
@@ -556,13 +568,10 @@ pub async fn probe(config: &NatsSource) -> Result<Probed, NatsError> {
         .map_err(|e| nats_error("reading the stream", e))?;
     check_partitions(info, config)?;
     let messages = info.state.messages;
-    let warnings = [
-        limits_that_drop_updates(&info.config),
-        foreign_description_warning(info.config.description.as_deref()),
-    ];
+    let warnings = stream_warnings(&info.config);
     Ok(Probed {
         messages,
-        warnings: warnings.into_iter().flatten().collect(),
+        warnings,
         stray: stray_subjects(&stream, config).await?,
     })
 }
@@ -651,12 +660,7 @@ async fn warn_of_unconsumed_updates(shared: Arc<Shared>) {
             .get_stream(&shared.config.stream)
             .await
             .map_err(|e| nats_error("the stream", e))?;
-        let config = &stream.cached_info().config;
-        let warnings = [
-            limits_that_drop_updates(config),
-            foreign_description_warning(config.description.as_deref()),
-        ];
-        for warning in warnings.into_iter().flatten() {
+        for warning in stream_warnings(&stream.cached_info().config) {
             tracing::warn!(stream = %shared.config.stream, "{warning}");
         }
         stray_subjects(&stream, &shared.config).await
