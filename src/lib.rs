@@ -20,7 +20,8 @@
 //! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]), the
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
-//!   ([`delivery::client`]) and the writer of outcomes ([`delivery::settler`]).
+//!   ([`delivery::client`]) and its way through a proxy ([`delivery::proxy`]), and the writer
+//!   of outcomes ([`delivery::settler`]).
 //! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
 //! - [`server`]: the agent's listeners: the ingest API over HTTP or HTTPS
 //!   ([`server::ingest`], [`server::tls`]) and the admin socket ([`server::admin`]).
