@@ -104,8 +104,9 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
             replicas,
             recorded,
             made_at_recorded,
-            ..
-        } => println!(
+            ref warnings,
+        } => {
+            println!(
             "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); {}",
             nats.stream,
             match (recorded, made_at_recorded) {
@@ -114,16 +115,10 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
                 (false, Some(false)) => "nothing changed; its description does not record when the stream was made: once every agent runs this build, `outpost nats setup --record-made-at` records it (a NATS server restarted after the stream was edited reports another time, which agents would take for a new stream)",
                 (false, None) => "nothing changed",
             }
-        ),
-    }
-    if let SetupOutcome::Found {
-        drops,
-        foreign_description,
-        ..
-    } = &outcome
-    {
-        for warning in [foreign_description, drops].into_iter().flatten() {
-            println!("warning          {}", for_terminal(warning, false));
+            );
+            for warning in warnings {
+                println!("warning          {}", for_terminal(warning, false));
+            }
         }
     }
     println!(

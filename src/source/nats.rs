@@ -330,7 +330,7 @@ pub fn check_partitions(info: &stream::Info, config: &NatsSource) -> Result<(), 
 /// stream loses the updates that wait in it past them (while the outbox is full, or no agent
 /// consumes their partition), and no agent can tell. Limits on counts with `discard = new`
 /// refuse publishes instead, which the publisher hears of.
-pub fn limits_that_drop_updates(config: &stream::Config) -> Option<String> {
+fn limits_that_drop_updates(config: &stream::Config) -> Option<String> {
     let discards_old = config.discard == stream::DiscardPolicy::Old;
     let mut limits = Vec::new();
     if !config.max_age.is_zero() {
@@ -364,7 +364,7 @@ pub fn limits_that_drop_updates(config: &stream::Config) -> Option<String> {
 /// A warning when the stream's description is someone else's: it then records neither the
 /// partition count nor when the stream was made ([`made_at`]), which `nats setup` writes only
 /// in a description that is empty or outpost's.
-pub fn foreign_description_warning(description: Option<&str>) -> Option<String> {
+fn foreign_description_warning(description: Option<&str>) -> Option<String> {
     let description = description.filter(|d| !d.is_empty())?;
     recorded_partitions(Some(description)).is_none().then(|| {
         format!(
@@ -399,10 +399,8 @@ pub enum SetupOutcome {
         /// Whether its description now records when it was made ([`made_at`]); `None` when
         /// it did already, or is not outpost's.
         made_at_recorded: Option<bool>,
-        /// [`limits_that_drop_updates`].
-        drops: Option<String>,
-        /// [`foreign_description_warning`]: `nats setup` leaves such a description as it is.
-        foreign_description: Option<String>,
+        /// [`stream_warnings`] (`nats setup` leaves a description of someone else's as it is).
+        warnings: Vec<String>,
     },
 }
 
@@ -516,8 +514,7 @@ async fn found(
         replicas,
         recorded,
         made_at_recorded,
-        drops: limits_that_drop_updates(&info.config),
-        foreign_description: foreign_description_warning(Some(description_now)),
+        warnings: stream_warnings(&info.config),
     })
 }
 
