@@ -516,18 +516,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Whether `no_proxy` lists `*`: every host is reached directly. (hyper-util's matcher
-    /// reads `*` for names only, not for IP addresses.)
-    pub fn all_direct(&self) -> bool {
+    /// Whether `no_proxy` lists `*`: every host is reached directly.
+    fn all_direct(&self) -> bool {
         self.no_proxy.split(',').any(|entry| entry.trim() == "*")
     }
 
-    /// What decides, for a host, whether it goes through the proxy.
-    pub fn matcher(&self) -> hyper_util::client::proxy::matcher::Matcher {
-        hyper_util::client::proxy::matcher::Matcher::builder()
-            .all(self.url.as_str())
-            .no(self.no_proxy.as_str())
-            .build()
+    /// What decides, for a host, whether it goes through the proxy (a host it intercepts
+    /// does); `None` when no host does. (hyper-util's matcher reads `no_proxy`'s `*` for names
+    /// only, not for IP addresses, so `*` is read here.)
+    pub fn matcher(&self) -> Option<hyper_util::client::proxy::matcher::Matcher> {
+        (!self.all_direct()).then(|| {
+            hyper_util::client::proxy::matcher::Matcher::builder()
+                .all(self.url.as_str())
+                .no(self.no_proxy.as_str())
+                .build()
+        })
     }
 
     /// Whether connections to `url` go through the proxy.
@@ -535,7 +538,8 @@ impl Proxy {
         let Ok(uri) = url.as_str().parse::<hyper::Uri>() else {
             return false;
         };
-        !self.all_direct() && self.matcher().intercept(&uri).is_some()
+        self.matcher()
+            .is_some_and(|matcher| matcher.intercept(&uri).is_some())
     }
 
     /// The proxy as people read it: its host and port, never its credentials.
@@ -2865,7 +2869,12 @@ client_secret = "s3cr3t-value"
             }
         }
         // The key of 314 ids of today's export numbers, as sent, fits in the line.
-        let id = format!("{:08x}-{}", u32::MAX, 1_800_000_000_000u64 * 1024);
+        let id = crate::store::ExportId {
+            store: u32::MAX,
+            seq: 1_800_000_000_000u64 * 1024,
+        }
+        .to_string();
+        assert_eq!(id.len() as u64 + 1, KEY_BYTES_AN_EXPORT, "{id}");
         let key = vec![id; 314].join(",");
         assert!(format!("Idempotency-Key: {key}").len() as u64 <= HEADER_LINE_MOST);
     }

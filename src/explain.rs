@@ -119,25 +119,34 @@ pub fn token_answer(
     }
 }
 
-/// The rustls error in `error` or its causes (hyper and tokio-rustls wrap it in `io::Error`s,
-/// whose `source()` skips the wrapped error itself).
-pub fn find_tls_error<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
+/// The first `T` in `error` or its causes for which `wanted` holds, looking inside `io::Error`s
+/// too (hyper and tokio-rustls wrap errors in them, whose `source()` skips the wrapped error
+/// itself).
+pub fn find_cause<'a, T: Error + 'static>(
+    error: &'a (dyn Error + 'static),
+    wanted: impl Fn(&T) -> bool + Copy,
+) -> Option<&'a T> {
     let mut current = Some(error);
     while let Some(e) = current {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
+        if let Some(found) = e.downcast_ref::<T>().filter(|found| wanted(found)) {
+            return Some(found);
         }
         if let Some(inner) = e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
-            if let Some(tls) = find_tls_error(inner) {
-                return Some(tls);
+            if let Some(found) = find_cause(inner, wanted) {
+                return Some(found);
             }
         }
         current = e.source();
     }
     None
+}
+
+/// The rustls error in `error` or its causes.
+pub fn find_tls_error<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
+    find_cause(error, |_| true)
 }
 
 /// Said of a connection to `server` (host:port) that was refused.
@@ -148,15 +157,10 @@ pub fn refused(server: &str) -> String {
 /// Whether `error` or one of its causes is a connection refused: nothing listens there, or a
 /// firewall rejects it.
 pub fn connection_refused(error: &(dyn Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        let io = e.downcast_ref::<std::io::Error>();
-        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
-            return true;
-        }
-        current = e.source();
-    }
-    false
+    find_cause::<std::io::Error>(error, |io| {
+        io.kind() == std::io::ErrorKind::ConnectionRefused
+    })
+    .is_some()
 }
 
 /// What is wrong with the TLS `server` (host:port) spoke, and what to do: its certificate
@@ -174,7 +178,7 @@ pub fn tls_problem(server: &str, host: &str, error: &rustls::Error) -> Option<St
 
 /// What is wrong with the certificate `server` (host:port) presented, and what to do; `None`
 /// for a TLS error that is not about the server's certificate.
-pub fn certificate(server: &str, host: &str, error: &rustls::Error) -> Option<String> {
+fn certificate(server: &str, host: &str, error: &rustls::Error) -> Option<String> {
     use rustls::CertificateError as C;
     let rustls::Error::InvalidCertificate(problem) = error else {
         return None;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{capture_connection, HttpConnector};
+use hyper_util::client::legacy::connect::capture_connection;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
@@ -255,15 +255,6 @@ pub struct HttpClient {
     route: Route,
 }
 
-/// The TCP connector under TLS and the proxy's tunnel.
-fn direct_connector(timeout: Duration) -> HttpConnector {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(timeout));
-    http
-}
-
 /// A file named in the configuration, read as PEM certificates; errors name the key.
 fn read_pem_certs(
     key: &str,
@@ -337,11 +328,7 @@ const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpClient {
     pub fn new(destination: &Destination, timeout: Duration) -> Result<HttpClient, ClientError> {
-        let route = Route::new(
-            direct_connector(timeout),
-            destination.proxy.as_ref(),
-            timeout,
-        );
+        let route = Route::new(destination.proxy.as_ref(), timeout);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(destination)?)
             .https_or_http()
@@ -425,39 +412,22 @@ pub async fn tls_handshake(
     let server_name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(destination)?));
-    let mut route = Route::new(
-        direct_connector(timeout),
-        destination.proxy.as_ref(),
-        timeout,
-    );
+    let mut route = Route::new(destination.proxy.as_ref(), timeout);
     let uri: hyper::Uri = url
         .as_str()
         .parse()
         .map_err(|e| ClientError::Transport(format!("{host}: {e}")))?;
-    let proxy = route.proxy_address(&uri).map(str::to_owned);
-    let not_ready = proxy
-        .as_deref()
+    let not_ready = route
+        .proxy_address(&uri)
         .map(|address| tunnel_not_ready(address, &uri));
     let exchange = async {
-        let tcp = if proxy.is_some() {
-            use tower_service::Service;
-            let tunnel = route.call(uri).await.map_err(|e| {
-                ClientError::Connect(match super::proxy::find_proxy_error(&*e) {
-                    Some(proxy) => proxy.to_string(),
-                    None => describe_error(&*e),
-                })
-            })?;
-            tunnel.into_inner()
-        } else {
-            tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::ConnectionRefused => {
-                        ClientError::Connect(crate::explain::refused(&format!("{host}:{port}")))
-                    }
-                    _ => ClientError::Transport(format!("connecting to {host}:{port}: {e}")),
-                })?
-        };
+        use tower_service::Service;
+        // Directly or through the proxy's tunnel, as requests connect.
+        let tcp = route
+            .call(uri.clone())
+            .await
+            .map_err(|e| request_error(&uri, &*e, true))?
+            .into_inner();
         let tls = connector.connect(server_name, tcp).await.map_err(|e| {
             let explained = crate::explain::find_tls_error(&e)
                 .and_then(|tls| crate::explain::tls_problem(&format!("{host}:{port}"), &host, tls));

@@ -51,8 +51,13 @@ struct Through {
 
 impl Route {
     /// `within`: how long making a connection may take, through the proxy as directly.
-    pub fn new(direct: HttpConnector, proxy: Option<&Proxy>, within: Duration) -> Route {
-        let proxy = proxy.filter(|p| !p.all_direct()).map(|proxy| {
+    pub fn new(proxy: Option<&Proxy>, within: Duration) -> Route {
+        let mut direct = HttpConnector::new();
+        direct.enforce_http(false);
+        direct.set_nodelay(true);
+        direct.set_connect_timeout(Some(within));
+        let proxy = proxy.and_then(|proxy| {
+            let matcher = proxy.matcher()?;
             let proxy_uri: Uri = proxy
                 .url
                 .as_str()
@@ -62,27 +67,26 @@ impl Route {
             if let Some((user, password)) = &proxy.credentials {
                 tunnel = tunnel.with_auth(basic_credentials(user, password.expose()));
             }
-            Arc::new(Through {
-                matcher: proxy.matcher(),
+            Some(Arc::new(Through {
+                matcher,
                 tunnel,
                 address: proxy.address(),
                 within,
-            })
+            }))
         });
         Route { direct, proxy }
     }
 
-    /// Whether a connection to `uri` goes through the proxy.
-    pub fn through_proxy(&self, uri: &Uri) -> bool {
-        self.proxy_address(uri).is_some()
+    /// The proxy, when a connection to `uri` goes through it.
+    fn through(&self, uri: &Uri) -> Option<&Through> {
+        self.proxy
+            .as_deref()
+            .filter(|p| p.matcher.intercept(uri).is_some())
     }
 
     /// The proxy's `host:port`, when a connection to `uri` goes through it.
     pub fn proxy_address(&self, uri: &Uri) -> Option<&str> {
-        self.proxy
-            .as_ref()
-            .filter(|p| p.matcher.intercept(uri).is_some())
-            .map(|p| p.address.as_str())
+        self.through(uri).map(|p| p.address.as_str())
     }
 }
 
@@ -162,11 +166,7 @@ impl Service<Uri> for Route {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        match self
-            .proxy
-            .as_ref()
-            .filter(|p| p.matcher.intercept(&dst).is_some())
-        {
+        match self.through(&dst) {
             Some(through) => {
                 let mut tunnel = through.tunnel.clone();
                 let (address, within) = (through.address.clone(), through.within);
@@ -196,14 +196,7 @@ impl Service<Uri> for Route {
 pub fn find_proxy_error<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a ProxyError> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<ProxyError>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
+    crate::explain::find_cause(error, |_| true)
 }
 
 #[cfg(test)]
@@ -234,7 +227,7 @@ mod tests {
             credentials: None,
             no_proxy: "localhost, .corp.example, 10.0.0.0/8".into(),
         };
-        let route = Route::new(HttpConnector::new(), Some(&proxy), Duration::from_secs(1));
+        let route = Route::new(Some(&proxy), Duration::from_secs(1));
         for (uri, through) in [
             ("https://api.example.com/v1", true),
             ("http://api.example.com/v1", true),
@@ -245,22 +238,31 @@ mod tests {
             ("https://10.1.2.3/", false),
             ("https://11.1.2.3/", true),
         ] {
-            assert_eq!(route.through_proxy(&uri.parse().unwrap()), through, "{uri}");
+            assert_eq!(
+                route.proxy_address(&uri.parse().unwrap()).is_some(),
+                through,
+                "{uri}"
+            );
         }
-        let direct = Route::new(HttpConnector::new(), None, Duration::from_secs(1));
-        assert!(!direct.through_proxy(&"https://api.example.com/".parse().unwrap()));
+        let direct = Route::new(None, Duration::from_secs(1));
+        assert!(direct
+            .proxy_address(&"https://api.example.com/".parse().unwrap())
+            .is_none());
         // `*` takes every host off the proxy, IP addresses too.
         let none = Proxy {
             no_proxy: "*".into(),
             ..proxy
         };
-        let all_direct = Route::new(HttpConnector::new(), Some(&none), Duration::from_secs(1));
+        let all_direct = Route::new(Some(&none), Duration::from_secs(1));
         for uri in [
             "https://api.example.com/",
             "https://10.0.0.5/",
             "https://[::1]:8443/",
         ] {
-            assert!(!all_direct.through_proxy(&uri.parse().unwrap()), "{uri}");
+            assert!(
+                all_direct.proxy_address(&uri.parse().unwrap()).is_none(),
+                "{uri}"
+            );
         }
     }
 
