@@ -626,15 +626,16 @@ async fn open_store(config: &Config) -> Result<Store, StoreError> {
             Err(StoreError::Locked(path)) if tokio::time::Instant::now() < deadline => {
                 if !said {
                     said = true;
-                    // An agent's socket answers from its start until its stop begins; an
-                    // outpost command has none. Bounded: a wedged agent's full backlog would
-                    // hold a connect.
-                    let socket = crate::server::admin::socket_path(&config.storage.path);
-                    let probe = tokio::net::UnixStream::connect(socket);
+                    // As `probe_socket`, but bounded: a wedged agent's full backlog would
+                    // hold the connect.
+                    use crate::server::admin::{socket_path, SocketProbe};
+                    let probe = tokio::net::UnixStream::connect(socket_path(&config.storage.path));
                     let probed = tokio::time::timeout(std::time::Duration::from_secs(1), probe);
-                    let holder = match probed.await {
-                        Ok(Ok(_)) => "an agent (`outpost run`) that answers on its admin socket",
-                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    let holder = match probed.await.map(|r| SocketProbe::judge(r.map(drop))) {
+                        Ok(SocketProbe::Answers) => {
+                            "an agent (`outpost run`) that answers on its admin socket"
+                        }
+                        Ok(SocketProbe::NotThisUsers) => {
                             "an agent of another user (its admin socket is not open to this one)"
                         }
                         _ => "another process (an outpost command, or an agent starting or stopping?)",

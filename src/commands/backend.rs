@@ -172,17 +172,15 @@ impl Backend {
     /// not open is an error that says so: an agent of another user runs there, and the store
     /// is not this process's to open meanwhile.
     pub fn agent_answers(config: &Config) -> Result<bool, CliError> {
-        let socket = crate::server::admin::socket_path(&config.storage.path);
-        match UnixStream::connect(&socket) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                Err(CliError::Failure(format!(
-                    "the agent's admin socket {} is not open to this user (permission denied): \
-                     run the command as the user the agent runs as",
-                    socket.display()
-                )))
-            }
-            Err(_) => Ok(false),
+        use crate::server::admin::{probe_socket, socket_path, SocketProbe};
+        match probe_socket(&config.storage.path) {
+            SocketProbe::Answers => Ok(true),
+            SocketProbe::NotThisUsers => Err(CliError::Failure(format!(
+                "the agent's admin socket {} is not open to this user (permission denied): \
+                 run the command as the user the agent runs as",
+                socket_path(&config.storage.path).display()
+            ))),
+            SocketProbe::Nothing => Ok(false),
         }
     }
 

@@ -57,6 +57,34 @@ pub fn socket_path(store_path: &Path) -> PathBuf {
     store_path.join(SOCKET_NAME)
 }
 
+/// Who answers on a store's admin socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketProbe {
+    /// A running agent: its socket answers from its start until its stop begins.
+    Answers,
+    /// An agent of another user: the socket is not open to this one.
+    NotThisUsers,
+    /// No agent (an outpost command has no socket).
+    Nothing,
+}
+
+impl SocketProbe {
+    /// Who answers, by how a connection to the socket went.
+    pub fn judge(connected: std::io::Result<()>) -> SocketProbe {
+        match connected {
+            Ok(()) => SocketProbe::Answers,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => SocketProbe::NotThisUsers,
+            Err(_) => SocketProbe::Nothing,
+        }
+    }
+}
+
+/// Connects to the admin socket of the store at `store_path` to see who answers. Blocks until
+/// the connection is made or refused: a wedged agent's full backlog holds it.
+pub fn probe_socket(store_path: &Path) -> SocketProbe {
+    SocketProbe::judge(std::os::unix::net::UnixStream::connect(socket_path(store_path)).map(drop))
+}
+
 /// Where the socket is made before it is moved to its place: a folder only the owner may
 /// enter, so that nobody else can connect in the moment between binding the socket (with the
 /// umask's mode) and narrowing its mode. Short, so that its path is no longer than the

@@ -306,13 +306,7 @@ fn read_rejected(key: &[u8], value: &[u8]) -> Result<Rejected, StoreError> {
 }
 
 fn decode_rejected(bytes: &[u8]) -> Result<RejectedRecord, StoreError> {
-    super::codec::decode(REJECTED_V1, bytes).map_err(|e| StoreError::Corrupt {
-        what: "rejected message".into(),
-        detail: match e {
-            super::codec::CodecError::Corrupt(detail) => detail,
-            other => other.to_string(),
-        },
-    })
+    super::codec::decode(REJECTED_V1, bytes).map_err(|e| StoreError::corrupt("rejected message", e))
 }
 
 /// A position value: the sequence (u64 BE), then the stream's fingerprint (u64 BE). Stores
