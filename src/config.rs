@@ -908,6 +908,57 @@ fn long_idempotency_key_warning(max_profiles_per_request: u64) -> Option<String>
     })
 }
 
+/// What a payload's segment entries will lack although the mapping asks for it: a name
+/// (`include_segment_names`) or the segment's own times (`include_segment_timestamps`) that
+/// `mapping.segments` does not give. The agent has no other source for them, so an entry
+/// without them goes out without those fields.
+fn missing_segment_details_warnings(mapping: &Mapping) -> Vec<String> {
+    let lacking = |lacks: &dyn Fn(&SegmentDetails) -> bool| -> Vec<&str> {
+        let none = SegmentDetails::default();
+        mapping
+            .segments
+            .iter()
+            .filter(|id| lacks(mapping.segment_details.get(*id).unwrap_or(&none)))
+            .map(String::as_str)
+            .collect()
+    };
+    let listed = |ids: &[&str]| {
+        const SHOWN: usize = 5;
+        let mut text = ids
+            .iter()
+            .take(SHOWN)
+            .map(|id| format!("`{id}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if ids.len() > SHOWN {
+            text.push_str(&format!(" and {} more", ids.len() - SHOWN));
+        }
+        text
+    };
+    let mut warnings = Vec::new();
+    if mapping.include_segment_names {
+        let unnamed = lacking(&|d| d.name.is_none());
+        if !unnamed.is_empty() {
+            warnings.push(format!(
+                "mapping.include_segment_names is true, but {} of the mapped segments have no name ({}): their entries go without `name`; give each as a table, {{ id = \"…\", name = \"…\" }}",
+                unnamed.len(),
+                listed(&unnamed)
+            ));
+        }
+    }
+    if mapping.include_segment_timestamps {
+        let untimed = lacking(&|d| d.created_at_ms.is_none() || d.updated_at_ms.is_none());
+        if !untimed.is_empty() {
+            warnings.push(format!(
+                "mapping.include_segment_timestamps is true, but {} of the mapped segments lack created_at or updated_at ({}): their entries go without `createdAt` or `updatedAt` (`mappingCreatedAt` and `mappingUpdatedAt` are the agent's own); give them in each segment's table",
+                untimed.len(),
+                listed(&untimed)
+            ));
+        }
+    }
+    warnings
+}
+
 /// The warnings for credentials the config would send in clear text across the network: the
 /// access token (or static token, or an `Authorization` of `custom_headers`) to an `http://`
 /// endpoint, the client's secret (and password) to an `http://` token endpoint.
@@ -1305,6 +1356,7 @@ impl Config {
             ));
         }
         warnings.extend(long_idempotency_key_warning(d.max_profiles_per_request));
+        warnings.extend(missing_segment_details_warnings(&mapping));
         // Upper bounds catch a value in the wrong unit, and keep every deadline the agent
         // adds them to (a stop's, a retry's) within what a clock can hold.
         for (key, value, most) in [
@@ -2604,6 +2656,56 @@ client_secret = "s3cr3t-value"
             "client_id = \"edge-agent\"\ncredentials = \"header\"",
         );
         assert!(error_of(&bad).contains("destination.auth.credentials"));
+    }
+
+    /// The agent has nothing but the config to name a segment or date it, so asking for what
+    /// the config does not give is warned of, listing the segments that go without.
+    #[test]
+    fn asking_for_segment_details_the_config_does_not_give_is_warned_of() {
+        let with = |segments: &str, switches: &str| {
+            parse(&VALID.replace(
+                "segments = [\"seg-a\"]",
+                &format!("segments = [{segments}]\n{switches}"),
+            ))
+            .unwrap()
+            .warnings
+        };
+        let whole = "{ id = \"seg-b\", name = \"VIPs\", created_at = 2025-10-01T00:00:00Z, updated_at = 2026-01-05T10:00:00Z }";
+        let both = "include_segment_names = true\ninclude_segment_timestamps = true";
+        assert_eq!(with(whole, both), Vec::<String>::new());
+        // Nothing asked for, nothing to warn of.
+        assert_eq!(with("\"seg-a\", \"seg-c\"", ""), Vec::<String>::new());
+
+        let warned = with(
+            &format!("\"seg-a\", {whole}, {{ id = \"seg-c\", name = \"Lapsed\" }}"),
+            both,
+        );
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(
+            warned[0].starts_with("mapping.include_segment_names")
+                && warned[0].contains("1 of the mapped segments have no name (`seg-a`)"),
+            "{warned:?}"
+        );
+        assert!(
+            warned[1].starts_with("mapping.include_segment_timestamps")
+                && warned[1].contains(
+                    "2 of the mapped segments lack created_at or updated_at (`seg-a`, `seg-c`)"
+                ),
+            "{warned:?}"
+        );
+        assert_eq!(
+            with("\"seg-a\"", "include_segment_timestamps = true").len(),
+            1
+        );
+
+        let many: Vec<String> = (1..=7).map(|n| format!("\"s{n}\"")).collect();
+        let warned = with(&many.join(", "), "include_segment_names = true");
+        assert!(
+            warned[0].contains(
+                "7 of the mapped segments have no name (`s1`, `s2`, `s3`, `s4`, `s5` and 2 more)"
+            ),
+            "{warned:?}"
+        );
     }
 
     #[test]
