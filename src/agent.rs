@@ -179,6 +179,9 @@ impl Agent {
             None => Ready::new(config).await?,
         };
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .outbox_max_bytes
+            .set(i64::try_from(config.storage.max_outbox_bytes).unwrap_or(i64::MAX));
         let (store, watcher, mapping) = start_store(config, &metrics).await?;
         let listener = Ready::listen(socket, config.ingest.listen)?;
         let wake = Arc::new(Notify::new());

@@ -104,6 +104,10 @@ pub struct Metrics {
     pub outbox_dead: Gauge,
     /// The longest a pending export has waited in run time (0: none pending).
     pub outbox_oldest_waited: Gauge,
+    /// What pending exports and dead letters take, as `storage.max_outbox_bytes` counts it.
+    pub outbox_bytes: Gauge,
+    /// `storage.max_outbox_bytes`: at it, ingest is refused with 503 until deliveries make room.
+    pub outbox_max_bytes: Gauge,
     /// Profiles stored (as the store keeps the count).
     pub profiles_stored: Gauge,
     /// Bytes the store's files take on the disk.
@@ -158,6 +162,8 @@ impl Metrics {
         let outbox_pending = Gauge::default();
         let outbox_dead = Gauge::default();
         let outbox_oldest_waited = Gauge::default();
+        let outbox_bytes = Gauge::default();
+        let outbox_max_bytes = Gauge::default();
         let token_fetches = Counter::default();
         let delivery_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let clock_jumps = Counter::default();
@@ -240,6 +246,16 @@ impl Metrics {
             "outbox_oldest_pending_seconds",
             "The longest run time a pending export has waited, what delivery.max_age_s counts (0: none pending)",
             outbox_oldest_waited.clone(),
+        );
+        registry.register(
+            "outbox_bytes",
+            "Bytes pending exports and dead letters take, as storage.max_outbox_bytes counts them",
+            outbox_bytes.clone(),
+        );
+        registry.register(
+            "outbox_max_bytes",
+            "storage.max_outbox_bytes: at it, ingest is refused (503) until deliveries make room",
+            outbox_max_bytes.clone(),
         );
         let profiles_stored = Gauge::default();
         registry.register(
@@ -345,6 +361,8 @@ impl Metrics {
             outbox_pending,
             outbox_dead,
             outbox_oldest_waited,
+            outbox_bytes,
+            outbox_max_bytes,
             profiles_stored,
             store_disk_bytes,
             token_fetches,
@@ -460,6 +478,8 @@ impl Metrics {
         self.outbox_dead.set(stats.dead as i64);
         self.outbox_oldest_waited
             .set(stats.oldest_pending_waited_s.unwrap_or(0) as i64);
+        self.outbox_bytes
+            .set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
         if let Some(profiles) = stats.profiles {
             self.profiles_stored.set(profiles as i64);
         }

@@ -801,6 +801,12 @@ async fn a_full_outbox_answers_503_with_retry_after_and_sigterm_still_stops() {
         "{metrics}"
     );
     assert_eq!(sample(&metrics, "outpost_outbox_pending"), Some(2.0));
+    // What an alert on a filling outbox compares: the bytes, as the store counts them, and
+    // the limit they reached.
+    assert_eq!(sample(&metrics, "outpost_outbox_max_bytes"), Some(1.0));
+    let bytes = ws.outbox_stats()["bytes"].as_f64().unwrap();
+    assert!(bytes > 1.0, "{bytes}");
+    assert_eq!(sample(&metrics, "outpost_outbox_bytes"), Some(bytes));
 
     // SIGTERM while the destination fails and the loop backs off: exit 0, within 5 s.
     let status = agent
