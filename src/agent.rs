@@ -245,6 +245,7 @@ impl Agent {
         };
         let source = match &config.nats {
             Some(nats) => {
+                metrics.expect_source_messages();
                 let (state, consumers) = crate::source::nats::start(
                     nats,
                     Arc::clone(&store),

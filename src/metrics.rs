@@ -460,6 +460,13 @@ impl Metrics {
         }
     }
 
+    /// With a NATS source configured, its `result` series are there from the start, as the
+    /// others are: a rate over them, or an alert that asks whether an agent has a source,
+    /// needs them before the first message.
+    pub fn expect_source_messages(&self) {
+        self.record_source_messages(0, 0, 0);
+    }
+
     pub fn source_messages(&self, result: &'static str) -> u64 {
         self.source_messages
             .get_or_create(&vec![("result", result)])

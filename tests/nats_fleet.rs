@@ -1538,6 +1538,20 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         healthz_json(agent.addr).await["nats"]["state"],
         "disconnected"
     );
+    // What data/prometheus/outpost-alerts.yml's OutpostNatsDisconnected reads: not connected,
+    // and a source configured (its series there before any message).
+    let (_, metrics) = http_get(agent.addr, "/metrics").await;
+    for sample in [
+        "outpost_source_connected 0",
+        "outpost_source_messages_total{result=\"committed\"} 0",
+        "outpost_source_messages_total{result=\"skipped\"} 0",
+        "outpost_source_messages_total{result=\"rejected\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == sample),
+            "no {sample} in:\n{metrics}"
+        );
+    }
     // `outpost top` reads the source's state as it shows it, whether or not `/metrics` was
     // scraped (it has not been).
     let top = setup.cli(&["top", "--once", "--interval", "0.2"]);
