@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::agent_process::workspace_with_agent;
+use common::promql::{grouping_labels, metric_names};
 use common::*;
 use outpost::top::samples::Samples;
 use serde_json::Value;
@@ -32,34 +33,6 @@ fn expressions(dashboard: &Value) -> Vec<String> {
     found
 }
 
-/// The `outpost_…` names in an expression.
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut rest = expr;
-    while let Some(start) = rest.find("outpost_") {
-        let tail = &rest[start..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        names.push(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    names
-}
-
-/// The labels of every `by (a, b)` in an expression.
-fn grouping_labels(expr: &str) -> Vec<String> {
-    expr.split("by (")
-        .skip(1)
-        .flat_map(|tail| {
-            tail[..tail.find(')').unwrap()]
-                .split(',')
-                .map(|l| l.trim().to_owned())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 #[test]
 fn the_helpers_find_names_and_labels() {
     let expr = "histogram_quantile(0.5, sum by (le) (rate(outpost_delivery_latency_seconds_bucket{instance=~\"$instance\"}[5m]))) / sum by (a, b) (outpost_x)";
@@ -68,6 +41,10 @@ fn the_helpers_find_names_and_labels() {
         ["outpost_delivery_latency_seconds_bucket", "outpost_x"]
     );
     assert_eq!(grouping_labels(expr), ["le", "a", "b"]);
+    assert_eq!(
+        grouping_labels("x == 0 and on (instance) group by (instance, job) (y)"),
+        ["instance", "job", "instance"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

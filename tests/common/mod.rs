@@ -9,6 +9,7 @@ pub mod connect_proxy;
 pub mod memory;
 pub mod nats;
 pub mod pki;
+pub mod promql;
 
 pub const SEGMENT_A: &str = "7841ba61-23c1-4bb3-a495-00d3g5fe1e93";
 pub const SEGMENT_B: &str = "59bd2fkd-3c48-4b18-bf56-4f5c5e6967ae";
