@@ -10,6 +10,7 @@ mod output;
 mod preflight;
 mod top;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -877,11 +878,18 @@ fn print_unreadable(found: &Value, json: bool) -> Result<(), CliError> {
         }
     }
     let to_repair = records.iter().filter(|r| repairs(r)).count();
-    // Left by repair, and its partition does not start: the operator's to act on.
-    let positions = records
+    // Left by repair, and its partition does not start: the operator's to act on. An agent
+    // of an earlier build names no command; its only such records were unreadable positions.
+    let mut partitions_waiting: BTreeMap<&str, usize> = BTreeMap::new();
+    for record in records
         .iter()
         .filter(|r| r["tree"] == "positions" && !repairs(r))
-        .count();
+    {
+        let command = record["partition_waits_for"]
+            .as_str()
+            .unwrap_or("nats set-position");
+        *partitions_waiting.entry(command).or_default() += 1;
+    }
     if !json {
         println!("{} unreadable record(s)", records.len());
     }
@@ -891,11 +899,18 @@ fn print_unreadable(found: &Value, json: bool) -> Result<(), CliError> {
             "{to_repair} unreadable record(s); `outpost repair` acts on them"
         ));
     }
-    if positions > 0 {
-        failures.push(format!(
-            "{positions} unreadable stream position(s): their partitions do not start until \
-             `outpost nats set-position` sets them"
-        ));
+    for (command, partitions) in partitions_waiting {
+        failures.push(match command {
+            "nats set-position" => format!(
+                "{partitions} unreadable stream position(s): their partitions do not start \
+                 until `outpost nats set-position` sets them"
+            ),
+            move_command => format!(
+                "{partitions} partition(s) whose {} did not finish: not consumed until \
+                 `outpost {move_command}` is run again as before",
+                move_command.trim_start_matches("nats ")
+            ),
+        });
     }
     if failures.is_empty() {
         Ok(())
@@ -1140,6 +1155,50 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// What `check --store` says to do with the records it lists: each partition stopped is
+    /// sent to the command it waits for.
+    #[test]
+    fn check_store_sends_each_stopped_partition_to_its_command() {
+        let record = |tree: &str, repairs: bool, waits_for: Option<&str>| {
+            let mut record =
+                json!({"tree": tree, "key": "5", "error": "e", "action": "a", "repairs": repairs});
+            if let Some(command) = waits_for {
+                record["partition_waits_for"] = command.into();
+            }
+            record
+        };
+        let failure = |records: Vec<Value>| match print_unreadable(&Value::Array(records), true) {
+            Ok(()) => String::new(),
+            Err(CliError::Failure(message)) => message,
+            Err(other) => panic!("{other:?}"),
+        };
+        assert_eq!(failure(vec![]), "");
+        // Nothing for an operator: a rejected message kept as it is.
+        assert_eq!(failure(vec![record("rejected", false, None)]), "");
+        assert_eq!(
+            failure(vec![
+                record("outbox", true, None),
+                record("profiles", true, None)
+            ]),
+            "2 unreadable record(s); `outpost repair` acts on them"
+        );
+        assert_eq!(
+            failure(vec![
+                record("positions", false, Some("nats hand-over")),
+                record("positions", false, Some("nats hand-over")),
+                record("positions", false, Some("nats take-over")),
+                record("positions", false, Some("nats set-position")),
+                // From an agent of an earlier build, which names no command.
+                record("positions", false, None),
+            ]),
+            "2 partition(s) whose hand-over did not finish: not consumed until `outpost nats \
+             hand-over` is run again as before; 2 unreadable stream position(s): their \
+             partitions do not start until `outpost nats set-position` sets them; 1 \
+             partition(s) whose take-over did not finish: not consumed until `outpost nats \
+             take-over` is run again as before"
+        );
+    }
 
     /// An agent holding exports 1 to `exports`; `pages` says whether it honours `after`.
     fn agent(

@@ -1254,6 +1254,14 @@ mod tests {
         assert!(written.wrote && written.forgotten == 0);
         let why = giving.partition_moved(2).unwrap().unwrap();
         assert!(why.contains("hand-over did not finish"), "{why}");
+        let listed = giving.unreadable().unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|r| (r.key.as_str(), r.partition_waits_for))
+                .collect::<Vec<_>>(),
+            [("2", Some("nats hand-over"))]
+        );
         assert!(giving.profile_record(&moving[0]).unwrap().is_some());
         // From then on, updates of the partition's profiles that do not come from the stream
         // are refused, and those of other partitions' profiles stored.
@@ -1418,6 +1426,7 @@ mod tests {
             ),
             ("positions", "1", "the partition's take-over did not finish")
         );
+        assert_eq!(listed[0].partition_waits_for, Some("nats take-over"));
         let unfinished = taking.source_position(1, STREAM, 100).unwrap_err();
         assert!(
             unfinished.to_string().contains("did not finish"),

@@ -926,6 +926,7 @@ impl Store {
                     .into(),
                     action: "delete it (the key names nothing)".into(),
                     repairs: true,
+                    partition_waits_for: None,
                 })
                 .collect();
             for item in t.positions.iter() {
@@ -938,9 +939,9 @@ impl Store {
                 match decode_moved(&value) {
                     Some((Moved::Given, _)) => continue,
                     Some((moved, _)) => {
-                        let command = match moved {
-                            Moved::Taking => "take-over",
-                            _ => "hand-over",
+                        let (command, waits_for) = match moved {
+                            Moved::Taking => ("take-over", "nats take-over"),
+                            _ => ("hand-over", "nats hand-over"),
                         };
                         found.push(UnreadableRecord {
                             tree: "positions",
@@ -951,6 +952,7 @@ impl Store {
                                  nats {command}` is run again as before, and finishes"
                             ),
                             repairs: false,
+                            partition_waits_for: Some(waits_for),
                         });
                         continue;
                     }
@@ -969,6 +971,7 @@ impl Store {
                              sets it"
                         .into(),
                     repairs: false,
+                    partition_waits_for: Some("nats set-position"),
                 });
             }
             for item in t.rejected.iter() {
@@ -983,6 +986,7 @@ impl Store {
                                  `rejected drop` deletes it"
                                 .into(),
                             repairs: false,
+                            partition_waits_for: None,
                         })
                     }
                     // Readable, or a key listed above.
@@ -1000,6 +1004,7 @@ impl Store {
                     ),
                     action: "count them again".into(),
                     repairs: true,
+                    partition_waits_for: None,
                 });
             }
             Ok(found)

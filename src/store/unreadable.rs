@@ -67,6 +67,11 @@ pub struct UnreadableRecord {
     /// count of rejected messages that disagrees with them; nor on the stream records it
     /// leaves).
     pub repairs: bool,
+    /// The command a partition waits for, stopped until it is run: `nats set-position` for an
+    /// unreadable stream position, `nats hand-over` or `nats take-over` for a move left
+    /// unfinished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_waits_for: Option<&'static str>,
 }
 
 /// A key as text: as it is when it is UTF-8 without control characters, else escaped.
@@ -190,6 +195,7 @@ impl Store {
                 error: format!("was {}", note.was),
                 action: action.into(),
                 repairs: false,
+                partition_waits_for: None,
             });
         }
         let t = self.trees()?;
@@ -202,6 +208,7 @@ impl Store {
                 error: "is not 8 bytes".into(),
                 action: "count the profiles again".into(),
                 repairs: true,
+                partition_waits_for: None,
             });
         }
         for unreadable in unreadable_profiles(&t)? {
@@ -213,6 +220,7 @@ impl Store {
                     action: "forget the group's profiles (their next updates count them as new)"
                         .into(),
                     repairs: true,
+                    partition_waits_for: None,
                 },
                 Unreadable::Profile { id, error } => UnreadableRecord {
                     tree: "profiles",
@@ -220,6 +228,7 @@ impl Store {
                     error: error.to_string(),
                     action: "forget the profile (its next update counts it as new)".into(),
                     repairs: true,
+                    partition_waits_for: None,
                 },
                 Unreadable::NotAnId { key } => UnreadableRecord {
                     tree: "profiles",
@@ -227,6 +236,7 @@ impl Store {
                     error: "the key is not a profile id (not UTF-8)".into(),
                     action: "delete it".into(),
                     repairs: true,
+                    partition_waits_for: None,
                 },
             });
         }
@@ -257,6 +267,7 @@ impl Store {
                     error: e.to_string(),
                     action: action.into(),
                     repairs: true,
+                    partition_waits_for: None,
                 });
             }
         }
