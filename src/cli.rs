@@ -258,7 +258,9 @@ pub enum NatsCommand {
     /// hand-over` and `take-over`, which pass its claim on). An agent waiting for the
     /// partition claims it within seconds; one still consuming it claims it again within
     /// seconds (and logs a warning), unless a waiting agent took it first: then both consume
-    /// it for a few seconds, so stop the consuming agent first.
+    /// it for a few seconds, so stop the consuming agent first. Exits 1 when it left a claim
+    /// as it is (one that says its partition was handed over, without --force, or that
+    /// changed meanwhile), having released the others.
     ///
     /// Example: outpost nats release 4-7 --config outpost.toml
     Release {

@@ -2759,11 +2759,18 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{handed}"
     );
 
-    // Meanwhile the claims are no store's, and not released without --force.
-    let kept = second.cli(&["nats", "release", "6"]);
+    // Meanwhile the claims are no store's, and not released without --force: the command
+    // says so, and exits 1.
+    let kept = second.run(&["nats", "release", "6"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&kept.stdout),
+        String::from_utf8_lossy(&kept.stderr),
+    );
+    assert_eq!(kept.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
-        kept.contains("left as it is: its claim says handed over in file"),
-        "{kept}"
+        stdout.contains("left as it is: its claim says handed over in file")
+            && stderr.contains("1 claim(s) say their partition was handed over"),
+        "{stdout}\n{stderr}"
     );
 
     // A take-over of the same file begun from another store (the claims say so, as it first
@@ -2781,11 +2788,13 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         "{stderr}"
     );
     assert!(!second.dir.path().join("store").exists());
-    let kept = second.cli(&["nats", "release", "6"]);
+    let kept = second.run(&["nats", "release", "6"]);
+    let stdout = String::from_utf8_lossy(&kept.stdout);
+    assert_eq!(kept.status.code(), Some(1), "{stdout}");
     assert!(
-        kept.contains("left as it is")
-            && kept.contains("store 0badc0de's take-over of that file has not finished"),
-        "{kept}"
+        stdout.contains("left as it is")
+            && stdout.contains("store 0badc0de's take-over of that file has not finished"),
+        "{stdout}"
     );
     let kept = first.run(&["nats", "hand-over", "6-7", file_arg]);
     let stderr = String::from_utf8_lossy(&kept.stderr);

@@ -40,7 +40,7 @@ pub(super) async fn release(
         .map_err(|e| CliError::Usage(format!("partitions: {e}")))?;
     let failure = |e: crate::source::nats::NatsError| CliError::Failure(e.to_string());
     let claims = claim::open(nats).await.map_err(failure)?;
-    let mut changed = 0;
+    let (mut changed, mut handed_over) = (0, 0);
     for partition in partitions {
         let read = claim::read(&claims, partition).await.map_err(failure)?;
         let holder = read.holder.as_ref();
@@ -59,6 +59,7 @@ pub(super) async fn release(
                      or give --force to let it go, and an agent that owns it consumes it from \
                      the stream's start"
                 );
+                handed_over += 1;
                 continue;
             }
         }
@@ -78,11 +79,23 @@ pub(super) async fn release(
             }
         }
     }
-    match changed {
-        0 => Ok(()),
-        n => Err(CliError::Failure(format!(
-            "{n} claim(s) changed while they were being released, and were left as they are"
-        ))),
+    // A partition left as it is was not released, whatever the others were: a script must
+    // not take the command's success for its own.
+    let mut left = Vec::new();
+    if handed_over > 0 {
+        left.push(format!(
+            "{handed_over} claim(s) say their partition was handed over, and were left as they \
+             are (--force lets them go)"
+        ));
+    }
+    if changed > 0 {
+        left.push(format!(
+            "{changed} claim(s) changed while they were being released, and were left as they are"
+        ));
+    }
+    match left.is_empty() {
+        true => Ok(()),
+        false => Err(CliError::Failure(left.join("; "))),
     }
 }
 
