@@ -42,13 +42,16 @@ impl std::str::FromStr for ExportId {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || format!("`{text}` is not an export id (like 3fa2c1d0-42)");
         let (store, seq) = text.split_once('-').ok_or_else(bad)?;
-        if store.len() != 8 {
-            return Err(bad());
-        }
-        Ok(ExportId {
+        let id = ExportId {
             store: u32::from_str_radix(store, 16).map_err(|_| bad())?,
             seq: seq.parse().map_err(|_| bad())?,
-        })
+        };
+        // Only as the id is shown and sent (`Idempotency-Key`): the integer parsers also take
+        // a `+`, leading zeros and capitals, which would name the export by another key.
+        match id.to_string() == text {
+            true => Ok(id),
+            false => Err(bad()),
+        }
     }
 }
 
@@ -629,6 +632,38 @@ mod tests {
         }
         // A clock before the epoch gives no floor.
         assert_eq!(sequence_floor(UNIX_EPOCH - Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn an_export_id_is_read_only_as_it_is_shown() {
+        let id = ExportId {
+            store: 0xcfd8_b88b,
+            seq: 1839,
+        };
+        assert_eq!("cfd8b88b-1839".parse::<ExportId>(), Ok(id));
+        assert_eq!(
+            "0000000a-0".parse::<ExportId>(),
+            Ok(ExportId { store: 10, seq: 0 })
+        );
+        for text in [
+            "CFD8B88B-1839",
+            "cfd8b88b-+1839",
+            "+fd8b88b-1839",
+            "cfd8b88b-01839",
+            "fd8b88b-1839",
+            "0cfd8b88b-1839",
+            "cfd8b88b-1839 ",
+            "cfd8b88b--1839",
+            "cfd8b88b-",
+            "cfd8b88b",
+            "",
+        ] {
+            assert_eq!(
+                text.parse::<ExportId>(),
+                Err(format!("`{text}` is not an export id (like 3fa2c1d0-42)")),
+                "{text}"
+            );
+        }
     }
 
     #[test]
