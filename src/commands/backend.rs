@@ -334,12 +334,15 @@ fn run_backfill(
 }
 
 /// How long the agent may take to answer `request`. A compaction takes as long as the store
-/// is large, and so does a repair of every dead letter (a page at a time, a retry's each
-/// waiting for the requests in flight); the agent answers when it is done. A retry, and a
-/// drop, by id first wait for the requests in flight (see [`put_back_wait`]).
+/// is large, and so do reading every record for the unreadable ones (`check --store`) and
+/// acting on them (`repair`), and a repair of every dead letter (a page at a time, a retry's
+/// each waiting for the requests in flight); the agent answers when it is done. A retry, and
+/// a drop, by id first wait for the requests in flight (see [`put_back_wait`]).
 fn answer_within(request: &AdminRequest, request_timeout: Duration) -> Option<Duration> {
     match request {
         AdminRequest::Compact
+        | AdminRequest::Unreadable
+        | AdminRequest::RepairUnreadable
         | AdminRequest::HandOver { .. }
         | AdminRequest::TakeOver { .. }
         | AdminRequest::CheckTakeOver { .. }
@@ -420,6 +423,36 @@ pub(super) fn call_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What reads or rewrites the whole store gets all the time it takes, however large the
+    /// store and slow its disk; the rest is answered within a bound.
+    #[test]
+    fn requests_that_walk_the_whole_store_wait_for_their_answer() {
+        let timeout = Duration::from_secs(10);
+        for request in [
+            AdminRequest::Compact,
+            AdminRequest::Unreadable,
+            AdminRequest::RepairUnreadable,
+            AdminRequest::Retry {
+                ids: vec![],
+                all_dead: true,
+            },
+        ] {
+            assert_eq!(answer_within(&request, timeout), None, "{request:?}");
+        }
+        assert_eq!(
+            answer_within(&AdminRequest::Stats, timeout),
+            Some(AGENT_TIMEOUT)
+        );
+        assert!(answer_within(
+            &AdminRequest::Drop {
+                ids: vec!["00000001-1".into()],
+                all_dead: false
+            },
+            timeout
+        )
+        .is_some());
+    }
 
     #[test]
     fn updates_go_to_the_agent_in_requests_it_reads_whole() {
