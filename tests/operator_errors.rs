@@ -134,6 +134,68 @@ fn store_folder_that_cannot_be_written() {
     assert_eq!(error_line(&out), line);
 }
 
+/// A `storage.path` through a file (`afile/store`, `afile` a file) holds no store: commands
+/// that read the store say there is none (exit 2, as for a path mistyped), and those that
+/// would make it name the part that is a file; as root (acting as the folder's owner) and
+/// as another user alike.
+#[test]
+fn a_store_path_through_a_file_is_named_as_such() {
+    let ws = Workspace::new();
+    let file = ws.path().join("afile");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let store = file.join("store");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap().replace(
+        "path = \"store\"",
+        &format!("path = {:?}", store.to_str().unwrap()),
+    );
+    std::fs::write(ws.config_path(), config).unwrap();
+    let input = ws.path().join("one.ndjson");
+    std::fs::write(&input, member_update("p-1", "A", "2026-01-01T00:00:01Z")).unwrap();
+    let mut users = vec![None];
+    if unsafe { libc::geteuid() } == 0 {
+        for path in [ws.path(), &ws.config_path(), &input] {
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        users.push(Some(65534));
+    }
+    for uid in users {
+        for command in [
+            &["outbox", "stats"][..],
+            &["check", "--store"],
+            &["repair", "--yes"],
+        ] {
+            let out = run(&ws, command, uid);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{command:?} as {uid:?}: {}",
+                stderr(&out)
+            );
+            let last_line = stderr(&out).lines().last().unwrap_or_default().to_owned();
+            assert_eq!(
+                last_line,
+                format!(
+                    "outpost: there is no store at {} (`storage.path` in the config)",
+                    store.display()
+                ),
+                "{command:?} as {uid:?}"
+            );
+        }
+        for command in [&["ingest", input.to_str().unwrap()][..], &["run"]] {
+            let out = run(&ws, command, uid);
+            assert!(
+                error_line(&out).starts_with(&format!(
+                    "outpost: storage.path {}: a part of that path is a file, not a folder",
+                    store.display()
+                )),
+                "{command:?} as {uid:?}: {}",
+                stderr(&out)
+            );
+        }
+    }
+}
+
 /// A token endpoint on loopback that answers every request 200 with this content type and
 /// body.
 async fn token_endpoint(content_type: &'static str, body: &'static str) -> String {

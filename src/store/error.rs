@@ -91,6 +91,15 @@ pub(super) fn io_detail(e: &std::io::Error) -> String {
     }
 }
 
+/// Whether looking up a path failed because it names nothing: not there, or through a file
+/// (`store/db` where `store` is a file), which can hold no store either.
+pub(crate) fn names_nothing(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// Whether an I/O error means the disk (or the user's quota on it) is full.
 pub fn is_no_space(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))

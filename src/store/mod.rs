@@ -94,6 +94,7 @@ use std::sync::{Arc, RwLock};
 use crate::clock::{ClockRecord, RunClock};
 use keys::meta;
 
+use error::names_nothing;
 pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};

@@ -346,12 +346,11 @@ impl Store {
     /// swap ([`rebuild`]) with only the state of the swap.
     pub fn exists_at(path: &Path) -> Result<bool, StoreError> {
         for file in ["db", rebuild::SWAP_STATE] {
-            if path
-                .join(file)
-                .try_exists()
-                .map_err(|e| rebuild::io_error(path, &e))?
-            {
-                return Ok(true);
+            match path.join(file).try_exists() {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(e) if super::names_nothing(&e) => {}
+                Err(e) => return Err(rebuild::io_error(path, &e)),
             }
         }
         Ok(false)

@@ -195,11 +195,12 @@ impl StoreOwner {
             }
             Ok(_) => {}
             // Said before anything is made or judged: with no store, such a command stops.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound && store_use == StoreUse::Existing =>
-            {
+            Err(e) if super::names_nothing(&e) && store_use == StoreUse::Existing => {
                 return Err(OwnerError::Missing(store.to_owned()))
             }
+            // A path through a file: nothing can be made there, and the open says which part
+            // of it is a file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
