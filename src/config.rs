@@ -1232,13 +1232,14 @@ impl Config {
             Some(t) if t.is_empty() => {
                 return Err(invalid("ingest.token", "must not be empty".into()))
             }
-            // A header value that is read as text holds only visible ASCII, spaces and tabs,
-            // and a space or tab at its end is not the sender's: such a token could never be
-            // matched.
-            Some(t) if !ingest_token_can_match(&t) => return Err(invalid(
+            // A header value that is read as text holds only visible ASCII, spaces and tabs;
+            // a space or tab at its end is not the sender's, and those after `Bearer` are
+            // read as the separator: such a token could never be matched.
+            Some(t) if !header_can_carry(&t) => return Err(invalid(
                 "ingest.token",
                 "may hold only ASCII letters, digits, punctuation, spaces and tabs, and must not \
-                     end with a space or tab: no request's Authorization header could carry it"
+                     begin or end with a space or tab: no request's Authorization header could \
+                     carry it"
                     .into(),
             )),
             other => other.map(Secret::new),
@@ -1565,16 +1566,13 @@ pub fn parse_custom_headers(
 
 type KeyError = (&'static str, String);
 
-/// Whether `Authorization: Bearer <token>` can carry `token` as the ingest API reads it.
-fn ingest_token_can_match(token: &str) -> bool {
-    let carried = |b: u8| b.is_ascii_graphic() || b == b' ' || b == b'\t';
-    token.bytes().all(carried) && !token.ends_with([' ', '\t'])
-}
-
-/// Whether `Authorization: Bearer <token>` carries `token` to a receiver as it is: one that
-/// began with a space or tab would be read as the token without it by most.
+/// Whether `Authorization: Bearer <token>` carries `token` as it is: a header value read as
+/// text holds only visible ASCII, spaces and tabs; one at its end is not the sender's, and
+/// those after `Bearer` separate the token from it (RFC 9110 §11.4), as most receivers read
+/// them, the ingest API among them.
 pub(crate) fn header_can_carry(token: &str) -> bool {
-    ingest_token_can_match(token) && !token.starts_with([' ', '\t'])
+    let carried = |b: u8| b.is_ascii_graphic() || b == b' ' || b == b'\t';
+    token.bytes().all(carried) && !token.starts_with([' ', '\t']) && !token.ends_with([' ', '\t'])
 }
 
 /// Whether a command needs the destination's secrets. Only `run` and `check` talk to the
@@ -3235,7 +3233,14 @@ client_secret = "s3cr3t-value"
 
     #[test]
     fn an_ingest_token_no_request_could_carry_is_refused() {
-        for token in ["pässwort", "s3cret ", "s3cret\t", "ünïcode ok?"] {
+        for token in [
+            "pässwort",
+            "s3cret ",
+            "s3cret\t",
+            " s3cret",
+            "\ts3cret",
+            "ünïcode ok?",
+        ] {
             let text = VALID.replacen(
                 "[storage]",
                 &format!("[ingest]\ntoken = {token:?}\n\n[storage]"),
@@ -3249,8 +3254,9 @@ client_secret = "s3cr3t-value"
             );
             assert!(!error.contains(token.trim()), "{token:?} shown: {error}");
         }
-        // A space inside (or before) it is carried: `Bearer s3 cret` is read as `s3 cret`.
-        for fine in ["A-z0.9_~+/=!#", "s3 cret", " s3cret"] {
+        // A space inside it is carried: `Bearer s3 cret` is read as `s3 cret`; those before
+        // it, as the separator.
+        for fine in ["A-z0.9_~+/=!#", "s3 cret"] {
             let text = VALID.replacen(
                 "[storage]",
                 &format!("[ingest]\ntoken = {fine:?}\n\n[storage]"),

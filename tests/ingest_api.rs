@@ -528,6 +528,28 @@ async fn the_ingest_token_is_required() {
     let (status, _, answer) = post(agent.addr, body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(ws.outbox_stats()["profiles"], 1);
+    // The scheme in any case, and one or more spaces (or tabs) before the token.
+    for (n, authorization) in [
+        "bearer ingest-secret",
+        "Bearer  ingest-secret",
+        "BEARER \t ingest-secret",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let update = member_update(&format!("p-{}", n + 2), "Jane", "2026-01-01T00:00:01Z");
+        let (status, _, answer) = request(
+            agent.addr,
+            "POST",
+            "/v1/updates",
+            Some(Payload::Sized(update.into_bytes())),
+            &[("authorization", authorization)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{authorization:?}: {answer}");
+    }
+    assert_eq!(ws.outbox_stats()["profiles"], 4);
     assert!(
         !agent.log().contains(TOKEN),
         "the log shows the ingest token"

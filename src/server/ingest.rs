@@ -397,9 +397,10 @@ fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
+        .and_then(|v| v.split_once([' ', '\t']))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token);
+        // One or more spaces separate the scheme from the token (RFC 9110 §11.4); tabs too.
+        .map(|(_, token)| token.trim_start_matches([' ', '\t']));
     given.is_some_and(|given| is_the_token(given.as_bytes(), token.expose().as_bytes()))
 }
 
