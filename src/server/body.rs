@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, CONTENT_ENCODING};
+use hyper::header::{HeaderMap, CONTENT_ENCODING, TRANSFER_ENCODING};
 use tokio::sync::Semaphore;
 
 /// Before its body is read, a request reserves room for it until its commit answers (or, its
@@ -218,6 +218,30 @@ pub fn body_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
     }
 }
 
+/// Why a body sent with `Transfer-Encoding` codings besides `chunked` (which the HTTP library
+/// undoes) is refused: they would be left on it and read as garbage. `None` when there are
+/// none.
+pub fn unsupported_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    let others: Vec<String> = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| {
+            String::from_utf8_lossy(value.as_bytes())
+                .split(',')
+                .map(|coding| coding.trim().to_owned())
+                .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    (!others.is_empty()).then(|| {
+        let shown: String = others.join(", ").chars().take(40).collect();
+        format!(
+            "Transfer-Encoding `{shown}` is not supported: send the body as it is or chunked, \
+             and a gzip body with Content-Encoding: gzip"
+        )
+    })
+}
+
 /// Decompresses a gzip body (one member or several, as `cat a.gz b.gz` makes), refusing one
 /// that grows past `limit` bytes. The compressed bytes are freed once read, and the slack of
 /// the growing buffer before the text is kept.
@@ -342,6 +366,8 @@ mod tests {
             for value in *values {
                 headers.append(CONTENT_ENCODING, value.parse().unwrap());
             }
+            // A transfer coding is another header's matter.
+            assert_eq!(unsupported_transfer_coding(&headers), None);
             match (body_encoding(&headers), expected) {
                 (Ok(found), Ok(expected)) => assert_eq!(found, *expected, "{values:?}"),
                 (Err(refused), Err(named)) => assert!(
@@ -349,6 +375,35 @@ mod tests {
                     "{values:?}: {refused}"
                 ),
                 (found, _) => panic!("{values:?}: {found:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn transfer_codings_but_chunked_are_refused() {
+        let cases: &[(&[&str], Option<&str>)] = &[
+            (&[], None),
+            (&["chunked"], None),
+            (&["Chunked"], None),
+            (&["gzip, chunked"], Some("`gzip`")),
+            (&["gzip", "chunked"], Some("`gzip`")),
+            (&["deflate, gzip, chunked"], Some("`deflate, gzip`")),
+            (&["identity, chunked"], Some("`identity`")),
+        ];
+        for (values, expected) in cases {
+            let mut headers = HeaderMap::new();
+            for value in *values {
+                headers.append(TRANSFER_ENCODING, value.parse().unwrap());
+            }
+            let refused = unsupported_transfer_coding(&headers);
+            match expected {
+                None => assert_eq!(refused, None, "{values:?}"),
+                Some(named) => assert!(
+                    refused.as_ref().is_some_and(
+                        |r| r.contains(&format!("Transfer-Encoding {named} is not supported"))
+                    ),
+                    "{values:?}: {refused:?}"
+                ),
             }
         }
     }

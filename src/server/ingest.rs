@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::{
-    body_encoding, discard_body, gunzip, read_body, BodyBudget, BodyError, Encoding, GunzipError,
-    BODY_DEADLINE_TIMEOUTS,
+    body_encoding, discard_body, gunzip, read_body, unsupported_transfer_coding, BodyBudget,
+    BodyError, Encoding, GunzipError, BODY_DEADLINE_TIMEOUTS,
 };
 use super::connection::{drive, Activity};
 use crate::config::Secret;
@@ -442,6 +442,12 @@ async fn admit(state: &IngestState, request: &Request<Incoming>) -> Result<Admit
             hyper::header::HeaderValue::from_static("Bearer"),
         );
         return Err(Box::new(answer));
+    }
+    if let Some(refused) = unsupported_transfer_coding(request.headers()) {
+        return Err(Box::new(error_answer(
+            StatusCode::NOT_IMPLEMENTED,
+            &refused,
+        )));
     }
     let encoding = body_encoding(request.headers())
         .map_err(|refused| error_answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, &refused))?;
