@@ -278,6 +278,8 @@ struct RawAuth {
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
@@ -356,6 +358,8 @@ struct RawIngest {
     listen: String,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
     #[serde(default = "default_max_body_bytes")]
     max_body_bytes: u64,
     #[serde(default = "default_max_future_s")]
@@ -377,6 +381,7 @@ impl Default for RawIngest {
         RawIngest {
             listen: default_listen(),
             token: None,
+            token_file: None,
             tls_cert_file: None,
             tls_key_file: None,
             client_ca_file: None,
@@ -1008,6 +1013,8 @@ pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<
                 "destination.auth.password",
                 "password_file or OUTPOST_PASSWORD",
             ),
+            ("destination.auth.token", "token_file or OUTPOST_TOKEN"),
+            ("ingest.token", "ingest.token_file or OUTPOST_INGEST_TOKEN"),
         ]
         .into_iter()
         .filter(|(key, _)| keys.contains(key))
@@ -1123,6 +1130,16 @@ impl Config {
                 "OUTPOST_PASSWORD",
                 "destination.auth.password",
             ),
+            (
+                a.is_some_and(|a| a.token.is_some() || a.token_file.is_some()),
+                "OUTPOST_TOKEN",
+                "destination.auth.token",
+            ),
+            (
+                raw.ingest.token.is_some() || raw.ingest.token_file.is_some(),
+                "OUTPOST_INGEST_TOKEN",
+                "ingest.token",
+            ),
         ]
         .into_iter()
         .filter(|(in_file, env, _)| {
@@ -1228,22 +1245,35 @@ impl Config {
                 ),
             )
         })?;
-        let ingest_token = match raw.ingest.token {
-            Some(t) if t.is_empty() => {
-                return Err(invalid("ingest.token", "must not be empty".into()))
-            }
-            // A header value that is read as text holds only visible ASCII, spaces and tabs;
-            // a space or tab at its end is not the sender's, and those after `Bearer` are
-            // read as the separator: such a token could never be matched.
-            Some(t) if !header_can_carry(&t) => return Err(invalid(
+        let ingest_token_keys = ("ingest.token", "ingest.token_file", "OUTPOST_INGEST_TOKEN");
+        let ingest_token_source = secret_source(
+            raw.ingest.token.is_some(),
+            raw.ingest.token_file.is_some(),
+            ingest_token_keys,
+        );
+        let ingest_token = read_optional_secret(
+            raw.ingest.token,
+            raw.ingest.token_file,
+            &relative,
+            ingest_token_keys,
+        )
+        .map_err(|(k, m)| invalid(k, m))?;
+        // A header value that is read as text holds only visible ASCII, spaces and tabs; a
+        // space or tab at its end is not the sender's, and those after `Bearer` are read as
+        // the separator: such a token could never be matched.
+        if ingest_token
+            .as_ref()
+            .is_some_and(|t| !header_can_carry(t.expose()))
+        {
+            return Err(invalid(
                 "ingest.token",
-                "may hold only ASCII letters, digits, punctuation, spaces and tabs, and must not \
-                     begin or end with a space or tab: no request's Authorization header could \
-                     carry it"
-                    .into(),
-            )),
-            other => other.map(Secret::new),
-        };
+                format!(
+                    "{ingest_token_source}may hold only ASCII letters, digits, punctuation, \
+                     spaces and tabs, and must not begin or end with a space or tab: no \
+                     request's Authorization header could carry it"
+                ),
+            ));
+        }
         if raw.ingest.max_body_bytes == 0 {
             return Err(invalid("ingest.max_body_bytes", "must be above 0".into()));
         }
@@ -1636,28 +1666,33 @@ fn validate_auth(
             }
             if kind == "none" {
                 unused(raw.token.is_some(), "destination.auth.token", kind)?;
+                unused(raw.token_file.is_some(), "destination.auth.token_file", kind)?;
                 return Ok(Auth::None);
             }
-            match raw.token {
-                Some(t) if !t.is_empty() && !header_can_carry(&t) => Err((
+            let keys = (
+                "destination.auth.token",
+                "destination.auth.token_file",
+                "OUTPOST_TOKEN",
+            );
+            let source = secret_source(raw.token.is_some(), raw.token_file.is_some(), keys);
+            let token = read_secret(raw.token, raw.token_file, relative, keys, secrets)?;
+            // Empty only where the environment would give it and the command needs it not.
+            if !token.expose().is_empty() && !header_can_carry(token.expose()) {
+                return Err((
                     "destination.auth.token",
-                    "may hold only ASCII letters, digits, punctuation, spaces and tabs, and must not \
-                     begin or end with a space or tab: an Authorization header could not carry it \
-                     as it is"
-                        .into(),
-                )),
-                Some(t) if !t.is_empty() => Ok(Auth::Bearer {
-                    token: Secret::new(t),
-                }),
-                _ => Err((
-                    "destination.auth.token",
-                    "is required with type = \"bearer\"".into(),
-                )),
+                    format!(
+                        "{source}may hold only ASCII letters, digits, punctuation, spaces and \
+                         tabs, and must not begin or end with a space or tab: an Authorization \
+                         header could not carry it as it is"
+                    ),
+                ));
             }
+            Ok(Auth::Bearer { token })
         }
         "oauth2_client_credentials" | "oauth2_password" => {
             let kind = raw.kind.as_str();
             unused(raw.token.is_some(), "destination.auth.token", kind)?;
+            unused(raw.token_file.is_some(), "destination.auth.token_file", kind)?;
             let endpoint = raw
                 .auth_endpoint
                 .ok_or(("destination.auth.auth_endpoint", "is required".to_owned()))?;
@@ -1734,6 +1769,34 @@ fn validate_auth(
             format!("`{other}` is not \"oauth2_client_credentials\", \"oauth2_password\", \"bearer\" or \"none\""),
         )),
     }
+}
+
+/// Where a secret read by [`read_secret`] comes from, to begin a message about its value: ""
+/// when inline (the key names it), else the file key or the variable.
+fn secret_source(
+    inline: bool,
+    file: bool,
+    (_, file_key, env): (&'static str, &'static str, &'static str),
+) -> String {
+    match (inline, file) {
+        (true, _) => String::new(),
+        (false, true) => format!("as given in {file_key}, it "),
+        (false, false) => format!("as given in env {env}, it "),
+    }
+}
+
+/// [`read_secret`] for a secret that may be left out: `None` when it is given nowhere (the
+/// variable unset); a variable set but empty is an error, as a key would be.
+fn read_optional_secret(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+    keys: (&'static str, &'static str, &'static str),
+) -> Result<Option<Secret>, KeyError> {
+    if inline.is_none() && file.is_none() && std::env::var_os(keys.2).is_none() {
+        return Ok(None);
+    }
+    read_secret(inline, file, relative, keys, Secrets::Required).map(Some)
 }
 
 /// A secret given inline, in a file, or in an environment variable (in that order of
@@ -2543,6 +2606,121 @@ client_secret = "s3cr3t-value"
         assert!(store_only.is_ok(), "{store_only:?}");
     }
 
+    /// The static token and the ingest token, like the client secret, may come from a file
+    /// or the environment instead of the config file; the ingest token, which may be left
+    /// out, is then asked for only when one of them gives it.
+    #[test]
+    fn tokens_from_a_file_or_the_environment() {
+        let _environment = environment();
+        std::env::remove_var("OUTPOST_TOKEN");
+        std::env::remove_var("OUTPOST_INGEST_TOKEN");
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("outpost.toml");
+        let bearer = |auth: &str, ingest: &str| {
+            let text = VALID.replace(
+                "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
+                &format!("type = \"bearer\"\n{auth}"),
+            );
+            let text = text.replacen("[storage]", &format!("[ingest]\n{ingest}\n\n[storage]"), 1);
+            Config::parse(&config_path, &text)
+        };
+        let tokens = |config: &Config| {
+            let Auth::Bearer { token } = &config.destination.auth else {
+                panic!("not bearer")
+            };
+            (
+                token.expose().to_owned(),
+                config.ingest.token.as_ref().map(|t| t.expose().to_owned()),
+            )
+        };
+        std::fs::write(dir.path().join("token"), "t0ken-from-file\n").unwrap();
+        std::fs::write(dir.path().join("ingest"), "ingest-from-file\r\n").unwrap();
+        let from_files = bearer("token_file = \"token\"", "token_file = \"ingest\"").unwrap();
+        assert_eq!(
+            tokens(&from_files),
+            ("t0ken-from-file".into(), Some("ingest-from-file".into()))
+        );
+        assert!(
+            from_files.inline_secrets.is_empty(),
+            "{:?}",
+            from_files.inline_secrets
+        );
+
+        // Not given: the static token is required, naming every place; no ingest token.
+        let error = bearer("", "").unwrap_err().to_string();
+        assert!(
+            error.contains("destination.auth.token: is required (or destination.auth.token_file, or env OUTPOST_TOKEN)"),
+            "{error}"
+        );
+        std::env::set_var("OUTPOST_TOKEN", "t0ken-from-env");
+        let from_env = bearer("", "");
+        std::env::set_var("OUTPOST_INGEST_TOKEN", "ingest-from-env");
+        let both_from_env = bearer("", "");
+        let shadowed = bearer("token = \"inline\"", "token = \"inline-ingest\"");
+        std::env::set_var("OUTPOST_INGEST_TOKEN", "");
+        let empty_ingest = bearer("", "").unwrap_err().to_string();
+        std::env::remove_var("OUTPOST_TOKEN");
+        std::env::remove_var("OUTPOST_INGEST_TOKEN");
+        assert_eq!(tokens(&from_env.unwrap()), ("t0ken-from-env".into(), None));
+        assert_eq!(
+            tokens(&both_from_env.unwrap()),
+            ("t0ken-from-env".into(), Some("ingest-from-env".into()))
+        );
+        let shadowed = shadowed.unwrap();
+        assert_eq!(
+            tokens(&shadowed),
+            ("inline".into(), Some("inline-ingest".into()))
+        );
+        assert_eq!(
+            shadowed.warnings,
+            [
+                "OUTPOST_TOKEN is set, but destination.auth.token (or its _file) in the config file is what is used",
+                "OUTPOST_INGEST_TOKEN is set, but ingest.token (or its _file) in the config file is what is used"
+            ]
+        );
+        assert!(
+            empty_ingest.contains("ingest.token: env OUTPOST_INGEST_TOKEN is set but empty"),
+            "{empty_ingest}"
+        );
+
+        // What a header could not carry is refused wherever it came from, saying where, and
+        // without showing it.
+        std::fs::write(dir.path().join("spaced"), " t0ken\n").unwrap();
+        for (auth, ingest, said) in [
+            (
+                "token_file = \"spaced\"",
+                "",
+                "destination.auth.token: as given in destination.auth.token_file, it may hold only",
+            ),
+            (
+                "token = \"t\"",
+                "token_file = \"spaced\"",
+                "ingest.token: as given in ingest.token_file, it may hold only",
+            ),
+        ] {
+            let error = bearer(auth, ingest).unwrap_err().to_string();
+            assert!(error.contains(said), "{error}");
+            assert!(!error.contains("t0ken"), "{error}");
+        }
+        let error = bearer("token = \"t\"\ntoken_file = \"token\"", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("give destination.auth.token or destination.auth.token_file, not both"),
+            "{error}"
+        );
+        // A key the type does not use.
+        let text = VALID.replace(
+            "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
+            "type = \"none\"\ntoken_file = \"token\"",
+        );
+        assert!(
+            error_of(&text).contains("destination.auth.token_file"),
+            "{}",
+            error_of(&text)
+        );
+    }
+
     /// Secrets of `[source.nats]` given in the file count toward the warning about a file
     /// others may read, as the destination's do.
     #[test]
@@ -2660,6 +2838,8 @@ client_secret = "s3cr3t-value"
     /// the config does not give is warned of, listing the segments that go without.
     #[test]
     fn asking_for_segment_details_the_config_does_not_give_is_warned_of() {
+        // The environment's secrets would add warnings (one test sets them).
+        let _environment = environment();
         let with = |segments: &str, switches: &str| {
             parse(&VALID.replace(
                 "segments = [\"seg-a\"]",
@@ -2781,6 +2961,8 @@ client_secret = "s3cr3t-value"
 
     #[test]
     fn a_proxy_is_an_http_address_whose_credentials_stay_secret() {
+        // The environment's secrets would add warnings (one test sets them).
+        let _environment = environment();
         let with = |lines: &str| {
             VALID.replace(
                 "custom_headers = \"x-api-version:2,x-tenant:acme\"\n",
@@ -3292,8 +3474,11 @@ client_secret = "s3cr3t-value"
         // Where a secret has another place, the warning names it; where none has, it names
         // none.
         let told = |keys: &[&str]| readable_secret_warning(path, 0o100644, keys).unwrap();
-        assert!(told(&["ingest.token", "destination.proxy"])
+        assert!(told(&["source.nats.token", "destination.proxy"])
             .ends_with("run chmod 600 /etc/outpost/outpost.toml"));
+        assert!(told(&["ingest.token", "destination.auth.token"]).ends_with(
+            ", or give destination.auth.token by token_file or OUTPOST_TOKEN and ingest.token by ingest.token_file or OUTPOST_INGEST_TOKEN"
+        ));
         assert!(told(&["destination.auth.client_secret", "destination.proxy"]).ends_with(
             "run chmod 600 /etc/outpost/outpost.toml, or give destination.auth.client_secret by client_secret_file or OUTPOST_CLIENT_SECRET"
         ));
