@@ -219,7 +219,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, String> {
         .map_err(|e| e.to_string())?;
     // Stopped by a signal (`stop`), the agent is stopped before its folder goes.
     let driven = tokio::select! {
-        driven = drive(&agent, &receiver, options) => driven,
+        driven = drive(&agent, &receiver, options, config.ingest.token.as_ref()) => driven,
         () = options.stop.cancelled() => Err("interrupted; the demo's temporary folder is removed".into()),
     };
     agent.stop().await.map_err(|e| e.to_string())?;
@@ -266,6 +266,7 @@ async fn drive(
     agent: &Agent,
     receiver: &Receiver,
     options: &DemoOptions,
+    ingest_token: Option<&crate::config::Secret>,
 ) -> Result<DemoReport, String> {
     let arrivals = Arc::new(std::sync::Mutex::new(Arrivals::default()));
     let (noting, store) = (Arc::clone(&arrivals), Arc::clone(&agent.store));
@@ -292,7 +293,15 @@ async fn drive(
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut ingested = BatchSummary::default();
     for batch in lines.chunks(BATCH_LINES) {
-        let request = hyper::Request::post(format!("http://{}/v1/updates", agent.listen_addr))
+        let mut request = hyper::Request::post(format!("http://{}/v1/updates", agent.listen_addr));
+        // The agent asks for one where the environment gives it (`OUTPOST_INGEST_TOKEN`).
+        if let Some(token) = ingest_token {
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()),
+            );
+        }
+        let request = request
             .body(Full::new(Bytes::from(batch.join("\n"))))
             .expect("valid request");
         let response = client

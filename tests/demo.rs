@@ -69,6 +69,27 @@ async fn demo_summary_matches_what_the_receiver_got() {
 }
 
 /// The paths of every command that does work (those without subcommands of their own).
+/// With an ingest token in the environment, the demo's agent asks for it, and its client
+/// sends it: the first command still works where the environment was set for `outpost run`.
+#[test]
+fn the_demo_runs_where_the_environment_gives_an_ingest_token() {
+    let out = std::process::Command::new(binary())
+        .arg("demo")
+        .env("OUTPOST_INGEST_TOKEN", "demo-t0ken")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("updates   1529 accepted") && stdout.contains("0 dead"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("demo-t0ken") && !stderr.contains("demo-t0ken"));
+}
+
 fn leaf_commands(command: &clap::Command, path: Vec<String>, into: &mut Vec<Vec<String>>) {
     let subcommands: Vec<_> = command
         .get_subcommands()
