@@ -143,26 +143,8 @@ async fn every_metric_the_rules_read_is_served() {
 /// `promtool`, or `None` after saying why the test is skipped. Under CI a missing one fails
 /// the test instead: CI installs it (`.ci/run`, Debian's `prometheus` package).
 fn promtool_or_skip(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|dir| dir.join("promtool"))
-        .find(|p| p.is_file());
-    match found {
-        Some(path) => Some(path),
-        None if in_ci() => panic!(
-            "{test}: promtool is not installed, and CI is set: `apt-get install -y prometheus`"
-        ),
-        None => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: promtool is not installed (apt-get install -y prometheus); set CI=true to make this a failure"
-            );
-            None
-        }
-    }
+    let found = find_program("promtool", &["/usr/bin"]);
+    installed_or_skip(test, found, "promtool", "prometheus")
 }
 
 fn promtool(promtool: &Path, args: &[&str]) -> String {

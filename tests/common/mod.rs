@@ -21,6 +21,42 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
+/// The first of `dirs` (the `PATH`'s before them) that holds `program`.
+pub fn find_program(program: &str, dirs: &[&str]) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(dirs.iter().map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// `found`, or `None` after saying why `test` is skipped: `program` is not installed (the
+/// `package` that has it). Under CI it fails the test instead: `.ci/run` installs it.
+pub fn installed_or_skip(
+    test: &str,
+    found: Option<PathBuf>,
+    program: &str,
+    package: &str,
+) -> Option<PathBuf> {
+    match found {
+        Some(path) => Some(path),
+        None if in_ci() => panic!(
+            "{test}: {program} is not installed, and CI is set: `apt-get install -y {package}`"
+        ),
+        None => {
+            // Written past the test harness's capture, so that the skip is seen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: {program} is not installed (apt-get install -y {package}); set CI=true to make this a failure"
+            );
+            None
+        }
+    }
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_outpost")
 }

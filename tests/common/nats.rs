@@ -13,33 +13,13 @@ fn nats_server_binary() -> Option<PathBuf> {
         let path = PathBuf::from(path);
         return path.is_file().then_some(path);
     }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(["/usr/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
-    dirs.into_iter()
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
+    super::find_program("nats-server", &["/usr/sbin", "/usr/local/bin", "/usr/bin"])
 }
 
 /// `nats-server`, or `None` after saying why the test is skipped. Under CI (env `CI` set) a
 /// missing server fails the test instead: CI installs it (`.ci/run`).
 pub fn nats_server_or_skip(test: &str) -> Option<PathBuf> {
-    match nats_server_binary() {
-        Some(path) => Some(path),
-        None if super::in_ci() => {
-            panic!("{test}: nats-server is not installed, and CI is set: `apt-get install -y nats-server`")
-        }
-        None => {
-            // Written past the test harness's capture, so that the skip is seen.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: nats-server is not installed (apt-get install -y nats-server); set CI=true to make this a failure"
-            );
-            None
-        }
-    }
+    super::installed_or_skip(test, nats_server_binary(), "nats-server", "nats-server")
 }
 
 /// A running `nats-server -js`; killed when dropped.
