@@ -1422,6 +1422,10 @@ impl Config {
             ),
             None => None,
         };
+        warnings.extend(
+            nats.as_ref()
+                .and_then(crate::source::config::NatsSource::clear_text_warning),
+        );
 
         Ok(Config {
             path: path.to_path_buf(),

@@ -2070,6 +2070,59 @@ fn credentials_and_tls_reach_a_server_that_requires_them() {
     );
 }
 
+/// With TLS asked for (a CA to trust), the credentials never go in clear text, even to a
+/// server that does not ask for TLS (one in the path, say): the client starts TLS, or gives
+/// up. No nats-server needed: a listener plays the server's greeting and keeps what comes.
+#[test]
+fn with_tls_asked_for_a_server_not_asking_for_it_gets_no_credentials() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // What the client sent on its first connection, until it went quiet for 2 s or closed.
+    let server = std::thread::spawn(move || {
+        let mut received = Vec::new();
+        let (mut socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let _ = socket.write_all(
+            b"INFO {\"server_id\":\"fake\",\"version\":\"2.9.0\",\"proto\":1,\"host\":\"127.0.0.1\",\"port\":4222,\"max_payload\":1048576,\"headers\":true,\"tls_required\":false}\r\n",
+        );
+        let mut buffer = [0u8; 4096];
+        while let Ok(n @ 1..) = socket.read(&mut buffer) {
+            received.extend_from_slice(&buffer[..n]);
+        }
+        received
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let table = nats_table(
+        &format!("nats://127.0.0.1:{port}"),
+        4,
+        "0-3",
+        &format!(
+            "token = \"s3cr3t-nats-token\"\ntls_ca_file = \"{}\"",
+            ca_file.display()
+        ),
+    );
+    let (code, stderr) = setup_with(&table);
+    assert_eq!(code, Some(1), "{stderr}");
+    let received = server.join().unwrap();
+    assert!(!received.is_empty(), "the client sent nothing");
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        !text.contains("s3cr3t-nats-token") && !text.contains("CONNECT"),
+        "sent in clear text: {text}"
+    );
+    // A TLS handshake record (ClientHello) is what it sent.
+    assert_eq!(received[0], 0x16, "{text}");
+}
+
 /// A server whose account has two users: `operator`, who may do anything (`nats setup`,
 /// `publish`), and `agent`, with `permissions` (a NATS config value); the server, and its
 /// config file, which must outlive it.

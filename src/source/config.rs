@@ -163,9 +163,53 @@ impl NatsSource {
     pub fn owned_text(&self) -> String {
         format_owned(&self.owned)
     }
+
+    /// Whether the config asks for TLS (a `tls://` server, or a CA to trust): then every
+    /// connection must be TLS, to the servers listed and to those the cluster tells of, so
+    /// that neither a server that does not ask for it nor one in the path can have the
+    /// credentials in clear text.
+    pub fn requires_tls(&self) -> bool {
+        self.tls_ca_file.is_some() || self.servers.iter().any(|s| s.starts_with("tls://"))
+    }
+
+    /// The warning for a token or password the config would send to a server beyond this
+    /// host in clear text (no TLS asked for).
+    pub fn clear_text_warning(&self) -> Option<String> {
+        let key = match self.auth {
+            NatsAuth::Token(_) => "source.nats.token",
+            NatsAuth::UserPassword { .. } => "source.nats.password",
+            NatsAuth::CredsFile(_) | NatsAuth::None => return None,
+        };
+        if self.requires_tls() {
+            return None;
+        }
+        let remote: Vec<String> = self
+            .servers
+            .iter()
+            .filter_map(|s| s.parse::<async_nats::ServerAddr>().ok())
+            .filter(|addr| !names_this_host(addr.host()))
+            .map(|addr| format!("{}:{}", addr.host(), addr.port()))
+            .collect();
+        (!remote.is_empty()).then(|| {
+            format!(
+                "{key} goes to {} in clear text: give the servers as tls://, or set source.nats.tls_ca_file",
+                remote.join(", ")
+            )
+        })
+    }
 }
 
 type KeyError = (&'static str, String);
+
+/// Whether a server's host is this host's loopback (`localhost`, 127.0.0.0/8, `::1`). The
+/// URL parser keeps a `nats://` host as text, an IP address among them.
+fn names_this_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 /// A subject token may not be empty, hold spaces or be a wildcard.
 fn check_subject_prefix(prefix: &str) -> Result<(), String> {
@@ -371,6 +415,71 @@ segments = ["s"]
     fn parse(nats: &str) -> Result<Config, String> {
         let text = format!("{BASE}[source.nats]\n{nats}\n");
         Config::parse(Path::new("/etc/outpost/outpost.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    /// TLS is required wherever the config asks for it; a token or password that would go to
+    /// another host without it is warned of.
+    #[test]
+    fn credentials_in_clear_text_beyond_this_host_are_warned_of() {
+        // (servers, credentials, TLS required, warned of hosts)
+        let cases = [
+            (
+                "\"nats://10.0.0.5:4222\"",
+                "token = \"t0ken\"",
+                false,
+                Some("10.0.0.5:4222"),
+            ),
+            (
+                "\"10.0.0.5\", \"nats://localhost:4222\"",
+                "user = \"u\"\npassword = \"pa55\"",
+                false,
+                Some("10.0.0.5:4222"),
+            ),
+            (
+                "\"nats://127.0.0.1:4222\", \"[::1]:4222\"",
+                "token = \"t0ken\"",
+                false,
+                None,
+            ),
+            ("\"tls://10.0.0.5:4222\"", "token = \"t0ken\"", true, None),
+            // One tls:// server: every connection is TLS, to the others too.
+            (
+                "\"nats://10.0.0.6:4222\", \"tls://10.0.0.5:4222\"",
+                "token = \"t0ken\"",
+                true,
+                None,
+            ),
+            ("\"nats://10.0.0.5:4222\"", "", false, None),
+        ];
+        for (servers, credentials, tls, warned) in cases {
+            let config = parse(&format!(
+                "servers = [{servers}]\npartitions = 4\n{credentials}"
+            ))
+            .unwrap();
+            let nats = config.nats.as_ref().unwrap();
+            assert_eq!(nats.requires_tls(), tls, "{servers}");
+            let warning = nats.clear_text_warning();
+            match warned {
+                None => assert_eq!(warning, None, "{servers}"),
+                Some(host) => {
+                    let warning = warning.unwrap();
+                    assert!(
+                        warning.contains(&format!("goes to {host} in clear text")),
+                        "{warning}"
+                    );
+                    assert!(!warning.contains("t0ken") && !warning.contains("pa55"));
+                    assert!(config.warnings.contains(&warning), "{:?}", config.warnings);
+                }
+            }
+        }
+        let mut with_ca =
+            parse("servers = [\"nats://10.0.0.5:4222\"]\npartitions = 4\ntoken = \"t\"")
+                .unwrap()
+                .nats
+                .unwrap();
+        with_ca.tls_ca_file = Some("/etc/outpost/nats-ca.pem".into());
+        assert!(with_ca.requires_tls());
+        assert_eq!(with_ca.clear_text_warning(), None);
     }
 
     #[test]

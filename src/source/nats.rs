@@ -195,6 +195,9 @@ async fn connect_counting(
     if let Some(ca) = &config.tls_ca_file {
         options = options.add_root_certificates(ca.clone());
     }
+    if config.requires_tls() {
+        options = options.require_tls(true);
+    }
     options = options
         .name(format!("outpost/{}", env!("CARGO_PKG_VERSION")))
         .connection_timeout(Duration::from_secs(5))
