@@ -1134,6 +1134,86 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// A client connection of either HTTP version.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::Http1(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+            Sender::Http2(sender) => sender.send_request(request).await,
+        }
+    }
+}
+
+/// A connection on which a request was refused for its token is closed once answered, over
+/// HTTP/1 and HTTP/2, so that clients without the token cannot hold the places
+/// `ingest.max_connections` allows by asking again and again; one with the token keeps its
+/// connection for request after request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_refused_for_its_token_is_closed() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let receiver = receiver().await;
+    // Idle connections would be closed only after 60 s.
+    let (ws, port) = workspace_with_ingest(&receiver, "read_timeout_ms = 60000");
+    let mut agent = start_agent(&ws, port).await;
+    let post = |token: &str, n: usize| {
+        hyper::Request::post("/v1/updates")
+            .header("host", "outpost")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(member_update(
+                &format!("p-{n}"),
+                "Jane",
+                "2026-01-01T00:00:01Z",
+            ))))
+            .unwrap()
+    };
+    for http2 in [false, true] {
+        let io = TokioIo::new(tokio::net::TcpStream::connect(agent.addr).await.unwrap());
+        let (mut sender, mut connection) = if http2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            (
+                Sender::Http2(sender),
+                tokio::spawn(async move { connection.await.is_ok() }),
+            )
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            (
+                Sender::Http1(sender),
+                tokio::spawn(async move { connection.await.is_ok() }),
+            )
+        };
+        for n in 0..3 {
+            let answer = sender.send(post(TOKEN, n)).await.unwrap();
+            assert_eq!(answer.status(), 200, "http2 {http2}, request {n}");
+            answer.into_body().collect().await.unwrap();
+        }
+        assert!(!connection.is_finished(), "http2 {http2}");
+        let answer = sender.send(post("wrong", 9)).await.unwrap();
+        assert_eq!(answer.status(), 401, "http2 {http2}");
+        answer.into_body().collect().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), &mut connection).await;
+        assert!(
+            ended.is_ok(),
+            "http2 {http2}: still open 10 s after the 401"
+        );
+    }
+    assert_eq!(ws.outbox_stats()["profiles"], 3);
+    agent.terminate().await;
+}
+
 /// A client without the token is not held by the body it trickles: it gets its answer (or
 /// its connection closed) after about one read timeout (1.5 s; up to 5 s is allowed for a busy
 /// machine), not the four (6 s) a body may take.

@@ -2,7 +2,9 @@
 //! within `read_timeout` of opening is dropped; one that has had no request open for
 //! `read_timeout` since its last one ended is closed gracefully (HTTP/2: GOAWAY), so that an
 //! idle connection does not keep its place under `ingest.max_connections`; at shutdown every
-//! connection is closed gracefully, letting its open requests finish.
+//! connection is closed gracefully, letting its open requests finish. A connection one of whose
+//! requests was refused for its token is closed once its open requests are answered, so that
+//! clients without the token cannot keep the places of those with it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +22,9 @@ pub struct Activity {
     requested: AtomicBool,
     /// When the last request ended, in milliseconds since `opened`.
     last_ended_ms: AtomicU64,
+    /// Set (and `close_asked` woken) when the connection is to be closed.
+    close_wanted: AtomicBool,
+    close_asked: tokio::sync::Notify,
 }
 
 /// Held while a request is being served.
@@ -42,7 +47,16 @@ impl Activity {
             open_requests: AtomicUsize::new(0),
             requested: AtomicBool::new(false),
             last_ended_ms: AtomicU64::new(0),
+            close_wanted: AtomicBool::new(false),
+            close_asked: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Has [`drive`] close the connection gracefully: HTTP/1 once the answer being sent is
+    /// written, HTTP/2 with GOAWAY, its open requests left to finish.
+    pub fn close_when_answered(&self) {
+        self.close_wanted.store(true, Ordering::Release);
+        self.close_asked.notify_one();
     }
 
     /// Called as a request reaches the service; the request is open until the guard drops.
@@ -100,6 +114,12 @@ where
             () = shutdown.cancelled(), if closing.is_none() => {
                 close(connection.as_mut());
                 closing = Some(Instant::now());
+            }
+            () = activity.close_asked.notified(), if closing.is_none() => {
+                if activity.close_wanted.load(Ordering::Acquire) {
+                    close(connection.as_mut());
+                    closing = Some(Instant::now());
+                }
             }
             () = tokio::time::sleep_until(due(closing)) => {
                 let idle = activity.due(read_timeout).is_some() && due(closing) <= Instant::now();

@@ -238,8 +238,14 @@ where
         move |request| {
             let open = activity.request_started();
             let state = Arc::clone(&state);
+            let activity = Arc::clone(&activity);
             async move {
                 let answer = handle(&state, request).await;
+                // A client without the token must not keep a place under
+                // `ingest.max_connections` by asking again and again.
+                if answer.status() == StatusCode::UNAUTHORIZED {
+                    activity.close_when_answered();
+                }
                 drop(open);
                 Ok::<_, Infallible>(answer)
             }
