@@ -183,6 +183,9 @@ impl Agent {
             .outbox_max_bytes
             .set(i64::try_from(config.storage.max_outbox_bytes).unwrap_or(i64::MAX));
         let (store, watcher, mapping) = start_store(config, &metrics).await?;
+        if let Some(warning) = crate::store::readable_by_others_warning(&config.storage.path) {
+            tracing::warn!("{warning}");
+        }
         let listener = Ready::listen(socket, config.ingest.listen)?;
         let wake = Arc::new(Notify::new());
         let shutdown = CancellationToken::new();

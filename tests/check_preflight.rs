@@ -115,6 +115,53 @@ fn every_problem_is_reported_with_what_to_do() {
     );
 }
 
+/// The store's folder, made by outpost, is its owner's alone: it holds customers' profiles. One
+/// that other users may read (made by hand, or chmod-ed) is warned of by `check` and at the
+/// agent's start, with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_other_users_may_read_is_warned_of() {
+    let port = common::agent_process::free_port();
+    let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let input = ws.path().join("one.ndjson");
+    std::fs::write(&input, member_update("p-1", "A", "2026-01-01T00:00:01Z")).unwrap();
+    let out = Command::new(binary())
+        .args(["ingest", "--config"])
+        .arg(ws.config_path())
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&ws.store_path()), 0o700);
+    let warned = "other users may read the store (its folder's mode is 755)";
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("other users may read"), "{stdout}");
+
+    std::fs::set_permissions(ws.store_path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = check(&ws, None);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        line(&stdout, "warning").contains(warned)
+            && stdout.contains(&format!("chmod o-rwx {}", ws.store_path().display())),
+        "{stdout}{stderr}"
+    );
+    let agent = common::agent_process::AgentProcess::start(&ws.config_path(), port).await;
+    assert!(agent.log().contains(warned), "{}", agent.log());
+    // A folder that is there is left as it is.
+    assert_eq!(mode(&ws.store_path()), 0o755);
+    drop(agent);
+}
+
 /// A file where the store folder would be is a problem `check` names, as the agent's start
 /// would meet it.
 #[test]

@@ -2802,6 +2802,12 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
         handed.contains("partition 6      handed over, consumed up to stream sequence"),
         "{handed}"
     );
+    // It holds customers' profiles: its owner's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
     assert!(
         handed.contains(&format!("{moved_profiles} profile(s) written to")),
         "{handed}"

@@ -103,10 +103,14 @@ pub(super) fn store(config: &Config) -> Finding {
         }
         None => (String::new(), None),
     };
+    let readable = crate::store::readable_by_others_warning(path);
     Finding {
         line: format!("{} (writable{free}{created})", path.display()),
         problem: None,
-        warning,
+        warning: match (warning, readable) {
+            (Some(room), Some(readable)) => Some(format!("{room}; {readable}")),
+            (room, readable) => room.or(readable),
+        },
     }
 }
 

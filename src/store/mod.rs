@@ -97,7 +97,7 @@ use keys::meta;
 use error::names_nothing;
 pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
-pub use open::{FORMAT_VERSION, SPACE_PROBE_BYTES};
+pub use open::{readable_by_others_warning, FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use owner::{act_as_owner, OwnerError, StoreOwner, StoreUse};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};

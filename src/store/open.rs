@@ -429,7 +429,7 @@ impl Store {
                 source: sled::Error::Io(e),
             }
         };
-        std::fs::create_dir_all(path).map_err(io_error)?;
+        make_store_folder(path).map_err(io_error)?;
         rebuild::finish_interrupted(path).map_err(|e| rebuild::swap_error(path, e))?;
         remove_unfinished_snapshots(path)?;
         let db = sled_config(path, cache_bytes).open().map_err(|e| match e {
@@ -862,4 +862,33 @@ impl Store {
     pub fn durable_next_seq(&self) -> u64 {
         self.durable_next.load(Ordering::SeqCst)
     }
+}
+
+/// Makes the store's folder readable by its owner alone, since it holds customers' profiles
+/// (the folders above it as the umask says). A folder that is there is left as it is:
+/// [`readable_by_others_warning`] tells of one others may read.
+pub(super) fn make_store_folder(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        made => made,
+    }
+}
+
+/// The warning for a store folder that users other than its owner and group may read or
+/// enter: every profile and export in it is theirs to copy.
+pub fn readable_by_others_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o005 != 0).then(|| {
+        format!(
+            "storage.path {0}: other users may read the store (its folder's mode is {1:o}), and \
+             with it the customers' profiles it holds; run chmod o-rwx {0}",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }

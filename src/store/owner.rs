@@ -214,7 +214,9 @@ impl StoreOwner {
         if let Control::MissingInSticky { entry, .. } = &control {
             // A plain mkdir fails on anything put there first, a link too; what another
             // process of root's made meanwhile is as good.
-            match fs::DirBuilder::new().mode(0o755).create(entry) {
+            // The store's own folder readable by its owner alone, as `Store::open` makes it.
+            let mode = if entry == store { 0o700 } else { 0o755 };
+            match fs::DirBuilder::new().mode(mode).create(entry) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let made = fs::symlink_metadata(entry)?;

@@ -127,7 +127,7 @@ pub(super) fn lock(store: &Path) -> Result<File, StoreError> {
             source: sled::Error::Io(source),
         }
     };
-    fs::create_dir_all(store).map_err(open_error)?;
+    super::open::make_store_folder(store).map_err(open_error)?;
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
