@@ -59,13 +59,65 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(EscapedFields).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
     if let Some(error) = unreadable {
         tracing::warn!(%error, "OUTPOST_LOG cannot be read; logging at the default level");
     }
     Ok(())
+}
+
+/// Fields as the text format writes them (`message`, then ` name=value`), their control
+/// characters escaped: ids, error bodies and rejected messages carry what inputs and
+/// endpoints sent, and written as they are, a newline in one would forge a log line and an
+/// escape sequence recolour the terminal of whoever reads the log. (JSON lines escape them
+/// already.)
+struct EscapedFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer,
+            empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'writer> {
+    writer: tracing_subscriber::fmt::format::Writer<'writer>,
+    empty: bool,
+    result: std::fmt::Result,
+}
+
+impl tracing::field::Visit for EscapingVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let name = field.name();
+        // What the `log` crate's records carry besides their message (sled logs through
+        // it), which the event's own line shows already.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let text = format!("{value:?}");
+        let shown = crate::commands::for_terminal(&text, false);
+        let pad = if self.empty { "" } else { " " };
+        self.empty = false;
+        self.result = match name {
+            "message" => write!(self.writer, "{pad}{shown}"),
+            name => write!(
+                self.writer,
+                "{pad}{}={shown}",
+                name.trim_start_matches("r#")
+            ),
+        };
+    }
 }
 
 /// The first directive of `filter` that is a word alone, neither a level nor a known target.

@@ -1134,6 +1134,50 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// What inputs and endpoints send reaches the log with its control characters escaped: an id
+/// and an error body holding a newline and an escape sequence forge no log line and colour
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_characters_from_inputs_are_escaped_in_the_log() {
+    let receiver = receiver().await;
+    let forged = "\n2026-12-06T07:00:00.000000Z ERROR outpost::agent: FORGED \u{1b}[31mred";
+    receiver.set_export_script(Some(Arc::new(move |_, _| {
+        Reply::Status(503, vec![], format!("down{forged}"))
+    })));
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = start_agent(&ws, port).await;
+    let id = format!("p-1{forged}");
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update(&id, "Jane", "2026-01-01T00:00:01Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("delivery failed; will retry") {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = agent.log();
+    assert!(!log.contains('\u{1b}'), "{log}");
+    assert!(
+        !log.lines()
+            .any(|line| line.starts_with("2026-12-06T07:00:00.000000Z ERROR")),
+        "{log}"
+    );
+    // Both the id and the endpoint's body, escaped.
+    let failed = log
+        .lines()
+        .find(|line| line.contains("delivery failed; will retry"))
+        .unwrap();
+    assert!(
+        failed.contains("profile=p-1\\n2026-12-06") && failed.contains("down\\n2026-12-06"),
+        "{failed}"
+    );
+    assert!(failed.contains("\\u{1b}[31mred"), "{failed}");
+    agent.terminate().await;
+}
+
 /// A client connection of either HTTP version.
 enum Sender {
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
