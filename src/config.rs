@@ -999,6 +999,12 @@ pub fn clear_text_credentials_warnings(
     warnings
 }
 
+/// The fewest bytes of a custom header's value, a word of it, or a value of the endpoint's
+/// query, that count as a secret: hidden in the endpoint's answers wherever they are shown,
+/// and counted among the secrets a config file holds. Shorter ones (`v2`, `json`) would hide
+/// every such piece of an answer, and guess easily anyway.
+pub(crate) const SECRET_LEAST_BYTES: usize = 8;
+
 /// The warning for a config file that holds secrets (`keys`) and that other users can read
 /// (`mode`: its Unix permission bits).
 pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
@@ -1328,8 +1334,19 @@ impl Config {
         let custom_authorization = custom_headers
             .iter()
             .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
-        if custom_authorization {
+        // What the endpoint's answers are cleaned of as secrets is one in the file too.
+        if custom_authorization
+            || custom_headers
+                .iter()
+                .any(|(_, value)| value.expose().len() >= SECRET_LEAST_BYTES)
+        {
             inline_secrets.push("destination.custom_headers");
+        }
+        if http_endpoint
+            .query_pairs()
+            .any(|(_, value)| value.len() >= SECRET_LEAST_BYTES)
+        {
+            inline_secrets.push("destination.http_endpoint");
         }
         if proxy.as_ref().is_some_and(|p| p.credentials.is_some()) {
             inline_secrets.push("destination.proxy");
@@ -2723,6 +2740,39 @@ client_secret = "s3cr3t-value"
             "{}",
             error_of(&text)
         );
+    }
+
+    /// A custom header's value or a query value long enough to be hidden in the endpoint's
+    /// answers as a secret counts as a secret in the file too, for the warning about a file
+    /// others may read.
+    #[test]
+    fn header_and_query_values_the_answers_hide_count_as_secrets_in_the_file() {
+        let _environment = environment();
+        for (headers, endpoint_query, counted) in [
+            ("x-api-version:2,x-tenant:acme", "source=edge", &[][..]),
+            (
+                "x-api-version:2,x-api-key:0123456789abcdef",
+                "source=edge",
+                &["destination.custom_headers"][..],
+            ),
+            (
+                "x-api-version:2",
+                "source=edge&api_key=0123456789abcdef",
+                &["destination.http_endpoint"][..],
+            ),
+            // Just short of it.
+            ("x-key:1234567", "key=1234567", &[][..]),
+        ] {
+            let text = VALID
+                .replace("x-api-version:2,x-tenant:acme", headers)
+                .replace("source=edge", endpoint_query);
+            let secrets = parse(&text).unwrap().inline_secrets;
+            let expected: Vec<&str> = ["destination.auth.client_secret"]
+                .into_iter()
+                .chain(counted.iter().copied())
+                .collect();
+            assert_eq!(secrets, expected, "{headers} {endpoint_query}");
+        }
     }
 
     /// Secrets of `[source.nats]` given in the file count toward the warning about a file

@@ -1174,7 +1174,7 @@ fn secrets_sent<'a>(
     // Decoded: hiding cuts out the encoded forms too.
     let query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes());
     secrets.extend(query.map(|(_, value)| value.into_owned()));
-    secrets.retain(|secret| secret.len() >= 8);
+    secrets.retain(|secret| secret.len() >= crate::config::SECRET_LEAST_BYTES);
     secrets.sort();
     secrets.dedup();
     // Longest first, so that a value is hidden whole before a word of it.
