@@ -108,6 +108,10 @@ pub enum Command {
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
+        /// Store only the updates after the first N, which a run that stopped partway stored
+        /// (it says how many): they are checked, not applied again
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        skip: u64,
     },
     /// Inspect and repair the outbox.
     #[command(subcommand)]

@@ -114,6 +114,55 @@ fn ingest_then_inspect_outbox_and_profile() {
     assert_eq!(profile["timestamp"], "2026-01-01T00:00:05.250Z");
 }
 
+/// A run that stops partway (here at a full outbox) says how many updates it stored, and
+/// `--skip` that many stores the rest without applying the stored ones again: run whole, a
+/// profile the input deletes would be made again by its earlier updates.
+#[test]
+fn a_run_stopped_partway_goes_on_with_skip() {
+    let ws = Workspace::new();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let limited = config.replace("path = \"store\"", "path = \"store\"\nmax_outbox_bytes = 1");
+    assert_ne!(limited, config);
+    std::fs::write(ws.config_path(), &limited).unwrap();
+    let mut lines = vec![
+        member_update("gone", "Gina", "2026-01-01T00:00:01Z"),
+        r#"{"id":"gone","op":"delete","timestamp":"2026-01-01T00:00:02Z"}"#.to_owned(),
+    ];
+    lines.extend((0..2498).map(|n| member_update(&format!("p-{n}"), "A", "2026-01-01T00:00:01Z")));
+    let input = ws.path().join("updates.ndjson");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let input = input.to_str().unwrap();
+
+    let out = ws.run(&["ingest", input], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the first 1000 of 2500 updates were stored, the rest not")
+            && stderr.contains("run the same input again with --skip 1000"),
+        "{stderr}"
+    );
+    assert_eq!(ws.outbox_stats()["profiles"], 998);
+
+    std::fs::write(ws.config_path(), &config).unwrap();
+    let out = ws.run(&["ingest", "--skip", "2501", input], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--skip 2501: the input holds 2500 updates; nothing was stored"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&ws.run_ok(&["ingest", "--skip", "1000", "--json", input], None))
+            .unwrap();
+    assert_eq!(
+        (summary["accepted"].as_u64(), summary["exports"].as_u64()),
+        (Some(1500), Some(1500)),
+        "{summary}"
+    );
+    assert_eq!(ws.outbox_stats()["profiles"], 2498);
+    // The deleted profile was not made again: its two exports, the upsert and the delete.
+    let gone = json_lines(&ws.run_ok(&["outbox", "list", "--profile", "gone", "--json"], None));
+    let reasons: Vec<&str> = gone.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["segment", "delete"]);
+}
+
 #[test]
 fn a_bad_line_refuses_the_whole_file_and_stores_nothing() {
     let ws = Workspace::new();

@@ -288,7 +288,7 @@ async fn an_unreadable_profile_refuses_its_updates_until_repair_forgets_it() {
     assert!(
         said.contains("profile `p1` is unreadable")
             && said.contains(&format!(
-                "the first {REQUEST_CHUNK} of {} updates were stored, the rest not; once this is fixed, send the same request again",
+                "the first {REQUEST_CHUNK} of {} updates were stored, the rest not; once this is fixed, send the updates after the first `stored` again",
                 REQUEST_CHUNK + 1
             )),
         "{said}"

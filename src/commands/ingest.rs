@@ -54,7 +54,9 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
         return CliError::Failure(format!("{message}; {what}"));
     }
     CliError::Failure(format!(
-        "{message}; {what}; once this is fixed, run the same input again (updates already stored are then stale or unchanged)"
+        "{message}; {what}; once this is fixed, run the same input again with --skip {stored}, \
+         which stores the rest (run whole, the updates stored would be applied again: an update \
+         without a timestamp, or of a profile the input later deletes, would count as new)"
     ))
 }
 
@@ -244,7 +246,7 @@ pub fn ingest_file<F: Read + Seek + Send>(
     config: &Config,
     file: &mut F,
 ) -> Result<BatchSummary, CliError> {
-    ingest_checked(backend, config, file, None)
+    ingest_checked(backend, config, file, None, 0)
 }
 
 /// [`ingest_file`], its first pass skipped when `checked` by [`check_before_making_store`]
@@ -255,6 +257,7 @@ pub fn ingest_checked<F: Read + Seek + Send>(
     config: &Config,
     file: &mut F,
     checked: Option<Checked>,
+    skip: u64,
 ) -> Result<BatchSummary, CliError> {
     let keep = kept_by(Some(backend), config);
     let checked = match checked {
@@ -268,10 +271,15 @@ pub fn ingest_checked<F: Read + Seek + Send>(
         )?,
     };
     let Checked { count, limit } = checked;
+    if skip > count {
+        return Err(CliError::Usage(format!(
+            "--skip {skip}: the input holds {count} updates; nothing was stored"
+        )));
+    }
     rewind(file)?;
     // Drawn only when stderr is a terminal.
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(count),
+        Some(count - skip),
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
@@ -295,8 +303,20 @@ pub fn ingest_checked<F: Read + Seek + Send>(
             if prepare {
                 reader = reader.preparing(&layout);
             }
+            // Those a run before stored, read past (and checked again as they are read).
+            let mut to_skip = skip;
+            while to_skip > 0 {
+                let wanted = INGEST_CHUNK.min(usize::try_from(to_skip).unwrap_or(usize::MAX));
+                match next_chunk(&mut reader, wanted) {
+                    Ok(skipped) => to_skip -= skipped.len() as u64,
+                    Err(changed) => {
+                        let _ = chunks.send(Err(changed));
+                        return;
+                    }
+                }
+            }
             // Only as many updates as the first pass checked.
-            let mut left = count;
+            let mut left = count - skip;
             loop {
                 let wanted = INGEST_CHUNK.min(usize::try_from(left).unwrap_or(usize::MAX));
                 let chunk: Result<Vec<Update>, Changed> = match wanted {
@@ -321,16 +341,16 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                 match changed {
                     // Every update checked was stored.
                     Changed::Grew { .. } => error,
-                    _ => partly_stored(error, total.accepted, 0, count),
+                    _ => partly_stored(error, skip + total.accepted, 0, count),
                 }
             })?;
             for request in backend
                 .requests_of(&chunk)
-                .map_err(|e| partly_stored(e, total.accepted, 0, count))?
+                .map_err(|e| partly_stored(e, skip + total.accepted, 0, count))?
             {
                 let committed = backend
                     .ingest(config, mapping.as_ref(), request)
-                    .map_err(|e| partly_stored(e, total.accepted, request.len(), count))?;
+                    .map_err(|e| partly_stored(e, skip + total.accepted, request.len(), count))?;
                 total.add(&committed);
                 bar.inc(request.len() as u64);
             }
@@ -493,8 +513,10 @@ mod tests {
         assert_eq!(
             message,
             "no space left; the first 1000 of 2500 updates were stored, the next 1000 may have \
-             been, the rest not; once this is fixed, run the same input again (updates already \
-             stored are then stale or unchanged)"
+             been, the rest not; once this is fixed, run the same input again with --skip 1000, \
+             which stores the rest (run whole, the updates stored would be applied again: an \
+             update without a timestamp, or of a profile the input later deletes, would count \
+             as new)"
         );
         let error = CliError::from(AdminError::Failed("no space left".into()));
         let message = partly_stored(error, 1000, 1000, 2500).to_string();

@@ -218,7 +218,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         }
         Command::Repair { yes } => repair_store(config, yes),
         Command::Compact { json } => compact_store(config, json),
-        Command::Ingest { file, json } => {
+        Command::Ingest { file, json, skip } => {
             // Opened with this process's rights, before it may act as the store's owner.
             let mut input = ingest::open_input(&file)?;
             // Checked before a store not made yet is made, so that refused input leaves none.
@@ -230,7 +230,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             };
             as_store_owner(config, StoreUse::Make)?;
             let backend = Backend::connect(config)?;
-            let summary = ingest::ingest_checked(&backend, config, &mut input, checked)?;
+            let summary = ingest::ingest_checked(&backend, config, &mut input, checked, skip)?;
             print_summary(&summary, json);
             Ok(())
         }

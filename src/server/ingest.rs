@@ -644,8 +644,9 @@ fn commit_failure(partly: PartlyCommitted, count: u64) -> Answer {
 }
 
 /// What a request stored in part is told to do.
-const SEND_AGAIN: &str = "send the same request again (with timestamps, the updates already \
-                          stored are then stale or unchanged)";
+const SEND_AGAIN: &str = "send the updates after the first `stored` again (sent whole, those \
+                          stored would be applied again: an update without a timestamp, or of a \
+                          profile the request later deletes, would count as new)";
 
 /// The status and body of [`commit_failure`]'s answer. One stored in part (only a request of
 /// more than `REQUEST_CHUNK` updates can be) says which part, and `stored` (and `in_doubt`)
