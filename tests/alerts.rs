@@ -286,7 +286,7 @@ fn cases() -> Vec<Case> {
                 (10, vec![]),
                 (
                     20,
-                    vec![("a:8686", false, "outpost on a:8686: the token endpoint or the endpoint has refused its credentials for 15 minutes")],
+                    vec![("a:8686", false, "outpost on a:8686: getting or using a token has failed for 15 minutes")],
                 ),
             ],
         },
