@@ -157,6 +157,10 @@ pub enum Command {
         /// Share (0 to 1) of export requests to fail with 503
         #[arg(long, default_value_t = 0.0)]
         fail_share: f64,
+        /// Share (0 to 1) of export requests to refuse with 400, which the agent keeps as dead
+        /// letters (to try `outpost outbox list --dead`, `retry` and `drop`)
+        #[arg(long, default_value_t = 0.0)]
+        reject_share: f64,
         /// Append accepted exports as NDJSON to this file instead of printing them
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,

@@ -103,6 +103,8 @@ pub struct ReceiverOptions {
     pub token_lifetime: Duration,
     /// The share (0 to 1) of export requests answered 503 at random.
     pub fail_share: f64,
+    /// The share (0 to 1) of export requests answered 400 at random (the export refused).
+    pub reject_share: f64,
     /// Serve TLS with this configuration instead of plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Keep every request it gets, for [`Receiver::export_requests`],
@@ -121,6 +123,7 @@ impl Default for ReceiverOptions {
             refresh_tokens: false,
             token_lifetime: Duration::from_secs(3600),
             fail_share: 0.0,
+            reject_share: 0.0,
             tls: None,
             keep_requests: true,
         }
@@ -506,12 +509,15 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             }
         }
     };
-    if received.path == PROFILES_PATH
-        && response.status() == StatusCode::OK
-        && state.options.fail_share > 0.0
-        && rand::random::<f64>() < state.options.fail_share
-    {
-        response = answer(503, &[], "injected failure");
+    if received.path == PROFILES_PATH && response.status() == StatusCode::OK {
+        // One draw for both, so that each share is of all requests.
+        let draw = rand::random::<f64>();
+        let (fail, reject) = (state.options.fail_share, state.options.reject_share);
+        if draw < fail {
+            response = answer(503, &[], "injected failure");
+        } else if draw < fail + reject {
+            response = answer(400, &[], "injected refusal: this export is refused");
+        }
     }
     received.status = response.status().as_u16();
     if received.path == PROFILES_PATH && (200..300).contains(&received.status) {

@@ -216,6 +216,11 @@ struct ReceiverCommand {
 impl ReceiverCommand {
     /// Starts it and waits until it issues a token.
     async fn start() -> ReceiverCommand {
+        ReceiverCommand::start_with(&[]).await
+    }
+
+    /// [`ReceiverCommand::start`] with more arguments.
+    async fn start_with(args: &[&str]) -> ReceiverCommand {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("exports.ndjson");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -234,6 +239,7 @@ impl ReceiverCommand {
                     "--out",
                 ])
                 .arg(&out)
+                .args(args)
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
@@ -324,6 +330,45 @@ async fn receiver_command_issues_tokens_and_writes_exports() {
         );
     })
     .await;
+}
+
+/// `--reject-share` refuses exports with 400, as an endpoint refuses what they hold, so that
+/// dead letters can be tried; with `--fail-share` the two cannot take more than every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_command_refuses_a_share_of_exports() {
+    within_a_minute(async {
+        let receiver = ReceiverCommand::start_with(&["--reject-share", "1"]).await;
+        let bearer = format!("Bearer {}", receiver.token);
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("idempotency-key", "k-1"),
+        ];
+        for _ in 0..3 {
+            let (status, body) =
+                http_post(receiver.addr, "/profiles", "{\"a\":1}".into(), &headers).await;
+            assert_eq!(status, 400, "{body}");
+        }
+        assert_eq!(receiver.stop().await, "", "nothing refused is written");
+    })
+    .await;
+    let out = std::process::Command::new(binary())
+        .args([
+            "receiver",
+            "--listen",
+            "127.0.0.1:0",
+            "--fail-share",
+            "0.6",
+            "--reject-share",
+            "0.6",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must not add up to more than 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

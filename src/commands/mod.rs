@@ -153,6 +153,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             client_secret,
             token_lifetime_s,
             fail_share,
+            reject_share,
             out,
         } => {
             let options = ReceiverOptions {
@@ -160,6 +161,7 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
                 client_secret,
                 token_lifetime: Duration::from_secs(token_lifetime_s),
                 fail_share,
+                reject_share,
                 keep_requests: false,
                 ..ReceiverOptions::default()
             };
@@ -385,9 +387,17 @@ async fn receiver(
     options: ReceiverOptions,
     out: Option<PathBuf>,
 ) -> Result<(), CliError> {
-    if !(0.0..=1.0).contains(&options.fail_share) {
+    for (flag, share) in [
+        ("--fail-share", options.fail_share),
+        ("--reject-share", options.reject_share),
+    ] {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(CliError::Usage(format!("{flag} must be between 0 and 1")));
+        }
+    }
+    if options.fail_share + options.reject_share > 1.0 {
         return Err(CliError::Usage(
-            "--fail-share must be between 0 and 1".into(),
+            "--fail-share and --reject-share must not add up to more than 1".into(),
         ));
     }
     let lifetime = options.token_lifetime.as_secs();
