@@ -97,6 +97,18 @@ pub fn newly_mapped(before: &BTreeMap<String, RecordedSegment>, mapping: &Mappin
     newly_mapped_ids(before, &mapping.segments)
 }
 
+/// The segments `before` had mapped that `mapping` leaves out.
+pub fn no_longer_mapped(
+    before: &BTreeMap<String, RecordedSegment>,
+    mapping: &Mapping,
+) -> Vec<String> {
+    before
+        .iter()
+        .filter(|(id, r)| r.mapped && !mapping.segments.contains(id))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
 fn newly_mapped_ids(
     before: &BTreeMap<String, RecordedSegment>,
     segments: &[String],
@@ -151,6 +163,13 @@ impl Store {
                 tracing::info!(
                     ?segments,
                     "newly mapped segments: their stored members will be exported (backfill)"
+                );
+            }
+            let unmapped = no_longer_mapped(&before, mapping);
+            if !unmapped.is_empty() {
+                tracing::info!(
+                    segments = ?unmapped,
+                    "segments no longer mapped: payloads leave them out and their changes export nothing from now on (the destination is not told); mapped again, their stored members are exported again (backfill)"
                 );
             }
             if !segments.is_empty() || !queued.jobs.is_empty() {
@@ -238,7 +257,10 @@ mod tests {
         // b leaves, c comes.
         let second = Mapping::new(&[], &["a", "c"], &[]);
         assert_eq!(newly_mapped(&records, &second), ["c"]);
+        assert_eq!(no_longer_mapped(&records, &second), ["b"]);
         let records = updated_records(records, &second, 200);
+        // Said once: the run after knows it left.
+        assert!(no_longer_mapped(&records, &second).is_empty());
         // b comes back: mapped again, backfilled again; its first time is kept, and its
         // mapping changed then.
         let third = Mapping::new(&[], &["a", "b", "c"], &[]);
