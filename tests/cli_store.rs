@@ -133,7 +133,7 @@ fn a_run_stopped_partway_goes_on_with_skip() {
     std::fs::write(&input, lines.join("\n")).unwrap();
     let input = input.to_str().unwrap();
 
-    let out = ws.run(&["ingest", input], None);
+    let out = ws.run(&["ingest", "--json", input], None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -141,6 +141,14 @@ fn a_run_stopped_partway_goes_on_with_skip() {
             && stderr.contains("run the same input again with --skip 1000"),
         "{stderr}"
     );
+    // With --json, a script reads the same on standard output.
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&said["stored"], &said["in_doubt"], &said["updates"]),
+        (&json!(1000), &json!(0), &json!(2500)),
+        "{said}"
+    );
+    assert!(stderr.contains(said["error"].as_str().unwrap()), "{said}");
     assert_eq!(ws.outbox_stats()["profiles"], 998);
 
     std::fs::write(ws.config_path(), &config).unwrap();
@@ -173,13 +181,16 @@ fn a_bad_line_refuses_the_whole_file_and_stores_nothing() {
     );
     let path = ws.path().join("bad.ndjson");
     std::fs::write(&path, input).unwrap();
-    let out = ws.run(&["ingest", path.to_str().unwrap()], None);
+    let out = ws.run(&["ingest", "--json", path.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("line 3") && stderr.contains("colour"),
         "{stderr}"
     );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["stored"], 0, "{said}");
+    assert!(said["error"].as_str().unwrap().contains("line 3"), "{said}");
     assert!(
         !ws.store_path().exists(),
         "refused input made no store where there was none"

@@ -50,14 +50,39 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
         other => return other,
     };
     let what = what_was_stored(stored, in_doubt, count);
+    let partly = |message: String| CliError::PartlyStored {
+        message,
+        stored,
+        in_doubt,
+        updates: count,
+    };
     if stored + in_doubt == 0 || refused {
-        return CliError::Failure(format!("{message}; {what}"));
+        return partly(format!("{message}; {what}"));
     }
-    CliError::Failure(format!(
+    partly(format!(
         "{message}; {what}; once this is fixed, run the same input again with --skip {stored}, \
          which stores the rest (run whole, the updates stored would be applied again: an update \
          without a timestamp, or of a profile the input later deletes, would count as new)"
     ))
+}
+
+/// What `ingest --json` prints of a failure: the message, and for one that stopped partway how
+/// many updates of the input were stored, and may have been after them.
+pub(super) fn error_json(error: &CliError) -> serde_json::Value {
+    match error {
+        CliError::PartlyStored {
+            message,
+            stored,
+            in_doubt,
+            updates,
+        } => serde_json::json!({
+            "error": message,
+            "stored": stored,
+            "in_doubt": in_doubt,
+            "updates": updates,
+        }),
+        other => serde_json::json!({ "error": other.to_string(), "stored": 0 }),
+    }
 }
 
 /// How the input was found changed in the pass that stores it.
@@ -340,7 +365,12 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                     CliError::Failure(format!("the input changed while it was stored: {changed}"));
                 match changed {
                     // Every update checked was stored.
-                    Changed::Grew { .. } => error,
+                    Changed::Grew { .. } => CliError::PartlyStored {
+                        message: error.to_string(),
+                        stored: count,
+                        in_doubt: 0,
+                        updates: count,
+                    },
                     _ => partly_stored(error, skip + total.accepted, 0, count),
                 }
             })?;

@@ -57,6 +57,15 @@ pub enum CliError {
     /// it could not tell.
     #[error("{0}")]
     InDoubt(String),
+    /// An ingest that stopped partway: its first `stored` updates of `updates` were stored,
+    /// and the `in_doubt` after them may have been.
+    #[error("{message}")]
+    PartlyStored {
+        message: String,
+        stored: u64,
+        in_doubt: u64,
+        updates: u64,
+    },
 }
 
 impl CliError {
@@ -221,20 +230,33 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Repair { yes } => repair_store(config, yes),
         Command::Compact { json } => compact_store(config, json),
         Command::Ingest { file, json, skip } => {
-            // Opened with this process's rights, before it may act as the store's owner.
-            let mut input = ingest::open_input(&file)?;
-            // Checked before a store not made yet is made, so that refused input leaves none.
-            // A folder this user cannot look into is left to the store's opening to report,
-            // as the store owner's folder.
-            let checked = match Store::exists_at(&config.storage.path) {
-                Ok(false) => Some(ingest::check_before_making_store(config, &mut input)?),
-                Ok(true) | Err(_) => None,
-            };
-            as_store_owner(config, StoreUse::Make)?;
-            let backend = Backend::connect(config)?;
-            let summary = ingest::ingest_checked(&backend, config, &mut input, checked, skip)?;
-            print_summary(&summary, json);
-            Ok(())
+            let ingested = (|| {
+                // Opened with this process's rights, before it may act as the store's owner.
+                let mut input = ingest::open_input(&file)?;
+                // Checked before a store not made yet is made, so that refused input leaves
+                // none. A folder this user cannot look into is left to the store's opening to
+                // report, as the store owner's folder.
+                let checked = match Store::exists_at(&config.storage.path) {
+                    Ok(false) => Some(ingest::check_before_making_store(config, &mut input)?),
+                    Ok(true) | Err(_) => None,
+                };
+                as_store_owner(config, StoreUse::Make)?;
+                let backend = Backend::connect(config)?;
+                ingest::ingest_checked(&backend, config, &mut input, checked, skip)
+            })();
+            match ingested {
+                Ok(summary) => {
+                    print_summary(&summary, json);
+                    Ok(())
+                }
+                Err(error) => {
+                    // What a script reads on standard output too, the message on stderr.
+                    if json {
+                        print_json(&ingest::error_json(&error), true);
+                    }
+                    Err(error)
+                }
+            }
         }
         Command::Outbox(command) => {
             // Asked before the store is opened: a store this process held while a person
