@@ -152,6 +152,11 @@ fn a_run_stopped_partway_goes_on_with_skip() {
     assert_eq!(ws.outbox_stats()["profiles"], 998);
 
     std::fs::write(ws.config_path(), &config).unwrap();
+    // Past the end, with a store (and without: none is made).
+    let elsewhere = Workspace::new();
+    let out = elsewhere.run(&["ingest", "--skip", "2501", input], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!elsewhere.store_path().exists());
     let out = ws.run(&["ingest", "--skip", "2501", input], None);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr)

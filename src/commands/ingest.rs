@@ -172,6 +172,19 @@ pub struct Checked {
     limit: FutureLimit,
 }
 
+impl Checked {
+    /// `--skip N` past what the input holds is refused, before anything is stored or made.
+    pub fn refuse_skip_past_the_end(&self, skip: u64) -> Result<(), CliError> {
+        match skip > self.count {
+            true => Err(CliError::Usage(format!(
+                "--skip {skip}: the input holds {} updates; nothing was stored",
+                self.count
+            ))),
+            false => Ok(()),
+        }
+    }
+}
+
 /// What the store keeps of each update when this process stores it itself, pruned as they are
 /// read: the parts dropped are checked, never built. The agent is sent whole updates and prunes
 /// them by its own mapping, which may differ from this config's (edited while the agent runs):
@@ -264,8 +277,7 @@ fn rewind<F: Seek>(file: &mut F) -> Result<(), CliError> {
 
 /// Two passes so that memory stays bounded and a bad line stores nothing: the first validates
 /// every line, the second commits in chunks. A crash during the second pass leaves a prefix
-/// stored; running the same file again completes it (updates with timestamps are then stale or
-/// unchanged, so no export is made twice).
+/// stored; [`ingest_checked`] with its count as `skip` stores the rest.
 pub fn ingest_file<F: Read + Seek + Send>(
     backend: &Backend,
     config: &Config,
@@ -295,12 +307,8 @@ pub fn ingest_checked<F: Read + Seek + Send>(
             backend.most_one_update_takes(),
         )?,
     };
+    checked.refuse_skip_past_the_end(skip)?;
     let Checked { count, limit } = checked;
-    if skip > count {
-        return Err(CliError::Usage(format!(
-            "--skip {skip}: the input holds {count} updates; nothing was stored"
-        )));
-    }
     rewind(file)?;
     // Drawn only when stderr is a terminal.
     let bar = indicatif::ProgressBar::with_draw_target(

@@ -240,6 +240,9 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
                     Ok(false) => Some(ingest::check_before_making_store(config, &mut input)?),
                     Ok(true) | Err(_) => None,
                 };
+                if let Some(checked) = &checked {
+                    checked.refuse_skip_past_the_end(skip)?;
+                }
                 as_store_owner(config, StoreUse::Make)?;
                 let backend = Backend::connect(config)?;
                 ingest::ingest_checked(&backend, config, &mut input, checked, skip)
