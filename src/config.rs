@@ -848,17 +848,18 @@ pub fn exposure_warning(listen: std::net::SocketAddr, guards: IngestGuards) -> O
 /// Whether `url` is `http://` to a host beyond this one: what goes to it crosses the network
 /// in clear text.
 fn clear_text_beyond_loopback(url: &Url) -> bool {
-    url.scheme() == "http" && !names_this_host(url)
+    url.scheme() == "http" && !names_this_host(url.host_str().unwrap_or_default())
 }
 
-/// Whether `url`'s host is this host's loopback (`localhost`, 127.0.0.0/8, `::1`).
-fn names_this_host(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
+/// Whether a URL's host (as text: `[::1]` with its brackets or without) is this host's
+/// loopback (`localhost`, 127.0.0.0/8, `::1`). Text, since the URL parser keeps the host of a
+/// scheme it does not know (`nats://127.0.0.1`) as text, an IP address among them.
+pub(crate) fn names_this_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Warnings for addresses of this host that go through a proxy on another: the proxy opens
@@ -868,7 +869,8 @@ fn loopback_through_proxy_warnings(
     auth: &Auth,
     proxy: Option<&Proxy>,
 ) -> Vec<String> {
-    let Some(proxy) = proxy.filter(|p| !names_this_host(&p.url)) else {
+    let Some(proxy) = proxy.filter(|p| !names_this_host(p.url.host_str().unwrap_or_default()))
+    else {
         return Vec::new();
     };
     let mut named = vec![("destination.http_endpoint", http_endpoint)];
@@ -877,7 +879,7 @@ fn loopback_through_proxy_warnings(
     }
     named
         .into_iter()
-        .filter(|(_, url)| names_this_host(url) && proxy.takes(url))
+        .filter(|(_, url)| names_this_host(url.host_str().unwrap_or_default()) && proxy.takes(url))
         .map(|(key, url)| {
             // As no_proxy takes it: an IPv6 address without its brackets.
             let host = match url.host() {
@@ -999,10 +1001,28 @@ pub fn clear_text_credentials_warnings(
     warnings
 }
 
+/// Whether a header's or query parameter's name says it carries a credential (`X-Api-Key`,
+/// `access_token`, `client-secret`, `sig`, …).
+fn names_a_credential(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "key",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "auth",
+        "sig",
+        "credential",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
 /// The fewest bytes of a custom header's value, a word of it, or a value of the endpoint's
-/// query, that count as a secret: hidden in the endpoint's answers wherever they are shown,
-/// and counted among the secrets a config file holds. Shorter ones (`v2`, `json`) would hide
-/// every such piece of an answer, and guess easily anyway.
+/// query, that count as a secret to hide in the endpoint's answers wherever they are shown.
+/// Shorter ones (`v2`, `json`) would hide every such piece of an answer, and guess easily
+/// anyway.
 pub(crate) const SECRET_LEAST_BYTES: usize = 8;
 
 /// The warning for a config file that holds secrets (`keys`) and that other users can read
@@ -1334,17 +1354,19 @@ impl Config {
         let custom_authorization = custom_headers
             .iter()
             .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
-        // What the endpoint's answers are cleaned of as secrets is one in the file too.
+        // A header or query value named as a credential is a secret in the file too (the
+        // endpoint's answers are cleaned of every long value, a version or a tenant among
+        // them, which is no reason to warn of the file).
         if custom_authorization
             || custom_headers
                 .iter()
-                .any(|(_, value)| value.expose().len() >= SECRET_LEAST_BYTES)
+                .any(|(name, value)| names_a_credential(name) && !value.expose().is_empty())
         {
             inline_secrets.push("destination.custom_headers");
         }
         if http_endpoint
             .query_pairs()
-            .any(|(_, value)| value.len() >= SECRET_LEAST_BYTES)
+            .any(|(name, value)| names_a_credential(&name) && !value.is_empty())
         {
             inline_secrets.push("destination.http_endpoint");
         }
@@ -2742,26 +2764,29 @@ client_secret = "s3cr3t-value"
         );
     }
 
-    /// A custom header's value or a query value long enough to be hidden in the endpoint's
-    /// answers as a secret counts as a secret in the file too, for the warning about a file
-    /// others may read.
+    /// A custom header or query value named as a credential counts as a secret in the file,
+    /// for the warning about a file others may read; others do not, however long.
     #[test]
     fn header_and_query_values_the_answers_hide_count_as_secrets_in_the_file() {
         let _environment = environment();
         for (headers, endpoint_query, counted) in [
             ("x-api-version:2,x-tenant:acme", "source=edge", &[][..]),
+            // Long values, but no credentials by their names.
             (
-                "x-api-version:2,x-api-key:0123456789abcdef",
+                "x-api-version:2024-06-01,x-tenant:acme-corporation",
+                "source=production-edge",
+                &[][..],
+            ),
+            (
+                "x-api-version:2,X-Api-Key:0123",
                 "source=edge",
                 &["destination.custom_headers"][..],
             ),
             (
                 "x-api-version:2",
-                "source=edge&api_key=0123456789abcdef",
+                "source=edge&access_token=abc&sig=f00",
                 &["destination.http_endpoint"][..],
             ),
-            // Just short of it.
-            ("x-key:1234567", "key=1234567", &[][..]),
         ] {
             let text = VALID
                 .replace("x-api-version:2,x-tenant:acme", headers)

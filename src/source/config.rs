@@ -187,7 +187,7 @@ impl NatsSource {
             .servers
             .iter()
             .filter_map(|s| s.parse::<async_nats::ServerAddr>().ok())
-            .filter(|addr| !names_this_host(addr.host()))
+            .filter(|addr| !crate::config::names_this_host(addr.host()))
             .map(|addr| format!("{}:{}", addr.host(), addr.port()))
             .collect();
         (!remote.is_empty()).then(|| {
@@ -200,16 +200,6 @@ impl NatsSource {
 }
 
 type KeyError = (&'static str, String);
-
-/// Whether a server's host is this host's loopback (`localhost`, 127.0.0.0/8, `::1`). The
-/// URL parser keeps a `nats://` host as text, an IP address among them.
-fn names_this_host(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
 
 /// A subject token may not be empty, hold spaces or be a wildcard.
 fn check_subject_prefix(prefix: &str) -> Result<(), String> {
