@@ -451,7 +451,8 @@ fn promtool_tests(rules: &[Rule], cases: &[Case]) -> Value {
 
 #[test]
 fn each_rule_fires_when_it_should_and_not_otherwise() {
-    let Some(promtool_path) = promtool_or_skip("each_rule_fires_when_it_should") else {
+    let Some(promtool_path) = promtool_or_skip("each_rule_fires_when_it_should_and_not_otherwise")
+    else {
         return;
     };
     let checked = promtool(&promtool_path, &["check", "rules", RULES]);

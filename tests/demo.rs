@@ -68,7 +68,6 @@ async fn demo_summary_matches_what_the_receiver_got() {
     );
 }
 
-/// The paths of every command that does work (those without subcommands of their own).
 /// With an ingest token in the environment, the demo's agent asks for it, and its client
 /// sends it: the first command still works where the environment was set for `outpost run`.
 #[test]
@@ -90,6 +89,7 @@ fn the_demo_runs_where_the_environment_gives_an_ingest_token() {
     assert!(!stdout.contains("demo-t0ken") && !stderr.contains("demo-t0ken"));
 }
 
+/// The paths of every command that does work (those without subcommands of their own).
 fn leaf_commands(command: &clap::Command, path: Vec<String>, into: &mut Vec<Vec<String>>) {
     let subcommands: Vec<_> = command
         .get_subcommands()
