@@ -812,6 +812,14 @@ impl Store {
                 profiles_in_file,
             });
         }
+        // A store that has run with no mapping yet (made for this take-over) takes the file's
+        // segments as the mapping it ran with: their members were exported where they come
+        // from, and a segment mapped at its agent's first start is then new, and backfilled.
+        if self.mapping_records()?.is_empty() {
+            let segments: Vec<&str> = terms.segments.iter().map(String::as_str).collect();
+            let mut ran_with = crate::config::Mapping::new(&[], &segments, &[]);
+            self.record_mapping(&mut ran_with, chrono::Utc::now().timestamp_millis())?;
+        }
         mark(self, &t, Moved::Taking, &header.partitions)?;
         // The same file read again, from its start: checked as it goes.
         let unfinished = |e: String| MoveError::Unfinished(format!("{}: {e}", path.display()));
@@ -1209,6 +1217,14 @@ mod tests {
         // gave it now refuses them.
         store_over_http(&giving, &moving[0], "back");
         refused_as_given_away(&taking, &update, &update[0].id, 1);
+        // The store, made for the take-over, ran with the file's segments: one mapped at its
+        // agent's first start is new, and its stored members are backfilled.
+        assert!(taking.backfill_state().unwrap().jobs.is_empty());
+        taking
+            .record_mapping(&mut Mapping::new(&["name"], &["s", "t"], &[]), 3)
+            .unwrap();
+        let queued = taking.backfill_state().unwrap();
+        assert_eq!(queued.jobs.len(), 1, "{queued:?}");
     }
 
     /// A profile that cannot be read is not written to a file that every take-over would then

@@ -140,7 +140,7 @@ impl Store {
         Ok(newly_mapped_ids(&self.mapping_records()?, segments))
     }
 
-    fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
+    pub(super) fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
         let Some(value) = self.with(|t| Ok(t.meta.get(meta::MAPPING)?))? else {
             return Ok(BTreeMap::new());
         };
