@@ -264,29 +264,52 @@ fn cases() -> Vec<Case> {
         Case {
             alert: "OutpostTokenOrAuthFailing",
             series: vec![
+                // The token endpoint unreachable: the destination down, a probe every 5
+                // minutes, each failing; nothing delivered.
                 series(
                     "outpost_delivery_retries_total{cause=\"token\"}",
                     "a:8686",
-                    "0+1x25",
+                    &(0..=40).map(|minute| (minute / 5).to_string()).collect::<Vec<_>>().join(" "),
+                ),
+                series(
+                    "outpost_deliveries_total{outcome=\"delivered\"}",
+                    "a:8686",
+                    "100x40",
                 ),
                 // One refusal (a token that expired early), then none.
                 series(
                     "outpost_delivery_retries_total{cause=\"auth\"}",
                     "b:8686",
-                    "0 1x25",
+                    "0 1x40",
+                ),
+                series(
+                    "outpost_deliveries_total{outcome=\"delivered\"}",
+                    "b:8686",
+                    "0x40",
+                ),
+                // Refusals now and then while deliveries go on.
+                series(
+                    "outpost_delivery_retries_total{cause=\"token\"}",
+                    "c:8686",
+                    "0+1x40",
+                ),
+                series(
+                    "outpost_deliveries_total{outcome=\"delivered\"}",
+                    "c:8686",
+                    "0+50x40",
                 ),
                 // Failures of another kind.
                 series(
                     "outpost_delivery_retries_total{cause=\"connection\"}",
-                    "c:8686",
-                    "0+5x25",
+                    "d:8686",
+                    "0+5x40",
                 ),
             ],
             at: vec![
-                (10, vec![]),
+                (8, vec![]),
                 (
-                    20,
-                    vec![("a:8686", false, "outpost on a:8686: getting or using a token has failed for 15 minutes")],
+                    30,
+                    vec![("a:8686", false, "outpost on a:8686: getting or using a token keeps failing, and nothing is delivered")],
                 ),
             ],
         },
