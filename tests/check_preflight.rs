@@ -162,6 +162,110 @@ async fn a_store_other_users_may_read_is_warned_of() {
     drop(agent);
 }
 
+/// `outpost ARGS --config <ws>` with `env` set (and the tokens' variables cleared otherwise).
+fn run_with_env(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .arg("--config")
+        .arg(ws.config_path())
+        .env_remove("OUTPOST_TOKEN")
+        .env_remove("OUTPOST_INGEST_TOKEN")
+        .stdin(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+/// The static token and the ingest token may come from the environment (OUTPOST_TOKEN,
+/// OUTPOST_INGEST_TOKEN), as the client secret may; set but empty is refused where needed,
+/// and one the file gives too is warned of. Never shown.
+#[test]
+fn tokens_from_the_environment() {
+    let port = common::agent_process::free_port();
+    let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let bearer = config.replace("type = \"none\"", "type = \"bearer\"");
+    assert_ne!(bearer, config);
+    std::fs::write(ws.config_path(), &bearer).unwrap();
+    let texts = |out: &Output| {
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let out = run_with_env(&ws, &["check"], &[]);
+    let (_, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("env OUTPOST_TOKEN"), "{stderr}");
+
+    let out = run_with_env(&ws, &["check"], &[("OUTPOST_TOKEN", "t0ken-from-env")]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        !line(&stdout, "ingest").contains("token required"),
+        "{stdout}"
+    );
+
+    let both = [
+        ("OUTPOST_TOKEN", "t0ken-from-env"),
+        ("OUTPOST_INGEST_TOKEN", "ingest-from-env"),
+    ];
+    let out = run_with_env(&ws, &["check"], &both);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        line(&stdout, "ingest").contains("(token required)"),
+        "{stdout}"
+    );
+    for secret in ["t0ken-from-env", "ingest-from-env"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stdout}{stderr}"
+        );
+    }
+
+    let empty = [
+        ("OUTPOST_TOKEN", "t0ken-from-env"),
+        ("OUTPOST_INGEST_TOKEN", ""),
+    ];
+    let out = run_with_env(&ws, &["check"], &empty);
+    let (_, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ingest.token: env OUTPOST_INGEST_TOKEN is set but empty"),
+        "{stderr}"
+    );
+    // A command on the store needs neither token.
+    let input = ws.path().join("one.ndjson");
+    std::fs::write(&input, member_update("p-1", "A", "2026-01-01T00:00:01Z")).unwrap();
+    let out = run_with_env(
+        &ws,
+        &["ingest", input.to_str().unwrap()],
+        &[("OUTPOST_INGEST_TOKEN", "")],
+    );
+    assert!(out.status.success(), "{}", texts(&out).1);
+
+    // Given in the file as well: the file's is used, and the variable's said to be unused.
+    let inline = bearer.replace(
+        "type = \"bearer\"",
+        "type = \"bearer\"\ntoken = \"t0ken-in-file\"",
+    );
+    let inline = inline.replace("[ingest]\n", "[ingest]\ntoken = \"ingest-in-file\"\n");
+    std::fs::write(ws.config_path(), &inline).unwrap();
+    let out = run_with_env(&ws, &["check"], &both);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for variable in ["OUTPOST_TOKEN", "OUTPOST_INGEST_TOKEN"] {
+        assert!(
+            stdout.contains(&format!("{variable} is set, but")),
+            "{stdout}"
+        );
+    }
+}
+
 /// A file where the store folder would be is a problem `check` names, as the agent's start
 /// would meet it.
 #[test]
