@@ -407,7 +407,12 @@ pub enum OutboxCommand {
     /// timeout and 50 s more), starting none meanwhile.
     ///
     /// Example: outpost outbox retry --all-dead
-    Retry(Targets),
+    Retry {
+        #[command(flatten)]
+        targets: Targets,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Delete exports (dead letters, or pending ones named by id).
     ///
     /// Through the running agent, a drop by id first waits for the requests in flight to end.
@@ -422,6 +427,8 @@ pub enum OutboxCommand {
         /// Do not ask for confirmation
         #[arg(long)]
         yes: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 

@@ -225,6 +225,15 @@ fn inspect(ws: &Workspace, dead_profiles: &[&str]) {
     let out = ws.run(&["outbox", "retry", "00000000-1"], None);
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains("not found"), "{}", stderr_of(&out));
+    // With --json, the answer for programs on standard output, the failure as ever.
+    let out = ws.run(&["outbox", "retry", "00000000-1", "--json"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        answer["not_found"],
+        serde_json::json!(["00000000-1"]),
+        "{answer}"
+    );
     let out = ws.run(&["outbox", "drop", "00000000-1", "--yes"], None);
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     let out = ws.run(&["outbox", "retry"], None);
@@ -336,8 +345,9 @@ async fn every_subcommand_with_the_agent_running_and_stopped() {
     assert_counts(&ws, 0, 3);
     let out = ws.run(&["outbox", "show", &bad2], None);
     assert_eq!(out.status.code(), Some(1));
-    let out = ws.run_ok(&["outbox", "drop", "--all-dead", "--yes"], None);
-    assert_eq!(out.trim(), "3 export(s) deleted");
+    let out = ws.run_ok(&["outbox", "drop", "--all-dead", "--yes", "--json"], None);
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["dropped_count"], 3, "{answer}");
     assert_counts(&ws, 0, 0);
 
     // More dead letters for the stopped agent.

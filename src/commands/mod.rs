@@ -267,6 +267,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             if let OutboxCommand::Drop {
                 targets: Targets { ids, all_dead },
                 yes: false,
+                ..
             } = &command
             {
                 if !Store::exists_at(&config.storage.path)? {
@@ -872,19 +873,28 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> 
             let export = backend.execute(&AdminRequest::Show { id })?;
             Ok(as_json_or(export, json.json, print_export))
         }
-        OutboxCommand::Retry(Targets { ids, all_dead }) => {
+        OutboxCommand::Retry {
+            targets: Targets { ids, all_dead },
+            json,
+        } => {
             let result = backend.execute(&AdminRequest::Retry { ids, all_dead })?;
             Ok(Box::new(move || {
-                report_repair(&result, "retried", "put back in the outbox", all_dead)
+                report_repair(
+                    &result,
+                    ("retried", "put back in the outbox"),
+                    all_dead,
+                    json.json,
+                )
             }))
         }
         OutboxCommand::Drop {
             targets: Targets { ids, all_dead },
+            json,
             ..
         } => {
             let result = backend.execute(&AdminRequest::Drop { ids, all_dead })?;
             Ok(Box::new(move || {
-                report_repair(&result, "dropped", "deleted", all_dead)
+                report_repair(&result, ("dropped", "deleted"), all_dead, json.json)
             }))
         }
     }
@@ -1092,8 +1102,22 @@ fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-/// Prints what a repair did; what it could not do for an export named by id is a failure.
-fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Result<(), CliError> {
+/// Prints what a repair did (with `json`, the answer as the agent or store gave it); what it
+/// could not do for an export named by id is a failure.
+fn report_repair(
+    result: &Value,
+    (key, verb): (&str, &str),
+    all_dead: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let say = |line: String| {
+        if !json {
+            println!("{line}");
+        }
+    };
+    if json {
+        print_json(result, true);
+    }
     // With `--all-dead`, the agent names the first ids of a kind and counts them all (an
     // agent of an earlier build named them all).
     let count = |name: &str| {
@@ -1103,7 +1127,7 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
         )
     };
     let done = count(key);
-    println!("{done} export(s) {verb}");
+    say(format!("{done} export(s) {verb}"));
     let listed =
         |name: &str| -> Vec<Value> { result[name].as_array().cloned().unwrap_or_default() };
     let ids = |name: &str| -> Vec<String> {
@@ -1115,10 +1139,10 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     // Retrying an export that is not a dead letter changes nothing, and is no failure.
     let pending = ids("already_pending");
     if !pending.is_empty() {
-        println!(
+        say(format!(
             "already pending (not dead letters), left as they are: {}",
             pending.join(", ")
-        );
+        ));
     }
     let missing = ids("not_found");
     let mut unreadable = ids("unreadable");
@@ -1149,9 +1173,9 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     }
     if all_dead && !superseded.is_empty() {
         // Every dead letter that may be retried was: the others are no failure of the command.
-        println!(
+        say(format!(
             "{superseded_count} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile, or it was dropped, which counts the same (`outbox list --dead --json` names it, as superseded_by)"
-        );
+        ));
     } else if !superseded.is_empty() {
         problems.push(format!(
             "not retried, the endpoint has acknowledged a newer export of the same profile (or it was dropped, which counts the same), which sending these would undo (`outbox drop ID` deletes them): {}",
@@ -1161,10 +1185,10 @@ fn report_repair(result: &Value, key: &str, verb: &str, all_dead: bool) -> Resul
     // Held until the newer export is delivered or dropped (then superseded).
     let held = "a newer export of the same profile, pending or a dead letter, may already have been acknowledged by the endpoint (a request of it got no answer, or it was pending when an agent stopped before recording every delivery or before this version of outpost kept track), so sending the older one first could undo it; once the newer one is delivered (a dead letter: retried), or dropped, the older is superseded";
     if all_dead && !maybe_overtaken.is_empty() {
-        println!(
+        say(format!(
             "{overtaken_count} dead letter(s) left as they are: {held}: {}",
             maybe_overtaken.join(", ")
-        );
+        ));
     } else if !maybe_overtaken.is_empty() {
         problems.push(format!(
             "not retried, {held}: {}",
