@@ -816,9 +816,8 @@ impl Store {
         // segments as the mapping it ran with: their members were exported where they come
         // from, and a segment mapped at its agent's first start is then new, and backfilled.
         if self.mapping_records()?.is_empty() {
-            let segments: Vec<&str> = terms.segments.iter().map(String::as_str).collect();
-            let mut ran_with = crate::config::Mapping::new(&[], &segments, &[]);
-            self.record_mapping(&mut ran_with, chrono::Utc::now().timestamp_millis())?;
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            self.record_segments_taken_over(&terms.segments, now_ms)?;
         }
         mark(self, &t, Moved::Taking, &header.partitions)?;
         // The same file read again, from its start: checked as it goes.
@@ -1218,13 +1217,28 @@ mod tests {
         store_over_http(&giving, &moving[0], "back");
         refused_as_given_away(&taking, &update, &update[0].id, 1);
         // The store, made for the take-over, ran with the file's segments: one mapped at its
-        // agent's first start is new, and its stored members are backfilled.
+        // agent's first start is new, and its stored members are backfilled; the config's
+        // entry of one taken over (its name here) is taken as it is, not as a change.
         assert!(taking.backfill_state().unwrap().jobs.is_empty());
-        taking
-            .record_mapping(&mut Mapping::new(&["name"], &["s", "t"], &[]), 3)
-            .unwrap();
+        let mut first_start = Mapping::new(&["name"], &["s", "t"], &[]);
+        first_start.segment_details.insert(
+            "s".into(),
+            crate::config::SegmentDetails {
+                name: Some("Lapsed".into()),
+                ..Default::default()
+            },
+        );
+        taking.record_mapping(&mut first_start, 3).unwrap();
         let queued = taking.backfill_state().unwrap();
         assert_eq!(queued.jobs.len(), 1, "{queued:?}");
+        assert_eq!(queued.jobs[0].segments, ["t"]);
+        let s = first_start.mapped_at["s"];
+        assert!(s.created_ms > 3 && s.updated_ms == s.created_ms, "{s:?}");
+        assert_eq!(first_start.mapped_at["t"].created_ms, 3);
+        // A change of its entry after that is one.
+        first_start.segment_details.get_mut("s").unwrap().name = Some("Lapsed VIPs".into());
+        taking.record_mapping(&mut first_start, 4).unwrap();
+        assert_eq!(first_start.mapped_at["s"].updated_ms, 4);
     }
 
     /// A profile that cannot be read is not written to a file that every take-over would then

@@ -20,6 +20,11 @@ use crate::config::{MappedAt, Mapping};
 
 const MAPPING_V1: u8 = 1;
 
+/// The entry of a segment a take-over recorded, which knows its id alone: the first run takes
+/// the config's entry as it is, not as a change (`mappingUpdatedAt` stays when it was
+/// recorded). Never an entry [`entry_of`] makes.
+const ENTRY_NOT_KNOWN: &str = "taken over";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedSegment {
     pub created_ms: i64,
@@ -65,12 +70,15 @@ pub fn updated_records(
             Some(record) => {
                 // Builds before `{ id = "seg" }` counted as no entry recorded it so.
                 let recorded = match record.entry.as_str() {
-                    "None|None|None" => "",
-                    other => other,
+                    "None|None|None" => Some(""),
+                    ENTRY_NOT_KNOWN => None,
+                    other => Some(other),
                 };
-                if recorded != entry || !record.mapped {
-                    record.entry = entry;
+                if recorded.is_some_and(|recorded| recorded != entry) || !record.mapped {
                     record.updated_ms = now_ms;
+                }
+                if recorded != Some(entry.as_str()) || !record.mapped {
+                    record.entry = entry;
                 }
                 record.mapped = true;
             }
@@ -138,6 +146,33 @@ impl Store {
         segments: &[String],
     ) -> Result<Vec<String>, StoreError> {
         Ok(newly_mapped_ids(&self.mapping_records()?, segments))
+    }
+
+    /// Records `segments` as the mapping this store ran with, their entries not known: a
+    /// take-over into a store that has run with no mapping (`handover::take_over_as`). Not
+    /// flushed: the take-over flushes it with what it stores.
+    pub(super) fn record_segments_taken_over(
+        &self,
+        segments: &[String],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let records: BTreeMap<String, RecordedSegment> = segments
+            .iter()
+            .map(|segment| {
+                let record = RecordedSegment {
+                    created_ms: now_ms,
+                    updated_ms: now_ms,
+                    entry: ENTRY_NOT_KNOWN.into(),
+                    mapped: true,
+                };
+                (segment.clone(), record)
+            })
+            .collect();
+        let value = codec::encode_json(MAPPING_V1, &records);
+        self.with(|t| {
+            t.meta.insert(meta::MAPPING, value)?;
+            Ok(())
+        })
     }
 
     pub(super) fn mapping_records(&self) -> Result<BTreeMap<String, RecordedSegment>, StoreError> {
