@@ -265,51 +265,65 @@ fn cases() -> Vec<Case> {
             alert: "OutpostTokenOrAuthFailing",
             series: vec![
                 // The token endpoint unreachable: the destination down, a probe every 5
-                // minutes, each failing; nothing delivered.
+                // minutes (a), every 15 (e: max_backoff_ms at 30 minutes), each failing;
+                // nothing delivered.
                 series(
                     "outpost_delivery_retries_total{cause=\"token\"}",
                     "a:8686",
-                    &(0..=40).map(|minute| (minute / 5).to_string()).collect::<Vec<_>>().join(" "),
+                    &(0..=80).map(|minute| (minute / 5).to_string()).collect::<Vec<_>>().join(" "),
+                ),
+                series(
+                    "outpost_delivery_retries_total{cause=\"token\"}",
+                    "e:8686",
+                    &(0..=80).map(|minute| (minute / 15).to_string()).collect::<Vec<_>>().join(" "),
+                ),
+                series(
+                    "outpost_deliveries_total{outcome=\"delivered\"}",
+                    "e:8686",
+                    "100x80",
                 ),
                 series(
                     "outpost_deliveries_total{outcome=\"delivered\"}",
                     "a:8686",
-                    "100x40",
+                    "100x80",
                 ),
                 // One refusal (a token that expired early), then none.
                 series(
                     "outpost_delivery_retries_total{cause=\"auth\"}",
                     "b:8686",
-                    "0 1x40",
+                    "0 1x80",
                 ),
                 series(
                     "outpost_deliveries_total{outcome=\"delivered\"}",
                     "b:8686",
-                    "0x40",
+                    "0x80",
                 ),
                 // Refusals now and then while deliveries go on.
                 series(
                     "outpost_delivery_retries_total{cause=\"token\"}",
                     "c:8686",
-                    "0+1x40",
+                    "0+1x80",
                 ),
                 series(
                     "outpost_deliveries_total{outcome=\"delivered\"}",
                     "c:8686",
-                    "0+50x40",
+                    "0+50x80",
                 ),
                 // Failures of another kind.
                 series(
                     "outpost_delivery_retries_total{cause=\"connection\"}",
                     "d:8686",
-                    "0+5x40",
+                    "0+5x80",
                 ),
             ],
             at: vec![
                 (8, vec![]),
                 (
-                    30,
-                    vec![("a:8686", false, "outpost on a:8686: getting or using a token keeps failing, and nothing is delivered")],
+                    60,
+                    vec![
+                        ("a:8686", false, "outpost on a:8686: getting or using a token keeps failing, and nothing is delivered"),
+                        ("e:8686", false, "outpost on e:8686: getting or using a token keeps failing, and nothing is delivered"),
+                    ],
                 ),
             ],
         },
