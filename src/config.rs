@@ -1002,21 +1002,26 @@ pub fn clear_text_credentials_warnings(
 }
 
 /// Whether a header's or query parameter's name says it carries a credential (`X-Api-Key`,
-/// `access_token`, `client-secret`, `sig`, …).
+/// `access_token`, `Cookie`, `sig`, …): one of its words (split at `-`, `_` and `.`) begins
+/// with a credential's word, so that `X-Assignment-Id` or `design` do not count.
 fn names_a_credential(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    [
+    const WORDS: [&str; 12] = [
         "key",
+        "apikey",
         "token",
         "secret",
-        "password",
-        "passwd",
+        "pass",
+        "pwd",
         "auth",
         "sig",
         "credential",
-    ]
-    .iter()
-    .any(|word| name.contains(word))
+        "cookie",
+        "session",
+        "jwt",
+    ];
+    name.to_ascii_lowercase()
+        .split(['-', '_', '.'])
+        .any(|word| WORDS.iter().any(|credential| word.starts_with(credential)))
 }
 
 /// The fewest bytes of a custom header's value, a word of it, or a value of the endpoint's
@@ -2726,7 +2731,7 @@ client_secret = "s3cr3t-value"
     /// A custom header or query value named as a credential counts as a secret in the file,
     /// for the warning about a file others may read; others do not, however long.
     #[test]
-    fn header_and_query_values_the_answers_hide_count_as_secrets_in_the_file() {
+    fn header_and_query_values_named_as_credentials_count_as_secrets_in_the_file() {
         let _environment = environment();
         for (headers, endpoint_query, counted) in [
             ("x-api-version:2,x-tenant:acme", "source=edge", &[][..]),
@@ -2746,6 +2751,12 @@ client_secret = "s3cr3t-value"
                 "source=edge&access_token=abc&sig=f00",
                 &["destination.http_endpoint"][..],
             ),
+            (
+                "Cookie:sid=1,X-Assignment-Id:7",
+                "design=flat&format=json",
+                &["destination.custom_headers"][..],
+            ),
+            ("X-Assignment-Id:7,X-Request-Id:9", "design=flat", &[][..]),
         ] {
             let text = VALID
                 .replace("x-api-version:2,x-tenant:acme", headers)

@@ -66,9 +66,10 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
     ))
 }
 
-/// What `ingest --json` prints of a failure: the message, and for one that stopped partway how
-/// many updates of the input were stored, and may have been after them.
-pub(super) fn error_json(error: &CliError) -> serde_json::Value {
+/// What `ingest --json` prints of a failure: the message, and how many updates from the
+/// input's start are stored (`skip` where this run stored none: those an earlier run stored),
+/// and for one that stopped partway, how many may have been after them.
+pub(super) fn error_json(error: &CliError, skip: u64) -> serde_json::Value {
     match error {
         CliError::PartlyStored {
             message,
@@ -81,7 +82,7 @@ pub(super) fn error_json(error: &CliError) -> serde_json::Value {
             "in_doubt": in_doubt,
             "updates": updates,
         }),
-        other => serde_json::json!({ "error": other.to_string(), "stored": 0 }),
+        other => serde_json::json!({ "error": other.to_string(), "stored": skip }),
     }
 }
 

@@ -255,7 +255,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
                 Err(error) => {
                     // What a script reads on standard output too, the message on stderr.
                     if json {
-                        print_json(&ingest::error_json(&error), true);
+                        print_json(&ingest::error_json(&error, skip), true);
                     }
                     Err(error)
                 }
