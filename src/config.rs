@@ -856,10 +856,13 @@ fn clear_text_beyond_loopback(url: &Url) -> bool {
 /// scheme it does not know (`nats://127.0.0.1`) as text, an IP address among them.
 pub(crate) fn names_this_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
+    // A name's trailing dot roots it: `localhost.` is `localhost`.
+    host.strip_suffix('.')
+        .unwrap_or(host)
+        .eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Warnings for addresses of this host that go through a proxy on another: the proxy opens
@@ -3322,6 +3325,27 @@ client_secret = "s3cr3t-value"
             let text = VALID.replace("type = \"oauth2_client_credentials\"", auth);
             let error = error_of(&text);
             assert!(error.contains(key), "{auth}: {error}");
+        }
+    }
+
+    #[test]
+    fn hosts_that_name_this_one() {
+        for (host, this) in [
+            ("localhost", true),
+            ("LocalHost", true),
+            ("localhost.", true),
+            ("127.0.0.1", true),
+            ("127.8.9.10", true),
+            ("[::1]", true),
+            ("::1", true),
+            ("[::ffff:127.0.0.1]", true),
+            ("127.0.0.1.example.com", false),
+            ("localhost.example.com", false),
+            ("10.0.0.5", false),
+            ("[::ffff:10.0.0.5]", false),
+            ("", false),
+        ] {
+            assert_eq!(names_this_host(host), this, "{host}");
         }
     }
 

@@ -122,19 +122,8 @@ fn every_problem_is_reported_with_what_to_do() {
 async fn a_store_other_users_may_read_is_warned_of() {
     let port = common::agent_process::free_port();
     let ws = Workspace::with_extra(&format!("[ingest]\nlisten = \"127.0.0.1:{port}\"\n"));
-    let input = ws.path().join("one.ndjson");
-    std::fs::write(&input, member_update("p-1", "A", "2026-01-01T00:00:01Z")).unwrap();
-    let out = Command::new(binary())
-        .args(["ingest", "--config"])
-        .arg(ws.config_path())
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let update = member_update("p-1", "A", "2026-01-01T00:00:01Z");
+    ws.run_ok(&["ingest", "-"], Some(update.as_bytes()));
     let mode =
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&ws.store_path()), 0o700);
