@@ -19,13 +19,14 @@ fn main() -> ExitCode {
     }
     // What people read and pipe on (`outbox list | head`): a reader that stops early ends
     // the command quietly, as it ends `ls`, not with a panic at the next print. Servers and
-    // clients of sockets keep SIGPIPE ignored, as Rust sets it.
+    // clients of sockets keep SIGPIPE ignored, as Rust sets it: `check` among them, whose TLS
+    // handshake with a server that closes (one of plain HTTP) would otherwise end it silently.
     if matches!(
         cli.command,
         outpost::cli::Command::Outbox(_)
             | outpost::cli::Command::Profile(_)
             | outpost::cli::Command::Rejected(_)
-            | outpost::cli::Command::Check { .. }
+            | outpost::cli::Command::Check { store: true, .. }
             | outpost::cli::Command::Completions { .. }
     ) {
         // SAFETY: at start, before any thread is spawned; only restores the default action.

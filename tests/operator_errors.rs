@@ -250,6 +250,23 @@ async fn check_with_token_endpoint(url: &str) -> Output {
         .unwrap()
 }
 
+/// An `https://` token endpoint where a server of plain HTTP listens (it answers the TLS
+/// handshake with a 400 and closes): `check` says so, every time, rather than die silently of
+/// the closed connection (SIGPIPE, exit 141).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_of_an_https_url_served_in_plain_http_says_so() {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    let url = format!("{}/oauth/token", receiver.base_url()).replace("http://", "https://");
+    for _ in 0..6 {
+        let out = check_with_token_endpoint(&url).await;
+        let stderr = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("does not answer in TLS"), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_answers_html() {
     let url = token_endpoint(
