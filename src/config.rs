@@ -1033,10 +1033,11 @@ fn names_a_credential(name: &str) -> bool {
 /// anyway.
 pub(crate) const SECRET_LEAST_BYTES: usize = 8;
 
-/// The warning for a config file that holds secrets (`keys`) and that other users can read
-/// (`mode`: its Unix permission bits).
+/// The warning for a config file that holds secrets (`keys`) and that users other than its
+/// owner and group can read (`mode`: its Unix permission bits). Its group reading it is the
+/// service's set-up (`data/outpost.service`: root's file, the `outpost` group's to read).
 pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
-    (mode & 0o044 != 0 && !keys.is_empty()).then(|| {
+    (mode & 0o004 != 0 && !keys.is_empty()).then(|| {
         // Only these have another place; the others are kept safe by the file's mode alone.
         let elsewhere: Vec<String> = [
             (
@@ -1059,7 +1060,7 @@ pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<
             false => format!(", or give {}", elsewhere.join(" and ")),
         };
         format!(
-            "{} holds secrets ({}) and other users can read it (mode {:o}); run chmod 600 {0}{or_move}",
+            "{} holds secrets ({}) and other users can read it (mode {:o}); run chmod o-rwx {0}{or_move}",
             path.display(),
             keys.join(", "),
             mode & 0o777
@@ -3526,12 +3527,13 @@ client_secret = "s3cr3t-value"
         let path = Path::new("/etc/outpost/outpost.toml");
         let cases: [(u32, &[&str], bool); 6] = [
             (0o100600, &["ingest.token"], false),
-            (0o100640, &["ingest.token"], true),
+            // The group reading it is the service's set-up.
+            (0o100640, &["ingest.token"], false),
             (0o100604, &["destination.auth.client_secret"], true),
             (0o100644, &[], false),
             (0o100400, &["ingest.token"], false),
             (
-                0o100660,
+                0o100664,
                 &["ingest.token", "destination.auth.password"],
                 true,
             ),
@@ -3540,7 +3542,7 @@ client_secret = "s3cr3t-value"
             let warning = readable_secret_warning(path, mode, keys);
             assert_eq!(warning.is_some(), warned, "{mode:o} {keys:?}");
             if let Some(w) = warning {
-                assert!(w.contains("chmod 600 /etc/outpost/outpost.toml"), "{w}");
+                assert!(w.contains("chmod o-rwx /etc/outpost/outpost.toml"), "{w}");
                 assert!(w.contains(&keys.join(", ")), "{w}");
             }
         }
@@ -3548,12 +3550,12 @@ client_secret = "s3cr3t-value"
         // none.
         let told = |keys: &[&str]| readable_secret_warning(path, 0o100644, keys).unwrap();
         assert!(told(&["source.nats.token", "destination.proxy"])
-            .ends_with("run chmod 600 /etc/outpost/outpost.toml"));
+            .ends_with("run chmod o-rwx /etc/outpost/outpost.toml"));
         assert!(told(&["ingest.token", "destination.auth.token"]).ends_with(
             ", or give destination.auth.token by token_file or OUTPOST_TOKEN and ingest.token by ingest.token_file or OUTPOST_INGEST_TOKEN"
         ));
         assert!(told(&["destination.auth.client_secret", "destination.proxy"]).ends_with(
-            "run chmod 600 /etc/outpost/outpost.toml, or give destination.auth.client_secret by client_secret_file or OUTPOST_CLIENT_SECRET"
+            "run chmod o-rwx /etc/outpost/outpost.toml, or give destination.auth.client_secret by client_secret_file or OUTPOST_CLIENT_SECRET"
         ));
         assert!(told(&["destination.auth.password"])
             .ends_with(", or give destination.auth.password by password_file or OUTPOST_PASSWORD"));
