@@ -1134,6 +1134,49 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// When the destination comes to look down, and when it answers again, the log says so once
+/// each way: the failures themselves are logged only a few at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_says_when_the_destination_looks_down_and_when_it_is_back() {
+    let receiver = receiver().await;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let failing = Arc::clone(&down);
+    receiver.set_export_script(Some(Arc::new(move |_, _| {
+        match failing.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Reply::Status(503, vec![], "down for maintenance".into()),
+            false => Reply::Normal,
+        }
+    })));
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = start_agent(&ws, port).await;
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let wait_for = |text: &'static str| {
+        let agent = &agent;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !agent.log().contains(text) {
+                assert!(
+                    Instant::now() < deadline,
+                    "no {text:?} in:\n{}",
+                    agent.log()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for("the destination looks down").await;
+    assert!(!agent.log().contains("the destination answers again"));
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for("the destination answers again").await;
+    assert_eq!(agent.log().matches("the destination looks down").count(), 1);
+    agent.terminate().await;
+}
+
 /// What inputs and endpoints send reaches the log with its control characters escaped: an id
 /// and an error body holding a newline and an escape sequence forge no log line and colour
 /// nothing.

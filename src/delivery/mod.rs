@@ -1049,8 +1049,16 @@ impl Deliverer {
         m.retry_waiting.set(state.queue.waiting() as i64);
         m.window_exports.set(state.queue.held() as i64);
         m.window_bytes.set(state.queue.held_bytes() as i64);
-        m.destination_down
-            .set(i64::from(state.controller.is_down()));
+        let down = state.controller.is_down();
+        // Said once each way: the failures themselves are logged a few at a time.
+        match (m.destination_down.get() == 1, down) {
+            (false, true) => tracing::warn!(
+                "the destination looks down (every request failed for a while): probing it one request at a time on the backoff schedule; exports wait in the outbox"
+            ),
+            (true, false) => tracing::info!("the destination answers again; delivery goes on"),
+            _ => {}
+        }
+        m.destination_down.set(i64::from(down));
     }
 
     fn request(
