@@ -12,7 +12,7 @@ use url::Url;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {source}{}", missing_config_hint(source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -25,6 +25,17 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+}
+
+/// What to do about a config file that is not there: where outpost looks, and where to start.
+fn missing_config_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            " (give --config PATH or set OUTPOST_CONFIG; without either, outpost.toml in the \
+             working folder is read. To start one: cp data/outpost.example.toml outpost.toml)"
+        }
+        _ => "",
+    }
 }
 
 /// Where a TOML error is and what it says, without the line's text or the value: toml's own

@@ -507,7 +507,7 @@ pub fn print_report(report: &DemoReport) {
         );
     }
     println!();
-    println!("next: point data/outpost.example.toml at your endpoint, then `outpost check --config data/outpost.example.toml`");
+    println!("next: cp data/outpost.example.toml outpost.toml, point it at your endpoint, then `outpost check`");
 }
 
 #[cfg(test)]

@@ -247,6 +247,21 @@ fn exit_codes_for_usage_config_and_missing_things() {
         Some(1)
     );
 
+    // No config where it is looked for: said, with where outpost looks and how to start one.
+    let out = std::process::Command::new(binary())
+        .args(["outbox", "stats", "--config"])
+        .arg(ws.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("missing.toml: No such file or directory")
+            && stderr.contains("give --config PATH or set OUTPOST_CONFIG")
+            && stderr.contains("cp data/outpost.example.toml outpost.toml"),
+        "{stderr}"
+    );
+
     std::fs::write(
         ws.config_path(),
         "[destination]\nhttp_endpoint = \"nope\"\n",
