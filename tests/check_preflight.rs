@@ -56,6 +56,30 @@ fn a_writable_store_and_a_free_address() {
         format!("ingest           127.0.0.1:{port} (free)")
     );
     assert!(stdout.contains("check            ok"), "{stdout}");
+    // The endpoint (port 9, nothing there) is looked for, and its absence said, though it
+    // fails nothing: exports wait until it is there.
+    assert!(
+        stdout.contains(
+            "warning          endpoint: nothing accepts connections at 127.0.0.1:9 (connection refused); exports wait in the outbox until it accepts them"
+        ),
+        "{stdout}"
+    );
+    // Once something listens there, so it says.
+    let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let there = config.replace(
+        "http://127.0.0.1:9/",
+        &format!("http://{}/", listening.local_addr().unwrap()),
+    );
+    assert_ne!(there, config);
+    std::fs::write(ws.config_path(), there).unwrap();
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        line(&stdout, "endpoint TCP"),
+        "endpoint TCP     accepts connections (no export sent)"
+    );
+    std::fs::write(ws.config_path(), config).unwrap();
     // Nothing is left behind in the folder it wrote to.
     let left: Vec<_> = std::fs::read_dir(ws.path())
         .unwrap()

@@ -692,20 +692,25 @@ async fn check(config: &Config) -> Result<(), CliError> {
     if !file_problems.is_empty() {
         return fail_with_files(problems, file_problems);
     }
-    if d.http_endpoint.scheme() == "https" {
-        match crate::delivery::client::tls_handshake(
-            d,
-            &d.http_endpoint,
-            config.delivery.request_timeout,
-        )
-        .await
-        {
-            Ok(version) => println!("endpoint TLS     certificate verifies ({version})"),
-            Err(e) => {
-                println!("endpoint TLS     failed");
-                problems.push(format!("endpoint: {e}"));
-            }
+    let https = d.http_endpoint.scheme() == "https";
+    match crate::delivery::client::probe_endpoint(
+        d,
+        &d.http_endpoint,
+        config.delivery.request_timeout,
+    )
+    .await
+    {
+        Ok(Some(version)) => println!("endpoint TLS     certificate verifies ({version})"),
+        // No export is sent: a wrong path or a refusal shows only when one is.
+        Ok(None) => println!("endpoint TCP     accepts connections (no export sent)"),
+        Err(e) if https => {
+            println!("endpoint TLS     failed");
+            problems.push(format!("endpoint: {e}"));
         }
+        // Not a failure of the set-up: exports wait until the endpoint is there.
+        Err(e) => println!(
+            "warning          endpoint: {e}; exports wait in the outbox until it accepts them"
+        ),
     }
     match &d.auth {
         Auth::None => println!("auth             none"),

@@ -396,13 +396,15 @@ impl HttpClient {
     }
 }
 
-/// Connects to `url`'s host and completes a TLS handshake with the destination's TLS settings,
-/// sending no request (`outpost check`): the protocol version agreed, or what is wrong.
-pub async fn tls_handshake(
+/// Connects to `url`'s host as a request would (directly or through the proxy's tunnel), and
+/// for an `https://` URL completes a TLS handshake with the destination's TLS settings,
+/// sending no request (`outpost check`): the protocol version agreed (`None` for `http://`),
+/// or what is wrong.
+pub async fn probe_endpoint(
     destination: &Destination,
     url: &url::Url,
     timeout: Duration,
-) -> Result<String, ClientError> {
+) -> Result<Option<String>, ClientError> {
     let host = url
         .host_str()
         .ok_or_else(|| ClientError::Transport(format!("{url} names no host")))?
@@ -428,6 +430,9 @@ pub async fn tls_handshake(
             .await
             .map_err(|e| request_error(&uri, &*e, true))?
             .into_inner();
+        if url.scheme() != "https" {
+            return Ok(None);
+        }
         let tls = connector.connect(server_name, tcp).await.map_err(|e| {
             let explained = crate::explain::find_tls_error(&e)
                 .and_then(|tls| crate::explain::tls_problem(&format!("{host}:{port}"), &host, tls));
@@ -437,11 +442,12 @@ pub async fn tls_handshake(
                 None => ClientError::Tls(format!("TLS with {host}:{port}: {e}")),
             }
         })?;
-        Ok(tls
-            .get_ref()
-            .1
-            .protocol_version()
-            .map_or_else(|| "?".to_owned(), |v| format!("{v:?}")))
+        Ok(Some(
+            tls.get_ref()
+                .1
+                .protocol_version()
+                .map_or_else(|| "?".to_owned(), |v| format!("{v:?}")),
+        ))
     };
     tokio::time::timeout(timeout, exchange)
         .await
@@ -566,7 +572,7 @@ mod tests {
         // So says `outpost check`'s handshake.
         let https = url.replace("http://", "https://");
         let destination = destination_of(&https);
-        let shaken = tls_handshake(
+        let shaken = probe_endpoint(
             &destination,
             &destination.http_endpoint,
             Duration::from_secs(5),
@@ -601,7 +607,7 @@ mod tests {
                 true => {
                     let destination = destination_of(&url);
                     let url = destination.http_endpoint.clone();
-                    tls_handshake(&destination, &url, Duration::from_secs(5))
+                    probe_endpoint(&destination, &url, Duration::from_secs(5))
                         .await
                         .unwrap_err()
                 }
