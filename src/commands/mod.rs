@@ -73,6 +73,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Usage(_) => 2,
+            CliError::Store(e) if e.path_is_not_a_folder() => 2,
             _ => 1,
         }
     }

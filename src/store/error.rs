@@ -121,6 +121,20 @@ impl StoreError {
         }
     }
 
+    /// Whether `storage.path` cannot name a store folder, a part of it being a file: a mistake
+    /// in the configuration (exit 2, which the systemd unit does not restart on), as
+    /// [`crate::explain::store_open`] says.
+    pub fn path_is_not_a_folder(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Open { source: sled::Error::Io(io), .. }
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists
+                )
+        )
+    }
+
     /// Whether the disk (or the user's quota on it) is full, whichever step met it.
     pub fn is_no_space(&self) -> bool {
         match self {
