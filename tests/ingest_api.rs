@@ -151,14 +151,20 @@ async fn patient_agent_after_one_update(receiver: &Receiver) -> (Workspace, u16,
     let patient = config.replacen("request_timeout_ms = 500", "request_timeout_ms = 30000", 1);
     assert_ne!(patient, config);
     std::fs::write(ws.config_path(), patient).unwrap();
-    let agent = start_agent(&ws, port).await;
+    let agent = agent_after_one_update(&ws, port).await;
+    (ws, port, agent)
+}
+
+/// An agent started on `ws` that took one update (of `a`).
+async fn agent_after_one_update(ws: &Workspace, port: u16) -> AgentProcess {
+    let agent = start_agent(ws, port).await;
     let (status, _, answer) = post(
         agent.addr,
         member_update("a", "Ann", "2026-01-01T00:00:01Z"),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    (ws, port, agent)
+    agent
 }
 
 /// [`workspace`] with `line` added to `[ingest]`.
@@ -1048,13 +1054,7 @@ async fn sigterm_waits_for_the_delivery_in_flight_only_up_to_the_request_timeout
     // The endpoint never answers in time (request_timeout_ms = 500).
     receiver.set_export_script(Some(Arc::new(|_, _| Reply::Delay(Duration::from_secs(30)))));
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = start_agent(&ws, port).await;
-    let (status, _, answer) = post(
-        agent.addr,
-        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    let mut agent = agent_after_one_update(&ws, port).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while receiver.export_arrivals() == 0 {
         assert!(Instant::now() < deadline, "no delivery started");
@@ -1148,13 +1148,7 @@ async fn the_log_says_when_the_destination_looks_down_and_when_it_is_back() {
         }
     })));
     let (ws, port) = workspace(&receiver, "");
-    let mut agent = start_agent(&ws, port).await;
-    let (status, _, answer) = post(
-        agent.addr,
-        member_update("a", "Ann", "2026-01-01T00:00:01Z"),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    let mut agent = agent_after_one_update(&ws, port).await;
     let wait_for = |text: &'static str| {
         let agent = &agent;
         async move {

@@ -159,22 +159,25 @@ fn a_store_path_through_a_file_is_named_as_such() {
         }
         users.push(Some(65534));
     }
+    // Exit 2 and the last line of standard error.
+    let refused_as_a_mistake = |command: &[&str], uid: Option<u32>| {
+        let out = run(&ws, command, uid);
+        let stderr = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{command:?} as {uid:?}: {stderr}"
+        );
+        stderr.lines().last().unwrap_or_default().to_owned()
+    };
     for uid in users {
         for command in [
             &["outbox", "stats"][..],
             &["check", "--store"],
             &["repair", "--yes"],
         ] {
-            let out = run(&ws, command, uid);
             assert_eq!(
-                out.status.code(),
-                Some(2),
-                "{command:?} as {uid:?}: {}",
-                stderr(&out)
-            );
-            let last_line = stderr(&out).lines().last().unwrap_or_default().to_owned();
-            assert_eq!(
-                last_line,
+                refused_as_a_mistake(command, uid),
                 format!(
                     "outpost: there is no store at {} (`storage.path` in the config)",
                     store.display()
@@ -184,21 +187,13 @@ fn a_store_path_through_a_file_is_named_as_such() {
         }
         // A mistake in the configuration: exit 2, which the systemd unit does not restart on.
         for command in [&["ingest", input.to_str().unwrap()][..], &["run"]] {
-            let out = run(&ws, command, uid);
-            assert_eq!(
-                out.status.code(),
-                Some(2),
-                "{command:?} as {uid:?}: {}",
-                stderr(&out)
-            );
-            let error_line = stderr(&out).lines().last().unwrap_or_default().to_owned();
+            let error_line = refused_as_a_mistake(command, uid);
             assert!(
                 error_line.starts_with(&format!(
                     "outpost: storage.path {}: a part of that path is a file, not a folder",
                     store.display()
                 )),
-                "{command:?} as {uid:?}: {}",
-                stderr(&out)
+                "{command:?} as {uid:?}: {error_line}"
             );
         }
     }
