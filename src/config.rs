@@ -496,6 +496,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// The secret keys given in the file itself (for the warning on its permissions).
     pub inline_secrets: Vec<&'static str>,
+    /// The files that hold a secret, with their keys (for the warning on their permissions).
+    pub secret_files: Vec<(&'static str, PathBuf)>,
     pub destination: Destination,
     pub mapping: Mapping,
     pub storage: Storage,
@@ -1079,6 +1081,51 @@ pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<
     })
 }
 
+/// The warning for a file holding the secret of `key` that users other than its owner and
+/// group can read (`mode`: its Unix permission bits), as for the config file.
+pub fn readable_secret_file_warning(key: &str, path: &Path, mode: u32) -> Option<String> {
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "{} holds a secret ({key}) and other users can read it (mode {:o}); run chmod o-rwx {0}",
+            path.display(),
+            mode & 0o777
+        )
+    })
+}
+
+/// The files a secret is read from, by their keys, as given (not yet relative to the config).
+fn secret_files(raw: &RawConfig) -> Vec<(&'static str, PathBuf)> {
+    let auth = raw.destination.auth.as_ref();
+    let nats = raw.source.as_ref().and_then(|s| s.nats.as_ref());
+    [
+        (
+            "destination.auth.client_secret_file",
+            auth.and_then(|a| a.client_secret_file.clone()),
+        ),
+        (
+            "destination.auth.password_file",
+            auth.and_then(|a| a.password_file.clone()),
+        ),
+        (
+            "destination.auth.token_file",
+            auth.and_then(|a| a.token_file.clone()),
+        ),
+        (
+            "destination.client_key_file",
+            raw.destination.client_key_file.clone(),
+        ),
+        ("ingest.token_file", raw.ingest.token_file.clone()),
+        ("ingest.tls_key_file", raw.ingest.tls_key_file.clone()),
+        (
+            "source.nats.creds_file",
+            nats.and_then(|n| n.creds_file().cloned()),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, file)| Some((key, file?)))
+    .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// Requests in flight adapt between 1 and this.
@@ -1123,6 +1170,15 @@ impl Config {
             config
                 .warnings
                 .extend(readable_secret_warning(path, mode, &config.inline_secrets));
+        }
+        for (key, file) in &config.secret_files {
+            if let Ok(meta) = std::fs::metadata(file) {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode();
+                config
+                    .warnings
+                    .extend(readable_secret_file_warning(key, file, mode));
+            }
         }
         Ok(config)
     }
@@ -1209,6 +1265,10 @@ impl Config {
             }
         };
 
+        let secret_files = secret_files(&raw)
+            .into_iter()
+            .map(|(key, file)| (key, relative(file)))
+            .collect();
         let http_endpoint = parse_http_url(&raw.destination.http_endpoint)
             .map_err(|m| invalid("destination.http_endpoint", m))?;
         let auth_is_none = raw
@@ -1491,6 +1551,7 @@ impl Config {
             path: path.to_path_buf(),
             warnings,
             inline_secrets,
+            secret_files,
             destination: Destination {
                 name: raw.destination.name,
                 description: raw.destination.description,
@@ -2740,6 +2801,54 @@ client_secret = "s3cr3t-value"
             error_of(&text).contains("destination.auth.token_file"),
             "{}",
             error_of(&text)
+        );
+    }
+
+    /// A file a secret is read from that others may read is warned of, as the config file is;
+    /// one its group may read (the service's set-up) is not.
+    #[test]
+    fn secret_files_others_may_read_are_warned_of() {
+        use std::os::unix::fs::PermissionsExt;
+        let _environment = environment();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let file = dir.path().join(name);
+            std::fs::write(&file, text).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            file
+        };
+        let secret = write("secret", "s3cr3t-in-file\n", 0o644);
+        let key = write("ingest.key", "not read by load\n", 0o604);
+        write("group-token", "t0ken-for-group\n", 0o640);
+        let text = VALID
+            .replace(
+                "client_secret = \"s3cr3t-value\"",
+                "client_secret_file = \"secret\"",
+            )
+            .replacen(
+                "[storage]",
+                "[ingest]\ntoken_file = \"group-token\"\ntls_cert_file = \"ingest.crt\"\ntls_key_file = \"ingest.key\"\n\n[storage]",
+                1,
+            );
+        let config_path = write("outpost.toml", &text, 0o600);
+        let config = Config::load(&config_path).unwrap();
+        assert_eq!(
+            config.warnings,
+            [
+                format!(
+                    "{} holds a secret (destination.auth.client_secret_file) and other users can read it (mode 644); run chmod o-rwx {0}",
+                    secret.display()
+                ),
+                format!(
+                    "{} holds a secret (ingest.tls_key_file) and other users can read it (mode 604); run chmod o-rwx {0}",
+                    key.display()
+                ),
+            ]
+        );
+        assert!(
+            !config.warnings.concat().contains("s3cr3t"),
+            "{:?}",
+            config.warnings
         );
     }
 

@@ -51,6 +51,10 @@ pub(crate) struct RawNats {
 }
 
 impl RawNats {
+    pub(crate) fn creds_file(&self) -> Option<&PathBuf> {
+        self.creds_file.as_ref()
+    }
+
     /// The keys of the secrets given in the configuration file itself.
     pub(crate) fn inline_secrets(&self) -> Vec<&'static str> {
         [
