@@ -1594,9 +1594,19 @@ impl Config {
 
 fn parse_http_url(text: &str) -> Result<Url, String> {
     let shown = redacted_address(text);
-    let url = Url::parse(text).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
+    // `api.example.com/x` fails to parse, and `localhost:8080/x` parses with the scheme
+    // `localhost` (a port where the scheme's text would begin): both are an address written
+    // without its scheme.
+    let without_scheme = || format!("`{shown}` has no scheme: begin it with https:// (or http://)");
+    let url = Url::parse(text).map_err(|e| match e {
+        url::ParseError::RelativeUrlWithoutBase => without_scheme(),
+        e => format!("`{shown}` is not a URL: {e}"),
+    })?;
     match url.scheme() {
         "http" | "https" => {}
+        scheme if text[scheme.len() + 1..].starts_with(|c: char| c.is_ascii_digit()) => {
+            return Err(without_scheme())
+        }
         other => return Err(format!("scheme `{other}` is not http or https")),
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -2520,6 +2530,34 @@ client_secret = "s3cr3t-value"
             error.contains("mapping.identities: `ecid` is listed twice"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn endpoint_errors_say_what_is_wrong() {
+        for (text, says) in [
+            (
+                "api.example.com/profiles",
+                "`api.example.com/profiles` has no scheme: begin it with https://",
+            ),
+            (
+                "localhost:8080/profiles",
+                "`localhost:8080/profiles` has no scheme: begin it with https://",
+            ),
+            ("ftp://x/y", "scheme `ftp` is not http or https"),
+            (
+                "mailto:ops@example.com",
+                "scheme `mailto` is not http or https",
+            ),
+            ("https://", "`https://` is not a URL: empty host"),
+            (
+                "http://[::1",
+                "`http://[::1` is not a URL: invalid IPv6 address",
+            ),
+        ] {
+            let error = parse_http_url(text).unwrap_err();
+            assert!(error.starts_with(says), "{text}: {error}");
+        }
+        assert!(parse_http_url("https:api.example.com/x").is_ok());
     }
 
     #[test]
