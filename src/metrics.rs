@@ -271,7 +271,7 @@ impl Metrics {
         );
         registry.register(
             "token_fetches",
-            "Requests to the token endpoint",
+            "Requests to the token endpoint, failed ones too",
             token_fetches.clone(),
         );
         registry.register(

@@ -98,7 +98,7 @@ async fn top_once_prints_the_figures_of_metrics() {
     // Idle: nothing happened between the two readings.
     assert_eq!(figure(&top, "deliveries", "delivered")[0], "0.0", "{top}");
     assert_eq!(
-        total("token", "fetches"),
+        total("token", "requests"),
         m.value("outpost_token_fetches_total")
     );
     for (key, name) in [

@@ -216,7 +216,7 @@ fn delivery(frame: &mut Frame, area: Rect, view: &View) {
             down,
         ),
         Line::raw(format!(
-            "token      {} ({} fetched)",
+            "token      {} ({} requested)",
             view.token.describe(),
             view.token_fetches.total
         )),
@@ -356,7 +356,7 @@ mod tests {
                 "rate cap   240/s (after 429s)",
                 "retry wait 4 exports",
                 "endpoint   up",
-                "token      expires in 52m 5s (3 fetched)",
+                "token      expires in 52m 5s (3 requested)",
                 "pending    30",
                 "dead       2",
                 "profiles   1000",

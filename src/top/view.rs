@@ -278,7 +278,7 @@ pub fn view(
             &causes,
         ),
         token_fetches: Figure {
-            label: "fetches",
+            label: "requests",
             per_s: rate(
                 previous.metrics.value("outpost_token_fetches_total"),
                 fetches,
@@ -461,7 +461,7 @@ pub fn plain(view: &View) -> String {
         text,
         "{:<11} {:<18} {:>10} {:>12}",
         "token",
-        "fetches",
+        "requests",
         per_second(view.token_fetches.per_s),
         view.token_fetches.total
     );
