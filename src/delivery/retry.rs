@@ -51,8 +51,39 @@ pub fn retried(status: u16) -> (Signal, RetryCause) {
     }
 }
 
-/// Parses `Retry-After` (delta seconds or an HTTP date), capped at [`MAX_RETRY_AFTER`].
+/// Parses `Retry-After` (delta seconds or an HTTP date), capped at [`MAX_RETRY_AFTER`]. A
+/// list, as a proxy makes of the field given twice (`120, 120`), waits for its longest item
+/// that parses.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    list_items(value)
+        .filter_map(|item| parse_retry_after_item(item, now))
+        .max()
+}
+
+/// The items of a comma-separated field value whose items may be HTTP dates, which hold a
+/// comma of their own after the day's name (`Sun, 29 Nov 2026 10:00:30 GMT`).
+fn list_items(value: &str) -> impl Iterator<Item = &str> {
+    let mut rest = value;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.find(',').unwrap_or(rest.len());
+        let first = rest[..end].trim();
+        if first.len() == 3 && first.bytes().all(|b| b.is_ascii_alphabetic()) {
+            end = rest[end..]
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| c == ',')
+                .map_or(rest.len(), |(at, _)| end + at);
+        }
+        let item = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or("");
+        Some(item)
+    })
+}
+
+fn parse_retry_after_item(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     let delay = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // More seconds than a u64 holds is still a wait, of the longest kind.
@@ -70,8 +101,12 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 /// header when it has one (both are the server's clock), so that a wrong local wall clock
 /// neither stretches the wait (up to [`MAX_RETRY_AFTER`]) nor ignores it; else against `now`.
 pub fn retry_after(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
-    let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
-    parse_retry_after(value, answer_clock(headers, now))
+    let now = answer_clock(headers, now);
+    headers
+        .get_all(hyper::header::RETRY_AFTER)
+        .iter()
+        .filter_map(|value| parse_retry_after(value.to_str().ok()?, now))
+        .max()
 }
 
 /// The time an answer was made on the server's clock: its `Date` header, else `now`. Times
@@ -240,6 +275,12 @@ mod tests {
             );
         }
         assert_eq!(retry_after(&hyper::HeaderMap::new(), right), None);
+        // The field given twice: its longest wait, as when a proxy joins them.
+        let mut headers = hyper::HeaderMap::new();
+        headers.append(hyper::header::RETRY_AFTER, "5".parse().unwrap());
+        headers.append(hyper::header::RETRY_AFTER, at.parse().unwrap());
+        headers.append(hyper::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers, right), Some(Duration::from_secs(30)));
     }
 
     #[test]
@@ -258,6 +299,18 @@ mod tests {
             ("-5", None),
             ("soon", None),
             ("", None),
+            // The field given twice, joined into a list by a proxy: its longest wait.
+            ("120, 120", Some(120)),
+            ("5,120", Some(120)),
+            ("soon, 7", Some(7)),
+            (
+                "Sun, 29 Nov 2026 10:00:30 GMT, Sun, 29 Nov 2026 10:01:00 GMT",
+                Some(60),
+            ),
+            ("10, Sun, 29 Nov 2026 10:00:30 GMT", Some(30)),
+            ("Sun, 29 Nov 2026 10:00:30 GMT,45", Some(45)),
+            (",", None),
+            ("Sun,", None),
         ];
         for &(value, expected) in table {
             assert_eq!(
