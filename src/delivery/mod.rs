@@ -55,7 +55,7 @@ use client::{ClientError, HttpClient};
 use controller::{Controller, ControllerConfig, Signal};
 use log_limit::LogLimit;
 use queue::{Queue, MAX_HELD};
-use retry::{classify, Class, RetrySchedule};
+use retry::{classify, Class, NoAnswer, RetrySchedule, Verdict};
 pub use settler::RecordingFailure;
 use settler::Settler;
 
@@ -189,6 +189,15 @@ enum Attempted {
         timeout: bool,
         nothing_sent: bool,
     },
+}
+
+/// A failed attempt, as its exports' retries are scheduled from it.
+struct Failure {
+    error: String,
+    retry_after: Option<Duration>,
+    retry: retry::Retry,
+    /// The endpoint may have taken the request without answering.
+    unanswered: bool,
 }
 
 /// The most of an attempt's error text kept with its export and logged: an answer's status and
@@ -836,16 +845,10 @@ impl Deliverer {
         let now = Instant::now();
         let dropped = self.dropped_while_out(state, &batch);
         let mut unanswered = false;
-        let (error, retry_after, signal, cause) = match attempted {
+        let (error, retry_after, retry) = match attempted {
             Attempted::NotSent => {
                 state.controller.withdrawn(started_at);
-                for (profile, export) in batch {
-                    if dropped.contains(&export.id.seq) {
-                        state.queue.settled(&profile, export.id.seq);
-                    } else {
-                        state.queue.put_back(&profile, export, None);
-                    }
-                }
+                Self::put_back_unsent(state, batch, &dropped);
                 return;
             }
             Attempted::Answered {
@@ -858,59 +861,41 @@ impl Deliverer {
                 if let Some(quota) = quota {
                     state.controller.heard_quota(now, sent_at, quota);
                 }
-                let window_end = if status == 429 {
-                    state.controller.heard_429(now, sent_at, retry_after)
-                } else {
-                    None
-                };
-                if let Some(end) = window_end {
-                    tracing::debug!(
-                        wait_ms = end.saturating_duration_since(now).as_millis() as u64,
-                        "the endpoint's 429s count down to one time: requests wait for it"
-                    );
+                if status == 429 {
+                    if let Some(end) = state.controller.heard_429(now, sent_at, retry_after) {
+                        tracing::debug!(
+                            wait_ms = end.saturating_duration_since(now).as_millis() as u64,
+                            "the endpoint's 429s count down to one time: requests wait for it"
+                        );
+                    }
                 }
-                match classify(status) {
-                    Class::Delivered => {
+                match retry::verdict(status, token_dropped_before) {
+                    Verdict::Delivered => {
                         state
                             .controller
                             .answered_after(now, started_at, sent_at, Signal::Healthy);
-                        let latency = now.saturating_duration_since(sent_at);
-                        for (profile, export) in &batch {
-                            // Its stored retry time, if any, goes with it.
-                            let retried = export.retry_at_uptime_ms.is_some()
-                                || state.retry_stored.contains(&export.id.seq);
-                            state.settle(profile, export, ExportChange::Delivered { retried });
-                            self.metrics
-                                .record_delivery(DeliveryOutcome::Delivered, Some(latency));
-                        }
+                        self.delivered(state, &batch, now.saturating_duration_since(sent_at));
                         tracing::debug!(exports = batch.len(), status, "delivered");
                         return;
                     }
-                    Class::Reject => {
+                    Verdict::Rejected => {
                         state
                             .controller
                             .answered_after(now, started_at, sent_at, Signal::Neutral);
                         self.reject(state, batch, error, &dropped);
                         return;
                     }
-                    Class::AuthRejected => {
-                        // The token was dropped by the request task; a new one goes with the
-                        // retry, at once the first time.
-                        let signal = match token_dropped_before {
-                            true => Signal::TokenDroppedBefore,
-                            false => Signal::Failed,
-                        };
-                        (error, None, signal, RetryCause::Auth)
+                    // After a 401/403 the request task dropped the token; a new one goes with
+                    // the retry, at once the first time, whatever its Retry-After says.
+                    Verdict::Retry(retry) if retry.cause == RetryCause::Auth => {
+                        (error, None, retry)
                     }
-                    Class::Retry => {
-                        let (signal, cause) = retry::retried(status);
-                        (error, retry_after, signal, cause)
-                    }
+                    Verdict::Retry(retry) => (error, retry_after, retry),
                 }
             }
             Attempted::TokenFailed(error) => {
                 state.controller.unanswered(started_at, false);
-                (error, None, Signal::Failed, RetryCause::Token)
+                (error, None, retry::retry_without_answer(NoAnswer::Token))
             }
             Attempted::SendFailed {
                 error,
@@ -920,17 +905,63 @@ impl Deliverer {
                 // The endpoint may have taken a request it did not answer.
                 unanswered = !nothing_sent;
                 state.controller.unanswered(started_at, unanswered);
-                let cause = if timeout {
-                    RetryCause::Timeout
-                } else {
-                    RetryCause::Connection
+                let why = match timeout {
+                    true => NoAnswer::Timeout,
+                    false => NoAnswer::Connection,
                 };
-                (error, None, Signal::Overloaded, cause)
+                (error, None, retry::retry_without_answer(why))
             }
         };
         state
             .controller
-            .answered_after(now, started_at, sent_at, signal);
+            .answered_after(now, started_at, sent_at, retry.signal);
+        let failure = Failure {
+            error,
+            retry_after,
+            retry,
+            unanswered,
+        };
+        self.schedule_retries(state, batch, &dropped, failure, now);
+    }
+
+    /// Exports whose request never left go back as they were, but those dropped meanwhile.
+    fn put_back_unsent(state: &mut LoopState, batch: Batch, dropped: &[u64]) {
+        for (profile, export) in batch {
+            if dropped.contains(&export.id.seq) {
+                state.queue.settled(&profile, export.id.seq);
+            } else {
+                state.queue.put_back(&profile, export, None);
+            }
+        }
+    }
+
+    fn delivered(&self, state: &mut LoopState, batch: &Batch, latency: Duration) {
+        for (profile, export) in batch {
+            // Its stored retry time, if any, goes with it.
+            let retried =
+                export.retry_at_uptime_ms.is_some() || state.retry_stored.contains(&export.id.seq);
+            state.settle(profile, export, ExportChange::Delivered { retried });
+            self.metrics
+                .record_delivery(DeliveryOutcome::Delivered, Some(latency));
+        }
+    }
+
+    /// Each export of a failed attempt waits for its own retry time, kept in the store too;
+    /// after an auth refusal the first retry of a profile goes at once, with a new token.
+    fn schedule_retries(
+        &self,
+        state: &mut LoopState,
+        batch: Batch,
+        dropped: &[u64],
+        failure: Failure,
+        now: Instant,
+    ) {
+        let Failure {
+            error,
+            retry_after,
+            retry,
+            unanswered,
+        } = failure;
         let at_ms = now_ms();
         let uptime_ms = self.clock.uptime_ms();
         for (profile, export) in batch {
@@ -938,31 +969,27 @@ impl Deliverer {
                 state.queue.settled(&profile, export.id.seq);
                 continue;
             }
-            let delay = if cause == RetryCause::Auth && !state.queue.token_refused_again(&profile) {
-                None
-            } else {
-                let delay = state
-                    .queue
-                    .backoff_of(&profile, || {
-                        self.new_backoff()
-                            .after_failures(retry::failures_before(&export.record))
-                    })
-                    .map_or(Duration::ZERO, |b| b.next_delay(retry_after));
-                Some(delay)
-            };
+            let delay =
+                if retry.cause == RetryCause::Auth && !state.queue.token_refused_again(&profile) {
+                    None
+                } else {
+                    let delay = state
+                        .queue
+                        .backoff_of(&profile, || {
+                            self.new_backoff()
+                                .after_failures(retry::failures_before(&export.record))
+                        })
+                        .map_or(Duration::ZERO, |b| b.next_delay(retry_after));
+                    Some(delay)
+                };
             let retry_at = delay.map(|d| now + d);
             // Kept in the store too, so that a restart does not send it before its time.
             let retry_at_uptime_ms = delay.map(|d| uptime_ms.saturating_add(d.as_millis() as u64));
             if state.logs.failed.admit(now) {
                 tracing::info!(export = %export.id, %profile, %error, "delivery failed; will retry");
             }
-            let outcome = if cause == RetryCause::Auth {
-                DeliveryOutcome::AuthRejected
-            } else {
-                DeliveryOutcome::Retried
-            };
-            self.metrics.record_delivery(outcome, None);
-            self.metrics.record_retry(cause);
+            self.metrics.record_delivery(retry.outcome(), None);
+            self.metrics.record_retry(retry.cause);
             if unanswered {
                 // Before a put-back can see the export no longer out.
                 self.store.attempt_unanswered(export.id.seq);

@@ -6,7 +6,7 @@ use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
 use super::controller::Signal;
-use crate::metrics::RetryCause;
+use crate::metrics::{DeliveryOutcome, RetryCause};
 use crate::store::codec::ExportRecord;
 
 /// `Retry-After` is honoured up to this long.
@@ -38,17 +38,75 @@ pub fn classify(status: u16) -> Class {
     }
 }
 
-/// What an answer to retry tells the controller, and the cause it is counted under. A gateway
+/// What delivery does with the exports of an attempt, once it is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// They leave the outbox.
+    Delivered,
+    /// Refused for what they are: dead letters (an array is split and its exports sent alone
+    /// first).
+    Rejected,
+    /// Sent again after their backoff.
+    Retry(Retry),
+}
+
+/// What an attempt to retry tells the controller, and the cause it is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub signal: Signal,
+    pub cause: RetryCause,
+}
+
+impl Retry {
+    pub fn outcome(self) -> DeliveryOutcome {
+        match self.cause {
+            RetryCause::Auth => DeliveryOutcome::AuthRejected,
+            _ => DeliveryOutcome::Retried,
+        }
+    }
+}
+
+/// Why an attempt got no answer from the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// No token could be had, so nothing was sent.
+    Token,
+    Timeout,
+    Connection,
+}
+
+/// The verdict on an answer. `token_dropped_before`: a 401/403 to a token an earlier answer
+/// refused first, which says nothing of the destination that the first did not. A gateway
 /// that timed out (504) or could not reach what it fronts (502), and a server that timed out
 /// waiting for the request (408), are overload as 503 is: the timeouts and connection errors
 /// SPEC halves the limit on, one hop away.
-pub fn retried(status: u16) -> (Signal, RetryCause) {
-    match status {
-        429 => (Signal::RateLimited, RetryCause::RateLimited),
-        503 => (Signal::Overloaded, RetryCause::Unavailable),
-        408 | 502 | 504 => (Signal::Overloaded, RetryCause::ServerError),
-        _ => (Signal::Failed, RetryCause::ServerError),
+pub fn verdict(status: u16, token_dropped_before: bool) -> Verdict {
+    let retry = |signal, cause| Verdict::Retry(Retry { signal, cause });
+    match classify(status) {
+        Class::Delivered => Verdict::Delivered,
+        Class::Reject => Verdict::Rejected,
+        Class::AuthRejected if token_dropped_before => {
+            retry(Signal::TokenDroppedBefore, RetryCause::Auth)
+        }
+        Class::AuthRejected => retry(Signal::Failed, RetryCause::Auth),
+        Class::Retry => match status {
+            429 => retry(Signal::RateLimited, RetryCause::RateLimited),
+            503 => retry(Signal::Overloaded, RetryCause::Unavailable),
+            408 | 502 | 504 => retry(Signal::Overloaded, RetryCause::ServerError),
+            _ => retry(Signal::Failed, RetryCause::ServerError),
+        },
     }
+}
+
+/// The retry of an attempt without an answer: a timeout or a connection error is overload
+/// (SPEC halves the limit on them); a failed token request says nothing of the endpoint's load.
+pub fn retry_without_answer(why: NoAnswer) -> Retry {
+    let (signal, cause) = match why {
+        NoAnswer::Token => (Signal::Failed, RetryCause::Token),
+        NoAnswer::Timeout => (Signal::Overloaded, RetryCause::Timeout),
+        NoAnswer::Connection => (Signal::Overloaded, RetryCause::Connection),
+    };
+    Retry { signal, cause }
 }
 
 /// Parses `Retry-After` (delta seconds or an HTTP date), capped at [`MAX_RETRY_AFTER`]. A
@@ -224,20 +282,104 @@ mod tests {
     }
 
     #[test]
-    fn what_answers_to_retry_tell_the_controller() {
-        let table: &[(u16, Signal, RetryCause)] = &[
-            (429, Signal::RateLimited, RetryCause::RateLimited),
-            (503, Signal::Overloaded, RetryCause::Unavailable),
-            (408, Signal::Overloaded, RetryCause::ServerError),
-            (502, Signal::Overloaded, RetryCause::ServerError),
-            (504, Signal::Overloaded, RetryCause::ServerError),
-            (425, Signal::Failed, RetryCause::ServerError),
-            (500, Signal::Failed, RetryCause::ServerError),
-            (501, Signal::Failed, RetryCause::ServerError),
-            (308, Signal::Failed, RetryCause::ServerError),
+    fn what_attempts_tell_the_controller_and_are_counted_as() {
+        use DeliveryOutcome::{AuthRejected, Retried};
+        let retry = |signal, cause| Verdict::Retry(Retry { signal, cause });
+        // (status, token dropped before, verdict, outcome counted when retried)
+        let table: &[(u16, bool, Verdict, Option<DeliveryOutcome>)] = &[
+            (200, false, Verdict::Delivered, None),
+            (204, true, Verdict::Delivered, None),
+            (400, false, Verdict::Rejected, None),
+            (413, true, Verdict::Rejected, None),
+            (
+                429,
+                false,
+                retry(Signal::RateLimited, RetryCause::RateLimited),
+                Some(Retried),
+            ),
+            (
+                503,
+                false,
+                retry(Signal::Overloaded, RetryCause::Unavailable),
+                Some(Retried),
+            ),
+            (
+                408,
+                false,
+                retry(Signal::Overloaded, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                502,
+                false,
+                retry(Signal::Overloaded, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                504,
+                false,
+                retry(Signal::Overloaded, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                425,
+                false,
+                retry(Signal::Failed, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                500,
+                false,
+                retry(Signal::Failed, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                501,
+                false,
+                retry(Signal::Failed, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                308,
+                false,
+                retry(Signal::Failed, RetryCause::ServerError),
+                Some(Retried),
+            ),
+            (
+                401,
+                false,
+                retry(Signal::Failed, RetryCause::Auth),
+                Some(AuthRejected),
+            ),
+            (
+                403,
+                true,
+                retry(Signal::TokenDroppedBefore, RetryCause::Auth),
+                Some(AuthRejected),
+            ),
         ];
-        for &(status, signal, cause) in table {
-            assert_eq!(retried(status), (signal, cause), "status {status}");
+        for &(status, dropped_before, expected, outcome) in table {
+            let got = verdict(status, dropped_before);
+            assert_eq!(got, expected, "status {status}");
+            let counted = match got {
+                Verdict::Retry(retry) => Some(retry.outcome()),
+                _ => None,
+            };
+            assert_eq!(counted, outcome, "status {status}");
+        }
+        let table = [
+            (NoAnswer::Token, Signal::Failed, RetryCause::Token),
+            (NoAnswer::Timeout, Signal::Overloaded, RetryCause::Timeout),
+            (
+                NoAnswer::Connection,
+                Signal::Overloaded,
+                RetryCause::Connection,
+            ),
+        ];
+        for (why, signal, cause) in table {
+            let retry = retry_without_answer(why);
+            assert_eq!(retry, Retry { signal, cause }, "{why:?}");
+            assert_eq!(retry.outcome(), Retried, "{why:?}");
         }
     }
 
