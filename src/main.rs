@@ -36,6 +36,7 @@ fn main() -> ExitCode {
     }
     match outpost::commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is_reader_gone() => ExitCode::from(error.exit_code()),
         Err(error) => {
             eprintln!(
                 "outpost: {}",

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::io::Write;
 
 #[test]
 fn ingest_then_inspect_outbox_and_profile() {
@@ -641,4 +642,77 @@ fn a_store_put_back_from_a_copy_reuses_no_export_id() {
         "{} made after the put-back is numbered at or below {made_after_the_copy}, made before it",
         now[1]
     );
+}
+
+/// Output that cannot be written is an error the command names and exits 1 for, never a panic
+/// (exit 101) nor a success: a cron job's `outbox list --json > backup` on a full disk must
+/// not read as a backup made. An ingest whose summary is lost says its updates were stored.
+#[test]
+fn output_that_cannot_be_written_is_a_failure_not_a_panic() {
+    let ws = Workspace::new();
+    let to_full_disk = |args: &[&str], stdin: Option<&str>| {
+        let mut command = ws.command(args);
+        command
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let update = member_update("p-1", "Jane", "2026-01-01T00:00:01Z");
+    let (code, stderr) = to_full_disk(&["ingest", "--json", "-"], Some(&update));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "1 update(s) stored, but the summary could not be written: No space left on device"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(ws.outbox_stats()["pending"], 1, "the update was stored");
+    for args in [
+        &["outbox", "list", "--json"][..],
+        &["outbox", "list"],
+        &["outbox", "list", "--dead"],
+        &["outbox", "stats"],
+        &["outbox", "stats", "--json"],
+        &["profile", "show", "p-1"],
+        &["rejected", "list"],
+        &["compact", "--json"],
+        &["check", "--store"],
+        &["completions", "bash"],
+    ] {
+        let (code, stderr) = to_full_disk(args, None);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot write the output: No space left on device"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+
+    // A reader that goes away ends a command that keeps SIGPIPE ignored quietly, as it ends
+    // those that take its default action.
+    let mut child = ws
+        .command(&["ingest", "--json", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(member_update("p-2", "John", "2026-01-01T00:00:01Z").as_bytes())
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
 }

@@ -211,7 +211,7 @@ fn write_claims(
                     CliError::Failure(format!("the store's part is done, but {e}. {then}"))
                 })?;
         }
-        println!("partition {:<6} claim says: {value}", claim.partition);
+        outln!("partition {:<6} claim says: {value}", claim.partition)?;
     }
     Ok(())
 }
@@ -322,24 +322,24 @@ pub(super) fn hand_over(
     let answer = backend.execute(&request(false)?)?;
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
-        println!(
+        outln!(
             "partition {partition:<6} handed over, {}",
             describe_position(seq)
-        );
+        )?;
     }
     let in_file = answer["profiles_in_file"].as_u64().unwrap_or(0);
     if written["wrote"].as_bool() == Some(true) {
-        println!("{in_file} profile(s) written to {}", file.display());
+        outln!("{in_file} profile(s) written to {}", file.display())?;
     } else {
-        println!(
+        outln!(
             "{} holds {in_file} profile(s), written before (left as it is)",
             file.display()
-        );
+        )?;
     }
-    println!(
+    outln!(
         "{} profile(s) forgotten in this store",
         answer["forgotten"].as_u64().unwrap_or(0)
-    );
+    )?;
     let file_id = answer["file_id"]
         .as_str()
         .ok_or_else(|| CliError::Failure("the store did not name the file".into()))?;
@@ -454,18 +454,18 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
     };
     drop(backend);
     for (partition, seq) in partitions_moved(&answer) {
-        println!(
+        outln!(
             "partition {partition:<6} taken over, {}",
             describe_position(seq)
-        );
+        )?;
     }
-    println!(
+    outln!(
         "{} profile(s) stored from {} (handed over by store {}; {} in the file)",
         answer["stored"].as_u64().unwrap_or(0),
         file.display(),
         answer["from_store"].as_str().unwrap_or("?"),
         answer["profiles_in_file"].as_u64().unwrap_or(0)
-    );
+    )?;
     write_claims(
         &runtime,
         &bucket,
@@ -473,7 +473,7 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
         &ours,
         "Run this take-over again once NATS answers",
     )?;
-    println!("add the partitions to source.nats.owned, if not yet, and (re)start the agent");
+    outln!("add the partitions to source.nats.owned, if not yet, and (re)start the agent")?;
     Ok(())
 }
 

@@ -2,6 +2,23 @@
 //! running agent's socket, or straight on disk), do the work, and print the result for people
 //! or (`--json`) for programs ([`output`]).
 
+/// `println!` for a command's output: a full disk or a reader gone comes back as
+/// [`CliError::Output`] to return, where `println!` would panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::commands::CliError::Output)
+    }};
+}
+
+/// [`outln!`] without the line's end.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err($crate::commands::CliError::Output)
+    }};
+}
+
 mod backend;
 mod handover;
 mod ingest;
@@ -66,14 +83,25 @@ pub enum CliError {
         in_doubt: u64,
         updates: u64,
     },
+    /// The output could not be written (a full disk, a reader gone): what the command did is
+    /// done.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
 }
 
 impl CliError {
+    /// The output's reader went away (a closed pipe): nothing to tell it, nor anyone else.
+    pub fn is_reader_gone(&self) -> bool {
+        matches!(self, CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
     /// 2 for usage and configuration errors, 1 for every other failure.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Usage(_) => 2,
             CliError::Store(e) if e.path_is_not_a_folder() => 2,
+            // What a shell reports for the commands that SIGPIPE ends.
+            error if error.is_reader_gone() => 141,
             _ => 1,
         }
     }
@@ -100,7 +128,7 @@ impl From<AdminError> for CliError {
 pub(super) fn list_paged(
     wanted: usize,
     fetch: impl FnMut(Option<u64>, usize) -> Result<Value, CliError>,
-    show: impl FnMut(&Value),
+    show: impl FnMut(&Value) -> Result<(), CliError>,
 ) -> Result<bool, CliError> {
     let seq = |export: &Value| Some(export["id"].as_str()?.parse::<ExportId>().ok()?.seq);
     list_paged_by(wanted, LIST_PAGE, "export number", seq, fetch, show)
@@ -115,7 +143,7 @@ pub(super) fn list_paged_by<K: PartialOrd + Copy + std::fmt::Display>(
     what: &str,
     key: impl Fn(&Value) -> Option<K>,
     mut fetch: impl FnMut(Option<K>, usize) -> Result<Value, CliError>,
-    mut show: impl FnMut(&Value),
+    mut show: impl FnMut(&Value) -> Result<(), CliError>,
 ) -> Result<bool, CliError> {
     let (mut after, mut shown) = (None, 0);
     loop {
@@ -133,7 +161,7 @@ pub(super) fn list_paged_by<K: PartialOrd + Copy + std::fmt::Display>(
             }
         }
         for item in items.iter().take(left) {
-            show(item);
+            show(item)?;
             shown += 1;
         }
         if items.len() > left {
@@ -178,13 +206,18 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             return runtime()?.block_on(receiver(listen, options, out));
         }
         Command::Completions { shell } => {
+            // Made in memory: clap_complete panics when it cannot write.
+            let mut script = Vec::new();
             clap_complete::generate(
                 shell,
                 &mut <Cli as clap::CommandFactory>::command(),
                 "outpost",
-                &mut std::io::stdout(),
+                &mut script,
             );
-            return Ok(());
+            return std::io::stdout()
+                .lock()
+                .write_all(&script)
+                .map_err(CliError::Output);
         }
         _ => {}
     }
@@ -249,14 +282,21 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
                 ingest::ingest_checked(&backend, config, &mut input, checked, skip)
             })();
             match ingested {
-                Ok(summary) => {
-                    print_summary(&summary, json);
-                    Ok(())
-                }
+                // Stored, whatever becomes of the summary: a run again would apply them again.
+                Ok(summary) => print_summary(&summary, json).map_err(|error| match error {
+                    CliError::Output(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                        CliError::Failure(format!(
+                            "{} update(s) stored, but the summary could not be written: {e}",
+                            summary.accepted
+                        ))
+                    }
+                    error => error,
+                }),
                 Err(error) => {
                     // What a script reads on standard output too, the message on stderr.
                     if json {
-                        print_json(&ingest::error_json(&error, skip), true);
+                        // The error is what the exit tells, should this fail too.
+                        let _ = print_json(&ingest::error_json(&error, skip), true);
                     }
                     Err(error)
                 }
@@ -296,8 +336,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Profile(ProfileCommand::Show { id, json }) => {
             let value =
                 Backend::connect_existing(config)?.execute(&AdminRequest::Profile { id })?;
-            print_json(&value, json.json);
-            Ok(())
+            print_json(&value, json.json)
         }
         Command::Publish {
             file,
@@ -376,7 +415,7 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
     let interrupted =
         || CliError::Failure("interrupted; the demo's temporary folders are removed".into());
     if fleet {
-        println!("outpost demo --fleet: nats-server, the embedded receiver, three agents owning 12 partitions, the sample updates of data/ published into the stream");
+        outln!("outpost demo --fleet: nats-server, the embedded receiver, three agents owning 12 partitions, the sample updates of data/ published into the stream")?;
         let run = crate::demo_fleet::run(fail_share, std::io::stderr().is_terminal());
         let report = tokio::select! {
             report = run => report.map_err(CliError::Failure)?,
@@ -388,7 +427,7 @@ async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
             None => Ok(()),
         };
     }
-    println!("outpost demo: an embedded receiver on loopback, the agent against it, the sample updates of data/");
+    outln!("outpost demo: an embedded receiver on loopback, the agent against it, the sample updates of data/")?;
     let options = crate::demo::DemoOptions {
         fail_share,
         show_progress: std::io::stderr().is_terminal(),
@@ -581,20 +620,20 @@ async fn run(config: &Config) -> Result<(), CliError> {
 /// Validates the config (already done by loading it), builds the TLS client, fetches a token.
 async fn check(config: &Config) -> Result<(), CliError> {
     let d = &config.destination;
-    println!("config           {} (valid)", config.path.display());
-    println!(
+    outln!("config           {} (valid)", config.path.display())?;
+    outln!(
         "destination      {}",
         d.name.as_deref().unwrap_or("(unnamed)")
-    );
+    )?;
     let query = d.http_endpoint.query_pairs().count();
-    println!("endpoint         {}", display_url(&d.http_endpoint));
+    outln!("endpoint         {}", display_url(&d.http_endpoint))?;
     if query > 0 {
         let parameters = if query == 1 {
             "parameter"
         } else {
             "parameters"
         };
-        println!("                 (+ {query} query {parameters}, sent as given)");
+        outln!("                 (+ {query} query {parameters}, sent as given)")?;
     }
     if let Some(proxy) = &d.proxy {
         let credentials = match proxy.credentials {
@@ -617,21 +656,21 @@ async fn check(config: &Config) -> Result<(), CliError> {
             }
             false => format!("tunnels to {}", through.join(" and ")),
         };
-        println!(
+        outln!(
             "proxy            {} ({through}{credentials})",
             proxy.address()
-        );
+        )?;
     }
     let headers: Vec<&str> = d.custom_headers.iter().map(|(n, _)| n.as_str()).collect();
-    println!(
+    outln!(
         "custom headers   {}",
         if headers.is_empty() {
             "-".to_owned()
         } else {
             headers.join(", ")
         }
-    );
-    println!(
+    )?;
+    outln!(
         "mapping          {} attributes, {} segments, {}",
         config.mapping.attributes.len(),
         config.mapping.segments.len(),
@@ -640,39 +679,39 @@ async fn check(config: &Config) -> Result<(), CliError> {
         } else {
             format!("{} identity namespaces", config.mapping.identities.len())
         }
-    );
+    )?;
     let store = preflight::store(config);
-    println!("store            {}", store.line);
-    println!("clock            {}", clock_report(config));
+    outln!("store            {}", store.line)?;
+    outln!("clock            {}", clock_report(config))?;
     let listen = preflight::listen(config);
-    println!("ingest           {}", listen.line);
+    outln!("ingest           {}", listen.line)?;
     let mut problems: Vec<String> = Vec::new();
     // Files the config names that cannot be used: the agent would refuse to start (exit 2).
     let mut file_problems: Vec<String> = Vec::new();
     if let Some(tls) = &config.ingest.tls {
         match crate::server::tls::acceptor(tls) {
-            Ok(_) => println!("ingest TLS       certificate and key load"),
+            Ok(_) => outln!("ingest TLS       certificate and key load")?,
             Err(e) => {
-                println!("ingest TLS       cannot be used");
+                outln!("ingest TLS       cannot be used")?;
                 file_problems.push(e);
             }
         }
     }
     for finding in [store, listen] {
         if let Some(warning) = finding.warning {
-            println!("warning          {warning}");
+            outln!("warning          {warning}")?;
         }
         problems.extend(finding.problem);
     }
     for warning in &config.warnings {
-        println!("warning          {warning}");
+        outln!("warning          {warning}")?;
     }
     if let Some(nats) = &config.nats {
         match nats.check_files() {
             Err(e) => file_problems.push(e),
             Ok(()) => {
                 if let Err(e) = nats::check_nats(nats).await {
-                    println!("stream           cannot be read");
+                    outln!("stream           cannot be read")?;
                     problems.push(format!("nats: {e}"));
                 }
             }
@@ -701,21 +740,21 @@ async fn check(config: &Config) -> Result<(), CliError> {
     )
     .await
     {
-        Ok(Some(version)) => println!("endpoint TLS     certificate verifies ({version})"),
+        Ok(Some(version)) => outln!("endpoint TLS     certificate verifies ({version})")?,
         // No export is sent: a wrong path or a refusal shows only when one is.
-        Ok(None) => println!("endpoint TCP     accepts connections (no export sent)"),
+        Ok(None) => outln!("endpoint TCP     accepts connections (no export sent)")?,
         Err(e) if https => {
-            println!("endpoint TLS     failed");
+            outln!("endpoint TLS     failed")?;
             problems.push(format!("endpoint: {e}"));
         }
         // Not a failure of the set-up: exports wait until the endpoint is there.
-        Err(e) => println!(
+        Err(e) => outln!(
             "warning          endpoint: {e}; exports wait in the outbox until it accepts them"
-        ),
+        )?,
     }
     match &d.auth {
-        Auth::None => println!("auth             none"),
-        Auth::Bearer { .. } => println!("auth             static bearer token (set)"),
+        Auth::None => outln!("auth             none")?,
+        Auth::Bearer { .. } => outln!("auth             static bearer token (set)")?,
         Auth::OAuth2 {
             auth_endpoint,
             client_id,
@@ -733,8 +772,8 @@ async fn check(config: &Config) -> Result<(), CliError> {
                     format!("password grant for user {username}")
                 }
             };
-            println!("auth             oauth2 {grant}, client_id {client_id}, secret sent in {placement}");
-            println!("token endpoint   {}", display_url(auth_endpoint));
+            outln!("auth             oauth2 {grant}, client_id {client_id}, secret sent in {placement}")?;
+            outln!("token endpoint   {}", display_url(auth_endpoint))?;
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
             let fetched = match source.fetch().await {
@@ -744,7 +783,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
                     return fail(problems);
                 }
             };
-            println!(
+            outln!(
                 "token            obtained ({} characters, type {}, lifetime {} s{})",
                 fetched.token.expose().len(),
                 for_terminal(
@@ -757,17 +796,17 @@ async fn check(config: &Config) -> Result<(), CliError> {
                 } else {
                     ", assumed: no usable expires_in"
                 }
-            );
+            )?;
             let token_type = fetched.token_type.as_deref();
             if let Some(warning) = crate::delivery::auth::token_type_warning(token_type) {
-                println!("warning          {warning}");
+                outln!("warning          {warning}")?;
             }
         }
     }
     if !problems.is_empty() {
         return fail(problems);
     }
-    println!("check            ok");
+    outln!("check            ok")?;
     Ok(())
 }
 
@@ -818,13 +857,10 @@ fn clock_report(config: &Config) -> String {
 type Print = Box<dyn FnOnce() -> Result<(), CliError>>;
 
 /// Prints `value` as one line of JSON when `json`, else as `text` shows it.
-fn as_json_or(value: Value, json: bool, text: fn(&Value)) -> Print {
-    Box::new(move || {
-        match json {
-            true => print_json(&value, true),
-            false => text(&value),
-        }
-        Ok(())
+fn as_json_or(value: Value, json: bool, text: fn(&Value) -> Result<(), CliError>) -> Print {
+    Box::new(move || match json {
+        true => print_json(&value, true),
+        false => text(&value),
     })
 }
 
@@ -853,7 +889,12 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> 
             };
             let cut = match list_paged(wanted, fetch, |export| table.row(export)) {
                 Ok(cut) => cut,
-                Err(e) => return Err(table.finish().cut_short(e)),
+                Err(e) => {
+                    return Err(match table.finish() {
+                        Ok(listing) => listing.cut_short(e),
+                        Err(_) => e,
+                    })
+                }
             };
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
@@ -872,7 +913,7 @@ fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print, CliError> 
                     eprintln!("the outbox also holds {n} dead letter(s){of}, not listed here: --dead lists them");
                 }
             }
-            let listing = table.finish();
+            let listing = table.finish()?;
             Ok(Box::new(move || listing.print()))
         }
         OutboxCommand::Show { id, json } => {
@@ -917,15 +958,15 @@ fn print_unreadable(found: &Value, json: bool) -> Result<(), CliError> {
     let records = found.as_array().cloned().unwrap_or_default();
     for record in &records {
         if json {
-            println!("{record}");
+            outln!("{record}")?;
         } else {
-            println!(
+            outln!(
                 "{} {}: {}; repair: {}",
                 text_of(&record["tree"]),
                 text_of(&record["key"]),
                 text_of(&record["error"]),
                 text_of(&record["action"]),
-            );
+            )?;
         }
     }
     let to_repair = records.iter().filter(|r| repairs(r)).count();
@@ -942,7 +983,7 @@ fn print_unreadable(found: &Value, json: bool) -> Result<(), CliError> {
         *partitions_waiting.entry(command).or_default() += 1;
     }
     if !json {
-        println!("{} unreadable record(s)", records.len());
+        outln!("{} unreadable record(s)", records.len())?;
     }
     let mut failures = Vec::new();
     if to_repair > 0 {
@@ -977,10 +1018,10 @@ fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
     let result = Backend::connect_existing_opening(config, Store::open_to_compact)?
         .execute(&AdminRequest::Compact)?;
     if json {
-        print_json(&result, true);
+        print_json(&result, true)?;
     } else {
         let size = |field: &str| preflight::bytes(result[field].as_u64().unwrap_or(0));
-        println!(
+        outln!(
             "compacted the store at {} in {:.1} s: {} on disk before, {} after (keys copied: {}, profiles: {})",
             path.display(),
             result["seconds"].as_f64().unwrap_or(0.0),
@@ -988,7 +1029,7 @@ fn compact_store(config: &Config, json: bool) -> Result<(), CliError> {
             size("bytes_after"),
             result["keys"],
             result["profiles"],
-        );
+        )?;
     }
     Ok(())
 }
@@ -998,16 +1039,16 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     let backend = Backend::connect_existing(config)?;
     let records = records_to_repair(&backend)?;
     if records.is_empty() {
-        println!("no unreadable records for repair to act on (`outpost check --store` lists all)");
+        outln!("no unreadable records for repair to act on (`outpost check --store` lists all)")?;
         return Ok(());
     }
     for (tree, key, action) in &records {
         // A profile's key is its id, as an update gave it.
-        println!(
+        outln!(
             "{tree} {}: {}",
             for_terminal(key, false),
             for_terminal(action, false)
-        );
+        )?;
     }
     let backend = if yes {
         backend
@@ -1027,7 +1068,7 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
             .read_line(&mut answer)
             .map_err(|e| CliError::Failure(format!("cannot read the answer: {e}")))?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("nothing changed");
+            outln!("nothing changed")?;
             return Ok(());
         }
         let backend = Backend::connect_existing(config)?;
@@ -1047,7 +1088,7 @@ fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
     };
     let done = backend.execute(&AdminRequest::RepairUnreadable)?;
     for line in done["repaired"].as_array().cloned().unwrap_or_default() {
-        println!("{}", text_of(&line));
+        outln!("{}", text_of(&line))?;
     }
     Ok(())
 }
@@ -1116,13 +1157,12 @@ fn report_repair(
     all_dead: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let say = |line: String| {
-        if !json {
-            println!("{line}");
-        }
+    let say = |line: String| match json {
+        true => Ok(()),
+        false => outln!("{line}"),
     };
     if json {
-        print_json(result, true);
+        print_json(result, true)?;
     }
     // With `--all-dead`, the agent names the first ids of a kind and counts them all (an
     // agent of an earlier build named them all).
@@ -1133,7 +1173,7 @@ fn report_repair(
         )
     };
     let done = count(key);
-    say(format!("{done} export(s) {verb}"));
+    say(format!("{done} export(s) {verb}"))?;
     let listed =
         |name: &str| -> Vec<Value> { result[name].as_array().cloned().unwrap_or_default() };
     let ids = |name: &str| -> Vec<String> {
@@ -1148,7 +1188,7 @@ fn report_repair(
         say(format!(
             "already pending (not dead letters), left as they are: {}",
             pending.join(", ")
-        ));
+        ))?;
     }
     let missing = ids("not_found");
     let mut unreadable = ids("unreadable");
@@ -1181,7 +1221,7 @@ fn report_repair(
         // Every dead letter that may be retried was: the others are no failure of the command.
         say(format!(
             "{superseded_count} dead letter(s) left as they are: the endpoint has acknowledged a newer export of their profile, or it was dropped, which counts the same (`outbox list --dead --json` names it, as superseded_by)"
-        ));
+        ))?;
     } else if !superseded.is_empty() {
         problems.push(format!(
             "not retried, the endpoint has acknowledged a newer export of the same profile (or it was dropped, which counts the same), which sending these would undo (`outbox drop ID` deletes them): {}",
@@ -1194,7 +1234,7 @@ fn report_repair(
         say(format!(
             "{overtaken_count} dead letter(s) left as they are: {held}: {}",
             maybe_overtaken.join(", ")
-        ));
+        ))?;
     } else if !maybe_overtaken.is_empty() {
         problems.push(format!(
             "not retried, {held}: {}",
@@ -1285,6 +1325,7 @@ mod tests {
         let result = list_paged(wanted, agent(exports, pages), |export| {
             let id: ExportId = export["id"].as_str().unwrap().parse().unwrap();
             shown.push(id.seq);
+            Ok(())
         });
         (result, shown)
     }

@@ -54,28 +54,28 @@ pub(super) async fn release(
                 };
                 let handed = for_terminal(handed, false);
                 let then = for_terminal(&then, false);
-                println!(
+                outln!(
                     "partition {partition:<6} left as it is: its claim says {handed}; {then}, \
                      or give --force to let it go, and an agent that owns it consumes it from \
                      the stream's start"
-                );
+                )?;
                 handed_over += 1;
                 continue;
             }
         }
         match claim::release(&claims, &read).await.map_err(failure)? {
-            Released::Was(holder) => println!(
+            Released::Was(holder) => outln!(
                 "partition {partition:<6} released (claimed by {})",
                 for_terminal(&holder, false)
-            ),
-            Released::NoClaim => println!("partition {partition:<6} had no claim"),
+            )?,
+            Released::NoClaim => outln!("partition {partition:<6} had no claim")?,
             Released::Changed => {
                 changed += 1;
-                println!(
+                outln!(
                     "partition {partition:<6} left as it is: its claim changed since it was read \
                      (a hand-over or an agent wrote it meanwhile); run the command again to see \
                      what it says now"
-                );
+                )?;
             }
         }
     }
@@ -102,16 +102,17 @@ pub(super) async fn release(
 pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<(), CliError> {
     let nats = nats_config(config)?;
     // Addresses carry no credentials (refused at load).
-    println!("servers          {}", nats.servers.join(", "));
+    outln!("servers          {}", nats.servers.join(", "))?;
     let outcome = setup(nats, record_made_at)
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
     let subjects = format!("{}.*", nats.subject_prefix);
     match outcome {
-        SetupOutcome::Created => println!(
+        SetupOutcome::Created => outln!(
             "stream           {} created: subjects {subjects}, file storage, {} replica(s)",
-            nats.stream, nats.replicas
-        ),
+            nats.stream,
+            nats.replicas
+        )?,
         SetupOutcome::Found {
             messages,
             replicas,
@@ -119,7 +120,7 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
             made_at_recorded,
             ref warnings,
         } => {
-            println!(
+            outln!(
             "stream           {} found: subjects {subjects}, file storage, {replicas} replica(s), {messages} message(s); {}",
             nats.stream,
             match (recorded, made_at_recorded) {
@@ -128,20 +129,20 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
                 (false, Some(false)) => "nothing changed; its description does not record when the stream was made: once every agent runs this build, `outpost nats setup --record-made-at` records it (a NATS server restarted after the stream was edited reports another time, which agents would take for a new stream)",
                 (false, None) => "nothing changed",
             }
-            );
+            )?;
             for warning in warnings {
-                println!("warning          {}", for_terminal(warning, false));
+                outln!("warning          {}", for_terminal(warning, false))?;
             }
         }
     }
-    println!(
+    outln!(
         "partitions       {} ({}.0 to {}.{}); this agent owns {}",
         nats.partitions,
         nats.subject_prefix,
         nats.subject_prefix,
         nats.partitions - 1,
         nats.owned_text()
-    );
+    )?;
     Ok(())
 }
 
@@ -153,23 +154,23 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         NatsAuth::Token(_) => "a token (set)",
         NatsAuth::UserPassword { .. } => "user and password (set)",
     };
-    println!("nats             {} ({auth})", nats.servers.join(", "));
+    outln!("nats             {} ({auth})", nats.servers.join(", "))?;
     let probed = probe(nats)
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
     let (messages, stray) = (probed.messages, probed.stray);
-    println!(
+    outln!(
         "stream           {}: {messages} message(s); {} partitions on {}.*, this agent owns {}",
         nats.stream,
         nats.partitions,
         nats.subject_prefix,
         nats.owned_text()
-    );
+    )?;
     if !stray.is_empty() {
-        println!("warning          {}", stray.describe());
+        outln!("warning          {}", stray.describe())?;
     }
     for warning in &probed.warnings {
-        println!("warning          {}", for_terminal(warning, false));
+        outln!("warning          {}", for_terminal(warning, false))?;
     }
     Ok(())
 }
@@ -298,12 +299,12 @@ pub(super) async fn publish_path(
                 0 => String::new(),
                 n => format!("; the first {n} went through before, and were not sent again"),
             };
-            println!(
+            outln!(
                 "{} update(s) published to stream {} ({} already there, ignored as duplicates){before}",
                 report.published - report.duplicates,
                 nats.stream,
                 report.duplicates
-            );
+            )?;
             Ok(())
         }
         Err((report, e)) => {
@@ -439,9 +440,9 @@ fn within_stream(seq: u64, last: u64, stream: &str) -> Result<(), CliError> {
 /// `outpost nats set-position`: sets an unreadable stream position.
 pub(super) fn set_position(backend: &Backend, partition: u32, seq: u64) -> Result<(), CliError> {
     backend.execute(&AdminRequest::SetPosition { partition, seq })?;
-    println!(
+    outln!(
         "partition {partition}: position set to {seq}; the partition starts again at its next attempt"
-    );
+    )?;
     Ok(())
 }
 
@@ -462,34 +463,38 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
                 })?)
             };
             let id_of = |item: &Value| RejectedId::parse(item["id"].as_str()?).ok();
-            let cut = list_paged_by(wanted, PAGE, "rejected message", id_of, fetch, |item| {
+            let mut row = |item: &Value| -> std::io::Result<()> {
                 if json.json {
-                    let _ = writeln!(out, "{item}");
+                    writeln!(out, "{item}")?;
                 } else {
                     if rows == 0 {
-                        let _ = writeln!(
+                        writeln!(
                             out,
                             "{:<14} {:<24} {:<24} ERROR",
                             "ID", "SUBJECT", "RECEIVED"
-                        );
+                        )?;
                     }
-                    let _ = writeln!(
+                    writeln!(
                         out,
                         "{:<14} {:<24} {:<24} {}",
                         text_of(&item["id"]),
                         text_of(&item["subject"]),
                         text_of(&item["received_at"]),
                         text_of(&item["error"])
-                    );
+                    )?;
                 }
                 rows += 1;
+                Ok(())
+            };
+            let cut = list_paged_by(wanted, PAGE, "rejected message", id_of, fetch, |item| {
+                row(item).map_err(CliError::Output)
             });
             let cut = match cut {
                 Ok(cut) => cut,
                 Err(e) => return Err(out.cut_short(e)),
             };
             if !json.json && rows == 0 {
-                let _ = writeln!(out, "no rejected messages");
+                writeln!(out, "no rejected messages").map_err(CliError::Output)?;
             }
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");
@@ -500,20 +505,20 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
             let item = backend.execute(&AdminRequest::RejectedShow { id })?;
             Ok(Box::new(move || {
                 if json.json {
-                    println!("{item}");
+                    outln!("{item}")?;
                 } else {
                     for key in ["id", "subject", "seq", "received_at", "error", "raw_bytes"] {
-                        println!("{key:<12} {}", text_of(&item[key]));
+                        outln!("{key:<12} {}", text_of(&item[key]))?;
                     }
                     if item["raw_truncated"].as_bool() == Some(true) {
-                        println!("raw (first bytes):");
+                        outln!("raw (first bytes):")?;
                     } else {
-                        println!("raw:");
+                        outln!("raw:")?;
                     }
                     // A message may span lines; its other control characters are escaped.
                     match item["raw"].as_str() {
-                        Some(raw) => println!("{}", for_terminal(raw, true)),
-                        None => println!("{}", text_of(&item["raw"])),
+                        Some(raw) => outln!("{}", for_terminal(raw, true))?,
+                        None => outln!("{}", text_of(&item["raw"]))?,
                     }
                 }
                 Ok(())
@@ -528,7 +533,7 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
                     || result["dropped"].as_array().map_or(0, Vec::len),
                     |n| n as usize,
                 );
-                println!("{done} rejected message(s) deleted");
+                outln!("{done} rejected message(s) deleted")?;
                 let missing: Vec<&str> = result["not_found"]
                     .as_array()
                     .map(|a| a.iter().filter_map(Value::as_str).collect())

@@ -15,12 +15,13 @@ pub(super) fn display_url(url: &url::Url) -> String {
     shown.to_string()
 }
 
-pub(super) fn print_json(value: &Value, compact: bool) {
+pub(super) fn print_json(value: &Value, compact: bool) -> Result<(), super::CliError> {
     if compact {
-        println!("{value}");
+        outln!("{value}")?;
     } else {
-        println!("{}", pretty_for_terminal(value));
+        outln!("{}", pretty_for_terminal(value))?;
     }
+    Ok(())
 }
 
 /// `value` as indented JSON for people: serde_json leaves DEL and the C1 controls (U+0080 to
@@ -30,10 +31,9 @@ fn pretty_for_terminal(value: &Value) -> String {
     for_terminal(&pretty, true).into_owned()
 }
 
-pub(super) fn print_summary(summary: &BatchSummary, as_json: bool) {
+pub(super) fn print_summary(summary: &BatchSummary, as_json: bool) -> Result<(), super::CliError> {
     if as_json {
-        println!("{}", summary.report());
-        return;
+        return outln!("{}", summary.report());
     }
     let reasons: Vec<String> = Reason::ALL
         .iter()
@@ -45,10 +45,15 @@ pub(super) fn print_summary(summary: &BatchSummary, as_json: bool) {
     } else {
         format!(" ({})", reasons.join(", "))
     };
-    println!(
+    outln!(
         "accepted {} updates: {} exports{reasons}, {} unchanged, {} stale, {} deleted",
-        summary.accepted, summary.exports, summary.unchanged, summary.stale, summary.deleted
-    );
+        summary.accepted,
+        summary.exports,
+        summary.unchanged,
+        summary.stale,
+        summary.deleted
+    )?;
+    Ok(())
 }
 
 /// A value as a person reads it: `-` for null, strings unquoted and [`for_terminal`].
@@ -83,7 +88,7 @@ pub fn for_terminal(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(shown)
 }
 
-pub(super) fn print_stats(stats: &Value) {
+pub(super) fn print_stats(stats: &Value) -> Result<(), super::CliError> {
     let age = match (
         &stats["oldest_pending_created_at"],
         &stats["oldest_pending_age_s"],
@@ -91,14 +96,14 @@ pub(super) fn print_stats(stats: &Value) {
         (Value::String(at), Value::Number(age)) => format!("{at} ({age} s ago)"),
         _ => "-".into(),
     };
-    println!("pending          {}", text_of(&stats["pending"]));
-    println!("dead             {}", text_of(&stats["dead"]));
-    println!("oldest pending   {age}");
+    outln!("pending          {}", text_of(&stats["pending"]))?;
+    outln!("dead             {}", text_of(&stats["dead"]))?;
+    outln!("oldest pending   {age}")?;
     if let Value::Number(waited) = &stats["oldest_pending_waited_s"] {
-        println!("  waited         {waited} s of agent run time (what delivery.max_age_s counts)");
+        outln!("  waited         {waited} s of agent run time (what delivery.max_age_s counts)")?;
     }
     if let Value::Number(waiting) = &stats["waiting_for_retry"] {
-        println!("  waiting        {waiting} for their retry time (failed, backing off)");
+        outln!("  waiting        {waiting} for their retry time (failed, backing off)")?;
         let cap = match stats["rate_cap_per_s"].as_i64() {
             Some(cap) if cap > 0 => format!(", rate capped at {cap}/s after 429s"),
             _ => String::new(),
@@ -112,40 +117,41 @@ pub(super) fn print_stats(stats: &Value) {
         } else {
             ""
         };
-        println!(
+        outln!(
             "delivery         {} in flight, limit {}{cap}{quota}{down}",
             text_of(&stats["in_flight"]),
             text_of(&stats["concurrency_limit"])
-        );
+        )?;
     }
-    println!("outbox bytes     {}", text_of(&stats["bytes"]));
-    println!("profiles stored  {}", text_of(&stats["profiles"]));
+    outln!("outbox bytes     {}", text_of(&stats["bytes"]))?;
+    outln!("profiles stored  {}", text_of(&stats["profiles"]))?;
     if let Some(bytes) = stats["store_disk_bytes"].as_u64() {
-        println!("store on disk    {}", super::preflight::bytes(bytes));
+        outln!("store on disk    {}", super::preflight::bytes(bytes))?;
     }
-    println!("store id         {}", text_of(&stats["store_id"]));
-    println!("run time         {} s", text_of(&stats["run_time_s"]));
-    println!("clock jumps      {}", describe_clock_jumps(stats));
+    outln!("store id         {}", text_of(&stats["store_id"]))?;
+    outln!("run time         {} s", text_of(&stats["run_time_s"]))?;
+    outln!("clock jumps      {}", describe_clock_jumps(stats))?;
     if let Some(line) = describe_backfill(&stats["backfill"]) {
-        println!("backfill         {line}");
+        outln!("backfill         {line}")?;
     }
     if let Some(partitions) = stats["handed_over"]["partitions"].as_array() {
         let listed: Vec<String> = partitions.iter().map(text_of).collect();
-        println!(
+        outln!(
             "handed over      partition(s) {} of {} (`outpost nats hand-over`): their updates go to the stream",
             listed.join(", "),
             text_of(&stats["handed_over"]["partition_count"])
-        );
+        )?;
     }
     match (stats["rejected"].as_u64(), stats["rejected_not_kept"].as_u64()) {
         (Some(kept), Some(0)) if kept > 0 => {
-            println!("rejected         {kept} stream message(s) kept (`outpost rejected list`)")
+            outln!("rejected         {kept} stream message(s) kept (`outpost rejected list`)")?
         }
-        (Some(kept), Some(not_kept)) if not_kept > 0 => println!(
+        (Some(kept), Some(not_kept)) if not_kept > 0 => outln!(
             "rejected         {kept} stream message(s) kept, {not_kept} more not kept (source.nats.max_rejected reached; the log has them)"
-        ),
+        )?,
         _ => {}
     }
+    Ok(())
 }
 
 /// How far the backfill in progress is, from `outbox stats --json` (`None`: none running).
@@ -216,10 +222,7 @@ impl Listing {
     pub fn print(self) -> Result<(), super::CliError> {
         use std::io::{Seek, Write};
         let mut out = match self {
-            Listing::Stdout(mut out) => {
-                let _ = out.flush();
-                return Ok(());
-            }
+            Listing::Stdout(mut out) => return out.flush().map_err(super::CliError::Output),
             Listing::Spooled(out) => out,
         };
         let failed = |e: std::io::Error| {
@@ -228,7 +231,7 @@ impl Listing {
         out.flush().map_err(failed)?;
         let mut file = out.into_inner().map_err(|e| failed(e.into_error()))?;
         file.rewind().map_err(failed)?;
-        let _ = std::io::copy(&mut file, &mut std::io::stdout().lock());
+        std::io::copy(&mut file, &mut std::io::stdout().lock()).map_err(super::CliError::Output)?;
         Ok(())
     }
 }
@@ -263,19 +266,20 @@ impl ExportTable {
         ExportTable { json, rows: 0, out }
     }
 
-    pub fn row(&mut self, e: &Value) {
+    pub fn row(&mut self, e: &Value) -> Result<(), super::CliError> {
         use std::io::Write;
         if self.json {
-            let _ = writeln!(self.out, "{e}");
+            writeln!(self.out, "{e}").map_err(super::CliError::Output)?;
         } else {
             if self.rows == 0 {
-                let _ = writeln!(
+                writeln!(
                     self.out,
                     "{:<26} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
                     "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
-                );
+                )
+                .map_err(super::CliError::Output)?;
             }
-            let _ = writeln!(
+            writeln!(
                 self.out,
                 "{:<26} {:<24} {:<9} {:>8}  {:<24}  {}",
                 text_of(&e["id"]),
@@ -284,22 +288,24 @@ impl ExportTable {
                 text_of(&e["attempts"]),
                 text_of(&e["created_at"]),
                 truncate_chars(&text_of(&e["last_error"]), 60)
-            );
+            )
+            .map_err(super::CliError::Output)?;
         }
         self.rows += 1;
+        Ok(())
     }
 
     /// The listing, to be printed once the store is closed.
-    pub fn finish(mut self) -> Listing {
+    pub fn finish(mut self) -> Result<Listing, super::CliError> {
         use std::io::Write;
         if !self.json && self.rows == 0 {
-            let _ = writeln!(self.out, "(no exports)");
+            writeln!(self.out, "(no exports)").map_err(super::CliError::Output)?;
         }
-        self.out
+        Ok(self.out)
     }
 }
 
-pub(super) fn print_export(export: &Value) {
+pub(super) fn print_export(export: &Value) -> Result<(), super::CliError> {
     for key in [
         "id",
         "profile_id",
@@ -315,10 +321,11 @@ pub(super) fn print_export(export: &Value) {
         if key == "superseded_by" && export[key].is_null() {
             continue; // pending, or a dead letter that may be retried
         }
-        println!("{key:<16} {}", text_of(&export[key]));
+        outln!("{key:<16} {}", text_of(&export[key]))?;
     }
-    println!("payload:");
-    println!("{}", pretty_for_terminal(&export["payload"]));
+    outln!("payload:")?;
+    outln!("{}", pretty_for_terminal(&export["payload"]))?;
+    Ok(())
 }
 
 fn truncate_chars(text: &str, max: usize) -> String {

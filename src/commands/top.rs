@@ -55,7 +55,7 @@ pub(super) fn top(config: &Config, once: bool, interval_s: f64) -> Result<(), Cl
         std::thread::sleep(interval);
         let second = snapshot(&socket, started, AGENT_TIMEOUT).map_err(CliError::Failure)?;
         history.push(&second);
-        print!("{}", plain(&view(&first, &second, &history, auth, &store)));
+        out!("{}", plain(&view(&first, &second, &history, auth, &store)))?;
         return Ok(());
     }
     let snapshots = take_snapshots(socket, started, interval);
