@@ -29,9 +29,11 @@ const TARGETS: [&str; 10] = [
 /// that logs (a level mistyped, `warnig`, reads as a target's name and hides every line).
 pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
     // Empty (as `Environment=OUTPOST_LOG=` leaves it) is unset.
-    let from_env = std::env::var("OUTPOST_LOG")
-        .ok()
-        .filter(|text| !text.trim().is_empty());
+    let (from_env, not_utf8) = match std::env::var("OUTPOST_LOG") {
+        Ok(text) => (Some(text).filter(|text| !text.trim().is_empty()), false),
+        Err(std::env::VarError::NotUnicode(_)) => (None, level.is_none()),
+        Err(std::env::VarError::NotPresent) => (None, false),
+    };
     let (filter, given_as) = match (level, &from_env) {
         (Some(level), _) => (Some(level), "--log-level"),
         (None, Some(text)) => (Some(text.as_str()), "OUTPOST_LOG"),
@@ -45,7 +47,7 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
         ));
     }
     // One that cannot be read leaves the default, and says so once logging is set up.
-    let mut unreadable = None;
+    let mut unreadable = not_utf8.then(|| "it is not UTF-8".to_owned());
     let filter = match (level, &from_env) {
         (Some(level), _) => EnvFilter::new(level),
         (None, Some(text)) => EnvFilter::try_new(text).unwrap_or_else(|e| {

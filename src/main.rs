@@ -34,14 +34,23 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    let log_format = cli.log_format;
     match outpost::commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is_reader_gone() => ExitCode::from(error.exit_code()),
         Err(error) => {
-            eprintln!(
-                "outpost: {}",
-                outpost::commands::for_terminal(&error.to_string(), true)
-            );
+            // With JSON logs, the line that says why the command failed is one of them, for
+            // the pipeline that reads them.
+            if log_format == outpost::cli::LogFormat::Json
+                && tracing::enabled!(tracing::Level::ERROR)
+            {
+                tracing::error!(error = %error, exit_code = error.exit_code(), "outpost failed");
+            } else {
+                eprintln!(
+                    "outpost: {}",
+                    outpost::commands::for_terminal(&error.to_string(), true)
+                );
+            }
             ExitCode::from(error.exit_code())
         }
     }

@@ -716,3 +716,39 @@ fn output_that_cannot_be_written_is_a_failure_not_a_panic() {
     assert_eq!(out.status.code(), Some(141), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
 }
+
+/// With `--log-format json`, the line that says why a command failed is JSON too, for the
+/// pipeline reading the logs; an `OUTPOST_LOG` that is not UTF-8 is warned of, not ignored.
+#[test]
+fn the_failure_line_is_json_with_json_logs_and_an_unreadable_filter_is_warned_of() {
+    use std::os::unix::ffi::OsStrExt;
+    let ws = Workspace::new();
+    let out = ws
+        .command(&["--log-format", "json", "outbox", "stats"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("there is no store at")),
+        "{last}"
+    );
+    assert_eq!(last["fields"]["exit_code"], 2, "{last}");
+
+    let out = ws
+        .command(&["outbox", "stats"])
+        .env("OUTPOST_LOG", std::ffi::OsStr::from_bytes(b"warn\xff"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("OUTPOST_LOG cannot be read; logging at the default level")
+            && stderr.contains("it is not UTF-8"),
+        "{stderr}"
+    );
+}
