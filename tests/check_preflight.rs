@@ -279,8 +279,8 @@ fn tokens_from_the_environment() {
     }
 }
 
-/// A file where the store folder would be is a problem `check` names, as the agent's start
-/// would meet it.
+/// A file where the store folder would be is a problem `check` names, with the exit the
+/// agent's start refuses it with: a configuration mistake, 2.
 #[test]
 fn a_file_in_the_store_path_is_a_problem() {
     let ws = Workspace::new();
@@ -288,7 +288,7 @@ fn a_file_in_the_store_path_is_a_problem() {
     let out = check(&ws, None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
     assert!(!stdout.contains("check            ok"), "{stdout}");
     assert!(
         stderr.contains(&format!(

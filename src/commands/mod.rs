@@ -686,7 +686,8 @@ async fn check(config: &Config) -> Result<(), CliError> {
     let listen = preflight::listen(config);
     outln!("ingest           {}", listen.line)?;
     let mut problems: Vec<String> = Vec::new();
-    // Files the config names that cannot be used: the agent would refuse to start (exit 2).
+    // Files the config names that cannot be used, or a store path through a file: the agent
+    // would refuse to start (exit 2).
     let mut file_problems: Vec<String> = Vec::new();
     if let Some(tls) = &config.ingest.tls {
         match crate::server::tls::acceptor(tls) {
@@ -701,7 +702,10 @@ async fn check(config: &Config) -> Result<(), CliError> {
         if let Some(warning) = finding.warning {
             outln!("warning          {warning}")?;
         }
-        problems.extend(finding.problem);
+        match finding.refused_at_start {
+            true => file_problems.extend(finding.problem),
+            false => problems.extend(finding.problem),
+        }
     }
     for warning in &config.warnings {
         outln!("warning          {warning}")?;

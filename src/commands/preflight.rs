@@ -11,6 +11,8 @@ pub(super) struct Finding {
     pub line: String,
     pub problem: Option<String>,
     pub warning: Option<String>,
+    /// The problem is one the agent refuses to start for, as a configuration mistake (exit 2).
+    pub refused_at_start: bool,
 }
 
 /// The store folder, or the nearest folder above it that exists (`check` creates nothing);
@@ -42,6 +44,7 @@ pub(super) fn store(config: &Config) -> Finding {
         Ok(folder) => folder,
         Err(file) => {
             return Finding {
+                refused_at_start: true,
                 line: format!("{} ({} is not a folder)", path.display(), file.display()),
                 problem: Some(format!(
                     "storage.path {}: a part of that path, {}, is a file, not a folder. Set \
@@ -55,6 +58,7 @@ pub(super) fn store(config: &Config) -> Finding {
     };
     let Some(folder) = folder else {
         return Finding {
+            refused_at_start: false,
             line: format!("{} (no folder of that path exists)", path.display()),
             problem: Some(format!(
                 "storage.path {}: no folder of that path exists",
@@ -76,6 +80,7 @@ pub(super) fn store(config: &Config) -> Finding {
             )
         });
         return Finding {
+            refused_at_start: false,
             line: format!("{} (cannot be written)", path.display()),
             problem: Some(problem),
             warning: None,
@@ -105,6 +110,7 @@ pub(super) fn store(config: &Config) -> Finding {
     };
     let readable = crate::store::readable_by_others_warning(path);
     Finding {
+        refused_at_start: false,
         line: format!("{} (writable{free}{created})", path.display()),
         problem: None,
         warning: match (warning, readable) {
@@ -133,6 +139,7 @@ pub(super) fn listen(config: &Config) -> Finding {
     // A socket of another user's agent counts as an agent running there too.
     if super::Backend::agent_answers(config).unwrap_or(true) {
         return Finding {
+            refused_at_start: false,
             line: format!("{addr}{token} (the agent running on this store listens there)"),
             problem: None,
             warning: None,
@@ -140,6 +147,7 @@ pub(super) fn listen(config: &Config) -> Finding {
     }
     match TcpListener::bind(addr) {
         Ok(_) => Finding {
+            refused_at_start: false,
             line: format!("{addr}{token} (free)"),
             problem: None,
             warning: None,
@@ -147,6 +155,7 @@ pub(super) fn listen(config: &Config) -> Finding {
         Err(e) => {
             tracing::debug!(error = ?e, %addr, "binding ingest.listen");
             Finding {
+                refused_at_start: false,
                 line: format!("{addr}{token} (cannot listen)"),
                 problem: Some(crate::explain::listen("ingest.listen", &addr, &e)),
                 warning: None,
