@@ -1786,6 +1786,42 @@ async fn a_stream_made_again_is_consumed_from_its_start() {
     );
 }
 
+/// A `subject_prefix` changed since the stream was made is refused by `check`, `publish` and
+/// the agent, naming the stream's subjects: `check` said ok, and the agent ran consuming
+/// nothing while it failed to make each partition's consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_prefix_the_stream_was_not_made_for_is_refused() {
+    let Some(server_bin) = nats_server_or_skip("a_subject_prefix_the_stream_was_not_made_for")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let base = "http://127.0.0.1:9";
+    let made = AgentSetup::new(base, Some(&nats_table(&server.url(), 4, "0-3", "")), "");
+    made.cli(&["nats", "setup"]);
+    let moved = nats_table(&server.url(), 4, "0-3", "").replace(
+        "subject_prefix = \"test.updates\"",
+        "subject_prefix = \"test.moved\"",
+    );
+    let moved = AgentSetup::new(base, Some(&moved), "");
+    let why = "stream UPDATES takes subjects [\"test.updates.*\"], not test.moved.*";
+    let file = write_lines(moved.dir.path(), &[version_line(0, 0)]);
+    for args in [&["check"][..], &["publish", file.to_str().unwrap()]] {
+        let out = moved.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    let agent = moved.start().await;
+    wait_or_show(
+        20,
+        "the agent to refuse the stream",
+        &[&agent],
+        async || agent.log().contains(why),
+    )
+    .await;
+}
+
 /// The partition count a stream was made for is written in it by `nats setup`: `nats setup`,
 /// `publish` and agents with another count are refused, since every profile would be routed
 /// to another partition. A stream made without it gets it from `nats setup` when its messages

@@ -308,12 +308,32 @@ pub fn recorded_partitions(description: Option<&str>) -> Option<u32> {
         .ok()
 }
 
+/// The stream's subject that takes every partition's: `<prefix>.*` as setup makes it, or
+/// `<prefix>.>` as one may make it by hand. A stream without one (`subject_prefix` changed
+/// since setup) takes no publish, and no partition's consumer can be made on it.
+fn covering_subject(info: &stream::Info, config: &NatsSource) -> Result<String, NatsError> {
+    let wanted = format!("{}.*", config.subject_prefix);
+    [wanted.clone(), format!("{}.>", config.subject_prefix)]
+        .into_iter()
+        .find(|s| info.config.subjects.contains(s))
+        .ok_or_else(|| {
+            NatsError(format!(
+                "stream {} takes subjects {:?}, not {wanted} (source.nats.subject_prefix): nothing \
+                 published there would find the stream, and no partition could be consumed; set \
+                 subject_prefix as the stream was made for, or delete the stream or change \
+                 source.nats.stream",
+                config.stream, info.config.subjects
+            ))
+        })
+}
+
 /// Whether the stream was made for the partition count of `config`, as far as it records one,
 /// and keeps its messages until its limits, not only while a consumer wants them: each
 /// partition's consumer is made anew at every start, and a stream that drops what no consumer
 /// holds (interest or work-queue retention) would lose the updates published or left
 /// unacknowledged meanwhile.
 pub fn check_partitions(info: &stream::Info, config: &NatsSource) -> Result<(), NatsError> {
+    covering_subject(info, config)?;
     if info.config.retention != stream::RetentionPolicy::Limits {
         return Err(NatsError(format!(
             "stream {} has {:?} retention; outpost needs limits retention (the default), since it makes its consumers anew at every start and the stream must keep what none holds meanwhile",
@@ -464,18 +484,7 @@ async fn found(
     record_made_at: bool,
 ) -> Result<SetupOutcome, NatsError> {
     let info = stream.cached_info().clone();
-    // `<prefix>.*` as setup makes it, or `<prefix>.>` as one may make it by hand: either
-    // takes every partition's subject.
-    let wanted = format!("{}.*", config.subject_prefix);
-    let Some(covering) = [wanted.clone(), format!("{}.>", config.subject_prefix)]
-        .into_iter()
-        .find(|s| info.config.subjects.contains(s))
-    else {
-        return Err(NatsError(format!(
-                    "stream {} exists with subjects {:?}, not {wanted}; delete it or change source.nats.stream",
-                    config.stream, info.config.subjects
-                )));
-    };
+    let covering = covering_subject(&info, config)?;
     if info.config.storage != stream::StorageType::File {
         return Err(NatsError(format!(
             "stream {} keeps its messages in memory; outpost needs file storage",
