@@ -362,6 +362,8 @@ pub enum RejectedCommand {
         /// Every rejected message
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 

@@ -876,7 +876,9 @@ async fn invalid_messages_are_rejected_and_do_not_stop_their_partition() {
     );
     assert_eq!(stream_messages().await, before);
 
-    setup.cli(&["rejected", "drop", "1-2"]);
+    let dropped: serde_json::Value =
+        serde_json::from_str(&setup.cli(&["rejected", "drop", "1-2", "--json"])).unwrap();
+    assert_eq!(dropped["dropped"], serde_json::json!(["1-2"]), "{dropped}");
     assert_eq!(
         json_lines(&setup.cli(&["rejected", "list", "--json"])).len(),
         2

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::output::Listing;
-use super::{for_terminal, list_paged_by, text_of, Backend, CliError, Print};
+use super::{for_terminal, list_paged_by, print_json, text_of, Backend, CliError, Print};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
@@ -524,7 +524,7 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
                 Ok(())
             }))
         }
-        RejectedCommand::Drop { ids, all } => {
+        RejectedCommand::Drop { ids, all, json } => {
             let result = backend.execute(&AdminRequest::RejectedDrop { ids, all })?;
             Ok(Box::new(move || {
                 // Counted by the agent with `--all`, which names only the first ids (an agent of
@@ -533,7 +533,10 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
                     || result["dropped"].as_array().map_or(0, Vec::len),
                     |n| n as usize,
                 );
-                outln!("{done} rejected message(s) deleted")?;
+                match json.json {
+                    true => print_json(&result, true)?,
+                    false => outln!("{done} rejected message(s) deleted")?,
+                }
                 let missing: Vec<&str> = result["not_found"]
                     .as_array()
                     .map(|a| a.iter().filter_map(Value::as_str).collect())
