@@ -365,3 +365,34 @@ fn files_the_agent_could_not_use_are_reported_with_the_other_problems() {
     );
     assert!(!ws.store_path().exists(), "check created the store");
 }
+
+/// What the config names is shown one line each, its control characters escaped: a
+/// `destination.name` holding an escape sequence and a newline cleared the terminal and
+/// forged a line of the report.
+#[test]
+fn control_characters_in_what_the_config_names_are_escaped() {
+    let ws = Workspace::new();
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let forged = config.replace(
+        "name = \"test\"",
+        "name = \"edge\\u001b[2J\\ncheck            ok\"",
+    );
+    assert_ne!(forged, config);
+    std::fs::write(ws.config_path(), forged).unwrap();
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains('\u{1b}'), "{stdout:?}");
+    assert!(
+        stdout.contains(r"edge\u{1b}[2J\ncheck            ok"),
+        "{stdout}"
+    );
+    // The check's own verdict, and no other.
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|line| *line == "check            ok")
+            .count(),
+        1,
+        "{stdout}"
+    );
+}

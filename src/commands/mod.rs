@@ -11,6 +11,14 @@ macro_rules! outln {
     }};
 }
 
+/// [`outln!`] for a line of a report that shows what a config or a server gave (names, ids,
+/// paths), with their control characters escaped: one line each, whatever they hold.
+macro_rules! report_line {
+    ($($arg:tt)*) => {
+        outln!("{}", $crate::commands::for_terminal(&format!($($arg)*), false))
+    };
+}
+
 /// [`outln!`] without the line's end.
 macro_rules! out {
     ($($arg:tt)*) => {{
@@ -620,20 +628,20 @@ async fn run(config: &Config) -> Result<(), CliError> {
 /// Validates the config (already done by loading it), builds the TLS client, fetches a token.
 async fn check(config: &Config) -> Result<(), CliError> {
     let d = &config.destination;
-    outln!("config           {} (valid)", config.path.display())?;
-    outln!(
+    report_line!("config           {} (valid)", config.path.display())?;
+    report_line!(
         "destination      {}",
         d.name.as_deref().unwrap_or("(unnamed)")
     )?;
     let query = d.http_endpoint.query_pairs().count();
-    outln!("endpoint         {}", display_url(&d.http_endpoint))?;
+    report_line!("endpoint         {}", display_url(&d.http_endpoint))?;
     if query > 0 {
         let parameters = if query == 1 {
             "parameter"
         } else {
             "parameters"
         };
-        outln!("                 (+ {query} query {parameters}, sent as given)")?;
+        report_line!("                 (+ {query} query {parameters}, sent as given)")?;
     }
     if let Some(proxy) = &d.proxy {
         let credentials = match proxy.credentials {
@@ -656,13 +664,13 @@ async fn check(config: &Config) -> Result<(), CliError> {
             }
             false => format!("tunnels to {}", through.join(" and ")),
         };
-        outln!(
+        report_line!(
             "proxy            {} ({through}{credentials})",
             proxy.address()
         )?;
     }
     let headers: Vec<&str> = d.custom_headers.iter().map(|(n, _)| n.as_str()).collect();
-    outln!(
+    report_line!(
         "custom headers   {}",
         if headers.is_empty() {
             "-".to_owned()
@@ -670,7 +678,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
             headers.join(", ")
         }
     )?;
-    outln!(
+    report_line!(
         "mapping          {} attributes, {} segments, {}",
         config.mapping.attributes.len(),
         config.mapping.segments.len(),
@@ -681,26 +689,26 @@ async fn check(config: &Config) -> Result<(), CliError> {
         }
     )?;
     let store = preflight::store(config);
-    outln!("store            {}", store.line)?;
-    outln!("clock            {}", clock_report(config))?;
+    report_line!("store            {}", store.line)?;
+    report_line!("clock            {}", clock_report(config))?;
     let listen = preflight::listen(config);
-    outln!("ingest           {}", listen.line)?;
+    report_line!("ingest           {}", listen.line)?;
     let mut problems: Vec<String> = Vec::new();
     // Files the config names that cannot be used, or a store path through a file: the agent
     // would refuse to start (exit 2).
     let mut file_problems: Vec<String> = Vec::new();
     if let Some(tls) = &config.ingest.tls {
         match crate::server::tls::acceptor(tls) {
-            Ok(_) => outln!("ingest TLS       certificate and key load")?,
+            Ok(_) => report_line!("ingest TLS       certificate and key load")?,
             Err(e) => {
-                outln!("ingest TLS       cannot be used")?;
+                report_line!("ingest TLS       cannot be used")?;
                 file_problems.push(e);
             }
         }
     }
     for finding in [store, listen] {
         if let Some(warning) = finding.warning {
-            outln!("warning          {warning}")?;
+            report_line!("warning          {warning}")?;
         }
         match finding.refused_at_start {
             true => file_problems.extend(finding.problem),
@@ -708,14 +716,14 @@ async fn check(config: &Config) -> Result<(), CliError> {
         }
     }
     for warning in &config.warnings {
-        outln!("warning          {warning}")?;
+        report_line!("warning          {warning}")?;
     }
     if let Some(nats) = &config.nats {
         match nats.check_files() {
             Err(e) => file_problems.push(e),
             Ok(()) => {
                 if let Err(e) = nats::check_nats(nats).await {
-                    outln!("stream           cannot be read")?;
+                    report_line!("stream           cannot be read")?;
                     problems.push(format!("nats: {e}"));
                 }
             }
@@ -744,21 +752,21 @@ async fn check(config: &Config) -> Result<(), CliError> {
     )
     .await
     {
-        Ok(Some(version)) => outln!("endpoint TLS     certificate verifies ({version})")?,
+        Ok(Some(version)) => report_line!("endpoint TLS     certificate verifies ({version})")?,
         // No export is sent: a wrong path or a refusal shows only when one is.
-        Ok(None) => outln!("endpoint TCP     accepts connections (no export sent)")?,
+        Ok(None) => report_line!("endpoint TCP     accepts connections (no export sent)")?,
         Err(e) if https => {
-            outln!("endpoint TLS     failed")?;
+            report_line!("endpoint TLS     failed")?;
             problems.push(format!("endpoint: {e}"));
         }
         // Not a failure of the set-up: exports wait until the endpoint is there.
-        Err(e) => outln!(
+        Err(e) => report_line!(
             "warning          endpoint: {e}; exports wait in the outbox until it accepts them"
         )?,
     }
     match &d.auth {
-        Auth::None => outln!("auth             none")?,
-        Auth::Bearer { .. } => outln!("auth             static bearer token (set)")?,
+        Auth::None => report_line!("auth             none")?,
+        Auth::Bearer { .. } => report_line!("auth             static bearer token (set)")?,
         Auth::OAuth2 {
             auth_endpoint,
             client_id,
@@ -776,8 +784,8 @@ async fn check(config: &Config) -> Result<(), CliError> {
                     format!("password grant for user {username}")
                 }
             };
-            outln!("auth             oauth2 {grant}, client_id {client_id}, secret sent in {placement}")?;
-            outln!("token endpoint   {}", display_url(auth_endpoint))?;
+            report_line!("auth             oauth2 {grant}, client_id {client_id}, secret sent in {placement}")?;
+            report_line!("token endpoint   {}", display_url(auth_endpoint))?;
             let source =
                 crate::delivery::auth::TokenSource::new(d.auth.clone(), client, Default::default());
             let fetched = match source.fetch().await {
@@ -787,7 +795,7 @@ async fn check(config: &Config) -> Result<(), CliError> {
                     return fail(problems);
                 }
             };
-            outln!(
+            report_line!(
                 "token            obtained ({} characters, type {}, lifetime {} s{})",
                 fetched.token.expose().len(),
                 for_terminal(
@@ -803,14 +811,14 @@ async fn check(config: &Config) -> Result<(), CliError> {
             )?;
             let token_type = fetched.token_type.as_deref();
             if let Some(warning) = crate::delivery::auth::token_type_warning(token_type) {
-                outln!("warning          {warning}")?;
+                report_line!("warning          {warning}")?;
             }
         }
     }
     if !problems.is_empty() {
         return fail(problems);
     }
-    outln!("check            ok")?;
+    report_line!("check            ok")?;
     Ok(())
 }
 

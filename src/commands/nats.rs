@@ -154,12 +154,12 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         NatsAuth::Token(_) => "a token (set)",
         NatsAuth::UserPassword { .. } => "user and password (set)",
     };
-    outln!("nats             {} ({auth})", nats.servers.join(", "))?;
+    report_line!("nats             {} ({auth})", nats.servers.join(", "))?;
     let probed = probe(nats)
         .await
         .map_err(|e| CliError::Failure(e.to_string()))?;
     let (messages, stray) = (probed.messages, probed.stray);
-    outln!(
+    report_line!(
         "stream           {}: {messages} message(s); {} partitions on {}.*, this agent owns {}",
         nats.stream,
         nats.partitions,
@@ -167,10 +167,10 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
         nats.owned_text()
     )?;
     if !stray.is_empty() {
-        outln!("warning          {}", stray.describe())?;
+        report_line!("warning          {}", stray.describe())?;
     }
     for warning in &probed.warnings {
-        outln!("warning          {}", for_terminal(warning, false))?;
+        report_line!("warning          {}", for_terminal(warning, false))?;
     }
     Ok(())
 }
