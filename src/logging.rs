@@ -49,7 +49,10 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
     // One that cannot be read leaves the default, and says so once logging is set up.
     let mut unreadable = not_utf8.then(|| "it is not UTF-8".to_owned());
     let filter = match (level, &from_env) {
-        (Some(level), _) => EnvFilter::new(level),
+        // Given on the command line, as the words above are: refused, not set aside.
+        (Some(level), _) => {
+            EnvFilter::try_new(level).map_err(|e| format!("--log-level `{level}`: {e}"))?
+        }
         (None, Some(text)) => EnvFilter::try_new(text).unwrap_or_else(|e| {
             unreadable = Some(e.to_string());
             EnvFilter::new(default)
@@ -161,6 +164,23 @@ mod tests {
         ];
         for (filter, refused) in table {
             assert_eq!(unknown_word(filter), refused, "{filter}");
+        }
+    }
+
+    /// A `--log-level` tracing cannot read is refused as a word alone is; set aside, it left
+    /// the default level and exit 0. (Only refusals here: a filter taken would set up the
+    /// test process's logging.)
+    #[test]
+    fn a_log_level_that_cannot_be_read_is_refused() {
+        for (level, says) in [
+            (
+                "outpost=dbug",
+                "--log-level `outpost=dbug`: error parsing level filter",
+            ),
+            ("[", "--log-level `[`: invalid filter directive"),
+        ] {
+            let error = init(LogFormat::Text, Some(level), "info").unwrap_err();
+            assert!(error.starts_with(says), "{level}: {error}");
         }
     }
 }
