@@ -160,6 +160,7 @@ fn record_partition_count(store: &Store, t: &Trees, partition_count: u32) -> Res
 }
 
 /// A partition's position, as a move sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
     Nothing,
     At(u64, u64),
@@ -690,122 +691,28 @@ impl Store {
         let _section = self.write_section()?;
         let _writer = self.lock_profile_writer();
         let t = self.trees()?;
-        // Partitions found as a finished take-over of this file leaves them; those never
-        // consumed, which have no position before or after, counted apart.
-        let (mut finished, mut never_consumed) = (0, 0);
-        let mut resuming = false;
+        let ours = header.store_id == self.store_id();
+        let mut found = Vec::with_capacity(header.partitions.len());
         for handed in &header.partitions {
-            let partition = handed.partition;
-            match standing(&t, partition)? {
-                Standing::Moved(Moved::Given, _) if header.store_id == self.store_id() => {
-                    return Err(refused(format!(
-                        "{} is the file this store wrote when it handed partition {partition} \
-                         over: to take the partition back, take over the file of the store \
-                         that holds it now",
-                        path.display()
-                    )))
-                }
-                Standing::Moved(Moved::Given, given) if behind(handed.position, given) => {
-                    return Err(refused(format!(
-                        "{} hands partition {partition} over as it stood before this store \
-                         handed it over itself (at {}): the file is stale",
-                        path.display(),
-                        describe(given)
-                    )))
-                }
-                Standing::Nothing if handed.position.is_none() => never_consumed += 1,
-                Standing::Nothing | Standing::Moved(Moved::Given, _) => {}
-                Standing::Moved(Moved::Taking, position) if position == handed.position => {
-                    resuming = true;
-                }
-                Standing::At(seq, stream) if Some((seq, stream)) == handed.position => {
-                    finished += 1;
-                }
-                Standing::Moved(Moved::Giving, _) => {
-                    return Err(refused(format!(
-                        "partition {partition}'s hand-over from this store has not finished: \
-                         run `outpost nats hand-over` again first"
-                    )))
-                }
-                Standing::Moved(Moved::Taking, _) => {
-                    return Err(refused(format!(
-                        "partition {partition}'s take-over from another file has not finished: \
-                         run `outpost nats take-over` with that file first"
-                    )))
-                }
-                Standing::At(seq, _) => {
-                    return Err(refused(format!(
-                        "partition {partition} was consumed in this store (up to {seq}): a \
-                         store takes over only a partition it has not consumed, or handed over \
-                         since"
-                    )))
-                }
-            }
+            let standing = standing(&t, handed.partition)?;
+            found.push(judge_partition(standing, handed, ours, path).map_err(refused)?);
         }
-        // Finished when every partition is as a finished take-over leaves it, and at least
-        // one says so by its position, or the claims do (all never consumed): every profile
-        // must then be found stored (below).
-        let finished = if finished + never_consumed == partitions.len()
-            && !resuming
-            && (finished != 0 || finished_only)
-        {
-            partitions.len()
-        } else {
-            0
-        };
-        if finished_only && finished == 0 {
+        let finished = finished_take_over(&found, finished_only);
+        if finished_only && !finished {
             return Err(refused(format!(
                 "the partitions' claims name this store already, but it did not take them over \
                  from {}: the file is stale",
                 path.display()
             )));
         }
+        let resuming = found.contains(&Found::Resuming);
         // A finished take-over run again writes nothing: the running agent may own them.
-        let owned = if finished == 0 { owned } else { &[] };
+        let owned = if finished { &[] } else { owned };
         refuse_unsettled(self, &t, &partitions, owned, terms)?;
         // The first reading checks the file whole, and what it would change, before any write.
-        let (mut conflicts, mut example) = (0u64, None);
-        let mut ids = HashSet::new();
-        let mut newer = HashSet::new();
-        while let Some((id, value)) = reader.next_profile().map_err(in_file)? {
-            if !set.contains(&partition_of(&id, count)) {
-                return Err(refused(format!(
-                    "{}: profile {id} is of none of the partitions it hands over",
-                    path.display()
-                )));
-            }
-            codec::decode_profile(&value).map_err(|e| {
-                refused(format!(
-                    "{}: profile {id} cannot be read by this build: {e}",
-                    path.display()
-                ))
-            })?;
-            let stored = stored_value(&t, &id)?;
-            let differs = stored.as_ref().is_some_and(|stored| *stored != value);
-            if differs && resuming {
-                // Stored since the partitions were marked (the first run found no conflict):
-                // newer than the file's version, and kept.
-                newer.insert(id.clone());
-            } else if differs || (finished != 0 && stored.is_none()) {
-                conflicts += 1;
-                example.get_or_insert(id.clone());
-            }
-            if !ids.insert(id.clone()) {
-                return Err(refused(format!(
-                    "{}: profile {id} is in it twice",
-                    path.display()
-                )));
-            }
-        }
-        let profiles_in_file = reader.profiles_read();
-        if let Some(example) = example {
-            return Err(refused(format!(
-                "{conflicts} profile(s) of these partitions are stored here with other versions \
-                 (profile {example} among them), or missing though the partitions were taken \
-                 over: they came by another input, and the store cannot tell which is newer"
-            )));
-        }
-        if finished != 0 || check_only {
+        let checked = check_profiles(&t, &mut reader, &set, count, finished, resuming, path)?;
+        let profiles_in_file = checked.profiles_in_file;
+        if finished || check_only {
             return Ok(TakenOver {
                 header,
                 stored: 0,
@@ -829,50 +736,198 @@ impl Store {
         if again != header {
             return Err(unfinished("it changed while it was read".into()));
         }
-        let mut stored = 0i64;
-        loop {
-            let mut chunk = Vec::new();
-            while chunk.len() < PROFILES_A_CHUNK {
-                match reader
-                    .next_profile()
-                    .map_err(|e| unfinished(e.to_string()))?
-                {
-                    Some(entry) => chunk.push(entry),
-                    None => break,
-                }
-            }
-            if chunk.is_empty() {
-                break;
-            }
-            let changes = by_group(
-                chunk
-                    .iter()
-                    .filter(|(id, _)| !newer.contains(id))
-                    .map(|(id, v)| (id.as_str(), Some(&v[..]))),
-            );
-            stored += change_groups(&t, &changes)?;
-        }
+        let stored = store_profiles(&t, &mut reader, &checked.newer, &unfinished)?;
         if reader.profiles_read() != profiles_in_file {
             return Err(unfinished("it changed while it was read".into()));
         }
-        let mut positions = sled::Batch::default();
-        for handed in &header.partitions {
-            let key = position_key(handed.partition);
-            match handed.position {
-                Some((seq, stream)) => {
-                    positions.insert(&key[..], &super::source::encode_position(seq, stream)[..])
-                }
-                None => positions.remove(&key[..]),
-            }
-        }
-        t.positions.apply_batch(positions)?;
+        write_positions(&t, &header.partitions)?;
         self.flush()?;
         Ok(TakenOver {
             header,
-            stored: stored.max(0) as u64,
+            stored,
             profiles_in_file,
         })
     }
+}
+
+/// How a partition of a hand-over file stands in this store, as far as taking it over goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// As a finished take-over of this file leaves it: at the file's position.
+    Finished,
+    /// Never consumed, here nor where the file comes from: no position before or after.
+    NeverConsumed,
+    /// Marked as being taken over to the file's position: a take-over that stopped partway.
+    Resuming,
+    /// Nothing here yet, or handed over from here before the file's position.
+    Untouched,
+}
+
+/// Judges one partition of the file (`handed`) by where this store stands with it: the
+/// refusal says why it may not be taken over. `ours`: this store wrote the file.
+fn judge_partition(
+    standing: Standing,
+    handed: &HandedPartition,
+    ours: bool,
+    path: &Path,
+) -> Result<Found, String> {
+    let partition = handed.partition;
+    match standing {
+        Standing::Moved(Moved::Given, _) if ours => Err(format!(
+            "{} is the file this store wrote when it handed partition {partition} over: to \
+             take the partition back, take over the file of the store that holds it now",
+            path.display()
+        )),
+        Standing::Moved(Moved::Given, given) if behind(handed.position, given) => Err(format!(
+            "{} hands partition {partition} over as it stood before this store handed it over \
+             itself (at {}): the file is stale",
+            path.display(),
+            describe(given)
+        )),
+        Standing::Nothing if handed.position.is_none() => Ok(Found::NeverConsumed),
+        Standing::Nothing | Standing::Moved(Moved::Given, _) => Ok(Found::Untouched),
+        Standing::Moved(Moved::Taking, position) if position == handed.position => {
+            Ok(Found::Resuming)
+        }
+        Standing::At(seq, stream) if Some((seq, stream)) == handed.position => Ok(Found::Finished),
+        Standing::Moved(Moved::Giving, _) => Err(format!(
+            "partition {partition}'s hand-over from this store has not finished: run `outpost \
+             nats hand-over` again first"
+        )),
+        Standing::Moved(Moved::Taking, _) => Err(format!(
+            "partition {partition}'s take-over from another file has not finished: run \
+             `outpost nats take-over` with that file first"
+        )),
+        Standing::At(seq, _) => Err(format!(
+            "partition {partition} was consumed in this store (up to {seq}): a store takes over \
+             only a partition it has not consumed, or handed over since"
+        )),
+    }
+}
+
+/// Whether the take-over of the file has finished: every partition is as a finished take-over
+/// leaves it, and at least one says so by its position, or the claims do (`finished_only`:
+/// all never consumed). Every profile must then be found stored.
+fn finished_take_over(found: &[Found], finished_only: bool) -> bool {
+    let at_file = found.iter().filter(|f| **f == Found::Finished).count();
+    found
+        .iter()
+        .all(|f| matches!(f, Found::Finished | Found::NeverConsumed))
+        && (at_file != 0 || finished_only)
+}
+
+/// What the first reading of a hand-over file found.
+struct CheckedProfiles {
+    /// Stored since a take-over that stopped partway marked the partitions: newer than the
+    /// file's versions, and kept.
+    newer: HashSet<String>,
+    profiles_in_file: u64,
+}
+
+/// Reads the file's profiles through, before anything is written: each of a partition it
+/// hands over, once, readable by this build, and stored here with the same bytes or not at
+/// all (all of them, once `finished`).
+fn check_profiles(
+    t: &Trees,
+    reader: &mut FileReader<BufReader<File>>,
+    partitions: &BTreeSet<u32>,
+    count: u32,
+    finished: bool,
+    resuming: bool,
+    path: &Path,
+) -> Result<CheckedProfiles, MoveError> {
+    let in_file = |e: super::handover_file::FileError| refused(format!("{}: {e}", path.display()));
+    let (mut conflicts, mut example) = (0u64, None);
+    let mut ids = HashSet::new();
+    let mut newer = HashSet::new();
+    while let Some((id, value)) = reader.next_profile().map_err(in_file)? {
+        if !partitions.contains(&partition_of(&id, count)) {
+            return Err(refused(format!(
+                "{}: profile {id} is of none of the partitions it hands over",
+                path.display()
+            )));
+        }
+        codec::decode_profile(&value).map_err(|e| {
+            refused(format!(
+                "{}: profile {id} cannot be read by this build: {e}",
+                path.display()
+            ))
+        })?;
+        let stored = stored_value(t, &id)?;
+        let differs = stored.as_ref().is_some_and(|stored| *stored != value);
+        if differs && resuming {
+            newer.insert(id.clone());
+        } else if differs || (finished && stored.is_none()) {
+            conflicts += 1;
+            example.get_or_insert(id.clone());
+        }
+        if !ids.insert(id.clone()) {
+            return Err(refused(format!(
+                "{}: profile {id} is in it twice",
+                path.display()
+            )));
+        }
+    }
+    if let Some(example) = example {
+        return Err(refused(format!(
+            "{conflicts} profile(s) of these partitions are stored here with other versions \
+             (profile {example} among them), or missing though the partitions were taken \
+             over: they came by another input, and the store cannot tell which is newer"
+        )));
+    }
+    Ok(CheckedProfiles {
+        newer,
+        profiles_in_file: reader.profiles_read(),
+    })
+}
+
+/// Stores the file's profiles, [`PROFILES_A_CHUNK`] at a time, but the `newer` ones stored
+/// here since; returns how many were stored that were not already.
+fn store_profiles(
+    t: &Trees,
+    reader: &mut FileReader<BufReader<File>>,
+    newer: &HashSet<String>,
+    unfinished: &dyn Fn(String) -> MoveError,
+) -> Result<u64, MoveError> {
+    let mut stored = 0i64;
+    loop {
+        let mut chunk = Vec::new();
+        while chunk.len() < PROFILES_A_CHUNK {
+            match reader
+                .next_profile()
+                .map_err(|e| unfinished(e.to_string()))?
+            {
+                Some(entry) => chunk.push(entry),
+                None => break,
+            }
+        }
+        if chunk.is_empty() {
+            return Ok(stored.max(0) as u64);
+        }
+        let changes = by_group(
+            chunk
+                .iter()
+                .filter(|(id, _)| !newer.contains(id))
+                .map(|(id, v)| (id.as_str(), Some(&v[..]))),
+        );
+        stored += change_groups(t, &changes)?;
+    }
+}
+
+/// Sets each partition's position to the file's, which ends the take-over's marks.
+fn write_positions(t: &Trees, partitions: &[HandedPartition]) -> Result<(), MoveError> {
+    let mut positions = sled::Batch::default();
+    for handed in partitions {
+        let key = position_key(handed.partition);
+        match handed.position {
+            Some((seq, stream)) => {
+                positions.insert(&key[..], &super::source::encode_position(seq, stream)[..])
+            }
+            None => positions.remove(&key[..]),
+        }
+    }
+    t.positions.apply_batch(positions)?;
+    Ok(())
 }
 
 /// Whether a file's position of a partition lies before where this store stood when it
@@ -916,6 +971,146 @@ fn readable_group<'a>(key: &GroupKey, bytes: &'a [u8]) -> Result<GroupView<'a>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each way a partition of a hand-over file may stand in the store taking it over, and
+    /// what the take-over makes of it (the refusals by a word of their message).
+    #[test]
+    fn how_each_partition_of_a_file_is_judged() {
+        use Found::*;
+        let path = Path::new("/tmp/p3.handover");
+        let at = |seq| Some((seq, 77));
+        // (standing here, the file's position, this store wrote the file, found or refused)
+        type Case = (
+            Standing,
+            Option<(u64, u64)>,
+            bool,
+            Result<Found, &'static str>,
+        );
+        let table: &[Case] = &[
+            (Standing::Nothing, None, false, Ok(NeverConsumed)),
+            (Standing::Nothing, at(10), false, Ok(Untouched)),
+            (
+                Standing::Moved(Moved::Given, at(10)),
+                at(10),
+                false,
+                Ok(Untouched),
+            ),
+            (
+                Standing::Moved(Moved::Given, at(10)),
+                at(12),
+                false,
+                Ok(Untouched),
+            ),
+            // Handed over from here at 10; another stream's count says nothing of it.
+            (
+                Standing::Moved(Moved::Given, at(10)),
+                Some((3, 78)),
+                false,
+                Ok(Untouched),
+            ),
+            (
+                Standing::Moved(Moved::Given, at(10)),
+                at(9),
+                false,
+                Err("the file is stale"),
+            ),
+            (
+                Standing::Moved(Moved::Given, at(10)),
+                None,
+                false,
+                Err("the file is stale"),
+            ),
+            (
+                Standing::Moved(Moved::Given, None),
+                None,
+                false,
+                Ok(Untouched),
+            ),
+            (
+                Standing::Moved(Moved::Given, at(10)),
+                at(12),
+                true,
+                Err("this store wrote"),
+            ),
+            (
+                Standing::Moved(Moved::Taking, at(12)),
+                at(12),
+                false,
+                Ok(Resuming),
+            ),
+            (
+                Standing::Moved(Moved::Taking, None),
+                None,
+                false,
+                Ok(Resuming),
+            ),
+            (
+                Standing::Moved(Moved::Taking, at(11)),
+                at(12),
+                false,
+                Err("take-over from another file"),
+            ),
+            (
+                Standing::Moved(Moved::Giving, at(12)),
+                at(12),
+                false,
+                Err("hand-over from this store"),
+            ),
+            (Standing::At(12, 77), at(12), false, Ok(Finished)),
+            (
+                Standing::At(12, 77),
+                at(13),
+                false,
+                Err("was consumed in this store (up to 12)"),
+            ),
+            (
+                Standing::At(12, 77),
+                Some((12, 78)),
+                false,
+                Err("was consumed in this store"),
+            ),
+            (
+                Standing::At(12, 77),
+                None,
+                false,
+                Err("was consumed in this store"),
+            ),
+        ];
+        for &(standing, position, ours, ref expected) in table {
+            let handed = HandedPartition {
+                partition: 3,
+                position,
+            };
+            let judged = judge_partition(standing, &handed, ours, path);
+            match (&judged, expected) {
+                (Ok(found), Ok(wanted)) => assert_eq!(found, wanted, "{standing:?} {position:?}"),
+                (Err(why), Err(word)) => assert!(why.contains(word), "{standing:?}: {why}"),
+                _ => panic!("{standing:?} {position:?} {ours}: {judged:?}, not {expected:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_take_over_is_finished_when_every_partition_says_so() {
+        use Found::*;
+        let table: &[(&[Found], bool, bool)] = &[
+            (&[Finished, Finished], false, true),
+            (&[Finished, NeverConsumed], false, true),
+            // Nothing but never-consumed partitions: only the claims can say it finished.
+            (&[NeverConsumed, NeverConsumed], false, false),
+            (&[NeverConsumed, NeverConsumed], true, true),
+            (&[Finished, Untouched], false, false),
+            (&[Finished, Resuming], true, false),
+            (&[Untouched], true, false),
+        ];
+        for &(found, finished_only, finished) in table {
+            assert_eq!(
+                finished_take_over(found, finished_only),
+                finished,
+                "{found:?} {finished_only}"
+            );
+        }
+    }
     use crate::config::Mapping;
     use crate::profile::update::parse_body;
     use crate::profile::Update;
