@@ -216,9 +216,13 @@ fn check_subject_prefix(prefix: &str) -> Result<(), String> {
                 "`{prefix}` has an empty token (two dots, or a dot at an end)"
             ));
         }
-        if token == "*" || token == ">" || token.chars().any(|c| c.is_whitespace()) {
+        if token == "*"
+            || token == ">"
+            || token.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(format!(
-                "`{prefix}` must be plain subject tokens, without wildcards or spaces"
+                "`{}` must be plain subject tokens, without wildcards, spaces or control characters",
+                prefix.escape_debug()
             ));
         }
     }
@@ -323,7 +327,7 @@ pub(crate) fn validate_nats(
             "source.nats.stream",
             format!(
                 "`{}` is not a stream name (letters, digits, _ and -)",
-                raw.stream
+                raw.stream.escape_debug()
             ),
         ));
     }
@@ -357,7 +361,7 @@ pub(crate) fn validate_nats(
             "source.nats.consumer_prefix",
             format!(
                 "`{}` is not a consumer name prefix (letters, digits, _ and -)",
-                raw.consumer_prefix
+                raw.consumer_prefix.escape_debug()
             ),
         ));
     }
@@ -559,6 +563,10 @@ segments = ["s"]
             ),
             (
                 format!("{servers}partitions = 4\nsubject_prefix = \"a..b\""),
+                "source.nats.subject_prefix",
+            ),
+            (
+                format!("{servers}partitions = 4\nsubject_prefix = \"a\\u0000b\""),
                 "source.nats.subject_prefix",
             ),
             (
