@@ -76,6 +76,12 @@ pub fn parse_owned(text: &str, partitions: u32) -> Result<Vec<u32>, String> {
             ));
         }
         let (first, last) = match item.split_once('-') {
+            Some((a, b)) if a.trim().is_empty() || b.trim().is_empty() => {
+                return Err(format!(
+                    "range `{item}` needs a partition number on each side of its `-` \
+                     (partitions are numbered from 0)"
+                ))
+            }
             Some((a, b)) => (number(a)?, number(b)?),
             None => {
                 let n = number(item)?;
@@ -198,7 +204,12 @@ mod tests {
             ("3-1", 8, "runs backwards"),
             ("0-8", 8, "partition 8 is not below partitions = 8"),
             ("1,0-2", 8, "partition 1 is listed twice"),
-            ("-1", 8, "`` is not a partition number"),
+            (
+                "-1",
+                8,
+                "range `-1` needs a partition number on each side of its `-`",
+            ),
+            ("2-", 8, "range `2-` needs a partition number on each side"),
             ("+1", 8, "`+1` is not a partition number"),
             ("0-+3", 8, "`+3` is not a partition number"),
         ] {
