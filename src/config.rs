@@ -427,6 +427,12 @@ const MAX_TIMEOUT_MS: u64 = 600_000;
 const MAX_BACKOFF_MS: u64 = 86_400_000;
 /// Ten years of run time: `delivery.max_age_s`.
 const MAX_AGE_S: u64 = 315_360_000;
+/// `delivery.max_concurrency` (and the deprecated `delivery.concurrency`).
+const MAX_CONCURRENCY: u64 = 1024;
+/// `delivery.max_profiles_per_request`.
+const MAX_PROFILES_PER_REQUEST: u64 = 1000;
+/// One MiB: `storage.cache_bytes`.
+const MIN_CACHE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -570,10 +576,7 @@ impl Proxy {
 }
 
 /// Parses `destination.proxy` (and `destination.no_proxy`, which needs it).
-fn parse_proxy(
-    proxy: Option<&str>,
-    no_proxy: Option<&str>,
-) -> Result<Option<Proxy>, (&'static str, String)> {
+fn parse_proxy(proxy: Option<&str>, no_proxy: Option<&str>) -> Result<Option<Proxy>, KeyError> {
     let Some(text) = proxy else {
         return match no_proxy {
             Some(_) => Err((
@@ -1194,68 +1197,21 @@ impl Config {
             path: path.to_path_buf(),
             message: parse_error_without_values(text, &e),
         })?;
-        let a = raw.destination.auth.as_ref();
-        let mut inline_secrets: Vec<&'static str> = [
-            (
-                a.is_some_and(|a| a.client_secret.is_some()),
-                "destination.auth.client_secret",
-            ),
-            (
-                a.is_some_and(|a| a.password.is_some()),
-                "destination.auth.password",
-            ),
-            (
-                a.is_some_and(|a| a.token.is_some()),
-                "destination.auth.token",
-            ),
-            (raw.ingest.token.is_some(), "ingest.token"),
-        ]
-        .into_iter()
-        .filter_map(|(set, key)| set.then_some(key))
-        .chain(
-            raw.source
-                .as_ref()
-                .and_then(|s| s.nats.as_ref())
-                .map(|nats| nats.inline_secrets())
-                .unwrap_or_default(),
-        )
-        .collect();
-        // A secret in the file shadows the environment's: one rotated there would go unused.
-        let shadowed_env: Vec<String> = [
-            (
-                a.is_some_and(|a| a.client_secret.is_some() || a.client_secret_file.is_some()),
-                "OUTPOST_CLIENT_SECRET",
-                "destination.auth.client_secret",
-            ),
-            (
-                a.is_some_and(|a| a.password.is_some() || a.password_file.is_some()),
-                "OUTPOST_PASSWORD",
-                "destination.auth.password",
-            ),
-            (
-                a.is_some_and(|a| a.token.is_some() || a.token_file.is_some()),
-                "OUTPOST_TOKEN",
-                "destination.auth.token",
-            ),
-            (
-                raw.ingest.token.is_some() || raw.ingest.token_file.is_some(),
-                "OUTPOST_INGEST_TOKEN",
-                "ingest.token",
-            ),
-        ]
-        .into_iter()
-        .filter(|(in_file, env, _)| {
-            *in_file && std::env::var_os(env).is_some_and(|value| !value.is_empty())
-        })
-        .map(|(_, env, key)| {
-            format!("{env} is set, but {key} (or its _file) in the config file is what is used")
-        })
-        .collect();
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        Config::validate(path, raw, secrets).map_err(|(key, message)| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
             message,
-        };
+        })
+    }
+
+    /// Checks the tables in one order (destination, mapping, storage, ingest, delivery,
+    /// source.nats), so that of several mistakes the same one is reported first. Paths are
+    /// taken relative to the config file's folder.
+    fn validate(path: &Path, raw: RawConfig, secrets: Secrets) -> Result<Config, KeyError> {
+        let mut inline_secrets = inline_secret_keys(&raw);
+        let shadowed_env = shadowed_env_warnings(&raw, |variable| {
+            std::env::var_os(variable).is_some_and(|value| !value.is_empty())
+        });
         let base_dir = path.parent().unwrap_or(Path::new("."));
         let relative = |p: PathBuf| {
             if p.is_relative() {
@@ -1264,284 +1220,46 @@ impl Config {
                 p
             }
         };
-
         let secret_files = secret_files(&raw)
             .into_iter()
             .map(|(key, file)| (key, relative(file)))
             .collect();
-        let http_endpoint = parse_http_url(&raw.destination.http_endpoint)
-            .map_err(|m| invalid("destination.http_endpoint", m))?;
-        let auth_is_none = raw
-            .destination
-            .auth
-            .as_ref()
-            .is_some_and(|a| a.kind == "none");
-        let custom_headers: Vec<(String, Secret)> =
-            parse_custom_headers(raw.destination.custom_headers.as_deref(), auth_is_none)
-                .map_err(|m| invalid("destination.custom_headers", m))?
-                .into_iter()
-                .map(|(name, value)| (name, Secret::new(value)))
-                .collect();
-        let client_cert = match (
-            raw.destination.client_cert_file,
-            raw.destination.client_key_file,
-        ) {
-            (Some(cert), Some(key)) => Some((relative(cert), relative(key))),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid(
-                    "destination.client_key_file",
-                    "is required with destination.client_cert_file".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "destination.client_cert_file",
-                    "is required with destination.client_key_file".into(),
-                ))
-            }
-        };
-        let proxy = parse_proxy(
-            raw.destination.proxy.as_deref(),
-            raw.destination.no_proxy.as_deref(),
-        )
-        .map_err(|(k, m)| invalid(k, m))?;
-        let auth = validate_auth(raw.destination.auth, &relative, secrets)
-            .map_err(|(k, m)| invalid(k, m))?;
 
-        let mapping = validate_mapping(raw.mapping).map_err(|(k, m)| invalid(k, m))?;
+        let destination = validate_destination(raw.destination, &relative, secrets)?;
+        let mapping = validate_mapping(raw.mapping)?;
+        let storage = validate_storage(raw.storage, &relative)?;
+        let ingest = validate_ingest(raw.ingest, &relative, secrets)?;
+        let (delivery, deprecated_concurrency) = validate_delivery(raw.delivery)?;
+        let nats = raw
+            .source
+            .and_then(|source| source.nats)
+            .map(|nats| crate::source::config::validate_nats(nats, &relative))
+            .transpose()?;
 
-        if raw.storage.path.as_os_str().is_empty() {
-            return Err(invalid("storage.path", "must not be empty".into()));
-        }
-        // The agent's admin socket lives in the store folder, and a Unix socket's path has
-        // room for 107 bytes.
-        let store = relative(raw.storage.path.clone());
-        let socket = store.join(crate::admin::SOCKET_NAME);
-        if socket.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
-            return Err(invalid(
-                "storage.path",
-                format!(
-                    "{} is too long: the agent's socket there, {}, would be {} bytes, and a Unix socket's path holds at most {MAX_SOCKET_PATH_BYTES}",
-                    store.display(),
-                    crate::admin::SOCKET_NAME,
-                    socket.as_os_str().len()
-                ),
-            ));
-        }
-        if raw.storage.max_outbox_bytes == 0 {
-            return Err(invalid(
-                "storage.max_outbox_bytes",
-                "must be above 0".into(),
-            ));
-        }
-        if raw.storage.cache_bytes < (1 << 20) {
-            return Err(invalid(
-                "storage.cache_bytes",
-                "must be at least 1048576".into(),
-            ));
-        }
-
-        let listen = raw.ingest.listen.parse().map_err(|_| {
-            invalid(
-                "ingest.listen",
-                format!(
-                    "`{}` is not an IP address and port like 127.0.0.1:8686 or [::1]:8686 (host names are not looked up)",
-                    raw.ingest.listen
-                ),
-            )
-        })?;
-        let ingest_token_keys = ("ingest.token", "ingest.token_file", "OUTPOST_INGEST_TOKEN");
-        let ingest_token_source = secret_source(
-            raw.ingest.token.is_some(),
-            raw.ingest.token_file.is_some(),
-            ingest_token_keys,
-        );
-        let ingest_token = read_optional_secret(
-            raw.ingest.token,
-            raw.ingest.token_file,
-            &relative,
-            ingest_token_keys,
-            secrets,
-        )
-        .map_err(|(k, m)| invalid(k, m))?;
-        // A header value that is read as text holds only visible ASCII, spaces and tabs; a
-        // space or tab at its end is not the sender's, and those after `Bearer` are read as
-        // the separator: such a token could never be matched.
-        if ingest_token
-            .as_ref()
-            .is_some_and(|t| !header_can_carry(t.expose()))
-        {
-            return Err(invalid(
-                "ingest.token",
-                format!(
-                    "{ingest_token_source}may hold only ASCII letters, digits, punctuation, \
-                     spaces and tabs, and must not begin or end with a space or tab: no \
-                     request's Authorization header could carry it"
-                ),
-            ));
-        }
-        if raw.ingest.max_body_bytes == 0 {
-            return Err(invalid("ingest.max_body_bytes", "must be above 0".into()));
-        }
-        if raw.ingest.max_future_s == 0 {
-            return Err(invalid("ingest.max_future_s", "must be above 0".into()));
-        }
-        if raw.ingest.read_timeout_ms == 0 || raw.ingest.read_timeout_ms > MAX_TIMEOUT_MS {
-            return Err(invalid(
-                "ingest.read_timeout_ms",
-                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
-            ));
-        }
-        if raw.ingest.max_connections == 0 || raw.ingest.max_connections > MAX_CONNECTIONS {
-            return Err(invalid(
-                "ingest.max_connections",
-                format!("must be between 1 and {MAX_CONNECTIONS}"),
-            ));
-        }
-        let ingest_tls = match (raw.ingest.tls_cert_file, raw.ingest.tls_key_file) {
-            (Some(cert), Some(key)) => Some(IngestTls {
-                cert_file: relative(cert),
-                key_file: relative(key),
-                client_ca_file: raw.ingest.client_ca_file.map(&relative),
-            }),
-            (None, None) => {
-                if raw.ingest.client_ca_file.is_some() {
-                    return Err(invalid(
-                        "ingest.client_ca_file",
-                        "needs ingest.tls_cert_file and ingest.tls_key_file (client \
-                         certificates are asked for over TLS)"
-                            .into(),
-                    ));
-                }
-                None
-            }
-            (Some(_), None) => {
-                return Err(invalid(
-                    "ingest.tls_key_file",
-                    "is required with ingest.tls_cert_file".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "ingest.tls_cert_file",
-                    "is required with ingest.tls_key_file".into(),
-                ))
-            }
-        };
-
-        let d = raw.delivery;
-        // An endpoint's own credentials, with `destination.auth.type = "none"`.
-        let custom_authorization = custom_headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("authorization"));
-        // A header or query value named as a credential is a secret in the file too (the
-        // endpoint's answers are cleaned of every long value, a version or a tenant among
-        // them, which is no reason to warn of the file).
-        if custom_authorization
-            || custom_headers
-                .iter()
-                .any(|(name, value)| names_a_credential(name) && !value.expose().is_empty())
-        {
-            inline_secrets.push("destination.custom_headers");
-        }
-        if http_endpoint
-            .query_pairs()
-            .any(|(name, value)| names_a_credential(&name) && !value.is_empty())
-        {
-            inline_secrets.push("destination.http_endpoint");
-        }
-        if proxy.as_ref().is_some_and(|p| p.credentials.is_some()) {
-            inline_secrets.push("destination.proxy");
-        }
+        inline_secrets.extend(destination_inline_secrets(&destination));
         let mut warnings = shadowed_env;
         warnings.extend(clear_text_credentials_warnings(
-            &http_endpoint,
-            &auth,
-            custom_authorization,
-            proxy.as_ref(),
+            &destination.http_endpoint,
+            &destination.auth,
+            carries_custom_authorization(&destination.custom_headers),
+            destination.proxy.as_ref(),
         ));
         warnings.extend(exposure_warning(
-            listen,
+            ingest.listen,
             IngestGuards {
-                tls: ingest_tls.is_some(),
-                client_certificates: ingest_tls
+                tls: ingest.tls.is_some(),
+                client_certificates: ingest
+                    .tls
                     .as_ref()
-                    .is_some_and(|t| t.client_ca_file.is_some()),
-                token: ingest_token.is_some(),
+                    .is_some_and(|tls| tls.client_ca_file.is_some()),
+                token: ingest.token.is_some(),
             },
         ));
-        let (max_concurrency, fixed_concurrency) = match (d.concurrency, d.max_concurrency) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "delivery.concurrency",
-                    "is replaced by delivery.max_concurrency; give only that".into(),
-                ))
-            }
-            (Some(fixed), None) => {
-                warnings.push(format!(
-                    "delivery.concurrency is deprecated: it fixes the requests in flight at {fixed}; \
-                     set delivery.max_concurrency instead to let them adapt"
-                ));
-                (("delivery.concurrency", fixed), true)
-            }
-            (None, max) => (
-                (
-                    "delivery.max_concurrency",
-                    max.unwrap_or_else(default_max_concurrency),
-                ),
-                false,
-            ),
-        };
-        let (concurrency_key, max_concurrency) = max_concurrency;
-        if max_concurrency == 0 || max_concurrency > 1024 {
-            return Err(invalid(
-                concurrency_key,
-                "must be between 1 and 1024".into(),
-            ));
-        }
-        if d.max_profiles_per_request == 0 || d.max_profiles_per_request > 1000 {
-            return Err(invalid(
-                "delivery.max_profiles_per_request",
-                "must be between 1 and 1000".into(),
-            ));
-        }
-        warnings.extend(long_idempotency_key_warning(d.max_profiles_per_request));
+        warnings.extend(deprecated_concurrency);
+        warnings.extend(long_idempotency_key_warning(
+            delivery.max_profiles_per_request as u64,
+        ));
         warnings.extend(missing_segment_details_warnings(&mapping));
-        // Upper bounds catch a value in the wrong unit, and keep every deadline the agent
-        // adds them to (a stop's, a retry's) within what a clock can hold.
-        for (key, value, most) in [
-            (
-                "delivery.request_timeout_ms",
-                d.request_timeout_ms,
-                MAX_TIMEOUT_MS,
-            ),
-            (
-                "delivery.initial_backoff_ms",
-                d.initial_backoff_ms,
-                MAX_BACKOFF_MS,
-            ),
-            ("delivery.max_backoff_ms", d.max_backoff_ms, MAX_BACKOFF_MS),
-            ("delivery.max_age_s", d.max_age_s, MAX_AGE_S),
-        ] {
-            if value == 0 || value > most {
-                return Err(invalid(key, format!("must be between 1 and {most}")));
-            }
-        }
-        if d.max_backoff_ms < d.initial_backoff_ms {
-            return Err(invalid(
-                "delivery.max_backoff_ms",
-                "must not be below delivery.initial_backoff_ms".into(),
-            ));
-        }
-
-        let nats = match raw.source.and_then(|s| s.nats) {
-            Some(raw) => Some(
-                crate::source::config::validate_nats(raw, &relative)
-                    .map_err(|(k, m)| invalid(k, m))?,
-            ),
-            None => None,
-        };
         warnings.extend(
             nats.as_ref()
                 .and_then(crate::source::config::NatsSource::clear_text_warning),
@@ -1552,44 +1270,363 @@ impl Config {
             warnings,
             inline_secrets,
             secret_files,
-            destination: Destination {
-                name: raw.destination.name,
-                description: raw.destination.description,
-                http_endpoint,
-                custom_headers,
-                ca_file: raw.destination.ca_file.map(&relative),
-                client_cert,
-                proxy,
-                auth,
-            },
+            destination,
             mapping,
-            storage: Storage {
-                path: relative(raw.storage.path),
-                max_outbox_bytes: raw.storage.max_outbox_bytes,
-                cache_bytes: raw.storage.cache_bytes,
-            },
-            ingest: Ingest {
-                listen,
-                token: ingest_token,
-                max_body_bytes: raw.ingest.max_body_bytes,
-                max_future_s: raw.ingest.max_future_s,
-                read_timeout: Duration::from_millis(raw.ingest.read_timeout_ms),
-                max_connections: raw.ingest.max_connections as usize,
-                tls: ingest_tls,
-            },
-            delivery: Delivery {
-                max_concurrency: max_concurrency as usize,
-                fixed_concurrency,
-                max_profiles_per_request: d.max_profiles_per_request as usize,
-                request_timeout: Duration::from_millis(d.request_timeout_ms),
-                initial_backoff: Duration::from_millis(d.initial_backoff_ms),
-                max_backoff: Duration::from_millis(d.max_backoff_ms),
-                max_age: Duration::from_secs(d.max_age_s),
-                rate_limit_headers: d.rate_limit_headers,
-            },
+            storage,
+            ingest,
+            delivery,
             nats,
         })
     }
+}
+
+/// The secret keys given in the config file itself (not in a file of their own or the
+/// environment) that can be told from the raw tables.
+fn inline_secret_keys(raw: &RawConfig) -> Vec<&'static str> {
+    let auth = raw.destination.auth.as_ref();
+    [
+        (
+            auth.is_some_and(|auth| auth.client_secret.is_some()),
+            "destination.auth.client_secret",
+        ),
+        (
+            auth.is_some_and(|auth| auth.password.is_some()),
+            "destination.auth.password",
+        ),
+        (
+            auth.is_some_and(|auth| auth.token.is_some()),
+            "destination.auth.token",
+        ),
+        (raw.ingest.token.is_some(), "ingest.token"),
+    ]
+    .into_iter()
+    .filter_map(|(given, key)| given.then_some(key))
+    .chain(
+        raw.source
+            .as_ref()
+            .and_then(|source| source.nats.as_ref())
+            .map(|nats| nats.inline_secrets())
+            .unwrap_or_default(),
+    )
+    .collect()
+}
+
+/// The destination's values that are secrets in the config file too: an `Authorization` of
+/// the endpoint's own, a header or query value named as a credential (the endpoint's answers
+/// are cleaned of every long value, a version or a tenant among them, which is no reason to
+/// warn of the file), and the proxy's password.
+fn destination_inline_secrets(destination: &Destination) -> Vec<&'static str> {
+    let custom_headers = carries_custom_authorization(&destination.custom_headers)
+        || destination
+            .custom_headers
+            .iter()
+            .any(|(name, value)| names_a_credential(name) && !value.expose().is_empty());
+    let http_endpoint = destination
+        .http_endpoint
+        .query_pairs()
+        .any(|(name, value)| names_a_credential(&name) && !value.is_empty());
+    let proxy = destination
+        .proxy
+        .as_ref()
+        .is_some_and(|proxy| proxy.credentials.is_some());
+    [
+        (custom_headers, "destination.custom_headers"),
+        (http_endpoint, "destination.http_endpoint"),
+        (proxy, "destination.proxy"),
+    ]
+    .into_iter()
+    .filter_map(|(given, key)| given.then_some(key))
+    .collect()
+}
+
+/// Whether `destination.custom_headers` gives the endpoint's own credentials (with
+/// `destination.auth.type = "none"`).
+fn carries_custom_authorization(custom_headers: &[(String, Secret)]) -> bool {
+    custom_headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+}
+
+/// The warnings for secrets' environment variables (`is_set`: set and not empty) that the
+/// config file's own secret (or its `_file`) shadows: one rotated there would go unused.
+fn shadowed_env_warnings(raw: &RawConfig, is_set: impl Fn(&str) -> bool) -> Vec<String> {
+    let auth = raw.destination.auth.as_ref();
+    [
+        (
+            auth.is_some_and(|auth| {
+                auth.client_secret.is_some() || auth.client_secret_file.is_some()
+            }),
+            "OUTPOST_CLIENT_SECRET",
+            "destination.auth.client_secret",
+        ),
+        (
+            auth.is_some_and(|auth| auth.password.is_some() || auth.password_file.is_some()),
+            "OUTPOST_PASSWORD",
+            "destination.auth.password",
+        ),
+        (
+            auth.is_some_and(|auth| auth.token.is_some() || auth.token_file.is_some()),
+            "OUTPOST_TOKEN",
+            "destination.auth.token",
+        ),
+        (
+            raw.ingest.token.is_some() || raw.ingest.token_file.is_some(),
+            "OUTPOST_INGEST_TOKEN",
+            "ingest.token",
+        ),
+    ]
+    .into_iter()
+    .filter(|(in_file, variable, _)| *in_file && is_set(variable))
+    .map(|(_, variable, key)| {
+        format!("{variable} is set, but {key} (or its _file) in the config file is what is used")
+    })
+    .collect()
+}
+
+/// A certificate and its key (`keys`: their keys), given together or not at all.
+fn both_or_neither(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    (cert_key, key_key): (&'static str, &'static str),
+) -> Result<Option<(PathBuf, PathBuf)>, KeyError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err((key_key, format!("is required with {cert_key}"))),
+        (None, Some(_)) => Err((cert_key, format!("is required with {key_key}"))),
+    }
+}
+
+fn validate_destination(
+    raw: RawDestination,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+    secrets: Secrets,
+) -> Result<Destination, KeyError> {
+    let http_endpoint =
+        parse_http_url(&raw.http_endpoint).map_err(|m| ("destination.http_endpoint", m))?;
+    let auth_is_none = raw.auth.as_ref().is_some_and(|auth| auth.kind == "none");
+    let custom_headers = parse_custom_headers(raw.custom_headers.as_deref(), auth_is_none)
+        .map_err(|m| ("destination.custom_headers", m))?
+        .into_iter()
+        .map(|(name, value)| (name, Secret::new(value)))
+        .collect();
+    let client_cert = both_or_neither(
+        raw.client_cert_file,
+        raw.client_key_file,
+        (
+            "destination.client_cert_file",
+            "destination.client_key_file",
+        ),
+    )?
+    .map(|(cert, key)| (relative(cert), relative(key)));
+    let proxy = parse_proxy(raw.proxy.as_deref(), raw.no_proxy.as_deref())?;
+    let auth = validate_auth(raw.auth, relative, secrets)?;
+    Ok(Destination {
+        name: raw.name,
+        description: raw.description,
+        http_endpoint,
+        custom_headers,
+        ca_file: raw.ca_file.map(relative),
+        client_cert,
+        proxy,
+        auth,
+    })
+}
+
+fn validate_storage(
+    raw: RawStorage,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<Storage, KeyError> {
+    if raw.path.as_os_str().is_empty() {
+        return Err(("storage.path", "must not be empty".into()));
+    }
+    // The agent's admin socket lives in the store folder, and a Unix socket's path has room
+    // for 107 bytes.
+    let path = relative(raw.path);
+    let socket = path.join(crate::admin::SOCKET_NAME);
+    if socket.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+        return Err((
+            "storage.path",
+            format!(
+                "{} is too long: the agent's socket there, {}, would be {} bytes, and a Unix socket's path holds at most {MAX_SOCKET_PATH_BYTES}",
+                path.display(),
+                crate::admin::SOCKET_NAME,
+                socket.as_os_str().len()
+            ),
+        ));
+    }
+    if raw.max_outbox_bytes == 0 {
+        return Err(("storage.max_outbox_bytes", "must be above 0".into()));
+    }
+    if raw.cache_bytes < MIN_CACHE_BYTES {
+        return Err((
+            "storage.cache_bytes",
+            format!("must be at least {MIN_CACHE_BYTES}"),
+        ));
+    }
+    Ok(Storage {
+        path,
+        max_outbox_bytes: raw.max_outbox_bytes,
+        cache_bytes: raw.cache_bytes,
+    })
+}
+
+fn validate_ingest(
+    raw: RawIngest,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+    secrets: Secrets,
+) -> Result<Ingest, KeyError> {
+    let listen = raw.listen.parse().map_err(|_| {
+        (
+            "ingest.listen",
+            format!(
+                "`{}` is not an IP address and port like 127.0.0.1:8686 or [::1]:8686 (host names are not looked up)",
+                raw.listen
+            ),
+        )
+    })?;
+    let token_keys = ("ingest.token", "ingest.token_file", "OUTPOST_INGEST_TOKEN");
+    let token_source = secret_source(raw.token.is_some(), raw.token_file.is_some(), token_keys);
+    let token = read_optional_secret(raw.token, raw.token_file, relative, token_keys, secrets)?;
+    // A header value that is read as text holds only visible ASCII, spaces and tabs; a space
+    // or tab at its end is not the sender's, and those after `Bearer` are read as the
+    // separator: such a token could never be matched.
+    if token
+        .as_ref()
+        .is_some_and(|token| !header_can_carry(token.expose()))
+    {
+        return Err((
+            "ingest.token",
+            format!(
+                "{token_source}may hold only ASCII letters, digits, punctuation, spaces and \
+                 tabs, and must not begin or end with a space or tab: no request's \
+                 Authorization header could carry it"
+            ),
+        ));
+    }
+    if raw.max_body_bytes == 0 {
+        return Err(("ingest.max_body_bytes", "must be above 0".into()));
+    }
+    if raw.max_future_s == 0 {
+        return Err(("ingest.max_future_s", "must be above 0".into()));
+    }
+    if raw.read_timeout_ms == 0 || raw.read_timeout_ms > MAX_TIMEOUT_MS {
+        return Err((
+            "ingest.read_timeout_ms",
+            format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    if raw.max_connections == 0 || raw.max_connections > MAX_CONNECTIONS {
+        return Err((
+            "ingest.max_connections",
+            format!("must be between 1 and {MAX_CONNECTIONS}"),
+        ));
+    }
+    let tls = both_or_neither(
+        raw.tls_cert_file,
+        raw.tls_key_file,
+        ("ingest.tls_cert_file", "ingest.tls_key_file"),
+    )?;
+    if tls.is_none() && raw.client_ca_file.is_some() {
+        return Err((
+            "ingest.client_ca_file",
+            "needs ingest.tls_cert_file and ingest.tls_key_file (client certificates are asked \
+             for over TLS)"
+                .into(),
+        ));
+    }
+    Ok(Ingest {
+        listen,
+        token,
+        max_body_bytes: raw.max_body_bytes,
+        max_future_s: raw.max_future_s,
+        read_timeout: Duration::from_millis(raw.read_timeout_ms),
+        max_connections: raw.max_connections as usize,
+        tls: tls.map(|(cert, key)| IngestTls {
+            cert_file: relative(cert),
+            key_file: relative(key),
+            client_ca_file: raw.client_ca_file.map(relative),
+        }),
+    })
+}
+
+/// `[delivery]`, with the warning for the deprecated `delivery.concurrency` when it is given.
+fn validate_delivery(raw: RawDelivery) -> Result<(Delivery, Option<String>), KeyError> {
+    let (concurrency_key, max_concurrency, fixed_concurrency) =
+        match (raw.concurrency, raw.max_concurrency) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "delivery.concurrency",
+                    "is replaced by delivery.max_concurrency; give only that".into(),
+                ))
+            }
+            (Some(fixed), None) => ("delivery.concurrency", fixed, true),
+            (None, max) => (
+                "delivery.max_concurrency",
+                max.unwrap_or_else(default_max_concurrency),
+                false,
+            ),
+        };
+    let deprecation = fixed_concurrency.then(|| {
+        format!(
+            "delivery.concurrency is deprecated: it fixes the requests in flight at \
+             {max_concurrency}; set delivery.max_concurrency instead to let them adapt"
+        )
+    });
+    if max_concurrency == 0 || max_concurrency > MAX_CONCURRENCY {
+        return Err((
+            concurrency_key,
+            format!("must be between 1 and {MAX_CONCURRENCY}"),
+        ));
+    }
+    if raw.max_profiles_per_request == 0 || raw.max_profiles_per_request > MAX_PROFILES_PER_REQUEST
+    {
+        return Err((
+            "delivery.max_profiles_per_request",
+            format!("must be between 1 and {MAX_PROFILES_PER_REQUEST}"),
+        ));
+    }
+    // Upper bounds catch a value in the wrong unit, and keep every deadline the agent adds
+    // them to (a stop's, a retry's) within what a clock can hold.
+    for (key, value, most) in [
+        (
+            "delivery.request_timeout_ms",
+            raw.request_timeout_ms,
+            MAX_TIMEOUT_MS,
+        ),
+        (
+            "delivery.initial_backoff_ms",
+            raw.initial_backoff_ms,
+            MAX_BACKOFF_MS,
+        ),
+        (
+            "delivery.max_backoff_ms",
+            raw.max_backoff_ms,
+            MAX_BACKOFF_MS,
+        ),
+        ("delivery.max_age_s", raw.max_age_s, MAX_AGE_S),
+    ] {
+        if value == 0 || value > most {
+            return Err((key, format!("must be between 1 and {most}")));
+        }
+    }
+    if raw.max_backoff_ms < raw.initial_backoff_ms {
+        return Err((
+            "delivery.max_backoff_ms",
+            "must not be below delivery.initial_backoff_ms".into(),
+        ));
+    }
+    let delivery = Delivery {
+        max_concurrency: max_concurrency as usize,
+        fixed_concurrency,
+        max_profiles_per_request: raw.max_profiles_per_request as usize,
+        request_timeout: Duration::from_millis(raw.request_timeout_ms),
+        initial_backoff: Duration::from_millis(raw.initial_backoff_ms),
+        max_backoff: Duration::from_millis(raw.max_backoff_ms),
+        max_age: Duration::from_secs(raw.max_age_s),
+        rate_limit_headers: raw.rate_limit_headers,
+    };
+    Ok((delivery, deprecation))
 }
 
 fn parse_http_url(text: &str) -> Result<Url, String> {
