@@ -2809,6 +2809,67 @@ client_secret = "s3cr3t-value"
         assert!(store_only.is_ok(), "{store_only:?}");
     }
 
+    /// A variable set is warned of only when the file gives its secret, inline or by its
+    /// `_file`; what is set is given, not read, so the process environment is not needed.
+    #[test]
+    fn a_variable_is_shadowed_only_by_its_own_secret_in_the_file() {
+        let raw = |auth: &str, ingest: &str| -> RawConfig {
+            let text = VALID
+                .replace("client_secret = \"s3cr3t-value\"", auth)
+                .replacen("[storage]", &format!("[ingest]\n{ingest}\n\n[storage]"), 1);
+            toml::from_str(&text).unwrap()
+        };
+        let every = [
+            "OUTPOST_CLIENT_SECRET",
+            "OUTPOST_PASSWORD",
+            "OUTPOST_TOKEN",
+            "OUTPOST_INGEST_TOKEN",
+        ];
+        // (the auth table's secret lines, the ingest table's, the variables set, those warned of)
+        let cases: [(&str, &str, &[&str], &[&str]); 7] = [
+            ("client_secret = \"s\"", "", &[], &[]),
+            (
+                "client_secret = \"s\"",
+                "",
+                &every,
+                &["OUTPOST_CLIENT_SECRET"],
+            ),
+            (
+                "client_secret_file = \"f\"",
+                "",
+                &["OUTPOST_CLIENT_SECRET", "OUTPOST_TOKEN"],
+                &["OUTPOST_CLIENT_SECRET"],
+            ),
+            ("", "", &every, &[]),
+            (
+                "password_file = \"p\"",
+                "token = \"t\"",
+                &every,
+                &["OUTPOST_PASSWORD", "OUTPOST_INGEST_TOKEN"],
+            ),
+            (
+                "token = \"t\"",
+                "token_file = \"i\"",
+                &["OUTPOST_TOKEN", "OUTPOST_INGEST_TOKEN"],
+                &["OUTPOST_TOKEN", "OUTPOST_INGEST_TOKEN"],
+            ),
+            ("", "token_file = \"i\"", &["OUTPOST_TOKEN"], &[]),
+        ];
+        for (auth, ingest, set, warned) in cases {
+            let warnings =
+                shadowed_env_warnings(&raw(auth, ingest), |variable| set.contains(&variable));
+            let named: Vec<&str> = warnings
+                .iter()
+                .map(|warning| warning.split(' ').next().unwrap_or_default())
+                .collect();
+            assert_eq!(named, warned, "{auth} {ingest} {set:?}");
+        }
+        assert_eq!(
+            shadowed_env_warnings(&raw("", "token = \"t\""), |_| true),
+            ["OUTPOST_INGEST_TOKEN is set, but ingest.token (or its _file) in the config file is what is used"]
+        );
+    }
+
     /// The static token and the ingest token, like the client secret, may come from a file
     /// instead of the config file (the environment's forms: `tests/check_preflight.rs`, in
     /// processes of their own, since a variable set here would reach every test's parse).
