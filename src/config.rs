@@ -915,21 +915,21 @@ fn loopback_through_proxy_warnings(
 
 /// An `Idempotency-Key` line longer than this is refused by common servers' defaults (nginx
 /// and Apache answer 400, Node.js 431 past 16 KiB for all headers).
-const HEADER_LINE_MOST: u64 = 8192;
+const MAX_HEADER_LINE_BYTES: u64 = 8192;
 
 /// What one export id takes in an array's `Idempotency-Key`: `3fa2c1d0-` and a 16-digit
 /// export number (numbers made today), and its comma.
-const KEY_BYTES_AN_EXPORT: u64 = 26;
+const KEY_BYTES_PER_EXPORT: u64 = 26;
 
 /// A warning when a full array's `Idempotency-Key` would be longer than servers commonly take:
 /// such an array is refused, split and its exports sent one by one, so the arrays gain nothing.
 fn long_idempotency_key_warning(max_profiles_per_request: u64) -> Option<String> {
-    let line = "Idempotency-Key: ".len() as u64 + max_profiles_per_request * KEY_BYTES_AN_EXPORT;
-    (line > HEADER_LINE_MOST).then(|| {
+    let line = "Idempotency-Key: ".len() as u64 + max_profiles_per_request * KEY_BYTES_PER_EXPORT;
+    (line > MAX_HEADER_LINE_BYTES).then(|| {
         format!(
             "delivery.max_profiles_per_request = {max_profiles_per_request}: the Idempotency-Key header of a full array (its exports' ids) takes about {} KiB, and many servers refuse a header line over 8 KiB (nginx and Apache answer 400): a refused array is split and its exports sent one by one. At most {} keeps it within 8 KiB",
             line.div_ceil(1024),
-            (HEADER_LINE_MOST - "Idempotency-Key: ".len() as u64) / KEY_BYTES_AN_EXPORT
+            (MAX_HEADER_LINE_BYTES - "Idempotency-Key: ".len() as u64) / KEY_BYTES_PER_EXPORT
         )
     })
 }
@@ -3465,9 +3465,9 @@ client_secret = "s3cr3t-value"
             seq: 1_800_000_000_000u64 * 1024,
         }
         .to_string();
-        assert_eq!(id.len() as u64 + 1, KEY_BYTES_AN_EXPORT, "{id}");
+        assert_eq!(id.len() as u64 + 1, KEY_BYTES_PER_EXPORT, "{id}");
         let key = vec![id; 314].join(",");
-        assert!(format!("Idempotency-Key: {key}").len() as u64 <= HEADER_LINE_MOST);
+        assert!(format!("Idempotency-Key: {key}").len() as u64 <= MAX_HEADER_LINE_BYTES);
     }
 
     #[test]
