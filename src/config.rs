@@ -498,7 +498,11 @@ fn default_max_age_s() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
-    /// What a person should change (deprecated keys); logged at start and shown by `check`.
+    /// What a person should know or change, though the config is valid: credentials sent in
+    /// clear text, an ingest API anyone on the network may feed, arrays whose `Idempotency-Key`
+    /// servers refuse, segment details the mapping asks for and lacks, environment variables a
+    /// secret of the file shadows, deprecated keys, and (from [`Config::load`]) files others
+    /// may read that hold secrets. Logged at start and shown by `check`.
     pub warnings: Vec<String>,
     /// The secret keys given in the file itself (for the warning on its permissions).
     pub inline_secrets: Vec<&'static str>,
@@ -784,7 +788,8 @@ impl Mapping {
         )
     }
 
-    /// Builds a mapping from dot paths; used by tests, benches and the demo.
+    /// Builds a mapping from dot paths, without a config file; used by tests, benches and the
+    /// fuzz target `apply_update`.
     pub fn new(attributes: &[&str], segments: &[&str], identities: &[&str]) -> Mapping {
         Mapping {
             attributes: attributes
@@ -1186,7 +1191,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses and validates; `OUTPOST_CLIENT_SECRET` is read here when the file has no secret.
+    /// Parses and validates. A secret the file gives neither inline nor by its `_file` is read
+    /// here from the environment: `OUTPOST_CLIENT_SECRET`, `OUTPOST_PASSWORD`, `OUTPOST_TOKEN`
+    /// or `OUTPOST_INGEST_TOKEN`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Config::parse_for(path, text, Secrets::Required)
     }
