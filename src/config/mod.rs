@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use url::Url;
 
 #[cfg(test)]
@@ -16,6 +15,12 @@ mod test_support;
 mod toml_error;
 
 use toml_error::parse_error_without_values;
+
+mod raw;
+use raw::{
+    default_max_concurrency, RawAuth, RawConfig, RawDelivery, RawDestination, RawIngest,
+    RawMapping, RawSegmentTable, RawStorage,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -70,195 +75,10 @@ impl std::fmt::Display for Secret {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    destination: RawDestination,
-    mapping: RawMapping,
-    #[serde(default)]
-    storage: RawStorage,
-    #[serde(default)]
-    ingest: RawIngest,
-    #[serde(default)]
-    delivery: RawDelivery,
-    #[serde(default)]
-    source: Option<crate::source::config::RawSource>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDestination {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
-    http_endpoint: String,
-    #[serde(default)]
-    custom_headers: Option<String>,
-    #[serde(default)]
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    client_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    client_key_file: Option<PathBuf>,
-    #[serde(default)]
-    proxy: Option<String>,
-    #[serde(default)]
-    no_proxy: Option<String>,
-    #[serde(default)]
-    auth: Option<RawAuth>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    auth_endpoint: Option<String>,
-    #[serde(default)]
-    client_id: Option<String>,
-    #[serde(default)]
-    client_secret: Option<String>,
-    #[serde(default)]
-    client_secret_file: Option<PathBuf>,
-    #[serde(default)]
-    credentials: Option<String>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    token: Option<String>,
-    #[serde(default)]
-    token_file: Option<PathBuf>,
-    #[serde(default)]
-    username: Option<String>,
-    #[serde(default)]
-    password: Option<String>,
-    #[serde(default)]
-    password_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMapping {
-    #[serde(default)]
-    attributes: Vec<String>,
-    /// Ids, or tables read as [`RawSegmentTable`] (so that their errors can name the key).
-    segments: Vec<toml::Value>,
-    #[serde(default)]
-    identities: Vec<String>,
-    #[serde(default)]
-    include_segment_names: bool,
-    #[serde(default)]
-    include_segment_timestamps: bool,
-}
-
-/// A `mapping.segments` entry that is a table: the id and what the payload may carry.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSegmentTable {
-    id: String,
-    #[serde(default)]
-    name: Option<String>,
-    /// RFC 3339 text, or TOML's own (unquoted) date-time, read as its text.
-    #[serde(default)]
-    created_at: Option<toml::Value>,
-    #[serde(default)]
-    updated_at: Option<toml::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStorage {
-    #[serde(default = "default_storage_path")]
-    path: PathBuf,
-    #[serde(default = "default_max_outbox_bytes")]
-    max_outbox_bytes: u64,
-    #[serde(default = "default_cache_bytes")]
-    cache_bytes: u64,
-}
-
-impl Default for RawStorage {
-    fn default() -> Self {
-        RawStorage {
-            path: default_storage_path(),
-            max_outbox_bytes: default_max_outbox_bytes(),
-            cache_bytes: default_cache_bytes(),
-        }
-    }
-}
-
 /// The longest path a Unix socket can be bound at on Linux (`sun_path` is 108 bytes, with
 /// its terminating zero).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 
-fn default_storage_path() -> PathBuf {
-    PathBuf::from("/var/lib/outpost")
-}
-fn default_max_outbox_bytes() -> u64 {
-    1 << 30
-}
-fn default_cache_bytes() -> u64 {
-    32 << 20
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawIngest {
-    #[serde(default = "default_listen")]
-    listen: String,
-    #[serde(default)]
-    token: Option<String>,
-    #[serde(default)]
-    token_file: Option<PathBuf>,
-    #[serde(default = "default_max_body_bytes")]
-    max_body_bytes: u64,
-    #[serde(default = "default_max_future_s")]
-    max_future_s: u64,
-    #[serde(default = "default_read_timeout_ms")]
-    read_timeout_ms: u64,
-    #[serde(default = "default_max_connections")]
-    max_connections: u64,
-    #[serde(default)]
-    tls_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    tls_key_file: Option<PathBuf>,
-    #[serde(default)]
-    client_ca_file: Option<PathBuf>,
-}
-
-impl Default for RawIngest {
-    fn default() -> Self {
-        RawIngest {
-            listen: default_listen(),
-            token: None,
-            token_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
-            client_ca_file: None,
-            max_body_bytes: default_max_body_bytes(),
-            max_future_s: default_max_future_s(),
-            read_timeout_ms: default_read_timeout_ms(),
-            max_connections: default_max_connections(),
-        }
-    }
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:8686".into()
-}
-fn default_max_body_bytes() -> u64 {
-    16 << 20
-}
-fn default_max_future_s() -> u64 {
-    86_400
-}
-fn default_read_timeout_ms() -> u64 {
-    30_000
-}
-fn default_max_connections() -> u64 {
-    512
-}
 /// Far past what one process can hold open (file descriptors), and within a semaphore's range.
 const MAX_CONNECTIONS: u64 = 1_000_000;
 /// Ten minutes: `ingest.read_timeout_ms`, `delivery.request_timeout_ms`.
@@ -273,66 +93,6 @@ const MAX_CONCURRENCY: u64 = 1024;
 const MAX_PROFILES_PER_REQUEST: u64 = 1000;
 /// One MiB: `storage.cache_bytes`.
 const MIN_CACHE_BYTES: u64 = 1 << 20;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDelivery {
-    /// Deprecated: a fixed number of requests in flight.
-    #[serde(default)]
-    concurrency: Option<u64>,
-    #[serde(default)]
-    max_concurrency: Option<u64>,
-    #[serde(default = "default_max_profiles_per_request")]
-    max_profiles_per_request: u64,
-    #[serde(default = "default_request_timeout_ms")]
-    request_timeout_ms: u64,
-    #[serde(default = "default_initial_backoff_ms")]
-    initial_backoff_ms: u64,
-    #[serde(default = "default_max_backoff_ms")]
-    max_backoff_ms: u64,
-    #[serde(default = "default_max_age_s")]
-    max_age_s: u64,
-    #[serde(default = "default_rate_limit_headers")]
-    rate_limit_headers: bool,
-}
-
-impl Default for RawDelivery {
-    fn default() -> Self {
-        RawDelivery {
-            concurrency: None,
-            max_concurrency: None,
-            max_profiles_per_request: default_max_profiles_per_request(),
-            request_timeout_ms: default_request_timeout_ms(),
-            initial_backoff_ms: default_initial_backoff_ms(),
-            max_backoff_ms: default_max_backoff_ms(),
-            max_age_s: default_max_age_s(),
-            rate_limit_headers: default_rate_limit_headers(),
-        }
-    }
-}
-
-fn default_rate_limit_headers() -> bool {
-    true
-}
-
-fn default_max_concurrency() -> u64 {
-    64
-}
-fn default_max_profiles_per_request() -> u64 {
-    1
-}
-fn default_request_timeout_ms() -> u64 {
-    10_000
-}
-fn default_initial_backoff_ms() -> u64 {
-    1_000
-}
-fn default_max_backoff_ms() -> u64 {
-    300_000
-}
-fn default_max_age_s() -> u64 {
-    604_800
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
