@@ -1,0 +1,207 @@
+//! HTTP headers in the config: `destination.custom_headers`, whether a header carries a
+//! token as it is, and which names say a value is a credential.
+
+/// Whether a header's or query parameter's name says it carries a credential (`X-Api-Key`,
+/// `access_token`, `Cookie`, `sig`, …): one of its words (split at `-`, `_` and `.`) begins
+/// with a credential's word, so that `X-Assignment-Id` or `design` do not count.
+pub(super) fn names_a_credential(name: &str) -> bool {
+    const WORDS: [&str; 12] = [
+        "key",
+        "apikey",
+        "token",
+        "secret",
+        "pass",
+        "pwd",
+        "auth",
+        "sig",
+        "credential",
+        "cookie",
+        "session",
+        "jwt",
+    ];
+    name.to_ascii_lowercase()
+        .split(['-', '_', '.'])
+        .any(|word| WORDS.iter().any(|credential| word.starts_with(credential)))
+}
+
+/// `name1:value1,name2:value2`; names must be valid HTTP header names, values visible ASCII.
+/// `Authorization` may be given only when outpost sends none itself (`auth_is_none`: an API
+/// key scheme of the endpoint's own).
+pub fn parse_custom_headers(
+    text: Option<&str>,
+    auth_is_none: bool,
+) -> Result<Vec<(String, String)>, String> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .enumerate()
+        .map(|(i, pair)| {
+            let n = i + 1;
+            // What was written is not shown: a value may be a secret, and a `,` in one
+            // makes its tail look like a header of its own.
+            let (name, value) = pair.split_once(':').ok_or_else(|| {
+                format!("header {n} has no `:` between name and value (format name1:value1,name2:value2; a value may not hold a `,`)")
+            })?;
+            let name = name.trim();
+            let value = value.trim();
+            if name.is_empty() {
+                return Err(format!("header {n} has an empty name"));
+            }
+            hyper::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("header {n}: its name is not a valid header name"))?;
+            hyper::header::HeaderValue::from_str(value).map_err(|_| {
+                format!("header {n} ({name}): the value has characters not allowed in a header")
+            })?;
+            let reserved = [
+                "content-type",
+                "idempotency-key",
+                "content-length",
+                "host",
+                // SPEC: `outpost/<version>`; a second one would make the endpoint see two.
+                "user-agent",
+            ];
+            // About the connection or how the body is sent, which the HTTP client decides:
+            // given here, the endpoint would misread the body (or HTTP/2 drop them).
+            let connection_level = [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "te",
+                "trailer",
+                "upgrade",
+                "expect",
+                "content-encoding",
+            ];
+            let lower = name.to_ascii_lowercase();
+            if reserved.contains(&lower.as_str()) || (lower == "authorization" && !auth_is_none) {
+                return Err(format!(
+                    "header {n}: `{name}` is set by outpost and cannot be overridden{}",
+                    if lower == "authorization" {
+                        " (it may be given with destination.auth.type = \"none\")"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            if connection_level.contains(&lower.as_str()) {
+                return Err(format!(
+                    "header {n}: `{name}` is about the connection or how the body is sent, which outpost's HTTP client decides"
+                ));
+            }
+            Ok((name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+/// Whether `Authorization: Bearer <token>` carries `token` as it is: a header value read as
+/// text holds only visible ASCII, spaces and tabs; one at its end is not the sender's, and
+/// those after `Bearer` separate the token from it (RFC 9110 §11.4), as most receivers read
+/// them, the ingest API among them.
+pub(crate) fn header_can_carry(token: &str) -> bool {
+    let carried = |b: u8| b.is_ascii_graphic() || b == b' ' || b == b'\t';
+    token.bytes().all(carried) && !token.starts_with([' ', '\t']) && !token.ends_with([' ', '\t'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{environment, parse, VALID};
+
+    #[test]
+    fn custom_headers_parse_table() {
+        assert_eq!(parse_custom_headers(None, false).unwrap(), vec![]);
+        assert_eq!(parse_custom_headers(Some(""), false).unwrap(), vec![]);
+        assert_eq!(
+            parse_custom_headers(Some("a:1"), false).unwrap(),
+            vec![("a".to_owned(), "1".to_owned())]
+        );
+        assert_eq!(
+            parse_custom_headers(Some("a: x:y , b:2"), false).unwrap(),
+            vec![
+                ("a".to_owned(), "x:y".to_owned()),
+                ("b".to_owned(), "2".to_owned())
+            ]
+        );
+        for bad in [
+            "a",
+            "a:1,",
+            ":1",
+            "bad name:1",
+            "authorization:x",
+            "User-Agent:acme/1",
+            "a:b\u{1}c",
+            "transfer-encoding:gzip",
+            "Content-Encoding:gzip",
+            "connection:close",
+            "TE:trailers",
+            "expect:100-continue",
+        ] {
+            assert!(
+                parse_custom_headers(Some(bad), false).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
+        // With no auth of outpost's own, the endpoint's scheme may go in Authorization.
+        assert_eq!(
+            parse_custom_headers(Some("Authorization:ApiKey k3y"), true).unwrap(),
+            vec![("Authorization".to_owned(), "ApiKey k3y".to_owned())]
+        );
+        assert!(parse_custom_headers(Some("user-agent:x"), true).is_err());
+        // Values may be secrets: a mistyped separator, or a `,` inside a value, shows none.
+        for (bad, secret) in [
+            ("x-api-key=5f2b9c0e1a7d4e3f", "5f2b9c0e1a7d4e3f"),
+            ("x-sig:abc,defghijk123", "defghijk123"),
+            ("x-sig:abc,de fg:hijk123", "de fg"),
+        ] {
+            let error = parse_custom_headers(Some(bad), false).unwrap_err();
+            assert!(!error.contains(secret), "{bad:?}: {error}");
+        }
+    }
+
+    /// A custom header or query value named as a credential counts as a secret in the file,
+    /// for the warning about a file others may read; others do not, however long.
+    #[test]
+    fn header_and_query_values_named_as_credentials_count_as_secrets_in_the_file() {
+        let _environment = environment();
+        for (headers, endpoint_query, counted) in [
+            ("x-api-version:2,x-tenant:acme", "source=edge", &[][..]),
+            // Long values, but no credentials by their names.
+            (
+                "x-api-version:2024-06-01,x-tenant:acme-corporation",
+                "source=production-edge",
+                &[][..],
+            ),
+            (
+                "x-api-version:2,X-Api-Key:0123",
+                "source=edge",
+                &["destination.custom_headers"][..],
+            ),
+            (
+                "x-api-version:2",
+                "source=edge&access_token=abc&sig=f00",
+                &["destination.http_endpoint"][..],
+            ),
+            (
+                "Cookie:sid=1,X-Assignment-Id:7",
+                "design=flat&format=json",
+                &["destination.custom_headers"][..],
+            ),
+            ("X-Assignment-Id:7,X-Request-Id:9", "design=flat", &[][..]),
+        ] {
+            let text = VALID
+                .replace("x-api-version:2,x-tenant:acme", headers)
+                .replace("source=edge", endpoint_query);
+            let secrets = parse(&text).unwrap().inline_secrets;
+            let expected: Vec<&str> = ["destination.auth.client_secret"]
+                .into_iter()
+                .chain(counted.iter().copied())
+                .collect();
+            assert_eq!(secrets, expected, "{headers} {endpoint_query}");
+        }
+    }
+}
