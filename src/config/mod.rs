@@ -3,7 +3,6 @@
 //! Every error names the key it is about. Secrets are held in [`Secret`], whose `Debug` and
 //! `Display` never show the value.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,10 +16,7 @@ mod toml_error;
 use toml_error::parse_error_without_values;
 
 mod raw;
-use raw::{
-    default_max_concurrency, RawConfig, RawDelivery, RawDestination, RawIngest, RawMapping,
-    RawSegmentTable, RawStorage,
-};
+use raw::{default_max_concurrency, RawConfig, RawDelivery, RawDestination, RawIngest, RawStorage};
 
 mod secret;
 pub(crate) use secret::SECRET_LEAST_BYTES;
@@ -43,6 +39,17 @@ pub use proxy::Proxy;
 mod auth;
 use auth::validate_auth;
 pub use auth::{Auth, CredentialsPlacement, Grant};
+
+mod mapping;
+use mapping::{missing_segment_details_warnings, validate_mapping};
+pub use mapping::{MappedAt, Mapping, SegmentDetails};
+
+mod warnings;
+use warnings::long_idempotency_key_warning;
+pub use warnings::{
+    clear_text_credentials_warnings, exposure_warning, readable_secret_file_warning,
+    readable_secret_warning, IngestGuards,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,43 +135,6 @@ pub struct Destination {
     pub auth: Auth,
 }
 
-/// Which parts of a profile reach the destination.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Mapping {
-    /// Dot paths of object keys, each split into its keys.
-    pub attributes: Vec<Vec<String>>,
-    pub segments: Vec<String>,
-    /// Empty means every namespace.
-    pub identities: Vec<String>,
-    /// What the config says of a segment besides its id (name, its own times), by id.
-    pub segment_details: BTreeMap<String, SegmentDetails>,
-    /// Each mapped segment entry of a payload gets its `name` (when known).
-    pub include_segment_names: bool,
-    /// Each gets `createdAt`, `updatedAt` (when given) and `mappingCreatedAt`,
-    /// `mappingUpdatedAt` (from [`Mapping::mapped_at`]), in Unix epoch milliseconds.
-    pub include_segment_timestamps: bool,
-    /// When each segment was first mapped and when its entry last changed (or it was mapped
-    /// again), as the store recorded them (`Store::record_mapping`); empty until then.
-    pub mapped_at: BTreeMap<String, MappedAt>,
-}
-
-/// A segment's name and times, from its `mapping.segments` table.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SegmentDetails {
-    pub name: Option<String>,
-    /// Unix epoch milliseconds.
-    pub created_at_ms: Option<i64>,
-    pub updated_at_ms: Option<i64>,
-}
-
-/// When a segment was first mapped and when its mapping entry last changed, or it was mapped
-/// again after leaving the mapping (epoch ms).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct MappedAt {
-    pub created_ms: i64,
-    pub updated_ms: i64,
-}
-
 impl Config {
     /// What another agent's config must agree on for partitions to move between their stores
     /// ([`crate::store::handover`]); `None` without `[source.nats]`.
@@ -179,44 +149,6 @@ impl Config {
             ),
             segments: self.mapping.segments.clone(),
         })
-    }
-}
-
-impl Mapping {
-    /// What decides which parts of a profile are stored, and which segments are exported, in
-    /// one line: two stores hand profiles over only when theirs are the same
-    /// ([`crate::store::handover`]).
-    pub fn fingerprint(&self) -> String {
-        let mut attributes: Vec<String> = self.attributes.iter().map(|p| p.join(".")).collect();
-        attributes.sort();
-        let mut identities = self.identities.clone();
-        identities.sort();
-        let mut segments = self.segments.clone();
-        segments.sort();
-        format!(
-            "attributes [{}], identities [{}], segments [{}]",
-            attributes.join(", "),
-            if identities.is_empty() {
-                "all".to_string()
-            } else {
-                identities.join(", ")
-            },
-            segments.join(", ")
-        )
-    }
-
-    /// Builds a mapping from dot paths, without a config file; used by tests, benches and the
-    /// fuzz target `apply_update`.
-    pub fn new(attributes: &[&str], segments: &[&str], identities: &[&str]) -> Mapping {
-        Mapping {
-            attributes: attributes
-                .iter()
-                .map(|path| path.split('.').map(str::to_owned).collect())
-                .collect(),
-            segments: segments.iter().map(|s| (*s).to_owned()).collect(),
-            identities: identities.iter().map(|s| (*s).to_owned()).collect(),
-            ..Mapping::default()
-        }
     }
 }
 
@@ -250,229 +182,6 @@ pub struct IngestTls {
     pub key_file: PathBuf,
     /// Require client certificates that chain to these roots.
     pub client_ca_file: Option<PathBuf>,
-}
-
-/// How clients of the ingest API are told apart: by nothing, by a TLS client certificate,
-/// by the ingest token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IngestGuards {
-    pub tls: bool,
-    pub client_certificates: bool,
-    pub token: bool,
-}
-
-/// The warning for an ingest API that anyone on the network could feed: listening beyond
-/// loopback with neither a token nor client certificates. TLS alone encrypts, but it lets
-/// in every client.
-pub fn exposure_warning(listen: std::net::SocketAddr, guards: IngestGuards) -> Option<String> {
-    if listen.ip().is_loopback() || guards.token || guards.client_certificates {
-        return None;
-    }
-    Some(if guards.tls {
-        format!(
-            "ingest.listen {listen} is not a loopback address and the ingest API asks clients \
-             for neither a token (ingest.token) nor a certificate (ingest.client_ca_file): TLS \
-             encrypts, but anyone who reaches it can send updates"
-        )
-    } else {
-        format!(
-            "ingest.listen {listen} is not a loopback address and the ingest API has neither \
-             TLS (ingest.tls_cert_file) nor a token (ingest.token): anyone who reaches it can \
-             send updates in clear text"
-        )
-    })
-}
-
-/// Whether `url` is `http://` to a host beyond this one: what goes to it crosses the network
-/// in clear text.
-fn clear_text_beyond_loopback(url: &Url) -> bool {
-    url.scheme() == "http" && !names_this_host(url.host_str().unwrap_or_default())
-}
-
-/// Warnings for addresses of this host that go through a proxy on another: the proxy opens
-/// the tunnel to its own host instead (`CONNECT 127.0.0.1:…` from the proxy).
-fn loopback_through_proxy_warnings(
-    http_endpoint: &Url,
-    auth: &Auth,
-    proxy: Option<&Proxy>,
-) -> Vec<String> {
-    let Some(proxy) = proxy.filter(|p| !names_this_host(p.url.host_str().unwrap_or_default()))
-    else {
-        return Vec::new();
-    };
-    let mut named = vec![("destination.http_endpoint", http_endpoint)];
-    if let Auth::OAuth2 { auth_endpoint, .. } = auth {
-        named.push(("destination.auth.auth_endpoint", auth_endpoint));
-    }
-    named
-        .into_iter()
-        .filter(|(_, url)| names_this_host(url.host_str().unwrap_or_default()) && proxy.takes(url))
-        .map(|(key, url)| {
-            // As no_proxy takes it: an IPv6 address without its brackets.
-            let host = match url.host() {
-                Some(url::Host::Ipv6(ip)) => ip.to_string(),
-                _ => url.host_str().unwrap_or_default().to_owned(),
-            };
-            format!(
-                "{key} names this host ({host}) and goes through destination.proxy at {}: a proxy on another host opens the tunnel to its own host instead; if it runs elsewhere, list {host} in destination.no_proxy",
-                proxy.address()
-            )
-        })
-        .collect()
-}
-
-/// An `Idempotency-Key` line longer than this is refused by common servers' defaults (nginx
-/// and Apache answer 400, Node.js 431 past 16 KiB for all headers).
-const MAX_HEADER_LINE_BYTES: u64 = 8192;
-
-/// What one export id takes in an array's `Idempotency-Key`: `3fa2c1d0-` and a 16-digit
-/// export number (numbers made today), and its comma.
-const KEY_BYTES_PER_EXPORT: u64 = 26;
-
-/// A warning when a full array's `Idempotency-Key` would be longer than servers commonly take:
-/// such an array is refused, split and its exports sent one by one, so the arrays gain nothing.
-fn long_idempotency_key_warning(max_profiles_per_request: u64) -> Option<String> {
-    let line = "Idempotency-Key: ".len() as u64 + max_profiles_per_request * KEY_BYTES_PER_EXPORT;
-    (line > MAX_HEADER_LINE_BYTES).then(|| {
-        format!(
-            "delivery.max_profiles_per_request = {max_profiles_per_request}: the Idempotency-Key header of a full array (its exports' ids) takes about {} KiB, and many servers refuse a header line over 8 KiB (nginx and Apache answer 400): a refused array is split and its exports sent one by one. At most {} keeps it within 8 KiB",
-            line.div_ceil(1024),
-            (MAX_HEADER_LINE_BYTES - "Idempotency-Key: ".len() as u64) / KEY_BYTES_PER_EXPORT
-        )
-    })
-}
-
-/// What a payload's segment entries will lack although the mapping asks for it: a name
-/// (`include_segment_names`) or the segment's own times (`include_segment_timestamps`) that
-/// `mapping.segments` does not give. The agent has no other source for them, so an entry
-/// without them goes out without those fields.
-fn missing_segment_details_warnings(mapping: &Mapping) -> Vec<String> {
-    let lacking = |lacks: &dyn Fn(&SegmentDetails) -> bool| -> Vec<&str> {
-        let none = SegmentDetails::default();
-        mapping
-            .segments
-            .iter()
-            .filter(|id| lacks(mapping.segment_details.get(*id).unwrap_or(&none)))
-            .map(String::as_str)
-            .collect()
-    };
-    let listed = |ids: &[&str]| {
-        const SHOWN: usize = 5;
-        let mut text = ids
-            .iter()
-            .take(SHOWN)
-            .map(|id| format!("`{id}`"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        if ids.len() > SHOWN {
-            text.push_str(&format!(" and {} more", ids.len() - SHOWN));
-        }
-        text
-    };
-    let mut warnings = Vec::new();
-    if mapping.include_segment_names {
-        let unnamed = lacking(&|d| d.name.is_none());
-        if !unnamed.is_empty() {
-            warnings.push(format!(
-                "mapping.include_segment_names is true, but {} of the mapped segments have no name ({}): their entries go without `name`; give each as a table, {{ id = \"…\", name = \"…\" }}",
-                unnamed.len(),
-                listed(&unnamed)
-            ));
-        }
-    }
-    if mapping.include_segment_timestamps {
-        let untimed = lacking(&|d| d.created_at_ms.is_none() || d.updated_at_ms.is_none());
-        if !untimed.is_empty() {
-            warnings.push(format!(
-                "mapping.include_segment_timestamps is true, but {} of the mapped segments lack created_at or updated_at ({}): their entries go without `createdAt` or `updatedAt` (`mappingCreatedAt` and `mappingUpdatedAt` are the agent's own); give them in each segment's table",
-                untimed.len(),
-                listed(&untimed)
-            ));
-        }
-    }
-    warnings
-}
-
-/// The warnings for credentials the config would send in clear text across the network: the
-/// access token (or static token, or an `Authorization` of `custom_headers`) to an `http://`
-/// endpoint, the client's secret (and password) to an `http://` token endpoint.
-pub fn clear_text_credentials_warnings(
-    http_endpoint: &Url,
-    auth: &Auth,
-    custom_authorization: bool,
-    proxy: Option<&Proxy>,
-) -> Vec<String> {
-    let mut warnings = Vec::new();
-    let crosses = |url: &Url| -> Option<&'static str> {
-        clear_text_beyond_loopback(url).then(|| match proxy.is_some_and(|p| p.takes(url)) {
-            true => ", through destination.proxy (which many proxies also refuse for ports other than 443)",
-            false => "",
-        })
-    };
-    let token = !matches!(auth, Auth::None) || custom_authorization;
-    if let Some(through) = crosses(http_endpoint).filter(|_| token) {
-        warnings.push(format!(
-            "destination.http_endpoint is http:// to {}: every export carries its token there in clear text{through}; use https://",
-            http_endpoint.host_str().unwrap_or_default()
-        ));
-    }
-    if let Auth::OAuth2 { auth_endpoint, .. } = auth {
-        if let Some(through) = crosses(auth_endpoint) {
-            warnings.push(format!(
-                "destination.auth.auth_endpoint is http:// to {}: the client secret goes there in clear text with every token request{through}; use https://",
-                auth_endpoint.host_str().unwrap_or_default()
-            ));
-        }
-    }
-    warnings.extend(loopback_through_proxy_warnings(http_endpoint, auth, proxy));
-    warnings
-}
-
-/// The warning for a config file that holds secrets (`keys`) and that users other than its
-/// owner and group can read (`mode`: its Unix permission bits). Its group reading it is the
-/// service's set-up (`data/outpost.service`: root's file, the `outpost` group's to read).
-pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<String> {
-    (mode & 0o004 != 0 && !keys.is_empty()).then(|| {
-        // Only these have another place; the others are kept safe by the file's mode alone.
-        let elsewhere: Vec<String> = [
-            (
-                "destination.auth.client_secret",
-                "client_secret_file or OUTPOST_CLIENT_SECRET",
-            ),
-            (
-                "destination.auth.password",
-                "password_file or OUTPOST_PASSWORD",
-            ),
-            ("destination.auth.token", "token_file or OUTPOST_TOKEN"),
-            ("ingest.token", "ingest.token_file or OUTPOST_INGEST_TOKEN"),
-        ]
-        .into_iter()
-        .filter(|(key, _)| keys.contains(key))
-        .map(|(key, place)| format!("{key} by {place}"))
-        .collect();
-        let or_move = match elsewhere.is_empty() {
-            true => String::new(),
-            false => format!(", or give {}", elsewhere.join(" and ")),
-        };
-        format!(
-            "{} holds secrets ({}) and other users can read it (mode {:o}); run chmod o-rwx {0}{or_move}",
-            path.display(),
-            keys.join(", "),
-            mode & 0o777
-        )
-    })
-}
-
-/// The warning for a file holding the secret of `key` that users other than its owner and
-/// group can read (`mode`: its Unix permission bits), as for the config file.
-pub fn readable_secret_file_warning(key: &str, path: &Path, mode: u32) -> Option<String> {
-    (mode & 0o004 != 0).then(|| {
-        format!(
-            "{} holds a secret ({key}) and other users can read it (mode {:o}); run chmod o-rwx {0}",
-            path.display(),
-            mode & 0o777
-        )
-    })
 }
 
 /// The files a secret is read from, by their keys, as given (not yet relative to the config).
@@ -1012,147 +721,6 @@ fn validate_delivery(raw: RawDelivery) -> Result<(Delivery, Option<String>), Key
 
 type KeyError = (&'static str, String);
 
-fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
-    use crate::profile::prune::RAW_VALUE_TOKEN;
-    if raw.segments.is_empty() {
-        return Err(("mapping.segments", "must name at least one segment".into()));
-    }
-    let mut segments = Vec::with_capacity(raw.segments.len());
-    let mut segment_details = BTreeMap::new();
-    for (n, segment) in raw.segments.into_iter().enumerate() {
-        let (id, details) = match segment {
-            toml::Value::String(id) => (id, None),
-            toml::Value::Table(table) => {
-                let table: RawSegmentTable = table.try_into().map_err(|e| {
-                    (
-                        "mapping.segments",
-                        format!("entry {}: {}", n + 1, e.to_string().trim_end()),
-                    )
-                })?;
-                let time = |value: Option<toml::Value>, key: &str| {
-                    value
-                        .map(|value| match value {
-                            toml::Value::String(text) => Ok(text),
-                            toml::Value::Datetime(time) => Ok(time.to_string()),
-                            other => Err((
-                                "mapping.segments",
-                                format!(
-                                    "segment `{}`: {key} must be an RFC 3339 time, not {}",
-                                    table.id,
-                                    other.type_str()
-                                ),
-                            )),
-                        })
-                        .transpose()?
-                        .map(|t| {
-                            chrono::DateTime::parse_from_rfc3339(&t)
-                                .map(|t| t.timestamp_millis())
-                                .map_err(|e| {
-                                    (
-                                        "mapping.segments",
-                                        format!(
-                                        "segment `{}`: {key} `{t}` is not an RFC 3339 time: {e}",
-                                        table.id
-                                    ),
-                                    )
-                                })
-                        })
-                        .transpose()
-                };
-                let details = SegmentDetails {
-                    name: table.name.clone().filter(|n| !n.is_empty()),
-                    created_at_ms: time(table.created_at.clone(), "created_at")?,
-                    updated_at_ms: time(table.updated_at.clone(), "updated_at")?,
-                };
-                (table.id, Some(details))
-            }
-            other => {
-                return Err((
-                    "mapping.segments",
-                    format!(
-                        "entry {}: `{other}` is neither a segment id nor a table with `id`",
-                        n + 1
-                    ),
-                ))
-            }
-        };
-        if id.trim().is_empty() {
-            return Err(("mapping.segments", format!("`{id}` is not a segment id")));
-        }
-        if segments.contains(&id) {
-            return Err((
-                "mapping.segments",
-                format!("segment `{id}` is listed twice"),
-            ));
-        }
-        if let Some(details) = details {
-            segment_details.insert(id.clone(), details);
-        }
-        segments.push(id);
-    }
-    let mut attributes = Vec::with_capacity(raw.attributes.len());
-    for path in &raw.attributes {
-        let keys: Vec<String> = path.split('.').map(str::to_owned).collect();
-        if keys.iter().any(String::is_empty) {
-            return Err((
-                "mapping.attributes",
-                format!("`{path}` is not a dot path of object keys"),
-            ));
-        }
-        // The payload writes these two parts from the identity and segment mappings, so an
-        // attribute inside them could export a change the payload does not carry.
-        let instead = match keys[0].as_str() {
-            "identityMap" => Some("list the namespace in mapping.identities"),
-            "segmentMembership" => Some("list the segment id in mapping.segments"),
-            _ => None,
-        };
-        if let Some(instead) = instead {
-            return Err((
-                "mapping.attributes",
-                format!(
-                    "`{path}` is inside {}, which the payload carries as the identity and \
-                     segment mappings decide, not as an attribute: {instead}",
-                    keys[0]
-                ),
-            ));
-        }
-        // Listed twice, it would count twice in the mapping's fingerprint, which a take-over
-        // compares with the giving agent's.
-        if attributes.contains(&keys) {
-            return Err(("mapping.attributes", format!("`{path}` is listed twice")));
-        }
-        if keys.iter().any(|key| key == RAW_VALUE_TOKEN) {
-            return Err((
-                "mapping.attributes",
-                format!("`{path}` holds the JSON parser's own key `{RAW_VALUE_TOKEN}`"),
-            ));
-        }
-        attributes.push(keys);
-    }
-    if let Some(ns) = raw
-        .identities
-        .iter()
-        .find(|s| s.trim().is_empty() || *s == RAW_VALUE_TOKEN)
-    {
-        return Err(("mapping.identities", format!("`{ns}` is not a namespace")));
-    }
-    let twice =
-        (1..raw.identities.len()).find(|&n| raw.identities[..n].contains(&raw.identities[n]));
-    if let Some(n) = twice {
-        let ns = &raw.identities[n];
-        return Err(("mapping.identities", format!("`{ns}` is listed twice")));
-    }
-    Ok(Mapping {
-        attributes,
-        segments,
-        identities: raw.identities,
-        segment_details,
-        include_segment_names: raw.include_segment_names,
-        include_segment_timestamps: raw.include_segment_timestamps,
-        mapped_at: BTreeMap::new(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1187,85 +755,6 @@ mod tests {
         assert!(config.mapping.identities.is_empty());
         assert_eq!(config.ingest.max_future_s, 86_400);
         assert_eq!(config.ingest.read_timeout, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn attributes_inside_the_identity_or_segment_parts_are_refused() {
-        let with = |paths: &str| {
-            VALID.replacen(
-                "attributes = [\"person.name.firstName\"]",
-                &format!("attributes = [{paths}]"),
-                1,
-            )
-        };
-        for (paths, part) in [
-            ("\"identityMap.CRM\"", "identityMap"),
-            (
-                "\"person.name.firstName\", \"segmentMembership.ups.S\"",
-                "segmentMembership",
-            ),
-            ("\"identityMap\"", "identityMap"),
-        ] {
-            let error = error_of(&with(paths));
-            assert!(
-                error.contains("mapping.attributes") && error.contains(part),
-                "{paths}: {error}"
-            );
-        }
-        let config = parse(&with("\"identityMapping.x\", \"person.segmentMembership\""))
-            .expect("paths that only look alike are attributes");
-        assert_eq!(config.mapping.attributes.len(), 2);
-    }
-
-    /// A stored object may not hold serde_json's own token key, so no mapping names it.
-    #[test]
-    fn the_json_parsers_own_key_is_no_attribute_or_namespace() {
-        let token = "$serde_json::private::RawValue";
-        let attribute = VALID.replacen(
-            "attributes = [\"person.name.firstName\"]",
-            &format!("attributes = [\"person.{token}\"]"),
-            1,
-        );
-        let error = error_of(&attribute);
-        assert!(
-            error.contains("mapping.attributes") && error.contains("JSON parser's own key"),
-            "{error}"
-        );
-        let namespace = VALID.replacen(
-            "segments = [\"seg-a\"]",
-            &format!("segments = [\"seg-a\"]\nidentities = [\"{token}\"]"),
-            1,
-        );
-        let error = error_of(&namespace);
-        assert!(
-            error.contains("mapping.identities") && error.contains("is not a namespace"),
-            "{error}"
-        );
-    }
-
-    /// As a segment is: each would count twice in the mapping's fingerprint.
-    #[test]
-    fn an_attribute_or_namespace_listed_twice_is_refused() {
-        let text = VALID.replacen(
-            "attributes = [\"person.name.firstName\"]",
-            "attributes = [\"a.b\", \"a\", \"a.b\"]",
-            1,
-        );
-        let error = error_of(&text);
-        assert!(
-            error.contains("mapping.attributes: `a.b` is listed twice"),
-            "{error}"
-        );
-        let text = VALID.replacen(
-            "segments = [\"seg-a\"]",
-            "segments = [\"seg-a\"]\nidentities = [\"ecid\", \"email\", \"ecid\"]",
-            1,
-        );
-        let error = error_of(&text);
-        assert!(
-            error.contains("mapping.identities: `ecid` is listed twice"),
-            "{error}"
-        );
     }
 
     #[test]
@@ -1484,117 +973,6 @@ mod tests {
         }
     }
 
-    /// The agent has nothing but the config to name a segment or date it, so asking for what
-    /// the config does not give is warned of, listing the segments that go without.
-    #[test]
-    fn asking_for_segment_details_the_config_does_not_give_is_warned_of() {
-        // The environment's secrets would add warnings (one test sets them).
-        let _environment = environment();
-        let with = |segments: &str, switches: &str| {
-            parse(&VALID.replace(
-                "segments = [\"seg-a\"]",
-                &format!("segments = [{segments}]\n{switches}"),
-            ))
-            .unwrap()
-            .warnings
-        };
-        let whole = "{ id = \"seg-b\", name = \"VIPs\", created_at = 2025-10-01T00:00:00Z, updated_at = 2026-01-05T10:00:00Z }";
-        let both = "include_segment_names = true\ninclude_segment_timestamps = true";
-        assert_eq!(with(whole, both), Vec::<String>::new());
-        // Nothing asked for, nothing to warn of.
-        assert_eq!(with("\"seg-a\", \"seg-c\"", ""), Vec::<String>::new());
-
-        let warned = with(
-            &format!("\"seg-a\", {whole}, {{ id = \"seg-c\", name = \"Lapsed\" }}"),
-            both,
-        );
-        assert_eq!(warned.len(), 2, "{warned:?}");
-        assert!(
-            warned[0].starts_with("mapping.include_segment_names")
-                && warned[0].contains("1 of the mapped segments have no name (`seg-a`)"),
-            "{warned:?}"
-        );
-        assert!(
-            warned[1].starts_with("mapping.include_segment_timestamps")
-                && warned[1].contains(
-                    "2 of the mapped segments lack created_at or updated_at (`seg-a`, `seg-c`)"
-                ),
-            "{warned:?}"
-        );
-        assert_eq!(
-            with("\"seg-a\"", "include_segment_timestamps = true").len(),
-            1
-        );
-
-        let many: Vec<String> = (1..=7).map(|n| format!("\"s{n}\"")).collect();
-        let warned = with(&many.join(", "), "include_segment_names = true");
-        assert!(
-            warned[0].contains(
-                "7 of the mapped segments have no name (`s1`, `s2`, `s3`, `s4`, `s5` and 2 more)"
-            ),
-            "{warned:?}"
-        );
-    }
-
-    #[test]
-    fn segments_as_tables_with_names_and_times() {
-        let text = VALID.replace(
-            "segments = [\"seg-a\"]",
-            "segments = [\"seg-a\", { id = \"seg-b\", name = \"Lapsed VIPs\", created_at = \"2025-10-01T00:00:00Z\", updated_at = \"2026-01-05T10:00:00+00:00\" }, { id = \"seg-c\" }]\ninclude_segment_names = true\ninclude_segment_timestamps = true",
-        );
-        let mapping = parse(&text).unwrap().mapping;
-        assert_eq!(mapping.segments, ["seg-a", "seg-b", "seg-c"]);
-        assert!(mapping.include_segment_names && mapping.include_segment_timestamps);
-        assert_eq!(
-            mapping.segment_details["seg-b"],
-            SegmentDetails {
-                name: Some("Lapsed VIPs".into()),
-                created_at_ms: Some(1_759_276_800_000),
-                updated_at_ms: Some(1_767_607_200_000),
-            }
-        );
-        assert_eq!(mapping.segment_details["seg-c"], SegmentDetails::default());
-        assert!(!mapping.segment_details.contains_key("seg-a"));
-        // TOML's own date-times, unquoted, say the same.
-        let unquoted = text
-            .replace("\"2025-10-01T00:00:00Z\"", "2025-10-01T00:00:00Z")
-            .replace("\"2026-01-05T10:00:00+00:00\"", "2026-01-05T10:00:00+00:00");
-        assert_ne!(unquoted, text);
-        assert_eq!(
-            parse(&unquoted).unwrap().mapping.segment_details,
-            mapping.segment_details
-        );
-
-        let defaults = parse(VALID).unwrap().mapping;
-        assert!(!defaults.include_segment_names && !defaults.include_segment_timestamps);
-
-        let table = [
-            (
-                "{ id = \"seg-b\", created_at = \"yesterday\" }",
-                "created_at `yesterday`",
-            ),
-            (
-                "{ id = \"seg-b\", created_at = 2025-10-01T00:00:00 }",
-                "created_at `2025-10-01T00:00:00` is not an RFC 3339 time",
-            ),
-            (
-                "{ id = \"seg-b\", updated_at = 5 }",
-                "updated_at must be an RFC 3339 time, not integer",
-            ),
-            ("{ id = \"seg-b\", colour = \"red\" }", "mapping.segments"),
-            ("{ name = \"no id\" }", "mapping.segments"),
-            ("\"seg-a\"", "listed twice"),
-        ];
-        for (entry, expected) in table {
-            let text = VALID.replace(
-                "segments = [\"seg-a\"]",
-                &format!("segments = [\"seg-a\", {entry}]"),
-            );
-            let error = error_of(&text);
-            assert!(error.contains(expected), "{entry}: {error}");
-        }
-    }
-
     #[test]
     fn rate_limit_headers_are_turned_off_by_false_and_nothing_else() {
         let _environment = environment();
@@ -1607,49 +985,6 @@ mod tests {
             "{VALID}\n[delivery]\nrate_limit_headers = \"no\"\n"
         ));
         assert!(error.contains("rate_limit_headers"), "{error}");
-    }
-
-    #[test]
-    fn arrays_whose_idempotency_key_servers_refuse_are_warned_of() {
-        let _environment = environment();
-        for (most, warned) in [
-            (1, false),
-            (100, false),
-            (314, false),
-            (315, true),
-            (1000, true),
-        ] {
-            let config = parse(&format!(
-                "{VALID}\n[delivery]\nmax_profiles_per_request = {most}\n"
-            ))
-            .unwrap();
-            assert_eq!(
-                config.warnings.len(),
-                usize::from(warned),
-                "{most}: {:?}",
-                config.warnings
-            );
-            if warned {
-                let warning = &config.warnings[0];
-                assert!(
-                    warning.starts_with(&format!("delivery.max_profiles_per_request = {most}: ")),
-                    "{warning}"
-                );
-                assert!(
-                    warning.ends_with("At most 314 keeps it within 8 KiB"),
-                    "{warning}"
-                );
-            }
-        }
-        // The key of 314 ids of today's export numbers, as sent, fits in the line.
-        let id = crate::store::ExportId {
-            store: u32::MAX,
-            seq: 1_800_000_000_000u64 * 1024,
-        }
-        .to_string();
-        assert_eq!(id.len() as u64 + 1, KEY_BYTES_PER_EXPORT, "{id}");
-        let key = vec![id; 314].join(",");
-        assert!(format!("Idempotency-Key: {key}").len() as u64 <= MAX_HEADER_LINE_BYTES);
     }
 
     #[test]
@@ -1728,122 +1063,6 @@ mod tests {
     }
 
     #[test]
-    fn clear_text_credentials_table() {
-        let oauth = |auth_endpoint: &str| Auth::OAuth2 {
-            auth_endpoint: auth_endpoint.parse().unwrap(),
-            client_id: "id".into(),
-            client_secret: Secret::new("s3cret".to_owned()),
-            credentials: CredentialsPlacement::Body,
-            scope: None,
-            grant: Grant::ClientCredentials,
-        };
-        let bearer = Auth::Bearer {
-            token: Secret::new("t0ken".to_owned()),
-        };
-        // (endpoint, auth, warnings naming these keys)
-        let cases: [(&str, Auth, &[&str]); 8] = [
-            (
-                "https://api.example.com/p",
-                oauth("https://a.example.com/t"),
-                &[],
-            ),
-            (
-                "http://127.0.0.1:8687/p",
-                oauth("http://localhost:8687/t"),
-                &[],
-            ),
-            ("http://[::1]/p", bearer.clone(), &[]),
-            ("http://10.0.0.5/p", Auth::None, &[]),
-            (
-                "http://10.0.0.5/p",
-                bearer.clone(),
-                &["destination.http_endpoint"],
-            ),
-            (
-                "http://api.example.com/p",
-                oauth("http://auth.example.com/t"),
-                &[
-                    "destination.http_endpoint",
-                    "destination.auth.auth_endpoint",
-                ],
-            ),
-            (
-                "https://api.example.com/p",
-                oauth("http://10.1.1.1/t"),
-                &["destination.auth.auth_endpoint"],
-            ),
-            ("http://LOCALHOST/p", bearer, &[]),
-        ];
-        // An endpoint's own `Authorization` in custom_headers is a token, and a secret in the
-        // file, too.
-        let text = VALID
-            .replace(
-                "type = \"oauth2_client_credentials\"\nauth_endpoint = \"https://auth.example.com/oauth/token\"\nclient_id = \"edge-agent\"\nclient_secret = \"s3cr3t-value\"",
-                "type = \"none\"",
-            )
-            .replace("x-tenant:acme", "Authorization:ApiKey k3y");
-        assert_eq!(
-            parse(&text).unwrap().inline_secrets,
-            ["destination.custom_headers"]
-        );
-        let warnings = clear_text_credentials_warnings(
-            &"http://10.0.0.5/p".parse().unwrap(),
-            &Auth::None,
-            true,
-            None,
-        );
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-
-        for (endpoint, auth, keys) in cases {
-            let warnings =
-                clear_text_credentials_warnings(&endpoint.parse().unwrap(), &auth, false, None);
-            assert_eq!(warnings.len(), keys.len(), "{endpoint}: {warnings:?}");
-            for (warning, key) in warnings.iter().zip(keys) {
-                assert!(
-                    warning.starts_with(key) && warning.contains("clear text"),
-                    "{warning}"
-                );
-                assert!(
-                    !warning.contains("s3cret") && !warning.contains("t0ken"),
-                    "{warning}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn exposure_warning_table() {
-        // (listen, tls, client certificates, token, the warning says)
-        let cases = [
-            ("127.0.0.1:8686", false, false, false, None),
-            ("[::1]:8686", false, false, false, None),
-            ("127.0.0.1:8686", true, false, false, None),
-            ("0.0.0.0:8686", false, false, false, Some("clear text")),
-            ("10.0.0.5:8686", false, false, false, Some("clear text")),
-            ("0.0.0.0:8686", true, false, false, Some("TLS encrypts")),
-            ("0.0.0.0:8686", true, true, false, None),
-            ("0.0.0.0:8686", false, false, true, None),
-            ("[::]:8686", true, false, true, None),
-        ];
-        for (listen, tls, client_certificates, token, says) in cases {
-            let addr = listen.parse().unwrap();
-            let guards = IngestGuards {
-                tls,
-                client_certificates,
-                token,
-            };
-            let warning = exposure_warning(addr, guards);
-            assert_eq!(
-                warning
-                    .as_ref()
-                    .map(|w| says.is_some_and(|s| w.contains(s))),
-                says.map(|_| true),
-                "{listen} {guards:?}: {warning:?}"
-            );
-        }
-    }
-
-    #[test]
     fn the_listen_address_is_an_ip_address_and_port() {
         let with = |listen: &str| {
             VALID.replacen(
@@ -1897,44 +1116,5 @@ mod tests {
             );
             assert!(parse(&text).is_ok(), "{fine:?}");
         }
-    }
-
-    #[test]
-    fn readable_secret_warning_table() {
-        let path = Path::new("/etc/outpost/outpost.toml");
-        let cases: [(u32, &[&str], bool); 6] = [
-            (0o100600, &["ingest.token"], false),
-            // The group reading it is the service's set-up.
-            (0o100640, &["ingest.token"], false),
-            (0o100604, &["destination.auth.client_secret"], true),
-            (0o100644, &[], false),
-            (0o100400, &["ingest.token"], false),
-            (
-                0o100664,
-                &["ingest.token", "destination.auth.password"],
-                true,
-            ),
-        ];
-        for (mode, keys, warned) in cases {
-            let warning = readable_secret_warning(path, mode, keys);
-            assert_eq!(warning.is_some(), warned, "{mode:o} {keys:?}");
-            if let Some(w) = warning {
-                assert!(w.contains("chmod o-rwx /etc/outpost/outpost.toml"), "{w}");
-                assert!(w.contains(&keys.join(", ")), "{w}");
-            }
-        }
-        // Where a secret has another place, the warning names it; where none has, it names
-        // none.
-        let told = |keys: &[&str]| readable_secret_warning(path, 0o100644, keys).unwrap();
-        assert!(told(&["source.nats.token", "destination.proxy"])
-            .ends_with("run chmod o-rwx /etc/outpost/outpost.toml"));
-        assert!(told(&["ingest.token", "destination.auth.token"]).ends_with(
-            ", or give destination.auth.token by token_file or OUTPOST_TOKEN and ingest.token by ingest.token_file or OUTPOST_INGEST_TOKEN"
-        ));
-        assert!(told(&["destination.auth.client_secret", "destination.proxy"]).ends_with(
-            "run chmod o-rwx /etc/outpost/outpost.toml, or give destination.auth.client_secret by client_secret_file or OUTPOST_CLIENT_SECRET"
-        ));
-        assert!(told(&["destination.auth.password"])
-            .ends_with(", or give destination.auth.password by password_file or OUTPOST_PASSWORD"));
     }
 }
