@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::partition::{format_owned, parse_owned};
-use crate::config::Secret;
+use crate::config::{KeyError, Secret};
 
 /// `[source]`: the inputs besides the HTTP ingest API.
 #[derive(Debug, Deserialize)]
@@ -202,8 +202,6 @@ impl NatsSource {
         })
     }
 }
-
-type KeyError = (&'static str, String);
 
 /// A subject token may not be empty, hold spaces or be a wildcard.
 fn check_subject_prefix(prefix: &str) -> Result<(), String> {
