@@ -5,7 +5,9 @@
 //!
 //! ## Layout
 //! - [`clock`]: wall clock versus run time: what `max_age_s` counts, and clock jumps noticed.
-//! - [`config`]: the TOML configuration, validated once; errors name the key.
+//! - [`config`]: the TOML configuration, validated once; errors name the key. One concept a
+//!   file: the raw tables, their loading and checks, the file's syntax errors, and each part
+//!   (auth, proxy, mapping, headers, addresses, secrets, warnings).
 //! - [`profile`]: pure profile logic: update parsing ([`profile::update`]); the export rules
 //!   stated on JSON values ([`profile::change`], [`profile::export`], [`profile::apply`]);
 //!   and run on typed stored records ([`profile::record`], [`profile::layout`],
