@@ -17,6 +17,9 @@ pub(crate) fn names_this_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
+/// An endpoint of the destination (`destination.http_endpoint` or
+/// `destination.auth.auth_endpoint`): an http or https URL with a host, and without a user or
+/// password, which the HTTP client would neither send nor keep out of its logs.
 pub(super) fn parse_http_url(text: &str) -> Result<Url, String> {
     let shown = redacted_address(text);
     // `api.example.com/x` fails to parse, and `localhost:8080/x` parses with the scheme
