@@ -48,6 +48,17 @@ pub(super) fn parse_http_url(text: &str) -> Result<Url, String> {
              give credentials in destination.auth or destination.custom_headers"
         ));
     }
+    if url.fragment().is_some() {
+        return Err(format!(
+            "`{shown}` has a fragment (after #), which is never sent: leave it out, or write a # \
+             the endpoint needs as %23"
+        ));
+    }
+    // What the URL parser takes and HTTP cannot (`{{host}}` left unfilled), refused here
+    // rather than when the agent starts, after it opened the store.
+    if let Err(e) = url.as_str().parse::<hyper::Uri>() {
+        return Err(format!("`{shown}` is not an address HTTP can use: {e}"));
+    }
     Ok(url)
 }
 
@@ -67,7 +78,8 @@ pub(crate) fn redacted_address(text: &str) -> String {
         None => (String::new(), text),
     };
     match rest.find(['?', '#']) {
-        Some(cut) => format!("{shown}{}?…", &rest[..cut]),
+        // `?…` or `#…`, as the address has it.
+        Some(cut) => format!("{shown}{}{}…", &rest[..cut], &rest[cut..cut + 1]),
         None => format!("{shown}{rest}"),
     }
 }
@@ -108,7 +120,7 @@ mod tests {
             ),
             (
                 "https://api.example.com/p#s3cret",
-                "https://api.example.com/p?…",
+                "https://api.example.com/p#…",
             ),
             ("nats://10.0.0.5:4222", "nats://10.0.0.5:4222"),
         ] {
@@ -202,6 +214,19 @@ mod tests {
             (
                 "http://[::1",
                 "`http://[::1` is not a URL: invalid IPv6 address",
+            ),
+            // The URL parser takes these; HTTP cannot use them.
+            (
+                "http://{{host}}/profiles",
+                "`http://{{host}}/profiles` is not an address HTTP can use",
+            ),
+            (
+                "https://a{b}c/profiles",
+                "`https://a{b}c/profiles` is not an address HTTP can use",
+            ),
+            (
+                "https://api.example.com/profiles#v2",
+                "`https://api.example.com/profiles#…` has a fragment (after #), which is never sent",
             ),
         ] {
             let error = parse_http_url(text).unwrap_err();
