@@ -143,10 +143,11 @@ pub(super) fn validate_auth(
             let credentials = match raw.credentials.as_deref() {
                 None | Some("body") => CredentialsPlacement::Body,
                 Some("basic") => CredentialsPlacement::Basic,
-                Some(other) => {
+                // Not shown: a secret given under the wrong key would be.
+                Some(_) => {
                     return Err((
                         "destination.auth.credentials",
-                        format!("`{other}` is not \"body\" or \"basic\""),
+                        "must be \"body\" or \"basic\"".into(),
                     ))
                 }
             };

@@ -6,7 +6,7 @@
 /// `client_secret` with a bad escape, say).
 pub(super) fn parse_error_without_values(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim_end().lines().collect::<Vec<_>>();
-    let message = without_value(&message.join("; "));
+    let message = without_unlikely_key(&without_value(&message.join("; ")));
     let Some(span) = error.span() else {
         return message;
     };
@@ -77,6 +77,16 @@ fn place_of(text: &str, offset: usize) -> Place {
     let mut i = 0;
     while i < line_end {
         if i >= offset && at_offset.is_none() {
+            // On a table's header (within its brackets, where a misspelt name is pointed at):
+            // that table is the place, not the one before it.
+            if state == In::Code && !text[line_start..offset].contains('=') {
+                if let Some(header) = table_header(&text[line_start..line_end]) {
+                    return Place {
+                        table: Some(header),
+                        key: None,
+                    };
+                }
+            }
             let inside = state != In::Code || depth > 0;
             at_offset = Some(inside.then(|| last_key.clone()).flatten());
             if inside {
@@ -148,8 +158,39 @@ fn place_of(text: &str, offset: usize) -> Place {
         key.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-.\" ".contains(c))
             && toml::from_str::<toml::Table>(&format!("{key} = 0")).is_ok()
+            && looks_like_a_key(key)
     });
     Place { table, key }
+}
+
+/// Whether a key TOML read may be shown: outpost's keys are short, lower-case words joined
+/// by `_`. A secret pasted on a line of its own reads as a key (`SuperS3cret=` sets the key
+/// `SuperS3cret`), and most secrets mix cases or run long; a short lower-case one would still
+/// show.
+fn looks_like_a_key(key: &str) -> bool {
+    let key = key.trim_matches(['"', ' ']);
+    key.len() <= MAX_KEY_SHOWN
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c))
+}
+
+/// The longest key an error shows (outpost's longest is 26 bytes).
+const MAX_KEY_SHOWN: usize = 32;
+
+/// serde's "unknown field `X`, expected …" without `X` when it does not look like a key.
+fn without_unlikely_key(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_owned();
+    };
+    match rest.split_once('`') {
+        Some((key, after)) if !looks_like_a_key(key) => {
+            format!(
+                "unknown field (not shown: it does not read as a key, and may be a secret){after}"
+            )
+        }
+        _ => message.to_owned(),
+    }
 }
 
 /// serde's "invalid type: integer `5`, expected a string" (or `string "…"`) without the value:
@@ -210,6 +251,51 @@ mod tests {
         let error = error_of(&text);
         assert!(
             error.contains("(`mapping.segments.id`): invalid escape sequence"),
+            "{error}"
+        );
+    }
+
+    /// A misspelt table's header is placed in that table, not in the one before it.
+    #[test]
+    fn a_misspelt_table_is_placed_at_its_own_header() {
+        let text = VALID.replace("[storage]", "[delivry]\nmax_concurrency = 4\n\n[storage]");
+        let error = error_of(&text);
+        assert!(
+            error.contains("line 17, column 2 (in [delivry]): unknown field `delivry`"),
+            "{error}"
+        );
+    }
+
+    /// A secret pasted on a line of its own reads as a key: one that does not look like
+    /// outpost's keys (lower-case words joined by `_`) is not shown, while a mistyped key is.
+    #[test]
+    fn a_secret_read_as_a_key_is_not_shown() {
+        for (line, expected) in [
+            (
+                "client_secret = \"x\"\nSuperSecretXYZ123=",
+                "line 12, column 19 (in [destination.auth]): invalid string",
+            ),
+            (
+                "client_secret = \"x\"\nSuperSecretXYZ123 = 1",
+                "(in [destination.auth]): unknown field (not shown: it does not read as a key, and may be a secret), expected one of",
+            ),
+            (
+                "client_secret = \"x\"\nc2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj = 1",
+                "unknown field (not shown",
+            ),
+        ] {
+            let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
+            let error = error_of(&text);
+            assert!(error.contains(expected), "{line}: {error}");
+            assert!(
+                !error.contains("SuperSecret") && !error.contains("c2Vj"),
+                "{line}: {error}"
+            );
+        }
+        let text = VALID.replace("client_id = \"edge-agent\"", "clinet_id = \"edge-agent\"");
+        let error = error_of(&text);
+        assert!(
+            error.contains("(`destination.auth.clinet_id`): unknown field `clinet_id`"),
             "{error}"
         );
     }
