@@ -93,9 +93,31 @@ pub fn parse_custom_headers(
                     "header {n}: `{name}` is about the connection or how the body is sent, which outpost's HTTP client decides"
                 ));
             }
+            // Would go to the endpoint, never to a proxy.
+            if lower == "proxy-authorization" {
+                return Err(format!(
+                    "header {n}: `{name}` would be sent to the endpoint, not to a proxy; give the \
+                     proxy's credentials in destination.proxy (http://user:password@host:port)"
+                ));
+            }
             Ok((name.to_owned(), value.to_owned()))
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()
+        .and_then(|headers| {
+            // Two of one name reach the endpoint as a list it may read as either, or refuse.
+            let mut names = std::collections::HashSet::new();
+            match headers
+                .iter()
+                .position(|(name, _)| !names.insert(name.to_ascii_lowercase()))
+            {
+                Some(i) => Err(format!(
+                    "header {}: `{}` is given twice; give it once",
+                    i + 1,
+                    headers[i].0
+                )),
+                None => Ok(headers),
+            }
+        })
 }
 
 /// Whether `Authorization: Bearer <token>` carries `token` as it is: a header value read as
@@ -132,6 +154,8 @@ mod tests {
             "a:1,",
             ":1",
             "bad name:1",
+            "x-tenant:a,X-Tenant:b",
+            "Proxy-Authorization:Basic dTpw",
             "authorization:x",
             "User-Agent:acme/1",
             "a:b\u{1}c",
@@ -152,6 +176,11 @@ mod tests {
             vec![("Authorization".to_owned(), "ApiKey k3y".to_owned())]
         );
         assert!(parse_custom_headers(Some("user-agent:x"), true).is_err());
+        let twice = parse_custom_headers(Some("Authorization:ApiKey k3y,authorization:x"), true);
+        assert_eq!(
+            twice.unwrap_err(),
+            "header 2: `authorization` is given twice; give it once"
+        );
         // Values may be secrets: a mistyped separator, or a `,` inside a value, shows none.
         for (bad, secret) in [
             ("x-api-key=5f2b9c0e1a7d4e3f", "5f2b9c0e1a7d4e3f"),
