@@ -103,6 +103,8 @@ pub(super) fn read_secret(
             let file = relative(file);
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| (file_key, format!("cannot read {}: {e}", file.display())))?;
+            // A byte-order mark, as some editors begin a file with, is not the secret's.
+            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
             let secret = text.trim_end_matches(['\r', '\n']);
             if secret.is_empty() {
                 return Err((file_key, format!("{} is empty", file.display())));
@@ -110,7 +112,10 @@ pub(super) fn read_secret(
             secret.to_owned()
         }
         (None, None) => match (std::env::var(env), secrets) {
-            (Ok(value), _) if !value.is_empty() => value,
+            // A line's end, as a file's is, is not the secret's.
+            (Ok(value), _) if !value.trim_end_matches(['\r', '\n']).is_empty() => {
+                value.trim_end_matches(['\r', '\n']).to_owned()
+            }
             (_, Secrets::IfGiven) => return Ok(Secret::new(String::new())),
             (Err(std::env::VarError::NotUnicode(_)), _) => {
                 return Err((inline_key, format!("env {env} is not valid UTF-8")))
@@ -174,6 +179,13 @@ mod tests {
             "from-file",
             "read relative to the config, newline trimmed"
         );
+        // A byte-order mark an editor began the file with is not part of it.
+        std::fs::write(dir.path().join("secret"), "\u{feff}from-file\r\n").unwrap();
+        let config = Config::parse(&config_path, &with_file).unwrap();
+        let Auth::OAuth2 { client_secret, .. } = config.destination.auth else {
+            panic!("not oauth2")
+        };
+        assert_eq!(client_secret.expose(), "from-file");
 
         let missing = VALID.replace(
             "client_secret = \"s3cr3t-value\"",
@@ -202,6 +214,20 @@ mod tests {
         };
         assert_eq!(client_secret.expose(), "from-env");
         assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        // Nor is a line's end in the variable, as in the file.
+        std::env::set_var("OUTPOST_CLIENT_SECRET", "from-env\r\n");
+        let from_a_line = parse(&without);
+        std::env::set_var("OUTPOST_CLIENT_SECRET", "\n");
+        let only_a_line = parse(&without);
+        std::env::remove_var("OUTPOST_CLIENT_SECRET");
+        let Auth::OAuth2 { client_secret, .. } = from_a_line.unwrap().destination.auth else {
+            panic!("not oauth2")
+        };
+        assert_eq!(client_secret.expose(), "from-env");
+        assert!(only_a_line
+            .unwrap_err()
+            .to_string()
+            .contains("env OUTPOST_CLIENT_SECRET is set but empty"));
         assert_eq!(
             shadowed.warnings,
             ["OUTPOST_CLIENT_SECRET is set, but destination.auth.client_secret (or its _file) in the config file is what is used"]
