@@ -144,11 +144,15 @@ fn parse_no_proxy(list: &str) -> Result<String, String> {
         let is_network =
             entry.parse::<ipnet::IpNet>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok();
         let name = entry.strip_prefix('.').unwrap_or(entry);
-        let is_name = !name.is_empty()
-            && !name.ends_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        // Labels between dots, none empty (`a..b`), none a hyphen's end (`-`).
+        let is_name = name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
         if !(entry == "*" || is_network || is_name) {
             return Err(format!(
                 "`{entry}` is not a host name, an IP address, a network (10.0.0.0/8) or `*`: list names without wildcards, ports, schemes or a trailing dot (`.corp.example` covers its subdomains), separated by commas"
@@ -227,6 +231,15 @@ mod tests {
             "proxy = \"http://proxy.internal:3128\"\nno_proxy = \"::1\"",
         );
         assert_eq!(parse(&listed).unwrap().warnings, Vec::<String>::new());
+        // A name with its trailing dot, which no_proxy cannot list: written without it.
+        let dotted = local.replace("127.0.0.1:8687", "localhost.:8687");
+        let warned = parse(&dotted).unwrap().warnings;
+        assert!(
+            warned[0].ends_with(
+                "write destination.http_endpoint's host as localhost and list localhost in destination.no_proxy"
+            ),
+            "{warned:?}"
+        );
         let local_proxy = local.replace("proxy.internal", "127.0.0.1");
         assert_eq!(parse(&local_proxy).unwrap().warnings, Vec::<String>::new());
         let remote = with("proxy = \"http://proxy.internal:3128\"")
@@ -304,6 +317,10 @@ mod tests {
                 "https://x",
                 "10.0.0.0/33",
                 "a b",
+                "..corp",
+                "a..b",
+                "-",
+                "-corp.example",
             ]
             .map(|entry| -> (&str, &str, &str) {
                 let line = format!(

@@ -71,8 +71,13 @@ fn loopback_through_proxy_warnings(
                 Some(url::Host::Ipv6(ip)) => ip.to_string(),
                 _ => url.host_str().unwrap_or_default().to_owned(),
             };
+            // no_proxy takes no trailing dot, and its entry without one does not match it.
+            let listed = match host.strip_suffix('.') {
+                Some(bare) => format!("write {key}'s host as {bare} and list {bare}"),
+                None => format!("list {host}"),
+            };
             format!(
-                "{key} names this host ({host}) and goes through destination.proxy at {}: a proxy on another host opens the tunnel to its own host instead; if it runs elsewhere, list {host} in destination.no_proxy",
+                "{key} names this host ({host}) and goes through destination.proxy at {}: a proxy on another host opens the tunnel to its own host instead; if it runs elsewhere, {listed} in destination.no_proxy",
                 proxy.address()
             )
         })
