@@ -8,8 +8,9 @@
 //! - [`config`]: the TOML configuration, validated once; errors name the key. One concept a
 //!   file: the raw tables, their loading and checks, the file's syntax errors, and each part
 //!   (auth, proxy, mapping, headers, addresses, secrets, warnings).
-//! - [`profile`]: pure profile logic: update parsing ([`profile::update`]); the export rules
-//!   stated on JSON values ([`profile::change`], [`profile::export`], [`profile::apply`]);
+//! - [`profile`]: profile logic, pure but for reading updates from a stream: update parsing
+//!   ([`profile::update`]); the export rules stated on JSON values ([`profile::change`],
+//!   [`profile::export`], [`profile::apply`]);
 //!   and run on typed stored records ([`profile::record`], [`profile::layout`],
 //!   [`profile::engine`], [`profile::payload`]), which is what the store does. Tests hold the
 //!   two to the same answers.

@@ -1,4 +1,5 @@
-//! Profiles: update parsing, the export rules and the export payload, all pure.
+//! Profiles: update parsing, the export rules and the export payload, all pure (but for
+//! `update::UpdateReader`, which reads updates from a stream).
 //!
 //! The rules are stated twice. `apply`, `change` and `export` state them on JSON values, as
 //! SPEC does; `engine` runs them on typed records (`record`, shaped by `layout`, payloads
