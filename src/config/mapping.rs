@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::raw::{RawMapping, RawSegmentTable};
+use super::toml_error::without_value;
 use super::KeyError;
 
 /// Which parts of a profile reach the destination.
@@ -144,9 +145,15 @@ pub(super) fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
             toml::Value::String(id) => (id, None),
             toml::Value::Table(table) => {
                 let table: RawSegmentTable = table.try_into().map_err(|e| {
+                    let message: Vec<String> = e
+                        .to_string()
+                        .trim_end()
+                        .lines()
+                        .map(without_value)
+                        .collect();
                     (
                         "mapping.segments",
-                        format!("entry {}: {}", n + 1, e.to_string().trim_end()),
+                        format!("entry {}: {}", n + 1, message.join("; ")),
                     )
                 })?;
                 let time = |value: Option<toml::Value>, key: &str| {
@@ -199,6 +206,9 @@ pub(super) fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
         if id.trim().is_empty() {
             return Err(("mapping.segments", format!("`{id}` is not a segment id")));
         }
+        if id.trim() != id {
+            return Err(("mapping.segments", padded(&id)));
+        }
         if segments.contains(&id) {
             return Err((
                 "mapping.segments",
@@ -218,6 +228,9 @@ pub(super) fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
                 "mapping.attributes",
                 format!("`{path}` is not a dot path of object keys"),
             ));
+        }
+        if keys.iter().any(|key| key.trim() != key) {
+            return Err(("mapping.attributes", padded(path)));
         }
         // The payload writes these two parts from the identity and segment mappings, so an
         // attribute inside them could export a change the payload does not carry.
@@ -256,6 +269,9 @@ pub(super) fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
     {
         return Err(("mapping.identities", format!("`{ns}` is not a namespace")));
     }
+    if let Some(ns) = raw.identities.iter().find(|ns| ns.trim() != *ns) {
+        return Err(("mapping.identities", padded(ns)));
+    }
     let twice =
         (1..raw.identities.len()).find(|&n| raw.identities[..n].contains(&raw.identities[n]));
     if let Some(n) = twice {
@@ -271,6 +287,14 @@ pub(super) fn validate_mapping(raw: RawMapping) -> Result<Mapping, KeyError> {
         include_segment_timestamps: raw.include_segment_timestamps,
         mapped_at: BTreeMap::new(),
     })
+}
+
+/// The refusal of a name with a space (or tab) at an end, which no profile's would match.
+fn padded(name: &str) -> String {
+    format!(
+        "`{}` has a space at the start or end of a name, which no profile's would match; remove it",
+        name.escape_debug()
+    )
 }
 
 #[cfg(test)]
@@ -355,6 +379,40 @@ mod tests {
             error.contains("mapping.identities: `ecid` is listed twice"),
             "{error}"
         );
+    }
+
+    /// A name with a space at an end never matches a profile's, so it is a mistake to say; a
+    /// segment table's error is one line, without the value.
+    #[test]
+    fn names_padded_with_spaces_and_bad_segment_tables_are_refused_on_one_line() {
+        for (from, to, says) in [
+            (
+                "segments = [\"seg-a\"]",
+                "segments = [\"seg-a\", \"seg-b \"]",
+                "mapping.segments: `seg-b ` has a space at the start or end of a name",
+            ),
+            (
+                "attributes = [\"person.name.firstName\"]",
+                "attributes = [\"person. name\"]",
+                "mapping.attributes: `person. name` has a space",
+            ),
+            (
+                "segments = [\"seg-a\"]",
+                "segments = [\"seg-a\"]\nidentities = [\"\\tecid\"]",
+                "mapping.identities: `\\tecid` has a space",
+            ),
+            (
+                "segments = [\"seg-a\"]",
+                "segments = [\"seg-a\", { id = 5 }]",
+                "mapping.segments: entry 2: invalid type: integer, expected a string; in `id`",
+            ),
+        ] {
+            let text = VALID.replacen(from, to, 1);
+            assert_ne!(text, VALID);
+            let error = error_of(&text);
+            assert!(error.contains(says), "{to}: {error}");
+            assert!(!error.contains('\n'), "{to}: {error}");
+        }
     }
 
     /// The agent has nothing but the config to name a segment or date it, so asking for what

@@ -195,7 +195,7 @@ fn without_unlikely_key(message: &str) -> String {
 
 /// serde's "invalid type: integer `5`, expected a string" (or `string "…"`) without the value:
 /// "invalid type: integer, expected a string".
-fn without_value(message: &str) -> String {
+pub(super) fn without_value(message: &str) -> String {
     for prefix in ["invalid type: ", "invalid value: "] {
         let Some(rest) = message.strip_prefix(prefix) else {
             continue;
