@@ -105,10 +105,8 @@ impl<R: BufRead> Iterator for UpdateReader<'_, R> {
             if read == 0 {
                 if !self.saw_update {
                     self.saw_update = true;
-                    return Some(Err(InputError::new(
-                        self.line.max(1),
-                        "the input holds no update",
-                    )));
+                    // Blank lines alone, as the ingest API names them: at line 1.
+                    return Some(Err(InputError::new(1, "the input holds no update")));
                 }
                 return None;
             }
@@ -177,5 +175,10 @@ mod tests {
         );
         let empty: Vec<_> = UpdateReader::new(&b""[..]).collect();
         assert!(matches!(empty.as_slice(), [Err(e)] if e.reason.contains("no update")));
+        let blank: Vec<_> = UpdateReader::new(&b"\n\n\n"[..]).collect();
+        assert!(
+            matches!(blank.as_slice(), [Err(e)] if e.line == 1 && e.reason.contains("no update")),
+            "{blank:?}"
+        );
     }
 }
