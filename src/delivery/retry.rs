@@ -119,7 +119,8 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 }
 
 /// The items of a comma-separated field value whose items may be HTTP dates, which hold a
-/// comma of their own after the day's name (`Sun, 29 Nov 2026 10:00:30 GMT`).
+/// comma of their own after the day's name (`Sun, 29 Nov 2026 10:00:30 GMT`, or RFC 850's
+/// `Sunday, 29-Nov-26 10:00:30 GMT`).
 fn list_items(value: &str) -> impl Iterator<Item = &str> {
     let mut rest = value;
     std::iter::from_fn(move || {
@@ -128,7 +129,11 @@ fn list_items(value: &str) -> impl Iterator<Item = &str> {
         }
         let mut end = rest.find(',').unwrap_or(rest.len());
         let first = rest[..end].trim();
-        if first.len() == 3 && first.bytes().all(|b| b.is_ascii_alphabetic()) {
+        // A day's name, short (`Sun`, IMF-fixdate) or whole (`Sunday`, RFC 850's form).
+        let day = DAYS.iter().any(|(short, whole)| {
+            first.eq_ignore_ascii_case(short) || first.eq_ignore_ascii_case(whole)
+        });
+        if day {
             end = rest[end..]
                 .char_indices()
                 .skip(1)
@@ -140,6 +145,17 @@ fn list_items(value: &str) -> impl Iterator<Item = &str> {
         Some(item)
     })
 }
+
+/// The days' names an HTTP date begins with.
+const DAYS: [(&str, &str); 7] = [
+    ("Mon", "Monday"),
+    ("Tue", "Tuesday"),
+    ("Wed", "Wednesday"),
+    ("Thu", "Thursday"),
+    ("Fri", "Friday"),
+    ("Sat", "Saturday"),
+    ("Sun", "Sunday"),
+];
 
 fn parse_retry_after_item(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
@@ -450,6 +466,8 @@ mod tests {
                 Some(60),
             ),
             ("10, Sun, 29 Nov 2026 10:00:30 GMT", Some(30)),
+            ("Sunday, 29-Nov-26 10:00:30 GMT", Some(30)),
+            ("Sunday, 29-Nov-26 10:00:30 GMT, 45", Some(45)),
             ("Sun, 29 Nov 2026 10:00:30 GMT,45", Some(45)),
             (",", None),
             ("Sun,", None),
