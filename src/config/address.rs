@@ -21,6 +21,9 @@ pub(crate) fn names_this_host(host: &str) -> bool {
 /// `destination.auth.auth_endpoint`): an http or https URL with a host, and without a user or
 /// password, which the HTTP client would neither send nor keep out of its logs.
 pub(super) fn parse_http_url(text: &str) -> Result<Url, String> {
+    if text.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
     let shown = redacted_address(text);
     // `api.example.com/x` fails to parse, and `localhost:8080/x` parses with the scheme
     // `localhost` (a port where the scheme's text would begin): both are an address written
@@ -206,6 +209,8 @@ mod tests {
                 "`localhost:8080/profiles` has no scheme: begin it with https://",
             ),
             ("ftp://x/y", "scheme `ftp` is not http or https"),
+            ("", "must not be empty"),
+            (" ", "must not be empty"),
             (
                 "mailto:ops@example.com",
                 "scheme `mailto` is not http or https",

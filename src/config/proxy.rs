@@ -155,7 +155,7 @@ fn parse_no_proxy(list: &str) -> Result<String, String> {
         });
         if !(entry == "*" || is_network || is_name) {
             return Err(format!(
-                "`{entry}` is not a host name, an IP address, a network (10.0.0.0/8) or `*`: list names without wildcards, ports, schemes or a trailing dot (`.corp.example` covers its subdomains), separated by commas"
+                "`{entry}` is not a host name, an IP address, a network (10.0.0.0/8) or `*`: list names without wildcards, ports, schemes, a trailing dot, empty labels (`a..b`) or a label that begins or ends with `-` (`.corp.example` covers its subdomains), separated by commas"
             ));
         }
     }

@@ -163,20 +163,22 @@ fn place_of(text: &str, offset: usize) -> Place {
     Place { table, key }
 }
 
-/// Whether a key TOML read may be shown: outpost's keys are short, lower-case words joined
-/// by `_`. A secret pasted on a line of its own reads as a key (`SuperS3cret=` sets the key
-/// `SuperS3cret`), and most secrets mix cases or run long; a short lower-case one would still
-/// show.
+/// Whether a key TOML read may be shown: outpost's keys are lower-case words joined by `_`,
+/// without digits, none over 26 bytes. A secret pasted on a line of its own reads as a key
+/// (`SuperS3cret=` sets the key `SuperS3cret`), and secrets mix cases, hold digits or run
+/// long; one of short lower-case letters alone would still show.
 fn looks_like_a_key(key: &str) -> bool {
-    let key = key.trim_matches(['"', ' ']);
-    key.len() <= MAX_KEY_SHOWN
-        && key
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c))
+    key.trim_matches(['"', ' ']).split('.').all(|part| {
+        !part.is_empty()
+            && part.len() <= MAX_KEY_SHOWN
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'-')
+    })
 }
 
-/// The longest key an error shows (outpost's longest is 26 bytes).
-const MAX_KEY_SHOWN: usize = 32;
+/// The longest key an error shows: outpost's longest, `include_segment_timestamps`.
+const MAX_KEY_SHOWN: usize = 26;
 
 /// serde's "unknown field `X`, expected …" without `X` when it does not look like a key.
 fn without_unlikely_key(message: &str) -> String {
@@ -283,12 +285,17 @@ mod tests {
                 "client_secret = \"x\"\nc2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj = 1",
                 "unknown field (not shown",
             ),
+            // A lower-case hex key, as API keys often are.
+            (
+                "client_secret = \"x\"\n5f2b9c0e1a7d4e3f5f2b9c0e1a7d4e3f=",
+                "line 12, column 34 (in [destination.auth]): invalid string",
+            ),
         ] {
             let text = VALID.replace(r#"client_secret = "s3cr3t-value""#, line);
             let error = error_of(&text);
             assert!(error.contains(expected), "{line}: {error}");
             assert!(
-                !error.contains("SuperSecret") && !error.contains("c2Vj"),
+                !error.contains("SuperSecret") && !error.contains("c2Vj") && !error.contains("5f2b"),
                 "{line}: {error}"
             );
         }
