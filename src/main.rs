@@ -14,7 +14,19 @@ fn main() -> ExitCode {
     };
     if let Err(e) = outpost::logging::init(cli.log_format, cli.log_level.as_deref(), default_level)
     {
-        eprintln!("outpost: {e}");
+        // No logging to say it through: a line of the same shape as its failure lines.
+        match cli.log_format {
+            outpost::cli::LogFormat::Json => eprintln!(
+                "{}",
+                serde_json::json!({
+                    "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "level": "ERROR",
+                    "fields": { "message": "outpost failed", "error": e, "exit_code": 2 },
+                    "target": "outpost",
+                })
+            ),
+            outpost::cli::LogFormat::Text => eprintln!("outpost: {e}"),
+        }
         return ExitCode::from(2);
     }
     // What people read and pipe on (`outbox list | head`): a reader that stops early ends

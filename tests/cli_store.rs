@@ -739,6 +739,27 @@ fn the_failure_line_is_json_with_json_logs_and_an_unreadable_filter_is_warned_of
         "{last}"
     );
     assert_eq!(last["fields"]["exit_code"], 2, "{last}");
+    // Also when the logging itself cannot be set up as asked.
+    let out = ws
+        .command(&[
+            "--log-format",
+            "json",
+            "--log-level",
+            "outpost=dbug",
+            "outbox",
+            "stats",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let line: serde_json::Value =
+        serde_json::from_slice(&out.stderr).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    assert!(
+        line["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("--log-level `outpost=dbug`")),
+        "{line}"
+    );
 
     let out = ws
         .command(&["outbox", "stats"])
