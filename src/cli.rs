@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "outpost",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("OUTPOST_COMMIT"), ")"),
     about = "Exports changed customer profiles to an HTTP destination, durably."
 )]
 pub struct Cli {

@@ -773,3 +773,26 @@ fn the_failure_line_is_json_with_json_logs_and_an_unreadable_filter_is_warned_of
         "{stderr}"
     );
 }
+
+/// `--version` names the commit the binary was built from: every build is 0.1.0, and an
+/// operator upgrading could not tell two apart.
+#[test]
+fn the_version_names_the_commit_built() {
+    let out = std::process::Command::new(binary())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let commit = head.unwrap_or_else(|| "unknown commit".to_owned());
+    assert_eq!(
+        version.trim(),
+        format!("outpost {} ({commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
