@@ -2,13 +2,67 @@
 //! store, the ingest listener, the stream, the endpoint, the token), then every problem found.
 
 use crate::admin::AdminRequest;
-use crate::config::{Auth, Config};
+use crate::config::{Auth, Config, Destination, Proxy};
+use crate::delivery::client::{probe_endpoint, ClientError, HttpClient};
 use crate::store::{Store, StoreOwner, StoreUse};
 
 use super::{describe_clock_jumps, display_url, for_terminal, nats, preflight, Backend, CliError};
 
-/// Validates the config (already done by loading it), builds the TLS client, fetches a token.
+/// Validates the config (already done by loading it), checks what it names on this host and
+/// the stream, builds the TLS client, reaches the endpoint and fetches a token.
 pub(super) async fn check(config: &Config) -> Result<(), CliError> {
+    print_config(config)?;
+    let mut problems = Problems::default();
+    check_store_and_ingest(config, &mut problems)?;
+    for warning in &config.warnings {
+        report_line!("warning          {warning}")?;
+    }
+    check_stream(config, &mut problems).await?;
+    let Some(client) = destination_client(config, &mut problems) else {
+        return problems.fail();
+    };
+    // Files the agent would refuse to start for: the destination is not tried.
+    if !problems.files.is_empty() {
+        return problems.fail();
+    }
+    check_endpoint(config, &mut problems.other).await?;
+    check_auth(config, client, &mut problems.other).await?;
+    if !problems.is_empty() {
+        return problems.fail();
+    }
+    report_line!("check            ok")?;
+    Ok(())
+}
+
+/// What `check` found wrong, each kind in the order found.
+#[derive(Default)]
+struct Problems {
+    /// Files the config names that cannot be used, or a store path through a file: the agent
+    /// would refuse to start (exit 2).
+    files: Vec<String>,
+    /// The others (exit 1).
+    other: Vec<String>,
+}
+
+impl Problems {
+    fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.other.is_empty()
+    }
+
+    /// `check`'s failure: every problem found, one a line, the files first. Any file makes it
+    /// a usage error (exit 2), as the agent would refuse them.
+    fn fail(self) -> Result<(), CliError> {
+        if self.files.is_empty() {
+            return Err(CliError::Failure(self.other.join("\noutpost: ")));
+        }
+        let all: Vec<String> = self.files.into_iter().chain(self.other).collect();
+        Err(CliError::Usage(all.join("\noutpost: ")))
+    }
+}
+
+/// The config's summary: the destination, its endpoint and proxy, the custom headers and the
+/// mapping.
+fn print_config(config: &Config) -> Result<(), CliError> {
     let d = &config.destination;
     report_line!("config           {} (valid)", config.path.display())?;
     report_line!(
@@ -26,30 +80,7 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
         report_line!("                 (+ {query} query {parameters}, sent as given)")?;
     }
     if let Some(proxy) = &d.proxy {
-        let credentials = match proxy.credentials {
-            Some(_) => ", with credentials (set)",
-            None => "",
-        };
-        let mut through = Vec::new();
-        if proxy.takes(&d.http_endpoint) {
-            through.push("the endpoint");
-        }
-        if let Auth::OAuth2 { auth_endpoint, .. } = &d.auth {
-            if proxy.takes(auth_endpoint) {
-                through.push("the token endpoint");
-            }
-        }
-        let through = match through.is_empty() {
-            true => {
-                "for neither the endpoint nor the token endpoint: destination.no_proxy lists them"
-                    .to_owned()
-            }
-            false => format!("tunnels to {}", through.join(" and ")),
-        };
-        report_line!(
-            "proxy            {} ({through}{credentials})",
-            proxy.address()
-        )?;
+        print_proxy(d, proxy)?;
     }
     let headers: Vec<&str> = d.custom_headers.iter().map(|(n, _)| n.as_str()).collect();
     report_line!(
@@ -69,22 +100,49 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
         } else {
             format!("{} identity namespaces", config.mapping.identities.len())
         }
-    )?;
+    )
+}
+
+/// The proxy, and which of the endpoint and the token endpoint it tunnels to.
+fn print_proxy(d: &Destination, proxy: &Proxy) -> Result<(), CliError> {
+    let credentials = match proxy.credentials {
+        Some(_) => ", with credentials (set)",
+        None => "",
+    };
+    let mut through = Vec::new();
+    if proxy.takes(&d.http_endpoint) {
+        through.push("the endpoint");
+    }
+    if let Auth::OAuth2 { auth_endpoint, .. } = &d.auth {
+        if proxy.takes(auth_endpoint) {
+            through.push("the token endpoint");
+        }
+    }
+    let through = match through.is_empty() {
+        true => "for neither the endpoint nor the token endpoint: destination.no_proxy lists them"
+            .to_owned(),
+        false => format!("tunnels to {}", through.join(" and ")),
+    };
+    report_line!(
+        "proxy            {} ({through}{credentials})",
+        proxy.address()
+    )
+}
+
+/// What the agent needs on this host: the store folder (and the clock jumps it recorded), the
+/// ingest address free, and the ingest TLS files.
+fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<(), CliError> {
     let store = preflight::store(config);
     report_line!("store            {}", store.line)?;
     report_line!("clock            {}", clock_report(config))?;
     let listen = preflight::listen(config);
     report_line!("ingest           {}", listen.line)?;
-    let mut problems: Vec<String> = Vec::new();
-    // Files the config names that cannot be used, or a store path through a file: the agent
-    // would refuse to start (exit 2).
-    let mut file_problems: Vec<String> = Vec::new();
     if let Some(tls) = &config.ingest.tls {
         match crate::server::tls::acceptor(tls) {
             Ok(_) => report_line!("ingest TLS       certificate and key load")?,
             Err(e) => {
                 report_line!("ingest TLS       cannot be used")?;
-                file_problems.push(e);
+                problems.files.push(e);
             }
         }
     }
@@ -93,47 +151,50 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
             report_line!("warning          {warning}")?;
         }
         match finding.refused_at_start {
-            true => file_problems.extend(finding.problem),
-            false => problems.extend(finding.problem),
+            true => problems.files.extend(finding.problem),
+            false => problems.other.extend(finding.problem),
         }
     }
-    for warning in &config.warnings {
-        report_line!("warning          {warning}")?;
-    }
+    Ok(())
+}
+
+/// `[source.nats]`, if given: the files it names, then, if they can be used, the stream.
+async fn check_stream(config: &Config, problems: &mut Problems) -> Result<(), CliError> {
     if let Some(nats) = &config.nats {
         match nats.check_files() {
-            Err(e) => file_problems.push(e),
+            Err(e) => problems.files.push(e),
             Ok(()) => {
                 if let Err(e) = nats::check_nats(nats).await {
                     report_line!("stream           cannot be read")?;
-                    problems.push(format!("nats: {e}"));
+                    problems.other.push(format!("nats: {e}"));
                 }
             }
         }
     }
-    let client = match crate::delivery::client::HttpClient::new(d, config.delivery.request_timeout)
-    {
-        Ok(client) => client,
-        Err(crate::delivery::client::ClientError::Config(message)) => {
-            file_problems.push(message);
-            return fail_with_files(problems, file_problems);
+    Ok(())
+}
+
+/// The HTTP client the agent would deliver with, or `None` when the destination's TLS cannot
+/// be set up (a file it names that cannot be used is a file problem).
+fn destination_client(config: &Config, problems: &mut Problems) -> Option<HttpClient> {
+    match HttpClient::new(&config.destination, config.delivery.request_timeout) {
+        Ok(client) => Some(client),
+        Err(ClientError::Config(message)) => {
+            problems.files.push(message);
+            None
         }
         Err(other) => {
-            problems.push(format!("destination TLS: {other}"));
-            return fail_with_files(problems, file_problems);
+            problems.other.push(format!("destination TLS: {other}"));
+            None
         }
-    };
-    if !file_problems.is_empty() {
-        return fail_with_files(problems, file_problems);
     }
+}
+
+/// Connects to the endpoint, through TLS for https, sending no export.
+async fn check_endpoint(config: &Config, problems: &mut Vec<String>) -> Result<(), CliError> {
+    let d = &config.destination;
     let https = d.http_endpoint.scheme() == "https";
-    match crate::delivery::client::probe_endpoint(
-        d,
-        &d.http_endpoint,
-        config.delivery.request_timeout,
-    )
-    .await
-    {
+    match probe_endpoint(d, &d.http_endpoint, config.delivery.request_timeout).await {
         Ok(Some(version)) => report_line!("endpoint TLS     certificate verifies ({version})")?,
         // No export is sent: a wrong path or a refusal shows only when one is.
         Ok(None) => report_line!("endpoint TCP     accepts connections (no export sent)")?,
@@ -146,6 +207,16 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
             "warning          endpoint: {e}; exports wait in the outbox until it accepts them"
         )?,
     }
+    Ok(())
+}
+
+/// The destination's auth; for OAuth2, a token fetched with `client`, as the agent would.
+async fn check_auth(
+    config: &Config,
+    client: HttpClient,
+    problems: &mut Vec<String>,
+) -> Result<(), CliError> {
+    let d = &config.destination;
     match &d.auth {
         Auth::None => report_line!("auth             none")?,
         Auth::Bearer { .. } => report_line!("auth             static bearer token (set)")?,
@@ -174,7 +245,7 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
                 Ok(fetched) => fetched,
                 Err(e) => {
                     problems.push(format!("token: {e}"));
-                    return fail(problems);
+                    return Ok(());
                 }
             };
             report_line!(
@@ -197,26 +268,7 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
             }
         }
     }
-    if !problems.is_empty() {
-        return fail(problems);
-    }
-    report_line!("check            ok")?;
     Ok(())
-}
-
-/// `check`'s failure: every problem found, one a line.
-fn fail(problems: Vec<String>) -> Result<(), CliError> {
-    Err(CliError::Failure(problems.join("\noutpost: ")))
-}
-
-/// `check`'s failure when files the config names cannot be used, as the agent would refuse
-/// them (exit 2): those, then the other problems found.
-fn fail_with_files(problems: Vec<String>, files: Vec<String>) -> Result<(), CliError> {
-    if files.is_empty() {
-        return fail(problems);
-    }
-    let all: Vec<String> = files.into_iter().chain(problems).collect();
-    Err(CliError::Usage(all.join("\noutpost: ")))
 }
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
