@@ -28,7 +28,9 @@
 //! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
 //! - [`server`]: the agent's listeners: the ingest API over HTTP or HTTPS
 //!   ([`server::ingest`], [`server::tls`]) and the admin socket ([`server::admin`]).
-//! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints.
+//! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints, one
+//!   concept a file (running the agent, check, ingest, the outbox, the store's upkeep, NATS),
+//!   routed from its mod.rs.
 //! - [`source`]: a NATS JetStream stream as a second input, partitioned by profile.
 //! - [`explain`]: errors a person can act on (what is wrong, which key or certificate, what to
 //!   do).

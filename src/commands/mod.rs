@@ -1,6 +1,12 @@
 //! What each subcommand does: load the config, reach the store ([`backend`]: through the
 //! running agent's socket, or straight on disk), do the work, and print the result for people
 //! or (`--json`) for programs ([`output`]).
+//!
+//! This file routes each command ([`dispatch`]) and says how one fails ([`CliError`]); the
+//! commands stand a concept a file: [`run`] (the agent, the demo, the receiver), [`check`]
+//! (the preflight, with [`preflight`]'s findings on this host), [`ingest`], [`outbox`],
+//! [`repair`] (the store's upkeep: `check --store`, `repair`, `compact`), [`nats`] and
+//! [`handover`] (the NATS stream, and moving its partitions between agents), and [`top`].
 
 /// `println!` for a command's output: a full disk or a reader gone comes back as
 /// [`CliError::Output`] to return, where `println!` would panic.
