@@ -195,6 +195,43 @@ fn taken_by_another(claim: &ReadClaim, handed: &str, file: &Path) -> Option<CliE
     )))
 }
 
+/// What a move prints as it goes once the store's part is done: a line that cannot be
+/// written (a full disk, a reader gone) is remembered rather than returned, since the move
+/// must still be finished (its claims written), and told once it is.
+struct Report {
+    out: Box<dyn std::io::Write>,
+    failed: Option<std::io::Error>,
+}
+
+impl Default for Report {
+    fn default() -> Report {
+        Report {
+            out: Box::new(std::io::stdout()),
+            failed: None,
+        }
+    }
+}
+
+impl Report {
+    fn line(&mut self, line: std::fmt::Arguments) {
+        if self.failed.is_none() {
+            if let Err(e) = writeln!(self.out, "{line}") {
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    /// Done, or the failure to tell it: `done` says what was done.
+    fn finish(self, done: &str) -> Result<(), CliError> {
+        match self.failed {
+            None => Ok(()),
+            Some(e) => Err(CliError::Failure(format!(
+                "{done}, but its report could not be written: {e}"
+            ))),
+        }
+    }
+}
+
 /// Writes `value` into every claim read that does not say it yet.
 fn write_claims(
     runtime: &tokio::runtime::Runtime,
@@ -202,6 +239,7 @@ fn write_claims(
     read: &[ReadClaim],
     value: &str,
     then: &str,
+    report: &mut Report,
 ) -> Result<(), CliError> {
     for claim in read {
         if claim.holder.as_deref() != Some(value) {
@@ -211,7 +249,10 @@ fn write_claims(
                     CliError::Failure(format!("the store's part is done, but {e}. {then}"))
                 })?;
         }
-        outln!("partition {:<6} claim says: {value}", claim.partition)?;
+        report.line(format_args!(
+            "partition {:<6} claim says: {value}",
+            claim.partition
+        ));
     }
     Ok(())
 }
@@ -321,25 +362,29 @@ pub(super) fn hand_over(
     }
     let answer = backend.execute(&request(false)?)?;
     drop(backend);
+    let mut report = Report::default();
     for (partition, seq) in partitions_moved(&answer) {
-        outln!(
+        report.line(format_args!(
             "partition {partition:<6} handed over, {}",
             describe_position(seq)
-        )?;
+        ));
     }
     let in_file = answer["profiles_in_file"].as_u64().unwrap_or(0);
     if written["wrote"].as_bool() == Some(true) {
-        outln!("{in_file} profile(s) written to {}", file.display())?;
+        report.line(format_args!(
+            "{in_file} profile(s) written to {}",
+            file.display()
+        ));
     } else {
-        outln!(
+        report.line(format_args!(
             "{} holds {in_file} profile(s), written before (left as it is)",
             file.display()
-        )?;
+        ));
     }
-    outln!(
+    report.line(format_args!(
         "{} profile(s) forgotten in this store",
         answer["forgotten"].as_u64().unwrap_or(0)
-    )?;
+    ));
     let file_id = answer["file_id"]
         .as_str()
         .ok_or_else(|| CliError::Failure("the store did not name the file".into()))?;
@@ -350,7 +395,9 @@ pub(super) fn hand_over(
         &claim::handed_over(file_id),
         "Until the claims say so, no other agent can take the partitions over: run this \
          hand-over again (it goes on where it stopped)",
-    )
+        &mut report,
+    )?;
+    report.finish("the hand-over is done")
 }
 
 /// The refusal of a take-over whose file the claim does not name.
@@ -453,28 +500,32 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
         Err(e) => return Err(reserved_then(e, reserved)),
     };
     drop(backend);
+    let mut report = Report::default();
     for (partition, seq) in partitions_moved(&answer) {
-        outln!(
+        report.line(format_args!(
             "partition {partition:<6} taken over, {}",
             describe_position(seq)
-        )?;
+        ));
     }
-    outln!(
+    report.line(format_args!(
         "{} profile(s) stored from {} (handed over by store {}; {} in the file)",
         answer["stored"].as_u64().unwrap_or(0),
         file.display(),
         answer["from_store"].as_str().unwrap_or("?"),
         answer["profiles_in_file"].as_u64().unwrap_or(0)
-    )?;
+    ));
     write_claims(
         &runtime,
         &bucket,
         &read,
         &ours,
         "Run this take-over again once NATS answers",
+        &mut report,
     )?;
-    outln!("add the partitions to source.nats.owned, if not yet, and (re)start the agent")?;
-    Ok(())
+    report.line(format_args!(
+        "add the partitions to source.nats.owned, if not yet, and (re)start the agent"
+    ));
+    report.finish("the take-over is done")
 }
 
 /// The agent wrote the hand-over file where this command does not see it. An agent of a build
@@ -505,6 +556,37 @@ fn file_not_seen(file: &Path, written: &Value) -> CliError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line that cannot be written leaves the move to finish, and is told at its end.
+    #[test]
+    fn a_report_that_cannot_be_written_is_told_once_the_move_is_done() {
+        struct Full;
+        impl std::io::Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from_raw_os_error(28))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut report = Report {
+            out: Box::new(Full),
+            failed: None,
+        };
+        report.line(format_args!("partition 6      handed over"));
+        report.line(format_args!("partition 7      handed over"));
+        let error = report.finish("the hand-over is done").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the hand-over is done, but its report could not be written: No space left on device (os error 28)"
+        );
+        assert_eq!(error.exit_code(), 1);
+        let written = Report {
+            out: Box::new(Vec::new()),
+            failed: None,
+        };
+        assert!(written.finish("the take-over is done").is_ok());
+    }
 
     #[test]
     fn a_file_not_seen_says_whether_profiles_were_forgotten() {
