@@ -59,7 +59,7 @@ pub const MAX_REJECTED_RAW: usize = 64 * 1024;
 pub struct SourcePosition {
     pub partition: u32,
     /// The stream it was consumed from: a fingerprint of its name and when it was made
-    /// (`nats::made_at`).
+    /// (`nats::stream::made_at`).
     pub stream: u64,
     /// The highest stream sequence consumed: committed, rejected or skipped.
     pub seq: u64,
