@@ -20,7 +20,8 @@
 //!   single writer ([`store::committer`]), delivery's grouped changes to pending exports
 //!   ([`store::outbox`]), the backfill of newly mapped segments ([`store::backfill`]), the
 //!   upgrade of older stores' profiles.
-//! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]), the
+//! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]) and its
+//!   bounds (`delivery::window`), one request built and sent (`delivery::request`), the
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
 //!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
 //!   ([`delivery::client`]) and its way through a proxy ([`delivery::proxy`]), and the writer
