@@ -431,7 +431,7 @@ impl Deliverer {
                     }
                 }
                 _ = wake.notified(), if !stopping => {}
-                _ = sleep_until(timer), if timer.is_some() => {}
+                _ = sleep_until_or_never(timer), if timer.is_some() => {}
                 _ = &mut idle, if !stopping => idle.as_mut().reset(Instant::now() + IDLE_TICK),
                 _ = shutdown.cancelled(), if !stopping => {}
             }
@@ -1074,7 +1074,7 @@ fn log_read_error(e: &StoreError, store_failed: bool) {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
