@@ -444,36 +444,41 @@ pub fn shortfall(report: &DemoReport) -> Option<String> {
     })
 }
 
-pub fn print_report(report: &DemoReport) {
+pub fn print_report(report: &DemoReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let i = &report.ingested;
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "updates   {} accepted: {} exported, {} unchanged, {} stale, {} deleted",
         i.accepted,
         i.accepted - i.unchanged - i.stale - i.deleted,
         i.unchanged,
         i.stale,
         i.deleted
-    );
+    )?;
     let reasons: Vec<String> = Reason::ALL
         .iter()
         .map(|r| format!("{} {r}", i.exports_for(*r)))
         .collect();
-    println!("exports   {} ({})", i.exports, reasons.join(", "));
-    println!(
+    writeln!(out, "exports   {} ({})", i.exports, reasons.join(", "))?;
+    writeln!(
+        out,
         "delivery  {} delivered, {} retried after a failure, {} after an expired token, {} dead",
         report.delivered, report.retried, report.auth_rejected, report.dead
-    );
+    )?;
     let a = &report.adaptive;
-    println!(
+    writeln!(
+        out,
         "adaptive  destination down for {} ms at the start (one probe at a time, on the backoff schedule);",
         a.down_for.as_millis()
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "          requests in flight adapted between {} and {} (limit {} at the end), peak {} at the receiver;",
         a.limit_min, a.limit_max, a.limit_end, report.receiver_peak_in_flight
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "          {} of {} requests answered 429 by its rate limit of {DEMO_RATE_LIMIT:.0}/s{}",
         report.receiver_refused,
         report.receiver_requests,
@@ -485,29 +490,33 @@ pub fn print_report(report: &DemoReport) {
         } else {
             String::new()
         }
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "tokens    {} fetched (each lives one second in the demo, refreshed before it expires)",
         report.token_fetches
-    );
+    )?;
     let order = match report.receiver_out_of_order {
         0 => "each profile's in order".to_owned(),
         n => format!("{n} profiles' out of order"),
     };
-    println!(
+    writeln!(
+        out,
         "receiver  {} requests, {} distinct exports accepted ({order}), {} tokens issued",
         report.receiver_requests, report.receiver_exports, report.receiver_tokens
-    );
+    )?;
     for (key, payload) in &report.samples {
-        println!();
-        println!("received  Idempotency-Key: {key}");
-        println!(
+        writeln!(out)?;
+        writeln!(out, "received  Idempotency-Key: {key}")?;
+        writeln!(
+            out,
             "{}",
             serde_json::to_string_pretty(payload).expect("a Value always serializes")
-        );
+        )?;
     }
-    println!();
-    println!("next: cp data/outpost.example.toml outpost.toml, point it at your endpoint, then `outpost check`");
+    writeln!(out)?;
+    writeln!(out, "next: cp data/outpost.example.toml outpost.toml, point it at your endpoint, then `outpost check`")?;
+    Ok(())
 }
 
 #[cfg(test)]

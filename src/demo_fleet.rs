@@ -227,25 +227,29 @@ pub fn shortfall(report: &FleetReport) -> Option<String> {
     None
 }
 
-pub fn print_report(report: &FleetReport) {
-    println!();
-    println!(
+pub fn print_report(report: &FleetReport, out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(
+        out,
         "stream    {} updates published over {PARTITIONS} partitions (FNV-1a 64 of the profile id)",
         report.published
-    );
+    )?;
     for (i, agent) in report.agents.iter().enumerate() {
-        println!(
+        writeln!(
+            out,
             "agent {i}   partitions {:<5} {} updates committed, {} exports, {} delivered, {} profiles stored",
             agent.owned, agent.committed, agent.exports, agent.delivered, agent.profiles
-        );
+        )?;
     }
     let exports: u64 = report.agents.iter().map(|a| a.exports).sum();
-    println!(
+    writeln!(
+        out,
         "receiver  {} distinct exports accepted (the fleet made {exports})",
         report.receiver_exports
-    );
-    println!();
-    println!("next: README, \"A fleet fed by NATS JetStream\"; data/fleet-demo.sh runs the same with three `outpost run` processes");
+    )?;
+    writeln!(out)?;
+    writeln!(out, "next: README, \"A fleet fed by NATS JetStream\"; data/fleet-demo.sh runs the same with three `outpost run` processes")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -697,8 +697,7 @@ fn output_that_cannot_be_written_is_a_failure_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 
-    // A reader that goes away ends a command that keeps SIGPIPE ignored quietly, as it ends
-    // those that take its default action.
+    // An ingest whose reader went away says, on stderr, that its updates were stored.
     let mut child = ws
         .command(&["ingest", "--json", "-"])
         .stdin(std::process::Stdio::piped())
@@ -713,8 +712,27 @@ fn output_that_cannot_be_written_is_a_failure_not_a_panic() {
         .unwrap();
     drop(input);
     let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("1 update(s) stored, but the summary could not be written: Broken pipe"),
+        "{out:?}"
+    );
+    // Another command that keeps SIGPIPE ignored ends quietly, as those that take its default
+    // action do.
+    let mut child = ws
+        .command(&["check"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(141), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("outpost:"),
+        "{out:?}"
+    );
 }
 
 /// With `--log-format json`, the line that says why a command failed is JSON too, for the

@@ -240,13 +240,12 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             })();
             match ingested {
                 // Stored, whatever becomes of the summary: a run again would apply them again.
+                // Said on stderr even when the summary's reader went away.
                 Ok(summary) => print_summary(&summary, json).map_err(|error| match error {
-                    CliError::Output(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                        CliError::Failure(format!(
-                            "{} update(s) stored, but the summary could not be written: {e}",
-                            summary.accepted
-                        ))
-                    }
+                    CliError::Output(e) => CliError::Failure(format!(
+                        "{} update(s) stored, but the summary could not be written: {e}",
+                        summary.accepted
+                    )),
                     error => error,
                 }),
                 Err(error) => {

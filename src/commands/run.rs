@@ -31,7 +31,8 @@ pub(super) async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
             report = run => report.map_err(CliError::Failure)?,
             () = termination_signal() => return Err(interrupted()),
         };
-        crate::demo_fleet::print_report(&report);
+        crate::demo_fleet::print_report(&report, &mut std::io::stdout().lock())
+            .map_err(CliError::Output)?;
         return match crate::demo_fleet::shortfall(&report) {
             Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
             None => Ok(()),
@@ -51,7 +52,7 @@ pub(super) async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
     let report = crate::demo::run(&options)
         .await
         .map_err(CliError::Failure)?;
-    crate::demo::print_report(&report);
+    crate::demo::print_report(&report, &mut std::io::stdout().lock()).map_err(CliError::Output)?;
     match crate::demo::shortfall(&report) {
         Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
         None => Ok(()),
