@@ -5,7 +5,8 @@
 //! answers 503 with `Retry-After` and a plain message, and once a filler file on the tmpfs is
 //! deleted it takes updates again and delivers everything, each export once, without a
 //! restart; SIGTERM exits 0. Then `outpost ingest` on a full disk fails with a clear message,
-//! says how much it stored, and a second run stores the rest. Fed by NATS instead (needs
+//! says how much it stored, and a second run stores the rest; a listing whose temporary
+//! folder is full says so. Fed by NATS instead (needs
 //! `nats-server`, as `tests/nats_fleet.rs`), a full disk loses no message either.
 
 mod common;
@@ -501,4 +502,31 @@ async fn http_post_full(
         status,
         (retry_after, String::from_utf8_lossy(&body).into_owned()),
     )
+}
+
+/// `outbox list` on the store spools its rows to a temporary file: a full temporary folder is
+/// named as such, not taken for the output's disk.
+#[test]
+fn a_listing_whose_temporary_folder_is_full_says_which_disk_is() {
+    let ws = Workspace::new();
+    let input: Vec<String> = (0..200).map(|n| update(&format!("p-{n}"))).collect();
+    ws.run_ok(&["ingest", "-"], Some(input.join("\n").as_bytes()));
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(_fs) = tmpfs_or_skip(tmp.path(), "64k") else {
+        return;
+    };
+    let out = ws
+        .command(&["outbox", "list", "--json", "--limit", "0"])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot write the output: the listing's temporary file in {}: No space left on device",
+            tmp.path().display()
+        )),
+        "{stderr}"
+    );
 }

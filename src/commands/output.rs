@@ -228,8 +228,9 @@ impl Listing {
         let failed = |e: std::io::Error| {
             super::CliError::Failure(format!("cannot read back the listing: {e}"))
         };
-        out.flush().map_err(failed)?;
-        let mut file = out.into_inner().map_err(|e| failed(e.into_error()))?;
+        let spool_full = |e| super::CliError::Output(spool_error(e));
+        out.flush().map_err(spool_full)?;
+        let mut file = out.into_inner().map_err(|e| spool_full(e.into_error()))?;
         file.rewind().map_err(failed)?;
         std::io::copy(&mut file, &mut std::io::stdout().lock()).map_err(super::CliError::Output)?;
         Ok(())
@@ -240,16 +241,28 @@ impl std::io::Write for Listing {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Listing::Stdout(out) => out.write(buf),
-            Listing::Spooled(out) => out.write(buf),
+            Listing::Spooled(out) => out.write(buf).map_err(spool_error),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Listing::Stdout(out) => out.flush(),
-            Listing::Spooled(out) => out.flush(),
+            Listing::Spooled(out) => out.flush().map_err(spool_error),
         }
     }
+}
+
+/// A failed write to the temporary file, named as such: the disk to free is that of the
+/// temporary folder, not of the output.
+fn spool_error(error: std::io::Error) -> std::io::Error {
+    std::io::Error::new(
+        error.kind(),
+        format!(
+            "the listing's temporary file in {}: {error}",
+            std::env::temp_dir().display()
+        ),
+    )
 }
 
 /// `outbox list`'s output, a row at a time as the pages come: NDJSON, or a table under one
