@@ -280,7 +280,8 @@ fn tokens_from_the_environment() {
 }
 
 /// A file where the store folder would be is a problem `check` names, with the exit the
-/// agent's start refuses it with: a configuration mistake, 2.
+/// agent's start refuses it with: a configuration mistake, 2. The destination is checked all
+/// the same.
 #[test]
 fn a_file_in_the_store_path_is_a_problem() {
     let ws = Workspace::new();
@@ -290,6 +291,7 @@ fn a_file_in_the_store_path_is_a_problem() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
     assert!(!stdout.contains("check            ok"), "{stdout}");
+    assert!(stdout.contains("auth             none"), "{stdout}");
     assert!(
         stderr.contains(&format!(
             "storage.path {0}: a part of that path, {0}, is a file, not a folder",

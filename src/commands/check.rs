@@ -37,25 +37,31 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
 /// What `check` found wrong, each kind in the order found.
 #[derive(Default)]
 struct Problems {
-    /// Files the config names that cannot be used, or a store path through a file: the agent
-    /// would refuse to start (exit 2).
+    /// Files the config names that cannot be used: the agent would refuse to start (exit 2),
+    /// and the destination is not tried with them.
     files: Vec<String>,
+    /// A store path through a file: the agent would refuse to start too (exit 2), but the
+    /// destination is still tried.
+    store_path: Vec<String>,
     /// The others (exit 1).
     other: Vec<String>,
 }
 
 impl Problems {
     fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.other.is_empty()
+        self.files.is_empty() && self.store_path.is_empty() && self.other.is_empty()
     }
 
-    /// `check`'s failure: every problem found, one a line, the files first. Any file makes it
-    /// a usage error (exit 2), as the agent would refuse them.
+    /// `check`'s failure: every problem found, one a line, those the agent would refuse to
+    /// start for first; any of them makes it a usage error (exit 2), as the agent's start.
     fn fail(self) -> Result<(), CliError> {
-        if self.files.is_empty() {
+        if self.files.is_empty() && self.store_path.is_empty() {
             return Err(CliError::Failure(self.other.join("\noutpost: ")));
         }
-        let all: Vec<String> = self.files.into_iter().chain(self.other).collect();
+        let all: Vec<String> = (self.files.into_iter())
+            .chain(self.store_path)
+            .chain(self.other)
+            .collect();
         Err(CliError::Usage(all.join("\noutpost: ")))
     }
 }
@@ -151,7 +157,7 @@ fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<()
             report_line!("warning          {warning}")?;
         }
         match finding.refused_at_start {
-            true => problems.files.extend(finding.problem),
+            true => problems.store_path.extend(finding.problem),
             false => problems.other.extend(finding.problem),
         }
     }
