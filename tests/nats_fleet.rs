@@ -1806,7 +1806,7 @@ async fn a_subject_prefix_the_stream_was_not_made_for_is_refused() {
         "subject_prefix = \"test.moved\"",
     );
     let moved = AgentSetup::new(base, Some(&moved), "");
-    let why = "stream UPDATES takes subjects [\"test.updates.*\"], not test.moved.*";
+    let why = "stream UPDATES takes subjects [\"test.updates.*\"], not test.moved.0 (partition 0's";
     let file = write_lines(moved.dir.path(), &[version_line(0, 0)]);
     for args in [&["check"][..], &["publish", file.to_str().unwrap()]] {
         let out = moved.run(args);

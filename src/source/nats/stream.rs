@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 
 use super::{connect, nats_error, NatsError};
 use crate::source::config::NatsSource;
-use crate::source::partition::is_partition_subject;
+use crate::source::partition::{is_partition_subject, subject_of};
 
 /// The stream `outpost nats setup` makes: file storage, subjects `<prefix>.*`, and the
 /// partition count in its description.
@@ -106,13 +106,52 @@ fn covering_subject(info: &stream::Info, config: &NatsSource) -> Result<String, 
         })
 }
 
+/// Whether NATS subject `pattern` (a stream's, where `*` takes one token and a last `>` the
+/// rest) takes `subject`.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let (mut pattern, mut subject) = (pattern.split('.'), subject.split('.'));
+    loop {
+        match (pattern.next(), subject.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(token), Some(other)) if token == other => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The first partition whose subject none of the stream's `subjects` takes, if any: its
+/// updates would find no stream, and its consumer could not be made.
+fn partition_not_taken(subjects: &[String], prefix: &str, partitions: u32) -> Option<u32> {
+    (0..partitions).find(|&partition| {
+        let subject = subject_of(prefix, partition);
+        !subjects
+            .iter()
+            .any(|pattern| subject_matches(pattern, &subject))
+    })
+}
+
 /// Whether the stream was made for the partition count of `config`, as far as it records one,
 /// and keeps its messages until its limits, not only while a consumer wants them: each
 /// partition's consumer is made anew at every start, and a stream that drops what no consumer
 /// holds (interest or work-queue retention) would lose the updates published or left
 /// unacknowledged meanwhile.
 pub fn check_partitions(info: &stream::Info, config: &NatsSource) -> Result<(), NatsError> {
-    covering_subject(info, config)?;
+    // A stream made by hand may take them otherwise than `<prefix>.*` (`>`, or each listed).
+    let subjects = &info.config.subjects;
+    if let Some(partition) =
+        partition_not_taken(subjects, &config.subject_prefix, config.partitions)
+    {
+        return Err(NatsError(format!(
+            "stream {} takes subjects {subjects:?}, not {} (partition {partition}'s, under \
+             source.nats.subject_prefix): nothing published there would find the stream, and \
+             its partition could not be consumed; set subject_prefix as the stream was made \
+             for, or delete the stream or change source.nats.stream",
+            config.stream,
+            subject_of(&config.subject_prefix, partition)
+        )));
+    }
     if info.config.retention != stream::RetentionPolicy::Limits {
         return Err(NatsError(format!(
             "stream {} has {:?} retention; outpost needs limits retention (the default), since it makes its consumers anew at every start and the stream must keep what none holds meanwhile",
@@ -449,6 +488,33 @@ pub(super) fn stream_fingerprint(info: &stream::Info) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn which_partitions_a_streams_subjects_take() {
+        let subjects = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // (the stream's subjects, the prefix, partitions, the first not taken)
+        let table: &[(&[&str], &str, u32, Option<u32>)] = &[
+            (&["u.p.*"], "u.p", 4, None),
+            (&["u.p.>"], "u.p", 4, None),
+            (&["u.>"], "u.p", 4, None),
+            (&[">"], "u.p", 4, None),
+            (&["*.p.*"], "u.p", 4, None),
+            (&["u.p.0", "u.p.1", "u.p.2", "u.p.3"], "u.p", 4, None),
+            (&["u.p.0", "u.p.1", "u.p.3"], "u.p", 4, Some(2)),
+            (&["u.q.*"], "u.p", 4, Some(0)),
+            (&["u.p"], "u.p", 4, Some(0)),
+            (&["u.p.*.x"], "u.p", 4, Some(0)),
+            (&["u.*"], "u.p", 4, Some(0)),
+            (&["u.p.*"], "u.p.q", 2, Some(0)),
+        ];
+        for &(list, prefix, partitions, first) in table {
+            assert_eq!(
+                partition_not_taken(&subjects(list), prefix, partitions),
+                first,
+                "{list:?} {prefix}"
+            );
+        }
+    }
 
     #[test]
     fn limits_that_remove_unconsumed_updates_are_told() {
