@@ -398,3 +398,31 @@ fn control_characters_in_what_the_config_names_are_escaped() {
         "{stdout}"
     );
 }
+
+/// A mapping changed since the store last ran is told by `check`, with what the next start
+/// does: a segment new to the store is backfilled, one left out is no longer exported.
+#[test]
+fn check_tells_what_a_changed_mapping_does_at_the_next_start() {
+    let ws = Workspace::new();
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(member_update("p-1", "Jane", "2026-01-01T00:00:01Z").as_bytes()),
+    );
+    let unchanged = check(&ws, None);
+    assert!(
+        !String::from_utf8_lossy(&unchanged.stdout).contains("mapping change"),
+        "{unchanged:?}"
+    );
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let changed = config.replace(&format!("\"{SEGMENT_B}\"]"), "\"seg-new\"]");
+    assert_ne!(changed, config);
+    std::fs::write(ws.config_path(), changed).unwrap();
+    let out = check(&ws, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "mapping change   segments new to this store: seg-new; the next start exports each of their stored members once (backfill); segments no longer mapped: {SEGMENT_B}"
+        )),
+        "{stdout}"
+    );
+}

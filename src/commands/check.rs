@@ -5,6 +5,7 @@ use crate::admin::AdminRequest;
 use crate::config::{Auth, Config, Destination, Proxy};
 use crate::delivery::client::{probe_endpoint, ClientError, HttpClient};
 use crate::store::{Store, StoreOwner, StoreUse};
+use serde_json::Value;
 
 use super::{describe_clock_jumps, display_url, for_terminal, nats, preflight, Backend, CliError};
 
@@ -140,7 +141,11 @@ fn print_proxy(d: &Destination, proxy: &Proxy) -> Result<(), CliError> {
 fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<(), CliError> {
     let store = preflight::store(config);
     report_line!("store            {}", store.line)?;
-    report_line!("clock            {}", clock_report(config))?;
+    let stats = store_stats(config);
+    report_line!("clock            {}", clock_report(&stats))?;
+    if let Some(line) = mapping_report(&stats, &config.mapping.segments) {
+        report_line!("mapping change   {line}")?;
+    }
     let listen = preflight::listen(config);
     report_line!("ingest           {}", listen.line)?;
     if let Some(tls) = &config.ingest.tls {
@@ -278,28 +283,100 @@ async fn check_auth(
 }
 
 /// The wall-clock jumps the store recorded, if the store exists (`check` does not create one).
-fn clock_report(config: &Config) -> String {
+fn clock_report(stats: &Result<Value, String>) -> String {
+    match stats {
+        Ok(stats) => format!("wall-clock jumps {}", describe_clock_jumps(stats)),
+        Err(why) => why.clone(),
+    }
+}
+
+/// What the config's segments change from those the store's last run mapped, which the next
+/// start does: `None` when they are the same, or the store has not run yet (or an agent of an
+/// earlier build, which does not say them, runs on it).
+fn mapping_report(stats: &Result<Value, String>, segments: &[String]) -> Option<String> {
+    let recorded: Vec<&str> = stats.as_ref().ok()?["mapped_segments"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let new: Vec<&str> = (segments.iter().map(String::as_str))
+        .filter(|s| !recorded.contains(s))
+        .collect();
+    let left: Vec<&str> = (recorded.iter().copied())
+        .filter(|s| !segments.iter().any(|mapped| mapped == s))
+        .collect();
+    let mut changes = Vec::new();
+    if !new.is_empty() {
+        changes.push(format!(
+            "segments new to this store: {}; the next start exports each of their stored \
+             members once (backfill)",
+            new.join(", ")
+        ));
+    }
+    if !left.is_empty() {
+        changes.push(format!(
+            "segments no longer mapped: {}; from the next start payloads leave them out and \
+             their changes export nothing",
+            left.join(", ")
+        ));
+    }
+    (!changes.is_empty()).then(|| changes.join("; "))
+}
+
+/// The store's figures, through its agent or on the store itself; `Err` says why not, as
+/// the line that would have shown them.
+fn store_stats(config: &Config) -> Result<Value, String> {
     if !Store::exists_at(&config.storage.path).unwrap_or(false) {
-        return "wall clock not watched yet (no store)".to_owned();
+        return Err("wall clock not watched yet (no store)".to_owned());
     }
     // Run as root, `check` keeps root's rights throughout (for the key files), so it opens
     // the store only where root would keep them too.
     match StoreOwner::of_foreign_store(&config.storage.path, StoreUse::Existing) {
         Ok(None) => {}
         Ok(Some(_)) => {
-            return "not read: the store is another user's, and check runs with root's rights (run it as that user for this line)".to_owned()
+            return Err("not read: the store is another user's, and check runs with root's rights (run it as that user for this line)".to_owned())
         }
-        Err(e) => return format!("not read: {e}"),
+        Err(e) => return Err(format!("not read: {e}")),
     }
-    let stats = Backend::connect(config)
+    Backend::connect(config)
         .map_err(|e| e.to_string())
         .and_then(|backend| {
             backend
                 .execute(&AdminRequest::Stats)
                 .map_err(|e| e.to_string())
-        });
-    match stats {
-        Ok(stats) => format!("wall-clock jumps {}", describe_clock_jumps(&stats)),
-        Err(e) => format!("cannot read the store: {e}"),
+        })
+        .map_err(|e| format!("cannot read the store: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_changed_mapping_does_at_the_next_start() {
+        let stats = |recorded: Option<&[&str]>| -> Result<Value, String> {
+            Ok(match recorded {
+                Some(ids) => serde_json::json!({ "mapped_segments": ids }),
+                None => serde_json::json!({}),
+            })
+        };
+        let segments = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ab = segments(&["a", "b"]);
+        assert_eq!(mapping_report(&stats(Some(&["a", "b"])), &ab), None);
+        assert_eq!(mapping_report(&stats(Some(&["b", "a"])), &ab), None);
+        // Before the store's first run, or an agent that does not say: nothing to tell.
+        assert_eq!(mapping_report(&stats(None), &ab), None);
+        assert_eq!(mapping_report(&Err("no store".into()), &ab), None);
+        let new = mapping_report(&stats(Some(&["a"])), &ab).unwrap();
+        assert!(
+            new.starts_with("segments new to this store: b; the next start exports"),
+            "{new}"
+        );
+        let both = mapping_report(&stats(Some(&["a", "c", "d"])), &ab).unwrap();
+        assert!(
+            both.starts_with("segments new to this store: b;")
+                && both.contains("; segments no longer mapped: c, d; from the next start"),
+            "{both}"
+        );
     }
 }

@@ -49,6 +49,10 @@ pub struct OutboxStats {
     /// [`Store::outbox_stats`], read every second, which has no use for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handed_over: Option<HandedOver>,
+    /// The segments the store's last run mapped, to tell what a changed mapping will do at
+    /// the next start; left out before the first run, and by [`Store::outbox_stats`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped_segments: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -240,6 +244,14 @@ impl Store {
             partition_count,
             partitions: partitions.into_iter().collect(),
         });
+        let records = self.mapping_records()?;
+        stats.mapped_segments = (!records.is_empty()).then(|| {
+            records
+                .into_iter()
+                .filter(|(_, record)| record.mapped)
+                .map(|(id, _)| id)
+                .collect()
+        });
         Ok(stats)
     }
 
@@ -308,6 +320,7 @@ impl Store {
             rejected,
             rejected_not_kept,
             handed_over: None,
+            mapped_segments: None,
         })
     }
 
