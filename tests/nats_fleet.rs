@@ -1822,6 +1822,27 @@ async fn a_subject_prefix_the_stream_was_not_made_for_is_refused() {
         async || agent.log().contains(why),
     )
     .await;
+    drop(agent);
+
+    // A stream made by hand that takes every partition's subject more widely is taken, by
+    // `nats setup` (which records the count in it) as by `check`.
+    let js = server.jetstream().await;
+    js.delete_stream("UPDATES").await.unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "UPDATES".into(),
+        subjects: vec!["test.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    made.cli(&["nats", "setup"]);
+    let check = made.run(&["check"]);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(stdout.contains("stream           UPDATES"), "{stdout}");
+    assert!(
+        !String::from_utf8_lossy(&check.stderr).contains("takes subjects"),
+        "{check:?}"
+    );
 }
 
 /// The partition count a stream was made for is written in it by `nats setup`: `nats setup`,

@@ -87,25 +87,6 @@ pub fn recorded_partitions(description: Option<&str>) -> Option<u32> {
         .ok()
 }
 
-/// The stream's subject that takes every partition's: `<prefix>.*` as setup makes it, or
-/// `<prefix>.>` as one may make it by hand. A stream without one (`subject_prefix` changed
-/// since setup) takes no publish, and no partition's consumer can be made on it.
-fn covering_subject(info: &stream::Info, config: &NatsSource) -> Result<String, NatsError> {
-    let wanted = format!("{}.*", config.subject_prefix);
-    [wanted.clone(), format!("{}.>", config.subject_prefix)]
-        .into_iter()
-        .find(|s| info.config.subjects.contains(s))
-        .ok_or_else(|| {
-            NatsError(format!(
-                "stream {} takes subjects {:?}, not {wanted} (source.nats.subject_prefix): nothing \
-                 published there would find the stream, and no partition could be consumed; set \
-                 subject_prefix as the stream was made for, or delete the stream or change \
-                 source.nats.stream",
-                config.stream, info.config.subjects
-            ))
-        })
-}
-
 /// Whether NATS subject `pattern` (a stream's, where `*` takes one token and a last `>` the
 /// rest) takes `subject`.
 fn subject_matches(pattern: &str, subject: &str) -> bool {
@@ -302,14 +283,13 @@ async fn found(
     record_made_at: bool,
 ) -> Result<SetupOutcome, NatsError> {
     let info = stream.cached_info().clone();
-    let covering = covering_subject(&info, config)?;
+    check_partitions(&info, config)?;
     if info.config.storage != stream::StorageType::File {
         return Err(NatsError(format!(
             "stream {} keeps its messages in memory; outpost needs file storage",
             config.stream
         )));
     }
-    check_partitions(&info, config)?;
     let messages = info.state.messages;
     let replicas = info.config.num_replicas;
     let description_now = info.config.description.as_deref().unwrap_or("");
@@ -326,7 +306,7 @@ async fn found(
     let made_at_recorded = without_made_at.then_some(record_made_at || pending);
     if recorded {
         // Made by hand or by an earlier build: its messages must fit the count.
-        check_subjects_fit(stream, &covering, config).await?;
+        check_subjects_fit(stream, config).await?;
     }
     if recorded || made_at_recorded == Some(true) {
         let nanos = info.created.unix_timestamp_nanos();
@@ -349,13 +329,10 @@ async fn found(
 }
 
 /// Fails when the stream holds messages on a subject beyond the partitions of `config`.
-async fn check_subjects_fit(
-    stream: &stream::Stream,
-    covering: &str,
-    config: &NatsSource,
-) -> Result<(), NatsError> {
+async fn check_subjects_fit(stream: &stream::Stream, config: &NatsSource) -> Result<(), NatsError> {
+    // Every subject under the prefix, at any depth: the stream may take more than `<prefix>.*`.
     let mut subjects = stream
-        .info_with_subjects(covering)
+        .info_with_subjects(format!("{}.>", config.subject_prefix))
         .await
         .map_err(|e| nats_error("reading the stream's subjects", e))?;
     while let Some(subject) = subjects.next().await {
