@@ -104,17 +104,15 @@ pub fn parse_custom_headers(
         })
         .collect::<Result<Vec<_>, String>>()
         .and_then(|headers| {
-            // Two reach the endpoint as a list, which Authorization cannot be: it may read
-            // either, or refuse. Other names may repeat, as a list-valued header's values,
-            // which may not hold a `,` here, must.
-            let authorization = |(name, _): &&(String, String)| name.eq_ignore_ascii_case("authorization");
-            match headers
-                .iter()
-                .enumerate()
-                .filter(|(_, header)| authorization(header))
-                .map(|(i, _)| i)
-                .nth(1)
-            {
+            // Two reach the endpoint as a list, which a credential (Authorization, a key,
+            // a cookie) is not: it may read either, or refuse every export. Other names may
+            // repeat, as a list-valued header's values, which may not hold a `,` here, must.
+            let mut credentials = std::collections::HashSet::new();
+            match headers.iter().position(|(name, _)| {
+                let name = name.to_ascii_lowercase();
+                (name == "authorization" || names_a_credential(&name))
+                    && !credentials.insert(name)
+            }) {
                 Some(i) => Err(format!(
                     "header {}: `{}` is given twice; give it once",
                     i + 1,
@@ -184,6 +182,11 @@ mod tests {
         assert_eq!(
             twice.unwrap_err(),
             "header 2: `authorization` is given twice; give it once"
+        );
+        let twice = parse_custom_headers(Some("x-api-key:k1,x-tenant:a,X-Api-Key:k2"), false);
+        assert_eq!(
+            twice.unwrap_err(),
+            "header 3: `X-Api-Key` is given twice; give it once"
         );
         // A list-valued header's values, which may not hold a `,`, go as repeats.
         assert_eq!(
