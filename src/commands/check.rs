@@ -22,8 +22,8 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
     let Some(client) = destination_client(config, &mut problems) else {
         return problems.fail();
     };
-    // Files the agent would refuse to start for: the destination is not tried.
-    if !problems.files.is_empty() {
+    // Files the agent would refuse to start for: the destination is not tried with them.
+    if problems.unusable_files {
         return problems.fail();
     }
     check_endpoint(config, &mut problems.other).await?;
@@ -38,31 +38,32 @@ pub(super) async fn check(config: &Config) -> Result<(), CliError> {
 /// What `check` found wrong, each kind in the order found.
 #[derive(Default)]
 struct Problems {
-    /// Files the config names that cannot be used: the agent would refuse to start (exit 2),
-    /// and the destination is not tried with them.
-    files: Vec<String>,
-    /// A store path through a file: the agent would refuse to start too (exit 2), but the
-    /// destination is still tried.
-    store_path: Vec<String>,
+    /// What the agent would refuse to start for (exit 2): files the config names that cannot
+    /// be used, a store path through a file.
+    refused: Vec<String>,
+    /// Some of `refused` are files, which the destination is not tried without.
+    unusable_files: bool,
     /// The others (exit 1).
     other: Vec<String>,
 }
 
 impl Problems {
     fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.store_path.is_empty() && self.other.is_empty()
+        self.refused.is_empty() && self.other.is_empty()
+    }
+
+    fn unusable_file(&mut self, problem: String) {
+        self.refused.push(problem);
+        self.unusable_files = true;
     }
 
     /// `check`'s failure: every problem found, one a line, those the agent would refuse to
     /// start for first; any of them makes it a usage error (exit 2), as the agent's start.
     fn fail(self) -> Result<(), CliError> {
-        if self.files.is_empty() && self.store_path.is_empty() {
+        if self.refused.is_empty() {
             return Err(CliError::Failure(self.other.join("\noutpost: ")));
         }
-        let all: Vec<String> = (self.files.into_iter())
-            .chain(self.store_path)
-            .chain(self.other)
-            .collect();
+        let all: Vec<String> = self.refused.into_iter().chain(self.other).collect();
         Err(CliError::Usage(all.join("\noutpost: ")))
     }
 }
@@ -153,7 +154,7 @@ fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<()
             Ok(_) => report_line!("ingest TLS       certificate and key load")?,
             Err(e) => {
                 report_line!("ingest TLS       cannot be used")?;
-                problems.files.push(e);
+                problems.unusable_file(e);
             }
         }
     }
@@ -162,7 +163,7 @@ fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<()
             report_line!("warning          {warning}")?;
         }
         match finding.refused_at_start {
-            true => problems.store_path.extend(finding.problem),
+            true => problems.refused.extend(finding.problem),
             false => problems.other.extend(finding.problem),
         }
     }
@@ -173,7 +174,7 @@ fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<()
 async fn check_stream(config: &Config, problems: &mut Problems) -> Result<(), CliError> {
     if let Some(nats) = &config.nats {
         match nats.check_files() {
-            Err(e) => problems.files.push(e),
+            Err(e) => problems.unusable_file(e),
             Ok(()) => {
                 if let Err(e) = nats::check_nats(nats).await {
                     report_line!("stream           cannot be read")?;
@@ -191,7 +192,7 @@ fn destination_client(config: &Config, problems: &mut Problems) -> Option<HttpCl
     match HttpClient::new(&config.destination, config.delivery.request_timeout) {
         Ok(client) => Some(client),
         Err(ClientError::Config(message)) => {
-            problems.files.push(message);
+            problems.unusable_file(message);
             None
         }
         Err(other) => {
