@@ -421,7 +421,7 @@ fn check_tells_what_a_changed_mapping_does_at_the_next_start() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!(
-            "mapping change   segments new to this store: seg-new; the next start exports each of their stored members once (backfill); segments no longer mapped: {SEGMENT_B}"
+            "mapping change   segments newly mapped: \"seg-new\"; the next start exports each of their stored members once (backfill); segments no longer mapped: \"{SEGMENT_B}\""
         )),
         "{stdout}"
     );

@@ -292,33 +292,44 @@ fn clock_report(stats: &Result<Value, String>) -> String {
 }
 
 /// What the config's segments change from those the store's last run mapped, which the next
-/// start does: `None` when they are the same, or the store has not run yet (or an agent of an
-/// earlier build, which does not say them, runs on it).
+/// start (or `outpost ingest` on the store) does: `None` when they are the same, or nothing
+/// could be read of the store.
 fn mapping_report(stats: &Result<Value, String>, segments: &[String]) -> Option<String> {
-    let recorded: Vec<&str> = stats.as_ref().ok()?["mapped_segments"]
-        .as_array()?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let Some(recorded) = stats.as_ref().ok()?["mapped_segments"].as_array() else {
+        // A store that has not run yet records none; an agent of an earlier build says none.
+        return Some(
+            "not known: the store (or its agent, of an earlier build) does not say which \
+             segments it last ran with"
+                .to_owned(),
+        );
+    };
+    let recorded: Vec<&str> = recorded.iter().filter_map(Value::as_str).collect();
     let new: Vec<&str> = (segments.iter().map(String::as_str))
         .filter(|s| !recorded.contains(s))
         .collect();
     let left: Vec<&str> = (recorded.iter().copied())
         .filter(|s| !segments.iter().any(|mapped| mapped == s))
         .collect();
+    // Quoted, so that a space at an end shows.
+    let listed = |ids: &[&str]| {
+        ids.iter()
+            .map(|id| format!("{id:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut changes = Vec::new();
     if !new.is_empty() {
         changes.push(format!(
-            "segments new to this store: {}; the next start exports each of their stored \
-             members once (backfill)",
-            new.join(", ")
+            "segments newly mapped: {}; the next start exports each of their stored members \
+             once (backfill)",
+            listed(&new)
         ));
     }
     if !left.is_empty() {
         changes.push(format!(
             "segments no longer mapped: {}; from the next start payloads leave them out and \
              their changes export nothing",
-            left.join(", ")
+            listed(&left)
         ));
     }
     (!changes.is_empty()).then(|| changes.join("; "))
@@ -365,18 +376,20 @@ mod tests {
         let ab = segments(&["a", "b"]);
         assert_eq!(mapping_report(&stats(Some(&["a", "b"])), &ab), None);
         assert_eq!(mapping_report(&stats(Some(&["b", "a"])), &ab), None);
-        // Before the store's first run, or an agent that does not say: nothing to tell.
-        assert_eq!(mapping_report(&stats(None), &ab), None);
+        // Nothing read of the store: nothing to tell. Read, but without the segments (an
+        // agent of an earlier build): not known, rather than silence read as no change.
         assert_eq!(mapping_report(&Err("no store".into()), &ab), None);
+        let unknown = mapping_report(&stats(None), &ab).unwrap();
+        assert!(unknown.starts_with("not known:"), "{unknown}");
         let new = mapping_report(&stats(Some(&["a"])), &ab).unwrap();
         assert!(
-            new.starts_with("segments new to this store: b; the next start exports"),
+            new.starts_with("segments newly mapped: \"b\"; the next start exports"),
             "{new}"
         );
-        let both = mapping_report(&stats(Some(&["a", "c", "d"])), &ab).unwrap();
+        let both = mapping_report(&stats(Some(&["a", "c ", "d"])), &ab).unwrap();
         assert!(
-            both.starts_with("segments new to this store: b;")
-                && both.contains("; segments no longer mapped: c, d; from the next start"),
+            both.starts_with("segments newly mapped: \"b\";")
+                && both.contains("; segments no longer mapped: \"c \", \"d\"; from the next start"),
             "{both}"
         );
     }
