@@ -16,14 +16,13 @@ fn main() -> ExitCode {
     {
         // No logging to say it through: a line of the same shape as its failure lines.
         match cli.log_format {
+            // In tracing's order of keys, for pipelines that read lines as text.
             outpost::cli::LogFormat::Json => eprintln!(
-                "{}",
-                serde_json::json!({
-                    "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                    "level": "ERROR",
-                    "fields": { "message": "outpost failed", "error": e, "exit_code": 2 },
-                    "target": "outpost",
-                })
+                r#"{{"timestamp":{},"level":"ERROR","fields":{{"message":"outpost failed","error":{},"exit_code":2}},"target":"outpost"}}"#,
+                serde_json::Value::from(
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                ),
+                serde_json::Value::from(e),
             ),
             outpost::cli::LogFormat::Text => eprintln!("outpost: {e}"),
         }

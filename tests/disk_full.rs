@@ -524,7 +524,7 @@ fn a_listing_whose_temporary_folder_is_full_says_which_disk_is() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "cannot write the output: the listing's temporary file in {}: No space left on device",
+            "cannot write the listing's temporary file in {}: No space left on device (os error 28); free space there, or set TMPDIR",
             tmp.path().display()
         )),
         "{stderr}"

@@ -522,10 +522,9 @@ pub(super) fn take_over(config: &Config, file: &Path) -> Result<(), CliError> {
         "Run this take-over again once NATS answers",
         &mut report,
     )?;
-    report.line(format_args!(
-        "add the partitions to source.nats.owned, if not yet, and (re)start the agent"
-    ));
-    report.finish("the take-over is done")
+    let next = "add the partitions to source.nats.owned, if not yet, and (re)start the agent";
+    report.line(format_args!("{next}"));
+    report.finish(&format!("the take-over is done ({next})"))
 }
 
 /// The agent wrote the hand-over file where this command does not see it. An agent of a build

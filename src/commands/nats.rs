@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::output::Listing;
+use super::output::{output_error, Listing};
 use super::{for_terminal, list_paged_by, print_json, text_of, Backend, CliError, Print};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
@@ -487,14 +487,14 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
                 Ok(())
             };
             let cut = list_paged_by(wanted, PAGE, "rejected message", id_of, fetch, |item| {
-                row(item).map_err(CliError::Output)
+                row(item).map_err(output_error)
             });
             let cut = match cut {
                 Ok(cut) => cut,
                 Err(e) => return Err(out.cut_short(e)),
             };
             if !json.json && rows == 0 {
-                writeln!(out, "no rejected messages").map_err(CliError::Output)?;
+                writeln!(out, "no rejected messages").map_err(output_error)?;
             }
             if cut {
                 eprintln!("the first {limit} shown; --limit 0 lists all");

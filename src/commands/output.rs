@@ -228,7 +228,7 @@ impl Listing {
         let failed = |e: std::io::Error| {
             super::CliError::Failure(format!("cannot read back the listing: {e}"))
         };
-        let spool_full = |e| super::CliError::Output(spool_error(e));
+        let spool_full = |e| output_error(spool_error(e));
         out.flush().map_err(spool_full)?;
         let mut file = out.into_inner().map_err(|e| spool_full(e.into_error()))?;
         file.rewind().map_err(failed)?;
@@ -253,16 +253,36 @@ impl std::io::Write for Listing {
     }
 }
 
-/// A failed write to the temporary file, named as such: the disk to free is that of the
-/// temporary folder, not of the output.
+/// A failed write to the listing's temporary file.
+#[derive(Debug)]
+struct SpoolFailed(std::io::Error);
+
+impl std::fmt::Display for SpoolFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SpoolFailed {}
+
 fn spool_error(error: std::io::Error) -> std::io::Error {
-    std::io::Error::new(
-        error.kind(),
-        format!(
-            "the listing's temporary file in {}: {error}",
+    std::io::Error::new(error.kind(), SpoolFailed(error))
+}
+
+/// The error of a listing's write: a failed write to its temporary file is named as such, as
+/// the disk to free is that of the temporary folder, not of the output.
+pub(super) fn output_error(error: std::io::Error) -> super::CliError {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<SpoolFailed>())
+    {
+        Some(SpoolFailed(cause)) => super::CliError::Failure(format!(
+            "cannot write the listing's temporary file in {}: {cause}; free space there, or set \
+             TMPDIR to a folder with room",
             std::env::temp_dir().display()
-        ),
-    )
+        )),
+        None => super::CliError::Output(error),
+    }
 }
 
 /// `outbox list`'s output, a row at a time as the pages come: NDJSON, or a table under one
@@ -282,7 +302,7 @@ impl ExportTable {
     pub fn row(&mut self, e: &Value) -> Result<(), super::CliError> {
         use std::io::Write;
         if self.json {
-            writeln!(self.out, "{e}").map_err(super::CliError::Output)?;
+            writeln!(self.out, "{e}").map_err(output_error)?;
         } else {
             if self.rows == 0 {
                 writeln!(
@@ -290,7 +310,7 @@ impl ExportTable {
                     "{:<26} {:<24} {:<9} {:>8}  {:<24}  LAST ERROR",
                     "ID", "PROFILE", "REASON", "ATTEMPTS", "CREATED"
                 )
-                .map_err(super::CliError::Output)?;
+                .map_err(output_error)?;
             }
             writeln!(
                 self.out,
@@ -302,7 +322,7 @@ impl ExportTable {
                 text_of(&e["created_at"]),
                 truncate_chars(&text_of(&e["last_error"]), 60)
             )
-            .map_err(super::CliError::Output)?;
+            .map_err(output_error)?;
         }
         self.rows += 1;
         Ok(())
@@ -312,7 +332,7 @@ impl ExportTable {
     pub fn finish(mut self) -> Result<Listing, super::CliError> {
         use std::io::Write;
         if !self.json && self.rows == 0 {
-            writeln!(self.out, "(no exports)").map_err(super::CliError::Output)?;
+            writeln!(self.out, "(no exports)").map_err(output_error)?;
         }
         Ok(self.out)
     }

@@ -31,12 +31,8 @@ pub(super) async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
             report = run => report.map_err(CliError::Failure)?,
             () = termination_signal() => return Err(interrupted()),
         };
-        crate::demo_fleet::print_report(&report, &mut std::io::stdout().lock())
-            .map_err(CliError::Output)?;
-        return match crate::demo_fleet::shortfall(&report) {
-            Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
-            None => Ok(()),
-        };
+        let printed = crate::demo_fleet::print_report(&report, &mut std::io::stdout().lock());
+        return verdict(crate::demo_fleet::shortfall(&report), printed);
     }
     outln!("outpost demo: an embedded receiver on loopback, the agent against it, the sample updates of data/")?;
     let options = crate::demo::DemoOptions {
@@ -52,10 +48,15 @@ pub(super) async fn demo(fail_share: f64, fleet: bool) -> Result<(), CliError> {
     let report = crate::demo::run(&options)
         .await
         .map_err(CliError::Failure)?;
-    crate::demo::print_report(&report, &mut std::io::stdout().lock()).map_err(CliError::Output)?;
-    match crate::demo::shortfall(&report) {
-        Some(problem) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
-        None => Ok(()),
+    let printed = crate::demo::print_report(&report, &mut std::io::stdout().lock());
+    verdict(crate::demo::shortfall(&report), printed)
+}
+
+/// The demo's outcome: what it fell short of, before a report that could not be written.
+fn verdict(shortfall: Option<String>, printed: std::io::Result<()>) -> Result<(), CliError> {
+    match (shortfall, printed) {
+        (Some(problem), _) => Err(CliError::Failure(format!("the demo fell short: {problem}"))),
+        (None, printed) => printed.map_err(CliError::Output),
     }
 }
 
