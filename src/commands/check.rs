@@ -1,11 +1,12 @@
 //! `outpost check`, the preflight: a line for each part of the config and what it names (the
 //! store, the ingest listener, the stream, the endpoint, the token), then every problem found.
 
+use serde_json::Value;
+
 use crate::admin::AdminRequest;
 use crate::config::{Auth, Config, Destination, Proxy};
 use crate::delivery::client::{probe_endpoint, ClientError, HttpClient};
 use crate::store::{Store, StoreOwner, StoreUse};
-use serde_json::Value;
 
 use super::{describe_clock_jumps, display_url, for_terminal, nats, preflight, Backend, CliError};
 
@@ -41,7 +42,7 @@ struct Problems {
     /// What the agent would refuse to start for (exit 2): files the config names that cannot
     /// be used, a store path through a file.
     refused: Vec<String>,
-    /// Some of `refused` are files, which the destination is not tried without.
+    /// Some of `refused` are files the destination cannot be tried without.
     unusable_files: bool,
     /// The others (exit 1).
     other: Vec<String>,
