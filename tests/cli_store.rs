@@ -162,6 +162,11 @@ fn a_run_stopped_partway_goes_on_with_skip() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("--skip 2501: the input holds 2500 updates; nothing was stored"));
+    // For a script: the input's updates, all of them taken for stored, not the skip.
+    let out = ws.run(&["ingest", "--skip", "2501", "--json", input], None);
+    assert_eq!(out.status.code(), Some(2));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["stored"], 2500, "{said}");
     let summary: serde_json::Value =
         serde_json::from_str(&ws.run_ok(&["ingest", "--skip", "1000", "--json", input], None))
             .unwrap();

@@ -82,6 +82,9 @@ pub(super) fn error_json(error: &CliError, skip: u64) -> serde_json::Value {
             "in_doubt": in_doubt,
             "updates": updates,
         }),
+        CliError::SkipPastEnd { updates, .. } => {
+            serde_json::json!({ "error": error.to_string(), "stored": updates })
+        }
         other => serde_json::json!({ "error": other.to_string(), "stored": skip }),
     }
 }
@@ -177,10 +180,10 @@ impl Checked {
     /// `--skip N` past what the input holds is refused, before anything is stored or made.
     pub fn refuse_skip_past_the_end(&self, skip: u64) -> Result<(), CliError> {
         match skip > self.count {
-            true => Err(CliError::Usage(format!(
-                "--skip {skip}: the input holds {} updates; nothing was stored",
-                self.count
-            ))),
+            true => Err(CliError::SkipPastEnd {
+                skip,
+                updates: self.count,
+            }),
             false => Ok(()),
         }
     }

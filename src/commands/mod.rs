@@ -94,6 +94,10 @@ pub enum CliError {
         in_doubt: u64,
         updates: u64,
     },
+    /// `ingest --skip` past the input's end: nothing stored (a usage mistake, exit 2); the
+    /// input's updates are all taken for stored, as the skip says.
+    #[error("--skip {skip}: the input holds {updates} updates; nothing was stored")]
+    SkipPastEnd { skip: u64, updates: u64 },
     /// The output could not be written (a full disk, a reader gone): what the command did is
     /// done.
     #[error("cannot write the output: {0}")]
@@ -109,7 +113,7 @@ impl CliError {
     /// 2 for usage and configuration errors, 1 for every other failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Config(_) | CliError::Usage(_) => 2,
+            CliError::Config(_) | CliError::Usage(_) | CliError::SkipPastEnd { .. } => 2,
             CliError::Store(e) if e.path_is_not_a_folder() => 2,
             // What a shell reports for the commands that SIGPIPE ends.
             error if error.is_reader_gone() => 141,
