@@ -16,12 +16,10 @@ pub(super) fn display_url(url: &url::Url) -> String {
 }
 
 pub(super) fn print_json(value: &Value, compact: bool) -> Result<(), super::CliError> {
-    if compact {
-        outln!("{value}")?;
-    } else {
-        outln!("{}", pretty_for_terminal(value))?;
+    match compact {
+        true => outln!("{value}"),
+        false => outln!("{}", pretty_for_terminal(value)),
     }
-    Ok(())
 }
 
 /// `value` as indented JSON for people: serde_json leaves DEL and the C1 controls (U+0080 to
