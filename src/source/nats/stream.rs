@@ -105,6 +105,16 @@ fn subject_matches(pattern: &str, subject: &str) -> bool {
 /// The first partition whose subject none of the stream's `subjects` takes, if any: its
 /// updates would find no stream, and its consumer could not be made.
 fn partition_not_taken(subjects: &[String], prefix: &str, partitions: u32) -> Option<u32> {
+    // A subject that takes `<prefix>.*` takes every partition's (the prefix holds no
+    // wildcard): each partition's consumer checks the stream as it is made, and one subject
+    // each for thousands of partitions would be millions at an agent's start.
+    let every = format!("{prefix}.*");
+    if subjects
+        .iter()
+        .any(|pattern| subject_matches(pattern, &every))
+    {
+        return None;
+    }
     (0..partitions).find(|&partition| {
         let subject = subject_of(prefix, partition);
         !subjects
