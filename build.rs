@@ -39,10 +39,11 @@ fn main() {
         return;
     }
     // A new commit moves HEAD, or the branch it names (in the common folder of worktrees).
+    let common = git(&["rev-parse", "--git-common-dir"]).map(PathBuf::from);
     let watched = [
         git(&["rev-parse", "--git-dir"]).map(|dir| PathBuf::from(dir).join("HEAD")),
-        git(&["rev-parse", "--git-common-dir"]).map(|dir| PathBuf::from(dir).join("refs/heads")),
-        git(&["rev-parse", "--git-common-dir"]).map(|dir| PathBuf::from(dir).join("packed-refs")),
+        common.as_ref().map(|dir| dir.join("refs/heads")),
+        common.as_ref().map(|dir| dir.join("packed-refs")),
     ];
     // Only what is there: a path that is not would run this again at every build.
     for path in watched.into_iter().flatten().filter(|path| path.exists()) {

@@ -57,17 +57,19 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse_for(path, &text, secrets)?;
-        if let Ok(meta) = std::fs::metadata(path) {
+        let mode_of = |path: &Path| {
             use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode();
+            std::fs::metadata(path)
+                .ok()
+                .map(|meta| meta.permissions().mode())
+        };
+        if let Some(mode) = mode_of(path) {
             config
                 .warnings
                 .extend(readable_secret_warning(path, mode, &config.inline_secrets));
         }
         for (key, file) in &config.secret_files {
-            if let Ok(meta) = std::fs::metadata(file) {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = meta.permissions().mode();
+            if let Some(mode) = mode_of(file) {
                 config
                     .warnings
                     .extend(readable_secret_file_warning(key, file, mode));
