@@ -73,7 +73,7 @@ pub enum Command {
     ///
     /// Example: outpost repair --yes
     Repair {
-        /// Do not ask for confirmation
+        /// Do not ask for confirmation (needed off a terminal, where nothing can be asked)
         #[arg(long)]
         yes: bool,
     },
@@ -426,7 +426,7 @@ pub enum OutboxCommand {
     Drop {
         #[command(flatten)]
         targets: Targets,
-        /// Do not ask for confirmation
+        /// Do not ask for confirmation (needed off a terminal, where nothing can be asked)
         #[arg(long)]
         yes: bool,
         #[command(flatten)]

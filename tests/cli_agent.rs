@@ -860,6 +860,30 @@ async fn an_agent_starts_while_drop_waits_for_its_answer() {
     drop(agent);
 }
 
+/// Off a terminal `outbox drop` without `--yes` deletes nothing: a script that forgot the
+/// flag is told to give it, as `repair` tells it, rather than deleting unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_off_a_terminal_without_yes_deletes_nothing() {
+    let destination = Destination::start().await;
+    let (ws, _port) = workspace(&destination);
+    ws.run_ok(
+        &["ingest", "-"],
+        Some(updates(&["p1"]).join("\n").as_bytes()),
+    );
+    let id = id_of(&ws, "p1", &[]);
+    let out = ws.run(&["outbox", "drop", &id], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr_of(&out).contains(
+            "outbox drop asks for confirmation on a terminal; give --yes to go ahead without"
+        ),
+        "{out:?}"
+    );
+    assert_counts(&ws, 1, 0);
+    ws.run_ok(&["outbox", "drop", &id, "--yes"], None);
+    assert_counts(&ws, 0, 0);
+}
+
 /// `outbox drop` on a terminal looks its ids up before it asks: a mistyped one is named at
 /// once, nothing is asked and nothing dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

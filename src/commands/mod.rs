@@ -60,8 +60,8 @@ pub use ingest::{ingest_file, ingest_path};
 use outbox::{list_paged_by, Print};
 pub use output::for_terminal;
 use output::{
-    describe_clock_jumps, display_url, print_export, print_json, print_stats, print_summary,
-    text_of, ExportTable, Listing,
+    ask, describe_clock_jumps, display_url, print_export, print_json, print_stats, print_summary,
+    refuse_off_a_terminal, text_of, ExportTable, Listing,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,6 @@
 //! one, and dead letters retried or exports dropped; and [`Print`], what a command prints once
 //! the store it opened is closed.
 
-use std::io::IsTerminal;
-
 use serde_json::Value;
 
 use crate::admin::{AdminError, AdminRequest};
@@ -12,7 +10,8 @@ use crate::config::Config;
 use crate::store::{ExportId, Store, StoreError};
 
 use super::{
-    for_terminal, print_export, print_json, print_stats, Backend, CliError, ExportTable, Listing,
+    ask, for_terminal, print_export, print_json, print_stats, refuse_off_a_terminal, Backend,
+    CliError, ExportTable, Listing,
 };
 
 /// What a command prints, printed once the store it opened is closed: a reader who stops
@@ -110,8 +109,8 @@ pub(super) fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print,
     }
 }
 
-/// Before `outbox drop` without `--yes`: refuses a store that is not there, and on a terminal
-/// checks that every id named is there and asks for confirmation. Asked before the store is
+/// Before `outbox drop` without `--yes`: refuses a store that is not there and a drop off a
+/// terminal, checks that every id named is there and asks for confirmation. Asked before the store is
 /// opened: a store this process held while a person reads the question would keep
 /// `outpost run` from starting meanwhile.
 pub(super) fn ask_before_drop(config: &Config, command: &OutboxCommand) -> Result<(), CliError> {
@@ -126,17 +125,21 @@ pub(super) fn ask_before_drop(config: &Config, command: &OutboxCommand) -> Resul
                 StoreError::Missing(config.storage.path.clone()).to_string(),
             ));
         }
-        if std::io::stdin().is_terminal() {
-            let missing = exports_not_found(config, ids)?;
-            if !missing.is_empty() {
-                return Err(CliError::Failure(format!(
-                    "not found: {}; nothing dropped",
-                    missing.join(", ")
-                )));
-            }
-            if !confirm(ids, *all_dead)? {
-                return Err(CliError::Failure("nothing dropped".into()));
-            }
+        refuse_off_a_terminal("outbox drop")?;
+        let missing = exports_not_found(config, ids)?;
+        if !missing.is_empty() {
+            return Err(CliError::Failure(format!(
+                "not found: {}; nothing dropped",
+                missing.join(", ")
+            )));
+        }
+        let what = if *all_dead {
+            "every dead letter".to_owned()
+        } else {
+            format!("{} export(s)", ids.len())
+        };
+        if !ask(&format!("Delete {what} for good?"))? {
+            return Err(CliError::Failure("nothing dropped".into()));
         }
     }
     Ok(())
@@ -159,20 +162,6 @@ fn exports_not_found(config: &Config, ids: &[String]) -> Result<Vec<String>, Cli
         }
     }
     Ok(missing)
-}
-
-fn confirm(ids: &[String], all_dead: bool) -> Result<bool, CliError> {
-    let what = if all_dead {
-        "every dead letter".to_owned()
-    } else {
-        format!("{} export(s)", ids.len())
-    };
-    eprint!("Delete {what} for good? [y/N] ");
-    let mut answer = String::new();
-    std::io::stdin()
-        .read_line(&mut answer)
-        .map_err(|e| CliError::Failure(format!("cannot read the answer: {e}")))?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 /// Prints what `outbox retry` or `outbox drop` did (with `json`, the answer as the agent or

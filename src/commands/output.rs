@@ -1,5 +1,7 @@
 //! Printing results for people (tables, aligned fields) or programs (JSON).
 
+use std::io::IsTerminal;
+
 use serde_json::Value;
 
 use crate::profile::Reason;
@@ -13,6 +15,27 @@ pub(super) fn display_url(url: &url::Url) -> String {
     let _ = shown.set_username("");
     let _ = shown.set_password(None);
     shown.to_string()
+}
+
+/// Refuses to go on unasked off a terminal: `command` changes or deletes for good, a script
+/// cannot answer its question, and going ahead would act on what nobody confirmed.
+pub(super) fn refuse_off_a_terminal(command: &str) -> Result<(), super::CliError> {
+    if std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    Err(super::CliError::Usage(format!(
+        "{command} asks for confirmation on a terminal; give --yes to go ahead without"
+    )))
+}
+
+/// Asks `question` on stderr; yes only for `y`, `Y` or `yes` on stdin.
+pub(super) fn ask(question: &str) -> Result<bool, super::CliError> {
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| super::CliError::Failure(format!("cannot read the answer: {e}")))?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 pub(super) fn print_json(value: &Value, compact: bool) -> Result<(), super::CliError> {

@@ -2,7 +2,6 @@
 //! `outpost repair` acts on them, and `outpost compact` rebuilds the store.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 
 use serde_json::Value;
 
@@ -10,7 +9,10 @@ use crate::admin::AdminRequest;
 use crate::config::Config;
 use crate::store::Store;
 
-use super::{for_terminal, preflight, print_json, text_of, Backend, CliError, Print};
+use super::{
+    ask, for_terminal, preflight, print_json, refuse_off_a_terminal, text_of, Backend, CliError,
+    Print,
+};
 
 /// `outpost check --store`: every unreadable record with its key; exit 1 if `repair` acts on
 /// one, or a stream position is unreadable.
@@ -122,17 +124,8 @@ pub(super) fn repair_store(config: &Config, yes: bool) -> Result<(), CliError> {
         // opened again after: the repair goes ahead only if what it would do is still what
         // was shown.
         drop(backend);
-        if !std::io::stdin().is_terminal() {
-            return Err(CliError::Usage(
-                "repair asks for confirmation on a terminal; give --yes to go ahead without".into(),
-            ));
-        }
-        eprint!("Do this to {} record(s)? [y/N] ", records.len());
-        let mut answer = String::new();
-        std::io::stdin()
-            .read_line(&mut answer)
-            .map_err(|e| CliError::Failure(format!("cannot read the answer: {e}")))?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        refuse_off_a_terminal("repair")?;
+        if !ask(&format!("Do this to {} record(s)?", records.len()))? {
             outln!("nothing changed")?;
             return Ok(());
         }
