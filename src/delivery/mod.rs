@@ -78,6 +78,12 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// meanwhile ([`settler`]).
 const MAX_SETTLING: usize = 65_536;
 
+/// Whether requests may start (and a permit be waited for): not while a put-back holds them,
+/// nor while `settling` outcomes wait to be recorded, [`MAX_SETTLING`] or more.
+fn may_start_requests(requests_held: bool, settling: usize) -> bool {
+    !requests_held && settling < MAX_SETTLING
+}
+
 /// Why delivery ended before it was told to stop. Everything not recorded stays pending and is
 /// sent again after a restart.
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +354,7 @@ impl Deliverer {
                         state.reading = false;
                     }
                     state.queue.wake_due(now);
-                    if !self.store.requests_held() && state.settling < MAX_SETTLING {
+                    if may_start_requests(self.store.requests_held(), state.settling) {
                         // Should starting them panic, a put-back must not take the count
                         // from before for the truth.
                         self.store.set_exports_out(usize::MAX);
@@ -382,7 +388,7 @@ impl Deliverer {
                 // While a put-back holds requests, no permit is taken, so none is waited for;
                 // nor while too many outcomes wait to be recorded (their group's record wakes
                 // the loop).
-                let permit_at = if self.store.requests_held() || state.settling >= MAX_SETTLING {
+                let permit_at = if !may_start_requests(self.store.requests_held(), state.settling) {
                     None
                 } else {
                     let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);
@@ -1078,5 +1084,35 @@ async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_request_starts_while_a_put_back_holds_them_or_too_many_outcomes_wait_to_be_recorded() {
+        // (requests held, outcomes settling) -> requests may start. The figures are the bound
+        // README states, 65,536.
+        let table = [
+            ((false, 0), true),
+            ((false, 1), true),
+            ((false, 65_535), true),
+            // A store that refuses to record outcomes: they pile up to the bound, no further.
+            ((false, 65_536), false),
+            ((false, 65_537), false),
+            ((false, usize::MAX), false),
+            ((true, 0), false),
+            ((true, 65_535), false),
+            ((true, 65_536), false),
+        ];
+        for ((held, settling), expected) in table {
+            assert_eq!(
+                may_start_requests(held, settling),
+                expected,
+                "requests held {held}, settling {settling}"
+            );
+        }
     }
 }
