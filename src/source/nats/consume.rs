@@ -103,6 +103,16 @@ enum PartitionStop {
 /// their stream sequence.
 const STOPS_BEFORE_READING_BY_SEQUENCE: u32 = 2;
 
+/// How many times in a row the consumer stopped at `at` ((stream, position)), given where it
+/// last stopped and how many times in a row: one at another position, or in another stream,
+/// counts from 1 again.
+fn stops_in_a_row(last: Option<((u64, u64), u32)>, at: (u64, u64)) -> u32 {
+    match last {
+        Some((seen, times)) if seen == at => times + 1,
+        _ => 1,
+    }
+}
+
 /// How often an idle partition asks its consumer whether it delivered messages the client
 /// never handed on (see [`PartitionStop::StoppedAt`]).
 const DELIVERED_LOOK_EVERY: Duration = Duration::from_secs(3);
@@ -212,10 +222,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
                 recorded,
             }) => {
                 let at = (stream, recorded);
-                let times = match stopped_at {
-                    Some((seen, times)) if seen == at => times + 1,
-                    _ => 1,
-                };
+                let times = stops_in_a_row(stopped_at, at);
                 stopped_at = Some((at, times));
                 let mut ended = Err(PartitionStop::Failed(error));
                 if times >= STOPS_BEFORE_READING_BY_SEQUENCE {
@@ -907,16 +914,11 @@ async fn read_by_sequence(
     partition: u32,
     (stream, mut recorded): (u64, u64),
 ) -> Result<(usize, Option<HeldBack>), NatsError> {
-    // From the store's position when it is further on than the one the consumer stopped at:
-    // a group whose commit was in doubt yet reached the disk, or whose acks failed after it,
-    // moved it on, and its messages are not to be applied again.
     let stored = shared
         .store
         .source_position(partition, stream, u64::MAX)
         .map_err(|e| nats_error("reading the partition's position", e))?;
-    if let Recorded::At(seq) = stored {
-        recorded = recorded.max(seq);
-    }
+    recorded = read_after(recorded, stored);
     let subject = subject_of(&shared.config.subject_prefix, partition);
     let mut read = 0;
     for _ in 0..shared.config.fetch_batch.max(1) {
@@ -954,6 +956,17 @@ async fn read_by_sequence(
         }
     }
     Ok((read, None))
+}
+
+/// The stream sequence after which a partition's messages are read by their sequence, the
+/// consumer having stopped at `stopped_at`: the store's position when it is further on in
+/// this stream (`stored`). A group whose commit was in doubt yet reached the disk, or whose
+/// acks failed after it, moved it on, and its messages are not to be applied again.
+fn read_after(stopped_at: u64, stored: Recorded) -> u64 {
+    match stored {
+        Recorded::At(seq) => stopped_at.max(seq),
+        _ => stopped_at,
+    }
 }
 
 /// A stream message as the JetStream API's `STREAM.MSG.GET` gives it.
@@ -1029,6 +1042,60 @@ mod tests {
         ];
         for (owned, bytes) in table {
             assert_eq!(fetch_bytes(owned), bytes, "{owned}");
+        }
+    }
+
+    #[test]
+    fn messages_are_read_by_sequence_after_stops_in_a_row_at_one_position() {
+        // Stops of the consumer, each at (stream, position), in turn; whether each starts
+        // the reading of the next messages by their sequence.
+        let stops = [
+            ((7, 10), false),
+            ((7, 10), true),
+            // The count starts again once read.
+            ((7, 10), false),
+            // Another position, then another stream at the same position: from 1 again.
+            ((7, 11), false),
+            ((8, 11), false),
+            ((8, 11), true),
+            ((8, 12), false),
+            ((7, 10), false),
+            ((7, 10), true),
+        ];
+        let mut last = None;
+        for (i, (at, reads)) in stops.into_iter().enumerate() {
+            let times = stops_in_a_row(last, at);
+            last = Some((at, times));
+            let read = times >= STOPS_BEFORE_READING_BY_SEQUENCE;
+            if read {
+                last = None;
+            }
+            assert_eq!(read, reads, "stop {i}, at {at:?}, {times} times in a row");
+        }
+    }
+
+    #[test]
+    fn reading_by_sequence_starts_after_the_store_position_when_it_is_further_on() {
+        // (position the consumer stopped at, what the store records in this stream) -> the
+        // sequence after which messages are read
+        let table = [
+            ((10, Recorded::At(10)), 10),
+            // Committed after the consumer stopped (in doubt, or its acks failed).
+            ((10, Recorded::At(15)), 15),
+            ((10, Recorded::At(3)), 10),
+            ((0, Recorded::At(4)), 4),
+            ((10, Recorded::Nothing), 10),
+            ((0, Recorded::Nothing), 0),
+            // Another stream's position says nothing of this one.
+            ((10, Recorded::OtherStream { seq: 15 }), 10),
+            ((10, Recorded::UnmarkedOther { seq: 15 }), 10),
+        ];
+        for ((stopped_at, stored), expected) in table {
+            assert_eq!(
+                read_after(stopped_at, stored),
+                expected,
+                "stopped at {stopped_at}, store at {stored:?}"
+            );
         }
     }
 
