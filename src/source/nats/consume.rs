@@ -150,15 +150,28 @@ pub fn consumer_name(prefix: &str, partition: u32) -> String {
     format!("{prefix}-p{partition}")
 }
 
-/// Room for a batch of `bytes` in the fetch budget, held until the batch is committed and
-/// acknowledged: past 64 partitions, where each asks for [`MIN_FETCH_BYTES`], their batches
-/// take turns rather than add up. `None` once the agent stops.
-async fn fetch_room(shared: &Shared, bytes: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+/// Room for a batch of `bytes` in the fetch budget (`budget`, what of it no batch holds),
+/// held until the batch is committed and acknowledged: past 64 partitions, where each asks
+/// for [`MIN_FETCH_BYTES`], their batches take turns rather than add up. `None` once the
+/// agent stops (`shutdown`).
+async fn fetch_room<'a>(
+    budget: &'a tokio::sync::Semaphore,
+    shutdown: &CancellationToken,
+    bytes: usize,
+) -> Option<tokio::sync::SemaphorePermit<'a>> {
     let bytes = u32::try_from(bytes.min(FETCH_BYTES_BUDGET)).expect("the budget fits a u32");
     tokio::select! {
-        room = shared.fetch_room.acquire_many(bytes) => room.ok(),
-        _ = shared.shutdown.cancelled() => None,
+        room = budget.acquire_many(bytes) => room.ok(),
+        _ = shutdown.cancelled() => None,
     }
+}
+
+/// What a fetch asks for after a first message of `first` bytes fetched alone (of a batch of
+/// `batch` messages and `bytes` of the partition's share): the rest of both, `None` when the
+/// batch is that one message. Past the share, one byte, which no message fits: a message
+/// larger than the share is fetched by itself (0 would ask for no bound at all).
+fn rest_after_first(batch: usize, bytes: usize, first: usize) -> Option<(usize, usize)> {
+    (batch > 1).then(|| (batch - 1, bytes.saturating_sub(first).max(1)))
 }
 
 /// `work`'s end, or `None` when it has not ended `grace` after `shutdown`.
@@ -610,7 +623,7 @@ async fn consume(
         // first fetch with nothing, comes here.
         let at = (consuming.stream, consuming.recorded);
         let fetched = |fetch: Result<_, FetchFailed>| fetch.map_err(|e| e.stop(at));
-        let Some(room) = fetch_room(shared, bytes).await else {
+        let Some(room) = fetch_room(&shared.fetch_room, &shared.shutdown, bytes).await else {
             return Ok(());
         };
         let mut messages = fetched(fetch(consumer, (batch, bytes), None, &shared.shutdown).await)?;
@@ -622,7 +635,8 @@ async fn consume(
             let one = (1, usize::MAX);
             messages = fetched(fetch(consumer, one, Some(IDLE_WAIT), &shared.shutdown).await)?;
             if !messages.is_empty() {
-                let Some(room) = fetch_room(shared, bytes).await else {
+                let Some(room) = fetch_room(&shared.fetch_room, &shared.shutdown, bytes).await
+                else {
                     return Ok(());
                 };
                 _room = Some(room);
@@ -635,11 +649,10 @@ async fn consume(
                     "a message larger than the partition's share of the fetch budget, fetched by itself"
                 );
             }
-            if !messages.is_empty() && batch > 1 {
-                let rest = (
-                    batch - 1,
-                    bytes.saturating_sub(messages[0].payload.len()).max(1),
-                );
+            let rest = messages
+                .first()
+                .and_then(|first| rest_after_first(batch, bytes, first.payload.len()));
+            if let Some(rest) = rest {
                 messages.extend(fetched(
                     fetch(consumer, rest, None, &shared.shutdown).await,
                 )?);
@@ -1042,6 +1055,74 @@ mod tests {
         ];
         for (owned, bytes) in table {
             assert_eq!(fetch_bytes(owned), bytes, "{owned}");
+        }
+    }
+
+    #[test]
+    fn past_64_partitions_batches_take_turns_at_the_fetch_budget() {
+        use futures_util::FutureExt;
+        let shutdown = CancellationToken::new();
+        // (owned partitions, how many hold room for a batch at once)
+        for (owned, at_once) in [(1, 1), (8, 8), (64, 64), (128, 64), (4096, 64)] {
+            let budget = tokio::sync::Semaphore::new(FETCH_BYTES_BUDGET);
+            let share = fetch_bytes(owned);
+            let mut held = Vec::new();
+            for _ in 0..at_once {
+                let room = fetch_room(&budget, &shutdown, share).now_or_never();
+                held.push(room.flatten().expect("room in the budget"));
+            }
+            let mut waiting = Box::pin(fetch_room(&budget, &shutdown, share));
+            assert!(
+                (&mut waiting).now_or_never().is_none(),
+                "{owned} owned: a batch past {at_once} waits for its turn"
+            );
+            // The turn comes once a batch is committed and acknowledged.
+            held.pop();
+            assert!(
+                waiting.now_or_never().flatten().is_some(),
+                "{owned} owned: its turn came"
+            );
+        }
+    }
+
+    #[test]
+    fn room_for_more_than_the_fetch_budget_is_the_whole_budget_and_none_once_the_agent_stops() {
+        use futures_util::FutureExt;
+        let shutdown = CancellationToken::new();
+        let budget = tokio::sync::Semaphore::new(FETCH_BYTES_BUDGET);
+        let all = fetch_room(&budget, &shutdown, usize::MAX).now_or_never();
+        let all = all.flatten().expect("never more than there is to wait for");
+        assert_eq!(all.num_permits(), FETCH_BYTES_BUDGET);
+        let mut waiting = Box::pin(fetch_room(&budget, &shutdown, MIN_FETCH_BYTES));
+        assert!((&mut waiting).now_or_never().is_none());
+        shutdown.cancel();
+        assert_eq!(
+            waiting.now_or_never().map(|room| room.is_none()),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_message_larger_than_the_share_is_fetched_by_itself() {
+        let share = 1 << 20;
+        // (batch, size of the first message, fetched alone) -> what the rest of the fetch
+        // asks for (messages, bytes)
+        let table = [
+            ((100, 1_000), Some((99, share - 1_000))),
+            ((100, share - 1), Some((99, 1))),
+            // One byte, which no message fits: 0 would ask for no bound.
+            ((100, share), Some((99, 1))),
+            ((100, 2 << 20), Some((99, 1))),
+            ((2, 10), Some((1, share - 10))),
+            ((1, 10), None),
+            ((1, 2 << 20), None),
+        ];
+        for ((batch, first), expected) in table {
+            assert_eq!(
+                rest_after_first(batch, share, first),
+                expected,
+                "batch {batch}, first message of {first} bytes"
+            );
         }
     }
 
