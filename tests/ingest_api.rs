@@ -756,6 +756,59 @@ async fn accepted_updates_are_counted_delivered_and_measured() {
     assert_eq!(status.code(), Some(0), "{}", agent.log());
 }
 
+/// `/metrics` reads the outbox's figures from the store at most once a second, however often
+/// it is scraped: a scrape within the second of the one that read them shows them as they
+/// were then, a later one as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_read_the_outbox_figures_at_most_once_a_second() {
+    let receiver = receiver().await;
+    // Nothing is delivered: every export taken stays pending.
+    receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(503, vec![], "down for maintenance".into())
+    })));
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = start_agent(&ws, port).await;
+    let addr = agent.addr;
+    let pending = async || {
+        let (status, _, metrics) = request(addr, "GET", "/metrics", None, &[]).await.unwrap();
+        assert_eq!(status, 200, "{metrics}");
+        sample(&metrics, "outpost_outbox_pending").unwrap()
+    };
+    let mut taken = 0;
+    let mut shown_as_read = false;
+    // Two scrapes within a second, an update taken between them; tried again should a loaded
+    // machine take longer than that.
+    for attempt in 0..5 {
+        // The last read is more than a second old: this scrape reads the figures.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let read = Instant::now();
+        assert_eq!(pending().await, f64::from(taken), "read anew");
+        let update = member_update(&format!("m{attempt}"), "Ann", "2026-01-01T00:00:01Z");
+        let (status, _, answer) = post(addr, update).await;
+        assert_eq!(status, 200, "{answer}");
+        taken += 1;
+        let shown = pending().await;
+        if read.elapsed() < Duration::from_secs(1) {
+            assert_eq!(
+                shown,
+                f64::from(taken - 1),
+                "a scrape within the second of the read"
+            );
+            shown_as_read = true;
+            break;
+        }
+    }
+    assert!(shown_as_read, "no two scrapes came within a second");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        pending().await,
+        f64::from(taken),
+        "a second later, read anew"
+    );
+    assert_eq!(ws.outbox_stats()["pending"], taken);
+    agent.terminate().await;
+}
+
 /// An agent with `storage.max_outbox_bytes = 1` whose endpoint answers every export `reply`,
 /// after a first request (updates of two new members, `a` and `b`) was taken into its empty
 /// outbox, which that fills.
