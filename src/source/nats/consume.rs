@@ -1127,32 +1127,22 @@ mod tests {
     }
 
     #[test]
-    fn messages_are_read_by_sequence_after_stops_in_a_row_at_one_position() {
-        // Stops of the consumer, each at (stream, position), in turn; whether each starts
-        // the reading of the next messages by their sequence.
-        let stops = [
-            ((7, 10), false),
-            ((7, 10), true),
-            // The count starts again once read.
-            ((7, 10), false),
-            // Another position, then another stream at the same position: from 1 again.
-            ((7, 11), false),
-            ((8, 11), false),
-            ((8, 11), true),
-            ((8, 12), false),
-            ((7, 10), false),
-            ((7, 10), true),
+    fn stops_count_in_a_row_only_at_one_position_of_one_stream() {
+        // (where the consumer last stopped and how many times in a row, where it stops now
+        // as (stream, position)) -> how many times in a row it has stopped there
+        let table = [
+            ((None, (7, 10)), 1),
+            ((Some(((7, 10), 1)), (7, 10)), 2),
+            ((Some(((7, 10), 2)), (7, 10)), 3),
+            // Another position, or the same position in another stream: from 1 again.
+            ((Some(((7, 10), 1)), (7, 11)), 1),
+            ((Some(((7, 11), 1)), (8, 11)), 1),
         ];
-        let mut last = None;
-        for (i, (at, reads)) in stops.into_iter().enumerate() {
-            let times = stops_in_a_row(last, at);
-            last = Some((at, times));
-            let read = times >= STOPS_BEFORE_READING_BY_SEQUENCE;
-            if read {
-                last = None;
-            }
-            assert_eq!(read, reads, "stop {i}, at {at:?}, {times} times in a row");
+        for ((last, at), expected) in table {
+            assert_eq!(stops_in_a_row(last, at), expected, "{last:?}, then {at:?}");
         }
+        // The second stop in a row at one position is the one that reads by sequence.
+        assert_eq!(STOPS_BEFORE_READING_BY_SEQUENCE, 2);
     }
 
     #[test]
