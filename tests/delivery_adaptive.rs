@@ -465,7 +465,7 @@ fn grant_of(request: &Received) -> String {
 }
 
 #[tokio::test]
-async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_refused() {
+async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_not_answered() {
     let options = ReceiverOptions {
         user: Some(("ops".into(), "pass word".into())),
         refresh_tokens: true,
@@ -520,6 +520,18 @@ async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_re
     s.receiver.revoke_tokens();
     ingest(&agent, &one_each("p", 3, 4)).await;
     wait_for_exports(&agent, &s.receiver, 15).await;
+    // An endpoint that does not serve the refresh grant it handed a token for (422 to every
+    // refresh): the password grant at once, rather than the same refresh at every fetch
+    // while nothing is delivered.
+    s.receiver.set_token_script(Some(Arc::new(|_, request| {
+        match grant_of(request) == "refresh_token" {
+            true => Reply::Status(422, vec![], "unsupported grant".into()),
+            false => Reply::Normal,
+        }
+    })));
+    s.receiver.revoke_tokens();
+    ingest(&agent, &one_each("p", 3, 5)).await;
+    wait_for_exports(&agent, &s.receiver, 18).await;
 
     let grants: Vec<String> = s.receiver.token_requests().iter().map(grant_of).collect();
     let statuses: Vec<u16> = s
@@ -538,11 +550,13 @@ async fn the_password_grant_then_refresh_tokens_and_back_to_the_password_when_re
             "refresh_token",
             "password",
             "refresh_token",
-            "refresh_token"
+            "refresh_token",
+            "refresh_token",
+            "password"
         ],
         "statuses {statuses:?}"
     );
-    assert_eq!(statuses, [200, 200, 400, 200, 200, 200, 429, 200]);
+    assert_eq!(statuses, [200, 200, 400, 200, 200, 200, 429, 200, 422, 200]);
     agent.stop().await.unwrap();
 }
 

@@ -82,10 +82,14 @@ pub enum FormGrant<'a> {
     RefreshToken(&'a Secret),
 }
 
-/// Whether a token endpoint's answer of `status` refuses the grant it was sent, rather than
-/// failing for a while (429, 408, 5xx) or for reasons of its own (404, 405, …).
-fn refuses_the_grant(status: u16) -> bool {
-    matches!(status, 400 | 401 | 403)
+/// Whether a token endpoint's answer of `status` to a refresh token is a reason to use the
+/// original grant at once: every answer but a 408 or a 429, which ask to come back later
+/// whatever the grant. The original credentials are always at hand, so a refresh token is
+/// never needed: one the endpoint refuses (400, 401, 403: RFC 6749's `invalid_grant`), a
+/// grant it does not serve (404, 405, 422) or one it fails on (5xx) would otherwise be tried
+/// again at every fetch while nothing is delivered.
+fn falls_back_from_refresh(status: u16) -> bool {
+    !matches!(status, 408 | 429)
 }
 
 /// How long before expiry a token is refreshed.
@@ -288,21 +292,21 @@ impl TokenSource {
     }
 
     /// A new token: with the refresh token when there is one, falling back to the original
-    /// grant when the token endpoint refuses it: a 400, 401 or 403 (RFC 6749's `invalid_grant`
-    /// and `invalid_client`; a 429 or 408 says nothing of the refresh token, which is kept for
-    /// the next try), or a 2xx that holds no usable token
-    /// (`{"error": "invalid_grant"}` with a 200, as some servers answer a refresh token they
-    /// no longer take). Kept, such a refresh token would be tried again at every fetch, and
-    /// delivery would stop once the token held expired.
+    /// grant when the token endpoint does not answer it with a token: any status but 408 and
+    /// 429 ([`falls_back_from_refresh`]; those say nothing of the refresh token, which is kept
+    /// for the next try), or a 2xx that holds no usable token (`{"error": "invalid_grant"}`
+    /// with a 200, as some servers answer a refresh token they no longer take). Kept, such a
+    /// refresh token would be tried again at every fetch, and delivery would stop once the
+    /// token held expired.
     async fn fetch_with(&self, refresh_token: &mut Option<Secret>) -> Result<Fetched, AuthError> {
         let Some(refresh) = refresh_token.clone() else {
             return self.fetch().await;
         };
         match self.request(FormGrant::RefreshToken(&refresh)).await {
-            Err(AuthError::Status { status, .. }) if refuses_the_grant(status) => {
+            Err(AuthError::Status { status, .. }) if falls_back_from_refresh(status) => {
                 tracing::info!(
                     status,
-                    "the token endpoint refused the refresh token; using the original grant"
+                    "the token endpoint did not answer the refresh token with a token; using the original grant"
                 );
                 *refresh_token = None;
                 self.fetch().await
@@ -881,6 +885,26 @@ mod tests {
                 (Duration::from_secs(seconds), given),
                 "{expires_in:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_refresh_token_not_answered_with_a_token_gives_way_to_the_original_grant() {
+        // (status of the answer to the refresh token) -> the original grant at once
+        let table = [
+            (400, true),
+            (401, true),
+            (403, true),
+            (404, true),
+            (405, true),
+            (422, true),
+            (500, true),
+            (503, true),
+            (408, false),
+            (429, false),
+        ];
+        for (status, expected) in table {
+            assert_eq!(falls_back_from_refresh(status), expected, "{status}");
         }
     }
 
