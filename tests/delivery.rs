@@ -656,6 +656,39 @@ async fn latency_counts_from_the_request_not_from_the_wait_for_a_token() {
     agent.stop().await.unwrap();
 }
 
+/// An endpoint that knows the token endpoint's credentials (a gateway in front of both) and
+/// echoes them in a refusal: the client secret is hidden in the error kept with the dead
+/// letter, as the token is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_an_endpoint_echoes_are_hidden_in_its_error() {
+    let s = setup().await;
+    s.receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(
+            400,
+            vec![],
+            "client edge-agent, secret change-me: no".into(),
+        )
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    wait_until(10, "a dead letter", || {
+        agent.store.tally().unwrap().dead == 1
+    })
+    .await;
+    let dead = agent
+        .store
+        .list(&ListFilter {
+            dead: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        dead[0].record.last_error.as_deref(),
+        Some("HTTP 400: client edge-agent, secret ***: no")
+    );
+    agent.stop().await.unwrap();
+}
+
 /// A redirect is not followed, and its export is kept (retried on its backoff) rather than
 /// dead-lettered: the endpoint moved, which is the configuration's to fix, not the export's.
 /// Its stored error names where the redirect points, without the query, and no more of it

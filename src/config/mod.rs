@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::source::config::NatsAuth;
+
 mod address;
 mod auth;
 mod headers;
@@ -114,6 +116,41 @@ pub struct Destination {
 }
 
 impl Config {
+    /// Every secret value the config holds, in no order: the destination's credentials, the
+    /// proxy's password, the ingest token, NATS's token or password. None of them is sent to
+    /// the endpoint, yet one that knows them (a gateway in front of the token endpoint too)
+    /// may echo them in an answer, which is hidden before it is logged or stored.
+    pub fn secrets_held(&self) -> Vec<&str> {
+        let mut held: Vec<&Secret> = Vec::new();
+        match &self.destination.auth {
+            Auth::None => {}
+            Auth::Bearer { token } => held.push(token),
+            Auth::OAuth2 {
+                client_secret,
+                grant,
+                ..
+            } => {
+                held.push(client_secret);
+                if let Grant::Password { password, .. } = grant {
+                    held.push(password);
+                }
+            }
+        }
+        let proxy = self.destination.proxy.as_ref();
+        held.extend(
+            proxy
+                .and_then(|p| p.credentials.as_ref())
+                .map(|(_, password)| password),
+        );
+        held.extend(self.ingest.token.as_ref());
+        match self.nats.as_ref().map(|nats| &nats.auth) {
+            Some(NatsAuth::Token(token)) => held.push(token),
+            Some(NatsAuth::UserPassword { password, .. }) => held.push(password),
+            _ => {}
+        }
+        held.into_iter().map(Secret::expose).collect()
+    }
+
     /// What another agent's config must agree on for partitions to move between their stores
     /// ([`crate::store::handover`]); `None` without `[source.nats]`.
     pub fn move_terms(&self) -> Option<crate::store::handover_file::Terms> {

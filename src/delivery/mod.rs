@@ -238,6 +238,7 @@ impl Deliverer {
                 .iter()
                 .map(|(_, v)| v.expose()),
             endpoint.query(),
+            config.secrets_held().into_iter(),
         );
         Ok(Deliverer {
             clock: store.run_clock(),

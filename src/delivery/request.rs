@@ -213,14 +213,16 @@ impl Deliverer {
 }
 
 /// What an endpoint may echo of what it was sent, to hide in error texts: the custom headers'
-/// values (API keys), each word of them (the key after a scheme, `Bearer <key>`), and the
-/// values of the endpoint's query (`?api_key=…`). Shorter ones than 8 characters (a version,
-/// a tenant) are not hidden, or every digit in a body would be.
+/// values (API keys), each word of them (the key after a scheme, `Bearer <key>`), the
+/// values of the endpoint's query (`?api_key=…`), and the secrets outpost holds besides
+/// (`held`, [`crate::config::Config::secrets_held`]). Shorter ones than 8 characters (a
+/// version, a tenant) are not hidden, or every digit in a body would be.
 pub(super) fn secrets_sent<'a>(
     header_values: impl Iterator<Item = &'a str>,
     query: Option<&str>,
+    held: impl Iterator<Item = &'a str>,
 ) -> Vec<String> {
-    let mut secrets: Vec<String> = Vec::new();
+    let mut secrets: Vec<String> = held.map(str::to_owned).collect();
     for value in header_values {
         secrets.push(value.to_owned());
         secrets.extend(value.split_whitespace().map(str::to_owned));
@@ -252,6 +254,7 @@ mod tests {
         let secrets = secrets_sent(
             ["Bearer k3yABCDEF", "v2", "tenant-0000001"].into_iter(),
             Some("api_key=s3cr3t%2Bkey9&format=json&sig=abcdefgh12"),
+            ["s3cr3t-Client-Pass", "pass word", "short"].into_iter(),
         );
         let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
         let table = [
@@ -268,11 +271,19 @@ mod tests {
             ("sig=abcdefgh12 expired", "sig=*** expired"),
             ("tenant tenant-0000001 suspended", "tenant *** suspended"),
             ("api v2 wants format json", "api v2 wants format json"),
+            // Held, not sent: a gateway that knows the token endpoint's credentials.
+            (
+                "bad auth / secret s3cr3t-Client-Pass",
+                "bad auth / secret ***",
+            ),
+            // A held secret is hidden whole, not word by word, and a short one not at all.
+            ("user pass word refused", "user *** refused"),
+            ("pass short", "pass short"),
         ];
         for (body, shown) in table {
             assert_eq!(client::hiding(body, &secrets), shown, "{body}");
         }
-        assert!(secrets_sent(std::iter::empty(), None).is_empty());
+        assert!(secrets_sent(std::iter::empty(), None, std::iter::empty()).is_empty());
     }
 
     fn export(seq: u64, payload: &str) -> (Arc<str>, Export) {
