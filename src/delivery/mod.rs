@@ -918,7 +918,9 @@ impl Deliverer {
     /// and its exports sent alone.
     fn reject(&self, state: &mut LoopState, mut batch: Batch, error: String, dropped: &[u64]) {
         if batch.len() > 1 {
-            tracing::info!(exports = batch.len(), %error, "an array was refused; sending its exports one by one");
+            if state.logs.split.admit(Instant::now()) {
+                tracing::info!(exports = batch.len(), %error, "an array was refused; sending its exports one by one");
+            }
             self.metrics.record_split();
             for (profile, export) in batch {
                 if dropped.contains(&export.id.seq) {
@@ -1030,6 +1032,8 @@ struct Logs {
     failed: LogLimit,
     rejected: LogLimit,
     expired: LogLimit,
+    /// Arrays refused and split: an endpoint that takes no arrays refuses every one.
+    split: LogLimit,
 }
 
 impl Logs {
@@ -1052,6 +1056,12 @@ impl Logs {
             tracing::warn!(
                 exports = n,
                 "{n} more exports expired and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
+            );
+        }
+        if let Some(n) = self.split.left_out(now) {
+            tracing::info!(
+                arrays = n,
+                "{n} more arrays refused and sent one export at a time in the last {window_s} s, not logged one by one (outpost_delivery_array_splits_total counts them; an endpoint that takes no arrays wants delivery.max_profiles_per_request = 1)"
             );
         }
     }
