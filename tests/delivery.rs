@@ -689,6 +689,34 @@ async fn credentials_an_endpoint_echoes_are_hidden_in_its_error() {
     agent.stop().await.unwrap();
 }
 
+/// An endpoint that refuses the request's headers as too large (431, as servers answer a
+/// token of many KB) keeps the export, retried on its backoff, rather than dead-letter it:
+/// the token or the custom headers are at fault, not what the export holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_refused_as_too_large_keep_the_export() {
+    let s = setup().await;
+    let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refuses = Arc::clone(&refusing);
+    s.receiver.set_export_script(Some(Arc::new(move |_, _| {
+        match refuses.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Reply::Status(431, vec![], "Request Header Fields Too Large".into()),
+            false => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    wait_until(10, "a few refused attempts", || {
+        let pending = agent.store.list(&ListFilter::default()).unwrap();
+        pending.len() == 1 && pending[0].record.attempts >= 2
+    })
+    .await;
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    drained(&agent, &s.receiver, 1).await;
+    assert_eq!(agent.store.tally().unwrap().dead, 0);
+    agent.stop().await.unwrap();
+}
+
 /// A redirect is not followed, and its export is kept (retried on its backoff) rather than
 /// dead-lettered: the endpoint moved, which is the configuration's to fix, not the export's.
 /// Its stored error names where the redirect points, without the query, and no more of it

@@ -773,7 +773,7 @@ impl Deliverer {
                         );
                     }
                 }
-                match retry::verdict(status, token_dropped_before) {
+                match retry::verdict(status, token_dropped_before, batch.len() > 1) {
                     Verdict::Delivered => {
                         state
                             .controller

@@ -79,9 +79,16 @@ pub enum NoAnswer {
 /// refused first, which says nothing of the destination that the first did not. A gateway
 /// that timed out (504) or could not reach what it fronts (502), and a server that timed out
 /// waiting for the request (408), are overload as 503 is: the timeouts and connection errors
-/// SPEC halves the limit on, one hop away.
-pub fn verdict(status: u16, token_dropped_before: bool) -> Verdict {
+/// SPEC halves the limit on, one hop away. A 431 refuses the request's headers, not what an
+/// export holds: an array's (its `Idempotency-Key` lists every export) is split as a refused
+/// array is, while one export's is the token's or the custom headers' fault, the
+/// configuration's or the token endpoint's to mend, and is retried rather than dead-letter
+/// the whole outbox, as a redirect is.
+pub fn verdict(status: u16, token_dropped_before: bool, array: bool) -> Verdict {
     let retry = |signal, cause| Verdict::Retry(Retry { signal, cause });
+    if status == 431 && !array {
+        return retry(Signal::Failed, RetryCause::ServerError);
+    }
     match classify(status) {
         Class::Delivered => Verdict::Delivered,
         Class::Reject => Verdict::Rejected,
@@ -375,14 +382,25 @@ mod tests {
             ),
         ];
         for &(status, dropped_before, expected, outcome) in table {
-            let got = verdict(status, dropped_before);
+            let got = verdict(status, dropped_before, false);
             assert_eq!(got, expected, "status {status}");
+            assert_eq!(
+                verdict(status, dropped_before, true),
+                got,
+                "an array, {status}"
+            );
             let counted = match got {
                 Verdict::Retry(retry) => Some(retry.outcome()),
                 _ => None,
             };
             assert_eq!(counted, outcome, "status {status}");
         }
+        // Headers too large: one export's are not its own fault, an array's may be.
+        assert_eq!(
+            verdict(431, false, false),
+            retry(Signal::Failed, RetryCause::ServerError)
+        );
+        assert_eq!(verdict(431, false, true), Verdict::Rejected);
         let table = [
             (NoAnswer::Token, Signal::Failed, RetryCause::Token),
             (NoAnswer::Timeout, Signal::Overloaded, RetryCause::Timeout),
