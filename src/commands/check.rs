@@ -279,6 +279,10 @@ async fn check_auth(
             if let Some(warning) = crate::delivery::auth::token_type_warning(token_type) {
                 report_line!("warning          {warning}")?;
             }
+            let bytes = fetched.token.expose().len();
+            if let Some(warning) = crate::delivery::auth::token_size_warning(bytes) {
+                report_line!("warning          {warning}")?;
+            }
         }
     }
     Ok(())

@@ -161,6 +161,20 @@ pub fn token_type_warning(token_type: Option<&str>) -> Option<String> {
     ))
 }
 
+/// What many servers take of a request's headers in all (nginx's and Node's default is 8
+/// KiB, and some less).
+const HEADERS_MANY_SERVERS_TAKE: usize = 8 << 10;
+
+/// A warning for a token of `bytes`, sent in every request's `Authorization` header, when it
+/// is more than many servers take: they answer 431, and exports then wait.
+pub fn token_size_warning(bytes: usize) -> Option<String> {
+    (bytes > HEADERS_MANY_SERVERS_TAKE).then(|| {
+        format!(
+            "the token is {bytes} bytes: many servers refuse request headers of more than 8 KiB in all (431), and exports then wait (a token endpoint configured for a smaller token or fewer scopes, or the endpoint's header limit raised)"
+        )
+    })
+}
+
 /// When the OAuth token held expires: shared by the token source with the metrics, so that
 /// `outpost top` can show the remaining lifetime without a request.
 #[derive(Debug, Clone, Default)]
@@ -778,6 +792,26 @@ mod tests {
             "refreshed within the margin"
         );
         assert_ne!(second, first);
+    }
+
+    #[test]
+    fn a_token_larger_than_many_servers_take_in_headers_is_warned_of() {
+        // (token's bytes, warned)
+        let table = [
+            (0, false),
+            (1_500, false),
+            (8_192, false),
+            (8_193, true),
+            (900_000, true),
+        ];
+        for (bytes, warned) in table {
+            assert_eq!(token_size_warning(bytes).is_some(), warned, "{bytes}");
+        }
+        let warning = token_size_warning(900_000).unwrap();
+        assert!(
+            warning.starts_with("the token is 900000 bytes"),
+            "{warning}"
+        );
     }
 
     #[test]
