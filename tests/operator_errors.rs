@@ -308,6 +308,25 @@ async fn token_endpoint_answers_a_body_that_is_not_json() {
     );
 }
 
+/// A token answer past what outpost reads (1 MiB, here a token of 2 MB) is said to be too
+/// large, not taken for JSON cut short and blamed on the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_answers_more_than_is_read() {
+    let huge = format!(
+        r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3600}}"#,
+        "t".repeat(2_000_000)
+    );
+    // The endpoint answers for as long as the test runs.
+    let url = token_endpoint("application/json", Box::leak(huge.into_boxed_str())).await;
+    let out = check_with_token_endpoint(&url).await;
+    assert_eq!(
+        error_line(&out),
+        "outpost: token: the token endpoint answered 200 with a body of 1 MiB or more, which \
+         outpost does not read whole: a token answer is never that large, nor a token a \
+         request's header could carry"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_endpoint_that_echoes_the_secret_does_not_get_it_printed() {
     let url = token_endpoint_answering(

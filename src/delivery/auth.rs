@@ -464,6 +464,13 @@ impl TokenSource {
                 answer.status.as_u16()
             )));
         }
+        if answer.cut_at_the_most_read() {
+            // Its first MiB would read as JSON cut short, and the address be blamed.
+            return Err(AuthError::NotAToken(format!(
+                "the token endpoint answered {} with a body of 1 MiB or more, which outpost does not read whole: a token answer is never that large, nor a token a request's header could carry",
+                answer.status.as_u16()
+            )));
+        }
         let parsed: TokenAnswer = serde_json::from_slice(&answer.body).map_err(|e| {
             let content_type = answer
                 .headers

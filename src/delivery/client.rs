@@ -49,6 +49,11 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Whether the body was read only up to [`ANSWER_BYTES`], the rest of it left unread.
+    pub fn cut_at_the_most_read(&self) -> bool {
+        self.body.len() >= ANSWER_BYTES
+    }
+
     /// The start of the body as text, for error messages.
     pub fn body_start(&self) -> String {
         let end = self.body.len().min(ERROR_BODY_BYTES);
