@@ -653,6 +653,11 @@ impl Controller {
         self.quota.map(|q| q.allows(now))
     }
 
+    /// When the endpoint's advertised window starts again, while it has nothing left.
+    pub fn quota_spent_until(&self, now: Instant) -> Option<Instant> {
+        self.quota.and_then(|q| q.spent_until(now))
+    }
+
     /// How many requests may start now, when `wanted` could.
     pub fn permits(&mut self, now: Instant, wanted: usize) -> usize {
         if wanted == 0 {

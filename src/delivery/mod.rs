@@ -764,6 +764,9 @@ impl Deliverer {
             } => {
                 if let Some(quota) = quota {
                     state.controller.heard_quota(now, sent_at, quota);
+                    if let Some(until) = state.controller.quota_spent_until(now) {
+                        state.logs.quota_spent(now, until);
+                    }
                 }
                 if status == 429 {
                     if let Some(end) = state.controller.heard_429(now, sent_at, retry_after) {
@@ -1034,9 +1037,39 @@ struct Logs {
     expired: LogLimit,
     /// Arrays refused and split: an endpoint that takes no arrays refuses every one.
     split: LogLimit,
+    /// When a spent quota was last said ([`Logs::quota_spent`]).
+    quota_spent_said: Option<Instant>,
+}
+
+/// A wait for an advertised quota is said at most this often: an endpoint whose every answer
+/// says its window is spent would otherwise have it said each window.
+const QUOTA_SPENT_SAID_EVERY: Duration = Duration::from_secs(600);
+/// Shorter waits for a quota are the pacing a quota asks for, not worth a line.
+const QUOTA_WAIT_WORTH_SAYING: Duration = Duration::from_secs(1);
+
+/// Whether a wait for a spent quota until `until`, heard `now`, is said, the last one having
+/// been said at `said`: only the operator sees nothing else of it (`outbox stats`, `top` and
+/// the metrics show the requests left, not why delivery crawls).
+fn quota_wait_said(said: Option<Instant>, now: Instant, until: Instant) -> bool {
+    until.saturating_duration_since(now) >= QUOTA_WAIT_WORTH_SAYING
+        && said.is_none_or(|said| now >= said + QUOTA_SPENT_SAID_EVERY)
 }
 
 impl Logs {
+    /// The endpoint advertised, in an answer heard `now`, that its window has nothing left
+    /// until `until`.
+    fn quota_spent(&mut self, now: Instant, until: Instant) {
+        if !quota_wait_said(self.quota_spent_said, now, until) {
+            return;
+        }
+        self.quota_spent_said = Some(now);
+        let wait_s = until.saturating_duration_since(now).as_secs();
+        tracing::info!(
+            wait_s,
+            "the endpoint advertises its request quota spent (a RateLimit header with remaining 0): requests wait {wait_s} s for its window to start again, and exports wait in the outbox meanwhile (said at most every 10 minutes; delivery.rate_limit_headers = false ignores these headers)"
+        );
+    }
+
     /// Says how many lines of each kind the windows over by `now` left out.
     fn say_left_out(&mut self, now: Instant) {
         let window_s = log_limit::WINDOW.as_secs();
@@ -1101,6 +1134,29 @@ async fn sleep_until_or_never(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_for_a_spent_quota_is_said_when_long_and_not_said_of_late() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // (last said, heard at, spent until) -> said
+        let table = [
+            ((None, at(0), at(10)), true),
+            ((None, at(0), at(1)), true),
+            // The pacing of a quota, not a wait.
+            ((None, at(0), start + Duration::from_millis(999)), false),
+            ((Some(at(0)), at(10), at(20)), false),
+            ((Some(at(0)), at(599), at(700)), false),
+            ((Some(at(0)), at(600), at(700)), true),
+        ];
+        for ((said, now, until), expected) in table {
+            assert_eq!(
+                quota_wait_said(said, now, until),
+                expected,
+                "said {said:?}, now {now:?}, until {until:?}"
+            );
+        }
+    }
 
     #[test]
     fn no_request_starts_while_a_put_back_holds_them_or_too_many_outcomes_wait_to_be_recorded() {
