@@ -312,6 +312,7 @@ impl Deliverer {
             let_go_start_over: None,
             settler,
             logs: Logs::default(),
+            last_failure: None,
         };
         let mut stop_by: Option<Instant> = None;
         // Whether the loop stopped with nothing out: requests it gave up on may still be
@@ -822,6 +823,7 @@ impl Deliverer {
         state
             .controller
             .answered_after(now, started_at, sent_at, retry.signal);
+        state.last_failure = Some(retry.cause);
         let failure = Failure {
             error,
             retry_after,
@@ -988,6 +990,9 @@ impl Deliverer {
         let down = state.controller.is_down();
         // Said once each way: the failures themselves are logged a few at a time.
         match (m.destination_down.get() == 1, down) {
+            (false, true) if state.last_failure == Some(RetryCause::Token) => tracing::warn!(
+                "no token can be had (every token request failed for a while; the exports' last_error says why): trying one request at a time on the backoff schedule; exports wait in the outbox"
+            ),
             (false, true) => tracing::warn!(
                 "the destination looks down (every request failed for a while): probing it one request at a time on the backoff schedule; exports wait in the outbox"
             ),
@@ -1027,6 +1032,9 @@ struct LoopState {
     let_go_start_over: Option<Instant>,
     settler: Settler,
     logs: Logs,
+    /// Why the last failed attempt failed: when the destination comes to look down, whether
+    /// it was the token endpoint that failed.
+    last_failure: Option<RetryCause>,
 }
 
 /// The lines logged per export, each kind limited (see [`log_limit`]).
