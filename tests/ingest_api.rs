@@ -1221,6 +1221,31 @@ async fn the_log_says_when_the_destination_looks_down_and_when_it_is_back() {
     down.store(false, std::sync::atomic::Ordering::SeqCst);
     wait_for("the destination answers again").await;
     assert_eq!(agent.log().matches("the destination looks down").count(), 1);
+
+    // The token endpoint fails, not the destination: the warning says so.
+    let tokens_down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let failing = Arc::clone(&tokens_down);
+    receiver.set_token_script(Some(Arc::new(move |_, _| {
+        match failing.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Reply::Status(503, vec![], "identity provider down".into()),
+            false => Reply::Normal,
+        }
+    })));
+    receiver.revoke_tokens();
+    let (status, _, answer) = post(
+        agent.addr,
+        member_update("a", "Anna", "2026-01-01T00:00:02Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    wait_for("no token can be had").await;
+    assert_eq!(agent.log().matches("the destination looks down").count(), 1);
+    tokens_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.log().matches("the destination answers again").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     agent.terminate().await;
 }
 
