@@ -895,7 +895,8 @@ impl Deliverer {
             // Kept in the store too, so that a restart does not send it before its time.
             let retry_at_uptime_ms = delay.map(|d| uptime_ms.saturating_add(d.as_millis() as u64));
             if state.logs.failed.admit(now) {
-                tracing::info!(export = %export.id, %profile, %error, "delivery failed; will retry");
+                let retry_in_ms = delay.unwrap_or_default().as_millis() as u64;
+                tracing::info!(export = %export.id, %profile, %error, retry_in_ms, "delivery failed; will retry");
             }
             self.metrics.record_delivery(retry.outcome(), None);
             self.metrics.record_retry(retry.cause);
