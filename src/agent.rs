@@ -60,7 +60,7 @@ impl AgentError {
         match self {
             AgentError::Setup(e) => e.is_config(),
             AgentError::Tls(_) | AgentError::NatsFiles(_) => true,
-            AgentError::Store(e) => e.path_is_not_a_folder(),
+            AgentError::Store(e) => e.restart_cannot_mend(),
             _ => false,
         }
     }

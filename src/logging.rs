@@ -27,6 +27,25 @@ const TARGETS: [&str; 10] = [
 
 /// Sets up logging; refuses a filter with a word alone that is neither a level nor a target
 /// that logs (a level mistyped, `warnig`, reads as a target's name and hides every line).
+/// Panics are logged as every other failure is, through the log set up by [`init`]: in one
+/// line, JSON with `--log-format json`, control characters escaped, rather than as raw text
+/// a pipeline reading JSON cannot parse. The backtrace goes with it when `RUST_BACKTRACE`
+/// asks for one.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = crate::delivery::panic_message(info.payload());
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(panic = %message, location, thread, %backtrace, "outpost panicked");
+        } else {
+            tracing::error!(panic = %message, location, thread, "outpost panicked");
+        }
+    }));
+}
+
 pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
     // Empty (as `Environment=OUTPOST_LOG=` leaves it) is unset.
     let (from_env, not_utf8) = match std::env::var("OUTPOST_LOG") {

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
+    outpost::logging::log_panics();
     // What people read and pipe on (`outbox list | head`): a reader that stops early ends
     // the command quietly, as it ends `ls`, not with a panic at the next print. Servers and
     // clients of sockets keep SIGPIPE ignored, as Rust sets it: `check` among them, whose TLS

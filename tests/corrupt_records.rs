@@ -740,3 +740,45 @@ async fn repair_changes_nothing_when_what_is_unreadable_changed_while_it_asked()
     assert_eq!(listed.len(), 2, "nothing repaired: {listed:?}");
     assert_eq!(stats(&s)["pending"], 3);
 }
+
+/// A store whose sled files are damaged (a copy cut short in its second log segment, in
+/// `tests/fixtures`) makes sled panic as it opens them. The agent and `check --store` say
+/// what is wrong and what to do, exit 2 (a service manager does not restart it over and
+/// over), and with `--log-format json` every line they write is JSON, the panic's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_sled_files_are_damaged_is_said_to_be_so() {
+    use std::io::Read;
+    let s = setup().await;
+    std::fs::create_dir_all(&s.store).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let gz = std::fs::File::open(fixtures.join("damaged-sled-db.gz")).unwrap();
+    let mut db = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut db)
+        .unwrap();
+    std::fs::write(s.store.join("db"), db).unwrap();
+    std::fs::copy(fixtures.join("damaged-sled-conf"), s.store.join("conf")).unwrap();
+    let damaged = "cannot be opened: sled failed reading its files (tried to serialize \
+                   Uninitialized), which are damaged beyond what `outpost repair` mends";
+    for args in [
+        &["--log-format", "json", "check", "--store"][..],
+        &["--log-format", "json", "run"][..],
+    ] {
+        let out = s.run(args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{args:?}: {e}: {line}"))
+            })
+            .collect();
+        let messages: Vec<&str> = lines
+            .iter()
+            .filter_map(|line| line["fields"]["message"].as_str())
+            .collect();
+        assert_eq!(messages, ["outpost panicked", "outpost failed"], "{stderr}");
+        let error = lines[1]["fields"]["error"].as_str().unwrap();
+        assert!(error.contains(damaged), "{args:?}: {error}");
+    }
+}

@@ -43,6 +43,15 @@ pub enum StoreError {
     Swap { path: PathBuf, detail: String },
     #[error("{}", open_message(.path, .source))]
     Open { path: PathBuf, source: sled::Error },
+    /// sled panicked reading its own files as it opened them (a file cut short or
+    /// overwritten), which no record-level repair reaches.
+    #[error(
+        "the store at {path} cannot be opened: sled failed reading its files ({detail}), which \
+         are damaged beyond what `outpost repair` mends (it mends records, not sled's files); \
+         move the folder aside and restore it from a backup, or start on an empty one (its \
+         pending exports are then lost)"
+    )]
+    Damaged { path: PathBuf, detail: String },
     #[error(
         "the store at {path} has format {found}, this outpost reads formats 1 to {FORMAT_VERSION}"
     )]
@@ -133,6 +142,13 @@ impl StoreError {
                     std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists
                 )
         )
+    }
+
+    /// Whether starting again cannot mend it, so that the agent exits 2 (a service manager
+    /// then does not restart it over and over, `data/outpost.service`): a storage path
+    /// through a file, or sled's own files damaged.
+    pub fn restart_cannot_mend(&self) -> bool {
+        self.path_is_not_a_folder() || matches!(self, StoreError::Damaged { .. })
     }
 
     /// Whether the disk (or the user's quota on it) is full, whichever step met it.
