@@ -217,8 +217,9 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
     // times in a row.
     let mut stopped_at: Option<((u64, u64), u32)> = None;
     while !shared.shutdown.is_cancelled() {
-        let started = std::time::Instant::now();
-        let consumer = run_consumer(shared, slot, partition);
+        // When its consumer was made and began consuming, if it got that far.
+        let mut consuming_since = None;
+        let consumer = run_consumer(shared, slot, partition, &mut consuming_since);
         let Some(ended) = within_grace_of_stop(consumer, &shared.shutdown, STOP_GRACE).await else {
             tracing::warn!(
                 partition,
@@ -335,18 +336,24 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
                 backoff = BACKOFF_FIRST;
             }
             Err(PartitionStop::Failed(e) | PartitionStop::StoppedAt { error: e, .. }) => {
-                // A consumer that ran for a good while failed for a new reason.
-                if started.elapsed() > 2 * BACKOFF_MAX {
+                // A consumer that consumed for a good while failed for a new reason; one
+                // that never got going (a request that timed out after 30 s) did not.
+                let consumed_a_while = consuming_since
+                    .is_some_and(|since: std::time::Instant| since.elapsed() > 2 * BACKOFF_MAX);
+                if consumed_a_while {
                     backoff = BACKOFF_FIRST;
                     last_error.clear();
                 }
-                let error = if shared.state.connected() {
+                let connected = shared.state.connected();
+                let error = if connected {
                     e.to_string()
                 } else {
                     format!("not connected to NATS ({e})")
                 };
                 let retry_in_ms = backoff.as_millis() as u64;
-                if error == last_error {
+                // While the connection is down every partition fails for it, which the
+                // connection's own warning says once.
+                if error == last_error || !connected {
                     tracing::debug!(partition, %error, retry_in_ms, "NATS partition consumer failed again");
                 } else {
                     tracing::warn!(partition, %error, retry_in_ms, "NATS partition consumer failed; it starts over from the stored position");
@@ -531,7 +538,12 @@ async fn keep_claim(shared: &Shared, partition: u32) -> Result<(), PartitionStop
 }
 
 /// Consumes until the agent stops (`Ok`) or something fails (`Err`: the caller starts over).
-async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<(), PartitionStop> {
+async fn run_consumer(
+    shared: &Shared,
+    slot: usize,
+    partition: u32,
+    consuming_since: &mut Option<std::time::Instant>,
+) -> Result<(), PartitionStop> {
     // Messages that arrive over one unbroken connection arrive in order; after a break, some
     // may have been sent and lost, so the partition starts over. So it does when a delivery
     // is missing without a break (`delivery_gap`).
@@ -551,6 +563,7 @@ async fn run_consumer(shared: &Shared, slot: usize, partition: u32) -> Result<()
     }
     shared.state.claimed_elsewhere[slot].store(false, Ordering::Relaxed);
     let mut consuming = fresh_consumer(shared, partition).await?;
+    *consuming_since = Some(std::time::Instant::now());
     match consume(shared, slot, partition, &mut consuming, breaks).await {
         Err(PartitionStop::Failed(error))
             if shared.state.breaks.load(Ordering::SeqCst) != breaks =>
