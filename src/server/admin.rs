@@ -10,6 +10,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::accept;
 use crate::admin::{
     execute_with, unreadable_request, AdminAnswer, AdminError, AdminRequest, SOCKET_NAME,
 };
@@ -151,6 +152,7 @@ async fn accept_within<Serving>(
     Serving: std::future::Future<Output = ()> + Send + 'static,
 {
     let connections = Arc::new(Semaphore::new(max));
+    let mut accept_failures = accept::AcceptFailures::new("admin");
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&connections).acquire_owned() => permit.expect("never closed"),
@@ -166,10 +168,8 @@ async fn accept_within<Serving>(
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors, say: what waits to be accepted stays, so
-                    // trying again at once would spin.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    accept_failures.failed(&e, tokio::time::Instant::now());
+                    tokio::time::sleep(accept::RETRY_AFTER).await;
                 }
             },
             _ = shutdown.cancelled() => break,

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::accept;
 use super::body::{
     body_encoding, discard_body, gunzip, read_body, unsupported_transfer_coding, BodyBudget,
     BodyError, Encoding, GunzipError, BODY_DEADLINE_TIMEOUTS,
@@ -131,6 +132,7 @@ pub async fn serve(
     // connections wait in the kernel's listen backlog rather than take memory and descriptors.
     let connections = Arc::new(Semaphore::new(state.max_connections));
     let mut last_warned = None;
+    let mut accept_failures = accept::AcceptFailures::new("ingest");
     loop {
         let slot = match Arc::clone(&connections).try_acquire_owned() {
             Ok(slot) => slot,
@@ -157,8 +159,8 @@ pub async fn serve(
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        accept_failures.failed(&e, tokio::time::Instant::now());
+                        tokio::time::sleep(accept::RETRY_AFTER).await;
                         continue;
                     }
                 };
