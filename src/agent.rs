@@ -291,6 +291,7 @@ impl Agent {
             source: source.clone(),
             outbox_read_at: tokio::sync::Mutex::default(),
             outbox_reading: Arc::default(),
+            refusals: std::sync::Mutex::default(),
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push((

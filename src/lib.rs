@@ -35,7 +35,8 @@
 //! - [`source`]: a NATS JetStream stream as a second input, partitioned by profile.
 //! - [`explain`]: errors a person can act on (what is wrong, which key or certificate, what to
 //!   do).
-//! - [`logging`]: tracing set-up.
+//! - [`logging`]: tracing set-up; [`log_limit`]: lines that come as fast as their causes,
+//!   logged a few at a time and counted.
 
 /// jemalloc rather than glibc's malloc, for every binary built from this crate (the agent,
 /// and the benches and tests, so that their comparisons with raw sled stay paired). Under
@@ -64,6 +65,7 @@ pub mod delivery;
 pub mod demo;
 pub mod demo_fleet;
 pub mod explain;
+pub mod log_limit;
 pub mod logging;
 pub mod metrics;
 pub mod profile;

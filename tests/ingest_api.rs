@@ -1249,6 +1249,31 @@ async fn the_log_says_when_the_destination_looks_down_and_when_it_is_back() {
     agent.terminate().await;
 }
 
+/// A refused request to `/v1/updates` is logged with why, the first 10 of a window of 10 s
+/// whole: a producer sending bad updates in a loop is seen in the log without flooding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_requests_are_logged_with_why_a_few_at_a_time() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = start_agent(&ws, port).await;
+    for _ in 0..15 {
+        let (status, _, answer) = post(agent.addr, "{\"id\": \"p1\", \"op\": ").await;
+        assert_eq!(status, 400, "{answer}");
+    }
+    let log = agent.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("a request to /v1/updates was refused"))
+        .collect();
+    assert_eq!(refused.len(), 10, "{log}");
+    assert!(
+        refused[0].contains("status=400") && refused[0].contains("error=not valid JSON"),
+        "{}",
+        refused[0]
+    );
+    agent.terminate().await;
+}
+
 /// What inputs and endpoints send reaches the log with its control characters escaped: an id
 /// and an error body holding a newline and an escape sequence forge no log line and colour
 /// nothing.

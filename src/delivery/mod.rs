@@ -25,7 +25,6 @@
 pub mod auth;
 pub mod client;
 pub mod controller;
-pub mod log_limit;
 pub mod proxy;
 pub mod queue;
 pub mod quota;
@@ -48,13 +47,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::RunClock;
 use crate::config::Config;
+use crate::log_limit::{self, LogLimit};
 use crate::metrics::{DeliveryOutcome, Metrics, RetryCause};
 use crate::store::outbox::{ExportChange, Outcome};
 use crate::store::{Export, Store, StoreError};
 use auth::TokenSource;
 use client::HttpClient;
 use controller::{Controller, ControllerConfig, Signal};
-use log_limit::LogLimit;
 use queue::{Queue, MAX_HELD};
 pub use request::{request_body, user_agent};
 use request::{secrets_sent, Attempted, Batch};

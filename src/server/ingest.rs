@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{
@@ -28,6 +29,7 @@ use super::body::{
 };
 use super::connection::{drive, Activity};
 use crate::config::Secret;
+use crate::log_limit::LogLimit;
 use crate::metrics::{self, Metrics};
 use crate::profile::update::{locate_body, FutureLimit};
 use crate::store::committer::{
@@ -78,6 +80,8 @@ pub struct IngestState {
     /// Set while such a read runs: one that takes longer than the interval is not joined by
     /// another each interval.
     pub outbox_reading: Arc<AtomicBool>,
+    /// Requests to `/v1/updates` refused, logged a few a window ([`log_refusal`]).
+    pub refusals: std::sync::Mutex<LogLimit>,
 }
 
 /// `/metrics` reads the outbox's figures from the store at most this often, on a blocking
@@ -98,6 +102,46 @@ fn json_answer(status: StatusCode, body: serde_json::Value) -> Answer {
 
 fn error_answer(status: StatusCode, message: &str) -> Answer {
     json_answer(status, json!({ "error": message }))
+}
+
+/// Says why a request to `/v1/updates` was refused, a few a window ([`LogLimit`]): the client
+/// heard it, and the operator saw only `outpost_updates_total{result="refused"}`, not for
+/// what (a full outbox, a producer sending bad updates or the wrong token). A refusal by the
+/// store or the agent (5xx) is a warning, one of the request (4xx) is not.
+fn log_refusal(state: &IngestState, answer: &Answer) {
+    let status = answer.status();
+    if status.is_success() {
+        return;
+    }
+    let now = tokio::time::Instant::now();
+    let mut limit = state.refusals.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = limit.left_out(now) {
+        let window_s = crate::log_limit::WINDOW.as_secs();
+        tracing::info!(
+            requests = n,
+            "{n} more requests to /v1/updates refused in the last {window_s} s, not logged one by one (outpost_updates_total{{result=\"refused\"}} counts their updates)"
+        );
+    }
+    if !limit.admit(now) {
+        return;
+    }
+    drop(limit);
+    // The answer's body is whole in memory: taken at once.
+    let body = http_body_util::BodyExt::collect(answer.body().clone())
+        .now_or_never()
+        .and_then(Result::ok)
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    let error = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|answer| answer["error"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let status = status.as_u16();
+    if status >= 500 {
+        tracing::warn!(status, %error, "a request to /v1/updates was refused");
+    } else {
+        tracing::info!(status, %error, "a request to /v1/updates was refused");
+    }
 }
 
 /// 503 with `Retry-After`: the request can be sent again (`message` says whether it may have
@@ -303,7 +347,11 @@ async fn handle(state: &IngestState, request: Request<Incoming>) -> Answer {
 
 async fn route(state: &IngestState, request: Request<Incoming>) -> Answer {
     match (request.method(), request.uri().path()) {
-        (&Method::POST, "/v1/updates") => post_updates(state, request).await,
+        (&Method::POST, "/v1/updates") => {
+            let answer = post_updates(state, request).await;
+            log_refusal(state, &answer);
+            answer
+        }
         (&Method::GET | &Method::HEAD, "/healthz") => {
             if !state.delivery_running.load(Ordering::Relaxed) {
                 return error_answer(

@@ -1,8 +1,9 @@
-//! Lines logged per export (a failed attempt, a dead letter) come as fast as exports fail: a
-//! flaky endpoint at thousands of exports a second, or one that refuses every export of a
-//! mapping, would flood the log. Each kind logs its first few lines of a window whole; the rest
-//! are counted, and said in one line once the window is over. The outbox and the metrics keep
-//! every one.
+//! Lines logged per export (a failed attempt, a dead letter) or per request (an ingest request
+//! refused) come as fast as exports fail or clients send: a flaky endpoint at thousands of
+//! exports a second, one that refuses every export of a mapping, or a client that sends bad
+//! updates in a loop would flood the log. Each kind logs its first few lines of a window whole;
+//! the rest are counted, and said in one line once the window is over. The outbox and the
+//! metrics keep every one.
 
 use std::time::Duration;
 
