@@ -579,7 +579,8 @@ async fn start_store(
             Err(e) if e.is_no_space() => e,
             Ok(started) => {
                 if said {
-                    tracing::info!(store = %path.display(), "there is room on the disk again: the store is open");
+                    // At warn, as its wait was said.
+                    tracing::warn!(store = %path.display(), "there is room on the disk again: the store is open");
                 }
                 return Ok(started);
             }

@@ -1218,9 +1218,26 @@ async fn the_log_says_when_the_destination_looks_down_and_when_it_is_back() {
     };
     wait_for("the destination looks down").await;
     assert!(!agent.log().contains("the destination answers again"));
+    let line_of = |text: &str| -> String {
+        let log = agent.log();
+        let line = log.lines().find(|line| line.contains(text));
+        line.unwrap_or_else(|| panic!("no {text:?} in {log}"))
+            .to_owned()
+    };
+    // What failed is said with it, and the end of the trouble at the same level.
+    let down_line = line_of("the destination looks down");
+    assert!(
+        down_line.contains("last_error=HTTP 503: down for maintenance"),
+        "{down_line}"
+    );
     down.store(false, std::sync::atomic::Ordering::SeqCst);
     wait_for("the destination answers again").await;
     assert_eq!(agent.log().matches("the destination looks down").count(), 1);
+    let back_line = line_of("the destination answers again");
+    assert!(
+        down_line.contains(" WARN ") && back_line.contains(" WARN "),
+        "{down_line}\n{back_line}"
+    );
 
     // The token endpoint fails, not the destination: the warning says so.
     let tokens_down = Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -822,7 +822,7 @@ impl Deliverer {
         state
             .controller
             .answered_after(now, started_at, sent_at, retry.signal);
-        state.last_failure = Some(retry.cause);
+        state.last_failure = Some((retry.cause, error.clone()));
         let failure = Failure {
             error,
             retry_after,
@@ -989,14 +989,21 @@ impl Deliverer {
         m.window_bytes.set(state.queue.held_bytes() as i64);
         let down = state.controller.is_down();
         // Said once each way: the failures themselves are logged a few at a time.
+        // Both at warn: an operator who logs warnings alone sees trouble end as it began.
+        let (cause, last_error) = match &state.last_failure {
+            Some((cause, error)) => (Some(*cause), error.as_str()),
+            None => (None, ""),
+        };
         match (m.destination_down.get() == 1, down) {
-            (false, true) if state.last_failure == Some(RetryCause::Token) => tracing::warn!(
-                "no token can be had (every token request failed for a while; the exports' last_error says why): trying one request at a time on the backoff schedule; exports wait in the outbox"
+            (false, true) if cause == Some(RetryCause::Token) => tracing::warn!(
+                last_error = %last_error,
+                "no token can be had (every token request failed for a while): trying one request at a time on the backoff schedule; exports wait in the outbox"
             ),
             (false, true) => tracing::warn!(
+                last_error = %last_error,
                 "the destination looks down (every request failed for a while): probing it one request at a time on the backoff schedule; exports wait in the outbox"
             ),
-            (true, false) => tracing::info!("the destination answers again; delivery goes on"),
+            (true, false) => tracing::warn!("the destination answers again; delivery goes on"),
             _ => {}
         }
         m.destination_down.set(i64::from(down));
@@ -1032,9 +1039,9 @@ struct LoopState {
     let_go_start_over: Option<Instant>,
     settler: Settler,
     logs: Logs,
-    /// Why the last failed attempt failed: when the destination comes to look down, whether
-    /// it was the token endpoint that failed.
-    last_failure: Option<RetryCause>,
+    /// Why the last failed attempt failed, and its error: said when the destination comes to
+    /// look down, naming the token endpoint when it was the one that failed.
+    last_failure: Option<(RetryCause, String)>,
 }
 
 /// The lines logged per export, each kind limited (see [`log_limit`]).

@@ -690,7 +690,8 @@ impl Store {
         self.raise_unrecorded_below_after_reopen()?;
         self.failed.store(false, Ordering::SeqCst);
         self.failed_no_space.store(false, Ordering::SeqCst);
-        tracing::info!(store = %self.path.display(), "the store was reopened; it takes writes again");
+        // At warn, as its failure was said.
+        tracing::warn!(store = %self.path.display(), "the store was reopened; it takes writes again");
         Ok(true)
     }
 
