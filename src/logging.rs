@@ -95,8 +95,9 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
 /// Fields as the text format writes them (`message`, then ` name=value`), their control
 /// characters escaped: ids, error bodies and rejected messages carry what inputs and
 /// endpoints sent, and written as they are, a newline in one would forge a log line and an
-/// escape sequence recolour the terminal of whoever reads the log. (JSON lines escape them
-/// already.)
+/// escape sequence recolour the terminal of whoever reads the log. A value that holds a
+/// blank, `=`, `"` or `\\` is quoted as logfmt quotes it ([`field_value`]), so that an id
+/// `p-1 level=ERROR` reads as one field, not two. (JSON lines escape them already.)
 struct EscapedFields;
 
 impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for EscapedFields {
@@ -121,27 +122,65 @@ struct EscapingVisitor<'writer> {
     result: std::fmt::Result,
 }
 
-impl tracing::field::Visit for EscapingVisitor<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+impl EscapingVisitor<'_> {
+    fn record_text(&mut self, field: &tracing::field::Field, text: &str) {
         let name = field.name();
         // What the `log` crate's records carry besides their message (sled logs through
         // it), which the event's own line shows already.
         if self.result.is_err() || name.starts_with("log.") {
             return;
         }
-        let text = format!("{value:?}");
-        let shown = crate::commands::for_terminal(&text, false);
         let pad = if self.empty { "" } else { " " };
         self.empty = false;
         self.result = match name {
-            "message" => write!(self.writer, "{pad}{shown}"),
+            "message" => write!(
+                self.writer,
+                "{pad}{}",
+                crate::commands::for_terminal(text, false)
+            ),
             name => write!(
                 self.writer,
-                "{pad}{}={shown}",
-                name.trim_start_matches("r#")
+                "{pad}{}={}",
+                name.trim_start_matches("r#"),
+                field_value(text)
             ),
         };
     }
+}
+
+impl tracing::field::Visit for EscapingVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.record_text(field, &format!("{value:?}"));
+    }
+
+    /// As it is, not as `Debug` quotes it: [`field_value`] quotes what needs it.
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.record_text(field, value);
+    }
+}
+
+/// A field's value as the text format shows it: as it is when it is one word of printable
+/// characters, else quoted with its `"` and `\\` escaped, and its control characters escaped
+/// as [`crate::commands::for_terminal`] escapes them (after the quoting, so that a
+/// backslash that came in the value shows as `\\\\` and one of an escape as `\\`).
+fn field_value(text: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !text.is_empty()
+        && !text
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '=' | '"' | '\\'));
+    if plain {
+        return crate::commands::for_terminal(text, false);
+    }
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    std::borrow::Cow::Owned(crate::commands::for_terminal(&quoted, false).into_owned())
 }
 
 /// The first directive of `filter` that is a word alone, neither a level nor a known target.
@@ -161,6 +200,29 @@ fn unknown_word(filter: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_that_could_read_as_more_than_one_field_is_quoted() {
+        // (value, as the text format shows it)
+        let table = [
+            ("p-1", "p-1"),
+            ("store 0badc0de", "\"store 0badc0de\""),
+            ("p-1 level=ERROR", "\"p-1 level=ERROR\""),
+            ("a=b", "\"a=b\""),
+            ("say \"hi\"", "\"say \\\"hi\\\"\""),
+            ("", "\"\""),
+            // A newline is escaped, and a backslash that came in the value is doubled, so
+            // that the two cannot be told apart no more.
+            ("p\nq", "\"p\\nq\""),
+            ("p\\nq", "\"p\\\\nq\""),
+            // Escaped, but one word: an escape sequence can only come from a control
+            // character, since a backslash in the value would have it quoted.
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+        ];
+        for (value, shown) in table {
+            assert_eq!(field_value(value), shown, "{value:?}");
+        }
+    }
 
     #[test]
     fn a_word_alone_must_be_a_level_or_a_known_target() {

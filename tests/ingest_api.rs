@@ -1227,7 +1227,7 @@ async fn the_log_says_when_the_destination_looks_down_and_when_it_is_back() {
     // What failed is said with it, and the end of the trouble at the same level.
     let down_line = line_of("the destination looks down");
     assert!(
-        down_line.contains("last_error=HTTP 503: down for maintenance"),
+        down_line.contains("last_error=\"HTTP 503: down for maintenance\""),
         "{down_line}"
     );
     down.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1284,7 +1284,7 @@ async fn refused_requests_are_logged_with_why_a_few_at_a_time() {
         .collect();
     assert_eq!(refused.len(), 10, "{log}");
     assert!(
-        refused[0].contains("status=400") && refused[0].contains("error=not valid JSON"),
+        refused[0].contains("status=400") && refused[0].contains("error=\"not valid JSON"),
         "{}",
         refused[0]
     );
@@ -1322,13 +1322,15 @@ async fn control_characters_from_inputs_are_escaped_in_the_log() {
             .any(|line| line.starts_with("2026-12-06T07:00:00.000000Z ERROR")),
         "{log}"
     );
-    // Both the id and the endpoint's body, escaped.
+    // Both the id and the endpoint's body, escaped and quoted whole: the spaces in them
+    // start no field of their own.
     let failed = log
         .lines()
         .find(|line| line.contains("delivery failed; will retry"))
         .unwrap();
     assert!(
-        failed.contains("profile=p-1\\n2026-12-06") && failed.contains("down\\n2026-12-06"),
+        failed.contains("profile=\"p-1\\n2026-12-06T07:00:00.000000Z ERROR outpost::agent: FORGED")
+            && failed.contains("down\\n2026-12-06"),
         "{failed}"
     );
     assert!(failed.contains("\\u{1b}[31mred"), "{failed}");

@@ -2637,7 +2637,7 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
         .await;
     }
     let log = second_agent.log();
-    assert!(log.contains("claimed_by=store "), "{log}");
+    assert!(log.contains("claimed_by=\"store "), "{log}");
     let health = healthz_json(second_agent.addr).await;
     assert_eq!(
         health["nats"]["claimed_elsewhere"],
@@ -2775,7 +2775,7 @@ async fn a_claim_released_or_taken_while_its_partition_is_consumed() {
     assert!(
         agent
             .log()
-            .contains("claimed_by=store 0badc0de on elsewhere"),
+            .contains("claimed_by=\"store 0badc0de on elsewhere\""),
         "{}",
         agent.log()
     );
