@@ -342,7 +342,14 @@ impl Agent {
                 stop_if_it_panics(what, task, Arc::clone(&task_failure), shutdown.clone())
             })
             .collect();
-        tracing::info!(listen = %listen_addr, scheme, store = %config.storage.path.display(), "outpost is running");
+        tracing::info!(
+            version = crate::cli::VERSION,
+            listen = %listen_addr,
+            scheme,
+            store = %config.storage.path.display(),
+            endpoint = %crate::config::redacted_address(config.destination.http_endpoint.as_str()),
+            "outpost is running"
+        );
         started_so_far.disarm();
         Ok(Agent {
             listen_addr,

@@ -4,10 +4,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// What `--version` and the agent's first line say: the version and the commit built.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("OUTPOST_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "outpost",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("OUTPOST_COMMIT"), ")"),
+    version = crate::cli::VERSION,
     about = "Exports changed customer profiles to an HTTP destination, durably."
 )]
 pub struct Cli {

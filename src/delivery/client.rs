@@ -27,7 +27,7 @@ pub enum ClientError {
     Config(String),
     #[error("{0}")]
     Tls(String),
-    #[error("timed out after {0:?}")]
+    #[error("timed out after {0:?} (delivery.request_timeout_ms)")]
     Timeout(Duration),
     #[error("{0}")]
     Transport(String),
