@@ -680,11 +680,9 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
     }
 }
 
-/// The answer to a request of `count` updates whose commit stopped at an error.
+/// The answer to a request of `count` updates whose commit stopped at an error (logged by the
+/// committer, and with the answer by [`log_refusal`]).
 fn commit_failure(partly: PartlyCommitted, count: u64) -> Answer {
-    if let CommitError::Store(_) | CommitError::Stopped = partly.error {
-        tracing::error!(error = %partly.error, "commit failed");
-    }
     let (status, body) = failure_body(&partly, count);
     let answer = json_answer(status, body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
