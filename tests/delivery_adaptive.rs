@@ -684,6 +684,41 @@ async fn a_dropped_export_is_not_sent_again_and_its_profile_goes_on() {
     agent.stop().await.unwrap();
 }
 
+/// A destination down whose last exports are dropped is not probed, and no longer counts as
+/// down (a critical alert fired on for as long as no other export came); the next export
+/// goes at once.
+#[tokio::test]
+async fn a_destination_down_with_nothing_left_to_deliver_no_longer_counts_as_down() {
+    let s = setup(ReceiverOptions::default(), oauth_body, "").await;
+    let down = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&down);
+    s.receiver.set_export_script(Some(Arc::new(move |_, _| {
+        match flag.load(Ordering::SeqCst) {
+            true => Reply::down(),
+            false => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &one_each("p", 1, 0)).await;
+    wait_until(10, "the destination counted as down", || {
+        agent.metrics.destination_down.get() == 1
+    })
+    .await;
+    let failing = agent.store.list(&ListFilter::default()).unwrap()[0]
+        .id
+        .to_string();
+    drop_export(&agent, failing).await;
+    wait_until(5, "the destination no longer counted as down", || {
+        agent.metrics.destination_down.get() == 0
+    })
+    .await;
+    down.store(false, Ordering::SeqCst);
+    ingest(&agent, &one_each("p", 1, 1)).await;
+    wait_for_exports(&agent, &s.receiver, 1).await;
+    assert_eq!(delivered_names(&s.receiver), ["p0-v1"]);
+    agent.stop().await.unwrap();
+}
+
 /// Regression: an export dropped while in flight is not sent again when its answer would have
 /// it retried at once (401) or sent alone (an array refused with a 4xx); its profile goes on.
 #[tokio::test]

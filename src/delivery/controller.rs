@@ -643,6 +643,19 @@ impl Controller {
         self.down_since.is_some()
     }
 
+    /// Nothing is left to deliver (the last exports dropped or expired while the destination
+    /// looked down): no probe goes, so nothing more will be learnt of it, and it no longer
+    /// counts as down, which would otherwise be reported (and alerted on) until the next
+    /// export. That export finds out as one after a start does: the failures in a row count
+    /// from none.
+    pub fn forget_down(&mut self) {
+        self.failures_in_a_row = 0;
+        if self.down_since.take().is_some() {
+            self.probe_in_flight = false;
+            self.backoff.reset();
+        }
+    }
+
     /// The request rate cap, when a 429 set one.
     pub fn rate_cap(&self) -> Option<f64> {
         self.rate_cap.as_ref().map(|c| c.per_second)
@@ -1325,6 +1338,28 @@ mod tests {
         c.answered(now, now, Signal::Healthy);
         assert!(!c.is_down());
         assert_eq!(c.permits(now, 100), c.limit());
+    }
+
+    #[test]
+    fn a_destination_down_with_nothing_left_to_deliver_is_forgotten_as_down() {
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        for _ in 0..DOWN_AFTER {
+            c.started(start);
+            c.answered(start, start, Signal::Overloaded);
+        }
+        assert!(c.is_down());
+        c.forget_down();
+        assert!(!c.is_down());
+        // The next export goes at once, not on the probes' schedule.
+        assert_eq!(c.permits(start, 1), 1);
+        // And the failures count from none again.
+        for i in 0..DOWN_AFTER {
+            assert!(!c.is_down(), "down after {i} failures");
+            c.started(start);
+            c.answered(start, start, Signal::Overloaded);
+        }
+        assert!(c.is_down());
     }
 
     #[test]

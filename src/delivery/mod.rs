@@ -366,6 +366,7 @@ impl Deliverer {
                 self.refill(&mut state, &read_tx, now);
             }
             state.settler.send(std::mem::take(&mut state.changes));
+            self.forget_down_when_idle(&mut state);
             self.publish(&state);
             state.logs.say_left_out(now);
             if stopping {
@@ -970,6 +971,23 @@ impl Deliverer {
             state.retry_stored.remove(seq);
         }
         dropped
+    }
+
+    /// While the destination looks down with nothing left to deliver (its last exports
+    /// dropped or expired), it is not probed, and is no longer counted as down
+    /// ([`Controller::forget_down`]).
+    fn forget_down_when_idle(&self, state: &mut LoopState) {
+        let idle = state.controller.is_down()
+            && state.queue.held() == 0
+            && state.controller.in_flight() == 0
+            && !state.reading;
+        // The outbox asked last: exports the window let go of are not held, yet wait.
+        if !idle || !self.store.tally().is_ok_and(|tally| tally.pending == 0) {
+            return;
+        }
+        state.controller.forget_down();
+        self.metrics.destination_down.set(0);
+        tracing::warn!("nothing is left to deliver while the destination looked down: it no longer counts as down, and the next export finds out whether it is");
     }
 
     fn publish(&self, state: &LoopState) {
