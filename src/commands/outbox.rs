@@ -2,6 +2,8 @@
 //! one, and dead letters retried or exports dropped; and [`Print`], what a command prints once
 //! the store it opened is closed.
 
+use std::io::IsTerminal;
+
 use serde_json::Value;
 
 use crate::admin::{AdminError, AdminRequest};
@@ -101,6 +103,18 @@ pub(super) fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print,
             json,
             ..
         } => {
+            if let Backend::Agent {
+                request_timeout, ..
+            } = &backend
+            {
+                // Else a drop beside a request that hangs waits without a word.
+                if !ids.is_empty() && std::io::stderr().is_terminal() {
+                    eprintln!(
+                        "the agent drops them once its requests in flight have ended (within {}s)…",
+                        request_timeout.as_secs_f64()
+                    );
+                }
+            }
             let result = backend.execute(&AdminRequest::Drop { ids, all_dead })?;
             Ok(Box::new(move || {
                 report_retry_or_drop(&result, ("dropped", "deleted"), all_dead, json.json)
