@@ -14,6 +14,12 @@ use crate::store::{BatchSummary, OutboxStats};
 /// The `result` labels of `outpost_updates_total`.
 pub const UPDATE_RESULTS: [&str; 5] = ["exported", "unchanged", "stale", "deleted", "refused"];
 
+/// The statuses a request to `/v1/updates` is refused with, as `outpost_ingest_refusals_total`
+/// labels them; any other is `other`.
+pub const REFUSAL_STATUSES: [&str; 11] = [
+    "400", "401", "408", "409", "411", "413", "415", "500", "501", "503", "other",
+];
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// How a delivery attempt ended.
@@ -100,6 +106,7 @@ pub struct Metrics {
     delivery_counters: Vec<Counter>,
     retries: Family<Labels, Counter>,
     splits: Counter,
+    ingest_refusals: Family<Labels, Counter>,
     pub outbox_pending: Gauge,
     pub outbox_dead: Gauge,
     /// The longest a pending export has waited in run time (0: none pending).
@@ -170,6 +177,7 @@ impl Metrics {
         let clock_last_jump_seconds = Gauge::default();
         let retries = Family::<Labels, Counter>::default();
         let splits = Counter::default();
+        let ingest_refusals = Family::<Labels, Counter>::default();
         let concurrency_limit = Gauge::default();
         let in_flight = Gauge::default();
         let rate_cap = Gauge::default();
@@ -230,6 +238,11 @@ impl Metrics {
             destination_down.clone(),
         );
         registry.register("updates", "Profile updates by result", updates.clone());
+        registry.register(
+            "ingest_refusals",
+            "Requests to /v1/updates refused, by HTTP status",
+            ingest_refusals.clone(),
+        );
         registry.register("exports", "Exports produced by reason", exports.clone());
         registry.register(
             "deliveries",
@@ -336,6 +349,9 @@ impl Metrics {
         for cause in RetryCause::ALL {
             let _ = retries.get_or_create(&vec![("cause", cause.label())]);
         }
+        for status in REFUSAL_STATUSES {
+            let _ = ingest_refusals.get_or_create(&vec![("status", status)]);
+        }
         Metrics {
             clock_jumps,
             clock_last_jump_seconds,
@@ -358,6 +374,7 @@ impl Metrics {
                 .collect(),
             retries,
             splits,
+            ingest_refusals,
             outbox_pending,
             outbox_dead,
             outbox_oldest_waited,
@@ -389,6 +406,17 @@ impl Metrics {
         self.retries
             .get_or_create(&vec![("cause", cause.label())])
             .get()
+    }
+
+    /// A request to `/v1/updates` refused with `status`.
+    pub fn record_ingest_refusal(&self, status: u16) {
+        let label = REFUSAL_STATUSES
+            .into_iter()
+            .find(|label| label.parse() == Ok(status))
+            .unwrap_or("other");
+        self.ingest_refusals
+            .get_or_create(&vec![("status", label)])
+            .inc();
     }
 
     pub fn record_split(&self) {

@@ -1288,6 +1288,29 @@ async fn refused_requests_are_logged_with_why_a_few_at_a_time() {
         "{}",
         refused[0]
     );
+    // Counted by status, every one, and one without the token under its own.
+    let (status, _, _) = request(
+        agent.addr,
+        "POST",
+        "/v1/updates",
+        Some(Payload::Sized(b"{}".to_vec())),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    let (_, _, metrics) = request(agent.addr, "GET", "/metrics", None, &[])
+        .await
+        .unwrap();
+    let refusals = |status: &str| {
+        sample(
+            &metrics,
+            &format!("outpost_ingest_refusals_total{{status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(refusals("400"), Some(15.0), "{metrics}");
+    assert_eq!(refusals("401"), Some(1.0), "{metrics}");
+    assert_eq!(refusals("503"), Some(0.0), "{metrics}");
     agent.terminate().await;
 }
 

@@ -104,15 +104,17 @@ fn error_answer(status: StatusCode, message: &str) -> Answer {
     json_answer(status, json!({ "error": message }))
 }
 
-/// Says why a request to `/v1/updates` was refused, a few a window ([`LogLimit`]): the client
-/// heard it, and the operator saw only `outpost_updates_total{result="refused"}`, not for
-/// what (a full outbox, a producer sending bad updates or the wrong token). A refusal by the
+/// Counts a refused request to `/v1/updates` by its status, and says why it was refused, a few
+/// a window ([`LogLimit`]): the client heard it, and the operator saw only
+/// `outpost_updates_total{result="refused"}` (which counts neither a wrong token nor a full
+/// outbox), not for what (a full outbox, a producer sending bad updates or the wrong token). A refusal by the
 /// store or the agent (5xx) is a warning, one of the request (4xx) is not.
 fn log_refusal(state: &IngestState, answer: &Answer) {
     let status = answer.status();
     if status.is_success() {
         return;
     }
+    state.metrics.record_ingest_refusal(status.as_u16());
     let now = tokio::time::Instant::now();
     let mut limit = state.refusals.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(n) = limit.left_out(now) {
