@@ -54,8 +54,9 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// A mistake in the configuration (a certificate file that cannot be read, say): exit
-    /// status 2, as for the configuration's other errors.
+    /// A mistake in the configuration (a certificate file that cannot be read, say), or a
+    /// store that starting again cannot mend (its files damaged): exit status 2, as for the
+    /// configuration's other errors, which a service manager does not restart on.
     pub fn is_config(&self) -> bool {
         match self {
             AgentError::Setup(e) => e.is_config(),
@@ -517,6 +518,8 @@ const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 async fn recover_store(store: Arc<Store>, wake: Arc<Notify>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(RECOVER_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An error that stays (damaged files) is said once, not at every try.
+    let mut last_error = String::new();
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -532,7 +535,13 @@ async fn recover_store(store: Arc<Store>, wake: Arc<Notify>, shutdown: Cancellat
             Ok(Err(e)) if e.is_transient() => {
                 tracing::debug!(error = %e, "the store cannot be reopened yet");
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "the store cannot be reopened"),
+            Ok(Err(e)) => {
+                let error = e.to_string();
+                if error != last_error {
+                    tracing::error!(%error, "the store cannot be reopened; trying again every second");
+                    last_error = error;
+                }
+            }
             Err(e) => tracing::error!(error = %e, "reopening the store panicked"),
         }
     }

@@ -25,14 +25,25 @@ const TARGETS: [&str; 10] = [
     "mio",
 ];
 
-/// Sets up logging; refuses a filter with a word alone that is neither a level nor a target
-/// that logs (a level mistyped, `warnig`, reads as a target's name and hides every line).
 /// Panics are logged as every other failure is, through the log set up by [`init`]: in one
 /// line, JSON with `--log-format json`, control characters escaped, rather than as raw text
 /// a pipeline reading JSON cannot parse. The backtrace goes with it when `RUST_BACKTRACE`
-/// asks for one.
+/// asks for one. Where the log would not show it (its filter leaves errors out), or should
+/// logging itself panic, Rust's own hook says it.
 pub fn log_panics() {
-    std::panic::set_hook(Box::new(|info| {
+    let rust_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        thread_local! {
+            static IN_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if CALLER_SAYS_IT.with(std::cell::Cell::get) {
+            return;
+        }
+        if IN_HOOK.with(std::cell::Cell::get) || !tracing::enabled!(tracing::Level::ERROR) {
+            rust_hook(info);
+            return;
+        }
+        IN_HOOK.with(|in_hook| in_hook.set(true));
         let message = crate::delivery::panic_message(info.payload());
         let location = info.location().map(ToString::to_string).unwrap_or_default();
         let thread = std::thread::current();
@@ -43,9 +54,26 @@ pub fn log_panics() {
         } else {
             tracing::error!(panic = %message, location, thread, "outpost panicked");
         }
+        IN_HOOK.with(|in_hook| in_hook.set(false));
     }));
 }
 
+thread_local! {
+    /// Set while [`panic_said_by_caller`] runs its work.
+    static CALLER_SAYS_IT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work`, catching a panic of it without logging it: the caller says what it means
+/// (sled panicking on damaged files, say, is an error of the store's, not a bug to report).
+pub fn panic_said_by_caller<R>(work: impl FnOnce() -> R) -> std::thread::Result<R> {
+    let before = CALLER_SAYS_IT.with(|says| says.replace(true));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    CALLER_SAYS_IT.with(|says| says.set(before));
+    ran
+}
+
+/// Sets up logging; refuses a filter with a word alone that is neither a level nor a target
+/// that logs (a level mistyped, `warnig`, reads as a target's name and hides every line).
 pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(), String> {
     // Empty (as `Environment=OUTPOST_LOG=` leaves it) is unset.
     let (from_env, not_utf8) = match std::env::var("OUTPOST_LOG") {
@@ -81,6 +109,10 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // A line that cannot be written (its reader gone, journald restarted) is lost, rather
+        // than said with `eprintln!`, which panics on the same broken stderr: an agent would
+        // stop for its log, and a panic logged through it abort.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.fmt_fields(EscapedFields).try_init(),
@@ -96,7 +128,7 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
 /// characters escaped: ids, error bodies and rejected messages carry what inputs and
 /// endpoints sent, and written as they are, a newline in one would forge a log line and an
 /// escape sequence recolour the terminal of whoever reads the log. A value that holds a
-/// blank, `=`, `"` or `\\` is quoted as logfmt quotes it ([`field_value`]), so that an id
+/// blank, `=`, `"` or `\\` is quoted ([`field_value`]), so that an id
 /// `p-1 level=ERROR` reads as one field, not two. (JSON lines escape them already.)
 struct EscapedFields;
 

@@ -46,10 +46,10 @@ pub enum StoreError {
     /// sled panicked reading its own files as it opened them (a file cut short or
     /// overwritten), which no record-level repair reaches.
     #[error(
-        "the store at {path} cannot be opened: sled failed reading its files ({detail}), which \
-         are damaged beyond what `outpost repair` mends (it mends records, not sled's files); \
-         move the folder aside and restore it from a backup, or start on an empty one (its \
-         pending exports are then lost)"
+        "the store at {path} cannot be opened: sled panicked reading its files ({detail}): \
+         they are damaged (or sled met a bug of its own), beyond what `outpost repair` mends \
+         (it mends records, not sled's files); move the folder aside and restore it from a \
+         backup, or start on an empty one (its pending exports are then lost)"
     )]
     Damaged { path: PathBuf, detail: String },
     #[error(

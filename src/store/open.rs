@@ -434,12 +434,11 @@ impl Store {
         remove_unfinished_snapshots(path)?;
         // sled panics on some damage to its files (0.34.7: "tried to serialize
         // Uninitialized" for a file cut short) rather than return an error.
-        let opened = std::panic::catch_unwind(|| sled_config(path, cache_bytes).open()).map_err(
-            |panic| StoreError::Damaged {
+        let opened = crate::logging::panic_said_by_caller(|| sled_config(path, cache_bytes).open())
+            .map_err(|panic| StoreError::Damaged {
                 path: path.to_path_buf(),
                 detail: crate::delivery::panic_message(&*panic),
-            },
-        )?;
+            })?;
         let db = opened.map_err(|e| match e {
             // sled reports the lock as `Other` with this text (0.34.7, config.rs).
             sled::Error::Io(ref io)
