@@ -649,6 +649,10 @@ impl Controller {
     /// export. That export finds out as one after a start does: the failures in a row count
     /// from none.
     pub fn forget_down(&mut self) {
+        debug_assert_eq!(
+            self.in_flight, 0,
+            "a probe is out: something is left to deliver"
+        );
         self.failures_in_a_row = 0;
         if self.down_since.take().is_some() {
             self.probe_in_flight = false;

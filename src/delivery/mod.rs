@@ -56,7 +56,7 @@ use client::HttpClient;
 use controller::{Controller, ControllerConfig, Signal};
 use queue::{Queue, MAX_HELD};
 pub use request::{request_body, user_agent};
-use request::{secrets_sent, Attempted, Batch};
+use request::{secrets_to_hide, Attempted, Batch};
 use retry::{NoAnswer, RetrySchedule, Verdict};
 pub use settler::RecordingFailure;
 use settler::Settler;
@@ -150,8 +150,9 @@ pub struct Deliverer {
     tokens: Arc<TokenSource>,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
-    /// What of `headers` and `endpoint` is hidden in error answers ([`secrets_sent`]).
-    sent_secrets: Vec<String>,
+    /// What of `headers`, `endpoint` and the config's secrets is hidden in error answers
+    /// ([`secrets_to_hide`]).
+    secrets_to_hide: Vec<String>,
     max_profiles_per_request: usize,
     /// See [`window()`].
     window: usize,
@@ -230,7 +231,7 @@ impl Deliverer {
             })
             .collect();
         let d = &config.delivery;
-        let sent_secrets = secrets_sent(
+        let secrets_to_hide = secrets_to_hide(
             config
                 .destination
                 .custom_headers
@@ -246,7 +247,7 @@ impl Deliverer {
             tokens,
             endpoint,
             headers,
-            sent_secrets,
+            secrets_to_hide,
             max_profiles_per_request: d.max_profiles_per_request,
             window: window(d.max_concurrency, d.max_profiles_per_request),
             max_age: d.max_age,
@@ -987,7 +988,7 @@ impl Deliverer {
         }
         state.controller.forget_down();
         self.metrics.destination_down.set(0);
-        tracing::warn!("nothing is left to deliver while the destination looked down: it no longer counts as down, and the next export finds out whether it is");
+        tracing::warn!("nothing is left to deliver while delivery looked down: the destination no longer counts as down, and the next export finds out whether it is");
     }
 
     fn publish(&self, state: &LoopState) {

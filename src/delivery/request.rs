@@ -1,6 +1,6 @@
 //! Building and sending one request: its body and `Idempotency-Key`, its headers and token;
 //! and what it came to ([`Attempted`]), with the secrets it carried hidden in the error text
-//! of an answer ([`secrets_sent`]).
+//! of an answer ([`secrets_to_hide`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -186,7 +186,7 @@ impl Deliverer {
         let error = if answer.status.is_success() {
             String::new()
         } else {
-            let mut secrets: Vec<&str> = self.sent_secrets.iter().map(String::as_str).collect();
+            let mut secrets: Vec<&str> = self.secrets_to_hide.iter().map(String::as_str).collect();
             secrets.extend(token.as_ref().map(Secret::expose));
             let redirect = answer.redirect_note(&secrets, "destination.http_endpoint");
             let cut = answer
@@ -212,17 +212,18 @@ impl Deliverer {
     }
 }
 
-/// What an endpoint may echo of what it was sent, to hide in error texts: the custom headers'
-/// values (API keys), each word of them (the key after a scheme, `Bearer <key>`), the
-/// values of the endpoint's query (`?api_key=…`), and the secrets outpost holds besides
-/// (`held`, [`crate::config::Config::secrets_held`]). Shorter ones than 8 characters (a
-/// version, a tenant) are not hidden, or every digit in a body would be.
-pub(super) fn secrets_sent<'a>(
+/// What an endpoint may echo, to hide in error texts: of what it was sent, the custom headers'
+/// values (API keys), each word of them (the key after a scheme, `Bearer <key>`) and the
+/// values of the endpoint's query (`?api_key=…`), those shorter than 8 characters (a
+/// version, a tenant) left out, or every digit in a body would be hidden; and the secrets
+/// outpost holds besides (`held`, [`crate::config::Config::secrets_held`]), whatever their
+/// length, as the token endpoint's answers hide them.
+pub(super) fn secrets_to_hide<'a>(
     header_values: impl Iterator<Item = &'a str>,
     query: Option<&str>,
     held: impl Iterator<Item = &'a str>,
 ) -> Vec<String> {
-    let mut secrets: Vec<String> = held.map(str::to_owned).collect();
+    let mut secrets: Vec<String> = Vec::new();
     for value in header_values {
         secrets.push(value.to_owned());
         secrets.extend(value.split_whitespace().map(str::to_owned));
@@ -231,6 +232,7 @@ pub(super) fn secrets_sent<'a>(
     let query = url::form_urlencoded::parse(query.unwrap_or("").as_bytes());
     secrets.extend(query.map(|(_, value)| value.into_owned()));
     secrets.retain(|secret| secret.len() >= crate::config::SECRET_LEAST_BYTES);
+    secrets.extend(held.filter(|secret| !secret.is_empty()).map(str::to_owned));
     secrets.sort();
     secrets.dedup();
     // Longest first, so that a value is hidden whole before a word of it.
@@ -250,8 +252,8 @@ mod tests {
     /// key after a scheme word, a query value as sent (encoded) or decoded, but not values
     /// short enough to be everywhere in a body.
     #[test]
-    fn secrets_sent_to_the_endpoint_are_hidden_in_its_answers() {
-        let secrets = secrets_sent(
+    fn what_an_endpoint_may_echo_is_hidden_in_its_answers() {
+        let secrets = secrets_to_hide(
             ["Bearer k3yABCDEF", "v2", "tenant-0000001"].into_iter(),
             Some("api_key=s3cr3t%2Bkey9&format=json&sig=abcdefgh12"),
             ["s3cr3t-Client-Pass", "pass word", "short"].into_iter(),
@@ -276,14 +278,14 @@ mod tests {
                 "bad auth / secret s3cr3t-Client-Pass",
                 "bad auth / secret ***",
             ),
-            // A held secret is hidden whole, not word by word, and a short one not at all.
+            // A held secret is hidden whole, not word by word, and a short one too.
             ("user pass word refused", "user *** refused"),
-            ("pass short", "pass short"),
+            ("pass short", "pass ***"),
         ];
         for (body, shown) in table {
             assert_eq!(client::hiding(body, &secrets), shown, "{body}");
         }
-        assert!(secrets_sent(std::iter::empty(), None, std::iter::empty()).is_empty());
+        assert!(secrets_to_hide(std::iter::empty(), None, std::iter::empty()).is_empty());
     }
 
     fn export(seq: u64, payload: &str) -> (Arc<str>, Export) {
