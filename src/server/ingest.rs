@@ -81,7 +81,7 @@ pub struct IngestState {
     /// another each interval.
     pub outbox_reading: Arc<AtomicBool>,
     /// Requests to `/v1/updates` refused, logged a few a window ([`log_refusal`]).
-    pub refusals: std::sync::Mutex<LogLimit>,
+    pub refusals: std::sync::Mutex<Refusals>,
 }
 
 /// `/metrics` reads the outbox's figures from the store at most this often, on a blocking
@@ -104,30 +104,49 @@ fn error_answer(status: StatusCode, message: &str) -> Answer {
     json_answer(status, json!({ "error": message }))
 }
 
+/// The lines said of refused requests, each kind limited ([`LogLimit`]): those of the
+/// request (4xx, at info) and those of the store or the agent (5xx, at warn), so that a
+/// producer sending bad updates in a loop does not use up the lines of a full outbox.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    of_the_request: LogLimit,
+    of_the_agent: LogLimit,
+}
+
 /// Counts a refused request to `/v1/updates` by its status, and says why it was refused, a few
-/// a window ([`LogLimit`]): the client heard it, and the operator saw only
+/// a window ([`Refusals`]): the client heard it, and the operator saw only
 /// `outpost_updates_total{result="refused"}` (which counts neither a wrong token nor a full
-/// outbox), not for what (a full outbox, a producer sending bad updates or the wrong token). A refusal by the
-/// store or the agent (5xx) is a warning, one of the request (4xx) is not.
+/// outbox), not for what.
 fn log_refusal(state: &IngestState, answer: &Answer) {
     let status = answer.status();
     if status.is_success() {
         return;
     }
     state.metrics.record_ingest_refusal(status.as_u16());
+    let of_the_agent = status.is_server_error();
     let now = tokio::time::Instant::now();
-    let mut limit = state.refusals.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(n) = limit.left_out(now) {
-        let window_s = crate::log_limit::WINDOW.as_secs();
-        tracing::info!(
+    let mut refusals = state.refusals.lock().unwrap_or_else(|e| e.into_inner());
+    let limit = match of_the_agent {
+        true => &mut refusals.of_the_agent,
+        false => &mut refusals.of_the_request,
+    };
+    let window_s = crate::log_limit::WINDOW.as_secs();
+    let said = "not logged one by one (outpost_ingest_refusals_total counts them)";
+    match (limit.left_out(now), of_the_agent) {
+        (Some(n), true) => tracing::warn!(
             requests = n,
-            "{n} more requests to /v1/updates refused in the last {window_s} s, not logged one by one (outpost_updates_total{{result=\"refused\"}} counts their updates)"
-        );
+            "{n} more requests to /v1/updates refused with a 5xx in a window of {window_s} s, {said}"
+        ),
+        (Some(n), false) => tracing::info!(
+            requests = n,
+            "{n} more requests to /v1/updates refused with a 4xx in a window of {window_s} s, {said}"
+        ),
+        (None, _) => {}
     }
     if !limit.admit(now) {
         return;
     }
-    drop(limit);
+    drop(refusals);
     // The answer's body is whole in memory: taken at once.
     let body = http_body_util::BodyExt::collect(answer.body().clone())
         .now_or_never()
@@ -139,7 +158,7 @@ fn log_refusal(state: &IngestState, answer: &Answer) {
         .and_then(|answer| answer["error"].as_str().map(str::to_owned))
         .unwrap_or_default();
     let status = status.as_u16();
-    if status >= 500 {
+    if of_the_agent {
         tracing::warn!(status, %error, "a request to /v1/updates was refused");
     } else {
         tracing::info!(status, %error, "a request to /v1/updates was refused");
