@@ -497,11 +497,11 @@ fn hand_back_under(dir: &File, uid: u32, gid: u32, depth: usize, files_too: bool
             continue;
         };
         if meta.uid() == 0 && meta.is_file() && !files_too {
-            tracing::warn!(file = ?entry.file_name(), uid, "a store file of root's is not handed to the store folder's owner: fs.protected_hardlinks is off (or could not be read), so it could be another file linked in; chown it by hand if it is the store's");
+            tracing::warn!(file = %entry.file_name().to_string_lossy(), uid, "a store file of root's is not handed to the store folder's owner: fs.protected_hardlinks is off (or could not be read), so it could be another file linked in; chown it by hand if it is the store's");
         }
         if meta.uid() == 0 && (meta.is_dir() || (files_too && meta.nlink() == 1)) {
             if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
-                tracing::warn!(file = ?entry.file_name(), uid, error = %e, "cannot hand a store file to the store folder's owner");
+                tracing::warn!(file = %entry.file_name().to_string_lossy(), uid, error = %e, "cannot hand a store file to the store folder's owner");
             }
         }
         if meta.is_dir() && depth > 0 {
