@@ -85,6 +85,14 @@ fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
 }
 
 /// Waits until every export was delivered and the outbox is empty; checks order.
+fn dead_letters(agent: &Agent) -> Vec<outpost::store::Export> {
+    let dead_only = ListFilter {
+        dead: true,
+        ..Default::default()
+    };
+    agent.store.list(&dead_only).unwrap()
+}
+
 async fn drained(agent: &Agent, receiver: &Receiver, exports: usize) {
     wait_drained(agent, receiver, exports).await;
     assert_per_profile_order(&delivered_pairs(receiver));
@@ -675,13 +683,7 @@ async fn credentials_an_endpoint_echoes_are_hidden_in_its_error() {
         agent.store.tally().unwrap().dead == 1
     })
     .await;
-    let dead = agent
-        .store
-        .list(&ListFilter {
-            dead: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let dead = dead_letters(&agent);
     assert_eq!(
         dead[0].record.last_error.as_deref(),
         Some("HTTP 400: client edge-agent, secret ***: no")
@@ -850,13 +852,7 @@ async fn rejected_exports_are_dead_lettered_while_the_rest_go_on() {
     })
     .await;
     assert_eq!(s.receiver.delivered().len(), 6);
-    let dead = agent
-        .store
-        .list(&ListFilter {
-            dead: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let dead = dead_letters(&agent);
     assert_eq!(dead.len(), 3);
     for e in &dead {
         assert_eq!(e.record.profile_id, "bad");
@@ -893,13 +889,7 @@ async fn expired_exports_are_dead_lettered() {
         agent.store.tally().unwrap().dead == 2
     })
     .await;
-    let dead = agent
-        .store
-        .list(&ListFilter {
-            dead: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let dead = dead_letters(&agent);
     assert!(
         dead[0]
             .record
