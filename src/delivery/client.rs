@@ -372,6 +372,12 @@ impl HttpClient {
                 // the tunnel opened and TLS inside it did not finish.
                 let through = match self.route.proxy_address(&uri) {
                     Some(address) => format!(": {}", tunnel_not_ready(address, &uri)),
+                    // A server that takes the TCP connection and never answers the TLS
+                    // handshake ends here too.
+                    None if uri.scheme_str() == Some("https") => {
+                        " (the TCP connection, or the TLS handshake after it, did not come)"
+                            .to_owned()
+                    }
                     None => String::new(),
                 };
                 return Err(ClientError::Connect(format!(
