@@ -1110,25 +1110,25 @@ impl Logs {
         if let Some(n) = self.failed.left_out(now) {
             tracing::info!(
                 attempts = n,
-                "{n} more failed delivery attempts in the last {window_s} s, not logged one by one (outpost_deliveries_total counts them)"
+                "more failed delivery attempts in the last {window_s} s, not logged one by one (outpost_deliveries_total counts them)"
             );
         }
         if let Some(n) = self.rejected.left_out(now) {
             tracing::warn!(
                 exports = n,
-                "{n} more exports rejected and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
+                "more exports rejected and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
             );
         }
         if let Some(n) = self.expired.left_out(now) {
             tracing::warn!(
                 exports = n,
-                "{n} more exports expired and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
+                "more exports expired and dead-lettered in the last {window_s} s, not logged one by one (`outpost outbox list --dead` lists them)"
             );
         }
         if let Some(n) = self.split.left_out(now) {
             tracing::info!(
                 arrays = n,
-                "{n} more arrays refused and sent one export at a time in the last {window_s} s, not logged one by one (outpost_delivery_array_splits_total counts them; an endpoint that takes no arrays wants delivery.max_profiles_per_request = 1)"
+                "more arrays refused and sent one export at a time in the last {window_s} s, not logged one by one (outpost_delivery_array_splits_total counts them; an endpoint that takes no arrays wants delivery.max_profiles_per_request = 1)"
             );
         }
     }

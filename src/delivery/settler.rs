@@ -224,7 +224,8 @@ fn run(
             failure.set(None);
             tracing::info!(
                 changes = group.len(),
-                "deliveries recorded after {failures} retries"
+                retries = failures,
+                "deliveries recorded again after failed tries"
             );
         }
         for (_, seq) in &withdrawn {

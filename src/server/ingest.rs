@@ -135,11 +135,11 @@ fn log_refusal(state: &IngestState, answer: &Answer) {
     match (limit.left_out(now), of_the_agent) {
         (Some(n), true) => tracing::warn!(
             requests = n,
-            "{n} more requests to /v1/updates refused with a 5xx in a window of {window_s} s, {said}"
+            "more requests to /v1/updates refused with a 5xx in a window of {window_s} s, {said}"
         ),
         (Some(n), false) => tracing::info!(
             requests = n,
-            "{n} more requests to /v1/updates refused with a 4xx in a window of {window_s} s, {said}"
+            "more requests to /v1/updates refused with a 4xx in a window of {window_s} s, {said}"
         ),
         (None, _) => {}
     }
