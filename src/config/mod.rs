@@ -117,9 +117,10 @@ pub struct Destination {
 
 impl Config {
     /// Every secret value the config holds, in no order: the destination's credentials, the
-    /// proxy's password, the ingest token, NATS's token or password. None of them is sent to
-    /// the endpoint, yet one that knows them (a gateway in front of the token endpoint too)
-    /// may echo them in an answer, which is hidden before it is logged or stored.
+    /// proxy's password, the ingest token, NATS's token or password. Most are never sent to
+    /// the endpoint (a static bearer token is), yet one that knows them (a gateway in front of
+    /// the token endpoint too) may echo them in an answer, which is hidden before it is logged
+    /// or stored.
     pub fn secrets_held(&self) -> Vec<&str> {
         let mut held: Vec<&Secret> = Vec::new();
         match &self.destination.auth {
