@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::admin::{AdminError, AdminRequest};
 use crate::cli::{OutboxCommand, Targets};
 use crate::config::Config;
-use crate::store::{ExportId, Store, StoreError};
+use crate::store::{put_back_wait, ExportId, Store, StoreError};
 
 use super::{
     ask, for_terminal, print_export, print_json, print_stats, refuse_off_a_terminal, Backend,
@@ -110,8 +110,8 @@ pub(super) fn outbox(backend: &Backend, command: OutboxCommand) -> Result<Print,
                 // Else a drop beside a request that hangs waits without a word.
                 if !ids.is_empty() && std::io::stderr().is_terminal() {
                     eprintln!(
-                        "the agent drops them once its requests in flight have ended (within {}s)…",
-                        request_timeout.as_secs_f64()
+                        "the agent drops them once its requests in flight have ended (within {} s)…",
+                        put_back_wait(*request_timeout).as_secs()
                     );
                 }
             }
