@@ -44,7 +44,7 @@ pub fn log_panics() {
             return;
         }
         IN_HOOK.with(|in_hook| in_hook.set(true));
-        let message = crate::delivery::panic_message(info.payload());
+        let message = panic_message(info.payload());
         let location = info.location().map(ToString::to_string).unwrap_or_default();
         let thread = std::thread::current();
         let thread = thread.name().unwrap_or("unnamed");
@@ -56,6 +56,15 @@ pub fn log_panics() {
         }
         IN_HOOK.with(|in_hook| in_hook.set(false));
     }));
+}
+
+/// The message a panic was raised with, when it has one.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 thread_local! {

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::RunClock;
 use crate::config::Config;
 use crate::log_limit::{self, LogLimit};
+use crate::logging::panic_message;
 use crate::metrics::{DeliveryOutcome, Metrics, RetryCause};
 use crate::store::outbox::{ExportChange, Outcome};
 use crate::store::{Export, Store, StoreError};
@@ -91,15 +92,6 @@ pub enum DeliveryStopped {
     Panicked(String),
     #[error("the thread that records deliveries in the store stopped: {0}")]
     SettlerGone(String),
-}
-
-/// The message a panic was raised with, when it has one.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// A wake-up even without commits: picks up expiries and anything missed.

@@ -437,7 +437,7 @@ impl Store {
         let opened = crate::logging::panic_said_by_caller(|| sled_config(path, cache_bytes).open())
             .map_err(|panic| StoreError::Damaged {
                 path: path.to_path_buf(),
-                detail: crate::delivery::panic_message(&*panic),
+                detail: crate::logging::panic_message(&*panic),
             })?;
         let db = opened.map_err(|e| match e {
             // sled reports the lock as `Other` with this text (0.34.7, config.rs).
