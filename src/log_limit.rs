@@ -52,6 +52,36 @@ impl LogLimit {
     }
 }
 
+/// A line said at most once every `every`: what comes in between is counted, and the count
+/// goes with the next line said.
+#[derive(Debug)]
+pub struct AtMostEvery {
+    every: Duration,
+    said_at: Option<Instant>,
+    unsaid: u64,
+}
+
+impl AtMostEvery {
+    pub const fn new(every: Duration) -> Self {
+        AtMostEvery {
+            every,
+            said_at: None,
+            unsaid: 0,
+        }
+    }
+
+    /// Something to say came `now`: how many came since the last line said, this one
+    /// included, when a line is due now.
+    pub fn due(&mut self, now: Instant) -> Option<u64> {
+        self.unsaid += 1;
+        if self.said_at.is_some_and(|at| now < at + self.every) {
+            return None;
+        }
+        self.said_at = Some(now);
+        Some(std::mem::take(&mut self.unsaid))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::log_limit::AtMostEvery;
+
 /// A failed accept is tried again after this: what waits to be accepted stays in the
 /// listen backlog, so trying again at once would spin.
 pub const RETRY_AFTER: Duration = Duration::from_millis(50);
@@ -18,27 +20,21 @@ const SAID_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct AcceptFailures {
     what: &'static str,
-    said_at: Option<Instant>,
-    unsaid: u64,
+    said: AtMostEvery,
 }
 
 impl AcceptFailures {
     pub fn new(what: &'static str) -> Self {
         AcceptFailures {
             what,
-            said_at: None,
-            unsaid: 0,
+            said: AtMostEvery::new(SAID_EVERY),
         }
     }
 
-    /// An accept failed `now` with `error`.
-    pub fn failed(&mut self, error: &std::io::Error, now: Instant) {
-        self.unsaid += 1;
-        if self.said_at.is_some_and(|at| now < at + SAID_EVERY) {
-            return;
-        }
-        let failures = std::mem::take(&mut self.unsaid);
-        self.said_at = Some(now);
+    /// An accept failed `now` with `error`; said when it is the first in a minute, with how
+    /// many failed since the last said.
+    pub fn failed(&mut self, error: &std::io::Error, now: Instant) -> Option<u64> {
+        let failures = self.said.due(now)?;
         let what = self.what;
         match remedy(error) {
             Some(remedy) => {
@@ -48,6 +44,7 @@ impl AcceptFailures {
                 tracing::warn!(%error, failures, "{what} connections cannot be accepted (said at most once a minute)")
             }
         }
+        Some(failures)
     }
 }
 
@@ -84,14 +81,13 @@ mod tests {
         let start = Instant::now();
         let error = std::io::Error::from_raw_os_error(libc::EMFILE);
         let mut failures = AcceptFailures::new("ingest");
-        failures.failed(&error, start);
-        assert_eq!((failures.said_at, failures.unsaid), (Some(start), 0));
+        assert_eq!(failures.failed(&error, start), Some(1));
         for i in 1..=100 {
-            failures.failed(&error, start + RETRY_AFTER * i);
+            assert_eq!(failures.failed(&error, start + RETRY_AFTER * i), None);
         }
-        assert_eq!((failures.said_at, failures.unsaid), (Some(start), 100));
+        // The hundred not said go with the next line, a minute after the first.
         let later = start + SAID_EVERY;
-        failures.failed(&error, later);
-        assert_eq!((failures.said_at, failures.unsaid), (Some(later), 0));
+        assert_eq!(failures.failed(&error, later), Some(101));
+        assert_eq!(failures.failed(&error, later + RETRY_AFTER), None);
     }
 }

@@ -168,7 +168,7 @@ async fn accept_within<Serving>(
                     });
                 }
                 Err(e) => {
-                    accept_failures.failed(&e, tokio::time::Instant::now());
+                    let _ = accept_failures.failed(&e, tokio::time::Instant::now());
                     tokio::time::sleep(accept::RETRY_AFTER).await;
                 }
             },

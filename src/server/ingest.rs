@@ -29,7 +29,7 @@ use super::body::{
 };
 use super::connection::{drive, Activity};
 use crate::config::Secret;
-use crate::log_limit::LogLimit;
+use crate::log_limit::{AtMostEvery, LogLimit};
 use crate::metrics::{self, Metrics};
 use crate::profile::update::{locate_body, FutureLimit};
 use crate::store::committer::{
@@ -196,16 +196,13 @@ pub async fn serve(
     // A connection holds one until it ends; without one, nothing is accepted, and new
     // connections wait in the kernel's listen backlog rather than take memory and descriptors.
     let connections = Arc::new(Semaphore::new(state.max_connections));
-    let mut last_warned = None;
+    let mut at_the_limit_said = AtMostEvery::new(FULL_WARNING_EVERY);
     let mut accept_failures = accept::AcceptFailures::new("ingest");
     loop {
         let slot = match Arc::clone(&connections).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                if last_warned
-                    .is_none_or(|at: tokio::time::Instant| at.elapsed() >= FULL_WARNING_EVERY)
-                {
-                    last_warned = Some(tokio::time::Instant::now());
+                if at_the_limit_said.due(tokio::time::Instant::now()).is_some() {
                     tracing::warn!(
                         max_connections = state.max_connections,
                         "ingest connections at ingest.max_connections; new ones wait until one closes"
@@ -224,7 +221,7 @@ pub async fn serve(
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        accept_failures.failed(&e, tokio::time::Instant::now());
+                        let _ = accept_failures.failed(&e, tokio::time::Instant::now());
                         tokio::time::sleep(accept::RETRY_AFTER).await;
                         continue;
                     }
