@@ -140,6 +140,7 @@ pub struct Agent {
     pub store: Arc<Store>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<Option<()>>>,
+    source: Option<Arc<crate::source::nats::SourceState>>,
     delivery: JoinHandle<Result<(), DeliveryStopped>>,
     clock: JoinHandle<Option<Watcher>>,
     /// What the committer thread panicked with, should it have.
@@ -323,7 +324,7 @@ impl Agent {
                 .map(|nats| nats.owned.clone())
                 .unwrap_or_default(),
             move_terms: config.move_terms(),
-            source,
+            source: source.clone(),
             run: format!("{:016x}", rand::random::<u64>()),
         });
         tasks.push((
@@ -359,6 +360,7 @@ impl Agent {
             store,
             shutdown,
             tasks,
+            source,
             delivery,
             clock,
             committer_failure,
@@ -375,6 +377,9 @@ impl Agent {
     pub async fn wait(self) -> Result<(), AgentError> {
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Some(source) = &self.source {
+            source.say_unended_at_stop();
         }
         let delivery = match self.delivery.await {
             Ok(ended) => ended,

@@ -115,8 +115,11 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
         }),
         (None, None) => EnvFilter::new(default),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = filter.and(SeldomRepeated::default());
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         // A line that cannot be written (its reader gone, journald restarted) is lost, rather
         // than said with `eprintln!`, which panics on the same broken stderr: an agent would
@@ -124,13 +127,78 @@ pub fn init(format: LogFormat, level: Option<&str>, default: &str) -> Result<(),
         .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.fmt_fields(EscapedFields).try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(layer.fmt_fields(EscapedFields).with_filter(filter))
+            .try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .try_init(),
     };
     if let Some(error) = unreadable {
         tracing::warn!(%error, "OUTPOST_LOG cannot be read; logging at the default level");
     }
     Ok(())
+}
+
+/// How often a line of the NATS client's connection code is let through (see
+/// [`SeldomRepeated`]).
+const CLIENT_REPEATS_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The NATS client logs each failed attempt to connect (at error: `authorization
+/// violation`), and tries again every few seconds for as long as that fails: each line of
+/// its connection code is let through once every [`CLIENT_REPEATS_SAID_EVERY`], and
+/// outpost's own warning, with the attempts counted, says that it goes on. Its debug lines,
+/// asked for to look into a connection, come whole.
+#[derive(Default)]
+struct SeldomRepeated {
+    said_at: std::sync::Mutex<
+        std::collections::HashMap<tracing::callsite::Identifier, std::time::Instant>,
+    >,
+}
+
+impl SeldomRepeated {
+    fn limits(metadata: &tracing::Metadata<'_>) -> bool {
+        // Warnings and errors only: what `async_nats=debug` asks for comes whole.
+        metadata.is_event()
+            && *metadata.level() <= tracing::Level::WARN
+            && metadata.target().starts_with("async_nats::connector")
+    }
+
+    /// Whether a line of `callsite` that comes `now` is let through.
+    fn admit(&self, callsite: tracing::callsite::Identifier, now: std::time::Instant) -> bool {
+        let mut said_at = self
+            .said_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match said_at.get(&callsite) {
+            Some(&at) if now < at + CLIENT_REPEATS_SAID_EVERY => false,
+            _ => {
+                said_at.insert(callsite, now);
+                true
+            }
+        }
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for SeldomRepeated {
+    fn enabled(
+        &self,
+        metadata: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !Self::limits(metadata) || self.admit(metadata.callsite(), std::time::Instant::now())
+    }
+
+    fn callsite_enabled(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if Self::limits(metadata) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
 }
 
 /// Fields as the text format writes them (`message`, then ` name=value`), their control

@@ -1567,7 +1567,9 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         &[&agent],
         async || {
             let log = agent.log();
-            log.contains("cannot connect to NATS") && log.contains(&server.url())
+            log.contains("cannot connect to NATS")
+                && log.contains(&server.url())
+                && log.contains("reason=")
         },
     )
     .await;
@@ -1585,6 +1587,56 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
     let top = setup.cli(&["top", "--once", "--interval", "0.2"]);
     assert!(top.contains("waiting (connected)"), "{top}");
+}
+
+/// Credentials the server refuses: the agent says why it cannot connect and what to look
+/// at, once, where the client logged its own error at every attempt (several a second at
+/// first, then every 4 s) and outpost's warning gave no reason; at the stop, the consumers
+/// that could not end are said in one line, not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_the_server_refuses_are_said_once_with_why() {
+    let Some(server_bin) = nats_server_or_skip("credentials_the_server_refuses") else {
+        return;
+    };
+    let server = NatsServer::start_with(&server_bin, &["--user", "edge", "--pass", "pa55-word"]);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(
+            &server.url(),
+            8,
+            "0-7",
+            "user = \"edge\"\npassword = \"n0pe-word\"",
+        )),
+        "",
+    );
+    let mut agent = setup.start().await;
+    wait_or_show(
+        15,
+        "the log saying why NATS cannot be reached",
+        &[&agent],
+        async || agent.log().contains("reason=\"authorization violation\""),
+    )
+    .await;
+    // Long enough for several more attempts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = agent.log();
+    assert_eq!(log.matches("cannot connect to NATS").count(), 1, "{log}");
+    assert!(log.contains("check user and password"), "{log}");
+    assert_eq!(log.matches("async_nats::connector").count(), 1, "{log}");
+    assert!(!log.contains("n0pe-word"), "{log}");
+
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(15))
+        .await;
+    assert_eq!(status.code(), Some(0));
+    let log = agent.log();
+    assert_eq!(
+        log.matches("did not end within the grace").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("partitions=0-7"), "{log}");
 }
 
 #[test]

@@ -47,7 +47,7 @@ const CLOCK_LOOK_EVERY: Duration = Duration::from_secs(1);
 /// without end for room in the client's queue of commands, which it does not read while it
 /// reconnects, and that queue fills when NATS has been unreachable for some minutes. A batch
 /// dropped committed but unacknowledged comes again and is skipped by its recorded position.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The bytes of messages all owned partitions may hold fetched at once, shared out among them
 /// ([`fetch_room`]): a batch is held, parsed and raw, until it is committed, and `fetch_batch`
 /// messages of tens of KiB each in every one of 64 partitions would take gigabytes.
@@ -221,12 +221,12 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
         let mut consuming_since = None;
         let consumer = run_consumer(shared, slot, partition, &mut consuming_since);
         let Some(ended) = within_grace_of_stop(consumer, &shared.shutdown, STOP_GRACE).await else {
-            tracing::warn!(
-                partition,
-                grace_s = STOP_GRACE.as_secs(),
-                "the partition's consumer did not end within the grace after the stop (NATS unreachable?); \
-                 messages it held unacknowledged come again at the next start (those already committed are skipped)"
-            );
+            shared
+                .state
+                .unended_at_stop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(partition);
             return;
         };
         let ended = match ended {
@@ -547,7 +547,7 @@ async fn run_consumer(
     // Messages that arrive over one unbroken connection arrive in order; after a break, some
     // may have been sent and lost, so the partition starts over. So it does when a delivery
     // is missing without a break (`delivery_gap`).
-    let breaks = shared.state.breaks.load(Ordering::SeqCst);
+    let breaks = shared.state.events.breaks.load(Ordering::SeqCst);
     // Moved to another store: left unclaimed, for the store that took it over.
     let moved = shared
         .store
@@ -566,7 +566,7 @@ async fn run_consumer(
     *consuming_since = Some(std::time::Instant::now());
     match consume(shared, slot, partition, &mut consuming, breaks).await {
         Err(PartitionStop::Failed(error))
-            if shared.state.breaks.load(Ordering::SeqCst) != breaks =>
+            if shared.state.events.breaks.load(Ordering::SeqCst) != breaks =>
         {
             Err(PartitionStop::StoppedAt {
                 error,
@@ -671,7 +671,7 @@ async fn consume(
                 )?);
             }
         }
-        if shared.state.breaks.load(Ordering::SeqCst) != breaks {
+        if shared.state.events.breaks.load(Ordering::SeqCst) != breaks {
             return Err(NatsError(
                 "the connection broke; starting the partition over from the stored position".into(),
             )

@@ -22,12 +22,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::claim;
 use super::config::{NatsAuth, NatsSource};
+use crate::log_limit::AtMostEvery;
 use crate::metrics::Metrics;
 use crate::store::committer::Committer;
 use crate::store::Store;
 
-/// How long the agent gives NATS at start before it says it cannot connect.
+/// How long the agent gives NATS, at start or once the connection is lost, before it says it
+/// cannot connect; and how often it looks again.
 const CONNECT_GRACE: Duration = Duration::from_secs(3);
+/// How often the warning that NATS cannot be reached is said again while it lasts (the
+/// client tries every few seconds).
+const UNREACHABLE_SAID_EVERY: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 #[error("NATS: {0}")]
@@ -44,14 +49,87 @@ pub async fn connect(
     config: &NatsSource,
     keep_trying: bool,
 ) -> Result<async_nats::Client, NatsError> {
-    connect_counting(config, keep_trying, Arc::new(AtomicU64::new(0))).await
+    connect_counting(config, keep_trying, Arc::default()).await
 }
 
-/// [`connect`], counting in `breaks` every time the connection is lost.
+/// What the client's events tell of its connection.
+#[derive(Default)]
+struct ConnectionEvents {
+    /// How many times the connection was lost.
+    breaks: AtomicU64,
+    /// Attempts to connect that failed since the connection was last made.
+    failed_attempts: AtomicU64,
+    /// Why the last of them failed, as the client says it (`authorization violation`).
+    last_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl ConnectionEvents {
+    fn on(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                self.failed_attempts.store(0, Ordering::SeqCst);
+                *self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::info!("connected to NATS")
+            }
+            async_nats::Event::Disconnected => {
+                self.breaks.fetch_add(1, Ordering::SeqCst);
+                tracing::warn!("disconnected from NATS; reconnecting")
+            }
+            // A permissions violation surfaces here alone: the request it refused
+            // only times out.
+            async_nats::Event::ServerError(error) => {
+                tracing::warn!(%error, "the NATS server reported an error")
+            }
+            // A failed attempt to connect, said by its kind alone (the client logs the
+            // detail); the warning that NATS cannot be reached gives it.
+            async_nats::Event::ClientError(error) => {
+                let reason = match error {
+                    async_nats::ClientError::Other(reason) => reason,
+                    other => other.to_string(),
+                };
+                tracing::debug!(%reason, "an attempt to connect to NATS failed");
+                self.failed_attempts.fetch_add(1, Ordering::SeqCst);
+                *self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+            }
+            other => tracing::debug!(event = %other, "NATS event"),
+        }
+    }
+
+    fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What to look at when attempts to connect fail for `reason` (the kind of failure the NATS
+/// client names).
+fn connect_failure_hint(reason: &str) -> &'static str {
+    match reason {
+        "authorization violation" => {
+            "the server refused source.nats's credentials: check user and password, token or creds_file, and the server's accounts"
+        }
+        "failed signing nonce" => "source.nats.creds_file could not sign the server's challenge: check its seed",
+        "TLS error" => {
+            "check that the server speaks TLS where source.nats asks for it, and that its certificate is signed by a CA this host or source.nats.tls_ca_file trusts"
+        }
+        "DNS error" => "check the host names of source.nats.servers",
+        _ => "check that the server runs and that this host can reach source.nats.servers (firewall, port)",
+    }
+}
+
+/// [`connect`], telling `events` what the client's events say.
 async fn connect_counting(
     config: &NatsSource,
     keep_trying: bool,
-    breaks: Arc<AtomicU64>,
+    events: Arc<ConnectionEvents>,
 ) -> Result<async_nats::Client, NatsError> {
     let mut options = match &config.auth {
         NatsAuth::CredsFile(path) => {
@@ -81,22 +159,8 @@ async fn connect_counting(
         .name(format!("outpost/{}", env!("CARGO_PKG_VERSION")))
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
-            let breaks = Arc::clone(&breaks);
-            async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        breaks.fetch_add(1, Ordering::SeqCst);
-                        tracing::warn!("disconnected from NATS; reconnecting")
-                    }
-                    // A permissions violation surfaces here alone: the request it refused
-                    // only times out.
-                    async_nats::Event::ServerError(error) => {
-                        tracing::warn!(%error, "the NATS server reported an error")
-                    }
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
-            }
+            let events = Arc::clone(&events);
+            async move { events.on(event) }
         });
     if keep_trying {
         options = options.retry_on_initial_connect();
@@ -150,8 +214,9 @@ pub struct SourceState {
     /// Per owned partition, whether another store claims it (see `claim`).
     claimed_elsewhere: Vec<AtomicBool>,
     acks: AtomicU64,
-    /// How many times the connection was lost.
-    breaks: Arc<AtomicU64>,
+    events: Arc<ConnectionEvents>,
+    /// The owned partitions whose consumers did not end within the grace after the stop.
+    unended_at_stop: std::sync::Mutex<Vec<u32>>,
 }
 
 impl SourceState {
@@ -196,6 +261,27 @@ impl SourceState {
         for (partition, pending) in self.pending() {
             metrics.set_source_pending(partition, pending);
         }
+    }
+
+    /// Says in one line which partitions' consumers did not end within the grace after the
+    /// stop, once the consumers' tasks are over (with NATS unreachable, that is every one).
+    pub fn say_unended_at_stop(&self) {
+        let mut unended = std::mem::take(
+            &mut *self
+                .unended_at_stop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if unended.is_empty() {
+            return;
+        }
+        unended.sort_unstable();
+        tracing::warn!(
+            partitions = %super::partition::format_owned(&unended),
+            grace_s = consume::STOP_GRACE.as_secs(),
+            "consumers did not end within the grace after the stop (NATS unreachable?); \
+             messages they held unacknowledged come again at the next start (those already committed are skipped)"
+        );
     }
 
     /// The object `/healthz` carries under `nats`.
@@ -251,10 +337,10 @@ pub async fn start(
             tracing::warn!(error = %e, "counting the rejected messages again failed");
         }
     });
-    let breaks = Arc::new(AtomicU64::new(0));
-    let client = connect_counting(config, true, Arc::clone(&breaks)).await?;
+    let events = Arc::<ConnectionEvents>::default();
+    let client = connect_counting(config, true, Arc::clone(&events)).await?;
     let state = Arc::new(SourceState {
-        breaks,
+        events,
         client: client.clone(),
         stream: config.stream.clone(),
         owned: config.owned.clone(),
@@ -266,6 +352,7 @@ pub async fn start(
             .map(|_| AtomicBool::new(false))
             .collect(),
         acks: AtomicU64::new(0),
+        unended_at_stop: std::sync::Mutex::default(),
     });
     let shared = Arc::new(Shared {
         config: config.clone(),
@@ -280,7 +367,7 @@ pub async fn start(
         shutdown,
         fetch_room: tokio::sync::Semaphore::new(FETCH_BYTES_BUDGET),
     });
-    tokio::spawn(warn_if_unreachable(
+    tokio::spawn(warn_while_unreachable(
         Arc::clone(&state),
         config.servers.join(", "),
         shared.shutdown.clone(),
@@ -303,18 +390,49 @@ pub async fn start(
     Ok((state, tasks))
 }
 
-/// Says so when NATS cannot be reached at start. The connection is then made in the
-/// background, and the consumers' own errors (requests that time out) would not say why.
-async fn warn_if_unreachable(
+/// Says so when NATS cannot be reached, at start or once the connection is lost, with why the
+/// last attempt failed; again every [`UNREACHABLE_SAID_EVERY`] while it lasts. The client
+/// tries again in the background, and the consumers' own errors (requests that time out)
+/// would not say why.
+async fn warn_while_unreachable(
     state: Arc<SourceState>,
     servers: String,
     shutdown: CancellationToken,
 ) {
-    if pause(&shutdown, CONNECT_GRACE).await && !state.connected() {
-        tracing::warn!(
-            %servers,
-            "cannot connect to NATS; trying again in the background (`/healthz` shows nats.state)"
-        );
+    let mut said = AtMostEvery::new(UNREACHABLE_SAID_EVERY);
+    // Looks in a row that found the connection down.
+    let mut down_for = 0u32;
+    while pause(&shutdown, CONNECT_GRACE).await {
+        if state.connected() {
+            // The next outage is said at once.
+            said = AtMostEvery::new(UNREACHABLE_SAID_EVERY);
+            down_for = 0;
+            continue;
+        }
+        down_for += 1;
+        let last_failure = state.events.last_failure();
+        // An attempt may take a while to fail (a connection timeout of 5 s, a slow DNS):
+        // its reason is worth waiting for, a little.
+        if last_failure.is_none() && down_for < 10 {
+            continue;
+        }
+        if said.due(tokio::time::Instant::now()).is_none() {
+            continue;
+        }
+        let failed_attempts = state.events.failed_attempts.load(Ordering::SeqCst);
+        match last_failure {
+            Some(reason) => tracing::warn!(
+                %servers,
+                %reason,
+                failed_attempts,
+                hint = connect_failure_hint(&reason),
+                "cannot connect to NATS; trying again in the background (`/healthz` shows nats.state)"
+            ),
+            None => tracing::warn!(
+                %servers,
+                "cannot connect to NATS; no attempt has ended yet; trying again in the background (`/healthz` shows nats.state)"
+            ),
+        }
     }
 }
 
