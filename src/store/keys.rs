@@ -47,6 +47,9 @@ pub mod meta {
     /// The partition count of the stream this store handed partitions over from (u64 BE):
     /// with the partitions marked as given away, which profiles' updates it refuses.
     pub const MOVED_PARTITIONS_OF: &[u8] = b"moved_partitions_of";
+    /// When delivery was paused (wall clock, ms since the epoch, i64 BE); present only while
+    /// it is (see `store::pause`).
+    pub const DELIVERY_PAUSED: &[u8] = b"delivery_paused";
 }
 
 #[cfg(test)]

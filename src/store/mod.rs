@@ -20,6 +20,7 @@
 //! | stream positions, rejected messages | `source.rs` | `positions`, `rejected` |
 //! | moving stream partitions to another store, and the file that carries them | `handover.rs`, `handover_file.rs` | `positions`: a moved partition's mark ([`source`]) |
 //! | the run-time clock | `crate::clock` | `meta/clock` → [`codec`] clock record |
+//! | delivery paused by `outpost delivery pause` | `pause.rs` | `meta/delivery_paused` → when (wall clock, ms since the epoch, i64 BE), present only while paused |
 //! | value encodings (format byte + bincode), key encodings | `codec.rs`, `keys.rs` | |
 //! | the one writer (group commit) | `committer.rs` | |
 //!
@@ -74,6 +75,7 @@ mod open;
 pub mod outbox;
 mod owner;
 mod path_control;
+mod pause;
 mod profiles;
 mod rebuild;
 pub mod source;
@@ -88,7 +90,7 @@ mod upgrade;
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64};
 use std::sync::{Arc, RwLock};
 
 use crate::clock::{ClockRecord, RunClock};
@@ -99,6 +101,7 @@ pub use error::{is_no_space, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{readable_by_others_warning, FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use owner::{act_as_owner, OwnerError, StoreOwner, StoreUse};
+pub use pause::{Pausing, Resuming};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
 pub use superseded::PutBack;
@@ -217,6 +220,10 @@ pub struct Store {
     closing: AtomicBool,
     /// Where each profile's dead letters are ([`superseded`]).
     dead_letters: superseded::DeadLetterIndex,
+    /// When delivery was paused, as `meta/delivery_paused` holds it ([`pause`]).
+    paused_since_ms: AtomicI64,
+    /// Held by a pause or a resume from reading the state to setting it.
+    pausing: std::sync::Mutex<()>,
     /// Makes [`Store::apply_export_changes`] panic: a fault for tests of what follows when
     /// delivery's outcomes can no longer be recorded.
     #[cfg(test)]

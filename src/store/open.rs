@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use super::error::{io_detail, is_no_space, StoreError};
 use super::keys::{self, meta};
 use super::superseded::DeadLetterIndex;
 use super::tally::{Place, Tally};
-use super::{profiles, rebuild, unrecorded, upgrade, Store, Trees};
+use super::{pause, profiles, rebuild, unrecorded, upgrade, Store, Trees};
 use crate::clock::{ClockRecord, RunClock};
 
 /// The on-disk layout this build writes and reads. Format 2 added the run-time clock
@@ -373,6 +373,7 @@ impl Store {
         let lock = retry_locked(|| rebuild::lock(path))?;
         let (trees, opened) = Store::open_trees(path, cache_bytes, may_rebuild)?;
         let unrecorded_below = unrecorded::unrecorded_below_at_open(&trees, opened.next_seq)?;
+        let paused_since_ms = pause::read_paused_since(&trees)?;
         Ok(Store {
             path: path.to_path_buf(),
             cache_bytes,
@@ -399,6 +400,8 @@ impl Store {
             write_sections: RwLock::new(()),
             closing: AtomicBool::new(false),
             dead_letters: DeadLetterIndex::default(),
+            paused_since_ms: AtomicI64::new(paused_since_ms),
+            pausing: std::sync::Mutex::new(()),
             #[cfg(test)]
             settling_panics: AtomicBool::new(false),
             #[cfg(test)]
@@ -816,7 +819,7 @@ impl Store {
         // is undone, below where the loop had read).
         self.dead_letters.read_again();
         self.rewinding(|| self.put_back(Arc::new(trees)));
-        Ok(())
+        self.read_pause_again()
     }
 
     /// Makes every earlier write durable: sled's flush, then an fsync of its log file.
