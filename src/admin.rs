@@ -13,7 +13,8 @@ use crate::store::handover::MoveError;
 use crate::store::handover_file::{HandedPartition, Header, Terms};
 use crate::store::source::{PositionSet, RejectedId};
 use crate::store::{
-    Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, PutBack, Store, StoreError,
+    format_ms, Export, ExportId, ListFilter, MaybeAcknowledged, NotQuiet, Pausing, PutBack,
+    Resuming, Store, StoreError,
 };
 
 /// The name of the agent's socket in the store folder.
@@ -101,6 +102,10 @@ pub enum AdminRequest {
         terms: Terms,
         finished_only: bool,
     },
+    /// Pauses delivery, durably: ingest goes on, nothing is sent (`outpost delivery pause`).
+    PauseDelivery,
+    /// Resumes delivery (`outpost delivery resume`).
+    ResumeDelivery,
     /// What `outpost top` shows: `{"metrics": <the /metrics text>, "stats": <outbox stats with
     /// the delivery state, without the profile count>, "token_expires_in_s": n | null}`. Only a
     /// running agent answers it.
@@ -133,15 +138,18 @@ pub fn read_line<T: serde::de::DeserializeOwned>(
 }
 
 impl AdminRequest {
-    /// Whether it changes the outbox or reopens the store (the agent then wakes its delivery
-    /// loop).
-    pub fn repairs(&self) -> bool {
+    /// Whether it changes what the delivery loop is to do: the outbox, the store (reopened),
+    /// or whether delivery is paused. The agent then wakes the loop, which would otherwise see
+    /// it only at its next idle tick.
+    pub fn wakes_delivery(&self) -> bool {
         matches!(
             self,
             AdminRequest::Retry { .. }
                 | AdminRequest::Drop { .. }
                 | AdminRequest::RepairUnreadable
                 | AdminRequest::Compact
+                | AdminRequest::PauseDelivery
+                | AdminRequest::ResumeDelivery
         )
     }
 }
@@ -305,6 +313,30 @@ pub fn execute_with(
         }
         AdminRequest::RepairUnreadable => Ok(json!({ "repaired": store.repair_unreadable()? })),
         AdminRequest::Compact => Ok(store.compact_in_place()?.to_json(store.path())),
+        AdminRequest::PauseDelivery => {
+            let (changed, since_ms) = match store.pause_delivery(Utc::now().timestamp_millis())? {
+                Pausing::Paused { since_ms } => (true, since_ms),
+                Pausing::AlreadyPaused { since_ms } => (false, since_ms),
+            };
+            Ok(json!({
+                "delivery_paused": true,
+                "changed": changed,
+                "paused_since": format_ms(since_ms),
+                "pending": store.tally()?.pending,
+            }))
+        }
+        AdminRequest::ResumeDelivery => {
+            let paused_since_ms = match store.resume_delivery()? {
+                Resuming::Resumed { paused_since_ms } => Some(paused_since_ms),
+                Resuming::NotPaused => None,
+            };
+            Ok(json!({
+                "delivery_paused": false,
+                "changed": paused_since_ms.is_some(),
+                "paused_since": paused_since_ms.map(format_ms),
+                "pending": store.tally()?.pending,
+            }))
+        }
         AdminRequest::Retry { ids, all_dead } => repair(store, ids, *all_dead, true),
         AdminRequest::Drop { ids, all_dead } => repair(store, ids, *all_dead, false),
         AdminRequest::Ingest { .. } => {

@@ -119,6 +119,9 @@ pub enum Command {
     /// Inspect and repair the outbox.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Pause and resume delivery while ingest goes on.
+    #[command(subcommand)]
+    Delivery(DeliveryCommand),
     /// Show the whole job on loopback: an embedded receiver, the agent, the sample updates.
     ///
     /// Needs no config and nothing else running; cleans up after itself.
@@ -368,6 +371,25 @@ pub enum RejectedCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveryCommand {
+    /// Stop sending exports until `outpost delivery resume`; updates are still taken.
+    ///
+    /// Requests in flight finish and are recorded; no other starts, and no probe. The pause is
+    /// kept in the store, so it holds across restarts of the agent. Updates keep coming in
+    /// (HTTP, NATS, `outpost ingest`) until the outbox holds storage.max_outbox_bytes; then
+    /// they are refused with 503, and nothing is lost. Exports keep ageing toward
+    /// delivery.max_age_s meanwhile: those that waited longer are dead-lettered when delivery
+    /// resumes (`outpost outbox retry --all-dead` puts them back).
+    ///
+    /// Example: outpost delivery pause
+    Pause(JsonFlag),
+    /// Send exports again after `outpost delivery pause`, at once.
+    ///
+    /// Example: outpost delivery resume
+    Resume(JsonFlag),
 }
 
 #[derive(Debug, Subcommand)]

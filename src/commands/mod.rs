@@ -5,7 +5,8 @@
 //! This file routes each command ([`dispatch`]) and says how one fails ([`CliError`]); the
 //! commands stand a concept a file: [`run`] (the agent, the demo, the receiver), [`check`]
 //! (the preflight, with [`preflight`]'s findings on this host), [`ingest`], [`outbox`],
-//! [`repair`] (the store's upkeep: `check --store`, `repair`, `compact`), [`nats`] and
+//! [`repair`] (the store's upkeep: `check --store`, `repair`, `compact`), [`delivery`]
+//! (pausing and resuming it), [`nats`] and
 //! [`handover`] (the NATS stream, and moving its partitions between agents), and [`top`].
 
 /// `println!` for a command's output: a full disk or a reader gone comes back as
@@ -35,6 +36,7 @@ macro_rules! out {
 
 mod backend;
 mod check;
+mod delivery;
 mod handover;
 mod ingest;
 mod nats;
@@ -200,6 +202,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             | Command::Repair { .. }
             | Command::Compact { .. }
             | Command::Outbox(_)
+            | Command::Delivery(_)
             | Command::Profile(_)
             | Command::Rejected(_)
     );
@@ -265,6 +268,11 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Outbox(command) => {
             outbox::ask_before_drop(config, &command)?;
             let print = outbox::outbox(&Backend::connect_existing(config)?, command)?;
+            // The store this process opened is closed by now.
+            print()
+        }
+        Command::Delivery(command) => {
+            let print = delivery::delivery(&Backend::connect_existing(config)?, command)?;
             // The store this process opened is closed by now.
             print()
         }

@@ -245,13 +245,17 @@ async fn respond(line: &str, state: &Arc<AdminState>) -> Result<serde_json::Valu
             {
                 *terms = running.clone();
             }
-            let repairs = request.repairs();
+            let wakes_delivery = request.wakes_delivery();
             let stats = request == AdminRequest::Stats;
+            let pause_or_resume = matches!(
+                request,
+                AdminRequest::PauseDelivery | AdminRequest::ResumeDelivery
+            );
             let state = Arc::clone(state);
             let metrics = Arc::clone(&state.metrics);
             let result = tokio::task::spawn_blocking(move || {
                 let result = execute_with(&state.store, &request, &state.owned);
-                if repairs {
+                if wakes_delivery {
                     state.wake.notify_one();
                 }
                 result
@@ -263,9 +267,35 @@ async fn respond(line: &str, state: &Arc<AdminState>) -> Result<serde_json::Valu
                     add_delivery_state(&mut value, &metrics);
                     Ok(value)
                 }
+                Ok(value) if pause_or_resume => {
+                    log_pause_or_resume(&value);
+                    Ok(value)
+                }
                 other => other,
             }
         }
+    }
+}
+
+/// Says at warn that delivery was paused or resumed, when it was: a pause stops every export,
+/// and an operator who logs warnings alone must see why, and that it ended.
+fn log_pause_or_resume(answer: &serde_json::Value) {
+    if answer["changed"] != true {
+        return;
+    }
+    let pending = answer["pending"].as_u64().unwrap_or(0);
+    if answer["delivery_paused"] == true {
+        tracing::warn!(
+            pending,
+            "delivery paused by `outpost delivery pause`: nothing is sent until `outpost delivery resume`; updates are still taken, within storage.max_outbox_bytes"
+        );
+    } else {
+        let paused_since = answer["paused_since"].as_str().unwrap_or("-");
+        tracing::warn!(
+            pending,
+            paused_since,
+            "delivery resumed by `outpost delivery resume`"
+        );
     }
 }
 
