@@ -353,6 +353,12 @@ impl Agent {
             endpoint = %crate::config::redacted_address(config.destination.http_endpoint.as_str()),
             "outpost is running"
         );
+        if let Some(since_ms) = store.delivery_paused_since_ms() {
+            tracing::warn!(
+                "delivery is paused (since {}); `outpost delivery resume` to deliver",
+                crate::store::format_ms(since_ms)
+            );
+        }
         started_so_far.disarm();
         Ok(Agent {
             listen_addr,

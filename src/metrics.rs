@@ -152,6 +152,8 @@ pub struct Metrics {
     pub window_bytes: Gauge,
     /// 1 while the destination looks down and is probed one request at a time.
     pub destination_down: Gauge,
+    /// 1 while delivery is paused (`outpost delivery pause`).
+    pub delivery_paused: Gauge,
 }
 
 impl Default for Metrics {
@@ -187,6 +189,7 @@ impl Metrics {
         let window_exports = Gauge::default();
         let window_bytes = Gauge::default();
         let destination_down = Gauge::default();
+        let delivery_paused = Gauge::default();
         registry.register(
             "delivery_retries",
             "Exports to be retried, by cause",
@@ -236,6 +239,11 @@ impl Metrics {
             "destination_down",
             "1 while the destination looks down and is probed one request at a time",
             destination_down.clone(),
+        );
+        registry.register(
+            "delivery_paused",
+            "1 while delivery is paused by `outpost delivery pause`: updates are taken, nothing is sent until `outpost delivery resume`",
+            delivery_paused.clone(),
         );
         registry.register("updates", "Profile updates by result", updates.clone());
         registry.register(
@@ -393,6 +401,7 @@ impl Metrics {
             window_exports,
             window_bytes,
             destination_down,
+            delivery_paused,
         }
     }
 
@@ -511,6 +520,7 @@ impl Metrics {
     pub fn set_outbox(&self, stats: &OutboxStats) {
         self.outbox_pending.set(stats.pending as i64);
         self.outbox_dead.set(stats.dead as i64);
+        self.delivery_paused.set(i64::from(stats.delivery_paused));
         self.outbox_oldest_waited
             .set(stats.oldest_pending_waited_s.unwrap_or(0) as i64);
         self.outbox_bytes

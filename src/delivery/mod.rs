@@ -78,10 +78,12 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// meanwhile ([`settler`]).
 const MAX_SETTLING: usize = 65_536;
 
-/// Whether requests may start (and a permit be waited for): not while a put-back holds them,
-/// nor while `settling` outcomes wait to be recorded, [`MAX_SETTLING`] or more.
-fn may_start_requests(requests_held: bool, settling: usize) -> bool {
-    !requests_held && settling < MAX_SETTLING
+/// Whether requests may start (and a permit be waited for): not while delivery is paused
+/// (`outpost delivery pause`: no probe either), nor while a put-back holds them, nor while
+/// `settling` outcomes wait to be recorded, [`MAX_SETTLING`] or more. Requests in flight
+/// finish and are recorded whatever this says.
+fn may_start_requests(paused: bool, requests_held: bool, settling: usize) -> bool {
+    !paused && !requests_held && settling < MAX_SETTLING
 }
 
 /// Why delivery ended before it was told to stop. Everything not recorded stays pending and is
@@ -348,7 +350,11 @@ impl Deliverer {
                         state.reading = false;
                     }
                     state.queue.wake_due(now);
-                    if may_start_requests(self.store.requests_held(), state.settling) {
+                    if may_start_requests(
+                        self.store.delivery_paused(),
+                        self.store.requests_held(),
+                        state.settling,
+                    ) {
                         // Should starting them panic, a put-back must not take the count
                         // from before for the truth.
                         self.store.set_exports_out(usize::MAX);
@@ -380,10 +386,15 @@ impl Deliverer {
             let timer = if stopping {
                 stop_by
             } else {
-                // While a put-back holds requests, no permit is taken, so none is waited for;
-                // nor while too many outcomes wait to be recorded (their group's record wakes
-                // the loop).
-                let permit_at = if !may_start_requests(self.store.requests_held(), state.settling) {
+                // While paused or a put-back holds requests, no permit is taken, so none is
+                // waited for; nor while too many outcomes wait to be recorded (their group's
+                // record wakes the loop). A resume wakes the loop.
+                let may_start = may_start_requests(
+                    self.store.delivery_paused(),
+                    self.store.requests_held(),
+                    state.settling,
+                );
+                let permit_at = if !may_start {
                     None
                 } else {
                     let wanted = state.queue.ready().div_ceil(self.max_profiles_per_request);
@@ -967,9 +978,19 @@ impl Deliverer {
     }
 
     /// While the destination looks down with nothing left to deliver (its last exports
-    /// dropped or expired), it is not probed, and is no longer counted as down
-    /// ([`Controller::forget_down`]).
+    /// dropped or expired), or with delivery paused, it is not probed, and is no longer
+    /// counted as down ([`Controller::forget_down`]): a pause begun during an outage would
+    /// otherwise keep `outpost_destination_down` at 1, and its alert firing, until resumed.
     fn forget_down_when_idle(&self, state: &mut LoopState) {
+        if state.controller.is_down()
+            && state.controller.in_flight() == 0
+            && self.store.delivery_paused()
+        {
+            state.controller.forget_down();
+            self.metrics.destination_down.set(0);
+            tracing::warn!("delivery is paused while the destination looked down: it no longer counts as down, and the first request after `outpost delivery resume` finds out whether it is");
+            return;
+        }
         let idle = state.controller.is_down()
             && state.queue.held() == 0
             && state.controller.in_flight() == 0
@@ -998,6 +1019,8 @@ impl Deliverer {
         m.retry_waiting.set(state.queue.waiting() as i64);
         m.window_exports.set(state.queue.held() as i64);
         m.window_bytes.set(state.queue.held_bytes() as i64);
+        m.delivery_paused
+            .set(i64::from(self.store.delivery_paused()));
         let down = state.controller.is_down();
         // Said once each way: the failures themselves are logged a few at a time.
         // Both at warn: an operator who logs warnings alone sees trouble end as it began.
@@ -1185,26 +1208,31 @@ mod tests {
     }
 
     #[test]
-    fn no_request_starts_while_a_put_back_holds_them_or_too_many_outcomes_wait_to_be_recorded() {
-        // (requests held, outcomes settling) -> requests may start. The figures are the bound
-        // README states, 65,536.
+    fn no_request_starts_while_paused_or_a_put_back_holds_them_or_too_many_outcomes_wait() {
+        // (paused, requests held, outcomes settling) -> requests may start. The figures are
+        // the bound README states, 65,536.
         let table = [
-            ((false, 0), true),
-            ((false, 1), true),
-            ((false, 65_535), true),
+            ((false, false, 0), true),
+            ((false, false, 1), true),
+            ((false, false, 65_535), true),
             // A store that refuses to record outcomes: they pile up to the bound, no further.
-            ((false, 65_536), false),
-            ((false, 65_537), false),
-            ((false, usize::MAX), false),
-            ((true, 0), false),
-            ((true, 65_535), false),
-            ((true, 65_536), false),
+            ((false, false, 65_536), false),
+            ((false, false, 65_537), false),
+            ((false, false, usize::MAX), false),
+            ((false, true, 0), false),
+            ((false, true, 65_535), false),
+            ((false, true, 65_536), false),
+            // Paused: nothing starts, whatever else holds.
+            ((true, false, 0), false),
+            ((true, false, 65_535), false),
+            ((true, false, 65_536), false),
+            ((true, true, 0), false),
         ];
-        for ((held, settling), expected) in table {
+        for ((paused, held, settling), expected) in table {
             assert_eq!(
-                may_start_requests(held, settling),
+                may_start_requests(paused, held, settling),
                 expected,
-                "requests held {held}, settling {settling}"
+                "paused {paused}, requests held {held}, settling {settling}"
             );
         }
     }

@@ -38,6 +38,9 @@ pub struct OutboxStats {
     /// Wall-clock jumps noticed on this store.
     pub clock_jumps: u64,
     pub last_clock_jump: Option<ClockJumpReport>,
+    /// Whether delivery is paused (`outpost delivery pause`), and since when (wall clock).
+    pub delivery_paused: bool,
+    pub delivery_paused_since: Option<String>,
     /// The backfill in progress (members of newly mapped segments being exported).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backfill: Option<backfill::BackfillProgress>,
@@ -316,6 +319,8 @@ impl Store {
                 by_s: clock::whole_seconds(j.by_ms),
                 noticed_at: format_ms(j.noticed_at_ms),
             }),
+            delivery_paused: self.delivery_paused(),
+            delivery_paused_since: self.delivery_paused_since_ms().map(format_ms),
             backfill: self.backfill_progress()?,
             rejected,
             rejected_not_kept,
