@@ -120,6 +120,12 @@ pub(super) fn print_stats(stats: &Value) -> Result<(), super::CliError> {
     outln!("pending          {}", text_of(&stats["pending"]))?;
     outln!("dead             {}", text_of(&stats["dead"]))?;
     outln!("oldest pending   {age}")?;
+    if stats["delivery_paused"] == true {
+        outln!(
+            "delivery paused  since {} (`outpost delivery resume` to deliver; updates are still taken)",
+            text_of(&stats["delivery_paused_since"])
+        )?;
+    }
     if let Value::Number(waited) = &stats["oldest_pending_waited_s"] {
         outln!("  waited         {waited} s of agent run time (what delivery.max_age_s counts)")?;
     }

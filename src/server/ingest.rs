@@ -394,7 +394,12 @@ async fn route(state: &IngestState, request: Request<Incoming>) -> Answer {
                     &format!("deliveries cannot be recorded in the store (retried every 0.2 s; the profiles they are of wait meanwhile): {failure}"),
                 );
             }
-            let mut body = json!({"status": "ok"});
+            // Paused by an operator, the agent is healthy: ingest goes on, and the pause is
+            // said here, in `outpost_delivery_paused` and in `outbox stats`.
+            let mut body = json!({
+                "status": "ok",
+                "delivery_paused": state.store.delivery_paused(),
+            });
             if let Some(source) = &state.source {
                 body["nats"] = source.to_json();
             }

@@ -211,10 +211,16 @@ fn delivery(frame: &mut Frame, area: Rect, view: &View) {
             rate_cap(view.rate_cap, view.quota_left)
         )),
         Line::raw(format!("retry wait {} exports", view.retry_waiting)),
-        Line::styled(
-            format!("endpoint   {}", destination(view.destination_down)),
-            down,
-        ),
+        match &view.paused_since {
+            Some(since) => Line::styled(
+                format!("endpoint   paused since {since}"),
+                Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+            ),
+            None => Line::styled(
+                format!("endpoint   {}", destination(view.destination_down)),
+                down,
+            ),
+        },
         Line::raw(format!(
             "token      {} ({} requested)",
             view.token.describe(),
@@ -420,5 +426,15 @@ mod tests {
                 "endpoint   down: probing one request at a time",
             ],
         );
+    }
+
+    #[test]
+    fn a_pause_shows_where_the_endpoint_does_at_either_size() {
+        let mut v = sample_view();
+        v.paused_since = Some("2026-01-01T00:00:05.000Z".into());
+        for (width, height) in [(80, 24), (120, 36), (100, 30)] {
+            let screen = render_text(&v, width, height);
+            assert_shows(&screen, &["endpoint   paused since 2026-01-01"]);
+        }
     }
 }

@@ -211,6 +211,8 @@ pub struct View {
     pub quota_left: Option<i64>,
     pub retry_waiting: i64,
     pub destination_down: bool,
+    /// Since when delivery is paused (`outpost delivery pause`), while it is.
+    pub paused_since: Option<String>,
     pub pending: u64,
     pub dead: u64,
     /// Profiles stored (`None` while the store does not know: counted at its next open).
@@ -298,6 +300,12 @@ pub fn view(
             .filter(|&left| left >= 0),
         retry_waiting: gauge("outpost_delivery_retry_waiting"),
         destination_down: gauge("outpost_destination_down") == 1,
+        paused_since: (current.stats["delivery_paused"] == true).then(|| {
+            current.stats["delivery_paused_since"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned()
+        }),
         pending: gauge("outpost_outbox_pending").max(0) as u64,
         dead: gauge("outpost_outbox_dead").max(0) as u64,
         profiles: current.stats["profiles"].as_u64(),
@@ -422,6 +430,14 @@ pub fn destination(down: bool) -> &'static str {
     }
 }
 
+/// Whether delivery is paused, for people.
+pub fn paused(since: Option<&str>) -> String {
+    match since {
+        Some(since) => format!("paused since {since} (`outpost delivery resume`)"),
+        None => "no".into(),
+    }
+}
+
 /// The plain-text frame of `outpost top --once`: one figure a line, the group repeated on
 /// each line so that scripts can `grep '^deliveries *delivered'`.
 pub fn plain(view: &View) -> String {
@@ -500,6 +516,7 @@ pub fn plain(view: &View) -> String {
         "destination",
         destination(view.destination_down).into(),
     );
+    line("delivery", "paused", paused(view.paused_since.as_deref()));
     line("token", "lifetime", view.token.describe());
     line("outbox", "pending", view.pending.to_string());
     line("outbox", "dead", view.dead.to_string());
@@ -705,6 +722,7 @@ mod tests {
              outpost_source_pending{partition=\"10\"} 5\n\
              outpost_source_pending{partition=\"2\"} 7\n",
             json!({"pending": 34, "oldest_pending_waited_s": 5, "run_time_s": 62,
+                   "delivery_paused": true, "delivery_paused_since": "2026-01-01T00:00:05.000Z",
                    "clock_jumps": 1, "last_clock_jump": {"by_s": -90, "noticed_at": "2026-01-01T00:00:00Z"}}),
         );
         let mut history = History::new(2);
@@ -768,6 +786,11 @@ mod tests {
         close(v.latency_since_start.0, 0.001 + 0.001 * 5.0 / 50.0);
         assert_eq!((v.concurrency_limit, v.in_flight, v.rate_cap), (12, 3, 150));
         assert_eq!(v.quota_left, Some(7));
+        assert_eq!(v.paused_since.as_deref(), Some("2026-01-01T00:00:05.000Z"));
+        assert_eq!(
+            view(&before, &before, &history, AuthKind::OAuth2, "s").paused_since,
+            None
+        );
         assert_eq!((v.pending, v.dead, v.oldest_waited_s), (34, 2, Some(5)));
         assert_eq!(v.pending_history, vec![50, 34]);
         assert_eq!(v.waited_history, vec![3, 5]);
@@ -791,6 +814,7 @@ mod tests {
             "retries     rate_limited              3.0            6",
             "delivery    concurrency limit  12",
             "delivery    rate cap           150/s (after 429s); quota 7 left",
+            "delivery    paused             paused since 2026-01-01T00:00:05.000Z (`outpost delivery resume`)",
             "token       lifetime           expires in 2m 5s",
             "outbox      dead               2",
             "source      NATS lag           12 waiting (connected): 2:7 10:5",
