@@ -190,6 +190,10 @@ fn cases() -> Vec<Case> {
                 series("outpost_destination_down", "a:8686", "0 1x10"),
                 // Down for 3 minutes only.
                 series("outpost_destination_down", "b:8686", "0 1x3 0x7"),
+                // Down, and paused by an operator: nothing is sent to find out.
+                series("outpost_destination_down", "c:8686", "0 1x10"),
+                series("outpost_delivery_paused", "c:8686", "1x10"),
+                series("outpost_delivery_paused", "a:8686", "0x10"),
             ],
             at: vec![
                 (4, vec![]),
@@ -252,6 +256,9 @@ fn cases() -> Vec<Case> {
             series: vec![
                 series("outpost_outbox_oldest_pending_seconds", "a:8686", "4000x15"),
                 series("outpost_outbox_oldest_pending_seconds", "b:8686", "3000x15"),
+                // Waiting because delivery is paused.
+                series("outpost_outbox_oldest_pending_seconds", "c:8686", "4000x15"),
+                series("outpost_delivery_paused", "c:8686", "1x15"),
             ],
             at: vec![
                 (5, vec![]),
@@ -315,6 +322,18 @@ fn cases() -> Vec<Case> {
                     "d:8686",
                     "0+5x80",
                 ),
+                // Token failures, then a pause: nothing delivered, as asked.
+                series(
+                    "outpost_delivery_retries_total{cause=\"token\"}",
+                    "f:8686",
+                    &(0..=80).map(|minute| (minute / 5).to_string()).collect::<Vec<_>>().join(" "),
+                ),
+                series(
+                    "outpost_deliveries_total{outcome=\"delivered\"}",
+                    "f:8686",
+                    "100x80",
+                ),
+                series("outpost_delivery_paused", "f:8686", "1x80"),
             ],
             at: vec![
                 (8, vec![]),
@@ -324,6 +343,22 @@ fn cases() -> Vec<Case> {
                         ("a:8686", false, "outpost on a:8686: getting or using a token keeps failing, and nothing is delivered"),
                         ("e:8686", false, "outpost on e:8686: getting or using a token keeps failing, and nothing is delivered"),
                     ],
+                ),
+            ],
+        },
+        Case {
+            alert: "OutpostDeliveryPaused",
+            series: vec![
+                series("outpost_delivery_paused", "a:8686", "0 1x70"),
+                // Paused for half an hour, then resumed.
+                series("outpost_delivery_paused", "b:8686", "0 1x30 0x40"),
+                series("outpost_delivery_paused", "c:8686", "0x70"),
+            ],
+            at: vec![
+                (45, vec![]),
+                (
+                    62,
+                    on_a("outpost on a:8686: delivery has been paused for an hour"),
                 ),
             ],
         },
