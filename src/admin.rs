@@ -322,7 +322,7 @@ pub fn execute_with(
                 "delivery_paused": true,
                 "changed": changed,
                 "paused_since": format_ms(since_ms),
-                "pending": store.tally()?.pending,
+                "pending": pending_or_null(store),
             }))
         }
         AdminRequest::ResumeDelivery => {
@@ -334,7 +334,7 @@ pub fn execute_with(
                 "delivery_paused": false,
                 "changed": paused_since_ms.is_some(),
                 "paused_since": paused_since_ms.map(format_ms),
-                "pending": store.tally()?.pending,
+                "pending": pending_or_null(store),
             }))
         }
         AdminRequest::Retry { ids, all_dead } => repair(store, ids, *all_dead, true),
@@ -432,6 +432,14 @@ pub fn execute_with(
             }))
         }
     }
+}
+
+/// Pending exports, for what a pause or a resume says: `null` when the tally cannot be read,
+/// since the pause or resume itself is done by then.
+fn pending_or_null(store: &Store) -> Value {
+    store
+        .tally()
+        .map_or(Value::Null, |tally| tally.pending.into())
 }
 
 fn moved(e: MoveError) -> AdminError {

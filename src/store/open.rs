@@ -782,7 +782,7 @@ impl Store {
     }
 
     /// Opens the store's folder again after [`Store::take_trees`] (never rebuilding) and puts
-    /// the new handles in place, with the sequence watermarks read from it.
+    /// the new handles in place, with the sequence watermarks and the pause read from it.
     pub(super) fn reopen_trees(&self) -> Result<(), StoreError> {
         // sled's threads release the file lock shortly after the last handle goes.
         let mut tries = 0;
