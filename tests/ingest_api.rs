@@ -51,7 +51,7 @@ async fn start_agent(ws: &Workspace, port: u16) -> AgentProcess {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"status": "ok", "delivery_paused": false})
+        json!({"status": "ok"})
     );
     agent
 }

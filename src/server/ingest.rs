@@ -395,11 +395,12 @@ async fn route(state: &IngestState, request: Request<Incoming>) -> Answer {
                 );
             }
             // Paused by an operator, the agent is healthy: ingest goes on, and the pause is
-            // said here, in `outpost_delivery_paused` and in `outbox stats`.
-            let mut body = json!({
-                "status": "ok",
-                "delivery_paused": state.store.delivery_paused(),
-            });
+            // said here, in `outpost_delivery_paused` and in `outbox stats`. Only while
+            // paused: the body is `{"status":"ok"}` otherwise, as it always was.
+            let mut body = json!({"status": "ok"});
+            if state.store.delivery_paused() {
+                body["delivery_paused"] = true.into();
+            }
             if let Some(source) = &state.source {
                 body["nats"] = source.to_json();
             }
