@@ -4,9 +4,11 @@
 //! - **Concurrency limit** (AIMD, as TCP's congestion window and Vector's adaptive
 //!   concurrency): once per measurement interval (about one round trip), the limit grows by one
 //!   if requests filled it, nothing pushed back and the mean round-trip time did not grow; it
-//!   is halved when something pushed back (503, a timeout, a connection error, or 429s that
-//!   are a share of the answers: see below); it shrinks by a tenth when round trips clearly
-//!   slow down. Always between 1 and the configured maximum.
+//!   shrinks by a tenth when round trips clearly slow down. It is halved when something pushes
+//!   back: at once for a 503, a timeout or a connection error, at most once for the requests
+//!   started before the cut, as TCP cuts its window once a round trip; at the interval's end
+//!   for 429s that are a share of the answers (see below), which the rate cap answers first.
+//!   Always between 1 and the configured maximum.
 //! - **Request rate cap**: a concurrency limit alone cannot hold a rate limit on a fast link
 //!   (at one request in flight a loopback endpoint already gets thousands a second). When 429s
 //!   become a tenth of the recent answers (not a stray one, which only delays its own export),
@@ -574,8 +576,15 @@ pub struct Controller {
     rtt_sum: f64,
     rtt_count: u32,
     reached_limit: bool,
+    /// Something pushed back in this interval: the limit does not grow.
     back_pressure: bool,
+    /// A rate limit pushed back in this interval, and no overload has halved the limit since:
+    /// it is halved at the interval's end.
+    rate_limited: bool,
     past_rtt: Option<f64>,
+    /// When the limit was last halved: answers to requests started before then do not halve
+    /// it again.
+    limit_cut_at: Instant,
     // Rate.
     accepted: AcceptedRate,
     accepted_last_second: LastSecond,
@@ -614,7 +623,9 @@ impl Controller {
             rtt_count: 0,
             reached_limit: false,
             back_pressure: false,
+            rate_limited: false,
             past_rtt: None,
+            limit_cut_at: now,
             accepted: AcceptedRate::default(),
             accepted_last_second: LastSecond::default(),
             recent_429: RefusalShare::default(),
@@ -866,13 +877,14 @@ impl Controller {
         let rate_limited = signal == Signal::RateLimited && self.recent_429.is_rate_limit();
         if rate_limited {
             self.back_pressure = true;
+            self.rate_limited = true;
             self.recent_429.clear();
             if self.rate_cap.is_none() {
                 self.rate_cap = Some(RateCap::new(now, self.accepted.per_second_still(now)));
             }
         }
         if signal == Signal::Overloaded {
-            self.back_pressure = true;
+            self.push_back(now, started_at);
         }
         self.track_down(now, started_at, signal);
         if let Some(cap) = &mut self.rate_cap {
@@ -920,6 +932,23 @@ impl Controller {
         }
     }
 
+    /// Something pushed back on a request started at `started_at`: the limit is halved now,
+    /// not at the interval's end. An endpoint that refuses what is over its capacity at once
+    /// (a 503 in a fraction of a millisecond) would otherwise refuse every request started into
+    /// each slot its refusals free until then, a round trip's worth, and those refusals in a
+    /// row take the destination down, a round trip later up again (a trial: 0.67 of such an
+    /// endpoint's capacity, 14% refused, down and up ten times a second). The requests out
+    /// before the cut were started under the old limit: their refusals cut nothing more.
+    fn push_back(&mut self, now: Instant, started_at: Instant) {
+        self.back_pressure = true;
+        if self.config.fixed || started_at < self.limit_cut_at {
+            return;
+        }
+        self.limit = (self.limit / 2).max(1);
+        self.limit_cut_at = now;
+        self.rate_limited = false;
+    }
+
     fn next_backoff(&mut self) -> Duration {
         self.backoff.next_delay(None)
     }
@@ -932,8 +961,10 @@ impl Controller {
                 (Some(current), Some(past)) => current > past * factor + slack,
                 _ => false,
             };
-            if self.back_pressure {
+            if self.rate_limited {
                 self.limit = (self.limit / 2).max(1);
+            } else if self.back_pressure {
+                // An overload halved the limit as it came ([`Controller::push_back`]).
             } else if slower(SLOWDOWN_FACTOR) {
                 // At least one fewer: a tenth of a limit under 10 rounds to none.
                 self.limit = self.limit.saturating_sub((self.limit / 10).max(1)).max(1);
@@ -960,6 +991,7 @@ impl Controller {
         self.rtt_count = 0;
         self.reached_limit = self.in_flight >= self.limit;
         self.back_pressure = false;
+        self.rate_limited = false;
     }
 }
 
@@ -1436,6 +1468,66 @@ mod tests {
             c.answered(now, now, Signal::RateLimited);
         }
         assert!(!c.is_down());
+    }
+
+    /// An endpoint that serves `slots` requests at once, each in 10 ms, and answers 503 at
+    /// once to one over them, driven as the delivery loop drives the controller for 10 s:
+    /// (requests it served, requests it refused, whether the destination ever counted as
+    /// down).
+    fn against_slots(slots: usize) -> (u64, u64, bool) {
+        let service = Duration::from_millis(10);
+        let step = Duration::from_micros(100);
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        let mut now = start;
+        // When each request in service is answered, and when each refused one started.
+        let mut serving: Vec<Instant> = Vec::new();
+        let mut refusing: Vec<Instant> = Vec::new();
+        let (mut served, mut refused, mut ever_down) = (0, 0, false);
+        while now < start + Duration::from_secs(10) {
+            // A refusal comes back within a step.
+            for sent in std::mem::take(&mut refusing) {
+                refused += 1;
+                c.answered(now, sent, Signal::Overloaded);
+            }
+            serving.retain(|&done| {
+                if done > now {
+                    return true;
+                }
+                served += 1;
+                c.answered(now, done - service, Signal::Healthy);
+                false
+            });
+            ever_down |= c.is_down();
+            for _ in 0..c.permits(now, usize::MAX) {
+                c.started(now);
+                if serving.len() < slots {
+                    serving.push(now + service);
+                } else {
+                    refusing.push(now);
+                }
+            }
+            now += step;
+        }
+        (served, refused, ever_down)
+    }
+
+    #[test]
+    fn an_endpoint_that_refuses_what_is_over_its_slots_at_once_is_used_and_never_down() {
+        for slots in [8, 16] {
+            let (served, refused, ever_down) = against_slots(slots);
+            let capacity = slots as f64 * 100.0 * 10.0;
+            let got = format!(
+                "{slots} slots: served {served} ({:.2} of capacity), refused {refused} ({:.1}%), \
+                 down {ever_down}",
+                served as f64 / capacity,
+                100.0 * refused as f64 / (served + refused) as f64
+            );
+            eprintln!("{got}");
+            assert!(served as f64 >= 0.75 * capacity, "{got}");
+            assert!(refused * 20 <= served + refused, "{got}");
+            assert!(!ever_down, "{got}");
+        }
     }
 
     /// What a simulated endpoint does with a request at some moment of a run.
