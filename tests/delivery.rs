@@ -71,19 +71,6 @@ async fn retried_all_dead(agent: &Agent) -> usize {
         .len()
 }
 
-fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
-    receiver
-        .delivered()
-        .iter()
-        .map(|r| {
-            (
-                profile_of(&r.json().unwrap()),
-                r.header("idempotency-key").unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// Waits until every export was delivered and the outbox is empty; checks order.
 fn dead_letters(agent: &Agent) -> Vec<outpost::store::Export> {
     let dead_only = ListFilter {

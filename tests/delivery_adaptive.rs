@@ -48,38 +48,11 @@ async fn ingest(agent: &Agent, lines: &[String]) {
     assert_eq!(status, 200, "{body}");
 }
 
-/// The payloads a request carries: an array's items, or the one object.
-fn payloads_of(request: &Received) -> Vec<serde_json::Value> {
-    match request.json().unwrap() {
-        serde_json::Value::Array(items) => items,
-        single => vec![single],
-    }
-}
-
 /// How many export requests were answered 429, of how many.
 fn answered_429(receiver: &Receiver) -> (usize, usize) {
     let requests = receiver.export_requests();
     let refused = requests.iter().filter(|r| r.status == 429).count();
     (refused, requests.len())
-}
-
-/// (profile, export id) of every export answered 2xx, array items included, in arrival order.
-fn delivered_pairs(receiver: &Receiver) -> Vec<(String, String)> {
-    let mut pairs = Vec::new();
-    for request in receiver.delivered() {
-        let keys: Vec<String> = request
-            .header("idempotency-key")
-            .unwrap()
-            .split(',')
-            .map(str::to_owned)
-            .collect();
-        let payloads = payloads_of(&request);
-        assert_eq!(keys.len(), payloads.len(), "one key per item");
-        for (key, payload) in keys.into_iter().zip(payloads) {
-            pairs.push((profile_of(&payload), key));
-        }
-    }
-    pairs
 }
 
 async fn wait_for_exports(agent: &Agent, receiver: &Receiver, exports: usize) {

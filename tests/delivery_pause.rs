@@ -49,20 +49,6 @@ fn updates(profiles: &[&str], versions: u32) -> Vec<String> {
         .collect()
 }
 
-/// Each export the receiver took, as (profile, export id), in the order they came.
-fn deliveries(receiver: &Receiver) -> Vec<(String, String)> {
-    receiver
-        .delivered()
-        .iter()
-        .map(|r| {
-            (
-                profile_of(&r.json().unwrap()),
-                r.header("idempotency-key").unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 fn stats(ws: &Workspace) -> Value {
     serde_json::from_str(ws.run_ok(&["outbox", "stats", "--json"], None).trim()).unwrap()
 }
@@ -76,7 +62,7 @@ async fn healthz_body(agent: &AgentProcess) -> Value {
 /// Waits until every one of `exports` reached the receiver, then checks each profile's order.
 async fn assert_all_delivered_in_order(receiver: &Receiver, agent: &AgentProcess, exports: usize) {
     wait_or_show_deliveries(receiver, agent, exports).await;
-    assert_per_profile_order(&deliveries(receiver));
+    assert_per_profile_order(&delivered_pairs(receiver));
 }
 
 async fn wait_or_show_deliveries(receiver: &Receiver, agent: &AgentProcess, exports: usize) {

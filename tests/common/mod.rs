@@ -338,6 +338,33 @@ pub fn profile_of(payload: &serde_json::Value) -> String {
         .to_owned()
 }
 
+/// The payloads a request carried: the items of an array body, or its one object.
+pub fn payloads_of(request: &outpost::receiver::Received) -> Vec<serde_json::Value> {
+    match request.json().unwrap() {
+        serde_json::Value::Array(items) => items,
+        single => vec![single],
+    }
+}
+
+/// (profile, export id) of every export answered 2xx, array items included, in arrival order.
+pub fn delivered_pairs(receiver: &outpost::receiver::Receiver) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for request in receiver.delivered() {
+        let keys: Vec<String> = request
+            .header("idempotency-key")
+            .unwrap()
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let payloads = payloads_of(&request);
+        assert_eq!(keys.len(), payloads.len(), "one key per item");
+        for (key, payload) in keys.into_iter().zip(payloads) {
+            pairs.push((profile_of(&payload), key));
+        }
+    }
+    pairs
+}
+
 /// The sequence number in an export id `<store>-<seq>`.
 pub fn seq_of(export_id: &str) -> u64 {
     export_id.rsplit('-').next().unwrap().parse().unwrap()
