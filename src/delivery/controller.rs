@@ -3,8 +3,10 @@
 //!
 //! - **Concurrency limit** (AIMD, as TCP's congestion window and Vector's adaptive
 //!   concurrency): once per measurement interval (about one round trip), the limit grows by one
-//!   if requests filled it, nothing pushed back and the mean round-trip time did not grow; it
-//!   shrinks by a tenth when round trips clearly slow down. It is halved when something pushes
+//!   if requests filled it, nothing pushed back, the mean round-trip time did not grow and it
+//!   is within [`QUEUEING_FACTOR`] of the *base* round trip (the endpoint's own time, without
+//!   our requests queued in it: see [`Controller::track_base`]); it shrinks by a tenth when
+//!   round trips clearly slow down. It is halved when something pushes
 //!   back: at once for a 503, a timeout or a connection error, at most once for the requests
 //!   started before the cut, as TCP cuts its window once a round trip; at the interval's end
 //!   for 429s that are a share of the answers (see below), which the rate cap answers first.
@@ -129,6 +131,36 @@ const RTT_SLACK: Duration = Duration::from_micros(500);
 /// The weight of the newest interval in the mean round-trip time.
 const RTT_EWMA: f64 = 0.4;
 const MIN_INTERVAL: Duration = Duration::from_millis(1);
+/// Round trips this many times the base (plus [`RTT_SLACK`]) mean our requests queue at the
+/// endpoint: the limit grows no more. An endpoint that queues what is over its capacity
+/// answers no slower than that below it, and ever slower past it, for no more throughput (a
+/// trial: 8 slots of 10 ms queued, the limit at 64 and every answer after 80 ms).
+const QUEUEING_FACTOR: f64 = 1.5;
+/// Round trips this many times the base mean a queue built up (the endpoint's capacity fell,
+/// say) or the endpoint got slower (a route changed): the base is measured again. Neither
+/// shrinks the limit by itself: were it the route, the limit would fall for nothing.
+const QUEUED_FACTOR: f64 = 2.0;
+/// The base is measured again at least this often, or every [`BASE_EVERY_RTTS`] round trips
+/// when longer: the endpoint's own time may have grown (a route changed), and a base kept from
+/// before would hold the limit down.
+const BASE_FOR: Duration = Duration::from_secs(30);
+const BASE_EVERY_RTTS: u32 = 50;
+/// Measured again no sooner than this after the last measure, however slow the round trips.
+const BASE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
+
+/// A measure of the base round trip under way: the limit held at half until the requests out
+/// before it have been answered (they waited behind the old limit's queue), then for one
+/// interval whose round trips are the base.
+#[derive(Debug, Clone, Copy)]
+struct BaseProbe {
+    /// The limit to go back to.
+    limit_before: usize,
+    began_at: Instant,
+    /// Requests started before it, not yet answered.
+    out_before: usize,
+    /// The current interval began once they all were: its round trips are the base.
+    measuring: bool,
+}
 
 /// What one answer says about the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,6 +617,13 @@ pub struct Controller {
     /// When the limit was last halved: answers to requests started before then do not halve
     /// it again.
     limit_cut_at: Instant,
+    /// The lowest mean round trip since `base_since` (see [`Controller::track_base`]).
+    base_rtt: Option<f64>,
+    base_since: Instant,
+    base_probe: Option<BaseProbe>,
+    /// Intervals after a measure of the base in which the limit does not grow: its first
+    /// answers came before the queue it drained built up again.
+    after_probe: u8,
     // Rate.
     accepted: AcceptedRate,
     accepted_last_second: LastSecond,
@@ -626,6 +665,10 @@ impl Controller {
             rate_limited: false,
             past_rtt: None,
             limit_cut_at: now,
+            base_rtt: None,
+            base_since: now,
+            base_probe: None,
+            after_probe: 0,
             accepted: AcceptedRate::default(),
             accepted_last_second: LastSecond::default(),
             recent_429: RefusalShare::default(),
@@ -755,6 +798,7 @@ impl Controller {
     /// again.
     pub fn withdrawn(&mut self, started_at: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.left_before_probe(started_at);
         if let Some(quota) = &mut self.quota {
             quota.given_back(started_at);
         }
@@ -834,6 +878,7 @@ impl Controller {
         signal: Signal,
     ) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.left_before_probe(started_at);
         // An answer that says nothing of the quota once its window is over: the endpoint
         // may have stopped saying, and a quota spent with nothing in flight would hold
         // requests for good.
@@ -878,6 +923,7 @@ impl Controller {
         if rate_limited {
             self.back_pressure = true;
             self.rate_limited = true;
+            self.base_probe = None;
             self.recent_429.clear();
             if self.rate_cap.is_none() {
                 self.rate_cap = Some(RateCap::new(now, self.accepted.per_second_still(now)));
@@ -941,12 +987,85 @@ impl Controller {
     /// before the cut were started under the old limit: their refusals cut nothing more.
     fn push_back(&mut self, now: Instant, started_at: Instant) {
         self.back_pressure = true;
+        // The limit is not to go back up where the measure began.
+        self.base_probe = None;
         if self.config.fixed || started_at < self.limit_cut_at {
             return;
         }
         self.limit = (self.limit / 2).max(1);
         self.limit_cut_at = now;
         self.rate_limited = false;
+    }
+
+    /// A request started at `started_at` is no longer out.
+    fn left_before_probe(&mut self, started_at: Instant) {
+        if let Some(probe) = &mut self.base_probe {
+            if started_at < probe.began_at {
+                probe.out_before = probe.out_before.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Whether the base is old enough to be measured again (see [`BASE_FOR`]).
+    fn base_is_due(&self, now: Instant) -> bool {
+        let rtts = self
+            .past_rtt
+            .and_then(|rtt| Duration::try_from_secs_f64(rtt * f64::from(BASE_EVERY_RTTS)).ok())
+            .unwrap_or_default();
+        now >= self.base_since + BASE_FOR.max(rtts)
+    }
+
+    /// Keeps the base round trip: the lowest the mean round trip has been since it was last
+    /// measured. Round
+    /// trips at the limit include the time our requests wait in the endpoint's queue, so a
+    /// base taken from them alone would follow that queue up; it is measured again by holding
+    /// the limit at half until the requests out before have been answered and an interval
+    /// more (see [`BaseProbe`]), then putting it back: when it is old ([`BASE_FOR`]), and sooner when round trips went over
+    /// twice it (`queued`), which a grown queue and a slower route alike would do (the first
+    /// then shrinks the limit, the second takes the new base), though not more often than
+    /// [`BASE_AT_MOST_EVERY`]. Only a limit that was filled is measured: below it, the round
+    /// trips are those of what is sent.
+    ///
+    /// An endpoint whose capacity fell keeps a queue of about twice the base measured at
+    /// half the limit, since the measure itself finds some of it: better than the limit
+    /// pushed on to its maximum, which the growth rule alone allowed.
+    fn track_base(&mut self, now: Instant, current: Option<f64>, queued: bool) {
+        self.after_probe = self.after_probe.saturating_sub(1);
+        if let Some(probe) = &mut self.base_probe {
+            if !probe.measuring {
+                probe.measuring = probe.out_before == 0;
+                return;
+            }
+            let limit_before = probe.limit_before;
+            self.base_probe = None;
+            self.base_rtt = current.or(self.base_rtt);
+            self.base_since = now;
+            self.limit = self.limit.max(limit_before);
+            self.after_probe = 2;
+            return;
+        }
+        // The smoothed mean, not an interval's own: a few answers at a low limit (an endpoint
+        // that takes 200 to 500 ms) may average well under its usual time, and a base that low
+        // held the limit down for a run's first 30 s.
+        if let Some(smoothed) = self.past_rtt.or(current) {
+            self.base_rtt = Some(self.base_rtt.map_or(smoothed, |base| base.min(smoothed)));
+        }
+        let due = self.base_is_due(now) || (queued && now >= self.base_since + BASE_AT_MOST_EVERY);
+        if !due {
+            return;
+        }
+        if self.reached_limit && self.limit > 1 {
+            self.base_probe = Some(BaseProbe {
+                limit_before: self.limit,
+                began_at: now,
+                out_before: self.in_flight,
+                measuring: false,
+            });
+            self.limit = (self.limit / 2).max(1);
+        } else {
+            self.base_rtt = current;
+            self.base_since = now;
+        }
     }
 
     fn next_backoff(&mut self) -> Duration {
@@ -961,16 +1080,27 @@ impl Controller {
                 (Some(current), Some(past)) => current > past * factor + slack,
                 _ => false,
             };
+            let over_base = |factor: f64| match (current, self.base_rtt) {
+                (Some(current), Some(base)) => current > base * factor + slack,
+                _ => false,
+            };
             if self.rate_limited {
                 self.limit = (self.limit / 2).max(1);
-            } else if self.back_pressure {
-                // An overload halved the limit as it came ([`Controller::push_back`]).
+            } else if self.back_pressure || self.base_probe.is_some() {
+                // An overload halved the limit as it came ([`Controller::push_back`]); a
+                // measure of the base holds it at half.
             } else if slower(SLOWDOWN_FACTOR) {
                 // At least one fewer: a tenth of a limit under 10 rounds to none.
                 self.limit = self.limit.saturating_sub((self.limit / 10).max(1)).max(1);
-            } else if self.reached_limit && current.is_some() && !slower(1.0) {
+            } else if self.reached_limit
+                && current.is_some()
+                && !slower(1.0)
+                && !over_base(QUEUEING_FACTOR)
+                && self.after_probe == 0
+            {
                 self.limit = (self.limit + 1).min(self.config.max_concurrency);
             }
+            self.track_base(now, current, over_base(QUEUED_FACTOR));
         }
         if let Some(current) = current {
             let past = match self.past_rtt {
@@ -1236,15 +1366,17 @@ mod tests {
         let (mut c, mut now, reached, limits) = fast_then_three_times_slower(4);
         assert_eq!(reached, 12);
         assert_eq!(limits, [12, 11]);
-        // Once the mean has caught up with the new round trip, it grows again.
-        let limits = drive(
-            &mut c,
-            &mut now,
-            8,
-            Duration::from_millis(30),
-            Signal::Healthy,
-        );
-        assert!(limits.last().unwrap() > &11, "{limits:?}");
+        // Over three times the base: a queue of ours or a slower route, which only a measure
+        // at half the limit tells apart, and not sooner than BASE_AT_MOST_EVERY after the
+        // last. Meanwhile the limit holds.
+        let slow = Duration::from_millis(30);
+        let limits = drive(&mut c, &mut now, 8, slow, Signal::Healthy);
+        assert!(limits.iter().all(|&limit| limit <= 11), "{limits:?}");
+        // The measure finds the endpoint's own time is 30 ms now: the limit is put back and
+        // grows again.
+        let limits = drive(&mut c, &mut now, 300, slow, Signal::Healthy);
+        assert!(limits.contains(&5), "measured at half: {limits:?}");
+        assert!(limits.last().unwrap() > &20, "{limits:?}");
     }
 
     #[test]
@@ -1528,6 +1660,78 @@ mod tests {
             assert!(refused * 20 <= served + refused, "{got}");
             assert!(!ever_down, "{got}");
         }
+    }
+
+    /// An endpoint that serves `slots` requests at once, each in 10 ms, and queues the rest,
+    /// driven as the delivery loop drives the controller for `seconds`, its slots cut to
+    /// `slots_after` from `cut_at` seconds on: per second, (requests served, their mean round
+    /// trip in ms, the highest limit).
+    fn against_a_queue(
+        slots: usize,
+        (cut_at, slots_after): (u64, usize),
+        seconds: u64,
+    ) -> Vec<(u64, f64, usize)> {
+        let service = Duration::from_millis(10);
+        let step = Duration::from_micros(100);
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        let mut now = start;
+        // When each slot is next free, and (sent, answered) of each request out.
+        let mut free_at = vec![start; slots];
+        let mut out: Vec<(Instant, Instant)> = Vec::new();
+        let mut seconds_seen = vec![(0u64, 0.0f64, 0usize); seconds as usize];
+        while now < start + Duration::from_secs(seconds) {
+            let second = (now - start).as_secs() as usize;
+            if second as u64 == cut_at && free_at.len() > slots_after {
+                free_at.truncate(slots_after);
+            }
+            out.retain(|&(sent, answered)| {
+                if answered > now {
+                    return true;
+                }
+                c.answered(now, sent, Signal::Healthy);
+                let (served, rtt_sum, _) = &mut seconds_seen[second];
+                *served += 1;
+                *rtt_sum += (answered - sent).as_secs_f64() * 1000.0;
+                false
+            });
+            for _ in 0..c.permits(now, usize::MAX) {
+                c.started(now);
+                let slot = (0..free_at.len()).min_by_key(|&i| free_at[i]).unwrap();
+                let answered = free_at[slot].max(now) + service;
+                free_at[slot] = answered;
+                out.push((now, answered));
+            }
+            let limit = &mut seconds_seen[second].2;
+            *limit = (*limit).max(c.limit());
+            now += step;
+        }
+        seconds_seen
+            .into_iter()
+            .map(|(served, rtt_sum, limit)| (served, rtt_sum / served.max(1) as f64, limit))
+            .collect()
+    }
+
+    #[test]
+    fn an_endpoint_that_queues_what_is_over_its_slots_is_not_pushed_into_its_queue() {
+        // 8 slots of 10 ms (800 a second) for 40 s, then 2 (200 a second) for 20 s. Without
+        // a base round trip, the limit grew to 64: every answer after 80 ms, then 320 ms. The
+        // capacity that fell keeps a queue (no shrink on the base alone: it may be the route).
+        let seconds = against_a_queue(8, (40, 2), 60);
+        for (second, &(served, rtt_ms, limit)) in seconds.iter().enumerate() {
+            eprintln!("{second:>2} s: {served} served, {rtt_ms:.1} ms, limit {limit}");
+        }
+        let (before, after) = (&seconds[5..40], &seconds[45..]);
+        let served = |part: &[(u64, f64, usize)]| {
+            part.iter().map(|s| s.0).sum::<u64>() as f64 / part.len() as f64
+        };
+        let worst_rtt = |part: &[(u64, f64, usize)]| part.iter().map(|s| s.1).fold(0.0, f64::max);
+        assert!(served(before) >= 0.95 * 800.0, "{:.0}/s", served(before));
+        assert!(worst_rtt(before) <= 20.0, "{:.1} ms", worst_rtt(before));
+        assert!(served(after) >= 0.95 * 200.0, "{:.0}/s", served(after));
+        assert!(worst_rtt(after) <= 80.0, "{:.1} ms", worst_rtt(after));
+        let highest = seconds.iter().map(|s| s.2).max().unwrap();
+        assert!(highest <= 20, "the limit went up to {highest}");
     }
 
     /// What a simulated endpoint does with a request at some moment of a run.
