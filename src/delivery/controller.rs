@@ -147,6 +147,11 @@ const BASE_FOR: Duration = Duration::from_secs(30);
 const BASE_EVERY_RTTS: u32 = 50;
 /// Measured again no sooner than this after the last measure, however slow the round trips.
 const BASE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
+/// A measure of the base takes the mean of at least this many answers (over as many
+/// intervals as that takes, up to [`BASE_MEASURE_INTERVALS`]): at a low limit one interval
+/// holds a few, whose mean may lie well under the endpoint's usual time.
+const BASE_MEASURE_ANSWERS: u32 = 16;
+const BASE_MEASURE_INTERVALS: u32 = 4;
 
 /// A measure of the base round trip under way: the limit held at half until the requests out
 /// before it have been answered (they waited behind the old limit's queue), then for one
@@ -158,8 +163,10 @@ struct BaseProbe {
     began_at: Instant,
     /// Requests started before it, not yet answered.
     out_before: usize,
-    /// The current interval began once they all were: its round trips are the base.
-    measuring: bool,
+    /// Once they all were: the round trips of the intervals since, summed, and how many.
+    measuring: Option<(f64, u32)>,
+    /// Intervals measured so far, past the first.
+    intervals: u32,
 }
 
 /// What one answer says about the destination.
@@ -922,8 +929,9 @@ impl Controller {
         let rate_limited = signal == Signal::RateLimited && self.recent_429.is_rate_limit();
         if rate_limited {
             self.back_pressure = true;
-            self.rate_limited = true;
-            self.base_probe = None;
+            // A measure of the base has halved the limit already: that is the halving, and
+            // the limit stays there.
+            self.rate_limited = !self.give_up_base_probe(now);
             self.recent_429.clear();
             if self.rate_cap.is_none() {
                 self.rate_cap = Some(RateCap::new(now, self.accepted.per_second_still(now)));
@@ -987,8 +995,9 @@ impl Controller {
     /// before the cut were started under the old limit: their refusals cut nothing more.
     fn push_back(&mut self, now: Instant, started_at: Instant) {
         self.back_pressure = true;
-        // The limit is not to go back up where the measure began.
-        self.base_probe = None;
+        // A measure of the base halved the limit (and set `limit_cut_at`): the limit is not to
+        // go back up where it began.
+        self.give_up_base_probe(now);
         if self.config.fixed || started_at < self.limit_cut_at {
             return;
         }
@@ -997,10 +1006,21 @@ impl Controller {
         self.rate_limited = false;
     }
 
+    /// Ends a measure of the base under way, if one is, without putting the limit back
+    /// (something pushed back meanwhile); the next waits as after a measure. Whether one was.
+    fn give_up_base_probe(&mut self, now: Instant) -> bool {
+        let was = self.base_probe.take().is_some();
+        if was {
+            self.base_since = now;
+        }
+        was
+    }
+
     /// A request started at `started_at` is no longer out.
     fn left_before_probe(&mut self, started_at: Instant) {
         if let Some(probe) = &mut self.base_probe {
-            if started_at < probe.began_at {
+            // A request started at the very instant the measure began was counted out before it.
+            if started_at <= probe.began_at {
                 probe.out_before = probe.out_before.saturating_sub(1);
             }
         }
@@ -1015,30 +1035,40 @@ impl Controller {
         now >= self.base_since + BASE_FOR.max(rtts)
     }
 
-    /// Keeps the base round trip: the lowest the mean round trip has been since it was last
-    /// measured. Round
-    /// trips at the limit include the time our requests wait in the endpoint's queue, so a
-    /// base taken from them alone would follow that queue up; it is measured again by holding
-    /// the limit at half until the requests out before have been answered and an interval
-    /// more (see [`BaseProbe`]), then putting it back: when it is old ([`BASE_FOR`]), and sooner when round trips went over
-    /// twice it (`queued`), which a grown queue and a slower route alike would do (the first
-    /// then shrinks the limit, the second takes the new base), though not more often than
-    /// [`BASE_AT_MOST_EVERY`]. Only a limit that was filled is measured: below it, the round
+    /// Keeps the base round trip: the lowest the smoothed mean round trip has been since it
+    /// was last measured. Round trips at the limit include the time our requests wait in the
+    /// endpoint's queue, so a base taken from them alone would follow that queue up; it is
+    /// measured again by holding the limit at half until the requests out before have been
+    /// answered, then over at least [`BASE_MEASURE_ANSWERS`] answers (see [`BaseProbe`]), and
+    /// putting the limit back: when the base is old ([`BASE_FOR`]), and sooner when round
+    /// trips went over twice it (`queued`), which a grown queue and a slower route alike
+    /// would do, though not more often than [`BASE_AT_MOST_EVERY`]. The measure takes the new
+    /// base either way and shrinks nothing: the limit only grows no further than round trips
+    /// of 1.5 times it allow. Only a limit that was filled is measured: below it, the round
     /// trips are those of what is sent.
     ///
-    /// An endpoint whose capacity fell keeps a queue of about twice the base measured at
-    /// half the limit, since the measure itself finds some of it: better than the limit
-    /// pushed on to its maximum, which the growth rule alone allowed.
+    /// An endpoint whose capacity fell keeps a queue of about what the measure at half the
+    /// limit finds: better than the limit pushed on to its maximum, which the growth rule
+    /// alone allowed.
     fn track_base(&mut self, now: Instant, current: Option<f64>, queued: bool) {
         self.after_probe = self.after_probe.saturating_sub(1);
         if let Some(probe) = &mut self.base_probe {
-            if !probe.measuring {
-                probe.measuring = probe.out_before == 0;
+            let Some((sum, count)) = &mut probe.measuring else {
+                if probe.out_before == 0 {
+                    probe.measuring = Some((0.0, 0));
+                }
+                return;
+            };
+            *sum += self.rtt_sum;
+            *count += self.rtt_count;
+            if *count < BASE_MEASURE_ANSWERS && probe.intervals < BASE_MEASURE_INTERVALS {
+                probe.intervals += 1;
                 return;
             }
+            let measured = (*count > 0).then(|| *sum / f64::from(*count));
             let limit_before = probe.limit_before;
             self.base_probe = None;
-            self.base_rtt = current.or(self.base_rtt);
+            self.base_rtt = measured.or(self.base_rtt);
             self.base_since = now;
             self.limit = self.limit.max(limit_before);
             self.after_probe = 2;
@@ -1059,11 +1089,16 @@ impl Controller {
                 limit_before: self.limit,
                 began_at: now,
                 out_before: self.in_flight,
-                measuring: false,
+                measuring: None,
+                intervals: 0,
             });
+            // Answers to requests started before cut nothing more ([`Controller::push_back`]).
             self.limit = (self.limit / 2).max(1);
+            self.limit_cut_at = now;
         } else {
-            self.base_rtt = current;
+            // Below the limit, the round trips are those of what is sent: the smoothed mean
+            // is the base.
+            self.base_rtt = self.past_rtt.or(current).or(self.base_rtt);
             self.base_since = now;
         }
     }
@@ -1080,8 +1115,15 @@ impl Controller {
                 (Some(current), Some(past)) => current > past * factor + slack,
                 _ => false,
             };
-            let over_base = |factor: f64| match (current, self.base_rtt) {
-                (Some(current), Some(base)) => current > base * factor + slack,
+            // The smoothed mean, as the base is: an interval's own mean of a noisy endpoint
+            // (some answers ten times slower than most) goes over 1.5 times the base now and
+            // then, and each time the limit would stop growing for nothing.
+            let smoothed = current.map(|current| {
+                self.past_rtt
+                    .map_or(current, |past| past * (1.0 - RTT_EWMA) + current * RTT_EWMA)
+            });
+            let over_base = |factor: f64| match (smoothed, self.base_rtt) {
+                (Some(smoothed), Some(base)) => smoothed > base * factor + slack,
                 _ => false,
             };
             if self.rate_limited {
@@ -1732,6 +1774,50 @@ mod tests {
         assert!(worst_rtt(after) <= 80.0, "{:.1} ms", worst_rtt(after));
         let highest = seconds.iter().map(|s| s.2).max().unwrap();
         assert!(highest <= 20, "the limit went up to {highest}");
+    }
+
+    #[test]
+    fn an_overload_during_a_measure_of_the_base_halves_the_limit_once() {
+        let mut now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        let rtt = Duration::from_millis(10);
+        // Healthy round trips until a measure of the base halves the limit, amid the answers
+        // of one round.
+        for _ in 0..10_000 {
+            let n = c.permits(now, usize::MAX);
+            let sent = now;
+            for _ in 0..n {
+                c.started(sent);
+            }
+            now += rtt;
+            let before = c.limit();
+            for answered in 1..=n {
+                c.answered(now, sent, Signal::Healthy);
+                if c.base_probe.is_none() {
+                    continue;
+                }
+                let halved = c.limit();
+                assert_eq!(halved, before / 2);
+                // Two of the requests out before the measure meet an overload: the measure's
+                // halving was the cut for them.
+                c.answered(now, sent, Signal::Overloaded);
+                c.answered(now, sent, Signal::Overloaded);
+                assert_eq!(c.limit(), halved, "halved again");
+                assert!(
+                    c.base_probe.is_none(),
+                    "the measure would put the limit back"
+                );
+                for _ in answered + 2..n {
+                    c.answered(now, sent, Signal::Healthy);
+                }
+                // One started since then halves it.
+                c.started(now);
+                c.answered(now + rtt, now, Signal::Overloaded);
+                assert_eq!(c.limit(), halved / 2);
+                return;
+            }
+        }
+        panic!("no measure of the base began");
     }
 
     /// What a simulated endpoint does with a request at some moment of a run.
