@@ -154,8 +154,8 @@ const BASE_MEASURE_ANSWERS: u32 = 16;
 const BASE_MEASURE_INTERVALS: u32 = 4;
 
 /// A measure of the base round trip under way: the limit held at half until the requests out
-/// before it have been answered (they waited behind the old limit's queue), then for one
-/// interval whose round trips are the base.
+/// before it have been answered (they waited behind the old limit's queue), then over
+/// [`BASE_MEASURE_ANSWERS`] answers, whose mean round trip is the base.
 #[derive(Debug, Clone, Copy)]
 struct BaseProbe {
     /// The limit to go back to.
@@ -624,7 +624,8 @@ pub struct Controller {
     /// When the limit was last halved: answers to requests started before then do not halve
     /// it again.
     limit_cut_at: Instant,
-    /// The lowest mean round trip since `base_since` (see [`Controller::track_base`]).
+    /// The lowest the smoothed mean round trip has been since `base_since`, or what a measure
+    /// found then (see [`Controller::track_base`]).
     base_rtt: Option<f64>,
     base_since: Instant,
     base_probe: Option<BaseProbe>,
@@ -1092,7 +1093,8 @@ impl Controller {
                 measuring: None,
                 intervals: 0,
             });
-            // Answers to requests started before cut nothing more ([`Controller::push_back`]).
+            // Overloads of the requests started before it cut nothing more
+            // ([`Controller::push_back`]).
             self.limit = (self.limit / 2).max(1);
             self.limit_cut_at = now;
         } else {
