@@ -151,8 +151,8 @@ const CLIENT_REPEATS_SAID_EVERY: std::time::Duration = std::time::Duration::from
 /// asked for to look into a connection, come whole.
 #[derive(Default)]
 struct SeldomRepeated {
-    said_at: std::sync::Mutex<
-        std::collections::HashMap<tracing::callsite::Identifier, std::time::Instant>,
+    said: std::sync::Mutex<
+        std::collections::HashMap<tracing::callsite::Identifier, crate::log_limit::AtMostEvery>,
     >,
 }
 
@@ -164,19 +164,15 @@ impl SeldomRepeated {
             && metadata.target().starts_with("async_nats::connector")
     }
 
-    /// Whether a line of `callsite` that comes `now` is let through.
-    fn admit(&self, callsite: tracing::callsite::Identifier, now: std::time::Instant) -> bool {
-        let mut said_at = self
-            .said_at
+    /// Whether a line of `callsite` that comes now is let through.
+    fn admit(&self, callsite: tracing::callsite::Identifier) -> bool {
+        self.said
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match said_at.get(&callsite) {
-            Some(&at) if now < at + CLIENT_REPEATS_SAID_EVERY => false,
-            _ => {
-                said_at.insert(callsite, now);
-                true
-            }
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(callsite)
+            .or_insert_with(|| crate::log_limit::AtMostEvery::new(CLIENT_REPEATS_SAID_EVERY))
+            .due(tokio::time::Instant::now())
+            .is_some()
     }
 }
 
@@ -186,7 +182,7 @@ impl<S> tracing_subscriber::layer::Filter<S> for SeldomRepeated {
         metadata: &tracing::Metadata<'_>,
         _: &tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        !Self::limits(metadata) || self.admit(metadata.callsite(), std::time::Instant::now())
+        !Self::limits(metadata) || self.admit(metadata.callsite())
     }
 
     fn callsite_enabled(
