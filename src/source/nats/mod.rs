@@ -68,10 +68,7 @@ impl ConnectionEvents {
         match event {
             async_nats::Event::Connected => {
                 self.failed_attempts.store(0, Ordering::SeqCst);
-                *self
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                *self.last_failure() = None;
                 tracing::info!("connected to NATS")
             }
             async_nats::Event::Disconnected => {
@@ -92,20 +89,16 @@ impl ConnectionEvents {
                 };
                 tracing::debug!(%reason, "an attempt to connect to NATS failed");
                 self.failed_attempts.fetch_add(1, Ordering::SeqCst);
-                *self
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+                *self.last_failure() = Some(reason);
             }
             other => tracing::debug!(event = %other, "NATS event"),
         }
     }
 
-    fn last_failure(&self) -> Option<String> {
+    fn last_failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.last_failure
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 }
 
@@ -410,7 +403,7 @@ async fn warn_while_unreachable(
             continue;
         }
         down_for += 1;
-        let last_failure = state.events.last_failure();
+        let last_failure = state.events.last_failure().clone();
         // An attempt may take a while to fail (a connection timeout of 5 s, a slow DNS):
         // its reason is worth waiting for, a little.
         if last_failure.is_none() && down_for < 10 {
