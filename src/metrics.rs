@@ -520,7 +520,6 @@ impl Metrics {
     pub fn set_outbox(&self, stats: &OutboxStats) {
         self.outbox_pending.set(stats.pending as i64);
         self.outbox_dead.set(stats.dead as i64);
-        self.delivery_paused.set(i64::from(stats.delivery_paused));
         self.outbox_oldest_waited
             .set(stats.oldest_pending_waited_s.unwrap_or(0) as i64);
         self.outbox_bytes

@@ -982,26 +982,23 @@ impl Deliverer {
     /// counted as down ([`Controller::forget_down`]): a pause begun during an outage would
     /// otherwise keep `outpost_destination_down` at 1, and its alert firing, until resumed.
     fn forget_down_when_idle(&self, state: &mut LoopState) {
-        if state.controller.is_down()
-            && state.controller.in_flight() == 0
-            && self.store.delivery_paused()
+        if !state.controller.is_down() || state.controller.in_flight() != 0 {
+            return;
+        }
+        let why = if self.store.delivery_paused() {
+            "delivery is paused while the destination looked down: it no longer counts as down, and the first request after `outpost delivery resume` finds out whether it is"
+        } else if state.queue.held() == 0
+            && !state.reading
+            // The outbox asked last: exports the window let go of are not held, yet wait.
+            && self.store.tally().is_ok_and(|tally| tally.pending == 0)
         {
-            state.controller.forget_down();
-            self.metrics.destination_down.set(0);
-            tracing::warn!("delivery is paused while the destination looked down: it no longer counts as down, and the first request after `outpost delivery resume` finds out whether it is");
+            "nothing is left to deliver while delivery looked down: the destination no longer counts as down, and the next export finds out whether it is"
+        } else {
             return;
-        }
-        let idle = state.controller.is_down()
-            && state.queue.held() == 0
-            && state.controller.in_flight() == 0
-            && !state.reading;
-        // The outbox asked last: exports the window let go of are not held, yet wait.
-        if !idle || !self.store.tally().is_ok_and(|tally| tally.pending == 0) {
-            return;
-        }
+        };
         state.controller.forget_down();
         self.metrics.destination_down.set(0);
-        tracing::warn!("nothing is left to deliver while delivery looked down: the destination no longer counts as down, and the next export finds out whether it is");
+        tracing::warn!("{why}");
     }
 
     fn publish(&self, state: &LoopState) {
