@@ -152,6 +152,9 @@ const BASE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 /// holds a few, whose mean may lie well under the endpoint's usual time.
 const BASE_MEASURE_ANSWERS: u32 = 16;
 const BASE_MEASURE_INTERVALS: u32 = 4;
+/// A measure of the base keeps the limit at half when half served at least this share of what
+/// the whole did (see [`Controller::track_base`]).
+const SERVED_AS_MANY: f64 = 0.95;
 
 /// A measure of the base round trip under way: the limit held at half until the requests out
 /// before it have been answered (they waited behind the old limit's queue), then over
@@ -160,6 +163,8 @@ const BASE_MEASURE_INTERVALS: u32 = 4;
 struct BaseProbe {
     /// The limit to go back to.
     limit_before: usize,
+    /// The smoothed mean round trip at that limit.
+    rtt_before: Option<f64>,
     began_at: Instant,
     /// Requests started before it, not yet answered.
     out_before: usize,
@@ -632,6 +637,11 @@ pub struct Controller {
     /// Intervals after a measure of the base in which the limit does not grow: its first
     /// answers came before the queue it drained built up again.
     after_probe: u8,
+    /// The next measure of the base comes as soon as [`BASE_AT_MOST_EVERY`] allows: the last
+    /// found the base jumped, or kept the limit at half (`holding_half`), which may still
+    /// queue; until then the limit does not grow.
+    measure_soon: bool,
+    holding_half: bool,
     // Rate.
     accepted: AcceptedRate,
     accepted_last_second: LastSecond,
@@ -677,6 +687,8 @@ impl Controller {
             base_since: now,
             base_probe: None,
             after_probe: 0,
+            measure_soon: false,
+            holding_half: false,
             accepted: AcceptedRate::default(),
             accepted_last_second: LastSecond::default(),
             recent_429: RefusalShare::default(),
@@ -1040,18 +1052,21 @@ impl Controller {
     /// was last measured. Round trips at the limit include the time our requests wait in the
     /// endpoint's queue, so a base taken from them alone would follow that queue up; it is
     /// measured again by holding the limit at half until the requests out before have been
-    /// answered, then over at least [`BASE_MEASURE_ANSWERS`] answers (see [`BaseProbe`]), and
-    /// putting the limit back: when the base is old ([`BASE_FOR`]), and sooner when round
-    /// trips went over twice it (`queued`), which a grown queue and a slower route alike
-    /// would do, though not more often than [`BASE_AT_MOST_EVERY`]. The measure takes the new
-    /// base either way and shrinks nothing: the limit only grows no further than round trips
-    /// of 1.5 times it allow. Only a limit that was filled is measured: below it, the round
-    /// trips are those of what is sent.
+    /// answered, then over at least [`BASE_MEASURE_ANSWERS`] answers (see [`BaseProbe`]): when
+    /// the base is old ([`BASE_FOR`]), and sooner when round trips went over twice it
+    /// (`queued`), which a grown queue and a slower route alike would do, though not more
+    /// often than [`BASE_AT_MOST_EVERY`]. Only a limit that was filled is measured: below it,
+    /// the round trips are those of what is sent.
     ///
-    /// An endpoint whose capacity fell keeps a queue of about what the measure at half the
-    /// limit finds: better than the limit pushed on to its maximum, which the growth rule
-    /// alone allowed.
-    fn track_base(&mut self, now: Instant, current: Option<f64>, queued: bool) {
+    /// The measure takes the new base, and puts the limit back unless half of it served
+    /// about as many requests a second ([`SERVED_AS_MANY`], by Little's law from the round
+    /// trips at each): then the other half only waited in the endpoint's queue, the limit
+    /// stays at half and the next measure comes as soon as allowed, until halving costs
+    /// throughput. A slower route serves fewer at half, and the limit is put back: round
+    /// trips that grew do not shrink it by themselves. Without this, an endpoint whose
+    /// capacity fell kept a queue of about what the measure at half the limit found (85 ms
+    /// where 20 would do, in a trial).
+    fn track_base(&mut self, now: Instant, smoothed: Option<f64>, queued: bool) {
         self.after_probe = self.after_probe.saturating_sub(1);
         if let Some(probe) = &mut self.base_probe {
             let Some((sum, count)) = &mut probe.measuring else {
@@ -1067,27 +1082,54 @@ impl Controller {
                 return;
             }
             let measured = (*count > 0).then(|| *sum / f64::from(*count));
-            let limit_before = probe.limit_before;
+            let BaseProbe {
+                limit_before,
+                rtt_before,
+                ..
+            } = *probe;
             self.base_probe = None;
+            let base_before = self.base_rtt;
             self.base_rtt = measured.or(self.base_rtt);
             self.base_since = now;
-            self.limit = self.limit.max(limit_before);
             self.after_probe = 2;
+            // By Little's law a limit serves limit / round trip a second: when half of it
+            // served about as many, the other half only queued.
+            let served_as_many = match (measured, rtt_before) {
+                (Some(measured), Some(before)) => {
+                    self.limit as f64 * before >= SERVED_AS_MANY * limit_before as f64 * measured
+                }
+                _ => false,
+            };
+            // A base that jumped (the endpoint's capacity fell, or its route got slower) may
+            // have been measured before the queue at the old limit had built up: measured
+            // again soon, settled.
+            let jumped = match (measured, base_before) {
+                (Some(measured), Some(before)) => measured > before * QUEUED_FACTOR,
+                _ => false,
+            };
+            self.measure_soon = served_as_many || jumped;
+            self.holding_half = served_as_many;
+            if !served_as_many {
+                self.limit = self.limit.max(limit_before);
+            }
             return;
         }
         // The smoothed mean, not an interval's own: a few answers at a low limit (an endpoint
         // that takes 200 to 500 ms) may average well under its usual time, and a base that low
         // held the limit down for a run's first 30 s.
-        if let Some(smoothed) = self.past_rtt.or(current) {
+        let smoothed = smoothed.or(self.past_rtt);
+        if let Some(smoothed) = smoothed {
             self.base_rtt = Some(self.base_rtt.map_or(smoothed, |base| base.min(smoothed)));
         }
-        let due = self.base_is_due(now) || (queued && now >= self.base_since + BASE_AT_MOST_EVERY);
+        let soon = queued || self.measure_soon;
+        let due = self.base_is_due(now) || (soon && now >= self.base_since + BASE_AT_MOST_EVERY);
         if !due {
             return;
         }
         if self.reached_limit && self.limit > 1 {
             self.base_probe = Some(BaseProbe {
                 limit_before: self.limit,
+                rtt_before: smoothed,
                 began_at: now,
                 out_before: self.in_flight,
                 measuring: None,
@@ -1100,8 +1142,10 @@ impl Controller {
         } else {
             // Below the limit, the round trips are those of what is sent: the smoothed mean
             // is the base.
-            self.base_rtt = self.past_rtt.or(current).or(self.base_rtt);
+            self.base_rtt = smoothed.or(self.base_rtt);
             self.base_since = now;
+            self.measure_soon = false;
+            self.holding_half = false;
         }
     }
 
@@ -1141,10 +1185,11 @@ impl Controller {
                 && !slower(1.0)
                 && !over_base(QUEUEING_FACTOR)
                 && self.after_probe == 0
+                && !self.holding_half
             {
                 self.limit = (self.limit + 1).min(self.config.max_concurrency);
             }
-            self.track_base(now, current, over_base(QUEUED_FACTOR));
+            self.track_base(now, smoothed, over_base(QUEUED_FACTOR));
         }
         if let Some(current) = current {
             let past = match self.past_rtt {
@@ -1759,8 +1804,9 @@ mod tests {
     #[test]
     fn an_endpoint_that_queues_what_is_over_its_slots_is_not_pushed_into_its_queue() {
         // 8 slots of 10 ms (800 a second) for 40 s, then 2 (200 a second) for 20 s. Without
-        // a base round trip, the limit grew to 64: every answer after 80 ms, then 320 ms. The
-        // capacity that fell keeps a queue (no shrink on the base alone: it may be the route).
+        // a base round trip, the limit grew to 64: every answer after 80 ms, then 320 ms.
+        // Once the capacity fell, measures at half the limit find that half serves as many,
+        // and keep it: without that, answers took 85 ms to the end.
         let seconds = against_a_queue(8, (40, 2), 60);
         for (second, &(served, rtt_ms, limit)) in seconds.iter().enumerate() {
             eprintln!("{second:>2} s: {served} served, {rtt_ms:.1} ms, limit {limit}");
@@ -1774,6 +1820,8 @@ mod tests {
         assert!(worst_rtt(before) <= 20.0, "{:.1} ms", worst_rtt(before));
         assert!(served(after) >= 0.95 * 200.0, "{:.0}/s", served(after));
         assert!(worst_rtt(after) <= 80.0, "{:.1} ms", worst_rtt(after));
+        let settled = &seconds[55..];
+        assert!(worst_rtt(settled) <= 30.0, "{:.1} ms", worst_rtt(settled));
         let highest = seconds.iter().map(|s| s.2).max().unwrap();
         assert!(highest <= 20, "the limit went up to {highest}");
     }
