@@ -47,14 +47,44 @@ fn the_helpers_find_names_and_labels() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_dashboard_queries_is_exported() {
+fn dashboard() -> Value {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/data/grafana/outpost.json"
     ))
     .unwrap();
-    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Grafana moves a panel that overlaps another down, out of the row it was laid out in.
+#[test]
+fn panels_lie_within_the_grid_and_apart() {
+    let dashboard = dashboard();
+    let boxes: Vec<(String, [u64; 4])> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|panel| {
+            let at = &panel["gridPos"];
+            let field = |name: &str| at[name].as_u64().unwrap();
+            let title = panel["title"].as_str().unwrap().to_owned();
+            (title, [field("x"), field("y"), field("w"), field("h")])
+        })
+        .collect();
+    for (title, [x, _, w, _]) in &boxes {
+        assert!(x + w <= 24, "{title} reaches past the grid's 24 columns");
+    }
+    for (i, (a, [ax, ay, aw, ah])) in boxes.iter().enumerate() {
+        for (b, [bx, by, bw, bh]) in &boxes[i + 1..] {
+            let apart = ax + aw <= *bx || bx + bw <= *ax || ay + ah <= *by || by + bh <= *ay;
+            assert!(apart, "{a} and {b} overlap");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let dashboard = dashboard();
     assert_eq!(dashboard["uid"], "outpost-agent");
     let exprs = expressions(&dashboard);
     assert!(exprs.len() >= 20, "{exprs:?}");
@@ -109,6 +139,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         "outpost_delivery_retries_total",
         "outpost_token_fetches_total",
         "outpost_destination_down",
+        "outpost_delivery_paused",
     ] {
         assert!(queried.contains(name), "the dashboard does not show {name}");
     }
