@@ -82,6 +82,27 @@ fn panels_lie_within_the_grid_and_apart() {
     }
 }
 
+/// A state that is on (1) shows in a colour of its own and says so in words: Grafana's
+/// default thresholds show 1 in green, like all is well.
+#[test]
+fn states_stand_out_when_on() {
+    let dashboard = dashboard();
+    for (title, on) in [("Destination down", "down"), ("Delivery paused", "paused")] {
+        let panel = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|panel| panel["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title}"));
+        let defaults = &panel["fieldConfig"]["defaults"];
+        let steps = defaults["thresholds"]["steps"].as_array().unwrap();
+        let at_one = steps.iter().find(|step| step["value"] == 1).unwrap();
+        assert_ne!(at_one["color"], "green", "{title}");
+        let said = &defaults["mappings"][0]["options"]["1"]["text"];
+        assert_eq!(said, on, "{title}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_queries_is_exported() {
     let dashboard = dashboard();
