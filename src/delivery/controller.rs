@@ -1938,6 +1938,44 @@ mod tests {
     }
 
     #[test]
+    fn a_measure_given_up_does_not_leave_the_limit_held() {
+        let mut now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        let rtt = Duration::from_millis(10);
+        drive(&mut c, &mut now, 20, rtt, Signal::Healthy);
+        // As after a measure that kept half the limit: the next comes 5 s on.
+        c.holding_half = true;
+        c.measure_soon = true;
+        let mut given_up_at = None;
+        for _ in 0..1_000 {
+            let n = c.permits(now, usize::MAX);
+            let sent = now;
+            for _ in 0..n {
+                c.started(sent);
+            }
+            now += rtt;
+            for _ in 0..n {
+                // A request out before the measure meets an overload: it ends the measure
+                // without a cut, the measure's halving being the cut.
+                let signal = if c.base_probe.is_some() && given_up_at.is_none() {
+                    given_up_at = Some(c.limit());
+                    Signal::Overloaded
+                } else {
+                    Signal::Healthy
+                };
+                c.answered(now, sent, signal);
+            }
+            if given_up_at.is_some() {
+                break;
+            }
+        }
+        let halved = given_up_at.expect("no measure began");
+        assert!(c.base_probe.is_none());
+        drive(&mut c, &mut now, 100, rtt, Signal::Healthy);
+        assert!(c.limit() > halved + 20, "{halved} then {}", c.limit());
+    }
+
+    #[test]
     fn an_overload_during_a_measure_of_the_base_halves_the_limit_once() {
         let mut now = Instant::now();
         let mut c = Controller::new(config(64), now);
