@@ -1261,6 +1261,18 @@ mod tests {
         }
     }
 
+    /// Starts as many requests as the controller permits now, and moves `now` on by `rtt`, to
+    /// when they are answered: how many, and when they were sent.
+    fn start_round(c: &mut Controller, now: &mut Instant, rtt: Duration) -> (usize, Instant) {
+        let n = c.permits(*now, usize::MAX);
+        let sent = *now;
+        for _ in 0..n {
+            c.started(sent);
+        }
+        *now += rtt;
+        (n, sent)
+    }
+
     /// Runs `rounds` intervals in which the limit is filled and every request is answered with
     /// `signal` after `rtt`; returns the limit after each round.
     fn drive(
@@ -1272,12 +1284,7 @@ mod tests {
     ) -> Vec<usize> {
         let mut limits = Vec::new();
         for _ in 0..rounds {
-            let n = c.permits(*now, usize::MAX);
-            let sent = *now;
-            for _ in 0..n {
-                c.started(sent);
-            }
-            *now += rtt;
+            let (n, sent) = start_round(c, now, rtt);
             for _ in 0..n {
                 c.answered(*now, sent, signal);
             }
@@ -1948,12 +1955,7 @@ mod tests {
         c.measure_soon = true;
         let mut given_up_at = None;
         for _ in 0..1_000 {
-            let n = c.permits(now, usize::MAX);
-            let sent = now;
-            for _ in 0..n {
-                c.started(sent);
-            }
-            now += rtt;
+            let (n, sent) = start_round(&mut c, &mut now, rtt);
             for _ in 0..n {
                 // A request out before the measure meets an overload: it ends the measure
                 // without a cut, the measure's halving being the cut.
@@ -1983,13 +1985,8 @@ mod tests {
         // Healthy round trips until a measure of the base halves the limit, amid the answers
         // of one round.
         for _ in 0..10_000 {
-            let n = c.permits(now, usize::MAX);
-            let sent = now;
-            for _ in 0..n {
-                c.started(sent);
-            }
-            now += rtt;
             let before = c.limit();
+            let (n, sent) = start_round(&mut c, &mut now, rtt);
             for answered in 1..=n {
                 c.answered(now, sent, Signal::Healthy);
                 if c.base_probe.is_none() {
