@@ -155,7 +155,8 @@ const BASE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 const BASE_MEASURE_ANSWERS: u32 = 16;
 const BASE_MEASURE_INTERVALS: u32 = 4;
 /// A measure of the base keeps the limit at half when half served at least this share of what
-/// the whole did (see [`Controller::track_base`]); an endpoint without a queue serves half.
+/// the whole did at its best in one of its last [`SERVED_OVER_INTERVALS`] intervals (see
+/// [`Controller::track_base`]); an endpoint without a queue serves half.
 const SERVED_AS_MANY: f64 = 0.9;
 const SERVED_OVER_INTERVALS: usize = 8;
 
