@@ -7,7 +7,8 @@
 //!   is within [`QUEUEING_FACTOR`] of the *base* round trip (the endpoint's own time, without
 //!   our requests queued in it: see [`Controller::track_base`]); it shrinks by a tenth when
 //!   round trips clearly slow down, and stays at half after a measure of the base when half
-//!   served as many requests a second (the rest only queued). It is halved when something pushes
+//!   served about as many healthy answers a second as the whole (the rest only queued). It is
+//!   halved when something pushes
 //!   back: at once for a 503, a timeout or a connection error, at most once for the requests
 //!   started before the cut, as TCP cuts its window once a round trip; at the interval's end
 //!   for 429s that are a share of the answers (see below), which the rate cap answers first.
@@ -155,8 +156,8 @@ const BASE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 const BASE_MEASURE_ANSWERS: u32 = 16;
 const BASE_MEASURE_INTERVALS: u32 = 4;
 /// A measure of the base keeps the limit at half when half served at least this share of what
-/// the whole did at its best in one of its last [`SERVED_OVER_INTERVALS`] intervals (see
-/// [`Controller::track_base`]); an endpoint without a queue serves half.
+/// the whole did in the median of its last [`SERVED_OVER_INTERVALS`] intervals that filled it
+/// (see [`Controller::track_base`]); an endpoint without a queue serves half.
 const SERVED_AS_MANY: f64 = 0.9;
 const SERVED_OVER_INTERVALS: usize = 8;
 
@@ -167,9 +168,10 @@ const SERVED_OVER_INTERVALS: usize = 8;
 struct BaseProbe {
     /// The limit before, to go back to unless half served as many.
     limit_before: usize,
-    /// The most that limit served in one of its last intervals, healthy answers a second: a
-    /// passing slowdown, which sets a measure off, served fewer, and beside it half the limit
-    /// seemed to serve as many.
+    /// What the limit served, healthy answers a second: the median of its last intervals,
+    /// since a passing slowdown, which sets a measure off, served fewer in a few of them
+    /// (beside those, half the limit seemed to serve as many), and the most of them lies well
+    /// over what an endpoint of uneven answers serves.
     served_before: Option<f64>,
     began_at: Instant,
     /// Requests started before it, not yet answered.
@@ -461,6 +463,18 @@ impl CapStep {
     }
 }
 
+/// The median of `values`, or None when there are none.
+fn median(values: &std::collections::VecDeque<f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[middle]),
+        _ => Some((sorted[middle - 1] + sorted[middle]) / 2.0),
+    }
+}
+
 impl RateCap {
     /// A first cap, under what the endpoint accepted. That rate often includes a burst the
     /// endpoint allowed at first, or counts too few successes, so it sets no ceiling: the cap
@@ -647,7 +661,8 @@ pub struct Controller {
     /// The next measure of the base comes as soon as [`BASE_AT_MOST_EVERY`] allows: the last
     /// found the base jumped, or kept the limit at half, which may still queue.
     measure_soon: bool,
-    /// The last measure kept the limit at half: it does not grow until the next.
+    /// The last measure kept the limit at half: it does not grow until the next measure, a cut,
+    /// or an interval that does not fill it.
     holding_half: bool,
     /// Healthy answers a second in each of the last [`SERVED_OVER_INTERVALS`] intervals that
     /// filled the limit with nothing pushing back.
@@ -1030,6 +1045,8 @@ impl Controller {
         self.limit = (self.limit / 2).max(1);
         self.limit_cut_at = now;
         self.rate_limited = false;
+        // Cut: what held it at half is moot, and it grows from here.
+        self.holding_half = false;
     }
 
     /// Ends a measure of the base under way, if one is, without putting the limit back
@@ -1038,7 +1055,8 @@ impl Controller {
         let was = self.base_probe.take().is_some();
         if was {
             self.base_since = now;
-            // Something pushed back: the limit is cut, and holding it at half is moot.
+            // Something pushed back: the limit is cut (the measure's halving was the cut),
+            // and holding it at half is moot.
             self.holding_half = false;
         }
         was
@@ -1074,10 +1092,11 @@ impl Controller {
     /// the round trips are those of what is sent.
     ///
     /// The measure takes the new base, and puts the limit back unless half of it served
-    /// about as many healthy answers a second ([`SERVED_AS_MANY`]) as the whole did at its
-    /// best of late: then the other half only waited in the endpoint's queue, the limit
-    /// stays at half, does not grow, and the next measure comes as soon as allowed, until
-    /// halving costs throughput. An endpoint without a queue (a slower route, answers slow
+    /// about as many healthy answers a second ([`SERVED_AS_MANY`]) as the whole did (the
+    /// median of its last intervals that filled it): then the other half only waited in the
+    /// endpoint's queue, the limit stays at half, does not grow, and the next measure comes as
+    /// soon as allowed, until halving costs throughput. A measure that found the base more
+    /// than doubled is repeated as soon, too. An endpoint without a queue (a slower route, answers slow
     /// at random) serves half as many at half, and the limit is put back: round trips that
     /// grew do not shrink it by themselves. Without this, an endpoint whose capacity fell
     /// kept a queue of about what the measure at half the limit found (85 ms where 20 would
@@ -1100,6 +1119,7 @@ impl Controller {
             let measured = (*count > 0).then(|| *sum / f64::from(*count));
             let took = now.saturating_duration_since(*since).as_secs_f64();
             let served = (took > 0.0).then(|| f64::from(*count) / took);
+            let answers = *count;
             let BaseProbe {
                 limit_before,
                 served_before,
@@ -1115,7 +1135,9 @@ impl Controller {
             // then seemed to say half the limit served as many, and the mean before it may be
             // that of a passing slowdown, which set it off.
             let served_as_many = match (served, served_before) {
-                (Some(served), Some(before)) => served >= SERVED_AS_MANY * before,
+                (Some(served), Some(before)) => {
+                    answers >= BASE_MEASURE_ANSWERS && served >= SERVED_AS_MANY * before
+                }
                 _ => false,
             };
             // A base that jumped (the endpoint's capacity fell, or its route got slower) may
@@ -1152,7 +1174,7 @@ impl Controller {
         if self.reached_limit && self.limit > 1 {
             self.base_probe = Some(BaseProbe {
                 limit_before: self.limit,
-                served_before: self.served_per_second.iter().copied().reduce(f64::max),
+                served_before: median(&self.served_per_second),
                 began_at: now,
                 out_before: self.in_flight,
                 measuring: None,
@@ -1181,7 +1203,11 @@ impl Controller {
         let took = now
             .saturating_duration_since(self.interval_began)
             .as_secs_f64();
-        if self.reached_limit && !self.back_pressure && self.base_probe.is_none() && took > 0.0 {
+        let filled = self.reached_limit && !self.back_pressure && self.base_probe.is_none();
+        // An interval without a healthy answer says nothing of what the limit serves: an
+        // endpoint that refuses every export (a 404 for a wrong path) would serve "as many" at
+        // half, none, and have the limit halved down to 1.
+        if filled && self.rtt_count > 0 && took > 0.0 {
             if self.served_per_second.len() == SERVED_OVER_INTERVALS {
                 self.served_per_second.pop_front();
             }
@@ -1208,6 +1234,7 @@ impl Controller {
             };
             if self.rate_limited {
                 self.limit = (self.limit / 2).max(1);
+                self.holding_half = false;
             } else if self.back_pressure || self.base_probe.is_some() {
                 // An overload halved the limit as it came ([`Controller::push_back`]); a
                 // measure of the base holds it at half.
@@ -1943,6 +1970,39 @@ mod tests {
             eprintln!("{got}");
             assert!(low <= 20, "{got}");
         }
+    }
+
+    #[test]
+    fn an_endpoint_that_refuses_every_export_keeps_the_limit() {
+        // A 404 for a wrong path, say: such answers are not about load. Measures of the base
+        // find no healthy answer at half the limit, and none before: that is not "as many".
+        let mut now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        let rtt = Duration::from_millis(10);
+        drive(&mut c, &mut now, 600, rtt, Signal::Healthy);
+        assert_eq!(c.limit(), 64);
+        let limits = drive(&mut c, &mut now, 6_000, rtt, Signal::Neutral);
+        let lowest = limits.iter().min().unwrap();
+        assert!(*lowest >= 32, "down to {lowest}");
+        assert_eq!(limits.last(), Some(&64));
+    }
+
+    #[test]
+    fn a_cut_ends_a_hold_at_half_the_limit() {
+        let mut now = Instant::now();
+        let mut c = Controller::new(config(64), now);
+        let rtt = Duration::from_millis(10);
+        drive(&mut c, &mut now, 40, rtt, Signal::Healthy);
+        // As after a measure that kept half the limit; then a 503.
+        c.holding_half = true;
+        let (_, sent) = start_round(&mut c, &mut now, rtt);
+        c.answered(now, sent, Signal::Overloaded);
+        let cut = c.limit();
+        while c.in_flight() > 0 {
+            c.answered(now, sent, Signal::Healthy);
+        }
+        drive(&mut c, &mut now, 100, rtt, Signal::Healthy);
+        assert!(c.limit() > cut + 20, "{cut} then {}", c.limit());
     }
 
     #[test]
