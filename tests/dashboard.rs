@@ -1,6 +1,7 @@
 //! data/grafana/outpost.json queries only what the agent exports: every metric name in its
 //! expressions is one that the real `outpost run` serves on `GET /metrics`, and every label it
-//! groups by is one those samples carry (or `instance`, which Prometheus adds).
+//! groups by is one those samples carry (or `instance`, which Prometheus adds). Its panels lie
+//! apart within the grid, and its states show when they are on.
 
 mod common;
 
