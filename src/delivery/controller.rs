@@ -1713,47 +1713,38 @@ mod tests {
         }
     }
 
-    /// An endpoint that serves `slots` requests at once, each in 10 ms, and queues the rest,
-    /// driven as the delivery loop drives the controller for `seconds`, its slots cut to
-    /// `slots_after` from `cut_at` seconds on: per second, (requests served, their mean round
-    /// trip in ms, the highest limit).
-    fn against_a_queue(
-        slots: usize,
-        (cut_at, slots_after): (u64, usize),
+    /// The controller driven as the delivery loop drives it for `seconds`, with always more
+    /// exports waiting than it may send, against an endpoint that answers a request started
+    /// at `now`, in the run's `second`, at `answer_at(now, second)`: per second, (requests
+    /// served, their mean round trip in ms, the highest limit).
+    fn run_against(
         seconds: u64,
+        mut answer_at: impl FnMut(Instant, u64) -> Instant,
     ) -> Vec<(u64, f64, usize)> {
-        let service = Duration::from_millis(10);
         let step = Duration::from_micros(100);
         let start = Instant::now();
         let mut c = Controller::new(config(64), start);
         let mut now = start;
-        // When each slot is next free, and (sent, answered) of each request out.
-        let mut free_at = vec![start; slots];
+        // (sent, answered) of each request out.
         let mut out: Vec<(Instant, Instant)> = Vec::new();
         let mut seconds_seen = vec![(0u64, 0.0f64, 0usize); seconds as usize];
         while now < start + Duration::from_secs(seconds) {
-            let second = (now - start).as_secs() as usize;
-            if second as u64 == cut_at && free_at.len() > slots_after {
-                free_at.truncate(slots_after);
-            }
+            let second = (now - start).as_secs();
             out.retain(|&(sent, answered)| {
                 if answered > now {
                     return true;
                 }
                 c.answered(now, sent, Signal::Healthy);
-                let (served, rtt_sum, _) = &mut seconds_seen[second];
+                let (served, rtt_sum, _) = &mut seconds_seen[second as usize];
                 *served += 1;
                 *rtt_sum += (answered - sent).as_secs_f64() * 1000.0;
                 false
             });
             for _ in 0..c.permits(now, usize::MAX) {
                 c.started(now);
-                let slot = (0..free_at.len()).min_by_key(|&i| free_at[i]).unwrap();
-                let answered = free_at[slot].max(now) + service;
-                free_at[slot] = answered;
-                out.push((now, answered));
+                out.push((now, answer_at(now, second)));
             }
-            let limit = &mut seconds_seen[second].2;
+            let limit = &mut seconds_seen[second as usize].2;
             *limit = (*limit).max(c.limit());
             now += step;
         }
@@ -1761,6 +1752,27 @@ mod tests {
             .into_iter()
             .map(|(served, rtt_sum, limit)| (served, rtt_sum / served.max(1) as f64, limit))
             .collect()
+    }
+
+    /// An endpoint that serves `slots` requests at once, each in 10 ms, and queues the rest,
+    /// its slots cut to `slots_after` from `cut_at` seconds on (see [`run_against`]).
+    fn against_a_queue(
+        slots: usize,
+        (cut_at, slots_after): (u64, usize),
+        seconds: u64,
+    ) -> Vec<(u64, f64, usize)> {
+        let service = Duration::from_millis(10);
+        // When each slot is next free.
+        let mut free_at: Vec<Option<Instant>> = vec![None; slots];
+        run_against(seconds, |now, second| {
+            if second == cut_at && free_at.len() > slots_after {
+                free_at.truncate(slots_after);
+            }
+            let slot = (0..free_at.len()).min_by_key(|&i| free_at[i]).unwrap();
+            let answered = free_at[slot].map_or(now, |free| free.max(now)) + service;
+            free_at[slot] = Some(answered);
+            answered
+        })
     }
 
     #[test]
@@ -1785,32 +1797,11 @@ mod tests {
         assert!(highest <= 20, "the limit went up to {highest}");
     }
 
-    /// Requests answered after `latency()` each, however many are out (no queue), driven as
-    /// the delivery loop drives the controller for `seconds`: requests served a second from
-    /// the 10th second on.
+    /// Requests answered after `latency()` each, however many are out (no queue) (see
+    /// [`run_against`]): requests served a second from the 10th second on.
     fn against_random_latency(mut latency: impl FnMut() -> Duration, seconds: u64) -> f64 {
-        let step = Duration::from_micros(100);
-        let start = Instant::now();
-        let mut c = Controller::new(config(64), start);
-        let mut now = start;
-        let mut out: Vec<(Instant, Instant)> = Vec::new();
-        let mut served = 0u64;
-        while now < start + Duration::from_secs(seconds) {
-            out.retain(|&(sent, answered)| {
-                if answered > now {
-                    return true;
-                }
-                c.answered(now, sent, Signal::Healthy);
-                served += u64::from(now >= start + Duration::from_secs(10));
-                false
-            });
-            for _ in 0..c.permits(now, usize::MAX) {
-                c.started(now);
-                out.push((now, now + latency()));
-            }
-            now += step;
-        }
-        served as f64 / (seconds - 10) as f64
+        let run = run_against(seconds, |now, _| now + latency());
+        run[10..].iter().map(|s| s.0).sum::<u64>() as f64 / (seconds - 10) as f64
     }
 
     #[test]
