@@ -277,6 +277,9 @@ pub(super) const NOT_UTF8: &str = "not UTF-8: it holds bytes that are not a UTF-
 
 /// Whether `text`, which serde_json refused with `e`, holds bytes that are not UTF-8 up to
 /// where it stopped: then that, rather than the JSON token serde_json names, is what is wrong.
+/// The lines before were read as JSON, so they are UTF-8. serde_json's column may point into
+/// a character that is UTF-8 but not JSON (`“`, a byte order mark), so the text is checked a
+/// character's length further.
 pub(super) fn not_utf8_before(text: &[u8], e: &serde_json::Error) -> bool {
     let line_start = match e.line() {
         0 | 1 => 0,
@@ -288,7 +291,15 @@ pub(super) fn not_utf8_before(text: &[u8], e: &serde_json::Error) -> bool {
             .map_or(text.len(), |(at, _)| at + 1),
     };
     let end = line_start.saturating_add(e.column()).min(text.len());
-    std::str::from_utf8(&text[..end]).is_err()
+    let checked_to = end.saturating_add(4).min(text.len());
+    match std::str::from_utf8(&text[line_start..checked_to]) {
+        Ok(_) => false,
+        // A character cut off by `checked_to` is whole, unless the text ends there.
+        Err(bad) => {
+            line_start + bad.valid_up_to() < end
+                && (bad.error_len().is_some() || checked_to == text.len())
+        }
+    }
 }
 
 /// Validates one update already parsed as JSON.
@@ -686,7 +697,7 @@ mod tests {
     #[test]
     fn input_that_is_not_json_text_says_what_it_is() {
         let not_utf8 = "not UTF-8: it holds bytes that are not a UTF-8 character";
-        let cases: [(&[u8], u64, &str); 6] = [
+        let cases: [(&[u8], u64, &str); 11] = [
             (
                 b"\x1f\x8b\x08\x00\x00\x00",
                 1,
@@ -713,6 +724,26 @@ mod tests {
                 1,
                 "not valid JSON: expected `,` or `}`",
             ),
+            // UTF-8 that is not JSON: quotes from a word processor, a no-break space, a byte
+            // order mark that `cat` left at a later line's start.
+            (
+                "{“id”:“a”,“profile”:{}}".as_bytes(),
+                1,
+                "not valid JSON: key must be a string",
+            ),
+            (
+                "{\"id\":\"a\",\u{a0}\"profile\":{}}".as_bytes(),
+                1,
+                "not valid JSON: key must be a string",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{}}\n\u{feff}{\"id\":\"b\",\"profile\":{}}".as_bytes(),
+                2,
+                "not valid JSON: expected value",
+            ),
+            // Not UTF-8: a character's first bytes followed by another, or the text's end.
+            (b"{\"id\":\"a\xe2\x80\",\"profile\":{}}", 1, not_utf8),
+            (b"{\"id\":\"a\",\"profile\":{}} \xe2\x80", 1, not_utf8),
         ];
         for (body, line, reason) in cases {
             let error = error_of(body);
