@@ -161,9 +161,48 @@ impl InputError {
     fn new(line: u64, reason: impl Into<String>) -> Self {
         InputError {
             line,
-            reason: reason.into(),
+            reason: shortened(reason.into()),
         }
     }
+}
+
+/// The most of a name or value from the input that an error quotes between backticks, and
+/// the most of an error in all: a key of megabytes would otherwise come back whole in the
+/// answer to the producer and in the log. A quote cut short keeps its end too
+/// ([`QUOTED_END`] of it): a path's last key says which field is meant.
+const QUOTED_AT_MOST: usize = 64;
+const QUOTED_END: usize = 20;
+const REASON_AT_MOST: usize = 1024;
+
+/// `reason` with each quoted piece longer than [`QUOTED_AT_MOST`] cut in the middle, marked
+/// `…`, and all of it cut at [`REASON_AT_MOST`].
+fn shortened(reason: String) -> String {
+    let mut out = String::with_capacity(reason.len().min(REASON_AT_MOST));
+    let mut rest = reason.as_str();
+    while let Some(open) = rest.find('`') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let close = rest.find('`').unwrap_or(rest.len());
+        let quoted = &rest[..close];
+        if quoted.len() <= QUOTED_AT_MOST {
+            out.push_str(quoted);
+        } else {
+            let mut end = quoted.len() - QUOTED_END;
+            while !quoted.is_char_boundary(end) {
+                end += 1;
+            }
+            out.push_str(truncate(quoted, QUOTED_AT_MOST - QUOTED_END));
+            out.push('…');
+            out.push_str(&quoted[end..]);
+        }
+        rest = &rest[close..];
+        if let Some(after) = rest.strip_prefix('`') {
+            out.push('`');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    crate::explain::cut_to(out, REASON_AT_MOST)
 }
 
 /// The longest start of `text` of at most `max` bytes that ends at a character boundary.
@@ -186,6 +225,56 @@ mod tests {
     /// The error `parse_body` refuses `body` with (the tests of `decode` and `body` use it too).
     pub(super) fn error_of(body: &[u8]) -> InputError {
         parse_body(body).expect_err("input should be refused")
+    }
+
+    /// A name of the input an error quotes is cut short: a key of megabytes came back whole in
+    /// the answer and the log, once for each time the error named it.
+    #[test]
+    fn errors_quote_only_the_ends_of_a_long_name() {
+        let long = "k".repeat(100_000);
+        let bodies = [
+            format!(r#"{{"id":"a","{long}":1,"profile":{{}}}}"#),
+            format!(r#"[{{"id":"a","{long}":1,"profile":{{}}}}]"#),
+            format!(r#"{{"id":"a","profile":{{"xdm:{long}":1}}}}"#),
+            format!(
+                r#"{{"id":"a","profile":{{"segmentMembership":{{"ups":{{"{long}":{{"status":5}}}}}}}}}}"#
+            ),
+        ];
+        for body in bodies {
+            let error = error_of(body.as_bytes());
+            let start = &body[..40];
+            assert!(error.reason.len() <= 300, "{start}: {}", error.reason);
+            assert!(
+                error
+                    .reason
+                    .contains(&format!("{}…{}", &long[..10], &long[..10])),
+                "{start}: {}",
+                error.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_reason_keeps_short_quotes_and_is_cut_at_its_most() {
+        let long = format!("{}.status", "b".repeat(60));
+        let quoted = format!("`{}` and `{long}` and `x", "a".repeat(64));
+        assert_eq!(
+            shortened(quoted),
+            format!(
+                "`{}` and `{}…bbbbbbbbbbbbb.status` and `x",
+                "a".repeat(64),
+                "b".repeat(44)
+            )
+        );
+        let plain = "é".repeat(600);
+        let cut = shortened(plain.clone());
+        assert!(
+            cut.len() <= REASON_AT_MOST + '…'.len_utf8(),
+            "{}",
+            cut.len()
+        );
+        assert_eq!(cut, format!("{}…", &plain[..REASON_AT_MOST]));
+        assert_eq!(shortened("plain".into()), "plain");
     }
 
     #[test]
