@@ -103,11 +103,39 @@ impl Answer {
     }
 }
 
+/// How an HTML page may escape `"` and `'` (Python's `html.escape`, Go's
+/// `html.EscapeString`, PHP's `htmlspecialchars`); `&`, `<` and `>` all escape alike.
+const HTML_QUOTES: [(&str, &str); 4] = [
+    ("&quot;", "&#x27;"),
+    ("&#34;", "&#39;"),
+    ("&quot;", "&#39;"),
+    ("&quot;", "&apos;"),
+];
+
+/// `secret` as an HTML page that echoes it may write it, quotes escaped as `quotes` says.
+fn html_escaped(secret: &str, (quot, apos): (&str, &str)) -> String {
+    let mut out = String::with_capacity(secret.len());
+    for c in secret.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str(quot),
+            '\'' => out.push_str(apos),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// `text` with each of `secrets` shown as `***`, also as it may come back encoded (form- or
-/// percent-encoded, or escaped in JSON).
+/// percent-encoded, escaped in JSON or in HTML).
 pub fn hiding(text: &str, secrets: &[&str]) -> String {
     let mut forms: Vec<String> = Vec::new();
     for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if secret.contains(['&', '<', '>', '"', '\'']) {
+            forms.extend(HTML_QUOTES.map(|quotes| html_escaped(secret, quotes)));
+        }
         let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
         let json = serde_json::to_string(secret).unwrap_or_default();
         let json = json.trim_matches('"');
@@ -137,8 +165,9 @@ pub const WITHHELD_BODY: &str =
     "(body not shown: it holds a secret outpost sent, in an encoding it cannot cut out)";
 
 /// Whether `text` still holds one of `secrets` once percent-encoding (`+` as a space, or
-/// not) or JSON string escapes are undone: encodings other than the few that are cut out,
-/// such as percent-encoding that leaves `/` as it is, or `\u` escapes of non-ASCII letters.
+/// not), JSON string escapes or HTML character references are undone: encodings other than
+/// the few that are cut out, such as percent-encoding that leaves `/` as it is, `\u` escapes
+/// of non-ASCII letters, or `&#115;` for an `s`.
 pub fn still_holds_a_secret(text: &str, secrets: &[&str]) -> bool {
     let unescaped = json_unescaped(text);
     let views = [
@@ -146,6 +175,7 @@ pub fn still_holds_a_secret(text: &str, secrets: &[&str]) -> bool {
         percent_decoded(text, true),
         percent_decoded(&unescaped, false),
         unescaped,
+        html_escape::decode_html_entities(text).into_owned(),
     ];
     secrets
         .iter()
@@ -741,7 +771,7 @@ mod tests {
     #[test]
     fn secrets_echoed_in_a_body_are_hidden() {
         // (body, secrets, what is shown)
-        let table: [(&str, &[&str], &str); 9] = [
+        let table: [(&str, &[&str], &str); 12] = [
             ("bad secret s3 cret!", &["s3 cret!"], "bad secret ***"),
             (
                 "client_secret=s3+cret%21",
@@ -764,6 +794,18 @@ mod tests {
                 &["hunter2x", "hunter2x/prod"],
                 "pw=***",
             ),
+            // Echoed in an HTML page, as Python, Go and PHP escape it.
+            (
+                "<p>bad secret: S3cr3t&amp;x=+y é&lt;z&gt;&quot;q&#x27;</p>",
+                &["S3cr3t&x=+y é<z>\"q'"],
+                "<p>bad secret: ***</p>",
+            ),
+            (
+                "<p>S3cr3t&amp;x&#34;q&#39;</p>",
+                &["S3cr3t&x\"q'"],
+                "<p>***</p>",
+            ),
+            ("<p>a&lt;b&gt;c</p>", &["a<b>c"], "<p>***</p>"),
         ];
         for (body, secrets, shown) in table {
             assert_eq!(answer(body).body_start_hiding(secrets), shown, "{body}");
@@ -777,6 +819,8 @@ mod tests {
             ),
             (r#"{"echo":"\ud83d\ude00-s3cret"}"#, "😀-s3cret"),
             ("pw=s3cr%c3%A9t%20two", "s3crét two"),
+            ("<p>&#115;3cret &lt;2&#x3E;</p>", "s3cret <2>"),
+            ("<p>s3cr&eacute;t</p>", "s3crét"),
         ] {
             assert_eq!(
                 answer(body).body_start_hiding(&[secret]),
