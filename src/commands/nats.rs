@@ -65,7 +65,9 @@ pub(super) async fn release(
         }
         match claim::release(&claims, &read).await.map_err(failure)? {
             Released::Was(holder) => outln!(
-                "partition {partition:<6} released (claimed by {})",
+                "partition {partition:<6} released (claimed by {}); an agent that owns it \
+                 consumes it from where its own store left it, the stream's start for a store \
+                 new to it",
                 for_terminal(&holder, false)
             )?,
             Released::NoClaim => outln!("partition {partition:<6} had no claim")?,

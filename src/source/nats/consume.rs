@@ -315,7 +315,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
                         partition,
                         claimed_by = %holder,
                         ours = %shared.claim_as,
-                        "NATS partition left alone: another agent's store claims it (two agents own it: give every agent a distinct `owned`; if this agent's store was replaced, the claim is the old store's: `outpost nats release` it)"
+                        "NATS partition left alone: another agent's store claims it (two agents own it: give every agent a distinct `owned`; to move it here, `outpost nats hand-over` it from the agent that holds it and `outpost nats take-over` the file here; only if the claiming store is lost, `outpost nats release` it, and this agent consumes the partition from the stream's start, sending its profiles' past versions again)"
                     );
                     last_error = error;
                 }
