@@ -1086,6 +1086,36 @@ async fn a_body_that_breaks_off_is_refused_naming_the_line() {
     assert_eq!(ws.outbox_stats()["profiles"], 0);
 }
 
+/// A client that shuts its side down once its request is sent (`nc -N`, `printf … | nc -q0`)
+/// gets its answer: hyper closed such a connection at the read's end, with no answer, and the
+/// client could not tell whether its updates were stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    use std::io::{Read, Write};
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let agent = start_agent(&ws, port).await;
+    let line = format!("{}\n", member_update("p-1", "Jane", "2026-01-01T00:00:01Z"));
+    let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let request = format!(
+        "POST /v1/updates HTTP/1.1\r\nhost: x\r\n{}: {}\r\ncontent-length: {}\r\n\r\n{line}",
+        AUTH.0,
+        AUTH.1,
+        line.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains(r#""accepted":1"#), "{answer}");
+    assert_eq!(ws.outbox_stats()["profiles"], 1);
+}
+
 /// Reads one HTTP/1.1 answer's head from `stream` (up to the blank line).
 fn read_head(stream: &mut std::net::TcpStream) -> String {
     use std::io::Read;

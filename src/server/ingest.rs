@@ -330,13 +330,16 @@ where
 /// forever without sending a request. With it, HTTP/1 headers must arrive within
 /// `read_timeout` of the connection waiting for a request, which also closes idle keep-alive
 /// connections then; an HTTP/2 connection is pinged as often, and closed when a ping goes
-/// unanswered as long (an idle one that answers is closed by `connection::drive`).
+/// unanswered as long (an idle one that answers is closed by `connection::drive`). A client
+/// that shuts its side down once its request is sent (`nc -N`) is answered: hyper would
+/// otherwise close the connection at the read's end, unanswered.
 fn connection_builder(read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout);
+        .header_read_timeout(read_timeout)
+        .half_close(true);
     builder
         .http2()
         .timer(TokioTimer::new())
