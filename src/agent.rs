@@ -20,7 +20,7 @@ use crate::delivery::{Deliverer, DeliveryStopped, SetupError};
 use crate::logging::panic_message;
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
-use crate::store::committer::{CommitError, Committer, Watch};
+use crate::store::committer::{CommitError, Committer, Ownership, Watch};
 use crate::store::{backfill, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -203,12 +203,15 @@ impl Agent {
             on_panic: stop_on_committer_panic(Arc::clone(&committer_failure), shutdown.clone()),
         };
         // The committer thread ends with the process; every commit it acknowledged was flushed.
-        let (committer, _committer_thread) = Committer::start_watched(
+        let (mut committer, _committer_thread) = Committer::start_watched(
             Arc::clone(&store),
             Arc::new(mapping),
             Arc::clone(&wake),
             watch,
         );
+        if let Some(nats) = &config.nats {
+            committer = committer.owning(Ownership::new(nats.partitions, &nats.owned));
+        }
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }

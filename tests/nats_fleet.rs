@@ -558,7 +558,12 @@ fn an_unusable_creds_file_is_a_configuration_error_where_nats_is_used() {
     }
     // Checked before the store is opened: the agent made none.
     assert!(!setup.dir.path().join("store").exists());
-    let update = member_update("p-1", "x", "2026-01-01T00:00:01Z");
+    // A profile of one of the partitions the agent owns (0-3 of 12).
+    let id = (1..)
+        .map(|i| format!("p-{i}"))
+        .find(|id| outpost::source::partition::partition_of(id, 12) <= 3)
+        .unwrap();
+    let update = member_update(&id, "x", "2026-01-01T00:00:01Z");
     let out = run_with_config(&setup.config(), &["ingest", "-"], Some(update.as_bytes()));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 
@@ -2765,6 +2770,65 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
 }
 
 /// Whether profile `p<p>` falls in partition 6 or 7 of 8.
+/// An update that does not come from the stream, of a profile of a partition this agent does
+/// not own, is refused (over HTTP 409, by `outpost ingest` in its checking pass), nothing of
+/// its request stored: the agent that owns the partition stores and exports the profile from
+/// the stream, and both exported it, in no order between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_of_another_agents_partition_are_refused_outside_the_stream() {
+    let Some(server_bin) =
+        nats_server_or_skip("updates_of_another_agents_partition_are_refused_outside_the_stream")
+    else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-5", "")),
+        "",
+    );
+    setup.cli(&["nats", "setup"]);
+    let (foreign, owned) = {
+        let mut ids = 0..;
+        let foreign = ids.clone().find(in_6_or_7).unwrap();
+        (foreign, ids.find(|p| !in_6_or_7(p)).unwrap())
+    };
+    let said = format!(
+        "profile p{foreign} is in partition {}, which this agent does not own \
+         (source.nats.owned = \\\"0-5\\\")",
+        outpost::source::partition::partition_of(&format!("p{foreign}"), 8)
+    );
+    // `outpost ingest` into the store, the agent stopped: refused before anything is stored.
+    let both = write_lines(
+        setup.dir.path(),
+        &[version_line(owned, 1), version_line(foreign, 1)],
+    );
+    let ingested = setup.run(&["ingest", both.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&ingested.stderr);
+    assert!(!ingested.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&said.replace("\\\"", "\"")) && stderr.contains("nothing was stored"),
+        "{stderr}"
+    );
+    let agent = setup.start().await;
+    let (status, body) = http_post(
+        agent.addr,
+        "/v1/updates",
+        format!("{}\n{}", version_line(owned, 1), version_line(foreign, 1)),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains(&said), "{body}");
+    let (status, body) = http_post(agent.addr, "/v1/updates", version_line(owned, 1), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(r#""accepted":1,"deleted":0,"exports":1"#),
+        "{body}"
+    );
+}
+
 fn in_6_or_7(p: &usize) -> bool {
     outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6
 }

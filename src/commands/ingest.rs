@@ -13,7 +13,7 @@ use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
 use crate::profile::Update;
 use crate::source::partition::partition_of;
-use crate::store::committer::{what_was_stored, IN_DOUBT};
+use crate::store::committer::{what_was_stored, Ownership, IN_DOUBT};
 use crate::store::{BatchSummary, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.
@@ -215,6 +215,7 @@ fn check_input<F: Read + Seek>(
         now: chrono::Utc::now(),
         max_future_s: config.ingest.max_future_s,
     };
+    let ownership = (config.nats.as_ref()).map(|nats| Ownership::new(nats.partitions, &nats.owned));
     let mut count = 0u64;
     let mut reader = UpdateReader::new(BufReader::new(&mut *file)).within(limit);
     if let Some(keep) = keep {
@@ -227,6 +228,14 @@ fn check_input<F: Read + Seek>(
             let size = update.json_len();
             if size > most {
                 let refusal = super::backend::too_large_for_the_agent(&update, size, most);
+                return Err(CliError::Refused(format!(
+                    "update {count}: {refusal}; nothing was stored"
+                )));
+            }
+        }
+        if let Some(ownership) = &ownership {
+            if let Some(partition) = ownership.not_owning(&update.id) {
+                let refusal = ownership.refusal(&update.id, partition);
                 return Err(CliError::Refused(format!(
                     "update {count}: {refusal}; nothing was stored"
                 )));

@@ -362,7 +362,7 @@ async fn ingest(
         // Said in the message too, for a command of an older build, which reads this answer's
         // kind as a plain failure.
         CommitError::InDoubt(_) => AdminError::InDoubt(e.to_string()),
-        CommitError::GivenAway(_) => AdminError::Refused(e.to_string()),
+        CommitError::Elsewhere(_) => AdminError::Refused(e.to_string()),
         e => AdminError::Failed(e.to_string()),
     })?;
     Ok(summary.report())

@@ -699,7 +699,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         ),
         Err(partly) => {
             // Refused for what it holds, as a 400 is; a 503 is sent again.
-            if let CommitError::Refused(_) | CommitError::GivenAway(_) = partly.error {
+            if let CommitError::Refused(_) | CommitError::Elsewhere(_) = partly.error {
                 state.metrics.record_refused(1);
             }
             commit_failure(partly, count)
@@ -739,7 +739,7 @@ fn failure_body(partly: &PartlyCommitted, count: u64) -> (StatusCode, serde_json
         CommitError::Refused(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
         // Sent here by mistake: the profile's partition was handed over; sending it again is
         // no use.
-        CommitError::GivenAway(e) => (StatusCode::CONFLICT, e.clone()),
+        CommitError::Elsewhere(e) => (StatusCode::CONFLICT, e.clone()),
         // Nothing was stored; after a restart the same request may be: a 503 like the others,
         // with `Retry-After`.
         e => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -753,7 +753,7 @@ fn failure_body(partly: &PartlyCommitted, count: u64) -> (StatusCode, serde_json
     }
     let what = what_was_stored(stored.accepted, *in_doubt, count);
     let message = match error {
-        CommitError::GivenAway(_) => format!("{reason}; {what}"),
+        CommitError::Elsewhere(_) => format!("{reason}; {what}"),
         CommitError::Refused(_) => format!("{reason}; {what}; once this is fixed, {SEND_AGAIN}"),
         _ => format!("{reason}; {what}; {SEND_AGAIN}"),
     };
@@ -777,7 +777,7 @@ mod tests {
         };
         let full = || CommitError::Unavailable("no space left".into());
         let in_doubt = || CommitError::InDoubt("no space left".into());
-        let moved = || CommitError::GivenAway("profile p is in partition 3".into());
+        let moved = || CommitError::Elsewhere("profile p is in partition 3".into());
         let again = format!("; {SEND_AGAIN}");
         // (stored, in doubt, error) of a request of 2,500 updates, or 500 for one chunk
         let cases = [

@@ -17,7 +17,7 @@ use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{BodyItem, FutureLimit, LocatedBody, Parsing};
 use crate::profile::{Op, Update};
-use crate::source::partition::id_hash;
+use crate::source::partition::{format_owned, id_hash, partition_of_hash};
 
 /// At most this many updates go into one transaction; more waiting requests go into the next.
 /// A request larger than this goes whole: only a stream batch can be (`fetch_batch` above
@@ -55,11 +55,11 @@ pub enum CommitError {
     /// read. Nothing of it was stored.
     #[error("{0}")]
     Refused(String),
-    /// This request alone was refused: it updates a profile of a partition this store handed
-    /// over, or is handing over, to another agent. Nothing of it was stored; sent again here,
-    /// it is refused again.
+    /// This request alone was refused: it updates a profile of a partition another agent
+    /// holds: one this store handed over, or is handing over, or one this agent does not own
+    /// ([`Ownership`]). Nothing of it was stored; sent again here, it is refused again.
     #[error("{0}")]
-    GivenAway(String),
+    Elsewhere(String),
     #[error("the committer has stopped")]
     Stopped,
 }
@@ -173,6 +173,70 @@ pub struct Committer {
     store: Arc<Store>,
     keep: Arc<KeepTree>,
     layout: Arc<Layout>,
+    ownership: Option<Arc<Ownership>>,
+}
+
+/// The partitions of a stream (`[source.nats]`) this agent owns. An update that does not come
+/// from the stream (HTTP, `outpost ingest`) of a profile of another partition is refused:
+/// the agent that owns that partition stores and exports the profile's updates from the
+/// stream, and per-profile order holds only where one agent takes them all. Stored here too,
+/// it would be exported after the other agent's later versions, or before its earlier ones.
+#[derive(Debug)]
+pub struct Ownership {
+    partitions: u32,
+    owned: Vec<bool>,
+}
+
+impl Ownership {
+    /// `owned` of `partitions` (at least one), each below it.
+    pub fn new(partitions: u32, owned: &[u32]) -> Ownership {
+        let mut flags = vec![false; partitions as usize];
+        for &partition in owned {
+            flags[partition as usize] = true;
+        }
+        Ownership {
+            partitions,
+            owned: flags,
+        }
+    }
+
+    /// Where, among profiles known by their ids' [`id_hash`]es, the first of a partition not
+    /// owned lies, and that partition.
+    pub fn first_not_owned(&self, hashes: impl IntoIterator<Item = u64>) -> Option<(usize, u32)> {
+        hashes.into_iter().enumerate().find_map(|(index, hash)| {
+            let partition = partition_of_hash(hash, self.partitions);
+            (!self.owned[partition as usize]).then_some((index, partition))
+        })
+    }
+
+    /// The partition of profile `id`, when it is not owned.
+    pub fn not_owning(&self, id: &str) -> Option<u32> {
+        self.first_not_owned([id_hash(id)])
+            .map(|(_, partition)| partition)
+    }
+
+    /// The refusal of an update of profile `id`, of `partition`, which is not owned.
+    pub fn refusal(&self, id: &str, partition: u32) -> String {
+        let owned: Vec<u32> = (0..self.partitions)
+            .filter(|&p| self.owned[p as usize])
+            .collect();
+        format!(
+            "profile {id} is in partition {partition}, which this agent does not own \
+             (source.nats.owned = \"{}\"): publish its updates to the stream (`outpost \
+             publish`), which the agent that owns the partition consumes, and not to this one",
+            format_owned(&owned)
+        )
+    }
+
+    fn refuse(&self, updates: &[Update]) -> Result<(), CommitError> {
+        let hashes = updates.iter().map(|update| id_hash(&update.id));
+        match self.first_not_owned(hashes) {
+            Some((index, partition)) => Err(CommitError::Elsewhere(
+                self.refusal(&updates[index].id, partition),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Committer {
@@ -232,9 +296,17 @@ impl Committer {
                 store,
                 keep,
                 layout,
+                ownership: None,
             },
             handle,
         )
+    }
+
+    /// This committer, refusing updates that do not come from the stream of profiles whose
+    /// partitions are not owned (see [`Ownership`]).
+    pub fn owning(mut self, ownership: Ownership) -> Committer {
+        self.ownership = Some(Arc::new(ownership));
+        self
     }
 
     /// How to parse updates for [`Committer::commit`]: keeping only the part of each profile
@@ -274,25 +346,35 @@ impl Committer {
     ) -> Result<BatchSummary, PartlyCommitted> {
         let first = std::mem::take(&mut located.first);
         let rest_id_hashes = std::mem::take(&mut located.rest_id_hashes);
+        // A later update was parsed before with the same checks: its id is found again.
+        let id_of = |i: usize| match first.get(i) {
+            Some(update) => update.id.clone(),
+            None => located
+                .rest()
+                .nth(i - first.len())
+                .and_then(|item| item.parse(parsing).ok())
+                .map_or_else(|| format!("(update {})", i + 1), |update| update.id),
+        };
+        let hashes = || {
+            let first = first.iter().map(|update| id_hash(&update.id));
+            first.chain(rest_id_hashes.iter().copied())
+        };
+        // Every update before the first chunk is queued: the request is refused whole.
+        if let Some(ownership) = &self.ownership {
+            if let Some((index, partition)) = ownership.first_not_owned(hashes()) {
+                let refusal = ownership.refusal(&id_of(index), partition);
+                return Err(PartlyCommitted::nothing_stored(CommitError::Elsewhere(
+                    refusal,
+                )));
+            }
+        }
         if !rest_id_hashes.is_empty() {
-            let hashes = first.iter().map(|update| id_hash(&update.id));
-            // A later update was parsed before with the same checks: its id is found again.
-            let id_of = |i: usize| match first.get(i) {
-                Some(update) => update.id.clone(),
-                None => located
-                    .rest()
-                    .nth(i - first.len())
-                    .and_then(|item| item.parse(parsing).ok())
-                    .map_or_else(|| format!("(update {})", i + 1), |update| update.id),
-            };
-            self.store
-                .refuse_given_away(hashes.chain(rest_id_hashes.iter().copied()), id_of)
-                .map_err(|e| {
-                    PartlyCommitted::nothing_stored(match e {
-                        StoreError::PartitionGivenAway { .. } => refusal(e),
-                        e => commit_error(e),
-                    })
-                })?;
+            self.store.refuse_given_away(hashes(), id_of).map_err(|e| {
+                PartlyCommitted::nothing_stored(match e {
+                    StoreError::PartitionGivenAway { .. } => refusal(e),
+                    e => commit_error(e),
+                })
+            })?;
         }
         drop(rest_id_hashes);
         let mut rest = located.rest();
@@ -382,6 +464,9 @@ impl Committer {
         position: Option<SourcePosition>,
         room: Room,
     ) -> Result<oneshot::Receiver<Answer>, CommitError> {
+        if let (Some(ownership), None) = (&self.ownership, &position) {
+            ownership.refuse(&updates)?;
+        }
         for update in &mut updates {
             match update.op {
                 Op::Upsert => engine::prepare(update, &self.layout),
@@ -550,7 +635,7 @@ fn stopped_before_answering() -> CommitError {
 /// Why one request of a group was refused, its other requests stored.
 fn refusal(e: StoreError) -> CommitError {
     match e {
-        StoreError::PartitionGivenAway { .. } => CommitError::GivenAway(e.to_string()),
+        StoreError::PartitionGivenAway { .. } => CommitError::Elsewhere(e.to_string()),
         e => CommitError::Refused(e.to_string()),
     }
 }
@@ -665,6 +750,56 @@ mod tests {
         });
         let located = locate_body(body.as_bytes(), &parsing, REQUEST_CHUNK).unwrap();
         committer.commit_located(located, &parsing, None).await
+    }
+
+    /// Profile ids `{prefix}{i}` whose partition, of 4, `owned` says whether it is among
+    /// 0 and 1.
+    fn ids_in(prefix: &str, owned: bool, count: usize) -> Vec<String> {
+        let partition = |id: &String| crate::source::partition::partition_of(id, 4);
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .filter(|id| (partition(id) < 2) == owned)
+            .take(count)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn updates_of_partitions_this_agent_does_not_own_are_refused_whole() {
+        let (_dir, store, committer, thread) = committer_with_x_unreadable();
+        let committer = committer.owning(Ownership::new(4, &[0, 1]));
+        let owned = ids_in("o", true, REQUEST_CHUNK + 1);
+        let foreign = &ids_in("f", false, 1)[0];
+        let summary = committer.commit(update(&owned[0])).await.unwrap();
+        assert_eq!(summary.accepted, 1);
+        let refused = committer.commit(update(foreign)).await.unwrap_err();
+        let partition = crate::source::partition::partition_of(foreign, 4);
+        let said = format!(
+            "profile {foreign} is in partition {partition}, which this agent does not own \
+             (source.nats.owned = \"0-1\")"
+        );
+        assert!(
+            matches!(&refused, CommitError::Elsewhere(e) if e.starts_with(&said)),
+            "{refused:?}"
+        );
+        assert!(store.profile(foreign).unwrap().is_none());
+        // A request of more than a chunk, the last update of another agent's partition: the
+        // chunks before it are not stored either.
+        let lines: Vec<String> = owned[1..]
+            .iter()
+            .chain([foreign])
+            .map(|id| line(id))
+            .collect();
+        let partly = commit_body(&committer, &lines.join("\n"))
+            .await
+            .unwrap_err();
+        assert_eq!((partly.stored.accepted, partly.in_doubt), (0, 0));
+        assert!(
+            matches!(&partly.error, CommitError::Elsewhere(e) if e.starts_with(&said)),
+            "{partly:?}"
+        );
+        assert!(store.profile(&owned[1]).unwrap().is_none());
+        drop(committer);
+        thread.join().unwrap();
     }
 
     #[tokio::test]
