@@ -107,6 +107,21 @@ impl RunClock {
     pub fn expired(&self, record: &ExportRecord, max_age: Duration) -> bool {
         expired(self.uptime_ms(), record.queued_at_uptime_ms, max_age)
     }
+
+    /// [`retry_before_expiry`] of `record`, now.
+    pub fn retry_before_expiry(
+        &self,
+        record: &ExportRecord,
+        max_age: Duration,
+        retry_in: Duration,
+    ) -> Duration {
+        retry_before_expiry(
+            self.uptime_ms(),
+            record.queued_at_uptime_ms,
+            max_age,
+            retry_in,
+        )
+    }
 }
 
 /// How long an export queued at run time `queued_ms` has waited at run time `now_ms`. An export
@@ -118,6 +133,24 @@ pub fn waited_ms(now_ms: u64, queued_ms: u64) -> u64 {
 /// The expiry rule: an export expires once it has waited more than `max_age` of run time.
 pub fn expired(now_ms: u64, queued_ms: u64, max_age: Duration) -> bool {
     u128::from(waited_ms(now_ms, queued_ms)) > max_age.as_millis()
+}
+
+/// How far past its expiry an export whose retry would come later is taken up again: by
+/// then [`expired`] says so, whatever a millisecond's rounding between the clocks.
+const PAST_EXPIRY: Duration = Duration::from_secs(1);
+
+/// When an export queued at `queued_ms` is next taken up, at run time `now_ms`, its retry due
+/// after `retry_in`: no later than just past its expiry, where it is dead-lettered. A retry
+/// due after that can never be sent (a `Retry-After` forbids sending it sooner), and waiting
+/// for it left the export pending far past `max_age` (up to the hour a `Retry-After` may ask).
+pub fn retry_before_expiry(
+    now_ms: u64,
+    queued_ms: u64,
+    max_age: Duration,
+    retry_in: Duration,
+) -> Duration {
+    let waited = Duration::from_millis(waited_ms(now_ms, queued_ms));
+    retry_in.min(max_age.saturating_sub(waited).saturating_add(PAST_EXPIRY))
 }
 
 /// The wall clock and the boot clock read together.
@@ -366,6 +399,30 @@ mod tests {
                 want,
                 "now {now}, queued {queued}, max_age {max_age:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_retry_due_after_expiry_comes_just_past_it() {
+        let hour = Duration::from_secs(3600);
+        let s = Duration::from_secs;
+        // (now, queued, max_age, retry in, taken up in)
+        let table: &[(u64, u64, Duration, Duration, Duration)] = &[
+            (0, 0, hour, s(10), s(10)),
+            (0, 0, s(20), hour, s(21)),
+            (15_000, 0, s(20), hour, s(6)),
+            (15_000, 0, s(20), s(3), s(3)),
+            (30_000, 0, s(20), s(5), s(1)), // expired in flight
+            (5, 10, s(20), hour, s(21)),    // queued after a lost checkpoint
+            (0, 0, Duration::MAX, hour, hour),
+        ];
+        for &(now, queued, max_age, retry_in, want) in table {
+            let got = retry_before_expiry(now, queued, max_age, retry_in);
+            assert_eq!(got, want, "now {now}, queued {queued}, max_age {max_age:?}");
+            let taken_up_at = now + got.as_millis() as u64;
+            if got < retry_in {
+                assert!(expired(taken_up_at, queued, max_age), "{taken_up_at}");
+            }
         }
     }
 

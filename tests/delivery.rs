@@ -890,6 +890,33 @@ async fn expired_exports_are_dead_lettered() {
     agent.stop().await.unwrap();
 }
 
+/// An export whose retry the endpoint puts off past the export's expiry (`Retry-After:
+/// 3600`) is dead-lettered once it expires: it stayed pending, counted as waiting to go, until
+/// the hour was over, though it could never be sent before then.
+#[tokio::test]
+async fn an_export_put_off_past_its_expiry_is_dead_lettered_when_it_expires() {
+    let s = setup_with(ReceiverOptions::default(), oauth_body, "max_age_s = 2").await;
+    s.receiver.set_export_script(Some(Arc::new(|_, _| {
+        Reply::Status(
+            429,
+            vec![("retry-after".into(), "3600".into())],
+            "later".into(),
+        )
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b"], 1)).await;
+    wait_until(20, "both exports expired", || {
+        agent.store.tally().unwrap().dead == 2
+    })
+    .await;
+    for export in dead_letters(&agent) {
+        let error = export.record.last_error.unwrap_or_default();
+        assert!(error.contains("max_age_s"), "{error}");
+    }
+    assert_eq!(s.receiver.export_requests().len(), 2, "each sent once");
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn one_token_request_is_shared_by_concurrent_deliveries() {
     let s = setup().await;

@@ -893,7 +893,10 @@ impl Deliverer {
                                 .after_failures(retry::failures_before(&export.record))
                         })
                         .map_or(Duration::ZERO, |b| b.next_delay(retry_after));
-                    Some(delay)
+                    Some(
+                        self.clock
+                            .retry_before_expiry(&export.record, self.max_age, delay),
+                    )
                 };
             let retry_at = delay.map(|d| now + d);
             // Kept in the store too, so that a restart does not send it before its time.
