@@ -917,6 +917,49 @@ async fn an_export_put_off_past_its_expiry_is_dead_lettered_when_it_expires() {
     agent.stop().await.unwrap();
 }
 
+/// A destination that takes a token only a while after it was issued (an identity provider
+/// slow to spread new tokens, or a resource server whose clock is behind the tokens' `nbf`):
+/// the token after a refused one is fetched at once, and has aged by the time the export's
+/// backoff lets it go again (here 100 ms, within the tests' `max_backoff_ms` of 200). Fetched
+/// only when a request needed it, every token went out the moment it came, was refused, and
+/// was replaced: nothing was ever delivered.
+#[tokio::test]
+async fn a_token_the_destination_takes_only_a_while_after_it_was_issued_is_used_then() {
+    let s = setup().await;
+    let issued: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let recorded = Arc::clone(&issued);
+    s.receiver.set_token_script(Some(Arc::new(move |n, _| {
+        let token = format!("slow-{n}");
+        recorded
+            .lock()
+            .unwrap()
+            .insert(token.clone(), Instant::now());
+        let body = json!({"access_token": token, "token_type": "Bearer", "expires_in": 3600});
+        let json = ("content-type".to_owned(), "application/json".to_owned());
+        Reply::Status(200, vec![json], body.to_string())
+    })));
+    s.receiver
+        .set_export_script(Some(Arc::new(move |_, received| {
+            let token = received
+                .header("authorization")
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let issued_at = token.and_then(|t| issued.lock().unwrap().get(t).copied());
+            match issued_at {
+                Some(at) if at.elapsed() >= Duration::from_millis(100) => {
+                    Reply::Status(200, vec![], String::new())
+                }
+                _ => Reply::Status(401, vec![], "token not valid yet".into()),
+            }
+        })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b"], 1)).await;
+    wait_until(30, "both exports delivered", || {
+        s.receiver.delivered().len() == 2
+    })
+    .await;
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn one_token_request_is_shared_by_concurrent_deliveries() {
     let s = setup().await;
