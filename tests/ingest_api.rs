@@ -1050,7 +1050,6 @@ async fn an_update_with_a_duplicate_key_is_refused() {
 /// nothing, with the line of the body it broke off in, as every 400 names one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_that_breaks_off_is_refused_naming_the_line() {
-    use std::io::{Read, Write};
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
     let agent = start_agent(&ws, port).await;
@@ -1059,20 +1058,13 @@ async fn a_body_that_breaks_off_is_refused_naming_the_line() {
         member_update("p-1", "Jane", "2026-01-01T00:00:01Z"),
         member_update("p-2", "John", "2026-01-01T00:00:01Z")
     );
-    let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
     let request = format!(
         "POST /v1/updates HTTP/1.1\r\nhost: x\r\n{}: {}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{lines}\r\nzz\r\n",
         AUTH.0,
         AUTH.1,
         lines.len()
     );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = exchange_raw(agent.addr, &request, false);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["line"], 3, "{body}");
@@ -1091,29 +1083,37 @@ async fn a_body_that_breaks_off_is_refused_naming_the_line() {
 /// client could not tell whether its updates were stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
-    use std::io::{Read, Write};
     let receiver = receiver().await;
     let (ws, port) = workspace(&receiver, "");
     let agent = start_agent(&ws, port).await;
     let line = format!("{}\n", member_update("p-1", "Jane", "2026-01-01T00:00:01Z"));
-    let mut stream = std::net::TcpStream::connect(agent.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
     let request = format!(
         "POST /v1/updates HTTP/1.1\r\nhost: x\r\n{}: {}\r\ncontent-length: {}\r\n\r\n{line}",
         AUTH.0,
         AUTH.1,
         line.len()
     );
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = exchange_raw(agent.addr, &request, true);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert!(answer.contains(r#""accepted":1"#), "{answer}");
     assert_eq!(ws.outbox_stats()["profiles"], 1);
+}
+
+/// Sends `request` as it is on a connection of its own, shutting the connection's sending
+/// side down after it when `half_close`, and reads all that comes back until it is closed.
+fn exchange_raw(addr: std::net::SocketAddr, request: &str, half_close: bool) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    if half_close {
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Reads one HTTP/1.1 answer's head from `stream` (up to the blank line).
