@@ -2769,7 +2769,6 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     assert_eq!(again.trim(), "partition 0      had no claim");
 }
 
-/// Whether profile `p<p>` falls in partition 6 or 7 of 8.
 /// An update that does not come from the stream, of a profile of a partition this agent does
 /// not own, is refused (over HTTP 409, by `outpost ingest` in its checking pass), nothing of
 /// its request stored: the agent that owns the partition stores and exports the profile from
@@ -2821,6 +2820,29 @@ async fn updates_of_another_agents_partition_are_refused_outside_the_stream() {
     .await;
     assert_eq!(status, 409, "{body}");
     assert!(body.contains(&said), "{body}");
+    // `outpost ingest` through the agent, with a config that owns every partition: the input
+    // is checked against what the agent owns, and refused before its first chunk is stored.
+    let all_owned = setup.dir.path().join("all-owned.toml");
+    let text = std::fs::read_to_string(setup.config()).unwrap();
+    std::fs::write(
+        &all_owned,
+        text.replace(r#"owned = "0-5""#, r#"owned = "0-7""#),
+    )
+    .unwrap();
+    let mut lines: Vec<String> = (0..)
+        .filter(|p| !in_6_or_7(p))
+        .take(REQUEST_CHUNK)
+        .map(|p| version_line(p, 2))
+        .collect();
+    lines.push(version_line(foreign, 2));
+    let input = write_lines(setup.dir.path(), &lines);
+    let ingested = run_with_config(&all_owned, &["ingest", input.to_str().unwrap()], None);
+    let stderr = String::from_utf8_lossy(&ingested.stderr);
+    assert!(!ingested.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&said.replace("\\\"", "\"")) && stderr.contains("nothing was stored"),
+        "{stderr}"
+    );
     let (status, body) = http_post(agent.addr, "/v1/updates", version_line(owned, 1), &[]).await;
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -2829,6 +2851,7 @@ async fn updates_of_another_agents_partition_are_refused_outside_the_stream() {
     );
 }
 
+/// Whether profile `p<p>` falls in partition 6 or 7 of 8.
 fn in_6_or_7(p: &usize) -> bool {
     outpost::source::partition::partition_of(&format!("p{p}"), 8) >= 6
 }

@@ -113,24 +113,44 @@ impl std::fmt::Display for Changed {
     }
 }
 
-/// The partitions the store handed over, as its statistics say. When they say nothing (an
-/// agent of an earlier build), or cannot be read, each chunk is still checked as it is stored.
-fn handed_over(backend: &Backend) -> Option<(u32, BTreeSet<u32>)> {
+/// What the store's statistics say of its partitions: those it handed over, and, from a
+/// running agent, those it owns. When they say nothing (an agent of an earlier build), or
+/// cannot be read, each chunk is still checked as it is stored.
+#[derive(Default)]
+struct Partitions {
+    handed_over: Option<(u32, BTreeSet<u32>)>,
+    owned_by_agent: Option<Ownership>,
+}
+
+fn partitions(backend: &Backend) -> Partitions {
     let stats = match backend.execute(&AdminRequest::Stats) {
         Ok(stats) => stats,
         Err(e) => {
-            tracing::debug!(error = %e, "the store's statistics, for the partitions it handed over");
-            return None;
+            tracing::debug!(error = %e, "the store's statistics, for its partitions");
+            serde_json::Value::Null
         }
     };
-    let handed_over = &stats["handed_over"];
-    let count = handed_over["partition_count"].as_u64();
-    let count = count
-        .and_then(|c| u32::try_from(c).ok())
-        .filter(|c| *c > 0)?;
-    let partitions = handed_over["partitions"].as_array().into_iter().flatten();
-    let partitions = partitions.filter_map(|p| p.as_u64()?.try_into().ok());
-    Some((count, partitions.collect()))
+    // (partition count, partitions) of one of the statistics' entries.
+    let read = |entry: &serde_json::Value| {
+        let count = entry["partition_count"].as_u64();
+        let count = count
+            .and_then(|c| u32::try_from(c).ok())
+            .filter(|c| *c > 0)?;
+        let partitions = entry["partitions"].as_array().into_iter().flatten();
+        let partitions = partitions.filter_map(|p| p.as_u64()?.try_into().ok());
+        Some((
+            count,
+            partitions
+                .filter(|&p: &u32| p < count)
+                .collect::<Vec<u32>>(),
+        ))
+    };
+    Partitions {
+        handed_over: read(&stats["handed_over"])
+            .map(|(count, partitions)| (count, partitions.into_iter().collect())),
+        owned_by_agent: read(&stats["owned"])
+            .map(|(count, partitions)| Ownership::new(count, &partitions)),
+    }
 }
 
 /// Opens the input file so that it can be read twice (once to validate every line, once to act
@@ -206,16 +226,23 @@ fn check_input<F: Read + Seek>(
     config: &Config,
     file: &mut F,
     keep: Option<&KeepTree>,
-    handed_over: Option<&(u32, BTreeSet<u32>)>,
+    partitions: Partitions,
     most_sent: Option<usize>,
 ) -> Result<Checked, CliError> {
+    let Partitions {
+        handed_over,
+        owned_by_agent,
+    } = partitions;
+    // A running agent's own, else the config's.
+    let ownership = owned_by_agent.or_else(|| {
+        (config.nats.as_ref()).map(|nats| Ownership::new(nats.partitions, &nats.owned))
+    });
     rewind(file)?;
     // One clock reading for the whole input, so both passes judge every line alike.
     let limit = FutureLimit {
         now: chrono::Utc::now(),
         max_future_s: config.ingest.max_future_s,
     };
-    let ownership = (config.nats.as_ref()).map(|nats| Ownership::new(nats.partitions, &nats.owned));
     let mut count = 0u64;
     let mut reader = UpdateReader::new(BufReader::new(&mut *file)).within(limit);
     if let Some(keep) = keep {
@@ -242,7 +269,7 @@ fn check_input<F: Read + Seek>(
             }
         }
         // A hand-over that begins after this pass is caught by each chunk's own check.
-        if let Some((partition_count, partitions)) = handed_over {
+        if let Some((partition_count, partitions)) = &handed_over {
             let partition = partition_of(&update.id, *partition_count);
             if partitions.contains(&partition) {
                 let refusal = StoreError::PartitionGivenAway {
@@ -264,7 +291,14 @@ pub fn check_before_making_store<F: Read + Seek>(
     config: &Config,
     file: &mut F,
 ) -> Result<Checked, CliError> {
-    check_input(config, file, kept_by(None, config).as_ref(), None, None)
+    let partitions = Partitions::default();
+    check_input(
+        config,
+        file,
+        kept_by(None, config).as_ref(),
+        partitions,
+        None,
+    )
 }
 
 /// The next `wanted` updates, or fewer once they hold [`INGEST_CHUNK_BYTES`] of input.
@@ -316,7 +350,7 @@ pub fn ingest_checked<F: Read + Seek + Send>(
             config,
             file,
             keep.as_ref(),
-            handed_over(backend).as_ref(),
+            partitions(backend),
             backend.most_one_update_takes(),
         )?,
     };
@@ -544,9 +578,10 @@ mod tests {
         };
         let text = [line(0, 10), line(1, 10), line(2, 500)].join("\n");
         let mut input = std::io::Cursor::new(text.into_bytes());
-        let checked = check_input(&config, &mut input, None, None, None).unwrap();
+        let none = Partitions::default;
+        let checked = check_input(&config, &mut input, None, none(), None).unwrap();
         assert_eq!(checked.count, 3);
-        let refused = check_input(&config, &mut input, None, None, Some(400))
+        let refused = check_input(&config, &mut input, None, none(), Some(400))
             .err()
             .expect("refused")
             .to_string();

@@ -254,7 +254,18 @@ async fn respond(line: &str, state: &Arc<AdminState>) -> Result<serde_json::Valu
             let state = Arc::clone(state);
             let metrics = Arc::clone(&state.metrics);
             let result = tokio::task::spawn_blocking(move || {
-                let result = execute_with(&state.store, &request, &state.owned);
+                let mut result = execute_with(&state.store, &request, &state.owned);
+                if let (AdminRequest::Stats, Ok(stats)) = (&request, &mut result) {
+                    // What `outpost ingest` checks an input against: the agent refuses updates
+                    // of the partitions it does not own by its own config, whatever the
+                    // command's says.
+                    if let Some(terms) = &state.move_terms {
+                        stats["owned"] = serde_json::json!({
+                            "partition_count": terms.partition_count,
+                            "partitions": state.owned,
+                        });
+                    }
+                }
                 if wakes_delivery {
                     state.wake.notify_one();
                 }
