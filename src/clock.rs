@@ -149,8 +149,12 @@ pub fn retry_before_expiry(
     max_age: Duration,
     retry_in: Duration,
 ) -> Duration {
-    let waited = Duration::from_millis(waited_ms(now_ms, queued_ms));
-    retry_in.min(max_age.saturating_sub(waited).saturating_add(PAST_EXPIRY))
+    // From when it expires, not from how long it waited: an export queued after a checkpoint
+    // that a crash lost looks queued in the future, and expires that much later.
+    let expires_at_ms = u128::from(queued_ms).saturating_add(max_age.as_millis());
+    let expires_in = expires_at_ms.saturating_sub(u128::from(now_ms));
+    let expires_in = Duration::from_millis(u64::try_from(expires_in).unwrap_or(u64::MAX));
+    retry_in.min(expires_in.saturating_add(PAST_EXPIRY))
 }
 
 /// The wall clock and the boot clock read together.
@@ -413,7 +417,7 @@ mod tests {
             (15_000, 0, s(20), hour, s(6)),
             (15_000, 0, s(20), s(3), s(3)),
             (30_000, 0, s(20), s(5), s(1)), // expired in flight
-            (5, 10, s(20), hour, s(21)),    // queued after a lost checkpoint
+            (0, 5_000, s(20), hour, s(26)), // queued after a lost checkpoint
             (0, 0, Duration::MAX, hour, hour),
         ];
         for &(now, queued, max_age, retry_in, want) in table {
