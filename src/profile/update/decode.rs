@@ -277,9 +277,8 @@ pub(super) const NOT_UTF8: &str = "not UTF-8: it holds bytes that are not a UTF-
 
 /// Whether `text`, which serde_json refused with `e`, holds bytes that are not UTF-8 up to
 /// where it stopped: then that, rather than the JSON token serde_json names, is what is wrong.
-/// The lines before were read as JSON, so they are UTF-8. serde_json's column may point into
-/// a character that is UTF-8 but not JSON (`“`, a byte order mark), so the text is checked a
-/// character's length further.
+/// serde_json's column may point into a character that is UTF-8 but not JSON (`“`, a byte
+/// order mark), so the text is checked a character's length further.
 pub(super) fn not_utf8_before(text: &[u8], e: &serde_json::Error) -> bool {
     let line_start = match e.line() {
         0 | 1 => 0,
@@ -292,12 +291,11 @@ pub(super) fn not_utf8_before(text: &[u8], e: &serde_json::Error) -> bool {
     };
     let end = line_start.saturating_add(e.column()).min(text.len());
     let checked_to = end.saturating_add(4).min(text.len());
-    match std::str::from_utf8(&text[line_start..checked_to]) {
+    match std::str::from_utf8(&text[..checked_to]) {
         Ok(_) => false,
         // A character cut off by `checked_to` is whole, unless the text ends there.
         Err(bad) => {
-            line_start + bad.valid_up_to() < end
-                && (bad.error_len().is_some() || checked_to == text.len())
+            bad.valid_up_to() < end && (bad.error_len().is_some() || checked_to == text.len())
         }
     }
 }
