@@ -104,10 +104,13 @@ impl Answer {
 }
 
 /// How an HTML page may escape `"` and `'` (Python's `html.escape`, Go's
-/// `html.EscapeString`, PHP's `htmlspecialchars`); `&`, `<` and `>` all escape alike.
-const HTML_QUOTES: [(&str, &str); 4] = [
+/// `html.EscapeString`, PHP's `htmlspecialchars` since 8.1 and before it, which left `'`);
+/// `&`, `<` and `>` all escape alike.
+const HTML_QUOTES: [(&str, &str); 6] = [
     ("&quot;", "&#x27;"),
     ("&#34;", "&#39;"),
+    ("&quot;", "&#039;"),
+    ("&quot;", "'"),
     ("&quot;", "&#39;"),
     ("&quot;", "&apos;"),
 ];
@@ -771,7 +774,7 @@ mod tests {
     #[test]
     fn secrets_echoed_in_a_body_are_hidden() {
         // (body, secrets, what is shown)
-        let table: [(&str, &[&str], &str); 12] = [
+        let table: [(&str, &[&str], &str); 14] = [
             ("bad secret s3 cret!", &["s3 cret!"], "bad secret ***"),
             (
                 "client_secret=s3+cret%21",
@@ -806,6 +809,12 @@ mod tests {
                 "<p>***</p>",
             ),
             ("<p>a&lt;b&gt;c</p>", &["a<b>c"], "<p>***</p>"),
+            (
+                "<p>it&#039;s &quot;x&quot;</p>",
+                &["it's \"x\""],
+                "<p>***</p>",
+            ),
+            ("<p>it's &quot;x&quot;</p>", &["it's \"x\""], "<p>***</p>"),
         ];
         for (body, secrets, shown) in table {
             assert_eq!(answer(body).body_start_hiding(secrets), shown, "{body}");
