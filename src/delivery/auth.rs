@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::client::HttpClient;
 use crate::config::{Auth, CredentialsPlacement, Grant, Secret};
@@ -381,6 +382,25 @@ impl TokenSource {
             self.expiry.set(None);
         }
         !held
+    }
+
+    /// [`TokenSource::invalidate`] after the destination refused `used`, and, when that
+    /// dropped the OAuth token held, the next one fetched at once rather than when a request
+    /// next needs one (unless `stop` comes first): an endpoint that takes a token only a while
+    /// after it was issued (slow to learn of it, or its clock behind the token's `nbf`) was
+    /// sent each new token the moment it came, refused it, and never took one.
+    pub async fn refused(self: &Arc<Self>, used: &Secret, stop: &CancellationToken) -> bool {
+        let dropped_before = self.invalidate(used).await;
+        if !dropped_before && matches!(self.auth, Auth::OAuth2 { .. }) {
+            let (tokens, stop) = (Arc::clone(self), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokens.token() => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+        dropped_before
     }
 
     /// One request to the token endpoint with the configured grant (also used by `outpost

@@ -174,15 +174,7 @@ impl Deliverer {
         let mut token_dropped_before = false;
         if classify(status) == Class::AuthRejected {
             if let Some(token) = &token {
-                token_dropped_before = self.tokens.invalidate(token).await;
-                if !token_dropped_before {
-                    // The next token is fetched now, not when a request next needs one: an
-                    // endpoint that takes a token only a while after it was issued (slow to
-                    // learn of it, or its clock behind the token's `nbf`) was sent each new
-                    // token at once, refused it, and never took one.
-                    let tokens = Arc::clone(&self.tokens);
-                    tokio::spawn(async move { tokens.token().await });
-                }
+                token_dropped_before = self.tokens.refused(token, stop).await;
             }
         }
         let answered_at = SystemTime::now();
