@@ -359,7 +359,8 @@ impl Committer {
             let first = first.iter().map(|update| id_hash(&update.id));
             first.chain(rest_id_hashes.iter().copied())
         };
-        // Every update before the first chunk is queued: the request is refused whole.
+        // Every update is checked before the first chunk is queued: the request is refused
+        // whole.
         if let Some(ownership) = &self.ownership {
             if let Some((index, partition)) = ownership.first_not_owned(hashes()) {
                 let refusal = ownership.refusal(&id_of(index), partition);
