@@ -177,6 +177,17 @@ impl Store {
     /// Every record that cannot be read, with its key, and the `meta` values rebuilt when the
     /// store was opened.
     pub fn unreadable(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
+        self.classified(|| self.list_unreadable())
+    }
+
+    /// `run`'s error said as every other I/O error of the store is ([`Store::classify`]): sled
+    /// repeats its first I/O error on every later call, shown as its debug string.
+    fn classified<T>(&self, run: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        run().map_err(|e| self.classify(e, generation))
+    }
+
+    fn list_unreadable(&self) -> Result<Vec<UnreadableRecord>, StoreError> {
         let mut found = Vec::new();
         for note in self
             .rebuilt_meta
@@ -279,6 +290,10 @@ impl Store {
     /// bytes), deletes outbox and dead entries whose key is not an export id. Flushed. Returns
     /// what it did, one line each. It also counts the profiles again (`meta/profiles`).
     pub fn repair_unreadable(&self) -> Result<Vec<String>, StoreError> {
+        self.classified(|| self.repair_unreadable_records())
+    }
+
+    fn repair_unreadable_records(&self) -> Result<Vec<String>, StoreError> {
         // Written and flushed on the same handles: a reopen waits for the section.
         let _section = self.write_section()?;
         let t = self.trees()?;
