@@ -267,11 +267,30 @@ async fn the_running_agent_compacts_its_store_while_updates_arrive() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Store commands through the agent go on meanwhile: refused while the store is reopened,
+    // each is made again until it is open.
+    let stop_asking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = std::thread::spawn({
+        let (config, stop_asking) = (config.clone(), Arc::clone(&stop_asking));
+        move || {
+            let mut failed = Vec::new();
+            while !stop_asking.load(std::sync::atomic::Ordering::SeqCst) {
+                let out = outpost(&config, &["outbox", "stats", "--json"], "");
+                if !out.status.success() {
+                    failed.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            failed
+        }
+    });
     let compact = tokio::task::spawn_blocking({
         let config = config.clone();
         move || outpost(&config, &["compact", "--json"], "")
     });
     let out = compact.await.unwrap();
+    stop_asking.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = asking.join().unwrap();
+    assert!(failed.is_empty(), "{failed:#?}");
     let acked_when_compacted = acked_count.load(std::sync::atomic::Ordering::SeqCst);
     assert!(out.status.success(), "{out:?}\n{}", agent.log());
     let compacted: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -12,7 +12,7 @@ use super::CliError;
 use crate::admin::{execute, AdminAnswer, AdminError, AdminRequest};
 use crate::config::Config;
 use crate::profile::Update;
-use crate::store::{put_back_wait, BatchSummary, Store, StoreError};
+use crate::store::{put_back_wait, says_reopening, BatchSummary, Store, StoreError};
 
 /// How long the CLI waits for the agent's answer.
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -67,6 +67,11 @@ pub(super) fn too_large_for_the_agent(update: &Update, size: usize, most: usize)
 /// How long the CLI waits for a store held by a process whose agent does not answer, unless
 /// `OUTPOST_STORE_WAIT_S` says otherwise.
 const LOCKED_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a request is made again while a running agent's store is being reopened, and how
+/// often. A store reopened after an I/O error that lasts (a full disk) still says so then.
+const REOPENING_WAIT: Duration = Duration::from_secs(30);
+const REOPENING_LOOK_EVERY: Duration = Duration::from_millis(200);
 
 fn locked_wait() -> Result<Duration, CliError> {
     match std::env::var("OUTPOST_STORE_WAIT_S") {
@@ -190,7 +195,23 @@ impl Backend {
             Backend::Agent {
                 socket,
                 request_timeout,
-            } => call_agent(socket, request, answer_within(request, *request_timeout)),
+            } => {
+                // A running agent's store is reopened by a compaction (for under a second) or
+                // after an I/O error; it refuses every request meanwhile before changing
+                // anything, so the request is made again, as while an agent starts or stops.
+                let deadline = std::time::Instant::now() + REOPENING_WAIT;
+                loop {
+                    let timeout = answer_within(request, *request_timeout);
+                    match call_agent(socket, request, timeout) {
+                        Err(AdminError::Failed(message))
+                            if says_reopening(&message) && std::time::Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(REOPENING_LOOK_EVERY);
+                        }
+                        answer => return answer,
+                    }
+                }
+            }
         }
     }
 

@@ -7,6 +7,15 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::open::FORMAT_VERSION;
 
+/// How [`StoreError::Reopening`] says it: the store refused before it changed anything, and
+/// the same request can be made again once the store is open.
+pub const REOPENING: &str = "is being reopened";
+
+/// Whether `message` (an error a running agent answered) says its store was being reopened.
+pub fn says_reopening(message: &str) -> bool {
+    message.contains(REOPENING)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -86,7 +95,8 @@ pub enum StoreError {
     /// Another I/O error from the disk; the store is reopened as after a full disk.
     #[error("I/O error on the store at {path}: {detail}")]
     Io { path: PathBuf, detail: String },
-    /// The store is being reopened: after an I/O error, or by a compaction.
+    /// The store is being reopened: after an I/O error, or by a compaction. Said in these
+    /// words ([`REOPENING`]), which a command reads in a running agent's answer.
     #[error("the store at {0} is being reopened (after an I/O error, or compacted)")]
     Reopening(PathBuf),
 }
@@ -193,4 +203,17 @@ pub(super) type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>
 
 pub(super) fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reopening_says_so_in_the_words_a_command_reads() {
+        let reopening = StoreError::Reopening("/var/lib/outpost".into()).to_string();
+        assert!(says_reopening(&reopening), "{reopening}");
+        let full = StoreError::NoSpace("/var/lib/outpost".into()).to_string();
+        assert!(!says_reopening(&full), "{full}");
+    }
 }

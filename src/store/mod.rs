@@ -97,7 +97,7 @@ use crate::clock::{ClockRecord, RunClock};
 use keys::meta;
 
 use error::names_nothing;
-pub use error::{is_no_space, StoreError};
+pub use error::{is_no_space, says_reopening, StoreError};
 pub use export::{format_ms, put_back_wait, Export, ExportId, ListFilter, NotQuiet};
 pub use open::{readable_by_others_warning, FORMAT_VERSION, SPACE_PROBE_BYTES};
 pub use owner::{act_as_owner, OwnerError, StoreOwner, StoreUse};
