@@ -1339,12 +1339,7 @@ mod tests {
         let mut c = Controller::new(config(64), now);
         let mut limits = Vec::new();
         for _ in 0..4 {
-            let n = c.permits(now, usize::MAX);
-            let sent = now;
-            for _ in 0..n {
-                c.started(sent);
-            }
-            now += Duration::from_millis(5);
+            let (n, sent) = start_round(&mut c, &mut now, Duration::from_millis(5));
             c.answered(now, sent, Signal::Overloaded);
             for _ in 1..n {
                 c.answered(now, sent, Signal::Healthy);
