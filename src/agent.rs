@@ -20,7 +20,8 @@ use crate::delivery::{Deliverer, DeliveryStopped, SetupError};
 use crate::logging::panic_message;
 use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
-use crate::store::committer::{CommitError, Committer, Ownership, Watch};
+use crate::source::partition::Ownership;
+use crate::store::committer::{CommitError, Committer, Watch};
 use crate::store::{backfill, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]

@@ -12,8 +12,8 @@ use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{FutureLimit, InputError, UpdateReader};
 use crate::profile::Update;
-use crate::source::partition::partition_of;
-use crate::store::committer::{what_was_stored, Ownership, IN_DOUBT};
+use crate::source::partition::{partition_of, Ownership};
+use crate::store::committer::{what_was_stored, IN_DOUBT};
 use crate::store::{BatchSummary, StoreError};
 
 /// How many updates `outpost ingest` commits (and flushes) at a time: bounds memory.

@@ -17,7 +17,7 @@ use crate::profile::layout::Layout;
 use crate::profile::prune::KeepTree;
 use crate::profile::update::{BodyItem, FutureLimit, LocatedBody, Parsing};
 use crate::profile::{Op, Update};
-use crate::source::partition::{format_owned, id_hash, partition_of_hash};
+use crate::source::partition::{id_hash, Ownership};
 
 /// At most this many updates go into one transaction; more waiting requests go into the next.
 /// A request larger than this goes whole: only a stream batch can be (`fetch_batch` above
@@ -176,66 +176,14 @@ pub struct Committer {
     ownership: Option<Arc<Ownership>>,
 }
 
-/// The partitions of a stream (`[source.nats]`) this agent owns. An update that does not come
-/// from the stream (HTTP, `outpost ingest`) of a profile of another partition is refused:
-/// the agent that owns that partition stores and exports the profile's updates from the
-/// stream, and per-profile order holds only where one agent takes them all. Stored here too,
-/// it would be exported after the other agent's later versions, or before its earlier ones.
-#[derive(Debug)]
-pub struct Ownership {
-    partitions: u32,
-    owned: Vec<bool>,
-}
-
-impl Ownership {
-    /// `owned` of `partitions` (at least one), each below it.
-    pub fn new(partitions: u32, owned: &[u32]) -> Ownership {
-        let mut flags = vec![false; partitions as usize];
-        for &partition in owned {
-            flags[partition as usize] = true;
-        }
-        Ownership {
-            partitions,
-            owned: flags,
-        }
-    }
-
-    /// Where, among profiles known by their ids' [`id_hash`]es, the first of a partition not
-    /// owned lies, and that partition.
-    pub fn first_not_owned(&self, hashes: impl IntoIterator<Item = u64>) -> Option<(usize, u32)> {
-        hashes.into_iter().enumerate().find_map(|(index, hash)| {
-            let partition = partition_of_hash(hash, self.partitions);
-            (!self.owned[partition as usize]).then_some((index, partition))
-        })
-    }
-
-    /// The partition of profile `id`, when it is not owned.
-    pub fn not_owning(&self, id: &str) -> Option<u32> {
-        self.first_not_owned([id_hash(id)])
-            .map(|(_, partition)| partition)
-    }
-
-    /// The refusal of an update of profile `id`, of `partition`, which is not owned.
-    pub fn refusal(&self, id: &str, partition: u32) -> String {
-        let owned: Vec<u32> = (0..self.partitions)
-            .filter(|&p| self.owned[p as usize])
-            .collect();
-        format!(
-            "profile {id} is in partition {partition}, which this agent does not own \
-             (source.nats.owned = \"{}\"): publish its updates to the stream (`outpost \
-             publish`), which the agent that owns the partition consumes, and not to this one",
-            format_owned(&owned)
-        )
-    }
-
-    fn refuse(&self, updates: &[Update]) -> Result<(), CommitError> {
-        let hashes = updates.iter().map(|update| id_hash(&update.id));
-        match self.first_not_owned(hashes) {
-            Some((index, partition)) => Err(CommitError::Elsewhere(
-                self.refusal(&updates[index].id, partition),
-            )),
-            None => Ok(()),
-        }
+/// The refusal of the first of `updates` of a partition `ownership` does not own.
+fn refuse_not_owned(ownership: &Ownership, updates: &[Update]) -> Result<(), CommitError> {
+    let hashes = updates.iter().map(|update| id_hash(&update.id));
+    match ownership.first_not_owned(hashes) {
+        Some((index, partition)) => Err(CommitError::Elsewhere(
+            ownership.refusal(&updates[index].id, partition),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -466,7 +414,7 @@ impl Committer {
         room: Room,
     ) -> Result<oneshot::Receiver<Answer>, CommitError> {
         if let (Some(ownership), None) = (&self.ownership, &position) {
-            ownership.refuse(&updates)?;
+            refuse_not_owned(ownership, &updates)?;
         }
         for update in &mut updates {
             match update.op {
