@@ -596,7 +596,7 @@ async fn the_deepest_update_ingest_takes_goes_through_the_agent() {
     let out = ws.run(&["ingest", &too_deep], None);
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     assert!(
-        stderr_of(&out).contains("recursion limit"),
+        stderr_of(&out).contains("nested more than 128 deep"),
         "{}",
         stderr_of(&out)
     );

@@ -319,13 +319,13 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
             "a profile nested 10,000 deep (arrays)",
             deep_profile.into_bytes(),
             1,
-            "recursion limit",
+            "nested more than 128 deep",
         ),
         (
             "a profile nested 10,000 deep (objects)",
             deep_objects.clone().into_bytes(),
             1,
-            "recursion limit",
+            "nested more than 128 deep",
         ),
         (
             "a bad line 3 after 2 good lines",
@@ -373,7 +373,7 @@ async fn bad_input_is_refused_with_line_and_reason_and_nothing_is_stored() {
             "nesting 10,000 deep on line 3 after 2 good lines",
             format!("{}\n{}\n{}\n", good("p-1"), good("p-2"), deep_objects).into_bytes(),
             3,
-            "recursion limit",
+            "nested more than 128 deep",
         ),
         (
             "a 513-byte id of 2-byte characters",

@@ -6,7 +6,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, Visitor};
 use serde_json::value::RawValue;
 
 use super::decode::{
-    is_gzip, not_utf8_before, strip_serde_position, update_from_json_with, GZIP_DATA, NOT_UTF8,
+    beyond_what_is_read, is_gzip, not_utf8_before, strip_serde_position, update_from_json_with,
+    GZIP_DATA, NOT_UTF8,
 };
 use super::{InputError, Parsing, Update};
 
@@ -256,7 +257,10 @@ fn parse_values<'b>(
                 if not_utf8_before(body, &e) {
                     return Err(InputError::new(error_line, NOT_UTF8));
                 }
-                let mut reason = format!("not valid JSON: {}", strip_serde_position(e.to_string()));
+                let mut reason = match beyond_what_is_read(&e) {
+                    Some(reason) => reason.to_owned(),
+                    None => format!("not valid JSON: {}", strip_serde_position(e.to_string())),
+                };
                 // Found past its update's first line: a closing brace left out shows only
                 // where the next update begins, so the line it is missing from is named too.
                 if error_line > line {
@@ -493,6 +497,23 @@ mod tests {
                 "[".to_owned(),
                 1,
                 "not a valid JSON array: EOF while parsing a list",
+            ),
+            // JSON that serde_json does not read is not called invalid either.
+            (
+                format!(
+                    "[{a},\n{{\"id\":\"b\",\"profile\":{{\"x\":{}1{}}}}}]",
+                    "[".repeat(200),
+                    "]".repeat(200)
+                ),
+                2,
+                "array item 2: arrays and objects are nested more than 128 deep, more than \
+                 outpost reads",
+            ),
+            (
+                format!(r#"[{a},{{"id":"b","profile":{{"x":1e400}}}}]"#),
+                1,
+                "array item 2: a number is beyond what a double holds (about ±1.8e308), so it \
+                 cannot be kept: send it as a string",
             ),
         ];
         for (body, line, reason) in cases {

@@ -173,6 +173,22 @@ impl<'de> Visitor<'de> for OptionalPruned<'_> {
     }
 }
 
+/// What is wrong with input serde_json refuses though it is JSON (a number beyond a double,
+/// nesting past its limit), in words that do not call it "not valid JSON".
+pub(super) fn beyond_what_is_read(e: &serde_json::Error) -> Option<&'static str> {
+    let message = e.to_string();
+    if message.starts_with("number out of range") {
+        Some(
+            "a number is beyond what a double holds (about ±1.8e308), so it cannot be kept: \
+             send it as a string",
+        )
+    } else if message.starts_with("recursion limit exceeded") {
+        Some("arrays and objects are nested more than 128 deep, more than outpost reads")
+    } else {
+        None
+    }
+}
+
 pub(super) fn strip_serde_position(message: String) -> String {
     // serde_json appends " at line L column C"; the caller names the line itself.
     match message.rfind(" at line ") {
@@ -206,6 +222,18 @@ pub fn update_from_json_with(
                         line,
                         format!(
                             "`profile.{path}` is the integer {}, beyond the 64-bit range outpost keeps exactly (XDM integers stay within ±2^53); it would be stored and sent altered, so the update is refused: send it as a string",
+                            truncate(&literal, 64)
+                        ),
+                    ));
+                }
+                if let Some((path, literal)) = numbers::vanished_float(profile, text) {
+                    let named = path.map_or("a value of `profile`".to_owned(), |path| {
+                        format!("`profile.{path}`")
+                    });
+                    return Err(InputError::new(
+                        line,
+                        format!(
+                            "{named} is the number {}, under the smallest double (about 5e-324); it would be stored and sent as 0, so the update is refused: send 0, or the number as a string",
                             truncate(&literal, 64)
                         ),
                     ));
@@ -247,6 +275,9 @@ pub fn update_from_json_with(
                         return Err(InputError::new(line, reason));
                     }
                 }
+            }
+            if let Some(reason) = beyond_what_is_read(&e) {
+                return Err(InputError::new(line, reason));
             }
             let prefix = if e.is_syntax() || e.is_eof() {
                 "not valid JSON: "
@@ -674,7 +705,21 @@ mod tests {
                 "expected `,` or `}` (in the update that starts on line 2)",
             ),
             (deep, 1, "must be a JSON object, not an array"),
-            (deep_profile, 1, "recursion limit"),
+            (
+                deep_profile,
+                1,
+                "arrays and objects are nested more than 128 deep, more than outpost reads",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{\"person\":{\"score\":2.5e-400}}}".into(),
+                1,
+                "`profile.person.score` is the number 2.5e-400, under the smallest double (about 5e-324); it would be stored and sent as 0",
+            ),
+            (
+                "{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\"profile\":{\"x\":-1e400}}\n".into(),
+                2,
+                "a number is beyond what a double holds (about ±1.8e308), so it cannot be kept",
+            ),
             (
                 "{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\n".into(),
                 2,
