@@ -315,7 +315,10 @@ fn an_unreachable_nats_server_is_reported_with_the_other_problems() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
-    assert_eq!(line(&stdout, "stream"), "stream           cannot be read");
+    assert_eq!(
+        line(&stdout, "stream"),
+        "stream           not usable (the error below says why)"
+    );
     let errors: Vec<&str> = stderr
         .lines()
         .filter(|l| l.starts_with("outpost: "))
