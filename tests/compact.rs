@@ -267,29 +267,43 @@ async fn the_running_agent_compacts_its_store_while_updates_arrive() {
         }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Store commands through the agent go on meanwhile: refused while the store is reopened,
-    // each is made again until it is open.
+    // Store commands through the agent go on meanwhile, `outpost ingest` among them: refused
+    // while the store is reopened, each is made again until it is open. Each in a loop of its
+    // own, so that either may be the one the reopening meets.
     let stop_asking = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let asking = std::thread::spawn({
+    let ask = |kind: &'static str| {
         let (config, stop_asking) = (config.clone(), Arc::clone(&stop_asking));
-        move || {
-            let mut failed = Vec::new();
+        std::thread::spawn(move || {
+            let (mut failed, mut ingested) = (Vec::new(), Vec::new());
             while !stop_asking.load(std::sync::atomic::Ordering::SeqCst) {
-                let out = outpost(&config, &["outbox", "stats", "--json"], "");
+                let out = if kind == "ingest" {
+                    let id = format!("cli-{:05}", ingested.len());
+                    let line = member_update(&id, "Cli", "2026-01-01T00:00:05Z");
+                    ingested.push(id);
+                    outpost(&config, &["ingest", "-"], &line)
+                } else {
+                    outpost(&config, &["outbox", "stats", "--json"], "")
+                };
                 if !out.status.success() {
                     failed.push(String::from_utf8_lossy(&out.stderr).into_owned());
                 }
             }
-            failed
-        }
-    });
+            (failed, ingested)
+        })
+    };
+    let asking = [ask("stats"), ask("ingest")];
     let compact = tokio::task::spawn_blocking({
         let config = config.clone();
         move || outpost(&config, &["compact", "--json"], "")
     });
     let out = compact.await.unwrap();
     stop_asking.store(true, std::sync::atomic::Ordering::SeqCst);
-    let failed = asking.join().unwrap();
+    let (mut failed, mut ingested) = (Vec::new(), Vec::new());
+    for thread in asking {
+        let (f, i) = thread.join().unwrap();
+        failed.extend(f);
+        ingested.extend(i);
+    }
     assert!(failed.is_empty(), "{failed:#?}");
     let acked_when_compacted = acked_count.load(std::sync::atomic::Ordering::SeqCst);
     assert!(out.status.success(), "{out:?}\n{}", agent.log());
@@ -308,7 +322,7 @@ async fn the_running_agent_compacts_its_store_while_updates_arrive() {
         stop_sending.store(true, std::sync::atomic::Ordering::SeqCst);
         sender.await.unwrap()
     };
-    let (acked, refused) = acked_by_then;
+    let (mut acked, refused) = acked_by_then;
     eprintln!(
         "compacted: {compacted}; {} updates acknowledged, {} refused with 503",
         acked.len(),
@@ -323,6 +337,8 @@ async fn the_running_agent_compacts_its_store_while_updates_arrive() {
         acked.len() > acked_when_compacted,
         "no update was acknowledged after compacting"
     );
+    // What `outpost ingest` stored is delivered as what HTTP acknowledged is.
+    acked.extend(ingested);
     // Every acknowledged update is stored, and its export delivered.
     let delivered = || -> std::collections::HashSet<String> {
         delivered_profiles(&setup.receiver).into_iter().collect()

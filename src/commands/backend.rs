@@ -195,23 +195,11 @@ impl Backend {
             Backend::Agent {
                 socket,
                 request_timeout,
-            } => {
-                // A running agent's store is reopened by a compaction (for under a second) or
-                // after an I/O error; it refuses every request meanwhile before changing
-                // anything, so the request is made again, as while an agent starts or stops.
-                let deadline = std::time::Instant::now() + REOPENING_WAIT;
-                loop {
-                    let timeout = answer_within(request, *request_timeout);
-                    match call_agent(socket, request, timeout) {
-                        Err(AdminError::Failed(message))
-                            if says_reopening(&message) && std::time::Instant::now() < deadline =>
-                        {
-                            std::thread::sleep(REOPENING_LOOK_EVERY);
-                        }
-                        answer => return answer,
-                    }
-                }
-            }
+            } => call_agent_while_reopening(
+                socket,
+                request,
+                answer_within(request, *request_timeout),
+            ),
         }
     }
 
@@ -296,7 +284,7 @@ impl Backend {
                 let request = AdminRequest::Ingest {
                     updates: updates.iter().map(Update::to_value).collect(),
                 };
-                let report = call_agent(socket, &request, Some(AGENT_TIMEOUT))?;
+                let report = call_agent_while_reopening(socket, &request, Some(AGENT_TIMEOUT))?;
                 // The agent took the chunk; what it says of it cannot be read.
                 BatchSummary::from_report(&report).ok_or_else(|| {
                     CliError::InDoubt(format!("unexpected answer from the agent: {report}"))
@@ -389,6 +377,28 @@ fn answer_limit(request: &AdminRequest) -> u64 {
 }
 
 /// Sends `request` to the agent and waits `timeout` for its answer (`None`: for ever).
+/// [`call_agent`], made again while the agent's store is being reopened. A running agent's
+/// store is reopened by a compaction (for under a second) or after an I/O error; it refuses
+/// every request meanwhile before changing anything (a chunk of `outpost ingest` too), so the
+/// request is made again, as while an agent starts or stops.
+fn call_agent_while_reopening(
+    socket: &Path,
+    request: &AdminRequest,
+    timeout: Option<Duration>,
+) -> Result<Value, AdminError> {
+    let deadline = std::time::Instant::now() + REOPENING_WAIT;
+    loop {
+        match call_agent(socket, request, timeout) {
+            Err(AdminError::Failed(message))
+                if says_reopening(&message) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(REOPENING_LOOK_EVERY);
+            }
+            answer => return answer,
+        }
+    }
+}
+
 pub(super) fn call_agent(
     socket: &Path,
     request: &AdminRequest,
@@ -473,6 +483,43 @@ mod tests {
             timeout
         )
         .is_some());
+    }
+
+    /// A request the agent refuses while its store is reopened (a chunk of `outpost ingest`
+    /// as much as a question) was done nowhere: it is made again until the store is open.
+    #[test]
+    fn a_request_refused_while_the_store_reopens_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("outpost.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let reopening = AdminAnswer::from_result(Err(AdminError::Failed(
+            StoreError::Reopening(dir.path().join("store")).to_string(),
+        )));
+        let stored = AdminAnswer::from_result(Ok(BatchSummary {
+            accepted: 1,
+            ..BatchSummary::default()
+        }
+        .report()));
+        let agent = std::thread::spawn(move || {
+            let mut asked = Vec::new();
+            for answer in [&reopening, &reopening, &stored] {
+                let (stream, _) = listener.accept().unwrap();
+                let mut request = String::new();
+                BufReader::new(&stream).read_line(&mut request).unwrap();
+                asked.push(request);
+                let line = serde_json::to_string(answer).unwrap() + "\n";
+                (&stream).write_all(line.as_bytes()).unwrap();
+            }
+            asked
+        });
+        let request = AdminRequest::Ingest {
+            updates: vec![serde_json::json!({"id": "a", "profile": {}})],
+        };
+        let answer = call_agent_while_reopening(&socket, &request, Some(AGENT_TIMEOUT)).unwrap();
+        assert_eq!(BatchSummary::from_report(&answer).unwrap().accepted, 1);
+        let asked = agent.join().unwrap();
+        assert_eq!(asked.len(), 3);
+        assert!(asked.iter().all(|r| r == &asked[0]), "{asked:?}");
     }
 
     #[test]
