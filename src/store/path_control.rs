@@ -53,7 +53,12 @@ pub enum Control {
     /// The path's first missing part, `entry`, would be made in a sticky folder of a trusted
     /// user's that `who` may write in (`/tmp`, a fresh tmpfs). Made there by a trusted user
     /// first (a plain `mkdir`, which anything put there before fails), it is theirs alone.
-    MissingInSticky { entry: PathBuf, who: Who },
+    /// `last`: it is what the path names (as the kernel resolves it: `a/../b` names `b`).
+    MissingInSticky {
+        entry: PathBuf,
+        who: Who,
+        last: bool,
+    },
 }
 
 /// Something in a store folder that would lead the writes of a process keeping root's rights
@@ -74,7 +79,7 @@ impl Control {
         match self {
             Control::Trusted => None,
             Control::OpenTo { folder, who } => Some((folder, who)),
-            Control::MissingInSticky { entry, who } => {
+            Control::MissingInSticky { entry, who, .. } => {
                 Some((entry.parent().map(Path::to_owned), who))
             }
         }
@@ -133,7 +138,8 @@ pub fn control(path: &Path, trusted: impl Fn(u32) -> bool + Copy) -> std::io::Re
         if let Some(who) = who_may_change(Owner::of(&meta), meta.mode(), entry_owner, trusted) {
             let sticky = meta.mode() & 0o1000 != 0;
             if found.is_none() && sticky && trusted(meta.uid()) {
-                return Ok(Control::MissingInSticky { entry, who });
+                let last = rest.is_empty();
+                return Ok(Control::MissingInSticky { entry, who, last });
             }
             // In a sticky folder, it may be the entry's owner who may.
             let folder = match who {
@@ -367,7 +373,17 @@ mod tests {
             control(&shared.join("not-yet/store"), me()).unwrap(),
             Control::MissingInSticky {
                 entry: shared.join("not-yet"),
-                who: Who::Anyone
+                who: Who::Anyone,
+                last: false,
+            },
+        );
+        // The path's last name as the kernel resolves it, `..` and all: the store's folder.
+        assert_eq!(
+            control(&shared.join("store/../also-not-yet"), me()).unwrap(),
+            Control::MissingInSticky {
+                entry: shared.join("also-not-yet"),
+                who: Who::Anyone,
+                last: true,
             },
         );
         chmod(&shared, 0o775);
