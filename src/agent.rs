@@ -563,17 +563,21 @@ async fn recover_store(store: Arc<Store>, wake: Arc<Notify>, shutdown: Cancellat
     }
 }
 
-/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
-/// the future is first polled: a signal that comes in between (say, just after the agent
-/// started serving) is still a graceful stop, not the default death by signal.
+/// Resolves on SIGTERM, SIGINT or SIGHUP (the terminal of a session that started the agent
+/// by hand closed: the agent reloads nothing, and HUP's default would kill it mid-delivery).
+/// The handlers are installed when this is called, not when the future is first polled: a
+/// signal that comes in between (say, just after the agent started serving) is still a
+/// graceful stop, not the default death by signal.
 pub fn termination_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
     async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
     }
 }

@@ -51,7 +51,7 @@ pub enum Command {
     /// record of every page the upgrade emptied); the copy stops short of leaving less than
     /// 64 MiB free on the disk, and is tried again at an open that finds more room.
     ///
-    /// Stops on SIGTERM or SIGINT after in-flight deliveries finish.
+    /// Stops on SIGTERM, SIGINT or SIGHUP after in-flight deliveries finish.
     ///
     /// Example: outpost run --config /etc/outpost/outpost.toml
     Run,

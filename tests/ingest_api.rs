@@ -591,6 +591,20 @@ async fn the_ingest_token_is_required() {
     assert_eq!(status.code(), Some(0), "SIGINT: {}", agent.log());
 }
 
+/// A SIGHUP (the terminal of a session that started the agent by hand closing) stops it as
+/// SIGTERM does, letting its work finish: it killed the agent at once, exit 129.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_stops_the_agent_gracefully() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let mut agent = start_agent(&ws, port).await;
+    let status = agent
+        .signal_and_wait(libc::SIGHUP, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "SIGHUP: {}", agent.log());
+    assert!(agent.log().contains("stopping"), "{}", agent.log());
+}
+
 /// The value of the sample `name` (with labels, as rendered) in Prometheus text.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics.lines().find_map(|line| {
