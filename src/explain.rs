@@ -52,6 +52,8 @@ pub fn store_open(path: &Path, error: &sled::Error) -> Option<String> {
     let sled::Error::Io(io) = error else {
         return None;
     };
+    // Whether there is a folder to give away (rather than one to make).
+    let exists = std::fs::symlink_metadata(path).is_ok();
     let path = path.display();
     if crate::store::is_no_space(io) {
         return Some(format!(
@@ -59,10 +61,18 @@ pub fn store_open(path: &Path, error: &sled::Error) -> Option<String> {
         ));
     }
     match io.kind() {
+        // Made anew, the folder would be made in one the user may not write in: giving that
+        // one away (`/var/lib`, say) would be wrong.
+        ErrorKind::PermissionDenied if !exists => Some(format!(
+            "storage.path {path}: cannot create the store there (permission denied): the \
+             user outpost runs as may not make it. Make it for that user (e.g. `mkdir -p \
+             {path} && chown USER {path}`), or set storage.path to a folder it can write; with \
+             the systemd unit, StateDirectory=outpost provides /var/lib/outpost"
+        )),
         ErrorKind::PermissionDenied => Some(format!(
-            "storage.path {path}: cannot create or write the store there (permission denied). \
-             Give the user outpost runs as write access to that folder (e.g. `chown -R USER \
-             {path}`), or set storage.path to a folder it can write; with the systemd unit, \
+            "storage.path {path}: cannot write the store there (permission denied). Give the \
+             user outpost runs as write access to that folder (e.g. `chown -R USER {path}`), \
+             or set storage.path to a folder it can write; with the systemd unit, \
              StateDirectory=outpost provides /var/lib/outpost"
         )),
         ErrorKind::ReadOnlyFilesystem => Some(format!(
@@ -269,6 +279,28 @@ mod tests {
         let low: SocketAddr = "0.0.0.0:443".parse().unwrap();
         let text = listen("ingest.listen", &low, &ErrorKind::PermissionDenied.into());
         assert!(text.contains("ports below 1024 need root"), "{text}");
+    }
+
+    /// A store that is there is given to the user; one to be made is made for it, never its
+    /// parent given away (a `chown -R` of `/var/lib`, say).
+    #[test]
+    fn a_store_the_user_may_not_write_is_given_to_it_and_one_it_may_not_make_is_made_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let denied = || sled::Error::Io(ErrorKind::PermissionDenied.into());
+        let there = store_open(dir.path(), &denied()).unwrap();
+        assert!(there.contains("cannot write the store there"), "{there}");
+        assert!(there.contains("chown -R USER"), "{there}");
+        let missing = dir.path().join("store");
+        let made = store_open(&missing, &denied()).unwrap();
+        assert!(made.contains("cannot create the store there"), "{made}");
+        assert!(
+            made.contains(&format!(
+                "mkdir -p {0} && chown USER {0}",
+                missing.display()
+            )),
+            "{made}"
+        );
+        assert!(!made.contains("chown -R"), "{made}");
     }
 
     #[test]

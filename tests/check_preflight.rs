@@ -126,7 +126,7 @@ fn every_problem_is_reported_with_what_to_do() {
     assert_eq!(errors.len(), 2, "{stderr}");
     assert!(
         errors[0].starts_with(&format!(
-            "outpost: storage.path {}: cannot create or write the store there (permission denied)",
+            "outpost: storage.path {}: cannot write the store there (permission denied)",
             store.display()
         )),
         "{stderr}"

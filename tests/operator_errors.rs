@@ -47,8 +47,13 @@ fn run(ws: &Workspace, args: &[&str], uid: Option<u32>) -> Output {
 
 /// The error line `outpost: …` on standard error (after the debug log), asserting exit 1.
 fn error_line(out: &Output) -> String {
+    error_line_of_exit(out, 1)
+}
+
+/// [`error_line`], asserting exit `code`.
+fn error_line_of_exit(out: &Output, code: i32) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
     stderr
         .lines()
         .rev()
@@ -111,11 +116,15 @@ fn store_folder_that_cannot_be_written() {
         None
     };
     let out = run(&ws, &["run"], uid);
-    let line = error_line(&out);
+    // A restart would not mend it: exit 2.
+    let line = error_line_of_exit(&out, 2);
+    // The store is to be made, in a folder that is not the user's: it is made for the user,
+    // not that folder given away.
     assert!(
         line.starts_with(&format!(
-            "outpost: storage.path {}: cannot create or write the store there (permission denied). \
-             Give the user outpost runs as write access to that folder",
+            "outpost: storage.path {0}: cannot create the store there (permission denied): the \
+             user outpost runs as may not make it. Make it for that user (e.g. `mkdir -p {0} && \
+             chown USER {0}`)",
             store.display()
         )) && line.contains("or set storage.path to a folder it can write"),
         "{line}"
@@ -131,7 +140,7 @@ fn store_folder_that_cannot_be_written() {
     std::fs::write(&input, update).unwrap();
     std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = run(&ws, &["ingest", input.to_str().unwrap()], uid);
-    assert_eq!(error_line(&out), line);
+    assert_eq!(error_line_of_exit(&out, 2), line);
 }
 
 /// A `storage.path` through a file (`afile/store`, `afile` a file) holds no store: commands

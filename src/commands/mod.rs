@@ -116,7 +116,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Usage(_) | CliError::SkipPastEnd { .. } => 2,
-            CliError::Store(e) if e.path_is_not_a_folder() => 2,
+            CliError::Store(e) if e.path_is_unusable() => 2,
             // What a shell reports for the commands that SIGPIPE ends.
             error if error.is_reader_gone() => 141,
             _ => 1,

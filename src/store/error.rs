@@ -140,25 +140,31 @@ impl StoreError {
         }
     }
 
-    /// Whether `storage.path` cannot name a store folder, a part of it being a file: a mistake
-    /// in the configuration (exit 2, which the systemd unit does not restart on), as
+    /// Whether `storage.path` names no folder this user may keep a store in: a part of it is
+    /// a file, the user may not write there, or the file system is read-only. A mistake in
+    /// the configuration or the host's set-up (exit 2, which the systemd unit does not restart
+    /// on: restarted every few seconds, it would fill the journal until someone mends it), as
     /// [`crate::explain::store_open`] says.
-    pub fn path_is_not_a_folder(&self) -> bool {
+    pub fn path_is_unusable(&self) -> bool {
+        use std::io::ErrorKind;
         matches!(
             self,
             StoreError::Open { source: sled::Error::Io(io), .. }
                 if matches!(
                     io.kind(),
-                    std::io::ErrorKind::NotADirectory | std::io::ErrorKind::AlreadyExists
+                    ErrorKind::NotADirectory
+                        | ErrorKind::AlreadyExists
+                        | ErrorKind::PermissionDenied
+                        | ErrorKind::ReadOnlyFilesystem
                 )
         )
     }
 
     /// Whether starting again cannot mend it, so that the agent exits 2 (a service manager
-    /// then does not restart it over and over, `data/outpost.service`): a storage path
-    /// through a file, or sled's own files damaged.
+    /// then does not restart it over and over, `data/outpost.service`): a storage path it
+    /// cannot use, or sled's own files damaged.
     pub fn restart_cannot_mend(&self) -> bool {
-        self.path_is_not_a_folder() || matches!(self, StoreError::Damaged { .. })
+        self.path_is_unusable() || matches!(self, StoreError::Damaged { .. })
     }
 
     /// Whether the disk (or the user's quota on it) is full, whichever step met it.
@@ -207,6 +213,29 @@ pub(super) fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::ErrorKind;
+
+    /// A storage path this user cannot keep a store in is no case for a restart (exit 2):
+    /// permission denied exited 1, and the systemd unit restarted the agent every 2 s.
+    #[test]
+    fn a_storage_path_that_cannot_hold_a_store_is_no_case_for_a_restart() {
+        let open = |kind: ErrorKind| StoreError::Open {
+            path: "/var/lib/outpost".into(),
+            source: sled::Error::Io(kind.into()),
+        };
+        for (kind, unusable) in [
+            (ErrorKind::NotADirectory, true),
+            (ErrorKind::AlreadyExists, true),
+            (ErrorKind::PermissionDenied, true),
+            (ErrorKind::ReadOnlyFilesystem, true),
+            (ErrorKind::StorageFull, false),
+            (ErrorKind::Interrupted, false),
+        ] {
+            assert_eq!(open(kind).path_is_unusable(), unusable, "{kind:?}");
+            assert_eq!(open(kind).restart_cannot_mend(), unusable, "{kind:?}");
+        }
+    }
+
     use super::*;
 
     #[test]
