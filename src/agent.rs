@@ -191,6 +191,13 @@ impl Agent {
         if let Some(warning) = crate::store::readable_by_others_warning(&config.storage.path) {
             tracing::warn!("{warning}");
         }
+        let free = crate::store::free_bytes(&config.storage.path).ok();
+        let max_outbox_bytes = config.storage.max_outbox_bytes;
+        if let Some(warning) =
+            free.and_then(|free| crate::explain::outbox_room_warning(free, max_outbox_bytes))
+        {
+            tracing::warn!("{warning}");
+        }
         let listener = Ready::listen(socket, config.ingest.listen)?;
         let wake = Arc::new(Notify::new());
         let shutdown = CancellationToken::new();

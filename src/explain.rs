@@ -87,6 +87,42 @@ pub fn store_open(path: &Path, error: &sled::Error) -> Option<String> {
     }
 }
 
+/// Bytes for people: "512 B", "3.2 MiB", "41.0 GiB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// The warning for a disk with less room than a full outbox may take (`free` bytes left where
+/// the store is). A store that fills its own disk cannot record the deliveries it makes (each
+/// is a write), so delivery stops until room is made outside outpost: nothing else there
+/// frees any.
+pub fn outbox_room_warning(free: u64, max_outbox_bytes: u64) -> Option<String> {
+    // sled keeps about four times the data on disk (ARCHITECTURE.md's measurement).
+    let needed = max_outbox_bytes.saturating_mul(4);
+    (free < needed).then(|| {
+        format!(
+            "{} free where the store is; a full outbox (storage.max_outbox_bytes {}) can take \
+             about {} on disk. A store that fills its disk cannot record its deliveries, and \
+             delivery stops until room is made there: set storage.max_outbox_bytes to a \
+             quarter of the free space or less ({} here)",
+            bytes(free),
+            bytes(max_outbox_bytes),
+            bytes(needed),
+            bytes(free / 4)
+        )
+    })
+}
+
 /// A 2xx answer of the token endpoint that is not a JSON token. The body is not shown: it may
 /// hold a token in another format.
 pub fn token_answer(
@@ -301,6 +337,21 @@ mod tests {
             "{made}"
         );
         assert!(!made.contains("chown -R"), "{made}");
+    }
+
+    #[test]
+    fn a_disk_with_less_room_than_a_full_outbox_takes_is_warned_of() {
+        assert_eq!(outbox_room_warning(4 << 30, 1 << 30), None);
+        let warning = outbox_room_warning(6 << 20, 1 << 30).unwrap();
+        assert!(
+            warning.starts_with(
+                "6.0 MiB free where the store is; a full outbox (storage.max_outbox_bytes 1.0 \
+                 GiB) can take about 4.0 GiB on disk. A store that fills its disk cannot record \
+                 its deliveries"
+            ),
+            "{warning}"
+        );
+        assert!(warning.ends_with("(1.5 MiB here)"), "{warning}");
     }
 
     #[test]

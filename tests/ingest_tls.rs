@@ -288,11 +288,15 @@ async fn warnings_for_an_exposed_listener_and_a_readable_secret() {
     );
     agent.terminate().await;
 
-    // Loopback, mode 0600: no warning.
+    // Loopback, mode 0600: no warning (but of a disk with less room than a full outbox takes,
+    // which depends on the machine).
     let files = Files::new();
     let config = files.config("127.0.0.1", &["token = \"s3cret-ingest\"".into()]);
     let mut agent = AgentProcess::start(&config, files.port).await;
     let log = agent.log();
-    assert!(!log.contains("WARN"), "{log}");
+    let warnings = log
+        .lines()
+        .filter(|line| line.contains("WARN") && !line.contains("free where the store is"));
+    assert_eq!(warnings.count(), 0, "{log}");
     agent.terminate().await;
 }

@@ -93,17 +93,8 @@ pub(super) fn store(config: &Config) -> Finding {
     };
     let (free, warning) = match crate::store::free_bytes(&folder).ok() {
         Some(free) => {
-            // sled keeps about four times the data on disk (ARCHITECTURE.md's measurement).
-            let needed = config.storage.max_outbox_bytes.saturating_mul(4);
-            let warning = (free < needed).then(|| {
-                format!(
-                    "{} free where the store is; a full outbox (storage.max_outbox_bytes {}) can \
-                     take about {} on disk",
-                    bytes(free),
-                    bytes(config.storage.max_outbox_bytes),
-                    bytes(needed)
-                )
-            });
+            let warning =
+                crate::explain::outbox_room_warning(free, config.storage.max_outbox_bytes);
             (format!(", {} free", bytes(free)), warning)
         }
         None => (String::new(), None),
@@ -166,17 +157,7 @@ pub(super) fn listen(config: &Config) -> Finding {
 
 /// Bytes for people: "512 B", "3.2 MiB", "41.0 GiB".
 pub(super) fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
+    crate::explain::bytes(n)
 }
 
 #[cfg(test)]
