@@ -354,6 +354,22 @@ impl AcceptedRate {
         Some(after_first as f64 / span.max(RATE_WINDOW).as_secs_f64())
     }
 
+    /// Successes a second as [`Self::per_second`] measures them, from however few (two at
+    /// least): a rate limit with a small burst refuses before 20 successes came, and a cap
+    /// begun at [`MIN_RATE`] for want of a measure took its 5% steps for seconds to get back
+    /// (the controller's simulation: 50 a second with bursts of 5, 193 of the first 10 s's
+    /// 500; 1,000 a second with bursts of 10, answers after 1 ms, 271 of 10,000). Too high,
+    /// from a burst, it is cut as the 429s go on, by then against a rate measured.
+    fn per_second_of_few(&self) -> Option<f64> {
+        let (&(first, with_first), &(last, _)) = (self.times.front()?, self.times.back()?);
+        let after_first = self.count - with_first;
+        if after_first == 0 {
+            return None;
+        }
+        let span = last.saturating_duration_since(first);
+        Some(after_first as f64 / span.max(RATE_WINDOW).as_secs_f64())
+    }
+
     /// Whether a few of the gaps between successes went by since the last one without
     /// another: the endpoint refuses everything for now, or had nothing to take.
     fn paused(&self, now: Instant) -> bool {
@@ -1062,7 +1078,9 @@ impl Controller {
             self.rate_limited = !self.give_up_base_probe(now);
             self.recent_429.clear();
             if self.rate_cap.is_none() {
-                self.rate_cap = Some(RateCap::new(now, self.accepted.per_second_still(now)));
+                let accepted = self.accepted.per_second_still(now);
+                let accepted = accepted.or_else(|| self.accepted.per_second_of_few());
+                self.rate_cap = Some(RateCap::new(now, accepted));
             }
         }
         // Answers to requests started before the last cut came under another limit.
@@ -2398,6 +2416,27 @@ mod tests {
                 "limit {limit}, {seconds} s: {:.1}% refused",
                 refused * 100.0
             );
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_with_a_small_burst_is_followed_from_the_start() {
+        // 429s before 20 successes came: the cap began at 1 a second for want of a measured
+        // rate, and took seconds of 5% steps to get back (193 of the first 10 s's 500 in the
+        // first case, 271 of 10,000 in the second).
+        for (rtt_ms, limit, burst, at_least) in [(50, 50.0, 5.0, 0.9), (1, 1_000.0, 10.0, 0.5)] {
+            let run = Simulation::at(Duration::from_millis(rtt_ms)).run(10, |_| Endpoint::Limit {
+                per_second: limit,
+                burst,
+            });
+            let (rate, refused) = summed(&run);
+            let got = format!(
+                "{limit}/s in bursts of {burst}, answers after {rtt_ms} ms: {rate:.1}/s over \
+                 the first 10 s, {:.1}% refused",
+                refused * 100.0
+            );
+            eprintln!("{got}");
+            assert!(rate >= at_least * limit && refused <= 0.1, "{got}");
         }
     }
 
