@@ -1213,9 +1213,12 @@ impl Controller {
     /// putting the limit back: when the base is old ([`BASE_FOR`]), and sooner when round
     /// trips went over twice it (`queued`), which a grown queue and a slower route alike
     /// would do, though not more often than [`BASE_AT_MOST_EVERY`]. The measure takes the new
-    /// base either way and shrinks nothing: the limit only grows no further than round trips
-    /// of 1.5 times it allow. Only a limit that was filled is measured: below it, the round
-    /// trips are those of what is sent.
+    /// base either way and shrinks nothing itself: the limit grows no further than round trips
+    /// of 1.5 times it allow, and for [`BASE_AT_MOST_EVERY`] after a measure (the base fresh,
+    /// not a slower route's old one) a filled limit with round trips over that shrinks by one
+    /// an interval: an endpoint that serves fewer the more it is sent past its knee was held
+    /// where the limit first stood. Only a limit that was filled is measured: below it, the
+    /// round trips are those of what is sent.
     ///
     /// An endpoint whose capacity fell keeps a queue of about what the measure at half the
     /// limit finds: better than the limit pushed on to its maximum, which the growth rule
@@ -1312,6 +1315,13 @@ impl Controller {
                 && self.after_probe == 0
             {
                 self.limit = (self.limit + 1).min(self.config.max_concurrency);
+            } else if self.reached_limit
+                && over_base(QUEUEING_FACTOR)
+                && now < self.base_since + BASE_AT_MOST_EVERY
+                && self.after_probe == 0
+            {
+                // Our queue at the endpoint, by a base just measured (see `track_base`).
+                self.limit = self.limit.saturating_sub(1).max(1);
             }
             self.track_base(now, (current, answers), over_base(QUEUED_FACTOR));
         }
@@ -2437,6 +2447,39 @@ mod tests {
             );
             eprintln!("{got}");
             assert!(rate >= at_least * limit && refused <= 0.1, "{got}");
+        }
+    }
+
+    /// An endpoint that serves `knee` requests at once in `flat`, and each one more in
+    /// `extra` more (a server whose threads thrash past its cores): what it served a second
+    /// from the 20th second of two minutes, of the most it serves (at its knee).
+    fn against_a_knee(knee: usize, flat: u64, extra: u64) -> f64 {
+        let mut out: Vec<Instant> = Vec::new();
+        let run = run_against(120, |now, _| {
+            out.retain(|&at| at > now);
+            let over = (out.len() + 1).saturating_sub(knee) as u64;
+            let at = now + Duration::from_millis(flat + extra * over);
+            out.push(at);
+            at
+        });
+        let served = run[20..].iter().map(|s| s.0).sum::<u64>() as f64 / 100.0;
+        served / (knee as f64 * 1000.0 / flat as f64)
+    }
+
+    #[test]
+    fn an_endpoint_slower_past_its_knee_is_kept_near_it() {
+        // Round trips over 1.5 times the base stopped growth, but nothing brought a limit
+        // already past the knee back (the first one it starts at): 0.43, 0.29 and 0.69 of
+        // the most each served.
+        for (knee, flat, extra, at_least) in
+            [(5, 50, 50, 0.6), (20, 10, 10, 0.5), (3, 100, 100, 0.75)]
+        {
+            let share = against_a_knee(knee, flat, extra);
+            let got = format!(
+                "{knee} at once in {flat} ms, each one more {extra} ms more: {share:.2} of the most"
+            );
+            eprintln!("{got}");
+            assert!(share >= at_least, "{got}");
         }
     }
 
