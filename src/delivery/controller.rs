@@ -344,14 +344,7 @@ impl AcceptedRate {
         if self.count < RATE_OF_AT_LEAST {
             return None;
         }
-        let (&(first, with_first), &(last, _)) = (self.times.front()?, self.times.back()?);
-        // Those that came with the first are before the span.
-        let after_first = self.count - with_first;
-        if after_first == 0 {
-            return None;
-        }
-        let span = last.saturating_duration_since(first);
-        Some(after_first as f64 / span.max(RATE_WINDOW).as_secs_f64())
+        self.per_second_of_few()
     }
 
     /// Successes a second as [`Self::per_second`] measures them, from however few (two at
@@ -362,6 +355,7 @@ impl AcceptedRate {
     /// from a burst, it is cut as the 429s go on, by then against a rate measured.
     fn per_second_of_few(&self) -> Option<f64> {
         let (&(first, with_first), &(last, _)) = (self.times.front()?, self.times.back()?);
+        // Those that came with the first are before the span.
         let after_first = self.count - with_first;
         if after_first == 0 {
             return None;
