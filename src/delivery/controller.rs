@@ -364,6 +364,16 @@ impl AcceptedRate {
         Some(after_first as f64 / span.max(RATE_WINDOW).as_secs_f64())
     }
 
+    /// [`Self::per_second_still`], or, before [`RATE_OF_AT_LEAST`] successes came,
+    /// [`Self::per_second_of_few`] (a pause is told only from a rate measured).
+    fn per_second_so_far(&self, now: Instant) -> Option<f64> {
+        if self.count < RATE_OF_AT_LEAST {
+            self.per_second_of_few()
+        } else {
+            self.per_second_still(now)
+        }
+    }
+
     /// Whether a few of the gaps between successes went by since the last one without
     /// another: the endpoint refuses everything for now, or had nothing to take.
     fn paused(&self, now: Instant) -> bool {
@@ -1072,8 +1082,7 @@ impl Controller {
             self.rate_limited = !self.give_up_base_probe(now);
             self.recent_429.clear();
             if self.rate_cap.is_none() {
-                let accepted = self.accepted.per_second_still(now);
-                let accepted = accepted.or_else(|| self.accepted.per_second_of_few());
+                let accepted = self.accepted.per_second_so_far(now);
                 self.rate_cap = Some(RateCap::new(now, accepted));
             }
         }
