@@ -226,18 +226,6 @@ pub fn update_from_json_with(
                         ),
                     ));
                 }
-                if let Some((path, literal)) = numbers::vanished_float(profile, text) {
-                    let named = path.map_or("a value of `profile`".to_owned(), |path| {
-                        format!("`profile.{path}`")
-                    });
-                    return Err(InputError::new(
-                        line,
-                        format!(
-                            "{named} is the number {}, under the smallest double (about 5e-324); it would be stored and sent as 0, so the update is refused: send 0, or the number as a string",
-                            truncate(&literal, 64)
-                        ),
-                    ));
-                }
             }
             validate(raw, line, parsing)
         }
@@ -709,11 +697,6 @@ mod tests {
                 deep_profile,
                 1,
                 "arrays and objects are nested more than 128 deep, more than outpost reads",
-            ),
-            (
-                "{\"id\":\"a\",\"profile\":{\"person\":{\"score\":2.5e-400}}}".into(),
-                1,
-                "`profile.person.score` is the number 2.5e-400, under the smallest double (about 5e-324); it would be stored and sent as 0",
             ),
             (
                 "{\"id\":\"a\",\"profile\":{}}\n{\"id\":\"b\",\"profile\":{\"x\":-1e400}}\n".into(),
