@@ -131,7 +131,25 @@ const LIMIT_BUCKETS: usize = 16;
 const BUCKET_ANSWERS_AT_LEAST: u32 = 100;
 const BUCKET_ANSWERS_AT_MOST: u32 = 2_000;
 const STRAYS_SEEN_AT_LEAST: u32 = 3;
-const STRAY_DEVIATIONS: f64 = 2.5;
+/// The chi-squared distribution's 99th percentile for 1 to 15 degrees of freedom: buckets
+/// whose shares are farther apart than one share explains once in a hundred disagree.
+const CHI_SQUARED_1_PERCENT: [f64; LIMIT_BUCKETS - 1] = [
+    6.63, 9.21, 11.34, 13.28, 15.09, 16.81, 18.48, 20.09, 21.67, 23.21, 24.72, 26.22, 27.69, 29.14,
+    30.58,
+];
+/// Overloads over this share of the answers are no strays: an endpoint failing so many is in
+/// trouble, not flaky (20% at random were pushed to the maximum).
+const OVERLOAD_STRAYS_AT_MOST: f64 = 0.15;
+/// A bucket no answer came in for this long is left out: an endpoint that begins failing at
+/// random would otherwise find the limits it no longer visits holding that it did not.
+const BUCKET_STALE_AFTER: Duration = Duration::from_secs(60);
+/// Overloads in a row that strays explain less often than this are no strays: an endpoint
+/// refusing what is over its slots at once refuses every request started into the slots its
+/// refusals free, and eight in a row count as down.
+const STRAYS_IN_A_ROW_CHANCE: f64 = 1e-5;
+/// The limits of the last so many changes are kept, to bucket an answer by the limit its
+/// request was started under.
+const LIMITS_KEPT: usize = 4_096;
 /// Round trips count as slower when their mean exceeds the past mean by this factor (plus a
 /// little, so that sub-millisecond noise on a local link does not count).
 const SLOWDOWN_FACTOR: f64 = 2.0;
@@ -487,11 +505,13 @@ fn clearly_above((answered, refused): (u32, u32), share: f64, deviations: f64) -
 /// limit. Halving for each of those, once a round trip, as TCP's window under random loss,
 /// holds the limit near the square root of twice the inverse share: 1% of 503s kept it about
 /// 12, a fifth of what a 300 ms endpoint took at 64 (the controller's simulation).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct OverloadShares {
     /// (answers, overloads) of each bucket, both halved when the answers reach
     /// [`BUCKET_ANSWERS_AT_MOST`], so that what the endpoint did long ago fades.
     buckets: [(u32, u32); LIMIT_BUCKETS],
+    /// When an answer last came in each bucket.
+    answered_at: [Option<Instant>; LIMIT_BUCKETS],
 }
 
 impl OverloadShares {
@@ -499,7 +519,8 @@ impl OverloadShares {
         (limit.max(1).ilog2() as usize).min(LIMIT_BUCKETS - 1)
     }
 
-    fn record(&mut self, limit: usize, overloaded: bool) {
+    fn record(&mut self, now: Instant, limit: usize, overloaded: bool) {
+        self.answered_at[Self::bucket(limit)] = Some(now);
         let (answers, overloads) = &mut self.buckets[Self::bucket(limit)];
         *answers += 1;
         *overloads += u32::from(overloaded);
@@ -510,41 +531,67 @@ impl OverloadShares {
     }
 
     /// The share of answers overloaded at random at limits up to `limit`, whatever the limit,
-    /// or zero: overloads seen in at least two buckets up to its own ([`STRAYS_SEEN_AT_LEAST`]
-    /// each), every one of them of at least [`BUCKET_ANSWERS_AT_LEAST`] answers holding about
-    /// the share of all of them (within [`STRAY_DEVIATIONS`] standard deviations and one), and
-    /// that share at most [`STRAY_SHARE_AT_MOST`] (an endpoint failing more than that is in
-    /// trouble, not flaky). Buckets over the limit's are left out: an endpoint may fail a
-    /// share at random and refuse what is over its capacity besides, and the limit is to grow
-    /// up to that capacity, not past it.
-    fn stray_share(&self, limit: usize) -> f64 {
-        let measured = || {
-            self.buckets[..=Self::bucket(limit)]
-                .iter()
-                .filter(|(answers, _)| *answers >= BUCKET_ANSWERS_AT_LEAST)
+    /// or zero: the bucket of `limit` and every one under it with at least
+    /// [`BUCKET_ANSWERS_AT_LEAST`] answers (two of them at least, [`STRAYS_SEEN_AT_LEAST`]
+    /// overloads in each of two) holding shares one share explains ([`CHI_SQUARED_1_PERCENT`]),
+    /// and that share at most
+    /// [`OVERLOAD_STRAYS_AT_MOST`]. Buckets over the limit's are left out: an endpoint may
+    /// fail a share at random and refuse what is over its capacity besides, and the limit is
+    /// to grow up to that capacity, not past it. The limit's own bucket, when it holds fewer
+    /// answers than that (the limit only just reached it), is only to hold no clearly more
+    /// overloads than the share.
+    fn stray_share(&self, now: Instant, limit: usize) -> f64 {
+        let own = Self::bucket(limit);
+        let recent = |at: &Option<Instant>| {
+            at.is_some_and(|at| now.saturating_duration_since(at) < BUCKET_STALE_AFTER)
         };
-        if measured()
+        let measured: Vec<(u32, u32)> = self.buckets[..=own]
+            .iter()
+            .zip(&self.answered_at)
+            .filter(|((answers, _), at)| *answers >= BUCKET_ANSWERS_AT_LEAST && recent(at))
+            .map(|(bucket, _)| *bucket)
+            .collect();
+        let seen = measured
+            .iter()
             .filter(|(_, overloads)| *overloads >= STRAYS_SEEN_AT_LEAST)
-            .count()
-            < 2
-        {
+            .count();
+        if measured.len() < 2 || seen < 2 {
             return 0.0;
         }
-        let (answers, overloads) = measured().fold((0, 0), |(a, o), &(answers, overloads)| {
-            (a + u64::from(answers), o + u64::from(overloads))
-        });
+        let (answers, overloads) = measured
+            .iter()
+            .fold((0, 0), |(a, o), &(answers, overloads)| {
+                (a + u64::from(answers), o + u64::from(overloads))
+            });
         let share = overloads as f64 / answers as f64;
-        let agree = measured().all(|&(answers, overloads)| {
-            let expected = share * f64::from(answers);
-            let deviation = (expected * (1.0 - share)).sqrt();
-            (f64::from(overloads) - expected).abs() <= STRAY_DEVIATIONS * deviation + 1.0
-        });
-        if agree && share <= STRAY_SHARE_AT_MOST {
+        // Pearson's test of one share for all of them: each bucket's distance from it weighed
+        // by its own spread, so that the largest bucket does not set the share the others are
+        // held to (1% beside 5% passed as 4.1% so).
+        let distance: f64 = measured
+            .iter()
+            .map(|&(bucket_answers, bucket_overloads)| {
+                let expected = share * f64::from(bucket_answers);
+                (f64::from(bucket_overloads) - expected).powi(2) / (expected * (1.0 - share))
+            })
+            .sum();
+        let agree = distance <= CHI_SQUARED_1_PERCENT[measured.len() - 2];
+        // A bucket the limit has only just reached holds too few answers to agree or not,
+        // but may already hold clearly more overloads than the share.
+        let (own_answers, own_overloads) = self.buckets[own];
+        let own_over = own_answers < BUCKET_ANSWERS_AT_LEAST
+            && clearly_above((own_answers, own_overloads), share, CUT_DEVIATIONS);
+        if agree && !own_over && share <= OVERLOAD_STRAYS_AT_MOST {
             share
         } else {
             0.0
         }
     }
+}
+
+/// Overloads in a row (no other answer about the load between them) that strays of `share`
+/// come in less often than [`STRAYS_IN_A_ROW_CHANCE`].
+fn unlikely_in_a_row(share: f64) -> u32 {
+    (STRAYS_IN_A_ROW_CHANCE.ln() / share.ln()).ceil().max(2.0) as u32
 }
 
 /// The last [`RECENT_ANSWERS`] answers to requests started since the limit was last cut,
@@ -776,6 +823,10 @@ pub struct Controller {
     base_probe: Option<BaseProbe>,
     overload_shares: OverloadShares,
     recent_overloads: RecentOverloads,
+    /// Overloads since the last answer about the load that was none.
+    overloads_in_a_row: u32,
+    /// (since when, the limit) of the latest changes, oldest first.
+    limits: std::collections::VecDeque<(Instant, usize)>,
     /// Intervals after a measure of the base in which the limit does not grow: its first
     /// answers came before the queue it drained built up again.
     after_probe: u8,
@@ -824,6 +875,8 @@ impl Controller {
             base_probe: None,
             overload_shares: OverloadShares::default(),
             recent_overloads: RecentOverloads::default(),
+            overloads_in_a_row: 0,
+            limits: std::collections::VecDeque::from([(now, limit)]),
             after_probe: 0,
             accepted: AcceptedRate::default(),
             accepted_last_second: LastSecond::default(),
@@ -1086,15 +1139,24 @@ impl Controller {
                 self.rate_cap = Some(RateCap::new(now, accepted));
             }
         }
-        // Answers to requests started before the last cut came under another limit.
         let about_load = matches!(
             signal,
             Signal::Healthy | Signal::Neutral | Signal::Overloaded
         );
-        if about_load && started_at >= self.limit_cut_at {
+        if about_load {
             let overloaded = signal == Signal::Overloaded;
-            self.overload_shares.record(self.limit, overloaded);
-            self.recent_overloads.record(overloaded);
+            // Under the limit its request was started under: an overload that comes after a
+            // wait (a timeout, a queue's 503) belongs to the limit that caused it.
+            self.overload_shares
+                .record(now, self.limit_at(started_at), overloaded);
+            if started_at >= self.limit_cut_at {
+                self.recent_overloads.record(overloaded);
+            }
+            self.overloads_in_a_row = if overloaded {
+                self.overloads_in_a_row.saturating_add(1)
+            } else {
+                0
+            };
         }
         if signal == Signal::Overloaded {
             self.push_back(now, started_at);
@@ -1157,8 +1219,13 @@ impl Controller {
     /// of them since the last cut than that share explains, is a stray: it says nothing of
     /// the limit (nor ends a measure of the base), and only its export backs off.
     fn push_back(&mut self, now: Instant, started_at: Instant) {
-        let strays = self.overload_shares.stray_share(self.limit);
-        if strays > 0.0 && !self.recent_overloads.over(strays) {
+        // Judged at the limit the request was started under, whose bucket it was counted in.
+        let started_under = self.limit_at(started_at);
+        let strays = self.overload_shares.stray_share(now, started_under);
+        if strays > 0.0
+            && !self.recent_overloads.over(strays)
+            && self.overloads_in_a_row < unlikely_in_a_row(strays)
+        {
             return;
         }
         self.back_pressure = true;
@@ -1177,6 +1244,32 @@ impl Controller {
         self.limit = (self.limit / 2).max(1);
         self.limit_cut_at = now;
         self.recent_overloads.clear();
+        self.note_limit(now);
+    }
+
+    /// Keeps the limit as it is from `now` on, if it changed (see [`Controller::limit_at`]).
+    fn note_limit(&mut self, now: Instant) {
+        if self
+            .limits
+            .back()
+            .is_some_and(|&(_, limit)| limit != self.limit)
+        {
+            self.limits.push_back((now, self.limit));
+            if self.limits.len() > LIMITS_KEPT {
+                self.limits.pop_front();
+            }
+        }
+    }
+
+    /// The limit a request started at `started_at` was started under (the oldest kept, for
+    /// one older than that).
+    fn limit_at(&self, started_at: Instant) -> usize {
+        let after = self
+            .limits
+            .partition_point(|&(since, _)| since <= started_at);
+        self.limits
+            .get(after.saturating_sub(1))
+            .map_or(self.limit, |&(_, limit)| limit)
     }
 
     /// Ends a measure of the base under way, if one is, without putting the limit back
@@ -1345,6 +1438,7 @@ impl Controller {
         self.interval_end = now + interval;
         self.rtts.clear();
         self.reached_limit = self.in_flight >= self.limit;
+        self.note_limit(now);
         self.back_pressure = false;
         self.rate_limited = false;
     }
@@ -1836,6 +1930,17 @@ mod tests {
     /// the delivery loop drives the controller for `seconds`: (requests it served, requests it
     /// refused for its slots, whether the destination ever counted as down).
     fn against_slots(slots: usize, stray_503s: f64, seconds: u64) -> (u64, u64, bool) {
+        against_slots_refusing_after(slots, Duration::ZERO, stray_503s, seconds)
+    }
+
+    /// [`against_slots`], the 503 to a request over the slots coming `refuse_after` it (a
+    /// queue that gives up, a timeout).
+    fn against_slots_refusing_after(
+        slots: usize,
+        refuse_after: Duration,
+        stray_503s: f64,
+        seconds: u64,
+    ) -> (u64, u64, bool) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let service = Duration::from_millis(10);
@@ -1848,11 +1953,15 @@ mod tests {
         let mut refusing: Vec<Instant> = Vec::new();
         let (mut served, mut refused, mut ever_down) = (0, 0, false);
         while now < start + Duration::from_secs(seconds) {
-            // A refusal comes back within a step.
-            for sent in std::mem::take(&mut refusing) {
+            // A refusal comes back within a step of its time.
+            refusing.retain(|&sent| {
+                if sent + refuse_after > now {
+                    return true;
+                }
                 refused += 1;
                 c.answered(now, sent, Signal::Overloaded);
-            }
+                false
+            });
             serving.retain(|&done| {
                 if done > now {
                     return true;
@@ -1883,7 +1992,18 @@ mod tests {
     fn an_endpoint_that_refuses_what_is_over_its_slots_at_once_is_used_and_never_down() {
         // With 1% of 503s at random besides, the slots' refusals are no strays: the limit
         // is not let grow into them.
-        for (slots, stray_503s) in [(8, 0.0), (16, 0.0), (8, 0.01), (16, 0.01)] {
+        for (slots, stray_503s) in [
+            (8, 0.0),
+            (16, 0.0),
+            (8, 0.01),
+            (16, 0.01),
+            (16, 0.02),
+            (24, 0.02),
+            (32, 0.01),
+            (32, 0.02),
+            (16, 0.05),
+            (32, 0.05),
+        ] {
             let seconds = 30;
             let (served, refused, ever_down) = against_slots(slots, stray_503s, seconds);
             let capacity = slots as f64 * 100.0 * seconds as f64 * (1.0 - stray_503s);
@@ -1896,10 +2016,32 @@ mod tests {
             );
             eprintln!("{got}");
             // The strays cut the limit, as an endpoint's answers must.
-            let at_least = if stray_503s > 0.0 { 0.7 } else { 0.75 };
+            let at_least = if stray_503s > 0.0 { 0.65 } else { 0.75 };
             assert!(served as f64 >= at_least * capacity, "{got}");
             assert!(refused * 20 <= served + refused, "{got}");
             assert!(!ever_down, "{got}");
+        }
+    }
+
+    #[test]
+    fn overloads_that_come_after_a_wait_are_no_strays() {
+        // 8 slots whose overflow is refused after 100 ms or 1 s, 1% of 503s at random besides:
+        // counted under the limit they came back at, not the one they were sent under, the
+        // refusals looked like strays, and the limit grew to five times the slots (11.9%
+        // refused after 100 ms). Halving at each: 6.7% and 8.2% refused. A refusal a second
+        // late comes a hundred round trips after the limit that caused it: some are still
+        // taken for strays.
+        for (refuse_after_ms, refused_at_most) in [(100, 0.08), (1_000, 0.15)] {
+            let refuse_after = Duration::from_millis(refuse_after_ms);
+            let (served, refused, _) = against_slots_refusing_after(8, refuse_after, 0.01, 60);
+            let share = refused as f64 / (served + refused) as f64;
+            let got = format!(
+                "refused after {refuse_after_ms} ms: served {:.2} of capacity, {:.1}% refused",
+                served as f64 / (8.0 * 100.0 * 60.0 * 0.99),
+                share * 100.0
+            );
+            eprintln!("{got}");
+            assert!(share <= refused_at_most, "{got}");
         }
     }
 
@@ -2359,28 +2501,42 @@ mod tests {
     fn overloads_are_strays_when_they_come_at_the_same_share_at_limits_apart() {
         // (answers, overloads) under limits 4–7, 8–15 and 16–31; the limit; the share learnt.
         type Buckets = [(u32, u32); 3];
-        let rows: [(Buckets, usize, f64); 8] = [
+        let rows: [(Buckets, usize, f64); 12] = [
             // 1% at random.
             ([(400, 4), (600, 6), (0, 0)], 12, 0.01),
             // An endpoint of about 10 slots: nothing refused under 8.
             ([(400, 0), (600, 30), (0, 0)], 12, 0.0),
             // A few refused under 8, many more over: not the same share.
             ([(400, 3), (600, 40), (0, 0)], 12, 0.0),
+            // 1% and 5%: each is judged against the others, not against a share the larger
+            // bucket sets.
+            ([(300, 3), (1000, 50), (0, 0)], 12, 0.0),
             // Overloads seen in one bucket only.
             ([(400, 2), (600, 6), (0, 0)], 12, 0.0),
             // Too few answers to say.
             ([(90, 4), (600, 6), (0, 0)], 12, 0.0),
-            // Failing a third at any limit: in trouble, not flaky.
-            ([(300, 100), (600, 200), (0, 0)], 12, 0.0),
+            // Failing a fifth at any limit: in trouble, not flaky.
+            ([(300, 60), (600, 120), (0, 0)], 12, 0.0),
             // 1% at random under 16, slots refusing more over them: strays under 16...
             ([(400, 4), (600, 6), (300, 40)], 12, 0.01),
-            // ...but not at 16 and over.
+            // ...but not at 16 and over...
             ([(400, 4), (600, 6), (300, 40)], 17, 0.0),
+            // ...nor in a bucket the limit has only just reached, where they are many...
+            ([(400, 4), (600, 6), (20, 5)], 17, 0.0),
+            // ...but there if they are few.
+            ([(400, 4), (600, 6), (60, 1)], 17, 0.01),
+            // A bucket not visited for a minute is left out.
+            ([(400, 0), (600, 6), (300, 3)], 17, 0.01),
         ];
-        for (buckets, limit, share) in rows {
+        let now = Instant::now();
+        for (i, (buckets, limit, share)) in rows.into_iter().enumerate() {
             let mut shares = OverloadShares::default();
             shares.buckets[2..5].copy_from_slice(&buckets);
-            let learnt = shares.stray_share(limit);
+            shares.answered_at = [Some(now); LIMIT_BUCKETS];
+            if i == rows.len() - 1 {
+                shares.answered_at[2] = Some(now - BUCKET_STALE_AFTER);
+            }
+            let learnt = shares.stray_share(now, limit);
             assert!(
                 (learnt - share).abs() < 1e-9,
                 "{buckets:?} at {limit}: {learnt}, not {share}"
@@ -2394,20 +2550,34 @@ mod tests {
         // for each, once a round trip, the limit stayed about 12 with 1% of them, and the
         // endpoint got 39.7 requests a second of the 211 it takes (answers after 300 ms, 64
         // at most). The second minute.
-        for (rtt, stray_503s) in [(300, 0.01), (300, 0.05), (300, 0.1), (10, 0.01)] {
+        for (rtt, stray_503s, seed) in [
+            (300, 0.01, 0),
+            (300, 0.05, 0),
+            (300, 0.1, 0),
+            (10, 0.01, 0),
+            (300, 0.01, 1),
+            (300, 0.05, 1),
+            (300, 0.1, 1),
+            (300, 0.01, 2),
+            (300, 0.05, 2),
+            (300, 0.1, 2),
+        ] {
             let rtt = Duration::from_millis(rtt);
             let simulation = Simulation {
                 stray_503s,
+                seed,
                 ..Simulation::at(rtt)
             };
-            let (rate, _) = summed(&simulation.run(120, |_| Endpoint::Unlimited)[60..]);
+            let run = simulation.run(120, |_| Endpoint::Unlimited);
+            eprintln!("{:?}", run.iter().map(|s| s.accepted).collect::<Vec<_>>());
+            let (rate, _) = summed(&run[60..]);
             let takes = 64.0 / rtt.as_secs_f64() * (1.0 - stray_503s);
             let got = format!(
-                "{:.0}% of 503s after {rtt:?}: {rate:.1}/s of the {takes:.1} it takes",
+                "{:.0}% of 503s after {rtt:?}, seed {seed}: {rate:.1}/s of the {takes:.1} it takes",
                 stray_503s * 100.0
             );
             eprintln!("{got}");
-            assert!(rate >= 0.9 * takes, "{got}");
+            assert!(rate >= 0.85 * takes, "{got}");
         }
     }
 
