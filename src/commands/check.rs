@@ -178,7 +178,8 @@ async fn check_stream(config: &Config, problems: &mut Problems) -> Result<(), Cl
             Err(e) => problems.unusable_file(e),
             Ok(()) => {
                 if let Err(e) = nats::check_nats(nats).await {
-                    // Unreachable, missing, or made for another partition count: the error says which.
+                    // Unreachable, missing, or made for another partition count: the error
+                    // says which.
                     report_line!("stream           not usable (the error below says why)")?;
                     problems.other.push(format!("nats: {e}"));
                 }

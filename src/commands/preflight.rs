@@ -155,10 +155,7 @@ pub(super) fn listen(config: &Config) -> Finding {
     }
 }
 
-/// Bytes for people: "512 B", "3.2 MiB", "41.0 GiB".
-pub(super) fn bytes(n: u64) -> String {
-    crate::explain::bytes(n)
-}
+pub(super) use crate::explain::bytes;
 
 #[cfg(test)]
 mod tests {
