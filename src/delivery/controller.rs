@@ -503,8 +503,8 @@ fn clearly_above((answered, refused): (u32, u32), share: f64, deviations: f64) -
 /// the more it is sent, and little or nothing well under its capacity; one that fails a share
 /// of requests at random (a flaky backend behind a load balancer) fails that share at any
 /// limit. Halving for each of those, once a round trip, as TCP's window under random loss,
-/// holds the limit near the square root of twice the inverse share: 1% of 503s kept it about
-/// 12, a fifth of what a 300 ms endpoint took at 64 (the controller's simulation).
+/// holds the limit near the square root of twice the inverse share: with 1% of 503s a 300 ms
+/// endpoint got a sixth of what it takes at 64 (the controller's simulation).
 #[derive(Debug, Default, Clone)]
 struct OverloadShares {
     /// (answers, overloads) of each bucket, both halved when the answers reach
