@@ -505,7 +505,7 @@ fn clearly_above((answered, refused): (u32, u32), share: f64, deviations: f64) -
 /// limit. Halving for each of those, once a round trip, as TCP's window under random loss,
 /// holds the limit near the square root of twice the inverse share: with 1% of 503s a 300 ms
 /// endpoint got a sixth of what it takes at 64 (the controller's simulation).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct OverloadShares {
     /// (answers, overloads) of each bucket, both halved when the answers reach
     /// [`BUCKET_ANSWERS_AT_MOST`], so that what the endpoint did long ago fades.
