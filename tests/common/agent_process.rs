@@ -8,10 +8,27 @@ use std::time::{Duration, Instant};
 
 use super::binary;
 
-/// A free port on 127.0.0.1 (bound, then released for the agent to take).
+/// A free port on 127.0.0.1 (bound, then released for the agent to take), never given out
+/// before in this test process, and under Linux's ephemeral range (32768 and up). A test that
+/// kills its agent and starts it again on the same port found it taken: the kernel handed it,
+/// free meanwhile, to another test asking for a free port (whose agent then answered the
+/// first test's health checks), or to an outgoing connection as its local port.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    use rand::Rng;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(20_000..32_768);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 /// `GET /healthz` over a plain socket: the status code, if anything answered.
