@@ -2568,9 +2568,7 @@ mod tests {
                 seed,
                 ..Simulation::at(rtt)
             };
-            let run = simulation.run(120, |_| Endpoint::Unlimited);
-            eprintln!("{:?}", run.iter().map(|s| s.accepted).collect::<Vec<_>>());
-            let (rate, _) = summed(&run[60..]);
+            let (rate, _) = summed(&simulation.run(120, |_| Endpoint::Unlimited)[60..]);
             let takes = 64.0 / rtt.as_secs_f64() * (1.0 - stray_503s);
             let got = format!(
                 "{:.0}% of 503s after {rtt:?}, seed {seed}: {rate:.1}/s of the {takes:.1} it takes",
