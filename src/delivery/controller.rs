@@ -845,6 +845,12 @@ pub struct Controller {
     retry_soon: bool,
     // Down.
     failures_in_a_row: u32,
+    /// When the first request of the current failures in a row was started.
+    failures_began_at: Instant,
+    /// Once the destination is back after it looked down: the limit it had before its
+    /// failures, which the limit doubles towards a round trip, as long as nothing pushes back
+    /// (see [`Controller::adjust_limit`]).
+    regrow_to: Option<usize>,
     down_since: Option<Instant>,
     probe_in_flight: bool,
     probe_at: Instant,
@@ -887,6 +893,8 @@ impl Controller {
             count_down: CountDown::default(),
             retry_soon: false,
             failures_in_a_row: 0,
+            failures_began_at: now,
+            regrow_to: None,
             down_since: None,
             probe_in_flight: false,
             probe_at: now,
@@ -1185,10 +1193,15 @@ impl Controller {
             if self.down_since.take().is_some() {
                 self.probe_in_flight = false;
                 self.backoff.reset();
+                let before = self.limit_at(self.failures_began_at);
+                self.regrow_to = (before > self.limit).then_some(before);
             }
             return;
         }
         if news {
+            if self.failures_in_a_row == 0 {
+                self.failures_began_at = started_at;
+            }
             self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
         }
         match self.down_since {
@@ -1396,6 +1409,17 @@ impl Controller {
                 (Some(smoothed), Some(base)) => smoothed > base * factor + slack,
                 _ => false,
             };
+            // What the endpoint took before an outage is taken back fast, until something
+            // says it takes less now: the failures halved the limit down to 1, and growing
+            // by one a round trip from there cost seconds of delivery after every outage.
+            if self.rate_limited
+                || self.back_pressure
+                || slower(SLOWDOWN_FACTOR)
+                || over_base(QUEUEING_FACTOR)
+                || self.regrow_to.is_some_and(|to| self.limit >= to)
+            {
+                self.regrow_to = None;
+            }
             if self.rate_limited {
                 self.limit = (self.limit / 2).max(1);
             } else if self.back_pressure || self.base_probe.is_some() {
@@ -1410,7 +1434,11 @@ impl Controller {
                 && !over_base(QUEUEING_FACTOR)
                 && self.after_probe == 0
             {
-                self.limit = (self.limit + 1).min(self.config.max_concurrency);
+                let grown = match self.regrow_to {
+                    Some(to) => (self.limit * 2).min(to),
+                    None => self.limit + 1,
+                };
+                self.limit = grown.min(self.config.max_concurrency);
             } else if self.reached_limit
                 && over_base(QUEUEING_FACTOR)
                 && now < self.base_since + BASE_AT_MOST_EVERY
@@ -1832,6 +1860,56 @@ mod tests {
     }
 
     #[test]
+    fn back_from_down_the_limit_doubles_up_to_where_it_was_unless_something_pushes_back() {
+        let rtt = Duration::from_millis(10);
+        let down_and_back = |now: &mut Instant| {
+            let mut c = Controller::new(config(64), *now);
+            drive(&mut c, now, 600, rtt, Signal::Healthy);
+            let before = c.limit();
+            while !c.is_down() {
+                drive(&mut c, now, 1, rtt, Signal::Overloaded);
+            }
+            // Probes that fail take the limit down to 1; then one succeeds.
+            for probe in 0..8 {
+                *now = c.next_permit_at(*now, 1).unwrap();
+                c.started(*now);
+                *now += rtt;
+                let signal = if probe < 7 {
+                    Signal::Overloaded
+                } else {
+                    Signal::Healthy
+                };
+                c.answered(*now, *now - rtt, signal);
+            }
+            assert!(!c.is_down());
+            (c, before)
+        };
+        let mut now = Instant::now();
+        let (mut c, before) = down_and_back(&mut now);
+        assert_eq!(before, 64);
+        let back_at = c.limit();
+        assert!(back_at <= 2, "back at {back_at}");
+        let limits = drive(&mut c, &mut now, 12, rtt, Signal::Healthy);
+        let mut expected = Vec::new();
+        for _ in 0..12 {
+            let last = expected.last().copied().unwrap_or(back_at);
+            expected.push((last * 2).min(64));
+        }
+        assert_eq!(limits, expected);
+
+        // A slowdown on the way ends the doubling (seen an interval late here, since the last
+        // answers of a round count in the next): from there the limit goes no higher than
+        // one over the highest it has been (a measure of the base puts it back where it was).
+        let (mut c, _) = down_and_back(&mut now);
+        drive(&mut c, &mut now, 3, rtt, Signal::Healthy);
+        let limits = drive(&mut c, &mut now, 60, rtt * 3, Signal::Healthy);
+        for (round, &limit) in limits.iter().enumerate().skip(1) {
+            let highest = limits[..round].iter().max().unwrap();
+            assert!(limit <= highest + 1, "round {round}: {limits:?}");
+        }
+    }
+
+    #[test]
     fn a_destination_down_with_nothing_left_to_deliver_is_forgotten_as_down() {
         let start = Instant::now();
         let mut c = Controller::new(config(64), start);
@@ -2053,20 +2131,34 @@ mod tests {
         seconds: u64,
         mut answer_at: impl FnMut(Instant, u64) -> Instant,
     ) -> Vec<(u64, f64, usize)> {
+        run_against_answering(seconds, |now, second| {
+            (answer_at(now, second), Signal::Healthy)
+        })
+    }
+
+    /// [`run_against`], the endpoint also saying what it answers: only healthy answers
+    /// count as served.
+    fn run_against_answering(
+        seconds: u64,
+        mut answer: impl FnMut(Instant, u64) -> (Instant, Signal),
+    ) -> Vec<(u64, f64, usize)> {
         let step = Duration::from_micros(100);
         let start = Instant::now();
         let mut c = Controller::new(config(64), start);
         let mut now = start;
-        // (sent, answered) of each request out.
-        let mut out: Vec<(Instant, Instant)> = Vec::new();
+        // (sent, answered, how) of each request out.
+        let mut out: Vec<(Instant, Instant, Signal)> = Vec::new();
         let mut seconds_seen = vec![(0u64, 0.0f64, 0usize); seconds as usize];
         while now < start + Duration::from_secs(seconds) {
             let second = (now - start).as_secs();
-            out.retain(|&(sent, answered)| {
+            out.retain(|&(sent, answered, signal)| {
                 if answered > now {
                     return true;
                 }
-                c.answered(now, sent, Signal::Healthy);
+                c.answered(now, sent, signal);
+                if signal != Signal::Healthy {
+                    return false;
+                }
                 let (served, rtt_sum, _) = &mut seconds_seen[second as usize];
                 *served += 1;
                 *rtt_sum += (answered - sent).as_secs_f64() * 1000.0;
@@ -2074,7 +2166,8 @@ mod tests {
             });
             for _ in 0..c.permits(now, usize::MAX) {
                 c.started(now);
-                out.push((now, answer_at(now, second)));
+                let (answered, signal) = answer(now, second);
+                out.push((now, answered, signal));
             }
             let limit = &mut seconds_seen[second as usize].2;
             *limit = (*limit).max(c.limit());
@@ -2186,6 +2279,36 @@ mod tests {
             );
             eprintln!("{got}");
             assert!(served >= 0.9 * takes, "{got}");
+        }
+    }
+
+    #[test]
+    fn delivery_is_back_at_its_rate_soon_after_an_outage() {
+        // Answers after 100 ms, none in flight too many; from 10 s to 20 s every connection is
+        // refused at once (or answered 503, or timed out). The failures halve the limit down
+        // to 1, and it grew back by one a round trip: 6 s to get back to 64 (in the 5 s from
+        // the outage's end + 2 s, 2,072, 2,210 and 1,775 served against 3,172 before).
+        let rtt = Duration::from_millis(100);
+        let mut results = Vec::new();
+        for (outage, failing_after) in [
+            ("connections refused", Duration::from_micros(200)),
+            ("503s", rtt),
+            ("timeouts after 1 s", Duration::from_secs(1)),
+        ] {
+            let seconds = run_against_answering(40, |now, second| match second {
+                10..20 => (now + failing_after, Signal::Overloaded),
+                _ => (now + rtt, Signal::Healthy),
+            });
+            let served = |part: &[(u64, f64, usize)]| part.iter().map(|s| s.0).sum::<u64>();
+            let before = served(&seconds[5..10]);
+            let after = served(&seconds[22..27]);
+            let got = format!("after {outage}: {after} served in 5 s against {before} before");
+            eprintln!("{got}");
+            results.push((got, before, after));
+        }
+        for (got, before, after) in results {
+            assert!(before >= 3_000, "{got}");
+            assert!(after as f64 >= 0.95 * before as f64, "{got}");
         }
     }
 
