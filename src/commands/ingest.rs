@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::Path;
 
+use super::progress::Progress;
 use super::{Backend, CliError};
 use crate::admin::AdminRequest;
 use crate::config::Config;
@@ -357,14 +358,11 @@ pub fn ingest_checked<F: Read + Seek + Send>(
     checked.refuse_skip_past_the_end(skip)?;
     let Checked { count, limit } = checked;
     rewind(file)?;
-    // Drawn only when stderr is a terminal.
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(count - skip),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} updates, {eta} left")
-            .expect("valid template"),
+    let progress = Progress::new(
+        count - skip,
+        0,
+        "{bar:30} {pos}/{len} updates, {eta} left",
+        "accepted",
     );
     // Chunks are parsed on a thread of their own while the previous chunk is committed; at
     // most two wait, so memory stays bounded. For the store itself that thread also makes each
@@ -437,12 +435,12 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                     .ingest(config, mapping.as_ref(), request)
                     .map_err(|e| partly_stored(e, skip + total.accepted, request.len(), count))?;
                 total.add(&committed);
-                bar.inc(request.len() as u64);
+                progress.inc(request.len() as u64);
             }
         }
         Ok::<(), CliError>(())
     })?;
-    bar.finish_and_clear();
+    progress.finish();
     Ok(total)
 }
 

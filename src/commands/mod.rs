@@ -43,6 +43,7 @@ mod nats;
 mod outbox;
 mod output;
 mod preflight;
+mod progress;
 mod repair;
 mod run;
 mod top;

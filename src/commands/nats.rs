@@ -1,11 +1,12 @@
 //! `outpost nats setup`, `outpost publish` and `outpost rejected`.
 
-use std::io::{BufReader, IsTerminal, Read, Seek, Write};
+use std::io::{BufReader, Read, Seek, Write};
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::output::{output_error, Listing};
+use super::progress::Progress;
 use super::{for_terminal, list_paged_by, print_json, text_of, Backend, CliError, Print};
 use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
@@ -264,22 +265,17 @@ pub(super) async fn publish_path(
         })
         // Planned all the same, so that the rest keep their ids.
         .skip(skip as usize);
-    let bar = if std::io::stderr().is_terminal() && path != Path::new("-") {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_position(skip);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} updates published, {per_sec}, {eta} left",
-            )
-            .expect("the template is valid"),
-        );
-        Some(bar)
-    } else {
-        None
-    };
+    let progress = (path != Path::new("-")).then(|| {
+        Progress::new(
+            total,
+            skip,
+            "{bar:40} {pos}/{len} updates published, {per_sec}, {eta} left",
+            "published",
+        )
+    });
     let result = publish(nats, messages, largest, in_flight, |n| {
-        if let Some(bar) = &bar {
-            bar.set_position(skip + n);
+        if let Some(progress) = &progress {
+            progress.set_position(skip + n);
         }
     })
     .await;
@@ -292,8 +288,8 @@ pub(super) async fn publish_path(
         )),
         (result, _) => result,
     };
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
+    if let Some(progress) = &progress {
+        progress.finish();
     }
     match result {
         Ok(report) => {
