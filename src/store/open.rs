@@ -464,6 +464,10 @@ impl Store {
                 let mut batch = sled::Batch::default();
                 batch.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes());
                 batch.insert(meta::PROFILES, &0u64.to_be_bytes());
+                // A new store: no delivery has run on it, of this version or any other (builds
+                // that did not keep track refuse its format), so nothing in it may have been
+                // acknowledged unrecorded until one does, though `outpost ingest` fills it first.
+                batch.insert(meta::UNRECORDED_BELOW, &keys::seq_key(0));
                 meta.apply_batch(batch)?;
             }
             Some(v) => {

@@ -428,13 +428,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (older, newer) = {
             let store = Store::open(dir.path(), 8 << 20).unwrap();
-            dead_then_pending(&store)
+            let seqs = dead_then_pending(&store);
+            // As a store an earlier build made and delivered from has it: no bound recorded.
+            store
+                .with(|t| {
+                    t.meta.remove(meta::UNRECORDED_BELOW)?;
+                    Ok(())
+                })
+                .unwrap();
+            store.flush().unwrap();
+            seqs
         };
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         assert_eq!(
             put_back(&store, older),
             PutBack::MaybeOvertaken { by: newer }
         );
+    }
+
+    /// `outpost ingest` into a new store, then the agent: its dead letters go back, since no
+    /// delivery ran on the store before (they were held, said to be behind exports an agent
+    /// may have had acknowledged).
+    #[test]
+    fn a_store_made_by_this_version_and_filled_before_any_delivery_holds_nothing_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let older = {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            dead_then_pending(&store).0
+        };
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(put_back(&store, older), PutBack::Done);
     }
 
     #[test]
