@@ -40,7 +40,19 @@ pub(super) fn parse_http_url(text: &str) -> Result<Url, String> {
         }
         other => return Err(format!("scheme `{other}` is not http or https")),
     }
-    if url.host_str().is_none_or(str::is_empty) {
+    // The URL standard takes the first segment of `https:///profiles` for its host
+    // (`https://profiles/`): a host left out, which would be looked up as the name `profiles`.
+    let after_scheme = text
+        .trim_start()
+        .get(url.scheme().len() + 1..)
+        .unwrap_or("");
+    let empty_authority = after_scheme
+        .chars()
+        .take(3)
+        .filter(|&c| c == '/' || c == '\\')
+        .count()
+        == 3;
+    if url.host_str().is_none_or(str::is_empty) || empty_authority {
         return Err(format!("`{shown}` has no host"));
     }
     // The HTTP client sends no credentials from the URL, and would log them (hyper's pool
@@ -216,6 +228,8 @@ mod tests {
                 "scheme `mailto` is not http or https",
             ),
             ("https://", "`https://` is not a URL: empty host"),
+            ("https:///profiles", "`https:///profiles` has no host"),
+            ("http:\\\\\\profiles", "`http:\\\\\\profiles` has no host"),
             (
                 "http://[::1",
                 "`http://[::1` is not a URL: invalid IPv6 address",
