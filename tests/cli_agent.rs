@@ -512,9 +512,17 @@ async fn a_stale_socket_after_kill_9_is_no_obstacle() {
     // pending again and will be sent once more (at least once), never lost.
     let s = stats(&ws);
     assert_eq!(s["dead"].as_u64(), Some(1), "{s}");
-    assert!(
-        s.get("waiting_for_retry").is_none(),
+    assert_eq!(
+        s["waiting_for_retry"],
+        Value::Null,
         "no agent, no retry queue: {s}"
+    );
+    assert_eq!(s["agent_running"], false, "{s}");
+    assert_eq!(live["agent_running"], true, "{live}");
+    let human = ws.run_ok(&["outbox", "stats"], None);
+    assert!(
+        human.contains("no agent is running on this store"),
+        "{human}"
     );
     assert!(s["pending"].as_u64().is_some_and(|p| p <= 1), "{s}");
     inspect_profile(&ws, "good1");

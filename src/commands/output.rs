@@ -149,6 +149,8 @@ pub(super) fn print_stats(stats: &Value) -> Result<(), super::CliError> {
             text_of(&stats["in_flight"]),
             text_of(&stats["concurrency_limit"])
         )?;
+    } else if stats["agent_running"] == false {
+        outln!("delivery         no agent is running on this store")?;
     }
     outln!("outbox bytes     {}", text_of(&stats["bytes"]))?;
     outln!("profiles stored  {}", text_of(&stats["profiles"]))?;

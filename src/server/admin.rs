@@ -319,6 +319,7 @@ fn add_delivery_state(stats: &mut serde_json::Value, metrics: &Metrics) {
     let quota_left = metrics.quota_left.get();
     stats["quota_left"] = (quota_left >= 0).then_some(quota_left).into();
     stats["destination_down"] = (metrics.destination_down.get() == 1).into();
+    stats["agent_running"] = true.into();
 }
 
 /// The figures of `outpost top`: the `/metrics` text (outbox gauges set first, as a scrape
@@ -382,6 +383,26 @@ async fn ingest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stats_have_the_same_keys_with_a_running_agent_as_without() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = Store::open(folder.path(), 8 << 20).unwrap();
+        let without = crate::admin::execute(&store, &AdminRequest::Stats).unwrap();
+        let mut with = without.clone();
+        add_delivery_state(&mut with, &Metrics::new());
+        let keys = |stats: &serde_json::Value| -> Vec<String> {
+            stats.as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(keys(&without), keys(&with));
+        assert_eq!(without["agent_running"], false);
+        assert_eq!(with["agent_running"], true);
+        for key in crate::admin::DELIVERY_STATE_KEYS {
+            assert_eq!(without[key], serde_json::Value::Null, "{key}");
+        }
+        assert_eq!(with["concurrency_limit"], 0);
+        assert_eq!(with["destination_down"], false);
+    }
 
     #[tokio::test]
     async fn a_request_is_a_line_of_bounded_size_that_comes_in_time() {
