@@ -550,6 +550,9 @@ fn export_view(store: &Store, export: &Export) -> Result<Value, AdminError> {
     if export.dead {
         let by = store.superseded_by(export.id.seq)?;
         view["superseded_by"] = json!(by.map(|by| store.export_id(by).to_string()));
+    } else {
+        let wait = store.retry_wait(export.id.seq)?;
+        view["retry_in_s"] = json!(wait.map(|wait| wait.as_secs_f64().ceil() as u64));
     }
     Ok(view)
 }

@@ -183,6 +183,7 @@ fn inspect(ws: &Workspace, dead_profiles: &[&str]) {
         human.contains(id) && human.contains("HTTP 400") && human.contains("payload"),
         "{human}"
     );
+    assert!(!human.contains("next attempt"), "a dead letter: {human}");
     let table = ws.run_ok(&["outbox", "list", "--dead"], None);
     assert_eq!(table.lines().count(), dead.len() + 1, "{table}");
     let pending = ws.run(&["outbox", "list"], None);
@@ -391,6 +392,16 @@ async fn every_subcommand_with_the_agent_running_and_stopped() {
     let retried: Value =
         serde_json::from_str(ws.run_ok(&["outbox", "show", &bad6, "--json"], None).trim()).unwrap();
     assert_eq!(retried["dead"], false, "{retried}");
+    assert_eq!(
+        retried["retry_in_s"],
+        Value::Null,
+        "put back: no retry time {retried}"
+    );
+    let human = ws.run_ok(&["outbox", "show", &bad6], None);
+    assert!(
+        human.contains("next attempt     when delivery reaches it"),
+        "{human}"
+    );
 
     let bad7 = id_of(&ws, "bad7", &["--dead"]);
     let out = ws.run_ok(&["outbox", "drop", &bad7, "--yes"], None);

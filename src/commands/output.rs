@@ -385,6 +385,13 @@ pub(super) fn print_export(export: &Value) -> Result<(), super::CliError> {
         }
         outln!("{key:<16} {}", text_of(&export[key]))?;
     }
+    if export["dead"] == false {
+        let next = match export["retry_in_s"].as_u64() {
+            Some(0) | None => "when delivery reaches it".to_owned(),
+            Some(s) => format!("in {s} s of agent run time (its backoff or Retry-After)"),
+        };
+        outln!("{:<16} {next}", "next attempt")?;
+    }
     outln!("payload:")?;
     outln!("{}", pretty_for_terminal(&export["payload"]))?;
     Ok(())

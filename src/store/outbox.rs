@@ -6,6 +6,7 @@
 //! same transaction adjusts it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sled::Transactional;
 
@@ -313,9 +314,59 @@ pub(super) fn retry_time(t: &Trees, seq: u64) -> sled::Result<Option<u64>> {
         .map(|e| e.at_uptime_ms))
 }
 
+impl Store {
+    /// How long pending export `seq` waits for its retry time, in agent run time, if an
+    /// attempt of it failed (zero once the time has come).
+    pub fn retry_wait(&self, seq: u64) -> Result<Option<Duration>, StoreError> {
+        let now_ms = self.run_clock().uptime_ms();
+        let at = self.with(|t| Ok(retry_time(t, seq)?))?;
+        // Run time 0: an entry that keeps only the mark of an unanswered attempt.
+        Ok(at
+            .filter(|&at_ms| at_ms > 0)
+            .map(|at_ms| Duration::from_millis(at_ms.saturating_sub(now_ms))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_export_waits_for_its_retry_time_in_run_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let seqs = super::super::testing::export_each(
+            &store,
+            &[("p", "v1"), ("q", "v1"), ("r", "v1"), ("s", "v1")],
+        );
+        let now_ms = store.run_clock().uptime_ms();
+        let fail = |seq: u64, retry_at_uptime_ms: Option<u64>, unanswered: bool| Outcome {
+            profile: Arc::from("x"),
+            seq,
+            change: ExportChange::Failed {
+                error: "HTTP 503: busy".into(),
+                at_ms: 1,
+                retry_at_uptime_ms,
+                unanswered,
+            },
+        };
+        store
+            .apply_export_changes(&[
+                fail(seqs[0], Some(now_ms + 60_000), false),
+                fail(seqs[1], Some(1), false),
+                fail(seqs[2], None, true),
+            ])
+            .unwrap();
+        let wait = store.retry_wait(seqs[0]).unwrap().unwrap();
+        assert!(
+            wait > Duration::from_secs(59) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert_eq!(store.retry_wait(seqs[1]).unwrap(), Some(Duration::ZERO));
+        // An unanswered attempt's mark alone, and an export never tried: no retry time.
+        assert_eq!(store.retry_wait(seqs[2]).unwrap(), None);
+        assert_eq!(store.retry_wait(seqs[3]).unwrap(), None);
+    }
 
     fn record() -> ExportRecord {
         ExportRecord {
