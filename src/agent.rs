@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::server::{admin, ingest};
 use crate::source::partition::Ownership;
 use crate::store::committer::{CommitError, Committer, Watch};
-use crate::store::{backfill, Store, StoreError};
+use crate::store::{backfill, ReserveState, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -191,6 +191,7 @@ impl Agent {
         if let Some(warning) = crate::store::readable_by_others_warning(&config.storage.path) {
             tracing::warn!("{warning}");
         }
+        keep_reserve(&store, config.storage.reserve_bytes).await?;
         let free = crate::store::free_bytes(&config.storage.path).ok();
         let max_outbox_bytes = config.storage.max_outbox_bytes;
         if let Some(warning) =
@@ -533,6 +534,26 @@ async fn forget_stale_entries(store: Arc<Store>, shutdown: CancellationToken) {
     }
 }
 
+/// Keeps the disk space for delivery on a full disk (`storage.reserve_bytes`), saying when it
+/// cannot, or when it was given up and updates are refused until there is room.
+async fn keep_reserve(store: &Arc<Store>, bytes: u64) -> Result<(), AgentError> {
+    let keeping = Arc::clone(store);
+    let kept = tokio::task::spawn_blocking(move || keeping.keep_reserve(bytes))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    match kept {
+        ReserveState::Kept | ReserveState::None => {}
+        ReserveState::NotKept { free } => tracing::warn!(
+            "the space kept for delivery on a full disk (storage.reserve_bytes = {bytes}) is not kept: {} free on the disk, and it is made only with as much again; a store that fills its disk itself cannot record deliveries then. Made once there is room at a later start",
+            crate::explain::bytes(free)
+        ),
+        ReserveState::GivenUp => tracing::warn!(
+            "the space kept for delivery was given up on a full disk: updates are refused until there is room for storage.reserve_bytes ({bytes}) and as much again"
+        ),
+    }
+    Ok(())
+}
+
 /// How often a failed store is checked for room to reopen it.
 const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -547,6 +568,16 @@ async fn recover_store(store: Arc<Store>, wake: Arc<Notify>, shutdown: Cancellat
         tokio::select! {
             _ = every.tick() => {}
             _ = shutdown.cancelled() => return,
+        }
+        if store.reserve_given_up() {
+            let keeping = Arc::clone(&store);
+            match tokio::task::spawn_blocking(move || keeping.keep_reserve_again()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "the space for delivery cannot be kept again yet")
+                }
+                Err(e) => tracing::error!(error = %e, "keeping the space for delivery panicked"),
+            }
         }
         if !store.is_failed() {
             continue;
@@ -629,6 +660,14 @@ async fn start_store(
             }
             Err(e) => return Err(e.into()),
         };
+        // A store that filled its disk itself: the space kept for delivery makes room.
+        if crate::store::reserve::give_up_at(path).unwrap_or(false) {
+            tracing::warn!(
+                store = %path.display(),
+                "no space left on device for the store: gave up the space kept for delivery (storage.reserve_bytes) to start; updates are refused until there is room for it and as much again"
+            );
+            continue;
+        }
         if !std::mem::replace(&mut said, true) {
             tracing::error!(
                 store = %path.display(),

@@ -103,18 +103,18 @@ pub fn bytes(n: u64) -> String {
 }
 
 /// The warning for a disk with less room than a full outbox may take (`free` bytes left where
-/// the store is). A store that fills its own disk cannot record the deliveries it makes (each
-/// is a write), so delivery stops until room is made outside outpost: nothing else there
-/// frees any.
+/// the store is). A store that fills its own disk refuses updates until room is made outside
+/// outpost, and records the deliveries it makes (each a write) only in the space
+/// `storage.reserve_bytes` kept (`store::reserve`).
 pub fn outbox_room_warning(free: u64, max_outbox_bytes: u64) -> Option<String> {
     // sled keeps about four times the data on disk (ARCHITECTURE.md's measurement).
     let needed = max_outbox_bytes.saturating_mul(4);
     (free < needed).then(|| {
         format!(
             "{} free where the store is; a full outbox (storage.max_outbox_bytes {}) can take \
-             about {} on disk. A store that fills its disk cannot record its deliveries, and \
-             delivery stops until room is made there: set storage.max_outbox_bytes to a \
-             quarter of the free space or less ({} here)",
+             about {} on disk. A store that fills its disk refuses updates until room is made \
+             there, and delivers only with the space storage.reserve_bytes keeps: set \
+             storage.max_outbox_bytes to a quarter of the free space or less ({} here)",
             bytes(free),
             bytes(max_outbox_bytes),
             bytes(needed),
@@ -346,8 +346,8 @@ mod tests {
         assert!(
             warning.starts_with(
                 "6.0 MiB free where the store is; a full outbox (storage.max_outbox_bytes 1.0 \
-                 GiB) can take about 4.0 GiB on disk. A store that fills its disk cannot record \
-                 its deliveries"
+                 GiB) can take about 4.0 GiB on disk. A store that fills its disk refuses \
+                 updates until room is made there"
             ),
             "{warning}"
         );

@@ -530,3 +530,142 @@ fn a_listing_whose_temporary_folder_is_full_says_which_disk_is() {
         "{stderr}"
     );
 }
+
+/// A store that fills its disk itself (its destination down while updates keep coming) still
+/// delivers everything it took once the destination is back: recording a delivery is a write,
+/// and the space kept for delivery (`storage.reserve_bytes`) is given up for it. Updates stay
+/// refused until there is room for that space again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "32m") else {
+        return;
+    };
+    let store = fs.dir.join("store");
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(outpost::receiver::down()));
+    let port = free_port();
+    let config = dir.path().join("outpost.toml");
+    let text = config_text(&receiver.base_url(), &format!("127.0.0.1:{port}"), &store);
+    let path_line = format!("path = {:?}", store.display().to_string());
+    let with_reserve = text.replace(
+        &path_line,
+        &format!("{path_line}\nreserve_bytes = {}", 4 << 20),
+    );
+    assert_ne!(with_reserve, text);
+    std::fs::write(&config, with_reserve).unwrap();
+    let mut agent = AgentProcess::start(&config, port).await;
+    // Other files leave the store 3 MiB, which its updates fill.
+    let filler = fs.fill(3 << 20);
+    let (acked, (_, message)) = post_until_full(&agent).await;
+    assert!(acked > 0, "the disk was full before the first update");
+    assert_plain_no_space(&message, &store);
+
+    // The destination is back: everything acknowledged arrives, though the disk stays full.
+    receiver.set_export_script(None);
+    let profiles = acked * 10;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let delivered = || -> std::collections::HashSet<String> {
+        receiver
+            .delivered()
+            .iter()
+            .map(|r| profile_of(&r.json().unwrap()))
+            .collect()
+    };
+    while delivered().len() < profiles {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {profiles} profiles delivered:\n{}",
+            delivered().len(),
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, (_, message)) = http_post_full(agent.addr, batch(acked)).await;
+    assert_eq!(
+        status, 503,
+        "updates are refused while the disk is full: {message}"
+    );
+    assert_plain_no_space(&message, &store);
+    assert!(
+        agent.log().contains("gave up the space kept for delivery"),
+        "{}",
+        agent.log()
+    );
+
+    // Room again: the space is kept again and updates are taken.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, (_, message)) = http_post_full(agent.addr, batch(acked)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{message}");
+        assert!(
+            Instant::now() < deadline,
+            "updates were not taken again:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        std::fs::metadata(store.join("reserve")).unwrap().len(),
+        4 << 20
+    );
+    agent.terminate().await;
+}
+
+/// An agent started on a disk that filled while it was stopped gives up the space kept for
+/// delivery to open its store, and delivers what the store holds; updates are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_on_a_full_disk_gives_up_its_reserve_and_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "32m") else {
+        return;
+    };
+    let store = fs.dir.join("store");
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(outpost::receiver::down()));
+    let port = free_port();
+    let config = dir.path().join("outpost.toml");
+    let text = config_text(&receiver.base_url(), &format!("127.0.0.1:{port}"), &store);
+    let path_line = format!("path = {:?}", store.display().to_string());
+    std::fs::write(
+        &config,
+        text.replace(
+            &path_line,
+            &format!("{path_line}\nreserve_bytes = {}", 4 << 20),
+        ),
+    )
+    .unwrap();
+    let mut agent = AgentProcess::start(&config, port).await;
+    for n in 0..5 {
+        let (status, (_, message)) = http_post_full(agent.addr, batch(n)).await;
+        assert_eq!(status, 200, "{message}");
+    }
+    agent.terminate().await;
+    assert_eq!(
+        std::fs::metadata(store.join("reserve")).unwrap().len(),
+        4 << 20
+    );
+    fs.fill(0);
+
+    receiver.set_export_script(None);
+    let mut agent = AgentProcess::spawn_with_env(&config, port, &[]);
+    wait_until_healthz(&agent, 503, "a full disk").await;
+    all_delivered(&receiver, &agent, 50, "from a full disk").await;
+    let (status, (_, message)) = http_post_full(agent.addr, batch(5)).await;
+    assert_eq!(status, 503, "{message}");
+    assert_plain_no_space(&message, &store);
+    assert!(
+        agent.log().contains("gave up the space kept for delivery"),
+        "{}",
+        agent.log()
+    );
+    agent.terminate().await;
+}

@@ -44,6 +44,7 @@ const MAX_PROFILES_PER_REQUEST: u64 = 1000;
 
 /// One MiB: `storage.cache_bytes`.
 const MIN_CACHE_BYTES: u64 = 1 << 20;
+const MAX_RESERVE_BYTES: u64 = 64 << 30;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -391,10 +392,17 @@ fn validate_storage(
             format!("must be at least {MIN_CACHE_BYTES}"),
         ));
     }
+    if raw.reserve_bytes > MAX_RESERVE_BYTES {
+        return Err((
+            "storage.reserve_bytes",
+            format!("must be at most {MAX_RESERVE_BYTES} (64 GiB)"),
+        ));
+    }
     Ok(Storage {
         path,
         max_outbox_bytes: raw.max_outbox_bytes,
         cache_bytes: raw.cache_bytes,
+        reserve_bytes: raw.reserve_bytes,
     })
 }
 
@@ -590,6 +598,7 @@ mod tests {
         assert!(config.mapping.identities.is_empty());
         assert_eq!(config.ingest.max_future_s, 86_400);
         assert_eq!(config.ingest.read_timeout, Duration::from_secs(30));
+        assert_eq!(config.storage.reserve_bytes, 32 << 20);
     }
 
     #[test]
@@ -645,6 +654,11 @@ mod tests {
                 "path = \"store\"",
                 &long_store_path,
             ),
+            (
+                "a reserve over 64 GiB",
+                "path = \"store\"",
+                "path = \"store\"\nreserve_bytes = 68719476737",
+            ),
         ];
         let expected_keys = [
             "colour",
@@ -659,6 +673,7 @@ mod tests {
             "ingest.read_timeout_ms",
             "ingest.max_connections",
             "storage.path",
+            "storage.reserve_bytes",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {
             let text = VALID.replacen(from, to, 1);

@@ -173,6 +173,9 @@ pub struct Storage {
     pub path: PathBuf,
     pub max_outbox_bytes: u64,
     pub cache_bytes: u64,
+    /// Disk space the agent keeps allocated beside the store, given up for delivery when the
+    /// disk is full (`store::reserve`); 0: none.
+    pub reserve_bytes: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -111,6 +111,8 @@ pub(super) struct RawStorage {
     pub(super) max_outbox_bytes: u64,
     #[serde(default = "default_cache_bytes")]
     pub(super) cache_bytes: u64,
+    #[serde(default = "default_reserve_bytes")]
+    pub(super) reserve_bytes: u64,
 }
 
 impl Default for RawStorage {
@@ -119,6 +121,7 @@ impl Default for RawStorage {
             path: default_storage_path(),
             max_outbox_bytes: default_max_outbox_bytes(),
             cache_bytes: default_cache_bytes(),
+            reserve_bytes: default_reserve_bytes(),
         }
     }
 }
@@ -129,6 +132,10 @@ fn default_storage_path() -> PathBuf {
 
 fn default_max_outbox_bytes() -> u64 {
     1 << 30
+}
+
+fn default_reserve_bytes() -> u64 {
+    32 << 20
 }
 
 fn default_cache_bytes() -> u64 {

@@ -463,7 +463,7 @@ fn backfill_step(
     committed: &Notify,
 ) -> Result<Option<BackfillProgress>, CommitError> {
     let progress = store
-        .write_section()
+        .update_section()
         .and_then(|_section| {
             let progress = store.backfill_step(mapping, STEP_PROFILES, Utc::now())?;
             store.flush()?;
@@ -522,7 +522,7 @@ fn run(
         let started = std::time::Instant::now();
         let mut decided = std::time::Duration::ZERO;
         let (mut writing, mut applied) = (false, None);
-        let flushed = store.write_section().and_then(|_section| {
+        let flushed = store.update_section().and_then(|_section| {
             writing = true;
             applied = Some(store.apply_each(&groups, mapping, Utc::now(), &consumed)?);
             decided = started.elapsed();

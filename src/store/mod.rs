@@ -5,6 +5,7 @@
 //! | opening, format, reopening after an I/O error, flush | `open.rs` | `meta/format` → layout version (u64 BE); `meta/store_id` → u32 BE |
 //! | moving the profiles of older stores (formats 1 to 3, one to a key) into groups | `upgrade.rs` | `profiles`: profile id (UTF-8) → a profile value; `meta/upgrade` → format byte, present while under way |
 //! | rebuilding a store into a fresh database after an upgrade, swapped in inside its folder | `rebuild.rs` | `meta/rebuild` → empty, present while wanted; files `rebuild/`, `rebuild.swap`, `outpost.lock` |
+//! | disk space kept for delivery, given up on a full disk | `reserve.rs` | file `reserve`: missing (none made), empty (given up: updates refused), or allocated |
 //! | profile groups: the stored profiles, a few to a key | `groups.rs` | `profile_groups`: group (u32 BE) → format byte + bincode of `[(profile id, profile value)]` |
 //! | profiles and applying updates | `profiles.rs` | a profile value: format byte + bincode of a [`crate::profile::record::ProfileRecord`] (format 1: [`codec::ProfileJson`]); `meta/profiles` → how many (u64 BE) |
 //! | exports: numbering, appending, reading in order, listing | `export.rs` | `outbox`, `dead`: sequence (u64 BE) → [`codec::ExportRecord`]; `meta/next_seq` → u64 BE |
@@ -78,6 +79,7 @@ mod path_control;
 mod pause;
 mod profiles;
 mod rebuild;
+pub mod reserve;
 pub mod source;
 mod stale;
 mod superseded;
@@ -104,6 +106,7 @@ pub use owner::{act_as_owner, OwnerError, StoreOwner, StoreUse};
 pub use pause::{Pausing, Resuming};
 pub use profiles::BatchSummary;
 pub use rebuild::{free_bytes, Compacted};
+pub use reserve::ReserveState;
 pub use superseded::PutBack;
 pub use tally::{ClockJumpReport, OutboxFull, OutboxStats, Place, Tally};
 pub use unreadable::{unreadable_record, UnreadableRecord, UNREADABLE};
@@ -172,6 +175,8 @@ pub struct Store {
     failed: AtomicBool,
     /// The failure was a full disk.
     failed_no_space: AtomicBool,
+    /// The disk space kept for delivery on a full disk ([`reserve`]).
+    reserve: reserve::Reserve,
     /// The [`Trees::generation`] in use.
     generation: AtomicU64,
     store_id: u32,

@@ -380,6 +380,7 @@ impl Store {
             trees: RwLock::new(Some(Arc::new(trees))),
             failed: AtomicBool::new(false),
             failed_no_space: AtomicBool::new(false),
+            reserve: Default::default(),
             generation: AtomicU64::new(0),
             run_clock: RunClock::starting_at(opened.clock.uptime_ms),
             store_id: opened.store_id,
@@ -631,10 +632,20 @@ impl Store {
         if self.is_failed() {
             return Some(self.failure());
         }
+        if let Some(refused) = self.refusing_updates() {
+            return Some(refused);
+        }
         if self.closing.load(Ordering::SeqCst) {
             return Some(StoreError::Reopening(self.path.clone()));
         }
         self.trees().err()
+    }
+
+    /// Why updates (and backfill steps, which make exports) are refused while other writes
+    /// are taken: the space kept for delivery was given up on a full disk ([`super::reserve`]).
+    pub fn refusing_updates(&self) -> Option<StoreError> {
+        self.reserve_given_up()
+            .then(|| StoreError::NoSpace(self.path.clone()))
     }
 
     /// The error a failed store answers with.
@@ -662,7 +673,12 @@ impl Store {
         if !self.is_failed() {
             return Ok(false);
         }
-        probe_space(&self.path).map_err(|e| {
+        let probed = match probe_space(&self.path) {
+            // A store that filled its disk itself: the space kept for delivery makes room.
+            Err(e) if is_no_space(&e) && self.give_up_reserve() => probe_space(&self.path),
+            probed => probed,
+        };
+        probed.map_err(|e| {
             if is_no_space(&e) {
                 StoreError::NoSpace(self.path.clone())
             } else {
@@ -724,6 +740,15 @@ impl Store {
             Err(std::sync::TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => Err(refused()),
         }
+    }
+
+    /// [`Store::write_section`] for writes that take room on the disk for good (updates, a
+    /// backfill's exports): refused also while the space kept for delivery is given up.
+    pub fn update_section(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, StoreError> {
+        if let Some(refused) = self.refusing_updates() {
+            return Err(refused);
+        }
+        self.write_section()
     }
 
     /// Refuses new write sections and waits (at most [`CLOSE_WAIT`]) for those in progress;
