@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::output::{output_error, Listing};
+use super::output::{in_columns, output_error, Listing};
 use super::progress::Progress;
 use super::{for_terminal, list_paged_by, print_json, text_of, Backend, CliError, Print};
 use crate::admin::AdminRequest;
@@ -474,9 +474,9 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
                     }
                     writeln!(
                         out,
-                        "{:<14} {:<24} {:<24} {}",
+                        "{:<14} {} {:<24} {}",
                         text_of(&item["id"]),
-                        text_of(&item["subject"]),
+                        in_columns(&text_of(&item["subject"]), 24),
                         text_of(&item["received_at"]),
                         text_of(&item["error"])
                     )?;

@@ -343,13 +343,13 @@ impl ExportTable {
             }
             writeln!(
                 self.out,
-                "{:<26} {:<24} {:<9} {:>8}  {:<24}  {}",
+                "{:<26} {} {:<9} {:>8}  {:<24}  {}",
                 text_of(&e["id"]),
-                truncate_chars(&text_of(&e["profile_id"]), 24),
+                in_columns(&text_of(&e["profile_id"]), 24),
                 text_of(&e["reason"]),
                 text_of(&e["attempts"]),
                 text_of(&e["created_at"]),
-                truncate_chars(&text_of(&e["last_error"]), 60)
+                cut_to_columns(&text_of(&e["last_error"]), 60)
             )
             .map_err(output_error)?;
         }
@@ -397,20 +397,61 @@ pub(super) fn print_export(export: &Value) -> Result<(), super::CliError> {
     Ok(())
 }
 
-fn truncate_chars(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_owned()
-    } else {
-        let mut cut: String = text.chars().take(max - 1).collect();
-        cut.push('…');
-        cut
+/// `text` cut to at most `columns` columns of a terminal, ending in `…` where it was cut: wide
+/// characters (CJK, most emoji) take two.
+fn cut_to_columns(text: &str, columns: usize) -> String {
+    use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
+    if text.width() <= columns {
+        return text.to_owned();
     }
+    let mut cut = String::new();
+    let mut width = 0;
+    for c in text.chars() {
+        let w = c.width().unwrap_or(0);
+        if width + w > columns.saturating_sub(1) {
+            break;
+        }
+        cut.push(c);
+        width += w;
+    }
+    cut.push('…');
+    cut
+}
+
+/// `text` in a table column `columns` wide: cut as [`cut_to_columns`] cuts it, padded with
+/// spaces (`{:<N}` pads by characters, and a column of wide ones went past its place).
+pub(super) fn in_columns(text: &str, columns: usize) -> String {
+    use unicode_width::UnicodeWidthStr;
+    let cut = cut_to_columns(text, columns);
+    let pad = columns.saturating_sub(cut.width());
+    format!("{cut}{}", " ".repeat(pad))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn table_columns_count_what_a_terminal_shows() {
+        use unicode_width::UnicodeWidthStr;
+        for (text, shown) in [
+            ("p-1", "p-1     "),
+            ("顧客-42", "顧客-42 "),
+            ("顧客顧客顧客", "顧客顧… "),
+            ("profile-long-id", "profile…"),
+            ("é✓", "é✓      "),
+        ] {
+            let column = in_columns(text, 8);
+            assert_eq!(column, shown, "{text}");
+            assert_eq!(column.width(), 8, "{text}: {column}");
+        }
+        assert_eq!(
+            cut_to_columns("顧客顧客顧客", 8),
+            "顧客顧…",
+            "no room for a fourth"
+        );
+    }
 
     #[test]
     fn control_characters_reach_the_terminal_escaped() {
