@@ -38,6 +38,8 @@ pub enum AgentError {
     #[error("{0}")]
     Nats(#[from] crate::source::nats::NatsError),
     #[error("{0}")]
+    NatsStart(#[from] crate::source::nats::StartError),
+    #[error("{0}")]
     Tls(String),
     /// A file `[source.nats]` names cannot be used.
     #[error("{0}")]
@@ -62,7 +64,9 @@ impl AgentError {
     pub fn is_config(&self) -> bool {
         match self {
             AgentError::Setup(e) => e.is_config(),
-            AgentError::Tls(_) | AgentError::NatsFiles(_) => true,
+            AgentError::Tls(_)
+            | AgentError::NatsFiles(_)
+            | AgentError::NatsStart(crate::source::nats::StartError::Stream(_)) => true,
             AgentError::Store(e) => e.restart_cannot_mend(),
             _ => false,
         }

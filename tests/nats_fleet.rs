@@ -1871,20 +1871,11 @@ async fn a_subject_prefix_the_stream_was_not_made_for_is_refused() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
     }
-    let agent = moved.start().await;
-    wait_or_show(
-        20,
-        "the agent to refuse the stream",
-        &[&agent],
-        // In the log the error is quoted, its own quotes escaped.
-        async || {
-            agent
-                .log()
-                .contains("UPDATES takes subjects [\\\"test.updates.*\\\"], not test.moved.0")
-        },
-    )
-    .await;
-    drop(agent);
+    // An agent stops at its start, as for a mistake in its config.
+    let mut agent = AgentProcess::spawn_with_env(&moved.config(), moved.addr.port(), &[]);
+    let status = agent.wait_for_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(2), "{}", agent.log());
+    assert!(agent.log().contains(why), "{}", agent.log());
 
     // A stream made by hand that takes every partition's subject more widely is taken, by
     // `nats setup` (which records the count in it) as by `check`.
@@ -1944,15 +1935,18 @@ async fn a_stream_made_for_another_partition_count_is_refused() {
         "made for 8 partitions",
     );
     assert_eq!(messages(js.clone()).await, 0, "nothing published");
-    let agent = sixteen.start().await;
-    wait_or_show(
-        20,
-        "the agent to refuse the stream",
-        &[&agent],
-        async || agent.log().contains("made for 8 partitions"),
-    )
-    .await;
-    drop(agent);
+    // An agent stops at its start, as for a mistake in its config: its consumers would fail
+    // on the stream for ever, with the agent running and healthy.
+    let mut agent = AgentProcess::spawn_with_env(&sixteen.config(), sixteen.addr.port(), &[]);
+    let status = agent.wait_for_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(2), "{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("made for 8 partitions, not source.nats.partitions = 16"),
+        "{}",
+        agent.log()
+    );
 
     // A stream made by hand, without the count, holding a message of partition 12.
     js.delete_stream("UPDATES").await.unwrap();

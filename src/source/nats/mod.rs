@@ -313,6 +313,47 @@ struct Shared {
     fetch_room: tokio::sync::Semaphore,
 }
 
+/// Why the NATS source did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Connect(NatsError),
+    /// The stream cannot serve this configuration (made for another partition count, other
+    /// subjects, a retention that drops what no consumer holds): no restart mends it.
+    #[error("{0}")]
+    Stream(NatsError),
+}
+
+/// How long the start waits for NATS to look the stream over: a server that does not answer
+/// by then leaves it to the consumers, which keep trying.
+const CONNECT_AT_START: Duration = Duration::from_secs(1);
+const STREAM_AT_START: Duration = Duration::from_secs(3);
+
+/// Refuses a stream that cannot serve `config`, when NATS answers within a moment: each
+/// partition's consumer would otherwise fail on it for ever, one warning each, with the agent
+/// running and healthy.
+async fn refuse_an_unusable_stream(
+    config: &NatsSource,
+    js: &jetstream::Context,
+    state: &SourceState,
+) -> Result<(), StartError> {
+    let connected = tokio::time::timeout(CONNECT_AT_START, async {
+        while !state.connected() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    if connected.await.is_err() {
+        return Ok(());
+    }
+    match tokio::time::timeout(STREAM_AT_START, js.get_stream(&config.stream)).await {
+        Ok(Ok(stream)) => {
+            check_partitions(stream.cached_info(), config).map_err(StartError::Stream)
+        }
+        // Not there yet (`nats setup` to come), or no answer: the consumers say so.
+        _ => Ok(()),
+    }
+}
+
 /// Connects (in the background) and starts one consumer task per owned partition.
 pub async fn start(
     config: &NatsSource,
@@ -321,7 +362,7 @@ pub async fn start(
     metrics: Arc<Metrics>,
     (max_outbox_bytes, max_future_s): (u64, u64),
     shutdown: CancellationToken,
-) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), NatsError> {
+) -> Result<(Arc<SourceState>, Vec<JoinHandle<()>>), StartError> {
     store.set_max_rejected(config.max_rejected);
     let recounting = Arc::clone(&store);
     let max_rejected = config.max_rejected;
@@ -331,7 +372,9 @@ pub async fn start(
         }
     });
     let events = Arc::<ConnectionEvents>::default();
-    let client = connect_counting(config, true, Arc::clone(&events)).await?;
+    let client = connect_counting(config, true, Arc::clone(&events))
+        .await
+        .map_err(StartError::Connect)?;
     let state = Arc::new(SourceState {
         events,
         client: client.clone(),
@@ -360,6 +403,7 @@ pub async fn start(
         shutdown,
         fetch_room: tokio::sync::Semaphore::new(FETCH_BYTES_BUDGET),
     });
+    refuse_an_unusable_stream(config, &shared.js, &state).await?;
     tokio::spawn(warn_while_unreachable(
         Arc::clone(&state),
         config.servers.join(", "),
