@@ -531,16 +531,24 @@ fn a_listing_whose_temporary_folder_is_full_says_which_disk_is() {
     );
 }
 
-/// A store that fills its disk itself (its destination down while updates keep coming) still
-/// delivers everything it took once the destination is back: recording a delivery is a write,
-/// and the space kept for delivery (`storage.reserve_bytes`) is given up for it. Updates stay
-/// refused until there is room for that space again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
+/// The space a store on [`a_disk_with_a_reserve`] keeps for delivery.
+const RESERVE: u64 = 4 << 20;
+
+/// A store on a fresh 32 MiB tmpfs that keeps [`RESERVE`] for delivery, and a destination
+/// that answers 503. Fields drop in order: the tmpfs is unmounted after the receiver stops.
+struct ReservedDisk {
+    receiver: Receiver,
+    config: PathBuf,
+    port: u16,
+    store: PathBuf,
+    fs: Tmpfs,
+    _dir: tempfile::TempDir,
+}
+
+/// [`ReservedDisk`], or `None` when no tmpfs can be mounted (see [`tmpfs_or_skip`]).
+async fn a_disk_with_a_reserve() -> Option<ReservedDisk> {
     let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "32m") else {
-        return;
-    };
+    let fs = tmpfs_or_skip(&dir.path().join("fs"), "32m")?;
     let store = fs.dir.join("store");
     let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
         .await
@@ -552,16 +560,36 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
     let path_line = format!("path = {:?}", store.display().to_string());
     let with_reserve = text.replace(
         &path_line,
-        &format!("{path_line}\nreserve_bytes = {}", 4 << 20),
+        &format!("{path_line}\nreserve_bytes = {RESERVE}"),
     );
     assert_ne!(with_reserve, text);
     std::fs::write(&config, with_reserve).unwrap();
-    let mut agent = AgentProcess::start(&config, port).await;
+    Some(ReservedDisk {
+        receiver,
+        config,
+        port,
+        store,
+        fs,
+        _dir: dir,
+    })
+}
+
+/// A store that fills its disk itself (its destination down while updates keep coming) still
+/// delivers everything it took once the destination is back: recording a delivery is a write,
+/// and the space kept for delivery (`storage.reserve_bytes`) is given up for it. Updates stay
+/// refused until there is room for that space again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
+    let Some(disk) = a_disk_with_a_reserve().await else {
+        return;
+    };
+    let (fs, store, receiver) = (&disk.fs, &disk.store, &disk.receiver);
+    let mut agent = AgentProcess::start(&disk.config, disk.port).await;
     // Other files leave the store 3 MiB, which its updates fill.
     let filler = fs.fill(3 << 20);
     let (acked, (_, message)) = post_until_full(&agent).await;
     assert!(acked > 0, "the disk was full before the first update");
-    assert_plain_no_space(&message, &store);
+    assert_plain_no_space(&message, store);
 
     // The destination is back: everything acknowledged arrives, though the disk stays full.
     receiver.set_export_script(None);
@@ -588,7 +616,7 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
         status, 503,
         "updates are refused while the disk is full: {message}"
     );
-    assert_plain_no_space(&message, &store);
+    assert_plain_no_space(&message, store);
     assert!(
         agent.log().contains("gave up the space kept for delivery"),
         "{}",
@@ -613,7 +641,7 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
     }
     assert_eq!(
         std::fs::metadata(store.join("reserve")).unwrap().len(),
-        4 << 20
+        RESERVE
     );
     agent.terminate().await;
 }
@@ -622,28 +650,11 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
 /// delivery to open its store, and delivers what the store holds; updates are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_on_a_full_disk_gives_up_its_reserve_and_delivers() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = tmpfs_or_skip(&dir.path().join("fs"), "32m") else {
+    let Some(disk) = a_disk_with_a_reserve().await else {
         return;
     };
-    let store = fs.dir.join("store");
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
-        .await
-        .unwrap();
-    receiver.set_export_script(Some(outpost::receiver::down()));
-    let port = free_port();
-    let config = dir.path().join("outpost.toml");
-    let text = config_text(&receiver.base_url(), &format!("127.0.0.1:{port}"), &store);
-    let path_line = format!("path = {:?}", store.display().to_string());
-    std::fs::write(
-        &config,
-        text.replace(
-            &path_line,
-            &format!("{path_line}\nreserve_bytes = {}", 4 << 20),
-        ),
-    )
-    .unwrap();
-    let mut agent = AgentProcess::start(&config, port).await;
+    let (fs, store, receiver) = (&disk.fs, &disk.store, &disk.receiver);
+    let mut agent = AgentProcess::start(&disk.config, disk.port).await;
     for n in 0..5 {
         let (status, (_, message)) = http_post_full(agent.addr, batch(n)).await;
         assert_eq!(status, 200, "{message}");
@@ -651,17 +662,17 @@ async fn an_agent_started_on_a_full_disk_gives_up_its_reserve_and_delivers() {
     agent.terminate().await;
     assert_eq!(
         std::fs::metadata(store.join("reserve")).unwrap().len(),
-        4 << 20
+        RESERVE
     );
     fs.fill(0);
 
     receiver.set_export_script(None);
-    let mut agent = AgentProcess::spawn_with_env(&config, port, &[]);
+    let mut agent = AgentProcess::spawn_with_env(&disk.config, disk.port, &[]);
     wait_until_healthz(&agent, 503, "a full disk").await;
-    all_delivered(&receiver, &agent, 50, "from a full disk").await;
+    all_delivered(receiver, &agent, 50, "from a full disk").await;
     let (status, (_, message)) = http_post_full(agent.addr, batch(5)).await;
     assert_eq!(status, 503, "{message}");
-    assert_plain_no_space(&message, &store);
+    assert_plain_no_space(&message, store);
     assert!(
         agent.log().contains("gave up the space kept for delivery"),
         "{}",
