@@ -133,6 +133,16 @@ fn run_killed(args: &[&str], config: &Path, delay: Duration) -> Option<bool> {
 /// Runs the command, killing it at growing instants, until it finishes; checks `consistent`
 /// after each kill. Returns how many kills there were.
 fn until_done(args: &[&str], config: &Path, consistent: impl Fn() -> bool) -> usize {
+    until_done_in_steps(args, config, |delay| delay.mul_f64(1.3), consistent)
+}
+
+/// [`until_done`], each instant `next` of the one before.
+fn until_done_in_steps(
+    args: &[&str],
+    config: &Path,
+    next: impl Fn(Duration) -> Duration,
+    consistent: impl Fn() -> bool,
+) -> usize {
     let mut delay = Duration::from_millis(15);
     let mut kills = 0;
     loop {
@@ -143,7 +153,7 @@ fn until_done(args: &[&str], config: &Path, consistent: impl Fn() -> bool) -> us
                 assert!(consistent(), "inconsistent after a kill at {delay:?}");
             }
         }
-        delay = delay.mul_f64(1.3);
+        delay = next(delay);
         assert!(kills < 200, "outpost {args:?} never finished");
     }
 }
@@ -422,7 +432,11 @@ fn a_take_over_through_a_running_agent_finishes_after_its_command_is_killed() {
     let taking_over = claim::taking_over(&handed, &ours);
     let claims = Claims::of(&taking);
     let reserved = std::cell::Cell::new(0);
-    let kills = until_done(&["nats", "take-over", file_arg], &taking, || {
+    // The claims say it is being taken over in the last 60 ms or so of a run of 800 (most of
+    // it the command's start): steps of 1.3 times the last came through it once or not at all,
+    // and none when the machine was busy. Steps of 20 ms, and 3% past 667 ms.
+    let finer = |delay: Duration| (delay + Duration::from_millis(20)).max(delay.mul_f64(1.03));
+    let kills = until_done_in_steps(&["nats", "take-over", file_arg], &taking, finer, || {
         let said = claims.read();
         for claim in &said {
             assert!(
