@@ -198,9 +198,13 @@ impl Agent {
         keep_reserve(&store, config.storage.reserve_bytes).await?;
         let free = crate::store::free_bytes(&config.storage.path).ok();
         let max_outbox_bytes = config.storage.max_outbox_bytes;
-        if let Some(warning) =
-            free.and_then(|free| crate::explain::outbox_room_warning(free, max_outbox_bytes))
-        {
+        if let Some(warning) = free.and_then(|free| {
+            crate::explain::outbox_room_warning(
+                free,
+                max_outbox_bytes,
+                config.storage.reserve_bytes,
+            )
+        }) {
             tracing::warn!("{warning}");
         }
         let listener = Ready::listen(socket, config.ingest.listen)?;
@@ -545,14 +549,21 @@ async fn keep_reserve(store: &Arc<Store>, bytes: u64) -> Result<(), AgentError> 
     let kept = tokio::task::spawn_blocking(move || keeping.keep_reserve(bytes))
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    let (asked, bytes) = (bytes, crate::explain::bytes(bytes));
     match kept {
         ReserveState::Kept | ReserveState::None => {}
-        ReserveState::NotKept { free } => tracing::warn!(
-            "the space kept for delivery on a full disk (storage.reserve_bytes = {bytes}) is not kept: {} free on the disk, and it is made only with as much again; a store that fills its disk itself cannot record deliveries then. Made once there is room at a later start",
+        ReserveState::NotMade { free } => tracing::warn!(
+            "the space kept for delivery on a full disk (storage.reserve_bytes, {bytes}) is not made: {} free where the store is, and it is made only where it fits twice over (made once there is room); until then a store that fills its disk itself cannot record its deliveries",
+            crate::explain::bytes(free)
+        ),
+        ReserveState::KeptAtItsSize { kept, free } => tracing::warn!(
+            "the space kept for delivery stays at {} (storage.reserve_bytes asks for {bytes}): {} free where the store is, and the new size is made only where it fits twice over",
+            crate::explain::bytes(kept),
             crate::explain::bytes(free)
         ),
         ReserveState::GivenUp => tracing::warn!(
-            "the space kept for delivery was given up on a full disk: updates are refused until there is room for storage.reserve_bytes ({bytes}) and as much again"
+            reserve_bytes = asked,
+            "the space kept for delivery was given up on a full disk: updates are refused until there is room for it twice over ({bytes} each)"
         ),
     }
     Ok(())

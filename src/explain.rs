@@ -106,14 +106,21 @@ pub fn bytes(n: u64) -> String {
 /// the store is). A store that fills its own disk refuses updates until room is made outside
 /// outpost, and records the deliveries it makes (each a write) only in the space
 /// `storage.reserve_bytes` kept (`store::reserve`).
-pub fn outbox_room_warning(free: u64, max_outbox_bytes: u64) -> Option<String> {
+pub fn outbox_room_warning(free: u64, max_outbox_bytes: u64, reserve_bytes: u64) -> Option<String> {
     // sled keeps about four times the data on disk (ARCHITECTURE.md's measurement).
     let needed = max_outbox_bytes.saturating_mul(4);
+    let delivery = match reserve_bytes {
+        0 => "cannot record its deliveries, and delivery stops until room is made there".to_owned(),
+        reserve => format!(
+            "refuses updates until room is made there, and records its deliveries only in the \
+             {} storage.reserve_bytes keeps (a few hundred bytes each at most)",
+            bytes(reserve)
+        ),
+    };
     (free < needed).then(|| {
         format!(
             "{} free where the store is; a full outbox (storage.max_outbox_bytes {}) can take \
-             about {} on disk. A store that fills its disk refuses updates until room is made \
-             there, and delivers only with the space storage.reserve_bytes keeps: set \
+             about {} on disk. A store that fills its disk {delivery}: set \
              storage.max_outbox_bytes to a quarter of the free space or less ({} here)",
             bytes(free),
             bytes(max_outbox_bytes),
@@ -341,17 +348,23 @@ mod tests {
 
     #[test]
     fn a_disk_with_less_room_than_a_full_outbox_takes_is_warned_of() {
-        assert_eq!(outbox_room_warning(4 << 30, 1 << 30), None);
-        let warning = outbox_room_warning(6 << 20, 1 << 30).unwrap();
+        assert_eq!(outbox_room_warning(4 << 30, 1 << 30, 32 << 20), None);
+        let warning = outbox_room_warning(6 << 20, 1 << 30, 32 << 20).unwrap();
         assert!(
             warning.starts_with(
                 "6.0 MiB free where the store is; a full outbox (storage.max_outbox_bytes 1.0 \
                  GiB) can take about 4.0 GiB on disk. A store that fills its disk refuses \
-                 updates until room is made there"
+                 updates until room is made there, and records its deliveries only in the 32.0 \
+                 MiB storage.reserve_bytes keeps"
             ),
             "{warning}"
         );
         assert!(warning.ends_with("(1.5 MiB here)"), "{warning}");
+        let without = outbox_room_warning(6 << 20, 1 << 30, 0).unwrap();
+        assert!(
+            without.contains("cannot record its deliveries, and delivery stops"),
+            "{without}"
+        );
     }
 
     #[test]

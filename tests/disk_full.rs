@@ -617,11 +617,29 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
         "updates are refused while the disk is full: {message}"
     );
     assert_plain_no_space(&message, store);
+    assert!(message.contains("storage.reserve_bytes"), "{message}");
     assert!(
         agent.log().contains("gave up the space kept for delivery"),
         "{}",
         agent.log()
     );
+
+    // `outpost ingest` with no agent running refuses them too: they would take the room
+    // delivery records in.
+    agent.terminate().await;
+    let file = disk.config.with_file_name("more.ndjson");
+    std::fs::write(&file, batch(acked)).unwrap();
+    let out = Command::new(binary())
+        .args(["ingest", "--config"])
+        .arg(&disk.config)
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("storage.reserve_bytes"), "{stderr}");
+    let mut agent = AgentProcess::spawn_with_env(&disk.config, disk.port, &[]);
+    wait_until_healthz(&agent, 503, "the agent started again on the full disk").await;
 
     // Room again: the space is kept again and updates are taken.
     std::fs::remove_file(&filler).unwrap();

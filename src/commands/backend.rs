@@ -215,6 +215,12 @@ impl Backend {
         let Backend::Local(store) = self else {
             return Ok(None);
         };
+        // A store whose space kept for delivery was given up on a full disk takes no update
+        // here either (`store::reserve`); that space is made, or made again, where there is room.
+        store.keep_reserve(config.storage.reserve_bytes)?;
+        if let Some(refused) = store.refusing_updates() {
+            return Err(refused.into());
+        }
         store.number_exports_past_the_clock(std::time::SystemTime::now())?;
         let mut mapping = config.mapping.clone();
         store.record_mapping(&mut mapping, Utc::now().timestamp_millis())?;

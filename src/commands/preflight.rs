@@ -93,8 +93,11 @@ pub(super) fn store(config: &Config) -> Finding {
     };
     let (free, warning) = match crate::store::free_bytes(&folder).ok() {
         Some(free) => {
-            let warning =
-                crate::explain::outbox_room_warning(free, config.storage.max_outbox_bytes);
+            let warning = crate::explain::outbox_room_warning(
+                free,
+                config.storage.max_outbox_bytes,
+                config.storage.reserve_bytes,
+            );
             (format!(", {} free", bytes(free)), warning)
         }
         None => (String::new(), None),

@@ -392,10 +392,13 @@ fn validate_storage(
             format!("must be at least {MIN_CACHE_BYTES}"),
         ));
     }
-    if raw.reserve_bytes > MAX_RESERVE_BYTES {
+    let at_least = crate::store::reserve::RESERVE_AT_LEAST;
+    if raw.reserve_bytes != 0 && !(at_least..=MAX_RESERVE_BYTES).contains(&raw.reserve_bytes) {
         return Err((
             "storage.reserve_bytes",
-            format!("must be at most {MAX_RESERVE_BYTES} (64 GiB)"),
+            format!(
+                "must be 0 (none) or from {at_least} (2 MiB: the reopen that gives it up writes 1 MiB to see that there is room) to {MAX_RESERVE_BYTES} (64 GiB)"
+            ),
         ));
     }
     Ok(Storage {
@@ -659,6 +662,11 @@ mod tests {
                 "path = \"store\"",
                 "path = \"store\"\nreserve_bytes = 68719476737",
             ),
+            (
+                "a reserve under the trial write's 1 MiB twice",
+                "path = \"store\"",
+                "path = \"store\"\nreserve_bytes = 1048576",
+            ),
         ];
         let expected_keys = [
             "colour",
@@ -673,6 +681,7 @@ mod tests {
             "ingest.read_timeout_ms",
             "ingest.max_connections",
             "storage.path",
+            "storage.reserve_bytes",
             "storage.reserve_bytes",
         ];
         for ((name, from, to), key) in cases.iter().zip(expected_keys) {

@@ -80,6 +80,14 @@ pub enum StoreError {
     /// reopened, which [`Store::recover`](super::Store::recover) does once there is room again.
     #[error("no space left on device for the store at {0}")]
     NoSpace(PathBuf),
+    /// The space kept for delivery was given up on a full disk ([`super::reserve`]): updates
+    /// are refused until there is room for it twice over; delivery goes on.
+    #[error(
+        "no space left on device for the store at {path}: the space kept for delivery \
+         (storage.reserve_bytes, {reserve}) was given up to record deliveries, and updates are \
+         refused until the disk has room for it twice over"
+    )]
+    ReserveGivenUp { path: PathBuf, reserve: String },
     /// A partition handed over to another store, or one whose hand-over or take-over did not
     /// finish: its position says so, and it is not consumed ([`super::handover`]).
     #[error("{0}")]
@@ -170,7 +178,7 @@ impl StoreError {
     /// Whether the disk (or the user's quota on it) is full, whichever step met it.
     pub fn is_no_space(&self) -> bool {
         match self {
-            StoreError::NoSpace(_) => true,
+            StoreError::NoSpace(_) | StoreError::ReserveGivenUp { .. } => true,
             StoreError::Open {
                 source: sled::Error::Io(io),
                 ..
@@ -184,7 +192,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::NoSpace(_) | StoreError::Io { .. } | StoreError::Reopening(_)
+            StoreError::NoSpace(_)
+                | StoreError::ReserveGivenUp { .. }
+                | StoreError::Io { .. }
+                | StoreError::Reopening(_)
         )
     }
 

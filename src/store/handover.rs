@@ -688,7 +688,8 @@ impl Store {
                 "its partitions {partitions:?} are not distinct partitions of {count}"
             ))));
         }
-        let _section = self.write_section()?;
+        // It stores profiles: refused while the space kept for delivery is given up.
+        let _section = self.update_section()?;
         let _writer = self.lock_profile_writer();
         let t = self.trees()?;
         let ours = header.store_id == self.store_id();

@@ -380,7 +380,7 @@ impl Store {
             trees: RwLock::new(Some(Arc::new(trees))),
             failed: AtomicBool::new(false),
             failed_no_space: AtomicBool::new(false),
-            reserve: Default::default(),
+            reserve: super::reserve::Reserve::found_at(path),
             generation: AtomicU64::new(0),
             run_clock: RunClock::starting_at(opened.clock.uptime_ms),
             store_id: opened.store_id,
@@ -644,8 +644,13 @@ impl Store {
     /// Why updates (and backfill steps, which make exports) are refused while other writes
     /// are taken: the space kept for delivery was given up on a full disk ([`super::reserve`]).
     pub fn refusing_updates(&self) -> Option<StoreError> {
-        self.reserve_given_up()
-            .then(|| StoreError::NoSpace(self.path.clone()))
+        self.reserve_given_up().then(|| StoreError::ReserveGivenUp {
+            path: self.path.clone(),
+            reserve: match self.reserve_bytes() {
+                0 => "as it was".into(),
+                bytes => crate::explain::bytes(bytes),
+            },
+        })
     }
 
     /// The error a failed store answers with.
@@ -713,7 +718,14 @@ impl Store {
         self.failed.store(false, Ordering::SeqCst);
         self.failed_no_space.store(false, Ordering::SeqCst);
         // At warn, as its failure was said.
-        tracing::warn!(store = %self.path.display(), "the store was reopened; it takes writes again");
+        match self.reserve_given_up() {
+            false => {
+                tracing::warn!(store = %self.path.display(), "the store was reopened; it takes writes again")
+            }
+            true => {
+                tracing::warn!(store = %self.path.display(), "the store was reopened: it records deliveries; updates wait for room for the space kept for delivery")
+            }
+        }
         Ok(true)
     }
 

@@ -1,46 +1,82 @@
-//! Disk space the agent keeps allocated beside the store, given up when the disk is full so
-//! that delivery can record what it delivers.
+//! Disk space kept allocated beside the store, given up when the disk is full so that delivery
+//! can record what it delivers.
 //!
 //! Recording a delivery is a write. A store that filled its own disk (its destination down
 //! while updates kept coming) sent what delivery had read and no more, and nothing it did
-//! made room. So the agent keeps `storage.reserve_bytes` allocated in `<store>/reserve`. When
-//! a write fails for lack of room and no trial write fits, the reopen truncates the file to
-//! nothing first ([`Store::recover`]): delivery records its outcomes in that room, and sled
-//! writes over the space of what it deleted. Updates stay refused until the disk has room for
-//! the reserve and as much again, when it is allocated again.
+//! made room. So `storage.reserve_bytes` are kept allocated in `<store>/reserve`. When a write
+//! fails for lack of room and no trial write fits, the reopen truncates that file to nothing
+//! first ([`Store::recover`]), and delivery records its outcomes in that room: a few hundred
+//! bytes each at most (sled reuses little of the space of what it deleted). Updates stay
+//! refused, by the agent and by `outpost ingest` alike, until the disk has room for the
+//! reserve twice over, when it is allocated again.
 //!
-//! The file's length is the state, so it holds across restarts: missing, none was made yet
-//! (or none is kept: `storage.reserve_bytes = 0`); empty, it was given up and updates are
-//! refused until it is allocated again; otherwise it is kept. Not a sled file: a rebuild of
-//! the store leaves it where it is.
+//! The file's length is the state, so it holds across restarts and for every process that
+//! opens the store: missing, none was made (or none is kept: `storage.reserve_bytes = 0`);
+//! empty, it was given up and updates are refused; otherwise it is kept. It is made (or
+//! resized) as `reserve.new`, allocated, then renamed: a failure never leaves it empty. Not a
+//! sled file: a rebuild of the store leaves it where it is.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use super::error::is_no_space;
 use super::{Store, StoreError};
 
 pub const RESERVE_FILE: &str = "reserve";
+const RESERVE_NEW: &str = "reserve.new";
 
-/// What the agent keeps, and whether it was given up.
+/// The least a reserve may be: the reopen after giving it up writes 1 MiB to see that there
+/// is room ([`super::SPACE_PROBE_BYTES`]).
+pub const RESERVE_AT_LEAST: u64 = 2 << 20;
+
+const NONE: u8 = 0;
+const NOT_MADE: u8 = 1;
+const KEPT: u8 = 2;
+const GIVEN_UP: u8 = 3;
+
+/// What is kept, in memory: the file says it at every open, [`Store::keep_reserve`] the size.
 #[derive(Debug, Default)]
 pub(super) struct Reserve {
     bytes: AtomicU64,
-    given_up: AtomicBool,
+    state: AtomicU8,
+    /// That the disk filled again once the reserve was given up has been said.
+    used_up_said: AtomicBool,
+}
+
+impl Reserve {
+    /// As the file at the store's `path` says, opened by any process: a reserve given up
+    /// refuses updates also to `outpost ingest` with no agent running.
+    pub(super) fn found_at(path: &Path) -> Reserve {
+        let state = match length(path) {
+            Ok(Some(0)) => GIVEN_UP,
+            _ => NONE,
+        };
+        Reserve {
+            state: AtomicU8::new(state),
+            ..Reserve::default()
+        }
+    }
 }
 
 /// What [`Store::keep_reserve`] found or did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReserveState {
     Kept,
-    /// None was made: too little room (the bytes free), or none is asked for.
-    NotKept {
+    /// None is asked for.
+    None,
+    /// Too little room to make it (`free` bytes, under twice it): made once there is.
+    NotMade {
         free: u64,
     },
-    None,
+    /// Another size was asked for, with too little room for it: the one kept stays.
+    KeptAtItsSize {
+        kept: u64,
+        free: u64,
+    },
     /// Given up on a full disk and not allocated again yet: updates are refused.
     GivenUp,
 }
@@ -49,26 +85,27 @@ fn reserve_path(store: &Path) -> PathBuf {
     store.join(RESERVE_FILE)
 }
 
-/// Allocates `bytes` for the file at `path` (created if missing), synced; a failure leaves it
-/// empty, so that a partial allocation does not take the last room.
-fn allocate(path: &Path, bytes: u64) -> io::Result<()> {
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)?;
+/// Allocates `bytes` for the store's reserve, synced, in a file of its own renamed over the
+/// reserve once done: a failure leaves the reserve as it was.
+fn allocate(store: &Path, bytes: u64) -> io::Result<()> {
+    let new = store.join(RESERVE_NEW);
     let allocated = (|| {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&new)?;
         let len = libc::off_t::try_from(bytes)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: the descriptor is open for writing for the length of the call.
         match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
-            0 => file.sync_all(),
-            errno => Err(io::Error::from_raw_os_error(errno)),
+            0 => file.sync_all()?,
+            errno => return Err(io::Error::from_raw_os_error(errno)),
         }
+        std::fs::rename(&new, reserve_path(store))
     })();
     if allocated.is_err() {
-        let _ = file.set_len(0);
-        let _ = file.sync_all();
+        let _ = std::fs::remove_file(&new);
     }
     allocated
 }
@@ -96,10 +133,17 @@ fn length(path: &Path) -> io::Result<Option<u64>> {
     }
 }
 
+/// Whether the reserve's blocks are on the disk: a sparse copy (`rsync -S`, a restore) has its
+/// length and frees nothing when given up.
+fn allocated_whole(path: &Path, bytes: u64) -> io::Result<bool> {
+    let metadata = std::fs::metadata(reserve_path(path))?;
+    Ok(metadata.len() == bytes && metadata.blocks() * 512 >= bytes)
+}
+
 impl Store {
-    /// At the agent's start: keeps `bytes` allocated beside the store (none: 0, and one kept
-    /// before is deleted). One given up stays so until there is room for it and as much
-    /// again; one never made is made when it fits with as much again.
+    /// At the agent's start, and before `outpost ingest` stores anything itself: keeps `bytes`
+    /// allocated beside the store (none: 0, and one kept before is deleted). One given up
+    /// stays so until there is room for it twice over; one not made yet is made only then.
     pub fn keep_reserve(&self, bytes: u64) -> Result<ReserveState, StoreError> {
         let io_error = |e: io::Error| StoreError::Io {
             path: reserve_path(&self.path),
@@ -111,53 +155,73 @@ impl Store {
             if found.is_some() {
                 std::fs::remove_file(reserve_path(&self.path)).map_err(io_error)?;
             }
-            self.reserve.given_up.store(false, Ordering::SeqCst);
+            self.reserve.state.store(NONE, Ordering::SeqCst);
             return Ok(ReserveState::None);
         }
-        match found {
-            Some(len) if len == bytes => Ok(ReserveState::Kept),
-            Some(0) => {
-                self.reserve.given_up.store(true, Ordering::SeqCst);
-                self.keep_reserve_again().map_err(io_error)?;
-                Ok(match self.reserve_given_up() {
-                    true => ReserveState::GivenUp,
-                    false => ReserveState::Kept,
-                })
-            }
-            // Another size (the setting changed), or none made yet.
-            _ => {
-                let free =
-                    super::rebuild::free_bytes(&self.path).map_err(io_error)? + found.unwrap_or(0);
-                if free < bytes.saturating_mul(2) {
-                    return Ok(ReserveState::NotKept { free });
-                }
-                match allocate(&reserve_path(&self.path), bytes) {
-                    Ok(()) => Ok(ReserveState::Kept),
-                    Err(e) if is_no_space(&e) => Ok(ReserveState::NotKept { free }),
-                    Err(e) => Err(io_error(e)),
-                }
-            }
+        if found == Some(0) {
+            self.reserve.state.store(GIVEN_UP, Ordering::SeqCst);
+            self.keep_reserve_again().map_err(io_error)?;
+            return Ok(match self.reserve.state.load(Ordering::SeqCst) {
+                KEPT => ReserveState::Kept,
+                _ => ReserveState::GivenUp,
+            });
         }
+        if found.is_some() && allocated_whole(&self.path, bytes).map_err(io_error)? {
+            self.reserve.state.store(KEPT, Ordering::SeqCst);
+            return Ok(ReserveState::Kept);
+        }
+        let free = super::rebuild::free_bytes(&self.path).map_err(io_error)?;
+        let made = free >= bytes.saturating_mul(2)
+            && match allocate(&self.path, bytes) {
+                Ok(()) => true,
+                Err(e) if is_no_space(&e) => false,
+                Err(e) => return Err(io_error(e)),
+            };
+        Ok(match (made, found) {
+            (true, _) => {
+                self.reserve.state.store(KEPT, Ordering::SeqCst);
+                ReserveState::Kept
+            }
+            // Another size, or a sparse copy: what is kept stays.
+            (false, Some(kept)) => {
+                self.reserve.state.store(KEPT, Ordering::SeqCst);
+                ReserveState::KeptAtItsSize { kept, free }
+            }
+            (false, None) => {
+                self.reserve.state.store(NOT_MADE, Ordering::SeqCst);
+                ReserveState::NotMade { free }
+            }
+        })
     }
 
     /// Whether the reserve was given up on a full disk and not allocated again: updates are
     /// refused meanwhile.
     pub fn reserve_given_up(&self) -> bool {
-        self.reserve.given_up.load(Ordering::SeqCst)
+        self.reserve.state.load(Ordering::SeqCst) == GIVEN_UP
     }
 
     /// On a full disk, when no trial write fits: gives the reserve up, so that the store can
-    /// be reopened and delivery record its outcomes. Whether it did.
+    /// be reopened and delivery record its outcomes. Whether it did. Said once if the reserve
+    /// was given up already: delivery has used it up.
     pub(super) fn give_up_reserve(&self) -> bool {
-        if self.reserve.bytes.load(Ordering::SeqCst) == 0 {
-            return false;
+        match self.reserve.state.load(Ordering::SeqCst) {
+            KEPT => {}
+            GIVEN_UP => {
+                if !self.reserve.used_up_said.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "the disk is full again, the space kept for delivery (storage.reserve_bytes) used up: nothing more is recorded until room is made on that disk (a larger storage.reserve_bytes records more deliveries)"
+                    );
+                }
+                return false;
+            }
+            _ => return false,
         }
         match give_up_at(&self.path) {
             Ok(true) => {
-                self.reserve.given_up.store(true, Ordering::SeqCst);
+                self.reserve.state.store(GIVEN_UP, Ordering::SeqCst);
                 tracing::warn!(
                     reserve_bytes = self.reserve.bytes.load(Ordering::SeqCst),
-                    "the disk is full: gave up the space kept for delivery (storage.reserve_bytes), which records its deliveries there; updates are refused until there is room for it and as much again"
+                    "the disk is full: gave up the space kept for delivery (storage.reserve_bytes), which records its deliveries there; updates are refused until there is room for it twice over"
                 );
                 true
             }
@@ -169,28 +233,39 @@ impl Store {
         }
     }
 
-    /// While the reserve is given up: allocates it again once the disk has room for it and
-    /// as much again, and takes updates again then.
+    /// While the reserve is given up, or was not made for lack of room: allocates it once the
+    /// disk has room for it twice over (updates are taken again then).
     pub fn keep_reserve_again(&self) -> io::Result<()> {
         let bytes = self.reserve.bytes.load(Ordering::SeqCst);
-        if !self.reserve_given_up() || bytes == 0 {
+        let state = self.reserve.state.load(Ordering::SeqCst);
+        if bytes == 0 || !matches!(state, GIVEN_UP | NOT_MADE) {
             return Ok(());
         }
         if super::rebuild::free_bytes(&self.path)? < bytes.saturating_mul(2) {
             return Ok(());
         }
-        match allocate(&reserve_path(&self.path), bytes) {
+        match allocate(&self.path, bytes) {
             Ok(()) => {
-                self.reserve.given_up.store(false, Ordering::SeqCst);
-                // At warn, as its giving up was said.
-                tracing::warn!(
-                    "there is room on the disk again: the space for delivery is kept again and updates are taken"
-                );
+                self.reserve.state.store(KEPT, Ordering::SeqCst);
+                self.reserve.used_up_said.store(false, Ordering::SeqCst);
+                if state == GIVEN_UP {
+                    // At warn, as its giving up was said.
+                    tracing::warn!(
+                        "there is room on the disk again: the space for delivery is kept again and updates are taken"
+                    );
+                } else {
+                    tracing::info!("the space for delivery on a full disk is kept now");
+                }
                 Ok(())
             }
             Err(e) if is_no_space(&e) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The reserve's size, as the agent or `outpost ingest` asked for it (0 until then).
+    pub(super) fn reserve_bytes(&self) -> u64 {
+        self.reserve.bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -198,44 +273,69 @@ impl Store {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
     #[test]
     fn the_reserve_is_kept_given_up_and_kept_again_across_opens() {
         let dir = tempfile::tempdir().unwrap();
         let len = || length(dir.path()).unwrap();
         {
             let store = Store::open(dir.path(), 8 << 20).unwrap();
-            assert_eq!(store.keep_reserve(1 << 20).unwrap(), ReserveState::Kept);
-            assert_eq!(len(), Some(1 << 20));
+            assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
+            assert_eq!(len(), Some(2 * MIB));
             assert!(!store.reserve_given_up());
             assert!(store.give_up_reserve());
             assert_eq!(len(), Some(0));
             assert!(store.reserve_given_up());
             assert!(!store.give_up_reserve(), "given up already");
         }
-        // Given up, it stays so across a restart until it is allocated again; here there is
-        // room at once.
+        // Given up, it refuses updates to whatever opens the store, until it is allocated
+        // again; here there is room at once.
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        assert_eq!(store.keep_reserve(1 << 20).unwrap(), ReserveState::Kept);
-        assert_eq!(len(), Some(1 << 20));
+        assert!(store.reserve_given_up());
+        assert!(store.refusing_updates().is_some());
+        assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
+        assert!(store.refusing_updates().is_none());
+        assert_eq!(len(), Some(2 * MIB));
         // Another size is allocated as asked; none deletes it.
-        assert_eq!(store.keep_reserve(2 << 20).unwrap(), ReserveState::Kept);
-        assert_eq!(len(), Some(2 << 20));
+        assert_eq!(store.keep_reserve(3 * MIB).unwrap(), ReserveState::Kept);
+        assert_eq!(len(), Some(3 * MIB));
         assert_eq!(store.keep_reserve(0).unwrap(), ReserveState::None);
         assert_eq!(len(), None);
         assert!(!store.give_up_reserve(), "none kept");
     }
 
     #[test]
-    fn a_reserve_that_does_not_fit_twice_is_not_made() {
+    fn a_reserve_that_does_not_fit_twice_is_not_made_and_one_kept_stays_at_its_size() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let free = super::super::rebuild::free_bytes(dir.path()).unwrap();
-        let asked = free / 2 + (1 << 30);
-        match store.keep_reserve(asked).unwrap() {
-            ReserveState::NotKept { free: found } => assert!(found < asked * 2),
-            other => panic!("{other:?}"),
-        }
+        let too_large = free / 2 + (1 << 30);
+        assert!(matches!(
+            store.keep_reserve(too_large).unwrap(),
+            ReserveState::NotMade { .. }
+        ));
         assert_eq!(length(dir.path()).unwrap(), None);
         assert!(!store.reserve_given_up());
+        assert!(!dir.path().join(RESERVE_NEW).exists());
+
+        assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
+        assert!(matches!(
+            store.keep_reserve(too_large).unwrap(),
+            ReserveState::KeptAtItsSize { kept, .. } if kept == 2 * MIB
+        ));
+        assert_eq!(length(dir.path()).unwrap(), Some(2 * MIB), "not emptied");
+        assert!(!store.reserve_given_up());
+    }
+
+    #[test]
+    fn a_sparse_reserve_is_allocated_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let file = File::create(reserve_path(dir.path())).unwrap();
+        file.set_len(2 * MIB).unwrap();
+        assert!(!allocated_whole(dir.path(), 2 * MIB).unwrap());
+        assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
+        assert!(allocated_whole(dir.path(), 2 * MIB).unwrap());
     }
 }
