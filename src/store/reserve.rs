@@ -175,7 +175,11 @@ impl Store {
             && match allocate(&self.path, bytes) {
                 Ok(()) => true,
                 Err(e) if is_no_space(&e) => false,
-                Err(e) => return Err(io_error(e)),
+                // A file system that cannot allocate it: the store works without.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot allocate the space kept for delivery on a full disk (storage.reserve_bytes)");
+                    false
+                }
             };
         Ok(match (made, found) {
             (true, _) => {
