@@ -640,6 +640,7 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
     assert!(stderr.contains("storage.reserve_bytes"), "{stderr}");
     let mut agent = AgentProcess::spawn_with_env(&disk.config, disk.port, &[]);
     wait_until_healthz(&agent, 503, "the agent started again on the full disk").await;
+    assert_eq!(reserve_given_up(&disk.config), Some(true));
 
     // Room again: the space is kept again and updates are taken.
     std::fs::remove_file(&filler).unwrap();
@@ -661,7 +662,19 @@ async fn a_store_that_fills_its_disk_itself_delivers_all_it_took() {
         std::fs::metadata(store.join("reserve")).unwrap().len(),
         RESERVE
     );
+    assert_eq!(reserve_given_up(&disk.config), Some(false));
     agent.terminate().await;
+}
+
+/// `reserve_given_up` of `outpost outbox stats --json`.
+fn reserve_given_up(config: &Path) -> Option<bool> {
+    let out = Command::new(binary())
+        .args(["outbox", "stats", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    stats["reserve_given_up"].as_bool()
 }
 
 /// An agent started on a disk that filled while it was stopped gives up the space kept for

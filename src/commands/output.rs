@@ -126,6 +126,11 @@ pub(super) fn print_stats(stats: &Value) -> Result<(), super::CliError> {
             text_of(&stats["delivery_paused_since"])
         )?;
     }
+    if stats["reserve_given_up"] == true {
+        outln!(
+            "updates refused  the disk is full: the space kept for delivery (storage.reserve_bytes) was given up to record deliveries; updates are taken again once the disk has room for it twice over"
+        )?;
+    }
     if let Value::Number(waited) = &stats["oldest_pending_waited_s"] {
         outln!("  waited         {waited} s of agent run time (what delivery.max_age_s counts)")?;
     }

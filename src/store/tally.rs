@@ -41,6 +41,9 @@ pub struct OutboxStats {
     /// Whether delivery is paused (`outpost delivery pause`), and since when (wall clock).
     pub delivery_paused: bool,
     pub delivery_paused_since: Option<String>,
+    /// The space kept for delivery was given up on a full disk: updates are refused until the
+    /// disk has room for it twice over ([`super::reserve`]).
+    pub reserve_given_up: bool,
     /// The backfill in progress (members of newly mapped segments being exported).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backfill: Option<backfill::BackfillProgress>,
@@ -321,6 +324,7 @@ impl Store {
             }),
             delivery_paused: self.delivery_paused(),
             delivery_paused_since: self.delivery_paused_since_ms().map(format_ms),
+            reserve_given_up: self.reserve_given_up(),
             backfill: self.backfill_progress()?,
             rejected,
             rejected_not_kept,
