@@ -199,11 +199,7 @@ impl Agent {
         let free = crate::store::free_bytes(&config.storage.path).ok();
         let max_outbox_bytes = config.storage.max_outbox_bytes;
         if let Some(warning) = free.and_then(|free| {
-            crate::explain::outbox_room_warning(
-                free,
-                max_outbox_bytes,
-                config.storage.reserve_bytes,
-            )
+            crate::explain::outbox_room_warning(free, max_outbox_bytes, store.reserve_kept())
         }) {
             tracing::warn!("{warning}");
         }
@@ -584,7 +580,8 @@ async fn recover_store(store: Arc<Store>, wake: Arc<Notify>, shutdown: Cancellat
             _ = every.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        if store.reserve_given_up() {
+        // Given up, or not made for lack of room at the start: kept again once there is room.
+        if store.reserve_wanted() {
             let keeping = Arc::clone(&store);
             match tokio::task::spawn_blocking(move || keeping.keep_reserve_again()).await {
                 Ok(Ok(())) => {}

@@ -711,3 +711,24 @@ async fn an_agent_started_on_a_full_disk_gives_up_its_reserve_and_delivers() {
     );
     agent.terminate().await;
 }
+
+/// A reserve too large for the room at the agent's start is made once there is room, in the
+/// same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_not_made_for_lack_of_room_is_made_once_there_is_room() {
+    let Some(disk) = a_disk_with_a_reserve().await else {
+        return;
+    };
+    // Under twice the reserve left.
+    let filler = disk.fs.fill(6 << 20);
+    let mut agent = AgentProcess::start(&disk.config, disk.port).await;
+    let reserve = disk.store.join("reserve");
+    assert!(!reserve.exists());
+    assert!(agent.log().contains("is not made"), "{}", agent.log());
+    std::fs::remove_file(&filler).unwrap();
+    wait_or_show(20, "the reserve to be made", &[&agent], async || {
+        std::fs::metadata(&reserve).is_ok_and(|m| m.len() == RESERVE)
+    })
+    .await;
+    agent.terminate().await;
+}

@@ -133,11 +133,11 @@ fn length(path: &Path) -> io::Result<Option<u64>> {
     }
 }
 
-/// Whether the reserve's blocks are on the disk: a sparse copy (`rsync -S`, a restore) has its
-/// length and frees nothing when given up.
-fn allocated_whole(path: &Path, bytes: u64) -> io::Result<bool> {
+/// Whether the reserve's blocks are all on the disk: a sparse copy (`rsync -S`, a restore) has
+/// its length and frees nothing when given up.
+fn allocated_whole(path: &Path) -> io::Result<bool> {
     let metadata = std::fs::metadata(reserve_path(path))?;
-    Ok(metadata.len() == bytes && metadata.blocks() * 512 >= bytes)
+    Ok(metadata.blocks() * 512 >= metadata.len())
 }
 
 impl Store {
@@ -150,7 +150,12 @@ impl Store {
             detail: super::error::io_detail(&e),
         };
         self.reserve.bytes.store(bytes, Ordering::SeqCst);
-        let found = length(&self.path).map_err(io_error)?;
+        // Left by a making that was cut short: it holds room the reserve may need.
+        match std::fs::remove_file(self.path.join(RESERVE_NEW)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(e)),
+            _ => {}
+        }
+        let mut found = length(&self.path).map_err(io_error)?;
         if bytes == 0 {
             if found.is_some() {
                 std::fs::remove_file(reserve_path(&self.path)).map_err(io_error)?;
@@ -160,13 +165,20 @@ impl Store {
         }
         if found == Some(0) {
             self.reserve.state.store(GIVEN_UP, Ordering::SeqCst);
-            self.keep_reserve_again().map_err(io_error)?;
+            if let Err(e) = self.keep_reserve_again() {
+                tracing::warn!(error = %e, "cannot allocate the space kept for delivery again");
+            }
             return Ok(match self.reserve.state.load(Ordering::SeqCst) {
                 KEPT => ReserveState::Kept,
                 _ => ReserveState::GivenUp,
             });
         }
-        if found.is_some() && allocated_whole(&self.path, bytes).map_err(io_error)? {
+        if found.is_some() && !allocated_whole(&self.path).map_err(io_error)? {
+            // A sparse copy is no reserve: it is made again, or not at all.
+            std::fs::remove_file(reserve_path(&self.path)).map_err(io_error)?;
+            found = None;
+        }
+        if found == Some(bytes) {
             self.reserve.state.store(KEPT, Ordering::SeqCst);
             return Ok(ReserveState::Kept);
         }
@@ -218,6 +230,14 @@ impl Store {
                 }
                 return false;
             }
+            NOT_MADE => {
+                if !self.reserve.used_up_said.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "the disk is full, and no space is kept for delivery (storage.reserve_bytes was not made for lack of room): nothing more is recorded until room is made on that disk"
+                    );
+                }
+                return false;
+            }
             _ => return false,
         }
         match give_up_at(&self.path) {
@@ -237,12 +257,21 @@ impl Store {
         }
     }
 
+    /// Whether a reserve is asked for and not kept: given up, or not made for lack of room.
+    pub fn reserve_wanted(&self) -> bool {
+        self.reserve.bytes.load(Ordering::SeqCst) > 0
+            && matches!(
+                self.reserve.state.load(Ordering::SeqCst),
+                GIVEN_UP | NOT_MADE
+            )
+    }
+
     /// While the reserve is given up, or was not made for lack of room: allocates it once the
     /// disk has room for it twice over (updates are taken again then).
     pub fn keep_reserve_again(&self) -> io::Result<()> {
         let bytes = self.reserve.bytes.load(Ordering::SeqCst);
         let state = self.reserve.state.load(Ordering::SeqCst);
-        if bytes == 0 || !matches!(state, GIVEN_UP | NOT_MADE) {
+        if !self.reserve_wanted() {
             return Ok(());
         }
         if super::rebuild::free_bytes(&self.path)? < bytes.saturating_mul(2) {
@@ -270,6 +299,14 @@ impl Store {
     /// The reserve's size, as the agent or `outpost ingest` asked for it (0 until then).
     pub(super) fn reserve_bytes(&self) -> u64 {
         self.reserve.bytes.load(Ordering::SeqCst)
+    }
+
+    /// The space kept for delivery now, 0 when none is (not asked for, not made, given up).
+    pub fn reserve_kept(&self) -> u64 {
+        match self.reserve.state.load(Ordering::SeqCst) {
+            KEPT => length(&self.path).ok().flatten().unwrap_or(0),
+            _ => 0,
+        }
     }
 }
 
@@ -338,8 +375,29 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let file = File::create(reserve_path(dir.path())).unwrap();
         file.set_len(2 * MIB).unwrap();
-        assert!(!allocated_whole(dir.path(), 2 * MIB).unwrap());
+        assert!(!allocated_whole(dir.path()).unwrap());
         assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
-        assert!(allocated_whole(dir.path(), 2 * MIB).unwrap());
+        assert!(allocated_whole(dir.path()).unwrap());
+        // With too little room to make one, a sparse copy is not taken for one kept.
+        let file = File::create(reserve_path(dir.path())).unwrap();
+        file.set_len(2 * MIB).unwrap();
+        let free = super::super::rebuild::free_bytes(dir.path()).unwrap();
+        let too_large = free / 2 + (1 << 30);
+        assert!(matches!(
+            store.keep_reserve(too_large).unwrap(),
+            ReserveState::NotMade { .. }
+        ));
+        assert_eq!(length(dir.path()).unwrap(), None);
+        assert_eq!(store.reserve_kept(), 0);
+    }
+
+    #[test]
+    fn a_making_cut_short_leaves_nothing_behind_at_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        std::fs::write(dir.path().join(RESERVE_NEW), vec![0u8; 4096]).unwrap();
+        assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
+        assert!(!dir.path().join(RESERVE_NEW).exists());
+        assert_eq!(store.reserve_kept(), 2 * MIB);
     }
 }
