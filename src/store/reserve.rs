@@ -395,6 +395,8 @@ mod tests {
     fn a_making_cut_short_leaves_nothing_behind_at_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
+        // A kill between the making of a new size and its rename, the old one kept.
         std::fs::write(dir.path().join(RESERVE_NEW), vec![0u8; 4096]).unwrap();
         assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
         assert!(!dir.path().join(RESERVE_NEW).exists());
