@@ -1,6 +1,6 @@
 //! What each subcommand does: load the config, reach the store ([`backend`]: through the
 //! running agent's socket, or straight on disk), do the work, and print the result for people
-//! or (`--json`) for programs ([`output`]).
+//! or (`--json`) for programs ([`output`]), with how far a long one is ([`progress`]).
 //!
 //! This file routes each command ([`dispatch`]) and says how one fails ([`CliError`]); the
 //! commands stand a concept a file: [`run`] (the agent, the demo, the receiver), [`check`]
