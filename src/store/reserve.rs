@@ -198,7 +198,7 @@ impl Store {
                 self.reserve.state.store(KEPT, Ordering::SeqCst);
                 ReserveState::Kept
             }
-            // Another size, or a sparse copy: what is kept stays.
+            // Another size, with too little room for it: the one kept stays.
             (false, Some(kept)) => {
                 self.reserve.state.store(KEPT, Ordering::SeqCst);
                 ReserveState::KeptAtItsSize { kept, free }
