@@ -154,14 +154,7 @@ async fn agent_on_a_small_disk() -> Option<FullDisk> {
     let dir = tempfile::tempdir().unwrap();
     let fs = tmpfs_or_skip(&dir.path().join("fs"), "24m")?;
     let store = fs.dir.join("store");
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
-        .await
-        .unwrap();
-    receiver.set_export_script(Some(outpost::receiver::down()));
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let config = dir.path().join("outpost.toml");
-    std::fs::write(&config, config_text(&receiver.base_url(), &listen, &store)).unwrap();
+    let (receiver, port, config) = a_destination_down(dir.path(), &store, "").await;
     let agent = AgentProcess::start(&config, port).await;
     let filler = fs.fill(3 << 20);
     Some(FullDisk {
@@ -173,6 +166,27 @@ async fn agent_on_a_small_disk() -> Option<FullDisk> {
         _fs: fs,
         _dir: dir,
     })
+}
+
+/// A receiver that answers 503, and the config of an agent delivering to it, listening on the
+/// port returned, with its store at `store` and `storage_lines` added to `[storage]`.
+async fn a_destination_down(
+    dir: &Path,
+    store: &Path,
+    storage_lines: &str,
+) -> (Receiver, u16, PathBuf) {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(outpost::receiver::down()));
+    let port = free_port();
+    let config = dir.join("outpost.toml");
+    let text = config_text(&receiver.base_url(), &format!("127.0.0.1:{port}"), store);
+    let path_line = format!("path = {:?}", store.display().to_string());
+    let with_lines = text.replace(&path_line, &format!("{path_line}\n{storage_lines}"));
+    assert_ne!(with_lines, text, "the store's path line is where it was");
+    std::fs::write(&config, with_lines).unwrap();
+    (receiver, port, config)
 }
 
 /// Batch `n` of 10 updates (profiles `p{10n}` to `p{10n+9}`).
@@ -550,20 +564,8 @@ async fn a_disk_with_a_reserve() -> Option<ReservedDisk> {
     let dir = tempfile::tempdir().unwrap();
     let fs = tmpfs_or_skip(&dir.path().join("fs"), "32m")?;
     let store = fs.dir.join("store");
-    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
-        .await
-        .unwrap();
-    receiver.set_export_script(Some(outpost::receiver::down()));
-    let port = free_port();
-    let config = dir.path().join("outpost.toml");
-    let text = config_text(&receiver.base_url(), &format!("127.0.0.1:{port}"), &store);
-    let path_line = format!("path = {:?}", store.display().to_string());
-    let with_reserve = text.replace(
-        &path_line,
-        &format!("{path_line}\nreserve_bytes = {RESERVE}"),
-    );
-    assert_ne!(with_reserve, text);
-    std::fs::write(&config, with_reserve).unwrap();
+    let (receiver, port, config) =
+        a_destination_down(dir.path(), &store, &format!("reserve_bytes = {RESERVE}")).await;
     Some(ReservedDisk {
         receiver,
         config,

@@ -316,6 +316,11 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// A reserve that does not fit twice over in what is free where `dir` is.
+    fn over_half_the_room(dir: &Path) -> u64 {
+        super::super::rebuild::free_bytes(dir).unwrap() / 2 + (1 << 30)
+    }
+
     #[test]
     fn the_reserve_is_kept_given_up_and_kept_again_across_opens() {
         let dir = tempfile::tempdir().unwrap();
@@ -350,8 +355,7 @@ mod tests {
     fn a_reserve_that_does_not_fit_twice_is_not_made_and_one_kept_stays_at_its_size() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
-        let free = super::super::rebuild::free_bytes(dir.path()).unwrap();
-        let too_large = free / 2 + (1 << 30);
+        let too_large = over_half_the_room(dir.path());
         assert!(matches!(
             store.keep_reserve(too_large).unwrap(),
             ReserveState::NotMade { .. }
@@ -381,8 +385,7 @@ mod tests {
         // With too little room to make one, a sparse copy is not taken for one kept.
         let file = File::create(reserve_path(dir.path())).unwrap();
         file.set_len(2 * MIB).unwrap();
-        let free = super::super::rebuild::free_bytes(dir.path()).unwrap();
-        let too_large = free / 2 + (1 << 30);
+        let too_large = over_half_the_room(dir.path());
         assert!(matches!(
             store.keep_reserve(too_large).unwrap(),
             ReserveState::NotMade { .. }
