@@ -676,7 +676,7 @@ async fn start_store(
         if crate::store::reserve::give_up_at(path).unwrap_or(false) {
             tracing::warn!(
                 store = %path.display(),
-                "no space left on device for the store: gave up the space kept for delivery (storage.reserve_bytes) to start; updates are refused until there is room for it and as much again"
+                "no space left on device for the store: gave up the space kept for delivery (storage.reserve_bytes) to start; updates are refused until there is room for it twice over"
             );
             continue;
         }
