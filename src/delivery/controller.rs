@@ -926,9 +926,17 @@ impl Controller {
         );
         self.failures_in_a_row = 0;
         if self.down_since.take().is_some() {
-            self.probe_in_flight = false;
-            self.backoff.reset();
+            self.no_longer_down();
         }
+    }
+
+    /// The destination no longer counts as down: the next request goes at once, and the limit
+    /// regrows towards where it stood before the failures (see `regrow_to`).
+    fn no_longer_down(&mut self) {
+        self.probe_in_flight = false;
+        self.backoff.reset();
+        let before = self.limit_at(self.failures_began_at);
+        self.regrow_to = (before > self.limit).then_some(before);
     }
 
     /// The request rate cap, when a 429 set one.
@@ -1191,10 +1199,7 @@ impl Controller {
         if news && !signal.is_failure() {
             self.failures_in_a_row = 0;
             if self.down_since.take().is_some() {
-                self.probe_in_flight = false;
-                self.backoff.reset();
-                let before = self.limit_at(self.failures_began_at);
-                self.regrow_to = (before > self.limit).then_some(before);
+                self.no_longer_down();
             }
             return;
         }
@@ -1929,6 +1934,29 @@ mod tests {
             c.answered(start, start, Signal::Overloaded);
         }
         assert!(c.is_down());
+    }
+
+    #[test]
+    fn forgotten_as_down_the_limit_doubles_back_as_after_a_probe() {
+        let mut now = Instant::now();
+        let rtt = Duration::from_millis(10);
+        let mut c = Controller::new(config(64), now);
+        drive(&mut c, &mut now, 600, rtt, Signal::Healthy);
+        assert_eq!(c.limit(), 64);
+        while !c.is_down() {
+            drive(&mut c, &mut now, 1, rtt, Signal::Overloaded);
+        }
+        for _ in 0..6 {
+            now = c.next_permit_at(now, 1).unwrap();
+            c.started(now);
+            now += rtt;
+            c.answered(now, now - rtt, Signal::Overloaded);
+        }
+        c.forget_down();
+        let from = c.limit();
+        assert!(from <= 2, "{from}");
+        let limits = drive(&mut c, &mut now, 8, rtt, Signal::Healthy);
+        assert_eq!(limits[5..], [64, 64, 64], "{limits:?}");
     }
 
     #[test]
