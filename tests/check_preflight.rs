@@ -47,7 +47,9 @@ fn a_writable_store_and_a_free_address() {
     let expected = format!("store            {} (writable, ", ws.store_path().display());
     assert!(store.starts_with(&expected), "{store}");
     assert!(
-        store.contains(" free, created at the first run)"),
+        store.contains(
+            " free, created at the first run; 32.0 MiB for delivery, made at the next start)"
+        ),
         "{store}"
     );
     assert!(!ws.store_path().exists(), "check created the store");

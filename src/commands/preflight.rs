@@ -91,26 +91,30 @@ pub(super) fn store(config: &Config) -> Finding {
     } else {
         ", created at the first run"
     };
-    let (free, warning) = match crate::store::free_bytes(&folder).ok() {
+    let (free, reserve, warnings) = match crate::store::free_bytes(&folder).ok() {
         Some(free) => {
-            let warning = crate::explain::outbox_room_warning(
+            let room = crate::explain::outbox_room_warning(
                 free,
                 config.storage.max_outbox_bytes,
                 config.storage.reserve_bytes,
             );
-            (format!(", {} free", bytes(free)), warning)
+            let (reserve, reserve_warning) =
+                crate::store::reserve::describe_at(path, config.storage.reserve_bytes, free);
+            (
+                format!(", {} free", bytes(free)),
+                format!("; {reserve}"),
+                [room, reserve_warning],
+            )
         }
-        None => (String::new(), None),
+        None => (String::new(), String::new(), [None, None]),
     };
     let readable = crate::store::readable_by_others_warning(path);
+    let warnings: Vec<String> = warnings.into_iter().chain([readable]).flatten().collect();
     Finding {
         refused_at_start: false,
-        line: format!("{} (writable{free}{created})", path.display()),
+        line: format!("{} (writable{free}{created}{reserve})", path.display()),
         problem: None,
-        warning: match (warning, readable) {
-            (Some(room), Some(readable)) => Some(format!("{room}; {readable}")),
-            (room, readable) => room.or(readable),
-        },
+        warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
     }
 }
 

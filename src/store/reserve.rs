@@ -125,6 +125,39 @@ pub fn give_up_at(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// How the space kept for delivery stands for the store at `path`, `bytes` asked for and
+/// `free` bytes free where it is, for `outpost check`: a few words, and a warning when it is
+/// given up or will not be made.
+pub fn describe_at(path: &Path, bytes: u64, free: u64) -> (String, Option<String>) {
+    let asked = crate::explain::bytes(bytes);
+    if bytes == 0 {
+        return ("none kept for delivery".into(), None);
+    }
+    match length(path).ok().flatten() {
+        Some(0) => (
+            "the space kept for delivery given up".into(),
+            Some(format!(
+                "the space kept for delivery was given up on a full disk: updates are refused until the disk has room for storage.reserve_bytes ({asked}) twice over ({} free)",
+                crate::explain::bytes(free)
+            )),
+        ),
+        Some(len) if len == bytes && allocated_whole(path).unwrap_or(false) => {
+            (format!("{asked} kept for delivery"), None)
+        }
+        found if free + found.unwrap_or(0) >= bytes.saturating_mul(2) => (
+            format!("{asked} for delivery, made at the next start"),
+            None,
+        ),
+        _ => (
+            format!("{asked} for delivery not made"),
+            Some(format!(
+                "storage.reserve_bytes ({asked}) does not fit twice over in the {} free: it is made only once there is room, and until then a store that fills its disk cannot record its deliveries; make room there, or lower it",
+                crate::explain::bytes(free)
+            )),
+        ),
+    }
+}
+
 fn length(path: &Path) -> io::Result<Option<u64>> {
     match File::open(reserve_path(path)) {
         Ok(file) => Ok(Some(file.metadata()?.len())),
@@ -392,6 +425,29 @@ mod tests {
         ));
         assert_eq!(length(dir.path()).unwrap(), None);
         assert_eq!(store.reserve_kept(), 0);
+    }
+
+    #[test]
+    fn check_says_how_the_reserve_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let says = |bytes: u64, free: u64| describe_at(dir.path(), bytes, free);
+        assert_eq!(says(0, MIB), ("none kept for delivery".into(), None));
+        assert_eq!(
+            says(2 * MIB, 4 * MIB),
+            ("2.0 MiB for delivery, made at the next start".into(), None)
+        );
+        let (line, warning) = says(2 * MIB, 3 * MIB);
+        assert_eq!(line, "2.0 MiB for delivery not made");
+        assert!(warning
+            .unwrap()
+            .contains("does not fit twice over in the 3.0 MiB free"));
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        store.keep_reserve(2 * MIB).unwrap();
+        assert_eq!(says(2 * MIB, 0), ("2.0 MiB kept for delivery".into(), None));
+        assert!(store.give_up_reserve());
+        let (line, warning) = says(2 * MIB, 0);
+        assert_eq!(line, "the space kept for delivery given up");
+        assert!(warning.unwrap().contains("updates are refused"));
     }
 
     #[test]
