@@ -36,8 +36,6 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Nats(#[from] crate::source::nats::NatsError),
-    #[error("{0}")]
     NatsStart(#[from] crate::source::nats::StartError),
     #[error("{0}")]
     Tls(String),
