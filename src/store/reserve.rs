@@ -125,34 +125,96 @@ pub fn give_up_at(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// The reserve file as found beside a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    None,
+    /// Given up.
+    Empty,
+    /// Of this length, its blocks all on the disk.
+    Whole(u64),
+    /// Of this length, not all its blocks on the disk (`rsync -S`, a restore): it would free
+    /// nothing when given up, so it is no reserve.
+    Sparse(u64),
+}
+
+fn found_at(path: &Path) -> io::Result<Found> {
+    let metadata = match std::fs::metadata(reserve_path(path)) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::None),
+        Err(e) => return Err(e),
+    };
+    Ok(match metadata.len() {
+        0 => Found::Empty,
+        len if metadata.blocks() * 512 >= len => Found::Whole(len),
+        len => Found::Sparse(len),
+    })
+}
+
+/// What keeping `bytes` comes to, for a reserve found so with `free` bytes free beside it
+/// (pure): what [`Store::keep_reserve`] does and `outpost check` says.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// None asked for: one found is deleted.
+    Delete,
+    /// Given up: allocated again only where it fits twice over.
+    GivenUp,
+    Keep,
+    /// Made (into `reserve.new`, then renamed), there being room for it twice over.
+    Make,
+    /// Another size asked for, with too little room for it: the one kept stays.
+    KeepAtItsSize(u64),
+    /// Too little room to make one.
+    NotMade,
+}
+
+fn plan(found: Found, bytes: u64, free: u64) -> Plan {
+    match (bytes, found) {
+        (0, _) => Plan::Delete,
+        (_, Found::Empty) => Plan::GivenUp,
+        (_, Found::Whole(len)) if len == bytes => Plan::Keep,
+        _ if free >= bytes.saturating_mul(2) => Plan::Make,
+        (_, Found::Whole(len)) => Plan::KeepAtItsSize(len),
+        _ => Plan::NotMade,
+    }
+}
+
 /// How the space kept for delivery stands for the store at `path`, `bytes` asked for and
 /// `free` bytes free where it is, for `outpost check`: a few words, and a warning when it is
 /// given up or will not be made.
 pub fn describe_at(path: &Path, bytes: u64, free: u64) -> (String, Option<String>) {
-    let asked = crate::explain::bytes(bytes);
-    if bytes == 0 {
-        return ("none kept for delivery".into(), None);
-    }
-    match length(path).ok().flatten() {
-        Some(0) => (
-            "the space kept for delivery given up".into(),
-            Some(format!(
-                "the space kept for delivery was given up on a full disk: updates are refused until the disk has room for storage.reserve_bytes ({asked}) twice over ({} free)",
-                crate::explain::bytes(free)
-            )),
-        ),
-        Some(len) if len == bytes && allocated_whole(path).unwrap_or(false) => {
-            (format!("{asked} kept for delivery"), None)
-        }
-        found if free + found.unwrap_or(0) >= bytes.saturating_mul(2) => (
-            format!("{asked} for delivery, made at the next start"),
+    let (asked, free_text) = (crate::explain::bytes(bytes), crate::explain::bytes(free));
+    let not_made = |kept: &str| {
+        format!(
+            "storage.reserve_bytes ({asked}) does not fit twice over in the {free_text} free: {kept}, and it is made only once there is room; make room there, or lower it"
+        )
+    };
+    match plan(found_at(path).unwrap_or(Found::None), bytes, free) {
+        Plan::Delete => ("none kept for delivery".into(), None),
+        Plan::GivenUp if free >= bytes.saturating_mul(2) => (
+            "the space kept for delivery given up, made again as the agent looks (there is room)"
+                .into(),
             None,
         ),
-        _ => (
-            format!("{asked} for delivery not made"),
+        Plan::GivenUp => (
+            "the space kept for delivery given up".into(),
             Some(format!(
-                "storage.reserve_bytes ({asked}) does not fit twice over in the {} free: it is made only once there is room, and until then a store that fills its disk cannot record its deliveries; make room there, or lower it",
-                crate::explain::bytes(free)
+                "the space kept for delivery was given up on a full disk: updates are refused until the disk has room for storage.reserve_bytes ({asked}) twice over ({free_text} free)"
+            )),
+        ),
+        Plan::Keep => (format!("{asked} kept for delivery"), None),
+        Plan::Make => (format!("{asked} for delivery, made at the next start"), None),
+        Plan::KeepAtItsSize(kept) => {
+            let kept = crate::explain::bytes(kept);
+            (
+                format!("{kept} kept for delivery, {asked} asked for"),
+                Some(not_made(&format!("the {kept} kept stays"))),
+            )
+        }
+        Plan::NotMade => (
+            format!("{asked} for delivery not made"),
+            Some(not_made(
+                "until there is, a store that fills its disk cannot record its deliveries",
             )),
         ),
     }
@@ -164,13 +226,6 @@ fn length(path: &Path) -> io::Result<Option<u64>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// Whether the reserve's blocks are all on the disk: a sparse copy (`rsync -S`, a restore) has
-/// its length and frees nothing when given up.
-fn allocated_whole(path: &Path) -> io::Result<bool> {
-    let metadata = std::fs::metadata(reserve_path(path))?;
-    Ok(metadata.blocks() * 512 >= metadata.len())
 }
 
 impl Store {
@@ -188,59 +243,49 @@ impl Store {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(e)),
             _ => {}
         }
-        let mut found = length(&self.path).map_err(io_error)?;
-        if bytes == 0 {
-            if found.is_some() {
-                std::fs::remove_file(reserve_path(&self.path)).map_err(io_error)?;
-            }
-            self.reserve.state.store(NONE, Ordering::SeqCst);
-            return Ok(ReserveState::None);
-        }
-        if found == Some(0) {
-            self.reserve.state.store(GIVEN_UP, Ordering::SeqCst);
-            if let Err(e) = self.keep_reserve_again() {
-                tracing::warn!(error = %e, "cannot allocate the space kept for delivery again");
-            }
-            return Ok(match self.reserve.state.load(Ordering::SeqCst) {
-                KEPT => ReserveState::Kept,
-                _ => ReserveState::GivenUp,
-            });
-        }
-        if found.is_some() && !allocated_whole(&self.path).map_err(io_error)? {
-            // A sparse copy is no reserve: it is made again, or not at all.
-            std::fs::remove_file(reserve_path(&self.path)).map_err(io_error)?;
-            found = None;
-        }
-        if found == Some(bytes) {
-            self.reserve.state.store(KEPT, Ordering::SeqCst);
-            return Ok(ReserveState::Kept);
-        }
+        let found = found_at(&self.path).map_err(io_error)?;
         let free = super::rebuild::free_bytes(&self.path).map_err(io_error)?;
-        let made = free >= bytes.saturating_mul(2)
-            && match allocate(&self.path, bytes) {
-                Ok(()) => true,
-                Err(e) if is_no_space(&e) => false,
-                // A file system that cannot allocate it: the store works without.
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot allocate the space kept for delivery on a full disk (storage.reserve_bytes)");
-                    false
+        let delete = || std::fs::remove_file(reserve_path(&self.path)).map_err(io_error);
+        let (state, said) = match plan(found, bytes, free) {
+            Plan::Delete => {
+                if found != Found::None {
+                    delete()?;
                 }
-            };
-        Ok(match (made, found) {
-            (true, _) => {
-                self.reserve.state.store(KEPT, Ordering::SeqCst);
-                ReserveState::Kept
+                (NONE, ReserveState::None)
             }
-            // Another size, with too little room for it: the one kept stays.
-            (false, Some(kept)) => {
-                self.reserve.state.store(KEPT, Ordering::SeqCst);
-                ReserveState::KeptAtItsSize { kept, free }
+            Plan::GivenUp => {
+                self.reserve.state.store(GIVEN_UP, Ordering::SeqCst);
+                if let Err(e) = self.keep_reserve_again() {
+                    tracing::warn!(error = %e, "cannot allocate the space kept for delivery again");
+                }
+                return Ok(match self.reserve_given_up() {
+                    true => ReserveState::GivenUp,
+                    false => ReserveState::Kept,
+                });
             }
-            (false, None) => {
-                self.reserve.state.store(NOT_MADE, Ordering::SeqCst);
-                ReserveState::NotMade { free }
-            }
-        })
+            Plan::Keep => (KEPT, ReserveState::Kept),
+            Plan::Make => match allocate(&self.path, bytes) {
+                Ok(()) => (KEPT, ReserveState::Kept),
+                Err(e) => {
+                    // A file system that cannot allocate it: the store works without.
+                    if !is_no_space(&e) {
+                        tracing::warn!(error = %e, "cannot allocate the space kept for delivery on a full disk (storage.reserve_bytes)");
+                    }
+                    match found {
+                        Found::Whole(kept) => (KEPT, ReserveState::KeptAtItsSize { kept, free }),
+                        _ => (NOT_MADE, ReserveState::NotMade { free }),
+                    }
+                }
+            },
+            Plan::KeepAtItsSize(kept) => (KEPT, ReserveState::KeptAtItsSize { kept, free }),
+            Plan::NotMade => (NOT_MADE, ReserveState::NotMade { free }),
+        };
+        // A sparse copy is no reserve: what is not made in its place leaves none.
+        if state == NOT_MADE && matches!(found, Found::Sparse(_)) {
+            delete()?;
+        }
+        self.reserve.state.store(state, Ordering::SeqCst);
+        Ok(said)
     }
 
     /// Whether the reserve was given up on a full disk and not allocated again: updates are
@@ -412,9 +457,9 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         let file = File::create(reserve_path(dir.path())).unwrap();
         file.set_len(2 * MIB).unwrap();
-        assert!(!allocated_whole(dir.path()).unwrap());
+        assert_eq!(found_at(dir.path()).unwrap(), Found::Sparse(2 * MIB));
         assert_eq!(store.keep_reserve(2 * MIB).unwrap(), ReserveState::Kept);
-        assert!(allocated_whole(dir.path()).unwrap());
+        assert_eq!(found_at(dir.path()).unwrap(), Found::Whole(2 * MIB));
         // With too little room to make one, a sparse copy is not taken for one kept.
         let file = File::create(reserve_path(dir.path())).unwrap();
         file.set_len(2 * MIB).unwrap();
@@ -425,6 +470,31 @@ mod tests {
         ));
         assert_eq!(length(dir.path()).unwrap(), None);
         assert_eq!(store.reserve_kept(), 0);
+    }
+
+    #[test]
+    fn what_keeping_a_reserve_comes_to() {
+        let (asked, room, tight) = (2 * MIB, 4 * MIB, 3 * MIB);
+        let cases = [
+            (Found::Whole(asked), 0, tight, Plan::Delete),
+            (Found::None, 0, 0, Plan::Delete),
+            (Found::Empty, asked, room, Plan::GivenUp),
+            (Found::Empty, asked, 0, Plan::GivenUp),
+            (Found::Whole(asked), asked, 0, Plan::Keep),
+            (Found::None, asked, room, Plan::Make),
+            (Found::Whole(MIB), asked, room, Plan::Make),
+            (Found::Sparse(asked), asked, room, Plan::Make),
+            (Found::Whole(MIB), asked, tight, Plan::KeepAtItsSize(MIB)),
+            (Found::None, asked, tight, Plan::NotMade),
+            (Found::Sparse(asked), asked, tight, Plan::NotMade),
+        ];
+        for (found, bytes, free, expected) in cases {
+            assert_eq!(
+                plan(found, bytes, free),
+                expected,
+                "{found:?}, {bytes}, {free}"
+            );
+        }
     }
 
     #[test]
@@ -444,6 +514,10 @@ mod tests {
         let store = Store::open(dir.path(), 8 << 20).unwrap();
         store.keep_reserve(2 * MIB).unwrap();
         assert_eq!(says(2 * MIB, 0), ("2.0 MiB kept for delivery".into(), None));
+        // Another size without the room for it: the one kept stays, as the start keeps it.
+        let (line, warning) = says(3 * MIB, 5 * MIB);
+        assert_eq!(line, "2.0 MiB kept for delivery, 3.0 MiB asked for");
+        assert!(warning.unwrap().contains("the 2.0 MiB kept stays"));
         assert!(store.give_up_reserve());
         let (line, warning) = says(2 * MIB, 0);
         assert_eq!(line, "the space kept for delivery given up");
