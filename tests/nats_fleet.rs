@@ -2705,6 +2705,27 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     );
     let health = healthz_json(first_agent.addr).await;
     assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
+    // `outpost check` says so before an agent is started again on that config.
+    let checked = second.run(&["check"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr),
+    );
+    assert_eq!(checked.status.code(), Some(1), "{out}\n{err}");
+    assert!(
+        out.contains("this agent owns: 0 claimed by this store, 2 left alone")
+            && out.contains("warning          partition(s) 6-7: store "),
+        "{out}"
+    );
+    assert!(
+        err.contains("would consume none of the 2 partition(s)"),
+        "{err}"
+    );
+    let checked = first.cli(&["check"]);
+    assert!(
+        checked.contains("of the 8 partition(s) this agent owns: 8 claimed by this store\n"),
+        "{checked}"
+    );
     // New versions go to the first agent alone.
     first.publish(&versions(PROFILES, 2));
     wait_or_show(
@@ -2753,6 +2774,11 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
     );
     let health = healthz_json(second_agent.addr).await;
     assert_eq!(health["nats"]["claimed_elsewhere"], serde_json::json!([]));
+    let checked = second.cli(&["check"]);
+    assert!(
+        checked.contains("this agent owns: 2 claimed by this store\n"),
+        "{checked}"
+    );
     // Partition 0 is still the gone agent's; released once, it has no claim left.
     let released = second.cli(&["nats", "release", "0"]);
     assert!(

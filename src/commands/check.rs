@@ -15,11 +15,11 @@ use super::{describe_clock_jumps, display_url, for_terminal, nats, preflight, Ba
 pub(super) async fn check(config: &Config) -> Result<(), CliError> {
     print_config(config)?;
     let mut problems = Problems::default();
-    check_store_and_ingest(config, &mut problems)?;
+    let stats = check_store_and_ingest(config, &mut problems)?;
     for warning in &config.warnings {
         report_line!("warning          {warning}")?;
     }
-    check_stream(config, &mut problems).await?;
+    check_stream(config, &stats, &mut problems).await?;
     let Some(client) = destination_client(config, &mut problems) else {
         return problems.fail();
     };
@@ -139,8 +139,11 @@ fn print_proxy(d: &Destination, proxy: &Proxy) -> Result<(), CliError> {
 }
 
 /// What the agent needs on this host: the store folder (and the clock jumps it recorded), the
-/// ingest address free, and the ingest TLS files.
-fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<(), CliError> {
+/// ingest address free, and the ingest TLS files. The store's figures, as read for them.
+fn check_store_and_ingest(
+    config: &Config,
+    problems: &mut Problems,
+) -> Result<Result<Value, String>, CliError> {
     let store = preflight::store(config);
     report_line!("store            {}", store.line)?;
     let stats = store_stats(config);
@@ -168,22 +171,29 @@ fn check_store_and_ingest(config: &Config, problems: &mut Problems) -> Result<()
             false => problems.other.extend(finding.problem),
         }
     }
-    Ok(())
+    Ok(stats)
 }
 
-/// `[source.nats]`, if given: the files it names, then, if they can be used, the stream.
-async fn check_stream(config: &Config, problems: &mut Problems) -> Result<(), CliError> {
+/// `[source.nats]`, if given: the files it names, then, if they can be used, the stream and
+/// the claims on the partitions the agent owns.
+async fn check_stream(
+    config: &Config,
+    stats: &Result<Value, String>,
+    problems: &mut Problems,
+) -> Result<(), CliError> {
     if let Some(nats) = &config.nats {
         match nats.check_files() {
             Err(e) => problems.unusable_file(e),
-            Ok(()) => {
-                if let Err(e) = nats::check_nats(nats).await {
+            Ok(()) => match nats::check_nats(nats, stats).await {
+                Ok(None) => {}
+                Ok(Some(problem)) => problems.other.push(format!("nats: {problem}")),
+                Err(e) => {
                     // Unreachable, missing, or made for another partition count: the error
                     // says which.
                     report_line!("stream           not usable (the error below says why)")?;
                     problems.other.push(format!("nats: {e}"));
                 }
-            }
+            },
         }
     }
     Ok(())

@@ -12,10 +12,10 @@ use crate::admin::AdminRequest;
 use crate::cli::RejectedCommand;
 use crate::config::Config;
 use crate::profile::update::{FutureLimit, UpdateReader};
-use crate::source::claim::{self, Released};
+use crate::source::claim::{self, standing, Released, Standing};
 use crate::source::config::{NatsAuth, NatsSource};
 use crate::source::nats::{last_sequence, probe, setup, SetupOutcome};
-use crate::source::partition::{fnv1a64_extend, FNV1A64_EMPTY};
+use crate::source::partition::{fnv1a64_extend, format_owned, FNV1A64_EMPTY};
 use crate::source::publish::{fresh_nonce, payload_of, publish, Largest, Planner};
 use crate::store::source::RejectedId;
 
@@ -149,8 +149,13 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
     Ok(())
 }
 
-/// `outpost check`'s lines about `[source.nats]`: connects and reads the stream.
-pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
+/// `outpost check`'s lines about `[source.nats]`: connects and reads the stream and the claims
+/// on the partitions this agent owns, with the store's figures (`stats`) telling which claims
+/// are its own store's. A problem when the agent would consume none of them.
+pub(super) async fn check_nats(
+    nats: &NatsSource,
+    stats: &Result<Value, String>,
+) -> Result<Option<String>, CliError> {
     let auth = match &nats.auth {
         NatsAuth::None => "no credentials",
         NatsAuth::CredsFile(_) => "a creds file",
@@ -175,7 +180,103 @@ pub(super) async fn check_nats(nats: &NatsSource) -> Result<(), CliError> {
     for warning in &probed.warnings {
         report_line!("warning          {}", for_terminal(warning, false))?;
     }
-    Ok(())
+    let Some(claims) = probed.claims else {
+        report_line!(
+            "claims           none yet: the agent claims the partitions it owns as it starts"
+        )?;
+        return Ok(None);
+    };
+    let stats = stats.as_ref().ok();
+    let our_store = stats
+        .and_then(|s| s["store_id"].as_str())
+        .and_then(|id| u32::from_str_radix(id, 16).ok());
+    let moved: Vec<u64> = stats
+        .and_then(|s| s["handed_over"]["partitions"].as_array())
+        .map(|p| p.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let standings: Vec<(u32, Standing)> = nats
+        .owned
+        .iter()
+        .zip(&claims)
+        .map(|(&partition, recorded)| {
+            let moved = moved.contains(&u64::from(partition));
+            (partition, standing(recorded.as_deref(), our_store, moved))
+        })
+        .collect();
+    let report = ClaimsReport::of(&standings);
+    report_line!("claims           {}", report.line)?;
+    for warning in &report.warnings {
+        report_line!("warning          {}", for_terminal(warning, false))?;
+    }
+    Ok(report.problem)
+}
+
+/// What `outpost check` says of how the partitions an agent owns stand.
+#[derive(Debug, PartialEq, Eq)]
+struct ClaimsReport {
+    line: String,
+    warnings: Vec<String>,
+    /// When the agent would consume none of them.
+    problem: Option<String>,
+}
+
+impl ClaimsReport {
+    fn of(standings: &[(u32, Standing)]) -> ClaimsReport {
+        let count =
+            |wanted: fn(&Standing) -> bool| standings.iter().filter(|(_, s)| wanted(s)).count();
+        let ours = count(|s| *s == Standing::Ours);
+        let unclaimed = count(|s| *s == Standing::Unclaimed);
+        let elsewhere = standings.len() - ours - unclaimed;
+        let mut parts = vec![format!("{ours} claimed by this store")];
+        if unclaimed > 0 {
+            parts.push(format!(
+                "{unclaimed} unclaimed (the agent claims them as it starts)"
+            ));
+        }
+        if elsewhere > 0 {
+            parts.push(format!("{elsewhere} left alone (below)"));
+        }
+        let line = format!(
+            "of the {} partition(s) this agent owns: {}",
+            standings.len(),
+            parts.join(", ")
+        );
+        // Partitions grouped by what keeps them from this agent, in the order first met.
+        let mut reasons: Vec<(String, Vec<u32>)> = Vec::new();
+        for (partition, standing) in standings {
+            let reason = match standing {
+                Standing::Ours | Standing::Unclaimed => continue,
+                Standing::MovedFromHere => "this store handed them over (`outpost nats hand-over`), and leaves them alone".to_string(),
+                Standing::HandedOver(claim) => format!(
+                    "their claim says {claim}: no agent consumes them until `outpost nats take-over` of that file has finished"
+                ),
+                Standing::Elsewhere(holder) => format!(
+                    "{holder} claims them: this agent leaves them alone while that claim stands (`outpost nats release` lets it go once that store is gone for good)"
+                ),
+            };
+            match reasons.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, partitions)) => partitions.push(*partition),
+                None => reasons.push((reason, vec![*partition])),
+            }
+        }
+        let warnings = reasons
+            .into_iter()
+            .map(|(reason, partitions)| {
+                format!("partition(s) {}: {reason}", format_owned(&partitions))
+            })
+            .collect();
+        let problem = (!standings.is_empty() && ours + unclaimed == 0).then(|| {
+            format!(
+                "this agent would consume none of the {} partition(s) it owns (the warnings above say why)",
+                standings.len()
+            )
+        });
+        ClaimsReport {
+            line,
+            warnings,
+            problem,
+        }
+    }
 }
 
 /// async-nats' default bound on publish acknowledgements awaited.
@@ -554,6 +655,54 @@ pub(super) fn rejected(backend: &Backend, command: RejectedCommand) -> Result<Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_tells_which_owned_partitions_an_agent_would_leave_alone() {
+        let theirs = "store 00009999 on edge-2";
+        let handed = "handed over in file 00009999-1700000000000";
+        let all_ours = ClaimsReport::of(&[(0, Standing::Ours), (1, Standing::Unclaimed)]);
+        assert_eq!(
+            all_ours,
+            ClaimsReport {
+                line: "of the 2 partition(s) this agent owns: 1 claimed by this store, 1 unclaimed (the agent claims them as it starts)".into(),
+                warnings: vec![],
+                problem: None,
+            }
+        );
+        let some = ClaimsReport::of(&[
+            (0, Standing::Ours),
+            (3, Standing::Elsewhere(theirs.into())),
+            (4, Standing::Elsewhere(theirs.into())),
+            (6, Standing::HandedOver(handed.into())),
+            (7, Standing::Elsewhere(theirs.into())),
+        ]);
+        assert_eq!(
+            some.line,
+            "of the 5 partition(s) this agent owns: 1 claimed by this store, 4 left alone (below)"
+        );
+        assert_eq!(some.warnings.len(), 2, "{:?}", some.warnings);
+        assert!(
+            some.warnings[0]
+                .starts_with("partition(s) 3-4,7: store 00009999 on edge-2 claims them"),
+            "{:?}",
+            some.warnings
+        );
+        assert!(
+            some.warnings[1].starts_with(&format!("partition(s) 6: their claim says {handed}")),
+            "{:?}",
+            some.warnings
+        );
+        assert_eq!(some.problem, None);
+        let none = ClaimsReport::of(&[
+            (6, Standing::MovedFromHere),
+            (7, Standing::Elsewhere(theirs.into())),
+        ]);
+        assert_eq!(
+            none.problem.as_deref(),
+            Some("this agent would consume none of the 2 partition(s) it owns (the warnings above say why)")
+        );
+        assert!(none.warnings[0].starts_with("partition(s) 6: this store handed them over"));
+    }
 
     #[test]
     fn a_position_is_refused_only_past_the_streams_last_message() {

@@ -281,6 +281,80 @@ pub async fn release(bucket: &kv::Store, read: &ReadClaim) -> Result<Released, N
     }
 }
 
+/// How a partition an agent owns stands for it, by its store's mark and the partition's
+/// claim, in the order the agent looks at them: whether it would consume the partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Claimed by this store.
+    Ours,
+    /// Claimed by nobody: the agent claims it as it starts.
+    Unclaimed,
+    /// This store handed it over, or began to: left alone, whatever its claim says.
+    MovedFromHere,
+    /// Held by no store since a hand-over, until a take-over of the file it names: its claim.
+    HandedOver(String),
+    /// Held by another store: its claim.
+    Elsewhere(String),
+}
+
+impl Standing {
+    pub fn consumed(&self) -> bool {
+        matches!(self, Standing::Ours | Standing::Unclaimed)
+    }
+}
+
+/// `recorded` is the partition's claim, if any; `our_store` the id of the store that would
+/// consume it, if it has been made (a store made later gets a new id, so no claim is its).
+pub fn standing(recorded: Option<&str>, our_store: Option<u32>, moved_from_here: bool) -> Standing {
+    if moved_from_here {
+        return Standing::MovedFromHere;
+    }
+    let Some(recorded) = recorded else {
+        return Standing::Unclaimed;
+    };
+    if recorded.starts_with(HANDED_OVER) {
+        return Standing::HandedOver(recorded.to_string());
+    }
+    match our_store.map(|id| judge(recorded, &holder(id, ""))) {
+        Some(Claim::Ours) => Standing::Ours,
+        _ => Standing::Elsewhere(recorded.to_string()),
+    }
+}
+
+/// The claims on `partitions`, in their order, read from the bucket of `stream` and
+/// `consumer_prefix` without making it: `None` when there is no bucket (no agent has claimed
+/// anything of this stream yet).
+pub async fn read_if_any(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer_prefix: &str,
+    partitions: &[u32],
+) -> Result<Option<Vec<Option<String>>>, NatsError> {
+    let name = bucket_name(stream, consumer_prefix);
+    let reading = |e: &dyn std::fmt::Display| {
+        nats_error(&format!("reading the bucket of partition claims {name}"), e)
+    };
+    match js.get_stream(format!("KV_{name}")).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(reading(&e)),
+    }
+    let bucket = js.get_key_value(&name).await.map_err(|e| reading(&e))?;
+    let mut claims = Vec::with_capacity(partitions.len());
+    for &partition in partitions {
+        claims.push(read(&bucket, partition).await?.holder);
+    }
+    Ok(Some(claims))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +367,53 @@ mod tests {
         assert_eq!(judge("store 00001a2b on edge-8", &ours), Claim::Ours);
         let theirs = "store 00009999 on edge-7";
         assert_eq!(judge(theirs, &ours), Claim::Elsewhere(theirs.to_string()));
+    }
+
+    #[test]
+    fn how_an_owned_partition_stands_by_its_mark_and_its_claim() {
+        let ours = holder(0x1a2b, "edge-7");
+        let moved_ours = "store 00001a2b on edge-8";
+        let theirs = "store 00009999 on edge-7";
+        let handed = handed_over("00009999-1700000000000");
+        let taking = taking_over(&handed, &ours);
+        let cases: [(Option<&str>, Option<u32>, bool, Standing); 9] = [
+            (None, Some(0x1a2b), false, Standing::Unclaimed),
+            (None, None, false, Standing::Unclaimed),
+            (Some(&ours), Some(0x1a2b), false, Standing::Ours),
+            (Some(moved_ours), Some(0x1a2b), false, Standing::Ours),
+            (
+                Some(theirs),
+                Some(0x1a2b),
+                false,
+                Standing::Elsewhere(theirs.into()),
+            ),
+            // No store yet: a claim is another store's, as the new store gets a new id.
+            (Some(&ours), None, false, Standing::Elsewhere(ours.clone())),
+            (
+                Some(&handed),
+                Some(0x9999),
+                false,
+                Standing::HandedOver(handed.clone()),
+            ),
+            (
+                Some(&taking),
+                Some(0x1a2b),
+                false,
+                Standing::HandedOver(taking.clone()),
+            ),
+            // The store's mark comes first, as in the agent.
+            (Some(&ours), Some(0x1a2b), true, Standing::MovedFromHere),
+        ];
+        for (recorded, store, moved, expected) in cases {
+            assert_eq!(
+                standing(recorded, store, moved),
+                expected,
+                "{recorded:?} {store:?} {moved}"
+            );
+        }
+        assert!(Standing::Ours.consumed() && Standing::Unclaimed.consumed());
+        assert!(!Standing::MovedFromHere.consumed());
+        assert!(!Standing::Elsewhere(theirs.into()).consumed());
     }
 
     #[test]

@@ -364,6 +364,9 @@ pub struct Probed {
     pub stray: StraySubjects,
     /// [`stream_warnings`].
     pub warnings: Vec<String>,
+    /// The claims on the partitions the config owns, in their order; `None` when no agent has
+    /// claimed any partition of the stream yet.
+    pub claims: Option<Vec<Option<String>>>,
 }
 
 /// For `outpost check`: connects and reads the stream, or says why not.
@@ -387,6 +390,13 @@ pub async fn probe(config: &NatsSource) -> Result<Probed, NatsError> {
         messages,
         warnings,
         stray: stray_subjects(&stream, config).await?,
+        claims: crate::source::claim::read_if_any(
+            &js,
+            &config.stream,
+            &config.consumer_prefix,
+            &config.owned,
+        )
+        .await?,
     })
 }
 
