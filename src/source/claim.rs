@@ -17,7 +17,7 @@
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 
-use super::nats::{nats_error, NatsError};
+use super::nats::{nats_error, no_such_stream, NatsError};
 
 /// Whether a partition may be consumed by this store.
 #[derive(Debug, PartialEq, Eq)]
@@ -336,15 +336,7 @@ pub async fn read_if_any(
     };
     match js.get_stream(format!("KV_{name}")).await {
         Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            return Ok(None)
-        }
+        Err(e) if no_such_stream(&e) => return Ok(None),
         Err(e) => return Err(reading(&e)),
     }
     let bucket = js.get_key_value(&name).await.map_err(|e| reading(&e))?;

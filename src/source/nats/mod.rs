@@ -42,6 +42,15 @@ pub(crate) fn nats_error(what: &str, e: impl std::fmt::Display) -> NatsError {
     NatsError(format!("{what}: {e}"))
 }
 
+/// Whether looking a stream up failed because there is no such stream.
+pub(crate) fn no_such_stream(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 /// Connects to the servers of `[source.nats]`. With `keep_trying`, the connection is made in
 /// the background and re-made whenever it breaks (the agent); without, a failure is an error
 /// (the CLI).

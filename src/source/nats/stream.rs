@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 
-use super::{connect, nats_error, NatsError};
+use super::{connect, nats_error, no_such_stream, NatsError};
 use crate::source::config::NatsSource;
 use crate::source::partition::{is_partition_subject, subject_of};
 
@@ -244,13 +244,7 @@ pub async fn setup(config: &NatsSource, record_made_at: bool) -> Result<SetupOut
     let looking_up = |e| nats_error(&format!("looking up stream {}", config.stream), e);
     match js.get_stream(&config.stream).await {
         Ok(stream) => found(&js, &stream, config, record_made_at).await,
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
+        Err(e) if no_such_stream(&e) => {
             let made = match js.create_stream(stream_config(config)).await {
                 Ok(made) => made,
                 // Another setup made it meanwhile and recorded when in its description, which
