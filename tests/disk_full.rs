@@ -4,7 +4,8 @@
 //! The real agent, its destination down, takes updates until the disk is full; then ingest
 //! answers 503 with `Retry-After` and a plain message, and once a filler file on the tmpfs is
 //! deleted it takes updates again and delivers everything, each export once, without a
-//! restart; SIGTERM exits 0. Then `outpost ingest` on a full disk fails with a clear message,
+//! restart, also when the disk filled as sled wrote a large profile to a file of its own;
+//! SIGTERM exits 0. Then `outpost ingest` on a full disk fails with a clear message,
 //! says how much it stored, and a second run stores the rest; a listing whose temporary
 //! folder is full says so. Fed by NATS instead (needs
 //! `nats-server`, as `tests/nats_fleet.rs`), a full disk loses no message either.
@@ -197,12 +198,31 @@ fn batch(n: usize) -> String {
         .join("\n")
 }
 
+/// Update `n` alone, of profile `p{n}`, whose first name is longer than a quarter of sled's
+/// 512 KiB log segment: sled writes it to a blob file of its own.
+fn large_update(n: usize) -> String {
+    let id = format!("p{n}");
+    member_update(
+        &id,
+        &format!("{id}-{}", "x".repeat(300_000)),
+        "2026-01-01T00:00:00Z",
+    )
+}
+
 /// Posts batches until ingest answers 503; returns how many were acknowledged and the 503's
 /// `Retry-After` and body.
 async fn post_until_full(agent: &AgentProcess) -> (usize, (Option<String>, String)) {
+    post_until_full_with(agent, batch).await
+}
+
+/// [`post_until_full`], request `n` made by `request(n)`.
+async fn post_until_full_with(
+    agent: &AgentProcess,
+    request: fn(usize) -> String,
+) -> (usize, (Option<String>, String)) {
     let mut acked = 0;
     loop {
-        let (status, body) = http_post_full(agent.addr, batch(acked)).await;
+        let (status, body) = http_post_full(agent.addr, request(acked)).await;
         match status {
             200 => acked += 1,
             503 => return (acked, body),
@@ -226,7 +246,7 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
         ..
     } = &mut disk;
     let addr = agent.addr;
-    let (mut acked, refused) = post_until_full(agent).await;
+    let (acked, refused) = post_until_full(agent).await;
     assert!(acked > 0, "the disk was full before the first update");
     let (retry_after, message) = refused;
     assert_eq!(retry_after.as_deref(), Some("5"), "{message}");
@@ -243,12 +263,46 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
         assert_plain_no_space(&message, store);
     }
     assert_eq!(healthz(addr).await, Some(503), "not healthy while full");
-
-    // Room again: the same agent takes updates again by itself.
     std::fs::remove_file(&filler).unwrap();
+    takes_updates_again_and_delivers_each_once(agent, receiver, acked, batch, 10).await;
+}
+
+/// sled writes a large value to a blob file of its own, and one that found the disk full
+/// left the log waiting for it for good: the agent's reopen, which closes the old handles,
+/// waited with it, so the store was never reopened, updates were refused and deliveries
+/// went unrecorded until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_met_writing_a_large_profile_is_reopened_once_there_is_room() {
+    let Some(mut disk) = agent_on_a_small_disk().await else {
+        return;
+    };
+    let FullDisk {
+        agent,
+        receiver,
+        filler,
+        ..
+    } = &mut disk;
+    let (acked, _) = post_until_full_with(agent, large_update).await;
+    assert!(acked > 0, "the disk was full before the first update");
+    std::fs::remove_file(&filler).unwrap();
+    takes_updates_again_and_delivers_each_once(agent, receiver, acked, large_update, 1).await;
+}
+
+/// Once room was made on the full disk, with `acked` requests taken before it filled (request
+/// `n` made by `request(n)`, `profiles_each` profiles a request, `p0` onwards): the agent
+/// takes updates again by itself, and once its destination is back delivers every
+/// acknowledged update, each export once; then it is stopped.
+async fn takes_updates_again_and_delivers_each_once(
+    agent: &mut AgentProcess,
+    receiver: &Receiver,
+    mut acked: usize,
+    request: fn(usize) -> String,
+    profiles_each: usize,
+) {
+    let addr = agent.addr;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (status, (_, message)) = http_post_full(addr, batch(acked)).await;
+        let (status, (_, message)) = http_post_full(addr, request(acked)).await;
         if status == 200 {
             acked += 1;
             break;
@@ -262,7 +316,7 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for _ in 0..3 {
-        let (status, (_, message)) = http_post_full(addr, batch(acked)).await;
+        let (status, (_, message)) = http_post_full(addr, request(acked)).await;
         assert_eq!(status, 200, "{message}");
         acked += 1;
     }
@@ -270,7 +324,7 @@ async fn a_full_disk_refuses_updates_then_recovers_without_a_restart() {
 
     // The destination is back: every acknowledged update arrives, each export once.
     receiver.set_export_script(None);
-    let profiles = acked * 10;
+    let profiles = acked * profiles_each;
     let deadline = Instant::now() + Duration::from_secs(60);
     while receiver.delivered().len() < profiles {
         assert!(
