@@ -1582,6 +1582,13 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     assert_eq!(status, 200, "{body}");
 
     server.restart();
+    // Connected, but the stream is not made yet: no partition can be consumed, and
+    // `/healthz` says so rather than "consuming".
+    wait_or_show(30, "every partition failing", &[&agent], async || {
+        let nats = &healthz_json(agent.addr).await["nats"];
+        nats["state"] == "failing" && nats["failing"] == serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7])
+    })
+    .await;
     setup.cli(&["nats", "setup"]);
     let lines: Vec<String> = (2..12).map(|p| version_line(p, 0)).collect();
     setup.publish(&lines);
@@ -1589,7 +1596,9 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
         distinct_delivered(&receiver) >= 11
     })
     .await;
-    assert_eq!(healthz_json(agent.addr).await["nats"]["state"], "consuming");
+    let nats = &healthz_json(agent.addr).await["nats"];
+    assert_eq!(nats["state"], "consuming", "{nats}");
+    assert_eq!(nats["failing"], serde_json::json!([]), "{nats}");
     let top = setup.cli(&["top", "--once", "--interval", "0.2"]);
     assert!(top.contains("waiting (connected)"), "{top}");
 }
@@ -3467,6 +3476,26 @@ async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
     let giving = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
     let file = hand_over_6_and_7(&giving, &receiver).await;
     let file_arg = file.to_str().unwrap();
+    // Started again with 6 and 7 still in its `owned`, the giving agent leaves them alone,
+    // and `/healthz` and `outpost check` say so.
+    let mut giving_agent = giving.start().await;
+    wait_or_show(
+        30,
+        "the partitions handed over shown",
+        &[&giving_agent],
+        async || {
+            healthz_json(giving_agent.addr).await["nats"]["handed_over"]
+                == serde_json::json!([6, 7])
+        },
+    )
+    .await;
+    let checked = giving.cli(&["check"]);
+    assert!(
+        checked.contains("6 claimed by this store, 2 left alone")
+            && checked.contains("partition(s) 6-7: this store handed them over"),
+        "{checked}"
+    );
+    giving_agent.terminate().await;
     let claims = giving.claims(&server).await;
     let handed = claim_text(&claims, 6).await;
     assert_eq!(claim_text(&claims, 7).await, handed);

@@ -300,6 +300,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
             }
             Err(PartitionStop::ClaimedElsewhere(holder)) => {
                 shared.state.claimed_elsewhere[slot].store(true, Ordering::Relaxed);
+                shared.state.failing[slot].store(false, Ordering::Relaxed);
                 // Not consumed here: no backlog of this agent's to show.
                 shared.state.pending[slot].store(0, Ordering::Relaxed);
                 let error = format!("claimed by {holder}");
@@ -326,6 +327,8 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
             }
             Err(PartitionStop::Moved(why)) => {
                 shared.state.pending[slot].store(0, Ordering::Relaxed);
+                shared.state.handed_over[slot].store(true, Ordering::Relaxed);
+                shared.state.failing[slot].store(false, Ordering::Relaxed);
                 if why != last_error {
                     tracing::warn!(partition, "NATS partition left alone: {why}");
                     last_error = why;
@@ -351,6 +354,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
                     format!("not connected to NATS ({e})")
                 };
                 let retry_in_ms = backoff.as_millis() as u64;
+                shared.state.failing[slot].store(true, Ordering::Relaxed);
                 // While the connection is down every partition fails for it, which the
                 // connection's own warning says once.
                 if error == last_error || !connected {
@@ -556,6 +560,7 @@ async fn run_consumer(
     if let Some(moved) = moved {
         return Err(PartitionStop::Moved(moved));
     }
+    shared.state.handed_over[slot].store(false, Ordering::Relaxed);
     // Never consumed unclaimed: a claim that cannot be made or read now is tried again, on
     // the backoff schedule, like a consumer that cannot be made.
     if let claim::Claim::Elsewhere(holder) = claim_partition(shared, partition).await? {
@@ -563,6 +568,7 @@ async fn run_consumer(
     }
     shared.state.claimed_elsewhere[slot].store(false, Ordering::Relaxed);
     let mut consuming = fresh_consumer(shared, partition).await?;
+    shared.state.failing[slot].store(false, Ordering::Relaxed);
     *consuming_since = Some(std::time::Instant::now());
     match consume(shared, slot, partition, &mut consuming, breaks).await {
         Err(PartitionStop::Failed(error))

@@ -215,6 +215,12 @@ pub struct SourceState {
     pending: Vec<AtomicU64>,
     /// Per owned partition, whether another store claims it (see `claim`).
     claimed_elsewhere: Vec<AtomicBool>,
+    /// Per owned partition, whether this store handed it over (`outpost nats hand-over`),
+    /// and leaves it alone until it takes it over again.
+    handed_over: Vec<AtomicBool>,
+    /// Per owned partition, whether its last try to consume it failed (the stream missing,
+    /// the consumer refused), until a consumer is made.
+    failing: Vec<AtomicBool>,
     acks: AtomicU64,
     events: Arc<ConnectionEvents>,
     /// The owned partitions whose consumers did not end within the grace after the stop.
@@ -245,12 +251,28 @@ impl SourceState {
 
     /// The owned partitions left alone because another agent's store claims them.
     pub fn claimed_elsewhere(&self) -> Vec<u32> {
+        self.owned_where(&self.claimed_elsewhere)
+    }
+
+    fn owned_where(&self, flags: &[AtomicBool]) -> Vec<u32> {
         self.owned
             .iter()
-            .zip(&self.claimed_elsewhere)
-            .filter(|(_, claimed)| claimed.load(Ordering::Relaxed))
+            .zip(flags)
+            .filter(|(_, flag)| flag.load(Ordering::Relaxed))
             .map(|(p, _)| *p)
             .collect()
+    }
+
+    fn state(&self) -> &'static str {
+        if !self.connected() {
+            "disconnected"
+        } else if self.paused() {
+            "paused"
+        } else if self.failing.iter().all(|f| f.load(Ordering::Relaxed)) {
+            "failing"
+        } else {
+            "consuming"
+        }
     }
 
     /// Sets the source's gauges to what they are now: read when shown (`/metrics`,
@@ -294,11 +316,13 @@ impl SourceState {
             .map(|(p, n)| (p.to_string(), n.into()))
             .collect();
         serde_json::json!({
-            "state": if !self.connected() { "disconnected" } else if self.paused() { "paused" } else { "consuming" },
+            "state": self.state(),
             "stream": self.stream,
             "owned": super::partition::format_owned(&self.owned),
             "pending": pending,
             "claimed_elsewhere": self.claimed_elsewhere(),
+            "handed_over": self.owned_where(&self.handed_over),
+            "failing": self.owned_where(&self.failing),
             "acks": self.acks(),
         })
     }
@@ -391,11 +415,9 @@ pub async fn start(
         owned: config.owned.clone(),
         paused: AtomicBool::new(false),
         pending: config.owned.iter().map(|_| AtomicU64::new(0)).collect(),
-        claimed_elsewhere: config
-            .owned
-            .iter()
-            .map(|_| AtomicBool::new(false))
-            .collect(),
+        claimed_elsewhere: config.owned.iter().map(|_| AtomicBool::default()).collect(),
+        handed_over: config.owned.iter().map(|_| AtomicBool::default()).collect(),
+        failing: config.owned.iter().map(|_| AtomicBool::default()).collect(),
         acks: AtomicU64::new(0),
         unended_at_stop: std::sync::Mutex::default(),
     });
