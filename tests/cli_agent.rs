@@ -1539,3 +1539,61 @@ fn as_nobody(ws: &Workspace, args: &[&str]) -> Output {
         None,
     )
 }
+
+/// A signal stops `outpost ingest` between two requests: it says how many updates of the
+/// input were stored and how to store the rest (`--skip`), which stores each once. It ended
+/// silently, with nothing to go on from but the input's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_stopped_by_a_signal_says_how_to_store_the_rest() {
+    const UPDATES: u64 = 10_000;
+    let destination = Destination::start().await;
+    let (ws, port) = workspace(&destination);
+    let _agent = AgentProcess::start(&ws.config_path(), port).await;
+    let lines: Vec<String> = (0..UPDATES)
+        .map(|i| update(&format!("p{i}"), "Ada"))
+        .collect();
+    let file = write_file(&ws, "many.ndjson", &lines);
+    let ingesting = ws
+        .command(&["ingest", &file])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&ws)["profiles"] == 0 {
+        assert!(Instant::now() < deadline, "nothing stored in 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SAFETY: kill(2) with the id of the child this test started, not yet waited for.
+    assert_eq!(
+        unsafe { libc::kill(ingesting.id() as i32, libc::SIGINT) },
+        0
+    );
+    let out = ingesting.wait_with_output().unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = stderr
+        .split("stopped by SIGINT or SIGTERM; the first ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let stored: u64 = said.split(' ').next().unwrap().parse().unwrap();
+    assert!(
+        stored > 0 && stored < UPDATES,
+        "stopped after {stored}: {stderr}"
+    );
+    assert!(
+        said.contains(&format!("of {UPDATES} updates were stored, the rest not; run the same input again with --skip {stored}")),
+        "{stderr}"
+    );
+    assert_eq!(stats(&ws)["profiles"], stored);
+    let rest = ws.run_ok(&["ingest", &file, "--skip", &stored.to_string()], None);
+    assert!(
+        rest.contains(&format!(
+            "accepted {} updates: {} exports",
+            UPDATES - stored,
+            UPDATES - stored
+        )),
+        "{rest}"
+    );
+    assert_eq!(stats(&ws)["profiles"], UPDATES);
+}

@@ -3551,3 +3551,77 @@ async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
     assert_eq!(claim_text(&claims, 6).await, reserved, "left reserved");
     assert_eq!(claim_text(&claims, 7).await, reserved, "left reserved");
 }
+
+/// A signal stops `outpost publish` between two messages: it waits for the acknowledgements of
+/// those sent, says how many of the input went through and how to go on (`--resume`), and
+/// the publish resumed puts the rest in the stream, none twice. It ended silently, with
+/// nothing to resume from but the input's start, which publishes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stopped_by_a_signal_says_how_to_resume_it() {
+    let Some(server_bin) = nats_server_or_skip("a_publish_stopped_by_a_signal") else {
+        return;
+    };
+    const UPDATES: usize = 20_000;
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let file = write_lines(setup.dir.path(), &versions(UPDATES, 0));
+    let stream_messages = async || {
+        let mut stream = server
+            .jetstream()
+            .await
+            .get_stream("UPDATES")
+            .await
+            .unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+    let publishing = std::process::Command::new(binary())
+        .args(["publish", file.to_str().unwrap(), "--config"])
+        .arg(setup.config())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_or_show(30, "the first messages in the stream", &[], async || {
+        stream_messages().await > 0
+    })
+    .await;
+    // SAFETY: kill(2) with the id of the child this test started, not yet waited for.
+    assert_eq!(
+        unsafe { libc::kill(publishing.id() as i32, libc::SIGINT) },
+        0
+    );
+    let out = publishing.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = stderr
+        .split("stopped by SIGINT or SIGTERM; the first ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let published: u64 = said.split(' ').next().unwrap().parse().unwrap();
+    assert!(
+        said.starts_with(&format!(
+            "{published} of {UPDATES} update(s) were published in order"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        published > 0 && published < UPDATES as u64,
+        "stopped after {published}: {stderr}"
+    );
+    assert_eq!(stream_messages().await, published, "{stderr}");
+    let id = said
+        .split("--resume ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let resumed = setup.cli(&["publish", file.to_str().unwrap(), "--resume", id]);
+    assert!(
+        resumed.contains(&format!(
+            "{} update(s) published to stream UPDATES (0 already there",
+            UPDATES as u64 - published
+        )),
+        "{resumed}"
+    );
+    assert_eq!(stream_messages().await, UPDATES as u64);
+}

@@ -67,6 +67,25 @@ fn partly_stored(error: CliError, stored: u64, in_flight: usize, count: u64) -> 
     ))
 }
 
+/// What `outpost ingest` says when a signal stopped it between two requests: `stored`
+/// updates from the input's start are stored, none after them.
+fn stopped_as_asked(stored: u64, count: u64) -> CliError {
+    let what = what_was_stored(stored, 0, count);
+    let message = match stored {
+        0 => format!("{}; {what}", super::interrupt::STOPPED),
+        _ => format!(
+            "{}; {what}; run the same input again with --skip {stored}, which stores the rest",
+            super::interrupt::STOPPED
+        ),
+    };
+    CliError::PartlyStored {
+        message,
+        stored,
+        in_doubt: 0,
+        updates: count,
+    }
+}
+
 /// What `ingest --json` prints of a failure: the message, and how many updates from the
 /// input's start are stored (`skip` where this run stored none: those an earlier run stored),
 /// and for one that stopped partway, how many may have been after them.
@@ -431,6 +450,9 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                 .requests_of(&chunk)
                 .map_err(|e| partly_stored(e, skip + total.accepted, 0, count))?
             {
+                if super::interrupt::asked() {
+                    return Err(stopped_as_asked(skip + total.accepted, count));
+                }
                 let committed = backend
                     .ingest(config, mapping.as_ref(), request)
                     .map_err(|e| partly_stored(e, skip + total.accepted, request.len(), count))?;

@@ -39,6 +39,7 @@ mod check;
 mod delivery;
 mod handover;
 mod ingest;
+mod interrupt;
 mod nats;
 mod outbox;
 mod output;
@@ -229,6 +230,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Repair { yes } => repair::repair_store(config, yes),
         Command::Compact { json } => repair::compact_store(config, json),
         Command::Ingest { file, json, skip } => {
+            interrupt::watch_from_now();
             let ingested = (|| {
                 // Opened with this process's rights, before it may act as the store's owner.
                 let mut input = ingest::open_input(&file)?;
@@ -286,12 +288,15 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             file,
             in_flight,
             resume,
-        } => runtime()?.block_on(nats::publish_path(
-            config,
-            &file,
-            in_flight,
-            resume.as_deref(),
-        )),
+        } => {
+            interrupt::watch_from_now();
+            runtime()?.block_on(nats::publish_path(
+                config,
+                &file,
+                in_flight,
+                resume.as_deref(),
+            ))
+        }
         Command::Nats(NatsCommand::Setup { record_made_at }) => {
             runtime()?.block_on(nats::nats_setup(config, record_made_at))
         }

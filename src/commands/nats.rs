@@ -365,7 +365,9 @@ pub(super) async fn publish_path(
             }
         })
         // Planned all the same, so that the rest keep their ids.
-        .skip(skip as usize);
+        .skip(skip as usize)
+        // A signal stops the publish between two messages; those sent are acknowledged first.
+        .take_while(|_| !super::interrupt::asked());
     let progress = (path != Path::new("-")).then(|| {
         Progress::new(
             total,
@@ -386,6 +388,10 @@ pub(super) async fn publish_path(
             crate::source::nats::NatsError(format!(
                 "the input changed while it was published: {e}"
             )),
+        )),
+        (Ok(report), None) if skip + report.published < total => Err((
+            report,
+            crate::source::nats::NatsError(super::interrupt::STOPPED.into()),
         )),
         (result, _) => result,
     };
