@@ -3416,6 +3416,27 @@ fn agent_refusing_the_take_over(
     store: &Path,
     take_over_answer: String,
 ) -> std::thread::JoinHandle<Vec<String>> {
+    agent_standing_in(store, "take_over", move |op| {
+        match op {
+        "check_take_over" => Some(
+            r#"{"ok":{"from_store":"00000001","file_id":"f","partitions":[],"profiles_in_file":40,"stored":0}}"#
+                .into(),
+        ),
+        "take_over" => Some(take_over_answer.clone()),
+        other => panic!("not asked of a take-over: {other}"),
+    }
+    })
+}
+
+/// Stands in for a running agent on the admin socket of the store at `store`: `stats` gives
+/// store `0000abcd`, another op what `answer` gives it (`None`: the connection is closed
+/// without an answer, as by an agent that stopped). Returns the ops asked, once `last` was
+/// (panics when it was not within a minute).
+fn agent_standing_in(
+    store: &Path,
+    last: &'static str,
+    answer: impl Fn(&str) -> Option<String> + Send + 'static,
+) -> std::thread::JoinHandle<Vec<String>> {
     use std::io::{Read, Write};
     std::fs::create_dir_all(store).unwrap();
     let socket = outpost::server::admin::socket_path(store);
@@ -3430,7 +3451,7 @@ fn agent_refusing_the_take_over(
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let now = std::time::Instant::now();
-                    assert!(now < deadline, "no take-over was asked, only {ops:?}");
+                    assert!(now < deadline, "no {last} was asked, only {ops:?}");
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
@@ -3444,21 +3465,58 @@ fn agent_refusing_the_take_over(
                 continue;
             };
             let op = request["op"].as_str().unwrap().to_string();
-            let answer = match op.as_str() {
-                "stats" => r#"{"ok":{"store_id":"0000abcd"}}"#,
-                "check_take_over" => {
-                    r#"{"ok":{"from_store":"00000001","file_id":"f","partitions":[],"profiles_in_file":40,"stored":0}}"#
-                }
-                "take_over" => take_over_answer.as_str(),
-                other => panic!("not asked of a take-over: {other}"),
+            let answered = match op.as_str() {
+                "stats" => Some(r#"{"ok":{"store_id":"0000abcd"}}"#.to_string()),
+                other => answer(other),
             };
-            stream.write_all(format!("{answer}\n").as_bytes()).unwrap();
+            if let Some(answered) = answered {
+                stream
+                    .write_all(format!("{answered}\n").as_bytes())
+                    .unwrap();
+            }
             ops.push(op);
-            if ops.last().is_some_and(|op| op == "take_over") {
+            if ops.last().is_some_and(|op| op == last) {
                 return ops;
             }
         }
     })
+}
+
+/// A hand-over whose running agent stopped before it answered says to run the hand-over
+/// again, as a take-over's does: it said only that the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_whose_agent_stopped_before_answering_says_to_run_it_again() {
+    let Some(server_bin) = nats_server_or_skip("a_hand_over_whose_agent_stopped") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let giving = AgentSetup::new(
+        &receiver.base_url(),
+        Some(&nats_table(&server.url(), 8, "0-5", "")),
+        "",
+    );
+    giving.cli(&["nats", "setup"]);
+    // The store made, by an update of a partition the config owns.
+    let owned = (0..).find(|p| !in_6_or_7(p)).unwrap();
+    let input = write_lines(giving.dir.path(), &[version_line(owned, 0)]);
+    giving.cli(&["ingest", input.to_str().unwrap()]);
+    let store = giving.dir.path().join("store");
+    let agent = agent_standing_in(&store, "hand_over", |op| match op {
+        "hand_over" => None,
+        other => panic!("not asked of a hand-over: {other}"),
+    });
+    let file = giving.dir.path().join("6-7.handover");
+    let out = giving.run(&["nats", "hand-over", "6-7", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(agent.is_finished(), "{stderr}");
+    assert_eq!(agent.join().unwrap(), ["stats", "hand_over"]);
+    assert!(
+        stderr.contains("the connection closed without an answer")
+            && stderr.contains("run this hand-over again once the agent or the store is back"),
+        "{stderr}"
+    );
 }
 
 /// The store refuses the take-over itself, though it passed the check (an update of one of

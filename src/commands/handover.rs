@@ -347,9 +347,17 @@ pub(super) fn hand_over(
             _ => {}
         }
     }
+    // An agent that stopped before it answered may have done what was asked, or part of it.
+    let run_again = |e: AdminError| match e {
+        AdminError::Unanswered(text) => AdminError::Unanswered(format!(
+            "{text}; run this hand-over again once the agent or the store is back: it goes on \
+             where it stopped"
+        )),
+        other => other,
+    };
     // The file first: a running agent writes it, and may see another `/tmp` than this
     // command (systemd's `PrivateTmp`). Nothing is forgotten before the file is seen here.
-    let written = backend.execute(&request(true)?)?;
+    let written = backend.execute(&request(true)?).map_err(run_again)?;
     let file_id = written["file_id"]
         .as_str()
         .ok_or_else(|| CliError::Failure("the store did not name the file".into()))?;
@@ -360,7 +368,7 @@ pub(super) fn hand_over(
     if seen.as_deref() != Some(file_id) {
         return Err(file_not_seen(file, &written));
     }
-    let answer = backend.execute(&request(false)?)?;
+    let answer = backend.execute(&request(false)?).map_err(run_again)?;
     drop(backend);
     let mut report = Report::default();
     for (partition, seq) in partitions_moved(&answer) {
