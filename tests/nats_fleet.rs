@@ -3003,10 +3003,7 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     let refused = first.run(&["nats", "hand-over", "6-7", file_arg]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("this agent consumes partition 6"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("this agent owns partition 6,"), "{stderr}");
     assert!(!file.exists());
 
     // Taken out of its `owned`, restarted, and handed over while it runs.
@@ -3109,7 +3106,7 @@ async fn a_partition_handed_over_goes_on_where_its_first_agent_stopped() {
     let refused = second.run(&["nats", "take-over", file_arg]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
-    assert!(stderr.contains("this agent consumes partition"), "{stderr}");
+    assert!(stderr.contains("this agent owns partition"), "{stderr}");
     assert_eq!(claim_text(&claims, 6).await, handed_claim);
     second_agent.terminate().await;
 

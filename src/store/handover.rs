@@ -201,8 +201,8 @@ fn refuse_unsettled(
 ) -> Result<(), MoveError> {
     if let Some(p) = partitions.iter().find(|p| owned.contains(p)) {
         return Err(refused(format!(
-            "this agent consumes partition {p}: take it out of `source.nats.owned` and restart \
-             the agent first"
+            "this agent owns partition {p}, and consumes it whenever it may: take it out of \
+             `source.nats.owned` and restart the agent first"
         )));
     }
     if t.has_legacy_profiles || t.upgrade_unfinished {
@@ -1261,7 +1261,7 @@ mod tests {
         assert!(!file.exists());
         deliver_all(&giving);
         let consumed = refusal(giving.hand_over(&[1], &terms, &file, &[1], false));
-        assert!(consumed.contains("consumes partition 1"), "{consumed}");
+        assert!(consumed.contains("owns partition 1,"), "{consumed}");
 
         let records: Vec<_> = moving
             .iter()
@@ -1550,7 +1550,7 @@ mod tests {
     fn a_take_over_checked_changes_nothing() {
         let f = partition_1_handed_over(30, 30);
         let owned = refusal(f.taking.check_take_over(&f.file, &f.terms, &[1], false));
-        assert!(owned.contains("this agent consumes partition 1"), "{owned}");
+        assert!(owned.contains("this agent owns partition 1,"), "{owned}");
         let checked = f
             .taking
             .check_take_over(&f.file, &f.terms, &[], false)
@@ -1708,7 +1708,7 @@ mod tests {
             refusal(taking.take_over(&file, &other(|t| t.fleet = "another".into()), &[], false));
         assert!(text.contains("another here"), "{text}");
         let text = refusal(taking.take_over(&file, &terms, &[1], false));
-        assert!(text.contains("consumes partition 1"), "{text}");
+        assert!(text.contains("owns partition 1,"), "{text}");
 
         // The same profile twice in a file.
         let (header, mut reader) =
