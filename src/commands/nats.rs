@@ -265,7 +265,8 @@ impl ClaimsReport {
                 format!("partition(s) {}: {reason}", format_owned(&partitions))
             })
             .collect();
-        let problem = (!standings.is_empty() && ours + unclaimed == 0).then(|| {
+        let consumes_none = !standings.iter().any(|(_, s)| s.consumed());
+        let problem = (!standings.is_empty() && consumes_none).then(|| {
             format!(
                 "this agent would consume none of the {} partition(s) it owns (the warnings above say why)",
                 standings.len()

@@ -268,7 +268,8 @@ impl SourceState {
             "disconnected"
         } else if self.paused() {
             "paused"
-        } else if self.failing.iter().all(|f| f.load(Ordering::Relaxed)) {
+        } else if !self.failing.is_empty() && self.failing.iter().all(|f| f.load(Ordering::Relaxed))
+        {
             "failing"
         } else {
             "consuming"
