@@ -453,6 +453,11 @@ impl Log {
                         lsn, e
                     );
                     iobufs.config.set_global_error(e);
+                    // Waiters for this buffer's write learn of the error
+                    // now, not at the flusher's next pass.
+                    let intervals = iobufs.intervals.lock();
+                    drop(intervals);
+                    let _notified = iobufs.interval_updated.notify_all();
                 }
             })?;
 
