@@ -1499,21 +1499,6 @@ fn give_store_to_nobody(ws: &Workspace) {
 
 const NOBODY: u32 = 65534;
 
-/// Whether this test runs as root, as it needs to run a command as another user (under CI it
-/// must; elsewhere it is skipped).
-fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        !in_ci(),
-        "this test needs root (to run a command as another user)"
-    );
-    eprintln!("skipped: this test needs root, to run a command as another user");
-    false
-}
-
 /// Lets other users read the config and look into the store's folder.
 fn open_to_others(ws: &Workspace) {
     for (path, mode) in [

@@ -1586,7 +1586,8 @@ async fn the_agent_starts_without_nats_and_consumes_once_it_is_up() {
     // `/healthz` says so rather than "consuming".
     wait_or_show(30, "every partition failing", &[&agent], async || {
         let nats = &healthz_json(agent.addr).await["nats"];
-        nats["state"] == "failing" && nats["failing"] == serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7])
+        nats["state"] == "consuming none"
+            && nats["failing"] == serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7])
     })
     .await;
     setup.cli(&["nats", "setup"]);
@@ -2708,6 +2709,7 @@ async fn partitions_two_agents_own_are_consumed_by_the_one_that_claimed_them() {
         health["nats"]["claimed_elsewhere"],
         serde_json::json!([6, 7])
     );
+    assert_eq!(health["nats"]["state"], "consuming none", "{health}");
     assert_eq!(
         metric(second_agent.addr, "outpost_source_claimed_elsewhere").await,
         2.0
@@ -3511,7 +3513,7 @@ async fn a_hand_over_whose_agent_stopped_before_answering_says_to_run_it_again()
     assert_eq!(agent.join().unwrap(), ["stats", "hand_over"]);
     assert!(
         stderr.contains("the connection closed without an answer")
-            && stderr.contains("run this hand-over again once the agent or the store is back"),
+            && stderr.contains("if the agent stopped, run this hand-over again once it is back"),
         "{stderr}"
     );
 }
@@ -3679,4 +3681,42 @@ async fn a_publish_stopped_by_a_signal_says_how_to_resume_it() {
         "{resumed}"
     );
     assert_eq!(stream_messages().await, UPDATES as u64);
+}
+
+/// `outpost check` run by root on a store another user owns (as systemd's set-up has it)
+/// cannot read the store's figures, so it cannot tell the store's own claims from another
+/// store's: it says so. It took them all for another store's, failed, and advised releasing
+/// them, which would have the agent consume its partitions from the stream's start again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_does_not_judge_claims_it_cannot_tell_from_its_own_stores() {
+    let Some(server_bin) = nats_server_or_skip("check_does_not_judge_claims") else {
+        return;
+    };
+    if !running_as_root() {
+        return;
+    }
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let mut agent = setup.start().await;
+    wait_or_show(30, "the claims made", &[&agent], async || {
+        setup
+            .cli(&["check"])
+            .contains("of the 8 partition(s) this agent owns: 8 claimed by this store\n")
+    })
+    .await;
+    agent.terminate().await;
+    let store = setup.dir.path().join("store");
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let checked = setup.cli(&["check"]);
+    assert!(
+        checked.contains("claims           not judged: not read: the store is another user's"),
+        "{checked}"
+    );
+    assert!(!checked.contains("left alone"), "{checked}");
 }

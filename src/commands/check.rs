@@ -184,7 +184,13 @@ async fn check_stream(
     if let Some(nats) = &config.nats {
         match nats.check_files() {
             Err(e) => problems.unusable_file(e),
-            Ok(()) => match nats::check_nats(nats, stats).await {
+            Ok(()) => match nats::check_nats(
+                nats,
+                stats,
+                Store::exists_at(&config.storage.path).unwrap_or(true),
+            )
+            .await
+            {
                 Ok(None) => {}
                 Ok(Some(problem)) => problems.other.push(format!("nats: {problem}")),
                 Err(e) => {

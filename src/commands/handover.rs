@@ -350,7 +350,7 @@ pub(super) fn hand_over(
     // An agent that stopped before it answered may have done what was asked, or part of it.
     let run_again = |e: AdminError| match e {
         AdminError::Unanswered(text) => AdminError::Unanswered(format!(
-            "{text}; run this hand-over again once the agent or the store is back: it goes on \
+            "{text}; if the agent stopped, run this hand-over again once it is back: it goes on \
              where it stopped"
         )),
         other => other,

@@ -155,6 +155,7 @@ pub(super) async fn nats_setup(config: &Config, record_made_at: bool) -> Result<
 pub(super) async fn check_nats(
     nats: &NatsSource,
     stats: &Result<Value, String>,
+    store_exists: bool,
 ) -> Result<Option<String>, CliError> {
     let auth = match &nats.auth {
         NatsAuth::None => "no credentials",
@@ -186,14 +187,29 @@ pub(super) async fn check_nats(
         )?;
         return Ok(None);
     };
-    let stats = stats.as_ref().ok();
-    let our_store = stats
-        .and_then(|s| s["store_id"].as_str())
-        .and_then(|id| u32::from_str_radix(id, 16).ok());
-    let moved: Vec<u64> = stats
-        .and_then(|s| s["handed_over"]["partitions"].as_array())
-        .map(|p| p.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
+    // Which claims are this store's can be told only from its figures, or when there is no
+    // store yet (a store made later gets a new id, so no claim is its).
+    let (our_store, moved) = match stats {
+        Ok(stats) => match stats["store_id"]
+            .as_str()
+            .and_then(|id| u32::from_str_radix(id, 16).ok())
+        {
+            Some(id) => {
+                let moved: Vec<u64> = stats["handed_over"]["partitions"]
+                    .as_array()
+                    .map(|p| p.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                (Some(id), moved)
+            }
+            None => {
+                return not_judged(
+                    "the store's figures do not name it (an agent of an earlier build?)",
+                )
+            }
+        },
+        Err(_) if !store_exists => (None, Vec::new()),
+        Err(why) => return not_judged(why),
+    };
     let standings: Vec<(u32, Standing)> = nats
         .owned
         .iter()
@@ -209,6 +225,12 @@ pub(super) async fn check_nats(
         report_line!("warning          {}", for_terminal(warning, false))?;
     }
     Ok(report.problem)
+}
+
+/// The claims line of a store whose claims cannot be told from another store's (`why`).
+fn not_judged(why: &str) -> Result<Option<String>, CliError> {
+    report_line!("claims           not judged: {}", for_terminal(why, false))?;
+    Ok(None)
 }
 
 /// What `outpost check` says of how the partitions an agent owns stand.

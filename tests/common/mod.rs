@@ -21,6 +21,21 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
+/// Whether this test runs as root, as it needs to run a command as another user (under CI it
+/// must; elsewhere it is skipped).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "this test needs root (to run a command as another user)"
+    );
+    eprintln!("skipped: this test needs root, to run a command as another user");
+    false
+}
+
 /// The first of `dirs` (the `PATH`'s before them) that holds `program`.
 pub fn find_program(program: &str, dirs: &[&str]) -> Option<PathBuf> {
     std::env::var_os("PATH")

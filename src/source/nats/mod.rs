@@ -263,14 +263,21 @@ impl SourceState {
             .collect()
     }
 
+    /// Whether every owned partition is left alone (handed over, claimed elsewhere) or failing.
+    fn consumed_none(&self) -> bool {
+        let set = |flags: &[AtomicBool], i: usize| flags[i].load(Ordering::Relaxed);
+        (0..self.owned.len()).all(|i| {
+            set(&self.failing, i) || set(&self.handed_over, i) || set(&self.claimed_elsewhere, i)
+        })
+    }
+
     fn state(&self) -> &'static str {
         if !self.connected() {
             "disconnected"
         } else if self.paused() {
             "paused"
-        } else if !self.failing.is_empty() && self.failing.iter().all(|f| f.load(Ordering::Relaxed))
-        {
-            "failing"
+        } else if !self.owned.is_empty() && self.consumed_none() {
+            "consuming none"
         } else {
             "consuming"
         }
