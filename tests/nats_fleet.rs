@@ -3720,3 +3720,35 @@ async fn check_does_not_judge_claims_it_cannot_tell_from_its_own_stores() {
     );
     assert!(!checked.contains("left alone"), "{checked}");
 }
+
+/// Credentials that cannot read the bucket of claims: the agent would consume no partition
+/// (it consumes none whose claim it cannot read), and `outpost check` says the claims cannot
+/// be read, not that the stream is unusable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_when_the_claims_cannot_be_read() {
+    let Some(server_bin) = nats_server_or_skip("check_says_when_the_claims_cannot_be_read") else {
+        return;
+    };
+    let (server, _conf) = server_with_agent_user(
+        &server_bin,
+        r#"{ publish: { deny: ["$JS.API.STREAM.INFO.KV_owners_7_UPDATES_outpost"] } }"#,
+    );
+    let receiver = start_receiver().await;
+    let (_setup, agent_config) = setup_with_agent_user(&receiver, &server, "");
+    let out = run_with_config(&agent_config, &["check"], None);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("stream           UPDATES: ")
+            && stdout.contains("claims           cannot be read (the error below says why)")
+            && !stdout.contains("not usable"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("reading the bucket of partition claims owners_7_UPDATES_outpost"),
+        "{stderr}"
+    );
+}

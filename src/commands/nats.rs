@@ -181,7 +181,16 @@ pub(super) async fn check_nats(
     for warning in &probed.warnings {
         report_line!("warning          {}", for_terminal(warning, false))?;
     }
-    let Some(claims) = probed.claims else {
+    // An agent consumes no partition whose claim it cannot read (its credentials may not
+    // reach the bucket, say).
+    let claims = match probed.claims {
+        Ok(claims) => claims,
+        Err(e) => {
+            report_line!("claims           cannot be read (the error below says why)")?;
+            return Ok(Some(e.to_string()));
+        }
+    };
+    let Some(claims) = claims else {
         report_line!(
             "claims           none yet: the agent claims the partitions it owns as it starts"
         )?;

@@ -359,8 +359,8 @@ pub struct Probed {
     /// [`stream_warnings`].
     pub warnings: Vec<String>,
     /// The claims on the partitions the config owns, in their order; `None` when no agent has
-    /// claimed any partition of the stream yet.
-    pub claims: Option<Vec<Option<String>>>,
+    /// claimed any partition of the stream yet; `Err` when they cannot be read.
+    pub claims: Result<Option<Vec<Option<String>>>, NatsError>,
 }
 
 /// For `outpost check`: connects and reads the stream, or says why not.
@@ -390,7 +390,7 @@ pub async fn probe(config: &NatsSource) -> Result<Probed, NatsError> {
             &config.consumer_prefix,
             &config.owned,
         )
-        .await?,
+        .await,
     })
 }
 
