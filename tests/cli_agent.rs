@@ -1549,25 +1549,13 @@ async fn an_ingest_stopped_by_a_signal_says_how_to_store_the_rest() {
         assert!(Instant::now() < deadline, "nothing stored in 30 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // SAFETY: kill(2) with the id of the child this test started, not yet waited for.
-    assert_eq!(
-        unsafe { libc::kill(ingesting.id() as i32, libc::SIGINT) },
-        0
-    );
-    let out = ingesting.wait_with_output().unwrap();
-    let stderr = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let said = stderr
-        .split("stopped by SIGINT or SIGTERM; the first ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{stderr}"));
-    let stored: u64 = said.split(' ').next().unwrap().parse().unwrap();
+    let (stored, stderr) = stop_with_sigint(ingesting);
     assert!(
         stored > 0 && stored < UPDATES,
         "stopped after {stored}: {stderr}"
     );
     assert!(
-        said.contains(&format!("of {UPDATES} updates were stored, the rest not; run the same input again with --skip {stored}")),
+        stderr.contains(&format!("the first {stored} of {UPDATES} updates were stored, the rest not; run the same input again with --skip {stored}")),
         "{stderr}"
     );
     assert_eq!(stats(&ws)["profiles"], stored);

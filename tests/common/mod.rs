@@ -36,6 +36,23 @@ pub fn running_as_root() -> bool {
     false
 }
 
+/// Sends SIGINT to `child` (an `outpost ingest` or `outpost publish`, its output piped) and
+/// waits for it: it must exit 1 saying it was stopped. How many updates it says went through
+/// before it stopped, and its stderr.
+pub fn stop_with_sigint(child: std::process::Child) -> (u64, String) {
+    // SAFETY: kill(2) with the id of a child not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = stderr
+        .split("stopped by SIGINT or SIGTERM; the first ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let count = said.split(' ').next().unwrap().parse().unwrap();
+    (count, stderr)
+}
+
 /// The first of `dirs` (the `PATH`'s before them) that holds `program`.
 pub fn find_program(program: &str, dirs: &[&str]) -> Option<PathBuf> {
     std::env::var_os("PATH")
