@@ -3736,7 +3736,9 @@ async fn check_says_when_the_claims_cannot_be_read() {
         "{stdout}"
     );
     assert!(
-        stderr.contains("reading the bucket of partition claims owners_7_UPDATES_outpost"),
+        stderr.contains(
+            "outpost: nats: reading the bucket of partition claims owners_7_UPDATES_outpost"
+        ),
         "{stderr}"
     );
 }

@@ -187,7 +187,8 @@ pub(super) async fn check_nats(
         Ok(claims) => claims,
         Err(e) => {
             report_line!("claims           cannot be read (the error below says why)")?;
-            return Ok(Some(e.to_string()));
+            // Said after "nats: ", as the other problems of the source are.
+            return Ok(Some(e.0));
         }
     };
     let Some(claims) = claims else {
