@@ -3509,7 +3509,6 @@ async fn a_hand_over_whose_agent_stopped_before_answering_says_to_run_it_again()
     let out = giving.run(&["nats", "hand-over", "6-7", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(agent.is_finished(), "{stderr}");
     assert_eq!(agent.join().unwrap(), ["stats", "hand_over"]);
     assert!(
         stderr.contains("the connection closed without an answer")
