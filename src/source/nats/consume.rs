@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::stream::{check_partitions, stream_fingerprint};
-use super::{nats_error, pause, NatsError, Shared};
+use super::{nats_error, pause, Left, NatsError, Shared};
 use crate::profile::update::FutureLimit;
 use crate::source::batch::{delivery_gap, sort_batch, Fetched, HeldBack};
 use crate::source::claim;
@@ -299,8 +299,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
                 backoff = BACKOFF_FIRST;
             }
             Err(PartitionStop::ClaimedElsewhere(holder)) => {
-                shared.state.claimed_elsewhere[slot].store(true, Ordering::Relaxed);
-                shared.state.failing[slot].store(false, Ordering::Relaxed);
+                shared.state.set_left(slot, Left::ClaimedElsewhere);
                 // Not consumed here: no backlog of this agent's to show.
                 shared.state.pending[slot].store(0, Ordering::Relaxed);
                 let error = format!("claimed by {holder}");
@@ -327,8 +326,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
             }
             Err(PartitionStop::Moved(why)) => {
                 shared.state.pending[slot].store(0, Ordering::Relaxed);
-                shared.state.handed_over[slot].store(true, Ordering::Relaxed);
-                shared.state.failing[slot].store(false, Ordering::Relaxed);
+                shared.state.set_left(slot, Left::HandedOver);
                 if why != last_error {
                     tracing::warn!(partition, "NATS partition left alone: {why}");
                     last_error = why;
@@ -354,7 +352,7 @@ pub(super) async fn consume_partition(shared: &Shared, slot: usize, partition: u
                     format!("not connected to NATS ({e})")
                 };
                 let retry_in_ms = backoff.as_millis() as u64;
-                shared.state.failing[slot].store(true, Ordering::Relaxed);
+                shared.state.set_left(slot, Left::Failing);
                 // While the connection is down every partition fails for it, which the
                 // connection's own warning says once.
                 if error == last_error || !connected {
@@ -560,15 +558,13 @@ async fn run_consumer(
     if let Some(moved) = moved {
         return Err(PartitionStop::Moved(moved));
     }
-    shared.state.handed_over[slot].store(false, Ordering::Relaxed);
     // Never consumed unclaimed: a claim that cannot be made or read now is tried again, on
     // the backoff schedule, like a consumer that cannot be made.
     if let claim::Claim::Elsewhere(holder) = claim_partition(shared, partition).await? {
         return Err(PartitionStop::ClaimedElsewhere(holder));
     }
-    shared.state.claimed_elsewhere[slot].store(false, Ordering::Relaxed);
     let mut consuming = fresh_consumer(shared, partition).await?;
-    shared.state.failing[slot].store(false, Ordering::Relaxed);
+    shared.state.set_left(slot, Left::Consumed);
     *consuming_since = Some(std::time::Instant::now());
     match consume(shared, slot, partition, &mut consuming, breaks).await {
         Err(PartitionStop::Failed(error))

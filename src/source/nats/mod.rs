@@ -12,7 +12,7 @@ pub use stream::{
     stray_subjects, stream_config, stream_warnings, Probed, SetupOutcome, StraySubjects,
 };
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,14 +213,8 @@ pub struct SourceState {
     paused: AtomicBool,
     /// Messages waiting in the stream per owned partition, as of the last fetch.
     pending: Vec<AtomicU64>,
-    /// Per owned partition, whether another store claims it (see `claim`).
-    claimed_elsewhere: Vec<AtomicBool>,
-    /// Per owned partition, whether this store handed it over (`outpost nats hand-over`),
-    /// and leaves it alone until it takes it over again.
-    handed_over: Vec<AtomicBool>,
-    /// Per owned partition, whether its last try to consume it failed (the stream missing,
-    /// the consumer refused), until a consumer is made.
-    failing: Vec<AtomicBool>,
+    /// Per owned partition, how its last try to consume it ended ([`Left`]).
+    left: Vec<AtomicU8>,
     acks: AtomicU64,
     events: Arc<ConnectionEvents>,
     /// The owned partitions whose consumers did not end within the grace after the stop.
@@ -251,24 +245,28 @@ impl SourceState {
 
     /// The owned partitions left alone because another agent's store claims them.
     pub fn claimed_elsewhere(&self) -> Vec<u32> {
-        self.owned_where(&self.claimed_elsewhere)
+        self.owned_where(Left::ClaimedElsewhere)
     }
 
-    fn owned_where(&self, flags: &[AtomicBool]) -> Vec<u32> {
+    fn owned_where(&self, left: Left) -> Vec<u32> {
         self.owned
             .iter()
-            .zip(flags)
-            .filter(|(_, flag)| flag.load(Ordering::Relaxed))
+            .zip(&self.left)
+            .filter(|(_, l)| l.load(Ordering::Relaxed) == left as u8)
             .map(|(p, _)| *p)
             .collect()
     }
 
-    /// Whether every owned partition is left alone (handed over, claimed elsewhere) or failing.
+    /// Records how the try to consume the partition of `slot` ended.
+    fn set_left(&self, slot: usize, left: Left) {
+        self.left[slot].store(left as u8, Ordering::Relaxed);
+    }
+
+    /// Whether no owned partition is consumed: each is left alone or failing.
     fn consumed_none(&self) -> bool {
-        let set = |flags: &[AtomicBool], i: usize| flags[i].load(Ordering::Relaxed);
-        (0..self.owned.len()).all(|i| {
-            set(&self.failing, i) || set(&self.handed_over, i) || set(&self.claimed_elsewhere, i)
-        })
+        self.left
+            .iter()
+            .all(|l| l.load(Ordering::Relaxed) != Left::Consumed as u8)
     }
 
     fn state(&self) -> &'static str {
@@ -329,11 +327,26 @@ impl SourceState {
             "owned": super::partition::format_owned(&self.owned),
             "pending": pending,
             "claimed_elsewhere": self.claimed_elsewhere(),
-            "handed_over": self.owned_where(&self.handed_over),
-            "failing": self.owned_where(&self.failing),
+            "handed_over": self.owned_where(Left::HandedOver),
+            "failing": self.owned_where(Left::Failing),
             "acks": self.acks(),
         })
     }
+}
+
+/// How a partition's last try to consume it ended, as `/healthz` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Left {
+    /// Consumed, or not tried yet.
+    Consumed = 0,
+    /// Left alone: another store claims it (see `claim`).
+    ClaimedElsewhere,
+    /// Left alone: this store handed it over (`outpost nats hand-over`), or a hand-over or
+    /// take-over of it here has not finished.
+    HandedOver,
+    /// No consumer could be made (the stream missing, the consumer refused), tried again.
+    Failing,
 }
 
 /// What the consumer tasks share.
@@ -423,9 +436,7 @@ pub async fn start(
         owned: config.owned.clone(),
         paused: AtomicBool::new(false),
         pending: config.owned.iter().map(|_| AtomicU64::new(0)).collect(),
-        claimed_elsewhere: config.owned.iter().map(|_| AtomicBool::default()).collect(),
-        handed_over: config.owned.iter().map(|_| AtomicBool::default()).collect(),
-        failing: config.owned.iter().map(|_| AtomicBool::default()).collect(),
+        left: config.owned.iter().map(|_| AtomicU8::default()).collect(),
         acks: AtomicU64::new(0),
         unended_at_stop: std::sync::Mutex::default(),
     });
