@@ -16,7 +16,7 @@
 //! resized) as `reserve.new`, allocated, then renamed: a failure never leaves it empty. Not a
 //! sled file: a rebuild of the store leaves it where it is.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -51,8 +51,8 @@ impl Reserve {
     /// As the file at the store's `path` says, opened by any process: a reserve given up
     /// refuses updates also to `outpost ingest` with no agent running.
     pub(super) fn found_at(path: &Path) -> Reserve {
-        let state = match length(path) {
-            Ok(Some(0)) => GIVEN_UP,
+        let state = match found_at(path) {
+            Ok(Found::Empty) => GIVEN_UP,
             _ => NONE,
         };
         Reserve {
@@ -220,14 +220,6 @@ pub fn describe_at(path: &Path, bytes: u64, free: u64) -> (String, Option<String
     }
 }
 
-fn length(path: &Path) -> io::Result<Option<u64>> {
-    match File::open(reserve_path(path)) {
-        Ok(file) => Ok(Some(file.metadata()?.len())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 impl Store {
     /// At the agent's start, and before `outpost ingest` stores anything itself: keeps `bytes`
     /// allocated beside the store (none: 0, and one kept before is deleted). One given up
@@ -381,8 +373,11 @@ impl Store {
 
     /// The space kept for delivery now, 0 when none is (not asked for, not made, given up).
     pub fn reserve_kept(&self) -> u64 {
-        match self.reserve.state.load(Ordering::SeqCst) {
-            KEPT => length(&self.path).ok().flatten().unwrap_or(0),
+        match (
+            self.reserve.state.load(Ordering::SeqCst),
+            found_at(&self.path),
+        ) {
+            (KEPT, Ok(Found::Whole(len))) => len,
             _ => 0,
         }
     }
@@ -390,9 +385,20 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    /// The reserve file's length beside the store at `path`, if there is one.
+    fn length(path: &Path) -> io::Result<Option<u64>> {
+        match std::fs::metadata(reserve_path(path)) {
+            Ok(metadata) => Ok(Some(metadata.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 
     /// A reserve that does not fit twice over in what is free where `dir` is.
     fn over_half_the_room(dir: &Path) -> u64 {
