@@ -1028,6 +1028,116 @@ async fn static_bearer_and_no_auth() {
     agent.stop().await.unwrap();
 }
 
+/// Writes `text` to a secret's file as a secret manager rotates it: into a file of its own,
+/// renamed into place.
+fn rotate(file: &std::path::Path, text: &str) {
+    let next = file.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, file).unwrap();
+}
+
+/// A static token rotated in its file is read again at the destination's next refusal: the
+/// exports refused with the old token go out with the new one, without a restart.
+#[tokio::test]
+async fn a_token_rotated_in_its_file_is_taken_up_without_a_restart() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "old-token\n").unwrap();
+    let s = setup_with(
+        ReceiverOptions::default(),
+        |_| {
+            format!(
+                "type = \"bearer\"\ntoken_file = \"{}\"",
+                token_file.display()
+            )
+        },
+        "",
+    )
+    .await;
+    s.receiver.set_export_script(Some(Arc::new(|_, r| {
+        if r.header("authorization") == Some("Bearer new-token") {
+            Reply::Status(200, vec![], "ok".into())
+        } else {
+            Reply::Status(401, vec![], "revoked".into())
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a", "b", "c"], 2)).await;
+    wait_until(10, "the old token refused", || {
+        s.receiver.export_requests().len() >= 3
+    })
+    .await;
+    rotate(&token_file, "new-token\n");
+    drained(&agent, &s.receiver, 6).await;
+    assert!(s
+        .receiver
+        .delivered()
+        .iter()
+        .all(|r| r.header("authorization") == Some("Bearer new-token")));
+    agent.stop().await.unwrap();
+}
+
+/// The client secret and the password, rotated in their files at the identity provider's
+/// side, are read again at the next token request: the token endpoint, which refused the old
+/// ones, gives a token, and the exports go out without a restart.
+#[tokio::test]
+async fn a_client_secret_or_password_rotated_in_its_file_is_taken_up_without_a_restart() {
+    // (the grant's keys, the file rotated, what the token endpoint takes)
+    let cases = [
+        (
+            "type = \"oauth2_client_credentials\"\nclient_secret_file = \"{secret}\"",
+            "secret",
+            ReceiverOptions {
+                client_secret: "new-secret".into(),
+                ..ReceiverOptions::default()
+            },
+        ),
+        (
+            "type = \"oauth2_password\"\nclient_secret = \"change-me\"\nusername = \"ops\"\npassword_file = \"{password}\"",
+            "password",
+            ReceiverOptions {
+                user: Some(("ops".into(), "new-password".into())),
+                ..ReceiverOptions::default()
+            },
+        ),
+    ];
+    for (grant, rotated, options) in cases {
+        let secrets = tempfile::tempdir().unwrap();
+        let (secret, password) = (
+            secrets.path().join("secret"),
+            secrets.path().join("password"),
+        );
+        std::fs::write(&secret, "old-secret\n").unwrap();
+        std::fs::write(&password, "old-password\n").unwrap();
+        let grant = grant
+            .replace("{secret}", &secret.display().to_string())
+            .replace("{password}", &password.display().to_string());
+        let s = setup_with(
+            options,
+            |base| {
+                format!(
+                    "{grant}\nauth_endpoint = \"{base}/oauth/token\"\nclient_id = \"edge-agent\""
+                )
+            },
+            "",
+        )
+        .await;
+        let agent = start(&s.config).await;
+        ingest(&agent, &updates(&["a", "b"], 1)).await;
+        wait_until(10, "the old secret refused", || {
+            s.receiver.token_requests().len() >= 2
+        })
+        .await;
+        assert!(s.receiver.delivered().is_empty(), "{rotated}");
+        match rotated {
+            "secret" => rotate(&secret, "new-secret\n"),
+            _ => rotate(&password, "new-password\n"),
+        }
+        drained(&agent, &s.receiver, 2).await;
+        agent.stop().await.unwrap();
+    }
+}
+
 /// An endpoint that answers each request `200` with a body it never finishes: the status
 /// came, so each export was taken, once; none is sent again for the body that stalled past
 /// the request timeout (500 ms here), and the concurrency is not cut for it.

@@ -8,20 +8,25 @@ use url::Url;
 use super::address::parse_http_url;
 use super::headers::header_can_carry;
 use super::raw::RawAuth;
-use super::secret::{read_secret, secret_source, Secret, Secrets};
+use super::secret::{read_rereadable_secret, secret_source, Secret, SecretFile, Secrets};
 use super::KeyError;
 
+// One a config: its size is of no matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     None,
     Bearer {
         token: Secret,
+        /// Where `token` was read from, when from a file of its own.
+        token_file: Option<SecretFile>,
     },
     /// OAuth 2.0: the client's id and secret, and the grant that gets the first token.
     OAuth2 {
         auth_endpoint: Url,
         client_id: String,
         client_secret: Secret,
+        client_secret_file: Option<SecretFile>,
         credentials: CredentialsPlacement,
         scope: Option<String>,
         grant: Grant,
@@ -34,7 +39,11 @@ pub enum Grant {
     /// `type = "oauth2_client_credentials"`.
     ClientCredentials,
     /// `type = "oauth2_password"` (resource owner password credentials).
-    Password { username: String, password: Secret },
+    Password {
+        username: String,
+        password: Secret,
+        password_file: Option<SecretFile>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +111,8 @@ pub(super) fn validate_auth(
                 "OUTPOST_TOKEN",
             );
             let source = secret_source(raw.token.is_some(), raw.token_file.is_some(), keys);
-            let token = read_secret(raw.token, raw.token_file, relative, keys, secrets)?;
+            let (token, token_file) =
+                read_rereadable_secret(raw.token, raw.token_file, relative, keys, secrets, true)?;
             // Empty only where the environment would give it and the command needs it not.
             if !token.expose().is_empty() && !header_can_carry(token.expose()) {
                 return Err((
@@ -114,7 +124,7 @@ pub(super) fn validate_auth(
                     ),
                 ));
             }
-            Ok(Auth::Bearer { token })
+            Ok(Auth::Bearer { token, token_file })
         }
         "oauth2_client_credentials" | "oauth2_password" => {
             let kind = raw.kind.as_str();
@@ -129,7 +139,7 @@ pub(super) fn validate_auth(
                 Some(id) if !id.is_empty() => id,
                 _ => return Err(("destination.auth.client_id", "is required".into())),
             };
-            let client_secret = read_secret(
+            let (client_secret, client_secret_file) = read_rereadable_secret(
                 raw.client_secret,
                 raw.client_secret_file,
                 relative,
@@ -139,6 +149,7 @@ pub(super) fn validate_auth(
                     "OUTPOST_CLIENT_SECRET",
                 ),
                 secrets,
+                false,
             )?;
             let credentials = match raw.credentials.as_deref() {
                 None | Some("body") => CredentialsPlacement::Body,
@@ -161,7 +172,7 @@ pub(super) fn validate_auth(
                         ))
                     }
                 };
-                let password = read_secret(
+                let (password, password_file) = read_rereadable_secret(
                     raw.password,
                     raw.password_file,
                     relative,
@@ -171,8 +182,13 @@ pub(super) fn validate_auth(
                         "OUTPOST_PASSWORD",
                     ),
                     secrets,
+                    false,
                 )?;
-                Grant::Password { username, password }
+                Grant::Password {
+                    username,
+                    password,
+                    password_file,
+                }
             } else {
                 unused(raw.username.is_some(), "destination.auth.username", kind)?;
                 unused(raw.password.is_some(), "destination.auth.password", kind)?;
@@ -187,6 +203,7 @@ pub(super) fn validate_auth(
                 auth_endpoint,
                 client_id,
                 client_secret,
+                client_secret_file,
                 credentials,
                 scope: raw.scope.filter(|s| !s.is_empty()),
                 grant,
@@ -331,7 +348,8 @@ client_secret = "s3cr3t-value"
             grant,
             &Grant::Password {
                 username: "ops".into(),
-                password: Secret::new("pw-value")
+                password: Secret::new("pw-value"),
+                password_file: None,
             }
         );
         assert!(!format!("{config:?}").contains("pw-value"));

@@ -40,7 +40,7 @@ pub use headers::parse_custom_headers;
 pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
 pub(crate) use secret::SECRET_LEAST_BYTES;
-pub use secret::{Secret, Secrets};
+pub use secret::{Secret, SecretFile, Secrets};
 pub use warnings::{
     clear_text_credentials_warnings, exposure_warning, readable_secret_file_warning,
     readable_secret_warning, IngestGuards,
@@ -125,7 +125,7 @@ impl Config {
         let mut held: Vec<&Secret> = Vec::new();
         match &self.destination.auth {
             Auth::None => {}
-            Auth::Bearer { token } => held.push(token),
+            Auth::Bearer { token, .. } => held.push(token),
             Auth::OAuth2 {
                 client_secret,
                 grant,

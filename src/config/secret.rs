@@ -1,7 +1,7 @@
 //! Secrets: values never shown ([`Secret`]), each read from the config file, a file of its
 //! own or an environment variable, and whether a command needs them ([`Secrets`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::KeyError;
 
@@ -99,18 +99,7 @@ pub(super) fn read_secret(
             return Err((inline_key, "must not be empty".into()))
         }
         (Some(secret), None) => secret,
-        (None, Some(file)) => {
-            let file = relative(file);
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| (file_key, format!("cannot read {}: {e}", file.display())))?;
-            // A byte-order mark, as some editors begin a file with, is not the secret's.
-            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-            let secret = text.trim_end_matches(['\r', '\n']);
-            if secret.is_empty() {
-                return Err((file_key, format!("{} is empty", file.display())));
-            }
-            secret.to_owned()
-        }
+        (None, Some(file)) => read_secret_file(&relative(file)).map_err(|e| (file_key, e))?,
         (None, None) => match (std::env::var(env), secrets) {
             // A line's end, as a file's is, is not the secret's.
             (Ok(value), _) if !value.trim_end_matches(['\r', '\n']).is_empty() => {
@@ -135,6 +124,70 @@ pub(super) fn read_secret(
         },
     };
     Ok(Secret::new(value))
+}
+
+/// The secret a file of its own holds: its text without the line's end (nor a byte-order
+/// mark, as some editors begin a file with); an error, naming the file but never its text,
+/// when it cannot be read or is empty.
+fn read_secret_file(file: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let secret = text.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err(format!("{} is empty", file.display()));
+    }
+    Ok(secret.to_owned())
+}
+
+/// The file a secret was read from, to be read again where a secret rotated in it would
+/// otherwise be refused until a restart: the destination's token, client secret and password
+/// (`delivery::credentials`) and the ingest token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    path: PathBuf,
+    /// Its key, as messages about it name it.
+    key: &'static str,
+    /// Whether the secret goes in a header as it is (a token), which it must be able to carry.
+    in_header: bool,
+}
+
+impl SecretFile {
+    pub fn key(&self) -> &'static str {
+        self.key
+    }
+
+    /// What the file holds now, by the rules it was first read by.
+    pub fn read(&self) -> Result<Secret, String> {
+        let secret = read_secret_file(&self.path).map_err(|e| format!("{}: {e}", self.key))?;
+        if self.in_header && !super::header_can_carry(&secret) {
+            return Err(format!(
+                "{}: {} now holds what no Authorization header can carry as it is (control \
+                 characters, non-ASCII, or blanks at either end)",
+                self.key,
+                self.path.display()
+            ));
+        }
+        Ok(Secret::new(secret))
+    }
+}
+
+/// [`read_secret`], and the file it was read from when it came from one.
+pub(super) fn read_rereadable_secret(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    relative: &dyn Fn(PathBuf) -> PathBuf,
+    keys: (&'static str, &'static str, &'static str),
+    secrets: Secrets,
+    in_header: bool,
+) -> Result<(Secret, Option<SecretFile>), KeyError> {
+    let from = file.clone().map(|path| SecretFile {
+        path: relative(path),
+        key: keys.1,
+        in_header,
+    });
+    let secret = read_secret(inline, file, relative, keys, secrets)?;
+    Ok((secret, from))
 }
 
 #[cfg(test)]
@@ -275,7 +328,7 @@ mod tests {
         std::fs::write(dir.path().join("token"), "t0ken-from-file\n").unwrap();
         std::fs::write(dir.path().join("ingest"), "ingest-from-file\r\n").unwrap();
         let from_files = bearer("token_file = \"token\"", "token_file = \"ingest\"").unwrap();
-        let Auth::Bearer { token } = &from_files.destination.auth else {
+        let Auth::Bearer { token, .. } = &from_files.destination.auth else {
             panic!("not bearer")
         };
         assert_eq!(token.expose(), "t0ken-from-file");

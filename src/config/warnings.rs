@@ -242,12 +242,14 @@ mod tests {
             auth_endpoint: auth_endpoint.parse().unwrap(),
             client_id: "id".into(),
             client_secret: Secret::new("s3cret".to_owned()),
+            client_secret_file: None,
             credentials: CredentialsPlacement::Body,
             scope: None,
             grant: Grant::ClientCredentials,
         };
         let bearer = Auth::Bearer {
             token: Secret::new("t0ken".to_owned()),
+            token_file: None,
         };
         // (endpoint, auth, warnings naming these keys)
         let cases: [(&str, Auth, &[&str]); 8] = [

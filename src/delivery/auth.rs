@@ -9,6 +9,8 @@
 //! When a token answer carried a `refresh_token`, the next refresh uses it first and falls back
 //! to the original grant if the token endpoint refuses it. Lifetimes are counted on the
 //! monotonic clock (`tokio::time::Instant`), so a wall clock that jumps changes nothing.
+//! Secrets given in files are read again where a rotated one would be refused
+//! ([`super::credentials`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::client::HttpClient;
+use super::credentials::Credentials;
 use crate::config::{Auth, CredentialsPlacement, Grant, Secret};
 
 /// Used when the token endpoint does not say how long its token lives.
@@ -197,6 +200,8 @@ impl TokenExpiry {
 
 pub struct TokenSource {
     auth: Auth,
+    /// The secrets of `auth` as held now: those read from files are read again.
+    credentials: Credentials,
     client: HttpClient,
     /// The token handed out; read without waiting by every request.
     current: std::sync::RwLock<Option<Cached>>,
@@ -211,6 +216,7 @@ impl TokenSource {
     /// `fetches` counts the requests to the token endpoint.
     pub fn new(auth: Auth, client: HttpClient, fetches: Counter) -> TokenSource {
         TokenSource {
+            credentials: Credentials::of(&auth),
             auth,
             client,
             current: std::sync::RwLock::new(None),
@@ -230,7 +236,7 @@ impl TokenSource {
     pub async fn token(&self) -> Result<Option<Secret>, AuthError> {
         match &self.auth {
             Auth::None => Ok(None),
-            Auth::Bearer { token } => Ok(Some(token.clone())),
+            Auth::Bearer { .. } => Ok(self.credentials.token.as_ref().map(|t| t.held())),
             Auth::OAuth2 { .. } => {
                 if let Some(token) = self.valid_current() {
                     return Ok(Some(token));
@@ -368,10 +374,15 @@ impl TokenSource {
     }
 
     /// Drops `used` after the destination refused it, unless a newer token already replaced it
-    /// (or it was dropped already). Whether it was an OAuth token no longer held: `true` for a
-    /// refusal of one that another refusal (or a refresh) replaced first; `false` for the token
-    /// held, and for a static bearer token, each of whose refusals counts.
+    /// (or it was dropped already). Whether it was a token no longer held: `true` for a
+    /// refusal of an OAuth token that another refusal (or a refresh) replaced first, and of a
+    /// static token whose file now holds another (rotated there: read again on each
+    /// refusal); `false` for the token held.
     pub async fn invalidate(&self, used: &Secret) -> bool {
+        if let Some(token) = &self.credentials.token {
+            token.reread();
+            return token.held() != *used;
+        }
         if !matches!(self.auth, Auth::OAuth2 { .. }) {
             return false;
         }
@@ -406,32 +417,50 @@ impl TokenSource {
     /// One request to the token endpoint with the configured grant (also used by `outpost
     /// check`).
     pub async fn fetch(&self) -> Result<Fetched, AuthError> {
-        match &self.auth {
-            Auth::OAuth2 {
-                grant: Grant::Password { username, password },
-                ..
-            } => {
-                self.request(FormGrant::Password { username, password })
-                    .await
+        match (&self.auth, &self.credentials.password) {
+            (
+                Auth::OAuth2 {
+                    grant: Grant::Password { username, .. },
+                    ..
+                },
+                Some(password),
+            ) => {
+                password.reread();
+                let password = password.held();
+                self.request(FormGrant::Password {
+                    username,
+                    password: &password,
+                })
+                .await
             }
             _ => self.request(FormGrant::ClientCredentials).await,
         }
     }
 
+    /// The secrets held now that came from files, which may have changed since the start.
+    pub fn secrets_read_from_files(&self) -> Vec<Secret> {
+        self.credentials.read_from_files()
+    }
+
     async fn request(&self, grant: FormGrant<'_>) -> Result<Fetched, AuthError> {
-        let Auth::OAuth2 {
-            auth_endpoint,
-            client_id,
-            client_secret,
-            credentials,
-            scope,
-            ..
-        } = &self.auth
+        let (
+            Auth::OAuth2 {
+                auth_endpoint,
+                client_id,
+                credentials,
+                scope,
+                ..
+            },
+            Some(client_secret),
+        ) = (&self.auth, &self.credentials.client_secret)
         else {
             return Err(AuthError::Answer(
                 "this destination does not use OAuth 2.0".into(),
             ));
         };
+        // Every grant's request carries it.
+        client_secret.reread();
+        let client_secret = &client_secret.held();
         self.fetches.inc();
         let mut request = Request::post(auth_endpoint.as_str())
             .header(

@@ -25,6 +25,7 @@
 pub mod auth;
 pub mod client;
 pub mod controller;
+mod credentials;
 pub mod proxy;
 pub mod queue;
 pub mod quota;

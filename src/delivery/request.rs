@@ -188,6 +188,8 @@ impl Deliverer {
         } else {
             let mut secrets: Vec<&str> = self.secrets_to_hide.iter().map(String::as_str).collect();
             secrets.extend(token.as_ref().map(Secret::expose));
+            let read_again = self.tokens.secrets_read_from_files();
+            secrets.extend(read_again.iter().map(Secret::expose));
             let redirect = answer.redirect_note(&secrets, "destination.http_endpoint");
             let cut = answer
                 .body_cut

@@ -1,0 +1,210 @@
+//! The destination's secrets as outpost holds them now. One read from a file of its own is
+//! read again where a secret rotated in that file would otherwise be refused until a
+//! restart: a static token when the destination refuses it, the client secret and the
+//! password at each request to the token endpoint that carries them. A file that cannot be
+//! read then, or holds what cannot be used (empty, or gone for a moment while it is
+//! rotated), leaves the secret read before in use, with a warning.
+
+use std::sync::{Mutex, RwLock};
+
+use crate::config::{Auth, Grant, Secret, SecretFile};
+
+pub struct Rereadable {
+    held: RwLock<Secret>,
+    file: Option<SecretFile>,
+    /// The last failure to read the file that was warned of: one that keeps failing the same
+    /// way is warned of once, not at each refusal.
+    warned: Mutex<Option<String>>,
+}
+
+impl Rereadable {
+    pub fn new(held: Secret, file: Option<SecretFile>) -> Rereadable {
+        Rereadable {
+            held: RwLock::new(held),
+            file,
+            warned: Mutex::new(None),
+        }
+    }
+
+    pub fn held(&self) -> Secret {
+        self.held.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether it was read from a file, and so may change.
+    pub fn read_from_a_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Reads its file again, when it came from one, and holds what the file holds now.
+    pub fn reread(&self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        match file.read() {
+            Ok(secret) => {
+                *warned = None;
+                let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
+                if *held != secret {
+                    tracing::info!(
+                        "{} holds another secret than the one read before: the new one is used",
+                        file.key()
+                    );
+                    *held = secret;
+                }
+            }
+            Err(error) => {
+                if warned.as_deref() != Some(error.as_str()) {
+                    tracing::warn!(
+                        %error,
+                        "reading a secret's file again failed: the secret read before is used"
+                    );
+                    *warned = Some(error);
+                }
+            }
+        }
+    }
+}
+
+/// The secrets of one destination's auth: the static token, or the client secret and, with
+/// the password grant, the password.
+pub struct Credentials {
+    pub token: Option<Rereadable>,
+    pub client_secret: Option<Rereadable>,
+    pub password: Option<Rereadable>,
+}
+
+impl Credentials {
+    pub fn of(auth: &Auth) -> Credentials {
+        let rereadable = |secret: &Secret, file: &Option<SecretFile>| {
+            Some(Rereadable::new(secret.clone(), file.clone()))
+        };
+        match auth {
+            Auth::None => Credentials {
+                token: None,
+                client_secret: None,
+                password: None,
+            },
+            Auth::Bearer { token, token_file } => Credentials {
+                token: rereadable(token, token_file),
+                client_secret: None,
+                password: None,
+            },
+            Auth::OAuth2 {
+                client_secret,
+                client_secret_file,
+                grant,
+                ..
+            } => Credentials {
+                token: None,
+                client_secret: rereadable(client_secret, client_secret_file),
+                password: match grant {
+                    Grant::Password {
+                        password,
+                        password_file,
+                        ..
+                    } => rereadable(password, password_file),
+                    Grant::ClientCredentials => None,
+                },
+            },
+        }
+    }
+
+    /// The secrets held now that came from files: those the config held at the start are
+    /// hidden from answers already, these may have changed since.
+    pub fn read_from_files(&self) -> Vec<Secret> {
+        [&self.token, &self.client_secret, &self.password]
+            .into_iter()
+            .flatten()
+            .filter(|secret| secret.read_from_a_file())
+            .map(Rereadable::held)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn credentials(dir: &std::path::Path, auth: &str) -> Credentials {
+        let text = format!(
+            "[destination]\nname = \"crm\"\nhttp_endpoint = \"https://api.example.com/p\"\n\n\
+             [destination.auth]\n{auth}\n\n[mapping]\nsegments = [\"seg-a\"]\n\n\
+             [storage]\npath = \"store\"\n"
+        );
+        let config = Config::parse(&dir.join("outpost.toml"), &text).unwrap();
+        Credentials::of(&config.destination.auth)
+    }
+
+    /// A rotation that writes the file in place may be read between its truncation and its
+    /// write, and one by rename may find it gone for a moment: the secret held serves on.
+    #[test]
+    fn a_secret_read_again_keeps_the_one_held_while_its_file_cannot_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "first-token\n").unwrap();
+        let held = credentials(dir.path(), "type = \"bearer\"\ntoken_file = \"token\"");
+        let token = held.token.as_ref().unwrap();
+        // (what the file holds, or nothing when it is gone; the token held after a reread)
+        let cases: [(Option<&str>, &str); 6] = [
+            (Some("second-token\n"), "second-token"),
+            (Some(""), "second-token"),
+            (None, "second-token"),
+            (Some(" spaced-token\n"), "second-token"),
+            (Some("caf\u{e9}-token\n"), "second-token"),
+            (Some("\u{feff}third-token\r\n"), "third-token"),
+        ];
+        for (holds, expected) in cases {
+            match holds {
+                Some(text) => std::fs::write(&file, text).unwrap(),
+                None => std::fs::remove_file(&file).unwrap(),
+            }
+            token.reread();
+            assert_eq!(token.held().expose(), expected, "{holds:?}");
+        }
+        let read: Vec<String> = held
+            .read_from_files()
+            .iter()
+            .map(|s| s.expose().to_owned())
+            .collect();
+        assert_eq!(read, ["third-token"]);
+    }
+
+    /// Only a secret from a file of its own is read again; one given inline stays as given.
+    #[test]
+    fn which_secrets_are_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "client-secret\n").unwrap();
+        std::fs::write(dir.path().join("password"), "pass-word\n").unwrap();
+        let oauth = "type = \"oauth2_password\"\nauth_endpoint = \"https://a.example.com/t\"\n\
+                     client_id = \"edge\"\nusername = \"ops\"\n";
+        let read_again = |auth: &str| -> Vec<String> {
+            let held = credentials(dir.path(), &format!("{oauth}{auth}"));
+            std::fs::write(dir.path().join("secret"), "client-secret-2\n").unwrap();
+            std::fs::write(dir.path().join("password"), "pass-word-2\n").unwrap();
+            for secret in [&held.client_secret, &held.password].into_iter().flatten() {
+                secret.reread();
+            }
+            std::fs::write(dir.path().join("secret"), "client-secret\n").unwrap();
+            std::fs::write(dir.path().join("password"), "pass-word\n").unwrap();
+            [&held.client_secret, &held.password]
+                .into_iter()
+                .flatten()
+                .map(|secret| secret.held().expose().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            read_again("client_secret_file = \"secret\"\npassword_file = \"password\""),
+            ["client-secret-2", "pass-word-2"]
+        );
+        assert_eq!(
+            read_again("client_secret = \"inline\"\npassword_file = \"password\""),
+            ["inline", "pass-word-2"]
+        );
+        assert_eq!(
+            read_again("client_secret_file = \"secret\"\npassword = \"inline-pw\""),
+            ["client-secret-2", "inline-pw"]
+        );
+    }
+}
