@@ -19,7 +19,7 @@ use crate::delivery::client::HttpClient;
 use crate::delivery::{Deliverer, DeliveryStopped, SetupError};
 use crate::logging::panic_message;
 use crate::metrics::Metrics;
-use crate::server::{admin, ingest};
+use crate::server::{admin, ingest, ingest_token::IngestToken};
 use crate::source::partition::Ownership;
 use crate::store::committer::{CommitError, Committer, Watch};
 use crate::store::{backfill, ReserveState, Store, StoreError};
@@ -293,7 +293,11 @@ impl Agent {
             store: Arc::clone(&store),
             committer: committer.clone(),
             metrics: Arc::clone(&metrics),
-            token: config.ingest.token.clone(),
+            token: config
+                .ingest
+                .token
+                .clone()
+                .map(|token| IngestToken::new(token, config.ingest.token_file.clone())),
             max_body_bytes: config.ingest.max_body_bytes,
             max_future_s: config.ingest.max_future_s,
             read_timeout: config.ingest.read_timeout,

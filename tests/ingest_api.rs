@@ -591,6 +591,59 @@ async fn the_ingest_token_is_required() {
     assert_eq!(status.code(), Some(0), "SIGINT: {}", agent.log());
 }
 
+/// An ingest token rotated in `ingest.token_file` lets in the clients given the new token
+/// without a restart, and from then on refuses the one it replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_token_rotated_in_its_file_lets_its_clients_in_without_a_restart() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let from_file = config.replacen(
+        &format!("token = \"{TOKEN}\""),
+        "token_file = \"ingest-token\"",
+        1,
+    );
+    assert_ne!(from_file, config);
+    std::fs::write(ws.config_path(), from_file).unwrap();
+    std::fs::write(ws.path().join("ingest-token"), "first-ingest-token\n").unwrap();
+    let mut agent = start_agent(&ws, port).await;
+    let addr = agent.addr;
+    let post_with = |token: &'static str, profile: &'static str| {
+        let authorization = format!("Bearer {token}");
+        let body = member_update(profile, "Jane", "2026-01-01T00:00:01Z");
+        async move {
+            let headers = [("authorization", authorization.as_str())];
+            let payload = Some(Payload::Sized(body.into_bytes()));
+            let (status, _, answer) = request(addr, "POST", "/v1/updates", payload, &headers)
+                .await
+                .unwrap();
+            (status, answer)
+        }
+    };
+    assert_eq!(post_with("first-ingest-token", "a").await.0, 200);
+    let rotated = ws.path().join("ingest-token.next");
+    std::fs::write(&rotated, "second-ingest-token\n").unwrap();
+    std::fs::rename(&rotated, ws.path().join("ingest-token")).unwrap();
+    let (status, answer) = post_with("second-ingest-token", "b").await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post_with("first-ingest-token", "c").await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(ws.outbox_stats()["profiles"], 2);
+    let log = agent.log();
+    assert!(
+        log.contains("ingest.token_file holds another secret"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("first-ingest") && !log.contains("second-ingest"),
+        "{log}"
+    );
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+}
+
 /// A SIGHUP (the terminal of a session that started the agent by hand closing) stops it as
 /// SIGTERM does, letting its work finish: it killed the agent at once, exit 129.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use super::proxy::parse_proxy;
 use super::raw::{
     default_max_concurrency, RawConfig, RawDelivery, RawDestination, RawIngest, RawStorage,
 };
-use super::secret::{read_optional_secret, secret_source, Secret, Secrets};
+use super::secret::{read_optional_secret, secret_source, Secret, SecretFile, Secrets};
 use super::toml_error::parse_error_without_values;
 use super::warnings::{
     clear_text_credentials_warnings, exposure_warning, long_idempotency_key_warning,
@@ -425,6 +425,10 @@ fn validate_ingest(
     })?;
     let token_keys = ("ingest.token", "ingest.token_file", "OUTPOST_INGEST_TOKEN");
     let token_source = secret_source(raw.token.is_some(), raw.token_file.is_some(), token_keys);
+    let token_file = raw
+        .token_file
+        .clone()
+        .map(|file| SecretFile::new(relative(file), "ingest.token_file", true));
     let token = read_optional_secret(raw.token, raw.token_file, relative, token_keys, secrets)?;
     // A header value that is read as text holds only visible ASCII, spaces and tabs; a space
     // or tab at its end is not the sender's, and those after `Bearer` are read as the
@@ -475,6 +479,7 @@ fn validate_ingest(
     }
     Ok(Ingest {
         listen,
+        token_file,
         token,
         max_body_bytes: raw.max_body_bytes,
         max_future_s: raw.max_future_s,

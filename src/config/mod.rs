@@ -40,7 +40,7 @@ pub use headers::parse_custom_headers;
 pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
 pub(crate) use secret::SECRET_LEAST_BYTES;
-pub use secret::{Secret, SecretFile, Secrets};
+pub use secret::{Rereadable, Secret, SecretFile, Secrets};
 pub use warnings::{
     clear_text_credentials_warnings, exposure_warning, readable_secret_file_warning,
     readable_secret_warning, IngestGuards,
@@ -182,6 +182,8 @@ pub struct Storage {
 pub struct Ingest {
     pub listen: std::net::SocketAddr,
     pub token: Option<Secret>,
+    /// Where `token` was read from, when from a file of its own.
+    pub token_file: Option<SecretFile>,
     pub max_body_bytes: u64,
     /// An update's timestamp may be at most this far ahead of the agent's clock.
     pub max_future_s: u64,

@@ -2,6 +2,7 @@
 //! own or an environment variable, and whether a command needs them ([`Secrets`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use super::KeyError;
 
@@ -142,7 +143,7 @@ fn read_secret_file(file: &Path) -> Result<String, String> {
 
 /// The file a secret was read from, to be read again where a secret rotated in it would
 /// otherwise be refused until a restart: the destination's token, client secret and password
-/// (`delivery::credentials`) and the ingest token.
+/// (`delivery::credentials`) and the ingest token (`server::ingest_token`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretFile {
     path: PathBuf,
@@ -153,6 +154,14 @@ pub struct SecretFile {
 }
 
 impl SecretFile {
+    pub(super) fn new(path: PathBuf, key: &'static str, in_header: bool) -> SecretFile {
+        SecretFile {
+            path,
+            key,
+            in_header,
+        }
+    }
+
     pub fn key(&self) -> &'static str {
         self.key
     }
@@ -172,6 +181,67 @@ impl SecretFile {
     }
 }
 
+/// A secret held, and the file it was read from, if any: [`Rereadable::reread`] holds what
+/// the file holds now. A file that cannot be read then, or holds what cannot be used (empty,
+/// or gone for a moment while it is rotated), leaves the secret read before in use, with a
+/// warning.
+pub struct Rereadable {
+    held: RwLock<Secret>,
+    file: Option<SecretFile>,
+    /// The last failure to read the file that was warned of: one that keeps failing the same
+    /// way is warned of once, not at each refusal.
+    warned: Mutex<Option<String>>,
+}
+
+impl Rereadable {
+    pub fn new(held: Secret, file: Option<SecretFile>) -> Rereadable {
+        Rereadable {
+            held: RwLock::new(held),
+            file,
+            warned: Mutex::new(None),
+        }
+    }
+
+    pub fn held(&self) -> Secret {
+        self.held.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether it was read from a file, and so may change.
+    pub fn read_from_a_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Reads its file again, when it came from one, and holds what the file holds now.
+    pub fn reread(&self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        match file.read() {
+            Ok(secret) => {
+                *warned = None;
+                let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
+                if *held != secret {
+                    tracing::info!(
+                        "{} holds another secret than the one read before: the new one is used",
+                        file.key()
+                    );
+                    *held = secret;
+                }
+            }
+            Err(error) => {
+                if warned.as_deref() != Some(error.as_str()) {
+                    tracing::warn!(
+                        %error,
+                        "reading a secret's file again failed: the secret read before is used"
+                    );
+                    *warned = Some(error);
+                }
+            }
+        }
+    }
+}
+
 /// [`read_secret`], and the file it was read from when it came from one.
 pub(super) fn read_rereadable_secret(
     inline: Option<String>,
@@ -181,11 +251,9 @@ pub(super) fn read_rereadable_secret(
     secrets: Secrets,
     in_header: bool,
 ) -> Result<(Secret, Option<SecretFile>), KeyError> {
-    let from = file.clone().map(|path| SecretFile {
-        path: relative(path),
-        key: keys.1,
-        in_header,
-    });
+    let from = file
+        .clone()
+        .map(|path| SecretFile::new(relative(path), keys.1, in_header));
     let secret = read_secret(inline, file, relative, keys, secrets)?;
     Ok((secret, from))
 }

@@ -1,70 +1,9 @@
 //! The destination's secrets as outpost holds them now. One read from a file of its own is
 //! read again where a secret rotated in that file would otherwise be refused until a
 //! restart: a static token when the destination refuses it, the client secret and the
-//! password at each request to the token endpoint that carries them. A file that cannot be
-//! read then, or holds what cannot be used (empty, or gone for a moment while it is
-//! rotated), leaves the secret read before in use, with a warning.
+//! password at each request to the token endpoint that carries them.
 
-use std::sync::{Mutex, RwLock};
-
-use crate::config::{Auth, Grant, Secret, SecretFile};
-
-pub struct Rereadable {
-    held: RwLock<Secret>,
-    file: Option<SecretFile>,
-    /// The last failure to read the file that was warned of: one that keeps failing the same
-    /// way is warned of once, not at each refusal.
-    warned: Mutex<Option<String>>,
-}
-
-impl Rereadable {
-    pub fn new(held: Secret, file: Option<SecretFile>) -> Rereadable {
-        Rereadable {
-            held: RwLock::new(held),
-            file,
-            warned: Mutex::new(None),
-        }
-    }
-
-    pub fn held(&self) -> Secret {
-        self.held.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Whether it was read from a file, and so may change.
-    pub fn read_from_a_file(&self) -> bool {
-        self.file.is_some()
-    }
-
-    /// Reads its file again, when it came from one, and holds what the file holds now.
-    pub fn reread(&self) {
-        let Some(file) = &self.file else {
-            return;
-        };
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        match file.read() {
-            Ok(secret) => {
-                *warned = None;
-                let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
-                if *held != secret {
-                    tracing::info!(
-                        "{} holds another secret than the one read before: the new one is used",
-                        file.key()
-                    );
-                    *held = secret;
-                }
-            }
-            Err(error) => {
-                if warned.as_deref() != Some(error.as_str()) {
-                    tracing::warn!(
-                        %error,
-                        "reading a secret's file again failed: the secret read before is used"
-                    );
-                    *warned = Some(error);
-                }
-            }
-        }
-    }
-}
+use crate::config::{Auth, Grant, Rereadable, Secret, SecretFile};
 
 /// The secrets of one destination's auth: the static token, or the client secret and, with
 /// the password grant, the password.

@@ -5,4 +5,5 @@ pub mod admin;
 pub mod body;
 pub mod connection;
 pub mod ingest;
+pub mod ingest_token;
 pub mod tls;
