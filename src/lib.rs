@@ -73,4 +73,5 @@ pub mod receiver;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod tls_files;
 pub mod top;

@@ -183,6 +183,80 @@ async fn ingest_over_https_with_a_private_ca() {
     assert!(agent.log().contains("scheme=\"https\"") || agent.log().contains("scheme=https"));
 }
 
+/// The certificate the agent presents to a new TLS connection.
+async fn presented_certificate(port: u16, tls: &rustls::ClientConfig) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.clone()))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A server certificate renewed in its files is presented from the next handshake on,
+/// without a restart. One renewed halfway (its certificate written, its key not yet) leaves
+/// the pair read before in use, so that clients are still served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_renewed_in_its_files_is_presented_without_a_restart() {
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let config = files.config("127.0.0.1", &files.server_files(&ca));
+    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
+    let trusting = client_config(&ca, None);
+    wait_serving(&mut agent, &trusting).await;
+    let first = presented_certificate(files.port, &trusting).await;
+    let renew = |name: &str, contents: String| {
+        let next = files.write(&format!("{name}.next"), &contents);
+        std::fs::rename(next, files.dir.path().join(name)).unwrap();
+    };
+    let presented_within = |what: &'static str, expected: Vec<u8>| {
+        let trusting = trusting.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if presented_certificate(files.port, &trusting).await == expected {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what} never presented");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    let second = ca.server_leaf();
+    renew("server-key.pem", second.key.serialize_pem());
+    renew("server.pem", second.cert.pem());
+    presented_within("the renewed certificate", second.cert.der().to_vec()).await;
+    assert_ne!(first, second.cert.der().to_vec());
+
+    let third = ca.server_leaf();
+    renew("server.pem", third.cert.pem());
+    // Past a second, so that the files were looked at again with the key left behind.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            presented_certificate(files.port, &trusting).await,
+            second.cert.der().to_vec()
+        );
+    }
+    let (status, body) = https_post(files.port, trusting.clone(), one_update())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    renew("server-key.pem", third.key.serialize_pem());
+    presented_within(
+        "the certificate once its key came",
+        third.cert.der().to_vec(),
+    )
+    .await;
+    let log = agent.log();
+    assert!(log.contains("ingest.tls_cert_file"), "{log}");
+    assert!(log.contains("is the key the certificate's?"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_are_required_when_a_client_ca_is_set() {
     let files = Files::new();

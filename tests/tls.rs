@@ -377,6 +377,38 @@ async fn mutual_tls_with_a_client_certificate_from_another_ca_fails() {
     agent.stop().await.unwrap();
 }
 
+/// A client certificate renewed in its files (the new key and certificate renamed into
+/// place, as renewal tools write them) is presented from the next handshake on: the agent
+/// began with one the endpoint refuses, and delivers once the one it takes is in place,
+/// without a restart.
+#[tokio::test]
+async fn a_client_certificate_renewed_in_its_files_is_presented_without_a_restart() {
+    let ca = Ca::new("outpost test CA");
+    let other = Ca::new("some other CA");
+    let server = ca.server_leaf();
+    let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = mtls_config(dir.path(), &receiver, &ca, &other.client_leaf());
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    wait_until(10, "a refused handshake recorded", || {
+        let pending = agent.store.list(&ListFilter::default()).unwrap();
+        pending.iter().any(|e| e.record.attempts > 0)
+    })
+    .await;
+    assert!(receiver.delivered().is_empty());
+    let renewed = ca.client_leaf();
+    for (name, contents) in [
+        ("client-key.pem", renewed.key.serialize_pem()),
+        ("client.pem", renewed.cert.pem()),
+    ] {
+        let next = write_file(dir.path(), &format!("{name}.next"), &contents);
+        std::fs::rename(next, dir.path().join(name)).unwrap();
+    }
+    drained(&agent, &receiver, exports).await;
+    agent.stop().await.unwrap();
+}
+
 /// An endpoint over HTTP/2 whose first connection goes silent after its first answer (as a
 /// path through a firewall that drops packets, or a hung proxy, does) and whose later
 /// connections answer. Answered 200 `"connection N"`.

@@ -1,7 +1,6 @@
 //! The HTTP client: hyper over rustls (ring), for `https://` and plain `http://` endpoints.
 //! Every request is bounded by the request timeout, the body read included.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::proxy::Route;
 use crate::config::Destination;
+use crate::tls_files::{read_certs, CertAndKeyFiles, FollowedCertifiedKey};
 
 /// How much of an error answer's body is kept.
 pub const ERROR_BODY_BYTES: usize = 512;
@@ -293,30 +293,6 @@ pub struct HttpClient {
     route: Route,
 }
 
-/// A file named in the configuration, read as PEM certificates; errors name the key.
-fn read_pem_certs(
-    key: &str,
-    path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ClientError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| ClientError::Config(format!("{key}: cannot read {}: {e}", path.display())))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            ClientError::Config(format!(
-                "{key}: {}: not PEM certificates: {e}",
-                path.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(ClientError::Config(format!(
-            "{key}: {} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(certs)
-}
-
 /// The rustls configuration: system roots, plus `ca_file`, plus the client certificate for mTLS.
 pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -324,7 +300,7 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
         let _ = roots.add(cert);
     }
     if let Some(ca_file) = &destination.ca_file {
-        for cert in read_pem_certs("destination.ca_file", ca_file)? {
+        for cert in read_certs("destination.ca_file", ca_file).map_err(ClientError::Config)? {
             roots.add(cert).map_err(|e| {
                 ClientError::Config(format!("destination.ca_file: {}: {e}", ca_file.display()))
             })?;
@@ -338,23 +314,13 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
     match &destination.client_cert {
         None => Ok(builder.with_no_client_auth()),
         Some((cert_file, key_file)) => {
-            let certs = read_pem_certs("destination.client_cert_file", cert_file)?;
-            let key_error = |detail: String| {
-                ClientError::Config(format!(
-                    "destination.client_key_file: {}: {detail}",
-                    key_file.display()
-                ))
+            let files = CertAndKeyFiles {
+                cert: ("destination.client_cert_file", cert_file.clone()),
+                key: ("destination.client_key_file", key_file.clone()),
             };
-            let key_reader = std::fs::File::open(key_file)
-                .map_err(|e| key_error(format!("cannot read it: {e}")))?;
-            let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(key_reader))
-                .map_err(|e| key_error(e.to_string()))?
-                .ok_or_else(|| key_error("holds no PEM private key".into()))?;
-            builder.with_client_auth_cert(certs, key).map_err(|e| {
-                ClientError::Config(format!(
-                    "destination.client_cert_file / destination.client_key_file: {e} (is the key the certificate's?)"
-                ))
-            })
+            let own =
+                FollowedCertifiedKey::load(files, |_, _| Ok(())).map_err(ClientError::Config)?;
+            Ok(builder.with_client_cert_resolver(Arc::new(own)))
         }
     }
 }

@@ -1,42 +1,20 @@
 //! HTTPS for the ingest API: the server's certificate and key, and optionally the CA that
 //! client certificates must chain to (`ingest.tls_cert_file`, `.tls_key_file`,
-//! `.client_ca_file`). rustls with the ring provider.
+//! `.client_ca_file`). rustls with the ring provider. The certificate and key are read again
+//! once renewed ([`crate::tls_files`]).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::IngestTls;
+use crate::tls_files::{read_certs, CertAndKeyFiles, FollowedCertifiedKey};
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{key}: {} is not PEM certificates: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{key}: {} holds no PEM certificate",
-            path.display()
-        ));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let key = "ingest.tls_key_file";
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    rustls_pemfile::private_key(&mut std::io::BufReader::new(file))
-        .map_err(|e| format!("{key}: {}: {e}", path.display()))?
-        .ok_or_else(|| format!("{key}: {} holds no PEM private key", path.display()))
 }
 
 /// Refuses a CA certificate (basicConstraints CA:TRUE) as the server's own: TLS clients
@@ -70,9 +48,11 @@ fn refuse_ca_certificate(path: &Path, chain: &[CertificateDer<'static>]) -> Resu
 
 /// The acceptor for the ingest API; errors name the key and say what to do.
 pub fn acceptor(tls: &IngestTls) -> Result<TlsAcceptor, String> {
-    let chain = read_certs("ingest.tls_cert_file", &tls.cert_file)?;
-    refuse_ca_certificate(&tls.cert_file, &chain)?;
-    let key = read_key(&tls.key_file)?;
+    let files = CertAndKeyFiles {
+        cert: ("ingest.tls_cert_file", tls.cert_file.clone()),
+        key: ("ingest.tls_key_file", tls.key_file.clone()),
+    };
+    let own = FollowedCertifiedKey::load(files, refuse_ca_certificate)?;
     let builder = rustls::ServerConfig::builder_with_provider(ring())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("ingest TLS: {e}"))?;
@@ -94,9 +74,7 @@ pub fn acceptor(tls: &IngestTls) -> Result<TlsAcceptor, String> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        format!("ingest.tls_cert_file / ingest.tls_key_file: {e} (is the key the certificate's?)")
-    })?;
+    let mut config = builder.with_cert_resolver(Arc::new(own));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
