@@ -23,12 +23,16 @@
 //! - [`delivery`]: the delivery loop: the read-ahead window ([`delivery::queue`]) and its
 //!   bounds (`delivery::window`), one request built and sent (`delivery::request`), the
 //!   adaptive controller ([`delivery::controller`]), answer classification and per-export
-//!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]), the HTTP client
+//!   backoff ([`delivery::retry`]), tokens ([`delivery::auth`]) from credentials read again
+//!   from their files (`delivery::credentials`), the HTTP client
 //!   ([`delivery::client`]) and its way through a proxy ([`delivery::proxy`]), and the writer
 //!   of outcomes ([`delivery::settler`]).
 //! - [`top`]: `outpost top`'s figures and layout, from two snapshots of a running agent.
 //! - [`server`]: the agent's listeners: the ingest API over HTTP or HTTPS
-//!   ([`server::ingest`], [`server::tls`]) and the admin socket ([`server::admin`]).
+//!   ([`server::ingest`], [`server::tls`]), its token ([`server::ingest_token`]), and the
+//!   admin socket ([`server::admin`]).
+//! - [`tls_files`]: certificates and keys in PEM files, and a certificate with its key that
+//!   follows its files when they are renewed.
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints, one
 //!   concept a file (running the agent, check, ingest, the outbox, the store's upkeep, NATS),
 //!   routed from its mod.rs.
