@@ -1525,6 +1525,15 @@ fn as_nobody(ws: &Workspace, args: &[&str]) -> Output {
     )
 }
 
+/// SIGINT while `outpost ingest -` reads its input, typed into a terminal or coming down a
+/// pipe, ends it at once with nothing stored: it went on reading until the input ended.
+#[test]
+fn an_ingest_stopped_while_it_reads_its_input_ends_at_once_with_nothing_stored() {
+    let ws = Workspace::new();
+    stop_while_it_reads_its_input(ws.command(&["ingest", "-"]), &update("p1", "Ada"));
+    assert!(!ws.store_path().exists(), "a store was made");
+}
+
 /// A signal stops `outpost ingest` between two requests: it says how many updates of the
 /// input were stored and how to store the rest (`--skip`), which stores each once. It ended
 /// silently, with nothing to go on from but the input's start.

@@ -3608,6 +3608,33 @@ async fn a_take_over_its_store_refuses_after_the_check_puts_the_claims_back() {
     assert_eq!(claim_text(&claims, 7).await, reserved, "left reserved");
 }
 
+/// SIGINT while `outpost publish -` reads its input ends it at once with nothing published:
+/// it went on reading until the input ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stopped_while_it_reads_its_input_ends_at_once_with_nothing_published() {
+    let Some(server_bin) = nats_server_or_skip("a_publish_stopped_while_it_reads") else {
+        return;
+    };
+    let server = NatsServer::start(&server_bin);
+    let receiver = start_receiver().await;
+    let setup = AgentSetup::on_stream(&receiver.base_url(), &server, "", "");
+    let mut publish = std::process::Command::new(binary());
+    publish
+        .args(["publish", "-", "--config"])
+        .arg(setup.config());
+    let line = versions(1, 0).remove(0);
+    tokio::task::spawn_blocking(move || stop_while_it_reads_its_input(publish, &line))
+        .await
+        .unwrap();
+    let mut stream = server
+        .jetstream()
+        .await
+        .get_stream("UPDATES")
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
 /// A signal stops `outpost publish` between two messages: it waits for the acknowledgements of
 /// those sent, says how many of the input went through and how to go on (`--resume`), and
 /// the publish resumed puts the rest in the stream, none twice. It ended silently, with

@@ -377,6 +377,7 @@ pub fn ingest_checked<F: Read + Seek + Send>(
     checked.refuse_skip_past_the_end(skip)?;
     let Checked { count, limit } = checked;
     rewind(file)?;
+    super::interrupt::parts_begin();
     let progress = Progress::new(
         count - skip,
         0,

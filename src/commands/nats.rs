@@ -385,6 +385,7 @@ pub(super) async fn publish_path(
         )));
     }
     rewind(&mut file)?;
+    super::interrupt::parts_begin();
     let mut planner = Planner::new(nats, input.get(), nonce);
     // A line that fails on the second pass (the file changed meanwhile) ends the publish.
     let reread_error = std::cell::RefCell::new(None);

@@ -53,6 +53,47 @@ pub fn stop_with_sigint(child: std::process::Child) -> (u64, String) {
     (count, stderr)
 }
 
+/// Runs `command` (an `outpost ingest -` or `outpost publish -`) on a standard input that
+/// gives `line` and is then held open, as a terminal's is while its user types, and sends it
+/// SIGINT: it must end at once, exit 130, saying that nothing was stored or published. Its
+/// stderr.
+pub fn stop_while_it_reads_its_input(mut command: std::process::Command, line: &str) -> String {
+    use std::io::Write;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+    // Read in by now, and the command waits for more.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) with the id of a child not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still reading its input 10 s after SIGINT: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped by SIGINT or SIGTERM before any update was stored or published"),
+        "{stderr}"
+    );
+    stderr
+}
+
 /// The first of `dirs` (the `PATH`'s before them) that holds `program`.
 pub fn find_program(program: &str, dirs: &[&str]) -> Option<PathBuf> {
     std::env::var_os("PATH")
