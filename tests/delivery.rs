@@ -1077,6 +1077,49 @@ async fn a_token_rotated_in_its_file_is_taken_up_without_a_restart() {
     agent.stop().await.unwrap();
 }
 
+/// An API key given in `custom_headers_file` and rotated there is read again at the
+/// destination's next refusal: the exports refused with the old key go out with the new one,
+/// without a restart, beside the headers of `custom_headers`.
+#[tokio::test]
+async fn an_api_key_rotated_in_the_custom_headers_file_is_taken_up_without_a_restart() {
+    let receiver = Receiver::start("127.0.0.1:0".parse().unwrap(), ReceiverOptions::default())
+        .await
+        .unwrap();
+    receiver.set_export_script(Some(Arc::new(|_, r| {
+        if r.header("x-api-key") == Some("new-key") {
+            Reply::Status(200, vec![], "ok".into())
+        } else {
+            Reply::Status(401, vec![], "unknown key".into())
+        }
+    })));
+    let dir = tempfile::tempdir().unwrap();
+    let headers_file = dir.path().join("headers");
+    std::fs::write(&headers_file, "X-Api-Key:old-key\n").unwrap();
+    let text = agent_config_text(&receiver.base_url(), "type = \"none\"", "");
+    let with_file = text.replacen(
+        "custom_headers = \"x-api-version:2,x-tenant:acme\"",
+        "custom_headers = \"x-api-version:2,x-tenant:acme\"\ncustom_headers_file = \"headers\"",
+        1,
+    );
+    assert_ne!(with_file, text);
+    let config_path = dir.path().join("outpost.toml");
+    std::fs::write(&config_path, with_file).unwrap();
+    let config = Config::load(&config_path).unwrap();
+    let agent = start(&config).await;
+    ingest(&agent, &updates(&["a", "b", "c"], 1)).await;
+    wait_until(10, "the old key refused", || {
+        receiver.export_requests().len() >= 2
+    })
+    .await;
+    rotate(&headers_file, "X-Api-Key:new-key\n");
+    drained(&agent, &receiver, 3).await;
+    for request in receiver.delivered() {
+        assert_eq!(request.header("x-api-version"), Some("2"));
+        assert_eq!(request.header("x-tenant"), Some("acme"));
+    }
+    agent.stop().await.unwrap();
+}
+
 /// The client secret and the password, rotated in their files at the identity provider's
 /// side, are read again at the next token request: the token endpoint, which refused the old
 /// ones, gives a token, and the exports go out without a restart.

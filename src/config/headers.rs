@@ -103,24 +103,84 @@ pub fn parse_custom_headers(
             Ok((name.to_owned(), value.to_owned()))
         })
         .collect::<Result<Vec<_>, String>>()
-        .and_then(|headers| {
-            // Two reach the endpoint as a list, which a credential (Authorization, a key,
-            // a cookie) is not: it may read either, or refuse every export. Other names may
-            // repeat, as a list-valued header's values, which may not hold a `,` here, must.
-            let mut credentials = std::collections::HashSet::new();
-            match headers.iter().position(|(name, _)| {
-                let name = name.to_ascii_lowercase();
-                (name == "authorization" || names_a_credential(&name))
-                    && !credentials.insert(name)
-            }) {
-                Some(i) => Err(format!(
-                    "header {}: `{}` is given twice; give it once",
-                    i + 1,
-                    headers[i].0
-                )),
-                None => Ok(headers),
-            }
+        .and_then(|headers| match credential_given_twice(&headers) {
+            Some(i) => Err(format!(
+                "header {}: `{}` is given twice; give it once",
+                i + 1,
+                headers[i].0
+            )),
+            None => Ok(headers),
         })
+}
+
+/// The first header of `headers` that gives a credential (`Authorization`, a key, a cookie)
+/// given before it: two reach the endpoint as a list, which a credential is not, and it may
+/// read either, or refuse every export. Other names may repeat, as a list-valued header's
+/// values, which may not hold a `,` here, must.
+fn credential_given_twice(headers: &[(String, String)]) -> Option<usize> {
+    let mut credentials = std::collections::HashSet::new();
+    headers.iter().position(|(name, _)| {
+        let name = name.to_ascii_lowercase();
+        (name == "authorization" || names_a_credential(&name)) && !credentials.insert(name)
+    })
+}
+
+/// `destination.custom_headers_file`, to be read again when the destination refuses what was
+/// sent (`401`/`403`): an API key rotated in it would otherwise be refused until a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomHeadersFile {
+    path: std::path::PathBuf,
+    /// `destination.custom_headers`'s, which come first.
+    inline: Vec<(String, String)>,
+    auth_is_none: bool,
+}
+
+impl CustomHeadersFile {
+    pub(super) fn new(
+        path: std::path::PathBuf,
+        inline: Vec<(String, String)>,
+        auth_is_none: bool,
+    ) -> CustomHeadersFile {
+        CustomHeadersFile {
+            path,
+            inline,
+            auth_is_none,
+        }
+    }
+
+    /// Every custom header, `destination.custom_headers`'s and the file's as it reads now; an
+    /// error names the file, never a value.
+    pub fn read(&self) -> Result<Vec<(String, String)>, String> {
+        let text = super::secret::read_secret_file(&self.path)?;
+        add_custom_headers_file(self.inline.clone(), &text, self.auth_is_none)
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+}
+
+/// `destination.custom_headers_file`'s headers (`text`, as read), after `inline`'s
+/// (`destination.custom_headers`): as that key's, one a line or `,` between them, blank lines
+/// left out. A credential given in both is refused, as one given twice in either.
+fn add_custom_headers_file(
+    inline: Vec<(String, String)>,
+    text: &str,
+    auth_is_none: bool,
+) -> Result<Vec<(String, String)>, String> {
+    let pieces: Vec<&str> = text
+        .split(['\n', ','])
+        .map(|piece| piece.trim_end_matches('\r'))
+        .filter(|piece| !piece.trim().is_empty())
+        .collect();
+    let from_file = parse_custom_headers(Some(&pieces.join(",")), auth_is_none)?;
+    let given_inline = inline.len();
+    let headers: Vec<(String, String)> = inline.into_iter().chain(from_file).collect();
+    match credential_given_twice(&headers) {
+        Some(i) => Err(format!(
+            "header {}: `{}` is given in destination.custom_headers too; give it once",
+            i - given_inline + 1,
+            headers[i].0
+        )),
+        None => Ok(headers),
+    }
 }
 
 /// Whether `Authorization: Bearer <token>` carries `token` as it is: a header value read as
@@ -246,5 +306,109 @@ mod tests {
                 .collect();
             assert_eq!(secrets, expected, "{headers} {endpoint_query}");
         }
+    }
+
+    /// `custom_headers_file`'s headers come after `custom_headers`'s, one a line or `,`
+    /// between them, and are checked as those are; a credential may be given in one of the
+    /// two only.
+    #[test]
+    fn custom_headers_file_table() {
+        let inline = || parse_custom_headers(Some("x-api-version:2"), false).unwrap();
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect()
+        };
+        type Sent<'a> = &'a [(&'a str, &'a str)];
+        // (the file's text, the headers sent, or the start of the error)
+        let cases: [(&str, Result<Sent, &str>); 7] = [
+            (
+                "X-Api-Key:5f2b9c0e1a7d",
+                Ok(&[("x-api-version", "2"), ("X-Api-Key", "5f2b9c0e1a7d")]),
+            ),
+            (
+                "\r\nX-Api-Key: 5f2b9c0e1a7d\r\n\r\nx-tenant:acme,x-region:eu\n",
+                Ok(&[
+                    ("x-api-version", "2"),
+                    ("X-Api-Key", "5f2b9c0e1a7d"),
+                    ("x-tenant", "acme"),
+                    ("x-region", "eu"),
+                ]),
+            ),
+            // A list-valued header may repeat; a credential may not.
+            (
+                "x-api-version:3",
+                Ok(&[("x-api-version", "2"), ("x-api-version", "3")]),
+            ),
+            (
+                "X-Api-Key:a\nx-api-key:b",
+                Err("header 2: `x-api-key` is given twice"),
+            ),
+            ("api-key-only", Err("header 1 has no `:`")),
+            (
+                "Host:example.com",
+                Err("header 1: `Host` is set by outpost"),
+            ),
+            (
+                "x-tenant:acme\nx-bad name:1",
+                Err("header 2: its name is not a valid header name"),
+            ),
+        ];
+        for (text, expected) in cases {
+            let got = add_custom_headers_file(inline(), text, false);
+            match expected {
+                Ok(headers) => assert_eq!(got.unwrap(), pairs(headers), "{text:?}"),
+                Err(start) => {
+                    let error = got.unwrap_err();
+                    assert!(error.starts_with(start), "{text:?}: {error}");
+                    assert!(!error.contains("5f2b9c0e1a7d"), "{error}");
+                }
+            }
+        }
+        let with_key = parse_custom_headers(Some("X-Api-Key:a"), false).unwrap();
+        assert_eq!(
+            add_custom_headers_file(with_key, "x-api-key:b", false).unwrap_err(),
+            "header 1: `x-api-key` is given in destination.custom_headers too; give it once"
+        );
+    }
+
+    /// Headers read from `custom_headers_file` are sent, and are not secrets in the config
+    /// file: only the file is warned of when others may read it.
+    #[test]
+    fn headers_from_a_file_are_sent_and_kept_out_of_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("headers"), "X-Api-Key:5f2b9c0e1a7d\n").unwrap();
+        let text = VALID.replace(
+            "custom_headers = \"x-api-version:2,x-tenant:acme\"",
+            "custom_headers = \"x-api-version:2\"\ncustom_headers_file = \"headers\"",
+        );
+        assert_ne!(text, VALID);
+        let config = super::super::Config::parse(&dir.path().join("outpost.toml"), &text).unwrap();
+        let sent: Vec<(&str, &str)> = config
+            .destination
+            .custom_headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()))
+            .collect();
+        assert_eq!(
+            sent,
+            [("x-api-version", "2"), ("X-Api-Key", "5f2b9c0e1a7d")]
+        );
+        assert_eq!(config.inline_secrets, ["destination.auth.client_secret"]);
+        assert!(config
+            .secret_files
+            .iter()
+            .any(|(key, _)| *key == "destination.custom_headers_file"));
+        let missing = text.replace(
+            "custom_headers_file = \"headers\"",
+            "custom_headers_file = \"nope\"",
+        );
+        let error = super::super::Config::parse(&dir.path().join("outpost.toml"), &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("destination.custom_headers_file: cannot read"),
+            "{error}"
+        );
     }
 }

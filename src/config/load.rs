@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::address::parse_http_url;
 use super::auth::validate_auth;
-use super::headers::{header_can_carry, names_a_credential, parse_custom_headers};
+use super::headers::{
+    header_can_carry, names_a_credential, parse_custom_headers, CustomHeadersFile,
+};
 use super::mapping::{missing_segment_details_warnings, validate_mapping};
 use super::proxy::parse_proxy;
 use super::raw::{
@@ -120,6 +122,7 @@ impl Config {
             .map(|(key, file)| (key, relative(file)))
             .collect();
 
+        let inline_headers = raw.destination.custom_headers.clone();
         let destination = validate_destination(raw.destination, &relative, secrets)?;
         let mapping = validate_mapping(raw.mapping)?;
         let storage = validate_storage(raw.storage, &relative)?;
@@ -131,7 +134,10 @@ impl Config {
             .map(|nats| crate::source::config::validate_nats(nats, &relative))
             .transpose()?;
 
-        inline_secrets.extend(destination_inline_secrets(&destination));
+        inline_secrets.extend(destination_inline_secrets(
+            &destination,
+            inline_headers.as_deref(),
+        ));
         let mut warnings = shadowed_env;
         warnings.extend(clear_text_credentials_warnings(
             &destination.http_endpoint,
@@ -227,6 +233,10 @@ fn secret_files(raw: &RawConfig) -> Vec<(&'static str, PathBuf)> {
             "destination.client_key_file",
             raw.destination.client_key_file.clone(),
         ),
+        (
+            "destination.custom_headers_file",
+            raw.destination.custom_headers_file.clone(),
+        ),
         ("ingest.token_file", raw.ingest.token_file.clone()),
         ("ingest.tls_key_file", raw.ingest.tls_key_file.clone()),
         (
@@ -243,12 +253,16 @@ fn secret_files(raw: &RawConfig) -> Vec<(&'static str, PathBuf)> {
 /// the endpoint's own, a header or query value named as a credential (the endpoint's answers
 /// are cleaned of every long value, a version or a tenant among them, which is no reason to
 /// warn of the file), and the proxy's password.
-fn destination_inline_secrets(destination: &Destination) -> Vec<&'static str> {
-    let custom_headers = carries_custom_authorization(&destination.custom_headers)
-        || destination
-            .custom_headers
-            .iter()
-            .any(|(name, value)| names_a_credential(name) && !value.expose().is_empty());
+fn destination_inline_secrets(
+    destination: &Destination,
+    inline_headers: Option<&str>,
+) -> Vec<&'static str> {
+    // Those of `custom_headers_file` are not in the config file. Already validated.
+    let inline_headers = parse_custom_headers(inline_headers, true).unwrap_or_default();
+    let custom_headers = inline_headers.iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case("authorization")
+            || (names_a_credential(name) && !value.is_empty())
+    });
     let http_endpoint = destination
         .http_endpoint
         .query_pairs()
@@ -333,8 +347,17 @@ fn validate_destination(
     let http_endpoint =
         parse_http_url(&raw.http_endpoint).map_err(|m| ("destination.http_endpoint", m))?;
     let auth_is_none = raw.auth.as_ref().is_some_and(|auth| auth.kind == "none");
-    let custom_headers = parse_custom_headers(raw.custom_headers.as_deref(), auth_is_none)
-        .map_err(|m| ("destination.custom_headers", m))?
+    let mut custom_headers = parse_custom_headers(raw.custom_headers.as_deref(), auth_is_none)
+        .map_err(|m| ("destination.custom_headers", m))?;
+    let custom_headers_file = raw
+        .custom_headers_file
+        .map(|file| CustomHeadersFile::new(relative(file), custom_headers.clone(), auth_is_none));
+    if let Some(file) = &custom_headers_file {
+        custom_headers = file
+            .read()
+            .map_err(|e| ("destination.custom_headers_file", e))?;
+    }
+    let custom_headers = custom_headers
         .into_iter()
         .map(|(name, value)| (name, Secret::new(value)))
         .collect();
@@ -354,6 +377,7 @@ fn validate_destination(
         description: raw.description,
         http_endpoint,
         custom_headers,
+        custom_headers_file,
         ca_file: raw.ca_file.map(relative),
         client_cert,
         proxy,

@@ -36,7 +36,7 @@ mod warnings;
 pub(crate) use address::{names_this_host, redacted_address};
 pub use auth::{Auth, CredentialsPlacement, Grant};
 pub(crate) use headers::header_can_carry;
-pub use headers::parse_custom_headers;
+pub use headers::{parse_custom_headers, CustomHeadersFile};
 pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
 pub(crate) use secret::SECRET_LEAST_BYTES;
@@ -108,6 +108,8 @@ pub struct Destination {
     pub http_endpoint: Url,
     /// Names and values; a value may be a credential, so it never shows in `Debug` output.
     pub custom_headers: Vec<(String, Secret)>,
+    /// Where some of `custom_headers` were read from.
+    pub custom_headers_file: Option<CustomHeadersFile>,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// `destination.proxy`: the endpoint and the token endpoint are reached through it.

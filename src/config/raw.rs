@@ -31,6 +31,8 @@ pub(super) struct RawDestination {
     #[serde(default)]
     pub(super) custom_headers: Option<String>,
     #[serde(default)]
+    pub(super) custom_headers_file: Option<PathBuf>,
+    #[serde(default)]
     pub(super) ca_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) client_cert_file: Option<PathBuf>,

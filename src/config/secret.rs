@@ -130,7 +130,7 @@ pub(super) fn read_secret(
 /// The secret a file of its own holds: its text without the line's end (nor a byte-order
 /// mark, as some editors begin a file with); an error, naming the file but never its text,
 /// when it cannot be read or is empty.
-fn read_secret_file(file: &Path) -> Result<String, String> {
+pub(super) fn read_secret_file(file: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);

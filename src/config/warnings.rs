@@ -157,6 +157,10 @@ pub fn readable_secret_warning(path: &Path, mode: u32, keys: &[&str]) -> Option<
             ),
             ("destination.auth.token", "token_file or OUTPOST_TOKEN"),
             ("ingest.token", "ingest.token_file or OUTPOST_INGEST_TOKEN"),
+            (
+                "destination.custom_headers",
+                "destination.custom_headers_file (the headers with credentials)",
+            ),
         ]
         .into_iter()
         .filter(|(key, _)| keys.contains(key))
@@ -391,5 +395,8 @@ mod tests {
         ));
         assert!(told(&["destination.auth.password"])
             .ends_with(", or give destination.auth.password by password_file or OUTPOST_PASSWORD"));
+        assert!(told(&["destination.custom_headers"]).ends_with(
+            ", or give destination.custom_headers by destination.custom_headers_file (the headers with credentials)"
+        ));
     }
 }

@@ -547,6 +547,7 @@ mod tests {
             description: None,
             http_endpoint: url.parse().unwrap(),
             custom_headers: vec![],
+            custom_headers_file: None,
             ca_file: None,
             client_cert: None,
             proxy: None,

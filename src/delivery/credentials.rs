@@ -1,9 +1,14 @@
 //! The destination's secrets as outpost holds them now. One read from a file of its own is
 //! read again where a secret rotated in that file would otherwise be refused until a
 //! restart: a static token when the destination refuses it, the client secret and the
-//! password at each request to the token endpoint that carries them.
+//! password at each request to the token endpoint that carries them; the custom headers of
+//! `destination.custom_headers_file` (an API key) when the destination refuses them.
 
-use crate::config::{Auth, Grant, Rereadable, Secret, SecretFile};
+use std::sync::{Arc, Mutex, RwLock};
+
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
+
+use crate::config::{Auth, CustomHeadersFile, Grant, Rereadable, Secret, SecretFile};
 
 /// The secrets of one destination's auth: the static token, or the client secret and, with
 /// the password grant, the password.
@@ -59,6 +64,81 @@ impl Credentials {
             .map(Rereadable::held)
             .collect()
     }
+}
+
+pub type Headers = Arc<Vec<(HeaderName, HeaderValue)>>;
+
+/// The custom headers sent with every export: `destination.custom_headers`' and those of
+/// `destination.custom_headers_file`, read again when the destination refuses a request
+/// (`401`/`403`). A file that cannot be read then, or holds headers that cannot be sent,
+/// leaves those read before in use, with a warning once for each way it fails.
+pub struct CustomHeaders {
+    sent: RwLock<Headers>,
+    file: Option<CustomHeadersFile>,
+    warned: Mutex<Option<String>>,
+}
+
+impl CustomHeaders {
+    pub fn new(headers: &[(String, Secret)], file: Option<CustomHeadersFile>) -> CustomHeaders {
+        let pairs = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()));
+        CustomHeaders {
+            sent: RwLock::new(Arc::new(header_pairs(pairs))),
+            file,
+            warned: Mutex::new(None),
+        }
+    }
+
+    /// Those to send now.
+    pub fn sent(&self) -> Headers {
+        Arc::clone(&self.sent.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads the file again, when there is one, and sends what it holds from now on.
+    pub fn reread(&self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        match file.read() {
+            Ok(headers) => {
+                *warned = None;
+                let pairs = header_pairs(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+                let mut sent = self.sent.write().unwrap_or_else(|e| e.into_inner());
+                if **sent != pairs {
+                    tracing::info!(
+                        "destination.custom_headers_file holds other headers than those read before: they are sent from now on"
+                    );
+                    *sent = Arc::new(pairs);
+                }
+            }
+            Err(error) => {
+                if warned.as_deref() != Some(error.as_str()) {
+                    tracing::warn!(
+                        error = %format!("destination.custom_headers_file: {error}"),
+                        "reading the custom headers' file again failed: the headers read before are sent"
+                    );
+                    *warned = Some(error);
+                }
+            }
+        }
+    }
+}
+
+/// Headers validated with the same types when the config was loaded (or the file read again).
+fn header_pairs<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .map(|(name, value)| {
+            let name = HeaderName::from_bytes(name.as_bytes()).expect("validated header name");
+            let mut value = HeaderValue::from_str(value).expect("validated header value");
+            // An endpoint's own credentials (`destination.auth.type = "none"`).
+            value.set_sensitive(name == AUTHORIZATION);
+            (name, value)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod auth;
 pub mod client;
 pub mod controller;
 mod credentials;
+use credentials::CustomHeaders;
 pub mod proxy;
 pub mod queue;
 pub mod quota;
@@ -40,7 +41,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use hyper::Uri;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -144,7 +144,7 @@ pub struct Deliverer {
     client: HttpClient,
     tokens: Arc<TokenSource>,
     endpoint: Uri,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: CustomHeaders,
     /// What of `headers`, `endpoint` and the config's secrets is hidden in error answers
     /// ([`secrets_to_hide`]).
     secrets_to_hide: Vec<String>,
@@ -211,20 +211,10 @@ impl Deliverer {
             .as_str()
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| SetupError::Endpoint(e.to_string()))?;
-        let headers = config
-            .destination
-            .custom_headers
-            .iter()
-            .map(|(name, value)| {
-                // Both were validated with the same types when the config was loaded.
-                let name = HeaderName::from_bytes(name.as_bytes()).expect("validated header name");
-                let mut value =
-                    HeaderValue::from_str(value.expose()).expect("validated header value");
-                // An endpoint's own credentials (`destination.auth.type = "none"`).
-                value.set_sensitive(name == AUTHORIZATION);
-                (name, value)
-            })
-            .collect();
+        let headers = CustomHeaders::new(
+            &config.destination.custom_headers,
+            config.destination.custom_headers_file.clone(),
+        );
         let d = &config.delivery;
         let secrets_to_hide = secrets_to_hide(
             config

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ClientError;
+use super::credentials::Headers;
 use super::retry::{self, classify, Class};
 use super::{quota, Deliverer};
 use crate::config::Secret;
@@ -111,6 +112,7 @@ impl Deliverer {
         &self,
         batch: &Batch,
         token: Option<&Secret>,
+        headers: &Headers,
     ) -> Result<Request<Full<Bytes>>, String> {
         let (key, body) = request_body(batch, self.max_profiles_per_request > 1);
         let mut builder = Request::post(self.endpoint.clone())
@@ -123,7 +125,7 @@ impl Deliverer {
             value.set_sensitive(true);
             builder = builder.header(AUTHORIZATION, value);
         }
-        for (name, value) in &self.headers {
+        for (name, value) in headers.iter() {
             builder = builder.header(name, value);
         }
         builder.body(Full::new(body)).map_err(|e| e.to_string())
@@ -150,7 +152,8 @@ impl Deliverer {
             return Attempted::NotSent;
         }
         *sent_at = Instant::now();
-        let request = match self.request(batch, token.as_ref()) {
+        let headers = self.headers.sent();
+        let request = match self.request(batch, token.as_ref(), &headers) {
             Ok(request) => request,
             Err(error) => {
                 return Attempted::SendFailed {
@@ -176,6 +179,10 @@ impl Deliverer {
             if let Some(token) = &token {
                 token_dropped_before = self.tokens.refused(token, stop).await;
             }
+            // An API key rotated in `custom_headers_file`: this refusal was of the old one,
+            // as a token's refusal is of a token since replaced.
+            self.headers.reread();
+            token_dropped_before |= !Arc::ptr_eq(&headers, &self.headers.sent());
         }
         let answered_at = SystemTime::now();
         let retry_after = retry::retry_after(&answer.headers, answered_at);
@@ -190,6 +197,13 @@ impl Deliverer {
             secrets.extend(token.as_ref().map(Secret::expose));
             let read_again = self.tokens.secrets_read_from_files();
             secrets.extend(read_again.iter().map(Secret::expose));
+            // As sent: those read again since the start are not in `secrets_to_hide`.
+            let sent_values = secrets_to_hide(
+                headers.iter().filter_map(|(_, value)| value.to_str().ok()),
+                None,
+                std::iter::empty(),
+            );
+            secrets.extend(sent_values.iter().map(String::as_str));
             let redirect = answer.redirect_note(&secrets, "destination.http_endpoint");
             let cut = answer
                 .body_cut
