@@ -27,6 +27,7 @@ mod load;
 mod mapping;
 mod proxy;
 mod raw;
+mod reread;
 mod secret;
 #[cfg(test)]
 mod test_support;
@@ -39,8 +40,9 @@ pub(crate) use headers::header_can_carry;
 pub use headers::{parse_custom_headers, CustomHeadersFile};
 pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
+pub use reread::{FileRead, Rereadable};
 pub(crate) use secret::SECRET_LEAST_BYTES;
-pub use secret::{Rereadable, Secret, SecretFile, Secrets};
+pub use secret::{Secret, SecretFile, Secrets};
 pub use warnings::{
     clear_text_credentials_warnings, exposure_warning, readable_secret_file_warning,
     readable_secret_warning, IngestGuards,

@@ -2,7 +2,6 @@
 //! own or an environment variable, and whether a command needs them ([`Secrets`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
 
 use super::KeyError;
 
@@ -161,84 +160,26 @@ impl SecretFile {
             in_header,
         }
     }
+}
 
-    pub fn key(&self) -> &'static str {
+impl super::FileRead for SecretFile {
+    type Value = Secret;
+
+    fn key(&self) -> &'static str {
         self.key
     }
 
     /// What the file holds now, by the rules it was first read by.
-    pub fn read(&self) -> Result<Secret, String> {
-        let secret = read_secret_file(&self.path).map_err(|e| format!("{}: {e}", self.key))?;
+    fn read(&self) -> Result<Secret, String> {
+        let secret = read_secret_file(&self.path)?;
         if self.in_header && !super::header_can_carry(&secret) {
             return Err(format!(
-                "{}: {} now holds what no Authorization header can carry as it is (control \
+                "{} now holds what no Authorization header can carry as it is (control \
                  characters, non-ASCII, or blanks at either end)",
-                self.key,
                 self.path.display()
             ));
         }
         Ok(Secret::new(secret))
-    }
-}
-
-/// A secret held, and the file it was read from, if any: [`Rereadable::reread`] holds what
-/// the file holds now. A file that cannot be read then, or holds what cannot be used (empty,
-/// or gone for a moment while it is rotated), leaves the secret read before in use, with a
-/// warning.
-pub struct Rereadable {
-    held: RwLock<Secret>,
-    file: Option<SecretFile>,
-    /// The last failure to read the file that was warned of: one that keeps failing the same
-    /// way is warned of once, not at each refusal.
-    warned: Mutex<Option<String>>,
-}
-
-impl Rereadable {
-    pub fn new(held: Secret, file: Option<SecretFile>) -> Rereadable {
-        Rereadable {
-            held: RwLock::new(held),
-            file,
-            warned: Mutex::new(None),
-        }
-    }
-
-    pub fn held(&self) -> Secret {
-        self.held.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Whether it was read from a file, and so may change.
-    pub fn read_from_a_file(&self) -> bool {
-        self.file.is_some()
-    }
-
-    /// Reads its file again, when it came from one, and holds what the file holds now.
-    pub fn reread(&self) {
-        let Some(file) = &self.file else {
-            return;
-        };
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        match file.read() {
-            Ok(secret) => {
-                *warned = None;
-                let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
-                if *held != secret {
-                    tracing::info!(
-                        "{} holds another secret than the one read before: the new one is used",
-                        file.key()
-                    );
-                    *held = secret;
-                }
-            }
-            Err(error) => {
-                if warned.as_deref() != Some(error.as_str()) {
-                    tracing::warn!(
-                        %error,
-                        "reading a secret's file again failed: the secret read before is used"
-                    );
-                    *warned = Some(error);
-                }
-            }
-        }
     }
 }
 

@@ -236,7 +236,11 @@ impl TokenSource {
     pub async fn token(&self) -> Result<Option<Secret>, AuthError> {
         match &self.auth {
             Auth::None => Ok(None),
-            Auth::Bearer { .. } => Ok(self.credentials.token.as_ref().map(|t| t.held())),
+            Auth::Bearer { .. } => Ok(self
+                .credentials
+                .token
+                .as_ref()
+                .map(|t| Secret::clone(&t.held()))),
             Auth::OAuth2 { .. } => {
                 if let Some(token) = self.valid_current() {
                     return Ok(Some(token));
@@ -381,7 +385,7 @@ impl TokenSource {
     pub async fn invalidate(&self, used: &Secret) -> bool {
         if let Some(token) = &self.credentials.token {
             token.reread();
-            return token.held() != *used;
+            return *token.held() != *used;
         }
         if !matches!(self.auth, Auth::OAuth2 { .. }) {
             return false;

@@ -4,18 +4,18 @@
 //! password at each request to the token endpoint that carries them; the custom headers of
 //! `destination.custom_headers_file` (an API key) when the destination refuses them.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION};
 
-use crate::config::{Auth, CustomHeadersFile, Grant, Rereadable, Secret, SecretFile};
+use crate::config::{Auth, CustomHeadersFile, FileRead, Grant, Rereadable, Secret, SecretFile};
 
 /// The secrets of one destination's auth: the static token, or the client secret and, with
 /// the password grant, the password.
 pub struct Credentials {
-    pub token: Option<Rereadable>,
-    pub client_secret: Option<Rereadable>,
-    pub password: Option<Rereadable>,
+    pub token: Option<Rereadable<SecretFile>>,
+    pub client_secret: Option<Rereadable<SecretFile>>,
+    pub password: Option<Rereadable<SecretFile>>,
 }
 
 impl Credentials {
@@ -61,7 +61,7 @@ impl Credentials {
             .into_iter()
             .flatten()
             .filter(|secret| secret.read_from_a_file())
-            .map(Rereadable::held)
+            .map(|secret| Secret::clone(&secret.held()))
             .collect()
     }
 }
@@ -70,59 +70,33 @@ pub type Headers = Arc<Vec<(HeaderName, HeaderValue)>>;
 
 /// The custom headers sent with every export: `destination.custom_headers`' and those of
 /// `destination.custom_headers_file`, read again when the destination refuses a request
-/// (`401`/`403`). A file that cannot be read then, or holds headers that cannot be sent,
-/// leaves those read before in use, with a warning once for each way it fails.
-pub struct CustomHeaders {
-    sent: RwLock<Headers>,
+/// (`401`/`403`).
+pub type CustomHeaders = Rereadable<HeadersFile>;
+
+pub fn custom_headers(
+    headers: &[(String, Secret)],
     file: Option<CustomHeadersFile>,
-    warned: Mutex<Option<String>>,
+) -> CustomHeaders {
+    let pairs = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.expose()));
+    Rereadable::new(header_pairs(pairs), file.map(HeadersFile))
 }
 
-impl CustomHeaders {
-    pub fn new(headers: &[(String, Secret)], file: Option<CustomHeadersFile>) -> CustomHeaders {
-        let pairs = headers
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.expose()));
-        CustomHeaders {
-            sent: RwLock::new(Arc::new(header_pairs(pairs))),
-            file,
-            warned: Mutex::new(None),
-        }
+pub struct HeadersFile(CustomHeadersFile);
+
+impl FileRead for HeadersFile {
+    type Value = Vec<(HeaderName, HeaderValue)>;
+
+    fn key(&self) -> &'static str {
+        "destination.custom_headers_file"
     }
 
-    /// Those to send now.
-    pub fn sent(&self) -> Headers {
-        Arc::clone(&self.sent.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Reads the file again, when there is one, and sends what it holds from now on.
-    pub fn reread(&self) {
-        let Some(file) = &self.file else {
-            return;
-        };
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        match file.read() {
-            Ok(headers) => {
-                *warned = None;
-                let pairs = header_pairs(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-                let mut sent = self.sent.write().unwrap_or_else(|e| e.into_inner());
-                if **sent != pairs {
-                    tracing::info!(
-                        "destination.custom_headers_file holds other headers than those read before: they are sent from now on"
-                    );
-                    *sent = Arc::new(pairs);
-                }
-            }
-            Err(error) => {
-                if warned.as_deref() != Some(error.as_str()) {
-                    tracing::warn!(
-                        error = %format!("destination.custom_headers_file: {error}"),
-                        "reading the custom headers' file again failed: the headers read before are sent"
-                    );
-                    *warned = Some(error);
-                }
-            }
-        }
+    fn read(&self) -> Result<Self::Value, String> {
+        let headers = self.0.read()?;
+        Ok(header_pairs(
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        ))
     }
 }
 

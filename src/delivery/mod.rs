@@ -211,7 +211,7 @@ impl Deliverer {
             .as_str()
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| SetupError::Endpoint(e.to_string()))?;
-        let headers = CustomHeaders::new(
+        let headers = credentials::custom_headers(
             &config.destination.custom_headers,
             config.destination.custom_headers_file.clone(),
         );

@@ -152,7 +152,7 @@ impl Deliverer {
             return Attempted::NotSent;
         }
         *sent_at = Instant::now();
-        let headers = self.headers.sent();
+        let headers = self.headers.held();
         let request = match self.request(batch, token.as_ref(), &headers) {
             Ok(request) => request,
             Err(error) => {
@@ -182,7 +182,7 @@ impl Deliverer {
             // An API key rotated in `custom_headers_file`: this refusal was of the old one,
             // as a token's refusal is of a token since replaced.
             self.headers.reread();
-            token_dropped_before |= !Arc::ptr_eq(&headers, &self.headers.sent());
+            token_dropped_before |= !Arc::ptr_eq(&headers, &self.headers.held());
         }
         let answered_at = SystemTime::now();
         let retry_after = retry::retry_after(&answer.headers, answered_at);

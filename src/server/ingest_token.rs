@@ -12,7 +12,7 @@ use crate::config::{Rereadable, Secret, SecretFile};
 const REREAD_EVERY: Duration = Duration::from_secs(1);
 
 pub struct IngestToken {
-    token: Rereadable,
+    token: Rereadable<SecretFile>,
     /// When a wrong token last had the file read again.
     last_read: Mutex<Option<Instant>>,
 }
