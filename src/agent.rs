@@ -10,7 +10,6 @@ use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Watcher;
@@ -19,7 +18,7 @@ use crate::delivery::client::HttpClient;
 use crate::delivery::{Deliverer, DeliveryStopped, SetupError};
 use crate::logging::panic_message;
 use crate::metrics::Metrics;
-use crate::server::{admin, ingest, ingest_token::IngestToken};
+use crate::server::{admin, ingest, ingest_token::IngestToken, tls::IngestAcceptor};
 use crate::source::partition::Ownership;
 use crate::store::committer::{CommitError, Committer, Watch};
 use crate::store::{backfill, ReserveState, Store, StoreError};
@@ -89,7 +88,7 @@ impl Default for AgentOptions {
 /// root's alone.
 pub struct Ready {
     client: HttpClient,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<IngestAcceptor>>,
     /// `ingest.listen`, bound but not listening: a connection made before the store is open is
     /// refused rather than left waiting unserved. A port another program listens on is found
     /// here; one that binds it meanwhile with `SO_REUSEADDR` (Linux lets it, as no one listens
@@ -102,7 +101,9 @@ impl Ready {
         let client = HttpClient::new(&config.destination, config.delivery.request_timeout)
             .map_err(SetupError::from)?;
         let tls = match &config.ingest.tls {
-            Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
+            Some(tls) => Some(Arc::new(
+                crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?,
+            )),
             None => None,
         };
         let addr = config.ingest.listen;

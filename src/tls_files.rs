@@ -1,9 +1,10 @@
-//! Certificates and keys in PEM files, and a certificate with its key that follows its files:
-//! the ingest API's own (`ingest.tls_cert_file`, `.tls_key_file`) and the client certificate
-//! sent to the destination (`destination.client_cert_file`, `.client_key_file`). A
-//! certificate renewed in place (by cert-manager, certbot or a Vault agent, often daily) is
-//! presented from the next TLS handshake on, without a restart; connections already open
-//! keep the one they began with.
+//! Certificates and keys in PEM files, and what follows its files: the ingest API's own
+//! certificate and key (`ingest.tls_cert_file`, `.tls_key_file`), the client certificate sent
+//! to the destination (`destination.client_cert_file`, `.client_key_file`), and the CAs
+//! trusted (`destination.ca_file`, `ingest.client_ca_file`). A certificate renewed in place
+//! (by cert-manager, certbot or a Vault agent, often daily), or a CA added to a bundle before
+//! the certificates it signs are used, is taken up from the next TLS handshake on, without a
+//! restart; connections already open keep what they began with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -54,19 +55,9 @@ pub struct CertAndKeyFiles {
 pub type ChainCheck = fn(&Path, &[CertificateDer<'static>]) -> Result<(), String>;
 
 impl CertAndKeyFiles {
-    /// The files' bytes, to tell whether they changed since they were last read.
-    fn contents(&self) -> Result<[Vec<u8>; 2], String> {
-        let ((cert_key, cert), (key_key, key)) = (&self.cert, &self.key);
-        Ok([read(cert_key, cert)?, read(key_key, key)?])
-    }
-
     /// The chain and its key from the files' `contents`; an error names the key at fault and
     /// says what is wrong.
-    fn certified(
-        &self,
-        contents: &[Vec<u8>; 2],
-        check: ChainCheck,
-    ) -> Result<CertifiedKey, String> {
+    fn certified(&self, contents: &[Vec<u8>], check: ChainCheck) -> Result<CertifiedKey, String> {
         let ((cert_key, cert), (key_key, key)) = (&self.cert, &self.key);
         let chain = certs_in(cert_key, cert, &contents[0])?;
         check(cert, &chain)?;
@@ -77,33 +68,56 @@ impl CertAndKeyFiles {
     }
 }
 
-/// A certificate and its key, read again from their files when either changed (read, at a
-/// handshake, at most once a second: two files of a few KiB). Files that cannot be read then, or do not make a
-/// certificate and its key (the certificate renewed and its key not yet), leave the pair read
-/// before in use, with a warning once for each way they fail, and are read again at the next
-/// look: the pair is taken up once both are written.
-pub struct FollowedCertifiedKey {
-    files: CertAndKeyFiles,
-    check: ChainCheck,
-    state: Mutex<Followed>,
+/// What the log says when changed files were taken up (after "<key>: <path> changed: ") and
+/// when they could not be (the warning beside the error).
+pub struct Said {
+    pub taken_up: &'static str,
+    pub kept: &'static str,
 }
 
-struct Followed {
-    current: Arc<CertifiedKey>,
-    /// What the files held when `current` was read from them.
-    read_from: [Vec<u8>; 2],
+/// Files read again when any of them changed, and what is made of them: read, at a
+/// handshake, at most once a second (files of a few KiB, compared by bytes). Files that
+/// cannot be read then, or do not make one (a certificate renewed and its key not yet),
+/// leave what was made before in use, with a warning once for each way they fail, and are
+/// read again at the next look: a change is taken up once it is whole.
+pub struct FollowedFiles<T> {
+    /// Each with the key that names it in messages.
+    files: Vec<(&'static str, PathBuf)>,
+    make: Box<Make<T>>,
+    said: Said,
+    state: Mutex<Followed<T>>,
+}
+
+/// What is made of the files' contents, in the order of the files; an error names the key at
+/// fault and says what is wrong.
+type Make<T> = dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync;
+
+struct Followed<T> {
+    current: Arc<T>,
+    /// What the files held when `current` was made of them.
+    read_from: Vec<Vec<u8>>,
     looked_at: Instant,
     warned: Option<String>,
 }
 
-impl FollowedCertifiedKey {
-    /// Reads the files; an error names the key at fault and says what is wrong.
-    pub fn load(files: CertAndKeyFiles, check: ChainCheck) -> Result<FollowedCertifiedKey, String> {
-        let read_from = files.contents()?;
-        let current = Arc::new(files.certified(&read_from, check)?);
-        Ok(FollowedCertifiedKey {
+fn contents(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
+    files.iter().map(|(key, path)| read(key, path)).collect()
+}
+
+impl<T> FollowedFiles<T> {
+    /// Reads the files and makes what they give; an error names the key at fault and says
+    /// what is wrong.
+    pub fn load(
+        files: Vec<(&'static str, PathBuf)>,
+        make: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
+        said: Said,
+    ) -> Result<FollowedFiles<T>, String> {
+        let read_from = contents(&files)?;
+        let current = Arc::new(make(&read_from)?);
+        Ok(FollowedFiles {
             files,
-            check,
+            make: Box::new(make),
+            said,
             state: Mutex::new(Followed {
                 current,
                 read_from,
@@ -113,38 +127,31 @@ impl FollowedCertifiedKey {
         })
     }
 
-    /// The pair to present at a handshake at `now`.
-    pub fn current(&self, now: Instant) -> Arc<CertifiedKey> {
+    /// What to use at a handshake at `now`.
+    pub fn current(&self, now: Instant) -> Arc<T> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_duration_since(state.looked_at) < LOOK_EVERY {
+        if self.files.is_empty() || now.saturating_duration_since(state.looked_at) < LOOK_EVERY {
             return Arc::clone(&state.current);
         }
         state.looked_at = now;
-        let read = self.files.contents().and_then(|contents| {
+        let made = contents(&self.files).and_then(|contents| {
             if contents == state.read_from {
                 return Ok(None);
             }
-            let pair = self.files.certified(&contents, self.check)?;
-            Ok(Some((pair, contents)))
+            Ok(Some(((self.make)(&contents)?, contents)))
         });
-        match read {
+        match made {
             Ok(None) => {}
-            Ok(Some((pair, contents))) => {
-                let (cert_key, cert) = &self.files.cert;
-                tracing::info!(
-                    "{cert_key}: {} changed: its certificate is presented from now on",
-                    cert.display()
-                );
-                state.current = Arc::new(pair);
+            Ok(Some((made, contents))) => {
+                let (key, path) = &self.files[0];
+                tracing::info!("{key}: {} changed: {}", path.display(), self.said.taken_up);
+                state.current = Arc::new(made);
                 state.read_from = contents;
                 state.warned = None;
             }
             Err(error) => {
                 if state.warned.as_deref() != Some(error.as_str()) {
-                    tracing::warn!(
-                        %error,
-                        "reading a changed certificate and key failed: the pair read before is presented until both are in place"
-                    );
+                    tracing::warn!(%error, "{}", self.said.kept);
                     state.warned = Some(error);
                 }
             }
@@ -153,17 +160,111 @@ impl FollowedCertifiedKey {
     }
 }
 
-impl std::fmt::Debug for FollowedCertifiedKey {
+impl<T> std::fmt::Debug for FollowedFiles<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FollowedCertifiedKey")
+        f.debug_struct("FollowedFiles")
             .field("files", &self.files)
             .finish_non_exhaustive()
     }
 }
 
+/// A certificate and its key, which follow their files.
+pub type FollowedCertifiedKey = FollowedFiles<CertifiedKey>;
+
+impl FollowedCertifiedKey {
+    /// Reads the files; an error names the key at fault and says what is wrong.
+    pub fn certified_key(
+        files: CertAndKeyFiles,
+        check: ChainCheck,
+    ) -> Result<FollowedCertifiedKey, String> {
+        let paths = vec![files.cert.clone(), files.key.clone()];
+        FollowedFiles::load(
+            paths,
+            move |contents| files.certified(contents, check),
+            Said {
+                taken_up: "its certificate is presented from now on",
+                kept: "reading a changed certificate and key failed: the pair read before is presented until both are in place",
+            },
+        )
+    }
+}
+
+/// The certificates of a CA file (`key`, at `path`) added to `base` (the system's, or none):
+/// the trust anchors to verify peers with. An error names the key and the file.
+pub fn roots_with(
+    key: &str,
+    path: &Path,
+    base: &[CertificateDer<'static>],
+    pem: &[u8],
+) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in base {
+        let _ = roots.add(cert.clone());
+    }
+    for cert in certs_in(key, path, pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{key}: {}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// What the log says of a CA file (`destination.ca_file`, `ingest.client_ca_file`) changed.
+pub const CA_FILE_SAID: Said = Said {
+    taken_up: "the CAs in it are trusted from now on",
+    kept: "reading a changed CA file failed: the CAs read before are trusted until it holds certificates",
+};
+
 impl rustls::server::ResolvesServerCert for FollowedCertifiedKey {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current(Instant::now()))
+    }
+}
+
+/// The destination's certificate verified against the system's roots and a CA file that
+/// follows its file.
+impl rustls::client::danger::ServerCertVerifier
+    for FollowedFiles<Arc<rustls::client::WebPkiServerVerifier>>
+{
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.current(Instant::now()).verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current(Instant::now())
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current(Instant::now())
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current(Instant::now()).supported_verify_schemes()
     }
 }
 
@@ -204,7 +305,7 @@ mod tests {
         };
         let (a, b, c) = (pair(), pair(), pair());
         write((&a.0, &a.1));
-        let followed = FollowedCertifiedKey::load(files.clone(), |_, _| Ok(())).unwrap();
+        let followed = FollowedCertifiedKey::certified_key(files.clone(), |_, _| Ok(())).unwrap();
         let start = Instant::now();
         let presented =
             |ms: u64| followed.current(start + Duration::from_millis(ms)).cert[0].to_vec();

@@ -296,6 +296,68 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A CA added to `ingest.client_ca_file` (the bundle renamed into place) is trusted from the
+/// next handshake on, without a restart; a file that holds no certificate for a moment leaves
+/// the CAs read before trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_added_to_its_file_is_trusted_without_a_restart() {
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let mut ingest = files.server_files(&ca);
+    let (first_ca, second_ca) = (Ca::new("clients CA"), Ca::new("next clients CA"));
+    let client_ca_file = files.write("clients-ca.pem", &first_ca.cert.pem());
+    ingest.push(format!(
+        "client_ca_file = {:?}",
+        client_ca_file.display().to_string()
+    ));
+    let config = files.config("127.0.0.1", &ingest);
+    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
+    let client_of = |issuer: &Ca| {
+        let leaf = issuer.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
+        client_config(&ca, Some(&leaf))
+    };
+    let (first_client, second_client) = (client_of(&first_ca), client_of(&second_ca));
+    wait_serving(&mut agent, &first_client).await;
+    let refused = https_post(files.port, second_client.clone(), one_update()).await;
+    assert!(refused.is_err(), "a CA not yet in the file: {refused:?}");
+    let replace = |contents: String| {
+        let next = files.write("clients-ca.pem.next", &contents);
+        std::fs::rename(next, &client_ca_file).unwrap();
+    };
+
+    replace("being rotated\n".to_owned());
+    // Past a second, so that the file was looked at again while it held no certificate.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, body) = https_post(files.port, first_client.clone(), one_update())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    replace(first_ca.cert.pem() + &second_ca.cert.pem());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match https_post(files.port, second_client.clone(), one_update()).await {
+            Ok((status, body)) => {
+                assert_eq!(status, 200, "{body}");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "the added CA never trusted: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = https_post(files.port, first_client, one_update())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let log = agent.log();
+    assert!(log.contains("holds no PEM certificate"), "{log}");
+    assert!(
+        log.contains("ingest.client_ca_file")
+            && log.contains("the CAs in it are trusted from now on"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn a_ca_certificate_as_the_servers_own_is_refused_with_what_to_do() {
     let files = Files::new();

@@ -409,6 +409,30 @@ async fn a_client_certificate_renewed_in_its_files_is_presented_without_a_restar
     agent.stop().await.unwrap();
 }
 
+/// A CA put in `ca_file` (renamed into place) is trusted from the next handshake on: the
+/// agent began without the CA that signed the endpoint's certificate, and delivers once it is
+/// in the file, without a restart.
+#[tokio::test]
+async fn a_ca_put_in_the_ca_file_is_trusted_without_a_restart() {
+    let (ca, other) = (Ca::new("outpost test CA"), Ca::new("some other CA"));
+    let receiver = tls_receiver(server_config(&ca.server_leaf(), None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write_file(dir.path(), "ca.pem", &other.pem());
+    let config = agent_config(dir.path(), &receiver, &[path_line("ca_file", &ca_file)]);
+    let agent = start(&config).await;
+    let exports = ingest(&agent, &updates()).await;
+    wait_until(10, "a refused handshake recorded", || {
+        let pending = agent.store.list(&ListFilter::default()).unwrap();
+        pending.iter().any(|e| e.record.attempts > 0)
+    })
+    .await;
+    assert!(receiver.delivered().is_empty());
+    let next = write_file(dir.path(), "ca.pem.next", &(other.pem() + &ca.pem()));
+    std::fs::rename(next, &ca_file).unwrap();
+    drained(&agent, &receiver, exports).await;
+    agent.stop().await.unwrap();
+}
+
 /// An endpoint over HTTP/2 whose first connection goes silent after its first answer (as a
 /// path through a firewall that drops packets, or a hung proxy, does) and whose later
 /// connections answer. Answered 200 `"connection N"`.

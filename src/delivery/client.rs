@@ -14,7 +14,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::proxy::Route;
 use crate::config::Destination;
-use crate::tls_files::{read_certs, CertAndKeyFiles, FollowedCertifiedKey};
+use rustls::client::WebPkiServerVerifier;
+
+use crate::tls_files::{
+    roots_with, CertAndKeyFiles, FollowedCertifiedKey, FollowedFiles, CA_FILE_SAID,
+};
 
 /// How much of an error answer's body is kept.
 pub const ERROR_BODY_BYTES: usize = 512;
@@ -293,24 +297,41 @@ pub struct HttpClient {
     route: Route,
 }
 
-/// The rustls configuration: system roots, plus `ca_file`, plus the client certificate for mTLS.
+/// The rustls configuration: system roots, plus `ca_file` (read again once changed), plus
+/// the client certificate for mTLS.
 pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, ClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(ca_file) = &destination.ca_file {
-        for cert in read_certs("destination.ca_file", ca_file).map_err(ClientError::Config)? {
-            roots.add(cert).map_err(|e| {
-                ClientError::Config(format!("destination.ca_file: {}: {e}", ca_file.display()))
-            })?;
-        }
-    }
+    let system = rustls_native_certs::load_native_certs().certs;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let builder = match &destination.ca_file {
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in system {
+                let _ = roots.add(cert);
+            }
+            builder.with_root_certificates(roots)
+        }
+        Some(ca_file) => {
+            let path = ca_file.clone();
+            let verify = move |contents: &[Vec<u8>]| {
+                let roots = roots_with("destination.ca_file", &path, &system, &contents[0])?;
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                    .build()
+                    .map_err(|e| format!("destination.ca_file: {}: {e}", path.display()))
+            };
+            let followed = FollowedFiles::load(
+                vec![("destination.ca_file", ca_file.clone())],
+                verify,
+                CA_FILE_SAID,
+            )
+            .map_err(ClientError::Config)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(followed))
+        }
+    };
     match &destination.client_cert {
         None => Ok(builder.with_no_client_auth()),
         Some((cert_file, key_file)) => {
@@ -318,8 +339,8 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
                 cert: ("destination.client_cert_file", cert_file.clone()),
                 key: ("destination.client_key_file", key_file.clone()),
             };
-            let own =
-                FollowedCertifiedKey::load(files, |_, _| Ok(())).map_err(ClientError::Config)?;
+            let own = FollowedCertifiedKey::certified_key(files, |_, _| Ok(()))
+                .map_err(ClientError::Config)?;
             Ok(builder.with_client_cert_resolver(Arc::new(own)))
         }
     }

@@ -29,6 +29,7 @@ use super::body::{
 };
 use super::connection::{drive, Activity};
 use super::ingest_token::IngestToken;
+use super::tls::IngestAcceptor;
 use crate::log_limit::{AtMostEvery, LogLimit};
 use crate::metrics::{self, Metrics};
 use crate::profile::update::{locate_body, FutureLimit};
@@ -186,7 +187,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// certificate, are closed and logged at debug level).
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<IngestAcceptor>>,
     state: Arc<IngestState>,
     shutdown: CancellationToken,
 ) {
@@ -227,7 +228,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = serve_one(stream, tls.clone(), Arc::clone(&state), closing.clone());
+                let connection = serve_one(stream, tls.as_deref().map(|tls| tls.current(std::time::Instant::now())), Arc::clone(&state), closing.clone());
                 connections_open.spawn(async move {
                     let _slot = slot;
                     connection.await;
@@ -250,7 +251,7 @@ pub async fn serve(
 /// Serves one accepted connection, over TLS after its handshake when `tls`.
 async fn serve_one(
     stream: TcpStream,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<tokio_rustls::TlsAcceptor>>,
     state: Arc<IngestState>,
     closing: CancellationToken,
 ) {

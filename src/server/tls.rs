@@ -1,7 +1,7 @@
 //! HTTPS for the ingest API: the server's certificate and key, and optionally the CA that
 //! client certificates must chain to (`ingest.tls_cert_file`, `.tls_key_file`,
-//! `.client_ca_file`). rustls with the ring provider. The certificate and key are read again
-//! once renewed ([`crate::tls_files`]).
+//! `.client_ca_file`). rustls with the ring provider. The files are read again once changed
+//! ([`crate::tls_files`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +11,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::IngestTls;
-use crate::tls_files::{read_certs, CertAndKeyFiles, FollowedCertifiedKey};
+use crate::tls_files::{
+    roots_with, CertAndKeyFiles, FollowedCertifiedKey, FollowedFiles, CA_FILE_SAID,
+};
 
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -46,35 +48,46 @@ fn refuse_ca_certificate(path: &Path, chain: &[CertificateDer<'static>]) -> Resu
     }
 }
 
+/// What accepts the ingest API's TLS connections: made again once `ingest.client_ca_file`
+/// changed (the client CAs are in the server's configuration, as the names it hints at).
+pub type IngestAcceptor = FollowedFiles<TlsAcceptor>;
+
 /// The acceptor for the ingest API; errors name the key and say what to do.
-pub fn acceptor(tls: &IngestTls) -> Result<TlsAcceptor, String> {
+pub fn acceptor(tls: &IngestTls) -> Result<IngestAcceptor, String> {
     let files = CertAndKeyFiles {
         cert: ("ingest.tls_cert_file", tls.cert_file.clone()),
         key: ("ingest.tls_key_file", tls.key_file.clone()),
     };
-    let own = FollowedCertifiedKey::load(files, refuse_ca_certificate)?;
-    let builder = rustls::ServerConfig::builder_with_provider(ring())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("ingest TLS: {e}"))?;
-    let builder = match &tls.client_ca_file {
-        None => builder.with_no_client_auth(),
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in read_certs("ingest.client_ca_file", path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("ingest.client_ca_file: {}: {e}", path.display()))?;
+    let own = Arc::new(FollowedCertifiedKey::certified_key(
+        files,
+        refuse_ca_certificate,
+    )?);
+    let client_ca_file = tls.client_ca_file.clone();
+    let accept = move |contents: &[Vec<u8>]| {
+        let builder = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("ingest TLS: {e}"))?;
+        let builder = match (&client_ca_file, contents) {
+            (Some(path), [pem]) => {
+                let roots = roots_with("ingest.client_ca_file", path, &[], pem)?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    ring(),
+                )
+                .build()
+                .map_err(|e| format!("ingest.client_ca_file: {}: {e}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                ring(),
-            )
-            .build()
-            .map_err(|e| format!("ingest.client_ca_file: {}: {e}", path.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::clone(&own) as _);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
     };
-    let mut config = builder.with_cert_resolver(Arc::new(own));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    let files = tls
+        .client_ca_file
+        .iter()
+        .map(|path| ("ingest.client_ca_file", path.clone()))
+        .collect();
+    FollowedFiles::load(files, accept, CA_FILE_SAID)
 }
