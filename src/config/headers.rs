@@ -127,12 +127,24 @@ fn credential_given_twice(headers: &[(String, String)]) -> Option<usize> {
 
 /// `destination.custom_headers_file`, to be read again when the destination refuses what was
 /// sent (`401`/`403`): an API key rotated in it would otherwise be refused until a restart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct CustomHeadersFile {
     path: std::path::PathBuf,
     /// `destination.custom_headers`'s, which come first.
     inline: Vec<(String, String)>,
     auth_is_none: bool,
+}
+
+/// The values may be credentials: only the names show.
+impl std::fmt::Debug for CustomHeadersFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.inline.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("CustomHeadersFile")
+            .field("path", &self.path)
+            .field("inline", &names)
+            .field("auth_is_none", &self.auth_is_none)
+            .finish()
+    }
 }
 
 impl CustomHeadersFile {

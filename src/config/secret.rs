@@ -220,6 +220,21 @@ mod tests {
         let debug = format!("{:?}", parse(&with_key).unwrap());
         assert!(debug.contains("x-api-key"), "{debug}");
         assert!(!debug.contains("5f2b9c0e1a7d4e3f"), "{debug}");
+        // With a headers file too, which keeps the inline ones to put before its own.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("headers"), "x-tenant-key: 9d8c7b6a\n").unwrap();
+        let with_file = with_key.replacen(
+            "custom_headers = ",
+            "custom_headers_file = \"headers\"\ncustom_headers = ",
+            1,
+        );
+        let config = Config::parse(&dir.path().join("outpost.toml"), &with_file).unwrap();
+        let debug = format!("{config:?}");
+        assert!(debug.contains("CustomHeadersFile"), "{debug}");
+        assert!(debug.contains("x-tenant-key"), "{debug}");
+        for secret in ["5f2b9c0e1a7d4e3f", "9d8c7b6a"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
     }
 
     #[test]
