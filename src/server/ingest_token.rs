@@ -1,19 +1,19 @@
-//! The ingest token a request must carry. One given in `ingest.token_file` is read again when
-//! a request carries another token, at most once a second: clients given a token rotated in
-//! that file are let in without a restart, and clients sending wrong tokens as fast as they
-//! can make the agent read the file no more often than that.
+//! The ingest token a request must carry. One given in `ingest.token_file` is read again at a
+//! request, at most once a second: clients given a token rotated in that file are let in, and
+//! the token it replaced is refused, without a restart; clients sending requests (or wrong
+//! tokens) as fast as they can make the agent read the file no more often than that.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::{Rereadable, Secret, SecretFile};
 
-/// How often a wrong token may have the file read again.
+/// How often a request may have the file read again.
 const REREAD_EVERY: Duration = Duration::from_secs(1);
 
 pub struct IngestToken {
     token: Rereadable<SecretFile>,
-    /// When a wrong token last had the file read again.
+    /// When a request last had the file read again.
     last_read: Mutex<Option<Instant>>,
 }
 
@@ -25,24 +25,22 @@ impl IngestToken {
         }
     }
 
-    /// Whether `given` is the token; one that is not has the file read again and is compared
-    /// with what it holds, unless it was read less than [`REREAD_EVERY`] ago.
+    /// Whether `given` is the token, as the file holds it at `now`: read again unless it was
+    /// read less than [`REREAD_EVERY`] ago.
     pub fn admits(&self, given: &[u8], now: Instant) -> bool {
-        if is_the_token(given, self.token.held().expose().as_bytes()) {
-            return true;
+        if self.token.read_from_a_file() && self.due(now) {
+            self.token.reread();
         }
-        if !self.token.read_from_a_file() {
+        is_the_token(given, self.token.held().expose().as_bytes())
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        let mut last_read = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
+        if last_read.is_some_and(|at| now.saturating_duration_since(at) < REREAD_EVERY) {
             return false;
         }
-        {
-            let mut last_read = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
-            if last_read.is_some_and(|at| now.saturating_duration_since(at) < REREAD_EVERY) {
-                return false;
-            }
-            *last_read = Some(now);
-        }
-        self.token.reread();
-        is_the_token(given, self.token.held().expose().as_bytes())
+        *last_read = Some(now);
+        true
     }
 }
 
@@ -62,10 +60,10 @@ fn is_the_token(given: &[u8], token: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    /// A wrong token has the file read again, a second or more after the last such read: the
+    /// A request has the file read again, a second or more after the last such read: the
     /// token rotated in the file is let in, and the one it replaced is refused.
     #[test]
-    fn a_wrong_token_has_the_file_read_again_at_most_once_a_second() {
+    fn a_request_has_the_file_read_again_at_most_once_a_second() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ingest-token");
         std::fs::write(&file, "first-token\n").unwrap();
@@ -79,15 +77,17 @@ mod tests {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         // (ms after the start, the file rotated to, the token given, whether it is let in)
-        let cases: [(u64, Option<&str>, &str, bool); 8] = [
+        let cases: [(u64, Option<&str>, &str, bool); 10] = [
             (0, None, "first-token", true),
             (0, Some("second-token"), "first-token", true),
-            (0, None, "second-token", true),
-            (1, None, "first-token", false),
-            (2, Some("third-token"), "third-token", false),
-            (999, None, "third-token", false),
-            (1_000, None, "third-token", true),
-            (1_001, None, "wrong-token", false),
+            (999, None, "second-token", false),
+            (1_000, None, "first-token", false),
+            (1_001, None, "second-token", true),
+            (1_002, Some("third-token"), "third-token", false),
+            (1_999, None, "second-token", true),
+            (2_000, None, "third-token", true),
+            (2_001, None, "wrong-token", false),
+            (2_002, None, "second-token", false),
         ];
         for (ms, rotated, given, admitted) in cases {
             if let Some(text) = rotated {
