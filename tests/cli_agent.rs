@@ -1526,11 +1526,25 @@ fn as_nobody(ws: &Workspace, args: &[&str]) -> Output {
 }
 
 /// SIGINT while `outpost ingest -` reads its input, typed into a terminal or coming down a
-/// pipe, ends it at once with nothing stored: it went on reading until the input ended.
+/// pipe, ends it at once with nothing stored: it went on reading until the input ended. With
+/// `--json`, the error line is printed too, its `stored` counting the `--skip`ped updates.
 #[test]
 fn an_ingest_stopped_while_it_reads_its_input_ends_at_once_with_nothing_stored() {
     let ws = Workspace::new();
-    stop_while_it_reads_its_input(ws.command(&["ingest", "-"]), &update("p1", "Ada"));
+    let line = update("p1", "Ada");
+    let (stdout, _) = stop_while_it_reads_its_input(ws.command(&["ingest", "-"]), &line);
+    assert_eq!(stdout, "");
+    assert!(!ws.store_path().exists(), "a store was made");
+    let command = ws.command(&["ingest", "-", "--json", "--skip", "3"]);
+    let (stdout, _) = stop_while_it_reads_its_input(command, &line);
+    let error: serde_json::Value = serde_json::from_str(&stdout).expect(&stdout);
+    assert_eq!(
+        error,
+        serde_json::json!({
+            "error": "stopped by SIGINT or SIGTERM before it stored or published any update",
+            "stored": 3,
+        })
+    );
     assert!(!ws.store_path().exists(), "a store was made");
 }
 

@@ -86,6 +86,16 @@ fn stopped_as_asked(stored: u64, count: u64) -> CliError {
     }
 }
 
+/// What `ingest --json` prints when a signal ends it before it stored anything: as
+/// [`error_json`] (`stored` counts from the input's start, `--skip` included), a line.
+pub(super) fn stopped_before_parts_json(skip: u64) -> String {
+    let error = serde_json::json!({
+        "error": super::interrupt::STOPPED_BEFORE_PARTS,
+        "stored": skip,
+    });
+    format!("{error}\n")
+}
+
 /// What `ingest --json` prints of a failure: the message, and how many updates from the
 /// input's start are stored (`skip` where this run stored none: those an earlier run stored),
 /// and for one that stopped partway, how many may have been after them.

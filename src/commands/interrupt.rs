@@ -27,9 +27,10 @@ pub(super) fn asked() -> bool {
 }
 
 /// Starts watching for the signals (before the command's work begins, so that one that
-/// comes at any time during it is seen).
-pub(super) fn watch_from_now() {
-    WATCH.get_or_init(watch);
+/// comes at any time during it is seen). `before_parts_out`: what a signal before the first
+/// part writes on standard output besides the message (`ingest --json`'s error line).
+pub(super) fn watch_from_now(before_parts_out: Option<String>) {
+    WATCH.get_or_init(|| watch(before_parts_out.map(|line| &*line.leak())));
 }
 
 /// The command is about to store or publish its first part: a signal from now on stops it
@@ -40,18 +41,24 @@ pub(super) fn parts_begin() {
     }
 }
 
-const BEFORE_PARTS: &str =
-    "outpost: stopped by SIGINT or SIGTERM before any update was stored or published\n";
+/// What a command stopped by a signal before its first part says it was.
+pub(super) const STOPPED_BEFORE_PARTS: &str =
+    "stopped by SIGINT or SIGTERM before it stored or published any update";
 
-fn watch() -> Watch {
+fn watch(before_parts_out: Option<&'static str>) -> Watch {
+    let before_parts_said: &'static str = format!("outpost: {STOPPED_BEFORE_PARTS}\n").leak();
     let asked = Arc::new(AtomicBool::new(false));
     let before_parts = Arc::new(AtomicBool::new(true));
     for signal in [SIGINT, SIGTERM] {
         let before = Arc::clone(&before_parts);
         let end_before_parts = move || {
             if before.load(Ordering::SeqCst) {
-                // SAFETY: write(2) on a static buffer, async-signal-safe.
-                let _ = unsafe { libc::write(2, BEFORE_PARTS.as_ptr().cast(), BEFORE_PARTS.len()) };
+                for (fd, text) in [(1, before_parts_out), (2, Some(before_parts_said))] {
+                    if let Some(text) = text {
+                        // SAFETY: write(2) on a static buffer, async-signal-safe.
+                        let _ = unsafe { libc::write(fd, text.as_ptr().cast(), text.len()) };
+                    }
+                }
                 signal_hook::low_level::exit(128 + signal);
             }
         };

@@ -230,7 +230,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
         Command::Repair { yes } => repair::repair_store(config, yes),
         Command::Compact { json } => repair::compact_store(config, json),
         Command::Ingest { file, json, skip } => {
-            interrupt::watch_from_now();
+            interrupt::watch_from_now(json.then(|| ingest::stopped_before_parts_json(skip)));
             let ingested = (|| {
                 // Opened with this process's rights, before it may act as the store's owner.
                 let mut input = ingest::open_input(&file)?;
@@ -289,7 +289,7 @@ fn with_config(command: Command, config: &Config) -> Result<(), CliError> {
             in_flight,
             resume,
         } => {
-            interrupt::watch_from_now();
+            interrupt::watch_from_now(None);
             runtime()?.block_on(nats::publish_path(
                 config,
                 &file,

@@ -53,12 +53,15 @@ pub fn stop_with_sigint(child: std::process::Child) -> (u64, String) {
     (count, stderr)
 }
 
-/// Runs `command` (an `outpost ingest -` or `outpost publish -`) on a standard input that
-/// gives `line` and is then held open, as a terminal's is while its user types, and sends it
-/// SIGINT: it must end at once, exit 130, saying that nothing was stored or published. Its
-/// stderr.
-pub fn stop_while_it_reads_its_input(mut command: std::process::Command, line: &str) -> String {
+/// Sends SIGINT to `command` (run with its input piped) once it reads `line` of its input and
+/// waits for more, and checks that it ends at once, 130, saying that it stored or published
+/// nothing: its standard output and error.
+pub fn stop_while_it_reads_its_input(
+    mut command: std::process::Command,
+    line: &str,
+) -> (String, String) {
     use std::io::Write;
+    use std::time::{Duration, Instant};
     let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -67,13 +70,22 @@ pub fn stop_while_it_reads_its_input(mut command: std::process::Command, line: &
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-    // Read in by now, and the command waits for more.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Signalled once it catches SIGINT: before, the signal would end it as its default does.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !catches_sigint(child.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "SIGINT not caught 10 s after start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Read in by now, most likely, and the command waits for more.
+    std::thread::sleep(Duration::from_millis(200));
     // SAFETY: kill(2) with the id of a child not yet waited for.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             child.kill().unwrap();
             let out = child.wait_with_output().unwrap();
             panic!(
@@ -81,17 +93,27 @@ pub fn stop_while_it_reads_its_input(mut command: std::process::Command, line: &
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(
-        stderr.contains("stopped by SIGINT or SIGTERM before any update was stored or published"),
+        stderr.contains("stopped by SIGINT or SIGTERM before it stored or published any update"),
         "{stderr}"
     );
-    stderr
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+/// Whether process `pid` has a handler for SIGINT (its `SigCgt` mask in `/proc`).
+fn catches_sigint(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
 }
 
 /// The first of `dirs` (the `PATH`'s before them) that holds `program`.
