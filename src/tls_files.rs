@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
+use crate::config::written_just_now;
+
 /// How often a handshake may have the files read again.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
@@ -76,7 +78,8 @@ pub struct Said {
 }
 
 /// Files read again when any of them changed, and what is made of them: read, at a
-/// handshake, at most once a second (files of a few KiB, compared by bytes). Files that
+/// handshake, at most once a second (files of a few KiB, compared by bytes), and taken up once
+/// left alone for a second ([`crate::config::reread::SETTLE`]). Files that
 /// cannot be read then, or do not make one (a certificate renewed and its key not yet),
 /// leave what was made before in use, with a warning once for each way they fail, and are
 /// read again at the next look: a change is taken up once it is whole.
@@ -135,7 +138,8 @@ impl<T> FollowedFiles<T> {
         }
         state.looked_at = now;
         let made = contents(&self.files).and_then(|contents| {
-            if contents == state.read_from {
+            let written_just_now = || self.files.iter().any(|(_, path)| written_just_now(path));
+            if contents == state.read_from || written_just_now() {
                 return Ok(None);
             }
             Ok(Some(((self.make)(&contents)?, contents)))
@@ -282,6 +286,7 @@ impl rustls::client::ResolvesClientCert for FollowedCertifiedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::write_settled;
 
     fn pair() -> (String, String, Vec<u8>) {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -291,7 +296,8 @@ mod tests {
     }
 
     /// The files are looked at no more than once a second; a certificate whose key has not
-    /// come yet, or files gone for a moment, leave the pair read before in use.
+    /// come yet, files gone for a moment, or one written just now, leave the pair read before
+    /// in use.
     #[test]
     fn a_followed_pair_changes_only_for_a_whole_pair_and_at_most_once_a_second() {
         let dir = tempfile::tempdir().unwrap();
@@ -300,8 +306,8 @@ mod tests {
             key: ("key", dir.path().join("key.pem")),
         };
         let write = |(cert, key): (&str, &str)| {
-            std::fs::write(&files.cert.1, cert).unwrap();
-            std::fs::write(&files.key.1, key).unwrap();
+            write_settled(&files.cert.1, cert);
+            write_settled(&files.key.1, key);
         };
         let (a, b, c) = (pair(), pair(), pair());
         write((&a.0, &a.1));
@@ -313,13 +319,15 @@ mod tests {
         write((&b.0, &b.1));
         assert_eq!(presented(1_999), a.2, "looked at a second ago");
         assert_eq!(presented(2_000), b.2);
-        std::fs::write(&files.cert.1, &c.0).unwrap();
+        write_settled(&files.cert.1, &c.0);
         assert_eq!(presented(3_000), b.2, "the key is not the certificate's");
         std::fs::remove_file(&files.key.1).unwrap();
         assert_eq!(presented(4_000), b.2, "the key is gone");
         std::fs::write(&files.key.1, &c.1).unwrap();
         assert_eq!(presented(4_500), b.2, "looked at half a second ago");
-        assert_eq!(presented(5_000), c.2);
+        assert_eq!(presented(5_000), b.2, "the key written just now");
+        write_settled(&files.key.1, &c.1);
         assert_eq!(presented(6_000), c.2);
+        assert_eq!(presented(7_000), c.2);
     }
 }

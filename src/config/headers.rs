@@ -160,6 +160,10 @@ impl CustomHeadersFile {
         }
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// Every custom header, `destination.custom_headers`'s and the file's as it reads now; an
     /// error names the file, never a value.
     pub fn read(&self) -> Result<Vec<(String, String)>, String> {

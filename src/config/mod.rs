@@ -40,7 +40,9 @@ pub(crate) use headers::header_can_carry;
 pub use headers::{parse_custom_headers, CustomHeadersFile};
 pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
-pub use reread::{FileRead, Rereadable};
+#[cfg(test)]
+pub use reread::write_settled;
+pub use reread::{written_just_now, FileRead, Rereadable};
 pub(crate) use secret::SECRET_LEAST_BYTES;
 pub use secret::{Secret, SecretFile, Secrets};
 pub use warnings::{

@@ -169,6 +169,10 @@ impl super::FileRead for SecretFile {
         self.key
     }
 
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// What the file holds now, by the rules it was first read by.
     fn read(&self) -> Result<Secret, String> {
         let secret = read_secret_file(&self.path)?;

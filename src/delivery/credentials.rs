@@ -92,6 +92,10 @@ impl FileRead for HeadersFile {
         "destination.custom_headers_file"
     }
 
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+
     fn read(&self) -> Result<Self::Value, String> {
         let headers = self.0.read()?;
         Ok(header_pairs(
@@ -118,7 +122,7 @@ fn header_pairs<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{write_settled, Config};
 
     fn credentials(dir: &std::path::Path, auth: &str) -> Credentials {
         let text = format!(
@@ -150,7 +154,7 @@ mod tests {
         ];
         for (holds, expected) in cases {
             match holds {
-                Some(text) => std::fs::write(&file, text).unwrap(),
+                Some(text) => write_settled(&file, text),
                 None => std::fs::remove_file(&file).unwrap(),
             }
             token.reread();
@@ -174,8 +178,8 @@ mod tests {
                      client_id = \"edge\"\nusername = \"ops\"\n";
         let read_again = |auth: &str| -> Vec<String> {
             let held = credentials(dir.path(), &format!("{oauth}{auth}"));
-            std::fs::write(dir.path().join("secret"), "client-secret-2\n").unwrap();
-            std::fs::write(dir.path().join("password"), "pass-word-2\n").unwrap();
+            write_settled(&dir.path().join("secret"), "client-secret-2\n");
+            write_settled(&dir.path().join("password"), "pass-word-2\n");
             for secret in [&held.client_secret, &held.password].into_iter().flatten() {
                 secret.reread();
             }

@@ -91,7 +91,7 @@ mod tests {
         ];
         for (ms, rotated, given, admitted) in cases {
             if let Some(text) = rotated {
-                std::fs::write(&file, format!("{text}\n")).unwrap();
+                crate::config::write_settled(&file, format!("{text}\n"));
             }
             assert_eq!(
                 token.admits(given.as_bytes(), at(ms)),
