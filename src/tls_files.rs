@@ -7,7 +7,7 @@
 //! restart; connections already open keep what they began with.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -88,15 +88,17 @@ pub struct FollowedFiles<T> {
     files: Vec<(&'static str, PathBuf)>,
     make: Box<Make<T>>,
     said: Said,
-    state: Mutex<Followed<T>>,
+    current: RwLock<Arc<T>>,
+    /// Held while the files are looked at: a handshake that finds it held (the files slow to
+    /// read, on a network mount that hangs, say) takes `current` rather than wait.
+    look: Mutex<Look>,
 }
 
 /// What is made of the files' contents, in the order of the files; an error names the key at
 /// fault and says what is wrong.
 type Make<T> = dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync;
 
-struct Followed<T> {
-    current: Arc<T>,
+struct Look {
     /// What the files held when `current` was made of them.
     read_from: Vec<Vec<u8>>,
     looked_at: Instant,
@@ -121,8 +123,8 @@ impl<T> FollowedFiles<T> {
             files,
             make: Box::new(make),
             said,
-            state: Mutex::new(Followed {
-                current,
+            current: RwLock::new(current),
+            look: Mutex::new(Look {
                 read_from,
                 looked_at: Instant::now(),
                 warned: None,
@@ -132,14 +134,19 @@ impl<T> FollowedFiles<T> {
 
     /// What to use at a handshake at `now`.
     pub fn current(&self, now: Instant) -> Arc<T> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if self.files.is_empty() || now.saturating_duration_since(state.looked_at) < LOOK_EVERY {
-            return Arc::clone(&state.current);
+        let current = || Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()));
+        let mut look = match self.look.try_lock() {
+            Ok(look) => look,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return current(),
+        };
+        if self.files.is_empty() || now.saturating_duration_since(look.looked_at) < LOOK_EVERY {
+            return current();
         }
-        state.looked_at = now;
+        look.looked_at = now;
         let made = contents(&self.files).and_then(|contents| {
             let written_just_now = || self.files.iter().any(|(_, path)| written_just_now(path));
-            if contents == state.read_from || written_just_now() {
+            if contents == look.read_from || written_just_now() {
                 return Ok(None);
             }
             Ok(Some(((self.make)(&contents)?, contents)))
@@ -149,18 +156,18 @@ impl<T> FollowedFiles<T> {
             Ok(Some((made, contents))) => {
                 let (key, path) = &self.files[0];
                 tracing::info!("{key}: {} changed: {}", path.display(), self.said.taken_up);
-                state.current = Arc::new(made);
-                state.read_from = contents;
-                state.warned = None;
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(made);
+                look.read_from = contents;
+                look.warned = None;
             }
             Err(error) => {
-                if state.warned.as_deref() != Some(error.as_str()) {
+                if look.warned.as_deref() != Some(error.as_str()) {
                     tracing::warn!(%error, "{}", self.said.kept);
-                    state.warned = Some(error);
+                    look.warned = Some(error);
                 }
             }
         }
-        Arc::clone(&state.current)
+        current()
     }
 }
 
@@ -329,5 +336,22 @@ mod tests {
         write_settled(&files.key.1, &c.1);
         assert_eq!(presented(6_000), c.2);
         assert_eq!(presented(7_000), c.2);
+    }
+
+    /// A handshake that comes while the files are being looked at takes what is in use
+    /// rather than wait for the look.
+    #[test]
+    fn a_handshake_during_a_look_does_not_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        write_settled(&path, "first");
+        let make = |contents: &[Vec<u8>]| Ok(String::from_utf8(contents[0].clone()).unwrap());
+        let followed = FollowedFiles::load(vec![("ca", path.clone())], make, CA_FILE_SAID).unwrap();
+        write_settled(&path, "second");
+        let later = Instant::now() + Duration::from_secs(2);
+        let looking = followed.look.lock().unwrap();
+        assert_eq!(*followed.current(later), "first", "while another looks");
+        drop(looking);
+        assert_eq!(*followed.current(later), "second");
     }
 }
