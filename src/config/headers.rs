@@ -175,24 +175,44 @@ impl CustomHeadersFile {
 
 /// `destination.custom_headers_file`'s headers (`text`, as read), after `inline`'s
 /// (`destination.custom_headers`): as that key's, one a line or `,` between them, blank lines
-/// left out. A credential given in both is refused, as one given twice in either.
+/// left out. A credential given in both is refused, as one given twice in either. An error
+/// names the line of the file at fault (and the header, when the line holds several).
 fn add_custom_headers_file(
     inline: Vec<(String, String)>,
     text: &str,
     auth_is_none: bool,
 ) -> Result<Vec<(String, String)>, String> {
-    let pieces: Vec<&str> = text
-        .split(['\n', ','])
-        .map(|piece| piece.trim_end_matches('\r'))
-        .filter(|piece| !piece.trim().is_empty())
-        .collect();
-    let from_file = parse_custom_headers(Some(&pieces.join(",")), auth_is_none)?;
+    let mut from_file = Vec::new();
+    // The line of the file each of `from_file` is on.
+    let mut lines = Vec::new();
+    for (index, line) in text.split('\n').enumerate() {
+        let line_number = index + 1;
+        let pieces: Vec<&str> = line
+            .trim_end_matches('\r')
+            .split(',')
+            .filter(|piece| !piece.trim().is_empty())
+            .collect();
+        let on_the_line = |error: String| match (pieces.len(), error.strip_prefix("header 1")) {
+            (1, Some(rest)) => format!("line {line_number}{rest}"),
+            _ => format!("line {line_number}, {error}"),
+        };
+        let headers =
+            parse_custom_headers(Some(&pieces.join(",")), auth_is_none).map_err(on_the_line)?;
+        lines.extend(std::iter::repeat_n(line_number, headers.len()));
+        from_file.extend(headers);
+    }
+    if let Some(i) = credential_given_twice(&from_file) {
+        return Err(format!(
+            "line {}: `{}` is given twice; give it once",
+            lines[i], from_file[i].0
+        ));
+    }
     let given_inline = inline.len();
     let headers: Vec<(String, String)> = inline.into_iter().chain(from_file).collect();
     match credential_given_twice(&headers) {
         Some(i) => Err(format!(
-            "header {}: `{}` is given in destination.custom_headers too; give it once",
-            i - given_inline + 1,
+            "line {}: `{}` is given in destination.custom_headers too; give it once",
+            lines[i - given_inline],
             headers[i].0
         )),
         None => Ok(headers),
@@ -337,7 +357,7 @@ mod tests {
         };
         type Sent<'a> = &'a [(&'a str, &'a str)];
         // (the file's text, the headers sent, or the start of the error)
-        let cases: [(&str, Result<Sent, &str>); 7] = [
+        let cases: [(&str, Result<Sent, &str>); 8] = [
             (
                 "X-Api-Key:5f2b9c0e1a7d",
                 Ok(&[("x-api-version", "2"), ("X-Api-Key", "5f2b9c0e1a7d")]),
@@ -358,16 +378,18 @@ mod tests {
             ),
             (
                 "X-Api-Key:a\nx-api-key:b",
-                Err("header 2: `x-api-key` is given twice"),
+                Err("line 2: `x-api-key` is given twice"),
             ),
-            ("api-key-only", Err("header 1 has no `:`")),
-            (
-                "Host:example.com",
-                Err("header 1: `Host` is set by outpost"),
-            ),
+            ("api-key-only", Err("line 1 has no `:`")),
+            ("Host:example.com", Err("line 1: `Host` is set by outpost")),
             (
                 "x-tenant:acme\nx-bad name:1",
-                Err("header 2: its name is not a valid header name"),
+                Err("line 2: its name is not a valid header name"),
+            ),
+            // Lines, blank ones too, are counted, and headers on a line of several.
+            (
+                "\r\nx-tenant:acme\r\n\r\nx-region:eu, x-bad name:1",
+                Err("line 4, header 2: its name is not a valid header name"),
             ),
         ];
         for (text, expected) in cases {
@@ -384,7 +406,7 @@ mod tests {
         let with_key = parse_custom_headers(Some("X-Api-Key:a"), false).unwrap();
         assert_eq!(
             add_custom_headers_file(with_key, "x-api-key:b", false).unwrap_err(),
-            "header 1: `x-api-key` is given in destination.custom_headers too; give it once"
+            "line 1: `x-api-key` is given in destination.custom_headers too; give it once"
         );
     }
 
