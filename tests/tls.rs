@@ -377,6 +377,26 @@ async fn mutual_tls_with_a_client_certificate_from_another_ca_fails() {
     agent.stop().await.unwrap();
 }
 
+/// Starts the agent and ingests [`updates`], whose exports the endpoint's handshake refuses:
+/// the agent and how many exports wait, once a refusal is recorded.
+async fn started_and_refused(config: &Config, receiver: &Receiver) -> (Agent, usize) {
+    let agent = start(config).await;
+    let exports = ingest(&agent, &updates()).await;
+    wait_until(10, "a refused handshake recorded", || {
+        let pending = agent.store.list(&ListFilter::default()).unwrap();
+        pending.iter().any(|e| e.record.attempts > 0)
+    })
+    .await;
+    assert!(receiver.delivered().is_empty());
+    (agent, exports)
+}
+
+/// Writes `contents` beside `name` in `dir` and renames it over `name`, as renewal tools do.
+fn rename_into_place(dir: &Path, name: &str, contents: &str) {
+    let next = write_file(dir, &format!("{name}.next"), contents);
+    std::fs::rename(next, dir.join(name)).unwrap();
+}
+
 /// A client certificate renewed in its files (the new key and certificate renamed into
 /// place, as renewal tools write them) is presented from the next handshake on: the agent
 /// began with one the endpoint refuses, and delivers once the one it takes is in place,
@@ -389,22 +409,10 @@ async fn a_client_certificate_renewed_in_its_files_is_presented_without_a_restar
     let receiver = tls_receiver(server_config(&server, Some(ca.roots()))).await;
     let dir = tempfile::tempdir().unwrap();
     let config = mtls_config(dir.path(), &receiver, &ca, &other.client_leaf());
-    let agent = start(&config).await;
-    let exports = ingest(&agent, &updates()).await;
-    wait_until(10, "a refused handshake recorded", || {
-        let pending = agent.store.list(&ListFilter::default()).unwrap();
-        pending.iter().any(|e| e.record.attempts > 0)
-    })
-    .await;
-    assert!(receiver.delivered().is_empty());
+    let (agent, exports) = started_and_refused(&config, &receiver).await;
     let renewed = ca.client_leaf();
-    for (name, contents) in [
-        ("client-key.pem", renewed.key.serialize_pem()),
-        ("client.pem", renewed.cert.pem()),
-    ] {
-        let next = write_file(dir.path(), &format!("{name}.next"), &contents);
-        std::fs::rename(next, dir.path().join(name)).unwrap();
-    }
+    rename_into_place(dir.path(), "client-key.pem", &renewed.key.serialize_pem());
+    rename_into_place(dir.path(), "client.pem", &renewed.cert.pem());
     drained(&agent, &receiver, exports).await;
     agent.stop().await.unwrap();
 }
@@ -419,16 +427,8 @@ async fn a_ca_put_in_the_ca_file_is_trusted_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let ca_file = write_file(dir.path(), "ca.pem", &other.pem());
     let config = agent_config(dir.path(), &receiver, &[path_line("ca_file", &ca_file)]);
-    let agent = start(&config).await;
-    let exports = ingest(&agent, &updates()).await;
-    wait_until(10, "a refused handshake recorded", || {
-        let pending = agent.store.list(&ListFilter::default()).unwrap();
-        pending.iter().any(|e| e.record.attempts > 0)
-    })
-    .await;
-    assert!(receiver.delivered().is_empty());
-    let next = write_file(dir.path(), "ca.pem.next", &(other.pem() + &ca.pem()));
-    std::fs::rename(next, &ca_file).unwrap();
+    let (agent, exports) = started_and_refused(&config, &receiver).await;
+    rename_into_place(dir.path(), "ca.pem", &(other.pem() + &ca.pem()));
     drained(&agent, &receiver, exports).await;
     agent.stop().await.unwrap();
 }
