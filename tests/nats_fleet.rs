@@ -2195,6 +2195,64 @@ fn credentials_and_tls_reach_a_server_that_requires_them() {
     );
 }
 
+/// A client certificate (`tls_cert_file`, `tls_key_file`) reaches a server that verifies
+/// clients' certificates; without one the server refuses, and a key that is not the
+/// certificate's is refused at start, naming both keys.
+#[test]
+fn a_client_certificate_reaches_a_server_that_verifies_clients() {
+    use common::pki::Ca;
+    let Some(server_bin) = nats_server_or_skip("a_client_certificate_reaches") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, contents: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ca = Ca::new("NATS CA");
+    let server_leaf = ca.server_leaf();
+    let (client, other) = (ca.client_leaf(), ca.client_leaf());
+    let ca_file = write("ca.pem", &ca.pem());
+    let server = NatsServer::start_with(
+        &server_bin,
+        &[
+            "--tlsverify",
+            "--tlscert",
+            &write("server.pem", &server_leaf.cert.pem()),
+            "--tlskey",
+            &write("server-key.pem", &server_leaf.key.serialize_pem()),
+            "--tlscacert",
+            &ca_file,
+        ],
+    );
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    let cert_file = write("client.pem", &client.cert.pem());
+    let table = |key: &str| {
+        let files = format!(
+            "tls_ca_file = \"{ca_file}\"\ntls_cert_file = \"{cert_file}\"\ntls_key_file = \"{key}\""
+        );
+        nats_table(&url, 4, "0-3", &files)
+    };
+    let key_file = write("client-key.pem", &client.key.serialize_pem());
+    let (code, stderr) = setup_with(&table(&key_file));
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let without = format!("tls_ca_file = \"{ca_file}\"");
+    let (code, stderr) = setup_with(&nats_table(&url, 4, "0-3", &without));
+    assert_eq!(code, Some(1), "no client certificate: {stderr}");
+    assert!(stderr.contains("set source.nats.tls_cert_file"), "{stderr}");
+
+    let other_key = write("other-key.pem", &other.key.serialize_pem());
+    let (code, stderr) = setup_with(&table(&other_key));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("source.nats.tls_cert_file / source.nats.tls_key_file")
+            && stderr.contains("is the key the certificate's?"),
+        "{stderr}"
+    );
+}
+
 /// With TLS asked for (a CA to trust), the credentials never go in clear text, even to a
 /// server that does not ask for TLS (one in the path, say): the client starts TLS, or gives
 /// up. No nats-server needed: a listener plays the server's greeting and keeps what comes.

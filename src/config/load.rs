@@ -243,6 +243,10 @@ fn secret_files(raw: &RawConfig) -> Vec<(&'static str, PathBuf)> {
             "source.nats.creds_file",
             nats.and_then(|n| n.creds_file().cloned()),
         ),
+        (
+            "source.nats.tls_key_file",
+            nats.and_then(|n| n.tls_key_file().cloned()),
+        ),
     ]
     .into_iter()
     .filter_map(|(key, file)| Some((key, file?)))

@@ -31,6 +31,10 @@ pub(crate) struct RawNats {
     password: Option<String>,
     #[serde(default)]
     tls_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    tls_key_file: Option<PathBuf>,
     #[serde(default = "default_stream")]
     stream: String,
     #[serde(default = "default_prefix")]
@@ -53,6 +57,10 @@ pub(crate) struct RawNats {
 impl RawNats {
     pub(crate) fn creds_file(&self) -> Option<&PathBuf> {
         self.creds_file.as_ref()
+    }
+
+    pub(crate) fn tls_key_file(&self) -> Option<&PathBuf> {
+        self.tls_key_file.as_ref()
     }
 
     /// The keys of the secrets given in the configuration file itself.
@@ -133,6 +141,13 @@ impl NatsSource {
                 ));
             }
         }
+        if let Some((cert, key)) = &self.tls_client_cert {
+            let files = crate::tls_files::CertAndKeyFiles {
+                cert: ("source.nats.tls_cert_file", cert.clone()),
+                key: ("source.nats.tls_key_file", key.clone()),
+            };
+            crate::tls_files::FollowedCertifiedKey::certified_key(files, |_, _| Ok(()))?;
+        }
         Ok(())
     }
 }
@@ -143,6 +158,8 @@ pub struct NatsSource {
     pub servers: Vec<String>,
     pub auth: NatsAuth,
     pub tls_ca_file: Option<PathBuf>,
+    /// The certificate and key presented to servers that ask for one (mutual TLS).
+    pub tls_client_cert: Option<(PathBuf, PathBuf)>,
     pub stream: String,
     pub subject_prefix: String,
     /// Fixed when the stream is made: every producer routes with the same number.
@@ -168,12 +185,14 @@ impl NatsSource {
         format_owned(&self.owned)
     }
 
-    /// Whether the config asks for TLS (a `tls://` server, or a CA to trust): then every
-    /// connection must be TLS, to the servers listed and to those the cluster tells of, so
-    /// that neither a server that does not ask for it nor one in the path can have the
-    /// credentials in clear text.
+    /// Whether the config asks for TLS (a `tls://` server, a CA to trust, or a client
+    /// certificate): then every connection must be TLS, to the servers listed and to those the
+    /// cluster tells of, so that neither a server that does not ask for it nor one in the path
+    /// can have the credentials in clear text.
     pub fn requires_tls(&self) -> bool {
-        self.tls_ca_file.is_some() || self.servers.iter().any(|s| s.starts_with("tls://"))
+        self.tls_ca_file.is_some()
+            || self.tls_client_cert.is_some()
+            || self.servers.iter().any(|s| s.starts_with("tls://"))
     }
 
     /// The warning for a token or password the config would send to a server beyond this
@@ -376,10 +395,27 @@ pub(crate) fn validate_nats(
             format!("must be between 1 and {MAX_MAX_REJECTED}"),
         ));
     }
+    let tls_client_cert = match (raw.tls_cert_file, raw.tls_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((relative(cert), relative(key))),
+        (Some(_), None) => {
+            return Err((
+                "source.nats.tls_key_file",
+                "is required with tls_cert_file (the key of the client certificate)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err((
+                "source.nats.tls_cert_file",
+                "is required with tls_key_file (the client certificate the key is of)".into(),
+            ))
+        }
+    };
     Ok(NatsSource {
         servers: raw.servers,
         auth,
         tls_ca_file: raw.tls_ca_file.map(relative),
+        tls_client_cert,
         stream: raw.stream,
         subject_prefix: raw.subject_prefix,
         partitions: raw.partitions,
@@ -476,6 +512,30 @@ segments = ["s"]
         with_ca.tls_ca_file = Some("/etc/outpost/nats-ca.pem".into());
         assert!(with_ca.requires_tls());
         assert_eq!(with_ca.clear_text_warning(), None);
+        let with_cert = parse(
+            "servers = [\"nats://10.0.0.5:4222\"]\npartitions = 4\ntoken = \"t\"\n\
+             tls_cert_file = \"agent.pem\"\ntls_key_file = \"/keys/agent-key.pem\"",
+        )
+        .unwrap();
+        let nats = with_cert.nats.as_ref().unwrap();
+        assert_eq!(
+            nats.tls_client_cert,
+            Some((
+                "/etc/outpost/agent.pem".into(),
+                "/keys/agent-key.pem".into()
+            ))
+        );
+        assert!(nats.requires_tls());
+        assert_eq!(nats.clear_text_warning(), None);
+        assert!(
+            with_cert
+                .secret_files
+                .iter()
+                .any(|(key, path)| *key == "source.nats.tls_key_file"
+                    && path == Path::new("/keys/agent-key.pem")),
+            "{:?}",
+            with_cert.secret_files
+        );
     }
 
     #[test]
@@ -618,6 +678,14 @@ segments = ["s"]
             (
                 format!("{servers}partitions = 4\ncreds_file = \"c\"\ntoken = \"hunter2\""),
                 "source.nats.creds_file",
+            ),
+            (
+                format!("{servers}partitions = 4\ntls_cert_file = \"c.pem\""),
+                "source.nats.tls_key_file: is required with tls_cert_file",
+            ),
+            (
+                format!("{servers}partitions = 4\ntls_key_file = \"k.pem\""),
+                "source.nats.tls_cert_file: is required with tls_key_file",
             ),
         ] {
             let error = parse(&nats).unwrap_err();

@@ -114,6 +114,9 @@ impl ConnectionEvents {
 /// What to look at when attempts to connect fail for `reason` (the kind of failure the NATS
 /// client names).
 fn connect_failure_hint(reason: &str) -> &'static str {
+    if client_certificate_refused(reason) {
+        return CLIENT_CERTIFICATE_HINT;
+    }
     match reason {
         "authorization violation" => {
             "the server refused source.nats's credentials: check user and password, token or creds_file, and the server's accounts"
@@ -154,6 +157,9 @@ async fn connect_counting(
     if let Some(ca) = &config.tls_ca_file {
         options = options.add_root_certificates(ca.clone());
     }
+    if let Some((cert, key)) = &config.tls_client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
     if config.requires_tls() {
         options = options.require_tls(true);
     }
@@ -171,12 +177,32 @@ async fn connect_counting(
     }
     let servers: Vec<&str> = config.servers.iter().map(String::as_str).collect();
     options.connect(servers).await.map_err(|e| {
+        let error = e.to_string();
+        let hint = match client_certificate_refused(&error) {
+            true => format!(" ({CLIENT_CERTIFICATE_HINT})"),
+            false => String::new(),
+        };
         NatsError(format!(
-            "cannot connect to {}: {e}",
+            "cannot connect to {}: {error}{hint}",
             config.servers.join(", ")
         ))
     })
 }
+
+/// Whether a failure to connect (`error`, as the NATS client tells it) is the server's TLS
+/// alert that it refused this client's certificate, or the lack of one.
+fn client_certificate_refused(error: &str) -> bool {
+    [
+        "BadCertificate",
+        "CertificateRequired",
+        "UnknownCA",
+        "certificate required",
+    ]
+    .iter()
+    .any(|alert| error.contains(alert))
+}
+
+const CLIENT_CERTIFICATE_HINT: &str = "the server refused this client's TLS certificate, or wants one: set source.nats.tls_cert_file and tls_key_file to a certificate a CA the server trusts signed";
 
 /// Says in the log, once at start, when the stream holds messages no agent consumes, or has
 /// limits that remove updates before they are consumed.
