@@ -31,8 +31,8 @@
 //! - [`server`]: the agent's listeners: the ingest API over HTTP or HTTPS
 //!   ([`server::ingest`], [`server::tls`]), its token ([`server::ingest_token`]), and the
 //!   admin socket ([`server::admin`]).
-//! - [`tls_files`]: certificates and keys in PEM files, and a certificate with its key that
-//!   follows its files when they are renewed.
+//! - [`tls_files`]: certificates and keys in PEM files, and what follows its files when they
+//!   change (a certificate with its key, the CAs trusted).
 //! - [`cli`]: the command line (clap); [`commands`]: what each subcommand does and prints, one
 //!   concept a file (running the agent, check, ingest, the outbox, the store's upkeep, NATS),
 //!   routed from its mod.rs.
