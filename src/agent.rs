@@ -101,9 +101,7 @@ impl Ready {
         let client = HttpClient::new(&config.destination, config.delivery.request_timeout)
             .map_err(SetupError::from)?;
         let tls = match &config.ingest.tls {
-            Some(tls) => Some(Arc::new(
-                crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?,
-            )),
+            Some(tls) => Some(crate::server::tls::acceptor(tls).map_err(AgentError::Tls)?),
             None => None,
         };
         let addr = config.ingest.listen;

@@ -7,16 +7,12 @@
 //! restart; connections already open keep what they began with.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, TryLockError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
-use crate::config::written_just_now;
-
-/// How often a handshake may have the files read again.
-const LOOK_EVERY: Duration = Duration::from_secs(1);
+use crate::config::{look_every_second, written_just_now};
 
 pub fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     certs_in(key, path, &read(key, path)?)
@@ -77,20 +73,19 @@ pub struct Said {
     pub kept: &'static str,
 }
 
-/// Files read again when any of them changed, and what is made of them: read, at a
-/// handshake, at most once a second (files of a few KiB, compared by bytes), and taken up once
-/// left alone for a second ([`crate::config::reread::SETTLE`]). Files that
-/// cannot be read then, or do not make one (a certificate renewed and its key not yet),
-/// leave what was made before in use, with a warning once for each way they fail, and are
-/// read again at the next look: a change is taken up once it is whole.
+/// Files read again when any of them changed, and what is made of them: looked at every
+/// second on a thread of their own ([`look_every_second`]: handshakes never wait for a file),
+/// compared by bytes (files of a few KiB), and taken up once left alone for a second
+/// ([`crate::config::reread::SETTLE`]). Files that cannot be read then, or do not make one (a
+/// certificate renewed and its key not yet), leave what was made before in use, with a
+/// warning once for each way they fail, and are read again at the next look: a change is
+/// taken up once it is whole.
 pub struct FollowedFiles<T> {
     /// Each with the key that names it in messages.
     files: Vec<(&'static str, PathBuf)>,
     make: Box<Make<T>>,
     said: Said,
     current: RwLock<Arc<T>>,
-    /// Held while the files are looked at: a handshake that finds it held (the files slow to
-    /// read, on a network mount that hangs, say) takes `current` rather than wait.
     look: Mutex<Look>,
 }
 
@@ -101,7 +96,6 @@ type Make<T> = dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync;
 struct Look {
     /// What the files held when `current` was made of them.
     read_from: Vec<Vec<u8>>,
-    looked_at: Instant,
     warned: Option<String>,
 }
 
@@ -109,10 +103,30 @@ fn contents(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
     files.iter().map(|(key, path)| read(key, path)).collect()
 }
 
-impl<T> FollowedFiles<T> {
-    /// Reads the files and makes what they give; an error names the key at fault and says
-    /// what is wrong.
+impl<T: Send + Sync + 'static> FollowedFiles<T> {
+    /// Reads the files and makes what they give, then follows them; an error names the key
+    /// at fault and says what is wrong.
     pub fn load(
+        files: Vec<(&'static str, PathBuf)>,
+        make: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
+        said: Said,
+    ) -> Result<Arc<FollowedFiles<T>>, String> {
+        Ok(FollowedFiles::read(files, make, said)?.follow())
+    }
+
+    fn follow(self) -> Arc<FollowedFiles<T>> {
+        let followed = Arc::new(self);
+        if !followed.files.is_empty() {
+            look_every_second(&followed, FollowedFiles::look);
+        }
+        followed
+    }
+}
+
+impl<T> FollowedFiles<T> {
+    /// [`FollowedFiles::load`] without following the files: [`FollowedFiles::look`] reads
+    /// them again.
+    fn read(
         files: Vec<(&'static str, PathBuf)>,
         make: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
         said: Said,
@@ -126,24 +140,19 @@ impl<T> FollowedFiles<T> {
             current: RwLock::new(current),
             look: Mutex::new(Look {
                 read_from,
-                looked_at: Instant::now(),
                 warned: None,
             }),
         })
     }
 
-    /// What to use at a handshake at `now`.
-    pub fn current(&self, now: Instant) -> Arc<T> {
-        let current = || Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()));
-        let mut look = match self.look.try_lock() {
-            Ok(look) => look,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return current(),
-        };
-        if self.files.is_empty() || now.saturating_duration_since(look.looked_at) < LOOK_EVERY {
-            return current();
-        }
-        look.looked_at = now;
+    /// What to use at a handshake.
+    pub fn current(&self) -> Arc<T> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads the files, and takes up what they make when they changed.
+    fn look(&self) {
+        let mut look = self.look.lock().unwrap_or_else(|e| e.into_inner());
         let made = contents(&self.files).and_then(|contents| {
             let written_just_now = || self.files.iter().any(|(_, path)| written_just_now(path));
             if contents == look.read_from || written_just_now() {
@@ -167,7 +176,6 @@ impl<T> FollowedFiles<T> {
                 }
             }
         }
-        current()
     }
 }
 
@@ -183,21 +191,31 @@ impl<T> std::fmt::Debug for FollowedFiles<T> {
 pub type FollowedCertifiedKey = FollowedFiles<CertifiedKey>;
 
 impl FollowedCertifiedKey {
-    /// Reads the files; an error names the key at fault and says what is wrong.
+    /// Reads the files, then follows them; an error names the key at fault and says what is
+    /// wrong.
     pub fn certified_key(
         files: CertAndKeyFiles,
         check: ChainCheck,
-    ) -> Result<FollowedCertifiedKey, String> {
-        let paths = vec![files.cert.clone(), files.key.clone()];
-        FollowedFiles::load(
-            paths,
-            move |contents| files.certified(contents, check),
-            Said {
-                taken_up: "its certificate is presented from now on",
-                kept: "reading a changed certificate and key failed: the pair read before is presented until both are in place",
-            },
-        )
+    ) -> Result<Arc<FollowedCertifiedKey>, String> {
+        Ok(unfollowed_pair(files, check)?.follow())
     }
+}
+
+/// A certificate and its key read from their files, which [`FollowedFiles::look`] reads again.
+fn unfollowed_pair(
+    files: CertAndKeyFiles,
+    check: ChainCheck,
+) -> Result<FollowedCertifiedKey, String> {
+    let paths = vec![files.cert.clone(), files.key.clone()];
+    let said = Said {
+        taken_up: "its certificate is presented from now on",
+        kept: "reading a changed certificate and key failed: the pair read before is presented until both are in place",
+    };
+    FollowedFiles::read(
+        paths,
+        move |contents| files.certified(contents, check),
+        said,
+    )
 }
 
 /// The certificates of a CA file (`key`, at `path`) added to `base` (the system's, or none):
@@ -228,7 +246,7 @@ pub const CA_FILE_SAID: Said = Said {
 
 impl rustls::server::ResolvesServerCert for FollowedCertifiedKey {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current(Instant::now()))
+        Some(self.current())
     }
 }
 
@@ -245,7 +263,7 @@ impl rustls::client::danger::ServerCertVerifier
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.current(Instant::now()).verify_server_cert(
+        self.current().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -260,8 +278,7 @@ impl rustls::client::danger::ServerCertVerifier
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.current(Instant::now())
-            .verify_tls12_signature(message, cert, dss)
+        self.current().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -270,19 +287,18 @@ impl rustls::client::danger::ServerCertVerifier
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.current(Instant::now())
-            .verify_tls13_signature(message, cert, dss)
+        self.current().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.current(Instant::now()).supported_verify_schemes()
+        self.current().supported_verify_schemes()
     }
 }
 
 /// Sent whatever CAs the server hints at, as rustls' single client certificate is.
 impl rustls::client::ResolvesClientCert for FollowedCertifiedKey {
     fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.current(Instant::now()))
+        Some(self.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -295,18 +311,17 @@ mod tests {
     use super::*;
     use crate::config::write_settled;
 
-    fn pair() -> (String, String, Vec<u8>) {
+    fn pair_pems() -> (String, String, Vec<u8>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
         let cert = params.self_signed(&key).unwrap();
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     }
 
-    /// The files are looked at no more than once a second; a certificate whose key has not
-    /// come yet, files gone for a moment, or one written just now, leave the pair read before
-    /// in use.
+    /// A look takes up a whole new pair; a certificate whose key has not come yet, files
+    /// gone for a moment, or one written just now, leave the pair read before in use.
     #[test]
-    fn a_followed_pair_changes_only_for_a_whole_pair_and_at_most_once_a_second() {
+    fn a_followed_pair_changes_only_for_a_whole_pair() {
         let dir = tempfile::tempdir().unwrap();
         let files = CertAndKeyFiles {
             cert: ("cert", dir.path().join("cert.pem")),
@@ -316,42 +331,49 @@ mod tests {
             write_settled(&files.cert.1, cert);
             write_settled(&files.key.1, key);
         };
-        let (a, b, c) = (pair(), pair(), pair());
+        let (a, b, c) = (pair_pems(), pair_pems(), pair_pems());
         write((&a.0, &a.1));
-        let followed = FollowedCertifiedKey::certified_key(files.clone(), |_, _| Ok(())).unwrap();
-        let start = Instant::now();
-        let presented =
-            |ms: u64| followed.current(start + Duration::from_millis(ms)).cert[0].to_vec();
-        assert_eq!(presented(1_000), a.2);
+        let followed = unfollowed_pair(files.clone(), |_, _| Ok(())).unwrap();
+        let presented = || {
+            followed.look();
+            followed.current().cert[0].to_vec()
+        };
+        assert_eq!(presented(), a.2);
         write((&b.0, &b.1));
-        assert_eq!(presented(1_999), a.2, "looked at a second ago");
-        assert_eq!(presented(2_000), b.2);
+        assert_eq!(presented(), b.2);
         write_settled(&files.cert.1, &c.0);
-        assert_eq!(presented(3_000), b.2, "the key is not the certificate's");
+        assert_eq!(presented(), b.2, "the key is not the certificate's");
         std::fs::remove_file(&files.key.1).unwrap();
-        assert_eq!(presented(4_000), b.2, "the key is gone");
+        assert_eq!(presented(), b.2, "the key is gone");
         std::fs::write(&files.key.1, &c.1).unwrap();
-        assert_eq!(presented(4_500), b.2, "looked at half a second ago");
-        assert_eq!(presented(5_000), b.2, "the key written just now");
+        assert_eq!(presented(), b.2, "the key written just now");
         write_settled(&files.key.1, &c.1);
-        assert_eq!(presented(6_000), c.2);
-        assert_eq!(presented(7_000), c.2);
+        assert_eq!(presented(), c.2);
     }
 
-    /// A handshake that comes while the files are being looked at takes what is in use
-    /// rather than wait for the look.
+    /// A file that hangs when read (a FIFO here, as a file on a network mount that stopped
+    /// answering) holds the look, not what a handshake takes.
     #[test]
-    fn a_handshake_during_a_look_does_not_wait_for_it() {
+    fn a_file_that_hangs_holds_its_look_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         write_settled(&path, "first");
         let make = |contents: &[Vec<u8>]| Ok(String::from_utf8(contents[0].clone()).unwrap());
-        let followed = FollowedFiles::load(vec![("ca", path.clone())], make, CA_FILE_SAID).unwrap();
-        write_settled(&path, "second");
-        let later = Instant::now() + Duration::from_secs(2);
-        let looking = followed.look.lock().unwrap();
-        assert_eq!(*followed.current(later), "first", "while another looks");
-        drop(looking);
-        assert_eq!(*followed.current(later), "second");
+        let files = vec![("ca", path.clone())];
+        let followed = Arc::new(FollowedFiles::read(files, make, CA_FILE_SAID).unwrap());
+        let fifo = dir.path().join("fifo");
+        let fifo_name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
+        std::fs::rename(&fifo, &path).unwrap();
+        let looking = std::thread::spawn({
+            let followed = Arc::clone(&followed);
+            move || followed.look()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!looking.is_finished(), "the FIFO has no writer yet");
+        assert_eq!(*followed.current(), "first");
+        std::fs::write(&path, "second").unwrap();
+        looking.join().unwrap();
     }
 }

@@ -234,8 +234,8 @@ async fn a_server_certificate_renewed_in_its_files_is_presented_without_a_restar
 
     let third = ca.server_leaf();
     renew("server.pem", third.cert.pem());
-    // Past a second, so that the files were looked at again with the key left behind.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Looked at again with the key left behind.
+    agent.wait_for_log("is the key the certificate's?").await;
     for _ in 0..3 {
         assert_eq!(
             presented_certificate(files.port, &trusting).await,
@@ -252,9 +252,11 @@ async fn a_server_certificate_renewed_in_its_files_is_presented_without_a_restar
         third.cert.der().to_vec(),
     )
     .await;
-    let log = agent.log();
-    assert!(log.contains("ingest.tls_cert_file"), "{log}");
-    assert!(log.contains("is the key the certificate's?"), "{log}");
+    assert!(
+        agent.log().contains("ingest.tls_cert_file"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,8 +328,7 @@ async fn a_client_ca_added_to_its_file_is_trusted_without_a_restart() {
     };
 
     replace("being rotated\n".to_owned());
-    // Past a second, so that the file was looked at again while it held no certificate.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    agent.wait_for_log("holds no PEM certificate").await;
     let (status, body) = https_post(files.port, first_client.clone(), one_update())
         .await
         .unwrap();
@@ -350,12 +351,56 @@ async fn a_client_ca_added_to_its_file_is_trusted_without_a_restart() {
         .unwrap();
     assert_eq!(status, 200, "{body}");
     let log = agent.log();
-    assert!(log.contains("holds no PEM certificate"), "{log}");
     assert!(
         log.contains("ingest.client_ca_file")
             && log.contains("the CAs in it are trusted from now on"),
         "{log}"
     );
+}
+
+/// Certificate, key and CA files that hang when read (FIFOs here, as files on a network mount
+/// that stopped answering) hold no handshake and no request: the agent goes on serving with
+/// what it read before, and stops when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_that_hang_when_read_hold_no_handshake() {
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let mut ingest = files.server_files(&ca);
+    let clients_ca = Ca::new("clients CA");
+    let client_ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
+    ingest.push(format!(
+        "client_ca_file = {:?}",
+        client_ca_file.display().to_string()
+    ));
+    let config = files.config("127.0.0.1", &ingest);
+    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
+    let leaf = clients_ca.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
+    let client = client_config(&ca, Some(&leaf));
+    wait_serving(&mut agent, &client).await;
+    for name in ["clients-ca.pem", "server.pem", "server-key.pem"] {
+        let fifo = files.dir.path().join(format!("{name}.fifo"));
+        let fifo_name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
+        std::fs::rename(&fifo, files.dir.path().join(name)).unwrap();
+    }
+    // Past two looks at the files, which wait for a writer that never comes.
+    let until = Instant::now() + Duration::from_millis(2_500);
+    while Instant::now() < until {
+        let posted = tokio::time::timeout(
+            Duration::from_secs(5),
+            https_post(files.port, client.clone(), one_update()),
+        )
+        .await
+        .expect("a request held for 5 s");
+        let (status, body) = posted.unwrap();
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10))
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
 }
 
 #[tokio::test]

@@ -6,8 +6,11 @@
 //! being written, is taken up at the next read after that.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
 
 /// How long a changed file is left alone before what it holds is taken up: one written in
 /// several writes (`echo … > f; echo … >> f`, a chain of certificates `cat`ted together) is
@@ -44,58 +47,138 @@ pub trait FileRead: Send + Sync {
     fn read(&self) -> Result<Self::Value, String>;
 }
 
+/// How often files that are followed ([`look_every_second`]) are looked at.
+pub const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Has `look` called on `followed` every [`LOOK_EVERY`], on a thread of its own, for as long
+/// as anything else holds it: files on a mount that hangs then hold that thread, never a
+/// handshake, a request or the runtime's threads.
+pub fn look_every_second<T: Send + Sync + 'static>(followed: &Arc<T>, look: fn(&T)) {
+    let weak = Arc::downgrade(followed);
+    let spawned = std::thread::Builder::new()
+        .name("outpost-files".into())
+        .stack_size(256 * 1024)
+        .spawn(move || loop {
+            std::thread::sleep(LOOK_EVERY);
+            match weak.upgrade() {
+                Some(followed) => look(&followed),
+                None => return,
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "no thread to read files again: what was read at start is used");
+    }
+}
+
+/// How long a task waits for a file read on a thread of its own before it goes on with what
+/// is held.
+const READ_WAIT: Duration = Duration::from_secs(2);
+
 /// A value held, and the file it was read from, if any: [`Rereadable::reread`] holds what
 /// the file holds now.
 pub struct Rereadable<F: FileRead> {
+    inner: Arc<Inner<F>>,
+}
+
+struct Inner<F: FileRead> {
     held: RwLock<Arc<F::Value>>,
     file: Option<F>,
     /// The last failure to read the file that was warned of: one that keeps failing the same
     /// way is warned of once, not at each read.
     warned: Mutex<Option<String>>,
+    /// Whether a thread reads the file for [`Rereadable::reread_off_the_runtime`]: one at a
+    /// time, so that a file that hangs holds one thread, not one a call.
+    reading: AtomicBool,
+    read_ended: Notify,
 }
 
-impl<F: FileRead> Rereadable<F> {
+impl<F: FileRead + 'static> Rereadable<F> {
     pub fn new(held: F::Value, file: Option<F>) -> Rereadable<F> {
         Rereadable {
-            held: RwLock::new(Arc::new(held)),
-            file,
-            warned: Mutex::new(None),
+            inner: Arc::new(Inner {
+                held: RwLock::new(Arc::new(held)),
+                file,
+                warned: Mutex::new(None),
+                reading: AtomicBool::new(false),
+                read_ended: Notify::new(),
+            }),
         }
     }
 
     /// What is held now: the same `Arc` until a read finds the file changed.
     pub fn held(&self) -> Arc<F::Value> {
-        Arc::clone(&self.held.read().unwrap_or_else(|e| e.into_inner()))
+        self.inner.held()
     }
 
     /// Whether it was read from a file, and so may change.
     pub fn read_from_a_file(&self) -> bool {
-        self.file.is_some()
+        self.inner.file.is_some()
     }
 
-    /// Reads its file again, when it came from one, and holds what the file holds now.
+    /// Reads its file again, when it came from one, on this thread, and holds what the file
+    /// holds now.
     pub fn reread(&self) {
+        self.inner.reread();
+    }
+
+    /// [`Rereadable::reread`] on a thread of its own, waited for [`READ_WAIT`] at most: a
+    /// file on a mount that hangs leaves what is held in use and holds that thread alone.
+    /// A call while another's read runs waits for that one.
+    pub async fn reread_off_the_runtime(&self) {
+        if self.inner.file.is_none() {
+            return;
+        }
+        let ended = self.inner.read_ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if !self.inner.reading.swap(true, Ordering::SeqCst) {
+            let inner = Arc::clone(&self.inner);
+            let spawned = std::thread::Builder::new()
+                .name("outpost-reread".into())
+                .spawn(move || {
+                    inner.reread();
+                    inner.reading.store(false, Ordering::SeqCst);
+                    inner.read_ended.notify_waiters();
+                });
+            if spawned.is_err() {
+                self.inner.reading.store(false, Ordering::SeqCst);
+                self.inner.reread();
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(READ_WAIT, ended).await;
+    }
+}
+
+impl<F: FileRead> Inner<F> {
+    fn held(&self) -> Arc<F::Value> {
+        Arc::clone(&self.held.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn reread(&self) {
         let Some(file) = &self.file else {
             return;
         };
         let key = file.key();
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         match file.read() {
             Ok(value) => {
-                *warned = None;
-                let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
-                if **held != value && written_just_now(file.path()) {
+                *self.warned.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if *self.held() == value {
+                    return;
+                }
+                if written_just_now(file.path()) {
                     tracing::debug!(
                         "{key} changed less than a second ago: taken up once left alone"
                     );
-                } else if **held != value {
-                    tracing::info!(
-                        "{key} holds another value than the one read before: the new one is used"
-                    );
-                    *held = Arc::new(value);
+                    return;
                 }
+                tracing::info!(
+                    "{key} holds another value than the one read before: the new one is used"
+                );
+                *self.held.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
             }
             Err(error) => {
+                let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
                 if warned.as_deref() != Some(error.as_str()) {
                     tracing::warn!(
                         error = %format!("{key}: {error}"),
@@ -142,5 +225,42 @@ mod tests {
             "third",
             "modified ahead of the clock"
         );
+    }
+
+    /// A file that hangs when read (a FIFO here, as one on a network mount that stopped
+    /// answering) leaves what is held in use after [`READ_WAIT`], and holds one thread, not
+    /// one a call; once it reads, what it holds is taken up as any file's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_that_hangs_leaves_what_is_held_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_settled(&path, "first\n");
+        let file = super::super::SecretFile::new(path.clone(), "destination.auth.token_file", true);
+        let token = Rereadable::new(file.read().unwrap(), Some(file));
+        let fifo = dir.path().join("fifo");
+        let fifo_name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
+        std::fs::rename(&fifo, &path).unwrap();
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            tokio::time::timeout(2 * READ_WAIT, token.reread_off_the_runtime())
+                .await
+                .expect("waited past READ_WAIT");
+            assert!(started.elapsed() >= READ_WAIT);
+            assert_eq!(token.held().expose(), "first");
+            assert!(
+                token.inner.reading.load(Ordering::SeqCst),
+                "the first read hangs on"
+            );
+        }
+        // The FIFO read at last: written just now, so not taken up yet.
+        std::fs::write(&path, "second\n").unwrap();
+        let deadline = std::time::Instant::now() + 2 * READ_WAIT;
+        while token.inner.reading.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the read never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(token.held().expose(), "first");
     }
 }

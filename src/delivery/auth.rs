@@ -384,7 +384,7 @@ impl TokenSource {
     /// refusal); `false` for the token held.
     pub async fn invalidate(&self, used: &Secret) -> bool {
         if let Some(token) = &self.credentials.token {
-            token.reread();
+            token.reread_off_the_runtime().await;
             return *token.held() != *used;
         }
         if !matches!(self.auth, Auth::OAuth2 { .. }) {
@@ -429,7 +429,7 @@ impl TokenSource {
                 },
                 Some(password),
             ) => {
-                password.reread();
+                password.reread_off_the_runtime().await;
                 let password = password.held();
                 self.request(FormGrant::Password {
                     username,
@@ -463,7 +463,7 @@ impl TokenSource {
             ));
         };
         // Every grant's request carries it.
-        client_secret.reread();
+        client_secret.reread_off_the_runtime().await;
         let client_secret = &client_secret.held();
         self.fetches.inc();
         let mut request = Request::post(auth_endpoint.as_str())

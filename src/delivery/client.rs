@@ -329,11 +329,11 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
             .map_err(ClientError::Config)?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(followed))
+                .with_custom_certificate_verifier(followed)
         }
     };
-    match &destination.client_cert {
-        None => Ok(builder.with_no_client_auth()),
+    let mut config = match &destination.client_cert {
+        None => builder.with_no_client_auth(),
         Some((cert_file, key_file)) => {
             let files = CertAndKeyFiles {
                 cert: ("destination.client_cert_file", cert_file.clone()),
@@ -341,9 +341,17 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
             };
             let own = FollowedCertifiedKey::certified_key(files, |_, _| Ok(()))
                 .map_err(ClientError::Config)?;
-            Ok(builder.with_client_cert_resolver(Arc::new(own)))
+            builder.with_client_cert_resolver(own)
         }
+    };
+    if destination.ca_file.is_some() {
+        // A resumed session is not verified again, and rustls resumes one under the same
+        // verifier, which the followed CA file keeps: a CA taken out of the file would go on
+        // being trusted for the sessions it verified. Connections are kept and reused, so
+        // full handshakes stay few.
+        config.resumption = rustls::client::Resumption::disabled();
     }
+    Ok(config)
 }
 
 /// How often an HTTP/2 connection is pinged, and how long its answer may take before the

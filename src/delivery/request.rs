@@ -181,7 +181,7 @@ impl Deliverer {
             }
             // An API key rotated in `custom_headers_file`: this refusal was of the old one,
             // as a token's refusal is of a token since replaced.
-            self.headers.reread();
+            self.headers.reread_off_the_runtime().await;
             token_dropped_before |= !Arc::ptr_eq(&headers, &self.headers.held());
         }
         let answered_at = SystemTime::now();

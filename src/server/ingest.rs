@@ -57,7 +57,7 @@ pub struct IngestState {
     pub store: Arc<Store>,
     pub committer: Committer,
     pub metrics: Arc<Metrics>,
-    pub token: Option<IngestToken>,
+    pub token: Option<Arc<IngestToken>>,
     pub max_body_bytes: u64,
     /// `ingest.max_future_s`.
     pub max_future_s: u64,
@@ -228,7 +228,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = serve_one(stream, tls.as_deref().map(|tls| tls.current(std::time::Instant::now())), Arc::clone(&state), closing.clone());
+                let connection = serve_one(stream, tls.as_deref().map(IngestAcceptor::current), Arc::clone(&state), closing.clone());
                 connections_open.spawn(async move {
                     let _slot = slot;
                     connection.await;
@@ -485,7 +485,7 @@ fn authorized(state: &IngestState, request: &Request<Incoming>) -> bool {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         // One or more spaces separate the scheme from the token (RFC 9110 §11.4); tabs too.
         .map(|(_, token)| token.trim_start_matches([' ', '\t']));
-    given.is_some_and(|given| token.admits(given.as_bytes(), std::time::Instant::now()))
+    given.is_some_and(|given| token.admits(given.as_bytes()))
 }
 
 fn too_large(state: &IngestState) -> Answer {

@@ -1,46 +1,31 @@
-//! The ingest token a request must carry. One given in `ingest.token_file` is read again at a
-//! request, at most once a second: clients given a token rotated in that file are let in, and
-//! the token it replaced is refused, without a restart; clients sending requests (or wrong
-//! tokens) as fast as they can make the agent read the file no more often than that.
+//! The ingest token a request must carry. One given in `ingest.token_file` is read again
+//! every second on a thread of its own: clients given a token rotated in that file are let
+//! in, and the token it replaced is refused, without a restart, and no request waits for the
+//! file (on a mount that hangs, say) nor has it read more often.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use crate::config::{Rereadable, Secret, SecretFile};
-
-/// How often a request may have the file read again.
-const REREAD_EVERY: Duration = Duration::from_secs(1);
+use crate::config::{look_every_second, Rereadable, Secret, SecretFile};
 
 pub struct IngestToken {
     token: Rereadable<SecretFile>,
-    /// When a request last had the file read again.
-    last_read: Mutex<Option<Instant>>,
 }
 
 impl IngestToken {
-    pub fn new(token: Secret, file: Option<SecretFile>) -> IngestToken {
-        IngestToken {
+    /// The token, followed in its file when it came from one.
+    pub fn new(token: Secret, file: Option<SecretFile>) -> Arc<IngestToken> {
+        let token = Arc::new(IngestToken {
             token: Rereadable::new(token, file),
-            last_read: Mutex::new(None),
+        });
+        if token.token.read_from_a_file() {
+            look_every_second(&token, |token| token.token.reread());
         }
+        token
     }
 
-    /// Whether `given` is the token, as the file holds it at `now`: read again unless it was
-    /// read less than [`REREAD_EVERY`] ago.
-    pub fn admits(&self, given: &[u8], now: Instant) -> bool {
-        if self.token.read_from_a_file() && self.due(now) {
-            self.token.reread();
-        }
+    /// Whether `given` is the token, as last read.
+    pub fn admits(&self, given: &[u8]) -> bool {
         is_the_token(given, self.token.held().expose().as_bytes())
-    }
-
-    fn due(&self, now: Instant) -> bool {
-        let mut last_read = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
-        if last_read.is_some_and(|at| now.saturating_duration_since(at) < REREAD_EVERY) {
-            return false;
-        }
-        *last_read = Some(now);
-        true
     }
 }
 
@@ -60,13 +45,13 @@ fn is_the_token(given: &[u8], token: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    /// A request has the file read again, a second or more after the last such read: the
-    /// token rotated in the file is let in, and the one it replaced is refused.
+    /// The token rotated in the file is let in, and the one it replaced refused, from the
+    /// first look at the file on (every second, on its thread).
     #[test]
-    fn a_request_has_the_file_read_again_at_most_once_a_second() {
+    fn a_token_rotated_in_its_file_is_the_token_from_the_next_look_on() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ingest-token");
-        std::fs::write(&file, "first-token\n").unwrap();
+        crate::config::write_settled(&file, "first-token\n");
         let text =
             "[destination]\nname = \"crm\"\nhttp_endpoint = \"https://api.example.com/p\"\n\n\
                     [destination.auth]\ntype = \"none\"\n\n[mapping]\nsegments = [\"s\"]\n\n\
@@ -74,31 +59,15 @@ mod tests {
         let config = crate::config::Config::parse(&dir.path().join("outpost.toml"), text).unwrap();
         let ingest = config.ingest;
         let token = IngestToken::new(ingest.token.unwrap(), ingest.token_file);
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        // (ms after the start, the file rotated to, the token given, whether it is let in)
-        let cases: [(u64, Option<&str>, &str, bool); 10] = [
-            (0, None, "first-token", true),
-            (0, Some("second-token"), "first-token", true),
-            (999, None, "second-token", false),
-            (1_000, None, "first-token", false),
-            (1_001, None, "second-token", true),
-            (1_002, Some("third-token"), "third-token", false),
-            (1_999, None, "second-token", true),
-            (2_000, None, "third-token", true),
-            (2_001, None, "wrong-token", false),
-            (2_002, None, "second-token", false),
-        ];
-        for (ms, rotated, given, admitted) in cases {
-            if let Some(text) = rotated {
-                crate::config::write_settled(&file, format!("{text}\n"));
-            }
-            assert_eq!(
-                token.admits(given.as_bytes(), at(ms)),
-                admitted,
-                "{given} at {ms} ms"
-            );
+        assert!(token.admits(b"first-token"));
+        crate::config::write_settled(&file, "second-token\n");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while token.admits(b"first-token") {
+            assert!(std::time::Instant::now() < deadline, "never read again");
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        assert!(token.admits(b"second-token"));
+        assert!(!token.admits(b"wrong-token"));
     }
 
     #[test]

@@ -53,21 +53,19 @@ fn refuse_ca_certificate(path: &Path, chain: &[CertificateDer<'static>]) -> Resu
 pub type IngestAcceptor = FollowedFiles<TlsAcceptor>;
 
 /// The acceptor for the ingest API; errors name the key and say what to do.
-pub fn acceptor(tls: &IngestTls) -> Result<IngestAcceptor, String> {
+pub fn acceptor(tls: &IngestTls) -> Result<Arc<IngestAcceptor>, String> {
     let files = CertAndKeyFiles {
         cert: ("ingest.tls_cert_file", tls.cert_file.clone()),
         key: ("ingest.tls_key_file", tls.key_file.clone()),
     };
-    let own = Arc::new(FollowedCertifiedKey::certified_key(
-        files,
-        refuse_ca_certificate,
-    )?);
+    let own = FollowedCertifiedKey::certified_key(files, refuse_ca_certificate)?;
     let client_ca_file = tls.client_ca_file.clone();
     let accept = move |contents: &[Vec<u8>]| {
         let builder = rustls::ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("ingest TLS: {e}"))?;
         let builder = match (&client_ca_file, contents) {
+            (None, []) => builder.with_no_client_auth(),
             (Some(path), [pem]) => {
                 let roots = roots_with("ingest.client_ca_file", path, &[], pem)?;
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -78,7 +76,7 @@ pub fn acceptor(tls: &IngestTls) -> Result<IngestAcceptor, String> {
                 .map_err(|e| format!("ingest.client_ca_file: {}: {e}", path.display()))?;
                 builder.with_client_cert_verifier(verifier)
             }
-            _ => builder.with_no_client_auth(),
+            _ => unreachable!("one content for ingest.client_ca_file, none without"),
         };
         let mut config = builder.with_cert_resolver(Arc::clone(&own) as _);
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -140,6 +140,19 @@ impl AgentProcess {
     }
 
     /// Sends `signal` and waits (at most `within`) for the process to exit.
+    /// Waits until the agent's log holds `text`, 10 s at most.
+    pub async fn wait_for_log(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} in the log in 10 s: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
         // SAFETY: kill(2) with the pid of our own child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
