@@ -76,7 +76,7 @@ pub struct Said {
 /// Files read again when any of them changed, and what is made of them: looked at every
 /// second on a thread of their own ([`look_every_second`]: handshakes never wait for a file),
 /// compared by bytes (files of a few KiB), and taken up once left alone for a second
-/// ([`crate::config::reread::SETTLE`]). Files that cannot be read then, or do not make one (a
+/// (by its modification time). Files that cannot be read then, or do not make one (a
 /// certificate renewed and its key not yet), leave what was made before in use, with a
 /// warning once for each way they fail, and are read again at the next look: a change is
 /// taken up once it is whole.

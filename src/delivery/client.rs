@@ -12,10 +12,10 @@ use hyper_util::client::legacy::connect::capture_connection;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::proxy::Route;
-use crate::config::Destination;
 use rustls::client::WebPkiServerVerifier;
 
+use super::proxy::Route;
+use crate::config::Destination;
 use crate::tls_files::{
     roots_with, CertAndKeyFiles, FollowedCertifiedKey, FollowedFiles, CA_FILE_SAID,
 };
