@@ -132,21 +132,28 @@ impl<F: FileRead + 'static> Rereadable<F> {
         tokio::pin!(ended);
         ended.as_mut().enable();
         if !self.inner.reading.swap(true, Ordering::SeqCst) {
-            let inner = Arc::clone(&self.inner);
+            let reading = Reading(Arc::clone(&self.inner));
             let spawned = std::thread::Builder::new()
                 .name("outpost-reread".into())
-                .spawn(move || {
-                    inner.reread();
-                    inner.reading.store(false, Ordering::SeqCst);
-                    inner.read_ended.notify_waiters();
-                });
+                .spawn(move || reading.0.reread());
             if spawned.is_err() {
-                self.inner.reading.store(false, Ordering::SeqCst);
+                // The closure, and the `Reading` in it, were dropped: nothing reads.
                 self.inner.reread();
                 return;
             }
         }
         let _ = tokio::time::timeout(READ_WAIT, ended).await;
+    }
+}
+
+/// A read for [`Rereadable::reread_off_the_runtime`], which ends when this is dropped, also
+/// by a panic.
+struct Reading<F: FileRead>(Arc<Inner<F>>);
+
+impl<F: FileRead> Drop for Reading<F> {
+    fn drop(&mut self) {
+        self.0.reading.store(false, Ordering::SeqCst);
+        self.0.read_ended.notify_waiters();
     }
 }
 
@@ -262,5 +269,46 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(token.held().expose(), "first");
+    }
+
+    /// A read that panics ends as any other: the next is not kept waiting for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_panics_ends_its_read() {
+        struct PanicsFirst {
+            path: std::path::PathBuf,
+            panicked: AtomicBool,
+        }
+        impl FileRead for PanicsFirst {
+            type Value = String;
+            fn key(&self) -> &'static str {
+                "a key"
+            }
+            fn path(&self) -> &Path {
+                &self.path
+            }
+            fn read(&self) -> Result<String, String> {
+                if !self.panicked.swap(true, Ordering::SeqCst) {
+                    panic!("the first read panics");
+                }
+                Ok(std::fs::read_to_string(&self.path).unwrap())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("value");
+        write_settled(&path, "second");
+        let file = PanicsFirst {
+            path,
+            panicked: AtomicBool::new(false),
+        };
+        let value = Rereadable::new("first".to_owned(), Some(file));
+        for expected in ["first", "second"] {
+            let started = std::time::Instant::now();
+            value.reread_off_the_runtime().await;
+            assert!(
+                started.elapsed() < READ_WAIT,
+                "waited for a read that had ended"
+            );
+            assert_eq!(*value.held(), expected);
+        }
     }
 }
