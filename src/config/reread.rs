@@ -5,6 +5,7 @@
 //! was read before in use, with a warning; one changed less than a second ago, maybe still
 //! being written, is taken up at the next read after that.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -60,9 +61,14 @@ pub fn look_every_second<T: Send + Sync + 'static>(followed: &Arc<T>, look: fn(&
         .stack_size(256 * 1024)
         .spawn(move || loop {
             std::thread::sleep(LOOK_EVERY);
-            match weak.upgrade() {
-                Some(followed) => look(&followed),
-                None => return,
+            let Some(followed) = weak.upgrade() else {
+                return;
+            };
+            // A look that panics (a bug) must not end the looking: the panic is logged by
+            // the hook, and the next look comes a second later.
+            let looked = std::panic::catch_unwind(AssertUnwindSafe(|| look(&followed)));
+            if looked.is_err() {
+                tracing::error!("looking at files again panicked; looking again in a second");
             }
         });
     if let Err(error) = spawned {
@@ -310,5 +316,37 @@ mod tests {
             );
             assert_eq!(*value.held(), expected);
         }
+    }
+
+    /// A look that panics is followed by the next a second later, and none once the value
+    /// looked at is dropped.
+    #[test]
+    fn looking_goes_on_after_a_panic_and_ends_with_the_value() {
+        use std::sync::atomic::AtomicUsize;
+        static LOOKS: AtomicUsize = AtomicUsize::new(0);
+        fn look(_: &()) {
+            if LOOKS.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("the first look panics");
+            }
+        }
+        let followed = Arc::new(());
+        look_every_second(&followed, look);
+        let deadline = std::time::Instant::now() + 10 * LOOK_EVERY;
+        while LOOKS.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no look after the panic"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(followed);
+        std::thread::sleep(LOOK_EVERY * 3 / 2);
+        let looks = LOOKS.load(Ordering::SeqCst);
+        std::thread::sleep(LOOK_EVERY * 3 / 2);
+        assert_eq!(
+            LOOKS.load(Ordering::SeqCst),
+            looks,
+            "looked at after it was dropped"
+        );
     }
 }
