@@ -92,10 +92,19 @@ struct Inner<F: FileRead> {
     /// The last failure to read the file that was warned of: one that keeps failing the same
     /// way is warned of once, not at each read.
     warned: Mutex<Option<String>>,
-    /// Whether a thread reads the file for [`Rereadable::reread_off_the_runtime`]: one at a
-    /// time, so that a file that hangs holds one thread, not one a call.
-    reading: AtomicBool,
-    read_ended: Notify,
+    /// The read of the file on a thread of its own, for
+    /// [`Rereadable::reread_off_the_runtime`], while one runs: one at a time, so that a file
+    /// that hangs holds one thread, not one a call.
+    read_running: Mutex<Option<Arc<ReadRunning>>>,
+}
+
+/// One read of the file on a thread of its own.
+#[derive(Default)]
+struct ReadRunning {
+    ended: AtomicBool,
+    ended_told: Notify,
+    /// Whether a caller stopped waiting for it: later ones then do not wait.
+    waited_out: AtomicBool,
 }
 
 impl<F: FileRead + 'static> Rereadable<F> {
@@ -105,8 +114,7 @@ impl<F: FileRead + 'static> Rereadable<F> {
                 held: RwLock::new(Arc::new(held)),
                 file,
                 warned: Mutex::new(None),
-                reading: AtomicBool::new(false),
-                read_ended: Notify::new(),
+                read_running: Mutex::new(None),
             }),
         }
     }
@@ -128,38 +136,78 @@ impl<F: FileRead + 'static> Rereadable<F> {
     }
 
     /// [`Rereadable::reread`] on a thread of its own, waited for [`READ_WAIT`] at most: a
-    /// file on a mount that hangs leaves what is held in use and holds that thread alone.
-    /// A call while another's read runs waits for that one.
+    /// file on a mount that hangs leaves what is held in use and holds that thread alone. A
+    /// call while another's read runs waits for that one, unless a caller already stopped
+    /// waiting for it.
     pub async fn reread_off_the_runtime(&self) {
         if self.inner.file.is_none() {
             return;
         }
-        let ended = self.inner.read_ended.notified();
-        tokio::pin!(ended);
-        ended.as_mut().enable();
-        if !self.inner.reading.swap(true, Ordering::SeqCst) {
-            let reading = Reading(Arc::clone(&self.inner));
+        let (read, start) = {
+            let mut running = self
+                .inner
+                .read_running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match &*running {
+                Some(read) if read.waited_out.load(Ordering::SeqCst) => return,
+                Some(read) => (Arc::clone(read), false),
+                None => {
+                    let read = Arc::new(ReadRunning::default());
+                    *running = Some(Arc::clone(&read));
+                    (read, true)
+                }
+            }
+        };
+        if start {
+            let reading = Reading {
+                inner: Arc::clone(&self.inner),
+                read: Arc::clone(&read),
+            };
             let spawned = std::thread::Builder::new()
                 .name("outpost-reread".into())
-                .spawn(move || reading.0.reread());
+                .spawn(move || reading.inner.reread());
             if spawned.is_err() {
-                // The closure, and the `Reading` in it, were dropped: nothing reads.
+                // The `Reading` was dropped with the closure, which ended the read.
                 self.inner.reread();
                 return;
             }
         }
-        let _ = tokio::time::timeout(READ_WAIT, ended).await;
+        let ended = read.ended_told.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if read.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        if tokio::time::timeout(READ_WAIT, ended).await.is_err() {
+            read.waited_out.store(true, Ordering::SeqCst);
+        }
     }
 }
 
 /// A read for [`Rereadable::reread_off_the_runtime`], which ends when this is dropped, also
 /// by a panic.
-struct Reading<F: FileRead>(Arc<Inner<F>>);
+struct Reading<F: FileRead> {
+    inner: Arc<Inner<F>>,
+    read: Arc<ReadRunning>,
+}
 
 impl<F: FileRead> Drop for Reading<F> {
     fn drop(&mut self) {
-        self.0.reading.store(false, Ordering::SeqCst);
-        self.0.read_ended.notify_waiters();
+        let mut running = self
+            .inner
+            .read_running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if running
+            .as_ref()
+            .is_some_and(|read| Arc::ptr_eq(read, &self.read))
+        {
+            *running = None;
+        }
+        drop(running);
+        self.read.ended.store(true, Ordering::SeqCst);
+        self.read.ended_told.notify_waiters();
     }
 }
 
@@ -242,7 +290,7 @@ mod tests {
 
     /// A file that hangs when read (a FIFO here, as one on a network mount that stopped
     /// answering) leaves what is held in use after [`READ_WAIT`], and holds one thread, not
-    /// one a call; once it reads, what it holds is taken up as any file's.
+    /// one a call, nor each call's time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_that_hangs_leaves_what_is_held_in_use() {
         let dir = tempfile::tempdir().unwrap();
@@ -255,22 +303,22 @@ mod tests {
         // SAFETY: mkfifo(3) with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
         std::fs::rename(&fifo, &path).unwrap();
-        for _ in 0..2 {
-            let started = std::time::Instant::now();
-            tokio::time::timeout(2 * READ_WAIT, token.reread_off_the_runtime())
-                .await
-                .expect("waited past READ_WAIT");
-            assert!(started.elapsed() >= READ_WAIT);
-            assert_eq!(token.held().expose(), "first");
-            assert!(
-                token.inner.reading.load(Ordering::SeqCst),
-                "the first read hangs on"
-            );
-        }
-        // The FIFO read at last: written just now, so not taken up yet.
-        std::fs::write(&path, "second\n").unwrap();
+        let running = || token.inner.read_running.lock().unwrap().is_some();
+        let started = std::time::Instant::now();
+        tokio::time::timeout(2 * READ_WAIT, token.reread_off_the_runtime())
+            .await
+            .expect("waited past READ_WAIT");
+        assert!(started.elapsed() >= READ_WAIT);
+        assert_eq!(token.held().expose(), "first");
+        assert!(running(), "the read hangs on");
+        // Waited out once: a later call does not wait for it again, nor start another.
+        let started = std::time::Instant::now();
+        token.reread_off_the_runtime().await;
+        assert!(started.elapsed() < READ_WAIT / 2, "{:?}", started.elapsed());
+        assert_eq!(token.held().expose(), "first");
+        std::fs::write(&path, "first\n").unwrap();
         let deadline = std::time::Instant::now() + 2 * READ_WAIT;
-        while token.inner.reading.load(Ordering::SeqCst) {
+        while running() {
             assert!(std::time::Instant::now() < deadline, "the read never ended");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

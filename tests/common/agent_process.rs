@@ -139,7 +139,6 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends `signal` and waits (at most `within`) for the process to exit.
     /// Waits until the agent's log holds `text`, 10 s at most.
     pub async fn wait_for_log(&self, text: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -153,6 +152,7 @@ impl AgentProcess {
         }
     }
 
+    /// Sends `signal` and waits (at most `within`) for the process to exit.
     pub async fn signal_and_wait(&mut self, signal: i32, within: Duration) -> ExitStatus {
         // SAFETY: kill(2) with the pid of our own child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
