@@ -259,22 +259,38 @@ async fn a_server_certificate_renewed_in_its_files_is_presented_without_a_restar
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_certificates_are_required_when_a_client_ca_is_set() {
-    let files = Files::new();
-    let ca = Ca::new("outpost test CA");
-    let mut ingest = files.server_files(&ca);
-    let client_ca = Ca::new("clients CA");
-    let client_ca_file = files.write("clients-ca.pem", &client_ca.cert.pem());
+/// A client that trusts `ca` and presents a certificate `issuer` signed.
+fn client_of(ca: &Ca, issuer: &Ca) -> rustls::ClientConfig {
+    let leaf = issuer.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
+    client_config(ca, Some(&leaf))
+}
+
+/// An agent serving over HTTPS with a certificate `ca` signed, that requires client
+/// certificates signed by the "clients CA" of `files`' `clients-ca.pem`: the agent once it
+/// serves, that CA, and a client it lets in.
+async fn agent_requiring_client_certificates(
+    files: &Files,
+    ca: &Ca,
+) -> (AgentProcess, Ca, rustls::ClientConfig) {
+    let mut ingest = files.server_files(ca);
+    let clients_ca = Ca::new("clients CA");
+    let client_ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
     ingest.push(format!(
         "client_ca_file = {:?}",
         client_ca_file.display().to_string()
     ));
     let config = files.config("127.0.0.1", &ingest);
     let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
-    let client = client_ca.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
-    let with_cert = client_config(&ca, Some(&client));
-    wait_serving(&mut agent, &with_cert).await;
+    let client = client_of(ca, &clients_ca);
+    wait_serving(&mut agent, &client).await;
+    (agent, clients_ca, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let files = Files::new();
+    let ca = Ca::new("outpost test CA");
+    let (_agent, _, with_cert) = agent_requiring_client_certificates(&files, &ca).await;
 
     let without = https_post(files.port, client_config(&ca, None), one_update()).await;
     assert!(
@@ -305,21 +321,10 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
 async fn a_client_ca_added_to_its_file_is_trusted_without_a_restart() {
     let files = Files::new();
     let ca = Ca::new("outpost test CA");
-    let mut ingest = files.server_files(&ca);
-    let (first_ca, second_ca) = (Ca::new("clients CA"), Ca::new("next clients CA"));
-    let client_ca_file = files.write("clients-ca.pem", &first_ca.cert.pem());
-    ingest.push(format!(
-        "client_ca_file = {:?}",
-        client_ca_file.display().to_string()
-    ));
-    let config = files.config("127.0.0.1", &ingest);
-    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
-    let client_of = |issuer: &Ca| {
-        let leaf = issuer.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
-        client_config(&ca, Some(&leaf))
-    };
-    let (first_client, second_client) = (client_of(&first_ca), client_of(&second_ca));
-    wait_serving(&mut agent, &first_client).await;
+    let (agent, first_ca, first_client) = agent_requiring_client_certificates(&files, &ca).await;
+    let second_ca = Ca::new("next clients CA");
+    let second_client = client_of(&ca, &second_ca);
+    let client_ca_file = files.dir.path().join("clients-ca.pem");
     let refused = https_post(files.port, second_client.clone(), one_update()).await;
     assert!(refused.is_err(), "a CA not yet in the file: {refused:?}");
     let replace = |contents: String| {
@@ -365,18 +370,7 @@ async fn a_client_ca_added_to_its_file_is_trusted_without_a_restart() {
 async fn files_that_hang_when_read_hold_no_handshake() {
     let files = Files::new();
     let ca = Ca::new("outpost test CA");
-    let mut ingest = files.server_files(&ca);
-    let clients_ca = Ca::new("clients CA");
-    let client_ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
-    ingest.push(format!(
-        "client_ca_file = {:?}",
-        client_ca_file.display().to_string()
-    ));
-    let config = files.config("127.0.0.1", &ingest);
-    let mut agent = AgentProcess::spawn_with_env(&config, files.port, &[]);
-    let leaf = clients_ca.sign(&["edge-producer"], ExtendedKeyUsagePurpose::ClientAuth);
-    let client = client_config(&ca, Some(&leaf));
-    wait_serving(&mut agent, &client).await;
+    let (mut agent, _, client) = agent_requiring_client_certificates(&files, &ca).await;
     for name in ["clients-ca.pem", "server.pem", "server-key.pem"] {
         let fifo = files.dir.path().join(format!("{name}.fifo"));
         let fifo_name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
