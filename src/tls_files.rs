@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{look_every_second, written_just_now};
+use crate::config::{look_every_second, unreadable_again, written_just_now};
 
 pub fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     certs_in(key, path, &read(key, path)?)
@@ -103,6 +103,14 @@ fn contents(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
     files.iter().map(|(key, path)| read(key, path)).collect()
 }
 
+/// [`contents`] at a look, after the start.
+fn contents_again(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
+    files
+        .iter()
+        .map(|(key, path)| std::fs::read(path).map_err(|e| unreadable_again(key, path, &e)))
+        .collect()
+}
+
 impl<T: Send + Sync + 'static> FollowedFiles<T> {
     /// Reads the files and makes what they give, then follows them; an error names the key
     /// at fault and says what is wrong.
@@ -153,7 +161,7 @@ impl<T> FollowedFiles<T> {
     /// Reads the files, and takes up what they make when they changed.
     fn look(&self) {
         let mut look = self.look.lock().unwrap_or_else(|e| e.into_inner());
-        let made = contents(&self.files).and_then(|contents| {
+        let made = contents_again(&self.files).and_then(|contents| {
             let written_just_now = || self.files.iter().any(|(_, path)| written_just_now(path));
             if contents == look.read_from || written_just_now() {
                 return Ok(None);
@@ -209,7 +217,7 @@ fn unfollowed_pair(
     let paths = vec![files.cert.clone(), files.key.clone()];
     let said = Said {
         taken_up: "its certificate is presented from now on",
-        kept: "reading a changed certificate and key failed: the pair read before is presented until both are in place",
+        kept: "reading the certificate and key again failed: the pair read before is presented until both can be read and hold together",
     };
     FollowedFiles::read(
         paths,
@@ -241,7 +249,7 @@ pub fn roots_with(
 /// What the log says of a CA file (`destination.ca_file`, `ingest.client_ca_file`) changed.
 pub const CA_FILE_SAID: Said = Said {
     taken_up: "the CAs in it are trusted from now on",
-    kept: "reading a changed CA file failed: the CAs read before are trusted until it holds certificates",
+    kept: "reading the CA file again failed: the CAs read before are trusted until it can be read and holds certificates",
 };
 
 impl rustls::server::ResolvesServerCert for FollowedCertifiedKey {

@@ -30,6 +30,19 @@ pub fn written_just_now(path: &Path) -> bool {
         })
 }
 
+/// What a failure to read `key`'s file again at `path` says: one this process may no longer
+/// read says why that may be and what to do. An agent started as root reads its files then,
+/// and acts as the store's owner from then on.
+pub fn unreadable_again(key: &str, path: &Path, error: &std::io::Error) -> String {
+    let hint = match error.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            " (read at start, perhaps with root's rights, which outpost gave up for the store owner's: let that user read it, or restart outpost to take up a change)"
+        }
+        _ => "",
+    };
+    format!("{key}: cannot read {}: {error}{hint}", path.display())
+}
+
 /// Writes `contents` to `path` as one left alone since [`SETTLE`] and more.
 #[cfg(test)]
 pub fn write_settled(path: &Path, contents: impl AsRef<[u8]>) {
@@ -396,5 +409,21 @@ mod tests {
             looks,
             "looked at after it was dropped"
         );
+    }
+
+    #[test]
+    fn a_file_no_longer_readable_says_why_that_may_be() {
+        let path = Path::new("/etc/ssl/private/ingest.key");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let said = unreadable_again("ingest.tls_key_file", path, &denied);
+        assert!(
+            said.starts_with("ingest.tls_key_file: cannot read /etc/ssl/private/ingest.key: ")
+                && said.contains("root's rights")
+                && said.contains("let that user read it"),
+            "{said}"
+        );
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let said = unreadable_again("ingest.tls_key_file", path, &gone);
+        assert!(!said.contains("root"), "{said}");
     }
 }

@@ -175,6 +175,9 @@ impl super::FileRead for SecretFile {
 
     /// What the file holds now, by the rules it was first read by.
     fn read(&self) -> Result<Secret, String> {
+        if let Err(e) = std::fs::File::open(&self.path) {
+            return Err(super::unreadable_again(self.key, &self.path, &e));
+        }
         let secret = read_secret_file(&self.path)?;
         if self.in_header && !super::header_can_carry(&secret) {
             return Err(format!(
