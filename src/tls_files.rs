@@ -12,14 +12,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{look_every_second, unreadable_again, written_just_now};
+use crate::config::{cannot_read, look_every_second, written_just_now};
 
-pub fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    certs_in(key, path, &read(key, path)?)
-}
-
-fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))
+/// The file `key` names; `again`, after the start ([`cannot_read`]).
+fn read(key: &str, path: &Path, again: bool) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{key}: {}", cannot_read(path, &e, again)))
 }
 
 fn certs_in(key: &str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -99,15 +96,10 @@ struct Look {
     warned: Option<String>,
 }
 
-fn contents(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
-    files.iter().map(|(key, path)| read(key, path)).collect()
-}
-
-/// [`contents`] at a look, after the start.
-fn contents_again(files: &[(&'static str, PathBuf)]) -> Result<Vec<Vec<u8>>, String> {
+fn contents(files: &[(&'static str, PathBuf)], again: bool) -> Result<Vec<Vec<u8>>, String> {
     files
         .iter()
-        .map(|(key, path)| std::fs::read(path).map_err(|e| unreadable_again(key, path, &e)))
+        .map(|(key, path)| read(key, path, again))
         .collect()
 }
 
@@ -139,7 +131,7 @@ impl<T> FollowedFiles<T> {
         make: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
         said: Said,
     ) -> Result<FollowedFiles<T>, String> {
-        let read_from = contents(&files)?;
+        let read_from = contents(&files, false)?;
         let current = Arc::new(make(&read_from)?);
         Ok(FollowedFiles {
             files,
@@ -161,7 +153,7 @@ impl<T> FollowedFiles<T> {
     /// Reads the files, and takes up what they make when they changed.
     fn look(&self) {
         let mut look = self.look.lock().unwrap_or_else(|e| e.into_inner());
-        let made = contents_again(&self.files).and_then(|contents| {
+        let made = contents(&self.files, true).and_then(|contents| {
             let written_just_now = || self.files.iter().any(|(_, path)| written_just_now(path));
             if contents == look.read_from || written_just_now() {
                 return Ok(None);

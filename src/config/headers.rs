@@ -166,8 +166,8 @@ impl CustomHeadersFile {
 
     /// Every custom header, `destination.custom_headers`'s and the file's as it reads now; an
     /// error names the file, never a value.
-    pub fn read(&self) -> Result<Vec<(String, String)>, String> {
-        let text = super::secret::read_secret_file(&self.path)?;
+    pub fn read(&self, again: bool) -> Result<Vec<(String, String)>, String> {
+        let text = super::secret::read_secret_file(&self.path, again)?;
         add_custom_headers_file(self.inline.clone(), &text, self.auth_is_none)
             .map_err(|e| format!("{}: {e}", self.path.display()))
     }

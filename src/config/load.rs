@@ -358,7 +358,7 @@ fn validate_destination(
         .map(|file| CustomHeadersFile::new(relative(file), custom_headers.clone(), auth_is_none));
     if let Some(file) = &custom_headers_file {
         custom_headers = file
-            .read()
+            .read(false)
             .map_err(|e| ("destination.custom_headers_file", e))?;
     }
     let custom_headers = custom_headers

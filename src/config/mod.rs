@@ -42,7 +42,7 @@ pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
 #[cfg(test)]
 pub use reread::write_settled;
-pub use reread::{look_every_second, unreadable_again, written_just_now, FileRead, Rereadable};
+pub use reread::{cannot_read, look_every_second, written_just_now, FileRead, Rereadable};
 pub(crate) use secret::SECRET_LEAST_BYTES;
 pub use secret::{Secret, SecretFile, Secrets};
 pub use warnings::{

@@ -30,17 +30,17 @@ pub fn written_just_now(path: &Path) -> bool {
         })
 }
 
-/// What a failure to read `key`'s file again at `path` says: one this process may no longer
-/// read says why that may be and what to do. An agent started as root reads its files then,
-/// and acts as the store's owner from then on.
-pub fn unreadable_again(key: &str, path: &Path, error: &std::io::Error) -> String {
-    let hint = match error.kind() {
-        std::io::ErrorKind::PermissionDenied => {
+/// What a failure to read the file at `path` says; `again`, after the start: one this process
+/// may no longer read then says why that may be and what to do (an agent started as root
+/// reads its files then, and acts as the store's owner from then on).
+pub fn cannot_read(path: &Path, error: &std::io::Error, again: bool) -> String {
+    let hint = match (again, error.kind()) {
+        (true, std::io::ErrorKind::PermissionDenied) => {
             " (read at start, perhaps with root's rights, which outpost gave up for the store owner's: let that user read it, or restart outpost to take up a change)"
         }
         _ => "",
     };
-    format!("{key}: cannot read {}: {error}{hint}", path.display())
+    format!("cannot read {}: {error}{hint}", path.display())
 }
 
 /// Writes `contents` to `path` as one left alone since [`SETTLE`] and more.
@@ -415,15 +415,25 @@ mod tests {
     fn a_file_no_longer_readable_says_why_that_may_be() {
         let path = Path::new("/etc/ssl/private/ingest.key");
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-        let said = unreadable_again("ingest.tls_key_file", path, &denied);
+        let said = cannot_read(path, &denied, true);
         assert!(
-            said.starts_with("ingest.tls_key_file: cannot read /etc/ssl/private/ingest.key: ")
+            said.starts_with("cannot read /etc/ssl/private/ingest.key: ")
                 && said.contains("root's rights")
                 && said.contains("let that user read it"),
             "{said}"
         );
+        assert!(
+            !cannot_read(path, &denied, false).contains("root"),
+            "at start"
+        );
         let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
-        let said = unreadable_again("ingest.tls_key_file", path, &gone);
+        let said = cannot_read(path, &gone, true);
         assert!(!said.contains("root"), "{said}");
+        // A secret's file says it so: the warning puts its key before it.
+        let dir = tempfile::tempdir().unwrap();
+        let file =
+            super::super::SecretFile::new(dir.path().join("gone"), "ingest.token_file", true);
+        let said = file.read().unwrap_err();
+        assert!(said.starts_with("cannot read "), "{said}");
     }
 }

@@ -99,7 +99,9 @@ pub(super) fn read_secret(
             return Err((inline_key, "must not be empty".into()))
         }
         (Some(secret), None) => secret,
-        (None, Some(file)) => read_secret_file(&relative(file)).map_err(|e| (file_key, e))?,
+        (None, Some(file)) => {
+            read_secret_file(&relative(file), false).map_err(|e| (file_key, e))?
+        }
         (None, None) => match (std::env::var(env), secrets) {
             // A line's end, as a file's is, is not the secret's.
             (Ok(value), _) if !value.trim_end_matches(['\r', '\n']).is_empty() => {
@@ -129,9 +131,8 @@ pub(super) fn read_secret(
 /// The secret a file of its own holds: its text without the line's end (nor a byte-order
 /// mark, as some editors begin a file with); an error, naming the file but never its text,
 /// when it cannot be read or is empty.
-pub(super) fn read_secret_file(file: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+pub(super) fn read_secret_file(file: &Path, again: bool) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| super::cannot_read(file, &e, again))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let secret = text.trim_end_matches(['\r', '\n']);
     if secret.is_empty() {
@@ -175,10 +176,7 @@ impl super::FileRead for SecretFile {
 
     /// What the file holds now, by the rules it was first read by.
     fn read(&self) -> Result<Secret, String> {
-        if let Err(e) = std::fs::File::open(&self.path) {
-            return Err(super::unreadable_again(self.key, &self.path, &e));
-        }
-        let secret = read_secret_file(&self.path)?;
+        let secret = read_secret_file(&self.path, true)?;
         if self.in_header && !super::header_can_carry(&secret) {
             return Err(format!(
                 "{} now holds what no Authorization header can carry as it is (control \

@@ -97,7 +97,7 @@ impl FileRead for HeadersFile {
     }
 
     fn read(&self) -> Result<Self::Value, String> {
-        let headers = self.0.read()?;
+        let headers = self.0.read(true)?;
         Ok(header_pairs(
             headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
         ))
