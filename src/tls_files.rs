@@ -50,6 +50,14 @@ pub struct CertAndKeyFiles {
 pub type ChainCheck = fn(&Path, &[CertificateDer<'static>]) -> Result<(), String>;
 
 impl CertAndKeyFiles {
+    /// Whether the files make a certificate and its key, read once (for a client that reads
+    /// them itself, as the NATS client does at each connection); an error names the key at
+    /// fault and says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let contents = contents(&[self.cert.clone(), self.key.clone()], false)?;
+        self.certified(&contents, |_, _| Ok(())).map(|_| ())
+    }
+
     /// The chain and its key from the files' `contents`; an error names the key at fault and
     /// says what is wrong.
     fn certified(&self, contents: &[Vec<u8>], check: ChainCheck) -> Result<CertifiedKey, String> {

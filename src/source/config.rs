@@ -146,7 +146,7 @@ impl NatsSource {
                 cert: ("source.nats.tls_cert_file", cert.clone()),
                 key: ("source.nats.tls_key_file", key.clone()),
             };
-            crate::tls_files::FollowedCertifiedKey::certified_key(files, |_, _| Ok(()))?;
+            files.check()?;
         }
         Ok(())
     }
