@@ -369,11 +369,7 @@ mod tests {
         let make = |contents: &[Vec<u8>]| Ok(String::from_utf8(contents[0].clone()).unwrap());
         let files = vec![("ca", path.clone())];
         let followed = Arc::new(FollowedFiles::read(files, make, CA_FILE_SAID).unwrap());
-        let fifo = dir.path().join("fifo");
-        let fifo_name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo(3) with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
-        std::fs::rename(&fifo, &path).unwrap();
+        crate::config::fifo_in_place_of(&path);
         let looking = std::thread::spawn({
             let followed = Arc::clone(&followed);
             move || followed.look()

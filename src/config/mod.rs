@@ -40,9 +40,9 @@ pub(crate) use headers::header_can_carry;
 pub use headers::{parse_custom_headers, CustomHeadersFile};
 pub use mapping::{MappedAt, Mapping, SegmentDetails};
 pub use proxy::Proxy;
-#[cfg(test)]
-pub use reread::write_settled;
 pub use reread::{cannot_read, look_every_second, written_just_now, FileRead, Rereadable};
+#[cfg(test)]
+pub use reread::{fifo_in_place_of, write_settled};
 pub(crate) use secret::SECRET_LEAST_BYTES;
 pub use secret::{Secret, SecretFile, Secrets};
 pub use warnings::{

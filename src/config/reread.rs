@@ -43,6 +43,17 @@ pub fn cannot_read(path: &Path, error: &std::io::Error, again: bool) -> String {
     format!("cannot read {}: {error}{hint}", path.display())
 }
 
+/// Puts a FIFO in the place of the file at `path`: reading it waits for a writer, as reading
+/// a file on a network mount that stopped answering does.
+#[cfg(test)]
+pub fn fifo_in_place_of(path: &Path) {
+    let fifo = path.with_extension("fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    std::fs::rename(&fifo, path).unwrap();
+}
+
 /// Writes `contents` to `path` as one left alone since [`SETTLE`] and more.
 #[cfg(test)]
 pub fn write_settled(path: &Path, contents: impl AsRef<[u8]>) {
@@ -311,11 +322,7 @@ mod tests {
         write_settled(&path, "first\n");
         let file = super::super::SecretFile::new(path.clone(), "destination.auth.token_file", true);
         let token = Rereadable::new(file.read().unwrap(), Some(file));
-        let fifo = dir.path().join("fifo");
-        let fifo_name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo(3) with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(fifo_name.as_ptr(), 0o600) }, 0);
-        std::fs::rename(&fifo, &path).unwrap();
+        fifo_in_place_of(&path);
         let running = || token.inner.read_running.lock().unwrap().is_some();
         let started = std::time::Instant::now();
         tokio::time::timeout(2 * READ_WAIT, token.reread_off_the_runtime())
