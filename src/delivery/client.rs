@@ -347,8 +347,8 @@ pub fn tls_config(destination: &Destination) -> Result<rustls::ClientConfig, Cli
     if destination.ca_file.is_some() {
         // A resumed session is not verified again, and rustls resumes one under the same
         // verifier, which the followed CA file keeps: a CA taken out of the file would go on
-        // being trusted for the sessions it verified. Connections are kept and reused, so
-        // full handshakes stay few.
+        // being trusted for the sessions it verified. Connections are kept open and reused,
+        // so a full handshake comes with a new connection only.
         config.resumption = rustls::client::Resumption::disabled();
     }
     Ok(config)
