@@ -412,7 +412,16 @@ pub(super) fn call_agent(
 ) -> Result<Value, AdminError> {
     let failed =
         |e: std::io::Error| AdminError::Failed(format!("agent at {}: {e}", socket.display()));
-    let mut stream = UnixStream::connect(socket).map_err(failed)?;
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        // The socket was there when the command chose to ask the agent: it stopped since.
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            AdminError::Failed(format!(
+                "agent at {}: {e}: the agent stopped (it answers again once started)",
+                socket.display()
+            ))
+        }
+        _ => failed(e),
+    })?;
     stream.set_read_timeout(timeout).map_err(failed)?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
@@ -526,6 +535,26 @@ mod tests {
         let asked = agent.join().unwrap();
         assert_eq!(asked.len(), 3);
         assert!(asked.iter().all(|r| r == &asked[0]), "{asked:?}");
+    }
+
+    /// An agent that stopped between two requests, its socket gone or left behind by a kill,
+    /// is said to have stopped, not only named by the system's error.
+    #[test]
+    fn an_agent_gone_between_requests_is_said_to_have_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("outpost.sock");
+        let gone = call_agent(&socket, &AdminRequest::Stats, Some(AGENT_TIMEOUT)).unwrap_err();
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        let left_behind =
+            call_agent(&socket, &AdminRequest::Stats, Some(AGENT_TIMEOUT)).unwrap_err();
+        for error in [gone, left_behind] {
+            let text = error.to_string();
+            assert!(
+                text.contains(&socket.display().to_string())
+                    && text.contains("the agent stopped (it answers again once started)"),
+                "{text}"
+            );
+        }
     }
 
     #[test]
