@@ -312,6 +312,7 @@ impl Agent {
             outbox_read_at: tokio::sync::Mutex::default(),
             outbox_reading: Arc::default(),
             refusals: std::sync::Mutex::default(),
+            stopping: shutdown.clone(),
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         tasks.push((

@@ -1293,6 +1293,63 @@ async fn a_request_in_flight_at_sigterm_is_answered_before_the_stop() {
     assert_eq!(stats["profiles"], 1, "{stats}");
 }
 
+/// A request of many chunks still being stored when SIGTERM comes stops at its next chunk and
+/// is answered 503 with how many of its updates were stored, which is what the store holds;
+/// the agent exits 0. Such a request could outlast the stop's wait for open requests, and
+/// was then cut off unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_request_at_sigterm_stops_at_a_chunk_and_says_what_was_stored() {
+    let receiver = receiver().await;
+    let (ws, port) = workspace(&receiver, "");
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    let larger = format!("max_body_bytes = {}", 16 * MAX_BODY);
+    let roomy = config.replacen(&format!("max_body_bytes = {MAX_BODY}"), &larger, 1);
+    assert_ne!(roomy, config);
+    std::fs::write(ws.config_path(), roomy).unwrap();
+    let mut agent = start_agent(&ws, port).await;
+    // About 400 chunks of 1,000: far more than are stored before the signal.
+    let count = 400_000;
+    let body: String = (0..count)
+        .map(|i| format!("{{\"id\":\"p{i:06}\",\"profile\":{{}}}}\n"))
+        .collect();
+    assert!(body.len() < 16 * MAX_BODY);
+    let addr = agent.addr;
+    let answer = tokio::spawn(async move { post(addr, body).await });
+    let stored_so_far = async || {
+        let (_, _, metrics) = request(addr, "GET", "/metrics", None, &[]).await.unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("outpost_updates_total{") && !l.contains("refused"))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_so_far().await == 0.0 {
+        assert!(Instant::now() < deadline, "nothing stored: {}", agent.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(30))
+        .await;
+    let (code, headers, text) = answer.await.unwrap();
+    assert_eq!(code, 503, "{text}\n{}", agent.log());
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    let said: Value = serde_json::from_str(&text).unwrap();
+    let stored = said["stored"].as_u64().expect("how many were stored");
+    assert!(
+        stored > 0 && stored < count && stored.is_multiple_of(1_000),
+        "{said}"
+    );
+    assert!(
+        said["error"].as_str().unwrap().starts_with(&format!(
+            "the agent is stopping; the first {stored} of {count} updates were stored, the rest not; send the updates after the first `stored` again"
+        )),
+        "{said}"
+    );
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert_eq!(ws.outbox_stats()["profiles"], stored, "{said}");
+}
+
 /// When the destination comes to look down, and when it answers again, the log says so once
 /// each way: the failures themselves are logged only a few at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -83,6 +83,9 @@ pub struct IngestState {
     pub outbox_reading: Arc<AtomicBool>,
     /// Requests to `/v1/updates` refused, logged a few a window ([`log_refusal`]).
     pub refusals: std::sync::Mutex<Refusals>,
+    /// Cancelled when the agent stops: a request of many chunks then stops at the next one
+    /// ([`Committer::commit_located`]).
+    pub stopping: CancellationToken,
 }
 
 /// `/metrics` reads the outbox's figures from the store at most this often, on a blocking
@@ -677,7 +680,7 @@ async fn post_updates(state: &IngestState, request: Request<Incoming>) -> Answer
         Err(located) => {
             state
                 .committer
-                .commit_located(located, &parsing, room)
+                .commit_located(located, &parsing, room, &state.stopping)
                 .await
         }
     };

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
 use super::backfill::{BackfillProgress, STEP_PROFILES};
 use super::source::SourcePosition;
@@ -281,16 +282,21 @@ impl Committer {
     /// once all are. `located` holds the first chunk parsed (`locate_body` with
     /// [`REQUEST_CHUNK`]); each later chunk is parsed again from the body with `parsing` as it
     /// is queued (the next while one is committed), so at most two chunks' updates are held at
-    /// a time. A request that stops partway (an error, or the caller gone between chunks) has
-    /// its first chunks stored, and says how far it got: sent again whole, the updates already
-    /// stored are then stale or unchanged when they have timestamps (without, an earlier
-    /// update of a profile the request updates twice is applied again over its later one, as
-    /// on any resend of a stored request).
+    /// a time. A request that stops partway (an error, the caller gone between chunks, or
+    /// `stopping` cancelled) has its first chunks stored, and says how far it got: sent again
+    /// whole, the updates already stored are then stale or unchanged when they have timestamps
+    /// (without, an earlier update of a profile the request updates twice is applied again
+    /// over its later one, as on any resend of a stored request).
+    ///
+    /// Once `stopping` is cancelled (the agent stops), no chunk after the first is queued: a
+    /// request of many chunks could outlast the stop's wait for open requests and be cut off
+    /// unanswered, its client left not knowing what was stored.
     pub async fn commit_located(
         &self,
         mut located: LocatedBody<'_>,
         parsing: &Parsing<'_>,
         room: Room,
+        stopping: &CancellationToken,
     ) -> Result<BatchSummary, PartlyCommitted> {
         let first = std::mem::take(&mut located.first);
         let rest_id_hashes = std::mem::take(&mut located.rest_id_hashes);
@@ -339,8 +345,12 @@ impl Committer {
                 });
             (!chunk.is_empty()).then_some(parsed)
         });
-        self.commit_chunks(std::iter::once(Ok(first)).chain(later), room)
-            .await
+        self.commit_chunks(
+            std::iter::once(Ok(first)).chain(later),
+            room,
+            Some(stopping),
+        )
+        .await
     }
 
     /// Commits a request's updates, all parsed and at most [`REQUEST_CHUNK`] of them, whole or
@@ -350,24 +360,32 @@ impl Committer {
         updates: Vec<Update>,
         room: Room,
     ) -> Result<BatchSummary, PartlyCommitted> {
-        self.commit_chunks(std::iter::once(Ok(updates)), room).await
+        self.commit_chunks(std::iter::once(Ok(updates)), room, None)
+            .await
     }
 
-    /// Commits each chunk in turn, each durable before the next is queued, until one fails.
-    /// The next chunk is made (parsed) while the one before is committed.
+    /// Commits each chunk in turn, each durable before the next is queued, until one fails
+    /// or, past the first, `stopping` is cancelled. The next chunk is made (parsed) while the
+    /// one before is committed.
     async fn commit_chunks(
         &self,
         mut chunks: impl Iterator<Item = Result<Vec<Update>, CommitError>>,
         room: Room,
+        stopping: Option<&CancellationToken>,
     ) -> Result<BatchSummary, PartlyCommitted> {
         let mut stored = BatchSummary::default();
         let mut next = chunks.next();
+        let mut first = true;
         while let Some(chunk) = next {
             let failed = |stored, in_doubt, error| PartlyCommitted {
                 stored,
                 in_doubt,
                 error,
             };
+            if !first && stopping.is_some_and(CancellationToken::is_cancelled) {
+                return Err(failed(stored, 0, CommitError::Unavailable(STOPPING.into())));
+            }
+            first = false;
             let chunk = chunk.map_err(|error| failed(stored, 0, error))?;
             let len = chunk.len() as u64;
             let answer = self
@@ -577,6 +595,9 @@ fn run(
 
 /// A job queued and never answered: the committer stopped (it panicked) while it held it,
 /// maybe after the group's write, or even its flush, so the job may have been stored or not.
+/// Why a request was stopped between its chunks.
+const STOPPING: &str = "the agent is stopping";
+
 fn stopped_before_answering() -> CommitError {
     CommitError::InDoubt("the committer stopped before it answered".into())
 }
@@ -693,12 +714,22 @@ mod tests {
         committer: &Committer,
         body: &str,
     ) -> Result<BatchSummary, PartlyCommitted> {
+        commit_body_unless_stopping(committer, body, &CancellationToken::new()).await
+    }
+
+    async fn commit_body_unless_stopping(
+        committer: &Committer,
+        body: &str,
+        stopping: &CancellationToken,
+    ) -> Result<BatchSummary, PartlyCommitted> {
         let parsing = committer.parsing(FutureLimit {
             now: Utc::now(),
             max_future_s: 0,
         });
         let located = locate_body(body.as_bytes(), &parsing, REQUEST_CHUNK).unwrap();
-        committer.commit_located(located, &parsing, None).await
+        committer
+            .commit_located(located, &parsing, None, stopping)
+            .await
     }
 
     /// Profile ids `{prefix}{i}` whose partition, of 4, `owned` says whether it is among
@@ -747,6 +778,36 @@ mod tests {
             "{partly:?}"
         );
         assert!(store.profile(&owned[1]).unwrap().is_none());
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    /// Once the agent stops, a request of several chunks stops before its second, and says
+    /// how far it got; a request of one chunk is committed whole.
+    #[tokio::test]
+    async fn a_request_of_several_chunks_stops_at_the_next_once_the_agent_stops() {
+        let (_dir, store, committer, thread) = committer_with_x_unreadable();
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+
+        let one_chunk = request("o", REQUEST_CHUNK - 1, "o-last");
+        let whole = commit_body_unless_stopping(&committer, &one_chunk, &stopping).await;
+        assert_eq!(whole.unwrap().accepted, REQUEST_CHUNK as u64);
+
+        let three_chunks = request("t", 2 * REQUEST_CHUNK + 1, "t-last");
+        let partly = commit_body_unless_stopping(&committer, &three_chunks, &stopping).await;
+        let partly = partly.expect_err("stopped after the first chunk");
+        assert_eq!(
+            (partly.stored.accepted, partly.in_doubt),
+            (REQUEST_CHUNK as u64, 0)
+        );
+        assert!(
+            matches!(&partly.error, CommitError::Unavailable(why) if why == STOPPING),
+            "{partly:?}"
+        );
+        let stored = |i: usize| store.profile(&format!("t{i}")).unwrap().is_some();
+        assert!(stored(REQUEST_CHUNK - 1) && !stored(REQUEST_CHUNK));
+
         drop(committer);
         thread.join().unwrap();
     }
