@@ -36,9 +36,9 @@
 //!   429s whose `Retry-After`s count down to one instant (a window that does not advertise
 //!   itself, spent until then).
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
-//!   token errors) with no answer in between that showed the endpoint working, only one probe is
-//!   in flight at a time, on the backoff schedule; the first answer that is not such a failure
-//!   reopens at once.
+//!   token errors) of requests started since an answer last showed the endpoint working, only
+//!   one probe is in flight at a time, on the backoff schedule; the first answer that is not
+//!   such a failure reopens at once.
 //!
 //! Per-export retry times are not decided here (see `retry::RetrySchedule`): a 429 delays its
 //! own export, not the destination, unless it counts down with others to a window's end.
@@ -844,7 +844,13 @@ pub struct Controller {
     /// Whether the latest 429 said to retry within [`SHORT_RETRY_AFTER`].
     retry_soon: bool,
     // Down.
+    /// Failures in a row of requests started since an answer last showed the endpoint working
+    /// (`worked_at`): a request started before then says nothing against it. Counting those
+    /// too, an endpoint that hangs on a share of its requests went down again and again: once
+    /// the hung requests held more slots than the limit their timeouts had halved, nothing
+    /// new was started, and their timeouts came in a row.
     failures_in_a_row: u32,
+    worked_at: Instant,
     /// When the first request of the current failures in a row was started.
     failures_began_at: Instant,
     /// Once the destination is back after it looked down: the limit it had before its
@@ -893,6 +899,7 @@ impl Controller {
             count_down: CountDown::default(),
             retry_soon: false,
             failures_in_a_row: 0,
+            worked_at: now,
             failures_began_at: now,
             regrow_to: None,
             down_since: None,
@@ -1198,12 +1205,13 @@ impl Controller {
         let news = signal != Signal::TokenDroppedBefore;
         if news && !signal.is_failure() {
             self.failures_in_a_row = 0;
+            self.worked_at = self.worked_at.max(now);
             if self.down_since.take().is_some() {
                 self.no_longer_down();
             }
             return;
         }
-        if news {
+        if news && started_at >= self.worked_at {
             if self.failures_in_a_row == 0 {
                 self.failures_began_at = started_at;
             }
@@ -2092,6 +2100,97 @@ mod tests {
             now += step;
         }
         (served, refused, ever_down)
+    }
+
+    /// The controller driven as the delivery loop drives it, with always more exports waiting
+    /// than it may send, for `seconds` against an endpoint that answers a request started at
+    /// `now` at the time and as `answer` says (given the run's time so far): (requests served,
+    /// when the destination first counted as down, how many times it went down).
+    fn downs_against(
+        seconds: u64,
+        seed: u64,
+        mut answer: impl FnMut(&mut rand::rngs::StdRng, Instant, Duration) -> (Instant, Signal),
+    ) -> (u64, Option<Duration>, u32) {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let step = Duration::from_micros(100);
+        let start = Instant::now();
+        let mut c = Controller::new(config(64), start);
+        let mut now = start;
+        let mut out: Vec<(Instant, Instant, Signal)> = Vec::new();
+        let (mut served, mut first_down, mut downs) = (0, None, 0);
+        while now < start + Duration::from_secs(seconds) {
+            let mut answered = Vec::new();
+            out.retain(|&(sent, at, signal)| {
+                if at > now {
+                    return true;
+                }
+                answered.push((sent, signal));
+                false
+            });
+            for (sent, signal) in answered {
+                let was_down = c.is_down();
+                c.answered(now, sent, signal);
+                served += u64::from(signal == Signal::Healthy);
+                if c.is_down() && !was_down {
+                    downs += 1;
+                    first_down.get_or_insert(now - start);
+                }
+            }
+            for _ in 0..c.permits(now, usize::MAX) {
+                c.started(now);
+                let (at, signal) = answer(&mut rng, now, now - start);
+                out.push((now, at, signal));
+            }
+            now += step;
+        }
+        (served, first_down, downs)
+    }
+
+    #[test]
+    fn an_endpoint_that_hangs_on_a_share_of_its_requests_is_never_down() {
+        use rand::Rng;
+        // (share that hangs until the timeout, the timeout): the rest answered in 50 ms.
+        for (hang, timeout) in [(0.1, Duration::from_secs(2)), (0.2, Duration::from_secs(5))] {
+            for seed in 0..3 {
+                let seconds = 60;
+                let (served, _, downs) =
+                    downs_against(seconds, seed, |rng, now, _| match rng.gen_bool(hang) {
+                        true => (now + timeout, Signal::Overloaded),
+                        false => (now + Duration::from_millis(50), Signal::Healthy),
+                    });
+                // What 64 requests in flight at all times get.
+                let mean_service = (1.0 - hang) * 0.05 + hang * timeout.as_secs_f64();
+                let capacity = 64.0 / mean_service * (1.0 - hang) * seconds as f64;
+                let got = format!(
+                    "{:.0}% hanging for {timeout:?}, seed {seed}: served {served} ({:.2} of \
+                     capacity), down {downs} times",
+                    hang * 100.0,
+                    served as f64 / capacity
+                );
+                eprintln!("{got}");
+                assert_eq!(downs, 0, "{got}");
+                assert!(served as f64 >= 0.7 * capacity, "{got}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_starts_to_hang_on_every_request_goes_down_within_a_few_timeouts() {
+        let timeout = Duration::from_secs(2);
+        let healthy_for = Duration::from_secs(5);
+        let (_, first_down, downs) = downs_against(30, 0, |_, now, since_start| {
+            match since_start < healthy_for {
+                true => (now + Duration::from_millis(50), Signal::Healthy),
+                false => (now + timeout, Signal::Overloaded),
+            }
+        });
+        let first_down = first_down.expect("down");
+        assert!(
+            first_down > healthy_for && first_down <= healthy_for + timeout * 3,
+            "down at {first_down:?}"
+        );
+        assert_eq!(downs, 1);
     }
 
     #[test]
