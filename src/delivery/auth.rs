@@ -13,7 +13,7 @@
 //! ([`super::credentials`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -46,6 +46,9 @@ pub enum AuthError {
         /// Where a redirect points, which is not followed ([`client::Answer::redirect_note`]).
         redirect: String,
         body: String,
+        /// The answer's `Retry-After` (up to an hour, as the destination's): no token is
+        /// asked for until it has passed.
+        retry_after: Option<Duration>,
     },
     #[error("token endpoint: unreadable answer: {0}")]
     Answer(String),
@@ -210,6 +213,10 @@ pub struct TokenSource {
     fetching: Mutex<Fetching>,
     fetches: Counter,
     expiry: TokenExpiry,
+    /// No token is asked for before this: the token endpoint's last answer, a failure, said to
+    /// retry after it (`Retry-After`). An identity provider that limits its requests (a 429)
+    /// counts those sent earlier, and may lock the client out.
+    not_before: std::sync::Mutex<Option<Instant>>,
 }
 
 impl TokenSource {
@@ -223,7 +230,17 @@ impl TokenSource {
             fetching: Mutex::new(Fetching::default()),
             fetches,
             expiry: TokenExpiry::default(),
+            not_before: std::sync::Mutex::default(),
         }
+    }
+
+    /// How long no token is asked for yet: the token endpoint's last failed answer said to
+    /// retry after it (`Retry-After`).
+    pub fn retry_wait(&self) -> Option<Duration> {
+        let not_before = *self.not_before.lock().unwrap_or_else(|e| e.into_inner());
+        not_before
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .filter(|wait| !wait.is_zero())
     }
 
     /// Reports the expiry of each token fetched to `expiry`.
@@ -269,6 +286,9 @@ impl TokenSource {
                     if *at >= waiting_since {
                         return Err(error.clone());
                     }
+                    if self.retry_wait().is_some() {
+                        return self.unexpired_current().map(Some).ok_or(error.clone());
+                    }
                 }
                 // The lifetime counts from the asking: the answer may take a while to come.
                 let asked_at = Instant::now();
@@ -276,6 +296,12 @@ impl TokenSource {
                     Ok(fetched) => fetched,
                     Err(error) => {
                         let now = Instant::now();
+                        let retry_after = match &error {
+                            AuthError::Status { retry_after, .. } => *retry_after,
+                            _ => None,
+                        };
+                        *self.not_before.lock().unwrap_or_else(|e| e.into_inner()) =
+                            retry_after.map(|wait| now + wait);
                         fetching.failed = Some((now, error.clone()));
                         let held = self
                             .current
@@ -295,6 +321,7 @@ impl TokenSource {
                     }
                 };
                 fetching.failed = None;
+                *self.not_before.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 if let Some(warning) = token_type_warning(fetched.token_type.as_deref()) {
                     if fetching.told_token_type != fetched.token_type {
                         tracing::warn!("{warning}");
@@ -511,6 +538,7 @@ impl TokenSource {
                 status: answer.status.as_u16(),
                 redirect: answer.redirect_note(&secrets, "destination.auth.auth_endpoint"),
                 body: answer.body_start_hiding(&secrets),
+                retry_after: super::retry::retry_after(&answer.headers, SystemTime::now()),
             });
         }
         if let Some(cut) = &answer.body_cut {
@@ -740,6 +768,43 @@ mod tests {
             tokens.token().await,
             Err(AuthError::Status { status: 500, .. })
         ));
+    }
+
+    /// A token endpoint that says when to ask again (`Retry-After`, with a 429 or a 503) is
+    /// not asked before then: each caller meanwhile gets its last error, and how long is left.
+    #[tokio::test]
+    async fn the_token_endpoint_is_not_asked_again_before_its_retry_after() {
+        use crate::receiver::Reply;
+        let (receiver, tokens) = with_receiver().await;
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            let retry_after = ("retry-after".to_owned(), "30".to_owned());
+            Reply::Status(429, vec![retry_after], "slow down".into())
+        })));
+        let refused = |result: Result<Option<Secret>, AuthError>| {
+            assert!(
+                matches!(result, Err(AuthError::Status { status: 429, .. })),
+                "{result:?}"
+            );
+        };
+        refused(tokens.token().await);
+        assert_eq!(receiver.token_requests().len(), 1);
+        let wait = tokens.retry_wait().expect("a wait");
+        assert!(wait > Duration::from_secs(29) && wait <= Duration::from_secs(30));
+        tokio::time::pause();
+        refused(tokens.token().await);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        refused(tokens.token().await);
+        assert_eq!(receiver.token_requests().len(), 1, "asked within its wait");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(tokens.retry_wait(), None);
+        tokio::time::resume();
+        receiver.set_token_script(None);
+        assert!(tokens.token().await.unwrap().is_some());
+        assert_eq!(
+            receiver.token_requests().len(),
+            2,
+            "asked once its wait passed"
+        );
     }
 
     /// A token endpoint that moved answers a redirect, which is not followed: the error says

@@ -796,9 +796,13 @@ impl Deliverer {
                     Verdict::Retry(retry) => (error, retry_after, retry),
                 }
             }
-            Attempted::TokenFailed(error) => {
+            Attempted::TokenFailed { error, retry_after } => {
                 state.controller.unanswered(started_at, false);
-                (error, None, retry::retry_without_answer(NoAnswer::Token))
+                (
+                    error,
+                    retry_after,
+                    retry::retry_without_answer(NoAnswer::Token),
+                )
             }
             Attempted::SendFailed {
                 error,

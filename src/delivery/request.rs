@@ -73,8 +73,12 @@ pub(super) enum Attempted {
         /// `HTTP <status>: <start of the body>`, for anything but 2xx.
         error: String,
     },
-    /// No token could be had.
-    TokenFailed(String),
+    /// No token could be had; `retry_after`: how long the token endpoint said not to be asked
+    /// again.
+    TokenFailed {
+        error: String,
+        retry_after: Option<Duration>,
+    },
     /// The agent began to stop before the request was sent (while it waited for its token, which
     /// may take a request timeout or two): the endpoint never saw it, and it goes after the
     /// restart. A stop waits one request timeout for the requests already sent.
@@ -99,7 +103,7 @@ impl Attempted {
     pub(super) fn cut_error(&mut self) {
         let error = match self {
             Attempted::Answered { error, .. }
-            | Attempted::TokenFailed(error)
+            | Attempted::TokenFailed { error, .. }
             | Attempted::SendFailed { error, .. } => error,
             Attempted::NotSent => return,
         };
@@ -146,7 +150,12 @@ impl Deliverer {
         };
         let token = match token {
             Ok(token) => token,
-            Err(e) => return Attempted::TokenFailed(e.to_string()),
+            Err(e) => {
+                return Attempted::TokenFailed {
+                    error: e.to_string(),
+                    retry_after: self.tokens.retry_wait(),
+                }
+            }
         };
         if stop.is_cancelled() {
             return Attempted::NotSent;
