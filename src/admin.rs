@@ -318,9 +318,11 @@ pub fn execute_with(
             export_view(store, &export)
         }
         AdminRequest::Profile { id } => {
-            let stored = store
-                .profile(id)?
-                .ok_or_else(|| AdminError::NotFound(format!("no profile `{id}` is stored")))?;
+            let stored = store.profile(id)?.ok_or_else(|| {
+                // Errors keep their own line breaks on a terminal; an id's are escaped.
+                let id = crate::commands::for_terminal(id, false);
+                AdminError::NotFound(format!("no profile `{id}` is stored"))
+            })?;
             Ok(
                 json!({"id": id, "timestamp": stored.timestamp.map(format_stored_time), "profile": stored.profile}),
             )
@@ -828,6 +830,20 @@ mod tests {
         let again = drop_rejected(&store, &["3-1".into(), "3-1".into()], false).unwrap();
         assert_eq!(again["dropped_count"], 0);
         assert_eq!(again["not_found"], json!(["3-1"]));
+    }
+
+    /// A profile id is anything a producer sent: one not stored is named with its control
+    /// characters escaped, since an error keeps its own line breaks on a terminal.
+    #[test]
+    fn a_profile_not_stored_is_named_with_its_line_breaks_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let id = "a\nb".to_owned();
+        let error = execute(&store, &AdminRequest::Profile { id }).unwrap_err();
+        assert_eq!(
+            error,
+            AdminError::NotFound("no profile `a\\nb` is stored".into())
+        );
     }
 
     #[test]
