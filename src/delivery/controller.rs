@@ -36,9 +36,10 @@
 //!   429s whose `Retry-After`s count down to one instant (a window that does not advertise
 //!   itself, spent until then).
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
-//!   token errors) of requests started since an answer last showed the endpoint working, only
-//!   one probe is in flight at a time, on the backoff schedule; the first answer that is not
-//!   such a failure reopens at once.
+//!   token errors) of requests started since an answer last showed the endpoint working, or
+//!   of any once nearly all answers of the last request timeout were failures, only one probe
+//!   is in flight at a time, on the backoff schedule; the first answer that is not such a
+//!   failure reopens at once.
 //!
 //! Per-export retry times are not decided here (see `retry::RetrySchedule`): a 429 delays its
 //! own export, not the destination, unless it counts down with others to a window's end.
@@ -50,8 +51,11 @@ use tokio::time::Instant;
 use super::quota::{Advertised, CountDown, Quota};
 use super::retry::RetrySchedule;
 
-/// Failures in a row after which the destination counts as down.
+/// Failures in a row after which the destination counts as down (see `failures_in_a_row`).
 pub const DOWN_AFTER: u32 = 8;
+/// The share of the answers of the last request timeout that were failures from which failures
+/// in a row take the destination down whenever their requests were started.
+const DOWN_AT_SHARE: f64 = 0.75;
 /// The limit a fresh controller starts at (below the maximum, it adapts from there).
 pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
@@ -231,6 +235,8 @@ pub struct ControllerConfig {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub jitter: bool,
+    /// `delivery.request_timeout_ms`: how long a request may take (see `worked_at`).
+    pub request_timeout: Duration,
 }
 
 /// Which of the recent answers were 429s (see [`SHARE_OVER`]).
@@ -594,6 +600,47 @@ fn unlikely_in_a_row(share: f64) -> u32 {
     (STRAYS_IN_A_ROW_CHANCE.ln() / share.ln()).ceil().max(2.0) as u32
 }
 
+/// The answers of about the last `window` (a request timeout), counted in [`WINDOW_PARTS`]
+/// parts of it, and how many were failures: bounded however fast the endpoint answers.
+#[derive(Debug, Default)]
+struct FailureShare {
+    /// (when the part began, answers, failures), oldest first.
+    parts: std::collections::VecDeque<(Instant, u32, u32)>,
+}
+
+const WINDOW_PARTS: u32 = 20;
+
+impl FailureShare {
+    fn record(&mut self, now: Instant, window: Duration, failed: bool) {
+        let part = window / WINDOW_PARTS;
+        while self
+            .parts
+            .front()
+            .is_some_and(|&(began, ..)| began + window < now)
+        {
+            self.parts.pop_front();
+        }
+        match self.parts.back_mut() {
+            Some((began, answers, failures)) if *began + part > now => {
+                *answers += 1;
+                *failures += u32::from(failed);
+            }
+            _ => self.parts.push_back((now, 1, u32::from(failed))),
+        }
+    }
+
+    /// The share of the answers counted that were failures.
+    fn share(&self) -> f64 {
+        let (answers, failures) = self
+            .parts
+            .iter()
+            .fold((0, 0), |(a, f), &(_, answers, failures)| {
+                (a + answers, f + failures)
+            });
+        f64::from(failures) / f64::from(answers.max(1))
+    }
+}
+
 /// The last [`RECENT_ANSWERS`] answers to requests started since the limit was last cut,
 /// and how many of them were overloads.
 #[derive(Debug, Default)]
@@ -844,12 +891,18 @@ pub struct Controller {
     /// Whether the latest 429 said to retry within [`SHORT_RETRY_AFTER`].
     retry_soon: bool,
     // Down.
-    /// Failures in a row of requests started since an answer last showed the endpoint working
-    /// (`worked_at`): a request started before then says nothing against it. Counting those
-    /// too, an endpoint that hangs on a share of its requests went down again and again: once
-    /// the hung requests held more slots than the limit their timeouts had halved, nothing
-    /// new was started, and their timeouts came in a row.
+    /// Failures in a row. They take the destination down when [`DOWN_AFTER`] of them are of
+    /// requests started since an answer last showed the endpoint working (`worked_at`), or
+    /// when nearly all answers of the last request timeout were failures
+    /// ([`DOWN_AT_SHARE`]). A request started before then says nothing against it alone:
+    /// counting those as the others, an endpoint that hangs on a share of its requests went
+    /// down again and again, since once the hung requests held more slots than the limit
+    /// their timeouts had halved, nothing new was started, and their timeouts came in a row.
+    /// Counting them never, one that hangs on nearly all its requests, a rare success moving
+    /// `worked_at`, never went down.
     failures_in_a_row: u32,
+    failures_since_worked: u32,
+    failure_share: FailureShare,
     worked_at: Instant,
     /// When the first request of the current failures in a row was started.
     failures_began_at: Instant,
@@ -899,6 +952,8 @@ impl Controller {
             count_down: CountDown::default(),
             retry_soon: false,
             failures_in_a_row: 0,
+            failures_since_worked: 0,
+            failure_share: FailureShare::default(),
             worked_at: now,
             failures_began_at: now,
             regrow_to: None,
@@ -932,6 +987,7 @@ impl Controller {
             "a probe is out: something is left to deliver"
         );
         self.failures_in_a_row = 0;
+        self.failures_since_worked = 0;
         if self.down_since.take().is_some() {
             self.no_longer_down();
         }
@@ -1203,22 +1259,33 @@ impl Controller {
         // nor reopens. As a probe's answer, though, it is that probe's failure (below): else
         // no probe would go again.
         let news = signal != Signal::TokenDroppedBefore;
+        if news {
+            let window = self.config.request_timeout;
+            self.failure_share.record(now, window, signal.is_failure());
+        }
         if news && !signal.is_failure() {
             self.failures_in_a_row = 0;
+            self.failures_since_worked = 0;
             self.worked_at = self.worked_at.max(now);
             if self.down_since.take().is_some() {
                 self.no_longer_down();
             }
             return;
         }
-        if news && started_at >= self.worked_at {
+        if news {
             if self.failures_in_a_row == 0 {
                 self.failures_began_at = started_at;
             }
             self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+            if started_at >= self.worked_at {
+                self.failures_since_worked = self.failures_since_worked.saturating_add(1);
+            }
         }
+        let down = self.failures_since_worked >= DOWN_AFTER
+            || (self.failures_in_a_row >= DOWN_AFTER
+                && self.failure_share.share() >= DOWN_AT_SHARE);
         match self.down_since {
-            None if news && self.failures_in_a_row >= DOWN_AFTER => {
+            None if news && down => {
                 self.down_since = Some(now);
                 self.probe_in_flight = false;
                 self.probe_at = now + self.next_backoff();
@@ -1496,6 +1563,7 @@ mod tests {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(800),
             jitter: false,
+            request_timeout: Duration::from_secs(10),
         }
     }
 
@@ -2104,10 +2172,11 @@ mod tests {
 
     /// The controller driven as the delivery loop drives it, with always more exports waiting
     /// than it may send, for `seconds` against an endpoint that answers a request started at
-    /// `now` at the time and as `answer` says (given the run's time so far): (requests served,
-    /// when the destination first counted as down, how many times it went down).
+    /// `now` at the time and as `answer` says (given the run's time so far), `request_timeout`
+    /// the longest it takes: (requests served, when the destination first counted as down, how
+    /// many times it went down).
     fn downs_against(
-        seconds: u64,
+        (seconds, request_timeout): (u64, Duration),
         seed: u64,
         mut answer: impl FnMut(&mut rand::rngs::StdRng, Instant, Duration) -> (Instant, Signal),
     ) -> (u64, Option<Duration>, u32) {
@@ -2115,7 +2184,11 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let step = Duration::from_micros(100);
         let start = Instant::now();
-        let mut c = Controller::new(config(64), start);
+        let config = ControllerConfig {
+            request_timeout,
+            ..config(64)
+        };
+        let mut c = Controller::new(config, start);
         let mut now = start;
         let mut out: Vec<(Instant, Instant, Signal)> = Vec::new();
         let (mut served, mut first_down, mut downs) = (0, None, 0);
@@ -2154,11 +2227,12 @@ mod tests {
         for (hang, timeout) in [(0.1, Duration::from_secs(2)), (0.2, Duration::from_secs(5))] {
             for seed in 0..3 {
                 let seconds = 60;
-                let (served, _, downs) =
-                    downs_against(seconds, seed, |rng, now, _| match rng.gen_bool(hang) {
+                let (served, _, downs) = downs_against((seconds, timeout), seed, |rng, now, _| {
+                    match rng.gen_bool(hang) {
                         true => (now + timeout, Signal::Overloaded),
                         false => (now + Duration::from_millis(50), Signal::Healthy),
-                    });
+                    }
+                });
                 // What 64 requests in flight at all times get.
                 let mean_service = (1.0 - hang) * 0.05 + hang * timeout.as_secs_f64();
                 let capacity = 64.0 / mean_service * (1.0 - hang) * seconds as f64;
@@ -2176,10 +2250,32 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_that_hangs_on_nearly_every_request_goes_down_within_a_few_timeouts() {
+        use rand::Rng;
+        let timeout = Duration::from_secs(10);
+        for hang in [0.9, 0.97] {
+            for seed in 0..3 {
+                let (served, first_down, _) = downs_against((60, timeout), seed, |rng, now, _| {
+                    match rng.gen_bool(hang) {
+                        true => (now + timeout, Signal::Overloaded),
+                        false => (now + Duration::from_millis(50), Signal::Healthy),
+                    }
+                });
+                let got = format!(
+                    "{:.0}% hanging, seed {seed}: served {served}, first down at {first_down:?}",
+                    hang * 100.0
+                );
+                eprintln!("{got}");
+                assert!(first_down.is_some_and(|at| at <= timeout * 3), "{got}");
+            }
+        }
+    }
+
+    #[test]
     fn an_endpoint_that_starts_to_hang_on_every_request_goes_down_within_a_few_timeouts() {
         let timeout = Duration::from_secs(2);
         let healthy_for = Duration::from_secs(5);
-        let (_, first_down, downs) = downs_against(30, 0, |_, now, since_start| {
+        let (_, first_down, downs) = downs_against((30, timeout), 0, |_, now, since_start| {
             match since_start < healthy_for {
                 true => (now + Duration::from_millis(50), Signal::Healthy),
                 false => (now + timeout, Signal::Overloaded),

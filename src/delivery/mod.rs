@@ -244,6 +244,7 @@ impl Deliverer {
                 initial_backoff: d.initial_backoff,
                 max_backoff: d.max_backoff,
                 jitter: true,
+                request_timeout: d.request_timeout,
             },
             metrics,
             recording_failure: Arc::default(),
@@ -1026,7 +1027,7 @@ impl Deliverer {
         match (m.destination_down.get() == 1, down) {
             (false, true) if cause == Some(RetryCause::Token) => tracing::warn!(
                 last_error = %last_error,
-                "no token can be had (every token request failed for a while): trying one request at a time on the backoff schedule; exports wait in the outbox"
+                "no token can be had (the token endpoint failed, or said when to ask again): trying one request at a time on the backoff schedule; exports wait in the outbox"
             ),
             (false, true) => tracing::warn!(
                 last_error = %last_error,
