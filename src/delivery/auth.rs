@@ -89,14 +89,15 @@ pub enum FormGrant<'a> {
     RefreshToken(&'a Secret),
 }
 
-/// Whether a token endpoint's answer of `status` to a refresh token is a reason to use the
-/// original grant at once: every answer but a 408 or a 429, which ask to come back later
-/// whatever the grant. The original credentials are always at hand, so a refresh token is
-/// never needed: one the endpoint refuses (400, 401, 403: RFC 6749's `invalid_grant`), a
-/// grant it does not serve (404, 405, 422) or one it fails on (5xx) would otherwise be tried
-/// again at every fetch while nothing is delivered.
-fn falls_back_from_refresh(status: u16) -> bool {
-    !matches!(status, 408 | 429)
+/// Whether a token endpoint's answer of `status` (with `retry_after`) to a refresh token is a
+/// reason to use the original grant at once: every answer but a 408, a 429 or one with a
+/// `Retry-After` (a 503 under load), which ask to come back later whatever the grant. The
+/// original credentials are always at hand, so a refresh token is never needed: one the
+/// endpoint refuses (400, 401, 403: RFC 6749's `invalid_grant`), a grant it does not serve
+/// (404, 405, 422) or one it fails on (5xx) would otherwise be tried again at every fetch
+/// while nothing is delivered.
+fn falls_back_from_refresh(status: u16, retry_after: Option<Duration>) -> bool {
+    retry_after.is_none() && !matches!(status, 408 | 429)
 }
 
 /// How long before expiry a token is refreshed.
@@ -347,8 +348,8 @@ impl TokenSource {
 
     /// A new token: with the refresh token when there is one, falling back to the original
     /// grant when the token endpoint does not answer it with a token: any status but 408 and
-    /// 429 ([`falls_back_from_refresh`]; those say nothing of the refresh token, which is kept
-    /// for the next try), or a 2xx that holds no usable token (`{"error": "invalid_grant"}`
+    /// 429, and any answer without `Retry-After` ([`falls_back_from_refresh`]; those say
+    /// nothing of the refresh token, which is kept for the next try), or a 2xx that holds no usable token (`{"error": "invalid_grant"}`
     /// with a 200, as some servers answer a refresh token they no longer take). Kept, such a
     /// refresh token would be tried again at every fetch, and delivery would stop once the
     /// token held expired.
@@ -357,7 +358,11 @@ impl TokenSource {
             return self.fetch().await;
         };
         match self.request(FormGrant::RefreshToken(&refresh)).await {
-            Err(AuthError::Status { status, .. }) if falls_back_from_refresh(status) => {
+            Err(AuthError::Status {
+                status,
+                retry_after,
+                ..
+            }) if falls_back_from_refresh(status, retry_after) => {
                 tracing::info!(
                     status,
                     "the token endpoint did not answer the refresh token with a token; using the original grant"
@@ -807,6 +812,30 @@ mod tests {
         );
     }
 
+    /// A refresh refused with `Retry-After` leaves the token held in use, without another
+    /// try before then, though the refresh's own schedule would try again after 1 s.
+    #[tokio::test]
+    async fn the_token_held_serves_while_a_refresh_waits_for_its_retry_after() {
+        use crate::receiver::Reply;
+        let (receiver, tokens) = with_receiver_issuing(Duration::from_secs(600)).await;
+        let held = tokens.token().await.unwrap().expect("a token");
+        tokio::time::pause();
+        // Past its refresh time (540 s), before its expiry.
+        tokio::time::advance(Duration::from_secs(545)).await;
+        tokio::time::resume();
+        receiver.set_token_script(Some(Arc::new(|_, _| {
+            let retry_after = ("retry-after".to_owned(), "30".to_owned());
+            Reply::Status(503, vec![retry_after], "busy".into())
+        })));
+        assert_eq!(tokens.token().await.unwrap(), Some(held.clone()));
+        assert_eq!(receiver.token_requests().len(), 2, "the refresh was tried");
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(tokens.token().await.unwrap(), Some(held));
+        assert_eq!(receiver.token_requests().len(), 2, "tried within its wait");
+        tokio::time::resume();
+    }
+
     /// A token endpoint that moved answers a redirect, which is not followed: the error says
     /// where it points and which setting must name that place.
     #[tokio::test]
@@ -1052,21 +1081,30 @@ mod tests {
 
     #[test]
     fn a_refresh_token_not_answered_with_a_token_gives_way_to_the_original_grant() {
-        // (status of the answer to the refresh token) -> the original grant at once
+        // (status of the answer to the refresh token, its Retry-After) -> the original grant
+        // at once
+        let later = Some(Duration::from_secs(30));
         let table = [
-            (400, true),
-            (401, true),
-            (403, true),
-            (404, true),
-            (405, true),
-            (422, true),
-            (500, true),
-            (503, true),
-            (408, false),
-            (429, false),
+            (400, None, true),
+            (401, None, true),
+            (403, None, true),
+            (404, None, true),
+            (405, None, true),
+            (422, None, true),
+            (500, None, true),
+            (503, None, true),
+            (503, later, false),
+            (500, later, false),
+            (408, None, false),
+            (429, None, false),
+            (429, later, false),
         ];
-        for (status, expected) in table {
-            assert_eq!(falls_back_from_refresh(status), expected, "{status}");
+        for (status, retry_after, expected) in table {
+            assert_eq!(
+                falls_back_from_refresh(status, retry_after),
+                expected,
+                "{status} {retry_after:?}"
+            );
         }
     }
 

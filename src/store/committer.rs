@@ -593,11 +593,11 @@ fn run(
     }
 }
 
-/// A job queued and never answered: the committer stopped (it panicked) while it held it,
-/// maybe after the group's write, or even its flush, so the job may have been stored or not.
 /// Why a request was stopped between its chunks.
 const STOPPING: &str = "the agent is stopping";
 
+/// A job queued and never answered: the committer stopped (it panicked) while it held it,
+/// maybe after the group's write, or even its flush, so the job may have been stored or not.
 fn stopped_before_answering() -> CommitError {
     CommitError::InDoubt("the committer stopped before it answered".into())
 }
