@@ -348,9 +348,10 @@ impl TokenSource {
 
     /// A new token: with the refresh token when there is one, falling back to the original
     /// grant when the token endpoint does not answer it with a token: any status but 408 and
-    /// 429, and any answer without `Retry-After` ([`falls_back_from_refresh`]; those say
-    /// nothing of the refresh token, which is kept for the next try), or a 2xx that holds no usable token (`{"error": "invalid_grant"}`
-    /// with a 200, as some servers answer a refresh token they no longer take). Kept, such a
+    /// 429, of an answer without `Retry-After` ([`falls_back_from_refresh`]; those say nothing
+    /// of the refresh token, which is kept for the next try), or a 2xx that holds no usable
+    /// token (`{"error": "invalid_grant"}` with a 200, as some servers answer a refresh token
+    /// they no longer take). Kept, such a
     /// refresh token would be tried again at every fetch, and delivery would stop once the
     /// token held expired.
     async fn fetch_with(&self, refresh_token: &mut Option<Secret>) -> Result<Fetched, AuthError> {

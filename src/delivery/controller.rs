@@ -37,9 +37,9 @@
 //!   itself, spent until then).
 //! - **Down**: after [`DOWN_AFTER`] failures in a row (server errors, timeouts, connection and
 //!   token errors) of requests started since an answer last showed the endpoint working, or
-//!   of any once nearly all answers of the last request timeout were failures, only one probe
-//!   is in flight at a time, on the backoff schedule; the first answer that is not such a
-//!   failure reopens at once.
+//!   of any once three quarters of the answers of the last request timeout were failures
+//!   ([`DOWN_AT_SHARE`]), only one probe is in flight at a time, on the backoff schedule; the
+//!   first answer that is not such a failure reopens at once.
 //!
 //! Per-export retry times are not decided here (see `retry::RetrySchedule`): a 429 delays its
 //! own export, not the destination, unless it counts down with others to a window's end.
@@ -55,7 +55,7 @@ use super::retry::RetrySchedule;
 pub const DOWN_AFTER: u32 = 8;
 /// The share of the answers of the last request timeout that were failures from which failures
 /// in a row take the destination down whenever their requests were started.
-const DOWN_AT_SHARE: f64 = 0.75;
+pub const DOWN_AT_SHARE: f64 = 0.75;
 /// The limit a fresh controller starts at (below the maximum, it adapts from there).
 pub const INITIAL_LIMIT: usize = 8;
 /// The rate cap never goes below this many requests a second.
@@ -235,7 +235,8 @@ pub struct ControllerConfig {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub jitter: bool,
-    /// `delivery.request_timeout_ms`: how long a request may take (see `worked_at`).
+    /// `delivery.request_timeout_ms`: how long a request may take, and so how far back the
+    /// share of failed answers that takes the destination down is judged ([`DOWN_AT_SHARE`]).
     pub request_timeout: Duration,
 }
 
@@ -893,7 +894,7 @@ pub struct Controller {
     // Down.
     /// Failures in a row. They take the destination down when [`DOWN_AFTER`] of them are of
     /// requests started since an answer last showed the endpoint working (`worked_at`), or
-    /// when nearly all answers of the last request timeout were failures
+    /// when three quarters of the answers of the last request timeout were failures
     /// ([`DOWN_AT_SHARE`]). A request started before then says nothing against it alone:
     /// counting those as the others, an endpoint that hangs on a share of its requests went
     /// down again and again, since once the hung requests held more slots than the limit
