@@ -454,6 +454,37 @@ async fn token_endpoint_failures_back_off_and_never_dead_letter() {
     agent.stop().await.unwrap();
 }
 
+/// A token endpoint's `Retry-After` holds the exports waiting for a token as long: with no token
+/// to be had, each attempt would fail at once, and its export be tried again on its backoff.
+#[tokio::test]
+async fn exports_waiting_for_a_token_wait_for_the_token_endpoints_retry_after() {
+    let s = setup().await;
+    let asked_at = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let asked = Arc::clone(&asked_at);
+    s.receiver.set_token_script(Some(Arc::new(move |n, _| {
+        asked.lock().unwrap().push(Instant::now());
+        match n {
+            0 => Reply::Status(429, vec![("retry-after".into(), "2".into())], "".into()),
+            _ => Reply::Normal,
+        }
+    })));
+    let agent = start(&s.config).await;
+    ingest(&agent, &updates(&["a"], 1)).await;
+    wait_until(10, "the first token request", || {
+        !asked_at.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pending = agent.store.list(&ListFilter::default()).unwrap();
+    // On its backoff alone (20 ms, doubling) it would have been tried 5 or 6 times by now.
+    assert_eq!(pending[0].record.attempts, 1, "{pending:?}");
+    drained(&agent, &s.receiver, 1).await;
+    let asked_at = asked_at.lock().unwrap().clone();
+    assert_eq!(asked_at.len(), 2);
+    assert!(asked_at[1] - asked_at[0] >= Duration::from_secs(2));
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn server_errors_and_429_with_retry_after() {
     let s = setup().await;
