@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::time::parse_timestamp;
-use super::{truncate, InputError, Op, Parsing, Update, MAX_ID_BYTES};
+use super::{quoted_ends, InputError, Op, Parsing, Update, MAX_ID_BYTES};
 use crate::profile::engine;
 use crate::profile::numbers;
 use crate::profile::prune::{Allowance, KeepTree, PrunedObject, WeighedObject};
@@ -124,7 +124,7 @@ impl Visitor<'_> for OpNameVisitor {
             "delete" => Ok(OpName(Op::Delete)),
             other => Err(E::custom(format_args!(
                 "`op` must be one of `upsert`, `merge`, `delete`, not `{}`",
-                crate::explain::cut_to(other.to_owned(), 100)
+                quoted_ends(other)
             ))),
         }
     }
@@ -222,7 +222,7 @@ pub fn update_from_json_with(
                         line,
                         format!(
                             "`profile.{path}` is the integer {}, beyond the 64-bit range outpost keeps exactly (XDM integers stay within ±2^53); it would be stored and sent altered, so the update is refused: send it as a string",
-                            truncate(&literal, 64)
+                            quoted_ends(&literal)
                         ),
                     ));
                 }
@@ -536,7 +536,7 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
         Some(text) => Some(parse_timestamp(&text).map_err(|reason| {
             InputError::new(
                 line,
-                format!("`timestamp` `{}` {reason}", truncate(&text, 64)),
+                format!("`timestamp` `{}` {reason}", quoted_ends(&text)),
             )
         })?),
     };
@@ -563,7 +563,7 @@ fn validate(raw: RawUpdate, line: u64, parsing: &Parsing) -> Result<Update, Inpu
 mod tests {
     use super::*;
     use crate::profile::update::tests::error_of;
-    use crate::profile::update::{format_time, locate_body, parse_body, parse_body_with};
+    use crate::profile::update::{format_time, locate_body, parse_body, parse_body_with, truncate};
     use serde_json::json;
 
     #[test]

@@ -183,18 +183,7 @@ fn shortened(reason: String) -> String {
         out.push_str(&rest[..=open]);
         rest = &rest[open + 1..];
         let close = rest.find('`').unwrap_or(rest.len());
-        let quoted = &rest[..close];
-        if quoted.len() <= QUOTED_AT_MOST {
-            out.push_str(quoted);
-        } else {
-            let mut end = quoted.len() - QUOTED_END;
-            while !quoted.is_char_boundary(end) {
-                end += 1;
-            }
-            out.push_str(truncate(quoted, QUOTED_AT_MOST - QUOTED_END));
-            out.push('…');
-            out.push_str(&quoted[end..]);
-        }
+        out.push_str(&quoted_ends(&rest[..close]));
         rest = &rest[close..];
         if let Some(after) = rest.strip_prefix('`') {
             out.push('`');
@@ -203,6 +192,21 @@ fn shortened(reason: String) -> String {
     }
     out.push_str(rest);
     crate::explain::cut_to(out, REASON_AT_MOST)
+}
+
+/// `text` as an error quotes it: whole up to [`QUOTED_AT_MOST`] bytes, else its first bytes and
+/// its last [`QUOTED_END`] around a `…`. A value quoted so before it goes into a reason is
+/// left as it is by [`shortened`], and no more than its ends is copied.
+pub(crate) fn quoted_ends(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= QUOTED_AT_MOST {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = text.len() - QUOTED_END;
+    while !text.is_char_boundary(end) {
+        end += 1;
+    }
+    let start = truncate(text, QUOTED_AT_MOST - QUOTED_END);
+    std::borrow::Cow::Owned(format!("{start}…{}", &text[end..]))
 }
 
 /// The longest start of `text` of at most `max` bytes that ends at a character boundary.
@@ -252,6 +256,30 @@ mod tests {
                 error.reason
             );
         }
+    }
+
+    /// Values an error quotes are cut as names are, keeping both ends: a `timestamp` was cut
+    /// at 64 bytes with no mark (read as whole), an `op` cut twice.
+    #[test]
+    fn errors_quote_only_the_ends_of_a_long_value() {
+        let long = format!(
+            "{}{}{}",
+            "s".repeat(50),
+            "m".repeat(100_000),
+            "e".repeat(30)
+        );
+        let ends = format!("{}…{}", "s".repeat(44), "e".repeat(20));
+        for field in ["timestamp", "op"] {
+            let body = format!(r#"{{"id":"a","{field}":"{long}","profile":{{}}}}"#);
+            let error = error_of(body.as_bytes());
+            assert!(
+                error.reason.contains(&format!("`{ends}`")),
+                "{field}: {}",
+                error.reason
+            );
+        }
+        assert_eq!(quoted_ends("short"), "short");
+        assert_eq!(quoted_ends(&long), ends);
     }
 
     #[test]
