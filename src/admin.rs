@@ -56,6 +56,11 @@ pub enum AdminRequest {
     /// Updates already validated by the CLI, committed as one group.
     Ingest {
         updates: Vec<Value>,
+        /// The number of the first of them in the command's input (from 1): an input goes
+        /// in many requests, and an update refused is named by it. `None` from a command of
+        /// an earlier build.
+        #[serde(default)]
+        first: Option<u64>,
     },
     /// Messages from the NATS stream that were not valid updates.
     RejectedList {
@@ -915,6 +920,7 @@ mod tests {
             let text = format!(r#"{{"id":"a","profile":{{"x":{}}}}}"#, nested(depth - 2));
             serde_json::from_str::<Value>(&text).map(|update| AdminRequest::Ingest {
                 updates: vec![update],
+                first: None,
             })
         };
         let request = update(deepest).unwrap();

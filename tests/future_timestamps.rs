@@ -175,7 +175,7 @@ async fn an_agent_stricter_than_the_cli_refuses_a_chunk_and_the_cli_says_what_wa
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("the agent refused update 2 of the 2 sent together"),
+        stderr.contains("the agent refused the input's update 1002 (2 of the 2 sent together)"),
         "{stderr}"
     );
     assert!(stderr.contains("ingest.max_future_s (3600)"), "{stderr}");

@@ -253,12 +253,12 @@ impl Backend {
     }
 
     /// Commits one chunk of validated, pruned updates, durably; `mapping` from
-    /// [`Backend::prepare_ingest`].
+    /// [`Backend::prepare_ingest`]; `first`: the number of the first of them in the input.
     pub(super) fn ingest(
         &self,
         config: &Config,
         mapping: Option<&crate::config::Mapping>,
-        updates: &[Update],
+        (updates, first): (&[Update], u64),
     ) -> Result<BatchSummary, CliError> {
         match self {
             Backend::Local(store) => {
@@ -289,6 +289,7 @@ impl Backend {
             Backend::Agent { socket, .. } => {
                 let request = AdminRequest::Ingest {
                     updates: updates.iter().map(Update::to_value).collect(),
+                    first: Some(first),
                 };
                 let report = call_agent_while_reopening(socket, &request, Some(AGENT_TIMEOUT))?;
                 // The agent took the chunk; what it says of it cannot be read.
@@ -529,6 +530,7 @@ mod tests {
         });
         let request = AdminRequest::Ingest {
             updates: vec![serde_json::json!({"id": "a", "profile": {}})],
+            first: Some(1),
         };
         let answer = call_agent_while_reopening(&socket, &request, Some(AGENT_TIMEOUT)).unwrap();
         assert_eq!(BatchSummary::from_report(&answer).unwrap().accepted, 1);

@@ -465,7 +465,11 @@ pub fn ingest_checked<F: Read + Seek + Send>(
                     return Err(stopped_as_asked(skip + total.accepted, count));
                 }
                 let committed = backend
-                    .ingest(config, mapping.as_ref(), request)
+                    .ingest(
+                        config,
+                        mapping.as_ref(),
+                        (request, skip + total.accepted + 1),
+                    )
                     .map_err(|e| partly_stored(e, skip + total.accepted, request.len(), count))?;
                 total.add(&committed);
                 progress.inc(request.len() as u64);

@@ -233,7 +233,7 @@ async fn respond(line: &str, state: &Arc<AdminState>) -> Result<serde_json::Valu
     let request = crate::admin::read_line(line.as_bytes(), crate::admin::MAX_REQUEST_DEPTH);
     match request {
         Err(e) => Err(unreadable_request(&e)),
-        Ok(AdminRequest::Ingest { updates }) => ingest(state, updates).await,
+        Ok(AdminRequest::Ingest { updates, first }) => ingest(state, updates, first).await,
         Ok(AdminRequest::Snapshot) => snapshot(state).await,
         Ok(mut request) => {
             if let (
@@ -346,6 +346,7 @@ async fn snapshot(state: &Arc<AdminState>) -> Result<serde_json::Value, AdminErr
 async fn ingest(
     state: &AdminState,
     values: Vec<serde_json::Value>,
+    first: Option<u64>,
 ) -> Result<serde_json::Value, AdminError> {
     let limit = FutureLimit {
         now: chrono::Utc::now(),
@@ -362,10 +363,15 @@ async fn ingest(
         .map(|(i, value)| update_from_value_with(value, i as u64 + 1, &parsing))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
-            AdminError::Failed(format!(
-                "the agent refused update {} of the {sent} sent together: {}",
-                e.line, e.reason
-            ))
+            let which = match first {
+                Some(first) => format!(
+                    "the input's update {} ({} of the {sent} sent together)",
+                    first + e.line - 1,
+                    e.line
+                ),
+                None => format!("update {} of the {sent} sent together", e.line),
+            };
+            AdminError::Failed(format!("the agent refused {which}: {}", e.reason))
         })?;
     if let Some(full) = state.store.outbox_full(state.max_outbox_bytes)? {
         return Err(AdminError::Failed(full.to_string()));
