@@ -366,7 +366,7 @@ async fn ingest(
             let which = match first {
                 Some(first) => format!(
                     "the input's update {} ({} of the {sent} sent together)",
-                    first + e.line - 1,
+                    first.saturating_add(e.line - 1),
                     e.line
                 ),
                 None => format!("update {} of the {sent} sent together", e.line),
