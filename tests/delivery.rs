@@ -10,11 +10,26 @@ use std::time::{Duration, Instant};
 use common::*;
 use outpost::agent::Agent;
 use outpost::config::Config;
-use outpost::receiver::{Receiver, ReceiverOptions, Reply};
+use outpost::receiver::{Receiver, ReceiverOptions, Reply, Script};
 use outpost::store::ListFilter;
 use serde_json::json;
 
 type Setup = ReceiverSetup;
+
+/// When each request a script answered came.
+type Arrivals = Arc<std::sync::Mutex<Vec<Instant>>>;
+
+/// A receiver's script that answers the `n`th request (from 0) with `reply(n)`, and when each
+/// came.
+fn timed(reply: impl Fn(u64) -> Reply + Send + Sync + 'static) -> (Script, Arrivals) {
+    let arrivals = Arrivals::default();
+    let seen = Arc::clone(&arrivals);
+    let script: Script = Arc::new(move |n, _| {
+        seen.lock().unwrap().push(Instant::now());
+        reply(n)
+    });
+    (script, arrivals)
+}
 
 async fn setup_with(
     options: ReceiverOptions,
@@ -177,15 +192,11 @@ async fn basic_credentials_and_scope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_holds_across_a_restart() {
     let s = setup().await;
-    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let seen = Arc::clone(&arrivals);
-    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
-        seen.lock().unwrap().push(Instant::now());
-        match n {
-            0 => Reply::Status(503, vec![("retry-after".into(), "8".into())], "busy".into()),
-            _ => Reply::Normal,
-        }
-    })));
+    let (script, arrivals) = timed(|n| match n {
+        0 => Reply::Status(503, vec![("retry-after".into(), "8".into())], "busy".into()),
+        _ => Reply::Normal,
+    });
+    s.receiver.set_export_script(Some(script));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 1)).await;
     wait_until(10, "the first attempt", || {
@@ -226,15 +237,11 @@ async fn the_backoff_goes_on_doubling_across_a_restart() {
     let mut s = setup().await;
     s.config.delivery.initial_backoff = Duration::from_millis(100);
     s.config.delivery.max_backoff = Duration::from_secs(10);
-    let arrivals = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let seen = Arc::clone(&arrivals);
-    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
-        seen.lock().unwrap().push(Instant::now());
-        match n {
-            0..=5 => Reply::Status(500, vec![], "failing".into()),
-            _ => Reply::Normal,
-        }
-    })));
+    let (script, arrivals) = timed(|n| match n {
+        0..=5 => Reply::Status(500, vec![], "failing".into()),
+        _ => Reply::Normal,
+    });
+    s.receiver.set_export_script(Some(script));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 1)).await;
     wait_until(10, "five attempts", || arrivals.lock().unwrap().len() >= 5).await;
@@ -355,16 +362,12 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
     )
     .await;
     // When each request arrived.
-    let arrivals: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
-    let seen = Arc::clone(&arrivals);
-    s.receiver.set_export_script(Some(Arc::new(move |n, _| {
-        seen.lock().unwrap().push(Instant::now());
-        match n {
-            0 => Reply::Status(400, vec![], "refused".into()),
-            1 => Reply::Delay(Duration::from_secs(2)),
-            _ => Reply::Normal,
-        }
-    })));
+    let (script, arrivals) = timed(|n| match n {
+        0 => Reply::Status(400, vec![], "refused".into()),
+        1 => Reply::Delay(Duration::from_secs(2)),
+        _ => Reply::Normal,
+    });
+    s.receiver.set_export_script(Some(script));
     let agent = start(&s.config).await;
     let first = agent.store.durable_next_seq();
     ingest(&agent, &updates(&["a"], 2)).await;
@@ -423,16 +426,14 @@ async fn a_dead_letter_is_not_put_back_behind_an_acknowledged_export() {
 #[tokio::test]
 async fn token_endpoint_failures_back_off_and_never_dead_letter() {
     let s = setup().await;
-    let asked_at = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let asked = Arc::clone(&asked_at);
-    s.receiver.set_token_script(Some(Arc::new(move |n, _| {
-        asked.lock().unwrap().push(Instant::now());
+    let (script, asked_at) = timed(|n| {
         if n < 3 {
             Reply::Status(503, vec![], "token service down".into())
         } else {
             Reply::Normal
         }
-    })));
+    });
+    s.receiver.set_token_script(Some(script));
     let agent = start(&s.config).await;
     // One profile: its first export alone is sent, so one backoff schedule asks for tokens.
     ingest(&agent, &updates(&["a"], 2)).await;
@@ -459,15 +460,11 @@ async fn token_endpoint_failures_back_off_and_never_dead_letter() {
 #[tokio::test]
 async fn exports_waiting_for_a_token_wait_for_the_token_endpoints_retry_after() {
     let s = setup().await;
-    let asked_at = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let asked = Arc::clone(&asked_at);
-    s.receiver.set_token_script(Some(Arc::new(move |n, _| {
-        asked.lock().unwrap().push(Instant::now());
-        match n {
-            0 => Reply::Status(429, vec![("retry-after".into(), "2".into())], "".into()),
-            _ => Reply::Normal,
-        }
-    })));
+    let (script, asked_at) = timed(|n| match n {
+        0 => Reply::Status(429, vec![("retry-after".into(), "2".into())], "".into()),
+        _ => Reply::Normal,
+    });
+    s.receiver.set_token_script(Some(script));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 1)).await;
     wait_until(10, "the first token request", || {
@@ -560,12 +557,8 @@ async fn token_is_refreshed_before_it_expires() {
         ..ReceiverOptions::default()
     };
     let s = setup_with(options, oauth_body, "").await;
-    let asked_at = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let asked = Arc::clone(&asked_at);
-    s.receiver.set_token_script(Some(Arc::new(move |_, _| {
-        asked.lock().unwrap().push(Instant::now());
-        Reply::Normal
-    })));
+    let (script, asked_at) = timed(|_| Reply::Normal);
+    s.receiver.set_token_script(Some(script));
     let agent = start(&s.config).await;
     ingest(&agent, &updates(&["a"], 1)).await;
     drained(&agent, &s.receiver, 1).await;
